@@ -1,0 +1,324 @@
+"""System split, token windows and the LightningDataModule.
+
+Contract:
+
+* The split is by system, never by window: a system's windows all land in one split. The split is
+  seeded, its fractions are configurable, and ``pinned_test_systems`` are always in the test split.
+* Each series is encoded (LLMTIME, scale computed from its first ``scale_context_steps`` steps only),
+  tokenized, and cut into windows of ``context_length`` tokens. Every window starts at a time-step
+  boundary (the series start or just after a ``;``). Window starts are every ``stride_steps``-th
+  boundary, plus the last boundary from which a full window still fits, so the series end is seen.
+  Only a series shorter than ``context_length`` is padded; padding is right-sided, masked from
+  attention and excluded from the loss (label -100).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lvforecast.encoding import STEP_SEP, ScaleRule, encode
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Split:
+    """System ids (indices into the data file) of each split, sorted."""
+
+    train: list[int]
+    val: list[int]
+    test: list[int]
+    seed: int
+    n_systems: int
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=1)
+
+
+def split_systems(
+    n_systems: int,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    pinned_test_systems: Sequence[int] = (),
+) -> Split:
+    """Split system ids into train/val/test by seeded permutation.
+
+    The pinned systems go to test first; the rest are shuffled and dealt so that each split's size is
+    ``round(fraction * n_systems)`` (test absorbs rounding), counting the pinned ones toward test.
+
+    Raises:
+        ValueError: Fractions not three non-negative numbers summing to 1, a pinned id out of range,
+            or more pinned systems than the test split holds.
+    """
+    problems = []
+    fr = [float(f) for f in fractions]
+    if len(fr) != 3 or any(f < 0 for f in fr) or not math.isclose(sum(fr), 1.0, abs_tol=1e-6):
+        problems.append(f"data.split_fractions={list(fractions)}: need [train, val, test] >= 0 summing to 1")
+    bad = [i for i in pinned_test_systems if not (isinstance(i, (int, np.integer)) and 0 <= i < n_systems)]
+    if bad:
+        problems.append(f"data.pinned_test_systems has {bad}: ids must be in [0, {n_systems - 1}] for this file")
+    if problems:
+        raise ValueError("invalid split: " + "; ".join(problems))
+    pinned = sorted(set(int(i) for i in pinned_test_systems))
+    n_train = round(fr[0] * n_systems)
+    n_val = round(fr[1] * n_systems)
+    n_test = n_systems - n_train - n_val
+    if len(pinned) > n_test:
+        raise ValueError(
+            f"invalid split: {len(pinned)} pinned test systems but the test split of {n_systems} systems "
+            f"with data.split_fractions={fr} holds only {n_test}"
+        )
+    rest = np.setdiff1d(np.arange(n_systems), pinned)
+    rest = np.random.default_rng(seed).permutation(rest)
+    train = sorted(rest[:n_train].tolist())
+    val = sorted(rest[n_train : n_train + n_val].tolist())
+    test = sorted(pinned + rest[n_train + n_val :].tolist())
+    return Split(train=train, val=val, test=test, seed=seed, n_systems=n_systems)
+
+
+def window_starts(boundaries: Sequence[int], n_tokens: int, context_length: int, stride_steps: int) -> list[int]:
+    """Token offsets at which windows start.
+
+    Args:
+        boundaries: Token offsets of every time-step start, ascending, first is 0.
+        n_tokens: Length of the tokenized series.
+        context_length: Window length in tokens.
+        stride_steps: Take every ``stride_steps``-th boundary.
+
+    Returns:
+        Offsets of windows that fit entirely, plus the last fitting boundary; ``[0]`` when the series
+        is shorter than one window (that window gets padded).
+    """
+    fitting = [b for b in boundaries if b + context_length <= n_tokens]
+    if not fitting:
+        return [0]
+    starts = fitting[::stride_steps]
+    if starts[-1] != fitting[-1]:
+        starts.append(fitting[-1])
+    return starts
+
+
+@dataclass
+class EncodedSeries:
+    """One system as tokens: ids (L,), step-start offsets, and the scale that encoded it."""
+
+    system: int
+    ids: list[int]
+    boundaries: list[int]
+    scale: float
+
+
+@dataclass
+class WindowDataset(Dataset):
+    """Token windows; each item is a dict of 1-D tensors ``input_ids`` and ``system``/``start`` ints."""
+
+    windows: list[tuple[int, int, list[int]]] = field(default_factory=list)  # (system, start, ids)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        system, start, ids = self.windows[index]
+        return {"input_ids": torch.tensor(ids, dtype=torch.long), "system": system, "start": start}
+
+
+def encode_series(
+    values: np.ndarray, systems: Sequence[int], tokenizer: Any, scale_rule: ScaleRule, decimals: int,
+    scale_context_steps: int,
+) -> list[EncodedSeries]:
+    """Encode and tokenize each system's full series.
+
+    Args:
+        values: (N, T, 2) raw trajectories.
+        systems: Which rows of ``values`` to encode.
+        tokenizer: Character-level on the LLMTIME alphabet (checked at model load).
+        scale_rule: Per-series divisor rule, applied to the first ``scale_context_steps`` steps.
+        decimals: Digits after the point.
+    """
+    texts, scales = [], []
+    for s in systems:
+        scale = scale_rule.scale_for(values[s, :scale_context_steps])
+        scales.append(scale)
+        texts.append(encode(values[s], scale=scale, decimals=decimals))
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    out = []
+    for s, text, tok, scale in zip(systems, texts, ids, scales, strict=True):
+        # One token per character is checked at model load; offsets in text are offsets in tokens.
+        assert len(tok) == len(text), "tokenizer is not character-level"
+        bounds = [0] + [i + 1 for i, ch in enumerate(text) if ch == STEP_SEP]
+        out.append(EncodedSeries(system=int(s), ids=list(tok), boundaries=bounds, scale=scale))
+    return out
+
+
+def build_windows(series: Sequence[EncodedSeries], context_length: int, stride_steps: int) -> WindowDataset:
+    """Cut every encoded series into windows (see the module docstring)."""
+    windows = []
+    for item in series:
+        for start in window_starts(item.boundaries, len(item.ids), context_length, stride_steps):
+            windows.append((item.system, start, item.ids[start : start + context_length]))
+    return WindowDataset(windows)
+
+
+class PadCollator:
+    """Right-pads a list of windows into a batch: ``input_ids``, ``attention_mask``, ``labels`` (B, T)."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        length = max(len(it["input_ids"]) for it in items)
+        ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(items), length), dtype=torch.long)
+        for row, it in enumerate(items):
+            n = len(it["input_ids"])
+            ids[row, :n] = it["input_ids"]
+            mask[row, :n] = 1
+        labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def pad_share(dataset: WindowDataset, context_length: int) -> float:
+    """Share of pad tokens if every window is padded to ``context_length``."""
+    if not len(dataset):
+        return 0.0
+    real = sum(len(ids) for _, _, ids in dataset.windows)
+    return 1.0 - real / (len(dataset) * context_length)
+
+
+class LotkaVolterraDataModule(pl.LightningDataModule):
+    """Serves train/val token windows of Lotka-Volterra systems from an HDF5 file.
+
+    Args:
+        path: HDF5 file in the study's layout.
+        tokenizer: The model's tokenizer (character-level on the LLMTIME alphabet).
+        context_length: Window length in tokens (the study's "maximum context length").
+        stride_steps: Windows start every ``stride_steps`` time steps.
+        batch_size: Training batch size; validation uses ``val_batch_size`` (defaults to it).
+        decimals: Digits after the point in the encoding.
+        scale: Scale rule, ``{kind: fixed, value: 0.5}`` (the study) or ``{kind: percentile, ...}``.
+        scale_context_steps: Steps the per-series scale is computed from (the forecasting context).
+        split_fractions: [train, val, test] fractions of systems.
+        split_seed: Seed of the split permutation.
+        pinned_test_systems: System ids always placed in the test split.
+        simulate: If set (``{systems, seed}``), ``path`` is generated with the simulator when missing.
+        num_workers: DataLoader workers.
+        val_batch_size: Validation batch size; ``None`` means ``batch_size``.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        tokenizer: Any,
+        context_length: int = 512,
+        stride_steps: int = 20,
+        batch_size: int = 4,
+        decimals: int = 3,
+        scale: dict[str, Any] | None = None,
+        scale_context_steps: int = 80,
+        split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
+        split_seed: int = 0,
+        pinned_test_systems: Sequence[int] = (),
+        simulate: dict[str, Any] | None = None,
+        num_workers: int = 0,
+        val_batch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        problems = self.config_problems(context_length=context_length, stride_steps=stride_steps,
+                                        batch_size=batch_size, scale_context_steps=scale_context_steps)
+        if problems:
+            raise ValueError("invalid data config: " + "; ".join(problems))
+        self.path = str(path)
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.stride_steps = stride_steps
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.decimals = decimals
+        self.scale_rule = ScaleRule(**dict(scale or {}))
+        self.scale_context_steps = scale_context_steps
+        self.split_fractions = tuple(split_fractions)
+        self.split_seed = split_seed
+        self.pinned_test_systems = tuple(pinned_test_systems)
+        self.simulate = dict(simulate) if simulate else None
+        self.num_workers = num_workers
+        self.split: Split | None = None
+        self.train_set: WindowDataset | None = None
+        self.val_set: WindowDataset | None = None
+        self.series: dict[int, EncodedSeries] = {}
+        self.stats: dict[str, float] = {}
+
+    @staticmethod
+    def config_problems(**values: Any) -> list[str]:
+        """Problems with integer size keys (``context_length`` >= 2, the others >= 1), one message each."""
+        problems = []
+        for key, val in values.items():
+            low = 2 if key == "context_length" else 1
+            if not isinstance(val, int) or isinstance(val, bool) or val < low:
+                problems.append(f"data.{key}={val!r}: must be an integer >= {low}")
+        return problems
+
+    def prepare_data(self) -> None:
+        """Generate the simulated file once (``data=simulated``); later runs reuse it."""
+        if self.simulate and not Path(self.path).exists():
+            from lvforecast.simulate import simulate_systems
+            from lvforecast.trajectories import write_trajectories
+
+            log.info("simulating %s systems (seed %s) into %s", self.simulate["systems"], self.simulate["seed"],
+                     self.path)
+            traj = simulate_systems(n_systems=int(self.simulate["systems"]), seed=int(self.simulate["seed"]))
+            write_trajectories(self.path, traj.values, traj.time, params=traj.params,
+                               attrs={"seed": int(self.simulate["seed"]), "generator": "lvforecast.simulate"})
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return  # idempotent: the pipeline calls it before fit to write the split
+        from lvforecast.trajectories import load_trajectories
+
+        self.prepare_data()
+        traj = load_trajectories(self.path, min_steps=self.scale_context_steps)
+        self.split = split_systems(traj.n_systems, self.split_fractions, self.split_seed, self.pinned_test_systems)
+        encoded = encode_series(traj.values, self.split.train + self.split.val, self.tokenizer, self.scale_rule,
+                                self.decimals, self.scale_context_steps)
+        self.series = {e.system: e for e in encoded}
+        train_ids = set(self.split.train)
+        self.train_set = build_windows([e for e in encoded if e.system in train_ids], self.context_length,
+                                       self.stride_steps)
+        self.val_set = build_windows([e for e in encoded if e.system not in train_ids], self.context_length,
+                                     self.stride_steps)
+        self.stats = {
+            "train_windows": len(self.train_set),
+            "val_windows": len(self.val_set),
+            "train_pad_share": pad_share(self.train_set, self.context_length),
+            "val_pad_share": pad_share(self.val_set, self.context_length),
+            "tokens_per_series_mean": float(np.mean([len(e.ids) for e in encoded])),
+        }
+        log.info(
+            "data %s: %d systems -> train %d / val %d / test %d; windows train %d, val %d; pad share %.4f/%.4f",
+            self.path, traj.n_systems, len(self.split.train), len(self.split.val), len(self.split.test),
+            len(self.train_set), len(self.val_set), self.stats["train_pad_share"], self.stats["val_pad_share"],
+        )
+
+    def _loader(self, dataset: WindowDataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            collate_fn=PadCollator(self.tokenizer.pad_token_id), drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.val_batch_size, shuffle=False)

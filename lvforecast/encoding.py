@@ -1,0 +1,204 @@
+"""LLMTIME text codec for two-variable (prey, predator) series.
+
+Grammar of an encoded series (no spaces, no sign, no exponent)::
+
+    series  := step (";" step)*
+    step    := number "," number          # prey, predator
+    number  := digits "." digits{decimals}  (just ``digits`` when decimals == 0)
+
+A raw value ``x`` is written as ``round(x / scale, decimals)`` with exactly ``decimals`` digits after
+the point. The study's default is ``scale = 0.5`` (its ``x / 5 * 10``) with 3 decimals, so
+1.1335121 becomes ``2.267``. ``decode`` inverts the scale and never raises on model output: it reads
+complete steps in order and stops at the first malformed one.
+
+The alphabet is :data:`ALPHABET`; :func:`check_tokenizer` refuses a tokenizer that does not give every
+character its own token, because the windowing and the constrained decoding rely on one token per
+character.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+ALPHABET = "0123456789.,;"
+STEP_SEP = ";"
+VALUE_SEP = ","
+
+# The study's rule: x / 5 * 10, i.e. divide by 0.5.
+STUDY_SCALE = 0.5
+STUDY_DECIMALS = 3
+
+_NUMBER = r"\d+(?:\.\d+)?"
+_STEP = re.compile(rf"({_NUMBER}),({_NUMBER})")
+
+
+@dataclass(frozen=True)
+class ScaleRule:
+    """How the divisor of a series is chosen.
+
+    Attributes:
+        kind: ``"fixed"`` divides every series by ``value``; ``"percentile"`` picks, per series, the
+            divisor that maps the ``percentile``-th percentile of the context part to ``target``.
+        value: The fixed divisor (``kind="fixed"``), > 0.
+        percentile: Percentile in [0, 100] of the context values (``kind="percentile"``).
+        target: Encoded value the percentile is mapped to (``kind="percentile"``), > 0.
+    """
+
+    kind: Literal["fixed", "percentile"] = "fixed"
+    value: float = STUDY_SCALE
+    percentile: float = 90.0
+    target: float = 5.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.kind not in ("fixed", "percentile"):
+            problems.append(f"data.scale.kind={self.kind!r}: allowed 'fixed' or 'percentile'")
+        if not (isinstance(self.value, (int, float)) and math.isfinite(self.value) and self.value > 0):
+            problems.append(f"data.scale.value={self.value!r}: must be a finite number > 0")
+        if not (isinstance(self.percentile, (int, float)) and 0 <= self.percentile <= 100):
+            problems.append(f"data.scale.percentile={self.percentile!r}: must be in [0, 100]")
+        if not (isinstance(self.target, (int, float)) and math.isfinite(self.target) and self.target > 0):
+            problems.append(f"data.scale.target={self.target!r}: must be a finite number > 0")
+        if problems:
+            raise ValueError("invalid scale rule: " + "; ".join(problems))
+
+    def scale_for(self, context: np.ndarray) -> float:
+        """Divisor for one series, computed from its context part only.
+
+        Args:
+            context: (T_ctx, 2) raw values the model will see; never the forecast horizon, so no
+                future information leaks into the encoding.
+
+        Returns:
+            A positive, finite divisor. A percentile of 0 (an all-zero context) falls back to 1.0.
+        """
+        if self.kind == "fixed":
+            return float(self.value)
+        level = float(np.percentile(np.asarray(context, dtype=np.float64), self.percentile))
+        if not math.isfinite(level) or level <= 0:
+            return 1.0
+        return level / self.target
+
+
+def _check_decimals(decimals: int) -> None:
+    if not isinstance(decimals, (int, np.integer)) or isinstance(decimals, bool) or not 0 <= decimals <= 12:
+        raise ValueError(f"decimals={decimals!r}: must be an integer in [0, 12]")
+
+
+def encode(series: np.ndarray, scale: float = STUDY_SCALE, decimals: int = STUDY_DECIMALS) -> str:
+    """Write a (T, 2) series as LLMTIME text.
+
+    Args:
+        series: (T, 2) raw values, ``[:, 0]`` prey and ``[:, 1]`` predator; finite and >= 0.
+        scale: Positive divisor applied before rounding.
+        decimals: Digits after the point, always written in full (``2.000``).
+
+    Returns:
+        Text such as ``"2.267,2.206;1.111,2.516"``; empty string for T == 0.
+
+    Raises:
+        ValueError: Wrong shape, a non-finite or negative value, a bad scale or decimals.
+    """
+    _check_decimals(decimals)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale={scale!r}: must be a finite number > 0")
+    arr = np.asarray(series, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise ValueError(f"series has shape {arr.shape}: expected (T, 2) = (steps, [prey, predator])")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"series has {int((~np.isfinite(arr)).sum())} non-finite values: cannot encode")
+    if (arr < 0).any():
+        raise ValueError(f"series has negative values (min {arr.min():g}): the alphabet has no sign")
+    # Fixed-point formatting: never scientific notation, always `decimals` digits.
+    fmt = f"{{:.{decimals}f}}"
+    scaled = arr / scale
+    return STEP_SEP.join(fmt.format(p) + VALUE_SEP + fmt.format(q) for p, q in scaled)
+
+
+def decode(text: str, scale: float = 1.0, decimals: int | None = None) -> tuple[np.ndarray, int]:
+    """Read LLMTIME text back into values, tolerating anything a model may generate.
+
+    Steps are read in order; reading stops at the first malformed step (wrong characters, a missing
+    value, a number with the wrong count of decimals when ``decimals`` is given, a non-finite value).
+    The last step needs no trailing ``;``; when ``decimals`` is given, a truncated last number is
+    caught because its decimals are short.
+
+    Args:
+        text: Encoded text, possibly garbage, truncated or empty.
+        scale: The divisor used by :func:`encode`; decoded values are multiplied by it.
+        decimals: If given, every number must have exactly this many digits after the point.
+
+    Returns:
+        ``(values, steps_parsed)``: values (T', 2) float64 in raw units, and T'.
+    """
+    if not isinstance(text, str):
+        return np.zeros((0, 2)), 0
+    rows: list[tuple[float, float]] = []
+    for chunk in text.split(STEP_SEP):
+        match = _STEP.fullmatch(chunk)
+        if match is None:
+            break
+        if decimals is not None and not all(_has_decimals(g, decimals) for g in match.groups()):
+            break
+        pair = (float(match.group(1)), float(match.group(2)))
+        # float() of a 400-digit string is inf rather than an error; treat it as malformed.
+        if not (math.isfinite(pair[0] * scale) and math.isfinite(pair[1] * scale)):
+            break
+        rows.append(pair)
+    values = np.asarray(rows, dtype=np.float64).reshape(-1, 2) * scale
+    return values, len(rows)
+
+
+def _has_decimals(number: str, decimals: int) -> bool:
+    if decimals == 0:
+        return "." not in number
+    head, _, tail = number.partition(".")
+    return len(tail) == decimals
+
+
+class TokenizerError(ValueError):
+    """The tokenizer does not give every character of the LLMTIME alphabet a token of its own."""
+
+
+def check_tokenizer(tokenizer: Any, name: str, sample: str = "2.267,2.206;1.111,12.516") -> dict[str, int]:
+    """Check that each alphabet character is one token and text tokenizes character by character.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer.
+        name: Model or tokenizer name, used in the error message.
+        sample: Encoded text whose ids must equal the concatenation of the per-character ids.
+
+    Returns:
+        Mapping character -> token id.
+
+    Raises:
+        TokenizerError: One message naming the tokenizer and every offending character or the sample.
+    """
+    ids: dict[str, int] = {}
+    problems = []
+    for ch in ALPHABET:
+        toks = tokenizer.encode(ch, add_special_tokens=False)
+        if len(toks) != 1:
+            problems.append(f"{ch!r} -> {toks}")
+        else:
+            ids[ch] = toks[0]
+    if not problems:
+        got = tokenizer.encode(sample, add_special_tokens=False)
+        expected = [ids[ch] for ch in sample]
+        if got != expected:
+            problems.append(
+                f"sample {sample!r} -> {len(got)} tokens {got[:12]}..., expected one per character "
+                f"{expected[:12]}... (the tokenizer merges digits or separators)"
+            )
+    if problems:
+        raise TokenizerError(
+            f"tokenizer of {name!r} cannot be used for LLMTIME text: every character of {ALPHABET!r} "
+            f"must be exactly one token and text must tokenize character by character; found: "
+            + "; ".join(problems)
+        )
+    return ids

@@ -1,0 +1,130 @@
+"""LoRA injection through PEFT, and parameter accounting.
+
+Update rule for each targeted linear layer (``q_proj`` and ``v_proj`` by default)::
+
+    y = W x + b + (alpha / r) * B (A x)      A: (r, in), B: (out, r)
+
+``A`` starts Kaiming-uniform and ``B`` at zero, so the wrapped model equals the base model at step 0.
+Every base weight is frozen; only ``A``, ``B`` (and, if enabled, the logit bias held by the
+LightningModule) train.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Trainable and frozen parameter counts of a model."""
+
+    trainable: int
+    frozen: int
+
+    @property
+    def total(self) -> int:
+        return self.trainable + self.frozen
+
+
+def count_parameters(module: nn.Module) -> ParameterCounts:
+    """Count trainable and frozen parameters (shared/tied tensors counted once)."""
+    seen: set[int] = set()
+    trainable = frozen = 0
+    for p in module.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.requires_grad:
+            trainable += p.numel()
+        else:
+            frozen += p.numel()
+    return ParameterCounts(trainable=trainable, frozen=frozen)
+
+
+def expected_lora_parameters(model: nn.Module, target_modules: Sequence[str], r: int) -> int:
+    """Hand formula: sum over every targeted ``nn.Linear`` of ``r * (in_features + out_features)``."""
+    total = 0
+    for name, sub in model.named_modules():
+        if isinstance(sub, nn.Linear) and name.rsplit(".", 1)[-1] in target_modules:
+            total += r * (sub.in_features + sub.out_features)
+    return total
+
+
+def lora_config_problems(r: Any, alpha: Any, dropout: Any) -> list[str]:
+    """Problems with LoRA hyper-parameters, one message per bad key (empty when valid)."""
+    problems = []
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        problems.append(f"lora.r={r!r}: must be an integer >= 1")
+    if alpha is not None and not (isinstance(alpha, (int, float)) and alpha > 0):
+        problems.append(f"lora.alpha={alpha!r}: must be > 0 or null (= r)")
+    if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+        problems.append(f"lora.dropout={dropout!r}: must be in [0, 1)")
+    return problems
+
+
+def apply_lora(
+    model: nn.Module,
+    r: int = 4,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    target_modules: Sequence[str] = ("q_proj", "v_proj"),
+) -> Any:
+    """Freeze ``model`` and wrap its target linear layers with LoRA adapters.
+
+    Args:
+        model: A ``transformers`` causal LM.
+        r: LoRA rank, >= 1.
+        alpha: Scaling numerator; ``None`` means ``alpha = r`` (scale 1, as the study).
+        dropout: Dropout on the adapter input.
+        target_modules: Names of the linear layers to wrap (last component of the module path).
+
+    Returns:
+        A ``peft.PeftModel``.
+
+    Raises:
+        ValueError: Bad rank/alpha/dropout, or a target name that matches no linear layer.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    problems = lora_config_problems(r, alpha, dropout)
+    linear_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    missing = [t for t in target_modules if t not in linear_names]
+    if not target_modules or missing:
+        problems.append(
+            f"lora.target_modules={list(target_modules)}: {missing or 'empty'} match no linear layer; "
+            f"available: {sorted(linear_names)}"
+        )
+    if problems:
+        raise ValueError("invalid LoRA config: " + "; ".join(problems))
+
+    config = LoraConfig(
+        r=r,
+        lora_alpha=r if alpha is None else alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+class LogitBias(nn.Module):
+    """A trainable bias added to the output logits, zero at start (the study's brief trained one).
+
+    Held outside the PEFT model so any backbone works and the adapter stays a plain PEFT adapter.
+    """
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits + self.bias.to(logits.dtype)

