@@ -1,0 +1,51 @@
+"""Shared fixtures: the real conf/ composed with small overrides, a simulated data file, the tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+REAL_DATA = ROOT.parent / "shared" / "data" / "lotka_volterra_data.h5"
+
+
+@pytest.fixture(scope="session")
+def sim_cache(tmp_path_factory) -> Path:
+    """A cache dir holding one simulated 1000-system file (the size the pinned test ids need)."""
+    from lvforecast.simulate import simulate_systems
+    from lvforecast.trajectories import write_trajectories
+
+    cache = tmp_path_factory.mktemp("cache")
+    traj = simulate_systems(n_systems=1000, seed=0)
+    # The name conf/data/simulated.yaml derives for systems=1000, seed=0.
+    write_trajectories(cache / "simulated" / "lv_1000systems_seed0.h5", traj.values, traj.time, params=traj.params)
+    return cache
+
+
+def compose_train(overrides: list[str] | None = None, output_dir: Path | None = None,
+                  cache_dir: Path | None = None) -> DictConfig:
+    """Compose conf/train.yaml as `python train.py` would, with run paths redirected."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides or []))
+    with open_dict(cfg):
+        if output_dir is not None:
+            cfg.paths.output_dir = str(output_dir)
+        if cache_dir is not None:
+            cfg.paths.cache_dir = str(cache_dir)
+    return cfg
+
+
+TINY_RUN = [
+    "model=tiny",
+    "data=simulated",
+    "data.context_length=96",
+    "logger=csv",
+    "trainer=cpu",
+    "trainer.enable_progress_bar=false",
+    "trainer.limit_val_batches=2",
+    "optim.lr=1e-2",
+]
