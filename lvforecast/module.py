@@ -79,7 +79,9 @@ class LoRAForecaster(pl.LightningModule):
         grad_norm_every_n_steps: int = 50,
     ) -> None:
         super().__init__()
-        self.model = model
+        # from_pretrained returns eval mode and Lightning keeps each submodule's mode, so LoRA
+        # dropout would silently stay off without this.
+        self.model = model.train()
         self.optimizer_factory = optimizer
         self.scheduler_cfg = dict(scheduler or {"name": "none"})
         if self.scheduler_cfg.get("name") not in ("none", "cosine"):
@@ -172,13 +174,16 @@ class LoRAForecaster(pl.LightningModule):
         checkpoint["state_dict"] = self.trainable_state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        expected = set(self.trainable_state_dict())
-        got = set(checkpoint["state_dict"])
+        expected = {k: tuple(v.shape) for k, v in self.trainable_state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
         if got != expected:
-            missing, extra = sorted(expected - got)[:3], sorted(got - expected)[:3]
+            missing, extra = sorted(expected.keys() - got.keys())[:3], sorted(got.keys() - expected.keys())[:3]
+            reshaped = [f"{k}: {got[k]} in checkpoint vs {v} here" for k, v in expected.items()
+                        if k in got and got[k] != v][:2]
             raise ValueError(
-                f"checkpoint does not match this model's adapter: missing {missing}, unexpected {extra}; "
-                f"resume with the same model, lora.r, lora.target_modules and lora.train_logit_bias"
+                f"checkpoint does not match this model's adapter (missing {missing}, unexpected {extra}, "
+                f"shapes {reshaped}); resume with the same model, lora.r, lora.target_modules and "
+                f"lora.train_logit_bias as the run that wrote it"
             )
 
     def save_adapter(self, directory: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from lvforecast.utils import environment_record, instantiate_list, plot_loss_curve
 
     validate_train_config(cfg)
+    # The CSV logger writes metrics.csv into the run dir beside our files; its warning about a
+    # non-empty directory is expected here (it only ever overwrites metrics.csv).
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -101,6 +105,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for lg in loggers:
         lg.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), "run_info": run_info})
     try:
+        if cfg.validate_before_training and not cfg.get("ckpt_path"):
+            # The untrained (zero-shot) validation loss, logged at step 0 as the curve's first point.
+            trainer.validate(module, datamodule=datamodule, verbose=False)
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         module.save_adapter(str(out / "adapter"))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss", "val/loss")}

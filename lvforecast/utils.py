@@ -25,7 +25,8 @@ def instantiate_list(group: DictConfig | None, **kwargs: Any) -> list[Any]:
         return []
     if not isinstance(group, DictConfig):
         raise TypeError(f"expected a named map of _target_ nodes, got {type(group).__name__}")
-    return [instantiate(node, **kwargs) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
+    nodes = [node for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
+    return [instantiate(node, **kwargs) for node in nodes]
 
 
 def git_sha(cwd: str | Path = ".") -> str | None:
