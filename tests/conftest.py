@@ -26,6 +26,19 @@ def sim_cache(tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """The dequantized SmolLM2 directory, made once per session (~20 s) unless $LVFORECAST_CACHE has it."""
+    import os
+
+    from lvforecast.models import load_smollm2
+
+    root = os.environ.get("LVFORECAST_CACHE")
+    cache = (Path(root) if root else tmp_path_factory.mktemp("cache")) / "smollm2-135m"
+    load_smollm2(str(cache))
+    return cache
+
+
 def compose_train(overrides: list[str] | None = None, output_dir: Path | None = None,
                   cache_dir: Path | None = None) -> DictConfig:
     """Compose conf/train.yaml as `python train.py` would, with run paths redirected."""

@@ -66,34 +66,23 @@ def test_smollm2_missing_package_gives_install_command(monkeypatch):
         load_smollm2("/nonexistent-cache-dir")
 
 
-@pytest.fixture(scope="module")
-def smollm2_cache(tmp_path_factory):
-    """Dequantize once into a fresh cache; every test in this module reuses it."""
-    cache = tmp_path_factory.mktemp("smollm2") / "smollm2-135m"
-    start = time.perf_counter()
-    load_smollm2(str(cache))
-    return cache, time.perf_counter() - start
-
-
 @pytest.mark.smollm2
-def test_smollm2_loads_from_cache_with_digit_tokenizer(smollm2_cache):
-    cache, first_seconds = smollm2_cache
-    assert (cache / "model.safetensors").is_file() and (cache / "config.json").is_file()
+def test_smollm2_loads_from_cache_with_digit_tokenizer(smollm2_dir):
+    assert (smollm2_dir / "model.safetensors").is_file() and (smollm2_dir / "config.json").is_file()
     start = time.perf_counter()
-    smol = load_smollm2(str(cache))
-    cached_seconds = time.perf_counter() - start
-    assert cached_seconds < min(10.0, first_seconds)
+    smol = load_smollm2(str(smollm2_dir))
+    assert time.perf_counter() - start < 10.0  # dequantizing the GGUF takes ~20 s; the cache ~1 s
     assert type(smol.model).__name__ == "LlamaForCausalLM"
     # REFERENCE.md: SmolLM2 digits 0..9 are 32..41, '.' 30, ',' 28, ';' 43.
     assert smol.char_ids == {**{str(d): 32 + d for d in range(10)}, ".": 30, ",": 28, ";": 43}
 
 
 @pytest.mark.smollm2
-def test_smollm2_one_lora_step_lowers_loss_on_a_repeated_batch(smollm2_cache):
+def test_smollm2_one_lora_step_lowers_loss_on_a_repeated_batch(smollm2_dir):
     from lvforecast.lora import apply_lora
     from lvforecast.module import LoRAForecaster, token_loss_sum
 
-    smol = load_smollm2(str(smollm2_cache[0]))
+    smol = load_smollm2(str(smollm2_dir))
     module = LoRAForecaster(apply_lora(smol.model, r=8), optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
                             grad_norm_every_n_steps=0)
     ids = smol.tokenizer(["2.267,2.206;1.111,2.516;0.861,2.634;0.705,2.652"] * 2, return_tensors="pt",
