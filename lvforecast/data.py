@@ -113,12 +113,13 @@ def window_starts(boundaries: Sequence[int], n_tokens: int, context_length: int,
 
 @dataclass
 class EncodedSeries:
-    """One system as tokens: ids (L,), step-start offsets, and the scale that encoded it."""
+    """One system: its text, step-start offsets, the scale that encoded it, and token ids (L,) once tokenized."""
 
     system: int
-    ids: list[int]
+    text: str
     boundaries: list[int]
     scale: float
+    ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -135,41 +136,64 @@ class WindowDataset(Dataset):
         return {"input_ids": torch.tensor(ids, dtype=torch.long), "system": system, "start": start}
 
 
-def encode_series(
-    values: np.ndarray, systems: Sequence[int], tokenizer: Any, scale_rule: ScaleRule, decimals: int,
-    scale_context_steps: int,
+def encode_texts(
+    values: np.ndarray, systems: Sequence[int], scale_rule: ScaleRule, decimals: int, scale_context_steps: int,
 ) -> list[EncodedSeries]:
-    """Encode and tokenize each system's full series.
+    """Encode each system's full series as LLMTIME text (no tokenizer needed).
 
     Args:
         values: (N, T, 2) raw trajectories.
         systems: Which rows of ``values`` to encode.
-        tokenizer: Character-level on the LLMTIME alphabet (checked at model load).
         scale_rule: Per-series divisor rule, applied to the first ``scale_context_steps`` steps.
         decimals: Digits after the point.
+
+    Returns:
+        One :class:`EncodedSeries` per system with ``text`` and step boundaries (character offsets,
+        which are token offsets for a tokenizer that passed ``check_tokenizer``); ``ids`` empty.
     """
-    texts, scales = [], []
+    out = []
     for s in systems:
         scale = scale_rule.scale_for(values[s, :scale_context_steps])
-        scales.append(scale)
-        texts.append(encode(values[s], scale=scale, decimals=decimals))
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    out = []
-    for s, text, tok, scale in zip(systems, texts, ids, scales, strict=True):
-        # One token per character is checked at model load; offsets in text are offsets in tokens.
-        assert len(tok) == len(text), "tokenizer is not character-level"
+        text = encode(values[s], scale=scale, decimals=decimals)
         bounds = [0] + [i + 1 for i, ch in enumerate(text) if ch == STEP_SEP]
-        out.append(EncodedSeries(system=int(s), ids=list(tok), boundaries=bounds, scale=scale))
+        out.append(EncodedSeries(system=int(s), text=text, boundaries=bounds, scale=scale))
     return out
 
 
-def build_windows(series: Sequence[EncodedSeries], context_length: int, stride_steps: int) -> WindowDataset:
-    """Cut every encoded series into windows (see the module docstring)."""
-    windows = []
+def tokenize_series(series: Sequence[EncodedSeries], tokenizer: Any) -> None:
+    """Fill ``ids`` of each series with the tokenizer's ids (one per character, checked at model load)."""
+    ids = tokenizer([e.text for e in series], add_special_tokens=False)["input_ids"]
+    for item, tok in zip(series, ids, strict=True):
+        # One token per character is checked at model load; offsets in text are offsets in tokens.
+        assert len(tok) == len(item.text), "tokenizer is not character-level"
+        item.ids = list(tok)
+
+
+def encode_series(
+    values: np.ndarray, systems: Sequence[int], tokenizer: Any, scale_rule: ScaleRule, decimals: int,
+    scale_context_steps: int,
+) -> list[EncodedSeries]:
+    """:func:`encode_texts` then :func:`tokenize_series`."""
+    series = encode_texts(values, systems, scale_rule, decimals, scale_context_steps)
+    tokenize_series(series, tokenizer)
+    return series
+
+
+def window_spans(series: Sequence[EncodedSeries], context_length: int, stride_steps: int) -> list[tuple[int, int, int]]:
+    """``(system, start, length)`` of every window (see the module docstring); needs no tokenizer."""
+    spans = []
     for item in series:
-        for start in window_starts(item.boundaries, len(item.ids), context_length, stride_steps):
-            windows.append((item.system, start, item.ids[start : start + context_length]))
-    return WindowDataset(windows)
+        n = len(item.text)
+        for start in window_starts(item.boundaries, n, context_length, stride_steps):
+            spans.append((item.system, start, min(context_length, n - start)))
+    return spans
+
+
+def build_windows(series: Sequence[EncodedSeries], context_length: int, stride_steps: int) -> WindowDataset:
+    """Cut every tokenized series into windows (see the module docstring)."""
+    by_system = {e.system: e for e in series}
+    return WindowDataset([(system, start, by_system[system].ids[start : start + length])
+                          for system, start, length in window_spans(series, context_length, stride_steps)])
 
 
 class PadCollator:
@@ -203,7 +227,8 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
 
     Args:
         path: HDF5 file in the study's layout.
-        tokenizer: The model's tokenizer (character-level on the LLMTIME alphabet).
+        tokenizer: The model's tokenizer (character-level on the LLMTIME alphabet); may be set later, before
+            ``setup`` (the pipeline plans the budget from the text before any model loads).
         context_length: Window length in tokens (the study's "maximum context length").
         stride_steps: Windows start every ``stride_steps`` time steps.
         batch_size: Training batch size; validation uses ``val_batch_size`` (defaults to it).
@@ -221,7 +246,7 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
     def __init__(
         self,
         path: str,
-        tokenizer: Any,
+        tokenizer: Any = None,
         context_length: int = 512,
         stride_steps: int = 20,
         batch_size: int = 4,
@@ -255,6 +280,7 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         self.simulate = dict(simulate) if simulate else None
         self.num_workers = num_workers
         self.split: Split | None = None
+        self.n_systems = 0
         self.train_set: WindowDataset | None = None
         self.val_set: WindowDataset | None = None
         self.series: dict[int, EncodedSeries] = {}
@@ -282,32 +308,54 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
             write_trajectories(self.path, traj.values, traj.time, params=traj.params,
                                attrs={"seed": int(self.simulate["seed"]), "generator": "lvforecast.simulate"})
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return  # idempotent: the pipeline calls it before fit to write the split
+    def prepare_texts(self) -> None:
+        """Load and validate the file, split it and encode the series as text; no tokenizer or model needed.
+
+        Idempotent. Data problems (a missing file, too-short series, bad pinned ids) surface here, and the
+        window shapes it yields let the budget be planned before any weights load.
+        """
+        if self.split is not None:
+            return
         from lvforecast.trajectories import load_trajectories
 
         self.prepare_data()
         traj = load_trajectories(self.path, min_steps=self.scale_context_steps)
+        self.n_systems = traj.n_systems
         self.split = split_systems(traj.n_systems, self.split_fractions, self.split_seed, self.pinned_test_systems)
-        encoded = encode_series(traj.values, self.split.train + self.split.val, self.tokenizer, self.scale_rule,
-                                self.decimals, self.scale_context_steps)
+        encoded = encode_texts(traj.values, self.split.train + self.split.val, self.scale_rule, self.decimals,
+                               self.scale_context_steps)
         self.series = {e.system: e for e in encoded}
-        train_ids = set(self.split.train)
-        self.train_set = build_windows([e for e in encoded if e.system in train_ids], self.context_length,
-                                       self.stride_steps)
-        self.val_set = build_windows([e for e in encoded if e.system not in train_ids], self.context_length,
-                                     self.stride_steps)
+
+    def _split_series(self, systems: Sequence[int]) -> list[EncodedSeries]:
+        return [self.series[s] for s in systems]
+
+    def val_batch_shapes(self) -> list[tuple[int, int]]:
+        """``(B, N)`` of every validation batch, in loader order (validation is not shuffled)."""
+        self.prepare_texts()
+        lengths = [n for _, _, n in window_spans(self._split_series(self.split.val), self.context_length,
+                                                   self.stride_steps)]
+        size = self.val_batch_size
+        return [(len(lengths[i : i + size]), max(lengths[i : i + size])) for i in range(0, len(lengths), size)]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return  # idempotent: the pipeline calls it before fit to write the split
+        if self.tokenizer is None:
+            raise ValueError("LotkaVolterraDataModule.setup needs a tokenizer: pass tokenizer= or set .tokenizer")
+        self.prepare_texts()
+        tokenize_series(list(self.series.values()), self.tokenizer)
+        self.train_set = build_windows(self._split_series(self.split.train), self.context_length, self.stride_steps)
+        self.val_set = build_windows(self._split_series(self.split.val), self.context_length, self.stride_steps)
         self.stats = {
             "train_windows": len(self.train_set),
             "val_windows": len(self.val_set),
             "train_pad_share": pad_share(self.train_set, self.context_length),
             "val_pad_share": pad_share(self.val_set, self.context_length),
-            "tokens_per_series_mean": float(np.mean([len(e.ids) for e in encoded])),
+            "tokens_per_series_mean": float(np.mean([len(e.ids) for e in self.series.values()])),
         }
         log.info(
             "data %s: %d systems -> train %d / val %d / test %d; windows train %d, val %d; pad share %.4f/%.4f",
-            self.path, traj.n_systems, len(self.split.train), len(self.split.val), len(self.split.test),
+            self.path, self.n_systems, len(self.split.train), len(self.split.val), len(self.split.test),
             len(self.train_set), len(self.val_set), self.stats["train_pad_share"], self.stats["val_pad_share"],
         )
 

@@ -202,6 +202,31 @@ def build_char_tokenizer(alphabet: str = ALPHABET) -> Any:
     )
 
 
+def tiny_qwen_config(
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    intermediate_size: int = 128,
+) -> dict[str, Any]:
+    """The ``Qwen2Config`` fields of the tiny model, as a dict (planning reads it without building weights)."""
+    return {
+        "model_type": "qwen2",
+        # <|endoftext|>=0, <|im_start|>, <|im_end|>, <unk>, then one id per LLMTIME character.
+        "vocab_size": len(TINY_SPECIAL_TOKENS) + 1 + len(ALPHABET),
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": num_key_value_heads,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+        "bos_token_id": None,
+        "eos_token_id": 0,
+        "pad_token_id": 0,
+    }
+
+
 def build_tiny_qwen(
     hidden_size: int = 64,
     num_hidden_layers: int = 2,
@@ -220,19 +245,10 @@ def build_tiny_qwen(
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = build_char_tokenizer()
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    fields = tiny_qwen_config(hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
+                              intermediate_size)
+    config = Qwen2Config(**{k: v for k, v in fields.items() if k != "model_type"})
+    assert config.vocab_size == len(tokenizer) and tokenizer.eos_token_id == config.eos_token_id == 0
     config._attn_implementation = attn_implementation
     # Seed only the weight init, leaving the caller's global RNG stream where it was.
     with torch.random.fork_rng(devices=[]):

@@ -57,10 +57,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import pytorch_lightning as pl
     from hydra.utils import instantiate
 
-    from lvforecast.lora import apply_lora, count_parameters, expected_lora_parameters
-    from lvforecast.module import LoRAForecaster
-    from lvforecast.utils import environment_record, instantiate_list, plot_loss_curve
-
     validate_train_config(cfg)
     # The CSV logger writes metrics.csv into the run dir beside our files; its warning about a
     # non-empty directory is expected here (it only ever overwrites metrics.csv).
@@ -71,11 +67,41 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
 
     start = time.perf_counter()
-    loaded = instantiate(cfg.model)
-    datamodule = instantiate(cfg.data, tokenizer=loaded.tokenizer)
-    # Data problems (a missing file, too-short series) surface before LoRA and the trainer are built.
-    datamodule.setup("fit")
+    datamodule = instantiate(cfg.data)
+    # Data problems (a missing file, too-short series) surface here, before any weights load.
+    datamodule.prepare_texts()
     (out / "split.json").write_text(datamodule.split.to_json())
+    budget = open_budget(cfg, datamodule, out)
+    if cfg.budget.dry_run:
+        return {"dry_run": True, "plan": budget["plan"].as_dict(), "output_dir": str(out)}
+    if not budget:
+        return _fit(cfg, datamodule, budget, out, start)
+    # From here on the run holds a reservation: whatever happens, the ledger learns how it ended.
+    try:
+        result = _fit(cfg, datamodule, budget, out, start)
+    except BaseException:
+        budget["ledger"].finish(budget["run_id"], "failed")
+        raise
+    budget["ledger"].finish(budget["run_id"], result["budget_status"])
+    return result
+
+
+def _fit(cfg: DictConfig, datamodule: Any, budget: dict[str, Any], out: Path, start: float) -> dict[str, Any]:
+    """Load the model, wrap it with LoRA, fit, and write the run directory."""
+    from hydra.utils import instantiate
+
+    from lvforecast.lora import apply_lora, count_parameters, expected_lora_parameters
+    from lvforecast.module import LoRAForecaster
+    from lvforecast.utils import environment_record, instantiate_list, plot_loss_curve
+
+    loaded = instantiate(cfg.model)
+    if budget:
+        from lvforecast.flops import shape_of
+
+        if shape_of(loaded.model) != budget["shape"]:
+            raise ValueError(f"the FLOP plan assumed {budget['shape']} but {loaded.name} is {shape_of(loaded.model)}")
+    datamodule.tokenizer = loaded.tokenizer
+    datamodule.setup("fit")
 
     # The hand formula reads the plain nn.Linear layers, so it is taken before PEFT wraps them.
     lora_formula = expected_lora_parameters(loaded.model, cfg.lora.target_modules, cfg.lora.r)
@@ -101,6 +127,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     loggers = instantiate_list(cfg.get("logger"))
     callbacks = instantiate_list(cfg.get("callbacks"))
+    flop_cb = None
+    if budget:
+        from lvforecast.callbacks import FlopBudget
+
+        flop_cb = FlopBudget(budget["ledger"], budget["run_id"], budget["reserved"], budget["shape"],
+                             budget["lora"], budget["conventions"], budget["plan"].next_step_shape,
+                             budget["plan"].validation_pass, mode=cfg.budget.mode,
+                             commit_every_n_steps=cfg.budget.commit_every_n_steps)
+        callbacks.append(flop_cb)
+        run_info["budget"] = {"run_id": budget["run_id"], "ledger": str(budget["ledger"].path),
+                              "plan": budget["plan"].as_dict(), "reserved": budget["reserved"]}
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:
         lg.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), "run_info": run_info})
@@ -109,6 +146,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             # The untrained (zero-shot) validation loss, logged at step 0 as the curve's first point.
             trainer.validate(module, datamodule=datamodule, verbose=False)
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        if trainer.checkpoint_callback is not None:
+            # A run stopped by the budget ends between checkpoint intervals: keep its final state too.
+            trainer.save_checkpoint(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt")
+        status = "budget_exhausted" if flop_cb is not None and flop_cb.exhausted else "finished"
         module.save_adapter(str(out / "adapter"))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss", "val/loss")}
         metrics["global_step"] = trainer.global_step
@@ -118,6 +159,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         for lg in loggers:
             if png is not None and hasattr(lg, "log_image"):
                 lg.log_image(key="loss_curve", images=[str(png)])
+        metrics["budget_status"] = status
+        if flop_cb is not None:
+            metrics["flops/run"] = flop_cb.spent
         run_info["final"] = metrics
         run_info["fit_seconds"] = round(time.perf_counter() - start - run_info["setup_seconds"], 2)
         (out / "run_info.json").write_text(json.dumps(run_info, indent=1))
@@ -125,6 +169,47 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return {**metrics, "output_dir": str(out)}
     finally:
         _finish_wandb(loggers)
+
+
+def open_budget(cfg: DictConfig, datamodule: Any, out: Path) -> dict[str, Any]:
+    """Plan the run's FLOPs and reserve them in the ledger (nothing reserved on a dry run).
+
+    Returns:
+        ``{}`` when ``budget.enabled`` is false, else the plan, shape, LoRA spec, conventions, and (unless
+        dry run) the ledger and run id.
+
+    Raises:
+        lvforecast.budget.BudgetExceededError: The ledger cannot cover the plan; no model has been loaded.
+    """
+    import hashlib
+
+    from lvforecast.budget import Ledger
+    from lvforecast.flops import Conventions, LoRASpec
+    from lvforecast.planning import plan_run, planning_shape
+
+    if not cfg.budget.enabled:
+        if cfg.budget.dry_run:
+            raise ValueError("budget.dry_run=true needs budget.enabled=true: there is no plan to print")
+        return {}
+    shape = planning_shape(cfg.model)
+    lora = LoRASpec(rank=cfg.lora.r, targets=tuple(cfg.lora.target_modules), logit_bias=cfg.lora.train_logit_bias)
+    conventions = Conventions(**cfg.budget.conventions)
+    plan = plan_run(cfg, datamodule.val_batch_shapes(), shape, lora, conventions)
+    session: dict[str, Any] = {"plan": plan, "shape": shape, "lora": lora, "conventions": conventions}
+    if cfg.budget.dry_run:
+        ledger_path = Path(cfg.budget.ledger_path)
+        remaining = Ledger(ledger_path, budget=None).remaining() if ledger_path.is_file() else cfg.budget.total_flops
+        log.info("FLOP plan (dry run, no weights loaded): %s; ledger %s has %.4e remaining -> %s",
+                 plan.describe(), ledger_path, remaining, "fits" if plan.total <= remaining else "WOULD BE REFUSED")
+        return session
+    ledger = Ledger(cfg.budget.ledger_path, budget=cfg.budget.total_flops, journal_mode=cfg.budget.journal_mode)
+    config_hash = hashlib.sha256(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest()[:16]
+    cap = cfg.budget.run_cap_flops
+    reserve = plan.total if cap is None else int(cap)
+    run_id = ledger.open_run(cfg.budget.run_name or out.name, reserve, sweep=cfg.get("sweep_name"),
+                             config_hash=config_hash, plan=plan.as_dict())
+    log.info("FLOP plan: %s; reserved %.4e as run %d in %s", plan.describe(), reserve, run_id, ledger.path)
+    return {**session, "ledger": ledger, "run_id": run_id, "reserved": reserve}
 
 
 def _finish_wandb(loggers: list[Any]) -> None:

@@ -47,6 +47,8 @@ def compose_train(overrides: list[str] | None = None, output_dir: Path | None = 
     with open_dict(cfg):
         if output_dir is not None:
             cfg.paths.output_dir = str(output_dir)
+            if not any(o.startswith("budget.ledger_path=") for o in overrides or []):
+                cfg.budget.ledger_path = str(Path(output_dir) / "ledger.sqlite")  # never the repo's outputs/
         if cache_dir is not None:
             cfg.paths.cache_dir = str(cache_dir)
     return cfg

@@ -1,0 +1,110 @@
+"""A run's FLOP plan, computed from the config and the data's text before any weights load.
+
+plan = max_steps x train step (3 x forward of ``batch_size x context_length``)
+     + validations x one full validation pass (its real batch shapes, ``limit_val_batches`` applied)
+     + sanity-check batches + planned evaluation FLOPs (``budget.planned_eval_flops``)
+
+Validations: one before training (``validate_before_training``), one every ``val_check_interval`` steps,
+and one spare for the pass Lightning runs when the budget callback stops a run early.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from lvforecast.flops import BUILTIN, Conventions, LoRASpec, ModelShape, forward_flops, resolve_shape
+
+# Hub ids whose architecture facts are built in, so planning needs no download.
+HUB_ALIASES = {"Qwen/Qwen2.5-0.5B-Instruct": "qwen2.5-0.5b"}
+
+
+def planning_shape(model_cfg: DictConfig) -> ModelShape:
+    """The :class:`ModelShape` of the configured model, without loading weights.
+
+    Raises:
+        ValueError: The architecture cannot be known without downloading (names the key to set).
+    """
+    target = model_cfg.get("_target_", "")
+    if target.endswith("load_smollm2"):
+        return BUILTIN["smollm2-135m"]
+    if target.endswith("build_tiny_qwen"):
+        from lvforecast.models import tiny_qwen_config
+
+        keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size")
+        return ModelShape.from_hf_config(tiny_qwen_config(**{k: model_cfg[k] for k in keys if k in model_cfg}))
+    if target.endswith("load_pretrained"):
+        name = model_cfg.name_or_path
+        if Path(name).is_dir():
+            return resolve_shape(name)
+        if name in HUB_ALIASES:
+            return BUILTIN[HUB_ALIASES[name]]
+        try:
+            from transformers import AutoConfig
+
+            return ModelShape.from_hf_config(AutoConfig.from_pretrained(name, local_files_only=True))
+        except OSError as err:
+            raise ValueError(
+                f"model.name_or_path={name!r}: its config is not cached, so the FLOP plan cannot be made "
+                f"before loading; download it first or point at a local directory"
+            ) from err
+    raise ValueError(f"model._target_={target!r}: no FLOP shape known for this loader")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """FLOPs a run is planned to spend, with the parts it is made of."""
+
+    train_step: int
+    steps: int
+    validation_pass: int
+    validations: int
+    sanity: int
+    evaluation: int
+    next_step_shape: tuple[int, int]
+
+    @property
+    def total(self) -> int:
+        return self.steps * self.train_step + self.validations * self.validation_pass + self.sanity + self.evaluation
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total": self.total}
+
+    def describe(self) -> str:
+        return (f"{self.steps} steps x {self.train_step:.4e} (train step, B x N = {self.next_step_shape}) "
+                f"+ {self.validations} validations x {self.validation_pass:.4e} + sanity {self.sanity:.4e} "
+                f"+ evaluation {self.evaluation:.4e} = {self.total:.4e} FLOPs")
+
+
+def _limited(n_batches: int, limit: int | float) -> int:
+    """How many validation batches Lightning runs for ``limit_val_batches`` (int = count, float = fraction)."""
+    if isinstance(limit, bool):
+        raise ValueError(f"trainer.limit_val_batches={limit!r}: an int count or a float fraction")
+    if isinstance(limit, int):
+        return min(limit, n_batches)
+    return n_batches if limit == 1.0 else int(math.floor(n_batches * float(limit)))
+
+
+def plan_run(cfg: DictConfig, val_batch_shapes: list[tuple[int, int]], shape: ModelShape,
+             lora: LoRASpec | None, conventions: Conventions) -> Plan:
+    """Plan a training run's FLOPs from the composed config and the validation batch shapes."""
+    batch, context = cfg.data.batch_size, cfg.data.context_length
+    train_step = 3 * forward_flops(shape, batch, context, lora, conventions).total
+    tr = cfg.trainer
+    limit = tr.get("limit_val_batches", 1.0)
+    val_shapes = val_batch_shapes[: _limited(len(val_batch_shapes), 1.0 if limit is None else limit)]
+    val_pass = sum(forward_flops(shape, b, n, lora, conventions).total for b, n in val_shapes)
+    interval = tr.get("val_check_interval") or 0
+    periodic = tr.max_steps // interval if isinstance(interval, int) and interval > 0 else 0
+    before = 1 if cfg.get("validate_before_training") and not cfg.get("ckpt_path") else 0
+    sanity_batches = tr.get("num_sanity_val_steps") or 0
+    sanity_batches = len(val_batch_shapes) if sanity_batches == -1 else min(sanity_batches, len(val_batch_shapes))
+    sanity = sum(forward_flops(shape, b, n, lora, conventions).total for b, n in val_batch_shapes[:sanity_batches])
+    return Plan(train_step=train_step, steps=tr.max_steps, validation_pass=val_pass,
+                validations=periodic + before + 1, sanity=sanity, evaluation=int(cfg.budget.planned_eval_flops),
+                next_step_shape=(batch, context))

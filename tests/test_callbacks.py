@@ -1,0 +1,116 @@
+"""The FLOP budget in the training pipeline: exact charges, predictive stop, refusal, dry run."""
+
+import json
+
+import pytest
+from conftest import TINY_RUN, compose_train
+
+from lvforecast.budget import BudgetExceededError, Ledger
+from lvforecast.flops import Conventions, LoRASpec, forward_flops
+from lvforecast.pipeline import train
+from lvforecast.planning import planning_shape
+
+RUN = TINY_RUN + ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=2"]
+
+
+def _charges(ledger_path):
+    import sqlite3
+
+    with sqlite3.connect(ledger_path) as conn:
+        rows = conn.execute("SELECT kind, SUM(flops), SUM(steps) FROM charges GROUP BY kind").fetchall()
+    return {kind: (flops, steps) for kind, flops, steps in rows}
+
+
+def test_ledger_holds_exactly_what_ran(sim_cache, tmp_path):
+    cfg = compose_train(RUN + ["trainer.num_sanity_val_steps=1"], output_dir=tmp_path, cache_dir=sim_cache)
+    result = train(cfg)
+    shape = planning_shape(cfg.model)
+    lora = LoRASpec(rank=4)
+    # Every training batch is 4 full windows of 96 tokens (no padding in this data): 4 steps x 3 x forward.
+    train_expected = 4 * 3 * forward_flops(shape, 4, 96, lora, Conventions()).total
+    # Validation: 1 sanity batch + 3 passes (before training, steps 2 and 4) of 2 batches, all (4, 96).
+    val_expected = (1 + 3 * 2) * forward_flops(shape, 4, 96, lora, Conventions()).total
+    charges = _charges(tmp_path / "ledger.sqlite")
+    assert charges["train"] == (train_expected, 4)
+    assert charges["val"] == (val_expected, 7)
+    assert result["flops/run"] == train_expected + val_expected
+    assert result["budget_status"] == "finished"
+    (run,) = Ledger(tmp_path / "ledger.sqlite", budget=None).runs()
+    assert run["status"] == "finished"
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    # The plan keeps one spare validation pass for a budget stop, so it exceeds the spend by exactly that.
+    assert info["budget"]["plan"]["total"] == train_expected + val_expected + 2 * forward_flops(
+        shape, 4, 96, lora, Conventions()).total
+
+
+def test_stops_one_step_before_overspending_and_never_after(sim_cache, tmp_path):
+    shape_cfg = compose_train(RUN, output_dir=tmp_path, cache_dir=sim_cache)
+    fwd = forward_flops(planning_shape(shape_cfg.model), 4, 96, LoRASpec(rank=4), Conventions()).total
+    step, val = 3 * fwd, 2 * fwd  # a validation pass is 2 batches of (4, 96)
+    # Room for: validation before training + 5 steps + one validation at step 4 + the final one, plus a bit
+    # less than one more step. Steps 1..5 fit; after step 5 another step + final validation would not.
+    cap = val + 5 * step + val + val + step - 1
+    cfg = compose_train(TINY_RUN + ["trainer.max_steps=50", "trainer.val_check_interval=4",
+                                    "trainer.limit_val_batches=2", f"budget.run_cap_flops={cap}"],
+                        output_dir=tmp_path, cache_dir=sim_cache)
+    result = train(cfg)
+    assert result["budget_status"] == "budget_exhausted"
+    assert result["global_step"] == 5
+    assert result["flops/run"] == val + 5 * step + val + val <= cap  # never after
+    assert result["flops/run"] + step > cap - val  # one more step and its final validation would not fit
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    (run,) = Ledger(tmp_path / "ledger.sqlite", budget=None).runs()
+    assert run["status"] == "budget_exhausted"
+
+
+def test_refused_run_loads_no_model(sim_cache, tmp_path, monkeypatch):
+    import lvforecast.models
+
+    def must_not_load(**kwargs):
+        raise AssertionError("the model was loaded although the budget refused the run")
+
+    monkeypatch.setattr(lvforecast.models, "build_tiny_qwen", must_not_load)
+    cfg = compose_train(RUN + ["budget.total_flops=1e9"], output_dir=tmp_path, cache_dir=sim_cache)
+    with pytest.raises(BudgetExceededError, match=r"refused.*remain"):
+        train(cfg)
+    (run,) = Ledger(tmp_path / "ledger.sqlite", budget=None).runs()
+    assert run["status"] == "refused"
+
+
+def test_dry_run_prints_plan_and_loads_no_weights(sim_cache, tmp_path, monkeypatch, caplog):
+    import logging
+
+    import lvforecast.models
+
+    monkeypatch.setattr(lvforecast.models, "build_tiny_qwen", lambda **kw: pytest.fail("weights loaded"))
+    cfg = compose_train(RUN + ["budget.dry_run=true"], output_dir=tmp_path, cache_dir=sim_cache)
+    with caplog.at_level(logging.INFO, logger="lvforecast"):
+        result = train(cfg)
+    assert result["dry_run"] and result["plan"]["steps"] == 4
+    assert "FLOP plan (dry run" in caplog.text and "fits" in caplog.text
+    assert not (tmp_path / "ledger.sqlite").exists()  # nothing reserved
+
+
+def test_failed_run_is_marked_and_keeps_its_charges(sim_cache, tmp_path, monkeypatch):
+    from lvforecast.module import LoRAForecaster
+
+    calls = {"n": 0}
+    original = LoRAForecaster.training_step
+
+    def failing_step(self, batch, batch_idx):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(LoRAForecaster, "training_step", failing_step)
+    cfg = compose_train(RUN + ["validate_before_training=false"], output_dir=tmp_path, cache_dir=sim_cache)
+    with pytest.raises(RuntimeError, match="boom"):
+        train(cfg)
+    ledger = Ledger(tmp_path / "ledger.sqlite", budget=None)
+    (run,) = ledger.runs()
+    assert run["status"] == "failed"
+    shape = planning_shape(cfg.model)
+    # Steps 1 and 2 completed (and step 2's validation of 2 batches) before step 3 raised.
+    fwd = forward_flops(shape, 4, 96, LoRASpec(rank=4), Conventions()).total
+    assert ledger.run_spent(run["id"]) == 2 * 3 * fwd + 2 * fwd
