@@ -13,7 +13,8 @@ Contract:
   validation to stop on. If that exceeds what is left of the run's reservation it sets
   ``trainer.should_stop`` (Lightning then runs one last validation), so the run ends cleanly (checkpoint
   written, status ``budget_exhausted``) one step before overspending, never after. ``mode="track"`` only records.
-* Logged every ``trainer.log_every_n_steps`` steps: ``flops/step``, ``flops/run``, ``flops/study``, ``flops/budget_left``.
+* Logged every ``trainer.log_every_n_steps`` steps: ``flops/step``, ``flops/run``, ``flops/study``,
+  ``flops/budget_left``.
 
 FLOP formulas live in :mod:`lvforecast.flops`; this module only multiplies, accumulates and stops.
 """
