@@ -134,7 +134,8 @@ def _fit(cfg: DictConfig, datamodule: Any, budget: dict[str, Any], out: Path, st
         flop_cb = FlopBudget(budget["ledger"], budget["run_id"], budget["reserved"], budget["shape"],
                              budget["lora"], budget["conventions"], budget["plan"].next_step_shape,
                              budget["plan"].validation_pass, mode=cfg.budget.mode,
-                             commit_every_n_steps=cfg.budget.commit_every_n_steps)
+                             commit_every_n_steps=cfg.budget.commit_every_n_steps,
+                             commit_min_interval_s=cfg.budget.commit_min_interval_s)
         callbacks.append(flop_cb)
         run_info["budget"] = {"run_id": budget["run_id"], "ledger": str(budget["ledger"].path),
                               "plan": budget["plan"].as_dict(), "reserved": budget["reserved"]}
