@@ -724,6 +724,21 @@ def format_report_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _chart_labels(runs: Sequence[dict[str, Any]], width: int = 48) -> list[str]:
+    """Short y labels: run names made of Hydra overrides (``a=1,b=2``) lose the overrides every run shares.
+
+    The full names stay in the markdown table; the chart only needs what tells the bars apart.
+    """
+    parts = [str(r["name"]).split(",") for r in runs]
+    common = set.intersection(*(set(p) for p in parts)) if len(parts) > 1 else set()
+    labels = []
+    for run, tokens in zip(runs, parts, strict=True):
+        name = ",".join(t for t in tokens if t not in common) or str(run["name"])
+        label = f"#{run['id']} {name}" + (f" [{run['sweep']}]" if run["sweep"] else "")
+        labels.append(label if len(label) <= width else label[: width - 1] + "\u2026")
+    return labels
+
+
 def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Draw spend per run as stacked bars (training / validation / inference) next to the study total vs budget.
 
@@ -753,7 +768,7 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
             left = [a + b for a, b in zip(left, widths, strict=True)]
         for yi, r in zip(y, runs, strict=True):
             ax.text(r["total"], yi, f" {_fmt(r['total'])} ({_fmt_share(r['share'])})", va="center", fontsize=8)
-        ax.set_yticks(y, [_run_label(r) + (f" [{r['sweep']}]" if r["sweep"] else "") for r in runs], fontsize=8)
+        ax.set_yticks(y, _chart_labels(runs), fontsize=8)
         ax.invert_yaxis()
         ax.set_xlim(0, max(left) * 1.35 or 1.0)
         ax.legend(loc="lower right", fontsize=8)

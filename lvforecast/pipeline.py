@@ -207,10 +207,19 @@ def open_budget(cfg: DictConfig, datamodule: Any, out: Path) -> dict[str, Any]:
     config_hash = hashlib.sha256(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest()[:16]
     cap = cfg.budget.run_cap_flops
     reserve = plan.total if cap is None else int(cap)
-    run_id = ledger.open_run(cfg.budget.run_name or out.name, reserve, sweep=cfg.get("sweep_name"),
-                             config_hash=config_hash, plan=plan.as_dict())
+    name = cfg.budget.run_name or _hydra_overrides() or out.name
+    run_id = ledger.open_run(name, reserve, sweep=cfg.get("sweep_name"), config_hash=config_hash, plan=plan.as_dict())
     log.info("FLOP plan: %s; reserved %.4e as run %d in %s", plan.describe(), reserve, run_id, ledger.path)
     return {**session, "ledger": ledger, "run_id": run_id, "reserved": reserve}
+
+
+def _hydra_overrides() -> str | None:
+    """The job's command-line overrides as Hydra names its directories, when run by Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().job.override_dirname or None
 
 
 def _finish_wandb(loggers: list[Any]) -> None:

@@ -435,3 +435,11 @@ def test_module_entry_point(tmp_path):
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "final" in out.stdout and "remaining 2.50e+02" in out.stdout
+
+
+def test_chart_labels_drop_overrides_every_run_shares():
+    from lvforecast.budget import _chart_labels
+
+    runs = [{"id": i, "name": f"model=tiny,lora.r={r},optim.lr=0.01", "sweep": "s"} for i, r in ((1, 2), (2, 8))]
+    assert _chart_labels(runs) == ["#1 lora.r=2 [s]", "#2 lora.r=8 [s]"]
+    assert _chart_labels([{"id": 3, "name": "x" * 80, "sweep": None}])[0] == "#3 " + "x" * 44 + "\u2026"
