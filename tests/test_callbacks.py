@@ -114,3 +114,42 @@ def test_failed_run_is_marked_and_keeps_its_charges(sim_cache, tmp_path, monkeyp
     # Steps 1 and 2 completed (and step 2's validation of 2 batches) before step 3 raised.
     fwd = forward_flops(shape, 4, 96, LoRASpec(rank=4), Conventions()).total
     assert ledger.run_spent(run["id"]) == 2 * 3 * fwd + 2 * fwd
+
+
+def test_training_process_killed_with_sigkill_leaves_a_ledger_reconcile_repairs(sim_cache, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    ledger_path = tmp_path / "ledger.sqlite"
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY_RUN, "trainer.max_steps=100000",
+           "trainer.val_check_interval=100000", "budget.commit_every_n_steps=1", "budget.commit_min_interval_s=0",
+           f"paths.cache_dir={sim_cache}", f"budget.ledger_path={ledger_path}", f"hydra.run.dir={tmp_path}/run"]
+    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # wait until training charges reach the ledger
+            if ledger_path.exists() and _charges(ledger_path).get("train", (0, 0))[1] >= 5:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the training child never charged 5 steps")
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    ledger = Ledger(ledger_path, budget=None)
+    (run,) = ledger.runs()
+    spent = ledger.run_spent(run["id"])
+    assert spent > 0 and run["status"] == "running"  # as the killed process left it
+    assert ledger.reconcile() == [run["id"]]
+    (run,) = ledger.runs()
+    assert run["status"] == "crashed"
+    assert ledger.run_spent(run["id"]) == spent  # what it charged stays spent
+    assert ledger.remaining() == ledger.budget - spent  # its unused reservation is released
+    assert ledger.reconcile() == []
