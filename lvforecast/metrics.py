@@ -1,0 +1,340 @@
+"""Forecast metrics for predator-prey series: point errors, horizon curves, probabilistic scores.
+
+Contract:
+
+* Arrays are ``truth`` (S, H, 2) and ``pred`` (S, H, 2): S systems, H forecast steps, last axis
+  ``[prey, predator]`` (:data:`VARIABLES`). Probabilistic forecasts are ``samples`` (S, k, H, 2).
+* Every function works in whatever units it is given. The study reports *encoded* units, i.e.
+  raw value / :data:`ENCODED_SCALE` (= raw x 2, the LLMTIME scale of the study);
+  :func:`to_encoded` converts and :func:`evaluate_forecasts` returns both unit systems.
+* Per-system point metrics (:func:`per_system_metrics`) are computed per system and per variable
+  over the H steps: MSE, RMSE = sqrt(MSE), MAE, and MAPE as a *fraction* (mean |e| / |truth|;
+  the study's tables report fractions, e.g. 0.301, not percent).
+* NaN rule: ``truth`` must be finite. A non-finite ``pred`` entry (an unparsed generated step)
+  is excluded from every metric and counted in ``nan_count``. MAPE additionally excludes steps
+  whose truth is exactly 0 and counts them in ``mape_excluded``. A (system, variable) with no
+  usable step gets NaN for that metric; aggregates ignore such NaNs (``np.nanmean`` /
+  ``np.nanmedian``) and report how many systems they used (``n_systems``).
+* Running MSE (the study's "running MSE" curve) at step h is the mean squared error over steps
+  1..h, i.e. the cumulative mean over the valid steps so far.
+* CRPS uses the energy-form sample estimator E|X - y| - 0.5 E|X - X'| over the k samples (the
+  V-statistic, X' ranging over all k samples including X itself), averaged over the horizon.
+  Coverage is the fraction of horizon steps whose truth lies in the empirical [lo, hi] quantile
+  interval of the samples (``np.quantile``, linear interpolation), bounds included.
+* :func:`to_jsonable` turns any result here into plain Python (lists, floats, ints, None for NaN).
+
+Pure numpy; importing this module touches no disk, network or GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: Names of the last-axis variables, in order.
+VARIABLES: tuple[str, str] = ("prey", "predator")
+#: The study's encoding divides raw values by this (x / 5 * 10, i.e. x * 2).
+ENCODED_SCALE = 0.5
+#: Keys of :func:`per_system_metrics` that hold float metrics (the others are counts).
+POINT_METRICS: tuple[str, ...] = ("mse", "rmse", "mae", "mape")
+
+
+def _check_pair(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    truth = np.asarray(truth, dtype=np.float64)
+    pred = np.asarray(pred, dtype=np.float64)
+    if truth.ndim != 3 or truth.shape[2] != 2:
+        raise ValueError(f"truth must have shape (S, H, 2), got {truth.shape}")
+    if pred.shape != truth.shape:
+        raise ValueError(f"pred must have the shape of truth {truth.shape}, got {pred.shape}")
+    if not np.isfinite(truth).all():
+        raise ValueError(f"truth must be finite, got {int((~np.isfinite(truth)).sum())} non-finite entries")
+    return truth, pred
+
+
+def _check_samples(truth: np.ndarray, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    truth = np.asarray(truth, dtype=np.float64)
+    samples = np.asarray(samples, dtype=np.float64)
+    if truth.ndim != 3 or truth.shape[2] != 2:
+        raise ValueError(f"truth must have shape (S, H, 2), got {truth.shape}")
+    s, h, _ = truth.shape
+    if samples.ndim != 4 or samples.shape[0] != s or samples.shape[2:] != (h, 2) or samples.shape[1] < 1:
+        raise ValueError(
+            f"samples must have shape ({s}, k>=1, {h}, 2) to match truth {truth.shape}, got {samples.shape}"
+        )
+    if not (np.isfinite(truth).all() and np.isfinite(samples).all()):
+        raise ValueError("truth and samples must be finite for CRPS/coverage")
+    return truth, samples
+
+
+def to_encoded(values: np.ndarray, scale: float = ENCODED_SCALE) -> np.ndarray:
+    """Convert raw populations to the study's encoded units.
+
+    Args:
+        values: any-shape array of raw populations.
+        scale: encoding scale; encoded = raw / scale (study: 0.5, so raw x 2).
+
+    Returns:
+        Array of the same shape in encoded units (float64).
+
+    Raises:
+        ValueError: ``scale`` is not a finite number > 0.
+    """
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    return np.asarray(values, dtype=np.float64) / scale
+
+
+def per_system_metrics(truth: np.ndarray, pred: np.ndarray) -> dict[str, np.ndarray]:
+    """Point-forecast errors per system and variable over the horizon.
+
+    Args:
+        truth: (S, H, 2) true values, finite.
+        pred: (S, H, 2) forecasts, same units; non-finite entries are excluded and counted.
+
+    Returns:
+        Dict of (S, 2) arrays: ``mse``, ``rmse``, ``mae``, ``mape`` (fraction; float64, NaN when no
+        usable step) and counts ``nan_count`` (non-finite forecast steps), ``mape_excluded``
+        (finite forecast steps with truth == 0), ``n_valid`` (steps used by MSE/MAE) (int64).
+
+    Raises:
+        ValueError: shapes differ or are not (S, H, 2), or ``truth`` is not finite.
+    """
+    truth, pred = _check_pair(truth, pred)
+    valid = np.isfinite(pred)
+    err = np.where(valid, pred - truth, 0.0)
+    n_valid = valid.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mse = (err**2).sum(axis=1) / n_valid
+        mae = np.abs(err).sum(axis=1) / n_valid
+        mape_ok = valid & (truth != 0)
+        rel = np.where(mape_ok, np.abs(err) / np.where(truth != 0, np.abs(truth), 1.0), 0.0)
+        mape = rel.sum(axis=1) / mape_ok.sum(axis=1)
+    return {
+        "mse": mse,
+        "rmse": np.sqrt(mse),
+        "mae": mae,
+        "mape": mape,
+        "nan_count": (~valid).sum(axis=1).astype(np.int64),
+        "mape_excluded": (valid & (truth == 0)).sum(axis=1).astype(np.int64),
+        "n_valid": n_valid.astype(np.int64),
+    }
+
+
+def running_mse(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Running (cumulative) MSE over the horizon, the study's "running MSE" curve.
+
+    Args:
+        truth: (S, H, 2) true values, finite.
+        pred: (S, H, 2) forecasts; non-finite entries are skipped.
+
+    Returns:
+        (S, H, 2) float64: entry h is the mean squared error over the valid steps 0..h (NaN while
+        no step so far is valid).
+
+    Raises:
+        ValueError: as :func:`per_system_metrics`.
+    """
+    truth, pred = _check_pair(truth, pred)
+    valid = np.isfinite(pred)
+    sq = np.where(valid, (pred - truth) ** 2, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.cumsum(sq, axis=1) / np.cumsum(valid, axis=1)
+
+
+def error_by_horizon(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Mean squared error at each horizon step, averaged over systems.
+
+    Args:
+        truth: (S, H, 2) true values, finite.
+        pred: (S, H, 2) forecasts; non-finite entries are excluded from their step's mean.
+
+    Returns:
+        (H, 2) float64; NaN for a step where no system has a valid forecast.
+
+    Raises:
+        ValueError: as :func:`per_system_metrics`.
+    """
+    truth, pred = _check_pair(truth, pred)
+    valid = np.isfinite(pred)
+    sq = np.where(valid, (pred - truth) ** 2, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sq.sum(axis=0) / valid.sum(axis=0)
+
+
+def _summarise(per_system: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, Any]:
+    out: dict[str, Any] = {"n_systems": int(idx.size)}
+    for key, arr in per_system.items():
+        sub = np.asarray(arr)[idx]
+        if key in POINT_METRICS:
+            # All-NaN columns (no usable step anywhere) give NaN on purpose; silence numpy's warning.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = np.nanmean(sub, axis=0) if sub.size else np.full(2, np.nan)
+                median = np.nanmedian(sub, axis=0) if sub.size else np.full(2, np.nan)
+            out[key] = {var: {"mean": float(mean[j]), "median": float(median[j])} for j, var in enumerate(VARIABLES)}
+        else:  # counts: totals over the systems
+            out[key] = {var: int(sub[:, j].sum()) for j, var in enumerate(VARIABLES)}
+    return out
+
+
+def aggregate(per_system: dict[str, np.ndarray], classes: Sequence[str] | None = None) -> dict[str, Any]:
+    """Mean and median over systems, overall and per behaviour class.
+
+    Args:
+        per_system: output of :func:`per_system_metrics` (each value (S, 2)).
+        classes: optional length-S behaviour labels (e.g. from :func:`lvforecast.behaviour.classify_all`).
+
+    Returns:
+        ``{"all": summary, "by_class": {label: summary}}`` (``by_class`` empty without ``classes``),
+        where a summary is ``{"n_systems": int, metric: {variable: {"mean", "median"}}, count_key:
+        {variable: total}}`` with variables ``prey``/``predator``. NaN metrics are ignored.
+
+    Raises:
+        ValueError: arrays are not (S, 2) with one S, or ``classes`` has the wrong length.
+    """
+    if not per_system:
+        raise ValueError("per_system must hold at least one metric, got an empty dict")
+    shapes = {key: np.shape(arr) for key, arr in per_system.items()}
+    first = next(iter(shapes.values()))
+    n = first[0] if len(first) == 2 else -1
+    if any(shape != (n, 2) for shape in shapes.values()):
+        raise ValueError(f"per_system arrays must all have shape (S, 2), got {shapes}")
+    result: dict[str, Any] = {"all": _summarise(per_system, np.arange(n)), "by_class": {}}
+    if classes is not None:
+        labels = np.asarray(list(classes), dtype=object)
+        if labels.shape != (n,):
+            raise ValueError(f"classes must have one label per system ({n}), got {labels.shape[0]}")
+        for label in sorted(set(labels.tolist())):
+            result["by_class"][label] = _summarise(per_system, np.flatnonzero(labels == label))
+    return result
+
+
+def crps_samples(truth: np.ndarray, samples: np.ndarray) -> np.ndarray:
+    """Sample estimate of the CRPS, averaged over the horizon.
+
+    Uses CRPS(F, y) ~= mean_i |X_i - y| - 0.5 mean_{i,j} |X_i - X_j| over the k samples, computed
+    exactly in O(k log k) from the sorted samples (sum_{i,j}|X_i - X_j| = 2 sum_i (2i - k + 1) X_(i)).
+
+    Args:
+        truth: (S, H, 2) true values, finite.
+        samples: (S, k, H, 2) forecast samples, finite, same units.
+
+    Returns:
+        (S, 2) float64 CRPS per system and variable (0 for a perfect point mass).
+
+    Raises:
+        ValueError: shapes mismatch or values are not finite.
+    """
+    truth, samples = _check_samples(truth, samples)
+    k = samples.shape[1]
+    term1 = np.abs(samples - truth[:, None]).mean(axis=1)  # (S, H, 2)
+    srt = np.sort(samples, axis=1)
+    weights = (2.0 * np.arange(k) - k + 1.0).reshape(1, k, 1, 1)
+    pair_sum = 2.0 * (weights * srt).sum(axis=1)  # sum over all ordered pairs |X_i - X_j|
+    term2 = 0.5 * pair_sum / (k * k)
+    return (term1 - term2).mean(axis=1)
+
+
+def interval_coverage(truth: np.ndarray, samples: np.ndarray, lo: float = 0.1, hi: float = 0.9) -> np.ndarray:
+    """Fraction of horizon steps whose truth lies inside the samples' [lo, hi] quantile interval.
+
+    Args:
+        truth: (S, H, 2) true values, finite.
+        samples: (S, k, H, 2) forecast samples, finite.
+        lo: lower quantile level in [0, 1).
+        hi: upper quantile level in (lo, 1].
+
+    Returns:
+        (S, 2) float64 coverage in [0, 1] (nominal value hi - lo, 0.8 by default).
+
+    Raises:
+        ValueError: bad shapes, non-finite values, or not 0 <= lo < hi <= 1.
+    """
+    if not (0.0 <= lo < hi <= 1.0):
+        raise ValueError(f"need 0 <= lo < hi <= 1, got lo={lo!r}, hi={hi!r}")
+    truth, samples = _check_samples(truth, samples)
+    q_lo, q_hi = np.quantile(samples, [lo, hi], axis=1)
+    inside = (truth >= q_lo) & (truth <= q_hi)
+    return inside.mean(axis=1)
+
+
+def evaluate_forecasts(
+    truth: np.ndarray,
+    pred: np.ndarray,
+    classes: Sequence[str] | None = None,
+    scale: float = ENCODED_SCALE,
+) -> dict[str, Any]:
+    """All point metrics in encoded and original units, aggregated and JSON-ready.
+
+    Args:
+        truth: (S, H, 2) true raw populations, finite.
+        pred: (S, H, 2) raw forecasts; non-finite entries excluded and counted.
+        classes: optional length-S behaviour labels for the per-class aggregates.
+        scale: encoding scale (encoded = raw / scale).
+
+    Returns:
+        ``{"encoded": {...}, "original": {...}}``; each holds ``aggregate`` (see :func:`aggregate`),
+        ``per_system`` (metric -> (S, 2)), ``running_mse`` ((S, H, 2)) and ``error_by_horizon``
+        ((H, 2)), all passed through :func:`to_jsonable`.
+
+    Raises:
+        ValueError: as :func:`per_system_metrics` / :func:`aggregate` / :func:`to_encoded`.
+    """
+    out: dict[str, Any] = {}
+    for units, (t, p) in {
+        "encoded": (to_encoded(truth, scale), to_encoded(pred, scale)),
+        "original": (np.asarray(truth, dtype=np.float64), np.asarray(pred, dtype=np.float64)),
+    }.items():
+        per = per_system_metrics(t, p)
+        out[units] = to_jsonable(
+            {
+                "aggregate": aggregate(per, classes),
+                "per_system": per,
+                "running_mse": running_mse(t, p),
+                "error_by_horizon": error_by_horizon(t, p),
+            }
+        )
+    total_nan = int(np.sum(~np.isfinite(np.asarray(pred, dtype=np.float64))))
+    if total_nan:
+        logger.info("evaluate_forecasts: %d non-finite forecast entries excluded", total_nan)
+    return out
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert metric results to plain JSON-serialisable Python.
+
+    Arrays become nested lists, numpy scalars become int/float/bool, non-finite floats become
+    None (JSON has no NaN), dict keys become str, tuples become lists.
+
+    Args:
+        obj: any nesting of dicts, lists/tuples, numpy arrays/scalars and Python scalars.
+
+    Returns:
+        An object ``json.dumps`` accepts with ``allow_nan=False``.
+
+    Raises:
+        TypeError: an object of an unsupported type is found.
+    """
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        val = float(obj)
+        return val if math.isfinite(val) else None
+    if obj is None or isinstance(obj, str):
+        return obj
+    raise TypeError(f"cannot convert {type(obj).__name__} to JSON: {obj!r}")
