@@ -1,13 +1,20 @@
-"""Forecast held-out systems with a trained adapter (arrives with the evaluation issue)."""
+"""Forecast held-out systems and score them: `python evaluate.py run_dir=outputs/train/<run>` or zero-shot
+`python evaluate.py model=smollm2-135m data=simulated`."""
 
-import sys
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+from lvforecast.evaluation import evaluate
 
 
-def main() -> int:
-    print("evaluate.py: forecasting and the study's metrics arrive with the evaluation issue; "
-          "train with `python train.py` meanwhile.")
-    return 0
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    """Run one evaluation; everything lands in Hydra's output directory."""
+    logging.getLogger("lvforecast").setLevel(logging.INFO)
+    evaluate(cfg)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

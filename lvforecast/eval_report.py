@@ -1,0 +1,154 @@
+"""Plots and the markdown report of an evaluation (the study's layout: prey gold, predator purple)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+COLORS = {"prey": "goldenrod", "predator": "purple"}
+VARIABLES = ("prey", "predator")
+POINT = ("mse", "rmse", "mae", "mape")
+
+
+def _arr(values: Any) -> np.ndarray:
+    """JSON-ready metrics (NaN written as None by to_jsonable) back to a float array."""
+    obj = np.array(values, dtype=object)
+    return np.where(obj == None, np.nan, obj).astype(float)  # noqa: E711 (elementwise None test)
+
+
+def _log_scale(ax: Any) -> None:
+    """Log y axis when the plotted data allow it (all-NaN or zero data, e.g. no parsed forecast, stay linear)."""
+    data = np.concatenate([np.ravel(line.get_ydata()) for line in ax.lines] + [[p.get_height() for p in ax.patches]])
+    if np.any(np.isfinite(data) & (data > 0)):
+        ax.set_yscale("log")
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_plots(out: Path, systems: list[int], series: np.ndarray, context: int, forecasts: dict[str, np.ndarray],
+                metrics: dict[str, Any], examples: list[int]) -> list[Path]:
+    """Write the four PNGs; returns their paths.
+
+    Args:
+        series: (S, context + horizon, 2) raw values (context and truth).
+        forecasts: method -> (S, horizon, 2) raw forecasts; ``model`` is the language model.
+        metrics: method -> ``{"encoded": {...}, "original": {...}}`` from the evaluation.
+        examples: system ids to draw (those not in ``systems`` are skipped).
+    """
+    plt = _plt()
+    paths = []
+    shown = [s for s in examples if s in systems] or systems[:4]
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.4), squeeze=False)
+    t = np.arange(series.shape[1])
+    for ax, system in zip(axes[0], shown, strict=True):
+        i = systems.index(system)
+        for j, var in enumerate(VARIABLES):
+            ax.plot(t, series[i, :, j], color=COLORS[var], lw=1.5, label=f"{var} (truth)")
+            ax.plot(t[context:], forecasts["model"][i, :, j], color=COLORS[var], ls="--", lw=1.5,
+                    label=f"{var} (forecast)")
+        ax.axvline(context - 0.5, color="grey", lw=0.8)
+        ax.set_title(f"system {system}")
+        ax.set_xlabel("time step")
+    axes[0][0].set_ylabel("population (original units)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "examples.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.2), squeeze=False)
+    running = _arr(metrics["model"]["encoded"]["running_mse"])
+    for ax, system in zip(axes[0], shown, strict=True):
+        i = systems.index(system)
+        for j, var in enumerate(VARIABLES):
+            ax.plot(np.arange(1, running.shape[1] + 1), running[i, :, j], color=COLORS[var], label=var)
+        ax.set_title(f"running MSE, system {system}")
+        ax.set_xlabel("forecast step")
+    axes[0][0].set_ylabel("MSE (encoded units)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "running_mse.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for j, (ax, var) in enumerate(zip(axes, VARIABLES, strict=True)):
+        for name, m in metrics.items():
+            err = _arr(m["encoded"]["error_by_horizon"])[:, j]
+            ax.plot(np.arange(1, err.size + 1), err, lw=2.2 if name == "model" else 1.2, label=name)
+        _log_scale(ax)
+        ax.set_title(f"{var}: MSE by horizon step (mean over systems)")
+        ax.set_xlabel("forecast step")
+    axes[0].set_ylabel("MSE (encoded units)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "error_by_horizon.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    names = list(metrics)
+    x = np.arange(len(names))
+    for j, var in enumerate(VARIABLES):
+        vals = _arr([metrics[n]["encoded"]["aggregate"]["all"]["mse"][var]["median"] for n in names])
+        ax.bar(x + (j - 0.5) * 0.38, vals, width=0.38, color=COLORS[var], label=var)
+    ax.set_xticks(x, names)
+    _log_scale(ax)
+    ax.set_ylabel("median MSE over systems (encoded)")
+    ax.set_title("model vs baselines")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "model_vs_baselines.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def _f(x: Any) -> str:
+    return "nan" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.3f}"
+
+
+def write_report(path: Path, summary: dict[str, Any], metrics: dict[str, Any], systems: list[int],
+                 examples: list[int]) -> None:
+    """The study's per-example table (encoded units), whole-split aggregates and model vs baselines."""
+    lines = [f"# Evaluation: {summary['model']}", "",
+             f"{len(systems)} test systems; classes {summary['classes']}; parse failures "
+             f"{summary['parse_failures']} ({'constrained' if summary['constrained'] else 'unconstrained'} "
+             f"decoding); prompt tokens {summary['prompt_tokens']}; generation FLOPs {summary['flops_generate']:.3e}.",
+             ""]
+    shown = [s for s in examples if s in systems]
+    if shown:
+        per = metrics["model"]["encoded"]["per_system"]
+        lines += ["## The study's example systems (encoded units)", "",
+                  "| metric | " + " | ".join(f"{s} prey | {s} predator" for s in shown) + " |",
+                  "|---|" + "---:|---:|" * len(shown)]
+        for key in POINT:
+            cells = []
+            for s in shown:
+                i = systems.index(s)
+                cells += [_f(per[key][i][0]), _f(per[key][i][1])]
+            lines.append(f"| {key.upper()} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Whole test split: model vs baselines (encoded units, mean / median over systems)", "",
+              "| method | MSE prey | MSE predator | MAE prey | MAE predator | MAPE prey | MAPE predator |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, m in metrics.items():
+        agg = m["encoded"]["aggregate"]["all"]
+        cells = [f"{_f(agg[k][v]['mean'])} / {_f(agg[k][v]['median'])}" for k in ("mse", "mae", "mape")
+                 for v in VARIABLES]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Model by behaviour class (encoded MSE, median over systems)", "",
+              "| class | systems | prey | predator |", "|---|---:|---:|---:|"]
+    for label, agg in metrics["model"]["encoded"]["aggregate"]["by_class"].items():
+        lines.append(f"| {label} | {agg['n_systems']} | {_f(agg['mse']['prey']['median'])} | "
+                     f"{_f(agg['mse']['predator']['median'])} |")
+    path.write_text("\n".join(lines) + "\n")

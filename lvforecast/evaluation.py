@@ -1,0 +1,200 @@
+"""``evaluate(cfg)``: forecast the held-out systems, score model and baselines, write the evaluation directory.
+
+The evaluation directory (``paths.output_dir``) holds ``metrics.json`` (per method, model and each baseline:
+aggregates per variable in encoded and original units, per behaviour class; parse failures; FLOPs
+charged), ``per_system.csv``, ``report.md`` (the study's table for its four example systems plus the
+whole-split aggregates and model vs baselines) and PNGs: ``examples.png``, ``running_mse.png``,
+``error_by_horizon.png`` and ``model_vs_baselines.png``.
+
+Which model: with ``run_dir`` the training run's resolved ``config.yaml`` gives the base model, the encoding
+and the LoRA shape, its ``split.json`` the test systems and its ``adapter/`` the weights; without it the
+configured model is evaluated untrained (zero-shot) on the configured data's test split.
+
+Metrics are computed in the encoded units the study reports (value / the series' scale) and in original
+units. The generation cost (prefill + KV-cache decode) is reserved in the budget ledger before the model
+loads and charged as ``generate``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+VARIABLES = ("prey", "predator")
+
+
+def _sources(cfg: DictConfig) -> tuple[DictConfig, DictConfig, DictConfig | None, int | None, Path | None]:
+    """Model config, data config, LoRA config, trained context length and split file for this evaluation."""
+    if not cfg.run_dir:
+        return cfg.model, cfg.data, None, None, None
+    run = Path(cfg.run_dir)
+    problems = [f"run_dir={str(run)!r} has no {name}" for name in ("config.yaml", "split.json", "adapter")
+                if not (run / name).exists()]
+    if problems:
+        raise ValueError("cannot evaluate the run: " + "; ".join(problems) + " (is it a finished training run?)")
+    train_cfg = OmegaConf.load(run / "config.yaml")
+    return (train_cfg.model, train_cfg.data, train_cfg.lora, int(train_cfg.data.context_length),
+            run / "split.json")
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Run the evaluation described by ``conf/evaluate.yaml`` and return its headline metrics."""
+    from hydra.utils import instantiate
+
+    from lvforecast.baselines import BASELINES
+    from lvforecast.behaviour import class_counts, classify_all
+    from lvforecast.data import split_systems
+    from lvforecast.encoding import encode
+    from lvforecast.trajectories import load_trajectories
+
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model_cfg, data_cfg, lora_cfg, trained_ctx, split_file = _sources(cfg)
+    unknown = [b for b in cfg.baselines if b not in BASELINES]
+    if unknown:
+        raise ValueError(f"baselines={list(cfg.baselines)}: unknown {unknown}; allowed {sorted(BASELINES)}")
+    dm = instantiate(data_cfg)
+    dm.prepare_data()  # a simulated file is generated here when missing
+    context, horizon = int(cfg.context_steps), int(cfg.horizon_steps)
+    traj = load_trajectories(dm.path, min_steps=context + horizon)
+    if split_file is not None:
+        test = json.loads(split_file.read_text())["test"]
+    else:
+        test = split_systems(traj.n_systems, dm.split_fractions, dm.split_seed, dm.pinned_test_systems).test
+    systems = list(test[: cfg.max_systems] if cfg.max_systems else test)
+    series = traj.values[systems, : context + horizon].astype(np.float64)
+    truth = series[:, context:]
+    scales = np.array([dm.scale_rule.scale_for(s[:context]) for s in series])
+    classes = classify_all(traj.values[systems], traj.time)
+    prompts = [encode(s[:context], scale=sc, decimals=dm.decimals) + ";" for s, sc in zip(series, scales, strict=True)]
+
+    budget = _reserve(cfg, model_cfg, lora_cfg, prompts, dm.decimals)
+    start = time.perf_counter()
+    try:
+        loaded = instantiate(model_cfg)
+        model = loaded.model
+        if cfg.run_dir:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(Path(cfg.run_dir) / "adapter"))
+        model.eval()
+        charge = None
+        if budget:
+            def charge(flops: int, tokens: int) -> None:
+                budget["ledger"].charge(budget["run_id"], "generate", flops, tokens=tokens)
+        result = _forecast(cfg, model, loaded, series, scales, dm.decimals, trained_ctx, charge)
+    except BaseException:
+        if budget:
+            budget["ledger"].finish(budget["run_id"], "failed")
+        raise
+    if budget:
+        budget["ledger"].finish(budget["run_id"], "finished")
+    forecast_seconds = time.perf_counter() - start
+
+    forecasts = {"model": result.values}
+    for name in cfg.baselines:
+        forecasts[name] = BASELINES[name](series[:, :context], traj.time, horizon)
+    metrics = {name: _score(truth, pred, scales, classes) for name, pred in forecasts.items()}
+    summary = {
+        "model": loaded.name + (f" + adapter {cfg.run_dir}" if cfg.run_dir else " (zero-shot)"),
+        "systems": systems,
+        "classes": dict(class_counts(classes)),
+        "parse_failures": result.parse_failures,
+        "constrained": bool(cfg.constrained),
+        "prompt_tokens": {"min": int(min(result.prompt_tokens)), "max": int(max(result.prompt_tokens)),
+                          "trained_context_tokens": trained_ctx},
+        "flops_generate": int(result.flops),
+        "forecast_seconds": round(forecast_seconds, 2),
+        "methods": {k: {u: v[u]["aggregate"] for u in ("encoded", "original")} for k, v in metrics.items()},
+    }
+    if result.samples is not None:
+        from lvforecast.metrics import crps_samples, interval_coverage
+
+        enc = scales[:, None, None, None]
+        summary["probabilistic"] = {
+            "crps_encoded": np.nanmean(crps_samples(truth / scales[:, None, None], result.samples / enc), 0).tolist(),
+            "coverage_10_90": np.nanmean(interval_coverage(truth, result.samples), 0).tolist(),
+        }
+    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+    _write_per_system(out / "per_system.csv", systems, classes, scales, metrics, result)
+    from lvforecast.eval_report import write_plots, write_report
+
+    pngs = write_plots(out, systems, series, context, forecasts, metrics, list(cfg.examples))
+    write_report(out / "report.md", summary, metrics, systems, list(cfg.examples))
+    log.info("evaluation directory: %s (%d systems, %d parse failures, %.3e FLOPs)", out, len(systems),
+             result.parse_failures, result.flops)
+    model_mse = summary["methods"]["model"]["encoded"]["all"]["mse"]
+    return {"output_dir": str(out), "parse_failures": result.parse_failures, "flops": int(result.flops),
+            "mse_encoded": model_mse, "pngs": [str(p) for p in pngs]}
+
+
+def _forecast(cfg: DictConfig, model: Any, loaded: Any, series: np.ndarray, scales: np.ndarray, decimals: int,
+              trained_ctx: int | None, charge: Any) -> Any:
+    from lvforecast.forecast import forecast
+
+    return forecast(
+        model, loaded.tokenizer, loaded.char_ids, series, list(scales), decimals=decimals,
+        context_steps=int(cfg.context_steps), horizon_steps=int(cfg.horizon_steps), batch_size=int(cfg.batch_size),
+        constrained=bool(cfg.constrained), num_samples=int(cfg.num_samples), temperature=float(cfg.temperature),
+        top_p=float(cfg.top_p), seed=int(cfg.seed), max_int_digits=int(cfg.max_int_digits),
+        trained_context_tokens=trained_ctx, charge=charge,
+    )
+
+
+def _reserve(cfg: DictConfig, model_cfg: DictConfig, lora_cfg: DictConfig | None, prompts: list[str],
+             decimals: int) -> dict[str, Any]:
+    """Reserve the generation FLOPs (an upper bound: every row generates the grammar's longest steps)."""
+    if not cfg.budget.enabled:
+        return {}
+    from lvforecast.budget import Ledger
+    from lvforecast.flops import Conventions, LoRASpec, generation_flops
+    from lvforecast.planning import planning_shape
+
+    shape = planning_shape(model_cfg)
+    lora = LoRASpec(rank=lora_cfg.r, targets=tuple(lora_cfg.target_modules)) if lora_cfg is not None else None
+    # One step is at most two numbers of max_int_digits + '.' + decimals digits, a ',' and a ';'.
+    step_chars = 2 * (int(cfg.max_int_digits) + 1 + decimals) + 2
+    new_tokens = int(cfg.horizon_steps) * step_chars
+    rows = [len(p) for p in prompts] * int(cfg.num_samples)  # character-level tokenizers: chars = tokens
+    bs = int(cfg.batch_size)
+    plan = sum(generation_flops(shape, len(chunk), max(chunk), new_tokens, lora, Conventions(), kv_cache=True,
+                                prefill_logits="last")
+               for chunk in (rows[i : i + bs] for i in range(0, len(rows), bs)))
+    ledger = Ledger(cfg.budget.ledger_path, budget=cfg.budget.total_flops, journal_mode=cfg.budget.journal_mode)
+    run_id = ledger.open_run(f"evaluate:{cfg.run_dir or model_cfg._target_.rsplit('.', 1)[-1]}", plan,
+                             sweep=cfg.get("sweep_name"), plan={"generate_upper_bound": plan, "rows": len(rows)})
+    log.info("generation FLOPs reserved (upper bound): %.4e as run %d", plan, run_id)
+    return {"ledger": ledger, "run_id": run_id}
+
+
+def _score(truth: np.ndarray, pred: np.ndarray, scales: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Metrics in encoded units (each series divided by its own scale) and in original units."""
+    from lvforecast.metrics import evaluate_forecasts
+
+    s = scales[:, None, None]
+    return {"encoded": evaluate_forecasts(truth / s, pred / s, classes, scale=1.0)["original"],
+            "original": evaluate_forecasts(truth, pred, classes, scale=1.0)["original"]}
+
+
+def _write_per_system(path: Path, systems: list[int], classes: list[str], scales: np.ndarray,
+                      metrics: dict[str, Any], result: Any) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        keys = ("mse", "rmse", "mae", "mape")
+        writer.writerow(["system", "class", "scale", "method", "steps_parsed"]
+                        + [f"{k}_{v}_encoded" for k in keys for v in VARIABLES])
+        for i, system in enumerate(systems):
+            for method, m in metrics.items():
+                per = m["encoded"]["per_system"]
+                parsed = result.steps_parsed[i] if method == "model" else ""
+                writer.writerow([system, classes[i], scales[i], method, parsed]
+                                + [per[k][i][j] for k in keys for j in range(2)])

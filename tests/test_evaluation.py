@@ -1,0 +1,81 @@
+"""End to end: evaluate a tiny training run and the untrained model; SmolLM2 zero-shot on real systems."""
+
+import json
+
+import pytest
+from conftest import CONF, REAL_DATA, TINY_RUN, compose_train
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from lvforecast.budget import Ledger
+from lvforecast.evaluation import evaluate
+from lvforecast.pipeline import train
+
+
+def compose_eval(overrides, output_dir, cache_dir=None):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.budget.ledger_path = str(output_dir / "ledger.sqlite")
+        if cache_dir is not None:
+            cfg.paths.cache_dir = str(cache_dir)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tiny_run(sim_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    cfg = compose_train(TINY_RUN + ["trainer.max_steps=3", "trainer.val_check_interval=3"], output_dir=out,
+                        cache_dir=sim_cache)
+    train(cfg)
+    return out
+
+
+def test_evaluate_a_tiny_run_end_to_end(tiny_run, sim_cache, tmp_path):
+    cfg = compose_eval([f"run_dir={tiny_run}", "max_systems=6", "baselines=[persistence,ar]", "batch_size=4"],
+                       tmp_path, sim_cache)
+    result = evaluate(cfg)
+    assert result["parse_failures"] == 0  # constrained decoding: a random tiny model still parses
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"model", "persistence", "ar"}
+    assert metrics["prompt_tokens"]["trained_context_tokens"] == 96
+    assert metrics["prompt_tokens"]["min"] > 96  # 80 steps of ~12 characters: longer than the trained windows
+    split = json.loads((tiny_run / "split.json").read_text())
+    assert metrics["systems"] == split["test"][:6]
+    for name in ("per_system.csv", "report.md", "examples.png", "running_mse.png", "error_by_horizon.png",
+                 "model_vs_baselines.png"):
+        assert (tmp_path / name).is_file(), name
+    (run,) = Ledger(tmp_path / "ledger.sqlite", budget=None).runs()
+    assert run["status"] == "finished"
+    spent = Ledger(tmp_path / "ledger.sqlite", budget=None).run_spent(run["id"])
+    assert spent == result["flops"] > 0
+
+
+def test_zero_shot_and_unconstrained_failures_are_counted(sim_cache, tmp_path):
+    cfg = compose_eval(["model=tiny", "data=simulated", "max_systems=4", "constrained=false", "baselines=[]"],
+                       tmp_path, sim_cache)
+    result = evaluate(cfg)
+    # A random-init model writes garbage when unconstrained: failures are counted and the metrics skip NaNs.
+    assert 0 < result["parse_failures"] <= 4
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert "(zero-shot)" in metrics["model"]
+
+
+def test_missing_run_dir_parts_are_named(tmp_path):
+    cfg = compose_eval([f"run_dir={tmp_path}"], tmp_path)
+    with pytest.raises(ValueError, match=r"has no config.yaml.*has no split.json.*has no adapter"):
+        evaluate(cfg)
+
+
+@pytest.mark.smollm2
+@pytest.mark.skipif(not REAL_DATA.exists(), reason=f"study data file not present at {REAL_DATA}")
+def test_smollm2_zero_shot_on_the_study_examples(smollm2_dir, tmp_path):
+    cfg = compose_eval(["model=smollm2-135m", f"data.path={REAL_DATA}", "max_systems=4", "baselines=[persistence]",
+                        "horizon_steps=5"], tmp_path)
+    with open_dict(cfg):
+        cfg.model.cache_dir = str(smollm2_dir)
+    result = evaluate(cfg)
+    assert result["parse_failures"] == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(metrics["systems"]) == 4 and metrics["flops_generate"] > 0
