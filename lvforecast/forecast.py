@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import (
     GenerationConfig,
     LogitsProcessor,
@@ -394,7 +395,9 @@ def forecast(
         tokenizer.padding_side = "left"
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             torch.manual_seed(seed)
-            for start in range(0, len(rows), batch_size):
+            # Each batch is a full generate (minutes on a CPU for a real model): show progress.
+            for start in tqdm(range(0, len(rows), batch_size), desc="forecasting", unit="batch",
+                              total=-(-len(rows) // batch_size), disable=len(rows) <= batch_size):
                 chunk = rows[start:start + batch_size]
                 batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, padding=True, return_tensors="pt")
                 input_ids = batch["input_ids"].to(device)
