@@ -114,7 +114,10 @@ def write_plots(out: Path, systems: list[int], series: np.ndarray, context: int,
 
 
 def _f(x: Any) -> str:
-    return "nan" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.3f}"
+    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+        return "nan"
+    # The study's tables use 3 decimals; smaller non-zero values (the physics fit) keep their magnitude.
+    return f"{x:.3f}" if x == 0 or abs(x) >= 5e-4 else f"{x:.1e}"
 
 
 def write_report(path: Path, summary: dict[str, Any], metrics: dict[str, Any], systems: list[int],

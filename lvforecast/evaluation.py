@@ -70,7 +70,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         test = json.loads(split_file.read_text())["test"]
     else:
         test = split_systems(traj.n_systems, dm.split_fractions, dm.split_seed, dm.pinned_test_systems).test
-    systems = list(test[: cfg.max_systems] if cfg.max_systems else test)
+    systems = list(test)
+    if cfg.max_systems:
+        # A quick look still shows the study's example systems: they go first, then the split's order.
+        first = [s for s in cfg.examples if s in test]
+        systems = sorted((first + [s for s in test if s not in first])[: cfg.max_systems])
     series = traj.values[systems, : context + horizon].astype(np.float64)
     truth = series[:, context:]
     scales = np.array([dm.scale_rule.scale_for(s[:context]) for s in series])

@@ -42,7 +42,8 @@ def test_evaluate_a_tiny_run_end_to_end(tiny_run, sim_cache, tmp_path):
     assert metrics["prompt_tokens"]["trained_context_tokens"] == 96
     assert metrics["prompt_tokens"]["min"] > 96  # 80 steps of ~12 characters: longer than the trained windows
     split = json.loads((tiny_run / "split.json").read_text())
-    assert metrics["systems"] == split["test"][:6]
+    assert set(metrics["systems"]) <= set(split["test"]) and len(metrics["systems"]) == 6
+    assert {20, 506, 654, 906} <= set(metrics["systems"])  # the examples come first when max_systems cuts
     for name in ("per_system.csv", "report.md", "examples.png", "running_mse.png", "error_by_horizon.png",
                  "model_vs_baselines.png"):
         assert (tmp_path / name).is_file(), name
