@@ -25,6 +25,13 @@ def _log_scale(ax: Any) -> None:
         ax.set_yscale("log")
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _plt() -> Any:
     import matplotlib
 
@@ -60,10 +67,7 @@ def write_plots(out: Path, systems: list[int], series: np.ndarray, context: int,
         ax.set_xlabel("time step")
     axes[0][0].set_ylabel("population (original units)")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "examples.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(plt, fig, out / "examples.png"))
 
     fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.2), squeeze=False)
     running = _arr(metrics["model"]["encoded"]["running_mse"])
@@ -75,10 +79,7 @@ def write_plots(out: Path, systems: list[int], series: np.ndarray, context: int,
         ax.set_xlabel("forecast step")
     axes[0][0].set_ylabel("MSE (encoded units)")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "running_mse.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(plt, fig, out / "running_mse.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for j, (ax, var) in enumerate(zip(axes, VARIABLES, strict=True)):
@@ -90,10 +91,7 @@ def write_plots(out: Path, systems: list[int], series: np.ndarray, context: int,
         ax.set_xlabel("forecast step")
     axes[0].set_ylabel("MSE (encoded units)")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "error_by_horizon.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(plt, fig, out / "error_by_horizon.png"))
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
     names = list(metrics)
@@ -106,10 +104,7 @@ def write_plots(out: Path, systems: list[int], series: np.ndarray, context: int,
     ax.set_ylabel("median MSE over systems (encoded)")
     ax.set_title("model vs baselines")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "model_vs_baselines.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(plt, fig, out / "model_vs_baselines.png"))
     return paths
 
 

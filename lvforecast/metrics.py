@@ -127,6 +127,13 @@ def per_system_metrics(truth: np.ndarray, pred: np.ndarray) -> dict[str, np.ndar
     }
 
 
+def _masked_squared_error(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Squared errors with non-finite forecasts set to 0, and the mask of valid entries (both (S, H, 2))."""
+    truth, pred = _check_pair(truth, pred)
+    valid = np.isfinite(pred)
+    return np.where(valid, (pred - truth) ** 2, 0.0), valid
+
+
 def running_mse(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
     """Running (cumulative) MSE over the horizon, the study's "running MSE" curve.
 
@@ -141,9 +148,7 @@ def running_mse(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
     Raises:
         ValueError: as :func:`per_system_metrics`.
     """
-    truth, pred = _check_pair(truth, pred)
-    valid = np.isfinite(pred)
-    sq = np.where(valid, (pred - truth) ** 2, 0.0)
+    sq, valid = _masked_squared_error(truth, pred)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.cumsum(sq, axis=1) / np.cumsum(valid, axis=1)
 
@@ -161,9 +166,7 @@ def error_by_horizon(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
     Raises:
         ValueError: as :func:`per_system_metrics`.
     """
-    truth, pred = _check_pair(truth, pred)
-    valid = np.isfinite(pred)
-    sq = np.where(valid, (pred - truth) ** 2, 0.0)
+    sq, valid = _masked_squared_error(truth, pred)
     with np.errstate(invalid="ignore", divide="ignore"):
         return sq.sum(axis=0) / valid.sum(axis=0)
 
