@@ -119,6 +119,7 @@ def test_failed_run_is_marked_and_keeps_its_charges(sim_cache, tmp_path, monkeyp
 def test_training_process_killed_with_sigkill_leaves_a_ledger_reconcile_repairs(sim_cache, tmp_path):
     import os
     import signal
+    import sqlite3
     import subprocess
     import sys
     import time
@@ -133,8 +134,11 @@ def test_training_process_killed_with_sigkill_leaves_a_ledger_reconcile_repairs(
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # wait until training charges reach the ledger
-            if ledger_path.exists() and _charges(ledger_path).get("train", (0, 0))[1] >= 5:
-                break
+            try:
+                if ledger_path.exists() and _charges(ledger_path).get("train", (0, 0))[1] >= 5:
+                    break
+            except sqlite3.OperationalError:  # the child has created the file but not yet its tables
+                pass
             time.sleep(0.2)
         else:
             pytest.fail("the training child never charged 5 steps")
