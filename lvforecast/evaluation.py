@@ -184,9 +184,7 @@ def _score(truth: np.ndarray, pred: np.ndarray, scales: np.ndarray, classes: lis
     """Metrics in encoded units (each series divided by its own scale) and in original units."""
     from lvforecast.metrics import evaluate_forecasts
 
-    s = scales[:, None, None]
-    return {"encoded": evaluate_forecasts(truth / s, pred / s, classes, scale=1.0)["original"],
-            "original": evaluate_forecasts(truth, pred, classes, scale=1.0)["original"]}
+    return evaluate_forecasts(truth, pred, classes, scale=scales)
 
 
 def _write_per_system(path: Path, systems: list[int], classes: list[str], scales: np.ndarray,

@@ -73,22 +73,29 @@ def _check_samples(truth: np.ndarray, samples: np.ndarray) -> tuple[np.ndarray, 
     return truth, samples
 
 
-def to_encoded(values: np.ndarray, scale: float = ENCODED_SCALE) -> np.ndarray:
+def to_encoded(values: np.ndarray, scale: float | Sequence[float] | np.ndarray = ENCODED_SCALE) -> np.ndarray:
     """Convert raw populations to the study's encoded units.
 
     Args:
-        values: any-shape array of raw populations.
-        scale: encoding scale; encoded = raw / scale (study: 0.5, so raw x 2).
+        values: any-shape array of raw populations; with per-series scales, series along axis 0.
+        scale: encoding scale; encoded = raw / scale (study: 0.5, so raw x 2). Either one number or one
+            per series (length ``values.shape[0]``, e.g. the percentile rule's per-series divisors).
 
     Returns:
         Array of the same shape in encoded units (float64).
 
     Raises:
-        ValueError: ``scale`` is not a finite number > 0.
+        ValueError: a scale that is not a finite number > 0, or per-series scales of the wrong length.
     """
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
-    return np.asarray(values, dtype=np.float64) / scale
+    values = np.asarray(values, dtype=np.float64)
+    scales = np.asarray(scale, dtype=np.float64)
+    if scales.ndim > 1 or not np.all(np.isfinite(scales) & (scales > 0)):
+        raise ValueError(f"scale must be a finite number > 0 (or one per series), got {scale!r}")
+    if scales.ndim == 1:
+        if scales.shape[0] != values.shape[0]:
+            raise ValueError(f"got {scales.shape[0]} per-series scales for {values.shape[0]} series")
+        scales = scales.reshape((-1,) + (1,) * (values.ndim - 1))
+    return values / scales
 
 
 def per_system_metrics(truth: np.ndarray, pred: np.ndarray) -> dict[str, np.ndarray]:
@@ -272,7 +279,7 @@ def evaluate_forecasts(
     truth: np.ndarray,
     pred: np.ndarray,
     classes: Sequence[str] | None = None,
-    scale: float = ENCODED_SCALE,
+    scale: float | Sequence[float] | np.ndarray = ENCODED_SCALE,
 ) -> dict[str, Any]:
     """All point metrics in encoded and original units, aggregated and JSON-ready.
 
@@ -280,7 +287,7 @@ def evaluate_forecasts(
         truth: (S, H, 2) true raw populations, finite.
         pred: (S, H, 2) raw forecasts; non-finite entries excluded and counted.
         classes: optional length-S behaviour labels for the per-class aggregates.
-        scale: encoding scale (encoded = raw / scale).
+        scale: encoding scale (encoded = raw / scale), one number or one per system.
 
     Returns:
         ``{"encoded": {...}, "original": {...}}``; each holds ``aggregate`` (see :func:`aggregate`),

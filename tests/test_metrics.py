@@ -170,3 +170,13 @@ def test_evaluate_forecasts_is_json_and_has_both_units() -> None:
     assert to_jsonable({1: np.float32(np.inf), "t": (np.int64(2), np.bool_(True))}) == {"1": None, "t": [2, True]}
     with pytest.raises(TypeError):
         to_jsonable(object())
+
+
+def test_per_series_scales_divide_each_series() -> None:
+    values = np.array([[[2.0, 4.0]], [[3.0, 6.0]]])  # 2 series, 1 step
+    # series 0 / 0.5 = [4, 8]; series 1 / 3.0 = [1, 2]
+    np.testing.assert_allclose(to_encoded(values, scale=[0.5, 3.0]), [[[4.0, 8.0]], [[1.0, 2.0]]])
+    with pytest.raises(ValueError, match="3 per-series scales for 2 series"):
+        to_encoded(values, scale=[1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="finite number > 0"):
+        to_encoded(values, scale=[1.0, -1.0])
