@@ -90,7 +90,7 @@ def _fit(cfg: DictConfig, datamodule: Any, budget: dict[str, Any], out: Path, st
     """Load the model, wrap it with LoRA, fit, and write the run directory."""
     from hydra.utils import instantiate
 
-    from lvforecast.lora import apply_lora, count_parameters, expected_lora_parameters
+    from lvforecast.lora import apply_lora, expected_lora_parameters
     from lvforecast.module import LoRAForecaster
     from lvforecast.utils import environment_record, instantiate_list, plot_loss_curve
 
@@ -114,7 +114,7 @@ def _fit(cfg: DictConfig, datamodule: Any, budget: dict[str, Any], out: Path, st
         train_logit_bias=cfg.lora.train_logit_bias,
         grad_norm_every_n_steps=cfg.grad_norm_every_n_steps,
     )
-    counts = count_parameters(module)
+    counts = module.parameter_counts
     run_info: dict[str, Any] = {
         "model": loaded.name,
         "parameters": {"trainable": counts.trainable, "frozen": counts.frozen,
