@@ -90,12 +90,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(Path(cfg.run_dir) / "adapter"))
+        logit_bias = _logit_bias(Path(cfg.run_dir), lora_cfg) if cfg.run_dir else None
         model.eval()
         charge = None
         if budget:
             def charge(flops: int, tokens: int) -> None:
                 budget["ledger"].charge(budget["run_id"], "generate", flops, tokens=tokens)
-        result = _forecast(cfg, model, loaded, series, scales, dm.decimals, trained_ctx, charge)
+        result = _forecast(cfg, model, loaded, series, scales, dm.decimals, trained_ctx, charge, logit_bias)
     except BaseException:
         if budget:
             budget["ledger"].finish(budget["run_id"], "failed")
@@ -142,7 +143,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _forecast(cfg: DictConfig, model: Any, loaded: Any, series: np.ndarray, scales: np.ndarray, decimals: int,
-              trained_ctx: int | None, charge: Any) -> Any:
+              trained_ctx: int | None, charge: Any, logit_bias: Any = None) -> Any:
     from lvforecast.forecast import forecast
 
     return forecast(
@@ -150,8 +151,21 @@ def _forecast(cfg: DictConfig, model: Any, loaded: Any, series: np.ndarray, scal
         context_steps=int(cfg.context_steps), horizon_steps=int(cfg.horizon_steps), batch_size=int(cfg.batch_size),
         constrained=bool(cfg.constrained), num_samples=int(cfg.num_samples), temperature=float(cfg.temperature),
         top_p=float(cfg.top_p), seed=int(cfg.seed), max_int_digits=int(cfg.max_int_digits),
-        trained_context_tokens=trained_ctx, charge=charge,
+        trained_context_tokens=trained_ctx, charge=charge, logit_bias=logit_bias,
     )
+
+
+def _logit_bias(run: Path, lora_cfg: DictConfig) -> Any:
+    """The run's trained output-logit bias, or None; its presence must agree with the run's config."""
+    path = run / "adapter" / "logit_bias.safetensors"
+    if bool(lora_cfg.get("train_logit_bias", False)) != path.is_file():
+        raise ValueError(f"run_dir={str(run)!r}: lora.train_logit_bias={lora_cfg.get('train_logit_bias')} in its "
+                         f"config.yaml but {path} {'exists' if path.is_file() else 'is missing'}")
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["bias"]
 
 
 def _reserve(cfg: DictConfig, model_cfg: DictConfig, lora_cfg: DictConfig | None, prompts: list[str],

@@ -251,6 +251,19 @@ class ForecastResult:
     max_new_tokens: int = 0
 
 
+class AddLogitBias(LogitsProcessor):
+    """Add a trained (V,) bias to the scores, as :class:`lvforecast.lora.LogitBias` did in training."""
+
+    def __init__(self, bias: torch.Tensor) -> None:
+        self.bias = bias
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if scores.shape[-1] != self.bias.shape[0]:
+            raise ValueError(f"logit bias has {self.bias.shape[0]} entries but the model scores {scores.shape[-1]} "
+                             f"tokens: the adapter was trained on another base model")
+        return scores + self.bias.to(device=scores.device, dtype=scores.dtype)
+
+
 def _generation_config(tokenizer, max_new_tokens: int, sample: bool, temperature: float,
                        top_p: float) -> GenerationConfig:
     # Every field that changes which token is picked is set, so nothing is filled in from the checkpoint.
@@ -320,6 +333,7 @@ def forecast(
     trained_context_tokens: int | None = None,
     charge: Callable[[int, int], None] | None = None,
     conv: Conventions | None = None,
+    logit_bias: torch.Tensor | None = None,
 ) -> ForecastResult:
     """Forecast ``horizon_steps`` steps of each series from its first ``context_steps`` steps.
 
@@ -342,6 +356,8 @@ def forecast(
         trained_context_tokens: Token context the adapter was trained on, to flag longer prompts.
         charge: Called per batch as ``charge(flops, tokens)``.
         conv: FLOP counting conventions (default :class:`lvforecast.flops.Conventions`).
+        logit_bias: (V,) trained output bias (``adapter/logit_bias.safetensors``), added to the logits before
+            the grammar mask, exactly as in training.
 
     Returns:
         A :class:`ForecastResult`.
@@ -377,7 +393,9 @@ def forecast(
     sample = k > 1
     gen_config = _generation_config(tokenizer, bound, sample, float(temperature), float(top_p))
     shape = shape_of(model)
-    lora = LoRASpec.from_peft(model) if getattr(model, "peft_config", None) else None
+    # The trained bias adds V additions per scored position; it is only ever trained beside an adapter.
+    lora = (LoRASpec.from_peft(model, logit_bias=logit_bias is not None)
+            if getattr(model, "peft_config", None) else None)
     conv = conv if conv is not None else Conventions()
     sep_id, end_id = char_ids[STEP_SEP], tokenizer.pad_token_id
     special = {tokenizer.pad_token_id, tokenizer.eos_token_id}
@@ -403,6 +421,8 @@ def forecast(
                 input_ids = batch["input_ids"].to(device)
                 prompt_len = input_ids.shape[1]
                 processors = LogitsProcessorList()
+                if logit_bias is not None:
+                    processors.append(AddLogitBias(logit_bias))
                 if constrained:
                     processors.append(LLMTimeLogitsProcessor(char_ids, grammar, prompt_len, horizon_steps, end_id))
                 out = model.generate(

@@ -63,6 +63,31 @@ def test_zero_shot_and_unconstrained_failures_are_counted(sim_cache, tmp_path):
     assert "(zero-shot)" in metrics["model"]
 
 
+def test_a_trained_logit_bias_reaches_generation(sim_cache, tmp_path, monkeypatch):
+    import lvforecast.forecast
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    cfg = compose_train(TINY_RUN + ["trainer.max_steps=2", "trainer.val_check_interval=2", "lora.train_logit_bias=true",
+                                    "optim.lr=0.1"], output_dir=run, cache_dir=sim_cache)
+    train(cfg)
+    saved = load_file(str(run / "adapter" / "logit_bias.safetensors"))["bias"]
+    assert saved.abs().sum() > 0  # two steps at lr 0.1 moved it off zero
+    seen = {}
+    real = lvforecast.forecast.forecast
+
+    def spy(*args, **kwargs):
+        seen["bias"] = kwargs["logit_bias"]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lvforecast.forecast, "forecast", spy)
+    evaluate(compose_eval([f"run_dir={run}", "max_systems=2", "baselines=[]"], tmp_path / "eval", sim_cache))
+    assert seen["bias"] is not None and (seen["bias"] == saved).all()
+    (run / "adapter" / "logit_bias.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"lora.train_logit_bias=True .* is missing"):
+        evaluate(compose_eval([f"run_dir={run}", "max_systems=2", "baselines=[]"], tmp_path / "eval2", sim_cache))
+
+
 def test_missing_run_dir_parts_are_named(tmp_path):
     cfg = compose_eval([f"run_dir={tmp_path}"], tmp_path)
     with pytest.raises(ValueError, match=r"has no config.yaml.*has no split.json.*has no adapter"):

@@ -161,6 +161,21 @@ def test_flops_charged_equal_generation_flops(tiny, series):
     assert charges[0] == (expected, 2 * (prompt_len + new))
 
 
+def test_trained_logit_bias_is_added_before_the_grammar(tiny, series):
+    # A bias of +1e4 on '7' outweighs any logit, so greedy picks '7' wherever the grammar allows a digit:
+    # two integer digits (max_int_digits=2), then the forced '.', then three decimals -> 77.777 in encoded
+    # units, 77.777 x 0.5 = 38.8885 in original units.
+    bias = torch.zeros(tiny.model.config.vocab_size)
+    bias[tiny.char_ids["7"]] = 1e4
+    res = forecast(tiny.model, tiny.tokenizer, tiny.char_ids, series[:2], [0.5] * 2, context_steps=CONTEXT,
+                   horizon_steps=HORIZON, logit_bias=bias)
+    assert res.texts == ["77.777,77.777;" * HORIZON] * 2
+    np.testing.assert_allclose(res.values, 38.8885)
+    with pytest.raises(ValueError, match="logit bias has 3 entries"):
+        forecast(tiny.model, tiny.tokenizer, tiny.char_ids, series[:1], [0.5], context_steps=CONTEXT,
+                 horizon_steps=HORIZON, logit_bias=torch.zeros(3))
+
+
 def test_bad_arguments_are_listed_together(tiny, series):
     with pytest.raises(ValueError, match=r"horizon_steps=0.*top_p=1.5|top_p=1.5.*horizon_steps=0") as err:
         forecast(tiny.model, tiny.tokenizer, tiny.char_ids, series, [0.5] * 5, horizon_steps=0, top_p=1.5)
