@@ -14,8 +14,8 @@ Contract:
   validation to stop on. If that exceeds what is left of the run's reservation it sets
   ``trainer.should_stop`` (Lightning then runs one last validation), so the run ends cleanly (checkpoint
   written, status ``budget_exhausted``) one step before overspending, never after. ``mode="track"`` only records.
-* Logged every ``trainer.log_every_n_steps`` steps: ``flops/step``, ``flops/run``, ``flops/study``,
-  ``flops/budget_left``.
+* Logged every ``trainer.log_every_n_steps`` steps, at the step Lightning logs that batch's ``train/loss``:
+  ``flops/step``, ``flops/run``, ``flops/study``, ``flops/budget_left``.
 
 FLOP formulas live in :mod:`lvforecast.flops`; this module only multiplies, accumulates and stops.
 """
@@ -32,6 +32,15 @@ from lvforecast.budget import Kind, Ledger
 from lvforecast.flops import Conventions, LoRASpec, ModelShape, forward_flops
 
 log = logging.getLogger(__name__)
+
+
+def logger_step(trainer: pl.Trainer) -> int:
+    """The step Lightning's own loggers write this batch's ``self.log`` metrics at (0-based batch index).
+
+    Metrics sent straight to ``trainer.loggers`` use it too, so they share the x axis with ``train/loss``
+    (Lightning's ``LearningRateMonitor`` does the same); ``trainer.global_step`` is one ahead after the step.
+    """
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
 class FlopBudget(pl.Callback):
@@ -148,7 +157,7 @@ class FlopBudget(pl.Callback):
             metrics = {"flops/step": float(step), "flops/run": float(self.spent), "flops/study": float(study),
                        "flops/budget_left": float(self.budget - study)}
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+                logger.log_metrics(metrics, step=logger_step(trainer))
         # Continuing costs the validation due now (if any), the next step, and a validation to stop on;
         # stopping now costs one validation, which the previous check kept in hand.
         interval = trainer.val_check_batch

@@ -4,7 +4,9 @@ The evaluation directory (``paths.output_dir``) holds ``metrics.json`` (per meth
 aggregates per variable in encoded and original units, per behaviour class; parse failures; FLOPs
 charged), ``per_system.csv``, ``report.md`` (the study's table for its four example systems plus the
 whole-split aggregates and model vs baselines) and PNGs: ``examples.png``, ``running_mse.png``,
-``error_by_horizon.png`` and ``model_vs_baselines.png``.
+``error_by_horizon.png`` and ``model_vs_baselines.png``. With ``logger=wandb`` the headline metrics, the PNGs
+and the model-vs-baselines table also go to a W&B run of job type ``evaluate``
+(:func:`lvforecast.tracking.log_evaluation`).
 
 Which model: with ``run_dir`` the training run's resolved ``config.yaml`` gives the base model, the encoding
 and the LoRA shape, its ``split.json`` the test systems and its ``adapter/`` the weights; without it the
@@ -135,6 +137,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     pngs = write_plots(out, systems, series, context, forecasts, metrics, list(cfg.examples))
     write_report(out / "report.md", summary, metrics, systems, list(cfg.examples))
+    from lvforecast.tracking import log_evaluation
+
+    log_evaluation(cfg, out, summary, pngs)
     log.info("evaluation directory: %s (%d systems, %d parse failures, %.3e FLOPs)", out, len(systems),
              result.parse_failures, result.flops)
     model_mse = summary["methods"]["model"]["encoded"]["all"]["mse"]

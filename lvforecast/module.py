@@ -158,7 +158,7 @@ class LoRAForecaster(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         k = self.grad_norm_every_n_steps
-        if not k or self.global_step % k:
+        if not k or self.global_step % k or not self.loggers:
             return
         norms = {}
         for name, p in self.model.named_parameters():
@@ -169,7 +169,13 @@ class LoRAForecaster(pl.LightningModule):
                 layer, module, which = m.groups()
                 norms[f"grad_norm/layer{int(layer):02d}.{module}.lora_{which}"] = p.grad.detach().norm(2)
         if norms:
-            self.log_dict(norms, batch_size=1)
+            # Straight to the loggers at this step: through self.log, Lightning would write these values only on
+            # its own logging steps and repeat them there until the next computation (stale, mislabelled rows).
+            from lvforecast.callbacks import logger_step
+
+            values = dict(zip(norms, torch.stack(list(norms.values())).tolist(), strict=True))
+            for logger in self.loggers:
+                logger.log_metrics(values, step=logger_step(self.trainer))
 
     # ---- checkpoints: trainable tensors only ------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

@@ -2,8 +2,8 @@
 
 A run directory (``paths.output_dir``) holds: ``config.yaml`` (resolved), ``split.json`` (system ids),
 ``run_info.json`` (environment, parameter counts, data stats, final metrics), ``metrics.csv``,
-``checkpoints/last.ckpt`` (adapter + optimizer + loop state), ``adapter/`` (PEFT format) and
-``loss_curve.png``.
+``checkpoints/last.ckpt`` (adapter + optimizer + loop state), ``adapter/`` (PEFT format),
+``loss_curve.png`` and, with ``logger=wandb``, ``wandb/`` (the W&B run, see :mod:`lvforecast.tracking`).
 """
 
 from __future__ import annotations
@@ -41,6 +41,14 @@ def validate_train_config(cfg: DictConfig) -> None:
         problems.append(f"scheduler.name={cfg.scheduler.name!r}: allowed 'none' or 'cosine'")
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         problems.append(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
+    wandb_node = (cfg.get("logger") or {}).get("wandb")
+    if wandb_node and wandb_node.get("_target_") == "lvforecast.tracking.wandb_logger":
+        from lvforecast.tracking import decide_mode
+
+        try:
+            decide_mode(wandb_node.get("mode", "auto"))  # a bad mode, or online with no API key: before any load
+        except ValueError as err:
+            problems.append(str(err))
     if problems:
         raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
 
@@ -92,6 +100,7 @@ def _fit(cfg: DictConfig, datamodule: Any, budget: dict[str, Any], out: Path, st
 
     from lvforecast.lora import apply_lora, expected_lora_parameters
     from lvforecast.module import LoRAForecaster
+    from lvforecast.tracking import finish_wandb, update_summary
     from lvforecast.utils import environment_record, instantiate_list, plot_loss_curve
 
     loaded = instantiate(cfg.model)
@@ -140,9 +149,11 @@ def _fit(cfg: DictConfig, datamodule: Any, budget: dict[str, Any], out: Path, st
         run_info["budget"] = {"run_id": budget["run_id"], "ledger": str(budget["ledger"].path),
                               "plan": budget["plan"].as_dict(), "reserved": budget["reserved"]}
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    for lg in loggers:
-        lg.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), "run_info": run_info})
+    ok = False
     try:
+        # The resolved config at the top level (W&B's run config: lora.r, optim.lr, ...), plus the run record.
+        for lg in loggers:
+            lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "run_info": run_info})
         if cfg.validate_before_training and not cfg.get("ckpt_path"):
             # The untrained (zero-shot) validation loss, logged at step 0 as the curve's first point.
             trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -166,10 +177,13 @@ def _fit(cfg: DictConfig, datamodule: Any, budget: dict[str, Any], out: Path, st
         run_info["final"] = metrics
         run_info["fit_seconds"] = round(time.perf_counter() - start - run_info["setup_seconds"], 2)
         (out / "run_info.json").write_text(json.dumps(run_info, indent=1))
+        update_summary(loggers, metrics)
         log.info("run directory: %s", out)
+        ok = True
         return {**metrics, "output_dir": str(out)}
     finally:
-        _finish_wandb(loggers)
+        # Every job finishes its own W&B run (failed when fitting raised): multirun jobs never share one.
+        finish_wandb(loggers, exit_code=0 if ok else 1)
 
 
 def open_budget(cfg: DictConfig, datamodule: Any, out: Path) -> dict[str, Any]:
@@ -221,10 +235,3 @@ def _hydra_overrides() -> str | None:
         return None
     return HydraConfig.get().job.override_dirname or None
 
-
-def _finish_wandb(loggers: list[Any]) -> None:
-    """Close the W&B run even when fitting raised, so multirun jobs never bleed into one run."""
-    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
-        import wandb
-
-        wandb.finish()

@@ -64,8 +64,9 @@ def test_zero_shot_and_unconstrained_failures_are_counted(sim_cache, tmp_path):
 
 
 def test_a_trained_logit_bias_reaches_generation(sim_cache, tmp_path, monkeypatch):
-    import lvforecast.forecast
     from safetensors.torch import load_file
+
+    import lvforecast.forecast
 
     run = tmp_path / "run"
     cfg = compose_train(TINY_RUN + ["trainer.max_steps=2", "trainer.val_check_interval=2", "lora.train_logit_bias=true",

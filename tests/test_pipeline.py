@@ -110,16 +110,3 @@ def test_resume_with_a_different_rank_is_refused(fitted, sim_cache, tmp_path):
     with pytest.raises(Exception, match=r"lora.r"):
         train(cfg)
 
-
-def test_wandb_offline_run_directory(sim_cache, tmp_path, monkeypatch):
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    cfg = compose_train(TINY_RUN + ["logger=default", "trainer.max_steps=2", "trainer.val_check_interval=2",
-                                    "trainer.log_every_n_steps=1"], output_dir=tmp_path, cache_dir=sim_cache)
-    assert cfg.logger.wandb.offline is True
-    train(cfg)
-    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(runs) == 1
-    record = runs[0].read_bytes()
-    # The run file is protobuf records; metric keys and the loss-curve image are stored by name.
-    assert b"val/loss" in record and b"train/loss" in record and b"loss_curve" in record
-    assert list((tmp_path / "wandb").glob("offline-run-*/files/media/images/loss_curve_*.png"))

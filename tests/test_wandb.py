@@ -1,0 +1,261 @@
+"""W&B tracking: the mode decision, and what real offline runs hold (read back from their .wandb files).
+
+Every run here is a real offline W&B run of the tiny model; W&B's directories, the netrc file and the
+credentials environment are redirected to temporary paths, so nothing touches $HOME and nothing goes online.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TINY_RUN, compose_train
+from test_evaluation import compose_eval
+
+from lvforecast.evaluation import evaluate
+from lvforecast.pipeline import train
+from lvforecast.tracking import decide_mode, evaluation_table, log_sweep_summary, read_run_file
+from lvforecast.utils import read_metrics_csv
+
+CREDENTIAL_VARS = ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_BASE_URL")
+WANDB_RUN = [o for o in TINY_RUN if not o.startswith("logger=")] + ["logger=wandb"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def wandb_env(tmp_path_factory):
+    """W&B's dirs in tmp, no credentials, no netrc: `auto` must resolve to offline, and $HOME stays clean."""
+    root = tmp_path_factory.mktemp("wandb_home")
+    env = {"WANDB_DIR": root / "dir", "WANDB_CACHE_DIR": root / "cache", "WANDB_CONFIG_DIR": root / "config",
+           "WANDB_DATA_DIR": root / "data", "WANDB_ARTIFACT_DIR": root / "artifacts", "NETRC": root / "netrc"}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, str(value))
+        for key in CREDENTIAL_VARS:
+            mp.delenv(key, raising=False)
+        yield root
+        import wandb
+
+        wandb.teardown()  # stop this process's wandb-core service
+
+
+def offline_runs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+def finite_series(run, key):
+    series = run.series(key)
+    assert series, f"{key} never logged"
+    assert all(isinstance(v, (int, float)) and math.isfinite(v) for _, v in series), (key, series)
+    return series
+
+
+# ---- mode decision (no wandb, no network) ------------------------------------------------------------------
+def test_auto_is_offline_without_a_key_and_online_with_one(tmp_path):
+    no_netrc = tmp_path / "absent"
+    assert decide_mode("auto", env={}, netrc_file=no_netrc).mode == "offline"
+    assert decide_mode("auto", env={"WANDB_API_KEY": "k" * 40}, netrc_file=no_netrc).mode == "online"
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    decision = decide_mode("auto", env={}, netrc_file=netrc)
+    assert decision.mode == "online" and str(netrc) in decision.reason and "k" * 40 not in decision.reason
+    # A key for another host does not count; a self-hosted server's key does when WANDB_BASE_URL names it.
+    netrc.write_text("machine example.com\n  login user\n  password secret\n")
+    assert decide_mode("auto", env={}, netrc_file=netrc).mode == "offline"
+    assert decide_mode("auto", env={"WANDB_BASE_URL": "https://example.com"}, netrc_file=netrc).mode == "online"
+    # The netrc path wandb reads comes from $NETRC.
+    assert decide_mode("auto", env={"WANDB_BASE_URL": "https://example.com", "NETRC": str(netrc)}).mode == "online"
+
+
+def test_explicit_modes_and_wandb_mode_env(tmp_path):
+    no_netrc = tmp_path / "absent"
+    key = {"WANDB_API_KEY": "k" * 40}
+    assert decide_mode("offline", env=key, netrc_file=no_netrc).mode == "offline"
+    assert decide_mode("online", env=key, netrc_file=no_netrc).mode == "online"
+    assert decide_mode("auto", env={**key, "WANDB_MODE": "offline"}, netrc_file=no_netrc).mode == "offline"
+    assert decide_mode("auto", env={**key, "WANDB_MODE": "dryrun"}, netrc_file=no_netrc).mode == "offline"
+    assert decide_mode("auto", env={"WANDB_MODE": "disabled"}, netrc_file=no_netrc).mode == "disabled"
+    # Online without a key would make wandb prompt: an error instead, saying what to do.
+    with pytest.raises(ValueError, match=r"logger.wandb.mode=online.*WANDB_API_KEY.*auto or offline"):
+        decide_mode("online", env={}, netrc_file=no_netrc)
+    with pytest.raises(ValueError, match=r"WANDB_MODE=online.*no W&B API key"):
+        decide_mode("auto", env={"WANDB_MODE": "online"}, netrc_file=no_netrc)
+    with pytest.raises(ValueError, match=r"WANDB_MODE='sometimes'.*allowed online, run, offline, dryrun, disabled"):
+        decide_mode("auto", env={"WANDB_MODE": "sometimes"}, netrc_file=no_netrc)
+
+
+def test_a_bad_mode_fails_before_anything_loads(tmp_path):
+    with pytest.raises(ValueError, match=r"logger.wandb.mode='sometimes': allowed auto, online, offline"):
+        decide_mode("sometimes", env={})
+    # Through the config: one validation error, before the data or the model is touched.
+    cfg = compose_train(WANDB_RUN + ["logger.wandb.mode=sometimes"], output_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"invalid config:[\s\S]*logger.wandb.mode='sometimes'"):
+        train(cfg)
+    assert not (tmp_path / "wandb").exists()
+
+
+def test_read_run_file_rejects_other_files(tmp_path):
+    bogus = tmp_path / "run-x.wandb"
+    bogus.write_bytes(b"not a run file at all")
+    with pytest.raises(ValueError, match="not a W&B run file"):
+        read_run_file(bogus)
+
+
+# ---- one tiny training run, in process ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_wandb_run(sim_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("wandb_run")
+    cfg = compose_train(WANDB_RUN + ["trainer.max_steps=4", "trainer.val_check_interval=2",
+                                     "trainer.log_every_n_steps=1", "grad_norm_every_n_steps=2", "lora.r=2",
+                                     "optim.lr=0.02", "sweep_name=solo", "tags=[tiny,wbtest]"],
+                        output_dir=out, cache_dir=sim_cache)
+    result = train(cfg)
+    return out, result
+
+
+def test_single_run_identity_config_and_summary(tiny_wandb_run):
+    out, result = tiny_wandb_run
+    (run_dir,) = offline_runs(out)
+    run = read_run_file(run_dir)
+    assert run_dir.name.endswith(run.run_id)
+    assert (run.project, run.group, run.job_type, run.tags) == ("lvforecast", "solo", "train", ["tiny", "wbtest"])
+    assert run.exit_code == 0
+    # The resolved config is the run config, top level; the run record rides along.
+    assert run.config["lora"]["r"] == 2 and run.config["optim"]["lr"] == 0.02
+    assert run.config["trainer"]["max_steps"] == 4 and run.config["logger"]["wandb"]["mode"] == "auto"
+    info = json.loads((out / "run_info.json").read_text())
+    assert run.config["run_info"]["parameters"] == info["parameters"]
+    # The final summary: the returned metrics, flops/run being the whole run's spend (final validation included).
+    for key in ("val/loss", "train/loss", "flops/run", "global_step"):
+        assert run.summary[key] == result[key], key
+    assert run.summary["budget_status"] == "finished" and run.summary["global_step"] == 4
+    assert run.summary["flops/run"] > max(v for _, v in run.series("flops/run"))
+
+
+def test_single_run_history_steps_and_values(tiny_wandb_run):
+    out, _ = tiny_wandb_run
+    run = read_run_file(offline_runs(out)[0])
+    train_loss = finite_series(run, "train/loss")
+    # Lightning's logging step is the batch index: 4 steps -> 0..3; validation before training (0), after
+    # steps 2 and 4 (1 and 3).
+    assert [s for s, _ in train_loss] == [0, 1, 2, 3]
+    assert [s for s, _ in finite_series(run, "val/loss")] == [0, 1, 3]
+    # FLOPs and gradient norms share that x axis; the spend only grows.
+    flops_run = finite_series(run, "flops/run")
+    assert [s for s, _ in flops_run] == [0, 1, 2, 3]
+    assert all(b > a > 0 for (_, a), (_, b) in zip(flops_run, flops_run[1:], strict=False))
+    for key in ("flops/step", "flops/study", "flops/budget_left"):
+        assert [s for s, _ in finite_series(run, key)] == [0, 1, 2, 3], key
+    grad_keys = sorted(k for row in run.history for k in row if k.startswith("grad_norm/"))
+    assert {"grad_norm/layer00.q_proj.lora_A", "grad_norm/layer01.v_proj.lora_B"} <= set(grad_keys)
+    assert len(set(grad_keys)) == 2 * 2 * 2  # 2 layers x (q_proj, v_proj) x (A, B)
+    # grad_norm_every_n_steps=2: computed before optimizer steps 0 and 2, logged there and nowhere else.
+    b_norms = finite_series(run, "grad_norm/layer01.v_proj.lora_B")
+    assert [s for s, _ in b_norms] == [0, 2] and all(v > 0 for _, v in b_norms)
+    # The same numbers as the run directory's metrics.csv.
+    csv = read_metrics_csv(out / "metrics.csv")
+    for key in ("train/loss", "val/loss", "flops/run", "grad_norm/layer01.v_proj.lora_B"):
+        assert [s for s, _ in run.series(key)] == [s for s, _ in csv[key]], key
+        assert [v for _, v in run.series(key)] == pytest.approx([v for _, v in csv[key]], rel=1e-6), key
+
+
+def test_single_run_has_the_loss_curve_image(tiny_wandb_run):
+    out, _ = tiny_wandb_run
+    run_dir = offline_runs(out)[0]
+    run = read_run_file(run_dir)
+    ((step, image),) = run.series("loss_curve")
+    assert step == 3 and image["_type"] == "images/separated" and image["format"] == "png"
+    (name,) = image["filenames"]
+    assert (run_dir / "files" / name).read_bytes() == (out / "loss_curve.png").read_bytes()
+
+
+# ---- a two-job multirun, as a real `python train.py -m` ----------------------------------------------------
+def test_multirun_jobs_get_their_own_runs_in_one_group(sim_cache, tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", *WANDB_RUN, "trainer.max_steps=2",
+           "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "lora.r=2,4", "sweep_name=wbtest",
+           f"hydra.sweep.dir={sweep}", f"budget.ledger_path={tmp_path}/ledger.sqlite", f"paths.cache_dir={sim_cache}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = {}
+    for job in ("0", "1"):
+        (run_dir,) = offline_runs(sweep / job)
+        runs[job] = read_run_file(run_dir)
+    assert len({r.run_id for r in runs.values()}) == 2
+    assert {r.group for r in runs.values()} == {"wbtest"}
+    assert [runs[j].config["lora"]["r"] for j in ("0", "1")] == [2, 4]
+    for job, run in runs.items():
+        assert run.exit_code == 0 and run.job_type == "train"
+        # Nothing bled across jobs: each run holds exactly its own two steps and its own final loss.
+        assert [s for s, _ in finite_series(run, "train/loss")] == [0, 1], job
+        assert [s for s, _ in finite_series(run, "flops/run")] == [0, 1], job
+        info = json.loads((sweep / job / "run_info.json").read_text())
+        assert run.summary["val/loss"] == pytest.approx(info["final"]["val/loss"])
+        assert run.config["run_info"]["parameters"]["trainable"] == info["parameters"]["trainable"]
+    assert "W&B: offline run (logger.wandb.mode=auto and no W&B API key is configured)" in proc.stdout + proc.stderr
+
+
+def test_sweep_summary_is_one_run_in_the_sweeps_group(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "summary.csv").write_text(
+        "job,lora.r,final_val_loss,flops,status,error,best\n"
+        "0,2,2.8999,887032320,finished,,False\n"
+        "1,4,2.8828,894865920,finished,,True\n")
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [1, 0])
+    fig.savefig(sweep / "val_loss_curves.png")
+    plt.close(fig)
+    cfg = compose_train(WANDB_RUN + ["sweep_name=wbsweep"], output_dir=tmp_path / "elsewhere")
+    assert log_sweep_summary(None, sweep, "wbsweep") is None
+    run_id = log_sweep_summary(cfg.logger.wandb, sweep, "wbsweep")
+    (run_dir,) = offline_runs(sweep)  # in the sweep directory, not the (unresolved) job output dir
+    run = read_run_file(run_dir)
+    assert (run.run_id, run.group, run.job_type, run.exit_code) == (run_id, "wbsweep", "sweep-summary", 0)
+    assert run.summary["sweep/best_job"] == 1 and run.summary["sweep/best_final_val_loss"] == 2.8828
+    (row,) = run.history
+    stored = json.loads((run_dir / "files" / row["sweep/summary"]["path"]).read_text())
+    assert stored["columns"] == ["job", "lora.r", "final_val_loss", "flops", "status", "error", "best"]
+    assert stored["data"] == [[0, 2, 2.8999, 887032320, "finished", None, False],
+                              [1, 4, 2.8828, 894865920, "finished", None, True]]
+    image = row["sweep/val_loss_curves"]
+    assert (run_dir / "files" / image["path"]).read_bytes() == (sweep / "val_loss_curves.png").read_bytes()
+
+
+# ---- evaluation --------------------------------------------------------------------------------------------
+def test_evaluation_logs_metrics_plots_and_the_baselines_table(sim_cache, tmp_path):
+    cfg = compose_eval(["model=tiny", "data=simulated", "max_systems=4", "baselines=[persistence,ar]",
+                        "batch_size=4", "logger=wandb", "sweep_name=evalgroup"], tmp_path, sim_cache)
+    result = evaluate(cfg)
+    (run_dir,) = offline_runs(tmp_path)
+    run = read_run_file(run_dir)
+    assert (run.job_type, run.group, run.exit_code) == ("evaluate", "evalgroup", 0)
+    assert run.config["max_systems"] == 4 and run.config["baselines"] == ["persistence", "ar"]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    (row,) = run.history
+    assert row["eval/parse_failures"] == run.summary["eval/parse_failures"] == metrics["parse_failures"]
+    assert row["eval/flops_generate"] == result["flops"] and row["eval/systems"] == 4
+    model_mse = metrics["methods"]["model"]["encoded"]["all"]["mse"]
+    assert run.summary["eval/model/mse_prey_median"] == pytest.approx(model_mse["prey"]["median"])
+    assert run.summary["eval/ar/mse_predator_mean"] == pytest.approx(
+        metrics["methods"]["ar"]["encoded"]["all"]["mse"]["predator"]["mean"])
+    # Every PNG, byte for byte.
+    for png in map(Path, result["pngs"]):
+        image = row[f"eval/plots/{png.stem}"]
+        assert (run_dir / "files" / image["path"]).read_bytes() == png.read_bytes(), png.name
+    # The model-vs-baselines table, as W&B stored it.
+    table = row["eval/model_vs_baselines"]
+    assert table["_type"] == "table-file"
+    stored = json.loads((run_dir / "files" / table["path"]).read_text())
+    columns, rows = evaluation_table(metrics)
+    assert stored["columns"] == columns and [r[0] for r in stored["data"]] == ["model", "persistence", "ar"]
+    for got, want in zip(stored["data"], rows, strict=True):
+        nan = [math.nan if v is None else v for v in want[1:]]
+        assert [math.nan if v is None else v for v in got[1:]] == pytest.approx(nan, nan_ok=True), got[0]
