@@ -1,4 +1,7 @@
-"""Fine-tune a language model with LoRA on Lotka-Volterra series: `python train.py [overrides]`."""
+"""Fine-tune a language model with LoRA on Lotka-Volterra series: `python train.py [overrides]`.
+
+Sweeps: `python train.py -m sweep=lr_rank [overrides]` (definitions in multirun_sweeps/).
+"""
 
 import logging
 
@@ -6,13 +9,15 @@ import hydra
 from omegaconf import DictConfig
 
 from lvforecast.pipeline import train
+from lvforecast.sweeps import run_recorded
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Run one training job; returns the final validation loss (the sweep objective)."""
     logging.getLogger("lvforecast").setLevel(logging.INFO)
-    return train(cfg).get("val/loss")
+    result = run_recorded(cfg, train)
+    return None if result is None else result.get("val/loss")
 
 
 if __name__ == "__main__":

@@ -108,3 +108,12 @@ def plan_run(cfg: DictConfig, val_batch_shapes: list[tuple[int, int]], shape: Mo
     return Plan(train_step=train_step, steps=tr.max_steps, validation_pass=val_pass,
                 validations=periodic + before + 1, sanity=sanity, evaluation=int(cfg.budget.planned_eval_flops),
                 next_step_shape=(batch, context))
+
+
+def plan_config(cfg: DictConfig, val_batch_shapes: list[tuple[int, int]]) -> tuple[Plan, ModelShape, LoRASpec,
+                                                                                 Conventions]:
+    """The plan of a composed training config, with the shape, LoRA spec and conventions it was made with."""
+    shape = planning_shape(cfg.model)
+    lora = LoRASpec(rank=cfg.lora.r, targets=tuple(cfg.lora.target_modules), logit_bias=cfg.lora.train_logit_bias)
+    conventions = Conventions(**cfg.budget.conventions)
+    return plan_run(cfg, val_batch_shapes, shape, lora, conventions), shape, lora, conventions

@@ -1,0 +1,79 @@
+"""Serve ``multirun_sweeps/*.yaml`` as the Hydra config group ``sweep``.
+
+The study's sweep definitions live beside ``train.py`` in ``multirun_sweeps/`` (one file per study), not in
+``conf/``. Hydra maps config groups to directories of a search-path root, so a plain ``file://`` entry would
+make them primary configs; this source presents that directory as the single group ``sweep`` instead, and
+the search-path plugin adds it to lvforecast's own apps (the ones whose primary config directory is the
+repository's ``conf/``), so ``python train.py -m sweep=lr_rank`` works from any working directory.
+
+``LVFORECAST_SWEEPS_DIR`` points at another directory of sweep files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hydra.core.config_search_path import ConfigSearchPath
+from hydra.core.object_type import ObjectType
+from hydra.plugins.config_source import ConfigLoadError, ConfigResult, ConfigSource
+from hydra.plugins.search_path_plugin import SearchPathPlugin
+from omegaconf import OmegaConf
+
+GROUP = "sweep"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def sweeps_dir() -> Path:
+    """The directory whose ``*.yaml`` files are the ``sweep`` group's options."""
+    return Path(os.environ.get("LVFORECAST_SWEEPS_DIR", REPO / "multirun_sweeps")).resolve()
+
+
+class SweepsConfigSource(ConfigSource):
+    """``lvsweeps://DIR``: DIR's yaml files as options of the group ``sweep`` (nothing else)."""
+
+    @staticmethod
+    def scheme() -> str:
+        return "lvsweeps"
+
+    def _file(self, config_path: str) -> Path | None:
+        """The file behind ``sweep/NAME[.yaml]``, or None for any other path."""
+        group, _, name = config_path.partition("/")
+        if group != GROUP or not name or "/" in name:
+            return None
+        return Path(self.path) / self._normalize_file_name(name)
+
+    def load_config(self, config_path: str) -> ConfigResult:
+        path = self._file(config_path)
+        if path is None or not path.is_file():
+            raise ConfigLoadError(f"Config not found: {config_path} (sweep files live in {self.path})")
+        text = path.read_text(encoding="utf-8")
+        return ConfigResult(config=OmegaConf.create(text) if text.strip() else OmegaConf.create(),
+                            path=self.full_path(), provider=self.provider, header=self._get_header_dict(text[:512]))
+
+    def available(self) -> bool:
+        return Path(self.path).is_dir()
+
+    def is_group(self, config_path: str) -> bool:
+        return config_path.strip("/") in ("", GROUP) and self.available()
+
+    def is_config(self, config_path: str) -> bool:
+        path = self._file(config_path)
+        return path is not None and path.is_file()
+
+    def list(self, config_path: str, results_filter: ObjectType | None) -> list[str]:
+        config_path = config_path.strip("/")
+        if config_path == "":
+            return [GROUP] if results_filter in (None, ObjectType.GROUP) and self.available() else []
+        if config_path != GROUP or results_filter == ObjectType.GROUP or not self.available():
+            return []
+        return sorted(p.stem for p in Path(self.path).glob("*.yaml"))
+
+
+class SweepsSearchPath(SearchPathPlugin):
+    """Add the sweep directory to the search path of apps whose config directory is this repo's ``conf/``."""
+
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        conf = str(REPO / "conf")
+        if any(element.path in (conf, f"file://{conf}") for element in search_path.get_path()):
+            search_path.append(provider="lvforecast-sweeps", path=f"lvsweeps://{sweeps_dir()}")

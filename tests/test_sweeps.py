@@ -1,0 +1,236 @@
+"""Multirun studies: the `sweep` group, best_from, the pre-launch budget check, summaries, launchers.
+
+Multiruns run `train.py` as a real subprocess from a temporary working directory (sweeps must launch from
+anywhere), on the tiny model and the simulated data, each against its own ledger.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import CONF, ROOT, compose_train
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from lvforecast.budget import Ledger
+from lvforecast.pipeline import train
+from lvforecast.sweeps import best_from
+
+# Few steps, two validation batches: a job takes seconds. data.context_length 96 as the other tiny tests.
+TINY = ["model=tiny", "data=simulated", "trainer=cpu", "data.context_length=96", "trainer.max_steps=3",
+        "trainer.val_check_interval=3", "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false"]
+
+
+def multirun(args: list[str], cwd: Path, cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python train.py -m ARGS` from ``cwd`` (not the repository), with the simulated data in ``cache``."""
+    env = {**os.environ, "LVFORECAST_CACHE": str(cache), "LVFORECAST_ROOT": str(cwd)}
+    env.pop("LVFORECAST_LEDGER", None)
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def plan_table(stdout: str) -> list[list[str]]:
+    """The job rows of the pre-flight table printed by BudgetPreflight."""
+    return [[c.strip() for c in line.strip("|").split("|")] for line in stdout.splitlines()
+            if line.startswith("| ") and line[2:3].isdigit()]
+
+
+# ------------------------------------------------------------------------------------------ config group
+
+
+def test_sweep_group_serves_multirun_sweeps_files():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["sweep=lr_rank"], return_hydra_config=True)
+    assert sorted(p.stem for p in (ROOT / "multirun_sweeps").glob("*.yaml")) == ["context_length", "final", "lr_rank"]
+    assert cfg.sweep_name == "lr_rank" and cfg.trainer.max_steps == 300 and cfg.data.context_length == 512
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert dict(cfg.hydra.sweeper.params) == {"optim.lr": "1e-5,5e-5,1e-4", "lora.r": "2,4,8"}
+    # A later group option and the command line still win over the sweep file.
+    assert compose_train(["sweep=lr_rank", "trainer.max_steps=7"]).trainer.max_steps == 7
+
+
+def test_slurm_launcher_config():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                                                      "hydra.sweep.dir=/x"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 240)
+    assert launcher.submitit_folder == "/x/.submitit/%j"
+
+
+# ----------------------------------------------------------------------------------------------- best_from
+
+
+def _summary(path: Path, rows: list[dict[str, object]]) -> Path:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_best_from_picks_the_lowest_finished_final_loss(tmp_path):
+    rows = [
+        {"job": 0, "optim.lr": 1e-5, "lora.r": 2, "final_val_loss": 0.9, "status": "finished"},
+        {"job": 1, "optim.lr": 1e-4, "lora.r": 8, "final_val_loss": 0.7, "status": "budget_exhausted"},
+        {"job": 2, "optim.lr": 5e-5, "lora.r": 4, "final_val_loss": 0.1, "status": "failed"},  # not a result
+        {"job": 3, "optim.lr": 5e-5, "lora.r": 2, "final_val_loss": "", "status": "finished"},
+    ]
+    _summary(tmp_path / "summary.csv", rows)
+    assert best_from(tmp_path, "optim.lr") == 1e-4 and best_from(tmp_path / "summary.csv", "lora.r") == 8
+    assert isinstance(best_from(tmp_path, "lora.r"), int)
+    with pytest.raises(ValueError, match=r"no column 'data.context_length'.*columns"):
+        best_from(tmp_path, "data.context_length")
+    with pytest.raises(ValueError, match=r"no summary.csv there"):
+        best_from(tmp_path / "nowhere", "optim.lr")
+    with pytest.raises(ValueError, match=r"pass best_from=PATH .* or set optim.lr=\.\.\. explicitly"):
+        best_from(None, "optim.lr")
+    _summary(tmp_path / "failed.csv", [rows[2]])
+    with pytest.raises(ValueError, match="no finished job with a validation loss"):
+        best_from(tmp_path / "failed.csv", "optim.lr")
+
+
+def test_context_length_sweep_takes_lr_and_rank_from_best_from_or_overrides(tmp_path):
+    _summary(tmp_path / "summary.csv", [{"job": 0, "optim.lr": 1e-4, "lora.r": 8, "data.context_length": 512,
+                                         "final_val_loss": 0.66, "status": "finished"}])
+    cfg = compose_train(["sweep=context_length", f"best_from={tmp_path}"])
+    assert (cfg.optim.lr, cfg.lora.r, cfg.lora.alpha) == (1e-4, 8, 8)
+    cfg = compose_train(["sweep=context_length", "optim.lr=5e-5", "lora.r=2"])
+    assert (cfg.optim.lr, cfg.lora.r) == (5e-5, 2)
+    cfg = compose_train(["sweep=final", f"best_from={tmp_path / 'summary.csv'}"])
+    assert (cfg.optim.lr, cfg.lora.r, cfg.data.context_length, cfg.trainer.max_steps) == (1e-4, 8, 512, 15000)
+    cfg = compose_train(["sweep=context_length"])
+    with pytest.raises(Exception, match=r"optim.lr is not set: pass best_from=PATH"):
+        OmegaConf.to_container(cfg.optim, resolve=True)
+
+
+# ------------------------------------------------------------------------------------ pre-launch budget check
+
+
+def test_dry_run_prints_every_job_and_launches_nothing(sim_cache, tmp_path):
+    ledger = tmp_path / "ledger.sqlite"
+    res = multirun(["sweep=lr_rank", *TINY, f"budget.ledger_path={ledger}", "budget.dry_run=true",
+                    f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path, sim_cache)
+    assert res.returncode == 0, res.stderr[-3000:]
+    table = plan_table(res.stdout)
+    assert [row[0] for row in table] == [str(i) for i in range(9)]
+    assert {(row[2], row[3]) for row in table} == {(lr, r) for lr in ("1e-05", "5e-05", "0.0001") for r in "248"}
+    # Each job's pre-flight figure is the plan the job itself makes when it starts (its own dry run here).
+    for row in table[:3]:
+        own = train(compose_train(TINY + [f"optim.lr={row[2]}", f"lora.r={row[3]}", "budget.dry_run=true",
+                                          f"budget.ledger_path={ledger}"], output_dir=tmp_path / "own",
+                                  cache_dir=sim_cache))
+        assert float(row[-2]) == pytest.approx(own["plan"]["total"], rel=1e-4)  # printed with 5 digits
+    assert "fits" in res.stdout
+    assert not ledger.exists() and not (tmp_path / "sweep").exists()
+
+
+def test_a_sweep_over_the_remaining_budget_is_refused_before_any_job(sim_cache, tmp_path):
+    # One tiny job plans ~1.33e9-1.37e9 FLOPs (the dry run above prints them); 9 jobs ~1.2e10. A ledger with
+    # 4e9 left could run any two jobs alone, but not the sweep: it must be refused whole.
+    ledger = tmp_path / "ledger.sqlite"
+    led = Ledger(ledger, budget=10_000_000_000)
+    run = led.open_run("earlier", 6_000_000_000)
+    led.charge(run, "train", 6_000_000_000)
+    led.finish(run)
+    res = multirun(["sweep=lr_rank", *TINY, f"budget.ledger_path={ledger}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                   tmp_path, sim_cache)
+    assert res.returncode == 1
+    assert "multirun refused before launch" in res.stderr
+    assert "has 4.0000e+09 left -> REFUSED" in res.stdout
+    assert len(plan_table(res.stdout)) == 9
+    assert [r["name"] for r in Ledger(ledger, budget=None).runs()] == ["earlier"]  # no job reserved anything
+    assert not list((tmp_path / "sweep").glob("*/job_status.json"))
+
+
+def test_an_invalid_job_config_refuses_the_multirun(sim_cache, tmp_path):
+    res = multirun([*TINY, "lora.r=4,0", f"budget.ledger_path={tmp_path / 'l.sqlite'}",
+                    f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path, sim_cache)
+    assert res.returncode == 1
+    assert "job 1 (" in res.stderr and "lora.r=0" in res.stderr
+    assert not (tmp_path / "l.sqlite").exists()
+
+
+# --------------------------------------------------------------------------------------- sweeps that run
+
+
+def test_tiny_lr_rank_sweep_writes_a_nine_row_summary(sim_cache, tmp_path):
+    ledger, sweep = tmp_path / "ledger.sqlite", tmp_path / "sweep"
+    res = multirun(["sweep=lr_rank", *TINY, f"budget.ledger_path={ledger}", f"hydra.sweep.dir={sweep}"],
+                   tmp_path, sim_cache)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = read_rows(sweep / "summary.csv")
+    assert len(rows) == 9 and all(r["status"] == "finished" for r in rows)
+    assert {(float(r["optim.lr"]), int(r["lora.r"])) for r in rows} == {(lr, r) for lr in (1e-5, 5e-5, 1e-4)
+                                                                          for r in (2, 4, 8)}
+    losses = [float(r["final_val_loss"]) for r in rows]
+    assert [r["best"] for r in rows].count("True") == 1
+    assert losses[[r["best"] for r in rows].index("True")] == min(losses)
+    # FLOPs per job are the ledger's charges for that job's run; the sweep's runs are all of the ledger's.
+    led = Ledger(ledger, budget=None)
+    runs = led.runs()
+    assert len(runs) == 9 and all(r["status"] == "finished" and r["sweep"] == "lr_rank" for r in runs)
+    assert sorted(int(r["flops"]) for r in rows) == sorted(r["charged_flops"] for r in runs)
+    assert led.study_spent() == sum(int(r["flops"]) for r in rows)
+    for r in rows:  # each job's last val/loss is the one in its own metrics.csv
+        val = [line for line in read_rows(Path(r["run_dir"]) / "metrics.csv") if line["val/loss"]]
+        assert float(r["final_val_loss"]) == float(val[-1]["val/loss"])
+        assert int(r["steps"]) == 3 and float(r["train_tokens_per_s"]) > 0
+    md = (sweep / "summary.md").read_text()
+    assert "| optim.lr \\ lora.r | 2 | 4 | 8 |" in md and md.count("(best)") == 1
+    assert (sweep / "val_loss_curves.png").stat().st_size > 10_000
+    assert len(read_rows(sweep / "plan.csv")) == 9
+    # The next sweep reads the winner from this one.
+    best = rows[[r["best"] for r in rows].index("True")]
+    cfg = compose_train(["sweep=context_length", f"best_from={sweep}"])
+    assert (cfg.optim.lr, cfg.lora.r) == (float(best["optim.lr"]), int(best["lora.r"]))
+
+
+def test_a_failing_job_is_recorded_and_the_summary_still_written(sim_cache, tmp_path):
+    # trainer.accelerator=gpu fails when Lightning builds the Trainer on this CPU-only machine: after the job
+    # reserved its FLOPs, so the failure path of a started job is exercised. joblib runs the two in parallel.
+    ledger, sweep = tmp_path / "ledger.sqlite", tmp_path / "sweep"
+    res = multirun([*TINY, "trainer.accelerator=cpu,gpu", "sweep_name=failing", "hydra/launcher=joblib",
+                    "hydra.launcher.n_jobs=2", f"budget.ledger_path={ledger}", f"hydra.sweep.dir={sweep}"],
+                   tmp_path, sim_cache)
+    if res.returncode == 0:
+        pytest.skip("a GPU is present: the gpu job did not fail")
+    assert res.returncode == 1 and "1 of 2 jobs did not finish: job 1 failed" in res.stderr
+    rows = read_rows(sweep / "summary.csv")
+    assert [(r["trainer.accelerator"], r["status"]) for r in rows] == [("cpu", "finished"), ("gpu", "failed")]
+    assert "gpu" in rows[1]["error"] and rows[1]["final_val_loss"] == ""
+    assert rows[0]["best"] == "True"
+    statuses = {r["name"].split("trainer.accelerator=")[1].split(",")[0]: r["status"]
+                for r in Ledger(ledger, budget=None).runs()}
+    assert statuses == {"cpu": "finished", "gpu": "failed"}
+    assert "Traceback" in (sweep / "1" / "job_status.json").read_text()
+
+
+def test_submitit_local_jobs_run_in_parallel_against_one_ledger(sim_cache, tmp_path):
+    ledger, sweep = tmp_path / "ledger.sqlite", tmp_path / "sweep"
+    res = multirun([*TINY, "lora.r=2,4,8", "sweep_name=submitit", "hydra/launcher=submitit_local",
+                    f"budget.ledger_path={ledger}", f"hydra.sweep.dir={sweep}"], tmp_path, sim_cache)
+    assert res.returncode == 0, res.stderr[-3000:]
+    led = Ledger(ledger, budget=None)
+    runs = led.runs()
+    assert len(runs) == 3 and all(r["status"] == "finished" for r in runs)
+    assert len({r["pid"] for r in runs}) == 3 and os.getpid() not in {r["pid"] for r in runs}
+    # Parallel: every job started before any job ended.
+    assert max(r["started_at"] for r in runs) < min(r["ended_at"] for r in runs)
+    # Consistent: nothing left reserved, charges add up, the summary reports the same FLOPs.
+    assert all(r["reserved_flops"] == r["charged_flops"] for r in runs)
+    assert led.remaining() == led.budget - led.study_spent()
+    rows = read_rows(sweep / "summary.csv")
+    assert sorted(int(r["flops"]) for r in rows) == sorted(r["charged_flops"] for r in runs)
+    assert [int(r["lora.r"]) for r in rows] == [2, 4, 8]
