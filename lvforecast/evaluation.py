@@ -83,6 +83,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     classes = classify_all(traj.values[systems], traj.time)
     prompts = [encode(s[:context], scale=sc, decimals=dm.decimals) + ";" for s, sc in zip(series, scales, strict=True)]
 
+    if cfg.budget.dry_run:
+        if not cfg.budget.enabled:
+            raise ValueError("budget.dry_run=true needs budget.enabled=true: there is no plan to print")
+        plan = _generation_plan(cfg, model_cfg, lora_cfg, prompts, dm.decimals)
+        log.info("generation FLOPs (dry run, upper bound, no weights loaded): %d systems x %d sample(s) -> %.4e",
+                 len(prompts), int(cfg.num_samples), plan)
+        return {"dry_run": True, "plan": {"generate_upper_bound": plan, "systems": len(prompts)},
+                "output_dir": str(out)}
     budget = _reserve(cfg, model_cfg, lora_cfg, prompts, dm.decimals)
     start = time.perf_counter()
     try:
@@ -173,12 +181,9 @@ def _logit_bias(run: Path, lora_cfg: DictConfig) -> Any:
     return load_file(str(path))["bias"]
 
 
-def _reserve(cfg: DictConfig, model_cfg: DictConfig, lora_cfg: DictConfig | None, prompts: list[str],
-             decimals: int) -> dict[str, Any]:
-    """Reserve the generation FLOPs (an upper bound: every row generates the grammar's longest steps)."""
-    if not cfg.budget.enabled:
-        return {}
-    from lvforecast.budget import Ledger
+def _generation_plan(cfg: DictConfig, model_cfg: DictConfig, lora_cfg: DictConfig | None, prompts: list[str],
+                     decimals: int) -> int:
+    """Generation FLOPs, an upper bound: every row generates the grammar's longest steps."""
     from lvforecast.flops import Conventions, LoRASpec, generation_flops
     from lvforecast.planning import planning_shape
 
@@ -189,12 +194,23 @@ def _reserve(cfg: DictConfig, model_cfg: DictConfig, lora_cfg: DictConfig | None
     new_tokens = int(cfg.horizon_steps) * step_chars
     rows = [len(p) for p in prompts] * int(cfg.num_samples)  # character-level tokenizers: chars = tokens
     bs = int(cfg.batch_size)
-    plan = sum(generation_flops(shape, len(chunk), max(chunk), new_tokens, lora, Conventions(), kv_cache=True,
+    return sum(generation_flops(shape, len(chunk), max(chunk), new_tokens, lora, Conventions(), kv_cache=True,
                                 prefill_logits="last")
                for chunk in (rows[i : i + bs] for i in range(0, len(rows), bs)))
+
+
+def _reserve(cfg: DictConfig, model_cfg: DictConfig, lora_cfg: DictConfig | None, prompts: list[str],
+             decimals: int) -> dict[str, Any]:
+    """Reserve the generation FLOPs (:func:`_generation_plan`) as a ledger run; ``{}`` with the budget off."""
+    if not cfg.budget.enabled:
+        return {}
+    from lvforecast.budget import Ledger
+
+    plan = _generation_plan(cfg, model_cfg, lora_cfg, prompts, decimals)
     ledger = Ledger(cfg.budget.ledger_path, budget=cfg.budget.total_flops, journal_mode=cfg.budget.journal_mode)
     run_id = ledger.open_run(f"evaluate:{cfg.run_dir or model_cfg._target_.rsplit('.', 1)[-1]}", plan,
-                             sweep=cfg.get("sweep_name"), plan={"generate_upper_bound": plan, "rows": len(rows)})
+                             sweep=cfg.get("sweep_name"),
+                             plan={"generate_upper_bound": plan, "rows": len(prompts) * int(cfg.num_samples)})
     log.info("generation FLOPs reserved (upper bound): %.4e as run %d", plan, run_id)
     return {"ledger": ledger, "run_id": run_id}
 

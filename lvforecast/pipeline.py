@@ -199,17 +199,13 @@ def open_budget(cfg: DictConfig, datamodule: Any, out: Path) -> dict[str, Any]:
     import hashlib
 
     from lvforecast.budget import Ledger
-    from lvforecast.flops import Conventions, LoRASpec
-    from lvforecast.planning import plan_run, planning_shape
+    from lvforecast.planning import plan_config
 
     if not cfg.budget.enabled:
         if cfg.budget.dry_run:
             raise ValueError("budget.dry_run=true needs budget.enabled=true: there is no plan to print")
         return {}
-    shape = planning_shape(cfg.model)
-    lora = LoRASpec(rank=cfg.lora.r, targets=tuple(cfg.lora.target_modules), logit_bias=cfg.lora.train_logit_bias)
-    conventions = Conventions(**cfg.budget.conventions)
-    plan = plan_run(cfg, datamodule.val_batch_shapes(), shape, lora, conventions)
+    plan, shape, lora, conventions = plan_config(cfg, datamodule.val_batch_shapes())
     session: dict[str, Any] = {"plan": plan, "shape": shape, "lora": lora, "conventions": conventions}
     if cfg.budget.dry_run:
         ledger_path = Path(cfg.budget.ledger_path)

@@ -89,6 +89,16 @@ def test_a_trained_logit_bias_reaches_generation(sim_cache, tmp_path, monkeypatc
         evaluate(compose_eval([f"run_dir={run}", "max_systems=2", "baselines=[]"], tmp_path / "eval2", sim_cache))
 
 
+def test_dry_run_plans_the_reservation_without_loading(sim_cache, tmp_path):
+    overrides = ["model=tiny", "data=simulated", "max_systems=3", "baselines=[]"]
+    dry = evaluate(compose_eval(overrides + ["budget.dry_run=true"], tmp_path / "dry", sim_cache))
+    assert dry["dry_run"] and dry["plan"]["systems"] == 3 and dry["plan"]["generate_upper_bound"] > 0
+    assert not (tmp_path / "dry" / "ledger.sqlite").exists() and not (tmp_path / "dry" / "metrics.json").exists()
+    result = evaluate(compose_eval(overrides, tmp_path / "real", sim_cache))
+    (run,) = Ledger(tmp_path / "real" / "ledger.sqlite", budget=None).runs()
+    assert run["planned_flops"] == dry["plan"]["generate_upper_bound"] >= result["flops"]
+
+
 def test_missing_run_dir_parts_are_named(tmp_path):
     cfg = compose_eval([f"run_dir={tmp_path}"], tmp_path)
     with pytest.raises(ValueError, match=r"has no config.yaml.*has no split.json.*has no adapter"):

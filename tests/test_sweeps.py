@@ -109,7 +109,7 @@ def test_context_length_sweep_takes_lr_and_rank_from_best_from_or_overrides(tmp_
     cfg = compose_train(["sweep=context_length", "optim.lr=5e-5", "lora.r=2"])
     assert (cfg.optim.lr, cfg.lora.r) == (5e-5, 2)
     cfg = compose_train(["sweep=final", f"best_from={tmp_path / 'summary.csv'}"])
-    assert (cfg.optim.lr, cfg.lora.r, cfg.data.context_length, cfg.trainer.max_steps) == (1e-4, 8, 512, 15000)
+    assert (cfg.optim.lr, cfg.lora.r, cfg.data.context_length, cfg.trainer.max_steps) == (1e-4, 8, 512, 4000)
     cfg = compose_train(["sweep=context_length"])
     with pytest.raises(Exception, match=r"optim.lr is not set: pass best_from=PATH"):
         OmegaConf.to_container(cfg.optim, resolve=True)
