@@ -60,6 +60,22 @@ def main() -> None:
             texts.append(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
     t_b = time.perf_counter() - start
 
+    # Where the time goes: the prompt forward passes alone (no generation), batched as (a) and one by one as (b).
+    # (a) cannot be faster than its prefill, so t_b / prefill_a bounds the speed-up any decoding scheme reaches.
+    prompts = [encode(data[i, :args.context_steps], scales[i]) + STEP_SEP for i in range(args.systems)]
+    tok.padding_side = "left"
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, args.systems, args.batch_size):
+            batch = tok(prompts[i:i + args.batch_size], add_special_tokens=False, padding=True, return_tensors="pt")
+            model(**batch, logits_to_keep=1)
+    prefill_a = time.perf_counter() - start
+    start = time.perf_counter()
+    with torch.no_grad():
+        for prompt in prompts:
+            model(**tok(prompt, add_special_tokens=False, return_tensors="pt"), logits_to_keep=1)
+    prefill_b = time.perf_counter() - start
+
     parsed = agree = 0
     for i, text in enumerate(texts):
         values, n = decode(text, scales[i], 3)
@@ -75,6 +91,10 @@ def main() -> None:
           f"parse failures {res.parse_failures}, {res.new_tokens} new tokens, {res.flops:.3e} FLOPs")
     print(f"(b) per-series unconstrained generate(max_new_tokens={bound}): {t_b:7.2f} s  {fps_b:7.3f} forecasts/s")
     print(f"speed-up (a)/(b): {fps_a / fps_b:.1f}x (target >= 10x)")
+    print(f"prefill alone: batched {prefill_a:.2f} s ({prefill_a / t_a:.0%} of (a)), one by one {prefill_b:.2f} s "
+          f"({prefill_b / t_b:.0%} of (b)); decode part (a) {t_a - prefill_a:.2f} s vs (b) {t_b - prefill_b:.2f} s "
+          f"= {(t_b - prefill_b) / max(t_a - prefill_a, 1e-9):.1f}x")
+    print(f"ceiling on this machine, (b) / batched prefill: {t_b / prefill_a:.1f}x")
     print(f"(b) forecasts parsing to {args.horizon_steps} steps: {parsed}/{args.systems}; "
           f"greedy values equal to (a) on those: {agree}/{parsed}")
     print(f"first forecast (a): {res.texts[0][:60]}...")
