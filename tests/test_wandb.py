@@ -195,6 +195,11 @@ def test_multirun_jobs_get_their_own_runs_in_one_group(sim_cache, tmp_path):
         assert run.summary["val/loss"] == pytest.approx(info["final"]["val/loss"])
         assert run.config["run_info"]["parameters"]["trainable"] == info["parameters"]["trainable"]
     assert "W&B: offline run (logger.wandb.mode=auto and no W&B API key is configured)" in proc.stdout + proc.stderr
+    # The multirun's summary is a third run in the same group, written into the sweep directory.
+    (summary_dir,) = offline_runs(sweep)
+    summary = read_run_file(summary_dir)
+    assert (summary.group, summary.job_type) == ("wbtest", "sweep-summary")
+    assert summary.run_id not in {r.run_id for r in runs.values()}
 
 
 def test_sweep_summary_is_one_run_in_the_sweeps_group(tmp_path):
