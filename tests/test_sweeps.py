@@ -59,6 +59,18 @@ def test_sweep_group_serves_multirun_sweeps_files():
     assert compose_train(["sweep=lr_rank", "trainer.max_steps=7"]).trainer.max_steps == 7
 
 
+def test_sweep_directory_is_found_only_beside_an_lvforecast_conf(tmp_path, monkeypatch):
+    from hydra_plugins.lvforecast_sweeps.sweep_source import sweeps_dir
+
+    monkeypatch.delenv("LVFORECAST_SWEEPS_DIR", raising=False)
+    assert sweeps_dir(CONF) == ROOT / "multirun_sweeps"
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "multirun_sweeps").mkdir()
+    assert sweeps_dir(tmp_path / "conf") is None  # another Hydra app: no train.py beside its conf/
+    monkeypatch.setenv("LVFORECAST_SWEEPS_DIR", str(tmp_path / "multirun_sweeps"))
+    assert sweeps_dir(CONF) == tmp_path / "multirun_sweeps"
+
+
 def test_slurm_launcher_config():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",

@@ -3,8 +3,9 @@
 The study's sweep definitions live beside ``train.py`` in ``multirun_sweeps/`` (one file per study), not in
 ``conf/``. Hydra maps config groups to directories of a search-path root, so a plain ``file://`` entry would
 make them primary configs; this source presents that directory as the single group ``sweep`` instead, and
-the search-path plugin adds it to lvforecast's own apps (the ones whose primary config directory is the
-repository's ``conf/``), so ``python train.py -m sweep=lr_rank`` works from any working directory.
+the search-path plugin adds it to lvforecast's own apps (the ones whose primary config directory is a
+checkout's ``conf/``, beside ``train.py``), so ``python train.py -m sweep=lr_rank`` works from any working
+directory, with an editable or a regular install.
 
 ``LVFORECAST_SWEEPS_DIR`` points at another directory of sweep files.
 """
@@ -21,12 +22,20 @@ from hydra.plugins.search_path_plugin import SearchPathPlugin
 from omegaconf import OmegaConf
 
 GROUP = "sweep"
-REPO = Path(__file__).resolve().parents[2]
 
 
-def sweeps_dir() -> Path:
-    """The directory whose ``*.yaml`` files are the ``sweep`` group's options."""
-    return Path(os.environ.get("LVFORECAST_SWEEPS_DIR", REPO / "multirun_sweeps")).resolve()
+def sweeps_dir(conf_dir: Path) -> Path | None:
+    """The sweep directory of the lvforecast checkout whose ``conf/`` is ``conf_dir``, or None for other apps.
+
+    ``LVFORECAST_SWEEPS_DIR`` overrides it. Otherwise it is ``multirun_sweeps/`` beside ``conf/``, when that
+    directory also holds ``train.py`` (so other Hydra apps in the same environment are left alone).
+    """
+    if os.environ.get("LVFORECAST_SWEEPS_DIR"):
+        return Path(os.environ["LVFORECAST_SWEEPS_DIR"]).resolve()
+    root = conf_dir.parent
+    if conf_dir.name == "conf" and (root / "train.py").is_file() and (root / "multirun_sweeps").is_dir():
+        return (root / "multirun_sweeps").resolve()
+    return None
 
 
 class SweepsConfigSource(ConfigSource):
@@ -71,9 +80,16 @@ class SweepsConfigSource(ConfigSource):
 
 
 class SweepsSearchPath(SearchPathPlugin):
-    """Add the sweep directory to the search path of apps whose config directory is this repo's ``conf/``."""
+    """Add the sweep directory to the search path of lvforecast's apps (primary config directory ``conf/``)."""
 
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
-        conf = str(REPO / "conf")
-        if any(element.path in (conf, f"file://{conf}") for element in search_path.get_path()):
-            search_path.append(provider="lvforecast-sweeps", path=f"lvsweeps://{sweeps_dir()}")
+        for element in search_path.get_path():
+            if element.provider != "main" or not element.path:
+                continue
+            path = element.path[len("file://"):] if element.path.startswith("file://") else element.path
+            if "://" in path:
+                continue
+            directory = sweeps_dir(Path(path))
+            if directory is not None:
+                search_path.append(provider="lvforecast-sweeps", path=f"lvsweeps://{directory}")
+                return
