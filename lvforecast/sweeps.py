@@ -259,8 +259,9 @@ def plan_jobs(jobs: list[tuple[list[str], DictConfig]]) -> list[dict[str, Any]]:
 
 
 def _model_name(cfg: DictConfig) -> str:
-    """A short model label for tables: the model config's name, else its loader."""
-    return str(cfg.model.get("name") or cfg.model.get("name_or_path") or cfg.model._target_.rsplit(".", 1)[-1])
+    """A short model label for tables: the chosen ``model`` option (e.g. ``smollm2-135m``), else the loader."""
+    choice = OmegaConf.select(cfg, "hydra.runtime.choices.model", default=None)
+    return str(choice or cfg.model.get("name_or_path") or cfg.model._target_.rsplit(".", 1)[-1])
 
 
 def ledger_remaining(path: str, budget: int) -> int:
