@@ -351,7 +351,8 @@ def summarize_sweep(sweep_dir: Path, jobs: list[list[str]] | None = None) -> lis
     sweep_dir.mkdir(parents=True, exist_ok=True)
     _write_csv(sweep_dir / SUMMARY_CSV, rows)
     (sweep_dir / SUMMARY_MD).write_text(format_summary(rows, keys, sweep_dir))
-    _plot_curves(sweep_dir / CURVES_PNG, curves, best, sweep_dir.name)
+    labels = {r["job"]: f"job {r['job']}: " + ", ".join(f"{k.rsplit('.', 1)[-1]}={r[k]}" for k in keys) for r in rows}
+    _plot_curves(sweep_dir / CURVES_PNG, curves, labels, best, f"{sweep_dir.parent.name}/{sweep_dir.name}")
     return rows
 
 
@@ -459,7 +460,8 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def _plot_curves(path: Path, curves: dict[int, list[tuple[int, float]]], best: int | None, title: str) -> None:
+def _plot_curves(path: Path, curves: dict[int, list[tuple[int, float]]], labels: dict[int, str], best: int | None,
+                 title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -469,7 +471,7 @@ def _plot_curves(path: Path, curves: dict[int, list[tuple[int, float]]], best: i
     for num, points in sorted(curves.items()):
         steps, values = zip(*points, strict=True)
         ax.plot(steps, values, marker="o", ms=3, lw=2.5 if num == best else 1.2,
-                label=f"job {num}" + (" (best)" if num == best else ""))
+                label=labels.get(num, f"job {num}") + (" (best)" if num == best else ""))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(f"validation loss per job: {title}")

@@ -203,6 +203,12 @@ def test_tiny_lr_rank_sweep_writes_a_nine_row_summary(sim_cache, tmp_path):
     assert "| optim.lr \\ lora.r | 2 | 4 | 8 |" in md and md.count("(best)") == 1
     assert (sweep / "val_loss_curves.png").stat().st_size > 10_000
     assert len(read_rows(sweep / "plan.csv")) == 9
+    # The summary can be rebuilt from the job directories alone (e.g. after the parent process died).
+    from lvforecast.sweeps import main as sweeps_cli
+
+    before = (sweep / "summary.csv").read_text()
+    (sweep / "summary.csv").unlink()
+    assert sweeps_cli(["summarize", str(sweep)]) == 0 and (sweep / "summary.csv").read_text() == before
     # The next sweep reads the winner from this one.
     best = rows[[r["best"] for r in rows].index("True")]
     cfg = compose_train(["sweep=context_length", f"best_from={sweep}"])
