@@ -685,6 +685,14 @@ class Ledger:
 # -- report rendering -----------------------------------------------------------------------------------------
 
 
+def remaining_in(path: str | os.PathLike[str], budget: float) -> int:
+    """What the ledger at ``path`` has left (:meth:`Ledger.remaining`), or ``budget`` when it does not exist yet.
+
+    Reads only: a missing ledger is not created (dry runs and pre-flight checks leave no file behind).
+    """
+    return Ledger(path, budget=None).remaining() if Path(path).is_file() else int(float(budget))
+
+
 def _run_label(row: dict[str, Any]) -> str:
     return f"#{row['id']} {row['name']}"
 

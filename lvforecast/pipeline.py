@@ -198,8 +198,8 @@ def open_budget(cfg: DictConfig, datamodule: Any, out: Path) -> dict[str, Any]:
     """
     import hashlib
 
-    from lvforecast.budget import Ledger
-    from lvforecast.planning import plan_config
+    from lvforecast.budget import Ledger, remaining_in
+    from lvforecast.planning import plan_config, reserved_flops
 
     if not cfg.budget.enabled:
         if cfg.budget.dry_run:
@@ -208,15 +208,14 @@ def open_budget(cfg: DictConfig, datamodule: Any, out: Path) -> dict[str, Any]:
     plan, shape, lora, conventions = plan_config(cfg, datamodule.val_batch_shapes())
     session: dict[str, Any] = {"plan": plan, "shape": shape, "lora": lora, "conventions": conventions}
     if cfg.budget.dry_run:
-        ledger_path = Path(cfg.budget.ledger_path)
-        remaining = Ledger(ledger_path, budget=None).remaining() if ledger_path.is_file() else cfg.budget.total_flops
+        remaining = remaining_in(cfg.budget.ledger_path, cfg.budget.total_flops)
         log.info("FLOP plan (dry run, no weights loaded): %s; ledger %s has %.4e remaining -> %s",
-                 plan.describe(), ledger_path, remaining, "fits" if plan.total <= remaining else "WOULD BE REFUSED")
+                 plan.describe(), cfg.budget.ledger_path, remaining,
+                 "fits" if plan.total <= remaining else "WOULD BE REFUSED")
         return session
     ledger = Ledger(cfg.budget.ledger_path, budget=cfg.budget.total_flops, journal_mode=cfg.budget.journal_mode)
     config_hash = hashlib.sha256(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest()[:16]
-    cap = cfg.budget.run_cap_flops
-    reserve = plan.total if cap is None else int(cap)
+    reserve = reserved_flops(cfg, plan)
     name = cfg.budget.run_name or _hydra_overrides() or out.name
     run_id = ledger.open_run(name, reserve, sweep=cfg.get("sweep_name"), config_hash=config_hash, plan=plan.as_dict())
     log.info("FLOP plan: %s; reserved %.4e as run %d in %s", plan.describe(), reserve, run_id, ledger.path)

@@ -110,6 +110,12 @@ def plan_run(cfg: DictConfig, val_batch_shapes: list[tuple[int, int]], shape: Mo
                 next_step_shape=(batch, context))
 
 
+def reserved_flops(cfg: DictConfig, plan: Plan) -> int:
+    """What a run reserves in the ledger: its plan, or ``budget.run_cap_flops`` when that is set."""
+    cap = cfg.budget.run_cap_flops
+    return plan.total if cap is None else int(cap)
+
+
 def plan_config(cfg: DictConfig, val_batch_shapes: list[tuple[int, int]]) -> tuple[Plan, ModelShape, LoRASpec,
                                                                                  Conventions]:
     """The plan of a composed training config, with the shape, LoRA spec and conventions it was made with."""

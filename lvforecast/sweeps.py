@@ -58,6 +58,8 @@ def best_from(path: Any, key: str) -> Any:
     Raises:
         ValueError: No path, no summary there, no finished job with a validation loss, or an unknown key.
     """
+    from lvforecast.utils import parse_cell
+
     if path is None or str(path) in ("", "None", "null"):
         raise ValueError(f"{key} is not set: pass best_from=PATH (a finished sweep directory or its {SUMMARY_CSV}) "
                          f"or set {key}=... explicitly")
@@ -74,21 +76,7 @@ def best_from(path: Any, key: str) -> Any:
     if not scored:
         raise ValueError(f"best_from={str(path)!r}: no finished job with a validation loss in {file}")
     best = min(scored, key=lambda r: float(r["final_val_loss"]))
-    return _parse_scalar(best[key])
-
-
-def _parse_scalar(text: str) -> Any:
-    """A CSV cell back to int, float, bool or str (as YAML would read it)."""
-    value = OmegaConf.create({"v": text}).v if text not in ("", None) else None
-    if isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            try:
-                return float(value)
-            except ValueError:
-                return value
-    return value
+    return parse_cell(best[key])
 
 
 if not OmegaConf.has_resolver(RESOLVER):
@@ -230,7 +218,7 @@ def plan_jobs(jobs: list[tuple[list[str], DictConfig]]) -> list[dict[str, Any]]:
     from hydra.utils import instantiate
 
     from lvforecast.pipeline import validate_train_config
-    from lvforecast.planning import plan_config
+    from lvforecast.planning import plan_config, reserved_flops
 
     shapes: dict[str, list[tuple[int, int]]] = {}
     rows = []
@@ -250,9 +238,7 @@ def plan_jobs(jobs: list[tuple[list[str], DictConfig]]) -> list[dict[str, Any]]:
             datamodule.prepare_texts()
             shapes[key] = datamodule.val_batch_shapes()
         plan = plan_config(cfg, shapes[key])[0]
-        cap = cfg.budget.run_cap_flops
-        rows.append({"job": num, **settings, "overrides": " ".join(job),
-                     "planned_flops": plan.total if cap is None else int(cap),
+        rows.append({"job": num, **settings, "overrides": " ".join(job), "planned_flops": reserved_flops(cfg, plan),
                      "ledger": str(Path(cfg.budget.ledger_path).resolve()),
                      "budget": int(float(cfg.budget.total_flops)), "dry_run": bool(cfg.budget.dry_run)})
     return rows
@@ -264,15 +250,10 @@ def _model_name(cfg: DictConfig) -> str:
     return str(choice or cfg.model.get("name_or_path") or cfg.model._target_.rsplit(".", 1)[-1])
 
 
-def ledger_remaining(path: str, budget: int) -> int:
-    """What a ledger has left (its stored budget minus charges and live reservations); ``budget`` if new."""
-    from lvforecast.budget import Ledger
-
-    return Ledger(path, budget=None).remaining() if path and Path(path).is_file() else budget
-
-
 def format_plan(rows: list[dict[str, Any]]) -> tuple[str, bool]:
     """The pre-flight table (markdown, each job's resolved settings) and whether every ledger covers its jobs."""
+    from lvforecast.budget import remaining_in
+
     keys = ["model", *STUDY_KEYS]
     lines = ["", "FLOP plan of the multirun (no weights loaded):", "",
              "| job | " + " | ".join(keys) + " | planned FLOPs | cumulative |",
@@ -287,7 +268,7 @@ def format_plan(rows: list[dict[str, Any]]) -> tuple[str, bool]:
     for ledger in sorted({r["ledger"] for r in rows if r["ledger"]}):
         mine = [r for r in rows if r["ledger"] == ledger]
         total = sum(r["planned_flops"] for r in mine)
-        remaining = ledger_remaining(ledger, mine[0]["budget"])
+        remaining = remaining_in(ledger, mine[0]["budget"])
         ok = total <= remaining
         fits &= ok
         lines.append(f"total {total:.4e} FLOPs for {len(mine)} jobs; ledger {ledger} has {remaining:.4e} left "
@@ -488,10 +469,8 @@ def _log_summary_to_wandb(config: DictConfig, sweep_dir: Path) -> None:
     logger_cfg = config.get("logger") or {}
     if "wandb" not in logger_cfg:
         return
-    try:
-        from lvforecast.tracking import log_sweep_summary
-    except ImportError:  # pragma: no cover - tracking ships with the package
-        return
+    from lvforecast.tracking import log_sweep_summary
+
     log_sweep_summary(logger_cfg.wandb, sweep_dir, config.get("sweep_name"))
 
 

@@ -24,7 +24,8 @@ import netrc
 import os
 import struct
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,6 +209,20 @@ def finish_wandb(loggers: Iterable[Any], exit_code: int = 0) -> None:
             lg._experiment = None
 
 
+@contextmanager
+def _one_run(node: Any, **overrides: Any) -> Iterator[Any]:
+    """Instantiate the ``logger.wandb`` node, yield its W&B run, and finish it (failed if the block raised)."""
+    from hydra.utils import instantiate
+
+    lg = instantiate(node, **overrides)
+    ok = False
+    try:
+        yield lg.experiment
+        ok = True
+    finally:
+        finish_wandb([lg], exit_code=0 if ok else 1)
+
+
 def evaluation_table(summary: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """Model vs baselines in encoded units: one row per method, mean and median MSE/MAE/MAPE per variable.
 
@@ -255,7 +270,6 @@ def log_evaluation(cfg: Any, output_dir: str | Path, summary: Mapping[str, Any],
     Returns:
         The W&B run id, or None when W&B is not configured.
     """
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     loggers = cfg.get("logger")
@@ -264,10 +278,7 @@ def log_evaluation(cfg: Any, output_dir: str | Path, summary: Mapping[str, Any],
         return None
     import wandb
 
-    lg = instantiate(node)
-    ok = False
-    try:
-        run = lg.experiment
+    with _one_run(node) as run:
         run.config.update(OmegaConf.to_container(cfg, resolve=True), allow_val_change=True)
         columns, rows = evaluation_table(summary)
         headline = evaluation_headline(summary)
@@ -275,26 +286,9 @@ def log_evaluation(cfg: Any, output_dir: str | Path, summary: Mapping[str, Any],
                  "eval/model_vs_baselines": wandb.Table(columns=columns, data=rows)})
         run.summary.update(headline)
         run_id = run.id
-        ok = True
-    finally:
-        finish_wandb([lg], exit_code=0 if ok else 1)
     log.info("W&B: evaluation of %s logged as run %s", output_dir, run_id)
     return run_id
 
-
-
-def _cell(text: str) -> Any:
-    """A CSV cell as the value it spells: int, float, bool, None (empty) or the text."""
-    if text == "":
-        return None
-    if text in ("True", "False"):
-        return text == "True"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def log_sweep_summary(wandb_cfg: Any, sweep_dir: str | Path, sweep_name: str | None) -> str | None:
@@ -313,7 +307,7 @@ def log_sweep_summary(wandb_cfg: Any, sweep_dir: str | Path, sweep_name: str | N
     """
     import csv
 
-    from hydra.utils import instantiate
+    from lvforecast.utils import parse_cell
 
     sweep_dir = Path(sweep_dir)
     table_file, curves = sweep_dir / "summary.csv", sweep_dir / "val_loss_curves.png"
@@ -323,11 +317,8 @@ def log_sweep_summary(wandb_cfg: Any, sweep_dir: str | Path, sweep_name: str | N
 
     with open(table_file, newline="") as fh:
         header, *rows = list(csv.reader(fh))
-    data = [[_cell(c) for c in row] for row in rows]
-    lg = instantiate(wandb_cfg, save_dir=str(sweep_dir), job_type="sweep-summary", group=sweep_name)
-    ok = False
-    try:
-        run = lg.experiment
+    data = [[parse_cell(c) for c in row] for row in rows]
+    with _one_run(wandb_cfg, save_dir=str(sweep_dir), job_type="sweep-summary", group=sweep_name) as run:
         run.config.update({"sweep_name": sweep_name, "sweep_dir": str(sweep_dir), "jobs": len(data)},
                           allow_val_change=True)
         payload: dict[str, Any] = {"sweep/summary": wandb.Table(columns=header, data=data, allow_mixed_types=True)}
@@ -340,11 +331,9 @@ def log_sweep_summary(wandb_cfg: Any, sweep_dir: str | Path, sweep_name: str | N
             run.summary.update({"sweep/best_job": best[0].get("job"),
                                 "sweep/best_final_val_loss": best[0].get("final_val_loss")})
         run_id = run.id
-        ok = True
-    finally:
-        finish_wandb([lg], exit_code=0 if ok else 1)
     log.info("W&B: sweep summary of %s logged as run %s", sweep_dir, run_id)
     return run_id
+
 
 # The .wandb transaction log: a 7-byte header (":W&B", magic 0xBEE1, version 0), then LevelDB-log framing (32 KiB
 # blocks of records: crc32 of type + data, uint16 length, uint8 type) around serialized wandb Record protobufs.

@@ -60,6 +60,20 @@ def environment_record() -> dict[str, Any]:
     }
 
 
+def parse_cell(text: str) -> Any:
+    """A CSV cell as the value it spells: int, float, bool, None (empty) or the text."""
+    if text == "":
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[int, float]]]:
     """Read Lightning's sparse metrics CSV into ``{metric: [(step, value), ...]}``."""
     series: dict[str, list[tuple[int, float]]] = {}
