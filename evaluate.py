@@ -6,7 +6,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from lvforecast.evaluation import evaluate
+from lvforecast.experiment.evaluate import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")

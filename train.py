@@ -8,8 +8,8 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from lvforecast.pipeline import train
-from lvforecast.sweeps import run_recorded
+from lvforecast.experiment.sweeps import run_recorded
+from lvforecast.experiment.train import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

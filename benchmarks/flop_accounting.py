@@ -25,15 +25,17 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from lvforecast.budget import Ledger
-from lvforecast.callbacks import FlopBudget
-from lvforecast.data import LotkaVolterraDataModule
-from lvforecast.flops import Conventions, LoRASpec, shape_of
-from lvforecast.lora import apply_lora
-from lvforecast.models import build_tiny_qwen
-from lvforecast.module import LoRAForecaster
-from lvforecast.simulate import simulate_systems
-from lvforecast.trajectories import write_trajectories
+from lvforecast.budget.callback import FlopBudget
+from lvforecast.budget.formulas import Conventions, LoRASpec, shape_of
+from lvforecast.budget.ledger import Ledger
+from lvforecast.budget.planning import Plan
+from lvforecast.budget.reservation import Reservation
+from lvforecast.data.datamodule import LotkaVolterraDataModule
+from lvforecast.data.simulate import simulate_systems
+from lvforecast.data.trajectories import write_trajectories
+from lvforecast.model.loading import build_tiny_qwen
+from lvforecast.model.lora import apply_lora
+from lvforecast.model.module import LoRAForecaster, constant_schedule
 
 
 class TimedFlopBudget(FlopBudget):
@@ -88,15 +90,17 @@ def fit_once(data_path: Path, steps: int, warmup: int, with_budget: bool, workdi
                                  scale_context_steps=80, pinned_test_systems=[])
     dm.setup("fit")
     module = LoRAForecaster(apply_lora(loaded.model, r=4), optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
-                            grad_norm_every_n_steps=0)
+                            scheduler=constant_schedule, train_logit_bias=False, grad_norm_every_n_steps=0)
     timer = StepTimer(warmup)
     callbacks: list[pl.Callback] = [timer]
     if with_budget:
         ledger = TimedLedger(workdir / f"ledger-{time.time_ns()}.sqlite")
         TimedLedger.charge_seconds = 0.0
-        run_id = ledger.open_run("bench", 10**15)
-        budget_cb = TimedFlopBudget(ledger, run_id, 10**15, shape_of(loaded.model), LoRASpec(rank=4),
-                                    Conventions(), (4, 96), 0)
+        plan = Plan(train_step=0, steps=steps, validation_pass=0, validations=0, sanity=0, evaluation=0,
+                    next_step_shape=(4, 96))
+        reservation = Reservation.open(ledger, "bench", plan, shape_of(loaded.model), LoRASpec(rank=4), Conventions(),
+                                       reserve=10**15)
+        budget_cb = TimedFlopBudget(reservation, mode="enforce", commit_every_n_steps=10, commit_min_interval_s=1.0)
         callbacks.append(budget_cb)
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -137,7 +141,7 @@ def main() -> None:
     print(f"accounting overhead = {100 * overhead:.2f}% of the baseline step time (target < 1%)"
           + ("" if overhead < 0.01 else "  WARNING: above target"))
 
-    cmd = [sys.executable, "-m", "lvforecast.flops", "--model", "qwen2.5-0.5b", "--seq-len", "512", "--batch", "4"]
+    cmd = [sys.executable, "-m", "lvforecast.budget.formulas", "--model", "qwen2.5-0.5b", "--seq-len", "512", "--batch", "4"]
     times = []
     for _ in range(3):
         start = time.perf_counter()

@@ -1,6 +1,6 @@
 """Benchmark: batched constrained KV-cache forecasting vs per-series unconstrained ``generate`` (SmolLM2-135M).
 
-(a) :func:`lvforecast.forecast.forecast` over all systems, batched, left-padded, grammar-constrained, greedy.
+(a) :func:`lvforecast.evaluation.forecast.forecast` over all systems, batched, left-padded, grammar-constrained, greedy.
 (b) One ``model.generate`` per series, no constraint, greedy, a fixed ``max_new_tokens`` equal to the
     constrained bound, no stopping criteria (the usual naive loop).
 
@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from transformers import GenerationConfig
 
-from lvforecast.encoding import STEP_SEP, decode, encode
-from lvforecast.forecast import Grammar, forecast, max_new_tokens_bound
-from lvforecast.models import load_smollm2
-from lvforecast.simulate import simulate_systems
+from lvforecast.data.encoding import STEP_SEP, decode, encode
+from lvforecast.data.simulate import simulate_systems
+from lvforecast.evaluation.forecast import Grammar, forecast, max_new_tokens_bound
+from lvforecast.model.loading import load_smollm2
 
 
 def main() -> None:

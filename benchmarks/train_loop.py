@@ -65,7 +65,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from lvforecast.module import LoRAForecaster, token_loss_sum
+from lvforecast.model.module import LoRAForecaster, constant_schedule, token_loss_sum
 
 TARGET_RATIO = 0.97
 
@@ -160,7 +160,7 @@ def load_base(model: str, seed: int, smollm2_cache: str) -> tuple[Any, Any, str]
     Returns:
         ``(model, tokenizer, name)``.
     """
-    from lvforecast.models import build_tiny_qwen, load_smollm2
+    from lvforecast.model.loading import build_tiny_qwen, load_smollm2
 
     if model == "smollm2":
         loaded = load_smollm2(smollm2_cache, dtype="float32")
@@ -171,7 +171,7 @@ def load_base(model: str, seed: int, smollm2_cache: str) -> tuple[Any, Any, str]
 
 def make_peft(base: Any, seed: int, lora_r: int) -> Any:
     """A fresh LoRA model on a copy of ``base``; the adapter init is seeded, so every call is identical."""
-    from lvforecast.lora import apply_lora
+    from lvforecast.model.lora import apply_lora
 
     model = copy.deepcopy(base)
     torch.manual_seed(seed)
@@ -196,9 +196,9 @@ def make_batches(
         seed: Seeds the simulation and the window order.
         n_systems: Systems to simulate.
     """
-    from lvforecast.data import PadCollator, build_windows, encode_series
-    from lvforecast.encoding import STUDY_DECIMALS, ScaleRule
-    from lvforecast.simulate import simulate_systems
+    from lvforecast.data.datamodule import PadCollator, build_windows, encode_series
+    from lvforecast.data.encoding import STUDY_DECIMALS, ScaleRule
+    from lvforecast.data.simulate import simulate_systems
 
     traj = simulate_systems(n_systems=n_systems, seed=seed)
     encoded = encode_series(traj.values, list(range(n_systems)), tokenizer, ScaleRule(), STUDY_DECIMALS,
@@ -391,7 +391,7 @@ def run_lockstep(
         return loss.item()
 
     module = LoRAForecaster(make_peft(base, seed, lora_r), optimizer=functools.partial(torch.optim.Adam, lr=lr),
-                            grad_norm_every_n_steps=0)
+                            scheduler=constant_schedule, train_logit_bias=False, grad_norm_every_n_steps=0)
     pair = _Lockstep(bare_step)
     trainer = pl.Trainer(
         max_steps=len(batches), max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -295,7 +295,7 @@ def log_sweep_summary(wandb_cfg: Any, sweep_dir: str | Path, sweep_name: str | N
     """Log a finished sweep's ``summary.csv`` (as a table) and ``val_loss_curves.png`` as one W&B run.
 
     The run has job type ``sweep-summary``, is in the sweep's group and lives in ``<sweep_dir>/wandb/``; its
-    summary holds the best job and its final validation loss. Called by :class:`lvforecast.sweeps.SweepSummary`.
+    summary holds the best job and its final validation loss. Called by :class:`lvforecast.experiment.sweeps.SweepSummary`.
 
     Args:
         wandb_cfg: The multirun's ``logger.wandb`` node (None or a node without ``_target_``: nothing is logged).

@@ -14,10 +14,11 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 
 
-def instantiate_list(group: DictConfig | None, **kwargs: Any) -> list[Any]:
+def instantiate_list(group: DictConfig | None, exclude: tuple[str, ...] = (), **kwargs: Any) -> list[Any]:
     """Instantiate each entry of a named map that has a ``_target_``; entries without one are skipped.
 
-    That makes ``callbacks=none`` or a logger switched off by ``logger.wandb=null`` free.
+    That makes ``callbacks=none`` or a logger switched off by ``logger.wandb=null`` free. Keys in ``exclude``
+    are left for the caller (a ``_partial_`` node it completes itself).
     """
     from hydra.utils import instantiate
 
@@ -25,7 +26,8 @@ def instantiate_list(group: DictConfig | None, **kwargs: Any) -> list[Any]:
         return []
     if not isinstance(group, DictConfig):
         raise TypeError(f"expected a named map of _target_ nodes, got {type(group).__name__}")
-    nodes = [node for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
+    nodes = [node for key, node in group.items()
+             if key not in exclude and isinstance(node, DictConfig) and "_target_" in node]
     return [instantiate(node, **kwargs) for node in nodes]
 
 

@@ -16,8 +16,8 @@ REAL_DATA = ROOT.parent / "shared" / "data" / "lotka_volterra_data.h5"
 @pytest.fixture(scope="session")
 def sim_cache(tmp_path_factory) -> Path:
     """A cache dir holding one simulated 1000-system file (the size the pinned test ids need)."""
-    from lvforecast.simulate import simulate_systems
-    from lvforecast.trajectories import write_trajectories
+    from lvforecast.data.simulate import simulate_systems
+    from lvforecast.data.trajectories import write_trajectories
 
     cache = tmp_path_factory.mktemp("cache")
     traj = simulate_systems(n_systems=1000, seed=0)
@@ -31,7 +31,7 @@ def smollm2_dir(tmp_path_factory) -> Path:
     """The dequantized SmolLM2 directory, made once per session (~20 s) unless $LVFORECAST_CACHE has it."""
     import os
 
-    from lvforecast.models import load_smollm2
+    from lvforecast.model.loading import load_smollm2
 
     root = os.environ.get("LVFORECAST_CACHE")
     cache = (Path(root) if root else tmp_path_factory.mktemp("cache")) / "smollm2-135m"

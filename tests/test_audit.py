@@ -5,10 +5,18 @@ import pytest
 import torch
 from torch import nn
 
-from lvforecast.audit import FlopAudit, audit_forward, compare, price
-from lvforecast.flops import BUILTIN, PROJECTIONS, Conventions, LoRASpec, forward_flops, generation_flops, shape_of
-from lvforecast.lora import LogitBias, apply_lora
-from lvforecast.models import build_tiny_qwen, load_smollm2
+from lvforecast.budget.audit import FlopAudit, audit_forward, compare, price
+from lvforecast.budget.formulas import (
+    BUILTIN,
+    PROJECTIONS,
+    Conventions,
+    LoRASpec,
+    forward_flops,
+    generation_flops,
+    shape_of,
+)
+from lvforecast.model.loading import build_tiny_qwen, load_smollm2
+from lvforecast.model.lora import LogitBias, apply_lora
 
 IMPLEMENTED = Conventions.as_implemented()
 
@@ -95,7 +103,7 @@ def test_tiny_qwen_padded_batch_and_logits_to_keep(tiny):
 
 
 def test_tiny_qwen_with_lora_logit_bias_and_loss(tiny):
-    from lvforecast.module import token_loss_sum
+    from lvforecast.model.module import token_loss_sum
 
     shape = shape_of(tiny)
     model = apply_lora(tiny, r=3, target_modules=("q_proj", "v_proj", "down_proj"))
@@ -171,7 +179,7 @@ def smollm2(smollm2_dir):
 
 @pytest.mark.smollm2
 def test_smollm2_audit_equals_analytic_with_and_without_lora(smollm2):
-    from lvforecast.module import token_loss_sum
+    from lvforecast.model.module import token_loss_sum
 
     shape = shape_of(smollm2)
     assert shape == BUILTIN["smollm2-135m"]

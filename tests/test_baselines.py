@@ -7,9 +7,9 @@ import time as _time
 import numpy as np
 import pytest
 
-from lvforecast.baselines import BASELINES, ar, persistence, rm_fit, var_log
-from lvforecast.metrics import per_system_metrics
-from lvforecast.simulate import simulate_systems
+from lvforecast.data.simulate import simulate_systems
+from lvforecast.evaluation.baselines import BASELINES, ar, persistence, rm_fit, var_log
+from lvforecast.evaluation.metrics import per_system_metrics
 
 TIME = np.linspace(0.0, 200.0, 100)
 TC, H = 80, 20
@@ -73,7 +73,7 @@ def test_rm_fit_forecasts_simulated_systems(sim) -> None:
 
 
 def test_rm_fit_falls_back_to_persistence_on_failure(monkeypatch) -> None:
-    import lvforecast.baselines as bl
+    import lvforecast.evaluation.baselines as bl
 
     def boom(*args, **kwargs):
         raise RuntimeError("no fit")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lvforecast.behaviour import CLASSES, STUDY_EXAMPLES, class_counts, classify, classify_all
+from lvforecast.evaluation.behaviour import CLASSES, STUDY_EXAMPLES, class_counts, classify, classify_all
 
 REAL_FILE = Path(__file__).resolve().parents[2] / "shared/data/lotka_volterra_data.h5"
 TIME = np.linspace(0.0, 200.0, 100)
@@ -17,7 +17,7 @@ TIME = np.linspace(0.0, 200.0, 100)
 def real():
     if not REAL_FILE.exists():
         pytest.skip(f"study data file not found at {REAL_FILE}")
-    from lvforecast.trajectories import load_trajectories
+    from lvforecast.data.trajectories import load_trajectories
 
     return load_trajectories(REAL_FILE)
 

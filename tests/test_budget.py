@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from lvforecast import budget as budget_mod
-from lvforecast.budget import BudgetExceededError, Ledger, main
+from lvforecast.budget import ledger as budget_mod
+from lvforecast.budget.ledger import BudgetExceededError, Ledger, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,7 +162,7 @@ def test_finish_releases_the_reservation(tmp_path):
 def test_charge_past_reservation_is_recorded_and_warned(tmp_path, caplog):
     ledger = _ledger(tmp_path, budget=1000)
     a = ledger.open_run("a", 100)
-    with caplog.at_level("WARNING", logger="lvforecast.budget"):
+    with caplog.at_level("WARNING", logger="lvforecast.budget.ledger"):
         ledger.charge(a, "train", 150)
     assert "past its reservation" in caplog.text
     assert ledger.run_spent(a) == 150
@@ -253,7 +253,7 @@ def test_racing_processes_never_exceed_the_budget(tmp_path):
 
 _CHILD = textwrap.dedent("""
     import sys, time
-    from lvforecast.budget import Ledger
+    from lvforecast.budget.ledger import Ledger
     ledger = Ledger(sys.argv[1], budget=None)
     run = ledger.open_run("victim", 900_000, sweep="crash")
     for _ in range(3):
@@ -431,14 +431,14 @@ def test_cli_default_path_show_reconcile_and_missing_ledger(tmp_path, capsys, mo
 
 def test_module_entry_point(tmp_path):
     ledger = _small_study(tmp_path)
-    out = subprocess.run([sys.executable, "-m", "lvforecast.budget", "show", "--ledger", str(ledger.path)],
+    out = subprocess.run([sys.executable, "-m", "lvforecast.budget.ledger", "show", "--ledger", str(ledger.path)],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "final" in out.stdout and "remaining 2.50e+02" in out.stdout
 
 
 def test_chart_labels_drop_overrides_every_run_shares():
-    from lvforecast.budget import _chart_labels
+    from lvforecast.budget.ledger import _chart_labels
 
     runs = [{"id": i, "name": f"model=tiny,lora.r={r},optim.lr=0.01", "sweep": "s"} for i, r in ((1, 2), (2, 8))]
     assert _chart_labels(runs) == ["#1 lora.r=2 [s]", "#2 lora.r=8 [s]"]

@@ -5,10 +5,10 @@ import json
 import pytest
 from conftest import TINY_RUN, compose_train
 
-from lvforecast.budget import BudgetExceededError, Ledger
-from lvforecast.flops import Conventions, LoRASpec, forward_flops
-from lvforecast.pipeline import train
-from lvforecast.planning import planning_shape
+from lvforecast.budget.formulas import Conventions, LoRASpec, forward_flops
+from lvforecast.budget.ledger import BudgetExceededError, Ledger
+from lvforecast.budget.planning import planning_shape
+from lvforecast.experiment.train import train
 
 RUN = TINY_RUN + ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=2"]
 
@@ -64,12 +64,12 @@ def test_stops_one_step_before_overspending_and_never_after(sim_cache, tmp_path)
 
 
 def test_refused_run_loads_no_model(sim_cache, tmp_path, monkeypatch):
-    import lvforecast.models
+    import lvforecast.model.loading
 
     def must_not_load(**kwargs):
         raise AssertionError("the model was loaded although the budget refused the run")
 
-    monkeypatch.setattr(lvforecast.models, "build_tiny_qwen", must_not_load)
+    monkeypatch.setattr(lvforecast.model.loading, "build_tiny_qwen", must_not_load)
     cfg = compose_train(RUN + ["budget.total_flops=1e9"], output_dir=tmp_path, cache_dir=sim_cache)
     with pytest.raises(BudgetExceededError, match=r"refused.*remain"):
         train(cfg)
@@ -80,9 +80,9 @@ def test_refused_run_loads_no_model(sim_cache, tmp_path, monkeypatch):
 def test_dry_run_prints_plan_and_loads_no_weights(sim_cache, tmp_path, monkeypatch, caplog):
     import logging
 
-    import lvforecast.models
+    import lvforecast.model.loading
 
-    monkeypatch.setattr(lvforecast.models, "build_tiny_qwen", lambda **kw: pytest.fail("weights loaded"))
+    monkeypatch.setattr(lvforecast.model.loading, "build_tiny_qwen", lambda **kw: pytest.fail("weights loaded"))
     cfg = compose_train(RUN + ["budget.dry_run=true"], output_dir=tmp_path, cache_dir=sim_cache)
     with caplog.at_level(logging.INFO, logger="lvforecast"):
         result = train(cfg)
@@ -92,7 +92,7 @@ def test_dry_run_prints_plan_and_loads_no_weights(sim_cache, tmp_path, monkeypat
 
 
 def test_failed_run_is_marked_and_keeps_its_charges(sim_cache, tmp_path, monkeypatch):
-    from lvforecast.module import LoRAForecaster
+    from lvforecast.model.module import LoRAForecaster
 
     calls = {"n": 0}
     original = LoRAForecaster.training_step

@@ -35,7 +35,7 @@ def test_option_composes_and_targets_import(group, option, tmp_path):
 
 def test_defaults_reproduce_the_study_default_run(tmp_path):
     cfg = compose_train([], output_dir=tmp_path)
-    assert cfg.model.name_or_path == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert cfg.model.loader.name_or_path == "Qwen/Qwen2.5-0.5B-Instruct"
     assert (cfg.optim.lr, cfg.data.batch_size, cfg.lora.r, cfg.lora.alpha, cfg.data.context_length) == (
         1e-5, 4, 4, 4, 512)
     assert list(cfg.lora.target_modules) == ["q_proj", "v_proj"]
@@ -56,5 +56,5 @@ def test_simulated_data_path_follows_its_settings(tmp_path):
 
 def test_quickstart_is_offline(tmp_path):
     cfg = compose_train(["experiment=quickstart"], output_dir=tmp_path)
-    assert cfg.model._target_ == "lvforecast.models.load_smollm2"
+    assert cfg.model.loader._target_ == "lvforecast.model.loading.load_smollm2"
     assert cfg.data.simulate is not None and cfg.trainer.accelerator == "cpu"

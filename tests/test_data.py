@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lvforecast.data import (
+from lvforecast.data.datamodule import (
     IGNORE_INDEX,
     LotkaVolterraDataModule,
     PadCollator,
@@ -13,10 +13,10 @@ from lvforecast.data import (
     split_systems,
     window_starts,
 )
-from lvforecast.encoding import ScaleRule
-from lvforecast.models import build_char_tokenizer, build_tiny_qwen
-from lvforecast.module import token_loss_sum
-from lvforecast.trajectories import write_trajectories
+from lvforecast.data.encoding import ScaleRule
+from lvforecast.data.trajectories import write_trajectories
+from lvforecast.model.loading import build_char_tokenizer, build_tiny_qwen
+from lvforecast.model.module import token_loss_sum
 
 
 def test_split_is_by_system_seeded_and_pins_test_ids():

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from lvforecast.encoding import ScaleRule, TokenizerError, check_tokenizer, decode, encode
-from lvforecast.models import build_char_tokenizer
+from lvforecast.data.encoding import ScaleRule, TokenizerError, check_tokenizer, decode, encode
+from lvforecast.model.loading import build_char_tokenizer
 
 
 def test_study_example_table2():

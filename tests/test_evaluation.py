@@ -7,9 +7,9 @@ from conftest import CONF, REAL_DATA, TINY_RUN, compose_train
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from lvforecast.budget import Ledger
-from lvforecast.evaluation import evaluate
-from lvforecast.pipeline import train
+from lvforecast.budget.ledger import Ledger
+from lvforecast.experiment.evaluate import evaluate
+from lvforecast.experiment.train import train
 
 
 def compose_eval(overrides, output_dir, cache_dir=None):
@@ -66,7 +66,7 @@ def test_zero_shot_and_unconstrained_failures_are_counted(sim_cache, tmp_path):
 def test_a_trained_logit_bias_reaches_generation(sim_cache, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    import lvforecast.forecast
+    import lvforecast.evaluation.forecast
 
     run = tmp_path / "run"
     cfg = compose_train(TINY_RUN + ["trainer.max_steps=2", "trainer.val_check_interval=2", "lora.train_logit_bias=true",
@@ -75,13 +75,13 @@ def test_a_trained_logit_bias_reaches_generation(sim_cache, tmp_path, monkeypatc
     saved = load_file(str(run / "adapter" / "logit_bias.safetensors"))["bias"]
     assert saved.abs().sum() > 0  # two steps at lr 0.1 moved it off zero
     seen = {}
-    real = lvforecast.forecast.forecast
+    real = lvforecast.evaluation.forecast.forecast
 
     def spy(*args, **kwargs):
         seen["bias"] = kwargs["logit_bias"]
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lvforecast.forecast, "forecast", spy)
+    monkeypatch.setattr(lvforecast.evaluation.forecast, "forecast", spy)
     evaluate(compose_eval([f"run_dir={run}", "max_systems=2", "baselines=[]"], tmp_path / "eval", sim_cache))
     assert seen["bias"] is not None and (seen["bias"] == saved).all()
     (run / "adapter" / "logit_bias.safetensors").unlink()
@@ -111,7 +111,7 @@ def test_smollm2_zero_shot_on_the_study_examples(smollm2_dir, tmp_path):
     cfg = compose_eval(["model=smollm2-135m", f"data.path={REAL_DATA}", "max_systems=4", "baselines=[persistence]",
                         "horizon_steps=5"], tmp_path)
     with open_dict(cfg):
-        cfg.model.cache_dir = str(smollm2_dir)
+        cfg.model.loader.cache_dir = str(smollm2_dir)
     result = evaluate(cfg)
     assert result["parse_failures"] == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lvforecast.flops import (
+from lvforecast.budget.formulas import (
     BUILTIN,
     Conventions,
     LoRASpec,
@@ -248,13 +248,13 @@ def test_cli_bad_input_exits_with_one_message(argv, message, capsys):
 
 def test_cli_answers_fast_without_torch():
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "lvforecast.flops", "--seq-len", "768", "--lora-rank", "4"],
+    proc = subprocess.run([sys.executable, "-m", "lvforecast.budget.formulas", "--seq-len", "768", "--lora-rank", "4"],
                           capture_output=True, text=True, cwd=ROOT, timeout=30)
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr
     assert "lm_head" in proc.stdout
     assert elapsed < 2.0
-    code = ("import sys; from lvforecast.flops import main; main(['--json']); "
+    code = ("import sys; from lvforecast.budget.formulas import main; main(['--json']); "
             "assert not {'torch', 'transformers'} & set(sys.modules), 'heavy import on the CLI path'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert proc.returncode == 0, proc.stderr

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from lvforecast.encoding import ALPHABET, decode
-from lvforecast.flops import Conventions, generation_flops, shape_of
-from lvforecast.forecast import (
+from lvforecast.budget.formulas import Conventions, generation_flops, shape_of
+from lvforecast.data.encoding import ALPHABET, decode
+from lvforecast.data.simulate import simulate_systems
+from lvforecast.evaluation.forecast import (
     START,
     Grammar,
     LLMTimeLogitsProcessor,
@@ -18,8 +19,7 @@ from lvforecast.forecast import (
     forecast,
     max_new_tokens_bound,
 )
-from lvforecast.models import build_tiny_qwen
-from lvforecast.simulate import simulate_systems
+from lvforecast.model.loading import build_tiny_qwen
 
 CONTEXT, HORIZON = 12, 4
 
@@ -112,7 +112,7 @@ def test_constrained_tiny_always_parses(tiny, series):
 
 
 def _prompt(s: np.ndarray) -> str:
-    from lvforecast.encoding import encode
+    from lvforecast.data.encoding import encode
 
     return encode(s[:CONTEXT], 0.5, 3) + ";"
 
@@ -193,7 +193,7 @@ def test_long_prompt_is_flagged(tiny, series, caplog):
 
 @pytest.mark.smollm2
 def test_smollm2_zero_shot_constrained_parses(smollm2_dir):
-    from lvforecast.models import load_smollm2
+    from lvforecast.model.loading import load_smollm2
 
     lm = load_smollm2(str(smollm2_dir))
     data = simulate_systems(n_systems=3, seed=1).values

@@ -5,9 +5,9 @@ import functools
 import pytest
 import torch
 
-from lvforecast.lora import apply_lora, count_parameters, expected_lora_parameters
-from lvforecast.models import build_tiny_qwen
-from lvforecast.module import LoRAForecaster
+from lvforecast.model.loading import build_tiny_qwen
+from lvforecast.model.lora import apply_lora, count_parameters, expected_lora_parameters
+from lvforecast.model.module import LoRAForecaster, constant_schedule
 
 
 @pytest.fixture
@@ -53,11 +53,11 @@ def test_qwen2_5_formula_from_reference():
 
 def test_only_adapter_and_bias_change_after_a_step(tiny):
     module = LoRAForecaster(apply_lora(tiny.model, r=4), optimizer=functools.partial(torch.optim.Adam, lr=1e-2),
-                            train_logit_bias=True, grad_norm_every_n_steps=0)
+                            scheduler=constant_schedule, train_logit_bias=True, grad_norm_every_n_steps=0)
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=1e-2)
     batch = _batch(tiny)
-    from lvforecast.module import token_loss_sum
+    from lvforecast.model.module import token_loss_sum
 
     for _ in range(2):  # B is zero at step 0, so A only moves from the second step on
         loss_sum, n = token_loss_sum(module(batch["input_ids"], batch["attention_mask"]), batch["labels"])

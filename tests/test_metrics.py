@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from lvforecast.metrics import (
+from lvforecast.evaluation.metrics import (
     aggregate,
     crps_samples,
     error_by_horizon,

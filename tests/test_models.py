@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from lvforecast.models import ModelLoadError, build_tiny_qwen, load_pretrained, load_smollm2, resolve_dtype
+from lvforecast.model.loading import ModelLoadError, build_tiny_qwen, load_pretrained, load_smollm2, resolve_dtype
 
 
 def test_tiny_is_a_real_qwen2_with_gqa_and_bias():
@@ -79,12 +79,12 @@ def test_smollm2_loads_from_cache_with_digit_tokenizer(smollm2_dir):
 
 @pytest.mark.smollm2
 def test_smollm2_one_lora_step_lowers_loss_on_a_repeated_batch(smollm2_dir):
-    from lvforecast.lora import apply_lora
-    from lvforecast.module import LoRAForecaster, token_loss_sum
+    from lvforecast.model.lora import apply_lora
+    from lvforecast.model.module import LoRAForecaster, constant_schedule, token_loss_sum
 
     smol = load_smollm2(str(smollm2_dir))
     module = LoRAForecaster(apply_lora(smol.model, r=8), optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
-                            grad_norm_every_n_steps=0)
+                            scheduler=constant_schedule, train_logit_bias=False, grad_norm_every_n_steps=0)
     ids = smol.tokenizer(["2.267,2.206;1.111,2.516;0.861,2.634;0.705,2.652"] * 2, return_tensors="pt",
                          add_special_tokens=False)
     batch = {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"], "labels": ids["input_ids"]}

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import TINY_RUN, compose_train
 
-from lvforecast.pipeline import train
+from lvforecast.experiment.train import train
 
 
 @pytest.fixture(scope="module")
@@ -49,20 +49,20 @@ def test_checkpoint_holds_no_base_weights(fitted):
 def test_adapter_reloads_to_identical_outputs(fitted):
     from peft import PeftModel
 
-    from lvforecast.models import build_tiny_qwen
+    from lvforecast.model.loading import build_tiny_qwen
 
     cfg, result = fitted
     ids = torch.tensor([[4, 5, 14, 6, 7, 8, 15, 9, 14, 10, 11, 12, 16]])
     # The fitted module is gone; rebuild the base the run used and apply the trained weights twice:
     # once from the Lightning checkpoint (independent path) and once through PEFT's own loader.
-    from lvforecast.lora import apply_lora
+    from lvforecast.model.lora import apply_lora
 
-    via_ckpt = apply_lora(build_tiny_qwen(**{k: v for k, v in cfg.model.items() if k != "_target_"}).model, r=4)
+    via_ckpt = apply_lora(build_tiny_qwen(**{k: v for k, v in cfg.model.loader.items() if k != "_target_"}).model, r=4)
     state = torch.load(f"{result['output_dir']}/checkpoints/last.ckpt", weights_only=False)["state_dict"]
     missing = via_ckpt.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k != "tokens_seen"},
                                        strict=False)
     assert not missing.unexpected_keys
-    base = build_tiny_qwen(**{k: v for k, v in cfg.model.items() if k != "_target_"}).model
+    base = build_tiny_qwen(**{k: v for k, v in cfg.model.loader.items() if k != "_target_"}).model
     with torch.no_grad():
         base_logits = base(input_ids=ids).logits.clone()
     via_peft = PeftModel.from_pretrained(base, f"{result['output_dir']}/adapter")

@@ -1,4 +1,4 @@
-"""Tests for lvforecast.simulate: determinism, accuracy, CLI, match to the study data."""
+"""Tests for lvforecast.data.simulate: determinism, accuracy, CLI, match to the study data."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy.integrate import solve_ivp
 
-from lvforecast.simulate import PARAM_RANGES, main, simulate_systems
-from lvforecast.trajectories import load_trajectories
+from lvforecast.data.simulate import PARAM_RANGES, main, simulate_systems
+from lvforecast.data.trajectories import load_trajectories
 
 REAL_FILE = Path(__file__).resolve().parents[2] / "shared/data/lotka_volterra_data.h5"
 PARAM_KEYS = {"a", "b", "c", "d", "K", "h", "e", "x0", "y0"}

@@ -17,9 +17,9 @@ from conftest import CONF, ROOT, compose_train
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from lvforecast.budget import Ledger
-from lvforecast.pipeline import train
-from lvforecast.sweeps import best_from
+from lvforecast.budget.ledger import Ledger
+from lvforecast.experiment.sweeps import best_from
+from lvforecast.experiment.train import train
 
 # Few steps, two validation batches: a job takes seconds. data.context_length 96 as the other tiny tests.
 TINY = ["model=tiny", "data=simulated", "trainer=cpu", "data.context_length=96", "trainer.max_steps=3",
@@ -204,7 +204,7 @@ def test_tiny_lr_rank_sweep_writes_a_nine_row_summary(sim_cache, tmp_path):
     assert (sweep / "val_loss_curves.png").stat().st_size > 10_000
     assert len(read_rows(sweep / "plan.csv")) == 9
     # The summary can be rebuilt from the job directories alone (e.g. after the parent process died).
-    from lvforecast.sweeps import main as sweeps_cli
+    from lvforecast.experiment.sweeps import main as sweeps_cli
 
     before = (sweep / "summary.csv").read_text()
     (sweep / "summary.csv").unlink()

@@ -1,4 +1,4 @@
-"""Tests for lvforecast.trajectories: round trip and one test per validation error."""
+"""Tests for lvforecast.data.trajectories: round trip and one test per validation error."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from lvforecast.trajectories import (
+from lvforecast.data.trajectories import (
     Trajectories,
     TrajectoryFileError,
     load_trajectories,
@@ -88,7 +88,7 @@ def test_missing_file_says_how_to_point_at_data(tmp_path: Path) -> None:
     msg = str(info.value)
     assert str(missing) in msg
     assert "data.path=/path/to/lotka_volterra_data.h5" in msg
-    assert "python -m lvforecast.simulate --out FILE" in msg
+    assert "python -m lvforecast.data.simulate --out FILE" in msg
 
 
 def test_not_hdf5(tmp_path: Path) -> None:

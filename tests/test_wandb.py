@@ -15,8 +15,8 @@ import pytest
 from conftest import ROOT, TINY_RUN, compose_train
 from test_evaluation import compose_eval
 
-from lvforecast.evaluation import evaluate
-from lvforecast.pipeline import train
+from lvforecast.experiment.evaluate import evaluate
+from lvforecast.experiment.train import train
 from lvforecast.tracking import decide_mode, evaluation_table, log_sweep_summary, read_run_file
 from lvforecast.utils import read_metrics_csv
 

@@ -17,13 +17,18 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lvforecast.budget.formulas import Conventions, LoRASpec, ModelShape
+from lvforecast.budget.ledger import Ledger, remaining_in
+from lvforecast.budget.planning import Plan, plan_config, reserved_flops
+from lvforecast.budget.reservation import Reservation
+
 log = logging.getLogger(__name__)
 
 
 def validate_train_config(cfg: DictConfig) -> None:
     """Check the composed config before anything heavy is loaded; one error lists every problem."""
-    from lvforecast.data import LotkaVolterraDataModule
-    from lvforecast.lora import lora_config_problems
+    from lvforecast.data.datamodule import LotkaVolterraDataModule
+    from lvforecast.model.lora import lora_config_problems
 
     problems: list[str] = []
     problems += lora_config_problems(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
@@ -37,8 +42,6 @@ def validate_train_config(cfg: DictConfig) -> None:
     max_steps = cfg.trainer.get("max_steps")
     if not (isinstance(max_steps, int) and max_steps >= 1):
         problems.append(f"trainer.max_steps={max_steps!r}: must be an integer >= 1 (training is step-based)")
-    if cfg.scheduler.name not in ("none", "cosine"):
-        problems.append(f"scheduler.name={cfg.scheduler.name!r}: allowed 'none' or 'cosine'")
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         problems.append(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
     wandb_node = (cfg.get("logger") or {}).get("wandb")
@@ -55,6 +58,9 @@ def validate_train_config(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit a LoRA adapter as configured and return the final metrics.
+
+    The flow: validate the config, prepare the data's text, plan and reserve the FLOPs (before any weights
+    load), then fit inside the reservation, which finishes the ledger run however fitting ends.
 
     Args:
         cfg: The composed ``conf/train.yaml``.
@@ -79,36 +85,81 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # Data problems (a missing file, too-short series) surface here, before any weights load.
     datamodule.prepare_texts()
     (out / "split.json").write_text(datamodule.split.to_json())
-    budget = open_budget(cfg, datamodule, out)
+    if not cfg.budget.enabled:
+        if cfg.budget.dry_run:
+            raise ValueError("budget.dry_run=true needs budget.enabled=true: there is no plan to print")
+        return _fit(cfg, datamodule, None, out, start)
+    plan, shape, lora, conventions = plan_config(cfg, datamodule.val_batch_shapes())
     if cfg.budget.dry_run:
-        return {"dry_run": True, "plan": budget["plan"].as_dict(), "output_dir": str(out)}
-    if not budget:
-        return _fit(cfg, datamodule, budget, out, start)
+        remaining = remaining_in(cfg.budget.ledger_path, cfg.budget.total_flops)
+        log.info("FLOP plan (dry run, no weights loaded): %s; ledger %s has %.4e remaining -> %s",
+                 plan.describe(), cfg.budget.ledger_path, remaining,
+                 "fits" if plan.total <= remaining else "WOULD BE REFUSED")
+        return {"dry_run": True, "plan": plan.as_dict(), "output_dir": str(out)}
+    reservation = reserve(cfg, plan, shape, lora, conventions, out)
     # From here on the run holds a reservation: whatever happens, the ledger learns how it ended.
-    try:
-        result = _fit(cfg, datamodule, budget, out, start)
-    except BaseException:
-        budget["ledger"].finish(budget["run_id"], "failed")
-        raise
-    budget["ledger"].finish(budget["run_id"], result["budget_status"])
+    with reservation.held() as outcome:
+        result = _fit(cfg, datamodule, reservation, out, start)
+        outcome.status = result["budget_status"]
     return result
 
 
-def _fit(cfg: DictConfig, datamodule: Any, budget: dict[str, Any], out: Path, start: float) -> dict[str, Any]:
+def reserve(cfg: DictConfig, plan: Plan, shape: ModelShape, lora: LoRASpec, conventions: Conventions,
+            out: Path) -> Reservation:
+    """Reserve the run's plan (or ``budget.run_cap_flops``) in the ledger, before any weights load.
+
+    Raises:
+        lvforecast.budget.ledger.BudgetExceededError: The ledger cannot cover it; no model has been loaded.
+    """
+    import hashlib
+
+    ledger = Ledger(cfg.budget.ledger_path, budget=cfg.budget.total_flops, journal_mode=cfg.budget.journal_mode)
+    config_hash = hashlib.sha256(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest()[:16]
+    name = cfg.budget.run_name or _hydra_overrides() or out.name
+    reservation = Reservation.open(ledger, name, plan, shape, lora, conventions, reserve=reserved_flops(cfg, plan),
+                                   sweep=cfg.get("sweep_name"), config_hash=config_hash)
+    log.info("FLOP plan: %s; reserved %.4e as run %d in %s", plan.describe(), reservation.reserved,
+             reservation.run_id, ledger.path)
+    return reservation
+
+
+def _callbacks(cfg: DictConfig, reservation: Reservation | None) -> list[Any]:
+    """The configured callbacks; the FLOP budget's ``_partial_`` node is completed with the reservation."""
+    import functools
+
+    from lvforecast.utils import instantiate_list
+
+    group = cfg.get("callbacks")
+    budget_node = group.get("flop_budget") if group else None
+    if reservation is not None and budget_node is None:
+        raise ValueError("callbacks.flop_budget is missing but budget.enabled=true: every callbacks option must "
+                         "include it (see conf/callbacks/flop_budget.yaml), or set budget=off")
+    callbacks = instantiate_list(group, exclude=("flop_budget",))
+    if reservation is not None:
+        from hydra.utils import instantiate
+
+        factory = instantiate(budget_node)
+        if not isinstance(factory, functools.partial):
+            raise ValueError("callbacks.flop_budget must be a _partial_ node (it is completed with the reservation)")
+        callbacks.append(factory(reservation=reservation))
+    return callbacks
+
+
+def _fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, out: Path,
+         start: float) -> dict[str, Any]:
     """Load the model, wrap it with LoRA, fit, and write the run directory."""
     from hydra.utils import instantiate
 
-    from lvforecast.lora import apply_lora, expected_lora_parameters
-    from lvforecast.module import LoRAForecaster
+    from lvforecast.budget.callback import FlopBudget
+    from lvforecast.budget.formulas import shape_of
+    from lvforecast.model.lora import apply_lora, expected_lora_parameters
     from lvforecast.tracking import finish_wandb, update_summary
     from lvforecast.utils import environment_record, instantiate_list, plot_loss_curve
 
-    loaded = instantiate(cfg.model)
-    if budget:
-        from lvforecast.flops import shape_of
-
-        if shape_of(loaded.model) != budget["shape"]:
-            raise ValueError(f"the FLOP plan assumed {budget['shape']} but {loaded.name} is {shape_of(loaded.model)}")
+    loaded = instantiate(cfg.model.loader)
+    if reservation is not None and shape_of(loaded.model) != reservation.shape:
+        raise ValueError(f"the FLOP plan assumed {reservation.shape} but {loaded.name} is {shape_of(loaded.model)}; "
+                         f"model.shape must describe model.loader")
     datamodule.tokenizer = loaded.tokenizer
     datamodule.setup("fit")
 
@@ -116,13 +167,7 @@ def _fit(cfg: DictConfig, datamodule: Any, budget: dict[str, Any], out: Path, st
     lora_formula = expected_lora_parameters(loaded.model, cfg.lora.target_modules, cfg.lora.r)
     peft_model = apply_lora(loaded.model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                             target_modules=list(cfg.lora.target_modules))
-    module = LoRAForecaster(
-        peft_model,
-        optimizer=instantiate(cfg.optim),
-        scheduler=OmegaConf.to_container(cfg.scheduler),
-        train_logit_bias=cfg.lora.train_logit_bias,
-        grad_norm_every_n_steps=cfg.grad_norm_every_n_steps,
-    )
+    module = instantiate(cfg.module)(peft_model)
     counts = module.parameter_counts
     run_info: dict[str, Any] = {
         "model": loaded.name,
@@ -135,19 +180,11 @@ def _fit(cfg: DictConfig, datamodule: Any, budget: dict[str, Any], out: Path, st
     }
 
     loggers = instantiate_list(cfg.get("logger"))
-    callbacks = instantiate_list(cfg.get("callbacks"))
-    flop_cb = None
-    if budget:
-        from lvforecast.callbacks import FlopBudget
-
-        flop_cb = FlopBudget(budget["ledger"], budget["run_id"], budget["reserved"], budget["shape"],
-                             budget["lora"], budget["conventions"], budget["plan"].next_step_shape,
-                             budget["plan"].validation_pass, mode=cfg.budget.mode,
-                             commit_every_n_steps=cfg.budget.commit_every_n_steps,
-                             commit_min_interval_s=cfg.budget.commit_min_interval_s)
-        callbacks.append(flop_cb)
-        run_info["budget"] = {"run_id": budget["run_id"], "ledger": str(budget["ledger"].path),
-                              "plan": budget["plan"].as_dict(), "reserved": budget["reserved"]}
+    callbacks = _callbacks(cfg, reservation)
+    flop_cb = next((cb for cb in callbacks if isinstance(cb, FlopBudget)), None)
+    if reservation is not None:
+        run_info["budget"] = {"run_id": reservation.run_id, "ledger": str(reservation.ledger.path),
+                              "plan": reservation.plan.as_dict(), "reserved": reservation.reserved}
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     ok = False
     try:
@@ -184,42 +221,6 @@ def _fit(cfg: DictConfig, datamodule: Any, budget: dict[str, Any], out: Path, st
     finally:
         # Every job finishes its own W&B run (failed when fitting raised): multirun jobs never share one.
         finish_wandb(loggers, exit_code=0 if ok else 1)
-
-
-def open_budget(cfg: DictConfig, datamodule: Any, out: Path) -> dict[str, Any]:
-    """Plan the run's FLOPs and reserve them in the ledger (nothing reserved on a dry run).
-
-    Returns:
-        ``{}`` when ``budget.enabled`` is false, else the plan, shape, LoRA spec, conventions, and (unless
-        dry run) the ledger and run id.
-
-    Raises:
-        lvforecast.budget.BudgetExceededError: The ledger cannot cover the plan; no model has been loaded.
-    """
-    import hashlib
-
-    from lvforecast.budget import Ledger, remaining_in
-    from lvforecast.planning import plan_config, reserved_flops
-
-    if not cfg.budget.enabled:
-        if cfg.budget.dry_run:
-            raise ValueError("budget.dry_run=true needs budget.enabled=true: there is no plan to print")
-        return {}
-    plan, shape, lora, conventions = plan_config(cfg, datamodule.val_batch_shapes())
-    session: dict[str, Any] = {"plan": plan, "shape": shape, "lora": lora, "conventions": conventions}
-    if cfg.budget.dry_run:
-        remaining = remaining_in(cfg.budget.ledger_path, cfg.budget.total_flops)
-        log.info("FLOP plan (dry run, no weights loaded): %s; ledger %s has %.4e remaining -> %s",
-                 plan.describe(), cfg.budget.ledger_path, remaining,
-                 "fits" if plan.total <= remaining else "WOULD BE REFUSED")
-        return session
-    ledger = Ledger(cfg.budget.ledger_path, budget=cfg.budget.total_flops, journal_mode=cfg.budget.journal_mode)
-    config_hash = hashlib.sha256(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest()[:16]
-    reserve = reserved_flops(cfg, plan)
-    name = cfg.budget.run_name or _hydra_overrides() or out.name
-    run_id = ledger.open_run(name, reserve, sweep=cfg.get("sweep_name"), config_hash=config_hash, plan=plan.as_dict())
-    log.info("FLOP plan: %s; reserved %.4e as run %d in %s", plan.describe(), reserve, run_id, ledger.path)
-    return {**session, "ledger": ledger, "run_id": run_id, "reserved": reserve}
 
 
 def _hydra_overrides() -> str | None:

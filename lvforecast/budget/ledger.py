@@ -18,7 +18,7 @@ Contract
   it ends. A run may charge past its reservation (the FLOPs were spent); that is logged as a warning.
 * **Release at the end.** :meth:`Ledger.finish` sets the final status and shrinks the reservation to what was
   charged. A run whose process died without finishing is marked ``crashed`` and its unused reservation released by
-  :meth:`Ledger.reconcile` (``python -m lvforecast.budget reconcile``), and automatically by the next
+  :meth:`Ledger.reconcile` (``python -m lvforecast.budget.ledger reconcile``), and automatically by the next
   :meth:`Ledger.open_run`. :meth:`Ledger.remaining` already leaves such dead reservations out.
 * **Liveness** is only judged for runs of this machine (same hostname and, where Linux exposes it, same boot id):
   the owner is dead if its pid is gone, is a zombie, or now belongs to a process started at another time (pid
@@ -32,7 +32,7 @@ Contract
 Every operation opens its own connection (``isolation_level=None``, explicit ``BEGIN``/``COMMIT``, ``busy_timeout``)
 and closes it, so a :class:`Ledger` holds no open handle, can be pickled to worker processes and survives ``fork``.
 
-Run as a CLI: ``python -m lvforecast.budget report|reconcile|show [--ledger PATH] [--json] [--out DIR]``.
+Run as a CLI: ``python -m lvforecast.budget.ledger report|reconcile|show [--ledger PATH] [--json] [--out DIR]``.
 ``report`` prints the per-run table (training / validation / inference / total / share of budget, the study total
 against the budget) and writes ``report.md`` and the bar chart ``budget_report.png``.
 
@@ -53,6 +53,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,6 +115,13 @@ CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
 """
 
 
+@dataclass
+class RunOutcome:
+    """How a held run ended; set :attr:`status` before leaving :meth:`Ledger.hold` (default ``finished``)."""
+
+    status: str = "finished"
+
+
 class BudgetExceededError(RuntimeError):
     """A run's plan does not fit in what is left of the study budget.
 
@@ -141,7 +149,7 @@ class BudgetExceededError(RuntimeError):
             f"run {name!r} refused: its plan needs {_fmt(planned)} FLOPs{detail} but only {_fmt(self.remaining)} "
             f"remain: budget {_fmt(budget)} - spent {_fmt(spent)} - reserved by others {_fmt(reserved_by_others)} "
             f"(ledger {ledger}). Shrink the plan (fewer steps, validations or evaluation windows), or release "
-            f"reservations of dead runs with `python -m lvforecast.budget reconcile`."
+            f"reservations of dead runs with `python -m lvforecast.budget.ledger reconcile`."
         )
 
 
@@ -555,6 +563,17 @@ class Ledger:
         logger.info("ledger %s: run %d %r %s, spent %s FLOPs", self.path, run_id, name, status,
                     _fmt(self.run_spent(run_id)))
 
+    @contextlib.contextmanager
+    def hold(self, run_id: int) -> Iterator[RunOutcome]:
+        """Finish ``run_id`` whatever happens inside: ``outcome.status`` on success, ``failed`` on any exception."""
+        outcome = RunOutcome()
+        try:
+            yield outcome
+        except BaseException:
+            self.finish(run_id, "failed")
+            raise
+        self.finish(run_id, outcome.status)
+
     def run_spent(self, run_id: int) -> int:
         """FLOPs charged by one run.
 
@@ -855,7 +874,7 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"SQLite journal mode, one of {', '.join(JOURNAL_MODES)} (default: ${JOURNAL_ENV}, "
                         "else keep the file's mode)")
     common.add_argument("--json", action="store_true", help="print JSON instead of markdown")
-    parser = argparse.ArgumentParser(prog="python -m lvforecast.budget", description="The study's FLOP budget ledger.")
+    parser = argparse.ArgumentParser(prog="python -m lvforecast.budget.ledger", description="The study's FLOP budget ledger.")
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("report", parents=[common], help="per-run spend table + bar chart (Table 12)")
     rep.add_argument("--out", type=Path, default=None,
@@ -869,7 +888,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``python -m lvforecast.budget report|reconcile|show [--ledger PATH] [--json] [--out DIR]``.
+    """CLI: ``python -m lvforecast.budget.ledger report|reconcile|show [--ledger PATH] [--json] [--out DIR]``.
 
     Args:
         argv: arguments (default ``sys.argv[1:]``).

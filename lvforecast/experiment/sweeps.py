@@ -104,7 +104,7 @@ def run_recorded(cfg: DictConfig, task: Any) -> Any:
         return task(cfg)
     from hydra.core.hydra_config import HydraConfig
 
-    from lvforecast.budget import BudgetExceededError
+    from lvforecast.budget.ledger import BudgetExceededError
 
     hc = HydraConfig.get()
     record: dict[str, Any] = {"num": hc.job.num, "overrides": list(hc.overrides.task),
@@ -217,8 +217,8 @@ def plan_jobs(jobs: list[tuple[list[str], DictConfig]]) -> list[dict[str, Any]]:
     """
     from hydra.utils import instantiate
 
-    from lvforecast.pipeline import validate_train_config
-    from lvforecast.planning import plan_config, reserved_flops
+    from lvforecast.budget.planning import plan_config, reserved_flops
+    from lvforecast.experiment.train import validate_train_config
 
     shapes: dict[str, list[tuple[int, int]]] = {}
     rows = []
@@ -247,12 +247,12 @@ def plan_jobs(jobs: list[tuple[list[str], DictConfig]]) -> list[dict[str, Any]]:
 def _model_name(cfg: DictConfig) -> str:
     """A short model label for tables: the chosen ``model`` option (e.g. ``smollm2-135m``), else the loader."""
     choice = OmegaConf.select(cfg, "hydra.runtime.choices.model", default=None)
-    return str(choice or cfg.model.get("name_or_path") or cfg.model._target_.rsplit(".", 1)[-1])
+    return str(choice or cfg.model.loader.get("name_or_path") or cfg.model.loader._target_.rsplit(".", 1)[-1])
 
 
 def format_plan(rows: list[dict[str, Any]]) -> tuple[str, bool]:
     """The pre-flight table (markdown, each job's resolved settings) and whether every ledger covers its jobs."""
-    from lvforecast.budget import remaining_in
+    from lvforecast.budget.ledger import remaining_in
 
     keys = ["model", *STUDY_KEYS]
     lines = ["", "FLOP plan of the multirun (no weights loaded):", "",
@@ -372,7 +372,7 @@ def _job_row(num: int, job: list[str], keys: list[str], record: dict[str, Any],
 
 def _job_flops(info: dict[str, Any], cfg: DictConfig, record: dict[str, Any]) -> int | str:
     """FLOPs the ledger charged to the job's run (found by run id, else by sweep and name)."""
-    from lvforecast.budget import Ledger
+    from lvforecast.budget.ledger import Ledger
 
     path = OmegaConf.select(cfg, "budget.ledger_path") or info.get("budget", {}).get("ledger")
     if not path or not Path(path).is_file():
@@ -475,7 +475,7 @@ def _log_summary_to_wandb(config: DictConfig, sweep_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m lvforecast.sweeps summarize SWEEP_DIR``: (re)write a sweep's summary from its job dirs."""
+    """``python -m lvforecast.experiment.sweeps summarize SWEEP_DIR``: (re)write a sweep's summary from its job dirs."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)

@@ -19,7 +19,7 @@ Baselines:
   least squares on the context, iterated forward (default p = 3).
 * ``var_log``: per system, VAR(p) with intercept on z = log(x + eps) of both variables jointly,
   least squares on the context, iterated forward, back-transformed exp(z) - eps (default p = 2).
-* ``rm_fit``: the Rosenzweig-MacArthur equations of :mod:`lvforecast.simulate`,
+* ``rm_fit``: the Rosenzweig-MacArthur equations of :mod:`lvforecast.data.simulate`,
   dx/dt = a x (1 - x/K) - b x y / (1 + h x), dy/dt = c x y / (1 + h x) - d y, fit to the context
   and integrated forward -- the near-physical-limit reference. Details in :func:`rm_fit`.
 
@@ -36,7 +36,7 @@ import numpy as np
 from scipy.integrate import solve_ivp
 from scipy.optimize import least_squares
 
-from lvforecast.simulate import PARAM_RANGES
+from lvforecast.data.simulate import PARAM_RANGES
 
 logger = logging.getLogger(__name__)
 

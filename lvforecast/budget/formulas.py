@@ -54,11 +54,11 @@ is never fed back), each decode step a 1-position forward against ``K`` cached k
 switch that last row is the whole row). Without a cache every new token re-runs a full forward over the
 prompt plus the tokens generated so far. Setting ``Conventions.as_implemented()`` (``gqa``, ``additive``,
 ``rotate_half``, ``rsqrt``) reproduces, component by component and to the FLOP, what
-:mod:`lvforecast.audit` measures on the Hugging Face eager implementation.
+:mod:`lvforecast.budget.audit` measures on the Hugging Face eager implementation.
 
 CLI (no torch import, answers in well under 2 s)::
 
-    python -m lvforecast.flops --model qwen2.5-0.5b --seq-len 512 --batch 4 [--lora-rank 4] \
+    python -m lvforecast.budget.formulas --model qwen2.5-0.5b --seq-len 512 --batch 4 [--lora-rank 4] \
         [--mode forward|train] [--attention mha|gqa] [--mask full|causal|additive] \
         [--rope add|rotate|rotate_half] [--norm divide|rsqrt] [--implemented] [--loss] [--json]
 """
@@ -328,7 +328,7 @@ class Component:
     """One line of a breakdown.
 
     Attributes:
-        name: Component name (shared with :mod:`lvforecast.audit`).
+        name: Component name (shared with :mod:`lvforecast.budget.audit`).
         formula: Python-evaluable expression over the breakdown's symbols.
         flops: Its value.
     """
@@ -633,7 +633,7 @@ def resolve_shape(model: str) -> ModelShape:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lvforecast.flops",
+    p = argparse.ArgumentParser(prog="python -m lvforecast.budget.formulas",
                                 description="Analytic FLOPs of a forward or training step (no weights loaded).")
     p.add_argument("--model", default="qwen2.5-0.5b",
                    help=f"built-in ({', '.join(BUILTIN)}) or a Hugging Face config.json / its directory")

@@ -199,7 +199,7 @@ def aggregate(per_system: dict[str, np.ndarray], classes: Sequence[str] | None =
 
     Args:
         per_system: output of :func:`per_system_metrics` (each value (S, 2)).
-        classes: optional length-S behaviour labels (e.g. from :func:`lvforecast.behaviour.classify_all`).
+        classes: optional length-S behaviour labels (e.g. from :func:`lvforecast.evaluation.behaviour.classify_all`).
 
     Returns:
         ``{"all": summary, "by_class": {label: summary}}`` (``by_class`` empty without ``classes``),

@@ -13,13 +13,13 @@ Contract:
   :class:`StepsStoppingCriteria` stops each row after exactly ``horizon_steps`` ``;``. Every forecast then
   parses to ``horizon_steps`` steps; anything else is a bug and raises ``AssertionError``.
 * **Unconstrained mode** (``constrained=False``, for comparison). The generated text is read by
-  :func:`lvforecast.encoding.decode` with ``decimals``. **Rule:** a row with fewer than ``horizon_steps``
+  :func:`lvforecast.data.encoding.decode` with ``decimals``. **Rule:** a row with fewer than ``horizon_steps``
   parsed steps is one parse failure; its parsed prefix is kept and its missing steps are NaN (metrics skip
   NaN). Steps beyond the horizon are dropped.
 * **Sampling.** ``num_samples = k > 1`` repeats each prompt ``k`` times and samples with ``temperature`` /
   ``top_p`` under ``torch.manual_seed(seed)`` inside a forked RNG (the caller's RNG stream is untouched).
   The point forecast is the per-step median over the ``k`` samples (NaN-aware).
-* **FLOPs.** Each batch is charged :func:`lvforecast.flops.generation_flops` with the padded prompt length,
+* **FLOPs.** Each batch is charged :func:`lvforecast.budget.formulas.generation_flops` with the padded prompt length,
   the number of decode steps the batch ran (the longest row), ``kv_cache=True`` and ``prefill_logits="last"``;
   ``charge(flops, tokens)`` is called per batch when given (``tokens`` = rows x (prompt + new) positions).
 * **Context length.** Prompt lengths in tokens are reported; when the longest exceeds
@@ -45,8 +45,8 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from lvforecast.encoding import ALPHABET, STEP_SEP, VALUE_SEP, decode, encode
-from lvforecast.flops import Conventions, LoRASpec, generation_flops, shape_of
+from lvforecast.budget.formulas import Conventions, LoRASpec, generation_flops, shape_of
+from lvforecast.data.encoding import ALPHABET, STEP_SEP, VALUE_SEP, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class Grammar:
     """Character grammar of generated steps: ``I.D,I.D;`` repeated.
 
     ``I`` has 1 to ``max_int_digits`` digits with no leading zero (``0`` alone is allowed, ``07`` is not, as
-    :func:`lvforecast.encoding.encode` writes them); ``D`` has exactly ``decimals`` digits; with
+    :func:`lvforecast.data.encoding.encode` writes them); ``D`` has exactly ``decimals`` digits; with
     ``decimals == 0`` there is no point.
 
     A state is the tuple ``(field, int_digits, frac_digits, leading_zero)``: ``field`` 0 for the prey
@@ -252,7 +252,7 @@ class ForecastResult:
 
 
 class AddLogitBias(LogitsProcessor):
-    """Add a trained (V,) bias to the scores, as :class:`lvforecast.lora.LogitBias` did in training."""
+    """Add a trained (V,) bias to the scores, as :class:`lvforecast.model.lora.LogitBias` did in training."""
 
     def __init__(self, bias: torch.Tensor) -> None:
         self.bias = bias
@@ -342,7 +342,7 @@ def forecast(
         tokenizer: Its tokenizer (``pad_token_id`` set); its ``padding_side`` is restored afterwards.
         char_ids: LLMTIME character -> token id (``LoadedModel.char_ids``).
         series: (S, T, 2) raw values, T >= context_steps; only the context part is read.
-        scales: (S,) divisor per series, as given to :func:`lvforecast.encoding.encode`.
+        scales: (S,) divisor per series, as given to :func:`lvforecast.data.encoding.encode`.
         decimals: Digits after the point.
         context_steps: Steps in the prompt.
         horizon_steps: Steps to generate, H.
@@ -355,7 +355,7 @@ def forecast(
         max_int_digits: Most digits before the point in generated numbers.
         trained_context_tokens: Token context the adapter was trained on, to flag longer prompts.
         charge: Called per batch as ``charge(flops, tokens)``.
-        conv: FLOP counting conventions (default :class:`lvforecast.flops.Conventions`).
+        conv: FLOP counting conventions (default :class:`lvforecast.budget.formulas.Conventions`).
         logit_bias: (V,) trained output bias (``adapter/logit_bias.safetensors``), added to the logits before
             the grammar mask, exactly as in training.
 

@@ -19,7 +19,9 @@ loads and charged as ``generate``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import json
 import logging
 import time
@@ -28,6 +30,11 @@ from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
+
+from lvforecast.budget.formulas import Conventions, LoRASpec, ModelShape, generation_flops
+from lvforecast.budget.ledger import Ledger
+from lvforecast.budget.planning import GenerationPlan, planning_shape
+from lvforecast.budget.reservation import Reservation
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +59,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation described by ``conf/evaluate.yaml`` and return its headline metrics."""
     from hydra.utils import instantiate
 
-    from lvforecast.baselines import BASELINES
-    from lvforecast.behaviour import class_counts, classify_all
-    from lvforecast.data import split_systems
-    from lvforecast.encoding import encode
-    from lvforecast.trajectories import load_trajectories
+    from lvforecast.data.datamodule import split_systems
+    from lvforecast.data.encoding import encode
+    from lvforecast.data.trajectories import load_trajectories
+    from lvforecast.evaluation.baselines import BASELINES
+    from lvforecast.evaluation.behaviour import class_counts, classify_all
 
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,15 +93,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.budget.dry_run:
         if not cfg.budget.enabled:
             raise ValueError("budget.dry_run=true needs budget.enabled=true: there is no plan to print")
-        plan = _generation_plan(cfg, model_cfg, lora_cfg, prompts, dm.decimals)
+        plan = _generation_plan(cfg, model_cfg, lora_cfg, prompts, dm.decimals)[0].total
         log.info("generation FLOPs (dry run, upper bound, no weights loaded): %d systems x %d sample(s) -> %.4e",
                  len(prompts), int(cfg.num_samples), plan)
         return {"dry_run": True, "plan": {"generate_upper_bound": plan, "systems": len(prompts)},
                 "output_dir": str(out)}
-    budget = _reserve(cfg, model_cfg, lora_cfg, prompts, dm.decimals)
+    reservation = _reserve(cfg, model_cfg, lora_cfg, prompts, dm.decimals)
     start = time.perf_counter()
-    try:
-        loaded = instantiate(model_cfg)
+    with reservation.held() if reservation is not None else contextlib.nullcontext():
+        loaded = instantiate(model_cfg.loader)
         model = loaded.model
         if cfg.run_dir:
             from peft import PeftModel
@@ -102,17 +109,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             model = PeftModel.from_pretrained(model, str(Path(cfg.run_dir) / "adapter"))
         logit_bias = _logit_bias(Path(cfg.run_dir), lora_cfg) if cfg.run_dir else None
         model.eval()
-        charge = None
-        if budget:
-            def charge(flops: int, tokens: int) -> None:
-                budget["ledger"].charge(budget["run_id"], "generate", flops, tokens=tokens)
+        charge = None if reservation is None else functools.partial(reservation.charge, "generate")
         result = _forecast(cfg, model, loaded, series, scales, dm.decimals, trained_ctx, charge, logit_bias)
-    except BaseException:
-        if budget:
-            budget["ledger"].finish(budget["run_id"], "failed")
-        raise
-    if budget:
-        budget["ledger"].finish(budget["run_id"], "finished")
     forecast_seconds = time.perf_counter() - start
 
     forecasts = {"model": result.values}
@@ -132,7 +130,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "methods": {k: {u: v[u]["aggregate"] for u in ("encoded", "original")} for k, v in metrics.items()},
     }
     if result.samples is not None:
-        from lvforecast.metrics import crps_samples, interval_coverage
+        from lvforecast.evaluation.metrics import crps_samples, interval_coverage
 
         enc = scales[:, None, None, None]
         summary["probabilistic"] = {
@@ -141,7 +139,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         }
     (out / "metrics.json").write_text(json.dumps(summary, indent=1))
     _write_per_system(out / "per_system.csv", systems, classes, scales, metrics, result)
-    from lvforecast.eval_report import write_plots, write_report
+    from lvforecast.evaluation.report import write_plots, write_report
 
     pngs = write_plots(out, systems, series, context, forecasts, metrics, list(cfg.examples))
     write_report(out / "report.md", summary, metrics, systems, list(cfg.examples))
@@ -157,7 +155,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 def _forecast(cfg: DictConfig, model: Any, loaded: Any, series: np.ndarray, scales: np.ndarray, decimals: int,
               trained_ctx: int | None, charge: Any, logit_bias: Any = None) -> Any:
-    from lvforecast.forecast import forecast
+    from lvforecast.evaluation.forecast import forecast
 
     return forecast(
         model, loaded.tokenizer, loaded.char_ids, series, list(scales), decimals=decimals,
@@ -182,11 +180,8 @@ def _logit_bias(run: Path, lora_cfg: DictConfig) -> Any:
 
 
 def _generation_plan(cfg: DictConfig, model_cfg: DictConfig, lora_cfg: DictConfig | None, prompts: list[str],
-                     decimals: int) -> int:
-    """Generation FLOPs, an upper bound: every row generates the grammar's longest steps."""
-    from lvforecast.flops import Conventions, LoRASpec, generation_flops
-    from lvforecast.planning import planning_shape
-
+                     decimals: int) -> tuple[GenerationPlan, ModelShape, LoRASpec | None, Conventions]:
+    """Generation FLOPs, an upper bound (every row generates the grammar's longest steps), and its pricing."""
     shape = planning_shape(model_cfg)
     lora = LoRASpec(rank=lora_cfg.r, targets=tuple(lora_cfg.target_modules)) if lora_cfg is not None else None
     # One step is at most two numbers of max_int_digits + '.' + decimals digits, a ',' and a ';'.
@@ -194,30 +189,28 @@ def _generation_plan(cfg: DictConfig, model_cfg: DictConfig, lora_cfg: DictConfi
     new_tokens = int(cfg.horizon_steps) * step_chars
     rows = [len(p) for p in prompts] * int(cfg.num_samples)  # character-level tokenizers: chars = tokens
     bs = int(cfg.batch_size)
-    return sum(generation_flops(shape, len(chunk), max(chunk), new_tokens, lora, Conventions(), kv_cache=True,
-                                prefill_logits="last")
-               for chunk in (rows[i : i + bs] for i in range(0, len(rows), bs)))
+    total = sum(generation_flops(shape, len(chunk), max(chunk), new_tokens, lora, Conventions(), kv_cache=True,
+                                 prefill_logits="last")
+                for chunk in (rows[i : i + bs] for i in range(0, len(rows), bs)))
+    return GenerationPlan(rows=len(rows), total=total), shape, lora, Conventions()
 
 
 def _reserve(cfg: DictConfig, model_cfg: DictConfig, lora_cfg: DictConfig | None, prompts: list[str],
-             decimals: int) -> dict[str, Any]:
-    """Reserve the generation FLOPs (:func:`_generation_plan`) as a ledger run; ``{}`` with the budget off."""
+             decimals: int) -> Reservation | None:
+    """Reserve the generation FLOPs (:func:`_generation_plan`) as a ledger run; None with the budget off."""
     if not cfg.budget.enabled:
-        return {}
-    from lvforecast.budget import Ledger
-
-    plan = _generation_plan(cfg, model_cfg, lora_cfg, prompts, decimals)
+        return None
+    plan, shape, lora, conventions = _generation_plan(cfg, model_cfg, lora_cfg, prompts, decimals)
     ledger = Ledger(cfg.budget.ledger_path, budget=cfg.budget.total_flops, journal_mode=cfg.budget.journal_mode)
-    run_id = ledger.open_run(f"evaluate:{cfg.run_dir or model_cfg._target_.rsplit('.', 1)[-1]}", plan,
-                             sweep=cfg.get("sweep_name"),
-                             plan={"generate_upper_bound": plan, "rows": len(prompts) * int(cfg.num_samples)})
-    log.info("generation FLOPs reserved (upper bound): %.4e as run %d", plan, run_id)
-    return {"ledger": ledger, "run_id": run_id}
+    name = f"evaluate:{cfg.run_dir or model_cfg.loader._target_.rsplit('.', 1)[-1]}"
+    reservation = Reservation.open(ledger, name, plan, shape, lora, conventions, sweep=cfg.get("sweep_name"))
+    log.info("generation FLOPs reserved (upper bound): %.4e as run %d", plan.total, reservation.run_id)
+    return reservation
 
 
 def _score(truth: np.ndarray, pred: np.ndarray, scales: np.ndarray, classes: list[str]) -> dict[str, Any]:
     """Metrics in encoded units (each series divided by its own scale) and in original units."""
-    from lvforecast.metrics import evaluate_forecasts
+    from lvforecast.evaluation.metrics import evaluate_forecasts
 
     return evaluate_forecasts(truth, pred, classes, scale=scales)
 

@@ -18,8 +18,8 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from lvforecast.data import IGNORE_INDEX
-from lvforecast.lora import LogitBias, count_parameters
+from lvforecast.data.datamodule import IGNORE_INDEX
+from lvforecast.model.lora import LogitBias, count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return loss, (shift_labels != IGNORE_INDEX).sum()
 
 
-def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
+def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
     """LR multiplier: linear warmup over ``warmup_steps``, then cosine decay to ``min_ratio`` at ``total_steps``."""
 
     def factor(step: int) -> float:
@@ -57,14 +57,27 @@ def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float = 0
     return factor
 
 
+def constant_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> None:
+    """``scheduler=none``: the optimizer's learning rate throughout (no scheduler object)."""
+    return None
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                    min_lr_ratio: float) -> torch.optim.lr_scheduler.LRScheduler:
+    """``scheduler=cosine``: linear warmup, then cosine decay to ``min_lr_ratio x lr`` at ``total_steps``."""
+    if total_steps is None or total_steps < 1:
+        raise ValueError("scheduler=cosine needs trainer.max_steps >= 1 to know where the decay ends")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(warmup_steps, total_steps, min_lr_ratio))
+
+
 class LoRAForecaster(pl.LightningModule):
     """Trains the adapter of a PEFT model.
 
     Args:
         model: A ``peft.PeftModel`` around a causal LM (base frozen).
         optimizer: Partial optimizer, completed with the trainable parameters only.
-        scheduler: ``{name: none}`` or ``{name: cosine, warmup_steps: int, min_lr_ratio: float}``;
-            cosine decays over ``trainer.max_steps``.
+        scheduler: Partial ``(optimizer, total_steps) -> LRScheduler | None`` (``conf/scheduler/``), called
+            with ``trainer.max_steps``; stepped every optimizer step.
         train_logit_bias: Add a trainable, zero-initialised bias to the output logits.
         grad_norm_every_n_steps: Log per-layer gradient norms of each LoRA A and B every k steps
             (0 disables).
@@ -74,18 +87,16 @@ class LoRAForecaster(pl.LightningModule):
         self,
         model: Any,
         optimizer: Callable[..., torch.optim.Optimizer],
-        scheduler: dict[str, Any] | None = None,
-        train_logit_bias: bool = False,
-        grad_norm_every_n_steps: int = 50,
+        scheduler: Callable[..., Any],
+        train_logit_bias: bool,
+        grad_norm_every_n_steps: int,
     ) -> None:
         super().__init__()
         # from_pretrained returns eval mode and Lightning keeps each submodule's mode, so LoRA
         # dropout would silently stay off without this.
         self.model = model.train()
         self.optimizer_factory = optimizer
-        self.scheduler_cfg = dict(scheduler or {"name": "none"})
-        if self.scheduler_cfg.get("name") not in ("none", "cosine"):
-            raise ValueError(f"scheduler.name={self.scheduler_cfg.get('name')!r}: allowed 'none' or 'cosine'")
+        self.scheduler_factory = scheduler
         vocab = model.get_output_embeddings().weight.shape[0]
         self.logit_bias = LogitBias(vocab) if train_logit_bias else None
         self.grad_norm_every_n_steps = grad_norm_every_n_steps
@@ -146,14 +157,9 @@ class LoRAForecaster(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
-        if self.scheduler_cfg["name"] == "none":
+        scheduler = self.scheduler_factory(optimizer, total_steps=self.trainer.max_steps)
+        if scheduler is None:
             return optimizer
-        max_steps = self.trainer.max_steps
-        if max_steps is None or max_steps < 1:
-            raise ValueError("scheduler.name=cosine needs trainer.max_steps >= 1 to know where the decay ends")
-        factor = cosine_with_warmup(int(self.scheduler_cfg.get("warmup_steps", 0)), max_steps,
-                                    float(self.scheduler_cfg.get("min_lr_ratio", 0.0)))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -171,7 +177,7 @@ class LoRAForecaster(pl.LightningModule):
         if norms:
             # Straight to the loggers at this step: through self.log, Lightning would write these values only on
             # its own logging steps and repeat them there until the next computation (stale, mislabelled rows).
-            from lvforecast.callbacks import logger_step
+            from lvforecast.budget.callback import logger_step
 
             values = dict(zip(norms, torch.stack(list(norms.values())).tolist(), strict=True))
             for logger in self.loggers:

@@ -11,7 +11,7 @@ Contract of :func:`simulate_systems`:
 * per-system parameters drawn uniformly: a in [0.1, 0.3], b in [0.2, 0.5],
   d in [0.1, 0.3], h in [0.05, 0.2], e in [0.3, 0.7], K in [5, 15], and
   initial state x0, y0 in [0.8, 1.2];
-* output is a :class:`~lvforecast.trajectories.Trajectories` with float32
+* output is a :class:`~lvforecast.data.trajectories.Trajectories` with float32
   values >= 0 (tiny negative integration error clipped) and the drawn
   parameters in ``params`` (a, b, c, d, K, h, e, x0, y0);
 * fully determined by ``seed``.
@@ -30,7 +30,7 @@ output interval). The dynamics' rates are <= ~0.5 per time unit, so the
 global error is ~1e-7, far below float32 output resolution; the tests check
 this against scipy's adaptive DOP853.
 
-Run as a CLI: ``python -m lvforecast.simulate --out FILE --systems N --seed S``.
+Run as a CLI: ``python -m lvforecast.data.simulate --out FILE --systems N --seed S``.
 Importing this module touches no disk or network.
 """
 
@@ -44,7 +44,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lvforecast.trajectories import Trajectories, write_trajectories
+from lvforecast.data.trajectories import Trajectories, write_trajectories
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             ``sys.argv``.
     """
     parser = argparse.ArgumentParser(
-        prog="python -m lvforecast.simulate",
+        prog="python -m lvforecast.data.simulate",
         description="Simulate Rosenzweig-MacArthur predator-prey trajectories to HDF5.",
     )
     parser.add_argument("--out", required=True, help="output .h5 file")

@@ -17,7 +17,7 @@ Contract:
 * Logged every ``trainer.log_every_n_steps`` steps, at the step Lightning logs that batch's ``train/loss``:
   ``flops/step``, ``flops/run``, ``flops/study``, ``flops/budget_left``.
 
-FLOP formulas live in :mod:`lvforecast.flops`; this module only multiplies, accumulates and stops.
+FLOP formulas live in :mod:`lvforecast.budget.formulas`; this module only multiplies, accumulates and stops.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 
-from lvforecast.budget import Kind, Ledger
-from lvforecast.flops import Conventions, LoRASpec, ModelShape, forward_flops
+from lvforecast.budget.formulas import forward_flops
+from lvforecast.budget.ledger import Kind
+from lvforecast.budget.reservation import Reservation
 
 log = logging.getLogger(__name__)
 
@@ -47,53 +48,36 @@ class FlopBudget(pl.Callback):
     """Charge, log and enforce the FLOP budget of one run.
 
     Args:
-        ledger: The study's ledger.
-        run_id: This run's id from :meth:`Ledger.open_run` (its reservation is the run's cap).
-        reserved: FLOPs reserved for this run.
-        shape: Model shape the formulas read.
-        lora: LoRA spec (rank, targets, logit bias), or None.
-        conventions: Counting conventions (the brief's by default).
-        next_step_shape: ``(B, N)`` used to predict the next training step.
-        final_validation_flops: Cost of one full validation pass, kept in hand for the last one.
+        reservation: The run's :class:`~lvforecast.budget.reservation.Reservation` (its ``reserved`` FLOPs are the
+            run's cap; its plan gives the next step's shape and one validation pass, kept in hand for the last one).
         mode: ``enforce`` stops before overspending; ``track`` only records.
         commit_every_n_steps: Commit training charges to the ledger every n steps ...
         commit_min_interval_s: ... but at most once per this many seconds (tiny models step in milliseconds).
     """
 
-    def __init__(
-        self,
-        ledger: Ledger,
-        run_id: int,
-        reserved: int,
-        shape: ModelShape,
-        lora: LoRASpec | None,
-        conventions: Conventions,
-        next_step_shape: tuple[int, int],
-        final_validation_flops: int,
-        mode: Literal["enforce", "track"] = "enforce",
-        commit_every_n_steps: int = 10,
-        commit_min_interval_s: float = 1.0,
-    ) -> None:
+    def __init__(self, reservation: Reservation, mode: Literal["enforce", "track"], commit_every_n_steps: int,
+                 commit_min_interval_s: float) -> None:
         if mode not in ("enforce", "track"):
             raise ValueError(f"budget.mode={mode!r}: allowed 'enforce' or 'track'")
         if commit_every_n_steps < 1:
             raise ValueError(f"budget.commit_every_n_steps={commit_every_n_steps!r}: must be >= 1")
         if not commit_min_interval_s >= 0:
             raise ValueError(f"budget.commit_min_interval_s={commit_min_interval_s!r}: must be >= 0")
-        self.ledger = ledger
-        self.run_id = run_id
-        self.reserved = int(reserved)
-        self.shape = shape
-        self.lora = lora
-        self.conventions = conventions
+        self.reservation = reservation
+        self.ledger = reservation.ledger
+        self.run_id = reservation.run_id
+        self.reserved = int(reservation.reserved)
+        self.shape = reservation.shape
+        self.lora = reservation.lora
+        self.conventions = reservation.conventions
         self.mode = mode
         self.commit_every_n_steps = commit_every_n_steps
-        self.final_validation_flops = int(final_validation_flops)
+        self.final_validation_flops = int(reservation.plan.validation_pass)
         self._forward_cache: dict[tuple[int, int], int] = {}
-        self.next_step_flops = 3 * self.forward(*next_step_shape)
+        self.next_step_flops = 3 * self.forward(*reservation.plan.next_step_shape)
         self.spent = 0  # committed + pending, this run
-        self.study_spent_at_start = ledger.study_spent()
-        self.budget = ledger.budget
+        self.study_spent_at_start = self.ledger.study_spent()
+        self.budget = self.ledger.budget
         self.exhausted = False
         self._pending: dict[str, list[float]] = {}  # kind -> [flops, steps, tokens, seconds]
         self._batch_start = 0.0

@@ -1,0 +1,1 @@
+"""Evaluation: constrained forecasting, metrics, baselines, behaviour classes and reports."""

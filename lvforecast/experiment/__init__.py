@@ -1,0 +1,1 @@
+"""What the entry points call: train(cfg), evaluate(cfg) and the Hydra sweep machinery."""
