@@ -26,10 +26,10 @@ import pytorch_lightning as pl
 import torch
 
 from lvforecast.budget.callback import FlopBudget
-from lvforecast.budget.formulas import Conventions, LoRASpec, shape_of
 from lvforecast.budget.ledger import Ledger
 from lvforecast.budget.planning import Plan
 from lvforecast.budget.reservation import Reservation
+from lvforecast.budget.shapes import Conventions, LoRASpec, shape_of
 from lvforecast.data.datamodule import LotkaVolterraDataModule
 from lvforecast.data.simulate import simulate_systems
 from lvforecast.data.trajectories import write_trajectories
@@ -141,7 +141,7 @@ def main() -> None:
     print(f"accounting overhead = {100 * overhead:.2f}% of the baseline step time (target < 1%)"
           + ("" if overhead < 0.01 else "  WARNING: above target"))
 
-    cmd = [sys.executable, "-m", "lvforecast.budget.formulas", "--model", "qwen2.5-0.5b", "--seq-len", "512", "--batch", "4"]
+    cmd = [sys.executable, "-m", "lvforecast", "flops", "--model", "qwen2.5-0.5b", "--seq-len", "512", "--batch", "4"]
     times = []
     for _ in range(3):
         start = time.perf_counter()

@@ -7,31 +7,39 @@
 Prints forecasts per second of each, their ratio (target >= 10x), how many (b) forecasts parse to the full
 horizon and whether the greedy values of (a) and (b) agree on those.
 
-    .venv/bin/python benchmarks/forecast.py --systems 8 --cache /tmp/lvcache/smollm2-135m
+    .venv/bin/python benchmarks/forecast.py --systems 8      # --cache DIR: default the runs' SmolLM2 cache
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from transformers import GenerationConfig
 
-from lvforecast.data.encoding import STEP_SEP, decode, encode
+from lvforecast.data.encoding import STUDY_DECIMALS, STUDY_SCALE, decode, encode_prompt
 from lvforecast.data.simulate import simulate_systems
-from lvforecast.evaluation.forecast import Grammar, forecast, max_new_tokens_bound
+from lvforecast.evaluation.grammar import Grammar, max_new_tokens_bound
 from lvforecast.model.loading import load_smollm2
+from lvforecast.utils import project_cache_dir
+
+#: conf/evaluate.yaml's forecast node: the evaluation's settings; the command line overrides a few.
+FORECAST = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "evaluate.yaml").forecast
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--systems", type=int, default=8)
-    parser.add_argument("--context-steps", type=int, default=80)
-    parser.add_argument("--horizon-steps", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--cache", default="/tmp/lvcache/smollm2-135m")
+    parser.add_argument("--context-steps", type=int, default=FORECAST.context_steps)
+    parser.add_argument("--horizon-steps", type=int, default=FORECAST.horizon_steps)
+    parser.add_argument("--batch-size", type=int, default=FORECAST.batch_size)
+    parser.add_argument("--cache", default=str(project_cache_dir(Path(__file__).resolve().parents[1]) / "smollm2-135m"),
+                        help="the dequantized SmolLM2 copy (default: the training runs' cache)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -39,12 +47,13 @@ def main() -> None:
     lm = load_smollm2(args.cache)
     model, tok = lm.model.eval(), lm.tokenizer
     data = simulate_systems(n_systems=args.systems, seed=args.seed).values
-    scales = [0.5] * args.systems
-    bound = max_new_tokens_bound(args.horizon_steps, Grammar())
+    scales = [STUDY_SCALE] * args.systems
+    bound = max_new_tokens_bound(args.horizon_steps, Grammar(FORECAST.max_int_digits, STUDY_DECIMALS))
+    forecast = instantiate(FORECAST, context_steps=args.context_steps, horizon_steps=args.horizon_steps,
+                           batch_size=args.batch_size)
 
     start = time.perf_counter()
-    res = forecast(model, tok, lm.char_ids, data, scales, context_steps=args.context_steps,
-                   horizon_steps=args.horizon_steps, batch_size=args.batch_size)
+    res = forecast(model, tok, lm.char_ids, data, scales, decimals=STUDY_DECIMALS)
     t_a = time.perf_counter() - start
 
     config = GenerationConfig(max_new_tokens=bound, do_sample=False, num_beams=1,
@@ -54,7 +63,7 @@ def main() -> None:
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(args.systems):
-            prompt = encode(data[i, :args.context_steps], scales[i]) + STEP_SEP
+            prompt = encode_prompt(data[i, :args.context_steps], scales[i], STUDY_DECIMALS)
             ids = tok(prompt, add_special_tokens=False, return_tensors="pt")
             out = model.generate(**ids, generation_config=config)
             texts.append(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
@@ -62,7 +71,7 @@ def main() -> None:
 
     # Where the time goes: the prompt forward passes alone (no generation), batched as (a) and one by one as (b).
     # (a) cannot be faster than its prefill, so t_b / prefill_a bounds the speed-up any decoding scheme reaches.
-    prompts = [encode(data[i, :args.context_steps], scales[i]) + STEP_SEP for i in range(args.systems)]
+    prompts = [encode_prompt(data[i, :args.context_steps], scales[i], STUDY_DECIMALS) for i in range(args.systems)]
     tok.padding_side = "left"
     start = time.perf_counter()
     with torch.no_grad():
@@ -78,7 +87,7 @@ def main() -> None:
 
     parsed = agree = 0
     for i, text in enumerate(texts):
-        values, n = decode(text, scales[i], 3)
+        values, n = decode(text, scales[i], STUDY_DECIMALS)
         if n >= args.horizon_steps:
             parsed += 1
             agree += bool(np.array_equal(values[:args.horizon_steps], res.values[i]))

@@ -68,6 +68,14 @@ import torch
 from lvforecast.model.module import LoRAForecaster, constant_schedule, token_loss_sum
 
 TARGET_RATIO = 0.97
+REPO = Path(__file__).resolve().parents[1]
+
+
+def default_smollm2_cache() -> Path:
+    """The project's SmolLM2 cache, as ``conf/paths/default.yaml`` places it (``$LVFORECAST_CACHE`` or ``.cache``)."""
+    from lvforecast.utils import project_cache_dir
+
+    return project_cache_dir(REPO) / "smollm2-135m"
 
 # name -> build_tiny_qwen keyword arguments
 PRESETS: dict[str, dict[str, int]] = {
@@ -149,7 +157,7 @@ def make_loader(batches: Sequence[dict[str, torch.Tensor]]) -> torch.utils.data.
 
 # ---- model and data -------------------------------------------------------------------------------
 
-def load_base(model: str, seed: int, smollm2_cache: str) -> tuple[Any, Any, str]:
+def load_base(model: str, seed: int, smollm2_cache: str | Path) -> tuple[Any, Any, str]:
     """Build the base model once; every run deep-copies it, so all runs start from these weights.
 
     Args:
@@ -163,7 +171,7 @@ def load_base(model: str, seed: int, smollm2_cache: str) -> tuple[Any, Any, str]
     from lvforecast.model.loading import build_tiny_qwen, load_smollm2
 
     if model == "smollm2":
-        loaded = load_smollm2(smollm2_cache, dtype="float32")
+        loaded = load_smollm2(str(smollm2_cache), dtype="float32")
     else:
         loaded = build_tiny_qwen(**PRESETS[model], seed=seed, dtype="float32", attn_implementation="sdpa")
     return loaded.model, loaded.tokenizer, loaded.name
@@ -483,7 +491,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="also time a Lightning variant without the module's per-step self.log calls")
     p.add_argument("--lockstep-steps", type=int, default=None,
                    help="timed pairs of the step-by-step interleaved cross-check (default: --steps; 0 skips it)")
-    p.add_argument("--smollm2-cache", default="/tmp/lvcache/smollm2-135m")
+    p.add_argument("--smollm2-cache", type=Path, default=default_smollm2_cache(),
+                   help="the dequantized SmolLM2 copy (default: $LVFORECAST_CACHE/smollm2-135m, else "
+                        "<repo>/.cache/smollm2-135m, the training runs' cache)")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1 or args.batch_size < 1 or args.context_length < 2:

@@ -31,6 +31,15 @@ def instantiate_list(group: DictConfig | None, exclude: tuple[str, ...] = (), **
     return [instantiate(node, **kwargs) for node in nodes]
 
 
+def project_cache_dir(repo: str | Path) -> Path:
+    """The cache folder runs use (``conf/paths/default.yaml``: ``$LVFORECAST_CACHE``, else ``<root>/.cache`` with
+    root ``$LVFORECAST_ROOT`` or ``repo``); for scripts that run outside Hydra, such as the benchmarks."""
+    import os
+
+    root = Path(os.environ.get("LVFORECAST_ROOT") or repo)
+    return Path(os.environ.get("LVFORECAST_CACHE") or root / ".cache")
+
+
 def git_sha(cwd: str | Path = ".") -> str | None:
     """The current commit of ``cwd``'s repository, or None outside one."""
     try:
@@ -90,16 +99,17 @@ def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def plot_loss_curve(metrics_csv: str | Path, out_png: str | Path, title: str = "") -> Path | None:
-    """Plot ``train/loss`` and ``val/loss`` against the step into a PNG; None when nothing was logged."""
-    import matplotlib
+    """Plot ``train/loss`` and ``val/loss`` against the step into a PNG; None when nothing was logged.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a :class:`matplotlib.figure.Figure`: no pyplot state, no backend switch.
+    """
+    from matplotlib.figure import Figure  # lazy: a heavy import, and only the plot needs it
 
     series = read_metrics_csv(metrics_csv)
     if "train/loss" not in series and "val/loss" not in series:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     for key, style in (("train/loss", dict(color="tab:blue", alpha=0.6, lw=1)),
                        ("val/loss", dict(color="tab:red", marker="o", lw=2))):
         if key in series:
@@ -112,5 +122,4 @@ def plot_loss_curve(metrics_csv: str | Path, out_png: str | Path, title: str = "
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
-    plt.close(fig)
     return Path(out_png)

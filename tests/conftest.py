@@ -1,8 +1,13 @@
-"""Shared fixtures: the real conf/ composed with small overrides, a simulated data file, the tiny model."""
+"""Shared fixtures: the real conf/ composed with small overrides, a simulated data file, the tiny model.
+
+Test tiers: ``pytest -q`` runs everything; ``pytest -m "not slow"`` is the fast inner loop. ``slow`` marks
+subprocess multiruns, SIGKILL runs and (automatically, below) every ``smollm2`` test.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -11,6 +16,13 @@ from omegaconf import DictConfig, open_dict
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 REAL_DATA = ROOT.parent / "shared" / "data" / "lotka_volterra_data.h5"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Put every ``smollm2`` test in the slow tier: loading the 135M model takes seconds, dequantizing ~20 s."""
+    for item in items:
+        if item.get_closest_marker("smollm2") is not None and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -64,3 +76,30 @@ TINY_RUN = [
     "trainer.limit_val_batches=2",
     "optim.lr=1e-2",
 ]
+
+# The one finished tiny run tests share (tiny_run): 4 steps, validation every 2 with one sanity batch, every
+# metric logged each step and the LoRA gradient norms every 2 steps.
+TINY_RUN_STEPS = TINY_RUN + ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.num_sanity_val_steps=1",
+                             "trainer.log_every_n_steps=1", "grad_norm_every_n_steps=2"]
+
+
+class FinishedRun(NamedTuple):
+    """A finished training run: its composed config, what ``train`` returned, and its run directory."""
+
+    cfg: DictConfig
+    result: dict[str, Any]
+    out: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(sim_cache, tmp_path_factory) -> FinishedRun:
+    """:data:`TINY_RUN_STEPS` trained once per session into its own run dir (and ledger); read it, never write.
+
+    Tests that only inspect a finished run's outputs (files, checkpoint, ledger charges) use this rather than
+    training their own.
+    """
+    from lvforecast.experiment.train import train
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    cfg = compose_train(TINY_RUN_STEPS, output_dir=out, cache_dir=sim_cache)
+    return FinishedRun(cfg, train(cfg), out)

@@ -6,15 +6,8 @@ import torch
 from torch import nn
 
 from lvforecast.budget.audit import FlopAudit, audit_forward, compare, price
-from lvforecast.budget.formulas import (
-    BUILTIN,
-    PROJECTIONS,
-    Conventions,
-    LoRASpec,
-    forward_flops,
-    generation_flops,
-    shape_of,
-)
+from lvforecast.budget.formulas import forward_flops, generation_flops
+from lvforecast.budget.shapes import BUILTIN, PROJECTIONS, Conventions, LoRASpec, shape_of
 from lvforecast.model.loading import build_tiny_qwen, load_smollm2
 from lvforecast.model.lora import LogitBias, apply_lora
 

@@ -10,6 +10,7 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,13 +20,20 @@ from pathlib import Path
 
 import pytest
 
-from lvforecast.budget import ledger as budget_mod
-from lvforecast.budget.ledger import BudgetExceededError, Ledger, main
+from lvforecast.budget import report as report_mod
+from lvforecast.budget.ledger import BudgetExceededError, Ledger
+from lvforecast.budget.liveness import boot_id, owner_alive, proc_stat, same_machine
+from lvforecast.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 N_WORKERS = 8
 N_TRIALS = 40
+
+
+def main(argv: list[str]) -> int:
+    """``lvforecast budget ARGV`` in-process."""
+    return cli_main(["budget", *argv])
 
 
 def _ledger(tmp_path: Path, budget: float | None = 1000, **kw) -> Ledger:
@@ -207,6 +215,7 @@ def _race_worker(worker: int, specs: list[dict], barrier, results) -> None:
         barrier.wait(timeout=60)
 
 
+@pytest.mark.slow
 def test_racing_processes_never_exceed_the_budget(tmp_path):
     specs = _trial_specs(tmp_path)
     ctx = mp.get_context("spawn")
@@ -281,6 +290,7 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.stdout.close()
 
 
+@pytest.mark.slow
 def test_sigkilled_run_is_repaired_by_reconcile(tmp_path):
     ledger = _ledger(tmp_path, budget=10**6)
     proc, run = _start_victim(ledger.path)
@@ -313,6 +323,7 @@ def test_sigkilled_run_is_repaired_by_reconcile(tmp_path):
     ledger.finish(new)
 
 
+@pytest.mark.slow
 def test_open_run_releases_dead_owners_itself(tmp_path):
     ledger = _ledger(tmp_path, budget=10**6)
     proc, run = _start_victim(ledger.path)
@@ -343,6 +354,26 @@ def test_reconcile_forced_ids(tmp_path):
     assert ledger.remaining() == 1000
     with pytest.raises(ValueError, match="is 'crashed', not 'running'"):
         ledger.reconcile([a])
+
+
+def test_liveness_of_this_process_and_of_other_machines():
+    stat = proc_stat(os.getpid())
+    assert stat is not None and stat[0] in "RSD"  # /proc is there on the Linux machines the tests run on
+    host = socket.gethostname()
+    assert same_machine(host, boot_id()) and same_machine(host, None)
+    assert not same_machine("elsewhere", boot_id())
+    assert owner_alive(host, boot_id(), os.getpid(), stat[1])
+    assert not owner_alive(host, boot_id(), os.getpid(), stat[1] + 1)  # same pid, another start time: pid reuse
+    assert not owner_alive(host, boot_id(), 0, None)
+    assert owner_alive("elsewhere", None, 0, None)  # other machines cannot be checked, so count as alive
+
+
+def test_importing_the_budget_modules_touches_no_disk_and_no_matplotlib(tmp_path):
+    code = ("import sys; import lvforecast.budget.ledger, lvforecast.budget.liveness, lvforecast.budget.report, "
+            "lvforecast.budget.store, lvforecast.cli; assert 'matplotlib' not in sys.modules, 'matplotlib imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- report ---------------------------------------------------------------------------------------------------
@@ -384,7 +415,7 @@ def test_report_numbers_are_hand_derivable(tmp_path):
     assert (rep["budget"], rep["reserved_outstanding"], rep["remaining"]) == (1000, 100, 250)
     assert [r["name"] for r in rep["refused"]] == ["too_big"]
 
-    md = budget_mod.format_report_markdown(rep)
+    md = report_mod.format_report_markdown(rep)
     assert "| run | sweep | status | training | validation | inference | total | share of budget |" in md
     assert "| #1 lr1e-4_r8 | lr_rank | finished | 3.00e+02 | 5.00e+01 | 5.00e+01 | 4.00e+02 | 40.00% |" in md
     assert "| **total** | | | 5.50e+02 | 5.00e+01 | 5.00e+01 | **6.50e+02** | **65.00%** |" in md
@@ -431,14 +462,14 @@ def test_cli_default_path_show_reconcile_and_missing_ledger(tmp_path, capsys, mo
 
 def test_module_entry_point(tmp_path):
     ledger = _small_study(tmp_path)
-    out = subprocess.run([sys.executable, "-m", "lvforecast.budget.ledger", "show", "--ledger", str(ledger.path)],
+    out = subprocess.run([sys.executable, "-m", "lvforecast", "budget", "show", "--ledger", str(ledger.path)],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "final" in out.stdout and "remaining 2.50e+02" in out.stdout
 
 
 def test_chart_labels_drop_overrides_every_run_shares():
-    from lvforecast.budget.ledger import _chart_labels
+    from lvforecast.budget.report import _chart_labels
 
     runs = [{"id": i, "name": f"model=tiny,lora.r={r},optim.lr=0.01", "sweep": "s"} for i, r in ((1, 2), (2, 8))]
     assert _chart_labels(runs) == ["#1 lora.r=2 [s]", "#2 lora.r=8 [s]"]

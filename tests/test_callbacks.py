@@ -5,9 +5,10 @@ import json
 import pytest
 from conftest import TINY_RUN, compose_train
 
-from lvforecast.budget.formulas import Conventions, LoRASpec, forward_flops
+from lvforecast.budget.formulas import forward_flops
 from lvforecast.budget.ledger import BudgetExceededError, Ledger
 from lvforecast.budget.planning import planning_shape
+from lvforecast.budget.shapes import Conventions, LoRASpec
 from lvforecast.experiment.train import train
 
 RUN = TINY_RUN + ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=2"]
@@ -21,9 +22,9 @@ def _charges(ledger_path):
     return {kind: (flops, steps) for kind, flops, steps in rows}
 
 
-def test_ledger_holds_exactly_what_ran(sim_cache, tmp_path):
-    cfg = compose_train(RUN + ["trainer.num_sanity_val_steps=1"], output_dir=tmp_path, cache_dir=sim_cache)
-    result = train(cfg)
+def test_ledger_holds_exactly_what_ran(tiny_run):
+    # tiny_run: 4 steps, validation every 2 steps over 2 batches, one sanity batch, its own ledger.
+    cfg, result, tmp_path = tiny_run
     shape = planning_shape(cfg.model)
     lora = LoRASpec(rank=4)
     # Every training batch is 4 full windows of 96 tokens (no padding in this data): 4 steps x 3 x forward.
@@ -116,6 +117,7 @@ def test_failed_run_is_marked_and_keeps_its_charges(sim_cache, tmp_path, monkeyp
     assert ledger.run_spent(run["id"]) == 2 * 3 * fwd + 2 * fwd
 
 
+@pytest.mark.slow
 def test_training_process_killed_with_sigkill_leaves_a_ledger_reconcile_repairs(sim_cache, tmp_path):
     import os
     import signal

@@ -10,10 +10,10 @@ from lvforecast.data.datamodule import (
     PadCollator,
     build_windows,
     encode_series,
-    split_systems,
     window_starts,
 )
-from lvforecast.data.encoding import ScaleRule
+from lvforecast.data.encoding import ScaleRule, encode_prompt
+from lvforecast.data.split import evaluation_order, split_systems
 from lvforecast.data.trajectories import write_trajectories
 from lvforecast.model.loading import build_char_tokenizer, build_tiny_qwen
 from lvforecast.model.module import token_loss_sum
@@ -120,3 +120,36 @@ def test_datamodule_percentile_scale_stored_per_series(tmp_path):
     scales = {s: e.scale for s, e in dm.series.items()}
     expected = {s: np.percentile(values[s, :20], 90) / 5.0 for s in scales}
     assert scales == pytest.approx(expected)
+
+
+def test_evaluation_order_puts_the_examples_first_when_cut():
+    test = [1, 4, 7, 9, 12, 20]
+    assert evaluation_order(test, first=[20, 5, 7]) == test  # no cut: the split, in its order
+    # A cut keeps the examples in the split (20, 7; 5 is not in it), then the split's order, then sorts.
+    assert evaluation_order(test, first=[20, 5, 7], max_systems=3) == [1, 7, 20]
+    assert evaluation_order(test, max_systems=2) == [1, 4]
+
+
+def test_evaluation_inputs_hand_over_systems_series_scales_and_prompts(tmp_path):
+    values = _series(n_systems=20, steps=30).astype(np.float32)
+    values[5] *= 100
+    path = tmp_path / "lv.h5"
+    write_trajectories(path, values, np.linspace(0, 60, 30))
+    dm = LotkaVolterraDataModule(str(path), context_length=64, scale_context_steps=24, pinned_test_systems=[3, 5],
+                                 scale={"kind": "percentile", "percentile": 90, "target": 5.0})
+    test = split_systems(20, dm.split_fractions, dm.split_seed, [3, 5]).test
+    inputs = dm.evaluation_inputs(context_steps=10, horizon_steps=5, max_systems=2, first=[5])
+    assert inputs.systems == sorted([5, next(s for s in test if s != 5)])
+    assert inputs.values.shape == (2, 30, 2) and inputs.series.shape == (2, 15, 2)
+    assert inputs.context.shape == (2, 10, 2) and inputs.truth.shape == (2, 5, 2)
+    np.testing.assert_array_equal(inputs.truth, values[inputs.systems, 10:15].astype(np.float64))
+    # Scales come from the forecasting context (10 steps), not scale_context_steps (24).
+    expected = [np.percentile(values[s, :10].astype(np.float64), 90) / 5.0 for s in inputs.systems]
+    np.testing.assert_allclose(inputs.scales, expected)
+    assert inputs.prompts == [encode_prompt(values[s, :10].astype(np.float64), sc, 3)
+                              for s, sc in zip(inputs.systems, inputs.scales, strict=True)]
+    split_file = tmp_path / "split.json"
+    split_file.write_text('{"test": [0, 2, 19]}')
+    assert dm.evaluation_inputs(10, 5, split_file=split_file).systems == [0, 2, 19]
+    with pytest.raises(ValueError):
+        dm.evaluation_inputs(context_steps=28, horizon_steps=5)  # the file has 30 steps, 33 are needed

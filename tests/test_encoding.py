@@ -3,7 +3,15 @@
 import numpy as np
 import pytest
 
-from lvforecast.data.encoding import ScaleRule, TokenizerError, check_tokenizer, decode, encode
+from lvforecast.data.encoding import (
+    VARIABLES,
+    ScaleRule,
+    TokenizerError,
+    check_tokenizer,
+    decode,
+    encode,
+    encode_prompt,
+)
 from lvforecast.model.loading import build_char_tokenizer
 
 
@@ -115,3 +123,9 @@ def test_tokenizer_check_refuses_digit_merges():
     assert tok.encode("1", add_special_tokens=False) == [1]  # single characters alone look fine ...
     with pytest.raises(TokenizerError, match=r"'merger'.*merges digits"):
         check_tokenizer(tok, "merger")  # ... but "12" in the sample becomes one token
+
+
+def test_prompt_is_the_encoded_context_then_a_step_separator():
+    context = np.array([[1.1335121, 1.103], [0.5555, 1.258]])
+    assert encode_prompt(context, 0.5, 3) == encode(context, 0.5, 3) + ";" == "2.267,2.206;1.111,2.516;"
+    assert VARIABLES == ("prey", "predator")

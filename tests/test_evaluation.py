@@ -33,7 +33,7 @@ def tiny_run(sim_cache, tmp_path_factory):
 
 
 def test_evaluate_a_tiny_run_end_to_end(tiny_run, sim_cache, tmp_path):
-    cfg = compose_eval([f"run_dir={tiny_run}", "max_systems=6", "baselines=[persistence,ar]", "batch_size=4"],
+    cfg = compose_eval([f"run_dir={tiny_run}", "max_systems=6", "baselines=[persistence,ar]", "forecast.batch_size=4"],
                        tmp_path, sim_cache)
     result = evaluate(cfg)
     assert result["parse_failures"] == 0  # constrained decoding: a random tiny model still parses
@@ -54,7 +54,7 @@ def test_evaluate_a_tiny_run_end_to_end(tiny_run, sim_cache, tmp_path):
 
 
 def test_zero_shot_and_unconstrained_failures_are_counted(sim_cache, tmp_path):
-    cfg = compose_eval(["model=tiny", "data=simulated", "max_systems=4", "constrained=false", "baselines=[]"],
+    cfg = compose_eval(["model=tiny", "data=simulated", "max_systems=4", "forecast.constrained=false", "baselines=[]"],
                        tmp_path, sim_cache)
     result = evaluate(cfg)
     # A random-init model writes garbage when unconstrained: failures are counted and the metrics skip NaNs.
@@ -99,6 +99,12 @@ def test_dry_run_plans_the_reservation_without_loading(sim_cache, tmp_path):
     assert run["planned_flops"] == dry["plan"]["generate_upper_bound"] >= result["flops"]
 
 
+def test_examples_are_the_pinned_test_systems_in_class_order(tmp_path):
+    cfg = compose_eval([], tmp_path)
+    assert list(cfg.examples) == list(cfg.data.pinned_test_systems) == [906, 506, 20, 654]
+    assert cfg.forecast._target_ == "lvforecast.evaluation.forecast.forecast" and cfg.forecast._partial_
+
+
 def test_missing_run_dir_parts_are_named(tmp_path):
     cfg = compose_eval([f"run_dir={tmp_path}"], tmp_path)
     with pytest.raises(ValueError, match=r"has no config.yaml.*has no split.json.*has no adapter"):
@@ -106,10 +112,11 @@ def test_missing_run_dir_parts_are_named(tmp_path):
 
 
 @pytest.mark.smollm2
+@pytest.mark.slow
 @pytest.mark.skipif(not REAL_DATA.exists(), reason=f"study data file not present at {REAL_DATA}")
 def test_smollm2_zero_shot_on_the_study_examples(smollm2_dir, tmp_path):
     cfg = compose_eval(["model=smollm2-135m", f"data.path={REAL_DATA}", "max_systems=4", "baselines=[persistence]",
-                        "horizon_steps=5"], tmp_path)
+                        "forecast.horizon_steps=5"], tmp_path)
     with open_dict(cfg):
         cfg.model.loader.cache_dir = str(smollm2_dir)
     result = evaluate(cfg)

@@ -7,21 +7,43 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import CONF
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
-from lvforecast.budget.formulas import Conventions, generation_flops, shape_of
+from lvforecast.budget.formulas import generation_flops
+from lvforecast.budget.shapes import Conventions, shape_of
 from lvforecast.data.encoding import ALPHABET, decode
 from lvforecast.data.simulate import simulate_systems
-from lvforecast.evaluation.forecast import (
+from lvforecast.evaluation.forecast import planned_batches, row_batches
+from lvforecast.evaluation.grammar import (
     START,
     Grammar,
     LLMTimeLogitsProcessor,
     StepsStoppingCriteria,
-    forecast,
     max_new_tokens_bound,
 )
 from lvforecast.model.loading import build_tiny_qwen
 
 CONTEXT, HORIZON = 12, 4
+#: conf/evaluate.yaml's forecast node: the settings every call below starts from (the study's 3 decimals).
+DEFAULTS = instantiate(OmegaConf.load(CONF / "evaluate.yaml").forecast)
+
+
+def forecast(*args, **overrides):
+    """The configured forecaster with the data's decimals, settings overridden per call."""
+    return DEFAULTS(*args, **{"decimals": 3, **overrides})
+
+
+def test_forecast_node_binds_the_forecasters_signature():
+    import inspect
+
+    from lvforecast.evaluation import forecast as module
+
+    params = inspect.signature(module.forecast).parameters
+    assert DEFAULTS.func is module.forecast and set(DEFAULTS.keywords) <= set(params)
+    # Each setting is stated once: in the YAML, with no default in the signature.
+    assert all(params[k].default is inspect.Parameter.empty for k in DEFAULTS.keywords)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +108,7 @@ def test_grammar_accepts_encoded_text_and_rejects_bad_characters():
         with pytest.raises(ValueError):
             _replay(grammar, bad)
     with pytest.raises(ValueError, match="max_int_digits=0"):
-        Grammar(max_int_digits=0)
+        Grammar(max_int_digits=0, decimals=3)
     assert max_new_tokens_bound(20, grammar) == 20 * (2 * (2 + 1 + 3) + 2)
 
 
@@ -161,6 +183,17 @@ def test_flops_charged_equal_generation_flops(tiny, series):
     assert charges[0] == (expected, 2 * (prompt_len + new))
 
 
+def test_planned_batches_are_the_forecasters_batches_at_the_decode_bound(tiny, series):
+    kwargs = dict(horizon_steps=HORIZON, max_int_digits=2, decimals=3, num_samples=2, batch_size=3)
+    res = forecast(tiny.model, tiny.tokenizer, tiny.char_ids, series[:3], [0.5, 0.05, 0.5], context_steps=CONTEXT,
+                   **{k: v for k, v in kwargs.items() if k != "decimals"})
+    planned = planned_batches(res.prompt_tokens, **kwargs)
+    assert row_batches(3, 2, 3) == [[0, 0, 1], [1, 2, 2]]
+    bound = max_new_tokens_bound(HORIZON, Grammar(max_int_digits=2, decimals=3))
+    assert planned == [(3, max(res.prompt_tokens[:2]), bound), (3, max(res.prompt_tokens[1:]), bound)]
+    assert bound == res.max_new_tokens
+
+
 def test_trained_logit_bias_is_added_before_the_grammar(tiny, series):
     # A bias of +1e4 on '7' outweighs any logit, so greedy picks '7' wherever the grammar allows a digit:
     # two integer digits (max_int_digits=2), then the forced '.', then three decimals -> 77.777 in encoded
@@ -192,6 +225,7 @@ def test_long_prompt_is_flagged(tiny, series, caplog):
 
 
 @pytest.mark.smollm2
+@pytest.mark.slow
 def test_smollm2_zero_shot_constrained_parses(smollm2_dir):
     from lvforecast.model.loading import load_smollm2
 

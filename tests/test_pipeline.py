@@ -1,6 +1,7 @@
 """End to end on the tiny model: a few-step fit writes a complete run dir, reloads and resumes."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,21 +10,9 @@ from conftest import TINY_RUN, compose_train
 from lvforecast.experiment.train import train
 
 
-@pytest.fixture(scope="module")
-def fitted(sim_cache, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    cfg = compose_train(TINY_RUN + ["trainer.max_steps=4", "trainer.val_check_interval=2",
-                                    "trainer.log_every_n_steps=1", "grad_norm_every_n_steps=2"],
-                        output_dir=out, cache_dir=sim_cache)
-    return cfg, train(cfg)
-
-
-def test_run_directory_is_complete(fitted):
-    cfg, result = fitted
-    out = result["output_dir"]
-    import pathlib
-
-    out = pathlib.Path(out)
+def test_run_directory_is_complete(tiny_run):
+    result, out = tiny_run.result, tiny_run.out
+    assert Path(result["output_dir"]) == out
     for name in ("config.yaml", "split.json", "metrics.csv", "loss_curve.png", "run_info.json",
                  "checkpoints/last.ckpt", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
         assert (out / name).is_file(), name
@@ -38,20 +27,20 @@ def test_run_directory_is_complete(fitted):
     assert "grad_norm/layer01.v_proj.lora_B" in header
 
 
-def test_checkpoint_holds_no_base_weights(fitted):
-    _, result = fitted
+def test_checkpoint_holds_no_base_weights(tiny_run):
+    result = tiny_run.result
     ckpt = torch.load(f"{result['output_dir']}/checkpoints/last.ckpt", weights_only=False, map_location="cpu")
     keys = set(ckpt["state_dict"])
     assert keys and all("lora_" in k for k in keys - {"tokens_seen"})
     assert ckpt["global_step"] == 4 and ckpt["optimizer_states"]
 
 
-def test_adapter_reloads_to_identical_outputs(fitted):
+def test_adapter_reloads_to_identical_outputs(tiny_run):
     from peft import PeftModel
 
     from lvforecast.model.loading import build_tiny_qwen
 
-    cfg, result = fitted
+    cfg, result = tiny_run.cfg, tiny_run.result
     ids = torch.tensor([[4, 5, 14, 6, 7, 8, 15, 9, 14, 10, 11, 12, 16]])
     # The fitted module is gone; rebuild the base the run used and apply the trained weights twice:
     # once from the Lightning checkpoint (independent path) and once through PEFT's own loader.
@@ -72,8 +61,8 @@ def test_adapter_reloads_to_identical_outputs(fitted):
     assert not torch.allclose(a, base_logits)  # the adapter learned something (lr 1e-2, 4 steps)
 
 
-def test_resume_continues_at_the_same_step(fitted, sim_cache, tmp_path):
-    _, first = fitted
+def test_resume_continues_at_the_same_step(tiny_run, sim_cache, tmp_path):
+    first = tiny_run.result
     cfg = compose_train(TINY_RUN + ["trainer.max_steps=6", "trainer.val_check_interval=2",
                                     f"ckpt_path={first['output_dir']}/checkpoints/last.ckpt"],
                         output_dir=tmp_path, cache_dir=sim_cache)
@@ -102,8 +91,8 @@ def test_missing_study_file_says_how_to_fix(tmp_path):
         train(cfg)
 
 
-def test_resume_with_a_different_rank_is_refused(fitted, sim_cache, tmp_path):
-    _, first = fitted
+def test_resume_with_a_different_rank_is_refused(tiny_run, sim_cache, tmp_path):
+    first = tiny_run.result
     cfg = compose_train(TINY_RUN + ["lora.r=2", "trainer.max_steps=6",
                                     f"ckpt_path={first['output_dir']}/checkpoints/last.ckpt"],
                         output_dir=tmp_path, cache_dir=sim_cache)

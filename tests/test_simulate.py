@@ -8,11 +8,17 @@ import numpy as np
 import pytest
 from scipy.integrate import solve_ivp
 
-from lvforecast.data.simulate import PARAM_RANGES, main, simulate_systems
+from lvforecast.cli import main as cli_main
+from lvforecast.data.simulate import PARAM_RANGES, simulate_systems
 from lvforecast.data.trajectories import load_trajectories
 
 REAL_FILE = Path(__file__).resolve().parents[2] / "shared/data/lotka_volterra_data.h5"
 PARAM_KEYS = {"a", "b", "c", "d", "K", "h", "e", "x0", "y0"}
+
+
+def main(argv: list[str]) -> int:
+    """``lvforecast simulate ARGV`` in-process."""
+    return cli_main(["simulate", *argv])
 
 
 def test_deterministic_by_seed() -> None:
@@ -93,7 +99,7 @@ def test_argument_validation(kwargs: dict, match: str) -> None:
 
 def test_cli_writes_readable_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "sub" / "sim.h5"
-    main(["--out", str(out), "--systems", "6", "--seed", "2", "--steps", "20", "--t-end", "40"])
+    assert main(["--out", str(out), "--systems", "6", "--seed", "2", "--steps", "20", "--t-end", "40"]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith(str(out)) and "(6, 20, 2)" in line and line.endswith("s")
     loaded = load_trajectories(out)
@@ -104,11 +110,13 @@ def test_cli_writes_readable_file(tmp_path: Path, capsys: pytest.CaptureFixture[
     np.testing.assert_array_equal(loaded.params["K"], direct.params["K"])
 
 
-def test_cli_rejects_bad_arguments(tmp_path: Path) -> None:
+def test_cli_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["--out", str(tmp_path / "x.h5"), "--systems", "0"])
     assert info.value.code == 2
     assert not (tmp_path / "x.h5").exists()
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "n_systems must be an integer >= 1" in err
 
 
 @pytest.mark.skipif(not REAL_FILE.exists(), reason=f"study data file not present at {REAL_FILE}")

@@ -1,6 +1,6 @@
 """Multirun studies: the `sweep` group, best_from, the pre-launch budget check, summaries, launchers.
 
-Multiruns run `train.py` as a real subprocess from a temporary working directory (sweeps must launch from
+Multiruns (marked slow) run `train.py` as a real subprocess from a temporary working directory (sweeps must launch from
 anywhere), on the tiny model and the simulated data, each against its own ledger.
 """
 
@@ -113,6 +113,22 @@ def test_best_from_picks_the_lowest_finished_final_loss(tmp_path):
         best_from(tmp_path / "failed.csv", "optim.lr")
 
 
+def test_job_statuses_are_the_ledgers_plus_missing():
+    from lvforecast.budget.ledger import RUN_STATUSES
+    from lvforecast.experiment.sweeps import job
+
+    assert (job.FINISHED, job.BUDGET_EXHAUSTED, job.FAILED, job.REFUSED) == (
+        "finished", "budget_exhausted", "failed", "refused")
+    assert set(job.COMPLETED) <= set(RUN_STATUSES) and job.MISSING not in RUN_STATUSES
+
+
+def test_summarize_command_needs_a_sweep_directory(tmp_path, capsys):
+    from lvforecast.experiment.sweeps.summary import summarize_command
+
+    assert summarize_command(tmp_path / "nowhere") == 2
+    assert "no such directory" in capsys.readouterr().err
+
+
 def test_context_length_sweep_takes_lr_and_rank_from_best_from_or_overrides(tmp_path):
     _summary(tmp_path / "summary.csv", [{"job": 0, "optim.lr": 1e-4, "lora.r": 8, "data.context_length": 512,
                                          "final_val_loss": 0.66, "status": "finished"}])
@@ -130,6 +146,7 @@ def test_context_length_sweep_takes_lr_and_rank_from_best_from_or_overrides(tmp_
 # ------------------------------------------------------------------------------------ pre-launch budget check
 
 
+@pytest.mark.slow
 def test_dry_run_prints_every_job_and_launches_nothing(sim_cache, tmp_path):
     ledger = tmp_path / "ledger.sqlite"
     res = multirun(["sweep=lr_rank", *TINY, f"budget.ledger_path={ledger}", "budget.dry_run=true",
@@ -148,6 +165,7 @@ def test_dry_run_prints_every_job_and_launches_nothing(sim_cache, tmp_path):
     assert not ledger.exists() and not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow
 def test_a_sweep_over_the_remaining_budget_is_refused_before_any_job(sim_cache, tmp_path):
     # One tiny job plans ~1.33e9-1.37e9 FLOPs (the dry run above prints them); 9 jobs ~1.2e10. A ledger with
     # 4e9 left could run any two jobs alone, but not the sweep: it must be refused whole.
@@ -166,6 +184,7 @@ def test_a_sweep_over_the_remaining_budget_is_refused_before_any_job(sim_cache, 
     assert not list((tmp_path / "sweep").glob("*/job_status.json"))
 
 
+@pytest.mark.slow
 def test_an_invalid_job_config_refuses_the_multirun(sim_cache, tmp_path):
     res = multirun([*TINY, "lora.r=4,0", f"budget.ledger_path={tmp_path / 'l.sqlite'}",
                     f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path, sim_cache)
@@ -177,6 +196,7 @@ def test_an_invalid_job_config_refuses_the_multirun(sim_cache, tmp_path):
 # --------------------------------------------------------------------------------------- sweeps that run
 
 
+@pytest.mark.slow
 def test_tiny_lr_rank_sweep_writes_a_nine_row_summary(sim_cache, tmp_path):
     ledger, sweep = tmp_path / "ledger.sqlite", tmp_path / "sweep"
     res = multirun(["sweep=lr_rank", *TINY, f"budget.ledger_path={ledger}", f"hydra.sweep.dir={sweep}"],
@@ -204,17 +224,18 @@ def test_tiny_lr_rank_sweep_writes_a_nine_row_summary(sim_cache, tmp_path):
     assert (sweep / "val_loss_curves.png").stat().st_size > 10_000
     assert len(read_rows(sweep / "plan.csv")) == 9
     # The summary can be rebuilt from the job directories alone (e.g. after the parent process died).
-    from lvforecast.experiment.sweeps import main as sweeps_cli
+    from lvforecast.experiment.sweeps.summary import summarize_command
 
     before = (sweep / "summary.csv").read_text()
     (sweep / "summary.csv").unlink()
-    assert sweeps_cli(["summarize", str(sweep)]) == 0 and (sweep / "summary.csv").read_text() == before
+    assert summarize_command(sweep) == 0 and (sweep / "summary.csv").read_text() == before
     # The next sweep reads the winner from this one.
     best = rows[[r["best"] for r in rows].index("True")]
     cfg = compose_train(["sweep=context_length", f"best_from={sweep}"])
     assert (cfg.optim.lr, cfg.lora.r) == (float(best["optim.lr"]), int(best["lora.r"]))
 
 
+@pytest.mark.slow
 def test_a_failing_job_is_recorded_and_the_summary_still_written(sim_cache, tmp_path):
     # trainer.accelerator=gpu fails when Lightning builds the Trainer on this CPU-only machine: after the job
     # reserved its FLOPs, so the failure path of a started job is exercised. joblib runs the two in parallel.
@@ -235,6 +256,7 @@ def test_a_failing_job_is_recorded_and_the_summary_still_written(sim_cache, tmp_
     assert "Traceback" in (sweep / "1" / "job_status.json").read_text()
 
 
+@pytest.mark.slow
 def test_submitit_local_jobs_run_in_parallel_against_one_ledger(sim_cache, tmp_path):
     ledger, sweep = tmp_path / "ledger.sqlite", tmp_path / "sweep"
     res = multirun([*TINY, "lora.r=2,4,8", "sweep_name=submitit", "hydra/launcher=submitit_local",

@@ -88,7 +88,7 @@ def test_missing_file_says_how_to_point_at_data(tmp_path: Path) -> None:
     msg = str(info.value)
     assert str(missing) in msg
     assert "data.path=/path/to/lotka_volterra_data.h5" in msg
-    assert "python -m lvforecast.data.simulate --out FILE" in msg
+    assert "lvforecast simulate --out FILE" in msg
 
 
 def test_not_hdf5(tmp_path: Path) -> None:

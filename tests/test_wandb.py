@@ -1,4 +1,4 @@
-"""W&B tracking: the mode decision, and what real offline runs hold (read back from their .wandb files).
+"""W&B tracking: the mode decision, and what real offline runs hold (read back with `wandb leet inspect`).
 
 Every run here is a real offline W&B run of the tiny model; W&B's directories, the netrc file and the
 credentials environment are redirected to temporary paths, so nothing touches $HOME and nothing goes online.
@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, TINY_RUN, compose_train
 from test_evaluation import compose_eval
+from wandb_records import read_run
 
 from lvforecast.experiment.evaluate import evaluate
 from lvforecast.experiment.train import train
-from lvforecast.tracking import decide_mode, evaluation_table, log_sweep_summary, read_run_file
+from lvforecast.tracking import decide_mode, evaluation_table, log_sweep_summary
 from lvforecast.utils import read_metrics_csv
 
 CREDENTIAL_VARS = ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_BASE_URL")
@@ -96,11 +97,11 @@ def test_a_bad_mode_fails_before_anything_loads(tmp_path):
     assert not (tmp_path / "wandb").exists()
 
 
-def test_read_run_file_rejects_other_files(tmp_path):
+def test_the_run_reader_rejects_other_files(tmp_path):
     bogus = tmp_path / "run-x.wandb"
     bogus.write_bytes(b"not a run file at all")
-    with pytest.raises(ValueError, match="not a W&B run file"):
-        read_run_file(bogus)
+    with pytest.raises(ValueError, match=r"bad header.*invalid W&B identifier"):
+        read_run(bogus)
 
 
 # ---- one tiny training run, in process ---------------------------------------------------------------------
@@ -118,7 +119,7 @@ def tiny_wandb_run(sim_cache, tmp_path_factory):
 def test_single_run_identity_config_and_summary(tiny_wandb_run):
     out, result = tiny_wandb_run
     (run_dir,) = offline_runs(out)
-    run = read_run_file(run_dir)
+    run = read_run(run_dir)
     assert run_dir.name.endswith(run.run_id)
     assert (run.project, run.group, run.job_type, run.tags) == ("lvforecast", "solo", "train", ["tiny", "wbtest"])
     assert run.exit_code == 0
@@ -136,7 +137,7 @@ def test_single_run_identity_config_and_summary(tiny_wandb_run):
 
 def test_single_run_history_steps_and_values(tiny_wandb_run):
     out, _ = tiny_wandb_run
-    run = read_run_file(offline_runs(out)[0])
+    run = read_run(offline_runs(out)[0])
     train_loss = finite_series(run, "train/loss")
     # Lightning's logging step is the batch index: 4 steps -> 0..3; validation before training (0), after
     # steps 2 and 4 (1 and 3).
@@ -164,7 +165,7 @@ def test_single_run_history_steps_and_values(tiny_wandb_run):
 def test_single_run_has_the_loss_curve_image(tiny_wandb_run):
     out, _ = tiny_wandb_run
     run_dir = offline_runs(out)[0]
-    run = read_run_file(run_dir)
+    run = read_run(run_dir)
     ((step, image),) = run.series("loss_curve")
     assert step == 3 and image["_type"] == "images/separated" and image["format"] == "png"
     (name,) = image["filenames"]
@@ -172,6 +173,7 @@ def test_single_run_has_the_loss_curve_image(tiny_wandb_run):
 
 
 # ---- a two-job multirun, as a real `python train.py -m` ----------------------------------------------------
+@pytest.mark.slow
 def test_multirun_jobs_get_their_own_runs_in_one_group(sim_cache, tmp_path):
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", *WANDB_RUN, "trainer.max_steps=2",
@@ -182,7 +184,7 @@ def test_multirun_jobs_get_their_own_runs_in_one_group(sim_cache, tmp_path):
     runs = {}
     for job in ("0", "1"):
         (run_dir,) = offline_runs(sweep / job)
-        runs[job] = read_run_file(run_dir)
+        runs[job] = read_run(run_dir)
     assert len({r.run_id for r in runs.values()}) == 2
     assert {r.group for r in runs.values()} == {"wbtest"}
     assert [runs[j].config["lora"]["r"] for j in ("0", "1")] == [2, 4]
@@ -197,16 +199,13 @@ def test_multirun_jobs_get_their_own_runs_in_one_group(sim_cache, tmp_path):
     assert "W&B: offline run (logger.wandb.mode=auto and no W&B API key is configured)" in proc.stdout + proc.stderr
     # The multirun's summary is a third run in the same group, written into the sweep directory.
     (summary_dir,) = offline_runs(sweep)
-    summary = read_run_file(summary_dir)
+    summary = read_run(summary_dir)
     assert (summary.group, summary.job_type) == ("wbtest", "sweep-summary")
     assert summary.run_id not in {r.run_id for r in runs.values()}
 
 
 def test_sweep_summary_is_one_run_in_the_sweeps_group(tmp_path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     sweep = tmp_path / "sweep"
     sweep.mkdir()
@@ -214,15 +213,15 @@ def test_sweep_summary_is_one_run_in_the_sweeps_group(tmp_path):
         "job,lora.r,final_val_loss,flops,status,error,best\n"
         "0,2,2.8999,887032320,finished,,False\n"
         "1,4,2.8828,894865920,finished,,True\n")
-    fig, ax = plt.subplots(figsize=(2, 2))
-    ax.plot([0, 1], [1, 0])
+    fig = Figure(figsize=(2, 2))
+    fig.subplots().plot([0, 1], [1, 0])
     fig.savefig(sweep / "val_loss_curves.png")
-    plt.close(fig)
     cfg = compose_train(WANDB_RUN + ["sweep_name=wbsweep"], output_dir=tmp_path / "elsewhere")
-    assert log_sweep_summary(None, sweep, "wbsweep") is None
-    run_id = log_sweep_summary(cfg.logger.wandb, sweep, "wbsweep")
+    table, curves = sweep / "summary.csv", sweep / "val_loss_curves.png"
+    assert log_sweep_summary(None, table, curves, "wbsweep") is None
+    run_id = log_sweep_summary(cfg.logger.wandb, table, curves, "wbsweep")
     (run_dir,) = offline_runs(sweep)  # in the sweep directory, not the (unresolved) job output dir
-    run = read_run_file(run_dir)
+    run = read_run(run_dir)
     assert (run.run_id, run.group, run.job_type, run.exit_code) == (run_id, "wbsweep", "sweep-summary", 0)
     assert run.summary["sweep/best_job"] == 1 and run.summary["sweep/best_final_val_loss"] == 2.8828
     (row,) = run.history
@@ -237,10 +236,10 @@ def test_sweep_summary_is_one_run_in_the_sweeps_group(tmp_path):
 # ---- evaluation --------------------------------------------------------------------------------------------
 def test_evaluation_logs_metrics_plots_and_the_baselines_table(sim_cache, tmp_path):
     cfg = compose_eval(["model=tiny", "data=simulated", "max_systems=4", "baselines=[persistence,ar]",
-                        "batch_size=4", "logger=wandb", "sweep_name=evalgroup"], tmp_path, sim_cache)
+                        "forecast.batch_size=4", "logger=wandb", "sweep_name=evalgroup"], tmp_path, sim_cache)
     result = evaluate(cfg)
     (run_dir,) = offline_runs(tmp_path)
-    run = read_run_file(run_dir)
+    run = read_run(run_dir)
     assert (run.job_type, run.group, run.exit_code) == ("evaluate", "evalgroup", 0)
     assert run.config["max_systems"] == 4 and run.config["baselines"] == ["persistence", "ar"]
     metrics = json.loads((tmp_path / "metrics.json").read_text())

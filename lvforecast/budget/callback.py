@@ -18,6 +18,8 @@ Contract:
   ``flops/step``, ``flops/run``, ``flops/study``, ``flops/budget_left``.
 
 FLOP formulas live in :mod:`lvforecast.budget.formulas`; this module only multiplies, accumulates and stops.
+Every price uses the reservation's :class:`~lvforecast.budget.shapes.LoRASpec`, so a ``model.head=alphabet`` run
+is charged its head, logit bias and loss over the alphabet's rows (``LoRASpec.head_rows``), as it was planned.
 """
 
 from __future__ import annotations

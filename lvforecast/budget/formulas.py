@@ -4,13 +4,15 @@ Contract: every count is an exact Python ``int`` derived from the study's primit
 (:data:`PRIMITIVE_COST`: add, subtract, negate, multiply, divide, inverse, ReLU, abs = 1; exp, log,
 sqrt, sin, cos = 10) and the product rule ``(m x n) @ (n x p) = m p (2n - 1)``. Counts depend only on a
 :class:`ModelShape` (read from a Hugging Face config), the padded batch shape ``(B, N)`` actually run, an
-optional :class:`LoRASpec` and the counting :class:`Conventions`; nothing here loads weights, imports
-torch or touches disk (except :func:`main` reading a ``config.json`` it is pointed at).
+optional :class:`LoRASpec` and the counting :class:`Conventions` (all three in :mod:`lvforecast.budget.shapes`);
+nothing here loads weights, imports torch or touches disk. The result types, :class:`Breakdown` and
+:class:`Component`, live in :mod:`lvforecast.budget.breakdown` (importable from here too).
 
 Symbols used in every formula string (and in the table legend): ``L`` layers, ``B`` batch, ``N`` query
 positions per sequence, ``K`` key positions (decode steps only; ``K = N`` in a forward), ``D`` hidden,
 ``H`` query heads, ``G`` key/value heads, ``d`` head dimension, ``M`` MLP width, ``V`` vocabulary, ``r``
-LoRA rank, ``R`` positions whose logits are computed (only when fewer than ``N``).
+LoRA rank, ``R`` positions whose logits are computed (only when fewer than ``N``), ``A`` output rows of a
+gathered head (only with ``LoRASpec.head_rows``; it replaces ``V`` in the head, logit bias and loss).
 
 Per-component rules (one decoder layer, summed over ``L`` layers):
 
@@ -40,11 +42,14 @@ Per-component rules (one decoder layer, summed over ``L`` layers):
   alpha/r scale ``T d_out`` and the add onto ``W x + b`` ``T d_out`` (applied even when alpha = r, as PEFT
   does);
 * lm_head over the full vocabulary for every position, ``B N V (2D - 1)`` (``B R V (2D - 1)`` with
-  ``logits_to_keep``); the logit bias ``B N V``;
+  ``logits_to_keep``); the logit bias ``B N V``. With ``LoRASpec.head_rows = A`` (``model.head=alphabet``:
+  the module multiplies the final hidden states by ``A`` frozen rows of the output matrix, gathered once, so
+  the other ``V - A`` logits are never computed) the head is ``B N A (2D - 1)`` and the bias ``B N A``;
 * loss (``count_loss``, off by default): the project's ``token_loss_sum``, i.e. position t predicts token
   t + 1 on ``B (N - 1)`` rows, each a log-softmax over V as ``x - log(sum(exp x))`` (``12V + 9``: V exp,
   V - 1 add, 1 log, V subtract), then the summed negative log-likelihood ``B (N - 1)`` (``B (N - 1) - 1``
-  additions and one negation); in all ``B (N - 1) (12V + 10)``. Padding is charged: the accountant
+  additions and one negation); in all ``B (N - 1) (12V + 10)``, ``B (N - 1) (12A + 10)`` with ``head_rows``
+  (remapping labels to alphabet indices is integer bookkeeping, 0). Padding is charged: the accountant
   prices the padded tensor, not the real tokens.
 
 Steps: a training step is exactly 3 x forward (backward = 2 x forward, study rule); validation is one
@@ -58,21 +63,27 @@ prompt plus the tokens generated so far. Setting ``Conventions.as_implemented()`
 
 CLI (no torch import, answers in well under 2 s)::
 
-    python -m lvforecast.budget.formulas --model qwen2.5-0.5b --seq-len 512 --batch 4 [--lora-rank 4] \
+    lvforecast flops --model qwen2.5-0.5b --seq-len 512 --batch 4 [--lora-rank 4] \
         [--mode forward|train] [--attention mha|gqa] [--mask full|causal|additive] \
-        [--rope add|rotate|rotate_half] [--norm divide|rsqrt] [--implemented] [--loss] [--json]
+        [--rope add|rotate|rotate_half] [--norm divide|rsqrt] [--implemented] [--loss] \
+        [--head full|alphabet] [--json]
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
+
+from lvforecast.budget.breakdown import Breakdown, Component
+from lvforecast.budget.shapes import (
+    DEFAULT_CONVENTIONS,
+    Conventions,
+    LoRASpec,
+    ModelShape,
+    NormForm,
+    check_choice,
+    is_int,
+)
 
 #: The study's primitive cost table (FLOPs per scalar operation).
 PRIMITIVE_COST: dict[str, int] = {
@@ -99,16 +110,6 @@ SIGMOID = _C["negate"] + _C["exp"] + _C["add"] + _C["inverse"]
 #: ``1 / sqrt(x)`` per element: sqrt, inverse.
 RSQRT = _C["sqrt"] + _C["inverse"]
 
-#: Linear layers of a Qwen2/Llama decoder layer, in execution order; LoRA may target any of them.
-PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-_SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "mistral")
-
-AttentionWidth = Literal["mha", "gqa"]
-MaskForm = Literal["full", "causal", "additive"]
-RopeForm = Literal["add", "rotate", "rotate_half"]
-NormForm = Literal["divide", "rsqrt"]
-
 
 def matmul_flops(m: int, n: int, p: int) -> int:
     """FLOPs of an ``(m x n) @ (n x p)`` product: ``m p`` dot products of ``n`` terms, ``m p (2n - 1)``."""
@@ -133,274 +134,8 @@ def rmsnorm_flops(width: int, form: NormForm = "divide") -> int:
     return square + total + mean_div + eps + RSQRT + width * _C["multiply"] + width * _C["multiply"]
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_choice(owner: str, key: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{owner}.{key}={value!r}: allowed {', '.join(map(repr, allowed))}")
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The architecture facts a FLOP count needs.
-
-    Attributes:
-        n_layers: Decoder layers ``L``.
-        hidden: Hidden width ``D``.
-        n_heads: Query heads ``H``.
-        n_kv_heads: Key/value heads ``G`` (divides ``H``).
-        head_dim: Head dimension ``d``.
-        intermediate: SwiGLU width ``M``.
-        vocab: Vocabulary ``V`` (lm_head rows).
-        qkv_bias: q/k/v projections carry a bias (Qwen2: yes).
-        tied: lm_head shares the embedding matrix (changes parameters, not forward FLOPs).
-        o_bias: o_proj carries a bias (Llama ``attention_bias``).
-        mlp_bias: gate/up/down carry a bias (Llama ``mlp_bias``).
-    """
-
-    n_layers: int
-    hidden: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    qkv_bias: bool
-    tied: bool
-    o_bias: bool = False
-    mlp_bias: bool = False
-
-    def __post_init__(self) -> None:
-        problems = [
-            f"{name}={getattr(self, name)!r}: must be an integer >= 1"
-            for name in ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim", "intermediate", "vocab")
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 1
-        ]
-        if not problems and self.n_heads % self.n_kv_heads:
-            problems.append(f"n_kv_heads={self.n_kv_heads}: must divide n_heads={self.n_heads}")
-        if problems:
-            raise ValueError("invalid ModelShape: " + "; ".join(problems))
-
-    @classmethod
-    def from_hf_config(cls, config: Any) -> ModelShape:
-        """Read a Qwen2/Llama/Mistral Hugging Face config (a ``PretrainedConfig`` or its ``config.json`` dict).
-
-        Raises:
-            ValueError: Not a supported family, a non-SiLU MLP, or a missing size key (named in the message).
-        """
-        cfg: Mapping[str, Any] = config if isinstance(config, Mapping) else config.to_dict()
-        model_type = cfg.get("model_type")
-        if model_type not in _SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"config model_type={model_type!r}: allowed {', '.join(map(repr, _SUPPORTED_MODEL_TYPES))} "
-                f"(Qwen2/Llama-family decoders)"
-            )
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"config hidden_act={act!r}: only 'silu' (SwiGLU) is counted")
-        missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
-                               "vocab_size") if cfg.get(k) is None]
-        if missing:
-            raise ValueError(f"config is missing {', '.join(missing)}")
-        heads = cfg["num_attention_heads"]
-        attention_bias = bool(cfg.get("attention_bias", False))
-        return cls(
-            n_layers=cfg["num_hidden_layers"],
-            hidden=cfg["hidden_size"],
-            n_heads=heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            intermediate=cfg["intermediate_size"],
-            vocab=cfg["vocab_size"],
-            # Qwen2 hard-codes q/k/v bias (and none on o_proj); Llama/Mistral use attention_bias for all four.
-            qkv_bias=True if model_type == "qwen2" else attention_bias,
-            tied=bool(cfg.get("tie_word_embeddings", False)),
-            o_bias=attention_bias if model_type != "qwen2" else False,
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
-        )
-
-
-#: Built-in architecture facts, so the CLI needs neither weights nor transformers.
-BUILTIN: dict[str, ModelShape] = {
-    "qwen2.5-0.5b": ModelShape(n_layers=24, hidden=896, n_heads=14, n_kv_heads=2, head_dim=64, intermediate=4864,
-                               vocab=151936, qkv_bias=True, tied=True),
-    "smollm2-135m": ModelShape(n_layers=30, hidden=576, n_heads=9, n_kv_heads=3, head_dim=64, intermediate=1536,
-                               vocab=49152, qkv_bias=False, tied=True),
-}
-
-
-@dataclass(frozen=True)
-class Conventions:
-    """Counting conventions; each default is the study brief's, see the module docstring.
-
-    Attributes:
-        attention: ``mha`` (K and V as wide as Q) or ``gqa`` (real key/value widths).
-        mask: ``full`` (all N x N scores), ``causal`` (lower triangle only) or ``additive`` (all scores plus
-            one mask addition per score: what eager attention runs).
-        rope: ``add`` (one addition per hidden element at the input), ``rotate`` (2 mul + 1 add per element
-            of q and k) or ``rotate_half`` (``rotate`` plus the negation Hugging Face's ``rotate_half`` does).
-        norm: RMSNorm as ``divide`` (``4D + 11``) or ``rsqrt`` (``4D + 12``, as implemented).
-        count_loss: Add the cross-entropy of the project's loss to a forward.
-    """
-
-    attention: AttentionWidth = "mha"
-    mask: MaskForm = "full"
-    rope: RopeForm = "add"
-    norm: NormForm = "divide"
-    count_loss: bool = False
-
-    def __post_init__(self) -> None:
-        _check_choice("conventions", "attention", self.attention, get_args(AttentionWidth))
-        _check_choice("conventions", "mask", self.mask, get_args(MaskForm))
-        _check_choice("conventions", "rope", self.rope, get_args(RopeForm))
-        _check_choice("conventions", "norm", self.norm, get_args(NormForm))
-        if not isinstance(self.count_loss, bool):
-            raise ValueError(f"conventions.count_loss={self.count_loss!r}: must be True or False")
-
-    @classmethod
-    def as_implemented(cls, count_loss: bool = False) -> Conventions:
-        """What Hugging Face eager attention really runs: ``gqa``, ``additive``, ``rotate_half``, ``rsqrt``."""
-        return cls(attention="gqa", mask="additive", rope="rotate_half", norm="rsqrt", count_loss=count_loss)
-
-    def describe(self) -> str:
-        """One line, e.g. ``attention=mha mask=full rope=add norm=divide loss=off``."""
-        return (f"attention={self.attention} mask={self.mask} rope={self.rope} norm={self.norm} "
-                f"loss={'on' if self.count_loss else 'off'}")
-
-
-@dataclass(frozen=True)
-class LoRASpec:
-    """LoRA adapters (and the optional output-logit bias) whose forward cost is added.
-
-    Attributes:
-        rank: LoRA rank ``r`` >= 1.
-        targets: Wrapped linear layers of every decoder layer, names from :data:`PROJECTIONS`.
-        logit_bias: A bias added to every output logit (``B N V`` additions).
-    """
-
-    rank: int
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
-    logit_bias: bool = False
-
-    def __post_init__(self) -> None:
-        if not _is_int(self.rank) or self.rank < 1:
-            raise ValueError(f"lora.rank={self.rank!r}: must be an integer >= 1")
-        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
-        bad = [t for t in targets if t not in PROJECTIONS]
-        if bad or not targets or len(set(targets)) != len(targets):
-            raise ValueError(f"lora.targets={list(targets)}: must be distinct names from {list(PROJECTIONS)}")
-        # Canonical execution order, so the breakdown order does not depend on how targets were listed.
-        object.__setattr__(self, "targets", tuple(p for p in PROJECTIONS if p in targets))
-
-    @classmethod
-    def from_peft(cls, model: Any, logit_bias: bool = False, adapter: str = "default") -> LoRASpec:
-        """Read rank and targets from a ``peft.PeftModel``'s ``peft_config[adapter]``.
-
-        Raises:
-            ValueError: No such adapter, or per-layer rank patterns (one rank is assumed).
-        """
-        configs = getattr(model, "peft_config", None) or {}
-        if adapter not in configs:
-            raise ValueError(f"adapter={adapter!r}: model has LoRA adapters {sorted(configs)}")
-        cfg = configs[adapter]
-        if getattr(cfg, "rank_pattern", None):
-            raise ValueError(f"peft rank_pattern={cfg.rank_pattern!r}: per-layer ranks are not counted")
-        targets = cfg.target_modules
-        return cls(rank=cfg.r, targets=(targets,) if isinstance(targets, str) else tuple(targets),
-                   logit_bias=logit_bias)
-
-
-def shape_of(model: Any) -> ModelShape:
-    """The :class:`ModelShape` of a loaded model (HF causal LM, a PEFT wrapper, or anything holding ``.model``)."""
-    seen = 0
-    while getattr(model, "config", None) is None and hasattr(model, "model") and seen < 8:
-        model, seen = model.model, seen + 1
-    config = getattr(model, "config", None)
-    if config is None:
-        raise ValueError(f"model of type {type(model).__name__} has no Hugging Face config")
-    return ModelShape.from_hf_config(config)
-
-
-@dataclass(frozen=True)
-class Component:
-    """One line of a breakdown.
-
-    Attributes:
-        name: Component name (shared with :mod:`lvforecast.budget.audit`).
-        formula: Python-evaluable expression over the breakdown's symbols.
-        flops: Its value.
-    """
-
-    name: str
-    formula: str
-    flops: int
-
-
-@dataclass(frozen=True)
-class Breakdown:
-    """FLOPs of one pass split by component.
-
-    Attributes:
-        label: What was counted, e.g. ``forward`` or ``train step = 3 x forward``.
-        components: Ordered components.
-        symbols: Values of the symbols used in the formulas, e.g. ``{"L": 24, "B": 4, ...}``.
-        conventions: The conventions used.
-    """
-
-    label: str
-    components: tuple[Component, ...]
-    symbols: dict[str, int] = field(default_factory=dict)
-    conventions: Conventions = field(default_factory=Conventions)
-
-    @property
-    def total(self) -> int:
-        """Sum of all components, in FLOPs."""
-        return sum(c.flops for c in self.components)
-
-    def as_dict(self, nonzero: bool = False) -> dict[str, int]:
-        """Component name -> FLOPs (optionally dropping zero components), in breakdown order."""
-        return {c.name: c.flops for c in self.components if c.flops or not nonzero}
-
-    def scaled(self, factor: int, label: str) -> Breakdown:
-        """Every component times an integer ``factor`` (e.g. 3 for a training step)."""
-        comps = tuple(Component(c.name, f"{factor}*({c.formula})", factor * c.flops) for c in self.components)
-        return dataclasses.replace(self, label=label, components=comps)
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict: ``label``, ``total``, ``conventions``, ``symbols`` and ``components``."""
-        return {
-            "label": self.label,
-            "total": self.total,
-            "conventions": dataclasses.asdict(self.conventions),
-            "symbols": dict(self.symbols),
-            "components": [{"name": c.name, "formula": c.formula, "flops": c.flops} for c in self.components],
-        }
-
-    def table(self, title: str = "") -> str:
-        """The breakdown as a fixed-width table (component, formula, FLOPs, share)."""
-        total = self.total
-        head = ["component", "formula", "FLOPs", "share"]
-        rows = [[c.name, c.formula, f"{c.flops:,}", f"{100 * c.flops / total:.2f}%" if total else "-"]
-                for c in self.components]
-        foot = ["total", "", f"{total:,}", "100.00%" if total else "-"]
-        widths = [max(len(r[i]) for r in [head, *rows, foot]) for i in range(4)]
-
-        def line(r: list[str]) -> str:
-            return "  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1]), r[2].rjust(widths[2]),
-                              r[3].rjust(widths[3])]).rstrip()
-
-        rule = "-" * len(line(head))
-        out = [f"{title or self.label}: {total:.4e} FLOPs",
-               f"conventions: {self.conventions.describe()}",
-               "symbols: " + " ".join(f"{k}={v}" for k, v in self.symbols.items()),
-               rule, line(head), rule, *map(line, rows), rule, line(foot)]
-        return "\n".join(out)
-
-
 def _check_positive(key: str, value: Any, minimum: int = 1) -> None:
-    if not _is_int(value) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise ValueError(f"{key}={value!r}: must be an integer >= {minimum}")
 
 
@@ -411,6 +146,8 @@ def _check_args(shape: Any, lora: Any, conv: Any) -> None:
         raise ValueError(f"lora={lora!r}: must be a LoRASpec or None")
     if not isinstance(conv, Conventions):
         raise ValueError(f"conv={conv!r}: must be a Conventions")
+    if lora is not None and lora.head_rows is not None and lora.head_rows > shape.vocab:
+        raise ValueError(f"lora.head_rows={lora.head_rows}: more than the vocabulary V={shape.vocab}")
 
 
 def _breakdown(shape: ModelShape, batch: int, n_q: int, n_k: int | None, lora: LoRASpec | None,
@@ -431,6 +168,11 @@ def _breakdown(shape: ModelShape, batch: int, n_q: int, n_k: int | None, lora: L
     if gqa:
         symbols["G"] = s.n_kv_heads
     symbols.update({"d": d, "M": M, "V": V})
+    # Output rows actually computed: the whole vocabulary, or the gathered rows of an alphabet head.
+    head_rows = lora.head_rows if lora is not None else None
+    W, w = (V, "V") if head_rows is None else (head_rows, "A")
+    if head_rows is not None:
+        symbols["A"] = head_rows
     R = N if rows is None else rows
     if rows is not None:
         symbols["R"] = R
@@ -505,23 +247,23 @@ def _breakdown(shape: ModelShape, batch: int, n_q: int, n_k: int | None, lora: L
     proj("down_proj", ("M", M), dims, s.mlp_bias)
     lora_for("down_proj", ("M", M), dims)
     add("final_norm", f"B*N*{norm_f}", B * N * norm)
-    add("lm_head", f"B*{r_sym}*V*(2*D-1)", B * R * V * (2 * D - 1))
+    add("lm_head", f"B*{r_sym}*{w}*(2*D-1)", B * R * W * (2 * D - 1))
     if lora is not None and lora.logit_bias:
-        add("logit_bias", f"B*{r_sym}*V", B * R * V)
+        add("logit_bias", f"B*{r_sym}*{w}", B * R * W)
     if conv.count_loss:
-        add("loss", "B*(N-1)*(12*V+10)", B * (N - 1) * (log_softmax_flops(V) + _C["add"]))
+        add("loss", f"B*(N-1)*(12*{w}+10)", B * (N - 1) * (log_softmax_flops(W) + _C["add"]))
     return Breakdown(label=label, components=tuple(comps), symbols=symbols, conventions=conv)
 
 
 def forward_flops(shape: ModelShape, batch: int, seq_len: int, lora: LoRASpec | None = None,
-                  conv: Conventions = Conventions(), logits_to_keep: int = 0) -> Breakdown:
+                  conv: Conventions = DEFAULT_CONVENTIONS, logits_to_keep: int = 0) -> Breakdown:
     """FLOPs of one forward pass of a ``(batch, seq_len)`` token batch, by component.
 
     Args:
         shape: Architecture facts.
         batch: Sequences ``B`` in the batch.
         seq_len: Padded positions ``N`` per sequence.
-        lora: Adapters (and logit bias) to add; ``None`` for the bare model.
+        lora: Adapters, logit bias and head rows of the fine-tuning module; ``None`` for the bare model.
         conv: Counting conventions (default: the study brief's).
         logits_to_keep: 0 computes logits at every position (a training/validation forward); ``k > 0``
             only at the last ``k`` (Hugging Face's argument of that name; ``generate`` uses 1).
@@ -530,7 +272,8 @@ def forward_flops(shape: ModelShape, batch: int, seq_len: int, lora: LoRASpec | 
         The :class:`Breakdown`; ``.total`` is in FLOPs.
 
     Raises:
-        ValueError: A non-positive size, a bad switch, or ``count_loss`` with ``logits_to_keep``.
+        ValueError: A non-positive size, a bad switch, ``count_loss`` with ``logits_to_keep``, or more head rows
+            than the vocabulary.
     """
     _check_args(shape, lora, conv)
     _check_positive("batch", batch)
@@ -543,7 +286,7 @@ def forward_flops(shape: ModelShape, batch: int, seq_len: int, lora: LoRASpec | 
 
 
 def train_step_flops(shape: ModelShape, batch: int, seq_len: int, lora: LoRASpec | None = None,
-                     conv: Conventions = Conventions()) -> Breakdown:
+                     conv: Conventions = DEFAULT_CONVENTIONS) -> Breakdown:
     """FLOPs of one training step: exactly 3 x forward (backward = 2 x forward, the study's rule).
 
     Args and Raises: as :func:`forward_flops`.
@@ -552,13 +295,13 @@ def train_step_flops(shape: ModelShape, batch: int, seq_len: int, lora: LoRASpec
 
 
 def validation_flops(shape: ModelShape, batch: int, seq_len: int, lora: LoRASpec | None = None,
-                     conv: Conventions = Conventions()) -> Breakdown:
+                     conv: Conventions = DEFAULT_CONVENTIONS) -> Breakdown:
     """FLOPs of one validation batch: one forward (set ``conv.count_loss`` to charge the loss too)."""
     return dataclasses.replace(forward_flops(shape, batch, seq_len, lora, conv), label="validation = forward")
 
 
 def decode_step_flops(shape: ModelShape, batch: int, context_len: int, lora: LoRASpec | None = None,
-                      conv: Conventions = Conventions()) -> Breakdown:
+                      conv: Conventions = DEFAULT_CONVENTIONS) -> Breakdown:
     """FLOPs of one cached decode step: 1 new position per sequence attending to ``context_len`` keys.
 
     ``context_len`` counts the cached keys plus the new one. The loss is never charged here.
@@ -574,7 +317,7 @@ def decode_step_flops(shape: ModelShape, batch: int, context_len: int, lora: LoR
 
 
 def generation_flops(shape: ModelShape, batch: int, prompt_len: int, new_tokens: int, lora: LoRASpec | None = None,
-                     conv: Conventions = Conventions(), kv_cache: bool = True,
+                     conv: Conventions = DEFAULT_CONVENTIONS, kv_cache: bool = True,
                      prefill_logits: Literal["all", "last"] = "all") -> int:
     """FLOPs of greedy generation of ``new_tokens`` after a ``(batch, prompt_len)`` prompt.
 
@@ -599,7 +342,7 @@ def generation_flops(shape: ModelShape, batch: int, prompt_len: int, new_tokens:
     _check_args(shape, lora, conv)
     _check_positive("prompt_len", prompt_len)
     _check_positive("new_tokens", new_tokens)
-    _check_choice("generation", "prefill_logits", prefill_logits, ("all", "last"))
+    check_choice("generation", "prefill_logits", prefill_logits, ("all", "last"))
     conv = dataclasses.replace(conv, count_loss=False)
     keep = 0 if prefill_logits == "all" else 1
     if not kv_cache:
@@ -609,81 +352,3 @@ def generation_flops(shape: ModelShape, batch: int, prompt_len: int, new_tokens:
                        for i in range(1, new_tokens))
 
 
-# ---- CLI ------------------------------------------------------------------------------------------------
-
-
-def resolve_shape(model: str) -> ModelShape:
-    """A built-in name (:data:`BUILTIN`), a ``config.json`` path, or a directory holding one.
-
-    Raises:
-        ValueError: Unknown name, unreadable file, or an unsupported config.
-    """
-    if model in BUILTIN:
-        return BUILTIN[model]
-    path = Path(model)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise ValueError(f"--model={model!r}: not a built-in model ({', '.join(BUILTIN)}) nor a config.json path")
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"--model={model!r}: cannot read {path} as JSON ({err})") from err
-    return ModelShape.from_hf_config(cfg)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lvforecast.budget.formulas",
-                                description="Analytic FLOPs of a forward or training step (no weights loaded).")
-    p.add_argument("--model", default="qwen2.5-0.5b",
-                   help=f"built-in ({', '.join(BUILTIN)}) or a Hugging Face config.json / its directory")
-    p.add_argument("--seq-len", type=int, default=512, help="padded positions N per sequence")
-    p.add_argument("--batch", type=int, default=1, help="sequences B per batch")
-    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank r (0: no adapter)")
-    p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated wrapped projections")
-    p.add_argument("--logit-bias", action="store_true", help="count the trainable output-logit bias")
-    p.add_argument("--mode", choices=("forward", "train"), default="forward", help="train = 3 x forward")
-    p.add_argument("--attention", choices=get_args(AttentionWidth), default=None, help="default mha")
-    p.add_argument("--mask", choices=get_args(MaskForm), default=None, help="default full")
-    p.add_argument("--rope", choices=get_args(RopeForm), default=None, help="default add")
-    p.add_argument("--norm", choices=get_args(NormForm), default=None, help="default divide")
-    p.add_argument("--implemented", action="store_true",
-                   help="defaults as Hugging Face eager runs: gqa, additive, rotate_half, rsqrt")
-    p.add_argument("--loss", action="store_true", help="count the cross-entropy loss")
-    p.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point: print the breakdown table (or JSON). Bad input exits with one ``error:`` line."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        shape = resolve_shape(args.model)
-        base = Conventions.as_implemented() if args.implemented else Conventions()
-        overrides = {k: v for k in ("attention", "mask", "rope", "norm") if (v := getattr(args, k)) is not None}
-        conv = dataclasses.replace(base, count_loss=args.loss, **overrides)
-        _check_positive("--lora-rank", args.lora_rank, minimum=0)
-        lora = None
-        if args.lora_rank or args.logit_bias:
-            if not args.lora_rank:
-                raise ValueError("--logit-bias needs --lora-rank >= 1 (the bias trains beside an adapter)")
-            targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-            lora = LoRASpec(rank=args.lora_rank, targets=targets, logit_bias=args.logit_bias)
-        for key, value in (("--seq-len", args.seq_len), ("--batch", args.batch)):
-            _check_positive(key, value)
-        if args.mode == "train":
-            result = train_step_flops(shape, args.batch, args.seq_len, lora, conv)
-        else:
-            result = forward_flops(shape, args.batch, args.seq_len, lora, conv)
-    except ValueError as err:
-        parser.error(str(err))
-    if args.json:
-        sys.stdout.write(json.dumps({"model": args.model, **result.to_json()}, indent=2) + "\n")
-    else:
-        sys.stdout.write(result.table(f"{args.model} {result.label}, B={args.batch} N={args.seq_len}") + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -17,14 +17,24 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from lvforecast.budget.formulas import BUILTIN, Conventions, LoRASpec, ModelShape, forward_flops, resolve_shape
+from lvforecast.budget.formulas import forward_flops
+from lvforecast.budget.shapes import (
+    ALPHABET_SIZE,
+    BUILTIN,
+    HEADS,
+    Conventions,
+    LoRASpec,
+    ModelShape,
+    check_choice,
+    resolve_shape,
+)
 
 # Hub ids whose architecture facts are built in, so planning needs no download.
 HUB_ALIASES = {"Qwen/Qwen2.5-0.5B-Instruct": "qwen2.5-0.5b"}
 
 
 def builtin_shape(name: str) -> ModelShape:
-    """A built-in architecture (:data:`~lvforecast.budget.formulas.BUILTIN`) by name."""
+    """A built-in architecture (:data:`~lvforecast.budget.shapes.BUILTIN`) by name."""
     if name not in BUILTIN:
         raise ValueError(f"model.shape.name={name!r}: allowed {', '.join(map(repr, BUILTIN))}")
     return BUILTIN[name]
@@ -103,19 +113,30 @@ def _limited(n_batches: int, limit: int | float) -> int:
     return n_batches if limit == 1.0 else int(math.floor(n_batches * float(limit)))
 
 
+# What Lightning's Trainer makes of these arguments when they are left out (its signature says None and the
+# Trainer resolves them); tests/test_callbacks.py holds this against a real Trainer so it cannot drift.
+LIGHTNING_DEFAULTS: dict[str, Any] = {"num_sanity_val_steps": 2, "limit_val_batches": 1.0, "val_check_interval": 1.0}
+
+
+def trainer_setting(trainer_cfg: DictConfig, key: str) -> Any:
+    """``trainer.<key>`` as the Trainer will see it: the config's value, else Lightning's own default."""
+    value = trainer_cfg.get(key)
+    return LIGHTNING_DEFAULTS[key] if value is None else value
+
+
 def plan_run(cfg: DictConfig, val_batch_shapes: list[tuple[int, int]], shape: ModelShape,
              lora: LoRASpec | None, conventions: Conventions) -> Plan:
     """Plan a training run's FLOPs from the composed config and the validation batch shapes."""
     batch, context = cfg.data.batch_size, cfg.data.context_length
     train_step = 3 * forward_flops(shape, batch, context, lora, conventions).total
     tr = cfg.trainer
-    limit = tr.get("limit_val_batches", 1.0)
+    limit = trainer_setting(tr, "limit_val_batches")
     val_shapes = val_batch_shapes[: _limited(len(val_batch_shapes), 1.0 if limit is None else limit)]
     val_pass = sum(forward_flops(shape, b, n, lora, conventions).total for b, n in val_shapes)
-    interval = tr.get("val_check_interval") or 0
+    interval = trainer_setting(tr, "val_check_interval") or 0
     periodic = tr.max_steps // interval if isinstance(interval, int) and interval > 0 else 0
     before = 1 if cfg.get("validate_before_training") and not cfg.get("ckpt_path") else 0
-    sanity_batches = tr.get("num_sanity_val_steps") or 0
+    sanity_batches = trainer_setting(tr, "num_sanity_val_steps") or 0
     sanity_batches = len(val_batch_shapes) if sanity_batches == -1 else min(sanity_batches, len(val_batch_shapes))
     sanity = sum(forward_flops(shape, b, n, lora, conventions).total for b, n in val_batch_shapes[:sanity_batches])
     return Plan(train_step=train_step, steps=tr.max_steps, validation_pass=val_pass,
@@ -131,8 +152,17 @@ def reserved_flops(cfg: DictConfig, plan: Plan) -> int:
 
 def plan_config(cfg: DictConfig, val_batch_shapes: list[tuple[int, int]]) -> tuple[Plan, ModelShape, LoRASpec,
                                                                                  Conventions]:
-    """The plan of a composed training config, with the shape, LoRA spec and conventions it was made with."""
+    """The plan of a composed training config, with the shape, LoRA spec and conventions it was made with.
+
+    ``model.head=alphabet`` prices the head, logit bias and loss over the alphabet's rows
+    (``LoRASpec.head_rows``); the reservation carries that spec, so the FLOP budget callback charges the same.
+
+    Raises:
+        ValueError: ``model.head`` is neither ``full`` nor ``alphabet`` (before any weights load).
+    """
+    check_choice("model", "head", cfg.model.head, HEADS)
     shape = planning_shape(cfg.model)
-    lora = LoRASpec(rank=cfg.lora.r, targets=tuple(cfg.lora.target_modules), logit_bias=cfg.lora.train_logit_bias)
+    lora = LoRASpec(rank=cfg.lora.r, targets=tuple(cfg.lora.target_modules), logit_bias=cfg.lora.train_logit_bias,
+                    head_rows=ALPHABET_SIZE if cfg.model.head == "alphabet" else None)
     conventions = Conventions(**cfg.budget.conventions)
     return plan_run(cfg, val_batch_shapes, shape, lora, conventions), shape, lora, conventions

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from lvforecast.budget.formulas import Conventions, LoRASpec, ModelShape
 from lvforecast.budget.ledger import Ledger, RunOutcome
+from lvforecast.budget.shapes import Conventions, LoRASpec, ModelShape
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
-"""System split, token windows and the LightningDataModule.
+"""Token windows and the LightningDataModule (train/val windows; the test systems an evaluation reads).
 
 Contract:
 
-* The split is by system, never by window: a system's windows all land in one split. The split is
-  seeded, its fractions are configurable, and ``pinned_test_systems`` are always in the test split.
+* The split is by system, never by window (:func:`lvforecast.data.split.split_systems`).
+* Evaluation reads the test split through :meth:`LotkaVolterraDataModule.evaluation_inputs`: the systems,
+  their series, per-series scales (from the forecasting context only) and prompts, in one frozen record.
 * Each series is encoded (LLMTIME, scale computed from its first ``scale_context_steps`` steps only),
   tokenized, and cut into windows of ``context_length`` tokens. Every window starts at a time-step
   boundary (the series start or just after a ``;``). Window starts are every ``stride_steps``-th
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,66 +27,12 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lvforecast.data.encoding import STEP_SEP, ScaleRule, encode
+from lvforecast.data.encoding import STEP_SEP, ScaleRule, encode, encode_prompt
+from lvforecast.data.split import EvaluationInputs, Split, evaluation_order, split_systems
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-
-
-@dataclass(frozen=True)
-class Split:
-    """System ids (indices into the data file) of each split, sorted."""
-
-    train: list[int]
-    val: list[int]
-    test: list[int]
-    seed: int
-    n_systems: int
-
-    def to_json(self) -> str:
-        return json.dumps(self.__dict__, indent=1)
-
-
-def split_systems(
-    n_systems: int,
-    fractions: Sequence[float] = (0.8, 0.1, 0.1),
-    seed: int = 0,
-    pinned_test_systems: Sequence[int] = (),
-) -> Split:
-    """Split system ids into train/val/test by seeded permutation.
-
-    The pinned systems go to test first; the rest are shuffled and dealt so that each split's size is
-    ``round(fraction * n_systems)`` (test absorbs rounding), counting the pinned ones toward test.
-
-    Raises:
-        ValueError: Fractions not three non-negative numbers summing to 1, a pinned id out of range,
-            or more pinned systems than the test split holds.
-    """
-    problems = []
-    fr = [float(f) for f in fractions]
-    if len(fr) != 3 or any(f < 0 for f in fr) or not math.isclose(sum(fr), 1.0, abs_tol=1e-6):
-        problems.append(f"data.split_fractions={list(fractions)}: need [train, val, test] >= 0 summing to 1")
-    bad = [i for i in pinned_test_systems if not (isinstance(i, (int, np.integer)) and 0 <= i < n_systems)]
-    if bad:
-        problems.append(f"data.pinned_test_systems has {bad}: ids must be in [0, {n_systems - 1}] for this file")
-    if problems:
-        raise ValueError("invalid split: " + "; ".join(problems))
-    pinned = sorted(set(int(i) for i in pinned_test_systems))
-    n_train = round(fr[0] * n_systems)
-    n_val = round(fr[1] * n_systems)
-    n_test = n_systems - n_train - n_val
-    if len(pinned) > n_test:
-        raise ValueError(
-            f"invalid split: {len(pinned)} pinned test systems but the test split of {n_systems} systems "
-            f"with data.split_fractions={fr} holds only {n_test}"
-        )
-    rest = np.setdiff1d(np.arange(n_systems), pinned)
-    rest = np.random.default_rng(seed).permutation(rest)
-    train = sorted(rest[:n_train].tolist())
-    val = sorted(rest[n_train : n_train + n_val].tolist())
-    test = sorted(pinned + rest[n_train + n_val :].tolist())
-    return Split(train=train, val=val, test=test, seed=seed, n_systems=n_systems)
 
 
 def window_starts(boundaries: Sequence[int], n_tokens: int, context_length: int, stride_steps: int) -> list[int]:
@@ -325,6 +271,36 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         encoded = encode_texts(traj.values, self.split.train + self.split.val, self.scale_rule, self.decimals,
                                self.scale_context_steps)
         self.series = {e.system: e for e in encoded}
+
+    def evaluation_inputs(self, context_steps: int, horizon_steps: int, split_file: str | Path | None = None,
+                          max_systems: int | None = None, first: Sequence[int] = ()) -> EvaluationInputs:
+        """The test systems an evaluation forecasts, with their series, scales and prompts; no tokenizer needed.
+
+        Args:
+            context_steps: Steps of each prompt; the scale of a series comes from these steps only.
+            horizon_steps: Steps forecast; every series needs ``context_steps + horizon_steps`` steps.
+            split_file: A training run's ``split.json``, whose ``test`` list is used; None = this module's split.
+            max_systems: Cover only this many systems (see :func:`evaluation_order`); None or 0 = all.
+            first: System ids that go first when ``max_systems`` cuts (the study's examples).
+
+        Returns:
+            An :class:`EvaluationInputs`.
+        """
+        from lvforecast.data.trajectories import load_trajectories
+
+        self.prepare_data()  # a simulated file is generated here when missing
+        traj = load_trajectories(self.path, min_steps=context_steps + horizon_steps)
+        if split_file is not None:
+            test = json.loads(Path(split_file).read_text())["test"]
+        else:
+            test = split_systems(traj.n_systems, self.split_fractions, self.split_seed, self.pinned_test_systems).test
+        systems = evaluation_order(test, first, max_systems)
+        values = traj.values[systems]
+        contexts = values[:, :context_steps].astype(np.float64)
+        scales = np.array([self.scale_rule.scale_for(c) for c in contexts])
+        prompts = [encode_prompt(c, float(sc), self.decimals) for c, sc in zip(contexts, scales, strict=True)]
+        return EvaluationInputs(systems=systems, values=values, time=traj.time, context_steps=context_steps,
+                                horizon_steps=horizon_steps, decimals=self.decimals, scales=scales, prompts=prompts)
 
     def _split_series(self, systems: Sequence[int]) -> list[EncodedSeries]:
         return [self.series[s] for s in systems]

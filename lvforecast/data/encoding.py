@@ -28,6 +28,8 @@ import numpy as np
 ALPHABET = "0123456789.,;"
 STEP_SEP = ";"
 VALUE_SEP = ","
+#: Names of the two variables, in the order of a series' last axis.
+VARIABLES: tuple[str, str] = ("prey", "predator")
 
 # The study's rule: x / 5 * 10, i.e. divide by 0.5.
 STUDY_SCALE = 0.5
@@ -118,6 +120,20 @@ def encode(series: np.ndarray, scale: float = STUDY_SCALE, decimals: int = STUDY
     fmt = f"{{:.{decimals}f}}"
     scaled = arr / scale
     return STEP_SEP.join(fmt.format(p) + VALUE_SEP + fmt.format(q) for p, q in scaled)
+
+
+def encode_prompt(context: np.ndarray, scale: float, decimals: int) -> str:
+    """The forecasting prompt of one series: its encoded context, then the ``;`` that opens the first forecast step.
+
+    Args:
+        context: (T_ctx, 2) raw values the model is shown.
+        scale: The series' divisor (:meth:`ScaleRule.scale_for` of that context).
+        decimals: Digits after the point.
+
+    Returns:
+        ``encode(context, scale, decimals) + ";"``.
+    """
+    return encode(context, scale=scale, decimals=decimals) + STEP_SEP
 
 
 def decode(text: str, scale: float = 1.0, decimals: int | None = None) -> tuple[np.ndarray, int]:

@@ -30,17 +30,16 @@ output interval). The dynamics' rates are <= ~0.5 per time unit, so the
 global error is ~1e-7, far below float32 output resolution; the tests check
 this against scipy's adaptive DOP853.
 
-Run as a CLI: ``python -m lvforecast.data.simulate --out FILE --systems N --seed S``.
+Run as a CLI: ``lvforecast simulate --out FILE --systems N --seed S`` (:func:`write_simulation`).
 Importing this module touches no disk or network.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-import time as _time
-from collections.abc import Sequence
+import os
+from pathlib import Path
 
 import numpy as np
 
@@ -149,40 +148,33 @@ def simulate_systems(
     return Trajectories(values=values, time=time, params=params, path=None)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: simulate systems and write them with :func:`write_trajectories`.
+def write_simulation(path: str | os.PathLike[str], n_systems: int, seed: int, n_steps: int = 100,
+                     t_end: float = 200.0) -> tuple[Path, Trajectories]:
+    """Simulate systems (:func:`simulate_systems`) and write them with :func:`write_trajectories`.
+
+    The file's attributes record the seed, model, generator version, ``t_end`` and integrator. This is what
+    ``lvforecast simulate`` runs.
 
     Args:
-        argv: command-line arguments (without the program name); None reads
-            ``sys.argv``.
-    """
-    parser = argparse.ArgumentParser(
-        prog="python -m lvforecast.data.simulate",
-        description="Simulate Rosenzweig-MacArthur predator-prey trajectories to HDF5.",
-    )
-    parser.add_argument("--out", required=True, help="output .h5 file")
-    parser.add_argument("--systems", type=int, default=1000, help="number of systems N")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--steps", type=int, default=100, help="time steps T")
-    parser.add_argument("--t-end", type=float, default=200.0, help="last sample time")
-    args = parser.parse_args(argv)
+        path: output ``.h5`` file (parent directories are created).
+        n_systems: number of systems N.
+        seed: random seed.
+        n_steps: time steps T.
+        t_end: last sample time.
 
-    start = _time.perf_counter()
-    try:
-        traj = simulate_systems(args.systems, args.seed, n_steps=args.steps, t_end=args.t_end)
-    except ValueError as exc:
-        parser.error(str(exc))  # exits with status 2 and the one-line reason
+    Returns:
+        (the path written, the simulated trajectories).
+
+    Raises:
+        ValueError: a bad argument (nothing is written).
+    """
+    traj = simulate_systems(n_systems, seed, n_steps=n_steps, t_end=t_end)
     attrs = {
-        "seed": args.seed,
+        "seed": seed,
         "model": MODEL_NAME,
         "generator_version": GENERATOR_VERSION,
-        "t_end": args.t_end,
+        "t_end": t_end,
         "integrator": f"rk4 fixed step <= {_MAX_DT}",
     }
-    out = write_trajectories(args.out, traj.values, traj.time, params=traj.params, attrs=attrs)
-    seconds = _time.perf_counter() - start
-    print(f"{out} {traj.values.shape} {seconds:.2f}s")
-
-
-if __name__ == "__main__":
-    main()
+    out = write_trajectories(path, traj.values, traj.time, params=traj.params, attrs=attrs)
+    return Path(out), traj

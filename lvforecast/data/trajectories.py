@@ -40,7 +40,7 @@ PARAM_NAMES: tuple[str, ...] = ("a", "b", "c", "d", "K", "h", "e", "x0", "y0")
 
 _HOW_TO_POINT = (
     "set data.path=/path/to/lotka_volterra_data.h5 or use the simulator: "
-    "data=simulated / python -m lvforecast.data.simulate --out FILE"
+    "data=simulated / lvforecast simulate --out FILE"
 )
 
 

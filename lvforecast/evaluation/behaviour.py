@@ -19,7 +19,8 @@ Contract of :func:`classify` for one series (T, 2) on a time grid (T,), applied 
    the same thresholds: above -> **growing**, below -> **decaying**, else **oscillatory**.
 
 This literal reading of the study's description puts its four example systems of the study file
-(``lotka_volterra_data.h5``) in their published classes: 906 oscillatory (slope ~ +1e-4),
+(``lotka_volterra_data.h5``; ``data.pinned_test_systems`` in ``conf/data/lotka_volterra.yaml``, in
+:data:`CLASSES` order) in their published classes: 906 oscillatory (slope ~ +1e-4),
 506 decaying (~ -5e-3), 20 growing (~ +1.1e-2), 654 stable (relative range 0.6%). Counts over the
 whole file (1000 systems): oscillatory 221, decaying 584, growing 141, stable 54
 (10 systems fall under rule 3).
@@ -40,10 +41,8 @@ from scipy.signal import find_peaks
 logger = logging.getLogger(__name__)
 
 Behaviour = Literal["stable", "growing", "decaying", "oscillatory"]
-#: All classes, in the order reports list them.
+#: All classes, in the order reports list them (and ``data.pinned_test_systems`` lists the study's examples).
 CLASSES: tuple[Behaviour, ...] = ("oscillatory", "decaying", "growing", "stable")
-#: The study's example system per class (indices into the study file).
-STUDY_EXAMPLES: dict[Behaviour, int] = {"oscillatory": 906, "decaying": 506, "growing": 20, "stable": 654}
 
 _LOG_EPS = 1e-12  # keeps log finite for a variable that reaches exactly 0
 

@@ -1,17 +1,18 @@
-"""Batched LLMTIME forecasting with grammar-constrained decoding.
+"""Batched LLMTIME forecasting: prompts, batching, ``generate``, decoding and FLOP charging.
 
 Contract:
 
-* **Prompt.** For series ``i`` the prompt is ``encode(series[i, :context_steps], scales[i], decimals) + ";"``,
-  tokenized without special tokens and left-padded (attention mask zero on padding).
+* **Prompt.** For series ``i`` the prompt is :func:`lvforecast.data.encoding.encode_prompt` of
+  ``series[i, :context_steps]`` with ``scales[i]`` and ``decimals``, tokenized without special tokens and
+  left-padded (attention mask zero on padding).
 * **Generation.** ``model.generate`` with the KV cache and a fresh :class:`transformers.GenerationConfig`
   in which every setting that shapes the output is explicit (greedy unless ``num_samples > 1``, one beam,
   no repetition penalty, no top-k, no length or n-gram rules): the checkpoint's shipped generation config
-  (e.g. Qwen's sampling defaults) never leaks in. ``max_new_tokens`` is :func:`max_new_tokens_bound`.
-* **Constrained mode** (default). :class:`LLMTimeLogitsProcessor` allows, at each position, only the token
-  ids (taken from the real tokenizer) that the LLMTIME grammar of :class:`Grammar` permits there, and
-  :class:`StepsStoppingCriteria` stops each row after exactly ``horizon_steps`` ``;``. Every forecast then
-  parses to ``horizon_steps`` steps; anything else is a bug and raises ``AssertionError``.
+  (e.g. Qwen's sampling defaults) never leaks in. ``max_new_tokens`` is
+  :func:`lvforecast.evaluation.grammar.max_new_tokens_bound`.
+* **Constrained mode** (default). The grammar of :mod:`lvforecast.evaluation.grammar` masks the logits and
+  stops each row after exactly ``horizon_steps`` ``;``. Every forecast then parses to ``horizon_steps``
+  steps; anything else is a bug and raises ``AssertionError``.
 * **Unconstrained mode** (``constrained=False``, for comparison). The generated text is read by
   :func:`lvforecast.data.encoding.decode` with ``decimals``. **Rule:** a row with fewer than ``horizon_steps``
   parsed steps is one parse failure; its parsed prefix is kept and its missing steps are NaN (metrics skip
@@ -19,205 +20,39 @@ Contract:
 * **Sampling.** ``num_samples = k > 1`` repeats each prompt ``k`` times and samples with ``temperature`` /
   ``top_p`` under ``torch.manual_seed(seed)`` inside a forked RNG (the caller's RNG stream is untouched).
   The point forecast is the per-step median over the ``k`` samples (NaN-aware).
-* **FLOPs.** Each batch is charged :func:`lvforecast.budget.formulas.generation_flops` with the padded prompt length,
-  the number of decode steps the batch ran (the longest row), ``kv_cache=True`` and ``prefill_logits="last"``;
-  ``charge(flops, tokens)`` is called per batch when given (``tokens`` = rows x (prompt + new) positions).
+* **Batches.** Rows are series-major (series ``i`` owns rows ``i*k .. i*k+k-1``), cut into consecutive
+  batches of ``batch_size`` rows (:func:`row_batches`); :func:`planned_batches` gives the same batches with
+  the longest decode the grammar allows, which is what the budget reserves before any weights load.
+* **FLOPs.** Each batch is charged :func:`lvforecast.budget.formulas.generation_flops` with the padded prompt
+  length, the number of decode steps the batch ran (the longest row), ``kv_cache=True`` and
+  ``prefill_logits="last"``; ``charge(flops, tokens)`` is called per batch when given
+  (``tokens`` = rows x (prompt + new) positions).
 * **Context length.** Prompt lengths in tokens are reported; when the longest exceeds
   ``trained_context_tokens`` a warning is logged and ``ForecastResult.exceeds_trained_context`` is set.
+
+The settings (``context_steps`` ... ``max_int_digits``) have no defaults here: they are the ``forecast`` node
+of ``conf/evaluate.yaml``, which binds them to this function's parameters.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import (
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 
-from lvforecast.budget.formulas import Conventions, LoRASpec, generation_flops, shape_of
-from lvforecast.data.encoding import ALPHABET, STEP_SEP, VALUE_SEP, decode, encode
+from lvforecast.budget.formulas import generation_flops
+from lvforecast.budget.shapes import Conventions, LoRASpec, shape_of
+from lvforecast.data.encoding import STEP_SEP, decode, encode_prompt
+from lvforecast.evaluation.grammar import Grammar, LLMTimeLogitsProcessor, StepsStoppingCriteria, max_new_tokens_bound
 
 log = logging.getLogger(__name__)
-
-DIGITS = "0123456789"
-# Grammar state at the start of a step: prey field, no digits yet, before the point, no leading zero.
-START = (0, 0, -1, False)
-
-
-@dataclass(frozen=True)
-class Grammar:
-    """Character grammar of generated steps: ``I.D,I.D;`` repeated.
-
-    ``I`` has 1 to ``max_int_digits`` digits with no leading zero (``0`` alone is allowed, ``07`` is not, as
-    :func:`lvforecast.data.encoding.encode` writes them); ``D`` has exactly ``decimals`` digits; with
-    ``decimals == 0`` there is no point.
-
-    A state is the tuple ``(field, int_digits, frac_digits, leading_zero)``: ``field`` 0 for the prey
-    number, 1 for the predator number; ``frac_digits`` is -1 before the point.
-
-    Attributes:
-        max_int_digits: Most digits before the point, >= 1.
-        decimals: Digits after the point, >= 0.
-    """
-
-    max_int_digits: int = 2
-    decimals: int = 3
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not isinstance(self.max_int_digits, int) or isinstance(self.max_int_digits, bool) or self.max_int_digits < 1:
-            problems.append(f"max_int_digits={self.max_int_digits!r}: must be an integer >= 1")
-        if not isinstance(self.decimals, int) or isinstance(self.decimals, bool) or not 0 <= self.decimals <= 12:
-            problems.append(f"decimals={self.decimals!r}: must be an integer in [0, 12]")
-        if problems:
-            raise ValueError("invalid grammar: " + "; ".join(problems))
-
-    def allowed(self, state: tuple[int, int, int, bool]) -> str:
-        """Characters allowed next in ``state``."""
-        field, n_int, n_frac, lead_zero = state
-        sep = VALUE_SEP if field == 0 else STEP_SEP
-        if n_frac < 0:  # integer part
-            if n_int == 0:
-                return DIGITS
-            out = "" if (lead_zero or n_int >= self.max_int_digits) else DIGITS
-            return out + ("." if self.decimals > 0 else sep)
-        return DIGITS if n_frac < self.decimals else sep
-
-    def advance(self, state: tuple[int, int, int, bool], char: str) -> tuple[int, int, int, bool]:
-        """State after writing ``char``.
-
-        Raises:
-            ValueError: ``char`` is not allowed in ``state``.
-        """
-        if char not in self.allowed(state):
-            raise ValueError(f"character {char!r} not allowed in grammar state {state}")
-        field, n_int, n_frac, lead_zero = state
-        if char == VALUE_SEP:
-            return (1, 0, -1, False)
-        if char == STEP_SEP:
-            return START
-        if char == ".":
-            return (field, n_int, 0, lead_zero)
-        if n_frac < 0:
-            return (field, n_int + 1, -1, n_int == 0 and char == "0")
-        return (field, n_int, n_frac + 1, lead_zero)
-
-    def max_step_chars(self) -> int:
-        """Most characters one step can take, its ``;`` included."""
-        number = self.max_int_digits + (1 + self.decimals if self.decimals > 0 else 0)
-        return 2 * number + 2
-
-
-def max_new_tokens_bound(horizon_steps: int, grammar: Grammar) -> int:
-    """Upper bound on the tokens of ``horizon_steps`` grammatical steps (one token per character)."""
-    return horizon_steps * grammar.max_step_chars()
-
-
-class LLMTimeLogitsProcessor(LogitsProcessor):
-    """Masks every token the LLMTIME grammar forbids at each row's current position.
-
-    The state of each row is read from its generated part ``input_ids[:, prompt_len:]`` (incrementally,
-    one token per call, with a full rescan when the length is not the expected one). Once a row has
-    written ``horizon_steps`` ``;`` only ``end_id`` (EOS / pad) is allowed, so a finished row can only pad.
-
-    Args:
-        char_ids: LLMTIME character -> token id of the actual tokenizer (all of :data:`ALPHABET`).
-        grammar: The step grammar.
-        prompt_len: Padded prompt length; generated tokens start there.
-        horizon_steps: Steps after which a row is finished.
-        end_id: Token id allowed once a row is finished (the pad / EOS id).
-    """
-
-    def __init__(self, char_ids: dict[str, int], grammar: Grammar, prompt_len: int, horizon_steps: int,
-                 end_id: int) -> None:
-        missing = [c for c in ALPHABET if c not in char_ids]
-        if missing:
-            raise ValueError(f"char_ids lacks token ids for {missing!r}: every character of {ALPHABET!r} is needed")
-        self.char_ids = dict(char_ids)
-        self.id_to_char = {i: c for c, i in char_ids.items()}
-        self.grammar = grammar
-        self.prompt_len = int(prompt_len)
-        self.horizon_steps = int(horizon_steps)
-        self.end_id = int(end_id)
-        self._allowed_cache: dict[tuple, torch.Tensor] = {}
-        self._states: list[tuple[tuple[int, int, int, bool], int]] = []  # (grammar state, steps done)
-        self._seen = -1
-
-    def _allowed_ids(self, state: tuple[int, int, int, bool], steps: int) -> torch.Tensor:
-        key = ("done",) if steps >= self.horizon_steps else state
-        if key not in self._allowed_cache:
-            if steps >= self.horizon_steps:
-                ids = [self.end_id]
-            else:
-                ids = [self.char_ids[c] for c in self.grammar.allowed(state)]
-            self._allowed_cache[key] = torch.tensor(ids, dtype=torch.long)
-        return self._allowed_cache[key]
-
-    def _step(self, state_steps: tuple[tuple[int, int, int, bool], int], token: int):
-        state, steps = state_steps
-        if steps >= self.horizon_steps:
-            return state_steps
-        char = self.id_to_char.get(token)
-        if char is None or char not in self.grammar.allowed(state):
-            raise AssertionError(f"generated token {token} ({char!r}) violates the grammar in state {state}")
-        state = self.grammar.advance(state, char)
-        return state, steps + (char == STEP_SEP)
-
-    def row_states(self, input_ids: torch.LongTensor) -> list[tuple[tuple[int, int, int, bool], int]]:
-        """(grammar state, steps done) of each row after its generated part."""
-        n_gen = input_ids.shape[1] - self.prompt_len
-        if n_gen < 0:
-            raise ValueError(f"input_ids has {input_ids.shape[1]} positions, fewer than prompt_len={self.prompt_len}")
-        if n_gen == self._seen + 1 and len(self._states) == input_ids.shape[0] and n_gen > 0:
-            last = input_ids[:, -1].tolist()
-            self._states = [self._step(s, t) for s, t in zip(self._states, last, strict=True)]
-        elif n_gen != self._seen or len(self._states) != input_ids.shape[0]:
-            self._states = []
-            for row in input_ids[:, self.prompt_len:].tolist():
-                s = (START, 0)
-                for t in row:
-                    s = self._step(s, t)
-                self._states.append(s)
-        self._seen = n_gen
-        return self._states
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        """Return ``scores`` (B, V) with every disallowed id set to ``-inf``."""
-        out = torch.full_like(scores, -math.inf)
-        for row, (state, steps) in enumerate(self.row_states(input_ids)):
-            ids = self._allowed_ids(state, steps).to(scores.device)
-            out[row, ids] = scores[row, ids]
-        return out
-
-
-class StepsStoppingCriteria(StoppingCriteria):
-    """Stops each row once its generated part holds ``horizon_steps`` step-separator tokens.
-
-    Args:
-        sep_id: Token id of ``;``.
-        prompt_len: Padded prompt length; generated tokens start there.
-        horizon_steps: Steps per forecast.
-    """
-
-    def __init__(self, sep_id: int, prompt_len: int, horizon_steps: int) -> None:
-        self.sep_id = int(sep_id)
-        self.prompt_len = int(prompt_len)
-        self.horizon_steps = int(horizon_steps)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        """One bool per row (B,): True where the row is finished."""
-        return (input_ids[:, self.prompt_len:] == self.sep_id).sum(dim=1) >= self.horizon_steps
 
 
 @dataclass
@@ -258,13 +93,41 @@ class AddLogitBias(LogitsProcessor):
         self.bias = bias
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """Return ``scores`` (B, V) plus the bias."""
         if scores.shape[-1] != self.bias.shape[0]:
             raise ValueError(f"logit bias has {self.bias.shape[0]} entries but the model scores {scores.shape[-1]} "
                              f"tokens: the adapter was trained on another base model")
         return scores + self.bias.to(device=scores.device, dtype=scores.dtype)
 
 
-def _generation_config(tokenizer, max_new_tokens: int, sample: bool, temperature: float,
+def row_batches(n_series: int, num_samples: int, batch_size: int) -> list[list[int]]:
+    """Series index of each generation row, series-major, cut into consecutive batches of ``batch_size`` rows."""
+    rows = [i for i in range(n_series) for _ in range(num_samples)]
+    return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+def planned_batches(prompt_tokens: Sequence[int], *, horizon_steps: int, max_int_digits: int, decimals: int,
+                    num_samples: int, batch_size: int) -> list[tuple[int, int, int]]:
+    """``(rows, padded prompt length, decode steps)`` of every batch :func:`forecast` runs, decode at its bound.
+
+    Needs no model: with a character-level tokenizer ``prompt_tokens`` are the prompts' character counts.
+    Every batch decodes :func:`max_new_tokens_bound` steps here, so the FLOPs of these shapes bound the
+    FLOPs :func:`forecast` charges.
+
+    Args:
+        prompt_tokens: (S,) prompt length of each series in tokens.
+        horizon_steps: Steps to generate.
+        max_int_digits: Most digits before the point in generated numbers.
+        decimals: Digits after the point.
+        num_samples: Rows per series.
+        batch_size: Rows per ``generate`` call.
+    """
+    bound = max_new_tokens_bound(horizon_steps, Grammar(max_int_digits=max_int_digits, decimals=decimals))
+    return [(len(chunk), max(prompt_tokens[i] for i in chunk), bound)
+            for chunk in row_batches(len(prompt_tokens), num_samples, batch_size)]
+
+
+def _generation_config(tokenizer: Any, max_new_tokens: int, sample: bool, temperature: float,
                        top_p: float) -> GenerationConfig:
     # Every field that changes which token is picked is set, so nothing is filled in from the checkpoint.
     return GenerationConfig(
@@ -294,8 +157,10 @@ def _generation_config(tokenizer, max_new_tokens: int, sample: bool, temperature
     )
 
 
-def _check_args(series: np.ndarray, scales, decimals, context_steps, horizon_steps, batch_size,
-                num_samples, temperature, top_p) -> list[str]:
+def _check_args(series: np.ndarray, scales: list[float], decimals: int, context_steps: int, horizon_steps: int,
+                batch_size: int, num_samples: int, temperature: float, top_p: float,
+                max_int_digits: int) -> Grammar:
+    """The grammar of these arguments; every problem with them raised at once."""
     problems = []
     if series.ndim != 3 or series.shape[2] != 2:
         problems.append(f"series has shape {series.shape}: expected (S, T, 2)")
@@ -311,25 +176,138 @@ def _check_args(series: np.ndarray, scales, decimals, context_steps, horizon_ste
         problems.append(f"temperature={temperature!r}: must be > 0")
     if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         problems.append(f"top_p={top_p!r}: must be in (0, 1]")
-    return problems
+    grammar = None
+    try:
+        grammar = Grammar(max_int_digits=max_int_digits, decimals=decimals)
+    except ValueError as err:
+        problems.append(str(err))
+    if problems:
+        raise ValueError("invalid forecast arguments: " + "; ".join(problems))
+    return grammar
+
+
+def _tokenized_prompts(tokenizer: Any, series: np.ndarray, scales: list[float], decimals: int, context_steps: int,
+                       max_int_digits: int) -> list[list[int]]:
+    """Token ids of each series' prompt; a context number wider than ``max_int_digits`` is refused."""
+    prompts = [encode_prompt(s[:context_steps], scale, decimals) for s, scale in zip(series, scales, strict=True)]
+    widest = max((len(num.split(".")[0]) for p in prompts for num in p.replace(";", ",").split(",") if num),
+                 default=1)
+    if widest > max_int_digits:
+        raise ValueError(f"max_int_digits={max_int_digits}: the encoded context has numbers with {widest} digits "
+                         f"before the point; raise max_int_digits or the scale")
+    return tokenizer(prompts, add_special_tokens=False)["input_ids"]
+
+
+@dataclass(frozen=True)
+class _Generator:
+    """What every batch's ``generate`` call shares."""
+
+    model: Any
+    tokenizer: Any
+    char_ids: dict[str, int]
+    grammar: Grammar
+    horizon_steps: int
+    constrained: bool
+    config: GenerationConfig
+    logit_bias: torch.Tensor | None
+    device: torch.device
+
+    def run(self, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
+        """Generate one batch: the new token ids of each row (padding included) and the padded prompt length."""
+        batch = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
+        input_ids = batch["input_ids"].to(self.device)
+        prompt_len = input_ids.shape[1]
+        processors = LogitsProcessorList()
+        if self.logit_bias is not None:
+            processors.append(AddLogitBias(self.logit_bias))
+        if self.constrained:
+            processors.append(LLMTimeLogitsProcessor(self.char_ids, self.grammar, prompt_len, self.horizon_steps,
+                                                     self.tokenizer.pad_token_id))
+        stop = StepsStoppingCriteria(self.char_ids[STEP_SEP], prompt_len, self.horizon_steps)
+        out = self.model.generate(input_ids=input_ids, attention_mask=batch["attention_mask"].to(self.device),
+                                  generation_config=self.config, logits_processor=processors,
+                                  stopping_criteria=StoppingCriteriaList([stop]))
+        return out[:, prompt_len:].cpu().tolist(), prompt_len
+
+    def text(self, row: list[int]) -> tuple[str, int]:
+        """A generated row as text, pad / EOS dropped, and the count of its tokens kept."""
+        special = {self.tokenizer.pad_token_id, self.tokenizer.eos_token_id}
+        kept = [t for t in row if t not in special]
+        # Read token by token: a word-level tokenizer's decode() would join tokens with spaces.
+        id_to_char = {i: c for c, i in self.char_ids.items()}
+        return "".join(id_to_char.get(t) or self.tokenizer.decode([t]) for t in kept), len(kept)
+
+
+def _generate_all(gen: _Generator, encoded: list[list[int]], batches: list[list[int]], seed: int,
+                  charge: Callable[[int, int], None] | None, lora: LoRASpec | None,
+                  conv: Conventions) -> tuple[list[str], int, int]:
+    """Texts of every row, generated tokens and FLOPs charged; the model is in eval mode meanwhile."""
+    shape = shape_of(gen.model)
+    texts: list[str] = []
+    total_flops = total_new = 0
+    old_side, was_training = gen.tokenizer.padding_side, gen.model.training
+    gen.model.eval()
+    try:
+        gen.tokenizer.padding_side = "left"
+        with torch.random.fork_rng(devices=[gen.device] if gen.device.type == "cuda" else []), torch.no_grad():
+            torch.manual_seed(seed)
+            # Each batch is a full generate (minutes on a CPU for a real model): show progress.
+            for chunk in tqdm(batches, desc="forecasting", unit="batch", disable=len(batches) <= 1):
+                generated, prompt_len = gen.run([encoded[i] for i in chunk])
+                n_new = len(generated[0])
+                for text, kept in map(gen.text, generated):
+                    texts.append(text)
+                    total_new += kept
+                flops = generation_flops(shape, len(chunk), prompt_len, n_new, lora=lora, conv=conv,
+                                         kv_cache=True, prefill_logits="last") if n_new > 0 else 0
+                total_flops += flops
+                if charge is not None:
+                    charge(flops, len(chunk) * (prompt_len + n_new))
+    finally:
+        gen.tokenizer.padding_side = old_side
+        gen.model.train(was_training)
+    return texts, total_new, total_flops
+
+
+def _decode_rows(texts: list[str], rows: list[int], scales: list[float], decimals: int,
+                 horizon_steps: int) -> tuple[np.ndarray, list[int]]:
+    """(rows, H, 2) values of each generated text (NaN past its parsed prefix) and its parsed step count."""
+    values = np.full((len(rows), horizon_steps, 2), np.nan)
+    steps_parsed = []
+    for r, (i, text) in enumerate(zip(rows, texts, strict=True)):
+        parsed, n = decode(text, scales[i], decimals)
+        n = min(n, horizon_steps)
+        values[r, :n] = parsed[:n]
+        steps_parsed.append(n)
+    return values, steps_parsed
+
+
+def _point_forecast(samples: np.ndarray) -> np.ndarray:
+    """(S, H, 2) per-step median of (S, k, H, 2) samples; the sample itself when k == 1."""
+    if samples.shape[1] == 1:
+        return samples[:, 0]
+    with warnings.catch_warnings():  # an all-NaN step stays NaN, as documented
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(samples, axis=1)
 
 
 def forecast(
-    model,
-    tokenizer,
+    model: Any,
+    tokenizer: Any,
     char_ids: dict[str, int],
     series: np.ndarray,
-    scales: list[float],
-    decimals: int = 3,
-    context_steps: int = 80,
-    horizon_steps: int = 20,
-    batch_size: int = 16,
-    constrained: bool = True,
-    num_samples: int = 1,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    max_int_digits: int = 2,
+    scales: Sequence[float],
+    *,
+    decimals: int,
+    context_steps: int,
+    horizon_steps: int,
+    batch_size: int,
+    constrained: bool,
+    num_samples: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    max_int_digits: int,
     trained_context_tokens: int | None = None,
     charge: Callable[[int, int], None] | None = None,
     conv: Conventions | None = None,
@@ -367,107 +345,37 @@ def forecast(
     """
     series = np.asarray(series, dtype=np.float64)
     scales = [float(s) for s in scales]
-    problems = _check_args(series, scales, decimals, context_steps, horizon_steps, batch_size, num_samples,
-                           temperature, top_p)
-    try:
-        grammar = Grammar(max_int_digits=max_int_digits, decimals=decimals)
-    except ValueError as err:
-        problems.append(str(err))
-    if problems:
-        raise ValueError("invalid forecast arguments: " + "; ".join(problems))
-    n_series, k = series.shape[0], int(num_samples)
-    prompts = [encode(series[i, :context_steps], scales[i], decimals) + STEP_SEP for i in range(n_series)]
-    widest = max((len(num.split(".")[0]) for p in prompts for num in p.replace(";", ",").split(",") if num),
-                 default=1)
-    if widest > max_int_digits:
-        raise ValueError(f"max_int_digits={max_int_digits}: the encoded context has numbers with {widest} digits "
-                         f"before the point; raise max_int_digits or the scale")
-    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    grammar = _check_args(series, scales, decimals, context_steps, horizon_steps, batch_size, num_samples,
+                          temperature, top_p, max_int_digits)
+    encoded = _tokenized_prompts(tokenizer, series, scales, decimals, context_steps, max_int_digits)
     prompt_tokens = [len(ids) for ids in encoded]
     exceeds = trained_context_tokens is not None and max(prompt_tokens) > trained_context_tokens
     if exceeds:
         log.warning("longest prompt is %d tokens, longer than the %d the adapter was trained on",
                     max(prompt_tokens), trained_context_tokens)
 
+    n_series, k = series.shape[0], int(num_samples)
     bound = max_new_tokens_bound(horizon_steps, grammar)
-    sample = k > 1
-    gen_config = _generation_config(tokenizer, bound, sample, float(temperature), float(top_p))
-    shape = shape_of(model)
+    gen = _Generator(model, tokenizer, char_ids, grammar, horizon_steps, constrained,
+                     _generation_config(tokenizer, bound, k > 1, float(temperature), float(top_p)), logit_bias,
+                     next(model.parameters()).device)
     # The trained bias adds V additions per scored position; it is only ever trained beside an adapter.
     lora = (LoRASpec.from_peft(model, logit_bias=logit_bias is not None)
             if getattr(model, "peft_config", None) else None)
-    conv = conv if conv is not None else Conventions()
-    sep_id, end_id = char_ids[STEP_SEP], tokenizer.pad_token_id
-    special = {tokenizer.pad_token_id, tokenizer.eos_token_id}
-    # Text is read token by token: a word-level tokenizer's decode() would join tokens with spaces.
-    id_to_char = {i: c for c, i in char_ids.items()}
-    device = next(model.parameters()).device
+    batches = row_batches(n_series, k, batch_size)
+    texts, new_tokens, flops = _generate_all(gen, encoded, batches, seed, charge, lora,
+                                             conv if conv is not None else Conventions())
 
-    rows = [i for i in range(n_series) for _ in range(k)]  # series index of each generation row
-    texts: list[str] = []
-    total_flops = total_new = 0
-    old_side = tokenizer.padding_side
-    was_training = model.training
-    model.eval()
-    try:
-        tokenizer.padding_side = "left"
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-            torch.manual_seed(seed)
-            # Each batch is a full generate (minutes on a CPU for a real model): show progress.
-            for start in tqdm(range(0, len(rows), batch_size), desc="forecasting", unit="batch",
-                              total=-(-len(rows) // batch_size), disable=len(rows) <= batch_size):
-                chunk = rows[start:start + batch_size]
-                batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, padding=True, return_tensors="pt")
-                input_ids = batch["input_ids"].to(device)
-                prompt_len = input_ids.shape[1]
-                processors = LogitsProcessorList()
-                if logit_bias is not None:
-                    processors.append(AddLogitBias(logit_bias))
-                if constrained:
-                    processors.append(LLMTimeLogitsProcessor(char_ids, grammar, prompt_len, horizon_steps, end_id))
-                out = model.generate(
-                    input_ids=input_ids,
-                    attention_mask=batch["attention_mask"].to(device),
-                    generation_config=gen_config,
-                    logits_processor=processors,
-                    stopping_criteria=StoppingCriteriaList([StepsStoppingCriteria(sep_id, prompt_len, horizon_steps)]),
-                )
-                generated = out[:, prompt_len:].cpu()
-                n_new = int(generated.shape[1])
-                for row in generated.tolist():
-                    kept = [t for t in row if t not in special]
-                    total_new += len(kept)
-                    texts.append("".join(id_to_char.get(t) or tokenizer.decode([t]) for t in kept))
-                flops = generation_flops(shape, len(chunk), prompt_len, n_new, lora=lora, conv=conv,
-                                         kv_cache=True, prefill_logits="last") if n_new > 0 else 0
-                total_flops += flops
-                if charge is not None:
-                    charge(flops, len(chunk) * (prompt_len + n_new))
-    finally:
-        tokenizer.padding_side = old_side
-        model.train(was_training)
-
-    all_values = np.full((len(rows), horizon_steps, 2), np.nan)
-    steps_parsed = []
-    for r, (i, text) in enumerate(zip(rows, texts, strict=True)):
-        values, n = decode(text, scales[i], decimals)
-        n = min(n, horizon_steps)
-        all_values[r, :n] = values[:n]
-        steps_parsed.append(n)
+    rows = [i for chunk in batches for i in chunk]
+    values, steps_parsed = _decode_rows(texts, rows, scales, decimals, horizon_steps)
     failures = sum(n < horizon_steps for n in steps_parsed)
     if constrained:
         assert failures == 0, f"constrained decoding left {failures} unparsed forecasts: {texts!r}"
     elif failures:
         log.info("unconstrained forecasting: %d of %d rows parsed fewer than %d steps (NaN-filled)",
                  failures, len(rows), horizon_steps)
-    samples = all_values.reshape(n_series, k, horizon_steps, 2)
-    if k > 1:
-        with warnings.catch_warnings():  # an all-NaN step stays NaN, as documented
-            warnings.simplefilter("ignore", RuntimeWarning)
-            point = np.nanmedian(samples, axis=1)
-    else:
-        point = samples[:, 0]
-    return ForecastResult(values=point, texts=texts, steps_parsed=steps_parsed, parse_failures=int(failures),
-                          prompt_tokens=prompt_tokens, new_tokens=int(total_new), samples=samples if k > 1 else None,
-                          flops=int(total_flops), exceeds_trained_context=bool(exceeds), max_new_tokens=bound)
-
+    samples = values.reshape(n_series, k, horizon_steps, 2)
+    return ForecastResult(values=_point_forecast(samples), texts=texts, steps_parsed=steps_parsed,
+                          parse_failures=int(failures), prompt_tokens=prompt_tokens, new_tokens=int(new_tokens),
+                          samples=samples if k > 1 else None, flops=int(flops),
+                          exceeds_trained_context=bool(exceeds), max_new_tokens=bound)

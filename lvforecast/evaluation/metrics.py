@@ -5,7 +5,7 @@ Contract:
 * Arrays are ``truth`` (S, H, 2) and ``pred`` (S, H, 2): S systems, H forecast steps, last axis
   ``[prey, predator]`` (:data:`VARIABLES`). Probabilistic forecasts are ``samples`` (S, k, H, 2).
 * Every function works in whatever units it is given. The study reports *encoded* units, i.e.
-  raw value / :data:`ENCODED_SCALE` (= raw x 2, the LLMTIME scale of the study);
+  raw value / :data:`STUDY_SCALE` (= raw x 2, the LLMTIME scale of the study);
   :func:`to_encoded` converts and :func:`evaluate_forecasts` returns both unit systems.
 * Per-system point metrics (:func:`per_system_metrics`) are computed per system and per variable
   over the H steps: MSE, RMSE = sqrt(MSE), MAE, and MAPE as a *fraction* (mean |e| / |truth|;
@@ -36,12 +36,10 @@ from typing import Any
 
 import numpy as np
 
+from lvforecast.data.encoding import STUDY_SCALE, VARIABLES
+
 logger = logging.getLogger(__name__)
 
-#: Names of the last-axis variables, in order.
-VARIABLES: tuple[str, str] = ("prey", "predator")
-#: The study's encoding divides raw values by this (x / 5 * 10, i.e. x * 2).
-ENCODED_SCALE = 0.5
 #: Keys of :func:`per_system_metrics` that hold float metrics (the others are counts).
 POINT_METRICS: tuple[str, ...] = ("mse", "rmse", "mae", "mape")
 
@@ -73,7 +71,7 @@ def _check_samples(truth: np.ndarray, samples: np.ndarray) -> tuple[np.ndarray, 
     return truth, samples
 
 
-def to_encoded(values: np.ndarray, scale: float | Sequence[float] | np.ndarray = ENCODED_SCALE) -> np.ndarray:
+def to_encoded(values: np.ndarray, scale: float | Sequence[float] | np.ndarray = STUDY_SCALE) -> np.ndarray:
     """Convert raw populations to the study's encoded units.
 
     Args:
@@ -279,7 +277,7 @@ def evaluate_forecasts(
     truth: np.ndarray,
     pred: np.ndarray,
     classes: Sequence[str] | None = None,
-    scale: float | Sequence[float] | np.ndarray = ENCODED_SCALE,
+    scale: float | Sequence[float] | np.ndarray = STUDY_SCALE,
 ) -> dict[str, Any]:
     """All point metrics in encoded and original units, aggregated and JSON-ready.
 

@@ -1,4 +1,7 @@
-"""Plots and the markdown report of an evaluation (the study's layout: prey gold, predator purple)."""
+"""Plots and the markdown report of an evaluation (the study's layout: prey gold, predator purple).
+
+The plots are drawn on :class:`matplotlib.figure.Figure` objects: no pyplot state, no backend switch.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from lvforecast.data.encoding import VARIABLES
+
 COLORS = {"prey": "goldenrod", "predator": "purple"}
-VARIABLES = ("prey", "predator")
 POINT = ("mse", "rmse", "mae", "mape")
 
 
@@ -25,20 +29,16 @@ def _log_scale(ax: Any) -> None:
         ax.set_yscale("log")
 
 
-def _save(plt: Any, fig: Any, path: Path) -> Path:
+def _figure(**kwargs: Any) -> Any:
+    from matplotlib.figure import Figure  # lazy: a heavy import, and only the plots need it
+
+    return Figure(**kwargs)
+
+
+def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
-
-
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def write_plots(out: Path, systems: list[int], series: np.ndarray, context: int, forecasts: dict[str, np.ndarray],
@@ -51,10 +51,10 @@ def write_plots(out: Path, systems: list[int], series: np.ndarray, context: int,
         metrics: method -> ``{"encoded": {...}, "original": {...}}`` from the evaluation.
         examples: system ids to draw (those not in ``systems`` are skipped).
     """
-    plt = _plt()
     paths = []
     shown = [s for s in examples if s in systems] or systems[:4]
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.4), squeeze=False)
+    fig = _figure(figsize=(4.2 * len(shown), 3.4))
+    axes = fig.subplots(1, len(shown), squeeze=False)
     t = np.arange(series.shape[1])
     for ax, system in zip(axes[0], shown, strict=True):
         i = systems.index(system)
@@ -67,9 +67,10 @@ def write_plots(out: Path, systems: list[int], series: np.ndarray, context: int,
         ax.set_xlabel("time step")
     axes[0][0].set_ylabel("population (original units)")
     axes[0][0].legend(fontsize=7)
-    paths.append(_save(plt, fig, out / "examples.png"))
+    paths.append(_save(fig, out / "examples.png"))
 
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.2), squeeze=False)
+    fig = _figure(figsize=(4.2 * len(shown), 3.2))
+    axes = fig.subplots(1, len(shown), squeeze=False)
     running = _arr(metrics["model"]["encoded"]["running_mse"])
     for ax, system in zip(axes[0], shown, strict=True):
         i = systems.index(system)
@@ -79,9 +80,10 @@ def write_plots(out: Path, systems: list[int], series: np.ndarray, context: int,
         ax.set_xlabel("forecast step")
     axes[0][0].set_ylabel("MSE (encoded units)")
     axes[0][0].legend(fontsize=7)
-    paths.append(_save(plt, fig, out / "running_mse.png"))
+    paths.append(_save(fig, out / "running_mse.png"))
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = _figure(figsize=(10, 3.6))
+    axes = fig.subplots(1, 2)
     for j, (ax, var) in enumerate(zip(axes, VARIABLES, strict=True)):
         for name, m in metrics.items():
             err = _arr(m["encoded"]["error_by_horizon"])[:, j]
@@ -91,9 +93,10 @@ def write_plots(out: Path, systems: list[int], series: np.ndarray, context: int,
         ax.set_xlabel("forecast step")
     axes[0].set_ylabel("MSE (encoded units)")
     axes[0].legend(fontsize=7)
-    paths.append(_save(plt, fig, out / "error_by_horizon.png"))
+    paths.append(_save(fig, out / "error_by_horizon.png"))
 
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig = _figure(figsize=(7, 3.6))
+    ax = fig.subplots()
     names = list(metrics)
     x = np.arange(len(names))
     for j, var in enumerate(VARIABLES):
@@ -104,7 +107,7 @@ def write_plots(out: Path, systems: list[int], series: np.ndarray, context: int,
     ax.set_ylabel("median MSE over systems (encoded)")
     ax.set_title("model vs baselines")
     ax.legend(fontsize=8)
-    paths.append(_save(plt, fig, out / "model_vs_baselines.png"))
+    paths.append(_save(fig, out / "model_vs_baselines.png"))
     return paths
 
 

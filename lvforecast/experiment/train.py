@@ -17,10 +17,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lvforecast.budget.formulas import Conventions, LoRASpec, ModelShape
 from lvforecast.budget.ledger import Ledger, remaining_in
 from lvforecast.budget.planning import Plan, plan_config, reserved_flops
 from lvforecast.budget.reservation import Reservation
+from lvforecast.budget.shapes import Conventions, LoRASpec, ModelShape
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         problems.append(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
     wandb_node = (cfg.get("logger") or {}).get("wandb")
-    if wandb_node and wandb_node.get("_target_") == "lvforecast.tracking.wandb_logger":
+    if wandb_node and wandb_node.get("_target_") == "lvforecast.tracking.loggers.wandb_logger":
         from lvforecast.tracking import decide_mode
 
         try:
@@ -124,8 +124,14 @@ def reserve(cfg: DictConfig, plan: Plan, shape: ModelShape, lora: LoRASpec, conv
 
 
 def _callbacks(cfg: DictConfig, reservation: Reservation | None) -> list[Any]:
-    """The configured callbacks; the FLOP budget's ``_partial_`` node is completed with the reservation."""
+    """The configured callbacks; the FLOP budget's ``_partial_`` node is completed with the reservation.
+
+    A progress bar callback is dropped when ``trainer.enable_progress_bar`` is false (Lightning refuses one then),
+    so that flag keeps switching the bar off.
+    """
     import functools
+
+    from pytorch_lightning.callbacks import ProgressBar
 
     from lvforecast.utils import instantiate_list
 
@@ -135,6 +141,8 @@ def _callbacks(cfg: DictConfig, reservation: Reservation | None) -> list[Any]:
         raise ValueError("callbacks.flop_budget is missing but budget.enabled=true: every callbacks option must "
                          "include it (see conf/callbacks/flop_budget.yaml), or set budget=off")
     callbacks = instantiate_list(group, exclude=("flop_budget",))
+    if cfg.trainer.get("enable_progress_bar") is False:
+        callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
     if reservation is not None:
         from hydra.utils import instantiate
 
@@ -151,7 +159,7 @@ def _fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, out:
     from hydra.utils import instantiate
 
     from lvforecast.budget.callback import FlopBudget
-    from lvforecast.budget.formulas import shape_of
+    from lvforecast.budget.shapes import shape_of
     from lvforecast.model.lora import apply_lora, expected_lora_parameters
     from lvforecast.tracking import finish_wandb, update_summary
     from lvforecast.utils import environment_record, instantiate_list, plot_loss_curve
@@ -167,7 +175,7 @@ def _fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, out:
     lora_formula = expected_lora_parameters(loaded.model, cfg.lora.target_modules, cfg.lora.r)
     peft_model = apply_lora(loaded.model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                             target_modules=list(cfg.lora.target_modules))
-    module = instantiate(cfg.module)(peft_model)
+    module = instantiate(cfg.module)(peft_model, char_ids=loaded.char_ids)
     counts = module.parameter_counts
     run_info: dict[str, Any] = {
         "model": loaded.name,

@@ -260,7 +260,7 @@ _TINY_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_k
 
 
 def tiny_qwen_shape(loader: Any) -> Any:
-    """The :class:`~lvforecast.budget.formulas.ModelShape` :func:`build_tiny_qwen` builds from ``loader``'s keys.
+    """The :class:`~lvforecast.budget.shapes.ModelShape` :func:`build_tiny_qwen` builds from ``loader``'s keys.
 
     Args:
         loader: The ``model.loader`` node (its ``_target_`` is ignored); sizes it leaves out take
@@ -269,7 +269,7 @@ def tiny_qwen_shape(loader: Any) -> Any:
     Raises:
         ValueError: A key :func:`build_tiny_qwen` does not take (named).
     """
-    from lvforecast.budget.formulas import ModelShape
+    from lvforecast.budget.shapes import ModelShape
 
     kwargs = {k: v for k, v in dict(loader).items() if k != "_target_"}
     try:

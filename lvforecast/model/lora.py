@@ -6,7 +6,8 @@ Update rule for each targeted linear layer (``q_proj`` and ``v_proj`` by default
 
 ``A`` starts Kaiming-uniform and ``B`` at zero, so the wrapped model equals the base model at step 0.
 Every base weight is frozen; only ``A``, ``B`` (and, if enabled, the logit bias held by the
-LightningModule) train.
+LightningModule) train. The LightningModule's output side also lives here: :class:`LogitBias` and, for
+``model.head=alphabet``, :class:`AlphabetHead` (frozen rows of the output matrix) fed by :func:`decoder_stack`.
 """
 
 from __future__ import annotations
@@ -120,6 +121,10 @@ class LogitBias(nn.Module):
     """A trainable bias added to the output logits, zero at start (the study's brief trained one).
 
     Held outside the PEFT model so any backbone works and the adapter stays a plain PEFT adapter.
+
+    Args:
+        vocab_size: Logits it covers: the vocabulary ``V`` (``model.head=full``), or the alphabet's 13 rows
+            (``model.head=alphabet``: a 13-vector, in ``ALPHABET`` order).
     """
 
     def __init__(self, vocab_size: int) -> None:
@@ -128,3 +133,43 @@ class LogitBias(nn.Module):
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         return logits + self.bias.to(logits.dtype)
+
+
+def decoder_stack(model: nn.Module) -> nn.Module:
+    """The decoder stack (embeddings, layers, final norm; no lm_head) of a causal LM or its PEFT wrapper.
+
+    LoRA layers are injected in place, so running the stack runs the adapters too.
+
+    Raises:
+        ValueError: The model exposes no decoder (``get_decoder``) to run without its lm_head.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    stack = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if stack is None or stack is base:
+        raise ValueError(f"{type(base).__name__} has no decoder stack apart from its lm_head (get_decoder)")
+    return stack
+
+
+class AlphabetHead(nn.Module):
+    """Logits for a few tokens only: ``hidden @ W[ids].T`` with ``W`` the (tied) output matrix.
+
+    The rows are gathered once and held as non-persistent buffers: frozen, never trained and never written to a
+    checkpoint (they are the base model's own weights, rebuilt from it on load). The other ``V - len(ids)``
+    logits are never computed.
+
+    Args:
+        output_embeddings: The model's lm_head (``get_output_embeddings()``); a bias, if it has one, is gathered too.
+        token_ids: Vocabulary ids of the rows to keep, in output order (the LLMTIME alphabet's).
+    """
+
+    def __init__(self, output_embeddings: nn.Module, token_ids: Sequence[int]) -> None:
+        super().__init__()
+        ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=output_embeddings.weight.device)
+        self.register_buffer("weight", output_embeddings.weight.detach()[ids].clone(), persistent=False)
+        bias = getattr(output_embeddings, "bias", None)
+        self.register_buffer("bias", None if bias is None else bias.detach()[ids].clone(), persistent=False)
+        self.register_buffer("token_ids", ids, persistent=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) final hidden states -> (B, N, len(token_ids)) logits."""
+        return nn.functional.linear(hidden, self.weight, self.bias)

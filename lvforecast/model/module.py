@@ -4,6 +4,15 @@ Loss: next-token cross-entropy over non-pad tokens (labels -100 are ignored). ``
 token-weighted mean over the whole validation set (sum of token losses / number of tokens), not a
 mean of per-batch means. Checkpoints hold only trainable tensors (the adapter and the optional
 logit bias) plus optimizer and loop state; base weights are never written.
+
+Heads (``model.head``): ``full`` scores the whole vocabulary (the model's own lm_head). ``alphabet`` runs the
+decoder stack without its lm_head and scores only the 13 LLMTIME characters with frozen rows of the output
+matrix (:class:`~lvforecast.model.lora.AlphabetHead`); labels become alphabet indices and the loss is the
+cross-entropy over the alphabet: the likelihood of the next character given that the output is LLMTIME text.
+Either head logs ``val/loss_alphabet``, that alphabet-normalised loss (a full head takes the log-softmax over
+the alphabet's columns of its logits; for ``alphabet`` it equals ``val/loss``), so runs of both compare.
+With ``alphabet`` the optional logit bias is a 13-vector (``ALPHABET`` order), and so is the
+``logit_bias.safetensors`` it saves (its metadata says ``head=alphabet``).
 """
 
 from __future__ import annotations
@@ -11,15 +20,19 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from lvforecast.budget.shapes import HEADS
 from lvforecast.data.datamodule import IGNORE_INDEX
-from lvforecast.model.lora import LogitBias, count_parameters
+from lvforecast.data.encoding import ALPHABET
+from lvforecast.model.lora import AlphabetHead, LogitBias, count_parameters, decoder_stack
+
+Head = Literal["full", "alphabet"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +56,42 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
         ignore_index=IGNORE_INDEX, reduction="sum",
     )
     return loss, (shift_labels != IGNORE_INDEX).sum()
+
+
+def alphabet_ids(char_ids: Mapping[str, int]) -> list[int]:
+    """The alphabet's token ids in :data:`~lvforecast.data.encoding.ALPHABET` order (= alphabet index order).
+
+    Raises:
+        ValueError: A character of the alphabet has no id.
+    """
+    missing = [ch for ch in ALPHABET if ch not in char_ids]
+    if missing:
+        raise ValueError(f"char_ids lacks the alphabet characters {missing} (see lvforecast.data.encoding)")
+    return [int(char_ids[ch]) for ch in ALPHABET]
+
+
+def label_lookup(token_ids: list[int], vocab: int) -> torch.Tensor:
+    """(V,) table: vocabulary id -> its index in ``token_ids``, -1 for every other id."""
+    table = torch.full((vocab,), -1, dtype=torch.long)
+    table[torch.as_tensor(token_ids)] = torch.arange(len(token_ids))
+    return table
+
+
+def alphabet_labels(labels: torch.Tensor, lookup: torch.Tensor) -> torch.Tensor:
+    """Vocabulary-id labels -> alphabet indices (``IGNORE_INDEX`` stays), with :func:`label_lookup`'s table.
+
+    Raises:
+        ValueError: A label other than ``IGNORE_INDEX`` is not an alphabet token (one message, the ids named).
+    """
+    keep = labels != IGNORE_INDEX
+    in_vocab = (labels >= 0) & (labels < lookup.numel())
+    mapped = torch.where(keep & in_vocab, lookup[labels.clamp(0, lookup.numel() - 1)], -1)
+    bad = keep & (mapped < 0)
+    if bad.any():
+        ids = sorted(set(labels[bad].tolist()))[:8]
+        raise ValueError(f"labels {ids} are not LLMTIME alphabet tokens ({ALPHABET!r}): the alphabet head (and "
+                         f"val/loss_alphabet) score only those; labels outside it must be {IGNORE_INDEX}")
+    return torch.where(keep, mapped, IGNORE_INDEX)
 
 
 def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -78,9 +127,18 @@ class LoRAForecaster(pl.LightningModule):
         optimizer: Partial optimizer, completed with the trainable parameters only.
         scheduler: Partial ``(optimizer, total_steps) -> LRScheduler | None`` (``conf/scheduler/``), called
             with ``trainer.max_steps``; stepped every optimizer step.
-        train_logit_bias: Add a trainable, zero-initialised bias to the output logits.
+        train_logit_bias: Add a trainable, zero-initialised bias to the output logits (13 of them with
+            ``head="alphabet"``).
         grad_norm_every_n_steps: Log per-layer gradient norms of each LoRA A and B every k steps
             (0 disables).
+        head: ``full`` (the model's lm_head over the vocabulary) or ``alphabet`` (only the alphabet's rows of
+            it, frozen; see the module docstring). Its default keeps direct constructions as they were; runs
+            from conf/ set it from ``model.head``.
+        char_ids: Alphabet character -> token id (``LoadedModel.char_ids``); needed by ``head="alphabet"``
+            and for ``val/loss_alphabet`` (not logged without it).
+
+    Raises:
+        ValueError: An unknown ``head``, or ``head="alphabet"`` without ``char_ids``.
     """
 
     def __init__(
@@ -90,21 +148,36 @@ class LoRAForecaster(pl.LightningModule):
         scheduler: Callable[..., Any],
         train_logit_bias: bool,
         grad_norm_every_n_steps: int,
+        head: Head = "full",
+        char_ids: Mapping[str, int] | None = None,
     ) -> None:
+        if head not in HEADS:
+            raise ValueError(f"model.head={head!r}: allowed {', '.join(map(repr, HEADS))}")
+        if head == "alphabet" and char_ids is None:
+            raise ValueError("model.head='alphabet' needs char_ids (the alphabet's token ids, LoadedModel.char_ids)")
         super().__init__()
         # from_pretrained returns eval mode and Lightning keeps each submodule's mode, so LoRA
         # dropout would silently stay off without this.
         self.model = model.train()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        vocab = model.get_output_embeddings().weight.shape[0]
-        self.logit_bias = LogitBias(vocab) if train_logit_bias else None
+        output = model.get_output_embeddings()
+        vocab = output.weight.shape[0]
+        self.head = head
+        ids = alphabet_ids(char_ids) if char_ids is not None else None
+        # Non-persistent: derived from the tokenizer, never checkpoint state.
+        self.register_buffer("alphabet_token_ids", None if ids is None else torch.as_tensor(ids), persistent=False)
+        self.register_buffer("label_lookup", None if ids is None else label_lookup(ids, vocab), persistent=False)
+        # Frozen rows gathered once from the (tied) output matrix; LoRA never touches lm_head, so they stay exact.
+        self.alphabet_head = AlphabetHead(output, ids) if head == "alphabet" else None
+        self.logit_bias = LogitBias(len(ids) if head == "alphabet" else vocab) if train_logit_bias else None
         self.grad_norm_every_n_steps = grad_norm_every_n_steps
         # Resume loads a checkpoint that holds only the trainable tensors.
         self.strict_loading = False
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
         self._val_sum: torch.Tensor | None = None
         self._val_tokens: torch.Tensor | None = None
+        self._val_alphabet_sum: torch.Tensor | None = None
         counts = count_parameters(self)
         self.parameter_counts = counts
         log.info("parameters: trainable %s, frozen %s (%.4f%% trainable)", f"{counts.trainable:,}",
@@ -112,13 +185,33 @@ class LoRAForecaster(pl.LightningModule):
 
     # ---- forward and loss -------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) ids -> (B, T, V) logits (with the logit bias when enabled)."""
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        """(B, T) ids -> (B, T, V) logits, (B, T, 13) with the alphabet head (with the logit bias when enabled)."""
+        if self.alphabet_head is None:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        else:
+            # The decoder stack alone returns the final hidden states; the full-vocabulary logits never exist.
+            hidden = decoder_stack(self.model)(input_ids=input_ids, attention_mask=attention_mask,
+                                               use_cache=False).last_hidden_state
+            logits = self.alphabet_head(hidden)
         return self.logit_bias(logits) if self.logit_bias is not None else logits
 
-    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss_sums(self, batch: dict[str, torch.Tensor], alphabet: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(loss_sum, n_tokens, alphabet_loss_sum)``; the last only when ``alphabet`` and char_ids are known."""
         logits = self(batch["input_ids"], batch["attention_mask"])
-        return token_loss_sum(logits, batch["labels"])
+        labels = batch["labels"]
+        if self.alphabet_head is not None:
+            loss_sum, n = token_loss_sum(logits, alphabet_labels(labels, self.label_lookup))
+            return loss_sum, n, loss_sum
+        loss_sum, n = token_loss_sum(logits, labels)
+        if not alphabet or self.alphabet_token_ids is None:
+            return loss_sum, n, None
+        # Log-softmax over the alphabet's columns of the full logits: the alphabet head's loss, from these logits.
+        restricted = token_loss_sum(logits[..., self.alphabet_token_ids], alphabet_labels(labels, self.label_lookup))
+        return loss_sum, n, restricted[0]
+
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._loss_sums(batch)[:2]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, n = self._loss_sum(batch)
@@ -141,17 +234,24 @@ class LoRAForecaster(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         self._val_tokens = torch.zeros((), device=self.device, dtype=torch.long)
+        self._val_alphabet_sum = torch.zeros((), device=self.device, dtype=torch.float64) \
+            if self.alphabet_token_ids is not None else None
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss_sum, n = self._loss_sum(batch)
+        loss_sum, n, alphabet_sum = self._loss_sums(batch, alphabet=True)
         self._val_sum += loss_sum.double()
         self._val_tokens += n
+        if alphabet_sum is not None:
+            self._val_alphabet_sum += alphabet_sum.double()
 
     def on_validation_epoch_end(self) -> None:
         total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
         tokens = self.trainer.strategy.reduce(self._val_tokens, reduce_op="sum")
         self.log("val/loss", (total / tokens.clamp(min=1)).float(), prog_bar=True, sync_dist=False)
         self.log("val/tokens", tokens.float())
+        if self._val_alphabet_sum is not None:
+            alphabet = self.trainer.strategy.reduce(self._val_alphabet_sum, reduce_op="sum")
+            self.log("val/loss_alphabet", (alphabet / tokens.clamp(min=1)).float(), sync_dist=False)
 
     # ---- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -185,7 +285,7 @@ class LoRAForecaster(pl.LightningModule):
 
     # ---- checkpoints: trainable tensors only ------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Trainable tensors plus buffers of this module (no frozen base weights)."""
+        """Trainable tensors plus ``tokens_seen`` (no frozen base weights, no gathered alphabet rows)."""
         names = {n for n, p in self.named_parameters() if p.requires_grad} | {"tokens_seen"}
         return {k: v for k, v in self.state_dict().items() if k in names}
 
@@ -202,13 +302,23 @@ class LoRAForecaster(pl.LightningModule):
             raise ValueError(
                 f"checkpoint does not match this model's adapter (missing {missing}, unexpected {extra}, "
                 f"shapes {reshaped}); resume with the same model, lora.r, lora.target_modules and "
-                f"lora.train_logit_bias as the run that wrote it"
+                f"lora.train_logit_bias and model.head (the alphabet head's logit bias has 13 entries) as the run "
+                f"that wrote it"
             )
 
     def save_adapter(self, directory: str) -> None:
-        """Write the PEFT adapter (``PeftModel.from_pretrained`` loads it) and the logit bias if any."""
+        """Write the PEFT adapter (``PeftModel.from_pretrained`` loads it) and the logit bias if any.
+
+        With ``head="alphabet"`` the bias is a 13-vector over the alphabet (``ALPHABET`` order) and the file's
+        metadata records ``head=alphabet`` and the token ids it covers (the gathered rows are base weights, not
+        saved); a full head's file is written as before, a V-vector without metadata.
+        """
         self.model.save_pretrained(directory)
         if self.logit_bias is not None:
             from safetensors.torch import save_file
 
-            save_file({"bias": self.logit_bias.bias.detach().cpu().contiguous()}, f"{directory}/logit_bias.safetensors")
+            metadata = None
+            if self.alphabet_head is not None:
+                metadata = {"head": "alphabet", "token_ids": ",".join(map(str, self.alphabet_token_ids.tolist()))}
+            save_file({"bias": self.logit_bias.bias.detach().cpu().contiguous()}, f"{directory}/logit_bias.safetensors",
+                      metadata=metadata)

@@ -1,0 +1,88 @@
+"""Whether the process that owns a ledger run is still alive.
+
+Liveness is only judged for runs of this machine (same hostname and, where Linux exposes it, same boot id): the
+owner is dead if its pid is gone, is a zombie, or now belongs to a process started at another time (pid reuse).
+Runs of other machines count as alive. Importing this module touches no disk; the functions read ``/proc``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+
+
+def boot_id() -> str | None:
+    """This machine's Linux boot id, or None where ``/proc`` does not expose one."""
+    try:
+        return BOOT_ID_PATH.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks since boot) of a Linux process, or None where /proc cannot say.
+
+    Args:
+        pid: process id.
+
+    Returns:
+        The one-letter state (``R``, ``S``, ``Z``, ...) and the start time, or None.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses, so split after its closing parenthesis;
+    # the rest starts at field 3 (state), which puts field 22 (starttime) at index 19.
+    fields = data[data.rfind(b")") + 2 :].split()
+    try:
+        return fields[0].decode(), int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def same_machine(host: str, boot: str | None) -> bool:
+    """Whether a run recorded as ``host`` with boot id ``boot`` was started on this machine since its last boot.
+
+    Args:
+        host: the hostname recorded with the run.
+        boot: the boot id recorded with the run (None where it was unknown).
+    """
+    if host != socket.gethostname():
+        return False
+    mine = boot_id()
+    # Equal hostnames are common across containers, so a differing boot id means another machine (or a reboot,
+    # whose orphans are left to an explicit `reconcile --run`).
+    return boot is None or mine is None or boot == mine
+
+
+def owner_alive(host: str, boot: str | None, pid: int, pid_start: int | None) -> bool:
+    """Whether a run's owner process may still be running; runs of other machines are assumed alive.
+
+    Args:
+        host: the hostname recorded with the run.
+        boot: the boot id recorded with the run.
+        pid: the owner's process id.
+        pid_start: the owner's start time from :func:`proc_stat` (None where it was unknown).
+    """
+    if not same_machine(host, boot):
+        return True
+    if pid <= 0:
+        return False  # never recorded by the ledger; os.kill(0, ...) would address the process group
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by another user
+    stat = proc_stat(pid)
+    if stat is None:
+        return True
+    state, start = stat
+    if state == "Z":
+        return False
+    return pid_start is None or start == pid_start

@@ -1,0 +1,258 @@
+"""What a FLOP count is counted over: model shape, counting conventions and LoRA adapters.
+
+:class:`ModelShape` holds the architecture facts (read from a Hugging Face config, :data:`BUILTIN`, or a loaded
+model via :func:`shape_of`), :class:`Conventions` the counting switches and :class:`LoRASpec` the adapters whose
+cost is added. The formulas that use them, and the meaning of every switch, are in
+:mod:`lvforecast.budget.formulas`. Pure: no torch import; only :func:`resolve_shape` reads a ``config.json`` it is
+pointed at.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+#: Linear layers of a Qwen2/Llama decoder layer, in execution order; LoRA may target any of them.
+PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+_SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "mistral")
+
+#: Rows of the ``model.head=alphabet`` head: ``len(lvforecast.data.encoding.ALPHABET)``, stated here so the FLOP
+#: CLI needs no numpy import (tests/test_alphabet_head.py holds the two equal).
+ALPHABET_SIZE = 13
+#: ``model.head`` choices: every vocabulary row of the output matrix, or only the alphabet's (LoRASpec.head_rows).
+HEADS: tuple[str, ...] = ("full", "alphabet")
+
+AttentionWidth = Literal["mha", "gqa"]
+MaskForm = Literal["full", "causal", "additive"]
+RopeForm = Literal["add", "rotate", "rotate_half"]
+NormForm = Literal["divide", "rsqrt"]
+
+
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is an ``int`` and not a ``bool``."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_choice(owner: str, key: str, value: Any, allowed: Sequence[str]) -> None:
+    """Raise ``ValueError("owner.key=value: allowed ...")`` unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{owner}.{key}={value!r}: allowed {', '.join(map(repr, allowed))}")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The architecture facts a FLOP count needs.
+
+    Attributes:
+        n_layers: Decoder layers ``L``.
+        hidden: Hidden width ``D``.
+        n_heads: Query heads ``H``.
+        n_kv_heads: Key/value heads ``G`` (divides ``H``).
+        head_dim: Head dimension ``d``.
+        intermediate: SwiGLU width ``M``.
+        vocab: Vocabulary ``V`` (lm_head rows).
+        qkv_bias: q/k/v projections carry a bias (Qwen2: yes).
+        tied: lm_head shares the embedding matrix (changes parameters, not forward FLOPs).
+        o_bias: o_proj carries a bias (Llama ``attention_bias``).
+        mlp_bias: gate/up/down carry a bias (Llama ``mlp_bias``).
+    """
+
+    n_layers: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    qkv_bias: bool
+    tied: bool
+    o_bias: bool = False
+    mlp_bias: bool = False
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"{name}={getattr(self, name)!r}: must be an integer >= 1"
+            for name in ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim", "intermediate", "vocab")
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1
+        ]
+        if not problems and self.n_heads % self.n_kv_heads:
+            problems.append(f"n_kv_heads={self.n_kv_heads}: must divide n_heads={self.n_heads}")
+        if problems:
+            raise ValueError("invalid ModelShape: " + "; ".join(problems))
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> ModelShape:
+        """Read a Qwen2/Llama/Mistral Hugging Face config (a ``PretrainedConfig`` or its ``config.json`` dict).
+
+        Raises:
+            ValueError: Not a supported family, a non-SiLU MLP, or a missing size key (named in the message).
+        """
+        cfg: Mapping[str, Any] = config if isinstance(config, Mapping) else config.to_dict()
+        model_type = cfg.get("model_type")
+        if model_type not in _SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"config model_type={model_type!r}: allowed {', '.join(map(repr, _SUPPORTED_MODEL_TYPES))} "
+                f"(Qwen2/Llama-family decoders)"
+            )
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"config hidden_act={act!r}: only 'silu' (SwiGLU) is counted")
+        missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+                               "vocab_size") if cfg.get(k) is None]
+        if missing:
+            raise ValueError(f"config is missing {', '.join(missing)}")
+        heads = cfg["num_attention_heads"]
+        attention_bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            n_layers=cfg["num_hidden_layers"],
+            hidden=cfg["hidden_size"],
+            n_heads=heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            intermediate=cfg["intermediate_size"],
+            vocab=cfg["vocab_size"],
+            # Qwen2 hard-codes q/k/v bias (and none on o_proj); Llama/Mistral use attention_bias for all four.
+            qkv_bias=True if model_type == "qwen2" else attention_bias,
+            tied=bool(cfg.get("tie_word_embeddings", False)),
+            o_bias=attention_bias if model_type != "qwen2" else False,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+        )
+
+
+#: Built-in architecture facts, so the CLI needs neither weights nor transformers.
+BUILTIN: dict[str, ModelShape] = {
+    "qwen2.5-0.5b": ModelShape(n_layers=24, hidden=896, n_heads=14, n_kv_heads=2, head_dim=64, intermediate=4864,
+                               vocab=151936, qkv_bias=True, tied=True),
+    "smollm2-135m": ModelShape(n_layers=30, hidden=576, n_heads=9, n_kv_heads=3, head_dim=64, intermediate=1536,
+                               vocab=49152, qkv_bias=False, tied=True),
+}
+
+
+@dataclass(frozen=True)
+class Conventions:
+    """Counting conventions; each default is the study brief's, see the module docstring.
+
+    Attributes:
+        attention: ``mha`` (K and V as wide as Q) or ``gqa`` (real key/value widths).
+        mask: ``full`` (all N x N scores), ``causal`` (lower triangle only) or ``additive`` (all scores plus
+            one mask addition per score: what eager attention runs).
+        rope: ``add`` (one addition per hidden element at the input), ``rotate`` (2 mul + 1 add per element
+            of q and k) or ``rotate_half`` (``rotate`` plus the negation Hugging Face's ``rotate_half`` does).
+        norm: RMSNorm as ``divide`` (``4D + 11``) or ``rsqrt`` (``4D + 12``, as implemented).
+        count_loss: Add the cross-entropy of the project's loss to a forward.
+    """
+
+    attention: AttentionWidth = "mha"
+    mask: MaskForm = "full"
+    rope: RopeForm = "add"
+    norm: NormForm = "divide"
+    count_loss: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("conventions", "attention", self.attention, get_args(AttentionWidth))
+        check_choice("conventions", "mask", self.mask, get_args(MaskForm))
+        check_choice("conventions", "rope", self.rope, get_args(RopeForm))
+        check_choice("conventions", "norm", self.norm, get_args(NormForm))
+        if not isinstance(self.count_loss, bool):
+            raise ValueError(f"conventions.count_loss={self.count_loss!r}: must be True or False")
+
+    @classmethod
+    def as_implemented(cls, count_loss: bool = False) -> Conventions:
+        """What Hugging Face eager attention really runs: ``gqa``, ``additive``, ``rotate_half``, ``rsqrt``."""
+        return cls(attention="gqa", mask="additive", rope="rotate_half", norm="rsqrt", count_loss=count_loss)
+
+    def describe(self) -> str:
+        """One line, e.g. ``attention=mha mask=full rope=add norm=divide loss=off``."""
+        return (f"attention={self.attention} mask={self.mask} rope={self.rope} norm={self.norm} "
+                f"loss={'on' if self.count_loss else 'off'}")
+
+
+#: The study brief's conventions (every :class:`Conventions` default); the formulas' default argument.
+DEFAULT_CONVENTIONS = Conventions()
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """What the fine-tuning module adds to the base model: LoRA adapters, the optional output-logit bias, and
+    which output head it runs.
+
+    Attributes:
+        rank: LoRA rank ``r`` >= 1.
+        targets: Wrapped linear layers of every decoder layer, names from :data:`PROJECTIONS`.
+        logit_bias: A bias added to every output logit (``B N V`` additions, ``B N A`` with ``head_rows``).
+        head_rows: ``None``: the full lm_head over the vocabulary ``V`` (``model.head=full``); an int ``A``: only
+            ``A`` gathered rows of it, e.g. the 13 LLMTIME characters (``model.head=alphabet``), which also
+            shrinks the logit bias and the loss to ``A`` columns.
+    """
+
+    rank: int
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    logit_bias: bool = False
+    head_rows: int | None = None
+
+    def __post_init__(self) -> None:
+        if not is_int(self.rank) or self.rank < 1:
+            raise ValueError(f"lora.rank={self.rank!r}: must be an integer >= 1")
+        if self.head_rows is not None and (not is_int(self.head_rows) or self.head_rows < 1):
+            raise ValueError(f"lora.head_rows={self.head_rows!r}: must be an integer >= 1 or None (full vocabulary)")
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        bad = [t for t in targets if t not in PROJECTIONS]
+        if bad or not targets or len(set(targets)) != len(targets):
+            raise ValueError(f"lora.targets={list(targets)}: must be distinct names from {list(PROJECTIONS)}")
+        # Canonical execution order, so the breakdown order does not depend on how targets were listed.
+        object.__setattr__(self, "targets", tuple(p for p in PROJECTIONS if p in targets))
+
+    @classmethod
+    def from_peft(cls, model: Any, logit_bias: bool = False, adapter: str = "default",
+                  head_rows: int | None = None) -> LoRASpec:
+        """Read rank and targets from a ``peft.PeftModel``'s ``peft_config[adapter]`` (the rest is given).
+
+        Raises:
+            ValueError: No such adapter, or per-layer rank patterns (one rank is assumed).
+        """
+        configs = getattr(model, "peft_config", None) or {}
+        if adapter not in configs:
+            raise ValueError(f"adapter={adapter!r}: model has LoRA adapters {sorted(configs)}")
+        cfg = configs[adapter]
+        if getattr(cfg, "rank_pattern", None):
+            raise ValueError(f"peft rank_pattern={cfg.rank_pattern!r}: per-layer ranks are not counted")
+        targets = cfg.target_modules
+        return cls(rank=cfg.r, targets=(targets,) if isinstance(targets, str) else tuple(targets),
+                   logit_bias=logit_bias, head_rows=head_rows)
+
+
+def shape_of(model: Any) -> ModelShape:
+    """The :class:`ModelShape` of a loaded model (HF causal LM, a PEFT wrapper, or anything holding ``.model``)."""
+    seen = 0
+    while getattr(model, "config", None) is None and hasattr(model, "model") and seen < 8:
+        model, seen = model.model, seen + 1
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(f"model of type {type(model).__name__} has no Hugging Face config")
+    return ModelShape.from_hf_config(config)
+
+
+
+def resolve_shape(model: str) -> ModelShape:
+    """A built-in name (:data:`BUILTIN`), a ``config.json`` path, or a directory holding one.
+
+    Raises:
+        ValueError: Unknown name, unreadable file, or an unsupported config.
+    """
+    if model in BUILTIN:
+        return BUILTIN[model]
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ValueError(f"--model={model!r}: not a built-in model ({', '.join(BUILTIN)}) nor a config.json path")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--model={model!r}: cannot read {path} as JSON ({err})") from err
+    return ModelShape.from_hf_config(cfg)
+

@@ -1,0 +1,329 @@
+"""The SQLite layer of the FLOP ledger: schema, connections, journal mode, transactions and shared queries.
+
+:class:`lvforecast.budget.ledger.Ledger` is the API; this module holds what it stores and how. Every connection is
+opened per operation (``isolation_level=None``, explicit ``BEGIN``/``COMMIT``, ``busy_timeout``) and closed after.
+Importing this module touches no disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import numbers
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from lvforecast.budget.liveness import owner_alive
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+KINDS = ("train", "val", "test", "generate")
+RUN_STATUSES = ("running", "finished", "budget_exhausted", "crashed", "failed", "refused")
+
+# SQLite INTEGER is a signed 64-bit value.
+INT_LIMIT = 2**63
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS study (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    budget_flops INTEGER NOT NULL CHECK (budget_flops > 0),
+    schema_version INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    created_by TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    sweep TEXT,
+    config_hash TEXT,
+    host TEXT NOT NULL,
+    boot_id TEXT,
+    pid INTEGER NOT NULL,
+    pid_start INTEGER,
+    status TEXT NOT NULL CHECK (status IN ({", ".join(repr(s) for s in RUN_STATUSES)})),
+    planned_flops INTEGER NOT NULL CHECK (planned_flops >= 0),
+    reserved_flops INTEGER NOT NULL CHECK (reserved_flops >= 0),
+    plan_json TEXT,
+    started_at REAL NOT NULL,
+    ended_at REAL
+);
+CREATE TABLE IF NOT EXISTS charges (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    kind TEXT NOT NULL CHECK (kind IN ({", ".join(repr(k) for k in KINDS)})),
+    flops INTEGER NOT NULL CHECK (flops >= 0),
+    steps INTEGER NOT NULL CHECK (steps >= 0),
+    tokens INTEGER NOT NULL CHECK (tokens >= 0),
+    seconds REAL NOT NULL CHECK (seconds >= 0),
+    charged_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS charges_run ON charges(run_id);
+CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
+"""
+
+
+def as_flops(value: Any, what: str) -> int:
+    """Validate a FLOP count: a finite real >= 0 and < 2**63, rounded to an integer.
+
+    Raises:
+        TypeError: not a real number (or a bool).
+        ValueError: not finite, negative, or too large for an SQLite INTEGER.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a number of FLOPs, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{what} must be finite, got {value!r}")
+    flops = int(value) if isinstance(value, numbers.Integral) else round(float(value))
+    if not 0 <= flops < INT_LIMIT:
+        raise ValueError(f"{what} must be >= 0 and < 2**63, got {value!r}")
+    return flops
+
+
+def as_count(value: Any, what: str) -> int:
+    """Validate a count (steps, tokens, a run id): an integer >= 0 and < 2**63.
+
+    Raises:
+        TypeError: not an integer (or a bool).
+        ValueError: negative or too large for an SQLite INTEGER.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
+    if not 0 <= int(value) < INT_LIMIT:
+        raise ValueError(f"{what} must be >= 0 and < 2**63, got {value!r}")
+    return int(value)
+
+
+def create_study(conn: sqlite3.Connection, budget: int | None, created_by: str) -> tuple[int, int] | None:
+    """Create the tables if missing and, in a new file, the study row holding ``budget``.
+
+    Args:
+        conn: a connection inside a write transaction.
+        budget: the budget to store in a new file; None stores nothing.
+        created_by: ``host:pid`` of the creating process.
+
+    Returns:
+        (stored budget, schema version), or None when the file holds no study and ``budget`` is None (the caller
+        raises, rolling the tables back).
+    """
+    for statement in SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    row = conn.execute("SELECT budget_flops, schema_version FROM study").fetchone()
+    if row is None and budget is not None:
+        row = (budget, SCHEMA_VERSION)
+        conn.execute("INSERT INTO study (id, budget_flops, schema_version, created_at, created_by) "
+                     "VALUES (1, ?, ?, ?, ?)", (budget, SCHEMA_VERSION, time.time(), created_by))
+    return row
+
+
+# -- connections ----------------------------------------------------------------------------------------------
+
+
+def connect(path: Path, timeout_s: float, journal_mode: str | None, apply_journal_mode: bool = True
+            ) -> sqlite3.Connection:
+    """A new autocommit connection with the busy timeout, foreign keys and (for rollback modes) the journal mode."""
+    conn = sqlite3.connect(path, timeout=timeout_s, isolation_level=None)
+    conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    # WAL is a property of the file; the rollback modes are per connection (a new one starts in DELETE).
+    if apply_journal_mode and journal_mode not in (None, "WAL", "DELETE"):
+        conn.execute(f"PRAGMA journal_mode = {journal_mode}")
+    return conn
+
+
+def set_journal_mode(path: Path, timeout_s: float, wanted: str | None) -> str:
+    """Put the file in journal mode ``wanted`` (None: WAL for a new file, else keep its mode).
+
+    Returns:
+        The mode SQLite reports afterwards (it may keep another one, e.g. WAL on a filesystem without shared
+        memory); a mismatch is logged as a warning.
+    """
+    deadline = time.monotonic() + timeout_s
+    conn = connect(path, timeout_s, wanted, apply_journal_mode=False)
+    try:
+        while True:
+            try:
+                current = conn.execute("PRAGMA journal_mode").fetchone()[0].upper()
+                if wanted is None:
+                    # A brand-new file reports DELETE; give it the default, keep any other file's mode.
+                    fresh = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+                    wanted = "WAL" if fresh else current
+                if current != wanted:
+                    current = conn.execute(f"PRAGMA journal_mode = {wanted}").fetchone()[0].upper()
+                break
+            except sqlite3.OperationalError as err:
+                # Changing the journal mode needs an exclusive lock and does not always go through the busy
+                # handler, so retry here while other processes hold the file.
+                if ("locked" not in str(err) and "busy" not in str(err)) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+    finally:
+        conn.close()
+    if current != wanted:
+        logger.warning("ledger %s: asked for journal mode %s, SQLite kept %s", path, wanted, current)
+    return current
+
+
+@contextlib.contextmanager
+def transaction(path: Path, timeout_s: float, journal_mode: str | None, immediate: bool = True
+                ) -> Iterator[sqlite3.Connection]:
+    """One transaction on a fresh connection: committed on normal exit, rolled back on an exception.
+
+    ``immediate`` takes the write lock at BEGIN, so a read-check-write sequence cannot interleave with another
+    writer's; plain reads use a deferred BEGIN for a consistent snapshot.
+    """
+    conn = connect(path, timeout_s, journal_mode)
+    try:
+        conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+# -- queries shared by several operations ---------------------------------------------------------------------
+
+
+def spent(conn: sqlite3.Connection) -> int:
+    """FLOPs charged by all runs."""
+    return conn.execute("SELECT COALESCE(SUM(flops), 0) FROM charges").fetchone()[0]
+
+
+def running(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    """Running runs, oldest first: id, host, boot_id, pid, pid_start, reserved_flops and charged FLOPs."""
+    cur = conn.cursor()
+    cur.row_factory = sqlite3.Row
+    return cur.execute(
+        "SELECT r.id, r.host, r.boot_id, r.pid, r.pid_start, r.reserved_flops, "
+        "COALESCE((SELECT SUM(flops) FROM charges c WHERE c.run_id = r.id), 0) AS charged "
+        "FROM runs r WHERE r.status = 'running' ORDER BY r.id"
+    ).fetchall()
+
+
+def outstanding(conn: sqlite3.Connection) -> int:
+    """Unused reservations of live running runs."""
+    total = 0
+    for row in running(conn):
+        if owner_alive(row["host"], row["boot_id"], row["pid"], row["pid_start"]):
+            total += max(row["reserved_flops"] - row["charged"], 0)
+    return total
+
+
+def dead_running(conn: sqlite3.Connection) -> list[int]:
+    """Ids of running runs whose owner process is known dead."""
+    return [row["id"] for row in running(conn)
+            if not owner_alive(row["host"], row["boot_id"], row["pid"], row["pid_start"])]
+
+
+def release(conn: sqlite3.Connection, run_id: int, status: str) -> None:
+    """End a running run: final status, reservation shrunk to its charges, end time = now."""
+    conn.execute(
+        "UPDATE runs SET status = ?, ended_at = ?, "
+        "reserved_flops = COALESCE((SELECT SUM(flops) FROM charges WHERE run_id = ?), 0) "
+        "WHERE id = ? AND status = 'running'",
+        (status, time.time(), run_id, run_id),
+    )
+
+
+def mark_crashed(conn: sqlite3.Connection, run_ids: Iterable[int]) -> list[int]:
+    """Mark running runs ``crashed``, their reservations shrunk to their charges.
+
+    Returns:
+        The ids given, in order.
+    """
+    done = []
+    for run_id in run_ids:
+        # The crash happened at or after its last charge; that is the best end time the ledger knows.
+        conn.execute(
+            "UPDATE runs SET status = 'crashed', "
+            "reserved_flops = COALESCE((SELECT SUM(flops) FROM charges WHERE run_id = ?), 0), "
+            "ended_at = COALESCE((SELECT MAX(charged_at) FROM charges WHERE run_id = ?), started_at) "
+            "WHERE id = ? AND status = 'running'",
+            (run_id, run_id, run_id),
+        )
+        done.append(run_id)
+    return done
+
+
+def spend_by_run(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    """Every run, oldest first, with its charges summed by report column (train, val, inference = test + generate).
+
+    Returns:
+        Rows with id, name, sweep, status, config_hash, planned_flops, train, val, inference, charged_steps and
+        seconds.
+    """
+    cur = conn.cursor()
+    cur.row_factory = sqlite3.Row
+    return cur.execute(
+        "SELECT r.id, r.name, r.sweep, r.status, r.config_hash, r.planned_flops, "
+        "COALESCE(SUM(CASE WHEN c.kind = 'train' THEN c.flops END), 0) AS train, "
+        "COALESCE(SUM(CASE WHEN c.kind = 'val' THEN c.flops END), 0) AS val, "
+        "COALESCE(SUM(CASE WHEN c.kind IN ('test', 'generate') THEN c.flops END), 0) AS inference, "
+        "COALESCE(SUM(c.steps), 0) AS charged_steps, COALESCE(SUM(c.seconds), 0.0) AS seconds "
+        "FROM runs r LEFT JOIN charges c ON c.run_id = r.id GROUP BY r.id ORDER BY r.id"
+    ).fetchall()
+
+
+def run_records(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """All runs, oldest first, as :meth:`lvforecast.budget.ledger.Ledger.runs` returns them."""
+    cur = conn.cursor()
+    cur.row_factory = sqlite3.Row
+    rows = cur.execute(
+        "SELECT r.*, COALESCE((SELECT SUM(flops) FROM charges c WHERE c.run_id = r.id), 0) AS charged_flops "
+        "FROM runs r ORDER BY r.id"
+    ).fetchall()
+    out = []
+    for row in rows:
+        d = dict(row)
+        plan_json = d.pop("plan_json")
+        d["plan"] = None if plan_json is None else json.loads(plan_json)
+        d["owner_alive"] = (owner_alive(d["host"], d["boot_id"], d["pid"], d["pid_start"])
+                            if d["status"] == "running" else None)
+        for key in ("boot_id", "pid_start"):
+            d.pop(key)
+        out.append(d)
+    return out
+
+
+def spend_table(conn: sqlite3.Connection, budget: int) -> dict[str, Any]:
+    """The spend table of :meth:`lvforecast.budget.ledger.Ledger.report`, less its ``ledger`` key.
+
+    Args:
+        conn: a connection inside a transaction (one snapshot for rows and reservations).
+        budget: the study budget, for the shares and the remainder.
+    """
+    rows = spend_by_run(conn)
+    reserved = outstanding(conn)
+    table, refused = [], []
+    for row in rows:
+        if row["status"] == "refused":
+            refused.append({"id": row["id"], "name": row["name"], "sweep": row["sweep"],
+                            "planned": row["planned_flops"]})
+            continue
+        total = row["train"] + row["val"] + row["inference"]
+        table.append({
+            "id": row["id"], "name": row["name"], "sweep": row["sweep"], "status": row["status"],
+            "config_hash": row["config_hash"], "planned": row["planned_flops"], "train": row["train"],
+            "val": row["val"], "inference": row["inference"], "total": total, "share": total / budget,
+            "seconds": row["seconds"],
+        })
+    totals = {key: sum(r[key] for r in table) for key in ("train", "val", "inference", "total")}
+    totals["share"] = totals["total"] / budget
+    return {
+        "budget": budget,
+        "runs": table,
+        "totals": totals,
+        "reserved_outstanding": reserved,
+        "remaining": budget - totals["total"] - reserved,
+        "refused": refused,
+    }

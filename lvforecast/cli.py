@@ -1,0 +1,257 @@
+"""The ``lvforecast`` console command: one entry point, one subcommand per task.
+
+::
+
+    lvforecast flops --model qwen2.5-0.5b --seq-len 512 --batch 4 [--lora-rank 4] [--mode forward|train] \
+        [--attention mha|gqa] [--mask full|causal|additive] [--rope add|rotate|rotate_half] \
+        [--norm divide|rsqrt] [--implemented] [--loss] [--head full|alphabet] [--json]
+    lvforecast budget report|reconcile|show [--ledger PATH] [--journal-mode MODE] [--json] [--out DIR] [--run ID]
+    lvforecast simulate --out FILE [--systems N] [--seed S] [--steps T] [--t-end X]
+    lvforecast sweeps summarize SWEEP_DIR
+
+Also ``python -m lvforecast ...``. Imports are lazy: building the parser loads only the pure
+:mod:`lvforecast.budget.shapes` and :mod:`lvforecast.budget.ledger` (standard library only), so ``lvforecast flops``
+answers in well under 2 s and never imports torch. Bad input prints one ``error: ...`` line to stderr and exits
+non-zero (2 for bad arguments, 1 for a missing ledger or a refused operation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import get_args
+
+PROG = "lvforecast"
+
+
+# -- flops ----------------------------------------------------------------------------------------------------
+
+
+def _add_flops(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from lvforecast.budget.shapes import BUILTIN, AttentionWidth, MaskForm, NormForm, RopeForm
+
+    p = sub.add_parser("flops", help="analytic FLOPs of a forward or training step (no weights loaded)",
+                       description="Analytic FLOPs of a forward or training step (no weights loaded).")
+    p.add_argument("--model", default="qwen2.5-0.5b",
+                   help=f"built-in ({', '.join(BUILTIN)}) or a Hugging Face config.json / its directory")
+    p.add_argument("--seq-len", type=int, default=512, help="padded positions N per sequence")
+    p.add_argument("--batch", type=int, default=1, help="sequences B per batch")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank r (0: no adapter)")
+    p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated wrapped projections")
+    p.add_argument("--logit-bias", action="store_true", help="count the trainable output-logit bias")
+    p.add_argument("--mode", choices=("forward", "train"), default="forward", help="train = 3 x forward")
+    p.add_argument("--attention", choices=get_args(AttentionWidth), default=None, help="default mha")
+    p.add_argument("--mask", choices=get_args(MaskForm), default=None, help="default full")
+    p.add_argument("--rope", choices=get_args(RopeForm), default=None, help="default add")
+    p.add_argument("--norm", choices=get_args(NormForm), default=None, help="default divide")
+    p.add_argument("--implemented", action="store_true",
+                   help="defaults as Hugging Face eager runs: gqa, additive, rotate_half, rsqrt")
+    p.add_argument("--loss", action="store_true", help="count the cross-entropy loss")
+    p.add_argument("--head", choices=("full", "alphabet"), default="full",
+                   help="output head (model.head): full vocabulary, or only the 13 LLMTIME characters' rows")
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
+    p.set_defaults(handler=_flops, parser=p)
+
+
+def _check_count(key: str, value: int, minimum: int = 1) -> None:
+    if value < minimum:
+        raise ValueError(f"{key}={value!r}: must be an integer >= {minimum}")
+
+
+def _flops(args: argparse.Namespace) -> int:
+    """Print the breakdown table (or JSON) of one forward or training step."""
+    from lvforecast.budget.formulas import forward_flops, train_step_flops
+    from lvforecast.budget.shapes import ALPHABET_SIZE, Conventions, LoRASpec, resolve_shape
+
+    try:
+        shape = resolve_shape(args.model)
+        base = Conventions.as_implemented() if args.implemented else Conventions()
+        overrides = {k: v for k in ("attention", "mask", "rope", "norm") if (v := getattr(args, k)) is not None}
+        conv = dataclasses.replace(base, count_loss=args.loss, **overrides)
+        _check_count("--lora-rank", args.lora_rank, minimum=0)
+        lora = None
+        if args.lora_rank or args.logit_bias or args.head != "full":
+            if not args.lora_rank and args.logit_bias:
+                raise ValueError("--logit-bias needs --lora-rank >= 1 (the bias trains beside an adapter)")
+            if not args.lora_rank:
+                # The head, like the bias, belongs to the fine-tuning module, which always holds an adapter.
+                raise ValueError("--head alphabet needs --lora-rank >= 1 (the alphabet head is the fine-tuning "
+                                 "module's, beside an adapter)")
+            targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+            lora = LoRASpec(rank=args.lora_rank, targets=targets, logit_bias=args.logit_bias,
+                            head_rows=ALPHABET_SIZE if args.head == "alphabet" else None)
+        for key, value in (("--seq-len", args.seq_len), ("--batch", args.batch)):
+            _check_count(key, value)
+        if args.mode == "train":
+            result = train_step_flops(shape, args.batch, args.seq_len, lora, conv)
+        else:
+            result = forward_flops(shape, args.batch, args.seq_len, lora, conv)
+    except ValueError as err:
+        args.parser.error(str(err))
+    if args.json:
+        sys.stdout.write(json.dumps({"model": args.model, **result.to_json()}, indent=2) + "\n")
+    else:
+        sys.stdout.write(result.table(f"{args.model} {result.label}, B={args.batch} N={args.seq_len}") + "\n")
+    return 0
+
+
+# -- budget ---------------------------------------------------------------------------------------------------
+
+
+def _add_budget(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from lvforecast.budget.ledger import DEFAULT_LEDGER, JOURNAL_ENV, JOURNAL_MODES, LEDGER_ENV
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--ledger", type=Path, default=None,
+                        help=f"ledger file (default: ${LEDGER_ENV} or {DEFAULT_LEDGER})")
+    common.add_argument("--journal-mode", default=os.environ.get(JOURNAL_ENV) or None, metavar="MODE",
+                        help=f"SQLite journal mode, one of {', '.join(JOURNAL_MODES)} (default: ${JOURNAL_ENV}, "
+                        "else keep the file's mode)")
+    common.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    p = sub.add_parser("budget", help="the study's FLOP budget ledger: report, reconcile, show",
+                       description="The study's FLOP budget ledger.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    rep = actions.add_parser("report", parents=[common], help="per-run spend table + bar chart (Table 12)")
+    rep.add_argument("--out", type=Path, default=None,
+                     help="directory for report.md and budget_report.png (default: the ledger's directory)")
+    rec = actions.add_parser("reconcile", parents=[common],
+                             help="mark runs with dead owners crashed and release their reservations")
+    rec.add_argument("--run", type=int, action="append", default=[], metavar="ID",
+                     help="also mark this running run crashed (runs of other machines); repeatable")
+    actions.add_parser("show", parents=[common], help="list runs, their owners and the remaining budget")
+    for action in (rep, rec, actions.choices["show"]):
+        action.set_defaults(handler=_budget, parser=action)
+
+
+def _budget(args: argparse.Namespace) -> int:
+    """``budget report|reconcile|show``: 0 on success, 1 when the ledger is missing or an operation is refused."""
+    import sqlite3
+
+    from lvforecast.budget.ledger import Ledger, default_ledger_path, format_flops
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    path = args.ledger if args.ledger is not None else default_ledger_path()
+    try:
+        ledger = Ledger(path, budget=None, journal_mode=args.journal_mode)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except sqlite3.DatabaseError as err:
+        print(f"error: {path} is not a usable ledger: {err}", file=sys.stderr)
+        return 1
+
+    if args.action == "report":
+        from lvforecast.budget.report import format_report_markdown, write_report_files
+
+        report = ledger.report()
+        md, png = write_report_files(report, args.out if args.out is not None else ledger.path.parent)
+        if args.json:
+            print(json.dumps({**report, "files": {"markdown": str(md), "png": str(png)}}, indent=2))
+        else:
+            print(format_report_markdown(report), end="")
+            print(f"wrote {md} and {png}", file=sys.stderr)
+    elif args.action == "reconcile":
+        try:
+            ids = ledger.reconcile(args.run)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps({"crashed": ids, "remaining": ledger.remaining()}))
+        else:
+            print(f"marked crashed: {', '.join(map(str, ids)) or 'none'}; remaining {format_flops(ledger.remaining())}")
+    else:
+        from lvforecast.budget.report import format_runs
+
+        runs = ledger.runs()
+        if args.json:
+            print(json.dumps({"ledger": str(ledger.path), "budget": ledger.budget, "remaining": ledger.remaining(),
+                              "runs": runs}, indent=2))
+        else:
+            print(format_runs(ledger, runs), end="")
+    return 0
+
+
+# -- simulate -------------------------------------------------------------------------------------------------
+
+
+def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("simulate", help="simulate Rosenzweig-MacArthur trajectories to HDF5",
+                       description="Simulate Rosenzweig-MacArthur predator-prey trajectories to HDF5.")
+    p.add_argument("--out", required=True, help="output .h5 file")
+    p.add_argument("--systems", type=int, default=1000, help="number of systems N")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--steps", type=int, default=100, help="time steps T")
+    p.add_argument("--t-end", type=float, default=200.0, help="last sample time")
+    p.set_defaults(handler=_simulate, parser=p)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    """Simulate, write the file and print ``PATH (N, T, 2) SECONDSs``."""
+    import time
+
+    from lvforecast.data.simulate import write_simulation
+
+    start = time.perf_counter()
+    try:
+        out, traj = write_simulation(args.out, args.systems, args.seed, n_steps=args.steps, t_end=args.t_end)
+    except ValueError as err:
+        args.parser.error(str(err))  # exits with status 2 and the one-line reason
+    print(f"{out} {traj.values.shape} {time.perf_counter() - start:.2f}s")
+    return 0
+
+
+# -- sweeps ---------------------------------------------------------------------------------------------------
+
+
+def _add_sweeps(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("sweeps", help="sweep tools: summarize", description="Tools for Hydra multirun sweeps.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    summ = actions.add_parser("summarize", help="(re)write a sweep's summary from its job directories",
+                              description="(Re)write a sweep's summary from its job directories and print it.")
+    summ.add_argument("sweep_dir", help="the multirun's directory")
+    summ.set_defaults(handler=_sweeps_summarize, parser=summ)
+
+
+def _sweeps_summarize(args: argparse.Namespace) -> int:
+    """0 when every job finished, 1 when some did not."""
+    sweep_dir = Path(args.sweep_dir)
+    if not sweep_dir.is_dir():
+        args.parser.error(f"sweep_dir={str(sweep_dir)!r}: no such directory")
+    from lvforecast.experiment.sweeps.summary import summarize_command
+
+    return summarize_command(sweep_dir)
+
+
+# -- entry point ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lvforecast`` parser with its subcommands (imports only pure, standard-library modules)."""
+    parser = argparse.ArgumentParser(prog=PROG, description="LoRA Lotka-Volterra forecasters under a FLOP budget.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_flops(sub)
+    _add_budget(sub)
+    _add_simulate(sub)
+    _add_sweeps(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``lvforecast`` subcommand.
+
+    Args:
+        argv: arguments without the program name (default ``sys.argv[1:]``).
+
+    Returns:
+        The subcommand's exit status. Bad arguments exit with status 2 and one ``error:`` line (``SystemExit``).
+    """
+    args = build_parser().parse_args(argv)
+    return args.handler(args)

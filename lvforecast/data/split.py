@@ -1,0 +1,126 @@
+"""Which systems: the seeded train/val/test split, and the test systems an evaluation covers.
+
+Contract:
+
+* The split is by system, never by window: a system's windows all land in one split. The split is
+  seeded, its fractions are configurable, and ``pinned_test_systems`` are always in the test split.
+* An evaluation covers the whole test split, or with ``max_systems`` a cut of it that keeps the study's
+  example systems (:func:`evaluation_order`); :class:`EvaluationInputs` holds those systems with their
+  series, per-series scales and prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Split:
+    """System ids (indices into the data file) of each split, sorted."""
+
+    train: list[int]
+    val: list[int]
+    test: list[int]
+    seed: int
+    n_systems: int
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=1)
+
+
+def split_systems(
+    n_systems: int,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    pinned_test_systems: Sequence[int] = (),
+) -> Split:
+    """Split system ids into train/val/test by seeded permutation.
+
+    The pinned systems go to test first; the rest are shuffled and dealt so that each split's size is
+    ``round(fraction * n_systems)`` (test absorbs rounding), counting the pinned ones toward test.
+
+    Raises:
+        ValueError: Fractions not three non-negative numbers summing to 1, a pinned id out of range,
+            or more pinned systems than the test split holds.
+    """
+    problems = []
+    fr = [float(f) for f in fractions]
+    if len(fr) != 3 or any(f < 0 for f in fr) or not math.isclose(sum(fr), 1.0, abs_tol=1e-6):
+        problems.append(f"data.split_fractions={list(fractions)}: need [train, val, test] >= 0 summing to 1")
+    bad = [i for i in pinned_test_systems if not (isinstance(i, (int, np.integer)) and 0 <= i < n_systems)]
+    if bad:
+        problems.append(f"data.pinned_test_systems has {bad}: ids must be in [0, {n_systems - 1}] for this file")
+    if problems:
+        raise ValueError("invalid split: " + "; ".join(problems))
+    pinned = sorted(set(int(i) for i in pinned_test_systems))
+    n_train = round(fr[0] * n_systems)
+    n_val = round(fr[1] * n_systems)
+    n_test = n_systems - n_train - n_val
+    if len(pinned) > n_test:
+        raise ValueError(
+            f"invalid split: {len(pinned)} pinned test systems but the test split of {n_systems} systems "
+            f"with data.split_fractions={fr} holds only {n_test}"
+        )
+    rest = np.setdiff1d(np.arange(n_systems), pinned)
+    rest = np.random.default_rng(seed).permutation(rest)
+    train = sorted(rest[:n_train].tolist())
+    val = sorted(rest[n_train : n_train + n_val].tolist())
+    test = sorted(pinned + rest[n_train + n_val :].tolist())
+    return Split(train=train, val=val, test=test, seed=seed, n_systems=n_systems)
+
+
+@dataclass(frozen=True, eq=False)
+class EvaluationInputs:
+    """What an evaluation forecasts: test systems, their series, scales and prompts.
+
+    Attributes:
+        systems: (S,) system ids (indices into the data file), in evaluation order.
+        values: (S, T, 2) their full raw trajectories, as stored.
+        time: (T,) the sample times.
+        context_steps: Steps the model is shown.
+        horizon_steps: Steps forecast after the context.
+        decimals: Digits after the point in the prompts.
+        scales: (S,) divisor of each series, from its first ``context_steps`` steps only.
+        prompts: (S,) :func:`lvforecast.data.encoding.encode_prompt` of each series' context.
+    """
+
+    systems: list[int]
+    values: np.ndarray
+    time: np.ndarray
+    context_steps: int
+    horizon_steps: int
+    decimals: int
+    scales: np.ndarray
+    prompts: list[str]
+
+    @property
+    def series(self) -> np.ndarray:
+        """(S, context_steps + horizon_steps, 2) float64: the context and the truth."""
+        return self.values[:, : self.context_steps + self.horizon_steps].astype(np.float64)
+
+    @property
+    def context(self) -> np.ndarray:
+        """(S, context_steps, 2) float64: what every forecaster sees."""
+        return self.series[:, : self.context_steps]
+
+    @property
+    def truth(self) -> np.ndarray:
+        """(S, horizon_steps, 2) float64: what is forecast."""
+        return self.series[:, self.context_steps :]
+
+
+def evaluation_order(test: Sequence[int], first: Sequence[int] = (), max_systems: int | None = None) -> list[int]:
+    """The systems an evaluation covers: the whole ``test`` split in its order, or ``max_systems`` of them.
+
+    A cut still shows the study's example systems: those of ``first`` in ``test`` go first, then the split's
+    order; the cut is then sorted.
+    """
+    if not max_systems:
+        return list(test)
+    ahead = [s for s in first if s in test]
+    return sorted((ahead + [s for s in test if s not in ahead])[:max_systems])

@@ -1,0 +1,191 @@
+"""The LLMTIME step grammar and the generation rules that enforce it.
+
+Contract:
+
+* :class:`Grammar` is the character grammar of generated steps, ``I.D,I.D;`` repeated, exactly as
+  :func:`lvforecast.data.encoding.encode` writes numbers (no leading zero, ``decimals`` digits after the point).
+* :class:`LLMTimeLogitsProcessor` allows, at each position, only the token ids (taken from the real tokenizer)
+  the grammar permits there; once a row has written ``horizon_steps`` ``;`` only the pad / EOS id is allowed.
+* :class:`StepsStoppingCriteria` stops each row after exactly ``horizon_steps`` ``;``.
+* :func:`max_new_tokens_bound` is the most tokens ``horizon_steps`` grammatical steps can take (one token per
+  character): the ``max_new_tokens`` of generation and the decode length the budget plans with.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor, StoppingCriteria
+
+from lvforecast.data.encoding import ALPHABET, STEP_SEP, VALUE_SEP
+
+DIGITS = "0123456789"
+# Grammar state at the start of a step: prey field, no digits yet, before the point, no leading zero.
+START = (0, 0, -1, False)
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """Character grammar of generated steps: ``I.D,I.D;`` repeated.
+
+    ``I`` has 1 to ``max_int_digits`` digits with no leading zero (``0`` alone is allowed, ``07`` is not, as
+    :func:`lvforecast.data.encoding.encode` writes them); ``D`` has exactly ``decimals`` digits; with
+    ``decimals == 0`` there is no point.
+
+    A state is the tuple ``(field, int_digits, frac_digits, leading_zero)``: ``field`` 0 for the prey
+    number, 1 for the predator number; ``frac_digits`` is -1 before the point.
+
+    Attributes:
+        max_int_digits: Most digits before the point, >= 1.
+        decimals: Digits after the point, >= 0.
+    """
+
+    max_int_digits: int
+    decimals: int
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.max_int_digits, int) or isinstance(self.max_int_digits, bool) or self.max_int_digits < 1:
+            problems.append(f"max_int_digits={self.max_int_digits!r}: must be an integer >= 1")
+        if not isinstance(self.decimals, int) or isinstance(self.decimals, bool) or not 0 <= self.decimals <= 12:
+            problems.append(f"decimals={self.decimals!r}: must be an integer in [0, 12]")
+        if problems:
+            raise ValueError("invalid grammar: " + "; ".join(problems))
+
+    def allowed(self, state: tuple[int, int, int, bool]) -> str:
+        """Characters allowed next in ``state``."""
+        field, n_int, n_frac, lead_zero = state
+        sep = VALUE_SEP if field == 0 else STEP_SEP
+        if n_frac < 0:  # integer part
+            if n_int == 0:
+                return DIGITS
+            out = "" if (lead_zero or n_int >= self.max_int_digits) else DIGITS
+            return out + ("." if self.decimals > 0 else sep)
+        return DIGITS if n_frac < self.decimals else sep
+
+    def advance(self, state: tuple[int, int, int, bool], char: str) -> tuple[int, int, int, bool]:
+        """State after writing ``char``.
+
+        Raises:
+            ValueError: ``char`` is not allowed in ``state``.
+        """
+        if char not in self.allowed(state):
+            raise ValueError(f"character {char!r} not allowed in grammar state {state}")
+        field, n_int, n_frac, lead_zero = state
+        if char == VALUE_SEP:
+            return (1, 0, -1, False)
+        if char == STEP_SEP:
+            return START
+        if char == ".":
+            return (field, n_int, 0, lead_zero)
+        if n_frac < 0:
+            return (field, n_int + 1, -1, n_int == 0 and char == "0")
+        return (field, n_int, n_frac + 1, lead_zero)
+
+    def max_step_chars(self) -> int:
+        """Most characters one step can take, its ``;`` included."""
+        number = self.max_int_digits + (1 + self.decimals if self.decimals > 0 else 0)
+        return 2 * number + 2
+
+
+def max_new_tokens_bound(horizon_steps: int, grammar: Grammar) -> int:
+    """Upper bound on the tokens of ``horizon_steps`` grammatical steps (one token per character)."""
+    return horizon_steps * grammar.max_step_chars()
+
+
+class LLMTimeLogitsProcessor(LogitsProcessor):
+    """Masks every token the LLMTIME grammar forbids at each row's current position.
+
+    The state of each row is read from its generated part ``input_ids[:, prompt_len:]`` (incrementally,
+    one token per call, with a full rescan when the length is not the expected one). Once a row has
+    written ``horizon_steps`` ``;`` only ``end_id`` (EOS / pad) is allowed, so a finished row can only pad.
+
+    Args:
+        char_ids: LLMTIME character -> token id of the actual tokenizer (all of :data:`ALPHABET`).
+        grammar: The step grammar.
+        prompt_len: Padded prompt length; generated tokens start there.
+        horizon_steps: Steps after which a row is finished.
+        end_id: Token id allowed once a row is finished (the pad / EOS id).
+    """
+
+    def __init__(self, char_ids: dict[str, int], grammar: Grammar, prompt_len: int, horizon_steps: int,
+                 end_id: int) -> None:
+        missing = [c for c in ALPHABET if c not in char_ids]
+        if missing:
+            raise ValueError(f"char_ids lacks token ids for {missing!r}: every character of {ALPHABET!r} is needed")
+        self.char_ids = dict(char_ids)
+        self.id_to_char = {i: c for c, i in char_ids.items()}
+        self.grammar = grammar
+        self.prompt_len = int(prompt_len)
+        self.horizon_steps = int(horizon_steps)
+        self.end_id = int(end_id)
+        self._allowed_cache: dict[tuple, torch.Tensor] = {}
+        self._states: list[tuple[tuple[int, int, int, bool], int]] = []  # (grammar state, steps done)
+        self._seen = -1
+
+    def _allowed_ids(self, state: tuple[int, int, int, bool], steps: int) -> torch.Tensor:
+        key = ("done",) if steps >= self.horizon_steps else state
+        if key not in self._allowed_cache:
+            if steps >= self.horizon_steps:
+                ids = [self.end_id]
+            else:
+                ids = [self.char_ids[c] for c in self.grammar.allowed(state)]
+            self._allowed_cache[key] = torch.tensor(ids, dtype=torch.long)
+        return self._allowed_cache[key]
+
+    def _step(self, state_steps: tuple[tuple[int, int, int, bool], int], token: int):
+        state, steps = state_steps
+        if steps >= self.horizon_steps:
+            return state_steps
+        char = self.id_to_char.get(token)
+        if char is None or char not in self.grammar.allowed(state):
+            raise AssertionError(f"generated token {token} ({char!r}) violates the grammar in state {state}")
+        state = self.grammar.advance(state, char)
+        return state, steps + (char == STEP_SEP)
+
+    def row_states(self, input_ids: torch.LongTensor) -> list[tuple[tuple[int, int, int, bool], int]]:
+        """(grammar state, steps done) of each row after its generated part."""
+        n_gen = input_ids.shape[1] - self.prompt_len
+        if n_gen < 0:
+            raise ValueError(f"input_ids has {input_ids.shape[1]} positions, fewer than prompt_len={self.prompt_len}")
+        if n_gen == self._seen + 1 and len(self._states) == input_ids.shape[0] and n_gen > 0:
+            last = input_ids[:, -1].tolist()
+            self._states = [self._step(s, t) for s, t in zip(self._states, last, strict=True)]
+        elif n_gen != self._seen or len(self._states) != input_ids.shape[0]:
+            self._states = []
+            for row in input_ids[:, self.prompt_len:].tolist():
+                s = (START, 0)
+                for t in row:
+                    s = self._step(s, t)
+                self._states.append(s)
+        self._seen = n_gen
+        return self._states
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """Return ``scores`` (B, V) with every disallowed id set to ``-inf``."""
+        out = torch.full_like(scores, -math.inf)
+        for row, (state, steps) in enumerate(self.row_states(input_ids)):
+            ids = self._allowed_ids(state, steps).to(scores.device)
+            out[row, ids] = scores[row, ids]
+        return out
+
+
+class StepsStoppingCriteria(StoppingCriteria):
+    """Stops each row once its generated part holds ``horizon_steps`` step-separator tokens.
+
+    Args:
+        sep_id: Token id of ``;``.
+        prompt_len: Padded prompt length; generated tokens start there.
+        horizon_steps: Steps per forecast.
+    """
+
+    def __init__(self, sep_id: int, prompt_len: int, horizon_steps: int) -> None:
+        self.sep_id = int(sep_id)
+        self.prompt_len = int(prompt_len)
+        self.horizon_steps = int(horizon_steps)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        """One bool per row (B,): True where the row is finished."""
+        return (input_ids[:, self.prompt_len:] == self.sep_id).sum(dim=1) >= self.horizon_steps

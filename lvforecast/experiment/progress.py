@@ -1,0 +1,124 @@
+"""What a training run prints: a model summary with the analytic FLOPs, a progress bar counting optimizer steps.
+
+Lightning's defaults fit epoch-based runs of plain modules. Here a run is step-based (``max_epochs: -1``) and its
+subject is FLOPs, so its ``ModelSummary`` ends with ``Total Flops: 0`` (it counts FLOPs only over an
+``example_input_array``, which the module has none of) and its progress bar reads ``Epoch 0/-2``. The two
+callbacks below replace them; ``conf/callbacks/progress.yaml`` configures both.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelSummary, TQDMProgressBar
+from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
+from pytorch_lightning.utilities.model_summary.model_summary import _format_summary_table, get_human_readable_count
+
+from lvforecast.budget.formulas import forward_flops
+from lvforecast.budget.shapes import ALPHABET_SIZE, Conventions, LoRASpec, shape_of
+
+log = logging.getLogger(__name__)
+
+
+class FlopModelSummary(ModelSummary):
+    """Lightning's model summary, with the analytic FLOPs of a training batch in place of ``Total Flops: 0``.
+
+    The per-layer ``FLOPs`` column is left out (Lightning measures it only over an ``example_input_array``);
+    the trailer gives the forward FLOPs of one ``batch_size x seq_len`` training batch and of one training
+    step (3 x forward), counted by :func:`lvforecast.budget.formulas.forward_flops` as the FLOP budget charges
+    them.
+
+    Args:
+        batch_size: Windows per training batch (``data.batch_size``).
+        seq_len: Tokens per window (``data.context_length``).
+        conventions: The counting conventions (``budget.conventions``); empty = the study brief's.
+        max_depth: Layer nesting shown; 0 turns the summary off (Lightning's argument).
+    """
+
+    def __init__(self, batch_size: int, seq_len: int, conventions: Mapping[str, Any] | None = None,
+                 max_depth: int = 1) -> None:
+        super().__init__(max_depth=max_depth)
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.conventions = Conventions(**dict(conventions or {}))
+        self.forward_flops: int | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = getattr(pl_module, "model", pl_module)
+        head_rows = ALPHABET_SIZE if getattr(pl_module, "head", "full") == "alphabet" else None
+        lora = LoRASpec.from_peft(model, logit_bias=getattr(pl_module, "logit_bias", None) is not None,
+                                  head_rows=head_rows) if getattr(model, "peft_config", None) else None
+        self.forward_flops = forward_flops(shape_of(model), self.batch_size, self.seq_len, lora,
+                                           self.conventions).total
+        super().on_fit_start(trainer, pl_module)
+
+    def summarize(self, summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,
+                  model_size: float, total_training_modes: dict[str, int], total_flops: int = 0,
+                  **summarize_kwargs: Any) -> None:
+        """Log the table without Lightning's FLOPs column and line, and with the analytic FLOPs."""
+        columns = [col for col in summary_data if col[0] != "FLOPs"]
+        args: list[Any] = [total_parameters, trainable_parameters, model_size, total_training_modes]
+        if "total_flops" in inspect.signature(_format_summary_table).parameters:  # Lightning >= 2.5
+            args.append(0)
+        lines = [line for line in _format_summary_table(*args, *columns).splitlines()
+                 if not line.endswith("Total Flops")]
+        if self.forward_flops is not None:
+            lines.append(f"{get_human_readable_count(self.forward_flops):<10}Forward FLOPs per training batch "
+                         f"({self.batch_size} x {self.seq_len} tokens, analytic)")
+            lines.append(f"{get_human_readable_count(3 * self.forward_flops):<10}FLOPs per training step "
+                         f"(3 x forward)")
+        log.info("\n" + "\n".join(lines))
+
+
+class StepProgressBar(TQDMProgressBar):
+    """A tqdm progress bar whose training bar counts optimizer steps of ``max_steps``, across epochs.
+
+    The training bar reads ``step 40/150 ...`` rather than ``Epoch 0``: one bar for the whole run, from the step
+    a resumed run starts at. An epoch-based run (``max_steps: -1``) gets Lightning's per-epoch bar.
+
+    Args:
+        refresh_rate: Update the bars every this many steps (batches, for the validation bar).
+    """
+
+    STEP_BAR_FORMAT = "step {n_fmt}/{total_fmt} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}, " \
+                      "{rate_noinv_fmt}{postfix}]"
+
+    def __init__(self, refresh_rate: int = 1) -> None:
+        super().__init__(refresh_rate=refresh_rate)
+
+    def _step_based(self) -> bool:
+        return self.trainer.max_steps is not None and self.trainer.max_steps > 0
+
+    def init_train_tqdm(self) -> Tqdm:
+        if not self._step_based():
+            return super().init_train_tqdm()
+        trainer = self.trainer
+        # A resumed run starts at its checkpoint's step (restored before on_train_start, which calls this).
+        return Tqdm(total=trainer.max_steps, initial=trainer.global_step, unit="step",
+                    position=2 * self.process_position, disable=self.is_disabled, leave=True, dynamic_ncols=True,
+                    file=sys.stdout, smoothing=0, bar_format=self.STEP_BAR_FORMAT)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if not self._step_based():
+            super().on_train_epoch_start(trainer, *args)  # one bar per epoch; here one bar over all of them
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self._step_based():
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            return
+        step, bar = trainer.global_step, self.train_progress_bar
+        if bar is not None and self._should_update(step, bar.total):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._step_based():
+            super().on_train_epoch_end(trainer, pl_module)
+        elif not self.train_progress_bar.disable:
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))

