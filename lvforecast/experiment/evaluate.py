@@ -45,6 +45,7 @@ from lvforecast.budget.reservation import Reservation
 from lvforecast.budget.shapes import ALPHABET_SIZE, Conventions, LoRASpec, ModelShape
 from lvforecast.data.encoding import VARIABLES
 from lvforecast.data.split import EvaluationInputs
+from lvforecast.threads import resolve_threads, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +86,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation described by ``conf/evaluate.yaml`` and return its headline metrics."""
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    resolve_threads(cfg.threads, None, 1)  # a bad value fails before anything loads
     source = _source(cfg)
     inputs = _load(cfg, source)
     priced = _generation_plan(cfg, source, inputs)
     if cfg.budget.dry_run:
         return _dry_run(cfg, out, priced, inputs)
     reservation = _reserve(cfg, source, priced)
-    forecasts = _forecast(cfg, source, inputs, reservation)
+    with torch_threads(cfg.threads, priced.shape):
+        forecasts = _forecast(cfg, source, inputs, reservation)
     metrics = _score(inputs, forecasts)
     return _write(cfg, out, source, inputs, forecasts, metrics)
 
