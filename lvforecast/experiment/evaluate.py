@@ -40,7 +40,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from lvforecast.budget.formulas import generation_flops
-from lvforecast.budget.planning import GenerationPlan, planning_shape
+from lvforecast.budget.planning import GenerationPlan, planning_shape, token_counts
 from lvforecast.budget.reservation import Reservation
 from lvforecast.budget.shapes import ALPHABET_SIZE, Conventions, LoRASpec, ModelShape
 from lvforecast.data.encoding import VARIABLES
@@ -138,8 +138,8 @@ def _generation_plan(cfg: DictConfig, source: _Source, inputs: EvaluationInputs)
     fc = cfg.forecast
     # Constrained decoding with the loop scores the alphabet's rows only, whichever head the adapter trained with.
     head_rows = ALPHABET_SIZE if fc.constrained and fc.head == "alphabet" and fc.decoder == "loop" else None
-    # Character-level tokenizers (checked at model load): a prompt's characters are its tokens.
-    batches = planned_batches([len(p) for p in inputs.prompts], horizon_steps=int(fc.horizon_steps),
+    # The real tokenizer's counts where the model config states one (Qwen2.5), else characters (= tokens).
+    batches = planned_batches(token_counts(source.model, list(inputs.prompts)), horizon_steps=int(fc.horizon_steps),
                               max_int_digits=int(fc.max_int_digits), decimals=inputs.decimals,
                               num_samples=int(fc.num_samples), batch_size=int(fc.batch_size))
     total = sum(generation_flops(shape, rows, prompt_len, new, lora, conv, kv_cache=True, prefill_logits="last",

@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lvforecast.budget.ledger import Ledger, remaining_in
-from lvforecast.budget.planning import Plan, plan_config, reserved_flops
+from lvforecast.budget.planning import Plan, plan_config, reserved_flops, token_counts
 from lvforecast.budget.reservation import Reservation
 from lvforecast.budget.shapes import Conventions, LoRASpec, ModelShape
 from lvforecast.threads import resolve_threads, torch_threads
@@ -95,6 +95,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             raise ValueError("budget.dry_run=true needs budget.enabled=true: there is no plan to print")
         with torch_threads(cfg.threads, _shape_or_none(cfg)):
             return _fit(cfg, datamodule, None, out, start)
+    _check_planning_tokens(cfg, datamodule)
     plan, shape, lora, conventions = plan_config(cfg, datamodule.val_batch_shapes())
     if cfg.budget.dry_run:
         remaining = remaining_in(cfg.budget.ledger_path, cfg.budget.total_flops)
@@ -108,6 +109,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         result = _fit(cfg, datamodule, reservation, out, start)
         outcome.status = result["budget_status"]
     return result
+
+
+def _check_planning_tokens(cfg: DictConfig, datamodule: Any) -> None:
+    """With a ``model.tokenizer`` (Qwen2.5), check the windows' character offsets are its token offsets.
+
+    Raises:
+        ValueError: A series has another token count than characters (the windows would be mis-sized).
+    """
+    if cfg.model.get("tokenizer") is None:
+        return
+    series = list(datamodule.series.values())
+    counts = token_counts(cfg.model, [e.text for e in series])
+    wrong = [e.system for e, n in zip(series, counts, strict=True) if n != len(e.text)][:5]
+    if wrong:
+        raise ValueError(f"model.tokenizer does not give one token per character on systems {wrong}: the window "
+                         f"shapes the plan prices would not be the ones trained")
 
 
 def _shape_or_none(cfg: DictConfig) -> ModelShape | None:
