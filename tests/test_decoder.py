@@ -175,6 +175,30 @@ def test_smollm2_alphabet_loop_equals_todays_generate(smollm2_dir):
     lm = load_smollm2(str(smollm2_dir))
     data = simulate_systems(n_systems=4, seed=1).values
     kwargs = dict(context_steps=30, horizon_steps=5, batch_size=4)
-    ref = forecast(lm, data, SCALES[:4], **REFERENCE, **kwargs)
-    res = forecast(lm, data, SCALES[:4], **kwargs)
+    scales = [0.5, 0.25, 0.5, 0.25]
+    ref = forecast(lm, data, scales, **REFERENCE, **kwargs)
+    res = forecast(lm, data, scales, **kwargs)
+    assert len(set(res.prompt_tokens)) > 1  # left padding exercised
     assert res.texts == ref.texts and res.parse_failures == 0 and res.flops < ref.flops
+    sampled = [forecast(lm, data, scales, num_samples=2, seed=3, head=head, **kwargs).texts
+               for head in ("alphabet", "full")]
+    assert sampled[0] == sampled[1]
+
+
+def test_decode_from_a_cache_holding_part_of_the_prompt(tiny, series):
+    from lvforecast.data.encoding import encode_prompt
+    from lvforecast.evaluation.decoder import AlphabetLogits, decode, preallocated_cache
+    from lvforecast.model.lora import decoder_stack
+
+    grammar = compile_grammar(Grammar(max_int_digits=2, decimals=3), tiny.char_ids)
+    ids = torch.tensor(tiny.tokenizer([encode_prompt(s[:CONTEXT], 0.5, 3) for s in series[:2]],
+                                      add_special_tokens=False)["input_ids"])
+    mask = torch.ones_like(ids)
+    kwargs = dict(horizon_steps=HORIZON, max_new_tokens=40, end_id=0, sample=False, temperature=1.0, top_p=1.0,
+                  logits_fn=AlphabetLogits(tiny.model, grammar.token_ids, "alphabet", None))
+    with torch.no_grad():
+        fresh = decode(tiny.model, ids, mask, grammar, **kwargs)
+        cache = preallocated_cache(2, ids.shape[1] + 40)
+        decoder_stack(tiny.model)(input_ids=ids[:, :10], cache=cache, use_cache=True)
+        resumed = decode(tiny.model, ids, mask, grammar, cache=cache, **kwargs)
+    assert fresh.steps == resumed.steps and torch.equal(fresh.tokens, resumed.tokens)

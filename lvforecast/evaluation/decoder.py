@@ -208,15 +208,20 @@ class Decoded:
 
 def decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, grammar: CompiledGrammar, *,
            horizon_steps: int, max_new_tokens: int, end_id: int, logits_fn: AlphabetLogits, sample: bool,
-           temperature: float, top_p: float) -> Decoded:
+           temperature: float, top_p: float, cache: Cache | None = None) -> Decoded:
     """Grammar-constrained decoding of one left-padded batch (see the module docstring); call under no_grad.
 
-    Sampling draws ``torch.rand(B)`` from the current default generator once per step.
+    Sampling draws ``torch.rand(B)`` from the current default generator once per step. ``cache``: a
+    :func:`preallocated_cache` of at least ``prompt_len + max_new_tokens`` positions that already holds the first
+    ``c < prompt_len`` prompt positions (the prefill then runs on the rest, as ``generate`` does with a cache);
+    None makes an empty one.
     """
     stack = decoder_stack(model)
     batch, prompt_len = input_ids.shape
     device = input_ids.device
-    cache = preallocated_cache(len(stack.layers), prompt_len + max_new_tokens)
+    if cache is None:
+        cache = preallocated_cache(len(stack.layers), prompt_len + max_new_tokens)
+    cached = cache.get_seq_length()
     padded = bool((attention_mask == 0).any())
     mask = torch.ones((batch, prompt_len + max_new_tokens), dtype=attention_mask.dtype, device=device)
     mask[:, :prompt_len] = attention_mask
@@ -224,8 +229,8 @@ def decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, gr
     state = torch.zeros(batch, dtype=torch.long, device=device)
     steps = torch.zeros(batch, dtype=torch.long, device=device)
     out = torch.full((batch, max_new_tokens), end_id, dtype=torch.long, device=device)
-    hidden = stack(input_ids=input_ids, attention_mask=mask[:, :prompt_len] if padded else None,
-                   position_ids=position, cache=cache, use_cache=True).last_hidden_state[:, -1:]
+    hidden = stack(input_ids=input_ids[:, cached:], attention_mask=mask[:, :prompt_len] if padded else None,
+                   position_ids=position[:, cached:], cache=cache, use_cache=True).last_hidden_state[:, -1:]
     next_pos = position[:, -1:] + 1
     n = 0
     for n in range(1, max_new_tokens + 1):
