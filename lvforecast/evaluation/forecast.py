@@ -1,11 +1,14 @@
-"""Batched LLMTIME forecasting: prompts, batching, ``generate``, decoding and FLOP charging.
+"""Batched LLMTIME forecasting: prompts, batching, constrained decoding or ``generate``, parsing and FLOP charging.
 
 Contract:
 
 * **Prompt.** For series ``i`` the prompt is :func:`lvforecast.data.encoding.encode_prompt` of
   ``series[i, :context_steps]`` with ``scales[i]`` and ``decimals``, tokenized without special tokens and
   left-padded (attention mask zero on padding).
-* **Generation.** ``model.generate`` with the KV cache and a fresh :class:`transformers.GenerationConfig`
+* **Generation** (:mod:`lvforecast.evaluation.generation`). Constrained with ``decoder="loop"`` (default):
+  :func:`lvforecast.evaluation.decoder.decode`, the compiled grammar and a preallocated KV cache, scoring the 13
+  alphabet tokens only with ``head="alphabet"`` (greedy tokens equal the full-vocabulary path's). Otherwise
+  ``model.generate`` with the KV cache and a fresh :class:`transformers.GenerationConfig`
   in which every setting that shapes the output is explicit (greedy unless ``num_samples > 1``, one beam,
   no repetition penalty, no top-k, no length or n-gram rules): the checkpoint's shipped generation config
   (e.g. Qwen's sampling defaults) never leaks in. ``max_new_tokens`` is
@@ -18,14 +21,17 @@ Contract:
   parsed steps is one parse failure; its parsed prefix is kept and its missing steps are NaN (metrics skip
   NaN). Steps beyond the horizon are dropped.
 * **Sampling.** ``num_samples = k > 1`` repeats each prompt ``k`` times and samples with ``temperature`` /
-  ``top_p`` under ``torch.manual_seed(seed)`` inside a forked RNG (the caller's RNG stream is untouched).
+  ``top_p`` under ``torch.manual_seed(seed)`` inside a forked RNG (the caller's RNG stream is untouched). The loop
+  draws one uniform per row and step and inverts the allowed tokens' CDF in token-id order, so either ``head``
+  gives the same samples for a seed; ``generate`` samples with its own multinomial draw.
   The point forecast is the per-step median over the ``k`` samples (NaN-aware).
 * **Batches.** Rows are series-major (series ``i`` owns rows ``i*k .. i*k+k-1``), cut into consecutive
   batches of ``batch_size`` rows (:func:`row_batches`); :func:`planned_batches` gives the same batches with
   the longest decode the grammar allows, which is what the budget reserves before any weights load.
 * **FLOPs.** Each batch is charged :func:`lvforecast.budget.formulas.generation_flops` with the padded prompt
-  length, the number of decode steps the batch ran (the longest row), ``kv_cache=True`` and
-  ``prefill_logits="last"``; ``charge(flops, tokens)`` is called per batch when given
+  length, the number of decode steps the batch ran (the longest row), ``kv_cache=True``,
+  ``prefill_logits="last"`` and ``head_rows=13`` when the loop scores the alphabet only;
+  ``charge(flops, tokens)`` is called per batch when given
   (``tokens`` = rows x (prompt + new) positions).
 * **Context length.** Prompt lengths in tokens are reported; when the longest exceeds
   ``trained_context_tokens`` a warning is logged and ``ForecastResult.exceeds_trained_context`` is set.
