@@ -131,7 +131,8 @@ def main() -> None:
             writer.append(commits)
     b, a, h = statistics.median(base), statistics.median(budget), statistics.median(inside)
     w = statistics.median(writer)
-    print(f"tiny model, batch 4 x 96 tokens, {args.steps - args.warmup} timed steps x {args.repeats} repeats")
+    print(f"tiny model, batch 4 x 96 tokens, {args.steps - args.warmup} timed steps x {args.repeats} repeats, "
+          f"{torch.get_num_threads()} threads")
     print(f"  baseline (no FlopBudget)  {1e3 * b:8.3f} ms/step   runs: {[round(1e3 * x, 3) for x in base]}")
     print(f"  with FlopBudget           {1e3 * a:8.3f} ms/step   runs: {[round(1e3 * x, 3) for x in budget]}")
     print(f"  difference of medians     {100 * (a - b) / b:+.2f}% (machine noise of a few % included)")

@@ -123,3 +123,39 @@ def test_smollm2_zero_shot_on_the_study_examples(smollm2_dir, tmp_path):
     assert result["parse_failures"] == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert len(metrics["systems"]) == 4 and metrics["flops_generate"] > 0
+
+
+def test_dry_run_prices_the_alphabet_head_of_constrained_decoding(sim_cache, tmp_path):
+    overrides = ["model=tiny", "data=simulated", "max_systems=3", "baselines=[]", "budget.dry_run=true"]
+    alpha = evaluate(compose_eval(overrides, tmp_path / "a", sim_cache))["plan"]["generate_upper_bound"]
+    full = evaluate(compose_eval(overrides + ["forecast.head=full"], tmp_path / "f", sim_cache))
+    assert 0 < alpha < full["plan"]["generate_upper_bound"]
+
+
+def test_an_alphabet_head_runs_13_entry_bias_reaches_generation(sim_cache, tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import lvforecast.evaluation.forecast
+
+    run = tmp_path / "run"
+    cfg = compose_train(TINY_RUN + ["model.head=alphabet", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                                    "lora.train_logit_bias=true", "optim.lr=0.1"], output_dir=run, cache_dir=sim_cache)
+    train(cfg)
+    path = run / "adapter" / "logit_bias.safetensors"
+    saved = load_file(str(path))["bias"]
+    assert saved.shape == (13,)
+    seen = {}
+    real = lvforecast.evaluation.forecast.forecast
+
+    def spy(*args, **kwargs):
+        seen["bias"] = kwargs["logit_bias"]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lvforecast.evaluation.forecast, "forecast", spy)
+    result = evaluate(compose_eval([f"run_dir={run}", "max_systems=2", "baselines=[]"], tmp_path / "eval", sim_cache))
+    assert result["parse_failures"] == 0 and torch.equal(seen["bias"], saved)
+    # Metadata naming other token ids (another tokenizer's alphabet) is refused.
+    save_file({"bias": saved}, str(path), metadata={"head": "alphabet", "token_ids": ",".join(map(str, range(13)))})
+    with pytest.raises(ValueError, match="alphabet-head bias over token ids"):
+        evaluate(compose_eval([f"run_dir={run}", "max_systems=2", "baselines=[]"], tmp_path / "eval2", sim_cache))

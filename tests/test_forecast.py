@@ -172,14 +172,16 @@ def test_sampling_is_seeded_and_median_is_the_point_forecast(tiny, series):
     assert len(set(a.texts[:3])) > 1  # the three samples of one series differ
 
 
-def test_flops_charged_equal_generation_flops(tiny, series):
+@pytest.mark.parametrize("head,head_rows", [("full", None), ("alphabet", 13)])
+def test_flops_charged_equal_generation_flops(tiny, series, head, head_rows):
     charges = []
     res = forecast(tiny.model, tiny.tokenizer, tiny.char_ids, series[:3], [0.5] * 3, context_steps=CONTEXT,
-                   horizon_steps=HORIZON, batch_size=2, charge=lambda f, t: charges.append((f, t)))
+                   horizon_steps=HORIZON, batch_size=2, charge=lambda f, t: charges.append((f, t)), head=head)
     assert len(charges) == 2 and sum(f for f, _ in charges) == res.flops
     shape, prompt_len = shape_of(tiny.model), res.prompt_tokens[0]
     new = max(len(t) for t in res.texts[:2])
-    expected = generation_flops(shape, 2, prompt_len, new, conv=Conventions(), kv_cache=True, prefill_logits="last")
+    expected = generation_flops(shape, 2, prompt_len, new, conv=Conventions(), kv_cache=True, prefill_logits="last",
+                                head_rows=head_rows)
     assert charges[0] == (expected, 2 * (prompt_len + new))
 
 

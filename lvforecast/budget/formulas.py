@@ -139,7 +139,7 @@ def _check_positive(key: str, value: Any, minimum: int = 1) -> None:
         raise ValueError(f"{key}={value!r}: must be an integer >= {minimum}")
 
 
-def _check_args(shape: Any, lora: Any, conv: Any) -> None:
+def _check_args(shape: Any, lora: Any, conv: Any, head_rows: Any = None) -> None:
     if not isinstance(shape, ModelShape):
         raise ValueError(f"shape={shape!r}: must be a ModelShape (see ModelShape.from_hf_config or BUILTIN)")
     if lora is not None and not isinstance(lora, LoRASpec):
@@ -148,10 +148,15 @@ def _check_args(shape: Any, lora: Any, conv: Any) -> None:
         raise ValueError(f"conv={conv!r}: must be a Conventions")
     if lora is not None and lora.head_rows is not None and lora.head_rows > shape.vocab:
         raise ValueError(f"lora.head_rows={lora.head_rows}: more than the vocabulary V={shape.vocab}")
+    if head_rows is not None:
+        if not is_int(head_rows) or not 1 <= head_rows <= shape.vocab:
+            raise ValueError(f"head_rows={head_rows!r}: must be an integer in [1, V={shape.vocab}] or None")
+        if lora is not None and lora.head_rows not in (None, head_rows):
+            raise ValueError(f"head_rows={head_rows} contradicts lora.head_rows={lora.head_rows}")
 
 
 def _breakdown(shape: ModelShape, batch: int, n_q: int, n_k: int | None, lora: LoRASpec | None,
-               conv: Conventions, rows: int | None, label: str) -> Breakdown:
+               conv: Conventions, rows: int | None, label: str, head_rows: int | None = None) -> Breakdown:
     """Components of one pass of ``n_q`` new positions against ``n_k`` keys (``None``: a forward, keys = n_q)."""
     s = shape
     L, B, N, D, H, d, M, V = s.n_layers, batch, n_q, s.hidden, s.n_heads, s.head_dim, s.intermediate, s.vocab
@@ -169,7 +174,8 @@ def _breakdown(shape: ModelShape, batch: int, n_q: int, n_k: int | None, lora: L
         symbols["G"] = s.n_kv_heads
     symbols.update({"d": d, "M": M, "V": V})
     # Output rows actually computed: the whole vocabulary, or the gathered rows of an alphabet head.
-    head_rows = lora.head_rows if lora is not None else None
+    if head_rows is None and lora is not None:
+        head_rows = lora.head_rows
     W, w = (V, "V") if head_rows is None else (head_rows, "A")
     if head_rows is not None:
         symbols["A"] = head_rows
@@ -256,7 +262,8 @@ def _breakdown(shape: ModelShape, batch: int, n_q: int, n_k: int | None, lora: L
 
 
 def forward_flops(shape: ModelShape, batch: int, seq_len: int, lora: LoRASpec | None = None,
-                  conv: Conventions = DEFAULT_CONVENTIONS, logits_to_keep: int = 0) -> Breakdown:
+                  conv: Conventions = DEFAULT_CONVENTIONS, logits_to_keep: int = 0,
+                  head_rows: int | None = None) -> Breakdown:
     """FLOPs of one forward pass of a ``(batch, seq_len)`` token batch, by component.
 
     Args:
@@ -267,6 +274,8 @@ def forward_flops(shape: ModelShape, batch: int, seq_len: int, lora: LoRASpec | 
         conv: Counting conventions (default: the study brief's).
         logits_to_keep: 0 computes logits at every position (a training/validation forward); ``k > 0``
             only at the last ``k`` (Hugging Face's argument of that name; ``generate`` uses 1).
+        head_rows: Output rows computed when no adapter says so (``LoRASpec.head_rows``), e.g. 13 for the
+            constrained decoder's alphabet head on an untrained model; None = the spec's, else the vocabulary.
 
     Returns:
         The :class:`Breakdown`; ``.total`` is in FLOPs.
@@ -275,14 +284,14 @@ def forward_flops(shape: ModelShape, batch: int, seq_len: int, lora: LoRASpec | 
         ValueError: A non-positive size, a bad switch, ``count_loss`` with ``logits_to_keep``, or more head rows
             than the vocabulary.
     """
-    _check_args(shape, lora, conv)
+    _check_args(shape, lora, conv, head_rows)
     _check_positive("batch", batch)
     _check_positive("seq_len", seq_len)
     _check_positive("logits_to_keep", logits_to_keep, minimum=0)
     if logits_to_keep and conv.count_loss:
         raise ValueError(f"logits_to_keep={logits_to_keep}: the loss needs logits at every position (use 0)")
     rows = min(logits_to_keep, seq_len) if logits_to_keep else None
-    return _breakdown(shape, batch, seq_len, None, lora, conv, rows, "forward")
+    return _breakdown(shape, batch, seq_len, None, lora, conv, rows, "forward", head_rows)
 
 
 def train_step_flops(shape: ModelShape, batch: int, seq_len: int, lora: LoRASpec | None = None,
@@ -301,24 +310,25 @@ def validation_flops(shape: ModelShape, batch: int, seq_len: int, lora: LoRASpec
 
 
 def decode_step_flops(shape: ModelShape, batch: int, context_len: int, lora: LoRASpec | None = None,
-                      conv: Conventions = DEFAULT_CONVENTIONS) -> Breakdown:
+                      conv: Conventions = DEFAULT_CONVENTIONS, head_rows: int | None = None) -> Breakdown:
     """FLOPs of one cached decode step: 1 new position per sequence attending to ``context_len`` keys.
 
-    ``context_len`` counts the cached keys plus the new one. The loss is never charged here.
+    ``context_len`` counts the cached keys plus the new one. The loss is never charged here. ``head_rows`` as
+    :func:`forward_flops`.
 
     Raises:
         ValueError: ``context_len`` < 1 or a bad argument.
     """
-    _check_args(shape, lora, conv)
+    _check_args(shape, lora, conv, head_rows)
     _check_positive("batch", batch)
     _check_positive("context_len", context_len)
     conv = dataclasses.replace(conv, count_loss=False)
-    return _breakdown(shape, batch, 1, context_len, lora, conv, None, "decode step")
+    return _breakdown(shape, batch, 1, context_len, lora, conv, None, "decode step", head_rows)
 
 
 def generation_flops(shape: ModelShape, batch: int, prompt_len: int, new_tokens: int, lora: LoRASpec | None = None,
                      conv: Conventions = DEFAULT_CONVENTIONS, kv_cache: bool = True,
-                     prefill_logits: Literal["all", "last"] = "all") -> int:
+                     prefill_logits: Literal["all", "last"] = "all", head_rows: int | None = None) -> int:
     """FLOPs of greedy generation of ``new_tokens`` after a ``(batch, prompt_len)`` prompt.
 
     With the cache: a prefill forward over the prompt (its last logits give token 1) plus
@@ -332,6 +342,7 @@ def generation_flops(shape: ModelShape, batch: int, prompt_len: int, new_tokens:
         kv_cache: Reuse cached keys/values (what ``generate`` does).
         prefill_logits: ``all`` charges lm_head at every position of each full forward (the brief's rule),
             ``last`` only at the last one (what ``generate`` runs, ``logits_to_keep=1``).
+        head_rows: Output rows scored, as :func:`forward_flops` (13: the constrained decoder's alphabet head).
 
     Returns:
         Total FLOPs.
@@ -339,16 +350,17 @@ def generation_flops(shape: ModelShape, batch: int, prompt_len: int, new_tokens:
     Raises:
         ValueError: A non-positive size or a bad switch.
     """
-    _check_args(shape, lora, conv)
+    _check_args(shape, lora, conv, head_rows)
     _check_positive("prompt_len", prompt_len)
     _check_positive("new_tokens", new_tokens)
     check_choice("generation", "prefill_logits", prefill_logits, ("all", "last"))
     conv = dataclasses.replace(conv, count_loss=False)
     keep = 0 if prefill_logits == "all" else 1
     if not kv_cache:
-        return sum(forward_flops(shape, batch, prompt_len + i, lora, conv, keep).total for i in range(new_tokens))
-    total = forward_flops(shape, batch, prompt_len, lora, conv, keep).total
-    return total + sum(decode_step_flops(shape, batch, prompt_len + i, lora, conv).total
+        return sum(forward_flops(shape, batch, prompt_len + i, lora, conv, keep, head_rows).total
+                   for i in range(new_tokens))
+    total = forward_flops(shape, batch, prompt_len, lora, conv, keep, head_rows).total
+    return total + sum(decode_step_flops(shape, batch, prompt_len + i, lora, conv, head_rows).total
                        for i in range(1, new_tokens))
 
 

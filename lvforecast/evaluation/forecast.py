@@ -1,11 +1,14 @@
-"""Batched LLMTIME forecasting: prompts, batching, ``generate``, decoding and FLOP charging.
+"""Batched LLMTIME forecasting: prompts, batching, constrained decoding or ``generate``, parsing and FLOP charging.
 
 Contract:
 
 * **Prompt.** For series ``i`` the prompt is :func:`lvforecast.data.encoding.encode_prompt` of
   ``series[i, :context_steps]`` with ``scales[i]`` and ``decimals``, tokenized without special tokens and
   left-padded (attention mask zero on padding).
-* **Generation.** ``model.generate`` with the KV cache and a fresh :class:`transformers.GenerationConfig`
+* **Generation** (:mod:`lvforecast.evaluation.generation`). Constrained with ``decoder="loop"`` (default):
+  :func:`lvforecast.evaluation.decoder.decode`, the compiled grammar and a preallocated KV cache, scoring the 13
+  alphabet tokens only with ``head="alphabet"`` (greedy tokens equal the full-vocabulary path's). Otherwise
+  ``model.generate`` with the KV cache and a fresh :class:`transformers.GenerationConfig`
   in which every setting that shapes the output is explicit (greedy unless ``num_samples > 1``, one beam,
   no repetition penalty, no top-k, no length or n-gram rules): the checkpoint's shipped generation config
   (e.g. Qwen's sampling defaults) never leaks in. ``max_new_tokens`` is
@@ -18,14 +21,17 @@ Contract:
   parsed steps is one parse failure; its parsed prefix is kept and its missing steps are NaN (metrics skip
   NaN). Steps beyond the horizon are dropped.
 * **Sampling.** ``num_samples = k > 1`` repeats each prompt ``k`` times and samples with ``temperature`` /
-  ``top_p`` under ``torch.manual_seed(seed)`` inside a forked RNG (the caller's RNG stream is untouched).
+  ``top_p`` under ``torch.manual_seed(seed)`` inside a forked RNG (the caller's RNG stream is untouched). The loop
+  draws one uniform per row and step and inverts the allowed tokens' CDF in token-id order, so either ``head``
+  gives the same samples for a seed; ``generate`` samples with its own multinomial draw.
   The point forecast is the per-step median over the ``k`` samples (NaN-aware).
 * **Batches.** Rows are series-major (series ``i`` owns rows ``i*k .. i*k+k-1``), cut into consecutive
   batches of ``batch_size`` rows (:func:`row_batches`); :func:`planned_batches` gives the same batches with
   the longest decode the grammar allows, which is what the budget reserves before any weights load.
 * **FLOPs.** Each batch is charged :func:`lvforecast.budget.formulas.generation_flops` with the padded prompt
-  length, the number of decode steps the batch ran (the longest row), ``kv_cache=True`` and
-  ``prefill_logits="last"``; ``charge(flops, tokens)`` is called per batch when given
+  length, the number of decode steps the batch ran (the longest row), ``kv_cache=True``,
+  ``prefill_logits="last"`` and ``head_rows=13`` when the loop scores the alphabet only;
+  ``charge(flops, tokens)`` is called per batch when given
   (``tokens`` = rows x (prompt + new) positions).
 * **Context length.** Prompt lengths in tokens are reported; when the longest exceeds
   ``trained_context_tokens`` a warning is logged and ``ForecastResult.exceeds_trained_context`` is set.
@@ -40,19 +46,28 @@ import logging
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 
 from lvforecast.budget.formulas import generation_flops
-from lvforecast.budget.shapes import Conventions, LoRASpec, shape_of
-from lvforecast.data.encoding import STEP_SEP, decode, encode_prompt
-from lvforecast.evaluation.grammar import Grammar, LLMTimeLogitsProcessor, StepsStoppingCriteria, max_new_tokens_bound
+from lvforecast.budget.shapes import ALPHABET_SIZE, Conventions, LoRASpec, ModelShape, shape_of
+from lvforecast.data.encoding import decode, encode_prompt
+from lvforecast.evaluation.decoder import DecodeHead, compile_grammar
+from lvforecast.evaluation.generation import (
+    GenerateRunner,
+    LoopRunner,
+    full_and_alphabet_bias,
+    generation_config,
+    row_text,
+)
+from lvforecast.evaluation.grammar import Grammar, max_new_tokens_bound
 
 log = logging.getLogger(__name__)
+
+Decoder = Literal["loop", "generate"]
 
 
 @dataclass
@@ -86,20 +101,6 @@ class ForecastResult:
     max_new_tokens: int = 0
 
 
-class AddLogitBias(LogitsProcessor):
-    """Add a trained (V,) bias to the scores, as :class:`lvforecast.model.lora.LogitBias` did in training."""
-
-    def __init__(self, bias: torch.Tensor) -> None:
-        self.bias = bias
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        """Return ``scores`` (B, V) plus the bias."""
-        if scores.shape[-1] != self.bias.shape[0]:
-            raise ValueError(f"logit bias has {self.bias.shape[0]} entries but the model scores {scores.shape[-1]} "
-                             f"tokens: the adapter was trained on another base model")
-        return scores + self.bias.to(device=scores.device, dtype=scores.dtype)
-
-
 def row_batches(n_series: int, num_samples: int, batch_size: int) -> list[list[int]]:
     """Series index of each generation row, series-major, cut into consecutive batches of ``batch_size`` rows."""
     rows = [i for i in range(n_series) for _ in range(num_samples)]
@@ -127,41 +128,17 @@ def planned_batches(prompt_tokens: Sequence[int], *, horizon_steps: int, max_int
             for chunk in row_batches(len(prompt_tokens), num_samples, batch_size)]
 
 
-def _generation_config(tokenizer: Any, max_new_tokens: int, sample: bool, temperature: float,
-                       top_p: float) -> GenerationConfig:
-    # Every field that changes which token is picked is set, so nothing is filled in from the checkpoint.
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=0,
-        do_sample=sample,
-        num_beams=1,
-        num_return_sequences=1,
-        temperature=temperature if sample else 1.0,
-        top_p=top_p if sample else 1.0,
-        top_k=0 if sample else 50,  # warpers run only when sampling; 50 is the neutral greedy value
-        min_p=None,
-        typical_p=1.0,
-        epsilon_cutoff=0.0,
-        eta_cutoff=0.0,
-        repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        length_penalty=1.0,
-        bad_words_ids=None,
-        suppress_tokens=None,
-        begin_suppress_tokens=None,
-        forced_bos_token_id=None,
-        forced_eos_token_id=None,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        use_cache=True,
-    )
-
-
 def _check_args(series: np.ndarray, scales: list[float], decimals: int, context_steps: int, horizon_steps: int,
                 batch_size: int, num_samples: int, temperature: float, top_p: float,
-                max_int_digits: int) -> Grammar:
+                max_int_digits: int, head: str, decoder: str) -> Grammar:
     """The grammar of these arguments; every problem with them raised at once."""
     problems = []
+    if head not in ("alphabet", "full"):
+        problems.append(f"head={head!r}: allowed 'alphabet', 'full'")
+    if decoder not in ("loop", "generate"):
+        problems.append(f"decoder={decoder!r}: allowed 'loop', 'generate'")
+    elif decoder == "generate" and head == "alphabet":
+        problems.append("decoder='generate' scores the whole vocabulary: it needs head='full'")
     if series.ndim != 3 or series.shape[2] != 2:
         problems.append(f"series has shape {series.shape}: expected (S, T, 2)")
     elif not 1 <= context_steps <= series.shape[1]:
@@ -199,73 +176,45 @@ def _tokenized_prompts(tokenizer: Any, series: np.ndarray, scales: list[float], 
 
 
 @dataclass(frozen=True)
-class _Generator:
-    """What every batch's ``generate`` call shares."""
+class _Pricing:
+    """What every batch's FLOP charge is priced with."""
 
-    model: Any
-    tokenizer: Any
-    char_ids: dict[str, int]
-    grammar: Grammar
-    horizon_steps: int
-    constrained: bool
-    config: GenerationConfig
-    logit_bias: torch.Tensor | None
-    device: torch.device
-
-    def run(self, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
-        """Generate one batch: the new token ids of each row (padding included) and the padded prompt length."""
-        batch = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
-        input_ids = batch["input_ids"].to(self.device)
-        prompt_len = input_ids.shape[1]
-        processors = LogitsProcessorList()
-        if self.logit_bias is not None:
-            processors.append(AddLogitBias(self.logit_bias))
-        if self.constrained:
-            processors.append(LLMTimeLogitsProcessor(self.char_ids, self.grammar, prompt_len, self.horizon_steps,
-                                                     self.tokenizer.pad_token_id))
-        stop = StepsStoppingCriteria(self.char_ids[STEP_SEP], prompt_len, self.horizon_steps)
-        out = self.model.generate(input_ids=input_ids, attention_mask=batch["attention_mask"].to(self.device),
-                                  generation_config=self.config, logits_processor=processors,
-                                  stopping_criteria=StoppingCriteriaList([stop]))
-        return out[:, prompt_len:].cpu().tolist(), prompt_len
-
-    def text(self, row: list[int]) -> tuple[str, int]:
-        """A generated row as text, pad / EOS dropped, and the count of its tokens kept."""
-        special = {self.tokenizer.pad_token_id, self.tokenizer.eos_token_id}
-        kept = [t for t in row if t not in special]
-        # Read token by token: a word-level tokenizer's decode() would join tokens with spaces.
-        id_to_char = {i: c for c, i in self.char_ids.items()}
-        return "".join(id_to_char.get(t) or self.tokenizer.decode([t]) for t in kept), len(kept)
+    shape: ModelShape
+    lora: LoRASpec | None
+    conv: Conventions
+    head_rows: int | None
 
 
-def _generate_all(gen: _Generator, encoded: list[list[int]], batches: list[list[int]], seed: int,
-                  charge: Callable[[int, int], None] | None, lora: LoRASpec | None,
-                  conv: Conventions) -> tuple[list[str], int, int]:
+def _generate_all(runner: GenerateRunner | LoopRunner, encoded: list[list[int]], batches: list[list[int]],
+                  seed: int, charge: Callable[[int, int], None] | None, pricing: _Pricing,
+                  char_ids: dict[str, int]) -> tuple[list[str], int, int]:
     """Texts of every row, generated tokens and FLOPs charged; the model is in eval mode meanwhile."""
-    shape = shape_of(gen.model)
+    model, tokenizer, device = runner.model, runner.tokenizer, runner.device
     texts: list[str] = []
     total_flops = total_new = 0
-    old_side, was_training = gen.tokenizer.padding_side, gen.model.training
-    gen.model.eval()
+    old_side, was_training = tokenizer.padding_side, model.training
+    model.eval()
     try:
-        gen.tokenizer.padding_side = "left"
-        with torch.random.fork_rng(devices=[gen.device] if gen.device.type == "cuda" else []), torch.no_grad():
+        tokenizer.padding_side = "left"
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             torch.manual_seed(seed)
-            # Each batch is a full generate (minutes on a CPU for a real model): show progress.
+            # Each batch is a full decode (minutes on a CPU for a real model): show progress.
             for chunk in tqdm(batches, desc="forecasting", unit="batch", disable=len(batches) <= 1):
-                generated, prompt_len = gen.run([encoded[i] for i in chunk])
+                generated, prompt_len = runner.run([encoded[i] for i in chunk])
                 n_new = len(generated[0])
-                for text, kept in map(gen.text, generated):
+                for row in generated:
+                    text, kept = row_text(tokenizer, char_ids, row)
                     texts.append(text)
                     total_new += kept
-                flops = generation_flops(shape, len(chunk), prompt_len, n_new, lora=lora, conv=conv,
-                                         kv_cache=True, prefill_logits="last") if n_new > 0 else 0
+                flops = generation_flops(pricing.shape, len(chunk), prompt_len, n_new, lora=pricing.lora,
+                                         conv=pricing.conv, kv_cache=True, prefill_logits="last",
+                                         head_rows=pricing.head_rows) if n_new > 0 else 0
                 total_flops += flops
                 if charge is not None:
                     charge(flops, len(chunk) * (prompt_len + n_new))
     finally:
-        gen.tokenizer.padding_side = old_side
-        gen.model.train(was_training)
+        tokenizer.padding_side = old_side
+        model.train(was_training)
     return texts, total_new, total_flops
 
 
@@ -308,6 +257,8 @@ def forecast(
     top_p: float,
     seed: int,
     max_int_digits: int,
+    head: DecodeHead,
+    decoder: Decoder,
     trained_context_tokens: int | None = None,
     charge: Callable[[int, int], None] | None = None,
     conv: Conventions | None = None,
@@ -331,11 +282,17 @@ def forecast(
         top_p: Nucleus mass in (0, 1], used only when k > 1.
         seed: Seed of the sampling RNG.
         max_int_digits: Most digits before the point in generated numbers.
+        head: Constrained decoding scores ``alphabet`` (the 13 LLMTIME tokens' rows of the output matrix only:
+            the same forecasts, fewer FLOPs) or ``full`` (the whole lm_head). Unconstrained decoding always
+            scores the full vocabulary.
+        decoder: Constrained decoding with ``loop`` (:mod:`lvforecast.evaluation.decoder`) or ``generate``
+            (``model.generate`` with the grammar processor; needs ``head="full"``).
         trained_context_tokens: Token context the adapter was trained on, to flag longer prompts.
         charge: Called per batch as ``charge(flops, tokens)``.
         conv: FLOP counting conventions (default :class:`lvforecast.budget.formulas.Conventions`).
-        logit_bias: (V,) trained output bias (``adapter/logit_bias.safetensors``), added to the logits before
-            the grammar mask, exactly as in training.
+        logit_bias: Trained output bias (``adapter/logit_bias.safetensors``): (V,) from a full-head run or
+            (13,) in ``ALPHABET`` order from an alphabet-head run; added to the logits before the grammar mask,
+            as in training (see :mod:`lvforecast.evaluation.generation`).
 
     Returns:
         A :class:`ForecastResult`.
@@ -346,7 +303,7 @@ def forecast(
     series = np.asarray(series, dtype=np.float64)
     scales = [float(s) for s in scales]
     grammar = _check_args(series, scales, decimals, context_steps, horizon_steps, batch_size, num_samples,
-                          temperature, top_p, max_int_digits)
+                          temperature, top_p, max_int_digits, head, decoder)
     encoded = _tokenized_prompts(tokenizer, series, scales, decimals, context_steps, max_int_digits)
     prompt_tokens = [len(ids) for ids in encoded]
     exceeds = trained_context_tokens is not None and max(prompt_tokens) > trained_context_tokens
@@ -356,15 +313,24 @@ def forecast(
 
     n_series, k = series.shape[0], int(num_samples)
     bound = max_new_tokens_bound(horizon_steps, grammar)
-    gen = _Generator(model, tokenizer, char_ids, grammar, horizon_steps, constrained,
-                     _generation_config(tokenizer, bound, k > 1, float(temperature), float(top_p)), logit_bias,
-                     next(model.parameters()).device)
-    # The trained bias adds V additions per scored position; it is only ever trained beside an adapter.
+    device = next(model.parameters()).device
+    full_bias, alphabet_bias = full_and_alphabet_bias(logit_bias, model.get_output_embeddings().weight.shape[0],
+                                                      char_ids)
+    loop = constrained and decoder == "loop"
+    if loop:
+        runner = LoopRunner(model, tokenizer, compile_grammar(grammar, char_ids, device), horizon_steps, bound, head,
+                            alphabet_bias, k > 1, float(temperature), float(top_p), device)
+    else:
+        runner = GenerateRunner(model, tokenizer, char_ids, grammar, horizon_steps, constrained,
+                                generation_config(tokenizer, bound, k > 1, float(temperature), float(top_p)),
+                                full_bias, device)
+    # The trained bias adds one addition per scored logit; it is only ever trained beside an adapter.
     lora = (LoRASpec.from_peft(model, logit_bias=logit_bias is not None)
             if getattr(model, "peft_config", None) else None)
+    pricing = _Pricing(shape_of(model), lora, conv if conv is not None else Conventions(),
+                       ALPHABET_SIZE if loop and head == "alphabet" else None)
     batches = row_batches(n_series, k, batch_size)
-    texts, new_tokens, flops = _generate_all(gen, encoded, batches, seed, charge, lora,
-                                             conv if conv is not None else Conventions())
+    texts, new_tokens, flops = _generate_all(runner, encoded, batches, seed, charge, pricing, char_ids)
 
     rows = [i for chunk in batches for i in chunk]
     values, steps_parsed = _decode_rows(texts, rows, scales, decimals, horizon_steps)

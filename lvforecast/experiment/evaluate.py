@@ -40,11 +40,12 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from lvforecast.budget.formulas import generation_flops
-from lvforecast.budget.planning import GenerationPlan, planning_shape
+from lvforecast.budget.planning import GenerationPlan, planning_shape, token_counts
 from lvforecast.budget.reservation import Reservation
-from lvforecast.budget.shapes import Conventions, LoRASpec, ModelShape
+from lvforecast.budget.shapes import ALPHABET_SIZE, Conventions, LoRASpec, ModelShape
 from lvforecast.data.encoding import VARIABLES
 from lvforecast.data.split import EvaluationInputs
+from lvforecast.threads import resolve_threads, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +86,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation described by ``conf/evaluate.yaml`` and return its headline metrics."""
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    resolve_threads(cfg.threads, None, 1)  # a bad value fails before anything loads
     source = _source(cfg)
     inputs = _load(cfg, source)
     priced = _generation_plan(cfg, source, inputs)
     if cfg.budget.dry_run:
         return _dry_run(cfg, out, priced, inputs)
     reservation = _reserve(cfg, source, priced)
-    forecasts = _forecast(cfg, source, inputs, reservation)
+    with torch_threads(cfg.threads, priced.shape):
+        forecasts = _forecast(cfg, source, inputs, reservation)
     metrics = _score(inputs, forecasts)
     return _write(cfg, out, source, inputs, forecasts, metrics)
 
@@ -130,13 +133,17 @@ def _generation_plan(cfg: DictConfig, source: _Source, inputs: EvaluationInputs)
     from lvforecast.evaluation.forecast import planned_batches
 
     shape, conv = planning_shape(source.model), Conventions()
-    lora = LoRASpec(rank=source.lora.r, targets=tuple(source.lora.target_modules)) if source.lora else None
+    lora = LoRASpec(rank=source.lora.r, targets=tuple(source.lora.target_modules),
+                    logit_bias=bool(source.lora.get("train_logit_bias", False))) if source.lora else None
     fc = cfg.forecast
-    # Character-level tokenizers (checked at model load): a prompt's characters are its tokens.
-    batches = planned_batches([len(p) for p in inputs.prompts], horizon_steps=int(fc.horizon_steps),
+    # Constrained decoding with the loop scores the alphabet's rows only, whichever head the adapter trained with.
+    head_rows = ALPHABET_SIZE if fc.constrained and fc.head == "alphabet" and fc.decoder == "loop" else None
+    # The real tokenizer's counts where the model config states one (Qwen2.5), else characters (= tokens).
+    batches = planned_batches(token_counts(source.model, list(inputs.prompts)), horizon_steps=int(fc.horizon_steps),
                               max_int_digits=int(fc.max_int_digits), decimals=inputs.decimals,
                               num_samples=int(fc.num_samples), batch_size=int(fc.batch_size))
-    total = sum(generation_flops(shape, rows, prompt_len, new, lora, conv, kv_cache=True, prefill_logits="last")
+    total = sum(generation_flops(shape, rows, prompt_len, new, lora, conv, kv_cache=True, prefill_logits="last",
+                                 head_rows=head_rows)
                 for rows, prompt_len, new in batches)
     return _PricedPlan(GenerationPlan(rows=sum(rows for rows, _, _ in batches), total=total), shape, lora, conv)
 
@@ -186,7 +193,7 @@ def _forecast(cfg: DictConfig, source: _Source, inputs: EvaluationInputs,
             model, loaded.tokenizer, loaded.char_ids, inputs.series, list(inputs.scales), decimals=inputs.decimals,
             trained_context_tokens=source.trained_context_tokens,
             charge=None if reservation is None else functools.partial(reservation.charge, "generate"),
-            logit_bias=_logit_bias(source.run_dir, source.lora) if source.run_dir is not None else None)
+            logit_bias=None if source.run_dir is None else _logit_bias(source.run_dir, source.lora, loaded.char_ids))
     seconds = time.perf_counter() - start
     by_method = {"model": result.values}
     for name in cfg.baselines:
@@ -195,17 +202,30 @@ def _forecast(cfg: DictConfig, source: _Source, inputs: EvaluationInputs,
     return _Forecasts(result=result, model_name=name, seconds=seconds, by_method=by_method)
 
 
-def _logit_bias(run: Path, lora_cfg: DictConfig) -> Any:
-    """The run's trained output-logit bias, or None; its presence must agree with the run's config."""
+def _logit_bias(run: Path, lora_cfg: DictConfig, char_ids: dict[str, int]) -> Any:
+    """The run's trained output-logit bias, or None; its presence must agree with the run's config.
+
+    A full-head run saved a (V,) vector; an alphabet-head run a (13,) one in ``ALPHABET`` order whose metadata
+    names the token ids it covers, which must be this tokenizer's alphabet ids.
+    """
     path = run / "adapter" / "logit_bias.safetensors"
     if bool(lora_cfg.get("train_logit_bias", False)) != path.is_file():
         raise ValueError(f"run_dir={str(run)!r}: lora.train_logit_bias={lora_cfg.get('train_logit_bias')} in its "
                          f"config.yaml but {path} {'exists' if path.is_file() else 'is missing'}")
     if not path.is_file():
         return None
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
-    return load_file(str(path))["bias"]
+    from lvforecast.model.module import alphabet_ids
+
+    with safe_open(str(path), "pt") as f:
+        bias, meta = f.get_tensor("bias"), f.metadata() or {}
+    if meta.get("head") == "alphabet":
+        saved = [int(i) for i in meta["token_ids"].split(",")]
+        if saved != alphabet_ids(char_ids) or bias.shape != (len(saved),):
+            raise ValueError(f"{path}: an alphabet-head bias over token ids {saved} (shape {tuple(bias.shape)}), but "
+                             f"this tokenizer's alphabet ids are {alphabet_ids(char_ids)}")
+    return bias
 
 
 def _score(inputs: EvaluationInputs, forecasts: _Forecasts) -> dict[str, Any]:

@@ -18,9 +18,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lvforecast.budget.ledger import Ledger, remaining_in
-from lvforecast.budget.planning import Plan, plan_config, reserved_flops
+from lvforecast.budget.planning import Plan, plan_config, reserved_flops, token_counts
 from lvforecast.budget.reservation import Reservation
 from lvforecast.budget.shapes import Conventions, LoRASpec, ModelShape
+from lvforecast.threads import resolve_threads, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,10 @@ def validate_train_config(cfg: DictConfig) -> None:
         context_length=cfg.data.context_length, stride_steps=cfg.data.stride_steps,
         batch_size=cfg.data.batch_size, scale_context_steps=cfg.data.scale_context_steps,
     )
+    try:
+        resolve_threads(cfg.threads, None, 1)
+    except ValueError as err:
+        problems.append(str(err))
     lr = cfg.optim.get("lr")
     if not (isinstance(lr, (int, float)) and lr > 0):
         problems.append(f"optim.lr={lr!r}: must be a number > 0")
@@ -88,7 +93,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.budget.enabled:
         if cfg.budget.dry_run:
             raise ValueError("budget.dry_run=true needs budget.enabled=true: there is no plan to print")
-        return _fit(cfg, datamodule, None, out, start)
+        with torch_threads(cfg.threads, _shape_or_none(cfg)):
+            return _fit(cfg, datamodule, None, out, start)
+    _check_planning_tokens(cfg, datamodule)
     plan, shape, lora, conventions = plan_config(cfg, datamodule.val_batch_shapes())
     if cfg.budget.dry_run:
         remaining = remaining_in(cfg.budget.ledger_path, cfg.budget.total_flops)
@@ -98,10 +105,36 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return {"dry_run": True, "plan": plan.as_dict(), "output_dir": str(out)}
     reservation = reserve(cfg, plan, shape, lora, conventions, out)
     # From here on the run holds a reservation: whatever happens, the ledger learns how it ended.
-    with reservation.held() as outcome:
+    with reservation.held() as outcome, torch_threads(cfg.threads, shape):
         result = _fit(cfg, datamodule, reservation, out, start)
         outcome.status = result["budget_status"]
     return result
+
+
+def _check_planning_tokens(cfg: DictConfig, datamodule: Any) -> None:
+    """With a ``model.tokenizer`` (Qwen2.5), check the windows' character offsets are its token offsets.
+
+    Raises:
+        ValueError: A series has another token count than characters (the windows would be mis-sized).
+    """
+    if cfg.model.get("tokenizer") is None:
+        return
+    series = list(datamodule.series.values())
+    counts = token_counts(cfg.model, [e.text for e in series])
+    wrong = [e.system for e, n in zip(series, counts, strict=True) if n != len(e.text)][:5]
+    if wrong:
+        raise ValueError(f"model.tokenizer does not give one token per character on systems {wrong}: the window "
+                         f"shapes the plan prices would not be the ones trained")
+
+
+def _shape_or_none(cfg: DictConfig) -> ModelShape | None:
+    """The configured model's shape for ``threads: auto``, or None when it cannot be known before loading."""
+    from lvforecast.budget.planning import planning_shape
+
+    try:
+        return planning_shape(cfg.model)
+    except ValueError:
+        return None
 
 
 def reserve(cfg: DictConfig, plan: Plan, shape: ModelShape, lora: LoRASpec, conventions: Conventions,

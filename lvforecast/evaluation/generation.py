@@ -1,0 +1,167 @@
+"""The two ways :func:`lvforecast.evaluation.forecast.forecast` generates one batch, behind one interface.
+
+* :class:`LoopRunner` (``decoder="loop"``, constrained only): :func:`lvforecast.evaluation.decoder.decode`, the
+  compiled grammar and a preallocated KV cache, scoring the alphabet's 13 tokens (``head="alphabet"``) or the
+  full vocabulary restricted to them (``head="full"``).
+* :class:`GenerateRunner` (``decoder="generate"``, and every unconstrained forecast): ``model.generate`` with a
+  fresh, fully explicit :class:`transformers.GenerationConfig`, the trained bias as a logits processor and, when
+  constrained, :class:`~lvforecast.evaluation.grammar.LLMTimeLogitsProcessor` with
+  :class:`~lvforecast.evaluation.grammar.StepsStoppingCriteria`.
+
+Both return the new token ids of each row (padding included) and the padded prompt length; :func:`row_text`
+turns a row into text.
+
+Logit bias: :func:`full_and_alphabet_bias` accepts a trained bias over the vocabulary (V,) or over the alphabet
+(13,), in ``ALPHABET`` order as ``model.head=alphabet`` training saves it. The loop adds its alphabet entries
+(the full vector restricted to the alphabet's rows); ``generate`` adds a V-vector, in which a 13-vector's other
+entries are 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
+
+from lvforecast.data.encoding import ALPHABET, STEP_SEP
+from lvforecast.evaluation.decoder import AlphabetLogits, CompiledGrammar, DecodeHead, decode
+from lvforecast.evaluation.grammar import Grammar, LLMTimeLogitsProcessor, StepsStoppingCriteria
+
+
+class AddLogitBias(LogitsProcessor):
+    """Add a trained (V,) bias to the scores, as :class:`lvforecast.model.lora.LogitBias` did in training."""
+
+    def __init__(self, bias: torch.Tensor) -> None:
+        self.bias = bias
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """Return ``scores`` (B, V) plus the bias."""
+        if scores.shape[-1] != self.bias.shape[0]:
+            raise ValueError(f"logit bias has {self.bias.shape[0]} entries but the model scores {scores.shape[-1]} "
+                             f"tokens: the adapter was trained on another base model")
+        return scores + self.bias.to(device=scores.device, dtype=scores.dtype)
+
+
+def full_and_alphabet_bias(bias: torch.Tensor | None, vocab: int, char_ids: dict[str, int]
+                           ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A trained bias as ``(V-vector, 13-vector in ALPHABET order)``, or ``(None, None)``.
+
+    Raises:
+        ValueError: The bias has neither ``vocab`` nor 13 entries.
+    """
+    if bias is None:
+        return None, None
+    ids = torch.tensor([char_ids[c] for c in ALPHABET])
+    if bias.ndim == 1 and bias.shape[0] == vocab:
+        return bias, bias[ids]
+    if bias.ndim == 1 and bias.shape[0] == len(ALPHABET):
+        return torch.zeros(vocab, dtype=bias.dtype).index_copy(0, ids, bias), bias
+    raise ValueError(f"logit bias has {bias.shape[0] if bias.ndim == 1 else tuple(bias.shape)} entries but the model "
+                     f"scores {vocab} tokens (or the {len(ALPHABET)} of the alphabet): the adapter was trained on "
+                     f"another base model")
+
+
+def generation_config(tokenizer: Any, max_new_tokens: int, sample: bool, temperature: float,
+                      top_p: float) -> GenerationConfig:
+    """A config in which every field that changes which token is picked is set (nothing from the checkpoint)."""
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        do_sample=sample,
+        num_beams=1,
+        num_return_sequences=1,
+        temperature=temperature if sample else 1.0,
+        top_p=top_p if sample else 1.0,
+        top_k=0 if sample else 50,  # warpers run only when sampling; 50 is the neutral greedy value
+        min_p=None,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        length_penalty=1.0,
+        bad_words_ids=None,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+        forced_bos_token_id=None,
+        forced_eos_token_id=None,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,
+    )
+
+
+def row_text(tokenizer: Any, char_ids: dict[str, int], row: list[int]) -> tuple[str, int]:
+    """A generated row as text, pad / EOS dropped, and the count of its tokens kept."""
+    special = {tokenizer.pad_token_id, tokenizer.eos_token_id}
+    kept = [t for t in row if t not in special]
+    # Read token by token: a word-level tokenizer's decode() would join tokens with spaces.
+    id_to_char = {i: c for c, i in char_ids.items()}
+    return "".join(id_to_char.get(t) or tokenizer.decode([t]) for t in kept), len(kept)
+
+
+def _padded(tokenizer: Any, prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+@dataclass(frozen=True)
+class GenerateRunner:
+    """One ``generate`` call per batch (see the module docstring)."""
+
+    model: Any
+    tokenizer: Any
+    char_ids: dict[str, int]
+    grammar: Grammar
+    horizon_steps: int
+    constrained: bool
+    config: GenerationConfig
+    logit_bias: torch.Tensor | None
+    device: torch.device
+
+    def run(self, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
+        """Generate one batch: the new token ids of each row (padding included) and the padded prompt length."""
+        input_ids, attention_mask = _padded(self.tokenizer, prompts, self.device)
+        prompt_len = input_ids.shape[1]
+        processors = LogitsProcessorList()
+        if self.logit_bias is not None:
+            processors.append(AddLogitBias(self.logit_bias))
+        if self.constrained:
+            processors.append(LLMTimeLogitsProcessor(self.char_ids, self.grammar, prompt_len, self.horizon_steps,
+                                                     self.tokenizer.pad_token_id))
+        stop = StepsStoppingCriteria(self.char_ids[STEP_SEP], prompt_len, self.horizon_steps)
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                  generation_config=self.config, logits_processor=processors,
+                                  stopping_criteria=StoppingCriteriaList([stop]))
+        return out[:, prompt_len:].cpu().tolist(), prompt_len
+
+
+@dataclass(frozen=True)
+class LoopRunner:
+    """One :func:`~lvforecast.evaluation.decoder.decode` call per batch (constrained only)."""
+
+    model: Any
+    tokenizer: Any
+    grammar: CompiledGrammar
+    horizon_steps: int
+    max_new_tokens: int
+    head: DecodeHead
+    alphabet_bias: torch.Tensor | None
+    sample: bool
+    temperature: float
+    top_p: float
+    device: torch.device
+
+    def run(self, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
+        """Decode one batch: the new token ids of each row (padding included) and the padded prompt length."""
+        input_ids, attention_mask = _padded(self.tokenizer, prompts, self.device)
+        bias = None
+        if self.alphabet_bias is not None:  # ALPHABET order -> the compiled grammar's column order
+            bias = self.alphabet_bias[[ALPHABET.index(c) for c in self.grammar.chars]]
+        logits = AlphabetLogits(self.model, self.grammar.token_ids, self.head, bias)
+        out = decode(self.model, input_ids, attention_mask, self.grammar, horizon_steps=self.horizon_steps,
+                     max_new_tokens=self.max_new_tokens, end_id=self.tokenizer.pad_token_id, logits_fn=logits,
+                     sample=self.sample, temperature=self.temperature, top_p=self.top_p)
+        return out.tokens.cpu().tolist(), input_ids.shape[1]

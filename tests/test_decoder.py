@@ -1,0 +1,204 @@
+"""The lean constrained decoder: compiled grammar, alphabet head, inverse-CDF sampler, identity with ``generate``."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import CONF
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from lvforecast.budget.formulas import generation_flops
+from lvforecast.budget.shapes import BUILTIN, Conventions, LoRASpec
+from lvforecast.data.encoding import ALPHABET
+from lvforecast.data.simulate import simulate_systems
+from lvforecast.evaluation.decoder import choose, compile_grammar
+from lvforecast.evaluation.grammar import START, Grammar
+from lvforecast.model.loading import build_tiny_qwen
+from lvforecast.model.lora import apply_lora
+
+CONTEXT, HORIZON = 12, 4
+DEFAULTS = instantiate(OmegaConf.load(CONF / "evaluate.yaml").forecast)
+#: Today's decoding: the whole vocabulary, masked, through ``model.generate`` with the grammar processor.
+REFERENCE = {"head": "full", "decoder": "generate"}
+SCALES = [0.5, 0.05, 0.5, 0.05, 0.5]  # one- and two-digit numbers: prompts of different lengths, so padding
+
+
+def forecast(lm, series, scales, **overrides):
+    return DEFAULTS(lm.model, lm.tokenizer, lm.char_ids, series, scales,
+                    **{"decimals": 3, "context_steps": CONTEXT, "horizon_steps": HORIZON, "batch_size": 3, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny_qwen()
+
+
+@pytest.fixture(scope="module")
+def peft_tiny():
+    """The tiny model behind an unmerged LoRA adapter whose B is non-zero (so the adapter changes the outputs)."""
+    lm = build_tiny_qwen(seed=3)
+    model = apply_lora(lm.model, r=4, target_modules=("q_proj", "v_proj"))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+    lm.model = model
+    return lm
+
+
+@pytest.fixture(scope="module")
+def series() -> np.ndarray:
+    return simulate_systems(n_systems=5, seed=0).values
+
+
+@pytest.mark.parametrize("max_int_digits,decimals", [(2, 3), (1, 0), (3, 1)])
+def test_compiled_grammar_is_the_grammar(max_int_digits, decimals):
+    grammar = Grammar(max_int_digits=max_int_digits, decimals=decimals)
+    char_ids = {c: 40 - 2 * i for i, c in enumerate(ALPHABET)}  # ids in reverse ALPHABET order, not contiguous
+    compiled = compile_grammar(grammar, char_ids)
+    assert compiled.token_ids.tolist() == sorted(char_ids.values())
+    assert compiled.chars == "".join(sorted(ALPHABET, key=char_ids.get))
+    rng = np.random.default_rng(0)
+    for _ in range(50):  # random walks: the tables agree with Grammar.allowed / advance at every character
+        state, index = START, 0
+        for _ in range(40):
+            allowed = {compiled.chars[j] for j in torch.nonzero(compiled.allowed[index]).flatten().tolist()}
+            assert allowed == set(grammar.allowed(state))
+            ch = sorted(allowed)[rng.integers(len(allowed))]
+            j = compiled.chars.index(ch)
+            state, index = grammar.advance(state, ch), int(compiled.next_state[index, j])
+    assert bool(compiled.is_sep[compiled.chars.index(";")]) and int(compiled.is_sep.sum()) == 1
+
+
+def test_greedy_is_the_first_maximum_in_token_id_order():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 2.0], [5.0, 0.0, 5.0, 1.0]])
+    allowed = torch.tensor([[True, True, True, True], [False, True, True, True]])
+    assert choose(logits, allowed, sample=False).tolist() == [1, 2]
+
+
+def test_sampling_draw_ignores_masked_out_columns():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 5, generator=gen)
+    allowed = torch.rand(64, 5, generator=gen) > 0.3
+    allowed[:, 0] = True
+    u = torch.rand(64, generator=gen)
+    picked = choose(logits, allowed, sample=True, temperature=0.7, top_p=0.9, uniforms=u)
+    # The same rows with 7 forbidden columns slotted in between: the same tokens (as columns of the wider table).
+    wide = torch.randn(64, 12, generator=gen)
+    cols = torch.tensor([1, 4, 5, 8, 11])
+    wide_allowed = torch.zeros(64, 12, dtype=torch.bool)
+    wide[:, cols], wide_allowed[:, cols] = logits, allowed
+    wide_picked = choose(wide, wide_allowed, sample=True, temperature=0.7, top_p=0.9, uniforms=u)
+    assert torch.equal(cols[picked], wide_picked)
+    assert allowed.gather(1, picked[:, None]).all()
+
+
+def test_sampler_follows_the_softmax_and_hugging_faces_top_p():
+    from transformers import TopPLogitsWarper
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0, 0.5]]).repeat(40_000, 1)
+    allowed = torch.ones_like(logits, dtype=torch.bool)
+    u = torch.rand(40_000, generator=torch.Generator().manual_seed(1))
+    freq = torch.bincount(choose(logits, allowed, sample=True, uniforms=u), minlength=5) / 40_000
+    assert torch.allclose(freq, logits[0].softmax(-1), atol=0.01)
+    kept = torch.isfinite(TopPLogitsWarper(0.6)(None, logits[:1].clone()))[0]
+    picked = set(choose(logits, allowed, sample=True, top_p=0.6, uniforms=u).tolist())
+    assert picked == set(torch.nonzero(kept).flatten().tolist())
+
+
+def test_alphabet_loop_greedy_equals_todays_full_vocabulary_generate(tiny, series):
+    ref = forecast(tiny, series, SCALES, **REFERENCE)
+    assert len(set(ref.prompt_tokens)) > 1
+    for head in ("alphabet", "full"):
+        res = forecast(tiny, series, SCALES, head=head, decoder="loop")
+        assert res.texts == ref.texts and np.array_equal(res.values, ref.values)
+        assert res.new_tokens == ref.new_tokens
+
+
+def test_peft_wrapped_model_with_logit_bias_greedy_identity(peft_tiny, series):
+    gen = torch.Generator().manual_seed(5)
+    full_bias = 2.0 * torch.randn(peft_tiny.model.get_output_embeddings().weight.shape[0], generator=gen)
+    ref = forecast(peft_tiny, series, SCALES, logit_bias=full_bias, **REFERENCE)
+    alpha = forecast(peft_tiny, series, SCALES, logit_bias=full_bias)  # the conf default: alphabet head, loop
+    assert alpha.texts == ref.texts
+    # The 13-vector an alphabet-head run saves (ALPHABET order) gives the same forecasts as its full-vector twin.
+    bias13 = full_bias[[peft_tiny.char_ids[c] for c in ALPHABET]]
+    assert forecast(peft_tiny, series, SCALES, logit_bias=bias13).texts == ref.texts
+    assert forecast(peft_tiny, series, SCALES, logit_bias=bias13, **REFERENCE).texts == ref.texts
+    # The bias matters: without it the forecasts differ.
+    assert forecast(peft_tiny, series, SCALES).texts != ref.texts
+
+
+def test_seeded_sampling_is_the_same_with_either_head(peft_tiny, series):
+    kwargs = dict(num_samples=3, temperature=1.3, top_p=0.95, batch_size=4)
+    alpha = forecast(peft_tiny, series, SCALES, seed=7, **kwargs)
+    full = forecast(peft_tiny, series, SCALES, seed=7, head="full", **kwargs)
+    other = forecast(peft_tiny, series, SCALES, seed=8, **kwargs)
+    assert alpha.texts == full.texts and alpha.texts != other.texts
+    assert alpha.parse_failures == 0 and len(set(alpha.texts[:3])) > 1
+
+
+def test_alphabet_head_is_charged_fewer_flops(peft_tiny, series):
+    full = forecast(peft_tiny, series, SCALES, **REFERENCE)
+    alpha = forecast(peft_tiny, series, SCALES)
+    assert 0 < alpha.flops < full.flops
+    # Qwen2.5-0.5B, a study batch (16 rows, 960-token prompts, 280 new tokens): 16 x 280 scored positions each
+    # drop V - 13 = 151,923 rows of 2D - 1 = 1791 FLOPs: 1.8531e13 -> 1.7312e13 (-6.6%).
+    qwen, lora = BUILTIN["qwen2.5-0.5b"], LoRASpec(rank=4)
+    before = generation_flops(qwen, 16, 960, 280, lora, Conventions(), prefill_logits="last")
+    after = generation_flops(qwen, 16, 960, 280, lora, Conventions(), prefill_logits="last", head_rows=13)
+    assert before - after == 16 * 280 * (151_936 - 13) * (2 * 896 - 1)
+    assert (before, after) == (18_531_093_162_960, 17_312_111_626_320)
+
+
+def test_bad_head_decoder_and_bias_are_refused(tiny, series):
+    with pytest.raises(ValueError, match=r"head='vocab'.*decoder='beam'"):
+        forecast(tiny, series, SCALES, head="vocab", decoder="beam")
+    with pytest.raises(ValueError, match="needs head='full'"):
+        forecast(tiny, series, SCALES, head="alphabet", decoder="generate")
+    with pytest.raises(ValueError, match="logit bias has 5 entries"):
+        forecast(tiny, series, SCALES, logit_bias=torch.zeros(5))
+    with pytest.raises(ValueError, match=r"head_rows=0"):
+        generation_flops(BUILTIN["qwen2.5-0.5b"], 1, 4, 2, head_rows=0)
+    assert not math.isnan(forecast(tiny, series[:1], SCALES[:1], constrained=False, head="alphabet").flops)
+
+
+@pytest.mark.smollm2
+def test_smollm2_alphabet_loop_equals_todays_generate(smollm2_dir):
+    from lvforecast.model.loading import load_smollm2
+
+    lm = load_smollm2(str(smollm2_dir))
+    data = simulate_systems(n_systems=4, seed=1).values
+    kwargs = dict(context_steps=30, horizon_steps=5, batch_size=4)
+    scales = [0.5, 0.25, 0.5, 0.25]
+    ref = forecast(lm, data, scales, **REFERENCE, **kwargs)
+    res = forecast(lm, data, scales, **kwargs)
+    assert len(set(res.prompt_tokens)) > 1  # left padding exercised
+    assert res.texts == ref.texts and res.parse_failures == 0 and res.flops < ref.flops
+    sampled = [forecast(lm, data, scales, num_samples=2, seed=3, head=head, **kwargs).texts
+               for head in ("alphabet", "full")]
+    assert sampled[0] == sampled[1]
+
+
+def test_decode_from_a_cache_holding_part_of_the_prompt(tiny, series):
+    from lvforecast.data.encoding import encode_prompt
+    from lvforecast.evaluation.decoder import AlphabetLogits, decode, preallocated_cache
+    from lvforecast.model.lora import decoder_stack
+
+    grammar = compile_grammar(Grammar(max_int_digits=2, decimals=3), tiny.char_ids)
+    ids = torch.tensor(tiny.tokenizer([encode_prompt(s[:CONTEXT], 0.5, 3) for s in series[:2]],
+                                      add_special_tokens=False)["input_ids"])
+    mask = torch.ones_like(ids)
+    kwargs = dict(horizon_steps=HORIZON, max_new_tokens=40, end_id=0, sample=False, temperature=1.0, top_p=1.0,
+                  logits_fn=AlphabetLogits(tiny.model, grammar.token_ids, "alphabet", None))
+    with torch.no_grad():
+        fresh = decode(tiny.model, ids, mask, grammar, **kwargs)
+        cache = preallocated_cache(2, ids.shape[1] + 40)
+        decoder_stack(tiny.model)(input_ids=ids[:, :10], cache=cache, use_cache=True)
+        resumed = decode(tiny.model, ids, mask, grammar, cache=cache, **kwargs)
+    assert fresh.steps == resumed.steps and torch.equal(fresh.tokens, resumed.tokens)
