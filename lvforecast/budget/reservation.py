@@ -31,6 +31,8 @@ class Reservation:
         ledger: The study's ledger.
         run_id: This run's row in the ledger.
         reserved: FLOPs reserved (the plan's total, or ``budget.run_cap_flops``).
+        leader: False on the ranks of a distributed run other than 0: they hold no ledger run of their own (the
+            budget callback learns rank 0's id) and never write the ledger.
     """
 
     plan: Any
@@ -40,6 +42,7 @@ class Reservation:
     ledger: Ledger
     run_id: int
     reserved: int
+    leader: bool = True
 
     @classmethod
     def open(cls, ledger: Ledger, name: str, plan: Any, shape: ModelShape, lora: LoRASpec | None,
@@ -55,9 +58,22 @@ class Reservation:
         return cls(plan=plan, shape=shape, lora=lora, conventions=conventions, ledger=ledger, run_id=run_id,
                    reserved=flops)
 
+    @classmethod
+    def follower(cls, ledger: Ledger, plan: Any, shape: ModelShape, lora: LoRASpec | None, conventions: Conventions,
+                 reserved: int) -> Reservation:
+        """A rank other than 0 of a distributed run: rank 0's reservation, its run id learnt once training starts."""
+        return cls(plan=plan, shape=shape, lora=lora, conventions=conventions, ledger=ledger, run_id=-1,
+                   reserved=int(reserved), leader=False)
+
     @contextmanager
     def held(self) -> Iterator[RunOutcome]:
-        """Finish the ledger run on the way out: the outcome's status on success, ``failed`` on an exception."""
+        """Finish the ledger run on the way out: the outcome's status on success, ``failed`` on an exception.
+
+        A follower (``leader=False``) finishes nothing: rank 0 owns the run.
+        """
+        if not self.leader:
+            yield RunOutcome()
+            return
         with self.ledger.hold(self.run_id) as outcome:
             yield outcome
 

@@ -1,0 +1,213 @@
+"""The budget guard at every edge of a run: first validation and step, accumulation, every validation interval,
+bad keys, track mode, network-filesystem ledgers and exact resumes (issue 9).
+
+Each test is one leak the guard used to let through with exit status 0: it is now refused before the model loads,
+or it runs and its charges stay within its reservation and the ledger's remainder stays >= 0.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+from conftest import TINY_RUN, compose_train
+
+from lvforecast.budget.formulas import forward_flops
+from lvforecast.budget.ledger import Ledger
+from lvforecast.budget.planning import planning_shape
+from lvforecast.budget.shapes import Conventions, LoRASpec
+from lvforecast.experiment.train import train
+from lvforecast.utils import read_metrics_csv
+
+BASE = TINY_RUN + ["trainer.limit_val_batches=2", "trainer.log_every_n_steps=1"]
+
+
+def _fwd(cfg) -> int:
+    return forward_flops(planning_shape(cfg.model), 4, 96, LoRASpec(rank=4), Conventions()).total
+
+
+def _charges(path) -> dict[str, tuple[int, int]]:
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT kind, SUM(flops), SUM(steps) FROM charges GROUP BY kind").fetchall()
+    return {kind: (flops, steps) for kind, flops, steps in rows}
+
+
+def _run(sim_cache, tmp_path, overrides):
+    """Train with ``overrides``; returns (result, the ledger run, the ledger, the plan in run_info.json)."""
+    cfg = compose_train(BASE + overrides, output_dir=tmp_path, cache_dir=sim_cache)
+    result = train(cfg)
+    ledger = Ledger(tmp_path / "ledger.sqlite", budget=None)
+    (run,) = ledger.runs()
+    plan = json.loads((tmp_path / "run_info.json").read_text())["budget"]["plan"]
+    return result, run, ledger, plan
+
+
+def _no_model(monkeypatch):
+    import lvforecast.model.loading
+
+    monkeypatch.setattr(lvforecast.model.loading, "build_tiny_qwen",
+                        lambda **kw: pytest.fail("the model was loaded although the run was refused"))
+
+
+def test_a_cap_below_the_first_validation_and_step_is_refused_before_the_model_loads(sim_cache, tmp_path,
+                                                                                     monkeypatch):
+    # Was: budget.total_flops=5e9 budget.run_cap_flops=1e9 with the whole validation set ran and charged 6.97e9.
+    _no_model(monkeypatch)
+    cfg = compose_train(TINY_RUN + ["budget.total_flops=5e9", "budget.run_cap_flops=1e9", "trainer.max_steps=4",
+                                    "trainer.limit_val_batches=1.0"],
+                        output_dir=tmp_path, cache_dir=sim_cache)
+    with pytest.raises(ValueError, match=r"budget.run_cap_flops=1000000000.0: .*first edge.*at least"):
+        train(cfg)
+    assert not (tmp_path / "ledger.sqlite").exists()  # nothing reserved, nothing charged
+
+
+def test_a_cap_that_fits_the_first_edge_stops_within_it(sim_cache, tmp_path):
+    cfg = compose_train(BASE, output_dir=tmp_path, cache_dir=sim_cache)
+    step, val = 3 * _fwd(cfg), 2 * _fwd(cfg)
+    cap = val + step + val + step // 2  # validation before training, one step, the validation to stop on, and a bit
+    result, run, ledger, _ = _run(sim_cache, tmp_path, ["trainer.max_steps=50", "trainer.val_check_interval=100",
+                                                        f"budget.run_cap_flops={cap}", "budget.total_flops=5e9"])
+    assert result["budget_status"] == "budget_exhausted" and result["global_step"] == 1
+    assert run["charged_flops"] == val + step + val <= cap
+    assert ledger.remaining() >= 0
+
+
+def test_gradient_accumulation_is_planned_and_charged_whole(sim_cache, tmp_path):
+    # Was: the plan priced one micro-batch per step, so enforce stopped after a quarter of the steps.
+    result, run, ledger, plan = _run(sim_cache, tmp_path, ["+trainer.accumulate_grad_batches=4",
+                                                           "trainer.max_steps=3", "trainer.val_check_interval=8"])
+    assert result["budget_status"] == "finished" and result["global_step"] == 3
+    charges = _charges(tmp_path / "ledger.sqlite")
+    assert charges["train"][1] == 12  # 3 steps x 4 micro-batches
+    # Validations: before training, after micro-batch 8 (step 2), and the final one after step 3.
+    assert charges["val"][1] == 3 * 2
+    assert run["charged_flops"] == plan["total"] and plan["validations"] == 3
+
+
+def test_accumulation_in_track_mode_keeps_the_study_budget(sim_cache, tmp_path):
+    # Was: track mode charged 284% of the study budget.
+    cfg = compose_train(BASE, output_dir=tmp_path, cache_dir=sim_cache)
+    step, val = 4 * 3 * _fwd(cfg), 2 * _fwd(cfg)
+    total = val + 3 * step + val + step // 2
+    result, run, ledger, _ = _run(sim_cache, tmp_path, [
+        "+trainer.accumulate_grad_batches=4", "trainer.max_steps=20", "trainer.val_check_interval=1000",
+        "budget.mode=track", f"budget.run_cap_flops={val + step + val}", f"budget.total_flops={total}"])
+    assert result["budget_status"] == "budget_exhausted" and result["global_step"] == 3
+    assert run["charged_flops"] == val + 3 * step + val <= total
+    assert ledger.remaining() >= 0
+
+
+def test_a_fractional_interval_is_planned_as_lightning_runs_it(sim_cache, tmp_path):
+    # Was: the plan counted 2 validations where 37 ran.
+    result, run, ledger, plan = _run(sim_cache, tmp_path, ["callbacks=none", "trainer.max_steps=30",
+                                                           "trainer.val_check_interval=0.01",
+                                                           "trainer.check_val_every_n_epoch=1"])
+    per_epoch = plan["schedule"]["epoch_batches"]
+    every = plan["schedule"]["val_check_batch"]
+    assert every == max(1, int(per_epoch * 0.01))
+    ran = _charges(tmp_path / "ledger.sqlite")["val"][1] // 2  # passes of 2 batches
+    assert ran == plan["validations"] == 1 + 30 // every + (0 if 30 % every == 0 else 1)
+    assert run["charged_flops"] == plan["total"] and ledger.remaining() >= 0
+
+
+def test_a_time_based_interval_is_refused_with_the_reason(sim_cache, tmp_path):
+    cfg = compose_train(BASE + ["trainer.val_check_interval='00:00:01:00'"], output_dir=tmp_path,
+                        cache_dir=sim_cache)
+    with pytest.raises(ValueError, match=r"trainer.val_check_interval='00:00:01:00'.*time-based"):
+        train(cfg)
+
+
+def test_every_bad_budget_key_is_named_in_one_error_before_any_reservation(sim_cache, tmp_path, monkeypatch):
+    # Was: planned_eval_flops=-5e9 shrank the reservation, val_batch_size=-1 was priced at 0, and mode /
+    # commit_every_n_steps were checked only after the reservation and the model load (failed ledger rows).
+    _no_model(monkeypatch)
+    bad = ["budget.planned_eval_flops=-5e9", "data.val_batch_size=-1", "budget.mode=bogus",
+           "budget.commit_every_n_steps=0", "+trainer.accumulate_grad_batches=0", "trainer.devices=auto"]
+    cfg = compose_train(BASE + bad, output_dir=tmp_path, cache_dir=sim_cache)
+    with pytest.raises(ValueError) as err:
+        train(cfg)
+    for key in ("budget.planned_eval_flops=-5", "data.val_batch_size=-1", "budget.mode='bogus'",
+                "budget.commit_every_n_steps=0", "trainer.accumulate_grad_batches=0", "trainer.devices='auto'"):
+        assert key in str(err.value), key
+    assert not (tmp_path / "ledger.sqlite").exists()
+
+
+def test_an_interval_longer_than_the_run_still_validates_the_final_weights(sim_cache, tmp_path):
+    # Was: no validation after training, so the run's (and a sweep's) final val/loss was the untrained one.
+    result, run, _, plan = _run(sim_cache, tmp_path, ["trainer.max_steps=4", "trainer.val_check_interval=100"])
+    val = read_metrics_csv(tmp_path / "metrics.csv")["val/loss"]
+    assert [s for s, _ in val] == [0, 4]
+    assert result["val/loss"] == pytest.approx(val[-1][1]) and val[-1][1] != pytest.approx(val[0][1])
+    assert plan["validations"] == 2 and run["charged_flops"] == plan["total"]
+
+
+# ---- the ledger on a cluster filesystem -----------------------------------------------------------------------
+
+
+def test_wal_on_a_network_filesystem_is_refused_with_what_to_do(tmp_path):
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\nserver:/export {tmp_path / 'shared'} nfs4 rw 0 0\n")
+    with pytest.raises(ValueError, match=r"nfs4 filesystem.*budget.journal_mode=DELETE"):
+        Ledger(tmp_path / "shared" / "ledger.sqlite", budget=1000, journal_mode="WAL", mounts=str(mounts))
+    ledger = Ledger(tmp_path / "shared" / "ledger.sqlite", budget=1000, journal_mode=None, mounts=str(mounts))
+    assert ledger.journal_mode == "DELETE"
+    assert Ledger(tmp_path / "local.sqlite", budget=1000, mounts=str(mounts)).journal_mode == "WAL"
+
+
+# ---- exact resume ---------------------------------------------------------------------------------------------
+
+RESUME = BASE + ["trainer.val_check_interval=10", "optim.lr=5e-3"]
+
+
+def _series(out, key):
+    return read_metrics_csv(out / "metrics.csv")[key]
+
+
+def test_resume_equals_an_unbroken_run(sim_cache, tmp_path):
+    # Was: steps logged one late (21..30 for 20..29), the data order restarted and 30 steps were reserved.
+    unbroken, first, resumed = tmp_path / "unbroken", tmp_path / "first", tmp_path / "resumed"
+    train(compose_train(RESUME + ["trainer.max_steps=30"], output_dir=unbroken, cache_dir=sim_cache))
+    train(compose_train(RESUME + ["trainer.max_steps=20"], output_dir=first, cache_dir=sim_cache))
+    cfg = compose_train(RESUME + ["trainer.max_steps=30", f"ckpt_path={first}/checkpoints/last.ckpt"],
+                        output_dir=resumed, cache_dir=sim_cache)
+    result = train(cfg)
+    assert result["global_step"] == 30
+    full = _series(unbroken, "train/loss")
+    joined = _series(first, "train/loss") + _series(resumed, "train/loss")
+    assert [s for s, _ in joined] == [s for s, _ in full] == list(range(30))
+    assert [v for _, v in joined] == pytest.approx([v for _, v in full], abs=1e-6)
+    val_full = _series(unbroken, "val/loss")
+    val_joined = _series(first, "val/loss") + _series(resumed, "val/loss")
+    # Lightning logs an in-loop validation at the step before its increment (9 for the one after step 10).
+    assert [s for s, _ in val_joined] == [s for s, _ in val_full] == [0, 9, 19, 29]
+    assert [v for _, v in val_joined] == pytest.approx([v for _, v in val_full], abs=1e-6)
+    plan = json.loads((resumed / "run_info.json").read_text())["budget"]["plan"]
+    assert (plan["start_step"], plan["steps"], plan["validations"]) == (20, 10, 1)  # only what is left
+    (run,) = Ledger(resumed / "ledger.sqlite", budget=None).runs()
+    assert run["charged_flops"] == plan["total"]
+
+
+def test_resume_at_or_past_max_steps_is_a_clear_error(tiny_run, sim_cache, tmp_path):
+    # Was: max_steps at or below the checkpoint's step "finished" with 0 steps.
+    ckpt = f"{tiny_run.out}/checkpoints/last.ckpt"  # step 4
+    cfg = compose_train(TINY_RUN + ["trainer.max_steps=4", f"ckpt_path={ckpt}"], output_dir=tmp_path,
+                        cache_dir=sim_cache)
+    with pytest.raises(ValueError, match=r"trainer.max_steps=4: the checkpoint .* is at step 4.*max_steps > 4"):
+        train(cfg)
+
+
+def test_resume_with_a_cosine_schedule_continues_its_rate(sim_cache, tmp_path):
+    # Was: the first resumed step ran at the rate the first run ended on (0.0 at the end of its decay).
+    common = RESUME + ["scheduler=cosine", "scheduler.warmup_steps=2"]
+    first, resumed, unbroken = tmp_path / "first", tmp_path / "resumed", tmp_path / "unbroken"
+    train(compose_train(common + ["trainer.max_steps=6"], output_dir=first, cache_dir=sim_cache))
+    assert _series(first, "train/lr")[-1][1] > 0
+    train(compose_train(common + ["trainer.max_steps=10", f"ckpt_path={first}/checkpoints/last.ckpt"],
+                        output_dir=resumed, cache_dir=sim_cache))
+    train(compose_train(common + ["trainer.max_steps=10"], output_dir=unbroken, cache_dir=sim_cache))
+    lr = _series(resumed, "train/lr")
+    assert lr[0][0] == 6 and lr[0][1] > 0
+    expected = _series(unbroken, "train/lr")[6:]
+    assert [s for s, _ in lr] == [s for s, _ in expected]
+    assert [v for _, v in lr] == pytest.approx([v for _, v in expected], rel=1e-9)
