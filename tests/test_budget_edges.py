@@ -211,3 +211,63 @@ def test_resume_with_a_cosine_schedule_continues_its_rate(sim_cache, tmp_path):
     expected = _series(unbroken, "train/lr")[6:]
     assert [s for s, _ in lr] == [s for s, _ in expected]
     assert [v for _, v in lr] == pytest.approx([v for _, v in expected], rel=1e-9)
+
+
+# ---- distributed: two gloo processes on CPU, one budget -------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_ranks_share_one_budget_and_stop_after_the_same_step(sim_cache, tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    cfg = compose_train(BASE, output_dir=tmp_path, cache_dir=sim_cache)
+    fwd = _fwd(cfg)
+    step, val = 2 * 3 * fwd, 2 * 2 * fwd  # every rank runs (4, 96) micro-batches and 2 validation batches
+    k = 3
+    cap = val + k * step + val + step // 2  # validation before training, k steps, the stop validation, and a bit
+    ledger_path = tmp_path / "ledger.sqlite"
+    cmd = [sys.executable, str(ROOT / "train.py"), *BASE, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+           "trainer.max_steps=50", "trainer.val_check_interval=100", f"budget.run_cap_flops={cap}",
+           f"paths.cache_dir={sim_cache}", f"budget.ledger_path={ledger_path}", f"hydra.run.dir={tmp_path}/run"]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stops = sorted(re.findall(r"rank (\d) stopping after step (\d+)", proc.stdout + proc.stderr))
+    assert stops == [("0", str(k)), ("1", str(k))]
+    ledger = Ledger(ledger_path, budget=None)
+    (run,) = ledger.runs()  # one ledger run, rank 0's
+    assert run["status"] == "budget_exhausted" and run["planned_flops"] == cap
+    charges = _charges(ledger_path)
+    assert charges["train"] == (k * step, k)  # each step is charged for both ranks: twice one process's
+    assert run["charged_flops"] == val + k * step + val <= cap
+    assert ledger.remaining() >= 0
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["budget"]["plan"]["world_size"] == 2 and info["final"]["global_step"] == k
+
+
+def test_plan_and_preflight_count_every_rank(sim_cache, tmp_path):
+    # Was: each rank reserved the single-process plan and the pre-flight table undercounted by the rank count.
+    from lvforecast.experiment.sweeps.preflight import plan_jobs
+
+    common = BASE + ["trainer.max_steps=4", "trainer.val_check_interval=2"]
+    jobs = [([], compose_train(common + extra, output_dir=tmp_path, cache_dir=sim_cache))
+            for extra in ([], ["trainer=ddp", "trainer.devices=2"],
+                          ["trainer=ddp", "trainer.devices=2", "trainer.num_nodes=2"])]
+    single, two, four = (row["planned_flops"] for row in plan_jobs(jobs))
+    assert (two, four) == (2 * single, 4 * single)
+
+
+def test_slurm_launcher_follows_the_trainer_ranks():
+    from conftest import CONF
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
+                                                      "trainer.num_nodes=2", "hydra.sweep.dir=/x"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)

@@ -169,8 +169,9 @@ class FlopBudget(pl.Callback):
     def _stop(self, trainer: pl.Trainer, needed: int) -> None:
         self.exhausted = True
         trainer.should_stop = True
-        log.warning("FLOP budget: stopping after step %d; run spent %.3e of %.3e reserved, continuing needs %.3e "
-                    "(next step + validations)", trainer.global_step, self.spent, self.reserved, needed)
+        log.warning("FLOP budget: rank %d stopping after step %d; run spent %.3e of %.3e reserved, continuing "
+                    "needs %.3e (next step + validations)", trainer.global_rank, trainer.global_step, self.spent,
+                    self.reserved, needed)
 
     # ---- Lightning hooks ---------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

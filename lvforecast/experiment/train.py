@@ -230,13 +230,15 @@ def _fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, out:
         final = {k: float(v) for k, v in trainer.callback_metrics.items() if k == "train/loss"}
         _final_validation(trainer, module, datamodule, flop_cb, start_step)
         status = "budget_exhausted" if flop_cb is not None and flop_cb.exhausted else "finished"
-        module.save_adapter(str(out / "adapter"))
+        lead = trainer.is_global_zero  # the other ranks of a distributed run write no files of their own
+        if lead:
+            module.save_adapter(str(out / "adapter"))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss", "val/loss")}
         metrics.update(final)
         metrics["global_step"] = trainer.global_step
         csv_path = out / "metrics.csv"
         png = plot_loss_curve(csv_path, out / "loss_curve.png", title=f"{loaded.name}, LoRA r={cfg.lora.r}") \
-            if csv_path.is_file() else None
+            if lead and csv_path.is_file() else None
         for lg in loggers:
             if png is not None and hasattr(lg, "log_image"):
                 lg.log_image(key="loss_curve", images=[str(png)])
@@ -245,7 +247,8 @@ def _fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, out:
             metrics["flops/run"] = flop_cb.spent
         run_info["final"] = metrics
         run_info["fit_seconds"] = round(time.perf_counter() - start - run_info["setup_seconds"], 2)
-        (out / "run_info.json").write_text(json.dumps(run_info, indent=1))
+        if lead:
+            (out / "run_info.json").write_text(json.dumps(run_info, indent=1))
         update_summary(loggers, metrics)
         log.info("run directory: %s", out)
         ok = True
