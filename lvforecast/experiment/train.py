@@ -81,6 +81,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # The CSV logger writes metrics.csv into the run dir beside our files; its warning about a
     # non-empty directory is expected here (it only ever overwrites metrics.csv).
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+    # Lightning cannot see that the datamodule resumes the training order itself (its sampler state is in the
+    # checkpoint), so it warns on every mid-epoch resume.
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
