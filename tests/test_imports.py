@@ -44,6 +44,8 @@ def test_every_module_imports_without_touching_disk_network_or_gpu(tmp_path, tmp
     home.mkdir()
     env = {**os.environ, "HOME": str(home), "LVFORECAST_ROOT": str(tmp_path), "LVFORECAST_CACHE": str(tmp_path / "c"),
            "WANDB_DIR": str(tmp_path / "w"), "PYTHONDONTWRITEBYTECODE": "1",
+           # The modules walked are this checkout's; import them from it, whichever checkout is installed.
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            # pytorch_lightning imports matplotlib, which builds its font cache on first import: a third-party
            # cache, kept outside the folder this test watches.
            "MPLCONFIGDIR": str(tmp_path_factory.mktemp("mplconfig"))}
