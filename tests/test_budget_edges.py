@@ -271,3 +271,15 @@ def test_slurm_launcher_follows_the_trainer_ranks():
                       return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
+
+
+def test_a_reservation_grows_only_from_what_the_study_has_left(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.sqlite", budget=1000)
+    a = ledger.open_run("a", 400)
+    ledger.open_run("b", 500)
+    assert ledger.extend_run(a, 100)  # 1000 - 400 - 500 = 100 left: it fits exactly
+    assert not ledger.extend_run(a, 1)
+    assert ledger.remaining() == 0
+    ledger.finish(a)
+    with pytest.raises(ValueError, match="not 'running'"):
+        ledger.extend_run(a, 1)
