@@ -234,8 +234,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
     every = tr.get("check_val_every_n_epoch")
     if every is not None and not _is_int(every, 1):
         problems.append(f"trainer.check_val_every_n_epoch={every!r}: must be null or an integer >= 1")
-    if isinstance(interval, float) and every is None:
-        problems.append(f"trainer.val_check_interval={interval!r}: a fraction of an epoch needs "
+    if (interval is None or isinstance(interval, float)) and every is None:
+        problems.append(f"trainer.val_check_interval={interval!r}: a fraction of an epoch (null = 1.0) needs "
                         f"trainer.check_val_every_n_epoch (e.g. 1); with null the interval counts micro-batches, "
                         f"so give an integer")
     limit = tr.get("limit_val_batches")
