@@ -283,3 +283,24 @@ def test_a_reservation_grows_only_from_what_the_study_has_left(tmp_path):
     ledger.finish(a)
     with pytest.raises(ValueError, match="not 'running'"):
         ledger.extend_run(a, 1)
+
+
+@pytest.mark.slow
+def test_two_ranks_that_finish_are_charged_their_plan_and_validate_the_final_weights(sim_cache, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    cmd = [sys.executable, str(ROOT / "train.py"), *BASE, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+           "trainer.max_steps=4", "trainer.val_check_interval=3", f"paths.cache_dir={sim_cache}",
+           f"budget.ledger_path={tmp_path / 'ledger.sqlite'}", f"hydra.run.dir={tmp_path}/run"]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = Ledger(tmp_path / "ledger.sqlite", budget=None).runs()
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert run["status"] == "finished"
+    assert run["charged_flops"] == run["planned_flops"] == info["budget"]["plan"]["total"]
+    # Before training, after step 3 (logged at 2, Lightning's in-loop convention) and the final weights at step 4.
+    assert [s for s, _ in read_metrics_csv(tmp_path / "run" / "metrics.csv")["val/loss"]] == [0, 2, 4]

@@ -27,7 +27,11 @@ Contract
 * **Journal mode**: ``WAL`` (default) for a ledger used from one machine; a ledger on a network filesystem must use
   a rollback journal (``DELETE``, ``TRUNCATE`` or ``PERSIST``) because WAL needs shared memory. WAL is stored in
   the file; a rollback mode is set on every connection, so all processes of a study should pass the same mode.
-  ``None`` keeps a WAL file in WAL and uses DELETE on any other (WAL for a new file).
+  ``None`` keeps a WAL file in WAL and uses DELETE on any other (WAL for a new file). When ``/proc/mounts`` puts
+  the ledger on NFS, Lustre, GPFS, CIFS (or a similar network filesystem), WAL is refused with a message naming
+  ``budget.journal_mode=DELETE`` and ``None`` means DELETE.
+* **Track mode** grows a running run's reservation with :meth:`Ledger.extend_run`, only from what the study has
+  left, so no run, enforced or tracked, can take the study below zero.
 
 Every operation opens its own connection (``isolation_level=None``, explicit ``BEGIN``/``COMMIT``, ``busy_timeout``)
 and closes it, so a :class:`Ledger` holds no open handle, can be pickled to worker processes and survives ``fork``.
