@@ -157,7 +157,7 @@ def test_wal_on_a_network_filesystem_is_refused_with_what_to_do(tmp_path):
 
 # ---- exact resume ---------------------------------------------------------------------------------------------
 
-RESUME = BASE + ["trainer.val_check_interval=10", "optim.lr=5e-3"]
+RESUME = BASE + ["trainer.val_check_interval=10", "optim.lr=5e-3", "trainer.num_sanity_val_steps=1"]
 
 
 def _series(out, key):
@@ -183,7 +183,8 @@ def test_resume_equals_an_unbroken_run(sim_cache, tmp_path):
     assert [s for s, _ in val_joined] == [s for s, _ in val_full] == [0, 9, 19, 29]
     assert [v for _, v in val_joined] == pytest.approx([v for _, v in val_full], abs=1e-6)
     plan = json.loads((resumed / "run_info.json").read_text())["budget"]["plan"]
-    assert (plan["start_step"], plan["steps"], plan["validations"]) == (20, 10, 1)  # only what is left
+    # Only what is left: 10 steps, the validation at step 30, no sanity batch (Lightning skips it on a restart).
+    assert (plan["start_step"], plan["steps"], plan["validations"], plan["sanity"]) == (20, 10, 1, 0)
     (run,) = Ledger(resumed / "ledger.sqlite", budget=None).runs()
     assert run["charged_flops"] == plan["total"]
 

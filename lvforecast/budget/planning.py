@@ -303,7 +303,8 @@ def plan_run(cfg: DictConfig, val_batch_shapes: list[tuple[int, int]] | list[lis
 
     limit = trainer_setting(tr, "limit_val_batches")
     val_pass = sum(cost(shapes[: _limited(len(shapes), limit)]) for shapes in per_rank)
-    sanity_batches = trainer_setting(tr, "num_sanity_val_steps") or 0
+    # Lightning skips the sanity check when it restarts from a checkpoint.
+    sanity_batches = 0 if cfg.get("ckpt_path") else trainer_setting(tr, "num_sanity_val_steps") or 0
     sanity = sum(cost(shapes if sanity_batches == -1 else shapes[:sanity_batches]) for shapes in per_rank)
     before = 1 if cfg.get("validate_before_training") and not cfg.get("ckpt_path") else 0
     schedule = schedule_of(tr, epoch_batches, tr.max_steps)
