@@ -305,3 +305,19 @@ def test_two_ranks_that_finish_are_charged_their_plan_and_validate_the_final_wei
     assert run["charged_flops"] == run["planned_flops"] == info["budget"]["plan"]["total"]
     # Before training, after step 3 (logged at 2, Lightning's in-loop convention) and the final weights at step 4.
     assert [s for s, _ in read_metrics_csv(tmp_path / "run" / "metrics.csv")["val/loss"]] == [0, 2, 4]
+
+
+def test_other_ranks_wait_for_rank_0_and_stop_when_it_is_refused(tmp_path, monkeypatch):
+    from lvforecast.budget.reservation import LEADER_ENV, await_leader, publish
+
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.delenv(LEADER_ENV, raising=False)
+    (tmp_path / "reservation.json").write_text('{"run_id": 1, "reserved": 5, "refused": null, "launch": "40"}')
+    with pytest.raises(RuntimeError, match="published no reservation"):
+        await_leader(tmp_path, timeout_s=0.3, poll_s=0.05)  # another job's file is not this run's
+    publish(tmp_path, 7, 123)
+    monkeypatch.delenv(LEADER_ENV)  # a rank on another node sees only the file
+    assert await_leader(tmp_path, timeout_s=1)["run_id"] == 7
+    publish(tmp_path, None, 0, refused="run 'x' refused: its plan needs ...")
+    with pytest.raises(RuntimeError, match="rank 0 of this run was refused.*its plan needs"):
+        await_leader(tmp_path, timeout_s=1)

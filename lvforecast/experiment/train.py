@@ -115,10 +115,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                  plan.describe(), cfg.budget.ledger_path, remaining,
                  "fits" if plan.total <= remaining else "WOULD BE REFUSED")
         return {"dry_run": True, "plan": plan.as_dict(), "output_dir": str(out)}
-    reservation = reserve(cfg, plan, shape, lora, conventions, out) if distributed_rank(cfg) == 0 else \
-        Reservation.follower(Ledger(cfg.budget.ledger_path, budget=cfg.budget.total_flops,
-                                    journal_mode=cfg.budget.journal_mode), plan, shape, lora, conventions,
-                             reserve_flops)
+    reservation = _reserve_as_rank(cfg, plan, shape, lora, conventions, out, reserve_flops)
     # From here on the run holds a reservation: whatever happens, the ledger learns how it ended.
     with reservation.held() as outcome:
         result = _fit(cfg, datamodule, reservation, out, start)
@@ -143,6 +140,32 @@ def reserve(cfg: DictConfig, plan: Plan, shape: ModelShape, lora: LoRASpec, conv
     log.info("FLOP plan: %s; reserved %.4e as run %d in %s", plan.describe(), reservation.reserved,
              reservation.run_id, ledger.path)
     return reservation
+
+
+def _reserve_as_rank(cfg: DictConfig, plan: Plan, shape: ModelShape, lora: LoRASpec, conventions: Conventions,
+                     out: Path, reserve_flops: int) -> Reservation:
+    """Rank 0 reserves (and, in a distributed run, tells the other ranks); the others wait for it, reserve nothing.
+
+    Raises:
+        lvforecast.budget.ledger.BudgetExceededError: Rank 0's reservation is refused.
+        RuntimeError: On another rank, rank 0 was refused or never reserved.
+    """
+    from lvforecast.budget.ledger import BudgetExceededError
+    from lvforecast.budget.reservation import await_leader, publish
+
+    if world_size(cfg.trainer) == 1:
+        return reserve(cfg, plan, shape, lora, conventions, out)
+    if distributed_rank(cfg) == 0:
+        try:
+            reservation = reserve(cfg, plan, shape, lora, conventions, out)
+        except BudgetExceededError as err:
+            publish(out, None, 0, refused=str(err))
+            raise
+        publish(out, reservation.run_id, reservation.reserved)
+        return reservation
+    leader = await_leader(out)
+    ledger = Ledger(cfg.budget.ledger_path, budget=cfg.budget.total_flops, journal_mode=cfg.budget.journal_mode)
+    return Reservation.follower(ledger, plan, shape, lora, conventions, int(leader["reserved"]))
 
 
 def _callbacks(cfg: DictConfig, reservation: Reservation | None) -> list[Any]:
