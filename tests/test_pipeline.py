@@ -74,6 +74,10 @@ def test_resume_continues_at_the_same_step(tiny_run, sim_cache, tmp_path):
     # tokens_seen continues from the first run's count (4 steps x 4 windows x 96 tokens = 1536) by 2 more steps.
     assert int(first_ckpt["state_dict"]["tokens_seen"]) == 4 * 4 * 96
     assert int(ckpt["state_dict"]["tokens_seen"]) == 6 * 4 * 96
+    # Only the steps after the checkpoint's are planned and reserved, and the training order continues.
+    plan = json.loads((tmp_path / "run_info.json").read_text())["budget"]["plan"]
+    assert (plan["start_step"], plan["steps"]) == (4, 2)
+    assert ckpt["LotkaVolterraDataModule"]["train_sampler"]["consumed"] == 6 * 4
 
 
 def test_bad_config_fails_before_loading_with_every_problem(sim_cache, tmp_path):

@@ -24,3 +24,73 @@ def test_lightning_defaults_match_a_real_trainer():
 ])
 def test_trainer_setting_takes_the_config_else_lightnings_default(trainer, expected):
     assert trainer_setting(OmegaConf.create(trainer), "num_sanity_val_steps") == expected
+
+
+@pytest.mark.parametrize(("accumulate", "interval", "every"), [
+    (1, 3, None),      # every 3 batches over the whole run
+    (3, 4, None),      # validations inside accumulation steps; epoch ends mid-step (10 batches, steps of 3,3,3,1)
+    (3, 0.5, 1),       # a fraction of an epoch
+    (2, 4, 2),         # every 4th batch of every second epoch
+    (3, 1.0, 1),       # once an epoch, at its end
+])
+def test_the_schedule_matches_lightnings_loop(accumulate, interval, every):
+    import pytorch_lightning as pl
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lvforecast.budget.planning import schedule_of
+
+    class Toy(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+            self.events: list[str] = []
+
+        def training_step(self, batch, batch_idx):
+            self.events.append("b")
+            return self.layer(batch[0]).sum()
+
+        def on_before_optimizer_step(self, optimizer):
+            self.events.append("s")
+
+        def validation_step(self, batch, batch_idx):
+            pass
+
+        def on_validation_epoch_end(self):
+            self.events.append("v")
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            return DataLoader(TensorDataset(torch.ones(10, 2)), batch_size=1)
+
+        def val_dataloader(self):
+            return DataLoader(TensorDataset(torch.ones(2, 2)), batch_size=1)
+
+    max_steps = 13
+    settings = {"accumulate_grad_batches": accumulate, "val_check_interval": interval,
+                "check_val_every_n_epoch": every}
+    trainer = pl.Trainer(max_steps=max_steps, max_epochs=-1, num_sanity_val_steps=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", **settings)
+    model = Toy()
+    trainer.fit(model)
+    # Walk Lightning's events: micro-batches per optimizer step, validations during a step and right after it.
+    seen: dict[int, list[int]] = {k: [0, 0, 0] for k in range(1, max_steps + 2)}  # batches, validations, at end
+    step, pending = 0, 0
+    for event in model.events:
+        if event == "b":
+            pending += 1
+        elif event == "s":
+            step += 1
+            seen[step][0], pending = pending, 0
+        elif pending:  # a validation between micro-batches of the next step
+            seen[step + 1][1] += 1
+        else:  # right after step's last micro-batch
+            seen[step][1] += 1
+            seen[step][2] = 1
+    schedule = schedule_of(OmegaConf.create(settings), epoch_batches=10, max_steps=max_steps)
+    for k in range(1, max_steps + 1):
+        count, at_end = schedule.validations(k)
+        assert (schedule.batches(k), count, int(at_end)) == tuple(seen[k]), k

@@ -9,11 +9,20 @@ Contract:
   (but at most once per ``commit_min_interval_s`` seconds), at the end of every validation, at the end of
   training and when fitting raises, so a killed run loses at most max(n steps, the interval) of
   accounting; the ledger keeps whatever was committed.
-* ``mode="enforce"`` (default): after each training step the callback predicts what continuing costs: the
-  validation due now (if any), the next step (the full ``batch_size x context_length`` shape) and one final
-  validation to stop on. If that exceeds what is left of the run's reservation it sets
-  ``trainer.should_stop`` (Lightning then runs one last validation), so the run ends cleanly (checkpoint
-  written, status ``budget_exhausted``) one step before overspending, never after. ``mode="track"`` only records.
+* The guard checks before it spends, at every edge of a run: a run whose reservation cannot pay for its sanity
+  batches, validation before training, first step and a validation to stop on is refused before its model loads
+  (:meth:`~lvforecast.budget.planning.Plan.first_edge`); at the end of every optimizer step it prices what
+  continuing costs (the validation due now, the next step with any validation during it, and a validation to stop
+  on, all from the plan's :class:`~lvforecast.budget.schedule.Schedule`) and sets ``trainer.should_stop`` when
+  that does not fit (Lightning then runs the stop-time validation, which the previous check kept in hand); the
+  final validation after training is run only if it fits (:meth:`FlopBudget.affords`). ``mode="enforce"``
+  (default): the run's charges never exceed its reservation. ``mode="track"``: the run's cap is soft, its
+  reservation grows from what the study has left (one ledger transaction, so the ledger never goes negative),
+  and the run stops only when the study cannot pay.
+* Distributed runs: every step and validation batch is charged as the sum over ranks of the shapes each rank ran
+  (one all-reduce); rank 0 owns the ledger run (the other ranks learn its id and reservation in :meth:`setup`
+  and never write the ledger), and the stop decision is made on rank 0 and broadcast, so every rank stops after
+  the same step.
 * Logged every ``trainer.log_every_n_steps`` steps, at the step Lightning logs that batch's ``train/loss``:
   ``flops/step``, ``flops/run``, ``flops/study``, ``flops/budget_left``.
 
@@ -51,8 +60,10 @@ class FlopBudget(pl.Callback):
 
     Args:
         reservation: The run's :class:`~lvforecast.budget.reservation.Reservation` (its ``reserved`` FLOPs are the
-            run's cap; its plan gives the next step's shape and one validation pass, kept in hand for the last one).
-        mode: ``enforce`` stops before overspending; ``track`` only records.
+            run's cap; its plan gives every step's price and one validation pass, kept in hand for the last one).
+            On a rank other than 0 its ``run_id`` is replaced by rank 0's in :meth:`setup`.
+        mode: ``enforce`` stops before overspending the reservation; ``track`` stops only before overspending the
+            study.
         commit_every_n_steps: Commit training charges to the ledger every n steps ...
         commit_min_interval_s: ... but at most once per this many seconds (tiny models step in milliseconds).
     """
@@ -66,6 +77,7 @@ class FlopBudget(pl.Callback):
         if not commit_min_interval_s >= 0:
             raise ValueError(f"budget.commit_min_interval_s={commit_min_interval_s!r}: must be >= 0")
         self.reservation = reservation
+        self.plan = reservation.plan
         self.ledger = reservation.ledger
         self.run_id = reservation.run_id
         self.reserved = int(reservation.reserved)
@@ -74,15 +86,19 @@ class FlopBudget(pl.Callback):
         self.conventions = reservation.conventions
         self.mode = mode
         self.commit_every_n_steps = commit_every_n_steps
-        self.final_validation_flops = int(reservation.plan.validation_pass)
+        self.final_validation_flops = int(self.plan.validation_pass)
         self._forward_cache: dict[tuple[int, int], int] = {}
-        self.next_step_flops = 3 * self.forward(*reservation.plan.next_step_shape)
-        self.spent = 0  # committed + pending, this run
+        self.next_step_flops = int(self.plan.train_step)
+        self.spent = 0  # committed + pending, this run, summed over ranks
         self.study_spent_at_start = self.ledger.study_spent()
         self.budget = self.ledger.budget
         self.exhausted = False
+        self.writes_ledger = True  # False on ranks other than 0 (set in setup)
+        self.world_size = 1
+        self._trainer: pl.Trainer | None = None
         self._pending: dict[str, list[float]] = {}  # kind -> [flops, steps, tokens, seconds]
         self._batch_start = 0.0
+        self._step_seen = 0
         self.min_interval = float(commit_min_interval_s)
         self._last_commit = time.perf_counter()
 
@@ -104,11 +120,12 @@ class FlopBudget(pl.Callback):
         self.spent += int(flops)
 
     def flush(self) -> None:
-        """Commit pending charges to the ledger, one row per kind."""
-        for kind, (flops, steps, tokens, seconds) in self._pending.items():
-            if flops or steps:
-                self.ledger.charge(self.run_id, kind, int(flops), steps=int(steps), tokens=int(tokens),
-                                   seconds=float(seconds))
+        """Commit pending charges to the ledger, one row per kind (rank 0 only)."""
+        if self.writes_ledger:
+            for kind, (flops, steps, tokens, seconds) in self._pending.items():
+                if flops or steps:
+                    self.ledger.charge(self.run_id, kind, int(flops), steps=int(steps), tokens=int(tokens),
+                                       seconds=float(seconds))
         self._pending.clear()
 
     @property
@@ -116,13 +133,64 @@ class FlopBudget(pl.Callback):
         """FLOPs left in this run's reservation."""
         return self.reserved - self.spent
 
+    def affords(self, flops: int) -> bool:
+        """Whether ``flops`` more can be spent: within the reservation, or (track mode) within a reservation grown
+        from what the study has left. The same answer on every rank (rank 0 decides and broadcasts)."""
+        ok = flops <= self.left
+        if not ok and self.mode == "track" and self.writes_ledger:
+            extra = flops - self.left
+            if self.ledger.extend_run(self.run_id, extra):
+                self.reserved += extra
+                ok = True
+        if self.world_size > 1:
+            ok, self.reserved = self._trainer.strategy.broadcast((ok, self.reserved), src=0)
+        return bool(ok)
+
     def _charge_batch(self, kind: Kind, batch: dict[str, Any], factor: int) -> int:
         b, n = batch["input_ids"].shape
-        flops = factor * self.forward(int(b), int(n))
-        self.charge(kind, flops, steps=1, tokens=int(b * n), seconds=time.perf_counter() - self._batch_start)
+        flops, tokens = factor * self.forward(int(b), int(n)), int(b * n)
+        if self.world_size > 1:
+            # Ranks may run different shapes (the last, padded batches); the run pays for all of them.
+            import torch
+
+            local = torch.tensor([flops, tokens], dtype=torch.int64, device=self._trainer.strategy.root_device)
+            flops, tokens = (int(x) for x in self._trainer.strategy.reduce(local, reduce_op="sum").tolist())
+        self.charge(kind, flops, steps=1, tokens=tokens, seconds=time.perf_counter() - self._batch_start)
         return flops
 
+    def step_needs(self, step: int) -> int:
+        """What continuing after optimizer step ``step`` costs: the validation due right after it, step
+        ``step + 1`` with any validation during it, and a validation to stop on after that."""
+        _, due_now = self.plan.step_cost(step)
+        following, ends_with_validation = self.plan.step_cost(step + 1)
+        val = self.final_validation_flops
+        return (val if due_now else 0) + following + (0 if ends_with_validation else val)
+
+    def _stop(self, trainer: pl.Trainer, needed: int) -> None:
+        self.exhausted = True
+        trainer.should_stop = True
+        log.warning("FLOP budget: rank %d stopping after step %d; run spent %.3e of %.3e reserved, continuing "
+                    "needs %.3e (next step + validations)", trainer.global_rank, trainer.global_step, self.spent,
+                    self.reserved, needed)
+
     # ---- Lightning hooks ---------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+        self.world_size = trainer.world_size
+        self.writes_ledger = trainer.is_global_zero
+        if self.world_size > 1:
+            # Rank 0 reserved before any rank loaded a model; the others learn which ledger run they charge.
+            self.run_id, self.reserved = trainer.strategy.broadcast((self.run_id, self.reserved), src=0)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._step_seen = trainer.global_step
+        # Before the first step: that step and a validation to stop on (the run was refused before loading
+        # when its reservation could not hold them, so this only fires in track mode on a spent study).
+        first, ends_with_validation = self.plan.step_cost(trainer.global_step + 1)
+        needed = first + (0 if ends_with_validation else self.final_validation_flops)
+        if not self.affords(needed):
+            self._stop(trainer, needed)
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._batch_start = time.perf_counter()
@@ -130,6 +198,9 @@ class FlopBudget(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = self._charge_batch("train", batch, factor=3)
+        if trainer.global_step == self._step_seen:
+            return  # a micro-batch inside gradient accumulation: steps are priced and logged whole
+        self._step_seen = trainer.global_step
         now = time.perf_counter()
         # Every n steps, but no more than once per commit_min_interval_s: a commit costs ~1.5 ms, 20% of a
         # tiny model's step, while on real models n steps take far longer than the interval.
@@ -144,18 +215,12 @@ class FlopBudget(pl.Callback):
                        "flops/budget_left": float(self.budget - study)}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=logger_step(trainer))
-        # Continuing costs the validation due now (if any), the next step, and a validation to stop on;
-        # stopping now costs one validation, which the previous check kept in hand.
-        interval = trainer.val_check_batch
-        val_due = isinstance(interval, int) and interval > 0 and trainer.global_step % interval == 0
-        needed = (self.final_validation_flops if val_due else 0) + self.next_step_flops + self.final_validation_flops
         last_step = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
-        if self.mode == "enforce" and not trainer.should_stop and not last_step and needed > self.left:
-            self.exhausted = True
-            trainer.should_stop = True
-            log.warning("FLOP budget: stopping after step %d; run spent %.3e of %.3e reserved, next step %.3e "
-                        "+ final validation %.3e would not fit", trainer.global_step, self.spent, self.reserved,
-                        self.next_step_flops, self.final_validation_flops)
+        if trainer.should_stop or last_step:
+            return
+        needed = self.step_needs(trainer.global_step)
+        if not self.affords(needed):
+            self._stop(trainer, needed)
 
     def _eval_batch_start(self, *args: Any, **kwargs: Any) -> None:
         self._batch_start = time.perf_counter()

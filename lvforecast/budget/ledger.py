@@ -27,7 +27,11 @@ Contract
 * **Journal mode**: ``WAL`` (default) for a ledger used from one machine; a ledger on a network filesystem must use
   a rollback journal (``DELETE``, ``TRUNCATE`` or ``PERSIST``) because WAL needs shared memory. WAL is stored in
   the file; a rollback mode is set on every connection, so all processes of a study should pass the same mode.
-  ``None`` keeps a WAL file in WAL and uses DELETE on any other (WAL for a new file).
+  ``None`` keeps a WAL file in WAL and uses DELETE on any other (WAL for a new file). When ``/proc/mounts`` puts
+  the ledger on NFS, Lustre, GPFS, CIFS (or a similar network filesystem), WAL is refused with a message naming
+  ``budget.journal_mode=DELETE`` and ``None`` means DELETE.
+* **Track mode** grows a running run's reservation with :meth:`Ledger.extend_run`, only from what the study has
+  left, so no run, enforced or tracked, can take the study below zero.
 
 Every operation opens its own connection (``isolation_level=None``, explicit ``BEGIN``/``COMMIT``, ``busy_timeout``)
 and closes it, so a :class:`Ledger` holds no open handle, can be pickled to worker processes and survives ``fork``.
@@ -145,6 +149,8 @@ class Ledger:
             file in WAL and uses DELETE on any other (WAL for a new file). Use a rollback mode on a network
             filesystem.
         timeout_s: how long an operation waits for another process's write lock before failing.
+        mounts: the mount table read to tell a network filesystem (NFS, Lustre, GPFS, CIFS, ...): there WAL is
+            refused and ``None`` means DELETE.
 
     Raises:
         ValueError: bad journal mode, budget or timeout, or ``budget`` differing from the stored one.
@@ -152,7 +158,7 @@ class Ledger:
     """
 
     def __init__(self, path: str | os.PathLike[str], budget: float | None = DEFAULT_BUDGET,
-                 journal_mode: str | None = "WAL", timeout_s: float = 30.0) -> None:
+                 journal_mode: str | None = "WAL", timeout_s: float = 30.0, mounts: str = "/proc/mounts") -> None:
         if str(path) == ":memory:" or str(path) == "":
             raise ValueError(f"path must be a file path, got {str(path)!r}: every operation opens its own connection")
         self.path = Path(path)
@@ -172,6 +178,13 @@ class Ledger:
             raise FileNotFoundError(f"no ledger at {self.path}; give a budget to create one")
         self._warned_over: set[int] = set()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        network = store.on_network_filesystem(self.path.parent, mounts)
+        if network and journal_mode == "WAL":
+            raise ValueError(f"ledger {self.path} is on a {network} filesystem, where SQLite's WAL journal (shared "
+                             f"memory) is unsafe across machines: set budget.journal_mode=DELETE (or "
+                             f"--journal-mode DELETE), a rollback journal that works there")
+        if network and journal_mode is None:
+            self.journal_mode = journal_mode = "DELETE"
         self._set_journal_mode()
         with self._transaction() as conn:
             row = store.create_study(conn, requested, f"{socket.gethostname()}:{os.getpid()}")
@@ -353,6 +366,19 @@ class Ledger:
             self.finish(run_id, "failed")
             raise
         self.finish(run_id, outcome.status)
+
+    def extend_run(self, run_id: int, extra: int) -> bool:
+        """Grow running run ``run_id``'s reservation by ``extra`` FLOPs if the study has them (``budget.mode=track``).
+
+        Returns:
+            Whether it grew (one ``BEGIN IMMEDIATE`` transaction, so racing runs never overspend the study).
+        """
+        extra = as_flops(extra, "extra")
+        with self._transaction() as conn:
+            name, status, _ = self._run_row(conn, run_id)
+            if status != "running":
+                raise ValueError(f"run {run_id} {name!r} is {status!r}, not 'running'; its reservation cannot grow")
+            return store.extend(conn, run_id, extra, self.budget)
 
     def run_spent(self, run_id: int) -> int:
         """FLOPs charged by one run.

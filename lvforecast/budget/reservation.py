@@ -9,9 +9,13 @@ success and ``failed`` on any exception, so no caller repeats the open / try / f
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lvforecast.budget.ledger import Ledger, RunOutcome
@@ -31,6 +35,8 @@ class Reservation:
         ledger: The study's ledger.
         run_id: This run's row in the ledger.
         reserved: FLOPs reserved (the plan's total, or ``budget.run_cap_flops``).
+        leader: False on the ranks of a distributed run other than 0: they hold no ledger run of their own (the
+            budget callback learns rank 0's id) and never write the ledger.
     """
 
     plan: Any
@@ -40,6 +46,7 @@ class Reservation:
     ledger: Ledger
     run_id: int
     reserved: int
+    leader: bool = True
 
     @classmethod
     def open(cls, ledger: Ledger, name: str, plan: Any, shape: ModelShape, lora: LoRASpec | None,
@@ -55,12 +62,78 @@ class Reservation:
         return cls(plan=plan, shape=shape, lora=lora, conventions=conventions, ledger=ledger, run_id=run_id,
                    reserved=flops)
 
+    @classmethod
+    def follower(cls, ledger: Ledger, plan: Any, shape: ModelShape, lora: LoRASpec | None, conventions: Conventions,
+                 reserved: int) -> Reservation:
+        """A rank other than 0 of a distributed run: rank 0's reservation, its run id learnt once training starts."""
+        return cls(plan=plan, shape=shape, lora=lora, conventions=conventions, ledger=ledger, run_id=-1,
+                   reserved=int(reserved), leader=False)
+
     @contextmanager
     def held(self) -> Iterator[RunOutcome]:
-        """Finish the ledger run on the way out: the outcome's status on success, ``failed`` on an exception."""
+        """Finish the ledger run on the way out: the outcome's status on success, ``failed`` on an exception.
+
+        A follower (``leader=False``) finishes nothing: rank 0 owns the run.
+        """
+        if not self.leader:
+            yield RunOutcome()
+            return
         with self.ledger.hold(self.run_id) as outcome:
             yield outcome
 
     def charge(self, kind: str, flops: int, tokens: int = 0, steps: int = 0, seconds: float = 0.0) -> None:
         """Commit a charge to this run's ledger row (generation charges it per batch)."""
         self.ledger.charge(self.run_id, kind, flops, steps=steps, tokens=tokens, seconds=seconds)
+
+
+# Rank 0 of a distributed run publishes its reservation (or refusal) in the run directory, so ranks a cluster starts
+# at the same time load no model for a run that will not happen, and in the environment, which the processes
+# Lightning's own launcher starts later inherit.
+LEADER_FILE = "reservation.json"
+LEADER_ENV = "LVFORECAST_LEADER_RESERVATION"
+# What ties a published file to this launch: the scheduler's job (or torchrun's run) id; none on a bare machine.
+LAUNCH_ENVS = ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID")
+
+
+def launch_token() -> str:
+    """The id of this launch from the scheduler's environment ("" when there is none)."""
+    return next((os.environ[k] for k in LAUNCH_ENVS if os.environ.get(k)), "")
+
+
+def publish(out: Path, run_id: int | None, reserved: int, refused: str | None = None) -> None:
+    """Rank 0: record the reservation (or its refusal) for the other ranks, in ``out`` and in the environment."""
+    record = json.dumps({"run_id": run_id, "reserved": reserved, "refused": refused, "launch": launch_token()})
+    os.environ[LEADER_ENV] = record
+    tmp = out / f".{LEADER_FILE}.tmp"
+    tmp.write_text(record)
+    tmp.replace(out / LEADER_FILE)
+
+
+def await_leader(out: Path, timeout_s: float = 600.0, poll_s: float = 0.2) -> dict[str, Any]:
+    """A rank other than 0: rank 0's published reservation, from the environment or (waiting) ``out``.
+
+    A file from another launch (another scheduler job id) is ignored while waiting.
+
+    Raises:
+        RuntimeError: Rank 0 was refused (its message is quoted), or published nothing within ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    path = out / LEADER_FILE
+    token = launch_token()
+    while True:
+        raw = os.environ.get(LEADER_ENV)
+        if raw is None:
+            try:
+                raw = path.read_text()
+            except OSError:
+                raw = None
+        record = json.loads(raw) if raw else None
+        if record is not None and record.get("launch", "") == token:
+            if record["refused"]:
+                raise RuntimeError(f"rank 0 of this run was refused its reservation, so this rank stops too: "
+                                   f"{record['refused']}")
+            return record
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"rank 0 published no reservation in {path} within {timeout_s:.0f} s; it failed "
+                               f"before reserving (see its log)")
+        time.sleep(poll_s)

@@ -327,3 +327,45 @@ def spend_table(conn: sqlite3.Connection, budget: int) -> dict[str, Any]:
         "remaining": budget - totals["total"] - reserved,
         "refused": refused,
     }
+
+
+def extend(conn: sqlite3.Connection, run_id: int, extra: int, budget: int) -> bool:
+    """Grow a running run's reservation by ``extra`` FLOPs if the study has them left (inside a write transaction).
+
+    Returns:
+        Whether the reservation grew; it does not when ``extra`` exceeds ``budget - spent - outstanding``.
+    """
+    if extra > budget - spent(conn) - outstanding(conn):
+        return False
+    conn.execute("UPDATE runs SET reserved_flops = reserved_flops + ? WHERE id = ? AND status = 'running'",
+                 (extra, run_id))
+    return True
+
+
+# Filesystems whose locking SQLite's WAL cannot use (no shared memory across machines).
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "ceph", "fuse.glusterfs",
+                       "beegfs", "fuse.sshfs", "9p")
+
+
+def filesystem_of(path: Path, mounts: str = "/proc/mounts") -> str | None:
+    """The filesystem type of the mount holding ``path`` (its longest mount point prefix), None if unknown."""
+    try:
+        lines = Path(mounts).read_text().splitlines()
+    except OSError:
+        return None
+    target = Path(path).resolve()
+    best, fstype = -1, None
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = Path(parts[1].replace("\\040", " "))
+        if (target == point or point in target.parents) and len(point.parts) > best:
+            best, fstype = len(point.parts), parts[2]
+    return fstype
+
+
+def on_network_filesystem(path: Path, mounts: str = "/proc/mounts") -> str | None:
+    """The network filesystem type ``path`` lives on (``nfs4``, ``lustre``, ...), or None."""
+    fstype = filesystem_of(path, mounts)
+    return fstype if fstype in NETWORK_FILESYSTEMS else None

@@ -231,6 +231,8 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         self.val_set: WindowDataset | None = None
         self.series: dict[int, EncodedSeries] = {}
         self.stats: dict[str, float] = {}
+        self.train_sampler: Any = None  # the ResumableSampler of the current training loader
+        self._sampler_state: dict[str, Any] | None = None
 
     @staticmethod
     def config_problems(**values: Any) -> list[str]:
@@ -305,13 +307,33 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
     def _split_series(self, systems: Sequence[int]) -> list[EncodedSeries]:
         return [self.series[s] for s in systems]
 
-    def val_batch_shapes(self) -> list[tuple[int, int]]:
-        """``(B, N)`` of every validation batch, in loader order (validation is not shuffled)."""
+    def val_batch_shapes(self, world_size: int = 1) -> list[tuple[int, int]] | list[list[tuple[int, int]]]:
+        """``(B, N)`` of every validation batch, in loader order (validation is not shuffled).
+
+        Args:
+            world_size: Ranks; above 1, one list per rank, each rank's share dealt as Lightning's unshuffled
+                ``DistributedSampler`` deals it (padded by repeating the first windows, rank r takes r, r + world...).
+        """
         self.prepare_texts()
         lengths = [n for _, _, n in window_spans(self._split_series(self.split.val), self.context_length,
                                                    self.stride_steps)]
         size = self.val_batch_size
-        return [(len(lengths[i : i + size]), max(lengths[i : i + size])) for i in range(0, len(lengths), size)]
+
+        def batches(rows: list[int]) -> list[tuple[int, int]]:
+            return [(len(rows[i : i + size]), max(rows[i : i + size])) for i in range(0, len(rows), size)]
+
+        if world_size == 1:
+            return batches(lengths)
+        total = -(-len(lengths) // world_size) * world_size
+        padded = (lengths * (-(-total // max(1, len(lengths)))))[:total]
+        return [batches(padded[rank::world_size]) for rank in range(world_size)]
+
+    def train_batches(self, world_size: int = 1) -> int:
+        """Training batches per epoch on one rank (its share of the windows, ``batch_size`` at a time)."""
+        self.prepare_texts()
+        windows = len(window_spans(self._split_series(self.split.train), self.context_length, self.stride_steps))
+        per_rank = -(-windows // world_size)
+        return -(-per_rank // self.batch_size)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -342,7 +364,31 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        from lvforecast.data.sampler import ResumableSampler
+
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        self.train_sampler = ResumableSampler(len(self.train_set), num_replicas=world, rank=rank)
+        if self._sampler_state is not None:
+            self.train_sampler.load_state_dict(self._sampler_state)
+            self._sampler_state = None
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=self.train_sampler,
+                          num_workers=self.num_workers, collate_fn=PadCollator(self.tokenizer.pad_token_id),
+                          drop_last=False)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Counted when a batch is about to be trained on, not when the loader prefetches it.
+        if self.trainer is not None and self.trainer.training and self.train_sampler is not None:
+            self.train_sampler.consumed += int(batch["input_ids"].shape[0])
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: where the training order stands (:class:`ResumableSampler`)."""
+        return {"train_sampler": self.train_sampler.state_dict()} if self.train_sampler is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restored on a resume, before the training loader is built."""
+        self._sampler_state = state_dict.get("train_sampler")
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.val_batch_size, shuffle=False)

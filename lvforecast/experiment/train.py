@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lvforecast.budget.ledger import Ledger, remaining_in
-from lvforecast.budget.planning import Plan, plan_config, reserved_flops, token_counts
+from lvforecast.budget.planning import Plan, config_problems, plan_config, reserved_flops, token_counts, world_size
 from lvforecast.budget.reservation import Reservation
 from lvforecast.budget.shapes import Conventions, LoRASpec, ModelShape
 from lvforecast.threads import resolve_threads, torch_threads
@@ -47,8 +47,14 @@ def validate_train_config(cfg: DictConfig) -> None:
     max_steps = cfg.trainer.get("max_steps")
     if not (isinstance(max_steps, int) and max_steps >= 1):
         problems.append(f"trainer.max_steps={max_steps!r}: must be an integer >= 1 (training is step-based)")
+    problems += config_problems(cfg)
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         problems.append(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
+    elif cfg.get("ckpt_path") and isinstance(max_steps, int):
+        step = checkpoint_step(cfg.ckpt_path)
+        if max_steps <= step:
+            problems.append(f"trainer.max_steps={max_steps}: the checkpoint {cfg.ckpt_path} is at step {step}, so "
+                            f"resuming needs trainer.max_steps > {step} (it counts from the first run's start)")
     wandb_node = (cfg.get("logger") or {}).get("wandb")
     if wandb_node and wandb_node.get("_target_") == "lvforecast.tracking.loggers.wandb_logger":
         from lvforecast.tracking import decide_mode
@@ -80,6 +86,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # The CSV logger writes metrics.csv into the run dir beside our files; its warning about a
     # non-empty directory is expected here (it only ever overwrites metrics.csv).
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+    # Lightning cannot see that the datamodule resumes the training order itself (its sampler state is in the
+    # checkpoint), so it warns on every mid-epoch resume.
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -96,14 +105,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         with torch_threads(cfg.threads, _shape_or_none(cfg)):
             return _fit(cfg, datamodule, None, out, start)
     _check_planning_tokens(cfg, datamodule)
-    plan, shape, lora, conventions = plan_config(cfg, datamodule.val_batch_shapes())
+    ranks = world_size(cfg.trainer)
+    start_step = checkpoint_step(cfg.ckpt_path) if cfg.get("ckpt_path") else 0
+    plan, shape, lora, conventions = plan_config(
+        cfg, datamodule.val_batch_shapes(ranks), epoch_batches=datamodule.train_batches(ranks), start_step=start_step)
+    reserve_flops = reserved_flops(cfg, plan)
+    if reserve_flops < plan.first_edge():
+        raise ValueError(
+            f"budget.run_cap_flops={cfg.budget.run_cap_flops!r}: the run could not pay for its first edge, "
+            f"{plan.first_edge():.4e} FLOPs (sanity {plan.sanity:.4e} + validation before training "
+            f"{plan.before * plan.validation_pass:.4e} + first step and a validation to stop on); allowed: null "
+            f"(reserve the plan, {plan.total:.4e}) or at least {plan.first_edge():.4e}")
     if cfg.budget.dry_run:
         remaining = remaining_in(cfg.budget.ledger_path, cfg.budget.total_flops)
         log.info("FLOP plan (dry run, no weights loaded): %s; ledger %s has %.4e remaining -> %s",
                  plan.describe(), cfg.budget.ledger_path, remaining,
                  "fits" if plan.total <= remaining else "WOULD BE REFUSED")
         return {"dry_run": True, "plan": plan.as_dict(), "output_dir": str(out)}
-    reservation = reserve(cfg, plan, shape, lora, conventions, out)
+    reservation = _reserve_as_rank(cfg, plan, shape, lora, conventions, out, reserve_flops)
     # From here on the run holds a reservation: whatever happens, the ledger learns how it ended.
     with reservation.held() as outcome, torch_threads(cfg.threads, shape):
         result = _fit(cfg, datamodule, reservation, out, start)
@@ -154,6 +173,32 @@ def reserve(cfg: DictConfig, plan: Plan, shape: ModelShape, lora: LoRASpec, conv
     log.info("FLOP plan: %s; reserved %.4e as run %d in %s", plan.describe(), reservation.reserved,
              reservation.run_id, ledger.path)
     return reservation
+
+
+def _reserve_as_rank(cfg: DictConfig, plan: Plan, shape: ModelShape, lora: LoRASpec, conventions: Conventions,
+                     out: Path, reserve_flops: int) -> Reservation:
+    """Rank 0 reserves (and, in a distributed run, tells the other ranks); the others wait for it, reserve nothing.
+
+    Raises:
+        lvforecast.budget.ledger.BudgetExceededError: Rank 0's reservation is refused.
+        RuntimeError: On another rank, rank 0 was refused or never reserved.
+    """
+    from lvforecast.budget.ledger import BudgetExceededError
+    from lvforecast.budget.reservation import await_leader, publish
+
+    if world_size(cfg.trainer) == 1:
+        return reserve(cfg, plan, shape, lora, conventions, out)
+    if distributed_rank(cfg) == 0:
+        try:
+            reservation = reserve(cfg, plan, shape, lora, conventions, out)
+        except BudgetExceededError as err:
+            publish(out, None, 0, refused=str(err))
+            raise
+        publish(out, reservation.run_id, reservation.reserved)
+        return reservation
+    leader = await_leader(out)
+    ledger = Ledger(cfg.budget.ledger_path, budget=cfg.budget.total_flops, journal_mode=cfg.budget.journal_mode)
+    return Reservation.follower(ledger, plan, shape, lora, conventions, int(leader["reserved"]))
 
 
 def _callbacks(cfg: DictConfig, reservation: Reservation | None) -> list[Any]:
@@ -233,19 +278,26 @@ def _fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, out:
         for lg in loggers:
             lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "run_info": run_info})
         if cfg.validate_before_training and not cfg.get("ckpt_path"):
-            # The untrained (zero-shot) validation loss, logged at step 0 as the curve's first point.
+            # The untrained (zero-shot) validation loss, logged at step 0 as the curve's first point. Its price
+            # was part of the first edge the reservation had to hold before the model loaded.
             trainer.validate(module, datamodule=datamodule, verbose=False)
+        start_step = reservation.plan.start_step if reservation is not None else 0
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         if trainer.checkpoint_callback is not None:
             # A run stopped by the budget ends between checkpoint intervals: keep its final state too.
             trainer.save_checkpoint(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt")
+        final = {k: float(v) for k, v in trainer.callback_metrics.items() if k == "train/loss"}
+        _final_validation(trainer, module, datamodule, flop_cb, start_step)
         status = "budget_exhausted" if flop_cb is not None and flop_cb.exhausted else "finished"
-        module.save_adapter(str(out / "adapter"))
+        lead = trainer.is_global_zero  # the other ranks of a distributed run write no files of their own
+        if lead:
+            module.save_adapter(str(out / "adapter"))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss", "val/loss")}
+        metrics.update(final)
         metrics["global_step"] = trainer.global_step
         csv_path = out / "metrics.csv"
         png = plot_loss_curve(csv_path, out / "loss_curve.png", title=f"{loaded.name}, LoRA r={cfg.lora.r}") \
-            if csv_path.is_file() else None
+            if lead and csv_path.is_file() else None
         for lg in loggers:
             if png is not None and hasattr(lg, "log_image"):
                 lg.log_image(key="loss_curve", images=[str(png)])
@@ -254,7 +306,8 @@ def _fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, out:
             metrics["flops/run"] = flop_cb.spent
         run_info["final"] = metrics
         run_info["fit_seconds"] = round(time.perf_counter() - start - run_info["setup_seconds"], 2)
-        (out / "run_info.json").write_text(json.dumps(run_info, indent=1))
+        if lead:
+            (out / "run_info.json").write_text(json.dumps(run_info, indent=1))
         update_summary(loggers, metrics)
         log.info("run directory: %s", out)
         ok = True
@@ -262,6 +315,48 @@ def _fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, out:
     finally:
         # Every job finishes its own W&B run (failed when fitting raised): multirun jobs never share one.
         finish_wandb(loggers, exit_code=0 if ok else 1)
+
+
+def _final_validation(trainer: Any, module: Any, datamodule: Any, flop_cb: Any, start_step: int) -> None:
+    """Validate the final weights unless Lightning just did (the interval put a validation after the last step).
+
+    Without it a run whose ``val_check_interval`` does not divide its steps would report a stale ``val/loss``.
+    It runs only if the budget can pay for it, which the guard made sure of before the last step.
+    """
+    if trainer.global_step <= start_step or module.last_validated_step == trainer.global_step:
+        return
+    if flop_cb is not None and not flop_cb.affords(flop_cb.final_validation_flops):
+        log.warning("FLOP budget: no final validation at step %d, it would not fit", trainer.global_step)
+        return
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The optimizer step a ``last.ckpt`` was written at (it holds only adapter tensors, so this loads no model)."""
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+
+
+def distributed_rank(cfg: DictConfig) -> int:
+    """This process's global rank in a multi-process run, from the launcher's environment (0 when alone).
+
+    Lightning's own launcher sets ``LOCAL_RANK``/``NODE_RANK`` for the processes it starts; torchrun sets ``RANK``;
+    SLURM sets ``SLURM_PROCID`` for each task.
+    """
+    import os
+
+    if world_size(cfg.trainer) == 1:
+        return 0
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"])
+    if "LOCAL_RANK" in env:
+        devices = world_size(cfg.trainer) // (cfg.trainer.get("num_nodes") or 1)
+        return int(env.get("NODE_RANK", 0)) * devices + int(env["LOCAL_RANK"])
+    if int(env.get("SLURM_NTASKS", "1")) > 1:
+        return int(env.get("SLURM_PROCID", 0))
+    return 0
 
 
 def _hydra_overrides() -> str | None:

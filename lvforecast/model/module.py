@@ -178,6 +178,7 @@ class LoRAForecaster(pl.LightningModule):
         self._val_sum: torch.Tensor | None = None
         self._val_tokens: torch.Tensor | None = None
         self._val_alphabet_sum: torch.Tensor | None = None
+        self.last_validated_step: int | None = None  # the global step of the last validation (not sanity)
         counts = count_parameters(self)
         self.parameter_counts = counts
         log.info("parameters: trainable %s, frozen %s (%.4f%% trainable)", f"{counts.trainable:,}",
@@ -244,7 +245,32 @@ class LoRAForecaster(pl.LightningModule):
         if alphabet_sum is not None:
             self._val_alphabet_sum += alphabet_sum.double()
 
+    def on_train_start(self) -> None:
+        """On a resume, put each LR scheduler's rate for the restored step back in its optimizer.
+
+        The checkpoint's optimizer holds the rate its own run ended on (0 at the end of a cosine decay to 0); the
+        step the resumed run takes next must use the schedule's rate there, as an unbroken run would.
+        """
+        if not self.trainer.ckpt_path:
+            return
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                rates = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs,
+                                                                            scheduler.lr_lambdas, strict=True)]
+                for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+                    group["lr"] = rate
+                scheduler._last_lr = rates
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Lightning adds one to its logging step when it restarts from a checkpoint written mid-step, also for
+        # one written after the step (train()'s last.ckpt), so a resumed run would log step k+1 where an
+        # unbroken run logs k. With one optimizer the logging step is the optimizer step count.
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.trainer.global_step
+
     def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.last_validated_step = self.global_step
         total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
         tokens = self.trainer.strategy.reduce(self._val_tokens, reduce_op="sum")
         self.log("val/loss", (total / tokens.clamp(min=1)).float(), prog_bar=True, sync_dist=False)

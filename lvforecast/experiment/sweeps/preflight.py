@@ -76,10 +76,10 @@ def plan_jobs(jobs: list[tuple[list[str], DictConfig]]) -> list[dict[str, Any]]:
     """
     from hydra.utils import instantiate
 
-    from lvforecast.budget.planning import plan_config, reserved_flops
-    from lvforecast.experiment.train import validate_train_config
+    from lvforecast.budget.planning import plan_config, reserved_flops, world_size
+    from lvforecast.experiment.train import checkpoint_step, validate_train_config
 
-    shapes: dict[str, list[tuple[int, int]]] = {}
+    shapes: dict[tuple[str, int], tuple[Any, int]] = {}
     rows = []
     for num, (job, cfg) in enumerate(jobs):
         try:
@@ -91,12 +91,15 @@ def plan_jobs(jobs: list[tuple[list[str], DictConfig]]) -> list[dict[str, Any]]:
             rows.append({"job": num, **settings, "overrides": " ".join(job), "planned_flops": 0, "ledger": "",
                          "budget": 0, "dry_run": bool(cfg.budget.dry_run)})
             continue
-        key = OmegaConf.to_yaml(cfg.data, resolve=True)
+        # Every rank's validation share and the epoch length: a job's plan covers all its ranks.
+        ranks = world_size(cfg.trainer)
+        key = (OmegaConf.to_yaml(cfg.data, resolve=True), ranks)
         if key not in shapes:
             datamodule = instantiate(cfg.data)
             datamodule.prepare_texts()
-            shapes[key] = datamodule.val_batch_shapes()
-        plan = plan_config(cfg, shapes[key])[0]
+            shapes[key] = (datamodule.val_batch_shapes(ranks), datamodule.train_batches(ranks))
+        start_step = checkpoint_step(cfg.ckpt_path) if cfg.get("ckpt_path") else 0
+        plan = plan_config(cfg, shapes[key][0], epoch_batches=shapes[key][1], start_step=start_step)[0]
         rows.append({"job": num, **settings, "overrides": " ".join(job), "planned_flops": reserved_flops(cfg, plan),
                      "ledger": str(Path(cfg.budget.ledger_path).resolve()),
                      "budget": int(float(cfg.budget.total_flops)), "dry_run": bool(cfg.budget.dry_run)})

@@ -1,0 +1,59 @@
+"""Which micro-batches each optimizer step runs and which validations Lightning runs during it.
+
+The plan and the budget callback read the same :class:`Schedule`, so what is reserved and what the guard
+predicts before every step are one computation. It mirrors Lightning 2.x's training loop
+(``_TrainingEpochLoop._should_check_val_fx`` and ``_should_accumulate``):
+
+* an optimizer step is ``accumulate`` micro-batches, except that the last batch of an epoch always steps;
+* ``val_check_batch`` is Lightning's own: an int ``val_check_interval`` as is (micro-batches), a fraction
+  ``f`` as ``max(1, int(epoch_batches x f))``;
+* with ``every_n_epochs`` None a validation runs after every ``val_check_batch``-th micro-batch counted over
+  the whole run, else after every ``val_check_batch``-th of the epoch, in every ``every_n_epochs``-th epoch.
+
+Steps are numbered from 1, as ``trainer.global_step`` is after the step; a resumed run keeps the numbering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The loop structure of one rank.
+
+    Attributes:
+        accumulate: Micro-batches per optimizer step (``trainer.accumulate_grad_batches``).
+        epoch_batches: Training micro-batches per epoch on one rank.
+        val_check_batch: Lightning's ``val_check_batch`` (micro-batches between validations).
+        every_n_epochs: ``trainer.check_val_every_n_epoch`` (None: count micro-batches across epochs).
+    """
+
+    accumulate: int
+    epoch_batches: int
+    val_check_batch: int
+    every_n_epochs: int | None
+
+    def _span(self, step: int) -> tuple[int, int, int]:
+        """``(epoch, first micro-batch index in the epoch, micro-batches)`` of optimizer step ``step``."""
+        per_epoch = -(-self.epoch_batches // self.accumulate)
+        epoch, j = divmod(step - 1, per_epoch)
+        first = j * self.accumulate
+        return epoch, first, min(self.accumulate, self.epoch_batches - first)
+
+    def batches(self, step: int) -> int:
+        """Micro-batches (per rank) of optimizer step ``step``."""
+        return self._span(step)[2]
+
+    def validations(self, step: int) -> tuple[int, bool]:
+        """``(validations Lightning runs during step, whether one runs right after its last micro-batch)``."""
+        epoch, first, n = self._span(step)
+        if self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs:
+            return 0, False
+        offset = 0 if self.every_n_epochs is not None else epoch * self.epoch_batches
+        hits = [(offset + i + 1) % self.val_check_batch == 0 for i in range(first, first + n)]
+        return sum(hits), hits[-1]
+
+    def as_dict(self) -> dict[str, int | None]:
+        return {"accumulate": self.accumulate, "epoch_batches": self.epoch_batches,
+                "val_check_batch": self.val_check_batch, "every_n_epochs": self.every_n_epochs}
