@@ -117,7 +117,8 @@ def reserve(cfg: DictConfig, plan: Plan, shape: ModelShape, lora: LoRASpec, conv
     config_hash = hashlib.sha256(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest()[:16]
     name = cfg.budget.run_name or _hydra_overrides() or out.name
     reservation = Reservation.open(ledger, name, plan, shape, lora, conventions, reserve=reserved_flops(cfg, plan),
-                                   sweep=cfg.get("sweep_name"), config_hash=config_hash)
+                                   sweep=cfg.get("sweep_name"), config_hash=config_hash, study=cfg.budget.study,
+                                   stage=cfg.budget.stage)
     log.info("FLOP plan: %s; reserved %.4e as run %d in %s", plan.describe(), reservation.reserved,
              reservation.run_id, ledger.path)
     return reservation
