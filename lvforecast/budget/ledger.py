@@ -273,9 +273,9 @@ class Ledger:
                 "INSERT INTO runs (name, sweep, study, stage, config_hash, host, boot_id, pid, pid_start, status, "
                 "planned_flops, reserved_flops, plan_json, started_at, ended_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, sweep, study, stage, config_hash, socket.gethostname(), boot_id(), pid, stat[1] if stat else None,
-                 "running" if fits else "refused", planned, planned if fits else 0, plan_json, now,
-                 None if fits else now),
+                (name, sweep, study, stage, config_hash, socket.gethostname(), boot_id(), pid,
+                 stat[1] if stat else None, "running" if fits else "refused", planned, planned if fits else 0,
+                 plan_json, now, None if fits else now),
             )
             run_id = cur.lastrowid
         if not fits:
@@ -386,9 +386,9 @@ class Ledger:
         """All runs, oldest first, with their charged FLOPs and, for running ones, whether the owner is alive.
 
         Returns:
-            One dict per run: id, name, sweep, study, stage, config_hash, host, pid, status, planned_flops, reserved_flops,
-            charged_flops, owner_alive (None unless running), plan (dict or None), started_at, ended_at (Unix
-            seconds).
+            One dict per run: id, name, sweep, study, stage, config_hash, host, pid, status, planned_flops,
+            reserved_flops, charged_flops, owner_alive (None unless running), plan (dict or None), started_at,
+            ended_at (Unix seconds).
         """
         with self._transaction(immediate=False) as conn:
             return store.run_records(conn)

@@ -90,7 +90,8 @@ def format_report_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| *{stage_label(g)}* | | | | | | | |")
         for r in (by_id[i] for i in g["runs"]):
             lines.append(f"| {_run_label(r)} | {r['sweep'] or ''} | {r['status']} | {_fmt(r['train'])} "
-                         f"| {_fmt(r['val'])} | {_fmt(r['inference'])} | {_fmt(r['total'])} | {_fmt_share(r['share'])} |")
+                         f"| {_fmt(r['val'])} | {_fmt(r['inference'])} | {_fmt(r['total'])} "
+                         f"| {_fmt_share(r['share'])} |")
     t = report["totals"]
     lines.append(f"| **total** | | | {_fmt(t['train'])} | {_fmt(t['val'])} | {_fmt(t['inference'])} "
                  f"| **{_fmt(t['total'])}** | **{_fmt_share(t['share'])}** |")

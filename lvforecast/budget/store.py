@@ -286,8 +286,8 @@ def spend_by_run(conn: sqlite3.Connection) -> list[sqlite3.Row]:
     """Every run, oldest first, with its charges summed by report column (train, val, inference = test + generate).
 
     Returns:
-        Rows with id, name, sweep, study, stage, status, config_hash, planned_flops, train, val, inference, charged_steps and
-        seconds.
+        Rows with id, name, sweep, study, stage, status, config_hash, planned_flops, train, val, inference,
+        charged_steps and seconds.
     """
     cur = conn.cursor()
     cur.row_factory = sqlite3.Row
