@@ -124,9 +124,27 @@ def trainer_setting(trainer_cfg: DictConfig, key: str) -> Any:
     return LIGHTNING_DEFAULTS[key] if value is None else value
 
 
+def resume_step(ckpt_path: str | None) -> int:
+    """The optimizer step a run resumed from ``ckpt_path`` starts at (0 without a checkpoint).
+
+    Only the loop counter is read; a Lightning checkpoint of a LoRA run holds the adapter and optimizer, not the
+    base weights, so this is a small read.
+    """
+    if not ckpt_path:
+        return 0
+    import torch
+
+    return int(torch.load(ckpt_path, map_location="cpu", weights_only=False).get("global_step", 0))
+
+
 def plan_run(cfg: DictConfig, val_batch_shapes: list[tuple[int, int]], shape: ModelShape,
-             lora: LoRASpec | None, conventions: Conventions) -> Plan:
-    """Plan a training run's FLOPs from the composed config and the validation batch shapes."""
+             lora: LoRASpec | None, conventions: Conventions, start_step: int = 0) -> Plan:
+    """Plan a training run's FLOPs from the composed config and the validation batch shapes.
+
+    Args:
+        start_step: The step the run starts at (a run resumed from a checkpoint): only the steps and periodic
+            validations from there to ``trainer.max_steps`` are planned.
+    """
     batch, context = cfg.data.batch_size, cfg.data.context_length
     train_step = 3 * forward_flops(shape, batch, context, lora, conventions).total
     tr = cfg.trainer
@@ -134,12 +152,13 @@ def plan_run(cfg: DictConfig, val_batch_shapes: list[tuple[int, int]], shape: Mo
     val_shapes = val_batch_shapes[: _limited(len(val_batch_shapes), 1.0 if limit is None else limit)]
     val_pass = sum(forward_flops(shape, b, n, lora, conventions).total for b, n in val_shapes)
     interval = trainer_setting(tr, "val_check_interval") or 0
-    periodic = tr.max_steps // interval if isinstance(interval, int) and interval > 0 else 0
-    before = 1 if cfg.get("validate_before_training") and not cfg.get("ckpt_path") else 0
+    periodic = (tr.max_steps // interval - start_step // interval) if isinstance(interval, int) and interval > 0 \
+        else 0
+    before = 1 if cfg.get("validate_before_training") and not cfg.get("ckpt_path") and not start_step else 0
     sanity_batches = trainer_setting(tr, "num_sanity_val_steps") or 0
     sanity_batches = len(val_batch_shapes) if sanity_batches == -1 else min(sanity_batches, len(val_batch_shapes))
     sanity = sum(forward_flops(shape, b, n, lora, conventions).total for b, n in val_batch_shapes[:sanity_batches])
-    return Plan(train_step=train_step, steps=tr.max_steps, validation_pass=val_pass,
+    return Plan(train_step=train_step, steps=max(tr.max_steps - start_step, 0), validation_pass=val_pass,
                 validations=periodic + before + 1, sanity=sanity, evaluation=int(cfg.budget.planned_eval_flops),
                 next_step_shape=(batch, context))
 
@@ -150,9 +169,12 @@ def reserved_flops(cfg: DictConfig, plan: Plan) -> int:
     return plan.total if cap is None else int(cap)
 
 
-def plan_config(cfg: DictConfig, val_batch_shapes: list[tuple[int, int]]) -> tuple[Plan, ModelShape, LoRASpec,
-                                                                                 Conventions]:
+def plan_config(cfg: DictConfig, val_batch_shapes: list[tuple[int, int]], start_step: int | None = None
+                ) -> tuple[Plan, ModelShape, LoRASpec, Conventions]:
     """The plan of a composed training config, with the shape, LoRA spec and conventions it was made with.
+
+    A run resumed with ``ckpt_path`` plans only the steps after the checkpoint's (``start_step=None`` reads it
+    from the checkpoint); a search planning a continuation that does not exist yet passes ``start_step``.
 
     ``model.head=alphabet`` prices the head, logit bias and loss over the alphabet's rows
     (``LoRASpec.head_rows``); the reservation carries that spec, so the FLOP budget callback charges the same.
@@ -165,4 +187,5 @@ def plan_config(cfg: DictConfig, val_batch_shapes: list[tuple[int, int]]) -> tup
     lora = LoRASpec(rank=cfg.lora.r, targets=tuple(cfg.lora.target_modules), logit_bias=cfg.lora.train_logit_bias,
                     head_rows=ALPHABET_SIZE if cfg.model.head == "alphabet" else None)
     conventions = Conventions(**cfg.budget.conventions)
-    return plan_run(cfg, val_batch_shapes, shape, lora, conventions), shape, lora, conventions
+    start = resume_step(cfg.get("ckpt_path")) if start_step is None else start_step
+    return plan_run(cfg, val_batch_shapes, shape, lora, conventions, start), shape, lora, conventions
