@@ -96,6 +96,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return _write(cfg, out, source, inputs, forecasts, metrics)
 
 
+def plan_generation(cfg: DictConfig, trained: DictConfig | None = None) -> int:
+    """The FLOPs an evaluation reserves, without loading weights (what a study plans before it runs).
+
+    Args:
+        cfg: The composed ``conf/evaluate.yaml``.
+        trained: The composed train config of a run that does not exist yet: its model, data and LoRA rank price
+            the generation. None: ``cfg`` itself (its ``run_dir``, or the untrained model).
+    """
+    source = _source(cfg) if trained is None else _Source(model=trained.model, data=trained.data,
+                                                           lora=trained.lora)
+    return _generation_plan(cfg, source, _load(cfg, source)).plan.total
+
+
 def _source(cfg: DictConfig) -> _Source:
     """The configured model and data, or with ``run_dir`` those of the training run, checked complete."""
     if not cfg.run_dir:
