@@ -39,7 +39,8 @@ def test_halving_schedule_keeps_a_third_and_resumes_where_the_last_rung_stopped(
 def test_a_bad_stage_is_one_error_naming_key_value_and_allowed():
     study = OmegaConf.create({"stages": [{"name": "a", "kind": "bogus"},
                                          {"name": "b", "kind": "evaluate", "of": "x"},
-                                         {"name": "c", "kind": "search", "method": "random", "space": {"lora.r": [2]}}]})
+                                         {"name": "c", "kind": "search", "method": "random", "space": {"lora.r": [2]}},
+                                         ]})
     with pytest.raises(ValueError) as err:
         parse_stages(study)
     msg = str(err.value)
