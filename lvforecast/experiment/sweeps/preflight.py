@@ -40,6 +40,9 @@ class BudgetPreflight(Callback):
             jobs = compose_jobs(config)
         except Exception as err:  # a job that cannot be composed would fail anyway: refuse before any starts
             raise SystemExit(f"multirun refused before launch: a job's config cannot be composed: {err}") from err
+        if jobs is None and str(config.hydra.sweeper.get("_target_", "")).endswith("HalvingSweeper"):
+            self._halving(config)
+            return
         if jobs is None:
             log.warning("sweeper %s: jobs unknown before launch, no pre-flight budget check (each job still "
                         "reserves its plan)", config.hydra.sweeper.get("_target_"))
@@ -56,6 +59,27 @@ class BudgetPreflight(Callback):
         if not fits:
             raise SystemExit("multirun refused before launch: the planned FLOPs exceed what the ledger has left "
                              "(table above); shorten the sweep (trainer.max_steps, fewer values) or raise the budget")
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        write_csv(sweep_dir / PLAN_CSV, [{k: v for k, v in r.items() if k != "dry_run"} for r in rows])
+
+
+    @staticmethod
+    def _halving(config: DictConfig) -> None:
+        """The same checks for a successive-halving bracket, against its worst case."""
+        from lvforecast.experiment.sweeps.halving_plan import format_halving_plan, plan_halving
+
+        try:
+            rows, total = plan_halving(config)
+        except Exception as err:
+            raise SystemExit(f"multirun refused before launch: {err}") from err
+        text, fits = format_halving_plan(rows, total)
+        print(text, flush=True)
+        if any(r["dry_run"] for r in rows):
+            raise SystemExit(0)
+        if not fits:
+            raise SystemExit("multirun refused before launch: the bracket's worst case exceeds what the ledger has "
+                             "left (table above); lower hydra.sweeper.min_steps or max_steps, or sweep fewer values")
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         write_csv(sweep_dir / PLAN_CSV, [{k: v for k, v in r.items() if k != "dry_run"} for r in rows])
