@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import CONF, REAL_DATA
+from conftest import CONF, REAL_DATA, ROOT
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -34,6 +34,13 @@ def test_halving_schedule_keeps_a_third_and_resumes_where_the_last_rung_stopped(
     assert select({0: 2.0, 1: float("nan"), 2: 1.0, 3: None}, 3) == [2, 0]
     # per rung the `size` most expensive continuations: rung 0 all three, rung 1 the dearest one
     assert worst_case([[1, 10], [2, 30], [3, 20]], [Rung(0, 2, 0, 3), Rung(1, 6, 2, 1)]) == [6, 30]
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "studies").glob("*.yaml")))
+def test_every_study_preset_composes_and_its_stages_parse(preset):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("study", overrides=[f"study={preset}"])
+    assert [s.name for s in parse_stages(cfg.study)] == STAGES and cfg.study.name == preset
 
 
 def test_a_bad_stage_is_one_error_naming_key_value_and_allowed():

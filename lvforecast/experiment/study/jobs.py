@@ -38,7 +38,7 @@ def job_config(cfg: DictConfig, stage: Stage, job: str, settings: dict[str, Any]
     ]
     if study.logger == "wandb":
         # The whole study is one W&B group, each stage a job type; evaluations sit in the group they evaluate.
-        overrides += ["logger=wandb", f"logger.wandb.group={study.name}-{Path(cfg.study_dir).name}",
+        overrides += ["logger=wandb", f"logger.wandb.group={Path(cfg.study_dir).name}",
                       f"logger.wandb.job_type={stage.name}"]
     return compose(kind, overrides)
 
