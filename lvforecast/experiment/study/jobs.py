@@ -48,6 +48,13 @@ def job_dir(cfg: DictConfig, stage: str, job: str) -> Path:
     return Path(cfg.study_dir) / stage / job
 
 
+def own_ckpt(cfg: DictConfig, stage: str, job: str) -> list[str]:
+    """``ckpt_path=`` of a job interrupted earlier (it continues from there), else nothing."""
+    ckpt = job_dir(cfg, stage, job) / "checkpoints" / "last.ckpt"
+    return [f"ckpt_path={ckpt}"] if ckpt.is_file() and not (job_dir(cfg, stage, job) / "result.json").is_file() \
+        else []
+
+
 class Planner:
     """Plans jobs' FLOPs without loading weights, caching each data config's validation batch shapes."""
 

@@ -4,20 +4,21 @@ A stage that takes its settings from an earlier one that has not run yet is plan
 values that stage can choose (its search space, and what it took itself): the most expensive configuration for a
 training stage, the most expensive bracket for a halving search (:func:`lvforecast.experiment.halving.worst_case`)
 and the sum over every configuration for a grid. The optimizer's settings (``optim.*``) cost nothing and are not
-enumerated. Finished stages plan nothing (a re-run skips them), and a training job with a checkpoint of its own
-plans only the steps after it.
+enumerated. Finished stages plan nothing (a re-run skips them), nor do the finished jobs of a grid, and a training
+job with a checkpoint of its own plans only the steps after it; an interrupted halving bracket is planned whole.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
 from lvforecast.experiment.halving import schedule, worst_case
-from lvforecast.experiment.study.jobs import Planner, job_config, job_dir
+from lvforecast.experiment.study.jobs import Planner, job_config, own_ckpt
 from lvforecast.experiment.study.spec import Stage, candidate_settings
 
 
@@ -89,12 +90,13 @@ def _plan_stage(cfg: DictConfig, stages: list[Stage], stage: Stage, done: dict[s
     best, best_cfg, jobs, note = -1, None, 0, ""
     for taken in combos:
         if stage.kind == "train":
-            tcfg = job_config(cfg, stage, "run", taken, _own_ckpt(cfg, stage.name, "run"))
+            tcfg = job_config(cfg, stage, "run", taken, own_ckpt(cfg, stage.name, "run"))
             flops, n, how = planner.train(tcfg), 1, ""
         elif stage.method == "grid":
-            cfgs = [job_config(cfg, stage, f"c{k}", {**taken, **c}, _own_ckpt(cfg, stage.name, f"c{k}"))
+            cfgs = [job_config(cfg, stage, f"c{k}", {**taken, **c}, own_ckpt(cfg, stage.name, f"c{k}"))
                     for k, c in enumerate(stage.configurations())]
-            flops, n, how = sum(planner.train(c) for c in cfgs), len(cfgs), ""
+            left = [c for c in cfgs if not (Path(c.paths.output_dir) / "result.json").is_file()]
+            flops, n, how = sum(planner.train(c) for c in left), len(cfgs), ""
             tcfg = max(cfgs, key=planner.train)
         else:
             flops, n, how, tcfg = _plan_halving(cfg, stage, taken, planner)
@@ -127,13 +129,6 @@ def _plan_halving(cfg: DictConfig, stage: Stage, taken: dict[str, Any], planner:
     note = "rungs " + ", ".join(f"{r.size} x {r.steps} steps" for r in rungs)
     worst = max(range(len(configs)), key=lambda k: sum(costs[k]))
     return sum(per_rung), sum(r.size for r in rungs), note, last[worst]
-
-
-def _own_ckpt(cfg: DictConfig, stage: str, job: str) -> list[str]:
-    """``ckpt_path=`` of a job interrupted earlier (it continues from there), else nothing."""
-    ckpt = job_dir(cfg, stage, job) / "checkpoints" / "last.ckpt"
-    return [f"ckpt_path={ckpt}"] if ckpt.is_file() and not (job_dir(cfg, stage, job) / "result.json").is_file() \
-        else []
 
 
 def format_plan(rows: list[StagePlan], remaining: int, budget: int, ledger: str) -> tuple[str, bool]:

@@ -16,8 +16,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lvforecast.experiment.halving import schedule, select
-from lvforecast.experiment.study.jobs import job_config, job_dir
-from lvforecast.experiment.study.plan import _own_ckpt
+from lvforecast.experiment.study.jobs import job_config, job_dir, own_ckpt
 from lvforecast.experiment.study.spec import Stage
 
 log = logging.getLogger(__name__)
@@ -83,7 +82,7 @@ def train_job(cfg: DictConfig, stage: Stage, job: str, settings: dict[str, Any],
     out = job_dir(cfg, stage.name, job)
     if (out / RESULT_FILE).is_file():
         return json.loads((out / RESULT_FILE).read_text())
-    own = _own_ckpt(cfg, stage.name, job)
+    own = own_ckpt(cfg, stage.name, job)
     if own:  # interrupted earlier: its own checkpoint is further along than the previous rung's
         extra = [e for e in extra if not e.startswith("ckpt_path=")] + own
     result = train(job_config(cfg, stage, job, settings, extra))
