@@ -14,10 +14,11 @@ The flow is load -> reserve -> forecast -> score -> write, one function each:
   (value / the series' scale) and in original units.
 * **write** (:func:`_write`): ``metrics.json`` (per method, model and each baseline: aggregates per variable
   in encoded and original units, per behaviour class; parse failures; FLOPs charged), ``per_system.csv``,
-  ``report.md`` (the study's table for its four example systems plus the whole-split aggregates and model vs
-  baselines) and PNGs: ``examples.png``, ``running_mse.png``, ``error_by_horizon.png`` and
-  ``model_vs_baselines.png``. With ``logger=wandb`` the headline metrics, the PNGs and the model-vs-baselines
-  table also go to a W&B run of job type ``evaluate`` (:func:`lvforecast.tracking.log_evaluation`).
+  ``forecasts.npz`` (the model's raw forecasts, the series and the per-system running MSE), ``report.md`` (the
+  study's table for its four example systems plus the whole-split aggregates and model vs baselines) and PNGs:
+  ``examples.png``, ``running_mse.png``, ``error_by_horizon.png`` and ``model_vs_baselines.png``. With
+  ``logger=wandb`` the headline metrics, the PNGs and the model-vs-baselines table also go to a W&B run of job
+  type ``evaluate`` (:func:`lvforecast.tracking.log_evaluation`).
 
 Which model: with ``run_dir`` the training run's resolved ``config.yaml`` gives the base model, the encoding
 and the LoRA shape, its ``split.json`` the test systems and its ``adapter/`` the weights; without it the
@@ -274,6 +275,11 @@ def _write(cfg: DictConfig, out: Path, source: _Source, inputs: EvaluationInputs
     pngs = write_plots(out, systems, inputs.series, inputs.context_steps, forecasts.by_method, methods,
                        list(cfg.examples))
     write_report(out / "report.md", summary, methods, systems, list(cfg.examples))
+    # The model's raw forecasts, for figures across evaluations (the study report draws several models at once).
+    np.savez_compressed(out / "forecasts.npz", systems=np.asarray(systems), examples=np.asarray(list(cfg.examples)),
+                        series=inputs.series, context_steps=inputs.context_steps,
+                        forecast=forecasts.by_method["model"],
+                        running_mse=np.asarray(methods["model"]["encoded"]["running_mse"], dtype=float))
     log_evaluation(cfg, out, summary, pngs)
     log.info("evaluation directory: %s (%d systems, %d parse failures, %.3e FLOPs)", out, len(systems),
              result.parse_failures, result.flops)

@@ -3,8 +3,9 @@
 It holds the plan, every search stage's jobs (the lr x rank and context tables; for halving every rung with
 its configurations, losses, FLOPs and survivors, and the winner), the evaluations' headline metrics, Table 12 per
 stage from the ledger (with its chart, ``budget_report.png``), and the loss curve of every training job of every
-stage (``loss_curves.png``). Each evaluation's own ``report.md`` and PNGs (forecasts of the example systems,
-running MSE) are linked.
+stage (``loss_curves.png``), the example systems' forecasts of every evaluation (``forecasts.png``: zero-shot,
+default, final) and their running MSE (``running_mse.png``). Each evaluation's own ``report.md`` and PNGs are
+linked.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from omegaconf import DictConfig
 from lvforecast.experiment.study.spec import Stage
 
 REPORT_MD, CURVES_PNG = "study_report.md", "loss_curves.png"
+FORECASTS_PNG, RUNNING_PNG = "forecasts.png", "running_mse.png"
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
@@ -117,6 +119,13 @@ def write_study_report(cfg: DictConfig, stages: list[Stage], done: dict[str, dic
         plot_report(rep, out / "budget_report.png")
         lines += ["", "## FLOPs per stage (ledger)", "", format_stages_markdown(rep),
                   "![spend per stage](budget_report.png)"]
+    evals = [(s.name, Path(done[s.name]["run_dir"]) / "forecasts.npz") for s in stages
+             if s.kind == "evaluate" and s.name in done]
+    evals = [(name, path) for name, path in evals if path.is_file()]
+    if evals:
+        _plot_forecasts(out / FORECASTS_PNG, out / RUNNING_PNG, evals)
+        lines += ["", "## Forecasts of the example systems, every evaluation", "", f"![forecasts]({FORECASTS_PNG})",
+                  "", f"![running MSE]({RUNNING_PNG})"]
     if _plot_curves(out / CURVES_PNG, stages, done):
         lines += ["", "## Loss curves of every stage", "", f"![loss curves]({CURVES_PNG})"]
     md = out / REPORT_MD
@@ -151,3 +160,51 @@ def _plot_curves(path: Path, stages: list[Stage], done: dict[str, dict[str, Any]
             ax.legend(fontsize=6, ncol=2)
     fig.savefig(path, dpi=110)
     return True
+
+
+def _plot_forecasts(forecasts_png: Path, running_png: Path, evals: list[tuple[str, Path]]) -> None:
+    """The example systems' truth and every evaluation's forecast (zero-shot, default, final), and running MSE.
+
+    ``forecasts.png``: one row per variable, one column per example system. ``running_mse.png``: the running MSE
+    (encoded units) over the forecast steps, averaged over the example systems, one line per evaluation.
+    """
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from lvforecast.data.encoding import VARIABLES
+
+    loaded = [(name, np.load(path)) for name, path in evals]
+    first = loaded[0][1]
+    systems = [int(s) for s in first["systems"]]
+    shown = [int(s) for s in first["examples"] if int(s) in systems] or systems[:4]
+    context = int(first["context_steps"])
+    fig = Figure(figsize=(4.2 * len(shown), 6.4), layout="constrained")
+    axes = fig.subplots(len(VARIABLES), len(shown), squeeze=False)
+    for col, system in enumerate(shown):
+        i = systems.index(system)
+        t = np.arange(first["series"].shape[1])
+        for row, var in enumerate(VARIABLES):
+            ax = axes[row][col]
+            ax.plot(t, first["series"][i, :, row], color="black", lw=1.4, label="truth")
+            for name, data in loaded:
+                k = [int(s) for s in data["systems"]].index(system) if system in data["systems"] else None
+                if k is not None:
+                    ax.plot(t[context:context + data["forecast"].shape[1]], data["forecast"][k, :, row], ls="--",
+                            lw=1.3, label=name)
+            ax.axvline(context - 0.5, color="grey", lw=0.8)
+            ax.set_title(f"system {system}, {var}", fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.savefig(forecasts_png, dpi=110)
+
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    axes = fig.subplots(1, len(VARIABLES))
+    for j, (ax, var) in enumerate(zip(axes, VARIABLES, strict=True)):
+        for name, data in loaded:
+            idx = [k for k, s in enumerate(data["systems"]) if int(s) in shown]
+            running = data["running_mse"][idx, :, j].mean(axis=0)
+            ax.plot(np.arange(1, running.size + 1), running, marker="o", ms=3, label=name)
+        ax.set_title(f"running MSE, {var} (mean over the example systems)", fontsize=9)
+        ax.set_xlabel("forecast step")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.savefig(running_png, dpi=110)
