@@ -111,3 +111,17 @@ def test_tiny_study_end_to_end_then_skips_finished_stages_and_resumes_an_interru
     new = ledger.runs()[runs:]
     assert [r["stage"] for r in new] == ["final", "final_eval"]
     assert new[0]["plan"]["steps"] == 0  # resumed at its checkpoint's step 6 of 6: no step computed twice
+
+
+def test_with_wandb_the_study_is_one_group_and_each_stage_a_job_type(tmp_path):
+    from lvforecast.experiment.study.jobs import job_config
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("study", overrides=["study=tiny", f"study_dir={tmp_path / 'tiny'}", "study.logger=wandb"])
+        stages = {s.name: s for s in parse_stages(cfg.study)}
+        train_cfg = job_config(cfg, stages["lr_rank"], "c0_r0", {"lora.r": 2}, [])
+        eval_cfg = job_config(cfg, stages["final_eval"], "eval", {}, [])
+    assert (train_cfg.logger.wandb.group, train_cfg.logger.wandb.job_type) == ("tiny", "lr_rank")
+    assert (eval_cfg.logger.wandb.group, eval_cfg.logger.wandb.job_type) == ("tiny", "final_eval")
+    assert (train_cfg.budget.study, train_cfg.budget.stage, train_cfg.lora.r) == ("tiny", "lr_rank", 2)
+    assert train_cfg.paths.output_dir == str(tmp_path / "tiny" / "lr_rank" / "c0_r0")
