@@ -6,6 +6,7 @@ subprocess multiruns, SIGKILL runs and (automatically, below) every ``smollm2`` 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -16,6 +17,11 @@ from omegaconf import DictConfig, open_dict
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 REAL_DATA = ROOT.parent / "shared" / "data" / "lotka_volterra_data.h5"
+
+# Subprocesses (multiruns, submitit workers, import probes) run from temporary directories: put this checkout
+# first on their path, so they import the code under test even when the environment's editable install points
+# at another checkout of the repository.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -263,3 +263,11 @@ def test_evaluation_logs_metrics_plots_and_the_baselines_table(sim_cache, tmp_pa
     for got, want in zip(stored["data"], rows, strict=True):
         nan = [math.nan if v is None else v for v in want[1:]]
         assert [math.nan if v is None else v for v in got[1:]] == pytest.approx(nan, nan_ok=True), got[0]
+
+
+def test_an_evaluation_joins_the_group_of_the_run_it_evaluates(tiny_wandb_run, sim_cache, tmp_path):
+    out, _ = tiny_wandb_run
+    evaluate(compose_eval([f"run_dir={out}", "max_systems=2", "baselines=[]", "forecast.batch_size=2",
+                           "logger=wandb"], tmp_path, sim_cache))
+    (run_dir,) = offline_runs(tmp_path)
+    assert (read_run(run_dir).job_type, read_run(run_dir).group) == ("evaluate", "solo")

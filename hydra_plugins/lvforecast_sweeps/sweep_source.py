@@ -8,6 +8,9 @@ checkout's ``conf/``, beside ``train.py``), so ``python train.py -m sweep=lr_ran
 directory, with an editable or a regular install.
 
 ``LVFORECAST_SWEEPS_DIR`` points at another directory of sweep files.
+
+The study presets (``studies/*.yaml``, one file per study, read by ``python study.py study=NAME``) are served the
+same way, as the group ``study``: they are not options of ``conf/train.yaml``, so they stay out of ``conf/``.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ def sweeps_dir(conf_dir: Path) -> Path | None:
 class SweepsConfigSource(ConfigSource):
     """``lvsweeps://DIR``: DIR's yaml files as options of the group ``sweep`` (nothing else)."""
 
+    group = GROUP
+
     @staticmethod
     def scheme() -> str:
         return "lvsweeps"
@@ -48,14 +53,14 @@ class SweepsConfigSource(ConfigSource):
     def _file(self, config_path: str) -> Path | None:
         """The file behind ``sweep/NAME[.yaml]``, or None for any other path."""
         group, _, name = config_path.partition("/")
-        if group != GROUP or not name or "/" in name:
+        if group != self.group or not name or "/" in name:
             return None
         return Path(self.path) / self._normalize_file_name(name)
 
     def load_config(self, config_path: str) -> ConfigResult:
         path = self._file(config_path)
         if path is None or not path.is_file():
-            raise ConfigLoadError(f"Config not found: {config_path} (sweep files live in {self.path})")
+            raise ConfigLoadError(f"Config not found: {config_path} ({self.group} files live in {self.path})")
         text = path.read_text(encoding="utf-8")
         return ConfigResult(config=OmegaConf.create(text) if text.strip() else OmegaConf.create(),
                             path=self.full_path(), provider=self.provider, header=self._get_header_dict(text[:512]))
@@ -64,7 +69,7 @@ class SweepsConfigSource(ConfigSource):
         return Path(self.path).is_dir()
 
     def is_group(self, config_path: str) -> bool:
-        return config_path.strip("/") in ("", GROUP) and self.available()
+        return config_path.strip("/") in ("", self.group) and self.available()
 
     def is_config(self, config_path: str) -> bool:
         path = self._file(config_path)
@@ -73,10 +78,20 @@ class SweepsConfigSource(ConfigSource):
     def list(self, config_path: str, results_filter: ObjectType | None) -> list[str]:
         config_path = config_path.strip("/")
         if config_path == "":
-            return [GROUP] if results_filter in (None, ObjectType.GROUP) and self.available() else []
-        if config_path != GROUP or results_filter == ObjectType.GROUP or not self.available():
+            return [self.group] if results_filter in (None, ObjectType.GROUP) and self.available() else []
+        if config_path != self.group or results_filter == ObjectType.GROUP or not self.available():
             return []
         return sorted(p.stem for p in Path(self.path).glob("*.yaml"))
+
+
+class StudiesConfigSource(SweepsConfigSource):
+    """``lvstudies://DIR``: DIR's yaml files as options of the group ``study`` (``python study.py study=NAME``)."""
+
+    group = "study"
+
+    @staticmethod
+    def scheme() -> str:
+        return "lvstudies"
 
 
 class SweepsSearchPath(SearchPathPlugin):
@@ -92,4 +107,7 @@ class SweepsSearchPath(SearchPathPlugin):
             directory = sweeps_dir(Path(path))
             if directory is not None:
                 search_path.append(provider="lvforecast-sweeps", path=f"lvsweeps://{directory}")
+                studies = Path(path).resolve().parent / "studies"
+                if studies.is_dir():
+                    search_path.append(provider="lvforecast-studies", path=f"lvstudies://{studies}")
                 return

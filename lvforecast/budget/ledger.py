@@ -238,7 +238,7 @@ class Ledger:
     # -- the API the training callback uses --------------------------------------------------------------------
 
     def open_run(self, name: str, planned_flops: float, sweep: str | None = None, config_hash: str | None = None,
-                 plan: dict[str, Any] | None = None) -> int:
+                 plan: dict[str, Any] | None = None, study: str | None = None, stage: str | None = None) -> int:
         """Reserve ``planned_flops`` for a new run owned by this process, or refuse it.
 
         Runs of this machine whose owner process is gone are first marked ``crashed`` (their unused reservations
@@ -252,6 +252,8 @@ class Ledger:
             config_hash: hash of the resolved config, to match ledger rows with runs.
             plan: JSON-serialisable breakdown of the plan (steps, per-step FLOPs, ...), stored and quoted in the
                 refusal message.
+            study: the study the run belongs to (``python study.py`` sets it), for the report's grouping.
+            stage: the study's stage (``lr_rank``, ``final``, ...), for Table 12 per stage.
 
         Returns:
             The run id to pass to :meth:`charge` and :meth:`finish`.
@@ -263,7 +265,7 @@ class Ledger:
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
         planned = as_flops(planned_flops, "planned_flops")
-        for what, value in (("sweep", sweep), ("config_hash", config_hash)):
+        for what, value in (("sweep", sweep), ("config_hash", config_hash), ("study", study), ("stage", stage)):
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"{what} must be a string or None, got {value!r}")
         if plan is not None and not isinstance(plan, dict):
@@ -281,11 +283,12 @@ class Ledger:
             fits = planned <= self.budget - spent - others
             now = time.time()
             cur = conn.execute(
-                "INSERT INTO runs (name, sweep, config_hash, host, boot_id, pid, pid_start, status, planned_flops, "
-                "reserved_flops, plan_json, started_at, ended_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, sweep, config_hash, socket.gethostname(), boot_id(), pid, stat[1] if stat else None,
-                 "running" if fits else "refused", planned, planned if fits else 0, plan_json, now,
-                 None if fits else now),
+                "INSERT INTO runs (name, sweep, study, stage, config_hash, host, boot_id, pid, pid_start, status, "
+                "planned_flops, reserved_flops, plan_json, started_at, ended_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, sweep, study, stage, config_hash, socket.gethostname(), boot_id(), pid,
+                 stat[1] if stat else None, "running" if fits else "refused", planned, planned if fits else 0,
+                 plan_json, now, None if fits else now),
             )
             run_id = cur.lastrowid
         if not fits:
@@ -409,9 +412,9 @@ class Ledger:
         """All runs, oldest first, with their charged FLOPs and, for running ones, whether the owner is alive.
 
         Returns:
-            One dict per run: id, name, sweep, config_hash, host, pid, status, planned_flops, reserved_flops,
-            charged_flops, owner_alive (None unless running), plan (dict or None), started_at, ended_at (Unix
-            seconds).
+            One dict per run: id, name, sweep, study, stage, config_hash, host, pid, status, planned_flops,
+            reserved_flops, charged_flops, owner_alive (None unless running), plan (dict or None), started_at,
+            ended_at (Unix seconds).
         """
         with self._transaction(immediate=False) as conn:
             return store.run_records(conn)
@@ -451,8 +454,9 @@ class Ledger:
         Refused attempts spent nothing and are listed apart, not as rows.
 
         Returns:
-            ``{"ledger", "budget", "runs": [row...], "totals": {...}, "reserved_outstanding", "remaining",
-            "refused": [...]}``. A row holds id, name, sweep, status, planned, train, val, inference (test +
+            ``{"ledger", "budget", "runs": [row...], "stages": [stage...], "totals": {...},
+            "reserved_outstanding", "remaining", "refused": [...]}``. A row holds id, name, sweep, study, stage,
+            status, planned, train, val, inference (test +
             generate), total (FLOPs, ints) and share (total / budget, a fraction).
         """
         with self._transaction(immediate=False) as conn:

@@ -198,6 +198,19 @@ def trainer_setting(trainer_cfg: DictConfig, key: str) -> Any:
     return LIGHTNING_DEFAULTS[key] if value is None else value
 
 
+def resume_step(ckpt_path: str | None) -> int:
+    """The optimizer step a run resumed from ``ckpt_path`` starts at (0 without a checkpoint).
+
+    Only the loop counter is read; a Lightning checkpoint of a LoRA run holds the adapter and optimizer, not the
+    base weights, so this is a small read.
+    """
+    if not ckpt_path:
+        return 0
+    import torch
+
+    return int(torch.load(ckpt_path, map_location="cpu", weights_only=False).get("global_step", 0))
+
+
 def world_size(trainer_cfg: DictConfig) -> int:
     """Ranks of a run: ``trainer.devices`` (a count or a list of device ids) x ``trainer.num_nodes``."""
     devices = trainer_cfg.get("devices")
@@ -357,9 +370,12 @@ def reserved_flops(cfg: DictConfig, plan: Plan) -> int:
 
 
 def plan_config(cfg: DictConfig, val_batch_shapes: list[tuple[int, int]] | list[list[tuple[int, int]]], *,
-                epoch_batches: int | None = None, start_step: int = 0
+                epoch_batches: int | None = None, start_step: int | None = None
                 ) -> tuple[Plan, ModelShape, LoRASpec, Conventions]:
     """The plan of a composed training config, with the shape, LoRA spec and conventions it was made with.
+
+    A run resumed with ``ckpt_path`` plans only the steps after the checkpoint's (``start_step=None`` reads it
+    from the checkpoint); a search planning a continuation that does not exist yet passes ``start_step``.
 
     ``model.head=alphabet`` prices the head, logit bias and loss over the alphabet's rows
     (``LoRASpec.head_rows``); the reservation carries that spec, so the FLOP budget callback charges the same.
@@ -372,6 +388,7 @@ def plan_config(cfg: DictConfig, val_batch_shapes: list[tuple[int, int]] | list[
     lora = LoRASpec(rank=cfg.lora.r, targets=tuple(cfg.lora.target_modules), logit_bias=cfg.lora.train_logit_bias,
                     head_rows=ALPHABET_SIZE if cfg.model.head == "alphabet" else None)
     conventions = Conventions(**cfg.budget.conventions)
+    start = resume_step(cfg.get("ckpt_path")) if start_step is None else start_step
     plan = plan_run(cfg, val_batch_shapes, shape, lora, conventions, epoch_batches=epoch_batches,
-                    start_step=start_step)
+                    start_step=start)
     return plan, shape, lora, conventions

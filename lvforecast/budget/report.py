@@ -1,7 +1,7 @@
 """The study's spend report (Table 12) from the FLOP ledger: markdown table, bar chart, run listing.
 
 :func:`format_report_markdown` renders :meth:`lvforecast.budget.ledger.Ledger.report` as markdown,
-:func:`plot_report` draws spend per run next to the study total against the budget (a
+:func:`plot_report` draws spend per run and per stage next to the study total against the budget (a
 :class:`matplotlib.figure.Figure`, no pyplot state), :func:`write_report` writes both (``report.md`` and
 ``budget_report.png``) and :func:`format_runs` lists the runs with their owners for ``lvforecast budget show``.
 
@@ -37,27 +37,61 @@ def _run_label(row: dict[str, Any]) -> str:
     return f"#{row['id']} {row['name']}"
 
 
+def stage_label(stage: dict[str, Any]) -> str:
+    """``study/stage`` of a :meth:`Ledger.report` stage row; ``(no stage)`` for runs recorded without one."""
+    if stage["stage"] is None:
+        return "(no stage)"
+    return f"{stage['study']}/{stage['stage']}" if stage["study"] else str(stage["stage"])
+
+
+def format_stages_markdown(report: dict[str, Any]) -> str:
+    """Table 12 per stage: one row per (study, stage) with its runs, spend and share, and the study total.
+
+    Args:
+        report: the dict from :meth:`Ledger.report`.
+    """
+    lines = ["Table 12: FLOPs spent per stage. Inference = test + generation.", "",
+             "| stage | runs | training | validation | inference | total | share of budget |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for g in report["stages"]:
+        lines.append(f"| {stage_label(g)} | {len(g['runs'])} | {_fmt(g['train'])} | {_fmt(g['val'])} "
+                     f"| {_fmt(g['inference'])} | {_fmt(g['total'])} | {_fmt_share(g['share'])} |")
+    t = report["totals"]
+    lines.append(f"| **total** | {len(report['runs'])} | {_fmt(t['train'])} | {_fmt(t['val'])} "
+                 f"| {_fmt(t['inference'])} | **{_fmt(t['total'])}** | **{_fmt_share(t['share'])}** |")
+    lines.append(f"| budget | | | | | {_fmt(report['budget'])} | 100.00% |")
+    return "\n".join(lines) + "\n"
+
+
 def format_report_markdown(report: dict[str, Any]) -> str:
-    """Render :meth:`Ledger.report` as the markdown Table 12.
+    """Render :meth:`Ledger.report` as the markdown Table 12: per stage, then every run under its stage.
 
     Args:
         report: the dict from :meth:`Ledger.report`.
 
     Returns:
-        Markdown: a caption, the table (run | sweep | status | training | validation | inference | total | share
-        of budget) with total, reserved (when runs are live), budget and remaining rows, and a refused-attempts
-        note.
+        Markdown: the per-stage table (:func:`format_stages_markdown`), then a caption and the run table (run |
+        sweep | status | training | validation | inference | total | share of budget), its runs under a row
+        naming their stage when any run has one, with total, reserved (when runs are live), budget and
+        remaining rows, and a refused-attempts note.
     """
     budget = report["budget"]
     lines = [
-        f"Table 12: FLOPs spent per run (ledger `{report['ledger']}`). Inference = test + generation.",
+        format_stages_markdown(report),
+        f"FLOPs spent per run (ledger `{report['ledger']}`), under their stage. Inference = test + generation.",
         "",
         "| run | sweep | status | training | validation | inference | total | share of budget |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    for r in report["runs"]:
-        lines.append(f"| {_run_label(r)} | {r['sweep'] or ''} | {r['status']} | {_fmt(r['train'])} | {_fmt(r['val'])} "
-                     f"| {_fmt(r['inference'])} | {_fmt(r['total'])} | {_fmt_share(r['share'])} |")
+    by_id = {r["id"]: r for r in report["runs"]}
+    staged = any(g["stage"] is not None for g in report["stages"])
+    for g in report["stages"]:
+        if staged:
+            lines.append(f"| *{stage_label(g)}* | | | | | | | |")
+        for r in (by_id[i] for i in g["runs"]):
+            lines.append(f"| {_run_label(r)} | {r['sweep'] or ''} | {r['status']} | {_fmt(r['train'])} "
+                         f"| {_fmt(r['val'])} | {_fmt(r['inference'])} | {_fmt(r['total'])} "
+                         f"| {_fmt_share(r['share'])} |")
     t = report["totals"]
     lines.append(f"| **total** | | | {_fmt(t['train'])} | {_fmt(t['val'])} | {_fmt(t['inference'])} "
                  f"| **{_fmt(t['total'])}** | **{_fmt_share(t['share'])}** |")
@@ -103,9 +137,10 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     labels = {"train": "training", "val": "validation", "inference": "inference"}
     runs = report["runs"]
     budget = report["budget"]
-    fig = Figure(figsize=(11, max(3.5, 0.35 * len(runs) + 2.0)), layout="constrained")
-    grid = fig.add_gridspec(1, 2, width_ratios=[4, 1])
-    ax, ax_total = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
+    fig = Figure(figsize=(15, max(3.5, 0.35 * len(runs) + 2.0)), layout="constrained")
+    grid = fig.add_gridspec(1, 3, width_ratios=[4, 2.5, 1])
+    ax, ax_stage, ax_total = fig.add_subplot(grid[0]), fig.add_subplot(grid[1]), fig.add_subplot(grid[2])
+    _plot_stages(ax_stage, report, colors, labels)
 
     if runs:
         y = list(range(len(runs)))
@@ -146,6 +181,27 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     return out
+
+
+def _plot_stages(ax: Any, report: dict[str, Any], colors: dict[str, str], labels: dict[str, str]) -> None:
+    """Spend per stage as stacked horizontal bars, against the budget (a dashed line)."""
+    stages = report["stages"]
+    budget = report["budget"]
+    y = list(range(len(stages)))
+    left = [0.0] * len(stages)
+    for key in ("train", "val", "inference"):
+        widths = [float(g[key]) for g in stages]
+        ax.barh(y, widths, left=left, color=colors[key], label=labels[key])
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    for yi, g in zip(y, stages, strict=True):
+        ax.text(g["total"], yi, f" {_fmt_share(g['share'])}", va="center", fontsize=8)
+    ax.axvline(budget, color="red", linestyle="--", label=f"budget {_fmt(budget)}")
+    ax.set_yticks(y, [stage_label(g) for g in stages], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(budget, max(left, default=0.0)) * 1.15)
+    ax.set_xlabel("FLOPs")
+    ax.set_title("spend per stage vs budget")
+    ax.legend(loc="lower right", fontsize=7)
 
 
 def write_report(ledger: Ledger, out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:

@@ -51,14 +51,15 @@ class Reservation:
     @classmethod
     def open(cls, ledger: Ledger, name: str, plan: Any, shape: ModelShape, lora: LoRASpec | None,
              conventions: Conventions, *, reserve: int | None = None, sweep: str | None = None,
-             config_hash: str | None = None) -> Reservation:
+             config_hash: str | None = None, study: str | None = None, stage: str | None = None) -> Reservation:
         """Reserve ``reserve`` (default: the plan's total) FLOPs as a new ledger run.
 
         Raises:
             lvforecast.budget.ledger.BudgetExceededError: The ledger cannot cover it (recorded as ``refused``).
         """
         flops = int(plan.total if reserve is None else reserve)
-        run_id = ledger.open_run(name, flops, sweep=sweep, config_hash=config_hash, plan=plan.as_dict())
+        run_id = ledger.open_run(name, flops, sweep=sweep, config_hash=config_hash, plan=plan.as_dict(), study=study,
+                                 stage=stage)
         return cls(plan=plan, shape=shape, lora=lora, conventions=conventions, ledger=ledger, run_id=run_id,
                    reserved=flops)
 

@@ -22,7 +22,12 @@ from lvforecast.budget.liveness import owner_alive
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Columns added after version 1, by the version that added them: an older file gets them (NULL in its old rows)
+# when it is next opened, so old ledgers keep opening.
+MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {
+    2: (("runs", "study", "TEXT"), ("runs", "stage", "TEXT")),  # the study and stage a run belongs to (Table 12)
+}
 KINDS = ("train", "val", "test", "generate")
 RUN_STATUSES = ("running", "finished", "budget_exhausted", "crashed", "failed", "refused")
 
@@ -41,6 +46,8 @@ CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT NOT NULL,
     sweep TEXT,
+    study TEXT,
+    stage TEXT,
     config_hash TEXT,
     host TEXT NOT NULL,
     boot_id TEXT,
@@ -115,11 +122,31 @@ def create_study(conn: sqlite3.Connection, budget: int | None, created_by: str) 
         if statement.strip():
             conn.execute(statement)
     row = conn.execute("SELECT budget_flops, schema_version FROM study").fetchone()
+    if row is not None and row[1] < SCHEMA_VERSION:
+        row = (row[0], migrate(conn, row[1]))
     if row is None and budget is not None:
         row = (budget, SCHEMA_VERSION)
         conn.execute("INSERT INTO study (id, budget_flops, schema_version, created_at, created_by) "
                      "VALUES (1, ?, ?, ?, ?)", (budget, SCHEMA_VERSION, time.time(), created_by))
     return row
+
+
+def migrate(conn: sqlite3.Connection, version: int) -> int:
+    """Bring a ledger of schema ``version`` up to :data:`SCHEMA_VERSION` (inside the caller's write transaction).
+
+    Only nullable columns are ever added, so old rows stay valid and old charges keep their meaning.
+
+    Returns:
+        The new schema version.
+    """
+    for step in range(version + 1, SCHEMA_VERSION + 1):
+        for table, column, kind in MIGRATIONS.get(step, ()):
+            have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+    conn.execute("UPDATE study SET schema_version = ?", (SCHEMA_VERSION,))
+    logger.info("ledger schema migrated from version %d to %d", version, SCHEMA_VERSION)
+    return SCHEMA_VERSION
 
 
 # -- connections ----------------------------------------------------------------------------------------------
@@ -259,13 +286,13 @@ def spend_by_run(conn: sqlite3.Connection) -> list[sqlite3.Row]:
     """Every run, oldest first, with its charges summed by report column (train, val, inference = test + generate).
 
     Returns:
-        Rows with id, name, sweep, status, config_hash, planned_flops, train, val, inference, charged_steps and
-        seconds.
+        Rows with id, name, sweep, study, stage, status, config_hash, planned_flops, train, val, inference,
+        charged_steps and seconds.
     """
     cur = conn.cursor()
     cur.row_factory = sqlite3.Row
     return cur.execute(
-        "SELECT r.id, r.name, r.sweep, r.status, r.config_hash, r.planned_flops, "
+        "SELECT r.id, r.name, r.sweep, r.study, r.stage, r.status, r.config_hash, r.planned_flops, "
         "COALESCE(SUM(CASE WHEN c.kind = 'train' THEN c.flops END), 0) AS train, "
         "COALESCE(SUM(CASE WHEN c.kind = 'val' THEN c.flops END), 0) AS val, "
         "COALESCE(SUM(CASE WHEN c.kind IN ('test', 'generate') THEN c.flops END), 0) AS inference, "
@@ -307,12 +334,13 @@ def spend_table(conn: sqlite3.Connection, budget: int) -> dict[str, Any]:
     table, refused = [], []
     for row in rows:
         if row["status"] == "refused":
-            refused.append({"id": row["id"], "name": row["name"], "sweep": row["sweep"],
-                            "planned": row["planned_flops"]})
+            refused.append({"id": row["id"], "name": row["name"], "sweep": row["sweep"], "study": row["study"],
+                            "stage": row["stage"], "planned": row["planned_flops"]})
             continue
         total = row["train"] + row["val"] + row["inference"]
         table.append({
-            "id": row["id"], "name": row["name"], "sweep": row["sweep"], "status": row["status"],
+            "id": row["id"], "name": row["name"], "sweep": row["sweep"], "study": row["study"],
+            "stage": row["stage"], "status": row["status"],
             "config_hash": row["config_hash"], "planned": row["planned_flops"], "train": row["train"],
             "val": row["val"], "inference": row["inference"], "total": total, "share": total / budget,
             "seconds": row["seconds"],
@@ -322,6 +350,7 @@ def spend_table(conn: sqlite3.Connection, budget: int) -> dict[str, Any]:
     return {
         "budget": budget,
         "runs": table,
+        "stages": spend_by_stage(table, budget),
         "totals": totals,
         "reserved_outstanding": reserved,
         "remaining": budget - totals["total"] - reserved,
@@ -369,3 +398,22 @@ def on_network_filesystem(path: Path, mounts: str = "/proc/mounts") -> str | Non
     """The network filesystem type ``path`` lives on (``nfs4``, ``lustre``, ...), or None."""
     fstype = filesystem_of(path, mounts)
     return fstype if fstype in NETWORK_FILESYSTEMS else None
+
+
+def spend_by_stage(rows: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
+    """Table 12 per stage: the runs of :func:`spend_table` summed by (study, stage), in order of first run.
+
+    Runs recorded without a stage (single commands, ledgers older than schema 2) form the stage ``None``.
+
+    Returns:
+        One dict per stage: study, stage, runs (their ids), train, val, inference, total and share.
+    """
+    groups: dict[tuple[str | None, str | None], dict[str, Any]] = {}
+    for row in rows:
+        g = groups.setdefault((row["study"], row["stage"]), {
+            "study": row["study"], "stage": row["stage"], "runs": [], "train": 0, "val": 0, "inference": 0,
+            "total": 0})
+        g["runs"].append(row["id"])
+        for key in ("train", "val", "inference", "total"):
+            g[key] += row[key]
+    return [{**g, "share": g["total"] / budget} for g in groups.values()]

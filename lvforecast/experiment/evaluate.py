@@ -14,10 +14,11 @@ The flow is load -> reserve -> forecast -> score -> write, one function each:
   (value / the series' scale) and in original units.
 * **write** (:func:`_write`): ``metrics.json`` (per method, model and each baseline: aggregates per variable
   in encoded and original units, per behaviour class; parse failures; FLOPs charged), ``per_system.csv``,
-  ``report.md`` (the study's table for its four example systems plus the whole-split aggregates and model vs
-  baselines) and PNGs: ``examples.png``, ``running_mse.png``, ``error_by_horizon.png`` and
-  ``model_vs_baselines.png``. With ``logger=wandb`` the headline metrics, the PNGs and the model-vs-baselines
-  table also go to a W&B run of job type ``evaluate`` (:func:`lvforecast.tracking.log_evaluation`).
+  ``forecasts.npz`` (the model's raw forecasts, the series and the per-system running MSE), ``report.md`` (the
+  study's table for its four example systems plus the whole-split aggregates and model vs baselines) and PNGs:
+  ``examples.png``, ``running_mse.png``, ``error_by_horizon.png`` and ``model_vs_baselines.png``. With
+  ``logger=wandb`` the headline metrics, the PNGs and the model-vs-baselines table also go to a W&B run of job
+  type ``evaluate`` (:func:`lvforecast.tracking.log_evaluation`).
 
 Which model: with ``run_dir`` the training run's resolved ``config.yaml`` gives the base model, the encoding
 and the LoRA shape, its ``split.json`` the test systems and its ``adapter/`` the weights; without it the
@@ -99,6 +100,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return _write(cfg, out, source, inputs, forecasts, metrics)
 
 
+def plan_generation(cfg: DictConfig, trained: DictConfig | None = None) -> int:
+    """The FLOPs an evaluation reserves, without loading weights (what a study plans before it runs).
+
+    Args:
+        cfg: The composed ``conf/evaluate.yaml``.
+        trained: The composed train config of a run that does not exist yet: its model, data and LoRA rank price
+            the generation. None: ``cfg`` itself (its ``run_dir``, or the untrained model).
+    """
+    source = _source(cfg) if trained is None else _Source(model=trained.model, data=trained.data,
+                                                           lora=trained.lora)
+    return _generation_plan(cfg, source, _load(cfg, source)).plan.total
+
+
 def _source(cfg: DictConfig) -> _Source:
     """The configured model and data, or with ``run_dir`` those of the training run, checked complete."""
     if not cfg.run_dir:
@@ -167,7 +181,7 @@ def _reserve(cfg: DictConfig, source: _Source, priced: _PricedPlan) -> Reservati
     ledger = Ledger(cfg.budget.ledger_path, budget=cfg.budget.total_flops, journal_mode=cfg.budget.journal_mode)
     name = f"evaluate:{cfg.run_dir or source.model.loader._target_.rsplit('.', 1)[-1]}"
     reservation = Reservation.open(ledger, name, priced.plan, priced.shape, priced.lora, priced.conventions,
-                                   sweep=cfg.get("sweep_name"))
+                                   sweep=cfg.get("sweep_name"), study=cfg.budget.study, stage=cfg.budget.stage)
     log.info("generation FLOPs reserved (upper bound): %.4e as run %d", priced.plan.total, reservation.run_id)
     return reservation
 
@@ -281,6 +295,11 @@ def _write(cfg: DictConfig, out: Path, source: _Source, inputs: EvaluationInputs
     pngs = write_plots(out, systems, inputs.series, inputs.context_steps, forecasts.by_method, methods,
                        list(cfg.examples))
     write_report(out / "report.md", summary, methods, systems, list(cfg.examples))
+    # The model's raw forecasts, for figures across evaluations (the study report draws several models at once).
+    np.savez_compressed(out / "forecasts.npz", systems=np.asarray(systems), examples=np.asarray(list(cfg.examples)),
+                        series=inputs.series, context_steps=inputs.context_steps,
+                        forecast=forecasts.by_method["model"],
+                        running_mse=np.asarray(methods["model"]["encoded"]["running_mse"], dtype=float))
     log_evaluation(cfg, out, summary, pngs)
     log.info("evaluation directory: %s (%d systems, %d parse failures, %.3e FLOPs)", out, len(systems),
              result.parse_failures, result.flops)

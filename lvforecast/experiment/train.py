@@ -18,7 +18,15 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lvforecast.budget.ledger import Ledger, remaining_in
-from lvforecast.budget.planning import Plan, config_problems, plan_config, reserved_flops, token_counts, world_size
+from lvforecast.budget.planning import (
+    Plan,
+    config_problems,
+    plan_config,
+    reserved_flops,
+    resume_step,
+    token_counts,
+    world_size,
+)
 from lvforecast.budget.reservation import Reservation
 from lvforecast.budget.shapes import Conventions, LoRASpec, ModelShape
 from lvforecast.threads import resolve_threads, torch_threads
@@ -51,7 +59,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         problems.append(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
     elif cfg.get("ckpt_path") and isinstance(max_steps, int):
-        step = checkpoint_step(cfg.ckpt_path)
+        step = resume_step(cfg.ckpt_path)
         if max_steps <= step:
             problems.append(f"trainer.max_steps={max_steps}: the checkpoint {cfg.ckpt_path} is at step {step}, so "
                             f"resuming needs trainer.max_steps > {step} (it counts from the first run's start)")
@@ -106,7 +114,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             return _fit(cfg, datamodule, None, out, start)
     _check_planning_tokens(cfg, datamodule)
     ranks = world_size(cfg.trainer)
-    start_step = checkpoint_step(cfg.ckpt_path) if cfg.get("ckpt_path") else 0
+    start_step = resume_step(cfg.get("ckpt_path"))
     plan, shape, lora, conventions = plan_config(
         cfg, datamodule.val_batch_shapes(ranks), epoch_batches=datamodule.train_batches(ranks), start_step=start_step)
     reserve_flops = reserved_flops(cfg, plan)
@@ -169,7 +177,8 @@ def reserve(cfg: DictConfig, plan: Plan, shape: ModelShape, lora: LoRASpec, conv
     config_hash = hashlib.sha256(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest()[:16]
     name = cfg.budget.run_name or _hydra_overrides() or out.name
     reservation = Reservation.open(ledger, name, plan, shape, lora, conventions, reserve=reserved_flops(cfg, plan),
-                                   sweep=cfg.get("sweep_name"), config_hash=config_hash)
+                                   sweep=cfg.get("sweep_name"), config_hash=config_hash, study=cfg.budget.study,
+                                   stage=cfg.budget.stage)
     log.info("FLOP plan: %s; reserved %.4e as run %d in %s", plan.describe(), reservation.reserved,
              reservation.run_id, ledger.path)
     return reservation
@@ -329,13 +338,6 @@ def _final_validation(trainer: Any, module: Any, datamodule: Any, flop_cb: Any, 
         log.warning("FLOP budget: no final validation at step %d, it would not fit", trainer.global_step)
         return
     trainer.validate(module, datamodule=datamodule, verbose=False)
-
-
-def checkpoint_step(path: str | Path) -> int:
-    """The optimizer step a ``last.ckpt`` was written at (it holds only adapter tensors, so this loads no model)."""
-    import torch
-
-    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
 
 
 def distributed_rank(cfg: DictConfig) -> int:

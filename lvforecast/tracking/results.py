@@ -83,7 +83,8 @@ def log_evaluation(cfg: Any, output_dir: str | Path, summary: Mapping[str, Any],
         pngs: The evaluation's plots.
 
     Returns:
-        The W&B run id, or None when W&B is not configured.
+        The W&B run id, or None when W&B is not configured. The run's group is ``logger.wandb.group``, else the
+        group of the training run it evaluates (``run_dir``).
     """
     from omegaconf import OmegaConf
 
@@ -93,7 +94,9 @@ def log_evaluation(cfg: Any, output_dir: str | Path, summary: Mapping[str, Any],
         return None
     import wandb
 
-    with _one_run(node) as run:
+    # An evaluation of a trained run joins that run's group (its sweep or study) unless given its own.
+    group = node.get("group") or (_trained_group(Path(cfg.run_dir)) if cfg.get("run_dir") else None)
+    with _one_run(node, **({"group": group} if group else {})) as run:
         run.config.update(OmegaConf.to_container(cfg, resolve=True), allow_val_change=True)
         columns, rows = evaluation_table(summary)
         headline = evaluation_headline(summary)
@@ -103,6 +106,17 @@ def log_evaluation(cfg: Any, output_dir: str | Path, summary: Mapping[str, Any],
         run_id = run.id
     log.info("W&B: evaluation of %s logged as run %s", output_dir, run_id)
     return run_id
+
+
+def _trained_group(run_dir: Path) -> str | None:
+    """The W&B group of the training run in ``run_dir`` (its resolved config's), or its sweep name."""
+    from omegaconf import OmegaConf
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    cfg = OmegaConf.load(path)
+    return OmegaConf.select(cfg, "logger.wandb.group", default=None) or cfg.get("sweep_name")
 
 
 def log_sweep_summary(wandb_cfg: Any, table_file: str | Path, curves: str | Path,

@@ -40,6 +40,9 @@ class BudgetPreflight(Callback):
             jobs = compose_jobs(config)
         except Exception as err:  # a job that cannot be composed would fail anyway: refuse before any starts
             raise SystemExit(f"multirun refused before launch: a job's config cannot be composed: {err}") from err
+        if jobs is None and str(config.hydra.sweeper.get("_target_", "")).endswith("HalvingSweeper"):
+            self._halving(config)
+            return
         if jobs is None:
             log.warning("sweeper %s: jobs unknown before launch, no pre-flight budget check (each job still "
                         "reserves its plan)", config.hydra.sweeper.get("_target_"))
@@ -61,6 +64,27 @@ class BudgetPreflight(Callback):
         write_csv(sweep_dir / PLAN_CSV, [{k: v for k, v in r.items() if k != "dry_run"} for r in rows])
 
 
+    @staticmethod
+    def _halving(config: DictConfig) -> None:
+        """The same checks for a successive-halving bracket, against its worst case."""
+        from lvforecast.experiment.sweeps.halving_plan import format_halving_plan, plan_halving
+
+        try:
+            rows, total = plan_halving(config)
+        except Exception as err:
+            raise SystemExit(f"multirun refused before launch: {err}") from err
+        text, fits = format_halving_plan(rows, total)
+        print(text, flush=True)
+        if any(r["dry_run"] for r in rows):
+            raise SystemExit(0)
+        if not fits:
+            raise SystemExit("multirun refused before launch: the bracket's worst case exceeds what the ledger has "
+                             "left (table above); lower hydra.sweeper.min_steps or max_steps, or sweep fewer values")
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        write_csv(sweep_dir / PLAN_CSV, [{k: v for k, v in r.items() if k != "dry_run"} for r in rows])
+
+
 def plan_jobs(jobs: list[tuple[list[str], DictConfig]]) -> list[dict[str, Any]]:
     """One row per job: its overrides, planned FLOPs and the ledger it will reserve them in.
 
@@ -76,8 +100,8 @@ def plan_jobs(jobs: list[tuple[list[str], DictConfig]]) -> list[dict[str, Any]]:
     """
     from hydra.utils import instantiate
 
-    from lvforecast.budget.planning import plan_config, reserved_flops, world_size
-    from lvforecast.experiment.train import checkpoint_step, validate_train_config
+    from lvforecast.budget.planning import plan_config, reserved_flops, resume_step, world_size
+    from lvforecast.experiment.train import validate_train_config
 
     shapes: dict[tuple[str, int], tuple[Any, int]] = {}
     rows = []
@@ -98,7 +122,7 @@ def plan_jobs(jobs: list[tuple[list[str], DictConfig]]) -> list[dict[str, Any]]:
             datamodule = instantiate(cfg.data)
             datamodule.prepare_texts()
             shapes[key] = (datamodule.val_batch_shapes(ranks), datamodule.train_batches(ranks))
-        start_step = checkpoint_step(cfg.ckpt_path) if cfg.get("ckpt_path") else 0
+        start_step = resume_step(cfg.get("ckpt_path"))
         plan = plan_config(cfg, shapes[key][0], epoch_batches=shapes[key][1], start_step=start_step)[0]
         rows.append({"job": num, **settings, "overrides": " ".join(job), "planned_flops": reserved_flops(cfg, plan),
                      "ledger": str(Path(cfg.budget.ledger_path).resolve()),

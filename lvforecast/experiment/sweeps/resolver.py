@@ -51,6 +51,9 @@ def best_from(path: Any, key: str) -> Any:
     scored = [r for r in rows if r.get("status") in COMPLETED and r.get("final_val_loss")]
     if not scored:
         raise ValueError(f"best_from={str(path)!r}: no finished job with a validation loss in {file}")
+    marked = [r for r in scored if r.get("best") == "True"]
+    if rows and "rung" in rows[0] and marked:  # successive halving: the winner of the last rung
+        return parse_cell(marked[0][key])
     best = min(scored, key=lambda r: float(r["final_val_loss"]))
     return parse_cell(best[key])
 

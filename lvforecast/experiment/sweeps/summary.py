@@ -87,7 +87,8 @@ def summarize_sweep(sweep_dir: Path, jobs: list[list[str]] | None = None) -> lis
         found[int(record["num"])] = record
     if jobs is None:
         jobs = [found[n]["overrides"] for n in sorted(found)]
-    keys = varying_keys(jobs) if jobs else []
+    halving = _halving_record(sweep_dir)
+    keys = halving["params"] if halving else varying_keys(jobs) if jobs else []
     rows = []
     curves: dict[int, list[tuple[int, float]]] = {}
     for num, job in enumerate(jobs):
@@ -96,11 +97,17 @@ def summarize_sweep(sweep_dir: Path, jobs: list[list[str]] | None = None) -> lis
         rows.append(_job_row(num, job, keys, record, curves))
     finished = [r for r in rows if r["status"] in COMPLETED and r["final_val_loss"] != ""]
     best = min(finished, key=lambda r: r["final_val_loss"])["job"] if finished else None
+    if halving:  # the winner is the last rung's best, not the lowest loss of any rung
+        rung_of = {j["job"]: r["rung"] for r in halving["rungs"] for j in r["jobs"]}
+        for r in rows:
+            r["rung"] = rung_of.get(r["job"], "")
+        best = halving.get("winner", {}).get("job")
     for r in rows:
         r["best"] = r["job"] == best
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_csv(sweep_dir / SUMMARY_CSV, rows)
-    (sweep_dir / SUMMARY_MD).write_text(format_summary(rows, keys, sweep_dir))
+    (sweep_dir / SUMMARY_MD).write_text(format_summary(rows, keys, sweep_dir)
+                                        + (format_rungs(halving, rows) if halving else ""))
     labels = {r["job"]: f"job {r['job']}: " + ", ".join(f"{k.rsplit('.', 1)[-1]}={r[k]}" for k in keys) for r in rows}
     _plot_curves(sweep_dir / CURVES_PNG, curves, labels, best, f"{sweep_dir.parent.name}/{sweep_dir.name}")
     return rows
@@ -202,6 +209,34 @@ def _grid(rows: list[dict[str, Any]], keys: list[str]) -> str:
             cells.append(f"**{text}**" if r is not None and r["best"] else text)
         lines.append(f"| {va} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _halving_record(sweep_dir: Path) -> dict[str, Any] | None:
+    """The ``halving.json`` a ``hydra/sweeper=halving`` multirun wrote into ``sweep_dir``, or None."""
+    from lvforecast.experiment.halving import HALVING_FILE
+
+    path = sweep_dir / HALVING_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def format_rungs(halving: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """Markdown: every rung of a successive-halving sweep (configurations, losses, FLOPs, survivors), the winner."""
+    by_job = {r["job"]: r for r in rows}
+    lines = ["", f"## Successive halving (eta {halving['eta']})", "",
+             "| rung | steps | configurations (job: loss) | FLOPs | survivors |", "|---:|---:|---|---:|---|"]
+    for rung in halving["rungs"]:
+        losses = ", ".join(f"c{j['config']} (job {j['job']}): {_fmt(j['val_loss'], '.4f') or 'failed'}"
+                           for j in rung["jobs"])
+        flops = sum(by_job[j["job"]]["flops"] for j in rung["jobs"]
+                    if j["job"] in by_job and isinstance(by_job[j["job"]]["flops"], int))
+        lines.append(f"| {rung['rung']} | {rung['steps']} | {losses} | {flops:.3e} | "
+                     f"{', '.join(f'c{k}' for k in rung['survivors'])} |")
+    winner = halving.get("winner")
+    if winner:
+        lines += ["", f"Winner: c{winner['config']} (job {winner['job']}, "
+                  f"{' '.join(o for o in winner['overrides'] if o.partition('=')[0] in halving['params'])}), "
+                  f"final validation loss {_fmt(winner['val_loss'], '.4f')}."]
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(value: Any, spec: str) -> str:

@@ -1,0 +1,111 @@
+"""Successive halving with training steps (and so FLOPs) as the resource: the schedule and the selection.
+
+A bracket over ``n`` configurations with reduction factor ``eta`` trains every configuration for ``min_steps`` in
+rung 0, keeps the best ``n // eta`` (at least one) by validation loss, continues the survivors from their own
+checkpoints to ``min_steps * eta`` steps, and so on until ``max_steps``, where one configuration is left or the
+steps run out. No step is computed twice: rung ``i`` resumes each survivor from its checkpoint of rung ``i - 1``
+with ``trainer.max_steps`` raised. Each rung's steps must be a multiple of the validation interval, so every rung
+ends on a validation and the losses compared are fresh.
+
+Two drivers share this module: the Hydra sweeper ``hydra/sweeper=halving``
+(:mod:`hydra_plugins.lvforecast_sweeps.halving_sweeper`, jobs through the configured launcher) and the study's
+``method: halving`` search stage (:mod:`lvforecast.experiment.study`). Pure: no I/O, no Hydra.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+HALVING_FILE = "halving.json"
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One rung of a bracket.
+
+    Attributes:
+        index: 0 for the first rung.
+        steps: ``trainer.max_steps`` the rung's jobs train to (cumulative, from step 0).
+        start: The step its jobs resume at (the previous rung's ``steps``; 0 in rung 0).
+        size: How many configurations run in it.
+    """
+
+    index: int
+    steps: int
+    start: int
+    size: int
+
+
+def schedule(n_configs: int, min_steps: int, max_steps: int, eta: int = 3, step_multiple: int = 1) -> list[Rung]:
+    """The bracket's rungs: steps ``min_steps * eta**i`` (the last capped at ``max_steps``), sizes ``n // eta**i``.
+
+    Args:
+        n_configs: Configurations in rung 0.
+        min_steps: Steps of rung 0.
+        max_steps: Steps of the last rung.
+        eta: Reduction factor (keep the best 1/eta of each rung), >= 2.
+        step_multiple: Every rung's steps must be a multiple of it (the validation interval).
+
+    Returns:
+        The rungs, first to last.
+
+    Raises:
+        ValueError: A setting out of range (naming the key, its value and what is allowed).
+    """
+    problems = []
+    if n_configs < 1:
+        problems.append(f"configurations={n_configs}: need at least 1")
+    if not isinstance(eta, int) or eta < 2:
+        problems.append(f"eta={eta!r}: must be an integer >= 2")
+    if not isinstance(min_steps, int) or min_steps < 1:
+        problems.append(f"min_steps={min_steps!r}: must be an integer >= 1")
+    elif not isinstance(max_steps, int) or max_steps < min_steps:
+        problems.append(f"max_steps={max_steps!r}: must be an integer >= min_steps ({min_steps})")
+    if problems:
+        raise ValueError("invalid successive halving settings:\n  - " + "\n  - ".join(problems))
+    rungs: list[Rung] = []
+    steps, start, size = min_steps, 0, n_configs
+    while True:
+        steps = min(steps, max_steps)
+        rungs.append(Rung(index=len(rungs), steps=steps, start=start, size=size))
+        if steps >= max_steps:
+            break
+        start, steps, size = steps, steps * eta, max(size // eta, 1)
+        if size == 1:  # the last configuration left trains straight to the maximum
+            steps = max_steps
+    bad = [r.steps for r in rungs if r.steps % step_multiple]
+    if bad:
+        raise ValueError(f"min_steps={min_steps}, eta={eta}, max_steps={max_steps}: rung steps {bad} are not "
+                         f"multiples of the validation interval ({step_multiple}), so a rung would end between "
+                         f"validations; allowed: min_steps and max_steps multiples of {step_multiple}")
+    return rungs
+
+
+def select(losses: Mapping[int, float | None], keep: int) -> list[int]:
+    """The ``keep`` configurations with the lowest validation loss (ties by index); failed ones (None, NaN) last.
+
+    Args:
+        losses: Configuration index -> final validation loss of its job in this rung.
+        keep: How many survive.
+
+    Returns:
+        Survivor indices, best first; never a configuration without a loss.
+    """
+    scored = [(loss, i) for i, loss in losses.items() if loss is not None and not math.isnan(loss)]
+    return [i for _, i in sorted(scored)[:keep]]
+
+
+def worst_case(costs: Sequence[Sequence[int]], rungs: Sequence[Rung]) -> list[int]:
+    """The most a bracket can spend in each rung: the ``size`` most expensive continuations of that rung.
+
+    Args:
+        costs: ``costs[c][i]``: FLOPs configuration ``c`` spends in rung ``i`` (from ``rungs[i].start`` to
+            ``rungs[i].steps``).
+        rungs: The bracket (:func:`schedule`).
+
+    Returns:
+        One upper bound per rung; their sum is the bracket's worst case, whichever configurations survive.
+    """
+    return [sum(sorted((c[r.index] for c in costs), reverse=True)[: r.size]) for r in rungs]

@@ -1,0 +1,210 @@
+"""The study report, generated: ``study_report.md`` and its PNGs in the study directory.
+
+It holds the plan, every search stage's jobs (the lr x rank and context tables; for halving every rung with
+its configurations, losses, FLOPs and survivors, and the winner), the evaluations' headline metrics, Table 12 per
+stage from the ledger (with its chart, ``budget_report.png``), and the loss curve of every training job of every
+stage (``loss_curves.png``), the example systems' forecasts of every evaluation (``forecasts.png``: zero-shot,
+default, final) and their running MSE (``running_mse.png``). Each evaluation's own ``report.md`` and PNGs are
+linked.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from lvforecast.experiment.study.spec import Stage
+
+REPORT_MD, CURVES_PNG = "study_report.md", "loss_curves.png"
+FORECASTS_PNG, RUNNING_PNG = "forecasts.png", "running_mse.png"
+
+
+def _fmt(value: Any, spec: str = ".4f") -> str:
+    return "" if value is None else format(value, spec)
+
+
+def _jobs_table(record: dict[str, Any]) -> list[str]:
+    jobs = record["jobs"]
+    keys = list(jobs[0]["settings"]) if jobs else []
+    rung = "rung" in jobs[0] if jobs else False
+    cols = ["job", *(["rung"] if rung else []), *keys, "steps", "final val loss", "FLOPs"]
+    lines = ["| " + " | ".join(cols) + " |",
+             "|---|" + ("---:|" if rung else "") + "---|" * len(keys) + "---:|---:|---:|"]
+    winner_dir = record.get("run_dir")
+    for j in jobs:
+        loss = _fmt(j["val_loss"])
+        if j["run_dir"] == winner_dir:
+            loss = f"**{loss}**"
+        lines.append(f"| {j['job']} | " + (f"{j['rung']} | " if rung else "")
+                     + "".join(f"{j['settings'].get(k, '')} | " for k in keys)
+                     + f"{j['steps']} | {loss} | {_fmt(j['flops'], '.3e')} |")
+    return lines
+
+
+def _rungs_table(record: dict[str, Any]) -> list[str]:
+    lines = ["| rung | steps | configurations | losses | FLOPs | survivors |", "|---:|---:|---|---|---:|---|"]
+    for r in record["rungs"]:
+        losses = ", ".join(f"c{k}: {_fmt(v)}" for k, v in r["losses"].items())
+        lines.append(f"| {r['rung']} | {r['steps']} | {', '.join(f'c{k}' for k in r['configs'])} | {losses} | "
+                     f"{r['flops']:.3e} | {', '.join(f'c{k}' for k in r['survivors'])} |")
+    lines += ["", f"Winner: c{record['winner']} ({record['settings']})."]
+    return lines
+
+
+def _evaluations_table(out: Path, stages: list[Stage], done: dict[str, dict[str, Any]]) -> list[str]:
+    """Model vs model: each evaluation stage's headline metrics (encoded units, mean / median over systems)."""
+    import json
+
+    rows = []
+    for stage in stages:
+        path = Path(done.get(stage.name, {}).get("run_dir", "")) / "metrics.json"
+        if stage.kind != "evaluate" or not path.is_file():
+            continue
+        summary = json.loads(path.read_text())
+        m = summary["methods"]["model"]["encoded"]["all"]
+        cells = [f"{_fmt(m[k][v]['mean'], '.4g')} / {_fmt(m[k][v]['median'], '.4g')}" for k in ("mse", "mae")
+                 for v in ("prey", "predator")]
+        rows.append(f"| {stage.name} | {stage.of or 'untrained (zero-shot)'} | " + " | ".join(cells)
+                    + f" | {summary['parse_failures']} | {summary['flops_generate']:.3e} |")
+    if not rows:
+        return []
+    return ["", "## Evaluations (encoded units, mean / median over test systems)", "",
+            "| stage | model | MSE prey | MSE predator | MAE prey | MAE predator | parse failures | FLOPs |",
+            "|---|---|---:|---:|---:|---:|---:|---:|", *rows]
+
+
+def write_study_report(cfg: DictConfig, stages: list[Stage], done: dict[str, dict[str, Any]],
+                       plan: list[dict[str, Any]]) -> Path:
+    """Write ``study_report.md``, ``budget_report.png`` and ``loss_curves.png`` into the study directory.
+
+    Returns:
+        The markdown path.
+    """
+    from lvforecast.budget.ledger import Ledger
+    from lvforecast.budget.report import format_stages_markdown, plot_report
+
+    out = Path(cfg.study_dir)
+    lines = [f"# Study `{cfg.study.name}`", "", f"Study directory `{out}`, ledger `{cfg.study.ledger_path}`.", "",
+             "## Plan (before any stage ran)", "", "| stage | kind | jobs | planned FLOPs | note |",
+             "|---|---|---:|---:|---|"]
+    lines += [f"| {p['stage']} | {p['kind']} | {p['jobs']} | {p['flops']:.4e} | {p['note']} |" for p in plan]
+    lines += _evaluations_table(out, stages, done)
+    for stage in stages:
+        record = done.get(stage.name)
+        if record is None:
+            continue
+        lines += ["", f"## Stage `{stage.name}` ({stage.kind}{', ' + stage.method if stage.kind == 'search' else ''})",
+                  ""]
+        if stage.kind == "evaluate":
+            ev = Path(record["run_dir"])
+            lines.append(f"Evaluates {'`' + stage.of + '`' if stage.of else 'the untrained model (zero-shot)'}.")
+            lines += ["", "| metric | value |", "|---|---:|"]
+            lines += [f"| {k} | {v} |" for k, v in record["result"].items() if k != "output_dir"]
+            for png in ("examples.png", "running_mse.png"):
+                if (ev / png).is_file():
+                    lines += ["", f"![{stage.name} {png}]({os.path.relpath(ev / png, out)})"]
+            if (ev / "report.md").is_file():
+                lines += ["", f"Full tables: [{stage.name}/eval/report.md]({os.path.relpath(ev / 'report.md', out)})"]
+            continue
+        lines += _jobs_table(record)
+        if "rungs" in record:
+            lines += ["", *_rungs_table(record)]
+        lines += ["", f"Chosen settings: `{record['settings']}`; run `{record['run_dir']}`."]
+    ledger = Ledger(cfg.study.ledger_path, budget=None) if Path(cfg.study.ledger_path).is_file() else None
+    if ledger is not None:
+        rep = ledger.report()
+        plot_report(rep, out / "budget_report.png")
+        lines += ["", "## FLOPs per stage (ledger)", "", format_stages_markdown(rep),
+                  "![spend per stage](budget_report.png)"]
+    evals = [(s.name, Path(done[s.name]["run_dir"]) / "forecasts.npz") for s in stages
+             if s.kind == "evaluate" and s.name in done]
+    evals = [(name, path) for name, path in evals if path.is_file()]
+    if evals:
+        _plot_forecasts(out / FORECASTS_PNG, out / RUNNING_PNG, evals)
+        lines += ["", "## Forecasts of the example systems, every evaluation", "", f"![forecasts]({FORECASTS_PNG})",
+                  "", f"![running MSE]({RUNNING_PNG})"]
+    if _plot_curves(out / CURVES_PNG, stages, done):
+        lines += ["", "## Loss curves of every stage", "", f"![loss curves]({CURVES_PNG})"]
+    md = out / REPORT_MD
+    md.write_text("\n".join(lines) + "\n")
+    return md
+
+
+def _plot_curves(path: Path, stages: list[Stage], done: dict[str, dict[str, Any]]) -> bool:
+    """Validation loss against the step of every training job, one panel per training stage; False if none."""
+    from matplotlib.figure import Figure
+
+    from lvforecast.utils import read_metrics_csv
+
+    trained = [s for s in stages if s.kind != "evaluate" and s.name in done]
+    if not trained:
+        return False
+    fig = Figure(figsize=(5 * len(trained), 4), layout="constrained")
+    axes = fig.subplots(1, len(trained), squeeze=False)[0]
+    for ax, stage in zip(axes, trained, strict=True):
+        for job in done[stage.name]["jobs"]:
+            csv = Path(job["run_dir"]) / "metrics.csv"
+            val = read_metrics_csv(csv).get("val/loss", []) if csv.is_file() else []
+            if val:
+                steps, values = zip(*val, strict=True)
+                ax.plot(steps, values, marker="o", ms=2, lw=2.2 if job["run_dir"] == done[stage.name]["run_dir"]
+                        else 1.0, label=job["job"])
+        ax.set_title(stage.name)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("validation loss")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=6, ncol=2)
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def _plot_forecasts(forecasts_png: Path, running_png: Path, evals: list[tuple[str, Path]]) -> None:
+    """The example systems' truth and every evaluation's forecast (zero-shot, default, final), and running MSE.
+
+    ``forecasts.png``: one row per variable, one column per example system. ``running_mse.png``: the running MSE
+    (encoded units) over the forecast steps, averaged over the example systems, one line per evaluation.
+    """
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from lvforecast.data.encoding import VARIABLES
+
+    loaded = [(name, np.load(path)) for name, path in evals]
+    first = loaded[0][1]
+    systems = [int(s) for s in first["systems"]]
+    shown = [int(s) for s in first["examples"] if int(s) in systems] or systems[:4]
+    context = int(first["context_steps"])
+    fig = Figure(figsize=(4.2 * len(shown), 6.4), layout="constrained")
+    axes = fig.subplots(len(VARIABLES), len(shown), squeeze=False)
+    for col, system in enumerate(shown):
+        i = systems.index(system)
+        t = np.arange(first["series"].shape[1])
+        for row, var in enumerate(VARIABLES):
+            ax = axes[row][col]
+            ax.plot(t, first["series"][i, :, row], color="black", lw=1.4, label="truth")
+            for name, data in loaded:
+                k = [int(s) for s in data["systems"]].index(system) if system in data["systems"] else None
+                if k is not None:
+                    ax.plot(t[context:context + data["forecast"].shape[1]], data["forecast"][k, :, row], ls="--",
+                            lw=1.3, label=name)
+            ax.axvline(context - 0.5, color="grey", lw=0.8)
+            ax.set_title(f"system {system}, {var}", fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.savefig(forecasts_png, dpi=110)
+
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    axes = fig.subplots(1, len(VARIABLES))
+    for j, (ax, var) in enumerate(zip(axes, VARIABLES, strict=True)):
+        for name, data in loaded:
+            idx = [k for k, s in enumerate(data["systems"]) if int(s) in shown]
+            running = data["running_mse"][idx, :, j].mean(axis=0)
+            ax.plot(np.arange(1, running.size + 1), running, marker="o", ms=3, label=name)
+        ax.set_title(f"running MSE, {var} (mean over the example systems)", fontsize=9)
+        ax.set_xlabel("forecast step")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.savefig(running_png, dpi=110)

@@ -1,0 +1,126 @@
+"""A study's stages as its config file states them (``studies/NAME.yaml``, the Hydra group ``study``), checked.
+
+A study config holds ``name``, ``budget_flops``, ``ledger_path``, ``logger``, the overrides every stage shares
+(``common``), those of every training job (``train``) and of every evaluation (``evaluate``), and ``stages``, a
+list run in order. Each stage is a mapping with ``name`` and ``kind``:
+
+- ``evaluate``: ``python evaluate.py``; ``of: STAGE`` evaluates that training stage's run (``run_dir``), without
+  it the untrained model (zero-shot).
+- ``train``: one training run; ``take_from: STAGE`` takes that stage's chosen settings (its winner's).
+- ``search``: ``method: grid`` (every configuration of ``space`` to ``trainer.max_steps``) or ``method: halving``
+  (successive halving from ``min_steps`` by ``eta``, :mod:`lvforecast.experiment.halving`); ``space`` maps keys to
+  lists of values; ``take_from`` as for ``train``.
+
+Every stage may add ``overrides`` (Hydra overrides of its train or evaluate config).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+KINDS = ("evaluate", "train", "search")
+METHODS = ("grid", "halving")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a study (see the module docstring for the keys)."""
+
+    name: str
+    kind: str
+    overrides: tuple[str, ...] = ()
+    of: str | None = None
+    take_from: str | None = None
+    method: str = "grid"
+    space: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    min_steps: int | None = None
+    eta: int = 3
+
+    def configurations(self) -> list[dict[str, Any]]:
+        """The search space's configurations in grid order (the last key varies fastest); ``[{}]`` otherwise."""
+        if not self.space:
+            return [{}]
+        keys = list(self.space)
+        return [dict(zip(keys, values, strict=True)) for values in itertools.product(*self.space.values())]
+
+
+def parse_stages(study: DictConfig) -> list[Stage]:
+    """The study's ``stages``, checked; one error lists every problem.
+
+    Raises:
+        ValueError: A stage with an unknown key, kind or method, a duplicate name, or a reference (``of``,
+            ``take_from``) to a stage that is not earlier or not of the right kind.
+    """
+    allowed = set(Stage.__dataclass_fields__)
+    problems: list[str] = []
+    stages: list[Stage] = []
+    for i, node in enumerate(study.stages):
+        raw = OmegaConf.to_container(node, resolve=True)
+        where = f"study.stages[{i}]"
+        if not isinstance(raw, dict) or "name" not in raw or "kind" not in raw:
+            problems.append(f"{where}={raw!r}: each stage is a mapping with at least name and kind")
+            continue
+        where = f"study.stages[{i}] ({raw['name']})"
+        unknown = sorted(set(raw) - allowed)
+        if unknown:
+            problems.append(f"{where}: unknown keys {unknown}; allowed {sorted(allowed)}")
+            continue
+        if raw["kind"] not in KINDS:
+            problems.append(f"{where}.kind={raw['kind']!r}: allowed {list(KINDS)}")
+            continue
+        if raw.get("method", "grid") not in METHODS:
+            problems.append(f"{where}.method={raw['method']!r}: allowed {list(METHODS)}")
+        if raw["kind"] == "search" and not raw.get("space"):
+            problems.append(f"{where}.space: a search stage needs a space (key: [values])")
+        if raw.get("method") == "halving" and not raw.get("min_steps"):
+            problems.append(f"{where}.min_steps: a halving search needs the steps of its first rung")
+        earlier = {s.name: s for s in stages}
+        if raw["name"] in earlier:
+            problems.append(f"{where}.name={raw['name']!r}: stage names must be unique")
+        if raw.get("of") is not None and getattr(earlier.get(raw["of"]), "kind", None) != "train":
+            problems.append(f"{where}.of={raw['of']!r}: must name an earlier train stage; earlier: {list(earlier)}")
+        if raw.get("take_from") is not None and raw["take_from"] not in earlier:
+            problems.append(f"{where}.take_from={raw['take_from']!r}: must name an earlier stage; "
+                            f"earlier: {list(earlier)}")
+        raw["overrides"] = tuple(raw.get("overrides") or ())
+        raw["space"] = {k: tuple(v) for k, v in (raw.get("space") or {}).items()}
+        stages.append(Stage(**raw))
+    if problems:
+        raise ValueError("invalid study config:\n  - " + "\n  - ".join(problems))
+    return stages
+
+
+def candidate_settings(stages: list[Stage], name: str) -> dict[str, tuple[Any, ...]]:
+    """Every value stage ``name`` can choose for each setting it passes on: its space, and what it took.
+
+    Before the study runs, later stages are planned over these (their worst case).
+    """
+    by_name = {s.name: s for s in stages}
+    stage = by_name[name]
+    out = dict(candidate_settings(stages, stage.take_from)) if stage.take_from else {}
+    out.update(stage.space)
+    return out
+
+
+def setting_overrides(settings: dict[str, Any]) -> list[str]:
+    """``key=value`` overrides of chosen settings (floats written so Hydra reads them back as floats)."""
+    return [f"{k}={float(v)!r}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items()]
+
+
+def compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with the study's Hydra (``python study.py`` or a test's initialize).
+
+    Raises:
+        RuntimeError: Hydra is not initialized (call inside ``study.py`` or ``hydra.initialize_config_dir``).
+    """
+    from hydra import compose as hydra_compose
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not GlobalHydra.instance().is_initialized():
+        raise RuntimeError("a study composes its stages' configs with Hydra: run it from study.py, or inside "
+                           "hydra.initialize_config_dir(conf/)")
+    return hydra_compose(config_name=config_name, overrides=overrides)

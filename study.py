@@ -1,0 +1,23 @@
+"""The whole study in one command inside one budget: `python study.py study=NAME` (studies/NAME.yaml).
+
+Plans every stage against the budget first and exits 1, printing the per-stage plan, when it does not fit;
+a re-run skips finished stages. `python study.py study=coursework dry_run=true` prints the plan only.
+"""
+
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+from lvforecast.experiment.study import run_study
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="study")
+def main(cfg: DictConfig) -> None:
+    """Run (or with ``dry_run=true`` plan) the study ``cfg.study``."""
+    logging.getLogger("lvforecast").setLevel(logging.INFO)
+    run_study(cfg)
+
+
+if __name__ == "__main__":
+    main()

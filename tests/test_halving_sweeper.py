@@ -1,0 +1,60 @@
+"""``hydra/sweeper=halving``: successive halving on steps through Hydra's launchers, planned at its worst case."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import compose_train
+from test_sweeps import TINY, multirun, read_rows
+
+from hydra_plugins.lvforecast_sweeps.halving_sweeper import configurations
+from lvforecast.budget.ledger import Ledger
+from lvforecast.experiment.sweeps import best_from
+
+# Three configurations, validation every 2 steps: rung 0 trains all three 2 steps, the best continues to 6.
+HALVING = [*TINY, "sweep=lr_rank", "hydra/sweeper=halving", "hydra.sweeper.min_steps=2", "trainer.max_steps=6",
+           "trainer.val_check_interval=2", "optim.lr=1e-3,1e-2,3e-2", "lora.r=2"]
+
+
+def test_configurations_are_the_basic_sweepers_product_without_the_rung_keys():
+    jobs = configurations({"optim.lr": "1e-3,1e-2", "lora.r": "2,4"}, ["trainer.max_steps=9", "model=tiny"])
+    assert jobs[0] == ["optim.lr=0.001", "lora.r=2", "model=tiny"] and len(jobs) == 4
+
+
+@pytest.mark.slow
+def test_halving_dry_run_prints_the_brackets_worst_case_and_launches_nothing(sim_cache, tmp_path):
+    ledger = tmp_path / "ledger.sqlite"
+    res = multirun([*HALVING, f"budget.ledger_path={ledger}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                    "budget.dry_run=true"], tmp_path, sim_cache)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "| 0 | 3 of 3 | 2 | 0 |" in res.stdout and "| 1 | 1 of 3 | 6 | 2 |" in res.stdout
+    assert "worst case of the bracket" in res.stdout and not ledger.exists()
+
+
+@pytest.mark.slow
+def test_halving_sweep_continues_survivors_from_their_checkpoints_via_the_launcher(sim_cache, tmp_path):
+    ledger, sweep = tmp_path / "ledger.sqlite", tmp_path / "sweep"
+    res = multirun([*HALVING, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"budget.ledger_path={ledger}",
+                    f"hydra.sweep.dir={sweep}"], tmp_path, sim_cache)
+    assert res.returncode == 0, res.stderr[-3000:]
+    record = json.loads((sweep / "halving.json").read_text())
+    assert [len(r["jobs"]) for r in record["rungs"]] == [3, 1]
+    rung0 = {j["config"]: j["val_loss"] for j in record["rungs"][0]["jobs"]}
+    assert record["rungs"][0]["survivors"] == [min(rung0, key=rung0.get)]
+    winner = record["winner"]
+    assert winner["job"] == 3 and "ckpt_path=" in " ".join(winner["overrides"])
+
+    runs = Ledger(ledger, budget=None).runs()
+    assert len(runs) == 4 and all(r["status"] == "finished" for r in runs)
+    # No step twice: the continuation plans (and trains) only steps 2..6 of its configuration.
+    assert [r["plan"]["steps"] for r in runs] == [2, 2, 2, 4]
+    assert json.loads((sweep / "3" / "run_info.json").read_text())["final"]["global_step"] == 6
+
+    rows = read_rows(sweep / "summary.csv")
+    assert [r["rung"] for r in rows] == ["0", "0", "0", "1"] and rows[3]["best"] == "True"
+    md = (sweep / "summary.md").read_text()
+    assert "## Successive halving (eta 3)" in md and "Winner: c" in md
+    lr = float(next(o for o in winner["overrides"] if o.startswith("optim.lr=")).split("=")[1])
+    assert best_from(sweep, "optim.lr") == lr
+    assert compose_train(["sweep=context_length", f"best_from={sweep}"]).optim.lr == lr

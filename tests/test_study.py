@@ -1,0 +1,127 @@
+"""The study in one command: plan against the budget first, stages from earlier results, resume, per-stage Table 12."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import CONF, REAL_DATA, ROOT
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from lvforecast.budget.ledger import Ledger
+from lvforecast.experiment.halving import Rung, schedule, select, worst_case
+from lvforecast.experiment.study import StudyRefusedError, run_study
+from lvforecast.experiment.study.spec import parse_stages
+
+STAGES = ["zero_shot", "default", "default_eval", "lr_rank", "context_length", "final", "final_eval"]
+
+
+def _study(overrides: list[str]) -> dict:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return run_study(compose("study", overrides=overrides))
+
+
+def test_halving_schedule_keeps_a_third_and_resumes_where_the_last_rung_stopped():
+    assert schedule(9, 50, 300, 3, step_multiple=50) == [Rung(0, 50, 0, 9), Rung(1, 150, 50, 3), Rung(2, 300, 150, 1)]
+    assert schedule(3, 2, 12, 3) == [Rung(0, 2, 0, 3), Rung(1, 12, 2, 1)]  # one left: straight to the maximum
+    with pytest.raises(ValueError, match=r"not multiples of the validation interval \(50\)"):
+        schedule(9, 40, 300, 3, step_multiple=50)
+    with pytest.raises(ValueError, match=r"eta=1: must be an integer >= 2"):
+        schedule(9, 50, 300, 1)
+    assert select({0: 2.0, 1: float("nan"), 2: 1.0, 3: None}, 3) == [2, 0]
+    # per rung the `size` most expensive continuations: rung 0 all three, rung 1 the dearest one
+    assert worst_case([[1, 10], [2, 30], [3, 20]], [Rung(0, 2, 0, 3), Rung(1, 6, 2, 1)]) == [6, 30]
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "studies").glob("*.yaml")))
+def test_every_study_preset_composes_and_its_stages_parse(preset):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("study", overrides=[f"study={preset}"])
+    assert [s.name for s in parse_stages(cfg.study)] == STAGES and cfg.study.name == preset
+
+
+def test_a_bad_stage_is_one_error_naming_key_value_and_allowed():
+    study = OmegaConf.create({"stages": [{"name": "a", "kind": "bogus"},
+                                         {"name": "b", "kind": "evaluate", "of": "x"},
+                                         {"name": "c", "kind": "search", "method": "random", "space": {"lora.r": [2]}},
+                                         ]})
+    with pytest.raises(ValueError) as err:
+        parse_stages(study)
+    msg = str(err.value)
+    assert "kind='bogus': allowed ['evaluate', 'train', 'search']" in msg
+    assert "of='x': must name an earlier train stage" in msg
+    assert "method='random': allowed ['grid', 'halving']" in msg
+
+
+def test_a_study_over_its_budget_is_refused_before_any_stage(sim_cache, tmp_path):
+    with pytest.raises(StudyRefusedError) as err:
+        _study(["study=tiny", f"study_dir={tmp_path}", f"paths.cache_dir={sim_cache}", "study.budget_flops=1e9"])
+    assert "| 1 | zero_shot | evaluate |" in str(err.value) and "REFUSED" in str(err.value)
+    assert not (tmp_path / "ledger.sqlite").exists()  # nothing ran, nothing reserved
+
+
+@pytest.mark.skipif(not REAL_DATA.is_file(), reason=f"needs the study's file {REAL_DATA}")
+def test_coursework_dry_run_plans_every_stage_inside_1e17(tmp_path):
+    result = _study(["study=coursework", f"study_dir={tmp_path}", f"paths.data_dir={REAL_DATA.parent}",
+                     "dry_run=true"])
+    plan = {r["stage"]: r for r in result["plan"]}
+    assert list(plan) == STAGES
+    assert plan["default"]["flops"] == pytest.approx(2.3815e16, rel=1e-4)  # `python train.py`, README's figure
+    assert sum(r["flops"] for r in result["plan"]) < 1e17
+    assert plan["lr_rank"]["jobs"] == 9 + 3 + 1
+    assert not (tmp_path / "ledger.sqlite").exists()
+
+
+@pytest.mark.slow
+def test_tiny_study_end_to_end_then_skips_finished_stages_and_resumes_an_interrupted_one(sim_cache, tmp_path):
+    args = ["study=tiny", f"study_dir={tmp_path}", f"paths.cache_dir={sim_cache}"]
+    result = _study(args)
+    assert all((tmp_path / s / "stage.json").is_file() for s in STAGES)
+    lr_rank = json.loads((tmp_path / "lr_rank" / "stage.json").read_text())
+    assert [len(r["configs"]) for r in lr_rank["rungs"]] == [9, 3] and len(lr_rank["rungs"][0]["survivors"]) == 3
+    winner = lr_rank["settings"]
+    context = json.loads((tmp_path / "context_length" / "stage.json").read_text())
+    assert all({k: j["settings"][k] for k in winner} == winner for j in context["jobs"])  # taken from lr_rank
+    final_cfg = OmegaConf.load(tmp_path / "final" / "run" / "config.yaml")
+    assert final_cfg.data.context_length == context["settings"]["data.context_length"]
+    assert final_cfg.lora.r == winner["lora.r"]
+
+    ledger = Ledger(tmp_path / "ledger.sqlite", budget=None)
+    report = ledger.report()
+    assert [g["stage"] for g in report["stages"]] == STAGES and {g["study"] for g in report["stages"]} == {"tiny"}
+    assert len(next(g for g in report["stages"] if g["stage"] == "lr_rank")["runs"]) == 12
+    md = Path(result["report"]).read_text()
+    assert "Table 12: FLOPs spent per stage" in md and "| tiny/lr_rank | 12 |" in md
+    assert "| 1 | 6 | c" in md  # the halving rung table: rung 1 at 6 steps
+    for png in ("budget_report.png", "loss_curves.png", "forecasts.png", "running_mse.png"):
+        assert (tmp_path / png).stat().st_size > 0
+
+    runs = len(ledger.runs())
+    _study(args)  # everything finished: nothing runs again
+    assert len(ledger.runs()) == runs
+
+    # An interrupted final stage (its checkpoint written, the stage not marked finished) continues from there.
+    for path in ("final/stage.json", "final/run/result.json", "final_eval/stage.json"):
+        (tmp_path / path).unlink()
+    shutil.rmtree(tmp_path / "final_eval" / "eval")
+    _study(args)
+    new = ledger.runs()[runs:]
+    assert [r["stage"] for r in new] == ["final", "final_eval"]
+    assert new[0]["plan"]["steps"] == 0  # resumed at its checkpoint's step 6 of 6: no step computed twice
+
+
+def test_with_wandb_the_study_is_one_group_and_each_stage_a_job_type(tmp_path):
+    from lvforecast.experiment.study.jobs import job_config
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("study", overrides=["study=tiny", f"study_dir={tmp_path / 'tiny'}", "study.logger=wandb"])
+        stages = {s.name: s for s in parse_stages(cfg.study)}
+        train_cfg = job_config(cfg, stages["lr_rank"], "c0_r0", {"lora.r": 2}, [])
+        eval_cfg = job_config(cfg, stages["final_eval"], "eval", {}, [])
+    assert (train_cfg.logger.wandb.group, train_cfg.logger.wandb.job_type) == ("tiny", "lr_rank")
+    assert (eval_cfg.logger.wandb.group, eval_cfg.logger.wandb.job_type) == ("tiny", "final_eval")
+    assert (train_cfg.budget.study, train_cfg.budget.stage, train_cfg.lora.r) == ("tiny", "lr_rank", 2)
+    assert train_cfg.paths.output_dir == str(tmp_path / "tiny" / "lr_rank" / "c0_r0")
