@@ -48,11 +48,22 @@ def job_dir(cfg: DictConfig, stage: str, job: str) -> Path:
     return Path(cfg.study_dir) / stage / job
 
 
+def training_done(cfg: DictConfig, stage: str, job: str) -> bool:
+    """Whether a job's training ran to its end: its ``result.json``, or the ``run_info.json`` that train() writes
+    last with the final metrics (a study stopped between the two has nothing left to train)."""
+    import json
+
+    out = job_dir(cfg, stage, job)
+    if (out / "result.json").is_file():
+        return True
+    info = out / "run_info.json"
+    return info.is_file() and "final" in json.loads(info.read_text())
+
+
 def own_ckpt(cfg: DictConfig, stage: str, job: str) -> list[str]:
-    """``ckpt_path=`` of a job interrupted earlier (it continues from there), else nothing."""
+    """``ckpt_path=`` of a job interrupted during training (it continues from there), else nothing."""
     ckpt = job_dir(cfg, stage, job) / "checkpoints" / "last.ckpt"
-    return [f"ckpt_path={ckpt}"] if ckpt.is_file() and not (job_dir(cfg, stage, job) / "result.json").is_file() \
-        else []
+    return [f"ckpt_path={ckpt}"] if ckpt.is_file() and not training_done(cfg, stage, job) else []
 
 
 class Planner:

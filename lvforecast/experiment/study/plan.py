@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
 from lvforecast.experiment.halving import schedule, worst_case
-from lvforecast.experiment.study.jobs import Planner, job_config, own_ckpt
+from lvforecast.experiment.study.jobs import Planner, job_config, own_ckpt, training_done
 from lvforecast.experiment.study.spec import Stage, candidate_settings
 
 
@@ -91,11 +90,11 @@ def _plan_stage(cfg: DictConfig, stages: list[Stage], stage: Stage, done: dict[s
     for taken in combos:
         if stage.kind == "train":
             tcfg = job_config(cfg, stage, "run", taken, own_ckpt(cfg, stage.name, "run"))
-            flops, n, how = planner.train(tcfg), 1, ""
+            flops, n, how = 0 if training_done(cfg, stage.name, "run") else planner.train(tcfg), 1, ""
         elif stage.method == "grid":
             cfgs = [job_config(cfg, stage, f"c{k}", {**taken, **c}, own_ckpt(cfg, stage.name, f"c{k}"))
                     for k, c in enumerate(stage.configurations())]
-            left = [c for c in cfgs if not (Path(c.paths.output_dir) / "result.json").is_file()]
+            left = [c for k, c in enumerate(cfgs) if not training_done(cfg, stage.name, f"c{k}")]
             flops, n, how = sum(planner.train(c) for c in left), len(cfgs), ""
             tcfg = max(cfgs, key=planner.train)
         else:

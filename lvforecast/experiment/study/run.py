@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lvforecast.experiment.halving import schedule, select
-from lvforecast.experiment.study.jobs import job_config, job_dir, own_ckpt
+from lvforecast.experiment.study.jobs import job_config, job_dir, own_ckpt, training_done
 from lvforecast.experiment.study.spec import Stage
 
 log = logging.getLogger(__name__)
@@ -82,10 +82,19 @@ def train_job(cfg: DictConfig, stage: Stage, job: str, settings: dict[str, Any],
     out = job_dir(cfg, stage.name, job)
     if (out / RESULT_FILE).is_file():
         return json.loads((out / RESULT_FILE).read_text())
+    if training_done(cfg, stage.name, job):  # training ended but the study stopped before recording it
+        final = json.loads((out / "run_info.json").read_text())["final"]
+        result = {**final, "output_dir": str(out)}
+        return _record(out, job, settings, result)
     own = own_ckpt(cfg, stage.name, job)
     if own:  # interrupted earlier: its own checkpoint is further along than the previous rung's
         extra = [e for e in extra if not e.startswith("ckpt_path=")] + own
     result = train(job_config(cfg, stage, job, settings, extra))
+    return _record(out, job, settings, result)
+
+
+def _record(out: Path, job: str, settings: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """Write and return a finished job's ``result.json``."""
     record = {"job": job, "settings": settings, "val_loss": _final_val_loss(result, out),
               "steps": result.get("global_step"), "flops": _run_flops(out), "status": result.get("budget_status"),
               "run_dir": str(out)}
