@@ -15,7 +15,7 @@ from lvforecast.budget.planning import plan_config, planning_shape
 from lvforecast.budget.shapes import ALPHABET_SIZE, BUILTIN, Conventions, LoRASpec, shape_of
 from lvforecast.data.encoding import ALPHABET
 from lvforecast.model.loading import build_tiny_qwen, load_smollm2
-from lvforecast.model.lora import LogitBias, apply_lora
+from lvforecast.model.lora import LogitBias, apply_lora, decoder_stack
 from lvforecast.model.module import LoRAForecaster, alphabet_labels, constant_schedule, token_loss_sum
 
 IGNORE = -100
@@ -279,12 +279,13 @@ def test_audit_equals_analytic_with_the_alphabet_head_on_tiny():
         return token_loss_sum(logits, alphabet_labels(labels, module.label_lookup))
 
     audited = audit_forward(peft_model, ids, attention_mask=mask, logit_bias=module.logit_bias, loss_fn=loss_fn,
-                            labels=labels, head=module.alphabet_head)
+                            labels=labels, head=module.alphabet_head, stack=decoder_stack(peft_model))
     analytic = forward_flops(shape, 2, 7, lora, Conventions.as_implemented(count_loss=True))
     _assert_equal(audited, analytic)
     assert audited.charged()["lm_head"] == 2 * 7 * 13 * (2 * shape.hidden - 1)
     # With logits at the last position only.
-    audited = audit_forward(peft_model, ids, attention_mask=mask, head=module.alphabet_head, logits_to_keep=1)
+    audited = audit_forward(peft_model, ids, attention_mask=mask, head=module.alphabet_head,
+                             stack=decoder_stack(peft_model), logits_to_keep=1)
     _assert_equal(audited, forward_flops(shape, 2, 7, LoRASpec.from_peft(peft_model, head_rows=13),
                                          Conventions.as_implemented(), logits_to_keep=1))
     # The LightningModule's own forward, audited as it runs (decoder stack -> gathered rows -> 13-entry bias).
@@ -309,7 +310,8 @@ def test_audit_equals_analytic_with_the_alphabet_head_on_smollm2(smollm2):
     def loss_fn(logits, labels):
         return token_loss_sum(logits, alphabet_labels(labels, module.label_lookup))
 
-    audited = audit_forward(peft_model, ids, logit_bias=module.logit_bias, loss_fn=loss_fn, head=module.alphabet_head)
+    audited = audit_forward(peft_model, ids, logit_bias=module.logit_bias, loss_fn=loss_fn, head=module.alphabet_head,
+                             stack=decoder_stack(peft_model))
     analytic = forward_flops(shape, 2, 24, LoRASpec(rank=8, logit_bias=True, head_rows=13),
                              Conventions.as_implemented(count_loss=True))
     _assert_equal(audited, analytic)

@@ -189,6 +189,21 @@ def test_resume_equals_an_unbroken_run(sim_cache, tmp_path):
     assert run["charged_flops"] == plan["total"]
 
 
+def test_resume_with_lora_dropout_draws_what_the_unbroken_run_drew(sim_cache, tmp_path):
+    # With dropout the step's masks come from the RNG: reseeded per step from (seed, step), a resume after 6 steps
+    # trains on exactly the masks the unbroken 10-step run used (a validation at step 5 consumes RNG in between).
+    common = RESUME + ["lora.dropout=0.3", "trainer.val_check_interval=5"]
+    unbroken, first, resumed = tmp_path / "unbroken", tmp_path / "first", tmp_path / "resumed"
+    train(compose_train(common + ["trainer.max_steps=10"], output_dir=unbroken, cache_dir=sim_cache))
+    train(compose_train(common + ["trainer.max_steps=6"], output_dir=first, cache_dir=sim_cache))
+    train(compose_train(common + ["trainer.max_steps=10", f"ckpt_path={first}/checkpoints/last.ckpt"],
+                        output_dir=resumed, cache_dir=sim_cache))
+    full = _series(unbroken, "train/loss")
+    joined = _series(first, "train/loss") + _series(resumed, "train/loss")
+    assert [s for s, _ in joined] == [s for s, _ in full] == list(range(10))
+    assert [v for _, v in joined] == pytest.approx([v for _, v in full], abs=1e-6)
+
+
 def test_resume_at_or_past_max_steps_is_a_clear_error(tiny_run, sim_cache, tmp_path):
     # Was: max_steps at or below the checkpoint's step "finished" with 0 steps.
     ckpt = f"{tiny_run.out}/checkpoints/last.ckpt"  # step 4

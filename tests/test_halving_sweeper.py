@@ -8,8 +8,8 @@ import pytest
 from conftest import compose_train
 from test_sweeps import TINY, multirun, read_rows
 
-from hydra_plugins.lvforecast_sweeps.halving_sweeper import configurations
 from lvforecast.budget.ledger import Ledger
+from lvforecast.experiment.halving import configurations
 from lvforecast.experiment.sweeps import best_from
 
 # Three configurations, validation every 2 steps: rung 0 trains all three 2 steps, the best continues to 6.

@@ -26,10 +26,6 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-# Keys the sweeper sets per rung; a configuration's own value for them is replaced.
-RUNG_KEYS = ("trainer.max_steps", "ckpt_path")
-
-
 @dataclass
 class HalvingSweeperConf:
     """``hydra/sweeper=halving``: the search space (``params``) and the bracket's settings."""
@@ -42,25 +38,6 @@ class HalvingSweeperConf:
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="halving", node=HalvingSweeperConf, provider="lvforecast")
-
-
-def configurations(params: dict[str, str] | None, arguments: list[str]) -> list[list[str]]:
-    """Each configuration's overrides (the cartesian product, as the basic sweeper forms it), rung keys removed."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    items = [f"{k}={v}" for k, v in (params or {}).items()] + list(arguments)
-    overrides = OverridesParser.create().parse_overrides(items)
-    jobs = BasicSweeper.split_arguments(overrides, None)[0]
-    return [[o for o in job if o.partition("=")[0].lstrip("+~") not in RUNG_KEYS] for job in jobs]
-
-
-def bracket(config: DictConfig, min_steps: int, eta: int, max_steps: int | None, n_configs: int) -> list[Any]:
-    """The rungs for ``n_configs`` configurations of ``config`` (its max steps and validation interval)."""
-    from lvforecast.experiment.halving import schedule
-
-    top = int(max_steps if max_steps is not None else config.trainer.max_steps)
-    return schedule(n_configs, int(min_steps), top, int(eta), int(config.trainer.val_check_interval))
 
 
 class HalvingSweeper(Sweeper):
@@ -88,7 +65,7 @@ class HalvingSweeper(Sweeper):
         Returns:
             One list of :class:`hydra.core.utils.JobReturn` per rung.
         """
-        from lvforecast.experiment.halving import HALVING_FILE, select
+        from lvforecast.experiment.halving import HALVING_FILE, bracket, configurations, select
         from lvforecast.experiment.sweeps.jobs import varying_keys
 
         assert self.config is not None and self.launcher is not None

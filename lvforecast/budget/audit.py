@@ -249,10 +249,11 @@ class _Audited(nn.Module):
     """model (or its decoder stack -> alphabet head) -> optional logit bias -> optional loss, each under its name."""
 
     def __init__(self, model: nn.Module, logit_bias: nn.Module | None, loss_fn: Callable[..., Any] | None,
-                 head: nn.Module | None = None) -> None:
+                 head: nn.Module | None = None, stack: nn.Module | None = None) -> None:
         super().__init__()
         self.model = model
         self.alphabet_head = head
+        self.stack = stack
         self.logit_bias = logit_bias
         self.loss = _Loss(loss_fn) if loss_fn is not None else None
 
@@ -260,10 +261,8 @@ class _Audited(nn.Module):
                 logits_to_keep: int) -> Any:
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         if self.alphabet_head is not None:
-            from lvforecast.model.lora import decoder_stack
-
             # As LoRAForecaster runs it: the stack's final hidden states, then only the gathered rows.
-            hidden = decoder_stack(self.model)(**kwargs).last_hidden_state
+            hidden = self.stack(**kwargs).last_hidden_state
             logits = self.alphabet_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         else:
             if logits_to_keep:
@@ -279,7 +278,7 @@ class _Audited(nn.Module):
 def audit_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                   logit_bias: nn.Module | None = None, loss_fn: Callable[..., Any] | None = None,
                   labels: torch.Tensor | None = None, logits_to_keep: int = 0,
-                  head: nn.Module | None = None) -> AuditResult:
+                  head: nn.Module | None = None, stack: nn.Module | None = None) -> AuditResult:
     """Audit one forward of a causal LM (eval mode, no grad; the model's mode is restored after).
 
     Args:
@@ -293,20 +292,25 @@ def audit_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
         head: A module from the final hidden states to logits, run instead of the model's lm_head, e.g. the
             :class:`lvforecast.model.lora.AlphabetHead` of ``model.head=alphabet`` (then ``labels`` for
             ``loss_fn`` are whatever it expects, e.g. alphabet indices).
+        stack: With ``head``: the model's decoder stack without its lm_head, whose final hidden states ``head``
+            reads (:func:`lvforecast.model.lora.decoder_stack`).
 
     Returns:
         The :class:`AuditResult`.
 
     Raises:
-        ValueError: ``input_ids`` is not 2-D, or the model does not run eager attention.
+        ValueError: ``input_ids`` is not 2-D, the model does not run eager attention, or ``head`` without
+            ``stack``.
     """
+    if (head is None) != (stack is None):
+        raise ValueError("audit_forward: head and stack go together (the stack's hidden states feed the head)")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids shape={tuple(input_ids.shape)}: must be (B, N)")
     config = getattr(model, "config", None)
     impl = getattr(config, "_attn_implementation", "eager")
     if impl != "eager":
         raise ValueError(f"attn_implementation={impl!r}: load with 'eager' so the attention ops are visible")
-    wrapper = _Audited(model, logit_bias, loss_fn, head)
+    wrapper = _Audited(model, logit_bias, loss_fn, head, stack)
     modes = {m: m.training for m in wrapper.modules()}
     wrapper.eval()  # no dropout: the analytic count has none
     try:

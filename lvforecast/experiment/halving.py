@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 HALVING_FILE = "halving.json"
 
@@ -109,3 +110,24 @@ def worst_case(costs: Sequence[Sequence[int]], rungs: Sequence[Rung]) -> list[in
         One upper bound per rung; their sum is the bracket's worst case, whichever configurations survive.
     """
     return [sum(sorted((c[r.index] for c in costs), reverse=True)[: r.size]) for r in rungs]
+
+
+# Keys the sweeper sets per rung; a configuration's own value for them is replaced.
+RUNG_KEYS = ("trainer.max_steps", "ckpt_path")
+
+
+def configurations(params: dict[str, str] | None, arguments: list[str]) -> list[list[str]]:
+    """Each configuration's overrides (the cartesian product, as the basic sweeper forms it), rung keys removed."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    items = [f"{k}={v}" for k, v in (params or {}).items()] + list(arguments)
+    overrides = OverridesParser.create().parse_overrides(items)
+    jobs = BasicSweeper.split_arguments(overrides, None)[0]
+    return [[o for o in job if o.partition("=")[0].lstrip("+~") not in RUNG_KEYS] for job in jobs]
+
+
+def bracket(config: Any, min_steps: int, eta: int, max_steps: int | None, n_configs: int) -> list[Any]:
+    """The rungs for ``n_configs`` configurations of ``config`` (its max steps and validation interval)."""
+    top = int(max_steps if max_steps is not None else config.trainer.max_steps)
+    return schedule(n_configs, int(min_steps), top, int(eta), int(config.trainer.val_check_interval))

@@ -136,6 +136,9 @@ class LoRAForecaster(pl.LightningModule):
             from conf/ set it from ``model.head``.
         char_ids: Alphabet character -> token id (``LoadedModel.char_ids``); needed by ``head="alphabet"``
             and for ``val/loss_alphabet`` (not logged without it).
+        step_seed: Reseed torch's RNG at every training step from ``(step_seed, global_step)``, so the step's
+            random draws (LoRA dropout) are the same in a resumed run as in an unbroken one (``seed`` in
+            ``conf/train.yaml``); None leaves the RNG alone.
 
     Raises:
         ValueError: An unknown ``head``, or ``head="alphabet"`` without ``char_ids``.
@@ -150,6 +153,7 @@ class LoRAForecaster(pl.LightningModule):
         grad_norm_every_n_steps: int,
         head: Head = "full",
         char_ids: Mapping[str, int] | None = None,
+        step_seed: int | None = None,
     ) -> None:
         if head not in HEADS:
             raise ValueError(f"model.head={head!r}: allowed {', '.join(map(repr, HEADS))}")
@@ -161,6 +165,7 @@ class LoRAForecaster(pl.LightningModule):
         self.model = model.train()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.step_seed = step_seed
         output = model.get_output_embeddings()
         vocab = output.weight.shape[0]
         self.head = head
@@ -267,6 +272,11 @@ class LoRAForecaster(pl.LightningModule):
         # one written after the step (train()'s last.ckpt), so a resumed run would log step k+1 where an
         # unbroken run logs k. With one optimizer the logging step is the optimizer step count.
         self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.trainer.global_step
+        # The random draws of a step (LoRA dropout) depend on (seed, step) alone, so a run resumed from a
+        # checkpoint draws exactly what the unbroken run drew, whatever consumed the global RNG in between
+        # (a validation's dataloader, the restart itself).
+        if self.step_seed is not None:
+            torch.manual_seed(self.step_seed * 1_000_003 + self.global_step)
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:

@@ -31,9 +31,8 @@ def plan_halving(config: DictConfig) -> tuple[list[dict[str, Any]], int]:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from hydra_plugins.lvforecast_sweeps.halving_sweeper import bracket, configurations
     from lvforecast.budget.planning import plan_config, reserved_flops
-    from lvforecast.experiment.halving import worst_case
+    from lvforecast.experiment.halving import bracket, configurations, worst_case
     from lvforecast.experiment.train import validate_train_config
 
     sw = config.hydra.sweeper
