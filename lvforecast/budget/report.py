@@ -143,12 +143,7 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     _plot_stages(ax_stage, report, colors, labels)
 
     if runs:
-        y = list(range(len(runs)))
-        left = [0.0] * len(runs)
-        for key in ("train", "val", "inference"):
-            widths = [float(r[key]) for r in runs]
-            ax.barh(y, widths, left=left, color=colors[key], label=labels[key])
-            left = [a + b for a, b in zip(left, widths, strict=True)]
+        y, left = _stacked_bars(ax, runs, colors, labels)
         for yi, r in zip(y, runs, strict=True):
             ax.text(r["total"], yi, f" {_fmt(r['total'])} ({_fmt_share(r['share'])})", va="center", fontsize=8)
         ax.set_yticks(y, _chart_labels(runs), fontsize=8)
@@ -183,16 +178,23 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     return out
 
 
+def _stacked_bars(ax: Any, rows: list[dict[str, Any]], colors: dict[str, str],
+                  labels: dict[str, str]) -> tuple[list[int], list[float]]:
+    """Training / validation / inference FLOPs of each row as one stacked horizontal bar; (positions, bar ends)."""
+    y = list(range(len(rows)))
+    left = [0.0] * len(rows)
+    for key in ("train", "val", "inference"):
+        widths = [float(r[key]) for r in rows]
+        ax.barh(y, widths, left=left, color=colors[key], label=labels[key])
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    return y, left
+
+
 def _plot_stages(ax: Any, report: dict[str, Any], colors: dict[str, str], labels: dict[str, str]) -> None:
     """Spend per stage as stacked horizontal bars, against the budget (a dashed line)."""
     stages = report["stages"]
     budget = report["budget"]
-    y = list(range(len(stages)))
-    left = [0.0] * len(stages)
-    for key in ("train", "val", "inference"):
-        widths = [float(g[key]) for g in stages]
-        ax.barh(y, widths, left=left, color=colors[key], label=labels[key])
-        left = [a + b for a, b in zip(left, widths, strict=True)]
+    y, left = _stacked_bars(ax, stages, colors, labels)
     for yi, g in zip(y, stages, strict=True):
         ax.text(g["total"], yi, f" {_fmt_share(g['share'])}", va="center", fontsize=8)
     ax.axvline(budget, color="red", linestyle="--", label=f"budget {_fmt(budget)}")

@@ -51,17 +51,9 @@ class BudgetPreflight(Callback):
             rows = plan_jobs(jobs)
         except Exception as err:
             raise SystemExit(f"multirun refused before launch: {err}") from err
-        dry_run = any(r["dry_run"] for r in rows)
         text, fits = format_plan(rows)
-        print(text, flush=True)
-        if dry_run:
-            raise SystemExit(0)
-        if not fits:
-            raise SystemExit("multirun refused before launch: the planned FLOPs exceed what the ledger has left "
-                             "(table above); shorten the sweep (trainer.max_steps, fewer values) or raise the budget")
-        sweep_dir = Path(config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        write_csv(sweep_dir / PLAN_CSV, [{k: v for k, v in r.items() if k != "dry_run"} for r in rows])
+        _launch_or_refuse(config, rows, text, fits, "the planned FLOPs exceed what the ledger has left (table "
+                          "above); shorten the sweep (trainer.max_steps, fewer values) or raise the budget")
 
 
     @staticmethod
@@ -74,15 +66,20 @@ class BudgetPreflight(Callback):
         except Exception as err:
             raise SystemExit(f"multirun refused before launch: {err}") from err
         text, fits = format_halving_plan(rows, total)
-        print(text, flush=True)
-        if any(r["dry_run"] for r in rows):
-            raise SystemExit(0)
-        if not fits:
-            raise SystemExit("multirun refused before launch: the bracket's worst case exceeds what the ledger has "
-                             "left (table above); lower hydra.sweeper.min_steps or max_steps, or sweep fewer values")
-        sweep_dir = Path(config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        write_csv(sweep_dir / PLAN_CSV, [{k: v for k, v in r.items() if k != "dry_run"} for r in rows])
+        _launch_or_refuse(config, rows, text, fits, "the bracket's worst case exceeds what the ledger has left "
+                          "(table above); lower hydra.sweeper.min_steps or max_steps, or sweep fewer values")
+
+
+def _launch_or_refuse(config: DictConfig, rows: list[dict[str, Any]], text: str, fits: bool, advice: str) -> None:
+    """Print the plan; stop after it on a dry run, refuse the multirun when it does not fit, else keep plan.csv."""
+    print(text, flush=True)
+    if any(r["dry_run"] for r in rows):
+        raise SystemExit(0)
+    if not fits:
+        raise SystemExit(f"multirun refused before launch: {advice}")
+    sweep_dir = Path(config.hydra.sweep.dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(sweep_dir / PLAN_CSV, [{k: v for k, v in r.items() if k != "dry_run"} for r in rows])
 
 
 def plan_jobs(jobs: list[tuple[list[str], DictConfig]]) -> list[dict[str, Any]]:
