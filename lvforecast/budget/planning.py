@@ -32,6 +32,7 @@ from lvforecast.budget.shapes import (
     LoRASpec,
     ModelShape,
     check_choice,
+    is_int,
     resolve_shape,
 )
 
@@ -221,7 +222,7 @@ def world_size(trainer_cfg: DictConfig) -> int:
 
 
 def _is_int(value: Any, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+    return is_int(value) and value >= low
 
 
 def _is_number(value: Any) -> bool:
