@@ -6,6 +6,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
+from lvforecast.errors import run_entry
 from lvforecast.experiment.evaluate import evaluate
 
 
@@ -17,4 +18,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry(main)

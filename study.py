@@ -9,6 +9,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
+from lvforecast.errors import run_entry
 from lvforecast.experiment.study import run_study
 
 
@@ -20,4 +21,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry(main)

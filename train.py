@@ -8,6 +8,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
+from lvforecast.errors import run_entry
 from lvforecast.experiment.sweeps import run_recorded
 from lvforecast.experiment.train import train
 
@@ -21,4 +22,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry(main)

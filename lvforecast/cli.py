@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import get_args
 
+from lvforecast.errors import UserError
+
 PROG = "lvforecast"
 
 
@@ -61,7 +63,7 @@ def _add_flops(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def _check_count(key: str, value: int, minimum: int = 1) -> None:
     if value < minimum:
-        raise ValueError(f"{key}={value!r}: must be an integer >= {minimum}")
+        raise UserError(f"{key}={value!r}: must be an integer >= {minimum}")
 
 
 def _flops(args: argparse.Namespace) -> int:
@@ -78,10 +80,10 @@ def _flops(args: argparse.Namespace) -> int:
         lora = None
         if args.lora_rank or args.logit_bias or args.head != "full":
             if not args.lora_rank and args.logit_bias:
-                raise ValueError("--logit-bias needs --lora-rank >= 1 (the bias trains beside an adapter)")
+                raise UserError("--logit-bias needs --lora-rank >= 1 (the bias trains beside an adapter)")
             if not args.lora_rank:
                 # The head, like the bias, belongs to the fine-tuning module, which always holds an adapter.
-                raise ValueError("--head alphabet needs --lora-rank >= 1 (the alphabet head is the fine-tuning "
+                raise UserError("--head alphabet needs --lora-rank >= 1 (the alphabet head is the fine-tuning "
                                  "module's, beside an adapter)")
             targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
             lora = LoRASpec(rank=args.lora_rank, targets=targets, logit_bias=args.logit_bias,
@@ -251,7 +253,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name (default ``sys.argv[1:]``).
 
     Returns:
-        The subcommand's exit status. Bad arguments exit with status 2 and one ``error:`` line (``SystemExit``).
+        The subcommand's exit status: 1 with one ``error:`` block for a user error (:mod:`lvforecast.errors`; the
+        traceback with ``HYDRA_FULL_ERROR=1``). Bad arguments exit with status 2 and one ``error:`` line (``SystemExit``).
     """
+    from lvforecast.errors import TRACEBACK_SWITCH, describe, print_error
+
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except Exception as exc:
+        message = None if os.environ.get(TRACEBACK_SWITCH) == "1" else describe(exc)
+        if message is None:
+            raise
+        print_error(message)
+        return 1

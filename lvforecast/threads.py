@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from lvforecast.errors import UserError
+
 log = logging.getLogger(__name__)
 
 #: Decoder-layer parameters below which ``threads: auto`` means one thread.
@@ -38,7 +40,7 @@ def resolve_threads(setting: Any, shape: Any | None, default: int) -> int:
             return 1
         return default
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
-        raise ValueError(f"threads={setting!r}: allowed 'auto' or an integer >= 1")
+        raise UserError(f"threads={setting!r}: allowed 'auto' or an integer >= 1")
     return setting
 
 

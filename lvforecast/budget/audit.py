@@ -49,6 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lvforecast.budget.pricing import price
 from lvforecast.budget.shapes import PROJECTIONS
+from lvforecast.errors import UserError
 
 #: Components that are priced but not charged (computing positional encodings / the mask: free).
 FREE_COMPONENTS = ("rope_tables", "inputs")
@@ -303,13 +304,13 @@ def audit_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
             ``stack``.
     """
     if (head is None) != (stack is None):
-        raise ValueError("audit_forward: head and stack go together (the stack's hidden states feed the head)")
+        raise UserError("audit_forward: head and stack go together (the stack's hidden states feed the head)")
     if input_ids.dim() != 2:
-        raise ValueError(f"input_ids shape={tuple(input_ids.shape)}: must be (B, N)")
+        raise UserError(f"input_ids shape={tuple(input_ids.shape)}: must be (B, N)")
     config = getattr(model, "config", None)
     impl = getattr(config, "_attn_implementation", "eager")
     if impl != "eager":
-        raise ValueError(f"attn_implementation={impl!r}: load with 'eager' so the attention ops are visible")
+        raise UserError(f"attn_implementation={impl!r}: load with 'eager' so the attention ops are visible")
     wrapper = _Audited(model, logit_bias, loss_fn, head, stack)
     modes = {m: m.training for m in wrapper.modules()}
     wrapper.eval()  # no dropout: the analytic count has none

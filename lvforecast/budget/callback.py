@@ -42,6 +42,7 @@ import pytorch_lightning as pl
 from lvforecast.budget.formulas import forward_flops
 from lvforecast.budget.ledger import Kind
 from lvforecast.budget.reservation import Reservation
+from lvforecast.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +72,11 @@ class FlopBudget(pl.Callback):
     def __init__(self, reservation: Reservation, mode: Literal["enforce", "track"], commit_every_n_steps: int,
                  commit_min_interval_s: float) -> None:
         if mode not in ("enforce", "track"):
-            raise ValueError(f"budget.mode={mode!r}: allowed 'enforce' or 'track'")
+            raise UserError(f"budget.mode={mode!r}: allowed 'enforce' or 'track'")
         if commit_every_n_steps < 1:
-            raise ValueError(f"budget.commit_every_n_steps={commit_every_n_steps!r}: must be >= 1")
+            raise UserError(f"budget.commit_every_n_steps={commit_every_n_steps!r}: must be >= 1")
         if not commit_min_interval_s >= 0:
-            raise ValueError(f"budget.commit_min_interval_s={commit_min_interval_s!r}: must be >= 0")
+            raise UserError(f"budget.commit_min_interval_s={commit_min_interval_s!r}: must be >= 0")
         self.reservation = reservation
         self.plan = reservation.plan
         self.ledger = reservation.ledger

@@ -84,6 +84,7 @@ from lvforecast.budget.shapes import (
     check_choice,
     is_int,
 )
+from lvforecast.errors import UserError
 
 #: The study's primitive cost table (FLOPs per scalar operation).
 PRIMITIVE_COST: dict[str, int] = {
@@ -136,23 +137,23 @@ def rmsnorm_flops(width: int, form: NormForm = "divide") -> int:
 
 def _check_positive(key: str, value: Any, minimum: int = 1) -> None:
     if not is_int(value) or value < minimum:
-        raise ValueError(f"{key}={value!r}: must be an integer >= {minimum}")
+        raise UserError(f"{key}={value!r}: must be an integer >= {minimum}")
 
 
 def _check_args(shape: Any, lora: Any, conv: Any, head_rows: Any = None) -> None:
     if not isinstance(shape, ModelShape):
-        raise ValueError(f"shape={shape!r}: must be a ModelShape (see ModelShape.from_hf_config or BUILTIN)")
+        raise UserError(f"shape={shape!r}: must be a ModelShape (see ModelShape.from_hf_config or BUILTIN)")
     if lora is not None and not isinstance(lora, LoRASpec):
-        raise ValueError(f"lora={lora!r}: must be a LoRASpec or None")
+        raise UserError(f"lora={lora!r}: must be a LoRASpec or None")
     if not isinstance(conv, Conventions):
-        raise ValueError(f"conv={conv!r}: must be a Conventions")
+        raise UserError(f"conv={conv!r}: must be a Conventions")
     if lora is not None and lora.head_rows is not None and lora.head_rows > shape.vocab:
-        raise ValueError(f"lora.head_rows={lora.head_rows}: more than the vocabulary V={shape.vocab}")
+        raise UserError(f"lora.head_rows={lora.head_rows}: more than the vocabulary V={shape.vocab}")
     if head_rows is not None:
         if not is_int(head_rows) or not 1 <= head_rows <= shape.vocab:
-            raise ValueError(f"head_rows={head_rows!r}: must be an integer in [1, V={shape.vocab}] or None")
+            raise UserError(f"head_rows={head_rows!r}: must be an integer in [1, V={shape.vocab}] or None")
         if lora is not None and lora.head_rows not in (None, head_rows):
-            raise ValueError(f"head_rows={head_rows} contradicts lora.head_rows={lora.head_rows}")
+            raise UserError(f"head_rows={head_rows} contradicts lora.head_rows={lora.head_rows}")
 
 
 def _breakdown(shape: ModelShape, batch: int, n_q: int, n_k: int | None, lora: LoRASpec | None,
@@ -289,7 +290,7 @@ def forward_flops(shape: ModelShape, batch: int, seq_len: int, lora: LoRASpec | 
     _check_positive("seq_len", seq_len)
     _check_positive("logits_to_keep", logits_to_keep, minimum=0)
     if logits_to_keep and conv.count_loss:
-        raise ValueError(f"logits_to_keep={logits_to_keep}: the loss needs logits at every position (use 0)")
+        raise UserError(f"logits_to_keep={logits_to_keep}: the loss needs logits at every position (use 0)")
     rows = min(logits_to_keep, seq_len) if logits_to_keep else None
     return _breakdown(shape, batch, seq_len, None, lora, conv, rows, "forward", head_rows)
 

@@ -64,6 +64,7 @@ from typing import Any, Literal
 from lvforecast.budget import store
 from lvforecast.budget.liveness import boot_id, owner_alive, proc_stat, same_machine
 from lvforecast.budget.store import KINDS, RUN_STATUSES, SCHEMA_VERSION, as_count, as_flops
+from lvforecast.errors import UserError
 
 __all__ = [
     "DEFAULT_BUDGET", "DEFAULT_LEDGER", "FINISH_STATUSES", "JOURNAL_ENV", "JOURNAL_MODES", "KINDS", "LEDGER_ENV",
@@ -90,7 +91,7 @@ class RunOutcome:
     status: str = "finished"
 
 
-class BudgetExceededError(RuntimeError):
+class BudgetExceededError(UserError, RuntimeError):
     """A run's plan does not fit in what is left of the study budget.
 
     Attributes:
@@ -160,27 +161,27 @@ class Ledger:
     def __init__(self, path: str | os.PathLike[str], budget: float | None = DEFAULT_BUDGET,
                  journal_mode: str | None = "WAL", timeout_s: float = 30.0, mounts: str = "/proc/mounts") -> None:
         if str(path) == ":memory:" or str(path) == "":
-            raise ValueError(f"path must be a file path, got {str(path)!r}: every operation opens its own connection")
+            raise UserError(f"path must be a file path, got {str(path)!r}: every operation opens its own connection")
         self.path = Path(path)
         if journal_mode is not None:
             if not isinstance(journal_mode, str) or journal_mode.upper() not in JOURNAL_MODES:
-                raise ValueError(f"journal_mode must be one of {', '.join(JOURNAL_MODES)} or None, "
+                raise UserError(f"journal_mode must be one of {', '.join(JOURNAL_MODES)} or None, "
                                  f"got {journal_mode!r}")
             journal_mode = journal_mode.upper()
         self.journal_mode = journal_mode
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real) or not timeout_s > 0:
-            raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+            raise UserError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
         self.timeout_s = float(timeout_s)
         requested = None if budget is None else as_flops(budget, "budget")
         if requested == 0:
-            raise ValueError("budget must be > 0 FLOPs, got 0")
+            raise UserError("budget must be > 0 FLOPs, got 0")
         if requested is None and not self.path.exists():
             raise FileNotFoundError(f"no ledger at {self.path}; give a budget to create one")
         self._warned_over: set[int] = set()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         network = store.on_network_filesystem(self.path.parent, mounts)
         if network and journal_mode == "WAL":
-            raise ValueError(f"ledger {self.path} is on a {network} filesystem, where SQLite's WAL journal (shared "
+            raise UserError(f"ledger {self.path} is on a {network} filesystem, where SQLite's WAL journal (shared "
                              f"memory) is unsafe across machines: set budget.journal_mode=DELETE (or "
                              f"--journal-mode DELETE), a rollback journal that works there")
         if network and journal_mode is None:
@@ -189,12 +190,12 @@ class Ledger:
         with self._transaction() as conn:
             row = store.create_study(conn, requested, f"{socket.gethostname()}:{os.getpid()}")
             if row is None:  # raised inside the transaction, so the tables just created are rolled back
-                raise ValueError(f"{self.path} holds no ledger yet; give a budget to create one")
+                raise UserError(f"{self.path} holds no ledger yet; give a budget to create one")
         stored, version = row
         if version != SCHEMA_VERSION:
-            raise ValueError(f"ledger {self.path} has schema version {version}; this code reads {SCHEMA_VERSION}")
+            raise UserError(f"ledger {self.path} has schema version {version}; this code reads {SCHEMA_VERSION}")
         if requested is not None and requested != stored:
-            raise ValueError(f"ledger {self.path} was created with budget {format_flops(stored)} ({stored}) FLOPs, "
+            raise UserError(f"ledger {self.path} was created with budget {format_flops(stored)} ({stored}) FLOPs, "
                              f"not {format_flops(requested)} ({requested}); pass budget={stored} or budget=None to "
                              f"use it, or point at another ledger file")
         self.budget: int = stored
@@ -232,7 +233,7 @@ class Ledger:
         run_id = as_count(run_id, "run_id")
         row = conn.execute("SELECT name, status, reserved_flops FROM runs WHERE id = ?", (run_id,)).fetchone()
         if row is None:
-            raise ValueError(f"no run with id {run_id} in ledger {self.path}")
+            raise UserError(f"no run with id {run_id} in ledger {self.path}")
         return row
 
     # -- the API the training callback uses --------------------------------------------------------------------
@@ -263,7 +264,7 @@ class Ledger:
             ValueError, TypeError: bad arguments.
         """
         if not isinstance(name, str) or not name:
-            raise ValueError(f"name must be a non-empty string, got {name!r}")
+            raise UserError(f"name must be a non-empty string, got {name!r}")
         planned = as_flops(planned_flops, "planned_flops")
         for what, value in (("sweep", sweep), ("config_hash", config_hash), ("study", study), ("stage", stage)):
             if value is not None and not isinstance(value, str):
@@ -273,7 +274,7 @@ class Ledger:
         try:
             plan_json = None if plan is None else json.dumps(plan, sort_keys=True)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"plan must be JSON-serialisable: {err}") from err
+            raise UserError(f"plan must be JSON-serialisable: {err}") from err
         pid = os.getpid()
         stat = proc_stat(pid)
         with self._transaction() as conn:
@@ -314,16 +315,16 @@ class Ledger:
             ValueError, TypeError: unknown or refused run, unknown kind, negative or out-of-range numbers.
         """
         if kind not in KINDS:
-            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+            raise UserError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
         flops = as_flops(flops, "flops")
         steps = as_count(steps, "steps")
         tokens = as_count(tokens, "tokens")
         if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not 0 <= seconds < math.inf:
-            raise ValueError(f"seconds must be a finite number >= 0, got {seconds!r}")
+            raise UserError(f"seconds must be a finite number >= 0, got {seconds!r}")
         with self._transaction() as conn:
             name, status, reserved = self._run_row(conn, run_id)
             if status == "refused":
-                raise ValueError(f"run {run_id} {name!r} was refused its reservation and cannot be charged")
+                raise UserError(f"run {run_id} {name!r} was refused its reservation and cannot be charged")
             conn.execute(
                 "INSERT INTO charges (run_id, kind, flops, steps, tokens, seconds, charged_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -350,11 +351,11 @@ class Ledger:
                 reconciled as crashed).
         """
         if status not in FINISH_STATUSES:
-            raise ValueError(f"status must be one of {', '.join(FINISH_STATUSES)}, got {status!r}")
+            raise UserError(f"status must be one of {', '.join(FINISH_STATUSES)}, got {status!r}")
         with self._transaction() as conn:
             name, current, _ = self._run_row(conn, run_id)
             if current != "running":
-                raise ValueError(f"run {run_id} {name!r} is {current!r}, not 'running'; it cannot be finished again")
+                raise UserError(f"run {run_id} {name!r} is {current!r}, not 'running'; it cannot be finished again")
             store.release(conn, run_id, status)
         logger.info("ledger %s: run %d %r %s, spent %s FLOPs", self.path, run_id, name, status,
                     format_flops(self.run_spent(run_id)))
@@ -380,7 +381,7 @@ class Ledger:
         with self._transaction() as conn:
             name, status, _ = self._run_row(conn, run_id)
             if status != "running":
-                raise ValueError(f"run {run_id} {name!r} is {status!r}, not 'running'; its reservation cannot grow")
+                raise UserError(f"run {run_id} {name!r} is {status!r}, not 'running'; its reservation cannot grow")
             return store.extend(conn, run_id, extra, self.budget)
 
     def run_spent(self, run_id: int) -> int:
@@ -439,11 +440,11 @@ class Ledger:
             for run_id in forced:
                 name, status, _ = self._run_row(conn, run_id)
                 if status != "running":
-                    raise ValueError(f"run {run_id} {name!r} is {status!r}, not 'running'; nothing to reconcile")
+                    raise UserError(f"run {run_id} {name!r} is {status!r}, not 'running'; nothing to reconcile")
                 host, boot, pid, pid_start = conn.execute(
                     "SELECT host, boot_id, pid, pid_start FROM runs WHERE id = ?", (run_id,)).fetchone()
                 if same_machine(host, boot) and owner_alive(host, boot, pid, pid_start):
-                    raise ValueError(f"run {run_id} {name!r} is owned by live process {pid} on this machine; "
+                    raise UserError(f"run {run_id} {name!r} is owned by live process {pid} on this machine; "
                                      f"stop it instead of marking it crashed")
             dead = self._release_dead(conn)
             return dead + self._mark_crashed(conn, [r for r in forced if r not in dead])

@@ -35,6 +35,7 @@ from lvforecast.budget.shapes import (
     is_int,
     resolve_shape,
 )
+from lvforecast.errors import UserError
 
 # Hub ids whose architecture facts are built in, so planning needs no download.
 HUB_ALIASES = {"Qwen/Qwen2.5-0.5B-Instruct": "qwen2.5-0.5b"}
@@ -43,7 +44,7 @@ HUB_ALIASES = {"Qwen/Qwen2.5-0.5B-Instruct": "qwen2.5-0.5b"}
 def builtin_shape(name: str) -> ModelShape:
     """A built-in architecture (:data:`~lvforecast.budget.shapes.BUILTIN`) by name."""
     if name not in BUILTIN:
-        raise ValueError(f"model.shape.name={name!r}: allowed {', '.join(map(repr, BUILTIN))}")
+        raise UserError(f"model.shape.name={name!r}: allowed {', '.join(map(repr, BUILTIN))}")
     return BUILTIN[name]
 
 
@@ -62,7 +63,7 @@ def pretrained_shape(name_or_path: str) -> ModelShape:
 
         return ModelShape.from_hf_config(AutoConfig.from_pretrained(name_or_path, local_files_only=True))
     except OSError as err:
-        raise ValueError(
+        raise UserError(
             f"model.loader.name_or_path={name_or_path!r}: its config is not cached, so the FLOP plan cannot be "
             f"made before loading; download it first or point at a local directory"
         ) from err
@@ -182,7 +183,7 @@ class GenerationPlan:
 def _limited(n_batches: int, limit: int | float) -> int:
     """How many validation batches Lightning runs for ``limit_val_batches`` (int = count, float = fraction)."""
     if isinstance(limit, bool):
-        raise ValueError(f"trainer.limit_val_batches={limit!r}: an int count or a float fraction")
+        raise UserError(f"trainer.limit_val_batches={limit!r}: an int count or a float fraction")
     if isinstance(limit, int):
         return min(limit, n_batches)
     return n_batches if limit == 1.0 else int(math.floor(n_batches * float(limit)))
@@ -299,12 +300,12 @@ def schedule_of(tr: DictConfig, epoch_batches: int | None, max_steps: int) -> Sc
     every = tr.get("check_val_every_n_epoch")
     if epoch_batches is None:
         if isinstance(interval, float) or every is not None:
-            raise ValueError("a fractional trainer.val_check_interval or check_val_every_n_epoch needs the number "
+            raise UserError("a fractional trainer.val_check_interval or check_val_every_n_epoch needs the number "
                              "of training batches per epoch to be planned")
         epoch_batches = max_steps * accum + 1  # the run never reaches an epoch's end
     vcb = interval if isinstance(interval, int) else max(1, int(epoch_batches * interval))
     if every is not None and vcb > epoch_batches:
-        raise ValueError(f"trainer.val_check_interval={interval!r} is more than the {epoch_batches} training "
+        raise UserError(f"trainer.val_check_interval={interval!r} is more than the {epoch_batches} training "
                          f"batches of an epoch with check_val_every_n_epoch={every}; lower it or set "
                          f"check_val_every_n_epoch=null")
     return Schedule(accumulate=int(accum), epoch_batches=int(epoch_batches), val_check_batch=int(vcb),
@@ -330,7 +331,7 @@ def plan_run(cfg: DictConfig, val_batch_shapes: list[tuple[int, int]] | list[lis
     ranks = world_size(tr)
     per_rank = val_batch_shapes if val_batch_shapes and isinstance(val_batch_shapes[0], list) else [val_batch_shapes]
     if len(per_rank) != ranks:
-        raise ValueError(f"validation batch shapes for {len(per_rank)} ranks, but the trainer runs {ranks}")
+        raise UserError(f"validation batch shapes for {len(per_rank)} ranks, but the trainer runs {ranks}")
     accum = tr.get("accumulate_grad_batches") or 1
     train_step = accum * ranks * 3 * forward_flops(shape, batch, context, lora, conventions).total
 

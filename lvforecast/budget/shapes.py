@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from lvforecast.errors import UserError
+
 #: Linear layers of a Qwen2/Llama decoder layer, in execution order; LoRA may target any of them.
 PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -40,7 +42,7 @@ def is_int(value: Any) -> bool:
 def check_choice(owner: str, key: str, value: Any, allowed: Sequence[str]) -> None:
     """Raise ``ValueError("owner.key=value: allowed ...")`` unless ``value`` is one of ``allowed``."""
     if value not in allowed:
-        raise ValueError(f"{owner}.{key}={value!r}: allowed {', '.join(map(repr, allowed))}")
+        raise UserError(f"{owner}.{key}={value!r}: allowed {', '.join(map(repr, allowed))}")
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ class ModelShape:
         if not problems and self.n_heads % self.n_kv_heads:
             problems.append(f"n_kv_heads={self.n_kv_heads}: must divide n_heads={self.n_heads}")
         if problems:
-            raise ValueError("invalid ModelShape: " + "; ".join(problems))
+            raise UserError("invalid ModelShape: " + "; ".join(problems))
 
     @classmethod
     def from_hf_config(cls, config: Any) -> ModelShape:
@@ -94,17 +96,17 @@ class ModelShape:
         cfg: Mapping[str, Any] = config if isinstance(config, Mapping) else config.to_dict()
         model_type = cfg.get("model_type")
         if model_type not in _SUPPORTED_MODEL_TYPES:
-            raise ValueError(
+            raise UserError(
                 f"config model_type={model_type!r}: allowed {', '.join(map(repr, _SUPPORTED_MODEL_TYPES))} "
                 f"(Qwen2/Llama-family decoders)"
             )
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
-            raise ValueError(f"config hidden_act={act!r}: only 'silu' (SwiGLU) is counted")
+            raise UserError(f"config hidden_act={act!r}: only 'silu' (SwiGLU) is counted")
         missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
                                "vocab_size") if cfg.get(k) is None]
         if missing:
-            raise ValueError(f"config is missing {', '.join(missing)}")
+            raise UserError(f"config is missing {', '.join(missing)}")
         heads = cfg["num_attention_heads"]
         attention_bias = bool(cfg.get("attention_bias", False))
         return cls(
@@ -158,7 +160,7 @@ class Conventions:
         check_choice("conventions", "rope", self.rope, get_args(RopeForm))
         check_choice("conventions", "norm", self.norm, get_args(NormForm))
         if not isinstance(self.count_loss, bool):
-            raise ValueError(f"conventions.count_loss={self.count_loss!r}: must be True or False")
+            raise UserError(f"conventions.count_loss={self.count_loss!r}: must be True or False")
 
     @classmethod
     def as_implemented(cls, count_loss: bool = False) -> Conventions:
@@ -196,13 +198,13 @@ class LoRASpec:
 
     def __post_init__(self) -> None:
         if not is_int(self.rank) or self.rank < 1:
-            raise ValueError(f"lora.rank={self.rank!r}: must be an integer >= 1")
+            raise UserError(f"lora.rank={self.rank!r}: must be an integer >= 1")
         if self.head_rows is not None and (not is_int(self.head_rows) or self.head_rows < 1):
-            raise ValueError(f"lora.head_rows={self.head_rows!r}: must be an integer >= 1 or None (full vocabulary)")
+            raise UserError(f"lora.head_rows={self.head_rows!r}: must be an integer >= 1 or None (full vocabulary)")
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         bad = [t for t in targets if t not in PROJECTIONS]
         if bad or not targets or len(set(targets)) != len(targets):
-            raise ValueError(f"lora.targets={list(targets)}: must be distinct names from {list(PROJECTIONS)}")
+            raise UserError(f"lora.targets={list(targets)}: must be distinct names from {list(PROJECTIONS)}")
         # Canonical execution order, so the breakdown order does not depend on how targets were listed.
         object.__setattr__(self, "targets", tuple(p for p in PROJECTIONS if p in targets))
 
@@ -216,10 +218,10 @@ class LoRASpec:
         """
         configs = getattr(model, "peft_config", None) or {}
         if adapter not in configs:
-            raise ValueError(f"adapter={adapter!r}: model has LoRA adapters {sorted(configs)}")
+            raise UserError(f"adapter={adapter!r}: model has LoRA adapters {sorted(configs)}")
         cfg = configs[adapter]
         if getattr(cfg, "rank_pattern", None):
-            raise ValueError(f"peft rank_pattern={cfg.rank_pattern!r}: per-layer ranks are not counted")
+            raise UserError(f"peft rank_pattern={cfg.rank_pattern!r}: per-layer ranks are not counted")
         targets = cfg.target_modules
         return cls(rank=cfg.r, targets=(targets,) if isinstance(targets, str) else tuple(targets),
                    logit_bias=logit_bias, head_rows=head_rows)
@@ -232,7 +234,7 @@ def shape_of(model: Any) -> ModelShape:
         model, seen = model.model, seen + 1
     config = getattr(model, "config", None)
     if config is None:
-        raise ValueError(f"model of type {type(model).__name__} has no Hugging Face config")
+        raise UserError(f"model of type {type(model).__name__} has no Hugging Face config")
     return ModelShape.from_hf_config(config)
 
 
@@ -249,10 +251,10 @@ def resolve_shape(model: str) -> ModelShape:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise ValueError(f"--model={model!r}: not a built-in model ({', '.join(BUILTIN)}) nor a config.json path")
+        raise UserError(f"--model={model!r}: not a built-in model ({', '.join(BUILTIN)}) nor a config.json path")
     try:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"--model={model!r}: cannot read {path} as JSON ({err})") from err
+        raise UserError(f"--model={model!r}: cannot read {path} as JSON ({err})") from err
     return ModelShape.from_hf_config(cfg)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lvforecast.budget.liveness import owner_alive
+from lvforecast.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +86,10 @@ def as_flops(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{what} must be a number of FLOPs, got {value!r} ({type(value).__name__})")
     if not math.isfinite(float(value)):
-        raise ValueError(f"{what} must be finite, got {value!r}")
+        raise UserError(f"{what} must be finite, got {value!r}")
     flops = int(value) if isinstance(value, numbers.Integral) else round(float(value))
     if not 0 <= flops < INT_LIMIT:
-        raise ValueError(f"{what} must be >= 0 and < 2**63, got {value!r}")
+        raise UserError(f"{what} must be >= 0 and < 2**63, got {value!r}")
     return flops
 
 
@@ -102,7 +103,7 @@ def as_count(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
     if not 0 <= int(value) < INT_LIMIT:
-        raise ValueError(f"{what} must be >= 0 and < 2**63, got {value!r}")
+        raise UserError(f"{what} must be >= 0 and < 2**63, got {value!r}")
     return int(value)
 
 

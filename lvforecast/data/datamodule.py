@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lvforecast.data.encoding import STEP_SEP, ScaleRule, encode, encode_prompt
 from lvforecast.data.split import EvaluationInputs, Split, evaluation_order, split_systems
+from lvforecast.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         problems = self.config_problems(context_length=context_length, stride_steps=stride_steps,
                                         batch_size=batch_size, scale_context_steps=scale_context_steps)
         if problems:
-            raise ValueError("invalid data config: " + "; ".join(problems))
+            raise UserError("invalid data config: " + "; ".join(problems))
         self.path = str(path)
         self.tokenizer = tokenizer
         self.context_length = context_length
@@ -339,7 +340,7 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return  # idempotent: the pipeline calls it before fit to write the split
         if self.tokenizer is None:
-            raise ValueError("LotkaVolterraDataModule.setup needs a tokenizer: pass tokenizer= or set .tokenizer")
+            raise UserError("LotkaVolterraDataModule.setup needs a tokenizer: pass tokenizer= or set .tokenizer")
         self.prepare_texts()
         tokenize_series(list(self.series.values()), self.tokenizer)
         self.train_set = build_windows(self._split_series(self.split.train), self.context_length, self.stride_steps)

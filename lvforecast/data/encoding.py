@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from lvforecast.errors import UserError
+
 ALPHABET = "0123456789.,;"
 STEP_SEP = ";"
 VALUE_SEP = ","
@@ -67,7 +69,7 @@ class ScaleRule:
         if not (isinstance(self.target, (int, float)) and math.isfinite(self.target) and self.target > 0):
             problems.append(f"data.scale.target={self.target!r}: must be a finite number > 0")
         if problems:
-            raise ValueError("invalid scale rule: " + "; ".join(problems))
+            raise UserError("invalid scale rule: " + "; ".join(problems))
 
     def scale_for(self, context: np.ndarray) -> float:
         """Divisor for one series, computed from its context part only.
@@ -89,7 +91,7 @@ class ScaleRule:
 
 def _check_decimals(decimals: int) -> None:
     if not isinstance(decimals, (int, np.integer)) or isinstance(decimals, bool) or not 0 <= decimals <= 12:
-        raise ValueError(f"decimals={decimals!r}: must be an integer in [0, 12]")
+        raise UserError(f"decimals={decimals!r}: must be an integer in [0, 12]")
 
 
 def encode(series: np.ndarray, scale: float = STUDY_SCALE, decimals: int = STUDY_DECIMALS) -> str:
@@ -108,14 +110,14 @@ def encode(series: np.ndarray, scale: float = STUDY_SCALE, decimals: int = STUDY
     """
     _check_decimals(decimals)
     if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale={scale!r}: must be a finite number > 0")
+        raise UserError(f"scale={scale!r}: must be a finite number > 0")
     arr = np.asarray(series, dtype=np.float64)
     if arr.ndim != 2 or arr.shape[1] != 2:
-        raise ValueError(f"series has shape {arr.shape}: expected (T, 2) = (steps, [prey, predator])")
+        raise UserError(f"series has shape {arr.shape}: expected (T, 2) = (steps, [prey, predator])")
     if not np.isfinite(arr).all():
-        raise ValueError(f"series has {int((~np.isfinite(arr)).sum())} non-finite values: cannot encode")
+        raise UserError(f"series has {int((~np.isfinite(arr)).sum())} non-finite values: cannot encode")
     if (arr < 0).any():
-        raise ValueError(f"series has negative values (min {arr.min():g}): the alphabet has no sign")
+        raise UserError(f"series has negative values (min {arr.min():g}): the alphabet has no sign")
     # Fixed-point formatting: never scientific notation, always `decimals` digits.
     fmt = f"{{:.{decimals}f}}"
     scaled = arr / scale
@@ -177,7 +179,7 @@ def _has_decimals(number: str, decimals: int) -> bool:
     return len(tail) == decimals
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """The tokenizer does not give every character of the LLMTIME alphabet a token of its own."""
 
 

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch.utils.data import DistributedSampler
 
+from lvforecast.errors import UserError
+
 _EPOCH_STRIDE = 1_000_003  # epoch e's seed = epoch 0's + e x this (mod 2**63)
 
 
@@ -87,7 +89,7 @@ class ResumableSampler(DistributedSampler):
             ValueError: The checkpoint was written by a run with another number of ranks.
         """
         if state.get("num_replicas", 1) != self.num_replicas:
-            raise ValueError(f"the checkpoint's data order was dealt to {state['num_replicas']} ranks, this run has "
+            raise UserError(f"the checkpoint's data order was dealt to {state['num_replicas']} ranks, this run has "
                              f"{self.num_replicas}; resume with the same trainer.devices x trainer.num_nodes")
         if state.get("first_seed") is not None:
             self._resume = {k: int(state[k]) for k in ("first_seed", "epoch", "consumed")}

@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from lvforecast.data.trajectories import Trajectories, write_trajectories
+from lvforecast.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -129,19 +130,19 @@ def simulate_systems(
             non-finite values (cannot happen for the documented ranges).
     """
     if isinstance(n_systems, bool) or not isinstance(n_systems, (int, np.integer)) or n_systems < 1:
-        raise ValueError(f"n_systems must be an integer >= 1, got {n_systems!r}")
+        raise UserError(f"n_systems must be an integer >= 1, got {n_systems!r}")
     if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 2:
-        raise ValueError(f"n_steps must be an integer >= 2, got {n_steps!r}")
+        raise UserError(f"n_steps must be an integer >= 2, got {n_steps!r}")
     if not (isinstance(t_end, (int, float, np.number)) and math.isfinite(t_end) and t_end > 0):
-        raise ValueError(f"t_end must be a finite number > 0, got {t_end!r}")
+        raise UserError(f"t_end must be a finite number > 0, got {t_end!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+        raise UserError(f"seed must be an integer in [0, 2**32), got {seed!r}")
 
     params = _draw_params(int(n_systems), int(seed))
     time = np.linspace(0.0, float(t_end), int(n_steps))
     raw = _integrate_rk4(params["x0"], params["y0"], time, params)
     if not np.isfinite(raw).all():
-        raise ValueError("simulation produced non-finite values; check PARAM_RANGES")
+        raise UserError("simulation produced non-finite values; check PARAM_RANGES")
     # Exact solutions stay positive; only O(1e-12) truncation error can dip below 0.
     values = np.clip(raw, 0.0, None).astype(np.float32)
     logger.debug("simulated %d systems x %d steps (seed %d)", n_systems, n_steps, seed)

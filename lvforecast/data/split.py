@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lvforecast.errors import UserError
+
 
 @dataclass(frozen=True)
 class Split:
@@ -56,13 +58,13 @@ def split_systems(
     if bad:
         problems.append(f"data.pinned_test_systems has {bad}: ids must be in [0, {n_systems - 1}] for this file")
     if problems:
-        raise ValueError("invalid split: " + "; ".join(problems))
+        raise UserError("invalid split: " + "; ".join(problems))
     pinned = sorted(set(int(i) for i in pinned_test_systems))
     n_train = round(fr[0] * n_systems)
     n_val = round(fr[1] * n_systems)
     n_test = n_systems - n_train - n_val
     if len(pinned) > n_test:
-        raise ValueError(
+        raise UserError(
             f"invalid split: {len(pinned)} pinned test systems but the test split of {n_systems} systems "
             f"with data.split_fractions={fr} holds only {n_test}"
         )

@@ -29,6 +29,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from lvforecast.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 TRAJECTORIES_KEY = "trajectories"
@@ -44,7 +46,7 @@ _HOW_TO_POINT = (
 )
 
 
-class TrajectoryFileError(ValueError):
+class TrajectoryFileError(UserError):
     """A trajectory file is missing, unreadable or violates the layout contract."""
 
 
@@ -69,17 +71,17 @@ class Trajectories:
         # Cheap shape guard so a hand-built instance cannot silently disagree
         # with the layout every consumer assumes.
         if self.values.ndim != 3 or self.values.shape[2] != 2:
-            raise ValueError(
+            raise UserError(
                 f"Trajectories.values must have shape (N, T, 2), got {self.values.shape}"
             )
         if self.time.shape != (self.values.shape[1],):
-            raise ValueError(
+            raise UserError(
                 f"Trajectories.time must have shape ({self.values.shape[1]},) to match "
                 f"values {self.values.shape}, got {self.time.shape}"
             )
         for name, arr in (self.params or {}).items():
             if np.shape(arr) != (self.values.shape[0],):
-                raise ValueError(
+                raise UserError(
                     f"Trajectories.params[{name!r}] must have shape "
                     f"({self.values.shape[0]},), got {np.shape(arr)}"
                 )
@@ -144,7 +146,7 @@ def load_trajectories(path: str | os.PathLike[str], min_steps: int = 1) -> Traje
         ValueError: ``min_steps`` < 1.
     """
     if min_steps < 1:
-        raise ValueError(f"min_steps must be >= 1, got {min_steps}")
+        raise UserError(f"min_steps must be >= 1, got {min_steps}")
     p = str(path)
     if not os.path.exists(p):
         raise _fail(p, None, f"trajectory file not found; {_HOW_TO_POINT}")
@@ -271,15 +273,15 @@ def write_trajectories(
     values = np.asarray(values)
     time = np.asarray(time)
     if values.ndim != 3 or values.shape[2] != 2:
-        raise ValueError(f"values must have shape (N, T, 2), got {values.shape}")
+        raise UserError(f"values must have shape (N, T, 2), got {values.shape}")
     if time.shape != (values.shape[1],):
-        raise ValueError(
+        raise UserError(
             f"time must have shape ({values.shape[1]},) to match values {values.shape}, "
             f"got {time.shape}"
         )
     for name, arr in (params or {}).items():
         if np.shape(arr) != (values.shape[0],):
-            raise ValueError(
+            raise UserError(
                 f"params[{name!r}] must have shape ({values.shape[0]},), got {np.shape(arr)}"
             )
 

@@ -37,6 +37,7 @@ from scipy.integrate import solve_ivp
 from scipy.optimize import least_squares
 
 from lvforecast.data.simulate import PARAM_RANGES
+from lvforecast.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -66,18 +67,18 @@ def _check(context: np.ndarray, time: np.ndarray, horizon_steps: int) -> tuple[n
     context = np.asarray(context, dtype=np.float64)
     time = np.asarray(time, dtype=np.float64)
     if context.ndim != 3 or context.shape[2] != 2 or context.shape[1] < 1:
-        raise ValueError(f"context must have shape (S, Tc>=1, 2), got {context.shape}")
+        raise UserError(f"context must have shape (S, Tc>=1, 2), got {context.shape}")
     if not np.isfinite(context).all() or (context < 0).any():
-        raise ValueError("context must be finite and >= 0")
+        raise UserError("context must be finite and >= 0")
     if isinstance(horizon_steps, bool) or not isinstance(horizon_steps, (int, np.integer)) or horizon_steps < 1:
-        raise ValueError(f"horizon_steps must be an integer >= 1, got {horizon_steps!r}")
+        raise UserError(f"horizon_steps must be an integer >= 1, got {horizon_steps!r}")
     need = context.shape[1] + int(horizon_steps)
     if time.ndim != 1 or time.size < need:
-        raise ValueError(
+        raise UserError(
             f"time must be the full (T,) grid with T >= Tc + horizon_steps = {need}, got shape {time.shape}"
         )
     if not (np.isfinite(time).all() and (np.diff(time) > 0).all()):
-        raise ValueError("time must be finite and strictly increasing")
+        raise UserError("time must be finite and strictly increasing")
     return context, time
 
 
@@ -142,7 +143,7 @@ def ar(context: np.ndarray, time: np.ndarray, horizon_steps: int, order: int = 3
     """
     context, _ = _check(context, time, horizon_steps)
     if order < 1 or context.shape[1] < 2 * order + 2:
-        raise ValueError(f"order must be >= 1 with Tc >= 2*order+2, got order={order}, Tc={context.shape[1]}")
+        raise UserError(f"order must be >= 1 with Tc >= 2*order+2, got order={order}, Tc={context.shape[1]}")
     out = np.empty((context.shape[0], int(horizon_steps), 2))
     for s, series in enumerate(context):
         for v in range(2):
@@ -171,9 +172,9 @@ def var_log(context: np.ndarray, time: np.ndarray, horizon_steps: int, order: in
     """
     context, _ = _check(context, time, horizon_steps)
     if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps!r}")
+        raise UserError(f"eps must be > 0, got {eps!r}")
     if order < 1 or context.shape[1] < 2 * (1 + 2 * order) + order:
-        raise ValueError(f"order={order} is too large for context length Tc={context.shape[1]}")
+        raise UserError(f"order={order} is too large for context length Tc={context.shape[1]}")
     out = np.empty((context.shape[0], int(horizon_steps), 2))
     for s, series in enumerate(context):
         z = np.log(series + eps)
@@ -334,9 +335,9 @@ def rm_fit(
     """
     context, time = _check(context, time, horizon_steps)
     if n_starts < 1:
-        raise ValueError(f"n_starts must be >= 1, got {n_starts}")
+        raise UserError(f"n_starts must be >= 1, got {n_starts}")
     if context.shape[1] < 3:
-        raise ValueError(f"rm_fit needs a context of >= 3 steps, got Tc={context.shape[1]}")
+        raise UserError(f"rm_fit needs a context of >= 3 steps, got Tc={context.shape[1]}")
     tc, horizon = context.shape[1], int(horizon_steps)
     t_ctx, t_fc = time[:tc], time[tc - 1 : tc + horizon]
     out = np.empty((context.shape[0], horizon, 2))

@@ -38,6 +38,8 @@ from typing import Literal
 import numpy as np
 from scipy.signal import find_peaks
 
+from lvforecast.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 Behaviour = Literal["stable", "growing", "decaying", "oscillatory"]
@@ -87,15 +89,15 @@ def classify(
     series = np.asarray(series, dtype=np.float64)
     time = np.asarray(time, dtype=np.float64)
     if series.ndim != 2 or series.shape[1] != 2:
-        raise ValueError(f"series must have shape (T, 2), got {series.shape}")
+        raise UserError(f"series must have shape (T, 2), got {series.shape}")
     if time.shape != (series.shape[0],):
-        raise ValueError(f"time must have shape ({series.shape[0]},) to match series, got {time.shape}")
+        raise UserError(f"time must have shape ({series.shape[0]},) to match series, got {time.shape}")
     if not (np.isfinite(series).all() and np.isfinite(time).all()):
-        raise ValueError("series and time must be finite")
+        raise UserError("series and time must be finite")
     if not 2 <= flat_points <= series.shape[0]:
-        raise ValueError(f"flat_points must be in [2, T={series.shape[0]}], got {flat_points}")
+        raise UserError(f"flat_points must be in [2, T={series.shape[0]}], got {flat_points}")
     if not flat_tol >= 0 or not slope_tol >= 0:
-        raise ValueError(f"flat_tol and slope_tol must be >= 0, got {flat_tol!r}, {slope_tol!r}")
+        raise UserError(f"flat_tol and slope_tol must be >= 0, got {flat_tol!r}, {slope_tol!r}")
 
     tail = series[-flat_points:]
     spread = tail.max(axis=0) - tail.min(axis=0)
@@ -130,7 +132,7 @@ def classify_all(values: np.ndarray, time: np.ndarray, **kwargs: float) -> list[
     """
     values = np.asarray(values)
     if values.ndim != 3 or values.shape[2] != 2:
-        raise ValueError(f"values must have shape (N, T, 2), got {values.shape}")
+        raise UserError(f"values must have shape (N, T, 2), got {values.shape}")
     labels = [classify(v, time, **kwargs) for v in values]
     logger.info("behaviour classes: %s", class_counts(labels))
     return labels

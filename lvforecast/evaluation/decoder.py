@@ -32,6 +32,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from lvforecast.data.encoding import ALPHABET, STEP_SEP
+from lvforecast.errors import UserError
 from lvforecast.evaluation.grammar import START, Grammar
 from lvforecast.model.lora import decoder_stack
 
@@ -70,7 +71,7 @@ def compile_grammar(grammar: Grammar, char_ids: dict[str, int], device: torch.de
     """
     missing = [c for c in ALPHABET if c not in char_ids]
     if missing:
-        raise ValueError(f"char_ids lacks token ids for {missing!r}: every character of {ALPHABET!r} is needed")
+        raise UserError(f"char_ids lacks token ids for {missing!r}: every character of {ALPHABET!r} is needed")
     chars = "".join(sorted(ALPHABET, key=lambda c: char_ids[c]))
     column = {c: j for j, c in enumerate(chars)}
     index, order = {START: 0}, [START]

@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 from lvforecast.budget.formulas import generation_flops
 from lvforecast.budget.shapes import ALPHABET_SIZE, Conventions, LoRASpec, ModelShape, shape_of
 from lvforecast.data.encoding import decode, encode_prompt
+from lvforecast.errors import UserError
 from lvforecast.evaluation.decoder import DecodeHead, compile_grammar
 from lvforecast.evaluation.generation import (
     GenerateRunner,
@@ -159,7 +160,7 @@ def _check_args(series: np.ndarray, scales: list[float], decimals: int, context_
     except ValueError as err:
         problems.append(str(err))
     if problems:
-        raise ValueError("invalid forecast arguments: " + "; ".join(problems))
+        raise UserError("invalid forecast arguments: " + "; ".join(problems))
     return grammar
 
 
@@ -170,7 +171,7 @@ def _tokenized_prompts(tokenizer: Any, series: np.ndarray, scales: list[float], 
     widest = max((len(num.split(".")[0]) for p in prompts for num in p.replace(";", ",").split(",") if num),
                  default=1)
     if widest > max_int_digits:
-        raise ValueError(f"max_int_digits={max_int_digits}: the encoded context has numbers with {widest} digits "
+        raise UserError(f"max_int_digits={max_int_digits}: the encoded context has numbers with {widest} digits "
                          f"before the point; raise max_int_digits or the scale")
     return tokenizer(prompts, add_special_tokens=False)["input_ids"]
 

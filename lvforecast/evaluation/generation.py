@@ -26,6 +26,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 
 from lvforecast.data.encoding import ALPHABET, STEP_SEP
+from lvforecast.errors import UserError
 from lvforecast.evaluation.decoder import AlphabetLogits, CompiledGrammar, DecodeHead, decode
 from lvforecast.evaluation.grammar import Grammar, LLMTimeLogitsProcessor, StepsStoppingCriteria
 
@@ -39,7 +40,7 @@ class AddLogitBias(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """Return ``scores`` (B, V) plus the bias."""
         if scores.shape[-1] != self.bias.shape[0]:
-            raise ValueError(f"logit bias has {self.bias.shape[0]} entries but the model scores {scores.shape[-1]} "
+            raise UserError(f"logit bias has {self.bias.shape[0]} entries but the model scores {scores.shape[-1]} "
                              f"tokens: the adapter was trained on another base model")
         return scores + self.bias.to(device=scores.device, dtype=scores.dtype)
 
@@ -58,7 +59,7 @@ def full_and_alphabet_bias(bias: torch.Tensor | None, vocab: int, char_ids: dict
         return bias, bias[ids]
     if bias.ndim == 1 and bias.shape[0] == len(ALPHABET):
         return torch.zeros(vocab, dtype=bias.dtype).index_copy(0, ids, bias), bias
-    raise ValueError(f"logit bias has {bias.shape[0] if bias.ndim == 1 else tuple(bias.shape)} entries but the model "
+    raise UserError(f"logit bias has {bias.shape[0] if bias.ndim == 1 else tuple(bias.shape)} entries but the model "
                      f"scores {vocab} tokens (or the {len(ALPHABET)} of the alphabet): the adapter was trained on "
                      f"another base model")
 

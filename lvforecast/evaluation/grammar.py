@@ -20,6 +20,7 @@ import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
 from lvforecast.data.encoding import ALPHABET, STEP_SEP, VALUE_SEP
+from lvforecast.errors import UserError
 
 DIGITS = "0123456789"
 # Grammar state at the start of a step: prey field, no digits yet, before the point, no leading zero.
@@ -52,7 +53,7 @@ class Grammar:
         if not isinstance(self.decimals, int) or isinstance(self.decimals, bool) or not 0 <= self.decimals <= 12:
             problems.append(f"decimals={self.decimals!r}: must be an integer in [0, 12]")
         if problems:
-            raise ValueError("invalid grammar: " + "; ".join(problems))
+            raise UserError("invalid grammar: " + "; ".join(problems))
 
     def allowed(self, state: tuple[int, int, int, bool]) -> str:
         """Characters allowed next in ``state``."""
@@ -72,7 +73,7 @@ class Grammar:
             ValueError: ``char`` is not allowed in ``state``.
         """
         if char not in self.allowed(state):
-            raise ValueError(f"character {char!r} not allowed in grammar state {state}")
+            raise UserError(f"character {char!r} not allowed in grammar state {state}")
         field, n_int, n_frac, lead_zero = state
         if char == VALUE_SEP:
             return (1, 0, -1, False)
@@ -114,7 +115,7 @@ class LLMTimeLogitsProcessor(LogitsProcessor):
                  end_id: int) -> None:
         missing = [c for c in ALPHABET if c not in char_ids]
         if missing:
-            raise ValueError(f"char_ids lacks token ids for {missing!r}: every character of {ALPHABET!r} is needed")
+            raise UserError(f"char_ids lacks token ids for {missing!r}: every character of {ALPHABET!r} is needed")
         self.char_ids = dict(char_ids)
         self.id_to_char = {i: c for c, i in char_ids.items()}
         self.grammar = grammar
@@ -149,7 +150,7 @@ class LLMTimeLogitsProcessor(LogitsProcessor):
         """(grammar state, steps done) of each row after its generated part."""
         n_gen = input_ids.shape[1] - self.prompt_len
         if n_gen < 0:
-            raise ValueError(f"input_ids has {input_ids.shape[1]} positions, fewer than prompt_len={self.prompt_len}")
+            raise UserError(f"input_ids has {input_ids.shape[1]} positions, fewer than prompt_len={self.prompt_len}")
         if n_gen == self._seen + 1 and len(self._states) == input_ids.shape[0] and n_gen > 0:
             last = input_ids[:, -1].tolist()
             self._states = [self._step(s, t) for s, t in zip(self._states, last, strict=True)]

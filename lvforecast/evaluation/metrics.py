@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from lvforecast.data.encoding import STUDY_SCALE, VARIABLES
+from lvforecast.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +49,11 @@ def _check_pair(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.nda
     truth = np.asarray(truth, dtype=np.float64)
     pred = np.asarray(pred, dtype=np.float64)
     if truth.ndim != 3 or truth.shape[2] != 2:
-        raise ValueError(f"truth must have shape (S, H, 2), got {truth.shape}")
+        raise UserError(f"truth must have shape (S, H, 2), got {truth.shape}")
     if pred.shape != truth.shape:
-        raise ValueError(f"pred must have the shape of truth {truth.shape}, got {pred.shape}")
+        raise UserError(f"pred must have the shape of truth {truth.shape}, got {pred.shape}")
     if not np.isfinite(truth).all():
-        raise ValueError(f"truth must be finite, got {int((~np.isfinite(truth)).sum())} non-finite entries")
+        raise UserError(f"truth must be finite, got {int((~np.isfinite(truth)).sum())} non-finite entries")
     return truth, pred
 
 
@@ -60,14 +61,14 @@ def _check_samples(truth: np.ndarray, samples: np.ndarray) -> tuple[np.ndarray, 
     truth = np.asarray(truth, dtype=np.float64)
     samples = np.asarray(samples, dtype=np.float64)
     if truth.ndim != 3 or truth.shape[2] != 2:
-        raise ValueError(f"truth must have shape (S, H, 2), got {truth.shape}")
+        raise UserError(f"truth must have shape (S, H, 2), got {truth.shape}")
     s, h, _ = truth.shape
     if samples.ndim != 4 or samples.shape[0] != s or samples.shape[2:] != (h, 2) or samples.shape[1] < 1:
-        raise ValueError(
+        raise UserError(
             f"samples must have shape ({s}, k>=1, {h}, 2) to match truth {truth.shape}, got {samples.shape}"
         )
     if not (np.isfinite(truth).all() and np.isfinite(samples).all()):
-        raise ValueError("truth and samples must be finite for CRPS/coverage")
+        raise UserError("truth and samples must be finite for CRPS/coverage")
     return truth, samples
 
 
@@ -88,10 +89,10 @@ def to_encoded(values: np.ndarray, scale: float | Sequence[float] | np.ndarray =
     values = np.asarray(values, dtype=np.float64)
     scales = np.asarray(scale, dtype=np.float64)
     if scales.ndim > 1 or not np.all(np.isfinite(scales) & (scales > 0)):
-        raise ValueError(f"scale must be a finite number > 0 (or one per series), got {scale!r}")
+        raise UserError(f"scale must be a finite number > 0 (or one per series), got {scale!r}")
     if scales.ndim == 1:
         if scales.shape[0] != values.shape[0]:
-            raise ValueError(f"got {scales.shape[0]} per-series scales for {values.shape[0]} series")
+            raise UserError(f"got {scales.shape[0]} per-series scales for {values.shape[0]} series")
         scales = scales.reshape((-1,) + (1,) * (values.ndim - 1))
     return values / scales
 
@@ -208,17 +209,17 @@ def aggregate(per_system: dict[str, np.ndarray], classes: Sequence[str] | None =
         ValueError: arrays are not (S, 2) with one S, or ``classes`` has the wrong length.
     """
     if not per_system:
-        raise ValueError("per_system must hold at least one metric, got an empty dict")
+        raise UserError("per_system must hold at least one metric, got an empty dict")
     shapes = {key: np.shape(arr) for key, arr in per_system.items()}
     first = next(iter(shapes.values()))
     n = first[0] if len(first) == 2 else -1
     if any(shape != (n, 2) for shape in shapes.values()):
-        raise ValueError(f"per_system arrays must all have shape (S, 2), got {shapes}")
+        raise UserError(f"per_system arrays must all have shape (S, 2), got {shapes}")
     result: dict[str, Any] = {"all": _summarise(per_system, np.arange(n)), "by_class": {}}
     if classes is not None:
         labels = np.asarray(list(classes), dtype=object)
         if labels.shape != (n,):
-            raise ValueError(f"classes must have one label per system ({n}), got {labels.shape[0]}")
+            raise UserError(f"classes must have one label per system ({n}), got {labels.shape[0]}")
         for label in sorted(set(labels.tolist())):
             result["by_class"][label] = _summarise(per_system, np.flatnonzero(labels == label))
     return result
@@ -266,7 +267,7 @@ def interval_coverage(truth: np.ndarray, samples: np.ndarray, lo: float = 0.1, h
         ValueError: bad shapes, non-finite values, or not 0 <= lo < hi <= 1.
     """
     if not (0.0 <= lo < hi <= 1.0):
-        raise ValueError(f"need 0 <= lo < hi <= 1, got lo={lo!r}, hi={hi!r}")
+        raise UserError(f"need 0 <= lo < hi <= 1, got lo={lo!r}, hi={hi!r}")
     truth, samples = _check_samples(truth, samples)
     q_lo, q_hi = np.quantile(samples, [lo, hi], axis=1)
     inside = (truth >= q_lo) & (truth <= q_hi)

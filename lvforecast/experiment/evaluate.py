@@ -46,6 +46,7 @@ from lvforecast.budget.reservation import Reservation
 from lvforecast.budget.shapes import ALPHABET_SIZE, Conventions, LoRASpec, ModelShape
 from lvforecast.data.encoding import VARIABLES
 from lvforecast.data.split import EvaluationInputs
+from lvforecast.errors import UserError
 from lvforecast.threads import resolve_threads, torch_threads
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ def _source(cfg: DictConfig) -> _Source:
     problems = [f"run_dir={str(run)!r} has no {name}" for name in ("config.yaml", "split.json", "adapter")
                 if not (run / name).exists()]
     if problems:
-        raise ValueError("cannot evaluate the run: " + "; ".join(problems) + " (is it a finished training run?)")
+        raise UserError("cannot evaluate the run: " + "; ".join(problems) + " (is it a finished training run?)")
     train_cfg = OmegaConf.load(run / "config.yaml")
     return _Source(model=train_cfg.model, data=train_cfg.data, lora=train_cfg.lora,
                    trained_context_tokens=int(train_cfg.data.context_length), split_file=run / "split.json",
@@ -136,7 +137,7 @@ def _load(cfg: DictConfig, source: _Source) -> EvaluationInputs:
 
     unknown = [b for b in cfg.baselines if b not in BASELINES]
     if unknown:
-        raise ValueError(f"baselines={list(cfg.baselines)}: unknown {unknown}; allowed {sorted(BASELINES)}")
+        raise UserError(f"baselines={list(cfg.baselines)}: unknown {unknown}; allowed {sorted(BASELINES)}")
     return instantiate(source.data).evaluation_inputs(
         int(cfg.forecast.context_steps), int(cfg.forecast.horizon_steps), split_file=source.split_file,
         max_systems=cfg.max_systems, first=list(cfg.examples))
@@ -164,7 +165,7 @@ def _generation_plan(cfg: DictConfig, source: _Source, inputs: EvaluationInputs)
 
 def _dry_run(cfg: DictConfig, out: Path, priced: _PricedPlan, inputs: EvaluationInputs) -> dict[str, Any]:
     if not cfg.budget.enabled:
-        raise ValueError("budget.dry_run=true needs budget.enabled=true: there is no plan to print")
+        raise UserError("budget.dry_run=true needs budget.enabled=true: there is no plan to print")
     plan = priced.plan.total
     log.info("generation FLOPs (dry run, upper bound, no weights loaded): %d systems x %d sample(s) -> %.4e",
              len(inputs.prompts), int(cfg.forecast.num_samples), plan)
@@ -224,7 +225,7 @@ def _logit_bias(run: Path, lora_cfg: DictConfig, char_ids: dict[str, int]) -> An
     """
     path = run / "adapter" / "logit_bias.safetensors"
     if bool(lora_cfg.get("train_logit_bias", False)) != path.is_file():
-        raise ValueError(f"run_dir={str(run)!r}: lora.train_logit_bias={lora_cfg.get('train_logit_bias')} in its "
+        raise UserError(f"run_dir={str(run)!r}: lora.train_logit_bias={lora_cfg.get('train_logit_bias')} in its "
                          f"config.yaml but {path} {'exists' if path.is_file() else 'is missing'}")
     if not path.is_file():
         return None
@@ -237,7 +238,7 @@ def _logit_bias(run: Path, lora_cfg: DictConfig, char_ids: dict[str, int]) -> An
     if meta.get("head") == "alphabet":
         saved = [int(i) for i in meta["token_ids"].split(",")]
         if saved != alphabet_ids(char_ids) or bias.shape != (len(saved),):
-            raise ValueError(f"{path}: an alphabet-head bias over token ids {saved} (shape {tuple(bias.shape)}), but "
+            raise UserError(f"{path}: an alphabet-head bias over token ids {saved} (shape {tuple(bias.shape)}), but "
                              f"this tokenizer's alphabet ids are {alphabet_ids(char_ids)}")
     return bias
 

@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lvforecast.errors import UserError
+
 HALVING_FILE = "halving.json"
 
 
@@ -65,7 +67,7 @@ def schedule(n_configs: int, min_steps: int, max_steps: int, eta: int = 3, step_
     elif not isinstance(max_steps, int) or max_steps < min_steps:
         problems.append(f"max_steps={max_steps!r}: must be an integer >= min_steps ({min_steps})")
     if problems:
-        raise ValueError("invalid successive halving settings:\n  - " + "\n  - ".join(problems))
+        raise UserError("invalid successive halving settings:\n  - " + "\n  - ".join(problems))
     rungs: list[Rung] = []
     steps, start, size = min_steps, 0, n_configs
     while True:
@@ -78,7 +80,7 @@ def schedule(n_configs: int, min_steps: int, max_steps: int, eta: int = 3, step_
             steps = max_steps
     bad = [r.steps for r in rungs if r.steps % step_multiple]
     if bad:
-        raise ValueError(f"min_steps={min_steps}, eta={eta}, max_steps={max_steps}: rung steps {bad} are not "
+        raise UserError(f"min_steps={min_steps}, eta={eta}, max_steps={max_steps}: rung steps {bad} are not "
                          f"multiples of the validation interval ({step_multiple}), so a rung would end between "
                          f"validations; allowed: min_steps and max_steps multiples of {step_multiple}")
     return rungs

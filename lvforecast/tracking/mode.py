@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from lvforecast.errors import UserError
+
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "online", "offline")
@@ -96,7 +98,7 @@ def decide_mode(mode: str, env: Mapping[str, str] | None = None, netrc_file: Pat
     """
     env = os.environ if env is None else env
     if mode not in MODES:
-        raise ValueError(f"logger.wandb.mode={mode!r}: allowed {', '.join(MODES)}")
+        raise UserError(f"logger.wandb.mode={mode!r}: allowed {', '.join(MODES)}")
     if mode == "offline":
         return ModeDecision("offline", "logger.wandb.mode=offline")
     source = credentials_source(env, netrc_file)
@@ -104,16 +106,16 @@ def decide_mode(mode: str, env: Mapping[str, str] | None = None, netrc_file: Pat
               "prompt for one")
     if mode == "online":
         if source is None:
-            raise ValueError(f"logger.wandb.mode=online but {no_key}; use logger.wandb.mode=auto or offline")
+            raise UserError(f"logger.wandb.mode=online but {no_key}; use logger.wandb.mode=auto or offline")
         return ModeDecision("online", f"logger.wandb.mode=online, API key from {source}")
     env_mode = env.get("WANDB_MODE")
     if env_mode:
         if env_mode.lower() not in _ENV_MODES:
-            raise ValueError(f"WANDB_MODE={env_mode!r} (read because logger.wandb.mode=auto): allowed "
+            raise UserError(f"WANDB_MODE={env_mode!r} (read because logger.wandb.mode=auto): allowed "
                              f"{', '.join(_ENV_MODES)}")
         chosen = _ENV_MODES[env_mode.lower()]
         if chosen == "online" and source is None:
-            raise ValueError(f"WANDB_MODE={env_mode} but {no_key}; unset WANDB_MODE or set it to offline")
+            raise UserError(f"WANDB_MODE={env_mode} but {no_key}; unset WANDB_MODE or set it to offline")
         return ModeDecision(chosen, f"logger.wandb.mode=auto and WANDB_MODE={env_mode}")
     if source is None:
         return ModeDecision("offline", "logger.wandb.mode=auto and no W&B API key is configured")

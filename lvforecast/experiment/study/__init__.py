@@ -16,10 +16,12 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from lvforecast.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class StudyRefusedError(RuntimeError):
+class StudyRefusedError(UserError, RuntimeError):
     """The study's plan does not fit in what its ledger has left (the message holds the per-stage plan)."""
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from lvforecast.errors import UserError
 from lvforecast.experiment.halving import schedule, worst_case
 from lvforecast.experiment.study.jobs import Planner, job_config, own_ckpt, training_done
 from lvforecast.experiment.study.spec import Stage, candidate_settings
@@ -70,7 +71,7 @@ def plan_study(cfg: DictConfig, stages: list[Stage], done: dict[str, dict[str, A
         try:
             rows.append(_plan_stage(cfg, stages, stage, done, planner, worst_train))
         except ValueError as err:
-            raise ValueError(f"stage {stage.name!r}: {err}") from err
+            raise UserError(f"stage {stage.name!r}: {err}") from err
     return rows
 
 

@@ -22,6 +22,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lvforecast.errors import UserError
+
 KINDS = ("evaluate", "train", "search")
 METHODS = ("grid", "halving")
 
@@ -90,7 +92,7 @@ def parse_stages(study: DictConfig) -> list[Stage]:
         raw["space"] = {k: tuple(v) for k, v in (raw.get("space") or {}).items()}
         stages.append(Stage(**raw))
     if problems:
-        raise ValueError("invalid study config:\n  - " + "\n  - ".join(problems))
+        raise UserError("invalid study config:\n  - " + "\n  - ".join(problems))
     return stages
 
 

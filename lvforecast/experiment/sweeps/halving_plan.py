@@ -13,6 +13,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from lvforecast.errors import UserError
+
 
 def plan_halving(config: DictConfig) -> tuple[list[dict[str, Any]], int]:
     """Every (configuration, rung) job's plan and the bracket's worst case.
@@ -40,7 +42,7 @@ def plan_halving(config: DictConfig) -> tuple[list[dict[str, Any]], int]:
     try:
         rungs = bracket(config, sw.min_steps, sw.eta, sw.max_steps, len(configs))
     except ValueError as err:
-        raise ValueError(f"hydra.sweeper (min_steps={sw.min_steps}, eta={sw.eta}, max_steps={sw.max_steps}): "
+        raise UserError(f"hydra.sweeper (min_steps={sw.min_steps}, eta={sw.eta}, max_steps={sw.max_steps}): "
                          f"{err}") from err
     loader = GlobalHydra.instance().config_loader()
     shapes: dict[str, list[tuple[int, int]]] = {}
@@ -53,7 +55,7 @@ def plan_halving(config: DictConfig) -> tuple[list[dict[str, Any]], int]:
             try:
                 validate_train_config(cfg)
             except ValueError as err:
-                raise ValueError(f"configuration {k} ({' '.join(job)}): {err}") from err
+                raise UserError(f"configuration {k} ({' '.join(job)}): {err}") from err
             flops = 0
             if cfg.budget.enabled:
                 key = OmegaConf.to_yaml(cfg.data, resolve=True)

@@ -18,6 +18,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from lvforecast.errors import UserError
 from lvforecast.experiment.sweeps.jobs import STUDY_KEYS, compose_jobs
 from lvforecast.experiment.sweeps.summary import write_csv
 
@@ -106,7 +107,7 @@ def plan_jobs(jobs: list[tuple[list[str], DictConfig]]) -> list[dict[str, Any]]:
         try:
             validate_train_config(cfg)
         except ValueError as err:
-            raise ValueError(f"job {num} ({' '.join(job)}): {err}") from err
+            raise UserError(f"job {num} ({' '.join(job)}): {err}") from err
         settings = {"model": _model_name(cfg), **{k: OmegaConf.select(cfg, k) for k in STUDY_KEYS}}
         if not cfg.budget.enabled:
             rows.append({"job": num, **settings, "overrides": " ".join(job), "planned_flops": 0, "ledger": "",

@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from lvforecast.errors import UserError
 from lvforecast.experiment.sweeps.job import COMPLETED
 from lvforecast.experiment.sweeps.summary import SUMMARY_CSV
 
@@ -37,20 +38,20 @@ def best_from(path: Any, key: str) -> Any:
     from lvforecast.utils import parse_cell
 
     if path is None or str(path) in ("", "None", "null"):
-        raise ValueError(f"{key} is not set: pass best_from=PATH (a finished sweep directory or its {SUMMARY_CSV}) "
+        raise UserError(f"{key} is not set: pass best_from=PATH (a finished sweep directory or its {SUMMARY_CSV}) "
                          f"or set {key}=... explicitly")
     file = Path(str(path))
     if file.is_dir():
         file = file / SUMMARY_CSV
     if not file.is_file():
-        raise ValueError(f"best_from={str(path)!r}: no {SUMMARY_CSV} there (is it a finished sweep's directory?)")
+        raise UserError(f"best_from={str(path)!r}: no {SUMMARY_CSV} there (is it a finished sweep's directory?)")
     with open(file, newline="") as fh:
         rows = list(csv.DictReader(fh))
     if rows and key not in rows[0]:
-        raise ValueError(f"best_from={str(path)!r}: {SUMMARY_CSV} has no column {key!r}; columns: {list(rows[0])}")
+        raise UserError(f"best_from={str(path)!r}: {SUMMARY_CSV} has no column {key!r}; columns: {list(rows[0])}")
     scored = [r for r in rows if r.get("status") in COMPLETED and r.get("final_val_loss")]
     if not scored:
-        raise ValueError(f"best_from={str(path)!r}: no finished job with a validation loss in {file}")
+        raise UserError(f"best_from={str(path)!r}: no finished job with a validation loss in {file}")
     marked = [r for r in scored if r.get("best") == "True"]
     if rows and "rung" in rows[0] and marked:  # successive halving: the winner of the last rung
         return parse_cell(marked[0][key])

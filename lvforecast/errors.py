@@ -1,0 +1,128 @@
+"""User errors: one ``error: ...`` block and a non-zero exit, never a traceback.
+
+A *user error* is a problem the person running the command can fix: a config key with an impossible value, a
+file that is missing, malformed or unwritable, a budget that cannot cover a run. Its message names the key, file
+or value, what was found, what is allowed and the fix. Everything else is a bug and keeps its traceback.
+
+- :class:`UserError` is the exception to raise for one (a ``ValueError``, so ``except ValueError`` still holds);
+  the project's own error classes (data files, tokenizers, model loading, budgets, studies) derive from it.
+- :func:`describe` turns an exception into that message, or None for a bug. Besides :class:`UserError` it knows
+  Hydra's and OmegaConf's config errors (an unknown key or option, a value of the wrong type) and operating
+  system errors on a named path (a full disk, a read-only folder), and unwraps Hydra's instantiation wrapper.
+- :func:`run_entry` runs an entry point (``train.py``, ``evaluate.py``, ``study.py``, the ``lvforecast`` CLI)
+  so that a user error prints the block and exits 1. ``HYDRA_FULL_ERROR=1`` (:data:`TRACEBACK_SWITCH`) shows
+  the full traceback instead, as it does for Hydra itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+TRACEBACK_SWITCH = "HYDRA_FULL_ERROR"
+HINT = f"(the full traceback: rerun with {TRACEBACK_SWITCH}=1)"
+
+
+class UserError(ValueError):
+    """A problem the user can fix; the message names the file / key / value, what was found and what is allowed."""
+
+
+_OS_FIXES = {
+    errno.ENOSPC: "the disk is full: free space or write elsewhere (paths.root_dir=...)",
+    errno.EDQUOT: "the disk quota is exceeded: free space or write elsewhere (paths.root_dir=...)",
+    errno.EACCES: "permission denied: make it writable or choose another path (paths.root_dir=...)",
+    errno.EPERM: "operation not permitted: make it writable or choose another path (paths.root_dir=...)",
+    errno.EROFS: "the file system is read-only: choose another path (paths.root_dir=...)",
+    errno.EISDIR: "it is a folder, a file is needed here",
+    errno.ENOTDIR: "a part of the path is a file, a folder is needed there",
+    errno.ENOENT: "no such file or folder",
+}
+
+
+def describe_os_error(err: OSError) -> str:
+    """``path: cause (fix)`` for an operating-system error on a named path."""
+    path = err.filename if err.filename2 is None else f"{err.filename} -> {err.filename2}"
+    fix = _OS_FIXES.get(err.errno or -1)
+    cause = err.strerror or type(err).__name__
+    return f"{path}: {cause}" + (f"; {fix}" if fix and fix.split(":")[0].lower() != cause.lower() else "")
+
+
+def _config_error(exc: BaseException) -> str | None:
+    """The message of a Hydra composition / override error or an OmegaConf key/type error, else None."""
+    try:
+        from hydra.errors import (
+            ConfigCompositionException,
+            MissingConfigException,
+            OverrideParseException,
+            SearchPathException,
+        )
+        from omegaconf.errors import OmegaConfBaseException
+    except ImportError:  # pragma: no cover - hydra and omegaconf are dependencies
+        return None
+    if isinstance(exc, (ConfigCompositionException, MissingConfigException, OverrideParseException,
+                        SearchPathException, OmegaConfBaseException)):
+        text = str(exc).strip()
+        cause = exc.__cause__
+        if cause is not None and str(cause).strip() and str(cause).strip() not in text:
+            text += "\n" + str(cause).strip()
+        return text
+    return None
+
+
+def describe(exc: BaseException) -> str | None:
+    """The one message for a user error, or None when ``exc`` is a bug (it keeps its traceback).
+
+    Hydra's ``InstantiationException`` (a constructor named by ``_target_`` raised) is looked through to its
+    cause, so a :class:`UserError` raised by a config-built object still reads as one.
+    """
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, UserError):
+            return str(exc)
+        if isinstance(exc, OSError) and exc.filename is not None:
+            return describe_os_error(exc)
+        text = _config_error(exc)
+        if text is not None:
+            return text
+        if type(exc).__name__ == "InstantiationException" and exc.__cause__ is not None:
+            exc = exc.__cause__
+            continue
+        return None
+    return None
+
+
+def print_error(message: str, hint: bool = True) -> None:
+    """Write ``error: <message>`` (indented continuation lines) and the traceback hint to stderr."""
+    lines = message.strip().splitlines() or ["(no message)"]
+    block = "error: " + lines[0] + "".join("\n  " + ln if not ln.startswith(" ") else "\n" + ln for ln in lines[1:])
+    sys.stderr.write(block + ("\n" + HINT if hint else "") + "\n")
+    sys.stderr.flush()
+
+
+def run_entry(main: Callable[[], Any]) -> Any:
+    """Run an entry point's ``main()``; a user error prints one ``error:`` block and exits with status 1.
+
+    Hydra is asked to re-raise (it would otherwise print its own trimmed traceback), so both composition errors
+    and the task's own errors arrive here. With ``HYDRA_FULL_ERROR=1`` already set everything propagates. A bug
+    (an exception :func:`describe` does not know) also propagates, with its traceback.
+    """
+    full = os.environ.get(TRACEBACK_SWITCH) == "1"
+    previous = os.environ.get(TRACEBACK_SWITCH)
+    os.environ[TRACEBACK_SWITCH] = "1"
+    try:
+        return main()
+    except Exception as exc:
+        message = None if full else describe(exc)
+        if message is None:
+            raise
+        print_error(message)
+        raise SystemExit(1) from None
+    finally:
+        if previous is None:
+            os.environ.pop(TRACEBACK_SWITCH, None)
+        else:
+            os.environ[TRACEBACK_SWITCH] = previous
