@@ -5,7 +5,8 @@
 the same random keys/values for both (no prefill is timed): ``(t(steps) - t(1)) / (steps - 1)`` per path, best of
 ``--repeats``. Greedy tokens of both paths are compared.
 
-``--mode e2e``: ``forecast()`` end to end, ``--batch`` rows of simulated systems (context 80 steps, horizon 20 as
+``--mode e2e``: ``forecast()`` end to end (median of ``--repeats`` interleaved runs), ``--batch`` rows of simulated
+systems (context 80 steps, horizon 20 as
 conf/evaluate.yaml): ``head=alphabet decoder=loop`` (the default) vs ``head=full decoder=generate`` (today's),
 texts compared.
 
@@ -18,6 +19,7 @@ Both print the torch thread count (``--threads``, default the ``threads: auto`` 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -105,17 +107,23 @@ def step_mode(lm, args) -> None:
 def e2e_mode(lm, args) -> None:
     data = simulate_systems(n_systems=args.batch, seed=args.seed).values
     base = instantiate(FORECAST, batch_size=args.batch)
-    results, seconds = {}, {}
-    for name, kw in (("today", {"head": "full", "decoder": "generate"}), ("lean", {})):
+    paths = (("today", {"head": "full", "decoder": "generate"}), ("lean", {}))
+    results, times = {}, {name: [] for name, _ in paths}
+    for _, kw in paths:
         base(lm.model, lm.tokenizer, lm.char_ids, data[:2], [STUDY_SCALE] * 2, decimals=STUDY_DECIMALS,
              horizon_steps=2, **kw)  # warm-up
-        start = time.perf_counter()
-        results[name] = base(lm.model, lm.tokenizer, lm.char_ids, data, [STUDY_SCALE] * args.batch,
-                             decimals=STUDY_DECIMALS, **kw)
-        seconds[name] = time.perf_counter() - start
+    # Interleaved (today, lean, lean, today, ...): a load change on a shared machine hits both paths alike.
+    for r in range(args.repeats):
+        for name, kw in paths if r % 2 == 0 else paths[::-1]:
+            start = time.perf_counter()
+            results[name] = base(lm.model, lm.tokenizer, lm.char_ids, data, [STUDY_SCALE] * args.batch,
+                                 decimals=STUDY_DECIMALS, **kw)
+            times[name].append(time.perf_counter() - start)
+    seconds = {name: statistics.median(ts) for name, ts in times.items()}
     r = results["lean"]
     print(f"{lm.name}: forecast() end to end, {args.batch} rows in one batch, prompts {min(r.prompt_tokens)}-"
-          f"{max(r.prompt_tokens)} tokens, horizon {FORECAST.horizon_steps} steps, {torch.get_num_threads()} threads")
+          f"{max(r.prompt_tokens)} tokens, horizon {FORECAST.horizon_steps} steps, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats} interleaved runs")
     print(f"today (head=full decoder=generate): {seconds['today']:7.2f} s  {results['today'].flops:.4e} FLOPs")
     print(f"lean  (head=alphabet decoder=loop): {seconds['lean']:7.2f} s  {r.flops:.4e} FLOPs")
     print(f"speed-up today/lean: {seconds['today'] / seconds['lean']:.2f}x (target >= 1.6x); texts identical: "

@@ -232,6 +232,9 @@ def decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, gr
     out = torch.full((batch, max_new_tokens), end_id, dtype=torch.long, device=device)
     hidden = stack(input_ids=input_ids[:, cached:], attention_mask=mask[:, :prompt_len] if padded else None,
                    position_ids=position[:, cached:], cache=cache, use_cache=True).last_hidden_state[:, -1:]
+    # A decode step's query (the newest position) may attend to every non-pad key: the (B, 1, 1, keys) mask the
+    # model would build from the 2D mask each step, made once here and sliced (a 4D mask is used as given).
+    step_mask = mask.bool()[:, None, None, :] if padded else None
     next_pos = position[:, -1:] + 1
     n = 0
     for n in range(1, max_new_tokens + 1):
@@ -246,7 +249,7 @@ def decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, gr
         if bool((steps >= horizon_steps).all()) or n == max_new_tokens:
             break
         cur = prompt_len + n
-        hidden = stack(input_ids=out[:, n - 1:n], attention_mask=mask[:, :cur] if padded else None,
+        hidden = stack(input_ids=out[:, n - 1:n], attention_mask=step_mask[..., :cur] if padded else None,
                        position_ids=next_pos, cache=cache, use_cache=True).last_hidden_state
         next_pos = next_pos + 1
     return Decoded(tokens=out[:, :n], steps=n)
