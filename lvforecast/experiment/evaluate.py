@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from lvforecast.atomic import atomic_writer, write_text
 from lvforecast.budget.formulas import generation_flops
 from lvforecast.budget.planning import GenerationPlan, planning_shape, token_counts
 from lvforecast.budget.reservation import Reservation
@@ -291,16 +292,17 @@ def _write(cfg: DictConfig, out: Path, source: _Source, inputs: EvaluationInputs
 
     result, methods, systems = forecasts.result, metrics["methods"], inputs.systems
     summary = _summary(cfg, source, inputs, forecasts, metrics)
-    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+    write_text(out / "metrics.json", json.dumps(summary, indent=1))
     _write_per_system(out / "per_system.csv", inputs, metrics["classes"], methods, result.steps_parsed)
     pngs = write_plots(out, systems, inputs.series, inputs.context_steps, forecasts.by_method, methods,
                        list(cfg.examples))
     write_report(out / "report.md", summary, methods, systems, list(cfg.examples))
     # The model's raw forecasts, for figures across evaluations (the study report draws several models at once).
-    np.savez_compressed(out / "forecasts.npz", systems=np.asarray(systems), examples=np.asarray(list(cfg.examples)),
-                        series=inputs.series, context_steps=inputs.context_steps,
-                        forecast=forecasts.by_method["model"],
-                        running_mse=np.asarray(methods["model"]["encoded"]["running_mse"], dtype=float))
+    with atomic_writer(out / "forecasts.npz", "wb") as fh:
+        np.savez_compressed(fh, systems=np.asarray(systems), examples=np.asarray(list(cfg.examples)),
+                            series=inputs.series, context_steps=inputs.context_steps,
+                            forecast=forecasts.by_method["model"],
+                            running_mse=np.asarray(methods["model"]["encoded"]["running_mse"], dtype=float))
     log_evaluation(cfg, out, summary, pngs)
     log.info("evaluation directory: %s (%d systems, %d parse failures, %.3e FLOPs)", out, len(systems),
              result.parse_failures, result.flops)
@@ -312,7 +314,7 @@ def _write_per_system(path: Path, inputs: EvaluationInputs, classes: list[str], 
                       steps_parsed: list[int]) -> None:
     """One row per system and method: class, scale, parsed steps (model) and encoded point metrics."""
     keys = ("mse", "rmse", "mae", "mape")
-    with open(path, "w", newline="") as fh:
+    with atomic_writer(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["system", "class", "scale", "method", "steps_parsed"]
                         + [f"{k}_{v}_encoded" for k in keys for v in VARIABLES])
