@@ -124,10 +124,90 @@ def _source(cfg: DictConfig) -> _Source:
                 if not (run / name).exists()]
     if problems:
         raise UserError("cannot evaluate the run: " + "; ".join(problems) + " (is it a finished training run?)")
-    train_cfg = OmegaConf.load(run / "config.yaml")
+    train_cfg = _run_config(run / "config.yaml")
+    _check_split(run / "split.json")
+    _check_adapter(run / "adapter")
     return _Source(model=train_cfg.model, data=train_cfg.data, lora=train_cfg.lora,
                    trained_context_tokens=int(train_cfg.data.context_length), split_file=run / "split.json",
                    run_dir=run)
+
+
+_RETRAIN = "fix: restore it from a copy of the run, or train the run again (python train.py ...)"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:200]
+
+
+def _run_config(path: Path) -> DictConfig:
+    """A training run's resolved ``config.yaml``, checked for the keys an evaluation reads.
+
+    Raises:
+        UserError: The file is not YAML, not a mapping, or lacks model / data / lora keys (each named).
+    """
+    try:
+        train_cfg = OmegaConf.load(path)
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the run's config ({err.strerror or err}); {_RETRAIN}") from err
+    except Exception as err:  # noqa: BLE001 - yaml's scanner/parser errors and OmegaConf's: all a torn file
+        raise UserError(f"{path}: not a readable config ({type(err).__name__}: {_first_line(err)}); the run's "
+                        f".hydra/config.yaml holds the same composed config before resolution; {_RETRAIN}") from err
+    if not isinstance(train_cfg, DictConfig):
+        raise UserError(f"{path}: a list, not the run's config mapping; {_RETRAIN}")
+    missing = [k for k in ("model.loader._target_", "data._target_", "data.context_length", "lora.r",
+                           "lora.target_modules") if OmegaConf.select(train_cfg, k, default=None) is None]
+    if missing:
+        raise UserError(f"{path}: not a training run's config: missing {', '.join(missing)}; {_RETRAIN}")
+    return train_cfg
+
+
+def _check_split(path: Path) -> None:
+    """``split.json`` must be JSON with a non-empty ``test`` list of system ids.
+
+    Raises:
+        UserError: Not JSON, or no such list (what was found is named).
+    """
+    try:
+        split = json.loads(path.read_text())
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the run's split ({err.strerror or err}); {_RETRAIN}") from err
+    except ValueError as err:
+        raise UserError(f"{path}: not JSON ({_first_line(err)}); it lists the run's train/val/test system ids; "
+                        f"{_RETRAIN}") from err
+    test = split.get("test") if isinstance(split, dict) else None
+    if not (isinstance(test, list) and test and all(isinstance(i, int) and not isinstance(i, bool) for i in test)):
+        found = sorted(split)[:5] if isinstance(split, dict) else type(split).__name__
+        raise UserError(f"{path}: no non-empty 'test' list of integer system ids (found {found}); {_RETRAIN}")
+
+
+def _check_adapter(adapter: Path) -> None:
+    """The PEFT ``adapter/``: a readable ``adapter_config.json`` and a weights file whose header reads.
+
+    Raises:
+        UserError: A part is missing or torn (the file is named).
+    """
+    config = adapter / "adapter_config.json"
+    if not config.is_file():
+        raise UserError(f"{config}: missing (the adapter folder is incomplete); {_RETRAIN}")
+    try:
+        found = json.loads(config.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{config}: not a readable adapter config ({_first_line(err)}); {_RETRAIN}") from err
+    if not isinstance(found, dict) or not {"peft_type", "r", "target_modules"} <= set(found):
+        raise UserError(f"{config}: not a PEFT LoRA adapter config (needs peft_type, r, target_modules); {_RETRAIN}")
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{weights}: missing (the adapter folder has no weights); {_RETRAIN}")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), "pt") as fh:
+            keys = list(fh.keys())
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for a torn header
+        raise UserError(f"{weights}: not a readable safetensors file ({_first_line(err)}); {_RETRAIN}") from err
+    if not keys:
+        raise UserError(f"{weights}: holds no tensors; {_RETRAIN}")
 
 
 def _load(cfg: DictConfig, source: _Source) -> EvaluationInputs:
@@ -203,7 +283,13 @@ def _forecast(cfg: DictConfig, source: _Source, inputs: EvaluationInputs,
         if source.run_dir is not None:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, str(source.run_dir / "adapter"))
+            adapter = source.run_dir / "adapter"
+            try:
+                model = PeftModel.from_pretrained(model, str(adapter))
+            except (ValueError, OSError, RuntimeError, KeyError) as err:
+                raise UserError(f"{adapter}: the adapter does not load onto {loaded.name} "
+                                f"({type(err).__name__}: {_first_line(err)}); it must be this run's own adapter/ "
+                                f"(its config.yaml names the base model); {_RETRAIN}") from err
         model.eval()
         result = forecaster(
             model, loaded.tokenizer, loaded.char_ids, inputs.series, list(inputs.scales), decimals=inputs.decimals,
@@ -234,8 +320,11 @@ def _logit_bias(run: Path, lora_cfg: DictConfig, char_ids: dict[str, int]) -> An
 
     from lvforecast.model.module import alphabet_ids
 
-    with safe_open(str(path), "pt") as f:
-        bias, meta = f.get_tensor("bias"), f.metadata() or {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            bias, meta = f.get_tensor("bias"), f.metadata() or {}
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for a torn file
+        raise UserError(f"{path}: not a readable logit bias ({_first_line(err)}); {_RETRAIN}") from err
     if meta.get("head") == "alphabet":
         saved = [int(i) for i in meta["token_ids"].split(",")]
         if saved != alphabet_ids(char_ids) or bias.shape != (len(saved),):
