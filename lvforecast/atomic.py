@@ -22,14 +22,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from lvforecast.errors import UserError, describe_os_error
+from lvforecast.errors import _OS_FIXES, UserError
 
 
 def write_failed(path: str | Path, err: OSError, what: str = "file") -> UserError:
     """The one message for a failed write of ``path``: the path, the cause and the fix; the old file is kept."""
-    named = OSError(err.errno, err.strerror or str(err), str(path))
-    return UserError(f"{describe_os_error(named)} (writing this {what} failed; nothing was replaced: the "
-                     f"previous {Path(path).name}, if any, is kept)")
+    cause = err.strerror or str(err) or type(err).__name__
+    fix = _OS_FIXES.get(err.errno or -1, "fix the cause or write elsewhere (paths.root_dir=...)")
+    head, _, rest = fix.partition(": ")
+    fix = rest if rest and head.lower() == cause.lower() else fix  # "Permission denied; permission denied: ..."
+    return UserError(f"{path}: {cause}; {fix} (writing this {what} failed; nothing was replaced: the previous "
+                     f"{Path(path).name}, if any, is kept)")
 
 
 def _fsync_dir(folder: Path) -> None:

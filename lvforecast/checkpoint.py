@@ -6,6 +6,8 @@ with the contract of :mod:`lvforecast.atomic`; :func:`load_checkpoint` is the on
 
 from __future__ import annotations
 
+import errno
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +42,26 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights only load failed" in str(err).lower() and "unsupported global" in str(err).lower():
-            raise UserError(f"ckpt_path={str(path)!r}: not an lvforecast checkpoint: it holds Python objects "
-                            f"that only trusted files may unpickle ({first[:160]}); {fix}") from err
-        raise UserError(f"ckpt_path={str(path)!r}: not a readable checkpoint (torn or corrupt: {first[:160]}); "
-                        f"{fix}") from err
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if found:
+            # torch's own advice (weights_only=False) would run the file's code: name what it holds instead.
+            what = f"it holds a {found.group(1)} object"
+            raise UserError(f"ckpt_path={str(path)!r}: not an lvforecast checkpoint: {what}, which only a "
+                            f"trusted file may unpickle (lvforecast checkpoints hold tensors and plain values); "
+                            f"{fix}") from err
+        detail = re.search(r"(invalid load key[^.\n]*|[A-Za-z]*Error: [^\n]*)", str(err))
+        raise UserError(f"ckpt_path={str(path)!r}: not a readable checkpoint (torn or corrupt: "
+                        f"{(detail.group(1) if detail else first)[:160]}); {fix}") from err
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, AttributeError, KeyError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"ckpt_path={str(path)!r}: not a readable checkpoint (truncated or corrupt: "
                         f"{type(err).__name__}: {first[:160]}); {fix}") from err
     except OSError as err:
-        raise UserError(f"ckpt_path={str(path)!r}: cannot read it ({err.strerror or err}); {fix}") from err
+        if err.errno in (errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOENT):
+            raise UserError(f"ckpt_path={str(path)!r}: cannot read it ({err.strerror or err}); {fix}") from err
+        # torch reads a torn zip archive as EINVAL (a truncated last.ckpt from a full disk)
+        raise UserError(f"ckpt_path={str(path)!r}: not a readable checkpoint (truncated or corrupt: "
+                        f"{err.strerror or err}); {fix}") from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
         found = sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f"ckpt_path={str(path)!r}: not a Lightning checkpoint (found {found}, need state_dict and "

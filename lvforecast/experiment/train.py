@@ -324,10 +324,10 @@ def _fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, run:
         header, rows = rundir.metrics_history(out, run.start_step) if run.claim.kind == "resume" else ([], [])
         rundir.install_history(loggers, out, header, rows)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    if lead:
-        _write_run_info(out, run_info)
     ok = False
     try:
+        if lead:
+            _write_run_info(out, run_info)
         # The resolved config at the top level (W&B's run config: lora.r, optim.lr, ...), plus the run record.
         for lg in loggers:
             lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "run_info": run_info})
