@@ -41,7 +41,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
         if found:
             # torch's own advice (weights_only=False) would run the file's code: name what it holds instead.
@@ -49,7 +49,8 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
             raise UserError(f"ckpt_path={str(path)!r}: not an lvforecast checkpoint: {what}, which only a "
                             f"trusted file may unpickle (lvforecast checkpoints hold tensors and plain values); "
                             f"{fix}") from err
-        detail = re.search(r"(invalid load key[^.\n]*|[A-Za-z]*Error: [^\n]*)", str(err))
+        # torch's text around the cause advises weights_only=False (running the file's code): keep the cause only.
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(err))
         raise UserError(f"ckpt_path={str(path)!r}: not a readable checkpoint (torn or corrupt: "
                         f"{(detail.group(1) if detail else first)[:160]}); {fix}") from err
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, AttributeError, KeyError) as err:
