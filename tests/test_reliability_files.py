@@ -131,6 +131,20 @@ def test_two_real_runs_started_together_keep_their_own_files(sim_cache, tmp_path
     assert [r["status"] for r in runs] == ["finished", "finished"]
 
 
+@pytest.mark.slow
+def test_a_multiruns_jobs_share_one_unique_sweep_directory(sim_cache, tmp_path):
+    # ${lv_unique:} is cached like ${now:}: every job of one multirun lands under the same sweep directory.
+    proc = cli("train.py", ["-m", *TINY_RUN, "trainer.max_steps=2", "trainer.val_check_interval=2", "seed=1,2",
+                            "sweep_name=two", f"paths.cache_dir={sim_cache}",
+                            f"budget.ledger_path={tmp_path / 'ledger.sqlite'}"], tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "sweeps" / "two").iterdir()
+    assert sweep.name.rsplit("_", 1)[1].count("-") == 1  # <time>_<pid>-<hex>
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"] and (sweep / "summary.csv").is_file()
+    runs = assert_ledger_consistent(tmp_path / "ledger.sqlite")
+    assert [r["status"] for r in runs] == ["finished", "finished"]
+
+
 def test_a_run_pointed_at_another_runs_directory_is_refused(run8, sim_cache, tmp_path):
     other = copy_run(run8, tmp_path / "other")
     before = digest(other)
