@@ -78,6 +78,26 @@ def atomic_writer(path: str | Path, mode: str = "w", newline: str | None = None)
                 tmp.unlink()
 
 
+def check_writable(folder: str | Path, key: str = "paths.output_dir") -> None:
+    """Create ``folder`` and a temporary file in it (removed again), so a read-only folder is named up front.
+
+    Raises:
+        UserError: The folder cannot be created or written: ``key=folder``, the cause and the fix.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as err:
+        cause = err.strerror or str(err) or type(err).__name__
+        fix = _OS_FIXES.get(err.errno or -1, "fix the cause or write elsewhere")
+        head, _, rest = fix.partition(": ")
+        fix = rest if rest and head.lower() == cause.lower() else fix
+        raise UserError(f"{key}={str(folder)!r}: cannot write into this folder ({cause}); {fix}") from err
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (see :func:`atomic_writer`)."""
     with atomic_writer(path, "w") as fh:

@@ -45,7 +45,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
         if found:
             # torch's own advice (weights_only=False) would run the file's code: name what it holds instead.
-            what = f"it holds a {found.group(1)} object"
+            what = f"it holds an object of type {found.group(1)}"
             raise UserError(f"ckpt_path={str(path)!r}: not an lvforecast checkpoint: {what}, which only a "
                             f"trusted file may unpickle (lvforecast checkpoints hold tensors and plain values); "
                             f"{fix}") from err

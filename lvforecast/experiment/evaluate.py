@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from lvforecast.atomic import atomic_writer, write_text
+from lvforecast.atomic import atomic_writer, check_writable, write_text
 from lvforecast.budget.formulas import generation_flops
 from lvforecast.budget.planning import GenerationPlan, planning_shape, token_counts
 from lvforecast.budget.reservation import Reservation
@@ -88,7 +88,7 @@ class _Forecasts:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation described by ``conf/evaluate.yaml`` and return its headline metrics."""
     out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)  # a read-only folder is named now, not after the forecasts were paid for
     resolve_threads(cfg.threads, None, 1)  # a bad value fails before anything loads
     source = _source(cfg)
     inputs = _load(cfg, source)
