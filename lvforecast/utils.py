@@ -101,7 +101,8 @@ def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[int, float]]]:
 def plot_loss_curve(metrics_csv: str | Path, out_png: str | Path, title: str = "") -> Path | None:
     """Plot ``train/loss`` and ``val/loss`` against the step into a PNG; None when nothing was logged.
 
-    Drawn on a :class:`matplotlib.figure.Figure`: no pyplot state, no backend switch.
+    Drawn on a :class:`matplotlib.figure.Figure`: no pyplot state, no backend switch; written atomically (a
+    failed write keeps the previous PNG, see :mod:`lvforecast.atomic`).
     """
     from matplotlib.figure import Figure  # lazy: a heavy import, and only the plot needs it
 
@@ -121,5 +122,6 @@ def plot_loss_curve(metrics_csv: str | Path, out_png: str | Path, title: str = "
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    return Path(out_png)
+    from lvforecast.atomic import save_figure
+
+    return save_figure(fig, out_png, dpi=120)

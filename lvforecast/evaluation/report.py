@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from lvforecast.atomic import save_figure, write_text
 from lvforecast.data.encoding import VARIABLES
 
 COLORS = {"prey": "goldenrod", "predator": "purple"}
@@ -37,8 +38,7 @@ def _figure(**kwargs: Any) -> Any:
 
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def write_plots(out: Path, systems: list[int], series: np.ndarray, context: int, forecasts: dict[str, np.ndarray],
@@ -152,4 +152,4 @@ def write_report(path: Path, summary: dict[str, Any], metrics: dict[str, Any], s
     for label, agg in metrics["model"]["encoded"]["aggregate"]["by_class"].items():
         lines.append(f"| {label} | {agg['n_systems']} | {_f(agg['mse']['prey']['median'])} | "
                      f"{_f(agg['mse']['predator']['median'])} |")
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from lvforecast.atomic import atomic_writer, check_writable, write_text
 from lvforecast.budget.formulas import generation_flops
 from lvforecast.budget.planning import GenerationPlan, planning_shape, token_counts
 from lvforecast.budget.reservation import Reservation
@@ -87,7 +88,7 @@ class _Forecasts:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation described by ``conf/evaluate.yaml`` and return its headline metrics."""
     out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)  # a read-only folder is named now, not after the forecasts were paid for
     resolve_threads(cfg.threads, None, 1)  # a bad value fails before anything loads
     source = _source(cfg)
     inputs = _load(cfg, source)
@@ -123,10 +124,90 @@ def _source(cfg: DictConfig) -> _Source:
                 if not (run / name).exists()]
     if problems:
         raise UserError("cannot evaluate the run: " + "; ".join(problems) + " (is it a finished training run?)")
-    train_cfg = OmegaConf.load(run / "config.yaml")
+    train_cfg = _run_config(run / "config.yaml")
+    _check_split(run / "split.json")
+    _check_adapter(run / "adapter")
     return _Source(model=train_cfg.model, data=train_cfg.data, lora=train_cfg.lora,
                    trained_context_tokens=int(train_cfg.data.context_length), split_file=run / "split.json",
                    run_dir=run)
+
+
+_RETRAIN = "fix: restore it from a copy of the run, or train the run again (python train.py ...)"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:200]
+
+
+def _run_config(path: Path) -> DictConfig:
+    """A training run's resolved ``config.yaml``, checked for the keys an evaluation reads.
+
+    Raises:
+        UserError: The file is not YAML, not a mapping, or lacks model / data / lora keys (each named).
+    """
+    try:
+        train_cfg = OmegaConf.load(path)
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the run's config ({err.strerror or err}); {_RETRAIN}") from err
+    except Exception as err:  # noqa: BLE001 - yaml's scanner/parser errors and OmegaConf's: all a torn file
+        raise UserError(f"{path}: not a readable config ({type(err).__name__}: {_first_line(err)}); the run's "
+                        f".hydra/config.yaml holds the same composed config before resolution; {_RETRAIN}") from err
+    if not isinstance(train_cfg, DictConfig):
+        raise UserError(f"{path}: a list, not the run's config mapping; {_RETRAIN}")
+    missing = [k for k in ("model.loader._target_", "data._target_", "data.context_length", "lora.r",
+                           "lora.target_modules") if OmegaConf.select(train_cfg, k, default=None) is None]
+    if missing:
+        raise UserError(f"{path}: not a training run's config: missing {', '.join(missing)}; {_RETRAIN}")
+    return train_cfg
+
+
+def _check_split(path: Path) -> None:
+    """``split.json`` must be JSON with a non-empty ``test`` list of system ids.
+
+    Raises:
+        UserError: Not JSON, or no such list (what was found is named).
+    """
+    try:
+        split = json.loads(path.read_text())
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the run's split ({err.strerror or err}); {_RETRAIN}") from err
+    except ValueError as err:
+        raise UserError(f"{path}: not JSON ({_first_line(err)}); it lists the run's train/val/test system ids; "
+                        f"{_RETRAIN}") from err
+    test = split.get("test") if isinstance(split, dict) else None
+    if not (isinstance(test, list) and test and all(isinstance(i, int) and not isinstance(i, bool) for i in test)):
+        found = sorted(split)[:5] if isinstance(split, dict) else type(split).__name__
+        raise UserError(f"{path}: no non-empty 'test' list of integer system ids (found {found}); {_RETRAIN}")
+
+
+def _check_adapter(adapter: Path) -> None:
+    """The PEFT ``adapter/``: a readable ``adapter_config.json`` and a weights file whose header reads.
+
+    Raises:
+        UserError: A part is missing or torn (the file is named).
+    """
+    config = adapter / "adapter_config.json"
+    if not config.is_file():
+        raise UserError(f"{config}: missing (the adapter folder is incomplete); {_RETRAIN}")
+    try:
+        found = json.loads(config.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{config}: not a readable adapter config ({_first_line(err)}); {_RETRAIN}") from err
+    if not isinstance(found, dict) or not {"peft_type", "r", "target_modules"} <= set(found):
+        raise UserError(f"{config}: not a PEFT LoRA adapter config (needs peft_type, r, target_modules); {_RETRAIN}")
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{weights}: missing (the adapter folder has no weights); {_RETRAIN}")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), "pt") as fh:
+            keys = list(fh.keys())
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for a torn header
+        raise UserError(f"{weights}: not a readable safetensors file ({_first_line(err)}); {_RETRAIN}") from err
+    if not keys:
+        raise UserError(f"{weights}: holds no tensors; {_RETRAIN}")
 
 
 def _load(cfg: DictConfig, source: _Source) -> EvaluationInputs:
@@ -202,7 +283,13 @@ def _forecast(cfg: DictConfig, source: _Source, inputs: EvaluationInputs,
         if source.run_dir is not None:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, str(source.run_dir / "adapter"))
+            adapter = source.run_dir / "adapter"
+            try:
+                model = PeftModel.from_pretrained(model, str(adapter))
+            except (ValueError, OSError, RuntimeError, KeyError) as err:
+                raise UserError(f"{adapter}: the adapter does not load onto {loaded.name} "
+                                f"({type(err).__name__}: {_first_line(err)}); it must be this run's own adapter/ "
+                                f"(its config.yaml names the base model); {_RETRAIN}") from err
         model.eval()
         result = forecaster(
             model, loaded.tokenizer, loaded.char_ids, inputs.series, list(inputs.scales), decimals=inputs.decimals,
@@ -233,8 +320,11 @@ def _logit_bias(run: Path, lora_cfg: DictConfig, char_ids: dict[str, int]) -> An
 
     from lvforecast.model.module import alphabet_ids
 
-    with safe_open(str(path), "pt") as f:
-        bias, meta = f.get_tensor("bias"), f.metadata() or {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            bias, meta = f.get_tensor("bias"), f.metadata() or {}
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for a torn file
+        raise UserError(f"{path}: not a readable logit bias ({_first_line(err)}); {_RETRAIN}") from err
     if meta.get("head") == "alphabet":
         saved = [int(i) for i in meta["token_ids"].split(",")]
         if saved != alphabet_ids(char_ids) or bias.shape != (len(saved),):
@@ -291,16 +381,17 @@ def _write(cfg: DictConfig, out: Path, source: _Source, inputs: EvaluationInputs
 
     result, methods, systems = forecasts.result, metrics["methods"], inputs.systems
     summary = _summary(cfg, source, inputs, forecasts, metrics)
-    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+    write_text(out / "metrics.json", json.dumps(summary, indent=1))
     _write_per_system(out / "per_system.csv", inputs, metrics["classes"], methods, result.steps_parsed)
     pngs = write_plots(out, systems, inputs.series, inputs.context_steps, forecasts.by_method, methods,
                        list(cfg.examples))
     write_report(out / "report.md", summary, methods, systems, list(cfg.examples))
     # The model's raw forecasts, for figures across evaluations (the study report draws several models at once).
-    np.savez_compressed(out / "forecasts.npz", systems=np.asarray(systems), examples=np.asarray(list(cfg.examples)),
-                        series=inputs.series, context_steps=inputs.context_steps,
-                        forecast=forecasts.by_method["model"],
-                        running_mse=np.asarray(methods["model"]["encoded"]["running_mse"], dtype=float))
+    with atomic_writer(out / "forecasts.npz", "wb") as fh:
+        np.savez_compressed(fh, systems=np.asarray(systems), examples=np.asarray(list(cfg.examples)),
+                            series=inputs.series, context_steps=inputs.context_steps,
+                            forecast=forecasts.by_method["model"],
+                            running_mse=np.asarray(methods["model"]["encoded"]["running_mse"], dtype=float))
     log_evaluation(cfg, out, summary, pngs)
     log.info("evaluation directory: %s (%d systems, %d parse failures, %.3e FLOPs)", out, len(systems),
              result.parse_failures, result.flops)
@@ -312,7 +403,7 @@ def _write_per_system(path: Path, inputs: EvaluationInputs, classes: list[str], 
                       steps_parsed: list[int]) -> None:
     """One row per system and method: class, scale, parsed steps (model) and encoded point metrics."""
     keys = ("mse", "rmse", "mae", "mape")
-    with open(path, "w", newline="") as fh:
+    with atomic_writer(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["system", "class", "scale", "method", "steps_parsed"]
                         + [f"{k}_{v}_encoded" for k in keys for v in VARIABLES])

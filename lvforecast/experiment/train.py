@@ -4,6 +4,11 @@ A run directory (``paths.output_dir``) holds: ``config.yaml`` (resolved), ``spli
 ``run_info.json`` (environment, parameter counts, data stats, final metrics), ``metrics.csv``,
 ``checkpoints/last.ckpt`` (adapter + optimizer + loop state), ``adapter/`` (PEFT format),
 ``loss_curve.png`` and, with ``logger=wandb``, ``wandb/`` (the W&B run, see :mod:`lvforecast.tracking`).
+
+Nothing is lost (:mod:`lvforecast.experiment.rundir`, :mod:`lvforecast.atomic`): a run refuses a directory that
+holds another run; every file (checkpoints included, through ``trainer.plugins``) is written to a temporary
+sibling and renamed, so a failed write keeps the previous good one; a resume in its own directory appends to
+``metrics.csv`` and adds a segment to ``run_info.json`` (``segments``: start and end step, status, time).
 """
 
 from __future__ import annotations
@@ -12,11 +17,13 @@ import json
 import logging
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lvforecast.atomic import atomic_dir, write_text
 from lvforecast.budget.ledger import Ledger, remaining_in
 from lvforecast.budget.planning import (
     Plan,
@@ -30,6 +37,7 @@ from lvforecast.budget.planning import (
 from lvforecast.budget.reservation import Reservation
 from lvforecast.budget.shapes import Conventions, LoRASpec, ModelShape
 from lvforecast.errors import UserError
+from lvforecast.experiment import rundir
 from lvforecast.threads import resolve_threads, torch_threads
 
 log = logging.getLogger(__name__)
@@ -91,28 +99,37 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import pytorch_lightning as pl
     from hydra.utils import instantiate
 
+    from lvforecast.checkpoint import load_checkpoint
+
+    ckpt_step = 0
+    if cfg.get("ckpt_path") and Path(cfg.ckpt_path).is_file():
+        # A torn or foreign checkpoint is one message naming it, before anything else reads it.
+        ckpt_step = int(load_checkpoint(cfg.ckpt_path)["global_step"])
     validate_train_config(cfg)
-    # The CSV logger writes metrics.csv into the run dir beside our files; its warning about a
-    # non-empty directory is expected here (it only ever overwrites metrics.csv).
+    # The CSV logger writes metrics.csv into the run dir beside our files; its warning about a non-empty
+    # directory is expected here (rundir.install_history keeps or clears metrics.csv itself).
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
     # Lightning cannot see that the datamodule resumes the training order itself (its sampler state is in the
     # checkpoint), so it warns on every mid-epoch resume.
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
     out = Path(cfg.paths.output_dir)
+    # Before anything is written: a directory holding another run is refused (the other ranks of a distributed
+    # run share rank 0's directory and write nothing of their own there).
+    claim = rundir.claim(cfg, out) if distributed_rank(cfg) == 0 else rundir.Claim("fresh")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(cfg.seed, workers=True)
 
     start = time.perf_counter()
     datamodule = instantiate(cfg.data)
     # Data problems (a missing file, too-short series) surface here, before any weights load.
     datamodule.prepare_texts()
-    (out / "split.json").write_text(datamodule.split.to_json())
+    write_text(out / "split.json", datamodule.split.to_json())
     if not cfg.budget.enabled:
         if cfg.budget.dry_run:
             raise UserError("budget.dry_run=true needs budget.enabled=true: there is no plan to print")
         with torch_threads(cfg.threads, _shape_or_none(cfg)):
-            return _fit(cfg, datamodule, None, out, start)
+            return _fit(cfg, datamodule, None, _RunDir(out, claim, ckpt_step), start)
     _check_planning_tokens(cfg, datamodule)
     ranks = world_size(cfg.trainer)
     start_step = resume_step(cfg.get("ckpt_path"))
@@ -134,7 +151,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     reservation = _reserve_as_rank(cfg, plan, shape, lora, conventions, out, reserve_flops)
     # From here on the run holds a reservation: whatever happens, the ledger learns how it ended.
     with reservation.held() as outcome, torch_threads(cfg.threads, shape):
-        result = _fit(cfg, datamodule, reservation, out, start)
+        result = _fit(cfg, datamodule, reservation, _RunDir(out, claim, ckpt_step), start)
         outcome.status = result["budget_status"]
     return result
 
@@ -241,9 +258,26 @@ def _callbacks(cfg: DictConfig, reservation: Reservation | None) -> list[Any]:
     return callbacks
 
 
-def _fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, out: Path,
+@dataclass(frozen=True)
+class _RunDir:
+    """The run directory, how this run claimed it, and the step it starts at (the checkpoint's, else 0)."""
+
+    out: Path
+    claim: rundir.Claim
+    start_step: int
+
+
+def _write_run_info(out: Path, run_info: dict[str, Any]) -> None:
+    write_text(out / "run_info.json", json.dumps(run_info, indent=1))
+
+
+def _fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, run: _RunDir,
          start: float) -> dict[str, Any]:
-    """Load the model, wrap it with LoRA, fit, and write the run directory."""
+    """Load the model, wrap it with LoRA, fit, and write the run directory.
+
+    ``run_info.json`` is written when fitting starts (its last segment ``running``), and again when it ends:
+    with ``final`` when it finished, with the segment ``failed`` (or ``interrupted``) when it raised.
+    """
     from hydra.utils import instantiate
 
     from lvforecast.budget.callback import FlopBudget
@@ -252,6 +286,8 @@ def _fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, out:
     from lvforecast.tracking import finish_wandb, update_summary
     from lvforecast.utils import environment_record, instantiate_list, plot_loss_curve
 
+    out = run.out
+    lead = distributed_rank(cfg) == 0  # the other ranks of a distributed run write no files of their own
     loaded = instantiate(cfg.model.loader)
     if reservation is not None and shape_of(loaded.model) != reservation.shape:
         raise UserError(f"the FLOP plan assumed {reservation.shape} but {loaded.name} is {shape_of(loaded.model)}; "
@@ -273,6 +309,8 @@ def _fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, out:
         "seed": cfg.seed,
         "environment": environment_record(),
         "setup_seconds": round(time.perf_counter() - start, 2),
+        "segments": rundir.segments(run.claim.previous if run.claim.kind == "resume" else None, run.start_step,
+                                    cfg.get("ckpt_path")),
     }
 
     loggers = instantiate_list(cfg.get("logger"))
@@ -281,9 +319,15 @@ def _fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, out:
     if reservation is not None:
         run_info["budget"] = {"run_id": reservation.run_id, "ledger": str(reservation.ledger.path),
                               "plan": reservation.plan.as_dict(), "reserved": reservation.reserved}
+    if lead:
+        # A resume in its own directory keeps metrics.csv up to the checkpoint's step and appends after it.
+        header, rows = rundir.metrics_history(out, run.start_step) if run.claim.kind == "resume" else ([], [])
+        rundir.install_history(loggers, out, header, rows)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     ok = False
     try:
+        if lead:
+            _write_run_info(out, run_info)
         # The resolved config at the top level (W&B's run config: lora.r, optim.lr, ...), plus the run record.
         for lg in loggers:
             lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "run_info": run_info})
@@ -299,9 +343,10 @@ def _fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, out:
         final = {k: float(v) for k, v in trainer.callback_metrics.items() if k == "train/loss"}
         _final_validation(trainer, module, datamodule, flop_cb, start_step)
         status = "budget_exhausted" if flop_cb is not None and flop_cb.exhausted else "finished"
-        lead = trainer.is_global_zero  # the other ranks of a distributed run write no files of their own
+        lead = trainer.is_global_zero
         if lead:
-            module.save_adapter(str(out / "adapter"))
+            with atomic_dir(out / "adapter") as tmp:  # the previous adapter/ stays until the new one is whole
+                module.save_adapter(str(tmp))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss", "val/loss")}
         metrics.update(final)
         metrics["global_step"] = trainer.global_step
@@ -316,12 +361,22 @@ def _fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, out:
             metrics["flops/run"] = flop_cb.spent
         run_info["final"] = metrics
         run_info["fit_seconds"] = round(time.perf_counter() - start - run_info["setup_seconds"], 2)
+        rundir.end_segment(run_info["segments"], trainer.global_step, status)
         if lead:
-            (out / "run_info.json").write_text(json.dumps(run_info, indent=1))
+            _write_run_info(out, run_info)
         update_summary(loggers, metrics)
         log.info("run directory: %s", out)
         ok = True
         return {**metrics, "output_dir": str(out)}
+    except BaseException as exc:
+        if lead:
+            rundir.end_segment(run_info["segments"], trainer.global_step,
+                               "failed" if isinstance(exc, Exception) else "interrupted")
+            try:
+                _write_run_info(out, run_info)
+            except UserError as err:  # e.g. the disk is full: the original error is the one to report
+                log.warning("could not record the failed segment: %s", err)
+        raise
     finally:
         # Every job finishes its own W&B run (failed when fitting raised): multirun jobs never share one.
         finish_wandb(loggers, exit_code=0 if ok else 1)

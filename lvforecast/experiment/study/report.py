@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from lvforecast.atomic import save_figure, write_text
 from lvforecast.experiment.study.spec import Stage
 
 REPORT_MD, CURVES_PNG = "study_report.md", "loss_curves.png"
@@ -129,7 +130,7 @@ def write_study_report(cfg: DictConfig, stages: list[Stage], done: dict[str, dic
     if _plot_curves(out / CURVES_PNG, stages, done):
         lines += ["", "## Loss curves of every stage", "", f"![loss curves]({CURVES_PNG})"]
     md = out / REPORT_MD
-    md.write_text("\n".join(lines) + "\n")
+    write_text(md, "\n".join(lines) + "\n")
     return md
 
 
@@ -158,7 +159,7 @@ def _plot_curves(path: Path, stages: list[Stage], done: dict[str, dict[str, Any]
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=6, ncol=2)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     return True
 
 
@@ -194,7 +195,7 @@ def _plot_forecasts(forecasts_png: Path, running_png: Path, evals: list[tuple[st
             ax.axvline(context - 0.5, color="grey", lw=0.8)
             ax.set_title(f"system {system}, {var}", fontsize=9)
     axes[0][0].legend(fontsize=7)
-    fig.savefig(forecasts_png, dpi=110)
+    save_figure(fig, forecasts_png, dpi=110)
 
     fig = Figure(figsize=(10, 3.6), layout="constrained")
     axes = fig.subplots(1, len(VARIABLES))
@@ -207,4 +208,4 @@ def _plot_forecasts(forecasts_png: Path, running_png: Path, evals: list[tuple[st
         ax.set_xlabel("forecast step")
         ax.set_yscale("log")
         ax.legend(fontsize=7)
-    fig.savefig(running_png, dpi=110)
+    save_figure(fig, running_png, dpi=110)

@@ -20,6 +20,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from lvforecast.atomic import atomic_writer, save_figure, write_text
 from lvforecast.experiment.sweeps.job import BUDGET_EXHAUSTED, COMPLETED, FINISHED, MISSING, STATUS_FILE
 from lvforecast.experiment.sweeps.jobs import STUDY_KEYS, job_values, sweep_jobs, varying_keys
 
@@ -106,8 +107,8 @@ def summarize_sweep(sweep_dir: Path, jobs: list[list[str]] | None = None) -> lis
         r["best"] = r["job"] == best
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_csv(sweep_dir / SUMMARY_CSV, rows)
-    (sweep_dir / SUMMARY_MD).write_text(format_summary(rows, keys, sweep_dir)
-                                        + (format_rungs(halving, rows) if halving else ""))
+    write_text(sweep_dir / SUMMARY_MD, format_summary(rows, keys, sweep_dir)
+               + (format_rungs(halving, rows) if halving else ""))
     labels = {r["job"]: f"job {r['job']}: " + ", ".join(f"{k.rsplit('.', 1)[-1]}={r[k]}" for k in keys) for r in rows}
     _plot_curves(sweep_dir / CURVES_PNG, curves, labels, best, f"{sweep_dir.parent.name}/{sweep_dir.name}")
     return rows
@@ -246,7 +247,7 @@ def _fmt(value: Any, spec: str) -> str:
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     """Write ``rows`` as CSV with the first row's keys as header (an empty file for no rows)."""
-    with open(path, "w", newline="") as fh:
+    with atomic_writer(path, "w", newline="") as fh:
         if not rows:
             return
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -272,7 +273,7 @@ def _plot_curves(path: Path, curves: dict[int, list[tuple[int, float]]], labels:
     if curves:
         ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 def _log_summary_to_wandb(config: DictConfig, sweep_dir: Path) -> None:

@@ -1,0 +1,157 @@
+"""Atomic artifacts: a file or folder a run writes is either the previous good one or the complete new one.
+
+Every artifact is written to a temporary sibling (same folder, so the rename cannot cross file systems), flushed
+and fsync'ed, then renamed over the target with :func:`os.replace` (atomic on POSIX). A failed write (a full
+disk, a read-only folder) removes the temporary, leaves the previous file in place and raises one
+:class:`~lvforecast.errors.UserError` naming the path and the cause.
+
+- :func:`atomic_writer` / :func:`write_text` / :func:`write_bytes`: one file.
+- :func:`atomic_dir`: a folder (the PEFT ``adapter/``), written into a temporary folder and swapped in.
+- :func:`save_figure`: a matplotlib figure as a PNG.
+
+Checkpoints follow the same contract through :class:`lvforecast.checkpoint.AtomicCheckpointIO`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from lvforecast.errors import _OS_FIXES, UserError
+
+
+def write_failed(path: str | Path, err: OSError, what: str = "file") -> UserError:
+    """The one message for a failed write of ``path``: the path, the cause and the fix; the old file is kept."""
+    cause = err.strerror or str(err) or type(err).__name__
+    fix = _OS_FIXES.get(err.errno or -1, "fix the cause or write elsewhere (paths.root_dir=...)")
+    head, _, rest = fix.partition(": ")
+    fix = rest if rest and head.lower() == cause.lower() else fix  # "Permission denied; permission denied: ..."
+    return UserError(f"{path}: {cause}; {fix} (writing this {what} failed; nothing was replaced: the previous "
+                     f"{Path(path).name}, if any, is kept)")
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: some file systems refuse to fsync a folder)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | Path, mode: str = "w", newline: str | None = None) -> Iterator[IO[Any]]:
+    """Yield a handle on a temporary sibling of ``path``; on success it replaces ``path`` atomically.
+
+    Args:
+        path: The target file; its folder is created if missing.
+        mode: ``"w"`` (text) or ``"wb"`` (bytes).
+        newline: As for :func:`open` (``""`` for the csv module).
+
+    Raises:
+        UserError: Writing failed (ENOSPC, EACCES, ...): the temporary is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    tmp: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = Path(name)
+        with os.fdopen(fd, mode, newline=newline) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(path.parent)
+    except OSError as err:
+        raise write_failed(path, err) from err
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def check_writable(folder: str | Path, key: str = "paths.output_dir") -> None:
+    """Create ``folder`` and a temporary file in it (removed again), so a read-only folder is named up front.
+
+    Raises:
+        UserError: The folder cannot be created or written: ``key=folder``, the cause and the fix.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as err:
+        cause = err.strerror or str(err) or type(err).__name__
+        fix = _OS_FIXES.get(err.errno or -1, "fix the cause or write elsewhere")
+        head, _, rest = fix.partition(": ")
+        fix = rest if rest and head.lower() == cause.lower() else fix
+        raise UserError(f"{key}={str(folder)!r}: cannot write into this folder ({cause}); {fix}") from err
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_writer`)."""
+    with atomic_writer(path, "w") as fh:
+        fh.write(text)
+    return Path(path)
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_writer`)."""
+    with atomic_writer(path, "wb") as fh:
+        fh.write(data)
+    return Path(path)
+
+
+def save_figure(fig: Any, path: str | Path, **kwargs: Any) -> Path:
+    """Save a matplotlib figure as a PNG at ``path`` atomically."""
+    with atomic_writer(path, "wb") as fh:
+        fig.savefig(fh, format="png", **kwargs)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; on success it takes the place of ``path``.
+
+    The old folder is first renamed aside, the new one renamed in, and only then the old one removed, so at any
+    moment ``path`` is the old complete folder or the new complete one (or, for the instant between the two
+    renames, absent with the old one beside it).
+
+    Raises:
+        UserError: Writing or swapping failed: the temporary folder is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    tmp: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        yield tmp
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old is not None:  # put the previous folder back
+                os.replace(old / path.name, path)
+            raise
+        tmp = None
+        _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        raise write_failed(path, err, what="folder") from err
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,209 @@
+"""Run directories: unique names, one run per directory, and a resumed run's history kept.
+
+- ``${lv_unique:}`` (:func:`unique_suffix`): ``<pid>-<4 hex>``, appended to the time in Hydra's run and sweep
+  directory names (``conf/hydra/default.yaml``), so two runs started in the same second never share one.
+  Registered on import of :mod:`lvforecast.experiment`; cached per config like ``${now:}``, so a multirun's
+  jobs all see the same sweep directory.
+- :func:`claim` refuses (one :class:`~lvforecast.errors.UserError` naming the directory) a run pointed at a
+  directory holding another run's files, unless it resumes that run (``ckpt_path`` inside it) or restarts the
+  same configuration that stopped before its first checkpoint (a study continuing an interrupted job).
+- :func:`metrics_history` / :func:`install_history`: a resume in its own directory appends to ``metrics.csv``
+  (Lightning's CSV logger would delete it) instead of starting it again.
+- :func:`segments`: the ``run_info.json`` record of each stretch of training (start and end step, status, time).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lvforecast.errors import UserError
+
+RESOLVER = "lv_unique"
+# A directory holding any of these holds a run (what train() writes; metrics.csv comes from the CSV logger).
+RUN_FILES = ("config.yaml", "run_info.json", "metrics.csv", "split.json", "adapter", "checkpoints")
+# Keys a continuation of the same run may change (a resume raises max_steps and names its checkpoint).
+CONTINUATION_KEYS = ("ckpt_path", "trainer.max_steps")
+
+
+def unique_suffix() -> str:
+    """``<pid>-<4 random hex digits>``: unique among runs started in the same second (``${lv_unique:}``)."""
+    return f"{os.getpid()}-{secrets.token_hex(2)}"
+
+
+if not OmegaConf.has_resolver(RESOLVER):
+    OmegaConf.register_new_resolver(RESOLVER, unique_suffix, use_cache=True)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """How a run uses its directory: ``fresh`` (new or a restart) or ``resume`` (continues the run in it)."""
+
+    kind: str
+    previous: dict[str, Any] | None = None   # the directory's run_info.json on a resume (its segments)
+
+
+def _inside(path: str | Path, folder: Path) -> bool:
+    try:
+        Path(path).resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _without(container: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    cfg = OmegaConf.create(container)
+    for key in keys:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if isinstance(node, DictConfig) and leaf in node:
+            node.pop(leaf)
+    return OmegaConf.to_container(cfg)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _same_config(out: Path, cfg: DictConfig) -> bool:
+    """Whether ``out/config.yaml`` is ``cfg`` (resolved) up to :data:`CONTINUATION_KEYS`."""
+    try:
+        old = OmegaConf.to_container(OmegaConf.load(out / "config.yaml"))
+    except Exception:  # noqa: BLE001 - unreadable or not a mapping: not the same configuration
+        return False
+    if not isinstance(old, dict):
+        return False
+    new = OmegaConf.to_container(cfg, resolve=True)
+    return _without(old, CONTINUATION_KEYS) == _without(new, CONTINUATION_KEYS)
+
+
+def claim(cfg: DictConfig, out: Path) -> Claim:
+    """Check that this run may write into ``out``; nothing is written.
+
+    Allowed: an empty or new directory; a resume of the run in it (``ckpt_path`` inside ``out``); a restart of
+    the same configuration that stopped before its first checkpoint and never finished.
+
+    Raises:
+        UserError: ``out`` holds another run's files (named), and what to do instead.
+    """
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if (out / "checkpoints").is_dir() and not any((out / "checkpoints").iterdir()):
+        found.remove("checkpoints")
+    if not found:
+        return Claim("fresh")
+    ckpt = cfg.get("ckpt_path")
+    info = _read_json(out / "run_info.json")
+    if ckpt and _inside(ckpt, out):
+        return Claim("resume", info)
+    checkpoints = list((out / "checkpoints").glob("*.ckpt")) if (out / "checkpoints").is_dir() else []
+    finished = info is not None and "final" in info
+    if not checkpoints and not finished and _same_config(out, cfg):
+        return Claim("fresh")
+    last = out / "checkpoints" / "last.ckpt"
+    resume = (f"resume it with ckpt_path={last} trainer.max_steps=<more steps>, or " if last.is_file() else "")
+    raise UserError(
+        f"paths.output_dir={str(out)!r}: the directory already holds another run's files ({', '.join(found)}); "
+        f"a run never writes into another run's directory. Allowed: an empty directory, or a resume of that "
+        f"run (ckpt_path inside it). Fix: {resume}leave hydra.run.dir / paths.output_dir unset (each run gets "
+        f"a unique outputs/<task>/<time>_<pid>-<hex> directory) or choose a new one")
+
+
+def metrics_history(out: Path, upto_step: int) -> tuple[list[str], list[dict[str, str]]]:
+    """The header and rows of ``out/metrics.csv`` of optimizer steps 1..``upto_step`` (a resume redoes the later ones).
+
+    Raises:
+        UserError: The file exists but is not a readable CSV.
+    """
+    path = out / "metrics.csv"
+    if not path.is_file():
+        return [], []
+    try:
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            # Lightning's step column is the optimizer step minus one (a step-k row says "after k steps" as k-1).
+            rows = [r for r in reader if float(r.get("step") or 0) < upto_step]
+            header = list(reader.fieldnames or [])
+    except (OSError, ValueError, csv.Error) as err:
+        raise UserError(f"{path}: cannot read the run's metrics history ({err}); fix: repair or move the file "
+                        f"aside (the resumed run then starts a new metrics.csv)") from err
+    return header, rows
+
+
+def install_history(loggers: list[Any], out: Path, header: list[str], rows: list[dict[str, str]]) -> None:
+    """Make every CSV logger writing ``out/metrics.csv`` keep ``rows`` and append after them.
+
+    Lightning's CSV writer deletes an existing ``metrics.csv`` when it starts; this one writes the kept rows
+    back (atomically) instead and rewrites its header atomically when new columns appear.
+    """
+    from pytorch_lightning.loggers import CSVLogger
+    from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+
+    from lvforecast.atomic import atomic_writer
+
+    class _HistoryWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:  # keep the history: no delete
+            pass
+
+        def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+            with open(self.metrics_file_path, newline="") as fh:
+                old = list(csv.DictReader(fh))
+            with atomic_writer(self.metrics_file_path, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=fieldnames)
+                writer.writeheader()
+                writer.writerows(old)
+
+    for lg in loggers:
+        if not isinstance(lg, CSVLogger) or Path(lg.log_dir).resolve() != out.resolve():
+            continue
+        path = out / ExperimentWriter.NAME_METRICS_FILE
+        if rows:
+            keys = sorted(header)
+            with atomic_writer(path, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(rows)
+        elif path.exists():
+            path.unlink()  # a restart: the stopped attempt's rows are not this run's history
+        os.makedirs(lg.root_dir, exist_ok=True)
+        writer = _HistoryWriter(log_dir=lg.log_dir)
+        writer.metrics_keys = sorted(header) if rows else []
+        lg._experiment = writer  # noqa: SLF001 - the logger's experiment is created lazily; this is it
+
+
+def segments(previous: dict[str, Any] | None, start_step: int, ckpt_path: str | None) -> list[dict[str, Any]]:
+    """The segments of a run: those of ``previous`` (the directory's ``run_info.json`` on a resume) and a new
+    one starting at ``start_step`` with status ``running``.
+
+    A previous run_info without segments (written before they were recorded) counts as one segment ending at its
+    final step; a previous segment still ``running`` was cut off (killed) and is marked ``interrupted``.
+    """
+    old: list[dict[str, Any]] = []
+    if previous:
+        old = [dict(s) for s in previous.get("segments") or [] if isinstance(s, dict)]
+        if not old and isinstance(previous.get("final"), dict):
+            old = [{"start_step": 0, "end_step": previous["final"].get("global_step"),
+                    "status": previous["final"].get("budget_status")}]
+    for seg in old:
+        if seg.get("status") == "running":
+            seg["status"] = "interrupted"
+            seg["end_step"] = seg.get("end_step") if seg.get("end_step") is not None else start_step
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return old + [{"start_step": start_step, "end_step": None, "status": "running", "started": now,
+                   "ended": None, "ckpt_path": ckpt_path}]
+
+
+def end_segment(segs: list[dict[str, Any]], end_step: int, status: str) -> None:
+    """Close the last segment at ``end_step`` with ``status`` (``finished``, ``budget_exhausted``, ``failed``)."""
+    segs[-1].update(end_step=end_step, status=status, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
