@@ -109,6 +109,30 @@ def start_run(init_args: dict[str, Any], init_timeout_s: float) -> Any:
     return run
 
 
+def drop_service(run: Any = None) -> None:
+    """Forget ``run`` and this process's W&B service after the service was lost, so the next run starts afresh.
+
+    ``wandb.run`` is cleared (``run.finish()`` may give up before it does), and ``wandb.teardown()`` forgets
+    the service before it talks to it, so their errors (the connection is gone) are expected and dropped; the
+    teardown also unregisters W&B's exit hook, which would print that error as a traceback.
+    """
+    import wandb
+
+    if run is not None:
+        try:
+            run.finish(exit_code=1)
+        except Exception as err:  # noqa: BLE001 - the service is already gone
+            log.debug("W&B: finishing run %s after a lost service: %s", run.id, err)
+        if wandb.run is run:  # finish() gave up before it could clear wandb.run (wandb/sdk/lib/module.py)
+            from wandb.sdk.lib import module
+
+            module.unset_globals()
+    try:
+        wandb.teardown()
+    except Exception as err:  # noqa: BLE001 - the service is already gone
+        log.debug("W&B: teardown after a lost service: %s", err)
+
+
 def finish_run(run: Any, exit_code: int) -> None:
     """Finish ``run``; a failure or a timed-out upload is a warning with the ``wandb sync`` command, never an error."""
     offline = bool(getattr(run.settings, "_offline", False))
@@ -118,6 +142,8 @@ def finish_run(run: Any, exit_code: int) -> None:
     except Exception as err:  # noqa: BLE001 - the run's own files are written; W&B is best effort
         log.warning("W&B: finishing run %s failed (%s: %s); its data is kept on disk. Upload it later with: %s",
                     run.id, type(err).__name__, err, command)
+        if isinstance(err, ConnectionError):
+            drop_service(run)
         return
     if offline:
         log.info("W&B: offline run %s kept in %s; upload it with: %s", run.id, Path(run.dir).parent, command)
@@ -144,6 +170,10 @@ class SafeWandbLogger(WandbLogger):
     @property
     @rank_zero_experiment
     def experiment(self) -> Any:
+        if self._experiment is None and self._broken is not None:
+            from pytorch_lightning.loggers.logger import DummyExperiment
+
+            return DummyExperiment()  # W&B was switched off: never start a second run for this job
         if self._experiment is None:
             import wandb
 
@@ -165,10 +195,13 @@ class SafeWandbLogger(WandbLogger):
             return call(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - W&B is best effort; the run's own files carry the results
             self._broken = f"{what}: {type(err).__name__}: {err}"
-            hint = f"; what it logged so far is kept: {sync_command(self._experiment)}" \
+            hint = f"; what reached W&B's local files can be uploaded with: {sync_command(self._experiment)}" \
                 if self._experiment is not None and getattr(self._experiment, "dir", None) else ""
             log.warning("W&B: %s failed (%s: %s); W&B is off for the rest of this run, which continues and "
                         "writes its own files%s", what, type(err).__name__, err, hint)
+            if isinstance(err, ConnectionError):  # the service is gone: finishing this run cannot reach it either
+                run, self._experiment = self._experiment, None
+                drop_service(run)
             return None
 
     def log_hyperparams(self, params: Any) -> None:  # noqa: D102

@@ -113,7 +113,7 @@ def timeout_problems(init_timeout_s: Any, finish_timeout_s: Any, raise_: bool = 
         problems.append(f"logger.wandb.finish_timeout_s={finish_timeout_s!r}: must be a number of seconds > 0, "
                         "the longest uploads wait at the end of a run")
     if problems and raise_:
-        raise UserError("invalid config:\n  - " + "\n  - ".join(problems))
+        raise UserError(problems[0] if len(problems) == 1 else "invalid config:\n  - " + "\n  - ".join(problems))
     return problems
 
 
