@@ -173,20 +173,26 @@ def test_single_run_has_the_loss_curve_image(tiny_wandb_run):
 
 
 # ---- a two-job multirun, as a real `python train.py -m` ----------------------------------------------------
-@pytest.mark.slow
-def test_multirun_jobs_get_their_own_runs_in_one_group(sim_cache, tmp_path):
-    sweep = tmp_path / "sweep"
+def launch(sim_cache, tmp_path, sweep: Path, ranks: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", *WANDB_RUN, "trainer.max_steps=2",
-           "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "lora.r=2,4", "sweep_name=wbtest",
+           "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", f"lora.r={ranks}", "sweep_name=wbtest",
            f"hydra.sweep.dir={sweep}", f"budget.ledger_path={tmp_path}/ledger.sqlite", f"paths.cache_dir={sim_cache}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_multirun_jobs_get_their_own_runs_in_one_group_per_launch(sim_cache, tmp_path):
+    sweep = tmp_path / "2024-05-01_12-00-00"
+    proc = launch(sim_cache, tmp_path, sweep, "2,4")
     runs = {}
     for job in ("0", "1"):
         (run_dir,) = offline_runs(sweep / job)
         runs[job] = read_run(run_dir)
     assert len({r.run_id for r in runs.values()}) == 2
-    assert {r.group for r in runs.values()} == {"wbtest"}
+    # One group for the launch: the sweep name and the launch's sweep directory (its start time).
+    assert {r.group for r in runs.values()} == {"wbtest-2024-05-01_12-00-00"}
     assert [runs[j].config["lora"]["r"] for j in ("0", "1")] == [2, 4]
     for job, run in runs.items():
         assert run.exit_code == 0 and run.job_type == "train"
@@ -200,8 +206,22 @@ def test_multirun_jobs_get_their_own_runs_in_one_group(sim_cache, tmp_path):
     # The multirun's summary is a third run in the same group, written into the sweep directory.
     (summary_dir,) = offline_runs(sweep)
     summary = read_run(summary_dir)
-    assert (summary.group, summary.job_type) == ("wbtest", "sweep-summary")
+    assert (summary.group, summary.job_type) == ("wbtest-2024-05-01_12-00-00", "sweep-summary")
     assert summary.run_id not in {r.run_id for r in runs.values()}
+
+    # The same sweep launched again is a second group, not merged into the first.
+    again = tmp_path / "2024-05-01_13-00-00"
+    launch(sim_cache, tmp_path, again, "2")
+    (second,) = offline_runs(again / "0")
+    (second_summary,) = offline_runs(again)
+    assert read_run(second).group == read_run(second_summary).group == "wbtest-2024-05-01_13-00-00"
+
+    # An evaluation of a job joins that job's group (its launch's), even though its own config names none.
+    out = tmp_path / "eval"
+    evaluate(compose_eval([f"run_dir={sweep / '1'}", "max_systems=2", "baselines=[]", "forecast.batch_size=2",
+                           "logger=wandb"], out, sim_cache))
+    (eval_dir,) = offline_runs(out)
+    assert (read_run(eval_dir).job_type, read_run(eval_dir).group) == ("evaluate", "wbtest-2024-05-01_12-00-00")
 
 
 def test_sweep_summary_is_one_run_in_the_sweeps_group(tmp_path):
@@ -222,7 +242,8 @@ def test_sweep_summary_is_one_run_in_the_sweeps_group(tmp_path):
     run_id = log_sweep_summary(cfg.logger.wandb, table, curves, "wbsweep")
     (run_dir,) = offline_runs(sweep)  # in the sweep directory, not the (unresolved) job output dir
     run = read_run(run_dir)
-    assert (run.run_id, run.group, run.job_type, run.exit_code) == (run_id, "wbsweep", "sweep-summary", 0)
+    # The group of the sweep's launch: its name and the sweep directory's (the same group its jobs got).
+    assert (run.run_id, run.group, run.job_type, run.exit_code) == (run_id, "wbsweep-sweep", "sweep-summary", 0)
     assert run.summary["sweep/best_job"] == 1 and run.summary["sweep/best_final_val_loss"] == 2.8828
     (row,) = run.history
     stored = json.loads((run_dir / "files" / row["sweep/summary"]["path"]).read_text())
@@ -231,6 +252,12 @@ def test_sweep_summary_is_one_run_in_the_sweeps_group(tmp_path):
                               [1, 4, 2.8828, 894865920, "finished", None, True]]
     image = row["sweep/val_loss_curves"]
     assert (run_dir / "files" / image["path"]).read_bytes() == (sweep / "val_loss_curves.png").read_bytes()
+    # logger.wandb.group_per_launch=false: every launch of the sweep in one group, the sweep's name.
+    plain = compose_train(WANDB_RUN + ["sweep_name=wbsweep", "logger.wandb.group_per_launch=false"],
+                          output_dir=tmp_path / "elsewhere")
+    second = log_sweep_summary(plain.logger.wandb, table, curves, "wbsweep")
+    (second_dir,) = [d for d in offline_runs(sweep) if d.name.endswith(second)]
+    assert read_run(second_dir).group == "wbsweep"
 
 
 # ---- evaluation --------------------------------------------------------------------------------------------

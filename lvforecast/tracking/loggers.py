@@ -1,5 +1,7 @@
-"""The ``logger=wandb`` factory (Lightning's ``WandbLogger``), run summaries, and finishing runs.
+"""The ``logger=wandb`` factory (Lightning's ``WandbLogger``), W&B groups, run summaries, and finishing runs.
 
+A multirun's jobs share one group per launch (``<sweep_name>-<sweep dir name>``, :func:`run_group`); the group a
+run directory's W&B runs got is kept in ``<run dir>/wandb/group.json`` so an evaluation of it joins that group.
 Offline runs are written under ``<save_dir>/wandb/offline-run-*`` and uploaded later with ``wandb sync``
 (``wandb leet inspect <run dir>`` shows what one holds, without any network). Every job finishes its own run
 (:func:`finish_wandb`), so jobs of a multirun that share a process never log into one run.
@@ -7,11 +9,13 @@ Offline runs are written under ``<save_dir>/wandb/offline-run-*`` and uploaded l
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lvforecast.errors import UserError
 from lvforecast.tracking.mode import decide_mode
 
 log = logging.getLogger(__name__)
@@ -28,44 +32,58 @@ def wandb_logger(
     log_model: bool | str = False,
     name: str | None = None,
     settings: Mapping[str, Any] | None = None,
+    group_per_launch: bool = True,
+    init_timeout_s: float = 20.0,
+    finish_timeout_s: float = 60.0,
     **kwargs: Any,
 ) -> Any:
-    """Lightning's ``WandbLogger`` configured from ``conf/logger/wandb.yaml``; the W&B run starts lazily.
+    """A :class:`~lvforecast.tracking.fallback.SafeWandbLogger` configured from ``conf/logger/wandb.yaml``.
+
+    The W&B run starts lazily, at the first logging call; an online start that cannot reach the server within
+    ``init_timeout_s`` continues offline (see :mod:`lvforecast.tracking.fallback`).
 
     Args:
         project: W&B project.
         entity: W&B entity (user or team); None = the account's default.
-        group: Run group (the sweep name), None when not sweeping.
-        job_type: ``train`` or ``evaluate``.
+        group: Run group (the sweep name or the study), None when not sweeping.
+        job_type: ``train`` or ``evaluate`` (a study: the stage).
         tags: Run tags.
         mode: ``auto``, ``online`` or ``offline``, see :func:`~lvforecast.tracking.mode.decide_mode`.
         save_dir: The run directory; the W&B files go to ``<save_dir>/wandb/``.
         log_model: Upload checkpoints as artifacts (Lightning's ``log_model``); off by default.
         name: Display name; None = W&B's generated name.
         settings: Extra ``wandb.Settings`` fields.
+        group_per_launch: In a multirun, the group is ``<group>-<sweep dir name>`` (:func:`run_group`), so each
+            launch of a sweep is its own group.
+        init_timeout_s: The longest an online start waits for the server, in seconds (0 < s <= 30).
+        finish_timeout_s: The longest uploads wait when the run finishes, in seconds (> 0); what is left stays on
+            disk for ``wandb sync``.
         **kwargs: Further ``wandb.init`` arguments (``notes``, ``id``, ...).
 
     Returns:
-        A ``pytorch_lightning.loggers.WandbLogger``.
+        A ``SafeWandbLogger`` (a ``pytorch_lightning.loggers.WandbLogger``).
 
     Raises:
-        ValueError: As :func:`~lvforecast.tracking.mode.decide_mode`.
+        UserError: As :func:`~lvforecast.tracking.mode.decide_mode`; a timeout that is not a number in range.
     """
     import wandb
-    from pytorch_lightning.loggers import WandbLogger
 
+    from lvforecast.tracking.fallback import SafeWandbLogger
+
+    timeout_problems(init_timeout_s, finish_timeout_s, raise_=True)
     decision = decide_mode(mode)
     log.info("W&B: %s run (%s)", decision.mode, decision.reason)
-    if wandb.run is not None:
-        # A job that died before finishing leaves its run open, and WandbLogger would silently reuse it.
-        log.warning("W&B: finishing run %s left open by an earlier job before starting this one", wandb.run.id)
-        wandb.finish(exit_code=1)
-    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    group = run_group(group, group_per_launch)
+    record_group(save_dir, group)
     # offline=False: Lightning's offline flag sets WANDB_MODE for the whole process; mode= is per run.
-    logger = WandbLogger(
+    logger = SafeWandbLogger(
+        init_timeout_s=float(init_timeout_s),
         name=name, save_dir=str(save_dir), project=project, log_model=log_model, offline=False,
-        entity=entity, group=group or None, job_type=job_type, tags=[str(t) for t in tags or []] or None,
-        mode=decision.mode, settings=wandb.Settings(**dict(settings or {})), **kwargs,
+        entity=entity, group=group, job_type=job_type, tags=[str(t) for t in tags or []] or None,
+        mode=decision.mode,
+        settings=wandb.Settings(**{"finish_timeout": float(finish_timeout_s), "finish_timeout_raises": True,
+                                   **dict(settings or {})}),
+        **kwargs,
     )
     # Lightning always passes anonymous=None, which wandb >= 0.19 warns about on every run.
     init_args = getattr(logger, "_wandb_init", {})
@@ -74,8 +92,81 @@ def wandb_logger(
     return logger
 
 
+MAX_INIT_TIMEOUT_S = 30.0
+GROUP_FILE = "group.json"  # <save_dir>/wandb/group.json: the group this directory's W&B runs were given
+
+
+def timeout_problems(init_timeout_s: Any, finish_timeout_s: Any, raise_: bool = False) -> list[str]:
+    """What is wrong with ``logger.wandb.init_timeout_s`` / ``finish_timeout_s`` (empty when nothing).
+
+    Raises:
+        UserError: With ``raise_``, when anything is.
+    """
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    problems = []
+    if not (number(init_timeout_s) and 0 < init_timeout_s <= MAX_INIT_TIMEOUT_S):
+        problems.append(f"logger.wandb.init_timeout_s={init_timeout_s!r}: must be a number of seconds in "
+                        f"(0, {MAX_INIT_TIMEOUT_S:g}], the longest an online start waits before going offline")
+    if not (number(finish_timeout_s) and finish_timeout_s > 0):
+        problems.append(f"logger.wandb.finish_timeout_s={finish_timeout_s!r}: must be a number of seconds > 0, "
+                        "the longest uploads wait at the end of a run")
+    if problems and raise_:
+        raise UserError(problems[0] if len(problems) == 1 else "invalid config:\n  - " + "\n  - ".join(problems))
+    return problems
+
+
+def multirun_dir() -> Path | None:
+    """The sweep directory of the multirun this process runs a job of, or None outside a multirun."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return Path(str(hydra_cfg.sweep.dir))
+
+
+def launch_group(group: str, sweep_dir: str | Path) -> str:
+    """``<group>-<sweep dir name>``: the W&B group of one launch of a sweep (the dir name is its start time)."""
+    return f"{group}-{Path(sweep_dir).name}"
+
+
+def run_group(group: str | None, per_launch: bool = True) -> str | None:
+    """The W&B group a run gets: ``group``, or in a multirun with ``per_launch`` its :func:`launch_group`.
+
+    So ``python train.py -m sweep=lr_rank`` run twice gives two groups (``lr_rank-<time 1>``, ``lr_rank-<time 2>``)
+    and a study (one process, not a multirun) stays one group, the study.
+    """
+    if not group:
+        return None
+    sweep_dir = multirun_dir() if per_launch else None
+    return launch_group(group, sweep_dir) if sweep_dir is not None else str(group)
+
+
+def record_group(save_dir: str | Path, group: str | None) -> None:
+    """Write ``<save_dir>/wandb/group.json``, so an evaluation of this directory joins its group."""
+    folder = Path(save_dir) / "wandb"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / GROUP_FILE).write_text(json.dumps({"group": group}) + "\n")
+
+
+def recorded_group(run_dir: str | Path) -> str | None:
+    """The W&B group :func:`record_group` wrote for ``run_dir``, or None when it holds none (or not readable)."""
+    path = Path(run_dir) / "wandb" / GROUP_FILE
+    try:
+        return json.loads(path.read_text()).get("group")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _wandb_loggers(loggers: Iterable[Any]) -> list[Any]:
-    return [lg for lg in loggers if type(lg).__name__ == "WandbLogger"]
+    from lvforecast.tracking.fallback import SafeWandbLogger
+
+    return [lg for lg in loggers if isinstance(lg, SafeWandbLogger)]
 
 
 def update_summary(loggers: Iterable[Any], summary: Mapping[str, Any]) -> None:
@@ -87,7 +178,7 @@ def update_summary(loggers: Iterable[Any], summary: Mapping[str, Any]) -> None:
     """
     values = {k: v for k, v in summary.items() if v is not None}
     for lg in _wandb_loggers(loggers):
-        lg.experiment.summary.update(values)
+        lg.update_summary(values)
 
 
 def finish_wandb(loggers: Iterable[Any], exit_code: int = 0) -> None:
@@ -98,7 +189,4 @@ def finish_wandb(loggers: Iterable[Any], exit_code: int = 0) -> None:
         exit_code: 0 marks the run finished, anything else failed.
     """
     for lg in _wandb_loggers(loggers):
-        run = getattr(lg, "_experiment", None)
-        if run is not None:
-            run.finish(exit_code=exit_code)
-            lg._experiment = None
+        lg.finish(exit_code)

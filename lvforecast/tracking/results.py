@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lvforecast.tracking.loggers import finish_wandb
+from lvforecast.tracking.loggers import finish_wandb, launch_group, recorded_group
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,9 @@ def log_evaluation(cfg: Any, output_dir: str | Path, summary: Mapping[str, Any],
     import wandb
 
     # An evaluation of a trained run joins that run's group (its sweep or study) unless given its own.
-    group = node.get("group") or (_trained_group(Path(cfg.run_dir)) if cfg.get("run_dir") else None)
-    with _one_run(node, **({"group": group} if group else {})) as run:
+    trained = None if node.get("group") else _trained_group(Path(cfg.run_dir)) if cfg.get("run_dir") else None
+    # The trained run's group is final: an evaluation multirun must not add its own launch to it.
+    with _one_run(node, **({"group": trained, "group_per_launch": False} if trained else {})) as run:
         run.config.update(OmegaConf.to_container(cfg, resolve=True), allow_val_change=True)
         columns, rows = evaluation_table(summary)
         headline = evaluation_headline(summary)
@@ -109,9 +110,13 @@ def log_evaluation(cfg: Any, output_dir: str | Path, summary: Mapping[str, Any],
 
 
 def _trained_group(run_dir: Path) -> str | None:
-    """The W&B group of the training run in ``run_dir`` (its resolved config's), or its sweep name."""
+    """The W&B group of the training run in ``run_dir``: the one it was given (``wandb/group.json``), else its
+    resolved config's group or sweep name (a run trained without W&B)."""
     from omegaconf import OmegaConf
 
+    recorded = recorded_group(run_dir)
+    if recorded:
+        return recorded
     path = run_dir / "config.yaml"
     if not path.is_file():
         return None
@@ -123,8 +128,9 @@ def log_sweep_summary(wandb_cfg: Any, table_file: str | Path, curves: str | Path
                       sweep_name: str | None) -> str | None:
     """Log a finished sweep's summary table (a CSV) and its validation-loss curves (a PNG) as one W&B run.
 
-    The run has job type ``sweep-summary``, is in the sweep's group and lives in ``<sweep dir>/wandb/`` (the
-    directory of ``table_file``); its
+    The run has job type ``sweep-summary``, is in the group of the sweep's launch (``<sweep_name>-<sweep dir
+    name>``, as its jobs, unless ``logger.wandb.group_per_launch`` is false) and lives in ``<sweep dir>/wandb/``
+    (the directory of ``table_file``); its
     summary holds the best job and its final validation loss. Called by
     :class:`lvforecast.experiment.sweeps.summary.SweepSummary`.
 
@@ -132,7 +138,7 @@ def log_sweep_summary(wandb_cfg: Any, table_file: str | Path, curves: str | Path
         wandb_cfg: The multirun's ``logger.wandb`` node (None or a node without ``_target_``: nothing is logged).
         table_file: The sweep's ``summary.csv``.
         curves: The sweep's curves PNG (logged when it exists).
-        sweep_name: The W&B group.
+        sweep_name: The sweep's name (the group's first part).
 
     Returns:
         The W&B run id, or None when nothing was logged.
@@ -150,7 +156,11 @@ def log_sweep_summary(wandb_cfg: Any, table_file: str | Path, curves: str | Path
     with open(table_file, newline="") as fh:
         header, *rows = list(csv.reader(fh))
     data = [[parse_cell(c) for c in row] for row in rows]
-    with _one_run(wandb_cfg, save_dir=str(sweep_dir), job_type="sweep-summary", group=sweep_name) as run:
+    per_launch = wandb_cfg.get("group_per_launch", False)  # a node from before the key: the plain sweep name
+    group = launch_group(sweep_name, sweep_dir) if sweep_name and per_launch else sweep_name
+    # group_per_launch=False: the group is final here (the summary runs after the multirun, outside its jobs).
+    with _one_run(wandb_cfg, save_dir=str(sweep_dir), job_type="sweep-summary", group=group,
+                  group_per_launch=False) as run:
         run.config.update({"sweep_name": sweep_name, "sweep_dir": str(sweep_dir), "jobs": len(data)},
                           allow_val_change=True)
         payload: dict[str, Any] = {"sweep/summary": wandb.Table(columns=header, data=data, allow_mixed_types=True)}

@@ -1,0 +1,235 @@
+"""W&B never holds a run hostage: a bounded online start that falls back to offline, and guarded logging.
+
+:class:`SafeWandbLogger` is Lightning's ``WandbLogger`` with three changes:
+
+* **Start**: an online run first checks that the server answers at all (``<base_url>/healthz``, any HTTP status
+  counts), then starts with ``wandb.init(settings=Settings(init_timeout=...))``; the whole wait is bounded by
+  ``init_timeout_s`` (``logger.wandb.init_timeout_s``). An unreachable server, a refused key or a timeout makes
+  the run continue *offline*, with a warning that gives the exact ``wandb sync <dir>`` command.
+* **During the run**: a failing W&B call (its service died, a broken pipe) is logged once as a warning and W&B is
+  switched off for the rest of the run; training and the run's own files (``metrics.csv``, checkpoints, adapter,
+  ``run_info.json``, the ledger) never depend on it.
+* **At finish**: uploads wait at most ``finish_timeout_s``; what is not uploaded stays on disk and the warning
+  gives the ``wandb sync`` command for it (:func:`finish_run`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.loggers.logger import rank_zero_experiment
+
+log = logging.getLogger(__name__)
+
+# W&B resolves the account ("viewer") before it starts a run: two requests of up to 5 s each
+# (wandb/sdk/lib/identity.py), outside init_timeout. The init timeout is shortened by this much so the whole
+# start stays inside init_timeout_s.
+_VIEWER_SECONDS = 10.0
+# The reachability check gets at most this share of the wait (an unroutable address hangs until it gives up).
+_PROBE_SHARE = 0.25
+
+
+def sync_command(run: Any) -> str:
+    """``wandb sync <dir>``: the command that uploads ``run``'s local files (its ``offline-run-*``/``run-*`` dir)."""
+    return f"wandb sync {Path(run.dir).parent}"
+
+
+def unreachable(base_url: str, timeout_s: float) -> str | None:
+    """Why the W&B server at ``base_url`` cannot be reached within ``timeout_s`` seconds, or None if it answers.
+
+    Any HTTP answer counts as reachable (W&B itself then says whether the key is good). The request runs in a
+    daemon thread so that a hanging DNS lookup or connect cannot hold the caller past ``timeout_s``.
+    """
+    import urllib.error
+    import urllib.request
+
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(base_url.rstrip("/") + "/healthz", timeout=timeout_s).close()  # noqa: S310
+            outcome.append(None)
+        except urllib.error.HTTPError:
+            outcome.append(None)
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            outcome.append(str(getattr(err, "reason", err)))
+
+    worker = threading.Thread(target=probe, name="wandb-reachability", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if not outcome:
+        return f"no answer within {timeout_s:g} s"
+    return None if outcome[0] is None else f"unreachable: {outcome[0]}"
+
+
+def _base_url() -> str:
+    from wandb.sdk import wandb_setup
+
+    return str(wandb_setup.singleton().settings.base_url)
+
+
+def start_run(init_args: dict[str, Any], init_timeout_s: float) -> Any:
+    """``wandb.init(**init_args)``, bounded: an online start that fails within ``init_timeout_s`` goes offline.
+
+    Args:
+        init_args: ``wandb.init`` arguments (``mode``, ``dir``, ``group``, ``settings``, ...).
+        init_timeout_s: The longest an online start may wait for the server, in seconds.
+
+    Returns:
+        The W&B run (online, or offline after a failed online start).
+    """
+    import wandb
+
+    if init_args.get("mode") != "online":
+        return wandb.init(**init_args)
+    start = time.monotonic()
+    base_url = _base_url()
+    log.info("W&B: starting an online run at %s (waiting at most %g s, then offline)", base_url, init_timeout_s)
+    reason = unreachable(base_url, max(0.5, _PROBE_SHARE * init_timeout_s))
+    if reason is None:
+        settings = init_args.get("settings") or wandb.Settings()
+        left = init_timeout_s - (time.monotonic() - start) - _VIEWER_SECONDS
+        settings.init_timeout = max(1.0, left)
+        try:
+            return wandb.init(**{**init_args, "settings": settings})
+        except Exception as err:  # noqa: BLE001 - any failed start (CommError, AuthenticationError, ...) goes offline
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no message'}"
+            if wandb.run is not None:
+                wandb.run.finish(exit_code=1)
+    waited = time.monotonic() - start
+    run = wandb.init(**{**init_args, "mode": "offline"})
+    log.warning("W&B: no online run at %s (%s); gave up after %.1f s (logger.wandb.init_timeout_s=%g) and this "
+                "run continues OFFLINE in %s. Upload it later with: %s",
+                base_url, reason, waited, init_timeout_s, Path(run.dir).parent, sync_command(run))
+    return run
+
+
+def drop_service(run: Any = None) -> None:
+    """Forget ``run`` and this process's W&B service after the service was lost, so the next run starts afresh.
+
+    ``wandb.run`` is cleared (``run.finish()`` may give up before it does), and ``wandb.teardown()`` forgets
+    the service before it talks to it, so their errors (the connection is gone) are expected and dropped; the
+    teardown also unregisters W&B's exit hook, which would print that error as a traceback.
+    """
+    import wandb
+
+    if run is not None:
+        try:
+            run.finish(exit_code=1)
+        except Exception as err:  # noqa: BLE001 - the service is already gone
+            log.debug("W&B: finishing run %s after a lost service: %s", run.id, err)
+        if wandb.run is run:  # finish() gave up before it could clear wandb.run (wandb/sdk/lib/module.py)
+            from wandb.sdk.lib import module
+
+            module.unset_globals()
+    try:
+        wandb.teardown()
+    except Exception as err:  # noqa: BLE001 - the service is already gone
+        log.debug("W&B: teardown after a lost service: %s", err)
+
+
+def finish_run(run: Any, exit_code: int) -> None:
+    """Finish ``run``; a failure or a timed-out upload is a warning with the ``wandb sync`` command, never an error."""
+    offline = bool(getattr(run.settings, "_offline", False))
+    command = sync_command(run)
+    try:
+        run.finish(exit_code=exit_code)
+    except Exception as err:  # noqa: BLE001 - the run's own files are written; W&B is best effort
+        log.warning("W&B: finishing run %s failed (%s: %s); its data is kept on disk. Upload it later with: %s",
+                    run.id, type(err).__name__, err, command)
+        if isinstance(err, ConnectionError):
+            drop_service(run)
+        return
+    if offline:
+        log.info("W&B: offline run %s kept in %s; upload it with: %s", run.id, Path(run.dir).parent, command)
+
+
+class SafeWandbLogger(WandbLogger):
+    """Lightning's ``WandbLogger`` whose W&B failures never stop the training (see the module docstring).
+
+    Args:
+        init_timeout_s: The longest an online start waits for the server before going offline, in seconds.
+        **kwargs: ``WandbLogger`` arguments.
+    """
+
+    def __init__(self, *, init_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._init_timeout_s = init_timeout_s
+        self._broken: str | None = None
+
+    @property
+    def broken(self) -> str | None:
+        """Why W&B was switched off for this run (a failed call), or None while it works."""
+        return self._broken
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        if self._experiment is None and self._broken is not None:
+            from pytorch_lightning.loggers.logger import DummyExperiment
+
+            return DummyExperiment()  # W&B was switched off: never start a second run for this job
+        if self._experiment is None:
+            import wandb
+
+            if wandb.run is not None:
+                # A job that died before finishing leaves its run open; never log into it.
+                log.warning("W&B: finishing run %s left open by an earlier job before starting this one",
+                            wandb.run.id)
+                wandb.finish(exit_code=1)
+            self._experiment = start_run(dict(self._wandb_init), self._init_timeout_s)
+            # Lightning's default x axis (pytorch_lightning/loggers/wandb.py, WandbLogger.experiment).
+            self._experiment.define_metric("trainer/global_step")
+            self._experiment.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+        return self._experiment
+
+    def _guarded(self, what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._broken is not None:
+            return None
+        try:
+            return call(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - W&B is best effort; the run's own files carry the results
+            self._broken = f"{what}: {type(err).__name__}: {err}"
+            hint = f"; what reached W&B's local files can be uploaded with: {sync_command(self._experiment)}" \
+                if self._experiment is not None and getattr(self._experiment, "dir", None) else ""
+            log.warning("W&B: %s failed (%s: %s); W&B is off for the rest of this run, which continues and "
+                        "writes its own files%s", what, type(err).__name__, err, hint)
+            if isinstance(err, ConnectionError):  # the service is gone: finishing this run cannot reach it either
+                run, self._experiment = self._experiment, None
+                drop_service(run)
+            return None
+
+    def log_hyperparams(self, params: Any) -> None:  # noqa: D102
+        self._guarded("log_hyperparams", super().log_hyperparams, params)
+
+    def log_metrics(self, metrics: Any, step: int | None = None) -> None:  # noqa: D102
+        self._guarded("log_metrics", super().log_metrics, metrics, step)
+
+    def log_image(self, *args: Any, **kwargs: Any) -> None:  # noqa: D102
+        self._guarded("log_image", super().log_image, *args, **kwargs)
+
+    def log_table(self, *args: Any, **kwargs: Any) -> None:  # noqa: D102
+        self._guarded("log_table", super().log_table, *args, **kwargs)
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:  # noqa: D102
+        self._guarded("after_save_checkpoint", super().after_save_checkpoint, checkpoint_callback)
+
+    def finalize(self, status: str) -> None:  # noqa: D102
+        self._guarded("finalize", super().finalize, status)
+
+    def update_summary(self, values: dict[str, Any]) -> None:
+        """Write ``values`` into the run's summary (guarded like every other call)."""
+        self._guarded("summary update", lambda: self.experiment.summary.update(values))
+
+    def finish(self, exit_code: int) -> None:
+        """Finish this logger's W&B run if it started one (:func:`finish_run`); the next job gets its own."""
+        run = self._experiment
+        if run is None or not hasattr(run, "finish"):
+            return
+        self._experiment = None
+        finish_run(run, exit_code=1 if self._broken is not None and exit_code == 0 else exit_code)
