@@ -91,6 +91,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import pytorch_lightning as pl
     from hydra.utils import instantiate
 
+    from lvforecast.experiment.signals import resume_requeued
+
+    resume_requeued(cfg)  # a requeued SLURM job continues from its run directory's checkpoint
     validate_train_config(cfg)
     # The CSV logger writes metrics.csv into the run dir beside our files; its warning about a
     # non-empty directory is expected here (it only ever overwrites metrics.csv).
@@ -238,7 +241,9 @@ def _callbacks(cfg: DictConfig, reservation: Reservation | None) -> list[Any]:
         if not isinstance(factory, functools.partial):
             raise UserError("callbacks.flop_budget must be a _partial_ node (it is completed with the reservation)")
         callbacks.append(factory(reservation=reservation))
-    return callbacks
+    from lvforecast.experiment.signals import InterruptCheckpoint
+
+    return [*callbacks, InterruptCheckpoint()]  # SIGTERM/SIGINT: checkpoint at the step reached, exit 143/130
 
 
 def _fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, out: Path,
