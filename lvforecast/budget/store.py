@@ -32,7 +32,7 @@ MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {
 }
 # Versions that changed a table's CHECK constraint, which SQLite cannot alter: the table is rebuilt (copied into
 # the new definition, rows and ids unchanged). 3: the run status ``interrupted`` (a run stopped by SIGTERM/SIGINT).
-REBUILDS: dict[int, tuple[str, ...]] = {3: ("runs",)}
+REBUILDS: dict[int, tuple[str, ...]] = {3: ("runs", "charges")}  # parents first
 KINDS = ("train", "val", "test", "generate")
 RUN_STATUSES = ("running", "finished", "budget_exhausted", "crashed", "failed", "refused", "interrupted")
 
@@ -149,8 +149,8 @@ def migrate(conn: sqlite3.Connection, version: int) -> int:
             have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
             if column not in have:
                 conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-        for table in REBUILDS.get(step, ()):
-            rebuild(conn, table)
+        if step in REBUILDS:
+            rebuild(conn, REBUILDS[step])
     conn.execute("UPDATE study SET schema_version = ?", (SCHEMA_VERSION,))
     logger.info("ledger schema migrated from version %d to %d", version, SCHEMA_VERSION)
     return SCHEMA_VERSION
@@ -164,24 +164,24 @@ def table_sql(table: str) -> str:
     raise KeyError(table)
 
 
-def rebuild(conn: sqlite3.Connection, table: str) -> None:
-    """Copy ``table`` into its current definition in :data:`SCHEMA` (inside the caller's write transaction).
+def rebuild(conn: sqlite3.Connection, tables: tuple[str, ...]) -> None:
+    """Copy ``tables`` (parents first) into their definitions in :data:`SCHEMA`, inside the caller's transaction.
 
-    The old table is renamed aside with ``legacy_alter_table`` on, so the charges' ``REFERENCES runs(id)`` keeps
-    naming the new table; rows keep their ids, so every charge still points at its run.
+    Foreign keys stay on (a transaction cannot switch them off): the old tables are renamed aside, which points
+    the old children at the old parents, the new tables are created and filled with the same rows (same ids, so
+    every charge still points at its run), and the old ones dropped children first.
     """
-    columns = ", ".join(r[1] for r in conn.execute(f"PRAGMA table_info({table})"))
-    conn.execute("PRAGMA legacy_alter_table = ON")
-    try:
+    columns = {t: ", ".join(r[1] for r in conn.execute(f"PRAGMA table_info({t})")) for t in tables}
+    for table in reversed(tables):
         conn.execute(f"ALTER TABLE {table} RENAME TO {table}_old")
+    for table in tables:
         conn.execute(table_sql(table))
-        conn.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {table}_old")
+        conn.execute(f"INSERT INTO {table} ({columns[table]}) SELECT {columns[table]} FROM {table}_old")
+    for table in reversed(tables):
         conn.execute(f"DROP TABLE {table}_old")
-    finally:
-        conn.execute("PRAGMA legacy_alter_table = OFF")
-    # The old table's indexes went with it.
+    # The old tables' indexes went with them.
     for statement in SCHEMA.split(";"):
-        if statement.strip().startswith("CREATE INDEX") and f" ON {table}(" in statement:
+        if statement.strip().startswith("CREATE INDEX"):
             conn.execute(statement)
 
 
