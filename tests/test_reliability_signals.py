@@ -311,7 +311,8 @@ def test_train_py_with_a_text_file_ledger_prints_one_error_and_exits_1(sim_cache
     res = subprocess.run([PY, str(ROOT / "train.py"), *TINY_RUN, "trainer.max_steps=2", f"budget.ledger_path={path}",
                           f"hydra.run.dir={tmp_path / 'run'}"], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 1
-    assert f"error: ledger {path}: it is not an SQLite database" in res.stderr and "Traceback" not in res.stderr
+    assert f"error: ledger {path} is not a usable ledger: it is not an SQLite database" in res.stderr
+    assert "Traceback" not in res.stderr
     assert path.read_text() == "run,flops\na,5\n"
 
 
@@ -366,13 +367,15 @@ def test_a_read_only_ledger_is_named_with_the_fix_and_left_intact(where):
             found = f"its folder {folder} is read-only"
         res = _as_unprivileged(["-c", RESERVE, str(path)])
         assert res.returncode == 1, res.stderr
-        assert res.stderr.startswith(f"error: ledger {path}: {found}") and "budget.ledger_path=PATH" in res.stderr
+        assert res.stderr.startswith(f"error: ledger {path} is not a usable ledger: {found}")
+        assert "budget.ledger_path=PATH" in res.stderr
         assert "Traceback" not in res.stderr
         show = _as_unprivileged(["-m", "lvforecast", "budget", "show", "--ledger", str(path)])
         if where == "read-only file":  # reading needs no write: the ledger is still shown
             assert show.returncode == 0 and "| 1 | a |" in show.stdout, show.stderr
         else:  # WAL needs its shared-memory file beside the ledger
-            assert show.returncode == 1 and show.stderr.startswith(f"error: ledger {path}: {found}")
+            assert show.returncode == 1
+            assert show.stderr.startswith(f"error: ledger {path} is not a usable ledger: {found}")
             assert "--ledger PATH" in show.stderr and "Traceback" not in show.stderr
         assert path.read_bytes() == before  # nothing written, nothing lost
     finally:

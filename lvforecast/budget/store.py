@@ -299,7 +299,7 @@ def io_error(path: Path, err: sqlite3.Error) -> UserError:
         return UserError(f"ledger {path}: another process held its write lock past the timeout ({text}); wait "
                          f"and retry, or give this study another ledger: {LEDGER_FIX}")
     detail = f"{found} (sqlite: {text})" if found else f"sqlite: {text}"
-    return UserError(f"ledger {path}: {detail}; {LEDGER_FIX}")
+    return UserError(f"ledger {path} is not a usable ledger: {detail}; {LEDGER_FIX}")
 
 
 # -- queries shared by several operations ---------------------------------------------------------------------
