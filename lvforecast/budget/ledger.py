@@ -17,7 +17,8 @@ Contract
   ``generate``; FLOPs, steps, tokens, seconds). Charges are never removed: what a run charged stays spent, however
   it ends. A run may charge past its reservation (the FLOPs were spent); that is logged as a warning.
 * **Release at the end.** :meth:`Ledger.finish` sets the final status and shrinks the reservation to what was
-  charged. A run whose process died without finishing is marked ``crashed`` and its unused reservation released by
+  charged; a run stopped by SIGTERM/SIGINT ends ``interrupted`` (:meth:`Ledger.hold`), its charges kept. A run whose
+  process died without finishing is marked ``crashed`` and its unused reservation released by
   :meth:`Ledger.reconcile` (``lvforecast budget reconcile``), and automatically by the next
   :meth:`Ledger.open_run`. :meth:`Ledger.remaining` already leaves such dead reservations out.
 * **Liveness** is only judged for runs of this machine (same hostname and, where Linux exposes it, same boot id):
@@ -68,7 +69,8 @@ from lvforecast.errors import UserError
 
 __all__ = [
     "DEFAULT_BUDGET", "DEFAULT_LEDGER", "FINISH_STATUSES", "JOURNAL_ENV", "JOURNAL_MODES", "KINDS", "LEDGER_ENV",
-    "RUN_STATUSES", "BudgetExceededError", "Kind", "Ledger", "RunOutcome", "default_ledger_path", "format_flops",
+    "RUN_STATUSES", "BudgetExceededError", "Kind", "Ledger", "LedgerNotFoundError", "RunOutcome", "default_ledger_path",
+    "exit_status", "format_flops",
     "remaining_in",
 ]
 
@@ -79,7 +81,7 @@ DEFAULT_LEDGER = Path("outputs") / "budget" / "ledger.sqlite"
 LEDGER_ENV = "LVFORECAST_LEDGER"
 JOURNAL_ENV = "LVFORECAST_LEDGER_JOURNAL_MODE"
 JOURNAL_MODES = ("WAL", "DELETE", "TRUNCATE", "PERSIST")
-FINISH_STATUSES = ("finished", "budget_exhausted", "crashed", "failed")
+FINISH_STATUSES = ("finished", "budget_exhausted", "crashed", "failed", "interrupted")
 
 Kind = Literal["train", "val", "test", "generate"]
 
@@ -89,6 +91,16 @@ class RunOutcome:
     """How a held run ended; set :attr:`status` before leaving :meth:`Ledger.hold` (default ``finished``)."""
 
     status: str = "finished"
+
+
+class LedgerNotFoundError(UserError, FileNotFoundError):
+    """``budget=None`` (adopt the stored budget) but there is no ledger file at the path."""
+
+
+def exit_status(exc: BaseException) -> str:
+    """The ledger status of a run that raised ``exc``: ``interrupted`` when it was stopped from outside (a signal:
+    Lightning's ``SIGTERMException`` and every other ``SystemExit``, ``KeyboardInterrupt``), else ``failed``."""
+    return "interrupted" if isinstance(exc, (SystemExit, KeyboardInterrupt)) else "failed"
 
 
 class BudgetExceededError(UserError, RuntimeError):
@@ -155,7 +167,8 @@ class Ledger:
 
     Raises:
         ValueError: bad journal mode, budget or timeout, or ``budget`` differing from the stored one.
-        FileNotFoundError: ``budget=None`` and no ledger at ``path``.
+        LedgerNotFoundError: ``budget=None`` and no ledger at ``path`` (a FileNotFoundError and a UserError).
+        UserError: ``path`` is a folder, not an SQLite file, damaged, read-only or in a read-only folder.
     """
 
     def __init__(self, path: str | os.PathLike[str], budget: float | None = DEFAULT_BUDGET,
@@ -175,8 +188,12 @@ class Ledger:
         requested = None if budget is None else as_flops(budget, "budget")
         if requested == 0:
             raise UserError("budget must be > 0 FLOPs, got 0")
+        if self.path.is_dir():
+            raise UserError(f"ledger {self.path} is not a usable ledger: it is a folder, not a file; "
+                            f"{store.LEDGER_FIX}")
         if requested is None and not self.path.exists():
-            raise FileNotFoundError(f"no ledger at {self.path}; give a budget to create one")
+            raise LedgerNotFoundError(f"no ledger at {self.path}; give a budget to create one, or "
+                                      f"{store.LEDGER_FIX}")
         self._warned_over: set[int] = set()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         network = store.on_network_filesystem(self.path.parent, mounts)
@@ -213,11 +230,27 @@ class Ledger:
     # -- storage -----------------------------------------------------------------------------------------------
 
     def _set_journal_mode(self) -> None:
-        self.journal_mode = store.set_journal_mode(self.path, self.timeout_s, self.journal_mode)
+        try:
+            self.journal_mode = store.set_journal_mode(self.path, self.timeout_s, self.journal_mode)
+        except sqlite3.DatabaseError as err:
+            raise store.io_error(self.path, err) from err
 
-    def _transaction(self, immediate: bool = True) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        """One transaction on a fresh connection (:func:`lvforecast.budget.store.transaction`)."""
-        return store.transaction(self.path, self.timeout_s, self.journal_mode, immediate)
+    @contextlib.contextmanager
+    def _transaction(self, immediate: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction on a fresh connection (:func:`lvforecast.budget.store.transaction`).
+
+        Raises:
+            UserError: SQLite cannot open, read or write the file (not a database, damaged, read-only, in a
+                read-only folder, locked past the timeout): one message naming the path and the fix. A broken
+                constraint (``IntegrityError``) is a bug and propagates.
+        """
+        try:
+            with store.transaction(self.path, self.timeout_s, self.journal_mode, immediate) as conn:
+                yield conn
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.DatabaseError as err:
+            raise store.io_error(self.path, err) from err
 
     def _mark_crashed(self, conn: sqlite3.Connection, run_ids: list[int]) -> list[int]:
         done = store.mark_crashed(conn, run_ids)
@@ -344,7 +377,8 @@ class Ledger:
 
         Args:
             run_id: id from :meth:`open_run`.
-            status: ``finished``, ``budget_exhausted``, ``crashed`` or ``failed``.
+            status: ``finished``, ``budget_exhausted``, ``crashed``, ``failed`` or ``interrupted`` (stopped by a
+                signal; it may be resumed from its checkpoint as a new run).
 
         Raises:
             ValueError: unknown run, bad status, or the run is not running (already finished, refused, or
@@ -362,12 +396,14 @@ class Ledger:
 
     @contextlib.contextmanager
     def hold(self, run_id: int) -> Iterator[RunOutcome]:
-        """Finish ``run_id`` whatever happens inside: ``outcome.status`` on success, ``failed`` on any exception."""
+        """Finish ``run_id`` whatever happens inside: ``outcome.status`` on success, ``interrupted`` when a signal
+        stopped it (:func:`exit_status`: its charges stay, the rest of its reservation is released), ``failed`` on
+        any other exception."""
         outcome = RunOutcome()
         try:
             yield outcome
-        except BaseException:
-            self.finish(run_id, "failed")
+        except BaseException as exc:
+            self.finish(run_id, exit_status(exc))
             raise
         self.finish(run_id, outcome.status)
 

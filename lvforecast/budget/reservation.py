@@ -4,7 +4,8 @@ A :class:`Reservation` is what training and evaluation carry from planning to th
 reserved, the model shape, LoRA spec and counting conventions the plan was priced with, the ledger, the ledger's
 run id and the FLOPs reserved. It is frozen: nothing downstream re-derives or re-reads any of it.
 :meth:`Reservation.held` is the one place a run's ledger row is finished, with the status the run reports on
-success and ``failed`` on any exception, so no caller repeats the open / try / finish dance.
+success, ``interrupted`` after SIGTERM/SIGINT and ``failed`` on any other exception, so no caller repeats the
+open / try / finish dance.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ class Reservation:
 
     @contextmanager
     def held(self) -> Iterator[RunOutcome]:
-        """Finish the ledger run on the way out: the outcome's status on success, ``failed`` on an exception.
+        """Finish the ledger run on the way out: the outcome's status on success, ``interrupted`` when a signal
+        stopped the run (charges kept, the unspent reservation released), ``failed`` on any other exception.
 
         A follower (``leader=False``) finishes nothing: rank 0 owns the run.
         """

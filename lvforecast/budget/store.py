@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import numbers
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -23,14 +24,17 @@ from lvforecast.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Columns added after version 1, by the version that added them: an older file gets them (NULL in its old rows)
 # when it is next opened, so old ledgers keep opening.
 MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {
     2: (("runs", "study", "TEXT"), ("runs", "stage", "TEXT")),  # the study and stage a run belongs to (Table 12)
 }
+# Versions that changed a table's CHECK constraint, which SQLite cannot alter: the table is rebuilt (copied into
+# the new definition, rows and ids unchanged). 3: the run status ``interrupted`` (a run stopped by SIGTERM/SIGINT).
+REBUILDS: dict[int, tuple[str, ...]] = {3: ("runs", "charges")}  # parents first
 KINDS = ("train", "val", "test", "generate")
-RUN_STATUSES = ("running", "finished", "budget_exhausted", "crashed", "failed", "refused")
+RUN_STATUSES = ("running", "finished", "budget_exhausted", "crashed", "failed", "refused", "interrupted")
 
 # SQLite INTEGER is a signed 64-bit value.
 INT_LIMIT = 2**63
@@ -145,9 +149,40 @@ def migrate(conn: sqlite3.Connection, version: int) -> int:
             have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
             if column not in have:
                 conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        if step in REBUILDS:
+            rebuild(conn, REBUILDS[step])
     conn.execute("UPDATE study SET schema_version = ?", (SCHEMA_VERSION,))
     logger.info("ledger schema migrated from version %d to %d", version, SCHEMA_VERSION)
     return SCHEMA_VERSION
+
+
+def table_sql(table: str) -> str:
+    """The ``CREATE TABLE IF NOT EXISTS`` statement of ``table`` in :data:`SCHEMA`."""
+    for statement in SCHEMA.split(";"):
+        if f"CREATE TABLE IF NOT EXISTS {table} (" in statement:
+            return statement.strip()
+    raise KeyError(table)
+
+
+def rebuild(conn: sqlite3.Connection, tables: tuple[str, ...]) -> None:
+    """Copy ``tables`` (parents first) into their definitions in :data:`SCHEMA`, inside the caller's transaction.
+
+    Foreign keys stay on (a transaction cannot switch them off): the old tables are renamed aside, which points
+    the old children at the old parents, the new tables are created and filled with the same rows (same ids, so
+    every charge still points at its run), and the old ones dropped children first.
+    """
+    columns = {t: ", ".join(r[1] for r in conn.execute(f"PRAGMA table_info({t})")) for t in tables}
+    for table in reversed(tables):
+        conn.execute(f"ALTER TABLE {table} RENAME TO {table}_old")
+    for table in tables:
+        conn.execute(table_sql(table))
+        conn.execute(f"INSERT INTO {table} ({columns[table]}) SELECT {columns[table]} FROM {table}_old")
+    for table in reversed(tables):
+        conn.execute(f"DROP TABLE {table}_old")
+    # The old tables' indexes went with them.
+    for statement in SCHEMA.split(";"):
+        if statement.strip().startswith("CREATE INDEX"):
+            conn.execute(statement)
 
 
 # -- connections ----------------------------------------------------------------------------------------------
@@ -217,6 +252,54 @@ def transaction(path: Path, timeout_s: float, journal_mode: str | None, immediat
         conn.execute("COMMIT")
     finally:
         conn.close()
+
+
+# -- I/O failures ---------------------------------------------------------------------------------------------
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+# What to change, in each command's words.
+LEDGER_FIX = ("point budget.ledger_path=PATH (train.py, evaluate.py), --ledger PATH (lvforecast budget) or "
+              "$LVFORECAST_LEDGER at a writable ledger file")
+
+
+def inspect_path(path: Path) -> str | None:
+    """What is wrong with ``path`` as a ledger file, judged from the file system alone (None: nothing seen).
+
+    A folder, a file that is not SQLite (its first bytes), a file that is too short to be one, a read-only file
+    or a file in a read-only folder (SQLite writes its journal beside the file).
+    """
+    path = Path(path)
+    if path.is_dir():
+        return "it is a folder, not a file"
+    if path.exists():
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(100)
+        except OSError as err:
+            return f"it cannot be read ({err.strerror})"
+        if head and not head.startswith(SQLITE_HEADER[: len(head)]):
+            return f"it is not an SQLite database (it starts with {head[:16]!r})"
+        if 0 < len(head) < 100:
+            return f"it is a truncated SQLite file ({path.stat().st_size} bytes)"
+        if not os.access(path, os.W_OK):
+            return "the file is read-only"
+    parent = path.parent if str(path.parent) else Path(".")
+    if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
+        return f"its folder {parent} is read-only (SQLite writes its journal beside the ledger)"
+    return None
+
+
+def io_error(path: Path, err: sqlite3.Error) -> UserError:
+    """One message for an SQLite failure on the ledger at ``path``: the path, what was found, the fix."""
+    found = inspect_path(path)
+    text = str(err)
+    if found is None and ("malformed" in text or "not a database" in text):
+        found = "it is a damaged SQLite file"
+    if "locked" in text or "busy" in text:
+        return UserError(f"ledger {path}: another process held its write lock past the timeout ({text}); wait "
+                         f"and retry, or give this study another ledger: {LEDGER_FIX}")
+    detail = f"{found} (sqlite: {text})" if found else f"sqlite: {text}"
+    return UserError(f"ledger {path} is not a usable ledger: {detail}; {LEDGER_FIX}")
 
 
 # -- queries shared by several operations ---------------------------------------------------------------------

@@ -100,7 +100,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from lvforecast.checkpoint import load_checkpoint
+    from lvforecast.experiment.signals import resume_requeued
 
+    resume_requeued(cfg)  # a requeued SLURM job continues from its run directory's checkpoint
     ckpt_step = 0
     if cfg.get("ckpt_path") and Path(cfg.ckpt_path).is_file():
         # A torn or foreign checkpoint is one message naming it, before anything else reads it.
@@ -255,7 +257,9 @@ def _callbacks(cfg: DictConfig, reservation: Reservation | None) -> list[Any]:
         if not isinstance(factory, functools.partial):
             raise UserError("callbacks.flop_budget must be a _partial_ node (it is completed with the reservation)")
         callbacks.append(factory(reservation=reservation))
-    return callbacks
+    from lvforecast.experiment.signals import InterruptCheckpoint
+
+    return [*callbacks, InterruptCheckpoint()]  # SIGTERM/SIGINT: checkpoint at the step reached, exit 143/130
 
 
 @dataclass(frozen=True)

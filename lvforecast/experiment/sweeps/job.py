@@ -4,6 +4,11 @@
 its ``job_status.json`` and does not stop the other jobs or the summary; the multirun exits non-zero (the
 summary's doing, see :class:`lvforecast.experiment.sweeps.summary.SweepSummary`).
 
+Every job runs under a :class:`~lvforecast.experiment.signals.SignalGuard`: SIGTERM / SIGINT stop it at the next
+step with a checkpoint (see :mod:`lvforecast.experiment.signals`). In a multirun the stopped job is recorded
+``interrupted`` (with its checkpoint and step), the jobs after it are not started, a partial summary listing
+finished, interrupted and not-run jobs is written, and the multirun exits 143 (SIGTERM) or 130 (SIGINT).
+
 A job's status is one of the ledger's run statuses (:data:`lvforecast.budget.ledger.RUN_STATUSES`), named
 here once, or :data:`MISSING`, the one status only a sweep has.
 """
@@ -24,7 +29,7 @@ log = logging.getLogger(__name__)
 
 STATUS_FILE = "job_status.json"
 # The ledger's run statuses, by name (unpacking fails at import if the ledger's tuple changes shape).
-_, FINISHED, BUDGET_EXHAUSTED, _, FAILED, REFUSED = RUN_STATUSES
+_, FINISHED, BUDGET_EXHAUSTED, _, FAILED, REFUSED, INTERRUPTED = RUN_STATUSES
 # Sweep-only: the job has no job_status.json (it never ran, or was killed before it could write one).
 MISSING = "missing"
 # The statuses of a job that ran to its end and so has a result (a final validation loss) to compare.
@@ -52,8 +57,11 @@ def run_recorded(cfg: DictConfig, task: Any) -> Any:
     Returns:
         What ``task`` returned, or None when it raised in a multirun.
     """
+    from lvforecast.experiment.signals import Interrupted, guarded
+
     if not _multirun():
-        return task(cfg)
+        with guarded():
+            return task(cfg)
     from hydra.core.hydra_config import HydraConfig
 
     from lvforecast.budget.ledger import BudgetExceededError
@@ -64,7 +72,15 @@ def run_recorded(cfg: DictConfig, task: Any) -> Any:
     path = Path(hc.runtime.output_dir) / STATUS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        result = task(cfg)
+        with guarded():
+            result = task(cfg)
+    except Interrupted as stop:
+        log.warning("job %s %s: %s; the sweep stops here", hc.job.num, INTERRUPTED, stop)
+        path.write_text(json.dumps({**record, "status": INTERRUPTED, "error": str(stop), "step": stop.step,
+                                    "checkpoint": None if stop.checkpoint is None else str(stop.checkpoint),
+                                    "exit_code": stop.code}, indent=1))
+        _partial_summary(Path(hc.sweep.dir))
+        raise
     except Exception as err:  # noqa: BLE001 - recorded, logged, and reported by the summary
         status = REFUSED if isinstance(err, BudgetExceededError) else FAILED
         log.exception("job %s %s", hc.job.num, status)
@@ -73,6 +89,20 @@ def run_recorded(cfg: DictConfig, task: Any) -> Any:
         return None
     path.write_text(json.dumps({**record, "status": FINISHED, "result": _jsonable(result)}, indent=1))
     return result
+
+
+def _partial_summary(sweep_dir: Path) -> None:
+    """The summary of a sweep stopped by a signal: every planned job (``plan.csv``), finished or not."""
+    from lvforecast.experiment.sweeps.summary import SUMMARY_MD, summarize_sweep
+
+    try:
+        rows = summarize_sweep(sweep_dir)
+    except Exception:  # noqa: BLE001 - the job's own record is written; the summary can be rebuilt later
+        log.exception("could not write the partial summary of %s (rebuild it with `lvforecast sweeps summarize "
+                      "%s`)", sweep_dir, sweep_dir)
+        return
+    done = sum(r["status"] in COMPLETED for r in rows)
+    log.warning("partial sweep summary: %s (%d of %d jobs finished)", sweep_dir / SUMMARY_MD, done, len(rows))
 
 
 def _jsonable(value: Any) -> Any:

@@ -20,11 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from lvforecast.errors import UserError
 from lvforecast.experiment.sweeps.jobs import STUDY_KEYS, compose_jobs
-from lvforecast.experiment.sweeps.summary import write_csv
+from lvforecast.experiment.sweeps.summary import PLAN_CSV, write_csv
 
 log = logging.getLogger(__name__)
-
-PLAN_CSV = "plan.csv"
 
 
 class BudgetPreflight(Callback):

@@ -21,12 +21,20 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lvforecast.atomic import atomic_writer, save_figure, write_text
-from lvforecast.experiment.sweeps.job import BUDGET_EXHAUSTED, COMPLETED, FINISHED, MISSING, STATUS_FILE
+from lvforecast.experiment.sweeps.job import (
+    BUDGET_EXHAUSTED,
+    COMPLETED,
+    FINISHED,
+    INTERRUPTED,
+    MISSING,
+    STATUS_FILE,
+)
 from lvforecast.experiment.sweeps.jobs import STUDY_KEYS, job_values, sweep_jobs, varying_keys
 
 log = logging.getLogger(__name__)
 
 SUMMARY_CSV, SUMMARY_MD, CURVES_PNG = "summary.csv", "summary.md", "val_loss_curves.png"
+PLAN_CSV = "plan.csv"  # every job's overrides, written by the pre-flight check before the first job starts
 
 
 class SweepSummary(Callback):
@@ -60,15 +68,42 @@ def summarize_command(sweep_dir: Path) -> int:
         sweep_dir: The multirun's directory.
 
     Returns:
-        The exit status: 0 when every job finished, 1 when some did not, 2 when ``sweep_dir`` is no directory.
+        The exit status: 0 when every job finished; 1 when some did not (interrupted, failed, or never run: the
+        jobs of ``plan.csv`` without a record), or when no job is found at all; 2 when ``sweep_dir`` is no
+        directory. Every status but 0 comes with one ``error:`` line on stderr naming the jobs.
     """
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        print(f"sweep_dir={str(sweep_dir)!r}: no such directory", file=sys.stderr)
+        print(f"error: sweep_dir={str(sweep_dir)!r}: no such directory", file=sys.stderr)
         return 2
+    if not planned_jobs(sweep_dir) and not any(sweep_dir.glob(f"*/{STATUS_FILE}")):
+        # Nothing to summarize: say so, and write no empty summary into what may not be a sweep at all.
+        print(f"error: sweep_dir={str(sweep_dir)!r}: no jobs found (no {PLAN_CSV} and no */{STATUS_FILE}); give a "
+              f"multirun's directory (outputs/sweeps/NAME/TIME)", file=sys.stderr)
+        return 1
     rows = summarize_sweep(sweep_dir)
     print((sweep_dir / SUMMARY_MD).read_text())
-    return 0 if all(r["status"] in COMPLETED for r in rows) else 1
+    done = [r["job"] for r in rows if r["status"] in COMPLETED]
+    if len(done) == len(rows):
+        return 0
+    others = "; ".join(f"{status}: {', '.join(str(r['job']) for r in rows if r['status'] == status)}"
+                       for status in dict.fromkeys(r["status"] for r in rows if r["status"] not in COMPLETED))
+    print(f"error: sweep {sweep_dir}: {len(done)} of {len(rows)} jobs finished"
+          f"{' (' + ', '.join(map(str, done)) + ')' if done else ''}; {others}", file=sys.stderr)
+    return 1
+
+
+def planned_jobs(sweep_dir: Path) -> list[list[str]] | None:
+    """Every job's overrides from the sweep's ``plan.csv`` (None without one, or for a halving bracket's plan,
+    whose rows are its worst case, not its jobs)."""
+    path = Path(sweep_dir) / PLAN_CSV
+    if not path.is_file():
+        return None
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "overrides" not in rows[0] or "rung" in rows[0]:
+        return None
+    return [r["overrides"].split() for r in sorted(rows, key=lambda r: int(r["job"]))]
 
 
 def summarize_sweep(sweep_dir: Path, jobs: list[list[str]] | None = None) -> list[dict[str, Any]]:
@@ -87,13 +122,19 @@ def summarize_sweep(sweep_dir: Path, jobs: list[list[str]] | None = None) -> lis
         record = json.loads(status_file.read_text())
         found[int(record["num"])] = record
     if jobs is None:
-        jobs = [found[n]["overrides"] for n in sorted(found)]
+        planned = planned_jobs(sweep_dir)
+        if planned is not None:  # the jobs a stopped sweep never started are in its plan
+            jobs = [found[n]["overrides"] if n in found else job for n, job in enumerate(planned)]
+            jobs += [found[n]["overrides"] for n in sorted(found) if n >= len(planned)]
+        else:
+            jobs = [found[n]["overrides"] for n in sorted(found)]
     halving = _halving_record(sweep_dir)
     keys = halving["params"] if halving else varying_keys(jobs) if jobs else []
     rows = []
     curves: dict[int, list[tuple[int, float]]] = {}
     for num, job in enumerate(jobs):
-        record = found.get(num, {"status": MISSING, "error": f"no {STATUS_FILE} (the job never ran or was killed)",
+        record = found.get(num, {"status": MISSING, "error": f"not run: no {STATUS_FILE} (the job never started, "
+                                 f"or was killed before it could record how it ended)",
                                  "output_dir": str(sweep_dir / str(num))})
         rows.append(_job_row(num, job, keys, record, curves))
     finished = [r for r in rows if r["status"] in COMPLETED and r["final_val_loss"] != ""]
@@ -129,7 +170,7 @@ def _job_row(num: int, job: list[str], keys: list[str], record: dict[str, Any],
     val = read_metrics_csv(out / "metrics.csv").get("val/loss", []) if (out / "metrics.csv").is_file() else []
     if val:
         curves[num] = val
-    steps = final.get("global_step", "")
+    steps = final.get("global_step", record.get("step") if record.get("step") is not None else "")
     tokens = steps * cfg.data.batch_size * cfg.data.context_length if steps != "" and "data" in cfg else None
     fit_s = info.get("fit_seconds")
     row: dict[str, Any] = {"job": num, **job_values(job, keys)}
@@ -192,6 +233,12 @@ def format_summary(rows: list[dict[str, Any]], keys: list[str], sweep_dir: Path)
     total = sum(r["flops"] for r in rows if isinstance(r["flops"], int))
     lines += ["", f"Sweep total: {total:.4e} FLOPs over {len(rows)} jobs "
               f"({sum(r['status'] in COMPLETED for r in rows)} finished)."]
+    stopped = [r for r in rows if r["status"] == INTERRUPTED]
+    if stopped:
+        not_run = [str(r["job"]) for r in rows if r["status"] == MISSING]
+        lines += ["", "Partial sweep: interrupted by a signal at job " + ", ".join(str(r["job"]) for r in stopped)
+                  + (f"; not run: job{'s' if len(not_run) > 1 else ''} {', '.join(not_run)}" if not_run else "")
+                  + ". Resume a job with ckpt_path=<its run_dir>/checkpoints/last.ckpt."]
     return "\n".join(lines) + "\n"
 
 

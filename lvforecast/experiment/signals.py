@@ -1,0 +1,261 @@
+"""SIGTERM and SIGINT: a run stops at the next step boundary, checkpointed, recorded ``interrupted``, exit 143 / 130.
+
+Contract
+--------
+* **During fitting** the signal is deferred to Lightning's own mechanism: its signal connector turns SIGTERM into
+  ``trainer.received_sigterm`` and its loops raise ``SIGTERMException`` (a ``SystemExit``) after the current
+  batch; :class:`SignalGuard` makes SIGINT (Ctrl-C) take the same path instead of a ``KeyboardInterrupt`` in the
+  middle of an optimizer step. :class:`InterruptCheckpoint` (a callback) then writes ``checkpoints/last.ckpt`` at
+  the step reached (a temporary file in the same folder, renamed: the previous good checkpoint stays until the new
+  one is whole) and sets the exit status to ``128 + signal`` (143 for SIGTERM, 130 for SIGINT).
+* **Outside fitting** (loading data or weights, before Lightning's loops run) :class:`SignalGuard` raises
+  :class:`Interrupted` at once: there is no step to save.
+* **A second signal** stops the run at once, without a new checkpoint (the last good one stays).
+* **The ledger** records the run ``interrupted`` (:meth:`lvforecast.budget.ledger.Ledger.hold` treats every
+  ``SystemExit`` and ``KeyboardInterrupt`` so): its charges stay, the rest of its reservation is released.
+* **Resuming**: ``ckpt_path=<run dir>/checkpoints/last.ckpt`` continues at the checkpoint's step as a new ledger
+  run that reserves only the steps left.
+* **SLURM**: Lightning's ``SLURMEnvironment`` (auto-requeue on ``--signal=USR1@90``) saves an HPC checkpoint and
+  requeues the job; ``scancel`` and the time limit send SIGTERM, handled as above. A requeued job
+  (``SLURM_RESTART_COUNT`` > 0) with ``ckpt_path`` unset resumes from the newest checkpoint in its run directory
+  (:func:`requeued_checkpoint`). The run directory must be the same for every attempt: with
+  ``hydra/launcher=slurm`` (submitit) it is the sweep's job directory; with ``sbatch python train.py`` pin it,
+  e.g. ``hydra.run.dir=outputs/train/slurm-${oc.env:SLURM_JOB_ID}``.
+
+Handlers are only installed from the main thread (Python allows no other), and are restored on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import pytorch_lightning as pl
+
+log = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+CHECKPOINT = "last.ckpt"
+RESTART_ENV = "SLURM_RESTART_COUNT"
+
+
+def exit_code(signum: int) -> int:
+    """The shell's status for a process stopped by ``signum``: 128 + its number (143 SIGTERM, 130 SIGINT)."""
+    return 128 + int(signum)
+
+
+class Interrupted(SystemExit):
+    """A run stopped by a signal; its ``code`` is :func:`exit_code`, so an uncaught one exits 143 / 130.
+
+    Attributes:
+        signum: The signal.
+        step: The optimizer step checkpointed (None: none was written).
+        checkpoint: The checkpoint written (None: none).
+    """
+
+    def __init__(self, signum: int, step: int | None = None, checkpoint: Path | None = None) -> None:
+        super().__init__(exit_code(signum))
+        self.signum = int(signum)
+        self.step = step
+        self.checkpoint = checkpoint
+
+    def __str__(self) -> str:
+        where = f"; checkpoint {self.checkpoint} at step {self.step}" if self.checkpoint else "; no checkpoint written"
+        return f"interrupted by {signal.Signals(self.signum).name}{where}"
+
+    def message(self) -> str:
+        """The line printed when the run stops: the signal, the checkpoint and how to resume, the exit status."""
+        resume = (f"; resume with ckpt_path={self.checkpoint}" if self.checkpoint else
+                  " (it came before training started: rerun the command)")
+        return (f"interrupted: {signal.Signals(self.signum).name} at step {self.step if self.checkpoint else 0}"
+                f"{'; checkpoint ' + str(self.checkpoint) if self.checkpoint else '; no checkpoint written'}{resume}; "
+                f"the ledger run is marked interrupted (its charges kept, the rest released); exit status {self.code}")
+
+
+class SignalGuard:
+    """SIGTERM / SIGINT handlers for one job (see the module docstring); use as a context manager.
+
+    Attributes:
+        received: The first signal received (None: none yet).
+        step, checkpoint: What :class:`InterruptCheckpoint` wrote, for the job's records.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.step: int | None = None
+        self.checkpoint: Path | None = None
+        self._trainer: weakref.ReferenceType[pl.Trainer] | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> SignalGuard:
+        global _active
+        if threading.current_thread() is threading.main_thread():
+            for signum in SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        self._outer, _active = _active, self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        global _active
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+        _active = self._outer
+
+    def attach(self, trainer: pl.Trainer) -> None:
+        """The trainer whose loops a signal is deferred to while they run."""
+        self._trainer = weakref.ref(trainer)
+
+    def _looping(self) -> pl.Trainer | None:
+        """The attached trainer while its loops run (its signal connector holds the handlers), else None."""
+        trainer = self._trainer() if self._trainer is not None else None
+        connector = getattr(trainer, "_signal_connector", None)
+        # Lightning registers its handlers just before the loops start and restores ours at teardown.
+        return trainer if connector is not None and connector._original_handlers else None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        first = self.received is None
+        if first:
+            self.received = signum
+        trainer = self._looping()
+        name = signal.Signals(signum).name
+        if first and trainer is not None:
+            log.warning("%s received: stopping after the current step and writing a checkpoint (send it again to "
+                        "stop at once)", name)
+            # What Lightning's own SIGTERM handler sets; its loops raise SIGTERMException at the batch boundary.
+            trainer._signal_connector.received_sigterm = True
+            return
+        log.warning("%s received: stopping now%s", name, "" if first else " (second signal, no new checkpoint)")
+        raise Interrupted(signum)
+
+    def interrupted(self, exc: BaseException) -> Interrupted | None:
+        """``exc`` as an :class:`Interrupted` when a signal caused it (Lightning's ``SIGTERMException``, or our own),
+        else None."""
+        if isinstance(exc, Interrupted):
+            return exc
+        if self.received is not None and isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            return Interrupted(self.received, self.step, self.checkpoint)
+        return None
+
+
+_active: SignalGuard | None = None
+
+
+def active_guard() -> SignalGuard | None:
+    """The guard of the job now running in this process, if any."""
+    return _active
+
+
+@contextlib.contextmanager
+def guarded() -> Iterator[SignalGuard]:
+    """Run a job under a :class:`SignalGuard`; a signal-caused stop leaves as :class:`Interrupted` (exit 143/130)."""
+    with SignalGuard() as guard:
+        try:
+            yield guard
+        except (SystemExit, KeyboardInterrupt) as exc:
+            stop = guard.interrupted(exc)
+            if stop is None:
+                raise
+            if stop.checkpoint is None and guard.checkpoint is not None:
+                stop.step, stop.checkpoint = guard.step, guard.checkpoint
+            sys.stderr.write(f"{stop.message()}\n")
+            sys.stderr.flush()
+            if stop is exc:
+                raise
+            raise stop from None
+
+
+def _atomic_save(trainer: pl.Trainer, path: Path) -> None:
+    """``trainer.save_checkpoint`` into a temporary file beside ``path``, then renamed over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        trainer.save_checkpoint(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def checkpoint_dir(trainer: pl.Trainer) -> Path:
+    """Where the run's checkpoints go: the ModelCheckpoint's folder, else ``<default_root_dir>/checkpoints``."""
+    cb = trainer.checkpoint_callback
+    dirpath = getattr(cb, "dirpath", None)
+    return Path(dirpath) if dirpath else Path(trainer.default_root_dir) / "checkpoints"
+
+
+class InterruptCheckpoint(pl.Callback):
+    """On a signal-caused stop while fitting: write ``checkpoints/last.ckpt`` at the step reached; exit 143 / 130.
+
+    Lightning raises ``SIGTERMException`` after a whole batch (optimizer step, charges, loggers), so the
+    checkpoint is the state after that step; the exception's exit code is set to 128 + the signal, which holds
+    wherever the exception ends the process (``train.py``, a study, a notebook's ``%run``).
+    """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        guard = active_guard()
+        if guard is not None:
+            guard.attach(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        if not isinstance(exception, SIGTERMException):
+            return  # a bug, a user error, or a second signal (mid-step: the last good checkpoint stays)
+        guard = active_guard()
+        signum = guard.received if guard is not None and guard.received is not None else signal.SIGTERM
+        exception.code = exit_code(signum)
+        if trainer.state.fn != "fit":
+            return  # a validation before or after fitting: the run's last checkpoint is already on disk
+        path = checkpoint_dir(trainer) / CHECKPOINT
+        try:
+            _atomic_save(trainer, path)
+        except OSError as err:  # the stop goes on: the previous checkpoint (if any) is intact
+            log.error("%s: could not write the interrupt checkpoint (%s); the previous one is kept", path, err)
+            return
+        if trainer.is_global_zero:
+            log.warning("%s: checkpoint written at step %d; resume with ckpt_path=%s", path, trainer.global_step,
+                        path)
+        if guard is not None:
+            guard.step, guard.checkpoint = trainer.global_step, path
+
+
+def requeued_checkpoint(output_dir: str | os.PathLike[str], environ: dict[str, str] | None = None) -> Path | None:
+    """The checkpoint a requeued SLURM job resumes from: the newest ``checkpoints/last.ckpt`` or Lightning
+    ``hpc_ckpt_*.ckpt`` in its run directory, when ``SLURM_RESTART_COUNT`` > 0; else None.
+
+    Args:
+        output_dir: The run directory (the same one for every attempt of the job).
+        environ: The environment (default ``os.environ``).
+    """
+    env = os.environ if environ is None else environ
+    try:
+        restarts = int(env.get(RESTART_ENV, "0"))
+    except ValueError:
+        return None
+    if restarts <= 0:
+        return None
+    out = Path(output_dir)
+    found = [p for p in (out / "checkpoints" / CHECKPOINT, *out.glob("hpc_ckpt_*.ckpt")) if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def resume_requeued(cfg: Any) -> None:
+    """Set ``cfg.ckpt_path`` to :func:`requeued_checkpoint` for a requeued SLURM job that gave none."""
+    from omegaconf import open_dict
+
+    if cfg.get("ckpt_path"):
+        return
+    path = requeued_checkpoint(cfg.paths.output_dir)
+    if path is not None:
+        log.warning("SLURM requeue (%s=%s): resuming from %s", RESTART_ENV, os.environ.get(RESTART_ENV), path)
+        with open_dict(cfg):
+            cfg.ckpt_path = str(path)
