@@ -113,7 +113,7 @@ def test_datamodule_pads_only_short_series_and_reports_share(tmp_path):
 
 
 def test_datamodule_rejects_bad_sizes(tmp_path):
-    with pytest.raises(ValueError, match=r"data.context_length=1: shorter than one encoded time step.*>= 12.*data.batch_size=0"):
+    with pytest.raises(ValueError, match=r"data.context_length=1: shorter than one encoded .*>= 12.*data.batch_size=0"):
         LotkaVolterraDataModule(str(tmp_path / "x.h5"), build_char_tokenizer(), context_length=1, batch_size=0)
 
 
