@@ -257,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The subcommand's exit status: 1 with one ``error:`` block for a user error (:mod:`lvforecast.errors`; the
-        traceback with ``HYDRA_FULL_ERROR=1``). Bad arguments exit with status 2 and one ``error:`` line (``SystemExit``).
+        traceback with ``HYDRA_FULL_ERROR=1``). Bad arguments exit with status 2 and one ``error:`` line
+        (``SystemExit``).
     """
     from lvforecast.errors import TRACEBACK_SWITCH, describe, print_error
 
