@@ -149,6 +149,10 @@ TRAIN_KEYS = [
     # Shorter than one encoded step '0.000,0.000;' (12 tokens at 3 decimals): no window holds a whole step.
     ("data.context_length=3", "data.context_length=3", "allowed: an integer >= 12"),
     ("data.context_length=3 data.decimals=0", "data.context_length=3", "'0,0;', is 4 tokens"),
+    ("data.stride_steps=abc", "data.stride_steps='abc'", "integer >= 1"),
+    ("lora.r=abc", "lora.r='abc'", "integer >= 1"),
+    # More steps than the file has (100): the message names the key the count comes from.
+    ("data.scale_context_steps=500", "data.scale_context_steps=500", "at least 500 time steps"),
 ]
 
 
@@ -237,23 +241,39 @@ def test_a_bad_data_file_is_refused_naming_file_and_key(world, sim_cache, case):
 # -- evaluation -------------------------------------------------------------------------------------------------
 
 EVAL_KEYS = [
-    ("max_systems=-1", "max_systems=-1"),
-    ("max_systems=0", "max_systems=0"),
-    ("max_systems=abc", "max_systems='abc'"),
-    ("forecast.num_samples=0", "forecast.num_samples=0"),
-    ("forecast.horizon_steps=abc", "forecast.horizon_steps='abc'"),
+    ("max_systems=-1", "max_systems=-1", "null (the whole test split) or an integer >= 1"),
+    ("max_systems=0", "max_systems=0", "null (the whole test split) or an integer >= 1"),
+    ("max_systems=abc", "max_systems='abc'", "null (the whole test split) or an integer >= 1"),
+    ("forecast.num_samples=0", "forecast.num_samples=0", "integer >= 1"),
+    ("forecast.horizon_steps=abc", "forecast.horizon_steps='abc'", "integer >= 1"),
+    ("forecast.context_steps=abc", "forecast.context_steps='abc'", "integer >= 1"),
+    ("forecast.batch_size=0", "forecast.batch_size=0", "integer >= 1"),
+    ("forecast.temperature=abc", "forecast.temperature='abc'", "number > 0"),
+    ("forecast.top_p=2", "forecast.top_p=2", "(0, 1]"),
+    ("forecast.decoder=beam", "forecast.decoder='beam'", "allowed 'loop', 'generate'"),
 ]
 
 
-@pytest.mark.parametrize(("override", "key"), EVAL_KEYS, ids=[c[0] for c in EVAL_KEYS])
-def test_evaluate_refuses_a_bad_key_before_anything(world, sim_cache, override, key):
+@pytest.mark.parametrize(("override", "key", "allowed"), EVAL_KEYS, ids=[c[0] for c in EVAL_KEYS])
+def test_evaluate_refuses_a_bad_key_before_anything(world, sim_cache, override, key, allowed):
     from lvforecast.experiment.evaluate import evaluate
 
     cfg, out = _eval_cfg(world, sim_cache, [override])
     with pytest.raises(ValueError) as err:
         evaluate(cfg)
-    assert_one_message(err, key, "must be")
+    assert_one_message(err, key, allowed)
     assert not out.exists()  # refused before the evaluation directory was made
+    assert_kept(world)
+
+
+def test_evaluate_a_context_and_horizon_longer_than_the_file_names_both_keys(world, sim_cache):
+    from lvforecast.experiment.evaluate import evaluate
+
+    cfg, _ = _eval_cfg(world, sim_cache, ["forecast.context_steps=95"])
+    with pytest.raises(ValueError) as err:
+        evaluate(cfg)
+    assert_one_message(err, "lv_1000systems_seed0.h5", "at least 115 time steps",
+                       "(forecast.context_steps=95 + forecast.horizon_steps=20), file has 100")
     assert_kept(world)
 
 

@@ -305,7 +305,8 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         from lvforecast.data.trajectories import load_trajectories
 
         self.prepare_data()
-        traj = load_trajectories(self.path, min_steps=self.scale_context_steps)
+        traj = load_trajectories(self.path, min_steps=self.scale_context_steps,
+                                 needed_by=f"data.scale_context_steps={self.scale_context_steps}")
         split = split_systems(traj.n_systems, self.split_fractions, self.split_seed, self.pinned_test_systems,
                               source=self.path)
         encoded = encode_texts(traj.values, split.train + split.val, self.scale_rule, self.decimals,
@@ -340,7 +341,9 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
                                         or max_systems < 1):
             raise UserError(f"max_systems={max_systems!r}: must be null (the whole test split) or an integer >= 1")
         self.prepare_data()  # a simulated file is generated here when missing
-        traj = load_trajectories(self.path, min_steps=context_steps + horizon_steps)
+        traj = load_trajectories(self.path, min_steps=context_steps + horizon_steps,
+                                 needed_by=f"forecast.context_steps={context_steps} + "
+                                           f"forecast.horizon_steps={horizon_steps}")
         if split_file is not None:
             test = json.loads(Path(split_file).read_text())["test"]
             where = f"the test split of {split_file}"

@@ -127,7 +127,8 @@ def _load_params(path: str, group: Any, n_systems: int) -> dict[str, np.ndarray]
     return params
 
 
-def load_trajectories(path: str | os.PathLike[str], min_steps: int = 1) -> Trajectories:
+def load_trajectories(path: str | os.PathLike[str], min_steps: int = 1,
+                      needed_by: str | None = None) -> Trajectories:
     """Load and validate a trajectory file in the study's layout.
 
     Args:
@@ -135,6 +136,8 @@ def load_trajectories(path: str | os.PathLike[str], min_steps: int = 1) -> Traje
             optionally a ``params`` group of (N,) datasets.
         min_steps: smallest T the caller can use (context window + horizon);
             must be >= 1.
+        needed_by: the config keys ``min_steps`` comes from, named when the file
+            is too short (``data.scale_context_steps=80``).
 
     Returns:
         Trajectories with values (N, T, 2) float32, time (T,) float64, params
@@ -199,7 +202,7 @@ def load_trajectories(path: str | os.PathLike[str], min_steps: int = 1) -> Traje
                 p,
                 TRAJECTORIES_KEY,
                 f"data needs at least {min_steps} time steps for the configured "
-                f"windows/horizon, file has {n_steps}",
+                f"windows/horizon" + (f" ({needed_by})" if needed_by else "") + f", file has {n_steps}",
             )
 
         # Validate the arrays we actually return (after dtype conversion).
