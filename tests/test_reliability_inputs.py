@@ -298,6 +298,23 @@ def test_evaluate_an_empty_test_split_of_a_run_is_refused_before_loading(world, 
     assert_kept(world)
 
 
+def test_evaluate_a_run_whose_split_names_systems_the_file_lacks(world, sim_cache, monkeypatch):
+    from lvforecast.experiment import evaluate as ev
+
+    run = world["tmp"] / "outputs" / "trained"
+    (run / "adapter").mkdir(parents=True)
+    small = _h5(world["tmp"] / "small.h5", n_systems=30)
+    train_cfg = compose_train(TINY_RUN + [f"data.path={small}"], output_dir=run, cache_dir=sim_cache)
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(train_cfg, resolve=True))
+    (run / "split.json").write_text(json.dumps({"train": [0, 1], "val": [2], "test": [3, 29, 30, 906]}))
+    cfg, _ = _eval_cfg(world, sim_cache, [f"run_dir={run}"])
+    monkeypatch.setattr(ev, "_forecast", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError) as err:
+        ev.evaluate(cfg)
+    assert_one_message(err, str(run / "split.json"), "[30, 906]", f"{small} (data.path)", "systems 0 to 29")
+    assert_kept(world)
+
+
 def test_evaluate_with_no_test_fraction_is_refused(world, sim_cache):
     from lvforecast.experiment.evaluate import evaluate
 

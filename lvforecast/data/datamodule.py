@@ -354,6 +354,11 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         if not test:
             raise UserError(f"{where} has no systems: there is nothing to evaluate; fix: a run whose split.json "
                             f"lists test systems, or data.split_fractions with a test fraction > 0")
+        outside = [s for s in test if not (isinstance(s, int) and not isinstance(s, bool) and 0 <= s < traj.n_systems)]
+        if outside:
+            raise UserError(f"{where} lists systems {outside[:5]} that {self.path} (data.path) does not have: it "
+                            f"holds systems 0 to {traj.n_systems - 1}; fix: evaluate the run on the file it was "
+                            f"trained on")
         systems = evaluation_order(test, first, max_systems)
         values = traj.values[systems]
         contexts = values[:, :context_steps].astype(np.float64)
