@@ -200,12 +200,15 @@ def _simulate(args: argparse.Namespace) -> int:
     import time
 
     from lvforecast.data.simulate import write_simulation
+    from lvforecast.data.trajectories import TrajectoryFileError
 
     start = time.perf_counter()
     try:
         out, traj = write_simulation(args.out, args.systems, args.seed, n_steps=args.steps, t_end=args.t_end)
+    except TrajectoryFileError:
+        raise  # --out cannot be written: main prints one error block naming the path, status 1
     except ValueError as err:
-        args.parser.error(str(err))  # exits with status 2 and the one-line reason
+        args.parser.error(str(err))  # a bad argument: exits with status 2 and the one-line reason
     print(f"{out} {traj.values.shape} {time.perf_counter() - start:.2f}s")
     return 0
 

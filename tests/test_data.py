@@ -88,13 +88,21 @@ def test_padded_batch_gives_same_loss_as_unpadded():
 
 def test_datamodule_pads_only_short_series_and_reports_share(tmp_path):
     values = _series(n_systems=20, steps=30).astype(np.float32)
+    values[::2] *= 100  # every other system has two more digits per number: ~520 tokens against ~400
     path = tmp_path / "lv.h5"
     write_trajectories(path, values, np.linspace(0, 60, 30))
-    # 30 steps x ~12 chars = ~360 tokens: a 1000-token window cannot be filled, so every window pads.
-    dm = LotkaVolterraDataModule(str(path), build_char_tokenizer(), context_length=1000, stride_steps=5,
+    # A 500-token window fits in the long series; each short one is one window, padded to 500 in the share.
+    dm = LotkaVolterraDataModule(str(path), build_char_tokenizer(), context_length=500, stride_steps=5,
                                  scale_context_steps=24, pinned_test_systems=[3])
     dm.setup("fit")
-    assert 0.55 < dm.stats["train_pad_share"] < 0.7  # 1 - ~360/1000
+    short = {e.system for e in dm.series.values() if len(e.text) < 500}
+    assert short and short != set(dm.series)
+    windows = dm.train_set.windows
+    assert all(len(ids) < 500 for system, _, ids in windows if system in short)
+    assert all(len(ids) == 500 for system, _, ids in windows if system not in short)
+    real = sum(len(ids) for _, _, ids in windows)
+    assert dm.stats["train_pad_share"] == pytest.approx(1 - real / (500 * len(windows)))
+    assert 0 < dm.stats["train_pad_share"] < 0.3
     batch = next(iter(dm.train_dataloader()))
     assert batch["labels"][batch["attention_mask"] == 0].eq(IGNORE_INDEX).all()
     dm2 = LotkaVolterraDataModule(str(path), build_char_tokenizer(), context_length=100, stride_steps=5,
@@ -105,7 +113,7 @@ def test_datamodule_pads_only_short_series_and_reports_share(tmp_path):
 
 
 def test_datamodule_rejects_bad_sizes(tmp_path):
-    with pytest.raises(ValueError, match=r"data.context_length=1: must be an integer >= 2.*data.batch_size=0"):
+    with pytest.raises(ValueError, match=r"data.context_length=1: shorter than one encoded .*>= 12.*data.batch_size=0"):
         LotkaVolterraDataModule(str(tmp_path / "x.h5"), build_char_tokenizer(), context_length=1, batch_size=0)
 
 

@@ -96,7 +96,7 @@ def test_not_hdf5(tmp_path: Path) -> None:
     bad.write_text("not hdf5")
     with pytest.raises(TrajectoryFileError, match="is not an HDF5 file"):
         load_trajectories(bad)
-    with pytest.raises(TrajectoryFileError, match="is not an HDF5 file"):
+    with pytest.raises(TrajectoryFileError, match="is a folder.*holds text.h5.*data.path="):
         load_trajectories(tmp_path)  # a directory
 
 

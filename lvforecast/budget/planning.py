@@ -32,7 +32,8 @@ from lvforecast.budget.shapes import (
     LoRASpec,
     ModelShape,
     check_choice,
-    is_int,
+    int_at_least,
+    is_finite_number,
     resolve_shape,
 )
 from lvforecast.errors import UserError
@@ -222,64 +223,56 @@ def world_size(trainer_cfg: DictConfig) -> int:
     return int(count) * int(nodes)
 
 
-def _is_int(value: Any, low: int) -> bool:
-    return is_int(value) and value >= low
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def config_problems(cfg: DictConfig) -> list[str]:
     """Every budget, trainer and data key the plan reads, checked before any reservation; one line per problem."""
     problems: list[str] = []
     b, tr = cfg.budget, cfg.trainer
     if b.mode not in ("enforce", "track"):
         problems.append(f"budget.mode={b.mode!r}: allowed 'enforce' or 'track'")
-    if not _is_int(b.commit_every_n_steps, 1):
+    if not int_at_least(b.commit_every_n_steps, 1):
         problems.append(f"budget.commit_every_n_steps={b.commit_every_n_steps!r}: must be an integer >= 1")
-    if not (_is_number(b.commit_min_interval_s) and b.commit_min_interval_s >= 0):
+    if not (is_finite_number(b.commit_min_interval_s) and b.commit_min_interval_s >= 0):
         problems.append(f"budget.commit_min_interval_s={b.commit_min_interval_s!r}: must be a number >= 0")
-    if not (_is_number(b.planned_eval_flops) and b.planned_eval_flops >= 0):
+    if not (is_finite_number(b.planned_eval_flops) and b.planned_eval_flops >= 0):
         problems.append(f"budget.planned_eval_flops={b.planned_eval_flops!r}: must be a number of FLOPs >= 0")
-    if b.run_cap_flops is not None and not (_is_number(b.run_cap_flops) and b.run_cap_flops > 0):
+    if b.run_cap_flops is not None and not (is_finite_number(b.run_cap_flops) and b.run_cap_flops > 0):
         problems.append(f"budget.run_cap_flops={b.run_cap_flops!r}: must be null or a number of FLOPs > 0")
-    if not (_is_number(b.total_flops) and b.total_flops > 0):
+    if not (is_finite_number(b.total_flops) and b.total_flops > 0):
         problems.append(f"budget.total_flops={b.total_flops!r}: must be a number of FLOPs > 0")
     vbs = cfg.data.get("val_batch_size")
-    if vbs is not None and not _is_int(vbs, 1):
+    if vbs is not None and not int_at_least(vbs, 1):
         problems.append(f"data.val_batch_size={vbs!r}: must be null (= data.batch_size) or an integer >= 1")
     accum = tr.get("accumulate_grad_batches")
-    if accum is not None and not _is_int(accum, 1):
+    if accum is not None and not int_at_least(accum, 1):
         problems.append(f"trainer.accumulate_grad_batches={accum!r}: must be an integer >= 1")
     devices = tr.get("devices")
-    if not (devices is None or _is_int(devices, 1) or (isinstance(devices, Sequence) and not isinstance(devices, str)
-                                                       and len(devices) >= 1)):
+    listed = isinstance(devices, Sequence) and not isinstance(devices, str) and len(devices) >= 1
+    if not (devices is None or int_at_least(devices, 1) or listed):
         problems.append(f"trainer.devices={devices!r}: must be a count >= 1 or a list of device ids (the plan "
                         f"counts ranks, so not 'auto' or -1)")
     nodes = tr.get("num_nodes")
-    if nodes is not None and not _is_int(nodes, 1):
+    if nodes is not None and not int_at_least(nodes, 1):
         problems.append(f"trainer.num_nodes={nodes!r}: must be an integer >= 1")
     strategy = tr.get("strategy")
     if strategy not in (None, "auto", "ddp"):
         problems.append(f"trainer.strategy={strategy!r}: allowed 'auto' or 'ddp' (trainer=ddp)")
     interval = tr.get("val_check_interval")
-    if isinstance(interval, bool) or not (interval is None or _is_int(interval, 1)
+    if isinstance(interval, bool) or not (interval is None or int_at_least(interval, 1)
                                           or (isinstance(interval, float) and 0 < interval <= 1)):
         problems.append(f"trainer.val_check_interval={interval!r}: must be an integer >= 1 (micro-batches), a "
                         f"fraction of an epoch in (0, 1], or null; time-based intervals cannot be planned")
     every = tr.get("check_val_every_n_epoch")
-    if every is not None and not _is_int(every, 1):
+    if every is not None and not int_at_least(every, 1):
         problems.append(f"trainer.check_val_every_n_epoch={every!r}: must be null or an integer >= 1")
     if (interval is None or isinstance(interval, float)) and every is None:
         problems.append(f"trainer.val_check_interval={interval!r}: a fraction of an epoch (null = 1.0) needs "
                         f"trainer.check_val_every_n_epoch (e.g. 1); with null the interval counts micro-batches, "
                         f"so give an integer")
     limit = tr.get("limit_val_batches")
-    if limit is not None and not (_is_int(limit, 0) or (isinstance(limit, float) and 0 <= limit <= 1)):
+    if limit is not None and not (int_at_least(limit, 0) or (isinstance(limit, float) and 0 <= limit <= 1)):
         problems.append(f"trainer.limit_val_batches={limit!r}: must be an integer >= 0 or a fraction in [0, 1]")
     sanity = tr.get("num_sanity_val_steps")
-    if sanity is not None and not _is_int(sanity, -1):
+    if sanity is not None and not int_at_least(sanity, -1):
         problems.append(f"trainer.num_sanity_val_steps={sanity!r}: must be an integer >= -1")
     if tr.get("limit_train_batches") not in (None, 1.0):
         problems.append(f"trainer.limit_train_batches={tr.get('limit_train_batches')!r}: the FLOP plan needs "

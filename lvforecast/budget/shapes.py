@@ -10,6 +10,7 @@ pointed at.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,16 @@ NormForm = Literal["divide", "rsqrt"]
 def is_int(value: Any) -> bool:
     """Whether ``value`` is an ``int`` and not a ``bool``."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def int_at_least(value: Any, low: int) -> bool:
+    """Whether ``value`` is an ``int`` (not a ``bool``) of at least ``low``."""
+    return is_int(value) and value >= low
+
+
+def is_finite_number(value: Any) -> bool:
+    """Whether ``value`` is a finite ``int`` or ``float`` (not a ``bool``)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_choice(owner: str, key: str, value: Any, allowed: Sequence[str]) -> None:

@@ -27,7 +27,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lvforecast.data.encoding import STEP_SEP, ScaleRule, encode, encode_prompt
+from lvforecast.data.encoding import STEP_SEP, ScaleRule, encode, encode_prompt, min_step_tokens
 from lvforecast.data.split import EvaluationInputs, Split, evaluation_order, split_systems
 from lvforecast.errors import UserError
 
@@ -209,7 +209,8 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         problems = self.config_problems(context_length=context_length, stride_steps=stride_steps,
-                                        batch_size=batch_size, scale_context_steps=scale_context_steps)
+                                        batch_size=batch_size, scale_context_steps=scale_context_steps,
+                                        decimals=decimals)
         if problems:
             raise UserError("invalid data config: " + "; ".join(problems))
         self.path = str(path)
@@ -236,14 +237,50 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         self._sampler_state: dict[str, Any] | None = None
 
     @staticmethod
-    def config_problems(**values: Any) -> list[str]:
-        """Problems with integer size keys (``context_length`` >= 2, the others >= 1), one message each."""
+    def config_problems(decimals: Any = None, **values: Any) -> list[str]:
+        """Problems with the integer size keys and ``decimals``, one message each.
+
+        Sizes must be integers >= 1; ``context_length`` must hold one whole encoded step at least
+        (:func:`lvforecast.data.encoding.min_step_tokens` of ``decimals``, 12 tokens at 3 decimals), else no
+        window would contain a full ``prey,predator;`` step. ``decimals`` None skips the encoding checks.
+        """
         problems = []
+        decimals_ok = isinstance(decimals, int) and not isinstance(decimals, bool) and 0 <= decimals <= 12
+        if decimals is not None and not decimals_ok:
+            problems.append(f"data.decimals={decimals!r}: must be an integer in [0, 12] (digits after the point)")
         for key, val in values.items():
-            low = 2 if key == "context_length" else 1
-            if not isinstance(val, int) or isinstance(val, bool) or val < low:
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                low = 2 if key == "context_length" else 1
                 problems.append(f"data.{key}={val!r}: must be an integer >= {low}")
+            elif key == "context_length" and decimals_ok and val < min_step_tokens(decimals):
+                low = min_step_tokens(decimals)
+                problems.append(f"data.{key}={val}: shorter than one encoded time step (at data.decimals={decimals} "
+                                f"the shortest, '{'0.' + '0' * decimals if decimals else '0'},"
+                                f"{'0.' + '0' * decimals if decimals else '0'};', is {low} tokens); allowed: "
+                                f"an integer >= {low}")
+            elif key == "context_length" and val < 2:
+                problems.append(f"data.{key}={val!r}: must be an integer >= 2")
         return problems
+
+    def context_problem(self) -> str | None:
+        """Why ``context_length`` is longer than every training/validation series, or None.
+
+        Such a window is a whole series padded to ``context_length``: the plan prices every step at
+        ``batch_size x context_length`` tokens while far fewer run. Refused rather than clamped, so that the
+        config, the plan and the run directory's ``config.yaml`` state the one length that is trained. Checked by
+        :meth:`prepare_texts` on the series it encoded.
+        """
+        if not self.series:
+            return None
+        longest = max(self.series.values(), key=lambda e: len(e.text))
+        n = len(longest.text)
+        if self.context_length <= n:
+            return None
+        return (f"data.context_length={self.context_length}: longer than every series of {self.path} (the longest, "
+                f"system {longest.system}, is {n} tokens at data.decimals={self.decimals}): each window would be a "
+                f"whole series padded to {self.context_length} tokens ({1 - n / self.context_length:.1%} padding at "
+                f"best) and the FLOP plan would price the padding; allowed: "
+                f"{min_step_tokens(self.decimals)} to {n}; fix: data.context_length={n} (one window per series)")
 
     def prepare_data(self) -> None:
         """Generate the simulated file once (``data=simulated``); later runs reuse it."""
@@ -268,12 +305,17 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         from lvforecast.data.trajectories import load_trajectories
 
         self.prepare_data()
-        traj = load_trajectories(self.path, min_steps=self.scale_context_steps)
-        self.n_systems = traj.n_systems
-        self.split = split_systems(traj.n_systems, self.split_fractions, self.split_seed, self.pinned_test_systems)
-        encoded = encode_texts(traj.values, self.split.train + self.split.val, self.scale_rule, self.decimals,
+        traj = load_trajectories(self.path, min_steps=self.scale_context_steps,
+                                 needed_by=f"data.scale_context_steps={self.scale_context_steps}")
+        split = split_systems(traj.n_systems, self.split_fractions, self.split_seed, self.pinned_test_systems,
+                              source=self.path)
+        encoded = encode_texts(traj.values, split.train + split.val, self.scale_rule, self.decimals,
                                self.scale_context_steps)
-        self.series = {e.system: e for e in encoded}
+        self.n_systems, self.split, self.series = traj.n_systems, split, {e.system: e for e in encoded}
+        problem = self.context_problem()
+        if problem is not None:
+            self.split, self.series = None, {}  # not prepared: a later call checks again
+            raise UserError(problem)
 
     def evaluation_inputs(self, context_steps: int, horizon_steps: int, split_file: str | Path | None = None,
                           max_systems: int | None = None, first: Sequence[int] = ()) -> EvaluationInputs:
@@ -283,20 +325,40 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
             context_steps: Steps of each prompt; the scale of a series comes from these steps only.
             horizon_steps: Steps forecast; every series needs ``context_steps + horizon_steps`` steps.
             split_file: A training run's ``split.json``, whose ``test`` list is used; None = this module's split.
-            max_systems: Cover only this many systems (see :func:`evaluation_order`); None or 0 = all.
+            max_systems: Cover only this many systems (see :func:`evaluation_order`), an integer >= 1; None = all.
             first: System ids that go first when ``max_systems`` cuts (the study's examples).
 
         Returns:
             An :class:`EvaluationInputs`.
+
+        Raises:
+            UserError: ``max_systems`` is not None or an integer >= 1, or the test split has no systems (checked
+                before any model loads; the tokenizer would otherwise fail on an empty batch).
         """
         from lvforecast.data.trajectories import load_trajectories
 
+        if max_systems is not None and (not isinstance(max_systems, int) or isinstance(max_systems, bool)
+                                        or max_systems < 1):
+            raise UserError(f"max_systems={max_systems!r}: must be null (the whole test split) or an integer >= 1")
         self.prepare_data()  # a simulated file is generated here when missing
-        traj = load_trajectories(self.path, min_steps=context_steps + horizon_steps)
+        traj = load_trajectories(self.path, min_steps=context_steps + horizon_steps,
+                                 needed_by=f"forecast.context_steps={context_steps} + "
+                                           f"forecast.horizon_steps={horizon_steps}")
         if split_file is not None:
             test = json.loads(Path(split_file).read_text())["test"]
+            where = f"the test split of {split_file}"
         else:
-            test = split_systems(traj.n_systems, self.split_fractions, self.split_seed, self.pinned_test_systems).test
+            test = split_systems(traj.n_systems, self.split_fractions, self.split_seed, self.pinned_test_systems,
+                                 source=self.path).test
+            where = f"the test split of {self.path} (data.split_fractions={list(self.split_fractions)})"
+        if not test:
+            raise UserError(f"{where} has no systems: there is nothing to evaluate; fix: a run whose split.json "
+                            f"lists test systems, or data.split_fractions with a test fraction > 0")
+        outside = [s for s in test if not (isinstance(s, int) and not isinstance(s, bool) and 0 <= s < traj.n_systems)]
+        if outside:
+            raise UserError(f"{where} lists systems {outside[:5]} that {self.path} (data.path) does not have: it "
+                            f"holds systems 0 to {traj.n_systems - 1}; fix: evaluate the run on the file it was "
+                            f"trained on")
         systems = evaluation_order(test, first, max_systems)
         values = traj.values[systems]
         contexts = values[:, :context_steps].astype(np.float64)

@@ -94,6 +94,16 @@ def _check_decimals(decimals: int) -> None:
         raise UserError(f"decimals={decimals!r}: must be an integer in [0, 12]")
 
 
+def min_step_tokens(decimals: int) -> int:
+    """Characters (= tokens) of the shortest whole encoded step with its separator, ``0.000,0.000;`` at 3 decimals.
+
+    A training window shorter than this cannot hold one ``prey,predator;`` step, whatever the values.
+    """
+    _check_decimals(decimals)
+    number = 1 + (1 + decimals if decimals else 0)  # one integer digit, then the point and the decimals
+    return 2 * number + len(VALUE_SEP) + len(STEP_SEP)
+
+
 def encode(series: np.ndarray, scale: float = STUDY_SCALE, decimals: int = STUDY_DECIMALS) -> str:
     """Write a (T, 2) series as LLMTIME text.
 

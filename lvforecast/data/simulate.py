@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lvforecast.data.trajectories import Trajectories, write_trajectories
+from lvforecast.data.trajectories import Trajectories, TrajectoryFileError, output_problem, write_trajectories
 from lvforecast.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -168,7 +168,11 @@ def write_simulation(path: str | os.PathLike[str], n_systems: int, seed: int, n_
 
     Raises:
         ValueError: a bad argument (nothing is written).
+        TrajectoryFileError: ``path`` cannot be written (checked before simulating; nothing is written).
     """
+    problem = output_problem(path)  # before simulating: a bad --out fails in milliseconds, not minutes
+    if problem is not None:
+        raise TrajectoryFileError(problem)
     traj = simulate_systems(n_systems, seed, n_steps=n_steps, t_end=t_end)
     attrs = {
         "seed": seed,

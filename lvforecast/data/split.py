@@ -40,15 +40,20 @@ def split_systems(
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
     seed: int = 0,
     pinned_test_systems: Sequence[int] = (),
+    source: str | None = None,
 ) -> Split:
     """Split system ids into train/val/test by seeded permutation.
 
     The pinned systems go to test first; the rest are shuffled and dealt so that each split's size is
     ``round(fraction * n_systems)`` (test absorbs rounding), counting the pinned ones toward test.
 
+    Args:
+        source: The data file the systems come from, named in the errors.
+
     Raises:
         ValueError: Fractions not three non-negative numbers summing to 1, a pinned id out of range,
-            or more pinned systems than the test split holds.
+            more pinned systems than the test split holds, or a split left without systems (training would
+            run with no validation, evaluation would have nothing to forecast).
     """
     problems = []
     fr = [float(f) for f in fractions]
@@ -67,6 +72,16 @@ def split_systems(
         raise UserError(
             f"invalid split: {len(pinned)} pinned test systems but the test split of {n_systems} systems "
             f"with data.split_fractions={fr} holds only {n_test}"
+        )
+    sizes = {"train": n_train, "val": n_val, "test": n_test}
+    empty = [name for name, n in sizes.items() if n == 0]
+    if empty:
+        of = f" of {source}" if source else ""
+        raise UserError(
+            f"invalid split{of}: data.split_fractions={fr} over {n_systems} system(s) leaves the {' and '.join(empty)} "
+            f"split{'s' if len(empty) > 1 else ''} empty (train {n_train}, val {n_val}, test {n_test}); every split "
+            f"needs at least one system (no validation otherwise, or nothing to evaluate); fix: fractions that give "
+            f"each split >= 1 system" + (", or a file with at least 3 systems" if n_systems < 3 else "")
         )
     rest = np.setdiff1d(np.arange(n_systems), pinned)
     rest = np.random.default_rng(seed).permutation(rest)

@@ -127,7 +127,8 @@ def _load_params(path: str, group: Any, n_systems: int) -> dict[str, np.ndarray]
     return params
 
 
-def load_trajectories(path: str | os.PathLike[str], min_steps: int = 1) -> Trajectories:
+def load_trajectories(path: str | os.PathLike[str], min_steps: int = 1,
+                      needed_by: str | None = None) -> Trajectories:
     """Load and validate a trajectory file in the study's layout.
 
     Args:
@@ -135,6 +136,8 @@ def load_trajectories(path: str | os.PathLike[str], min_steps: int = 1) -> Traje
             optionally a ``params`` group of (N,) datasets.
         min_steps: smallest T the caller can use (context window + horizon);
             must be >= 1.
+        needed_by: the config keys ``min_steps`` comes from, named when the file
+            is too short (``data.scale_context_steps=80``).
 
     Returns:
         Trajectories with values (N, T, 2) float32, time (T,) float64, params
@@ -150,6 +153,11 @@ def load_trajectories(path: str | os.PathLike[str], min_steps: int = 1) -> Traje
     p = str(path)
     if not os.path.exists(p):
         raise _fail(p, None, f"trajectory file not found; {_HOW_TO_POINT}")
+    if os.path.isdir(p):
+        h5 = sorted(Path(p).glob("*.h5"))
+        inside = f" (it holds {', '.join(f.name for f in h5[:3])})" if h5 else ""
+        raise _fail(p, None, f"is a folder{inside}; the trajectory file itself is needed: "
+                             f"data.path={os.path.join(p, h5[0].name if h5 else 'lotka_volterra_data.h5')}")
     if not os.path.isfile(p) or not h5py.is_hdf5(p):
         raise _fail(
             p,
@@ -194,7 +202,7 @@ def load_trajectories(path: str | os.PathLike[str], min_steps: int = 1) -> Traje
                 p,
                 TRAJECTORIES_KEY,
                 f"data needs at least {min_steps} time steps for the configured "
-                f"windows/horizon, file has {n_steps}",
+                f"windows/horizon" + (f" ({needed_by})" if needed_by else "") + f", file has {n_steps}",
             )
 
         # Validate the arrays we actually return (after dtype conversion).
@@ -242,6 +250,25 @@ def load_trajectories(path: str | os.PathLike[str], min_steps: int = 1) -> Traje
     return Trajectories(values=values, time=time, params=params, path=p)
 
 
+def output_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why a trajectory file cannot be written at ``path`` (checked before anything is simulated), or None.
+
+    ``path`` must not be a folder, no part of its parent may be a file, and the nearest existing parent folder
+    must be writable (its missing folders are created).
+    """
+    dest = Path(path)
+    if dest.is_dir():
+        return (f"{dest}: is a folder; a file is needed here, e.g. {dest / 'lotka_volterra_data.h5'}")
+    parent = dest.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{dest}: {parent} is a file, so the folder {dest.parent} cannot be created; choose another path"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{dest}: the folder {parent} is not writable; make it writable or choose another path"
+    return None
+
+
 def write_trajectories(
     path: str | os.PathLike[str],
     values: np.ndarray,
@@ -268,7 +295,9 @@ def write_trajectories(
         The destination path.
 
     Raises:
-        ValueError: shapes are inconsistent with the layout.
+        ValueError: shapes are inconsistent with the layout, or ``path`` cannot be written (a folder, an
+            unwritable or full disk: :class:`TrajectoryFileError` naming ``path``); any previous file there is
+            left as it was and no temp file is left behind.
     """
     values = np.asarray(values)
     time = np.asarray(time)
@@ -286,7 +315,13 @@ def write_trajectories(
             )
 
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    problem = output_problem(dest)
+    if problem is not None:
+        raise TrajectoryFileError(problem)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrajectoryFileError(f"{dest}: cannot create its folder ({exc.strerror or exc})") from exc
     # Unique name in the same directory (same filesystem, so os.replace is atomic);
     # letting h5py create it keeps the umask-derived permissions.
     tmp = dest.parent / f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
@@ -301,6 +336,12 @@ def write_trajectories(
             for key, val in (attrs or {}).items():
                 fh.attrs[key] = val
         os.replace(tmp, dest)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        # h5py's message names the hidden temp file (or no file at all): name the file the user asked for.
+        cause = exc.strerror or str(exc)
+        raise TrajectoryFileError(f"{dest}: cannot be written ({cause}); the previous file, if any, is "
+                                  f"unchanged; free space, make the folder writable or choose another path") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

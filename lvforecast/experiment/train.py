@@ -49,10 +49,12 @@ def validate_train_config(cfg: DictConfig) -> None:
     from lvforecast.model.lora import lora_config_problems
 
     problems: list[str] = []
+    problems += seed_problems(cfg.get("seed"))
     problems += lora_config_problems(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
     problems += LotkaVolterraDataModule.config_problems(
         context_length=cfg.data.context_length, stride_steps=cfg.data.stride_steps,
         batch_size=cfg.data.batch_size, scale_context_steps=cfg.data.scale_context_steps,
+        decimals=cfg.data.decimals,
     )
     try:
         resolve_threads(cfg.threads, None, 1)
@@ -82,6 +84,17 @@ def validate_train_config(cfg: DictConfig) -> None:
             problems.append(str(err))
     if problems:
         raise UserError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+SEED_MAX = 2**32 - 1  # numpy's (and so Lightning's seed_everything's) range is [0, 2**32 - 1]
+
+
+def seed_problems(seed: Any) -> list[str]:
+    """``seed`` must be an integer in [0, 2**32 - 1]: it seeds the run and every step's draws (``step_seed``)."""
+    if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= SEED_MAX:
+        return []
+    return [f"seed={seed!r}: must be an integer in [0, {SEED_MAX}] (it seeds the run and each step's random "
+            f"draws); fix: e.g. seed=42"]
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
