@@ -77,11 +77,13 @@ def validate_train_config(cfg: DictConfig) -> None:
     wandb_node = (cfg.get("logger") or {}).get("wandb")
     if wandb_node and wandb_node.get("_target_") == "lvforecast.tracking.loggers.wandb_logger":
         from lvforecast.tracking import decide_mode
+        from lvforecast.tracking.loggers import timeout_problems
 
         try:
             decide_mode(wandb_node.get("mode", "auto"))  # a bad mode, or online with no API key: before any load
         except ValueError as err:
             problems.append(str(err))
+        problems += timeout_problems(wandb_node.get("init_timeout_s"), wandb_node.get("finish_timeout_s"))
     if problems:
         raise UserError("invalid config:\n  - " + "\n  - ".join(problems))
 
