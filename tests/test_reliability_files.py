@@ -419,7 +419,7 @@ BROKEN = {
                         "not a readable config"),
     "config_not_a_run": ("config.yaml", lambda p: p.write_text("seed: 1\n"), "missing model.loader._target_"),
     "split_not_json": ("split.json", _truncate, "not JSON"),
-    "split_without_test": ("split.json", lambda p: p.write_text('{"train": [1]}'), "no non-empty 'test' list"),
+    "split_without_test": ("split.json", lambda p: p.write_text('{"train": [1]}'), "no 'test' list of integer"),
     "adapter_config_missing": ("adapter/adapter_config.json", lambda p: p.unlink(), "missing"),
     "adapter_config_torn": ("adapter/adapter_config.json", _truncate, "not a readable adapter config"),
     "adapter_weights_torn": ("adapter/adapter_model.safetensors", _truncate, "not a readable safetensors file"),

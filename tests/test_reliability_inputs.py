@@ -115,8 +115,8 @@ def _h5(path: Path, n_systems: int = 30, steps: int = 100, **datasets: np.ndarra
     return path
 
 
-def _train_cfg(world: dict[str, Path], cache: Path, overrides: list[str]):
-    run = world["tmp"] / "outputs" / "run"
+def _train_cfg(world: dict[str, Path], cache: Path, overrides: list[str], name: str = "run"):
+    run = world["tmp"] / "outputs" / name
     cfg = compose_train(TINY_RUN + ["trainer.max_steps=2", f"budget.ledger_path={world['ledger']}", *overrides],
                         output_dir=run, cache_dir=cache)
     return cfg, run
@@ -182,7 +182,7 @@ def test_context_longer_than_every_series_is_refused_with_the_longest(world, sim
     assert f"allowed: 12 to {longest}" in message and "98." in message  # the padding share it would have had
     assert_kept(world, run)
     # The length it names is accepted: the plan then prices one whole-series window per row.
-    cfg, _ = _train_cfg(world, sim_cache, [f"data.context_length={longest}", "budget.dry_run=true"])
+    cfg, _ = _train_cfg(world, sim_cache, [f"data.context_length={longest}", "budget.dry_run=true"], name="retry")
     assert train(cfg)["dry_run"] is True
 
 
@@ -277,11 +277,23 @@ def test_evaluate_a_context_and_horizon_longer_than_the_file_names_both_keys(wor
     assert_kept(world)
 
 
+
+def _well_formed_adapter(adapter: Path) -> None:
+    """An adapter folder that passes evaluate's file checks (config + one tensor); the model never loads it."""
+    import torch
+    from safetensors.torch import save_file
+
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4,
+                                                             "target_modules": ["q_proj", "v_proj"]}))
+    save_file({"lora_A": torch.zeros(4, 4)}, str(adapter / "adapter_model.safetensors"))
+
+
 def test_evaluate_an_empty_test_split_of_a_run_is_refused_before_loading(world, sim_cache, monkeypatch):
     from lvforecast.experiment import evaluate as ev
 
     run = world["tmp"] / "outputs" / "trained"
-    (run / "adapter").mkdir(parents=True)
+    _well_formed_adapter(run / "adapter")
     train_cfg = compose_train(TINY_RUN, output_dir=run, cache_dir=sim_cache)
     (run / "config.yaml").write_text(OmegaConf.to_yaml(train_cfg, resolve=True))
     (run / "split.json").write_text(json.dumps({"train": [0, 1], "val": [2], "test": []}))
@@ -302,7 +314,7 @@ def test_evaluate_a_run_whose_split_names_systems_the_file_lacks(world, sim_cach
     from lvforecast.experiment import evaluate as ev
 
     run = world["tmp"] / "outputs" / "trained"
-    (run / "adapter").mkdir(parents=True)
+    _well_formed_adapter(run / "adapter")
     small = _h5(world["tmp"] / "small.h5", n_systems=30)
     train_cfg = compose_train(TINY_RUN + [f"data.path={small}"], output_dir=run, cache_dir=sim_cache)
     (run / "config.yaml").write_text(OmegaConf.to_yaml(train_cfg, resolve=True))

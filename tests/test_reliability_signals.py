@@ -410,7 +410,7 @@ def test_summarize_a_sweep_stopped_at_its_first_job_lists_every_job_and_exits_1(
     sweep = _sweep(tmp_path, ["interrupted", None, None])
     assert summarize_command(sweep) == 1
     captured = capsys.readouterr()
-    assert "0 of 3 jobs finished; interrupted: 0; missing: 1, 2" in captured.err
+    assert "0 of 3 jobs finished; interrupted: job 0; missing: jobs 1, 2" in captured.err
     assert "Traceback" not in captured.err
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
     assert [(r["job"], r["status"], r["steps"]) for r in rows] == [("0", "interrupted", "3"), ("1", "missing", ""),
@@ -422,7 +422,7 @@ def test_summarize_a_partly_finished_sweep_names_finished_and_missing_jobs(tmp_p
     sweep = _sweep(tmp_path, ["finished", "interrupted", None])
     assert summarize_command(sweep) == 1
     err = capsys.readouterr().err
-    assert "1 of 3 jobs finished (0); interrupted: 1; missing: 2" in err
+    assert "1 of 3 jobs finished (job 0); interrupted: job 1; missing: job 2" in err
 
 
 def test_summarize_a_folder_with_no_jobs_exits_1_and_writes_nothing(tmp_path, capsys):
@@ -511,7 +511,7 @@ def test_a_sigtermed_multirun_records_the_job_writes_a_partial_summary_and_exits
     assert row["status"] == "interrupted"
     res = subprocess.run([PY, "-m", "lvforecast", "sweeps", "summarize", str(sweep)], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
-    assert res.returncode == 1 and "0 of 3 jobs finished; interrupted: 0; missing: 1, 2" in res.stderr
+    assert res.returncode == 1 and "0 of 3 jobs finished; interrupted: job 0; missing: jobs 1, 2" in res.stderr
     assert "Traceback" not in res.stderr
 
 

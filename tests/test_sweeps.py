@@ -156,9 +156,9 @@ def test_dry_run_prints_every_job_and_launches_nothing(sim_cache, tmp_path):
     assert [row[0] for row in table] == [str(i) for i in range(9)]
     assert {(row[2], row[3]) for row in table} == {(lr, r) for lr in ("1e-05", "5e-05", "0.0001") for r in "248"}
     # Each job's pre-flight figure is the plan the job itself makes when it starts (its own dry run here).
-    for row in table[:3]:
+    for i, row in enumerate(table[:3]):  # each in its own directory: a run never writes into another's
         own = train(compose_train(TINY + [f"optim.lr={row[2]}", f"lora.r={row[3]}", "budget.dry_run=true",
-                                          f"budget.ledger_path={ledger}"], output_dir=tmp_path / "own",
+                                          f"budget.ledger_path={ledger}"], output_dir=tmp_path / f"own{i}",
                                   cache_dir=sim_cache))
         assert float(row[-2]) == pytest.approx(own["plan"]["total"], rel=1e-4)  # printed with 5 digits
     assert "fits" in res.stdout

@@ -202,7 +202,7 @@ def _run_config(path: Path) -> DictConfig:
 
 
 def _check_split(path: Path) -> None:
-    """``split.json`` must be JSON with a non-empty ``test`` list of system ids.
+    """``split.json`` must be JSON with a ``test`` list of system ids.
 
     Raises:
         UserError: Not JSON, or no such list (what was found is named).
@@ -215,9 +215,10 @@ def _check_split(path: Path) -> None:
         raise UserError(f"{path}: not JSON ({_first_line(err)}); it lists the run's train/val/test system ids; "
                         f"{_RETRAIN}") from err
     test = split.get("test") if isinstance(split, dict) else None
-    if not (isinstance(test, list) and test and all(isinstance(i, int) and not isinstance(i, bool) for i in test)):
+    # An empty list is well-formed: the data module then says there is nothing to evaluate.
+    if not (isinstance(test, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in test)):
         found = sorted(split)[:5] if isinstance(split, dict) else type(split).__name__
-        raise UserError(f"{path}: no non-empty 'test' list of integer system ids (found {found}); {_RETRAIN}")
+        raise UserError(f"{path}: no 'test' list of integer system ids (found {found}); {_RETRAIN}")
 
 
 def _check_adapter(adapter: Path) -> None:

@@ -86,10 +86,13 @@ def summarize_command(sweep_dir: Path) -> int:
     done = [r["job"] for r in rows if r["status"] in COMPLETED]
     if len(done) == len(rows):
         return 0
-    others = "; ".join(f"{status}: {', '.join(str(r['job']) for r in rows if r['status'] == status)}"
+    def jobs(numbers: list[Any]) -> str:
+        return ("job " if len(numbers) == 1 else "jobs ") + ", ".join(map(str, numbers))
+
+    others = "; ".join(f"{status}: {jobs([r['job'] for r in rows if r['status'] == status])}"
                        for status in dict.fromkeys(r["status"] for r in rows if r["status"] not in COMPLETED))
     print(f"error: sweep {sweep_dir}: {len(done)} of {len(rows)} jobs finished"
-          f"{' (' + ', '.join(map(str, done)) + ')' if done else ''}; {others}", file=sys.stderr)
+          f"{' (' + jobs(done) + ')' if done else ''}; {others}", file=sys.stderr)
     return 1
 
 
