@@ -7,6 +7,7 @@ subprocess multiruns, SIGKILL runs and (automatically, below) every ``smollm2`` 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -109,3 +110,14 @@ def tiny_run(sim_cache, tmp_path_factory) -> FinishedRun:
     out = tmp_path_factory.mktemp("tiny_run")
     cfg = compose_train(TINY_RUN_STEPS, output_dir=out, cache_dir=sim_cache)
     return FinishedRun(cfg, train(cfg), out)
+
+
+def assert_one_error(proc: subprocess.CompletedProcess, *names: str) -> str:
+    """Exit status 1, an ``error:`` block naming each of ``names``, no traceback; returns the first error line."""
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    first = next(line for line in proc.stderr.splitlines() if line.startswith("error: "))
+    block = proc.stderr[proc.stderr.index(first):]
+    for name in names:
+        assert name in block, (name, block)
+    return first

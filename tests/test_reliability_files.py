@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, ROOT, TINY_RUN, compose_train
+from conftest import CONF, ROOT, TINY_RUN, assert_one_error, compose_train
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
@@ -62,17 +62,6 @@ def cli(script: str, args: list[str], tmp_path: Path, timeout: int = 300) -> sub
            "LVFORECAST_ROOT": str(tmp_path), "WANDB_MODE": "disabled"}
     return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=tmp_path,
                           timeout=timeout, env=env)
-
-
-def assert_one_error(proc: subprocess.CompletedProcess, *names: str) -> str:
-    """Exit status 1, an ``error:`` block naming each of ``names``, no traceback; returns the first error line."""
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    first = next(line for line in proc.stderr.splitlines() if line.startswith("error: "))
-    block = proc.stderr[proc.stderr.index(first):]
-    for name in names:
-        assert name in block, (name, block)
-    return first
 
 
 @pytest.fixture(scope="module")

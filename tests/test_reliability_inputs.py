@@ -21,7 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import CONF, ROOT, TINY_RUN, compose_train
+from conftest import CONF, ROOT, TINY_RUN, assert_one_error, compose_train
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
@@ -76,17 +76,6 @@ def assert_one_message(err: pytest.ExceptionInfo, *needles: str) -> str:
     for needle in needles:
         assert needle in message, (needle, message)
     return message
-
-
-def assert_cli_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    """Exit status 1, one ``error:`` block naming every needle, and no Python traceback."""
-    assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    first = next(line for line in proc.stderr.splitlines() if line.startswith("error: "))
-    block = proc.stderr[proc.stderr.index(first):]
-    for needle in needles:
-        assert needle in block, (needle, block)
-    return first
 
 
 def _env(world: dict[str, Path], cache: Path) -> dict[str, str]:
@@ -345,7 +334,7 @@ def test_simulate_into_a_folder_fails_in_one_line_and_keeps_the_folder(world, si
     folder.mkdir()
     (folder / "keep.txt").write_text("mine")
     proc = _run(world, sim_cache, "-m", "lvforecast", "simulate", "--out", str(folder), "--systems", "3")
-    assert_cli_error(proc, f"{folder}: is a folder", "a file is needed here")
+    assert_one_error(proc, f"{folder}: is a folder", "a file is needed here")
     assert sorted(p.name for p in folder.iterdir()) == ["keep.txt"]  # nothing half-written, nothing removed
     assert (folder / "keep.txt").read_text() == "mine"
 
@@ -392,7 +381,7 @@ ENTRY = ["model=tiny", "data=simulated", "trainer=cpu", "logger=none", "trainer.
 
 def test_train_py_seed_abc_prints_one_error_block(world, sim_cache):
     proc = _run(world, sim_cache, str(ROOT / "train.py"), *ENTRY, "seed=abc", "hydra.run.dir=outputs/run")
-    first = assert_cli_error(proc, "seed='abc'", "(the full traceback: rerun with HYDRA_FULL_ERROR=1)")
+    first = assert_one_error(proc, "seed='abc'", "(the full traceback: rerun with HYDRA_FULL_ERROR=1)")
     assert first == "error: invalid config:"
     assert_kept(world, world["tmp"] / "outputs" / "run")
 
@@ -400,7 +389,7 @@ def test_train_py_seed_abc_prints_one_error_block(world, sim_cache):
 def test_train_py_context_longer_than_every_series(world, sim_cache):
     proc = _run(world, sim_cache, str(ROOT / "train.py"), *ENTRY, "data.context_length=100000",
                 "hydra.run.dir=outputs/run")
-    assert_cli_error(proc, "data.context_length=100000: longer than every series", "fix: data.context_length=")
+    assert_one_error(proc, "data.context_length=100000: longer than every series", "fix: data.context_length=")
     assert_kept(world, world["tmp"] / "outputs" / "run")
 
 
@@ -408,13 +397,13 @@ def test_train_py_one_system_file(world, sim_cache):
     path = _h5(world["tmp"] / "one.h5", n_systems=1)
     proc = _run(world, sim_cache, str(ROOT / "train.py"), *ENTRY, f"data.path={path}",
                 "data.pinned_test_systems=[]", "hydra.run.dir=outputs/run")
-    assert_cli_error(proc, str(path), "train 1, val 0, test 0")
+    assert_one_error(proc, str(path), "train 1, val 0, test 0")
     assert_kept(world, world["tmp"] / "outputs" / "run")
 
 
 def test_evaluate_py_max_systems_minus_one(world, sim_cache):
     proc = _run(world, sim_cache, str(ROOT / "evaluate.py"), "model=tiny", "data=simulated", "max_systems=-1",
                 "hydra.run.dir=outputs/eval")
-    assert_cli_error(proc, "max_systems=-1", "null (the whole test split) or an integer >= 1")
+    assert_one_error(proc, "max_systems=-1", "null (the whole test split) or an integer >= 1")
     assert not (world["tmp"] / "outputs" / "eval" / "metrics.json").exists()
     assert_kept(world)
