@@ -25,12 +25,18 @@ from typing import IO, Any
 from lvforecast.errors import _OS_FIXES, UserError
 
 
+def _cause_and_fix(err: OSError, default_fix: str) -> tuple[str, str]:
+    """The OS error's cause and the fix for it, without repeating the cause ("Permission denied; permission
+    denied: ...")."""
+    cause = err.strerror or str(err) or type(err).__name__
+    fix = _OS_FIXES.get(err.errno or -1, default_fix)
+    head, _, rest = fix.partition(": ")
+    return cause, rest if rest and head.lower() == cause.lower() else fix
+
+
 def write_failed(path: str | Path, err: OSError, what: str = "file") -> UserError:
     """The one message for a failed write of ``path``: the path, the cause and the fix; the old file is kept."""
-    cause = err.strerror or str(err) or type(err).__name__
-    fix = _OS_FIXES.get(err.errno or -1, "fix the cause or write elsewhere (paths.root_dir=...)")
-    head, _, rest = fix.partition(": ")
-    fix = rest if rest and head.lower() == cause.lower() else fix  # "Permission denied; permission denied: ..."
+    cause, fix = _cause_and_fix(err, "fix the cause or write elsewhere (paths.root_dir=...)")
     return UserError(f"{path}: {cause}; {fix} (writing this {what} failed; nothing was replaced: the previous "
                      f"{Path(path).name}, if any, is kept)")
 
@@ -91,10 +97,7 @@ def check_writable(folder: str | Path, key: str = "paths.output_dir") -> None:
         os.close(fd)
         os.unlink(name)
     except OSError as err:
-        cause = err.strerror or str(err) or type(err).__name__
-        fix = _OS_FIXES.get(err.errno or -1, "fix the cause or write elsewhere")
-        head, _, rest = fix.partition(": ")
-        fix = rest if rest and head.lower() == cause.lower() else fix
+        cause, fix = _cause_and_fix(err, "fix the cause or write elsewhere")
         raise UserError(f"{key}={str(folder)!r}: cannot write into this folder ({cause}); {fix}") from err
 
 
