@@ -204,14 +204,15 @@ def trainer_setting(trainer_cfg: DictConfig, key: str) -> Any:
 def resume_step(ckpt_path: str | None) -> int:
     """The optimizer step a run resumed from ``ckpt_path`` starts at (0 without a checkpoint).
 
-    Only the loop counter is read; a Lightning checkpoint of a LoRA run holds the adapter and optimizer, not the
-    base weights, so this is a small read.
+    Only the loop counter is used; a Lightning checkpoint of a LoRA run holds the adapter and optimizer, not the
+    base weights, so this is a small read. It goes through :func:`lvforecast.checkpoint.load_checkpoint`
+    (``weights_only=True``): a torn or foreign file is one message naming it, never unpickled code.
     """
     if not ckpt_path:
         return 0
-    import torch
+    from lvforecast.checkpoint import load_checkpoint
 
-    return int(torch.load(ckpt_path, map_location="cpu", weights_only=False).get("global_step", 0))
+    return int(load_checkpoint(ckpt_path)["global_step"])
 
 
 def world_size(trainer_cfg: DictConfig) -> int:

@@ -114,14 +114,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import pytorch_lightning as pl
     from hydra.utils import instantiate
 
-    from lvforecast.checkpoint import load_checkpoint
     from lvforecast.experiment.signals import resume_requeued
 
     resume_requeued(cfg)  # a requeued SLURM job continues from its run directory's checkpoint
-    ckpt_step = 0
-    if cfg.get("ckpt_path") and Path(cfg.ckpt_path).is_file():
-        # A torn or foreign checkpoint is one message naming it, before anything else reads it.
-        ckpt_step = int(load_checkpoint(cfg.ckpt_path)["global_step"])
+    # A torn or foreign checkpoint is one message naming it, before anything else reads it (a missing one is
+    # named by the config check).
+    ckpt_step = resume_step(cfg.ckpt_path) if cfg.get("ckpt_path") and Path(cfg.ckpt_path).is_file() else 0
     validate_train_config(cfg)
     # The CSV logger writes metrics.csv into the run dir beside our files; its warning about a non-empty
     # directory is expected here (rundir.install_history keeps or clears metrics.csv itself).
@@ -149,9 +147,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             return _fit(cfg, datamodule, None, _RunDir(out, claim, ckpt_step), start)
     _check_planning_tokens(cfg, datamodule)
     ranks = world_size(cfg.trainer)
-    start_step = resume_step(cfg.get("ckpt_path"))
     plan, shape, lora, conventions = plan_config(
-        cfg, datamodule.val_batch_shapes(ranks), epoch_batches=datamodule.train_batches(ranks), start_step=start_step)
+        cfg, datamodule.val_batch_shapes(ranks), epoch_batches=datamodule.train_batches(ranks), start_step=ckpt_step)
     reserve_flops = reserved_flops(cfg, plan)
     if reserve_flops < plan.first_edge():
         raise UserError(
