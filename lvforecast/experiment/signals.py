@@ -41,6 +41,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from lvforecast.errors import UserError
+
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -174,17 +176,6 @@ def guarded() -> Iterator[SignalGuard]:
             raise stop from None
 
 
-def _atomic_save(trainer: pl.Trainer, path: Path) -> None:
-    """``trainer.save_checkpoint`` into a temporary file beside ``path``, then renamed over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        trainer.save_checkpoint(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def checkpoint_dir(trainer: pl.Trainer) -> Path:
     """Where the run's checkpoints go: the ModelCheckpoint's folder, else ``<default_root_dir>/checkpoints``."""
     cb = trainer.checkpoint_callback
@@ -217,8 +208,10 @@ class InterruptCheckpoint(pl.Callback):
             return  # a validation before or after fitting: the run's last checkpoint is already on disk
         path = checkpoint_dir(trainer) / CHECKPOINT
         try:
-            _atomic_save(trainer, path)
-        except OSError as err:  # the stop goes on: the previous checkpoint (if any) is intact
+            # Atomic through the trainer's checkpoint I/O (lvforecast.checkpoint.AtomicCheckpointIO, in every
+            # conf/trainer option): a failed write is a UserError naming the path, and the old file stays.
+            trainer.save_checkpoint(path)
+        except (OSError, UserError) as err:  # the stop goes on: the previous checkpoint (if any) is intact
             log.error("%s: could not write the interrupt checkpoint (%s); the previous one is kept", path, err)
             return
         if trainer.is_global_zero:
