@@ -19,12 +19,16 @@ Contract:
   that finishes the last row is never fed back. Position ids and the attention mask follow ``generate``
   (cumulative mask positions; no mask when nothing is padded), so greedy tokens equal ``generate``'s with
   :class:`~lvforecast.evaluation.grammar.LLMTimeLogitsProcessor`.
+* Decode steps of Llama / Qwen2 layers (:data:`LEAN_LAYERS`) run through :class:`LeanStep`: the layers' own modules,
+  the attention of the new queries with the query heads packed per key/value head, rotary cos/sin from one table; other
+  models run the stack's forward per step. Greedy tokens stay equal to ``generate``'s (tests).
 * PEFT-wrapped models (unmerged adapters) work: the decoder stack is run with its LoRA layers in place.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -143,8 +147,10 @@ class PreallocatedLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         b, g, _, d = key_states.shape
-        self._keys = key_states.new_empty((b, g, self.capacity, d))
-        self._values = value_states.new_empty((b, g, self.capacity, value_states.shape[-1]))
+        # Zeros, not empty: a masked slot is still multiplied (score + -inf, weight 0 x value), and leftover NaN
+        # bits in memory never written would poison the row.
+        self._keys = key_states.new_zeros((b, g, self.capacity, d))
+        self._values = value_states.new_zeros((b, g, self.capacity, value_states.shape[-1]))
         self.keys, self.values = self._keys[:, :, :0], self._values[:, :, :0]
         self.is_initialized = True
 
@@ -163,6 +169,60 @@ class PreallocatedLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         return self.length
+
+    def write_row(self, row: int, start: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Write one row's (1, G, n, d) keys/values at slots ``start .. start + n - 1``; length = their end."""
+        end = start + key_states.shape[2]
+        self._keys[row:row + 1, :, start:end].copy_(key_states)
+        self._values[row:row + 1, :, start:end].copy_(value_states)
+        self.length = end
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor, slots: int | torch.Tensor,
+              keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (B, G, Q, d) keys/values at ``slots`` (an int start, or (B, Q) per row); return slots ``:keys``.
+
+        The filled length becomes ``keys`` (slots past a row's own length hold nothing it attends to)."""
+        if isinstance(slots, int):
+            self._keys[:, :, slots:slots + key_states.shape[2]].copy_(key_states)
+            self._values[:, :, slots:slots + value_states.shape[2]].copy_(value_states)
+        else:
+            index = slots[:, None, :, None].expand(-1, key_states.shape[1], -1, key_states.shape[-1])
+            self._keys.scatter_(2, index, key_states)
+            self._values.scatter_(2, index.expand(-1, -1, -1, value_states.shape[-1]), value_states)
+        self.length = keys
+        self.keys, self.values = self._keys[:, :, :keys], self._values[:, :, :keys]
+        return self.keys, self.values
+
+
+def prefill(stack: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+            cache: Cache, one_row_at_a_time: bool) -> torch.Tensor:
+    """Run the left-padded prompts into an empty :func:`preallocated_cache`; return the (B, 1, D) last hidden states.
+
+    ``one_row_at_a_time`` (what :func:`decode` does on a CPU): each row's forward runs without its padding, as a
+    single prompt would, and its keys/values land in the batch's buffers at the row's slots (its padding slots stay
+    zero, masked). One row's activations stay in the CPU caches; a (B, N, M) MLP intermediate of a whole batch
+    does not, which made the batched forward slower than one prompt after another. Otherwise one forward of the batch,
+    its padding masked. The FLOPs are charged as the padded batch's forward either way (an upper bound of the
+    row-at-a-time work, and what the pre-flight planned).
+    """
+    padded = bool((attention_mask == 0).any())
+    if not one_row_at_a_time or input_ids.shape[0] == 1:
+        return stack(input_ids=input_ids, attention_mask=attention_mask if padded else None,
+                     position_ids=position_ids, cache=cache, use_cache=True).last_hidden_state[:, -1:]
+    prompt_len, last = input_ids.shape[1], []
+    for b in range(input_ids.shape[0]):
+        pad = int((attention_mask[b] == 0).sum())
+        row = preallocated_cache(len(cache.layers), prompt_len - pad)
+        last.append(stack(input_ids=input_ids[b:b + 1, pad:], position_ids=position_ids[b:b + 1, pad:], cache=row,
+                          use_cache=True).last_hidden_state[:, -1:])
+        for into, layer in zip(cache.layers, row.layers, strict=True):
+            if not into.is_initialized:
+                shape = (input_ids.shape[0], *layer.keys.shape[1:2])
+                into.lazy_initialization(layer.keys.new_zeros((*shape, 0, layer.keys.shape[-1])),
+                                         layer.values.new_zeros((*shape, 0, layer.values.shape[-1])))
+            into.write_row(b, pad, layer.keys, layer.values)
+    return torch.cat(last)
 
 
 def preallocated_cache(n_layers: int, capacity: int) -> Cache:
@@ -191,31 +251,120 @@ class AlphabetLogits:
         self.bias = None if bias is None else bias.to(device=token_ids.device, dtype=torch.float32)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, 1, D) last hidden states -> (B, A) float32 logits (bias added)."""
+        """(B, Q, D) hidden states -> (B, A) float32 logits of the last position (bias added)."""
+        return self.all(hidden[:, -1:])[:, -1]
+
+    def all(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, Q, D) hidden states -> (B, Q, A) float32 logits of every position (bias added)."""
         if self.head == "alphabet":
-            logits = torch.nn.functional.linear(hidden, self.weight, self.lm_bias)[:, -1].float()
+            logits = torch.nn.functional.linear(hidden, self.weight, self.lm_bias).float()
         else:
-            logits = self.lm_head(hidden)[:, -1].float()[:, self.token_ids]
+            logits = self.lm_head(hidden).float()[..., self.token_ids]
         return logits if self.bias is None else logits + self.bias
+
+
+#: Decoder layers whose step :class:`LeanStep` runs itself: pre-norm attention + MLP, rotary q/k, grouped keys/values.
+LEAN_LAYERS = frozenset({"LlamaDecoderLayer", "Qwen2DecoderLayer"})
+#: Rotary embeddings whose cos/sin depend on the position only (not on the longest sequence seen), so one table serves.
+STATIC_ROPE = frozenset({"default", "linear", "llama3"})
+
+
+class LeanStep:
+    """A decode pass of Q new tokens per row run layer by layer, skipping the model's per-call bookkeeping.
+
+    For the layers in :data:`LEAN_LAYERS` only (see :meth:`supports`). Their own modules (norms, q/k/v/o projections
+    with any LoRA layers in place, MLP) compute everything but the attention of the new queries: one
+    ``scaled_dot_product_attention`` against the cache's first ``keys`` slots with the query heads of each key/value
+    head packed as its queries (no repeated keys/values), under an additive ``bias`` (0 = visible, -inf = not).
+    Rotary cos/sin come from one table of every position. Equal to the stack's forward up to float rounding (a test
+    bounds it).
+
+    Args:
+        stack: The decoder stack (:func:`~lvforecast.model.lora.decoder_stack`).
+        cache: The :func:`preallocated_cache` the prefill filled; its layers' buffers are written at ``slots``.
+        max_position: Positions ids stay below this.
+    """
+
+    def __init__(self, stack: Any, cache: Cache, max_position: int) -> None:
+        self.stack, self.cache = stack, cache
+        self.attn = [layer.self_attn for layer in stack.layers]
+        self.rope = [sys.modules[type(a).__module__].apply_rotary_pos_emb for a in self.attn]
+        probe = stack.embed_tokens.weight[:1].unsqueeze(0)
+        positions = torch.arange(max_position, device=probe.device).unsqueeze(0)
+        cos, sin = stack.rotary_emb(probe, position_ids=positions)
+        self.cos, self.sin = cos[0], sin[0]
+
+    @staticmethod
+    def supports(stack: Any) -> bool:
+        """Whether every layer is a :data:`LEAN_LAYERS` layer with full attention and a :data:`STATIC_ROPE`."""
+        layers = getattr(stack, "layers", None)
+        return (layers is not None and all(hasattr(stack, a) for a in ("embed_tokens", "rotary_emb", "norm"))
+                and getattr(stack.rotary_emb, "rope_type", None) in STATIC_ROPE
+                and all(type(layer).__name__ in LEAN_LAYERS and getattr(layer.self_attn, "sliding_window", None)
+                        is None for layer in layers))
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, slots: int | torch.Tensor, keys: int,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+        """(B, Q) input ids -> (B, Q, D) final hidden states.
+
+        Args:
+            ids: (B, Q) the new tokens.
+            positions: (B, Q) their position ids.
+            slots: Cache slots their keys/values go to: an int (slots ``slots .. slots + Q - 1`` of every row) or
+                (B, Q) per row.
+            keys: Slots ``0 .. keys - 1`` are read.
+            bias: (B, 1, Q, keys) additive attention bias, or None (every read slot visible to every query).
+        """
+        hidden = self.stack.embed_tokens(ids)
+        batch, q_len = ids.shape
+        cos, sin = self.cos[positions], self.sin[positions]
+        groups = self.attn[0].num_key_value_groups
+        if bias is not None:  # (B, 1, groups x Q, keys): one key/value head's query heads share their row's bias
+            bias = bias.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(batch, 1, groups * q_len, keys)
+        for layer, attn, rope, kv in zip(self.stack.layers, self.attn, self.rope, self.cache.layers, strict=True):
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(batch, q_len, -1, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(batch, q_len, -1, attn.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(batch, q_len, -1, attn.head_dim).transpose(1, 2)
+            q, k = rope(q, k, cos, sin)
+            k_all, v_all = kv.write(k, v, slots, keys)
+            # Query head h reads key/value head h // groups (repeat_kv's order): pack (B, G, groups x Q, head_dim).
+            q = q.reshape(batch, k_all.shape[1], groups * q_len, attn.head_dim)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k_all, v_all, attn_mask=bias,
+                                                                   scale=attn.scaling)
+            out = out.view(batch, -1, q_len, attn.head_dim).transpose(1, 2)
+            hidden = hidden + attn.o_proj(out.reshape(batch, q_len, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.stack.norm(hidden)
 
 
 @dataclass(frozen=True)
 class Decoded:
-    """What :func:`decode` returns: (B, n) new token ids (``end_id`` after a row finished) and n, the steps run."""
+    """What :func:`decode` returns.
+
+    Attributes:
+        tokens: (B, n) new token ids (``end_id`` after a row finished).
+        steps: n.
+        passes: ``(new positions per row, keys read)`` of each pass after the prefill, what its FLOPs are priced
+            with: ``(1, prompt_len + i)`` for the i-th decode step here, blocks in
+            :func:`lvforecast.evaluation.lookahead.lookahead_decode`.
+    """
 
     tokens: torch.Tensor
     steps: int
+    passes: tuple[tuple[int, int], ...] = ()
 
 
 def decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, grammar: CompiledGrammar, *,
            horizon_steps: int, max_new_tokens: int, end_id: int, logits_fn: AlphabetLogits, sample: bool,
-           temperature: float, top_p: float, cache: Cache | None = None) -> Decoded:
+           temperature: float, top_p: float, cache: Cache | None = None, lean: bool | None = None) -> Decoded:
     """Grammar-constrained decoding of one left-padded batch (see the module docstring); call under no_grad.
 
     Sampling draws ``torch.rand(B)`` from the current default generator once per step. ``cache``: a
     :func:`preallocated_cache` of at least ``prompt_len + max_new_tokens`` positions that already holds the first
     ``c < prompt_len`` prompt positions (the prefill then runs on the rest, as ``generate`` does with a cache);
-    None makes an empty one.
+    None makes an empty one. ``lean``: run the decode steps with :class:`LeanStep` (None: where it
+    :meth:`~LeanStep.supports` the model), else through the stack's forward.
     """
     stack = decoder_stack(model)
     batch, prompt_len = input_ids.shape
@@ -230,12 +379,31 @@ def decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, gr
     state = torch.zeros(batch, dtype=torch.long, device=device)
     steps = torch.zeros(batch, dtype=torch.long, device=device)
     out = torch.full((batch, max_new_tokens), end_id, dtype=torch.long, device=device)
-    hidden = stack(input_ids=input_ids[:, cached:], attention_mask=mask[:, :prompt_len] if padded else None,
-                   position_ids=position[:, cached:], cache=cache, use_cache=True).last_hidden_state[:, -1:]
-    # A decode step's query (the newest position) may attend to every non-pad key: the (B, 1, 1, keys) mask the
-    # model would build from the 2D mask each step, made once here and sliced (a 4D mask is used as given).
-    step_mask = mask.bool()[:, None, None, :] if padded else None
+    if cached:  # the prefill continues the cache's prompt prefix, as generate does
+        hidden = stack(input_ids=input_ids[:, cached:], attention_mask=mask[:, :prompt_len] if padded else None,
+                       position_ids=position[:, cached:], cache=cache, use_cache=True).last_hidden_state[:, -1:]
+    else:
+        hidden = prefill(stack, input_ids, attention_mask, position, cache, device.type == "cpu")
     next_pos = position[:, -1:] + 1
+    if LeanStep.supports(stack) if lean is None else lean:
+        lean_step = LeanStep(stack, cache, int(next_pos.max()) + max_new_tokens)
+        pad_bias = None
+        if padded:
+            pad_bias = torch.zeros(mask.shape, dtype=hidden.dtype, device=device).masked_fill(mask == 0, -math.inf)
+            pad_bias = pad_bias[:, None, None, :]
+
+        def step_fn(ids: torch.Tensor, step: int) -> torch.Tensor:
+            keys = prompt_len + step + 1
+            return lean_step(ids, next_pos + step, keys - 1, keys, None if pad_bias is None else pad_bias[..., :keys])
+    else:
+        # A decode step's query (the newest position) may attend to every non-pad key: the (B, 1, 1, keys) mask
+        # the model would build from the 2D mask each step, made once here and sliced (a 4D mask is used as given).
+        step_mask = mask.bool()[:, None, None, :] if padded else None
+
+        def step_fn(ids: torch.Tensor, step: int) -> torch.Tensor:
+            keys = None if step_mask is None else step_mask[..., :prompt_len + step + 1]
+            return stack(input_ids=ids, attention_mask=keys, position_ids=next_pos + step, cache=cache,
+                         use_cache=True).last_hidden_state
     n = 0
     for n in range(1, max_new_tokens + 1):
         logits = logits_fn(hidden)
@@ -248,8 +416,5 @@ def decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, gr
         state = torch.where(done, state, grammar.next_state[state, col])
         if bool((steps >= horizon_steps).all()) or n == max_new_tokens:
             break
-        cur = prompt_len + n
-        hidden = stack(input_ids=out[:, n - 1:n], attention_mask=step_mask[..., :cur] if padded else None,
-                       position_ids=next_pos, cache=cache, use_cache=True).last_hidden_state
-        next_pos = next_pos + 1
-    return Decoded(tokens=out[:, :n], steps=n)
+        hidden = step_fn(out[:, n - 1:n], n - 1)
+    return Decoded(tokens=out[:, :n], steps=n, passes=tuple((1, prompt_len + i) for i in range(1, n)))
