@@ -121,3 +121,21 @@ def assert_one_error(proc: subprocess.CompletedProcess, *names: str) -> str:
     for name in names:
         assert name in block, (name, block)
     return first
+
+
+def tiny_with_adapter(seed: int, targets: tuple[str, ...], scale: float, draw_seed: int) -> Any:
+    """The tiny model behind an unmerged rank-4 LoRA adapter whose B is ``scale`` x N(0, 1) (seeded by
+    ``draw_seed``), so the adapter changes the outputs."""
+    import torch
+
+    from lvforecast.model.loading import build_tiny_qwen
+    from lvforecast.model.lora import apply_lora
+
+    lm = build_tiny_qwen(seed=seed)
+    lm.model = apply_lora(lm.model, r=4, target_modules=targets)
+    gen = torch.Generator().manual_seed(draw_seed)
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(scale * torch.randn(p.shape, generator=gen))
+    return lm

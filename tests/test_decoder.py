@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import CONF
+from conftest import CONF, tiny_with_adapter
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -18,7 +18,6 @@ from lvforecast.data.simulate import simulate_systems
 from lvforecast.evaluation.decoder import choose, compile_grammar
 from lvforecast.evaluation.grammar import START, Grammar
 from lvforecast.model.loading import build_tiny_qwen
-from lvforecast.model.lora import apply_lora
 
 CONTEXT, HORIZON = 12, 4
 DEFAULTS = instantiate(OmegaConf.load(CONF / "evaluate.yaml").forecast)
@@ -40,15 +39,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def peft_tiny():
     """The tiny model behind an unmerged LoRA adapter whose B is non-zero (so the adapter changes the outputs)."""
-    lm = build_tiny_qwen(seed=3)
-    model = apply_lora(lm.model, r=4, target_modules=("q_proj", "v_proj"))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
-    lm.model = model
-    return lm
+    return tiny_with_adapter(seed=3, targets=("q_proj", "v_proj"), scale=0.5, draw_seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import CONF
+from conftest import CONF, tiny_with_adapter
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -17,7 +17,7 @@ from lvforecast.evaluation.decoder import AlphabetLogits, LeanStep, compile_gram
 from lvforecast.evaluation.grammar import Grammar, max_new_tokens_bound
 from lvforecast.evaluation.lookahead import OTHER, draft, lookahead_decode
 from lvforecast.model.loading import build_tiny_qwen
-from lvforecast.model.lora import apply_lora, decoder_stack
+from lvforecast.model.lora import decoder_stack
 
 DEFAULTS = instantiate(OmegaConf.load(CONF / "evaluate.yaml").forecast)
 SCALES = [0.5, 0.05, 0.5, 0.05, 0.5]  # one- and two-digit numbers: prompts of different lengths, so padding
@@ -30,15 +30,9 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def peft_tiny():
-    """An unmerged LoRA adapter with non-zero B on every projection: outputs that differ row to row."""
-    lm = build_tiny_qwen(seed=4)
-    lm.model = apply_lora(lm.model, r=4, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj"))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in lm.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.7 * torch.randn(p.shape, generator=gen))
-    return lm
+    """An unmerged LoRA adapter with non-zero B on the attention projections and the MLP's up projection."""
+    return tiny_with_adapter(seed=4, targets=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj"), scale=0.7,
+                             draw_seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +84,20 @@ def test_lookahead_with_peft_adapter_logit_bias_and_rejected_drafts(peft_tiny, s
     assert torch.equal(one.tokens, wide.tokens)
     # Some drafts were rejected: more passes than tokens / (k + 1), fewer than one per token.
     assert one.steps / 4 < len(wide.passes) < len(one.passes)
+
+
+def test_stack_forward_steps_give_the_lean_passes_tokens(peft_tiny, series):
+    """decode(lean=False), the path of models LeanStep does not support, on a model it does: the same tokens."""
+    grammar = compile_grammar(Grammar(max_int_digits=2, decimals=3), peft_tiny.char_ids)
+    ids, mask = _batch(peft_tiny, series, SCALES, 12)
+    kw = dict(horizon_steps=4, max_new_tokens=max_new_tokens_bound(4, Grammar(max_int_digits=2, decimals=3)),
+              end_id=peft_tiny.tokenizer.pad_token_id, sample=False,
+              temperature=1.0, top_p=1.0, logits_fn=AlphabetLogits(peft_tiny.model, grammar.token_ids, "alphabet",
+                                                                   None))
+    with torch.no_grad():
+        lean = decode(peft_tiny.model, ids, mask, grammar, lean=True, **kw)
+        stack = decode(peft_tiny.model, ids, mask, grammar, lean=False, **kw)
+    assert (mask == 0).any() and torch.equal(lean.tokens, stack.tokens) and lean.passes == stack.passes
 
 
 def test_lookahead_stops_at_max_new_tokens_before_the_horizon(tiny, series):

@@ -35,6 +35,7 @@ from typing import Any, Literal
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from lvforecast.budget.formulas import lookahead_passes
 from lvforecast.data.encoding import ALPHABET, STEP_SEP
 from lvforecast.errors import UserError
 from lvforecast.evaluation.grammar import START, Grammar
@@ -217,12 +218,16 @@ def prefill(stack: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
         last.append(stack(input_ids=input_ids[b:b + 1, pad:], position_ids=position_ids[b:b + 1, pad:], cache=row,
                           use_cache=True).last_hidden_state[:, -1:])
         for into, layer in zip(cache.layers, row.layers, strict=True):
-            if not into.is_initialized:
-                shape = (input_ids.shape[0], *layer.keys.shape[1:2])
-                into.lazy_initialization(layer.keys.new_zeros((*shape, 0, layer.keys.shape[-1])),
-                                         layer.values.new_zeros((*shape, 0, layer.values.shape[-1])))
+            if not into.is_initialized:  # the batch's buffers, shaped like this row's (a view: nothing copied)
+                into.lazy_initialization(layer.keys.expand(input_ids.shape[0], -1, -1, -1),
+                                         layer.values.expand(input_ids.shape[0], -1, -1, -1))
             into.write_row(b, pad, layer.keys, layer.values)
     return torch.cat(last)
+
+
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An attention bias from a bool mask: 0 where ``visible``, -inf elsewhere."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, -math.inf)
 
 
 def preallocated_cache(n_layers: int, capacity: int) -> Cache:
@@ -387,10 +392,7 @@ def decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, gr
     next_pos = position[:, -1:] + 1
     if LeanStep.supports(stack) if lean is None else lean:
         lean_step = LeanStep(stack, cache, int(next_pos.max()) + max_new_tokens)
-        pad_bias = None
-        if padded:
-            pad_bias = torch.zeros(mask.shape, dtype=hidden.dtype, device=device).masked_fill(mask == 0, -math.inf)
-            pad_bias = pad_bias[:, None, None, :]
+        pad_bias = additive_mask(mask.bool(), hidden.dtype)[:, None, None, :] if padded else None
 
         def step_fn(ids: torch.Tensor, step: int) -> torch.Tensor:
             keys = prompt_len + step + 1
@@ -417,4 +419,4 @@ def decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, gr
         if bool((steps >= horizon_steps).all()) or n == max_new_tokens:
             break
         hidden = step_fn(out[:, n - 1:n], n - 1)
-    return Decoded(tokens=out[:, :n], steps=n, passes=tuple((1, prompt_len + i) for i in range(1, n)))
+    return Decoded(tokens=out[:, :n], steps=n, passes=tuple(lookahead_passes(prompt_len, n, 0)))

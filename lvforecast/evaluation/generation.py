@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 
+from lvforecast.budget.formulas import lookahead_passes
 from lvforecast.data.encoding import ALPHABET, STEP_SEP
 from lvforecast.errors import UserError
 from lvforecast.evaluation.decoder import AlphabetLogits, CompiledGrammar, DecodeHead, LeanStep, decode
@@ -151,9 +152,8 @@ class GenerateRunner:
         out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                   generation_config=self.config, logits_processor=processors,
                                   stopping_criteria=StoppingCriteriaList([stop]))
-        new = out.shape[1] - prompt_len
         return Generated(out[:, prompt_len:].cpu().tolist(), prompt_len,
-                         tuple((1, prompt_len + i) for i in range(1, new)))
+                         tuple(lookahead_passes(prompt_len, out.shape[1] - prompt_len, 0)))
 
 
 @dataclass(frozen=True)

@@ -24,16 +24,17 @@ tokens per row reads them once, so a pass costs little more than a step on a CPU
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
+from lvforecast.data.encoding import STEP_SEP
 from lvforecast.evaluation.decoder import (
     AlphabetLogits,
     CompiledGrammar,
     Decoded,
     LeanStep,
+    additive_mask,
     choose,
     preallocated_cache,
     prefill,
@@ -81,7 +82,7 @@ def lookahead_decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.
 
     allowed, following = grammar.allowed.tolist(), grammar.next_state.tolist()
     column = {int(t): j for j, t in enumerate(grammar.token_ids.tolist())}
-    sep = grammar.chars.index(";")
+    sep = grammar.chars.index(STEP_SEP)
     rows = zip(input_ids.tolist(), attention_mask.tolist(), strict=True)
     prompts = [[t for t, m in zip(r, ms, strict=True) if m] for r, ms in rows]
     history = ["".join(grammar.chars[column[t]] if t in column else OTHER for t in p) for p in prompts]
@@ -119,7 +120,7 @@ def lookahead_decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.
         slots = start[:, None] + block
         keys = int(start.max()) + width
         sees = visible[:, None, :keys] & (torch.arange(keys, device=device) <= slots[:, :, None])
-        bias = torch.zeros(sees.shape, dtype=hidden.dtype, device=device).masked_fill(~sees, -math.inf)
+        bias = additive_mask(sees, hidden.dtype)
         positions = torch.tensor(next_pos, device=device)[:, None] + block
         hidden = lean(ids, positions, slots, keys, bias.unsqueeze(1))
         passes.append((width, keys))
