@@ -8,13 +8,14 @@ from omegaconf import DictConfig
 
 from lvforecast.errors import run_entry
 from lvforecast.experiment.evaluate import evaluate
+from lvforecast.experiment.sweeps import run_recorded
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    """Run one evaluation; everything lands in Hydra's output directory."""
+    """Run one evaluation; everything lands in Hydra's output directory (a multirun records each job)."""
     logging.getLogger("lvforecast").setLevel(logging.INFO)
-    evaluate(cfg)
+    run_recorded(cfg, evaluate)
 
 
 if __name__ == "__main__":

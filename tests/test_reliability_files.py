@@ -252,7 +252,7 @@ def test_a_read_only_run_folder_is_named_before_training(sim_cache, tmp_path, mo
 def test_a_full_disk_keeps_the_previous_artifact(artifact, run8, tmp_path, monkeypatch):
     # One case per writer the sweep summary, the loss curve, the evaluation/study reports and the adapter use.
     from lvforecast import atomic
-    from lvforecast.experiment.sweeps.summary import write_csv
+    from lvforecast.atomic import write_csv
     from lvforecast.utils import plot_loss_curve
 
     target = tmp_path / artifact

@@ -12,9 +12,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from lvforecast.budget.ledger import Ledger
-from lvforecast.experiment.halving import Rung, schedule, select, worst_case
 from lvforecast.experiment.study import StudyRefusedError, run_study
 from lvforecast.experiment.study.spec import parse_stages
+from lvforecast.experiment.study.stages import launch_of
+from lvforecast.experiment.sweeps.halving import Rung, schedule, select, worst_case
 
 STAGES = ["zero_shot", "default", "default_eval", "lr_rank", "context_length", "final", "final_eval"]
 
@@ -82,12 +83,18 @@ def test_tiny_study_end_to_end_then_skips_finished_stages_and_resumes_an_interru
     args = ["study=tiny", f"study_dir={tmp_path}", f"paths.cache_dir={sim_cache}"]
     result = _study(args)
     assert all((tmp_path / s / "stage.json").is_file() for s in STAGES)
-    lr_rank = json.loads((tmp_path / "lr_rank" / "stage.json").read_text())
-    assert [len(r["configs"]) for r in lr_rank["rungs"]] == [9, 3] and len(lr_rank["rungs"][0]["survivors"]) == 3
-    winner = lr_rank["settings"]
+    # Each stage is the sweep `train.py -m` runs: its summary files, and for halving every rung.
+    assert all((tmp_path / s / f).is_file() for s in ("lr_rank", "context_length", "final")
+               for f in ("summary.md", "summary.csv", "plan.csv"))
+    halving = json.loads((tmp_path / "lr_rank" / "halving.json").read_text())
+    assert [len(r["jobs"]) for r in halving["rungs"]] == [9, 3] and len(halving["rungs"][0]["survivors"]) == 3
+    winner = json.loads((tmp_path / "lr_rank" / "stage.json").read_text())["settings"]
+    assert set(winner) == {"optim.lr", "lora.r"}
     context = json.loads((tmp_path / "context_length" / "stage.json").read_text())
-    assert all({k: j["settings"][k] for k in winner} == winner for j in context["jobs"])  # taken from lr_rank
-    final_cfg = OmegaConf.load(tmp_path / "final" / "run" / "config.yaml")
+    for job in ("0", "1"):  # both configurations took lr and rank from lr_rank
+        cfg = OmegaConf.load(tmp_path / "context_length" / job / "config.yaml")
+        assert (cfg.optim.lr, cfg.lora.r) == (winner["optim.lr"], winner["lora.r"])
+    final_cfg = OmegaConf.load(tmp_path / "final" / "0" / "config.yaml")
     assert final_cfg.data.context_length == context["settings"]["data.context_length"]
     assert final_cfg.lora.r == winner["lora.r"]
 
@@ -95,6 +102,7 @@ def test_tiny_study_end_to_end_then_skips_finished_stages_and_resumes_an_interru
     report = ledger.report()
     assert [g["stage"] for g in report["stages"]] == STAGES and {g["study"] for g in report["stages"]} == {"tiny"}
     assert len(next(g for g in report["stages"] if g["stage"] == "lr_rank")["runs"]) == 12
+    assert [r["name"] for r in ledger.runs()][:2] == ["zero_shot/0", "default/0"]
     md = Path(result["report"]).read_text()
     assert "Table 12: FLOPs spent per stage" in md and "| tiny/lr_rank | 12 |" in md
     assert "| 1 | 6 | c" in md  # the halving rung table: rung 1 at 6 steps
@@ -105,29 +113,58 @@ def test_tiny_study_end_to_end_then_skips_finished_stages_and_resumes_an_interru
     _study(args)  # everything finished: nothing runs again
     assert len(ledger.runs()) == runs
 
-    # A study stopped after the final run's training ended but before the stage was recorded: the re-run records
-    # it from the run's own run_info.json without training again (no step computed twice), then evaluates it.
-    recorded = json.loads((tmp_path / "final" / "run" / "result.json").read_text())
-    for path in ("final/stage.json", "final/run/result.json", "final_eval/stage.json"):
+    # A study stopped after the final run's training ended but before its job and stage were recorded: the re-run
+    # records the job from its run_info.json without training again (no step twice), then evaluates it.
+    status_file = tmp_path / "final" / "0" / "job_status.json"
+    recorded = json.loads(status_file.read_text())
+    status_file.write_text(json.dumps({**recorded, "status": "running", "result": None}))
+    for path in ("final/stage.json", "final_eval/stage.json"):
         (tmp_path / path).unlink()
-    shutil.rmtree(tmp_path / "final_eval" / "eval")
+    shutil.rmtree(tmp_path / "final_eval" / "0")
     _study(args)
     new = ledger.runs()[runs:]
     assert [r["stage"] for r in new] == ["final_eval"]
-    again = json.loads((tmp_path / "final" / "run" / "result.json").read_text())
-    assert {k: again[k] for k in ("val_loss", "steps", "flops", "status")} == \
-        {k: recorded[k] for k in ("val_loss", "steps", "flops", "status")}
+    again = json.loads(status_file.read_text())
+    assert again["status"] == "finished"
+    assert {k: again["result"][k] for k in ("val/loss", "global_step", "budget_status")} == \
+        {k: recorded["result"][k] for k in ("val/loss", "global_step", "budget_status")}
 
 
-def test_with_wandb_the_study_is_one_group_and_each_stage_a_job_type(tmp_path):
-    from lvforecast.experiment.study.jobs import job_config
+@pytest.mark.slow
+def test_a_search_stage_through_joblib_runs_jobs_side_by_side_and_charges_as_the_basic_launcher(sim_cache, tmp_path):
+    stage = "study.stages=[{name: lr_rank, kind: search, space: {lora.r: [2, 8]}, overrides: ['trainer.max_steps=3']}]"
+    charged, files = {}, {}
+    for launcher in ("basic", "joblib"):
+        out = tmp_path / launcher
+        result = _study(["study=tiny", stage, f"study_dir={out}", f"paths.cache_dir={sim_cache}",
+                         f"study.launcher={launcher}", "study.launcher_options={n_jobs: 2}" if launcher == "joblib"
+                         else "study.launcher_options=null"])
+        runs = Ledger(out / "ledger.sqlite", budget=None).runs()
+        assert [r["name"] for r in runs] == ["lr_rank/0", "lr_rank/1"] or launcher == "joblib"
+        assert sum(r["charged_flops"] for r in runs) == result["plan"][0]["flops"]  # planned = charged
+        charged[launcher] = sorted((r["name"], r["planned_flops"], r["charged_flops"]) for r in runs)
+        files[launcher] = sorted(p.name for p in (out / "lr_rank").iterdir())
+        if launcher == "joblib":  # side by side: each job started before the other ended
+            assert max(r["started_at"] for r in runs) < min(r["ended_at"] for r in runs)
+            assert len({r["pid"] for r in runs}) == 2
+    assert charged["joblib"] == charged["basic"]
+    assert files["joblib"] == files["basic"]
+    assert {"summary.md", "summary.csv", "plan.csv", "val_loss_curves.png", "0", "1"} <= set(files["basic"])
 
+
+def test_a_stage_is_the_multirun_of_its_sweep_with_the_studys_launcher(tmp_path):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("study", overrides=["study=tiny", f"study_dir={tmp_path / 'tiny'}", "study.logger=wandb"])
-        stages = {s.name: s for s in parse_stages(cfg.study)}
-        train_cfg = job_config(cfg, stages["lr_rank"], "c0_r0", {"lora.r": 2}, [])
-        eval_cfg = job_config(cfg, stages["final_eval"], "eval", {}, [])
-    assert (train_cfg.logger.wandb.group, train_cfg.logger.wandb.job_type) == ("tiny", "lr_rank")
-    assert (eval_cfg.logger.wandb.group, eval_cfg.logger.wandb.job_type) == ("tiny", "final_eval")
-    assert (train_cfg.budget.study, train_cfg.budget.stage, train_cfg.lora.r) == ("tiny", "lr_rank", 2)
-    assert train_cfg.paths.output_dir == str(tmp_path / "tiny" / "lr_rank" / "c0_r0")
+        cfg = compose("study", overrides=["study=tiny", f"study_dir={tmp_path / 'tiny'}", "study.logger=wandb",
+                                          "study.launcher=joblib", "study.launcher_options={n_jobs: 3}"])
+    stages = {s.name: s for s in parse_stages(cfg.study)}
+    search = launch_of(cfg, stages["lr_rank"], {})
+    assert search.script == "train" and search.sweep_dir == tmp_path / "tiny" / "lr_rank"
+    assert "optim.lr=0.001,0.01,0.03" in search.arguments and "lora.r=2,4,8" in search.arguments
+    assert {"hydra/launcher=joblib", "hydra.launcher.n_jobs=3", "hydra/sweeper=halving",
+            "hydra.sweeper.min_steps=2"} <= set(search.hydra)
+    assert {"logger.wandb.group=tiny", "logger.wandb.job_type=lr_rank", "budget.study=tiny", "budget.stage=lr_rank",
+            "budget.run_name=lr_rank"} <= set(search.arguments)
+    final = launch_of(cfg, stages["final"], {"optim.lr": 0.01, "lora.r": 4, "data.context_length": 64})
+    assert {"optim.lr=0.01", "lora.r=4", "data.context_length=64"} <= set(final.arguments) and final.halving is None
+    evaluation = launch_of(cfg, stages["final_eval"], {}, run_dir="/r/final/0")
+    assert evaluation.script == "evaluate" and "run_dir=/r/final/0" in evaluation.arguments

@@ -2,7 +2,7 @@
 
 ``python train.py -m sweep=lr_rank hydra/sweeper=halving hydra.sweeper.min_steps=50`` takes the configurations of
 ``hydra.sweeper.params`` (and of comma lists on the command line) as Hydra's basic sweeper would, and runs the
-bracket of :mod:`lvforecast.experiment.halving`: rung 0 trains every configuration to ``min_steps``, each later
+bracket of :mod:`lvforecast.experiment.sweeps.halving`: rung 0 trains every configuration to ``min_steps``, each later
 rung continues the best ``1/eta`` from their own previous job's ``checkpoints/last.ckpt`` with
 ``trainer.max_steps`` raised (no step is computed twice), up to ``max_steps`` (default: the config's
 ``trainer.max_steps``). Every rung's jobs go through the configured launcher (basic, joblib, submitit), which hands
@@ -23,6 +23,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobStatus
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
+
+from lvforecast.atomic import write_text
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +67,12 @@ class HalvingSweeper(Sweeper):
         Returns:
             One list of :class:`hydra.core.utils.JobReturn` per rung.
         """
-        from lvforecast.experiment.halving import HALVING_FILE, bracket, configurations, select
-        from lvforecast.experiment.sweeps.jobs import varying_keys
+        from lvforecast.experiment.sweeps.halving import HALVING_FILE, Halving, select
+        from lvforecast.experiment.sweeps.jobs import configurations, varying_keys
 
         assert self.config is not None and self.launcher is not None
-        configs = configurations(self.params, arguments)
-        rungs = bracket(self.config, self.min_steps, self.eta, self.max_steps, len(configs))
+        configs = configurations([f"{k}={v}" for k, v in self.params.items()] + list(arguments))
+        rungs = Halving(self.min_steps, self.eta, self.max_steps).rungs(self.config, len(configs))
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
@@ -105,7 +107,7 @@ class HalvingSweeper(Sweeper):
         if alive:
             final = record["rungs"][-1]["jobs"]
             record["winner"] = next(j for j in final if j["config"] == alive[0])
-        (sweep_dir / HALVING_FILE).write_text(json.dumps(record, indent=1))
+        write_text(sweep_dir / HALVING_FILE, json.dumps(record, indent=1))
         return returns
 
 

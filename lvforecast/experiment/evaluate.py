@@ -310,7 +310,9 @@ def _reserve(cfg: DictConfig, source: _Source, priced: _PricedPlan) -> Reservati
     if not cfg.budget.enabled:
         return None
     ledger = Ledger(cfg.budget.ledger_path, budget=cfg.budget.total_flops, journal_mode=cfg.budget.journal_mode)
-    name = f"evaluate:{cfg.run_dir or source.model.loader._target_.rsplit('.', 1)[-1]}"
+    from lvforecast.experiment.rundir import ledger_name
+
+    name = ledger_name(cfg, f"evaluate:{cfg.run_dir or source.model.loader._target_.rsplit('.', 1)[-1]}")
     reservation = Reservation.open(ledger, name, priced.plan, priced.shape, priced.lora, priced.conventions,
                                    sweep=cfg.get("sweep_name"), study=cfg.budget.study, stage=cfg.budget.stage)
     log.info("generation FLOPs reserved (upper bound): %.4e as run %d", priced.plan.total, reservation.run_id)

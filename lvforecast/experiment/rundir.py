@@ -43,6 +43,18 @@ if not OmegaConf.has_resolver(RESOLVER):
     OmegaConf.register_new_resolver(RESOLVER, unique_suffix, use_cache=True)
 
 
+def ledger_name(cfg: DictConfig, fallback: str) -> str:
+    """The run's name in the ledger: ``budget.run_name`` (``<name>/<job number>`` in a multirun), else the job's
+    overrides as Hydra names directories, else ``fallback``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get() if HydraConfig.initialized() else None
+    if cfg.budget.run_name:
+        multirun = hc is not None and hc.mode is not None and hc.mode.name == "MULTIRUN"
+        return f"{cfg.budget.run_name}/{hc.job.num}" if multirun else str(cfg.budget.run_name)
+    return (hc.job.override_dirname if hc is not None else None) or fallback
+
+
 @dataclass(frozen=True)
 class Claim:
     """How a run uses its directory: ``fresh`` (new or a restart) or ``resume`` (continues the run in it)."""

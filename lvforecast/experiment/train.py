@@ -207,7 +207,7 @@ def reserve(cfg: DictConfig, plan: Plan, shape: ModelShape, lora: LoRASpec, conv
 
     ledger = Ledger(cfg.budget.ledger_path, budget=cfg.budget.total_flops, journal_mode=cfg.budget.journal_mode)
     config_hash = hashlib.sha256(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest()[:16]
-    name = cfg.budget.run_name or _hydra_overrides() or out.name
+    name = rundir.ledger_name(cfg, out.name)
     reservation = Reservation.open(ledger, name, plan, shape, lora, conventions, reserve=reserved_flops(cfg, plan),
                                    sweep=cfg.get("sweep_name"), config_hash=config_hash, study=cfg.budget.study,
                                    stage=cfg.budget.stage)
@@ -431,13 +431,3 @@ def distributed_rank(cfg: DictConfig) -> int:
     if int(env.get("SLURM_NTASKS", "1")) > 1:
         return int(env.get("SLURM_PROCID", 0))
     return 0
-
-
-def _hydra_overrides() -> str | None:
-    """The job's command-line overrides as Hydra names its directories, when run by Hydra."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return None
-    return HydraConfig.get().job.override_dirname or None
-

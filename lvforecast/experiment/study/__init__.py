@@ -2,20 +2,23 @@
 
 A study is a config file (``studies/NAME.yaml``, the Hydra group ``study``) listing its stages (:mod:`~.spec`):
 zero-shot evaluation, default run and its evaluation, the lr x rank search (grid or successive halving), context
-length, final run and its evaluation. :func:`run_study` plans every stage against the study's ledger before
-anything runs (:mod:`~.plan`) and refuses the study when it does not fit; then it runs the stages in order, each
-taking its settings from the earlier stages' results (:mod:`~.run`), and writes the study report (:mod:`~.report`).
-Re-running a study skips its finished stages and continues an interrupted one from its checkpoints.
+length, final run and its evaluation. Each stage is the sweep ``train.py -m`` (or ``evaluate.py -m``) runs
+(:mod:`~.stages`), through ``study.launcher``. :func:`run_study` plans the whole chain against the study's ledger
+before anything runs (:mod:`~.plan`) and refuses the study when it does not fit; then it runs the stages in order,
+each taking its settings from the earlier stages' results, and writes the study report (:mod:`~.report`).
+Re-running a study skips its finished stages and continues an interrupted one where it stopped.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
+from lvforecast.atomic import write_text
 from lvforecast.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -36,35 +39,55 @@ def run_study(cfg: DictConfig) -> dict[str, Any]:
 
     Raises:
         StudyRefusedError: The plan exceeds what the ledger has left; nothing has run.
-        ValueError: An invalid study or stage config.
+        UserError: An invalid study or stage config, or a stage that did not finish.
     """
     from lvforecast.budget.ledger import remaining_in
     from lvforecast.experiment.study.plan import format_plan, plan_study
-    from lvforecast.experiment.study.run import load_done, run_stage
+    from lvforecast.experiment.study.report import write_study_report
     from lvforecast.experiment.study.spec import parse_stages
+    from lvforecast.experiment.study.stages import run_stage
 
     stages = parse_stages(cfg.study)
-    done = load_done(cfg, stages)
+    done = finished_stages(Path(cfg.study_dir), [s.name for s in stages])
     plan = plan_study(cfg, stages, done)
     budget = int(float(cfg.study.budget_flops))
-    remaining = remaining_in(cfg.study.ledger_path, budget)
-    text, fits = format_plan(plan, remaining, budget, str(cfg.study.ledger_path))
+    text, fits = format_plan(plan, remaining_in(cfg.study.ledger_path, budget), budget, str(cfg.study.ledger_path))
     print(text, flush=True)
-    Path(cfg.study_dir).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.study_dir) / "plan.md").write_text(text)
+    write_text(Path(cfg.study_dir) / "plan.md", text)
     if not fits:
         raise StudyRefusedError(f"study {cfg.study.name!r} refused before any stage ran: its plan exceeds what the "
                                 f"ledger has left (per-stage plan above).{text}")
     rows = [vars(r) for r in plan]
     if cfg.dry_run:
         return {"plan": rows, "stages": {}, "report": None}
-    for stage in stages:
+    for k, stage in enumerate(stages, 1):
         if stage.name in done:
-            log.info("study %s: stage %s finished earlier, skipped", cfg.study.name, stage.name)
+            log.info("study %s: stage %d of %d, %s, finished earlier: skipped", cfg.study.name, k, len(stages),
+                     stage.name)
             continue
+        log.info("study %s: stage %d of %d, %s", cfg.study.name, k, len(stages), stage.name)
         done[stage.name] = run_stage(cfg, stage, done)
-    from lvforecast.experiment.study.report import write_study_report
-
     report = write_study_report(cfg, stages, done, rows)
     print(f"\nstudy report: {report}\n", flush=True)
     return {"plan": rows, "stages": done, "report": str(report)}
+
+
+def finished_stages(study_dir: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """The records (``<stage>/stage.json``) of the stages already finished in ``study_dir``, by name.
+
+    Raises:
+        UserError: A record is torn or empty (named, with what to do).
+    """
+    from lvforecast.experiment.study.stages import STAGE_FILE
+
+    out = {}
+    for name in names:
+        path = study_dir / name / STAGE_FILE
+        if not path.is_file():
+            continue
+        try:
+            out[name] = json.loads(path.read_text())
+        except ValueError as err:
+            raise UserError(f"{path}: not a readable stage record ({err}); delete it and run the study again (the "
+                            f"stage's finished jobs are kept and not run again)") from err
+    return out

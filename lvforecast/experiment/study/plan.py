@@ -1,11 +1,11 @@
-"""The study's plan: every stage's FLOPs, worked out before anything runs, against what the ledger has left.
+"""The study's plan: every stage's FLOPs before anything runs, against what the ledger has left.
 
-A stage that takes its settings from an earlier one that has not run yet is planned at its worst case over the
-values that stage can choose (its search space, and what it took itself): the most expensive configuration for a
-training stage, the most expensive bracket for a halving search (:func:`lvforecast.experiment.halving.worst_case`)
-and the sum over every configuration for a grid. The optimizer's settings (``optim.*``) cost nothing and are not
-enumerated. Finished stages plan nothing (a re-run skips them), nor do the finished jobs of a grid, and a training
-job with a checkpoint of its own plans only the steps after it; an interrupted halving bracket is planned whole.
+Each stage is planned as its sweep's pre-flight plans it (:func:`lvforecast.experiment.sweeps.plan.plan_sweep`),
+every job composed once. A stage taking its settings from an earlier one that has not run yet is planned at its
+worst case over the values that stage can choose (its search space, and what it took itself); the optimizer's
+settings (``optim.*``) cost nothing and are not enumerated. An evaluation of a training stage that has not run is
+priced with that stage's dearest job. Finished stages plan nothing, nor do the finished jobs of a grid, and a job
+with a checkpoint of its own plans only the steps after it; an interrupted halving bracket is planned whole.
 """
 
 from __future__ import annotations
@@ -17,22 +17,14 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lvforecast.errors import UserError
-from lvforecast.experiment.halving import schedule, worst_case
-from lvforecast.experiment.study.jobs import Planner, job_config, own_ckpt, training_done
-from lvforecast.experiment.study.spec import Stage, candidate_settings
+from lvforecast.experiment.study.spec import Stage, candidate_settings, compose
+from lvforecast.experiment.study.stages import launch_of
+from lvforecast.experiment.sweeps.plan import JobPricer, SweepPlan, plan_sweep
 
 
 @dataclass(frozen=True)
 class StagePlan:
-    """One row of the study's plan.
-
-    Attributes:
-        stage: Stage name.
-        kind: ``evaluate``, ``train`` or ``search`` (with its method).
-        jobs: Jobs the stage runs (for halving: the bracket's, over every rung).
-        flops: Planned FLOPs (0 for a finished stage).
-        note: How it was planned (``finished``, ``worst case over N settings``, the rungs).
-    """
+    """One row of the study's plan: the stage, its kind, jobs, planned FLOPs (0 when finished) and how."""
 
     stage: str
     kind: str
@@ -56,79 +48,54 @@ def _taken(stages: list[Stage], stage: Stage, done: dict[str, dict[str, Any]]) -
 def plan_study(cfg: DictConfig, stages: list[Stage], done: dict[str, dict[str, Any]]) -> list[StagePlan]:
     """Plan every stage (see the module docstring).
 
-    Args:
-        cfg: The study's composed ``conf/study.yaml``.
-        stages: :func:`~lvforecast.experiment.study.spec.parse_stages`.
-        done: Records of the finished stages, by name.
-
     Raises:
-        ValueError: A stage's job config is invalid (naming the stage).
+        UserError: A stage's job config is invalid (naming the stage).
     """
-    planner = Planner()
-    worst_train: dict[str, DictConfig] = {}  # each training stage's most expensive config, for its evaluation
+    from lvforecast.experiment.evaluate import plan_generation
+
+    pricer = JobPricer()
+    dearest: dict[str, DictConfig] = {}  # each training stage's dearest job, to price its evaluation
     rows = []
     for stage in stages:
         try:
-            rows.append(_plan_stage(cfg, stages, stage, done, planner, worst_train))
+            if stage.name in done:
+                rows.append(StagePlan(stage.name, _kind(stage, None), 0, 0, "finished"))
+            elif stage.kind == "evaluate":
+                run_dir = done[stage.of]["run_dir"] if stage.of in done else None
+                ecfg = compose("evaluate", launch_of(cfg, stage, {}, run_dir).arguments)
+                trained = dearest[stage.of] if stage.of and run_dir is None else None
+                rows.append(StagePlan(stage.name, "evaluate", 1, plan_generation(ecfg, trained),
+                                      f"evaluates {stage.of}" if stage.of else "zero-shot"))
+            else:
+                rows.append(_plan_training(cfg, stages, stage, done, pricer, dearest))
         except ValueError as err:
             raise UserError(f"stage {stage.name!r}: {err}") from err
     return rows
 
 
-def _plan_stage(cfg: DictConfig, stages: list[Stage], stage: Stage, done: dict[str, dict[str, Any]],
-                planner: Planner, worst_train: dict[str, DictConfig]) -> StagePlan:
-    kind = stage.kind if stage.kind != "search" else f"search ({stage.method})"
-    if stage.kind == "evaluate":
-        if stage.name in done:
-            return StagePlan(stage.name, kind, 1, 0, "finished")
-        of_run = done.get(stage.of, {}).get("run_dir") if stage.of else None
-        ecfg = job_config(cfg, stage, "eval", {}, [f"run_dir={of_run}"] if of_run else [])
-        trained = None if of_run or stage.of is None else worst_train[stage.of]
-        return StagePlan(stage.name, kind, 1, planner.evaluate(ecfg, trained),
-                         "zero-shot" if stage.of is None else f"evaluates {stage.of}")
+def _plan_training(cfg: DictConfig, stages: list[Stage], stage: Stage, done: dict[str, dict[str, Any]],
+                   pricer: JobPricer, dearest: dict[str, DictConfig]) -> StagePlan:
+    """A training or search stage: its sweep's plan, at the worst case over the settings it may take."""
     combos = _taken(stages, stage, done)
-    best, best_cfg, jobs, note = -1, None, 0, ""
+    worst: SweepPlan | None = None
     for taken in combos:
-        if stage.kind == "train":
-            tcfg = job_config(cfg, stage, "run", taken, own_ckpt(cfg, stage.name, "run"))
-            flops, n, how = 0 if training_done(cfg, stage.name, "run") else planner.train(tcfg), 1, ""
-        elif stage.method == "grid":
-            cfgs = [job_config(cfg, stage, f"c{k}", {**taken, **c}, own_ckpt(cfg, stage.name, f"c{k}"))
-                    for k, c in enumerate(stage.configurations())]
-            left = [c for k, c in enumerate(cfgs) if not training_done(cfg, stage.name, f"c{k}")]
-            flops, n, how = sum(planner.train(c) for c in left), len(cfgs), ""
-            tcfg = max(cfgs, key=planner.train)
-        else:
-            flops, n, how, tcfg = _plan_halving(cfg, stage, taken, planner)
-        if flops > best:
-            best, best_cfg, jobs, note = flops, tcfg, n, how
-    worst_train[stage.name] = best_cfg
-    if stage.name in done:
-        return StagePlan(stage.name, kind, jobs, 0, "finished")
-    if len(combos) > 1:
-        note = f"worst case over {len(combos)} settings of {stage.take_from}" + (f"; {note}" if note else "")
-    return StagePlan(stage.name, kind, jobs, best, note)
+        launch = launch_of(cfg, stage, taken)
+        plan = plan_sweep(launch.arguments, lambda job: compose("train", job), launch.sweep_dir, launch.halving,
+                          pricer)
+        if worst is None or plan.total > worst.total:
+            worst = plan
+    assert worst is not None
+    dearest[stage.name] = worst.dearest
+    note = f"worst case over {len(combos)} settings of {stage.take_from}" if len(combos) > 1 else ""
+    return StagePlan(stage.name, _kind(stage, worst), worst.jobs, worst.total, note)
 
 
-def _plan_halving(cfg: DictConfig, stage: Stage, taken: dict[str, Any], planner: Planner
-                  ) -> tuple[int, int, str, DictConfig]:
-    """The bracket's worst case: per rung, its ``size`` most expensive continuations."""
-    configs = stage.configurations()
-    probe = job_config(cfg, stage, "c0_r0", {**taken, **configs[0]}, [])
-    rungs = schedule(len(configs), int(stage.min_steps), int(probe.trainer.max_steps), stage.eta,
-                     int(probe.trainer.val_check_interval))
-    costs, last = [], []
-    for k, c in enumerate(configs):
-        row = []
-        for r in rungs:
-            rcfg = job_config(cfg, stage, f"c{k}_r{r.index}", {**taken, **c}, [f"trainer.max_steps={r.steps}"])
-            row.append(planner.train(rcfg, start_step=r.start))
-        costs.append(row)
-        last.append(rcfg)
-    per_rung = worst_case(costs, rungs)
-    note = "rungs " + ", ".join(f"{r.size} x {r.steps} steps" for r in rungs)
-    worst = max(range(len(configs)), key=lambda k: sum(costs[k]))
-    return sum(per_rung), sum(r.size for r in rungs), note, last[worst]
+def _kind(stage: Stage, plan: SweepPlan | None) -> str:
+    if stage.kind != "search":
+        return stage.kind
+    if plan is None or plan.rungs is None:
+        return f"search ({stage.method})"
+    return "search (halving: " + ", ".join(f"{r.size} x {r.steps}" for r in plan.rungs) + " steps)"
 
 
 def format_plan(rows: list[StagePlan], remaining: int, budget: int, ledger: str) -> tuple[str, bool]:

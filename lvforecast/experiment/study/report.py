@@ -1,7 +1,7 @@
 """The study report, generated: ``study_report.md`` and its PNGs in the study directory.
 
-It holds the plan, every search stage's jobs (the lr x rank and context tables; for halving every rung with
-its configurations, losses, FLOPs and survivors, and the winner), the evaluations' headline metrics, Table 12 per
+It holds the plan, every training stage's sweep summary (the lr x rank and context tables; for halving every rung
+with its configurations, losses, FLOPs and survivors, and the winner), the evaluations' headline metrics, Table 12 per
 stage from the ledger (with its chart, ``budget_report.png``), and the loss curve of every training job of every
 stage (``loss_curves.png``), the example systems' forecasts of every evaluation (``forecasts.png``: zero-shot,
 default, final) and their running MSE (``running_mse.png``). Each evaluation's own ``report.md`` and PNGs are
@@ -10,6 +10,8 @@ linked.
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -27,38 +29,8 @@ def _fmt(value: Any, spec: str = ".4f") -> str:
     return "" if value is None else format(value, spec)
 
 
-def _jobs_table(record: dict[str, Any]) -> list[str]:
-    jobs = record["jobs"]
-    keys = list(jobs[0]["settings"]) if jobs else []
-    rung = "rung" in jobs[0] if jobs else False
-    cols = ["job", *(["rung"] if rung else []), *keys, "steps", "final val loss", "FLOPs"]
-    lines = ["| " + " | ".join(cols) + " |",
-             "|---|" + ("---:|" if rung else "") + "---|" * len(keys) + "---:|---:|---:|"]
-    winner_dir = record.get("run_dir")
-    for j in jobs:
-        loss = _fmt(j["val_loss"])
-        if j["run_dir"] == winner_dir:
-            loss = f"**{loss}**"
-        lines.append(f"| {j['job']} | " + (f"{j['rung']} | " if rung else "")
-                     + "".join(f"{j['settings'].get(k, '')} | " for k in keys)
-                     + f"{j['steps']} | {loss} | {_fmt(j['flops'], '.3e')} |")
-    return lines
-
-
-def _rungs_table(record: dict[str, Any]) -> list[str]:
-    lines = ["| rung | steps | configurations | losses | FLOPs | survivors |", "|---:|---:|---|---|---:|---|"]
-    for r in record["rungs"]:
-        losses = ", ".join(f"c{k}: {_fmt(v)}" for k, v in r["losses"].items())
-        lines.append(f"| {r['rung']} | {r['steps']} | {', '.join(f'c{k}' for k in r['configs'])} | {losses} | "
-                     f"{r['flops']:.3e} | {', '.join(f'c{k}' for k in r['survivors'])} |")
-    lines += ["", f"Winner: c{record['winner']} ({record['settings']})."]
-    return lines
-
-
-def _evaluations_table(out: Path, stages: list[Stage], done: dict[str, dict[str, Any]]) -> list[str]:
+def _evaluations_table(stages: list[Stage], done: dict[str, dict[str, Any]]) -> list[str]:
     """Model vs model: each evaluation stage's headline metrics (encoded units, mean / median over systems)."""
-    import json
-
     rows = []
     for stage in stages:
         path = Path(done.get(stage.name, {}).get("run_dir", "")) / "metrics.json"
@@ -77,9 +49,30 @@ def _evaluations_table(out: Path, stages: list[Stage], done: dict[str, dict[str,
             "|---|---|---:|---:|---:|---:|---:|---:|", *rows]
 
 
+def _stage_section(out: Path, stage: Stage, record: dict[str, Any]) -> list[str]:
+    """A stage's part of the report: an evaluation's files, or a training stage's sweep summary and choice."""
+    from lvforecast.experiment.sweeps.summary import SUMMARY_MD
+
+    kind = stage.kind + (f", {stage.method}" if stage.kind == "search" else "")
+    lines = ["", f"## Stage `{stage.name}` ({kind})", ""]
+    if stage.kind == "evaluate":
+        ev = Path(record["run_dir"])
+        lines.append(f"Evaluates {'`' + stage.of + '`' if stage.of else 'the untrained model (zero-shot)'}: "
+                     f"[report.md]({os.path.relpath(ev / 'report.md', out)}).")
+        lines += [f"\n![{stage.name} {png}]({os.path.relpath(ev / png, out)})"
+                  for png in ("examples.png", "running_mse.png") if (ev / png).is_file()]
+        return lines
+    summary = Path(record["sweep_dir"]) / SUMMARY_MD
+    if summary.is_file():  # the sweep's own tables (every job; for halving every rung), one heading level down
+        body = summary.read_text().splitlines()[1:]
+        lines += ["#" + line if line.startswith("#") else line for line in body]
+    lines += ["", f"Chosen settings: `{record['settings']}`; run `{record['run_dir']}`."]
+    return lines
+
+
 def write_study_report(cfg: DictConfig, stages: list[Stage], done: dict[str, dict[str, Any]],
                        plan: list[dict[str, Any]]) -> Path:
-    """Write ``study_report.md``, ``budget_report.png`` and ``loss_curves.png`` into the study directory.
+    """Write ``study_report.md``, ``budget_report.png``, the forecast figures and ``loss_curves.png``.
 
     Returns:
         The markdown path.
@@ -92,31 +85,12 @@ def write_study_report(cfg: DictConfig, stages: list[Stage], done: dict[str, dic
              "## Plan (before any stage ran)", "", "| stage | kind | jobs | planned FLOPs | note |",
              "|---|---|---:|---:|---|"]
     lines += [f"| {p['stage']} | {p['kind']} | {p['jobs']} | {p['flops']:.4e} | {p['note']} |" for p in plan]
-    lines += _evaluations_table(out, stages, done)
+    lines += _evaluations_table(stages, done)
     for stage in stages:
-        record = done.get(stage.name)
-        if record is None:
-            continue
-        lines += ["", f"## Stage `{stage.name}` ({stage.kind}{', ' + stage.method if stage.kind == 'search' else ''})",
-                  ""]
-        if stage.kind == "evaluate":
-            ev = Path(record["run_dir"])
-            lines.append(f"Evaluates {'`' + stage.of + '`' if stage.of else 'the untrained model (zero-shot)'}.")
-            lines += ["", "| metric | value |", "|---|---:|"]
-            lines += [f"| {k} | {v} |" for k, v in record["result"].items() if k != "output_dir"]
-            for png in ("examples.png", "running_mse.png"):
-                if (ev / png).is_file():
-                    lines += ["", f"![{stage.name} {png}]({os.path.relpath(ev / png, out)})"]
-            if (ev / "report.md").is_file():
-                lines += ["", f"Full tables: [{stage.name}/eval/report.md]({os.path.relpath(ev / 'report.md', out)})"]
-            continue
-        lines += _jobs_table(record)
-        if "rungs" in record:
-            lines += ["", *_rungs_table(record)]
-        lines += ["", f"Chosen settings: `{record['settings']}`; run `{record['run_dir']}`."]
-    ledger = Ledger(cfg.study.ledger_path, budget=None) if Path(cfg.study.ledger_path).is_file() else None
-    if ledger is not None:
-        rep = ledger.report()
+        if stage.name in done:
+            lines += _stage_section(out, stage, done[stage.name])
+    if Path(cfg.study.ledger_path).is_file():
+        rep = Ledger(cfg.study.ledger_path, budget=None).report()
         plot_report(rep, out / "budget_report.png")
         lines += ["", "## FLOPs per stage (ledger)", "", format_stages_markdown(rep),
                   "![spend per stage](budget_report.png)"]
@@ -138,6 +112,7 @@ def _plot_curves(path: Path, stages: list[Stage], done: dict[str, dict[str, Any]
     """Validation loss against the step of every training job, one panel per training stage; False if none."""
     from matplotlib.figure import Figure
 
+    from lvforecast.experiment.sweeps.summary import SUMMARY_CSV
     from lvforecast.utils import read_metrics_csv
 
     trained = [s for s in stages if s.kind != "evaluate" and s.name in done]
@@ -146,13 +121,15 @@ def _plot_curves(path: Path, stages: list[Stage], done: dict[str, dict[str, Any]
     fig = Figure(figsize=(5 * len(trained), 4), layout="constrained")
     axes = fig.subplots(1, len(trained), squeeze=False)[0]
     for ax, stage in zip(axes, trained, strict=True):
-        for job in done[stage.name]["jobs"]:
-            csv = Path(job["run_dir"]) / "metrics.csv"
-            val = read_metrics_csv(csv).get("val/loss", []) if csv.is_file() else []
+        with open(Path(done[stage.name]["sweep_dir"]) / SUMMARY_CSV, newline="") as fh:
+            jobs = list(csv.DictReader(fh))
+        for job in jobs:
+            metrics = Path(job["run_dir"]) / "metrics.csv"
+            val = read_metrics_csv(metrics).get("val/loss", []) if metrics.is_file() else []
             if val:
                 steps, values = zip(*val, strict=True)
                 ax.plot(steps, values, marker="o", ms=2, lw=2.2 if job["run_dir"] == done[stage.name]["run_dir"]
-                        else 1.0, label=job["job"])
+                        else 1.0, label=f"job {job['job']}")
         ax.set_title(stage.name)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("validation loss")

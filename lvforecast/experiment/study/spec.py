@@ -108,9 +108,14 @@ def candidate_settings(stages: list[Stage], name: str) -> dict[str, tuple[Any, .
     return out
 
 
+def override_value(value: Any) -> str:
+    """``value`` as an override's right-hand side (floats written so Hydra reads them back as floats)."""
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
 def setting_overrides(settings: dict[str, Any]) -> list[str]:
-    """``key=value`` overrides of chosen settings (floats written so Hydra reads them back as floats)."""
-    return [f"{k}={float(v)!r}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items()]
+    """``key=value`` overrides of chosen settings."""
+    return [f"{k}={override_value(v)}" for k, v in settings.items()]
 
 
 def compose(config_name: str, overrides: list[str]) -> DictConfig:

@@ -1,16 +1,13 @@
-"""The multirun job wrapper: how each job of a sweep ended, recorded in its ``job_status.json``.
+"""The multirun job wrapper: how each job of a sweep ended, in its ``job_status.json``; a re-launch continues.
 
-:func:`run_recorded` is the task wrapper of ``train.py``. In a multirun a failing job is logged, recorded in
-its ``job_status.json`` and does not stop the other jobs or the summary; the multirun exits non-zero (the
-summary's doing, see :class:`lvforecast.experiment.sweeps.summary.SweepSummary`).
+:func:`run_recorded` is the task wrapper of ``train.py`` and ``evaluate.py``. In a multirun a failing job is
+logged, recorded and does not stop the other jobs or the summary (which then exits non-zero). A job stopped by
+SIGTERM / SIGINT is recorded ``interrupted``, the jobs after it are not started, a partial summary is written and
+the multirun exits 143 / 130 (:mod:`lvforecast.experiment.signals`).
 
-Every job runs under a :class:`~lvforecast.experiment.signals.SignalGuard`: SIGTERM / SIGINT stop it at the next
-step with a checkpoint (see :mod:`lvforecast.experiment.signals`). In a multirun the stopped job is recorded
-``interrupted`` (with its checkpoint and step), the jobs after it are not started, a partial summary listing
-finished, interrupted and not-run jobs is written, and the multirun exits 143 (SIGTERM) or 130 (SIGINT).
-
-A job's status is one of the ledger's run statuses (:data:`lvforecast.budget.ledger.RUN_STATUSES`), named
-here once, or :data:`MISSING`, the one status only a sweep has.
+A sweep launched again into the same directory (``hydra.sweep.dir=``; a study always does) continues: a job that
+ran to its end with the same overrides returns its recorded result without running, and one stopped part-way
+continues from its own ``checkpoints/last.ckpt``. :func:`earlier_run` says which; the pre-flight plans from it.
 """
 
 from __future__ import annotations
@@ -18,22 +15,55 @@ from __future__ import annotations
 import json
 import logging
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
-from lvforecast.budget.ledger import RUN_STATUSES
+from lvforecast.atomic import write_text
+from lvforecast.experiment.sweeps.jobs import (
+    COMPLETED,
+    FAILED,
+    FINISHED,
+    INTERRUPTED,
+    REFUSED,
+    RUNNING,
+    STATUS_FILE,
+)
 
 log = logging.getLogger(__name__)
 
-STATUS_FILE = "job_status.json"
-# The ledger's run statuses, by name (unpacking fails at import if the ledger's tuple changes shape).
-_, FINISHED, BUDGET_EXHAUSTED, _, FAILED, REFUSED, INTERRUPTED = RUN_STATUSES
-# Sweep-only: the job has no job_status.json (it never ran, or was killed before it could write one).
-MISSING = "missing"
-# The statuses of a job that ran to its end and so has a result (a final validation loss) to compare.
-COMPLETED = (FINISHED, BUDGET_EXHAUSTED)
+
+@dataclass(frozen=True)
+class EarlierRun:
+    """What an earlier launch of the same job left in its directory: its result, or a checkpoint to continue."""
+
+    result: dict[str, Any] | None = None
+    checkpoint: Path | None = None
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object file, or None when it is missing, torn or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def earlier_run(out: Path, overrides: list[str]) -> EarlierRun:
+    """What an earlier launch of this job (same overrides) left in ``out``: a result, a checkpoint, or nothing."""
+    status = read_json(out / STATUS_FILE)
+    if status is None or status.get("overrides") != list(overrides):
+        return EarlierRun()
+    if status.get("status") in COMPLETED:
+        return EarlierRun(result=status.get("result"))
+    info = read_json(out / "run_info.json")
+    if info is not None and isinstance(info.get("final"), dict):  # stopped after training, before the record
+        return EarlierRun(result={**info["final"], "output_dir": str(out)})
+    ckpt = out / "checkpoints" / "last.ckpt"
+    return EarlierRun(checkpoint=ckpt if ckpt.is_file() else None)
 
 
 def _multirun() -> bool:
@@ -46,16 +76,11 @@ def _multirun() -> bool:
 def run_recorded(cfg: DictConfig, task: Any) -> Any:
     """Run ``task(cfg)``; in a multirun, record how it ended in the job's ``job_status.json``.
 
-    A failing multirun job logs its traceback (into the job's log file too), records ``failed`` (or ``refused``
-    for a budget refusal) and returns None, so the other jobs and the sweep summary still run; the summary then
-    exits the multirun with status 1. Outside a multirun exceptions propagate unchanged.
-
-    Args:
-        cfg: The job's composed config.
-        task: The job, called as ``task(cfg)`` (``lvforecast.experiment.train.train``).
+    A failing multirun job logs its traceback, records ``failed`` (or ``refused`` for a budget refusal) and
+    returns None, so the other jobs and the sweep summary still run. Outside a multirun exceptions propagate.
 
     Returns:
-        What ``task`` returned, or None when it raised in a multirun.
+        What ``task`` returned (or an earlier launch recorded), or None when it raised in a multirun.
     """
     from lvforecast.experiment.signals import Interrupted, guarded
 
@@ -67,28 +92,41 @@ def run_recorded(cfg: DictConfig, task: Any) -> Any:
     from lvforecast.budget.ledger import BudgetExceededError
 
     hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
     record: dict[str, Any] = {"num": hc.job.num, "overrides": list(hc.overrides.task),
-                              "override_dirname": hc.job.override_dirname, "output_dir": hc.runtime.output_dir}
-    path = Path(hc.runtime.output_dir) / STATUS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
+                              "override_dirname": hc.job.override_dirname, "output_dir": str(out)}
+    earlier = earlier_run(out, record["overrides"])
+    if earlier.result is not None:
+        log.info("job %s finished in an earlier launch (%s): not run again", hc.job.num, out)
+        _write(out, {**record, "status": FINISHED, "result": earlier.result})
+        return earlier.result
+    if earlier.checkpoint is not None:  # further along than any ckpt_path it was given (a halving rung's start)
+        log.info("job %s continues from its own checkpoint %s", hc.job.num, earlier.checkpoint)
+        with open_dict(cfg):
+            cfg.ckpt_path = str(earlier.checkpoint)
+    _write(out, {**record, "status": RUNNING})
     try:
         with guarded():
             result = task(cfg)
     except Interrupted as stop:
         log.warning("job %s %s: %s; the sweep stops here", hc.job.num, INTERRUPTED, stop)
-        path.write_text(json.dumps({**record, "status": INTERRUPTED, "error": str(stop), "step": stop.step,
-                                    "checkpoint": None if stop.checkpoint is None else str(stop.checkpoint),
-                                    "exit_code": stop.code}, indent=1))
+        _write(out, {**record, "status": INTERRUPTED, "error": str(stop), "step": stop.step,
+                     "checkpoint": None if stop.checkpoint is None else str(stop.checkpoint), "exit_code": stop.code})
         _partial_summary(Path(hc.sweep.dir))
         raise
     except Exception as err:  # noqa: BLE001 - recorded, logged, and reported by the summary
         status = REFUSED if isinstance(err, BudgetExceededError) else FAILED
         log.exception("job %s %s", hc.job.num, status)
-        path.write_text(json.dumps({**record, "status": status, "error": f"{type(err).__name__}: {err}",
-                                    "traceback": traceback.format_exc()}, indent=1))
+        _write(out, {**record, "status": status, "error": f"{type(err).__name__}: {err}",
+                     "traceback": traceback.format_exc()})
         return None
-    path.write_text(json.dumps({**record, "status": FINISHED, "result": _jsonable(result)}, indent=1))
+    _write(out, {**record, "status": FINISHED, "result": _jsonable(result)})
     return result
+
+
+def _write(out: Path, record: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / STATUS_FILE, json.dumps(record, indent=1))
 
 
 def _partial_summary(sweep_dir: Path) -> None:

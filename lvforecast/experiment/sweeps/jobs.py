@@ -1,47 +1,49 @@
-"""A multirun's jobs, known before launch: each job's overrides and composed config, and the sweep's axes."""
+"""A sweep's jobs: their overrides as Hydra's basic sweeper forms them, the sweep's axes, and job statuses."""
 
 from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from lvforecast.budget.ledger import RUN_STATUSES
+
+STATUS_FILE = "job_status.json"  # how each job of a sweep ended (lvforecast.experiment.sweeps.job)
+# The ledger's run statuses, by name (unpacking fails at import if the ledger's tuple changes shape).
+RUNNING, FINISHED, BUDGET_EXHAUSTED, _, FAILED, REFUSED, INTERRUPTED = RUN_STATUSES
+# Sweep-only: the job has no job_status.json (it never ran, or was killed before it could write one).
+MISSING = "missing"
+# The statuses of a job that ran to its end and so has a result (a final validation loss) to compare.
+COMPLETED = (FINISHED, BUDGET_EXHAUSTED)
 # The settings a later sweep reads from an earlier one's summary; always columns of summary.csv.
 STUDY_KEYS = ("optim.lr", "lora.r", "data.context_length", "data.batch_size", "trainer.max_steps")
+# Keys the halving sweeper sets per rung; a configuration's own value for them is replaced.
+RUNG_KEYS = ("trainer.max_steps", "ckpt_path")
 
 
-def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
-    """Every job's overrides, in Hydra's job order, as the basic sweeper will launch them.
-
-    Args:
-        config: The multirun's config, with its ``hydra`` node (what a Hydra callback receives).
-
-    Returns:
-        One list of ``key=value`` overrides per job; None for a sweeper other than Hydra's basic one (its jobs
-        are not known in advance).
-    """
+def split_grid(arguments: list[str]) -> list[list[str]]:
+    """Every job's overrides, in Hydra's job order, for command-line ``arguments`` (comma lists are swept)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
-        return None
-    params = config.hydra.sweeper.get("params") or {}
-    arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
     overrides = OverridesParser.create().parse_overrides(arguments)
     return [list(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
 
 
-def compose_jobs(config: DictConfig) -> list[tuple[list[str], DictConfig]] | None:
-    """Each job's overrides and composed config (what the launcher will run), or None (see :func:`sweep_jobs`).
+def sweeper_arguments(config: DictConfig) -> list[str]:
+    """A multirun's arguments: its sweeper's ``params`` (as ``key=comma list``) then the command line's."""
+    params = config.hydra.sweeper.get("params") or {}
+    return [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
 
-    Args:
-        config: The multirun's config, with its ``hydra`` node.
-    """
-    from hydra.core.global_hydra import GlobalHydra
 
-    jobs = sweep_jobs(config)
-    if jobs is None:
+def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
+    """Every job's overrides as Hydra's basic sweeper launches them; None for another sweeper (jobs unknown)."""
+    if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
         return None
-    loader = GlobalHydra.instance().config_loader()
-    return [(job, loader.load_sweep_config(config, list(job))) for job in jobs]
+    return split_grid(sweeper_arguments(config))
+
+
+def configurations(arguments: list[str]) -> list[list[str]]:
+    """A halving bracket's configurations: the grid of ``arguments`` without the keys the sweeper sets per rung."""
+    return [[o for o in job if o.partition("=")[0].lstrip("+~") not in RUNG_KEYS] for job in split_grid(arguments)]
 
 
 def varying_keys(jobs: list[list[str]]) -> list[str]:

@@ -20,21 +20,26 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from lvforecast.atomic import atomic_writer, save_figure, write_text
-from lvforecast.experiment.sweeps.job import (
+from lvforecast.atomic import save_figure, write_csv, write_text
+from lvforecast.errors import UserError
+from lvforecast.experiment.sweeps.halving import HALVING_FILE
+from lvforecast.experiment.sweeps.jobs import (
     BUDGET_EXHAUSTED,
     COMPLETED,
     FINISHED,
     INTERRUPTED,
     MISSING,
     STATUS_FILE,
+    STUDY_KEYS,
+    job_values,
+    sweep_jobs,
+    varying_keys,
 )
-from lvforecast.experiment.sweeps.jobs import STUDY_KEYS, job_values, sweep_jobs, varying_keys
+from lvforecast.experiment.sweeps.plan import PLAN_CSV
 
 log = logging.getLogger(__name__)
 
 SUMMARY_CSV, SUMMARY_MD, CURVES_PNG = "summary.csv", "summary.md", "val_loss_curves.png"
-PLAN_CSV = "plan.csv"  # every job's overrides, written by the pre-flight check before the first job starts
 
 
 class SweepSummary(Callback):
@@ -94,6 +99,30 @@ def summarize_command(sweep_dir: Path) -> int:
     print(f"error: sweep {sweep_dir}: {len(done)} of {len(rows)} jobs finished"
           f"{' (' + jobs(done) + ')' if done else ''}; {others}", file=sys.stderr)
     return 1
+
+
+def best_row(path: str | Path) -> dict[str, str]:
+    """The best finished job's row of a sweep's ``summary.csv`` (``path``: the file or its sweep directory).
+
+    The best is the halving winner (marked ``best`` in the last rung), else the lowest final validation loss.
+
+    Raises:
+        UserError: No summary there, or no finished job with a validation loss in it.
+    """
+    file = Path(str(path))
+    if file.is_dir():
+        file = file / SUMMARY_CSV
+    if not file.is_file():
+        raise UserError(f"best_from={str(path)!r}: no {SUMMARY_CSV} there (is it a finished sweep's directory?)")
+    with open(file, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    scored = [r for r in rows if r.get("status") in COMPLETED and r.get("final_val_loss")]
+    if not scored:
+        raise UserError(f"best_from={str(path)!r}: no finished job with a validation loss in {file}")
+    marked = [r for r in scored if r.get("best") == "True"]
+    if "rung" in rows[0] and marked:  # successive halving: the winner of the last rung
+        return marked[0]
+    return min(scored, key=lambda r: float(r["final_val_loss"]))
 
 
 def planned_jobs(sweep_dir: Path) -> list[list[str]] | None:
@@ -264,8 +293,6 @@ def _grid(rows: list[dict[str, Any]], keys: list[str]) -> str:
 
 def _halving_record(sweep_dir: Path) -> dict[str, Any] | None:
     """The ``halving.json`` a ``hydra/sweeper=halving`` multirun wrote into ``sweep_dir``, or None."""
-    from lvforecast.experiment.halving import HALVING_FILE
-
     path = sweep_dir / HALVING_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -293,16 +320,6 @@ def format_rungs(halving: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 def _fmt(value: Any, spec: str) -> str:
     """``value`` formatted with ``spec``; ``""`` for a missing value or NaN."""
     return "" if value in ("", None) or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write ``rows`` as CSV with the first row's keys as header (an empty file for no rows)."""
-    with atomic_writer(path, "w", newline="") as fh:
-        if not rows:
-            return
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def _plot_curves(path: Path, curves: dict[int, list[tuple[int, float]]], labels: dict[int, str], best: int | None,

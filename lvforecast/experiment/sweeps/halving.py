@@ -7,9 +7,8 @@ steps run out. No step is computed twice: rung ``i`` resumes each survivor from 
 with ``trainer.max_steps`` raised. Each rung's steps must be a multiple of the validation interval, so every rung
 ends on a validation and the losses compared are fresh.
 
-Two drivers share this module: the Hydra sweeper ``hydra/sweeper=halving``
-(:mod:`hydra_plugins.lvforecast_sweeps.halving_sweeper`, jobs through the configured launcher) and the study's
-``method: halving`` search stage (:mod:`lvforecast.experiment.study`). Pure: no I/O, no Hydra.
+The sweeper ``hydra/sweeper=halving`` (:mod:`hydra_plugins.lvforecast_sweeps.halving_sweeper`) runs the bracket
+through the configured launcher; a study's ``method: halving`` stage is that sweep. Pure: no I/O, no Hydra.
 """
 
 from __future__ import annotations
@@ -114,22 +113,23 @@ def worst_case(costs: Sequence[Sequence[int]], rungs: Sequence[Rung]) -> list[in
     return [sum(sorted((c[r.index] for c in costs), reverse=True)[: r.size]) for r in rungs]
 
 
-# Keys the sweeper sets per rung; a configuration's own value for them is replaced.
-RUNG_KEYS = ("trainer.max_steps", "ckpt_path")
+@dataclass(frozen=True)
+class Halving:
+    """A bracket's settings (``hydra.sweeper.{min_steps,eta,max_steps}``; a study stage's ``min_steps``, ``eta``)."""
 
+    min_steps: int
+    eta: int = 3
+    max_steps: int | None = None
 
-def configurations(params: dict[str, str] | None, arguments: list[str]) -> list[list[str]]:
-    """Each configuration's overrides (the cartesian product, as the basic sweeper forms it), rung keys removed."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    def rungs(self, cfg: Any, n_configs: int) -> list[Rung]:
+        """The bracket for ``n_configs`` configurations of ``cfg`` (its max steps and validation interval).
 
-    items = [f"{k}={v}" for k, v in (params or {}).items()] + list(arguments)
-    overrides = OverridesParser.create().parse_overrides(items)
-    jobs = BasicSweeper.split_arguments(overrides, None)[0]
-    return [[o for o in job if o.partition("=")[0].lstrip("+~") not in RUNG_KEYS] for job in jobs]
-
-
-def bracket(config: Any, min_steps: int, eta: int, max_steps: int | None, n_configs: int) -> list[Any]:
-    """The rungs for ``n_configs`` configurations of ``config`` (its max steps and validation interval)."""
-    top = int(max_steps if max_steps is not None else config.trainer.max_steps)
-    return schedule(n_configs, int(min_steps), top, int(eta), int(config.trainer.val_check_interval))
+        Raises:
+            UserError: A setting out of range, naming the sweeper's keys.
+        """
+        top = int(self.max_steps if self.max_steps is not None else cfg.trainer.max_steps)
+        try:
+            return schedule(n_configs, int(self.min_steps), top, int(self.eta), int(cfg.trainer.val_check_interval))
+        except ValueError as err:
+            raise UserError(f"hydra.sweeper (min_steps={self.min_steps}, eta={self.eta}, "
+                            f"max_steps={self.max_steps}): {err}") from err

@@ -1,0 +1,173 @@
+"""A study's stages as the sweeps ``train.py -m`` runs: each stage's command, its launch, and what it chose.
+
+Every stage is one multirun into ``<study_dir>/<stage>/`` (``hydra.sweep.dir``; jobs in ``0/``, ``1/``, ...):
+``train.py -m`` for a training stage (one job) and a search (a grid through Hydra's basic sweeper, successive
+halving through ``hydra/sweeper=halving``), ``evaluate.py -m`` for an evaluation. So a stage gets the same
+pre-flight, job records and summary files as any sweep, runs its jobs through ``study.launcher`` (basic, joblib,
+submitit_local, slurm) and, launched again into its directory, skips finished jobs and continues stopped ones
+(:mod:`lvforecast.experiment.sweeps.job`).
+
+A stage's arguments are, in order: the study's ``common`` overrides, its ``train`` or ``evaluate`` ones, the
+stage's, the settings taken from earlier stages, the search space as comma lists, and the study's paths, ledger,
+study and stage names; ``hydra.*`` arguments (sweep directory, sweeper, launcher) only go to the command.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from lvforecast.atomic import write_text
+from lvforecast.errors import UserError
+from lvforecast.experiment.study.spec import Stage, override_value, setting_overrides
+from lvforecast.experiment.sweeps.halving import Halving
+
+log = logging.getLogger(__name__)
+
+STAGE_FILE = "stage.json"  # written when a stage has finished: what it chose, and where its run is
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One stage's multirun.
+
+    Attributes:
+        script: ``train`` or ``evaluate``.
+        arguments: Config overrides (a search's space as comma lists): composed to plan, passed to the script.
+        hydra: ``hydra.*`` overrides (sweep directory, sweeper, launcher): passed to the script only.
+        sweep_dir: The stage's directory.
+        halving: The bracket of a halving search, else None.
+    """
+
+    script: str
+    arguments: list[str]
+    hydra: list[str] = field(default_factory=list)
+    sweep_dir: Path = Path()
+    halving: Halving | None = None
+
+
+def launch_of(cfg: DictConfig, stage: Stage, settings: dict[str, Any], run_dir: str | None = None) -> Launch:
+    """The multirun of ``stage`` with the ``settings`` it takes (and, for an evaluation, the run it evaluates)."""
+    study = cfg.study
+    script = "evaluate" if stage.kind == "evaluate" else "train"
+    sweep_dir = Path(cfg.study_dir) / stage.name
+    args = [*study.common, *study[script], *stage.overrides, *setting_overrides(settings)]
+    args += [f"{key}={','.join(map(override_value, values))}" for key, values in stage.space.items()]
+    if run_dir is not None:
+        args.append(f"run_dir={run_dir}")
+    args += [
+        f"paths.root_dir={cfg.paths.root_dir}", f"paths.cache_dir={cfg.paths.cache_dir}",
+        f"paths.data_dir={cfg.paths.data_dir}", f"budget.ledger_path={study.ledger_path}",
+        f"budget.total_flops={float(study.budget_flops)!r}", f"budget.study={study.name}",
+        f"budget.stage={stage.name}", f"budget.run_name={stage.name}", f"sweep_name={study.name}",
+    ]
+    if study.logger == "wandb":
+        # The whole study is one W&B group, each stage a job type.
+        args += ["logger=wandb", f"logger.wandb.group={Path(cfg.study_dir).name}",
+                 "logger.wandb.group_per_launch=false", f"logger.wandb.job_type={stage.name}"]
+    hydra = [f"hydra.sweep.dir={sweep_dir}"]
+    if study.launcher != "basic":
+        hydra.append(f"hydra/launcher={study.launcher}")
+    hydra += [f"hydra.launcher.{k}={v}" for k, v in (study.launcher_options or {}).items()]
+    halving = None
+    if stage.method == "halving":
+        halving = Halving(int(stage.min_steps), int(stage.eta))
+        hydra += ["hydra/sweeper=halving", f"hydra.sweeper.min_steps={halving.min_steps}",
+                  f"hydra.sweeper.eta={halving.eta}"]
+    return Launch(script, args, hydra, sweep_dir, halving)
+
+
+def run_stage(cfg: DictConfig, stage: Stage, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Run one stage's multirun and write its ``stage.json``.
+
+    Returns:
+        The stage's record: ``settings`` (what later stages take), ``run_dir`` (its chosen run) and ``sweep_dir``.
+
+    Raises:
+        UserError: The multirun failed (a job did not finish); re-running the study continues it.
+        SystemExit: It was stopped by SIGTERM / SIGINT (the same exit status).
+    """
+    taken = dict(done[stage.take_from]["settings"]) if stage.take_from else {}
+    run_dir = done[stage.of]["run_dir"] if stage.of else None
+    launch = launch_of(cfg, stage, taken, run_dir)
+    log.info("study %s: stage %s (%s), %s", cfg.study.name, stage.name, stage.kind, launch.sweep_dir)
+    code = run_child([sys.executable, str(entry_script(launch.script)), "-m", *launch.arguments, *launch.hydra])
+    if code in (130, 143):
+        raise SystemExit(code)
+    if code != 0:
+        raise UserError(f"study {cfg.study.name!r}: stage {stage.name!r} did not finish (exit status {code}; see "
+                        f"{launch.sweep_dir}/summary.md and the jobs' logs there); fix the cause and run the same "
+                        f"command again: finished stages and jobs are kept")
+    record = {"name": stage.name, "kind": stage.kind, "method": stage.method, "sweep_dir": str(launch.sweep_dir),
+              **chosen(stage, launch.sweep_dir, taken)}
+    write_text(launch.sweep_dir / STAGE_FILE, json.dumps(record, indent=1))
+    return record
+
+
+def chosen(stage: Stage, sweep_dir: Path, taken: dict[str, Any]) -> dict[str, Any]:
+    """What a finished stage chose: its best job's settings (space values over those it took) and run directory."""
+    from lvforecast.experiment.sweeps.job import read_json
+    from lvforecast.experiment.sweeps.jobs import STATUS_FILE, job_values
+    from lvforecast.experiment.sweeps.summary import best_row
+    from lvforecast.utils import parse_cell
+
+    if stage.kind == "evaluate":
+        return {"settings": {}, "run_dir": str(sweep_dir / "0"), "evaluates": stage.of}
+    best = best_row(sweep_dir)
+    record = read_json(Path(best["run_dir"]) / STATUS_FILE) or {}
+    values = job_values(record.get("overrides", []), list(stage.space))
+    return {"settings": {**taken, **{k: parse_cell(v) for k, v in values.items()}}, "run_dir": best["run_dir"]}
+
+
+def entry_script(name: str) -> Path:
+    """``train.py`` or ``evaluate.py`` beside the ``conf/`` the study was composed from.
+
+    Raises:
+        UserError: Hydra is not initialized, or no such script stands beside its primary config directory.
+    """
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not GlobalHydra.instance().is_initialized():
+        raise UserError("a study composes its stages with Hydra: run it from study.py, or inside "
+                        "hydra.initialize_config_dir(conf/)")
+    for source in GlobalHydra.instance().config_loader().get_sources():
+        if source.provider == "main" and source.scheme() == "file":
+            script = Path(source.path).parent / f"{name}.py"
+            if script.is_file():
+                return script
+    raise UserError(f"no {name}.py beside the study's conf/ directory: run study.py from an lvforecast checkout")
+
+
+def run_child(cmd: list[str]) -> int:
+    """Run ``cmd`` in its own process group and return its exit status; SIGTERM / SIGINT are passed on to it.
+
+    The group is the child's own so a terminal's Ctrl-C reaches it once, through this process: every job then
+    stops at its next step with a checkpoint, as it does under ``train.py -m``.
+    """
+    child = subprocess.Popen(cmd, start_new_session=True)
+
+    def forward(signum: int, frame: Any) -> None:
+        log.warning("%s received: passed on to the running stage", signal.Signals(signum).name)
+        try:
+            os.killpg(child.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

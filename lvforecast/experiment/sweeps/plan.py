@@ -1,0 +1,242 @@
+"""A sweep's FLOP plan before launch: every job composed once and priced without loading weights.
+
+A grid (Hydra's basic sweeper) plans each job; successive halving plans every configuration in every rung (from
+the previous rung's steps, as the job will resume) and takes, per rung, its ``size`` dearest continuations
+(:func:`~lvforecast.experiment.sweeps.halving.worst_case`): whatever survives, the bracket spends no more. A job
+that finished in an earlier launch into the same sweep directory plans nothing; one stopped part-way plans from
+its own checkpoint (:func:`~lvforecast.experiment.sweeps.job.earlier_run`).
+
+:class:`BudgetPreflight` (a Hydra callback) prints the plan before the first job starts, stops after it on a dry
+run, refuses a sweep the ledger cannot cover and writes ``plan.csv``. A study plans its stages with
+:func:`plan_sweep`, the same function. The check is advisory against concurrent users of one ledger: each job still
+reserves its own plan when it starts, so the ledger is never overspent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from lvforecast.atomic import write_csv
+from lvforecast.errors import UserError
+from lvforecast.experiment.sweeps.halving import Halving, Rung, worst_case
+from lvforecast.experiment.sweeps.jobs import STUDY_KEYS, configurations, split_grid, sweeper_arguments
+
+PLAN_CSV = "plan.csv"  # every job's overrides and plan, written before the first job starts
+Compose = Callable[[list[str]], DictConfig]
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """A sweep's planned FLOPs.
+
+    Attributes:
+        rows: One per job (grid) or per (configuration, rung) (halving), as ``plan.csv`` holds them.
+        total: The grid's sum, or the bracket's worst case.
+        jobs: Jobs the sweep launches (a bracket's: the sum of its rung sizes).
+        dearest: The config of the job that plans the most (an evaluation planned before the sweep ran is priced
+            with it).
+        rungs: The bracket (None for a grid).
+    """
+
+    rows: list[dict[str, Any]]
+    total: int
+    jobs: int
+    dearest: DictConfig
+    rungs: list[Rung] | None = None
+
+
+class JobPricer:
+    """What each job reserves, without loading weights; the data's batch shapes are read once per data config."""
+
+    def __init__(self) -> None:
+        self._shapes: dict[tuple[str, int], tuple[Any, int]] = {}
+
+    def __call__(self, cfg: DictConfig, start_step: int | None = None) -> int:
+        """The FLOPs a training job reserves from ``start_step`` (None: its checkpoint's step, else 0).
+
+        Raises:
+            UserError: The job's config is invalid (every problem at once).
+        """
+        from hydra.utils import instantiate
+
+        from lvforecast.budget.planning import plan_config, reserved_flops, resume_step, world_size
+        from lvforecast.experiment.train import validate_train_config
+
+        validate_train_config(cfg)
+        if not cfg.budget.enabled:
+            return 0
+        ranks = world_size(cfg.trainer)
+        key = (OmegaConf.to_yaml(cfg.data, resolve=True), ranks)
+        if key not in self._shapes:
+            datamodule = instantiate(cfg.data)
+            datamodule.prepare_texts()
+            self._shapes[key] = (datamodule.val_batch_shapes(ranks), datamodule.train_batches(ranks))
+        val_shapes, epoch = self._shapes[key]
+        start = resume_step(cfg.get("ckpt_path")) if start_step is None else start_step
+        return reserved_flops(cfg, plan_config(cfg, val_shapes, epoch_batches=epoch, start_step=start)[0])
+
+
+def plan_sweep(arguments: list[str], compose: Compose, sweep_dir: Path, halving: Halving | None = None,
+               pricer: JobPricer | None = None) -> SweepPlan:
+    """Plan the sweep of command-line ``arguments`` (comma lists swept) launched into ``sweep_dir``.
+
+    Args:
+        arguments: The multirun's config overrides (no ``hydra.*`` keys).
+        compose: One job's config from its overrides.
+        sweep_dir: Where the sweep's jobs run (an earlier launch's finished jobs there plan nothing).
+        halving: The bracket's settings; None for a grid.
+        pricer: A shared :class:`JobPricer` (one is made when None).
+
+    Raises:
+        UserError: A job's config is invalid (naming the job), or the bracket's settings are.
+    """
+    from lvforecast.experiment.sweeps.job import earlier_run
+
+    pricer = pricer or JobPricer()
+    if halving is not None:
+        rungs = halving.rungs(compose(split_grid(arguments)[0]), len(configurations(arguments)))
+        return _plan_bracket(configurations(arguments), compose, rungs, pricer)
+    rows, configs = [], []
+    for num, job in enumerate(split_grid(arguments)):
+        cfg = compose(job)
+        earlier = earlier_run(sweep_dir / str(num), job)
+        start = None if earlier.checkpoint is None else _step_of(earlier.checkpoint)
+        flops = 0 if earlier.result is not None else _price(pricer, cfg, start, f"job {num} ({' '.join(job)})")
+        rows.append(_row(num, job, cfg, flops))
+        configs.append(cfg)
+    dearest = configs[max(range(len(rows)), key=lambda k: rows[k]["planned_flops"])]
+    return SweepPlan(rows=rows, total=sum(r["planned_flops"] for r in rows), jobs=len(rows), dearest=dearest)
+
+
+def _plan_bracket(configs: list[list[str]], compose: Compose, rungs: list[Rung], pricer: JobPricer) -> SweepPlan:
+    """Every (configuration, rung) job and the bracket's worst case; an interrupted bracket is planned whole."""
+    rows, costs, last = [], [], []
+    for k, job in enumerate(configs):
+        for rung in rungs:
+            cfg = compose([*job, f"trainer.max_steps={rung.steps}"])
+            flops = _price(pricer, cfg, rung.start, f"configuration {k} ({' '.join(job)})")
+            rows.append({**_row(k, job, cfg, flops), "rung": rung.index, "steps": rung.steps, "start": rung.start})
+        costs.append([r["planned_flops"] for r in rows[-len(rungs):]])
+        last.append(cfg)
+    bounds = worst_case(costs, rungs)
+    for r in rows:
+        r["rung_size"], r["rung_worst_case"] = rungs[r["rung"]].size, bounds[r["rung"]]
+    dearest = last[max(range(len(configs)), key=lambda k: sum(costs[k]))]
+    return SweepPlan(rows=rows, total=sum(bounds), jobs=sum(r.size for r in rungs), dearest=dearest, rungs=rungs)
+
+
+def _price(pricer: JobPricer, cfg: DictConfig, start: int | None, job: str) -> int:
+    try:
+        return pricer(cfg, start_step=start)
+    except ValueError as err:
+        raise UserError(f"{job}: {err}") from err
+
+
+def _step_of(checkpoint: Path) -> int:
+    from lvforecast.budget.planning import resume_step
+
+    return resume_step(str(checkpoint))
+
+
+def _row(num: int, job: list[str], cfg: DictConfig, flops: int) -> dict[str, Any]:
+    """One ``plan.csv`` row: the job, its model and study keys, overrides, plan, ledger and budget."""
+    enabled = bool(cfg.budget.enabled)
+    return {"job": num, "model": _model_name(cfg), **{k: OmegaConf.select(cfg, k) for k in STUDY_KEYS},
+            "overrides": " ".join(job), "planned_flops": flops,
+            "ledger": str(Path(cfg.budget.ledger_path).resolve()) if enabled else "",
+            "budget": int(float(cfg.budget.total_flops)), "dry_run": bool(cfg.budget.dry_run)}
+
+
+def _model_name(cfg: DictConfig) -> str:
+    """A short model label for tables: the chosen ``model`` option (e.g. ``smollm2-135m``), else the loader."""
+    choice = OmegaConf.select(cfg, "hydra.runtime.choices.model", default=None)
+    return str(choice or cfg.model.loader.get("name_or_path") or cfg.model.loader._target_.rsplit(".", 1)[-1])
+
+
+def format_plan(plan: SweepPlan) -> tuple[str, bool]:
+    """The plan as markdown (per job, or per rung of a bracket) and whether the ledger covers it."""
+    from lvforecast.budget.ledger import remaining_in
+
+    if plan.rungs is None:
+        keys = ["model", *STUDY_KEYS]
+        lines = ["", "FLOP plan of the multirun (no weights loaded):", "",
+                 "| job | " + " | ".join(keys) + " | planned FLOPs | cumulative |",
+                 "|---:|" + "---|" * len(keys) + "---:|---:|"]
+        cumulative = 0
+        for r in plan.rows:
+            cumulative += r["planned_flops"]
+            lines.append(f"| {r['job']} | " + " | ".join(str(r[k]) for k in keys)
+                         + f" | {r['planned_flops']:.4e} | {cumulative:.4e} |")
+        what = f"{plan.jobs} jobs"
+    else:
+        lines = ["", "FLOP plan of the successive-halving bracket (no weights loaded; worst case over survivors):",
+                 "", "| rung | configurations | steps | from step | cheapest job | dearest job | worst case |",
+                 "|---:|---:|---:|---:|---:|---:|---:|"]
+        for rung in plan.rungs:
+            costs = [r["planned_flops"] for r in plan.rows if r["rung"] == rung.index]
+            lines.append(f"| {rung.index} | {rung.size} of {len(costs)} | {rung.steps} | {rung.start} | "
+                         f"{min(costs):.4e} | {max(costs):.4e} | "
+                         f"{next(r['rung_worst_case'] for r in plan.rows if r['rung'] == rung.index):.4e} |")
+        what = "the worst case of the bracket"
+    ledger = next((r["ledger"] for r in plan.rows if r["ledger"]), "")
+    if not ledger:
+        return "\n".join([*lines, "", "budget disabled: nothing to check"]) + "\n", True
+    remaining = remaining_in(ledger, plan.rows[0]["budget"])
+    fits = plan.total <= remaining
+    lines += ["", f"total {plan.total:.4e} FLOPs for {what}; ledger {ledger} has {remaining:.4e} left -> "
+              f"{'fits' if fits else 'REFUSED'} ({100 * plan.total / max(remaining, 1):.3g}% of what is left)"]
+    return "\n".join(lines) + "\n", fits
+
+
+def multirun_plan(config: DictConfig) -> SweepPlan | None:
+    """The plan of the multirun ``config`` (with its ``hydra`` node); None for a sweeper whose jobs are unknown."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    target = str(config.hydra.sweeper.get("_target_", ""))
+    if target.endswith("HalvingSweeper"):
+        sw = config.hydra.sweeper
+        halving = Halving(sw.min_steps, sw.eta, sw.max_steps)
+    elif target.endswith("BasicSweeper"):
+        halving = None
+    else:
+        return None
+    loader = GlobalHydra.instance().config_loader()
+    return plan_sweep(sweeper_arguments(config), lambda job: loader.load_sweep_config(config, list(job)),
+                      Path(config.hydra.sweep.dir), halving)
+
+
+class BudgetPreflight(Callback):
+    """Plan every job of a multirun before the first starts; refuse the multirun if the ledger cannot cover it."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Print the plan; exit 0 on a dry run, refuse (exit 1) when it does not fit, else write ``plan.csv``.
+
+        Raises:
+            SystemExit: A dry run (code 0); a job that cannot be composed or planned, or a plan over what the
+                ledger has left (a message, exit code 1).
+        """
+        try:
+            plan = multirun_plan(config)
+        except Exception as err:  # a job that cannot be composed or planned would fail anyway: refuse now
+            raise SystemExit(f"multirun refused before launch: {err}") from err
+        if plan is None:
+            print(f"sweeper {config.hydra.sweeper.get('_target_')}: jobs unknown before launch, no pre-flight budget "
+                  f"check (each job still reserves its plan)", flush=True)
+            return
+        text, fits = format_plan(plan)
+        print(text, flush=True)
+        if any(r["dry_run"] for r in plan.rows):
+            raise SystemExit(0)
+        if not fits:
+            raise SystemExit("multirun refused before launch: the planned FLOPs exceed what the ledger has left "
+                             "(table above); shorten the sweep (trainer.max_steps, fewer values, a smaller bracket) "
+                             "or raise the budget")
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        write_csv(sweep_dir / PLAN_CSV, [{k: v for k, v in r.items() if k != "dry_run"} for r in plan.rows])
