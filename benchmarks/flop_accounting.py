@@ -27,7 +27,7 @@ import torch
 
 from lvforecast.budget.callback import FlopBudget
 from lvforecast.budget.ledger import Ledger
-from lvforecast.budget.planning import Plan
+from lvforecast.budget.planning import Plan, Pricing
 from lvforecast.budget.reservation import Reservation
 from lvforecast.budget.shapes import Conventions, LoRASpec, shape_of
 from lvforecast.data.datamodule import LotkaVolterraDataModule
@@ -98,7 +98,8 @@ def fit_once(data_path: Path, steps: int, warmup: int, with_budget: bool, workdi
         TimedLedger.charge_seconds = 0.0
         plan = Plan(train_step=0, steps=steps, validation_pass=0, validations=0, sanity=0, evaluation=0,
                     next_step_shape=(4, 96))
-        reservation = Reservation.open(ledger, "bench", plan, shape_of(loaded.model), LoRASpec(rank=4), Conventions(),
+        reservation = Reservation.open(ledger, "bench", plan, Pricing(shape_of(loaded.model), LoRASpec(rank=4),
+                                                                      Conventions()),
                                        reserve=10**15)
         budget_cb = TimedFlopBudget(reservation, mode="enforce", commit_every_n_steps=10, commit_min_interval_s=1.0)
         callbacks.append(budget_cb)

@@ -11,9 +11,10 @@ from conftest import TINY_RUN, compose_train
 
 from lvforecast.budget.audit import FlopAudit, audit_forward
 from lvforecast.budget.formulas import forward_flops
-from lvforecast.budget.planning import plan_config, planning_shape
 from lvforecast.budget.shapes import ALPHABET_SIZE, BUILTIN, Conventions, LoRASpec, shape_of
 from lvforecast.data.encoding import ALPHABET
+from lvforecast.experiment.config import check_train_config
+from lvforecast.experiment.config import model_shape as planning_shape
 from lvforecast.model.loading import build_tiny_qwen, load_smollm2
 from lvforecast.model.lora import LogitBias, apply_lora, decoder_stack
 from lvforecast.model.module import LoRAForecaster, alphabet_labels, constant_schedule, token_loss_sum
@@ -158,7 +159,7 @@ def test_bad_head_and_missing_char_ids_are_refused():
         LoRAForecaster(peft_model, head="alphabet", **common)
     cfg = compose_train(TINY_RUN + ["model.head=vocab"])
     with pytest.raises(ValueError, match=r"model.head='vocab'"):
-        plan_config(cfg, [(4, 96)])
+        check_train_config(cfg)
 
 
 # ---- (b) full head: val/loss unchanged, plus val/loss_alphabet --------------------------------------------

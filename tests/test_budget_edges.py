@@ -15,8 +15,8 @@ from conftest import TINY_RUN, compose_train
 
 from lvforecast.budget.formulas import forward_flops
 from lvforecast.budget.ledger import Ledger
-from lvforecast.budget.planning import planning_shape
 from lvforecast.budget.shapes import Conventions, LoRASpec
+from lvforecast.experiment.config import model_shape as planning_shape
 from lvforecast.experiment.train import train
 from lvforecast.utils import read_metrics_csv
 
@@ -267,13 +267,13 @@ def test_two_ranks_share_one_budget_and_stop_after_the_same_step(sim_cache, tmp_
 
 def test_plan_and_preflight_count_every_rank(sim_cache, tmp_path):
     # Was: each rank reserved the single-process plan and the pre-flight table undercounted by the rank count.
-    from lvforecast.experiment.sweeps.preflight import plan_jobs
+    from lvforecast.experiment.sweeps.plan import plan_sweep
 
     common = BASE + ["trainer.max_steps=4", "trainer.val_check_interval=2"]
-    jobs = [([], compose_train(common + extra, output_dir=tmp_path, cache_dir=sim_cache))
-            for extra in ([], ["trainer=ddp", "trainer.devices=2"],
-                          ["trainer=ddp", "trainer.devices=2", "trainer.num_nodes=2"])]
-    single, two, four = (row["planned_flops"] for row in plan_jobs(jobs))
+    plan = plan_sweep(["trainer=ddp", "trainer.devices=1,2", "trainer.num_nodes=1,2"],  # ranks 1, 2, 2, 4
+                      lambda job: compose_train(common + job, output_dir=tmp_path, cache_dir=sim_cache), tmp_path)
+    single, two_nodes, two, four = (row["planned_flops"] for row in plan.rows)
+    assert two_nodes == two
     assert (two, four) == (2 * single, 4 * single)
 
 

@@ -7,8 +7,8 @@ from conftest import TINY_RUN, compose_train
 
 from lvforecast.budget.formulas import forward_flops
 from lvforecast.budget.ledger import BudgetExceededError, Ledger
-from lvforecast.budget.planning import planning_shape
 from lvforecast.budget.shapes import Conventions, LoRASpec
+from lvforecast.experiment.config import model_shape as planning_shape
 from lvforecast.experiment.train import train
 
 RUN = TINY_RUN + ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=2"]

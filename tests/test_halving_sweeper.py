@@ -9,8 +9,8 @@ from conftest import compose_train
 from test_sweeps import TINY, multirun, read_rows
 
 from lvforecast.budget.ledger import Ledger
-from lvforecast.experiment.halving import configurations
 from lvforecast.experiment.sweeps import best_from
+from lvforecast.experiment.sweeps.jobs import configurations
 
 # Three configurations, validation every 2 steps: rung 0 trains all three 2 steps, the best continues to 6.
 HALVING = [*TINY, "sweep=lr_rank", "hydra/sweeper=halving", "hydra.sweeper.min_steps=2", "trainer.max_steps=6",
@@ -18,7 +18,7 @@ HALVING = [*TINY, "sweep=lr_rank", "hydra/sweeper=halving", "hydra.sweeper.min_s
 
 
 def test_configurations_are_the_basic_sweepers_product_without_the_rung_keys():
-    jobs = configurations({"optim.lr": "1e-3,1e-2", "lora.r": "2,4"}, ["trainer.max_steps=9", "model=tiny"])
+    jobs = configurations(["optim.lr=1e-3,1e-2", "lora.r=2,4", "trainer.max_steps=9", "model=tiny"])
     assert jobs[0] == ["optim.lr=0.001", "lora.r=2", "model=tiny"] and len(jobs) == 4
 
 

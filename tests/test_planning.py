@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from lvforecast.budget.planning import LIGHTNING_DEFAULTS, trainer_setting
+from lvforecast.experiment.config import LIGHTNING_DEFAULTS, trainer_setting
 
 
 def test_lightning_defaults_match_a_real_trainer():
@@ -38,7 +38,7 @@ def test_the_schedule_matches_lightnings_loop(accumulate, interval, every):
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lvforecast.budget.planning import schedule_of
+    from lvforecast.experiment.config import schedule_of
 
     class Toy(pl.LightningModule):
         def __init__(self) -> None:

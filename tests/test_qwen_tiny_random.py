@@ -17,9 +17,10 @@ from test_evaluation import compose_eval  # noqa: E402
 
 from lvforecast.budget.audit import audit_forward, compare  # noqa: E402
 from lvforecast.budget.formulas import forward_flops, generation_flops  # noqa: E402
-from lvforecast.budget.planning import planning_shape, token_counts  # noqa: E402
 from lvforecast.budget.shapes import Conventions, LoRASpec, shape_of  # noqa: E402
 from lvforecast.evaluation.forecast import planned_batches  # noqa: E402
+from lvforecast.experiment.config import model_shape as planning_shape  # noqa: E402
+from lvforecast.experiment.config import token_counts  # noqa: E402
 from lvforecast.experiment.evaluate import evaluate  # noqa: E402
 from lvforecast.experiment.train import train  # noqa: E402
 from lvforecast.model.lora import apply_lora  # noqa: E402

@@ -296,7 +296,7 @@ def test_budget_cli_names_a_bad_ledger_path_and_the_fix(tmp_path, capsys, kind, 
 def test_training_names_a_bad_ledger_before_loading_weights(sim_cache, tmp_path, kind, monkeypatch):
     path, found = _bad_ledger(kind, tmp_path)
     loaded = []
-    monkeypatch.setattr("lvforecast.experiment.train._fit", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr("lvforecast.experiment.train.fit", lambda *a, **k: loaded.append(1))
     cfg = compose_train(TINY_RUN + ["trainer.max_steps=2", f"budget.ledger_path={path}"],
                         output_dir=tmp_path / "run", cache_dir=sim_cache)
     with pytest.raises(UserError) as info:

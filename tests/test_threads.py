@@ -29,8 +29,8 @@ def test_torch_threads_sets_and_restores():
 
 
 def test_a_bad_threads_value_fails_before_loading(tmp_path):
-    from lvforecast.experiment.train import validate_train_config
+    from lvforecast.experiment.config import check_train_config
 
     cfg = compose_train(TINY_RUN + ["threads=0"], output_dir=tmp_path)
     with pytest.raises(ValueError, match="threads=0"):
-        validate_train_config(cfg)
+        check_train_config(cfg)

@@ -39,10 +39,8 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 
-from lvforecast.budget.formulas import forward_flops
 from lvforecast.budget.ledger import Kind
 from lvforecast.budget.reservation import Reservation
-from lvforecast.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -71,20 +69,12 @@ class FlopBudget(pl.Callback):
 
     def __init__(self, reservation: Reservation, mode: Literal["enforce", "track"], commit_every_n_steps: int,
                  commit_min_interval_s: float) -> None:
-        if mode not in ("enforce", "track"):
-            raise UserError(f"budget.mode={mode!r}: allowed 'enforce' or 'track'")
-        if commit_every_n_steps < 1:
-            raise UserError(f"budget.commit_every_n_steps={commit_every_n_steps!r}: must be >= 1")
-        if not commit_min_interval_s >= 0:
-            raise UserError(f"budget.commit_min_interval_s={commit_min_interval_s!r}: must be >= 0")
         self.reservation = reservation
         self.plan = reservation.plan
         self.ledger = reservation.ledger
         self.run_id = reservation.run_id
         self.reserved = int(reservation.reserved)
-        self.shape = reservation.shape
-        self.lora = reservation.lora
-        self.conventions = reservation.conventions
+        self.pricing = reservation.pricing
         self.mode = mode
         self.commit_every_n_steps = commit_every_n_steps
         self.final_validation_flops = int(self.plan.validation_pass)
@@ -108,7 +98,7 @@ class FlopBudget(pl.Callback):
         """Forward FLOPs of a padded ``(batch, seq_len)`` tensor (memoised: shapes repeat)."""
         key = (batch, seq_len)
         if key not in self._forward_cache:
-            self._forward_cache[key] = forward_flops(self.shape, batch, seq_len, self.lora, self.conventions).total
+            self._forward_cache[key] = self.pricing.forward(batch, seq_len)
         return self._forward_cache[key]
 
     def charge(self, kind: Kind, flops: int, steps: int = 0, tokens: int = 0, seconds: float = 0.0) -> None:

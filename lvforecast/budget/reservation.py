@@ -1,8 +1,8 @@
 """One run's hold on the study budget, made once before any weights load.
 
 A :class:`Reservation` is what training and evaluation carry from planning to the end of a run: the plan it
-reserved, the model shape, LoRA spec and counting conventions the plan was priced with, the ledger, the ledger's
-run id and the FLOPs reserved. It is frozen: nothing downstream re-derives or re-reads any of it.
+reserved, the :class:`~lvforecast.budget.planning.Pricing` the plan was priced with, the ledger, the ledger's run
+id and the FLOPs reserved. It is frozen: nothing downstream re-derives or re-reads any of it.
 :meth:`Reservation.held` is the one place a run's ledger row is finished, with the status the run reports on
 success, ``interrupted`` after SIGTERM/SIGINT and ``failed`` on any other exception, so no caller repeats the
 open / try / finish dance.
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lvforecast.budget.ledger import Ledger, RunOutcome
-from lvforecast.budget.shapes import Conventions, LoRASpec, ModelShape
+from lvforecast.budget.planning import Pricing
 
 
 @dataclass(frozen=True)
@@ -30,9 +30,7 @@ class Reservation:
     Attributes:
         plan: The planned work (a training :class:`~lvforecast.budget.planning.Plan` or a generation plan);
             ``plan.as_dict()`` is what the ledger stores.
-        shape: Model shape the FLOP formulas read.
-        lora: LoRA spec (rank, targets, logit bias), or None for an untrained model.
-        conventions: Counting conventions the plan was priced with.
+        pricing: What the plan was priced with, and every charge is (model shape, LoRA spec, conventions).
         ledger: The study's ledger.
         run_id: This run's row in the ledger.
         reserved: FLOPs reserved (the plan's total, or ``budget.run_cap_flops``).
@@ -41,18 +39,16 @@ class Reservation:
     """
 
     plan: Any
-    shape: ModelShape
-    lora: LoRASpec | None
-    conventions: Conventions
+    pricing: Pricing
     ledger: Ledger
     run_id: int
     reserved: int
     leader: bool = True
 
     @classmethod
-    def open(cls, ledger: Ledger, name: str, plan: Any, shape: ModelShape, lora: LoRASpec | None,
-             conventions: Conventions, *, reserve: int | None = None, sweep: str | None = None,
-             config_hash: str | None = None, study: str | None = None, stage: str | None = None) -> Reservation:
+    def open(cls, ledger: Ledger, name: str, plan: Any, pricing: Pricing, *, reserve: int | None = None,
+             sweep: str | None = None, config_hash: str | None = None, study: str | None = None,
+             stage: str | None = None) -> Reservation:
         """Reserve ``reserve`` (default: the plan's total) FLOPs as a new ledger run.
 
         Raises:
@@ -61,15 +57,12 @@ class Reservation:
         flops = int(plan.total if reserve is None else reserve)
         run_id = ledger.open_run(name, flops, sweep=sweep, config_hash=config_hash, plan=plan.as_dict(), study=study,
                                  stage=stage)
-        return cls(plan=plan, shape=shape, lora=lora, conventions=conventions, ledger=ledger, run_id=run_id,
-                   reserved=flops)
+        return cls(plan=plan, pricing=pricing, ledger=ledger, run_id=run_id, reserved=flops)
 
     @classmethod
-    def follower(cls, ledger: Ledger, plan: Any, shape: ModelShape, lora: LoRASpec | None, conventions: Conventions,
-                 reserved: int) -> Reservation:
+    def follower(cls, ledger: Ledger, plan: Any, pricing: Pricing, reserved: int) -> Reservation:
         """A rank other than 0 of a distributed run: rank 0's reservation, its run id learnt once training starts."""
-        return cls(plan=plan, shape=shape, lora=lora, conventions=conventions, ledger=ledger, run_id=-1,
-                   reserved=int(reserved), leader=False)
+        return cls(plan=plan, pricing=pricing, ledger=ledger, run_id=-1, reserved=int(reserved), leader=False)
 
     @contextmanager
     def held(self) -> Iterator[RunOutcome]:

@@ -370,12 +370,12 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
     def _split_series(self, systems: Sequence[int]) -> list[EncodedSeries]:
         return [self.series[s] for s in systems]
 
-    def val_batch_shapes(self, world_size: int = 1) -> list[tuple[int, int]] | list[list[tuple[int, int]]]:
-        """``(B, N)`` of every validation batch, in loader order (validation is not shuffled).
+    def val_batch_shapes(self, world_size: int = 1) -> list[list[tuple[int, int]]]:
+        """``(B, N)`` of every validation batch in loader order (validation is not shuffled), one list per rank.
 
         Args:
-            world_size: Ranks; above 1, one list per rank, each rank's share dealt as Lightning's unshuffled
-                ``DistributedSampler`` deals it (padded by repeating the first windows, rank r takes r, r + world...).
+            world_size: Ranks; each rank's share is dealt as Lightning's unshuffled ``DistributedSampler`` deals it
+                (padded by repeating the first windows, rank r takes r, r + world...).
         """
         self.prepare_texts()
         lengths = [n for _, _, n in window_spans(self._split_series(self.split.val), self.context_length,
@@ -386,7 +386,7 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
             return [(len(rows[i : i + size]), max(rows[i : i + size])) for i in range(0, len(rows), size)]
 
         if world_size == 1:
-            return batches(lengths)
+            return [batches(lengths)]
         total = -(-len(lengths) // world_size) * world_size
         padded = (lengths * (-(-total // max(1, len(lengths)))))[:total]
         return [batches(padded[rank::world_size]) for rank in range(world_size)]

@@ -42,9 +42,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from lvforecast.atomic import atomic_writer, check_writable, write_text
 from lvforecast.budget.formulas import generation_flops
-from lvforecast.budget.planning import GenerationPlan, planning_shape, token_counts
+from lvforecast.budget.planning import GenerationPlan, Pricing
 from lvforecast.budget.reservation import Reservation
-from lvforecast.budget.shapes import ALPHABET_SIZE, Conventions, LoRASpec, ModelShape, int_at_least, is_finite_number
+from lvforecast.budget.shapes import ALPHABET_SIZE, int_at_least, is_finite_number
 from lvforecast.data.encoding import VARIABLES
 from lvforecast.data.split import EvaluationInputs
 from lvforecast.errors import UserError
@@ -70,9 +70,7 @@ class _PricedPlan:
     """The generation plan and what it was priced with (what :meth:`Reservation.open` takes)."""
 
     plan: GenerationPlan
-    shape: ModelShape
-    lora: LoRASpec | None
-    conventions: Conventions
+    pricing: Pricing
 
 
 @dataclass(frozen=True)
@@ -141,7 +139,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.budget.dry_run:
         return _dry_run(cfg, out, priced, inputs)
     reservation = _reserve(cfg, source, priced)
-    with torch_threads(cfg.threads, priced.shape):
+    with torch_threads(cfg.threads, priced.pricing.shape):
         forecasts = _forecast(cfg, source, inputs, reservation)
     metrics = _score(inputs, forecasts)
     return _write(cfg, out, source, inputs, forecasts, metrics)
@@ -274,10 +272,9 @@ def _load(cfg: DictConfig, source: _Source) -> EvaluationInputs:
 def _generation_plan(cfg: DictConfig, source: _Source, inputs: EvaluationInputs) -> _PricedPlan:
     """Generation FLOPs, an upper bound (every batch of the forecaster decodes its longest steps), and pricing."""
     from lvforecast.evaluation.forecast import planned_batches
+    from lvforecast.experiment.config import pricing_of, token_counts
 
-    shape, conv = planning_shape(source.model), Conventions()
-    lora = LoRASpec(rank=source.lora.r, targets=tuple(source.lora.target_modules),
-                    logit_bias=bool(source.lora.get("train_logit_bias", False))) if source.lora else None
+    pricing = pricing_of(source.model, source.lora)
     fc = cfg.forecast
     # Constrained decoding with the loop scores the alphabet's rows only, whichever head the adapter trained with.
     head_rows = ALPHABET_SIZE if fc.constrained and fc.head == "alphabet" and fc.decoder == "loop" else None
@@ -287,10 +284,10 @@ def _generation_plan(cfg: DictConfig, source: _Source, inputs: EvaluationInputs)
     batches = planned_batches(token_counts(source.model, list(inputs.prompts)), horizon_steps=int(fc.horizon_steps),
                               max_int_digits=int(fc.max_int_digits), decimals=inputs.decimals,
                               num_samples=int(fc.num_samples), batch_size=int(fc.batch_size))
-    total = sum(generation_flops(shape, rows, prompt_len, new, lora, conv, kv_cache=True, prefill_logits="last",
-                                 head_rows=head_rows, lookahead=lookahead)
+    total = sum(generation_flops(pricing.shape, rows, prompt_len, new, pricing.lora, pricing.conventions,
+                                 kv_cache=True, prefill_logits="last", head_rows=head_rows, lookahead=lookahead)
                 for rows, prompt_len, new in batches)
-    return _PricedPlan(GenerationPlan(rows=sum(rows for rows, _, _ in batches), total=total), shape, lora, conv)
+    return _PricedPlan(GenerationPlan(rows=sum(rows for rows, _, _ in batches), total=total), pricing)
 
 
 def _dry_run(cfg: DictConfig, out: Path, priced: _PricedPlan, inputs: EvaluationInputs) -> dict[str, Any]:
@@ -313,8 +310,8 @@ def _reserve(cfg: DictConfig, source: _Source, priced: _PricedPlan) -> Reservati
     from lvforecast.experiment.rundir import ledger_name
 
     name = ledger_name(cfg, f"evaluate:{cfg.run_dir or source.model.loader._target_.rsplit('.', 1)[-1]}")
-    reservation = Reservation.open(ledger, name, priced.plan, priced.shape, priced.lora, priced.conventions,
-                                   sweep=cfg.get("sweep_name"), study=cfg.budget.study, stage=cfg.budget.stage)
+    reservation = Reservation.open(ledger, name, priced.plan, priced.pricing, sweep=cfg.get("sweep_name"),
+                                   study=cfg.budget.study, stage=cfg.budget.stage)
     log.info("generation FLOPs reserved (upper bound): %.4e as run %d", priced.plan.total, reservation.run_id)
     return reservation
 

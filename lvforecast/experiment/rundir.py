@@ -1,5 +1,8 @@
 """Run directories: unique names, one run per directory, and a resumed run's history kept.
 
+:class:`RunDir` is a training run's directory as the run sees it: it owns the claim, ``config.yaml``,
+``run_info.json`` with its segments, and the metrics history; only the lead process (rank 0) writes.
+
 - ``${lv_unique:}`` (:func:`unique_suffix`): ``<pid>-<4 hex>``, appended to the time in Hydra's run and sweep
   directory names (``conf/hydra/default.yaml``), so two runs started in the same second never share one.
   Registered on import of :mod:`lvforecast.experiment`; cached per config like ``${now:}``, so a multirun's
@@ -19,12 +22,13 @@ import json
 import os
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lvforecast.atomic import atomic_writer, write_text
 from lvforecast.errors import UserError
 
 RESOLVER = "lv_unique"
@@ -162,8 +166,6 @@ def install_history(loggers: list[Any], out: Path, header: list[str], rows: list
     from pytorch_lightning.loggers import CSVLogger
     from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
-    from lvforecast.atomic import atomic_writer
-
     class _HistoryWriter(ExperimentWriter):
         def _check_log_dir_exists(self) -> None:  # keep the history: no delete
             pass
@@ -219,3 +221,57 @@ def segments(previous: dict[str, Any] | None, start_step: int, ckpt_path: str | 
 def end_segment(segs: list[dict[str, Any]], end_step: int, status: str) -> None:
     """Close the last segment at ``end_step`` with ``status`` (``finished``, ``budget_exhausted``, ``failed``)."""
     segs[-1].update(end_step=end_step, status=status, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+
+@dataclass
+class RunDir:
+    """A training run's directory (see the module docstring).
+
+    Attributes:
+        out: The directory.
+        lead: Whether this process writes it (rank 0; the other ranks of a distributed run share it).
+        start_step: The step this run starts at (the checkpoint's on a resume, else 0).
+        claim: How the run claimed the directory.
+        info: ``run_info.json`` as last written.
+    """
+
+    out: Path
+    lead: bool
+    start_step: int
+    claim: Claim
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, cfg: DictConfig, start_step: int, lead: bool) -> RunDir:
+        """Claim ``paths.output_dir`` (refusing another run's) and write the resolved ``config.yaml``."""
+
+        out = Path(cfg.paths.output_dir)
+        run = cls(out, lead, start_step, claim(cfg, out) if lead else Claim("fresh"))
+        out.mkdir(parents=True, exist_ok=True)
+        run.write("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        return run
+
+    def write(self, name: str, text: str) -> None:
+        """Write ``name`` atomically, in the lead process only."""
+        if self.lead:
+            write_text(self.out / name, text)
+
+    def begin(self, record: dict[str, Any], loggers: list[Any], ckpt_path: str | None) -> None:
+        """Start this run's segment: ``run_info.json`` with ``record``, and ``metrics.csv`` kept up to the
+        checkpoint's step on a resume in the same directory (appended to after it)."""
+        resume = self.claim.kind == "resume"
+        self.info = {**record, "segments": segments(self.claim.previous if resume else None, self.start_step,
+                                                    ckpt_path)}
+        if self.lead:
+            header, rows = metrics_history(self.out, self.start_step) if resume else ([], [])
+            install_history(loggers, self.out, header, rows)
+            self.write_info()
+
+    def end(self, step: int, status: str, **record: Any) -> None:
+        """Close the segment at ``step`` with ``status`` and write ``run_info.json`` with ``record`` added."""
+        end_segment(self.info["segments"], step, status)
+        self.info.update(record)
+        self.write_info()
+
+    def write_info(self) -> None:
+        self.write("run_info.json", json.dumps(self.info, indent=1))

@@ -15,7 +15,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lvforecast.errors import UserError
 from lvforecast.tracking.mode import decide_mode
 
 log = logging.getLogger(__name__)
@@ -64,13 +63,12 @@ def wandb_logger(
         A ``SafeWandbLogger`` (a ``pytorch_lightning.loggers.WandbLogger``).
 
     Raises:
-        UserError: As :func:`~lvforecast.tracking.mode.decide_mode`; a timeout that is not a number in range.
+        UserError: As :func:`~lvforecast.tracking.mode.decide_mode` (the config check has reported it before).
     """
     import wandb
 
     from lvforecast.tracking.fallback import SafeWandbLogger
 
-    timeout_problems(init_timeout_s, finish_timeout_s, raise_=True)
     decision = decide_mode(mode)
     log.info("W&B: %s run (%s)", decision.mode, decision.reason)
     group = run_group(group, group_per_launch)
@@ -96,12 +94,21 @@ MAX_INIT_TIMEOUT_S = 30.0
 GROUP_FILE = "group.json"  # <save_dir>/wandb/group.json: the group this directory's W&B runs were given
 
 
-def timeout_problems(init_timeout_s: Any, finish_timeout_s: Any, raise_: bool = False) -> list[str]:
-    """What is wrong with ``logger.wandb.init_timeout_s`` / ``finish_timeout_s`` (empty when nothing).
+def wandb_problems(node: Any) -> list[str]:
+    """What is wrong with a ``logger.wandb`` node (its mode, or online with no API key; its timeouts), checked with
+    the rest of the config before anything loads; nothing without W&B."""
+    if not node or node.get("_target_") != f"{__name__}.wandb_logger":
+        return []
+    problems = []
+    try:
+        decide_mode(node.get("mode", "auto"))
+    except ValueError as err:
+        problems.append(str(err))
+    return problems + timeout_problems(node.get("init_timeout_s"), node.get("finish_timeout_s"))
 
-    Raises:
-        UserError: With ``raise_``, when anything is.
-    """
+
+def timeout_problems(init_timeout_s: Any, finish_timeout_s: Any) -> list[str]:
+    """What is wrong with ``logger.wandb.init_timeout_s`` / ``finish_timeout_s`` (empty when nothing)."""
     from lvforecast.budget.shapes import is_finite_number as number
 
     problems = []
@@ -111,8 +118,6 @@ def timeout_problems(init_timeout_s: Any, finish_timeout_s: Any, raise_: bool = 
     if not (number(finish_timeout_s) and finish_timeout_s > 0):
         problems.append(f"logger.wandb.finish_timeout_s={finish_timeout_s!r}: must be a number of seconds > 0, "
                         "the longest uploads wait at the end of a run")
-    if problems and raise_:
-        raise UserError(problems[0] if len(problems) == 1 else "invalid config:\n  - " + "\n  - ".join(problems))
     return problems
 
 

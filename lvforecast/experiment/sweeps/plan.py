@@ -65,21 +65,22 @@ class JobPricer:
         """
         from hydra.utils import instantiate
 
-        from lvforecast.budget.planning import plan_config, reserved_flops, resume_step, world_size
-        from lvforecast.experiment.train import validate_train_config
+        from lvforecast.budget.planning import plan_run, reserved_flops
+        from lvforecast.experiment import config
 
-        validate_train_config(cfg)
+        start = config.checkpoint_step(cfg.get("ckpt_path")) if start_step is None else start_step
+        config.check_train_config(cfg, start)
         if not cfg.budget.enabled:
             return 0
-        ranks = world_size(cfg.trainer)
+        ranks = config.world_size(cfg.trainer)
         key = (OmegaConf.to_yaml(cfg.data, resolve=True), ranks)
         if key not in self._shapes:
             datamodule = instantiate(cfg.data)
             datamodule.prepare_texts()
             self._shapes[key] = (datamodule.val_batch_shapes(ranks), datamodule.train_batches(ranks))
         val_shapes, epoch = self._shapes[key]
-        start = resume_step(cfg.get("ckpt_path")) if start_step is None else start_step
-        return reserved_flops(cfg, plan_config(cfg, val_shapes, epoch_batches=epoch, start_step=start)[0])
+        plan = plan_run(config.train_pricing(cfg), config.run_shape(cfg, val_shapes, epoch, start))
+        return reserved_flops(plan, cfg.budget.run_cap_flops, cfg.budget.mode)
 
 
 def plan_sweep(arguments: list[str], compose: Compose, sweep_dir: Path, halving: Halving | None = None,
@@ -139,9 +140,9 @@ def _price(pricer: JobPricer, cfg: DictConfig, start: int | None, job: str) -> i
 
 
 def _step_of(checkpoint: Path) -> int:
-    from lvforecast.budget.planning import resume_step
+    from lvforecast.experiment.config import checkpoint_step
 
-    return resume_step(str(checkpoint))
+    return checkpoint_step(str(checkpoint))
 
 
 def _row(num: int, job: list[str], cfg: DictConfig, flops: int) -> dict[str, Any]:

@@ -1,0 +1,277 @@
+"""A training run's config, read once: every key checked before anything heavy loads, then the typed objects the
+run is planned with.
+
+:func:`check_train_config` raises one :class:`~lvforecast.errors.UserError` listing every problem, one check per
+config group, each group's keys checked where its module defines them (the data module's, LoRA's, W&B's) or
+here (seed, optimizer, budget, trainer, checkpoint). :func:`pricing_of` and :func:`run_shape` turn the config and
+the data into the :class:`~lvforecast.budget.planning.Pricing` and
+:class:`~lvforecast.budget.planning.RunShape` that planning takes: planning itself never reads the config.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from lvforecast.budget.planning import Pricing, RunShape
+from lvforecast.budget.schedule import Schedule
+from lvforecast.budget.shapes import ALPHABET_SIZE, HEADS, Conventions, LoRASpec, ModelShape
+from lvforecast.budget.shapes import int_at_least as _int_at_least
+from lvforecast.budget.shapes import is_finite_number as _finite
+from lvforecast.errors import UserError
+
+SEED_MAX = 2**32 - 1  # numpy's (and so Lightning's seed_everything's) range is [0, 2**32 - 1]
+# What Lightning's Trainer makes of these arguments when they are left out (its signature says None and the
+# Trainer resolves them); tests/test_planning.py holds this against a real Trainer so it cannot drift.
+LIGHTNING_DEFAULTS: dict[str, Any] = {"num_sanity_val_steps": 2, "limit_val_batches": 1.0, "val_check_interval": 1.0}
+
+
+def check_train_config(cfg: DictConfig, start_step: int = 0) -> None:
+    """Check a composed ``conf/train.yaml`` before anything is written or loaded.
+
+    Args:
+        cfg: The config.
+        start_step: The checkpoint's step when resuming (read once, by the caller).
+
+    Raises:
+        UserError: Every problem at once, each naming its key, the value and what is allowed.
+    """
+    from lvforecast.data.datamodule import LotkaVolterraDataModule
+    from lvforecast.model.lora import lora_config_problems
+    from lvforecast.threads import resolve_threads
+    from lvforecast.tracking.loggers import wandb_problems
+
+    problems = seed_problems(cfg.get("seed"))
+    problems += lora_config_problems(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
+    sizes = {k: cfg.data.get(k) for k in ("context_length", "stride_steps", "batch_size", "scale_context_steps",
+                                          "val_batch_size") if k != "val_batch_size" or cfg.data.get(k) is not None}
+    problems += LotkaVolterraDataModule.config_problems(decimals=cfg.data.decimals, **sizes)
+    try:
+        resolve_threads(cfg.threads, None, 1)
+    except ValueError as err:
+        problems.append(str(err))
+    if cfg.model.get("head") not in HEADS:
+        problems.append(f"model.head={cfg.model.get('head')!r}: allowed {', '.join(map(repr, HEADS))}")
+    lr = cfg.optim.get("lr")
+    if not (_finite(lr) and lr > 0):
+        problems.append(f"optim.lr={lr!r}: must be a number > 0")
+    problems += budget_problems(cfg.budget) + trainer_problems(cfg.trainer)
+    max_steps = cfg.trainer.get("max_steps")
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        problems.append(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
+    elif cfg.get("ckpt_path") and _int_at_least(max_steps, 1) and max_steps <= start_step:
+        problems.append(f"trainer.max_steps={max_steps}: the checkpoint {cfg.ckpt_path} is at step {start_step}, so "
+                        f"resuming needs trainer.max_steps > {start_step} (it counts from the first run's start)")
+    problems += wandb_problems((cfg.get("logger") or {}).get("wandb"))
+    if problems:
+        raise UserError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def seed_problems(seed: Any) -> list[str]:
+    """``seed`` must be an integer in [0, 2**32 - 1]: it seeds the run and every step's draws (``step_seed``)."""
+    if _int_at_least(seed, 0) and seed <= SEED_MAX:
+        return []
+    return [f"seed={seed!r}: must be an integer in [0, {SEED_MAX}] (it seeds the run and each step's random "
+            f"draws); fix: e.g. seed=42"]
+
+
+def budget_problems(b: DictConfig) -> list[str]:
+    """Every ``budget.*`` key a run reads (its plan, reservation and callback)."""
+    problems = []
+    if b.mode not in ("enforce", "track"):
+        problems.append(f"budget.mode={b.mode!r}: allowed 'enforce' or 'track'")
+    if not _int_at_least(b.commit_every_n_steps, 1):
+        problems.append(f"budget.commit_every_n_steps={b.commit_every_n_steps!r}: must be an integer >= 1")
+    for key, low, what in (("commit_min_interval_s", 0, "a number >= 0"), ("planned_eval_flops", 0,
+                           "a number of FLOPs >= 0"), ("total_flops", None, "a number of FLOPs > 0")):
+        value = b.get(key)
+        if not (_finite(value) and (value > 0 if low is None else value >= low)):
+            problems.append(f"budget.{key}={value!r}: must be {what}")
+    cap = b.run_cap_flops
+    if cap is not None and not (_finite(cap) and cap > 0):
+        problems.append(f"budget.run_cap_flops={cap!r}: must be null or a number of FLOPs > 0")
+    return problems
+
+
+def trainer_problems(tr: DictConfig) -> list[str]:
+    """Every ``trainer.*`` key the plan reads; runs are step-based and their validations must be plannable."""
+    problems = []
+    if not _int_at_least(tr.get("max_steps"), 1):
+        problems.append(f"trainer.max_steps={tr.get('max_steps')!r}: must be an integer >= 1 (training is step-based)")
+    for key in ("accumulate_grad_batches", "num_nodes", "check_val_every_n_epoch"):
+        if tr.get(key) is not None and not _int_at_least(tr.get(key), 1):
+            problems.append(f"trainer.{key}={tr.get(key)!r}: must be null or an integer >= 1")
+    devices = tr.get("devices")
+    listed = isinstance(devices, Sequence) and not isinstance(devices, str) and len(devices) >= 1
+    if not (devices is None or _int_at_least(devices, 1) or listed):
+        problems.append(f"trainer.devices={devices!r}: must be a count >= 1 or a list of device ids (the plan "
+                        f"counts ranks, so not 'auto' or -1)")
+    if tr.get("strategy") not in (None, "auto", "ddp"):
+        problems.append(f"trainer.strategy={tr.get('strategy')!r}: allowed 'auto' or 'ddp' (trainer=ddp)")
+    interval, every = tr.get("val_check_interval"), tr.get("check_val_every_n_epoch")
+    if isinstance(interval, bool) or not (interval is None or _int_at_least(interval, 1)
+                                          or (isinstance(interval, float) and 0 < interval <= 1)):
+        problems.append(f"trainer.val_check_interval={interval!r}: must be an integer >= 1 (micro-batches), a "
+                        f"fraction of an epoch in (0, 1], or null; time-based intervals cannot be planned")
+    elif (interval is None or isinstance(interval, float)) and every is None:
+        problems.append(f"trainer.val_check_interval={interval!r}: a fraction of an epoch (null = 1.0) needs "
+                        f"trainer.check_val_every_n_epoch (e.g. 1); with null the interval counts micro-batches, "
+                        f"so give an integer")
+    limit = tr.get("limit_val_batches")
+    if limit is not None and (isinstance(limit, bool) or not (_int_at_least(limit, 0)
+                                                              or (isinstance(limit, float) and 0 <= limit <= 1))):
+        problems.append(f"trainer.limit_val_batches={limit!r}: must be an integer >= 0 or a fraction in [0, 1]")
+    sanity = tr.get("num_sanity_val_steps")
+    if sanity is not None and not _int_at_least(sanity, -1):
+        problems.append(f"trainer.num_sanity_val_steps={sanity!r}: must be an integer >= -1")
+    if tr.get("limit_train_batches") not in (None, 1.0):
+        problems.append(f"trainer.limit_train_batches={tr.get('limit_train_batches')!r}: the FLOP plan needs "
+                        f"whole epochs; leave it null")
+    if tr.get("max_time") is not None:
+        problems.append(f"trainer.max_time={tr.get('max_time')!r}: runs are step-based; leave it null")
+    return problems
+
+
+def trainer_setting(trainer_cfg: DictConfig, key: str) -> Any:
+    """``trainer.<key>`` as the Trainer will see it: the config's value, else Lightning's own default."""
+    value = trainer_cfg.get(key)
+    return LIGHTNING_DEFAULTS[key] if value is None else value
+
+
+def world_size(trainer_cfg: DictConfig) -> int:
+    """Ranks of a run: ``trainer.devices`` (a count or a list of device ids) x ``trainer.num_nodes``."""
+    devices = trainer_cfg.get("devices")
+    count = len(devices) if isinstance(devices, Sequence) and not isinstance(devices, str) else devices
+    return int(1 if count is None else count) * int(trainer_cfg.get("num_nodes") or 1)
+
+
+def model_shape(model_cfg: DictConfig) -> ModelShape:
+    """The shape the configured model states in ``model.shape``, without loading weights."""
+    from hydra.utils import instantiate
+
+    return instantiate(model_cfg.shape)
+
+
+def known_shape(model_cfg: DictConfig) -> ModelShape | None:
+    """:func:`model_shape`, or None when it cannot be known before loading (a hub id not cached yet)."""
+    try:
+        return model_shape(model_cfg)
+    except ValueError:
+        return None
+
+
+def pricing_of(model_cfg: DictConfig, lora_cfg: DictConfig | None, conventions: Any = None,
+               head_rows: int | None = None) -> Pricing:
+    """A run's :class:`Pricing`: the model's stated shape, the LoRA config (None: untrained), the conventions.
+
+    Args:
+        model_cfg: ``model``.
+        lora_cfg: ``lora``, or None for the untrained model.
+        conventions: ``budget.conventions`` (None: the brief's).
+        head_rows: Output rows priced: 13 for the alphabet head, None for the full vocabulary.
+    """
+    lora = None if lora_cfg is None else LoRASpec(
+        rank=lora_cfg.r, targets=tuple(lora_cfg.target_modules), head_rows=head_rows,
+        logit_bias=bool(lora_cfg.get("train_logit_bias", False)))
+    return Pricing(model_shape(model_cfg), lora, Conventions(**dict(conventions or {})))
+
+
+def train_pricing(cfg: DictConfig) -> Pricing:
+    """A training run's pricing; ``model.head=alphabet`` prices head, logit bias and loss over 13 rows."""
+    return pricing_of(cfg.model, cfg.lora, cfg.budget.conventions,
+                      ALPHABET_SIZE if cfg.model.head == "alphabet" else None)
+
+
+def token_counts(model_cfg: DictConfig, texts: list[str]) -> list[int]:
+    """Tokens of each LLMTIME text: ``model.tokenizer``'s count where the model states one (Qwen2.5, the real
+    tokenizer without the weights), else characters (a character is a token on the LLMTIME alphabet, checked at
+    load).
+
+    Raises:
+        UserError: The tokenizer does not split LLMTIME text into one token per character.
+    """
+    node = model_cfg.get("tokenizer")
+    if node is None:
+        return [len(t) for t in texts]
+    from hydra.utils import instantiate
+
+    from lvforecast.data.encoding import check_tokenizer
+
+    tokenizer = instantiate(node)
+    check_tokenizer(tokenizer, str(node.get("name_or_path", node._target_)))
+    return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def schedule_of(tr: DictConfig, epoch_batches: int | None, max_steps: int) -> Schedule:
+    """The :class:`Schedule` Lightning will run for ``trainer`` settings and an epoch of ``epoch_batches``.
+
+    Raises:
+        UserError: A fractional interval or ``check_val_every_n_epoch`` without a known epoch length, or an
+            interval longer than an epoch.
+    """
+    accum = tr.get("accumulate_grad_batches") or 1
+    interval = trainer_setting(tr, "val_check_interval")
+    every = tr.get("check_val_every_n_epoch")
+    if epoch_batches is None:
+        if isinstance(interval, float) or every is not None:
+            raise UserError("a fractional trainer.val_check_interval or check_val_every_n_epoch needs the number "
+                            "of training batches per epoch to be planned")
+        epoch_batches = max_steps * accum + 1  # the run never reaches an epoch's end
+    vcb = interval if isinstance(interval, int) else max(1, int(epoch_batches * interval))
+    if every is not None and vcb > epoch_batches:
+        raise UserError(f"trainer.val_check_interval={interval!r} is more than the {epoch_batches} training "
+                        f"batches of an epoch with check_val_every_n_epoch={every}; lower it or set "
+                        f"check_val_every_n_epoch=null")
+    return Schedule(accumulate=int(accum), epoch_batches=int(epoch_batches), val_check_batch=int(vcb),
+                    every_n_epochs=every)
+
+
+def _limited(n_batches: int, limit: int | float) -> int:
+    """How many validation batches Lightning runs for ``limit_val_batches`` (int = count, float = fraction)."""
+    if isinstance(limit, int):
+        return min(limit, n_batches)
+    return n_batches if limit == 1.0 else int(math.floor(n_batches * float(limit)))
+
+
+def run_shape(cfg: DictConfig, val_shapes: list[list[tuple[int, int]]], epoch_batches: int | None,
+              start_step: int = 0) -> RunShape:
+    """What the run of ``cfg`` will run: its batches, every rank's validation and sanity batches, its schedule.
+
+    Args:
+        cfg: The checked training config.
+        val_shapes: Each rank's validation batch shapes ``(B, N)`` in loader order (the whole set).
+        epoch_batches: Training micro-batches per epoch on one rank (None: no epoch ends within the run).
+        start_step: The checkpoint's step when resuming.
+    """
+    tr = cfg.trainer
+    ranks = world_size(tr)
+    if len(val_shapes) != ranks:
+        raise UserError(f"validation batch shapes for {len(val_shapes)} ranks, but the trainer runs {ranks}")
+    limit = trainer_setting(tr, "limit_val_batches")
+    resumed = bool(cfg.get("ckpt_path"))
+    # Lightning skips the sanity check when it restarts from a checkpoint.
+    sanity = 0 if resumed else trainer_setting(tr, "num_sanity_val_steps") or 0
+    return RunShape(
+        batch_size=int(cfg.data.batch_size), context_length=int(cfg.data.context_length), ranks=ranks,
+        val_shapes=[shapes[: _limited(len(shapes), limit)] for shapes in val_shapes],
+        sanity_shapes=[shapes if sanity == -1 else shapes[:sanity] for shapes in val_shapes],
+        validate_before=bool(cfg.get("validate_before_training")) and not resumed,
+        schedule=schedule_of(tr, epoch_batches, tr.max_steps), max_steps=int(tr.max_steps), start_step=start_step,
+        planned_eval=int(cfg.budget.planned_eval_flops))
+
+
+def checkpoint_step(ckpt_path: str | None) -> int:
+    """The optimizer step a run resumed from ``ckpt_path`` starts at (0 without one).
+
+    A torn or foreign file is one message naming it, never unpickled code (:func:`lvforecast.checkpoint.
+    load_checkpoint`, ``weights_only=True``).
+    """
+    if not ckpt_path or not Path(ckpt_path).is_file():  # a missing one is named by check_train_config
+        return 0
+    from lvforecast.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(ckpt_path)["global_step"])
