@@ -136,6 +136,7 @@ def _budget(args: argparse.Namespace) -> int:
     import sqlite3
 
     from lvforecast.budget.ledger import Ledger, default_ledger_path, format_flops
+    from lvforecast.budget.status import RunStatus
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -166,7 +167,7 @@ def _budget(args: argparse.Namespace) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 1
         if args.json:
-            print(json.dumps({"crashed": ids, "remaining": ledger.remaining()}))
+            print(json.dumps({RunStatus.CRASHED: ids, "remaining": ledger.remaining()}))
         else:
             print(f"marked crashed: {', '.join(map(str, ids)) or 'none'}; remaining {format_flops(ledger.remaining())}")
     else:

@@ -114,7 +114,7 @@ def test_best_from_picks_the_lowest_finished_final_loss(tmp_path):
 
 
 def test_job_statuses_are_the_ledgers_plus_missing():
-    from lvforecast.budget.ledger import RUN_STATUSES
+    from lvforecast.budget.status import RUN_STATUSES
     from lvforecast.experiment.sweeps import job
 
     assert (job.FINISHED, job.BUDGET_EXHAUSTED, job.FAILED, job.REFUSED) == (

@@ -58,19 +58,18 @@ import socket
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from lvforecast.budget import store
 from lvforecast.budget.liveness import boot_id, owner_alive, proc_stat, same_machine
-from lvforecast.budget.store import KINDS, RUN_STATUSES, SCHEMA_VERSION, as_count, as_flops
+from lvforecast.budget.status import FINISH_STATUSES, RunOutcome, RunStatus, exit_status
+from lvforecast.budget.store import KINDS, SCHEMA_VERSION, as_count, as_flops
 from lvforecast.errors import UserError
 
 __all__ = [
-    "DEFAULT_BUDGET", "DEFAULT_LEDGER", "FINISH_STATUSES", "JOURNAL_ENV", "JOURNAL_MODES", "KINDS", "LEDGER_ENV",
-    "RUN_STATUSES", "BudgetExceededError", "Kind", "Ledger", "LedgerNotFoundError", "RunOutcome", "default_ledger_path",
-    "exit_status", "format_flops",
+    "DEFAULT_BUDGET", "DEFAULT_LEDGER", "JOURNAL_ENV", "JOURNAL_MODES", "KINDS", "LEDGER_ENV", "BudgetExceededError",
+    "Kind", "Ledger", "LedgerNotFoundError", "RunOutcome", "default_ledger_path", "exit_status", "format_flops",
     "remaining_in",
 ]
 
@@ -81,26 +80,12 @@ DEFAULT_LEDGER = Path("outputs") / "budget" / "ledger.sqlite"
 LEDGER_ENV = "LVFORECAST_LEDGER"
 JOURNAL_ENV = "LVFORECAST_LEDGER_JOURNAL_MODE"
 JOURNAL_MODES = ("WAL", "DELETE", "TRUNCATE", "PERSIST")
-FINISH_STATUSES = ("finished", "budget_exhausted", "crashed", "failed", "interrupted")
 
 Kind = Literal["train", "val", "test", "generate"]
 
 
-@dataclass
-class RunOutcome:
-    """How a held run ended; set :attr:`status` before leaving :meth:`Ledger.hold` (default ``finished``)."""
-
-    status: str = "finished"
-
-
 class LedgerNotFoundError(UserError, FileNotFoundError):
     """``budget=None`` (adopt the stored budget) but there is no ledger file at the path."""
-
-
-def exit_status(exc: BaseException) -> str:
-    """The ledger status of a run that raised ``exc``: ``interrupted`` when it was stopped from outside (a signal:
-    Lightning's ``SIGTERMException`` and every other ``SystemExit``, ``KeyboardInterrupt``), else ``failed``."""
-    return "interrupted" if isinstance(exc, (SystemExit, KeyboardInterrupt)) else "failed"
 
 
 class BudgetExceededError(UserError, RuntimeError):
@@ -269,6 +254,13 @@ class Ledger:
             raise UserError(f"no run with id {run_id} in ledger {self.path}")
         return row
 
+    def _running_row(self, conn: sqlite3.Connection, run_id: int, otherwise: str) -> tuple[str, int]:
+        """(name, reserved FLOPs) of ``run_id``, which must be running; else a UserError ending in ``otherwise``."""
+        name, status, reserved = self._run_row(conn, run_id)
+        if status != RunStatus.RUNNING:
+            raise UserError(f"run {run_id} {name!r} is {status!r}, not '{RunStatus.RUNNING}'; {otherwise}")
+        return name, reserved
+
     # -- the API the training callback uses --------------------------------------------------------------------
 
     def open_run(self, name: str, planned_flops: float, sweep: str | None = None, config_hash: str | None = None,
@@ -321,8 +313,8 @@ class Ledger:
                 "planned_flops, reserved_flops, plan_json, started_at, ended_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (name, sweep, study, stage, config_hash, socket.gethostname(), boot_id(), pid,
-                 stat[1] if stat else None, "running" if fits else "refused", planned, planned if fits else 0,
-                 plan_json, now, None if fits else now),
+                 stat[1] if stat else None, RunStatus.RUNNING if fits else RunStatus.REFUSED, planned,
+                 planned if fits else 0, plan_json, now, None if fits else now),
             )
             run_id = cur.lastrowid
         if not fits:
@@ -356,7 +348,7 @@ class Ledger:
             raise UserError(f"seconds must be a finite number >= 0, got {seconds!r}")
         with self._transaction() as conn:
             name, status, reserved = self._run_row(conn, run_id)
-            if status == "refused":
+            if status == RunStatus.REFUSED:
                 raise UserError(f"run {run_id} {name!r} was refused its reservation and cannot be charged")
             conn.execute(
                 "INSERT INTO charges (run_id, kind, flops, steps, tokens, seconds, charged_at) "
@@ -364,7 +356,7 @@ class Ledger:
                 (run_id, kind, flops, steps, tokens, float(seconds), time.time()),
             )
             charged = conn.execute("SELECT SUM(flops) FROM charges WHERE run_id = ?", (run_id,)).fetchone()[0]
-        if status != "running":
+        if status != RunStatus.RUNNING:
             logger.warning("ledger %s: run %d %r is %s but was charged %s more FLOPs (%s)", self.path, run_id, name,
                            status, format_flops(flops), kind)
         elif charged > reserved and run_id not in self._warned_over:
@@ -372,7 +364,7 @@ class Ledger:
             logger.warning("ledger %s: run %d %r has charged %s FLOPs, past its reservation of %s", self.path,
                            run_id, name, format_flops(charged), format_flops(reserved))
 
-    def finish(self, run_id: int, status: str = "finished") -> None:
+    def finish(self, run_id: int, status: RunStatus = RunStatus.FINISHED) -> None:
         """End a running run and release the unused part of its reservation.
 
         Args:
@@ -387,9 +379,7 @@ class Ledger:
         if status not in FINISH_STATUSES:
             raise UserError(f"status must be one of {', '.join(FINISH_STATUSES)}, got {status!r}")
         with self._transaction() as conn:
-            name, current, _ = self._run_row(conn, run_id)
-            if current != "running":
-                raise UserError(f"run {run_id} {name!r} is {current!r}, not 'running'; it cannot be finished again")
+            name, _ = self._running_row(conn, run_id, "it cannot be finished again")
             store.release(conn, run_id, status)
         logger.info("ledger %s: run %d %r %s, spent %s FLOPs", self.path, run_id, name, status,
                     format_flops(self.run_spent(run_id)))
@@ -415,9 +405,7 @@ class Ledger:
         """
         extra = as_flops(extra, "extra")
         with self._transaction() as conn:
-            name, status, _ = self._run_row(conn, run_id)
-            if status != "running":
-                raise UserError(f"run {run_id} {name!r} is {status!r}, not 'running'; its reservation cannot grow")
+            self._running_row(conn, run_id, "its reservation cannot grow")
             return store.extend(conn, run_id, extra, self.budget)
 
     def run_spent(self, run_id: int) -> int:
@@ -474,9 +462,7 @@ class Ledger:
         forced = [as_count(r, "run id") for r in run_ids]
         with self._transaction() as conn:
             for run_id in forced:
-                name, status, _ = self._run_row(conn, run_id)
-                if status != "running":
-                    raise UserError(f"run {run_id} {name!r} is {status!r}, not 'running'; nothing to reconcile")
+                name, _ = self._running_row(conn, run_id, "nothing to reconcile")
                 host, boot, pid, pid_start = conn.execute(
                     "SELECT host, boot_id, pid, pid_start FROM runs WHERE id = ?", (run_id,)).fetchone()
                 if same_machine(host, boot) and owner_alive(host, boot, pid, pid_start):

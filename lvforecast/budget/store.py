@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lvforecast.budget.liveness import owner_alive
+from lvforecast.budget.status import RUN_STATUSES, RunStatus
 from lvforecast.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,6 @@ MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {
 # the new definition, rows and ids unchanged). 3: the run status ``interrupted`` (a run stopped by SIGTERM/SIGINT).
 REBUILDS: dict[int, tuple[str, ...]] = {3: ("runs", "charges")}  # parents first
 KINDS = ("train", "val", "test", "generate")
-RUN_STATUSES = ("running", "finished", "budget_exhausted", "crashed", "failed", "refused", "interrupted")
 
 # SQLite INTEGER is a signed 64-bit value.
 INT_LIMIT = 2**63
@@ -58,7 +58,7 @@ CREATE TABLE IF NOT EXISTS runs (
     boot_id TEXT,
     pid INTEGER NOT NULL,
     pid_start INTEGER,
-    status TEXT NOT NULL CHECK (status IN ({", ".join(repr(s) for s in RUN_STATUSES)})),
+    status TEXT NOT NULL CHECK (status IN ({", ".join(repr(s.value) for s in RUN_STATUSES)})),
     planned_flops INTEGER NOT NULL CHECK (planned_flops >= 0),
     reserved_flops INTEGER NOT NULL CHECK (reserved_flops >= 0),
     plan_json TEXT,
@@ -317,7 +317,7 @@ def running(conn: sqlite3.Connection) -> list[sqlite3.Row]:
     return cur.execute(
         "SELECT r.id, r.host, r.boot_id, r.pid, r.pid_start, r.reserved_flops, "
         "COALESCE((SELECT SUM(flops) FROM charges c WHERE c.run_id = r.id), 0) AS charged "
-        "FROM runs r WHERE r.status = 'running' ORDER BY r.id"
+        "FROM runs r WHERE r.status = ? ORDER BY r.id", (RunStatus.RUNNING,)
     ).fetchall()
 
 
@@ -341,8 +341,8 @@ def release(conn: sqlite3.Connection, run_id: int, status: str) -> None:
     conn.execute(
         "UPDATE runs SET status = ?, ended_at = ?, "
         "reserved_flops = COALESCE((SELECT SUM(flops) FROM charges WHERE run_id = ?), 0) "
-        "WHERE id = ? AND status = 'running'",
-        (status, time.time(), run_id, run_id),
+        "WHERE id = ? AND status = ?",
+        (status, time.time(), run_id, run_id, RunStatus.RUNNING),
     )
 
 
@@ -356,11 +356,11 @@ def mark_crashed(conn: sqlite3.Connection, run_ids: Iterable[int]) -> list[int]:
     for run_id in run_ids:
         # The crash happened at or after its last charge; that is the best end time the ledger knows.
         conn.execute(
-            "UPDATE runs SET status = 'crashed', "
+            "UPDATE runs SET status = ?, "
             "reserved_flops = COALESCE((SELECT SUM(flops) FROM charges WHERE run_id = ?), 0), "
             "ended_at = COALESCE((SELECT MAX(charged_at) FROM charges WHERE run_id = ?), started_at) "
-            "WHERE id = ? AND status = 'running'",
-            (run_id, run_id, run_id),
+            "WHERE id = ? AND status = ?",
+            (RunStatus.CRASHED, run_id, run_id, run_id, RunStatus.RUNNING),
         )
         done.append(run_id)
     return done
@@ -399,7 +399,7 @@ def run_records(conn: sqlite3.Connection) -> list[dict[str, Any]]:
         plan_json = d.pop("plan_json")
         d["plan"] = None if plan_json is None else json.loads(plan_json)
         d["owner_alive"] = (owner_alive(d["host"], d["boot_id"], d["pid"], d["pid_start"])
-                            if d["status"] == "running" else None)
+                            if d["status"] == RunStatus.RUNNING else None)
         for key in ("boot_id", "pid_start"):
             d.pop(key)
         out.append(d)
@@ -417,7 +417,7 @@ def spend_table(conn: sqlite3.Connection, budget: int) -> dict[str, Any]:
     reserved = outstanding(conn)
     table, refused = [], []
     for row in rows:
-        if row["status"] == "refused":
+        if row["status"] == RunStatus.REFUSED:
             refused.append({"id": row["id"], "name": row["name"], "sweep": row["sweep"], "study": row["study"],
                             "stage": row["stage"], "planned": row["planned_flops"]})
             continue
@@ -450,8 +450,8 @@ def extend(conn: sqlite3.Connection, run_id: int, extra: int, budget: int) -> bo
     """
     if extra > budget - spent(conn) - outstanding(conn):
         return False
-    conn.execute("UPDATE runs SET reserved_flops = reserved_flops + ? WHERE id = ? AND status = 'running'",
-                 (extra, run_id))
+    conn.execute("UPDATE runs SET reserved_flops = reserved_flops + ? WHERE id = ? AND status = ?",
+                 (extra, run_id, RunStatus.RUNNING))
     return True
 
 

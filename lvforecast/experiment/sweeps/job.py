@@ -9,8 +9,7 @@ step with a checkpoint (see :mod:`lvforecast.experiment.signals`). In a multirun
 ``interrupted`` (with its checkpoint and step), the jobs after it are not started, a partial summary listing
 finished, interrupted and not-run jobs is written, and the multirun exits 143 (SIGTERM) or 130 (SIGINT).
 
-A job's status is one of the ledger's run statuses (:data:`lvforecast.budget.ledger.RUN_STATUSES`), named
-here once, or :data:`MISSING`, the one status only a sweep has.
+A job's status is a :class:`lvforecast.budget.status.RunStatus`; :data:`MISSING` is the one only a sweep has.
 """
 
 from __future__ import annotations
@@ -23,17 +22,18 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from lvforecast.budget.ledger import RUN_STATUSES
+from lvforecast.budget.status import COMPLETED, RunStatus
 
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "job_status.json"
-# The ledger's run statuses, by name (unpacking fails at import if the ledger's tuple changes shape).
-_, FINISHED, BUDGET_EXHAUSTED, _, FAILED, REFUSED, INTERRUPTED = RUN_STATUSES
-# Sweep-only: the job has no job_status.json (it never ran, or was killed before it could write one).
-MISSING = "missing"
-# The statuses of a job that ran to its end and so has a result (a final validation loss) to compare.
-COMPLETED = (FINISHED, BUDGET_EXHAUSTED)
+# The names the sweep code imports from here (with COMPLETED, imported above), each a RunStatus member.
+FINISHED = RunStatus.FINISHED
+BUDGET_EXHAUSTED = RunStatus.BUDGET_EXHAUSTED
+FAILED = RunStatus.FAILED
+REFUSED = RunStatus.REFUSED
+INTERRUPTED = RunStatus.INTERRUPTED
+MISSING = RunStatus.MISSING
 
 
 def _multirun() -> bool:
