@@ -9,10 +9,10 @@
     lvforecast simulate --out FILE [--systems N] [--seed S] [--steps T] [--t-end X]
     lvforecast sweeps summarize SWEEP_DIR
 
-Also ``python -m lvforecast ...``. Imports are lazy: building the parser loads only the pure
-:mod:`lvforecast.budget.shapes` and :mod:`lvforecast.budget.ledger` (standard library only), so ``lvforecast flops``
-answers in well under 2 s and never imports torch. Bad input prints one ``error: ...`` line to stderr and exits
-non-zero (2 for bad arguments, 1 for a missing ledger or a refused operation).
+Also ``python -m lvforecast ...``. Imports are lazy: building the parser loads only pure budget modules
+(:mod:`lvforecast.budget.shapes`, :mod:`~lvforecast.budget.ledger` and what they import: standard library only), so
+``lvforecast flops`` answers in well under 2 s and never imports torch. Bad input prints one ``error: ...`` line
+to stderr and exits non-zero (2 for bad arguments, 1 for a missing ledger or a refused operation).
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ def _flops(args: argparse.Namespace) -> int:
 
 
 def _add_budget(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from lvforecast.budget.ledger import DEFAULT_LEDGER, JOURNAL_ENV, JOURNAL_MODES, LEDGER_ENV
+    from lvforecast.budget.journal import JOURNAL_ENV, JOURNAL_MODES
+    from lvforecast.budget.ledger import DEFAULT_LEDGER, LEDGER_ENV
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--ledger", type=Path, default=None,

@@ -61,16 +61,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from lvforecast.budget import store
+from lvforecast.budget import journal, store
 from lvforecast.budget.liveness import boot_id, owner_alive, proc_stat, same_machine
 from lvforecast.budget.status import FINISH_STATUSES, RunOutcome, RunStatus, exit_status
 from lvforecast.budget.store import KINDS, SCHEMA_VERSION, as_count, as_flops
 from lvforecast.errors import UserError
 
 __all__ = [
-    "DEFAULT_BUDGET", "DEFAULT_LEDGER", "JOURNAL_ENV", "JOURNAL_MODES", "KINDS", "LEDGER_ENV", "BudgetExceededError",
-    "Kind", "Ledger", "LedgerNotFoundError", "RunOutcome", "default_ledger_path", "exit_status", "format_flops",
-    "remaining_in",
+    "DEFAULT_BUDGET", "DEFAULT_LEDGER", "KINDS", "LEDGER_ENV", "BudgetExceededError", "Kind", "Ledger",
+    "LedgerNotFoundError", "RunOutcome", "default_ledger_path", "exit_status", "format_flops", "remaining_in",
 ]
 
 logger = logging.getLogger(__name__)
@@ -78,8 +77,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_BUDGET = 10**17
 DEFAULT_LEDGER = Path("outputs") / "budget" / "ledger.sqlite"
 LEDGER_ENV = "LVFORECAST_LEDGER"
-JOURNAL_ENV = "LVFORECAST_LEDGER_JOURNAL_MODE"
-JOURNAL_MODES = ("WAL", "DELETE", "TRUNCATE", "PERSIST")
 
 Kind = Literal["train", "val", "test", "generate"]
 
@@ -161,12 +158,7 @@ class Ledger:
         if str(path) == ":memory:" or str(path) == "":
             raise UserError(f"path must be a file path, got {str(path)!r}: every operation opens its own connection")
         self.path = Path(path)
-        if journal_mode is not None:
-            if not isinstance(journal_mode, str) or journal_mode.upper() not in JOURNAL_MODES:
-                raise UserError(f"journal_mode must be one of {', '.join(JOURNAL_MODES)} or None, "
-                                 f"got {journal_mode!r}")
-            journal_mode = journal_mode.upper()
-        self.journal_mode = journal_mode
+        self.journal_mode = journal.checked_mode(journal_mode)
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real) or not timeout_s > 0:
             raise UserError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
         self.timeout_s = float(timeout_s)
@@ -181,14 +173,8 @@ class Ledger:
                                       f"{store.LEDGER_FIX}")
         self._warned_over: set[int] = set()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        network = store.on_network_filesystem(self.path.parent, mounts)
-        if network and journal_mode == "WAL":
-            raise UserError(f"ledger {self.path} is on a {network} filesystem, where SQLite's WAL journal (shared "
-                             f"memory) is unsafe across machines: set budget.journal_mode=DELETE (or "
-                             f"--journal-mode DELETE), a rollback journal that works there")
-        if network and journal_mode is None:
-            self.journal_mode = journal_mode = "DELETE"
-        self._set_journal_mode()
+        self.journal_mode = journal.mode_for_filesystem(self.path, self.journal_mode, mounts)
+        self.journal_mode = journal.set_journal_mode(self.path, self.timeout_s, self.journal_mode)
         with self._transaction() as conn:
             row = store.create_study(conn, requested, f"{socket.gethostname()}:{os.getpid()}")
             if row is None:  # raised inside the transaction, so the tables just created are rolled back
@@ -213,12 +199,6 @@ class Ledger:
         self._warned_over = set()
 
     # -- storage -----------------------------------------------------------------------------------------------
-
-    def _set_journal_mode(self) -> None:
-        try:
-            self.journal_mode = store.set_journal_mode(self.path, self.timeout_s, self.journal_mode)
-        except sqlite3.DatabaseError as err:
-            raise store.io_error(self.path, err) from err
 
     @contextlib.contextmanager
     def _transaction(self, immediate: bool = True) -> Iterator[sqlite3.Connection]:

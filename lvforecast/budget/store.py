@@ -200,39 +200,6 @@ def connect(path: Path, timeout_s: float, journal_mode: str | None, apply_journa
     return conn
 
 
-def set_journal_mode(path: Path, timeout_s: float, wanted: str | None) -> str:
-    """Put the file in journal mode ``wanted`` (None: WAL for a new file, else keep its mode).
-
-    Returns:
-        The mode SQLite reports afterwards (it may keep another one, e.g. WAL on a filesystem without shared
-        memory); a mismatch is logged as a warning.
-    """
-    deadline = time.monotonic() + timeout_s
-    conn = connect(path, timeout_s, wanted, apply_journal_mode=False)
-    try:
-        while True:
-            try:
-                current = conn.execute("PRAGMA journal_mode").fetchone()[0].upper()
-                if wanted is None:
-                    # A brand-new file reports DELETE; give it the default, keep any other file's mode.
-                    fresh = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
-                    wanted = "WAL" if fresh else current
-                if current != wanted:
-                    current = conn.execute(f"PRAGMA journal_mode = {wanted}").fetchone()[0].upper()
-                break
-            except sqlite3.OperationalError as err:
-                # Changing the journal mode needs an exclusive lock and does not always go through the busy
-                # handler, so retry here while other processes hold the file.
-                if ("locked" not in str(err) and "busy" not in str(err)) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
-    finally:
-        conn.close()
-    if current != wanted:
-        logger.warning("ledger %s: asked for journal mode %s, SQLite kept %s", path, wanted, current)
-    return current
-
-
 @contextlib.contextmanager
 def transaction(path: Path, timeout_s: float, journal_mode: str | None, immediate: bool = True
                 ) -> Iterator[sqlite3.Connection]:
@@ -453,35 +420,6 @@ def extend(conn: sqlite3.Connection, run_id: int, extra: int, budget: int) -> bo
     conn.execute("UPDATE runs SET reserved_flops = reserved_flops + ? WHERE id = ? AND status = ?",
                  (extra, run_id, RunStatus.RUNNING))
     return True
-
-
-# Filesystems whose locking SQLite's WAL cannot use (no shared memory across machines).
-NETWORK_FILESYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "ceph", "fuse.glusterfs",
-                       "beegfs", "fuse.sshfs", "9p")
-
-
-def filesystem_of(path: Path, mounts: str = "/proc/mounts") -> str | None:
-    """The filesystem type of the mount holding ``path`` (its longest mount point prefix), None if unknown."""
-    try:
-        lines = Path(mounts).read_text().splitlines()
-    except OSError:
-        return None
-    target = Path(path).resolve()
-    best, fstype = -1, None
-    for line in lines:
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        point = Path(parts[1].replace("\\040", " "))
-        if (target == point or point in target.parents) and len(point.parts) > best:
-            best, fstype = len(point.parts), parts[2]
-    return fstype
-
-
-def on_network_filesystem(path: Path, mounts: str = "/proc/mounts") -> str | None:
-    """The network filesystem type ``path`` lives on (``nfs4``, ``lustre``, ...), or None."""
-    fstype = filesystem_of(path, mounts)
-    return fstype if fstype in NETWORK_FILESYSTEMS else None
 
 
 def spend_by_stage(rows: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
