@@ -61,7 +61,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from lvforecast.budget import journal, store
+from lvforecast.budget import journal, spend, store
 from lvforecast.budget.liveness import boot_id, owner_alive, proc_stat, same_machine
 from lvforecast.budget.status import FINISH_STATUSES, RunOutcome, RunStatus, exit_status
 from lvforecast.budget.store import KINDS, SCHEMA_VERSION, as_count, as_flops
@@ -414,15 +414,9 @@ class Ledger:
             return self.budget - store.spent(conn) - store.outstanding(conn)
 
     def runs(self) -> list[dict[str, Any]]:
-        """All runs, oldest first, with their charged FLOPs and, for running ones, whether the owner is alive.
-
-        Returns:
-            One dict per run: id, name, sweep, study, stage, config_hash, host, pid, status, planned_flops,
-            reserved_flops, charged_flops, owner_alive (None unless running), plan (dict or None), started_at,
-            ended_at (Unix seconds).
-        """
+        """All runs, oldest first, with their charges and owners (:func:`lvforecast.budget.spend.run_records`)."""
         with self._transaction(immediate=False) as conn:
-            return store.run_records(conn)
+            return spend.run_records(conn)
 
     def reconcile(self, run_ids: Sequence[int] = ()) -> list[int]:
         """Mark running runs whose owner is dead as ``crashed`` and release their unused reservations.
@@ -452,18 +446,9 @@ class Ledger:
             return dead + self._mark_crashed(conn, [r for r in forced if r not in dead])
 
     def report(self) -> dict[str, Any]:
-        """The study's spend table (Table 12): one row per run, totals, budget and remaining.
-
-        Refused attempts spent nothing and are listed apart, not as rows.
-
-        Returns:
-            ``{"ledger", "budget", "runs": [row...], "stages": [stage...], "totals": {...},
-            "reserved_outstanding", "remaining", "refused": [...]}``. A row holds id, name, sweep, study, stage,
-            status, planned, train, val, inference (test +
-            generate), total (FLOPs, ints) and share (total / budget, a fraction).
-        """
+        """The study's spend table (Table 12, :func:`lvforecast.budget.spend.spend_table`) and the ``ledger`` path."""
         with self._transaction(immediate=False) as conn:
-            return {"ledger": str(self.path), **store.spend_table(conn, self.budget)}
+            return {"ledger": str(self.path), **spend.spend_table(conn, self.budget)}
 
 
 def remaining_in(path: str | os.PathLike[str], budget: float) -> int:
