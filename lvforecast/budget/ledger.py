@@ -59,17 +59,17 @@ import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from lvforecast.budget import journal, spend, store
 from lvforecast.budget.liveness import boot_id, owner_alive, proc_stat, same_machine
 from lvforecast.budget.status import FINISH_STATUSES, RunOutcome, RunStatus, exit_status
-from lvforecast.budget.store import KINDS, SCHEMA_VERSION, as_count, as_flops
+from lvforecast.budget.store import KINDS, SCHEMA_VERSION, Kind, as_count, as_flops
 from lvforecast.errors import UserError
 
 __all__ = [
-    "DEFAULT_BUDGET", "DEFAULT_LEDGER", "KINDS", "LEDGER_ENV", "BudgetExceededError", "Kind", "Ledger",
-    "LedgerNotFoundError", "RunOutcome", "default_ledger_path", "exit_status", "format_flops", "remaining_in",
+    "DEFAULT_BUDGET", "DEFAULT_LEDGER", "LEDGER_ENV", "BudgetExceededError", "Kind", "Ledger", "LedgerNotFoundError",
+    "RunOutcome", "default_ledger_path", "exit_status", "format_flops", "remaining_in",
 ]
 
 logger = logging.getLogger(__name__)
@@ -77,8 +77,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_BUDGET = 10**17
 DEFAULT_LEDGER = Path("outputs") / "budget" / "ledger.sqlite"
 LEDGER_ENV = "LVFORECAST_LEDGER"
-
-Kind = Literal["train", "val", "test", "generate"]
 
 
 class LedgerNotFoundError(UserError, FileNotFoundError):
@@ -200,22 +198,8 @@ class Ledger:
 
     # -- storage -----------------------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _transaction(self, immediate: bool = True) -> Iterator[sqlite3.Connection]:
-        """One transaction on a fresh connection (:func:`lvforecast.budget.store.transaction`).
-
-        Raises:
-            UserError: SQLite cannot open, read or write the file (not a database, damaged, read-only, in a
-                read-only folder, locked past the timeout): one message naming the path and the fix. A broken
-                constraint (``IntegrityError``) is a bug and propagates.
-        """
-        try:
-            with store.transaction(self.path, self.timeout_s, self.journal_mode, immediate) as conn:
-                yield conn
-        except sqlite3.IntegrityError:
-            raise
-        except sqlite3.DatabaseError as err:
-            raise store.io_error(self.path, err) from err
+    def _transaction(self, immediate: bool = True) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return store.transaction(self.path, self.timeout_s, self.journal_mode, immediate)
 
     def _mark_crashed(self, conn: sqlite3.Connection, run_ids: list[int]) -> list[int]:
         done = store.mark_crashed(conn, run_ids)
@@ -335,7 +319,7 @@ class Ledger:
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (run_id, kind, flops, steps, tokens, float(seconds), time.time()),
             )
-            charged = conn.execute("SELECT SUM(flops) FROM charges WHERE run_id = ?", (run_id,)).fetchone()[0]
+            charged = store.charged(conn, run_id)
         if status != RunStatus.RUNNING:
             logger.warning("ledger %s: run %d %r is %s but was charged %s more FLOPs (%s)", self.path, run_id, name,
                            status, format_flops(flops), kind)
@@ -389,15 +373,10 @@ class Ledger:
             return store.extend(conn, run_id, extra, self.budget)
 
     def run_spent(self, run_id: int) -> int:
-        """FLOPs charged by one run.
-
-        Raises:
-            ValueError: unknown run.
-        """
+        """FLOPs charged by one run; an unknown run raises UserError."""
         with self._transaction(immediate=False) as conn:
             self._run_row(conn, run_id)
-            return conn.execute("SELECT COALESCE(SUM(flops), 0) FROM charges WHERE run_id = ?",
-                                (run_id,)).fetchone()[0]
+            return store.charged(conn, run_id)
 
     def study_spent(self) -> int:
         """FLOPs charged by all runs of the study."""

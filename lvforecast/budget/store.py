@@ -16,7 +16,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from lvforecast.budget.liveness import owner_alive
 from lvforecast.budget.status import RUN_STATUSES, RunStatus
@@ -33,7 +33,9 @@ MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {
 # Versions that changed a table's CHECK constraint, which SQLite cannot alter: the table is rebuilt (copied into
 # the new definition, rows and ids unchanged). 3: the run status ``interrupted`` (a run stopped by SIGTERM/SIGINT).
 REBUILDS: dict[int, tuple[str, ...]] = {3: ("runs", "charges")}  # parents first
-KINDS = ("train", "val", "test", "generate")
+# What a charge pays for: training steps, validation, test / predict batches and generation.
+Kind = Literal["train", "val", "test", "generate"]
+KINDS: tuple[Kind, ...] = get_args(Kind)
 
 # SQLite INTEGER is a signed 64-bit value.
 INT_LIMIT = 2**63
@@ -206,18 +208,25 @@ def transaction(path: Path, timeout_s: float, journal_mode: str | None, immediat
 
     ``immediate`` takes the write lock at BEGIN, so a read-check-write sequence cannot interleave with another
     writer's; plain reads use a deferred BEGIN for a consistent snapshot.
+
+    Raises:
+        UserError: SQLite cannot open, read or write the file (not a database, damaged, read-only, in a read-only
+            folder, locked past the timeout): :func:`io_error`'s one message. A broken constraint
+            (``IntegrityError``) is a bug and propagates.
     """
-    conn = connect(path, timeout_s, journal_mode)
     try:
-        conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
+        with contextlib.closing(connect(path, timeout_s, journal_mode)) as conn:
+            conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+    except sqlite3.IntegrityError:
+        raise
+    except sqlite3.DatabaseError as err:
+        raise io_error(path, err) from err
 
 
 # -- I/O failures ---------------------------------------------------------------------------------------------
@@ -274,6 +283,11 @@ def io_error(path: Path, err: sqlite3.Error) -> UserError:
 def spent(conn: sqlite3.Connection) -> int:
     """FLOPs charged by all runs."""
     return conn.execute("SELECT COALESCE(SUM(flops), 0) FROM charges").fetchone()[0]
+
+
+def charged(conn: sqlite3.Connection, run_id: int) -> int:
+    """FLOPs charged by one run."""
+    return conn.execute("SELECT COALESCE(SUM(flops), 0) FROM charges WHERE run_id = ?", (run_id,)).fetchone()[0]
 
 
 def running(conn: sqlite3.Connection) -> list[sqlite3.Row]:
