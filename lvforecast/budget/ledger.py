@@ -1,49 +1,16 @@
-"""The study's FLOP budget ledger: one SQLite file shared by every run of every sweep.
+"""The study's FLOP budget ledger: one SQLite file shared by every run of every sweep (docs/budget.md).
 
-Contract
---------
-* **One ledger per study.** The file (default ``outputs/budget/ledger.sqlite`` relative to the working directory,
-  or ``$LVFORECAST_LEDGER``) holds the total budget (default 1e17 FLOPs), stored once when the file is created.
-  Opening an existing ledger with a different budget raises :class:`ValueError`; ``budget=None`` adopts the
-  stored one.
-* **Reserve before loading.** :meth:`Ledger.open_run` reserves a run's planned FLOPs (steps x train step +
-  planned validations + planned evaluation) in one ``BEGIN IMMEDIATE`` transaction, so concurrent runs on one
-  ledger can never reserve more than the budget together. The check is::
+Contract:
 
-      remaining = budget - (FLOPs charged by all runs) - (unused reservations of live running runs)
-      planned <= remaining   else BudgetExceededError (the attempt is recorded with status ``refused``)
-
-* **Charge as you go.** :meth:`Ledger.charge` commits one row per call (kind ``train``, ``val``, ``test`` or
-  ``generate``; FLOPs, steps, tokens, seconds). Charges are never removed: what a run charged stays spent, however
-  it ends. A run may charge past its reservation (the FLOPs were spent); that is logged as a warning.
-* **Release at the end.** :meth:`Ledger.finish` sets the final status and shrinks the reservation to what was
-  charged; a run stopped by SIGTERM/SIGINT ends ``interrupted`` (:meth:`Ledger.hold`), its charges kept. A run whose
-  process died without finishing is marked ``crashed`` and its unused reservation released by
-  :meth:`Ledger.reconcile` (``lvforecast budget reconcile``), and automatically by the next
-  :meth:`Ledger.open_run`. :meth:`Ledger.remaining` already leaves such dead reservations out.
-* **Liveness** is only judged for runs of this machine (same hostname and, where Linux exposes it, same boot id):
-  the owner is dead if its pid is gone, is a zombie, or now belongs to a process started at another time (pid
-  reuse). Runs of other machines count as live until ``reconcile --run ID`` is given for them. (Containers on one
-  machine that share a ledger need distinct hostnames, as they have by default: pids are per namespace.)
-* **Journal mode**: ``WAL`` (default) for a ledger used from one machine; a ledger on a network filesystem must use
-  a rollback journal (``DELETE``, ``TRUNCATE`` or ``PERSIST``) because WAL needs shared memory. WAL is stored in
-  the file; a rollback mode is set on every connection, so all processes of a study should pass the same mode.
-  ``None`` keeps a WAL file in WAL and uses DELETE on any other (WAL for a new file). When ``/proc/mounts`` puts
-  the ledger on NFS, Lustre, GPFS, CIFS (or a similar network filesystem), WAL is refused with a message naming
-  ``budget.journal_mode=DELETE`` and ``None`` means DELETE.
-* **Track mode** grows a running run's reservation with :meth:`Ledger.extend_run`, only from what the study has
-  left, so no run, enforced or tracked, can take the study below zero.
-
-Every operation opens its own connection (``isolation_level=None``, explicit ``BEGIN``/``COMMIT``, ``busy_timeout``)
-and closes it, so a :class:`Ledger` holds no open handle, can be pickled to worker processes and survives ``fork``.
-The SQLite layer is :mod:`lvforecast.budget.store`, the liveness checks :mod:`lvforecast.budget.liveness`, and the
-report (Table 12 and its bar chart) :mod:`lvforecast.budget.report`.
-
-CLI: ``lvforecast budget report|reconcile|show [--ledger PATH] [--json] [--out DIR]``. ``report`` prints the
-per-run table (training / validation / inference / total / share of budget, the study total against the budget)
-and writes ``report.md`` and the bar chart ``budget_report.png``.
-
-Importing this module touches no disk.
+* The file holds the study's budget, stored when it is created; opening it with another budget raises.
+* :meth:`Ledger.open_run` reserves a run's planned FLOPs in one ``BEGIN IMMEDIATE`` transaction, so concurrent
+  runs never reserve more than the budget together; a plan over ``budget - charged by all runs - unused
+  reservations of live running runs`` is recorded ``refused`` and raises :class:`BudgetExceededError`.
+* :meth:`Ledger.charge` commits what a run spent; charges are never removed. :meth:`Ledger.finish` ends a run and
+  shrinks its reservation to its charges; a run whose owner died is marked ``crashed`` by :meth:`Ledger.reconcile`
+  and by the next :meth:`Ledger.open_run`.
+* Every operation opens and closes its own connection, so a :class:`Ledger` holds no handle, pickles to worker
+  processes and survives ``fork``. Importing this module touches no disk.
 """
 
 from __future__ import annotations
@@ -138,12 +105,10 @@ class Ledger:
             own connection).
         budget: total study budget in FLOPs, stored when the file is created. ``None`` adopts the stored budget
             and requires the file to exist.
-        journal_mode: ``WAL``, ``DELETE``, ``TRUNCATE`` or ``PERSIST`` (case-insensitive); ``None`` keeps a WAL
-            file in WAL and uses DELETE on any other (WAL for a new file). Use a rollback mode on a network
-            filesystem.
+        journal_mode: ``WAL``, ``DELETE``, ``TRUNCATE`` or ``PERSIST`` (any case); ``None`` keeps the file's mode
+            (WAL for a new file). See :mod:`lvforecast.budget.journal`.
         timeout_s: how long an operation waits for another process's write lock before failing.
-        mounts: the mount table read to tell a network filesystem (NFS, Lustre, GPFS, CIFS, ...): there WAL is
-            refused and ``None`` means DELETE.
+        mounts: the mount table that tells a network filesystem, where WAL is refused and ``None`` means DELETE.
 
     Raises:
         ValueError: bad journal mode, budget or timeout, or ``budget`` differing from the stored one.
@@ -229,11 +194,7 @@ class Ledger:
 
     def open_run(self, name: str, planned_flops: float, sweep: str | None = None, config_hash: str | None = None,
                  plan: dict[str, Any] | None = None, study: str | None = None, stage: str | None = None) -> int:
-        """Reserve ``planned_flops`` for a new run owned by this process, or refuse it.
-
-        Runs of this machine whose owner process is gone are first marked ``crashed`` (their unused reservations
-        released). Check and insert happen in one ``BEGIN IMMEDIATE`` transaction, so racing processes cannot
-        together reserve more than the budget.
+        """Reserve ``planned_flops`` for a new run owned by this process, or refuse it (see the module contract).
 
         Args:
             name: run name (e.g. the output directory's name).
@@ -333,8 +294,7 @@ class Ledger:
 
         Args:
             run_id: id from :meth:`open_run`.
-            status: ``finished``, ``budget_exhausted``, ``crashed``, ``failed`` or ``interrupted`` (stopped by a
-                signal; it may be resumed from its checkpoint as a new run).
+            status: one of :data:`~lvforecast.budget.status.FINISH_STATUSES`.
 
         Raises:
             ValueError: unknown run, bad status, or the run is not running (already finished, refused, or

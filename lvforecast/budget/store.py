@@ -1,4 +1,4 @@
-"""The SQLite layer of the FLOP ledger: schema, connections, journal mode, transactions and shared queries.
+"""The SQLite layer of the FLOP ledger: schema, migrations, connections, transactions, I/O errors, shared queries.
 
 :class:`lvforecast.budget.ledger.Ledger` is the API; this module holds what it stores and how. Every connection is
 opened per operation (``isolation_level=None``, explicit ``BEGIN``/``COMMIT``, ``busy_timeout``) and closed after.
