@@ -9,10 +9,10 @@
     lvforecast simulate --out FILE [--systems N] [--seed S] [--steps T] [--t-end X]
     lvforecast sweeps summarize SWEEP_DIR
 
-Also ``python -m lvforecast ...``. Imports are lazy: building the parser loads only the pure
-:mod:`lvforecast.budget.shapes` and :mod:`lvforecast.budget.ledger` (standard library only), so ``lvforecast flops``
-answers in well under 2 s and never imports torch. Bad input prints one ``error: ...`` line to stderr and exits
-non-zero (2 for bad arguments, 1 for a missing ledger or a refused operation).
+Also ``python -m lvforecast ...``. Imports are lazy: building the parser loads only pure budget modules
+(:mod:`lvforecast.budget.shapes`, :mod:`~lvforecast.budget.ledger` and what they import: standard library only), so
+``lvforecast flops`` answers in well under 2 s and never imports torch. Bad input prints one ``error: ...`` line
+to stderr and exits non-zero (2 for bad arguments, 1 for a missing ledger or a refused operation).
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ def _flops(args: argparse.Namespace) -> int:
 
 
 def _add_budget(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from lvforecast.budget.ledger import DEFAULT_LEDGER, JOURNAL_ENV, JOURNAL_MODES, LEDGER_ENV
+    from lvforecast.budget.journal import JOURNAL_ENV, JOURNAL_MODES
+    from lvforecast.budget.ledger import DEFAULT_LEDGER, LEDGER_ENV
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--ledger", type=Path, default=None,
@@ -136,6 +137,7 @@ def _budget(args: argparse.Namespace) -> int:
     import sqlite3
 
     from lvforecast.budget.ledger import Ledger, default_ledger_path, format_flops
+    from lvforecast.budget.status import RunStatus
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -166,7 +168,7 @@ def _budget(args: argparse.Namespace) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 1
         if args.json:
-            print(json.dumps({"crashed": ids, "remaining": ledger.remaining()}))
+            print(json.dumps({RunStatus.CRASHED: ids, "remaining": ledger.remaining()}))
         else:
             print(f"marked crashed: {', '.join(map(str, ids)) or 'none'}; remaining {format_flops(ledger.remaining())}")
     else:

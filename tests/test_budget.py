@@ -167,6 +167,25 @@ def test_finish_releases_the_reservation(tmp_path):
         ledger.finish(a)
 
 
+def test_run_statuses_are_one_enum_that_reads_back_as_the_stored_strings(tmp_path):
+    from lvforecast.budget import store
+    from lvforecast.budget.status import COMPLETED, FINISH_STATUSES, RUN_STATUSES, RunStatus
+
+    # The schema's CHECK constraint is written from the enum, so the stored set is the enum's ledger statuses.
+    check = "CHECK (status IN ('running', 'finished', 'budget_exhausted', 'crashed', 'failed', 'refused', "
+    assert check + "'interrupted'))" in store.table_sql("runs")
+    assert RunStatus.MISSING not in RUN_STATUSES and set(COMPLETED) <= set(FINISH_STATUSES) <= set(RUN_STATUSES)
+    ledger = _ledger(tmp_path)
+    run = ledger.open_run("a", 10)
+    ledger.finish(run, RunStatus.BUDGET_EXHAUSTED)
+    (row,) = ledger.runs()
+    assert type(row["status"]) is str and row["status"] == RunStatus.BUDGET_EXHAUSTED
+    assert json.dumps({"status": RunStatus.FINISHED}) == '{"status": "finished"}'
+    assert f"{RunStatus.INTERRUPTED} {RunStatus.FAILED!s}" == "interrupted failed"
+    with pytest.raises(ValueError, match="status must be one of finished, budget_exhausted, crashed, failed, "):
+        ledger.finish(ledger.open_run("b", 10), RunStatus.REFUSED)
+
+
 def test_charge_past_reservation_is_recorded_and_warned(tmp_path, caplog):
     ledger = _ledger(tmp_path, budget=1000)
     a = ledger.open_run("a", 100)
@@ -370,7 +389,8 @@ def test_liveness_of_this_process_and_of_other_machines():
 
 def test_importing_the_budget_modules_touches_no_disk_and_no_matplotlib(tmp_path):
     code = ("import sys; import lvforecast.budget.ledger, lvforecast.budget.liveness, lvforecast.budget.report, "
-            "lvforecast.budget.store, lvforecast.cli; assert 'matplotlib' not in sys.modules, 'matplotlib imported'")
+            "lvforecast.budget.store, lvforecast.budget.journal, lvforecast.budget.spend, lvforecast.budget.status, "
+            "lvforecast.cli; assert 'matplotlib' not in sys.modules, 'matplotlib imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert list(tmp_path.iterdir()) == []

@@ -114,12 +114,11 @@ def test_best_from_picks_the_lowest_finished_final_loss(tmp_path):
 
 
 def test_job_statuses_are_the_ledgers_plus_missing():
-    from lvforecast.budget.ledger import RUN_STATUSES
-    from lvforecast.experiment.sweeps import job
+    from lvforecast.budget.status import COMPLETED, RUN_STATUSES, RunStatus
 
-    assert (job.FINISHED, job.BUDGET_EXHAUSTED, job.FAILED, job.REFUSED) == (
+    assert (RunStatus.FINISHED, RunStatus.BUDGET_EXHAUSTED, RunStatus.FAILED, RunStatus.REFUSED) == (
         "finished", "budget_exhausted", "failed", "refused")
-    assert set(job.COMPLETED) <= set(RUN_STATUSES) and job.MISSING not in RUN_STATUSES
+    assert set(COMPLETED) <= set(RUN_STATUSES) and RunStatus.MISSING not in RUN_STATUSES
 
 
 def test_summarize_command_needs_a_sweep_directory(tmp_path, capsys):

@@ -1,34 +1,19 @@
 """FlopBudget: charges every forward the trainer runs to the study's ledger and stops before overspending.
 
-Contract:
+Contract (docs/budget.md has the whole story):
 
-* Each training batch costs ``3 x forward`` of the padded shape actually run ``(B, N)``; each validation
-  batch (sanity checks and ``trainer.validate`` included) one forward; test and predict batches one forward;
-  generation is charged by the caller through :meth:`FlopBudget.charge` (``kind="generate"``).
-* Charges are kept in memory and committed to the ledger every ``commit_every_n_steps`` training steps
-  (but at most once per ``commit_min_interval_s`` seconds), at the end of every validation, at the end of
-  training and when fitting raises, so a killed run loses at most max(n steps, the interval) of
-  accounting; the ledger keeps whatever was committed.
-* The guard checks before it spends, at every edge of a run: a run whose reservation cannot pay for its sanity
-  batches, validation before training, first step and a validation to stop on is refused before its model loads
-  (:meth:`~lvforecast.budget.planning.Plan.first_edge`); at the end of every optimizer step it prices what
-  continuing costs (the validation due now, the next step with any validation during it, and a validation to stop
-  on, all from the plan's :class:`~lvforecast.budget.schedule.Schedule`) and sets ``trainer.should_stop`` when
-  that does not fit (Lightning then runs the stop-time validation, which the previous check kept in hand); the
-  final validation after training is run only if it fits (:meth:`FlopBudget.affords`). ``mode="enforce"``
-  (default): the run's charges never exceed its reservation. ``mode="track"``: the run's cap is soft, its
-  reservation grows from what the study has left (one ledger transaction, so the ledger never goes negative),
-  and the run stops only when the study cannot pay.
-* Distributed runs: every step and validation batch is charged as the sum over ranks of the shapes each rank ran
-  (one all-reduce); rank 0 owns the ledger run (the other ranks learn its id and reservation in :meth:`setup`
-  and never write the ledger), and the stop decision is made on rank 0 and broadcast, so every rank stops after
-  the same step.
-* Logged every ``trainer.log_every_n_steps`` steps, at the step Lightning logs that batch's ``train/loss``:
-  ``flops/step``, ``flops/run``, ``flops/study``, ``flops/budget_left``.
+* A training batch costs ``3 x forward`` of the padded shape actually run ``(B, N)``; a validation, test or predict
+  batch one forward; generation is charged by the caller through :meth:`FlopBudget.charge`. Every price uses the
+  reservation's :class:`~lvforecast.budget.shapes.LoRASpec`, so a run is charged as it was planned.
+* Charges are committed every ``commit_every_n_steps`` steps (at most once per ``commit_min_interval_s``), after
+  every validation, at the end of training and when fitting raises.
+* After every optimizer step the guard prices what continuing costs (from the plan's
+  :class:`~lvforecast.budget.schedule.Schedule`) and sets ``trainer.should_stop`` when it does not fit, keeping a
+  final validation in hand: ``mode="enforce"`` never charges past the reservation, ``mode="track"`` grows the
+  reservation from what the study has left and stops only when the study cannot pay.
+* Distributed runs are charged the sum over ranks; rank 0 alone writes the ledger and decides when to stop.
 
 FLOP formulas live in :mod:`lvforecast.budget.formulas`; this module only multiplies, accumulates and stops.
-Every price uses the reservation's :class:`~lvforecast.budget.shapes.LoRASpec`, so a ``model.head=alphabet`` run
-is charged its head, logit bias and loss over the alphabet's rows (``LoRASpec.head_rows``), as it was planned.
 """
 
 from __future__ import annotations

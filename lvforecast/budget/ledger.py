@@ -1,49 +1,16 @@
-"""The study's FLOP budget ledger: one SQLite file shared by every run of every sweep.
+"""The study's FLOP budget ledger: one SQLite file shared by every run of every sweep (docs/budget.md).
 
-Contract
---------
-* **One ledger per study.** The file (default ``outputs/budget/ledger.sqlite`` relative to the working directory,
-  or ``$LVFORECAST_LEDGER``) holds the total budget (default 1e17 FLOPs), stored once when the file is created.
-  Opening an existing ledger with a different budget raises :class:`ValueError`; ``budget=None`` adopts the
-  stored one.
-* **Reserve before loading.** :meth:`Ledger.open_run` reserves a run's planned FLOPs (steps x train step +
-  planned validations + planned evaluation) in one ``BEGIN IMMEDIATE`` transaction, so concurrent runs on one
-  ledger can never reserve more than the budget together. The check is::
+Contract:
 
-      remaining = budget - (FLOPs charged by all runs) - (unused reservations of live running runs)
-      planned <= remaining   else BudgetExceededError (the attempt is recorded with status ``refused``)
-
-* **Charge as you go.** :meth:`Ledger.charge` commits one row per call (kind ``train``, ``val``, ``test`` or
-  ``generate``; FLOPs, steps, tokens, seconds). Charges are never removed: what a run charged stays spent, however
-  it ends. A run may charge past its reservation (the FLOPs were spent); that is logged as a warning.
-* **Release at the end.** :meth:`Ledger.finish` sets the final status and shrinks the reservation to what was
-  charged; a run stopped by SIGTERM/SIGINT ends ``interrupted`` (:meth:`Ledger.hold`), its charges kept. A run whose
-  process died without finishing is marked ``crashed`` and its unused reservation released by
-  :meth:`Ledger.reconcile` (``lvforecast budget reconcile``), and automatically by the next
-  :meth:`Ledger.open_run`. :meth:`Ledger.remaining` already leaves such dead reservations out.
-* **Liveness** is only judged for runs of this machine (same hostname and, where Linux exposes it, same boot id):
-  the owner is dead if its pid is gone, is a zombie, or now belongs to a process started at another time (pid
-  reuse). Runs of other machines count as live until ``reconcile --run ID`` is given for them. (Containers on one
-  machine that share a ledger need distinct hostnames, as they have by default: pids are per namespace.)
-* **Journal mode**: ``WAL`` (default) for a ledger used from one machine; a ledger on a network filesystem must use
-  a rollback journal (``DELETE``, ``TRUNCATE`` or ``PERSIST``) because WAL needs shared memory. WAL is stored in
-  the file; a rollback mode is set on every connection, so all processes of a study should pass the same mode.
-  ``None`` keeps a WAL file in WAL and uses DELETE on any other (WAL for a new file). When ``/proc/mounts`` puts
-  the ledger on NFS, Lustre, GPFS, CIFS (or a similar network filesystem), WAL is refused with a message naming
-  ``budget.journal_mode=DELETE`` and ``None`` means DELETE.
-* **Track mode** grows a running run's reservation with :meth:`Ledger.extend_run`, only from what the study has
-  left, so no run, enforced or tracked, can take the study below zero.
-
-Every operation opens its own connection (``isolation_level=None``, explicit ``BEGIN``/``COMMIT``, ``busy_timeout``)
-and closes it, so a :class:`Ledger` holds no open handle, can be pickled to worker processes and survives ``fork``.
-The SQLite layer is :mod:`lvforecast.budget.store`, the liveness checks :mod:`lvforecast.budget.liveness`, and the
-report (Table 12 and its bar chart) :mod:`lvforecast.budget.report`.
-
-CLI: ``lvforecast budget report|reconcile|show [--ledger PATH] [--json] [--out DIR]``. ``report`` prints the
-per-run table (training / validation / inference / total / share of budget, the study total against the budget)
-and writes ``report.md`` and the bar chart ``budget_report.png``.
-
-Importing this module touches no disk.
+* The file holds the study's budget, stored when it is created; opening it with another budget raises.
+* :meth:`Ledger.open_run` reserves a run's planned FLOPs in one ``BEGIN IMMEDIATE`` transaction, so concurrent
+  runs never reserve more than the budget together; a plan over ``budget - charged by all runs - unused
+  reservations of live running runs`` is recorded ``refused`` and raises :class:`BudgetExceededError`.
+* :meth:`Ledger.charge` commits what a run spent; charges are never removed. :meth:`Ledger.finish` ends a run and
+  shrinks its reservation to its charges; a run whose owner died is marked ``crashed`` by :meth:`Ledger.reconcile`
+  and by the next :meth:`Ledger.open_run`.
+* Every operation opens and closes its own connection, so a :class:`Ledger` holds no handle, pickles to worker
+  processes and survives ``fork``. Importing this module touches no disk.
 """
 
 from __future__ import annotations
@@ -58,20 +25,18 @@ import socket
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from lvforecast.budget import store
+from lvforecast.budget import journal, spend, store
 from lvforecast.budget.liveness import boot_id, owner_alive, proc_stat, same_machine
-from lvforecast.budget.store import KINDS, RUN_STATUSES, SCHEMA_VERSION, as_count, as_flops
+from lvforecast.budget.status import FINISH_STATUSES, RunOutcome, RunStatus, exit_status
+from lvforecast.budget.store import KINDS, SCHEMA_VERSION, Kind, as_count, as_flops
 from lvforecast.errors import UserError
 
 __all__ = [
-    "DEFAULT_BUDGET", "DEFAULT_LEDGER", "FINISH_STATUSES", "JOURNAL_ENV", "JOURNAL_MODES", "KINDS", "LEDGER_ENV",
-    "RUN_STATUSES", "BudgetExceededError", "Kind", "Ledger", "LedgerNotFoundError", "RunOutcome", "default_ledger_path",
-    "exit_status", "format_flops",
-    "remaining_in",
+    "DEFAULT_BUDGET", "DEFAULT_LEDGER", "LEDGER_ENV", "BudgetExceededError", "Kind", "Ledger", "LedgerNotFoundError",
+    "RunOutcome", "default_ledger_path", "exit_status", "format_flops", "remaining_in",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,28 +44,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_BUDGET = 10**17
 DEFAULT_LEDGER = Path("outputs") / "budget" / "ledger.sqlite"
 LEDGER_ENV = "LVFORECAST_LEDGER"
-JOURNAL_ENV = "LVFORECAST_LEDGER_JOURNAL_MODE"
-JOURNAL_MODES = ("WAL", "DELETE", "TRUNCATE", "PERSIST")
-FINISH_STATUSES = ("finished", "budget_exhausted", "crashed", "failed", "interrupted")
-
-Kind = Literal["train", "val", "test", "generate"]
-
-
-@dataclass
-class RunOutcome:
-    """How a held run ended; set :attr:`status` before leaving :meth:`Ledger.hold` (default ``finished``)."""
-
-    status: str = "finished"
 
 
 class LedgerNotFoundError(UserError, FileNotFoundError):
     """``budget=None`` (adopt the stored budget) but there is no ledger file at the path."""
-
-
-def exit_status(exc: BaseException) -> str:
-    """The ledger status of a run that raised ``exc``: ``interrupted`` when it was stopped from outside (a signal:
-    Lightning's ``SIGTERMException`` and every other ``SystemExit``, ``KeyboardInterrupt``), else ``failed``."""
-    return "interrupted" if isinstance(exc, (SystemExit, KeyboardInterrupt)) else "failed"
 
 
 class BudgetExceededError(UserError, RuntimeError):
@@ -158,12 +105,10 @@ class Ledger:
             own connection).
         budget: total study budget in FLOPs, stored when the file is created. ``None`` adopts the stored budget
             and requires the file to exist.
-        journal_mode: ``WAL``, ``DELETE``, ``TRUNCATE`` or ``PERSIST`` (case-insensitive); ``None`` keeps a WAL
-            file in WAL and uses DELETE on any other (WAL for a new file). Use a rollback mode on a network
-            filesystem.
+        journal_mode: ``WAL``, ``DELETE``, ``TRUNCATE`` or ``PERSIST`` (any case); ``None`` keeps the file's mode
+            (WAL for a new file). See :mod:`lvforecast.budget.journal`.
         timeout_s: how long an operation waits for another process's write lock before failing.
-        mounts: the mount table read to tell a network filesystem (NFS, Lustre, GPFS, CIFS, ...): there WAL is
-            refused and ``None`` means DELETE.
+        mounts: the mount table that tells a network filesystem, where WAL is refused and ``None`` means DELETE.
 
     Raises:
         ValueError: bad journal mode, budget or timeout, or ``budget`` differing from the stored one.
@@ -176,12 +121,7 @@ class Ledger:
         if str(path) == ":memory:" or str(path) == "":
             raise UserError(f"path must be a file path, got {str(path)!r}: every operation opens its own connection")
         self.path = Path(path)
-        if journal_mode is not None:
-            if not isinstance(journal_mode, str) or journal_mode.upper() not in JOURNAL_MODES:
-                raise UserError(f"journal_mode must be one of {', '.join(JOURNAL_MODES)} or None, "
-                                 f"got {journal_mode!r}")
-            journal_mode = journal_mode.upper()
-        self.journal_mode = journal_mode
+        self.journal_mode = journal.checked_mode(journal_mode)
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real) or not timeout_s > 0:
             raise UserError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
         self.timeout_s = float(timeout_s)
@@ -196,14 +136,8 @@ class Ledger:
                                       f"{store.LEDGER_FIX}")
         self._warned_over: set[int] = set()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        network = store.on_network_filesystem(self.path.parent, mounts)
-        if network and journal_mode == "WAL":
-            raise UserError(f"ledger {self.path} is on a {network} filesystem, where SQLite's WAL journal (shared "
-                             f"memory) is unsafe across machines: set budget.journal_mode=DELETE (or "
-                             f"--journal-mode DELETE), a rollback journal that works there")
-        if network and journal_mode is None:
-            self.journal_mode = journal_mode = "DELETE"
-        self._set_journal_mode()
+        self.journal_mode = journal.mode_for_filesystem(self.path, self.journal_mode, mounts)
+        self.journal_mode = journal.set_journal_mode(self.path, self.timeout_s, self.journal_mode)
         with self._transaction() as conn:
             row = store.create_study(conn, requested, f"{socket.gethostname()}:{os.getpid()}")
             if row is None:  # raised inside the transaction, so the tables just created are rolled back
@@ -229,28 +163,8 @@ class Ledger:
 
     # -- storage -----------------------------------------------------------------------------------------------
 
-    def _set_journal_mode(self) -> None:
-        try:
-            self.journal_mode = store.set_journal_mode(self.path, self.timeout_s, self.journal_mode)
-        except sqlite3.DatabaseError as err:
-            raise store.io_error(self.path, err) from err
-
-    @contextlib.contextmanager
-    def _transaction(self, immediate: bool = True) -> Iterator[sqlite3.Connection]:
-        """One transaction on a fresh connection (:func:`lvforecast.budget.store.transaction`).
-
-        Raises:
-            UserError: SQLite cannot open, read or write the file (not a database, damaged, read-only, in a
-                read-only folder, locked past the timeout): one message naming the path and the fix. A broken
-                constraint (``IntegrityError``) is a bug and propagates.
-        """
-        try:
-            with store.transaction(self.path, self.timeout_s, self.journal_mode, immediate) as conn:
-                yield conn
-        except sqlite3.IntegrityError:
-            raise
-        except sqlite3.DatabaseError as err:
-            raise store.io_error(self.path, err) from err
+    def _transaction(self, immediate: bool = True) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return store.transaction(self.path, self.timeout_s, self.journal_mode, immediate)
 
     def _mark_crashed(self, conn: sqlite3.Connection, run_ids: list[int]) -> list[int]:
         done = store.mark_crashed(conn, run_ids)
@@ -269,15 +183,18 @@ class Ledger:
             raise UserError(f"no run with id {run_id} in ledger {self.path}")
         return row
 
+    def _running_row(self, conn: sqlite3.Connection, run_id: int, otherwise: str) -> tuple[str, int]:
+        """(name, reserved FLOPs) of ``run_id``, which must be running; else a UserError ending in ``otherwise``."""
+        name, status, reserved = self._run_row(conn, run_id)
+        if status != RunStatus.RUNNING:
+            raise UserError(f"run {run_id} {name!r} is {status!r}, not '{RunStatus.RUNNING}'; {otherwise}")
+        return name, reserved
+
     # -- the API the training callback uses --------------------------------------------------------------------
 
     def open_run(self, name: str, planned_flops: float, sweep: str | None = None, config_hash: str | None = None,
                  plan: dict[str, Any] | None = None, study: str | None = None, stage: str | None = None) -> int:
-        """Reserve ``planned_flops`` for a new run owned by this process, or refuse it.
-
-        Runs of this machine whose owner process is gone are first marked ``crashed`` (their unused reservations
-        released). Check and insert happen in one ``BEGIN IMMEDIATE`` transaction, so racing processes cannot
-        together reserve more than the budget.
+        """Reserve ``planned_flops`` for a new run owned by this process, or refuse it (see the module contract).
 
         Args:
             name: run name (e.g. the output directory's name).
@@ -321,8 +238,8 @@ class Ledger:
                 "planned_flops, reserved_flops, plan_json, started_at, ended_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (name, sweep, study, stage, config_hash, socket.gethostname(), boot_id(), pid,
-                 stat[1] if stat else None, "running" if fits else "refused", planned, planned if fits else 0,
-                 plan_json, now, None if fits else now),
+                 stat[1] if stat else None, RunStatus.RUNNING if fits else RunStatus.REFUSED, planned,
+                 planned if fits else 0, plan_json, now, None if fits else now),
             )
             run_id = cur.lastrowid
         if not fits:
@@ -356,15 +273,15 @@ class Ledger:
             raise UserError(f"seconds must be a finite number >= 0, got {seconds!r}")
         with self._transaction() as conn:
             name, status, reserved = self._run_row(conn, run_id)
-            if status == "refused":
+            if status == RunStatus.REFUSED:
                 raise UserError(f"run {run_id} {name!r} was refused its reservation and cannot be charged")
             conn.execute(
                 "INSERT INTO charges (run_id, kind, flops, steps, tokens, seconds, charged_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (run_id, kind, flops, steps, tokens, float(seconds), time.time()),
             )
-            charged = conn.execute("SELECT SUM(flops) FROM charges WHERE run_id = ?", (run_id,)).fetchone()[0]
-        if status != "running":
+            charged = store.charged(conn, run_id)
+        if status != RunStatus.RUNNING:
             logger.warning("ledger %s: run %d %r is %s but was charged %s more FLOPs (%s)", self.path, run_id, name,
                            status, format_flops(flops), kind)
         elif charged > reserved and run_id not in self._warned_over:
@@ -372,13 +289,12 @@ class Ledger:
             logger.warning("ledger %s: run %d %r has charged %s FLOPs, past its reservation of %s", self.path,
                            run_id, name, format_flops(charged), format_flops(reserved))
 
-    def finish(self, run_id: int, status: str = "finished") -> None:
+    def finish(self, run_id: int, status: RunStatus = RunStatus.FINISHED) -> None:
         """End a running run and release the unused part of its reservation.
 
         Args:
             run_id: id from :meth:`open_run`.
-            status: ``finished``, ``budget_exhausted``, ``crashed``, ``failed`` or ``interrupted`` (stopped by a
-                signal; it may be resumed from its checkpoint as a new run).
+            status: one of :data:`~lvforecast.budget.status.FINISH_STATUSES`.
 
         Raises:
             ValueError: unknown run, bad status, or the run is not running (already finished, refused, or
@@ -387,9 +303,7 @@ class Ledger:
         if status not in FINISH_STATUSES:
             raise UserError(f"status must be one of {', '.join(FINISH_STATUSES)}, got {status!r}")
         with self._transaction() as conn:
-            name, current, _ = self._run_row(conn, run_id)
-            if current != "running":
-                raise UserError(f"run {run_id} {name!r} is {current!r}, not 'running'; it cannot be finished again")
+            name, _ = self._running_row(conn, run_id, "it cannot be finished again")
             store.release(conn, run_id, status)
         logger.info("ledger %s: run %d %r %s, spent %s FLOPs", self.path, run_id, name, status,
                     format_flops(self.run_spent(run_id)))
@@ -415,21 +329,14 @@ class Ledger:
         """
         extra = as_flops(extra, "extra")
         with self._transaction() as conn:
-            name, status, _ = self._run_row(conn, run_id)
-            if status != "running":
-                raise UserError(f"run {run_id} {name!r} is {status!r}, not 'running'; its reservation cannot grow")
+            self._running_row(conn, run_id, "its reservation cannot grow")
             return store.extend(conn, run_id, extra, self.budget)
 
     def run_spent(self, run_id: int) -> int:
-        """FLOPs charged by one run.
-
-        Raises:
-            ValueError: unknown run.
-        """
+        """FLOPs charged by one run; an unknown run raises UserError."""
         with self._transaction(immediate=False) as conn:
             self._run_row(conn, run_id)
-            return conn.execute("SELECT COALESCE(SUM(flops), 0) FROM charges WHERE run_id = ?",
-                                (run_id,)).fetchone()[0]
+            return store.charged(conn, run_id)
 
     def study_spent(self) -> int:
         """FLOPs charged by all runs of the study."""
@@ -446,15 +353,9 @@ class Ledger:
             return self.budget - store.spent(conn) - store.outstanding(conn)
 
     def runs(self) -> list[dict[str, Any]]:
-        """All runs, oldest first, with their charged FLOPs and, for running ones, whether the owner is alive.
-
-        Returns:
-            One dict per run: id, name, sweep, study, stage, config_hash, host, pid, status, planned_flops,
-            reserved_flops, charged_flops, owner_alive (None unless running), plan (dict or None), started_at,
-            ended_at (Unix seconds).
-        """
+        """All runs, oldest first, with their charges and owners (:func:`lvforecast.budget.spend.run_records`)."""
         with self._transaction(immediate=False) as conn:
-            return store.run_records(conn)
+            return spend.run_records(conn)
 
     def reconcile(self, run_ids: Sequence[int] = ()) -> list[int]:
         """Mark running runs whose owner is dead as ``crashed`` and release their unused reservations.
@@ -474,9 +375,7 @@ class Ledger:
         forced = [as_count(r, "run id") for r in run_ids]
         with self._transaction() as conn:
             for run_id in forced:
-                name, status, _ = self._run_row(conn, run_id)
-                if status != "running":
-                    raise UserError(f"run {run_id} {name!r} is {status!r}, not 'running'; nothing to reconcile")
+                name, _ = self._running_row(conn, run_id, "nothing to reconcile")
                 host, boot, pid, pid_start = conn.execute(
                     "SELECT host, boot_id, pid, pid_start FROM runs WHERE id = ?", (run_id,)).fetchone()
                 if same_machine(host, boot) and owner_alive(host, boot, pid, pid_start):
@@ -486,18 +385,9 @@ class Ledger:
             return dead + self._mark_crashed(conn, [r for r in forced if r not in dead])
 
     def report(self) -> dict[str, Any]:
-        """The study's spend table (Table 12): one row per run, totals, budget and remaining.
-
-        Refused attempts spent nothing and are listed apart, not as rows.
-
-        Returns:
-            ``{"ledger", "budget", "runs": [row...], "stages": [stage...], "totals": {...},
-            "reserved_outstanding", "remaining", "refused": [...]}``. A row holds id, name, sweep, study, stage,
-            status, planned, train, val, inference (test +
-            generate), total (FLOPs, ints) and share (total / budget, a fraction).
-        """
+        """The study's spend table (Table 12, :func:`lvforecast.budget.spend.spend_table`) and the ``ledger`` path."""
         with self._transaction(immediate=False) as conn:
-            return {"ledger": str(self.path), **store.spend_table(conn, self.budget)}
+            return {"ledger": str(self.path), **spend.spend_table(conn, self.budget)}
 
 
 def remaining_in(path: str | os.PathLike[str], budget: float) -> int:

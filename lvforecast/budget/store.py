@@ -1,4 +1,4 @@
-"""The SQLite layer of the FLOP ledger: schema, connections, journal mode, transactions and shared queries.
+"""The SQLite layer of the FLOP ledger: schema, migrations, connections, transactions, I/O errors, shared queries.
 
 :class:`lvforecast.budget.ledger.Ledger` is the API; this module holds what it stores and how. Every connection is
 opened per operation (``isolation_level=None``, explicit ``BEGIN``/``COMMIT``, ``busy_timeout``) and closed after.
@@ -8,7 +8,6 @@ Importing this module touches no disk.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import numbers
@@ -17,9 +16,10 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from lvforecast.budget.liveness import owner_alive
+from lvforecast.budget.status import RUN_STATUSES, RunStatus
 from lvforecast.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -33,8 +33,9 @@ MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {
 # Versions that changed a table's CHECK constraint, which SQLite cannot alter: the table is rebuilt (copied into
 # the new definition, rows and ids unchanged). 3: the run status ``interrupted`` (a run stopped by SIGTERM/SIGINT).
 REBUILDS: dict[int, tuple[str, ...]] = {3: ("runs", "charges")}  # parents first
-KINDS = ("train", "val", "test", "generate")
-RUN_STATUSES = ("running", "finished", "budget_exhausted", "crashed", "failed", "refused", "interrupted")
+# What a charge pays for: training steps, validation, test / predict batches and generation.
+Kind = Literal["train", "val", "test", "generate"]
+KINDS: tuple[Kind, ...] = get_args(Kind)
 
 # SQLite INTEGER is a signed 64-bit value.
 INT_LIMIT = 2**63
@@ -58,7 +59,7 @@ CREATE TABLE IF NOT EXISTS runs (
     boot_id TEXT,
     pid INTEGER NOT NULL,
     pid_start INTEGER,
-    status TEXT NOT NULL CHECK (status IN ({", ".join(repr(s) for s in RUN_STATUSES)})),
+    status TEXT NOT NULL CHECK (status IN ({", ".join(repr(s.value) for s in RUN_STATUSES)})),
     planned_flops INTEGER NOT NULL CHECK (planned_flops >= 0),
     reserved_flops INTEGER NOT NULL CHECK (reserved_flops >= 0),
     plan_json TEXT,
@@ -200,39 +201,6 @@ def connect(path: Path, timeout_s: float, journal_mode: str | None, apply_journa
     return conn
 
 
-def set_journal_mode(path: Path, timeout_s: float, wanted: str | None) -> str:
-    """Put the file in journal mode ``wanted`` (None: WAL for a new file, else keep its mode).
-
-    Returns:
-        The mode SQLite reports afterwards (it may keep another one, e.g. WAL on a filesystem without shared
-        memory); a mismatch is logged as a warning.
-    """
-    deadline = time.monotonic() + timeout_s
-    conn = connect(path, timeout_s, wanted, apply_journal_mode=False)
-    try:
-        while True:
-            try:
-                current = conn.execute("PRAGMA journal_mode").fetchone()[0].upper()
-                if wanted is None:
-                    # A brand-new file reports DELETE; give it the default, keep any other file's mode.
-                    fresh = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
-                    wanted = "WAL" if fresh else current
-                if current != wanted:
-                    current = conn.execute(f"PRAGMA journal_mode = {wanted}").fetchone()[0].upper()
-                break
-            except sqlite3.OperationalError as err:
-                # Changing the journal mode needs an exclusive lock and does not always go through the busy
-                # handler, so retry here while other processes hold the file.
-                if ("locked" not in str(err) and "busy" not in str(err)) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
-    finally:
-        conn.close()
-    if current != wanted:
-        logger.warning("ledger %s: asked for journal mode %s, SQLite kept %s", path, wanted, current)
-    return current
-
-
 @contextlib.contextmanager
 def transaction(path: Path, timeout_s: float, journal_mode: str | None, immediate: bool = True
                 ) -> Iterator[sqlite3.Connection]:
@@ -240,18 +208,25 @@ def transaction(path: Path, timeout_s: float, journal_mode: str | None, immediat
 
     ``immediate`` takes the write lock at BEGIN, so a read-check-write sequence cannot interleave with another
     writer's; plain reads use a deferred BEGIN for a consistent snapshot.
+
+    Raises:
+        UserError: SQLite cannot open, read or write the file (not a database, damaged, read-only, in a read-only
+            folder, locked past the timeout): :func:`io_error`'s one message. A broken constraint
+            (``IntegrityError``) is a bug and propagates.
     """
-    conn = connect(path, timeout_s, journal_mode)
     try:
-        conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
+        with contextlib.closing(connect(path, timeout_s, journal_mode)) as conn:
+            conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+    except sqlite3.IntegrityError:
+        raise
+    except sqlite3.DatabaseError as err:
+        raise io_error(path, err) from err
 
 
 # -- I/O failures ---------------------------------------------------------------------------------------------
@@ -310,6 +285,11 @@ def spent(conn: sqlite3.Connection) -> int:
     return conn.execute("SELECT COALESCE(SUM(flops), 0) FROM charges").fetchone()[0]
 
 
+def charged(conn: sqlite3.Connection, run_id: int) -> int:
+    """FLOPs charged by one run."""
+    return conn.execute("SELECT COALESCE(SUM(flops), 0) FROM charges WHERE run_id = ?", (run_id,)).fetchone()[0]
+
+
 def running(conn: sqlite3.Connection) -> list[sqlite3.Row]:
     """Running runs, oldest first: id, host, boot_id, pid, pid_start, reserved_flops and charged FLOPs."""
     cur = conn.cursor()
@@ -317,7 +297,7 @@ def running(conn: sqlite3.Connection) -> list[sqlite3.Row]:
     return cur.execute(
         "SELECT r.id, r.host, r.boot_id, r.pid, r.pid_start, r.reserved_flops, "
         "COALESCE((SELECT SUM(flops) FROM charges c WHERE c.run_id = r.id), 0) AS charged "
-        "FROM runs r WHERE r.status = 'running' ORDER BY r.id"
+        "FROM runs r WHERE r.status = ? ORDER BY r.id", (RunStatus.RUNNING,)
     ).fetchall()
 
 
@@ -341,8 +321,8 @@ def release(conn: sqlite3.Connection, run_id: int, status: str) -> None:
     conn.execute(
         "UPDATE runs SET status = ?, ended_at = ?, "
         "reserved_flops = COALESCE((SELECT SUM(flops) FROM charges WHERE run_id = ?), 0) "
-        "WHERE id = ? AND status = 'running'",
-        (status, time.time(), run_id, run_id),
+        "WHERE id = ? AND status = ?",
+        (status, time.time(), run_id, run_id, RunStatus.RUNNING),
     )
 
 
@@ -356,90 +336,14 @@ def mark_crashed(conn: sqlite3.Connection, run_ids: Iterable[int]) -> list[int]:
     for run_id in run_ids:
         # The crash happened at or after its last charge; that is the best end time the ledger knows.
         conn.execute(
-            "UPDATE runs SET status = 'crashed', "
+            "UPDATE runs SET status = ?, "
             "reserved_flops = COALESCE((SELECT SUM(flops) FROM charges WHERE run_id = ?), 0), "
             "ended_at = COALESCE((SELECT MAX(charged_at) FROM charges WHERE run_id = ?), started_at) "
-            "WHERE id = ? AND status = 'running'",
-            (run_id, run_id, run_id),
+            "WHERE id = ? AND status = ?",
+            (RunStatus.CRASHED, run_id, run_id, run_id, RunStatus.RUNNING),
         )
         done.append(run_id)
     return done
-
-
-def spend_by_run(conn: sqlite3.Connection) -> list[sqlite3.Row]:
-    """Every run, oldest first, with its charges summed by report column (train, val, inference = test + generate).
-
-    Returns:
-        Rows with id, name, sweep, study, stage, status, config_hash, planned_flops, train, val, inference,
-        charged_steps and seconds.
-    """
-    cur = conn.cursor()
-    cur.row_factory = sqlite3.Row
-    return cur.execute(
-        "SELECT r.id, r.name, r.sweep, r.study, r.stage, r.status, r.config_hash, r.planned_flops, "
-        "COALESCE(SUM(CASE WHEN c.kind = 'train' THEN c.flops END), 0) AS train, "
-        "COALESCE(SUM(CASE WHEN c.kind = 'val' THEN c.flops END), 0) AS val, "
-        "COALESCE(SUM(CASE WHEN c.kind IN ('test', 'generate') THEN c.flops END), 0) AS inference, "
-        "COALESCE(SUM(c.steps), 0) AS charged_steps, COALESCE(SUM(c.seconds), 0.0) AS seconds "
-        "FROM runs r LEFT JOIN charges c ON c.run_id = r.id GROUP BY r.id ORDER BY r.id"
-    ).fetchall()
-
-
-def run_records(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    """All runs, oldest first, as :meth:`lvforecast.budget.ledger.Ledger.runs` returns them."""
-    cur = conn.cursor()
-    cur.row_factory = sqlite3.Row
-    rows = cur.execute(
-        "SELECT r.*, COALESCE((SELECT SUM(flops) FROM charges c WHERE c.run_id = r.id), 0) AS charged_flops "
-        "FROM runs r ORDER BY r.id"
-    ).fetchall()
-    out = []
-    for row in rows:
-        d = dict(row)
-        plan_json = d.pop("plan_json")
-        d["plan"] = None if plan_json is None else json.loads(plan_json)
-        d["owner_alive"] = (owner_alive(d["host"], d["boot_id"], d["pid"], d["pid_start"])
-                            if d["status"] == "running" else None)
-        for key in ("boot_id", "pid_start"):
-            d.pop(key)
-        out.append(d)
-    return out
-
-
-def spend_table(conn: sqlite3.Connection, budget: int) -> dict[str, Any]:
-    """The spend table of :meth:`lvforecast.budget.ledger.Ledger.report`, less its ``ledger`` key.
-
-    Args:
-        conn: a connection inside a transaction (one snapshot for rows and reservations).
-        budget: the study budget, for the shares and the remainder.
-    """
-    rows = spend_by_run(conn)
-    reserved = outstanding(conn)
-    table, refused = [], []
-    for row in rows:
-        if row["status"] == "refused":
-            refused.append({"id": row["id"], "name": row["name"], "sweep": row["sweep"], "study": row["study"],
-                            "stage": row["stage"], "planned": row["planned_flops"]})
-            continue
-        total = row["train"] + row["val"] + row["inference"]
-        table.append({
-            "id": row["id"], "name": row["name"], "sweep": row["sweep"], "study": row["study"],
-            "stage": row["stage"], "status": row["status"],
-            "config_hash": row["config_hash"], "planned": row["planned_flops"], "train": row["train"],
-            "val": row["val"], "inference": row["inference"], "total": total, "share": total / budget,
-            "seconds": row["seconds"],
-        })
-    totals = {key: sum(r[key] for r in table) for key in ("train", "val", "inference", "total")}
-    totals["share"] = totals["total"] / budget
-    return {
-        "budget": budget,
-        "runs": table,
-        "stages": spend_by_stage(table, budget),
-        "totals": totals,
-        "reserved_outstanding": reserved,
-        "remaining": budget - totals["total"] - reserved,
-        "refused": refused,
-    }
 
 
 def extend(conn: sqlite3.Connection, run_id: int, extra: int, budget: int) -> bool:
@@ -450,54 +354,6 @@ def extend(conn: sqlite3.Connection, run_id: int, extra: int, budget: int) -> bo
     """
     if extra > budget - spent(conn) - outstanding(conn):
         return False
-    conn.execute("UPDATE runs SET reserved_flops = reserved_flops + ? WHERE id = ? AND status = 'running'",
-                 (extra, run_id))
+    conn.execute("UPDATE runs SET reserved_flops = reserved_flops + ? WHERE id = ? AND status = ?",
+                 (extra, run_id, RunStatus.RUNNING))
     return True
-
-
-# Filesystems whose locking SQLite's WAL cannot use (no shared memory across machines).
-NETWORK_FILESYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "ceph", "fuse.glusterfs",
-                       "beegfs", "fuse.sshfs", "9p")
-
-
-def filesystem_of(path: Path, mounts: str = "/proc/mounts") -> str | None:
-    """The filesystem type of the mount holding ``path`` (its longest mount point prefix), None if unknown."""
-    try:
-        lines = Path(mounts).read_text().splitlines()
-    except OSError:
-        return None
-    target = Path(path).resolve()
-    best, fstype = -1, None
-    for line in lines:
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        point = Path(parts[1].replace("\\040", " "))
-        if (target == point or point in target.parents) and len(point.parts) > best:
-            best, fstype = len(point.parts), parts[2]
-    return fstype
-
-
-def on_network_filesystem(path: Path, mounts: str = "/proc/mounts") -> str | None:
-    """The network filesystem type ``path`` lives on (``nfs4``, ``lustre``, ...), or None."""
-    fstype = filesystem_of(path, mounts)
-    return fstype if fstype in NETWORK_FILESYSTEMS else None
-
-
-def spend_by_stage(rows: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
-    """Table 12 per stage: the runs of :func:`spend_table` summed by (study, stage), in order of first run.
-
-    Runs recorded without a stage (single commands, ledgers older than schema 2) form the stage ``None``.
-
-    Returns:
-        One dict per stage: study, stage, runs (their ids), train, val, inference, total and share.
-    """
-    groups: dict[tuple[str | None, str | None], dict[str, Any]] = {}
-    for row in rows:
-        g = groups.setdefault((row["study"], row["stage"]), {
-            "study": row["study"], "stage": row["stage"], "runs": [], "train": 0, "val": 0, "inference": 0,
-            "total": 0})
-        g["runs"].append(row["id"])
-        for key in ("train", "val", "inference", "total"):
-            g[key] += row[key]
-    return [{**g, "share": g["total"] / budget} for g in groups.values()]

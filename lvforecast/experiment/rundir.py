@@ -29,6 +29,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lvforecast.atomic import atomic_writer, write_text
+from lvforecast.budget.status import RunStatus
 from lvforecast.errors import UserError
 
 RESOLVER = "lv_unique"
@@ -210,11 +211,11 @@ def segments(previous: dict[str, Any] | None, start_step: int, ckpt_path: str | 
             old = [{"start_step": 0, "end_step": previous["final"].get("global_step"),
                     "status": previous["final"].get("budget_status")}]
     for seg in old:
-        if seg.get("status") == "running":
-            seg["status"] = "interrupted"
+        if seg.get("status") == RunStatus.RUNNING:
+            seg["status"] = RunStatus.INTERRUPTED
             seg["end_step"] = seg.get("end_step") if seg.get("end_step") is not None else start_step
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    return old + [{"start_step": start_step, "end_step": None, "status": "running", "started": now,
+    return old + [{"start_step": start_step, "end_step": None, "status": RunStatus.RUNNING, "started": now,
                    "ended": None, "ckpt_path": ckpt_path}]
 
 

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lvforecast.budget.planning import Plan, plan_run, reserved_flops
 from lvforecast.budget.reservation import Reservation
+from lvforecast.budget.status import RunStatus, exit_status
 from lvforecast.errors import UserError
 from lvforecast.experiment import config
 from lvforecast.experiment.rundir import RunDir, ledger_name
@@ -185,7 +186,7 @@ def fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, run: 
         return {**metrics, "output_dir": str(run.out)}
     except BaseException as exc:
         try:
-            run.end(trainer.global_step, "failed" if isinstance(exc, Exception) else "interrupted")
+            run.end(trainer.global_step, exit_status(exc))
         except UserError as err:  # e.g. the disk is full: the original error is the one to report
             log.warning("could not record the failed segment: %s", err)
         raise
@@ -246,7 +247,8 @@ def _fit_and_save(cfg: DictConfig, trainer: Any, module: Any, datamodule: Any, f
             module.save_adapter(str(tmp))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss", "val/loss")}
     metrics.update(final_train, global_step=trainer.global_step,
-                   budget_status="budget_exhausted" if flop_cb is not None and flop_cb.exhausted else "finished")
+                   budget_status=RunStatus.BUDGET_EXHAUSTED if flop_cb is not None and flop_cb.exhausted
+                   else RunStatus.FINISHED)
     if flop_cb is not None:
         metrics["flops/run"] = flop_cb.spent
     csv_path = run.out / "metrics.csv"

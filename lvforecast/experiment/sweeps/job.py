@@ -22,15 +22,8 @@ from typing import Any
 from omegaconf import DictConfig, open_dict
 
 from lvforecast.atomic import write_text
-from lvforecast.experiment.sweeps.jobs import (
-    COMPLETED,
-    FAILED,
-    FINISHED,
-    INTERRUPTED,
-    REFUSED,
-    RUNNING,
-    STATUS_FILE,
-)
+from lvforecast.budget.status import COMPLETED, RunStatus
+from lvforecast.experiment.sweeps.jobs import STATUS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -98,29 +91,29 @@ def run_recorded(cfg: DictConfig, task: Any) -> Any:
     earlier = earlier_run(out, record["overrides"])
     if earlier.result is not None:
         log.info("job %s finished in an earlier launch (%s): not run again", hc.job.num, out)
-        _write(out, {**record, "status": FINISHED, "result": earlier.result})
+        _write(out, {**record, "status": RunStatus.FINISHED, "result": earlier.result})
         return earlier.result
     if earlier.checkpoint is not None:  # further along than any ckpt_path it was given (a halving rung's start)
         log.info("job %s continues from its own checkpoint %s", hc.job.num, earlier.checkpoint)
         with open_dict(cfg):
             cfg.ckpt_path = str(earlier.checkpoint)
-    _write(out, {**record, "status": RUNNING})
+    _write(out, {**record, "status": RunStatus.RUNNING})
     try:
         with guarded():
             result = task(cfg)
     except Interrupted as stop:
-        log.warning("job %s %s: %s; the sweep stops here", hc.job.num, INTERRUPTED, stop)
-        _write(out, {**record, "status": INTERRUPTED, "error": str(stop), "step": stop.step,
+        log.warning("job %s %s: %s; the sweep stops here", hc.job.num, RunStatus.INTERRUPTED, stop)
+        _write(out, {**record, "status": RunStatus.INTERRUPTED, "error": str(stop), "step": stop.step,
                      "checkpoint": None if stop.checkpoint is None else str(stop.checkpoint), "exit_code": stop.code})
         _partial_summary(Path(hc.sweep.dir))
         raise
     except Exception as err:  # noqa: BLE001 - recorded, logged, and reported by the summary
-        status = REFUSED if isinstance(err, BudgetExceededError) else FAILED
+        status = RunStatus.REFUSED if isinstance(err, BudgetExceededError) else RunStatus.FAILED
         log.exception("job %s %s", hc.job.num, status)
         _write(out, {**record, "status": status, "error": f"{type(err).__name__}: {err}",
                      "traceback": traceback.format_exc()})
         return None
-    _write(out, {**record, "status": FINISHED, "result": _jsonable(result)})
+    _write(out, {**record, "status": RunStatus.FINISHED, "result": _jsonable(result)})
     return result
 
 

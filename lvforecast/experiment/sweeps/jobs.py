@@ -1,18 +1,10 @@
-"""A sweep's jobs: their overrides as Hydra's basic sweeper forms them, the sweep's axes, and job statuses."""
+"""A sweep's jobs: their overrides as Hydra's basic sweeper forms them, and the sweep's axes."""
 
 from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from lvforecast.budget.ledger import RUN_STATUSES
-
 STATUS_FILE = "job_status.json"  # how each job of a sweep ended (lvforecast.experiment.sweeps.job)
-# The ledger's run statuses, by name (unpacking fails at import if the ledger's tuple changes shape).
-RUNNING, FINISHED, BUDGET_EXHAUSTED, _, FAILED, REFUSED, INTERRUPTED = RUN_STATUSES
-# Sweep-only: the job has no job_status.json (it never ran, or was killed before it could write one).
-MISSING = "missing"
-# The statuses of a job that ran to its end and so has a result (a final validation loss) to compare.
-COMPLETED = (FINISHED, BUDGET_EXHAUSTED)
 # The settings a later sweep reads from an earlier one's summary; always columns of summary.csv.
 STUDY_KEYS = ("optim.lr", "lora.r", "data.context_length", "data.batch_size", "trainer.max_steps")
 # Keys the halving sweeper sets per rung; a configuration's own value for them is replaced.

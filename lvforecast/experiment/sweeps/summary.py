@@ -21,20 +21,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lvforecast.atomic import save_figure, write_csv, write_text
+from lvforecast.budget.status import COMPLETED, RunStatus
 from lvforecast.errors import UserError
 from lvforecast.experiment.sweeps.halving import HALVING_FILE
-from lvforecast.experiment.sweeps.jobs import (
-    BUDGET_EXHAUSTED,
-    COMPLETED,
-    FINISHED,
-    INTERRUPTED,
-    MISSING,
-    STATUS_FILE,
-    STUDY_KEYS,
-    job_values,
-    sweep_jobs,
-    varying_keys,
-)
+from lvforecast.experiment.sweeps.jobs import STATUS_FILE, STUDY_KEYS, job_values, sweep_jobs, varying_keys
 from lvforecast.experiment.sweeps.plan import PLAN_CSV
 
 log = logging.getLogger(__name__)
@@ -165,9 +155,9 @@ def summarize_sweep(sweep_dir: Path, jobs: list[list[str]] | None = None) -> lis
     rows = []
     curves: dict[int, list[tuple[int, float]]] = {}
     for num, job in enumerate(jobs):
-        record = found.get(num, {"status": MISSING, "error": f"not run: no {STATUS_FILE} (the job never started, "
-                                 f"or was killed before it could record how it ended)",
-                                 "output_dir": str(sweep_dir / str(num))})
+        record = found.get(num, {"status": RunStatus.MISSING, "output_dir": str(sweep_dir / str(num)),
+                                 "error": f"not run: no {STATUS_FILE} (the job never started, or was killed before "
+                                          f"it could record how it ended)"})
         rows.append(_job_row(num, job, keys, record, curves))
     finished = [r for r in rows if r["status"] in COMPLETED and r["final_val_loss"] != ""]
     best = min(finished, key=lambda r: r["final_val_loss"])["job"] if finished else None
@@ -197,8 +187,8 @@ def _job_row(num: int, job: list[str], keys: list[str], record: dict[str, Any],
     cfg = OmegaConf.load(out / "config.yaml") if (out / "config.yaml").is_file() else OmegaConf.create()
     final = info.get("final", {})
     status = record["status"]
-    if status == FINISHED and final.get("budget_status") == BUDGET_EXHAUSTED:
-        status = BUDGET_EXHAUSTED
+    if status == RunStatus.FINISHED and final.get("budget_status") == RunStatus.BUDGET_EXHAUSTED:
+        status = RunStatus.BUDGET_EXHAUSTED
     val = read_metrics_csv(out / "metrics.csv").get("val/loss", []) if (out / "metrics.csv").is_file() else []
     if val:
         curves[num] = val
@@ -265,9 +255,9 @@ def format_summary(rows: list[dict[str, Any]], keys: list[str], sweep_dir: Path)
     total = sum(r["flops"] for r in rows if isinstance(r["flops"], int))
     lines += ["", f"Sweep total: {total:.4e} FLOPs over {len(rows)} jobs "
               f"({sum(r['status'] in COMPLETED for r in rows)} finished)."]
-    stopped = [r for r in rows if r["status"] == INTERRUPTED]
+    stopped = [r for r in rows if r["status"] == RunStatus.INTERRUPTED]
     if stopped:
-        not_run = [str(r["job"]) for r in rows if r["status"] == MISSING]
+        not_run = [str(r["job"]) for r in rows if r["status"] == RunStatus.MISSING]
         lines += ["", "Partial sweep: interrupted by a signal at job " + ", ".join(str(r["job"]) for r in stopped)
                   + (f"; not run: job{'s' if len(not_run) > 1 else ''} {', '.join(not_run)}" if not_run else "")
                   + ". Resume a job with ckpt_path=<its run_dir>/checkpoints/last.ckpt."]

@@ -1,0 +1,121 @@
+"""The ledger's SQLite journal mode, and the filesystem check that decides which modes are safe.
+
+``WAL`` is the default for a ledger used from one machine. WAL needs shared memory, which network filesystems
+(NFS, Lustre, GPFS, CIFS, ...) do not give across machines, so a ledger there must use a rollback journal
+(``DELETE``, ``TRUNCATE`` or ``PERSIST``). Importing this module touches no disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import time
+from pathlib import Path
+
+from lvforecast.budget.store import connect, io_error
+from lvforecast.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+JOURNAL_ENV = "LVFORECAST_LEDGER_JOURNAL_MODE"
+JOURNAL_MODES = ("WAL", "DELETE", "TRUNCATE", "PERSIST")
+# Filesystems whose locking SQLite's WAL cannot use (no shared memory across machines).
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "ceph", "fuse.glusterfs",
+                       "beegfs", "fuse.sshfs", "9p")
+
+
+def checked_mode(journal_mode: str | None) -> str | None:
+    """``journal_mode`` in upper case, or None (keep the file's mode).
+
+    Raises:
+        UserError: not one of :data:`JOURNAL_MODES` (in any case) or None.
+    """
+    if journal_mode is None:
+        return None
+    if not isinstance(journal_mode, str) or journal_mode.upper() not in JOURNAL_MODES:
+        raise UserError(f"journal_mode must be one of {', '.join(JOURNAL_MODES)} or None, got {journal_mode!r}")
+    return journal_mode.upper()
+
+
+def mode_for_filesystem(path: Path, journal_mode: str | None, mounts: str = "/proc/mounts") -> str | None:
+    """The mode to use for a ledger at ``path``: on a network filesystem None means DELETE and WAL is refused.
+
+    Args:
+        path: the ledger file.
+        journal_mode: a mode from :func:`checked_mode`.
+        mounts: the mount table that tells the filesystem.
+
+    Raises:
+        UserError: WAL asked for on a network filesystem; the message names ``budget.journal_mode=DELETE``.
+    """
+    network = on_network_filesystem(path.parent, mounts)
+    if network and journal_mode == "WAL":
+        raise UserError(f"ledger {path} is on a {network} filesystem, where SQLite's WAL journal (shared "
+                        f"memory) is unsafe across machines: set budget.journal_mode=DELETE (or "
+                        f"--journal-mode DELETE), a rollback journal that works there")
+    return "DELETE" if network and journal_mode is None else journal_mode
+
+
+def filesystem_of(path: Path, mounts: str = "/proc/mounts") -> str | None:
+    """The filesystem type of the mount holding ``path`` (its longest mount point prefix), None if unknown."""
+    try:
+        lines = Path(mounts).read_text().splitlines()
+    except OSError:
+        return None
+    target = Path(path).resolve()
+    best, fstype = -1, None
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = Path(parts[1].replace("\\040", " "))
+        if (target == point or point in target.parents) and len(point.parts) > best:
+            best, fstype = len(point.parts), parts[2]
+    return fstype
+
+
+def on_network_filesystem(path: Path, mounts: str = "/proc/mounts") -> str | None:
+    """The network filesystem type ``path`` lives on (``nfs4``, ``lustre``, ...), or None."""
+    fstype = filesystem_of(path, mounts)
+    return fstype if fstype in NETWORK_FILESYSTEMS else None
+
+
+def set_journal_mode(path: Path, timeout_s: float, wanted: str | None) -> str:
+    """Put the file in journal mode ``wanted`` (None: WAL for a new file, else keep its mode).
+
+    Returns:
+        The mode SQLite reports afterwards (it may keep another one, e.g. WAL on a filesystem without shared
+        memory); a mismatch is logged as a warning.
+
+    Raises:
+        UserError: SQLite cannot open or change the file (:func:`~lvforecast.budget.store.io_error`).
+    """
+    try:
+        with contextlib.closing(connect(path, timeout_s, wanted, apply_journal_mode=False)) as conn:
+            current, wanted = _switch(conn, wanted, time.monotonic() + timeout_s)
+    except sqlite3.DatabaseError as err:
+        raise io_error(path, err) from err
+    if current != wanted:
+        logger.warning("ledger %s: asked for journal mode %s, SQLite kept %s", path, wanted, current)
+    return current
+
+
+def _switch(conn: sqlite3.Connection, wanted: str | None, deadline: float) -> tuple[str, str]:
+    """(the mode SQLite reports, the mode asked for) after asking for ``wanted`` on ``conn``."""
+    while True:
+        try:
+            current = conn.execute("PRAGMA journal_mode").fetchone()[0].upper()
+            if wanted is None:
+                # A brand-new file reports DELETE; give it the default, keep any other file's mode.
+                fresh = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+                wanted = "WAL" if fresh else current
+            if current != wanted:
+                current = conn.execute(f"PRAGMA journal_mode = {wanted}").fetchone()[0].upper()
+            return current, wanted
+        except sqlite3.OperationalError as err:
+            # Changing the journal mode needs an exclusive lock and does not always go through the busy
+            # handler, so retry here while other processes hold the file.
+            if ("locked" not in str(err) and "busy" not in str(err)) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
