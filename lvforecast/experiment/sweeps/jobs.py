@@ -5,6 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 STATUS_FILE = "job_status.json"  # how each job of a sweep ended (lvforecast.experiment.sweeps.job)
+PLAN_CSV = "plan.csv"  # every job's overrides and plan, written by the pre-flight before the first job starts
 # The settings a later sweep reads from an earlier one's summary; always columns of summary.csv.
 STUDY_KEYS = ("optim.lr", "lora.r", "data.context_length", "data.batch_size", "trainer.max_steps")
 # Keys the halving sweeper sets per rung; a configuration's own value for them is replaced.

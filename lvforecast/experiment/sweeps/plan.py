@@ -25,9 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from lvforecast.atomic import write_csv
 from lvforecast.errors import UserError
 from lvforecast.experiment.sweeps.halving import Halving, Rung, worst_case
-from lvforecast.experiment.sweeps.jobs import STUDY_KEYS, configurations, split_grid, sweeper_arguments
+from lvforecast.experiment.sweeps.jobs import PLAN_CSV, STUDY_KEYS, configurations, split_grid, sweeper_arguments
 
-PLAN_CSV = "plan.csv"  # every job's overrides and plan, written before the first job starts
 Compose = Callable[[list[str]], DictConfig]
 
 

@@ -24,8 +24,7 @@ from lvforecast.atomic import save_figure, write_csv, write_text
 from lvforecast.budget.status import COMPLETED, RunStatus
 from lvforecast.errors import UserError
 from lvforecast.experiment.sweeps.halving import HALVING_FILE
-from lvforecast.experiment.sweeps.jobs import STATUS_FILE, STUDY_KEYS, job_values, sweep_jobs, varying_keys
-from lvforecast.experiment.sweeps.plan import PLAN_CSV
+from lvforecast.experiment.sweeps.jobs import PLAN_CSV, STATUS_FILE, STUDY_KEYS, job_values, sweep_jobs, varying_keys
 
 log = logging.getLogger(__name__)
 
