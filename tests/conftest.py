@@ -90,6 +90,18 @@ TINY_RUN_STEPS = TINY_RUN + ["trainer.max_steps=4", "trainer.val_check_interval=
                              "trainer.log_every_n_steps=1", "grad_norm_every_n_steps=2"]
 
 
+def compose_eval(overrides: list[str], output_dir: Path, cache_dir: Path | None = None) -> DictConfig:
+    """Compose conf/evaluate.yaml as `python evaluate.py` would, writing into ``output_dir`` (and its own ledger)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.budget.ledger_path = str(output_dir / "ledger.sqlite")
+        if cache_dir is not None:
+            cfg.paths.cache_dir = str(cache_dir)
+    return cfg
+
+
 class FinishedRun(NamedTuple):
     """A finished training run: its composed config, what ``train`` returned, and its run directory."""
 

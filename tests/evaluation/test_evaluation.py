@@ -3,24 +3,12 @@
 import json
 
 import pytest
-from conftest import CONF, REAL_DATA, TINY_RUN, compose_train
-from hydra import compose, initialize_config_dir
+from conftest import REAL_DATA, TINY_RUN, compose_eval, compose_train
 from omegaconf import open_dict
 
 from lvforecast.budget.ledger import Ledger
 from lvforecast.experiment.evaluate import evaluate
 from lvforecast.experiment.train import train
-
-
-def compose_eval(overrides, output_dir, cache_dir=None):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="evaluate", overrides=list(overrides))
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        cfg.budget.ledger_path = str(output_dir / "ledger.sqlite")
-        if cache_dir is not None:
-            cfg.paths.cache_dir = str(cache_dir)
-    return cfg
 
 
 @pytest.fixture(scope="module")

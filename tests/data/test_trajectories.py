@@ -7,6 +7,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import REAL_DATA
 
 from lvforecast.data.trajectories import (
     Trajectories,
@@ -15,7 +16,7 @@ from lvforecast.data.trajectories import (
     write_trajectories,
 )
 
-REAL_FILE = Path(__file__).resolve().parents[2] / "shared/data/lotka_volterra_data.h5"
+REAL_FILE = REAL_DATA
 
 
 def _good_arrays(n: int = 4, t: int = 10) -> tuple[np.ndarray, np.ndarray]:

@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY_RUN, compose_train
-from test_evaluation import compose_eval
+from conftest import ROOT, TINY_RUN, compose_eval, compose_train
 from wandb_records import read_run
 
 from lvforecast.experiment.evaluate import evaluate

@@ -5,9 +5,9 @@ import itertools
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from lvforecast.budget.formulas import (
     decode_step_flops,
@@ -18,8 +18,6 @@ from lvforecast.budget.formulas import (
 )
 from lvforecast.budget.shapes import BUILTIN, Conventions, LoRASpec, ModelShape
 from lvforecast.cli import main as cli_main
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str]) -> int:

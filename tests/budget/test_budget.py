@@ -19,13 +19,12 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from lvforecast.budget import report as report_mod
 from lvforecast.budget.ledger import BudgetExceededError, Ledger
 from lvforecast.budget.liveness import boot_id, owner_alive, proc_stat, same_machine
 from lvforecast.cli import main as cli_main
-
-ROOT = Path(__file__).resolve().parents[1]
 
 N_WORKERS = 8
 N_TRIALS = 40

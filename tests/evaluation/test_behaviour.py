@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-from conftest import CONF
+from conftest import CONF, REAL_DATA
 from omegaconf import OmegaConf
 
 from lvforecast.evaluation.behaviour import CLASSES, class_counts, classify, classify_all
 
-REAL_FILE = Path(__file__).resolve().parents[2] / "shared/data/lotka_volterra_data.h5"
+REAL_FILE = REAL_DATA
 TIME = np.linspace(0.0, 200.0, 100)
 
 

@@ -6,11 +6,10 @@ import os
 import pkgutil
 import subprocess
 import sys
-from pathlib import Path
+
+from conftest import ROOT
 
 import lvforecast
-
-ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = """
 import importlib, socket, sys

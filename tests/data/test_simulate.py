@@ -6,13 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REAL_DATA
 from scipy.integrate import solve_ivp
 
 from lvforecast.cli import main as cli_main
 from lvforecast.data.simulate import PARAM_RANGES, simulate_systems
 from lvforecast.data.trajectories import load_trajectories
 
-REAL_FILE = Path(__file__).resolve().parents[2] / "shared/data/lotka_volterra_data.h5"
+REAL_FILE = REAL_DATA
 PARAM_KEYS = {"a", "b", "c", "d", "K", "h", "e", "x0", "y0"}
 
 

