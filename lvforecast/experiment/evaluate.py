@@ -111,13 +111,6 @@ def validate_evaluate_config(cfg: DictConfig) -> None:
         problems.append(f"forecast.head={fc.get('head')!r}: allowed 'alphabet', 'full'")
     if fc.get("decoder") not in ("loop", "generate"):
         problems.append(f"forecast.decoder={fc.get('decoder')!r}: allowed 'loop', 'generate'")
-    lookahead = fc.get("lookahead", 0)
-    if not int_at_least(lookahead, 0):
-        problems.append(f"forecast.lookahead={lookahead!r}: must be an integer >= 0 (0: one token per decode pass)")
-    elif lookahead and not (fc.get("constrained") is True and fc.get("decoder") == "loop"
-                            and fc.get("num_samples") == 1):
-        problems.append(f"forecast.lookahead={lookahead}: needs constrained greedy decoding with the loop "
-                        f"(forecast.constrained=true, forecast.decoder=loop, forecast.num_samples=1)")
     examples = cfg.get("examples") or []
     bad = [e for e in examples if not int_at_least(e, 0)]
     if bad:
@@ -281,14 +274,12 @@ def _generation_plan(cfg: DictConfig, source: _Source, inputs: EvaluationInputs)
     fc = cfg.forecast
     # Constrained decoding with the loop scores the alphabet's rows only, whichever head the adapter trained with.
     head_rows = ALPHABET_SIZE if fc.constrained and fc.head == "alphabet" and fc.decoder == "loop" else None
-    # Lookahead's worst case (one token kept per pass of k + 1 positions) bounds what it charges.
-    lookahead = int(fc.get("lookahead", 0))
     # The real tokenizer's counts where the model config states one (Qwen2.5), else characters (= tokens).
     batches = planned_batches(token_counts(source.model, list(inputs.prompts)), horizon_steps=int(fc.horizon_steps),
                               max_int_digits=int(fc.max_int_digits), decimals=inputs.decimals,
                               num_samples=int(fc.num_samples), batch_size=int(fc.batch_size))
     total = sum(generation_flops(shape, rows, prompt_len, new, lora, conv, kv_cache=True, prefill_logits="last",
-                                 head_rows=head_rows, lookahead=lookahead)
+                                 head_rows=head_rows)
                 for rows, prompt_len, new in batches)
     return _PricedPlan(GenerationPlan(rows=sum(rows for rows, _, _ in batches), total=total), shape, lora, conv)
 
