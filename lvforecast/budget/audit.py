@@ -41,6 +41,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -161,11 +162,9 @@ class FlopAudit(TorchDispatchMode):
     def __enter__(self) -> FlopAudit:
         self._stack = [_Frame(self._roles[""], "")]
         for path, module in self.root.named_modules():
-            if not path:
-                continue
-            role = self._roles[path]
-            self._handles.append(module.register_forward_pre_hook(self._push_hook(role, path)))
-            self._handles.append(module.register_forward_hook(self._pop_hook(path), always_call=True))
+            if path:
+                self._handles += [module.register_forward_pre_hook(partial(self._push, self._roles[path], path)),
+                                  module.register_forward_hook(partial(self._pop, path), always_call=True)]
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
@@ -174,18 +173,12 @@ class FlopAudit(TorchDispatchMode):
         self._handles.clear()
         super().__exit__(*exc)
 
-    def _push_hook(self, role: str, path: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any) -> None:
-            self._stack.append(_Frame(role, path))
+    def _push(self, role: str, path: str, module: nn.Module, args: Any) -> None:
+        self._stack.append(_Frame(role, path))
 
-        return hook
-
-    def _pop_hook(self, path: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if self._stack and self._stack[-1].path == path:
-                self._stack.pop()
-
-        return hook
+    def _pop(self, path: str, module: nn.Module, args: Any, output: Any) -> None:
+        if self._stack and self._stack[-1].path == path:
+            self._stack.pop()
 
     def _component(self, frame: _Frame, name: str, flops: int | None) -> str:
         if frame.role != "attention":
