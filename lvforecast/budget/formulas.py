@@ -81,10 +81,9 @@ from lvforecast.budget.shapes import (
     LoRASpec,
     ModelShape,
     NormForm,
-    check_choice,
-    is_int,
 )
 from lvforecast.errors import UserError
+from lvforecast.validate import check_choice, is_int
 
 #: The study's primitive cost table (FLOPs per scalar operation).
 PRIMITIVE_COST: dict[str, int] = {

@@ -31,12 +31,10 @@ from lvforecast.budget.shapes import (
     Conventions,
     LoRASpec,
     ModelShape,
-    check_choice,
-    int_at_least,
-    is_finite_number,
     resolve_shape,
 )
 from lvforecast.errors import UserError
+from lvforecast.validate import check_choice, int_at_least, is_finite_number
 
 # Hub ids whose architecture facts are built in, so planning needs no download.
 HUB_ALIASES = {"Qwen/Qwen2.5-0.5B-Instruct": "qwen2.5-0.5b"}

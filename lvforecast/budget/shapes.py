@@ -10,13 +10,13 @@ pointed at.
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 from lvforecast.errors import UserError
+from lvforecast.validate import check_choice, is_int
 
 #: Linear layers of a Qwen2/Llama decoder layer, in execution order; LoRA may target any of them.
 PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -33,27 +33,6 @@ AttentionWidth = Literal["mha", "gqa"]
 MaskForm = Literal["full", "causal", "additive"]
 RopeForm = Literal["add", "rotate", "rotate_half"]
 NormForm = Literal["divide", "rsqrt"]
-
-
-def is_int(value: Any) -> bool:
-    """Whether ``value`` is an ``int`` and not a ``bool``."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def int_at_least(value: Any, low: int) -> bool:
-    """Whether ``value`` is an ``int`` (not a ``bool``) of at least ``low``."""
-    return is_int(value) and value >= low
-
-
-def is_finite_number(value: Any) -> bool:
-    """Whether ``value`` is a finite ``int`` or ``float`` (not a ``bool``)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_choice(owner: str, key: str, value: Any, allowed: Sequence[str]) -> None:
-    """Raise ``ValueError("owner.key=value: allowed ...")`` unless ``value`` is one of ``allowed``."""
-    if value not in allowed:
-        raise UserError(f"{owner}.{key}={value!r}: allowed {', '.join(map(repr, allowed))}")
 
 
 @dataclass(frozen=True)

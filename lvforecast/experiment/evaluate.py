@@ -44,11 +44,12 @@ from lvforecast.atomic import atomic_writer, check_writable, write_text
 from lvforecast.budget.formulas import generation_flops
 from lvforecast.budget.planning import GenerationPlan, planning_shape, token_counts
 from lvforecast.budget.reservation import Reservation
-from lvforecast.budget.shapes import ALPHABET_SIZE, Conventions, LoRASpec, ModelShape, int_at_least, is_finite_number
+from lvforecast.budget.shapes import ALPHABET_SIZE, Conventions, LoRASpec, ModelShape
 from lvforecast.data.encoding import VARIABLES
 from lvforecast.data.split import EvaluationInputs
 from lvforecast.errors import UserError
 from lvforecast.threads import resolve_threads, torch_threads
+from lvforecast.validate import int_at_least, is_finite_number
 
 log = logging.getLogger(__name__)
 

@@ -102,7 +102,7 @@ def timeout_problems(init_timeout_s: Any, finish_timeout_s: Any, raise_: bool = 
     Raises:
         UserError: With ``raise_``, when anything is.
     """
-    from lvforecast.budget.shapes import is_finite_number as number
+    from lvforecast.validate import is_finite_number as number
 
     problems = []
     if not (number(init_timeout_s) and 0 < init_timeout_s <= MAX_INIT_TIMEOUT_S):
