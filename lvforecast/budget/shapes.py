@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from lvforecast.data.alphabet import ALPHABET
 from lvforecast.errors import UserError
 from lvforecast.validate import check_choice, is_int
 
@@ -23,9 +24,8 @@ PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_pr
 
 _SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "mistral")
 
-#: Rows of the ``model.head=alphabet`` head: ``len(lvforecast.data.encoding.ALPHABET)``, stated here so the FLOP
-#: CLI needs no numpy import (tests/test_alphabet_head.py holds the two equal).
-ALPHABET_SIZE = 13
+#: Rows of the ``model.head=alphabet`` head.
+ALPHABET_SIZE = len(ALPHABET)
 #: ``model.head`` choices: every vocabulary row of the output matrix, or only the alphabet's (LoRASpec.head_rows).
 HEADS: tuple[str, ...] = ("full", "alphabet")
 
