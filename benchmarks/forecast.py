@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import GenerationConfig
 
+from lvforecast.budget.shapes import HEADS
 from lvforecast.data.encoding import STUDY_DECIMALS, STUDY_SCALE, decode, encode_prompt
 from lvforecast.data.simulate import simulate_systems
 from lvforecast.evaluation.grammar import Grammar, max_new_tokens_bound
@@ -42,7 +43,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=FORECAST.batch_size)
     parser.add_argument("--cache", default=str(project_cache_dir(Path(__file__).resolve().parents[1]) / "smollm2-135m"),
                         help="the dequantized SmolLM2 copy (default: the training runs' cache)")
-    parser.add_argument("--head", default=FORECAST.head, choices=("alphabet", "full"))
+    parser.add_argument("--head", default=FORECAST.head, choices=HEADS)
     parser.add_argument("--decoder", default=FORECAST.decoder, choices=("loop", "generate"))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     parser.add_argument("--seed", type=int, default=0)

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lvforecast.budget.formulas import generation_flops
-from lvforecast.budget.shapes import BUILTIN, Conventions, LoRASpec
+from lvforecast.budget.shapes import BUILTIN, HEADS, Conventions, LoRASpec
 from lvforecast.data.encoding import ALPHABET, encode_prompt
 from lvforecast.data.simulate import simulate_systems
 from lvforecast.evaluation.decoder import (
@@ -130,7 +130,7 @@ def test_sampler_follows_the_softmax_and_hugging_faces_top_p():
 def test_alphabet_loop_greedy_equals_todays_full_vocabulary_generate(tiny, series):
     ref = forecast(tiny, series, SCALES, **REFERENCE)
     assert len(set(ref.prompt_tokens)) > 1
-    for head in ("alphabet", "full"):
+    for head in HEADS:
         res = forecast(tiny, series, SCALES, head=head, decoder="loop")
         assert res.texts == ref.texts and np.array_equal(res.values, ref.values)
         assert res.new_tokens == ref.new_tokens
@@ -198,7 +198,7 @@ def test_smollm2_alphabet_loop_equals_todays_generate(smollm2_dir):
     assert LeanStep.supports(decoder_stack(lm.model))  # Llama layers: the lean step, not the stack's forward
     assert res.texts == ref.texts and res.parse_failures == 0 and res.flops < ref.flops
     sampled = [forecast(lm, data, scales, num_samples=2, seed=3, head=head, **kwargs).texts
-               for head in ("alphabet", "full")]
+               for head in HEADS]
     assert sampled[0] == sampled[1]
 
 

@@ -26,8 +26,10 @@ _SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "mistral")
 
 #: Rows of the ``model.head=alphabet`` head.
 ALPHABET_SIZE = len(ALPHABET)
-#: ``model.head`` choices: every vocabulary row of the output matrix, or only the alphabet's (LoRASpec.head_rows).
-HEADS: tuple[str, ...] = ("full", "alphabet")
+#: Output heads (``model.head``, ``forecast.head``): every vocabulary row of the output matrix, or only the
+#: alphabet's (``LoRASpec.head_rows``).
+Head = Literal["full", "alphabet"]
+HEADS: tuple[str, ...] = get_args(Head)
 
 AttentionWidth = Literal["mha", "gqa"]
 MaskForm = Literal["full", "causal", "additive"]

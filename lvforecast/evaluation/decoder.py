@@ -30,17 +30,16 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from lvforecast.budget.shapes import Head
 from lvforecast.data.encoding import ALPHABET, STEP_SEP
 from lvforecast.errors import UserError
 from lvforecast.evaluation.grammar import START, Grammar
 from lvforecast.model.lora import decoder_stack
-
-DecodeHead = Literal["alphabet", "full"]
 
 
 @dataclass(frozen=True)
@@ -224,7 +223,7 @@ class AlphabetLogits:
         bias: (A,) trained logit bias on the columns, or None.
     """
 
-    def __init__(self, model: Any, token_ids: torch.Tensor, head: DecodeHead, bias: torch.Tensor | None) -> None:
+    def __init__(self, model: Any, token_ids: torch.Tensor, head: Head, bias: torch.Tensor | None) -> None:
         self.lm_head = model.get_output_embeddings()
         self.token_ids, self.head = token_ids, head
         if head == "alphabet":

@@ -53,10 +53,10 @@ import torch
 from tqdm.auto import tqdm
 
 from lvforecast.budget.formulas import generation_flops
-from lvforecast.budget.shapes import ALPHABET_SIZE, Conventions, LoRASpec, ModelShape, shape_of
+from lvforecast.budget.shapes import ALPHABET_SIZE, HEADS, Conventions, Head, LoRASpec, ModelShape, shape_of
 from lvforecast.data.encoding import decode, encode_prompt
 from lvforecast.errors import UserError
-from lvforecast.evaluation.decoder import DecodeHead, compile_grammar
+from lvforecast.evaluation.decoder import compile_grammar
 from lvforecast.evaluation.generation import (
     GenerateRunner,
     LoopRunner,
@@ -134,8 +134,8 @@ def _check_args(series: np.ndarray, scales: list[float], decimals: int, context_
                 max_int_digits: int, head: str, decoder: str) -> Grammar:
     """The grammar of these arguments; every problem with them raised at once."""
     problems = []
-    if head not in ("alphabet", "full"):
-        problems.append(f"head={head!r}: allowed 'alphabet', 'full'")
+    if head not in HEADS:
+        problems.append(f"head={head!r}: allowed {', '.join(map(repr, HEADS))}")
     if decoder not in ("loop", "generate"):
         problems.append(f"decoder={decoder!r}: allowed 'loop', 'generate'")
     elif decoder == "generate" and head == "alphabet":
@@ -258,7 +258,7 @@ def forecast(
     top_p: float,
     seed: int,
     max_int_digits: int,
-    head: DecodeHead,
+    head: Head,
     decoder: Decoder,
     trained_context_tokens: int | None = None,
     charge: Callable[[int, int], None] | None = None,

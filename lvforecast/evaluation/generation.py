@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 
+from lvforecast.budget.shapes import Head
 from lvforecast.data.encoding import ALPHABET, STEP_SEP
 from lvforecast.errors import UserError
-from lvforecast.evaluation.decoder import AlphabetLogits, CompiledGrammar, DecodeHead, decode
+from lvforecast.evaluation.decoder import AlphabetLogits, CompiledGrammar, decode
 from lvforecast.evaluation.grammar import Grammar, LLMTimeLogitsProcessor, StepsStoppingCriteria
 
 
@@ -148,7 +149,7 @@ class LoopRunner:
     grammar: CompiledGrammar
     horizon_steps: int
     max_new_tokens: int
-    head: DecodeHead
+    head: Head
     alphabet_bias: torch.Tensor | None
     sample: bool
     temperature: float

@@ -44,7 +44,7 @@ from lvforecast.atomic import atomic_writer, check_writable, write_text
 from lvforecast.budget.formulas import generation_flops
 from lvforecast.budget.planning import GenerationPlan, planning_shape, token_counts
 from lvforecast.budget.reservation import Reservation
-from lvforecast.budget.shapes import ALPHABET_SIZE, Conventions, LoRASpec, ModelShape
+from lvforecast.budget.shapes import ALPHABET_SIZE, HEADS, Conventions, LoRASpec, ModelShape
 from lvforecast.data.encoding import VARIABLES
 from lvforecast.data.split import EvaluationInputs
 from lvforecast.errors import UserError
@@ -108,8 +108,8 @@ def validate_evaluate_config(cfg: DictConfig) -> None:
         problems.append(f"forecast.top_p={fc.get('top_p')!r}: must be a number in (0, 1]")
     if not isinstance(fc.get("constrained"), bool):
         problems.append(f"forecast.constrained={fc.get('constrained')!r}: must be true or false")
-    if fc.get("head") not in ("alphabet", "full"):
-        problems.append(f"forecast.head={fc.get('head')!r}: allowed 'alphabet', 'full'")
+    if fc.get("head") not in HEADS:
+        problems.append(f"forecast.head={fc.get('head')!r}: allowed {', '.join(map(repr, HEADS))}")
     if fc.get("decoder") not in ("loop", "generate"):
         problems.append(f"forecast.decoder={fc.get('decoder')!r}: allowed 'loop', 'generate'")
     examples = cfg.get("examples") or []
