@@ -47,6 +47,11 @@ def test_evaluate_a_tiny_run_end_to_end(tiny_run, sim_cache, tmp_path):
     for name in ("per_system.csv", "report.md", "examples.png", "running_mse.png", "error_by_horizon.png",
                  "model_vs_baselines.png"):
         assert (tmp_path / name).is_file(), name
+    # Every point metric per system; the comparison table leaves out RMSE, the square root of MSE.
+    header = (tmp_path / "per_system.csv").read_text().splitlines()[0].split(",")
+    assert header[5:] == [f"{m}_{v}_encoded" for m in ("mse", "rmse", "mae", "mape") for v in ("prey", "predator")]
+    assert ("| method | MSE prey | MSE predator | MAE prey | MAE predator | MAPE prey | MAPE predator |\n"
+            "|---|---:|---:|---:|---:|---:|---:|\n") in (tmp_path / "report.md").read_text()
     (run,) = Ledger(tmp_path / "ledger.sqlite", budget=None).runs()
     assert run["status"] == "finished"
     spent = Ledger(tmp_path / "ledger.sqlite", budget=None).run_spent(run["id"])

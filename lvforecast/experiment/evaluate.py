@@ -48,6 +48,7 @@ from lvforecast.budget.shapes import ALPHABET_SIZE, HEADS, Conventions, LoRASpec
 from lvforecast.data.encoding import VARIABLES
 from lvforecast.data.split import EvaluationInputs
 from lvforecast.errors import UserError
+from lvforecast.evaluation.metrics import POINT_METRICS
 from lvforecast.threads import resolve_threads, torch_threads
 from lvforecast.validate import int_at_least, is_finite_number
 
@@ -443,14 +444,13 @@ def _write(cfg: DictConfig, out: Path, source: _Source, inputs: EvaluationInputs
 def _write_per_system(path: Path, inputs: EvaluationInputs, classes: list[str], methods: dict[str, Any],
                       steps_parsed: list[int]) -> None:
     """One row per system and method: class, scale, parsed steps (model) and encoded point metrics."""
-    keys = ("mse", "rmse", "mae", "mape")
     with atomic_writer(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["system", "class", "scale", "method", "steps_parsed"]
-                        + [f"{k}_{v}_encoded" for k in keys for v in VARIABLES])
+                        + [f"{k}_{v}_encoded" for k in POINT_METRICS for v in VARIABLES])
         for i, system in enumerate(inputs.systems):
             for method, m in methods.items():
                 per = m["encoded"]["per_system"]
                 parsed = steps_parsed[i] if method == "model" else ""
                 writer.writerow([system, classes[i], inputs.scales[i], method, parsed]
-                                + [per[k][i][j] for k in keys for j in range(2)])
+                                + [per[k][i][j] for k in POINT_METRICS for j in range(2)])
