@@ -28,9 +28,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, get_args
 
 from lvforecast.errors import UserError
+
+if TYPE_CHECKING:
+    from lvforecast.budget.breakdown import Breakdown
+    from lvforecast.budget.shapes import Conventions, LoRASpec, ModelShape
 
 PROG = "lvforecast"
 
@@ -77,7 +81,7 @@ def _check_count(key: str, value: int, minimum: int = 1) -> None:
 _SWITCHES = ("attention", "mask", "rope", "norm")
 
 
-def _flops_spec(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+def _flops_spec(args: argparse.Namespace) -> tuple[ModelShape, LoRASpec | None, Conventions]:
     """``(shape, lora, conventions)`` of the ``flops`` arguments.
 
     Raises:
@@ -134,7 +138,7 @@ def _flops(args: argparse.Namespace) -> int:
     return 0
 
 
-def _audit(args: argparse.Namespace, analytic: Any, lora: Any) -> int:
+def _audit(args: argparse.Namespace, analytic: Breakdown, lora: LoRASpec | None) -> int:
     """Audit one forward of a random-init ``--model`` and print it beside ``analytic``, component by component.
 
     Returns:
@@ -165,10 +169,11 @@ def _audit(args: argparse.Namespace, analytic: Any, lora: Any) -> int:
         lines += [f"free (priced, not charged): {name} {flops:,}" for name, flops in audited.free.items()]
         lines += [f"unpriced: {op} x{calls}" for op, calls in audited.unpriced.items()]
         sys.stdout.write("\n".join(lines) + "\n")
-    if differ or audited.unpriced:
-        print(f"error: the audit and the analytic count differ on {', '.join(differ) or 'nothing'}"
-              f"{' and ops went unpriced' if audited.unpriced else ''}: the formulas do not describe what "
-              f"{args.model} runs", file=sys.stderr)
+    problems = [f"the audit and the analytic count differ on {', '.join(differ)}"] if differ else []
+    if audited.unpriced:
+        problems.append(f"ops without a price ran ({', '.join(audited.unpriced)})")
+    if problems:
+        print(f"error: {'; '.join(problems)}: the formulas do not describe what {args.model} runs", file=sys.stderr)
         return 1
     return 0
 

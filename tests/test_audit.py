@@ -232,18 +232,30 @@ def test_flops_audit_command_prints_equal_totals_and_parses_as_json(tiny_config_
     assert report["differ"] == [] and report["unpriced"] == {} and report["free"]["rope_tables"] > 0
 
 
-def test_flops_audit_exits_1_naming_the_component_that_differs(tiny_config_dir, monkeypatch, capsys):
+def _one_flop_more_in_lm_head(result):
+    result.components["lm_head"] += 1
+
+
+def _an_unpriced_op(result):
+    result.unpriced["lm_head/aten.tanh.default"] += 1
+
+
+@pytest.mark.parametrize(("tamper", "rows", "message"), [
+    (_one_flop_more_in_lm_head, ["1", "1"], "differ on lm_head"),
+    (_an_unpriced_op, ["0", "0"], "ops without a price ran (lm_head/aten.tanh.default)"),
+])
+def test_flops_audit_exits_1_naming_what_differs(tiny_config_dir, monkeypatch, capsys, tamper, rows, message):
     import lvforecast.budget.audit as audit
 
     real = audit.audit_architecture
 
-    def one_flop_more(*args, **kwargs):
+    def tampered(*args, **kwargs):
         result = real(*args, **kwargs)
-        result.components["lm_head"] += 1
+        tamper(result)
         return result
 
-    monkeypatch.setattr(audit, "audit_architecture", one_flop_more)
+    monkeypatch.setattr(audit, "audit_architecture", tampered)
     assert main(["flops", "--audit", "--model", str(tiny_config_dir[0]), *AUDIT_ARGS]) == 1
     out, err = capsys.readouterr()
-    assert [line.split()[-1] for line in out.splitlines() if line.split()[0] in ("lm_head", "total")] == ["1", "1"]
-    assert "differ on lm_head" in err and err.count("error:") == 1
+    assert [line.split()[-1] for line in out.splitlines() if line.split()[0] in ("lm_head", "total")] == rows
+    assert message in err and err.count("error:") == 1
