@@ -7,8 +7,8 @@ the same random keys/values for both (no prefill is timed): ``(t(steps) - t(1)) 
 
 ``--mode e2e``: ``forecast()`` end to end (median of ``--repeats`` interleaved runs), ``--batch`` rows of simulated
 systems (context 80 steps, horizon 20 as
-conf/evaluate.yaml): ``head=alphabet decoder=loop`` (the default) and the same with ``lookahead=--lookahead`` vs
-``head=full decoder=generate`` (today's), texts compared.
+conf/evaluate.yaml): ``head=alphabet decoder=loop`` (the default) vs ``head=full decoder=generate`` (today's),
+texts compared.
 
 Both print the torch thread count (``--threads``, default the ``threads: auto`` rule of the model).
 
@@ -107,8 +107,7 @@ def step_mode(lm, args) -> None:
 def e2e_mode(lm, args) -> None:
     data = simulate_systems(n_systems=args.batch, seed=args.seed).values
     base = instantiate(FORECAST, batch_size=args.batch)
-    paths = (("today", {"head": "full", "decoder": "generate"}), ("lean", {}),
-             ("lookahead", {"lookahead": args.lookahead}))
+    paths = (("today", {"head": "full", "decoder": "generate"}), ("lean", {}))
     results, times = {}, {name: [] for name, _ in paths}
     for _, kw in paths:
         base(lm.model, lm.tokenizer, lm.char_ids, data[:2], [STUDY_SCALE] * 2, decimals=STUDY_DECIMALS,
@@ -127,11 +126,8 @@ def e2e_mode(lm, args) -> None:
           f"median of {args.repeats} interleaved runs")
     print(f"today (head=full decoder=generate): {seconds['today']:7.2f} s  {results['today'].flops:.4e} FLOPs")
     print(f"lean  (head=alphabet decoder=loop): {seconds['lean']:7.2f} s  {r.flops:.4e} FLOPs")
-    w = results["lookahead"]
-    print(f"lean + lookahead={args.lookahead}:          {seconds['lookahead']:7.2f} s  {w.flops:.4e} FLOPs")
-    print(f"speed-up today/lean: {seconds['today'] / seconds['lean']:.2f}x, today/lookahead: "
-          f"{seconds['today'] / seconds['lookahead']:.2f}x (target >= 1.6x); texts identical: "
-          f"{results['today'].texts == r.texts == w.texts}")
+    print(f"speed-up today/lean: {seconds['today'] / seconds['lean']:.2f}x (target >= 1.6x); texts identical: "
+          f"{results['today'].texts == r.texts}")
 
 
 def main() -> None:
@@ -141,7 +137,6 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--cache-tokens", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--lookahead", type=int, default=3, help="e2e: drafts per row and pass of the third path")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", default="auto", help="'auto' (the threads key's rule) or an integer")
     parser.add_argument("--cache", default=str(project_cache_dir(ROOT) / "smollm2-135m"))

@@ -5,14 +5,17 @@
     lvforecast flops --model qwen2.5-0.5b --seq-len 512 --batch 4 [--lora-rank 4] [--mode forward|train] \
         [--attention mha|gqa] [--mask full|causal|additive] [--rope add|rotate|rotate_half] \
         [--norm divide|rsqrt] [--implemented] [--loss] [--head full|alphabet] [--json]
+    lvforecast flops --audit --model CONFIG --seq-len 64 --batch 2 [--lora-rank 4] [--logit-bias] [--loss] \
+        [--head full|alphabet] [--json]
     lvforecast budget report|reconcile|show [--ledger PATH] [--journal-mode MODE] [--json] [--out DIR] [--run ID]
     lvforecast simulate --out FILE [--systems N] [--seed S] [--steps T] [--t-end X]
     lvforecast sweeps summarize SWEEP_DIR
 
-Also ``python -m lvforecast ...``. Imports are lazy: building the parser loads only pure budget modules
-(:mod:`lvforecast.budget.shapes`, :mod:`~lvforecast.budget.ledger` and what they import: standard library only), so
-``lvforecast flops`` answers in well under 2 s and never imports torch. Bad input prints one ``error: ...`` line
-to stderr and exits non-zero (2 for bad arguments, 1 for a missing ledger or a refused operation).
+Also ``python -m lvforecast ...``. Imports are lazy: building the parser loads only the pure
+:mod:`lvforecast.budget.shapes` and :mod:`lvforecast.budget.ledger` (standard library only), so ``lvforecast flops``
+answers in well under 2 s and never imports torch (only ``flops --audit``, which runs a model, does). Bad input
+prints one ``error: ...`` line to stderr and exits non-zero (2 for bad arguments, 1 for a missing ledger or a refused
+operation).
 """
 
 from __future__ import annotations
@@ -25,9 +28,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
 from lvforecast.errors import UserError
+
+if TYPE_CHECKING:
+    from lvforecast.budget.breakdown import Breakdown
+    from lvforecast.budget.shapes import Conventions, LoRASpec, ModelShape
 
 PROG = "lvforecast"
 
@@ -36,10 +43,11 @@ PROG = "lvforecast"
 
 
 def _add_flops(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from lvforecast.budget.shapes import BUILTIN, AttentionWidth, MaskForm, NormForm, RopeForm
+    from lvforecast.budget.shapes import BUILTIN, HEADS, AttentionWidth, MaskForm, NormForm, RopeForm
 
     p = sub.add_parser("flops", help="analytic FLOPs of a forward or training step (no weights loaded)",
-                       description="Analytic FLOPs of a forward or training step (no weights loaded).")
+                       description="Analytic FLOPs of a forward or training step (no weights loaded); with --audit, "
+                       "the FLOPs of one real forward of a random-init model beside them.")
     p.add_argument("--model", default="qwen2.5-0.5b",
                    help=f"built-in ({', '.join(BUILTIN)}) or a Hugging Face config.json / its directory")
     p.add_argument("--seq-len", type=int, default=512, help="padded positions N per sequence")
@@ -55,8 +63,12 @@ def _add_flops(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--implemented", action="store_true",
                    help="defaults as Hugging Face eager runs: gqa, additive, rotate_half, rsqrt")
     p.add_argument("--loss", action="store_true", help="count the cross-entropy loss")
-    p.add_argument("--head", choices=("full", "alphabet"), default="full",
+    p.add_argument("--head", choices=HEADS, default="full",
                    help="output head (model.head): full vocabulary, or only the 13 LLMTIME characters' rows")
+    p.add_argument("--audit", action="store_true",
+                   help="also run one forward of a random-init model of --model (eager attention, nothing "
+                   "downloaded), price every op it runs and print that beside the analytic count (as-implemented "
+                   "conventions); exits 1 when they differ")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
     p.set_defaults(handler=_flops, parser=p)
 
@@ -66,40 +78,103 @@ def _check_count(key: str, value: int, minimum: int = 1) -> None:
         raise UserError(f"{key}={value!r}: must be an integer >= {minimum}")
 
 
-def _flops(args: argparse.Namespace) -> int:
-    """Print the breakdown table (or JSON) of one forward or training step."""
-    from lvforecast.budget.formulas import forward_flops, train_step_flops
+_SWITCHES = ("attention", "mask", "rope", "norm")
+
+
+def _flops_spec(args: argparse.Namespace) -> tuple[ModelShape, LoRASpec | None, Conventions]:
+    """``(shape, lora, conventions)`` of the ``flops`` arguments.
+
+    Raises:
+        ValueError: A bad value or combination, named as its option.
+    """
     from lvforecast.budget.shapes import ALPHABET_SIZE, Conventions, LoRASpec, resolve_shape
 
-    try:
-        shape = resolve_shape(args.model)
+    shape = resolve_shape(args.model)
+    switches = {k: v for k in _SWITCHES if (v := getattr(args, k)) is not None}
+    if args.audit:
+        given = [f"--{k} {v}" for k, v in switches.items()]
+        if args.mode != "forward":
+            given.append(f"--mode {args.mode}")
+        if given:
+            raise UserError(f"{', '.join(given)}: --audit measures one forward against the as-implemented "
+                            f"conventions (what the eager forward runs); drop {'them' if len(given) > 1 else 'it'}")
+        conv = Conventions.as_implemented(count_loss=args.loss)
+    else:
         base = Conventions.as_implemented() if args.implemented else Conventions()
-        overrides = {k: v for k in ("attention", "mask", "rope", "norm") if (v := getattr(args, k)) is not None}
-        conv = dataclasses.replace(base, count_loss=args.loss, **overrides)
-        _check_count("--lora-rank", args.lora_rank, minimum=0)
-        lora = None
-        if args.lora_rank or args.logit_bias or args.head != "full":
-            if not args.lora_rank and args.logit_bias:
-                raise UserError("--logit-bias needs --lora-rank >= 1 (the bias trains beside an adapter)")
-            if not args.lora_rank:
-                # The head, like the bias, belongs to the fine-tuning module, which always holds an adapter.
-                raise UserError("--head alphabet needs --lora-rank >= 1 (the alphabet head is the fine-tuning "
-                                 "module's, beside an adapter)")
-            targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-            lora = LoRASpec(rank=args.lora_rank, targets=targets, logit_bias=args.logit_bias,
-                            head_rows=ALPHABET_SIZE if args.head == "alphabet" else None)
-        for key, value in (("--seq-len", args.seq_len), ("--batch", args.batch)):
-            _check_count(key, value)
-        if args.mode == "train":
-            result = train_step_flops(shape, args.batch, args.seq_len, lora, conv)
-        else:
-            result = forward_flops(shape, args.batch, args.seq_len, lora, conv)
+        conv = dataclasses.replace(base, count_loss=args.loss, **switches)
+    _check_count("--lora-rank", args.lora_rank, minimum=0)
+    lora = None
+    if args.lora_rank or args.logit_bias or args.head != "full":
+        if not args.lora_rank and args.logit_bias:
+            raise UserError("--logit-bias needs --lora-rank >= 1 (the bias trains beside an adapter)")
+        if not args.lora_rank:
+            # The head, like the bias, belongs to the fine-tuning module, which always holds an adapter.
+            raise UserError("--head alphabet needs --lora-rank >= 1 (the alphabet head is the fine-tuning "
+                            "module's, beside an adapter)")
+        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+        lora = LoRASpec(rank=args.lora_rank, targets=targets, logit_bias=args.logit_bias,
+                        head_rows=ALPHABET_SIZE if args.head == "alphabet" else None)
+    for key, value in (("--seq-len", args.seq_len), ("--batch", args.batch)):
+        _check_count(key, value)
+    return shape, lora, conv
+
+
+def _flops(args: argparse.Namespace) -> int:
+    """Print the breakdown table (or JSON) of one forward or training step; with ``--audit``, :func:`_audit`."""
+    from lvforecast.budget.formulas import forward_flops, train_step_flops
+
+    try:
+        shape, lora, conv = _flops_spec(args)
+        count = train_step_flops if args.mode == "train" else forward_flops
+        result = count(shape, args.batch, args.seq_len, lora, conv)
     except ValueError as err:
         args.parser.error(str(err))
+    if args.audit:
+        return _audit(args, result, lora)
     if args.json:
         sys.stdout.write(json.dumps({"model": args.model, **result.to_json()}, indent=2) + "\n")
     else:
         sys.stdout.write(result.table(f"{args.model} {result.label}, B={args.batch} N={args.seq_len}") + "\n")
+    return 0
+
+
+def _audit(args: argparse.Namespace, analytic: Breakdown, lora: LoRASpec | None) -> int:
+    """Audit one forward of a random-init ``--model`` and print it beside ``analytic``, component by component.
+
+    Returns:
+        0 when the two agree on every component and every op was priced, else 1 (with one ``error:`` line).
+    """
+    from lvforecast.budget.audit import audit_architecture
+    from lvforecast.budget.shapes import resolve_config
+
+    audited = audit_architecture(resolve_config(args.model), args.batch, args.seq_len, lora,
+                                 analytic.conventions.count_loss)
+    counts = {"analytic": analytic.as_dict(), "audited": audited.components}
+    names = list(dict.fromkeys([*counts["analytic"], *counts["audited"]]))
+    rows = [(n, counts["audited"].get(n, 0), counts["analytic"].get(n, 0)) for n in names]
+    differ = [n for n, aud, ana in rows if aud != ana]
+    if args.json:
+        report = {"model": args.model, "batch": args.batch, "seq_len": args.seq_len,
+                  "conventions": dataclasses.asdict(analytic.conventions),
+                  **{side: {"total": sum(c.values()), "components": c} for side, c in counts.items()},
+                  "differ": differ, "free": audited.free, "unpriced": dict(audited.unpriced)}
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        width = max(len(n) for n in [*names, "component"])
+        lines = [f"{args.model} forward, B={args.batch} N={args.seq_len}: audited (random init, eager) vs analytic",
+                 f"conventions: {analytic.conventions.describe()}",
+                 f"{'component':<{width}}  {'audited':>22}  {'analytic':>22}  {'audited - analytic':>20}"]
+        for name, aud, ana in [*rows, ("total", audited.total, analytic.total)]:
+            lines.append(f"{name:<{width}}  {aud:>22,}  {ana:>22,}  {aud - ana:>20,}")
+        lines += [f"free (priced, not charged): {name} {flops:,}" for name, flops in audited.free.items()]
+        lines += [f"unpriced: {op} x{calls}" for op, calls in audited.unpriced.items()]
+        sys.stdout.write("\n".join(lines) + "\n")
+    problems = [f"the audit and the analytic count differ on {', '.join(differ)}"] if differ else []
+    if audited.unpriced:
+        problems.append(f"ops without a price ran ({', '.join(audited.unpriced)})")
+    if problems:
+        print(f"error: {'; '.join(problems)}: the formulas do not describe what {args.model} runs", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -48,7 +49,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lvforecast.budget.pricing import price
-from lvforecast.budget.shapes import PROJECTIONS
+from lvforecast.budget.shapes import PROJECTIONS, LoRASpec
 from lvforecast.errors import UserError
 
 #: Components that are priced but not charged (computing positional encodings / the mask: free).
@@ -65,13 +66,11 @@ class AuditResult:
         components: Charged component -> FLOPs, in first-seen order (components that ran only free ops
             appear with 0).
         free: Free component (:data:`FREE_COMPONENTS`) -> FLOPs it would cost if charged.
-        ops: ``(component, aten op)`` -> ``(calls, FLOPs)``.
         unpriced: ``component/aten op`` -> calls, for ops with no price (should be empty).
     """
 
     components: dict[str, int] = field(default_factory=dict)
     free: dict[str, int] = field(default_factory=dict)
-    ops: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
     unpriced: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -83,27 +82,15 @@ class AuditResult:
         """Components with non-zero FLOPs (compare with ``Breakdown.as_dict(nonzero=True)``)."""
         return {k: v for k, v in self.components.items() if v}
 
-    def table(self) -> str:
-        """Per-component and per-op lines, for reading what a model really ran."""
-        total = self.total or 1
-        lines = [f"audited total: {self.total:,} FLOPs ({self.total:.4e})"]
-        for comp, flops in self.components.items():
-            lines.append(f"{comp:<14}{flops:>22,}  {100 * flops / total:6.2f}%")
-            for (c, op), (calls, f) in self.ops.items():
-                if c == comp and f:
-                    lines.append(f"    {op:<28} x{calls:<6}{f:>20,}")
-        lines += [f"free {comp}: {flops:,}" for comp, flops in self.free.items()]
-        lines += [f"UNPRICED {key}: {calls} calls" for key, calls in self.unpriced.items()]
-        return "\n".join(lines)
 
-
+@dataclass
 class _Frame:
     """One running module: its role, path, and (inside attention) how far the attention sequence got."""
 
-    __slots__ = ("role", "path", "bmm_calls", "last")
-
-    def __init__(self, role: str, path: str) -> None:
-        self.role, self.path, self.bmm_calls, self.last = role, path, 0, "positional"
+    role: str
+    path: str
+    bmm_calls: int = 0
+    last: str = "positional"
 
 
 def _role(path: str, module: nn.Module, stacks: set[str], ancestors_of_stack: set[str]) -> str:
@@ -175,11 +162,9 @@ class FlopAudit(TorchDispatchMode):
     def __enter__(self) -> FlopAudit:
         self._stack = [_Frame(self._roles[""], "")]
         for path, module in self.root.named_modules():
-            if not path:
-                continue
-            role = self._roles[path]
-            self._handles.append(module.register_forward_pre_hook(self._push_hook(role, path)))
-            self._handles.append(module.register_forward_hook(self._pop_hook(path), always_call=True))
+            if path:
+                self._handles += [module.register_forward_pre_hook(partial(self._push, self._roles[path], path)),
+                                  module.register_forward_hook(partial(self._pop, path), always_call=True)]
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
@@ -188,18 +173,12 @@ class FlopAudit(TorchDispatchMode):
         self._handles.clear()
         super().__exit__(*exc)
 
-    def _push_hook(self, role: str, path: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any) -> None:
-            self._stack.append(_Frame(role, path))
+    def _push(self, role: str, path: str, module: nn.Module, args: Any) -> None:
+        self._stack.append(_Frame(role, path))
 
-        return hook
-
-    def _pop_hook(self, path: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if self._stack and self._stack[-1].path == path:
-                self._stack.pop()
-
-        return hook
+    def _pop(self, path: str, module: nn.Module, args: Any, output: Any) -> None:
+        if self._stack and self._stack[-1].path == path:
+            self._stack.pop()
 
     def _component(self, frame: _Frame, name: str, flops: int | None) -> str:
         if frame.role != "attention":
@@ -230,8 +209,6 @@ class FlopAudit(TorchDispatchMode):
             flops = 0
         bucket = self.result.free if component in FREE_COMPONENTS else self.result.components
         bucket[component] = bucket.get(component, 0) + flops
-        calls, total = self.result.ops.get((component, str(func)), (0, 0))
-        self.result.ops[(component, str(func))] = (calls + 1, total + flops)
         return out
 
 
@@ -329,5 +306,46 @@ def compare(audited: dict[str, int], analytic: dict[str, int]) -> dict[str, tupl
     return {n: (audited.get(n, 0), analytic.get(n, 0)) for n in names if audited.get(n, 0) != analytic.get(n, 0)}
 
 
-# price lives in lvforecast.budget.pricing; re-exported here, where callers have always found it.
-__all__ = ["FREE_COMPONENTS", "AuditResult", "FlopAudit", "audit_forward", "compare", "price"]
+def audit_architecture(config: Mapping[str, Any], batch: int, seq_len: int, lora: LoRASpec | None = None,
+                       count_loss: bool = False, seed: int = 0) -> AuditResult:
+    """Audit one forward of a random-init model of a Hugging Face config: no weights are read or downloaded.
+
+    The model is built in float32 with eager attention; ``lora`` adds what the fine-tuning module would hold
+    (adapters on its targets, a logit bias, ``head_rows`` gathered output rows), each priced like
+    :func:`lvforecast.budget.formulas.forward_flops` with ``lora`` prices it. Which rows, token ids and labels are
+    drawn changes no count, only the shapes do.
+
+    Args:
+        config: The config's fields, as in its ``config.json`` (``model_type`` included).
+        batch: Sequences ``B``.
+        seq_len: Positions ``N`` per sequence (no padding).
+        lora: Adapters, logit bias and head of the fine-tuning module; None for the bare model.
+        count_loss: Also run the project's loss (:func:`lvforecast.model.module.token_loss_sum`).
+        seed: Seeds the weights and the token ids.
+
+    Returns:
+        The :class:`AuditResult`.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lvforecast.model.lora import AlphabetHead, LogitBias, apply_lora, decoder_stack
+    from lvforecast.model.module import token_loss_sum
+
+    # auto_map would ask to run code shipped beside the config; the audit only prices what transformers holds.
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "auto_map")}
+    hf_config = AutoConfig.for_model(config["model_type"], **fields)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager", dtype=torch.float32)
+        ids = torch.randint(0, hf_config.vocab_size, (batch, seq_len))
+    head = stack = bias = None
+    rows = hf_config.vocab_size
+    if lora is not None:
+        model = apply_lora(model, r=lora.rank, target_modules=lora.targets)
+        if lora.head_rows is not None:
+            rows, stack = lora.head_rows, decoder_stack(model)
+            head = AlphabetHead(model.get_output_embeddings(), range(rows))
+        bias = LogitBias(rows) if lora.logit_bias else None
+    labels = ids % rows  # the head's output indices: token ids for the full head, row indices for gathered rows
+    return audit_forward(model, ids, logit_bias=bias, loss_fn=token_loss_sum if count_loss else None, labels=labels,
+                         head=head, stack=stack)

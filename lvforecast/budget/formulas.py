@@ -72,7 +72,6 @@ CLI (no torch import, answers in well under 2 s)::
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any, Literal
 
 from lvforecast.budget.breakdown import Breakdown, Component
@@ -82,10 +81,9 @@ from lvforecast.budget.shapes import (
     LoRASpec,
     ModelShape,
     NormForm,
-    check_choice,
-    is_int,
 )
 from lvforecast.errors import UserError
+from lvforecast.validate import check_choice, is_int
 
 #: The study's primitive cost table (FLOPs per scalar operation).
 PRIMITIVE_COST: dict[str, int] = {
@@ -312,60 +310,25 @@ def validation_flops(shape: ModelShape, batch: int, seq_len: int, lora: LoRASpec
 
 
 def decode_step_flops(shape: ModelShape, batch: int, context_len: int, lora: LoRASpec | None = None,
-                      conv: Conventions = DEFAULT_CONVENTIONS, head_rows: int | None = None,
-                      queries: int = 1) -> Breakdown:
-    """FLOPs of one cached decode pass: ``queries`` new positions per sequence, each scored against ``context_len``
-    keys (every query x key pair is computed, masked or not), with logits at every new position.
+                      conv: Conventions = DEFAULT_CONVENTIONS, head_rows: int | None = None) -> Breakdown:
+    """FLOPs of one cached decode step: 1 new position per sequence attending to ``context_len`` keys.
 
-    ``context_len`` counts the cached keys plus the new ones. The loss is never charged here. ``head_rows`` as
-    :func:`forward_flops`. ``queries > 1``: a lookahead pass (:mod:`lvforecast.evaluation.lookahead`).
+    ``context_len`` counts the cached keys plus the new one. The loss is never charged here. ``head_rows`` as
+    :func:`forward_flops`.
 
     Raises:
-        ValueError: ``context_len`` < ``queries``, ``queries`` < 1 or a bad argument.
+        ValueError: ``context_len`` < 1 or a bad argument.
     """
     _check_args(shape, lora, conv, head_rows)
     _check_positive("batch", batch)
-    _check_positive("queries", queries)
-    _check_positive("context_len", context_len, minimum=queries)
+    _check_positive("context_len", context_len)
     conv = dataclasses.replace(conv, count_loss=False)
-    return _breakdown(shape, batch, queries, context_len, lora, conv, None,
-                      "decode step" if queries == 1 else "decode pass", head_rows)
-
-
-def passes_flops(shape: ModelShape, batch: int, prompt_len: int, passes: Sequence[tuple[int, int]],
-                 lora: LoRASpec | None = None, conv: Conventions = DEFAULT_CONVENTIONS,
-                 head_rows: int | None = None) -> int:
-    """FLOPs of a cached generation as run: the prefill (logits at its last position) plus each decode pass.
-
-    Args:
-        passes: ``(queries, context_len)`` of each pass after the prefill (``Decoded.passes``).
-        Others: as :func:`generation_flops`.
-    """
-    _check_args(shape, lora, conv, head_rows)
-    _check_positive("prompt_len", prompt_len)
-    conv = dataclasses.replace(conv, count_loss=False)
-    return forward_flops(shape, batch, prompt_len, lora, conv, 1, head_rows).total + sum(
-        decode_step_flops(shape, batch, keys, lora, conv, head_rows, queries).total for queries, keys in passes)
-
-
-def lookahead_passes(prompt_len: int, new_tokens: int, lookahead: int) -> list[tuple[int, int]]:
-    """The passes of generating ``new_tokens`` after ``prompt_len``: one token each, or the lookahead's worst case.
-
-    ``lookahead = 0``: ``(1, prompt_len + i)``, ``i = 1 .. new_tokens - 1``. ``lookahead = k``: every pass keeps one
-    token (``new_tokens - 1`` passes of ``k + 1`` queries), while the furthest row kept ``k + 1`` per pass: before pass
-    ``t`` it has at most ``min((t - 1)(k + 1), new_tokens)`` tokens cached, so ``t`` reads
-    ``prompt_len + min((t - 1)(k + 1), new_tokens) + k + 1`` keys.
-    """
-    if lookahead == 0:
-        return [(1, prompt_len + i) for i in range(1, new_tokens)]
-    width = lookahead + 1
-    return [(width, prompt_len + min((t - 1) * width, new_tokens) + width) for t in range(1, new_tokens)]
+    return _breakdown(shape, batch, 1, context_len, lora, conv, None, "decode step", head_rows)
 
 
 def generation_flops(shape: ModelShape, batch: int, prompt_len: int, new_tokens: int, lora: LoRASpec | None = None,
                      conv: Conventions = DEFAULT_CONVENTIONS, kv_cache: bool = True,
-                     prefill_logits: Literal["all", "last"] = "all", head_rows: int | None = None,
-                     lookahead: int = 0) -> int:
+                     prefill_logits: Literal["all", "last"] = "all", head_rows: int | None = None) -> int:
     """FLOPs of greedy generation of ``new_tokens`` after a ``(batch, prompt_len)`` prompt.
 
     With the cache: a prefill forward over the prompt (its last logits give token 1) plus
@@ -380,8 +343,6 @@ def generation_flops(shape: ModelShape, batch: int, prompt_len: int, new_tokens:
         prefill_logits: ``all`` charges lm_head at every position of each full forward (the brief's rule),
             ``last`` only at the last one (what ``generate`` runs, ``logits_to_keep=1``).
         head_rows: Output rows scored, as :func:`forward_flops` (13: the constrained decoder's alphabet head).
-        lookahead: ``k > 0``: the worst case of lookahead decoding with ``k`` drafts (:func:`lookahead_passes`), an
-            upper bound of what it charges; needs the cache and ``prefill_logits="last"``.
 
     Returns:
         Total FLOPs.
@@ -394,16 +355,12 @@ def generation_flops(shape: ModelShape, batch: int, prompt_len: int, new_tokens:
     _check_positive("new_tokens", new_tokens)
     check_choice("generation", "prefill_logits", prefill_logits, ("all", "last"))
     conv = dataclasses.replace(conv, count_loss=False)
-    _check_positive("lookahead", lookahead, minimum=0)
-    if lookahead and not (kv_cache and prefill_logits == "last"):
-        raise UserError(f"lookahead={lookahead}: lookahead decoding runs with the cache and last-position prefill "
-                        f"logits (kv_cache=True, prefill_logits='last')")
     keep = 0 if prefill_logits == "all" else 1
     if not kv_cache:
         return sum(forward_flops(shape, batch, prompt_len + i, lora, conv, keep, head_rows).total
                    for i in range(new_tokens))
     total = forward_flops(shape, batch, prompt_len, lora, conv, keep, head_rows).total
-    return total + sum(decode_step_flops(shape, batch, keys, lora, conv, head_rows, queries).total
-                       for queries, keys in lookahead_passes(prompt_len, new_tokens, lookahead))
+    return total + sum(decode_step_flops(shape, batch, prompt_len + i, lora, conv, head_rows).total
+                       for i in range(1, new_tokens))
 
 

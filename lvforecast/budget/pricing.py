@@ -64,7 +64,10 @@ _ELEMENTWISE = {
 }
 # Reductions of n elements per output cost n - 1 plus this (mean divides once).
 _REDUCTIONS = {"sum": 0, "mean": 1, "amax": 0, "amin": 0, "max": 0, "min": 0, "argmax": 0, "argmin": 0}
-
+# Matrix products -> whether they are fused with an addition (then the added term comes first, the factors after).
+_PRODUCTS = {"mm": False, "bmm": False, "mv": False, "dot": False, "addmm": True, "baddbmm": True}
+# pow(x, c) for the exponents with a cheaper form than log, multiply, exp.
+_POW = {1.0: 0, -1.0: _C["inverse"], 0.5: _C["sqrt"], -0.5: RSQRT}
 
 
 def _numel(x: Any) -> int:
@@ -80,15 +83,9 @@ def _first_tensor(out: Any) -> torch.Tensor | None:
 
 
 def _pow_cost(exponent: float) -> int:
-    if exponent == 1:
-        return 0
-    if exponent == -1:
-        return _C["inverse"]
-    if exponent == 0.5:
-        return _C["sqrt"]
-    if exponent == -0.5:
-        return RSQRT
-    if float(exponent).is_integer() and exponent >= 2:
+    if exponent in _POW:
+        return _POW[exponent]
+    if exponent.is_integer() and exponent >= 2:
         return int(exponent - 1) * _C["multiply"]
     return _C["log"] + _C["multiply"] + _C["exp"]
 
@@ -109,26 +106,12 @@ def price(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) ->
     if not any(t.is_floating_point() or t.is_complex() for t in tensors):
         return 0  # integer/bool bookkeeping on ids, labels, masks
     result = _first_tensor(out)
-    if base in ("mm", "addmm"):
-        a, b = (args[0], args[1]) if base == "mm" else (args[1], args[2])
-        m, n, p = a.shape[0], a.shape[1], b.shape[1]
-        cost = m * p * (2 * n - 1)
-        if base == "addmm":
-            cost += m * p * _C["add"]
-            cost += sum(m * p * _C["multiply"] for k in ("beta", "alpha") if kwargs.get(k, 1) != 1)
-        return cost
-    if base in ("bmm", "baddbmm"):
-        a, b = (args[0], args[1]) if base == "bmm" else (args[1], args[2])
-        bs, m, n, p = a.shape[0], a.shape[1], a.shape[2], b.shape[2]
-        cost = bs * m * p * (2 * n - 1)
-        if base == "baddbmm":
-            cost += bs * m * p * _C["add"]
-            cost += sum(bs * m * p * _C["multiply"] for k in ("beta", "alpha") if kwargs.get(k, 1) != 1)
-        return cost
-    if base == "mv":
-        return args[0].shape[0] * (2 * args[0].shape[1] - 1)
-    if base == "dot":
-        return 2 * args[0].numel() - 1
+    if base in _PRODUCTS:
+        fused = _PRODUCTS[base]
+        # Every output is a dot product over the first factor's last dimension.
+        outputs, n = _numel(result), args[1 if fused else 0].shape[-1]
+        scales = sum(kwargs.get(k, 1) != 1 for k in ("beta", "alpha")) if fused else 0
+        return outputs * (2 * n - 1 + fused * _C["add"] + scales * _C["multiply"])
     if base in _ELEMENTWISE:
         return _numel(result) * _ELEMENTWISE[base]
     if base == "pow" and isinstance(args[0], torch.Tensor) and not isinstance(args[1], torch.Tensor):

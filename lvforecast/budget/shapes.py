@@ -10,50 +10,31 @@ pointed at.
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from lvforecast.data.alphabet import ALPHABET
 from lvforecast.errors import UserError
+from lvforecast.validate import check_choice, is_int
 
 #: Linear layers of a Qwen2/Llama decoder layer, in execution order; LoRA may target any of them.
 PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 _SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "mistral")
 
-#: Rows of the ``model.head=alphabet`` head: ``len(lvforecast.data.encoding.ALPHABET)``, stated here so the FLOP
-#: CLI needs no numpy import (tests/test_alphabet_head.py holds the two equal).
-ALPHABET_SIZE = 13
-#: ``model.head`` choices: every vocabulary row of the output matrix, or only the alphabet's (LoRASpec.head_rows).
-HEADS: tuple[str, ...] = ("full", "alphabet")
+#: Rows of the ``model.head=alphabet`` head.
+ALPHABET_SIZE = len(ALPHABET)
+#: Output heads (``model.head``, ``forecast.head``): every vocabulary row of the output matrix, or only the
+#: alphabet's (``LoRASpec.head_rows``).
+Head = Literal["full", "alphabet"]
+HEADS: tuple[str, ...] = get_args(Head)
 
 AttentionWidth = Literal["mha", "gqa"]
 MaskForm = Literal["full", "causal", "additive"]
 RopeForm = Literal["add", "rotate", "rotate_half"]
 NormForm = Literal["divide", "rsqrt"]
-
-
-def is_int(value: Any) -> bool:
-    """Whether ``value`` is an ``int`` and not a ``bool``."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def int_at_least(value: Any, low: int) -> bool:
-    """Whether ``value`` is an ``int`` (not a ``bool``) of at least ``low``."""
-    return is_int(value) and value >= low
-
-
-def is_finite_number(value: Any) -> bool:
-    """Whether ``value`` is a finite ``int`` or ``float`` (not a ``bool``)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_choice(owner: str, key: str, value: Any, allowed: Sequence[str]) -> None:
-    """Raise ``ValueError("owner.key=value: allowed ...")`` unless ``value`` is one of ``allowed``."""
-    if value not in allowed:
-        raise UserError(f"{owner}.{key}={value!r}: allowed {', '.join(map(repr, allowed))}")
 
 
 @dataclass(frozen=True)
@@ -136,13 +117,19 @@ class ModelShape:
         )
 
 
-#: Built-in architecture facts, so the CLI needs neither weights nor transformers.
-BUILTIN: dict[str, ModelShape] = {
-    "qwen2.5-0.5b": ModelShape(n_layers=24, hidden=896, n_heads=14, n_kv_heads=2, head_dim=64, intermediate=4864,
-                               vocab=151936, qkv_bias=True, tied=True),
-    "smollm2-135m": ModelShape(n_layers=30, hidden=576, n_heads=9, n_kv_heads=3, head_dim=64, intermediate=1536,
-                               vocab=49152, qkv_bias=False, tied=True),
+#: The size keys of the built-in models' hub ``config.json`` files (Qwen/Qwen2.5-0.5B-Instruct,
+#: HuggingFaceTB/SmolLM2-135M-Instruct), so the CLI needs neither weights, transformers nor the network; the rest
+#: of each file is transformers' default for its ``model_type``.
+BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
+    "qwen2.5-0.5b": {"model_type": "qwen2", "num_hidden_layers": 24, "hidden_size": 896, "num_attention_heads": 14,
+                     "num_key_value_heads": 2, "intermediate_size": 4864, "vocab_size": 151936,
+                     "tie_word_embeddings": True},
+    "smollm2-135m": {"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9,
+                     "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152,
+                     "tie_word_embeddings": True},
 }
+#: Built-in architecture facts, by name.
+BUILTIN: dict[str, ModelShape] = {name: ModelShape.from_hf_config(cfg) for name, cfg in BUILTIN_CONFIGS.items()}
 
 
 @dataclass(frozen=True)
@@ -250,14 +237,15 @@ def shape_of(model: Any) -> ModelShape:
 
 
 
-def resolve_shape(model: str) -> ModelShape:
-    """A built-in name (:data:`BUILTIN`), a ``config.json`` path, or a directory holding one.
+def resolve_config(model: str) -> dict[str, Any]:
+    """The Hugging Face config fields of a built-in name (:data:`BUILTIN_CONFIGS`), a ``config.json`` path, or a
+    directory holding one.
 
     Raises:
-        ValueError: Unknown name, unreadable file, or an unsupported config.
+        ValueError: Unknown name or unreadable file.
     """
-    if model in BUILTIN:
-        return BUILTIN[model]
+    if model in BUILTIN_CONFIGS:
+        return dict(BUILTIN_CONFIGS[model])
     path = Path(model)
     if path.is_dir():
         path = path / "config.json"
@@ -267,5 +255,15 @@ def resolve_shape(model: str) -> ModelShape:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise UserError(f"--model={model!r}: cannot read {path} as JSON ({err})") from err
-    return ModelShape.from_hf_config(cfg)
+    if not isinstance(cfg, dict):
+        raise UserError(f"--model={model!r}: {path} holds {type(cfg).__name__}, not a config object")
+    return cfg
 
+
+def resolve_shape(model: str) -> ModelShape:
+    """The :class:`ModelShape` of :func:`resolve_config`'s config.
+
+    Raises:
+        ValueError: Unknown name, unreadable file, or an unsupported config.
+    """
+    return ModelShape.from_hf_config(resolve_config(model))

@@ -25,9 +25,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from lvforecast.data.alphabet import ALPHABET
 from lvforecast.errors import UserError
 
-ALPHABET = "0123456789.,;"
 STEP_SEP = ";"
 VALUE_SEP = ","
 #: Names of the two variables, in the order of a series' last axis.

@@ -30,18 +30,16 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from lvforecast.budget.formulas import lookahead_passes
+from lvforecast.budget.shapes import Head
 from lvforecast.data.encoding import ALPHABET, STEP_SEP
 from lvforecast.errors import UserError
 from lvforecast.evaluation.grammar import START, Grammar
 from lvforecast.model.lora import decoder_stack
-
-DecodeHead = Literal["alphabet", "full"]
 
 
 @dataclass(frozen=True)
@@ -179,22 +177,6 @@ class PreallocatedLayer(DynamicLayer):
         self.length = end
         self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
 
-    def write(self, key_states: torch.Tensor, value_states: torch.Tensor, slots: int | torch.Tensor,
-              keys: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write (B, G, Q, d) keys/values at ``slots`` (an int start, or (B, Q) per row); return slots ``:keys``.
-
-        The filled length becomes ``keys`` (slots past a row's own length hold nothing it attends to)."""
-        if isinstance(slots, int):
-            self._keys[:, :, slots:slots + key_states.shape[2]].copy_(key_states)
-            self._values[:, :, slots:slots + value_states.shape[2]].copy_(value_states)
-        else:
-            index = slots[:, None, :, None].expand(-1, key_states.shape[1], -1, key_states.shape[-1])
-            self._keys.scatter_(2, index, key_states)
-            self._values.scatter_(2, index.expand(-1, -1, -1, value_states.shape[-1]), value_states)
-        self.length = keys
-        self.keys, self.values = self._keys[:, :, :keys], self._values[:, :, :keys]
-        return self.keys, self.values
-
 
 def prefill(stack: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
             cache: Cache, one_row_at_a_time: bool) -> torch.Tensor:
@@ -225,11 +207,6 @@ def prefill(stack: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
     return torch.cat(last)
 
 
-def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An attention bias from a bool mask: 0 where ``visible``, -inf elsewhere."""
-    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, -math.inf)
-
-
 def preallocated_cache(n_layers: int, capacity: int) -> Cache:
     """A cache of ``n_layers`` :class:`PreallocatedLayer` s of ``capacity`` positions each."""
     return Cache(layers=[PreallocatedLayer(capacity) for _ in range(n_layers)])
@@ -246,7 +223,7 @@ class AlphabetLogits:
         bias: (A,) trained logit bias on the columns, or None.
     """
 
-    def __init__(self, model: Any, token_ids: torch.Tensor, head: DecodeHead, bias: torch.Tensor | None) -> None:
+    def __init__(self, model: Any, token_ids: torch.Tensor, head: Head, bias: torch.Tensor | None) -> None:
         self.lm_head = model.get_output_embeddings()
         self.token_ids, self.head = token_ids, head
         if head == "alphabet":
@@ -257,14 +234,11 @@ class AlphabetLogits:
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, Q, D) hidden states -> (B, A) float32 logits of the last position (bias added)."""
-        return self.all(hidden[:, -1:])[:, -1]
-
-    def all(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, Q, D) hidden states -> (B, Q, A) float32 logits of every position (bias added)."""
+        last = hidden[:, -1]
         if self.head == "alphabet":
-            logits = torch.nn.functional.linear(hidden, self.weight, self.lm_bias).float()
+            logits = torch.nn.functional.linear(last, self.weight, self.lm_bias).float()
         else:
-            logits = self.lm_head(hidden).float()[..., self.token_ids]
+            logits = self.lm_head(last).float()[:, self.token_ids]
         return logits if self.bias is None else logits + self.bias
 
 
@@ -275,18 +249,17 @@ STATIC_ROPE = frozenset({"default", "linear", "llama3"})
 
 
 class LeanStep:
-    """A decode pass of Q new tokens per row run layer by layer, skipping the model's per-call bookkeeping.
+    """A decode step of one new token per row run layer by layer, skipping the model's per-call bookkeeping.
 
     For the layers in :data:`LEAN_LAYERS` only (see :meth:`supports`). Their own modules (norms, q/k/v/o projections
-    with any LoRA layers in place, MLP) compute everything but the attention of the new queries: one
-    ``scaled_dot_product_attention`` against the cache's first ``keys`` slots with the query heads of each key/value
-    head packed as its queries (no repeated keys/values), under an additive ``bias`` (0 = visible, -inf = not).
-    Rotary cos/sin come from one table of every position. Equal to the stack's forward up to float rounding (a test
-    bounds it).
+    with any LoRA layers in place, MLP) compute everything but the attention of the new query: one
+    ``scaled_dot_product_attention`` against the cache with the query heads of each key/value head packed as its
+    queries (no repeated keys/values), under an additive ``bias`` (0 = visible, -inf = not). Rotary cos/sin come from
+    one table of every position. Equal to the stack's forward up to float rounding (a test bounds it).
 
     Args:
         stack: The decoder stack (:func:`~lvforecast.model.lora.decoder_stack`).
-        cache: The :func:`preallocated_cache` the prefill filled; its layers' buffers are written at ``slots``.
+        cache: The :func:`preallocated_cache` the prefill filled; each step appends its keys/values to it.
         max_position: Positions ids stay below this.
     """
 
@@ -308,37 +281,31 @@ class LeanStep:
                 and all(type(layer).__name__ in LEAN_LAYERS and getattr(layer.self_attn, "sliding_window", None)
                         is None for layer in layers))
 
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, slots: int | torch.Tensor, keys: int,
-                 bias: torch.Tensor | None) -> torch.Tensor:
-        """(B, Q) input ids -> (B, Q, D) final hidden states.
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """(B, 1) input ids -> (B, 1, D) final hidden states.
 
         Args:
-            ids: (B, Q) the new tokens.
-            positions: (B, Q) their position ids.
-            slots: Cache slots their keys/values go to: an int (slots ``slots .. slots + Q - 1`` of every row) or
-                (B, Q) per row.
-            keys: Slots ``0 .. keys - 1`` are read.
-            bias: (B, 1, Q, keys) additive attention bias, or None (every read slot visible to every query).
+            ids: (B, 1) the new tokens.
+            positions: (B, 1) their position ids.
+            bias: (B, 1, 1, K) additive attention bias over the K keys the cache holds after this step, or None
+                (every key visible).
         """
         hidden = self.stack.embed_tokens(ids)
-        batch, q_len = ids.shape
+        batch = ids.shape[0]
         cos, sin = self.cos[positions], self.sin[positions]
-        groups = self.attn[0].num_key_value_groups
-        if bias is not None:  # (B, 1, groups x Q, keys): one key/value head's query heads share their row's bias
-            bias = bias.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(batch, 1, groups * q_len, keys)
         for layer, attn, rope, kv in zip(self.stack.layers, self.attn, self.rope, self.cache.layers, strict=True):
             x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(batch, q_len, -1, attn.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(batch, q_len, -1, attn.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(batch, q_len, -1, attn.head_dim).transpose(1, 2)
+            q = attn.q_proj(x).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
             q, k = rope(q, k, cos, sin)
-            k_all, v_all = kv.write(k, v, slots, keys)
-            # Query head h reads key/value head h // groups (repeat_kv's order): pack (B, G, groups x Q, head_dim).
-            q = q.reshape(batch, k_all.shape[1], groups * q_len, attn.head_dim)
+            k_all, v_all = kv.update(k, v)
+            # Query head h reads key/value head h // groups (repeat_kv's order): pack (B, G, groups, head_dim); the
+            # (B, 1, 1, K) bias broadcasts over both.
+            q = q.reshape(batch, k_all.shape[1], -1, attn.head_dim)
             out = torch.nn.functional.scaled_dot_product_attention(q, k_all, v_all, attn_mask=bias,
                                                                    scale=attn.scaling)
-            out = out.view(batch, -1, q_len, attn.head_dim).transpose(1, 2)
-            hidden = hidden + attn.o_proj(out.reshape(batch, q_len, -1))
+            hidden = hidden + attn.o_proj(out.reshape(batch, 1, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.stack.norm(hidden)
 
@@ -350,14 +317,10 @@ class Decoded:
     Attributes:
         tokens: (B, n) new token ids (``end_id`` after a row finished).
         steps: n.
-        passes: ``(new positions per row, keys read)`` of each pass after the prefill, what its FLOPs are priced
-            with: ``(1, prompt_len + i)`` for the i-th decode step here, blocks in
-            :func:`lvforecast.evaluation.lookahead.lookahead_decode`.
     """
 
     tokens: torch.Tensor
     steps: int
-    passes: tuple[tuple[int, int], ...] = ()
 
 
 def decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, grammar: CompiledGrammar, *,
@@ -392,11 +355,13 @@ def decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, gr
     next_pos = position[:, -1:] + 1
     if LeanStep.supports(stack) if lean is None else lean:
         lean_step = LeanStep(stack, cache, int(next_pos.max()) + max_new_tokens)
-        pad_bias = additive_mask(mask.bool(), hidden.dtype)[:, None, None, :] if padded else None
+        pad_bias = None
+        if padded:  # 0 where a key may be attended to, -inf on padding: (B, 1, 1, keys), sliced each step
+            pad_bias = torch.zeros(mask.shape, dtype=hidden.dtype, device=device).masked_fill(mask == 0, -math.inf)
+            pad_bias = pad_bias[:, None, None, :]
 
         def step_fn(ids: torch.Tensor, step: int) -> torch.Tensor:
-            keys = prompt_len + step + 1
-            return lean_step(ids, next_pos + step, keys - 1, keys, None if pad_bias is None else pad_bias[..., :keys])
+            return lean_step(ids, next_pos + step, None if pad_bias is None else pad_bias[..., :prompt_len + step + 1])
     else:
         # A decode step's query (the newest position) may attend to every non-pad key: the (B, 1, 1, keys) mask
         # the model would build from the 2D mask each step, made once here and sliced (a 4D mask is used as given).
@@ -419,4 +384,4 @@ def decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, gr
         if bool((steps >= horizon_steps).all()) or n == max_new_tokens:
             break
         hidden = step_fn(out[:, n - 1:n], n - 1)
-    return Decoded(tokens=out[:, :n], steps=n, passes=tuple(lookahead_passes(prompt_len, n, 0)))
+    return Decoded(tokens=out[:, :n], steps=n)

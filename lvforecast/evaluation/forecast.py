@@ -28,13 +28,10 @@ Contract:
 * **Batches.** Rows are series-major (series ``i`` owns rows ``i*k .. i*k+k-1``), cut into consecutive
   batches of ``batch_size`` rows (:func:`row_batches`); :func:`planned_batches` gives the same batches with
   the longest decode the grammar allows, which is what the budget reserves before any weights load.
-* **Lookahead** (``lookahead=k > 0``, greedy constrained loop only): :mod:`lvforecast.evaluation.lookahead`, the
-  same tokens in fewer passes of ``k + 1`` positions per row.
-* **FLOPs.** Each batch is charged :func:`lvforecast.budget.formulas.passes_flops`: its prefill over the padded
-  prompt (logits at the last position) plus every decode pass it ran (one position per row against
-  ``prompt + i`` keys for step ``i``, which is :func:`~lvforecast.budget.formulas.generation_flops` with
-  ``kv_cache=True, prefill_logits="last"``; ``k + 1`` positions per lookahead pass), with ``head_rows=13`` when the
-  loop scores the alphabet only; ``charge(flops, tokens)`` is called per batch when given
+* **FLOPs.** Each batch is charged :func:`lvforecast.budget.formulas.generation_flops` with the padded prompt
+  length, the number of decode steps the batch ran (the longest row), ``kv_cache=True``,
+  ``prefill_logits="last"`` and ``head_rows=13`` when the loop scores the alphabet only;
+  ``charge(flops, tokens)`` is called per batch when given
   (``tokens`` = rows x (prompt + new) positions).
 * **Context length.** Prompt lengths in tokens are reported; when the longest exceeds
   ``trained_context_tokens`` a warning is logged and ``ForecastResult.exceeds_trained_context`` is set.
@@ -55,11 +52,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lvforecast.budget.formulas import passes_flops
-from lvforecast.budget.shapes import ALPHABET_SIZE, Conventions, LoRASpec, ModelShape, shape_of
+from lvforecast.budget.formulas import generation_flops
+from lvforecast.budget.shapes import ALPHABET_SIZE, HEADS, Conventions, Head, LoRASpec, ModelShape, shape_of
 from lvforecast.data.encoding import decode, encode_prompt
 from lvforecast.errors import UserError
-from lvforecast.evaluation.decoder import DecodeHead, compile_grammar
+from lvforecast.evaluation.decoder import compile_grammar
 from lvforecast.evaluation.generation import (
     GenerateRunner,
     LoopRunner,
@@ -91,8 +88,6 @@ class ForecastResult:
         flops: FLOPs charged for all batches.
         exceeds_trained_context: The longest prompt is longer than ``trained_context_tokens``.
         max_new_tokens: The generation bound used.
-        decode_passes: Decode passes run after the prefills, over all batches (one per new token of the longest row
-            without lookahead; fewer with it).
     """
 
     values: np.ndarray
@@ -105,7 +100,6 @@ class ForecastResult:
     flops: int
     exceeds_trained_context: bool = False
     max_new_tokens: int = 0
-    decode_passes: int = 0
 
 
 def row_batches(n_series: int, num_samples: int, batch_size: int) -> list[list[int]]:
@@ -137,19 +131,11 @@ def planned_batches(prompt_tokens: Sequence[int], *, horizon_steps: int, max_int
 
 def _check_args(series: np.ndarray, scales: list[float], decimals: int, context_steps: int, horizon_steps: int,
                 batch_size: int, num_samples: int, temperature: float, top_p: float,
-                max_int_digits: int, head: str, decoder: str, lookahead: int = 0,
-                constrained: bool = True) -> Grammar:
+                max_int_digits: int, head: str, decoder: str) -> Grammar:
     """The grammar of these arguments; every problem with them raised at once."""
     problems = []
-    if not isinstance(lookahead, (int, np.integer)) or isinstance(lookahead, bool) or lookahead < 0:
-        problems.append(f"lookahead={lookahead!r}: must be an integer >= 0 (0: one token per decode pass)")
-    elif lookahead and not (constrained and decoder == "loop" and num_samples == 1):
-        problems.append(f"lookahead={lookahead}: drafts are checked against the greedy choice, so lookahead needs "
-                        f"constrained greedy decoding with the loop (constrained=true, decoder='loop', "
-                        f"num_samples=1); got constrained={constrained}, decoder={decoder!r}, "
-                        f"num_samples={num_samples}")
-    if head not in ("alphabet", "full"):
-        problems.append(f"head={head!r}: allowed 'alphabet', 'full'")
+    if head not in HEADS:
+        problems.append(f"head={head!r}: allowed {', '.join(map(repr, HEADS))}")
     if decoder not in ("loop", "generate"):
         problems.append(f"decoder={decoder!r}: allowed 'loop', 'generate'")
     elif decoder == "generate" and head == "alphabet":
@@ -202,11 +188,11 @@ class _Pricing:
 
 def _generate_all(runner: GenerateRunner | LoopRunner, encoded: list[list[int]], batches: list[list[int]],
                   seed: int, charge: Callable[[int, int], None] | None, pricing: _Pricing,
-                  char_ids: dict[str, int]) -> tuple[list[str], int, int, int]:
-    """Texts of every row, generated tokens, FLOPs charged and decode passes; the model is in eval mode meanwhile."""
+                  char_ids: dict[str, int]) -> tuple[list[str], int, int]:
+    """Texts of every row, generated tokens and FLOPs charged; the model is in eval mode meanwhile."""
     model, tokenizer, device = runner.model, runner.tokenizer, runner.device
     texts: list[str] = []
-    total_flops = total_new = total_passes = 0
+    total_flops = total_new = 0
     old_side, was_training = tokenizer.padding_side, model.training
     model.eval()
     try:
@@ -215,22 +201,22 @@ def _generate_all(runner: GenerateRunner | LoopRunner, encoded: list[list[int]],
             torch.manual_seed(seed)
             # Each batch is a full decode (minutes on a CPU for a real model): show progress.
             for chunk in tqdm(batches, desc="forecasting", unit="batch", disable=len(batches) <= 1):
-                generated = runner.run([encoded[i] for i in chunk])
-                prompt_len, n_new = generated.prompt_len, len(generated.rows[0])
-                for row in generated.rows:
+                generated, prompt_len = runner.run([encoded[i] for i in chunk])
+                n_new = len(generated[0])
+                for row in generated:
                     text, kept = row_text(tokenizer, char_ids, row)
                     texts.append(text)
                     total_new += kept
-                flops = passes_flops(pricing.shape, len(chunk), prompt_len, generated.passes, lora=pricing.lora,
-                                     conv=pricing.conv, head_rows=pricing.head_rows) if n_new > 0 else 0
+                flops = generation_flops(pricing.shape, len(chunk), prompt_len, n_new, lora=pricing.lora,
+                                         conv=pricing.conv, kv_cache=True, prefill_logits="last",
+                                         head_rows=pricing.head_rows) if n_new > 0 else 0
                 total_flops += flops
-                total_passes += len(generated.passes)
                 if charge is not None:
                     charge(flops, len(chunk) * (prompt_len + n_new))
     finally:
         tokenizer.padding_side = old_side
         model.train(was_training)
-    return texts, total_new, total_flops, total_passes
+    return texts, total_new, total_flops
 
 
 def _decode_rows(texts: list[str], rows: list[int], scales: list[float], decimals: int,
@@ -272,9 +258,8 @@ def forecast(
     top_p: float,
     seed: int,
     max_int_digits: int,
-    head: DecodeHead,
+    head: Head,
     decoder: Decoder,
-    lookahead: int,
     trained_context_tokens: int | None = None,
     charge: Callable[[int, int], None] | None = None,
     conv: Conventions | None = None,
@@ -303,9 +288,6 @@ def forecast(
             scores the full vocabulary.
         decoder: Constrained decoding with ``loop`` (:mod:`lvforecast.evaluation.decoder`) or ``generate``
             (``model.generate`` with the grammar processor; needs ``head="full"``).
-        lookahead: ``k > 0``: greedy constrained batches draft ``k`` tokens per row from the row's own text and check
-            them in the same pass (:mod:`lvforecast.evaluation.lookahead`): the same forecasts in fewer, wider
-            passes, each charged in full; 0 decodes one token per pass (the fewest FLOPs).
         trained_context_tokens: Token context the adapter was trained on, to flag longer prompts.
         charge: Called per batch as ``charge(flops, tokens)``.
         conv: FLOP counting conventions (default :class:`lvforecast.budget.formulas.Conventions`).
@@ -322,7 +304,7 @@ def forecast(
     series = np.asarray(series, dtype=np.float64)
     scales = [float(s) for s in scales]
     grammar = _check_args(series, scales, decimals, context_steps, horizon_steps, batch_size, num_samples,
-                          temperature, top_p, max_int_digits, head, decoder, lookahead, constrained)
+                          temperature, top_p, max_int_digits, head, decoder)
     encoded = _tokenized_prompts(tokenizer, series, scales, decimals, context_steps, max_int_digits)
     prompt_tokens = [len(ids) for ids in encoded]
     exceeds = trained_context_tokens is not None and max(prompt_tokens) > trained_context_tokens
@@ -338,7 +320,7 @@ def forecast(
     loop = constrained and decoder == "loop"
     if loop:
         runner = LoopRunner(model, tokenizer, compile_grammar(grammar, char_ids, device), horizon_steps, bound, head,
-                            alphabet_bias, k > 1, float(temperature), float(top_p), device, int(lookahead))
+                            alphabet_bias, k > 1, float(temperature), float(top_p), device)
     else:
         runner = GenerateRunner(model, tokenizer, char_ids, grammar, horizon_steps, constrained,
                                 generation_config(tokenizer, bound, k > 1, float(temperature), float(top_p)),
@@ -349,10 +331,7 @@ def forecast(
     pricing = _Pricing(shape_of(model), lora, conv if conv is not None else Conventions(),
                        ALPHABET_SIZE if loop and head == "alphabet" else None)
     batches = row_batches(n_series, k, batch_size)
-    texts, new_tokens, flops, passes = _generate_all(runner, encoded, batches, seed, charge, pricing, char_ids)
-    if lookahead:
-        log.info("lookahead=%d: %d decode passes for %d batch(es) of up to %d new tokens", lookahead, passes,
-                 len(batches), bound)
+    texts, new_tokens, flops = _generate_all(runner, encoded, batches, seed, charge, pricing, char_ids)
 
     rows = [i for chunk in batches for i in chunk]
     values, steps_parsed = _decode_rows(texts, rows, scales, decimals, horizon_steps)
@@ -366,4 +345,4 @@ def forecast(
     return ForecastResult(values=_point_forecast(samples), texts=texts, steps_parsed=steps_parsed,
                           parse_failures=int(failures), prompt_tokens=prompt_tokens, new_tokens=int(new_tokens),
                           samples=samples if k > 1 else None, flops=int(flops),
-                          exceeds_trained_context=bool(exceeds), max_new_tokens=bound, decode_passes=int(passes))
+                          exceeds_trained_context=bool(exceeds), max_new_tokens=bound)

@@ -8,11 +8,8 @@
   constrained, :class:`~lvforecast.evaluation.grammar.LLMTimeLogitsProcessor` with
   :class:`~lvforecast.evaluation.grammar.StepsStoppingCriteria`.
 
-Both return a :class:`Generated`: the new token ids of each row (padding included), the padded prompt length and
-the decode passes the FLOPs are priced with; :func:`row_text` turns a row into text. With ``lookahead=k > 0`` the
-loop decodes greedy batches of a :class:`~lvforecast.evaluation.decoder.LeanStep` model with
-:func:`lvforecast.evaluation.lookahead.lookahead_decode` (the same tokens, fewer passes of ``k + 1`` positions);
-sampling and other models decode one token per pass.
+Both return the new token ids of each row (padding included) and the padded prompt length; :func:`row_text`
+turns a row into text.
 
 Logit bias: :func:`full_and_alphabet_bias` accepts a trained bias over the vocabulary (V,) or over the alphabet
 (13,), in ``ALPHABET`` order as ``model.head=alphabet`` training saves it. The loop adds its alphabet entries
@@ -28,13 +25,11 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 
-from lvforecast.budget.formulas import lookahead_passes
+from lvforecast.budget.shapes import Head
 from lvforecast.data.encoding import ALPHABET, STEP_SEP
 from lvforecast.errors import UserError
-from lvforecast.evaluation.decoder import AlphabetLogits, CompiledGrammar, DecodeHead, LeanStep, decode
+from lvforecast.evaluation.decoder import AlphabetLogits, CompiledGrammar, decode
 from lvforecast.evaluation.grammar import Grammar, LLMTimeLogitsProcessor, StepsStoppingCriteria
-from lvforecast.evaluation.lookahead import lookahead_decode
-from lvforecast.model.lora import decoder_stack
 
 
 class AddLogitBias(LogitsProcessor):
@@ -115,16 +110,6 @@ def _padded(tokenizer: Any, prompts: list[list[int]], device: torch.device) -> t
 
 
 @dataclass(frozen=True)
-class Generated:
-    """One batch's generation: new token ids per row (padding included), the padded prompt length, and the
-    ``(queries, keys)`` of each decode pass after the prefill."""
-
-    rows: list[list[int]]
-    prompt_len: int
-    passes: tuple[tuple[int, int], ...]
-
-
-@dataclass(frozen=True)
 class GenerateRunner:
     """One ``generate`` call per batch (see the module docstring)."""
 
@@ -138,8 +123,8 @@ class GenerateRunner:
     logit_bias: torch.Tensor | None
     device: torch.device
 
-    def run(self, prompts: list[list[int]]) -> Generated:
-        """Generate one batch (one token per decode step)."""
+    def run(self, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
+        """Generate one batch: the new token ids of each row (padding included) and the padded prompt length."""
         input_ids, attention_mask = _padded(self.tokenizer, prompts, self.device)
         prompt_len = input_ids.shape[1]
         processors = LogitsProcessorList()
@@ -152,8 +137,7 @@ class GenerateRunner:
         out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                   generation_config=self.config, logits_processor=processors,
                                   stopping_criteria=StoppingCriteriaList([stop]))
-        return Generated(out[:, prompt_len:].cpu().tolist(), prompt_len,
-                         tuple(lookahead_passes(prompt_len, out.shape[1] - prompt_len, 0)))
+        return out[:, prompt_len:].cpu().tolist(), prompt_len
 
 
 @dataclass(frozen=True)
@@ -165,27 +149,21 @@ class LoopRunner:
     grammar: CompiledGrammar
     horizon_steps: int
     max_new_tokens: int
-    head: DecodeHead
+    head: Head
     alphabet_bias: torch.Tensor | None
     sample: bool
     temperature: float
     top_p: float
     device: torch.device
-    lookahead: int = 0
 
-    def run(self, prompts: list[list[int]]) -> Generated:
-        """Decode one batch (with lookahead where it applies: see the module docstring)."""
+    def run(self, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
+        """Decode one batch: the new token ids of each row (padding included) and the padded prompt length."""
         input_ids, attention_mask = _padded(self.tokenizer, prompts, self.device)
         bias = None
         if self.alphabet_bias is not None:  # ALPHABET order -> the compiled grammar's column order
             bias = self.alphabet_bias[[ALPHABET.index(c) for c in self.grammar.chars]]
         logits = AlphabetLogits(self.model, self.grammar.token_ids, self.head, bias)
-        if self.lookahead and not self.sample and LeanStep.supports(decoder_stack(self.model)):
-            out = lookahead_decode(self.model, input_ids, attention_mask, self.grammar,
-                                   horizon_steps=self.horizon_steps, max_new_tokens=self.max_new_tokens,
-                                   end_id=self.tokenizer.pad_token_id, logits_fn=logits, k=self.lookahead)
-        else:
-            out = decode(self.model, input_ids, attention_mask, self.grammar, horizon_steps=self.horizon_steps,
-                         max_new_tokens=self.max_new_tokens, end_id=self.tokenizer.pad_token_id, logits_fn=logits,
-                         sample=self.sample, temperature=self.temperature, top_p=self.top_p)
-        return Generated(out.tokens.cpu().tolist(), input_ids.shape[1], out.passes)
+        out = decode(self.model, input_ids, attention_mask, self.grammar, horizon_steps=self.horizon_steps,
+                     max_new_tokens=self.max_new_tokens, end_id=self.tokenizer.pad_token_id, logits_fn=logits,
+                     sample=self.sample, temperature=self.temperature, top_p=self.top_p)
+        return out.tokens.cpu().tolist(), input_ids.shape[1]

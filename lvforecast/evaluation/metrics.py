@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 #: Keys of :func:`per_system_metrics` that hold float metrics (the others are counts).
 POINT_METRICS: tuple[str, ...] = ("mse", "rmse", "mae", "mape")
+#: The point metrics the comparison tables show: RMSE is the square root of MSE, so it adds no column.
+TABLED_METRICS: tuple[str, ...] = tuple(m for m in POINT_METRICS if m != "rmse")
 
 
 def _check_pair(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -12,9 +12,9 @@ import numpy as np
 
 from lvforecast.atomic import save_figure, write_text
 from lvforecast.data.encoding import VARIABLES
+from lvforecast.evaluation.metrics import POINT_METRICS, TABLED_METRICS
 
 COLORS = {"prey": "goldenrod", "predator": "purple"}
-POINT = ("mse", "rmse", "mae", "mape")
 
 
 def _arr(values: Any) -> np.ndarray:
@@ -132,7 +132,7 @@ def write_report(path: Path, summary: dict[str, Any], metrics: dict[str, Any], s
         lines += ["## The study's example systems (encoded units)", "",
                   "| metric | " + " | ".join(f"{s} prey | {s} predator" for s in shown) + " |",
                   "|---|" + "---:|---:|" * len(shown)]
-        for key in POINT:
+        for key in POINT_METRICS:
             cells = []
             for s in shown:
                 i = systems.index(s)
@@ -140,11 +140,11 @@ def write_report(path: Path, summary: dict[str, Any], metrics: dict[str, Any], s
             lines.append(f"| {key.upper()} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Whole test split: model vs baselines (encoded units, mean / median over systems)", "",
-              "| method | MSE prey | MSE predator | MAE prey | MAE predator | MAPE prey | MAPE predator |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+              "| method | " + " | ".join(f"{k.upper()} {v}" for k in TABLED_METRICS for v in VARIABLES) + " |",
+              "|---|" + "---:|" * (len(TABLED_METRICS) * len(VARIABLES))]
     for name, m in metrics.items():
         agg = m["encoded"]["aggregate"]["all"]
-        cells = [f"{_f(agg[k][v]['mean'])} / {_f(agg[k][v]['median'])}" for k in ("mse", "mae", "mape")
+        cells = [f"{_f(agg[k][v]['mean'])} / {_f(agg[k][v]['median'])}" for k in TABLED_METRICS
                  for v in VARIABLES]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Model by behaviour class (encoded MSE, median over systems)", "",

@@ -20,9 +20,9 @@ from omegaconf import DictConfig
 from lvforecast.budget.planning import Pricing, RunShape
 from lvforecast.budget.schedule import Schedule
 from lvforecast.budget.shapes import ALPHABET_SIZE, HEADS, Conventions, LoRASpec, ModelShape
-from lvforecast.budget.shapes import int_at_least as _int_at_least
-from lvforecast.budget.shapes import is_finite_number as _finite
 from lvforecast.errors import UserError
+from lvforecast.validate import int_at_least as _int_at_least
+from lvforecast.validate import is_finite_number as _finite
 
 SEED_MAX = 2**32 - 1  # numpy's (and so Lightning's seed_everything's) range is [0, 2**32 - 1]
 # What Lightning's Trainer makes of these arguments when they are left out (its signature says None and the

@@ -44,11 +44,13 @@ from lvforecast.atomic import atomic_writer, check_writable, write_text
 from lvforecast.budget.formulas import generation_flops
 from lvforecast.budget.planning import GenerationPlan, Pricing
 from lvforecast.budget.reservation import Reservation
-from lvforecast.budget.shapes import ALPHABET_SIZE, int_at_least, is_finite_number
+from lvforecast.budget.shapes import ALPHABET_SIZE, HEADS
 from lvforecast.data.encoding import VARIABLES
 from lvforecast.data.split import EvaluationInputs
 from lvforecast.errors import UserError
+from lvforecast.evaluation.metrics import POINT_METRICS
 from lvforecast.threads import resolve_threads, torch_threads
+from lvforecast.validate import int_at_least, is_finite_number
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +107,10 @@ def validate_evaluate_config(cfg: DictConfig) -> None:
         problems.append(f"forecast.top_p={fc.get('top_p')!r}: must be a number in (0, 1]")
     if not isinstance(fc.get("constrained"), bool):
         problems.append(f"forecast.constrained={fc.get('constrained')!r}: must be true or false")
-    if fc.get("head") not in ("alphabet", "full"):
-        problems.append(f"forecast.head={fc.get('head')!r}: allowed 'alphabet', 'full'")
+    if fc.get("head") not in HEADS:
+        problems.append(f"forecast.head={fc.get('head')!r}: allowed {', '.join(map(repr, HEADS))}")
     if fc.get("decoder") not in ("loop", "generate"):
         problems.append(f"forecast.decoder={fc.get('decoder')!r}: allowed 'loop', 'generate'")
-    lookahead = fc.get("lookahead", 0)
-    if not int_at_least(lookahead, 0):
-        problems.append(f"forecast.lookahead={lookahead!r}: must be an integer >= 0 (0: one token per decode pass)")
-    elif lookahead and not (fc.get("constrained") is True and fc.get("decoder") == "loop"
-                            and fc.get("num_samples") == 1):
-        problems.append(f"forecast.lookahead={lookahead}: needs constrained greedy decoding with the loop "
-                        f"(forecast.constrained=true, forecast.decoder=loop, forecast.num_samples=1)")
     examples = cfg.get("examples") or []
     bad = [e for e in examples if not int_at_least(e, 0)]
     if bad:
@@ -278,14 +273,12 @@ def _generation_plan(cfg: DictConfig, source: _Source, inputs: EvaluationInputs)
     fc = cfg.forecast
     # Constrained decoding with the loop scores the alphabet's rows only, whichever head the adapter trained with.
     head_rows = ALPHABET_SIZE if fc.constrained and fc.head == "alphabet" and fc.decoder == "loop" else None
-    # Lookahead's worst case (one token kept per pass of k + 1 positions) bounds what it charges.
-    lookahead = int(fc.get("lookahead", 0))
     # The real tokenizer's counts where the model config states one (Qwen2.5), else characters (= tokens).
     batches = planned_batches(token_counts(source.model, list(inputs.prompts)), horizon_steps=int(fc.horizon_steps),
                               max_int_digits=int(fc.max_int_digits), decimals=inputs.decimals,
                               num_samples=int(fc.num_samples), batch_size=int(fc.batch_size))
     total = sum(generation_flops(pricing.shape, rows, prompt_len, new, pricing.lora, pricing.conventions,
-                                 kv_cache=True, prefill_logits="last", head_rows=head_rows, lookahead=lookahead)
+                                 kv_cache=True, prefill_logits="last", head_rows=head_rows)
                 for rows, prompt_len, new in batches)
     return _PricedPlan(GenerationPlan(rows=sum(rows for rows, _, _ in batches), total=total), pricing)
 
@@ -450,14 +443,13 @@ def _write(cfg: DictConfig, out: Path, source: _Source, inputs: EvaluationInputs
 def _write_per_system(path: Path, inputs: EvaluationInputs, classes: list[str], methods: dict[str, Any],
                       steps_parsed: list[int]) -> None:
     """One row per system and method: class, scale, parsed steps (model) and encoded point metrics."""
-    keys = ("mse", "rmse", "mae", "mape")
     with atomic_writer(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["system", "class", "scale", "method", "steps_parsed"]
-                        + [f"{k}_{v}_encoded" for k in keys for v in VARIABLES])
+                        + [f"{k}_{v}_encoded" for k in POINT_METRICS for v in VARIABLES])
         for i, system in enumerate(inputs.systems):
             for method, m in methods.items():
                 per = m["encoded"]["per_system"]
                 parsed = steps_parsed[i] if method == "model" else ""
                 writer.writerow([system, classes[i], inputs.scales[i], method, parsed]
-                                + [per[k][i][j] for k in keys for j in range(2)])
+                                + [per[k][i][j] for k in POINT_METRICS for j in range(2)])

@@ -21,19 +21,17 @@ import logging
 import math
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from lvforecast.budget.shapes import HEADS
+from lvforecast.budget.shapes import HEADS, Head
 from lvforecast.data.datamodule import IGNORE_INDEX
 from lvforecast.data.encoding import ALPHABET
 from lvforecast.errors import UserError
 from lvforecast.model.lora import AlphabetHead, LogitBias, count_parameters, decoder_stack
-
-Head = Literal["full", "alphabet"]
 
 log = logging.getLogger(__name__)
 

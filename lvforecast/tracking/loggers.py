@@ -109,7 +109,7 @@ def wandb_problems(node: Any) -> list[str]:
 
 def timeout_problems(init_timeout_s: Any, finish_timeout_s: Any) -> list[str]:
     """What is wrong with ``logger.wandb.init_timeout_s`` / ``finish_timeout_s`` (empty when nothing)."""
-    from lvforecast.budget.shapes import is_finite_number as number
+    from lvforecast.validate import is_finite_number as number
 
     problems = []
     if not (number(init_timeout_s) and 0 < init_timeout_s <= MAX_INIT_TIMEOUT_S):

@@ -9,11 +9,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lvforecast.evaluation.metrics import TABLED_METRICS
 from lvforecast.tracking.loggers import finish_wandb, launch_group, recorded_group
 
 log = logging.getLogger(__name__)
 
-_POINT_METRICS = ("mse", "mae", "mape")
 _VARIABLES = ("prey", "predator")
 
 
@@ -40,11 +40,11 @@ def evaluation_table(summary: Mapping[str, Any]) -> tuple[list[str], list[list[A
     Returns:
         The column names and one row per method (``method`` first).
     """
-    columns = ["method"] + [f"{m}_{v}_{s}" for m in _POINT_METRICS for v in _VARIABLES for s in ("mean", "median")]
+    columns = ["method"] + [f"{m}_{v}_{s}" for m in TABLED_METRICS for v in _VARIABLES for s in ("mean", "median")]
     rows = []
     for method, units in summary["methods"].items():
         agg = units["encoded"]["all"]
-        rows.append([method] + [agg[m][v][s] for m in _POINT_METRICS for v in _VARIABLES for s in ("mean", "median")])
+        rows.append([method] + [agg[m][v][s] for m in TABLED_METRICS for v in _VARIABLES for s in ("mean", "median")])
     return columns, rows
 
 

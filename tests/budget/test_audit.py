@@ -1,14 +1,20 @@
 """Op-level audit vs the analytic accountant: equal to the FLOP, component by component, on real models."""
 
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import ROOT
 from torch import nn
 
-from lvforecast.budget.audit import FlopAudit, audit_forward, compare, price
+from lvforecast.budget.audit import FlopAudit, audit_forward, compare
 from lvforecast.budget.formulas import forward_flops, generation_flops
-from lvforecast.budget.shapes import BUILTIN, PROJECTIONS, Conventions, LoRASpec, shape_of
-from lvforecast.model.loading import build_tiny_qwen, load_smollm2
+from lvforecast.budget.pricing import price
+from lvforecast.budget.shapes import BUILTIN, PROJECTIONS, Conventions, LoRASpec, ModelShape, shape_of
+from lvforecast.cli import main
+from lvforecast.model.loading import build_tiny_qwen, load_smollm2, tiny_qwen_config
 from lvforecast.model.lora import LogitBias, apply_lora
 
 IMPLEMENTED = Conventions.as_implemented()
@@ -59,6 +65,11 @@ def test_price_table_on_single_ops():
     assert _priced(torch.mm, a, b).total == 3 * 4 * (2 * 5 - 1)
     assert _priced(torch.addmm, bias, a, b).total == 3 * 4 * 9 + 3 * 4
     assert _priced(torch.bmm, torch.randn(2, 3, 5), torch.randn(2, 5, 4)).total == 2 * 3 * 4 * 9
+    # 24 outputs of 5-term dot products (9 each), plus the added term (1) and beta, alpha != 1 (one multiply each).
+    assert _priced(lambda c, x, y: torch.baddbmm(c, x, y, beta=2, alpha=3), torch.randn(2, 3, 4),
+                   torch.randn(2, 3, 5), torch.randn(2, 5, 4)).total == 24 * (9 + 1 + 2)
+    assert _priced(torch.mv, a, torch.randn(5)).total == 3 * 9
+    assert _priced(torch.dot, torch.randn(5), torch.randn(5)).total == 9
     assert _priced(lambda x: torch.softmax(x, -1), a).total == 3 * (12 * 5 - 1)
     assert _priced(lambda x: x.pow(2).mean(-1), a).total == 15 + 3 * 5
     assert _priced(torch.rsqrt, a).total == 15 * 11
@@ -182,3 +193,69 @@ def test_smollm2_audit_equals_analytic_with_and_without_lora(smollm2):
     audited = audit_forward(model, ids, logit_bias=LogitBias(shape.vocab), loss_fn=token_loss_sum)
     analytic = forward_flops(shape, 2, 24, LoRASpec(rank=8, logit_bias=True), Conventions.as_implemented(True))
     assert_audit_equals_analytic(audited, analytic)
+
+
+# ---- lvforecast flops --audit -------------------------------------------------------------------------------
+
+#: A model the user brings: the tiny Qwen2's config.json, stored as a hub config would be (bfloat16 and all).
+AUDIT_ARGS = ["--batch", "2", "--seq-len", "9", "--lora-rank", "3", "--logit-bias", "--loss", "--head", "alphabet"]
+
+
+@pytest.fixture
+def tiny_config_dir(tmp_path):
+    config = {**tiny_qwen_config(64, 2, 4, 2, 128), "torch_dtype": "bfloat16", "architectures": ["Qwen2ForCausalLM"]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    expected = forward_flops(ModelShape.from_hf_config(config), 2, 9, LoRASpec(rank=3, logit_bias=True, head_rows=13),
+                             Conventions.as_implemented(count_loss=True))
+    return tmp_path, expected
+
+
+def _flops_audit(*argv):
+    return subprocess.run([sys.executable, "-m", "lvforecast", "flops", "--audit", *argv], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)
+
+
+def test_flops_audit_command_prints_equal_totals_and_parses_as_json(tiny_config_dir):
+    config_dir, expected = tiny_config_dir
+    proc = _flops_audit("--model", str(config_dir), *AUDIT_ARGS)
+    assert proc.returncode == 0, proc.stderr
+    (total,) = [line.split() for line in proc.stdout.splitlines() if line.startswith("total ")]
+    assert total[1:] == [f"{expected.total:,}", f"{expected.total:,}", "0"]
+    for name in ("lora_q_proj", "logit_bias", "loss", "lm_head"):
+        assert any(line.split()[0] == name for line in proc.stdout.splitlines()), name
+
+    proc = _flops_audit("--model", str(config_dir / "config.json"), *AUDIT_ARGS, "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["audited"]["total"] == report["analytic"]["total"] == expected.total
+    assert report["analytic"]["components"] == expected.as_dict()
+    assert report["differ"] == [] and report["unpriced"] == {} and report["free"]["rope_tables"] > 0
+
+
+def _one_flop_more_in_lm_head(result):
+    result.components["lm_head"] += 1
+
+
+def _an_unpriced_op(result):
+    result.unpriced["lm_head/aten.tanh.default"] += 1
+
+
+@pytest.mark.parametrize(("tamper", "rows", "message"), [
+    (_one_flop_more_in_lm_head, ["1", "1"], "differ on lm_head"),
+    (_an_unpriced_op, ["0", "0"], "ops without a price ran (lm_head/aten.tanh.default)"),
+])
+def test_flops_audit_exits_1_naming_what_differs(tiny_config_dir, monkeypatch, capsys, tamper, rows, message):
+    import lvforecast.budget.audit as audit
+
+    real = audit.audit_architecture
+
+    def tampered(*args, **kwargs):
+        result = real(*args, **kwargs)
+        tamper(result)
+        return result
+
+    monkeypatch.setattr(audit, "audit_architecture", tampered)
+    assert main(["flops", "--audit", "--model", str(tiny_config_dir[0]), *AUDIT_ARGS]) == 1
+    out, err = capsys.readouterr()
+    assert [line.split()[-1] for line in out.splitlines() if line.split()[0] in ("lm_head", "total")] == rows
+    assert message in err and err.count("error:") == 1

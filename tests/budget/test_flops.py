@@ -235,6 +235,7 @@ def test_cli_reads_a_config_file(tmp_path, capsys):
     (["--mask", "triangle"], "argument --mask: invalid choice: 'triangle'"),
     (["--lora-rank", "2", "--lora-targets", "qkv"], "lora.targets=['qkv']"),
     (["--logit-bias"], "--logit-bias needs --lora-rank >= 1"),
+    (["--audit", "--mask", "full", "--mode", "train"], "--mask full, --mode train: --audit measures one forward"),
 ])
 def test_cli_bad_input_exits_with_one_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

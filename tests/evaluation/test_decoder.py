@@ -12,12 +12,20 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lvforecast.budget.formulas import generation_flops
-from lvforecast.budget.shapes import BUILTIN, Conventions, LoRASpec
-from lvforecast.data.encoding import ALPHABET
+from lvforecast.budget.shapes import BUILTIN, HEADS, Conventions, LoRASpec
+from lvforecast.data.encoding import ALPHABET, encode_prompt
 from lvforecast.data.simulate import simulate_systems
-from lvforecast.evaluation.decoder import choose, compile_grammar
-from lvforecast.evaluation.grammar import START, Grammar
+from lvforecast.evaluation.decoder import (
+    AlphabetLogits,
+    LeanStep,
+    choose,
+    compile_grammar,
+    decode,
+    preallocated_cache,
+)
+from lvforecast.evaluation.grammar import START, Grammar, max_new_tokens_bound
 from lvforecast.model.loading import build_tiny_qwen
+from lvforecast.model.lora import decoder_stack
 
 CONTEXT, HORIZON = 12, 4
 DEFAULTS = instantiate(OmegaConf.load(CONF / "evaluate.yaml").forecast)
@@ -43,8 +51,25 @@ def peft_tiny():
 
 
 @pytest.fixture(scope="module")
+def peft_every_proj():
+    """An unmerged LoRA adapter on the attention projections and the MLP's up projection, all of which
+    :class:`LeanStep` calls itself."""
+    return tiny_with_adapter(seed=4, targets=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj"), scale=0.7,
+                             draw_seed=1)
+
+
+@pytest.fixture(scope="module")
 def series() -> np.ndarray:
     return simulate_systems(n_systems=5, seed=0).values
+
+
+def _padded_batch(lm, series, scales, context):
+    """Left-padded prompts of ``context - i`` steps for series ``i``: rows of different lengths."""
+    lm.tokenizer.padding_side = "left"
+    pairs = enumerate(zip(series, scales, strict=True))
+    prompts = [encode_prompt(s[:context - i], scale, 3) for i, (s, scale) in pairs]
+    enc = lm.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
 
 
 @pytest.mark.parametrize("max_int_digits,decimals", [(2, 3), (1, 0), (3, 1)])
@@ -105,7 +130,7 @@ def test_sampler_follows_the_softmax_and_hugging_faces_top_p():
 def test_alphabet_loop_greedy_equals_todays_full_vocabulary_generate(tiny, series):
     ref = forecast(tiny, series, SCALES, **REFERENCE)
     assert len(set(ref.prompt_tokens)) > 1
-    for head in ("alphabet", "full"):
+    for head in HEADS:
         res = forecast(tiny, series, SCALES, head=head, decoder="loop")
         assert res.texts == ref.texts and np.array_equal(res.values, ref.values)
         assert res.new_tokens == ref.new_tokens
@@ -170,17 +195,14 @@ def test_smollm2_alphabet_loop_equals_todays_generate(smollm2_dir):
     ref = forecast(lm, data, scales, **REFERENCE, **kwargs)
     res = forecast(lm, data, scales, **kwargs)
     assert len(set(res.prompt_tokens)) > 1  # left padding exercised
+    assert LeanStep.supports(decoder_stack(lm.model))  # Llama layers: the lean step, not the stack's forward
     assert res.texts == ref.texts and res.parse_failures == 0 and res.flops < ref.flops
     sampled = [forecast(lm, data, scales, num_samples=2, seed=3, head=head, **kwargs).texts
-               for head in ("alphabet", "full")]
+               for head in HEADS]
     assert sampled[0] == sampled[1]
 
 
 def test_decode_from_a_cache_holding_part_of_the_prompt(tiny, series):
-    from lvforecast.data.encoding import encode_prompt
-    from lvforecast.evaluation.decoder import AlphabetLogits, decode, preallocated_cache
-    from lvforecast.model.lora import decoder_stack
-
     grammar = compile_grammar(Grammar(max_int_digits=2, decimals=3), tiny.char_ids)
     ids = torch.tensor(tiny.tokenizer([encode_prompt(s[:CONTEXT], 0.5, 3) for s in series[:2]],
                                       add_special_tokens=False)["input_ids"])
@@ -193,3 +215,39 @@ def test_decode_from_a_cache_holding_part_of_the_prompt(tiny, series):
         decoder_stack(tiny.model)(input_ids=ids[:, :10], cache=cache, use_cache=True)
         resumed = decode(tiny.model, ids, mask, grammar, cache=cache, **kwargs)
     assert fresh.steps == resumed.steps and torch.equal(fresh.tokens, resumed.tokens)
+
+
+def test_lean_steps_equal_the_stack_forward(peft_every_proj, series):
+    """Four one-token lean steps after a padded prefill give the hidden states of one forward over it all."""
+    lm = peft_every_proj
+    ids, mask = _padded_batch(lm, series, SCALES, 12)
+    stack = decoder_stack(lm.model)
+    block = torch.tensor([[lm.char_ids[c] for c in "1.2,"]] * ids.shape[0])
+    full_ids, full_mask = torch.cat([ids, block], 1), torch.cat([mask, torch.ones_like(block)], 1)
+    position = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    p = ids.shape[1]
+    pad_bias = torch.zeros(full_mask.shape).masked_fill(full_mask == 0, float("-inf"))[:, None, None, :]
+    with torch.no_grad():
+        ref = stack(input_ids=full_ids, attention_mask=full_mask, position_ids=position).last_hidden_state[:, -4:]
+        cache = preallocated_cache(len(stack.layers), p + 4)
+        stack(input_ids=ids, attention_mask=mask, position_ids=position[:, :p], cache=cache, use_cache=True)
+        lean = LeanStep(stack, cache, int(position.max()) + 1)
+        out = torch.cat([lean(block[:, i:i + 1], position[:, p + i:p + i + 1], pad_bias[..., :p + i + 1])
+                         for i in range(4)], 1)
+    assert LeanStep.supports(stack) and (mask == 0).any()
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_stack_forward_steps_give_the_lean_steps_tokens(peft_every_proj, series):
+    """decode(lean=False), the path of models LeanStep does not support, on a model it does: the same tokens."""
+    lm = peft_every_proj
+    grammar = compile_grammar(Grammar(max_int_digits=2, decimals=3), lm.char_ids)
+    ids, mask = _padded_batch(lm, series, SCALES, 12)
+    kw = dict(horizon_steps=4, max_new_tokens=max_new_tokens_bound(4, Grammar(max_int_digits=2, decimals=3)),
+              end_id=lm.tokenizer.pad_token_id, sample=False, temperature=1.0, top_p=1.0,
+              logits_fn=AlphabetLogits(lm.model, grammar.token_ids, "alphabet", None))
+    with torch.no_grad():
+        lean = decode(lm.model, ids, mask, grammar, lean=True, **kw)
+        stack = decode(lm.model, ids, mask, grammar, lean=False, **kw)
+    assert (mask == 0).any() and lean.steps == stack.steps > 4
+    assert torch.equal(lean.tokens, stack.tokens)
