@@ -332,14 +332,11 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
             An :class:`EvaluationInputs`.
 
         Raises:
-            UserError: ``max_systems`` is not None or an integer >= 1, or the test split has no systems (checked
-                before any model loads; the tokenizer would otherwise fail on an empty batch).
+            UserError: The test split has no systems (checked before any model loads; the tokenizer would otherwise
+                fail on an empty batch). ``max_systems`` is checked with the rest of the config.
         """
         from lvforecast.data.trajectories import load_trajectories
 
-        if max_systems is not None and (not isinstance(max_systems, int) or isinstance(max_systems, bool)
-                                        or max_systems < 1):
-            raise UserError(f"max_systems={max_systems!r}: must be null (the whole test split) or an integer >= 1")
         self.prepare_data()  # a simulated file is generated here when missing
         traj = load_trajectories(self.path, min_steps=context_steps + horizon_steps,
                                  needed_by=f"forecast.context_steps={context_steps} + "

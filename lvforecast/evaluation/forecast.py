@@ -65,6 +65,7 @@ from lvforecast.evaluation.generation import (
     row_text,
 )
 from lvforecast.evaluation.grammar import Grammar, max_new_tokens_bound
+from lvforecast.validate import int_at_least, is_finite_number
 
 log = logging.getLogger(__name__)
 
@@ -129,34 +130,44 @@ def planned_batches(prompt_tokens: Sequence[int], *, horizon_steps: int, max_int
             for chunk in row_batches(len(prompt_tokens), num_samples, batch_size)]
 
 
-def _check_args(series: np.ndarray, scales: list[float], decimals: int, context_steps: int, horizon_steps: int,
-                batch_size: int, num_samples: int, temperature: float, top_p: float,
-                max_int_digits: int, head: str, decoder: str) -> Grammar:
-    """The grammar of these arguments; every problem with them raised at once."""
-    problems = []
+def settings_problems(prefix: str = "", *, context_steps: Any, horizon_steps: Any, batch_size: Any,
+                      num_samples: Any, max_int_digits: Any, temperature: Any, top_p: Any, head: Any, decoder: Any,
+                      constrained: Any = True, seed: Any = 0) -> list[str]:
+    """What is wrong with the forecaster's settings (``prefix``: ``forecast.`` when they come from the config)."""
+    problems = [f"{prefix}{key}={value!r}: must be an integer >= {low}" for key, value, low in (
+        ("context_steps", context_steps, 1), ("horizon_steps", horizon_steps, 1), ("batch_size", batch_size, 1),
+        ("num_samples", num_samples, 1), ("max_int_digits", max_int_digits, 1), ("seed", seed, 0))
+        if not int_at_least(value, low)]
+    if not (is_finite_number(temperature) and temperature > 0):
+        problems.append(f"{prefix}temperature={temperature!r}: must be a number > 0")
+    if not (is_finite_number(top_p) and 0 < top_p <= 1):
+        problems.append(f"{prefix}top_p={top_p!r}: must be a number in (0, 1]")
+    if not isinstance(constrained, bool):
+        problems.append(f"{prefix}constrained={constrained!r}: must be true or false")
     if head not in HEADS:
-        problems.append(f"head={head!r}: allowed {', '.join(map(repr, HEADS))}")
+        problems.append(f"{prefix}head={head!r}: allowed {', '.join(map(repr, HEADS))}")
     if decoder not in ("loop", "generate"):
-        problems.append(f"decoder={decoder!r}: allowed 'loop', 'generate'")
+        problems.append(f"{prefix}decoder={decoder!r}: allowed 'loop', 'generate'")
     elif decoder == "generate" and head == "alphabet":
-        problems.append("decoder='generate' scores the whole vocabulary: it needs head='full'")
+        problems.append(f"{prefix}decoder='generate' scores the whole vocabulary: it needs {prefix}head='full'")
+    return problems
+
+
+def _check_args(series: np.ndarray, scales: list[float], decimals: int, **settings: Any) -> Grammar:
+    """The grammar of these arguments; every problem with them (settings and data) raised at once."""
+    problems = settings_problems(**settings)
     if series.ndim != 3 or series.shape[2] != 2:
         problems.append(f"series has shape {series.shape}: expected (S, T, 2)")
-    elif not 1 <= context_steps <= series.shape[1]:
-        problems.append(f"context_steps={context_steps!r}: must be in [1, {series.shape[1]}] (series length)")
+    elif not 1 <= settings["context_steps"] <= series.shape[1]:
+        problems.append(f"context_steps={settings['context_steps']!r}: must be in [1, {series.shape[1]}] (series "
+                        f"length)")
     if series.ndim >= 1 and len(scales) != series.shape[0]:
         problems.append(f"scales has {len(scales)} entries: expected one per series ({series.shape[0]})")
-    for key, value, low in (("context_steps", context_steps, 1), ("horizon_steps", horizon_steps, 1),
-                            ("batch_size", batch_size, 1), ("num_samples", num_samples, 1), ("decimals", decimals, 0)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-            problems.append(f"{key}={value!r}: must be an integer >= {low}")
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        problems.append(f"temperature={temperature!r}: must be > 0")
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        problems.append(f"top_p={top_p!r}: must be in (0, 1]")
+    if not int_at_least(decimals, 0):
+        problems.append(f"decimals={decimals!r}: must be an integer >= 0")
     grammar = None
     try:
-        grammar = Grammar(max_int_digits=max_int_digits, decimals=decimals)
+        grammar = Grammar(max_int_digits=settings["max_int_digits"], decimals=decimals)
     except ValueError as err:
         problems.append(str(err))
     if problems:
@@ -303,8 +314,10 @@ def forecast(
     """
     series = np.asarray(series, dtype=np.float64)
     scales = [float(s) for s in scales]
-    grammar = _check_args(series, scales, decimals, context_steps, horizon_steps, batch_size, num_samples,
-                          temperature, top_p, max_int_digits, head, decoder)
+    grammar = _check_args(series, scales, decimals, context_steps=context_steps, horizon_steps=horizon_steps,
+                          batch_size=batch_size, num_samples=num_samples, max_int_digits=max_int_digits,
+                          temperature=temperature, top_p=top_p, head=head, decoder=decoder, constrained=constrained,
+                          seed=seed)
     encoded = _tokenized_prompts(tokenizer, series, scales, decimals, context_steps, max_int_digits)
     prompt_tokens = [len(ids) for ids in encoded]
     exceeds = trained_context_tokens is not None and max(prompt_tokens) > trained_context_tokens

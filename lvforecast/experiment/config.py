@@ -71,6 +71,35 @@ def check_train_config(cfg: DictConfig, start_step: int = 0) -> None:
         raise UserError("invalid config:\n  - " + "\n  - ".join(problems))
 
 
+def check_evaluate_config(cfg: DictConfig) -> None:
+    """Check a composed ``conf/evaluate.yaml`` before any data or weights load.
+
+    Raises:
+        UserError: Every problem at once (``max_systems``, a ``forecast`` key, ``examples``, ``threads``, W&B).
+    """
+    from lvforecast.evaluation.forecast import settings_problems
+    from lvforecast.threads import resolve_threads
+    from lvforecast.tracking.loggers import wandb_problems
+
+    problems = []
+    if cfg.get("max_systems") is not None and not _int_at_least(cfg.max_systems, 1):
+        problems.append(f"max_systems={cfg.max_systems!r}: must be null (the whole test split) or an integer >= 1")
+    fc = cfg.forecast
+    problems += settings_problems("forecast.", **{k: fc.get(k) for k in (
+        "context_steps", "horizon_steps", "batch_size", "num_samples", "max_int_digits", "temperature", "top_p",
+        "head", "decoder", "constrained", "seed")})
+    bad = [e for e in cfg.get("examples") or [] if not _int_at_least(e, 0)]
+    if bad:
+        problems.append(f"examples has {bad}: system ids must be integers >= 0")
+    try:
+        resolve_threads(cfg.threads, None, 1)
+    except ValueError as err:
+        problems.append(str(err))
+    problems += wandb_problems((cfg.get("logger") or {}).get("wandb"))
+    if problems:
+        raise UserError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
 def seed_problems(seed: Any) -> list[str]:
     """``seed`` must be an integer in [0, 2**32 - 1]: it seeds the run and every step's draws (``step_seed``)."""
     if _int_at_least(seed, 0) and seed <= SEED_MAX:

@@ -44,13 +44,13 @@ from lvforecast.atomic import atomic_writer, check_writable, write_text
 from lvforecast.budget.formulas import generation_flops
 from lvforecast.budget.planning import GenerationPlan, Pricing
 from lvforecast.budget.reservation import Reservation
-from lvforecast.budget.shapes import ALPHABET_SIZE, HEADS
+from lvforecast.budget.shapes import ALPHABET_SIZE
 from lvforecast.data.encoding import VARIABLES
 from lvforecast.data.split import EvaluationInputs
 from lvforecast.errors import UserError
 from lvforecast.evaluation.metrics import POINT_METRICS
-from lvforecast.threads import resolve_threads, torch_threads
-from lvforecast.validate import int_at_least, is_finite_number
+from lvforecast.experiment.config import check_evaluate_config
+from lvforecast.threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -85,47 +85,9 @@ class _Forecasts:
     by_method: dict[str, np.ndarray]
 
 
-def validate_evaluate_config(cfg: DictConfig) -> None:
-    """Check the evaluation's own keys before any data or weights load; one error lists every problem.
-
-    Raises:
-        UserError: ``max_systems``, a ``forecast`` key, ``examples`` or ``threads`` has an impossible value.
-    """
-    problems: list[str] = []
-    max_systems = cfg.get("max_systems")
-    if max_systems is not None and not int_at_least(max_systems, 1):
-        problems.append(f"max_systems={max_systems!r}: must be null (the whole test split) or an integer >= 1")
-    fc = cfg.forecast
-    for key in ("context_steps", "horizon_steps", "batch_size", "num_samples", "max_int_digits"):
-        if not int_at_least(fc.get(key), 1):
-            problems.append(f"forecast.{key}={fc.get(key)!r}: must be an integer >= 1")
-    if not int_at_least(fc.get("seed"), 0):
-        problems.append(f"forecast.seed={fc.get('seed')!r}: must be an integer >= 0")
-    if not (is_finite_number(fc.get("temperature")) and fc.temperature > 0):
-        problems.append(f"forecast.temperature={fc.get('temperature')!r}: must be a number > 0")
-    if not (is_finite_number(fc.get("top_p")) and 0 < fc.top_p <= 1):
-        problems.append(f"forecast.top_p={fc.get('top_p')!r}: must be a number in (0, 1]")
-    if not isinstance(fc.get("constrained"), bool):
-        problems.append(f"forecast.constrained={fc.get('constrained')!r}: must be true or false")
-    if fc.get("head") not in HEADS:
-        problems.append(f"forecast.head={fc.get('head')!r}: allowed {', '.join(map(repr, HEADS))}")
-    if fc.get("decoder") not in ("loop", "generate"):
-        problems.append(f"forecast.decoder={fc.get('decoder')!r}: allowed 'loop', 'generate'")
-    examples = cfg.get("examples") or []
-    bad = [e for e in examples if not int_at_least(e, 0)]
-    if bad:
-        problems.append(f"examples has {bad}: system ids must be integers >= 0")
-    try:
-        resolve_threads(cfg.threads, None, 1)
-    except ValueError as err:
-        problems.append(str(err))
-    if problems:
-        raise UserError("invalid config:\n  - " + "\n  - ".join(problems))
-
-
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation described by ``conf/evaluate.yaml`` and return its headline metrics."""
-    validate_evaluate_config(cfg)  # every bad key fails before anything is written or loaded
+    check_evaluate_config(cfg)  # every bad key fails before anything is written or loaded
     out = Path(cfg.paths.output_dir)
     check_writable(out)  # a read-only folder is named now, not after the forecasts were paid for
     source = _source(cfg)
@@ -148,7 +110,7 @@ def plan_generation(cfg: DictConfig, trained: DictConfig | None = None) -> int:
         trained: The composed train config of a run that does not exist yet: its model, data and LoRA rank price
             the generation. None: ``cfg`` itself (its ``run_dir``, or the untrained model).
     """
-    validate_evaluate_config(cfg)
+    check_evaluate_config(cfg)
     source = _source(cfg) if trained is None else _Source(model=trained.model, data=trained.data,
                                                            lora=trained.lora)
     return _generation_plan(cfg, source, _load(cfg, source)).plan.total

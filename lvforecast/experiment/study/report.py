@@ -19,6 +19,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lvforecast.atomic import save_figure, write_text
+from lvforecast.data.encoding import VARIABLES
+from lvforecast.evaluation.metrics import TABLED_METRICS
 from lvforecast.experiment.study.spec import Stage
 
 REPORT_MD, CURVES_PNG = "study_report.md", "loss_curves.png"
@@ -38,15 +40,15 @@ def _evaluations_table(stages: list[Stage], done: dict[str, dict[str, Any]]) -> 
             continue
         summary = json.loads(path.read_text())
         m = summary["methods"]["model"]["encoded"]["all"]
-        cells = [f"{_fmt(m[k][v]['mean'], '.4g')} / {_fmt(m[k][v]['median'], '.4g')}" for k in ("mse", "mae")
-                 for v in ("prey", "predator")]
+        cells = [f"{_fmt(m[k][v]['mean'], '.4g')} / {_fmt(m[k][v]['median'], '.4g')}" for k in TABLED_METRICS
+                 for v in VARIABLES]
         rows.append(f"| {stage.name} | {stage.of or 'untrained (zero-shot)'} | " + " | ".join(cells)
                     + f" | {summary['parse_failures']} | {summary['flops_generate']:.3e} |")
     if not rows:
         return []
     return ["", "## Evaluations (encoded units, mean / median over test systems)", "",
-            "| stage | model | MSE prey | MSE predator | MAE prey | MAE predator | parse failures | FLOPs |",
-            "|---|---|---:|---:|---:|---:|---:|---:|", *rows]
+            "| stage | model | " + " | ".join(f"{k.upper()} {v}" for k in TABLED_METRICS for v in VARIABLES)
+            + " | parse failures | FLOPs |", "|---|---|" + "---:|" * (2 * len(TABLED_METRICS) + 2), *rows]
 
 
 def _stage_section(out: Path, stage: Stage, record: dict[str, Any]) -> list[str]:
@@ -148,8 +150,6 @@ def _plot_forecasts(forecasts_png: Path, running_png: Path, evals: list[tuple[st
     """
     import numpy as np
     from matplotlib.figure import Figure
-
-    from lvforecast.data.encoding import VARIABLES
 
     loaded = [(name, np.load(path)) for name, path in evals]
     first = loaded[0][1]
