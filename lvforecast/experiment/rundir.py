@@ -212,16 +212,16 @@ def segments(previous: dict[str, Any] | None, start_step: int, ckpt_path: str | 
                     "status": previous["final"].get("budget_status")}]
     for seg in old:
         if seg.get("status") == RunStatus.RUNNING:
-            seg["status"] = RunStatus.INTERRUPTED
+            seg["status"] = RunStatus.INTERRUPTED.value
             seg["end_step"] = seg.get("end_step") if seg.get("end_step") is not None else start_step
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    return old + [{"start_step": start_step, "end_step": None, "status": RunStatus.RUNNING, "started": now,
+    return old + [{"start_step": start_step, "end_step": None, "status": RunStatus.RUNNING.value, "started": now,
                    "ended": None, "ckpt_path": ckpt_path}]
 
 
 def end_segment(segs: list[dict[str, Any]], end_step: int, status: str) -> None:
     """Close the last segment at ``end_step`` with ``status`` (``finished``, ``budget_exhausted``, ``failed``)."""
-    segs[-1].update(end_step=end_step, status=status, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    segs[-1].update(end_step=end_step, status=str(status), ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
 
 @dataclass

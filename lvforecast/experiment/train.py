@@ -247,8 +247,8 @@ def _fit_and_save(cfg: DictConfig, trainer: Any, module: Any, datamodule: Any, f
             module.save_adapter(str(tmp))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss", "val/loss")}
     metrics.update(final_train, global_step=trainer.global_step,
-                   budget_status=RunStatus.BUDGET_EXHAUSTED if flop_cb is not None and flop_cb.exhausted
-                   else RunStatus.FINISHED)
+                   budget_status=(RunStatus.BUDGET_EXHAUSTED if flop_cb is not None and flop_cb.exhausted
+                                  else RunStatus.FINISHED).value)  # a plain string for JSON and W&B
     if flop_cb is not None:
         metrics["flops/run"] = flop_cb.spent
     csv_path = run.out / "metrics.csv"
