@@ -1,7 +1,8 @@
 """Shared fixtures: the real conf/ composed with small overrides, a simulated data file, the tiny model.
 
-Test tiers: ``pytest -q`` runs everything; ``pytest -m "not slow"`` is the fast inner loop. ``slow`` marks
-subprocess multiruns, SIGKILL runs and (automatically, below) every ``smollm2`` test.
+Test tiers: plain ``pytest`` runs the fast tier; ``pytest -m ""`` (``make test``, CI) runs every tier. ``slow`` marks
+subprocesses, training runs beyond the shared tiny one and (automatically, below) every ``smollm2`` test; ``gpu``
+tests skip without CUDA.
 """
 
 from __future__ import annotations
@@ -26,10 +27,24 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Put every ``smollm2`` test in the slow tier: loading the 135M model takes seconds, dequantizing ~20 s."""
+    """Put every ``smollm2`` test in the slow tier (loading the 135M model takes seconds, dequantizing ~20 s), and
+    skip ``gpu`` tests on a machine without CUDA."""
+    import torch
+
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
     for item in items:
         if item.get_closest_marker("smollm2") is not None and item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One torch thread in the test process: the tiny models' steps are microseconds of work, and a second thread
+    only waits on the other core (decode steps ran 16x slower with 2 threads on 2 shared cores)."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -62,6 +62,7 @@ def test_a_cap_below_the_first_validation_and_step_is_refused_before_the_model_l
     assert not (tmp_path / "ledger.sqlite").exists()  # nothing reserved, nothing charged
 
 
+@pytest.mark.slow
 def test_a_cap_that_fits_the_first_edge_stops_within_it(sim_cache, tmp_path):
     cfg = compose_train(BASE, output_dir=tmp_path, cache_dir=sim_cache)
     step, val = 3 * _fwd(cfg), 2 * _fwd(cfg)
@@ -73,6 +74,7 @@ def test_a_cap_that_fits_the_first_edge_stops_within_it(sim_cache, tmp_path):
     assert ledger.remaining() >= 0
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_is_planned_and_charged_whole(sim_cache, tmp_path):
     # Was: the plan priced one micro-batch per step, so enforce stopped after a quarter of the steps.
     result, run, ledger, plan = _run(sim_cache, tmp_path, ["+trainer.accumulate_grad_batches=4",
@@ -85,6 +87,7 @@ def test_gradient_accumulation_is_planned_and_charged_whole(sim_cache, tmp_path)
     assert run["charged_flops"] == plan["total"] and plan["validations"] == 3
 
 
+@pytest.mark.slow
 def test_accumulation_in_track_mode_keeps_the_study_budget(sim_cache, tmp_path):
     # Was: track mode charged 284% of the study budget.
     cfg = compose_train(BASE, output_dir=tmp_path, cache_dir=sim_cache)
@@ -98,6 +101,7 @@ def test_accumulation_in_track_mode_keeps_the_study_budget(sim_cache, tmp_path):
     assert ledger.remaining() >= 0
 
 
+@pytest.mark.slow
 def test_a_fractional_interval_is_planned_as_lightning_runs_it(sim_cache, tmp_path):
     # Was: the plan counted 2 validations where 37 ran.
     result, run, ledger, plan = _run(sim_cache, tmp_path, ["callbacks=none", "trainer.max_steps=30",
@@ -133,6 +137,7 @@ def test_every_bad_budget_key_is_named_in_one_error_before_any_reservation(sim_c
     assert not (tmp_path / "ledger.sqlite").exists()
 
 
+@pytest.mark.slow
 def test_an_interval_longer_than_the_run_still_validates_the_final_weights(sim_cache, tmp_path):
     # Was: no validation after training, so the run's (and a sweep's) final val/loss was the untrained one.
     result, run, _, plan = _run(sim_cache, tmp_path, ["trainer.max_steps=4", "trainer.val_check_interval=100"])
@@ -164,6 +169,7 @@ def _series(out, key):
     return read_metrics_csv(out / "metrics.csv")[key]
 
 
+@pytest.mark.slow
 def test_resume_equals_an_unbroken_run(sim_cache, tmp_path):
     # Was: steps logged one late (21..30 for 20..29), the data order restarted and 30 steps were reserved.
     unbroken, first, resumed = tmp_path / "unbroken", tmp_path / "first", tmp_path / "resumed"
@@ -189,6 +195,7 @@ def test_resume_equals_an_unbroken_run(sim_cache, tmp_path):
     assert run["charged_flops"] == plan["total"]
 
 
+@pytest.mark.slow
 def test_resume_with_lora_dropout_draws_what_the_unbroken_run_drew(sim_cache, tmp_path):
     # With dropout the step's masks come from the RNG: reseeded per step from (seed, step), a resume after 6 steps
     # trains on exactly the masks the unbroken 10-step run used (a validation at step 5 consumes RNG in between).
@@ -204,6 +211,7 @@ def test_resume_with_lora_dropout_draws_what_the_unbroken_run_drew(sim_cache, tm
     assert [v for _, v in joined] == pytest.approx([v for _, v in full], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_at_or_past_max_steps_is_a_clear_error(tiny_run, sim_cache, tmp_path):
     # Was: max_steps at or below the checkpoint's step "finished" with 0 steps.
     ckpt = f"{tiny_run.out}/checkpoints/last.ckpt"  # step 4
@@ -213,6 +221,7 @@ def test_resume_at_or_past_max_steps_is_a_clear_error(tiny_run, sim_cache, tmp_p
         train(cfg)
 
 
+@pytest.mark.slow
 def test_resume_with_a_cosine_schedule_continues_its_rate(sim_cache, tmp_path):
     # Was: the first resumed step ran at the rate the first run ended on (0.0 at the end of its decay).
     common = RESUME + ["scheduler=cosine", "scheduler.warmup_steps=2"]
@@ -265,6 +274,7 @@ def test_two_ranks_share_one_budget_and_stop_after_the_same_step(sim_cache, tmp_
     assert info["budget"]["plan"]["world_size"] == 2 and info["final"]["global_step"] == k
 
 
+@pytest.mark.slow
 def test_plan_and_preflight_count_every_rank(sim_cache, tmp_path):
     # Was: each rank reserved the single-process plan and the pre-flight table undercounted by the rank count.
     from lvforecast.experiment.sweeps.plan import plan_sweep

@@ -43,6 +43,7 @@ def test_ledger_holds_exactly_what_ran(tiny_run):
     assert info["budget"]["plan"]["total"] == train_expected + val_expected
 
 
+@pytest.mark.slow
 def test_stops_one_step_before_overspending_and_never_after(sim_cache, tmp_path):
     shape_cfg = compose_train(RUN, output_dir=tmp_path, cache_dir=sim_cache)
     fwd = forward_flops(planning_shape(shape_cfg.model), 4, 96, LoRASpec(rank=4), Conventions()).total

@@ -127,6 +127,7 @@ def test_sampler_follows_the_softmax_and_hugging_faces_top_p():
     assert picked == set(torch.nonzero(kept).flatten().tolist())
 
 
+@pytest.mark.slow
 def test_alphabet_loop_greedy_equals_todays_full_vocabulary_generate(tiny, series):
     ref = forecast(tiny, series, SCALES, **REFERENCE)
     assert len(set(ref.prompt_tokens)) > 1
@@ -136,6 +137,7 @@ def test_alphabet_loop_greedy_equals_todays_full_vocabulary_generate(tiny, serie
         assert res.new_tokens == ref.new_tokens
 
 
+@pytest.mark.slow
 def test_peft_wrapped_model_with_logit_bias_greedy_identity(peft_tiny, series):
     gen = torch.Generator().manual_seed(5)
     full_bias = 2.0 * torch.randn(peft_tiny.model.get_output_embeddings().weight.shape[0], generator=gen)
@@ -150,6 +152,7 @@ def test_peft_wrapped_model_with_logit_bias_greedy_identity(peft_tiny, series):
     assert forecast(peft_tiny, series, SCALES).texts != ref.texts
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_the_same_with_either_head(peft_tiny, series):
     kwargs = dict(num_samples=3, temperature=1.3, top_p=0.95, batch_size=4)
     alpha = forecast(peft_tiny, series, SCALES, seed=7, **kwargs)
@@ -159,6 +162,7 @@ def test_seeded_sampling_is_the_same_with_either_head(peft_tiny, series):
     assert alpha.parse_failures == 0 and len(set(alpha.texts[:3])) > 1
 
 
+@pytest.mark.slow
 def test_alphabet_head_is_charged_fewer_flops(peft_tiny, series):
     full = forecast(peft_tiny, series, SCALES, **REFERENCE)
     alpha = forecast(peft_tiny, series, SCALES)
@@ -202,6 +206,7 @@ def test_smollm2_alphabet_loop_equals_todays_generate(smollm2_dir):
     assert sampled[0] == sampled[1]
 
 
+@pytest.mark.slow
 def test_decode_from_a_cache_holding_part_of_the_prompt(tiny, series):
     grammar = compile_grammar(Grammar(max_int_digits=2, decimals=3), tiny.char_ids)
     ids = torch.tensor(tiny.tokenizer([encode_prompt(s[:CONTEXT], 0.5, 3) for s in series[:2]],

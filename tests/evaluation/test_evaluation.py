@@ -46,6 +46,7 @@ def test_evaluate_a_tiny_run_end_to_end(tiny_run, sim_cache, tmp_path):
     assert spent == result["flops"] > 0
 
 
+@pytest.mark.slow
 def test_zero_shot_and_unconstrained_failures_are_counted(sim_cache, tmp_path):
     cfg = compose_eval(["model=tiny", "data=simulated", "max_systems=4", "forecast.constrained=false", "baselines=[]"],
                        tmp_path, sim_cache)
@@ -56,6 +57,7 @@ def test_zero_shot_and_unconstrained_failures_are_counted(sim_cache, tmp_path):
     assert "(zero-shot)" in metrics["model"]
 
 
+@pytest.mark.slow
 def test_a_trained_logit_bias_reaches_generation(sim_cache, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
@@ -82,6 +84,7 @@ def test_a_trained_logit_bias_reaches_generation(sim_cache, tmp_path, monkeypatc
         evaluate(compose_eval([f"run_dir={run}", "max_systems=2", "baselines=[]"], tmp_path / "eval2", sim_cache))
 
 
+@pytest.mark.slow
 def test_dry_run_plans_the_reservation_without_loading(sim_cache, tmp_path):
     overrides = ["model=tiny", "data=simulated", "max_systems=3", "baselines=[]"]
     dry = evaluate(compose_eval(overrides + ["budget.dry_run=true"], tmp_path / "dry", sim_cache))
@@ -125,6 +128,7 @@ def test_dry_run_prices_the_alphabet_head_of_constrained_decoding(sim_cache, tmp
     assert 0 < alpha < full["plan"]["generate_upper_bound"]
 
 
+@pytest.mark.slow
 def test_an_alphabet_head_runs_13_entry_bias_reaches_generation(sim_cache, tmp_path, monkeypatch):
     import torch
     from safetensors.torch import load_file, save_file

@@ -147,6 +147,7 @@ def test_unconstrained_tiny_failures_are_counted_and_nan_filled(tiny, series):
         assert np.isfinite(row[:n]).all() and np.isnan(row[n:]).all()
 
 
+@pytest.mark.slow
 def test_batched_left_padded_greedy_equals_one_at_a_time(tiny, series):
     # Different context lengths per series would need different prompts; vary the scale instead so the
     # encoded prompts have different token counts (one- vs two-digit integers) and padding is exercised.
@@ -160,6 +161,7 @@ def test_batched_left_padded_greedy_equals_one_at_a_time(tiny, series):
         assert single.texts[0] == batched.texts[i]
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_and_median_is_the_point_forecast(tiny, series):
     kwargs = dict(context_steps=CONTEXT, horizon_steps=HORIZON, num_samples=3, temperature=1.0, top_p=0.9,
                   batch_size=4)
@@ -172,6 +174,7 @@ def test_sampling_is_seeded_and_median_is_the_point_forecast(tiny, series):
     assert len(set(a.texts[:3])) > 1  # the three samples of one series differ
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head,head_rows", [("full", None), ("alphabet", 13)])
 def test_flops_charged_equal_generation_flops(tiny, series, head, head_rows):
     charges = []
@@ -185,6 +188,7 @@ def test_flops_charged_equal_generation_flops(tiny, series, head, head_rows):
     assert charges[0] == (expected, 2 * (prompt_len + new))
 
 
+@pytest.mark.slow
 def test_planned_batches_are_the_forecasters_batches_at_the_decode_bound(tiny, series):
     kwargs = dict(horizon_steps=HORIZON, max_int_digits=2, decimals=3, num_samples=2, batch_size=3)
     res = forecast(tiny.model, tiny.tokenizer, tiny.char_ids, series[:3], [0.5, 0.05, 0.5], context_steps=CONTEXT,

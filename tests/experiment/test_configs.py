@@ -126,6 +126,7 @@ def test_every_group_has_options():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_targets_import(group, option, tmp_path):
     cfg = compose_train([f"{group}={option}"], output_dir=tmp_path, cache_dir=tmp_path)
@@ -136,6 +137,7 @@ def test_option_composes_and_targets_import(group, option, tmp_path):
 
 @pytest.mark.parametrize(("config_name", "overrides"), BINDING_CASES,
                          ids=[f"{c}:{' '.join(o) or 'defaults'}" for c, o in BINDING_CASES])
+@pytest.mark.slow
 def test_every_target_node_binds_to_its_signature(config_name, overrides):
     cfg = _compose(config_name, overrides)
     assert any(True for _ in _target_nodes(cfg))
@@ -147,6 +149,7 @@ def test_every_target_node_binds_to_its_signature(config_name, overrides):
                                                 ("+data.context_lenght=96", "data.context_lenght"),
                                                 ("+callbacks.progress_bar.refresh_rat=2",
                                                  "callbacks.progress_bar.refresh_rat")])
+@pytest.mark.slow
 def test_a_misspelt_key_is_named_with_its_node(override, path):
     # A typo in a yaml file composes without complaint (`+key=` puts one in the same place); binding catches it.
     problems = binding_problems(_compose("train", [override]))

@@ -7,6 +7,7 @@ import pkgutil
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 import lvforecast
@@ -36,6 +37,7 @@ def test_the_package_has_the_sub_packages_it_documents():
     assert subpackages == {"data", "model", "budget", "evaluation", "experiment", "tracking"}
 
 
+@pytest.mark.slow
 def test_every_module_imports_without_touching_disk_network_or_gpu(tmp_path, tmp_path_factory):
     modules = _modules()
     assert len(modules) > 30  # the walk found the tree, not just the top package

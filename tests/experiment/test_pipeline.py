@@ -61,6 +61,7 @@ def test_adapter_reloads_to_identical_outputs(tiny_run):
     assert not torch.allclose(a, base_logits)  # the adapter learned something (lr 1e-2, 4 steps)
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_same_step(tiny_run, sim_cache, tmp_path):
     first = tiny_run.result
     cfg = compose_train(TINY_RUN + ["trainer.max_steps=6", "trainer.val_check_interval=2",
@@ -95,6 +96,7 @@ def test_missing_study_file_says_how_to_fix(tmp_path):
         train(cfg)
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_rank_is_refused(tiny_run, sim_cache, tmp_path):
     first = tiny_run.result
     cfg = compose_train(TINY_RUN + ["lora.r=2", "trainer.max_steps=6",

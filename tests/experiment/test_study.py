@@ -57,6 +57,7 @@ def test_a_bad_stage_is_one_error_naming_key_value_and_allowed():
     assert "method='random': allowed ['grid', 'halving']" in msg
 
 
+@pytest.mark.slow
 def test_a_study_over_its_budget_is_refused_before_any_stage(sim_cache, tmp_path):
     with pytest.raises(StudyRefusedError) as err:
         _study(["study=tiny", f"study_dir={tmp_path}", f"paths.cache_dir={sim_cache}", "study.budget_flops=1e9"])
@@ -64,6 +65,7 @@ def test_a_study_over_its_budget_is_refused_before_any_stage(sim_cache, tmp_path
     assert not (tmp_path / "ledger.sqlite").exists()  # nothing ran, nothing reserved
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not REAL_DATA.is_file(), reason=f"needs the study's file {REAL_DATA}")
 def test_coursework_dry_run_plans_every_stage_inside_1e17(tmp_path):
     result = _study(["study=coursework", f"study_dir={tmp_path}", f"paths.data_dir={REAL_DATA.parent}",

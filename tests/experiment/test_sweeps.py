@@ -128,6 +128,7 @@ def test_summarize_command_needs_a_sweep_directory(tmp_path, capsys):
     assert "no such directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_context_length_sweep_takes_lr_and_rank_from_best_from_or_overrides(tmp_path):
     _summary(tmp_path / "summary.csv", [{"job": 0, "optim.lr": 1e-4, "lora.r": 8, "data.context_length": 512,
                                          "final_val_loss": 0.66, "status": "finished"}])

@@ -322,6 +322,7 @@ def test_audit_equals_analytic_with_the_alphabet_head_on_smollm2(smollm2):
 # ---- (e) a tiny training run with model.head=alphabet ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_step_alphabet_run_trains_and_is_charged_at_the_alphabet_price(sim_cache, tmp_path):
     import sqlite3
 

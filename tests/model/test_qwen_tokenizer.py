@@ -15,6 +15,7 @@ def qwen_tok(tmp_path_factory):
     return load_qwen25_tokenizer(tmp_path_factory.mktemp("qwen-tokenizer"))
 
 
+@pytest.mark.slow
 def test_alphabet_ids_are_the_briefs(qwen_tok):
     # The brief: '0'..'9' are 15..24, '.' 13, ',' 11, ';' 26.
     expected = {**{str(d): 15 + d for d in range(10)}, ".": 13, ",": 11, ";": 26}
@@ -48,6 +49,7 @@ def test_table3_raw_values_to_the_studys_ids_exactly(qwen_tok):
     assert ids == [16, 13, 22, 15, 19, 11, 16, 13, 23, 24, 21, 26, 16, 13, 17, 24, 22, 11, 16, 13, 23, 23, 20]
 
 
+@pytest.mark.slow
 def test_cached_tokenizer_equals_a_fresh_conversion(tmp_path):
     first = load_qwen25_tokenizer(tmp_path)
     assert (tmp_path / "tokenizer.json").is_file()

@@ -86,6 +86,7 @@ def _run_dir(overrides: list[str]) -> str:
     return str(OmegaConf.select(cfg, "hydra.run.dir"))
 
 
+@pytest.mark.slow
 def test_two_runs_in_the_same_second_get_different_directories(tmp_path):
     # The default name is <time>_<pid>-<hex>; with the time frozen (the same second) the suffix still differs.
     frozen = f"hydra.run.dir={tmp_path}/outputs/train/2026-01-01_00-00-00_${{lv_unique:}}"
@@ -134,6 +135,7 @@ def test_a_multiruns_jobs_share_one_unique_sweep_directory(sim_cache, tmp_path):
     assert [r["status"] for r in runs] == ["finished", "finished"]
 
 
+@pytest.mark.slow
 def test_a_run_pointed_at_another_runs_directory_is_refused(run8, sim_cache, tmp_path):
     other = copy_run(run8, tmp_path / "other")
     before = digest(other)
@@ -180,6 +182,7 @@ def test_a_resume_from_its_own_checkpoint_may_use_its_directory(run8, sim_cache,
 # ---------------------------------------------------------------- 2. atomic artifacts
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_the_second_checkpoint_keeps_the_first(sim_cache, tmp_path, monkeypatch):
     out = tmp_path / "run"
     real_save, calls = torch.save, []
@@ -207,6 +210,7 @@ def test_a_full_disk_at_the_second_checkpoint_keeps_the_first(sim_cache, tmp_pat
     assert run["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_a_failed_run_info_write_keeps_the_previous_one(run8, sim_cache, tmp_path, monkeypatch):
     out = copy_run(run8, tmp_path / "run")
     before = (out / "run_info.json").read_bytes()
@@ -304,6 +308,7 @@ def test_the_adapter_folder_is_swapped_in_whole(run8, tmp_path):
 # ---------------------------------------------------------------- 3. resume keeps history
 
 
+@pytest.mark.slow
 def test_a_resume_in_the_same_directory_keeps_the_whole_history(run8, sim_cache, tmp_path):
     from lvforecast.utils import read_metrics_csv
 
@@ -356,6 +361,7 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+@pytest.mark.slow
 def test_a_truncated_checkpoint_is_named_not_unpickled(run8, sim_cache, tmp_path):
     ckpt = tmp_path / "last.ckpt"
     shutil.copy(run8 / "checkpoints" / "last.ckpt", ckpt)
@@ -416,6 +422,7 @@ BROKEN = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BROKEN))
 def test_a_broken_run_directory_file_is_named_by_evaluate(case, run8, sim_cache, tmp_path):
     name, breaks, expected = BROKEN[case]
@@ -430,6 +437,7 @@ def test_a_broken_run_directory_file_is_named_by_evaluate(case, run8, sim_cache,
     assert not (out / "ledger.sqlite").exists()  # refused before the generation FLOPs were reserved
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["config_not_yaml", "adapter_weights_torn"])
 def test_evaluate_py_prints_one_error_for_a_broken_run_directory(case, run8, sim_cache, tmp_path):
     name, breaks, expected = BROKEN[case]

@@ -145,6 +145,7 @@ TRAIN_KEYS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("override", "key", "allowed"), TRAIN_KEYS, ids=[c[0] for c in TRAIN_KEYS])
 def test_train_refuses_a_bad_key_before_loading(world, sim_cache, override, key, allowed):
     cfg, run = _train_cfg(world, sim_cache, override.split())
@@ -159,6 +160,7 @@ def test_train_refuses_a_bad_key_before_loading(world, sim_cache, override, key,
 # -- training: data that would train silently or crash ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_context_longer_than_every_series_is_refused_with_the_longest(world, sim_cache):
     from lvforecast.experiment.train import train
 
@@ -214,6 +216,7 @@ BAD_FILES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_FILES))
 def test_a_bad_data_file_is_refused_naming_file_and_key(world, sim_cache, case):
     from lvforecast.experiment.train import train
@@ -243,6 +246,7 @@ EVAL_KEYS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("override", "key", "allowed"), EVAL_KEYS, ids=[c[0] for c in EVAL_KEYS])
 def test_evaluate_refuses_a_bad_key_before_anything(world, sim_cache, override, key, allowed):
     from lvforecast.experiment.evaluate import evaluate
@@ -379,6 +383,7 @@ ENTRY = ["model=tiny", "data=simulated", "trainer=cpu", "logger=none", "trainer.
          "trainer.max_steps=2"]
 
 
+@pytest.mark.slow
 def test_train_py_seed_abc_prints_one_error_block(world, sim_cache):
     proc = _run(world, sim_cache, str(ROOT / "train.py"), *ENTRY, "seed=abc", "hydra.run.dir=outputs/run")
     first = assert_one_error(proc, "seed='abc'", "(the full traceback: rerun with HYDRA_FULL_ERROR=1)")
@@ -386,6 +391,7 @@ def test_train_py_seed_abc_prints_one_error_block(world, sim_cache):
     assert_kept(world, world["tmp"] / "outputs" / "run")
 
 
+@pytest.mark.slow
 def test_train_py_context_longer_than_every_series(world, sim_cache):
     proc = _run(world, sim_cache, str(ROOT / "train.py"), *ENTRY, "data.context_length=100000",
                 "hydra.run.dir=outputs/run")
@@ -393,6 +399,7 @@ def test_train_py_context_longer_than_every_series(world, sim_cache):
     assert_kept(world, world["tmp"] / "outputs" / "run")
 
 
+@pytest.mark.slow
 def test_train_py_one_system_file(world, sim_cache):
     path = _h5(world["tmp"] / "one.h5", n_systems=1)
     proc = _run(world, sim_cache, str(ROOT / "train.py"), *ENTRY, f"data.path={path}",
@@ -401,6 +408,7 @@ def test_train_py_one_system_file(world, sim_cache):
     assert_kept(world, world["tmp"] / "outputs" / "run")
 
 
+@pytest.mark.slow
 def test_evaluate_py_max_systems_minus_one(world, sim_cache):
     proc = _run(world, sim_cache, str(ROOT / "evaluate.py"), "model=tiny", "data=simulated", "max_systems=-1",
                 "hydra.run.dir=outputs/eval")

@@ -80,6 +80,7 @@ def load_step(ckpt: Path) -> int:
 # ------------------------------------------------------------------------------ in-process runs, real Lightning
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_mid_training_checkpoints_marks_interrupted_and_exits_128_plus_signal(sim_cache, tmp_path, capsys,
                                                                                   signum, code):
@@ -100,6 +101,7 @@ def test_signal_mid_training_checkpoints_marks_interrupted_and_exits_128_plus_si
     assert list(out.glob("checkpoints/.*tmp")) == []  # no temporary checkpoint left behind
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_from_its_checkpoint(sim_cache, tmp_path):
     first = tmp_path / "first"
     cfg = compose_train(LONG + killer(3, signal.SIGTERM), output_dir=first, cache_dir=sim_cache)
@@ -165,6 +167,7 @@ def test_a_failed_interrupt_checkpoint_keeps_the_previous_good_one(sim_cache, tm
     assert run["status"] == "interrupted"
 
 
+@pytest.mark.slow
 def test_a_requeued_slurm_job_resumes_from_its_run_directory(sim_cache, tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = compose_train(LONG + killer(3, signal.SIGTERM), output_dir=out, cache_dir=sim_cache)
@@ -292,6 +295,7 @@ def test_budget_cli_names_a_bad_ledger_path_and_the_fix(tmp_path, capsys, kind, 
     assert not (tmp_path / "report.md").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["text", "truncated", "damaged", "folder"])
 def test_training_names_a_bad_ledger_before_loading_weights(sim_cache, tmp_path, kind, monkeypatch):
     path, found = _bad_ledger(kind, tmp_path)
@@ -305,6 +309,7 @@ def test_training_names_a_bad_ledger_before_loading_weights(sim_cache, tmp_path,
     assert loaded == []  # refused before any weights loaded
 
 
+@pytest.mark.slow
 def test_train_py_with_a_text_file_ledger_prints_one_error_and_exits_1(sim_cache, tmp_path):
     path, _ = _bad_ledger("text", tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LVFORECAST_ROOT": str(tmp_path), "LVFORECAST_CACHE": str(sim_cache)}

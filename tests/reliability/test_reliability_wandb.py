@@ -207,6 +207,7 @@ def test_an_evaluation_with_no_server_continues_offline(sim_cache, tmp_path):
     ("logger.wandb.init_timeout_s=abc", "logger.wandb.init_timeout_s='abc': must be a number of seconds in (0, 30]"),
     ("logger.wandb.finish_timeout_s=0", "logger.wandb.finish_timeout_s=0: must be a number of seconds > 0"),
 ])
+@pytest.mark.slow
 def test_a_bad_timeout_is_one_message_naming_the_key(sim_cache, tmp_path, override, shown):
     run_dir = tmp_path / "run"
     proc = run_script("train.py", [*WANDB_RUN, override, f"hydra.run.dir={run_dir}", f"paths.cache_dir={sim_cache}",
@@ -258,6 +259,7 @@ def train_with_killed_service(tmp_path, sim_cache, after_step):
     return train(cfg), out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("after_step", [2, None], ids=["mid-run", "at-finish"])
 def test_a_lost_wandb_service_never_stops_the_run(sim_cache, tmp_path, caplog, after_step):
     import wandb

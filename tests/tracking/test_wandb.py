@@ -115,6 +115,7 @@ def tiny_wandb_run(sim_cache, tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_single_run_identity_config_and_summary(tiny_wandb_run):
     out, result = tiny_wandb_run
     (run_dir,) = offline_runs(out)
@@ -223,6 +224,7 @@ def test_multirun_jobs_get_their_own_runs_in_one_group_per_launch(sim_cache, tmp
     assert (read_run(eval_dir).job_type, read_run(eval_dir).group) == ("evaluate", "wbtest-2024-05-01_12-00-00")
 
 
+@pytest.mark.slow
 def test_sweep_summary_is_one_run_in_the_sweeps_group(tmp_path):
     from matplotlib.figure import Figure
 
@@ -260,6 +262,7 @@ def test_sweep_summary_is_one_run_in_the_sweeps_group(tmp_path):
 
 
 # ---- evaluation --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_evaluation_logs_metrics_plots_and_the_baselines_table(sim_cache, tmp_path):
     cfg = compose_eval(["model=tiny", "data=simulated", "max_systems=4", "baselines=[persistence,ar]",
                         "forecast.batch_size=4", "logger=wandb", "sweep_name=evalgroup"], tmp_path, sim_cache)
@@ -291,6 +294,7 @@ def test_evaluation_logs_metrics_plots_and_the_baselines_table(sim_cache, tmp_pa
         assert [math.nan if v is None else v for v in got[1:]] == pytest.approx(nan, nan_ok=True), got[0]
 
 
+@pytest.mark.slow
 def test_an_evaluation_joins_the_group_of_the_run_it_evaluates(tiny_wandb_run, sim_cache, tmp_path):
     out, _ = tiny_wandb_run
     evaluate(compose_eval([f"run_dir={out}", "max_systems=2", "baselines=[]", "forecast.batch_size=2",
