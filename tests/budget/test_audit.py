@@ -215,6 +215,7 @@ def _flops_audit(*argv):
                           text=True, cwd=ROOT, timeout=600)
 
 
+@pytest.mark.slow
 def test_flops_audit_command_prints_equal_totals_and_parses_as_json(tiny_config_dir):
     config_dir, expected = tiny_config_dir
     proc = _flops_audit("--model", str(config_dir), *AUDIT_ARGS)

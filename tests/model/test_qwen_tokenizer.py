@@ -23,6 +23,7 @@ def test_alphabet_ids_are_the_briefs(qwen_tok):
     assert set(expected) == set(ALPHABET)
 
 
+@pytest.mark.slow
 def test_special_tokens_sit_where_qwen25_puts_them(qwen_tok):
     assert qwen_tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [151643, 151644, 151645]
     assert (qwen_tok.pad_token_id, qwen_tok.eos_token_id) == (151643, 151645)
@@ -32,6 +33,7 @@ def test_special_tokens_sit_where_qwen25_puts_them(qwen_tok):
     assert qwen_tok("<|im_start|>user\n", add_special_tokens=False)["input_ids"] == [151644, 872, 198]
 
 
+@pytest.mark.slow
 def test_table2_raw_values_to_the_studys_ids_plus_the_missing_final_six(qwen_tok):
     # Table 2: raw (1.1335121, 1.1031258), (0.55542254, 1.2579137) -> x / 5 * 10 = 2x with 3 decimals.
     text = encode([[1.1335121, 1.1031258], [0.55542254, 1.2579137]], scale=0.5, decimals=3)
@@ -42,6 +44,7 @@ def test_table2_raw_values_to_the_studys_ids_plus_the_missing_final_six(qwen_tok
     assert len(text) == 23 and ids == table2 + [21]
 
 
+@pytest.mark.slow
 def test_table3_raw_values_to_the_studys_ids_exactly(qwen_tok):
     text = encode([[0.8521567, 0.9479834], [0.6482769, 0.94272685]], scale=0.5, decimals=3)
     assert text == "1.704,1.896;1.297,1.885"

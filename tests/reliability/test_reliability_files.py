@@ -149,6 +149,7 @@ def test_a_run_pointed_at_another_runs_directory_is_refused(run8, sim_cache, tmp
     assert len(assert_ledger_consistent(ledger)) == n_runs  # refused before anything was reserved
 
 
+@pytest.mark.slow
 def test_the_same_config_again_into_a_finished_run_is_refused(run8, sim_cache, tmp_path):
     other = copy_run(run8, tmp_path / "other")
     before = digest(other)

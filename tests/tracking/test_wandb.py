@@ -96,6 +96,7 @@ def test_a_bad_mode_fails_before_anything_loads(tmp_path):
     assert not (tmp_path / "wandb").exists()
 
 
+@pytest.mark.slow
 def test_the_run_reader_rejects_other_files(tmp_path):
     bogus = tmp_path / "run-x.wandb"
     bogus.write_bytes(b"not a run file at all")
@@ -135,6 +136,7 @@ def test_single_run_identity_config_and_summary(tiny_wandb_run):
     assert run.summary["flops/run"] > max(v for _, v in run.series("flops/run"))
 
 
+@pytest.mark.slow
 def test_single_run_history_steps_and_values(tiny_wandb_run):
     out, _ = tiny_wandb_run
     run = read_run(offline_runs(out)[0])
@@ -162,6 +164,7 @@ def test_single_run_history_steps_and_values(tiny_wandb_run):
         assert [v for _, v in run.series(key)] == pytest.approx([v for _, v in csv[key]], rel=1e-6), key
 
 
+@pytest.mark.slow
 def test_single_run_has_the_loss_curve_image(tiny_wandb_run):
     out, _ = tiny_wandb_run
     run_dir = offline_runs(out)[0]
