@@ -1,9 +1,12 @@
 """Run directories: unique names, one run per directory, and a resumed run's history kept.
 
-- ``${lv_unique:}`` (:func:`unique_suffix`): ``<pid>-<4 hex>``, appended to the time in Hydra's run and sweep
-  directory names (``conf/hydra/default.yaml``), so two runs started in the same second never share one.
-  Registered on import of :mod:`lvforecast.experiment`; cached per config like ``${now:}``, so a multirun's
-  jobs all see the same sweep directory.
+- ``${lv_run_name:}`` (:func:`run_name`), Hydra's run and sweep directory names (``conf/hydra/default.yaml``):
+  ``<time>_<pid>-<4 hex>`` for a process started alone, so two runs started in the same second never share one;
+  for the ranks of one ``srun`` or ``torchrun`` launch the id they all share (:func:`lvforecast.launch.launch_id`,
+  e.g. ``slurm1234.0``), so every rank resolves rank 0's directory (and finds its published reservation there).
+  ``${lv_unique:}`` (:func:`unique_suffix`) is its unique part alone. Both are registered on import of
+  :mod:`lvforecast.experiment` and cached per config like ``${now:}``, so a multirun's jobs all see the same sweep
+  directory.
 - :func:`claim` refuses (one :class:`~lvforecast.errors.UserError` naming the directory) a run pointed at a
   directory holding another run's files, unless it resumes that run (``ckpt_path`` inside it) or restarts the
   same configuration that stopped before its first checkpoint (a study continuing an interrupted job).
@@ -26,8 +29,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lvforecast.errors import UserError
+from lvforecast.launch import launch_id
 
 RESOLVER = "lv_unique"
+NAME_RESOLVER = "lv_run_name"
 # A directory holding any of these holds a run (what train() writes; metrics.csv comes from the CSV logger).
 RUN_FILES = ("config.yaml", "run_info.json", "metrics.csv", "split.json", "adapter", "checkpoints")
 # Keys a continuation of the same run may change (a resume raises max_steps and names its checkpoint).
@@ -35,12 +40,20 @@ CONTINUATION_KEYS = ("ckpt_path", "trainer.max_steps")
 
 
 def unique_suffix() -> str:
-    """``<pid>-<4 random hex digits>``: unique among runs started in the same second (``${lv_unique:}``)."""
-    return f"{os.getpid()}-{secrets.token_hex(2)}"
+    """``${lv_unique:}``: the launch id every rank shares, else ``<pid>-<4 random hex digits>``, unique among runs
+    started in the same second on one machine."""
+    return launch_id() or f"{os.getpid()}-{secrets.token_hex(2)}"
 
 
-if not OmegaConf.has_resolver(RESOLVER):
-    OmegaConf.register_new_resolver(RESOLVER, unique_suffix, use_cache=True)
+def run_name() -> str:
+    """``${lv_run_name:}``: the launch id every rank shares (no clock: ranks start on either side of a second),
+    else ``<time>_<pid>-<4 hex>``."""
+    return launch_id() or f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{unique_suffix()}"
+
+
+for _name, _fn in ((RESOLVER, unique_suffix), (NAME_RESOLVER, run_name)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn, use_cache=True)
 
 
 @dataclass(frozen=True)
@@ -117,7 +130,8 @@ def claim(cfg: DictConfig, out: Path) -> Claim:
         f"paths.output_dir={str(out)!r}: the directory already holds another run's files ({', '.join(found)}); "
         f"a run never writes into another run's directory. Allowed: an empty directory, or a resume of that "
         f"run (ckpt_path inside it). Fix: {resume}leave hydra.run.dir / paths.output_dir unset (each run gets "
-        f"a unique outputs/<task>/<time>_<pid>-<hex> directory) or choose a new one")
+        f"a unique outputs/<task>/<time>_<pid>-<hex> directory, or slurm<job>.<step> for the ranks of one srun) "
+        f"or choose a new one")
 
 
 def metrics_history(out: Path, upto_step: int) -> tuple[list[str], list[dict[str, str]]]:
