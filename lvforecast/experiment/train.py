@@ -38,6 +38,7 @@ from lvforecast.budget.reservation import Reservation
 from lvforecast.budget.shapes import Conventions, LoRASpec, ModelShape
 from lvforecast.errors import UserError
 from lvforecast.experiment import rundir
+from lvforecast.machine import check_machine
 from lvforecast.threads import resolve_threads, torch_threads
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # named by the config check).
     ckpt_step = resume_step(cfg.ckpt_path) if cfg.get("ckpt_path") and Path(cfg.ckpt_path).is_file() else 0
     validate_train_config(cfg)
+    if not cfg.budget.dry_run:  # the GPU and weights it needs, here (a plan may be made where the run will not go)
+        check_machine(cfg.model, trainer=cfg.trainer)
     # The CSV logger writes metrics.csv into the run dir beside our files; its warning about a non-empty
     # directory is expected here (rundir.install_history keeps or clears metrics.csv itself).
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
@@ -298,6 +301,7 @@ def _fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, run:
 
     from lvforecast.budget.callback import FlopBudget
     from lvforecast.budget.shapes import shape_of
+    from lvforecast.devices import describe_device
     from lvforecast.model.lora import apply_lora, expected_lora_parameters
     from lvforecast.tracking import finish_wandb, update_summary
     from lvforecast.utils import environment_record, instantiate_list, plot_loss_curve
@@ -340,6 +344,7 @@ def _fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, run:
         header, rows = rundir.metrics_history(out, run.start_step) if run.claim.kind == "resume" else ([], [])
         rundir.install_history(loggers, out, header, rows)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    run_info["environment"]["device"] = describe_device(trainer.strategy.root_device)  # what it trains on
     ok = False
     try:
         if lead:
