@@ -92,14 +92,14 @@ class StepProgressBar(TQDMProgressBar):
                       "{rate_noinv_fmt}{postfix}]"
     SHOWN = ("train/loss",)
 
+    def __init__(self, refresh_rate: int = 1) -> None:
+        super().__init__(refresh_rate=refresh_rate)
+
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         """Lightning's progress-bar metrics, with :data:`SHOWN` first (a host sync for each: call it at refresh)."""
         logged = trainer.callback_metrics
         shown = {k: float(logged[k]) for k in self.SHOWN if k in logged}
         return {**shown, **super().get_metrics(trainer, pl_module)}
-
-    def __init__(self, refresh_rate: int = 1) -> None:
-        super().__init__(refresh_rate=refresh_rate)
 
     def _step_based(self) -> bool:
         return self.trainer.max_steps is not None and self.trainer.max_steps > 0
@@ -126,7 +126,8 @@ class StepProgressBar(TQDMProgressBar):
         if bar is None or not self._should_update(step, bar.total):
             return
         bar.n = step
-        if step % trainer.log_every_n_steps == 0 or step == trainer.max_steps:  # the step that ended logged
+        every = trainer.log_every_n_steps
+        if (every and step % every == 0) or step == trainer.max_steps:  # the step that ended logged
             bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
         else:
             bar.refresh()
