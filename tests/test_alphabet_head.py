@@ -339,13 +339,10 @@ def test_two_step_alphabet_run_trains_and_is_charged_at_the_alphabet_price(sim_c
     with sqlite3.connect(tmp_path / "ledger.sqlite") as conn:
         charges = dict(((k, (f, s)) for k, f, s in
                         conn.execute("SELECT kind, SUM(flops), SUM(steps) FROM charges GROUP BY kind")))
-    # Every batch of this data is full windows of 96 tokens, 4 in training and data.val_batch_size in validation:
-    # train = 2 steps x 3 x forward, val = batches x forward.
+    # Every batch of this data is 4 full windows of 96 tokens: train = 2 steps x 3 x forward, val = batches x forward.
     assert charges["train"] == (2 * 3 * fwd, 2)
     val_flops, val_batches = charges["val"]
-    val_fwd = forward_flops(shape, cfg.data.val_batch_size, 96, LoRASpec(rank=4, logit_bias=True, head_rows=13),
-                            Conventions()).total
-    assert val_batches > 0 and val_flops == val_batches * val_fwd
+    assert val_batches > 0 and val_flops == val_batches * fwd
     assert result["flops/run"] == 2 * 3 * fwd + val_flops
     info = json.loads((tmp_path / "run_info.json").read_text())
     assert info["budget"]["plan"]["train_step"] == 3 * fwd

@@ -20,8 +20,7 @@ from lvforecast.budget.shapes import Conventions, LoRASpec
 from lvforecast.experiment.train import train
 from lvforecast.utils import read_metrics_csv
 
-# Validation batches of 4 windows, as the training batches: the caps below are worked out in forwards of (4, 96).
-BASE = TINY_RUN + ["data.val_batch_size=4", "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1"]
+BASE = TINY_RUN + ["trainer.limit_val_batches=2", "trainer.log_every_n_steps=1"]
 
 
 def _fwd(cfg) -> int:
