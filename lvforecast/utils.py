@@ -50,7 +50,10 @@ def git_sha(cwd: str | Path = ".") -> str | None:
 
 
 def environment_record() -> dict[str, Any]:
-    """Versions and device facts worth keeping with every run."""
+    """Versions and machine facts worth keeping with every run.
+
+    The device the work ran on is not here: only the run knows it (``train()`` adds the trainer's root device).
+    """
     import peft
     import pytorch_lightning
     import torch
@@ -65,7 +68,8 @@ def environment_record() -> dict[str, Any]:
         "transformers": transformers.__version__,
         "peft": peft.__version__,
         "pytorch_lightning": pytorch_lightning.__version__,
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.machine()})",
+        "machine": platform.machine(),
+        "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
         "cpu_threads": torch.get_num_threads(),
         "git_sha": git_sha(Path(__file__).parent),
     }

@@ -95,6 +95,7 @@ TINY_RUN = [
     "logger=csv",
     "trainer=cpu",
     "trainer.enable_progress_bar=false",
+    "data.val_batch_size=4",       # validation batches of 4 windows, as training's: tests price them as (4, 96)
     "trainer.limit_val_batches=2",
     "optim.lr=1e-2",
 ]

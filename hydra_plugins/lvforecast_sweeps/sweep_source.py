@@ -106,6 +106,9 @@ class SweepsSearchPath(SearchPathPlugin):
                 continue
             directory = sweeps_dir(Path(path))
             if directory is not None:
+                # The resolvers conf/ uses (${lv_run_name:}, ${lv_precision:}, ${lv_val_batches:}) are registered
+                # wherever it is composed: the entry points, a test's compose(), a study's job configs.
+                import lvforecast.experiment  # noqa: F401
                 search_path.append(provider="lvforecast-sweeps", path=f"lvsweeps://{directory}")
                 studies = Path(path).resolve().parent / "studies"
                 if studies.is_dir():

@@ -49,8 +49,8 @@ def pretrained_shape(name_or_path: str) -> ModelShape:
         return ModelShape.from_hf_config(AutoConfig.from_pretrained(name_or_path, local_files_only=True))
     except OSError as err:
         raise UserError(
-            f"model.loader.name_or_path={name_or_path!r}: its config is not cached, so the FLOP plan cannot be "
-            f"made before loading; download it first or point at a local directory"
+            f"model.source={name_or_path!r}: its config is not cached, so the FLOP plan cannot be made before "
+            f"loading; download it first (hf download {name_or_path}) or point model.source at a local directory"
         ) from err
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from lvforecast.budget.ledger import Ledger, RunOutcome
 from lvforecast.budget.planning import Pricing
+from lvforecast.launch import launch_token  # what ties a published reservation to this launch
 
 
 @dataclass(frozen=True)
@@ -87,13 +88,6 @@ class Reservation:
 # Lightning's own launcher starts later inherit.
 LEADER_FILE = "reservation.json"
 LEADER_ENV = "LVFORECAST_LEADER_RESERVATION"
-# What ties a published file to this launch: the scheduler's job (or torchrun's run) id; none on a bare machine.
-LAUNCH_ENVS = ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID")
-
-
-def launch_token() -> str:
-    """The id of this launch from the scheduler's environment ("" when there is none)."""
-    return next((os.environ[k] for k in LAUNCH_ENVS if os.environ.get(k)), "")
 
 
 def publish(out: Path, run_id: int | None, reserved: int, refused: str | None = None) -> None:

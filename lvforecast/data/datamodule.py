@@ -34,6 +34,9 @@ from lvforecast.errors import UserError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+# Batches in page-locked memory where a GPU may train on them: a copy from pageable memory to the GPU first waits for
+# every kernel already queued (a host sync in every step); from pinned memory it is queued like a kernel.
+_PIN = torch.cuda.is_available()
 
 
 def window_starts(boundaries: Sequence[int], n_tokens: int, context_length: int, stride_steps: int) -> list[int]:
@@ -144,7 +147,9 @@ def build_windows(series: Sequence[EncodedSeries], context_length: int, stride_s
 
 
 class PadCollator:
-    """Right-pads a list of windows into a batch: ``input_ids``, ``attention_mask``, ``labels`` (B, T)."""
+    """Right-pads a list of windows into a batch: ``input_ids``, ``attention_mask``, ``labels`` (B, T), and
+    ``padded``, whether any row was padded (a host bool: the model is given no attention mask without padding, so it
+    never asks the device whether the mask has a zero, a host sync in every step)."""
 
     def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = pad_token_id
@@ -158,7 +163,8 @@ class PadCollator:
             ids[row, :n] = it["input_ids"]
             mask[row, :n] = 1
         labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        padded = any(len(it["input_ids"]) < length for it in items)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "padded": padded}
 
 
 def pad_share(dataset: WindowDataset, context_length: int) -> float:
@@ -420,7 +426,7 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
     def _loader(self, dataset: WindowDataset, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(
             dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-            collate_fn=PadCollator(self.tokenizer.pad_token_id), drop_last=False,
+            collate_fn=PadCollator(self.tokenizer.pad_token_id), drop_last=False, pin_memory=_PIN,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -434,7 +440,7 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
             self._sampler_state = None
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=self.train_sampler,
                           num_workers=self.num_workers, collate_fn=PadCollator(self.tokenizer.pad_token_id),
-                          drop_last=False)
+                          drop_last=False, pin_memory=_PIN)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Counted when a batch is about to be trained on, not when the loader prefetches it.

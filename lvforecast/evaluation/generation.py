@@ -43,7 +43,9 @@ class AddLogitBias(LogitsProcessor):
         if scores.shape[-1] != self.bias.shape[0]:
             raise UserError(f"logit bias has {self.bias.shape[0]} entries but the model scores {scores.shape[-1]} "
                              f"tokens: the adapter was trained on another base model")
-        return scores + self.bias.to(device=scores.device, dtype=scores.dtype)
+        if self.bias.device != scores.device or self.bias.dtype != scores.dtype:  # once, not at every step
+            self.bias = self.bias.to(device=scores.device, dtype=scores.dtype)
+        return scores + self.bias
 
 
 def full_and_alphabet_bias(bias: torch.Tensor | None, vocab: int, char_ids: dict[str, int]

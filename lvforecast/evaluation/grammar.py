@@ -126,14 +126,15 @@ class LLMTimeLogitsProcessor(LogitsProcessor):
         self._states: list[tuple[tuple[int, int, int, bool], int]] = []  # (grammar state, steps done)
         self._seen = -1
 
-    def _allowed_ids(self, state: tuple[int, int, int, bool], steps: int) -> torch.Tensor:
-        key = ("done",) if steps >= self.horizon_steps else state
+    def _allowed_ids(self, state: tuple[int, int, int, bool], steps: int, device: torch.device) -> torch.Tensor:
+        # Kept on the scores' device: a copy to the GPU for every row at every step would stall the decode.
+        key = (("done",) if steps >= self.horizon_steps else state, device)
         if key not in self._allowed_cache:
             if steps >= self.horizon_steps:
                 ids = [self.end_id]
             else:
                 ids = [self.char_ids[c] for c in self.grammar.allowed(state)]
-            self._allowed_cache[key] = torch.tensor(ids, dtype=torch.long)
+            self._allowed_cache[key] = torch.tensor(ids, dtype=torch.long, device=device)
         return self._allowed_cache[key]
 
     def _step(self, state_steps: tuple[tuple[int, int, int, bool], int], token: int):
@@ -168,7 +169,7 @@ class LLMTimeLogitsProcessor(LogitsProcessor):
         """Return ``scores`` (B, V) with every disallowed id set to ``-inf``."""
         out = torch.full_like(scores, -math.inf)
         for row, (state, steps) in enumerate(self.row_states(input_ids)):
-            ids = self._allowed_ids(state, steps).to(scores.device)
+            ids = self._allowed_ids(state, steps, scores.device)
             out[row, ids] = scores[row, ids]
         return out
 

@@ -75,13 +75,15 @@ def check_evaluate_config(cfg: DictConfig) -> None:
     """Check a composed ``conf/evaluate.yaml`` before any data or weights load.
 
     Raises:
-        UserError: Every problem at once (``max_systems``, a ``forecast`` key, ``examples``, ``threads``, W&B).
+        UserError: Every problem at once (``device``, ``max_systems``, a ``forecast`` key, ``examples``, ``threads``,
+            W&B).
     """
+    from lvforecast.devices import device_problems
     from lvforecast.evaluation.forecast import settings_problems
     from lvforecast.threads import resolve_threads
     from lvforecast.tracking.loggers import wandb_problems
 
-    problems = []
+    problems = device_problems(cfg.get("device"))
     if cfg.get("max_systems") is not None and not _int_at_least(cfg.max_systems, 1):
         problems.append(f"max_systems={cfg.max_systems!r}: must be null (the whole test split) or an integer >= 1")
     fc = cfg.forecast

@@ -47,9 +47,11 @@ from lvforecast.budget.reservation import Reservation
 from lvforecast.budget.shapes import ALPHABET_SIZE
 from lvforecast.data.encoding import VARIABLES
 from lvforecast.data.split import EvaluationInputs
+from lvforecast.devices import describe_device, resolve_device
 from lvforecast.errors import UserError
 from lvforecast.evaluation.metrics import POINT_METRICS
 from lvforecast.experiment.config import check_evaluate_config
+from lvforecast.machine import check_machine
 from lvforecast.threads import torch_threads
 
 log = logging.getLogger(__name__)
@@ -77,12 +79,13 @@ class _PricedPlan:
 
 @dataclass(frozen=True)
 class _Forecasts:
-    """The model's forecast, its name and wall time, and every method's raw forecasts (S, H, 2)."""
+    """The model's forecast, its name and wall time, every method's raw forecasts (S, H, 2), the device it ran on."""
 
     result: Any
     model_name: str
     seconds: float
     by_method: dict[str, np.ndarray]
+    device: str
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -91,6 +94,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     check_writable(out)  # a read-only folder is named now, not after the forecasts were paid for
     source = _source(cfg)
+    if not cfg.budget.dry_run:  # the GPU and the weights it needs, here (a study's plan may be made elsewhere)
+        check_machine(source.model, device=cfg.device)
     inputs = _load(cfg, source)
     priced = _generation_plan(cfg, source, inputs)
     if cfg.budget.dry_run:
@@ -293,7 +298,8 @@ def _forecast(cfg: DictConfig, source: _Source, inputs: EvaluationInputs,
                 raise UserError(f"{adapter}: the adapter does not load onto {loaded.name} "
                                 f"({type(err).__name__}: {_first_line(err)}); it must be this run's own adapter/ "
                                 f"(its config.yaml names the base model); {_RETRAIN}") from err
-        model.eval()
+        model = model.to(resolve_device(cfg.device)).eval()  # every decoder tensor follows the model's device
+        device = describe_device(next(model.parameters()).device)
         result = forecaster(
             model, loaded.tokenizer, loaded.char_ids, inputs.series, list(inputs.scales), decimals=inputs.decimals,
             trained_context_tokens=source.trained_context_tokens,
@@ -304,7 +310,7 @@ def _forecast(cfg: DictConfig, source: _Source, inputs: EvaluationInputs,
     for name in cfg.baselines:
         by_method[name] = BASELINES[name](inputs.context, inputs.time, inputs.horizon_steps)
     name = loaded.name + (f" + adapter {cfg.run_dir}" if cfg.run_dir else " (zero-shot)")
-    return _Forecasts(result=result, model_name=name, seconds=seconds, by_method=by_method)
+    return _Forecasts(result=result, model_name=name, seconds=seconds, by_method=by_method, device=device)
 
 
 def _logit_bias(run: Path, lora_cfg: DictConfig, char_ids: dict[str, int]) -> Any:
@@ -362,6 +368,7 @@ def _summary(cfg: DictConfig, source: _Source, inputs: EvaluationInputs, forecas
                           "trained_context_tokens": source.trained_context_tokens},
         "flops_generate": int(result.flops),
         "forecast_seconds": round(forecasts.seconds, 2),
+        "device": forecasts.device,
         "methods": {k: {u: v[u]["aggregate"] for u in ("encoded", "original")} for k, v in metrics["methods"].items()},
     }
     if result.samples is not None:

@@ -79,7 +79,10 @@ class StepProgressBar(TQDMProgressBar):
     """A tqdm progress bar whose training bar counts optimizer steps of ``max_steps``, across epochs.
 
     The training bar reads ``step 40/150 ...`` rather than ``Epoch 0``: one bar for the whole run, from the step
-    a resumed run starts at. An epoch-based run (``max_steps: -1``) gets Lightning's per-epoch bar.
+    a resumed run starts at. An epoch-based run (``max_steps: -1``) gets Lightning's per-epoch bar. The metrics it
+    shows, Lightning's progress-bar metrics and :data:`SHOWN` (logged without ``prog_bar``, which would make Lightning
+    convert them after every batch), are read only after a step that logged them (``trainer.log_every_n_steps``):
+    reading a logged tensor is a host sync, and between logging steps there is nothing new to read.
 
     Args:
         refresh_rate: Update the bars every this many steps (batches, for the validation bar).
@@ -87,9 +90,16 @@ class StepProgressBar(TQDMProgressBar):
 
     STEP_BAR_FORMAT = "step {n_fmt}/{total_fmt} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}, " \
                       "{rate_noinv_fmt}{postfix}]"
+    SHOWN = ("train/loss",)
 
     def __init__(self, refresh_rate: int = 1) -> None:
         super().__init__(refresh_rate=refresh_rate)
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Lightning's progress-bar metrics, with :data:`SHOWN` first (a host sync for each: call it at refresh)."""
+        logged = trainer.callback_metrics
+        shown = {k: float(logged[k]) for k in self.SHOWN if k in logged}
+        return {**shown, **super().get_metrics(trainer, pl_module)}
 
     def _step_based(self) -> bool:
         return self.trainer.max_steps is not None and self.trainer.max_steps > 0
@@ -113,9 +123,14 @@ class StepProgressBar(TQDMProgressBar):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             return
         step, bar = trainer.global_step, self.train_progress_bar
-        if bar is not None and self._should_update(step, bar.total):
-            bar.n = step
+        if bar is None or not self._should_update(step, bar.total):
+            return
+        bar.n = step
+        every = trainer.log_every_n_steps
+        if (every and step % every == 0) or step == trainer.max_steps:  # the step that ended logged
             bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
+        else:
+            bar.refresh()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._step_based():

@@ -3,10 +3,13 @@
 :class:`RunDir` is a training run's directory as the run sees it: it owns the claim, ``config.yaml``,
 ``run_info.json`` with its segments, and the metrics history; only the lead process (rank 0) writes.
 
-- ``${lv_unique:}`` (:func:`unique_suffix`): ``<pid>-<4 hex>``, appended to the time in Hydra's run and sweep
-  directory names (``conf/hydra/default.yaml``), so two runs started in the same second never share one.
-  Registered on import of :mod:`lvforecast.experiment`; cached per config like ``${now:}``, so a multirun's
-  jobs all see the same sweep directory.
+- ``${lv_run_name:}`` (:func:`run_name`), Hydra's run and sweep directory names (``conf/hydra/default.yaml``):
+  ``<time>_<pid>-<4 hex>`` for a process started alone, so two runs started in the same second never share one;
+  for the ranks of one ``srun`` or ``torchrun`` launch the id they all share (:func:`lvforecast.launch.launch_id`,
+  e.g. ``slurm1234.0``), so every rank resolves rank 0's directory (and finds its published reservation there).
+  ``${lv_unique:}`` (:func:`unique_suffix`) is its unique part alone. Both are registered on import of
+  :mod:`lvforecast.experiment` and cached per config like ``${now:}``, so a multirun's jobs all see the same sweep
+  directory.
 - :func:`claim` refuses (one :class:`~lvforecast.errors.UserError` naming the directory) a run pointed at a
   directory holding another run's files, unless it resumes that run (``ckpt_path`` inside it) or restarts the
   same configuration that stopped before its first checkpoint (a study continuing an interrupted job).
@@ -31,8 +34,10 @@ from omegaconf import DictConfig, OmegaConf
 from lvforecast.atomic import atomic_writer, write_text
 from lvforecast.budget.status import RunStatus
 from lvforecast.errors import UserError
+from lvforecast.launch import launch_id
 
 RESOLVER = "lv_unique"
+NAME_RESOLVER = "lv_run_name"
 # A directory holding any of these holds a run (what train() writes; metrics.csv comes from the CSV logger).
 RUN_FILES = ("config.yaml", "run_info.json", "metrics.csv", "split.json", "adapter", "checkpoints")
 # Keys a continuation of the same run may change (a resume raises max_steps and names its checkpoint).
@@ -40,12 +45,20 @@ CONTINUATION_KEYS = ("ckpt_path", "trainer.max_steps")
 
 
 def unique_suffix() -> str:
-    """``<pid>-<4 random hex digits>``: unique among runs started in the same second (``${lv_unique:}``)."""
-    return f"{os.getpid()}-{secrets.token_hex(2)}"
+    """``${lv_unique:}``: the launch id every rank shares, else ``<pid>-<4 random hex digits>``, unique among runs
+    started in the same second on one machine."""
+    return launch_id() or f"{os.getpid()}-{secrets.token_hex(2)}"
 
 
-if not OmegaConf.has_resolver(RESOLVER):
-    OmegaConf.register_new_resolver(RESOLVER, unique_suffix, use_cache=True)
+def run_name() -> str:
+    """``${lv_run_name:}``: the launch id every rank shares (no clock: ranks start on either side of a second),
+    else ``<time>_<pid>-<4 hex>``."""
+    return launch_id() or f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{unique_suffix()}"
+
+
+for _name, _fn in ((RESOLVER, unique_suffix), (NAME_RESOLVER, run_name)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn, use_cache=True)
 
 
 def ledger_name(cfg: DictConfig, fallback: str) -> str:
@@ -134,7 +147,8 @@ def claim(cfg: DictConfig, out: Path) -> Claim:
         f"paths.output_dir={str(out)!r}: the directory already holds another run's files ({', '.join(found)}); "
         f"a run never writes into another run's directory. Allowed: an empty directory, or a resume of that "
         f"run (ckpt_path inside it). Fix: {resume}leave hydra.run.dir / paths.output_dir unset (each run gets "
-        f"a unique outputs/<task>/<time>_<pid>-<hex> directory) or choose a new one")
+        f"a unique outputs/<task>/<time>_<pid>-<hex> directory, or slurm<job>.<step> for the ranks of one srun) "
+        f"or choose a new one")
 
 
 def metrics_history(out: Path, upto_step: int) -> tuple[list[str], list[dict[str, str]]]:
@@ -258,15 +272,14 @@ class RunDir:
             write_text(self.out / name, text)
 
     def begin(self, record: dict[str, Any], loggers: list[Any], ckpt_path: str | None) -> None:
-        """Start this run's segment: ``run_info.json`` with ``record``, and ``metrics.csv`` kept up to the
-        checkpoint's step on a resume in the same directory (appended to after it)."""
+        """Start this run's segment (``run_info.json``'s record, written by :meth:`write_info`), and keep
+        ``metrics.csv`` up to the checkpoint's step on a resume in the same directory (appended to after it)."""
         resume = self.claim.kind == "resume"
         self.info = {**record, "segments": segments(self.claim.previous if resume else None, self.start_step,
                                                     ckpt_path)}
         if self.lead:
             header, rows = metrics_history(self.out, self.start_step) if resume else ([], [])
             install_history(loggers, self.out, header, rows)
-            self.write_info()
 
     def end(self, step: int, status: str, **record: Any) -> None:
         """Close the segment at ``step`` with ``status`` and write ``run_info.json`` with ``record`` added."""
@@ -275,4 +288,5 @@ class RunDir:
         self.write_info()
 
     def write_info(self) -> None:
+        """Write ``run_info.json`` (lead process only)."""
         self.write("run_info.json", json.dumps(self.info, indent=1))

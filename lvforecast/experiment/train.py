@@ -25,6 +25,7 @@ from lvforecast.budget.status import RunStatus, exit_status
 from lvforecast.errors import UserError
 from lvforecast.experiment import config
 from lvforecast.experiment.rundir import RunDir, ledger_name
+from lvforecast.machine import check_machine
 from lvforecast.threads import torch_threads
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     resume_requeued(cfg)  # a requeued SLURM job continues from its run directory's checkpoint
     start_step = config.checkpoint_step(cfg.get("ckpt_path"))  # read once; a torn file is one message
     config.check_train_config(cfg, start_step)
+    if not cfg.budget.dry_run:  # the GPU and weights it needs, here (a plan may be made where the run will not go)
+        check_machine(cfg.model, trainer=cfg.trainer)
     if cfg.budget.dry_run and not cfg.budget.enabled:
         raise UserError("budget.dry_run=true needs budget.enabled=true: there is no plan to print")
     _quiet_expected_warnings()
@@ -163,6 +166,7 @@ def fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, run: 
     from hydra.utils import instantiate
 
     from lvforecast.budget.callback import FlopBudget
+    from lvforecast.devices import describe_device
     from lvforecast.tracking import finish_wandb, update_summary
     from lvforecast.utils import instantiate_list
 
@@ -173,6 +177,8 @@ def fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, run: 
     flop_cb = next((cb for cb in callbacks if isinstance(cb, FlopBudget)), None)
     run.begin(record, loggers, cfg.get("ckpt_path"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    run.info["environment"]["device"] = describe_device(trainer.strategy.root_device)  # what it trains on
+    run.write_info()
     ok = False
     try:
         for lg in loggers:  # the resolved config at the top level (W&B's run config), plus the run record

@@ -78,35 +78,40 @@ def load_pretrained(
 ) -> LoadedModel:
     """Load a Hugging Face causal LM (e.g. ``Qwen/Qwen2.5-0.5B-Instruct``) by hub id or local directory.
 
+    A directory, or a hub id whose snapshot is in the Hugging Face cache, loads from that directory with no request
+    (:mod:`lvforecast.model.source`); any other hub id is downloaded into the cache.
+
     Args:
-        name_or_path: Hub id or a directory holding ``config.json`` and weights.
+        name_or_path: Hub id or a directory holding ``config.json``, weights and tokenizer (``model.source``).
         dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
         attn_implementation: ``sdpa`` for speed, ``eager`` when counting operations.
-        local_files_only: Never touch the network (also implied by ``HF_HUB_OFFLINE=1``).
+        local_files_only: Never download (also implied by ``HF_HUB_OFFLINE=1``).
 
     Raises:
-        ModelLoadError: Not cached and not reachable; the message names the offline alternative.
+        ModelLoadError: Not a directory, not cached and not downloadable; the message says what to do.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lvforecast.model.source import local_copy, missing_message, why_missing
+
     torch_dtype = resolve_dtype(dtype)
     start = time.perf_counter()
+    local = local_copy(name_or_path)
+    why = why_missing(name_or_path, local_files_only) if local is None else None
+    if why is not None:
+        raise ModelLoadError(missing_message("model.source", name_or_path, why))
+    # From the local directory transformers asks the hub nothing (not even for an adapter_config.json).
+    source = str(local) if local is not None else name_or_path
+    offline_only = local is not None or local_files_only
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline_only)
         model = AutoModelForCausalLM.from_pretrained(
-            name_or_path,
-            dtype=torch_dtype,
-            attn_implementation=attn_implementation,
-            local_files_only=local_files_only,
-        )
+            source, dtype=torch_dtype, attn_implementation=attn_implementation, local_files_only=offline_only)
     except (OSError, ValueError) as err:
-        raise ModelLoadError(
-            f"cannot load model {name_or_path!r} ({type(err).__name__}: {str(err).splitlines()[0]}). "
-            f"It is neither a local directory nor in the Hugging Face cache and the hub cannot be reached. "
-            f"Download it on a machine with network access (huggingface-cli download {name_or_path}) and "
-            f"set model.name_or_path=/path/to/dir, or train offline with model=smollm2-135m."
+        raise ModelLoadError(missing_message(
+            "model.source", name_or_path, f"it did not load ({type(err).__name__}: {str(err).splitlines()[0]})")
         ) from err
-    log.info("loaded %s (%s) in %.1fs", name_or_path, torch_dtype, time.perf_counter() - start)
+    log.info("loaded %s from %s (%s) in %.1fs", name_or_path, source, torch_dtype, time.perf_counter() - start)
     return _finish(model, tokenizer, name_or_path)
 
 

@@ -32,6 +32,7 @@ from lvforecast.data.datamodule import IGNORE_INDEX
 from lvforecast.data.encoding import ALPHABET
 from lvforecast.errors import UserError
 from lvforecast.model.lora import AlphabetHead, LogitBias, count_parameters, decoder_stack
+from lvforecast.model.masks import unpadded_attention_mask
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,14 @@ def label_lookup(token_ids: list[int], vocab: int) -> torch.Tensor:
     return table
 
 
-def alphabet_labels(labels: torch.Tensor, lookup: torch.Tensor) -> torch.Tensor:
+def alphabet_labels(labels: torch.Tensor, lookup: torch.Tensor, check: bool = True) -> torch.Tensor:
     """Vocabulary-id labels -> alphabet indices (``IGNORE_INDEX`` stays), with :func:`label_lookup`'s table.
+
+    Args:
+        labels: (B, T) vocabulary ids, ``IGNORE_INDEX`` where no loss is taken.
+        lookup: :func:`label_lookup`'s (V,) table.
+        check: Raise on a label outside the alphabet. The check reads the device (a host sync); unchecked, such a
+            label maps to ``IGNORE_INDEX`` and takes no loss.
 
     Raises:
         ValueError: A label other than ``IGNORE_INDEX`` is not an alphabet token (one message, the ids named).
@@ -86,11 +93,11 @@ def alphabet_labels(labels: torch.Tensor, lookup: torch.Tensor) -> torch.Tensor:
     in_vocab = (labels >= 0) & (labels < lookup.numel())
     mapped = torch.where(keep & in_vocab, lookup[labels.clamp(0, lookup.numel() - 1)], -1)
     bad = keep & (mapped < 0)
-    if bad.any():
+    if check and bad.any():
         ids = sorted(set(labels[bad].tolist()))[:8]
         raise UserError(f"labels {ids} are not LLMTIME alphabet tokens ({ALPHABET!r}): the alphabet head (and "
                          f"val/loss_alphabet) score only those; labels outside it must be {IGNORE_INDEX}")
-    return torch.where(keep, mapped, IGNORE_INDEX)
+    return torch.where(keep & ~bad, mapped, IGNORE_INDEX)
 
 
 def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -138,6 +145,8 @@ class LoRAForecaster(pl.LightningModule):
         step_seed: Reseed torch's RNG at every training step from ``(step_seed, global_step)``, so the step's
             random draws (LoRA dropout) are the same in a resumed run as in an unbroken one (``seed`` in
             ``conf/train.yaml``); None leaves the RNG alone.
+        compile_model: ``torch.compile`` the decoder stack's forward, in place (``nn.Module.compile``), so parameter
+            names, checkpoints and the saved adapter stay as they are (``compile_model`` in ``conf/train.yaml``).
 
     Raises:
         ValueError: An unknown ``head``, or ``head="alphabet"`` without ``char_ids``.
@@ -153,6 +162,7 @@ class LoRAForecaster(pl.LightningModule):
         head: Head = "full",
         char_ids: Mapping[str, int] | None = None,
         step_seed: int | None = None,
+        compile_model: bool = False,
     ) -> None:
         if head not in HEADS:
             raise UserError(f"model.head={head!r}: allowed {', '.join(map(repr, HEADS))}")
@@ -162,6 +172,10 @@ class LoRAForecaster(pl.LightningModule):
         # from_pretrained returns eval mode and Lightning keeps each submodule's mode, so LoRA
         # dropout would silently stay off without this.
         self.model = model.train()
+        if compile_model:
+            # The stack is what both heads run (the full head through the model's own forward): fused kernels and
+            # fewer launches on a GPU, after a compile on the first steps.
+            decoder_stack(self.model).compile()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.step_seed = step_seed
@@ -190,7 +204,13 @@ class LoRAForecaster(pl.LightningModule):
 
     # ---- forward and loss -------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) ids -> (B, T, V) logits, (B, T, 13) with the alphabet head (with the logit bias when enabled)."""
+        """(B, T) ids -> (B, T, V) logits, (B, T, 13) with the alphabet head (with the logit bias when enabled).
+
+        ``attention_mask``: (B, T) 1/0, or None for a batch without padding (its causal mask is then made from the
+        shape alone, :func:`~lvforecast.model.masks.unpadded_attention_mask`: the model reads no data to find it).
+        """
+        if attention_mask is None:
+            attention_mask = unpadded_attention_mask(decoder_stack(self.model), *input_ids.shape)
         if self.alphabet_head is None:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         else:
@@ -200,31 +220,43 @@ class LoRAForecaster(pl.LightningModule):
             logits = self.alphabet_head(hidden)
         return self.logit_bias(logits) if self.logit_bias is not None else logits
 
-    def _loss_sums(self, batch: dict[str, torch.Tensor], alphabet: bool = False
+    def _loss_sums(self, batch: dict[str, Any], alphabet: bool = False, check: bool = True
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(loss_sum, n_tokens, alphabet_loss_sum)``; the last only when ``alphabet`` and char_ids are known."""
-        logits = self(batch["input_ids"], batch["attention_mask"])
+        """``(loss_sum, n_tokens, alphabet_loss_sum)``; the last only when ``alphabet`` and char_ids are known.
+
+        ``check``: verify that every label is an alphabet token (a host sync; the alphabet head and loss need it).
+        """
+        # Without padding (the collator says so on the host) the model gets no 2D mask: given one, it would ask the
+        # device whether the mask has a zero, a host sync, and then compute exactly the plain causal attention.
+        mask = batch["attention_mask"] if batch.get("padded", True) else None
+        logits = self(batch["input_ids"], mask)
         labels = batch["labels"]
         if self.alphabet_head is not None:
-            loss_sum, n = token_loss_sum(logits, alphabet_labels(labels, self.label_lookup))
+            loss_sum, n = token_loss_sum(logits, alphabet_labels(labels, self.label_lookup, check))
             return loss_sum, n, loss_sum
         loss_sum, n = token_loss_sum(logits, labels)
         if not alphabet or self.alphabet_token_ids is None:
             return loss_sum, n, None
         # Log-softmax over the alphabet's columns of the full logits: the alphabet head's loss, from these logits.
-        restricted = token_loss_sum(logits[..., self.alphabet_token_ids], alphabet_labels(labels, self.label_lookup))
+        restricted = token_loss_sum(logits[..., self.alphabet_token_ids],
+                                    alphabet_labels(labels, self.label_lookup, check))
         return loss_sum, n, restricted[0]
 
-    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._loss_sums(batch)[:2]
+    def _loss_sum(self, batch: dict[str, Any], check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._loss_sums(batch, check=check)[:2]
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss_sum, n = self._loss_sum(batch)
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        # No host sync outside logging steps: the labels' alphabet check reads the device, so it runs on logging
+        # steps only (the data module's windows are alphabet text by construction; a bad label still fails there).
+        logging_step = self._logging_step()
+        loss_sum, n = self._loss_sum(batch, check=logging_step)
         loss = loss_sum / n.clamp(min=1)
         self.tokens_seen += batch["attention_mask"].sum()
-        if self._logging_step():
+        if logging_step:
             size = batch["input_ids"].size(0)
-            self.log("train/loss", loss, prog_bar=True, batch_size=size)
+            # Not prog_bar: Lightning would turn the last logged value into a float after every batch (a host sync);
+            # the progress bar reads it itself after a logging step (lvforecast.experiment.progress).
+            self.log("train/loss", loss, batch_size=size)
             self.log("train/tokens_seen", self.tokens_seen.float(), batch_size=size)
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
         return loss

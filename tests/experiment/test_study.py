@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from lvforecast.budget.ledger import Ledger
 from lvforecast.experiment.study import StudyRefusedError, run_study
+from lvforecast.experiment.study.spec import compose as compose_stage
 from lvforecast.experiment.study.spec import parse_stages
 from lvforecast.experiment.study.stages import launch_of
 from lvforecast.experiment.sweeps.halving import Rung, schedule, select, worst_case
@@ -170,3 +171,15 @@ def test_a_stage_is_the_multirun_of_its_sweep_with_the_studys_launcher(tmp_path)
     assert {"optim.lr=0.01", "lora.r=4", "data.context_length=64"} <= set(final.arguments) and final.halving is None
     evaluation = launch_of(cfg, stages["final_eval"], {}, run_dir="/r/final/0")
     assert evaluation.script == "evaluate" and "run_dir=/r/final/0" in evaluation.arguments
+
+
+def test_study_model_source_points_every_stage_at_one_model_without_quoting(tmp_path):
+    source = "/models/Qwen2.5-0.5B-Instruct"
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("study", overrides=["study=coursework", f"study_dir={tmp_path}", f"study.model_source={source}"])
+        for stage in parse_stages(cfg.study):
+            launch = launch_of(cfg, stage, {}, run_dir="/r/0" if stage.kind == "evaluate" else None)
+            assert launch.arguments[0] == f"model.source={source}"
+            one_job = [a for a in launch.arguments if "," not in a]  # the search space's comma lists left out
+            composed = compose_stage("evaluate" if stage.kind == "evaluate" else "train", one_job)
+            assert composed.model.loader.name_or_path == source

@@ -7,9 +7,10 @@ pre-flight, job records and summary files as any sweep, runs its jobs through ``
 submitit_local, slurm) and, launched again into its directory, skips finished jobs and continues stopped ones
 (:mod:`lvforecast.experiment.sweeps.job`).
 
-A stage's arguments are, in order: the study's ``common`` overrides, its ``train`` or ``evaluate`` ones, the
-stage's, the settings taken from earlier stages, the search space as comma lists, and the study's paths, ledger,
-study and stage names; ``hydra.*`` arguments (sweep directory, sweeper, launcher) only go to the command.
+A stage's arguments are, in order: ``model.source`` (``study.model_source``), the study's ``common`` overrides,
+its ``train`` or ``evaluate`` ones, the stage's, the settings taken from earlier stages, the search space as comma
+lists, and the study's paths, ledger, study and stage names; ``hydra.*`` arguments (sweep directory, sweeper,
+launcher) only go to the command.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def launch_of(cfg: DictConfig, stage: Stage, settings: dict[str, Any], run_dir: 
     study = cfg.study
     script = "evaluate" if stage.kind == "evaluate" else "train"
     sweep_dir = Path(cfg.study_dir) / stage.name
-    args = [*study.common, *study[script], *stage.overrides, *setting_overrides(settings)]
+    source = [f"model.source={override_value(study.model_source)}"] if study.get("model_source") else []
+    args = [*source, *study.common, *study[script], *stage.overrides, *setting_overrides(settings)]
     args += [f"{key}={','.join(map(override_value, values))}" for key, values in stage.space.items()]
     if run_dir is not None:
         args.append(f"run_dir={run_dir}")

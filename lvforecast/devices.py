@@ -1,0 +1,136 @@
+"""Which device a run works on: an evaluation's ``device`` key, the trainer's accelerator and its precision.
+
+* :func:`resolve_device`: ``device`` (``auto`` = the CUDA GPU when there is one, else the CPU; ``cpu``, ``cuda``,
+  ``cuda:N``) -> ``torch.device``, or one :class:`~lvforecast.errors.UserError` when a GPU is asked for and this
+  machine has none (or not that many). :func:`device_problems` checks only the spelling, so a config can be
+  validated on a machine other than the one it runs on.
+* :func:`accelerator_problems`: a trainer that asks for a GPU (``trainer=gpu``, ``trainer.accelerator=gpu``/``cuda``)
+  on a machine without one, named before the model loads (Lightning would say so after it has loaded).
+* ``${lv_precision:${.accelerator}}`` (:func:`training_precision`, ``conf/trainer/default.yaml``): ``bf16-mixed``
+  wherever training runs on a GPU (``16-mixed`` on a GPU without bfloat16), ``32-true`` on the CPU, so
+  ``trainer=default`` (accelerator ``auto``) and ``trainer=ddp`` train in bf16 on a GPU box and the CPU quickstart
+  stays bit for bit what it was. Registered on import of :mod:`lvforecast.experiment`.
+* :func:`describe_device`: what ``run_info.json`` and ``metrics.json`` record (``cuda:0 (NVIDIA H200)``).
+
+Nothing here initialises CUDA at import.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from lvforecast.errors import UserError
+
+DEVICE_CHOICES = "'auto' (the CUDA GPU when there is one, else the CPU), 'cpu', 'cuda', 'cuda:N'"
+GPU_ACCELERATORS = ("gpu", "cuda")
+PRECISION_RESOLVER = "lv_precision"
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def device_problems(spec: Any, key: str = "device") -> list[str]:
+    """The spelling of a ``device`` value (no hardware is looked at): ``[]`` or one message naming ``key``."""
+    if isinstance(spec, str) and _DEVICE.fullmatch(spec):
+        return []
+    return [f"{key}={spec!r}: allowed {DEVICE_CHOICES}"]
+
+
+def no_gpu_reason() -> str:
+    """Why this process sees no CUDA GPU, in words (a CPU-only torch build, or no device visible)."""
+    if torch.version.cuda is None:
+        return f"this machine has no CUDA GPU (torch {torch.__version__} is a CPU-only build)"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (f"this machine has no CUDA GPU (torch {torch.__version__}, CUDA {torch.version.cuda}, none visible"
+            + (f"; CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "") + ")")
+
+
+def resolve_device(spec: str, key: str = "device") -> torch.device:
+    """The ``torch.device`` a ``device`` value names on this machine.
+
+    Args:
+        spec: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        key: The config key, for the message.
+
+    Raises:
+        UserError: A misspelt value, or a GPU asked for where there is none (or ``cuda:N`` past the last one).
+    """
+    problems = device_problems(spec, key)
+    if problems:
+        raise UserError(problems[0])
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise UserError(f"{key}={spec!r}: {no_gpu_reason()}; allowed here: {key}=cpu or {key}=auto")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise UserError(f"{key}={spec!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    return device
+
+
+def uses_gpu(accelerator: Any) -> bool:
+    """Whether Lightning puts a run with this ``trainer.accelerator`` on a CUDA GPU here (``auto``: if there is one)."""
+    name = str(accelerator).lower()
+    return name in GPU_ACCELERATORS or (name == "auto" and torch.cuda.is_available())
+
+
+def accelerator_problems(trainer: Any) -> list[str]:
+    """A trainer config that asks for GPUs this machine does not have: one message each (``[]`` when it fits).
+
+    Args:
+        trainer: The ``trainer`` node (``accelerator``, ``devices``).
+    """
+    accelerator = str(trainer.get("accelerator", "auto")).lower()
+    if accelerator not in GPU_ACCELERATORS:
+        return []
+    if not torch.cuda.is_available():
+        return [f"trainer.accelerator={accelerator!r} (e.g. trainer=gpu): {no_gpu_reason()}; allowed here: "
+                f"trainer=cpu, or trainer=default (accelerator auto: the GPU where there is one, else the CPU)"]
+    devices, count = trainer.get("devices", 1), torch.cuda.device_count()
+    wanted = devices if isinstance(devices, int) and not isinstance(devices, bool) and devices > 0 else None
+    if wanted is not None and wanted > count:
+        return [f"trainer.devices={wanted}: this machine has {count} CUDA GPU(s); allowed: 1 to {count} (or -1: all)"]
+    return []
+
+
+def _bf16_gpu() -> bool:
+    """Whether the GPU computes bfloat16 natively (Ampere and later), not by emulation."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.3 has no including_emulation and never emulates
+        return torch.cuda.is_bf16_supported()
+
+
+def training_precision(accelerator: Any) -> str:
+    """``trainer.precision`` for ``trainer.accelerator`` (``${lv_precision:${.accelerator}}``).
+
+    ``bf16-mixed`` when the run trains on a GPU (also where none is visible: a config planned on a login node for a
+    GPU job states the GPU's precision, and :func:`accelerator_problems` refuses to run it here), ``16-mixed`` on a
+    GPU without native bfloat16, ``32-true`` on the CPU.
+    """
+    if not uses_gpu(accelerator):
+        return "32-true"
+    return "bf16-mixed" if not torch.cuda.is_available() or _bf16_gpu() else "16-mixed"
+
+
+def describe_device(device: torch.device | str) -> str:
+    """``cuda:0 (NVIDIA H200)`` or ``cpu (x86_64)``: the device work ran on, for run records."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"{device.type} ({platform.machine()})"
+    index = device.index if device.index is not None else 0
+    try:
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    except (RuntimeError, AssertionError):  # a device torch cannot name (it fails to initialise CUDA)
+        return f"cuda:{index}"
+
+
+if not OmegaConf.has_resolver(PRECISION_RESOLVER):
+    OmegaConf.register_new_resolver(PRECISION_RESOLVER, training_precision)

@@ -1,0 +1,42 @@
+"""The attention masks of a batch without padding, made from its shape alone: no host sync in a training step.
+
+Given a 2D attention mask, a transformers 5 model asks the device whether it has a zero (padding); given none, it
+asks whether the position ids restart (packed sequences). Either question is a host sync in every forward, and for a
+batch of whole windows both answers are known before the batch exists: no padding, one sequence per row, so the
+plain causal mask. :func:`unpadded_attention_mask` builds that mask from ``(batch, length)`` with transformers' own
+mask functions (``None`` for ``sdpa``, whose ``is_causal`` kernels then run; a 4D tensor for ``eager``) and hands it
+to the stack as the ``{layer type: mask}`` mapping it accepts in place of a 2D mask, so it builds none itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Decoder stacks whose forward takes a ready ``{layer type: mask}`` mapping as ``attention_mask`` (transformers 5).
+MASK_MAPPING_STACKS = frozenset({"Qwen2Model"})
+
+
+def unpadded_attention_mask(stack: Any, batch: int, length: int) -> dict[str, Any] | None:
+    """What to pass as ``attention_mask`` for ``(batch, length)`` ids without padding, or None where not supported.
+
+    Args:
+        stack: The decoder stack (:func:`lvforecast.model.lora.decoder_stack`); others than
+            :data:`MASK_MAPPING_STACKS` get None (they then build the mask themselves, with their sync).
+        batch: Rows.
+        length: Tokens per row.
+
+    Returns:
+        ``{layer type: mask}`` for each layer type of the stack (the mask is None for ``sdpa``), or None.
+    """
+    if type(stack).__name__ not in MASK_MAPPING_STACKS:
+        return None
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    makers = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+    config = stack.config
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if not kinds <= makers.keys():
+        return None
+    # The mask functions read only the shape, dtype and device of the embeddings: a (B, T, 0) stand-in holds no data.
+    probe = stack.embed_tokens.weight.new_empty((batch, length, 0))
+    return {kind: makers[kind](config=config, inputs_embeds=probe, attention_mask=None, cache=None) for kind in kinds}

