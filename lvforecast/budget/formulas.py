@@ -47,13 +47,7 @@ import dataclasses
 from typing import Any, Literal
 
 from lvforecast.budget.breakdown import Breakdown, Component
-from lvforecast.budget.shapes import (
-    DEFAULT_CONVENTIONS,
-    Conventions,
-    LoRASpec,
-    ModelShape,
-    NormForm,
-)
+from lvforecast.budget.shapes import DEFAULT_CONVENTIONS, Conventions, LoRASpec, ModelShape, NormForm
 from lvforecast.errors import UserError
 from lvforecast.validate import check_choice, is_int
 
