@@ -14,7 +14,7 @@ import numbers
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -132,8 +132,10 @@ def create_study(conn: sqlite3.Connection, budget: int | None, created_by: str) 
         row = (row[0], migrate(conn, row[1]))
     if row is None and budget is not None:
         row = (budget, SCHEMA_VERSION)
-        conn.execute("INSERT INTO study (id, budget_flops, schema_version, created_at, created_by) "
-                     "VALUES (1, ?, ?, ?, ?)", (budget, SCHEMA_VERSION, time.time(), created_by))
+        conn.execute(
+            "INSERT INTO study (id, budget_flops, schema_version, created_at, created_by) VALUES (1, ?, ?, ?, ?)",
+            (budget, SCHEMA_VERSION, time.time(), created_by),
+        )
     return row
 
 
@@ -189,8 +191,9 @@ def rebuild(conn: sqlite3.Connection, tables: tuple[str, ...]) -> None:
 # -- connections ----------------------------------------------------------------------------------------------
 
 
-def connect(path: Path, timeout_s: float, journal_mode: str | None, apply_journal_mode: bool = True
-            ) -> sqlite3.Connection:
+def connect(
+    path: Path, timeout_s: float, journal_mode: str | None, apply_journal_mode: bool = True
+) -> sqlite3.Connection:
     """A new autocommit connection with the busy timeout, foreign keys and (for rollback modes) the journal mode."""
     conn = sqlite3.connect(path, timeout=timeout_s, isolation_level=None)
     conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
@@ -202,8 +205,9 @@ def connect(path: Path, timeout_s: float, journal_mode: str | None, apply_journa
 
 
 @contextlib.contextmanager
-def transaction(path: Path, timeout_s: float, journal_mode: str | None, immediate: bool = True
-                ) -> Iterator[sqlite3.Connection]:
+def transaction(
+    path: Path, timeout_s: float, journal_mode: str | None, immediate: bool = True
+) -> Iterator[sqlite3.Connection]:
     """One transaction on a fresh connection: committed on normal exit, rolled back on an exception.
 
     ``immediate`` takes the write lock at BEGIN, so a read-check-write sequence cannot interleave with another
@@ -233,8 +237,10 @@ def transaction(path: Path, timeout_s: float, journal_mode: str | None, immediat
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 # What to change, in each command's words.
-LEDGER_FIX = ("point budget.ledger_path=PATH (train.py, evaluate.py), --ledger PATH (lvforecast budget) or "
-              "$LVFORECAST_LEDGER at a writable ledger file")
+LEDGER_FIX = (
+    "point budget.ledger_path=PATH (train.py, evaluate.py), --ledger PATH (lvforecast budget) or "
+    "$LVFORECAST_LEDGER at a writable ledger file"
+)
 
 
 def inspect_path(path: Path) -> str | None:
@@ -271,8 +277,10 @@ def io_error(path: Path, err: sqlite3.Error) -> UserError:
     if found is None and ("malformed" in text or "not a database" in text):
         found = "it is a damaged SQLite file"
     if "locked" in text or "busy" in text:
-        return UserError(f"ledger {path}: another process held its write lock past the timeout ({text}); wait "
-                         f"and retry, or give this study another ledger: {LEDGER_FIX}")
+        return UserError(
+            f"ledger {path}: another process held its write lock past the timeout ({text}); wait "
+            f"and retry, or give this study another ledger: {LEDGER_FIX}"
+        )
     detail = f"{found} (sqlite: {text})" if found else f"sqlite: {text}"
     return UserError(f"ledger {path} is not a usable ledger: {detail}; {LEDGER_FIX}")
 
@@ -297,7 +305,8 @@ def running(conn: sqlite3.Connection) -> list[sqlite3.Row]:
     return cur.execute(
         "SELECT r.id, r.host, r.boot_id, r.pid, r.pid_start, r.reserved_flops, "
         "COALESCE((SELECT SUM(flops) FROM charges c WHERE c.run_id = r.id), 0) AS charged "
-        "FROM runs r WHERE r.status = ? ORDER BY r.id", (RunStatus.RUNNING,)
+        "FROM runs r WHERE r.status = ? ORDER BY r.id",
+        (RunStatus.RUNNING,),
     ).fetchall()
 
 
@@ -312,38 +321,20 @@ def outstanding(conn: sqlite3.Connection) -> int:
 
 def dead_running(conn: sqlite3.Connection) -> list[int]:
     """Ids of running runs whose owner process is known dead."""
-    return [row["id"] for row in running(conn)
-            if not owner_alive(row["host"], row["boot_id"], row["pid"], row["pid_start"])]
+    return [
+        row["id"] for row in running(conn) if not owner_alive(row["host"], row["boot_id"], row["pid"], row["pid_start"])
+    ]
 
 
-def release(conn: sqlite3.Connection, run_id: int, status: str) -> None:
-    """End a running run: final status, reservation shrunk to its charges, end time = now."""
+def release(conn: sqlite3.Connection, run_id: int, status: str, ended_at: float | None = None) -> None:
+    """End a running run: final status, reservation shrunk to its charges, ``ended_at`` (None: its last charge, the
+    best end time the ledger knows of a crash)."""
     conn.execute(
-        "UPDATE runs SET status = ?, ended_at = ?, "
-        "reserved_flops = COALESCE((SELECT SUM(flops) FROM charges WHERE run_id = ?), 0) "
+        "UPDATE runs SET status = ?, reserved_flops = COALESCE((SELECT SUM(flops) FROM charges WHERE run_id = ?), 0), "
+        "ended_at = COALESCE(?, (SELECT MAX(charged_at) FROM charges WHERE run_id = ?), started_at) "
         "WHERE id = ? AND status = ?",
-        (status, time.time(), run_id, run_id, RunStatus.RUNNING),
+        (status, run_id, ended_at, run_id, run_id, RunStatus.RUNNING),
     )
-
-
-def mark_crashed(conn: sqlite3.Connection, run_ids: Iterable[int]) -> list[int]:
-    """Mark running runs ``crashed``, their reservations shrunk to their charges.
-
-    Returns:
-        The ids given, in order.
-    """
-    done = []
-    for run_id in run_ids:
-        # The crash happened at or after its last charge; that is the best end time the ledger knows.
-        conn.execute(
-            "UPDATE runs SET status = ?, "
-            "reserved_flops = COALESCE((SELECT SUM(flops) FROM charges WHERE run_id = ?), 0), "
-            "ended_at = COALESCE((SELECT MAX(charged_at) FROM charges WHERE run_id = ?), started_at) "
-            "WHERE id = ? AND status = ?",
-            (RunStatus.CRASHED, run_id, run_id, run_id, RunStatus.RUNNING),
-        )
-        done.append(run_id)
-    return done
 
 
 def extend(conn: sqlite3.Connection, run_id: int, extra: int, budget: int) -> bool:
@@ -354,6 +345,8 @@ def extend(conn: sqlite3.Connection, run_id: int, extra: int, budget: int) -> bo
     """
     if extra > budget - spent(conn) - outstanding(conn):
         return False
-    conn.execute("UPDATE runs SET reserved_flops = reserved_flops + ? WHERE id = ? AND status = ?",
-                 (extra, run_id, RunStatus.RUNNING))
+    conn.execute(
+        "UPDATE runs SET reserved_flops = reserved_flops + ? WHERE id = ? AND status = ?",
+        (extra, run_id, RunStatus.RUNNING),
+    )
     return True
