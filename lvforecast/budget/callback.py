@@ -52,8 +52,13 @@ class FlopBudget(pl.Callback):
         commit_min_interval_s: ... but at most once per this many seconds (tiny models step in milliseconds).
     """
 
-    def __init__(self, reservation: Reservation, mode: Literal["enforce", "track"], commit_every_n_steps: int,
-                 commit_min_interval_s: float) -> None:
+    def __init__(
+        self,
+        reservation: Reservation,
+        mode: Literal["enforce", "track"],
+        commit_every_n_steps: int,
+        commit_min_interval_s: float,
+    ) -> None:
         self.reservation = reservation
         self.plan = reservation.plan
         self.ledger = reservation.ledger
@@ -100,8 +105,9 @@ class FlopBudget(pl.Callback):
         if self.writes_ledger:
             for kind, (flops, steps, tokens, seconds) in self._pending.items():
                 if flops or steps:
-                    self.ledger.charge(self.run_id, kind, int(flops), steps=int(steps), tokens=int(tokens),
-                                       seconds=float(seconds))
+                    self.ledger.charge(
+                        self.run_id, kind, int(flops), steps=int(steps), tokens=int(tokens), seconds=float(seconds)
+                    )
         self._pending.clear()
 
     @property
@@ -145,9 +151,15 @@ class FlopBudget(pl.Callback):
     def _stop(self, trainer: pl.Trainer, needed: int) -> None:
         self.exhausted = True
         trainer.should_stop = True
-        log.warning("FLOP budget: rank %d stopping after step %d; run spent %.3e of %.3e reserved, continuing "
-                    "needs %.3e (next step + validations)", trainer.global_rank, trainer.global_step, self.spent,
-                    self.reserved, needed)
+        log.warning(
+            "FLOP budget: rank %d stopping after step %d; run spent %.3e of %.3e reserved, continuing "
+            "needs %.3e (next step + validations)",
+            trainer.global_rank,
+            trainer.global_step,
+            self.spent,
+            self.reserved,
+            needed,
+        )
 
     # ---- Lightning hooks ---------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -167,12 +179,14 @@ class FlopBudget(pl.Callback):
         if not self.affords(needed):
             self._stop(trainer, needed)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._batch_start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = self._charge_batch("train", batch, factor=3)
         if trainer.global_step == self._step_seen:
             return  # a micro-batch inside gradient accumulation: steps are priced and logged whole
@@ -187,8 +201,12 @@ class FlopBudget(pl.Callback):
             # Straight to the loggers: Lightning's self.log machinery costs ~1 ms per call, which is a third
             # of a tiny model's step; these are plain numbers that need no reduction.
             study = self.study_spent_at_start + self.spent
-            metrics = {"flops/step": float(step), "flops/run": float(self.spent), "flops/study": float(study),
-                       "flops/budget_left": float(self.budget - study)}
+            metrics = {
+                "flops/step": float(step),
+                "flops/run": float(self.spent),
+                "flops/study": float(study),
+                "flops/budget_left": float(self.budget - study),
+            }
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=logger_step(trainer))
         last_step = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
@@ -203,16 +221,37 @@ class FlopBudget(pl.Callback):
 
     on_validation_batch_start = on_test_batch_start = on_predict_batch_start = _eval_batch_start
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                                batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self._charge_batch("val", batch, factor=1)
 
-    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                          batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self._charge_batch("test", batch, factor=1)
 
-    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                             batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self._charge_batch("test", batch, factor=1)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lvforecast.budget import journal, spend, store
-from lvforecast.budget.liveness import boot_id, owner_alive, proc_stat, same_machine
+from lvforecast.budget.liveness import boot_id, proc_stat, run_alive, same_machine
 from lvforecast.budget.status import FINISH_STATUSES, RunOutcome, RunStatus, exit_status
 from lvforecast.budget.store import KINDS, SCHEMA_VERSION, Kind, as_count, as_flops
 from lvforecast.errors import UserError
@@ -178,11 +178,10 @@ class Ledger:
     def _run(self, conn: sqlite3.Connection, run_id: int, otherwise: str | None = None) -> sqlite3.Row:
         """The row of ``run_id``; with ``otherwise``, it must be running, else a UserError ending in ``otherwise``."""
         run_id = as_count(run_id, "run_id")
-        cur = conn.cursor()
-        cur.row_factory = sqlite3.Row
-        row = cur.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
-        if row is None:
+        found = store.rows(conn, "SELECT * FROM runs WHERE id = ?", (run_id,))
+        if not found:
             raise UserError(f"no run with id {run_id} in ledger {self.path}")
+        row = found[0]
         if otherwise is not None and row["status"] != RunStatus.RUNNING:
             raise UserError(
                 f"run {run_id} {row['name']!r} is {row['status']!r}, not '{RunStatus.RUNNING}'; {otherwise}"
@@ -376,8 +375,7 @@ class Ledger:
         with self._transaction() as conn:
             for run_id in forced:
                 run = self._run(conn, run_id, "nothing to reconcile")
-                owner = (run["host"], run["boot_id"], run["pid"], run["pid_start"])
-                if same_machine(*owner[:2]) and owner_alive(*owner):
+                if same_machine(run["host"], run["boot_id"]) and run_alive(run):
                     raise UserError(
                         f"run {run_id} {run['name']!r} is owned by live process {run['pid']} on this machine; "
                         f"stop it instead of marking it crashed"

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 
@@ -58,6 +60,11 @@ def same_machine(host: str, boot: str | None) -> bool:
     # Equal hostnames are common across containers, so a differing boot id means another machine (or a reboot,
     # whose orphans are left to an explicit `reconcile --run`).
     return boot is None or mine is None or boot == mine
+
+
+def run_alive(run: Mapping[str, Any]) -> bool:
+    """:func:`owner_alive` for a ledger ``runs`` row (its host, boot_id, pid and pid_start columns)."""
+    return owner_alive(run["host"], run["boot_id"], run["pid"], run["pid_start"])
 
 
 def owner_alive(host: str, boot: str | None, pid: int, pid_start: int | None) -> bool:

@@ -168,9 +168,11 @@ class Plan:
     def describe(self) -> str:
         ranks = f" on {self.world_size} ranks" if self.world_size > 1 else ""
         accum = f", {self.accumulate} micro-batches per step" if self.accumulate > 1 else ""
-        return (f"{self.steps} steps x {self.train_step:.4e} (train step, B x N = {self.next_step_shape}{ranks}"
-                f"{accum}) + {self.validations} validations x {self.validation_pass:.4e} + sanity {self.sanity:.4e} "
-                f"+ evaluation {self.evaluation:.4e} = {self.total:.4e} FLOPs")
+        return (
+            f"{self.steps} steps x {self.train_step:.4e} (train step, B x N = {self.next_step_shape}{ranks}"
+            f"{accum}) + {self.validations} validations x {self.validation_pass:.4e} + sanity {self.sanity:.4e} "
+            f"+ evaluation {self.evaluation:.4e} = {self.total:.4e} FLOPs"
+        )
 
 
 @dataclass(frozen=True)
@@ -199,11 +201,21 @@ def plan_run(pricing: Pricing, run: RunShape) -> Plan:
     # Training always ends with a validation of the final weights: Lightning's own when the interval puts one
     # after the last step, else the final pass train() runs.
     before = int(run.validate_before)
-    return Plan(train_step=train_step, steps=run.max_steps - run.start_step, validation_pass=val_pass,
-                validations=before + periodic + (0 if at_end else 1), sanity=sanity, evaluation=int(run.planned_eval),
-                next_step_shape=(run.batch_size, run.context_length), world_size=run.ranks,
-                accumulate=schedule.accumulate, start_step=run.start_step, batches=batches, before=before,
-                schedule=schedule)
+    return Plan(
+        train_step=train_step,
+        steps=run.max_steps - run.start_step,
+        validation_pass=val_pass,
+        validations=before + periodic + (0 if at_end else 1),
+        sanity=sanity,
+        evaluation=int(run.planned_eval),
+        next_step_shape=(run.batch_size, run.context_length),
+        world_size=run.ranks,
+        accumulate=schedule.accumulate,
+        start_step=run.start_step,
+        batches=batches,
+        before=before,
+        schedule=schedule,
+    )
 
 
 def reserved_flops(plan: Plan, cap: float | None, mode: str) -> int:

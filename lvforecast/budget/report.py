@@ -50,15 +50,22 @@ def format_stages_markdown(report: dict[str, Any]) -> str:
     Args:
         report: the dict from :meth:`Ledger.report`.
     """
-    lines = ["Table 12: FLOPs spent per stage. Inference = test + generation.", "",
-             "| stage | runs | training | validation | inference | total | share of budget |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "Table 12: FLOPs spent per stage. Inference = test + generation.",
+        "",
+        "| stage | runs | training | validation | inference | total | share of budget |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for g in report["stages"]:
-        lines.append(f"| {stage_label(g)} | {len(g['runs'])} | {_fmt(g['train'])} | {_fmt(g['val'])} "
-                     f"| {_fmt(g['inference'])} | {_fmt(g['total'])} | {_fmt_share(g['share'])} |")
+        lines.append(
+            f"| {stage_label(g)} | {len(g['runs'])} | {_fmt(g['train'])} | {_fmt(g['val'])} "
+            f"| {_fmt(g['inference'])} | {_fmt(g['total'])} | {_fmt_share(g['share'])} |"
+        )
     t = report["totals"]
-    lines.append(f"| **total** | {len(report['runs'])} | {_fmt(t['train'])} | {_fmt(t['val'])} "
-                 f"| {_fmt(t['inference'])} | **{_fmt(t['total'])}** | **{_fmt_share(t['share'])}** |")
+    lines.append(
+        f"| **total** | {len(report['runs'])} | {_fmt(t['train'])} | {_fmt(t['val'])} "
+        f"| {_fmt(t['inference'])} | **{_fmt(t['total'])}** | **{_fmt_share(t['share'])}** |"
+    )
     lines.append(f"| budget | | | | | {_fmt(report['budget'])} | 100.00% |")
     return "\n".join(lines) + "\n"
 
@@ -89,12 +96,16 @@ def format_report_markdown(report: dict[str, Any]) -> str:
         if staged:
             lines.append(f"| *{stage_label(g)}* | | | | | | | |")
         for r in (by_id[i] for i in g["runs"]):
-            lines.append(f"| {_run_label(r)} | {r['sweep'] or ''} | {r['status']} | {_fmt(r['train'])} "
-                         f"| {_fmt(r['val'])} | {_fmt(r['inference'])} | {_fmt(r['total'])} "
-                         f"| {_fmt_share(r['share'])} |")
+            lines.append(
+                f"| {_run_label(r)} | {r['sweep'] or ''} | {r['status']} | {_fmt(r['train'])} "
+                f"| {_fmt(r['val'])} | {_fmt(r['inference'])} | {_fmt(r['total'])} "
+                f"| {_fmt_share(r['share'])} |"
+            )
     t = report["totals"]
-    lines.append(f"| **total** | | | {_fmt(t['train'])} | {_fmt(t['val'])} | {_fmt(t['inference'])} "
-                 f"| **{_fmt(t['total'])}** | **{_fmt_share(t['share'])}** |")
+    lines.append(
+        f"| **total** | | | {_fmt(t['train'])} | {_fmt(t['val'])} | {_fmt(t['inference'])} "
+        f"| **{_fmt(t['total'])}** | **{_fmt_share(t['share'])}** |"
+    )
     if report["reserved_outstanding"]:
         out = report["reserved_outstanding"]
         lines.append(f"| reserved by running runs | | | | | | {_fmt(out)} | {_fmt_share(out / budget)} |")
@@ -162,8 +173,15 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
         ax_total.bar(0, t[key], bottom=bottom, color=colors[key])
         bottom += t[key]
     if report["reserved_outstanding"]:
-        ax_total.bar(0, report["reserved_outstanding"], bottom=bottom, color="none", edgecolor="gray", hatch="//",
-                     label="reserved")
+        ax_total.bar(
+            0,
+            report["reserved_outstanding"],
+            bottom=bottom,
+            color="none",
+            edgecolor="gray",
+            hatch="//",
+            label="reserved",
+        )
         bottom += report["reserved_outstanding"]
     ax_total.axhline(budget, color="red", linestyle="--", label=f"budget {_fmt(budget)}")
     ax_total.set_ylim(0, max(budget, bottom) * 1.1)
@@ -178,8 +196,9 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     return out
 
 
-def _stacked_bars(ax: Any, rows: list[dict[str, Any]], colors: dict[str, str],
-                  labels: dict[str, str]) -> tuple[list[int], list[float]]:
+def _stacked_bars(
+    ax: Any, rows: list[dict[str, Any]], colors: dict[str, str], labels: dict[str, str]
+) -> tuple[list[int], list[float]]:
     """Training / validation / inference FLOPs of each row as one stacked horizontal bar; (positions, bar ends)."""
     y = list(range(len(rows)))
     left = [0.0] * len(rows)
@@ -245,13 +264,19 @@ def format_runs(ledger: Ledger, runs: list[dict[str, Any]]) -> str:
         ledger: the study ledger.
         runs: its :meth:`Ledger.runs`.
     """
-    lines = ["| id | run | sweep | status | host:pid | planned | charged | owner |",
-             "|---:|---|---|---|---|---:|---:|---|"]
+    lines = [
+        "| id | run | sweep | status | host:pid | planned | charged | owner |",
+        "|---:|---|---|---|---|---:|---:|---|",
+    ]
     for r in runs:
         owner = {None: "", True: "alive", False: "dead"}[r["owner_alive"]]
-        lines.append(f"| {r['id']} | {r['name']} | {r['sweep'] or ''} | {r['status']} | {r['host']}:{r['pid']} "
-                     f"| {_fmt(r['planned_flops'])} | {_fmt(r['charged_flops'])} | {owner} |")
+        lines.append(
+            f"| {r['id']} | {r['name']} | {r['sweep'] or ''} | {r['status']} | {r['host']}:{r['pid']} "
+            f"| {_fmt(r['planned_flops'])} | {_fmt(r['charged_flops'])} | {owner} |"
+        )
     lines.append("")
-    lines.append(f"budget {_fmt(ledger.budget)}, spent {_fmt(sum(r['charged_flops'] for r in runs))}, "
-                 f"remaining {_fmt(ledger.remaining())} (ledger {ledger.path}, journal {ledger.journal_mode})")
+    lines.append(
+        f"budget {_fmt(ledger.budget)}, spent {_fmt(sum(r['charged_flops'] for r in runs))}, "
+        f"remaining {_fmt(ledger.remaining())} (ledger {ledger.path}, journal {ledger.journal_mode})"
+    )
     return "\n".join(lines) + "\n"

@@ -46,17 +46,28 @@ class Reservation:
     leader: bool = True
 
     @classmethod
-    def open(cls, ledger: Ledger, name: str, plan: Any, pricing: Pricing, *, reserve: int | None = None,
-             sweep: str | None = None, config_hash: str | None = None, study: str | None = None,
-             stage: str | None = None) -> Reservation:
+    def open(
+        cls,
+        ledger: Ledger,
+        name: str,
+        plan: Any,
+        pricing: Pricing,
+        *,
+        reserve: int | None = None,
+        sweep: str | None = None,
+        config_hash: str | None = None,
+        study: str | None = None,
+        stage: str | None = None,
+    ) -> Reservation:
         """Reserve ``reserve`` (default: the plan's total) FLOPs as a new ledger run.
 
         Raises:
             lvforecast.budget.ledger.BudgetExceededError: The ledger cannot cover it (recorded as ``refused``).
         """
         flops = int(plan.total if reserve is None else reserve)
-        run_id = ledger.open_run(name, flops, sweep=sweep, config_hash=config_hash, plan=plan.as_dict(), study=study,
-                                 stage=stage)
+        run_id = ledger.open_run(
+            name, flops, sweep=sweep, config_hash=config_hash, plan=plan.as_dict(), study=study, stage=stage
+        )
         return cls(plan=plan, pricing=pricing, ledger=ledger, run_id=run_id, reserved=flops)
 
     @classmethod
@@ -126,10 +137,13 @@ def await_leader(out: Path, timeout_s: float = 600.0, poll_s: float = 0.2) -> di
         record = json.loads(raw) if raw else None
         if record is not None and record.get("launch", "") == token:
             if record["refused"]:
-                raise RuntimeError(f"rank 0 of this run was refused its reservation, so this rank stops too: "
-                                   f"{record['refused']}")
+                raise RuntimeError(
+                    f"rank 0 of this run was refused its reservation, so this rank stops too: {record['refused']}"
+                )
             return record
         if time.monotonic() >= deadline:
-            raise RuntimeError(f"rank 0 published no reservation in {path} within {timeout_s:.0f} s; it failed "
-                               f"before reserving (see its log)")
+            raise RuntimeError(
+                f"rank 0 published no reservation in {path} within {timeout_s:.0f} s; it failed "
+                f"before reserving (see its log)"
+            )
         time.sleep(poll_s)
