@@ -1,38 +1,28 @@
 """Op-level FLOP audit: price every aten op a model really executes, attributed to analytic components.
 
-Contract: :class:`FlopAudit` is a ``TorchDispatchMode`` plus forward pre/post hooks on every submodule of
-a root module. Each aten op that reaches the dispatcher while the mode is active is priced with the
-study's table (:data:`lvforecast.budget.formulas.PRIMITIVE_COST`, matrix products as ``m p (2n - 1)``) and charged
-to the component of :func:`lvforecast.budget.formulas.forward_flops` that the innermost running module (and, inside
-attention, the op's place in the sequence) maps to. Run models with ``attn_implementation="eager"``: the
-fused ``sdpa`` kernel hides the attention ops. With ``Conventions.as_implemented()`` the analytic count
-equals the audit to the FLOP, component by component (``tests/test_audit.py`` is the proof).
+Contract: :class:`FlopAudit` is a ``TorchDispatchMode`` plus forward hooks on every submodule of a root module.
+Each aten op is priced by :func:`lvforecast.budget.pricing.price` (an op without a price is listed, never counted
+as 0) and charged to the component of :func:`lvforecast.budget.formulas.forward_flops` that the innermost running
+module maps to. Run models with ``attn_implementation="eager"`` (``sdpa`` hides the attention ops). With
+``Conventions.as_implemented()`` the analytic count equals the audit to the FLOP, component by component
+(``tests/budget/test_audit.py``).
 
-Pricing of aten ops: :func:`lvforecast.budget.pricing.price` (the table is in that module's
-docstring); an op it cannot price is listed, never counted as 0.
-
-Attribution (innermost running module, by the last names of its path):
+Attribution, by the last names of the innermost running module's path:
 
 * ``embed_tokens`` -> ``embedding``; ``input_layernorm`` -> ``attn_norm``; ``post_attention_layernorm`` ->
-  ``mlp_norm``; the decoder stack's ``norm`` -> ``final_norm``; ``act_fn`` -> ``mlp_act``; ``mlp`` itself
-  (the gate x up product) -> ``mlp_mul``; a decoder layer itself (its two residual adds) -> ``residual``;
-  ``lm_head`` -> ``lm_head``, and so does an ``alphabet_head`` (:class:`lvforecast.model.lora.AlphabetHead`, the
-  gathered rows of ``model.head=alphabet``, run on the decoder stack's output); a ``logit_bias`` module ->
-  ``logit_bias``;
-* a projection (``q_proj`` ... ``down_proj``) -> its name; with PEFT, its ``base_layer`` -> its name and its
-  ``lora_A``/``lora_B``/``lora_dropout`` plus the wrapper's own scale and add -> ``lora_<name>``;
-* ``self_attn`` itself: ops before its first ``bmm`` are RoPE (``mul``, ``neg``, ``add``) -> ``positional``;
-  the first ``bmm`` -> ``attn_scores``, the second -> ``attn_values``; between them ``mul`` ->
-  ``attn_scale``, ``add`` -> ``attn_mask``, ``_softmax`` -> ``attn_softmax``;
-* free (priced but never charged, listed in :attr:`AuditResult.free`): ``rotary_emb`` (computing the cos/sin
-  tables: "computing positional encodings is free") and the decoder stack itself (``model``: position ids and
-  building the additive mask from the attention mask, input bookkeeping like computing positional
-  encodings; applying the mask is charged as ``attn_mask``);
-* a module named ``loss`` (:func:`audit_forward` runs ``loss_fn`` in one) -> ``loss``;
-* the causal-LM wrapper, PEFT wrappers and the audited root itself -> ``outside``: ops outside the decoder,
-  e.g. logit slicing (0), Hugging Face's own loss when ``labels`` reach the model, or ``generate``'s greedy
-  token choice (``argmax``, ``V - 1`` comparisons per row); any other module -> ``other`` (tests demand it be
-  zero).
+  ``mlp_norm``; the decoder stack's ``norm`` -> ``final_norm``; ``act_fn`` -> ``mlp_act``; ``mlp`` itself (the
+  gate x up product) -> ``mlp_mul``; a decoder layer itself (its residual adds) -> ``residual``; ``lm_head`` and
+  an ``alphabet_head`` (``model.head=alphabet``) -> ``lm_head``; a ``logit_bias`` module -> ``logit_bias``;
+  a module named ``loss`` -> ``loss``;
+* a projection -> its name; with PEFT its ``base_layer`` -> its name, and its ``lora_*`` modules plus the
+  wrapper's own scale and add -> ``lora_<name>``;
+* inside ``self_attn``: ops before the first ``bmm`` (RoPE) -> ``positional``; the first ``bmm`` ->
+  ``attn_scores``, the second -> ``attn_values``; between them ``mul``/``div`` -> ``attn_scale``, ``add`` ->
+  ``attn_mask``, ``_softmax`` -> ``attn_softmax``;
+* free (priced, never charged, in :attr:`AuditResult.free`): ``rotary_emb`` (the cos/sin tables) and the decoder
+  stack itself (position ids, building the mask);
+* the causal-LM and PEFT wrappers and the root -> ``outside`` (e.g. logit slicing, ``generate``'s ``argmax``);
+  any other module -> ``other`` (tests demand it be zero).
 """
 
 from __future__ import annotations
@@ -52,10 +42,24 @@ from lvforecast.budget.pricing import price
 from lvforecast.budget.shapes import PROJECTIONS, LoRASpec
 from lvforecast.errors import UserError
 
-#: Components that are priced but not charged (computing positional encodings / the mask: free).
+#: Components that are priced but not charged.
 FREE_COMPONENTS = ("rope_tables", "inputs")
 
 _LAYER = re.compile(r"(^|\.)layers\.\d+$")
+# Attention ops between the two bmm calls.
+_ATTENTION = {"mul": "attn_scale", "div": "attn_scale", "add": "attn_mask", "_softmax": "attn_softmax"}
+# Roles by a module's last name (after projections, stacks and the final norm are told apart).
+_NAMED = dict(
+    embed_tokens="embedding",
+    rotary_emb="rope_tables",
+    input_layernorm="attn_norm",
+    post_attention_layernorm="mlp_norm",
+    act_fn="mlp_act",
+    mlp="mlp_mul",
+    lm_head="lm_head",
+    alphabet_head="lm_head",
+    self_attn="attention",
+)
 
 
 @dataclass
@@ -94,21 +98,15 @@ class _Frame:
 
 
 def _role(path: str, module: nn.Module, stacks: set[str], ancestors_of_stack: set[str]) -> str:
-    """The component (or attention/free role) of ops run directly by ``module`` at ``path``.
-
-    Args:
-        path: Dotted module path under the audited root (``""`` for the root).
-        module: The module.
-        stacks: Paths of decoder stacks (modules holding ``embed_tokens`` and ``layers``).
-        ancestors_of_stack: Paths of the modules that contain a decoder stack (the root included).
-    """
+    """The component (or attention/free role) of ops run directly by ``module`` at dotted ``path`` (root ``""``),
+    given the paths of the decoder stacks and of the modules holding one."""
     segs = path.split(".") if path else []
     last = segs[-1] if segs else ""
     if last == "logit_bias" or type(module).__name__ == "LogitBias":
         return "logit_bias"
     for i in range(len(segs) - 1, -1, -1):
         if segs[i] in PROJECTIONS:
-            rest = segs[i + 1:]
+            rest = segs[i + 1 :]
             if not rest:
                 return f"lora_{segs[i]}" if hasattr(module, "base_layer") else segs[i]
             if rest[0] == "base_layer":
@@ -120,11 +118,8 @@ def _role(path: str, module: nn.Module, stacks: set[str], ancestors_of_stack: se
         return "inputs"
     if last == "norm" and path.rsplit(".", 1)[0] in stacks:
         return "final_norm"
-    named = {"embed_tokens": "embedding", "rotary_emb": "rope_tables", "input_layernorm": "attn_norm",
-             "post_attention_layernorm": "mlp_norm", "act_fn": "mlp_act", "mlp": "mlp_mul", "lm_head": "lm_head",
-             "alphabet_head": "lm_head", "self_attn": "attention"}
-    if last in named:
-        return named[last]
+    if last in _NAMED:
+        return _NAMED[last]
     if _LAYER.search(path):
         return "residual"
     if last == "loss":
@@ -163,8 +158,10 @@ class FlopAudit(TorchDispatchMode):
         self._stack = [_Frame(self._roles[""], "")]
         for path, module in self.root.named_modules():
             if path:
-                self._handles += [module.register_forward_pre_hook(partial(self._push, self._roles[path], path)),
-                                  module.register_forward_hook(partial(self._pop, path), always_call=True)]
+                self._handles += [
+                    module.register_forward_pre_hook(partial(self._push, self._roles[path], path)),
+                    module.register_forward_hook(partial(self._pop, path), always_call=True),
+                ]
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
@@ -193,8 +190,7 @@ class FlopAudit(TorchDispatchMode):
             frame.last = "positional"  # apply_rotary_pos_emb: mul, neg, add (its cat is a copy, 0)
         else:
             key = name[:-1] if name.endswith("_") and not name.startswith("_") else name
-            frame.last = {"mul": "attn_scale", "div": "attn_scale", "add": "attn_mask",
-                          "_softmax": "attn_softmax"}.get(key, "attention_other")
+            frame.last = _ATTENTION.get(key, "attention_other")
         return frame.last
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
@@ -223,77 +219,62 @@ class _Loss(nn.Module):
         return self.fn(logits, labels)
 
 
-class _Audited(nn.Module):
-    """model (or its decoder stack -> alphabet head) -> optional logit bias -> optional loss, each under its name."""
-
-    def __init__(self, model: nn.Module, logit_bias: nn.Module | None, loss_fn: Callable[..., Any] | None,
-                 head: nn.Module | None = None, stack: nn.Module | None = None) -> None:
-        super().__init__()
-        self.model = model
-        self.alphabet_head = head
-        self.stack = stack
-        self.logit_bias = logit_bias
-        self.loss = _Loss(loss_fn) if loss_fn is not None else None
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None,
-                logits_to_keep: int) -> Any:
-        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-        if self.alphabet_head is not None:
-            # As LoRAForecaster runs it: the stack's final hidden states, then only the gathered rows.
-            hidden = self.stack(**kwargs).last_hidden_state
-            logits = self.alphabet_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
-        else:
-            if logits_to_keep:
-                kwargs["logits_to_keep"] = logits_to_keep
-            logits = self.model(**kwargs).logits
-        if self.logit_bias is not None:
-            logits = self.logit_bias(logits)
-        if self.loss is not None:
-            return self.loss(logits, labels)
-        return logits
-
-
-def audit_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                  logit_bias: nn.Module | None = None, loss_fn: Callable[..., Any] | None = None,
-                  labels: torch.Tensor | None = None, logits_to_keep: int = 0,
-                  head: nn.Module | None = None, stack: nn.Module | None = None) -> AuditResult:
+def audit_forward(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    logit_bias: nn.Module | None = None,
+    loss_fn: Callable[..., Any] | None = None,
+    labels: torch.Tensor | None = None,
+    logits_to_keep: int = 0,
+    head: nn.Module | None = None,
+    stack: nn.Module | None = None,
+) -> AuditResult:
     """Audit one forward of a causal LM (eval mode, no grad; the model's mode is restored after).
 
     Args:
         model: A Hugging Face causal LM or PEFT model, loaded with ``attn_implementation="eager"``.
         input_ids: (B, N) token ids.
-        attention_mask: (B, N) 1/0, or ``None``.
-        logit_bias: A module applied to the (B, N, V) logits, e.g. :class:`lvforecast.model.lora.LogitBias`.
+        attention_mask: (B, N) 1/0, or None.
+        logit_bias: A module applied to the logits, e.g. :class:`lvforecast.model.lora.LogitBias`.
         loss_fn: ``loss_fn(logits, labels)``, e.g. :func:`lvforecast.model.module.token_loss_sum`.
-        labels: (B, N) targets for ``loss_fn`` (defaults to ``input_ids``).
+        labels: (B, N) targets for ``loss_fn`` (default ``input_ids``; whatever ``head`` indexes, with one).
         logits_to_keep: 0 for logits at every position, else only the last ``k``.
-        head: A module from the final hidden states to logits, run instead of the model's lm_head, e.g. the
-            :class:`lvforecast.model.lora.AlphabetHead` of ``model.head=alphabet`` (then ``labels`` for
-            ``loss_fn`` are whatever it expects, e.g. alphabet indices).
-        stack: With ``head``: the model's decoder stack without its lm_head, whose final hidden states ``head``
-            reads (:func:`lvforecast.model.lora.decoder_stack`).
+        head, stack: Run ``head`` (e.g. the :class:`lvforecast.model.lora.AlphabetHead` of ``model.head=alphabet``)
+            on the final hidden states of ``stack`` (:func:`lvforecast.model.lora.decoder_stack`), not the lm_head.
 
     Returns:
         The :class:`AuditResult`.
 
     Raises:
-        ValueError: ``input_ids`` is not 2-D, the model does not run eager attention, or ``head`` without
-            ``stack``.
+        ValueError: ``input_ids`` is not 2-D, the model does not run eager attention, or ``head`` without ``stack``.
     """
     if (head is None) != (stack is None):
         raise UserError("audit_forward: head and stack go together (the stack's hidden states feed the head)")
     if input_ids.dim() != 2:
         raise UserError(f"input_ids shape={tuple(input_ids.shape)}: must be (B, N)")
-    config = getattr(model, "config", None)
-    impl = getattr(config, "_attn_implementation", "eager")
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", "eager")
     if impl != "eager":
         raise UserError(f"attn_implementation={impl!r}: load with 'eager' so the attention ops are visible")
-    wrapper = _Audited(model, logit_bias, loss_fn, head, stack)
-    modes = {m: m.training for m in wrapper.modules()}
-    wrapper.eval()  # no dropout: the analytic count has none
+    # Each part is a child under its own name, so its ops are attributed to it; the root's own ops are ``outside``.
+    root = nn.Module()
+    root.model, root.alphabet_head, root.stack, root.logit_bias = model, head, stack, logit_bias
+    root.loss = _Loss(loss_fn) if loss_fn is not None else None
+    modes = {m: m.training for m in root.modules()}
+    root.eval()  # no dropout: the analytic count has none
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
     try:
-        with torch.no_grad(), FlopAudit(wrapper) as audit:
-            wrapper(input_ids, attention_mask, input_ids if labels is None else labels, logits_to_keep)
+        with torch.no_grad(), FlopAudit(root) as audit:
+            if head is not None:
+                # As LoRAForecaster runs it: the stack's final hidden states, then only the gathered rows.
+                hidden = stack(**kwargs).last_hidden_state
+                logits = head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+            else:
+                logits = model(**kwargs, **({"logits_to_keep": logits_to_keep} if logits_to_keep else {})).logits
+            if logit_bias is not None:
+                logits = logit_bias(logits)
+            if root.loss is not None:
+                root.loss(logits, input_ids if labels is None else labels)
     finally:
         for module, training in modes.items():
             module.training = training
@@ -306,20 +287,24 @@ def compare(audited: dict[str, int], analytic: dict[str, int]) -> dict[str, tupl
     return {n: (audited.get(n, 0), analytic.get(n, 0)) for n in names if audited.get(n, 0) != analytic.get(n, 0)}
 
 
-def audit_architecture(config: Mapping[str, Any], batch: int, seq_len: int, lora: LoRASpec | None = None,
-                       count_loss: bool = False, seed: int = 0) -> AuditResult:
-    """Audit one forward of a random-init model of a Hugging Face config: no weights are read or downloaded.
+def audit_architecture(
+    config: Mapping[str, Any],
+    batch: int,
+    seq_len: int,
+    lora: LoRASpec | None = None,
+    count_loss: bool = False,
+    seed: int = 0,
+) -> AuditResult:
+    """Audit one forward of a random-init float32 eager model of a Hugging Face config (nothing is downloaded).
 
-    The model is built in float32 with eager attention; ``lora`` adds what the fine-tuning module would hold
-    (adapters on its targets, a logit bias, ``head_rows`` gathered output rows), each priced like
-    :func:`lvforecast.budget.formulas.forward_flops` with ``lora`` prices it. Which rows, token ids and labels are
-    drawn changes no count, only the shapes do.
+    ``lora`` adds what the fine-tuning module would hold (adapters, logit bias, gathered head rows), as
+    :func:`lvforecast.budget.formulas.forward_flops` prices it; the drawn weights and ids change no count.
 
     Args:
-        config: The config's fields, as in its ``config.json`` (``model_type`` included).
+        config: The ``config.json`` fields, ``model_type`` included.
         batch: Sequences ``B``.
         seq_len: Positions ``N`` per sequence (no padding).
-        lora: Adapters, logit bias and head of the fine-tuning module; None for the bare model.
+        lora: The fine-tuning module's additions; None for the bare model.
         count_loss: Also run the project's loss (:func:`lvforecast.model.module.token_loss_sum`).
         seed: Seeds the weights and the token ids.
 
@@ -347,5 +332,5 @@ def audit_architecture(config: Mapping[str, Any], batch: int, seq_len: int, lora
             head = AlphabetHead(model.get_output_embeddings(), range(rows))
         bias = LogitBias(rows) if lora.logit_bias else None
     labels = ids % rows  # the head's output indices: token ids for the full head, row indices for gathered rows
-    return audit_forward(model, ids, logit_bias=bias, loss_fn=token_loss_sum if count_loss else None, labels=labels,
-                         head=head, stack=stack)
+    loss_fn = token_loss_sum if count_loss else None
+    return audit_forward(model, ids, logit_bias=bias, loss_fn=loss_fn, labels=labels, head=head, stack=stack)

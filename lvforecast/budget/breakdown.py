@@ -71,18 +71,28 @@ class Breakdown:
         """The breakdown as a fixed-width table (component, formula, FLOPs, share)."""
         total = self.total
         head = ["component", "formula", "FLOPs", "share"]
-        rows = [[c.name, c.formula, f"{c.flops:,}", f"{100 * c.flops / total:.2f}%" if total else "-"]
-                for c in self.components]
+        rows = [
+            [c.name, c.formula, f"{c.flops:,}", f"{100 * c.flops / total:.2f}%" if total else "-"]
+            for c in self.components
+        ]
         foot = ["total", "", f"{total:,}", "100.00%" if total else "-"]
         widths = [max(len(r[i]) for r in [head, *rows, foot]) for i in range(4)]
 
         def line(r: list[str]) -> str:
-            return "  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1]), r[2].rjust(widths[2]),
-                              r[3].rjust(widths[3])]).rstrip()
+            return "  ".join(
+                [r[0].ljust(widths[0]), r[1].ljust(widths[1]), r[2].rjust(widths[2]), r[3].rjust(widths[3])]
+            ).rstrip()
 
         rule = "-" * len(line(head))
-        out = [f"{title or self.label}: {total:.4e} FLOPs",
-               f"conventions: {self.conventions.describe()}",
-               "symbols: " + " ".join(f"{k}={v}" for k, v in self.symbols.items()),
-               rule, line(head), rule, *map(line, rows), rule, line(foot)]
+        out = [
+            f"{title or self.label}: {total:.4e} FLOPs",
+            f"conventions: {self.conventions.describe()}",
+            "symbols: " + " ".join(f"{k}={v}" for k, v in self.symbols.items()),
+            rule,
+            line(head),
+            rule,
+            *map(line, rows),
+            rule,
+            line(foot),
+        ]
         return "\n".join(out)

@@ -1,19 +1,13 @@
 """FlopBudget: charges every forward the trainer runs to the study's ledger and stops before overspending.
 
-Contract (docs/budget.md has the whole story):
-
-* A training batch costs ``3 x forward`` of the padded shape actually run ``(B, N)``; a validation, test or predict
-  batch one forward; generation is charged by the caller through :meth:`FlopBudget.charge`. Every price uses the
-  reservation's :class:`~lvforecast.budget.shapes.LoRASpec`, so a run is charged as it was planned.
-* Charges are committed every ``commit_every_n_steps`` steps (at most once per ``commit_min_interval_s``), after
-  every validation, at the end of training and when fitting raises.
-* After every optimizer step the guard prices what continuing costs (from the plan's
-  :class:`~lvforecast.budget.schedule.Schedule`) and sets ``trainer.should_stop`` when it does not fit, keeping a
-  final validation in hand: ``mode="enforce"`` never charges past the reservation, ``mode="track"`` grows the
-  reservation from what the study has left and stops only when the study cannot pay.
-* Distributed runs are charged the sum over ranks; rank 0 alone writes the ledger and decides when to stop.
-
-FLOP formulas live in :mod:`lvforecast.budget.formulas`; this module only multiplies, accumulates and stops.
+Contract (docs/budget.md#how-a-run-is-charged-flopbudget): a training batch costs 3 x the forward of the padded
+shape actually run, a validation, test or predict batch one forward, priced with the reservation's
+:class:`~lvforecast.budget.planning.Pricing`; generation is charged by the caller (:meth:`FlopBudget.charge`).
+After every optimizer step the guard prices what continuing costs (the plan's
+:class:`~lvforecast.budget.schedule.Schedule`) and stops when it does not fit, keeping a final validation in hand:
+``enforce`` never charges past the reservation, ``track`` grows it from what the study has left. Distributed runs
+are charged the sum over ranks; rank 0 alone writes the ledger and decides when to stop. The formulas live in
+:mod:`lvforecast.budget.formulas`; this module only multiplies, accumulates and stops.
 """
 
 from __future__ import annotations
@@ -31,11 +25,8 @@ log = logging.getLogger(__name__)
 
 
 def logger_step(trainer: pl.Trainer) -> int:
-    """The step Lightning's own loggers write this batch's ``self.log`` metrics at (0-based batch index).
-
-    Metrics sent straight to ``trainer.loggers`` use it too, so they share the x axis with ``train/loss``
-    (Lightning's ``LearningRateMonitor`` does the same); ``trainer.global_step`` is one ahead after the step.
-    """
+    """The step Lightning's own loggers write this batch's ``self.log`` metrics at (``trainer.global_step`` is one
+    ahead after the step), so metrics sent straight to ``trainer.loggers`` share the x axis with ``train/loss``."""
     return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
@@ -43,18 +34,20 @@ class FlopBudget(pl.Callback):
     """Charge, log and enforce the FLOP budget of one run.
 
     Args:
-        reservation: The run's :class:`~lvforecast.budget.reservation.Reservation` (its ``reserved`` FLOPs are the
-            run's cap; its plan gives every step's price and one validation pass, kept in hand for the last one).
-            On a rank other than 0 its ``run_id`` is replaced by rank 0's in :meth:`setup`.
-        mode: ``enforce`` stops before overspending the reservation; ``track`` stops only before overspending the
-            study.
+        reservation: The run's :class:`~lvforecast.budget.reservation.Reservation`: its cap, and the plan that prices
+            every step and the validation pass kept in hand (ranks other than 0 learn rank 0's run in :meth:`setup`).
+        mode: ``enforce`` stops before overspending the reservation, ``track`` before overspending the study.
         commit_every_n_steps: Commit training charges to the ledger every n steps ...
         commit_min_interval_s: ... but at most once per this many seconds (tiny models step in milliseconds).
     """
 
-    def __init__(self, reservation: Reservation, mode: Literal["enforce", "track"], commit_every_n_steps: int,
-                 commit_min_interval_s: float) -> None:
-        self.reservation = reservation
+    def __init__(
+        self,
+        reservation: Reservation,
+        mode: Literal["enforce", "track"],
+        commit_every_n_steps: int,
+        commit_min_interval_s: float,
+    ) -> None:
         self.plan = reservation.plan
         self.ledger = reservation.ledger
         self.run_id = reservation.run_id
@@ -64,7 +57,6 @@ class FlopBudget(pl.Callback):
         self.commit_every_n_steps = commit_every_n_steps
         self.final_validation_flops = int(self.plan.validation_pass)
         self._forward_cache: dict[tuple[int, int], int] = {}
-        self.next_step_flops = int(self.plan.train_step)
         self.spent = 0  # committed + pending, this run, summed over ranks
         self.study_spent_at_start = self.ledger.study_spent()
         self.budget = self.ledger.budget
@@ -88,11 +80,8 @@ class FlopBudget(pl.Callback):
 
     def charge(self, kind: Kind, flops: int, steps: int = 0, tokens: int = 0, seconds: float = 0.0) -> None:
         """Add a charge (committed with the next flush); evaluation code charges generation here."""
-        entry = self._pending.setdefault(kind, [0, 0, 0, 0.0])
-        entry[0] += int(flops)
-        entry[1] += steps
-        entry[2] += tokens
-        entry[3] += seconds
+        pending = self._pending.get(kind, [0, 0, 0, 0.0])
+        self._pending[kind] = [a + b for a, b in zip(pending, (int(flops), steps, tokens, seconds), strict=True)]
         self.spent += int(flops)
 
     def flush(self) -> None:
@@ -100,8 +89,9 @@ class FlopBudget(pl.Callback):
         if self.writes_ledger:
             for kind, (flops, steps, tokens, seconds) in self._pending.items():
                 if flops or steps:
-                    self.ledger.charge(self.run_id, kind, int(flops), steps=int(steps), tokens=int(tokens),
-                                       seconds=float(seconds))
+                    self.ledger.charge(
+                        self.run_id, kind, int(flops), steps=int(steps), tokens=int(tokens), seconds=float(seconds)
+                    )
         self._pending.clear()
 
     @property
@@ -145,9 +135,15 @@ class FlopBudget(pl.Callback):
     def _stop(self, trainer: pl.Trainer, needed: int) -> None:
         self.exhausted = True
         trainer.should_stop = True
-        log.warning("FLOP budget: rank %d stopping after step %d; run spent %.3e of %.3e reserved, continuing "
-                    "needs %.3e (next step + validations)", trainer.global_rank, trainer.global_step, self.spent,
-                    self.reserved, needed)
+        log.warning(
+            "FLOP budget: rank %d stopping after step %d; run spent %.3e of %.3e reserved, continuing "
+            "needs %.3e (next step + validations)",
+            trainer.global_rank,
+            trainer.global_step,
+            self.spent,
+            self.reserved,
+            needed,
+        )
 
     # ---- Lightning hooks ---------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -167,12 +163,9 @@ class FlopBudget(pl.Callback):
         if not self.affords(needed):
             self._stop(trainer, needed)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        self._batch_start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = self._charge_batch("train", batch, factor=3)
         if trainer.global_step == self._step_seen:
             return  # a micro-batch inside gradient accumulation: steps are priced and logged whole
@@ -187,8 +180,12 @@ class FlopBudget(pl.Callback):
             # Straight to the loggers: Lightning's self.log machinery costs ~1 ms per call, which is a third
             # of a tiny model's step; these are plain numbers that need no reduction.
             study = self.study_spent_at_start + self.spent
-            metrics = {"flops/step": float(step), "flops/run": float(self.spent), "flops/study": float(study),
-                       "flops/budget_left": float(self.budget - study)}
+            metrics = {
+                "flops/step": float(step),
+                "flops/run": float(self.spent),
+                "flops/study": float(study),
+                "flops/budget_left": float(self.budget - study),
+            }
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=logger_step(trainer))
         last_step = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
@@ -198,28 +195,21 @@ class FlopBudget(pl.Callback):
         if not self.affords(needed):
             self._stop(trainer, needed)
 
-    def _eval_batch_start(self, *args: Any, **kwargs: Any) -> None:
+    def _batch_start_hook(self, *args: Any, **kwargs: Any) -> None:
         self._batch_start = time.perf_counter()
 
-    on_validation_batch_start = on_test_batch_start = on_predict_batch_start = _eval_batch_start
+    on_train_batch_start = on_validation_batch_start = on_test_batch_start = on_predict_batch_start = _batch_start_hook
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                                batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, *_: Any) -> None:
         self._charge_batch("val", batch, factor=1)
 
-    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                          batch_idx: int, dataloader_idx: int = 0) -> None:
+    def _test_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, *_: Any) -> None:
         self._charge_batch("test", batch, factor=1)
 
-    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                             batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._charge_batch("test", batch, factor=1)
+    on_test_batch_end = on_predict_batch_end = _test_batch_end
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _flush_hook(self, *args: Any) -> None:
         self.flush()
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.flush()
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self.flush()
+    # Pending charges are committed after every validation, at the end of training and when fitting raises.
+    on_validation_end = on_train_end = on_exception = _flush_hook

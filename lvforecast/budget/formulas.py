@@ -1,72 +1,44 @@
 """Analytic FLOP accountant for Qwen2/Llama-family causal LMs with LoRA: pure functions, no torch.
 
-Contract: every count is an exact Python ``int`` derived from the study's primitive cost table
-(:data:`PRIMITIVE_COST`: add, subtract, negate, multiply, divide, inverse, ReLU, abs = 1; exp, log,
-sqrt, sin, cos = 10) and the product rule ``(m x n) @ (n x p) = m p (2n - 1)``. Counts depend only on a
-:class:`ModelShape` (read from a Hugging Face config), the padded batch shape ``(B, N)`` actually run, an
-optional :class:`LoRASpec` and the counting :class:`Conventions` (all three in :mod:`lvforecast.budget.shapes`);
-nothing here loads weights, imports torch or touches disk. The result types, :class:`Breakdown` and
-:class:`Component`, live in :mod:`lvforecast.budget.breakdown` (importable from here too).
+Contract: every count is an exact ``int`` from the study's cost table (:data:`PRIMITIVE_COST`) and the product
+rule ``(m x n) @ (n x p) = m p (2n - 1)``, given a :class:`ModelShape`, the padded batch ``(B, N)`` actually run, an
+optional :class:`LoRASpec` and the :class:`Conventions` (all in :mod:`lvforecast.budget.shapes`). Results are
+:class:`Breakdown` objects (:mod:`lvforecast.budget.breakdown`). The CLI is ``lvforecast flops`` (docs/budget.md).
 
-Symbols used in every formula string (and in the table legend): ``L`` layers, ``B`` batch, ``N`` query
-positions per sequence, ``K`` key positions (decode steps only; ``K = N`` in a forward), ``D`` hidden,
-``H`` query heads, ``G`` key/value heads, ``d`` head dimension, ``M`` MLP width, ``V`` vocabulary, ``r``
-LoRA rank, ``R`` positions whose logits are computed (only when fewer than ``N``), ``A`` output rows of a
-gathered head (only with ``LoRASpec.head_rows``; it replaces ``V`` in the head, logit bias and loss).
+Symbols: ``L`` layers, ``B`` batch, ``N`` query positions, ``K`` key positions (decode steps; ``K = N`` in a
+forward), ``D`` hidden, ``H`` query heads, ``G`` key/value heads, ``d`` head dimension, ``M`` MLP width, ``V``
+vocabulary, ``r`` LoRA rank, ``R`` positions whose logits are computed (when fewer than ``N``), ``A`` rows of a
+gathered head (``LoRASpec.head_rows``; it replaces ``V`` in the head, logit bias and loss).
 
-Per-component rules (one decoder layer, summed over ``L`` layers):
+Per-component rules (per decoder layer, times ``L``):
 
-* embedding lookup: 0;
-* positional encoding (``rope``): ``add`` (default) one addition per hidden element per token at the
-  input, ``B N D``; ``rotate`` 2 multiplications + 1 addition per element of q and k; ``rotate_half`` what
-  Hugging Face runs, ``q cos + rotate_half(q) sin``, i.e. ``rotate`` plus one negation for each of the
-  ``d - d//2`` elements ``rotate_half`` negates (the concatenation is a copy, 0). Computing the cos/sin
-  tables is free (study rule);
-* RMSNorm per token of width D (``norm``): ``divide`` (default) square D, sum D - 1, divide by D 1, add
-  eps 1, sqrt 10, divide D, times weight D = ``4D + 11``; ``rsqrt`` what Hugging Face runs: square D,
-  mean D (= sum D - 1 + divide 1), add eps 1, rsqrt 11 (sqrt 10 + inverse 1), multiply D, times weight D
-  = ``4D + 12``. One before attention, one before the MLP in every layer, one final;
-* projections: ``T (out) (2 in - 1)`` for ``T = B N`` tokens, plus ``T out`` for a bias (q/k/v bias in
-  Qwen2; o and MLP bias when a Llama config asks for them);
-* attention per head (``attention``): ``mha`` (default) counts K and V as wide as Q (``G`` replaced by
-  ``H``, the study's allowance); ``gqa`` uses the real ``G`` key/value heads for the k/v projections, their
-  LoRA and the rotation of k. Scores ``Q K^T``: ``S (2d - 1)`` for ``S`` scores, scale by ``1/sqrt(d)``: 1
-  per score, softmax ``12n - 1`` per row of ``n`` (n exp, n - 1 add, n divide), weighted sum of values
-  ``d (2n - 1)`` per row. ``mask``: ``full`` (default) all ``N x N`` scores, no mask op; ``causal`` only the
-  lower triangle, ``S = N (N + 1) / 2`` (rows of 1..N); ``additive`` what eager attention runs: all
-  ``N x N`` scores plus one addition per score for the additive mask;
-* residual additions: ``2 D`` per token per layer;
-* SwiGLU: gate and up projections, SiLU ``x / (1 + e^-x)`` = 13 per element (negate, exp, add, divide),
-  elementwise product 1, down projection;
-* LoRA on ``d_in -> d_out``: ``A x`` = ``T r (2 d_in - 1)``, ``B (A x)`` = ``T d_out (2r - 1)``, the
-  alpha/r scale ``T d_out`` and the add onto ``W x + b`` ``T d_out`` (applied even when alpha = r, as PEFT
-  does);
-* lm_head over the full vocabulary for every position, ``B N V (2D - 1)`` (``B R V (2D - 1)`` with
-  ``logits_to_keep``); the logit bias ``B N V``. With ``LoRASpec.head_rows = A`` (``model.head=alphabet``:
-  the module multiplies the final hidden states by ``A`` frozen rows of the output matrix, gathered once, so
-  the other ``V - A`` logits are never computed) the head is ``B N A (2D - 1)`` and the bias ``B N A``;
-* loss (``count_loss``, off by default): the project's ``token_loss_sum``, i.e. position t predicts token
-  t + 1 on ``B (N - 1)`` rows, each a log-softmax over V as ``x - log(sum(exp x))`` (``12V + 9``: V exp,
-  V - 1 add, 1 log, V subtract), then the summed negative log-likelihood ``B (N - 1)`` (``B (N - 1) - 1``
-  additions and one negation); in all ``B (N - 1) (12V + 10)``, ``B (N - 1) (12A + 10)`` with ``head_rows``
-  (remapping labels to alphabet indices is integer bookkeeping, 0). Padding is charged: the accountant
-  prices the padded tensor, not the real tokens.
+* embedding lookup: 0; computing the RoPE cos/sin tables: 0 (study rule);
+* positional (``rope``): ``add`` (default) ``B N D`` additions at the input; ``rotate`` 2 multiplications + 1
+  addition per element of q and k; ``rotate_half`` (Hugging Face) ``rotate`` plus one negation for each of the
+  ``d - d//2`` negated elements;
+* RMSNorm per token (``norm``): ``divide`` (default) square D, sum D - 1, divide 1, add eps 1, sqrt 10, divide D,
+  times weight D = ``4D + 11``; ``rsqrt`` (Hugging Face) the same with rsqrt (11) then multiply D = ``4D + 12``.
+  One before attention, one before the MLP, one final;
+* projections: ``T out (2 in - 1)`` for ``T = B N`` tokens, plus ``T out`` for a bias (q/k/v in Qwen2; o and MLP
+  when a Llama config asks);
+* attention per head (``attention``): ``mha`` (default) counts K and V as wide as Q; ``gqa`` uses the real ``G``
+  for the k/v projections, their LoRA and the rotation of k. Scores ``S (2d - 1)`` for ``S`` scores, scale 1 per
+  score, softmax ``12n - 1`` per row of ``n``, weighted values ``d (2n - 1)`` per row. ``mask``: ``full``
+  (default) all ``N x N`` scores; ``causal`` the lower triangle, ``S = N (N + 1) / 2``; ``additive`` (eager
+  attention) all scores plus one addition per score;
+* residual additions: ``2 D`` per token;
+* SwiGLU: gate and up projections, SiLU 13 per element (negate, exp, add, divide), product 1, down projection;
+* LoRA on ``d_in -> d_out``: ``T r (2 d_in - 1)`` + ``T d_out (2r - 1)`` + ``T d_out`` (alpha/r scale, applied
+  even when alpha = r, as PEFT does) + ``T d_out`` (the add onto ``W x + b``);
+* lm_head ``B N V (2D - 1)`` (``B R V (2D - 1)`` with ``logits_to_keep``), logit bias ``B N V``; with
+  ``head_rows = A`` (``model.head=alphabet``, only ``A`` gathered rows are multiplied) ``V`` becomes ``A``;
+* loss (``count_loss``, off by default): ``token_loss_sum``, a log-softmax over V (``12V + 9``) on ``B (N - 1)``
+  rows plus the summed negative log-likelihood: ``B (N - 1) (12V + 10)``. Padding is charged.
 
-Steps: a training step is exactly 3 x forward (backward = 2 x forward, study rule); validation is one
-forward; generation is a prefill forward over the prompt, whose last logits give the first new token,
-plus one decode step per further new token against the KV cache (``new_tokens - 1`` steps: the last token
-is never fed back), each decode step a 1-position forward against ``K`` cached keys (for the causal
-switch that last row is the whole row). Without a cache every new token re-runs a full forward over the
-prompt plus the tokens generated so far. Setting ``Conventions.as_implemented()`` (``gqa``, ``additive``,
-``rotate_half``, ``rsqrt``) reproduces, component by component and to the FLOP, what
-:mod:`lvforecast.budget.audit` measures on the Hugging Face eager implementation.
-
-CLI (no torch import, answers in well under 2 s)::
-
-    lvforecast flops --model qwen2.5-0.5b --seq-len 512 --batch 4 [--lora-rank 4] \
-        [--mode forward|train] [--attention mha|gqa] [--mask full|causal|additive] \
-        [--rope add|rotate|rotate_half] [--norm divide|rsqrt] [--implemented] [--loss] \
-        [--head full|alphabet] [--json]
+Steps: a training step is 3 x forward (backward = 2 x forward, study rule); validation is one forward;
+generation is a prefill forward plus one decode step per further new token against the KV cache (see
+:func:`generation_flops`). ``Conventions.as_implemented()`` reproduces, component by component and to the FLOP,
+what :mod:`lvforecast.budget.audit` measures on the Hugging Face eager implementation.
 """
 
 from __future__ import annotations
@@ -75,31 +47,14 @@ import dataclasses
 from typing import Any, Literal
 
 from lvforecast.budget.breakdown import Breakdown, Component
-from lvforecast.budget.shapes import (
-    DEFAULT_CONVENTIONS,
-    Conventions,
-    LoRASpec,
-    ModelShape,
-    NormForm,
-)
+from lvforecast.budget.shapes import DEFAULT_CONVENTIONS, Conventions, LoRASpec, ModelShape, NormForm
 from lvforecast.errors import UserError
 from lvforecast.validate import check_choice, is_int
 
 #: The study's primitive cost table (FLOPs per scalar operation).
 PRIMITIVE_COST: dict[str, int] = {
-    "add": 1,
-    "subtract": 1,
-    "negate": 1,
-    "multiply": 1,
-    "divide": 1,
-    "inverse": 1,
-    "relu": 1,
-    "abs": 1,
-    "exp": 10,
-    "log": 10,
-    "sqrt": 10,
-    "sin": 10,
-    "cos": 10,
+    **dict.fromkeys(("add", "subtract", "negate", "multiply", "divide", "inverse", "relu", "abs"), 1),
+    **dict.fromkeys(("exp", "log", "sqrt", "sin", "cos"), 10),
 }
 
 _C = PRIMITIVE_COST
@@ -127,11 +82,10 @@ def log_softmax_flops(n: int) -> int:
 
 
 def rmsnorm_flops(width: int, form: NormForm = "divide") -> int:
-    """FLOPs of one RMSNorm of a ``width``-wide token, see the module docstring (``4D + 11`` / ``4D + 12``)."""
-    square, total, mean_div, eps = width, width - 1, 1, 1
-    if form == "divide":
-        return square + total + mean_div + eps + _C["sqrt"] + width * _C["divide"] + width * _C["multiply"]
-    return square + total + mean_div + eps + RSQRT + width * _C["multiply"] + width * _C["multiply"]
+    """FLOPs of one RMSNorm of a ``width``-wide token (``4D + 11`` / ``4D + 12``, see the module docstring)."""
+    # square D, sum D - 1, the mean's division, add eps; then sqrt and divide D, or rsqrt and multiply D; weight D.
+    root = _C["sqrt"] + width * _C["divide"] if form == "divide" else RSQRT + width * _C["multiply"]
+    return width + (width - 1) + 1 + 1 + root + width * _C["multiply"]
 
 
 def _check_positive(key: str, value: Any, minimum: int = 1) -> None:
@@ -139,7 +93,8 @@ def _check_positive(key: str, value: Any, minimum: int = 1) -> None:
         raise UserError(f"{key}={value!r}: must be an integer >= {minimum}")
 
 
-def _check_args(shape: Any, lora: Any, conv: Any, head_rows: Any = None) -> None:
+def _check_args(shape: Any, lora: Any, conv: Any, head_rows: Any, **sizes: Any) -> None:
+    """Raise a UserError for a wrong argument type, bad head rows, or a size (``sizes``) below 1."""
     if not isinstance(shape, ModelShape):
         raise UserError(f"shape={shape!r}: must be a ModelShape (see ModelShape.from_hf_config or BUILTIN)")
     if lora is not None and not isinstance(lora, LoRASpec):
@@ -153,10 +108,21 @@ def _check_args(shape: Any, lora: Any, conv: Any, head_rows: Any = None) -> None
             raise UserError(f"head_rows={head_rows!r}: must be an integer in [1, V={shape.vocab}] or None")
         if lora is not None and lora.head_rows not in (None, head_rows):
             raise UserError(f"head_rows={head_rows} contradicts lora.head_rows={lora.head_rows}")
+    for key, value in sizes.items():
+        _check_positive(key, value)
 
 
-def _breakdown(shape: ModelShape, batch: int, n_q: int, n_k: int | None, lora: LoRASpec | None,
-               conv: Conventions, rows: int | None, label: str, head_rows: int | None = None) -> Breakdown:
+def _breakdown(
+    shape: ModelShape,
+    batch: int,
+    n_q: int,
+    n_k: int | None,
+    lora: LoRASpec | None,
+    conv: Conventions,
+    rows: int | None,
+    label: str,
+    head_rows: int | None = None,
+) -> Breakdown:
     """Components of one pass of ``n_q`` new positions against ``n_k`` keys (``None``: a forward, keys = n_q)."""
     s = shape
     L, B, N, D, H, d, M, V = s.n_layers, batch, n_q, s.hidden, s.n_heads, s.head_dim, s.intermediate, s.vocab
@@ -166,30 +132,21 @@ def _breakdown(shape: ModelShape, batch: int, n_q: int, n_k: int | None, lora: L
     forward = n_k is None
     K = N if forward else n_k
     k = "N" if forward else "K"
-    symbols = {"L": L, "B": B, "N": N}
-    if not forward:
-        symbols["K"] = K
-    symbols.update({"D": D, "H": H})
-    if gqa:
-        symbols["G"] = s.n_kv_heads
-    symbols.update({"d": d, "M": M, "V": V})
     # Output rows actually computed: the whole vocabulary, or the gathered rows of an alphabet head.
     if head_rows is None and lora is not None:
         head_rows = lora.head_rows
     W, w = (V, "V") if head_rows is None else (head_rows, "A")
-    if head_rows is not None:
-        symbols["A"] = head_rows
-    R = N if rows is None else rows
-    if rows is not None:
-        symbols["R"] = R
-    r_sym = "R" if rows is not None else "N"
-
+    R, r_sym = (N, "N") if rows is None else (rows, "R")
+    symbols = dict(L=L, B=B, N=N, K=None if forward else K, D=D, H=H, G=s.n_kv_heads if gqa else None, d=d, M=M, V=V)
+    symbols.update(A=head_rows, R=rows)
+    symbols = {name: value for name, value in symbols.items() if value is not None}
     comps: list[Component] = []
 
     def add(name: str, formula: str, value: int) -> None:
         comps.append(Component(name, formula, value))
 
     def proj(name: str, d_in: tuple[str, int], d_out: tuple[str, int], bias: bool) -> None:
+        """The projection ``name`` and, when it is a LoRA target, its adapter."""
         (si, vi), (so, vo) = d_in, d_out
         value = L * B * N * matmul_flops(1, vi, vo)
         formula = f"L*B*N*{so}*(2*{si}-1)"
@@ -197,16 +154,11 @@ def _breakdown(shape: ModelShape, batch: int, n_q: int, n_k: int | None, lora: L
             value += L * B * N * vo
             formula += f" + L*B*N*{so}"
         add(name, formula, value)
-
-    def lora_for(name: str, d_in: tuple[str, int], d_out: tuple[str, int]) -> None:
-        if lora is None or name not in lora.targets:
-            return
-        (si, vi), (so, vo) = d_in, d_out
-        r = lora.rank
-        symbols["r"] = r
-        # A x, B (A x), the alpha/r scale and the add onto W x + b.
-        value = L * B * N * (matmul_flops(1, vi, r) + matmul_flops(1, r, vo) + vo + vo)
-        add(f"lora_{name}", f"L*B*N*(r*(2*{si}-1) + {so}*(2*r-1) + 2*{so})", value)
+        if lora is not None and name in lora.targets:
+            r = symbols["r"] = lora.rank
+            # A x, B (A x), the alpha/r scale and the add onto W x + b.
+            value = L * B * N * (matmul_flops(1, vi, r) + matmul_flops(1, r, vo) + vo + vo)
+            add(f"lora_{name}", f"L*B*N*(r*(2*{si}-1) + {so}*(2*r-1) + 2*{so})", value)
 
     qw, kvw, dims = ("H*d", H * d), (f"{g}*d", G * d), ("D", D)
     norm = rmsnorm_flops(D, conv.norm)
@@ -216,10 +168,8 @@ def _breakdown(shape: ModelShape, batch: int, n_q: int, n_k: int | None, lora: L
     if conv.rope == "add":
         add("positional", "B*N*D", B * N * D)
     add("attn_norm", f"L*B*N*{norm_f}", L * B * N * norm)
-    for name, d_in, d_out, bias in (("q_proj", dims, qw, s.qkv_bias), ("k_proj", dims, kvw, s.qkv_bias),
-                                    ("v_proj", dims, kvw, s.qkv_bias)):
-        proj(name, d_in, d_out, bias)
-        lora_for(name, d_in, d_out)
+    for name, d_out in (("q_proj", qw), ("k_proj", kvw), ("v_proj", kvw)):
+        proj(name, dims, d_out, s.qkv_bias)
     if conv.rope != "add":
         per = 2 * _C["multiply"] + _C["add"]
         value = L * B * N * (H + G) * per * d
@@ -242,16 +192,13 @@ def _breakdown(shape: ModelShape, batch: int, n_q: int, n_k: int | None, lora: L
     add("attn_softmax", f"L*B*H*(12*{s_f}-N)", L * B * H * (12 * S - N))
     add("attn_values", f"L*B*H*d*(2*{s_f}-N)", L * B * H * d * (2 * S - N))
     proj("o_proj", qw, dims, s.o_bias)
-    lora_for("o_proj", qw, dims)
     add("residual", "L*B*N*2*D", L * B * N * 2 * D)
     add("mlp_norm", f"L*B*N*{norm_f}", L * B * N * norm)
     for name in ("gate_proj", "up_proj"):
         proj(name, dims, ("M", M), s.mlp_bias)
-        lora_for(name, dims, ("M", M))
     add("mlp_act", f"L*B*N*M*{SILU}", L * B * N * M * SILU)
     add("mlp_mul", "L*B*N*M", L * B * N * M)
     proj("down_proj", ("M", M), dims, s.mlp_bias)
-    lora_for("down_proj", ("M", M), dims)
     add("final_norm", f"B*N*{norm_f}", B * N * norm)
     add("lm_head", f"B*{r_sym}*{w}*(2*D-1)", B * R * W * (2 * D - 1))
     if lora is not None and lora.logit_bias:
@@ -261,21 +208,27 @@ def _breakdown(shape: ModelShape, batch: int, n_q: int, n_k: int | None, lora: L
     return Breakdown(label=label, components=tuple(comps), symbols=symbols, conventions=conv)
 
 
-def forward_flops(shape: ModelShape, batch: int, seq_len: int, lora: LoRASpec | None = None,
-                  conv: Conventions = DEFAULT_CONVENTIONS, logits_to_keep: int = 0,
-                  head_rows: int | None = None) -> Breakdown:
-    """FLOPs of one forward pass of a ``(batch, seq_len)`` token batch, by component.
+def forward_flops(
+    shape: ModelShape,
+    batch: int,
+    seq_len: int,
+    lora: LoRASpec | None = None,
+    conv: Conventions = DEFAULT_CONVENTIONS,
+    logits_to_keep: int = 0,
+    head_rows: int | None = None,
+) -> Breakdown:
+    """FLOPs of one forward pass of a ``(batch, seq_len)`` padded token batch, by component.
 
     Args:
         shape: Architecture facts.
-        batch: Sequences ``B`` in the batch.
+        batch: Sequences ``B``.
         seq_len: Padded positions ``N`` per sequence.
-        lora: Adapters, logit bias and head rows of the fine-tuning module; ``None`` for the bare model.
+        lora: Adapters, logit bias and head rows of the fine-tuning module; None for the bare model.
         conv: Counting conventions (default: the study brief's).
-        logits_to_keep: 0 computes logits at every position (a training/validation forward); ``k > 0``
-            only at the last ``k`` (Hugging Face's argument of that name; ``generate`` uses 1).
-        head_rows: Output rows computed when no adapter says so (``LoRASpec.head_rows``), e.g. 13 for the
-            constrained decoder's alphabet head on an untrained model; None = the spec's, else the vocabulary.
+        logits_to_keep: 0 computes logits at every position; ``k > 0`` only at the last ``k`` (as Hugging Face's
+            argument; ``generate`` uses 1).
+        head_rows: Output rows computed when the spec does not say (e.g. 13 for the constrained decoder's
+            alphabet head on an untrained model); None: the spec's, else the vocabulary.
 
     Returns:
         The :class:`Breakdown`; ``.total`` is in FLOPs.
@@ -284,9 +237,7 @@ def forward_flops(shape: ModelShape, batch: int, seq_len: int, lora: LoRASpec | 
         ValueError: A non-positive size, a bad switch, ``count_loss`` with ``logits_to_keep``, or more head rows
             than the vocabulary.
     """
-    _check_args(shape, lora, conv, head_rows)
-    _check_positive("batch", batch)
-    _check_positive("seq_len", seq_len)
+    _check_args(shape, lora, conv, head_rows, batch=batch, seq_len=seq_len)
     _check_positive("logits_to_keep", logits_to_keep, minimum=0)
     if logits_to_keep and conv.count_loss:
         raise UserError(f"logits_to_keep={logits_to_keep}: the loss needs logits at every position (use 0)")
@@ -294,55 +245,52 @@ def forward_flops(shape: ModelShape, batch: int, seq_len: int, lora: LoRASpec | 
     return _breakdown(shape, batch, seq_len, None, lora, conv, rows, "forward", head_rows)
 
 
-def train_step_flops(shape: ModelShape, batch: int, seq_len: int, lora: LoRASpec | None = None,
-                     conv: Conventions = DEFAULT_CONVENTIONS) -> Breakdown:
-    """FLOPs of one training step: exactly 3 x forward (backward = 2 x forward, the study's rule).
-
-    Args and Raises: as :func:`forward_flops`.
-    """
+def train_step_flops(
+    shape: ModelShape, batch: int, seq_len: int, lora: LoRASpec | None = None, conv: Conventions = DEFAULT_CONVENTIONS
+) -> Breakdown:
+    """FLOPs of one training step, 3 x :func:`forward_flops` (same arguments and errors)."""
     return forward_flops(shape, batch, seq_len, lora, conv).scaled(3, "train step = 3 x forward")
 
 
-def validation_flops(shape: ModelShape, batch: int, seq_len: int, lora: LoRASpec | None = None,
-                     conv: Conventions = DEFAULT_CONVENTIONS) -> Breakdown:
-    """FLOPs of one validation batch: one forward (set ``conv.count_loss`` to charge the loss too)."""
-    return dataclasses.replace(forward_flops(shape, batch, seq_len, lora, conv), label="validation = forward")
-
-
-def decode_step_flops(shape: ModelShape, batch: int, context_len: int, lora: LoRASpec | None = None,
-                      conv: Conventions = DEFAULT_CONVENTIONS, head_rows: int | None = None) -> Breakdown:
-    """FLOPs of one cached decode step: 1 new position per sequence attending to ``context_len`` keys.
-
-    ``context_len`` counts the cached keys plus the new one. The loss is never charged here. ``head_rows`` as
-    :func:`forward_flops`.
-
-    Raises:
-        ValueError: ``context_len`` < 1 or a bad argument.
-    """
-    _check_args(shape, lora, conv, head_rows)
-    _check_positive("batch", batch)
-    _check_positive("context_len", context_len)
+def decode_step_flops(
+    shape: ModelShape,
+    batch: int,
+    context_len: int,
+    lora: LoRASpec | None = None,
+    conv: Conventions = DEFAULT_CONVENTIONS,
+    head_rows: int | None = None,
+) -> Breakdown:
+    """FLOPs of one cached decode step: 1 new position per sequence against ``context_len`` keys (the cached
+    ones plus the new one); never the loss. Arguments and errors as :func:`forward_flops`."""
+    _check_args(shape, lora, conv, head_rows, batch=batch, context_len=context_len)
     conv = dataclasses.replace(conv, count_loss=False)
     return _breakdown(shape, batch, 1, context_len, lora, conv, None, "decode step", head_rows)
 
 
-def generation_flops(shape: ModelShape, batch: int, prompt_len: int, new_tokens: int, lora: LoRASpec | None = None,
-                     conv: Conventions = DEFAULT_CONVENTIONS, kv_cache: bool = True,
-                     prefill_logits: Literal["all", "last"] = "all", head_rows: int | None = None) -> int:
-    """FLOPs of greedy generation of ``new_tokens`` after a ``(batch, prompt_len)`` prompt.
+def generation_flops(
+    shape: ModelShape,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    lora: LoRASpec | None = None,
+    conv: Conventions = DEFAULT_CONVENTIONS,
+    kv_cache: bool = True,
+    prefill_logits: Literal["all", "last"] = "all",
+    head_rows: int | None = None,
+) -> int:
+    """FLOPs of greedy generation of ``new_tokens`` after a ``(batch, prompt_len)`` prompt; never the loss.
 
-    With the cache: a prefill forward over the prompt (its last logits give token 1) plus
-    ``new_tokens - 1`` decode steps against ``prompt_len + i`` keys, ``i = 1 .. new_tokens - 1``.
+    With the cache: a prefill forward over the prompt (its last logits give token 1) plus ``new_tokens - 1``
+    decode steps against ``prompt_len + i`` keys, ``i = 1 .. new_tokens - 1`` (the last token is never fed back).
     Without: ``new_tokens`` full forwards over ``prompt_len + i`` positions, ``i = 0 .. new_tokens - 1``.
 
     Args:
-        shape, batch, lora, conv: As :func:`forward_flops` (the loss is never charged).
-        prompt_len: Prompt positions ``P`` (padded).
+        shape, batch, lora, conv, head_rows: As :func:`forward_flops`.
+        prompt_len: Padded prompt positions.
         new_tokens: Tokens to generate, >= 1.
         kv_cache: Reuse cached keys/values (what ``generate`` does).
         prefill_logits: ``all`` charges lm_head at every position of each full forward (the brief's rule),
-            ``last`` only at the last one (what ``generate`` runs, ``logits_to_keep=1``).
-        head_rows: Output rows scored, as :func:`forward_flops` (13: the constrained decoder's alphabet head).
+            ``last`` only at the last one (what ``generate`` runs).
 
     Returns:
         Total FLOPs.
@@ -350,17 +298,15 @@ def generation_flops(shape: ModelShape, batch: int, prompt_len: int, new_tokens:
     Raises:
         ValueError: A non-positive size or a bad switch.
     """
-    _check_args(shape, lora, conv, head_rows)
-    _check_positive("prompt_len", prompt_len)
-    _check_positive("new_tokens", new_tokens)
+    _check_args(shape, lora, conv, head_rows, prompt_len=prompt_len, new_tokens=new_tokens)
     check_choice("generation", "prefill_logits", prefill_logits, ("all", "last"))
     conv = dataclasses.replace(conv, count_loss=False)
     keep = 0 if prefill_logits == "all" else 1
     if not kv_cache:
-        return sum(forward_flops(shape, batch, prompt_len + i, lora, conv, keep, head_rows).total
-                   for i in range(new_tokens))
+        return sum(
+            forward_flops(shape, batch, prompt_len + i, lora, conv, keep, head_rows).total for i in range(new_tokens)
+        )
     total = forward_flops(shape, batch, prompt_len, lora, conv, keep, head_rows).total
-    return total + sum(decode_step_flops(shape, batch, prompt_len + i, lora, conv, head_rows).total
-                       for i in range(1, new_tokens))
-
-
+    return total + sum(
+        decode_step_flops(shape, batch, prompt_len + i, lora, conv, head_rows).total for i in range(1, new_tokens)
+    )

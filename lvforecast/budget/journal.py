@@ -21,16 +21,24 @@ logger = logging.getLogger(__name__)
 JOURNAL_ENV = "LVFORECAST_LEDGER_JOURNAL_MODE"
 JOURNAL_MODES = ("WAL", "DELETE", "TRUNCATE", "PERSIST")
 # Filesystems whose locking SQLite's WAL cannot use (no shared memory across machines).
-NETWORK_FILESYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "ceph", "fuse.glusterfs",
-                       "beegfs", "fuse.sshfs", "9p")
+NETWORK_FILESYSTEMS = (
+    "nfs",
+    "nfs4",
+    "lustre",
+    "gpfs",
+    "cifs",
+    "smb3",
+    "smbfs",
+    "ceph",
+    "fuse.glusterfs",
+    "beegfs",
+    "fuse.sshfs",
+    "9p",
+)
 
 
 def checked_mode(journal_mode: str | None) -> str | None:
-    """``journal_mode`` in upper case, or None (keep the file's mode).
-
-    Raises:
-        UserError: not one of :data:`JOURNAL_MODES` (in any case) or None.
-    """
+    """``journal_mode`` in upper case, or None (keep the file's mode); any other value raises a UserError."""
     if journal_mode is None:
         return None
     if not isinstance(journal_mode, str) or journal_mode.upper() not in JOURNAL_MODES:
@@ -39,26 +47,21 @@ def checked_mode(journal_mode: str | None) -> str | None:
 
 
 def mode_for_filesystem(path: Path, journal_mode: str | None, mounts: str = "/proc/mounts") -> str | None:
-    """The mode to use for a ledger at ``path``: on a network filesystem None means DELETE and WAL is refused.
-
-    Args:
-        path: the ledger file.
-        journal_mode: a mode from :func:`checked_mode`.
-        mounts: the mount table that tells the filesystem.
-
-    Raises:
-        UserError: WAL asked for on a network filesystem; the message names ``budget.journal_mode=DELETE``.
-    """
+    """The mode to use for a ledger at ``path``: on a network filesystem (per the ``mounts`` table) None means
+    DELETE and WAL raises a UserError naming ``budget.journal_mode=DELETE``."""
     network = on_network_filesystem(path.parent, mounts)
     if network and journal_mode == "WAL":
-        raise UserError(f"ledger {path} is on a {network} filesystem, where SQLite's WAL journal (shared "
-                        f"memory) is unsafe across machines: set budget.journal_mode=DELETE (or "
-                        f"--journal-mode DELETE), a rollback journal that works there")
+        raise UserError(
+            f"ledger {path} is on a {network} filesystem, where SQLite's WAL journal (shared "
+            f"memory) is unsafe across machines: set budget.journal_mode=DELETE (or "
+            f"--journal-mode DELETE), a rollback journal that works there"
+        )
     return "DELETE" if network and journal_mode is None else journal_mode
 
 
-def filesystem_of(path: Path, mounts: str = "/proc/mounts") -> str | None:
-    """The filesystem type of the mount holding ``path`` (its longest mount point prefix), None if unknown."""
+def on_network_filesystem(path: Path, mounts: str = "/proc/mounts") -> str | None:
+    """The network filesystem type ``path`` lives on (``nfs4``, ``lustre``, ...: the mount with the longest mount
+    point prefix), or None."""
     try:
         lines = Path(mounts).read_text().splitlines()
     except OSError:
@@ -72,24 +75,12 @@ def filesystem_of(path: Path, mounts: str = "/proc/mounts") -> str | None:
         point = Path(parts[1].replace("\\040", " "))
         if (target == point or point in target.parents) and len(point.parts) > best:
             best, fstype = len(point.parts), parts[2]
-    return fstype
-
-
-def on_network_filesystem(path: Path, mounts: str = "/proc/mounts") -> str | None:
-    """The network filesystem type ``path`` lives on (``nfs4``, ``lustre``, ...), or None."""
-    fstype = filesystem_of(path, mounts)
     return fstype if fstype in NETWORK_FILESYSTEMS else None
 
 
 def set_journal_mode(path: Path, timeout_s: float, wanted: str | None) -> str:
-    """Put the file in journal mode ``wanted`` (None: WAL for a new file, else keep its mode).
-
-    Returns:
-        The mode SQLite reports afterwards (it may keep another one, e.g. WAL on a filesystem without shared
-        memory); a mismatch is logged as a warning.
-
-    Raises:
-        UserError: SQLite cannot open or change the file (:func:`~lvforecast.budget.store.io_error`).
+    """Put the file in journal mode ``wanted`` (None: WAL for a new file, else keep its mode) and return the mode
+    SQLite reports (a mismatch is logged); SQLite failing on the file raises :func:`lvforecast.budget.store.io_error`.
     """
     try:
         with contextlib.closing(connect(path, timeout_s, wanted, apply_journal_mode=False)) as conn:

@@ -1,16 +1,12 @@
-"""The study's FLOP budget ledger: one SQLite file shared by every run of every sweep (docs/budget.md).
+"""The study's FLOP budget ledger: one SQLite file shared by every run of every sweep (docs/budget.md#the-ledger).
 
-Contract:
-
-* The file holds the study's budget, stored when it is created; opening it with another budget raises.
-* :meth:`Ledger.open_run` reserves a run's planned FLOPs in one ``BEGIN IMMEDIATE`` transaction, so concurrent
-  runs never reserve more than the budget together; a plan over ``budget - charged by all runs - unused
-  reservations of live running runs`` is recorded ``refused`` and raises :class:`BudgetExceededError`.
-* :meth:`Ledger.charge` commits what a run spent; charges are never removed. :meth:`Ledger.finish` ends a run and
-  shrinks its reservation to its charges; a run whose owner died is marked ``crashed`` by :meth:`Ledger.reconcile`
-  and by the next :meth:`Ledger.open_run`.
-* Every operation opens and closes its own connection, so a :class:`Ledger` holds no handle, pickles to worker
-  processes and survives ``fork``. Importing this module touches no disk.
+Contract: the file stores the study's budget when it is created (opening it with another raises);
+:meth:`Ledger.open_run` reserves a run's plan in one ``BEGIN IMMEDIATE`` transaction, so concurrent runs never
+reserve more than the budget together, and records a plan over ``budget - charged - unused reservations of live
+running runs`` as ``refused`` (:class:`BudgetExceededError`); charges are never removed; :meth:`Ledger.finish`
+shrinks a reservation to its charges; runs whose owner died are marked ``crashed`` by :meth:`Ledger.reconcile` and
+the next :meth:`Ledger.open_run`. Every operation opens its own connection, so a :class:`Ledger` holds no handle,
+pickles and survives ``fork``. Importing this module touches no disk.
 """
 
 from __future__ import annotations
@@ -25,19 +21,15 @@ import socket
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
 from lvforecast.budget import journal, spend, store
-from lvforecast.budget.liveness import boot_id, owner_alive, proc_stat, same_machine
+from lvforecast.budget.liveness import boot_id, proc_stat, run_alive, same_machine
 from lvforecast.budget.status import FINISH_STATUSES, RunOutcome, RunStatus, exit_status
 from lvforecast.budget.store import KINDS, SCHEMA_VERSION, Kind, as_count, as_flops
 from lvforecast.errors import UserError
-
-__all__ = [
-    "DEFAULT_BUDGET", "DEFAULT_LEDGER", "LEDGER_ENV", "BudgetExceededError", "Kind", "Ledger", "LedgerNotFoundError",
-    "RunOutcome", "default_ledger_path", "exit_status", "format_flops", "remaining_in",
-]
 
 logger = logging.getLogger(__name__)
 
@@ -54,40 +46,39 @@ class BudgetExceededError(UserError, RuntimeError):
     """A run's plan does not fit in what is left of the study budget.
 
     Attributes:
-        planned: FLOPs the refused run asked for.
-        spent: FLOPs charged by all runs of the study.
+        planned, spent, budget: FLOPs the run asked for, charged by all runs, and the study budget.
         reserved_by_others: unused reservations of live running runs.
         remaining: ``budget - spent - reserved_by_others``.
-        budget: the study budget.
         ledger: path of the ledger file.
         run_id: id of the ``refused`` row recorded for the attempt.
     """
 
-    def __init__(self, *, name: str, planned: int, spent: int, reserved_by_others: int, budget: int,
-                 ledger: Path, run_id: int, plan: dict[str, Any] | None = None) -> None:
-        self.planned = planned
-        self.spent = spent
+    def __init__(
+        self,
+        ledger: Ledger,
+        run_id: int,
+        name: str,
+        planned: int,
+        spent: int,
+        reserved_by_others: int,
+        plan: dict[str, Any] | None,
+    ) -> None:
+        budget = self.budget = ledger.budget
+        self.ledger, self.run_id, self.planned, self.spent = ledger.path, run_id, planned, spent
         self.reserved_by_others = reserved_by_others
         self.remaining = budget - spent - reserved_by_others
-        self.budget = budget
-        self.ledger = ledger
-        self.run_id = run_id
         detail = f" (plan: {json.dumps(plan, sort_keys=True, default=str)})" if plan else ""
         super().__init__(
             f"run {name!r} refused: its plan needs {format_flops(planned)} FLOPs{detail} but only "
             f"{format_flops(self.remaining)} remain: budget {format_flops(budget)} - spent {format_flops(spent)} - "
             f"reserved by others {format_flops(reserved_by_others)} "
-            f"(ledger {ledger}). Shrink the plan (fewer steps, validations or evaluation windows), or release "
+            f"(ledger {ledger.path}). Shrink the plan (fewer steps, validations or evaluation windows), or release "
             f"reservations of dead runs with `lvforecast budget reconcile`."
         )
 
 
 def default_ledger_path() -> Path:
-    """The ledger path used when none is given: ``$LVFORECAST_LEDGER`` or ``outputs/budget/ledger.sqlite``.
-
-    Returns:
-        The path, relative to the current directory unless the environment variable gives an absolute one.
-    """
+    """``$LVFORECAST_LEDGER`` or ``outputs/budget/ledger.sqlite`` (relative to the current directory)."""
     env = os.environ.get(LEDGER_ENV)
     return Path(env) if env else DEFAULT_LEDGER
 
@@ -101,14 +92,12 @@ class Ledger:
     """The study's FLOP ledger (see the module docstring for the contract).
 
     Args:
-        path: SQLite file; parent directories are created. ``:memory:`` is not allowed (each operation opens its
-            own connection).
-        budget: total study budget in FLOPs, stored when the file is created. ``None`` adopts the stored budget
-            and requires the file to exist.
-        journal_mode: ``WAL``, ``DELETE``, ``TRUNCATE`` or ``PERSIST`` (any case); ``None`` keeps the file's mode
-            (WAL for a new file). See :mod:`lvforecast.budget.journal`.
+        path: SQLite file (not ``:memory:``); parent directories are created.
+        budget: total study budget in FLOPs, stored when the file is created; ``None`` adopts the stored budget.
+        journal_mode: ``WAL``, ``DELETE``, ``TRUNCATE``, ``PERSIST`` (any case) or ``None`` (keep the file's);
+            see :mod:`lvforecast.budget.journal`.
         timeout_s: how long an operation waits for another process's write lock before failing.
-        mounts: the mount table that tells a network filesystem, where WAL is refused and ``None`` means DELETE.
+        mounts: the mount table that tells a network filesystem.
 
     Raises:
         ValueError: bad journal mode, budget or timeout, or ``budget`` differing from the stored one.
@@ -116,8 +105,14 @@ class Ledger:
         UserError: ``path`` is a folder, not an SQLite file, damaged, read-only or in a read-only folder.
     """
 
-    def __init__(self, path: str | os.PathLike[str], budget: float | None = DEFAULT_BUDGET,
-                 journal_mode: str | None = "WAL", timeout_s: float = 30.0, mounts: str = "/proc/mounts") -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        budget: float | None = DEFAULT_BUDGET,
+        journal_mode: str | None = "WAL",
+        timeout_s: float = 30.0,
+        mounts: str = "/proc/mounts",
+    ) -> None:
         if str(path) == ":memory:" or str(path) == "":
             raise UserError(f"path must be a file path, got {str(path)!r}: every operation opens its own connection")
         self.path = Path(path)
@@ -129,11 +124,11 @@ class Ledger:
         if requested == 0:
             raise UserError("budget must be > 0 FLOPs, got 0")
         if self.path.is_dir():
-            raise UserError(f"ledger {self.path} is not a usable ledger: it is a folder, not a file; "
-                            f"{store.LEDGER_FIX}")
+            raise UserError(
+                f"ledger {self.path} is not a usable ledger: it is a folder, not a file; {store.LEDGER_FIX}"
+            )
         if requested is None and not self.path.exists():
-            raise LedgerNotFoundError(f"no ledger at {self.path}; give a budget to create one, or "
-                                      f"{store.LEDGER_FIX}")
+            raise LedgerNotFoundError(f"no ledger at {self.path}; give a budget to create one, or {store.LEDGER_FIX}")
         self._warned_over: set[int] = set()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.journal_mode = journal.mode_for_filesystem(self.path, self.journal_mode, mounts)
@@ -146,9 +141,11 @@ class Ledger:
         if version != SCHEMA_VERSION:
             raise UserError(f"ledger {self.path} has schema version {version}; this code reads {SCHEMA_VERSION}")
         if requested is not None and requested != stored:
-            raise UserError(f"ledger {self.path} was created with budget {format_flops(stored)} ({stored}) FLOPs, "
-                             f"not {format_flops(requested)} ({requested}); pass budget={stored} or budget=None to "
-                             f"use it, or point at another ledger file")
+            raise UserError(
+                f"ledger {self.path} was created with budget {format_flops(stored)} ({stored}) FLOPs, "
+                f"not {format_flops(requested)} ({requested}); pass budget={stored} or budget=None to "
+                f"use it, or point at another ledger file"
+            )
         self.budget: int = stored
 
     def __repr__(self) -> str:
@@ -167,44 +164,50 @@ class Ledger:
         return store.transaction(self.path, self.timeout_s, self.journal_mode, immediate)
 
     def _mark_crashed(self, conn: sqlite3.Connection, run_ids: list[int]) -> list[int]:
-        done = store.mark_crashed(conn, run_ids)
-        if done:
-            logger.warning("ledger %s: marked runs %s crashed and released their unused reservations", self.path,
-                           done)
-        return done
+        for run_id in run_ids:
+            store.release(conn, run_id, RunStatus.CRASHED)
+        if run_ids:
+            logger.warning(
+                "ledger %s: marked runs %s crashed and released their unused reservations", self.path, run_ids
+            )
+        return run_ids
 
-    def _release_dead(self, conn: sqlite3.Connection) -> list[int]:
-        return self._mark_crashed(conn, store.dead_running(conn))
+    def _log(self, level: int, run_id: int, name: str, message: str, *args: Any) -> None:
+        logger.log(level, "ledger %s: run %d %r " + message, self.path, run_id, name, *args)
 
-    def _run_row(self, conn: sqlite3.Connection, run_id: int) -> tuple[str, str, int]:
+    def _run(self, conn: sqlite3.Connection, run_id: int, otherwise: str | None = None) -> sqlite3.Row:
+        """The row of ``run_id``; with ``otherwise``, it must be running, else a UserError ending in ``otherwise``."""
         run_id = as_count(run_id, "run_id")
-        row = conn.execute("SELECT name, status, reserved_flops FROM runs WHERE id = ?", (run_id,)).fetchone()
-        if row is None:
+        found = store.rows(conn, "SELECT * FROM runs WHERE id = ?", (run_id,))
+        if not found:
             raise UserError(f"no run with id {run_id} in ledger {self.path}")
+        row = found[0]
+        if otherwise is not None and row["status"] != RunStatus.RUNNING:
+            raise UserError(
+                f"run {run_id} {row['name']!r} is {row['status']!r}, not '{RunStatus.RUNNING}'; {otherwise}"
+            )
         return row
-
-    def _running_row(self, conn: sqlite3.Connection, run_id: int, otherwise: str) -> tuple[str, int]:
-        """(name, reserved FLOPs) of ``run_id``, which must be running; else a UserError ending in ``otherwise``."""
-        name, status, reserved = self._run_row(conn, run_id)
-        if status != RunStatus.RUNNING:
-            raise UserError(f"run {run_id} {name!r} is {status!r}, not '{RunStatus.RUNNING}'; {otherwise}")
-        return name, reserved
 
     # -- the API the training callback uses --------------------------------------------------------------------
 
-    def open_run(self, name: str, planned_flops: float, sweep: str | None = None, config_hash: str | None = None,
-                 plan: dict[str, Any] | None = None, study: str | None = None, stage: str | None = None) -> int:
+    def open_run(
+        self,
+        name: str,
+        planned_flops: float,
+        sweep: str | None = None,
+        config_hash: str | None = None,
+        plan: dict[str, Any] | None = None,
+        study: str | None = None,
+        stage: str | None = None,
+    ) -> int:
         """Reserve ``planned_flops`` for a new run owned by this process, or refuse it (see the module contract).
 
         Args:
             name: run name (e.g. the output directory's name).
-            planned_flops: steps x train-step FLOPs + planned validation FLOPs + planned evaluation FLOPs.
-            sweep: sweep name, if the run belongs to one.
+            planned_flops: the plan's total FLOPs.
+            sweep, study, stage: what the run belongs to, for the report's grouping (Table 12 per stage).
             config_hash: hash of the resolved config, to match ledger rows with runs.
-            plan: JSON-serialisable breakdown of the plan (steps, per-step FLOPs, ...), stored and quoted in the
-                refusal message.
-            study: the study the run belongs to (``python study.py`` sets it), for the report's grouping.
-            stage: the study's stage (``lr_rank``, ``final``, ...), for Table 12 per stage.
+            plan: JSON-serialisable breakdown of the plan, stored and quoted in the refusal message.
 
         Returns:
             The run id to pass to :meth:`charge` and :meth:`finish`.
@@ -225,32 +228,36 @@ class Ledger:
             plan_json = None if plan is None else json.dumps(plan, sort_keys=True)
         except (TypeError, ValueError) as err:
             raise UserError(f"plan must be JSON-serialisable: {err}") from err
-        pid = os.getpid()
-        stat = proc_stat(pid)
+        owner = (socket.gethostname(), boot_id(), os.getpid(), (proc_stat(os.getpid()) or (None, None))[1])
         with self._transaction() as conn:
-            self._release_dead(conn)
+            self._mark_crashed(conn, store.dead_running(conn))
             spent = store.spent(conn)
             others = store.outstanding(conn)
             fits = planned <= self.budget - spent - others
             now = time.time()
+            status, reserved, ended = (RunStatus.RUNNING, planned, None) if fits else (RunStatus.REFUSED, 0, now)
             cur = conn.execute(
                 "INSERT INTO runs (name, sweep, study, stage, config_hash, host, boot_id, pid, pid_start, status, "
                 "planned_flops, reserved_flops, plan_json, started_at, ended_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, sweep, study, stage, config_hash, socket.gethostname(), boot_id(), pid,
-                 stat[1] if stat else None, RunStatus.RUNNING if fits else RunStatus.REFUSED, planned,
-                 planned if fits else 0, plan_json, now, None if fits else now),
+                (name, sweep, study, stage, config_hash, *owner, status, planned, reserved, plan_json, now, ended),
             )
             run_id = cur.lastrowid
         if not fits:
-            raise BudgetExceededError(name=name, planned=planned, spent=spent, reserved_by_others=others,
-                                      budget=self.budget, ledger=self.path, run_id=run_id, plan=plan)
-        logger.info("ledger %s: run %d %r reserved %s FLOPs (%s remain)", self.path, run_id, name,
-                    format_flops(planned), format_flops(self.budget - spent - others - planned))
+            raise BudgetExceededError(self, run_id, name, planned, spent, others, plan)
+        self._log(
+            logging.INFO,
+            run_id,
+            name,
+            "reserved %.2e FLOPs (%.2e remain)",
+            planned,
+            self.budget - spent - others - planned,
+        )
         return run_id
 
-    def charge(self, run_id: int, kind: Kind, flops: float, steps: int = 0, tokens: int = 0,
-               seconds: float = 0.0) -> None:
+    def charge(
+        self, run_id: int, kind: Kind, flops: float, steps: int = 0, tokens: int = 0, seconds: float = 0.0
+    ) -> None:
         """Record FLOPs a run has spent (one committed row per call; batch a few steps per call).
 
         Args:
@@ -258,8 +265,7 @@ class Ledger:
             kind: ``train``, ``val``, ``test`` or ``generate``.
             flops: FLOPs spent since the last charge of this kind.
             steps: optimizer steps (train) or batches (val/test/generate) covered.
-            tokens: tokens processed.
-            seconds: wall time covered.
+            tokens, seconds: tokens processed and wall time covered.
 
         Raises:
             ValueError, TypeError: unknown or refused run, unknown kind, negative or out-of-range numbers.
@@ -272,7 +278,7 @@ class Ledger:
         if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not 0 <= seconds < math.inf:
             raise UserError(f"seconds must be a finite number >= 0, got {seconds!r}")
         with self._transaction() as conn:
-            name, status, reserved = self._run_row(conn, run_id)
+            name, status, reserved = itemgetter("name", "status", "reserved_flops")(self._run(conn, run_id))
             if status == RunStatus.REFUSED:
                 raise UserError(f"run {run_id} {name!r} was refused its reservation and cannot be charged")
             conn.execute(
@@ -282,12 +288,12 @@ class Ledger:
             )
             charged = store.charged(conn, run_id)
         if status != RunStatus.RUNNING:
-            logger.warning("ledger %s: run %d %r is %s but was charged %s more FLOPs (%s)", self.path, run_id, name,
-                           status, format_flops(flops), kind)
+            self._log(logging.WARNING, run_id, name, "is %s but was charged %.2e more FLOPs (%s)", status, flops, kind)
         elif charged > reserved and run_id not in self._warned_over:
             self._warned_over.add(run_id)
-            logger.warning("ledger %s: run %d %r has charged %s FLOPs, past its reservation of %s", self.path,
-                           run_id, name, format_flops(charged), format_flops(reserved))
+            self._log(
+                logging.WARNING, run_id, name, "has charged %.2e FLOPs, past its reservation of %.2e", charged, reserved
+            )
 
     def finish(self, run_id: int, status: RunStatus = RunStatus.FINISHED) -> None:
         """End a running run and release the unused part of its reservation.
@@ -303,16 +309,14 @@ class Ledger:
         if status not in FINISH_STATUSES:
             raise UserError(f"status must be one of {', '.join(FINISH_STATUSES)}, got {status!r}")
         with self._transaction() as conn:
-            name, _ = self._running_row(conn, run_id, "it cannot be finished again")
-            store.release(conn, run_id, status)
-        logger.info("ledger %s: run %d %r %s, spent %s FLOPs", self.path, run_id, name, status,
-                    format_flops(self.run_spent(run_id)))
+            name = self._run(conn, run_id, "it cannot be finished again")["name"]
+            store.release(conn, run_id, status, time.time())
+        self._log(logging.INFO, run_id, name, "%s, spent %.2e FLOPs", status, self.run_spent(run_id))
 
     @contextlib.contextmanager
     def hold(self, run_id: int) -> Iterator[RunOutcome]:
-        """Finish ``run_id`` whatever happens inside: ``outcome.status`` on success, ``interrupted`` when a signal
-        stopped it (:func:`exit_status`: its charges stay, the rest of its reservation is released), ``failed`` on
-        any other exception."""
+        """Finish ``run_id`` whatever happens inside: ``outcome.status`` on success, else :func:`exit_status`
+        (``interrupted`` after a signal, ``failed`` on any other exception); charges stay either way."""
         outcome = RunOutcome()
         try:
             yield outcome
@@ -329,13 +333,13 @@ class Ledger:
         """
         extra = as_flops(extra, "extra")
         with self._transaction() as conn:
-            self._running_row(conn, run_id, "its reservation cannot grow")
+            self._run(conn, run_id, "its reservation cannot grow")
             return store.extend(conn, run_id, extra, self.budget)
 
     def run_spent(self, run_id: int) -> int:
         """FLOPs charged by one run; an unknown run raises UserError."""
         with self._transaction(immediate=False) as conn:
-            self._run_row(conn, run_id)
+            self._run(conn, run_id)
             return store.charged(conn, run_id)
 
     def study_spent(self) -> int:
@@ -344,11 +348,8 @@ class Ledger:
             return store.spent(conn)
 
     def remaining(self) -> int:
-        """``budget - charged by all runs - unused reservations of live running runs``.
-
-        Negative when runs charged past their reservations beyond the budget. Reservations of runs whose owner is
-        known dead are left out even before :meth:`reconcile` has run.
-        """
+        """``budget - charged by all runs - unused reservations of live running runs`` (negative when runs charged
+        past the budget); reservations of runs whose owner is known dead are left out before :meth:`reconcile`."""
         with self._transaction(immediate=False) as conn:
             return self.budget - store.spent(conn) - store.outstanding(conn)
 
@@ -358,13 +359,11 @@ class Ledger:
             return spend.run_records(conn)
 
     def reconcile(self, run_ids: Sequence[int] = ()) -> list[int]:
-        """Mark running runs whose owner is dead as ``crashed`` and release their unused reservations.
-
-        Charges stay. Idempotent: a second call finds nothing to do.
+        """Mark running runs whose owner is dead as ``crashed`` and release their unused reservations (charges stay).
 
         Args:
             run_ids: running runs to mark crashed although their owner cannot be checked (runs of other machines,
-                or of this machine before a reboot). A listed run of this machine whose owner is alive is refused.
+                or of this machine before a reboot); a listed run of this machine whose owner is alive is refused.
 
         Returns:
             Ids of the runs marked crashed by this call.
@@ -375,13 +374,13 @@ class Ledger:
         forced = [as_count(r, "run id") for r in run_ids]
         with self._transaction() as conn:
             for run_id in forced:
-                name, _ = self._running_row(conn, run_id, "nothing to reconcile")
-                host, boot, pid, pid_start = conn.execute(
-                    "SELECT host, boot_id, pid, pid_start FROM runs WHERE id = ?", (run_id,)).fetchone()
-                if same_machine(host, boot) and owner_alive(host, boot, pid, pid_start):
-                    raise UserError(f"run {run_id} {name!r} is owned by live process {pid} on this machine; "
-                                     f"stop it instead of marking it crashed")
-            dead = self._release_dead(conn)
+                run = self._run(conn, run_id, "nothing to reconcile")
+                if same_machine(run["host"], run["boot_id"]) and run_alive(run):
+                    raise UserError(
+                        f"run {run_id} {run['name']!r} is owned by live process {run['pid']} on this machine; "
+                        f"stop it instead of marking it crashed"
+                    )
+            dead = self._mark_crashed(conn, store.dead_running(conn))
             return dead + self._mark_crashed(conn, [r for r in forced if r not in dead])
 
     def report(self) -> dict[str, Any]:
@@ -391,8 +390,6 @@ class Ledger:
 
 
 def remaining_in(path: str | os.PathLike[str], budget: float) -> int:
-    """What the ledger at ``path`` has left (:meth:`Ledger.remaining`), or ``budget`` when it does not exist yet.
-
-    Reads only: a missing ledger is not created (dry runs and pre-flight checks leave no file behind).
-    """
+    """What the ledger at ``path`` has left, or ``budget`` when it does not exist (it is not created: dry runs and
+    pre-flight checks leave no file behind)."""
     return Ledger(path, budget=None).remaining() if Path(path).is_file() else int(float(budget))

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 
@@ -23,14 +25,7 @@ def boot_id() -> str | None:
 
 
 def proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks since boot) of a Linux process, or None where /proc cannot say.
-
-    Args:
-        pid: process id.
-
-    Returns:
-        The one-letter state (``R``, ``S``, ``Z``, ...) and the start time, or None.
-    """
+    """(one-letter state, start time in clock ticks since boot) of a Linux process, or None where /proc cannot say."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             data = fh.read()
@@ -46,12 +41,7 @@ def proc_stat(pid: int) -> tuple[str, int] | None:
 
 
 def same_machine(host: str, boot: str | None) -> bool:
-    """Whether a run recorded as ``host`` with boot id ``boot`` was started on this machine since its last boot.
-
-    Args:
-        host: the hostname recorded with the run.
-        boot: the boot id recorded with the run (None where it was unknown).
-    """
+    """Whether a run recorded with ``host`` and boot id ``boot`` (None: unknown) started on this machine since boot."""
     if host != socket.gethostname():
         return False
     mine = boot_id()
@@ -60,15 +50,14 @@ def same_machine(host: str, boot: str | None) -> bool:
     return boot is None or mine is None or boot == mine
 
 
-def owner_alive(host: str, boot: str | None, pid: int, pid_start: int | None) -> bool:
-    """Whether a run's owner process may still be running; runs of other machines are assumed alive.
+def run_alive(run: Mapping[str, Any]) -> bool:
+    """:func:`owner_alive` for a ledger ``runs`` row (its host, boot_id, pid and pid_start columns)."""
+    return owner_alive(run["host"], run["boot_id"], run["pid"], run["pid_start"])
 
-    Args:
-        host: the hostname recorded with the run.
-        boot: the boot id recorded with the run.
-        pid: the owner's process id.
-        pid_start: the owner's start time from :func:`proc_stat` (None where it was unknown).
-    """
+
+def owner_alive(host: str, boot: str | None, pid: int, pid_start: int | None) -> bool:
+    """Whether a run's owner process (recorded host, boot id, pid and :func:`proc_stat` start time) may still be
+    running; runs of other machines are assumed alive."""
     if not same_machine(host, boot):
         return True
     if pid <= 0:

@@ -74,19 +74,15 @@ class Pricing:
 
 @dataclass(frozen=True)
 class RunShape:
-    """What a training run will run, as far as its cost goes (read from its config and data, see
-    :func:`lvforecast.experiment.config.run_shape`).
+    """What a training run will run, as far as its cost goes (:func:`lvforecast.experiment.config.run_shape`).
 
     Attributes:
-        batch_size: Windows per micro-batch on one rank.
-        context_length: Tokens per window.
+        batch_size, context_length: Windows per micro-batch on one rank, tokens per window.
         ranks: Processes (devices x nodes).
-        val_shapes: ``(B, N)`` of each rank's validation batches of one pass, the validation limit applied.
-        sanity_shapes: Each rank's sanity-check batches (none on a resume).
+        val_shapes, sanity_shapes: ``(B, N)`` of each rank's batches of one validation pass (the validation limit
+            applied) and of the sanity check (none on a resume).
         validate_before: Whether a validation runs before training (never on a resume).
-        schedule: The loop structure (micro-batches per step, when validations run).
-        max_steps: The optimizer step the run ends at.
-        start_step: The checkpoint's step on a resume, else 0.
+        max_steps, start_step: The optimizer steps the run ends at and resumes from (0 when it does not).
         planned_eval: FLOPs reserved for an evaluation after training (``budget.planned_eval_flops``).
     """
 
@@ -104,23 +100,15 @@ class RunShape:
 
 @dataclass(frozen=True)
 class Plan:
-    """FLOPs a run is planned to spend, with the parts it is made of.
+    """FLOPs a run is planned to spend, with the parts it is made of (see the module docstring).
 
     Attributes:
         train_step: One full optimizer step: ``accumulate`` micro-batches of ``next_step_shape`` on every rank.
-        steps: Optimizer steps this run takes (``max_steps`` less the checkpoint's step on a resume).
-        validation_pass: One validation pass over every rank's batches (``limit_val_batches`` applied).
-        validations: Passes planned: before training, every one the trainer's interval implies, and one final
-            pass after the last step when the interval does not put one there.
-        sanity: Sanity-check batches (every rank).
-        evaluation: ``budget.planned_eval_flops``.
-        next_step_shape: ``(B, N)`` of one micro-batch on one rank.
-        world_size: Ranks (``trainer.devices x trainer.num_nodes``).
-        accumulate: ``trainer.accumulate_grad_batches``.
-        start_step: The checkpoint's step on a resume, else 0.
+        steps: Optimizer steps this run takes (after the checkpoint's, on a resume).
+        validation_pass: One validation pass over every rank's batches.
+        validations: Passes planned, ``before`` the first step included.
         batches: Micro-batches per rank over the run (``steps x accumulate`` unless an epoch ends mid-step).
-        before: Validations before the first step (0 or 1), part of ``validations``.
-        schedule: The loop structure (:class:`~lvforecast.budget.schedule.Schedule`) the guard reads.
+        schedule: The loop structure the guard reads.
     """
 
     train_step: int
@@ -168,9 +156,11 @@ class Plan:
     def describe(self) -> str:
         ranks = f" on {self.world_size} ranks" if self.world_size > 1 else ""
         accum = f", {self.accumulate} micro-batches per step" if self.accumulate > 1 else ""
-        return (f"{self.steps} steps x {self.train_step:.4e} (train step, B x N = {self.next_step_shape}{ranks}"
-                f"{accum}) + {self.validations} validations x {self.validation_pass:.4e} + sanity {self.sanity:.4e} "
-                f"+ evaluation {self.evaluation:.4e} = {self.total:.4e} FLOPs")
+        return (
+            f"{self.steps} steps x {self.train_step:.4e} (train step, B x N = {self.next_step_shape}{ranks}"
+            f"{accum}) + {self.validations} validations x {self.validation_pass:.4e} + sanity {self.sanity:.4e} "
+            f"+ evaluation {self.evaluation:.4e} = {self.total:.4e} FLOPs"
+        )
 
 
 @dataclass(frozen=True)
@@ -199,18 +189,26 @@ def plan_run(pricing: Pricing, run: RunShape) -> Plan:
     # Training always ends with a validation of the final weights: Lightning's own when the interval puts one
     # after the last step, else the final pass train() runs.
     before = int(run.validate_before)
-    return Plan(train_step=train_step, steps=run.max_steps - run.start_step, validation_pass=val_pass,
-                validations=before + periodic + (0 if at_end else 1), sanity=sanity, evaluation=int(run.planned_eval),
-                next_step_shape=(run.batch_size, run.context_length), world_size=run.ranks,
-                accumulate=schedule.accumulate, start_step=run.start_step, batches=batches, before=before,
-                schedule=schedule)
+    return Plan(
+        train_step=train_step,
+        steps=run.max_steps - run.start_step,
+        validation_pass=val_pass,
+        validations=before + periodic + (0 if at_end else 1),
+        sanity=sanity,
+        evaluation=int(run.planned_eval),
+        next_step_shape=(run.batch_size, run.context_length),
+        world_size=run.ranks,
+        accumulate=schedule.accumulate,
+        start_step=run.start_step,
+        batches=batches,
+        before=before,
+        schedule=schedule,
+    )
 
 
 def reserved_flops(plan: Plan, cap: float | None, mode: str) -> int:
-    """What a run reserves in the ledger: its plan, or ``budget.run_cap_flops`` (``cap``) when that is set.
-
-    In track mode the cap is soft, so the reservation never falls below what the run's first edge costs.
-    """
+    """What a run reserves: its plan, or the ``cap`` (``budget.run_cap_flops``) when set; in track mode the cap is
+    soft, never below what the run's first edge costs."""
     if cap is None:
         return plan.total
     return max(int(cap), plan.first_edge()) if mode == "track" else int(cap)

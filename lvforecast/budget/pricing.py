@@ -1,32 +1,21 @@
 """The study's price of each aten op: what :class:`lvforecast.budget.audit.FlopAudit` charges per call.
 
-Pure table lookups over an op's name, arguments and result; no hooks, no attribution (that is the audit's).
+Pure table lookups over an op's name, arguments and result. Per output element unless said otherwise:
 
-Pricing of aten ops (per output element unless said otherwise):
-
-* matrix products: ``mm`` ``m p (2n - 1)``; ``bmm`` ``b m p (2n - 1)``; ``addmm``/``baddbmm`` add one addition
-  per output for the bias (and one multiplication per output for a non-unit ``alpha``/``beta``); ``mv``,
-  ``dot`` likewise. ``linear`` and ``matmul`` never reach the mode: they decompose into these;
+* matrix products: ``mm`` ``m p (2n - 1)``, ``bmm`` ``b m p (2n - 1)``, ``mv``, ``dot`` likewise;
+  ``addmm``/``baddbmm`` add one addition per output for the bias (and one multiplication for a non-unit
+  ``alpha``/``beta``). ``linear`` and ``matmul`` decompose into these before reaching the mode;
 * 1: ``add``, ``sub``/``rsub``, ``mul``, ``div``, ``neg``, ``reciprocal``, ``abs``, ``relu``, ``maximum``,
-  ``minimum`` and the comparisons (``eq``, ``ne``, ``lt``, ``le``, ``gt``, ``ge``);
-* 10: ``exp``, ``log``, ``sqrt``, ``sin``, ``cos``; ``rsqrt`` 11 (sqrt + inverse); ``sigmoid`` 13 and
-  ``silu`` 13 (negate, exp, add, inverse/divide);
-* ``pow(x, c)``: ``c = 2`` (RMSNorm's square) is 1 multiplication, integer ``c >= 2`` is ``c - 1``,
-  ``c = 1`` is 0, ``c = -1`` is 1, ``c = 0.5`` is 10, ``c = -0.5`` is 11, any other exponent 21
-  (log, multiply, exp);
-* reductions over ``n`` elements per output: ``sum`` ``n - 1``, ``mean`` ``n`` (sum + one division),
-  ``amax``/``amin``/``max``/``min``/``argmax``/``argmin`` ``n - 1`` comparisons;
-* ``_softmax`` ``12n - 1`` per row of ``n`` (n exp, n - 1 add, n divide: the brief's rule, no max
-  subtraction); ``_log_softmax`` ``12n + 9`` per row (n exp, n - 1 add, 1 log, n subtract);
-  ``nll_loss_forward`` over ``R`` rows: ``R`` for ``sum`` (R - 1 additions, one negation) and ``none`` (R
-  negations), ``R + 1`` for ``mean``;
-* 0: views, reshapes, ``expand``, ``transpose``, slicing, ``clone``/``copy_``/``_to_copy`` (dtype casts,
-  ``contiguous``, ``repeat_kv``'s copy), ``cat``/``stack`` (``rotate_half``'s concatenation), ``embedding``,
-  ``where``/``index``/``gather`` (selection), tensor factories (``arange``, ``zeros``, ...);
-* 0: any op with no floating-point tensor argument: integer/bool bookkeeping on token ids and labels
-  (e.g. counting non-ignored labels in the loss) is, like tokenization, outside the model;
-* anything else is not priced (``None``): the audit lists it in
-  :attr:`lvforecast.budget.audit.AuditResult.unpriced` (tests demand it be empty), never silently counted as 0.
+  ``minimum`` and the comparisons; 10: ``exp``, ``log``, ``sqrt``, ``sin``, ``cos``; ``rsqrt`` 11;
+  ``sigmoid`` and ``silu`` 13 (negate, exp, add, inverse/divide);
+* ``pow(x, c)``: integer ``c >= 2`` is ``c - 1`` multiplications, ``c = 1`` 0, ``-1`` 1, ``0.5`` 10, ``-0.5``
+  11, any other exponent 21 (log, multiply, exp);
+* reductions over ``n`` elements per output: ``sum`` and the max/min family ``n - 1``, ``mean`` ``n``;
+* ``_softmax`` ``12n - 1`` per row of ``n`` (no max subtraction, the brief's rule); ``_log_softmax`` ``12n + 9``;
+  ``nll_loss_forward`` over ``R`` rows: ``R`` for ``sum`` and ``none``, ``R + 1`` for ``mean``;
+* 0: views, copies, concatenation, selection and tensor factories (:data:`_FREE_OPS`), and any op with no
+  floating-point tensor argument (integer bookkeeping on ids and labels is, like tokenization, outside the model);
+* anything else has no price (``None``): the audit lists it in ``AuditResult.unpriced``, never counts it as 0.
 """
 
 from __future__ import annotations
@@ -35,32 +24,28 @@ from typing import Any
 
 import torch
 
-from lvforecast.budget.formulas import (
-    PRIMITIVE_COST,
-    RSQRT,
-    SIGMOID,
-    SILU,
-    log_softmax_flops,
-    softmax_flops,
-)
+from lvforecast.budget.formulas import PRIMITIVE_COST, RSQRT, SIGMOID, SILU, log_softmax_flops, softmax_flops
 
 _C = PRIMITIVE_COST
 
-_FREE_OPS = frozenset({
-    "view", "_unsafe_view", "reshape", "_reshape_alias", "expand", "transpose", "t", "permute", "slice", "select",
-    "unsqueeze", "squeeze", "alias", "as_strided", "unbind", "split", "split_with_sizes", "clone", "copy_", "copy",
-    "_to_copy", "to", "contiguous", "cat", "stack", "embedding", "detach", "lift_fresh", "lift_fresh_copy",
-    "empty", "empty_like", "empty_strided", "zeros", "zeros_like", "ones", "ones_like", "full", "full_like",
-    "new_empty", "new_zeros", "new_ones", "new_full", "fill", "fill_", "zero_", "arange", "scalar_tensor",
-    "_local_scalar_dense", "where", "index", "index_select", "gather", "masked_fill", "repeat",
-})
+# Views, copies, selection and tensor factories: 0.
+_FREE_OPS = frozenset(
+    "view _unsafe_view reshape _reshape_alias expand transpose t permute slice select unsqueeze squeeze alias "
+    "as_strided unbind split split_with_sizes clone copy_ copy _to_copy to contiguous cat stack embedding detach "
+    "lift_fresh lift_fresh_copy empty empty_like empty_strided zeros zeros_like ones ones_like full full_like "
+    "new_empty new_zeros new_ones new_full fill fill_ zero_ arange scalar_tensor _local_scalar_dense where index "
+    "index_select gather masked_fill repeat".split()
+)
 _ELEMENTWISE = {
-    "add": _C["add"], "sub": _C["subtract"], "rsub": _C["subtract"], "mul": _C["multiply"], "div": _C["divide"],
-    "neg": _C["negate"], "reciprocal": _C["inverse"], "abs": _C["abs"], "relu": _C["relu"],
-    "maximum": _C["subtract"], "minimum": _C["subtract"], "eq": _C["subtract"], "ne": _C["subtract"],
-    "lt": _C["subtract"], "le": _C["subtract"], "gt": _C["subtract"], "ge": _C["subtract"],
-    "exp": _C["exp"], "log": _C["log"], "sqrt": _C["sqrt"], "sin": _C["sin"], "cos": _C["cos"],
-    "rsqrt": RSQRT, "sigmoid": SIGMOID, "silu": SILU,
+    **{op: _C[op] for op in ("add", "abs", "relu", "exp", "log", "sqrt", "sin", "cos")},
+    **dict.fromkeys(("sub", "rsub", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge"), _C["subtract"]),
+    "mul": _C["multiply"],
+    "div": _C["divide"],
+    "neg": _C["negate"],
+    "reciprocal": _C["inverse"],
+    "rsqrt": RSQRT,
+    "sigmoid": SIGMOID,
+    "silu": SILU,
 }
 # Reductions of n elements per output cost n - 1 plus this (mean divides once).
 _REDUCTIONS = {"sum": 0, "mean": 1, "amax": 0, "amin": 0, "max": 0, "min": 0, "argmax": 0, "argmin": 0}
@@ -75,11 +60,7 @@ def _numel(x: Any) -> int:
 
 
 def _first_tensor(out: Any) -> torch.Tensor | None:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)):
-        return next((o for o in out if isinstance(o, torch.Tensor)), None)
-    return None
+    return next((o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)), None)
 
 
 def _pow_cost(exponent: float) -> int:
@@ -95,7 +76,7 @@ def price(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) ->
 
     Args:
         name: The op's overload-packet name, e.g. ``addmm`` or ``add_`` (a trailing ``_`` is in-place).
-        args: Its positional arguments (tensors with their shapes).
+        args: Its positional arguments.
         kwargs: Its keyword arguments.
         out: What it returned.
     """

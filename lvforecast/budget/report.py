@@ -1,11 +1,6 @@
-"""The study's spend report (Table 12) from the FLOP ledger: markdown table, bar chart, run listing.
-
-:func:`format_report_markdown` renders :meth:`lvforecast.budget.ledger.Ledger.report` as markdown,
-:func:`plot_report` draws spend per run and per stage next to the study total against the budget (a
-:class:`matplotlib.figure.Figure`, no pyplot state), :func:`write_report` writes both (``report.md`` and
-``budget_report.png``) and :func:`format_runs` lists the runs with their owners for ``lvforecast budget show``.
-
-Importing this module touches no disk; matplotlib is imported only when a chart is drawn.
+"""The study's spend report (Table 12) from :meth:`lvforecast.budget.ledger.Ledger.report`: the markdown tables,
+the bar chart (a :class:`matplotlib.figure.Figure`, no pyplot state; matplotlib is imported only to draw it) and the
+run listing of ``lvforecast budget show``. Importing this module touches no disk.
 """
 
 from __future__ import annotations
@@ -25,16 +20,24 @@ REPORT_MD = "report.md"
 REPORT_PNG = "budget_report.png"
 
 
+# The spend columns drawn as stacked bars, with their legend labels and colours.
+_PARTS = {
+    "train": ("training", "tab:blue"),
+    "val": ("validation", "tab:orange"),
+    "inference": ("inference", "tab:green"),
+}
+
+
 def _fmt_share(share: float) -> str:
     """A share of the budget in percent, ``<0.01%`` for tiny non-zero shares."""
     pct = 100.0 * share
-    if 0 < pct < 0.005:
-        return "<0.01%"
-    return f"{pct:.2f}%"
+    return "<0.01%" if 0 < pct < 0.005 else f"{pct:.2f}%"
 
 
-def _run_label(row: dict[str, Any]) -> str:
-    return f"#{row['id']} {row['name']}"
+def _spend(row: dict[str, Any], bold: str = "") -> str:
+    """The training | validation | inference | total | share cells of a report row; ``bold`` marks the last two."""
+    parts = f"{_fmt(row['train'])} | {_fmt(row['val'])} | {_fmt(row['inference'])}"
+    return f"{parts} | {bold}{_fmt(row['total'])}{bold} | {bold}{_fmt_share(row['share'])}{bold}"
 
 
 def stage_label(stage: dict[str, Any]) -> str:
@@ -45,36 +48,23 @@ def stage_label(stage: dict[str, Any]) -> str:
 
 
 def format_stages_markdown(report: dict[str, Any]) -> str:
-    """Table 12 per stage: one row per (study, stage) with its runs, spend and share, and the study total.
-
-    Args:
-        report: the dict from :meth:`Ledger.report`.
-    """
-    lines = ["Table 12: FLOPs spent per stage. Inference = test + generation.", "",
-             "| stage | runs | training | validation | inference | total | share of budget |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for g in report["stages"]:
-        lines.append(f"| {stage_label(g)} | {len(g['runs'])} | {_fmt(g['train'])} | {_fmt(g['val'])} "
-                     f"| {_fmt(g['inference'])} | {_fmt(g['total'])} | {_fmt_share(g['share'])} |")
-    t = report["totals"]
-    lines.append(f"| **total** | {len(report['runs'])} | {_fmt(t['train'])} | {_fmt(t['val'])} "
-                 f"| {_fmt(t['inference'])} | **{_fmt(t['total'])}** | **{_fmt_share(t['share'])}** |")
+    """Table 12 per stage of a :meth:`Ledger.report`: its runs, spend and share, and the study total."""
+    lines = [
+        "Table 12: FLOPs spent per stage. Inference = test + generation.",
+        "",
+        "| stage | runs | training | validation | inference | total | share of budget |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {stage_label(g)} | {len(g['runs'])} | {_spend(g)} |" for g in report["stages"]]
+    lines.append(f"| **total** | {len(report['runs'])} | {_spend(report['totals'], '**')} |")
     lines.append(f"| budget | | | | | {_fmt(report['budget'])} | 100.00% |")
     return "\n".join(lines) + "\n"
 
 
 def format_report_markdown(report: dict[str, Any]) -> str:
-    """Render :meth:`Ledger.report` as the markdown Table 12: per stage, then every run under its stage.
-
-    Args:
-        report: the dict from :meth:`Ledger.report`.
-
-    Returns:
-        Markdown: the per-stage table (:func:`format_stages_markdown`), then a caption and the run table (run |
-        sweep | status | training | validation | inference | total | share of budget), its runs under a row
-        naming their stage when any run has one, with total, reserved (when runs are live), budget and
-        remaining rows, and a refused-attempts note.
-    """
+    """The markdown Table 12 of a :meth:`Ledger.report`: the per-stage table, then every run under a row naming
+    its stage (when any run has one), the total, reserved (when runs are live), budget and remaining rows, and
+    the refused attempts."""
     budget = report["budget"]
     lines = [
         format_stages_markdown(report),
@@ -89,16 +79,11 @@ def format_report_markdown(report: dict[str, Any]) -> str:
         if staged:
             lines.append(f"| *{stage_label(g)}* | | | | | | | |")
         for r in (by_id[i] for i in g["runs"]):
-            lines.append(f"| {_run_label(r)} | {r['sweep'] or ''} | {r['status']} | {_fmt(r['train'])} "
-                         f"| {_fmt(r['val'])} | {_fmt(r['inference'])} | {_fmt(r['total'])} "
-                         f"| {_fmt_share(r['share'])} |")
-    t = report["totals"]
-    lines.append(f"| **total** | | | {_fmt(t['train'])} | {_fmt(t['val'])} | {_fmt(t['inference'])} "
-                 f"| **{_fmt(t['total'])}** | **{_fmt_share(t['share'])}** |")
-    if report["reserved_outstanding"]:
-        out = report["reserved_outstanding"]
-        lines.append(f"| reserved by running runs | | | | | | {_fmt(out)} | {_fmt_share(out / budget)} |")
-    lines.append(f"| budget | | | | | | {_fmt(budget)} | 100.00% |")
+            lines.append(f"| #{r['id']} {r['name']} | {r['sweep'] or ''} | {r['status']} | {_spend(r)} |")
+    lines.append(f"| **total** | | | {_spend(report['totals'], '**')} |")
+    for name, flops in (("reserved by running runs", report["reserved_outstanding"]), ("budget", budget)):
+        if flops:
+            lines.append(f"| {name} | | | | | | {_fmt(flops)} | {_fmt_share(flops / budget)} |")
     lines.append(f"| remaining | | | | | | {_fmt(report['remaining'])} | {_fmt_share(report['remaining'] / budget)} |")
     if report["refused"]:
         names = ", ".join(f"#{r['id']} {r['name']} ({_fmt(r['planned'])})" for r in report["refused"])
@@ -107,10 +92,8 @@ def format_report_markdown(report: dict[str, Any]) -> str:
 
 
 def _chart_labels(runs: Sequence[dict[str, Any]], width: int = 48) -> list[str]:
-    """Short y labels: run names made of Hydra overrides (``a=1,b=2``) lose the overrides every run shares.
-
-    The full names stay in the markdown table; the chart only needs what tells the bars apart.
-    """
+    """Short y labels: run names made of Hydra overrides (``a=1,b=2``) lose the overrides every run shares (the
+    markdown table keeps the full names)."""
     parts = [str(r["name"]).split(",") for r in runs]
     common = set.intersection(*(set(p) for p in parts)) if len(parts) > 1 else set()
     labels = []
@@ -121,50 +104,54 @@ def _chart_labels(runs: Sequence[dict[str, Any]], width: int = 48) -> list[str]:
     return labels
 
 
+def _bars(ax: Any, rows: list[dict[str, Any]], ylabels: list[str], notes: list[str], title: str) -> float:
+    """Each row's spend as one stacked horizontal bar with a note at its end; the longest bar."""
+    y = list(range(len(rows)))
+    left = [0.0] * len(rows)
+    for key, (label, color) in _PARTS.items():
+        widths = [float(r[key]) for r in rows]
+        ax.barh(y, widths, left=left, color=color, label=label)
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    for yi, r, note in zip(y, rows, notes, strict=True):
+        ax.text(r["total"], yi, note, va="center", fontsize=8)
+    ax.set_yticks(y, ylabels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("FLOPs")
+    ax.set_title(title)
+    return max(left, default=0.0)
+
+
 def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Draw spend per run as stacked bars (training / validation / inference) next to the study total vs budget.
-
-    Args:
-        report: the dict from :meth:`Ledger.report`.
-        path: PNG file to write.
-
-    Returns:
-        The path written.
-    """
+    """Draw a :meth:`Ledger.report` into the PNG ``path`` (returned): spend per run and per stage as stacked bars,
+    and the study total against the budget."""
     from matplotlib.figure import Figure  # lazy: a heavy import, and only the chart needs it
 
-    colors = {"train": "tab:blue", "val": "tab:orange", "inference": "tab:green"}
-    labels = {"train": "training", "val": "validation", "inference": "inference"}
-    runs = report["runs"]
-    budget = report["budget"]
+    runs, stages, budget, t = report["runs"], report["stages"], report["budget"], report["totals"]
     fig = Figure(figsize=(15, max(3.5, 0.35 * len(runs) + 2.0)), layout="constrained")
     grid = fig.add_gridspec(1, 3, width_ratios=[4, 2.5, 1])
     ax, ax_stage, ax_total = fig.add_subplot(grid[0]), fig.add_subplot(grid[1]), fig.add_subplot(grid[2])
-    _plot_stages(ax_stage, report, colors, labels)
-
+    notes = [f" {_fmt_share(g['share'])}" for g in stages]
+    longest = _bars(ax_stage, stages, [stage_label(g) for g in stages], notes, "spend per stage vs budget")
+    ax_stage.axvline(budget, color="red", linestyle="--", label=f"budget {_fmt(budget)}")
+    ax_stage.set_xlim(0, max(budget, longest) * 1.15)
+    ax_stage.legend(loc="lower right", fontsize=7)
     if runs:
-        y, left = _stacked_bars(ax, runs, colors, labels)
-        for yi, r in zip(y, runs, strict=True):
-            ax.text(r["total"], yi, f" {_fmt(r['total'])} ({_fmt_share(r['share'])})", va="center", fontsize=8)
-        ax.set_yticks(y, _chart_labels(runs), fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xlim(0, max(left) * 1.35 or 1.0)
+        notes = [f" {_fmt(r['total'])} ({_fmt_share(r['share'])})" for r in runs]
+        ax.set_xlim(0, _bars(ax, runs, _chart_labels(runs), notes, "spend per run") * 1.35 or 1.0)
         ax.legend(loc="lower right", fontsize=8)
     else:
         ax.text(0.5, 0.5, "no runs yet", ha="center", va="center", transform=ax.transAxes)
         ax.set_yticks([])
-    ax.set_xlabel("FLOPs")
-    ax.set_title("spend per run")
+        ax.set_xlabel("FLOPs")
+        ax.set_title("spend per run")
 
-    t = report["totals"]
     bottom = 0.0
-    for key in ("train", "val", "inference"):
-        ax_total.bar(0, t[key], bottom=bottom, color=colors[key])
+    for key, (_, color) in _PARTS.items():
+        ax_total.bar(0, t[key], bottom=bottom, color=color)
         bottom += t[key]
-    if report["reserved_outstanding"]:
-        ax_total.bar(0, report["reserved_outstanding"], bottom=bottom, color="none", edgecolor="gray", hatch="//",
-                     label="reserved")
-        bottom += report["reserved_outstanding"]
+    if reserved := report["reserved_outstanding"]:
+        ax_total.bar(0, reserved, bottom=bottom, color="none", edgecolor="gray", hatch="//", label="reserved")
+        bottom += reserved
     ax_total.axhline(budget, color="red", linestyle="--", label=f"budget {_fmt(budget)}")
     ax_total.set_ylim(0, max(budget, bottom) * 1.1)
     ax_total.set_xticks([0], ["study"])
@@ -178,57 +165,9 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     return out
 
 
-def _stacked_bars(ax: Any, rows: list[dict[str, Any]], colors: dict[str, str],
-                  labels: dict[str, str]) -> tuple[list[int], list[float]]:
-    """Training / validation / inference FLOPs of each row as one stacked horizontal bar; (positions, bar ends)."""
-    y = list(range(len(rows)))
-    left = [0.0] * len(rows)
-    for key in ("train", "val", "inference"):
-        widths = [float(r[key]) for r in rows]
-        ax.barh(y, widths, left=left, color=colors[key], label=labels[key])
-        left = [a + b for a, b in zip(left, widths, strict=True)]
-    return y, left
-
-
-def _plot_stages(ax: Any, report: dict[str, Any], colors: dict[str, str], labels: dict[str, str]) -> None:
-    """Spend per stage as stacked horizontal bars, against the budget (a dashed line)."""
-    stages = report["stages"]
-    budget = report["budget"]
-    y, left = _stacked_bars(ax, stages, colors, labels)
-    for yi, g in zip(y, stages, strict=True):
-        ax.text(g["total"], yi, f" {_fmt_share(g['share'])}", va="center", fontsize=8)
-    ax.axvline(budget, color="red", linestyle="--", label=f"budget {_fmt(budget)}")
-    ax.set_yticks(y, [stage_label(g) for g in stages], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlim(0, max(budget, max(left, default=0.0)) * 1.15)
-    ax.set_xlabel("FLOPs")
-    ax.set_title("spend per stage vs budget")
-    ax.legend(loc="lower right", fontsize=7)
-
-
-def write_report(ledger: Ledger, out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """Write ``report.md`` (Table 12) and ``budget_report.png`` (spend per run) into ``out_dir``.
-
-    Args:
-        ledger: the study ledger.
-        out_dir: directory to write into (created if missing).
-
-    Returns:
-        (markdown path, PNG path).
-    """
-    return write_report_files(ledger.report(), out_dir)
-
-
 def write_report_files(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``budget_report.png`` for an already computed :meth:`Ledger.report`.
-
-    Args:
-        report: the dict from :meth:`Ledger.report`.
-        out_dir: directory to write into (created if missing).
-
-    Returns:
-        (markdown path, PNG path).
-    """
+    """Write ``report.md`` and ``budget_report.png`` of a :meth:`Ledger.report` into ``out_dir`` (created if
+    missing); the two paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = out / REPORT_MD
@@ -239,19 +178,21 @@ def write_report_files(report: dict[str, Any], out_dir: str | os.PathLike[str]) 
 
 
 def format_runs(ledger: Ledger, runs: list[dict[str, Any]]) -> str:
-    """The run listing of ``lvforecast budget show``: a markdown table and a budget / spent / remaining line.
-
-    Args:
-        ledger: the study ledger.
-        runs: its :meth:`Ledger.runs`.
-    """
-    lines = ["| id | run | sweep | status | host:pid | planned | charged | owner |",
-             "|---:|---|---|---|---|---:|---:|---|"]
+    """The listing of ``lvforecast budget show``: the ledger's :meth:`Ledger.runs` as a markdown table and a
+    budget / spent / remaining line."""
+    lines = [
+        "| id | run | sweep | status | host:pid | planned | charged | owner |",
+        "|---:|---|---|---|---|---:|---:|---|",
+    ]
     for r in runs:
         owner = {None: "", True: "alive", False: "dead"}[r["owner_alive"]]
-        lines.append(f"| {r['id']} | {r['name']} | {r['sweep'] or ''} | {r['status']} | {r['host']}:{r['pid']} "
-                     f"| {_fmt(r['planned_flops'])} | {_fmt(r['charged_flops'])} | {owner} |")
+        lines.append(
+            f"| {r['id']} | {r['name']} | {r['sweep'] or ''} | {r['status']} | {r['host']}:{r['pid']} "
+            f"| {_fmt(r['planned_flops'])} | {_fmt(r['charged_flops'])} | {owner} |"
+        )
     lines.append("")
-    lines.append(f"budget {_fmt(ledger.budget)}, spent {_fmt(sum(r['charged_flops'] for r in runs))}, "
-                 f"remaining {_fmt(ledger.remaining())} (ledger {ledger.path}, journal {ledger.journal_mode})")
+    lines.append(
+        f"budget {_fmt(ledger.budget)}, spent {_fmt(sum(r['charged_flops'] for r in runs))}, "
+        f"remaining {_fmt(ledger.remaining())} (ledger {ledger.path}, journal {ledger.journal_mode})"
+    )
     return "\n".join(lines) + "\n"

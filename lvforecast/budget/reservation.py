@@ -1,11 +1,6 @@
-"""One run's hold on the study budget, made once before any weights load.
-
-A :class:`Reservation` is what training and evaluation carry from planning to the end of a run: the plan it
-reserved, the :class:`~lvforecast.budget.planning.Pricing` the plan was priced with, the ledger, the ledger's run
-id and the FLOPs reserved. It is frozen: nothing downstream re-derives or re-reads any of it.
-:meth:`Reservation.held` is the one place a run's ledger row is finished, with the status the run reports on
-success, ``interrupted`` after SIGTERM/SIGINT and ``failed`` on any other exception, so no caller repeats the
-open / try / finish dance.
+"""One run's hold on the study budget, made once before any weights load: a frozen :class:`Reservation` carries
+the plan, its pricing, the ledger run and the FLOPs reserved to the end of the run, and :meth:`Reservation.held`
+is the one place its ledger row is finished. Rank 0 of a distributed run publishes it for the other ranks.
 """
 
 from __future__ import annotations
@@ -29,14 +24,10 @@ class Reservation:
     """A run's reserved FLOPs and everything its charges are priced with.
 
     Attributes:
-        plan: The planned work (a training :class:`~lvforecast.budget.planning.Plan` or a generation plan);
-            ``plan.as_dict()`` is what the ledger stores.
-        pricing: What the plan was priced with, and every charge is (model shape, LoRA spec, conventions).
-        ledger: The study's ledger.
-        run_id: This run's row in the ledger.
+        plan: The planned work (a training :class:`~lvforecast.budget.planning.Plan` or a generation plan).
+        pricing: What the plan and every charge are priced with.
         reserved: FLOPs reserved (the plan's total, or ``budget.run_cap_flops``).
-        leader: False on the ranks of a distributed run other than 0: they hold no ledger run of their own (the
-            budget callback learns rank 0's id) and never write the ledger.
+        leader: False on ranks other than 0 of a distributed run: they own no ledger run and never write it.
     """
 
     plan: Any
@@ -47,17 +38,28 @@ class Reservation:
     leader: bool = True
 
     @classmethod
-    def open(cls, ledger: Ledger, name: str, plan: Any, pricing: Pricing, *, reserve: int | None = None,
-             sweep: str | None = None, config_hash: str | None = None, study: str | None = None,
-             stage: str | None = None) -> Reservation:
+    def open(
+        cls,
+        ledger: Ledger,
+        name: str,
+        plan: Any,
+        pricing: Pricing,
+        *,
+        reserve: int | None = None,
+        sweep: str | None = None,
+        config_hash: str | None = None,
+        study: str | None = None,
+        stage: str | None = None,
+    ) -> Reservation:
         """Reserve ``reserve`` (default: the plan's total) FLOPs as a new ledger run.
 
         Raises:
             lvforecast.budget.ledger.BudgetExceededError: The ledger cannot cover it (recorded as ``refused``).
         """
         flops = int(plan.total if reserve is None else reserve)
-        run_id = ledger.open_run(name, flops, sweep=sweep, config_hash=config_hash, plan=plan.as_dict(), study=study,
-                                 stage=stage)
+        run_id = ledger.open_run(
+            name, flops, sweep=sweep, config_hash=config_hash, plan=plan.as_dict(), study=study, stage=stage
+        )
         return cls(plan=plan, pricing=pricing, ledger=ledger, run_id=run_id, reserved=flops)
 
     @classmethod
@@ -67,11 +69,7 @@ class Reservation:
 
     @contextmanager
     def held(self) -> Iterator[RunOutcome]:
-        """Finish the ledger run on the way out: the outcome's status on success, ``interrupted`` when a signal
-        stopped the run (charges kept, the unspent reservation released), ``failed`` on any other exception.
-
-        A follower (``leader=False``) finishes nothing: rank 0 owns the run.
-        """
+        """:meth:`lvforecast.budget.ledger.Ledger.hold` of this run; a follower finishes nothing (rank 0 owns it)."""
         if not self.leader:
             yield RunOutcome()
             return
@@ -120,10 +118,13 @@ def await_leader(out: Path, timeout_s: float = 600.0, poll_s: float = 0.2) -> di
         record = json.loads(raw) if raw else None
         if record is not None and record.get("launch", "") == token:
             if record["refused"]:
-                raise RuntimeError(f"rank 0 of this run was refused its reservation, so this rank stops too: "
-                                   f"{record['refused']}")
+                raise RuntimeError(
+                    f"rank 0 of this run was refused its reservation, so this rank stops too: {record['refused']}"
+                )
             return record
         if time.monotonic() >= deadline:
-            raise RuntimeError(f"rank 0 published no reservation in {path} within {timeout_s:.0f} s; it failed "
-                               f"before reserving (see its log)")
+            raise RuntimeError(
+                f"rank 0 published no reservation in {path} within {timeout_s:.0f} s; it failed "
+                f"before reserving (see its log)"
+            )
         time.sleep(poll_s)

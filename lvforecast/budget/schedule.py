@@ -55,5 +55,9 @@ class Schedule:
         return sum(hits), hits[-1]
 
     def as_dict(self) -> dict[str, int | None]:
-        return {"accumulate": self.accumulate, "epoch_batches": self.epoch_batches,
-                "val_check_batch": self.val_check_batch, "every_n_epochs": self.every_n_epochs}
+        return {
+            "accumulate": self.accumulate,
+            "epoch_batches": self.epoch_batches,
+            "val_check_batch": self.val_check_batch,
+            "every_n_epochs": self.every_n_epochs,
+        }

@@ -1,10 +1,7 @@
-"""What a FLOP count is counted over: model shape, counting conventions and LoRA adapters.
-
-:class:`ModelShape` holds the architecture facts (read from a Hugging Face config, :data:`BUILTIN`, or a loaded
-model via :func:`shape_of`), :class:`Conventions` the counting switches and :class:`LoRASpec` the adapters whose
-cost is added. The formulas that use them, and the meaning of every switch, are in
-:mod:`lvforecast.budget.formulas`. Pure: no torch import; only :func:`resolve_shape` reads a ``config.json`` it is
-pointed at.
+"""What a FLOP count is counted over: :class:`ModelShape` (architecture facts, from a Hugging Face config,
+:data:`BUILTIN` or a loaded model), :class:`Conventions` (the counting switches) and :class:`LoRASpec` (the
+adapters, logit bias and head rows whose cost is added). The formulas, and what every switch means, are in
+:mod:`lvforecast.budget.formulas`. Pure: no torch; only :func:`resolve_config` reads a file it is pointed at.
 """
 
 from __future__ import annotations
@@ -26,8 +23,7 @@ _SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "mistral")
 
 #: Rows of the ``model.head=alphabet`` head.
 ALPHABET_SIZE = len(ALPHABET)
-#: Output heads (``model.head``, ``forecast.head``): every vocabulary row of the output matrix, or only the
-#: alphabet's (``LoRASpec.head_rows``).
+#: Output heads (``model.head``, ``forecast.head``): every vocabulary row, or only the alphabet's.
 Head = Literal["full", "alphabet"]
 HEADS: tuple[str, ...] = get_args(Head)
 
@@ -39,20 +35,12 @@ NormForm = Literal["divide", "rsqrt"]
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The architecture facts a FLOP count needs.
+    """The architecture facts a FLOP count needs; sizes are the formulas' symbols ``L D H G d M V``.
 
     Attributes:
-        n_layers: Decoder layers ``L``.
-        hidden: Hidden width ``D``.
-        n_heads: Query heads ``H``.
-        n_kv_heads: Key/value heads ``G`` (divides ``H``).
-        head_dim: Head dimension ``d``.
-        intermediate: SwiGLU width ``M``.
-        vocab: Vocabulary ``V`` (lm_head rows).
-        qkv_bias: q/k/v projections carry a bias (Qwen2: yes).
+        n_kv_heads: Key/value heads ``G``, which divides ``n_heads``.
+        qkv_bias, o_bias, mlp_bias: Which projections carry a bias (q/k/v; o_proj; gate/up/down).
         tied: lm_head shares the embedding matrix (changes parameters, not forward FLOPs).
-        o_bias: o_proj carries a bias (Llama ``attention_bias``).
-        mlp_bias: gate/up/down carry a bias (Llama ``mlp_bias``).
     """
 
     n_layers: int
@@ -80,7 +68,7 @@ class ModelShape:
 
     @classmethod
     def from_hf_config(cls, config: Any) -> ModelShape:
-        """Read a Qwen2/Llama/Mistral Hugging Face config (a ``PretrainedConfig`` or its ``config.json`` dict).
+        """Read a Qwen2/Llama/Mistral config (a ``PretrainedConfig`` or its ``config.json`` dict).
 
         Raises:
             ValueError: Not a supported family, a non-SiLU MLP, or a missing size key (named in the message).
@@ -95,8 +83,11 @@ class ModelShape:
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
             raise UserError(f"config hidden_act={act!r}: only 'silu' (SwiGLU) is counted")
-        missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
-                               "vocab_size") if cfg.get(k) is None]
+        missing = [
+            k
+            for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
+            if cfg.get(k) is None
+        ]
         if missing:
             raise UserError(f"config is missing {', '.join(missing)}")
         heads = cfg["num_attention_heads"]
@@ -117,16 +108,29 @@ class ModelShape:
         )
 
 
-#: The size keys of the built-in models' hub ``config.json`` files (Qwen/Qwen2.5-0.5B-Instruct,
-#: HuggingFaceTB/SmolLM2-135M-Instruct), so the CLI needs neither weights, transformers nor the network; the rest
-#: of each file is transformers' default for its ``model_type``.
+#: The size keys of the built-in models' hub ``config.json`` (Qwen/Qwen2.5-0.5B-Instruct,
+#: HuggingFaceTB/SmolLM2-135M-Instruct), so the CLI needs no weights, transformers or network.
 BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
-    "qwen2.5-0.5b": {"model_type": "qwen2", "num_hidden_layers": 24, "hidden_size": 896, "num_attention_heads": 14,
-                     "num_key_value_heads": 2, "intermediate_size": 4864, "vocab_size": 151936,
-                     "tie_word_embeddings": True},
-    "smollm2-135m": {"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9,
-                     "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152,
-                     "tie_word_embeddings": True},
+    "qwen2.5-0.5b": {
+        "model_type": "qwen2",
+        "num_hidden_layers": 24,
+        "hidden_size": 896,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "intermediate_size": 4864,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+    },
+    "smollm2-135m": {
+        "model_type": "llama",
+        "num_hidden_layers": 30,
+        "hidden_size": 576,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "intermediate_size": 1536,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+    },
 }
 #: Built-in architecture facts, by name.
 BUILTIN: dict[str, ModelShape] = {name: ModelShape.from_hf_config(cfg) for name, cfg in BUILTIN_CONFIGS.items()}
@@ -134,17 +138,8 @@ BUILTIN: dict[str, ModelShape] = {name: ModelShape.from_hf_config(cfg) for name,
 
 @dataclass(frozen=True)
 class Conventions:
-    """Counting conventions; each default is the study brief's, see the module docstring.
-
-    Attributes:
-        attention: ``mha`` (K and V as wide as Q) or ``gqa`` (real key/value widths).
-        mask: ``full`` (all N x N scores), ``causal`` (lower triangle only) or ``additive`` (all scores plus
-            one mask addition per score: what eager attention runs).
-        rope: ``add`` (one addition per hidden element at the input), ``rotate`` (2 mul + 1 add per element
-            of q and k) or ``rotate_half`` (``rotate`` plus the negation Hugging Face's ``rotate_half`` does).
-        norm: RMSNorm as ``divide`` (``4D + 11``) or ``rsqrt`` (``4D + 12``, as implemented).
-        count_loss: Add the cross-entropy of the project's loss to a forward.
-    """
+    """Counting conventions (``attention``, ``mask``, ``rope``, ``norm``: see :mod:`lvforecast.budget.formulas`);
+    each default is the study brief's. ``count_loss`` adds the project's loss to a forward."""
 
     attention: AttentionWidth = "mha"
     mask: MaskForm = "full"
@@ -167,26 +162,26 @@ class Conventions:
 
     def describe(self) -> str:
         """One line, e.g. ``attention=mha mask=full rope=add norm=divide loss=off``."""
-        return (f"attention={self.attention} mask={self.mask} rope={self.rope} norm={self.norm} "
-                f"loss={'on' if self.count_loss else 'off'}")
+        return (
+            f"attention={self.attention} mask={self.mask} rope={self.rope} norm={self.norm} "
+            f"loss={'on' if self.count_loss else 'off'}"
+        )
 
 
-#: The study brief's conventions (every :class:`Conventions` default); the formulas' default argument.
+#: The study brief's conventions; the formulas' default argument.
 DEFAULT_CONVENTIONS = Conventions()
 
 
 @dataclass(frozen=True)
 class LoRASpec:
-    """What the fine-tuning module adds to the base model: LoRA adapters, the optional output-logit bias, and
-    which output head it runs.
+    """What the fine-tuning module adds to the base model.
 
     Attributes:
         rank: LoRA rank ``r`` >= 1.
         targets: Wrapped linear layers of every decoder layer, names from :data:`PROJECTIONS`.
-        logit_bias: A bias added to every output logit (``B N V`` additions, ``B N A`` with ``head_rows``).
-        head_rows: ``None``: the full lm_head over the vocabulary ``V`` (``model.head=full``); an int ``A``: only
-            ``A`` gathered rows of it, e.g. the 13 LLMTIME characters (``model.head=alphabet``), which also
-            shrinks the logit bias and the loss to ``A`` columns.
+        logit_bias: A bias added to every output logit.
+        head_rows: None: the full lm_head (``model.head=full``); an int ``A``: only ``A`` gathered rows of it,
+            e.g. the 13 LLMTIME characters (``model.head=alphabet``), which also shrinks the bias and the loss.
     """
 
     rank: int
@@ -207,8 +202,9 @@ class LoRASpec:
         object.__setattr__(self, "targets", tuple(p for p in PROJECTIONS if p in targets))
 
     @classmethod
-    def from_peft(cls, model: Any, logit_bias: bool = False, adapter: str = "default",
-                  head_rows: int | None = None) -> LoRASpec:
+    def from_peft(
+        cls, model: Any, logit_bias: bool = False, adapter: str = "default", head_rows: int | None = None
+    ) -> LoRASpec:
         """Read rank and targets from a ``peft.PeftModel``'s ``peft_config[adapter]`` (the rest is given).
 
         Raises:
@@ -220,9 +216,7 @@ class LoRASpec:
         cfg = configs[adapter]
         if getattr(cfg, "rank_pattern", None):
             raise UserError(f"peft rank_pattern={cfg.rank_pattern!r}: per-layer ranks are not counted")
-        targets = cfg.target_modules
-        return cls(rank=cfg.r, targets=(targets,) if isinstance(targets, str) else tuple(targets),
-                   logit_bias=logit_bias, head_rows=head_rows)
+        return cls(rank=cfg.r, targets=cfg.target_modules, logit_bias=logit_bias, head_rows=head_rows)
 
 
 def shape_of(model: Any) -> ModelShape:
@@ -236,10 +230,8 @@ def shape_of(model: Any) -> ModelShape:
     return ModelShape.from_hf_config(config)
 
 
-
 def resolve_config(model: str) -> dict[str, Any]:
-    """The Hugging Face config fields of a built-in name (:data:`BUILTIN_CONFIGS`), a ``config.json`` path, or a
-    directory holding one.
+    """The Hugging Face config fields of a built-in name, a ``config.json`` path, or a directory holding one.
 
     Raises:
         ValueError: Unknown name or unreadable file.
@@ -261,9 +253,5 @@ def resolve_config(model: str) -> dict[str, Any]:
 
 
 def resolve_shape(model: str) -> ModelShape:
-    """The :class:`ModelShape` of :func:`resolve_config`'s config.
-
-    Raises:
-        ValueError: Unknown name, unreadable file, or an unsupported config.
-    """
+    """The :class:`ModelShape` of :func:`resolve_config`'s config (its errors, or an unsupported config's)."""
     return ModelShape.from_hf_config(resolve_config(model))

@@ -1,8 +1,5 @@
-"""The SQLite layer of the FLOP ledger: schema, migrations, connections, transactions, I/O errors, shared queries.
-
-:class:`lvforecast.budget.ledger.Ledger` is the API; this module holds what it stores and how. Every connection is
-opened per operation (``isolation_level=None``, explicit ``BEGIN``/``COMMIT``, ``busy_timeout``) and closed after.
-Importing this module touches no disk.
+"""The SQLite layer of the FLOP ledger (:class:`lvforecast.budget.ledger.Ledger` is the API): schema, migrations,
+connections, transactions, I/O errors and the queries several operations share. Importing it touches no disk.
 """
 
 from __future__ import annotations
@@ -14,11 +11,11 @@ import numbers
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from lvforecast.budget.liveness import owner_alive
+from lvforecast.budget.liveness import run_alive
 from lvforecast.budget.status import RUN_STATUSES, RunStatus
 from lvforecast.errors import UserError
 
@@ -82,7 +79,7 @@ CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
 
 
 def as_flops(value: Any, what: str) -> int:
-    """Validate a FLOP count: a finite real >= 0 and < 2**63, rounded to an integer.
+    """A FLOP count (a finite real >= 0 and < 2**63) rounded to an integer.
 
     Raises:
         TypeError: not a real number (or a bool).
@@ -99,12 +96,7 @@ def as_flops(value: Any, what: str) -> int:
 
 
 def as_count(value: Any, what: str) -> int:
-    """Validate a count (steps, tokens, a run id): an integer >= 0 and < 2**63.
-
-    Raises:
-        TypeError: not an integer (or a bool).
-        ValueError: negative or too large for an SQLite INTEGER.
-    """
+    """A count (steps, tokens, a run id): an integer >= 0 and < 2**63; errors as :func:`as_flops`."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
     if not 0 <= int(value) < INT_LIMIT:
@@ -113,16 +105,11 @@ def as_count(value: Any, what: str) -> int:
 
 
 def create_study(conn: sqlite3.Connection, budget: int | None, created_by: str) -> tuple[int, int] | None:
-    """Create the tables if missing and, in a new file, the study row holding ``budget``.
-
-    Args:
-        conn: a connection inside a write transaction.
-        budget: the budget to store in a new file; None stores nothing.
-        created_by: ``host:pid`` of the creating process.
+    """Create the tables if missing (migrating an older file) and, in a new file, the study row holding ``budget``.
 
     Returns:
         (stored budget, schema version), or None when the file holds no study and ``budget`` is None (the caller
-        raises, rolling the tables back).
+        raises inside ``conn``'s write transaction, rolling the tables back).
     """
     for statement in SCHEMA.split(";"):
         if statement.strip():
@@ -132,19 +119,16 @@ def create_study(conn: sqlite3.Connection, budget: int | None, created_by: str) 
         row = (row[0], migrate(conn, row[1]))
     if row is None and budget is not None:
         row = (budget, SCHEMA_VERSION)
-        conn.execute("INSERT INTO study (id, budget_flops, schema_version, created_at, created_by) "
-                     "VALUES (1, ?, ?, ?, ?)", (budget, SCHEMA_VERSION, time.time(), created_by))
+        conn.execute(
+            "INSERT INTO study (id, budget_flops, schema_version, created_at, created_by) VALUES (1, ?, ?, ?, ?)",
+            (budget, SCHEMA_VERSION, time.time(), created_by),
+        )
     return row
 
 
 def migrate(conn: sqlite3.Connection, version: int) -> int:
-    """Bring a ledger of schema ``version`` up to :data:`SCHEMA_VERSION` (inside the caller's write transaction).
-
-    Only nullable columns are ever added, so old rows stay valid and old charges keep their meaning.
-
-    Returns:
-        The new schema version.
-    """
+    """Bring a ledger of schema ``version`` up to :data:`SCHEMA_VERSION`, inside the caller's write transaction;
+    only nullable columns are ever added, so old rows stay valid. Returns the new version."""
     for step in range(version + 1, SCHEMA_VERSION + 1):
         for table, column, kind in MIGRATIONS.get(step, ()):
             have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
@@ -168,9 +152,8 @@ def table_sql(table: str) -> str:
 def rebuild(conn: sqlite3.Connection, tables: tuple[str, ...]) -> None:
     """Copy ``tables`` (parents first) into their definitions in :data:`SCHEMA`, inside the caller's transaction.
 
-    Foreign keys stay on (a transaction cannot switch them off): the old tables are renamed aside, which points
-    the old children at the old parents, the new tables are created and filled with the same rows (same ids, so
-    every charge still points at its run), and the old ones dropped children first.
+    Foreign keys stay on (a transaction cannot switch them off), so the old tables are renamed aside, the new ones
+    filled with the same rows and ids, and the old ones dropped children first.
     """
     columns = {t: ", ".join(r[1] for r in conn.execute(f"PRAGMA table_info({t})")) for t in tables}
     for table in reversed(tables):
@@ -189,8 +172,9 @@ def rebuild(conn: sqlite3.Connection, tables: tuple[str, ...]) -> None:
 # -- connections ----------------------------------------------------------------------------------------------
 
 
-def connect(path: Path, timeout_s: float, journal_mode: str | None, apply_journal_mode: bool = True
-            ) -> sqlite3.Connection:
+def connect(
+    path: Path, timeout_s: float, journal_mode: str | None, apply_journal_mode: bool = True
+) -> sqlite3.Connection:
     """A new autocommit connection with the busy timeout, foreign keys and (for rollback modes) the journal mode."""
     conn = sqlite3.connect(path, timeout=timeout_s, isolation_level=None)
     conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
@@ -202,17 +186,16 @@ def connect(path: Path, timeout_s: float, journal_mode: str | None, apply_journa
 
 
 @contextlib.contextmanager
-def transaction(path: Path, timeout_s: float, journal_mode: str | None, immediate: bool = True
-                ) -> Iterator[sqlite3.Connection]:
+def transaction(
+    path: Path, timeout_s: float, journal_mode: str | None, immediate: bool = True
+) -> Iterator[sqlite3.Connection]:
     """One transaction on a fresh connection: committed on normal exit, rolled back on an exception.
 
     ``immediate`` takes the write lock at BEGIN, so a read-check-write sequence cannot interleave with another
     writer's; plain reads use a deferred BEGIN for a consistent snapshot.
 
     Raises:
-        UserError: SQLite cannot open, read or write the file (not a database, damaged, read-only, in a read-only
-            folder, locked past the timeout): :func:`io_error`'s one message. A broken constraint
-            (``IntegrityError``) is a bug and propagates.
+        UserError: SQLite cannot use the file (:func:`io_error`). A broken constraint is a bug and propagates.
     """
     try:
         with contextlib.closing(connect(path, timeout_s, journal_mode)) as conn:
@@ -233,16 +216,14 @@ def transaction(path: Path, timeout_s: float, journal_mode: str | None, immediat
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 # What to change, in each command's words.
-LEDGER_FIX = ("point budget.ledger_path=PATH (train.py, evaluate.py), --ledger PATH (lvforecast budget) or "
-              "$LVFORECAST_LEDGER at a writable ledger file")
+LEDGER_FIX = (
+    "point budget.ledger_path=PATH (train.py, evaluate.py), --ledger PATH (lvforecast budget) or "
+    "$LVFORECAST_LEDGER at a writable ledger file"
+)
 
 
 def inspect_path(path: Path) -> str | None:
-    """What is wrong with ``path`` as a ledger file, judged from the file system alone (None: nothing seen).
-
-    A folder, a file that is not SQLite (its first bytes), a file that is too short to be one, a read-only file
-    or a file in a read-only folder (SQLite writes its journal beside the file).
-    """
+    """What is wrong with ``path`` as a ledger file, judged from the file system alone (None: nothing seen)."""
     path = Path(path)
     if path.is_dir():
         return "it is a folder, not a file"
@@ -271,8 +252,10 @@ def io_error(path: Path, err: sqlite3.Error) -> UserError:
     if found is None and ("malformed" in text or "not a database" in text):
         found = "it is a damaged SQLite file"
     if "locked" in text or "busy" in text:
-        return UserError(f"ledger {path}: another process held its write lock past the timeout ({text}); wait "
-                         f"and retry, or give this study another ledger: {LEDGER_FIX}")
+        return UserError(
+            f"ledger {path}: another process held its write lock past the timeout ({text}); wait "
+            f"and retry, or give this study another ledger: {LEDGER_FIX}"
+        )
     detail = f"{found} (sqlite: {text})" if found else f"sqlite: {text}"
     return UserError(f"ledger {path} is not a usable ledger: {detail}; {LEDGER_FIX}")
 
@@ -290,70 +273,52 @@ def charged(conn: sqlite3.Connection, run_id: int) -> int:
     return conn.execute("SELECT COALESCE(SUM(flops), 0) FROM charges WHERE run_id = ?", (run_id,)).fetchone()[0]
 
 
-def running(conn: sqlite3.Connection) -> list[sqlite3.Row]:
-    """Running runs, oldest first: id, host, boot_id, pid, pid_start, reserved_flops and charged FLOPs."""
+def rows(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    """The rows of a query, readable by column name."""
     cur = conn.cursor()
     cur.row_factory = sqlite3.Row
-    return cur.execute(
+    return cur.execute(sql, params).fetchall()
+
+
+def running(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    """Running runs, oldest first: id, host, boot_id, pid, pid_start, reserved_flops and charged FLOPs."""
+    return rows(
+        conn,
         "SELECT r.id, r.host, r.boot_id, r.pid, r.pid_start, r.reserved_flops, "
         "COALESCE((SELECT SUM(flops) FROM charges c WHERE c.run_id = r.id), 0) AS charged "
-        "FROM runs r WHERE r.status = ? ORDER BY r.id", (RunStatus.RUNNING,)
-    ).fetchall()
+        "FROM runs r WHERE r.status = ? ORDER BY r.id",
+        (RunStatus.RUNNING,),
+    )
 
 
 def outstanding(conn: sqlite3.Connection) -> int:
     """Unused reservations of live running runs."""
-    total = 0
-    for row in running(conn):
-        if owner_alive(row["host"], row["boot_id"], row["pid"], row["pid_start"]):
-            total += max(row["reserved_flops"] - row["charged"], 0)
-    return total
+    return sum(max(row["reserved_flops"] - row["charged"], 0) for row in running(conn) if run_alive(row))
 
 
 def dead_running(conn: sqlite3.Connection) -> list[int]:
     """Ids of running runs whose owner process is known dead."""
-    return [row["id"] for row in running(conn)
-            if not owner_alive(row["host"], row["boot_id"], row["pid"], row["pid_start"])]
+    return [row["id"] for row in running(conn) if not run_alive(row)]
 
 
-def release(conn: sqlite3.Connection, run_id: int, status: str) -> None:
-    """End a running run: final status, reservation shrunk to its charges, end time = now."""
+def release(conn: sqlite3.Connection, run_id: int, status: str, ended_at: float | None = None) -> None:
+    """End a running run: final status, reservation shrunk to its charges, ``ended_at`` (None: its last charge, the
+    best end time the ledger knows of a crash)."""
     conn.execute(
-        "UPDATE runs SET status = ?, ended_at = ?, "
-        "reserved_flops = COALESCE((SELECT SUM(flops) FROM charges WHERE run_id = ?), 0) "
+        "UPDATE runs SET status = ?, reserved_flops = COALESCE((SELECT SUM(flops) FROM charges WHERE run_id = ?), 0), "
+        "ended_at = COALESCE(?, (SELECT MAX(charged_at) FROM charges WHERE run_id = ?), started_at) "
         "WHERE id = ? AND status = ?",
-        (status, time.time(), run_id, run_id, RunStatus.RUNNING),
+        (status, run_id, ended_at, run_id, run_id, RunStatus.RUNNING),
     )
 
 
-def mark_crashed(conn: sqlite3.Connection, run_ids: Iterable[int]) -> list[int]:
-    """Mark running runs ``crashed``, their reservations shrunk to their charges.
-
-    Returns:
-        The ids given, in order.
-    """
-    done = []
-    for run_id in run_ids:
-        # The crash happened at or after its last charge; that is the best end time the ledger knows.
-        conn.execute(
-            "UPDATE runs SET status = ?, "
-            "reserved_flops = COALESCE((SELECT SUM(flops) FROM charges WHERE run_id = ?), 0), "
-            "ended_at = COALESCE((SELECT MAX(charged_at) FROM charges WHERE run_id = ?), started_at) "
-            "WHERE id = ? AND status = ?",
-            (RunStatus.CRASHED, run_id, run_id, run_id, RunStatus.RUNNING),
-        )
-        done.append(run_id)
-    return done
-
-
 def extend(conn: sqlite3.Connection, run_id: int, extra: int, budget: int) -> bool:
-    """Grow a running run's reservation by ``extra`` FLOPs if the study has them left (inside a write transaction).
-
-    Returns:
-        Whether the reservation grew; it does not when ``extra`` exceeds ``budget - spent - outstanding``.
-    """
+    """Grow a running run's reservation by ``extra`` FLOPs if the study has them left (inside a write transaction);
+    whether it grew."""
     if extra > budget - spent(conn) - outstanding(conn):
         return False
-    conn.execute("UPDATE runs SET reserved_flops = reserved_flops + ? WHERE id = ? AND status = ?",
-                 (extra, run_id, RunStatus.RUNNING))
+    conn.execute(
+        "UPDATE runs SET reserved_flops = reserved_flops + ? WHERE id = ? AND status = ?",
+        (extra, run_id, RunStatus.RUNNING),
+    )
     return True

@@ -14,8 +14,8 @@ from lvforecast.budget.formulas import (
     forward_flops,
     generation_flops,
     train_step_flops,
-    validation_flops,
 )
+from lvforecast.budget.planning import Pricing
 from lvforecast.budget.shapes import BUILTIN, Conventions, LoRASpec, ModelShape
 from lvforecast.cli import main as cli_main
 
@@ -150,7 +150,7 @@ def test_train_step_is_three_forwards_and_validation_one():
     train = train_step_flops(shape, 4, 64, lora, conv)
     assert train.total == 3 * fwd.total
     assert train.as_dict() == {k: 3 * v for k, v in fwd.as_dict().items()}
-    assert validation_flops(shape, 4, 64, lora, conv).total == fwd.total
+    assert Pricing(shape, lora, conv).passes([(4, 64)]) == fwd.total  # a validation batch is one forward
 
 
 def test_generation_with_cache_is_prefill_plus_decode_steps_and_cheaper():
