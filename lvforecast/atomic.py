@@ -45,12 +45,8 @@ def _fsync_dir(folder: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_writer(path: str | Path, mode: str = "w", newline: str | None = None) -> Iterator[IO[Any]]:
-    """Yield a handle on a temporary sibling of ``path``; on success it replaces ``path`` atomically.
-
-    Args:
-        path: The target file; its folder is created if missing.
-        mode: ``"w"`` (text) or ``"wb"`` (bytes).
-        newline: As for :func:`open` (``""`` for the csv module).
+    """Yield a handle (``mode`` ``"w"`` or ``"wb"``, ``newline`` as for :func:`open`) on a temporary sibling of
+    ``path``; on success it replaces ``path`` atomically. The folder is created if missing.
 
     Raises:
         UserError: Writing failed (ENOSPC, EACCES, ...): the temporary is removed and ``path`` is untouched.

@@ -42,9 +42,7 @@ def no_gpu_reason() -> str:
 def resolve_device(spec: str, key: str = "device") -> torch.device:
     """The ``torch.device`` a ``device`` value names on this machine.
 
-    Args:
-        spec: ``auto`` (the CUDA GPU when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
-        key: The config key, for the message.
+    ``spec``: ``auto`` (the CUDA GPU when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
 
     Raises:
         UserError: A misspelt value, or a GPU asked for where there is none (or ``cuda:N`` past the last one).

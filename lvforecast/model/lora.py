@@ -69,11 +69,9 @@ def apply_lora(
     dropout: float = 0.0,
     target_modules: Sequence[str] = ("q_proj", "v_proj"),
 ) -> Any:
-    """Freeze ``model`` and wrap its target linear layers with LoRA adapters.
+    """Freeze ``model`` (a ``transformers`` causal LM) and wrap its target linear layers with rank-``r`` adapters.
 
     Args:
-        model: A ``transformers`` causal LM.
-        r: LoRA rank, >= 1.
         alpha: Scaling numerator; ``None`` means ``alpha = r`` (scale 1, as the study).
         dropout: Dropout on the adapter input.
         target_modules: The linear layers to wrap, by the last component of their module path.

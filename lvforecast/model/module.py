@@ -36,21 +36,11 @@ _LAYER = re.compile(r"layers\.(\d+)\.(?:.*\.)?(\w+)\.lora_([AB])\.")
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy and the number of predicted tokens.
-
-    Args:
-        logits: (B, T, V) scores.
-        labels: (B, T) token ids, -100 where no loss is taken (padding).
-
-    Returns:
-        ``(loss_sum, n_tokens)``; position t predicts label t + 1.
-    """
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum",
-    )
+    """``(loss_sum, n_tokens)``: summed next-token cross-entropy of (B, T, V) ``logits`` against (B, T) ``labels``
+    (-100: no loss), position t predicting label t + 1."""
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, (shift_labels != IGNORE_INDEX).sum()
 
 
@@ -74,16 +64,13 @@ def label_lookup(token_ids: list[int], vocab: int) -> torch.Tensor:
 
 
 def alphabet_labels(labels: torch.Tensor, lookup: torch.Tensor, check: bool = True) -> torch.Tensor:
-    """Vocabulary-id labels -> alphabet indices (``IGNORE_INDEX`` stays), with :func:`label_lookup`'s table.
+    """(B, T) vocabulary-id labels -> alphabet indices through :func:`label_lookup`'s table; ``IGNORE_INDEX`` stays.
 
     Args:
-        labels: (B, T) vocabulary ids, ``IGNORE_INDEX`` where no loss is taken.
-        lookup: :func:`label_lookup`'s (V,) table.
-        check: Raise on a label outside the alphabet. The check reads the device (a host sync); unchecked, such a
-            label maps to ``IGNORE_INDEX`` and takes no loss.
+        check: Raise on a label outside the alphabet (a host sync); unchecked, such a label takes no loss.
 
     Raises:
-        ValueError: A label other than ``IGNORE_INDEX`` is not an alphabet token (one message, the ids named).
+        ValueError: A label other than ``IGNORE_INDEX`` is not an alphabet token (the ids named).
     """
     keep = labels != IGNORE_INDEX
     in_vocab = (labels >= 0) & (labels < lookup.numel())
@@ -155,12 +142,9 @@ class LoRAForecaster(pl.LightningModule):
         if head == "alphabet" and char_ids is None:
             raise UserError("model.head='alphabet' needs char_ids (the alphabet's token ids, LoadedModel.char_ids)")
         super().__init__()
-        # from_pretrained returns eval mode and Lightning keeps each submodule's mode, so LoRA
-        # dropout would silently stay off without this.
+        # from_pretrained returns eval mode and Lightning keeps each submodule's mode: LoRA dropout would stay off.
         self.model = model.train()
-        if compile_model:
-            # The stack is what both heads run (the full head through the model's own forward): fused kernels and
-            # fewer launches on a GPU, after a compile on the first steps.
+        if compile_model:  # the stack is what both heads run
             decoder_stack(self.model).compile()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -191,8 +175,7 @@ class LoRAForecaster(pl.LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) ids -> (B, T, V) logits, (B, T, 13) with the alphabet head (with the logit bias when enabled).
 
-        ``attention_mask``: (B, T) 1/0, or None for a batch without padding (its causal mask is then made from the
-        shape alone, :func:`~lvforecast.model.masks.unpadded_attention_mask`: the model reads no data to find it).
+        ``attention_mask``: (B, T) 1/0, or None for a batch without padding (:mod:`lvforecast.model.masks`).
         """
         if attention_mask is None:
             attention_mask = unpadded_attention_mask(decoder_stack(self.model), *input_ids.shape)
@@ -211,8 +194,7 @@ class LoRAForecaster(pl.LightningModule):
 
         ``check``: verify that every label is an alphabet token (a host sync).
         """
-        # Without padding (the collator says so on the host) the model gets no 2D mask: given one, it would ask the
-        # device whether the mask has a zero, a host sync, and then compute exactly the plain causal attention.
+        # Without padding (the collator says so on the host) no 2D mask, whose check would be a host sync.
         mask = batch["attention_mask"] if batch.get("padded", True) else None
         logits = self(batch["input_ids"], mask)
         labels = batch["labels"]
@@ -228,16 +210,14 @@ class LoRAForecaster(pl.LightningModule):
         return loss_sum, n, restricted[0]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        # No host sync outside logging steps: the labels' alphabet check reads the device, so it runs on logging
-        # steps only (the data module's windows are alphabet text by construction; a bad label still fails there).
+        # The labels' alphabet check is a host sync: logging steps only (the windows are alphabet text by construction).
         logging_step = self._logging_step()
         loss_sum, n, _ = self._loss_sums(batch, check=logging_step)
         loss = loss_sum / n.clamp(min=1)
         self.tokens_seen += batch["attention_mask"].sum()
         if logging_step:
             size = batch["input_ids"].size(0)
-            # Not prog_bar: Lightning would turn the last logged value into a float after every batch (a host sync);
-            # the progress bar reads it itself after a logging step (lvforecast.experiment.progress).
+            # Not prog_bar, which would read the value after every batch (a host sync; lvforecast.experiment.progress).
             self.log("train/loss", loss, batch_size=size)
             self.log("train/tokens_seen", self.tokens_seen.float(), batch_size=size)
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
@@ -264,11 +244,8 @@ class LoRAForecaster(pl.LightningModule):
             self._val_alphabet_sum += alphabet_sum.double()
 
     def on_train_start(self) -> None:
-        """On a resume, put each LR scheduler's rate for the restored step back in its optimizer.
-
-        The checkpoint's optimizer holds the rate its own run ended on (0 at the end of a cosine decay to 0); the
-        step the resumed run takes next must use the schedule's rate there, as an unbroken run would.
-        """
+        """On a resume, set each LR scheduler's rate for the restored step, not the rate the checkpoint's run ended
+        on (0 at the end of a cosine decay to 0), as an unbroken run would."""
         if not self.trainer.ckpt_path:
             return
         for config in self.trainer.lr_scheduler_configs:
@@ -281,13 +258,10 @@ class LoRAForecaster(pl.LightningModule):
                 scheduler._last_lr = rates
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Lightning adds one to its logging step when it restarts from a checkpoint written mid-step, also for
-        # one written after the step (train()'s last.ckpt), so a resumed run would log step k+1 where an
-        # unbroken run logs k. With one optimizer the logging step is the optimizer step count.
+        # A run resumed from any checkpoint would log step k+1 where an unbroken run logs k (Lightning adds one on
+        # restart); with one optimizer the logging step is the optimizer step count.
         self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.trainer.global_step
-        # The random draws of a step (LoRA dropout) depend on (seed, step) alone, so a run resumed from a
-        # checkpoint draws exactly what the unbroken run drew, whatever consumed the global RNG in between
-        # (a validation's dataloader, the restart itself).
+        # A step's random draws depend on (seed, step) alone, whatever consumed the global RNG before (a resume).
         if self.step_seed is not None:
             torch.manual_seed(self.step_seed * 1_000_003 + self.global_step)
 
@@ -304,8 +278,7 @@ class LoRAForecaster(pl.LightningModule):
 
     # ---- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
+        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
         scheduler = self.scheduler_factory(optimizer, total_steps=self.trainer.max_steps)
         if scheduler is None:
             return optimizer
@@ -315,17 +288,10 @@ class LoRAForecaster(pl.LightningModule):
         k = self.grad_norm_every_n_steps
         if not k or self.global_step % k or not self.loggers:
             return
-        norms = {}
-        for name, p in self.model.named_parameters():
-            if p.grad is None:
-                continue
-            m = _LAYER.search(name)
-            if m:
-                layer, module, which = m.groups()
-                norms[f"grad_norm/layer{int(layer):02d}.{module}.lora_{which}"] = p.grad.detach().norm(2)
+        found = [(m, p) for n, p in self.model.named_parameters() if p.grad is not None and (m := _LAYER.search(n))]
+        norms = {f"grad_norm/layer{int(m[1]):02d}.{m[2]}.lora_{m[3]}": p.grad.detach().norm(2) for m, p in found}
         if norms:
-            # Straight to the loggers at this step: through self.log, Lightning would write these values only on
-            # its own logging steps and repeat them there until the next computation (stale, mislabelled rows).
+            # Straight to the loggers: self.log would write them only on Lightning's logging steps (stale rows).
             from lvforecast.budget.callback import logger_step
 
             values = dict(zip(norms, torch.stack(list(norms.values())).tolist(), strict=True))

