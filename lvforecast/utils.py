@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import logging
 import os
 import platform
 import subprocess
@@ -11,8 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
-
-log = logging.getLogger(__name__)
 
 
 def instantiate_list(group: DictConfig | None, exclude: tuple[str, ...] = (), **kwargs: Any) -> list[Any]:

@@ -248,7 +248,7 @@ def build_tiny_qwen(
 
 # Taken once at import: the sizes' defaults live only in build_tiny_qwen's signature.
 _TINY_SIGNATURE = inspect.signature(build_tiny_qwen)
-_TINY_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+_CONFIG_KEYS = tuple(inspect.signature(tiny_qwen_config).parameters)  # the sizes and vocab
 
 
 def tiny_qwen_shape(loader: Any) -> Any:
@@ -264,7 +264,6 @@ def tiny_qwen_shape(loader: Any) -> Any:
     try:
         bound = _TINY_SIGNATURE.bind(**kwargs)
     except TypeError as err:
-        raise UserError(f"model.loader: {err} (build_tiny_qwen takes {', '.join(_TINY_SIZES)}, seed, dtype, "
-                         f"attn_implementation, vocab, tokenizer_cache_dir)") from err
+        raise UserError(f"model.loader: {err} (build_tiny_qwen takes {', '.join(_TINY_SIGNATURE.parameters)})") from err
     bound.apply_defaults()
-    return ModelShape.from_hf_config(tiny_qwen_config(**{k: bound.arguments[k] for k in (*_TINY_SIZES, "vocab")}))
+    return ModelShape.from_hf_config(tiny_qwen_config(**{k: bound.arguments[k] for k in _CONFIG_KEYS}))

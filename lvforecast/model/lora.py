@@ -11,7 +11,6 @@ weight is frozen; only ``A``, ``B`` (and, if enabled, :class:`LogitBias`) train.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +20,6 @@ from torch import nn
 
 from lvforecast.errors import UserError
 from lvforecast.validate import int_at_least
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

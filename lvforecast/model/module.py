@@ -111,15 +111,13 @@ class LoRAForecaster(pl.LightningModule):
         optimizer: Partial optimizer, completed with the trainable parameters only.
         scheduler: Partial ``(optimizer, total_steps) -> LRScheduler | None`` (``conf/scheduler/``), called
             with ``trainer.max_steps``; stepped every optimizer step.
-        train_logit_bias: Add a trainable, zero-initialised bias to the output logits.
-        grad_norm_every_n_steps: Log per-layer gradient norms of each LoRA A and B every k steps (0 disables).
         head: ``full`` or ``alphabet`` (``model.head``, see the module docstring).
         char_ids: Alphabet character -> token id (``LoadedModel.char_ids``); needed by ``head="alphabet"``
             and for ``val/loss_alphabet`` (not logged without it).
-        step_seed: Reseed torch's RNG at every training step from ``(step_seed, global_step)``, so a resumed run
-            draws (LoRA dropout) what an unbroken one would; None leaves the RNG alone.
-        compile_model: ``torch.compile`` the decoder stack in place (``nn.Module.compile``), so parameter names,
-            checkpoints and the saved adapter stay as they are.
+        step_seed: Reseed torch's RNG at every training step from ``(step_seed, global_step)``; None: never.
+        compile_model: ``torch.compile`` the decoder stack in place, so parameter names and checkpoints stay.
+
+    The other keys are commented in ``conf/train.yaml``.
 
     Raises:
         ValueError: An unknown ``head``, or ``head="alphabet"`` without ``char_ids``.

@@ -57,9 +57,7 @@ def cached_snapshot(repo_id: str) -> Path | None:
 def local_copy(name_or_path: str) -> Path | None:
     """The directory ``name_or_path`` loads from without the network: itself, or its cached snapshot; else None."""
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    return cached_snapshot(name_or_path)
+    return path if path.is_dir() else cached_snapshot(name_or_path)
 
 
 def offline() -> bool:

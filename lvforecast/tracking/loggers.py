@@ -34,21 +34,12 @@ def wandb_logger(
     finish_timeout_s: float = 60.0,
     **kwargs: Any,
 ) -> Any:
-    """A :class:`~lvforecast.tracking.fallback.SafeWandbLogger` configured from ``conf/logger/wandb.yaml``.
-
-    The W&B run starts lazily, at the first logging call.
+    """A :class:`~lvforecast.tracking.fallback.SafeWandbLogger` from ``conf/logger/wandb.yaml`` (which comments each
+    key); its W&B run starts at the first logging call.
 
     Args:
-        entity: W&B user or team; None = the account's default.
-        group: Run group (the sweep name or the study), None when not sweeping.
-        job_type: ``train`` or ``evaluate`` (a study: the stage).
-        mode: ``auto``, ``online`` or ``offline``, see :func:`~lvforecast.tracking.mode.decide_mode`.
         save_dir: The run directory; the W&B files go to ``<save_dir>/wandb/``.
-        log_model: Upload checkpoints as artifacts (Lightning's ``log_model``).
         settings: Extra ``wandb.Settings`` fields.
-        group_per_launch: In a multirun, each launch of a sweep is its own group (:func:`run_group`).
-        init_timeout_s: The longest an online start waits for the server before going offline, in seconds.
-        finish_timeout_s: The longest uploads wait when the run finishes, in seconds; the rest stays on disk.
         **kwargs: Further ``wandb.init`` arguments (``notes``, ``id``, ...).
 
     Raises:
