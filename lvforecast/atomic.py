@@ -1,15 +1,8 @@
 """Atomic artifacts: a file or folder a run writes is either the previous good one or the complete new one.
 
-Every artifact is written to a temporary sibling (same folder, so the rename cannot cross file systems), flushed
-and fsync'ed, then renamed over the target with :func:`os.replace` (atomic on POSIX). A failed write (a full
-disk, a read-only folder) removes the temporary, leaves the previous file in place and raises one
-:class:`~lvforecast.errors.UserError` naming the path and the cause.
-
-- :func:`atomic_writer` / :func:`write_text` / :func:`write_bytes`: one file.
-- :func:`atomic_dir`: a folder (the PEFT ``adapter/``), written into a temporary folder and swapped in.
-- :func:`save_figure`: a matplotlib figure as a PNG.
-
-Checkpoints follow the same contract through :class:`lvforecast.checkpoint.AtomicCheckpointIO`.
+Each is written to a temporary sibling (same folder, so the rename cannot cross file systems), fsync'ed and renamed
+over the target with :func:`os.replace`. A failed write (a full disk, a read-only folder) removes the temporary,
+keeps the previous file and raises one :class:`~lvforecast.errors.UserError` naming the path and the cause.
 """
 
 from __future__ import annotations
@@ -26,8 +19,7 @@ from lvforecast.errors import _OS_FIXES, UserError
 
 
 def _cause_and_fix(err: OSError, default_fix: str) -> tuple[str, str]:
-    """The OS error's cause and the fix for it, without repeating the cause ("Permission denied; permission
-    denied: ...")."""
+    """The OS error's cause and its fix, the fix's own statement of the cause dropped."""
     cause = err.strerror or str(err) or type(err).__name__
     fix = _OS_FIXES.get(err.errno or -1, default_fix)
     head, _, rest = fix.partition(": ")
@@ -53,12 +45,8 @@ def _fsync_dir(folder: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_writer(path: str | Path, mode: str = "w", newline: str | None = None) -> Iterator[IO[Any]]:
-    """Yield a handle on a temporary sibling of ``path``; on success it replaces ``path`` atomically.
-
-    Args:
-        path: The target file; its folder is created if missing.
-        mode: ``"w"`` (text) or ``"wb"`` (bytes).
-        newline: As for :func:`open` (``""`` for the csv module).
+    """Yield a handle (``mode`` ``"w"`` or ``"wb"``, ``newline`` as for :func:`open`) on a temporary sibling of
+    ``path``; on success it replaces ``path`` atomically. The folder is created if missing.
 
     Raises:
         UserError: Writing failed (ENOSPC, EACCES, ...): the temporary is removed and ``path`` is untouched.
@@ -108,13 +96,6 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-def write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_writer`)."""
-    with atomic_writer(path, "wb") as fh:
-        fh.write(data)
-    return Path(path)
-
-
 def save_figure(fig: Any, path: str | Path, **kwargs: Any) -> Path:
     """Save a matplotlib figure as a PNG at ``path`` atomically."""
     with atomic_writer(path, "wb") as fh:
@@ -126,9 +107,8 @@ def save_figure(fig: Any, path: str | Path, **kwargs: Any) -> Path:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; on success it takes the place of ``path``.
 
-    The old folder is first renamed aside, the new one renamed in, and only then the old one removed, so at any
-    moment ``path`` is the old complete folder or the new complete one (or, for the instant between the two
-    renames, absent with the old one beside it).
+    The old folder is renamed aside, the new one renamed in, and only then the old one removed, so ``path`` is
+    always the old complete folder or the new one (or, between the two renames, absent with the old one beside it).
 
     Raises:
         UserError: Writing or swapping failed: the temporary folder is removed and ``path`` is untouched.

@@ -1,7 +1,7 @@
-"""Checkpoints: saved atomically, loaded with one clear message when torn or foreign.
+"""Checkpoints: saved atomically (:mod:`lvforecast.atomic`), loaded with one clear message when torn or foreign.
 
-:class:`AtomicCheckpointIO` is Lightning's checkpoint I/O (``trainer.plugins`` in ``conf/trainer/default.yaml``)
-with the contract of :mod:`lvforecast.atomic`; :func:`load_checkpoint` is the one way the project reads one.
+:class:`AtomicCheckpointIO` is Lightning's checkpoint I/O (``trainer.plugins`` in ``conf/trainer/default.yaml``);
+:func:`load_checkpoint` is the one way the project reads a checkpoint.
 """
 
 from __future__ import annotations
@@ -16,13 +16,18 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lvforecast.atomic import atomic_writer
 from lvforecast.errors import UserError
 
+_FIX = "fix: resume from an intact checkpoint (a run keeps checkpoints/last.ckpt), or start a new run without ckpt_path"
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """A Lightning checkpoint, or one :class:`UserError` naming the file when it is missing, torn or foreign.
+    """A Lightning checkpoint, loaded with ``weights_only=True``.
 
-    Our own checkpoints hold only tensors, numbers, strings and containers, so they load with
-    ``weights_only=True``; a file that needs arbitrary unpickling is not one of ours and is refused rather than
-    executed.
+    Our checkpoints hold only tensors, numbers, strings and containers; a file that needs arbitrary unpickling is
+    not one of ours and is refused rather than executed.
 
     Raises:
         UserError: No such file, not a torch checkpoint (truncated by a full disk, another format), or not a
@@ -34,48 +39,41 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     import torch
 
     path = Path(path)
-    fix = ("fix: resume from an intact checkpoint (a run keeps checkpoints/last.ckpt), or start a new run "
-           "without ckpt_path")
+    head = f"ckpt_path={str(path)!r}"
     if not path.is_file():
-        raise UserError(f"ckpt_path={str(path)!r}: no such checkpoint file; {fix}")
+        raise UserError(f"{head}: no such checkpoint file; {_FIX}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        # torch's own advice (weights_only=False) would run the file's code: name what it holds, or the cause only.
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
         if found:
-            # torch's own advice (weights_only=False) would run the file's code: name what it holds instead.
-            what = f"it holds an object of type {found.group(1)}"
-            raise UserError(f"ckpt_path={str(path)!r}: not an lvforecast checkpoint: {what}, which only a "
-                            f"trusted file may unpickle (lvforecast checkpoints hold tensors and plain values); "
-                            f"{fix}") from err
-        # torch's text around the cause advises weights_only=False (running the file's code): keep the cause only.
+            raise UserError(f"{head}: not an lvforecast checkpoint: it holds an object of type {found.group(1)}, "
+                            f"which only a trusted file may unpickle (lvforecast checkpoints hold tensors and plain "
+                            f"values); {_FIX}") from err
         detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(err))
-        raise UserError(f"ckpt_path={str(path)!r}: not a readable checkpoint (torn or corrupt: "
-                        f"{(detail.group(1) if detail else first)[:160]}); {fix}") from err
+        cause = detail.group(1) if detail else _first_line(err)
+        raise UserError(f"{head}: not a readable checkpoint (torn or corrupt: {cause[:160]}); {_FIX}") from err
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, AttributeError, KeyError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"ckpt_path={str(path)!r}: not a readable checkpoint (truncated or corrupt: "
-                        f"{type(err).__name__}: {first[:160]}); {fix}") from err
+        raise UserError(f"{head}: not a readable checkpoint (truncated or corrupt: {type(err).__name__}: "
+                        f"{_first_line(err)[:160]}); {_FIX}") from err
     except OSError as err:
         if err.errno in (errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOENT):
-            raise UserError(f"ckpt_path={str(path)!r}: cannot read it ({err.strerror or err}); {fix}") from err
+            raise UserError(f"{head}: cannot read it ({err.strerror or err}); {_FIX}") from err
         # torch reads a torn zip archive as EINVAL (a truncated last.ckpt from a full disk)
-        raise UserError(f"ckpt_path={str(path)!r}: not a readable checkpoint (truncated or corrupt: "
-                        f"{err.strerror or err}); {fix}") from err
+        raise UserError(f"{head}: not a readable checkpoint (truncated or corrupt: {err.strerror or err}); "
+                        f"{_FIX}") from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
         found = sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise UserError(f"ckpt_path={str(path)!r}: not a Lightning checkpoint (found {found}, need state_dict and "
-                        f"global_step); {fix}")
+        raise UserError(f"{head}: not a Lightning checkpoint (found {found}, need state_dict and global_step); {_FIX}")
     return ckpt
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's ``TorchCheckpointIO``, saving through a temporary file and a rename.
 
-    Lightning's own save writes the target in place: a full disk mid-write leaves a truncated ``last.ckpt``
-    where the last good one was. Here the previous checkpoint stays until the new one is complete, and a failed
-    save is one :class:`UserError` naming the checkpoint and the cause.
+    Lightning's own save writes in place: a full disk mid-write would leave a truncated ``last.ckpt`` where the
+    last good one was. Here the previous checkpoint stays until the new one is complete.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
@@ -88,5 +86,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, fh)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
-        """Load a checkpoint; a torn or foreign file is one :class:`UserError` (see :func:`load_checkpoint`)."""
+        """Load a checkpoint with :func:`load_checkpoint`."""
         return load_checkpoint(path, map_location=map_location if map_location is not None else "cpu")

@@ -1,21 +1,9 @@
-"""The ``lvforecast`` console command: one entry point, one subcommand per task.
+"""The ``lvforecast`` console command (also ``python -m lvforecast``): flops, budget, simulate, sweeps.
 
-::
-
-    lvforecast flops --model qwen2.5-0.5b --seq-len 512 --batch 4 [--lora-rank 4] [--mode forward|train] \
-        [--attention mha|gqa] [--mask full|causal|additive] [--rope add|rotate|rotate_half] \
-        [--norm divide|rsqrt] [--implemented] [--loss] [--head full|alphabet] [--json]
-    lvforecast flops --audit --model CONFIG --seq-len 64 --batch 2 [--lora-rank 4] [--logit-bias] [--loss] \
-        [--head full|alphabet] [--json]
-    lvforecast budget report|reconcile|show [--ledger PATH] [--journal-mode MODE] [--json] [--out DIR] [--run ID]
-    lvforecast simulate --out FILE [--systems N] [--seed S] [--steps T] [--t-end X]
-    lvforecast sweeps summarize SWEEP_DIR
-
-Also ``python -m lvforecast ...``. Imports are lazy: building the parser loads only the pure
-:mod:`lvforecast.budget.shapes` and :mod:`lvforecast.budget.ledger` (standard library only), so ``lvforecast flops``
-answers in well under 2 s and never imports torch (only ``flops --audit``, which runs a model, does). Bad input
-prints one ``error: ...`` line to stderr and exits non-zero (2 for bad arguments, 1 for a missing ledger or a refused
-operation).
+Options: ``--help`` and docs/budget.md#commands. Building the parser imports only standard-library-only modules
+(:mod:`lvforecast.budget.shapes`, :mod:`lvforecast.budget.ledger`), so ``lvforecast flops`` never imports torch
+(``flops --audit``, which runs a model, does). Bad input prints one ``error: ...`` line to stderr and exits 2 for
+bad arguments, 1 for a missing ledger or a refused operation.
 """
 
 from __future__ import annotations
@@ -35,11 +23,6 @@ from lvforecast.errors import UserError
 if TYPE_CHECKING:
     from lvforecast.budget.breakdown import Breakdown
     from lvforecast.budget.shapes import Conventions, LoRASpec, ModelShape
-
-PROG = "lvforecast"
-
-
-# -- flops ----------------------------------------------------------------------------------------------------
 
 
 def _add_flops(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -82,11 +65,7 @@ _SWITCHES = ("attention", "mask", "rope", "norm")
 
 
 def _flops_spec(args: argparse.Namespace) -> tuple[ModelShape, LoRASpec | None, Conventions]:
-    """``(shape, lora, conventions)`` of the ``flops`` arguments.
-
-    Raises:
-        ValueError: A bad value or combination, named as its option.
-    """
+    """``(shape, lora, conventions)`` of the ``flops`` arguments; a bad value or combination raises, named."""
     from lvforecast.budget.shapes import ALPHABET_SIZE, Conventions, LoRASpec, resolve_shape
 
     shape = resolve_shape(args.model)
@@ -107,8 +86,7 @@ def _flops_spec(args: argparse.Namespace) -> tuple[ModelShape, LoRASpec | None, 
     if args.lora_rank or args.logit_bias or args.head != "full":
         if not args.lora_rank and args.logit_bias:
             raise UserError("--logit-bias needs --lora-rank >= 1 (the bias trains beside an adapter)")
-        if not args.lora_rank:
-            # The head, like the bias, belongs to the fine-tuning module, which always holds an adapter.
+        if not args.lora_rank:  # the head, like the bias, belongs to the fine-tuning module
             raise UserError("--head alphabet needs --lora-rank >= 1 (the alphabet head is the fine-tuning "
                             "module's, beside an adapter)")
         targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
@@ -176,9 +154,6 @@ def _audit(args: argparse.Namespace, analytic: Breakdown, lora: LoRASpec | None)
         print(f"error: {'; '.join(problems)}: the formulas do not describe what {args.model} runs", file=sys.stderr)
         return 1
     return 0
-
-
-# -- budget ---------------------------------------------------------------------------------------------------
 
 
 def _add_budget(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -258,9 +233,6 @@ def _budget(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- simulate -------------------------------------------------------------------------------------------------
-
-
 def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("simulate", help="simulate Rosenzweig-MacArthur trajectories to HDF5",
                        description="Simulate Rosenzweig-MacArthur predator-prey trajectories to HDF5.")
@@ -290,9 +262,6 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- sweeps ---------------------------------------------------------------------------------------------------
-
-
 def _add_sweeps(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("sweeps", help="sweep tools: summarize", description="Tools for Hydra multirun sweeps.")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -312,12 +281,10 @@ def _sweeps_summarize(args: argparse.Namespace) -> int:
     return summarize_command(sweep_dir)
 
 
-# -- entry point ----------------------------------------------------------------------------------------------
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``lvforecast`` parser with its subcommands (imports only pure, standard-library modules)."""
-    parser = argparse.ArgumentParser(prog=PROG, description="LoRA Lotka-Volterra forecasters under a FLOP budget.")
+    parser = argparse.ArgumentParser(prog="lvforecast",
+                                     description="LoRA Lotka-Volterra forecasters under a FLOP budget.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_flops(sub)
     _add_budget(sub)
@@ -327,15 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one ``lvforecast`` subcommand.
-
-    Args:
-        argv: arguments without the program name (default ``sys.argv[1:]``).
+    """Run one ``lvforecast`` subcommand with ``argv`` (default ``sys.argv[1:]``).
 
     Returns:
-        The subcommand's exit status: 1 with one ``error:`` block for a user error (:mod:`lvforecast.errors`;
-        the traceback with ``HYDRA_FULL_ERROR=1``). Bad arguments exit with status 2 and one ``error:`` line
-        (``SystemExit``).
+        The subcommand's exit status; 1 with one ``error:`` block for a user error (:mod:`lvforecast.errors`).
+        Bad arguments exit with status 2 (``SystemExit``).
     """
     from lvforecast.errors import TRACEBACK_SWITCH, describe, print_error
 

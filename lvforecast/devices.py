@@ -1,18 +1,7 @@
 """Which device a run works on: an evaluation's ``device`` key, the trainer's accelerator and its precision.
 
-* :func:`resolve_device`: ``device`` (``auto`` = the CUDA GPU when there is one, else the CPU; ``cpu``, ``cuda``,
-  ``cuda:N``) -> ``torch.device``, or one :class:`~lvforecast.errors.UserError` when a GPU is asked for and this
-  machine has none (or not that many). :func:`device_problems` checks only the spelling, so a config can be
-  validated on a machine other than the one it runs on.
-* :func:`accelerator_problems`: a trainer that asks for a GPU (``trainer=gpu``, ``trainer.accelerator=gpu``/``cuda``)
-  on a machine without one, named before the model loads (Lightning would say so after it has loaded).
-* ``${lv_precision:${.accelerator}}`` (:func:`training_precision`, ``conf/trainer/default.yaml``): ``bf16-mixed``
-  wherever training runs on a GPU (``16-mixed`` on a GPU without bfloat16), ``32-true`` on the CPU, so
-  ``trainer=default`` (accelerator ``auto``) and ``trainer=ddp`` train in bf16 on a GPU box and the CPU quickstart
-  stays bit for bit what it was. Registered on import of :mod:`lvforecast.experiment`.
-* :func:`describe_device`: what ``run_info.json`` and ``metrics.json`` record (``cuda:0 (NVIDIA H200)``).
-
-Nothing here initialises CUDA at import.
+``${lv_precision:${.accelerator}}`` (:func:`training_precision`, used by ``conf/trainer/default.yaml``) is
+registered on import. Nothing here initialises CUDA at import.
 """
 
 from __future__ import annotations
@@ -26,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lvforecast.errors import UserError
+from lvforecast.validate import int_at_least
 
 DEVICE_CHOICES = "'auto' (the CUDA GPU when there is one, else the CPU), 'cpu', 'cuda', 'cuda:N'"
 GPU_ACCELERATORS = ("gpu", "cuda")
@@ -52,9 +42,7 @@ def no_gpu_reason() -> str:
 def resolve_device(spec: str, key: str = "device") -> torch.device:
     """The ``torch.device`` a ``device`` value names on this machine.
 
-    Args:
-        spec: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        key: The config key, for the message.
+    ``spec``: ``auto`` (the CUDA GPU when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
 
     Raises:
         UserError: A misspelt value, or a GPU asked for where there is none (or ``cuda:N`` past the last one).
@@ -82,11 +70,8 @@ def uses_gpu(accelerator: Any) -> bool:
 
 
 def accelerator_problems(trainer: Any) -> list[str]:
-    """A trainer config that asks for GPUs this machine does not have: one message each (``[]`` when it fits).
-
-    Args:
-        trainer: The ``trainer`` node (``accelerator``, ``devices``).
-    """
+    """What the ``trainer`` node (``accelerator``, ``devices``) asks for that this machine lacks, before a model
+    loads (Lightning would say so only after); ``[]`` when it fits."""
     accelerator = str(trainer.get("accelerator", "auto")).lower()
     if accelerator not in GPU_ACCELERATORS:
         return []
@@ -94,9 +79,8 @@ def accelerator_problems(trainer: Any) -> list[str]:
         return [f"trainer.accelerator={accelerator!r} (e.g. trainer=gpu): {no_gpu_reason()}; allowed here: "
                 f"trainer=cpu, or trainer=default (accelerator auto: the GPU where there is one, else the CPU)"]
     devices, count = trainer.get("devices", 1), torch.cuda.device_count()
-    wanted = devices if isinstance(devices, int) and not isinstance(devices, bool) and devices > 0 else None
-    if wanted is not None and wanted > count:
-        return [f"trainer.devices={wanted}: this machine has {count} CUDA GPU(s); allowed: 1 to {count} (or -1: all)"]
+    if int_at_least(devices, 1) and devices > count:
+        return [f"trainer.devices={devices}: this machine has {count} CUDA GPU(s); allowed: 1 to {count} (or -1: all)"]
     return []
 
 
@@ -109,11 +93,11 @@ def _bf16_gpu() -> bool:
 
 
 def training_precision(accelerator: Any) -> str:
-    """``trainer.precision`` for ``trainer.accelerator`` (``${lv_precision:${.accelerator}}``).
+    """``trainer.precision`` for ``trainer.accelerator``: ``bf16-mixed`` on a GPU, ``16-mixed`` on a GPU without
+    native bfloat16, ``32-true`` on the CPU.
 
-    ``bf16-mixed`` when the run trains on a GPU (also where none is visible: a config planned on a login node for a
-    GPU job states the GPU's precision, and :func:`accelerator_problems` refuses to run it here), ``16-mixed`` on a
-    GPU without native bfloat16, ``32-true`` on the CPU.
+    A GPU accelerator where none is visible (a config planned on a login node) states the GPU's precision;
+    :func:`accelerator_problems` refuses to run it here.
     """
     if not uses_gpu(accelerator):
         return "32-true"

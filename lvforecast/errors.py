@@ -1,17 +1,9 @@
-"""User errors: one ``error: ...`` block and a non-zero exit, never a traceback.
+"""User errors: one ``error: ...`` block and a non-zero exit, never a traceback (docs/reliability.md).
 
-A *user error* is a problem the person running the command can fix: a config key with an impossible value, a
-file that is missing, malformed or unwritable, a budget that cannot cover a run. Its message names the key, file
-or value, what was found, what is allowed and the fix. Everything else is a bug and keeps its traceback.
-
-- :class:`UserError` is the exception to raise for one (a ``ValueError``, so ``except ValueError`` still holds);
-  the project's own error classes (data files, tokenizers, model loading, budgets, studies) derive from it.
-- :func:`describe` turns an exception into that message, or None for a bug. Besides :class:`UserError` it knows
-  Hydra's and OmegaConf's config errors (an unknown key or option, a value of the wrong type) and operating
-  system errors on a named path (a full disk, a read-only folder), and unwraps Hydra's instantiation wrapper.
-- :func:`run_entry` runs an entry point (``train.py``, ``evaluate.py``, ``study.py``, the ``lvforecast`` CLI)
-  so that a user error prints the block and exits 1. ``HYDRA_FULL_ERROR=1`` (:data:`TRACEBACK_SWITCH`) shows
-  the full traceback instead, as it does for Hydra itself.
+A user error is a problem the person running the command can fix; its message names the key, file or value, what
+was found, what is allowed and the fix. :class:`UserError` is the exception to raise for one (a ``ValueError``);
+:func:`describe` also recognises Hydra/OmegaConf config errors and OS errors on a named path. Everything else is a
+bug and keeps its traceback. ``HYDRA_FULL_ERROR=1`` (:data:`TRACEBACK_SWITCH`) shows every traceback.
 """
 
 from __future__ import annotations
@@ -52,47 +44,35 @@ def describe_os_error(err: OSError) -> str:
 
 def _config_error(exc: BaseException) -> str | None:
     """The message of a Hydra composition / override error or an OmegaConf key/type error, else None."""
-    try:
-        from hydra.errors import (
-            ConfigCompositionException,
-            MissingConfigException,
-            OverrideParseException,
-            SearchPathException,
-        )
-        from omegaconf.errors import OmegaConfBaseException
-    except ImportError:  # pragma: no cover - hydra and omegaconf are dependencies
+    from hydra.errors import (
+        ConfigCompositionException,
+        MissingConfigException,
+        OverrideParseException,
+        SearchPathException,
+    )
+    from omegaconf.errors import OmegaConfBaseException
+
+    kinds = (ConfigCompositionException, MissingConfigException, OverrideParseException, SearchPathException,
+             OmegaConfBaseException)
+    if not isinstance(exc, kinds):
         return None
-    if isinstance(exc, (ConfigCompositionException, MissingConfigException, OverrideParseException,
-                        SearchPathException, OmegaConfBaseException)):
-        text = str(exc).strip()
-        cause = exc.__cause__
-        if cause is not None and str(cause).strip() and str(cause).strip() not in text:
-            text += "\n" + str(cause).strip()
-        return text
-    return None
+    text, cause = str(exc).strip(), str(exc.__cause__ or "").strip()
+    return f"{text}\n{cause}" if cause and cause not in text else text
 
 
 def describe(exc: BaseException) -> str | None:
     """The one message for a user error, or None when ``exc`` is a bug (it keeps its traceback).
 
-    Hydra's ``InstantiationException`` (a constructor named by ``_target_`` raised) is looked through to its
-    cause, so a :class:`UserError` raised by a config-built object still reads as one.
+    Hydra's ``InstantiationException`` (a ``_target_`` constructor raised) is looked through to its cause.
     """
-    seen: set[int] = set()
-    while id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, UserError):
-            return str(exc)
-        if isinstance(exc, OSError) and exc.filename is not None:
-            return describe_os_error(exc)
-        text = _config_error(exc)
-        if text is not None:
-            return text
-        if type(exc).__name__ == "InstantiationException" and exc.__cause__ is not None:
-            exc = exc.__cause__
-            continue
-        return None
-    return None
+    if isinstance(exc, UserError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return describe_os_error(exc)
+    text = _config_error(exc)
+    if text is None and type(exc).__name__ == "InstantiationException" and exc.__cause__ is not None:
+        return describe(exc.__cause__)
+    return text
 
 
 def print_error(message: str, hint: bool = True) -> None:
@@ -106,17 +86,15 @@ def print_error(message: str, hint: bool = True) -> None:
 def run_entry(main: Callable[[], Any]) -> Any:
     """Run an entry point's ``main()``; a user error prints one ``error:`` block and exits with status 1.
 
-    Hydra is asked to re-raise (it would otherwise print its own trimmed traceback), so both composition errors
-    and the task's own errors arrive here. With ``HYDRA_FULL_ERROR=1`` already set everything propagates. A bug
-    (an exception :func:`describe` does not know) also propagates, with its traceback.
+    Hydra is told to re-raise (instead of printing its own trimmed traceback), so composition errors arrive here
+    too. A bug, or anything with ``HYDRA_FULL_ERROR=1`` already set, propagates with its traceback.
     """
-    full = os.environ.get(TRACEBACK_SWITCH) == "1"
     previous = os.environ.get(TRACEBACK_SWITCH)
     os.environ[TRACEBACK_SWITCH] = "1"
     try:
         return main()
     except Exception as exc:
-        message = None if full else describe(exc)
+        message = None if previous == "1" else describe(exc)
         if message is None:
             raise
         print_error(message)

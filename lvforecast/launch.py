@@ -1,16 +1,9 @@
-"""What every process of one multi-process launch shares, read from the launcher's environment.
+"""The id every process of one multi-process launch shares, read from the launcher's environment.
 
-A job started by ``srun`` (one task per rank) or ``torchrun`` runs one Python process per rank, each composing its
-own config. Whatever must agree between them (the run directory, rank 0's published reservation) is derived from
-what the launcher gives all of them, never from a process's own id or clock:
-
-* ``srun`` with more than one task in the step (``SLURM_STEP_NUM_TASKS`` > 1): ``slurm<SLURM_JOB_ID>.<SLURM_STEP_ID>``.
-  A requeued job gets the same id again (its run directory holds the checkpoint it resumes from).
-* ``torchrun``: ``torchrun-<TORCHELASTIC_RUN_ID>`` (its ``--rdzv-id``; ``--standalone`` draws a random one). With the
-  default id ``none`` (single-machine static rendezvous) the ranks share their elastic agent, whose process id (each
-  rank's parent) and ``MASTER_PORT`` tell one launch from the next; across machines pass ``--rdzv-id``.
-
-A process started alone (a bare machine, ``sbatch`` without ``srun``, a one-task step) has no launch id.
+``srun`` with more than one task: ``slurm<SLURM_JOB_ID>.<SLURM_STEP_ID>`` (a requeued job gets the same id, and so
+the run directory it resumes from). ``torchrun``: ``torchrun-<TORCHELASTIC_RUN_ID>``, or with the default id
+``none`` the elastic agent's pid (every rank's parent) and ``MASTER_PORT``. A process started alone has none.
+See docs/clusters-and-gpus.md.
 """
 
 from __future__ import annotations
@@ -27,7 +20,7 @@ def _count(value: str | None) -> int:
 
 
 def launch_id(environ: Mapping[str, str] | None = None) -> str | None:
-    """The id every rank of this launch shares (see the module docstring), or None for a process started alone."""
+    """The id every rank of this launch shares, or None for a process started alone."""
     env = os.environ if environ is None else environ
     if _count(env.get("SLURM_STEP_NUM_TASKS")) > 1 and env.get("SLURM_JOB_ID") and env.get("SLURM_STEP_ID"):
         return f"slurm{env['SLURM_JOB_ID']}.{env['SLURM_STEP_ID']}"
@@ -43,8 +36,8 @@ def launch_id(environ: Mapping[str, str] | None = None) -> str | None:
 def launch_token(environ: Mapping[str, str] | None = None) -> str:
     """What ties rank 0's published reservation to this launch ("" on a bare machine).
 
-    The launch id (else the SLURM job id of a job step that runs alone) and SLURM's restart count: the ranks of a
-    requeued job share the first attempt's run directory, and must not read that attempt's reservation.
+    The launch id (else the SLURM job id) plus SLURM's restart count: the ranks of a requeued job share the first
+    attempt's run directory and must not read that attempt's reservation.
     """
     env = os.environ if environ is None else environ
     token = launch_id(env) or env.get("SLURM_JOB_ID", "")

@@ -1,11 +1,7 @@
-"""The torch CPU thread count of a run: the ``threads`` key of ``conf/train.yaml`` and ``conf/evaluate.yaml``.
+"""The torch CPU thread count of a run: the ``threads`` key (docs/configuration.md#threads).
 
-``threads: auto`` (the default) is **1 thread** for a model whose decoder layers hold fewer than
-:data:`SMALL_MODEL_PARAMETERS` parameters (the tiny test models): their matmuls are too small to split, and on
-shared cores extra threads mostly wait on each other (the tiny evaluation measured 41.8 s per batch with 2
-threads on 2 busy cores against 2.6 s with 1). Larger models (SmolLM2, Qwen2.5) keep torch's default, one thread
-per core. An integer >= 1 sets the count. :func:`torch_threads` applies it for the length of a ``with`` block
-and restores the previous count afterwards; the count is logged.
+``auto`` is 1 thread for a model whose decoder layers hold fewer than :data:`SMALL_MODEL_PARAMETERS` parameters
+(their matmuls are too small to split), else torch's default; an integer >= 1 sets the count.
 """
 
 from __future__ import annotations
@@ -16,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from lvforecast.errors import UserError
+from lvforecast.validate import int_at_least
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +33,15 @@ def resolve_threads(setting: Any, shape: Any | None, default: int) -> int:
         ValueError: ``setting`` is neither ``auto`` nor an integer >= 1.
     """
     if setting == "auto":
-        if shape is not None and layer_parameters(shape) < SMALL_MODEL_PARAMETERS:
-            return 1
-        return default
-    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
+        return 1 if shape is not None and layer_parameters(shape) < SMALL_MODEL_PARAMETERS else default
+    if not int_at_least(setting, 1):
         raise UserError(f"threads={setting!r}: allowed 'auto' or an integer >= 1")
     return setting
 
 
 @contextmanager
 def torch_threads(setting: Any, shape: Any | None) -> Iterator[int]:
-    """Run the block with :func:`resolve_threads`'s count (``torch.set_num_threads``), then restore the old one."""
+    """Run the block with :func:`resolve_threads`'s count, logged, then restore the previous count."""
     import torch
 
     before = torch.get_num_threads()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-import logging
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -11,14 +11,11 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-log = logging.getLogger(__name__)
-
 
 def instantiate_list(group: DictConfig | None, exclude: tuple[str, ...] = (), **kwargs: Any) -> list[Any]:
-    """Instantiate each entry of a named map that has a ``_target_``; entries without one are skipped.
+    """Instantiate each entry of a named map that has a ``_target_`` (so ``logger.wandb=null`` skips one).
 
-    That makes ``callbacks=none`` or a logger switched off by ``logger.wandb=null`` free. Keys in ``exclude``
-    are left for the caller (a ``_partial_`` node it completes itself).
+    Keys in ``exclude`` are left for the caller (a ``_partial_`` node it completes itself).
     """
     from hydra.utils import instantiate
 
@@ -26,16 +23,12 @@ def instantiate_list(group: DictConfig | None, exclude: tuple[str, ...] = (), **
         return []
     if not isinstance(group, DictConfig):
         raise TypeError(f"expected a named map of _target_ nodes, got {type(group).__name__}")
-    nodes = [node for key, node in group.items()
-             if key not in exclude and isinstance(node, DictConfig) and "_target_" in node]
-    return [instantiate(node, **kwargs) for node in nodes]
+    return [instantiate(node, **kwargs) for key, node in group.items()
+            if key not in exclude and isinstance(node, DictConfig) and "_target_" in node]
 
 
 def project_cache_dir(repo: str | Path) -> Path:
-    """The cache folder runs use (``conf/paths/default.yaml``: ``$LVFORECAST_CACHE``, else ``<root>/.cache`` with
-    root ``$LVFORECAST_ROOT`` or ``repo``); for scripts that run outside Hydra, such as the benchmarks."""
-    import os
-
+    """The cache folder of ``conf/paths/default.yaml``, for scripts that run outside Hydra (the benchmarks)."""
     root = Path(os.environ.get("LVFORECAST_ROOT") or repo)
     return Path(os.environ.get("LVFORECAST_CACHE") or root / ".cache")
 
@@ -50,10 +43,7 @@ def git_sha(cwd: str | Path = ".") -> str | None:
 
 
 def environment_record() -> dict[str, Any]:
-    """Versions and machine facts worth keeping with every run.
-
-    The device the work ran on is not here: only the run knows it (``train()`` adds the trainer's root device).
-    """
+    """Versions and machine facts worth keeping with every run (the run adds the device it ran on)."""
     import peft
     import pytorch_lightning
     import torch
@@ -103,12 +93,10 @@ def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def plot_loss_curve(metrics_csv: str | Path, out_png: str | Path, title: str = "") -> Path | None:
-    """Plot ``train/loss`` and ``val/loss`` against the step into a PNG; None when nothing was logged.
+    """Plot ``train/loss`` and ``val/loss`` against the step into a PNG, atomically; None when nothing was logged."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no backend switch
 
-    Drawn on a :class:`matplotlib.figure.Figure`: no pyplot state, no backend switch; written atomically (a
-    failed write keeps the previous PNG, see :mod:`lvforecast.atomic`).
-    """
-    from matplotlib.figure import Figure  # lazy: a heavy import, and only the plot needs it
+    from lvforecast.atomic import save_figure
 
     series = read_metrics_csv(metrics_csv)
     if "train/loss" not in series and "val/loss" not in series:
@@ -126,6 +114,4 @@ def plot_loss_curve(metrics_csv: str | Path, out_png: str | Path, title: str = "
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    from lvforecast.atomic import save_figure
-
     return save_figure(fig, out_png, dpi=120)

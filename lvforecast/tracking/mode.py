@@ -1,13 +1,8 @@
 """Where a W&B run goes (online, offline, disabled), decided without a network call or a login prompt.
 
-``mode`` (``logger.wandb.mode``) decides it:
-
-* ``auto`` (default): an explicit ``WANDB_MODE`` environment variable wins (``offline``/``dryrun``,
-  ``online``/``run``, ``disabled``); otherwise the run is online when an API key is configured
-  (``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE``, or an entry for the W&B host in the netrc file wandb
-  reads: ``$NETRC``, else ``~/.netrc``) and offline when none is;
-* ``online``: online; with no key configured this is an error, never an interactive prompt;
-* ``offline``: offline, whatever the environment says.
+``logger.wandb.mode``: ``auto`` (default) takes an explicit ``WANDB_MODE``, else goes online when an API key is
+configured (:func:`credentials_source`) and offline when none is; ``online`` without a key is an error, never an
+interactive prompt; ``offline`` is offline whatever the environment says.
 """
 
 from __future__ import annotations
@@ -33,12 +28,8 @@ _ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun
 
 @dataclass(frozen=True)
 class ModeDecision:
-    """Where a W&B run goes and why.
-
-    Attributes:
-        mode: ``online``, ``offline`` or ``disabled`` (the value passed to ``wandb.init(mode=...)``).
-        reason: One line saying what decided it (never the key itself).
-    """
+    """Where a W&B run goes (``wandb.init(mode=...)``: online, offline or disabled) and, in one line, what decided
+    it (never the key itself)."""
 
     mode: str
     reason: str
@@ -55,11 +46,8 @@ def netrc_path(env: Mapping[str, str] | None = None) -> Path:
 
 
 def credentials_source(env: Mapping[str, str] | None = None, netrc_file: Path | None = None) -> str | None:
-    """Where a W&B API key is configured, or None when none is; reads files but contacts nothing.
-
-    Args:
-        env: Environment to read (default ``os.environ``).
-        netrc_file: Netrc file to read (default :func:`netrc_path` of ``env``).
+    """Where a W&B API key is configured; reads ``env`` (default ``os.environ``) and ``netrc_file`` (default
+    :func:`netrc_path`) but contacts nothing.
 
     Returns:
         ``"WANDB_API_KEY"``, ``"WANDB_IDENTITY_TOKEN_FILE"`` or ``"netrc file <path> (<host>)"``; None when no
@@ -82,15 +70,7 @@ def credentials_source(env: Mapping[str, str] | None = None, netrc_file: Path | 
 
 
 def decide_mode(mode: str, env: Mapping[str, str] | None = None, netrc_file: Path | None = None) -> ModeDecision:
-    """Resolve ``logger.wandb.mode`` to the mode ``wandb.init`` gets, without any network call.
-
-    Args:
-        mode: ``auto``, ``online`` or ``offline``.
-        env: Environment to read (default ``os.environ``).
-        netrc_file: Netrc file to read (default: the one wandb reads).
-
-    Returns:
-        The mode and the reason for it.
+    """Resolve ``logger.wandb.mode`` (see the module docstring) to the mode ``wandb.init`` gets.
 
     Raises:
         ValueError: ``mode`` is not one of :data:`MODES`; ``WANDB_MODE`` holds an unknown value (in ``auto``);

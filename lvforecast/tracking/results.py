@@ -1,5 +1,4 @@
-"""Results logged to W&B as runs of their own: an evaluation (job type ``evaluate``) and a sweep's summary
-(job type ``sweep-summary``, one per multirun, in the sweep's group)."""
+"""Results logged to W&B as runs of their own: an evaluation (job type ``evaluate``) and a sweep's summary."""
 
 from __future__ import annotations
 
@@ -32,28 +31,20 @@ def _one_run(node: Any, **overrides: Any) -> Iterator[Any]:
 
 
 def evaluation_table(summary: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    """Model vs baselines in encoded units: one row per method, mean and median MSE/MAE/MAPE per variable.
-
-    Args:
-        summary: The ``metrics.json`` dict of an evaluation (``summary["methods"][name]["encoded"]["all"]``).
+    """Model vs baselines in encoded units, from an evaluation's ``metrics.json`` dict.
 
     Returns:
-        The column names and one row per method (``method`` first).
+        The column names and one row per method (``method`` first, then the mean and median of each metric
+        per variable).
     """
-    columns = ["method"] + [f"{m}_{v}_{s}" for m in TABLED_METRICS for v in _VARIABLES for s in ("mean", "median")]
-    rows = []
-    for method, units in summary["methods"].items():
-        agg = units["encoded"]["all"]
-        rows.append([method] + [agg[m][v][s] for m in TABLED_METRICS for v in _VARIABLES for s in ("mean", "median")])
-    return columns, rows
+    keys = [(m, v, s) for m in TABLED_METRICS for v in _VARIABLES for s in ("mean", "median")]
+    rows = [[method] + [units["encoded"]["all"][m][v][s] for m, v, s in keys]
+            for method, units in summary["methods"].items()]
+    return ["method"] + [f"{m}_{v}_{s}" for m, v, s in keys], rows
 
 
 def evaluation_headline(summary: Mapping[str, Any]) -> dict[str, Any]:
-    """Flat ``eval/...`` metrics of an evaluation: counts, FLOPs and each method's table row.
-
-    Args:
-        summary: The ``metrics.json`` dict of an evaluation.
-    """
+    """Flat ``eval/...`` metrics of an evaluation's ``metrics.json`` dict: counts, FLOPs and each method's row."""
     columns, rows = evaluation_table(summary)
     headline: dict[str, Any] = {
         "eval/systems": len(summary["systems"]),
@@ -70,17 +61,14 @@ def evaluation_headline(summary: Mapping[str, Any]) -> dict[str, Any]:
 
 def log_evaluation(cfg: Any, output_dir: str | Path, summary: Mapping[str, Any],
                    pngs: Sequence[str | Path]) -> str | None:
-    """Log a finished evaluation to W&B when ``cfg.logger.wandb`` is configured, and finish that run.
+    """Log a finished evaluation as one W&B run when ``cfg.logger.wandb`` is configured, and finish that run.
 
-    Logs the resolved config, the headline metrics (:func:`evaluation_headline`, as one history row and in the
-    summary), every PNG as ``eval/plots/<stem>`` and the model-vs-baselines table as ``eval/model_vs_baselines``.
-    Other ``logger`` entries (the CSV logger) are ignored: ``metrics.json`` already holds everything.
+    Logs the resolved config, :func:`evaluation_headline` (one history row and the summary), every PNG as
+    ``eval/plots/<stem>`` and :func:`evaluation_table` as ``eval/model_vs_baselines``.
 
     Args:
         cfg: The composed ``conf/evaluate.yaml``.
         output_dir: The evaluation directory (for the log line; the run goes to ``logger.wandb.save_dir``).
-        summary: The evaluation's ``metrics.json`` dict.
-        pngs: The evaluation's plots.
 
     Returns:
         The W&B run id, or None when W&B is not configured. The run's group is ``logger.wandb.group``, else the
@@ -110,8 +98,7 @@ def log_evaluation(cfg: Any, output_dir: str | Path, summary: Mapping[str, Any],
 
 
 def _trained_group(run_dir: Path) -> str | None:
-    """The W&B group of the training run in ``run_dir``: the one it was given (``wandb/group.json``), else its
-    resolved config's group or sweep name (a run trained without W&B)."""
+    """The W&B group the training run in ``run_dir`` got, else its config's group or sweep name."""
     from omegaconf import OmegaConf
 
     recorded = recorded_group(run_dir)
@@ -126,19 +113,13 @@ def _trained_group(run_dir: Path) -> str | None:
 
 def log_sweep_summary(wandb_cfg: Any, table_file: str | Path, curves: str | Path,
                       sweep_name: str | None) -> str | None:
-    """Log a finished sweep's summary table (a CSV) and its validation-loss curves (a PNG) as one W&B run.
+    """Log a finished sweep's ``summary.csv`` and curves PNG (if any) as one ``sweep-summary`` W&B run.
 
-    The run has job type ``sweep-summary``, is in the group of the sweep's launch (``<sweep_name>-<sweep dir
-    name>``, as its jobs, unless ``logger.wandb.group_per_launch`` is false) and lives in ``<sweep dir>/wandb/``
-    (the directory of ``table_file``); its
-    summary holds the best job and its final validation loss. Called by
-    :class:`lvforecast.experiment.sweeps.summary.SweepSummary`.
+    The run is in the group of the sweep's launch, as its jobs (unless ``logger.wandb.group_per_launch`` is
+    false), lives in ``<sweep dir>/wandb/`` and its summary holds the best job and its final validation loss.
 
     Args:
         wandb_cfg: The multirun's ``logger.wandb`` node (None or a node without ``_target_``: nothing is logged).
-        table_file: The sweep's ``summary.csv``.
-        curves: The sweep's curves PNG (logged when it exists).
-        sweep_name: The sweep's name (the group's first part).
 
     Returns:
         The W&B run id, or None when nothing was logged.

@@ -86,7 +86,7 @@ def test_alphabet_loss_equals_restricted_full_cross_entropy(logit_bias):
         full = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         expected = _restricted_reference(full, batch["labels"], loaded.char_ids, bias13)
         logits = module(batch["input_ids"], batch["attention_mask"])
-        loss_sum, n = module._loss_sum(batch)
+        loss_sum, n = module._loss_sums(batch)[:2]
     assert logits.shape == (*batch["input_ids"].shape, 13)
     assert abs(float(loss_sum / n) - float(expected)) < 1e-5
     # Sanity: the restriction matters (the full-vocabulary loss is a different number).
@@ -109,7 +109,7 @@ def test_alphabet_head_never_runs_lm_head_and_its_rows_stay_frozen():
     opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=1e-2)
     batch = _batch(loaded)
     for _ in range(2):
-        loss_sum, n = module._loss_sum(batch)
+        loss_sum, n = module._loss_sums(batch)[:2]
         (loss_sum / n).backward()
         opt.step()
         opt.zero_grad()
@@ -143,7 +143,7 @@ def test_labels_outside_the_alphabet_are_an_error():
     outside = next(i for i in range(17) if i not in loaded.char_ids.values())
     batch["labels"][0, 3] = outside
     with pytest.raises(ValueError, match=rf"labels \[{outside}\] are not LLMTIME alphabet tokens"):
-        module._loss_sum(batch)
+        module._loss_sums(batch)
     labels = torch.tensor([[loaded.char_ids["1"], IGNORE, loaded.char_ids[";"]]])
     assert alphabet_labels(labels, module.label_lookup).tolist() == [[1, IGNORE, 12]]
 
