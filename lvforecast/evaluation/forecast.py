@@ -348,12 +348,12 @@ def forecast(
         log.info("unconstrained forecasting: %s (NaN-filled)", short)
     samples = values.reshape(n_series, k, horizon_steps, 2)
     return ForecastResult(
-        _point_forecast(samples),
-        texts,
-        steps_parsed,
-        int(failures),
-        prompt_tokens,
-        int(new_tokens),
+        values=_point_forecast(samples),
+        texts=texts,
+        steps_parsed=steps_parsed,
+        parse_failures=int(failures),
+        prompt_tokens=prompt_tokens,
+        new_tokens=int(new_tokens),
         samples=samples if k > 1 else None,
         flops=int(flops),
         exceeds_trained_context=bool(exceeds),
