@@ -6,14 +6,12 @@ Grammar of an encoded series (no spaces, no sign, no exponent)::
     step    := number "," number          # prey, predator
     number  := digits "." digits{decimals}  (just ``digits`` when decimals == 0)
 
-A raw value ``x`` is written as ``round(x / scale, decimals)`` with exactly ``decimals`` digits after
-the point. The study's default is ``scale = 0.5`` (its ``x / 5 * 10``) with 3 decimals, so
-1.1335121 becomes ``2.267``. ``decode`` inverts the scale and never raises on model output: it reads
-complete steps in order and stops at the first malformed one.
+A raw value ``x`` is written as ``round(x / scale, decimals)`` with exactly ``decimals`` digits after the point.
+The study's default is ``scale = 0.5`` (its ``x / 5 * 10``) with 3 decimals, so 1.1335121 becomes ``2.267``.
+``decode`` inverts the scale and never raises on model output: it stops at the first malformed step.
 
-The alphabet is :data:`ALPHABET`; :func:`check_tokenizer` refuses a tokenizer that does not give every
-character its own token, because the windowing and the constrained decoding rely on one token per
-character.
+:func:`check_tokenizer` refuses a tokenizer that does not give every character of :data:`ALPHABET` its own
+token: the windowing and the constrained decoding rely on one token per character.
 """
 
 from __future__ import annotations
@@ -45,12 +43,8 @@ _STEP = re.compile(rf"({_NUMBER}),({_NUMBER})")
 class ScaleRule:
     """How the divisor of a series is chosen.
 
-    Attributes:
-        kind: ``"fixed"`` divides every series by ``value``; ``"percentile"`` picks, per series, the
-            divisor that maps the ``percentile``-th percentile of the context part to ``target``.
-        value: The fixed divisor (``kind="fixed"``), > 0.
-        percentile: Percentile in [0, 100] of the context values (``kind="percentile"``).
-        target: Encoded value the percentile is mapped to (``kind="percentile"``), > 0.
+    ``kind="fixed"`` divides every series by ``value`` (> 0); ``"percentile"`` picks, per series, the divisor that
+    maps the ``percentile``-th percentile (in [0, 100]) of the context part to ``target`` (> 0).
     """
 
     kind: Literal["fixed", "percentile"] = "fixed"
@@ -72,14 +66,9 @@ class ScaleRule:
             raise UserError("invalid scale rule: " + "; ".join(problems))
 
     def scale_for(self, context: np.ndarray) -> float:
-        """Divisor for one series, computed from its context part only.
+        """Positive, finite divisor of one series from its (T_ctx, 2) context only (no future information leaks).
 
-        Args:
-            context: (T_ctx, 2) raw values the model will see; never the forecast horizon, so no
-                future information leaks into the encoding.
-
-        Returns:
-            A positive, finite divisor. A percentile of 0 (an all-zero context) falls back to 1.0.
+        A percentile of 0 (an all-zero context) falls back to 1.0.
         """
         if self.kind == "fixed":
             return float(self.value)
@@ -95,25 +84,16 @@ def _check_decimals(decimals: int) -> None:
 
 
 def min_step_tokens(decimals: int) -> int:
-    """Characters (= tokens) of the shortest whole encoded step with its separator, ``0.000,0.000;`` at 3 decimals.
-
-    A training window shorter than this cannot hold one ``prey,predator;`` step, whatever the values.
-    """
+    """Characters (= tokens) of the shortest whole encoded step with its separator, ``0.000,0.000;`` at 3 decimals."""
     _check_decimals(decimals)
     number = 1 + (1 + decimals if decimals else 0)  # one integer digit, then the point and the decimals
     return 2 * number + len(VALUE_SEP) + len(STEP_SEP)
 
 
 def encode(series: np.ndarray, scale: float = STUDY_SCALE, decimals: int = STUDY_DECIMALS) -> str:
-    """Write a (T, 2) series as LLMTIME text.
+    """Write a (T, 2) raw series (prey, predator; finite, >= 0) as text such as ``"2.267,2.206;1.111,2.516"``.
 
-    Args:
-        series: (T, 2) raw values, ``[:, 0]`` prey and ``[:, 1]`` predator; finite and >= 0.
-        scale: Positive divisor applied before rounding.
-        decimals: Digits after the point, always written in full (``2.000``).
-
-    Returns:
-        Text such as ``"2.267,2.206;1.111,2.516"``; empty string for T == 0.
+    Empty for T == 0; ``decimals`` are always written in full (``2.000``).
 
     Raises:
         ValueError: Wrong shape, a non-finite or negative value, a bad scale or decimals.
@@ -130,39 +110,20 @@ def encode(series: np.ndarray, scale: float = STUDY_SCALE, decimals: int = STUDY
         raise UserError(f"series has negative values (min {arr.min():g}): the alphabet has no sign")
     # Fixed-point formatting: never scientific notation, always `decimals` digits.
     fmt = f"{{:.{decimals}f}}"
-    scaled = arr / scale
-    return STEP_SEP.join(fmt.format(p) + VALUE_SEP + fmt.format(q) for p, q in scaled)
+    return STEP_SEP.join(fmt.format(p) + VALUE_SEP + fmt.format(q) for p, q in arr / scale)
 
 
 def encode_prompt(context: np.ndarray, scale: float, decimals: int) -> str:
-    """The forecasting prompt of one series: its encoded context, then the ``;`` that opens the first forecast step.
-
-    Args:
-        context: (T_ctx, 2) raw values the model is shown.
-        scale: The series' divisor (:meth:`ScaleRule.scale_for` of that context).
-        decimals: Digits after the point.
-
-    Returns:
-        ``encode(context, scale, decimals) + ";"``.
-    """
+    """The forecasting prompt of one series: its encoded (T_ctx, 2) context, then the ``;`` of the first forecast."""
     return encode(context, scale=scale, decimals=decimals) + STEP_SEP
 
 
 def decode(text: str, scale: float = 1.0, decimals: int | None = None) -> tuple[np.ndarray, int]:
-    """Read LLMTIME text back into values, tolerating anything a model may generate.
+    """Read text (possibly garbage, truncated or empty) back into ``(values, T')``: (T', 2) float64 raw units.
 
-    Steps are read in order; reading stops at the first malformed step (wrong characters, a missing
-    value, a number with the wrong count of decimals when ``decimals`` is given, a non-finite value).
-    The last step needs no trailing ``;``; when ``decimals`` is given, a truncated last number is
-    caught because its decimals are short.
-
-    Args:
-        text: Encoded text, possibly garbage, truncated or empty.
-        scale: The divisor used by :func:`encode`; decoded values are multiplied by it.
-        decimals: If given, every number must have exactly this many digits after the point.
-
-    Returns:
-        ``(values, steps_parsed)``: values (T', 2) float64 in raw units, and T'.
+    Reading stops at the first malformed step (wrong characters, a missing value, a non-finite value, or a number
+    without exactly ``decimals`` digits after the point when ``decimals`` is given, which catches a truncated last
+    number). The last step needs no trailing ``;``. Values are multiplied by ``scale``.
     """
     if not isinstance(text, str):
         return np.zeros((0, 2)), 0
@@ -183,10 +144,7 @@ def decode(text: str, scale: float = 1.0, decimals: int | None = None) -> tuple[
 
 
 def _has_decimals(number: str, decimals: int) -> bool:
-    if decimals == 0:
-        return "." not in number
-    head, _, tail = number.partition(".")
-    return len(tail) == decimals
+    return "." not in number if decimals == 0 else len(number.partition(".")[2]) == decimals
 
 
 class TokenizerError(UserError):
@@ -194,27 +152,19 @@ class TokenizerError(UserError):
 
 
 def check_tokenizer(tokenizer: Any, name: str, sample: str = "2.267,2.206;1.111,12.516") -> dict[str, int]:
-    """Check that each alphabet character is one token and text tokenizes character by character.
-
-    Args:
-        tokenizer: A Hugging Face tokenizer.
-        name: Model or tokenizer name, used in the error message.
-        sample: Encoded text whose ids must equal the concatenation of the per-character ids.
-
-    Returns:
-        Mapping character -> token id.
+    """Character -> token id, checking that each alphabet character is one token and ``sample`` tokenizes by character.
 
     Raises:
-        TokenizerError: One message naming the tokenizer and every offending character or the sample.
+        TokenizerError: One message naming the tokenizer (``name``) and every offending character or the sample.
     """
     ids: dict[str, int] = {}
     problems = []
     for ch in ALPHABET:
         toks = tokenizer.encode(ch, add_special_tokens=False)
-        if len(toks) != 1:
-            problems.append(f"{ch!r} -> {toks}")
-        else:
+        if len(toks) == 1:
             ids[ch] = toks[0]
+        else:
+            problems.append(f"{ch!r} -> {toks}")
     if not problems:
         got = tokenizer.encode(sample, add_special_tokens=False)
         expected = [ids[ch] for ch in sample]
@@ -224,9 +174,10 @@ def check_tokenizer(tokenizer: Any, name: str, sample: str = "2.267,2.206;1.111,
                 f"{expected[:12]}... (the tokenizer merges digits or separators)"
             )
     if problems:
+        rule = (
+            f"every character of {ALPHABET!r} must be exactly one token and text must tokenize character by character"
+        )
         raise TokenizerError(
-            f"tokenizer of {name!r} cannot be used for LLMTIME text: every character of {ALPHABET!r} "
-            f"must be exactly one token and text must tokenize character by character; found: "
-            + "; ".join(problems)
+            f"tokenizer of {name!r} cannot be used for LLMTIME text: {rule}; found: " + "; ".join(problems)
         )
     return ids

@@ -22,21 +22,14 @@ _EPOCH_STRIDE = 1_000_003  # epoch e's seed = epoch 0's + e x this (mod 2**63)
 
 
 class ResumableSampler(DistributedSampler):
-    """Indices of one rank's share of a shuffled epoch, resumable from :meth:`state_dict`.
+    """Indices of one rank's share of a shuffled epoch of ``size`` windows, resumable from :meth:`state_dict`.
 
     A ``DistributedSampler`` subclass so that Lightning uses it as it is rather than wrapping it.
-
-    Args:
-        size: Windows in the training set.
-        num_replicas: Ranks.
-        rank: This rank.
     """
 
     def __init__(self, size: int, num_replicas: int = 1, rank: int = 0) -> None:
         # DistributedSampler.__init__ would ask torch.distributed for the world; everything it sets is set here.
-        self.size = size
-        self.num_replicas = num_replicas
-        self.rank = rank
+        self.size, self.num_replicas, self.rank = size, num_replicas, rank
         self.num_samples = -(-size // num_replicas)
         self.total_size = self.num_samples * num_replicas
         self.shuffle, self.drop_last, self.seed, self.epoch = True, False, 0, 0
@@ -79,8 +72,7 @@ class ResumableSampler(DistributedSampler):
 
     def state_dict(self) -> dict[str, Any]:
         """Where the training order stands: epoch 0's seed, the epoch and the windows of it already trained."""
-        return {"first_seed": self.first_seed, "epoch": self.epoch, "consumed": self.consumed,
-                "num_replicas": self.num_replicas}
+        return {key: getattr(self, key) for key in ("first_seed", "epoch", "consumed", "num_replicas")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state`` at the next iteration (a checkpoint of the same data and number of ranks).
@@ -89,7 +81,9 @@ class ResumableSampler(DistributedSampler):
             ValueError: The checkpoint was written by a run with another number of ranks.
         """
         if state.get("num_replicas", 1) != self.num_replicas:
-            raise UserError(f"the checkpoint's data order was dealt to {state['num_replicas']} ranks, this run has "
-                             f"{self.num_replicas}; resume with the same trainer.devices x trainer.num_nodes")
+            raise UserError(
+                f"the checkpoint's data order was dealt to {state['num_replicas']} ranks, this run has "
+                f"{self.num_replicas}; resume with the same trainer.devices x trainer.num_nodes"
+            )
         if state.get("first_seed") is not None:
             self._resume = {k: int(state[k]) for k in ("first_seed", "epoch", "consumed")}

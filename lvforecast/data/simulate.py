@@ -5,33 +5,16 @@ Model, per system (x prey, y predator)::
     dx/dt = a x (1 - x/K) - b x y / (1 + h x)
     dy/dt = c x y / (1 + h x) - d y,        c = e * b
 
-Contract of :func:`simulate_systems`:
+Contract of :func:`simulate_systems`: samples at ``np.linspace(0, t_end, n_steps)``; per-system parameters drawn
+uniformly from :data:`PARAM_RANGES`; float32 values >= 0 (tiny negative integration error clipped) with the drawn
+parameters (a, b, c, d, K, h, e, x0, y0) in ``params``; fully determined by ``seed``.
 
-* time grid ``np.linspace(0, t_end, n_steps)`` (default 0..200, 100 steps);
-* per-system parameters drawn uniformly: a in [0.1, 0.3], b in [0.2, 0.5],
-  d in [0.1, 0.3], h in [0.05, 0.2], e in [0.3, 0.7], K in [5, 15], and
-  initial state x0, y0 in [0.8, 1.2];
-* output is a :class:`~lvforecast.data.trajectories.Trajectories` with float32
-  values >= 0 (tiny negative integration error clipped) and the drawn
-  parameters in ``params`` (a, b, c, d, K, h, e, x0, y0);
-* fully determined by ``seed``.
+Random stream: ``np.random.RandomState(seed)`` draws blocks of N in :data:`PARAM_RANGES` order. This is the study
+data generator's stream: with N=1000 and seed=0 the initial states equal the study file's to float32 precision and
+the trajectories follow its systems closely, though not exactly, so the study file stays the reference data.
 
-Random stream: parameters are drawn from ``np.random.RandomState(seed)`` in
-blocks of N, in the order a, b, d, h, e, K, x0, y0. This is the study data
-generator's stream: with N=1000 and seed=0 the initial states equal the
-study file's ``trajectories[:, 0]`` to float32 precision and the trajectories
-follow the study file's systems closely (value percentiles within 0.5%).
-The study file itself is not exactly reproduced (per-system deviations of a
-few percent accumulate over time), so it stays the reference data.
-
-Integration: all systems at once with a vectorised classical RK4 at a fixed
-step of at most ``_MAX_DT`` time units (an integer number of substeps per
-output interval). The dynamics' rates are <= ~0.5 per time unit, so the
-global error is ~1e-7, far below float32 output resolution; the tests check
-this against scipy's adaptive DOP853.
-
-Run as a CLI: ``lvforecast simulate --out FILE --systems N --seed S`` (:func:`write_simulation`).
-Importing this module touches no disk or network.
+Integration: :func:`integrate_rk4`, a vectorised classical RK4 at a fixed step of at most ``_MAX_DT``. The rates
+are <= ~0.5 per time unit, so the global error (~1e-7) is far below float32 resolution (tested against DOP853).
 """
 
 from __future__ import annotations
@@ -39,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -74,60 +58,54 @@ def _draw_params(n_systems: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.RandomState(seed)
     params = {name: rng.uniform(lo, hi, n_systems) for name, (lo, hi) in PARAM_RANGES.items()}
     params["c"] = params["e"] * params["b"]
-    order = ("a", "b", "c", "d", "K", "h", "e", "x0", "y0")
-    return {name: params[name] for name in order}
+    return {name: params[name] for name in ("a", "b", "c", "d", "K", "h", "e", "x0", "y0")}
 
 
-def _rhs(state: np.ndarray, p: dict[str, np.ndarray]) -> np.ndarray:
-    """Time derivative of (N, 2) states [x, y] under per-system params."""
-    x, y = state[:, 0], state[:, 1]
-    functional_response = x * y / (1.0 + p["h"] * x)
-    dx = p["a"] * x * (1.0 - x / p["K"]) - p["b"] * functional_response
-    dy = p["c"] * functional_response - p["d"] * y
-    return np.stack([dx, dy], axis=1)
+def rm_rhs(x: np.ndarray, y: np.ndarray, p: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``(dx/dt, dy/dt)`` of the model; ``p`` holds a, b, c, d, K, h (scalars or one per system)."""
+    f = x * y / (1.0 + p["h"] * x)
+    return p["a"] * x * (1.0 - x / p["K"]) - p["b"] * f, p["c"] * f - p["d"] * y
 
 
-def _integrate_rk4(
-    x0: np.ndarray, y0: np.ndarray, time: np.ndarray, p: dict[str, np.ndarray]
+def integrate_rk4(
+    state0: np.ndarray, p: Mapping[str, np.ndarray], time: np.ndarray, max_dt: float = _MAX_DT
 ) -> np.ndarray:
-    """Vectorised RK4 over all systems; returns (N, T, 2) float64 at ``time``."""
-    state = np.stack([x0, y0], axis=1).astype(np.float64)
-    out = np.empty((state.shape[0], time.size, 2), dtype=np.float64)
-    out[:, 0] = state
-    for k in range(1, time.size):
-        interval = float(time[k] - time[k - 1])
-        n_sub = max(1, math.ceil(interval / _MAX_DT))
+    """Fixed-step RK4 of all systems at once: (N, 2) initial states -> (N, T, 2) float64 at ``time``.
+
+    Each output interval is cut into the fewest equal substeps of at most ``max_dt``.
+    """
+    x, y = (np.asarray(state0[:, j], dtype=np.float64) for j in (0, 1))
+    out = np.empty((x.shape[0], time.size, 2))
+    out[:, 0, 0], out[:, 0, 1] = x, y
+    for i in range(1, time.size):
+        interval = float(time[i] - time[i - 1])
+        n_sub = max(1, math.ceil(interval / max_dt))
         dt = interval / n_sub
         for _ in range(n_sub):
-            k1 = _rhs(state, p)
-            k2 = _rhs(state + 0.5 * dt * k1, p)
-            k3 = _rhs(state + 0.5 * dt * k2, p)
-            k4 = _rhs(state + dt * k3, p)
-            state = state + (dt / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
-        out[:, k] = state
+            k1x, k1y = rm_rhs(x, y, p)
+            k2x, k2y = rm_rhs(x + 0.5 * dt * k1x, y + 0.5 * dt * k1y, p)
+            k3x, k3y = rm_rhs(x + 0.5 * dt * k2x, y + 0.5 * dt * k2y, p)
+            k4x, k4y = rm_rhs(x + dt * k3x, y + dt * k3y, p)
+            x = x + dt / 6.0 * (k1x + 2.0 * k2x + 2.0 * k3x + k4x)
+            y = y + dt / 6.0 * (k1y + 2.0 * k2y + 2.0 * k3y + k4y)
+        out[:, i, 0], out[:, i, 1] = x, y
     return out
 
 
-def simulate_systems(
-    n_systems: int, seed: int, n_steps: int = 100, t_end: float = 200.0
-) -> Trajectories:
+def simulate_systems(n_systems: int, seed: int, n_steps: int = 100, t_end: float = 200.0) -> Trajectories:
     """Simulate independent Rosenzweig-MacArthur systems (no observation noise).
 
     Args:
-        n_systems: number of systems N (>= 1).
-        seed: random seed; the output is a deterministic function of all arguments.
-        n_steps: number of output time steps T (>= 2).
-        t_end: last sample time (> 0, model time units); samples are
-            ``np.linspace(0, t_end, n_steps)``.
+        n_systems: Systems N (>= 1).
+        seed: Random seed in [0, 2**32); the output is a deterministic function of all arguments.
+        n_steps: Output time steps T (>= 2).
+        t_end: Last sample time (> 0, model time units).
 
     Returns:
-        Trajectories with values (N, T, 2) float32 >= 0 ([:, :, 0] prey,
-        [:, :, 1] predator), time (T,) float64, params a, b, c, d, K, h, e,
-        x0, y0 (each (N,) float64) and path None.
+        Trajectories with values (N, T, 2) float32 >= 0, time (T,) float64, params (each (N,) float64), path None.
 
     Raises:
-        ValueError: an argument is out of range, or the integration produced
-            non-finite values (cannot happen for the documented ranges).
+        ValueError: An argument is out of range, or the integration produced non-finite values.
     """
     if isinstance(n_systems, bool) or not isinstance(n_systems, (int, np.integer)) or n_systems < 1:
         raise UserError(f"n_systems must be an integer >= 1, got {n_systems!r}")
@@ -140,7 +118,7 @@ def simulate_systems(
 
     params = _draw_params(int(n_systems), int(seed))
     time = np.linspace(0.0, float(t_end), int(n_steps))
-    raw = _integrate_rk4(params["x0"], params["y0"], time, params)
+    raw = integrate_rk4(np.stack([params["x0"], params["y0"]], axis=1), params, time)
     if not np.isfinite(raw).all():
         raise UserError("simulation produced non-finite values; check PARAM_RANGES")
     # Exact solutions stay positive; only O(1e-12) truncation error can dip below 0.
@@ -149,25 +127,18 @@ def simulate_systems(
     return Trajectories(values=values, time=time, params=params, path=None)
 
 
-def write_simulation(path: str | os.PathLike[str], n_systems: int, seed: int, n_steps: int = 100,
-                     t_end: float = 200.0) -> tuple[Path, Trajectories]:
-    """Simulate systems (:func:`simulate_systems`) and write them with :func:`write_trajectories`.
+def write_simulation(
+    path: str | os.PathLike[str], n_systems: int, seed: int, n_steps: int = 100, t_end: float = 200.0
+) -> tuple[Path, Trajectories]:
+    """Simulate (:func:`simulate_systems`) and write the file, what ``lvforecast simulate`` runs.
 
-    The file's attributes record the seed, model, generator version, ``t_end`` and integrator. This is what
-    ``lvforecast simulate`` runs.
-
-    Args:
-        path: output ``.h5`` file (parent directories are created).
-        n_systems: number of systems N.
-        seed: random seed.
-        n_steps: time steps T.
-        t_end: last sample time.
+    The file's attributes record the seed, model, generator version, ``t_end`` and integrator.
 
     Returns:
         (the path written, the simulated trajectories).
 
     Raises:
-        ValueError: a bad argument (nothing is written).
+        ValueError: A bad argument (nothing is written).
         TrajectoryFileError: ``path`` cannot be written (checked before simulating; nothing is written).
     """
     problem = output_problem(path)  # before simulating: a bad --out fails in milliseconds, not minutes

@@ -1,12 +1,8 @@
 """Which systems: the seeded train/val/test split, and the test systems an evaluation covers.
 
-Contract:
-
-* The split is by system, never by window: a system's windows all land in one split. The split is
-  seeded, its fractions are configurable, and ``pinned_test_systems`` are always in the test split.
-* An evaluation covers the whole test split, or with ``max_systems`` a cut of it that keeps the study's
-  example systems (:func:`evaluation_order`); :class:`EvaluationInputs` holds those systems with their
-  series, per-series scales and prompts.
+The split is by system, never by window: a system's windows all land in one split; ``pinned_test_systems`` are
+always in the test split. An evaluation covers the whole test split, or with ``max_systems`` a cut of it that keeps
+the study's example systems (:func:`evaluation_order`).
 """
 
 from __future__ import annotations
@@ -45,15 +41,12 @@ def split_systems(
     """Split system ids into train/val/test by seeded permutation.
 
     The pinned systems go to test first; the rest are shuffled and dealt so that each split's size is
-    ``round(fraction * n_systems)`` (test absorbs rounding), counting the pinned ones toward test.
-
-    Args:
-        source: The data file the systems come from, named in the errors.
+    ``round(fraction * n_systems)`` (test absorbs rounding), counting the pinned ones toward test. ``source``
+    (the data file) is named in the errors.
 
     Raises:
-        ValueError: Fractions not three non-negative numbers summing to 1, a pinned id out of range,
-            more pinned systems than the test split holds, or a split left without systems (training would
-            run with no validation, evaluation would have nothing to forecast).
+        ValueError: Fractions not three non-negative numbers summing to 1, a pinned id out of range, more pinned
+            systems than the test split holds, or a split left without systems.
     """
     problems = []
     fr = [float(f) for f in fractions]
@@ -65,16 +58,14 @@ def split_systems(
     if problems:
         raise UserError("invalid split: " + "; ".join(problems))
     pinned = sorted(set(int(i) for i in pinned_test_systems))
-    n_train = round(fr[0] * n_systems)
-    n_val = round(fr[1] * n_systems)
+    n_train, n_val = round(fr[0] * n_systems), round(fr[1] * n_systems)
     n_test = n_systems - n_train - n_val
     if len(pinned) > n_test:
         raise UserError(
             f"invalid split: {len(pinned)} pinned test systems but the test split of {n_systems} systems "
             f"with data.split_fractions={fr} holds only {n_test}"
         )
-    sizes = {"train": n_train, "val": n_val, "test": n_test}
-    empty = [name for name, n in sizes.items() if n == 0]
+    empty = [name for name, n in (("train", n_train), ("val", n_val), ("test", n_test)) if n == 0]
     if empty:
         of = f" of {source}" if source else ""
         raise UserError(
@@ -83,12 +74,9 @@ def split_systems(
             f"needs at least one system (no validation otherwise, or nothing to evaluate); fix: fractions that give "
             f"each split >= 1 system" + (", or a file with at least 3 systems" if n_systems < 3 else "")
         )
-    rest = np.setdiff1d(np.arange(n_systems), pinned)
-    rest = np.random.default_rng(seed).permutation(rest)
-    train = sorted(rest[:n_train].tolist())
-    val = sorted(rest[n_train : n_train + n_val].tolist())
-    test = sorted(pinned + rest[n_train + n_val :].tolist())
-    return Split(train=train, val=val, test=test, seed=seed, n_systems=n_systems)
+    rest = np.random.default_rng(seed).permutation(np.setdiff1d(np.arange(n_systems), pinned)).tolist()
+    train, val, test = rest[:n_train], rest[n_train : n_train + n_val], pinned + rest[n_train + n_val :]
+    return Split(train=sorted(train), val=sorted(val), test=sorted(test), seed=seed, n_systems=n_systems)
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,11 +85,7 @@ class EvaluationInputs:
 
     Attributes:
         systems: (S,) system ids (indices into the data file), in evaluation order.
-        values: (S, T, 2) their full raw trajectories, as stored.
-        time: (T,) the sample times.
-        context_steps: Steps the model is shown.
-        horizon_steps: Steps forecast after the context.
-        decimals: Digits after the point in the prompts.
+        values: (S, T, 2) their full raw trajectories, as stored; ``time`` (T,) the sample times.
         scales: (S,) divisor of each series, from its first ``context_steps`` steps only.
         prompts: (S,) :func:`lvforecast.data.encoding.encode_prompt` of each series' context.
     """

@@ -1,29 +1,16 @@
-"""Non-LLM reference forecasters, run on the same systems and context as the model.
+"""Non-LLM reference forecasters, run on the same systems and context as the model (:data:`BASELINES`).
 
-Contract shared by every baseline (see :data:`BASELINES`)::
+Contract shared by every baseline: ``baseline(context, time, horizon_steps) -> forecast`` with
 
-    forecast = baseline(context, time, horizon_steps)
+* ``context``: (S, Tc, 2) raw populations (prey, predator), finite, >= 0;
+* ``time``: (T,) the *full* strictly increasing time grid, T >= Tc + horizon_steps; the context sits at
+  ``time[:Tc]`` and the forecast at ``time[Tc:Tc + horizon_steps]``;
+* returns (S, horizon_steps, 2) float64 raw forecasts, finite and >= 0. Statistical forecasts are clipped to
+  [0, :data:`CLIP_FACTOR` x the system's context maximum of that variable]: the cap only bites on diverging fits.
 
-* ``context``: (S, Tc, 2) raw populations (``[:, :, 0]`` prey, ``[:, :, 1]`` predator), finite, >= 0;
-* ``time``: (T,) the *full* strictly increasing time grid, T >= Tc + horizon_steps; the context
-  sits at ``time[:Tc]`` and the forecast at ``time[Tc:Tc + horizon_steps]``;
-* returns (S, horizon_steps, 2) float64 raw forecasts, finite and >= 0. Statistical forecasts are
-  clipped to [0, :data:`CLIP_FACTOR` x the system's context maximum of that variable]: populations
-  cannot be negative, and the upper cap keeps an unstable fitted recursion finite (the cap is far
-  above anything the dynamics reach, so it only bites on diverging fits).
-
-Baselines:
-
-* ``persistence``: repeat the last context step.
-* ``ar``: per system and variable, AR(p) with intercept, x_t = c + sum_i phi_i x_{t-i}, fit by
-  least squares on the context, iterated forward (default p = 3).
-* ``var_log``: per system, VAR(p) with intercept on z = log(x + eps) of both variables jointly,
-  least squares on the context, iterated forward, back-transformed exp(z) - eps (default p = 2).
-* ``rm_fit``: the Rosenzweig-MacArthur equations of :mod:`lvforecast.data.simulate`,
-  dx/dt = a x (1 - x/K) - b x y / (1 + h x), dy/dt = c x y / (1 + h x) - d y, fit to the context
-  and integrated forward -- the near-physical-limit reference. Details in :func:`rm_fit`.
-
-Pure numpy/scipy; importing this module touches no disk, network or GPU.
+``persistence`` repeats the last step; ``ar`` is a per-variable AR(p) with intercept, ``var_log`` a VAR(p) with
+intercept on log(x + eps), both least squares on the context iterated forward; ``rm_fit`` fits the equations of
+:mod:`lvforecast.data.simulate` to the context and integrates them forward (the near-physical-limit reference).
 """
 
 from __future__ import annotations
@@ -36,7 +23,7 @@ import numpy as np
 from scipy.integrate import solve_ivp
 from scipy.optimize import least_squares
 
-from lvforecast.data.simulate import PARAM_RANGES
+from lvforecast.data.simulate import PARAM_RANGES, integrate_rk4, rm_rhs
 from lvforecast.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -52,15 +39,22 @@ RM_PARAM_NAMES: tuple[str, ...] = ("a", "b", "c", "d", "K", "h")
 def _rm_bounds(loosen: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """Simulator ranges widened by ``loosen`` x their low end below and x their high end above."""
     ranges = dict(PARAM_RANGES)
-    e_lo, e_hi = ranges["e"]
-    b_lo, b_hi = ranges["b"]
-    ranges["c"] = (e_lo * b_lo, e_hi * b_hi)  # c = e * b in the simulator
+    ranges["c"] = (ranges["e"][0] * ranges["b"][0], ranges["e"][1] * ranges["b"][1])  # c = e * b in the simulator
     lo = np.array([ranges[n][0] * (1.0 - loosen) for n in RM_PARAM_NAMES])
     hi = np.array([ranges[n][1] * (1.0 + loosen) for n in RM_PARAM_NAMES])
     return lo, hi
 
 
 RM_LOWER, RM_UPPER = _rm_bounds()
+
+
+def _rm_params(theta: np.ndarray) -> dict[str, np.ndarray]:
+    """(..., 6) parameter vector(s) as the simulator's mapping of a, b, c, d, K, h."""
+    return dict(zip(RM_PARAM_NAMES, np.moveaxis(theta, -1, 0), strict=True))
+
+
+def _rm_ode(_t: float, z: np.ndarray, p: dict[str, np.ndarray]) -> tuple[float, float]:
+    return rm_rhs(z[0], z[1], p)
 
 
 def _check(context: np.ndarray, time: np.ndarray, horizon_steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,9 +68,7 @@ def _check(context: np.ndarray, time: np.ndarray, horizon_steps: int) -> tuple[n
         raise UserError(f"horizon_steps must be an integer >= 1, got {horizon_steps!r}")
     need = context.shape[1] + int(horizon_steps)
     if time.ndim != 1 or time.size < need:
-        raise UserError(
-            f"time must be the full (T,) grid with T >= Tc + horizon_steps = {need}, got shape {time.shape}"
-        )
+        raise UserError(f"time must be the full (T,) grid with T >= Tc + horizon_steps = {need}, got {time.shape}")
     if not (np.isfinite(time).all() and (np.diff(time) > 0).all()):
         raise UserError("time must be finite and strictly increasing")
     return context, time
@@ -89,18 +81,10 @@ def _clip(forecast: np.ndarray, context: np.ndarray) -> np.ndarray:
 
 
 def persistence(context: np.ndarray, time: np.ndarray, horizon_steps: int) -> np.ndarray:
-    """Repeat the last context step.
-
-    Args:
-        context: (S, Tc, 2) raw populations.
-        time: (T,) full time grid (only validated).
-        horizon_steps: H forecast steps.
-
-    Returns:
-        (S, H, 2) forecasts equal to ``context[:, -1]``.
+    """Repeat the last context step (``time`` is only validated).
 
     Raises:
-        ValueError: bad shapes or values (see module contract).
+        ValueError: Bad shapes or values (see the module contract), as every baseline.
     """
     context, _ = _check(context, time, horizon_steps)
     return np.repeat(context[:, -1:, :], int(horizon_steps), axis=1)
@@ -109,8 +93,7 @@ def persistence(context: np.ndarray, time: np.ndarray, horizon_steps: int) -> np
 def _lagged(series: np.ndarray, order: int) -> tuple[np.ndarray, np.ndarray]:
     """Design (n, 1 + order * V) [1, x_{t-1}, ..., x_{t-p}] and targets (n, V) for (T, V) series."""
     t_len = series.shape[0]
-    rows = [np.ones((t_len - order, 1))]
-    rows += [series[order - i : t_len - i] for i in range(1, order + 1)]
+    rows = [np.ones((t_len - order, 1))] + [series[order - i : t_len - i] for i in range(1, order + 1)]
     return np.hstack(rows), series[order:]
 
 
@@ -127,19 +110,12 @@ def _iterate(history: np.ndarray, coef: np.ndarray, order: int, horizon_steps: i
 
 
 def ar(context: np.ndarray, time: np.ndarray, horizon_steps: int, order: int = 3) -> np.ndarray:
-    """Per-variable AR(``order``) with intercept, least squares on the context, iterated forward.
+    """Per-variable AR(``order``) with intercept, x_t = c + sum_i phi_i x_{t-i}, iterated forward.
 
-    Args:
-        context: (S, Tc, 2) raw populations; Tc must exceed 2 * order + 1 (enough equations).
-        time: (T,) full time grid (only validated; the model is in steps).
-        horizon_steps: H forecast steps.
-        order: number of lags p >= 1.
-
-    Returns:
-        (S, H, 2) forecasts, clipped as in the module contract.
+    The model is in steps (``time`` is only validated); Tc must be >= 2 * order + 2 (enough equations).
 
     Raises:
-        ValueError: bad shapes or values, or ``order`` too large for the context.
+        ValueError: Bad shapes or values, or ``order`` too large for the context.
     """
     context, _ = _check(context, time, horizon_steps)
     if order < 1 or context.shape[1] < 2 * order + 2:
@@ -148,27 +124,18 @@ def ar(context: np.ndarray, time: np.ndarray, horizon_steps: int, order: int = 3
     for s, series in enumerate(context):
         for v in range(2):
             x = series[:, v : v + 1]
-            design, target = _lagged(x, order)
-            coef = np.linalg.lstsq(design, target, rcond=None)[0]
+            coef = np.linalg.lstsq(*_lagged(x, order), rcond=None)[0]
             out[s, :, v] = _iterate(x, coef, order, int(horizon_steps))[:, 0]
     return _clip(out, context)
 
 
 def var_log(context: np.ndarray, time: np.ndarray, horizon_steps: int, order: int = 2, eps: float = 1e-6) -> np.ndarray:
-    """VAR(``order``) with intercept on log(x + eps) of both variables, iterated forward.
+    """VAR(``order``) with intercept on z = log(x + eps) of both variables, iterated forward, exp(z) - eps.
 
-    Args:
-        context: (S, Tc, 2) raw populations; Tc must be >= 2 * (1 + 2 * order) + order.
-        time: (T,) full time grid (only validated).
-        horizon_steps: H forecast steps.
-        order: number of lags p >= 1.
-        eps: offset that keeps log finite at 0 (raw units, > 0).
-
-    Returns:
-        (S, H, 2) forecasts exp(z) - eps, clipped as in the module contract.
+    Tc must be >= 2 * (1 + 2 * order) + order; ``eps`` (raw units, > 0) keeps the log finite at 0.
 
     Raises:
-        ValueError: bad shapes or values, ``order`` too large, or ``eps`` <= 0.
+        ValueError: Bad shapes or values, ``order`` too large, or ``eps`` <= 0.
     """
     context, _ = _check(context, time, horizon_steps)
     if not eps > 0:
@@ -178,37 +145,10 @@ def var_log(context: np.ndarray, time: np.ndarray, horizon_steps: int, order: in
     out = np.empty((context.shape[0], int(horizon_steps), 2))
     for s, series in enumerate(context):
         z = np.log(series + eps)
-        design, target = _lagged(z, order)
-        coef = np.linalg.lstsq(design, target, rcond=None)[0]
+        coef = np.linalg.lstsq(*_lagged(z, order), rcond=None)[0]
         with np.errstate(over="ignore"):
             out[s] = np.exp(_iterate(z, coef, order, int(horizon_steps))) - eps
     return _clip(out, context)
-
-
-def _rk4_batch(state0: np.ndarray, theta: np.ndarray, time: np.ndarray, max_dt: float) -> np.ndarray:
-    """Integrate RM for M parameter sets at once: state0 (M, 2), theta (M, 6) -> (M, T, 2) at ``time``."""
-    a, b, c, d, k, h = theta.T
-    x, y = state0[:, 0].copy(), state0[:, 1].copy()
-    out = np.empty((theta.shape[0], time.size, 2))
-    out[:, 0, 0], out[:, 0, 1] = x, y
-
-    def rhs(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        f = x * y / (1.0 + h * x)
-        return a * x * (1.0 - x / k) - b * f, c * f - d * y
-
-    with np.errstate(over="ignore", invalid="ignore"):
-        for i in range(1, time.size):
-            n_sub = max(1, math.ceil((time[i] - time[i - 1]) / max_dt))
-            dt = (time[i] - time[i - 1]) / n_sub
-            for _ in range(n_sub):
-                k1x, k1y = rhs(x, y)
-                k2x, k2y = rhs(x + 0.5 * dt * k1x, y + 0.5 * dt * k1y)
-                k3x, k3y = rhs(x + 0.5 * dt * k2x, y + 0.5 * dt * k2y)
-                k4x, k4y = rhs(x + dt * k3x, y + dt * k3y)
-                x = x + dt / 6.0 * (k1x + 2 * k2x + 2 * k3x + k4x)
-                y = y + dt / 6.0 * (k1y + 2 * k2y + 2 * k3y + k4y)
-            out[:, i, 0], out[:, i, 1] = x, y
-    return out
 
 
 def _gradient_matching_guess(series: np.ndarray, t: np.ndarray, n_h: int = 8) -> np.ndarray:
@@ -248,8 +188,6 @@ def _fit_one(
     """Best (theta, relative RMS) of least-squares RM fits from several starts; initial state fixed."""
     state0 = series[:1]
     weight = 1.0 / (np.sqrt(np.mean(series**2, axis=0)) + 1e-12)  # per-variable relative residuals
-    rel_step = 1e-6
-
     cache: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
 
     def residual_and_jacobian(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -258,9 +196,10 @@ def _fit_one(
         # so the Jacobian comes almost free with each residual.
         key = theta.tobytes()
         if key not in cache:
-            steps = rel_step * np.maximum(np.abs(theta), 1e-3)
+            steps = 1e-6 * np.maximum(np.abs(theta), 1e-3)
             thetas = np.vstack([theta, theta + np.diag(steps)])
-            sims = _rk4_batch(np.repeat(state0, 7, axis=0), thetas, t, max_dt)
+            with np.errstate(over="ignore", invalid="ignore"):
+                sims = integrate_rk4(np.repeat(state0, 7, axis=0), _rm_params(thetas), t, max_dt)
             r = ((sims - series) * weight).reshape(7, -1)
             r = np.where(np.isfinite(r), r, 1e6)
             cache.clear()
@@ -273,12 +212,12 @@ def _fit_one(
     def jacobian(theta: np.ndarray) -> np.ndarray:
         return residual_and_jacobian(theta)[1]
 
-    starts = [_gradient_matching_guess(series, t)]
-    starts += [rng.uniform(RM_LOWER, RM_UPPER) for _ in range(n_starts - 1)]
+    starts = [_gradient_matching_guess(series, t)] + [rng.uniform(RM_LOWER, RM_UPPER) for _ in range(n_starts - 1)]
     best_theta, best_cost = starts[0], np.inf
     for theta0 in starts:
+        bounds = (RM_LOWER, RM_UPPER)
         res = least_squares(
-            residual, theta0, jac=jacobian, bounds=(RM_LOWER, RM_UPPER), method="trf", max_nfev=max_nfev, x_scale="jac"
+            residual, theta0, jac=jacobian, bounds=bounds, method="trf", max_nfev=max_nfev, x_scale="jac"
         )
         if np.isfinite(res.cost) and res.cost < best_cost:
             best_theta, best_cost = res.x, res.cost
@@ -299,39 +238,21 @@ def rm_fit(
 ) -> np.ndarray:
     """Fit the Rosenzweig-MacArthur equations to each context and integrate them forward.
 
-    Fit: :func:`scipy.optimize.least_squares` (trf, ``max_nfev`` per start) over (a, b, c, d, K, h)
-    within the simulator's ranges loosened by 50% at each end (``RM_LOWER``/``RM_UPPER``; c = e b),
-    the initial state fixed at the first context point, residuals per variable divided by that
-    variable's context RMS. The model is integrated with a vectorised fixed-step RK4 (step <=
-    ``max_dt``); each pass integrates theta and its 6 forward-difference perturbations together, so
-    the Jacobian comes with the residual at almost no extra cost. Starts: a gradient-matching guess
-    (linear least squares on finite-difference per-capita rates over a grid of h), then
-    ``n_starts - 1`` uniform draws from the bounds (``np.random.default_rng([seed, s])`` for
-    system index s, so a system's fit does not depend on the others); the remaining
-    starts are skipped once a fit's weighted RMS residual is below ``good_fit`` (the study file
-    itself, float32 and not exactly reproducible, leaves ~1e-3).
+    Fit: :func:`scipy.optimize.least_squares` (trf, ``max_nfev`` per start) over (a, b, c, d, K, h) within the
+    simulator's ranges loosened by 50% at each end (``RM_LOWER``/``RM_UPPER``), the initial state fixed at the first
+    context point, residuals divided by each variable's context RMS, the model integrated by fixed-step RK4 (step
+    <= ``max_dt``) together with the 6 forward-difference perturbations of the Jacobian. Starts: a gradient-matching
+    guess, then ``n_starts - 1`` uniform draws (``np.random.default_rng([seed, s])`` for system s, so a system's fit
+    does not depend on the others); later starts are skipped once the weighted RMS residual is below ``good_fit``.
 
-    Forecast: :func:`scipy.integrate.solve_ivp` (DOP853, rtol 1e-8) with the fitted parameters from
-    the *last* context point (the freshest state; fit error then grows only over the horizon).
-    A system whose fit or integration fails (exception or non-finite values) falls back to
-    persistence; the number of fallbacks is logged as a warning.
-
-    Args:
-        context: (S, Tc, 2) raw populations, Tc >= 3.
-        time: (T,) full time grid.
-        horizon_steps: H forecast steps.
-        n_starts: number of optimizer starts per system (>= 1).
-        max_nfev: cap on residual evaluations per start (speed).
-        seed: seed of the random starts.
-        max_dt: largest RK4 step during fitting (model time units).
-        good_fit: weighted RMS residual (relative to each variable's context RMS) below which
-            no further start is tried.
+    Forecast: :func:`scipy.integrate.solve_ivp` (DOP853, rtol 1e-8) from the *last* context point. A system whose
+    fit or integration fails falls back to persistence (the count is logged as a warning).
 
     Returns:
         (S, H, 2) forecasts, finite and >= 0.
 
     Raises:
-        ValueError: bad shapes or values, or ``n_starts`` < 1 or Tc < 3.
+        ValueError: Bad shapes or values, or ``n_starts`` < 1 or Tc < 3.
     """
     context, time = _check(context, time, horizon_steps)
     if n_starts < 1:
@@ -344,16 +265,10 @@ def rm_fit(
     fallbacks = 0
     for s, series in enumerate(context):
         try:
-            theta, rel_rms = _fit_one(
-                series, t_ctx, np.random.default_rng([seed, s]), n_starts, max_nfev, max_dt, good_fit
-            )
-            a, b, c, d, k, h = theta
-
-            def rhs(_t: float, z: np.ndarray, a=a, b=b, c=c, d=d, k=k, h=h) -> list[float]:
-                f = z[0] * z[1] / (1.0 + h * z[0])
-                return [a * z[0] * (1.0 - z[0] / k) - b * f, c * f - d * z[1]]
-
-            sol = solve_ivp(rhs, (t_fc[0], t_fc[-1]), series[-1], method="DOP853", t_eval=t_fc, rtol=1e-8, atol=1e-10)
+            rng = np.random.default_rng([seed, s])
+            theta, rel_rms = _fit_one(series, t_ctx, rng, n_starts, max_nfev, max_dt, good_fit)
+            args = (_rm_params(theta),)
+            sol = solve_ivp(_rm_ode, (t_fc[0], t_fc[-1]), series[-1], "DOP853", t_fc, args=args, rtol=1e-8, atol=1e-10)
             fc = sol.y.T[1:]
             if not sol.success or fc.shape != (horizon, 2) or not np.isfinite(fc).all():
                 raise RuntimeError(f"integration failed: {sol.message}")
@@ -369,9 +284,4 @@ def rm_fit(
 
 
 #: The baselines by name; each is ``(context (S, Tc, 2), time (T,), horizon_steps) -> (S, H, 2)``.
-BASELINES: dict[str, Baseline] = {
-    "persistence": persistence,
-    "ar": ar,
-    "var_log": var_log,
-    "rm_fit": rm_fit,
-}
+BASELINES: dict[str, Baseline] = {"persistence": persistence, "ar": ar, "var_log": var_log, "rm_fit": rm_fit}

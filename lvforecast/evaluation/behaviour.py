@@ -2,30 +2,19 @@
 
 Contract of :func:`classify` for one series (T, 2) on a time grid (T,), applied in this order:
 
-1. **stable** -- the last ``flat_points`` (30) points are *flat within* ``flat_tol`` (5%): for
-   each variable, (max - min) over those points <= ``flat_tol`` x their mean (a variable whose mean
-   is 0 counts as flat only if it is constant there).
-2. Otherwise the prey peaks decide. Peaks are :func:`scipy.signal.find_peaks` on the prey series
-   with ``prominence=0`` (every strict local maximum, with its topographic prominence, in raw
-   units). With >= 2 peaks, the least-squares slope of log(prominence) against peak time (per
-   model time unit) decides: slope > ``slope_tol`` (0.002) -> **growing**, slope < -``slope_tol``
-   -> **decaying**, otherwise **oscillatory**. A first or last peak whose prominence is cut by the
-   series end (scipy measures it against the end) is kept, as the literal reading; dropping such
-   peaks also classifies the four study examples right but moves 61 of the 1000 file systems.
-3. With fewer than 2 prey peaks the series does not oscillate but is not flat (on the study's
-   data: the predator dies out while the prey saturates at its carrying capacity). Then the
-   variable with the largest relative range over the last ``flat_points`` points decides through
-   the least-squares slope of its log level (log(v + 1e-12)) against time over those points, with
-   the same thresholds: above -> **growing**, below -> **decaying**, else **oscillatory**.
+1. **stable** -- for each variable, (max - min) over the last ``flat_points`` (30) points is <= ``flat_tol`` (5%)
+   x their mean (a variable whose mean is 0 counts as flat only if it is constant there).
+2. Otherwise, with >= 2 prey peaks (:func:`scipy.signal.find_peaks`, ``prominence=0``: every strict local maximum
+   with its prominence; a peak cut by the series end is kept), the least-squares slope of log(prominence) against
+   peak time decides: > ``slope_tol`` (0.002 per time unit) -> **growing**, < -``slope_tol`` -> **decaying**,
+   otherwise **oscillatory**.
+3. With fewer than 2 prey peaks (on the study's data: the predator dies out while the prey saturates), the slope of
+   log(v + 1e-12) against time over the last ``flat_points`` points of the variable with the largest relative
+   range there decides, with the same thresholds.
 
-This literal reading of the study's description puts its four example systems of the study file
-(``lotka_volterra_data.h5``; ``data.pinned_test_systems`` in ``conf/data/lotka_volterra.yaml``, in
-:data:`CLASSES` order) in their published classes: 906 oscillatory (slope ~ +1e-4),
-506 decaying (~ -5e-3), 20 growing (~ +1.1e-2), 654 stable (relative range 0.6%). Counts over the
-whole file (1000 systems): oscillatory 221, decaying 584, growing 141, stable 54
-(10 systems fall under rule 3).
-
-Pure numpy/scipy; importing this module touches no disk, network or GPU.
+This literal reading of the study's description puts its four example systems (``data.pinned_test_systems``, in
+:data:`CLASSES` order) in their published classes: 906 oscillatory, 506 decaying, 20 growing, 654 stable. Over
+the study file's 1000 systems: oscillatory 221, decaying 584, growing 141, stable 54 (10 under rule 3).
 """
 
 from __future__ import annotations
@@ -71,20 +60,10 @@ def classify(
     flat_tol: float = 0.05,
     slope_tol: float = 0.002,
 ) -> Behaviour:
-    """Behaviour class of one predator-prey series (rules in the module docstring).
-
-    Args:
-        series: (T, 2) raw populations, finite, ``[:, 0]`` prey, ``[:, 1]`` predator.
-        time: (T,) strictly increasing sample times (model time units).
-        flat_points: number of final points tested for flatness (2 <= flat_points <= T).
-        flat_tol: allowed (max - min) / mean of each variable over those points.
-        slope_tol: threshold on log-prominence (or log-level) slope, per time unit.
-
-    Returns:
-        One of ``"stable"``, ``"growing"``, ``"decaying"``, ``"oscillatory"``.
+    """Behaviour class of one (T, 2) raw series on its (T,) time grid (rules in the module docstring).
 
     Raises:
-        ValueError: bad shapes, non-finite values, or thresholds out of range.
+        ValueError: Bad shapes, non-finite values, or thresholds out of range (2 <= flat_points <= T, tolerances >= 0).
     """
     series = np.asarray(series, dtype=np.float64)
     time = np.asarray(time, dtype=np.float64)
@@ -117,15 +96,7 @@ def classify(
 
 
 def classify_all(values: np.ndarray, time: np.ndarray, **kwargs: float) -> list[Behaviour]:
-    """Classify every system of a batch.
-
-    Args:
-        values: (N, T, 2) raw populations.
-        time: (T,) sample times.
-        **kwargs: thresholds forwarded to :func:`classify`.
-
-    Returns:
-        N labels, in system order.
+    """Labels of the N systems of (N, T, 2) ``values``, in order (``kwargs``: thresholds of :func:`classify`).
 
     Raises:
         ValueError: ``values`` is not (N, T, 2), or as :func:`classify`.
@@ -139,14 +110,7 @@ def classify_all(values: np.ndarray, time: np.ndarray, **kwargs: float) -> list[
 
 
 def class_counts(labels: Iterable[str]) -> dict[str, int]:
-    """Count labels, listing every class of :data:`CLASSES` (0 when absent).
-
-    Args:
-        labels: behaviour labels.
-
-    Returns:
-        ``{class: count}`` in :data:`CLASSES` order, then any unknown labels.
-    """
+    """``{class: count}`` of every class of :data:`CLASSES` in order (0 when absent), then any unknown labels."""
     counts = Counter(labels)
     out = {c: int(counts.pop(c, 0)) for c in CLASSES}
     out.update({k: int(v) for k, v in sorted(counts.items())})

@@ -1,28 +1,16 @@
 """The lean constrained decoder: the grammar as tensors, a preallocated KV cache and a short loop of its own.
 
-Contract:
+Contract (the design is described in ``docs/evaluation.md``):
 
-* :func:`compile_grammar` turns a :class:`~lvforecast.evaluation.grammar.Grammar` into tensors on the model's
-  device: its reachable states (``START`` is state 0), ``allowed`` (state x column -> bool) and ``next_state``
-  (state x column -> state). Columns are the alphabet's tokens in **token-id order**; every row of a batch is
-  masked with one indexing op and advanced with another.
-* :func:`choose` picks one column per row among the allowed ones: greedy is the first maximum in token-id order,
-  which is what ``argmax`` over the full, masked vocabulary picks; sampling draws **one uniform per row** and
-  inverts the CDF of the allowed tokens in token-id order (after ``temperature`` and ``top_p``, with the
-  semantics of Hugging Face's warpers), so the draw never depends on how many masked-out logits exist.
-* :func:`decode` runs a prefill of the left-padded prompts and then one decode step per new token against a
-  preallocated cache (:class:`PreallocatedLayer`: written in place, read as a prefix view, never concatenated).
-  The logits are the last position's: either the alphabet's rows of the output matrix only (``head="alphabet"``,
-  13 of V logits) or the full lm_head then those columns (``head="full"``); a trained logit bias (on those
-  columns) is added in float32 before the mask, as ``generate`` adds it. Each row stops after its
-  ``horizon_steps``-th ``;`` and then writes ``end_id``; the loop stops when every row is done, and the token
-  that finishes the last row is never fed back. Position ids and the attention mask follow ``generate``
-  (cumulative mask positions; no mask when nothing is padded), so greedy tokens equal ``generate``'s with
-  :class:`~lvforecast.evaluation.grammar.LLMTimeLogitsProcessor`.
-* Decode steps of Llama / Qwen2 layers (:data:`LEAN_LAYERS`) run through :class:`LeanStep`: the layers' own modules,
-  the attention of the new queries with the query heads packed per key/value head, rotary cos/sin from one table; other
-  models run the stack's forward per step. Greedy tokens stay equal to ``generate``'s (tests).
-* PEFT-wrapped models (unmerged adapters) work: the decoder stack is run with its LoRA layers in place.
+* :func:`compile_grammar` tabulates the grammar's reachable states over the alphabet's columns in **token-id
+  order**, so every row of a batch is masked and advanced with one indexing op each.
+* :func:`choose` picks one allowed column per row: greedy is the first maximum in token-id order (what ``argmax``
+  over the full, masked vocabulary picks); sampling inverts the CDF of the allowed tokens with **one uniform per
+  row** (after Hugging Face's ``temperature`` and ``top_p`` semantics), so the draw never depends on the vocabulary.
+* :func:`decode` follows ``generate``'s position ids and attention mask, adds a trained logit bias in float32
+  before the mask, stops each row after its ``horizon_steps``-th ``;`` (then writes ``end_id``) and never feeds back
+  the token that finishes the last row: greedy tokens equal ``generate``'s with the grammar's logits processor
+  (tests), for PEFT-wrapped models too.
 """
 
 from __future__ import annotations
@@ -60,14 +48,9 @@ class CompiledGrammar:
     next_state: torch.Tensor
     is_sep: torch.Tensor
 
-    @property
-    def n_states(self) -> int:
-        return int(self.allowed.shape[0])
 
-
-def compile_grammar(grammar: Grammar, char_ids: dict[str, int], device: torch.device | str = "cpu"
-                    ) -> CompiledGrammar:
-    """Enumerate the states reachable from ``START`` and tabulate them (see the module docstring).
+def compile_grammar(grammar: Grammar, char_ids: dict[str, int], device: torch.device | str = "cpu") -> CompiledGrammar:
+    """Enumerate the states reachable from ``START`` and tabulate them.
 
     Raises:
         ValueError: ``char_ids`` lacks a character of the alphabet.
@@ -107,20 +90,21 @@ def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     return scores.masked_fill(remove.scatter(1, sorted_idx, remove), -math.inf)
 
 
-def choose(logits: torch.Tensor, allowed: torch.Tensor, *, sample: bool, temperature: float = 1.0,
-           top_p: float = 1.0, uniforms: torch.Tensor | None = None) -> torch.Tensor:
-    """One allowed column per row of (B, A) float32 ``logits`` (columns in token-id order).
+def choose(
+    logits: torch.Tensor,
+    allowed: torch.Tensor,
+    *,
+    sample: bool,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    uniforms: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B,) one allowed column per row of (B, A) float32 ``logits`` (columns in token-id order).
 
     Args:
-        logits: (B, A) scores of the alphabet's columns.
         allowed: (B, A) bool mask; every row allows at least one column.
-        sample: False: the first maximum (greedy); True: inverse-CDF sampling with ``uniforms``.
-        temperature: Divides the scores when sampling.
-        top_p: Nucleus mass in (0, 1] when sampling.
-        uniforms: (B,) draws in [0, 1), one per row (needed when sampling).
-
-    Returns:
-        (B,) column indices.
+        sample: False: the first maximum (greedy); True: inverse-CDF sampling with ``uniforms``, (B,) draws in
+            [0, 1), after ``temperature`` and ``top_p``.
     """
     scores = logits.masked_fill(~allowed, -math.inf)
     if not sample:
@@ -150,20 +134,24 @@ class PreallocatedLayer(DynamicLayer):
         # bits in memory never written would poison the row.
         self._keys = key_states.new_zeros((b, g, self.capacity, d))
         self._values = value_states.new_zeros((b, g, self.capacity, value_states.shape[-1]))
-        self.keys, self.values = self._keys[:, :, :0], self._values[:, :, :0]
+        self._end(0)
         self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _end(self, end: int) -> None:
+        self.length = end
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
         if end > self.capacity:
             raise RuntimeError(f"KV cache of {self.capacity} positions overflowed ({end})")
-        self._keys[:, :, self.length:end].copy_(key_states)
-        self._values[:, :, self.length:end].copy_(value_states)
-        self.length = end
-        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        self._keys[:, :, self.length : end].copy_(key_states)
+        self._values[:, :, self.length : end].copy_(value_states)
+        self._end(end)
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -172,39 +160,45 @@ class PreallocatedLayer(DynamicLayer):
     def write_row(self, row: int, start: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Write one row's (1, G, n, d) keys/values at slots ``start .. start + n - 1``; length = their end."""
         end = start + key_states.shape[2]
-        self._keys[row:row + 1, :, start:end].copy_(key_states)
-        self._values[row:row + 1, :, start:end].copy_(value_states)
-        self.length = end
-        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        self._keys[row : row + 1, :, start:end].copy_(key_states)
+        self._values[row : row + 1, :, start:end].copy_(value_states)
+        self._end(end)
 
 
-def prefill(stack: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-            cache: Cache, one_row_at_a_time: bool) -> torch.Tensor:
+def prefill(
+    stack: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache: Cache,
+    one_row_at_a_time: bool,
+) -> torch.Tensor:
     """Run the left-padded prompts into an empty :func:`preallocated_cache`; return the (B, 1, D) last hidden states.
 
-    ``one_row_at_a_time`` (what :func:`decode` does on a CPU): each row's forward runs without its padding, as a
-    single prompt would, and its keys/values land in the batch's buffers at the row's slots (its padding slots stay
-    zero, masked). One row's activations stay in the CPU caches; a (B, N, M) MLP intermediate of a whole batch
-    does not, which made the batched forward slower than one prompt after another. Otherwise one forward of the batch,
-    its padding masked. The FLOPs are charged as the padded batch's forward either way (an upper bound of the
-    row-at-a-time work, and what the pre-flight planned).
+    ``one_row_at_a_time`` (what :func:`decode` does on a CPU) runs each row without its padding into its slots of
+    the batch's buffers: one row's activations stay in the CPU caches, a whole batch's MLP intermediate does not.
+    The FLOPs are charged as the padded batch's forward either way (an upper bound, and what was planned).
     """
     padded = bool((attention_mask == 0).any())
     if not one_row_at_a_time or input_ids.shape[0] == 1:
-        return stack(input_ids=input_ids, attention_mask=attention_mask if padded else None,
-                     position_ids=position_ids, cache=cache, use_cache=True).last_hidden_state[:, -1:]
-    prompt_len, last = input_ids.shape[1], []
-    for b in range(input_ids.shape[0]):
+        mask = attention_mask if padded else None
+        return _last(stack, input_ids, position_ids, cache, mask)
+    (batch, prompt_len), last = input_ids.shape, []
+    for b in range(batch):
         pad = int((attention_mask[b] == 0).sum())
         row = preallocated_cache(len(cache.layers), prompt_len - pad)
-        last.append(stack(input_ids=input_ids[b:b + 1, pad:], position_ids=position_ids[b:b + 1, pad:], cache=row,
-                          use_cache=True).last_hidden_state[:, -1:])
+        last.append(_last(stack, input_ids[b : b + 1, pad:], position_ids[b : b + 1, pad:], row))
         for into, layer in zip(cache.layers, row.layers, strict=True):
             if not into.is_initialized:  # the batch's buffers, shaped like this row's (a view: nothing copied)
-                into.lazy_initialization(layer.keys.expand(input_ids.shape[0], -1, -1, -1),
-                                         layer.values.expand(input_ids.shape[0], -1, -1, -1))
+                into.lazy_initialization(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1))
             into.write_row(b, pad, layer.keys, layer.values)
     return torch.cat(last)
+
+
+def _last(stack: Any, ids: torch.Tensor, positions: torch.Tensor, cache: Cache, mask: Any = None) -> torch.Tensor:
+    """(B, 1, D) final hidden state of the last position, the new keys/values appended to ``cache``."""
+    out = stack(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+    return out.last_hidden_state[:, -1:]
 
 
 def preallocated_cache(n_layers: int, capacity: int) -> Cache:
@@ -213,14 +207,10 @@ def preallocated_cache(n_layers: int, capacity: int) -> Cache:
 
 
 class AlphabetLogits:
-    """Logits of the alphabet's columns from final hidden states: gathered rows, or the full lm_head then columns.
+    """Logits of the alphabet's (A,) ``token_ids`` columns from final hidden states, plus an (A,) trained ``bias``.
 
-    Args:
-        model: The causal LM (or its PEFT wrapper).
-        token_ids: (A,) the columns' token ids.
-        head: ``alphabet`` multiplies by the A gathered rows (and bias) of the output matrix only; ``full`` runs
-            the whole lm_head and keeps the columns (what ``generate`` computes).
-        bias: (A,) trained logit bias on the columns, or None.
+    ``head="alphabet"`` multiplies by the A gathered rows of the output matrix only; ``full`` runs the whole lm_head
+    and keeps the columns (what ``generate`` computes).
     """
 
     def __init__(self, model: Any, token_ids: torch.Tensor, head: Head, bias: torch.Tensor | None) -> None:
@@ -251,16 +241,10 @@ STATIC_ROPE = frozenset({"default", "linear", "llama3"})
 class LeanStep:
     """A decode step of one new token per row run layer by layer, skipping the model's per-call bookkeeping.
 
-    For the layers in :data:`LEAN_LAYERS` only (see :meth:`supports`). Their own modules (norms, q/k/v/o projections
-    with any LoRA layers in place, MLP) compute everything but the attention of the new query: one
-    ``scaled_dot_product_attention`` against the cache with the query heads of each key/value head packed as its
-    queries (no repeated keys/values), under an additive ``bias`` (0 = visible, -inf = not). Rotary cos/sin come from
-    one table of every position. Equal to the stack's forward up to float rounding (a test bounds it).
-
-    Args:
-        stack: The decoder stack (:func:`~lvforecast.model.lora.decoder_stack`).
-        cache: The :func:`preallocated_cache` the prefill filled; each step appends its keys/values to it.
-        max_position: Positions ids stay below this.
+    For :data:`LEAN_LAYERS` only (:meth:`supports`). Their own modules (LoRA layers in place) compute everything but
+    the new query's attention: one ``scaled_dot_product_attention`` against the ``cache`` with each key/value head's
+    query heads packed as its queries, rotary cos/sin from one table of every position below ``max_position``.
+    Equal to the stack's forward up to float rounding (a test bounds it).
     """
 
     def __init__(self, stack: Any, cache: Cache, max_position: int) -> None:
@@ -276,19 +260,21 @@ class LeanStep:
     def supports(stack: Any) -> bool:
         """Whether every layer is a :data:`LEAN_LAYERS` layer with full attention and a :data:`STATIC_ROPE`."""
         layers = getattr(stack, "layers", None)
-        return (layers is not None and all(hasattr(stack, a) for a in ("embed_tokens", "rotary_emb", "norm"))
-                and getattr(stack.rotary_emb, "rope_type", None) in STATIC_ROPE
-                and all(type(layer).__name__ in LEAN_LAYERS and getattr(layer.self_attn, "sliding_window", None)
-                        is None for layer in layers))
+        return (
+            layers is not None
+            and all(hasattr(stack, a) for a in ("embed_tokens", "rotary_emb", "norm"))
+            and getattr(stack.rotary_emb, "rope_type", None) in STATIC_ROPE
+            and all(
+                type(layer).__name__ in LEAN_LAYERS and getattr(layer.self_attn, "sliding_window", None) is None
+                for layer in layers
+            )
+        )
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """(B, 1) input ids -> (B, 1, D) final hidden states.
+        """(B, 1) new token ids at (B, 1) ``positions`` -> (B, 1, D) final hidden states.
 
-        Args:
-            ids: (B, 1) the new tokens.
-            positions: (B, 1) their position ids.
-            bias: (B, 1, 1, K) additive attention bias over the K keys the cache holds after this step, or None
-                (every key visible).
+        ``bias``: (B, 1, 1, K) additive attention bias (0 visible, -inf not) over the K keys the cache holds after
+        this step, or None (every key visible).
         """
         hidden = self.stack.embed_tokens(ids)
         batch = ids.shape[0]
@@ -303,8 +289,7 @@ class LeanStep:
             # Query head h reads key/value head h // groups (repeat_kv's order): pack (B, G, groups, head_dim); the
             # (B, 1, 1, K) bias broadcasts over both.
             q = q.reshape(batch, k_all.shape[1], -1, attn.head_dim)
-            out = torch.nn.functional.scaled_dot_product_attention(q, k_all, v_all, attn_mask=bias,
-                                                                   scale=attn.scaling)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k_all, v_all, bias, scale=attn.scaling)
             hidden = hidden + attn.o_proj(out.reshape(batch, 1, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.stack.norm(hidden)
@@ -312,27 +297,34 @@ class LeanStep:
 
 @dataclass(frozen=True)
 class Decoded:
-    """What :func:`decode` returns.
-
-    Attributes:
-        tokens: (B, n) new token ids (``end_id`` after a row finished).
-        steps: n.
-    """
+    """What :func:`decode` returns: (B, n) new token ids (``end_id`` after a row finished) and n."""
 
     tokens: torch.Tensor
     steps: int
 
 
-def decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, grammar: CompiledGrammar, *,
-           horizon_steps: int, max_new_tokens: int, end_id: int, logits_fn: AlphabetLogits, sample: bool,
-           temperature: float, top_p: float, cache: Cache | None = None, lean: bool | None = None) -> Decoded:
+def decode(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    grammar: CompiledGrammar,
+    *,
+    horizon_steps: int,
+    max_new_tokens: int,
+    end_id: int,
+    logits_fn: AlphabetLogits,
+    sample: bool,
+    temperature: float,
+    top_p: float,
+    cache: Cache | None = None,
+    lean: bool | None = None,
+) -> Decoded:
     """Grammar-constrained decoding of one left-padded batch (see the module docstring); call under no_grad.
 
     Sampling draws ``torch.rand(B)`` from the current default generator once per step. ``cache``: a
-    :func:`preallocated_cache` of at least ``prompt_len + max_new_tokens`` positions that already holds the first
-    ``c < prompt_len`` prompt positions (the prefill then runs on the rest, as ``generate`` does with a cache);
-    None makes an empty one. ``lean``: run the decode steps with :class:`LeanStep` (None: where it
-    :meth:`~LeanStep.supports` the model), else through the stack's forward.
+    :func:`preallocated_cache` of at least ``prompt_len + max_new_tokens`` positions that may already hold the first
+    ``c < prompt_len`` prompt positions (the prefill then runs on the rest, as ``generate`` does with a cache).
+    ``lean``: run the decode steps with :class:`LeanStep` (None: where it :meth:`~LeanStep.supports` the model).
     """
     stack = decoder_stack(model)
     batch, prompt_len = input_ids.shape
@@ -348,8 +340,8 @@ def decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, gr
     steps = torch.zeros(batch, dtype=torch.long, device=device)
     out = torch.full((batch, max_new_tokens), end_id, dtype=torch.long, device=device)
     if cached:  # the prefill continues the cache's prompt prefix, as generate does
-        hidden = stack(input_ids=input_ids[:, cached:], attention_mask=mask[:, :prompt_len] if padded else None,
-                       position_ids=position[:, cached:], cache=cache, use_cache=True).last_hidden_state[:, -1:]
+        prompt_mask = mask[:, :prompt_len] if padded else None
+        hidden = _last(stack, input_ids[:, cached:], position[:, cached:], cache, prompt_mask)
     else:
         hidden = prefill(stack, input_ids, attention_mask, position, cache, device.type == "cpu")
     next_pos = position[:, -1:] + 1
@@ -361,27 +353,28 @@ def decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, gr
             pad_bias = pad_bias[:, None, None, :]
 
         def step_fn(ids: torch.Tensor, step: int) -> torch.Tensor:
-            return lean_step(ids, next_pos + step, None if pad_bias is None else pad_bias[..., :prompt_len + step + 1])
+            return lean_step(ids, next_pos + step, None if pad_bias is None else pad_bias[..., : prompt_len + step + 1])
     else:
         # A decode step's query (the newest position) may attend to every non-pad key: the (B, 1, 1, keys) mask
         # the model would build from the 2D mask each step, made once here and sliced (a 4D mask is used as given).
         step_mask = mask.bool()[:, None, None, :] if padded else None
 
         def step_fn(ids: torch.Tensor, step: int) -> torch.Tensor:
-            keys = None if step_mask is None else step_mask[..., :prompt_len + step + 1]
-            return stack(input_ids=ids, attention_mask=keys, position_ids=next_pos + step, cache=cache,
-                         use_cache=True).last_hidden_state
+            keys = None if step_mask is None else step_mask[..., : prompt_len + step + 1]
+            return _last(stack, ids, next_pos + step, cache, keys)
+
     n = 0
     for n in range(1, max_new_tokens + 1):
         logits = logits_fn(hidden)
         uniforms = torch.rand(batch, device=device) if sample else None
         done = steps >= horizon_steps
-        col = choose(logits, grammar.allowed[state], sample=sample, temperature=temperature, top_p=top_p,
-                     uniforms=uniforms)
+        col = choose(
+            logits, grammar.allowed[state], sample=sample, temperature=temperature, top_p=top_p, uniforms=uniforms
+        )
         out[:, n - 1] = torch.where(done, end_id, grammar.token_ids[col])
         steps = steps + (grammar.is_sep[col] & ~done)
         state = torch.where(done, state, grammar.next_state[state, col])
         if bool((steps >= horizon_steps).all()) or n == max_new_tokens:
             break
-        hidden = step_fn(out[:, n - 1:n], n - 1)
+        hidden = step_fn(out[:, n - 1 : n], n - 1)
     return Decoded(tokens=out[:, :n], steps=n)

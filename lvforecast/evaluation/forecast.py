@@ -1,47 +1,29 @@
 """Batched LLMTIME forecasting: prompts, batching, constrained decoding or ``generate``, parsing and FLOP charging.
 
-Contract:
+How a forecast is made is described in ``docs/evaluation.md``; the contract here:
 
-* **Prompt.** For series ``i`` the prompt is :func:`lvforecast.data.encoding.encode_prompt` of
-  ``series[i, :context_steps]`` with ``scales[i]`` and ``decimals``, tokenized without special tokens and
-  left-padded (attention mask zero on padding).
-* **Generation** (:mod:`lvforecast.evaluation.generation`). Constrained with ``decoder="loop"`` (default):
-  :func:`lvforecast.evaluation.decoder.decode`, the compiled grammar and a preallocated KV cache, scoring the 13
-  alphabet tokens only with ``head="alphabet"`` (greedy tokens equal the full-vocabulary path's). Otherwise
-  ``model.generate`` with the KV cache and a fresh :class:`transformers.GenerationConfig`
-  in which every setting that shapes the output is explicit (greedy unless ``num_samples > 1``, one beam,
-  no repetition penalty, no top-k, no length or n-gram rules): the checkpoint's shipped generation config
-  (e.g. Qwen's sampling defaults) never leaks in. ``max_new_tokens`` is
-  :func:`lvforecast.evaluation.grammar.max_new_tokens_bound`.
-* **Constrained mode** (default). The grammar of :mod:`lvforecast.evaluation.grammar` masks the logits and
-  stops each row after exactly ``horizon_steps`` ``;``. Every forecast then parses to ``horizon_steps``
-  steps; anything else is a bug and raises ``AssertionError``.
-* **Unconstrained mode** (``constrained=False``, for comparison). The generated text is read by
-  :func:`lvforecast.data.encoding.decode` with ``decimals``. **Rule:** a row with fewer than ``horizon_steps``
-  parsed steps is one parse failure; its parsed prefix is kept and its missing steps are NaN (metrics skip
-  NaN). Steps beyond the horizon are dropped.
-* **Sampling.** ``num_samples = k > 1`` repeats each prompt ``k`` times and samples with ``temperature`` /
-  ``top_p`` under ``torch.manual_seed(seed)`` inside a forked RNG (the caller's RNG stream is untouched). The loop
-  draws one uniform per row and step and inverts the allowed tokens' CDF in token-id order, so either ``head``
-  gives the same samples for a seed; ``generate`` samples with its own multinomial draw.
-  The point forecast is the per-step median over the ``k`` samples (NaN-aware).
-* **Batches.** Rows are series-major (series ``i`` owns rows ``i*k .. i*k+k-1``), cut into consecutive
-  batches of ``batch_size`` rows (:func:`row_batches`); :func:`planned_batches` gives the same batches with
-  the longest decode the grammar allows, which is what the budget reserves before any weights load.
-* **FLOPs.** Each batch is charged :func:`lvforecast.budget.formulas.generation_flops` with the padded prompt
-  length, the number of decode steps the batch ran (the longest row), ``kv_cache=True``,
-  ``prefill_logits="last"`` and ``head_rows=13`` when the loop scores the alphabet only;
-  ``charge(flops, tokens)`` is called per batch when given
-  (``tokens`` = rows x (prompt + new) positions).
-* **Context length.** Prompt lengths in tokens are reported; when the longest exceeds
-  ``trained_context_tokens`` a warning is logged and ``ForecastResult.exceeds_trained_context`` is set.
+* **Prompt.** Series ``i``'s prompt is :func:`lvforecast.data.encoding.encode_prompt` of its first
+  ``context_steps`` steps with ``scales[i]``, tokenized without special tokens and left-padded.
+* **Generation** (:mod:`lvforecast.evaluation.generation`): the decoding loop or ``model.generate`` with a fully
+  explicit config, at most :func:`lvforecast.evaluation.grammar.max_new_tokens_bound` new tokens.
+* **Constrained** (default): every forecast parses to ``horizon_steps`` steps; anything else is a bug and raises
+  ``AssertionError``. **Unconstrained:** a row with fewer parsed steps is one parse failure; its parsed prefix is
+  kept and its missing steps are NaN. Steps beyond the horizon are dropped.
+* **Sampling.** ``num_samples = k > 1`` repeats each prompt ``k`` times and samples under ``torch.manual_seed(seed)``
+  in a forked RNG (the caller's stream is untouched); the point forecast is the NaN-aware per-step median.
+* **Batches.** Rows are series-major (series ``i`` owns rows ``i*k .. i*k+k-1``), cut into consecutive batches of
+  ``batch_size`` rows (:func:`row_batches`); :func:`planned_batches` gives the same batches at the longest decode,
+  which is what the budget reserves before any weights load.
+* **FLOPs.** Each batch is charged :func:`lvforecast.budget.formulas.generation_flops` of its padded prompt length
+  and the decode steps it ran, with the KV cache, last-position prefill logits and ``head_rows=13`` when the loop
+  scores the alphabet only; ``charge(flops, rows x (prompt + new) tokens)`` is called per batch.
 
-The settings (``context_steps`` ... ``max_int_digits``) have no defaults here: they are the ``forecast`` node
-of ``conf/evaluate.yaml``, which binds them to this function's parameters.
+The settings have no defaults here: they are the ``forecast`` node of ``conf/evaluate.yaml``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable, Sequence
@@ -53,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lvforecast.budget.formulas import generation_flops
-from lvforecast.budget.shapes import ALPHABET_SIZE, HEADS, Conventions, Head, LoRASpec, ModelShape, shape_of
+from lvforecast.budget.shapes import ALPHABET_SIZE, HEADS, Conventions, Head, LoRASpec, shape_of
 from lvforecast.data.encoding import decode, encode_prompt
 from lvforecast.errors import UserError
 from lvforecast.evaluation.decoder import compile_grammar
@@ -109,35 +91,46 @@ def row_batches(n_series: int, num_samples: int, batch_size: int) -> list[list[i
     return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
 
 
-def planned_batches(prompt_tokens: Sequence[int], *, horizon_steps: int, max_int_digits: int, decimals: int,
-                    num_samples: int, batch_size: int) -> list[tuple[int, int, int]]:
+def planned_batches(
+    prompt_tokens: Sequence[int],
+    *,
+    horizon_steps: int,
+    max_int_digits: int,
+    decimals: int,
+    num_samples: int,
+    batch_size: int,
+) -> list[tuple[int, int, int]]:
     """``(rows, padded prompt length, decode steps)`` of every batch :func:`forecast` runs, decode at its bound.
 
-    Needs no model: with a character-level tokenizer ``prompt_tokens`` are the prompts' character counts.
-    Every batch decodes :func:`max_new_tokens_bound` steps here, so the FLOPs of these shapes bound the
-    FLOPs :func:`forecast` charges.
-
-    Args:
-        prompt_tokens: (S,) prompt length of each series in tokens.
-        horizon_steps: Steps to generate.
-        max_int_digits: Most digits before the point in generated numbers.
-        decimals: Digits after the point.
-        num_samples: Rows per series.
-        batch_size: Rows per ``generate`` call.
+    Needs no model: ``prompt_tokens`` (S,) are the prompts' character counts for a character-level tokenizer. Every
+    batch decodes :func:`max_new_tokens_bound` steps, so these shapes' FLOPs bound those :func:`forecast` charges.
     """
     bound = max_new_tokens_bound(horizon_steps, Grammar(max_int_digits=max_int_digits, decimals=decimals))
-    return [(len(chunk), max(prompt_tokens[i] for i in chunk), bound)
-            for chunk in row_batches(len(prompt_tokens), num_samples, batch_size)]
+    batches = row_batches(len(prompt_tokens), num_samples, batch_size)
+    return [(len(chunk), max(prompt_tokens[i] for i in chunk), bound) for chunk in batches]
 
 
-def settings_problems(prefix: str = "", *, context_steps: Any, horizon_steps: Any, batch_size: Any,
-                      num_samples: Any, max_int_digits: Any, temperature: Any, top_p: Any, head: Any, decoder: Any,
-                      constrained: Any = True, seed: Any = 0) -> list[str]:
+def settings_problems(
+    prefix: str = "",
+    *,
+    context_steps: Any,
+    horizon_steps: Any,
+    batch_size: Any,
+    num_samples: Any,
+    max_int_digits: Any,
+    temperature: Any,
+    top_p: Any,
+    head: Any,
+    decoder: Any,
+    constrained: Any = True,
+    seed: Any = 0,
+) -> list[str]:
     """What is wrong with the forecaster's settings (``prefix``: ``forecast.`` when they come from the config)."""
-    problems = [f"{prefix}{key}={value!r}: must be an integer >= {low}" for key, value, low in (
-        ("context_steps", context_steps, 1), ("horizon_steps", horizon_steps, 1), ("batch_size", batch_size, 1),
-        ("num_samples", num_samples, 1), ("max_int_digits", max_int_digits, 1), ("seed", seed, 0))
-        if not int_at_least(value, low)]
+    integers = dict(context_steps=context_steps, horizon_steps=horizon_steps, batch_size=batch_size)
+    integers.update(num_samples=num_samples, max_int_digits=max_int_digits)
+    problems = [f"{prefix}{k}={v!r}: must be an integer >= 1" for k, v in integers.items() if not int_at_least(v, 1)]
+    if not int_at_least(seed, 0):
+        problems.append(f"{prefix}seed={seed!r}: must be an integer >= 0")
     if not (is_finite_number(temperature) and temperature > 0):
         problems.append(f"{prefix}temperature={temperature!r}: must be a number > 0")
     if not (is_finite_number(top_p) and 0 < top_p <= 1):
@@ -159,8 +152,9 @@ def _check_args(series: np.ndarray, scales: list[float], decimals: int, **settin
     if series.ndim != 3 or series.shape[2] != 2:
         problems.append(f"series has shape {series.shape}: expected (S, T, 2)")
     elif not 1 <= settings["context_steps"] <= series.shape[1]:
-        problems.append(f"context_steps={settings['context_steps']!r}: must be in [1, {series.shape[1]}] (series "
-                        f"length)")
+        problems.append(
+            f"context_steps={settings['context_steps']!r}: must be in [1, {series.shape[1]}] (series length)"
+        )
     if series.ndim >= 1 and len(scales) != series.shape[0]:
         problems.append(f"scales has {len(scales)} entries: expected one per series ({series.shape[0]})")
     if not int_at_least(decimals, 0):
@@ -175,32 +169,30 @@ def _check_args(series: np.ndarray, scales: list[float], decimals: int, **settin
     return grammar
 
 
-def _tokenized_prompts(tokenizer: Any, series: np.ndarray, scales: list[float], decimals: int, context_steps: int,
-                       max_int_digits: int) -> list[list[int]]:
+def _tokenized_prompts(
+    tokenizer: Any, series: np.ndarray, scales: list[float], decimals: int, context_steps: int, max_int_digits: int
+) -> list[list[int]]:
     """Token ids of each series' prompt; a context number wider than ``max_int_digits`` is refused."""
     prompts = [encode_prompt(s[:context_steps], scale, decimals) for s, scale in zip(series, scales, strict=True)]
-    widest = max((len(num.split(".")[0]) for p in prompts for num in p.replace(";", ",").split(",") if num),
-                 default=1)
+    numbers = [num for p in prompts for num in p.replace(";", ",").split(",") if num]
+    widest = max((len(num.split(".")[0]) for num in numbers), default=1)
     if widest > max_int_digits:
-        raise UserError(f"max_int_digits={max_int_digits}: the encoded context has numbers with {widest} digits "
-                         f"before the point; raise max_int_digits or the scale")
+        raise UserError(
+            f"max_int_digits={max_int_digits}: the encoded context has numbers with {widest} digits before the "
+            f"point; raise max_int_digits or the scale"
+        )
     return tokenizer(prompts, add_special_tokens=False)["input_ids"]
 
 
-@dataclass(frozen=True)
-class _Pricing:
-    """What every batch's FLOP charge is priced with."""
-
-    shape: ModelShape
-    lora: LoRASpec | None
-    conv: Conventions
-    head_rows: int | None
-
-
-def _generate_all(runner: GenerateRunner | LoopRunner, encoded: list[list[int]], batches: list[list[int]],
-                  seed: int, charge: Callable[[int, int], None] | None, pricing: _Pricing,
-                  char_ids: dict[str, int]) -> tuple[list[str], int, int]:
-    """Texts of every row, generated tokens and FLOPs charged; the model is in eval mode meanwhile."""
+def _generate_all(
+    runner: GenerateRunner | LoopRunner,
+    prompts: list[list[int]],
+    batches: list[list[int]],
+    seed: int,
+    price: Callable[..., int],
+    charge: Callable[[int, int], None] | None,
+) -> tuple[list[str], int, int]:
+    """Texts of every row, generated tokens and FLOPs charged (``price(rows, prompt_len, new)``), in eval mode."""
     model, tokenizer, device = runner.model, runner.tokenizer, runner.device
     texts: list[str] = []
     total_flops = total_new = 0
@@ -212,15 +204,13 @@ def _generate_all(runner: GenerateRunner | LoopRunner, encoded: list[list[int]],
             torch.manual_seed(seed)
             # Each batch is a full decode (minutes on a CPU for a real model): show progress.
             for chunk in tqdm(batches, desc="forecasting", unit="batch", disable=len(batches) <= 1):
-                generated, prompt_len = runner.run([encoded[i] for i in chunk])
+                generated, prompt_len = runner.run([prompts[i] for i in chunk])
                 n_new = len(generated[0])
                 for row in generated:
-                    text, kept = row_text(tokenizer, char_ids, row)
+                    text, kept = row_text(tokenizer, runner.char_ids, row)
                     texts.append(text)
                     total_new += kept
-                flops = generation_flops(pricing.shape, len(chunk), prompt_len, n_new, lora=pricing.lora,
-                                         conv=pricing.conv, kv_cache=True, prefill_logits="last",
-                                         head_rows=pricing.head_rows) if n_new > 0 else 0
+                flops = price(len(chunk), prompt_len, n_new) if n_new > 0 else 0
                 total_flops += flops
                 if charge is not None:
                     charge(flops, len(chunk) * (prompt_len + n_new))
@@ -230,8 +220,9 @@ def _generate_all(runner: GenerateRunner | LoopRunner, encoded: list[list[int]],
     return texts, total_new, total_flops
 
 
-def _decode_rows(texts: list[str], rows: list[int], scales: list[float], decimals: int,
-                 horizon_steps: int) -> tuple[np.ndarray, list[int]]:
+def _decode_rows(
+    texts: list[str], rows: list[int], scales: list[float], decimals: int, horizon_steps: int
+) -> tuple[np.ndarray, list[int]]:
     """(rows, H, 2) values of each generated text (NaN past its parsed prefix) and its parsed step count."""
     values = np.full((len(rows), horizon_steps, 2), np.nan)
     steps_parsed = []
@@ -284,27 +275,17 @@ def forecast(
         char_ids: LLMTIME character -> token id (``LoadedModel.char_ids``).
         series: (S, T, 2) raw values, T >= context_steps; only the context part is read.
         scales: (S,) divisor per series, as given to :func:`lvforecast.data.encoding.encode`.
-        decimals: Digits after the point.
-        context_steps: Steps in the prompt.
-        horizon_steps: Steps to generate, H.
-        batch_size: Generation rows per ``generate`` call.
-        constrained: Grammar-constrained decoding (see the module docstring for the unconstrained rule).
-        num_samples: k; 1 is greedy, > 1 samples with ``temperature`` and ``top_p``.
-        temperature: Sampling temperature (> 0), used only when k > 1.
-        top_p: Nucleus mass in (0, 1], used only when k > 1.
-        seed: Seed of the sampling RNG.
+        num_samples: k; 1 is greedy, > 1 samples with ``temperature`` (> 0) and ``top_p`` (in (0, 1]).
         max_int_digits: Most digits before the point in generated numbers.
-        head: Constrained decoding scores ``alphabet`` (the 13 LLMTIME tokens' rows of the output matrix only:
-            the same forecasts, fewer FLOPs) or ``full`` (the whole lm_head). Unconstrained decoding always
-            scores the full vocabulary.
-        decoder: Constrained decoding with ``loop`` (:mod:`lvforecast.evaluation.decoder`) or ``generate``
-            (``model.generate`` with the grammar processor; needs ``head="full"``).
-        trained_context_tokens: Token context the adapter was trained on, to flag longer prompts.
+        head: Constrained decoding scores ``alphabet`` (the 13 LLMTIME tokens' rows of the output matrix only: the
+            same forecasts, fewer FLOPs) or ``full``. Unconstrained decoding always scores the full vocabulary.
+        decoder: Constrained decoding with ``loop`` (:mod:`lvforecast.evaluation.decoder`) or ``generate`` (needs
+            ``head="full"``).
+        trained_context_tokens: Token context the adapter was trained on; a longer prompt is logged and flagged.
         charge: Called per batch as ``charge(flops, tokens)``.
         conv: FLOP counting conventions (default :class:`lvforecast.budget.formulas.Conventions`).
-        logit_bias: Trained output bias (``adapter/logit_bias.safetensors``): (V,) from a full-head run or
-            (13,) in ``ALPHABET`` order from an alphabet-head run; added to the logits before the grammar mask,
-            as in training (see :mod:`lvforecast.evaluation.generation`).
+        logit_bias: Trained output bias, (V,) or (13,) in ``ALPHABET`` order, added to the logits before the
+            grammar mask as in training (:func:`lvforecast.evaluation.generation.full_and_alphabet_bias`).
 
     Returns:
         A :class:`ForecastResult`.
@@ -314,37 +295,48 @@ def forecast(
     """
     series = np.asarray(series, dtype=np.float64)
     scales = [float(s) for s in scales]
-    grammar = _check_args(series, scales, decimals, context_steps=context_steps, horizon_steps=horizon_steps,
-                          batch_size=batch_size, num_samples=num_samples, max_int_digits=max_int_digits,
-                          temperature=temperature, top_p=top_p, head=head, decoder=decoder, constrained=constrained,
-                          seed=seed)
-    encoded = _tokenized_prompts(tokenizer, series, scales, decimals, context_steps, max_int_digits)
-    prompt_tokens = [len(ids) for ids in encoded]
+    settings = dict(context_steps=context_steps, horizon_steps=horizon_steps, batch_size=batch_size, seed=seed)
+    settings.update(num_samples=num_samples, max_int_digits=max_int_digits, temperature=temperature, top_p=top_p)
+    grammar = _check_args(series, scales, decimals, head=head, decoder=decoder, constrained=constrained, **settings)
+    prompts = _tokenized_prompts(tokenizer, series, scales, decimals, context_steps, max_int_digits)
+    prompt_tokens = [len(ids) for ids in prompts]
     exceeds = trained_context_tokens is not None and max(prompt_tokens) > trained_context_tokens
     if exceeds:
-        log.warning("longest prompt is %d tokens, longer than the %d the adapter was trained on",
-                    max(prompt_tokens), trained_context_tokens)
+        trained = trained_context_tokens
+        log.warning(
+            "longest prompt is %d tokens, longer than the %d the adapter was trained on", max(prompt_tokens), trained
+        )
 
     n_series, k = series.shape[0], int(num_samples)
     bound = max_new_tokens_bound(horizon_steps, grammar)
     device = next(model.parameters()).device
-    full_bias, alphabet_bias = full_and_alphabet_bias(logit_bias, model.get_output_embeddings().weight.shape[0],
-                                                      char_ids)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    full_bias, alphabet_bias = full_and_alphabet_bias(logit_bias, vocab, char_ids)
+    sampling = dict(sample=k > 1, temperature=float(temperature), top_p=float(top_p))
     loop = constrained and decoder == "loop"
     if loop:
-        runner = LoopRunner(model, tokenizer, compile_grammar(grammar, char_ids, device), horizon_steps, bound, head,
-                            alphabet_bias, k > 1, float(temperature), float(top_p), device)
+        compiled = compile_grammar(grammar, char_ids, device)
+        runner = LoopRunner(
+            model, tokenizer, char_ids, device, horizon_steps, compiled, bound, head, alphabet_bias, **sampling
+        )
     else:
-        runner = GenerateRunner(model, tokenizer, char_ids, grammar, horizon_steps, constrained,
-                                generation_config(tokenizer, bound, k > 1, float(temperature), float(top_p)),
-                                full_bias, device)
+        config = generation_config(tokenizer, bound, **sampling)
+        runner = GenerateRunner(
+            model, tokenizer, char_ids, device, horizon_steps, grammar, constrained, config, full_bias
+        )
     # The trained bias adds one addition per scored logit; it is only ever trained beside an adapter.
-    lora = (LoRASpec.from_peft(model, logit_bias=logit_bias is not None)
-            if getattr(model, "peft_config", None) else None)
-    pricing = _Pricing(shape_of(model), lora, conv if conv is not None else Conventions(),
-                       ALPHABET_SIZE if loop and head == "alphabet" else None)
+    lora = LoRASpec.from_peft(model, logit_bias=logit_bias is not None) if getattr(model, "peft_config", None) else None
+    price = functools.partial(
+        generation_flops,
+        shape_of(model),
+        lora=lora,
+        conv=conv if conv is not None else Conventions(),
+        kv_cache=True,
+        prefill_logits="last",
+        head_rows=ALPHABET_SIZE if loop and head == "alphabet" else None,
+    )
     batches = row_batches(n_series, k, batch_size)
-    texts, new_tokens, flops = _generate_all(runner, encoded, batches, seed, charge, pricing, char_ids)
+    texts, new_tokens, flops = _generate_all(runner, prompts, batches, seed, price, charge)
 
     rows = [i for chunk in batches for i in chunk]
     values, steps_parsed = _decode_rows(texts, rows, scales, decimals, horizon_steps)
@@ -352,10 +344,18 @@ def forecast(
     if constrained:
         assert failures == 0, f"constrained decoding left {failures} unparsed forecasts: {texts!r}"
     elif failures:
-        log.info("unconstrained forecasting: %d of %d rows parsed fewer than %d steps (NaN-filled)",
-                 failures, len(rows), horizon_steps)
+        short = f"{failures} of {len(rows)} rows parsed fewer than {horizon_steps} steps"
+        log.info("unconstrained forecasting: %s (NaN-filled)", short)
     samples = values.reshape(n_series, k, horizon_steps, 2)
-    return ForecastResult(values=_point_forecast(samples), texts=texts, steps_parsed=steps_parsed,
-                          parse_failures=int(failures), prompt_tokens=prompt_tokens, new_tokens=int(new_tokens),
-                          samples=samples if k > 1 else None, flops=int(flops),
-                          exceeds_trained_context=bool(exceeds), max_new_tokens=bound)
+    return ForecastResult(
+        values=_point_forecast(samples),
+        texts=texts,
+        steps_parsed=steps_parsed,
+        parse_failures=int(failures),
+        prompt_tokens=prompt_tokens,
+        new_tokens=int(new_tokens),
+        samples=samples if k > 1 else None,
+        flops=int(flops),
+        exceeds_trained_context=bool(exceeds),
+        max_new_tokens=bound,
+    )

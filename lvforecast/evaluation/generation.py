@@ -1,20 +1,12 @@
 """The two ways :func:`lvforecast.evaluation.forecast.forecast` generates one batch, behind one interface.
 
-* :class:`LoopRunner` (``decoder="loop"``, constrained only): :func:`lvforecast.evaluation.decoder.decode`, the
-  compiled grammar and a preallocated KV cache, scoring the alphabet's 13 tokens (``head="alphabet"``) or the
-  full vocabulary restricted to them (``head="full"``).
+* :class:`LoopRunner` (``decoder="loop"``, constrained only): :func:`lvforecast.evaluation.decoder.decode`.
 * :class:`GenerateRunner` (``decoder="generate"``, and every unconstrained forecast): ``model.generate`` with a
-  fresh, fully explicit :class:`transformers.GenerationConfig`, the trained bias as a logits processor and, when
-  constrained, :class:`~lvforecast.evaluation.grammar.LLMTimeLogitsProcessor` with
-  :class:`~lvforecast.evaluation.grammar.StepsStoppingCriteria`.
+  fresh, fully explicit :func:`generation_config`, the trained bias as a logits processor and, when constrained,
+  :class:`~lvforecast.evaluation.grammar.LLMTimeLogitsProcessor` with its stopping criteria.
 
 Both return the new token ids of each row (padding included) and the padded prompt length; :func:`row_text`
 turns a row into text.
-
-Logit bias: :func:`full_and_alphabet_bias` accepts a trained bias over the vocabulary (V,) or over the alphabet
-(13,), in ``ALPHABET`` order as ``model.head=alphabet`` training saves it. The loop adds its alphabet entries
-(the full vector restricted to the alphabet's rows); ``generate`` adds a V-vector, in which a 13-vector's other
-entries are 0.
 """
 
 from __future__ import annotations
@@ -41,16 +33,25 @@ class AddLogitBias(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """Return ``scores`` (B, V) plus the bias."""
         if scores.shape[-1] != self.bias.shape[0]:
-            raise UserError(f"logit bias has {self.bias.shape[0]} entries but the model scores {scores.shape[-1]} "
-                             f"tokens: the adapter was trained on another base model")
+            raise UserError(_bias_mismatch(self.bias.shape[0], f"{scores.shape[-1]} tokens"))
         if self.bias.device != scores.device or self.bias.dtype != scores.dtype:  # once, not at every step
             self.bias = self.bias.to(device=scores.device, dtype=scores.dtype)
         return scores + self.bias
 
 
-def full_and_alphabet_bias(bias: torch.Tensor | None, vocab: int, char_ids: dict[str, int]
-                           ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _bias_mismatch(entries: Any, scored: str) -> str:
+    return (
+        f"logit bias has {entries} entries but the model scores {scored}: the adapter was trained on another base model"
+    )
+
+
+def full_and_alphabet_bias(
+    bias: torch.Tensor | None, vocab: int, char_ids: dict[str, int]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """A trained bias as ``(V-vector, 13-vector in ALPHABET order)``, or ``(None, None)``.
+
+    Accepts a bias over the vocabulary (V,) or over the alphabet (13,) in ``ALPHABET`` order, as
+    ``model.head=alphabet`` training saves it; the other entries of the V-vector of a 13-vector are 0.
 
     Raises:
         ValueError: The bias has neither ``vocab`` nor 13 entries.
@@ -62,13 +63,13 @@ def full_and_alphabet_bias(bias: torch.Tensor | None, vocab: int, char_ids: dict
         return bias, bias[ids]
     if bias.ndim == 1 and bias.shape[0] == len(ALPHABET):
         return torch.zeros(vocab, dtype=bias.dtype).index_copy(0, ids, bias), bias
-    raise UserError(f"logit bias has {bias.shape[0] if bias.ndim == 1 else tuple(bias.shape)} entries but the model "
-                     f"scores {vocab} tokens (or the {len(ALPHABET)} of the alphabet): the adapter was trained on "
-                     f"another base model")
+    entries = bias.shape[0] if bias.ndim == 1 else tuple(bias.shape)
+    raise UserError(_bias_mismatch(entries, f"{vocab} tokens (or the {len(ALPHABET)} of the alphabet)"))
 
 
-def generation_config(tokenizer: Any, max_new_tokens: int, sample: bool, temperature: float,
-                      top_p: float) -> GenerationConfig:
+def generation_config(
+    tokenizer: Any, max_new_tokens: int, sample: bool, temperature: float, top_p: float
+) -> GenerationConfig:
     """A config in which every field that changes which token is picked is set (nothing from the checkpoint)."""
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -106,66 +107,80 @@ def row_text(tokenizer: Any, char_ids: dict[str, int], row: list[int]) -> tuple[
     return "".join(id_to_char.get(t) or tokenizer.decode([t]) for t in kept), len(kept)
 
 
-def _padded(tokenizer: Any, prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    batch = tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
-    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
-
-
 @dataclass(frozen=True)
-class GenerateRunner:
-    """One ``generate`` call per batch (see the module docstring)."""
-
+class _Runner:
     model: Any
     tokenizer: Any
     char_ids: dict[str, int]
-    grammar: Grammar
+    device: torch.device
     horizon_steps: int
+
+    def _padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
+        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+
+
+@dataclass(frozen=True)
+class GenerateRunner(_Runner):
+    """One ``generate`` call per batch (see the module docstring)."""
+
+    grammar: Grammar
     constrained: bool
     config: GenerationConfig
     logit_bias: torch.Tensor | None
-    device: torch.device
 
     def run(self, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
         """Generate one batch: the new token ids of each row (padding included) and the padded prompt length."""
-        input_ids, attention_mask = _padded(self.tokenizer, prompts, self.device)
+        input_ids, attention_mask = self._padded(prompts)
         prompt_len = input_ids.shape[1]
         processors = LogitsProcessorList()
         if self.logit_bias is not None:
             processors.append(AddLogitBias(self.logit_bias))
         if self.constrained:
-            processors.append(LLMTimeLogitsProcessor(self.char_ids, self.grammar, prompt_len, self.horizon_steps,
-                                                     self.tokenizer.pad_token_id))
-        stop = StepsStoppingCriteria(self.char_ids[STEP_SEP], prompt_len, self.horizon_steps)
-        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                  generation_config=self.config, logits_processor=processors,
-                                  stopping_criteria=StoppingCriteriaList([stop]))
+            end_id = self.tokenizer.pad_token_id
+            processors.append(
+                LLMTimeLogitsProcessor(self.char_ids, self.grammar, prompt_len, self.horizon_steps, end_id)
+            )
+        stop = StoppingCriteriaList([StepsStoppingCriteria(self.char_ids[STEP_SEP], prompt_len, self.horizon_steps)])
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=self.config,
+            logits_processor=processors,
+            stopping_criteria=stop,
+        )
         return out[:, prompt_len:].cpu().tolist(), prompt_len
 
 
 @dataclass(frozen=True)
-class LoopRunner:
+class LoopRunner(_Runner):
     """One :func:`~lvforecast.evaluation.decoder.decode` call per batch (constrained only)."""
 
-    model: Any
-    tokenizer: Any
     grammar: CompiledGrammar
-    horizon_steps: int
     max_new_tokens: int
     head: Head
     alphabet_bias: torch.Tensor | None
     sample: bool
     temperature: float
     top_p: float
-    device: torch.device
 
     def run(self, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
         """Decode one batch: the new token ids of each row (padding included) and the padded prompt length."""
-        input_ids, attention_mask = _padded(self.tokenizer, prompts, self.device)
+        input_ids, attention_mask = self._padded(prompts)
         bias = None
         if self.alphabet_bias is not None:  # ALPHABET order -> the compiled grammar's column order
             bias = self.alphabet_bias[[ALPHABET.index(c) for c in self.grammar.chars]]
         logits = AlphabetLogits(self.model, self.grammar.token_ids, self.head, bias)
-        out = decode(self.model, input_ids, attention_mask, self.grammar, horizon_steps=self.horizon_steps,
-                     max_new_tokens=self.max_new_tokens, end_id=self.tokenizer.pad_token_id, logits_fn=logits,
-                     sample=self.sample, temperature=self.temperature, top_p=self.top_p)
+        sampling = dict(sample=self.sample, temperature=self.temperature, top_p=self.top_p)
+        out = decode(
+            self.model,
+            input_ids,
+            attention_mask,
+            self.grammar,
+            horizon_steps=self.horizon_steps,
+            max_new_tokens=self.max_new_tokens,
+            end_id=self.tokenizer.pad_token_id,
+            logits_fn=logits,
+            **sampling,
+        )
         return out.tokens.cpu().tolist(), input_ids.shape[1]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
-from lvforecast.data.encoding import ALPHABET, STEP_SEP, VALUE_SEP
+from lvforecast.data.encoding import STEP_SEP, VALUE_SEP
 from lvforecast.errors import UserError
 
 DIGITS = "0123456789"
@@ -99,66 +99,47 @@ def max_new_tokens_bound(horizon_steps: int, grammar: Grammar) -> int:
 class LLMTimeLogitsProcessor(LogitsProcessor):
     """Masks every token the LLMTIME grammar forbids at each row's current position.
 
-    The state of each row is read from its generated part ``input_ids[:, prompt_len:]`` (incrementally,
-    one token per call, with a full rescan when the length is not the expected one). Once a row has
-    written ``horizon_steps`` ``;`` only ``end_id`` (EOS / pad) is allowed, so a finished row can only pad.
-
-    Args:
-        char_ids: LLMTIME character -> token id of the actual tokenizer (all of :data:`ALPHABET`).
-        grammar: The step grammar.
-        prompt_len: Padded prompt length; generated tokens start there.
-        horizon_steps: Steps after which a row is finished.
-        end_id: Token id allowed once a row is finished (the pad / EOS id).
+    Each row's state is read from its generated part ``input_ids[:, prompt_len:]`` (one token per call, rescanned
+    when the length is not the expected one). Once a row has written ``horizon_steps`` ``;`` only ``end_id``
+    (EOS / pad) is allowed. ``char_ids`` maps every character of :data:`ALPHABET` to the tokenizer's id.
     """
 
-    def __init__(self, char_ids: dict[str, int], grammar: Grammar, prompt_len: int, horizon_steps: int,
-                 end_id: int) -> None:
-        missing = [c for c in ALPHABET if c not in char_ids]
-        if missing:
-            raise UserError(f"char_ids lacks token ids for {missing!r}: every character of {ALPHABET!r} is needed")
-        self.char_ids = dict(char_ids)
-        self.id_to_char = {i: c for c, i in char_ids.items()}
-        self.grammar = grammar
-        self.prompt_len = int(prompt_len)
-        self.horizon_steps = int(horizon_steps)
-        self.end_id = int(end_id)
-        self._allowed_cache: dict[tuple, torch.Tensor] = {}
-        self._states: list[tuple[tuple[int, int, int, bool], int]] = []  # (grammar state, steps done)
+    def __init__(
+        self, char_ids: dict[str, int], grammar: Grammar, prompt_len: int, horizon_steps: int, end_id: int
+    ) -> None:
+        from lvforecast.evaluation.decoder import compile_grammar  # the decoder's tables (it imports this module)
+
+        table = compile_grammar(grammar, char_ids)
+        ids = table.token_ids.tolist()
+        self.column = {t: j for j, t in enumerate(ids)}
+        self.next_state, self.is_sep = table.next_state.tolist(), table.is_sep.tolist()
+        self.allowed = [[j for j, ok in enumerate(row) if ok] for row in table.allowed.tolist()]
+        self.allowed_ids = [torch.tensor([ids[j] for j in cols]) for cols in self.allowed]
+        self.done_ids = torch.tensor([int(end_id)])
+        self.prompt_len, self.horizon_steps = int(prompt_len), int(horizon_steps)
+        self._states: list[tuple[int, int]] = []  # (compiled state, steps done) of each row
         self._seen = -1
 
-    def _allowed_ids(self, state: tuple[int, int, int, bool], steps: int, device: torch.device) -> torch.Tensor:
-        # Kept on the scores' device: a copy to the GPU for every row at every step would stall the decode.
-        key = (("done",) if steps >= self.horizon_steps else state, device)
-        if key not in self._allowed_cache:
-            if steps >= self.horizon_steps:
-                ids = [self.end_id]
-            else:
-                ids = [self.char_ids[c] for c in self.grammar.allowed(state)]
-            self._allowed_cache[key] = torch.tensor(ids, dtype=torch.long, device=device)
-        return self._allowed_cache[key]
-
-    def _step(self, state_steps: tuple[tuple[int, int, int, bool], int], token: int):
+    def _step(self, state_steps: tuple[int, int], token: int) -> tuple[int, int]:
         state, steps = state_steps
         if steps >= self.horizon_steps:
             return state_steps
-        char = self.id_to_char.get(token)
-        if char is None or char not in self.grammar.allowed(state):
-            raise AssertionError(f"generated token {token} ({char!r}) violates the grammar in state {state}")
-        state = self.grammar.advance(state, char)
-        return state, steps + (char == STEP_SEP)
+        col = self.column.get(token)
+        if col not in self.allowed[state]:
+            raise AssertionError(f"generated token {token} violates the grammar in compiled state {state}")
+        return self.next_state[state][col], steps + self.is_sep[col]
 
-    def row_states(self, input_ids: torch.LongTensor) -> list[tuple[tuple[int, int, int, bool], int]]:
-        """(grammar state, steps done) of each row after its generated part."""
+    def row_states(self, input_ids: torch.LongTensor) -> list[tuple[int, int]]:
+        """(compiled grammar state, steps done) of each row after its generated part."""
         n_gen = input_ids.shape[1] - self.prompt_len
         if n_gen < 0:
             raise UserError(f"input_ids has {input_ids.shape[1]} positions, fewer than prompt_len={self.prompt_len}")
         if n_gen == self._seen + 1 and len(self._states) == input_ids.shape[0] and n_gen > 0:
-            last = input_ids[:, -1].tolist()
-            self._states = [self._step(s, t) for s, t in zip(self._states, last, strict=True)]
+            self._states = [self._step(s, t) for s, t in zip(self._states, input_ids[:, -1].tolist(), strict=True)]
         elif n_gen != self._seen or len(self._states) != input_ids.shape[0]:
             self._states = []
-            for row in input_ids[:, self.prompt_len:].tolist():
-                s = (START, 0)
+            for row in input_ids[:, self.prompt_len :].tolist():
+                s = (0, 0)
                 for t in row:
                     s = self._step(s, t)
                 self._states.append(s)
@@ -168,8 +149,11 @@ class LLMTimeLogitsProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """Return ``scores`` (B, V) with every disallowed id set to ``-inf``."""
         out = torch.full_like(scores, -math.inf)
+        if self.done_ids.device != scores.device:  # moved once: a copy to the GPU per row and step stalls the decode
+            self.allowed_ids = [ids.to(scores.device) for ids in self.allowed_ids]
+            self.done_ids = self.done_ids.to(scores.device)
         for row, (state, steps) in enumerate(self.row_states(input_ids)):
-            ids = self._allowed_ids(state, steps, scores.device)
+            ids = self.done_ids if steps >= self.horizon_steps else self.allowed_ids[state]
             out[row, ids] = scores[row, ids]
         return out
 
@@ -190,4 +174,4 @@ class StepsStoppingCriteria(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         """One bool per row (B,): True where the row is finished."""
-        return (input_ids[:, self.prompt_len:] == self.sep_id).sum(dim=1) >= self.horizon_steps
+        return (input_ids[:, self.prompt_len :] == self.sep_id).sum(dim=1) >= self.horizon_steps

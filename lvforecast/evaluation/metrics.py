@@ -2,28 +2,17 @@
 
 Contract:
 
-* Arrays are ``truth`` (S, H, 2) and ``pred`` (S, H, 2): S systems, H forecast steps, last axis
-  ``[prey, predator]`` (:data:`VARIABLES`). Probabilistic forecasts are ``samples`` (S, k, H, 2).
-* Every function works in whatever units it is given. The study reports *encoded* units, i.e.
-  raw value / :data:`STUDY_SCALE` (= raw x 2, the LLMTIME scale of the study);
-  :func:`to_encoded` converts and :func:`evaluate_forecasts` returns both unit systems.
-* Per-system point metrics (:func:`per_system_metrics`) are computed per system and per variable
-  over the H steps: MSE, RMSE = sqrt(MSE), MAE, and MAPE as a *fraction* (mean |e| / |truth|;
-  the study's tables report fractions, e.g. 0.301, not percent).
-* NaN rule: ``truth`` must be finite. A non-finite ``pred`` entry (an unparsed generated step)
-  is excluded from every metric and counted in ``nan_count``. MAPE additionally excludes steps
-  whose truth is exactly 0 and counts them in ``mape_excluded``. A (system, variable) with no
-  usable step gets NaN for that metric; aggregates ignore such NaNs (``np.nanmean`` /
-  ``np.nanmedian``) and report how many systems they used (``n_systems``).
-* Running MSE (the study's "running MSE" curve) at step h is the mean squared error over steps
-  1..h, i.e. the cumulative mean over the valid steps so far.
-* CRPS uses the energy-form sample estimator E|X - y| - 0.5 E|X - X'| over the k samples (the
-  V-statistic, X' ranging over all k samples including X itself), averaged over the horizon.
-  Coverage is the fraction of horizon steps whose truth lies in the empirical [lo, hi] quantile
-  interval of the samples (``np.quantile``, linear interpolation), bounds included.
-* :func:`to_jsonable` turns any result here into plain Python (lists, floats, ints, None for NaN).
-
-Pure numpy; importing this module touches no disk, network or GPU.
+* ``truth`` and ``pred`` are (S, H, 2): S systems, H forecast steps, last axis :data:`VARIABLES`; probabilistic
+  forecasts are ``samples`` (S, k, H, 2). Functions work in the units given; the study reports *encoded* units,
+  raw / :data:`STUDY_SCALE` (:func:`to_encoded`), and :func:`evaluate_forecasts` returns both.
+* Point metrics are per system and variable over the H steps: MSE, RMSE, MAE, and MAPE as a *fraction*.
+* NaN rule: ``truth`` must be finite. A non-finite ``pred`` entry (an unparsed step) is excluded from every metric
+  and counted in ``nan_count``; MAPE also excludes (and counts in ``mape_excluded``) steps whose truth is 0. A
+  metric with no usable step is NaN; aggregates ignore NaNs and report the ``n_systems`` they used.
+* Running MSE at step h is the mean squared error over the valid steps 1..h.
+* CRPS is the energy-form estimator E|X - y| - 0.5 E|X - X'| over the k samples (X' over all k, X included),
+  averaged over the horizon; coverage is the fraction of steps whose truth lies in the samples' [lo, hi] quantile
+  interval (``np.quantile``, linear), bounds included.
 """
 
 from __future__ import annotations
@@ -47,11 +36,15 @@ POINT_METRICS: tuple[str, ...] = ("mse", "rmse", "mae", "mape")
 TABLED_METRICS: tuple[str, ...] = tuple(m for m in POINT_METRICS if m != "rmse")
 
 
-def _check_pair(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _check_truth(truth: np.ndarray) -> np.ndarray:
     truth = np.asarray(truth, dtype=np.float64)
-    pred = np.asarray(pred, dtype=np.float64)
     if truth.ndim != 3 or truth.shape[2] != 2:
         raise UserError(f"truth must have shape (S, H, 2), got {truth.shape}")
+    return truth
+
+
+def _check_pair(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    truth, pred = _check_truth(truth), np.asarray(pred, dtype=np.float64)
     if pred.shape != truth.shape:
         raise UserError(f"pred must have the shape of truth {truth.shape}, got {pred.shape}")
     if not np.isfinite(truth).all():
@@ -60,10 +53,7 @@ def _check_pair(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def _check_samples(truth: np.ndarray, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    truth = np.asarray(truth, dtype=np.float64)
-    samples = np.asarray(samples, dtype=np.float64)
-    if truth.ndim != 3 or truth.shape[2] != 2:
-        raise UserError(f"truth must have shape (S, H, 2), got {truth.shape}")
+    truth, samples = _check_truth(truth), np.asarray(samples, dtype=np.float64)
     s, h, _ = truth.shape
     if samples.ndim != 4 or samples.shape[0] != s or samples.shape[2:] != (h, 2) or samples.shape[1] < 1:
         raise UserError(
@@ -75,18 +65,12 @@ def _check_samples(truth: np.ndarray, samples: np.ndarray) -> tuple[np.ndarray, 
 
 
 def to_encoded(values: np.ndarray, scale: float | Sequence[float] | np.ndarray = STUDY_SCALE) -> np.ndarray:
-    """Convert raw populations to the study's encoded units.
+    """Raw populations (any shape, series along axis 0) in encoded units, raw / ``scale``, float64.
 
-    Args:
-        values: any-shape array of raw populations; with per-series scales, series along axis 0.
-        scale: encoding scale; encoded = raw / scale (study: 0.5, so raw x 2). Either one number or one
-            per series (length ``values.shape[0]``, e.g. the percentile rule's per-series divisors).
-
-    Returns:
-        Array of the same shape in encoded units (float64).
+    ``scale`` is one number or one per series (the percentile rule's per-series divisors).
 
     Raises:
-        ValueError: a scale that is not a finite number > 0, or per-series scales of the wrong length.
+        ValueError: A scale that is not a finite number > 0, or per-series scales of the wrong length.
     """
     values = np.asarray(values, dtype=np.float64)
     scales = np.asarray(scale, dtype=np.float64)
@@ -100,19 +84,14 @@ def to_encoded(values: np.ndarray, scale: float | Sequence[float] | np.ndarray =
 
 
 def per_system_metrics(truth: np.ndarray, pred: np.ndarray) -> dict[str, np.ndarray]:
-    """Point-forecast errors per system and variable over the horizon.
-
-    Args:
-        truth: (S, H, 2) true values, finite.
-        pred: (S, H, 2) forecasts, same units; non-finite entries are excluded and counted.
+    """Point-forecast errors per system and variable over the horizon (NaN rule in the module docstring).
 
     Returns:
-        Dict of (S, 2) arrays: ``mse``, ``rmse``, ``mae``, ``mape`` (fraction; float64, NaN when no
-        usable step) and counts ``nan_count`` (non-finite forecast steps), ``mape_excluded``
-        (finite forecast steps with truth == 0), ``n_valid`` (steps used by MSE/MAE) (int64).
+        Dict of (S, 2) arrays: float64 ``mse``, ``rmse``, ``mae``, ``mape`` and int64 counts ``nan_count``,
+        ``mape_excluded``, ``n_valid`` (steps used by MSE/MAE).
 
     Raises:
-        ValueError: shapes differ or are not (S, H, 2), or ``truth`` is not finite.
+        ValueError: Shapes differ or are not (S, H, 2), or ``truth`` is not finite.
     """
     truth, pred = _check_pair(truth, pred)
     valid = np.isfinite(pred)
@@ -143,37 +122,14 @@ def _masked_squared_error(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarr
 
 
 def running_mse(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """Running (cumulative) MSE over the horizon, the study's "running MSE" curve.
-
-    Args:
-        truth: (S, H, 2) true values, finite.
-        pred: (S, H, 2) forecasts; non-finite entries are skipped.
-
-    Returns:
-        (S, H, 2) float64: entry h is the mean squared error over the valid steps 0..h (NaN while
-        no step so far is valid).
-
-    Raises:
-        ValueError: as :func:`per_system_metrics`.
-    """
+    """(S, H, 2) running MSE, the study's curve: entry h is over the valid steps 0..h (NaN while none is)."""
     sq, valid = _masked_squared_error(truth, pred)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.cumsum(sq, axis=1) / np.cumsum(valid, axis=1)
 
 
 def error_by_horizon(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """Mean squared error at each horizon step, averaged over systems.
-
-    Args:
-        truth: (S, H, 2) true values, finite.
-        pred: (S, H, 2) forecasts; non-finite entries are excluded from their step's mean.
-
-    Returns:
-        (H, 2) float64; NaN for a step where no system has a valid forecast.
-
-    Raises:
-        ValueError: as :func:`per_system_metrics`.
-    """
+    """(H, 2) mean squared error at each horizon step over the systems with a valid forecast there (else NaN)."""
     sq, valid = _masked_squared_error(truth, pred)
     with np.errstate(invalid="ignore", divide="ignore"):
         return sq.sum(axis=0) / valid.sum(axis=0)
@@ -196,19 +152,14 @@ def _summarise(per_system: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, 
 
 
 def aggregate(per_system: dict[str, np.ndarray], classes: Sequence[str] | None = None) -> dict[str, Any]:
-    """Mean and median over systems, overall and per behaviour class.
-
-    Args:
-        per_system: output of :func:`per_system_metrics` (each value (S, 2)).
-        classes: optional length-S behaviour labels (e.g. from :func:`lvforecast.evaluation.behaviour.classify_all`).
+    """Mean and median over systems of :func:`per_system_metrics`, overall and per behaviour class (length S).
 
     Returns:
-        ``{"all": summary, "by_class": {label: summary}}`` (``by_class`` empty without ``classes``),
-        where a summary is ``{"n_systems": int, metric: {variable: {"mean", "median"}}, count_key:
-        {variable: total}}`` with variables ``prey``/``predator``. NaN metrics are ignored.
+        ``{"all": summary, "by_class": {label: summary}}`` (``by_class`` empty without ``classes``), a summary being
+        ``{"n_systems": int, metric: {variable: {"mean", "median"}}, count_key: {variable: total}}``.
 
     Raises:
-        ValueError: arrays are not (S, 2) with one S, or ``classes`` has the wrong length.
+        ValueError: Arrays are not (S, 2) with one S, or ``classes`` has the wrong length.
     """
     if not per_system:
         raise UserError("per_system must hold at least one metric, got an empty dict")
@@ -228,20 +179,12 @@ def aggregate(per_system: dict[str, np.ndarray], classes: Sequence[str] | None =
 
 
 def crps_samples(truth: np.ndarray, samples: np.ndarray) -> np.ndarray:
-    """Sample estimate of the CRPS, averaged over the horizon.
+    """(S, 2) sample CRPS per system and variable, averaged over the horizon (0 for a perfect point mass).
 
-    Uses CRPS(F, y) ~= mean_i |X_i - y| - 0.5 mean_{i,j} |X_i - X_j| over the k samples, computed
-    exactly in O(k log k) from the sorted samples (sum_{i,j}|X_i - X_j| = 2 sum_i (2i - k + 1) X_(i)).
-
-    Args:
-        truth: (S, H, 2) true values, finite.
-        samples: (S, k, H, 2) forecast samples, finite, same units.
-
-    Returns:
-        (S, 2) float64 CRPS per system and variable (0 for a perfect point mass).
+    Exact in O(k log k) from the sorted samples: sum_{i,j}|X_i - X_j| = 2 sum_i (2i - k + 1) X_(i).
 
     Raises:
-        ValueError: shapes mismatch or values are not finite.
+        ValueError: Shapes mismatch or values are not finite.
     """
     truth, samples = _check_samples(truth, samples)
     k = samples.shape[1]
@@ -254,19 +197,10 @@ def crps_samples(truth: np.ndarray, samples: np.ndarray) -> np.ndarray:
 
 
 def interval_coverage(truth: np.ndarray, samples: np.ndarray, lo: float = 0.1, hi: float = 0.9) -> np.ndarray:
-    """Fraction of horizon steps whose truth lies inside the samples' [lo, hi] quantile interval.
-
-    Args:
-        truth: (S, H, 2) true values, finite.
-        samples: (S, k, H, 2) forecast samples, finite.
-        lo: lower quantile level in [0, 1).
-        hi: upper quantile level in (lo, 1].
-
-    Returns:
-        (S, 2) float64 coverage in [0, 1] (nominal value hi - lo, 0.8 by default).
+    """(S, 2) fraction of horizon steps whose truth lies in the samples' [lo, hi] quantile interval (nominal hi - lo).
 
     Raises:
-        ValueError: bad shapes, non-finite values, or not 0 <= lo < hi <= 1.
+        ValueError: Bad shapes, non-finite values, or not 0 <= lo < hi <= 1.
     """
     if not (0.0 <= lo < hi <= 1.0):
         raise UserError(f"need 0 <= lo < hi <= 1, got lo={lo!r}, hi={hi!r}")
@@ -282,21 +216,15 @@ def evaluate_forecasts(
     classes: Sequence[str] | None = None,
     scale: float | Sequence[float] | np.ndarray = STUDY_SCALE,
 ) -> dict[str, Any]:
-    """All point metrics in encoded and original units, aggregated and JSON-ready.
-
-    Args:
-        truth: (S, H, 2) true raw populations, finite.
-        pred: (S, H, 2) raw forecasts; non-finite entries excluded and counted.
-        classes: optional length-S behaviour labels for the per-class aggregates.
-        scale: encoding scale (encoded = raw / scale), one number or one per system.
+    """All point metrics of raw ``truth`` and ``pred`` in encoded and original units, aggregated and JSON-ready.
 
     Returns:
-        ``{"encoded": {...}, "original": {...}}``; each holds ``aggregate`` (see :func:`aggregate`),
-        ``per_system`` (metric -> (S, 2)), ``running_mse`` ((S, H, 2)) and ``error_by_horizon``
-        ((H, 2)), all passed through :func:`to_jsonable`.
+        ``{"encoded": {...}, "original": {...}}``, each with ``aggregate`` (:func:`aggregate` by ``classes``),
+        ``per_system`` (metric -> (S, 2)), ``running_mse`` ((S, H, 2)) and ``error_by_horizon`` ((H, 2)), all
+        through :func:`to_jsonable`.
 
     Raises:
-        ValueError: as :func:`per_system_metrics` / :func:`aggregate` / :func:`to_encoded`.
+        ValueError: As :func:`per_system_metrics` / :func:`aggregate` / :func:`to_encoded`.
     """
     out: dict[str, Any] = {}
     for units, (t, p) in {
@@ -304,14 +232,8 @@ def evaluate_forecasts(
         "original": (np.asarray(truth, dtype=np.float64), np.asarray(pred, dtype=np.float64)),
     }.items():
         per = per_system_metrics(t, p)
-        out[units] = to_jsonable(
-            {
-                "aggregate": aggregate(per, classes),
-                "per_system": per,
-                "running_mse": running_mse(t, p),
-                "error_by_horizon": error_by_horizon(t, p),
-            }
-        )
+        curves = {"running_mse": running_mse(t, p), "error_by_horizon": error_by_horizon(t, p)}
+        out[units] = to_jsonable({"aggregate": aggregate(per, classes), "per_system": per, **curves})
     total_nan = int(np.sum(~np.isfinite(np.asarray(pred, dtype=np.float64))))
     if total_nan:
         logger.info("evaluate_forecasts: %d non-finite forecast entries excluded", total_nan)
@@ -319,19 +241,12 @@ def evaluate_forecasts(
 
 
 def to_jsonable(obj: Any) -> Any:
-    """Convert metric results to plain JSON-serialisable Python.
+    """Metric results as plain Python that ``json.dumps`` accepts with ``allow_nan=False``.
 
-    Arrays become nested lists, numpy scalars become int/float/bool, non-finite floats become
-    None (JSON has no NaN), dict keys become str, tuples become lists.
-
-    Args:
-        obj: any nesting of dicts, lists/tuples, numpy arrays/scalars and Python scalars.
-
-    Returns:
-        An object ``json.dumps`` accepts with ``allow_nan=False``.
+    Arrays become nested lists, numpy scalars int/float/bool, non-finite floats None, keys str, tuples lists.
 
     Raises:
-        TypeError: an object of an unsupported type is found.
+        TypeError: An object of an unsupported type is found.
     """
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v) for k, v in obj.items()}

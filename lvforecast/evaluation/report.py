@@ -41,8 +41,23 @@ def _save(fig: Any, path: Path) -> Path:
     return save_figure(fig, path, dpi=110)
 
 
-def write_plots(out: Path, systems: list[int], series: np.ndarray, context: int, forecasts: dict[str, np.ndarray],
-                metrics: dict[str, Any], examples: list[int]) -> list[Path]:
+def _per_system(shown: list[int], height: float, ylabel: str) -> tuple[Any, Any]:
+    """A figure with one panel per shown system; the first panel is labelled."""
+    fig = _figure(figsize=(4.2 * len(shown), height))
+    axes = fig.subplots(1, len(shown), squeeze=False)[0]
+    axes[0].set_ylabel(ylabel)
+    return fig, axes
+
+
+def write_plots(
+    out: Path,
+    systems: list[int],
+    series: np.ndarray,
+    context: int,
+    forecasts: dict[str, np.ndarray],
+    metrics: dict[str, Any],
+    examples: list[int],
+) -> list[Path]:
     """Write the four PNGs; returns their paths.
 
     Args:
@@ -51,35 +66,31 @@ def write_plots(out: Path, systems: list[int], series: np.ndarray, context: int,
         metrics: method -> ``{"encoded": {...}, "original": {...}}`` from the evaluation.
         examples: system ids to draw (those not in ``systems`` are skipped).
     """
-    paths = []
     shown = [s for s in examples if s in systems] or systems[:4]
-    fig = _figure(figsize=(4.2 * len(shown), 3.4))
-    axes = fig.subplots(1, len(shown), squeeze=False)
+    fig, axes = _per_system(shown, 3.4, "population (original units)")
     t = np.arange(series.shape[1])
-    for ax, system in zip(axes[0], shown, strict=True):
+    for ax, system in zip(axes, shown, strict=True):
         i = systems.index(system)
         for j, var in enumerate(VARIABLES):
             ax.plot(t, series[i, :, j], color=COLORS[var], lw=1.5, label=f"{var} (truth)")
-            ax.plot(t[context:], forecasts["model"][i, :, j], color=COLORS[var], ls="--", lw=1.5,
-                    label=f"{var} (forecast)")
+            forecast = forecasts["model"][i, :, j]
+            ax.plot(t[context:], forecast, color=COLORS[var], ls="--", lw=1.5, label=f"{var} (forecast)")
         ax.axvline(context - 0.5, color="grey", lw=0.8)
         ax.set_title(f"system {system}")
         ax.set_xlabel("time step")
-    axes[0][0].set_ylabel("population (original units)")
-    axes[0][0].legend(fontsize=7)
-    paths.append(_save(fig, out / "examples.png"))
+    axes[0].legend(fontsize=7)
+    paths = [_save(fig, out / "examples.png")]
 
-    fig = _figure(figsize=(4.2 * len(shown), 3.2))
-    axes = fig.subplots(1, len(shown), squeeze=False)
+    fig, axes = _per_system(shown, 3.2, "MSE (encoded units)")
     running = _arr(metrics["model"]["encoded"]["running_mse"])
-    for ax, system in zip(axes[0], shown, strict=True):
-        i = systems.index(system)
+    for ax, system in zip(axes, shown, strict=True):
         for j, var in enumerate(VARIABLES):
-            ax.plot(np.arange(1, running.shape[1] + 1), running[i, :, j], color=COLORS[var], label=var)
+            ax.plot(
+                np.arange(1, running.shape[1] + 1), running[systems.index(system), :, j], color=COLORS[var], label=var
+            )
         ax.set_title(f"running MSE, system {system}")
         ax.set_xlabel("forecast step")
-    axes[0][0].set_ylabel("MSE (encoded units)")
-    axes[0][0].legend(fontsize=7)
+    axes[0].legend(fontsize=7)
     paths.append(_save(fig, out / "running_mse.png"))
 
     fig = _figure(figsize=(10, 3.6))
@@ -118,38 +129,48 @@ def _f(x: Any) -> str:
     return f"{x:.3f}" if x == 0 or abs(x) >= 5e-4 else f"{x:.1e}"
 
 
-def write_report(path: Path, summary: dict[str, Any], metrics: dict[str, Any], systems: list[int],
-                 examples: list[int]) -> None:
+def _table(title: str, columns: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown section: ``title``, a table (first column left-aligned, the others right), a blank line."""
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    return [title, "", line(columns), "|---|" + "---:|" * (len(columns) - 1), *map(line, rows), ""]
+
+
+def _mean_median(stat: dict[str, Any]) -> str:
+    return f"{_f(stat['mean'])} / {_f(stat['median'])}"
+
+
+def write_report(
+    path: Path, summary: dict[str, Any], metrics: dict[str, Any], systems: list[int], examples: list[int]
+) -> None:
     """The study's per-example table (encoded units), whole-split aggregates and model vs baselines."""
-    lines = [f"# Evaluation: {summary['model']}", "",
-             f"{len(systems)} test systems; classes {summary['classes']}; parse failures "
-             f"{summary['parse_failures']} ({'constrained' if summary['constrained'] else 'unconstrained'} "
-             f"decoding); prompt tokens {summary['prompt_tokens']}; generation FLOPs {summary['flops_generate']:.3e}.",
-             ""]
+    decoding = "constrained" if summary["constrained"] else "unconstrained"
+    lines = [
+        f"# Evaluation: {summary['model']}",
+        "",
+        f"{len(systems)} test systems; classes {summary['classes']}; parse failures {summary['parse_failures']} "
+        f"({decoding} decoding); prompt tokens {summary['prompt_tokens']}; generation FLOPs "
+        f"{summary['flops_generate']:.3e}.",
+        "",
+    ]
     shown = [s for s in examples if s in systems]
     if shown:
         per = metrics["model"]["encoded"]["per_system"]
-        lines += ["## The study's example systems (encoded units)", "",
-                  "| metric | " + " | ".join(f"{s} prey | {s} predator" for s in shown) + " |",
-                  "|---|" + "---:|---:|" * len(shown)]
-        for key in POINT_METRICS:
-            cells = []
-            for s in shown:
-                i = systems.index(s)
-                cells += [_f(per[key][i][0]), _f(per[key][i][1])]
-            lines.append(f"| {key.upper()} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines += ["## Whole test split: model vs baselines (encoded units, mean / median over systems)", "",
-              "| method | " + " | ".join(f"{k.upper()} {v}" for k in TABLED_METRICS for v in VARIABLES) + " |",
-              "|---|" + "---:|" * (len(TABLED_METRICS) * len(VARIABLES))]
-    for name, m in metrics.items():
-        agg = m["encoded"]["aggregate"]["all"]
-        cells = [f"{_f(agg[k][v]['mean'])} / {_f(agg[k][v]['median'])}" for k in TABLED_METRICS
-                 for v in VARIABLES]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "## Model by behaviour class (encoded MSE, median over systems)", "",
-              "| class | systems | prey | predator |", "|---|---:|---:|---:|"]
-    for label, agg in metrics["model"]["encoded"]["aggregate"]["by_class"].items():
-        lines.append(f"| {label} | {agg['n_systems']} | {_f(agg['mse']['prey']['median'])} | "
-                     f"{_f(agg['mse']['predator']['median'])} |")
-    write_text(path, "\n".join(lines) + "\n")
+        columns = ["metric", *(f"{s} {v}" for s in shown for v in VARIABLES)]
+        rows = [[k.upper(), *(_f(per[k][systems.index(s)][j]) for s in shown for j in (0, 1))] for k in POINT_METRICS]
+        lines += _table("## The study's example systems (encoded units)", columns, rows)
+    title = "## Whole test split: model vs baselines (encoded units, mean / median over systems)"
+    columns = ["method", *(f"{k.upper()} {v}" for k in TABLED_METRICS for v in VARIABLES)]
+    aggs = {name: m["encoded"]["aggregate"]["all"] for name, m in metrics.items()}
+    rows = [[name, *(_mean_median(a[k][v]) for k in TABLED_METRICS for v in VARIABLES)] for name, a in aggs.items()]
+    lines += _table(title, columns, rows)
+    by_class = metrics["model"]["encoded"]["aggregate"]["by_class"]
+    rows = [
+        [label, str(a["n_systems"]), *(_f(a["mse"][v]["median"]) for v in VARIABLES)] for label, a in by_class.items()
+    ]
+    lines += _table(
+        "## Model by behaviour class (encoded MSE, median over systems)", ["class", "systems", *VARIABLES], rows
+    )
+    write_text(path, "\n".join(lines))

@@ -4,17 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from lvforecast.data.datamodule import (
-    IGNORE_INDEX,
-    LotkaVolterraDataModule,
-    PadCollator,
-    build_windows,
-    encode_series,
-    window_starts,
-)
+from lvforecast.data.datamodule import LotkaVolterraDataModule
 from lvforecast.data.encoding import ScaleRule, encode_prompt
 from lvforecast.data.split import evaluation_order, split_systems
 from lvforecast.data.trajectories import write_trajectories
+from lvforecast.data.windows import IGNORE_INDEX, PadCollator, build_windows, encode_series, window_starts
 from lvforecast.model.loading import build_char_tokenizer, build_tiny_qwen
 from lvforecast.model.module import token_loss_sum
 
@@ -72,10 +66,13 @@ def test_padded_batch_gives_same_loss_as_unpadded():
     tok = loaded.tokenizer
     collate = PadCollator(tok.pad_token_id)
     short = {"input_ids": torch.tensor(tok.encode("1.000,2.000;3.000,4.000", add_special_tokens=False))}
-    long = {"input_ids": torch.tensor(tok.encode("5.000,6.000;7.000,8.000;9.000,1.000;2.000,3.000",
-                                                  add_special_tokens=False))}
+    long = {
+        "input_ids": torch.tensor(
+            tok.encode("5.000,6.000;7.000,8.000;9.000,1.000;2.000,3.000", add_special_tokens=False)
+        )
+    }
     batch = collate([short, long])
-    assert batch["labels"][0, len(short["input_ids"]):].eq(IGNORE_INDEX).all()
+    assert batch["labels"][0, len(short["input_ids"]) :].eq(IGNORE_INDEX).all()
     assert batch["attention_mask"][0].sum() == len(short["input_ids"])
     with torch.no_grad():
         logits = loaded.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -92,8 +89,14 @@ def test_datamodule_pads_only_short_series_and_reports_share(tmp_path):
     path = tmp_path / "lv.h5"
     write_trajectories(path, values, np.linspace(0, 60, 30))
     # A 500-token window fits in the long series; each short one is one window, padded to 500 in the share.
-    dm = LotkaVolterraDataModule(str(path), build_char_tokenizer(), context_length=500, stride_steps=5,
-                                 scale_context_steps=24, pinned_test_systems=[3])
+    dm = LotkaVolterraDataModule(
+        str(path),
+        build_char_tokenizer(),
+        context_length=500,
+        stride_steps=5,
+        scale_context_steps=24,
+        pinned_test_systems=[3],
+    )
     dm.setup("fit")
     short = {e.system for e in dm.series.values() if len(e.text) < 500}
     assert short and short != set(dm.series)
@@ -105,8 +108,9 @@ def test_datamodule_pads_only_short_series_and_reports_share(tmp_path):
     assert 0 < dm.stats["train_pad_share"] < 0.3
     batch = next(iter(dm.train_dataloader()))
     assert batch["labels"][batch["attention_mask"] == 0].eq(IGNORE_INDEX).all()
-    dm2 = LotkaVolterraDataModule(str(path), build_char_tokenizer(), context_length=100, stride_steps=5,
-                                  scale_context_steps=24)
+    dm2 = LotkaVolterraDataModule(
+        str(path), build_char_tokenizer(), context_length=100, stride_steps=5, scale_context_steps=24
+    )
     dm2.setup("fit")
     assert dm2.stats["train_pad_share"] == 0.0
     assert 3 in dm.split.test and not set(dm.split.train) & set(dm.split.val)
@@ -122,8 +126,13 @@ def test_datamodule_percentile_scale_stored_per_series(tmp_path):
     values[1] *= 100  # a system 100x larger gets a 100x larger divisor and the same text length
     path = tmp_path / "lv.h5"
     write_trajectories(path, values, np.linspace(0, 60, 30))
-    dm = LotkaVolterraDataModule(str(path), build_char_tokenizer(), context_length=64, scale_context_steps=20,
-                                 scale={"kind": "percentile", "percentile": 90, "target": 5.0})
+    dm = LotkaVolterraDataModule(
+        str(path),
+        build_char_tokenizer(),
+        context_length=64,
+        scale_context_steps=20,
+        scale={"kind": "percentile", "percentile": 90, "target": 5.0},
+    )
     dm.setup("fit")
     scales = {s: e.scale for s, e in dm.series.items()}
     expected = {s: np.percentile(values[s, :20], 90) / 5.0 for s in scales}
@@ -143,8 +152,13 @@ def test_evaluation_inputs_hand_over_systems_series_scales_and_prompts(tmp_path)
     values[5] *= 100
     path = tmp_path / "lv.h5"
     write_trajectories(path, values, np.linspace(0, 60, 30))
-    dm = LotkaVolterraDataModule(str(path), context_length=64, scale_context_steps=24, pinned_test_systems=[3, 5],
-                                 scale={"kind": "percentile", "percentile": 90, "target": 5.0})
+    dm = LotkaVolterraDataModule(
+        str(path),
+        context_length=64,
+        scale_context_steps=24,
+        pinned_test_systems=[3, 5],
+        scale={"kind": "percentile", "percentile": 90, "target": 5.0},
+    )
     test = split_systems(20, dm.split_fractions, dm.split_seed, [3, 5]).test
     inputs = dm.evaluation_inputs(context_steps=10, horizon_steps=5, max_systems=2, first=[5])
     assert inputs.systems == sorted([5, next(s for s in test if s != 5)])
@@ -154,8 +168,10 @@ def test_evaluation_inputs_hand_over_systems_series_scales_and_prompts(tmp_path)
     # Scales come from the forecasting context (10 steps), not scale_context_steps (24).
     expected = [np.percentile(values[s, :10].astype(np.float64), 90) / 5.0 for s in inputs.systems]
     np.testing.assert_allclose(inputs.scales, expected)
-    assert inputs.prompts == [encode_prompt(values[s, :10].astype(np.float64), sc, 3)
-                              for s, sc in zip(inputs.systems, inputs.scales, strict=True)]
+    assert inputs.prompts == [
+        encode_prompt(values[s, :10].astype(np.float64), sc, 3)
+        for s, sc in zip(inputs.systems, inputs.scales, strict=True)
+    ]
     split_file = tmp_path / "split.json"
     split_file.write_text('{"test": [0, 2, 19]}')
     assert dm.evaluation_inputs(10, 5, split_file=split_file).systems == [0, 2, 19]

@@ -63,13 +63,13 @@ def test_rm_fit_forecasts_simulated_systems(sim, monkeypatch) -> None:
     # The fit's cost is its RK4 passes (each one integration of theta and its 6 perturbations): count them
     # instead of timing, so the bound cannot flake on a loaded machine.
     passes = []
-    real_rk4 = bl._rk4_batch
+    real_rk4 = bl.integrate_rk4
 
-    def counted(state0, theta, time, max_dt):
-        passes.append(theta.shape[0])
-        return real_rk4(state0, theta, time, max_dt)
+    def counted(state0, params, time, max_dt):
+        passes.append(state0.shape[0])
+        return real_rk4(state0, params, time, max_dt)
 
-    monkeypatch.setattr(bl, "_rk4_batch", counted)
+    monkeypatch.setattr(bl, "integrate_rk4", counted)
     values, time = sim
     ctx, truth = values[:, :TC], values[:, TC : TC + H]
     fc = rm_fit(ctx, time, H)
