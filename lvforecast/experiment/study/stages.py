@@ -118,7 +118,7 @@ def run_stage(cfg: DictConfig, stage: Stage, done: dict[str, dict[str, Any]]) ->
 
 def chosen(stage: Stage, sweep_dir: Path, taken: dict[str, Any]) -> dict[str, Any]:
     """What a finished stage chose: its best job's settings (space values over those it took) and run directory."""
-    from lvforecast.experiment.sweeps.job import read_json
+    from lvforecast.experiment.rundir import read_json
     from lvforecast.experiment.sweeps.jobs import STATUS_FILE, job_values
     from lvforecast.experiment.sweeps.summary import best_row
     from lvforecast.utils import parse_cell

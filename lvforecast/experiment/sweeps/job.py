@@ -23,6 +23,7 @@ from omegaconf import DictConfig, open_dict
 
 from lvforecast.atomic import write_text
 from lvforecast.budget.status import COMPLETED, RunStatus
+from lvforecast.experiment.rundir import read_json
 from lvforecast.experiment.sweeps.jobs import STATUS_FILE
 
 log = logging.getLogger(__name__)
@@ -34,15 +35,6 @@ class EarlierRun:
 
     result: dict[str, Any] | None = None
     checkpoint: Path | None = None
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object file, or None when it is missing, torn or not an object."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def earlier_run(out: Path, overrides: list[str]) -> EarlierRun:
