@@ -12,12 +12,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from lvforecast.budget.planning import Pricing, RunShape
 from lvforecast.budget.schedule import Schedule
 from lvforecast.budget.shapes import ALPHABET_SIZE, HEADS, Conventions, LoRASpec, ModelShape
+from lvforecast.data.encoding import check_tokenizer
+from lvforecast.devices import device_problems
 from lvforecast.errors import UserError
+from lvforecast.model.lora import lora_config_problems
 from lvforecast.threads import resolve_threads
 from lvforecast.tracking.loggers import wandb_problems
 from lvforecast.validate import int_at_least as _int_at_least
@@ -40,7 +44,6 @@ def check_train_config(cfg: DictConfig, start_step: int = 0) -> None:
         UserError: Every problem at once, each naming its key, the value and what is allowed.
     """
     from lvforecast.data.datamodule import LotkaVolterraDataModule
-    from lvforecast.model.lora import lora_config_problems
 
     problems = seed_problems(cfg.get("seed"))
     problems += lora_config_problems(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
@@ -68,7 +71,6 @@ def check_evaluate_config(cfg: DictConfig) -> None:
     Raises:
         UserError: Every problem at once, each naming its key, the value and what is allowed.
     """
-    from lvforecast.devices import device_problems
     from lvforecast.evaluation.forecast import settings_problems
 
     problems = device_problems(cfg.get("device"))
@@ -175,8 +177,6 @@ def world_size(trainer_cfg: DictConfig) -> int:
 
 def model_shape(model_cfg: DictConfig) -> ModelShape:
     """The shape the configured model states in ``model.shape``, without loading weights."""
-    from hydra.utils import instantiate
-
     return instantiate(model_cfg.shape)
 
 
@@ -214,10 +214,6 @@ def token_counts(model_cfg: DictConfig, texts: list[str]) -> list[int]:
     node = model_cfg.get("tokenizer")
     if node is None:
         return [len(t) for t in texts]
-    from hydra.utils import instantiate
-
-    from lvforecast.data.encoding import check_tokenizer
-
     tokenizer = instantiate(node)
     check_tokenizer(tokenizer, str(node.get("name_or_path", node._target_)))
     return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]

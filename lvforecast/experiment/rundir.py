@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lvforecast.atomic import atomic_writer, write_text
@@ -56,8 +57,6 @@ for _name, _fn in ((RESOLVER, unique_suffix), (NAME_RESOLVER, run_name)):
 def ledger_name(cfg: DictConfig, fallback: str) -> str:
     """The run's name in the ledger: ``budget.run_name`` (``<name>/<job number>`` in a multirun), else the job's
     overrides as Hydra names directories, else ``fallback``."""
-    from hydra.core.hydra_config import HydraConfig
-
     hc = HydraConfig.get() if HydraConfig.initialized() else None
     if cfg.budget.run_name:
         multirun = hc is not None and hc.mode is not None and hc.mode.name == "MULTIRUN"

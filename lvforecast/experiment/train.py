@@ -19,18 +19,21 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lvforecast.atomic import atomic_dir
 from lvforecast.budget.ledger import BudgetExceededError, Ledger, RunOutcome, remaining_in
 from lvforecast.budget.planning import Plan, plan_run, reserved_flops
 from lvforecast.budget.reservation import Reservation, await_leader, publish
+from lvforecast.budget.shapes import shape_of
 from lvforecast.budget.status import RunStatus, exit_status
 from lvforecast.devices import describe_device
 from lvforecast.errors import UserError
 from lvforecast.experiment import config
 from lvforecast.experiment.rundir import RunDir, ledger_name
 from lvforecast.machine import check_machine
+from lvforecast.model.lora import apply_lora, expected_lora_parameters
 from lvforecast.threads import torch_threads
 from lvforecast.tracking import finish_wandb, update_summary
-from lvforecast.utils import instantiate_list
+from lvforecast.utils import environment_record, instantiate_list, plot_loss_curve
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +191,6 @@ def fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, run: 
 
 def _build(cfg: DictConfig, datamodule: Any, reservation: Reservation | None) -> tuple[Any, dict[str, Any]]:
     """The LightningModule around the LoRA-wrapped model, and the run record's model part."""
-    from lvforecast.budget.shapes import shape_of
-    from lvforecast.model.lora import apply_lora, expected_lora_parameters
-    from lvforecast.utils import environment_record
-
     loaded = instantiate(cfg.model.loader)
     if reservation is not None and shape_of(loaded.model) != reservation.pricing.shape:
         raise UserError(f"the FLOP plan assumed {reservation.pricing.shape} but {loaded.name} is "
@@ -218,9 +217,6 @@ def _build(cfg: DictConfig, datamodule: Any, reservation: Reservation | None) ->
 def _fit_and_save(cfg: DictConfig, trainer: Any, module: Any, datamodule: Any, flop_cb: Any,
                   run: RunDir) -> dict[str, Any]:
     """Validate the untrained model, fit, validate the final weights, save the adapter and the loss curve."""
-    from lvforecast.atomic import atomic_dir
-    from lvforecast.utils import plot_loss_curve
-
     if cfg.validate_before_training and not cfg.get("ckpt_path"):
         # The untrained (zero-shot) validation loss, logged at step 0 as the curve's first point. Its price was part
         # of the first edge the reservation had to hold before the model loaded.
