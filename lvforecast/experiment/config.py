@@ -37,7 +37,6 @@ def check_train_config(cfg: DictConfig, start_step: int = 0) -> None:
     """Check a composed ``conf/train.yaml`` before anything is written or loaded.
 
     Args:
-        cfg: The config.
         start_step: The checkpoint's step when resuming (read once, by the caller).
 
     Raises:

@@ -57,14 +57,6 @@ class _Source:
 
 
 @dataclass(frozen=True)
-class _PricedPlan:
-    """The generation plan and what it was priced with (what :meth:`Reservation.open` takes)."""
-
-    plan: GenerationPlan
-    pricing: Pricing
-
-
-@dataclass(frozen=True)
 class _Forecasts:
     """The model's forecast, its name and wall time, every method's raw forecasts (S, H, 2), the device it ran on."""
 
@@ -84,11 +76,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.budget.dry_run:  # the GPU and the weights it needs, here (a study's plan may be made elsewhere)
         check_machine(source.model, device=cfg.device)
     inputs = _load(cfg, source)
-    priced = _generation_plan(cfg, source, inputs)
+    plan, pricing = _generation_plan(cfg, source, inputs)
     if cfg.budget.dry_run:
-        return _dry_run(cfg, out, priced, inputs)
-    reservation = _reserve(cfg, source, priced)
-    with torch_threads(cfg.threads, priced.pricing.shape):
+        return _dry_run(cfg, out, plan.total, inputs)
+    reservation = _reserve(cfg, source, plan, pricing)
+    with torch_threads(cfg.threads, pricing.shape):
         forecasts = _forecast(cfg, source, inputs, reservation)
     metrics = _score(inputs, forecasts)
     return _write(cfg, out, source, inputs, forecasts, metrics)
@@ -104,7 +96,7 @@ def plan_generation(cfg: DictConfig, trained: DictConfig | None = None) -> int:
     """
     check_evaluate_config(cfg)
     source = _source(cfg) if trained is None else _Source(trained.model, trained.data, trained.lora)
-    return _generation_plan(cfg, source, _load(cfg, source)).plan.total
+    return _generation_plan(cfg, source, _load(cfg, source))[0].total
 
 
 def _source(cfg: DictConfig) -> _Source:
@@ -203,8 +195,8 @@ def _load(cfg: DictConfig, source: _Source) -> EvaluationInputs:
         max_systems=cfg.max_systems, first=list(cfg.examples))
 
 
-def _generation_plan(cfg: DictConfig, source: _Source, inputs: EvaluationInputs) -> _PricedPlan:
-    """Generation FLOPs, an upper bound (every batch of the forecaster decodes its longest steps), and pricing."""
+def _generation_plan(cfg: DictConfig, source: _Source, inputs: EvaluationInputs) -> tuple[GenerationPlan, Pricing]:
+    """Generation FLOPs, an upper bound (every batch of the forecaster decodes its longest steps), and the pricing."""
     from lvforecast.evaluation.forecast import planned_batches
 
     pricing = pricing_of(source.model, source.lora)
@@ -218,28 +210,27 @@ def _generation_plan(cfg: DictConfig, source: _Source, inputs: EvaluationInputs)
     total = sum(generation_flops(pricing.shape, rows, prompt_len, new, pricing.lora, pricing.conventions,
                                  kv_cache=True, prefill_logits="last", head_rows=head_rows)
                 for rows, prompt_len, new in batches)
-    return _PricedPlan(GenerationPlan(rows=sum(rows for rows, _, _ in batches), total=total), pricing)
+    return GenerationPlan(rows=sum(rows for rows, _, _ in batches), total=total), pricing
 
 
-def _dry_run(cfg: DictConfig, out: Path, priced: _PricedPlan, inputs: EvaluationInputs) -> dict[str, Any]:
+def _dry_run(cfg: DictConfig, out: Path, plan: int, inputs: EvaluationInputs) -> dict[str, Any]:
     if not cfg.budget.enabled:
         raise UserError("budget.dry_run=true needs budget.enabled=true: there is no plan to print")
-    plan = priced.plan.total
     log.info("generation FLOPs (dry run, upper bound, no weights loaded): %d systems x %d sample(s) -> %.4e",
              len(inputs.prompts), int(cfg.forecast.num_samples), plan)
     return {"dry_run": True, "plan": {"generate_upper_bound": plan, "systems": len(inputs.prompts)},
             "output_dir": str(out)}
 
 
-def _reserve(cfg: DictConfig, source: _Source, priced: _PricedPlan) -> Reservation | None:
+def _reserve(cfg: DictConfig, source: _Source, plan: GenerationPlan, pricing: Pricing) -> Reservation | None:
     """Reserve the generation FLOPs (:func:`_generation_plan`) as a ledger run; None with the budget off."""
     if not cfg.budget.enabled:
         return None
     ledger = Ledger(cfg.budget.ledger_path, budget=cfg.budget.total_flops, journal_mode=cfg.budget.journal_mode)
     name = ledger_name(cfg, f"evaluate:{cfg.run_dir or source.model.loader._target_.rsplit('.', 1)[-1]}")
-    reservation = Reservation.open(ledger, name, priced.plan, priced.pricing, sweep=cfg.get("sweep_name"),
+    reservation = Reservation.open(ledger, name, plan, pricing, sweep=cfg.get("sweep_name"),
                                    study=cfg.budget.study, stage=cfg.budget.stage)
-    log.info("generation FLOPs reserved (upper bound): %.4e as run %d", priced.plan.total, reservation.run_id)
+    log.info("generation FLOPs reserved (upper bound): %.4e as run %d", plan.total, reservation.run_id)
     return reservation
 
 

@@ -220,15 +220,8 @@ def segments(previous: dict[str, Any] | None, start_step: int, ckpt_path: str | 
 
 @dataclass
 class RunDir:
-    """A training run's directory (see the module docstring).
-
-    Attributes:
-        out: The directory.
-        lead: Whether this process writes it (rank 0; the other ranks of a distributed run share it).
-        start_step: The step this run starts at (the checkpoint's on a resume, else 0).
-        claim: How the run claimed the directory.
-        info: ``run_info.json`` as last written.
-    """
+    """A training run's directory ``out`` (see the module docstring); ``lead``: whether this process writes it
+    (rank 0), ``start_step``: the checkpoint's step on a resume, else 0; ``info``: ``run_info.json`` as written."""
 
     out: Path
     lead: bool

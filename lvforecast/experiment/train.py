@@ -59,7 +59,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_machine(cfg.model, trainer=cfg.trainer)
     if cfg.budget.dry_run and not cfg.budget.enabled:
         raise UserError("budget.dry_run=true needs budget.enabled=true: there is no plan to print")
-    _quiet_expected_warnings()
+    # Expected: the CSV logger writes metrics.csv beside our files (RunDir keeps or clears it), and the data module
+    # resumes the training order itself (its sampler state is in the checkpoint), which Lightning cannot see.
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
     run = RunDir.open(cfg, start_step, lead=distributed_rank(cfg) == 0)
     pl.seed_everything(cfg.seed, workers=True)
     started = time.perf_counter()
@@ -80,14 +83,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         result = fit(cfg, datamodule, reservation, run, started)
         outcome.status = result["budget_status"]
     return result
-
-
-def _quiet_expected_warnings() -> None:
-    # The CSV logger writes metrics.csv into the run dir beside our files (RunDir keeps or clears it itself), and
-    # Lightning cannot see that the data module resumes the training order itself (its sampler state is in the
-    # checkpoint): both warnings are expected.
-    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
-    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
 
 
 def _plan(cfg: DictConfig, datamodule: Any, pricing: Any, start_step: int) -> Plan:

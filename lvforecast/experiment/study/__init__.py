@@ -31,10 +31,7 @@ class StudyRefusedError(UserError, RuntimeError):
 
 
 def run_study(cfg: DictConfig) -> dict[str, Any]:
-    """Plan, check and run the study of ``cfg.study``; write its report.
-
-    Args:
-        cfg: The composed ``conf/study.yaml`` (Hydra initialized, so the stages' configs can be composed).
+    """Plan, check and run the study of ``cfg.study`` (Hydra initialized, to compose the stages); write its report.
 
     Returns:
         ``{"plan": [...], "stages": {name: record}, "report": path or None}``; with ``dry_run`` only the plan.
@@ -69,11 +66,7 @@ def run_study(cfg: DictConfig) -> dict[str, Any]:
 
 
 def finished_stages(study_dir: Path, names: list[str]) -> dict[str, dict[str, Any]]:
-    """The records (``<stage>/stage.json``) of the stages already finished in ``study_dir``, by name.
-
-    Raises:
-        UserError: A record is torn or empty (named, with what to do).
-    """
+    """The records (``<stage>/stage.json``) of the stages finished in ``study_dir``, by name; UserError if torn."""
     out = {}
     for name in names:
         path = study_dir / name / STAGE_FILE

@@ -73,11 +73,7 @@ def _stage_section(out: Path, stage: Stage, record: dict[str, Any]) -> list[str]
 
 def write_study_report(cfg: DictConfig, stages: list[Stage], done: dict[str, dict[str, Any]],
                        plan: list[dict[str, Any]]) -> Path:
-    """Write ``study_report.md``, ``budget_report.png``, the forecast figures and ``loss_curves.png``.
-
-    Returns:
-        The markdown path.
-    """
+    """Write ``study_report.md`` (returned), ``budget_report.png``, the forecast figures and ``loss_curves.png``."""
     out = Path(cfg.study_dir)
     lines = [f"# Study `{cfg.study.name}`", "", f"Study directory `{out}`, ledger `{cfg.study.ledger_path}`.", "",
              "## Plan (before any stage ran)", "", "| stage | kind | jobs | planned FLOPs | note |",

@@ -58,11 +58,7 @@ class JobPricer:
         self._shapes: dict[tuple[str, int], tuple[Any, int]] = {}
 
     def __call__(self, cfg: DictConfig, start_step: int | None = None) -> int:
-        """The FLOPs a training job reserves from ``start_step`` (None: its checkpoint's step, else 0).
-
-        Raises:
-            UserError: The job's config is invalid (every problem at once).
-        """
+        """The FLOPs a training job reserves from ``start_step`` (None: its checkpoint's); UserError if invalid."""
         start = config.checkpoint_step(cfg.get("ckpt_path")) if start_step is None else start_step
         config.check_train_config(cfg, start)
         if not cfg.budget.enabled:

@@ -37,11 +37,8 @@ class SweepSummary(Callback):
     """Write the sweep's summary when the multirun ends; exit 1 if any job did not finish."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        """Summarize the sweep directory (and log it to W&B with ``logger=wandb``).
-
-        Raises:
-            SystemExit: Some job did not finish (the message names each, with its status and error).
-        """
+        """Summarize the sweep directory (and log it to W&B with ``logger=wandb``); exit naming every unfinished
+        job, with its status and error."""
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             jobs = sweep_jobs(config)
@@ -144,7 +141,8 @@ def summarize_sweep(sweep_dir: Path, jobs: list[list[str]] | None = None) -> lis
             jobs += [found[n]["overrides"] for n in sorted(found) if n >= len(planned)]
         else:
             jobs = [found[n]["overrides"] for n in sorted(found)]
-    halving = _halving_record(sweep_dir)
+    halving_file = sweep_dir / HALVING_FILE  # what a hydra/sweeper=halving multirun wrote
+    halving = json.loads(halving_file.read_text()) if halving_file.is_file() else None
     keys = halving["params"] if halving else varying_keys(jobs) if jobs else []
     rows = []
     curves: dict[int, list[tuple[int, float]]] = {}
@@ -264,12 +262,6 @@ def _grid(rows: list[dict[str, Any]], keys: list[str]) -> str:
             cells.append(f"**{text}**" if r is not None and r["best"] else text)
         lines.append(f"| {va} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _halving_record(sweep_dir: Path) -> dict[str, Any] | None:
-    """The ``halving.json`` a ``hydra/sweeper=halving`` multirun wrote into ``sweep_dir``, or None."""
-    path = sweep_dir / HALVING_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def format_rungs(halving: dict[str, Any], rows: list[dict[str, Any]]) -> str:
