@@ -75,7 +75,7 @@ class FlopModelSummary(ModelSummary):
 
 class StepProgressBar(TQDMProgressBar):
     """A tqdm progress bar whose training bar counts optimizer steps of ``max_steps`` (``step 40/150``), across
-    epochs, from the step a resumed run starts at; an epoch-based run (``max_steps: -1``) gets Lightning's bar.
+    epochs, from the step a resumed run starts at (runs are step-based: ``check_train_config`` requires it).
 
     Its metrics, Lightning's progress-bar ones and :data:`SHOWN` (logged without ``prog_bar``, which would make
     Lightning convert them after every batch), are read only after a step that logged them: reading a logged tensor
@@ -92,12 +92,7 @@ class StepProgressBar(TQDMProgressBar):
         shown = {k: float(logged[k]) for k in self.SHOWN if k in logged}
         return {**shown, **super().get_metrics(trainer, pl_module)}
 
-    def _step_based(self) -> bool:
-        return self.trainer.max_steps is not None and self.trainer.max_steps > 0
-
     def init_train_tqdm(self) -> Tqdm:
-        if not self._step_based():
-            return super().init_train_tqdm()
         trainer = self.trainer
         # A resumed run starts at its checkpoint's step (restored before on_train_start, which calls this).
         return Tqdm(total=trainer.max_steps, initial=trainer.global_step, unit="step",
@@ -105,14 +100,10 @@ class StepProgressBar(TQDMProgressBar):
                     file=sys.stdout, smoothing=0, bar_format=self.STEP_BAR_FORMAT)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        if not self._step_based():
-            super().on_train_epoch_start(trainer, *args)  # one bar per epoch; here one bar over all of them
+        pass  # one bar over every epoch: Lightning's would start a new one here
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if not self._step_based():
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-            return
         step, bar = trainer.global_step, self.train_progress_bar
         if bar is None or not self._should_update(step, bar.total):
             return
@@ -124,7 +115,5 @@ class StepProgressBar(TQDMProgressBar):
             bar.refresh()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._step_based():
-            super().on_train_epoch_end(trainer, pl_module)
-        elif not self.train_progress_bar.disable:
+        if not self.train_progress_bar.disable:
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))

@@ -72,14 +72,6 @@ class Claim:
     previous: dict[str, Any] | None = None   # the directory's run_info.json on a resume (its segments)
 
 
-def _inside(path: str | Path, folder: Path) -> bool:
-    try:
-        Path(path).resolve().relative_to(folder.resolve())
-    except ValueError:
-        return False
-    return True
-
-
 def _without(container: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     cfg = OmegaConf.create(container)
     for key in keys:
@@ -124,7 +116,7 @@ def claim(cfg: DictConfig, out: Path) -> Claim:
         return Claim("fresh")
     ckpt = cfg.get("ckpt_path")
     info = read_json(out / "run_info.json")
-    if ckpt and _inside(ckpt, out):
+    if ckpt and Path(ckpt).resolve().is_relative_to(out.resolve()):
         return Claim("resume", info)
     checkpoints = list((out / "checkpoints").glob("*.ckpt")) if (out / "checkpoints").is_dir() else []
     finished = info is not None and "final" in info

@@ -104,24 +104,20 @@ class SignalGuard:
         """The trainer whose loops a signal is deferred to while they run."""
         self._trainer = weakref.ref(trainer)
 
-    def _looping(self) -> pl.Trainer | None:
-        """The attached trainer while its loops run (its signal connector holds the handlers), else None."""
-        trainer = self._trainer() if self._trainer is not None else None
-        connector = getattr(trainer, "_signal_connector", None)
-        # Lightning registers its handlers just before the loops start and restores ours at teardown.
-        return trainer if connector is not None and connector._original_handlers else None
-
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         first = self.received is None
         if first:
             self.received = signum
-        trainer = self._looping()
+        trainer = self._trainer() if self._trainer is not None else None
+        connector = getattr(trainer, "_signal_connector", None)
         name = signal.Signals(signum).name
-        if first and trainer is not None:
+        # The trainer's loops run while its connector holds handlers (registered just before them, ours restored
+        # at teardown): then the signal is deferred to the loops.
+        if first and connector is not None and connector._original_handlers:
             log.warning("%s received: stopping after the current step and writing a checkpoint (send it again to "
                         "stop at once)", name)
             # What Lightning's own SIGTERM handler sets; its loops raise SIGTERMException at the batch boundary.
-            trainer._signal_connector.received_sigterm = True
+            connector.received_sigterm = True
             return
         log.warning("%s received: stopping now%s", name, "" if first else " (second signal, no new checkpoint)")
         raise Interrupted(signum)
@@ -151,8 +147,7 @@ def guarded() -> Iterator[SignalGuard]:
                 raise
             if stop.checkpoint is None and guard.checkpoint is not None:
                 stop.step, stop.checkpoint = guard.step, guard.checkpoint
-            sys.stderr.write(f"{stop.message()}\n")
-            sys.stderr.flush()
+            print(stop.message(), file=sys.stderr, flush=True)
             if stop is exc:
                 raise
             raise stop from None
