@@ -312,15 +312,11 @@ def _summary(cfg: DictConfig, source: _Source, inputs: EvaluationInputs, forecas
 
     result = forecasts.result
     summary = {
-        "model": forecasts.model_name,
-        "systems": inputs.systems,
-        "classes": dict(class_counts(metrics["classes"])),
-        "parse_failures": result.parse_failures,
-        "constrained": bool(cfg.forecast.constrained),
+        "model": forecasts.model_name, "systems": inputs.systems, "classes": dict(class_counts(metrics["classes"])),
+        "parse_failures": result.parse_failures, "constrained": bool(cfg.forecast.constrained),
         "prompt_tokens": {"min": int(min(result.prompt_tokens)), "max": int(max(result.prompt_tokens)),
                           "trained_context_tokens": source.trained_context_tokens},
-        "flops_generate": int(result.flops),
-        "forecast_seconds": round(forecasts.seconds, 2),
+        "flops_generate": int(result.flops), "forecast_seconds": round(forecasts.seconds, 2),
         "device": forecasts.device,
         "methods": {k: {u: v[u]["aggregate"] for u in ("encoded", "original")} for k, v in metrics["methods"].items()},
     }
