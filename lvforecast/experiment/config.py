@@ -1,11 +1,8 @@
-"""A training run's config, read once: every key checked before anything heavy loads, then the typed objects the
-run is planned with.
+"""A run's config, read once: every key checked before anything heavy loads, then the typed objects it is planned with.
 
-:func:`check_train_config` raises one :class:`~lvforecast.errors.UserError` listing every problem, one check per
-config group, each group's keys checked where its module defines them (the data module's, LoRA's, W&B's) or
-here (seed, optimizer, budget, trainer, checkpoint). :func:`pricing_of` and :func:`run_shape` turn the config and
-the data into the :class:`~lvforecast.budget.planning.Pricing` and
-:class:`~lvforecast.budget.planning.RunShape` that planning takes: planning itself never reads the config.
+:func:`check_train_config` and :func:`check_evaluate_config` raise one :class:`~lvforecast.errors.UserError` listing
+every problem. :func:`pricing_of` and :func:`run_shape` turn the config and the data into the ``Pricing`` and
+``RunShape`` that :mod:`lvforecast.budget.planning` takes: planning itself never reads the config.
 """
 
 from __future__ import annotations
@@ -15,18 +12,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from lvforecast.budget.planning import Pricing, RunShape
 from lvforecast.budget.schedule import Schedule
 from lvforecast.budget.shapes import ALPHABET_SIZE, HEADS, Conventions, LoRASpec, ModelShape
+from lvforecast.data.encoding import check_tokenizer
+from lvforecast.devices import device_problems
 from lvforecast.errors import UserError
+from lvforecast.model.lora import lora_config_problems
+from lvforecast.threads import resolve_threads
+from lvforecast.tracking.loggers import wandb_problems
 from lvforecast.validate import int_at_least as _int_at_least
 from lvforecast.validate import is_finite_number as _finite
 
 SEED_MAX = 2**32 - 1  # numpy's (and so Lightning's seed_everything's) range is [0, 2**32 - 1]
 # What Lightning's Trainer makes of these arguments when they are left out (its signature says None and the
-# Trainer resolves them); tests/test_planning.py holds this against a real Trainer so it cannot drift.
+# Trainer resolves them); tests/budget/test_planning.py holds this against a real Trainer so it cannot drift.
 LIGHTNING_DEFAULTS: dict[str, Any] = {"num_sanity_val_steps": 2, "limit_val_batches": 1.0, "val_check_interval": 1.0}
 
 
@@ -34,26 +37,18 @@ def check_train_config(cfg: DictConfig, start_step: int = 0) -> None:
     """Check a composed ``conf/train.yaml`` before anything is written or loaded.
 
     Args:
-        cfg: The config.
         start_step: The checkpoint's step when resuming (read once, by the caller).
 
     Raises:
         UserError: Every problem at once, each naming its key, the value and what is allowed.
     """
     from lvforecast.data.datamodule import LotkaVolterraDataModule
-    from lvforecast.model.lora import lora_config_problems
-    from lvforecast.threads import resolve_threads
-    from lvforecast.tracking.loggers import wandb_problems
 
     problems = seed_problems(cfg.get("seed"))
     problems += lora_config_problems(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
     sizes = {k: cfg.data.get(k) for k in ("context_length", "stride_steps", "batch_size", "scale_context_steps",
                                           "val_batch_size") if k != "val_batch_size" or cfg.data.get(k) is not None}
     problems += LotkaVolterraDataModule.config_problems(decimals=cfg.data.decimals, **sizes)
-    try:
-        resolve_threads(cfg.threads, None, 1)
-    except ValueError as err:
-        problems.append(str(err))
     if cfg.model.get("head") not in HEADS:
         problems.append(f"model.head={cfg.model.get('head')!r}: allowed {', '.join(map(repr, HEADS))}")
     lr = cfg.optim.get("lr")
@@ -66,22 +61,16 @@ def check_train_config(cfg: DictConfig, start_step: int = 0) -> None:
     elif cfg.get("ckpt_path") and _int_at_least(max_steps, 1) and max_steps <= start_step:
         problems.append(f"trainer.max_steps={max_steps}: the checkpoint {cfg.ckpt_path} is at step {start_step}, so "
                         f"resuming needs trainer.max_steps > {start_step} (it counts from the first run's start)")
-    problems += wandb_problems((cfg.get("logger") or {}).get("wandb"))
-    if problems:
-        raise UserError("invalid config:\n  - " + "\n  - ".join(problems))
+    _raise_problems(cfg, problems)
 
 
 def check_evaluate_config(cfg: DictConfig) -> None:
     """Check a composed ``conf/evaluate.yaml`` before any data or weights load.
 
     Raises:
-        UserError: Every problem at once (``device``, ``max_systems``, a ``forecast`` key, ``examples``, ``threads``,
-            W&B).
+        UserError: Every problem at once, each naming its key, the value and what is allowed.
     """
-    from lvforecast.devices import device_problems
     from lvforecast.evaluation.forecast import settings_problems
-    from lvforecast.threads import resolve_threads
-    from lvforecast.tracking.loggers import wandb_problems
 
     problems = device_problems(cfg.get("device"))
     if cfg.get("max_systems") is not None and not _int_at_least(cfg.max_systems, 1):
@@ -93,6 +82,11 @@ def check_evaluate_config(cfg: DictConfig) -> None:
     bad = [e for e in cfg.get("examples") or [] if not _int_at_least(e, 0)]
     if bad:
         problems.append(f"examples has {bad}: system ids must be integers >= 0")
+    _raise_problems(cfg, problems)
+
+
+def _raise_problems(cfg: DictConfig, problems: list[str]) -> None:
+    """Add the ``threads`` and W&B checks every config shares; raise one UserError listing every problem."""
     try:
         resolve_threads(cfg.threads, None, 1)
     except ValueError as err:
@@ -182,8 +176,6 @@ def world_size(trainer_cfg: DictConfig) -> int:
 
 def model_shape(model_cfg: DictConfig) -> ModelShape:
     """The shape the configured model states in ``model.shape``, without loading weights."""
-    from hydra.utils import instantiate
-
     return instantiate(model_cfg.shape)
 
 
@@ -197,14 +189,8 @@ def known_shape(model_cfg: DictConfig) -> ModelShape | None:
 
 def pricing_of(model_cfg: DictConfig, lora_cfg: DictConfig | None, conventions: Any = None,
                head_rows: int | None = None) -> Pricing:
-    """A run's :class:`Pricing`: the model's stated shape, the LoRA config (None: untrained), the conventions.
-
-    Args:
-        model_cfg: ``model``.
-        lora_cfg: ``lora``, or None for the untrained model.
-        conventions: ``budget.conventions`` (None: the brief's).
-        head_rows: Output rows priced: 13 for the alphabet head, None for the full vocabulary.
-    """
+    """A run's :class:`Pricing` from ``model``, ``lora`` (None: untrained) and ``budget.conventions`` (None: the
+    brief's); ``head_rows`` is 13 for the alphabet head, None for the full vocabulary."""
     lora = None if lora_cfg is None else LoRASpec(
         rank=lora_cfg.r, targets=tuple(lora_cfg.target_modules), head_rows=head_rows,
         logit_bias=bool(lora_cfg.get("train_logit_bias", False)))
@@ -218,9 +204,8 @@ def train_pricing(cfg: DictConfig) -> Pricing:
 
 
 def token_counts(model_cfg: DictConfig, texts: list[str]) -> list[int]:
-    """Tokens of each LLMTIME text: ``model.tokenizer``'s count where the model states one (Qwen2.5, the real
-    tokenizer without the weights), else characters (a character is a token on the LLMTIME alphabet, checked at
-    load).
+    """Tokens of each LLMTIME text: ``model.tokenizer``'s count where the model states one (Qwen2.5), else
+    characters (a character is a token on the LLMTIME alphabet, checked at load).
 
     Raises:
         UserError: The tokenizer does not split LLMTIME text into one token per character.
@@ -228,10 +213,6 @@ def token_counts(model_cfg: DictConfig, texts: list[str]) -> list[int]:
     node = model_cfg.get("tokenizer")
     if node is None:
         return [len(t) for t in texts]
-    from hydra.utils import instantiate
-
-    from lvforecast.data.encoding import check_tokenizer
-
     tokenizer = instantiate(node)
     check_tokenizer(tokenizer, str(node.get("name_or_path", node._target_)))
     return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
@@ -296,11 +277,8 @@ def run_shape(cfg: DictConfig, val_shapes: list[list[tuple[int, int]]], epoch_ba
 
 
 def checkpoint_step(ckpt_path: str | None) -> int:
-    """The optimizer step a run resumed from ``ckpt_path`` starts at (0 without one).
-
-    A torn or foreign file is one message naming it, never unpickled code (:func:`lvforecast.checkpoint.
-    load_checkpoint`, ``weights_only=True``).
-    """
+    """The optimizer step a run resumed from ``ckpt_path`` starts at (0 without one); a torn or foreign file is
+    one message naming it, never unpickled code (:func:`lvforecast.checkpoint.load_checkpoint`)."""
     if not ckpt_path or not Path(ckpt_path).is_file():  # a missing one is named by check_train_config
         return 0
     from lvforecast.checkpoint import load_checkpoint

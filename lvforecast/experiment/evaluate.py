@@ -1,28 +1,11 @@
 """``evaluate(cfg)``: forecast the held-out systems, score model and baselines, write the evaluation directory.
 
-The flow is load -> reserve -> forecast -> score -> write, one function each:
-
-* **load** (:func:`_load`): the data layer hands over the test systems, their series, scales and prompts
-  (:meth:`lvforecast.data.datamodule.LotkaVolterraDataModule.evaluation_inputs`).
-* **reserve** (:func:`_reserve`): the generation cost (prefill + KV-cache decode), an upper bound priced on the
-  forecaster's own batches at its own decode bound (:func:`lvforecast.evaluation.forecast.planned_batches`),
-  is reserved in the budget ledger before the model loads. ``budget.dry_run=true`` prints it and stops.
-* **forecast** (:func:`_forecast`): the ``forecast`` node of ``conf/evaluate.yaml`` (a ``_partial_`` of
-  :func:`lvforecast.evaluation.forecast.forecast`) completed with the model, the series and their encoding;
-  every batch is charged to the reservation as ``generate``.
-* **score** (:func:`_score`): the model and each baseline, in the encoded units the study reports
-  (value / the series' scale) and in original units.
-* **write** (:func:`_write`): ``metrics.json`` (per method, model and each baseline: aggregates per variable
-  in encoded and original units, per behaviour class; parse failures; FLOPs charged), ``per_system.csv``,
-  ``forecasts.npz`` (the model's raw forecasts, the series and the per-system running MSE), ``report.md`` (the
-  study's table for its four example systems plus the whole-split aggregates and model vs baselines) and PNGs:
-  ``examples.png``, ``running_mse.png``, ``error_by_horizon.png`` and ``model_vs_baselines.png``. With
-  ``logger=wandb`` the headline metrics, the PNGs and the model-vs-baselines table also go to a W&B run of job
-  type ``evaluate`` (:func:`lvforecast.tracking.log_evaluation`).
-
-Which model: with ``run_dir`` the training run's resolved ``config.yaml`` gives the base model, the encoding
-and the LoRA shape, its ``split.json`` the test systems and its ``adapter/`` the weights; without it the
-configured model is evaluated untrained (zero-shot) on the configured data's test split.
+The flow is load -> reserve -> forecast -> score -> write, one function each. The generation cost (prefill +
+KV-cache decode, an upper bound priced on the forecaster's own batches) is reserved in the ledger before the model
+loads and every batch is charged to it as ``generate``; ``budget.dry_run=true`` prints the bound and stops. With
+``run_dir`` the training run's ``config.yaml``, ``split.json`` and ``adapter/`` give the model, the test systems and
+the weights; without it the configured model is evaluated untrained (zero-shot). The files written are listed in
+``docs/evaluation.md``.
 """
 
 from __future__ import annotations
@@ -38,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lvforecast.atomic import atomic_writer, check_writable, write_text
 from lvforecast.budget.formulas import generation_flops
+from lvforecast.budget.ledger import Ledger
 from lvforecast.budget.planning import GenerationPlan, Pricing
 from lvforecast.budget.reservation import Reservation
 from lvforecast.budget.shapes import ALPHABET_SIZE
@@ -49,10 +34,12 @@ from lvforecast.data.encoding import VARIABLES
 from lvforecast.data.split import EvaluationInputs
 from lvforecast.devices import describe_device, resolve_device
 from lvforecast.errors import UserError
-from lvforecast.evaluation.metrics import POINT_METRICS
-from lvforecast.experiment.config import check_evaluate_config
+from lvforecast.evaluation.metrics import POINT_METRICS, crps_samples, evaluate_forecasts, interval_coverage
+from lvforecast.experiment.config import check_evaluate_config, pricing_of, token_counts
+from lvforecast.experiment.rundir import ledger_name
 from lvforecast.machine import check_machine
 from lvforecast.threads import torch_threads
+from lvforecast.tracking import log_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +54,6 @@ class _Source:
     trained_context_tokens: int | None = None
     split_file: Path | None = None
     run_dir: Path | None = None
-
-
-@dataclass(frozen=True)
-class _PricedPlan:
-    """The generation plan and what it was priced with (what :meth:`Reservation.open` takes)."""
-
-    plan: GenerationPlan
-    pricing: Pricing
 
 
 @dataclass(frozen=True)
@@ -97,11 +76,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.budget.dry_run:  # the GPU and the weights it needs, here (a study's plan may be made elsewhere)
         check_machine(source.model, device=cfg.device)
     inputs = _load(cfg, source)
-    priced = _generation_plan(cfg, source, inputs)
+    plan, pricing = _generation_plan(cfg, source, inputs)
     if cfg.budget.dry_run:
-        return _dry_run(cfg, out, priced, inputs)
-    reservation = _reserve(cfg, source, priced)
-    with torch_threads(cfg.threads, priced.pricing.shape):
+        return _dry_run(cfg, out, plan.total, inputs)
+    reservation = _reserve(cfg, source, plan, pricing)
+    with torch_threads(cfg.threads, pricing.shape):
         forecasts = _forecast(cfg, source, inputs, reservation)
     metrics = _score(inputs, forecasts)
     return _write(cfg, out, source, inputs, forecasts, metrics)
@@ -112,13 +91,12 @@ def plan_generation(cfg: DictConfig, trained: DictConfig | None = None) -> int:
 
     Args:
         cfg: The composed ``conf/evaluate.yaml``.
-        trained: The composed train config of a run that does not exist yet: its model, data and LoRA rank price
-            the generation. None: ``cfg`` itself (its ``run_dir``, or the untrained model).
+        trained: The train config of a run that does not exist yet, whose model, data and LoRA price the
+            generation; None: ``cfg``'s own ``run_dir``, or the untrained model.
     """
     check_evaluate_config(cfg)
-    source = _source(cfg) if trained is None else _Source(model=trained.model, data=trained.data,
-                                                           lora=trained.lora)
-    return _generation_plan(cfg, source, _load(cfg, source)).plan.total
+    source = _source(cfg) if trained is None else _Source(trained.model, trained.data, trained.lora)
+    return _generation_plan(cfg, source, _load(cfg, source))[0].total
 
 
 def _source(cfg: DictConfig) -> _Source:
@@ -147,11 +125,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def _run_config(path: Path) -> DictConfig:
-    """A training run's resolved ``config.yaml``, checked for the keys an evaluation reads.
-
-    Raises:
-        UserError: The file is not YAML, not a mapping, or lacks model / data / lora keys (each named).
-    """
+    """A training run's resolved ``config.yaml``; UserError if torn or lacking a key an evaluation reads."""
     try:
         train_cfg = OmegaConf.load(path)
     except OSError as err:
@@ -169,11 +143,7 @@ def _run_config(path: Path) -> DictConfig:
 
 
 def _check_split(path: Path) -> None:
-    """``split.json`` must be JSON with a ``test`` list of system ids.
-
-    Raises:
-        UserError: Not JSON, or no such list (what was found is named).
-    """
+    """UserError unless ``split.json`` is JSON with a ``test`` list of integer system ids."""
     try:
         split = json.loads(path.read_text())
     except OSError as err:
@@ -189,11 +159,7 @@ def _check_split(path: Path) -> None:
 
 
 def _check_adapter(adapter: Path) -> None:
-    """The PEFT ``adapter/``: a readable ``adapter_config.json`` and a weights file whose header reads.
-
-    Raises:
-        UserError: A part is missing or torn (the file is named).
-    """
+    """UserError unless ``adapter/`` has a PEFT LoRA ``adapter_config.json`` and a readable, non-empty weights file."""
     config = adapter / "adapter_config.json"
     if not config.is_file():
         raise UserError(f"{config}: missing (the adapter folder is incomplete); {_RETRAIN}")
@@ -219,8 +185,6 @@ def _check_adapter(adapter: Path) -> None:
 
 def _load(cfg: DictConfig, source: _Source) -> EvaluationInputs:
     """The test systems, their series, scales and prompts (``max_systems`` keeps ``examples`` first)."""
-    from hydra.utils import instantiate
-
     from lvforecast.evaluation.baselines import BASELINES
 
     unknown = [b for b in cfg.baselines if b not in BASELINES]
@@ -231,10 +195,9 @@ def _load(cfg: DictConfig, source: _Source) -> EvaluationInputs:
         max_systems=cfg.max_systems, first=list(cfg.examples))
 
 
-def _generation_plan(cfg: DictConfig, source: _Source, inputs: EvaluationInputs) -> _PricedPlan:
-    """Generation FLOPs, an upper bound (every batch of the forecaster decodes its longest steps), and pricing."""
+def _generation_plan(cfg: DictConfig, source: _Source, inputs: EvaluationInputs) -> tuple[GenerationPlan, Pricing]:
+    """Generation FLOPs, an upper bound (every batch of the forecaster decodes its longest steps), and the pricing."""
     from lvforecast.evaluation.forecast import planned_batches
-    from lvforecast.experiment.config import pricing_of, token_counts
 
     pricing = pricing_of(source.model, source.lora)
     fc = cfg.forecast
@@ -247,40 +210,33 @@ def _generation_plan(cfg: DictConfig, source: _Source, inputs: EvaluationInputs)
     total = sum(generation_flops(pricing.shape, rows, prompt_len, new, pricing.lora, pricing.conventions,
                                  kv_cache=True, prefill_logits="last", head_rows=head_rows)
                 for rows, prompt_len, new in batches)
-    return _PricedPlan(GenerationPlan(rows=sum(rows for rows, _, _ in batches), total=total), pricing)
+    return GenerationPlan(rows=sum(rows for rows, _, _ in batches), total=total), pricing
 
 
-def _dry_run(cfg: DictConfig, out: Path, priced: _PricedPlan, inputs: EvaluationInputs) -> dict[str, Any]:
+def _dry_run(cfg: DictConfig, out: Path, plan: int, inputs: EvaluationInputs) -> dict[str, Any]:
     if not cfg.budget.enabled:
         raise UserError("budget.dry_run=true needs budget.enabled=true: there is no plan to print")
-    plan = priced.plan.total
     log.info("generation FLOPs (dry run, upper bound, no weights loaded): %d systems x %d sample(s) -> %.4e",
              len(inputs.prompts), int(cfg.forecast.num_samples), plan)
     return {"dry_run": True, "plan": {"generate_upper_bound": plan, "systems": len(inputs.prompts)},
             "output_dir": str(out)}
 
 
-def _reserve(cfg: DictConfig, source: _Source, priced: _PricedPlan) -> Reservation | None:
+def _reserve(cfg: DictConfig, source: _Source, plan: GenerationPlan, pricing: Pricing) -> Reservation | None:
     """Reserve the generation FLOPs (:func:`_generation_plan`) as a ledger run; None with the budget off."""
-    from lvforecast.budget.ledger import Ledger
-
     if not cfg.budget.enabled:
         return None
     ledger = Ledger(cfg.budget.ledger_path, budget=cfg.budget.total_flops, journal_mode=cfg.budget.journal_mode)
-    from lvforecast.experiment.rundir import ledger_name
-
     name = ledger_name(cfg, f"evaluate:{cfg.run_dir or source.model.loader._target_.rsplit('.', 1)[-1]}")
-    reservation = Reservation.open(ledger, name, priced.plan, priced.pricing, sweep=cfg.get("sweep_name"),
+    reservation = Reservation.open(ledger, name, plan, pricing, sweep=cfg.get("sweep_name"),
                                    study=cfg.budget.study, stage=cfg.budget.stage)
-    log.info("generation FLOPs reserved (upper bound): %.4e as run %d", priced.plan.total, reservation.run_id)
+    log.info("generation FLOPs reserved (upper bound): %.4e as run %d", plan.total, reservation.run_id)
     return reservation
 
 
 def _forecast(cfg: DictConfig, source: _Source, inputs: EvaluationInputs,
               reservation: Reservation | None) -> _Forecasts:
     """Load the model (and the run's adapter), forecast under the reservation, then run the baselines."""
-    from hydra.utils import instantiate
-
     from lvforecast.evaluation.baselines import BASELINES
 
     forecaster = instantiate(cfg.forecast)
@@ -306,9 +262,8 @@ def _forecast(cfg: DictConfig, source: _Source, inputs: EvaluationInputs,
             charge=None if reservation is None else functools.partial(reservation.charge, "generate"),
             logit_bias=None if source.run_dir is None else _logit_bias(source.run_dir, source.lora, loaded.char_ids))
     seconds = time.perf_counter() - start
-    by_method = {"model": result.values}
-    for name in cfg.baselines:
-        by_method[name] = BASELINES[name](inputs.context, inputs.time, inputs.horizon_steps)
+    by_method = {"model": result.values} | {
+        name: BASELINES[name](inputs.context, inputs.time, inputs.horizon_steps) for name in cfg.baselines}
     name = loaded.name + (f" + adapter {cfg.run_dir}" if cfg.run_dir else " (zero-shot)")
     return _Forecasts(result=result, model_name=name, seconds=seconds, by_method=by_method, device=device)
 
@@ -316,8 +271,7 @@ def _forecast(cfg: DictConfig, source: _Source, inputs: EvaluationInputs,
 def _logit_bias(run: Path, lora_cfg: DictConfig, char_ids: dict[str, int]) -> Any:
     """The run's trained output-logit bias, or None; its presence must agree with the run's config.
 
-    A full-head run saved a (V,) vector; an alphabet-head run a (13,) one in ``ALPHABET`` order whose metadata
-    names the token ids it covers, which must be this tokenizer's alphabet ids.
+    A full-head run saved a (V,) vector; an alphabet-head one a (13,) vector whose metadata names its token ids.
     """
     path = run / "adapter" / "logit_bias.safetensors"
     if bool(lora_cfg.get("train_logit_bias", False)) != path.is_file():
@@ -345,7 +299,6 @@ def _logit_bias(run: Path, lora_cfg: DictConfig, char_ids: dict[str, int]) -> An
 def _score(inputs: EvaluationInputs, forecasts: _Forecasts) -> dict[str, Any]:
     """Metrics per method in encoded units (each series divided by its own scale) and in original units."""
     from lvforecast.evaluation.behaviour import classify_all
-    from lvforecast.evaluation.metrics import evaluate_forecasts
 
     classes, truth = classify_all(inputs.values, inputs.time), inputs.truth
     return {"classes": classes, "methods": {name: evaluate_forecasts(truth, pred, classes, scale=inputs.scales)
@@ -359,21 +312,15 @@ def _summary(cfg: DictConfig, source: _Source, inputs: EvaluationInputs, forecas
 
     result = forecasts.result
     summary = {
-        "model": forecasts.model_name,
-        "systems": inputs.systems,
-        "classes": dict(class_counts(metrics["classes"])),
-        "parse_failures": result.parse_failures,
-        "constrained": bool(cfg.forecast.constrained),
+        "model": forecasts.model_name, "systems": inputs.systems, "classes": dict(class_counts(metrics["classes"])),
+        "parse_failures": result.parse_failures, "constrained": bool(cfg.forecast.constrained),
         "prompt_tokens": {"min": int(min(result.prompt_tokens)), "max": int(max(result.prompt_tokens)),
                           "trained_context_tokens": source.trained_context_tokens},
-        "flops_generate": int(result.flops),
-        "forecast_seconds": round(forecasts.seconds, 2),
+        "flops_generate": int(result.flops), "forecast_seconds": round(forecasts.seconds, 2),
         "device": forecasts.device,
         "methods": {k: {u: v[u]["aggregate"] for u in ("encoded", "original")} for k, v in metrics["methods"].items()},
     }
     if result.samples is not None:
-        from lvforecast.evaluation.metrics import crps_samples, interval_coverage
-
         truth, scales = inputs.truth, inputs.scales
         enc = scales[:, None, None, None]
         summary["probabilistic"] = {
@@ -387,7 +334,6 @@ def _write(cfg: DictConfig, out: Path, source: _Source, inputs: EvaluationInputs
            metrics: dict[str, Any]) -> dict[str, Any]:
     """Write the evaluation directory (and the W&B run); return the headline metrics."""
     from lvforecast.evaluation.report import write_plots, write_report
-    from lvforecast.tracking import log_evaluation
 
     result, methods, systems = forecasts.result, metrics["methods"], inputs.systems
     summary = _summary(cfg, source, inputs, forecasts, metrics)

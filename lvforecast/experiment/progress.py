@@ -28,15 +28,13 @@ log = logging.getLogger(__name__)
 class FlopModelSummary(ModelSummary):
     """Lightning's model summary, with the analytic FLOPs of a training batch in place of ``Total Flops: 0``.
 
-    The per-layer ``FLOPs`` column is left out (Lightning measures it only over an ``example_input_array``);
-    the trailer gives the forward FLOPs of one ``batch_size x seq_len`` training batch and of one training
-    step (3 x forward), counted by :func:`lvforecast.budget.formulas.forward_flops` as the FLOP budget charges
-    them.
+    The per-layer ``FLOPs`` column is left out; the trailer gives the forward FLOPs of one ``batch_size x seq_len``
+    training batch and of one training step (3 x forward), counted as the FLOP budget charges them.
 
     Args:
         batch_size: Windows per training batch (``data.batch_size``).
         seq_len: Tokens per window (``data.context_length``).
-        conventions: The counting conventions (``budget.conventions``); empty = the study brief's.
+        conventions: ``budget.conventions``; empty = the study brief's.
         max_depth: Layer nesting shown; 0 turns the summary off (Lightning's argument).
     """
 
@@ -76,24 +74,17 @@ class FlopModelSummary(ModelSummary):
 
 
 class StepProgressBar(TQDMProgressBar):
-    """A tqdm progress bar whose training bar counts optimizer steps of ``max_steps``, across epochs.
+    """A tqdm progress bar whose training bar counts optimizer steps of ``max_steps`` (``step 40/150``), across
+    epochs, from the step a resumed run starts at (runs are step-based: ``check_train_config`` requires it).
 
-    The training bar reads ``step 40/150 ...`` rather than ``Epoch 0``: one bar for the whole run, from the step
-    a resumed run starts at. An epoch-based run (``max_steps: -1``) gets Lightning's per-epoch bar. The metrics it
-    shows, Lightning's progress-bar metrics and :data:`SHOWN` (logged without ``prog_bar``, which would make Lightning
-    convert them after every batch), are read only after a step that logged them (``trainer.log_every_n_steps``):
-    reading a logged tensor is a host sync, and between logging steps there is nothing new to read.
-
-    Args:
-        refresh_rate: Update the bars every this many steps (batches, for the validation bar).
+    Its metrics, Lightning's progress-bar ones and :data:`SHOWN` (logged without ``prog_bar``, which would make
+    Lightning convert them after every batch), are read only after a step that logged them: reading a logged tensor
+    is a host sync, and between logging steps there is nothing new to read.
     """
 
     STEP_BAR_FORMAT = "step {n_fmt}/{total_fmt} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}, " \
                       "{rate_noinv_fmt}{postfix}]"
     SHOWN = ("train/loss",)
-
-    def __init__(self, refresh_rate: int = 1) -> None:
-        super().__init__(refresh_rate=refresh_rate)
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         """Lightning's progress-bar metrics, with :data:`SHOWN` first (a host sync for each: call it at refresh)."""
@@ -101,12 +92,7 @@ class StepProgressBar(TQDMProgressBar):
         shown = {k: float(logged[k]) for k in self.SHOWN if k in logged}
         return {**shown, **super().get_metrics(trainer, pl_module)}
 
-    def _step_based(self) -> bool:
-        return self.trainer.max_steps is not None and self.trainer.max_steps > 0
-
     def init_train_tqdm(self) -> Tqdm:
-        if not self._step_based():
-            return super().init_train_tqdm()
         trainer = self.trainer
         # A resumed run starts at its checkpoint's step (restored before on_train_start, which calls this).
         return Tqdm(total=trainer.max_steps, initial=trainer.global_step, unit="step",
@@ -114,14 +100,10 @@ class StepProgressBar(TQDMProgressBar):
                     file=sys.stdout, smoothing=0, bar_format=self.STEP_BAR_FORMAT)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        if not self._step_based():
-            super().on_train_epoch_start(trainer, *args)  # one bar per epoch; here one bar over all of them
+        pass  # one bar over every epoch: Lightning's would start a new one here
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if not self._step_based():
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-            return
         step, bar = trainer.global_step, self.train_progress_bar
         if bar is None or not self._should_update(step, bar.total):
             return
@@ -133,7 +115,5 @@ class StepProgressBar(TQDMProgressBar):
             bar.refresh()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._step_based():
-            super().on_train_epoch_end(trainer, pl_module)
-        elif not self.train_progress_bar.disable:
+        if not self.train_progress_bar.disable:
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))

@@ -1,21 +1,13 @@
 """Run directories: unique names, one run per directory, and a resumed run's history kept.
 
-:class:`RunDir` is a training run's directory as the run sees it: it owns the claim, ``config.yaml``,
-``run_info.json`` with its segments, and the metrics history; only the lead process (rank 0) writes.
+:class:`RunDir` is a training run's directory as the run sees it: the claim, ``config.yaml``, ``run_info.json``
+with its segments (one per stretch of training) and the metrics history; only the lead process (rank 0) writes.
 
-- ``${lv_run_name:}`` (:func:`run_name`), Hydra's run and sweep directory names (``conf/hydra/default.yaml``):
-  ``<time>_<pid>-<4 hex>`` for a process started alone, so two runs started in the same second never share one;
-  for the ranks of one ``srun`` or ``torchrun`` launch the id they all share (:func:`lvforecast.launch.launch_id`,
-  e.g. ``slurm1234.0``), so every rank resolves rank 0's directory (and finds its published reservation there).
-  ``${lv_unique:}`` (:func:`unique_suffix`) is its unique part alone. Both are registered on import of
-  :mod:`lvforecast.experiment` and cached per config like ``${now:}``, so a multirun's jobs all see the same sweep
-  directory.
-- :func:`claim` refuses (one :class:`~lvforecast.errors.UserError` naming the directory) a run pointed at a
-  directory holding another run's files, unless it resumes that run (``ckpt_path`` inside it) or restarts the
-  same configuration that stopped before its first checkpoint (a study continuing an interrupted job).
-- :func:`metrics_history` / :func:`install_history`: a resume in its own directory appends to ``metrics.csv``
-  (Lightning's CSV logger would delete it) instead of starting it again.
-- :func:`segments`: the ``run_info.json`` record of each stretch of training (start and end step, status, time).
+- ``${lv_run_name:}`` names Hydra's run and sweep directories and ``${lv_unique:}`` is its unique part; both are
+  registered on import and cached per config like ``${now:}``, so a multirun's jobs all see one sweep directory.
+- :func:`claim` refuses a directory holding another run's files, unless this run resumes that one (``ckpt_path``
+  inside it) or restarts the same configuration that stopped before its first checkpoint.
+- A resume in its own directory appends to ``metrics.csv`` (Lightning's CSV logger would delete it).
 """
 
 from __future__ import annotations
@@ -29,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lvforecast.atomic import atomic_writer, write_text
@@ -64,8 +57,6 @@ for _name, _fn in ((RESOLVER, unique_suffix), (NAME_RESOLVER, run_name)):
 def ledger_name(cfg: DictConfig, fallback: str) -> str:
     """The run's name in the ledger: ``budget.run_name`` (``<name>/<job number>`` in a multirun), else the job's
     overrides as Hydra names directories, else ``fallback``."""
-    from hydra.core.hydra_config import HydraConfig
-
     hc = HydraConfig.get() if HydraConfig.initialized() else None
     if cfg.budget.run_name:
         multirun = hc is not None and hc.mode is not None and hc.mode.name == "MULTIRUN"
@@ -81,14 +72,6 @@ class Claim:
     previous: dict[str, Any] | None = None   # the directory's run_info.json on a resume (its segments)
 
 
-def _inside(path: str | Path, folder: Path) -> bool:
-    try:
-        Path(path).resolve().relative_to(folder.resolve())
-    except ValueError:
-        return False
-    return True
-
-
 def _without(container: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     cfg = OmegaConf.create(container)
     for key in keys:
@@ -99,7 +82,8 @@ def _without(container: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]
     return OmegaConf.to_container(cfg)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object file, or None when it is missing, torn or not an object."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -120,10 +104,7 @@ def _same_config(out: Path, cfg: DictConfig) -> bool:
 
 
 def claim(cfg: DictConfig, out: Path) -> Claim:
-    """Check that this run may write into ``out``; nothing is written.
-
-    Allowed: an empty or new directory; a resume of the run in it (``ckpt_path`` inside ``out``); a restart of
-    the same configuration that stopped before its first checkpoint and never finished.
+    """Check that this run may write into ``out`` (see the module docstring); nothing is written.
 
     Raises:
         UserError: ``out`` holds another run's files (named), and what to do instead.
@@ -134,8 +115,8 @@ def claim(cfg: DictConfig, out: Path) -> Claim:
     if not found:
         return Claim("fresh")
     ckpt = cfg.get("ckpt_path")
-    info = _read_json(out / "run_info.json")
-    if ckpt and _inside(ckpt, out):
+    info = read_json(out / "run_info.json")
+    if ckpt and Path(ckpt).resolve().is_relative_to(out.resolve()):
         return Claim("resume", info)
     checkpoints = list((out / "checkpoints").glob("*.ckpt")) if (out / "checkpoints").is_dir() else []
     finished = info is not None and "final" in info
@@ -212,12 +193,8 @@ def install_history(loggers: list[Any], out: Path, header: list[str], rows: list
 
 
 def segments(previous: dict[str, Any] | None, start_step: int, ckpt_path: str | None) -> list[dict[str, Any]]:
-    """The segments of a run: those of ``previous`` (the directory's ``run_info.json`` on a resume) and a new
-    one starting at ``start_step`` with status ``running``.
-
-    A previous run_info without segments (written before they were recorded) counts as one segment ending at its
-    final step; a previous segment still ``running`` was cut off (killed) and is marked ``interrupted``.
-    """
+    """The segments of ``previous`` (``run_info.json`` on a resume; one without segments is one segment to its
+    final step, one still ``running`` was killed: ``interrupted``) and a new ``running`` one from ``start_step``."""
     old: list[dict[str, Any]] = []
     if previous:
         old = [dict(s) for s in previous.get("segments") or [] if isinstance(s, dict)]
@@ -233,22 +210,10 @@ def segments(previous: dict[str, Any] | None, start_step: int, ckpt_path: str | 
                    "ended": None, "ckpt_path": ckpt_path}]
 
 
-def end_segment(segs: list[dict[str, Any]], end_step: int, status: str) -> None:
-    """Close the last segment at ``end_step`` with ``status`` (``finished``, ``budget_exhausted``, ``failed``)."""
-    segs[-1].update(end_step=end_step, status=str(status), ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-
-
 @dataclass
 class RunDir:
-    """A training run's directory (see the module docstring).
-
-    Attributes:
-        out: The directory.
-        lead: Whether this process writes it (rank 0; the other ranks of a distributed run share it).
-        start_step: The step this run starts at (the checkpoint's on a resume, else 0).
-        claim: How the run claimed the directory.
-        info: ``run_info.json`` as last written.
-    """
+    """A training run's directory ``out`` (see the module docstring); ``lead``: whether this process writes it
+    (rank 0), ``start_step``: the checkpoint's step on a resume, else 0; ``info``: ``run_info.json`` as written."""
 
     out: Path
     lead: bool
@@ -259,7 +224,6 @@ class RunDir:
     @classmethod
     def open(cls, cfg: DictConfig, start_step: int, lead: bool) -> RunDir:
         """Claim ``paths.output_dir`` (refusing another run's) and write the resolved ``config.yaml``."""
-
         out = Path(cfg.paths.output_dir)
         run = cls(out, lead, start_step, claim(cfg, out) if lead else Claim("fresh"))
         out.mkdir(parents=True, exist_ok=True)
@@ -283,7 +247,7 @@ class RunDir:
 
     def end(self, step: int, status: str, **record: Any) -> None:
         """Close the segment at ``step`` with ``status`` and write ``run_info.json`` with ``record`` added."""
-        end_segment(self.info["segments"], step, status)
+        self.info["segments"][-1].update(end_step=step, status=str(status), ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         self.info.update(record)
         self.write_info()
 

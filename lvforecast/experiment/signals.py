@@ -1,26 +1,18 @@
 """SIGTERM and SIGINT: a run stops at the next step boundary, checkpointed, recorded ``interrupted``, exit 143 / 130.
 
-Contract
---------
-* **During fitting** the signal is deferred to Lightning's own mechanism: its signal connector turns SIGTERM into
-  ``trainer.received_sigterm`` and its loops raise ``SIGTERMException`` (a ``SystemExit``) after the current
-  batch; :class:`SignalGuard` makes SIGINT (Ctrl-C) take the same path instead of a ``KeyboardInterrupt`` in the
-  middle of an optimizer step. :class:`InterruptCheckpoint` (a callback) then writes ``checkpoints/last.ckpt`` at
-  the step reached (a temporary file in the same folder, renamed: the previous good checkpoint stays until the new
-  one is whole) and sets the exit status to ``128 + signal`` (143 for SIGTERM, 130 for SIGINT).
-* **Outside fitting** (loading data or weights, before Lightning's loops run) :class:`SignalGuard` raises
-  :class:`Interrupted` at once: there is no step to save.
-* **A second signal** stops the run at once, without a new checkpoint (the last good one stays).
-* **The ledger** records the run ``interrupted`` (:meth:`lvforecast.budget.ledger.Ledger.hold` treats every
-  ``SystemExit`` and ``KeyboardInterrupt`` so): its charges stay, the rest of its reservation is released.
-* **Resuming**: ``ckpt_path=<run dir>/checkpoints/last.ckpt`` continues at the checkpoint's step as a new ledger
-  run that reserves only the steps left.
-* **SLURM**: Lightning's ``SLURMEnvironment`` (auto-requeue on ``--signal=USR1@90``) saves an HPC checkpoint and
-  requeues the job; ``scancel`` and the time limit send SIGTERM, handled as above. A requeued job
-  (``SLURM_RESTART_COUNT`` > 0) with ``ckpt_path`` unset resumes from the newest checkpoint in its run directory
-  (:func:`requeued_checkpoint`). The run directory must be the same for every attempt: with
-  ``hydra/launcher=slurm`` (submitit) it is the sweep's job directory; with ``sbatch python train.py`` pin it,
-  e.g. ``hydra.run.dir=outputs/train/slurm-${oc.env:SLURM_JOB_ID}``.
+What the user sees is in ``docs/reliability.md`` (signals). How it is done:
+
+* **During fitting** the signal goes through Lightning's own mechanism (``trainer.received_sigterm``; its loops
+  raise ``SIGTERMException``, a ``SystemExit``, after the current batch); :class:`SignalGuard` routes SIGINT the
+  same way. :class:`InterruptCheckpoint` then writes ``checkpoints/last.ckpt`` atomically at the step reached and
+  sets the exit status to ``128 + signal``. The ledger treats every ``SystemExit`` and ``KeyboardInterrupt`` as
+  ``interrupted``.
+* **Outside fitting**, and on a second signal, :class:`SignalGuard` raises :class:`Interrupted` at once, without
+  a new checkpoint.
+* **SLURM**: a requeued job (``SLURM_RESTART_COUNT`` > 0) with ``ckpt_path`` unset resumes from the newest
+  checkpoint in its run directory (:func:`requeued_checkpoint`), which must be the same for every attempt: the
+  sweep's job directory with ``hydra/launcher=slurm``, else pin it, e.g.
+  ``hydra.run.dir=outputs/train/slurm-${oc.env:SLURM_JOB_ID}``.
 
 Handlers are only installed from the main thread (Python allows no other), and are restored on exit.
 """
@@ -50,13 +42,8 @@ CHECKPOINT = "last.ckpt"
 RESTART_ENV = "SLURM_RESTART_COUNT"
 
 
-def exit_code(signum: int) -> int:
-    """The shell's status for a process stopped by ``signum``: 128 + its number (143 SIGTERM, 130 SIGINT)."""
-    return 128 + int(signum)
-
-
 class Interrupted(SystemExit):
-    """A run stopped by a signal; its ``code`` is :func:`exit_code`, so an uncaught one exits 143 / 130.
+    """A run stopped by a signal; its ``code`` is the shell's 128 + signal, so an uncaught one exits 143 / 130.
 
     Attributes:
         signum: The signal.
@@ -65,7 +52,7 @@ class Interrupted(SystemExit):
     """
 
     def __init__(self, signum: int, step: int | None = None, checkpoint: Path | None = None) -> None:
-        super().__init__(exit_code(signum))
+        super().__init__(128 + int(signum))
         self.signum = int(signum)
         self.step = step
         self.checkpoint = checkpoint
@@ -117,24 +104,20 @@ class SignalGuard:
         """The trainer whose loops a signal is deferred to while they run."""
         self._trainer = weakref.ref(trainer)
 
-    def _looping(self) -> pl.Trainer | None:
-        """The attached trainer while its loops run (its signal connector holds the handlers), else None."""
-        trainer = self._trainer() if self._trainer is not None else None
-        connector = getattr(trainer, "_signal_connector", None)
-        # Lightning registers its handlers just before the loops start and restores ours at teardown.
-        return trainer if connector is not None and connector._original_handlers else None
-
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         first = self.received is None
         if first:
             self.received = signum
-        trainer = self._looping()
+        trainer = self._trainer() if self._trainer is not None else None
+        connector = getattr(trainer, "_signal_connector", None)
         name = signal.Signals(signum).name
-        if first and trainer is not None:
+        # The trainer's loops run while its connector holds handlers (registered just before them, ours restored
+        # at teardown): then the signal is deferred to the loops.
+        if first and connector is not None and connector._original_handlers:
             log.warning("%s received: stopping after the current step and writing a checkpoint (send it again to "
                         "stop at once)", name)
             # What Lightning's own SIGTERM handler sets; its loops raise SIGTERMException at the batch boundary.
-            trainer._signal_connector.received_sigterm = True
+            connector.received_sigterm = True
             return
         log.warning("%s received: stopping now%s", name, "" if first else " (second signal, no new checkpoint)")
         raise Interrupted(signum)
@@ -149,12 +132,7 @@ class SignalGuard:
         return None
 
 
-_active: SignalGuard | None = None
-
-
-def active_guard() -> SignalGuard | None:
-    """The guard of the job now running in this process, if any."""
-    return _active
+_active: SignalGuard | None = None  # the guard of the job now running in this process, if any
 
 
 @contextlib.contextmanager
@@ -169,44 +147,35 @@ def guarded() -> Iterator[SignalGuard]:
                 raise
             if stop.checkpoint is None and guard.checkpoint is not None:
                 stop.step, stop.checkpoint = guard.step, guard.checkpoint
-            sys.stderr.write(f"{stop.message()}\n")
-            sys.stderr.flush()
+            print(stop.message(), file=sys.stderr, flush=True)
             if stop is exc:
                 raise
             raise stop from None
-
-
-def checkpoint_dir(trainer: pl.Trainer) -> Path:
-    """Where the run's checkpoints go: the ModelCheckpoint's folder, else ``<default_root_dir>/checkpoints``."""
-    cb = trainer.checkpoint_callback
-    dirpath = getattr(cb, "dirpath", None)
-    return Path(dirpath) if dirpath else Path(trainer.default_root_dir) / "checkpoints"
 
 
 class InterruptCheckpoint(pl.Callback):
     """On a signal-caused stop while fitting: write ``checkpoints/last.ckpt`` at the step reached; exit 143 / 130.
 
     Lightning raises ``SIGTERMException`` after a whole batch (optimizer step, charges, loggers), so the
-    checkpoint is the state after that step; the exception's exit code is set to 128 + the signal, which holds
-    wherever the exception ends the process (``train.py``, a study, a notebook's ``%run``).
+    checkpoint is the state after that step; the exit code set on the exception holds wherever it ends the process.
     """
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        guard = active_guard()
-        if guard is not None:
-            guard.attach(trainer)
+        if _active is not None:
+            _active.attach(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         from pytorch_lightning.utilities.exceptions import SIGTERMException
 
         if not isinstance(exception, SIGTERMException):
             return  # a bug, a user error, or a second signal (mid-step: the last good checkpoint stays)
-        guard = active_guard()
+        guard = _active
         signum = guard.received if guard is not None and guard.received is not None else signal.SIGTERM
-        exception.code = exit_code(signum)
+        exception.code = 128 + int(signum)
         if trainer.state.fn != "fit":
             return  # a validation before or after fitting: the run's last checkpoint is already on disk
-        path = checkpoint_dir(trainer) / CHECKPOINT
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)  # else Lightning's default folder
+        path = (Path(dirpath) if dirpath else Path(trainer.default_root_dir) / "checkpoints") / CHECKPOINT
         try:
             # Atomic through the trainer's checkpoint I/O (lvforecast.checkpoint.AtomicCheckpointIO, in every
             # conf/trainer option): a failed write is a UserError naming the path, and the old file stays.
@@ -223,12 +192,8 @@ class InterruptCheckpoint(pl.Callback):
 
 def requeued_checkpoint(output_dir: str | os.PathLike[str], environ: dict[str, str] | None = None) -> Path | None:
     """The checkpoint a requeued SLURM job resumes from: the newest ``checkpoints/last.ckpt`` or Lightning
-    ``hpc_ckpt_*.ckpt`` in its run directory, when ``SLURM_RESTART_COUNT`` > 0; else None.
-
-    Args:
-        output_dir: The run directory (the same one for every attempt of the job).
-        environ: The environment (default ``os.environ``).
-    """
+    ``hpc_ckpt_*.ckpt`` in ``output_dir``, when ``SLURM_RESTART_COUNT`` > 0 in ``environ`` (default
+    ``os.environ``); else None."""
     env = os.environ if environ is None else environ
     try:
         restarts = int(env.get(RESTART_ENV, "0"))

@@ -1,14 +1,13 @@
 """``train(cfg)``: build everything from the composed config, fit, and write the run directory.
 
-A run directory (``paths.output_dir``, :class:`~lvforecast.experiment.rundir.RunDir`) holds ``config.yaml``
-(resolved), ``split.json`` (system ids), ``run_info.json`` (environment, parameter counts, data stats, final metrics,
-a segment per start or resume), ``metrics.csv``, ``checkpoints/last.ckpt`` (adapter + optimizer + loop state),
-``adapter/`` (PEFT format), ``loss_curve.png`` and, with ``logger=wandb``, ``wandb/``. Every file is written to a
+The run directory's files are listed in ``docs/configuration.md`` (the run directory); each is written to a
 temporary sibling and renamed (:mod:`lvforecast.atomic`), so a failed write keeps the previous good one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -17,16 +16,24 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lvforecast.atomic import atomic_dir
+from lvforecast.budget.ledger import BudgetExceededError, Ledger, RunOutcome, remaining_in
 from lvforecast.budget.planning import Plan, plan_run, reserved_flops
-from lvforecast.budget.reservation import Reservation
+from lvforecast.budget.reservation import Reservation, await_leader, publish
+from lvforecast.budget.shapes import shape_of
 from lvforecast.budget.status import RunStatus, exit_status
+from lvforecast.devices import describe_device
 from lvforecast.errors import UserError
 from lvforecast.experiment import config
 from lvforecast.experiment.rundir import RunDir, ledger_name
 from lvforecast.machine import check_machine
+from lvforecast.model.lora import apply_lora, expected_lora_parameters
 from lvforecast.threads import torch_threads
+from lvforecast.tracking import finish_wandb, update_summary
+from lvforecast.utils import environment_record, instantiate_list, plot_loss_curve
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +49,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ``{"dry_run", "plan", "output_dir"}``.
     """
     import pytorch_lightning as pl
-    from hydra.utils import instantiate
 
     from lvforecast.experiment.signals import resume_requeued
 
@@ -53,7 +59,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_machine(cfg.model, trainer=cfg.trainer)
     if cfg.budget.dry_run and not cfg.budget.enabled:
         raise UserError("budget.dry_run=true needs budget.enabled=true: there is no plan to print")
-    _quiet_expected_warnings()
+    # Expected: the CSV logger writes metrics.csv beside our files (RunDir keeps or clears it), and the data module
+    # resumes the training order itself (its sampler state is in the checkpoint), which Lightning cannot see.
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
     run = RunDir.open(cfg, start_step, lead=distributed_rank(cfg) == 0)
     pl.seed_everything(cfg.seed, workers=True)
     started = time.perf_counter()
@@ -69,18 +78,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         reservation = reserve(cfg, plan, pricing, run.out)
     # From here on the run holds a reservation: whatever happens, the ledger learns how it ended.
     shape = pricing.shape if pricing is not None else config.known_shape(cfg.model)
-    with _held(reservation) as outcome, torch_threads(cfg.threads, shape):
+    held = reservation.held() if reservation is not None else contextlib.nullcontext(RunOutcome())
+    with held as outcome, torch_threads(cfg.threads, shape):
         result = fit(cfg, datamodule, reservation, run, started)
         outcome.status = result["budget_status"]
     return result
-
-
-def _quiet_expected_warnings() -> None:
-    # The CSV logger writes metrics.csv into the run dir beside our files (RunDir keeps or clears it itself), and
-    # Lightning cannot see that the data module resumes the training order itself (its sampler state is in the
-    # checkpoint): both warnings are expected.
-    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
-    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
 
 
 def _plan(cfg: DictConfig, datamodule: Any, pricing: Any, start_step: int) -> Plan:
@@ -106,8 +108,6 @@ def _plan(cfg: DictConfig, datamodule: Any, pricing: Any, start_step: int) -> Pl
 
 
 def _dry_run(cfg: DictConfig, plan: Plan, out: Path) -> dict[str, Any]:
-    from lvforecast.budget.ledger import remaining_in
-
     remaining = remaining_in(cfg.budget.ledger_path, cfg.budget.total_flops)
     log.info("FLOP plan (dry run, no weights loaded): %s; ledger %s has %.4e remaining -> %s", plan.describe(),
              cfg.budget.ledger_path, remaining, "fits" if plan.total <= remaining else "WOULD BE REFUSED")
@@ -118,15 +118,12 @@ def reserve(cfg: DictConfig, plan: Plan, pricing: Any, out: Path) -> Reservation
     """Reserve the run's plan (or ``budget.run_cap_flops``) in the ledger, before any weights load.
 
     In a distributed run rank 0 reserves and publishes it in the run directory; the other ranks wait for it and
-    reserve nothing (they charge rank 0's ledger run).
+    charge rank 0's ledger run.
 
     Raises:
-        lvforecast.budget.ledger.BudgetExceededError: The ledger cannot cover it; no model has been loaded.
+        BudgetExceededError: The ledger cannot cover it; no model has been loaded.
         RuntimeError: On another rank, rank 0 was refused or never reserved.
     """
-    from lvforecast.budget.ledger import BudgetExceededError, Ledger
-    from lvforecast.budget.reservation import await_leader, publish
-
     ledger = Ledger(cfg.budget.ledger_path, budget=cfg.budget.total_flops, journal_mode=cfg.budget.journal_mode)
     flops = reserved_flops(plan, cfg.budget.run_cap_flops, cfg.budget.mode)
     distributed = config.world_size(cfg.trainer) > 1
@@ -148,14 +145,6 @@ def reserve(cfg: DictConfig, plan: Plan, pricing: Any, out: Path) -> Reservation
     return reservation
 
 
-def _held(reservation: Reservation | None) -> Any:
-    import contextlib
-
-    from lvforecast.budget.ledger import RunOutcome
-
-    return reservation.held() if reservation is not None else contextlib.nullcontext(RunOutcome())
-
-
 def fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, run: RunDir,
         started: float) -> dict[str, Any]:
     """Load the model, wrap it with LoRA, fit, and write the run directory.
@@ -163,12 +152,7 @@ def fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, run: 
     ``run_info.json`` is written when fitting starts (its last segment ``running``) and again when it ends, with
     ``final`` when it finished, or with the segment ``failed`` (or ``interrupted``) when it raised.
     """
-    from hydra.utils import instantiate
-
     from lvforecast.budget.callback import FlopBudget
-    from lvforecast.devices import describe_device
-    from lvforecast.tracking import finish_wandb, update_summary
-    from lvforecast.utils import instantiate_list
 
     module, record = _build(cfg, datamodule, reservation)
     record["setup_seconds"] = round(time.perf_counter() - started, 2)
@@ -202,12 +186,6 @@ def fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, run: 
 
 def _build(cfg: DictConfig, datamodule: Any, reservation: Reservation | None) -> tuple[Any, dict[str, Any]]:
     """The LightningModule around the LoRA-wrapped model, and the run record's model part."""
-    from hydra.utils import instantiate
-
-    from lvforecast.budget.shapes import shape_of
-    from lvforecast.model.lora import apply_lora, expected_lora_parameters
-    from lvforecast.utils import environment_record
-
     loaded = instantiate(cfg.model.loader)
     if reservation is not None and shape_of(loaded.model) != reservation.pricing.shape:
         raise UserError(f"the FLOP plan assumed {reservation.pricing.shape} but {loaded.name} is "
@@ -234,9 +212,6 @@ def _build(cfg: DictConfig, datamodule: Any, reservation: Reservation | None) ->
 def _fit_and_save(cfg: DictConfig, trainer: Any, module: Any, datamodule: Any, flop_cb: Any,
                   run: RunDir) -> dict[str, Any]:
     """Validate the untrained model, fit, validate the final weights, save the adapter and the loss curve."""
-    from lvforecast.atomic import atomic_dir
-    from lvforecast.utils import plot_loss_curve
-
     if cfg.validate_before_training and not cfg.get("ckpt_path"):
         # The untrained (zero-shot) validation loss, logged at step 0 as the curve's first point. Its price was part
         # of the first edge the reservation had to hold before the model loaded.
@@ -267,17 +242,11 @@ def _fit_and_save(cfg: DictConfig, trainer: Any, module: Any, datamodule: Any, f
 
 
 def _callbacks(cfg: DictConfig, reservation: Reservation | None) -> list[Any]:
-    """The configured callbacks; the FLOP budget's ``_partial_`` node is completed with the reservation.
-
-    A progress bar is dropped when ``trainer.enable_progress_bar`` is false (Lightning refuses one then).
-    """
-    import functools
-
-    from hydra.utils import instantiate
+    """The configured callbacks, the FLOP budget's ``_partial_`` completed with the reservation; no progress bar
+    when ``trainer.enable_progress_bar`` is false (Lightning refuses one then)."""
     from pytorch_lightning.callbacks import ProgressBar
 
     from lvforecast.experiment.signals import InterruptCheckpoint
-    from lvforecast.utils import instantiate_list
 
     group = cfg.get("callbacks")
     budget_node = group.get("flop_budget") if group else None
@@ -296,11 +265,8 @@ def _callbacks(cfg: DictConfig, reservation: Reservation | None) -> list[Any]:
 
 
 def _final_validation(trainer: Any, module: Any, datamodule: Any, flop_cb: Any, start_step: int) -> None:
-    """Validate the final weights unless Lightning just did (the interval put a validation after the last step).
-
-    Without it a run whose ``val_check_interval`` does not divide its steps would report a stale ``val/loss``.
-    It runs only if the budget can pay for it, which the guard made sure of before the last step.
-    """
+    """Validate the final weights unless Lightning just did, so ``val/loss`` is never stale; only if the budget
+    can pay for it (the guard made sure of that before the last step)."""
     if trainer.global_step <= start_step or module.last_validated_step == trainer.global_step:
         return
     if flop_cb is not None and not flop_cb.affords(flop_cb.final_validation_flops):
@@ -312,8 +278,7 @@ def _final_validation(trainer: Any, module: Any, datamodule: Any, flop_cb: Any, 
 def distributed_rank(cfg: DictConfig) -> int:
     """This process's global rank in a multi-process run, from the launcher's environment (0 when alone).
 
-    Lightning's own launcher sets ``LOCAL_RANK``/``NODE_RANK`` for the processes it starts; torchrun sets ``RANK``;
-    SLURM sets ``SLURM_PROCID`` for each task.
+    torchrun sets ``RANK``; Lightning's own launcher ``LOCAL_RANK``/``NODE_RANK``; SLURM ``SLURM_PROCID``.
     """
     ranks = config.world_size(cfg.trainer)
     if ranks == 1:

@@ -1,12 +1,9 @@
-"""The whole study in one command inside one budget: ``python study.py study=NAME``.
+"""The whole study in one command inside one budget: ``python study.py study=NAME`` (``docs/sweeps-and-studies.md``).
 
-A study is a config file (``studies/NAME.yaml``, the Hydra group ``study``) listing its stages (:mod:`~.spec`):
-zero-shot evaluation, default run and its evaluation, the lr x rank search (grid or successive halving), context
-length, final run and its evaluation. Each stage is the sweep ``train.py -m`` (or ``evaluate.py -m``) runs
-(:mod:`~.stages`), through ``study.launcher``. :func:`run_study` plans the whole chain against the study's ledger
-before anything runs (:mod:`~.plan`) and refuses the study when it does not fit; then it runs the stages in order,
-each taking its settings from the earlier stages' results, and writes the study report (:mod:`~.report`).
-Re-running a study skips its finished stages and continues an interrupted one where it stopped.
+:func:`run_study` plans every stage (:mod:`~.spec`) against the study's ledger before anything runs (:mod:`~.plan`)
+and refuses a study that does not fit; then it runs each stage as a sweep (:mod:`~.stages`), each taking its
+settings from earlier stages' results, and writes the report (:mod:`~.report`). Re-running a study skips its
+finished stages and continues an interrupted one where it stopped.
 """
 
 from __future__ import annotations
@@ -19,7 +16,12 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lvforecast.atomic import write_text
+from lvforecast.budget.ledger import remaining_in
 from lvforecast.errors import UserError
+from lvforecast.experiment.study.plan import format_plan, plan_study
+from lvforecast.experiment.study.report import write_study_report
+from lvforecast.experiment.study.spec import parse_stages
+from lvforecast.experiment.study.stages import STAGE_FILE, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +31,7 @@ class StudyRefusedError(UserError, RuntimeError):
 
 
 def run_study(cfg: DictConfig) -> dict[str, Any]:
-    """Plan, check and run the study of ``cfg.study``; write its report.
-
-    Args:
-        cfg: The composed ``conf/study.yaml`` (Hydra initialized, so the stages' configs can be composed).
+    """Plan, check and run the study of ``cfg.study`` (Hydra initialized, to compose the stages); write its report.
 
     Returns:
         ``{"plan": [...], "stages": {name: record}, "report": path or None}``; with ``dry_run`` only the plan.
@@ -41,12 +40,6 @@ def run_study(cfg: DictConfig) -> dict[str, Any]:
         StudyRefusedError: The plan exceeds what the ledger has left; nothing has run.
         UserError: An invalid study or stage config, or a stage that did not finish.
     """
-    from lvforecast.budget.ledger import remaining_in
-    from lvforecast.experiment.study.plan import format_plan, plan_study
-    from lvforecast.experiment.study.report import write_study_report
-    from lvforecast.experiment.study.spec import parse_stages
-    from lvforecast.experiment.study.stages import run_stage
-
     stages = parse_stages(cfg.study)
     done = finished_stages(Path(cfg.study_dir), [s.name for s in stages])
     plan = plan_study(cfg, stages, done)
@@ -73,13 +66,7 @@ def run_study(cfg: DictConfig) -> dict[str, Any]:
 
 
 def finished_stages(study_dir: Path, names: list[str]) -> dict[str, dict[str, Any]]:
-    """The records (``<stage>/stage.json``) of the stages already finished in ``study_dir``, by name.
-
-    Raises:
-        UserError: A record is torn or empty (named, with what to do).
-    """
-    from lvforecast.experiment.study.stages import STAGE_FILE
-
+    """The records (``<stage>/stage.json``) of the stages finished in ``study_dir``, by name; UserError if torn."""
     out = {}
     for name in names:
         path = study_dir / name / STAGE_FILE

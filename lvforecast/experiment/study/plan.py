@@ -1,11 +1,9 @@
 """The study's plan: every stage's FLOPs before anything runs, against what the ledger has left.
 
-Each stage is planned as its sweep's pre-flight plans it (:func:`lvforecast.experiment.sweeps.plan.plan_sweep`),
-every job composed once. A stage taking its settings from an earlier one that has not run yet is planned at its
-worst case over the values that stage can choose (its search space, and what it took itself); the optimizer's
-settings (``optim.*``) cost nothing and are not enumerated. An evaluation of a training stage that has not run is
-priced with that stage's dearest job. Finished stages plan nothing, nor do the finished jobs of a grid, and a job
-with a checkpoint of its own plans only the steps after it; an interrupted halving bracket is planned whole.
+Each stage is planned as its sweep's pre-flight plans it (:func:`lvforecast.experiment.sweeps.plan.plan_sweep`). A
+stage taking its settings from one that has not run yet is planned at its worst case over the values that stage can
+choose (``optim.*`` costs nothing and is not enumerated); an evaluation of a training stage that has not run is
+priced with that stage's dearest job. Finished stages, and a grid's finished jobs, plan nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lvforecast.errors import UserError
+from lvforecast.experiment.evaluate import plan_generation
 from lvforecast.experiment.study.spec import Stage, candidate_settings, compose
 from lvforecast.experiment.study.stages import launch_of
 from lvforecast.experiment.sweeps.plan import JobPricer, SweepPlan, plan_sweep
@@ -46,13 +45,7 @@ def _taken(stages: list[Stage], stage: Stage, done: dict[str, dict[str, Any]]) -
 
 
 def plan_study(cfg: DictConfig, stages: list[Stage], done: dict[str, dict[str, Any]]) -> list[StagePlan]:
-    """Plan every stage (see the module docstring).
-
-    Raises:
-        UserError: A stage's job config is invalid (naming the stage).
-    """
-    from lvforecast.experiment.evaluate import plan_generation
-
+    """Plan every stage (see the module docstring); a stage's invalid job config is a UserError naming it."""
     pricer = JobPricer()
     dearest: dict[str, DictConfig] = {}  # each training stage's dearest job, to price its evaluation
     rows = []

@@ -1,11 +1,7 @@
 """The study report, generated: ``study_report.md`` and its PNGs in the study directory.
 
-It holds the plan, every training stage's sweep summary (the lr x rank and context tables; for halving every rung
-with its configurations, losses, FLOPs and survivors, and the winner), the evaluations' headline metrics, Table 12 per
-stage from the ledger (with its chart, ``budget_report.png``), and the loss curve of every training job of every
-stage (``loss_curves.png``), the example systems' forecasts of every evaluation (``forecasts.png``: zero-shot,
-default, final) and their running MSE (``running_mse.png``). Each evaluation's own ``report.md`` and PNGs are
-linked.
+What it holds is listed in ``docs/sweeps-and-studies.md`` (the report); each evaluation's own ``report.md`` and PNGs
+are linked, each training stage's sweep summary is included.
 """
 
 from __future__ import annotations
@@ -16,12 +12,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig
 
 from lvforecast.atomic import save_figure, write_text
+from lvforecast.budget.ledger import Ledger
+from lvforecast.budget.report import format_stages_markdown, plot_report
 from lvforecast.data.encoding import VARIABLES
 from lvforecast.evaluation.metrics import TABLED_METRICS
 from lvforecast.experiment.study.spec import Stage
+from lvforecast.experiment.sweeps.summary import SUMMARY_CSV, SUMMARY_MD
+from lvforecast.utils import read_metrics_csv
 
 REPORT_MD, CURVES_PNG = "study_report.md", "loss_curves.png"
 FORECASTS_PNG, RUNNING_PNG = "forecasts.png", "running_mse.png"
@@ -53,8 +54,6 @@ def _evaluations_table(stages: list[Stage], done: dict[str, dict[str, Any]]) -> 
 
 def _stage_section(out: Path, stage: Stage, record: dict[str, Any]) -> list[str]:
     """A stage's part of the report: an evaluation's files, or a training stage's sweep summary and choice."""
-    from lvforecast.experiment.sweeps.summary import SUMMARY_MD
-
     kind = stage.kind + (f", {stage.method}" if stage.kind == "search" else "")
     lines = ["", f"## Stage `{stage.name}` ({kind})", ""]
     if stage.kind == "evaluate":
@@ -74,14 +73,7 @@ def _stage_section(out: Path, stage: Stage, record: dict[str, Any]) -> list[str]
 
 def write_study_report(cfg: DictConfig, stages: list[Stage], done: dict[str, dict[str, Any]],
                        plan: list[dict[str, Any]]) -> Path:
-    """Write ``study_report.md``, ``budget_report.png``, the forecast figures and ``loss_curves.png``.
-
-    Returns:
-        The markdown path.
-    """
-    from lvforecast.budget.ledger import Ledger
-    from lvforecast.budget.report import format_stages_markdown, plot_report
-
+    """Write ``study_report.md`` (returned), ``budget_report.png``, the forecast figures and ``loss_curves.png``."""
     out = Path(cfg.study_dir)
     lines = [f"# Study `{cfg.study.name}`", "", f"Study directory `{out}`, ledger `{cfg.study.ledger_path}`.", "",
              "## Plan (before any stage ran)", "", "| stage | kind | jobs | planned FLOPs | note |",
@@ -114,9 +106,6 @@ def _plot_curves(path: Path, stages: list[Stage], done: dict[str, dict[str, Any]
     """Validation loss against the step of every training job, one panel per training stage; False if none."""
     from matplotlib.figure import Figure
 
-    from lvforecast.experiment.sweeps.summary import SUMMARY_CSV
-    from lvforecast.utils import read_metrics_csv
-
     trained = [s for s in stages if s.kind != "evaluate" and s.name in done]
     if not trained:
         return False
@@ -148,7 +137,6 @@ def _plot_forecasts(forecasts_png: Path, running_png: Path, evals: list[tuple[st
     ``forecasts.png``: one row per variable, one column per example system. ``running_mse.png``: the running MSE
     (encoded units) over the forecast steps, averaged over the example systems, one line per evaluation.
     """
-    import numpy as np
     from matplotlib.figure import Figure
 
     loaded = [(name, np.load(path)) for name, path in evals]

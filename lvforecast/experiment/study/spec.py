@@ -1,17 +1,9 @@
 """A study's stages as its config file states them (``studies/NAME.yaml``, the Hydra group ``study``), checked.
 
-A study config holds ``name``, ``budget_flops``, ``ledger_path``, ``logger``, the overrides every stage shares
-(``common``), those of every training job (``train``) and of every evaluation (``evaluate``), and ``stages``, a
-list run in order. Each stage is a mapping with ``name`` and ``kind``:
-
-- ``evaluate``: ``python evaluate.py``; ``of: STAGE`` evaluates that training stage's run (``run_dir``), without
-  it the untrained model (zero-shot).
-- ``train``: one training run; ``take_from: STAGE`` takes that stage's chosen settings (its winner's).
-- ``search``: ``method: grid`` (every configuration of ``space`` to ``trainer.max_steps``) or ``method: halving``
-  (successive halving from ``min_steps`` by ``eta``, :mod:`lvforecast.experiment.halving`); ``space`` maps keys to
-  lists of values; ``take_from`` as for ``train``.
-
-Every stage may add ``overrides`` (Hydra overrides of its train or evaluate config).
+Each stage is a mapping with ``name`` and ``kind``, run in order: ``evaluate`` (``of: STAGE`` evaluates that
+training stage's run, without it the untrained model), ``train`` (one run) or ``search`` (``method: grid`` over
+``space``, or ``method: halving`` from ``min_steps`` by ``eta``). ``take_from: STAGE`` takes that stage's chosen
+settings; ``overrides`` adds Hydra overrides. The keys are described in ``docs/sweeps-and-studies.md``.
 """
 
 from __future__ import annotations
@@ -20,6 +12,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
+from hydra import compose as hydra_compose
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from lvforecast.errors import UserError
@@ -51,10 +45,10 @@ class Stage:
 
 
 def parse_stages(study: DictConfig) -> list[Stage]:
-    """The study's ``stages``, checked; one error lists every problem.
+    """The study's ``stages``, checked.
 
     Raises:
-        ValueError: A stage with an unknown key, kind or method, a duplicate name, or a reference (``of``,
+        UserError: Every problem at once: an unknown key, kind or method, a duplicate name, or a reference (``of``,
             ``take_from``) to a stage that is not earlier or not of the right kind.
     """
     allowed = set(Stage.__dataclass_fields__)
@@ -97,10 +91,7 @@ def parse_stages(study: DictConfig) -> list[Stage]:
 
 
 def candidate_settings(stages: list[Stage], name: str) -> dict[str, tuple[Any, ...]]:
-    """Every value stage ``name`` can choose for each setting it passes on: its space, and what it took.
-
-    Before the study runs, later stages are planned over these (their worst case).
-    """
+    """Every value stage ``name`` can choose for each setting it passes on: its space, and what it took."""
     by_name = {s.name: s for s in stages}
     stage = by_name[name]
     out = dict(candidate_settings(stages, stage.take_from)) if stage.take_from else {}
@@ -119,14 +110,7 @@ def setting_overrides(settings: dict[str, Any]) -> list[str]:
 
 
 def compose(config_name: str, overrides: list[str]) -> DictConfig:
-    """Compose ``conf/<config_name>.yaml`` with the study's Hydra (``python study.py`` or a test's initialize).
-
-    Raises:
-        RuntimeError: Hydra is not initialized (call inside ``study.py`` or ``hydra.initialize_config_dir``).
-    """
-    from hydra import compose as hydra_compose
-    from hydra.core.global_hydra import GlobalHydra
-
+    """Compose ``conf/<config_name>.yaml`` with the study's Hydra; RuntimeError when it is not initialized."""
     if not GlobalHydra.instance().is_initialized():
         raise RuntimeError("a study composes its stages' configs with Hydra: run it from study.py, or inside "
                            "hydra.initialize_config_dir(conf/)")

@@ -1,16 +1,10 @@
 """A study's stages as the sweeps ``train.py -m`` runs: each stage's command, its launch, and what it chose.
 
-Every stage is one multirun into ``<study_dir>/<stage>/`` (``hydra.sweep.dir``; jobs in ``0/``, ``1/``, ...):
-``train.py -m`` for a training stage (one job) and a search (a grid through Hydra's basic sweeper, successive
-halving through ``hydra/sweeper=halving``), ``evaluate.py -m`` for an evaluation. So a stage gets the same
-pre-flight, job records and summary files as any sweep, runs its jobs through ``study.launcher`` (basic, joblib,
-submitit_local, slurm) and, launched again into its directory, skips finished jobs and continues stopped ones
-(:mod:`lvforecast.experiment.sweeps.job`).
-
-A stage's arguments are, in order: ``model.source`` (``study.model_source``), the study's ``common`` overrides,
-its ``train`` or ``evaluate`` ones, the stage's, the settings taken from earlier stages, the search space as comma
-lists, and the study's paths, ledger, study and stage names; ``hydra.*`` arguments (sweep directory, sweeper,
-launcher) only go to the command.
+Every stage is one multirun into ``<study_dir>/<stage>/`` (``train.py -m``, or ``evaluate.py -m`` for an
+evaluation), so it gets any sweep's pre-flight, job records and summary, runs its jobs through ``study.launcher``
+and, launched again, skips finished jobs and continues stopped ones. A stage's arguments, in order:
+``model.source``, the study's ``common`` overrides, its ``train`` or ``evaluate`` ones, the stage's, the settings
+taken from earlier stages, the search space as comma lists, and the study's paths, ledger, study and stage names.
 """
 
 from __future__ import annotations
@@ -26,12 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from lvforecast.atomic import write_text
 from lvforecast.errors import UserError
+from lvforecast.experiment.rundir import read_json
 from lvforecast.experiment.study.spec import Stage, override_value, setting_overrides
 from lvforecast.experiment.sweeps.halving import Halving
+from lvforecast.experiment.sweeps.jobs import STATUS_FILE, job_values
+from lvforecast.experiment.sweeps.summary import best_row
+from lvforecast.utils import parse_cell
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +39,8 @@ STAGE_FILE = "stage.json"  # written when a stage has finished: what it chose, a
 
 @dataclass(frozen=True)
 class Launch:
-    """One stage's multirun.
-
-    Attributes:
-        script: ``train`` or ``evaluate``.
-        arguments: Config overrides (a search's space as comma lists): composed to plan, passed to the script.
-        hydra: ``hydra.*`` overrides (sweep directory, sweeper, launcher): passed to the script only.
-        sweep_dir: The stage's directory.
-        halving: The bracket of a halving search, else None.
-    """
+    """One stage's multirun: ``script`` (``train`` or ``evaluate``), the config ``arguments`` (composed to plan),
+    the ``hydra.*`` ones (passed to the script only), its directory and a halving search's bracket."""
 
     script: str
     arguments: list[str]
@@ -118,11 +110,6 @@ def run_stage(cfg: DictConfig, stage: Stage, done: dict[str, dict[str, Any]]) ->
 
 def chosen(stage: Stage, sweep_dir: Path, taken: dict[str, Any]) -> dict[str, Any]:
     """What a finished stage chose: its best job's settings (space values over those it took) and run directory."""
-    from lvforecast.experiment.sweeps.job import read_json
-    from lvforecast.experiment.sweeps.jobs import STATUS_FILE, job_values
-    from lvforecast.experiment.sweeps.summary import best_row
-    from lvforecast.utils import parse_cell
-
     if stage.kind == "evaluate":
         return {"settings": {}, "run_dir": str(sweep_dir / "0"), "evaluates": stage.of}
     best = best_row(sweep_dir)
@@ -132,13 +119,7 @@ def chosen(stage: Stage, sweep_dir: Path, taken: dict[str, Any]) -> dict[str, An
 
 
 def entry_script(name: str) -> Path:
-    """``train.py`` or ``evaluate.py`` beside the ``conf/`` the study was composed from.
-
-    Raises:
-        UserError: Hydra is not initialized, or no such script stands beside its primary config directory.
-    """
-    from hydra.core.global_hydra import GlobalHydra
-
+    """``train.py`` or ``evaluate.py`` beside the ``conf/`` the study was composed from (else a UserError)."""
     if not GlobalHydra.instance().is_initialized():
         raise UserError("a study composes its stages with Hydra: run it from study.py, or inside "
                         "hydra.initialize_config_dir(conf/)")
@@ -151,11 +132,8 @@ def entry_script(name: str) -> Path:
 
 
 def run_child(cmd: list[str]) -> int:
-    """Run ``cmd`` in its own process group and return its exit status; SIGTERM / SIGINT are passed on to it.
-
-    The group is the child's own so a terminal's Ctrl-C reaches it once, through this process: every job then
-    stops at its next step with a checkpoint, as it does under ``train.py -m``.
-    """
+    """Run ``cmd`` in its own process group (so a terminal's Ctrl-C reaches it once, through this process) and
+    return its exit status; SIGTERM / SIGINT are passed on to it."""
     child = subprocess.Popen(cmd, start_new_session=True)
 
     def forward(signum: int, frame: Any) -> None:

@@ -1,11 +1,7 @@
 """Sweeps inside one FLOP budget: ``python train.py -m sweep=NAME``, and every search stage of a study.
 
-- :mod:`~.jobs`: a sweep's jobs and axes, known before launch, and the job statuses.
-- :mod:`~.halving`: successive halving's schedule, selection and worst case (pure).
-- :mod:`~.plan`: the pre-flight plan (:class:`~.plan.BudgetPreflight`), also a study's stage plan.
-- :mod:`~.job`: :func:`~.job.run_recorded`, the task wrapper recording each job's ``job_status.json``.
-- :mod:`~.summary`: :class:`~.summary.SweepSummary`, the summary written when the multirun ends.
-- :mod:`~.resolver`: ``${lv_best:PATH,KEY}``, a setting of an earlier sweep's best job (registered on import).
+Jobs and axes (:mod:`~.jobs`), successive halving (:mod:`~.halving`), the pre-flight plan (:mod:`~.plan`), the job
+wrapper (:mod:`~.job`), the summary (:mod:`~.summary`) and ``${lv_best:PATH,KEY}`` (:mod:`~.resolver`).
 """
 
 from lvforecast.experiment.sweeps.job import run_recorded

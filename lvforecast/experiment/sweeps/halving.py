@@ -1,14 +1,9 @@
 """Successive halving with training steps (and so FLOPs) as the resource: the schedule and the selection.
 
-A bracket over ``n`` configurations with reduction factor ``eta`` trains every configuration for ``min_steps`` in
-rung 0, keeps the best ``n // eta`` (at least one) by validation loss, continues the survivors from their own
-checkpoints to ``min_steps * eta`` steps, and so on until ``max_steps``, where one configuration is left or the
-steps run out. No step is computed twice: rung ``i`` resumes each survivor from its checkpoint of rung ``i - 1``
-with ``trainer.max_steps`` raised. Each rung's steps must be a multiple of the validation interval, so every rung
-ends on a validation and the losses compared are fresh.
-
-The sweeper ``hydra/sweeper=halving`` (:mod:`hydra_plugins.lvforecast_sweeps.halving_sweeper`) runs the bracket
-through the configured launcher; a study's ``method: halving`` stage is that sweep. Pure: no I/O, no Hydra.
+Rung ``i`` trains its configurations to ``min_steps * eta**i`` steps, resuming each survivor from its checkpoint
+of rung ``i - 1``, and keeps the best ``n // eta`` by validation loss (``docs/sweeps-and-studies.md``). The
+sweeper ``hydra/sweeper=halving`` (:mod:`hydra_plugins.lvforecast_sweeps.halving_sweeper`) runs the bracket.
+Pure: no I/O, no Hydra.
 """
 
 from __future__ import annotations
@@ -25,14 +20,7 @@ HALVING_FILE = "halving.json"
 
 @dataclass(frozen=True)
 class Rung:
-    """One rung of a bracket.
-
-    Attributes:
-        index: 0 for the first rung.
-        steps: ``trainer.max_steps`` the rung's jobs train to (cumulative, from step 0).
-        start: The step its jobs resume at (the previous rung's ``steps``; 0 in rung 0).
-        size: How many configurations run in it.
-    """
+    """One rung of a bracket: its jobs resume at ``start`` and train to ``steps`` (cumulative); ``size`` of them."""
 
     index: int
     steps: int
@@ -41,20 +29,12 @@ class Rung:
 
 
 def schedule(n_configs: int, min_steps: int, max_steps: int, eta: int = 3, step_multiple: int = 1) -> list[Rung]:
-    """The bracket's rungs: steps ``min_steps * eta**i`` (the last capped at ``max_steps``), sizes ``n // eta**i``.
-
-    Args:
-        n_configs: Configurations in rung 0.
-        min_steps: Steps of rung 0.
-        max_steps: Steps of the last rung.
-        eta: Reduction factor (keep the best 1/eta of each rung), >= 2.
-        step_multiple: Every rung's steps must be a multiple of it (the validation interval).
-
-    Returns:
-        The rungs, first to last.
+    """The bracket's rungs, first to last: steps ``min_steps * eta**i`` (the last capped at ``max_steps``), sizes
+    ``n_configs // eta**i``; a single configuration left trains straight to ``max_steps``.
 
     Raises:
-        ValueError: A setting out of range (naming the key, its value and what is allowed).
+        UserError: A setting out of range, or a rung's steps not a multiple of ``step_multiple`` (the validation
+            interval, so every rung ends on a validation).
     """
     problems = []
     if n_configs < 1:
@@ -86,29 +66,18 @@ def schedule(n_configs: int, min_steps: int, max_steps: int, eta: int = 3, step_
 
 
 def select(losses: Mapping[int, float | None], keep: int) -> list[int]:
-    """The ``keep`` configurations with the lowest validation loss (ties by index); failed ones (None, NaN) last.
-
-    Args:
-        losses: Configuration index -> final validation loss of its job in this rung.
-        keep: How many survive.
-
-    Returns:
-        Survivor indices, best first; never a configuration without a loss.
-    """
+    """The indices of the ``keep`` configurations with the lowest loss, best first (ties by index); a configuration
+    without a loss (None, NaN: its job failed) never survives."""
     scored = [(loss, i) for i, loss in losses.items() if loss is not None and not math.isnan(loss)]
     return [i for _, i in sorted(scored)[:keep]]
 
 
 def worst_case(costs: Sequence[Sequence[int]], rungs: Sequence[Rung]) -> list[int]:
-    """The most a bracket can spend in each rung: the ``size`` most expensive continuations of that rung.
+    """The most a bracket can spend in each rung (its ``size`` dearest continuations), whichever survive.
 
     Args:
-        costs: ``costs[c][i]``: FLOPs configuration ``c`` spends in rung ``i`` (from ``rungs[i].start`` to
-            ``rungs[i].steps``).
+        costs: ``costs[c][i]``: FLOPs configuration ``c`` spends in rung ``i``.
         rungs: The bracket (:func:`schedule`).
-
-    Returns:
-        One upper bound per rung; their sum is the bracket's worst case, whichever configurations survive.
     """
     return [sum(sorted((c[r.index] for c in costs), reverse=True)[: r.size]) for r in rungs]
 
@@ -122,11 +91,7 @@ class Halving:
     max_steps: int | None = None
 
     def rungs(self, cfg: Any, n_configs: int) -> list[Rung]:
-        """The bracket for ``n_configs`` configurations of ``cfg`` (its max steps and validation interval).
-
-        Raises:
-            UserError: A setting out of range, naming the sweeper's keys.
-        """
+        """The bracket for ``n_configs`` configurations of ``cfg``; a UserError names the sweeper's keys."""
         top = int(self.max_steps if self.max_steps is not None else cfg.trainer.max_steps)
         try:
             return schedule(n_configs, int(self.min_steps), top, int(self.eta), int(cfg.trainer.val_check_interval))

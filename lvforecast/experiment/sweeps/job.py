@@ -1,13 +1,9 @@
 """The multirun job wrapper: how each job of a sweep ended, in its ``job_status.json``; a re-launch continues.
 
-:func:`run_recorded` is the task wrapper of ``train.py`` and ``evaluate.py``. In a multirun a failing job is
-logged, recorded and does not stop the other jobs or the summary (which then exits non-zero). A job stopped by
-SIGTERM / SIGINT is recorded ``interrupted``, the jobs after it are not started, a partial summary is written and
-the multirun exits 143 / 130 (:mod:`lvforecast.experiment.signals`).
-
-A sweep launched again into the same directory (``hydra.sweep.dir=``; a study always does) continues: a job that
-ran to its end with the same overrides returns its recorded result without running, and one stopped part-way
-continues from its own ``checkpoints/last.ckpt``. :func:`earlier_run` says which; the pre-flight plans from it.
+:func:`run_recorded` wraps ``train.py`` and ``evaluate.py``: in a multirun a failing job is recorded and the other
+jobs and the summary still run; one stopped by SIGTERM / SIGINT is recorded ``interrupted``, no later job starts and
+a partial summary is written. Launched again into the same sweep directory, a job that ran to its end with the same
+overrides returns its recorded result and one stopped part-way continues from its checkpoint (:func:`earlier_run`).
 """
 
 from __future__ import annotations
@@ -19,11 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from lvforecast.atomic import write_text
+from lvforecast.budget.ledger import BudgetExceededError
 from lvforecast.budget.status import COMPLETED, RunStatus
+from lvforecast.experiment.rundir import read_json
 from lvforecast.experiment.sweeps.jobs import STATUS_FILE
+from lvforecast.experiment.sweeps.summary import SUMMARY_MD, summarize_sweep
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +35,6 @@ class EarlierRun:
 
     result: dict[str, Any] | None = None
     checkpoint: Path | None = None
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object file, or None when it is missing, torn or not an object."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def earlier_run(out: Path, overrides: list[str]) -> EarlierRun:
@@ -59,31 +51,18 @@ def earlier_run(out: Path, overrides: list[str]) -> EarlierRun:
     return EarlierRun(checkpoint=ckpt if ckpt.is_file() else None)
 
 
-def _multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
 def run_recorded(cfg: DictConfig, task: Any) -> Any:
-    """Run ``task(cfg)``; in a multirun, record how it ended in the job's ``job_status.json``.
-
-    A failing multirun job logs its traceback, records ``failed`` (or ``refused`` for a budget refusal) and
-    returns None, so the other jobs and the sweep summary still run. Outside a multirun exceptions propagate.
+    """Run ``task(cfg)`` under a signal guard; in a multirun, record how it ended in ``job_status.json``.
 
     Returns:
-        What ``task`` returned (or an earlier launch recorded), or None when it raised in a multirun.
+        What ``task`` returned (or an earlier launch recorded); None when it raised in a multirun (recorded
+        ``failed``, or ``refused`` for a budget refusal). Outside a multirun exceptions propagate.
     """
     from lvforecast.experiment.signals import Interrupted, guarded
 
-    if not _multirun():
+    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
         with guarded():
             return task(cfg)
-    from hydra.core.hydra_config import HydraConfig
-
-    from lvforecast.budget.ledger import BudgetExceededError
-
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
     record: dict[str, Any] = {"num": hc.job.num, "overrides": list(hc.overrides.task),
@@ -124,8 +103,6 @@ def _write(out: Path, record: dict[str, Any]) -> None:
 
 def _partial_summary(sweep_dir: Path) -> None:
     """The summary of a sweep stopped by a signal: every planned job (``plan.csv``), finished or not."""
-    from lvforecast.experiment.sweeps.summary import SUMMARY_MD, summarize_sweep
-
     try:
         rows = summarize_sweep(sweep_dir)
     except Exception:  # noqa: BLE001 - the job's own record is written; the summary can be rebuilt later

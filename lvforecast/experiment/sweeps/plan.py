@@ -1,15 +1,11 @@
 """A sweep's FLOP plan before launch: every job composed once and priced without loading weights.
 
-A grid (Hydra's basic sweeper) plans each job; successive halving plans every configuration in every rung (from
-the previous rung's steps, as the job will resume) and takes, per rung, its ``size`` dearest continuations
-(:func:`~lvforecast.experiment.sweeps.halving.worst_case`): whatever survives, the bracket spends no more. A job
-that finished in an earlier launch into the same sweep directory plans nothing; one stopped part-way plans from
-its own checkpoint (:func:`~lvforecast.experiment.sweeps.job.earlier_run`).
-
-:class:`BudgetPreflight` (a Hydra callback) prints the plan before the first job starts, stops after it on a dry
-run, refuses a sweep the ledger cannot cover and writes ``plan.csv``. A study plans its stages with
-:func:`plan_sweep`, the same function. The check is advisory against concurrent users of one ledger: each job still
-reserves its own plan when it starts, so the ledger is never overspent.
+A grid plans each job; successive halving plans every configuration in every rung and takes, per rung, its
+``size`` dearest continuations (:func:`~lvforecast.experiment.sweeps.halving.worst_case`). A job that finished in
+an earlier launch into the same sweep directory plans nothing; one stopped part-way plans from its own checkpoint.
+:class:`BudgetPreflight` (a Hydra callback) prints the plan and refuses a sweep the ledger cannot cover; a study
+plans its stages with the same :func:`plan_sweep`. The check is advisory against concurrent users of one ledger:
+each job still reserves its own plan when it starts, so the ledger is never overspent.
 """
 
 from __future__ import annotations
@@ -19,12 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra.core.global_hydra import GlobalHydra
 from hydra.experimental.callback import Callback
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lvforecast.atomic import write_csv
+from lvforecast.budget.ledger import remaining_in
+from lvforecast.budget.planning import plan_run, reserved_flops
 from lvforecast.errors import UserError
+from lvforecast.experiment import config
 from lvforecast.experiment.sweeps.halving import Halving, Rung, worst_case
+from lvforecast.experiment.sweeps.job import earlier_run
 from lvforecast.experiment.sweeps.jobs import PLAN_CSV, STUDY_KEYS, configurations, split_grid, sweeper_arguments
 
 Compose = Callable[[list[str]], DictConfig]
@@ -38,8 +40,7 @@ class SweepPlan:
         rows: One per job (grid) or per (configuration, rung) (halving), as ``plan.csv`` holds them.
         total: The grid's sum, or the bracket's worst case.
         jobs: Jobs the sweep launches (a bracket's: the sum of its rung sizes).
-        dearest: The config of the job that plans the most (an evaluation planned before the sweep ran is priced
-            with it).
+        dearest: The config of the job that plans the most (what prices an evaluation of a sweep not yet run).
         rungs: The bracket (None for a grid).
     """
 
@@ -57,16 +58,7 @@ class JobPricer:
         self._shapes: dict[tuple[str, int], tuple[Any, int]] = {}
 
     def __call__(self, cfg: DictConfig, start_step: int | None = None) -> int:
-        """The FLOPs a training job reserves from ``start_step`` (None: its checkpoint's step, else 0).
-
-        Raises:
-            UserError: The job's config is invalid (every problem at once).
-        """
-        from hydra.utils import instantiate
-
-        from lvforecast.budget.planning import plan_run, reserved_flops
-        from lvforecast.experiment import config
-
+        """The FLOPs a training job reserves from ``start_step`` (None: its checkpoint's); UserError if invalid."""
         start = config.checkpoint_step(cfg.get("ckpt_path")) if start_step is None else start_step
         config.check_train_config(cfg, start)
         if not cfg.budget.enabled:
@@ -84,20 +76,16 @@ class JobPricer:
 
 def plan_sweep(arguments: list[str], compose: Compose, sweep_dir: Path, halving: Halving | None = None,
                pricer: JobPricer | None = None) -> SweepPlan:
-    """Plan the sweep of command-line ``arguments`` (comma lists swept) launched into ``sweep_dir``.
+    """Plan the sweep of command-line ``arguments`` (comma lists swept, no ``hydra.*`` keys) into ``sweep_dir``.
 
     Args:
-        arguments: The multirun's config overrides (no ``hydra.*`` keys).
         compose: One job's config from its overrides.
-        sweep_dir: Where the sweep's jobs run (an earlier launch's finished jobs there plan nothing).
         halving: The bracket's settings; None for a grid.
         pricer: A shared :class:`JobPricer` (one is made when None).
 
     Raises:
         UserError: A job's config is invalid (naming the job), or the bracket's settings are.
     """
-    from lvforecast.experiment.sweeps.job import earlier_run
-
     pricer = pricer or JobPricer()
     if halving is not None:
         rungs = halving.rungs(compose(split_grid(arguments)[0]), len(configurations(arguments)))
@@ -106,7 +94,7 @@ def plan_sweep(arguments: list[str], compose: Compose, sweep_dir: Path, halving:
     for num, job in enumerate(split_grid(arguments)):
         cfg = compose(job)
         earlier = earlier_run(sweep_dir / str(num), job)
-        start = None if earlier.checkpoint is None else _step_of(earlier.checkpoint)
+        start = None if earlier.checkpoint is None else config.checkpoint_step(str(earlier.checkpoint))
         flops = 0 if earlier.result is not None else _price(pricer, cfg, start, f"job {num} ({' '.join(job)})")
         rows.append(_row(num, job, cfg, flops))
         configs.append(cfg)
@@ -138,12 +126,6 @@ def _price(pricer: JobPricer, cfg: DictConfig, start: int | None, job: str) -> i
         raise UserError(f"{job}: {err}") from err
 
 
-def _step_of(checkpoint: Path) -> int:
-    from lvforecast.experiment.config import checkpoint_step
-
-    return checkpoint_step(str(checkpoint))
-
-
 def _row(num: int, job: list[str], cfg: DictConfig, flops: int) -> dict[str, Any]:
     """One ``plan.csv`` row: the job, its model and study keys, overrides, plan, ledger and budget."""
     enabled = bool(cfg.budget.enabled)
@@ -161,8 +143,6 @@ def _model_name(cfg: DictConfig) -> str:
 
 def format_plan(plan: SweepPlan) -> tuple[str, bool]:
     """The plan as markdown (per job, or per rung of a bracket) and whether the ledger covers it."""
-    from lvforecast.budget.ledger import remaining_in
-
     if plan.rungs is None:
         keys = ["model", *STUDY_KEYS]
         lines = ["", "FLOP plan of the multirun (no weights loaded):", "",
@@ -196,8 +176,6 @@ def format_plan(plan: SweepPlan) -> tuple[str, bool]:
 
 def multirun_plan(config: DictConfig) -> SweepPlan | None:
     """The plan of the multirun ``config`` (with its ``hydra`` node); None for a sweeper whose jobs are unknown."""
-    from hydra.core.global_hydra import GlobalHydra
-
     target = str(config.hydra.sweeper.get("_target_", ""))
     if target.endswith("HalvingSweeper"):
         sw = config.hydra.sweeper

@@ -1,9 +1,6 @@
-"""``${lv_best:PATH,KEY}``: a setting of the best finished job of an earlier sweep.
+"""``${lv_best:PATH,KEY}``: a setting of the best finished job of an earlier sweep (registered on import).
 
-KEY (``optim.lr``, ``lora.r``, ``data.context_length``) is read from the best finished job of a previous
-sweep's ``summary.csv`` (PATH is the file or its sweep directory); this is how
-``sweep=context_length best_from=...`` and ``sweep=final best_from=...`` pick up earlier results. Importing
-this module registers the resolver.
+This is how ``sweep=context_length best_from=...`` and ``sweep=final best_from=...`` pick up earlier results.
 """
 
 from __future__ import annotations
@@ -14,26 +11,18 @@ from omegaconf import OmegaConf
 
 from lvforecast.errors import UserError
 from lvforecast.experiment.sweeps.summary import SUMMARY_CSV, best_row
+from lvforecast.utils import parse_cell
 
 RESOLVER = "lv_best"
 
 
 def best_from(path: Any, key: str) -> Any:
-    """``key`` of the best finished job in a sweep's ``summary.csv`` (:func:`~.summary.best_row`).
-
-    Args:
-        path: ``summary.csv`` or the sweep directory holding it. ``None`` (``best_from`` unset) is an error
-            that says which overrides are needed instead.
-        key: A column of the summary, e.g. ``optim.lr``.
-
-    Returns:
-        The cell, parsed back to a number or bool where it is one.
+    """``key`` (a column, e.g. ``optim.lr``) of the best finished job in ``path`` (``summary.csv`` or its sweep
+    directory), parsed back to a number or bool where it is one.
 
     Raises:
-        UserError: No path, no summary there, no finished job with a validation loss, or an unknown key.
+        UserError: No path (``best_from`` unset), no summary there, no finished job with a loss, or an unknown key.
     """
-    from lvforecast.utils import parse_cell
-
     if path is None or str(path) in ("", "None", "null"):
         raise UserError(f"{key} is not set: pass best_from=PATH (a finished sweep directory or its {SUMMARY_CSV}) "
                         f"or set {key}=... explicitly")

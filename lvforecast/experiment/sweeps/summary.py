@@ -1,10 +1,9 @@
 """The summary of a finished multirun (a Hydra callback), and its files.
 
-When the multirun ends, :class:`SweepSummary` writes the study's Tables 8/9 as ``summary.md`` and
-``summary.csv`` (final validation loss per job with the best marked, FLOPs, training tokens per second,
-status) and ``val_loss_curves.png`` into the sweep directory; they are also logged to W&B when the sweep's
-logger is W&B. :func:`summarize_command` rebuilds them from the job directories alone (``lvforecast`` CLI:
-``summarize SWEEP_DIR``), e.g. after the parent process died.
+:class:`SweepSummary` writes ``summary.md``, ``summary.csv`` and ``val_loss_curves.png`` into the sweep directory
+when the multirun ends (and logs them to W&B with ``logger=wandb``); :func:`summarize_command` rebuilds them from
+the job directories alone (``lvforecast summarize SWEEP_DIR``). The files are described in
+``docs/sweeps-and-studies.md``.
 """
 
 from __future__ import annotations
@@ -21,10 +20,13 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lvforecast.atomic import save_figure, write_csv, write_text
+from lvforecast.budget.ledger import Ledger
 from lvforecast.budget.status import COMPLETED, RunStatus
 from lvforecast.errors import UserError
 from lvforecast.experiment.sweeps.halving import HALVING_FILE
 from lvforecast.experiment.sweeps.jobs import PLAN_CSV, STATUS_FILE, STUDY_KEYS, job_values, sweep_jobs, varying_keys
+from lvforecast.tracking.results import log_sweep_summary
+from lvforecast.utils import read_metrics_csv
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +37,8 @@ class SweepSummary(Callback):
     """Write the sweep's summary when the multirun ends; exit 1 if any job did not finish."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        """Summarize the sweep directory (and log it to W&B with ``logger=wandb``).
-
-        Raises:
-            SystemExit: Some job did not finish (the message names each, with its status and error).
-        """
+        """Summarize the sweep directory (and log it to W&B with ``logger=wandb``); exit naming every unfinished
+        job, with its status and error."""
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             jobs = sweep_jobs(config)
@@ -58,13 +57,9 @@ class SweepSummary(Callback):
 def summarize_command(sweep_dir: Path) -> int:
     """``summarize SWEEP_DIR``: (re)write a sweep's summary from its job directories and print ``summary.md``.
 
-    Args:
-        sweep_dir: The multirun's directory.
-
     Returns:
-        The exit status: 0 when every job finished; 1 when some did not (interrupted, failed, or never run: the
-        jobs of ``plan.csv`` without a record), or when no job is found at all; 2 when ``sweep_dir`` is no
-        directory. Every status but 0 comes with one ``error:`` line on stderr naming the jobs.
+        The exit status: 0 when every job finished; 1 when some did not (the jobs of ``plan.csv`` without a record
+        never ran) or none is found; 2 when ``sweep_dir`` is no directory. All but 0 print one ``error:`` line.
     """
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
@@ -128,15 +123,12 @@ def planned_jobs(sweep_dir: Path) -> list[list[str]] | None:
 
 
 def summarize_sweep(sweep_dir: Path, jobs: list[list[str]] | None = None) -> list[dict[str, Any]]:
-    """Collect every job of a sweep directory into ``summary.csv``, ``summary.md`` and the curves PNG.
+    """Collect every job of a sweep directory into ``summary.csv``, ``summary.md`` and the curves PNG; return the rows.
 
     Args:
         sweep_dir: The multirun's directory (jobs in numbered subdirectories).
-        jobs: The overrides of the jobs the sweep launched (a job with no directory is ``missing``); None = the
-            jobs found on disk.
-
-    Returns:
-        The summary rows.
+        jobs: The overrides of the jobs the sweep launched (one with no record is ``missing``); None: those of
+            ``plan.csv`` and on disk.
     """
     found = {}
     for status_file in sorted(sweep_dir.glob(f"*/{STATUS_FILE}")):
@@ -149,7 +141,8 @@ def summarize_sweep(sweep_dir: Path, jobs: list[list[str]] | None = None) -> lis
             jobs += [found[n]["overrides"] for n in sorted(found) if n >= len(planned)]
         else:
             jobs = [found[n]["overrides"] for n in sorted(found)]
-    halving = _halving_record(sweep_dir)
+    halving_file = sweep_dir / HALVING_FILE  # what a hydra/sweeper=halving multirun wrote
+    halving = json.loads(halving_file.read_text()) if halving_file.is_file() else None
     keys = halving["params"] if halving else varying_keys(jobs) if jobs else []
     rows = []
     curves: dict[int, list[tuple[int, float]]] = {}
@@ -179,8 +172,6 @@ def summarize_sweep(sweep_dir: Path, jobs: list[list[str]] | None = None) -> lis
 def _job_row(num: int, job: list[str], keys: list[str], record: dict[str, Any],
              curves: dict[int, list[tuple[int, float]]]) -> dict[str, Any]:
     """One summary row from a job's directory; its validation curve goes into ``curves[num]``."""
-    from lvforecast.utils import read_metrics_csv
-
     out = Path(record["output_dir"])
     info = json.loads((out / "run_info.json").read_text()) if (out / "run_info.json").is_file() else {}
     cfg = OmegaConf.load(out / "config.yaml") if (out / "config.yaml").is_file() else OmegaConf.create()
@@ -212,8 +203,6 @@ def _job_row(num: int, job: list[str], keys: list[str], record: dict[str, Any],
 
 def _job_flops(info: dict[str, Any], cfg: DictConfig, record: dict[str, Any]) -> int | str:
     """FLOPs the ledger charged to the job's run (found by run id, else by sweep and name)."""
-    from lvforecast.budget.ledger import Ledger
-
     path = OmegaConf.select(cfg, "budget.ledger_path") or info.get("budget", {}).get("ledger")
     if not path or not Path(path).is_file():
         return ""
@@ -229,13 +218,8 @@ def _job_flops(info: dict[str, Any], cfg: DictConfig, record: dict[str, Any]) ->
 
 
 def format_summary(rows: list[dict[str, Any]], keys: list[str], sweep_dir: Path) -> str:
-    """Markdown: the per-job table (best in bold), the study's grid layout for two axes, and totals.
-
-    Args:
-        rows: :func:`summarize_sweep` rows.
-        keys: The sweep's axes (columns after ``job``).
-        sweep_dir: The sweep directory, for the title.
-    """
+    """Markdown: the per-job table (best in bold; ``keys``, the sweep's axes, as columns), the study's grid
+    layout for two axes, and totals."""
     lines = [f"# Sweep `{sweep_dir}`", "",
              "Final validation loss (nats per token, the last validation of each job); best finished job in bold.",
              "", "| job | " + " | ".join(keys) + " | final val loss | best val loss | steps | FLOPs | "
@@ -278,12 +262,6 @@ def _grid(rows: list[dict[str, Any]], keys: list[str]) -> str:
             cells.append(f"**{text}**" if r is not None and r["best"] else text)
         lines.append(f"| {va} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _halving_record(sweep_dir: Path) -> dict[str, Any] | None:
-    """The ``halving.json`` a ``hydra/sweeper=halving`` multirun wrote into ``sweep_dir``, or None."""
-    path = sweep_dir / HALVING_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def format_rungs(halving: dict[str, Any], rows: list[dict[str, Any]]) -> str:
@@ -337,6 +315,4 @@ def _log_summary_to_wandb(config: DictConfig, sweep_dir: Path) -> None:
     logger_cfg = config.get("logger") or {}
     if "wandb" not in logger_cfg:
         return
-    from lvforecast.tracking.results import log_sweep_summary
-
     log_sweep_summary(logger_cfg.wandb, sweep_dir / SUMMARY_CSV, sweep_dir / CURVES_PNG, config.get("sweep_name"))
