@@ -2,8 +2,8 @@
 
 Contract (the design is described in ``docs/evaluation.md``):
 
-* :func:`compile_grammar` tabulates the grammar's reachable states over the alphabet's columns in **token-id
-  order**, so every row of a batch is masked and advanced with one indexing op each.
+* :func:`~lvforecast.evaluation.grammar.compile_grammar` tabulates the grammar's reachable states over the
+  alphabet's columns in **token-id order**, so every row of a batch is masked and advanced with one indexing op each.
 * :func:`choose` picks one allowed column per row: greedy is the first maximum in token-id order (what ``argmax``
   over the full, masked vocabulary picks); sampling inverts the CDF of the allowed tokens with **one uniform per
   row** (after Hugging Face's ``temperature`` and ``top_p`` semantics), so the draw never depends on the vocabulary.
@@ -24,61 +24,8 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from lvforecast.budget.shapes import Head
-from lvforecast.data.encoding import ALPHABET, STEP_SEP
-from lvforecast.errors import UserError
-from lvforecast.evaluation.grammar import START, Grammar
+from lvforecast.evaluation.grammar import CompiledGrammar
 from lvforecast.model.lora import decoder_stack
-
-
-@dataclass(frozen=True)
-class CompiledGrammar:
-    """The grammar as tensors over the alphabet's columns (token-id order).
-
-    Attributes:
-        token_ids: (A,) the alphabet's token ids, increasing: column ``j`` is token ``token_ids[j]``.
-        chars: The character of each column.
-        allowed: (S, A) bool, the columns allowed in each reachable state; state 0 is ``START``.
-        next_state: (S, A) long, the state after writing each column (0 where not allowed).
-        is_sep: (A,) bool, the column of ``;``.
-    """
-
-    token_ids: torch.Tensor
-    chars: str
-    allowed: torch.Tensor
-    next_state: torch.Tensor
-    is_sep: torch.Tensor
-
-
-def compile_grammar(grammar: Grammar, char_ids: dict[str, int], device: torch.device | str = "cpu") -> CompiledGrammar:
-    """Enumerate the states reachable from ``START`` and tabulate them.
-
-    Raises:
-        ValueError: ``char_ids`` lacks a character of the alphabet.
-    """
-    missing = [c for c in ALPHABET if c not in char_ids]
-    if missing:
-        raise UserError(f"char_ids lacks token ids for {missing!r}: every character of {ALPHABET!r} is needed")
-    chars = "".join(sorted(ALPHABET, key=lambda c: char_ids[c]))
-    column = {c: j for j, c in enumerate(chars)}
-    index, order = {START: 0}, [START]
-    rows: list[tuple[list[bool], list[int]]] = []
-    while len(rows) < len(order):
-        state = order[len(rows)]
-        allowed, nxt = [False] * len(chars), [0] * len(chars)
-        for ch in grammar.allowed(state):
-            following = grammar.advance(state, ch)
-            if following not in index:
-                index[following] = len(order)
-                order.append(following)
-            allowed[column[ch]], nxt[column[ch]] = True, index[following]
-        rows.append((allowed, nxt))
-    return CompiledGrammar(
-        token_ids=torch.tensor([char_ids[c] for c in chars], dtype=torch.long, device=device),
-        chars=chars,
-        allowed=torch.tensor([a for a, _ in rows], dtype=torch.bool, device=device),
-        next_state=torch.tensor([n for _, n in rows], dtype=torch.long, device=device),
-        is_sep=torch.tensor([c == STEP_SEP for c in chars], dtype=torch.bool, device=device),
-    )
 
 
 def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:

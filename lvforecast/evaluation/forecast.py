@@ -38,7 +38,6 @@ from lvforecast.budget.formulas import generation_flops
 from lvforecast.budget.shapes import ALPHABET_SIZE, HEADS, Conventions, Head, LoRASpec, shape_of
 from lvforecast.data.encoding import decode, encode_prompt
 from lvforecast.errors import UserError
-from lvforecast.evaluation.decoder import compile_grammar
 from lvforecast.evaluation.generation import (
     GenerateRunner,
     LoopRunner,
@@ -46,7 +45,7 @@ from lvforecast.evaluation.generation import (
     generation_config,
     row_text,
 )
-from lvforecast.evaluation.grammar import Grammar, max_new_tokens_bound
+from lvforecast.evaluation.grammar import Grammar, compile_grammar, max_new_tokens_bound
 from lvforecast.validate import int_at_least, is_finite_number
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 from lvforecast.budget.shapes import Head
 from lvforecast.data.encoding import ALPHABET, STEP_SEP
 from lvforecast.errors import UserError
-from lvforecast.evaluation.decoder import AlphabetLogits, CompiledGrammar, decode
-from lvforecast.evaluation.grammar import Grammar, LLMTimeLogitsProcessor, StepsStoppingCriteria
+from lvforecast.evaluation.decoder import AlphabetLogits, decode
+from lvforecast.evaluation.grammar import CompiledGrammar, Grammar, LLMTimeLogitsProcessor, StepsStoppingCriteria
 
 
 class AddLogitBias(LogitsProcessor):

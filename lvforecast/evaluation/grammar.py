@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
-from lvforecast.data.encoding import STEP_SEP, VALUE_SEP
+from lvforecast.data.encoding import ALPHABET, STEP_SEP, VALUE_SEP
 from lvforecast.errors import UserError
 
 DIGITS = "0123456789"
@@ -96,6 +96,57 @@ def max_new_tokens_bound(horizon_steps: int, grammar: Grammar) -> int:
     return horizon_steps * grammar.max_step_chars()
 
 
+@dataclass(frozen=True)
+class CompiledGrammar:
+    """The grammar as tensors over the alphabet's columns (token-id order).
+
+    Attributes:
+        token_ids: (A,) the alphabet's token ids, increasing: column ``j`` is token ``token_ids[j]``.
+        chars: The character of each column.
+        allowed: (S, A) bool, the columns allowed in each reachable state; state 0 is ``START``.
+        next_state: (S, A) long, the state after writing each column (0 where not allowed).
+        is_sep: (A,) bool, the column of ``;``.
+    """
+
+    token_ids: torch.Tensor
+    chars: str
+    allowed: torch.Tensor
+    next_state: torch.Tensor
+    is_sep: torch.Tensor
+
+
+def compile_grammar(grammar: Grammar, char_ids: dict[str, int], device: torch.device | str = "cpu") -> CompiledGrammar:
+    """Enumerate the states reachable from ``START`` and tabulate them.
+
+    Raises:
+        ValueError: ``char_ids`` lacks a character of the alphabet.
+    """
+    missing = [c for c in ALPHABET if c not in char_ids]
+    if missing:
+        raise UserError(f"char_ids lacks token ids for {missing!r}: every character of {ALPHABET!r} is needed")
+    chars = "".join(sorted(ALPHABET, key=lambda c: char_ids[c]))
+    column = {c: j for j, c in enumerate(chars)}
+    index, order = {START: 0}, [START]
+    rows: list[tuple[list[bool], list[int]]] = []
+    while len(rows) < len(order):
+        state = order[len(rows)]
+        allowed, nxt = [False] * len(chars), [0] * len(chars)
+        for ch in grammar.allowed(state):
+            following = grammar.advance(state, ch)
+            if following not in index:
+                index[following] = len(order)
+                order.append(following)
+            allowed[column[ch]], nxt[column[ch]] = True, index[following]
+        rows.append((allowed, nxt))
+    return CompiledGrammar(
+        token_ids=torch.tensor([char_ids[c] for c in chars], dtype=torch.long, device=device),
+        chars=chars,
+        allowed=torch.tensor([a for a, _ in rows], dtype=torch.bool, device=device),
+        next_state=torch.tensor([n for _, n in rows], dtype=torch.long, device=device),
+        is_sep=torch.tensor([c == STEP_SEP for c in chars], dtype=torch.bool, device=device),
+    )
+
+
 class LLMTimeLogitsProcessor(LogitsProcessor):
     """Masks every token the LLMTIME grammar forbids at each row's current position.
 
@@ -107,8 +158,6 @@ class LLMTimeLogitsProcessor(LogitsProcessor):
     def __init__(
         self, char_ids: dict[str, int], grammar: Grammar, prompt_len: int, horizon_steps: int, end_id: int
     ) -> None:
-        from lvforecast.evaluation.decoder import compile_grammar  # the decoder's tables (it imports this module)
-
         table = compile_grammar(grammar, char_ids)
         ids = table.token_ids.tolist()
         self.column = {t: j for j, t in enumerate(ids)}

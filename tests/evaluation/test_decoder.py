@@ -19,11 +19,10 @@ from lvforecast.evaluation.decoder import (
     AlphabetLogits,
     LeanStep,
     choose,
-    compile_grammar,
     decode,
     preallocated_cache,
 )
-from lvforecast.evaluation.grammar import START, Grammar, max_new_tokens_bound
+from lvforecast.evaluation.grammar import START, Grammar, compile_grammar, max_new_tokens_bound
 from lvforecast.model.loading import build_tiny_qwen
 from lvforecast.model.lora import decoder_stack
 

@@ -466,3 +466,19 @@ def test_the_gpu_benchmark_runs_its_code_on_the_cpu_in_smoke_mode():
         "decode, loop (alphabet head), batch 2", "decode, loop (alphabet head), batch 4",
         "decode, generate per series", "study=tiny (projected)"]
     assert " min |" in rows[-1] and "0 parse failures" in rows[4]
+
+
+@pytest.mark.gpu
+def test_on_a_real_gpu_the_tiny_model_trains_and_evaluates_there_at_its_planned_cost(sim_cache, tmp_path):
+    out = tmp_path / "run"
+    overrides = [a for a in TINY_RUN if a != "trainer=cpu"] + ["trainer=gpu", "trainer.max_steps=2",
+                                                                "trainer.val_check_interval=2"]
+    result = train(compose_train(overrides, output_dir=out, cache_dir=sim_cache))
+    info = json.loads((out / "run_info.json").read_text())
+    assert result["budget_status"] == "finished" and info["environment"]["device"].startswith("cuda")
+    assert OmegaConf.load(out / "config.yaml").trainer.precision in ("bf16-mixed", "16-mixed")
+    (run,) = Ledger(out / "ledger.sqlite", budget=None).runs()
+    assert run["charged_flops"] == run["planned_flops"]
+    evaluate(compose_eval([f"run_dir={out}", "max_systems=2", "baselines=[persistence]", "forecast.horizon_steps=3"],
+                          tmp_path / "eval", sim_cache))
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["device"].startswith("cuda")
