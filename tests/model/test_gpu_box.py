@@ -97,6 +97,7 @@ def hub_env(home: Path, endpoint: CountingEndpoint) -> dict[str, str]:
             "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow  # builds a 151,936-token model, trains and evaluates it: about 25 s
 def test_a_local_snapshot_trains_and_evaluates_through_model_source(snapshot, sim_cache, tmp_path):
     out = tmp_path / "run"
     result = train(compose_train(SNAPSHOT_RUN + [f"model.source={snapshot}"], output_dir=out, cache_dir=sim_cache))
