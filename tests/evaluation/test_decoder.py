@@ -193,7 +193,7 @@ def test_smollm2_alphabet_loop_equals_todays_generate(smollm2_dir):
 
     lm = load_smollm2(str(smollm2_dir))
     data = simulate_systems(n_systems=4, seed=1).values
-    kwargs = dict(context_steps=30, horizon_steps=5, batch_size=4)
+    kwargs = dict(context_steps=12, horizon_steps=5, batch_size=4)
     scales = [0.5, 0.25, 0.5, 0.25]
     ref = forecast(lm, data, scales, **REFERENCE, **kwargs)
     res = forecast(lm, data, scales, **kwargs)
