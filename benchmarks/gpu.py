@@ -53,9 +53,9 @@ from omegaconf import OmegaConf
 
 from lvforecast.budget.formulas import forward_flops, train_step_flops
 from lvforecast.budget.shapes import ALPHABET_SIZE, BUILTIN, Conventions, LoRASpec, ModelShape, shape_of
-from lvforecast.data.datamodule import PadCollator, build_windows, encode_series
 from lvforecast.data.encoding import STUDY_DECIMALS, STUDY_SCALE, ScaleRule, encode_prompt
 from lvforecast.data.simulate import simulate_systems
+from lvforecast.data.windows import PadCollator, build_windows, encode_series
 from lvforecast.devices import describe_device, no_gpu_reason, training_precision
 from lvforecast.evaluation.grammar import Grammar, max_new_tokens_bound
 from lvforecast.model.lora import apply_lora

@@ -204,9 +204,9 @@ def make_batches(
         seed: Seeds the simulation and the window order.
         n_systems: Systems to simulate.
     """
-    from lvforecast.data.datamodule import PadCollator, build_windows, encode_series
     from lvforecast.data.encoding import STUDY_DECIMALS, ScaleRule
     from lvforecast.data.simulate import simulate_systems
+    from lvforecast.data.windows import PadCollator, build_windows, encode_series
 
     traj = simulate_systems(n_systems=n_systems, seed=seed)
     encoded = encode_series(traj.values, list(range(n_systems)), tokenizer, ScaleRule(), STUDY_DECIMALS,

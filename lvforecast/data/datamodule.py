@@ -20,12 +20,10 @@ from torch.utils.data import DataLoader
 from lvforecast.data.encoding import ScaleRule, encode_prompt, min_step_tokens
 from lvforecast.data.split import EvaluationInputs, Split, evaluation_order, split_systems
 from lvforecast.data.windows import (
-    IGNORE_INDEX,  # noqa: F401 (imported from here by the model's loss)
     EncodedSeries,
     PadCollator,
     WindowDataset,
     build_windows,
-    encode_series,  # noqa: F401 (imported from here by benchmarks/train_loop.py)
     encode_texts,
     pad_share,
     tokenize_series,

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from lvforecast.budget.shapes import HEADS, Head
-from lvforecast.data.datamodule import IGNORE_INDEX
 from lvforecast.data.encoding import ALPHABET
+from lvforecast.data.windows import IGNORE_INDEX
 from lvforecast.errors import UserError
 from lvforecast.model.lora import AlphabetHead, LogitBias, count_parameters, decoder_stack
 from lvforecast.model.masks import unpadded_attention_mask
