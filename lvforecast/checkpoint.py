@@ -7,10 +7,13 @@
 from __future__ import annotations
 
 import errno
+import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from lvforecast.atomic import atomic_writer
@@ -33,11 +36,6 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         UserError: No such file, not a torch checkpoint (truncated by a full disk, another format), or not a
             Lightning checkpoint (no ``state_dict`` / ``global_step``).
     """
-    import pickle
-    import zipfile
-
-    import torch
-
     path = Path(path)
     head = f"ckpt_path={str(path)!r}"
     if not path.is_file():
@@ -70,18 +68,14 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's ``TorchCheckpointIO``, saving through a temporary file and a rename.
-
-    Lightning's own save writes in place: a full disk mid-write would leave a truncated ``last.ckpt`` where the
-    last good one was. Here the previous checkpoint stays until the new one is complete.
-    """
+    """Lightning's ``TorchCheckpointIO``, saving through a temporary file and a rename (Lightning's own save writes
+    in place, so a full disk mid-write would truncate ``last.ckpt``; here the previous one stays until the new one is
+    complete)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         """Save ``checkpoint`` to ``path`` atomically (``storage_options`` must be None, as for Lightning's)."""
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
-        import torch
-
         with atomic_writer(path, "wb") as fh:
             torch.save(checkpoint, fh)
 

@@ -1,9 +1,8 @@
 """The ``lvforecast`` console command (also ``python -m lvforecast``): flops, budget, simulate, sweeps.
 
-Options: ``--help`` and docs/budget.md#commands. Building the parser imports only standard-library-only modules
-(:mod:`lvforecast.budget.shapes`, :mod:`lvforecast.budget.ledger`), so ``lvforecast flops`` never imports torch
-(``flops --audit``, which runs a model, does). Bad input prints one ``error: ...`` line to stderr and exits 2 for
-bad arguments, 1 for a missing ledger or a refused operation.
+Options: ``--help`` and docs/budget.md#commands. The parser imports only standard-library-only modules, so
+``lvforecast flops`` never imports torch (``flops --audit``, which runs a model, does). Bad input prints one
+``error: ...`` line to stderr and exits 2 for bad arguments, 1 for a missing ledger or a refused operation.
 """
 
 from __future__ import annotations
@@ -13,7 +12,9 @@ import dataclasses
 import json
 import logging
 import os
+import sqlite3
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
@@ -56,11 +57,6 @@ def _add_flops(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(handler=_flops, parser=p)
 
 
-def _check_count(key: str, value: int, minimum: int = 1) -> None:
-    if value < minimum:
-        raise UserError(f"{key}={value!r}: must be an integer >= {minimum}")
-
-
 _SWITCHES = ("attention", "mask", "rope", "norm")
 
 
@@ -68,33 +64,31 @@ def _flops_spec(args: argparse.Namespace) -> tuple[ModelShape, LoRASpec | None, 
     """``(shape, lora, conventions)`` of the ``flops`` arguments; a bad value or combination raises, named."""
     from lvforecast.budget.shapes import ALPHABET_SIZE, Conventions, LoRASpec, resolve_shape
 
+    for key, value, low in (("--lora-rank", args.lora_rank, 0), ("--seq-len", args.seq_len, 1),
+                            ("--batch", args.batch, 1)):
+        if value < low:
+            raise UserError(f"{key}={value!r}: must be an integer >= {low}")
     shape = resolve_shape(args.model)
     switches = {k: v for k in _SWITCHES if (v := getattr(args, k)) is not None}
     if args.audit:
-        given = [f"--{k} {v}" for k, v in switches.items()]
-        if args.mode != "forward":
-            given.append(f"--mode {args.mode}")
+        given = {**switches, **({"mode": args.mode} if args.mode != "forward" else {})}
         if given:
-            raise UserError(f"{', '.join(given)}: --audit measures one forward against the as-implemented "
-                            f"conventions (what the eager forward runs); drop {'them' if len(given) > 1 else 'it'}")
+            raise UserError(f"{', '.join(f'--{k} {v}' for k, v in given.items())}: --audit measures one forward "
+                            "against the as-implemented conventions (what the eager forward runs); "
+                            f"drop {'them' if len(given) > 1 else 'it'}")
         conv = Conventions.as_implemented(count_loss=args.loss)
     else:
         base = Conventions.as_implemented() if args.implemented else Conventions()
         conv = dataclasses.replace(base, count_loss=args.loss, **switches)
-    _check_count("--lora-rank", args.lora_rank, minimum=0)
-    lora = None
-    if args.lora_rank or args.logit_bias or args.head != "full":
-        if not args.lora_rank and args.logit_bias:
-            raise UserError("--logit-bias needs --lora-rank >= 1 (the bias trains beside an adapter)")
-        if not args.lora_rank:  # the head, like the bias, belongs to the fine-tuning module
-            raise UserError("--head alphabet needs --lora-rank >= 1 (the alphabet head is the fine-tuning "
-                            "module's, beside an adapter)")
-        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-        lora = LoRASpec(rank=args.lora_rank, targets=targets, logit_bias=args.logit_bias,
-                        head_rows=ALPHABET_SIZE if args.head == "alphabet" else None)
-    for key, value in (("--seq-len", args.seq_len), ("--batch", args.batch)):
-        _check_count(key, value)
-    return shape, lora, conv
+    if not (args.lora_rank or args.logit_bias or args.head != "full"):
+        return shape, None, conv
+    if not args.lora_rank:  # the bias and the head belong to the fine-tuning module, beside an adapter
+        raise UserError("--logit-bias needs --lora-rank >= 1 (the bias trains beside an adapter)" if args.logit_bias
+                        else "--head alphabet needs --lora-rank >= 1 (the alphabet head is the fine-tuning "
+                        "module's, beside an adapter)")
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    return shape, LoRASpec(rank=args.lora_rank, targets=targets, logit_bias=args.logit_bias,
+                           head_rows=ALPHABET_SIZE if args.head == "alphabet" else None), conv
 
 
 def _flops(args: argparse.Namespace) -> int:
@@ -117,11 +111,8 @@ def _flops(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace, analytic: Breakdown, lora: LoRASpec | None) -> int:
-    """Audit one forward of a random-init ``--model`` and print it beside ``analytic``, component by component.
-
-    Returns:
-        0 when the two agree on every component and every op was priced, else 1 (with one ``error:`` line).
-    """
+    """Print an audit of one forward of a random-init ``--model`` beside ``analytic``, component by component;
+    0 when the two agree on every component and every op was priced, else 1 (with one ``error:`` line)."""
     from lvforecast.budget.audit import audit_architecture
     from lvforecast.budget.shapes import resolve_config
 
@@ -184,8 +175,6 @@ def _add_budget(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 def _budget(args: argparse.Namespace) -> int:
     """``budget report|reconcile|show``: 0 on success, 1 when the ledger is missing or an operation is refused."""
-    import sqlite3
-
     from lvforecast.budget.ledger import Ledger, default_ledger_path, format_flops
     from lvforecast.budget.status import RunStatus
 
@@ -194,13 +183,11 @@ def _budget(args: argparse.Namespace) -> int:
     path = args.ledger if args.ledger is not None else default_ledger_path()
     try:
         ledger = Ledger(path, budget=None, journal_mode=args.journal_mode)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        ids = ledger.reconcile(args.run) if args.action == "reconcile" else []
+    except (FileNotFoundError, ValueError, sqlite3.DatabaseError) as err:
+        text = f"{path} is not a usable ledger: {err}" if isinstance(err, sqlite3.DatabaseError) else err
+        print(f"error: {text}", file=sys.stderr)
         return 1
-    except sqlite3.DatabaseError as err:
-        print(f"error: {path} is not a usable ledger: {err}", file=sys.stderr)
-        return 1
-
     if args.action == "report":
         from lvforecast.budget.report import format_report_markdown, write_report_files
 
@@ -212,11 +199,6 @@ def _budget(args: argparse.Namespace) -> int:
             print(format_report_markdown(report), end="")
             print(f"wrote {md} and {png}", file=sys.stderr)
     elif args.action == "reconcile":
-        try:
-            ids = ledger.reconcile(args.run)
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
         if args.json:
             print(json.dumps({RunStatus.CRASHED: ids, "remaining": ledger.remaining()}))
         else:
@@ -246,8 +228,6 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def _simulate(args: argparse.Namespace) -> int:
     """Simulate, write the file and print ``PATH (N, T, 2) SECONDSs``."""
-    import time
-
     from lvforecast.data.simulate import write_simulation
     from lvforecast.data.trajectories import TrajectoryFileError
 
@@ -294,12 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one ``lvforecast`` subcommand with ``argv`` (default ``sys.argv[1:]``).
-
-    Returns:
-        The subcommand's exit status; 1 with one ``error:`` block for a user error (:mod:`lvforecast.errors`).
-        Bad arguments exit with status 2 (``SystemExit``).
-    """
+    """Run one ``lvforecast`` subcommand with ``argv`` (default ``sys.argv[1:]``) and return its exit status:
+    1 with one ``error:`` block for a user error (:mod:`lvforecast.errors`); bad arguments raise ``SystemExit(2)``."""
     from lvforecast.errors import TRACEBACK_SWITCH, describe, print_error
 
     args = build_parser().parse_args(argv)

@@ -1,7 +1,7 @@
 """Which device a run works on: an evaluation's ``device`` key, the trainer's accelerator and its precision.
 
-``${lv_precision:${.accelerator}}`` (:func:`training_precision`, used by ``conf/trainer/default.yaml``) is
-registered on import. Nothing here initialises CUDA at import.
+Importing registers ``${lv_precision:${.accelerator}}`` (:func:`training_precision`, for ``conf/trainer/``) and
+initialises no CUDA.
 """
 
 from __future__ import annotations
@@ -40,9 +40,7 @@ def no_gpu_reason() -> str:
 
 
 def resolve_device(spec: str, key: str = "device") -> torch.device:
-    """The ``torch.device`` a ``device`` value names on this machine.
-
-    ``spec``: ``auto`` (the CUDA GPU when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+    """The ``torch.device`` a ``device`` value (:data:`DEVICE_CHOICES`) names on this machine.
 
     Raises:
         UserError: A misspelt value, or a GPU asked for where there is none (or ``cuda:N`` past the last one).
@@ -63,12 +61,6 @@ def resolve_device(spec: str, key: str = "device") -> torch.device:
     return device
 
 
-def uses_gpu(accelerator: Any) -> bool:
-    """Whether Lightning puts a run with this ``trainer.accelerator`` on a CUDA GPU here (``auto``: if there is one)."""
-    name = str(accelerator).lower()
-    return name in GPU_ACCELERATORS or (name == "auto" and torch.cuda.is_available())
-
-
 def accelerator_problems(trainer: Any) -> list[str]:
     """What the ``trainer`` node (``accelerator``, ``devices``) asks for that this machine lacks, before a model
     loads (Lightning would say so only after); ``[]`` when it fits."""
@@ -84,24 +76,18 @@ def accelerator_problems(trainer: Any) -> list[str]:
     return []
 
 
-def _bf16_gpu() -> bool:
-    """Whether the GPU computes bfloat16 natively (Ampere and later), not by emulation."""
-    try:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # torch < 2.3 has no including_emulation and never emulates
-        return torch.cuda.is_bf16_supported()
-
-
 def training_precision(accelerator: Any) -> str:
     """``trainer.precision`` for ``trainer.accelerator``: ``bf16-mixed`` on a GPU, ``16-mixed`` on a GPU without
-    native bfloat16, ``32-true`` on the CPU.
+    native bfloat16 (before Ampere), ``32-true`` on the CPU.
 
     A GPU accelerator where none is visible (a config planned on a login node) states the GPU's precision;
     :func:`accelerator_problems` refuses to run it here.
     """
-    if not uses_gpu(accelerator):
+    name = str(accelerator).lower()
+    if name not in GPU_ACCELERATORS and not (name == "auto" and torch.cuda.is_available()):
         return "32-true"
-    return "bf16-mixed" if not torch.cuda.is_available() or _bf16_gpu() else "16-mixed"
+    native = not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False)
+    return "bf16-mixed" if native else "16-mixed"
 
 
 def describe_device(device: torch.device | str) -> str:

@@ -34,52 +34,37 @@ _OS_FIXES = {
 }
 
 
-def describe_os_error(err: OSError) -> str:
-    """``path: cause (fix)`` for an operating-system error on a named path."""
-    path = err.filename if err.filename2 is None else f"{err.filename} -> {err.filename2}"
-    fix = _OS_FIXES.get(err.errno or -1)
-    cause = err.strerror or type(err).__name__
-    return f"{path}: {cause}" + (f"; {fix}" if fix and fix.split(":")[0].lower() != cause.lower() else "")
+def describe(exc: BaseException) -> str | None:
+    """The one message for a user error, or None when ``exc`` is a bug (it keeps its traceback).
 
-
-def _config_error(exc: BaseException) -> str | None:
-    """The message of a Hydra composition / override error or an OmegaConf key/type error, else None."""
-    from hydra.errors import (
-        ConfigCompositionException,
-        MissingConfigException,
-        OverrideParseException,
-        SearchPathException,
-    )
+    An OS error on a named path reads ``path: cause; fix``; a Hydra composition / override error or an OmegaConf
+    key/type error, its message; Hydra's ``InstantiationException`` (a ``_target_`` constructor raised) is looked
+    through to its cause.
+    """
+    if isinstance(exc, UserError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.filename is not None:
+        path = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+        fix = _OS_FIXES.get(exc.errno or -1)
+        cause = exc.strerror or type(exc).__name__
+        return f"{path}: {cause}" + (f"; {fix}" if fix and fix.split(":")[0].lower() != cause.lower() else "")
+    from hydra import errors as hydra  # imported only for errors of another kind: cheap commands stay cheap
     from omegaconf.errors import OmegaConfBaseException
 
-    kinds = (ConfigCompositionException, MissingConfigException, OverrideParseException, SearchPathException,
-             OmegaConfBaseException)
-    if not isinstance(exc, kinds):
+    if isinstance(exc, hydra.InstantiationException) and exc.__cause__ is not None:
+        return describe(exc.__cause__)
+    if not isinstance(exc, (hydra.ConfigCompositionException, hydra.MissingConfigException,
+                            hydra.OverrideParseException, hydra.SearchPathException, OmegaConfBaseException)):
         return None
     text, cause = str(exc).strip(), str(exc.__cause__ or "").strip()
     return f"{text}\n{cause}" if cause and cause not in text else text
 
 
-def describe(exc: BaseException) -> str | None:
-    """The one message for a user error, or None when ``exc`` is a bug (it keeps its traceback).
-
-    Hydra's ``InstantiationException`` (a ``_target_`` constructor raised) is looked through to its cause.
-    """
-    if isinstance(exc, UserError):
-        return str(exc)
-    if isinstance(exc, OSError) and exc.filename is not None:
-        return describe_os_error(exc)
-    text = _config_error(exc)
-    if text is None and type(exc).__name__ == "InstantiationException" and exc.__cause__ is not None:
-        return describe(exc.__cause__)
-    return text
-
-
-def print_error(message: str, hint: bool = True) -> None:
+def print_error(message: str) -> None:
     """Write ``error: <message>`` (indented continuation lines) and the traceback hint to stderr."""
-    lines = message.strip().splitlines() or ["(no message)"]
-    block = "error: " + lines[0] + "".join("\n  " + ln if not ln.startswith(" ") else "\n" + ln for ln in lines[1:])
-    sys.stderr.write(block + ("\n" + HINT if hint else "") + "\n")
+    first, *rest = message.strip().splitlines() or ["(no message)"]
+    rest = [ln if ln.startswith(" ") else "  " + ln for ln in rest]
+    sys.stderr.write("\n".join(["error: " + first, *rest, HINT]) + "\n")
     sys.stderr.flush()
 
 

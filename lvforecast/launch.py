@@ -12,17 +12,11 @@ import os
 from collections.abc import Mapping
 
 
-def _count(value: str | None) -> int:
-    try:
-        return int(value or 0)
-    except ValueError:
-        return 0
-
-
 def launch_id(environ: Mapping[str, str] | None = None) -> str | None:
     """The id every rank of this launch shares, or None for a process started alone."""
     env = os.environ if environ is None else environ
-    if _count(env.get("SLURM_STEP_NUM_TASKS")) > 1 and env.get("SLURM_JOB_ID") and env.get("SLURM_STEP_ID"):
+    tasks = env.get("SLURM_STEP_NUM_TASKS", "")
+    if tasks.isdigit() and int(tasks) > 1 and env.get("SLURM_JOB_ID") and env.get("SLURM_STEP_ID"):
         return f"slurm{env['SLURM_JOB_ID']}.{env['SLURM_STEP_ID']}"
     run_id = env.get("TORCHELASTIC_RUN_ID")
     if run_id and run_id != "none":
