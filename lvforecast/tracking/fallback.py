@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 from pytorch_lightning.loggers import WandbLogger
-from pytorch_lightning.loggers.logger import rank_zero_experiment
+from pytorch_lightning.loggers.logger import DummyExperiment, rank_zero_experiment
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +34,8 @@ def sync_command(run: Any) -> str:
 
 
 def unreachable(base_url: str, timeout_s: float) -> str | None:
-    """Why the W&B server at ``base_url`` cannot be reached within ``timeout_s`` seconds, or None if it answers.
-
-    Any HTTP answer counts (W&B then says whether the key is good). The request runs in a daemon thread, so a
-    hanging DNS lookup or connect cannot hold the caller past ``timeout_s``.
-    """
-    import urllib.error
-    import urllib.request
-
+    """Why the W&B server at ``base_url`` cannot be reached within ``timeout_s`` seconds, or None if it answers
+    (any HTTP answer counts: W&B then says whether the key is good)."""
     outcome: list[str | None] = []
 
     def probe() -> None:
@@ -51,6 +47,7 @@ def unreachable(base_url: str, timeout_s: float) -> str | None:
         except (urllib.error.URLError, OSError, ValueError) as err:
             outcome.append(str(getattr(err, "reason", err)))
 
+    # A daemon thread, so a hanging DNS lookup or connect cannot hold the caller past timeout_s.
     worker = threading.Thread(target=probe, name="wandb-reachability", daemon=True)
     worker.start()
     worker.join(timeout_s)
@@ -88,11 +85,8 @@ def start_run(init_args: dict[str, Any], init_timeout_s: float) -> Any:
 
 
 def drop_service(run: Any = None) -> None:
-    """Forget ``run`` and this process's W&B service after the service was lost, so the next run starts afresh.
-
-    Their errors (the connection is gone) are expected and dropped; the teardown also unregisters W&B's exit hook,
-    which would print that error as a traceback.
-    """
+    """Forget ``run`` and this process's W&B service after the service was lost, so the next run starts afresh;
+    their errors (the connection is gone) are dropped, and W&B's exit hook, which would print one, unregistered."""
     import wandb
 
     if run is not None:
@@ -127,11 +121,8 @@ def finish_run(run: Any, exit_code: int) -> None:
 
 
 class SafeWandbLogger(WandbLogger):
-    """Lightning's ``WandbLogger`` whose W&B failures never stop the training (see the module docstring).
-
-    Args:
-        init_timeout_s: The longest an online start waits for the server before going offline, in seconds.
-    """
+    """Lightning's ``WandbLogger`` whose W&B failures never stop the training (see the module docstring);
+    ``init_timeout_s`` is the longest an online start waits for the server before going offline, in seconds."""
 
     def __init__(self, *, init_timeout_s: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -141,22 +132,19 @@ class SafeWandbLogger(WandbLogger):
     @property
     @rank_zero_experiment
     def experiment(self) -> Any:
-        if self._experiment is None and self._broken is not None:
-            from pytorch_lightning.loggers.logger import DummyExperiment
+        import wandb
 
+        if self._experiment is not None:
+            return self._experiment
+        if self._broken is not None:
             return DummyExperiment()  # W&B was switched off: never start a second run for this job
-        if self._experiment is None:
-            import wandb
-
-            if wandb.run is not None:
-                # A job that died before finishing leaves its run open; never log into it.
-                log.warning("W&B: finishing run %s left open by an earlier job before starting this one",
-                            wandb.run.id)
-                wandb.finish(exit_code=1)
-            self._experiment = start_run(dict(self._wandb_init), self._init_timeout_s)
-            # Lightning's default x axis (pytorch_lightning/loggers/wandb.py, WandbLogger.experiment).
-            self._experiment.define_metric("trainer/global_step")
-            self._experiment.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+        if wandb.run is not None:  # a job that died before finishing leaves its run open; never log into it
+            log.warning("W&B: finishing run %s left open by an earlier job before starting this one", wandb.run.id)
+            wandb.finish(exit_code=1)
+        self._experiment = start_run(dict(self._wandb_init), self._init_timeout_s)
+        # Lightning's default x axis (pytorch_lightning/loggers/wandb.py, WandbLogger.experiment).
+        self._experiment.define_metric("trainer/global_step")
+        self._experiment.define_metric("*", step_metric="trainer/global_step", step_sync=True)
         return self._experiment
 
     def _guarded(self, what: str, call: Any, *args: Any, **kwargs: Any) -> Any:

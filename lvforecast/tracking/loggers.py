@@ -14,33 +14,23 @@ from pathlib import Path
 from typing import Any
 
 from lvforecast.tracking.mode import decide_mode
+from lvforecast.validate import is_finite_number
 
 log = logging.getLogger(__name__)
 
+MAX_INIT_TIMEOUT_S = 30.0
+GROUP_FILE = "group.json"  # <save_dir>/wandb/group.json: the group this directory's W&B runs were given
+
 
 def wandb_logger(
-    project: str = "lvforecast",
-    entity: str | None = None,
-    group: str | None = None,
-    job_type: str | None = None,
-    tags: Sequence[str] | None = None,
-    mode: str = "auto",
-    save_dir: str | Path = ".",
-    log_model: bool | str = False,
-    name: str | None = None,
-    settings: Mapping[str, Any] | None = None,
-    group_per_launch: bool = True,
-    init_timeout_s: float = 20.0,
-    finish_timeout_s: float = 60.0,
-    **kwargs: Any,
+    project: str = "lvforecast", entity: str | None = None, group: str | None = None, job_type: str | None = None,
+    tags: Sequence[str] | None = None, mode: str = "auto", save_dir: str | Path = ".", log_model: bool | str = False,
+    name: str | None = None, settings: Mapping[str, Any] | None = None, group_per_launch: bool = True,
+    init_timeout_s: float = 20.0, finish_timeout_s: float = 60.0, **kwargs: Any,
 ) -> Any:
     """A :class:`~lvforecast.tracking.fallback.SafeWandbLogger` from ``conf/logger/wandb.yaml`` (which comments each
-    key); its W&B run starts at the first logging call.
-
-    Args:
-        save_dir: The run directory; the W&B files go to ``<save_dir>/wandb/``.
-        settings: Extra ``wandb.Settings`` fields.
-        **kwargs: Further ``wandb.init`` arguments (``notes``, ``id``, ...).
+    key); its W&B run starts at the first logging call, its files go to ``<save_dir>/wandb/``. ``settings`` holds
+    extra ``wandb.Settings`` fields, ``kwargs`` further ``wandb.init`` arguments (``notes``, ``id``, ...).
 
     Raises:
         UserError: As :func:`~lvforecast.tracking.mode.decide_mode` (the config check has reported it before).
@@ -70,10 +60,6 @@ def wandb_logger(
     return logger
 
 
-MAX_INIT_TIMEOUT_S = 30.0
-GROUP_FILE = "group.json"  # <save_dir>/wandb/group.json: the group this directory's W&B runs were given
-
-
 def wandb_problems(node: Any) -> list[str]:
     """What is wrong with a ``logger.wandb`` node (its mode, or online with no API key; its timeouts)."""
     if not node or node.get("_target_") != f"{__name__}.wandb_logger":
@@ -83,31 +69,14 @@ def wandb_problems(node: Any) -> list[str]:
         decide_mode(node.get("mode", "auto"))
     except ValueError as err:
         problems.append(str(err))
-    return problems + timeout_problems(node.get("init_timeout_s"), node.get("finish_timeout_s"))
-
-
-def timeout_problems(init_timeout_s: Any, finish_timeout_s: Any) -> list[str]:
-    """What is wrong with ``logger.wandb.init_timeout_s`` / ``finish_timeout_s`` (empty when nothing)."""
-    from lvforecast.validate import is_finite_number as number
-
-    problems = []
-    if not (number(init_timeout_s) and 0 < init_timeout_s <= MAX_INIT_TIMEOUT_S):
+    init_timeout_s, finish_timeout_s = node.get("init_timeout_s"), node.get("finish_timeout_s")
+    if not (is_finite_number(init_timeout_s) and 0 < init_timeout_s <= MAX_INIT_TIMEOUT_S):
         problems.append(f"logger.wandb.init_timeout_s={init_timeout_s!r}: must be a number of seconds in "
                         f"(0, {MAX_INIT_TIMEOUT_S:g}], the longest an online start waits before going offline")
-    if not (number(finish_timeout_s) and finish_timeout_s > 0):
+    if not (is_finite_number(finish_timeout_s) and finish_timeout_s > 0):
         problems.append(f"logger.wandb.finish_timeout_s={finish_timeout_s!r}: must be a number of seconds > 0, "
                         "the longest uploads wait at the end of a run")
     return problems
-
-
-def multirun_dir() -> Path | None:
-    """The sweep directory of the multirun this process runs a job of, or None outside a multirun."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return None
-    return Path(str(HydraConfig.get().sweep.dir))
 
 
 def launch_group(group: str, sweep_dir: str | Path) -> str:
@@ -118,10 +87,14 @@ def launch_group(group: str, sweep_dir: str | Path) -> str:
 def run_group(group: str | None, per_launch: bool = True) -> str | None:
     """The W&B group a run gets: ``group``, or in a multirun with ``per_launch`` its :func:`launch_group` (so a
     sweep launched twice is two groups; a study, one process, stays one group)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     if not group:
         return None
-    sweep_dir = multirun_dir() if per_launch else None
-    return launch_group(group, sweep_dir) if sweep_dir is not None else str(group)
+    if per_launch and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return launch_group(group, str(HydraConfig.get().sweep.dir))
+    return str(group)
 
 
 def record_group(save_dir: str | Path, group: str | None) -> None:
@@ -133,9 +106,8 @@ def record_group(save_dir: str | Path, group: str | None) -> None:
 
 def recorded_group(run_dir: str | Path) -> str | None:
     """The W&B group :func:`record_group` wrote for ``run_dir``, or None when it holds none (or not readable)."""
-    path = Path(run_dir) / "wandb" / GROUP_FILE
     try:
-        return json.loads(path.read_text()).get("group")
+        return json.loads((Path(run_dir) / "wandb" / GROUP_FILE).read_text()).get("group")
     except (OSError, ValueError, AttributeError):
         return None
 

@@ -46,13 +46,9 @@ def netrc_path(env: Mapping[str, str] | None = None) -> Path:
 
 
 def credentials_source(env: Mapping[str, str] | None = None, netrc_file: Path | None = None) -> str | None:
-    """Where a W&B API key is configured; reads ``env`` (default ``os.environ``) and ``netrc_file`` (default
-    :func:`netrc_path`) but contacts nothing.
-
-    Returns:
-        ``"WANDB_API_KEY"``, ``"WANDB_IDENTITY_TOKEN_FILE"`` or ``"netrc file <path> (<host>)"``; None when no
-        credentials are found (an unreadable netrc counts as none).
-    """
+    """Where a W&B API key is configured in ``env`` (default ``os.environ``) or ``netrc_file`` (default
+    :func:`netrc_path`), contacting nothing: ``"WANDB_API_KEY"``, ``"WANDB_IDENTITY_TOKEN_FILE"`` or
+    ``"netrc file <path> (<host>)"``; None when no credentials are found (an unreadable netrc counts as none)."""
     env = os.environ if env is None else env
     for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
         if env.get(var):
@@ -73,7 +69,7 @@ def decide_mode(mode: str, env: Mapping[str, str] | None = None, netrc_file: Pat
     """Resolve ``logger.wandb.mode`` (see the module docstring) to the mode ``wandb.init`` gets.
 
     Raises:
-        ValueError: ``mode`` is not one of :data:`MODES`; ``WANDB_MODE`` holds an unknown value (in ``auto``);
+        UserError: ``mode`` is not one of :data:`MODES`; ``WANDB_MODE`` holds an unknown value (in ``auto``);
             an online run is asked for but no API key is configured (wandb would otherwise prompt).
     """
     env = os.environ if env is None else env

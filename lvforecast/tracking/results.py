@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lvforecast.data.encoding import VARIABLES
 from lvforecast.evaluation.metrics import TABLED_METRICS
 from lvforecast.tracking.loggers import finish_wandb, launch_group, recorded_group
+from lvforecast.utils import parse_cell
 
 log = logging.getLogger(__name__)
-
-_VARIABLES = ("prey", "predator")
 
 
 @contextmanager
@@ -31,13 +32,9 @@ def _one_run(node: Any, **overrides: Any) -> Iterator[Any]:
 
 
 def evaluation_table(summary: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    """Model vs baselines in encoded units, from an evaluation's ``metrics.json`` dict.
-
-    Returns:
-        The column names and one row per method (``method`` first, then the mean and median of each metric
-        per variable).
-    """
-    keys = [(m, v, s) for m in TABLED_METRICS for v in _VARIABLES for s in ("mean", "median")]
+    """Model vs baselines in encoded units, from an evaluation's ``metrics.json`` dict: the column names and one row
+    per method (``method`` first, then the mean and median of each metric per variable)."""
+    keys = [(m, v, s) for m in TABLED_METRICS for v in VARIABLES for s in ("mean", "median")]
     rows = [[method] + [units["encoded"]["all"][m][v][s] for m, v, s in keys]
             for method, units in summary["methods"].items()]
     return ["method"] + [f"{m}_{v}_{s}" for m, v, s in keys], rows
@@ -61,18 +58,15 @@ def evaluation_headline(summary: Mapping[str, Any]) -> dict[str, Any]:
 
 def log_evaluation(cfg: Any, output_dir: str | Path, summary: Mapping[str, Any],
                    pngs: Sequence[str | Path]) -> str | None:
-    """Log a finished evaluation as one W&B run when ``cfg.logger.wandb`` is configured, and finish that run.
+    """Log a finished evaluation (the composed ``conf/evaluate.yaml`` ``cfg``, written to ``output_dir``) as one
+    W&B run when ``cfg.logger.wandb`` is configured, and finish that run.
 
     Logs the resolved config, :func:`evaluation_headline` (one history row and the summary), every PNG as
-    ``eval/plots/<stem>`` and :func:`evaluation_table` as ``eval/model_vs_baselines``.
-
-    Args:
-        cfg: The composed ``conf/evaluate.yaml``.
-        output_dir: The evaluation directory (for the log line; the run goes to ``logger.wandb.save_dir``).
+    ``eval/plots/<stem>`` and :func:`evaluation_table` as ``eval/model_vs_baselines``. The run's group is
+    ``logger.wandb.group``, else the group of the training run it evaluates (``run_dir``).
 
     Returns:
-        The W&B run id, or None when W&B is not configured. The run's group is ``logger.wandb.group``, else the
-        group of the training run it evaluates (``run_dir``).
+        The W&B run id, or None when W&B is not configured.
     """
     from omegaconf import OmegaConf
 
@@ -82,7 +76,6 @@ def log_evaluation(cfg: Any, output_dir: str | Path, summary: Mapping[str, Any],
         return None
     import wandb
 
-    # An evaluation of a trained run joins that run's group (its sweep or study) unless given its own.
     trained = None if node.get("group") else _trained_group(Path(cfg.run_dir)) if cfg.get("run_dir") else None
     # The trained run's group is final: an evaluation multirun must not add its own launch to it.
     with _one_run(node, **({"group": trained, "group_per_launch": False} if trained else {})) as run:
@@ -102,32 +95,23 @@ def _trained_group(run_dir: Path) -> str | None:
     from omegaconf import OmegaConf
 
     recorded = recorded_group(run_dir)
-    if recorded:
+    if recorded or not (run_dir / "config.yaml").is_file():
         return recorded
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return None
-    cfg = OmegaConf.load(path)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
     return OmegaConf.select(cfg, "logger.wandb.group", default=None) or cfg.get("sweep_name")
 
 
 def log_sweep_summary(wandb_cfg: Any, table_file: str | Path, curves: str | Path,
                       sweep_name: str | None) -> str | None:
-    """Log a finished sweep's ``summary.csv`` and curves PNG (if any) as one ``sweep-summary`` W&B run.
+    """Log a finished sweep's ``summary.csv`` and curves PNG (if any) as one ``sweep-summary`` W&B run of the
+    multirun's ``logger.wandb`` node ``wandb_cfg`` (None or a node without ``_target_``: nothing is logged).
 
     The run is in the group of the sweep's launch, as its jobs (unless ``logger.wandb.group_per_launch`` is
     false), lives in ``<sweep dir>/wandb/`` and its summary holds the best job and its final validation loss.
 
-    Args:
-        wandb_cfg: The multirun's ``logger.wandb`` node (None or a node without ``_target_``: nothing is logged).
-
     Returns:
         The W&B run id, or None when nothing was logged.
     """
-    import csv
-
-    from lvforecast.utils import parse_cell
-
     table_file, curves = Path(table_file), Path(curves)
     sweep_dir = table_file.parent
     if not wandb_cfg or "_target_" not in wandb_cfg or not table_file.is_file():
