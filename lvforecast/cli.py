@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
-from lvforecast.errors import UserError
+from lvforecast.errors import TRACEBACK_SWITCH, UserError, describe, print_error
 
 if TYPE_CHECKING:
     from lvforecast.budget.breakdown import Breakdown
@@ -266,18 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lvforecast",
                                      description="LoRA Lotka-Volterra forecasters under a FLOP budget.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_flops(sub)
-    _add_budget(sub)
-    _add_simulate(sub)
-    _add_sweeps(sub)
+    for add_command in (_add_flops, _add_budget, _add_simulate, _add_sweeps):
+        add_command(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``lvforecast`` subcommand with ``argv`` (default ``sys.argv[1:]``) and return its exit status:
     1 with one ``error:`` block for a user error (:mod:`lvforecast.errors`); bad arguments raise ``SystemExit(2)``."""
-    from lvforecast.errors import TRACEBACK_SWITCH, describe, print_error
-
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

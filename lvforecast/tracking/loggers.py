@@ -45,14 +45,11 @@ def wandb_logger(
     record_group(save_dir, group)
     # offline=False: Lightning's offline flag sets WANDB_MODE for the whole process; mode= is per run.
     logger = SafeWandbLogger(
-        init_timeout_s=float(init_timeout_s),
-        name=name, save_dir=str(save_dir), project=project, log_model=log_model, offline=False,
-        entity=entity, group=group, job_type=job_type, tags=[str(t) for t in tags or []] or None,
-        mode=decision.mode,
+        init_timeout_s=float(init_timeout_s), name=name, save_dir=str(save_dir), project=project,
+        log_model=log_model, offline=False, entity=entity, group=group, job_type=job_type,
+        tags=[str(t) for t in tags or []] or None, mode=decision.mode,
         settings=wandb.Settings(**{"finish_timeout": float(finish_timeout_s), "finish_timeout_raises": True,
-                                   **dict(settings or {})}),
-        **kwargs,
-    )
+                                   **dict(settings or {})}), **kwargs)
     # Lightning always passes anonymous=None, which wandb >= 0.19 warns about on every run.
     init_args = getattr(logger, "_wandb_init", {})
     if init_args.get("anonymous", False) is None:

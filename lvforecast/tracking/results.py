@@ -70,8 +70,7 @@ def log_evaluation(cfg: Any, output_dir: str | Path, summary: Mapping[str, Any],
     """
     from omegaconf import OmegaConf
 
-    loggers = cfg.get("logger")
-    node = loggers.get("wandb") if loggers else None
+    node = (cfg.get("logger") or {}).get("wandb")
     if not node or "_target_" not in node:
         return None
     import wandb
