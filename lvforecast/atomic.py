@@ -46,7 +46,7 @@ def _fsync_dir(folder: Path) -> None:
 @contextlib.contextmanager
 def atomic_writer(path: str | Path, mode: str = "w", newline: str | None = None) -> Iterator[IO[Any]]:
     """Yield a handle (``mode`` ``"w"`` or ``"wb"``, ``newline`` as for :func:`open`) on a temporary sibling of
-    ``path``; on success it replaces ``path`` atomically. The folder is created if missing.
+    ``path`` (its folder created if missing); on success it replaces ``path`` atomically.
 
     Raises:
         UserError: Writing failed (ENOSPC, EACCES, ...): the temporary is removed and ``path`` is untouched.
@@ -105,10 +105,9 @@ def save_figure(fig: Any, path: str | Path, **kwargs: Any) -> Path:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder to fill; on success it takes the place of ``path``.
-
-    The old folder is renamed aside, the new one renamed in, and only then the old one removed, so ``path`` is
-    always the old complete folder or the new one (or, between the two renames, absent with the old one beside it).
+    """Yield a temporary sibling folder to fill; on success it takes the place of ``path``: the old folder is renamed
+    aside, the new one renamed in, and only then the old one removed, so ``path`` is always the old complete folder
+    or the new one (or, between the two renames, absent with the old one beside it).
 
     Raises:
         UserError: Writing or swapping failed: the temporary folder is removed and ``path`` is untouched.

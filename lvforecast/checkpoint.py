@@ -27,10 +27,8 @@ def _first_line(err: BaseException) -> str:
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """A Lightning checkpoint, loaded with ``weights_only=True``.
-
-    Our checkpoints hold only tensors, numbers, strings and containers; a file that needs arbitrary unpickling is
-    not one of ours and is refused rather than executed.
+    """A Lightning checkpoint, loaded with ``weights_only=True``: ours hold only tensors, numbers, strings and
+    containers, so a file that needs arbitrary unpickling is not one of ours and is refused rather than executed.
 
     Raises:
         UserError: No such file, not a torch checkpoint (truncated by a full disk, another format), or not a

@@ -103,10 +103,8 @@ def _flops(args: argparse.Namespace) -> int:
         args.parser.error(str(err))
     if args.audit:
         return _audit(args, result, lora)
-    if args.json:
-        sys.stdout.write(json.dumps({"model": args.model, **result.to_json()}, indent=2) + "\n")
-    else:
-        sys.stdout.write(result.table(f"{args.model} {result.label}, B={args.batch} N={args.seq_len}") + "\n")
+    print(json.dumps({"model": args.model, **result.to_json()}, indent=2) if args.json
+          else result.table(f"{args.model} {result.label}, B={args.batch} N={args.seq_len}"))
     return 0
 
 
@@ -199,10 +197,9 @@ def _budget(args: argparse.Namespace) -> int:
             print(format_report_markdown(report), end="")
             print(f"wrote {md} and {png}", file=sys.stderr)
     elif args.action == "reconcile":
-        if args.json:
-            print(json.dumps({RunStatus.CRASHED: ids, "remaining": ledger.remaining()}))
-        else:
-            print(f"marked crashed: {', '.join(map(str, ids)) or 'none'}; remaining {format_flops(ledger.remaining())}")
+        remaining = ledger.remaining()
+        print(json.dumps({RunStatus.CRASHED: ids, "remaining": remaining}) if args.json
+              else f"marked crashed: {', '.join(map(str, ids)) or 'none'}; remaining {format_flops(remaining)}")
     else:
         from lvforecast.budget.report import format_runs
 

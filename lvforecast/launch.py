@@ -28,11 +28,9 @@ def launch_id(environ: Mapping[str, str] | None = None) -> str | None:
 
 
 def launch_token(environ: Mapping[str, str] | None = None) -> str:
-    """What ties rank 0's published reservation to this launch ("" on a bare machine).
-
-    The launch id (else the SLURM job id) plus SLURM's restart count: the ranks of a requeued job share the first
-    attempt's run directory and must not read that attempt's reservation.
-    """
+    """What ties rank 0's published reservation to this launch ("" on a bare machine): the launch id (else the SLURM
+    job id) plus SLURM's restart count, as a requeued job's ranks share the first attempt's run directory and must not
+    read that attempt's reservation."""
     env = os.environ if environ is None else environ
     token = launch_id(env) or env.get("SLURM_JOB_ID", "")
     restarts = env.get("SLURM_RESTART_COUNT")

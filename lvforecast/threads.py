@@ -30,7 +30,7 @@ def resolve_threads(setting: Any, shape: Any | None, default: int) -> int:
     """The thread count ``setting`` means for a model of ``shape`` (None: unknown, so ``default``).
 
     Raises:
-        ValueError: ``setting`` is neither ``auto`` nor an integer >= 1.
+        UserError: ``setting`` is neither ``auto`` nor an integer >= 1.
     """
     if setting == "auto":
         return 1 if shape is not None and layer_parameters(shape) < SMALL_MODEL_PARAMETERS else default

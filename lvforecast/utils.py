@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import platform
@@ -13,10 +14,8 @@ from omegaconf import DictConfig
 
 
 def instantiate_list(group: DictConfig | None, exclude: tuple[str, ...] = (), **kwargs: Any) -> list[Any]:
-    """Instantiate each entry of a named map that has a ``_target_`` (so ``logger.wandb=null`` skips one).
-
-    Keys in ``exclude`` are left for the caller (a ``_partial_`` node it completes itself).
-    """
+    """Instantiate each entry of a named map that has a ``_target_`` (so ``logger.wandb=null`` skips one), except
+    the keys in ``exclude`` (a ``_partial_`` node the caller completes itself)."""
     from hydra.utils import instantiate
 
     if not group:
@@ -72,10 +71,8 @@ def parse_cell(text: str) -> Any:
     if text in ("True", "False"):
         return text == "True"
     for kind in (int, float):
-        try:
+        with contextlib.suppress(ValueError):
             return kind(text)
-        except ValueError:
-            pass
     return text
 
 
@@ -86,9 +83,8 @@ def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[int, float]]]:
         for row in csv.DictReader(fh):
             step = int(float(row.get("step") or 0))
             for key, val in row.items():
-                if key in ("step", "epoch") or val in (None, ""):
-                    continue
-                series.setdefault(key, []).append((step, float(val)))
+                if key not in ("step", "epoch") and val not in (None, ""):
+                    series.setdefault(key, []).append((step, float(val)))
     return series
 
 

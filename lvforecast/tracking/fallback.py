@@ -42,10 +42,8 @@ def unreachable(base_url: str, timeout_s: float) -> str | None:
         try:
             urllib.request.urlopen(base_url.rstrip("/") + "/healthz", timeout=timeout_s).close()  # noqa: S310
             outcome.append(None)
-        except urllib.error.HTTPError:
-            outcome.append(None)
-        except (urllib.error.URLError, OSError, ValueError) as err:
-            outcome.append(str(getattr(err, "reason", err)))
+        except (urllib.error.URLError, OSError, ValueError) as err:  # an HTTPError is an answer
+            outcome.append(None if isinstance(err, urllib.error.HTTPError) else str(getattr(err, "reason", err)))
 
     # A daemon thread, so a hanging DNS lookup or connect cannot hold the caller past timeout_s.
     worker = threading.Thread(target=probe, name="wandb-reachability", daemon=True)
