@@ -1,8 +1,4 @@
-"""The study report, generated: ``study_report.md`` and its PNGs in the study directory.
-
-What it holds is listed in ``docs/sweeps-and-studies.md`` (the report); each evaluation's own ``report.md`` and PNGs
-are linked, each training stage's sweep summary is included.
-"""
+"""The study report: ``study_report.md`` and its PNGs in the study directory (``docs/sweeps-and-studies.md``)."""
 
 from __future__ import annotations
 
@@ -132,11 +128,8 @@ def _plot_curves(path: Path, stages: list[Stage], done: dict[str, dict[str, Any]
 
 
 def _plot_forecasts(forecasts_png: Path, running_png: Path, evals: list[tuple[str, Path]]) -> None:
-    """The example systems' truth and every evaluation's forecast (zero-shot, default, final), and running MSE.
-
-    ``forecasts.png``: one row per variable, one column per example system. ``running_mse.png``: the running MSE
-    (encoded units) over the forecast steps, averaged over the example systems, one line per evaluation.
-    """
+    """``forecasts.png``: the example systems' truth and every evaluation's forecast, a row per variable, a column
+    per system; ``running_mse.png``: each evaluation's running MSE (encoded units), mean over the example systems."""
     from matplotlib.figure import Figure
 
     loaded = [(name, np.load(path)) for name, path in evals]

@@ -1,9 +1,5 @@
-"""The summary of a finished multirun (a Hydra callback), and its files.
-
-:class:`SweepSummary` writes ``summary.md``, ``summary.csv`` and ``val_loss_curves.png`` into the sweep directory
-when the multirun ends (and logs them to W&B with ``logger=wandb``); :func:`summarize_command` rebuilds them from
-the job directories alone (``lvforecast summarize SWEEP_DIR``). The files are described in
-``docs/sweeps-and-studies.md``.
+"""A sweep's ``summary.md``, ``summary.csv`` and ``val_loss_curves.png`` (``docs/sweeps-and-studies.md``), written
+when the multirun ends (:class:`SweepSummary`) or rebuilt from its job directories (:func:`summarize_command`).
 """
 
 from __future__ import annotations
@@ -37,8 +33,7 @@ class SweepSummary(Callback):
     """Write the sweep's summary when the multirun ends; exit 1 if any job did not finish."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        """Summarize the sweep directory (and log it to W&B with ``logger=wandb``); exit naming every unfinished
-        job, with its status and error."""
+        """Summarize the sweep directory (and log it to W&B with ``logger=wandb``); exit naming every unfinished job."""
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             jobs = sweep_jobs(config)
@@ -58,8 +53,8 @@ def summarize_command(sweep_dir: Path) -> int:
     """``summarize SWEEP_DIR``: (re)write a sweep's summary from its job directories and print ``summary.md``.
 
     Returns:
-        The exit status: 0 when every job finished; 1 when some did not (the jobs of ``plan.csv`` without a record
-        never ran) or none is found; 2 when ``sweep_dir`` is no directory. All but 0 print one ``error:`` line.
+        0 when every job finished; 1 when some did not or none is found; 2 when ``sweep_dir`` is no directory.
+        All but 0 print one ``error:`` line.
     """
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
@@ -86,13 +81,8 @@ def summarize_command(sweep_dir: Path) -> int:
 
 
 def best_row(path: str | Path) -> dict[str, str]:
-    """The best finished job's row of a sweep's ``summary.csv`` (``path``: the file or its sweep directory).
-
-    The best is the halving winner (marked ``best`` in the last rung), else the lowest final validation loss.
-
-    Raises:
-        UserError: No summary there, or no finished job with a validation loss in it.
-    """
+    """The best finished job's row of a sweep's ``summary.csv`` (``path``: the file or its sweep directory): the
+    halving winner, else the lowest final validation loss; UserError if there is no summary or no such job."""
     file = Path(str(path))
     if file.is_dir():
         file = file / SUMMARY_CSV
@@ -124,11 +114,7 @@ def planned_jobs(sweep_dir: Path) -> list[list[str]] | None:
 
 def summarize_sweep(sweep_dir: Path, jobs: list[list[str]] | None = None) -> list[dict[str, Any]]:
     """Collect every job of a sweep directory into ``summary.csv``, ``summary.md`` and the curves PNG; return the rows.
-
-    Args:
-        sweep_dir: The multirun's directory (jobs in numbered subdirectories).
-        jobs: The overrides of the jobs the sweep launched (one with no record is ``missing``); None: those of
-            ``plan.csv`` and on disk.
+    ``jobs``: the overrides of the jobs launched (one with no record is ``missing``); None: ``plan.csv``'s and on disk.
     """
     found = {}
     for status_file in sorted(sweep_dir.glob(f"*/{STATUS_FILE}")):
