@@ -1,7 +1,5 @@
-"""``${lv_best:PATH,KEY}``: a setting of the best finished job of an earlier sweep (registered on import).
-
-This is how ``sweep=context_length best_from=...`` and ``sweep=final best_from=...`` pick up earlier results.
-"""
+"""``${lv_best:PATH,KEY}`` (registered on import): a setting of the best finished job of an earlier sweep, as
+``sweep=context_length best_from=...`` and ``sweep=final best_from=...`` read it."""
 
 from __future__ import annotations
 

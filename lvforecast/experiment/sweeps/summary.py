@@ -43,7 +43,9 @@ class SweepSummary(Callback):
         bad = [r for r in rows if r["status"] not in COMPLETED]
         log.info("sweep summary: %s (%d jobs, %d not finished)", sweep_dir / SUMMARY_MD, len(rows), len(bad))
         print(f"\nsweep summary ({len(rows)} jobs): {sweep_dir / SUMMARY_MD}\n", flush=True)
-        _log_summary_to_wandb(config, sweep_dir)
+        if "wandb" in (config.get("logger") or {}):  # the table and curves as one W&B run in the sweep's group
+            log_sweep_summary(config.logger.wandb, sweep_dir / SUMMARY_CSV, sweep_dir / CURVES_PNG,
+                              config.get("sweep_name"))
         if bad:
             raise SystemExit(f"{len(bad)} of {len(rows)} jobs did not finish: "
                              + "; ".join(f"job {r['job']} {r['status']} ({r['error']})" for r in bad))
@@ -282,23 +284,22 @@ def _plot_curves(path: Path, curves: dict[int, list[tuple[int, float]]], labels:
 
     fig = Figure(figsize=(8, 4.5))
     ax = fig.subplots()
+    draw_val_curves(ax, curves, labels, best)
+    ax.set_title(f"validation loss per job: {title}")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+
+
+def draw_val_curves(ax: Any, curves: dict[int, list[tuple[int, float]]], labels: dict[int, str],
+                    best: int | None) -> None:
+    """Each job's validation loss against its optimizer step on ``ax``, job ``best`` drawn thicker."""
     for num, points in sorted(curves.items()):
         steps, values = zip(*points, strict=True)
         ax.plot(steps, values, marker="o", ms=3, lw=2.5 if num == best else 1.2,
                 label=labels.get(num, f"job {num}") + (" (best)" if num == best else ""))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(f"validation loss per job: {title}")
     ax.grid(alpha=0.3)
     if curves:
         ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
 
-
-def _log_summary_to_wandb(config: DictConfig, sweep_dir: Path) -> None:
-    """Log the summary table and curves as one W&B run (job type ``sweep-summary``) in the sweep's group."""
-    logger_cfg = config.get("logger") or {}
-    if "wandb" not in logger_cfg:
-        return
-    log_sweep_summary(logger_cfg.wandb, sweep_dir / SUMMARY_CSV, sweep_dir / CURVES_PNG, config.get("sweep_name"))
