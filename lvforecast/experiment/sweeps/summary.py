@@ -118,17 +118,12 @@ def summarize_sweep(sweep_dir: Path, jobs: list[list[str]] | None = None) -> lis
     """Collect every job of a sweep directory into ``summary.csv``, ``summary.md`` and the curves PNG; return the rows.
     ``jobs``: the overrides of the jobs launched (one with no record is ``missing``); None: ``plan.csv``'s and on disk.
     """
-    found = {}
-    for status_file in sorted(sweep_dir.glob(f"*/{STATUS_FILE}")):
-        record = json.loads(status_file.read_text())
-        found[int(record["num"])] = record
-    if jobs is None:
-        planned = planned_jobs(sweep_dir)
-        if planned is not None:  # the jobs a stopped sweep never started are in its plan
-            jobs = [found[n]["overrides"] if n in found else job for n, job in enumerate(planned)]
-            jobs += [found[n]["overrides"] for n in sorted(found) if n >= len(planned)]
-        else:
-            jobs = [found[n]["overrides"] for n in sorted(found)]
+    records = [json.loads(path.read_text()) for path in sweep_dir.glob(f"*/{STATUS_FILE}")]
+    found = {int(record["num"]): record for record in records}
+    if jobs is None:  # the jobs a stopped sweep never started are in its plan
+        planned = planned_jobs(sweep_dir) or []
+        jobs = [found[n]["overrides"] if n in found else job for n, job in enumerate(planned)]
+        jobs += [found[n]["overrides"] for n in sorted(found) if n >= len(planned)]
     halving_file = sweep_dir / HALVING_FILE  # what a hydra/sweeper=halving multirun wrote
     halving = json.loads(halving_file.read_text()) if halving_file.is_file() else None
     keys = halving["params"] if halving else varying_keys(jobs) if jobs else []
