@@ -1,9 +1,6 @@
 """What the entry points call: train(cfg), evaluate(cfg) and the Hydra sweep machinery.
 
-Importing it registers the resolvers the configs use, so every entry point (``train.py``, ``evaluate.py``,
-``study.py``) has them: ``${lv_unique:}`` and ``${lv_run_name:}`` (:mod:`lvforecast.experiment.rundir`, Hydra's run
-and sweep directory names), ``${lv_precision:}`` (:mod:`lvforecast.devices`, the trainer's precision) and
-``${lv_val_batches:}`` (:mod:`lvforecast.data.val_batches`, validation slices in windows).
+Importing it registers the resolvers the configs use, so every entry point has them.
 """
 
 from lvforecast import devices as _devices  # noqa: F401 - registers the ${lv_precision:} resolver

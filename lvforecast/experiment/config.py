@@ -1,8 +1,5 @@
-"""A run's config, read once: every key checked before anything heavy loads, then the typed objects it is planned with.
-
-:func:`check_train_config` and :func:`check_evaluate_config` raise one :class:`~lvforecast.errors.UserError` listing
-every problem. :func:`pricing_of` and :func:`run_shape` turn the config and the data into the ``Pricing`` and
-``RunShape`` that :mod:`lvforecast.budget.planning` takes: planning itself never reads the config.
+"""A run's config, read once: every key checked before anything heavy loads (one UserError listing every problem),
+then the ``Pricing`` and ``RunShape`` that :mod:`lvforecast.budget.planning` takes (planning never reads the config).
 """
 
 from __future__ import annotations
@@ -34,14 +31,8 @@ LIGHTNING_DEFAULTS: dict[str, Any] = {"num_sanity_val_steps": 2, "limit_val_batc
 
 
 def check_train_config(cfg: DictConfig, start_step: int = 0) -> None:
-    """Check a composed ``conf/train.yaml`` before anything is written or loaded.
-
-    Args:
-        start_step: The checkpoint's step when resuming (read once, by the caller).
-
-    Raises:
-        UserError: Every problem at once, each naming its key, the value and what is allowed.
-    """
+    """Check a composed ``conf/train.yaml`` before anything is written or loaded (``start_step``: the checkpoint's
+    step when resuming); a UserError lists every problem, each naming its key, the value and what is allowed."""
     from lvforecast.data.datamodule import LotkaVolterraDataModule
 
     problems = seed_problems(cfg.get("seed"))
@@ -65,11 +56,7 @@ def check_train_config(cfg: DictConfig, start_step: int = 0) -> None:
 
 
 def check_evaluate_config(cfg: DictConfig) -> None:
-    """Check a composed ``conf/evaluate.yaml`` before any data or weights load.
-
-    Raises:
-        UserError: Every problem at once, each naming its key, the value and what is allowed.
-    """
+    """Check a composed ``conf/evaluate.yaml`` before any data or weights load, as :func:`check_train_config`."""
     from lvforecast.evaluation.forecast import settings_problems
 
     problems = device_problems(cfg.get("device"))
@@ -86,7 +73,9 @@ def check_evaluate_config(cfg: DictConfig) -> None:
 
 
 def _raise_problems(cfg: DictConfig, problems: list[str]) -> None:
-    """Add the ``threads`` and W&B checks every config shares; raise one UserError listing every problem."""
+    """Add the checks every config shares (threads, dry run, W&B); raise one UserError listing every problem."""
+    if cfg.budget.dry_run and not cfg.budget.enabled:
+        problems.append("budget.dry_run=true needs budget.enabled=true: there is no plan to print")
     try:
         resolve_threads(cfg.threads, None, 1)
     except ValueError as err:
@@ -205,11 +194,7 @@ def train_pricing(cfg: DictConfig) -> Pricing:
 
 def token_counts(model_cfg: DictConfig, texts: list[str]) -> list[int]:
     """Tokens of each LLMTIME text: ``model.tokenizer``'s count where the model states one (Qwen2.5), else
-    characters (a character is a token on the LLMTIME alphabet, checked at load).
-
-    Raises:
-        UserError: The tokenizer does not split LLMTIME text into one token per character.
-    """
+    characters; UserError if the tokenizer does not split LLMTIME text into one token per character."""
     node = model_cfg.get("tokenizer")
     if node is None:
         return [len(t) for t in texts]
@@ -219,12 +204,8 @@ def token_counts(model_cfg: DictConfig, texts: list[str]) -> list[int]:
 
 
 def schedule_of(tr: DictConfig, epoch_batches: int | None, max_steps: int) -> Schedule:
-    """The :class:`Schedule` Lightning will run for ``trainer`` settings and an epoch of ``epoch_batches``.
-
-    Raises:
-        UserError: A fractional interval or ``check_val_every_n_epoch`` without a known epoch length, or an
-            interval longer than an epoch.
-    """
+    """The :class:`Schedule` Lightning will run for ``trainer`` settings and an epoch of ``epoch_batches``;
+    UserError for an interval longer than an epoch, or one needing the epoch's length when it is unknown (None)."""
     accum = tr.get("accumulate_grad_batches") or 1
     interval = trainer_setting(tr, "val_check_interval")
     every = tr.get("check_val_every_n_epoch")
@@ -251,13 +232,10 @@ def _limited(n_batches: int, limit: int | float) -> int:
 
 def run_shape(cfg: DictConfig, val_shapes: list[list[tuple[int, int]]], epoch_batches: int | None,
               start_step: int = 0) -> RunShape:
-    """What the run of ``cfg`` will run: its batches, every rank's validation and sanity batches, its schedule.
+    """What the run of checked ``cfg`` will run: its batches, every rank's validation and sanity batches, schedule.
 
-    Args:
-        cfg: The checked training config.
-        val_shapes: Each rank's validation batch shapes ``(B, N)`` in loader order (the whole set).
-        epoch_batches: Training micro-batches per epoch on one rank (None: no epoch ends within the run).
-        start_step: The checkpoint's step when resuming.
+    ``val_shapes``: each rank's validation batch shapes ``(B, N)`` in loader order (the whole set);
+    ``epoch_batches``: training micro-batches per epoch on one rank (None: no epoch ends within the run).
     """
     tr = cfg.trainer
     ranks = world_size(tr)

@@ -1,11 +1,8 @@
 """``evaluate(cfg)``: forecast the held-out systems, score model and baselines, write the evaluation directory.
 
-The flow is load -> reserve -> forecast -> score -> write, one function each. The generation cost (prefill +
-KV-cache decode, an upper bound priced on the forecaster's own batches) is reserved in the ledger before the model
-loads and every batch is charged to it as ``generate``; ``budget.dry_run=true`` prints the bound and stops. With
-``run_dir`` the training run's ``config.yaml``, ``split.json`` and ``adapter/`` give the model, the test systems and
-the weights; without it the configured model is evaluated untrained (zero-shot). The files written are listed in
-``docs/evaluation.md``.
+An upper bound of the generation FLOPs is reserved before the model loads and each batch is charged as ``generate``.
+``run_dir`` (a training run) gives the model, test systems and adapter; without it the untrained model is evaluated.
+The files written: ``docs/evaluation.md``.
 """
 
 from __future__ import annotations
@@ -87,13 +84,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def plan_generation(cfg: DictConfig, trained: DictConfig | None = None) -> int:
-    """The FLOPs an evaluation reserves, without loading weights (what a study plans before it runs).
-
-    Args:
-        cfg: The composed ``conf/evaluate.yaml``.
-        trained: The train config of a run that does not exist yet, whose model, data and LoRA price the
-            generation; None: ``cfg``'s own ``run_dir``, or the untrained model.
-    """
+    """The FLOPs evaluation ``cfg`` reserves, without loading weights (what a study plans before it runs);
+    ``trained``: the train config of a run not made yet, to price instead of ``cfg``'s own ``run_dir`` or model."""
     check_evaluate_config(cfg)
     source = _source(cfg) if trained is None else _Source(trained.model, trained.data, trained.lora)
     return _generation_plan(cfg, source, _load(cfg, source))[0].total
@@ -214,8 +206,6 @@ def _generation_plan(cfg: DictConfig, source: _Source, inputs: EvaluationInputs)
 
 
 def _dry_run(cfg: DictConfig, out: Path, plan: int, inputs: EvaluationInputs) -> dict[str, Any]:
-    if not cfg.budget.enabled:
-        raise UserError("budget.dry_run=true needs budget.enabled=true: there is no plan to print")
     log.info("generation FLOPs (dry run, upper bound, no weights loaded): %d systems x %d sample(s) -> %.4e",
              len(inputs.prompts), int(cfg.forecast.num_samples), plan)
     return {"dry_run": True, "plan": {"generate_upper_bound": plan, "systems": len(inputs.prompts)},

@@ -1,9 +1,7 @@
 """What a training run prints: a model summary with the analytic FLOPs, a progress bar counting optimizer steps.
 
-Lightning's defaults fit epoch-based runs of plain modules. Here a run is step-based (``max_epochs: -1``) and its
-subject is FLOPs, so its ``ModelSummary`` ends with ``Total Flops: 0`` (it counts FLOPs only over an
-``example_input_array``, which the module has none of) and its progress bar reads ``Epoch 0/-2``. The two
-callbacks below replace them; ``conf/callbacks/progress.yaml`` configures both.
+They replace Lightning's (``conf/callbacks/progress.yaml``), which print ``Total Flops: 0`` (it counts FLOPs only
+over an ``example_input_array``) and ``Epoch 0/-2`` for a step-based run (``max_epochs: -1``).
 """
 
 from __future__ import annotations
@@ -26,17 +24,9 @@ log = logging.getLogger(__name__)
 
 
 class FlopModelSummary(ModelSummary):
-    """Lightning's model summary, with the analytic FLOPs of a training batch in place of ``Total Flops: 0``.
-
-    The per-layer ``FLOPs`` column is left out; the trailer gives the forward FLOPs of one ``batch_size x seq_len``
-    training batch and of one training step (3 x forward), counted as the FLOP budget charges them.
-
-    Args:
-        batch_size: Windows per training batch (``data.batch_size``).
-        seq_len: Tokens per window (``data.context_length``).
-        conventions: ``budget.conventions``; empty = the study brief's.
-        max_depth: Layer nesting shown; 0 turns the summary off (Lightning's argument).
-    """
+    """Lightning's model summary without its FLOPs column, ending with the forward FLOPs of one ``batch_size`` x
+    ``seq_len`` training batch (``data.batch_size``, ``data.context_length``) and of one training step (3 x forward),
+    as the FLOP budget charges them under ``conventions`` (``budget.conventions``; empty: the study brief's)."""
 
     def __init__(self, batch_size: int, seq_len: int, conventions: Mapping[str, Any] | None = None,
                  max_depth: int = 1) -> None:
@@ -75,11 +65,10 @@ class FlopModelSummary(ModelSummary):
 
 class StepProgressBar(TQDMProgressBar):
     """A tqdm progress bar whose training bar counts optimizer steps of ``max_steps`` (``step 40/150``), across
-    epochs, from the step a resumed run starts at (runs are step-based: ``check_train_config`` requires it).
+    epochs, from the step a resumed run starts at.
 
-    Its metrics, Lightning's progress-bar ones and :data:`SHOWN` (logged without ``prog_bar``, which would make
-    Lightning convert them after every batch), are read only after a step that logged them: reading a logged tensor
-    is a host sync, and between logging steps there is nothing new to read.
+    Its metrics (Lightning's and :data:`SHOWN`) are read only after a step that logged them: reading a logged
+    tensor is a host sync, and between logging steps there is nothing new to read.
     """
 
     STEP_BAR_FORMAT = "step {n_fmt}/{total_fmt} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}, " \

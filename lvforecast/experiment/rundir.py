@@ -1,13 +1,8 @@
-"""Run directories: unique names, one run per directory, and a resumed run's history kept.
+"""Run directories: unique names, one run per directory, and a resumed run's history kept (``docs/reliability.md``).
 
-:class:`RunDir` is a training run's directory as the run sees it: the claim, ``config.yaml``, ``run_info.json``
-with its segments (one per stretch of training) and the metrics history; only the lead process (rank 0) writes.
-
-- ``${lv_run_name:}`` names Hydra's run and sweep directories and ``${lv_unique:}`` is its unique part; both are
-  registered on import and cached per config like ``${now:}``, so a multirun's jobs all see one sweep directory.
-- :func:`claim` refuses a directory holding another run's files, unless this run resumes that one (``ckpt_path``
-  inside it) or restarts the same configuration that stopped before its first checkpoint.
-- A resume in its own directory appends to ``metrics.csv`` (Lightning's CSV logger would delete it).
+:class:`RunDir` is a training run's directory as the run sees it; only the lead process (rank 0) writes. The
+resolvers ``${lv_run_name:}`` (Hydra's run and sweep directory names) and ``${lv_unique:}`` (their unique part) are
+registered on import and cached per config like ``${now:}``, so a multirun's jobs all see one sweep directory.
 """
 
 from __future__ import annotations
@@ -24,7 +19,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from lvforecast.atomic import atomic_writer, write_text
+from lvforecast.atomic import atomic_writer, write_csv, write_text
 from lvforecast.budget.status import RunStatus
 from lvforecast.errors import UserError
 from lvforecast.launch import launch_id
@@ -104,11 +99,8 @@ def _same_config(out: Path, cfg: DictConfig) -> bool:
 
 
 def claim(cfg: DictConfig, out: Path) -> Claim:
-    """Check that this run may write into ``out`` (see the module docstring); nothing is written.
-
-    Raises:
-        UserError: ``out`` holds another run's files (named), and what to do instead.
-    """
+    """Check that this run may write into ``out``: a UserError names another run's files there, unless this run
+    resumes that one (``ckpt_path`` inside it) or restarts its configuration stopped before its first checkpoint."""
     found = [name for name in RUN_FILES if (out / name).exists()]
     if (out / "checkpoints").is_dir() and not any((out / "checkpoints").iterdir()):
         found.remove("checkpoints")
@@ -133,11 +125,8 @@ def claim(cfg: DictConfig, out: Path) -> Claim:
 
 
 def metrics_history(out: Path, upto_step: int) -> tuple[list[str], list[dict[str, str]]]:
-    """The header and rows of ``out/metrics.csv`` of optimizer steps 1..``upto_step`` (a resume redoes the later ones).
-
-    Raises:
-        UserError: The file exists but is not a readable CSV.
-    """
+    """The header and rows of ``out/metrics.csv`` of optimizer steps 1..``upto_step`` (a resume redoes the later
+    ones); UserError if it exists but is not a readable CSV."""
     path = out / "metrics.csv"
     if not path.is_file():
         return [], []
@@ -154,11 +143,8 @@ def metrics_history(out: Path, upto_step: int) -> tuple[list[str], list[dict[str
 
 
 def install_history(loggers: list[Any], out: Path, header: list[str], rows: list[dict[str, str]]) -> None:
-    """Make every CSV logger writing ``out/metrics.csv`` keep ``rows`` and append after them.
-
-    Lightning's CSV writer deletes an existing ``metrics.csv`` when it starts; this one writes the kept rows
-    back (atomically) instead and rewrites its header atomically when new columns appear.
-    """
+    """Make every CSV logger writing ``out/metrics.csv`` keep ``rows`` and append after them (Lightning's writer
+    would delete the file), rewriting it atomically when new columns appear."""
     from pytorch_lightning.loggers import CSVLogger
     from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
@@ -179,11 +165,7 @@ def install_history(loggers: list[Any], out: Path, header: list[str], rows: list
             continue
         path = out / ExperimentWriter.NAME_METRICS_FILE
         if rows:
-            keys = sorted(header)
-            with atomic_writer(path, "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=keys)
-                writer.writeheader()
-                writer.writerows(rows)
+            write_csv(path, [{k: row[k] for k in sorted(header)} for row in rows])
         elif path.exists():
             path.unlink()  # a restart: the stopped attempt's rows are not this run's history
         os.makedirs(lg.root_dir, exist_ok=True)
@@ -212,8 +194,8 @@ def segments(previous: dict[str, Any] | None, start_step: int, ckpt_path: str | 
 
 @dataclass
 class RunDir:
-    """A training run's directory ``out`` (see the module docstring); ``lead``: whether this process writes it
-    (rank 0), ``start_step``: the checkpoint's step on a resume, else 0; ``info``: ``run_info.json`` as written."""
+    """A training run's directory ``out``; ``lead``: whether this process writes it (rank 0), ``start_step``: the
+    checkpoint's step on a resume, else 0; ``info``: ``run_info.json`` as written."""
 
     out: Path
     lead: bool

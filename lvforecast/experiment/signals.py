@@ -1,20 +1,10 @@
 """SIGTERM and SIGINT: a run stops at the next step boundary, checkpointed, recorded ``interrupted``, exit 143 / 130.
 
-What the user sees is in ``docs/reliability.md`` (signals). How it is done:
-
-* **During fitting** the signal goes through Lightning's own mechanism (``trainer.received_sigterm``; its loops
-  raise ``SIGTERMException``, a ``SystemExit``, after the current batch); :class:`SignalGuard` routes SIGINT the
-  same way. :class:`InterruptCheckpoint` then writes ``checkpoints/last.ckpt`` atomically at the step reached and
-  sets the exit status to ``128 + signal``. The ledger treats every ``SystemExit`` and ``KeyboardInterrupt`` as
-  ``interrupted``.
-* **Outside fitting**, and on a second signal, :class:`SignalGuard` raises :class:`Interrupted` at once, without
-  a new checkpoint.
-* **SLURM**: a requeued job (``SLURM_RESTART_COUNT`` > 0) with ``ckpt_path`` unset resumes from the newest
-  checkpoint in its run directory (:func:`requeued_checkpoint`), which must be the same for every attempt: the
-  sweep's job directory with ``hydra/launcher=slurm``, else pin it, e.g.
-  ``hydra.run.dir=outputs/train/slurm-${oc.env:SLURM_JOB_ID}``.
-
-Handlers are only installed from the main thread (Python allows no other), and are restored on exit.
+What the user sees: ``docs/reliability.md`` (signals). While fitting, the signal goes through Lightning's own
+mechanism (its loops raise ``SIGTERMException``, a ``SystemExit``, after the current batch; :class:`SignalGuard`
+routes SIGINT the same way) and :class:`InterruptCheckpoint` writes the checkpoint. Outside fitting, and on a second
+signal, :class:`SignalGuard` raises :class:`Interrupted` at once. Handlers are only installed from the main thread
+(Python allows no other) and are restored on exit. A requeued SLURM job resumes by :func:`resume_requeued`.
 """
 
 from __future__ import annotations
@@ -43,13 +33,8 @@ RESTART_ENV = "SLURM_RESTART_COUNT"
 
 
 class Interrupted(SystemExit):
-    """A run stopped by a signal; its ``code`` is the shell's 128 + signal, so an uncaught one exits 143 / 130.
-
-    Attributes:
-        signum: The signal.
-        step: The optimizer step checkpointed (None: none was written).
-        checkpoint: The checkpoint written (None: none).
-    """
+    """A run stopped by signal ``signum``; its ``code`` is the shell's 128 + signal, so an uncaught one exits 143 / 130.
+    ``step`` and ``checkpoint``: the checkpoint written and its optimizer step (None: none was written)."""
 
     def __init__(self, signum: int, step: int | None = None, checkpoint: Path | None = None) -> None:
         super().__init__(128 + int(signum))
@@ -71,12 +56,8 @@ class Interrupted(SystemExit):
 
 
 class SignalGuard:
-    """SIGTERM / SIGINT handlers for one job (see the module docstring); use as a context manager.
-
-    Attributes:
-        received: The first signal received (None: none yet).
-        step, checkpoint: What :class:`InterruptCheckpoint` wrote, for the job's records.
-    """
+    """SIGTERM / SIGINT handlers for one job, as a context manager; ``received``: the first signal (None: none yet),
+    ``step`` and ``checkpoint``: what :class:`InterruptCheckpoint` wrote, for the job's records."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -157,7 +138,7 @@ class InterruptCheckpoint(pl.Callback):
     """On a signal-caused stop while fitting: write ``checkpoints/last.ckpt`` at the step reached; exit 143 / 130.
 
     Lightning raises ``SIGTERMException`` after a whole batch (optimizer step, charges, loggers), so the
-    checkpoint is the state after that step; the exit code set on the exception holds wherever it ends the process.
+    checkpoint is the state after that step.
     """
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -191,9 +172,8 @@ class InterruptCheckpoint(pl.Callback):
 
 
 def requeued_checkpoint(output_dir: str | os.PathLike[str], environ: dict[str, str] | None = None) -> Path | None:
-    """The checkpoint a requeued SLURM job resumes from: the newest ``checkpoints/last.ckpt`` or Lightning
-    ``hpc_ckpt_*.ckpt`` in ``output_dir``, when ``SLURM_RESTART_COUNT`` > 0 in ``environ`` (default
-    ``os.environ``); else None."""
+    """The newest ``checkpoints/last.ckpt`` or Lightning ``hpc_ckpt_*.ckpt`` in ``output_dir`` when
+    ``SLURM_RESTART_COUNT`` > 0 in ``environ`` (default ``os.environ``): what a requeued SLURM job resumes from."""
     env = os.environ if environ is None else environ
     try:
         restarts = int(env.get(RESTART_ENV, "0"))
@@ -207,7 +187,8 @@ def requeued_checkpoint(output_dir: str | os.PathLike[str], environ: dict[str, s
 
 
 def resume_requeued(cfg: Any) -> None:
-    """Set ``cfg.ckpt_path`` to :func:`requeued_checkpoint` for a requeued SLURM job that gave none."""
+    """Set ``cfg.ckpt_path`` to :func:`requeued_checkpoint` for a requeued SLURM job that gave none (its run
+    directory must be the same for every attempt: ``docs/clusters-and-gpus.md``, SLURM requeue)."""
     from omegaconf import open_dict
 
     if cfg.get("ckpt_path"):

@@ -1,7 +1,6 @@
 """``train(cfg)``: build everything from the composed config, fit, and write the run directory.
 
-The run directory's files are listed in ``docs/configuration.md`` (the run directory); each is written to a
-temporary sibling and renamed (:mod:`lvforecast.atomic`), so a failed write keeps the previous good one.
+Its files (``docs/configuration.md``) are each written atomically (:mod:`lvforecast.atomic`).
 """
 
 from __future__ import annotations
@@ -39,10 +38,7 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit a LoRA adapter as configured and return the final metrics.
-
-    The flow: check the config, claim the run directory, prepare the data's text, plan and reserve the FLOPs
-    (before any weights load), then fit inside the reservation, which finishes the ledger run however fitting ends.
+    """Fit a LoRA adapter as configured, its FLOPs reserved before any weights load, and return the final metrics.
 
     Returns:
         ``{"val/loss", "train/loss", "global_step", "budget_status", "flops/run", "output_dir"}``; on a dry run
@@ -57,8 +53,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     config.check_train_config(cfg, start_step)
     if not cfg.budget.dry_run:  # the GPU and weights it needs, here (a plan may be made where the run will not go)
         check_machine(cfg.model, trainer=cfg.trainer)
-    if cfg.budget.dry_run and not cfg.budget.enabled:
-        raise UserError("budget.dry_run=true needs budget.enabled=true: there is no plan to print")
     # Expected: the CSV logger writes metrics.csv beside our files (RunDir keeps or clears it), and the data module
     # resumes the training order itself (its sampler state is in the checkpoint), which Lightning cannot see.
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
@@ -115,13 +109,11 @@ def _dry_run(cfg: DictConfig, plan: Plan, out: Path) -> dict[str, Any]:
 
 
 def reserve(cfg: DictConfig, plan: Plan, pricing: Any, out: Path) -> Reservation:
-    """Reserve the run's plan (or ``budget.run_cap_flops``) in the ledger, before any weights load.
-
-    In a distributed run rank 0 reserves and publishes it in the run directory; the other ranks wait for it and
-    charge rank 0's ledger run.
+    """Reserve the run's plan (or ``budget.run_cap_flops``) in the ledger, before any weights load; in a distributed
+    run rank 0 reserves and publishes it in the run directory, and the other ranks charge rank 0's ledger run.
 
     Raises:
-        BudgetExceededError: The ledger cannot cover it; no model has been loaded.
+        BudgetExceededError: The ledger cannot cover it.
         RuntimeError: On another rank, rank 0 was refused or never reserved.
     """
     ledger = Ledger(cfg.budget.ledger_path, budget=cfg.budget.total_flops, journal_mode=cfg.budget.journal_mode)
@@ -147,11 +139,8 @@ def reserve(cfg: DictConfig, plan: Plan, pricing: Any, out: Path) -> Reservation
 
 def fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, run: RunDir,
         started: float) -> dict[str, Any]:
-    """Load the model, wrap it with LoRA, fit, and write the run directory.
-
-    ``run_info.json`` is written when fitting starts (its last segment ``running``) and again when it ends, with
-    ``final`` when it finished, or with the segment ``failed`` (or ``interrupted``) when it raised.
-    """
+    """Load the model, wrap it with LoRA, fit, and write the run directory; ``run_info.json``'s last segment is
+    ``running`` while fitting, then ``finished`` (with ``final``), ``failed`` or ``interrupted``."""
     from lvforecast.budget.callback import FlopBudget
 
     module, record = _build(cfg, datamodule, reservation)
@@ -276,10 +265,9 @@ def _final_validation(trainer: Any, module: Any, datamodule: Any, flop_cb: Any, 
 
 
 def distributed_rank(cfg: DictConfig) -> int:
-    """This process's global rank in a multi-process run, from the launcher's environment (0 when alone).
+    """This process's global rank in a multi-process run (0 when alone), from torchrun's ``RANK``, Lightning's
+    ``LOCAL_RANK``/``NODE_RANK`` or SLURM's ``SLURM_PROCID``."""
 
-    torchrun sets ``RANK``; Lightning's own launcher ``LOCAL_RANK``/``NODE_RANK``; SLURM ``SLURM_PROCID``.
-    """
     ranks = config.world_size(cfg.trainer)
     if ranks == 1:
         return 0

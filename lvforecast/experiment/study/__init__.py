@@ -1,9 +1,7 @@
 """The whole study in one command inside one budget: ``python study.py study=NAME`` (``docs/sweeps-and-studies.md``).
 
-:func:`run_study` plans every stage (:mod:`~.spec`) against the study's ledger before anything runs (:mod:`~.plan`)
-and refuses a study that does not fit; then it runs each stage as a sweep (:mod:`~.stages`), each taking its
-settings from earlier stages' results, and writes the report (:mod:`~.report`). Re-running a study skips its
-finished stages and continues an interrupted one where it stopped.
+Stages (:mod:`~.spec`) are planned against the ledger before anything runs (:mod:`~.plan`), run as sweeps
+(:mod:`~.stages`) and reported (:mod:`~.report`); re-running a study skips its finished stages.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
-"""The study's plan: every stage's FLOPs before anything runs, against what the ledger has left.
+"""The study's plan: every stage's FLOPs before anything runs (as its sweep's pre-flight plans it), against the ledger.
 
-Each stage is planned as its sweep's pre-flight plans it (:func:`lvforecast.experiment.sweeps.plan.plan_sweep`). A
-stage taking its settings from one that has not run yet is planned at its worst case over the values that stage can
-choose (``optim.*`` costs nothing and is not enumerated); an evaluation of a training stage that has not run is
-priced with that stage's dearest job. Finished stages, and a grid's finished jobs, plan nothing.
+A stage taking settings from one not run yet is planned at its worst case over the values that stage can choose
+(``optim.*`` costs nothing and is not enumerated); an evaluation of a training stage not run yet is priced with
+that stage's dearest job. Finished stages, and a grid's finished jobs, plan nothing.
 """
 
 from __future__ import annotations

@@ -1,8 +1,4 @@
-"""The study report, generated: ``study_report.md`` and its PNGs in the study directory.
-
-What it holds is listed in ``docs/sweeps-and-studies.md`` (the report); each evaluation's own ``report.md`` and PNGs
-are linked, each training stage's sweep summary is included.
-"""
+"""The study report: ``study_report.md`` and its PNGs in the study directory (``docs/sweeps-and-studies.md``)."""
 
 from __future__ import annotations
 
@@ -21,7 +17,7 @@ from lvforecast.budget.report import format_stages_markdown, plot_report
 from lvforecast.data.encoding import VARIABLES
 from lvforecast.evaluation.metrics import TABLED_METRICS
 from lvforecast.experiment.study.spec import Stage
-from lvforecast.experiment.sweeps.summary import SUMMARY_CSV, SUMMARY_MD
+from lvforecast.experiment.sweeps.summary import SUMMARY_CSV, SUMMARY_MD, draw_val_curves
 from lvforecast.utils import read_metrics_csv
 
 REPORT_MD, CURVES_PNG = "study_report.md", "loss_curves.png"
@@ -113,30 +109,20 @@ def _plot_curves(path: Path, stages: list[Stage], done: dict[str, dict[str, Any]
     axes = fig.subplots(1, len(trained), squeeze=False)[0]
     for ax, stage in zip(axes, trained, strict=True):
         with open(Path(done[stage.name]["sweep_dir"]) / SUMMARY_CSV, newline="") as fh:
-            jobs = list(csv.DictReader(fh))
-        for job in jobs:
-            metrics = Path(job["run_dir"]) / "metrics.csv"
-            val = read_metrics_csv(metrics).get("val/loss", []) if metrics.is_file() else []
-            if val:
-                steps, values = zip(*val, strict=True)
-                ax.plot(steps, values, marker="o", ms=2, lw=2.2 if job["run_dir"] == done[stage.name]["run_dir"]
-                        else 1.0, label=f"job {job['job']}")
+            run_dirs = {int(job["job"]): job["run_dir"] for job in csv.DictReader(fh)}
+        metrics = {num: Path(run) / "metrics.csv" for num, run in run_dirs.items()}
+        curves = {num: read_metrics_csv(csv_path).get("val/loss") for num, csv_path in metrics.items()
+                  if csv_path.is_file()}
+        chosen = next((num for num, run in run_dirs.items() if run == done[stage.name]["run_dir"]), None)
+        draw_val_curves(ax, {num: val for num, val in curves.items() if val}, {}, chosen)
         ax.set_title(stage.name)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("validation loss")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=6, ncol=2)
     save_figure(fig, path, dpi=110)
     return True
 
 
 def _plot_forecasts(forecasts_png: Path, running_png: Path, evals: list[tuple[str, Path]]) -> None:
-    """The example systems' truth and every evaluation's forecast (zero-shot, default, final), and running MSE.
-
-    ``forecasts.png``: one row per variable, one column per example system. ``running_mse.png``: the running MSE
-    (encoded units) over the forecast steps, averaged over the example systems, one line per evaluation.
-    """
+    """``forecasts.png``: the example systems' truth and every evaluation's forecast, a row per variable, a column
+    per system; ``running_mse.png``: each evaluation's running MSE (encoded units), mean over the example systems."""
     from matplotlib.figure import Figure
 
     loaded = [(name, np.load(path)) for name, path in evals]

@@ -1,9 +1,7 @@
 """A study's stages as its config file states them (``studies/NAME.yaml``, the Hydra group ``study``), checked.
 
-Each stage is a mapping with ``name`` and ``kind``, run in order: ``evaluate`` (``of: STAGE`` evaluates that
-training stage's run, without it the untrained model), ``train`` (one run) or ``search`` (``method: grid`` over
-``space``, or ``method: halving`` from ``min_steps`` by ``eta``). ``take_from: STAGE`` takes that stage's chosen
-settings; ``overrides`` adds Hydra overrides. The keys are described in ``docs/sweeps-and-studies.md``.
+Each stage is a mapping with ``name`` and ``kind`` (``evaluate``, ``train`` or ``search``), run in order; the keys
+are described in ``docs/sweeps-and-studies.md``.
 """
 
 from __future__ import annotations
@@ -45,12 +43,8 @@ class Stage:
 
 
 def parse_stages(study: DictConfig) -> list[Stage]:
-    """The study's ``stages``, checked.
-
-    Raises:
-        UserError: Every problem at once: an unknown key, kind or method, a duplicate name, or a reference (``of``,
-            ``take_from``) to a stage that is not earlier or not of the right kind.
-    """
+    """The study's ``stages``, checked; one UserError lists every problem (an unknown key, kind or method, a
+    duplicate name, a reference to a stage not earlier or not of the right kind)."""
     allowed = set(Stage.__dataclass_fields__)
     problems: list[str] = []
     stages: list[Stage] = []

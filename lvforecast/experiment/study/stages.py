@@ -1,10 +1,5 @@
-"""A study's stages as the sweeps ``train.py -m`` runs: each stage's command, its launch, and what it chose.
-
-Every stage is one multirun into ``<study_dir>/<stage>/`` (``train.py -m``, or ``evaluate.py -m`` for an
-evaluation), so it gets any sweep's pre-flight, job records and summary, runs its jobs through ``study.launcher``
-and, launched again, skips finished jobs and continues stopped ones. A stage's arguments, in order:
-``model.source``, the study's ``common`` overrides, its ``train`` or ``evaluate`` ones, the stage's, the settings
-taken from earlier stages, the search space as comma lists, and the study's paths, ledger, study and stage names.
+"""A study's stages as sweeps: each stage is one multirun (``train.py -m``, or ``evaluate.py -m``) into
+``<study_dir>/<stage>/``, so it gets any sweep's pre-flight, job records, summary and continuation on a re-launch.
 """
 
 from __future__ import annotations
@@ -50,7 +45,11 @@ class Launch:
 
 
 def launch_of(cfg: DictConfig, stage: Stage, settings: dict[str, Any], run_dir: str | None = None) -> Launch:
-    """The multirun of ``stage`` with the ``settings`` it takes (and, for an evaluation, the run it evaluates)."""
+    """The multirun of ``stage`` with the ``settings`` it takes (and, for an evaluation, the run it evaluates).
+
+    Its arguments, in order: ``model.source``, the study's ``common`` overrides, its ``train`` or ``evaluate`` ones,
+    the stage's, the settings taken, the search space as comma lists, the study's paths, ledger and names.
+    """
     study = cfg.study
     script = "evaluate" if stage.kind == "evaluate" else "train"
     sweep_dir = Path(cfg.study_dir) / stage.name
@@ -82,10 +81,8 @@ def launch_of(cfg: DictConfig, stage: Stage, settings: dict[str, Any], run_dir: 
 
 
 def run_stage(cfg: DictConfig, stage: Stage, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Run one stage's multirun and write its ``stage.json``.
-
-    Returns:
-        The stage's record: ``settings`` (what later stages take), ``run_dir`` (its chosen run) and ``sweep_dir``.
+    """Run one stage's multirun; write and return its ``stage.json`` record: ``settings`` (what later stages take),
+    ``run_dir`` (its chosen run) and ``sweep_dir``.
 
     Raises:
         UserError: The multirun failed (a job did not finish); re-running the study continues it.
@@ -120,9 +117,6 @@ def chosen(stage: Stage, sweep_dir: Path, taken: dict[str, Any]) -> dict[str, An
 
 def entry_script(name: str) -> Path:
     """``train.py`` or ``evaluate.py`` beside the ``conf/`` the study was composed from (else a UserError)."""
-    if not GlobalHydra.instance().is_initialized():
-        raise UserError("a study composes its stages with Hydra: run it from study.py, or inside "
-                        "hydra.initialize_config_dir(conf/)")
     for source in GlobalHydra.instance().config_loader().get_sources():
         if source.provider == "main" and source.scheme() == "file":
             script = Path(source.path).parent / f"{name}.py"

@@ -1,8 +1,4 @@
-"""Sweeps inside one FLOP budget: ``python train.py -m sweep=NAME``, and every search stage of a study.
-
-Jobs and axes (:mod:`~.jobs`), successive halving (:mod:`~.halving`), the pre-flight plan (:mod:`~.plan`), the job
-wrapper (:mod:`~.job`), the summary (:mod:`~.summary`) and ``${lv_best:PATH,KEY}`` (:mod:`~.resolver`).
-"""
+"""Sweeps inside one FLOP budget: ``python train.py -m sweep=NAME``, and every search stage of a study."""
 
 from lvforecast.experiment.sweeps.job import run_recorded
 from lvforecast.experiment.sweeps.plan import BudgetPreflight

@@ -1,9 +1,6 @@
-"""Successive halving with training steps (and so FLOPs) as the resource: the schedule and the selection.
+"""Successive halving with training steps (and so FLOPs) as the resource: the schedule and the selection, pure.
 
-Rung ``i`` trains its configurations to ``min_steps * eta**i`` steps, resuming each survivor from its checkpoint
-of rung ``i - 1``, and keeps the best ``n // eta`` by validation loss (``docs/sweeps-and-studies.md``). The
-sweeper ``hydra/sweeper=halving`` (:mod:`hydra_plugins.lvforecast_sweeps.halving_sweeper`) runs the bracket.
-Pure: no I/O, no Hydra.
+Described in ``docs/sweeps-and-studies.md``; ``hydra/sweeper=halving`` (:mod:`hydra_plugins.lvforecast_sweeps`) runs it.
 """
 
 from __future__ import annotations
@@ -30,12 +27,8 @@ class Rung:
 
 def schedule(n_configs: int, min_steps: int, max_steps: int, eta: int = 3, step_multiple: int = 1) -> list[Rung]:
     """The bracket's rungs, first to last: steps ``min_steps * eta**i`` (the last capped at ``max_steps``), sizes
-    ``n_configs // eta**i``; a single configuration left trains straight to ``max_steps``.
-
-    Raises:
-        UserError: A setting out of range, or a rung's steps not a multiple of ``step_multiple`` (the validation
-            interval, so every rung ends on a validation).
-    """
+    ``n_configs // eta**i``; a single configuration left trains straight to ``max_steps``. UserError for a setting
+    out of range or a rung's steps not a multiple of ``step_multiple`` (the validation interval)."""
     problems = []
     if n_configs < 1:
         problems.append(f"configurations={n_configs}: need at least 1")
@@ -73,12 +66,8 @@ def select(losses: Mapping[int, float | None], keep: int) -> list[int]:
 
 
 def worst_case(costs: Sequence[Sequence[int]], rungs: Sequence[Rung]) -> list[int]:
-    """The most a bracket can spend in each rung (its ``size`` dearest continuations), whichever survive.
-
-    Args:
-        costs: ``costs[c][i]``: FLOPs configuration ``c`` spends in rung ``i``.
-        rungs: The bracket (:func:`schedule`).
-    """
+    """The most a bracket can spend in each rung (its ``size`` dearest continuations), whichever survive;
+    ``costs[c][i]``: the FLOPs configuration ``c`` spends in rung ``i``."""
     return [sum(sorted((c[r.index] for c in costs), reverse=True)[: r.size]) for r in rungs]
 
 

@@ -1,9 +1,8 @@
 """The multirun job wrapper: how each job of a sweep ended, in its ``job_status.json``; a re-launch continues.
 
-:func:`run_recorded` wraps ``train.py`` and ``evaluate.py``: in a multirun a failing job is recorded and the other
-jobs and the summary still run; one stopped by SIGTERM / SIGINT is recorded ``interrupted``, no later job starts and
-a partial summary is written. Launched again into the same sweep directory, a job that ran to its end with the same
-overrides returns its recorded result and one stopped part-way continues from its checkpoint (:func:`earlier_run`).
+A failing job is recorded and the other jobs still run; one stopped by a signal is recorded ``interrupted``, no later
+job starts and a partial summary is written. Launched again into the same sweep directory, a finished job returns its
+recorded result and one stopped part-way continues from its checkpoint.
 """
 
 from __future__ import annotations
@@ -92,13 +91,13 @@ def run_recorded(cfg: DictConfig, task: Any) -> Any:
         _write(out, {**record, "status": status, "error": f"{type(err).__name__}: {err}",
                      "traceback": traceback.format_exc()})
         return None
-    _write(out, {**record, "status": RunStatus.FINISHED, "result": _jsonable(result)})
+    _write(out, {**record, "status": RunStatus.FINISHED, "result": result})
     return result
 
 
 def _write(out: Path, record: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / STATUS_FILE, json.dumps(record, indent=1))
+    write_text(out / STATUS_FILE, json.dumps(record, indent=1, default=str))  # a result JSON cannot hold: its str
 
 
 def _partial_summary(sweep_dir: Path) -> None:
@@ -112,11 +111,3 @@ def _partial_summary(sweep_dir: Path) -> None:
     done = sum(r["status"] in COMPLETED for r in rows)
     log.warning("partial sweep summary: %s (%d of %d jobs finished)", sweep_dir / SUMMARY_MD, done, len(rows))
 
-
-def _jsonable(value: Any) -> Any:
-    """``value`` itself when JSON can hold it, else its ``str``."""
-    try:
-        json.dumps(value)
-        return value
-    except TypeError:
-        return str(value)

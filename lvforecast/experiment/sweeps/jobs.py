@@ -40,10 +40,8 @@ def configurations(arguments: list[str]) -> list[list[str]]:
 
 
 def varying_keys(jobs: list[list[str]]) -> list[str]:
-    """Override keys whose value differs between jobs (the sweep's axes), in first-seen order.
-
-    A one-job sweep's axes are its :data:`STUDY_KEYS` overrides; with no varying key at all, the first three.
-    """
+    """Override keys whose value differs between jobs (the sweep's axes), in first-seen order; a one-job sweep's
+    are its :data:`STUDY_KEYS` overrides; with no varying key at all, the first three."""
     values: dict[str, set[str]] = {}
     for job in jobs:
         for item in job:

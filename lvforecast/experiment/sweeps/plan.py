@@ -1,11 +1,8 @@
 """A sweep's FLOP plan before launch: every job composed once and priced without loading weights.
 
-A grid plans each job; successive halving plans every configuration in every rung and takes, per rung, its
-``size`` dearest continuations (:func:`~lvforecast.experiment.sweeps.halving.worst_case`). A job that finished in
-an earlier launch into the same sweep directory plans nothing; one stopped part-way plans from its own checkpoint.
-:class:`BudgetPreflight` (a Hydra callback) prints the plan and refuses a sweep the ledger cannot cover; a study
-plans its stages with the same :func:`plan_sweep`. The check is advisory against concurrent users of one ledger:
-each job still reserves its own plan when it starts, so the ledger is never overspent.
+A grid plans each job, a halving bracket its worst case (:func:`~.halving.worst_case`); a job finished in an earlier
+launch into the same directory plans nothing. :class:`BudgetPreflight` refuses a sweep the ledger cannot cover: an
+advisory check against concurrent users of one ledger, as each job still reserves its own plan when it starts.
 """
 
 from __future__ import annotations
@@ -34,17 +31,10 @@ Compose = Callable[[list[str]], DictConfig]
 
 @dataclass(frozen=True)
 class SweepPlan:
-    """A sweep's planned FLOPs.
+    """A sweep's planned FLOPs: ``rows`` as ``plan.csv`` holds them, ``total`` (a bracket's: its worst case), the
+    ``jobs`` it launches, the ``dearest`` job's config (to price an evaluation of it) and a bracket's ``rungs``."""
 
-    Attributes:
-        rows: One per job (grid) or per (configuration, rung) (halving), as ``plan.csv`` holds them.
-        total: The grid's sum, or the bracket's worst case.
-        jobs: Jobs the sweep launches (a bracket's: the sum of its rung sizes).
-        dearest: The config of the job that plans the most (what prices an evaluation of a sweep not yet run).
-        rungs: The bracket (None for a grid).
-    """
-
-    rows: list[dict[str, Any]]
+    rows: list[dict[str, Any]]  # one per job (grid) or per (configuration, rung) (halving)
     total: int
     jobs: int
     dearest: DictConfig
@@ -76,16 +66,8 @@ class JobPricer:
 
 def plan_sweep(arguments: list[str], compose: Compose, sweep_dir: Path, halving: Halving | None = None,
                pricer: JobPricer | None = None) -> SweepPlan:
-    """Plan the sweep of command-line ``arguments`` (comma lists swept, no ``hydra.*`` keys) into ``sweep_dir``.
-
-    Args:
-        compose: One job's config from its overrides.
-        halving: The bracket's settings; None for a grid.
-        pricer: A shared :class:`JobPricer` (one is made when None).
-
-    Raises:
-        UserError: A job's config is invalid (naming the job), or the bracket's settings are.
-    """
+    """Plan the sweep of command-line ``arguments`` (comma lists swept, no ``hydra.*`` keys) into ``sweep_dir``,
+    a grid or (``halving``) a bracket; a UserError names a job whose config is invalid, or the bracket's settings."""
     pricer = pricer or JobPricer()
     if halving is not None:
         rungs = halving.rungs(compose(split_grid(arguments)[0]), len(configurations(arguments)))
@@ -128,17 +110,13 @@ def _price(pricer: JobPricer, cfg: DictConfig, start: int | None, job: str) -> i
 
 def _row(num: int, job: list[str], cfg: DictConfig, flops: int) -> dict[str, Any]:
     """One ``plan.csv`` row: the job, its model and study keys, overrides, plan, ledger and budget."""
-    enabled = bool(cfg.budget.enabled)
-    return {"job": num, "model": _model_name(cfg), **{k: OmegaConf.select(cfg, k) for k in STUDY_KEYS},
+    # The chosen model option (e.g. smollm2-135m) names the model in tables, else the loader.
+    model = OmegaConf.select(cfg, "hydra.runtime.choices.model", default=None) or cfg.model.loader.get(
+        "name_or_path") or cfg.model.loader._target_.rsplit(".", 1)[-1]
+    return {"job": num, "model": str(model), **{k: OmegaConf.select(cfg, k) for k in STUDY_KEYS},
             "overrides": " ".join(job), "planned_flops": flops,
-            "ledger": str(Path(cfg.budget.ledger_path).resolve()) if enabled else "",
+            "ledger": str(Path(cfg.budget.ledger_path).resolve()) if cfg.budget.enabled else "",
             "budget": int(float(cfg.budget.total_flops)), "dry_run": bool(cfg.budget.dry_run)}
-
-
-def _model_name(cfg: DictConfig) -> str:
-    """A short model label for tables: the chosen ``model`` option (e.g. ``smollm2-135m``), else the loader."""
-    choice = OmegaConf.select(cfg, "hydra.runtime.choices.model", default=None)
-    return str(choice or cfg.model.loader.get("name_or_path") or cfg.model.loader._target_.rsplit(".", 1)[-1])
 
 
 def format_plan(plan: SweepPlan) -> tuple[str, bool]:
@@ -193,12 +171,8 @@ class BudgetPreflight(Callback):
     """Plan every job of a multirun before the first starts; refuse the multirun if the ledger cannot cover it."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Print the plan; exit 0 on a dry run, refuse (exit 1) when it does not fit, else write ``plan.csv``.
-
-        Raises:
-            SystemExit: A dry run (code 0); a job that cannot be composed or planned, or a plan over what the
-                ledger has left (a message, exit code 1).
-        """
+        """Print the plan and write ``plan.csv``; SystemExit 0 on a dry run, or a message (exit 1) for a job that
+        cannot be composed or planned, or a plan over what the ledger has left."""
         try:
             plan = multirun_plan(config)
         except Exception as err:  # a job that cannot be composed or planned would fail anyway: refuse now

@@ -1,7 +1,5 @@
-"""``${lv_best:PATH,KEY}``: a setting of the best finished job of an earlier sweep (registered on import).
-
-This is how ``sweep=context_length best_from=...`` and ``sweep=final best_from=...`` pick up earlier results.
-"""
+"""``${lv_best:PATH,KEY}`` (registered on import): a setting of the best finished job of an earlier sweep, as
+``sweep=context_length best_from=...`` and ``sweep=final best_from=...`` read it."""
 
 from __future__ import annotations
 
@@ -18,11 +16,7 @@ RESOLVER = "lv_best"
 
 def best_from(path: Any, key: str) -> Any:
     """``key`` (a column, e.g. ``optim.lr``) of the best finished job in ``path`` (``summary.csv`` or its sweep
-    directory), parsed back to a number or bool where it is one.
-
-    Raises:
-        UserError: No path (``best_from`` unset), no summary there, no finished job with a loss, or an unknown key.
-    """
+    directory), parsed back to a number or bool where it is one; UserError if there is none (see :func:`best_row`)."""
     if path is None or str(path) in ("", "None", "null"):
         raise UserError(f"{key} is not set: pass best_from=PATH (a finished sweep directory or its {SUMMARY_CSV}) "
                         f"or set {key}=... explicitly")

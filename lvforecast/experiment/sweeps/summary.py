@@ -1,9 +1,5 @@
-"""The summary of a finished multirun (a Hydra callback), and its files.
-
-:class:`SweepSummary` writes ``summary.md``, ``summary.csv`` and ``val_loss_curves.png`` into the sweep directory
-when the multirun ends (and logs them to W&B with ``logger=wandb``); :func:`summarize_command` rebuilds them from
-the job directories alone (``lvforecast summarize SWEEP_DIR``). The files are described in
-``docs/sweeps-and-studies.md``.
+"""A sweep's ``summary.md``, ``summary.csv`` and ``val_loss_curves.png`` (``docs/sweeps-and-studies.md``), written
+when the multirun ends (:class:`SweepSummary`) or rebuilt from its job directories (:func:`summarize_command`).
 """
 
 from __future__ import annotations
@@ -37,8 +33,7 @@ class SweepSummary(Callback):
     """Write the sweep's summary when the multirun ends; exit 1 if any job did not finish."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        """Summarize the sweep directory (and log it to W&B with ``logger=wandb``); exit naming every unfinished
-        job, with its status and error."""
+        """Summarize the sweep directory (and log it to W&B with ``logger=wandb``); exit naming every unfinished job."""
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             jobs = sweep_jobs(config)
@@ -48,7 +43,9 @@ class SweepSummary(Callback):
         bad = [r for r in rows if r["status"] not in COMPLETED]
         log.info("sweep summary: %s (%d jobs, %d not finished)", sweep_dir / SUMMARY_MD, len(rows), len(bad))
         print(f"\nsweep summary ({len(rows)} jobs): {sweep_dir / SUMMARY_MD}\n", flush=True)
-        _log_summary_to_wandb(config, sweep_dir)
+        if "wandb" in (config.get("logger") or {}):  # the table and curves as one W&B run in the sweep's group
+            log_sweep_summary(config.logger.wandb, sweep_dir / SUMMARY_CSV, sweep_dir / CURVES_PNG,
+                              config.get("sweep_name"))
         if bad:
             raise SystemExit(f"{len(bad)} of {len(rows)} jobs did not finish: "
                              + "; ".join(f"job {r['job']} {r['status']} ({r['error']})" for r in bad))
@@ -58,8 +55,8 @@ def summarize_command(sweep_dir: Path) -> int:
     """``summarize SWEEP_DIR``: (re)write a sweep's summary from its job directories and print ``summary.md``.
 
     Returns:
-        The exit status: 0 when every job finished; 1 when some did not (the jobs of ``plan.csv`` without a record
-        never ran) or none is found; 2 when ``sweep_dir`` is no directory. All but 0 print one ``error:`` line.
+        0 when every job finished; 1 when some did not or none is found; 2 when ``sweep_dir`` is no directory.
+        All but 0 print one ``error:`` line.
     """
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
@@ -86,13 +83,8 @@ def summarize_command(sweep_dir: Path) -> int:
 
 
 def best_row(path: str | Path) -> dict[str, str]:
-    """The best finished job's row of a sweep's ``summary.csv`` (``path``: the file or its sweep directory).
-
-    The best is the halving winner (marked ``best`` in the last rung), else the lowest final validation loss.
-
-    Raises:
-        UserError: No summary there, or no finished job with a validation loss in it.
-    """
+    """The best finished job's row of a sweep's ``summary.csv`` (``path``: the file or its sweep directory): the
+    halving winner, else the lowest final validation loss; UserError if there is no summary or no such job."""
     file = Path(str(path))
     if file.is_dir():
         file = file / SUMMARY_CSV
@@ -124,23 +116,14 @@ def planned_jobs(sweep_dir: Path) -> list[list[str]] | None:
 
 def summarize_sweep(sweep_dir: Path, jobs: list[list[str]] | None = None) -> list[dict[str, Any]]:
     """Collect every job of a sweep directory into ``summary.csv``, ``summary.md`` and the curves PNG; return the rows.
-
-    Args:
-        sweep_dir: The multirun's directory (jobs in numbered subdirectories).
-        jobs: The overrides of the jobs the sweep launched (one with no record is ``missing``); None: those of
-            ``plan.csv`` and on disk.
+    ``jobs``: the overrides of the jobs launched (one with no record is ``missing``); None: ``plan.csv``'s and on disk.
     """
-    found = {}
-    for status_file in sorted(sweep_dir.glob(f"*/{STATUS_FILE}")):
-        record = json.loads(status_file.read_text())
-        found[int(record["num"])] = record
-    if jobs is None:
-        planned = planned_jobs(sweep_dir)
-        if planned is not None:  # the jobs a stopped sweep never started are in its plan
-            jobs = [found[n]["overrides"] if n in found else job for n, job in enumerate(planned)]
-            jobs += [found[n]["overrides"] for n in sorted(found) if n >= len(planned)]
-        else:
-            jobs = [found[n]["overrides"] for n in sorted(found)]
+    records = [json.loads(path.read_text()) for path in sweep_dir.glob(f"*/{STATUS_FILE}")]
+    found = {int(record["num"]): record for record in records}
+    if jobs is None:  # the jobs a stopped sweep never started are in its plan
+        planned = planned_jobs(sweep_dir) or []
+        jobs = [found[n]["overrides"] if n in found else job for n, job in enumerate(planned)]
+        jobs += [found[n]["overrides"] for n in sorted(found) if n >= len(planned)]
     halving_file = sweep_dir / HALVING_FILE  # what a hydra/sweeper=halving multirun wrote
     halving = json.loads(halving_file.read_text()) if halving_file.is_file() else None
     keys = halving["params"] if halving else varying_keys(jobs) if jobs else []
@@ -296,23 +279,22 @@ def _plot_curves(path: Path, curves: dict[int, list[tuple[int, float]]], labels:
 
     fig = Figure(figsize=(8, 4.5))
     ax = fig.subplots()
+    draw_val_curves(ax, curves, labels, best)
+    ax.set_title(f"validation loss per job: {title}")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+
+
+def draw_val_curves(ax: Any, curves: dict[int, list[tuple[int, float]]], labels: dict[int, str],
+                    best: int | None) -> None:
+    """Each job's validation loss against its optimizer step on ``ax``, job ``best`` drawn thicker."""
     for num, points in sorted(curves.items()):
         steps, values = zip(*points, strict=True)
         ax.plot(steps, values, marker="o", ms=3, lw=2.5 if num == best else 1.2,
                 label=labels.get(num, f"job {num}") + (" (best)" if num == best else ""))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(f"validation loss per job: {title}")
     ax.grid(alpha=0.3)
     if curves:
         ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
 
-
-def _log_summary_to_wandb(config: DictConfig, sweep_dir: Path) -> None:
-    """Log the summary table and curves as one W&B run (job type ``sweep-summary``) in the sweep's group."""
-    logger_cfg = config.get("logger") or {}
-    if "wandb" not in logger_cfg:
-        return
-    log_sweep_summary(logger_cfg.wandb, sweep_dir / SUMMARY_CSV, sweep_dir / CURVES_PNG, config.get("sweep_name"))
