@@ -1,13 +1,10 @@
 """FlopBudget: charges every forward the trainer runs to the study's ledger and stops before overspending.
 
 Contract (docs/budget.md#how-a-run-is-charged-flopbudget): a training batch costs 3 x the forward of the padded
-shape actually run, a validation, test or predict batch one forward, priced with the reservation's
-:class:`~lvforecast.budget.planning.Pricing`; generation is charged by the caller (:meth:`FlopBudget.charge`).
-After every optimizer step the guard prices what continuing costs (the plan's
-:class:`~lvforecast.budget.schedule.Schedule`) and stops when it does not fit, keeping a final validation in hand:
-``enforce`` never charges past the reservation, ``track`` grows it from what the study has left. Distributed runs
-are charged the sum over ranks; rank 0 alone writes the ledger and decides when to stop. The formulas live in
-:mod:`lvforecast.budget.formulas`; this module only multiplies, accumulates and stops.
+shape actually run, any other batch one forward, priced with the reservation's
+:class:`~lvforecast.budget.planning.Pricing`; after every optimizer step the guard stops the run when continuing
+(the plan's :class:`~lvforecast.budget.schedule.Schedule`) and a final validation do not fit. Distributed runs are
+charged the sum over ranks; rank 0 alone writes the ledger and decides when to stop.
 """
 
 from __future__ import annotations
@@ -41,13 +38,8 @@ class FlopBudget(pl.Callback):
         commit_min_interval_s: ... but at most once per this many seconds (tiny models step in milliseconds).
     """
 
-    def __init__(
-        self,
-        reservation: Reservation,
-        mode: Literal["enforce", "track"],
-        commit_every_n_steps: int,
-        commit_min_interval_s: float,
-    ) -> None:
+    def __init__(self, reservation: Reservation, mode: Literal["enforce", "track"], commit_every_n_steps: int,
+                 commit_min_interval_s: float) -> None:
         self.plan = reservation.plan
         self.ledger = reservation.ledger
         self.run_id = reservation.run_id
@@ -70,7 +62,6 @@ class FlopBudget(pl.Callback):
         self.min_interval = float(commit_min_interval_s)
         self._last_commit = time.perf_counter()
 
-    # ---- accounting --------------------------------------------------------------------------------
     def forward(self, batch: int, seq_len: int) -> int:
         """Forward FLOPs of a padded ``(batch, seq_len)`` tensor (memoised: shapes repeat)."""
         key = (batch, seq_len)
@@ -135,17 +126,10 @@ class FlopBudget(pl.Callback):
     def _stop(self, trainer: pl.Trainer, needed: int) -> None:
         self.exhausted = True
         trainer.should_stop = True
-        log.warning(
-            "FLOP budget: rank %d stopping after step %d; run spent %.3e of %.3e reserved, continuing "
-            "needs %.3e (next step + validations)",
-            trainer.global_rank,
-            trainer.global_step,
-            self.spent,
-            self.reserved,
-            needed,
-        )
+        log.warning("FLOP budget: rank %d stopping after step %d; run spent %.3e of %.3e reserved, continuing "
+                    "needs %.3e (next step + validations)", trainer.global_rank, trainer.global_step, self.spent,
+                    self.reserved, needed)
 
-    # ---- Lightning hooks ---------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
         self.world_size = trainer.world_size

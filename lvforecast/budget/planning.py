@@ -1,14 +1,9 @@
 """A run's FLOP plan, priced before any weights load from what the run will run; no config is read here.
 
-plan = micro-batches x one micro-batch on every rank (3 x forward of ``batch_size x context_length``,
-       x ranks; a step is ``accumulate`` micro-batches)
-     + validations x one validation pass (every rank's real batch shapes, the validation limit applied)
-     + sanity-check batches + planned evaluation FLOPs
-
-Validations: one before training (not on a resume), every one Lightning runs for the trainer's interval (see
-:mod:`lvforecast.budget.schedule`), and one final pass after the last step unless the interval puts one there.
-A resumed run plans only the steps after its checkpoint's. :class:`Pricing` (model shape, LoRA spec, counting
-conventions) is made once per run and carried by its reservation, so the budget callback charges with what planned.
+plan = micro-batches x one micro-batch on every rank (3 x forward) + validations x one validation pass (every
+rank's real batch shapes) + sanity-check batches + planned evaluation FLOPs. Validations: one before training (not
+on a resume), every one the :class:`~lvforecast.budget.schedule.Schedule` puts in the steps after the checkpoint's,
+and one final pass unless the schedule ends with one (docs/budget.md#a-run-step-by-step).
 """
 
 from __future__ import annotations
@@ -56,8 +51,8 @@ def pretrained_shape(name_or_path: str) -> ModelShape:
 
 @dataclass(frozen=True)
 class Pricing:
-    """What every FLOP of a run is priced with: the model's shape, its LoRA spec (None: untrained) and the
-    counting conventions. Made once per run; its reservation carries it to every charge."""
+    """What every FLOP of a run is priced with (LoRA spec None: untrained). Made once per run; its reservation
+    carries it to every charge, so the budget callback charges with what planned."""
 
     shape: ModelShape
     lora: LoRASpec | None
@@ -81,7 +76,6 @@ class RunShape:
         ranks: Processes (devices x nodes).
         val_shapes, sanity_shapes: ``(B, N)`` of each rank's batches of one validation pass (the validation limit
             applied) and of the sanity check (none on a resume).
-        validate_before: Whether a validation runs before training (never on a resume).
         max_steps, start_step: The optimizer steps the run ends at and resumes from (0 when it does not).
         planned_eval: FLOPs reserved for an evaluation after training (``budget.planned_eval_flops``).
     """
@@ -149,9 +143,7 @@ class Plan:
         return self.sanity + self.before * self.validation_pass + step + (0 if at_end else self.validation_pass)
 
     def as_dict(self) -> dict[str, Any]:
-        out = {**asdict(self), "total": self.total}
-        out["schedule"] = None if self.schedule is None else self.schedule.as_dict()
-        return out
+        return {**asdict(self), "total": self.total}
 
     def describe(self) -> str:
         ranks = f" on {self.world_size} ranks" if self.world_size > 1 else ""
@@ -189,21 +181,11 @@ def plan_run(pricing: Pricing, run: RunShape) -> Plan:
     # Training always ends with a validation of the final weights: Lightning's own when the interval puts one
     # after the last step, else the final pass train() runs.
     before = int(run.validate_before)
-    return Plan(
-        train_step=train_step,
-        steps=run.max_steps - run.start_step,
-        validation_pass=val_pass,
-        validations=before + periodic + (0 if at_end else 1),
-        sanity=sanity,
-        evaluation=int(run.planned_eval),
-        next_step_shape=(run.batch_size, run.context_length),
-        world_size=run.ranks,
-        accumulate=schedule.accumulate,
-        start_step=run.start_step,
-        batches=batches,
-        before=before,
-        schedule=schedule,
-    )
+    return Plan(train_step=train_step, steps=run.max_steps - run.start_step, validation_pass=val_pass,
+                validations=before + periodic + (0 if at_end else 1), sanity=sanity, evaluation=int(run.planned_eval),
+                next_step_shape=(run.batch_size, run.context_length), world_size=run.ranks,
+                accumulate=schedule.accumulate, start_step=run.start_step, batches=batches, before=before,
+                schedule=schedule)
 
 
 def reserved_flops(plan: Plan, cap: float | None, mode: str) -> int:

@@ -83,54 +83,28 @@ class ModelShape:
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
             raise UserError(f"config hidden_act={act!r}: only 'silu' (SwiGLU) is counted")
-        missing = [
-            k
-            for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
-            if cfg.get(k) is None
-        ]
+        sizes = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
+        missing = [k for k in sizes if cfg.get(k) is None]
         if missing:
             raise UserError(f"config is missing {', '.join(missing)}")
         heads = cfg["num_attention_heads"]
         attention_bias = bool(cfg.get("attention_bias", False))
-        return cls(
-            n_layers=cfg["num_hidden_layers"],
-            hidden=cfg["hidden_size"],
-            n_heads=heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            intermediate=cfg["intermediate_size"],
-            vocab=cfg["vocab_size"],
-            # Qwen2 hard-codes q/k/v bias (and none on o_proj); Llama/Mistral use attention_bias for all four.
-            qkv_bias=True if model_type == "qwen2" else attention_bias,
-            tied=bool(cfg.get("tie_word_embeddings", False)),
-            o_bias=attention_bias if model_type != "qwen2" else False,
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
-        )
+        # Qwen2 hard-codes q/k/v bias (and none on o_proj); Llama/Mistral use attention_bias for all four.
+        qwen2 = model_type == "qwen2"
+        return cls(n_layers=cfg["num_hidden_layers"], hidden=cfg["hidden_size"], n_heads=heads,
+                   n_kv_heads=cfg.get("num_key_value_heads") or heads,
+                   head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, intermediate=cfg["intermediate_size"],
+                   vocab=cfg["vocab_size"], qkv_bias=qwen2 or attention_bias, o_bias=not qwen2 and attention_bias,
+                   tied=bool(cfg.get("tie_word_embeddings", False)), mlp_bias=bool(cfg.get("mlp_bias", False)))
 
 
 #: The size keys of the built-in models' hub ``config.json`` (Qwen/Qwen2.5-0.5B-Instruct,
 #: HuggingFaceTB/SmolLM2-135M-Instruct), so the CLI needs no weights, transformers or network.
 BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
-    "qwen2.5-0.5b": {
-        "model_type": "qwen2",
-        "num_hidden_layers": 24,
-        "hidden_size": 896,
-        "num_attention_heads": 14,
-        "num_key_value_heads": 2,
-        "intermediate_size": 4864,
-        "vocab_size": 151936,
-        "tie_word_embeddings": True,
-    },
-    "smollm2-135m": {
-        "model_type": "llama",
-        "num_hidden_layers": 30,
-        "hidden_size": 576,
-        "num_attention_heads": 9,
-        "num_key_value_heads": 3,
-        "intermediate_size": 1536,
-        "vocab_size": 49152,
-        "tie_word_embeddings": True,
-    },
+    "qwen2.5-0.5b": dict(model_type="qwen2", num_hidden_layers=24, hidden_size=896, num_attention_heads=14,
+                         num_key_value_heads=2, intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
+    "smollm2-135m": dict(model_type="llama", num_hidden_layers=30, hidden_size=576, num_attention_heads=9,
+                         num_key_value_heads=3, intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True),
 }
 #: Built-in architecture facts, by name.
 BUILTIN: dict[str, ModelShape] = {name: ModelShape.from_hf_config(cfg) for name, cfg in BUILTIN_CONFIGS.items()}

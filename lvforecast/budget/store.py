@@ -79,12 +79,8 @@ CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
 
 
 def as_flops(value: Any, what: str) -> int:
-    """A FLOP count (a finite real >= 0 and < 2**63) rounded to an integer.
-
-    Raises:
-        TypeError: not a real number (or a bool).
-        ValueError: not finite, negative, or too large for an SQLite INTEGER.
-    """
+    """A FLOP count (a finite real >= 0 and < 2**63) rounded to an integer; TypeError for a non-number (or a bool),
+    ValueError for a value out of range."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{what} must be a number of FLOPs, got {value!r} ({type(value).__name__})")
     if not math.isfinite(float(value)):
@@ -105,12 +101,8 @@ def as_count(value: Any, what: str) -> int:
 
 
 def create_study(conn: sqlite3.Connection, budget: int | None, created_by: str) -> tuple[int, int] | None:
-    """Create the tables if missing (migrating an older file) and, in a new file, the study row holding ``budget``.
-
-    Returns:
-        (stored budget, schema version), or None when the file holds no study and ``budget`` is None (the caller
-        raises inside ``conn``'s write transaction, rolling the tables back).
-    """
+    """Create the tables if missing (migrating an older file) and, in a new file, the study row holding ``budget``;
+    (stored budget, schema version), or None when the file holds no study and ``budget`` is None."""
     for statement in SCHEMA.split(";"):
         if statement.strip():
             conn.execute(statement)
@@ -169,9 +161,6 @@ def rebuild(conn: sqlite3.Connection, tables: tuple[str, ...]) -> None:
             conn.execute(statement)
 
 
-# -- connections ----------------------------------------------------------------------------------------------
-
-
 def connect(
     path: Path, timeout_s: float, journal_mode: str | None, apply_journal_mode: bool = True
 ) -> sqlite3.Connection:
@@ -189,14 +178,10 @@ def connect(
 def transaction(
     path: Path, timeout_s: float, journal_mode: str | None, immediate: bool = True
 ) -> Iterator[sqlite3.Connection]:
-    """One transaction on a fresh connection: committed on normal exit, rolled back on an exception.
-
-    ``immediate`` takes the write lock at BEGIN, so a read-check-write sequence cannot interleave with another
-    writer's; plain reads use a deferred BEGIN for a consistent snapshot.
-
-    Raises:
-        UserError: SQLite cannot use the file (:func:`io_error`). A broken constraint is a bug and propagates.
-    """
+    """One transaction on a fresh connection: committed on normal exit, rolled back on an exception. ``immediate``
+    takes the write lock at BEGIN, so a read-check-write sequence cannot interleave with another writer's; plain
+    reads use a deferred BEGIN for a consistent snapshot. SQLite failing on the file raises :func:`io_error`'s
+    UserError; a broken constraint is a bug and propagates."""
     try:
         with contextlib.closing(connect(path, timeout_s, journal_mode)) as conn:
             conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
@@ -211,8 +196,6 @@ def transaction(
     except sqlite3.DatabaseError as err:
         raise io_error(path, err) from err
 
-
-# -- I/O failures ---------------------------------------------------------------------------------------------
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 # What to change, in each command's words.
@@ -258,9 +241,6 @@ def io_error(path: Path, err: sqlite3.Error) -> UserError:
         )
     detail = f"{found} (sqlite: {text})" if found else f"sqlite: {text}"
     return UserError(f"ledger {path} is not a usable ledger: {detail}; {LEDGER_FIX}")
-
-
-# -- queries shared by several operations ---------------------------------------------------------------------
 
 
 def spent(conn: sqlite3.Connection) -> int:
