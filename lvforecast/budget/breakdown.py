@@ -14,13 +14,8 @@ from lvforecast.budget.shapes import Conventions
 
 @dataclass(frozen=True)
 class Component:
-    """One line of a breakdown.
-
-    Attributes:
-        name: Component name (shared with :mod:`lvforecast.budget.audit`).
-        formula: Python-evaluable expression over the breakdown's symbols.
-        flops: Its value.
-    """
+    """One line of a breakdown: its name (shared with :mod:`lvforecast.budget.audit`), a Python-evaluable formula
+    over the breakdown's symbols, and its value in FLOPs."""
 
     name: str
     formula: str
@@ -29,14 +24,8 @@ class Component:
 
 @dataclass(frozen=True)
 class Breakdown:
-    """FLOPs of one pass split by component.
-
-    Attributes:
-        label: What was counted, e.g. ``forward`` or ``train step = 3 x forward``.
-        components: Ordered components.
-        symbols: Values of the symbols used in the formulas, e.g. ``{"L": 24, "B": 4, ...}``.
-        conventions: The conventions used.
-    """
+    """FLOPs of one pass split by ordered components; ``label`` says what was counted (e.g. ``forward`` or
+    ``train step = 3 x forward``), ``symbols`` the values of the formulas' symbols (``{"L": 24, "B": 4, ...}``)."""
 
     label: str
     components: tuple[Component, ...]
@@ -84,15 +73,7 @@ class Breakdown:
             ).rstrip()
 
         rule = "-" * len(line(head))
-        out = [
-            f"{title or self.label}: {total:.4e} FLOPs",
-            f"conventions: {self.conventions.describe()}",
-            "symbols: " + " ".join(f"{k}={v}" for k, v in self.symbols.items()),
-            rule,
-            line(head),
-            rule,
-            *map(line, rows),
-            rule,
-            line(foot),
-        ]
+        symbols = " ".join(f"{k}={v}" for k, v in self.symbols.items())
+        out = [f"{title or self.label}: {total:.4e} FLOPs", f"conventions: {self.conventions.describe()}",
+               f"symbols: {symbols}", rule, line(head), rule, *map(line, rows), rule, line(foot)]
         return "\n".join(out)

@@ -80,9 +80,8 @@ class FlopBudget(pl.Callback):
         if self.writes_ledger:
             for kind, (flops, steps, tokens, seconds) in self._pending.items():
                 if flops or steps:
-                    self.ledger.charge(
-                        self.run_id, kind, int(flops), steps=int(steps), tokens=int(tokens), seconds=float(seconds)
-                    )
+                    self.ledger.charge(self.run_id, kind, int(flops), steps=int(steps), tokens=int(tokens),
+                                       seconds=float(seconds))
         self._pending.clear()
 
     @property

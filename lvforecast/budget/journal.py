@@ -21,20 +21,7 @@ logger = logging.getLogger(__name__)
 JOURNAL_ENV = "LVFORECAST_LEDGER_JOURNAL_MODE"
 JOURNAL_MODES = ("WAL", "DELETE", "TRUNCATE", "PERSIST")
 # Filesystems whose locking SQLite's WAL cannot use (no shared memory across machines).
-NETWORK_FILESYSTEMS = (
-    "nfs",
-    "nfs4",
-    "lustre",
-    "gpfs",
-    "cifs",
-    "smb3",
-    "smbfs",
-    "ceph",
-    "fuse.glusterfs",
-    "beegfs",
-    "fuse.sshfs",
-    "9p",
-)
+NETWORK_FILESYSTEMS = tuple("nfs nfs4 lustre gpfs cifs smb3 smbfs ceph fuse.glusterfs beegfs fuse.sshfs 9p".split())
 
 
 def checked_mode(journal_mode: str | None) -> str | None:
@@ -51,11 +38,9 @@ def mode_for_filesystem(path: Path, journal_mode: str | None, mounts: str = "/pr
     DELETE and WAL raises a UserError naming ``budget.journal_mode=DELETE``."""
     network = on_network_filesystem(path.parent, mounts)
     if network and journal_mode == "WAL":
-        raise UserError(
-            f"ledger {path} is on a {network} filesystem, where SQLite's WAL journal (shared "
-            f"memory) is unsafe across machines: set budget.journal_mode=DELETE (or "
-            f"--journal-mode DELETE), a rollback journal that works there"
-        )
+        raise UserError(f"ledger {path} is on a {network} filesystem, where SQLite's WAL journal (shared memory) is "
+                        f"unsafe across machines: set budget.journal_mode=DELETE (or --journal-mode DELETE), a "
+                        f"rollback journal that works there")
     return "DELETE" if network and journal_mode is None else journal_mode
 
 

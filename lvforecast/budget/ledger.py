@@ -52,13 +52,11 @@ class BudgetExceededError(UserError, RuntimeError):
         self.reserved_by_others = reserved_by_others
         self.remaining = budget - spent - reserved_by_others
         detail = f" (plan: {json.dumps(plan, sort_keys=True, default=str)})" if plan else ""
-        super().__init__(
-            f"run {name!r} refused: its plan needs {format_flops(planned)} FLOPs{detail} but only "
-            f"{format_flops(self.remaining)} remain: budget {format_flops(budget)} - spent {format_flops(spent)} - "
-            f"reserved by others {format_flops(reserved_by_others)} "
-            f"(ledger {ledger.path}). Shrink the plan (fewer steps, validations or evaluation windows), or release "
-            f"reservations of dead runs with `lvforecast budget reconcile`."
-        )
+        super().__init__(f"run {name!r} refused: its plan needs {format_flops(planned)} FLOPs{detail} but only "
+                         f"{format_flops(self.remaining)} remain: budget {format_flops(budget)} - spent "
+                         f"{format_flops(spent)} - reserved by others {format_flops(reserved_by_others)} (ledger "
+                         f"{ledger.path}). Shrink the plan (fewer steps, validations or evaluation windows), or "
+                         f"release reservations of dead runs with `lvforecast budget reconcile`.")
 
 
 def default_ledger_path() -> Path:
@@ -117,11 +115,9 @@ class Ledger:
         if version != SCHEMA_VERSION:
             raise UserError(f"ledger {self.path} has schema version {version}; this code reads {SCHEMA_VERSION}")
         if requested is not None and requested != stored:
-            raise UserError(
-                f"ledger {self.path} was created with budget {format_flops(stored)} ({stored}) FLOPs, "
-                f"not {format_flops(requested)} ({requested}); pass budget={stored} or budget=None to "
-                f"use it, or point at another ledger file"
-            )
+            raise UserError(f"ledger {self.path} was created with budget {format_flops(stored)} ({stored}) FLOPs, "
+                            f"not {format_flops(requested)} ({requested}); pass budget={stored} or budget=None to "
+                            f"use it, or point at another ledger file")
         self.budget: int = stored
 
     def __repr__(self) -> str:
@@ -195,13 +191,12 @@ class Ledger:
             fits = planned <= self.budget - spent - others
             now = time.time()
             status, reserved, ended = (RunStatus.RUNNING, planned, None) if fits else (RunStatus.REFUSED, 0, now)
-            cur = conn.execute(
+            run_id = conn.execute(
                 "INSERT INTO runs (name, sweep, study, stage, config_hash, host, boot_id, pid, pid_start, status, "
-                "planned_flops, reserved_flops, plan_json, started_at, ended_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "planned_flops, reserved_flops, plan_json, started_at, ended_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                "?, ?, ?, ?, ?, ?)",
                 (name, sweep, study, stage, config_hash, *owner, status, planned, reserved, plan_json, now, ended),
-            )
-            run_id = cur.lastrowid
+            ).lastrowid
         if not fits:
             raise BudgetExceededError(self, run_id, name, planned, spent, others, plan)
         left = self.budget - spent - others - planned
@@ -228,11 +223,9 @@ class Ledger:
             name, status, reserved = itemgetter("name", "status", "reserved_flops")(self._run(conn, run_id))
             if status == RunStatus.REFUSED:
                 raise UserError(f"run {run_id} {name!r} was refused its reservation and cannot be charged")
-            conn.execute(
-                "INSERT INTO charges (run_id, kind, flops, steps, tokens, seconds, charged_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (run_id, kind, flops, steps, tokens, float(seconds), time.time()),
-            )
+            conn.execute("INSERT INTO charges (run_id, kind, flops, steps, tokens, seconds, charged_at) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (run_id, kind, flops, steps, tokens, float(seconds), time.time()))
             charged = store.charged(conn, run_id)
         if status != RunStatus.RUNNING:
             self._log(logging.WARNING, run_id, name, "is %s but was charged %.2e more FLOPs (%s)", status, flops, kind)
@@ -311,10 +304,8 @@ class Ledger:
             for run_id in forced:
                 run = self._run(conn, run_id, "nothing to reconcile")
                 if same_machine(run["host"], run["boot_id"]) and run_alive(run):
-                    raise UserError(
-                        f"run {run_id} {run['name']!r} is owned by live process {run['pid']} on this machine; "
-                        f"stop it instead of marking it crashed"
-                    )
+                    raise UserError(f"run {run_id} {run['name']!r} is owned by live process {run['pid']} on this "
+                                    f"machine; stop it instead of marking it crashed")
             dead = self._mark_crashed(conn, store.dead_running(conn))
             return dead + self._mark_crashed(conn, [r for r in forced if r not in dead])
 

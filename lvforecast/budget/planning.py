@@ -43,10 +43,9 @@ def pretrained_shape(name_or_path: str) -> ModelShape:
 
         return ModelShape.from_hf_config(AutoConfig.from_pretrained(name_or_path, local_files_only=True))
     except OSError as err:
-        raise UserError(
-            f"model.source={name_or_path!r}: its config is not cached, so the FLOP plan cannot be made before "
-            f"loading; download it first (hf download {name_or_path}) or point model.source at a local directory"
-        ) from err
+        raise UserError(f"model.source={name_or_path!r}: its config is not cached, so the FLOP plan cannot be made "
+                        f"before loading; download it first (hf download {name_or_path}) or point model.source at a "
+                        f"local directory") from err
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,9 @@ logger = logging.getLogger(__name__)
 
 REPORT_MD = "report.md"
 REPORT_PNG = "budget_report.png"
-
-
 # The spend columns drawn as stacked bars, with their legend labels and colours.
-_PARTS = {
-    "train": ("training", "tab:blue"),
-    "val": ("validation", "tab:orange"),
-    "inference": ("inference", "tab:green"),
-}
+_PARTS = {"train": ("training", "tab:blue"), "val": ("validation", "tab:orange"),
+          "inference": ("inference", "tab:green")}
 
 
 def _fmt_share(share: float) -> str:
@@ -186,13 +181,9 @@ def format_runs(ledger: Ledger, runs: list[dict[str, Any]]) -> str:
     ]
     for r in runs:
         owner = {None: "", True: "alive", False: "dead"}[r["owner_alive"]]
-        lines.append(
-            f"| {r['id']} | {r['name']} | {r['sweep'] or ''} | {r['status']} | {r['host']}:{r['pid']} "
-            f"| {_fmt(r['planned_flops'])} | {_fmt(r['charged_flops'])} | {owner} |"
-        )
+        lines.append(f"| {r['id']} | {r['name']} | {r['sweep'] or ''} | {r['status']} | {r['host']}:{r['pid']} "
+                     f"| {_fmt(r['planned_flops'])} | {_fmt(r['charged_flops'])} | {owner} |")
     lines.append("")
-    lines.append(
-        f"budget {_fmt(ledger.budget)}, spent {_fmt(sum(r['charged_flops'] for r in runs))}, "
-        f"remaining {_fmt(ledger.remaining())} (ledger {ledger.path}, journal {ledger.journal_mode})"
-    )
+    lines.append(f"budget {_fmt(ledger.budget)}, spent {_fmt(sum(r['charged_flops'] for r in runs))}, "
+                 f"remaining {_fmt(ledger.remaining())} (ledger {ledger.path}, journal {ledger.journal_mode})")
     return "\n".join(lines) + "\n"

@@ -38,28 +38,14 @@ class Reservation:
     leader: bool = True
 
     @classmethod
-    def open(
-        cls,
-        ledger: Ledger,
-        name: str,
-        plan: Any,
-        pricing: Pricing,
-        *,
-        reserve: int | None = None,
-        sweep: str | None = None,
-        config_hash: str | None = None,
-        study: str | None = None,
-        stage: str | None = None,
-    ) -> Reservation:
-        """Reserve ``reserve`` (default: the plan's total) FLOPs as a new ledger run.
-
-        Raises:
-            lvforecast.budget.ledger.BudgetExceededError: The ledger cannot cover it (recorded as ``refused``).
-        """
+    def open(cls, ledger: Ledger, name: str, plan: Any, pricing: Pricing, *, reserve: int | None = None,
+             sweep: str | None = None, config_hash: str | None = None, study: str | None = None,
+             stage: str | None = None) -> Reservation:
+        """Reserve ``reserve`` (default: the plan's total) FLOPs as a new ledger run
+        (:meth:`~lvforecast.budget.ledger.Ledger.open_run`, whose BudgetExceededError it raises)."""
         flops = int(plan.total if reserve is None else reserve)
-        run_id = ledger.open_run(
-            name, flops, sweep=sweep, config_hash=config_hash, plan=plan.as_dict(), study=study, stage=stage
-        )
+        run_id = ledger.open_run(name, flops, sweep=sweep, config_hash=config_hash, plan=plan.as_dict(), study=study,
+                                 stage=stage)
         return cls(plan=plan, pricing=pricing, ledger=ledger, run_id=run_id, reserved=flops)
 
     @classmethod
@@ -98,13 +84,9 @@ def publish(out: Path, run_id: int | None, reserved: int, refused: str | None = 
 
 
 def await_leader(out: Path, timeout_s: float = 600.0, poll_s: float = 0.2) -> dict[str, Any]:
-    """A rank other than 0: rank 0's published reservation, from the environment or (waiting) ``out``.
-
-    A file from another launch (another scheduler job id) is ignored while waiting.
-
-    Raises:
-        RuntimeError: Rank 0 was refused (its message is quoted), or published nothing within ``timeout_s``.
-    """
+    """A rank other than 0: rank 0's published reservation, from the environment or (waiting) ``out``; a file
+    from another launch (another scheduler job id) is ignored. RuntimeError when rank 0 was refused (its message is
+    quoted) or published nothing within ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     path = out / LEADER_FILE
     token = launch_token()
@@ -118,13 +100,10 @@ def await_leader(out: Path, timeout_s: float = 600.0, poll_s: float = 0.2) -> di
         record = json.loads(raw) if raw else None
         if record is not None and record.get("launch", "") == token:
             if record["refused"]:
-                raise RuntimeError(
-                    f"rank 0 of this run was refused its reservation, so this rank stops too: {record['refused']}"
-                )
+                raise RuntimeError(f"rank 0 of this run was refused its reservation, so this rank stops too: "
+                                   f"{record['refused']}")
             return record
         if time.monotonic() >= deadline:
-            raise RuntimeError(
-                f"rank 0 published no reservation in {path} within {timeout_s:.0f} s; it failed "
-                f"before reserving (see its log)"
-            )
+            raise RuntimeError(f"rank 0 published no reservation in {path} within {timeout_s:.0f} s; it failed "
+                               f"before reserving (see its log)")
         time.sleep(poll_s)

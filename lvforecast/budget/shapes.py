@@ -76,10 +76,8 @@ class ModelShape:
         cfg: Mapping[str, Any] = config if isinstance(config, Mapping) else config.to_dict()
         model_type = cfg.get("model_type")
         if model_type not in _SUPPORTED_MODEL_TYPES:
-            raise UserError(
-                f"config model_type={model_type!r}: allowed {', '.join(map(repr, _SUPPORTED_MODEL_TYPES))} "
-                f"(Qwen2/Llama-family decoders)"
-            )
+            raise UserError(f"config model_type={model_type!r}: allowed {', '.join(map(repr, _SUPPORTED_MODEL_TYPES))} "
+                            f"(Qwen2/Llama-family decoders)")
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
             raise UserError(f"config hidden_act={act!r}: only 'silu' (SwiGLU) is counted")

@@ -31,13 +31,7 @@ class RunStatus(str, Enum):
 # The statuses a ledger row may hold, in the order of the schema's CHECK constraint.
 RUN_STATUSES = tuple(s for s in RunStatus if s is not RunStatus.MISSING)
 # The statuses :meth:`lvforecast.budget.ledger.Ledger.finish` may end a running run with.
-FINISH_STATUSES = (
-    RunStatus.FINISHED,
-    RunStatus.BUDGET_EXHAUSTED,
-    RunStatus.CRASHED,
-    RunStatus.FAILED,
-    RunStatus.INTERRUPTED,
-)
+FINISH_STATUSES = tuple(s for s in RUN_STATUSES if s not in (RunStatus.RUNNING, RunStatus.REFUSED))
 # The statuses of a run that ran to its end and so has a result (a final validation loss) to compare.
 COMPLETED = (RunStatus.FINISHED, RunStatus.BUDGET_EXHAUSTED)
 

@@ -111,10 +111,8 @@ def create_study(conn: sqlite3.Connection, budget: int | None, created_by: str) 
         row = (row[0], migrate(conn, row[1]))
     if row is None and budget is not None:
         row = (budget, SCHEMA_VERSION)
-        conn.execute(
-            "INSERT INTO study (id, budget_flops, schema_version, created_at, created_by) VALUES (1, ?, ?, ?, ?)",
-            (budget, SCHEMA_VERSION, time.time(), created_by),
-        )
+        conn.execute("INSERT INTO study (id, budget_flops, schema_version, created_at, created_by) "
+                     "VALUES (1, ?, ?, ?, ?)", (budget, SCHEMA_VERSION, time.time(), created_by))
     return row
 
 
@@ -235,10 +233,8 @@ def io_error(path: Path, err: sqlite3.Error) -> UserError:
     if found is None and ("malformed" in text or "not a database" in text):
         found = "it is a damaged SQLite file"
     if "locked" in text or "busy" in text:
-        return UserError(
-            f"ledger {path}: another process held its write lock past the timeout ({text}); wait "
-            f"and retry, or give this study another ledger: {LEDGER_FIX}"
-        )
+        return UserError(f"ledger {path}: another process held its write lock past the timeout ({text}); wait "
+                         f"and retry, or give this study another ledger: {LEDGER_FIX}")
     detail = f"{found} (sqlite: {text})" if found else f"sqlite: {text}"
     return UserError(f"ledger {path} is not a usable ledger: {detail}; {LEDGER_FIX}")
 
@@ -297,8 +293,6 @@ def extend(conn: sqlite3.Connection, run_id: int, extra: int, budget: int) -> bo
     whether it grew."""
     if extra > budget - spent(conn) - outstanding(conn):
         return False
-    conn.execute(
-        "UPDATE runs SET reserved_flops = reserved_flops + ? WHERE id = ? AND status = ?",
-        (extra, run_id, RunStatus.RUNNING),
-    )
+    conn.execute("UPDATE runs SET reserved_flops = reserved_flops + ? WHERE id = ? AND status = ?",
+                 (extra, run_id, RunStatus.RUNNING))
     return True
