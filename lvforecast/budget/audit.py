@@ -31,17 +31,9 @@ _LAYER = re.compile(r"(^|\.)layers\.\d+$")
 # Attention ops between the two bmm calls.
 _ATTENTION = {"mul": "attn_scale", "div": "attn_scale", "add": "attn_mask", "_softmax": "attn_softmax"}
 # Roles by a module's last name (after projections, stacks and the final norm are told apart).
-_NAMED = dict(
-    embed_tokens="embedding",
-    rotary_emb="rope_tables",
-    input_layernorm="attn_norm",
-    post_attention_layernorm="mlp_norm",
-    act_fn="mlp_act",
-    mlp="mlp_mul",
-    lm_head="lm_head",
-    alphabet_head="lm_head",
-    self_attn="attention",
-)
+_NAMED = dict(embed_tokens="embedding", rotary_emb="rope_tables", input_layernorm="attn_norm",
+              post_attention_layernorm="mlp_norm", act_fn="mlp_act", mlp="mlp_mul", lm_head="lm_head",
+              alphabet_head="lm_head", self_attn="attention")
 
 
 @dataclass

@@ -1,7 +1,5 @@
-"""One FLOP count split by component: :class:`Component` lines in a :class:`Breakdown` (table, JSON, scaling).
-
-What the formulas of :mod:`lvforecast.budget.formulas` return; pure, no torch.
-"""
+"""What the formulas of :mod:`lvforecast.budget.formulas` return: :class:`Component` lines in a :class:`Breakdown`
+(table, JSON, scaling); pure, no torch."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""The ledger's SQLite journal mode, and the filesystem check that decides which modes are safe.
-
-``WAL`` is the default for a ledger used from one machine. WAL needs shared memory, which network filesystems
-(NFS, Lustre, GPFS, CIFS, ...) do not give across machines, so a ledger there must use a rollback journal
-(``DELETE``, ``TRUNCATE`` or ``PERSIST``). Importing this module touches no disk.
+"""The ledger's SQLite journal mode, and the filesystem check that refuses WAL (shared memory) on a network
+filesystem (docs/budget.md#journal-mode). Importing this module touches no disk.
 """
 
 from __future__ import annotations

@@ -26,13 +26,8 @@ _FREE_OPS = frozenset(
 _ELEMENTWISE = {
     **{op: _C[op] for op in ("add", "abs", "relu", "exp", "log", "sqrt", "sin", "cos")},
     **dict.fromkeys(("sub", "rsub", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge"), _C["subtract"]),
-    "mul": _C["multiply"],
-    "div": _C["divide"],
-    "neg": _C["negate"],
-    "reciprocal": _C["inverse"],
-    "rsqrt": RSQRT,
-    "sigmoid": SIGMOID,
-    "silu": SILU,
+    "mul": _C["multiply"], "div": _C["divide"], "neg": _C["negate"], "reciprocal": _C["inverse"], "rsqrt": RSQRT,
+    "sigmoid": SIGMOID, "silu": SILU,
 }
 # Reductions of n elements per output cost n - 1 plus this (mean divides once).
 _REDUCTIONS = {"sum": 0, "mean": 1, "amax": 0, "amin": 0, "max": 0, "min": 0, "argmax": 0, "argmin": 0}

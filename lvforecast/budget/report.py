@@ -1,6 +1,5 @@
 """The study's spend report (Table 12) from :meth:`lvforecast.budget.ledger.Ledger.report`: the markdown tables,
-the bar chart (a :class:`matplotlib.figure.Figure`, no pyplot state; matplotlib is imported only to draw it) and the
-run listing of ``lvforecast budget show``. Importing this module touches no disk.
+the bar chart (no pyplot state; matplotlib is imported only to draw it) and the ``lvforecast budget show`` listing.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """What a FLOP count is counted over: :class:`ModelShape` (architecture facts, from a Hugging Face config,
 :data:`BUILTIN` or a loaded model), :class:`Conventions` (the counting switches) and :class:`LoRASpec` (the
-adapters, logit bias and head rows whose cost is added). The formulas, and what every switch means, are in
-:mod:`lvforecast.budget.formulas`. Pure: no torch; only :func:`resolve_config` reads a file it is pointed at.
-"""
+adapters, logit bias and head rows whose cost is added); every switch is in docs/budget.md#the-formulas. Pure:
+no torch; only :func:`resolve_config` reads a file it is pointed at."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
 """The SQLite layer of the FLOP ledger (:class:`lvforecast.budget.ledger.Ledger` is the API): schema, migrations,
-connections, transactions, I/O errors and the queries several operations share. Importing it touches no disk.
-"""
+connections, transactions, I/O errors and the queries several operations share. Importing it touches no disk."""
 
 from __future__ import annotations
 
