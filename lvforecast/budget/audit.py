@@ -33,7 +33,7 @@ _ATTENTION = {"mul": "attn_scale", "div": "attn_scale", "add": "attn_mask", "_so
 # Roles by a module's last name (after projections, stacks and the final norm are told apart).
 _NAMED = dict(embed_tokens="embedding", rotary_emb="rope_tables", input_layernorm="attn_norm",
               post_attention_layernorm="mlp_norm", act_fn="mlp_act", mlp="mlp_mul", lm_head="lm_head",
-              alphabet_head="lm_head", self_attn="attention")
+              alphabet_head="lm_head", self_attn="attention", loss="loss")
 
 
 @dataclass
@@ -90,8 +90,6 @@ def _role(path: str, module: nn.Module, stacks: set[str], ancestors_of_stack: se
         return _NAMED[last]
     if _LAYER.search(path):
         return "residual"
-    if last == "loss":
-        return "loss"
     if path in ancestors_of_stack:
         return "outside"
     return "other"
@@ -192,10 +190,8 @@ def audit_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
         labels: (B, N) targets for ``loss_fn`` (default ``input_ids``; whatever ``head`` indexes, with one).
         logits_to_keep: 0 for logits at every position, else only the last ``k``.
         head, stack: Run ``head`` (e.g. the :class:`lvforecast.model.lora.AlphabetHead` of ``model.head=alphabet``)
-            on the final hidden states of ``stack`` (:func:`lvforecast.model.lora.decoder_stack`), not the lm_head.
-
-    Raises:
-        ValueError: ``input_ids`` is not 2-D, the model does not run eager attention, or ``head`` without ``stack``.
+            on the final hidden states of ``stack`` (:func:`lvforecast.model.lora.decoder_stack`), not the lm_head;
+            ValueError for one without the other, for ``input_ids`` not 2-D, or a model not on eager attention.
     """
     if (head is None) != (stack is None):
         raise UserError("audit_forward: head and stack go together (the stack's hidden states feed the head)")

@@ -163,12 +163,8 @@ class FlopBudget(pl.Callback):
             # Straight to the loggers: Lightning's self.log machinery costs ~1 ms per call, which is a third
             # of a tiny model's step; these are plain numbers that need no reduction.
             study = self.study_spent_at_start + self.spent
-            metrics = {
-                "flops/step": float(step),
-                "flops/run": float(self.spent),
-                "flops/study": float(study),
-                "flops/budget_left": float(self.budget - study),
-            }
+            metrics = {"flops/step": float(step), "flops/run": float(self.spent), "flops/study": float(study),
+                       "flops/budget_left": float(self.budget - study)}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=logger_step(trainer))
         last_step = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step

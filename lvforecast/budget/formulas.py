@@ -208,12 +208,11 @@ def decode_step_flops(shape: ModelShape, batch: int, context_len: int, lora: LoR
 def generation_flops(shape: ModelShape, batch: int, prompt_len: int, new_tokens: int, lora: LoRASpec | None = None,
                      conv: Conventions = DEFAULT_CONVENTIONS, kv_cache: bool = True,
                      prefill_logits: Literal["all", "last"] = "all", head_rows: int | None = None) -> int:
-    """Total FLOPs of greedy generation of ``new_tokens`` (>= 1) after a ``(batch, prompt_len)`` padded prompt,
-    never the loss: a prefill plus cached decode steps, or full forwards without ``kv_cache``; ``prefill_logits``
-    ``all`` charges lm_head at every position of each full forward (the brief's rule), ``last`` only at the last
-    (what ``generate`` runs). The rule is in docs/budget.md#the-formulas; other arguments and errors as
-    :func:`forward_flops`.
-    """
+    """Total FLOPs of greedy generation of ``new_tokens`` (>= 1) after a ``(batch, prompt_len)`` padded prompt, never
+    the loss: a prefill plus cached decode steps, or full forwards without ``kv_cache``; ``prefill_logits`` ``all``
+    charges lm_head at every position of each full forward (the brief's rule), ``last`` only at the last (what
+    ``generate`` runs). The rule is in docs/budget.md#the-formulas; other arguments and errors as
+    :func:`forward_flops`."""
     _check_args(shape, lora, conv, head_rows, prompt_len=prompt_len, new_tokens=new_tokens)
     check_choice("generation", "prefill_logits", prefill_logits, ("all", "last"))
     conv = dataclasses.replace(conv, count_loss=False)

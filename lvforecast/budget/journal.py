@@ -1,6 +1,5 @@
-"""The ledger's SQLite journal mode, and the filesystem check that refuses WAL (shared memory) on a network
-filesystem (docs/budget.md#journal-mode). Importing this module touches no disk.
-"""
+"""The ledger's SQLite journal mode, and the filesystem check that refuses WAL (shared memory) on a network filesystem
+(docs/budget.md#journal-mode). Importing this module touches no disk."""
 
 from __future__ import annotations
 
@@ -61,9 +60,8 @@ def on_network_filesystem(path: Path, mounts: str = "/proc/mounts") -> str | Non
 
 
 def set_journal_mode(path: Path, timeout_s: float, wanted: str | None) -> str:
-    """Put the file in journal mode ``wanted`` (None: WAL for a new file, else keep its mode) and return the mode
-    SQLite reports (a mismatch is logged); SQLite failing on the file raises :func:`lvforecast.budget.store.io_error`.
-    """
+    """Put the file in journal mode ``wanted`` (None: WAL for a new file, else keep its mode) and return the mode SQLite
+    reports (a mismatch is logged); SQLite failing on the file raises :func:`lvforecast.budget.store.io_error`."""
     try:
         with contextlib.closing(connect(path, timeout_s, wanted, apply_journal_mode=False)) as conn:
             current, wanted = _switch(conn, wanted, time.monotonic() + timeout_s)

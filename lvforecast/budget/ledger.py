@@ -208,10 +208,7 @@ class Ledger:
     ) -> None:
         """Record ``flops`` a run has spent since its last charge of ``kind``, covering ``steps`` optimizer steps
         (train) or batches, ``tokens`` and ``seconds`` (one committed row per call; batch a few steps per call).
-
-        Raises:
-            ValueError, TypeError: unknown or refused run, unknown kind, negative or out-of-range numbers.
-        """
+        ValueError or TypeError for an unknown or refused run, an unknown kind, negative or out-of-range numbers."""
         if kind not in KINDS:
             raise UserError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
         flops = as_flops(flops, "flops")
@@ -236,12 +233,8 @@ class Ledger:
 
     def finish(self, run_id: int, status: RunStatus = RunStatus.FINISHED) -> None:
         """End a running run with ``status`` (one of :data:`~lvforecast.budget.status.FINISH_STATUSES`) and release
-        the unused part of its reservation.
-
-        Raises:
-            ValueError: unknown run, bad status, or the run is not running (already finished, refused, or
-                reconciled as crashed).
-        """
+        the unused part of its reservation; ValueError for an unknown run, a bad status, or a run not running
+        (already finished, refused, or reconciled as crashed)."""
         if status not in FINISH_STATUSES:
             raise UserError(f"status must be one of {', '.join(FINISH_STATUSES)}, got {status!r}")
         with self._transaction() as conn:
@@ -294,11 +287,8 @@ class Ledger:
     def reconcile(self, run_ids: Sequence[int] = ()) -> list[int]:
         """Mark running runs whose owner is dead, and the running ``run_ids`` whose owner cannot be checked (runs of
         other machines, or of this machine before a reboot), ``crashed``, releasing their unused reservations
-        (charges stay); the ids marked by this call.
-
-        Raises:
-            ValueError: a listed run is unknown, not running, or owned by a live process of this machine.
-        """
+        (charges stay); the ids marked by this call. ValueError when a listed run is unknown, not running, or owned
+        by a live process of this machine."""
         forced = [as_count(r, "run id") for r in run_ids]
         with self._transaction() as conn:
             for run_id in forced:

@@ -29,11 +29,8 @@ def builtin_shape(name: str) -> ModelShape:
 
 
 def pretrained_shape(name_or_path: str) -> ModelShape:
-    """The shape of a Hugging Face model: a local directory's ``config.json``, a built-in hub id, or the cache.
-
-    Raises:
-        UserError: The architecture cannot be known without downloading (names the key to set).
-    """
+    """The shape of a Hugging Face model: a local directory's ``config.json``, a built-in hub id, or the cache; a
+    UserError naming the key to set when the architecture cannot be known without downloading."""
     if Path(name_or_path).is_dir():
         return resolve_shape(name_or_path)
     if name_or_path in HUB_ALIASES:

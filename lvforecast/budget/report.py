@@ -1,6 +1,5 @@
-"""The study's spend report (Table 12) from :meth:`lvforecast.budget.ledger.Ledger.report`: the markdown tables,
-the bar chart (no pyplot state; matplotlib is imported only to draw it) and the ``lvforecast budget show`` listing.
-"""
+"""The study's spend report (Table 12) from :meth:`lvforecast.budget.ledger.Ledger.report`: the markdown tables, the bar
+chart (no pyplot state; matplotlib is imported only to draw it) and the ``lvforecast budget show`` listing."""
 
 from __future__ import annotations
 
@@ -129,15 +128,13 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     ax_stage.axvline(budget, color="red", linestyle="--", label=f"budget {_fmt(budget)}")
     ax_stage.set_xlim(0, max(budget, longest) * 1.15)
     ax_stage.legend(loc="lower right", fontsize=7)
+    notes = [f" {_fmt(r['total'])} ({_fmt_share(r['share'])})" for r in runs]
+    longest = _bars(ax, runs, _chart_labels(runs), notes, "spend per run")
     if runs:
-        notes = [f" {_fmt(r['total'])} ({_fmt_share(r['share'])})" for r in runs]
-        ax.set_xlim(0, _bars(ax, runs, _chart_labels(runs), notes, "spend per run") * 1.35 or 1.0)
+        ax.set_xlim(0, longest * 1.35 or 1.0)
         ax.legend(loc="lower right", fontsize=8)
     else:
         ax.text(0.5, 0.5, "no runs yet", ha="center", va="center", transform=ax.transAxes)
-        ax.set_yticks([])
-        ax.set_xlabel("FLOPs")
-        ax.set_title("spend per run")
 
     bottom = 0.0
     for key, (_, color) in _PARTS.items():

@@ -1,7 +1,6 @@
-"""One run's hold on the study budget, made once before any weights load: a frozen :class:`Reservation` carries
-the plan, its pricing, the ledger run and the FLOPs reserved to the end of the run, and :meth:`Reservation.held`
-is the one place its ledger row is finished. Rank 0 of a distributed run publishes it for the other ranks.
-"""
+"""One run's hold on the study budget, made once before any weights load: a frozen :class:`Reservation` carries the
+plan, its pricing, the ledger run and the FLOPs reserved to the end of the run, and :meth:`Reservation.held` is the one
+place its ledger row is finished. Rank 0 of a distributed run publishes it for the other ranks."""
 
 from __future__ import annotations
 
@@ -25,7 +24,6 @@ class Reservation:
 
     Attributes:
         plan: The planned work (a training :class:`~lvforecast.budget.planning.Plan` or a generation plan).
-        pricing: What the plan and every charge are priced with.
         reserved: FLOPs reserved (the plan's total, or ``budget.run_cap_flops``).
         leader: False on ranks other than 0 of a distributed run: they own no ledger run and never write it.
     """

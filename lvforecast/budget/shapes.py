@@ -67,11 +67,8 @@ class ModelShape:
 
     @classmethod
     def from_hf_config(cls, config: Any) -> ModelShape:
-        """Read a Qwen2/Llama/Mistral config (a ``PretrainedConfig`` or its ``config.json`` dict).
-
-        Raises:
-            ValueError: Not a supported family, a non-SiLU MLP, or a missing size key (named in the message).
-        """
+        """Read a Qwen2/Llama/Mistral config (a ``PretrainedConfig`` or its ``config.json`` dict); ValueError for
+        another family, a non-SiLU MLP, or a missing size key (named in the message)."""
         cfg: Mapping[str, Any] = config if isinstance(config, Mapping) else config.to_dict()
         model_type = cfg.get("model_type")
         if model_type not in _SUPPORTED_MODEL_TYPES:
@@ -119,10 +116,8 @@ class Conventions:
     count_loss: bool = False
 
     def __post_init__(self) -> None:
-        check_choice("conventions", "attention", self.attention, get_args(AttentionWidth))
-        check_choice("conventions", "mask", self.mask, get_args(MaskForm))
-        check_choice("conventions", "rope", self.rope, get_args(RopeForm))
-        check_choice("conventions", "norm", self.norm, get_args(NormForm))
+        for key, form in (("attention", AttentionWidth), ("mask", MaskForm), ("rope", RopeForm), ("norm", NormForm)):
+            check_choice("conventions", key, getattr(self, key), get_args(form))
         if not isinstance(self.count_loss, bool):
             raise UserError(f"conventions.count_loss={self.count_loss!r}: must be True or False")
 
@@ -176,11 +171,8 @@ class LoRASpec:
     def from_peft(
         cls, model: Any, logit_bias: bool = False, adapter: str = "default", head_rows: int | None = None
     ) -> LoRASpec:
-        """Read rank and targets from a ``peft.PeftModel``'s ``peft_config[adapter]`` (the rest is given).
-
-        Raises:
-            ValueError: No such adapter, or per-layer rank patterns (one rank is assumed).
-        """
+        """Read rank and targets from a ``peft.PeftModel``'s ``peft_config[adapter]`` (the rest is given); ValueError
+        for no such adapter, or per-layer rank patterns (one rank is assumed)."""
         configs = getattr(model, "peft_config", None) or {}
         if adapter not in configs:
             raise UserError(f"adapter={adapter!r}: model has LoRA adapters {sorted(configs)}")
@@ -202,11 +194,8 @@ def shape_of(model: Any) -> ModelShape:
 
 
 def resolve_config(model: str) -> dict[str, Any]:
-    """The Hugging Face config fields of a built-in name, a ``config.json`` path, or a directory holding one.
-
-    Raises:
-        ValueError: Unknown name or unreadable file.
-    """
+    """The Hugging Face config fields of a built-in name, a ``config.json`` path, or a directory holding one;
+    ValueError for an unknown name or an unreadable file."""
     if model in BUILTIN_CONFIGS:
         return dict(BUILTIN_CONFIGS[model])
     path = Path(model)

@@ -1,6 +1,5 @@
 """What the ledger's runs spent: the read-only queries behind :meth:`~lvforecast.budget.ledger.Ledger.report` and
-:meth:`~lvforecast.budget.ledger.Ledger.runs`, read inside the caller's transaction (one snapshot).
-"""
+:meth:`~lvforecast.budget.ledger.Ledger.runs`, read inside the caller's transaction (one snapshot)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""How a run stands or ended: one :class:`RunStatus` for the ledger, ``run_info.json`` and sweep jobs. A member
-equals its string value (``RunStatus.FINISHED == "finished"``), so rows and files read back compare equal to it.
-"""
+"""How a run stands or ended: one :class:`RunStatus` for the ledger, ``run_info.json`` and sweep jobs. A member equals
+its string value (``RunStatus.FINISHED == "finished"``), so rows and files read back compare equal to it."""
 
 from __future__ import annotations
 
