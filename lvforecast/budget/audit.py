@@ -115,10 +115,8 @@ class FlopAudit(TorchDispatchMode):
         self._stack = [_Frame(self._roles[""], "")]
         for path, module in self.root.named_modules():
             if path:
-                self._handles += [
-                    module.register_forward_pre_hook(partial(self._push, self._roles[path], path)),
-                    module.register_forward_hook(partial(self._pop, path), always_call=True),
-                ]
+                self._handles += [module.register_forward_pre_hook(partial(self._push, self._roles[path], path)),
+                                  module.register_forward_hook(partial(self._pop, path), always_call=True)]
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:

@@ -46,22 +46,15 @@ class Breakdown:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict: ``label``, ``total``, ``conventions``, ``symbols`` and ``components``."""
-        return {
-            "label": self.label,
-            "total": self.total,
-            "conventions": dataclasses.asdict(self.conventions),
-            "symbols": dict(self.symbols),
-            "components": [{"name": c.name, "formula": c.formula, "flops": c.flops} for c in self.components],
-        }
+        return dict(label=self.label, total=self.total, conventions=dataclasses.asdict(self.conventions),
+                    symbols=dict(self.symbols), components=[dataclasses.asdict(c) for c in self.components])
 
     def table(self, title: str = "") -> str:
         """The breakdown as a fixed-width table (component, formula, FLOPs, share)."""
         total = self.total
         head = ["component", "formula", "FLOPs", "share"]
-        rows = [
-            [c.name, c.formula, f"{c.flops:,}", f"{100 * c.flops / total:.2f}%" if total else "-"]
-            for c in self.components
-        ]
+        rows = [[c.name, c.formula, f"{c.flops:,}", f"{100 * c.flops / total:.2f}%" if total else "-"]
+                for c in self.components]
         foot = ["total", "", f"{total:,}", "100.00%" if total else "-"]
         widths = [max(len(r[i]) for r in [head, *rows, foot]) for i in range(4)]
 

@@ -146,9 +146,8 @@ class FlopBudget(pl.Callback):
         if not self.affords(needed):
             self._stop(trainer, needed)
 
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
         step = self._charge_batch("train", batch, factor=3)
         if trainer.global_step == self._step_seen:
             return  # a micro-batch inside gradient accumulation: steps are priced and logged whole

@@ -189,9 +189,8 @@ def forward_flops(shape: ModelShape, batch: int, seq_len: int, lora: LoRASpec | 
     return _breakdown(shape, batch, seq_len, None, lora, conv, rows, "forward", head_rows)
 
 
-def train_step_flops(
-    shape: ModelShape, batch: int, seq_len: int, lora: LoRASpec | None = None, conv: Conventions = DEFAULT_CONVENTIONS
-) -> Breakdown:
+def train_step_flops(shape: ModelShape, batch: int, seq_len: int, lora: LoRASpec | None = None,
+                     conv: Conventions = DEFAULT_CONVENTIONS) -> Breakdown:
     """FLOPs of one training step, 3 x :func:`forward_flops` (same arguments and errors)."""
     return forward_flops(shape, batch, seq_len, lora, conv).scaled(3, "train step = 3 x forward")
 
@@ -218,10 +217,8 @@ def generation_flops(shape: ModelShape, batch: int, prompt_len: int, new_tokens:
     conv = dataclasses.replace(conv, count_loss=False)
     keep = 0 if prefill_logits == "all" else 1
     if not kv_cache:
-        return sum(
-            forward_flops(shape, batch, prompt_len + i, lora, conv, keep, head_rows).total for i in range(new_tokens)
-        )
+        return sum(forward_flops(shape, batch, prompt_len + i, lora, conv, keep, head_rows).total
+                   for i in range(new_tokens))
     total = forward_flops(shape, batch, prompt_len, lora, conv, keep, head_rows).total
-    return total + sum(
-        decode_step_flops(shape, batch, prompt_len + i, lora, conv, head_rows).total for i in range(1, new_tokens)
-    )
+    return total + sum(decode_step_flops(shape, batch, prompt_len + i, lora, conv, head_rows).total
+                       for i in range(1, new_tokens))

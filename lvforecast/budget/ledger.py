@@ -203,9 +203,8 @@ class Ledger:
         self._log(logging.INFO, run_id, name, "reserved %.2e FLOPs (%.2e remain)", planned, left)
         return run_id
 
-    def charge(
-        self, run_id: int, kind: Kind, flops: float, steps: int = 0, tokens: int = 0, seconds: float = 0.0
-    ) -> None:
+    def charge(self, run_id: int, kind: Kind, flops: float, steps: int = 0, tokens: int = 0,
+               seconds: float = 0.0) -> None:
         """Record ``flops`` a run has spent since its last charge of ``kind``, covering ``steps`` optimizer steps
         (train) or batches, ``tokens`` and ``seconds`` (one committed row per call; batch a few steps per call).
         ValueError or TypeError for an unknown or refused run, an unknown kind, negative or out-of-range numbers."""

@@ -144,11 +144,9 @@ class Plan:
     def describe(self) -> str:
         ranks = f" on {self.world_size} ranks" if self.world_size > 1 else ""
         accum = f", {self.accumulate} micro-batches per step" if self.accumulate > 1 else ""
-        return (
-            f"{self.steps} steps x {self.train_step:.4e} (train step, B x N = {self.next_step_shape}{ranks}"
-            f"{accum}) + {self.validations} validations x {self.validation_pass:.4e} + sanity {self.sanity:.4e} "
-            f"+ evaluation {self.evaluation:.4e} = {self.total:.4e} FLOPs"
-        )
+        return (f"{self.steps} steps x {self.train_step:.4e} (train step, B x N = {self.next_step_shape}{ranks}"
+                f"{accum}) + {self.validations} validations x {self.validation_pass:.4e} + sanity {self.sanity:.4e} "
+                f"+ evaluation {self.evaluation:.4e} = {self.total:.4e} FLOPs")
 
 
 @dataclass(frozen=True)

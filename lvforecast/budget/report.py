@@ -42,12 +42,9 @@ def stage_label(stage: dict[str, Any]) -> str:
 
 def format_stages_markdown(report: dict[str, Any]) -> str:
     """Table 12 per stage of a :meth:`Ledger.report`: its runs, spend and share, and the study total."""
-    lines = [
-        "Table 12: FLOPs spent per stage. Inference = test + generation.",
-        "",
-        "| stage | runs | training | validation | inference | total | share of budget |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    lines = ["Table 12: FLOPs spent per stage. Inference = test + generation.", "",
+             "| stage | runs | training | validation | inference | total | share of budget |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {stage_label(g)} | {len(g['runs'])} | {_spend(g)} |" for g in report["stages"]]
     lines.append(f"| **total** | {len(report['runs'])} | {_spend(report['totals'], '**')} |")
     lines.append(f"| budget | | | | | {_fmt(report['budget'])} | 100.00% |")
@@ -59,13 +56,10 @@ def format_report_markdown(report: dict[str, Any]) -> str:
     its stage (when any run has one), the total, reserved (when runs are live), budget and remaining rows, and
     the refused attempts."""
     budget = report["budget"]
-    lines = [
-        format_stages_markdown(report),
-        f"FLOPs spent per run (ledger `{report['ledger']}`), under their stage. Inference = test + generation.",
-        "",
-        "| run | sweep | status | training | validation | inference | total | share of budget |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
-    ]
+    lines = [format_stages_markdown(report),
+             f"FLOPs spent per run (ledger `{report['ledger']}`), under their stage. Inference = test + generation.",
+             "", "| run | sweep | status | training | validation | inference | total | share of budget |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     by_id = {r["id"]: r for r in report["runs"]}
     staged = any(g["stage"] is not None for g in report["stages"])
     for g in report["stages"]:
@@ -171,10 +165,8 @@ def write_report_files(report: dict[str, Any], out_dir: str | os.PathLike[str]) 
 def format_runs(ledger: Ledger, runs: list[dict[str, Any]]) -> str:
     """The listing of ``lvforecast budget show``: the ledger's :meth:`Ledger.runs` as a markdown table and a
     budget / spent / remaining line."""
-    lines = [
-        "| id | run | sweep | status | host:pid | planned | charged | owner |",
-        "|---:|---|---|---|---|---:|---:|---|",
-    ]
+    lines = ["| id | run | sweep | status | host:pid | planned | charged | owner |",
+             "|---:|---|---|---|---|---:|---:|---|"]
     for r in runs:
         owner = {None: "", True: "alive", False: "dead"}[r["owner_alive"]]
         lines.append(f"| {r['id']} | {r['name']} | {r['sweep'] or ''} | {r['status']} | {r['host']}:{r['pid']} "

@@ -55,11 +55,9 @@ class ModelShape:
     mlp_bias: bool = False
 
     def __post_init__(self) -> None:
-        problems = [
-            f"{name}={getattr(self, name)!r}: must be an integer >= 1"
-            for name in ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim", "intermediate", "vocab")
-            if not is_int(getattr(self, name)) or getattr(self, name) < 1
-        ]
+        sizes = ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim", "intermediate", "vocab")
+        problems = [f"{name}={getattr(self, name)!r}: must be an integer >= 1" for name in sizes
+                    if not is_int(getattr(self, name)) or getattr(self, name) < 1]
         if not problems and self.n_heads % self.n_kv_heads:
             problems.append(f"n_kv_heads={self.n_kv_heads}: must divide n_heads={self.n_heads}")
         if problems:
@@ -128,10 +126,8 @@ class Conventions:
 
     def describe(self) -> str:
         """One line, e.g. ``attention=mha mask=full rope=add norm=divide loss=off``."""
-        return (
-            f"attention={self.attention} mask={self.mask} rope={self.rope} norm={self.norm} "
-            f"loss={'on' if self.count_loss else 'off'}"
-        )
+        return (f"attention={self.attention} mask={self.mask} rope={self.rope} norm={self.norm} "
+                f"loss={'on' if self.count_loss else 'off'}")
 
 
 #: The study brief's conventions; the formulas' default argument.
@@ -168,9 +164,8 @@ class LoRASpec:
         object.__setattr__(self, "targets", tuple(p for p in PROJECTIONS if p in targets))
 
     @classmethod
-    def from_peft(
-        cls, model: Any, logit_bias: bool = False, adapter: str = "default", head_rows: int | None = None
-    ) -> LoRASpec:
+    def from_peft(cls, model: Any, logit_bias: bool = False, adapter: str = "default",
+                  head_rows: int | None = None) -> LoRASpec:
         """Read rank and targets from a ``peft.PeftModel``'s ``peft_config[adapter]`` (the rest is given); ValueError
         for no such adapter, or per-layer rank patterns (one rank is assumed)."""
         configs = getattr(model, "peft_config", None) or {}

@@ -22,10 +22,8 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 3
 # Columns added after version 1, by the version that added them: an older file gets them (NULL in its old rows)
-# when it is next opened, so old ledgers keep opening.
-MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {
-    2: (("runs", "study", "TEXT"), ("runs", "stage", "TEXT")),  # the study and stage a run belongs to (Table 12)
-}
+# when it is next opened, so old ledgers keep opening. 2: the study and stage a run belongs to (Table 12).
+MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {2: (("runs", "study", "TEXT"), ("runs", "stage", "TEXT"))}
 # Versions that changed a table's CHECK constraint, which SQLite cannot alter: the table is rebuilt (copied into
 # the new definition, rows and ids unchanged). 3: the run status ``interrupted`` (a run stopped by SIGTERM/SIGINT).
 REBUILDS: dict[int, tuple[str, ...]] = {3: ("runs", "charges")}  # parents first
@@ -196,10 +194,8 @@ def transaction(
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 # What to change, in each command's words.
-LEDGER_FIX = (
-    "point budget.ledger_path=PATH (train.py, evaluate.py), --ledger PATH (lvforecast budget) or "
-    "$LVFORECAST_LEDGER at a writable ledger file"
-)
+LEDGER_FIX = ("point budget.ledger_path=PATH (train.py, evaluate.py), --ledger PATH (lvforecast budget) or "
+              "$LVFORECAST_LEDGER at a writable ledger file")
 
 
 def inspect_path(path: Path) -> str | None:
@@ -257,13 +253,9 @@ def rows(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...] = ()) -> li
 
 def running(conn: sqlite3.Connection) -> list[sqlite3.Row]:
     """Running runs, oldest first: id, host, boot_id, pid, pid_start, reserved_flops and charged FLOPs."""
-    return rows(
-        conn,
-        "SELECT r.id, r.host, r.boot_id, r.pid, r.pid_start, r.reserved_flops, "
-        "COALESCE((SELECT SUM(flops) FROM charges c WHERE c.run_id = r.id), 0) AS charged "
-        "FROM runs r WHERE r.status = ? ORDER BY r.id",
-        (RunStatus.RUNNING,),
-    )
+    return rows(conn, "SELECT r.id, r.host, r.boot_id, r.pid, r.pid_start, r.reserved_flops, "
+                      "COALESCE((SELECT SUM(flops) FROM charges c WHERE c.run_id = r.id), 0) AS charged "
+                      "FROM runs r WHERE r.status = ? ORDER BY r.id", (RunStatus.RUNNING,))
 
 
 def outstanding(conn: sqlite3.Connection) -> int:
@@ -279,12 +271,10 @@ def dead_running(conn: sqlite3.Connection) -> list[int]:
 def release(conn: sqlite3.Connection, run_id: int, status: str, ended_at: float | None = None) -> None:
     """End a running run: final status, reservation shrunk to its charges, ``ended_at`` (None: its last charge, the
     best end time the ledger knows of a crash)."""
-    conn.execute(
-        "UPDATE runs SET status = ?, reserved_flops = COALESCE((SELECT SUM(flops) FROM charges WHERE run_id = ?), 0), "
-        "ended_at = COALESCE(?, (SELECT MAX(charged_at) FROM charges WHERE run_id = ?), started_at) "
-        "WHERE id = ? AND status = ?",
-        (status, run_id, ended_at, run_id, run_id, RunStatus.RUNNING),
-    )
+    conn.execute("UPDATE runs SET status = ?, reserved_flops = COALESCE((SELECT SUM(flops) FROM charges "
+                 "WHERE run_id = ?), 0), ended_at = COALESCE(?, (SELECT MAX(charged_at) FROM charges "
+                 "WHERE run_id = ?), started_at) WHERE id = ? AND status = ?",
+                 (status, run_id, ended_at, run_id, run_id, RunStatus.RUNNING))
 
 
 def extend(conn: sqlite3.Connection, run_id: int, extra: int, budget: int) -> bool:
