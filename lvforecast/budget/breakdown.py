@@ -59,9 +59,8 @@ class Breakdown:
         widths = [max(len(r[i]) for r in [head, *rows, foot]) for i in range(4)]
 
         def line(r: list[str]) -> str:
-            return "  ".join(
-                [r[0].ljust(widths[0]), r[1].ljust(widths[1]), r[2].rjust(widths[2]), r[3].rjust(widths[3])]
-            ).rstrip()
+            cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1]), r[2].rjust(widths[2]), r[3].rjust(widths[3])]
+            return "  ".join(cells).rstrip()
 
         rule = "-" * len(line(head))
         symbols = " ".join(f"{k}={v}" for k, v in self.symbols.items())

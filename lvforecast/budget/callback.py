@@ -64,10 +64,9 @@ class FlopBudget(pl.Callback):
 
     def forward(self, batch: int, seq_len: int) -> int:
         """Forward FLOPs of a padded ``(batch, seq_len)`` tensor (memoised: shapes repeat)."""
-        key = (batch, seq_len)
-        if key not in self._forward_cache:
-            self._forward_cache[key] = self.pricing.forward(batch, seq_len)
-        return self._forward_cache[key]
+        if (batch, seq_len) not in self._forward_cache:
+            self._forward_cache[batch, seq_len] = self.pricing.forward(batch, seq_len)
+        return self._forward_cache[batch, seq_len]
 
     def charge(self, kind: Kind, flops: int, steps: int = 0, tokens: int = 0, seconds: float = 0.0) -> None:
         """Add a charge (committed with the next flush); evaluation code charges generation here."""

@@ -171,7 +171,6 @@ def forward_flops(shape: ModelShape, batch: int, seq_len: int, lora: LoRASpec | 
 
     Args:
         lora: Adapters, logit bias and head rows of the fine-tuning module; None for the bare model.
-        conv: Counting conventions (default: the study brief's).
         logits_to_keep: 0 computes logits at every position; ``k > 0`` only at the last ``k`` (as Hugging Face's
             argument; ``generate`` uses 1).
         head_rows: Output rows computed when the spec does not say (e.g. 13 for the constrained decoder's

@@ -186,8 +186,7 @@ class Ledger:
         owner = (socket.gethostname(), boot_id(), os.getpid(), (proc_stat(os.getpid()) or (None, None))[1])
         with self._transaction() as conn:
             self._mark_crashed(conn, store.dead_running(conn))
-            spent = store.spent(conn)
-            others = store.outstanding(conn)
+            spent, others = store.spent(conn), store.outstanding(conn)
             fits = planned <= self.budget - spent - others
             now = time.time()
             status, reserved, ended = (RunStatus.RUNNING, planned, None) if fits else (RunStatus.REFUSED, 0, now)
@@ -211,8 +210,7 @@ class Ledger:
         if kind not in KINDS:
             raise UserError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
         flops = as_flops(flops, "flops")
-        steps = as_count(steps, "steps")
-        tokens = as_count(tokens, "tokens")
+        steps, tokens = as_count(steps, "steps"), as_count(tokens, "tokens")
         if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not 0 <= seconds < math.inf:
             raise UserError(f"seconds must be a finite number >= 0, got {seconds!r}")
         with self._transaction() as conn:

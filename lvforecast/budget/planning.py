@@ -65,55 +65,37 @@ class Pricing:
 
 @dataclass(frozen=True)
 class RunShape:
-    """What a training run will run, as far as its cost goes (:func:`lvforecast.experiment.config.run_shape`).
+    """What a training run will run, as far as its cost goes (:func:`lvforecast.experiment.config.run_shape`)."""
 
-    Attributes:
-        batch_size, context_length: Windows per micro-batch on one rank, tokens per window.
-        ranks: Processes (devices x nodes).
-        val_shapes, sanity_shapes: ``(B, N)`` of each rank's batches of one validation pass (the validation limit
-            applied) and of the sanity check (none on a resume).
-        max_steps, start_step: The optimizer steps the run ends at and resumes from (0 when it does not).
-        planned_eval: FLOPs reserved for an evaluation after training (``budget.planned_eval_flops``).
-    """
-
-    batch_size: int
-    context_length: int
-    ranks: int
-    val_shapes: list[list[tuple[int, int]]]
-    sanity_shapes: list[list[tuple[int, int]]]
+    batch_size: int  # windows per micro-batch on one rank
+    context_length: int  # tokens per window
+    ranks: int  # processes (devices x nodes)
+    val_shapes: list[list[tuple[int, int]]]  # (B, N) of each rank's batches of one validation pass (limit applied)
+    sanity_shapes: list[list[tuple[int, int]]]  # (B, N) of each rank's sanity-check batches (none on a resume)
     validate_before: bool
     schedule: Schedule
-    max_steps: int
-    start_step: int = 0
-    planned_eval: int = 0
+    max_steps: int  # the optimizer step the run ends at
+    start_step: int = 0  # the optimizer step it resumes from (0 when it does not)
+    planned_eval: int = 0  # FLOPs reserved for an evaluation after training (budget.planned_eval_flops)
 
 
 @dataclass(frozen=True)
 class Plan:
-    """FLOPs a run is planned to spend, with the parts it is made of (see the module docstring).
+    """FLOPs a run is planned to spend, with the parts it is made of (see the module docstring)."""
 
-    Attributes:
-        train_step: One full optimizer step: ``accumulate`` micro-batches of ``next_step_shape`` on every rank.
-        steps: Optimizer steps this run takes (after the checkpoint's, on a resume).
-        validation_pass: One validation pass over every rank's batches.
-        validations: Passes planned, ``before`` the first step included.
-        batches: Micro-batches per rank over the run (``steps x accumulate`` unless an epoch ends mid-step).
-        schedule: The loop structure the guard reads.
-    """
-
-    train_step: int
-    steps: int
-    validation_pass: int
-    validations: int
+    train_step: int  # one full optimizer step: accumulate micro-batches of next_step_shape on every rank
+    steps: int  # optimizer steps this run takes (after the checkpoint's, on a resume)
+    validation_pass: int  # one validation pass over every rank's batches
+    validations: int  # passes planned, the `before` ones included
     sanity: int
     evaluation: int
     next_step_shape: tuple[int, int]
     world_size: int = 1
     accumulate: int = 1
     start_step: int = 0
-    batches: int | None = None
+    batches: int | None = None  # micro-batches per rank (steps x accumulate unless an epoch ends mid-step)
     before: int = 0
-    schedule: Schedule | None = None
+    schedule: Schedule | None = None  # the loop structure the guard reads
 
     @property
     def batch_flops(self) -> int:

@@ -8,7 +8,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,20 +20,14 @@ from lvforecast.launch import launch_token  # what ties a published reservation 
 
 @dataclass(frozen=True)
 class Reservation:
-    """A run's reserved FLOPs and everything its charges are priced with.
+    """A run's reserved FLOPs and everything its charges are priced with."""
 
-    Attributes:
-        plan: The planned work (a training :class:`~lvforecast.budget.planning.Plan` or a generation plan).
-        reserved: FLOPs reserved (the plan's total, or ``budget.run_cap_flops``).
-        leader: False on ranks other than 0 of a distributed run: they own no ledger run and never write it.
-    """
-
-    plan: Any
+    plan: Any  # a training :class:`~lvforecast.budget.planning.Plan` or a generation plan
     pricing: Pricing
     ledger: Ledger
     run_id: int
-    reserved: int
-    leader: bool = True
+    reserved: int  # FLOPs reserved: the plan's total, or budget.run_cap_flops
+    leader: bool = True  # False on ranks other than 0: they own no ledger run and never write it
 
     @classmethod
     def open(cls, ledger: Ledger, name: str, plan: Any, pricing: Pricing, *, reserve: int | None = None,
@@ -54,10 +48,7 @@ class Reservation:
     @contextmanager
     def held(self) -> Iterator[RunOutcome]:
         """:meth:`lvforecast.budget.ledger.Ledger.hold` of this run; a follower finishes nothing (rank 0 owns it)."""
-        if not self.leader:
-            yield RunOutcome()
-            return
-        with self.ledger.hold(self.run_id) as outcome:
+        with self.ledger.hold(self.run_id) if self.leader else nullcontext(RunOutcome()) as outcome:
             yield outcome
 
     def charge(self, kind: str, flops: int, tokens: int = 0, steps: int = 0, seconds: float = 0.0) -> None:

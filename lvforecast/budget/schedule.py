@@ -14,20 +14,14 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Schedule:
-    """The loop structure of one rank.
+    """The loop structure of one rank."""
 
-    Attributes:
-        accumulate: Micro-batches per optimizer step (``trainer.accumulate_grad_batches``).
-        epoch_batches: Training micro-batches per epoch on one rank.
-        val_check_batch: Lightning's ``val_check_batch`` (micro-batches between validations: an int
-            ``val_check_interval`` as is, a fraction ``f`` as ``max(1, int(epoch_batches x f))``).
-        every_n_epochs: ``trainer.check_val_every_n_epoch`` (None: count micro-batches across epochs).
-    """
-
-    accumulate: int
-    epoch_batches: int
+    accumulate: int  # micro-batches per optimizer step (trainer.accumulate_grad_batches)
+    epoch_batches: int  # training micro-batches per epoch on one rank
+    # Lightning's micro-batches between validations: an int val_check_interval as is, a fraction f as
+    # max(1, int(epoch_batches x f)).
     val_check_batch: int
-    every_n_epochs: int | None
+    every_n_epochs: int | None  # trainer.check_val_every_n_epoch (None: count micro-batches across epochs)
 
     def _span(self, step: int) -> tuple[int, int, int]:
         """``(epoch, first micro-batch index in the epoch, micro-batches)`` of optimizer step ``step``."""

@@ -34,25 +34,19 @@ NormForm = Literal["divide", "rsqrt"]
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The architecture facts a FLOP count needs; sizes are the formulas' symbols ``L D H G d M V``.
-
-    Attributes:
-        n_kv_heads: Key/value heads ``G``, which divides ``n_heads``.
-        qkv_bias, o_bias, mlp_bias: Which projections carry a bias (q/k/v; o_proj; gate/up/down).
-        tied: lm_head shares the embedding matrix (changes parameters, not forward FLOPs).
-    """
+    """The architecture facts a FLOP count needs; sizes are the formulas' symbols ``L D H G d M V``."""
 
     n_layers: int
     hidden: int
     n_heads: int
-    n_kv_heads: int
+    n_kv_heads: int  # key/value heads G, which divides n_heads
     head_dim: int
     intermediate: int
     vocab: int
-    qkv_bias: bool
-    tied: bool
-    o_bias: bool = False
-    mlp_bias: bool = False
+    qkv_bias: bool  # q/k/v carry a bias
+    tied: bool  # lm_head shares the embedding matrix (changes parameters, not forward FLOPs)
+    o_bias: bool = False  # o_proj carries a bias
+    mlp_bias: bool = False  # gate/up/down carry a bias
 
     def __post_init__(self) -> None:
         sizes = ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim", "intermediate", "vocab")
@@ -136,19 +130,13 @@ DEFAULT_CONVENTIONS = Conventions()
 
 @dataclass(frozen=True)
 class LoRASpec:
-    """What the fine-tuning module adds to the base model.
+    """What the fine-tuning module adds to the base model."""
 
-    Attributes:
-        rank: LoRA rank ``r`` >= 1.
-        targets: Wrapped linear layers of every decoder layer, names from :data:`PROJECTIONS`.
-        logit_bias: A bias added to every output logit.
-        head_rows: None: the full lm_head (``model.head=full``); an int ``A``: only ``A`` gathered rows of it,
-            e.g. the 13 LLMTIME characters (``model.head=alphabet``), which also shrinks the bias and the loss.
-    """
-
-    rank: int
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
-    logit_bias: bool = False
+    rank: int  # LoRA rank r >= 1
+    targets: tuple[str, ...] = ("q_proj", "v_proj")  # wrapped linear layers of every decoder layer, from PROJECTIONS
+    logit_bias: bool = False  # a bias added to every output logit
+    # None: the full lm_head (model.head=full); an int A: only A gathered rows of it, e.g. the 13 LLMTIME characters
+    # (model.head=alphabet), which also shrinks the bias and the loss.
     head_rows: int | None = None
 
     def __post_init__(self) -> None:
