@@ -72,7 +72,7 @@ class RunShape:
     ranks: int  # processes (devices x nodes)
     val_shapes: list[list[tuple[int, int]]]  # (B, N) of each rank's batches of one validation pass (limit applied)
     sanity_shapes: list[list[tuple[int, int]]]  # (B, N) of each rank's sanity-check batches (none on a resume)
-    validate_before: bool
+    validate_before: bool  # never on a resume
     schedule: Schedule
     max_steps: int  # the optimizer step the run ends at
     start_step: int = 0  # the optimizer step it resumes from (0 when it does not)

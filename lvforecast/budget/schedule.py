@@ -4,8 +4,8 @@ The plan and the budget callback read the same :class:`Schedule`, so what is res
 before every step are one computation. It mirrors Lightning 2.x's training loop (``_should_check_val_fx`` and
 ``_should_accumulate``): a step is ``accumulate`` micro-batches, but the last batch of an epoch always steps; with
 ``every_n_epochs`` None a validation follows every ``val_check_batch``-th micro-batch of the run, else every one
-of the epoch, in every ``every_n_epochs``-th epoch. Steps are numbered from 1, as ``trainer.global_step`` is.
-"""
+of the epoch, in every ``every_n_epochs``-th epoch. Steps are numbered from 1, as ``trainer.global_step`` is after
+the step; a resumed run keeps the numbering."""
 
 from __future__ import annotations
 
