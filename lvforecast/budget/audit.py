@@ -1,28 +1,10 @@
 """Op-level FLOP audit: price every aten op a model really executes, attributed to analytic components.
 
-Contract: :class:`FlopAudit` is a ``TorchDispatchMode`` plus forward hooks on every submodule of a root module.
-Each aten op is priced by :func:`lvforecast.budget.pricing.price` (an op without a price is listed, never counted
-as 0) and charged to the component of :func:`lvforecast.budget.formulas.forward_flops` that the innermost running
-module maps to. Run models with ``attn_implementation="eager"`` (``sdpa`` hides the attention ops). With
-``Conventions.as_implemented()`` the analytic count equals the audit to the FLOP, component by component
-(``tests/budget/test_audit.py``).
-
-Attribution, by the last names of the innermost running module's path:
-
-* ``embed_tokens`` -> ``embedding``; ``input_layernorm`` -> ``attn_norm``; ``post_attention_layernorm`` ->
-  ``mlp_norm``; the decoder stack's ``norm`` -> ``final_norm``; ``act_fn`` -> ``mlp_act``; ``mlp`` itself (the
-  gate x up product) -> ``mlp_mul``; a decoder layer itself (its residual adds) -> ``residual``; ``lm_head`` and
-  an ``alphabet_head`` (``model.head=alphabet``) -> ``lm_head``; a ``logit_bias`` module -> ``logit_bias``;
-  a module named ``loss`` -> ``loss``;
-* a projection -> its name; with PEFT its ``base_layer`` -> its name, and its ``lora_*`` modules plus the
-  wrapper's own scale and add -> ``lora_<name>``;
-* inside ``self_attn``: ops before the first ``bmm`` (RoPE) -> ``positional``; the first ``bmm`` ->
-  ``attn_scores``, the second -> ``attn_values``; between them ``mul``/``div`` -> ``attn_scale``, ``add`` ->
-  ``attn_mask``, ``_softmax`` -> ``attn_softmax``;
-* free (priced, never charged, in :attr:`AuditResult.free`): ``rotary_emb`` (the cos/sin tables) and the decoder
-  stack itself (position ids, building the mask);
-* the causal-LM and PEFT wrappers and the root -> ``outside`` (e.g. logit slicing, ``generate``'s ``argmax``);
-  any other module -> ``other`` (tests demand it be zero).
+Contract: :class:`FlopAudit` prices each aten op with :func:`lvforecast.budget.pricing.price` (an op without a
+price is listed, never counted as 0) and charges it to the component of
+:func:`lvforecast.budget.formulas.forward_flops` that the innermost running module maps to
+(docs/budget.md#what-the-audit-charges-to-each-component). Run models with ``attn_implementation="eager"``. With
+``Conventions.as_implemented()`` the analytic count equals the audit to the FLOP, component by component.
 """
 
 from __future__ import annotations
@@ -49,29 +31,16 @@ _LAYER = re.compile(r"(^|\.)layers\.\d+$")
 # Attention ops between the two bmm calls.
 _ATTENTION = {"mul": "attn_scale", "div": "attn_scale", "add": "attn_mask", "_softmax": "attn_softmax"}
 # Roles by a module's last name (after projections, stacks and the final norm are told apart).
-_NAMED = dict(
-    embed_tokens="embedding",
-    rotary_emb="rope_tables",
-    input_layernorm="attn_norm",
-    post_attention_layernorm="mlp_norm",
-    act_fn="mlp_act",
-    mlp="mlp_mul",
-    lm_head="lm_head",
-    alphabet_head="lm_head",
-    self_attn="attention",
-)
+_NAMED = dict(embed_tokens="embedding", rotary_emb="rope_tables", input_layernorm="attn_norm",
+              post_attention_layernorm="mlp_norm", act_fn="mlp_act", mlp="mlp_mul", lm_head="lm_head",
+              alphabet_head="lm_head", self_attn="attention", loss="loss")
 
 
 @dataclass
 class AuditResult:
-    """What an audit measured.
-
-    Attributes:
-        components: Charged component -> FLOPs, in first-seen order (components that ran only free ops
-            appear with 0).
-        free: Free component (:data:`FREE_COMPONENTS`) -> FLOPs it would cost if charged.
-        unpriced: ``component/aten op`` -> calls, for ops with no price (should be empty).
-    """
+    """What an audit measured: charged component -> FLOPs in first-seen order (0 for one that ran only free ops),
+    free component (:data:`FREE_COMPONENTS`) -> FLOPs it would cost, and ``component/aten op`` -> calls of ops with
+    no price (should be empty)."""
 
     components: dict[str, int] = field(default_factory=dict)
     free: dict[str, int] = field(default_factory=dict)
@@ -90,7 +59,6 @@ class AuditResult:
 @dataclass
 class _Frame:
     """One running module: its role, path, and (inside attention) how far the attention sequence got."""
-
     role: str
     path: str
     bmm_calls: int = 0
@@ -122,26 +90,15 @@ def _role(path: str, module: nn.Module, stacks: set[str], ancestors_of_stack: se
         return _NAMED[last]
     if _LAYER.search(path):
         return "residual"
-    if last == "loss":
-        return "loss"
     if path in ancestors_of_stack:
         return "outside"
     return "other"
 
 
 class FlopAudit(TorchDispatchMode):
-    """Price every aten op run under it, attributed to the components of
-    :func:`lvforecast.budget.formulas.forward_flops`.
-
-    Use as a context manager around anything that runs ``root`` (and only ``root``'s submodules)::
-
-        with torch.no_grad(), FlopAudit(model) as audit:
-            model(input_ids=ids)
-        audit.result.charged()
-
-    Args:
-        root: The module whose submodules are hooked; ops outside all of them are charged to ``outside``.
-    """
+    """Price every aten op run under it (see the module docstring); ops outside ``root``'s submodules are charged
+    to ``outside``. Use as a context manager: ``with torch.no_grad(), FlopAudit(model) as audit: model(input_ids=ids)``,
+    then read ``audit.result``."""
 
     def __init__(self, root: nn.Module) -> None:
         super().__init__()
@@ -158,10 +115,8 @@ class FlopAudit(TorchDispatchMode):
         self._stack = [_Frame(self._roles[""], "")]
         for path, module in self.root.named_modules():
             if path:
-                self._handles += [
-                    module.register_forward_pre_hook(partial(self._push, self._roles[path], path)),
-                    module.register_forward_hook(partial(self._pop, path), always_call=True),
-                ]
+                self._handles += [module.register_forward_pre_hook(partial(self._push, self._roles[path], path)),
+                                  module.register_forward_hook(partial(self._pop, path), always_call=True)]
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
@@ -219,35 +174,22 @@ class _Loss(nn.Module):
         return self.fn(logits, labels)
 
 
-def audit_forward(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    logit_bias: nn.Module | None = None,
-    loss_fn: Callable[..., Any] | None = None,
-    labels: torch.Tensor | None = None,
-    logits_to_keep: int = 0,
-    head: nn.Module | None = None,
-    stack: nn.Module | None = None,
-) -> AuditResult:
+def audit_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                  logit_bias: nn.Module | None = None, loss_fn: Callable[..., Any] | None = None,
+                  labels: torch.Tensor | None = None, logits_to_keep: int = 0, head: nn.Module | None = None,
+                  stack: nn.Module | None = None) -> AuditResult:
     """Audit one forward of a causal LM (eval mode, no grad; the model's mode is restored after).
 
     Args:
         model: A Hugging Face causal LM or PEFT model, loaded with ``attn_implementation="eager"``.
-        input_ids: (B, N) token ids.
-        attention_mask: (B, N) 1/0, or None.
+        input_ids, attention_mask: (B, N) token ids and 1/0 (or None).
         logit_bias: A module applied to the logits, e.g. :class:`lvforecast.model.lora.LogitBias`.
         loss_fn: ``loss_fn(logits, labels)``, e.g. :func:`lvforecast.model.module.token_loss_sum`.
         labels: (B, N) targets for ``loss_fn`` (default ``input_ids``; whatever ``head`` indexes, with one).
         logits_to_keep: 0 for logits at every position, else only the last ``k``.
         head, stack: Run ``head`` (e.g. the :class:`lvforecast.model.lora.AlphabetHead` of ``model.head=alphabet``)
-            on the final hidden states of ``stack`` (:func:`lvforecast.model.lora.decoder_stack`), not the lm_head.
-
-    Returns:
-        The :class:`AuditResult`.
-
-    Raises:
-        ValueError: ``input_ids`` is not 2-D, the model does not run eager attention, or ``head`` without ``stack``.
+            on the final hidden states of ``stack`` (:func:`lvforecast.model.lora.decoder_stack`), not the lm_head;
+            ValueError for one without the other, for ``input_ids`` not 2-D, or a model not on eager attention.
     """
     if (head is None) != (stack is None):
         raise UserError("audit_forward: head and stack go together (the stack's hidden states feed the head)")
@@ -287,29 +229,14 @@ def compare(audited: dict[str, int], analytic: dict[str, int]) -> dict[str, tupl
     return {n: (audited.get(n, 0), analytic.get(n, 0)) for n in names if audited.get(n, 0) != analytic.get(n, 0)}
 
 
-def audit_architecture(
-    config: Mapping[str, Any],
-    batch: int,
-    seq_len: int,
-    lora: LoRASpec | None = None,
-    count_loss: bool = False,
-    seed: int = 0,
-) -> AuditResult:
-    """Audit one forward of a random-init float32 eager model of a Hugging Face config (nothing is downloaded).
+def audit_architecture(config: Mapping[str, Any], batch: int, seq_len: int, lora: LoRASpec | None = None,
+                       count_loss: bool = False, seed: int = 0) -> AuditResult:
+    """Audit one forward of ``(batch, seq_len)`` unpadded positions through a random-init float32 eager model of
+    the ``config.json`` fields ``config`` (``model_type`` included; nothing is downloaded).
 
     ``lora`` adds what the fine-tuning module would hold (adapters, logit bias, gathered head rows), as
-    :func:`lvforecast.budget.formulas.forward_flops` prices it; the drawn weights and ids change no count.
-
-    Args:
-        config: The ``config.json`` fields, ``model_type`` included.
-        batch: Sequences ``B``.
-        seq_len: Positions ``N`` per sequence (no padding).
-        lora: The fine-tuning module's additions; None for the bare model.
-        count_loss: Also run the project's loss (:func:`lvforecast.model.module.token_loss_sum`).
-        seed: Seeds the weights and the token ids.
-
-    Returns:
-        The :class:`AuditResult`.
+    :func:`lvforecast.budget.formulas.forward_flops` prices it; ``count_loss`` also runs the project's loss
+    (:func:`lvforecast.model.module.token_loss_sum`). ``seed`` draws the weights and ids, which change no count.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -1,7 +1,5 @@
-"""One FLOP count split by component: :class:`Component` lines in a :class:`Breakdown` (table, JSON, scaling).
-
-What the formulas of :mod:`lvforecast.budget.formulas` return; pure, no torch.
-"""
+"""What the formulas of :mod:`lvforecast.budget.formulas` return: :class:`Component` lines in a :class:`Breakdown`
+(table, JSON, scaling); pure, no torch."""
 
 from __future__ import annotations
 
@@ -14,13 +12,8 @@ from lvforecast.budget.shapes import Conventions
 
 @dataclass(frozen=True)
 class Component:
-    """One line of a breakdown.
-
-    Attributes:
-        name: Component name (shared with :mod:`lvforecast.budget.audit`).
-        formula: Python-evaluable expression over the breakdown's symbols.
-        flops: Its value.
-    """
+    """One line of a breakdown: its name (shared with :mod:`lvforecast.budget.audit`), a Python-evaluable formula
+    over the breakdown's symbols, and its value in FLOPs."""
 
     name: str
     formula: str
@@ -29,14 +22,8 @@ class Component:
 
 @dataclass(frozen=True)
 class Breakdown:
-    """FLOPs of one pass split by component.
-
-    Attributes:
-        label: What was counted, e.g. ``forward`` or ``train step = 3 x forward``.
-        components: Ordered components.
-        symbols: Values of the symbols used in the formulas, e.g. ``{"L": 24, "B": 4, ...}``.
-        conventions: The conventions used.
-    """
+    """FLOPs of one pass split by ordered components; ``label`` says what was counted (e.g. ``forward`` or
+    ``train step = 3 x forward``), ``symbols`` the values of the formulas' symbols (``{"L": 24, "B": 4, ...}``)."""
 
     label: str
     components: tuple[Component, ...]
@@ -59,40 +46,24 @@ class Breakdown:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict: ``label``, ``total``, ``conventions``, ``symbols`` and ``components``."""
-        return {
-            "label": self.label,
-            "total": self.total,
-            "conventions": dataclasses.asdict(self.conventions),
-            "symbols": dict(self.symbols),
-            "components": [{"name": c.name, "formula": c.formula, "flops": c.flops} for c in self.components],
-        }
+        return dict(label=self.label, total=self.total, conventions=dataclasses.asdict(self.conventions),
+                    symbols=dict(self.symbols), components=[dataclasses.asdict(c) for c in self.components])
 
     def table(self, title: str = "") -> str:
         """The breakdown as a fixed-width table (component, formula, FLOPs, share)."""
         total = self.total
         head = ["component", "formula", "FLOPs", "share"]
-        rows = [
-            [c.name, c.formula, f"{c.flops:,}", f"{100 * c.flops / total:.2f}%" if total else "-"]
-            for c in self.components
-        ]
+        rows = [[c.name, c.formula, f"{c.flops:,}", f"{100 * c.flops / total:.2f}%" if total else "-"]
+                for c in self.components]
         foot = ["total", "", f"{total:,}", "100.00%" if total else "-"]
         widths = [max(len(r[i]) for r in [head, *rows, foot]) for i in range(4)]
 
         def line(r: list[str]) -> str:
-            return "  ".join(
-                [r[0].ljust(widths[0]), r[1].ljust(widths[1]), r[2].rjust(widths[2]), r[3].rjust(widths[3])]
-            ).rstrip()
+            cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1]), r[2].rjust(widths[2]), r[3].rjust(widths[3])]
+            return "  ".join(cells).rstrip()
 
         rule = "-" * len(line(head))
-        out = [
-            f"{title or self.label}: {total:.4e} FLOPs",
-            f"conventions: {self.conventions.describe()}",
-            "symbols: " + " ".join(f"{k}={v}" for k, v in self.symbols.items()),
-            rule,
-            line(head),
-            rule,
-            *map(line, rows),
-            rule,
-            line(foot),
-        ]
+        symbols = " ".join(f"{k}={v}" for k, v in self.symbols.items())
+        out = [f"{title or self.label}: {total:.4e} FLOPs", f"conventions: {self.conventions.describe()}",
+               f"symbols: {symbols}", rule, line(head), rule, *map(line, rows), rule, line(foot)]
         return "\n".join(out)

@@ -1,13 +1,10 @@
 """FlopBudget: charges every forward the trainer runs to the study's ledger and stops before overspending.
 
 Contract (docs/budget.md#how-a-run-is-charged-flopbudget): a training batch costs 3 x the forward of the padded
-shape actually run, a validation, test or predict batch one forward, priced with the reservation's
-:class:`~lvforecast.budget.planning.Pricing`; generation is charged by the caller (:meth:`FlopBudget.charge`).
-After every optimizer step the guard prices what continuing costs (the plan's
-:class:`~lvforecast.budget.schedule.Schedule`) and stops when it does not fit, keeping a final validation in hand:
-``enforce`` never charges past the reservation, ``track`` grows it from what the study has left. Distributed runs
-are charged the sum over ranks; rank 0 alone writes the ledger and decides when to stop. The formulas live in
-:mod:`lvforecast.budget.formulas`; this module only multiplies, accumulates and stops.
+shape actually run, any other batch one forward, priced with the reservation's
+:class:`~lvforecast.budget.planning.Pricing`; after every optimizer step the guard stops the run when continuing
+(the plan's :class:`~lvforecast.budget.schedule.Schedule`) and a final validation do not fit. Distributed runs are
+charged the sum over ranks; rank 0 alone writes the ledger and decides when to stop.
 """
 
 from __future__ import annotations
@@ -41,13 +38,8 @@ class FlopBudget(pl.Callback):
         commit_min_interval_s: ... but at most once per this many seconds (tiny models step in milliseconds).
     """
 
-    def __init__(
-        self,
-        reservation: Reservation,
-        mode: Literal["enforce", "track"],
-        commit_every_n_steps: int,
-        commit_min_interval_s: float,
-    ) -> None:
+    def __init__(self, reservation: Reservation, mode: Literal["enforce", "track"], commit_every_n_steps: int,
+                 commit_min_interval_s: float) -> None:
         self.plan = reservation.plan
         self.ledger = reservation.ledger
         self.run_id = reservation.run_id
@@ -70,13 +62,11 @@ class FlopBudget(pl.Callback):
         self.min_interval = float(commit_min_interval_s)
         self._last_commit = time.perf_counter()
 
-    # ---- accounting --------------------------------------------------------------------------------
     def forward(self, batch: int, seq_len: int) -> int:
         """Forward FLOPs of a padded ``(batch, seq_len)`` tensor (memoised: shapes repeat)."""
-        key = (batch, seq_len)
-        if key not in self._forward_cache:
-            self._forward_cache[key] = self.pricing.forward(batch, seq_len)
-        return self._forward_cache[key]
+        if (batch, seq_len) not in self._forward_cache:
+            self._forward_cache[batch, seq_len] = self.pricing.forward(batch, seq_len)
+        return self._forward_cache[batch, seq_len]
 
     def charge(self, kind: Kind, flops: int, steps: int = 0, tokens: int = 0, seconds: float = 0.0) -> None:
         """Add a charge (committed with the next flush); evaluation code charges generation here."""
@@ -89,9 +79,8 @@ class FlopBudget(pl.Callback):
         if self.writes_ledger:
             for kind, (flops, steps, tokens, seconds) in self._pending.items():
                 if flops or steps:
-                    self.ledger.charge(
-                        self.run_id, kind, int(flops), steps=int(steps), tokens=int(tokens), seconds=float(seconds)
-                    )
+                    self.ledger.charge(self.run_id, kind, int(flops), steps=int(steps), tokens=int(tokens),
+                                       seconds=float(seconds))
         self._pending.clear()
 
     @property
@@ -135,17 +124,10 @@ class FlopBudget(pl.Callback):
     def _stop(self, trainer: pl.Trainer, needed: int) -> None:
         self.exhausted = True
         trainer.should_stop = True
-        log.warning(
-            "FLOP budget: rank %d stopping after step %d; run spent %.3e of %.3e reserved, continuing "
-            "needs %.3e (next step + validations)",
-            trainer.global_rank,
-            trainer.global_step,
-            self.spent,
-            self.reserved,
-            needed,
-        )
+        log.warning("FLOP budget: rank %d stopping after step %d; run spent %.3e of %.3e reserved, continuing "
+                    "needs %.3e (next step + validations)", trainer.global_rank, trainer.global_step, self.spent,
+                    self.reserved, needed)
 
-    # ---- Lightning hooks ---------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
         self.world_size = trainer.world_size
@@ -163,9 +145,8 @@ class FlopBudget(pl.Callback):
         if not self.affords(needed):
             self._stop(trainer, needed)
 
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
         step = self._charge_batch("train", batch, factor=3)
         if trainer.global_step == self._step_seen:
             return  # a micro-batch inside gradient accumulation: steps are priced and logged whole
@@ -180,12 +161,8 @@ class FlopBudget(pl.Callback):
             # Straight to the loggers: Lightning's self.log machinery costs ~1 ms per call, which is a third
             # of a tiny model's step; these are plain numbers that need no reduction.
             study = self.study_spent_at_start + self.spent
-            metrics = {
-                "flops/step": float(step),
-                "flops/run": float(self.spent),
-                "flops/study": float(study),
-                "flops/budget_left": float(self.budget - study),
-            }
+            metrics = {"flops/step": float(step), "flops/run": float(self.spent), "flops/study": float(study),
+                       "flops/budget_left": float(self.budget - study)}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=logger_step(trainer))
         last_step = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step

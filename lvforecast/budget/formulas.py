@@ -2,43 +2,9 @@
 
 Contract: every count is an exact ``int`` from the study's cost table (:data:`PRIMITIVE_COST`) and the product
 rule ``(m x n) @ (n x p) = m p (2n - 1)``, given a :class:`ModelShape`, the padded batch ``(B, N)`` actually run, an
-optional :class:`LoRASpec` and the :class:`Conventions` (all in :mod:`lvforecast.budget.shapes`). Results are
-:class:`Breakdown` objects (:mod:`lvforecast.budget.breakdown`). The CLI is ``lvforecast flops`` (docs/budget.md).
-
-Symbols: ``L`` layers, ``B`` batch, ``N`` query positions, ``K`` key positions (decode steps; ``K = N`` in a
-forward), ``D`` hidden, ``H`` query heads, ``G`` key/value heads, ``d`` head dimension, ``M`` MLP width, ``V``
-vocabulary, ``r`` LoRA rank, ``R`` positions whose logits are computed (when fewer than ``N``), ``A`` rows of a
-gathered head (``LoRASpec.head_rows``; it replaces ``V`` in the head, logit bias and loss).
-
-Per-component rules (per decoder layer, times ``L``):
-
-* embedding lookup: 0; computing the RoPE cos/sin tables: 0 (study rule);
-* positional (``rope``): ``add`` (default) ``B N D`` additions at the input; ``rotate`` 2 multiplications + 1
-  addition per element of q and k; ``rotate_half`` (Hugging Face) ``rotate`` plus one negation for each of the
-  ``d - d//2`` negated elements;
-* RMSNorm per token (``norm``): ``divide`` (default) square D, sum D - 1, divide 1, add eps 1, sqrt 10, divide D,
-  times weight D = ``4D + 11``; ``rsqrt`` (Hugging Face) the same with rsqrt (11) then multiply D = ``4D + 12``.
-  One before attention, one before the MLP, one final;
-* projections: ``T out (2 in - 1)`` for ``T = B N`` tokens, plus ``T out`` for a bias (q/k/v in Qwen2; o and MLP
-  when a Llama config asks);
-* attention per head (``attention``): ``mha`` (default) counts K and V as wide as Q; ``gqa`` uses the real ``G``
-  for the k/v projections, their LoRA and the rotation of k. Scores ``S (2d - 1)`` for ``S`` scores, scale 1 per
-  score, softmax ``12n - 1`` per row of ``n``, weighted values ``d (2n - 1)`` per row. ``mask``: ``full``
-  (default) all ``N x N`` scores; ``causal`` the lower triangle, ``S = N (N + 1) / 2``; ``additive`` (eager
-  attention) all scores plus one addition per score;
-* residual additions: ``2 D`` per token;
-* SwiGLU: gate and up projections, SiLU 13 per element (negate, exp, add, divide), product 1, down projection;
-* LoRA on ``d_in -> d_out``: ``T r (2 d_in - 1)`` + ``T d_out (2r - 1)`` + ``T d_out`` (alpha/r scale, applied
-  even when alpha = r, as PEFT does) + ``T d_out`` (the add onto ``W x + b``);
-* lm_head ``B N V (2D - 1)`` (``B R V (2D - 1)`` with ``logits_to_keep``), logit bias ``B N V``; with
-  ``head_rows = A`` (``model.head=alphabet``, only ``A`` gathered rows are multiplied) ``V`` becomes ``A``;
-* loss (``count_loss``, off by default): ``token_loss_sum``, a log-softmax over V (``12V + 9``) on ``B (N - 1)``
-  rows plus the summed negative log-likelihood: ``B (N - 1) (12V + 10)``. Padding is charged.
-
-Steps: a training step is 3 x forward (backward = 2 x forward, study rule); validation is one forward;
-generation is a prefill forward plus one decode step per further new token against the KV cache (see
-:func:`generation_flops`). ``Conventions.as_implemented()`` reproduces, component by component and to the FLOP,
-what :mod:`lvforecast.budget.audit` measures on the Hugging Face eager implementation.
+optional :class:`LoRASpec` and the :class:`Conventions` (all in :mod:`lvforecast.budget.shapes`); results are
+:class:`Breakdown` objects. The symbols and every per-component rule are in docs/budget.md#the-formulas.
+``Conventions.as_implemented()`` reproduces what :mod:`lvforecast.budget.audit` measures, to the FLOP.
 """
 
 from __future__ import annotations
@@ -112,17 +78,8 @@ def _check_args(shape: Any, lora: Any, conv: Any, head_rows: Any, **sizes: Any) 
         _check_positive(key, value)
 
 
-def _breakdown(
-    shape: ModelShape,
-    batch: int,
-    n_q: int,
-    n_k: int | None,
-    lora: LoRASpec | None,
-    conv: Conventions,
-    rows: int | None,
-    label: str,
-    head_rows: int | None = None,
-) -> Breakdown:
+def _breakdown(shape: ModelShape, batch: int, n_q: int, n_k: int | None, lora: LoRASpec | None, conv: Conventions,
+               rows: int | None, label: str, head_rows: int | None = None) -> Breakdown:
     """Components of one pass of ``n_q`` new positions against ``n_k`` keys (``None``: a forward, keys = n_q)."""
     s = shape
     L, B, N, D, H, d, M, V = s.n_layers, batch, n_q, s.hidden, s.n_heads, s.head_dim, s.intermediate, s.vocab
@@ -171,8 +128,7 @@ def _breakdown(
     for name, d_out in (("q_proj", qw), ("k_proj", kvw), ("v_proj", kvw)):
         proj(name, dims, d_out, s.qkv_bias)
     if conv.rope != "add":
-        per = 2 * _C["multiply"] + _C["add"]
-        value = L * B * N * (H + G) * per * d
+        value = L * B * N * (H + G) * (2 * _C["multiply"] + _C["add"]) * d
         formula = f"3*L*B*N*(H+{g})*d"
         if conv.rope == "rotate_half":
             value += L * B * N * (H + G) * (d - d // 2) * _C["negate"]
@@ -208,30 +164,17 @@ def _breakdown(
     return Breakdown(label=label, components=tuple(comps), symbols=symbols, conventions=conv)
 
 
-def forward_flops(
-    shape: ModelShape,
-    batch: int,
-    seq_len: int,
-    lora: LoRASpec | None = None,
-    conv: Conventions = DEFAULT_CONVENTIONS,
-    logits_to_keep: int = 0,
-    head_rows: int | None = None,
-) -> Breakdown:
-    """FLOPs of one forward pass of a ``(batch, seq_len)`` padded token batch, by component.
+def forward_flops(shape: ModelShape, batch: int, seq_len: int, lora: LoRASpec | None = None,
+                  conv: Conventions = DEFAULT_CONVENTIONS, logits_to_keep: int = 0,
+                  head_rows: int | None = None) -> Breakdown:
+    """FLOPs of one forward pass of a ``(batch, seq_len)`` padded token batch, by component (``.total``).
 
     Args:
-        shape: Architecture facts.
-        batch: Sequences ``B``.
-        seq_len: Padded positions ``N`` per sequence.
         lora: Adapters, logit bias and head rows of the fine-tuning module; None for the bare model.
-        conv: Counting conventions (default: the study brief's).
         logits_to_keep: 0 computes logits at every position; ``k > 0`` only at the last ``k`` (as Hugging Face's
             argument; ``generate`` uses 1).
         head_rows: Output rows computed when the spec does not say (e.g. 13 for the constrained decoder's
             alphabet head on an untrained model); None: the spec's, else the vocabulary.
-
-    Returns:
-        The :class:`Breakdown`; ``.total`` is in FLOPs.
 
     Raises:
         ValueError: A non-positive size, a bad switch, ``count_loss`` with ``logits_to_keep``, or more head rows
@@ -245,21 +188,14 @@ def forward_flops(
     return _breakdown(shape, batch, seq_len, None, lora, conv, rows, "forward", head_rows)
 
 
-def train_step_flops(
-    shape: ModelShape, batch: int, seq_len: int, lora: LoRASpec | None = None, conv: Conventions = DEFAULT_CONVENTIONS
-) -> Breakdown:
+def train_step_flops(shape: ModelShape, batch: int, seq_len: int, lora: LoRASpec | None = None,
+                     conv: Conventions = DEFAULT_CONVENTIONS) -> Breakdown:
     """FLOPs of one training step, 3 x :func:`forward_flops` (same arguments and errors)."""
     return forward_flops(shape, batch, seq_len, lora, conv).scaled(3, "train step = 3 x forward")
 
 
-def decode_step_flops(
-    shape: ModelShape,
-    batch: int,
-    context_len: int,
-    lora: LoRASpec | None = None,
-    conv: Conventions = DEFAULT_CONVENTIONS,
-    head_rows: int | None = None,
-) -> Breakdown:
+def decode_step_flops(shape: ModelShape, batch: int, context_len: int, lora: LoRASpec | None = None,
+                      conv: Conventions = DEFAULT_CONVENTIONS, head_rows: int | None = None) -> Breakdown:
     """FLOPs of one cached decode step: 1 new position per sequence against ``context_len`` keys (the cached
     ones plus the new one); never the loss. Arguments and errors as :func:`forward_flops`."""
     _check_args(shape, lora, conv, head_rows, batch=batch, context_len=context_len)
@@ -267,46 +203,21 @@ def decode_step_flops(
     return _breakdown(shape, batch, 1, context_len, lora, conv, None, "decode step", head_rows)
 
 
-def generation_flops(
-    shape: ModelShape,
-    batch: int,
-    prompt_len: int,
-    new_tokens: int,
-    lora: LoRASpec | None = None,
-    conv: Conventions = DEFAULT_CONVENTIONS,
-    kv_cache: bool = True,
-    prefill_logits: Literal["all", "last"] = "all",
-    head_rows: int | None = None,
-) -> int:
-    """FLOPs of greedy generation of ``new_tokens`` after a ``(batch, prompt_len)`` prompt; never the loss.
-
-    With the cache: a prefill forward over the prompt (its last logits give token 1) plus ``new_tokens - 1``
-    decode steps against ``prompt_len + i`` keys, ``i = 1 .. new_tokens - 1`` (the last token is never fed back).
-    Without: ``new_tokens`` full forwards over ``prompt_len + i`` positions, ``i = 0 .. new_tokens - 1``.
-
-    Args:
-        shape, batch, lora, conv, head_rows: As :func:`forward_flops`.
-        prompt_len: Padded prompt positions.
-        new_tokens: Tokens to generate, >= 1.
-        kv_cache: Reuse cached keys/values (what ``generate`` does).
-        prefill_logits: ``all`` charges lm_head at every position of each full forward (the brief's rule),
-            ``last`` only at the last one (what ``generate`` runs).
-
-    Returns:
-        Total FLOPs.
-
-    Raises:
-        ValueError: A non-positive size or a bad switch.
-    """
+def generation_flops(shape: ModelShape, batch: int, prompt_len: int, new_tokens: int, lora: LoRASpec | None = None,
+                     conv: Conventions = DEFAULT_CONVENTIONS, kv_cache: bool = True,
+                     prefill_logits: Literal["all", "last"] = "all", head_rows: int | None = None) -> int:
+    """Total FLOPs of greedy generation of ``new_tokens`` (>= 1) after a ``(batch, prompt_len)`` padded prompt, never
+    the loss: a prefill plus cached decode steps, or full forwards without ``kv_cache``; ``prefill_logits`` ``all``
+    charges lm_head at every position of each full forward (the brief's rule), ``last`` only at the last (what
+    ``generate`` runs). The rule is in docs/budget.md#the-formulas; other arguments and errors as
+    :func:`forward_flops`."""
     _check_args(shape, lora, conv, head_rows, prompt_len=prompt_len, new_tokens=new_tokens)
     check_choice("generation", "prefill_logits", prefill_logits, ("all", "last"))
     conv = dataclasses.replace(conv, count_loss=False)
     keep = 0 if prefill_logits == "all" else 1
     if not kv_cache:
-        return sum(
-            forward_flops(shape, batch, prompt_len + i, lora, conv, keep, head_rows).total for i in range(new_tokens)
-        )
+        return sum(forward_flops(shape, batch, prompt_len + i, lora, conv, keep, head_rows).total
+                   for i in range(new_tokens))
     total = forward_flops(shape, batch, prompt_len, lora, conv, keep, head_rows).total
-    return total + sum(
-        decode_step_flops(shape, batch, prompt_len + i, lora, conv, head_rows).total for i in range(1, new_tokens)
-    )
+    return total + sum(decode_step_flops(shape, batch, prompt_len + i, lora, conv, head_rows).total
+                       for i in range(1, new_tokens))

@@ -1,9 +1,5 @@
-"""The ledger's SQLite journal mode, and the filesystem check that decides which modes are safe.
-
-``WAL`` is the default for a ledger used from one machine. WAL needs shared memory, which network filesystems
-(NFS, Lustre, GPFS, CIFS, ...) do not give across machines, so a ledger there must use a rollback journal
-(``DELETE``, ``TRUNCATE`` or ``PERSIST``). Importing this module touches no disk.
-"""
+"""The ledger's SQLite journal mode, and the filesystem check that refuses WAL (shared memory) on a network filesystem
+(docs/budget.md#journal-mode). Importing this module touches no disk."""
 
 from __future__ import annotations
 
@@ -21,20 +17,7 @@ logger = logging.getLogger(__name__)
 JOURNAL_ENV = "LVFORECAST_LEDGER_JOURNAL_MODE"
 JOURNAL_MODES = ("WAL", "DELETE", "TRUNCATE", "PERSIST")
 # Filesystems whose locking SQLite's WAL cannot use (no shared memory across machines).
-NETWORK_FILESYSTEMS = (
-    "nfs",
-    "nfs4",
-    "lustre",
-    "gpfs",
-    "cifs",
-    "smb3",
-    "smbfs",
-    "ceph",
-    "fuse.glusterfs",
-    "beegfs",
-    "fuse.sshfs",
-    "9p",
-)
+NETWORK_FILESYSTEMS = tuple("nfs nfs4 lustre gpfs cifs smb3 smbfs ceph fuse.glusterfs beegfs fuse.sshfs 9p".split())
 
 
 def checked_mode(journal_mode: str | None) -> str | None:
@@ -51,11 +34,9 @@ def mode_for_filesystem(path: Path, journal_mode: str | None, mounts: str = "/pr
     DELETE and WAL raises a UserError naming ``budget.journal_mode=DELETE``."""
     network = on_network_filesystem(path.parent, mounts)
     if network and journal_mode == "WAL":
-        raise UserError(
-            f"ledger {path} is on a {network} filesystem, where SQLite's WAL journal (shared "
-            f"memory) is unsafe across machines: set budget.journal_mode=DELETE (or "
-            f"--journal-mode DELETE), a rollback journal that works there"
-        )
+        raise UserError(f"ledger {path} is on a {network} filesystem, where SQLite's WAL journal (shared memory) is "
+                        f"unsafe across machines: set budget.journal_mode=DELETE (or --journal-mode DELETE), a "
+                        f"rollback journal that works there")
     return "DELETE" if network and journal_mode is None else journal_mode
 
 
@@ -79,9 +60,8 @@ def on_network_filesystem(path: Path, mounts: str = "/proc/mounts") -> str | Non
 
 
 def set_journal_mode(path: Path, timeout_s: float, wanted: str | None) -> str:
-    """Put the file in journal mode ``wanted`` (None: WAL for a new file, else keep its mode) and return the mode
-    SQLite reports (a mismatch is logged); SQLite failing on the file raises :func:`lvforecast.budget.store.io_error`.
-    """
+    """Put the file in journal mode ``wanted`` (None: WAL for a new file, else keep its mode) and return the mode SQLite
+    reports (a mismatch is logged); SQLite failing on the file raises :func:`lvforecast.budget.store.io_error`."""
     try:
         with contextlib.closing(connect(path, timeout_s, wanted, apply_journal_mode=False)) as conn:
             current, wanted = _switch(conn, wanted, time.monotonic() + timeout_s)

@@ -1,12 +1,9 @@
 """The study's FLOP budget ledger: one SQLite file shared by every run of every sweep (docs/budget.md#the-ledger).
 
-Contract: the file stores the study's budget when it is created (opening it with another raises);
-:meth:`Ledger.open_run` reserves a run's plan in one ``BEGIN IMMEDIATE`` transaction, so concurrent runs never
-reserve more than the budget together, and records a plan over ``budget - charged - unused reservations of live
-running runs`` as ``refused`` (:class:`BudgetExceededError`); charges are never removed; :meth:`Ledger.finish`
-shrinks a reservation to its charges; runs whose owner died are marked ``crashed`` by :meth:`Ledger.reconcile` and
-the next :meth:`Ledger.open_run`. Every operation opens its own connection, so a :class:`Ledger` holds no handle,
-pickles and survives ``fork``. Importing this module touches no disk.
+Contract: the file stores the study's budget when it is created; :meth:`Ledger.open_run` reserves a run's plan in
+one ``BEGIN IMMEDIATE`` transaction, so concurrent runs never reserve more than the budget together; charges are
+never removed; :meth:`Ledger.finish` shrinks a reservation to its charges. Every operation opens its own
+connection, so a :class:`Ledger` holds no handle, pickles and survives ``fork``. Importing it touches no disk.
 """
 
 from __future__ import annotations
@@ -43,38 +40,23 @@ class LedgerNotFoundError(UserError, FileNotFoundError):
 
 
 class BudgetExceededError(UserError, RuntimeError):
-    """A run's plan does not fit in what is left of the study budget.
+    """A run's plan does not fit in what is left of the study budget. Attributes (FLOPs): ``planned``, ``spent``
+    (charged by all runs), ``budget``, ``reserved_by_others`` (unused reservations of live running runs) and
+    ``remaining`` (``budget - spent - reserved_by_others``); ``ledger`` (its path) and ``run_id`` (of the ``refused``
+    row recorded for the attempt)."""
 
-    Attributes:
-        planned, spent, budget: FLOPs the run asked for, charged by all runs, and the study budget.
-        reserved_by_others: unused reservations of live running runs.
-        remaining: ``budget - spent - reserved_by_others``.
-        ledger: path of the ledger file.
-        run_id: id of the ``refused`` row recorded for the attempt.
-    """
-
-    def __init__(
-        self,
-        ledger: Ledger,
-        run_id: int,
-        name: str,
-        planned: int,
-        spent: int,
-        reserved_by_others: int,
-        plan: dict[str, Any] | None,
-    ) -> None:
+    def __init__(self, ledger: Ledger, run_id: int, name: str, planned: int, spent: int, reserved_by_others: int,
+                 plan: dict[str, Any] | None) -> None:
         budget = self.budget = ledger.budget
         self.ledger, self.run_id, self.planned, self.spent = ledger.path, run_id, planned, spent
         self.reserved_by_others = reserved_by_others
         self.remaining = budget - spent - reserved_by_others
         detail = f" (plan: {json.dumps(plan, sort_keys=True, default=str)})" if plan else ""
-        super().__init__(
-            f"run {name!r} refused: its plan needs {format_flops(planned)} FLOPs{detail} but only "
-            f"{format_flops(self.remaining)} remain: budget {format_flops(budget)} - spent {format_flops(spent)} - "
-            f"reserved by others {format_flops(reserved_by_others)} "
-            f"(ledger {ledger.path}). Shrink the plan (fewer steps, validations or evaluation windows), or release "
-            f"reservations of dead runs with `lvforecast budget reconcile`."
-        )
+        super().__init__(f"run {name!r} refused: its plan needs {format_flops(planned)} FLOPs{detail} but only "
+                         f"{format_flops(self.remaining)} remain: budget {format_flops(budget)} - spent "
+                         f"{format_flops(spent)} - reserved by others {format_flops(reserved_by_others)} (ledger "
+                         f"{ledger.path}). Shrink the plan (fewer steps, validations or evaluation windows), or "
+                         f"release reservations of dead runs with `lvforecast budget reconcile`.")
 
 
 def default_ledger_path() -> Path:
@@ -95,9 +77,8 @@ class Ledger:
         path: SQLite file (not ``:memory:``); parent directories are created.
         budget: total study budget in FLOPs, stored when the file is created; ``None`` adopts the stored budget.
         journal_mode: ``WAL``, ``DELETE``, ``TRUNCATE``, ``PERSIST`` (any case) or ``None`` (keep the file's);
-            see :mod:`lvforecast.budget.journal`.
+            see :mod:`lvforecast.budget.journal`, which reads the mount table ``mounts``.
         timeout_s: how long an operation waits for another process's write lock before failing.
-        mounts: the mount table that tells a network filesystem.
 
     Raises:
         ValueError: bad journal mode, budget or timeout, or ``budget`` differing from the stored one.
@@ -105,14 +86,8 @@ class Ledger:
         UserError: ``path`` is a folder, not an SQLite file, damaged, read-only or in a read-only folder.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        budget: float | None = DEFAULT_BUDGET,
-        journal_mode: str | None = "WAL",
-        timeout_s: float = 30.0,
-        mounts: str = "/proc/mounts",
-    ) -> None:
+    def __init__(self, path: str | os.PathLike[str], budget: float | None = DEFAULT_BUDGET,
+                 journal_mode: str | None = "WAL", timeout_s: float = 30.0, mounts: str = "/proc/mounts") -> None:
         if str(path) == ":memory:" or str(path) == "":
             raise UserError(f"path must be a file path, got {str(path)!r}: every operation opens its own connection")
         self.path = Path(path)
@@ -124,15 +99,14 @@ class Ledger:
         if requested == 0:
             raise UserError("budget must be > 0 FLOPs, got 0")
         if self.path.is_dir():
-            raise UserError(
-                f"ledger {self.path} is not a usable ledger: it is a folder, not a file; {store.LEDGER_FIX}"
-            )
+            raise UserError(f"ledger {self.path} is not a usable ledger: it is a folder, not a file; "
+                            f"{store.LEDGER_FIX}")
         if requested is None and not self.path.exists():
             raise LedgerNotFoundError(f"no ledger at {self.path}; give a budget to create one, or {store.LEDGER_FIX}")
         self._warned_over: set[int] = set()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.journal_mode = journal.mode_for_filesystem(self.path, self.journal_mode, mounts)
-        self.journal_mode = journal.set_journal_mode(self.path, self.timeout_s, self.journal_mode)
+        mode = journal.mode_for_filesystem(self.path, self.journal_mode, mounts)
+        self.journal_mode = journal.set_journal_mode(self.path, self.timeout_s, mode)
         with self._transaction() as conn:
             row = store.create_study(conn, requested, f"{socket.gethostname()}:{os.getpid()}")
             if row is None:  # raised inside the transaction, so the tables just created are rolled back
@@ -141,11 +115,9 @@ class Ledger:
         if version != SCHEMA_VERSION:
             raise UserError(f"ledger {self.path} has schema version {version}; this code reads {SCHEMA_VERSION}")
         if requested is not None and requested != stored:
-            raise UserError(
-                f"ledger {self.path} was created with budget {format_flops(stored)} ({stored}) FLOPs, "
-                f"not {format_flops(requested)} ({requested}); pass budget={stored} or budget=None to "
-                f"use it, or point at another ledger file"
-            )
+            raise UserError(f"ledger {self.path} was created with budget {format_flops(stored)} ({stored}) FLOPs, "
+                            f"not {format_flops(requested)} ({requested}); pass budget={stored} or budget=None to "
+                            f"use it, or point at another ledger file")
         self.budget: int = stored
 
     def __repr__(self) -> str:
@@ -158,8 +130,6 @@ class Ledger:
         self.__dict__.update(state)
         self._warned_over = set()
 
-    # -- storage -----------------------------------------------------------------------------------------------
-
     def _transaction(self, immediate: bool = True) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         return store.transaction(self.path, self.timeout_s, self.journal_mode, immediate)
 
@@ -167,9 +137,8 @@ class Ledger:
         for run_id in run_ids:
             store.release(conn, run_id, RunStatus.CRASHED)
         if run_ids:
-            logger.warning(
-                "ledger %s: marked runs %s crashed and released their unused reservations", self.path, run_ids
-            )
+            logger.warning("ledger %s: marked runs %s crashed and released their unused reservations",
+                           self.path, run_ids)
         return run_ids
 
     def _log(self, level: int, run_id: int, name: str, message: str, *args: Any) -> None:
@@ -183,37 +152,23 @@ class Ledger:
             raise UserError(f"no run with id {run_id} in ledger {self.path}")
         row = found[0]
         if otherwise is not None and row["status"] != RunStatus.RUNNING:
-            raise UserError(
-                f"run {run_id} {row['name']!r} is {row['status']!r}, not '{RunStatus.RUNNING}'; {otherwise}"
-            )
+            status = row["status"]
+            raise UserError(f"run {run_id} {row['name']!r} is {status!r}, not '{RunStatus.RUNNING}'; {otherwise}")
         return row
 
-    # -- the API the training callback uses --------------------------------------------------------------------
-
-    def open_run(
-        self,
-        name: str,
-        planned_flops: float,
-        sweep: str | None = None,
-        config_hash: str | None = None,
-        plan: dict[str, Any] | None = None,
-        study: str | None = None,
-        stage: str | None = None,
-    ) -> int:
-        """Reserve ``planned_flops`` for a new run owned by this process, or refuse it (see the module contract).
+    def open_run(self, name: str, planned_flops: float, sweep: str | None = None, config_hash: str | None = None,
+                 plan: dict[str, Any] | None = None, study: str | None = None, stage: str | None = None) -> int:
+        """Reserve ``planned_flops`` for a new run owned by this process; the run id for :meth:`charge` and
+        :meth:`finish`. Runs whose owner died are first marked ``crashed``.
 
         Args:
-            name: run name (e.g. the output directory's name).
-            planned_flops: the plan's total FLOPs.
             sweep, study, stage: what the run belongs to, for the report's grouping (Table 12 per stage).
             config_hash: hash of the resolved config, to match ledger rows with runs.
             plan: JSON-serialisable breakdown of the plan, stored and quoted in the refusal message.
 
-        Returns:
-            The run id to pass to :meth:`charge` and :meth:`finish`.
-
         Raises:
-            BudgetExceededError: the plan exceeds the remaining budget; the attempt is recorded as ``refused``.
+            BudgetExceededError: the plan exceeds ``budget - charged - unused reservations of live running runs``;
+                the attempt is recorded as ``refused``.
             ValueError, TypeError: bad arguments.
         """
         if not isinstance(name, str) or not name:
@@ -231,81 +186,52 @@ class Ledger:
         owner = (socket.gethostname(), boot_id(), os.getpid(), (proc_stat(os.getpid()) or (None, None))[1])
         with self._transaction() as conn:
             self._mark_crashed(conn, store.dead_running(conn))
-            spent = store.spent(conn)
-            others = store.outstanding(conn)
+            spent, others = store.spent(conn), store.outstanding(conn)
             fits = planned <= self.budget - spent - others
             now = time.time()
             status, reserved, ended = (RunStatus.RUNNING, planned, None) if fits else (RunStatus.REFUSED, 0, now)
-            cur = conn.execute(
+            run_id = conn.execute(
                 "INSERT INTO runs (name, sweep, study, stage, config_hash, host, boot_id, pid, pid_start, status, "
-                "planned_flops, reserved_flops, plan_json, started_at, ended_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "planned_flops, reserved_flops, plan_json, started_at, ended_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                "?, ?, ?, ?, ?, ?)",
                 (name, sweep, study, stage, config_hash, *owner, status, planned, reserved, plan_json, now, ended),
-            )
-            run_id = cur.lastrowid
+            ).lastrowid
         if not fits:
             raise BudgetExceededError(self, run_id, name, planned, spent, others, plan)
-        self._log(
-            logging.INFO,
-            run_id,
-            name,
-            "reserved %.2e FLOPs (%.2e remain)",
-            planned,
-            self.budget - spent - others - planned,
-        )
+        left = self.budget - spent - others - planned
+        self._log(logging.INFO, run_id, name, "reserved %.2e FLOPs (%.2e remain)", planned, left)
         return run_id
 
-    def charge(
-        self, run_id: int, kind: Kind, flops: float, steps: int = 0, tokens: int = 0, seconds: float = 0.0
-    ) -> None:
-        """Record FLOPs a run has spent (one committed row per call; batch a few steps per call).
-
-        Args:
-            run_id: id from :meth:`open_run`.
-            kind: ``train``, ``val``, ``test`` or ``generate``.
-            flops: FLOPs spent since the last charge of this kind.
-            steps: optimizer steps (train) or batches (val/test/generate) covered.
-            tokens, seconds: tokens processed and wall time covered.
-
-        Raises:
-            ValueError, TypeError: unknown or refused run, unknown kind, negative or out-of-range numbers.
-        """
+    def charge(self, run_id: int, kind: Kind, flops: float, steps: int = 0, tokens: int = 0,
+               seconds: float = 0.0) -> None:
+        """Record ``flops`` a run has spent since its last charge of ``kind``, covering ``steps`` optimizer steps
+        (train) or batches, ``tokens`` and ``seconds`` (one committed row per call; batch a few steps per call).
+        ValueError or TypeError for an unknown or refused run, an unknown kind, negative or out-of-range numbers."""
         if kind not in KINDS:
             raise UserError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
         flops = as_flops(flops, "flops")
-        steps = as_count(steps, "steps")
-        tokens = as_count(tokens, "tokens")
+        steps, tokens = as_count(steps, "steps"), as_count(tokens, "tokens")
         if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not 0 <= seconds < math.inf:
             raise UserError(f"seconds must be a finite number >= 0, got {seconds!r}")
         with self._transaction() as conn:
             name, status, reserved = itemgetter("name", "status", "reserved_flops")(self._run(conn, run_id))
             if status == RunStatus.REFUSED:
                 raise UserError(f"run {run_id} {name!r} was refused its reservation and cannot be charged")
-            conn.execute(
-                "INSERT INTO charges (run_id, kind, flops, steps, tokens, seconds, charged_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (run_id, kind, flops, steps, tokens, float(seconds), time.time()),
-            )
+            conn.execute("INSERT INTO charges (run_id, kind, flops, steps, tokens, seconds, charged_at) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (run_id, kind, flops, steps, tokens, float(seconds), time.time()))
             charged = store.charged(conn, run_id)
         if status != RunStatus.RUNNING:
             self._log(logging.WARNING, run_id, name, "is %s but was charged %.2e more FLOPs (%s)", status, flops, kind)
         elif charged > reserved and run_id not in self._warned_over:
             self._warned_over.add(run_id)
-            self._log(
-                logging.WARNING, run_id, name, "has charged %.2e FLOPs, past its reservation of %.2e", charged, reserved
-            )
+            message = "has charged %.2e FLOPs, past its reservation of %.2e"
+            self._log(logging.WARNING, run_id, name, message, charged, reserved)
 
     def finish(self, run_id: int, status: RunStatus = RunStatus.FINISHED) -> None:
-        """End a running run and release the unused part of its reservation.
-
-        Args:
-            run_id: id from :meth:`open_run`.
-            status: one of :data:`~lvforecast.budget.status.FINISH_STATUSES`.
-
-        Raises:
-            ValueError: unknown run, bad status, or the run is not running (already finished, refused, or
-                reconciled as crashed).
-        """
+        """End a running run with ``status`` (one of :data:`~lvforecast.budget.status.FINISH_STATUSES`) and release
+        the unused part of its reservation; ValueError for an unknown run, a bad status, or a run not running
+        (already finished, refused, or reconciled as crashed)."""
         if status not in FINISH_STATUSES:
             raise UserError(f"status must be one of {', '.join(FINISH_STATUSES)}, got {status!r}")
         with self._transaction() as conn:
@@ -326,11 +252,8 @@ class Ledger:
         self.finish(run_id, outcome.status)
 
     def extend_run(self, run_id: int, extra: int) -> bool:
-        """Grow running run ``run_id``'s reservation by ``extra`` FLOPs if the study has them (``budget.mode=track``).
-
-        Returns:
-            Whether it grew (one ``BEGIN IMMEDIATE`` transaction, so racing runs never overspend the study).
-        """
+        """Grow running run ``run_id``'s reservation by ``extra`` FLOPs if the study has them (``budget.mode=track``);
+        whether it grew (one ``BEGIN IMMEDIATE`` transaction, so racing runs never overspend the study)."""
         extra = as_flops(extra, "extra")
         with self._transaction() as conn:
             self._run(conn, run_id, "its reservation cannot grow")
@@ -359,27 +282,17 @@ class Ledger:
             return spend.run_records(conn)
 
     def reconcile(self, run_ids: Sequence[int] = ()) -> list[int]:
-        """Mark running runs whose owner is dead as ``crashed`` and release their unused reservations (charges stay).
-
-        Args:
-            run_ids: running runs to mark crashed although their owner cannot be checked (runs of other machines,
-                or of this machine before a reboot); a listed run of this machine whose owner is alive is refused.
-
-        Returns:
-            Ids of the runs marked crashed by this call.
-
-        Raises:
-            ValueError: a listed run is unknown, not running, or owned by a live process of this machine.
-        """
+        """Mark running runs whose owner is dead, and the running ``run_ids`` whose owner cannot be checked (runs of
+        other machines, or of this machine before a reboot), ``crashed``, releasing their unused reservations
+        (charges stay); the ids marked by this call. ValueError when a listed run is unknown, not running, or owned
+        by a live process of this machine."""
         forced = [as_count(r, "run id") for r in run_ids]
         with self._transaction() as conn:
             for run_id in forced:
                 run = self._run(conn, run_id, "nothing to reconcile")
                 if same_machine(run["host"], run["boot_id"]) and run_alive(run):
-                    raise UserError(
-                        f"run {run_id} {run['name']!r} is owned by live process {run['pid']} on this machine; "
-                        f"stop it instead of marking it crashed"
-                    )
+                    raise UserError(f"run {run_id} {run['name']!r} is owned by live process {run['pid']} on this "
+                                    f"machine; stop it instead of marking it crashed")
             dead = self._mark_crashed(conn, store.dead_running(conn))
             return dead + self._mark_crashed(conn, [r for r in forced if r not in dead])
 

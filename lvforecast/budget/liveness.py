@@ -1,9 +1,5 @@
-"""Whether the process that owns a ledger run is still alive.
-
-Liveness is only judged for runs of this machine (same hostname and, where Linux exposes it, same boot id): the
-owner is dead if its pid is gone, is a zombie, or now belongs to a process started at another time (pid reuse).
-Runs of other machines count as alive. Importing this module touches no disk; the functions read ``/proc``.
-"""
+"""Whether the process that owns a ledger run is still alive (docs/budget.md#liveness): judged only for runs of this
+machine, from ``/proc``; runs of other machines count as alive. Importing this module touches no disk."""
 
 from __future__ import annotations
 
@@ -72,6 +68,4 @@ def owner_alive(host: str, boot: str | None, pid: int, pid_start: int | None) ->
     if stat is None:
         return True
     state, start = stat
-    if state == "Z":
-        return False
-    return pid_start is None or start == pid_start
+    return state != "Z" and (pid_start is None or start == pid_start)  # a zombie, or a reused pid, is dead

@@ -1,14 +1,9 @@
 """A run's FLOP plan, priced before any weights load from what the run will run; no config is read here.
 
-plan = micro-batches x one micro-batch on every rank (3 x forward of ``batch_size x context_length``,
-       x ranks; a step is ``accumulate`` micro-batches)
-     + validations x one validation pass (every rank's real batch shapes, the validation limit applied)
-     + sanity-check batches + planned evaluation FLOPs
-
-Validations: one before training (not on a resume), every one Lightning runs for the trainer's interval (see
-:mod:`lvforecast.budget.schedule`), and one final pass after the last step unless the interval puts one there.
-A resumed run plans only the steps after its checkpoint's. :class:`Pricing` (model shape, LoRA spec, counting
-conventions) is made once per run and carried by its reservation, so the budget callback charges with what planned.
+plan = micro-batches x one micro-batch on every rank (3 x forward) + validations x one validation pass (every
+rank's real batch shapes) + sanity-check batches + planned evaluation FLOPs. Validations: one before training (not
+on a resume), every one the :class:`~lvforecast.budget.schedule.Schedule` puts in the steps after the checkpoint's,
+and one final pass unless the schedule ends with one (docs/budget.md#a-run-step-by-step).
 """
 
 from __future__ import annotations
@@ -34,11 +29,8 @@ def builtin_shape(name: str) -> ModelShape:
 
 
 def pretrained_shape(name_or_path: str) -> ModelShape:
-    """The shape of a Hugging Face model: a local directory's ``config.json``, a built-in hub id, or the cache.
-
-    Raises:
-        UserError: The architecture cannot be known without downloading (names the key to set).
-    """
+    """The shape of a Hugging Face model: a local directory's ``config.json``, a built-in hub id, or the cache; a
+    UserError naming the key to set when the architecture cannot be known without downloading."""
     if Path(name_or_path).is_dir():
         return resolve_shape(name_or_path)
     if name_or_path in HUB_ALIASES:
@@ -48,16 +40,15 @@ def pretrained_shape(name_or_path: str) -> ModelShape:
 
         return ModelShape.from_hf_config(AutoConfig.from_pretrained(name_or_path, local_files_only=True))
     except OSError as err:
-        raise UserError(
-            f"model.source={name_or_path!r}: its config is not cached, so the FLOP plan cannot be made before "
-            f"loading; download it first (hf download {name_or_path}) or point model.source at a local directory"
-        ) from err
+        raise UserError(f"model.source={name_or_path!r}: its config is not cached, so the FLOP plan cannot be made "
+                        f"before loading; download it first (hf download {name_or_path}) or point model.source at a "
+                        f"local directory") from err
 
 
 @dataclass(frozen=True)
 class Pricing:
-    """What every FLOP of a run is priced with: the model's shape, its LoRA spec (None: untrained) and the
-    counting conventions. Made once per run; its reservation carries it to every charge."""
+    """What every FLOP of a run is priced with (LoRA spec None: untrained). Made once per run; its reservation
+    carries it to every charge, so the budget callback charges with what planned."""
 
     shape: ModelShape
     lora: LoRASpec | None
@@ -74,56 +65,37 @@ class Pricing:
 
 @dataclass(frozen=True)
 class RunShape:
-    """What a training run will run, as far as its cost goes (:func:`lvforecast.experiment.config.run_shape`).
+    """What a training run will run, as far as its cost goes (:func:`lvforecast.experiment.config.run_shape`)."""
 
-    Attributes:
-        batch_size, context_length: Windows per micro-batch on one rank, tokens per window.
-        ranks: Processes (devices x nodes).
-        val_shapes, sanity_shapes: ``(B, N)`` of each rank's batches of one validation pass (the validation limit
-            applied) and of the sanity check (none on a resume).
-        validate_before: Whether a validation runs before training (never on a resume).
-        max_steps, start_step: The optimizer steps the run ends at and resumes from (0 when it does not).
-        planned_eval: FLOPs reserved for an evaluation after training (``budget.planned_eval_flops``).
-    """
-
-    batch_size: int
-    context_length: int
-    ranks: int
-    val_shapes: list[list[tuple[int, int]]]
-    sanity_shapes: list[list[tuple[int, int]]]
-    validate_before: bool
+    batch_size: int  # windows per micro-batch on one rank
+    context_length: int  # tokens per window
+    ranks: int  # processes (devices x nodes)
+    val_shapes: list[list[tuple[int, int]]]  # (B, N) of each rank's batches of one validation pass (limit applied)
+    sanity_shapes: list[list[tuple[int, int]]]  # (B, N) of each rank's sanity-check batches (none on a resume)
+    validate_before: bool  # never on a resume
     schedule: Schedule
-    max_steps: int
-    start_step: int = 0
-    planned_eval: int = 0
+    max_steps: int  # the optimizer step the run ends at
+    start_step: int = 0  # the optimizer step it resumes from (0 when it does not)
+    planned_eval: int = 0  # FLOPs reserved for an evaluation after training (budget.planned_eval_flops)
 
 
 @dataclass(frozen=True)
 class Plan:
-    """FLOPs a run is planned to spend, with the parts it is made of (see the module docstring).
+    """FLOPs a run is planned to spend, with the parts it is made of (see the module docstring)."""
 
-    Attributes:
-        train_step: One full optimizer step: ``accumulate`` micro-batches of ``next_step_shape`` on every rank.
-        steps: Optimizer steps this run takes (after the checkpoint's, on a resume).
-        validation_pass: One validation pass over every rank's batches.
-        validations: Passes planned, ``before`` the first step included.
-        batches: Micro-batches per rank over the run (``steps x accumulate`` unless an epoch ends mid-step).
-        schedule: The loop structure the guard reads.
-    """
-
-    train_step: int
-    steps: int
-    validation_pass: int
-    validations: int
+    train_step: int  # one full optimizer step: accumulate micro-batches of next_step_shape on every rank
+    steps: int  # optimizer steps this run takes (after the checkpoint's, on a resume)
+    validation_pass: int  # one validation pass over every rank's batches
+    validations: int  # passes planned, the `before` ones included
     sanity: int
     evaluation: int
     next_step_shape: tuple[int, int]
     world_size: int = 1
     accumulate: int = 1
     start_step: int = 0
-    batches: int | None = None
+    batches: int | None = None  # micro-batches per rank (steps x accumulate unless an epoch ends mid-step)
     before: int = 0
-    schedule: Schedule | None = None
+    schedule: Schedule | None = None  # the loop structure the guard reads
 
     @property
     def batch_flops(self) -> int:
@@ -149,18 +121,14 @@ class Plan:
         return self.sanity + self.before * self.validation_pass + step + (0 if at_end else self.validation_pass)
 
     def as_dict(self) -> dict[str, Any]:
-        out = {**asdict(self), "total": self.total}
-        out["schedule"] = None if self.schedule is None else self.schedule.as_dict()
-        return out
+        return {**asdict(self), "total": self.total}
 
     def describe(self) -> str:
         ranks = f" on {self.world_size} ranks" if self.world_size > 1 else ""
         accum = f", {self.accumulate} micro-batches per step" if self.accumulate > 1 else ""
-        return (
-            f"{self.steps} steps x {self.train_step:.4e} (train step, B x N = {self.next_step_shape}{ranks}"
-            f"{accum}) + {self.validations} validations x {self.validation_pass:.4e} + sanity {self.sanity:.4e} "
-            f"+ evaluation {self.evaluation:.4e} = {self.total:.4e} FLOPs"
-        )
+        return (f"{self.steps} steps x {self.train_step:.4e} (train step, B x N = {self.next_step_shape}{ranks}"
+                f"{accum}) + {self.validations} validations x {self.validation_pass:.4e} + sanity {self.sanity:.4e} "
+                f"+ evaluation {self.evaluation:.4e} = {self.total:.4e} FLOPs")
 
 
 @dataclass(frozen=True)
@@ -189,21 +157,11 @@ def plan_run(pricing: Pricing, run: RunShape) -> Plan:
     # Training always ends with a validation of the final weights: Lightning's own when the interval puts one
     # after the last step, else the final pass train() runs.
     before = int(run.validate_before)
-    return Plan(
-        train_step=train_step,
-        steps=run.max_steps - run.start_step,
-        validation_pass=val_pass,
-        validations=before + periodic + (0 if at_end else 1),
-        sanity=sanity,
-        evaluation=int(run.planned_eval),
-        next_step_shape=(run.batch_size, run.context_length),
-        world_size=run.ranks,
-        accumulate=schedule.accumulate,
-        start_step=run.start_step,
-        batches=batches,
-        before=before,
-        schedule=schedule,
-    )
+    return Plan(train_step=train_step, steps=run.max_steps - run.start_step, validation_pass=val_pass,
+                validations=before + periodic + (0 if at_end else 1), sanity=sanity, evaluation=int(run.planned_eval),
+                next_step_shape=(run.batch_size, run.context_length), world_size=run.ranks,
+                accumulate=schedule.accumulate, start_step=run.start_step, batches=batches, before=before,
+                schedule=schedule)
 
 
 def reserved_flops(plan: Plan, cap: float | None, mode: str) -> int:

@@ -1,21 +1,8 @@
 """The study's price of each aten op: what :class:`lvforecast.budget.audit.FlopAudit` charges per call.
 
-Pure table lookups over an op's name, arguments and result. Per output element unless said otherwise:
-
-* matrix products: ``mm`` ``m p (2n - 1)``, ``bmm`` ``b m p (2n - 1)``, ``mv``, ``dot`` likewise;
-  ``addmm``/``baddbmm`` add one addition per output for the bias (and one multiplication for a non-unit
-  ``alpha``/``beta``). ``linear`` and ``matmul`` decompose into these before reaching the mode;
-* 1: ``add``, ``sub``/``rsub``, ``mul``, ``div``, ``neg``, ``reciprocal``, ``abs``, ``relu``, ``maximum``,
-  ``minimum`` and the comparisons; 10: ``exp``, ``log``, ``sqrt``, ``sin``, ``cos``; ``rsqrt`` 11;
-  ``sigmoid`` and ``silu`` 13 (negate, exp, add, inverse/divide);
-* ``pow(x, c)``: integer ``c >= 2`` is ``c - 1`` multiplications, ``c = 1`` 0, ``-1`` 1, ``0.5`` 10, ``-0.5``
-  11, any other exponent 21 (log, multiply, exp);
-* reductions over ``n`` elements per output: ``sum`` and the max/min family ``n - 1``, ``mean`` ``n``;
-* ``_softmax`` ``12n - 1`` per row of ``n`` (no max subtraction, the brief's rule); ``_log_softmax`` ``12n + 9``;
-  ``nll_loss_forward`` over ``R`` rows: ``R`` for ``sum`` and ``none``, ``R + 1`` for ``mean``;
-* 0: views, copies, concatenation, selection and tensor factories (:data:`_FREE_OPS`), and any op with no
-  floating-point tensor argument (integer bookkeeping on ids and labels is, like tokenization, outside the model);
-* anything else has no price (``None``): the audit lists it in ``AuditResult.unpriced``, never counts it as 0.
+Pure table lookups over an op's name, arguments and result, from the cost table of
+:mod:`lvforecast.budget.formulas`; the price of every op is listed in docs/budget.md#the-price-of-each-op. An op
+with no price gets ``None``: the audit lists it in ``AuditResult.unpriced``, never counts it as 0.
 """
 
 from __future__ import annotations
@@ -39,13 +26,8 @@ _FREE_OPS = frozenset(
 _ELEMENTWISE = {
     **{op: _C[op] for op in ("add", "abs", "relu", "exp", "log", "sqrt", "sin", "cos")},
     **dict.fromkeys(("sub", "rsub", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge"), _C["subtract"]),
-    "mul": _C["multiply"],
-    "div": _C["divide"],
-    "neg": _C["negate"],
-    "reciprocal": _C["inverse"],
-    "rsqrt": RSQRT,
-    "sigmoid": SIGMOID,
-    "silu": SILU,
+    "mul": _C["multiply"], "div": _C["divide"], "neg": _C["negate"], "reciprocal": _C["inverse"], "rsqrt": RSQRT,
+    "sigmoid": SIGMOID, "silu": SILU,
 }
 # Reductions of n elements per output cost n - 1 plus this (mean divides once).
 _REDUCTIONS = {"sum": 0, "mean": 1, "amax": 0, "amin": 0, "max": 0, "min": 0, "argmax": 0, "argmin": 0}
@@ -72,14 +54,8 @@ def _pow_cost(exponent: float) -> int:
 
 
 def price(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> int | None:
-    """FLOPs of one aten op by the study's table, or ``None`` when the op has no price.
-
-    Args:
-        name: The op's overload-packet name, e.g. ``addmm`` or ``add_`` (a trailing ``_`` is in-place).
-        args: Its positional arguments.
-        kwargs: Its keyword arguments.
-        out: What it returned.
-    """
+    """FLOPs of one aten op, given its overload-packet ``name`` (e.g. ``addmm``, or ``add_`` in place), arguments
+    and result, by the study's table; ``None`` when the op has no price."""
     base = name[:-1] if name.endswith("_") and name[:-1] in _ELEMENTWISE else name
     tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
     if base in _FREE_OPS:

@@ -1,7 +1,5 @@
-"""The study's spend report (Table 12) from :meth:`lvforecast.budget.ledger.Ledger.report`: the markdown tables,
-the bar chart (a :class:`matplotlib.figure.Figure`, no pyplot state; matplotlib is imported only to draw it) and the
-run listing of ``lvforecast budget show``. Importing this module touches no disk.
-"""
+"""The study's spend report (Table 12) from :meth:`lvforecast.budget.ledger.Ledger.report`: the markdown tables, the bar
+chart (no pyplot state; matplotlib is imported only to draw it) and the ``lvforecast budget show`` listing."""
 
 from __future__ import annotations
 
@@ -18,14 +16,9 @@ logger = logging.getLogger(__name__)
 
 REPORT_MD = "report.md"
 REPORT_PNG = "budget_report.png"
-
-
 # The spend columns drawn as stacked bars, with their legend labels and colours.
-_PARTS = {
-    "train": ("training", "tab:blue"),
-    "val": ("validation", "tab:orange"),
-    "inference": ("inference", "tab:green"),
-}
+_PARTS = {"train": ("training", "tab:blue"), "val": ("validation", "tab:orange"),
+          "inference": ("inference", "tab:green")}
 
 
 def _fmt_share(share: float) -> str:
@@ -49,12 +42,9 @@ def stage_label(stage: dict[str, Any]) -> str:
 
 def format_stages_markdown(report: dict[str, Any]) -> str:
     """Table 12 per stage of a :meth:`Ledger.report`: its runs, spend and share, and the study total."""
-    lines = [
-        "Table 12: FLOPs spent per stage. Inference = test + generation.",
-        "",
-        "| stage | runs | training | validation | inference | total | share of budget |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    lines = ["Table 12: FLOPs spent per stage. Inference = test + generation.", "",
+             "| stage | runs | training | validation | inference | total | share of budget |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {stage_label(g)} | {len(g['runs'])} | {_spend(g)} |" for g in report["stages"]]
     lines.append(f"| **total** | {len(report['runs'])} | {_spend(report['totals'], '**')} |")
     lines.append(f"| budget | | | | | {_fmt(report['budget'])} | 100.00% |")
@@ -66,13 +56,10 @@ def format_report_markdown(report: dict[str, Any]) -> str:
     its stage (when any run has one), the total, reserved (when runs are live), budget and remaining rows, and
     the refused attempts."""
     budget = report["budget"]
-    lines = [
-        format_stages_markdown(report),
-        f"FLOPs spent per run (ledger `{report['ledger']}`), under their stage. Inference = test + generation.",
-        "",
-        "| run | sweep | status | training | validation | inference | total | share of budget |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
-    ]
+    lines = [format_stages_markdown(report),
+             f"FLOPs spent per run (ledger `{report['ledger']}`), under their stage. Inference = test + generation.",
+             "", "| run | sweep | status | training | validation | inference | total | share of budget |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     by_id = {r["id"]: r for r in report["runs"]}
     staged = any(g["stage"] is not None for g in report["stages"])
     for g in report["stages"]:
@@ -135,15 +122,13 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     ax_stage.axvline(budget, color="red", linestyle="--", label=f"budget {_fmt(budget)}")
     ax_stage.set_xlim(0, max(budget, longest) * 1.15)
     ax_stage.legend(loc="lower right", fontsize=7)
+    notes = [f" {_fmt(r['total'])} ({_fmt_share(r['share'])})" for r in runs]
+    longest = _bars(ax, runs, _chart_labels(runs), notes, "spend per run")
     if runs:
-        notes = [f" {_fmt(r['total'])} ({_fmt_share(r['share'])})" for r in runs]
-        ax.set_xlim(0, _bars(ax, runs, _chart_labels(runs), notes, "spend per run") * 1.35 or 1.0)
+        ax.set_xlim(0, longest * 1.35 or 1.0)
         ax.legend(loc="lower right", fontsize=8)
     else:
         ax.text(0.5, 0.5, "no runs yet", ha="center", va="center", transform=ax.transAxes)
-        ax.set_yticks([])
-        ax.set_xlabel("FLOPs")
-        ax.set_title("spend per run")
 
     bottom = 0.0
     for key, (_, color) in _PARTS.items():
@@ -180,19 +165,13 @@ def write_report_files(report: dict[str, Any], out_dir: str | os.PathLike[str]) 
 def format_runs(ledger: Ledger, runs: list[dict[str, Any]]) -> str:
     """The listing of ``lvforecast budget show``: the ledger's :meth:`Ledger.runs` as a markdown table and a
     budget / spent / remaining line."""
-    lines = [
-        "| id | run | sweep | status | host:pid | planned | charged | owner |",
-        "|---:|---|---|---|---|---:|---:|---|",
-    ]
+    lines = ["| id | run | sweep | status | host:pid | planned | charged | owner |",
+             "|---:|---|---|---|---|---:|---:|---|"]
     for r in runs:
         owner = {None: "", True: "alive", False: "dead"}[r["owner_alive"]]
-        lines.append(
-            f"| {r['id']} | {r['name']} | {r['sweep'] or ''} | {r['status']} | {r['host']}:{r['pid']} "
-            f"| {_fmt(r['planned_flops'])} | {_fmt(r['charged_flops'])} | {owner} |"
-        )
+        lines.append(f"| {r['id']} | {r['name']} | {r['sweep'] or ''} | {r['status']} | {r['host']}:{r['pid']} "
+                     f"| {_fmt(r['planned_flops'])} | {_fmt(r['charged_flops'])} | {owner} |")
     lines.append("")
-    lines.append(
-        f"budget {_fmt(ledger.budget)}, spent {_fmt(sum(r['charged_flops'] for r in runs))}, "
-        f"remaining {_fmt(ledger.remaining())} (ledger {ledger.path}, journal {ledger.journal_mode})"
-    )
+    lines.append(f"budget {_fmt(ledger.budget)}, spent {_fmt(sum(r['charged_flops'] for r in runs))}, "
+                 f"remaining {_fmt(ledger.remaining())} (ledger {ledger.path}, journal {ledger.journal_mode})")
     return "\n".join(lines) + "\n"

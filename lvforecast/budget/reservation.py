@@ -1,7 +1,6 @@
-"""One run's hold on the study budget, made once before any weights load: a frozen :class:`Reservation` carries
-the plan, its pricing, the ledger run and the FLOPs reserved to the end of the run, and :meth:`Reservation.held`
-is the one place its ledger row is finished. Rank 0 of a distributed run publishes it for the other ranks.
-"""
+"""One run's hold on the study budget, made once before any weights load: a frozen :class:`Reservation` carries the
+plan, its pricing, the ledger run and the FLOPs reserved to the end of the run, and :meth:`Reservation.held` is the one
+place its ledger row is finished. Rank 0 of a distributed run publishes it for the other ranks."""
 
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,45 +20,24 @@ from lvforecast.launch import launch_token  # what ties a published reservation 
 
 @dataclass(frozen=True)
 class Reservation:
-    """A run's reserved FLOPs and everything its charges are priced with.
+    """A run's reserved FLOPs and everything its charges are priced with."""
 
-    Attributes:
-        plan: The planned work (a training :class:`~lvforecast.budget.planning.Plan` or a generation plan).
-        pricing: What the plan and every charge are priced with.
-        reserved: FLOPs reserved (the plan's total, or ``budget.run_cap_flops``).
-        leader: False on ranks other than 0 of a distributed run: they own no ledger run and never write it.
-    """
-
-    plan: Any
+    plan: Any  # a training :class:`~lvforecast.budget.planning.Plan` or a generation plan
     pricing: Pricing
     ledger: Ledger
     run_id: int
-    reserved: int
-    leader: bool = True
+    reserved: int  # FLOPs reserved: the plan's total, or budget.run_cap_flops
+    leader: bool = True  # False on ranks other than 0: they own no ledger run and never write it
 
     @classmethod
-    def open(
-        cls,
-        ledger: Ledger,
-        name: str,
-        plan: Any,
-        pricing: Pricing,
-        *,
-        reserve: int | None = None,
-        sweep: str | None = None,
-        config_hash: str | None = None,
-        study: str | None = None,
-        stage: str | None = None,
-    ) -> Reservation:
-        """Reserve ``reserve`` (default: the plan's total) FLOPs as a new ledger run.
-
-        Raises:
-            lvforecast.budget.ledger.BudgetExceededError: The ledger cannot cover it (recorded as ``refused``).
-        """
+    def open(cls, ledger: Ledger, name: str, plan: Any, pricing: Pricing, *, reserve: int | None = None,
+             sweep: str | None = None, config_hash: str | None = None, study: str | None = None,
+             stage: str | None = None) -> Reservation:
+        """Reserve ``reserve`` (default: the plan's total) FLOPs as a new ledger run
+        (:meth:`~lvforecast.budget.ledger.Ledger.open_run`, whose BudgetExceededError it raises)."""
         flops = int(plan.total if reserve is None else reserve)
-        run_id = ledger.open_run(
-            name, flops, sweep=sweep, config_hash=config_hash, plan=plan.as_dict(), study=study, stage=stage
-        )
+        run_id = ledger.open_run(name, flops, sweep=sweep, config_hash=config_hash, plan=plan.as_dict(), study=study,
+                                 stage=stage)
         return cls(plan=plan, pricing=pricing, ledger=ledger, run_id=run_id, reserved=flops)
 
     @classmethod
@@ -70,10 +48,7 @@ class Reservation:
     @contextmanager
     def held(self) -> Iterator[RunOutcome]:
         """:meth:`lvforecast.budget.ledger.Ledger.hold` of this run; a follower finishes nothing (rank 0 owns it)."""
-        if not self.leader:
-            yield RunOutcome()
-            return
-        with self.ledger.hold(self.run_id) as outcome:
+        with self.ledger.hold(self.run_id) if self.leader else nullcontext(RunOutcome()) as outcome:
             yield outcome
 
     def charge(self, kind: str, flops: int, tokens: int = 0, steps: int = 0, seconds: float = 0.0) -> None:
@@ -98,13 +73,9 @@ def publish(out: Path, run_id: int | None, reserved: int, refused: str | None = 
 
 
 def await_leader(out: Path, timeout_s: float = 600.0, poll_s: float = 0.2) -> dict[str, Any]:
-    """A rank other than 0: rank 0's published reservation, from the environment or (waiting) ``out``.
-
-    A file from another launch (another scheduler job id) is ignored while waiting.
-
-    Raises:
-        RuntimeError: Rank 0 was refused (its message is quoted), or published nothing within ``timeout_s``.
-    """
+    """A rank other than 0: rank 0's published reservation, from the environment or (waiting) ``out``; a file
+    from another launch (another scheduler job id) is ignored. RuntimeError when rank 0 was refused (its message is
+    quoted) or published nothing within ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     path = out / LEADER_FILE
     token = launch_token()
@@ -118,13 +89,10 @@ def await_leader(out: Path, timeout_s: float = 600.0, poll_s: float = 0.2) -> di
         record = json.loads(raw) if raw else None
         if record is not None and record.get("launch", "") == token:
             if record["refused"]:
-                raise RuntimeError(
-                    f"rank 0 of this run was refused its reservation, so this rank stops too: {record['refused']}"
-                )
+                raise RuntimeError(f"rank 0 of this run was refused its reservation, so this rank stops too: "
+                                   f"{record['refused']}")
             return record
         if time.monotonic() >= deadline:
-            raise RuntimeError(
-                f"rank 0 published no reservation in {path} within {timeout_s:.0f} s; it failed "
-                f"before reserving (see its log)"
-            )
+            raise RuntimeError(f"rank 0 published no reservation in {path} within {timeout_s:.0f} s; it failed "
+                               f"before reserving (see its log)")
         time.sleep(poll_s)

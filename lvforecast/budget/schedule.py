@@ -1,17 +1,11 @@
 """Which micro-batches each optimizer step runs and which validations Lightning runs during it.
 
-The plan and the budget callback read the same :class:`Schedule`, so what is reserved and what the guard
-predicts before every step are one computation. It mirrors Lightning 2.x's training loop
-(``_TrainingEpochLoop._should_check_val_fx`` and ``_should_accumulate``):
-
-* an optimizer step is ``accumulate`` micro-batches, except that the last batch of an epoch always steps;
-* ``val_check_batch`` is Lightning's own: an int ``val_check_interval`` as is (micro-batches), a fraction
-  ``f`` as ``max(1, int(epoch_batches x f))``;
-* with ``every_n_epochs`` None a validation runs after every ``val_check_batch``-th micro-batch counted over
-  the whole run, else after every ``val_check_batch``-th of the epoch, in every ``every_n_epochs``-th epoch.
-
-Steps are numbered from 1, as ``trainer.global_step`` is after the step; a resumed run keeps the numbering.
-"""
+The plan and the budget callback read the same :class:`Schedule`, so what is reserved and what the guard predicts
+before every step are one computation. It mirrors Lightning 2.x's training loop (``_should_check_val_fx`` and
+``_should_accumulate``): a step is ``accumulate`` micro-batches, but the last batch of an epoch always steps; with
+``every_n_epochs`` None a validation follows every ``val_check_batch``-th micro-batch of the run, else every one
+of the epoch, in every ``every_n_epochs``-th epoch. Steps are numbered from 1, as ``trainer.global_step`` is after
+the step; a resumed run keeps the numbering."""
 
 from __future__ import annotations
 
@@ -20,19 +14,14 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Schedule:
-    """The loop structure of one rank.
+    """The loop structure of one rank."""
 
-    Attributes:
-        accumulate: Micro-batches per optimizer step (``trainer.accumulate_grad_batches``).
-        epoch_batches: Training micro-batches per epoch on one rank.
-        val_check_batch: Lightning's ``val_check_batch`` (micro-batches between validations).
-        every_n_epochs: ``trainer.check_val_every_n_epoch`` (None: count micro-batches across epochs).
-    """
-
-    accumulate: int
-    epoch_batches: int
+    accumulate: int  # micro-batches per optimizer step (trainer.accumulate_grad_batches)
+    epoch_batches: int  # training micro-batches per epoch on one rank
+    # Lightning's micro-batches between validations: an int val_check_interval as is, a fraction f as
+    # max(1, int(epoch_batches x f)).
     val_check_batch: int
-    every_n_epochs: int | None
+    every_n_epochs: int | None  # trainer.check_val_every_n_epoch (None: count micro-batches across epochs)
 
     def _span(self, step: int) -> tuple[int, int, int]:
         """``(epoch, first micro-batch index in the epoch, micro-batches)`` of optimizer step ``step``."""
@@ -53,11 +42,3 @@ class Schedule:
         offset = 0 if self.every_n_epochs is not None else epoch * self.epoch_batches
         hits = [(offset + i + 1) % self.val_check_batch == 0 for i in range(first, first + n)]
         return sum(hits), hits[-1]
-
-    def as_dict(self) -> dict[str, int | None]:
-        return {
-            "accumulate": self.accumulate,
-            "epoch_batches": self.epoch_batches,
-            "val_check_batch": self.val_check_batch,
-            "every_n_epochs": self.every_n_epochs,
-        }

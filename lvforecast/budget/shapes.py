@@ -1,8 +1,7 @@
 """What a FLOP count is counted over: :class:`ModelShape` (architecture facts, from a Hugging Face config,
 :data:`BUILTIN` or a loaded model), :class:`Conventions` (the counting switches) and :class:`LoRASpec` (the
-adapters, logit bias and head rows whose cost is added). The formulas, and what every switch means, are in
-:mod:`lvforecast.budget.formulas`. Pure: no torch; only :func:`resolve_config` reads a file it is pointed at.
-"""
+adapters, logit bias and head rows whose cost is added); every switch is in docs/budget.md#the-formulas. Pure:
+no torch; only :func:`resolve_config` reads a file it is pointed at."""
 
 from __future__ import annotations
 
@@ -35,32 +34,24 @@ NormForm = Literal["divide", "rsqrt"]
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The architecture facts a FLOP count needs; sizes are the formulas' symbols ``L D H G d M V``.
-
-    Attributes:
-        n_kv_heads: Key/value heads ``G``, which divides ``n_heads``.
-        qkv_bias, o_bias, mlp_bias: Which projections carry a bias (q/k/v; o_proj; gate/up/down).
-        tied: lm_head shares the embedding matrix (changes parameters, not forward FLOPs).
-    """
+    """The architecture facts a FLOP count needs; sizes are the formulas' symbols ``L D H G d M V``."""
 
     n_layers: int
     hidden: int
     n_heads: int
-    n_kv_heads: int
+    n_kv_heads: int  # key/value heads G, which divides n_heads
     head_dim: int
     intermediate: int
     vocab: int
-    qkv_bias: bool
-    tied: bool
-    o_bias: bool = False
-    mlp_bias: bool = False
+    qkv_bias: bool  # q/k/v carry a bias
+    tied: bool  # lm_head shares the embedding matrix (changes parameters, not forward FLOPs)
+    o_bias: bool = False  # o_proj carries a bias
+    mlp_bias: bool = False  # gate/up/down carry a bias
 
     def __post_init__(self) -> None:
-        problems = [
-            f"{name}={getattr(self, name)!r}: must be an integer >= 1"
-            for name in ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim", "intermediate", "vocab")
-            if not is_int(getattr(self, name)) or getattr(self, name) < 1
-        ]
+        sizes = ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim", "intermediate", "vocab")
+        problems = [f"{name}={getattr(self, name)!r}: must be an integer >= 1" for name in sizes
+                    if not is_int(getattr(self, name)) or getattr(self, name) < 1]
         if not problems and self.n_heads % self.n_kv_heads:
             problems.append(f"n_kv_heads={self.n_kv_heads}: must divide n_heads={self.n_heads}")
         if problems:
@@ -68,69 +59,38 @@ class ModelShape:
 
     @classmethod
     def from_hf_config(cls, config: Any) -> ModelShape:
-        """Read a Qwen2/Llama/Mistral config (a ``PretrainedConfig`` or its ``config.json`` dict).
-
-        Raises:
-            ValueError: Not a supported family, a non-SiLU MLP, or a missing size key (named in the message).
-        """
+        """Read a Qwen2/Llama/Mistral config (a ``PretrainedConfig`` or its ``config.json`` dict); ValueError for
+        another family, a non-SiLU MLP, or a missing size key (named in the message)."""
         cfg: Mapping[str, Any] = config if isinstance(config, Mapping) else config.to_dict()
         model_type = cfg.get("model_type")
         if model_type not in _SUPPORTED_MODEL_TYPES:
-            raise UserError(
-                f"config model_type={model_type!r}: allowed {', '.join(map(repr, _SUPPORTED_MODEL_TYPES))} "
-                f"(Qwen2/Llama-family decoders)"
-            )
+            raise UserError(f"config model_type={model_type!r}: allowed {', '.join(map(repr, _SUPPORTED_MODEL_TYPES))} "
+                            f"(Qwen2/Llama-family decoders)")
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
             raise UserError(f"config hidden_act={act!r}: only 'silu' (SwiGLU) is counted")
-        missing = [
-            k
-            for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
-            if cfg.get(k) is None
-        ]
+        sizes = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
+        missing = [k for k in sizes if cfg.get(k) is None]
         if missing:
             raise UserError(f"config is missing {', '.join(missing)}")
         heads = cfg["num_attention_heads"]
         attention_bias = bool(cfg.get("attention_bias", False))
-        return cls(
-            n_layers=cfg["num_hidden_layers"],
-            hidden=cfg["hidden_size"],
-            n_heads=heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            intermediate=cfg["intermediate_size"],
-            vocab=cfg["vocab_size"],
-            # Qwen2 hard-codes q/k/v bias (and none on o_proj); Llama/Mistral use attention_bias for all four.
-            qkv_bias=True if model_type == "qwen2" else attention_bias,
-            tied=bool(cfg.get("tie_word_embeddings", False)),
-            o_bias=attention_bias if model_type != "qwen2" else False,
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
-        )
+        # Qwen2 hard-codes q/k/v bias (and none on o_proj); Llama/Mistral use attention_bias for all four.
+        qwen2 = model_type == "qwen2"
+        return cls(n_layers=cfg["num_hidden_layers"], hidden=cfg["hidden_size"], n_heads=heads,
+                   n_kv_heads=cfg.get("num_key_value_heads") or heads,
+                   head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, intermediate=cfg["intermediate_size"],
+                   vocab=cfg["vocab_size"], qkv_bias=qwen2 or attention_bias, o_bias=not qwen2 and attention_bias,
+                   tied=bool(cfg.get("tie_word_embeddings", False)), mlp_bias=bool(cfg.get("mlp_bias", False)))
 
 
 #: The size keys of the built-in models' hub ``config.json`` (Qwen/Qwen2.5-0.5B-Instruct,
 #: HuggingFaceTB/SmolLM2-135M-Instruct), so the CLI needs no weights, transformers or network.
 BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
-    "qwen2.5-0.5b": {
-        "model_type": "qwen2",
-        "num_hidden_layers": 24,
-        "hidden_size": 896,
-        "num_attention_heads": 14,
-        "num_key_value_heads": 2,
-        "intermediate_size": 4864,
-        "vocab_size": 151936,
-        "tie_word_embeddings": True,
-    },
-    "smollm2-135m": {
-        "model_type": "llama",
-        "num_hidden_layers": 30,
-        "hidden_size": 576,
-        "num_attention_heads": 9,
-        "num_key_value_heads": 3,
-        "intermediate_size": 1536,
-        "vocab_size": 49152,
-        "tie_word_embeddings": True,
-    },
+    "qwen2.5-0.5b": dict(model_type="qwen2", num_hidden_layers=24, hidden_size=896, num_attention_heads=14,
+                         num_key_value_heads=2, intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
+    "smollm2-135m": dict(model_type="llama", num_hidden_layers=30, hidden_size=576, num_attention_heads=9,
+                         num_key_value_heads=3, intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True),
 }
 #: Built-in architecture facts, by name.
 BUILTIN: dict[str, ModelShape] = {name: ModelShape.from_hf_config(cfg) for name, cfg in BUILTIN_CONFIGS.items()}
@@ -148,10 +108,8 @@ class Conventions:
     count_loss: bool = False
 
     def __post_init__(self) -> None:
-        check_choice("conventions", "attention", self.attention, get_args(AttentionWidth))
-        check_choice("conventions", "mask", self.mask, get_args(MaskForm))
-        check_choice("conventions", "rope", self.rope, get_args(RopeForm))
-        check_choice("conventions", "norm", self.norm, get_args(NormForm))
+        for key, form in (("attention", AttentionWidth), ("mask", MaskForm), ("rope", RopeForm), ("norm", NormForm)):
+            check_choice("conventions", key, getattr(self, key), get_args(form))
         if not isinstance(self.count_loss, bool):
             raise UserError(f"conventions.count_loss={self.count_loss!r}: must be True or False")
 
@@ -162,10 +120,8 @@ class Conventions:
 
     def describe(self) -> str:
         """One line, e.g. ``attention=mha mask=full rope=add norm=divide loss=off``."""
-        return (
-            f"attention={self.attention} mask={self.mask} rope={self.rope} norm={self.norm} "
-            f"loss={'on' if self.count_loss else 'off'}"
-        )
+        return (f"attention={self.attention} mask={self.mask} rope={self.rope} norm={self.norm} "
+                f"loss={'on' if self.count_loss else 'off'}")
 
 
 #: The study brief's conventions; the formulas' default argument.
@@ -174,19 +130,13 @@ DEFAULT_CONVENTIONS = Conventions()
 
 @dataclass(frozen=True)
 class LoRASpec:
-    """What the fine-tuning module adds to the base model.
+    """What the fine-tuning module adds to the base model."""
 
-    Attributes:
-        rank: LoRA rank ``r`` >= 1.
-        targets: Wrapped linear layers of every decoder layer, names from :data:`PROJECTIONS`.
-        logit_bias: A bias added to every output logit.
-        head_rows: None: the full lm_head (``model.head=full``); an int ``A``: only ``A`` gathered rows of it,
-            e.g. the 13 LLMTIME characters (``model.head=alphabet``), which also shrinks the bias and the loss.
-    """
-
-    rank: int
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
-    logit_bias: bool = False
+    rank: int  # LoRA rank r >= 1
+    targets: tuple[str, ...] = ("q_proj", "v_proj")  # wrapped linear layers of every decoder layer, from PROJECTIONS
+    logit_bias: bool = False  # a bias added to every output logit
+    # None: the full lm_head (model.head=full); an int A: only A gathered rows of it, e.g. the 13 LLMTIME characters
+    # (model.head=alphabet), which also shrinks the bias and the loss.
     head_rows: int | None = None
 
     def __post_init__(self) -> None:
@@ -202,14 +152,10 @@ class LoRASpec:
         object.__setattr__(self, "targets", tuple(p for p in PROJECTIONS if p in targets))
 
     @classmethod
-    def from_peft(
-        cls, model: Any, logit_bias: bool = False, adapter: str = "default", head_rows: int | None = None
-    ) -> LoRASpec:
-        """Read rank and targets from a ``peft.PeftModel``'s ``peft_config[adapter]`` (the rest is given).
-
-        Raises:
-            ValueError: No such adapter, or per-layer rank patterns (one rank is assumed).
-        """
+    def from_peft(cls, model: Any, logit_bias: bool = False, adapter: str = "default",
+                  head_rows: int | None = None) -> LoRASpec:
+        """Read rank and targets from a ``peft.PeftModel``'s ``peft_config[adapter]`` (the rest is given); ValueError
+        for no such adapter, or per-layer rank patterns (one rank is assumed)."""
         configs = getattr(model, "peft_config", None) or {}
         if adapter not in configs:
             raise UserError(f"adapter={adapter!r}: model has LoRA adapters {sorted(configs)}")
@@ -231,11 +177,8 @@ def shape_of(model: Any) -> ModelShape:
 
 
 def resolve_config(model: str) -> dict[str, Any]:
-    """The Hugging Face config fields of a built-in name, a ``config.json`` path, or a directory holding one.
-
-    Raises:
-        ValueError: Unknown name or unreadable file.
-    """
+    """The Hugging Face config fields of a built-in name, a ``config.json`` path, or a directory holding one;
+    ValueError for an unknown name or an unreadable file."""
     if model in BUILTIN_CONFIGS:
         return dict(BUILTIN_CONFIGS[model])
     path = Path(model)

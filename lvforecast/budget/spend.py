@@ -1,6 +1,5 @@
 """What the ledger's runs spent: the read-only queries behind :meth:`~lvforecast.budget.ledger.Ledger.report` and
-:meth:`~lvforecast.budget.ledger.Ledger.runs`, read inside the caller's transaction (one snapshot).
-"""
+:meth:`~lvforecast.budget.ledger.Ledger.runs`, read inside the caller's transaction (one snapshot)."""
 
 from __future__ import annotations
 
@@ -20,11 +19,8 @@ def run_records(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     """All runs, oldest first: every ``runs`` column but boot_id, pid_start and plan_json, plus charged_flops,
     plan (dict or None) and owner_alive (None unless running)."""
     out = []
-    for row in rows(
-        conn,
-        "SELECT r.*, COALESCE((SELECT SUM(flops) FROM charges c WHERE c.run_id = r.id), 0) AS charged_flops "
-        "FROM runs r ORDER BY r.id",
-    ):
+    for row in rows(conn, "SELECT r.*, COALESCE((SELECT SUM(flops) FROM charges c WHERE c.run_id = r.id), 0) "
+                          "AS charged_flops FROM runs r ORDER BY r.id"):
         d = dict(row)
         plan_json = d.pop("plan_json")
         d["plan"] = None if plan_json is None else json.loads(plan_json)
@@ -35,24 +31,17 @@ def run_records(conn: sqlite3.Connection) -> list[dict[str, Any]]:
 
 
 def spend_table(conn: sqlite3.Connection, budget: int) -> dict[str, Any]:
-    """The study's spend table (Table 12): one row per run, per stage, totals, budget and remaining.
-
-    Returns:
-        ``{"budget", "runs", "stages", "totals", "reserved_outstanding", "remaining", "refused"}``. A run row holds
-        id, name, sweep, study, stage, status, config_hash, planned, the :data:`COLUMNS` (FLOPs), share (total /
-        budget) and seconds; refused attempts spent nothing and are listed apart (id, name, sweep, study, stage,
-        planned).
-    """
+    """The study's spend table (Table 12): ``{"budget", "runs", "stages", "totals", "reserved_outstanding",
+    "remaining", "refused"}``. A run row holds id, name, sweep, study, stage, status, config_hash, planned, the
+    :data:`COLUMNS` (FLOPs), share (total / budget) and seconds; refused attempts spent nothing and are listed apart
+    (id, name, sweep, study, stage, planned)."""
     table, refused = [], []
-    for row in rows(
-        conn,
-        "SELECT r.id, r.name, r.sweep, r.study, r.stage, r.status, r.config_hash, r.planned_flops AS planned, "
-        "COALESCE(SUM(CASE WHEN c.kind = 'train' THEN c.flops END), 0) AS train, "
-        "COALESCE(SUM(CASE WHEN c.kind = 'val' THEN c.flops END), 0) AS val, "
-        "COALESCE(SUM(CASE WHEN c.kind IN ('test', 'generate') THEN c.flops END), 0) AS inference, "
-        "COALESCE(SUM(c.seconds), 0.0) AS seconds "
-        "FROM runs r LEFT JOIN charges c ON c.run_id = r.id GROUP BY r.id ORDER BY r.id",
-    ):
+    for row in rows(conn, "SELECT r.id, r.name, r.sweep, r.study, r.stage, r.status, r.config_hash, "
+                          "r.planned_flops AS planned, COALESCE(SUM(CASE WHEN c.kind = 'train' THEN c.flops END), 0) "
+                          "AS train, COALESCE(SUM(CASE WHEN c.kind = 'val' THEN c.flops END), 0) AS val, "
+                          "COALESCE(SUM(CASE WHEN c.kind IN ('test', 'generate') THEN c.flops END), 0) AS inference, "
+                          "COALESCE(SUM(c.seconds), 0.0) AS seconds "
+                          "FROM runs r LEFT JOIN charges c ON c.run_id = r.id GROUP BY r.id ORDER BY r.id"):
         run = dict(row)
         if run["status"] == RunStatus.REFUSED:
             refused.append({k: run[k] for k in ("id", "name", "sweep", "study", "stage", "planned")})
@@ -63,15 +52,8 @@ def spend_table(conn: sqlite3.Connection, budget: int) -> dict[str, Any]:
     totals: dict[str, Any] = {key: sum(r[key] for r in table) for key in COLUMNS}
     totals["share"] = totals["total"] / budget
     reserved = outstanding(conn)
-    return {
-        "budget": budget,
-        "runs": table,
-        "stages": spend_by_stage(table, budget),
-        "totals": totals,
-        "reserved_outstanding": reserved,
-        "remaining": budget - totals["total"] - reserved,
-        "refused": refused,
-    }
+    return dict(budget=budget, runs=table, stages=spend_by_stage(table, budget), totals=totals,
+                reserved_outstanding=reserved, remaining=budget - totals["total"] - reserved, refused=refused)
 
 
 def spend_by_stage(runs: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:

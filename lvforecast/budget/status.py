@@ -1,9 +1,5 @@
-"""How a run stands or ended: one :class:`RunStatus` for the ledger, ``run_info.json`` and sweep jobs.
-
-A member equals its string value (``RunStatus.FINISHED == "finished"``), which is what SQLite stores and JSON
-writes, so rows and files read back as plain strings compare equal to the members. Importing this module touches
-no disk.
-"""
+"""How a run stands or ended: one :class:`RunStatus` for the ledger, ``run_info.json`` and sweep jobs. A member equals
+its string value (``RunStatus.FINISHED == "finished"``), so rows and files read back compare equal to it."""
 
 from __future__ import annotations
 
@@ -31,13 +27,7 @@ class RunStatus(str, Enum):
 # The statuses a ledger row may hold, in the order of the schema's CHECK constraint.
 RUN_STATUSES = tuple(s for s in RunStatus if s is not RunStatus.MISSING)
 # The statuses :meth:`lvforecast.budget.ledger.Ledger.finish` may end a running run with.
-FINISH_STATUSES = (
-    RunStatus.FINISHED,
-    RunStatus.BUDGET_EXHAUSTED,
-    RunStatus.CRASHED,
-    RunStatus.FAILED,
-    RunStatus.INTERRUPTED,
-)
+FINISH_STATUSES = tuple(s for s in RUN_STATUSES if s not in (RunStatus.RUNNING, RunStatus.REFUSED))
 # The statuses of a run that ran to its end and so has a result (a final validation loss) to compare.
 COMPLETED = (RunStatus.FINISHED, RunStatus.BUDGET_EXHAUSTED)
 

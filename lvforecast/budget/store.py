@@ -1,6 +1,5 @@
 """The SQLite layer of the FLOP ledger (:class:`lvforecast.budget.ledger.Ledger` is the API): schema, migrations,
-connections, transactions, I/O errors and the queries several operations share. Importing it touches no disk.
-"""
+connections, transactions, I/O errors and the queries several operations share. Importing it touches no disk."""
 
 from __future__ import annotations
 
@@ -23,10 +22,8 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 3
 # Columns added after version 1, by the version that added them: an older file gets them (NULL in its old rows)
-# when it is next opened, so old ledgers keep opening.
-MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {
-    2: (("runs", "study", "TEXT"), ("runs", "stage", "TEXT")),  # the study and stage a run belongs to (Table 12)
-}
+# when it is next opened, so old ledgers keep opening. 2: the study and stage a run belongs to (Table 12).
+MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {2: (("runs", "study", "TEXT"), ("runs", "stage", "TEXT"))}
 # Versions that changed a table's CHECK constraint, which SQLite cannot alter: the table is rebuilt (copied into
 # the new definition, rows and ids unchanged). 3: the run status ``interrupted`` (a run stopped by SIGTERM/SIGINT).
 REBUILDS: dict[int, tuple[str, ...]] = {3: ("runs", "charges")}  # parents first
@@ -79,12 +76,8 @@ CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
 
 
 def as_flops(value: Any, what: str) -> int:
-    """A FLOP count (a finite real >= 0 and < 2**63) rounded to an integer.
-
-    Raises:
-        TypeError: not a real number (or a bool).
-        ValueError: not finite, negative, or too large for an SQLite INTEGER.
-    """
+    """A FLOP count (a finite real >= 0 and < 2**63) rounded to an integer; TypeError for a non-number (or a bool),
+    ValueError for a value out of range."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{what} must be a number of FLOPs, got {value!r} ({type(value).__name__})")
     if not math.isfinite(float(value)):
@@ -105,12 +98,8 @@ def as_count(value: Any, what: str) -> int:
 
 
 def create_study(conn: sqlite3.Connection, budget: int | None, created_by: str) -> tuple[int, int] | None:
-    """Create the tables if missing (migrating an older file) and, in a new file, the study row holding ``budget``.
-
-    Returns:
-        (stored budget, schema version), or None when the file holds no study and ``budget`` is None (the caller
-        raises inside ``conn``'s write transaction, rolling the tables back).
-    """
+    """Create the tables if missing (migrating an older file) and, in a new file, the study row holding ``budget``;
+    (stored budget, schema version), or None when the file holds no study and ``budget`` is None."""
     for statement in SCHEMA.split(";"):
         if statement.strip():
             conn.execute(statement)
@@ -119,10 +108,8 @@ def create_study(conn: sqlite3.Connection, budget: int | None, created_by: str) 
         row = (row[0], migrate(conn, row[1]))
     if row is None and budget is not None:
         row = (budget, SCHEMA_VERSION)
-        conn.execute(
-            "INSERT INTO study (id, budget_flops, schema_version, created_at, created_by) VALUES (1, ?, ?, ?, ?)",
-            (budget, SCHEMA_VERSION, time.time(), created_by),
-        )
+        conn.execute("INSERT INTO study (id, budget_flops, schema_version, created_at, created_by) "
+                     "VALUES (1, ?, ?, ?, ?)", (budget, SCHEMA_VERSION, time.time(), created_by))
     return row
 
 
@@ -169,9 +156,6 @@ def rebuild(conn: sqlite3.Connection, tables: tuple[str, ...]) -> None:
             conn.execute(statement)
 
 
-# -- connections ----------------------------------------------------------------------------------------------
-
-
 def connect(
     path: Path, timeout_s: float, journal_mode: str | None, apply_journal_mode: bool = True
 ) -> sqlite3.Connection:
@@ -189,14 +173,10 @@ def connect(
 def transaction(
     path: Path, timeout_s: float, journal_mode: str | None, immediate: bool = True
 ) -> Iterator[sqlite3.Connection]:
-    """One transaction on a fresh connection: committed on normal exit, rolled back on an exception.
-
-    ``immediate`` takes the write lock at BEGIN, so a read-check-write sequence cannot interleave with another
-    writer's; plain reads use a deferred BEGIN for a consistent snapshot.
-
-    Raises:
-        UserError: SQLite cannot use the file (:func:`io_error`). A broken constraint is a bug and propagates.
-    """
+    """One transaction on a fresh connection: committed on normal exit, rolled back on an exception. ``immediate``
+    takes the write lock at BEGIN, so a read-check-write sequence cannot interleave with another writer's; plain
+    reads use a deferred BEGIN for a consistent snapshot. SQLite failing on the file raises :func:`io_error`'s
+    UserError; a broken constraint is a bug and propagates."""
     try:
         with contextlib.closing(connect(path, timeout_s, journal_mode)) as conn:
             conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
@@ -212,14 +192,10 @@ def transaction(
         raise io_error(path, err) from err
 
 
-# -- I/O failures ---------------------------------------------------------------------------------------------
-
 SQLITE_HEADER = b"SQLite format 3\x00"
 # What to change, in each command's words.
-LEDGER_FIX = (
-    "point budget.ledger_path=PATH (train.py, evaluate.py), --ledger PATH (lvforecast budget) or "
-    "$LVFORECAST_LEDGER at a writable ledger file"
-)
+LEDGER_FIX = ("point budget.ledger_path=PATH (train.py, evaluate.py), --ledger PATH (lvforecast budget) or "
+              "$LVFORECAST_LEDGER at a writable ledger file")
 
 
 def inspect_path(path: Path) -> str | None:
@@ -252,15 +228,10 @@ def io_error(path: Path, err: sqlite3.Error) -> UserError:
     if found is None and ("malformed" in text or "not a database" in text):
         found = "it is a damaged SQLite file"
     if "locked" in text or "busy" in text:
-        return UserError(
-            f"ledger {path}: another process held its write lock past the timeout ({text}); wait "
-            f"and retry, or give this study another ledger: {LEDGER_FIX}"
-        )
+        return UserError(f"ledger {path}: another process held its write lock past the timeout ({text}); wait "
+                         f"and retry, or give this study another ledger: {LEDGER_FIX}")
     detail = f"{found} (sqlite: {text})" if found else f"sqlite: {text}"
     return UserError(f"ledger {path} is not a usable ledger: {detail}; {LEDGER_FIX}")
-
-
-# -- queries shared by several operations ---------------------------------------------------------------------
 
 
 def spent(conn: sqlite3.Connection) -> int:
@@ -282,13 +253,9 @@ def rows(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...] = ()) -> li
 
 def running(conn: sqlite3.Connection) -> list[sqlite3.Row]:
     """Running runs, oldest first: id, host, boot_id, pid, pid_start, reserved_flops and charged FLOPs."""
-    return rows(
-        conn,
-        "SELECT r.id, r.host, r.boot_id, r.pid, r.pid_start, r.reserved_flops, "
-        "COALESCE((SELECT SUM(flops) FROM charges c WHERE c.run_id = r.id), 0) AS charged "
-        "FROM runs r WHERE r.status = ? ORDER BY r.id",
-        (RunStatus.RUNNING,),
-    )
+    return rows(conn, "SELECT r.id, r.host, r.boot_id, r.pid, r.pid_start, r.reserved_flops, "
+                      "COALESCE((SELECT SUM(flops) FROM charges c WHERE c.run_id = r.id), 0) AS charged "
+                      "FROM runs r WHERE r.status = ? ORDER BY r.id", (RunStatus.RUNNING,))
 
 
 def outstanding(conn: sqlite3.Connection) -> int:
@@ -304,12 +271,10 @@ def dead_running(conn: sqlite3.Connection) -> list[int]:
 def release(conn: sqlite3.Connection, run_id: int, status: str, ended_at: float | None = None) -> None:
     """End a running run: final status, reservation shrunk to its charges, ``ended_at`` (None: its last charge, the
     best end time the ledger knows of a crash)."""
-    conn.execute(
-        "UPDATE runs SET status = ?, reserved_flops = COALESCE((SELECT SUM(flops) FROM charges WHERE run_id = ?), 0), "
-        "ended_at = COALESCE(?, (SELECT MAX(charged_at) FROM charges WHERE run_id = ?), started_at) "
-        "WHERE id = ? AND status = ?",
-        (status, run_id, ended_at, run_id, run_id, RunStatus.RUNNING),
-    )
+    conn.execute("UPDATE runs SET status = ?, reserved_flops = COALESCE((SELECT SUM(flops) FROM charges "
+                 "WHERE run_id = ?), 0), ended_at = COALESCE(?, (SELECT MAX(charged_at) FROM charges "
+                 "WHERE run_id = ?), started_at) WHERE id = ? AND status = ?",
+                 (status, run_id, ended_at, run_id, run_id, RunStatus.RUNNING))
 
 
 def extend(conn: sqlite3.Connection, run_id: int, extra: int, budget: int) -> bool:
@@ -317,8 +282,6 @@ def extend(conn: sqlite3.Connection, run_id: int, extra: int, budget: int) -> bo
     whether it grew."""
     if extra > budget - spent(conn) - outstanding(conn):
         return False
-    conn.execute(
-        "UPDATE runs SET reserved_flops = reserved_flops + ? WHERE id = ? AND status = ?",
-        (extra, run_id, RunStatus.RUNNING),
-    )
+    conn.execute("UPDATE runs SET reserved_flops = reserved_flops + ? WHERE id = ? AND status = ?",
+                 (extra, run_id, RunStatus.RUNNING))
     return True
