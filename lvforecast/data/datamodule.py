@@ -24,7 +24,7 @@ from lvforecast.data.windows import (
     PadCollator,
     WindowDataset,
     build_windows,
-    encode_texts,
+    encode_series,
     pad_share,
     tokenize_series,
     window_spans,
@@ -38,18 +38,8 @@ log = logging.getLogger(__name__)
 class LotkaVolterraDataModule(pl.LightningDataModule):
     """Serves train/val token windows of Lotka-Volterra systems from an HDF5 file.
 
-    Args:
-        path: HDF5 file in the study's layout.
-        tokenizer: The model's (character-level) tokenizer; may be set later, before ``setup`` (the pipeline
-            plans the budget from the text before any model loads).
-        context_length: Window length in tokens (the study's "maximum context length").
-        stride_steps: Windows start every ``stride_steps`` time steps.
-        scale: Scale rule, ``{kind: fixed, value: 0.5}`` (the study) or ``{kind: percentile, ...}``.
-        scale_context_steps: Steps the per-series scale is computed from (the forecasting context).
-        split_fractions: [train, val, test] fractions of systems.
-        pinned_test_systems: System ids always placed in the test split.
-        simulate: If set (``{systems, seed}``), ``path`` is generated with the simulator when missing.
-        val_batch_size: Validation batch size; ``None`` means ``batch_size``.
+    The arguments are the ``data`` keys, commented in ``conf/data/lotka_volterra.yaml``. ``tokenizer`` (the model's,
+    character-level) may be set later, before ``setup``: the pipeline plans the budget before any model loads.
     """
 
     def __init__(
@@ -123,7 +113,6 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
     def context_problem(self) -> str | None:
         """Why ``context_length`` is longer than every training/validation series, or None.
 
-        Such windows would be whole series padded to ``context_length``, and the plan would price the padding.
         Refused rather than clamped, so that the config, the plan and the run's ``config.yaml`` agree.
         """
         if not self.series:
@@ -150,10 +139,8 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
             write_simulation(self.path, n_systems, seed)
 
     def prepare_texts(self) -> None:
-        """Load, validate, split and encode the series as text (idempotent; no tokenizer or model needed).
-
-        Data problems surface here, and the window shapes let the budget be planned before any weights load.
-        """
+        """Load, validate, split and encode the series as text (idempotent; no tokenizer or model needed), so that
+        data problems surface and the budget is planned before any weights load."""
         if self.split is not None:
             return
         from lvforecast.data.trajectories import load_trajectories
@@ -162,7 +149,7 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         steps = self.scale_context_steps
         traj = load_trajectories(self.path, min_steps=steps, needed_by=f"data.scale_context_steps={steps}")
         split = self._split(traj.n_systems)
-        encoded = encode_texts(traj.values, split.train + split.val, self.scale_rule, self.decimals, steps)
+        encoded = encode_series(traj.values, split.train + split.val, None, self.scale_rule, self.decimals, steps)
         self.n_systems, self.split, self.series = traj.n_systems, split, {e.system: e for e in encoded}
         problem = self.context_problem()
         if problem is not None:
@@ -184,14 +171,11 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
 
         Args:
             context_steps: Steps of each prompt; the scale of a series comes from these steps only.
-            horizon_steps: Steps forecast; every series needs ``context_steps + horizon_steps`` steps.
             split_file: A training run's ``split.json``, whose ``test`` list is used; None = this module's split.
-            max_systems: Cover only this many systems (see :func:`evaluation_order`); None = all.
-            first: System ids that go first when ``max_systems`` cuts (the study's examples).
+            max_systems, first: See :func:`evaluation_order`.
 
         Raises:
-            UserError: The test split has no systems or names systems the file lacks (checked before any model
-                loads). ``max_systems`` is checked with the rest of the config.
+            UserError: The test split has no systems or names systems the file lacks.
         """
         from lvforecast.data.trajectories import load_trajectories
 
@@ -225,9 +209,6 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
     def _spans(self, systems: Sequence[int]) -> list[tuple[int, int, int]]:
         return window_spans([self.series[s] for s in systems], self.context_length, self.stride_steps)
 
-    def _windows(self, systems: Sequence[int]) -> WindowDataset:
-        return build_windows([self.series[s] for s in systems], self.context_length, self.stride_steps)
-
     def val_batch_shapes(self, world_size: int = 1) -> list[list[tuple[int, int]]]:
         """``(B, N)`` of every validation batch in loader order (validation is not shuffled), one list per rank.
 
@@ -241,8 +222,6 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         def batches(rows: list[int]) -> list[tuple[int, int]]:
             return [(len(rows[i : i + size]), max(rows[i : i + size])) for i in range(0, len(rows), size)]
 
-        if world_size == 1:
-            return [batches(lengths)]
         total = -(-len(lengths) // world_size) * world_size
         padded = (lengths * (-(-total // max(1, len(lengths)))))[:total]
         return [batches(padded[rank::world_size]) for rank in range(world_size)]
@@ -260,7 +239,10 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
             raise UserError("LotkaVolterraDataModule.setup needs a tokenizer: pass tokenizer= or set .tokenizer")
         self.prepare_texts()
         tokenize_series(list(self.series.values()), self.tokenizer)
-        self.train_set, self.val_set = self._windows(self.split.train), self._windows(self.split.val)
+        self.train_set, self.val_set = (
+            build_windows([self.series[s] for s in systems], self.context_length, self.stride_steps)
+            for systems in (self.split.train, self.split.val)
+        )
         self.stats = {
             "train_windows": len(self.train_set),
             "val_windows": len(self.val_set),
