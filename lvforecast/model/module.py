@@ -45,11 +45,7 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 
 def alphabet_ids(char_ids: Mapping[str, int]) -> list[int]:
-    """The alphabet's token ids in :data:`~lvforecast.data.encoding.ALPHABET` order (= alphabet index order).
-
-    Raises:
-        ValueError: A character of the alphabet has no id.
-    """
+    """The alphabet's token ids in :data:`~lvforecast.data.encoding.ALPHABET` order; ValueError if one is missing."""
     missing = [ch for ch in ALPHABET if ch not in char_ids]
     if missing:
         raise UserError(f"char_ids lacks the alphabet characters {missing} (see lvforecast.data.encoding)")
@@ -66,11 +62,7 @@ def label_lookup(token_ids: list[int], vocab: int) -> torch.Tensor:
 def alphabet_labels(labels: torch.Tensor, lookup: torch.Tensor, check: bool = True) -> torch.Tensor:
     """(B, T) vocabulary-id labels -> alphabet indices through :func:`label_lookup`'s table; ``IGNORE_INDEX`` stays.
 
-    Args:
-        check: Raise on a label outside the alphabet (a host sync); unchecked, such a label takes no loss.
-
-    Raises:
-        ValueError: A label other than ``IGNORE_INDEX`` is not an alphabet token (the ids named).
+    With ``check`` (a host sync) a label outside the alphabet raises ValueError naming it; without, it takes no loss.
     """
     keep = labels != IGNORE_INDEX
     in_vocab = (labels >= 0) & (labels < lookup.numel())
@@ -104,23 +96,19 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
 
 
 class LoRAForecaster(pl.LightningModule):
-    """Trains the adapter of a PEFT model.
+    """Trains the adapter of a PEFT model (base frozen).
 
     Args:
-        model: A ``peft.PeftModel`` around a causal LM (base frozen).
         optimizer: Partial optimizer, completed with the trainable parameters only.
         scheduler: Partial ``(optimizer, total_steps) -> LRScheduler | None`` (``conf/scheduler/``), called
             with ``trainer.max_steps``; stepped every optimizer step.
-        head: ``full`` or ``alphabet`` (``model.head``, see the module docstring).
         char_ids: Alphabet character -> token id (``LoadedModel.char_ids``); needed by ``head="alphabet"``
             and for ``val/loss_alphabet`` (not logged without it).
         step_seed: Reseed torch's RNG at every training step from ``(step_seed, global_step)``; None: never.
         compile_model: ``torch.compile`` the decoder stack in place, so parameter names and checkpoints stay.
 
-    The other keys are commented in ``conf/train.yaml``.
-
-    Raises:
-        ValueError: An unknown ``head``, or ``head="alphabet"`` without ``char_ids``.
+    The other keys are commented in ``conf/train.yaml``. Raises ValueError for an unknown ``head``, or
+    ``head="alphabet"`` without ``char_ids``.
     """
 
     def __init__(
@@ -188,10 +176,8 @@ class LoRAForecaster(pl.LightningModule):
 
     def _loss_sums(self, batch: dict[str, Any], alphabet: bool = False, check: bool = True
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(loss_sum, n_tokens, alphabet_loss_sum)``; the last only when ``alphabet`` and char_ids are known.
-
-        ``check``: verify that every label is an alphabet token (a host sync).
-        """
+        """``(loss_sum, n_tokens, alphabet_loss_sum)``, the last only when ``alphabet`` and char_ids are known;
+        ``check`` as for :func:`alphabet_labels`."""
         # Without padding (the collator says so on the host) no 2D mask, whose check would be a host sync.
         mask = batch["attention_mask"] if batch.get("padded", True) else None
         logits = self(batch["input_ids"], mask)
@@ -223,10 +209,8 @@ class LoRAForecaster(pl.LightningModule):
 
     def _logging_step(self) -> bool:
         """Whether the loggers write this step; each self.log costs ~0.5-0.9 ms, so other steps skip it."""
-        trainer = self._trainer
-        if trainer is None:
-            return True
-        return (self.global_step + 1) % trainer.log_every_n_steps == 0 or self.global_step + 1 == trainer.max_steps
+        trainer, step = self._trainer, self.global_step + 1
+        return trainer is None or step % trainer.log_every_n_steps == 0 or step == trainer.max_steps
 
     def on_validation_epoch_start(self) -> None:
         self._val_sum = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -320,11 +304,8 @@ class LoRAForecaster(pl.LightningModule):
             )
 
     def save_adapter(self, directory: str) -> None:
-        """Write the PEFT adapter (``PeftModel.from_pretrained`` loads it) and the logit bias if any.
-
-        An alphabet head's bias file records ``head=alphabet`` and the token ids it covers in its metadata; a full
-        head's is a V-vector without metadata.
-        """
+        """Write the PEFT adapter (``PeftModel.from_pretrained`` loads it) and the logit bias if any: a V-vector, or
+        for the alphabet head a 13-vector whose metadata records ``head=alphabet`` and the token ids it covers."""
         self.model.save_pretrained(directory)
         if self.logit_bias is not None:
             from safetensors.torch import save_file
