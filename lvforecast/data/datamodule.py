@@ -110,25 +110,6 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
                 problems.append(f"data.{key}={val!r}: must be an integer >= {low}")
         return problems
 
-    def context_problem(self) -> str | None:
-        """Why ``context_length`` is longer than every training/validation series, or None.
-
-        Refused rather than clamped, so that the config, the plan and the run's ``config.yaml`` agree.
-        """
-        if not self.series:
-            return None
-        longest = max(self.series.values(), key=lambda e: len(e.text))
-        n, length = len(longest.text), self.context_length
-        if length <= n:
-            return None
-        return (
-            f"data.context_length={length}: longer than every series of {self.path} (the longest, system "
-            f"{longest.system}, is {n} tokens at data.decimals={self.decimals}): each window would be a whole series "
-            f"padded to {length} tokens ({1 - n / length:.1%} padding at best) and the FLOP plan would price the "
-            f"padding; allowed: {min_step_tokens(self.decimals)} to {n}; fix: data.context_length={n} (one window per "
-            f"series)"
-        )
-
     def prepare_data(self) -> None:
         """Generate the simulated file once (``data=simulated``); later runs reuse it."""
         if self.simulate and not Path(self.path).exists():
@@ -140,7 +121,11 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
 
     def prepare_texts(self) -> None:
         """Load, validate, split and encode the series as text (idempotent; no tokenizer or model needed), so that
-        data problems surface and the budget is planned before any weights load."""
+        data problems surface and the budget is planned before any weights load.
+
+        A ``context_length`` longer than every training/validation series is refused rather than clamped, so that the
+        config, the plan and the run's ``config.yaml`` agree.
+        """
         if self.split is not None:
             return
         from lvforecast.data.trajectories import load_trajectories
@@ -150,11 +135,17 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         traj = load_trajectories(self.path, min_steps=steps, needed_by=f"data.scale_context_steps={steps}")
         split = self._split(traj.n_systems)
         encoded = encode_series(traj.values, split.train + split.val, None, self.scale_rule, self.decimals, steps)
+        longest = max(encoded, key=lambda e: len(e.text))
+        n, length = len(longest.text), self.context_length
+        if length > n:
+            raise UserError(
+                f"data.context_length={length}: longer than every series of {self.path} (the longest, system "
+                f"{longest.system}, is {n} tokens at data.decimals={self.decimals}): each window would be a whole "
+                f"series padded to {length} tokens ({1 - n / length:.1%} padding at best) and the FLOP plan would "
+                f"price the padding; allowed: {min_step_tokens(self.decimals)} to {n}; fix: data.context_length={n} "
+                f"(one window per series)"
+            )
         self.n_systems, self.split, self.series = traj.n_systems, split, {e.system: e for e in encoded}
-        problem = self.context_problem()
-        if problem is not None:
-            self.split, self.series = None, {}  # not prepared: a later call checks again
-            raise UserError(problem)
 
     def _split(self, n_systems: int) -> Split:
         return split_systems(n_systems, self.split_fractions, self.split_seed, self.pinned_test_systems, self.path)
