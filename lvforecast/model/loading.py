@@ -168,27 +168,17 @@ QWEN25_VOCAB, QWEN25_PAD_ID, QWEN25_EOS_ID = 151_936, 151_643, 151_645
 
 def tiny_qwen_config(hidden_size: int, num_hidden_layers: int, num_attention_heads: int, num_key_value_heads: int,
                      intermediate_size: int, vocab: str = "llmtime") -> dict[str, Any]:
-    """The ``Qwen2Config`` fields of the tiny model, as a dict (planning reads it without building weights).
-
-    ``vocab="llmtime"``: the character tokenizer's 17 ids; ``"qwen2.5"``: Qwen2.5's 151,936 rows and special ids.
-    """
+    """The ``Qwen2Config`` fields of the tiny model, as a dict (planning reads it without building weights); ``vocab``
+    ``"llmtime"``: the character tokenizer's 17 ids, ``"qwen2.5"``: Qwen2.5's 151,936 rows and special ids."""
     check_choice("model.loader", "vocab", vocab, ("llmtime", "qwen2.5"))
     qwen = vocab == "qwen2.5"
-    return {
-        "model_type": "qwen2",
-        # <|endoftext|>=0, <|im_start|>, <|im_end|>, <unk>, then one id per LLMTIME character.
-        "vocab_size": QWEN25_VOCAB if qwen else len(TINY_SPECIAL_TOKENS) + 1 + len(ALPHABET),
-        "hidden_size": hidden_size,
-        "intermediate_size": intermediate_size,
-        "num_hidden_layers": num_hidden_layers,
-        "num_attention_heads": num_attention_heads,
-        "num_key_value_heads": num_key_value_heads,
-        "max_position_embeddings": 4096,
-        "tie_word_embeddings": True,
-        "bos_token_id": None,
-        "eos_token_id": QWEN25_EOS_ID if qwen else 0,
-        "pad_token_id": QWEN25_PAD_ID if qwen else 0,
-    }
+    # <|endoftext|>=0, <|im_start|>, <|im_end|>, <unk>, then one id per LLMTIME character.
+    vocab_size = QWEN25_VOCAB if qwen else len(TINY_SPECIAL_TOKENS) + 1 + len(ALPHABET)
+    return {"model_type": "qwen2", "vocab_size": vocab_size, "hidden_size": hidden_size,
+            "intermediate_size": intermediate_size, "num_hidden_layers": num_hidden_layers,
+            "num_attention_heads": num_attention_heads, "num_key_value_heads": num_key_value_heads,
+            "max_position_embeddings": 4096, "tie_word_embeddings": True, "bos_token_id": None,
+            "eos_token_id": QWEN25_EOS_ID if qwen else 0, "pad_token_id": QWEN25_PAD_ID if qwen else 0}
 
 
 def build_tiny_qwen(
@@ -239,11 +229,7 @@ _CONFIG_KEYS = tuple(inspect.signature(tiny_qwen_config).parameters)  # the size
 
 def tiny_qwen_shape(loader: Any) -> Any:
     """The :class:`~lvforecast.budget.shapes.ModelShape` :func:`build_tiny_qwen` builds from ``model.loader``'s keys
-    (sizes it leaves out take :func:`build_tiny_qwen`'s defaults).
-
-    Raises:
-        ValueError: A key :func:`build_tiny_qwen` does not take (named).
-    """
+    (left-out sizes take its defaults); ValueError naming a key it does not take."""
     from lvforecast.budget.shapes import ModelShape
 
     kwargs = {k: v for k, v in dict(loader).items() if k != "_target_"}

@@ -1,14 +1,12 @@
 """LightningModule that fine-tunes a LoRA-wrapped causal LM on LLMTIME windows.
 
-Loss: next-token cross-entropy over non-pad tokens (labels -100 are ignored). ``val/loss`` is the token-weighted
-mean over the whole validation set, not a mean of per-batch means. Checkpoints hold only trainable tensors (the
-adapter, the optional logit bias) plus optimizer and loop state; base weights are never written.
+Loss: next-token cross-entropy over non-pad tokens; ``val/loss`` is the token-weighted mean over the validation
+set. Checkpoints hold only trainable tensors (adapter, optional logit bias) plus optimizer and loop state.
 
-``model.head=full`` scores the whole vocabulary with the model's lm_head. ``alphabet`` runs the decoder stack
-alone and scores only the 13 LLMTIME characters with frozen rows of the output matrix
-(:class:`~lvforecast.model.lora.AlphabetHead`): labels become alphabet indices and the logit bias, if any, is a
-13-vector in ``ALPHABET`` order. Both heads log ``val/loss_alphabet``, the cross-entropy over the alphabet's
-columns only (for ``alphabet`` it equals ``val/loss``), so runs of both compare.
+``model.head=full`` scores the whole vocabulary with the lm_head; ``alphabet`` runs the decoder stack alone and
+scores only the 13 LLMTIME characters with frozen rows of the output matrix (:class:`.AlphabetHead`;
+labels become alphabet indices, the logit bias a 13-vector). Both log ``val/loss_alphabet``, the cross-entropy over the
+alphabet's columns only (for ``alphabet`` it equals ``val/loss``), so runs of both compare.
 """
 
 from __future__ import annotations
@@ -159,10 +157,8 @@ class LoRAForecaster(pl.LightningModule):
 
     # ---- forward and loss -------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) ids -> (B, T, V) logits, (B, T, 13) with the alphabet head (with the logit bias when enabled).
-
-        ``attention_mask``: (B, T) 1/0, or None for a batch without padding (:mod:`lvforecast.model.masks`).
-        """
+        """(B, T) ids and (B, T) 1/0 mask (None: no padding, :mod:`lvforecast.model.masks`) -> (B, T, V) logits,
+        (B, T, 13) with the alphabet head (with the logit bias when enabled)."""
         if attention_mask is None:
             attention_mask = unpadded_attention_mask(decoder_stack(self.model), *input_ids.shape)
         if self.alphabet_head is None:
