@@ -193,19 +193,15 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         contexts = values[:, :context_steps].astype(np.float64)
         scales = np.array([self.scale_rule.scale_for(c) for c in contexts])
         prompts = [encode_prompt(c, float(sc), self.decimals) for c, sc in zip(contexts, scales, strict=True)]
-        return EvaluationInputs(
-            systems, values, traj.time, context_steps, horizon_steps, self.decimals, scales=scales, prompts=prompts
-        )
+        return EvaluationInputs(systems, values, traj.time, context_steps, horizon_steps, self.decimals, scales,
+                                prompts)
 
     def _spans(self, systems: Sequence[int]) -> list[tuple[int, int, int]]:
         return window_spans([self.series[s] for s in systems], self.context_length, self.stride_steps)
 
     def val_batch_shapes(self, world_size: int = 1) -> list[list[tuple[int, int]]]:
-        """``(B, N)`` of every validation batch in loader order (validation is not shuffled), one list per rank.
-
-        Each rank's share is dealt as Lightning's unshuffled ``DistributedSampler`` deals it (padded by repeating
-        the first windows, rank r takes r, r + world...).
-        """
+        """``(B, N)`` of every validation batch in loader order, one list per rank, dealt as Lightning's unshuffled
+        ``DistributedSampler`` deals it (padded by repeating the first windows, rank r takes r, r + world...)."""
         self.prepare_texts()
         lengths = [n for _, _, n in self._spans(self.split.val)]
         size = self.val_batch_size

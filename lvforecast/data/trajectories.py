@@ -1,6 +1,4 @@
-"""Reading and writing predator-prey trajectory files (HDF5).
-
-Contract (the study's layout, shared by the real data file and the simulator):
+"""Reading and writing predator-prey trajectory files (HDF5) in the study's layout, shared with the simulator:
 
 * dataset ``trajectories``: (N, T, 2) floating point, finite, >= 0; ``[:, :, 0]`` prey, ``[:, :, 1]`` predator;
 * dataset ``time``: (T,) floating point, finite, strictly increasing;
