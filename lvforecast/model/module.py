@@ -94,19 +94,18 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
 
 
 class LoRAForecaster(pl.LightningModule):
-    """Trains the adapter of a PEFT model (base frozen).
+    """Trains the adapter of a PEFT model (base frozen); the keys are commented in ``conf/train.yaml``.
 
     Args:
         optimizer: Partial optimizer, completed with the trainable parameters only.
-        scheduler: Partial ``(optimizer, total_steps) -> LRScheduler | None`` (``conf/scheduler/``), called
-            with ``trainer.max_steps``; stepped every optimizer step.
-        char_ids: Alphabet character -> token id (``LoadedModel.char_ids``); needed by ``head="alphabet"``
-            and for ``val/loss_alphabet`` (not logged without it).
+        scheduler: Partial ``(optimizer, total_steps) -> LRScheduler | None``, called with ``trainer.max_steps``;
+            stepped every optimizer step.
+        char_ids: ``LoadedModel.char_ids``; needed by ``head="alphabet"`` and for ``val/loss_alphabet``.
         step_seed: Reseed torch's RNG at every training step from ``(step_seed, global_step)``; None: never.
         compile_model: ``torch.compile`` the decoder stack in place, so parameter names and checkpoints stay.
 
-    The other keys are commented in ``conf/train.yaml``. Raises ValueError for an unknown ``head``, or
-    ``head="alphabet"`` without ``char_ids``.
+    Raises:
+        ValueError: An unknown ``head``, or ``head="alphabet"`` without ``char_ids``.
     """
 
     def __init__(
@@ -155,7 +154,6 @@ class LoRAForecaster(pl.LightningModule):
         log.info("parameters: trainable %s, frozen %s (%.4f%% trainable)", f"{counts.trainable:,}",
                  f"{counts.frozen:,}", 100 * counts.trainable / counts.total)
 
-    # ---- forward and loss -------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) ids and (B, T) 1/0 mask (None: no padding, :mod:`lvforecast.model.masks`) -> (B, T, V) logits,
         (B, T, 13) with the alphabet head (with the logit bias when enabled)."""
@@ -254,7 +252,6 @@ class LoRAForecaster(pl.LightningModule):
             alphabet = self.trainer.strategy.reduce(self._val_alphabet_sum, reduce_op="sum")
             self.log("val/loss_alphabet", (alphabet / tokens.clamp(min=1)).float(), sync_dist=False)
 
-    # ---- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
         scheduler = self.scheduler_factory(optimizer, total_steps=self.trainer.max_steps)
@@ -276,7 +273,6 @@ class LoRAForecaster(pl.LightningModule):
             for logger in self.loggers:
                 logger.log_metrics(values, step=logger_step(self.trainer))
 
-    # ---- checkpoints: trainable tensors only ------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Trainable tensors plus ``tokens_seen`` (no frozen base weights, no gathered alphabet rows)."""
         names = {n for n, p in self.named_parameters() if p.requires_grad} | {"tokens_seen"}
