@@ -151,14 +151,9 @@ def check_tokenizer(tokenizer: Any, name: str, sample: str = "2.267,2.206;1.111,
     Raises:
         TokenizerError: One message naming the tokenizer (``name``) and every offending character or the sample.
     """
-    ids: dict[str, int] = {}
-    problems = []
-    for ch in ALPHABET:
-        toks = tokenizer.encode(ch, add_special_tokens=False)
-        if len(toks) == 1:
-            ids[ch] = toks[0]
-        else:
-            problems.append(f"{ch!r} -> {toks}")
+    toks = {ch: tokenizer.encode(ch, add_special_tokens=False) for ch in ALPHABET}
+    problems = [f"{ch!r} -> {t}" for ch, t in toks.items() if len(t) != 1]
+    ids = {ch: t[0] for ch, t in toks.items() if len(t) == 1}
     if not problems:
         got = tokenizer.encode(sample, add_special_tokens=False)
         expected = [ids[ch] for ch in sample]
