@@ -1,8 +1,4 @@
-"""The LLMTIME alphabet: every character an encoded series is written with.
-
-A module of its own, with no imports, so that counting the alphabet head's rows (:mod:`lvforecast.budget.shapes`,
-``lvforecast flops``) needs neither numpy nor the codec; :mod:`lvforecast.data.encoding` holds the grammar and
-re-exports :data:`ALPHABET`.
-"""
+"""The LLMTIME alphabet: every character an encoded series is written with (the grammar is in
+:mod:`lvforecast.data.encoding`). A module with no imports, so :mod:`lvforecast.budget.shapes` needs no numpy."""
 
 ALPHABET = "0123456789.,;"

@@ -1,8 +1,5 @@
-"""The LightningDataModule: train/val token windows (:mod:`lvforecast.data.windows`) and the test systems an
-evaluation reads (:meth:`LotkaVolterraDataModule.evaluation_inputs`).
-
-The split is by system, never by window (:func:`lvforecast.data.split.split_systems`).
-"""
+"""The LightningDataModule: train/val token windows (:mod:`lvforecast.data.windows`) of the systems of each split
+(:mod:`lvforecast.data.split`) and the test systems an evaluation reads (:meth:`.evaluation_inputs`)."""
 
 from __future__ import annotations
 
@@ -24,7 +21,7 @@ from lvforecast.data.windows import (
     PadCollator,
     WindowDataset,
     build_windows,
-    encode_texts,
+    encode_series,
     pad_share,
     tokenize_series,
     window_spans,
@@ -38,18 +35,8 @@ log = logging.getLogger(__name__)
 class LotkaVolterraDataModule(pl.LightningDataModule):
     """Serves train/val token windows of Lotka-Volterra systems from an HDF5 file.
 
-    Args:
-        path: HDF5 file in the study's layout.
-        tokenizer: The model's (character-level) tokenizer; may be set later, before ``setup`` (the pipeline
-            plans the budget from the text before any model loads).
-        context_length: Window length in tokens (the study's "maximum context length").
-        stride_steps: Windows start every ``stride_steps`` time steps.
-        scale: Scale rule, ``{kind: fixed, value: 0.5}`` (the study) or ``{kind: percentile, ...}``.
-        scale_context_steps: Steps the per-series scale is computed from (the forecasting context).
-        split_fractions: [train, val, test] fractions of systems.
-        pinned_test_systems: System ids always placed in the test split.
-        simulate: If set (``{systems, seed}``), ``path`` is generated with the simulator when missing.
-        val_batch_size: Validation batch size; ``None`` means ``batch_size``.
+    The arguments are the ``data`` keys, commented in ``conf/data/lotka_volterra.yaml``. ``tokenizer`` (the model's,
+    character-level) may be set later, before ``setup``: the pipeline plans the budget before any model loads.
     """
 
     def __init__(
@@ -120,26 +107,6 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
                 problems.append(f"data.{key}={val!r}: must be an integer >= {low}")
         return problems
 
-    def context_problem(self) -> str | None:
-        """Why ``context_length`` is longer than every training/validation series, or None.
-
-        Such windows would be whole series padded to ``context_length``, and the plan would price the padding.
-        Refused rather than clamped, so that the config, the plan and the run's ``config.yaml`` agree.
-        """
-        if not self.series:
-            return None
-        longest = max(self.series.values(), key=lambda e: len(e.text))
-        n, length = len(longest.text), self.context_length
-        if length <= n:
-            return None
-        return (
-            f"data.context_length={length}: longer than every series of {self.path} (the longest, system "
-            f"{longest.system}, is {n} tokens at data.decimals={self.decimals}): each window would be a whole series "
-            f"padded to {length} tokens ({1 - n / length:.1%} padding at best) and the FLOP plan would price the "
-            f"padding; allowed: {min_step_tokens(self.decimals)} to {n}; fix: data.context_length={n} (one window per "
-            f"series)"
-        )
-
     def prepare_data(self) -> None:
         """Generate the simulated file once (``data=simulated``); later runs reuse it."""
         if self.simulate and not Path(self.path).exists():
@@ -150,10 +117,9 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
             write_simulation(self.path, n_systems, seed)
 
     def prepare_texts(self) -> None:
-        """Load, validate, split and encode the series as text (idempotent; no tokenizer or model needed).
-
-        Data problems surface here, and the window shapes let the budget be planned before any weights load.
-        """
+        """Load, validate, split and encode the series as text (idempotent; no tokenizer needed), so that data problems
+        surface and the budget is planned before any weights load. A ``context_length`` longer than every series is
+        refused rather than clamped, so that the config, the plan and the run's ``config.yaml`` agree."""
         if self.split is not None:
             return
         from lvforecast.data.trajectories import load_trajectories
@@ -162,12 +128,18 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         steps = self.scale_context_steps
         traj = load_trajectories(self.path, min_steps=steps, needed_by=f"data.scale_context_steps={steps}")
         split = self._split(traj.n_systems)
-        encoded = encode_texts(traj.values, split.train + split.val, self.scale_rule, self.decimals, steps)
+        encoded = encode_series(traj.values, split.train + split.val, None, self.scale_rule, self.decimals, steps)
+        longest = max(encoded, key=lambda e: len(e.text))
+        n, length = len(longest.text), self.context_length
+        if length > n:
+            raise UserError(
+                f"data.context_length={length}: longer than every series of {self.path} (the longest, system "
+                f"{longest.system}, is {n} tokens at data.decimals={self.decimals}): each window would be a whole "
+                f"series padded to {length} tokens ({1 - n / length:.1%} padding at best) and the FLOP plan would "
+                f"price the padding; allowed: {min_step_tokens(self.decimals)} to {n}; fix: data.context_length={n} "
+                f"(one window per series)"
+            )
         self.n_systems, self.split, self.series = traj.n_systems, split, {e.system: e for e in encoded}
-        problem = self.context_problem()
-        if problem is not None:
-            self.split, self.series = None, {}  # not prepared: a later call checks again
-            raise UserError(problem)
 
     def _split(self, n_systems: int) -> Split:
         return split_systems(n_systems, self.split_fractions, self.split_seed, self.pinned_test_systems, self.path)
@@ -184,14 +156,11 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
 
         Args:
             context_steps: Steps of each prompt; the scale of a series comes from these steps only.
-            horizon_steps: Steps forecast; every series needs ``context_steps + horizon_steps`` steps.
             split_file: A training run's ``split.json``, whose ``test`` list is used; None = this module's split.
-            max_systems: Cover only this many systems (see :func:`evaluation_order`); None = all.
-            first: System ids that go first when ``max_systems`` cuts (the study's examples).
+            max_systems, first: See :func:`evaluation_order`.
 
         Raises:
-            UserError: The test split has no systems or names systems the file lacks (checked before any model
-                loads). ``max_systems`` is checked with the rest of the config.
+            UserError: The test split has no systems or names systems the file lacks.
         """
         from lvforecast.data.trajectories import load_trajectories
 
@@ -218,22 +187,15 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         contexts = values[:, :context_steps].astype(np.float64)
         scales = np.array([self.scale_rule.scale_for(c) for c in contexts])
         prompts = [encode_prompt(c, float(sc), self.decimals) for c, sc in zip(contexts, scales, strict=True)]
-        return EvaluationInputs(
-            systems, values, traj.time, context_steps, horizon_steps, self.decimals, scales=scales, prompts=prompts
-        )
+        return EvaluationInputs(systems, values, traj.time, context_steps, horizon_steps, self.decimals, scales,
+                                prompts)
 
     def _spans(self, systems: Sequence[int]) -> list[tuple[int, int, int]]:
         return window_spans([self.series[s] for s in systems], self.context_length, self.stride_steps)
 
-    def _windows(self, systems: Sequence[int]) -> WindowDataset:
-        return build_windows([self.series[s] for s in systems], self.context_length, self.stride_steps)
-
     def val_batch_shapes(self, world_size: int = 1) -> list[list[tuple[int, int]]]:
-        """``(B, N)`` of every validation batch in loader order (validation is not shuffled), one list per rank.
-
-        Each rank's share is dealt as Lightning's unshuffled ``DistributedSampler`` deals it (padded by repeating
-        the first windows, rank r takes r, r + world...).
-        """
+        """``(B, N)`` of every validation batch in loader order, one list per rank, dealt as Lightning's unshuffled
+        ``DistributedSampler`` deals it (padded by repeating the first windows, rank r takes r, r + world...)."""
         self.prepare_texts()
         lengths = [n for _, _, n in self._spans(self.split.val)]
         size = self.val_batch_size
@@ -241,8 +203,6 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         def batches(rows: list[int]) -> list[tuple[int, int]]:
             return [(len(rows[i : i + size]), max(rows[i : i + size])) for i in range(0, len(rows), size)]
 
-        if world_size == 1:
-            return [batches(lengths)]
         total = -(-len(lengths) // world_size) * world_size
         padded = (lengths * (-(-total // max(1, len(lengths)))))[:total]
         return [batches(padded[rank::world_size]) for rank in range(world_size)]
@@ -260,7 +220,10 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
             raise UserError("LotkaVolterraDataModule.setup needs a tokenizer: pass tokenizer= or set .tokenizer")
         self.prepare_texts()
         tokenize_series(list(self.series.values()), self.tokenizer)
-        self.train_set, self.val_set = self._windows(self.split.train), self._windows(self.split.val)
+        self.train_set, self.val_set = (
+            build_windows([self.series[s] for s in systems], self.context_length, self.stride_steps)
+            for systems in (self.split.train, self.split.val)
+        )
         self.stats = {
             "train_windows": len(self.train_set),
             "val_windows": len(self.val_set),

@@ -8,10 +8,8 @@ Grammar of an encoded series (no spaces, no sign, no exponent)::
 
 A raw value ``x`` is written as ``round(x / scale, decimals)`` with exactly ``decimals`` digits after the point.
 The study's default is ``scale = 0.5`` (its ``x / 5 * 10``) with 3 decimals, so 1.1335121 becomes ``2.267``.
-``decode`` inverts the scale and never raises on model output: it stops at the first malformed step.
-
-:func:`check_tokenizer` refuses a tokenizer that does not give every character of :data:`ALPHABET` its own
-token: the windowing and the constrained decoding rely on one token per character.
+``decode`` inverts the scale and never raises on model output: it stops at the first malformed step. The windowing
+and the constrained decoding rely on one token per character, which :func:`check_tokenizer` enforces.
 """
 
 from __future__ import annotations
@@ -66,10 +64,7 @@ class ScaleRule:
             raise UserError("invalid scale rule: " + "; ".join(problems))
 
     def scale_for(self, context: np.ndarray) -> float:
-        """Positive, finite divisor of one series from its (T_ctx, 2) context only (no future information leaks).
-
-        A percentile of 0 (an all-zero context) falls back to 1.0.
-        """
+        """Positive, finite divisor of one series from its (T_ctx, 2) context only; 1.0 if that percentile is 0."""
         if self.kind == "fixed":
             return float(self.value)
         level = float(np.percentile(np.asarray(context, dtype=np.float64), self.percentile))
@@ -91,9 +86,8 @@ def min_step_tokens(decimals: int) -> int:
 
 
 def encode(series: np.ndarray, scale: float = STUDY_SCALE, decimals: int = STUDY_DECIMALS) -> str:
-    """Write a (T, 2) raw series (prey, predator; finite, >= 0) as text such as ``"2.267,2.206;1.111,2.516"``.
-
-    Empty for T == 0; ``decimals`` are always written in full (``2.000``).
+    """Write a (T, 2) raw series (prey, predator; finite, >= 0) as text such as ``"2.267,2.206;1.111,2.516"``;
+    empty for T == 0, ``decimals`` always written in full (``2.000``).
 
     Raises:
         ValueError: Wrong shape, a non-finite or negative value, a bad scale or decimals.
@@ -157,14 +151,9 @@ def check_tokenizer(tokenizer: Any, name: str, sample: str = "2.267,2.206;1.111,
     Raises:
         TokenizerError: One message naming the tokenizer (``name``) and every offending character or the sample.
     """
-    ids: dict[str, int] = {}
-    problems = []
-    for ch in ALPHABET:
-        toks = tokenizer.encode(ch, add_special_tokens=False)
-        if len(toks) == 1:
-            ids[ch] = toks[0]
-        else:
-            problems.append(f"{ch!r} -> {toks}")
+    toks = {ch: tokenizer.encode(ch, add_special_tokens=False) for ch in ALPHABET}
+    problems = [f"{ch!r} -> {t}" for ch, t in toks.items() if len(t) != 1]
+    ids = {ch: t[0] for ch, t in toks.items() if len(t) == 1}
     if not problems:
         got = tokenizer.encode(sample, add_special_tokens=False)
         expected = [ids[ch] for ch in sample]
@@ -174,10 +163,8 @@ def check_tokenizer(tokenizer: Any, name: str, sample: str = "2.267,2.206;1.111,
                 f"{expected[:12]}... (the tokenizer merges digits or separators)"
             )
     if problems:
-        rule = (
-            f"every character of {ALPHABET!r} must be exactly one token and text must tokenize character by character"
-        )
         raise TokenizerError(
-            f"tokenizer of {name!r} cannot be used for LLMTIME text: {rule}; found: " + "; ".join(problems)
+            f"tokenizer of {name!r} cannot be used for LLMTIME text: every character of {ALPHABET!r} must be exactly "
+            f"one token and text must tokenize character by character; found: " + "; ".join(problems)
         )
     return ids

@@ -1,11 +1,9 @@
 """A shuffled training order that a checkpoint resumes mid-epoch, on one rank or many.
 
-Epoch 0's permutation is drawn exactly as ``torch.utils.data.RandomSampler`` draws it (a seed taken from the
-global generator when iteration starts, then ``randperm`` with a private generator), so a run that never resumes
-sees the batches it always did. Later epochs derive their seed from epoch 0's, so a resumed run needs only that
-seed, the epoch and how many of the epoch's windows were trained to continue with the same batches in the same
-order. With several ranks the permutation is padded and dealt out as ``DistributedSampler`` does (rank r takes
-positions r, r + world, ...); every rank draws the same seed because every rank seeds the same.
+Epoch 0's permutation is drawn as ``torch.utils.data.RandomSampler`` draws it (a seed from the global generator,
+then ``randperm``), so a run that never resumes sees the batches it always did; later epochs derive their seed
+from epoch 0's, so a resume needs only that seed, the epoch and the windows trained. With several ranks the
+permutation is padded and dealt as ``DistributedSampler`` deals it; every rank seeds the same, so draws the same.
 """
 
 from __future__ import annotations
@@ -22,10 +20,8 @@ _EPOCH_STRIDE = 1_000_003  # epoch e's seed = epoch 0's + e x this (mod 2**63)
 
 
 class ResumableSampler(DistributedSampler):
-    """Indices of one rank's share of a shuffled epoch of ``size`` windows, resumable from :meth:`state_dict`.
-
-    A ``DistributedSampler`` subclass so that Lightning uses it as it is rather than wrapping it.
-    """
+    """Indices of one rank's share of a shuffled epoch of ``size`` windows, resumable from :meth:`state_dict`
+    (a ``DistributedSampler`` subclass so that Lightning uses it as it is rather than wrapping it)."""
 
     def __init__(self, size: int, num_replicas: int = 1, rank: int = 0) -> None:
         # DistributedSampler.__init__ would ask torch.distributed for the world; everything it sets is set here.
@@ -75,11 +71,7 @@ class ResumableSampler(DistributedSampler):
         return {key: getattr(self, key) for key in ("first_seed", "epoch", "consumed", "num_replicas")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state`` at the next iteration (a checkpoint of the same data and number of ranks).
-
-        Raises:
-            ValueError: The checkpoint was written by a run with another number of ranks.
-        """
+        """Continue from ``state`` at the next iteration; ValueError if it was written with another number of ranks."""
         if state.get("num_replicas", 1) != self.num_replicas:
             raise UserError(
                 f"the checkpoint's data order was dealt to {state['num_replicas']} ranks, this run has "

@@ -5,16 +5,10 @@ Model, per system (x prey, y predator)::
     dx/dt = a x (1 - x/K) - b x y / (1 + h x)
     dy/dt = c x y / (1 + h x) - d y,        c = e * b
 
-Contract of :func:`simulate_systems`: samples at ``np.linspace(0, t_end, n_steps)``; per-system parameters drawn
-uniformly from :data:`PARAM_RANGES`; float32 values >= 0 (tiny negative integration error clipped) with the drawn
-parameters (a, b, c, d, K, h, e, x0, y0) in ``params``; fully determined by ``seed``.
-
-Random stream: ``np.random.RandomState(seed)`` draws blocks of N in :data:`PARAM_RANGES` order. This is the study
-data generator's stream: with N=1000 and seed=0 the initial states equal the study file's to float32 precision and
-the trajectories follow its systems closely, though not exactly, so the study file stays the reference data.
-
-Integration: :func:`integrate_rk4`, a vectorised classical RK4 at a fixed step of at most ``_MAX_DT``. The rates
-are <= ~0.5 per time unit, so the global error (~1e-7) is far below float32 resolution (tested against DOP853).
+Parameters are drawn uniformly from :data:`PARAM_RANGES` by ``np.random.RandomState(seed)``, blocks of N in that
+order: the study generator's stream, so N=1000, seed=0 gives the study file's initial states (to float32) and
+trajectories that follow its systems closely, not exactly (the study file stays the reference data). Integration is
+a fixed-step RK4 (:func:`integrate_rk4`); its global error (~1e-7) is far below float32 resolution.
 """
 
 from __future__ import annotations
@@ -35,7 +29,7 @@ logger = logging.getLogger(__name__)
 MODEL_NAME = "rosenzweig-macarthur"
 GENERATOR_VERSION = "1.0"
 
-# Uniform ranges, in the order the random stream draws them (see module doc).
+# In the order the random stream draws them.
 PARAM_RANGES: dict[str, tuple[float, float]] = {
     "a": (0.1, 0.3),  # prey growth rate
     "b": (0.2, 0.5),  # attack rate
@@ -47,14 +41,12 @@ PARAM_RANGES: dict[str, tuple[float, float]] = {
     "y0": (0.8, 1.2),  # initial predator
 }
 
-# Largest RK4 step (model time units). Convergence checks show the default
-# grid's outputs are unchanged to ~1e-6 from dt=0.1 down, so 0.05 is a margin.
+# Largest RK4 step (model time units): outputs are unchanged to ~1e-6 from dt=0.1 down, so 0.05 is a margin.
 _MAX_DT = 0.05
 
 
 def _draw_params(n_systems: int, seed: int) -> dict[str, np.ndarray]:
-    # Legacy RandomState (not default_rng): it is the stream the study file was
-    # generated with, so seed=0 yields the study's systems (see module doc).
+    # Legacy RandomState (not default_rng): the stream the study file was generated with.
     rng = np.random.RandomState(seed)
     params = {name: rng.uniform(lo, hi, n_systems) for name, (lo, hi) in PARAM_RANGES.items()}
     params["c"] = params["e"] * params["b"]
@@ -70,10 +62,8 @@ def rm_rhs(x: np.ndarray, y: np.ndarray, p: Mapping[str, np.ndarray]) -> tuple[n
 def integrate_rk4(
     state0: np.ndarray, p: Mapping[str, np.ndarray], time: np.ndarray, max_dt: float = _MAX_DT
 ) -> np.ndarray:
-    """Fixed-step RK4 of all systems at once: (N, 2) initial states -> (N, T, 2) float64 at ``time``.
-
-    Each output interval is cut into the fewest equal substeps of at most ``max_dt``.
-    """
+    """Fixed-step RK4 of all systems at once: (N, 2) initial states -> (N, T, 2) float64 at ``time``, each output
+    interval cut into the fewest equal substeps of at most ``max_dt``."""
     x, y = (np.asarray(state0[:, j], dtype=np.float64) for j in (0, 1))
     out = np.empty((x.shape[0], time.size, 2))
     out[:, 0, 0], out[:, 0, 1] = x, y
@@ -93,16 +83,11 @@ def integrate_rk4(
 
 
 def simulate_systems(n_systems: int, seed: int, n_steps: int = 100, t_end: float = 200.0) -> Trajectories:
-    """Simulate independent Rosenzweig-MacArthur systems (no observation noise).
-
-    Args:
-        n_systems: Systems N (>= 1).
-        seed: Random seed in [0, 2**32); the output is a deterministic function of all arguments.
-        n_steps: Output time steps T (>= 2).
-        t_end: Last sample time (> 0, model time units).
+    """N independent systems sampled at ``np.linspace(0, t_end, n_steps)``, a deterministic function of the arguments.
 
     Returns:
-        Trajectories with values (N, T, 2) float32 >= 0, time (T,) float64, params (each (N,) float64), path None.
+        Trajectories with values (N, T, 2) float32 >= 0 (tiny negative integration error clipped), time (T,)
+        float64, the drawn params (a, b, c, d, K, h, e, x0, y0; each (N,) float64), path None.
 
     Raises:
         ValueError: An argument is out of range, or the integration produced non-finite values.
@@ -130,12 +115,8 @@ def simulate_systems(n_systems: int, seed: int, n_steps: int = 100, t_end: float
 def write_simulation(
     path: str | os.PathLike[str], n_systems: int, seed: int, n_steps: int = 100, t_end: float = 200.0
 ) -> tuple[Path, Trajectories]:
-    """Simulate (:func:`simulate_systems`) and write the file, what ``lvforecast simulate`` runs.
-
-    The file's attributes record the seed, model, generator version, ``t_end`` and integrator.
-
-    Returns:
-        (the path written, the simulated trajectories).
+    """Simulate (:func:`simulate_systems`) and write the file with its provenance attributes; returns the path
+    written and the trajectories (``lvforecast simulate``).
 
     Raises:
         ValueError: A bad argument (nothing is written).
@@ -145,12 +126,7 @@ def write_simulation(
     if problem is not None:
         raise TrajectoryFileError(problem)
     traj = simulate_systems(n_systems, seed, n_steps=n_steps, t_end=t_end)
-    attrs = {
-        "seed": seed,
-        "model": MODEL_NAME,
-        "generator_version": GENERATOR_VERSION,
-        "t_end": t_end,
-        "integrator": f"rk4 fixed step <= {_MAX_DT}",
-    }
+    attrs = {"seed": seed, "model": MODEL_NAME, "generator_version": GENERATOR_VERSION, "t_end": t_end,
+             "integrator": f"rk4 fixed step <= {_MAX_DT}"}
     out = write_trajectories(path, traj.values, traj.time, params=traj.params, attrs=attrs)
     return Path(out), traj

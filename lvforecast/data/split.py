@@ -38,11 +38,8 @@ def split_systems(
     pinned_test_systems: Sequence[int] = (),
     source: str | None = None,
 ) -> Split:
-    """Split system ids into train/val/test by seeded permutation.
-
-    The pinned systems go to test first; the rest are shuffled and dealt so that each split's size is
-    ``round(fraction * n_systems)`` (test absorbs rounding), counting the pinned ones toward test. ``source``
-    (the data file) is named in the errors.
+    """Split system ids by seeded permutation: the pinned ones go to test, the rest are shuffled and dealt so that each
+    split holds ``round(fraction * n_systems)`` (test absorbs rounding). ``source`` (the data file) is named in errors.
 
     Raises:
         ValueError: Fractions not three non-negative numbers summing to 1, a pinned id out of range, more pinned
@@ -81,14 +78,9 @@ def split_systems(
 
 @dataclass(frozen=True, eq=False)
 class EvaluationInputs:
-    """What an evaluation forecasts: test systems, their series, scales and prompts.
-
-    Attributes:
-        systems: (S,) system ids (indices into the data file), in evaluation order.
-        values: (S, T, 2) their full raw trajectories, as stored; ``time`` (T,) the sample times.
-        scales: (S,) divisor of each series, from its first ``context_steps`` steps only.
-        prompts: (S,) :func:`lvforecast.data.encoding.encode_prompt` of each series' context.
-    """
+    """What an evaluation forecasts: (S,) test system ids in evaluation order, their (S, T, 2) raw ``values`` as
+    stored on the (T,) ``time`` grid, (S,) ``scales`` from the first ``context_steps`` steps only, and (S,) ``prompts``
+    (:func:`lvforecast.data.encoding.encode_prompt` of each context)."""
 
     systems: list[int]
     values: np.ndarray
@@ -116,11 +108,8 @@ class EvaluationInputs:
 
 
 def evaluation_order(test: Sequence[int], first: Sequence[int] = (), max_systems: int | None = None) -> list[int]:
-    """The systems an evaluation covers: the whole ``test`` split in its order, or ``max_systems`` of them.
-
-    A cut still shows the study's example systems: those of ``first`` in ``test`` go first, then the split's
-    order; the cut is then sorted.
-    """
+    """The whole ``test`` split in its order, or a sorted cut of ``max_systems`` that still shows the study's example
+    systems: those of ``first`` in ``test`` go first, then the split's order."""
     if not max_systems:
         return list(test)
     ahead = [s for s in first if s in test]

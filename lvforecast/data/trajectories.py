@@ -1,6 +1,4 @@
-"""Reading and writing predator-prey trajectory files (HDF5).
-
-Contract (the study's layout, shared by the real data file and the simulator):
+"""Reading and writing predator-prey trajectory files (HDF5) in the study's layout, shared with the simulator:
 
 * dataset ``trajectories``: (N, T, 2) floating point, finite, >= 0; ``[:, :, 0]`` prey, ``[:, :, 1]`` predator;
 * dataset ``time``: (T,) floating point, finite, strictly increasing;
@@ -30,11 +28,6 @@ TRAJECTORIES_KEY = "trajectories"
 TIME_KEY = "time"
 PARAMS_KEY = "params"
 
-_HOW_TO_POINT = (
-    "set data.path=/path/to/lotka_volterra_data.h5 or use the simulator: "
-    "data=simulated / lvforecast simulate --out FILE"
-)
-
 
 class TrajectoryFileError(UserError):
     """A trajectory file is missing, unreadable or violates the layout contract."""
@@ -42,14 +35,8 @@ class TrajectoryFileError(UserError):
 
 @dataclass(frozen=True, eq=False)  # eq=False: elementwise array == has no truth value
 class Trajectories:
-    """A batch of predator-prey trajectories on a shared time grid.
-
-    Attributes:
-        values: (N, T, 2); ``[:, :, 0]`` prey, ``[:, :, 1]`` predator.
-        time: (T,) sample times (model time units).
-        params: Per-system generating parameters, each (N,), or None.
-        path: The file the data came from, or None for in-memory data.
-    """
+    """Trajectories in the module's layout: ``values`` (N, T, 2), ``time`` (T,) in model time units, per-system
+    ``params`` (each (N,)) or None, and the file they came from (None in memory)."""
 
     values: np.ndarray
     time: np.ndarray
@@ -62,21 +49,18 @@ class Trajectories:
         if len(shape) != 3 or shape[2] != 2:
             raise UserError(f"Trajectories.values must have shape (N, T, 2), got {shape}")
         if np.shape(self.time) != (shape[1],):
-            raise UserError(
-                f"Trajectories.time must have shape ({shape[1]},) to match values {shape}, got {np.shape(self.time)}"
-            )
+            raise UserError(f"Trajectories.time must have shape ({shape[1]},) to match values {shape}, got "
+                            f"{np.shape(self.time)}")
         for name, arr in (self.params or {}).items():
             if np.shape(arr) != (shape[0],):
                 raise UserError(f"Trajectories.params[{name!r}] must have shape ({shape[0]},), got {np.shape(arr)}")
 
     @property
     def n_systems(self) -> int:
-        """N."""
         return int(self.values.shape[0])
 
     @property
     def n_steps(self) -> int:
-        """T."""
         return int(self.values.shape[1])
 
 
@@ -106,16 +90,11 @@ def _load_params(path: str, group: Any, n_systems: int) -> dict[str, np.ndarray]
 
 
 def load_trajectories(path: str | os.PathLike[str], min_steps: int = 1, needed_by: str | None = None) -> Trajectories:
-    """Load and validate a trajectory file in the study's layout.
+    """Load and validate a trajectory file: values float32, time and params float64, ``path`` as ``str``.
 
     Args:
-        path: The HDF5 file.
         min_steps: Smallest T the caller can use (context + horizon), >= 1.
         needed_by: The config keys ``min_steps`` comes from, named when the file is too short.
-
-    Returns:
-        Trajectories with values (N, T, 2) float32, time (T,) float64, params (each (N,) float64) or None, and
-        ``path`` set to ``str(path)``.
 
     Raises:
         TrajectoryFileError: The file is missing, not HDF5, or violates the layout.
@@ -125,7 +104,8 @@ def load_trajectories(path: str | os.PathLike[str], min_steps: int = 1, needed_b
         raise UserError(f"min_steps must be >= 1, got {min_steps}")
     p = str(path)
     if not os.path.exists(p):
-        raise _fail(p, None, f"trajectory file not found; {_HOW_TO_POINT}")
+        fix = "set data.path=/path/to/lotka_volterra_data.h5 or use the simulator: data=simulated / lvforecast simulate"
+        raise _fail(p, None, f"trajectory file not found; {fix} --out FILE")
     if os.path.isdir(p):
         h5 = sorted(Path(p).glob("*.h5"))
         inside = f" (it holds {', '.join(f.name for f in h5[:3])})" if h5 else ""
@@ -162,7 +142,6 @@ def load_trajectories(path: str | os.PathLike[str], min_steps: int = 1, needed_b
             problem = f"data needs at least {min_steps} time steps for the configured windows/horizon{by}"
             raise _fail(p, TRAJECTORIES_KEY, f"{problem}, file has {n_steps}")
 
-        # Validate the arrays returned (after dtype conversion).
         values = np.asarray(traj_ds[()], dtype=np.float32)
         time = np.asarray(time_ds[()], dtype=np.float64)
 
@@ -177,9 +156,8 @@ def load_trajectories(path: str | os.PathLike[str], min_steps: int = 1, needed_b
             problem = f"has {int(negative.sum())} negative values (min {float(values.min()):.6g})"
             raise _fail(p, TRAJECTORIES_KEY, f"{problem}, first in system index {first}; populations must be >= 0")
         if not np.isfinite(time).all():
-            raise _fail(
-                p, TIME_KEY, f"has {int((~np.isfinite(time)).sum())} non-finite values; all times must be finite"
-            )
+            count = int((~np.isfinite(time)).sum())
+            raise _fail(p, TIME_KEY, f"has {count} non-finite values; all times must be finite")
         steps = np.diff(time)
         if (steps <= 0).any():
             i = int(np.flatnonzero(steps <= 0)[0]) + 1
@@ -218,18 +196,8 @@ def write_trajectories(
     params: dict[str, np.ndarray] | None = None,
     attrs: dict[str, Any] | None = None,
 ) -> Path:
-    """Write trajectories in the study's layout, atomically (a hidden temp file beside ``path``, then
-    :func:`os.replace`, so readers never see a half-written file).
-
-    Args:
-        path: Destination ``.h5`` file; parent directories are created.
-        values: (N, T, 2) populations, stored as float32.
-        time: (T,) sample times, stored as float64.
-        params: Per-system parameters, each (N,), stored as float64 under ``params/``.
-        attrs: Root attributes (provenance), HDF5-storable (str, int, float, numeric arrays).
-
-    Returns:
-        The destination path.
+    """Write the layout atomically (a hidden temp file beside ``path``, then :func:`os.replace`) and return ``path``;
+    values are stored float32, time and params float64, ``attrs`` (HDF5-storable) as root attributes.
 
     Raises:
         ValueError: Shapes are inconsistent with the layout, or ``path`` cannot be written (a folder, an
@@ -247,8 +215,7 @@ def write_trajectories(
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise TrajectoryFileError(f"{dest}: cannot create its folder ({exc.strerror or exc})") from exc
-    # Unique name in the same directory (same filesystem, so os.replace is atomic);
-    # letting h5py create it keeps the umask-derived permissions.
+    # Same directory (same filesystem, so os.replace is atomic); h5py creating it keeps the umask permissions.
     tmp = dest.parent / f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with h5py.File(tmp, "x") as fh:

@@ -1,11 +1,8 @@
 """``${lv_val_batches:WINDOWS}``: a fixed validation slice stated in windows, as ``trainer.limit_val_batches``.
 
-Validation is forward-only, so it runs in larger batches than training (``data.val_batch_size``, 20 by default:
-no gradients or optimizer state to hold, and fewer, fuller launches on a GPU). Lightning limits validation in
-batches, so a limit written as a batch count would validate other windows whenever the validation batch size
-changes, and ``val/loss`` (the token-weighted mean over the windows validated) would change with it. Written as
-``limit_val_batches: ${lv_val_batches:100}`` it always covers the same first 100 windows (validation is not
-shuffled), in ``100 / data.val_batch_size`` batches. Registered on import of :mod:`lvforecast.experiment`.
+Lightning limits validation in batches; stated in windows, the slice (and ``val/loss``) stays the same first
+windows whatever ``data.val_batch_size`` (docs/clusters-and-gpus.md). Registered on import of
+:mod:`lvforecast.experiment`.
 """
 
 from __future__ import annotations
@@ -20,11 +17,8 @@ RESOLVER = "lv_val_batches"
 
 
 def val_batches(windows: Any, *, _root_: Any) -> int:
-    """The batch count of ``windows`` validation windows at the config's validation batch size.
-
-    Args:
-        windows: Windows each validation covers (the first ones of the validation set).
-        _root_: The whole config (OmegaConf passes it): ``data.val_batch_size``, or ``data.batch_size`` when null.
+    """The batch count of the first ``windows`` validation windows at ``data.val_batch_size`` (``data.batch_size``
+    when null) of the whole config ``_root_`` (OmegaConf passes it).
 
     Raises:
         UserError: ``windows`` is not a whole number of validation batches (the keys and the sizes that fit named).

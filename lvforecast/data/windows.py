@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
 from lvforecast.data.encoding import STEP_SEP, ScaleRule, encode
@@ -23,16 +24,8 @@ IGNORE_INDEX = -100
 
 
 def window_starts(boundaries: Sequence[int], n_tokens: int, context_length: int, stride_steps: int) -> list[int]:
-    """Token offsets at which windows start (see the module docstring).
-
-    Args:
-        boundaries: Token offsets of every time-step start, ascending, first is 0.
-        n_tokens: Length of the tokenized series.
-
-    Returns:
-        Every ``stride_steps``-th boundary from which a window fits, plus the last one; ``[0]`` when the series
-        is shorter than one window (that window gets padded).
-    """
+    """Token offsets at which windows start, from ``boundaries`` (ascending step starts, first 0) of a series of
+    ``n_tokens``; ``[0]`` when the series is shorter than one window (that window gets padded)."""
     fitting = [b for b in boundaries if b + context_length <= n_tokens]
     if not fitting:
         return [0]
@@ -67,10 +60,15 @@ class WindowDataset(Dataset):
         return {"input_ids": torch.tensor(ids, dtype=torch.long), "system": system, "start": start}
 
 
-def encode_texts(
-    values: np.ndarray, systems: Sequence[int], scale_rule: ScaleRule, decimals: int, scale_context_steps: int
+def encode_series(
+    values: np.ndarray,
+    systems: Sequence[int],
+    tokenizer: Any,
+    scale_rule: ScaleRule,
+    decimals: int,
+    scale_context_steps: int,
 ) -> list[EncodedSeries]:
-    """One :class:`EncodedSeries` (``ids`` empty) per system of (N, T, 2) ``values``; no tokenizer needed.
+    """One :class:`EncodedSeries` per system of (N, T, 2) ``values``, tokenized unless ``tokenizer`` is None.
 
     Boundaries are character offsets, which are token offsets for a tokenizer that passed ``check_tokenizer``.
     """
@@ -80,6 +78,8 @@ def encode_texts(
         text = encode(values[s], scale=scale, decimals=decimals)
         bounds = [0] + [i + 1 for i, ch in enumerate(text) if ch == STEP_SEP]
         out.append(EncodedSeries(system=int(s), text=text, boundaries=bounds, scale=scale))
+    if tokenizer is not None:
+        tokenize_series(out, tokenizer)
     return out
 
 
@@ -90,20 +90,6 @@ def tokenize_series(series: Sequence[EncodedSeries], tokenizer: Any) -> None:
         # One token per character is checked at model load; offsets in text are offsets in tokens.
         assert len(tok) == len(item.text), "tokenizer is not character-level"
         item.ids = list(tok)
-
-
-def encode_series(
-    values: np.ndarray,
-    systems: Sequence[int],
-    tokenizer: Any,
-    scale_rule: ScaleRule,
-    decimals: int,
-    scale_context_steps: int,
-) -> list[EncodedSeries]:
-    """:func:`encode_texts` then :func:`tokenize_series`."""
-    series = encode_texts(values, systems, scale_rule, decimals, scale_context_steps)
-    tokenize_series(series, tokenizer)
-    return series
 
 
 def window_spans(series: Sequence[EncodedSeries], context_length: int, stride_steps: int) -> list[tuple[int, int, int]]:
@@ -130,17 +116,13 @@ class PadCollator:
     def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = pad_token_id
 
-    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        length = max(len(it["input_ids"]) for it in items)
-        ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(items), length), dtype=torch.long)
-        for row, it in enumerate(items):
-            n = len(it["input_ids"])
-            ids[row, :n] = it["input_ids"]
-            mask[row, :n] = 1
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        rows = [it["input_ids"] for it in items]
+        ids = pad_sequence(rows, batch_first=True, padding_value=self.pad_token_id)
+        lengths = [len(row) for row in rows]
+        mask = (torch.arange(ids.shape[1]) < torch.tensor(lengths)[:, None]).long()
         labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
-        padded = any(len(it["input_ids"]) < length for it in items)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "padded": padded}
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "padded": min(lengths) < ids.shape[1]}
 
 
 def pad_share(dataset: WindowDataset, context_length: int) -> float:

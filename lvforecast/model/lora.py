@@ -24,7 +24,7 @@ from lvforecast.validate import int_at_least
 
 @dataclass(frozen=True)
 class ParameterCounts:
-    """Trainable and frozen parameter counts of a model."""
+    """Trainable and frozen parameter counts of a model (:func:`count_parameters`)."""
 
     trainable: int
     frozen: int
@@ -66,15 +66,9 @@ def apply_lora(
     dropout: float = 0.0,
     target_modules: Sequence[str] = ("q_proj", "v_proj"),
 ) -> Any:
-    """Freeze ``model`` (a ``transformers`` causal LM) and wrap its target linear layers with rank-``r`` adapters.
-
-    Args:
-        alpha: Scaling numerator; ``None`` means ``alpha = r`` (scale 1, as the study).
-        dropout: Dropout on the adapter input.
-        target_modules: The linear layers to wrap, by the last component of their module path.
-
-    Returns:
-        A ``peft.PeftModel``.
+    """Freeze ``model`` (a ``transformers`` causal LM) and return a ``peft.PeftModel`` with rank-``r`` adapters on
+    the linear layers whose last module-path component is in ``target_modules``; ``alpha=None`` means ``r`` (scale 1,
+    as the study), ``dropout`` acts on the adapter input.
 
     Raises:
         ValueError: Bad rank/alpha/dropout, or a target name that matches no linear layer.
@@ -98,12 +92,8 @@ def apply_lora(
 
 
 class LogitBias(nn.Module):
-    """A trainable bias added to the output logits, zero at start; held outside the PEFT model so the adapter stays
-    a plain PEFT adapter.
-
-    Args:
-        vocab_size: Logits it covers: the vocabulary ``V``, or 13 (the alphabet head, ``ALPHABET`` order).
-    """
+    """A trainable bias added to the ``vocab_size`` output logits (V, or 13 in ``ALPHABET`` order for the alphabet
+    head), zero at start; held outside the PEFT model so the adapter stays a plain PEFT adapter."""
 
     def __init__(self, vocab_size: int) -> None:
         super().__init__()
@@ -114,12 +104,8 @@ class LogitBias(nn.Module):
 
 
 def decoder_stack(model: nn.Module) -> nn.Module:
-    """The decoder stack (embeddings, layers, final norm; no lm_head) of a causal LM or its PEFT wrapper; LoRA
-    layers are injected in place, so running the stack runs the adapters too.
-
-    Raises:
-        ValueError: The model exposes no decoder (``get_decoder``) to run without its lm_head.
-    """
+    """The decoder stack (embeddings, layers, final norm; no lm_head) of a causal LM or its PEFT wrapper, whose
+    adapters it runs (LoRA layers are injected in place); ValueError if ``get_decoder`` gives none apart."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     stack = base.get_decoder() if hasattr(base, "get_decoder") else None
     if stack is None or stack is base:
@@ -128,14 +114,11 @@ def decoder_stack(model: nn.Module) -> nn.Module:
 
 
 class AlphabetHead(nn.Module):
-    """Logits for a few tokens only: ``hidden @ W[ids].T`` with ``W`` the (tied) output matrix.
+    """Logits for ``token_ids`` only (in that order): ``hidden @ W[ids].T (+ b[ids])`` with ``W`` the (tied) output
+    matrix of ``output_embeddings``, the model's lm_head.
 
     The rows are gathered once into non-persistent buffers: frozen, never checkpointed (they are base weights,
     rebuilt on load). The other ``V - len(ids)`` logits are never computed.
-
-    Args:
-        output_embeddings: The model's lm_head (``get_output_embeddings()``); a bias, if it has one, is gathered too.
-        token_ids: Vocabulary ids of the rows to keep, in output order (the LLMTIME alphabet's).
     """
 
     def __init__(self, output_embeddings: nn.Module, token_ids: Sequence[int]) -> None:

@@ -1,9 +1,8 @@
 """The attention masks of a batch without padding, made from its shape alone: no host sync in a training step.
 
-Given a 2D attention mask, a transformers 5 model asks the device whether it has a zero (padding); given none, it
-asks whether the position ids restart. Either is a host sync in every forward, though a batch of whole windows is
-known to need the plain causal mask. So that mask is built from ``(batch, length)`` with transformers' own mask
-functions and handed to the stack as the ``{layer type: mask}`` mapping it accepts in place of a 2D mask.
+Given a 2D mask, a transformers 5 model asks the device whether it has a zero; given none, whether the position ids
+restart: a host sync in every forward. So the plain causal mask is built from ``(batch, length)`` with transformers'
+own functions and handed to the stack as the ``{layer type: mask}`` mapping it accepts in place of a 2D mask.
 """
 
 from __future__ import annotations
@@ -15,16 +14,9 @@ MASK_MAPPING_STACKS = frozenset({"Qwen2Model"})
 
 
 def unpadded_attention_mask(stack: Any, batch: int, length: int) -> dict[str, Any] | None:
-    """What to pass as ``attention_mask`` for ``(batch, length)`` ids without padding.
-
-    Args:
-        stack: The decoder stack (:func:`lvforecast.model.lora.decoder_stack`).
-
-    Returns:
-        ``{layer type: mask}`` for each layer type of the stack (the mask is None for ``sdpa``, whose ``is_causal``
-        kernels then run; a 4D tensor for ``eager``), or None for a stack not in :data:`MASK_MAPPING_STACKS`
-        (it then builds the mask itself, with its sync).
-    """
+    """The ``attention_mask`` for ``(batch, length)`` ids without padding run by ``stack`` (:func:`.decoder_stack`):
+    ``{layer type: mask}`` (the mask None for ``sdpa``, whose ``is_causal`` kernels then run; 4D for ``eager``), or
+    None for a stack not in :data:`MASK_MAPPING_STACKS` (it then builds the mask itself, with its sync)."""
     if type(stack).__name__ not in MASK_MAPPING_STACKS:
         return None
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask

@@ -1,14 +1,12 @@
 """LightningModule that fine-tunes a LoRA-wrapped causal LM on LLMTIME windows.
 
-Loss: next-token cross-entropy over non-pad tokens (labels -100 are ignored). ``val/loss`` is the token-weighted
-mean over the whole validation set, not a mean of per-batch means. Checkpoints hold only trainable tensors (the
-adapter, the optional logit bias) plus optimizer and loop state; base weights are never written.
+Loss: next-token cross-entropy over non-pad tokens; ``val/loss`` is the token-weighted mean over the validation
+set. Checkpoints hold only trainable tensors (adapter, optional logit bias) plus optimizer and loop state.
 
-``model.head=full`` scores the whole vocabulary with the model's lm_head. ``alphabet`` runs the decoder stack
-alone and scores only the 13 LLMTIME characters with frozen rows of the output matrix
-(:class:`~lvforecast.model.lora.AlphabetHead`): labels become alphabet indices and the logit bias, if any, is a
-13-vector in ``ALPHABET`` order. Both heads log ``val/loss_alphabet``, the cross-entropy over the alphabet's
-columns only (for ``alphabet`` it equals ``val/loss``), so runs of both compare.
+``model.head=full`` scores the whole vocabulary with the lm_head; ``alphabet`` runs the decoder stack alone and
+scores only the 13 LLMTIME characters with frozen rows of the output matrix (:class:`.AlphabetHead`;
+labels become alphabet indices, the logit bias a 13-vector). Both log ``val/loss_alphabet``, the cross-entropy over the
+alphabet's columns only (for ``alphabet`` it equals ``val/loss``), so runs of both compare.
 """
 
 from __future__ import annotations
@@ -45,11 +43,7 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 
 def alphabet_ids(char_ids: Mapping[str, int]) -> list[int]:
-    """The alphabet's token ids in :data:`~lvforecast.data.encoding.ALPHABET` order (= alphabet index order).
-
-    Raises:
-        ValueError: A character of the alphabet has no id.
-    """
+    """The alphabet's token ids in :data:`~lvforecast.data.encoding.ALPHABET` order; ValueError if one is missing."""
     missing = [ch for ch in ALPHABET if ch not in char_ids]
     if missing:
         raise UserError(f"char_ids lacks the alphabet characters {missing} (see lvforecast.data.encoding)")
@@ -66,11 +60,7 @@ def label_lookup(token_ids: list[int], vocab: int) -> torch.Tensor:
 def alphabet_labels(labels: torch.Tensor, lookup: torch.Tensor, check: bool = True) -> torch.Tensor:
     """(B, T) vocabulary-id labels -> alphabet indices through :func:`label_lookup`'s table; ``IGNORE_INDEX`` stays.
 
-    Args:
-        check: Raise on a label outside the alphabet (a host sync); unchecked, such a label takes no loss.
-
-    Raises:
-        ValueError: A label other than ``IGNORE_INDEX`` is not an alphabet token (the ids named).
+    With ``check`` (a host sync) a label outside the alphabet raises ValueError naming it; without, it takes no loss.
     """
     keep = labels != IGNORE_INDEX
     in_vocab = (labels >= 0) & (labels < lookup.numel())
@@ -104,20 +94,15 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
 
 
 class LoRAForecaster(pl.LightningModule):
-    """Trains the adapter of a PEFT model.
+    """Trains the adapter of a PEFT model (base frozen); the keys are commented in ``conf/train.yaml``.
 
     Args:
-        model: A ``peft.PeftModel`` around a causal LM (base frozen).
         optimizer: Partial optimizer, completed with the trainable parameters only.
-        scheduler: Partial ``(optimizer, total_steps) -> LRScheduler | None`` (``conf/scheduler/``), called
-            with ``trainer.max_steps``; stepped every optimizer step.
-        head: ``full`` or ``alphabet`` (``model.head``, see the module docstring).
-        char_ids: Alphabet character -> token id (``LoadedModel.char_ids``); needed by ``head="alphabet"``
-            and for ``val/loss_alphabet`` (not logged without it).
+        scheduler: Partial ``(optimizer, total_steps) -> LRScheduler | None``, called with ``trainer.max_steps``;
+            stepped every optimizer step.
+        char_ids: ``LoadedModel.char_ids``; needed by ``head="alphabet"`` and for ``val/loss_alphabet``.
         step_seed: Reseed torch's RNG at every training step from ``(step_seed, global_step)``; None: never.
         compile_model: ``torch.compile`` the decoder stack in place, so parameter names and checkpoints stay.
-
-    The other keys are commented in ``conf/train.yaml``.
 
     Raises:
         ValueError: An unknown ``head``, or ``head="alphabet"`` without ``char_ids``.
@@ -169,12 +154,9 @@ class LoRAForecaster(pl.LightningModule):
         log.info("parameters: trainable %s, frozen %s (%.4f%% trainable)", f"{counts.trainable:,}",
                  f"{counts.frozen:,}", 100 * counts.trainable / counts.total)
 
-    # ---- forward and loss -------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) ids -> (B, T, V) logits, (B, T, 13) with the alphabet head (with the logit bias when enabled).
-
-        ``attention_mask``: (B, T) 1/0, or None for a batch without padding (:mod:`lvforecast.model.masks`).
-        """
+        """(B, T) ids and (B, T) 1/0 mask (None: no padding, :mod:`lvforecast.model.masks`) -> (B, T, V) logits,
+        (B, T, 13) with the alphabet head (with the logit bias when enabled)."""
         if attention_mask is None:
             attention_mask = unpadded_attention_mask(decoder_stack(self.model), *input_ids.shape)
         if self.alphabet_head is None:
@@ -188,10 +170,8 @@ class LoRAForecaster(pl.LightningModule):
 
     def _loss_sums(self, batch: dict[str, Any], alphabet: bool = False, check: bool = True
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(loss_sum, n_tokens, alphabet_loss_sum)``; the last only when ``alphabet`` and char_ids are known.
-
-        ``check``: verify that every label is an alphabet token (a host sync).
-        """
+        """``(loss_sum, n_tokens, alphabet_loss_sum)``, the last only when ``alphabet`` and char_ids are known;
+        ``check`` as for :func:`alphabet_labels`."""
         # Without padding (the collator says so on the host) no 2D mask, whose check would be a host sync.
         mask = batch["attention_mask"] if batch.get("padded", True) else None
         logits = self(batch["input_ids"], mask)
@@ -223,10 +203,8 @@ class LoRAForecaster(pl.LightningModule):
 
     def _logging_step(self) -> bool:
         """Whether the loggers write this step; each self.log costs ~0.5-0.9 ms, so other steps skip it."""
-        trainer = self._trainer
-        if trainer is None:
-            return True
-        return (self.global_step + 1) % trainer.log_every_n_steps == 0 or self.global_step + 1 == trainer.max_steps
+        trainer, step = self._trainer, self.global_step + 1
+        return trainer is None or step % trainer.log_every_n_steps == 0 or step == trainer.max_steps
 
     def on_validation_epoch_start(self) -> None:
         self._val_sum = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -274,7 +252,6 @@ class LoRAForecaster(pl.LightningModule):
             alphabet = self.trainer.strategy.reduce(self._val_alphabet_sum, reduce_op="sum")
             self.log("val/loss_alphabet", (alphabet / tokens.clamp(min=1)).float(), sync_dist=False)
 
-    # ---- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
         scheduler = self.scheduler_factory(optimizer, total_steps=self.trainer.max_steps)
@@ -296,7 +273,6 @@ class LoRAForecaster(pl.LightningModule):
             for logger in self.loggers:
                 logger.log_metrics(values, step=logger_step(self.trainer))
 
-    # ---- checkpoints: trainable tensors only ------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Trainable tensors plus ``tokens_seen`` (no frozen base weights, no gathered alphabet rows)."""
         names = {n for n, p in self.named_parameters() if p.requires_grad} | {"tokens_seen"}
@@ -320,11 +296,8 @@ class LoRAForecaster(pl.LightningModule):
             )
 
     def save_adapter(self, directory: str) -> None:
-        """Write the PEFT adapter (``PeftModel.from_pretrained`` loads it) and the logit bias if any.
-
-        An alphabet head's bias file records ``head=alphabet`` and the token ids it covers in its metadata; a full
-        head's is a V-vector without metadata.
-        """
+        """Write the PEFT adapter (``PeftModel.from_pretrained`` loads it) and the logit bias if any: a V-vector, or
+        for the alphabet head a 13-vector whose metadata records ``head=alphabet`` and the token ids it covers."""
         self.model.save_pretrained(directory)
         if self.logit_bias is not None:
             from safetensors.torch import save_file

