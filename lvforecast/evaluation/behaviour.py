@@ -1,20 +1,8 @@
 """Deterministic behaviour classes of predator-prey series: stable, growing, decaying, oscillatory.
 
-Contract of :func:`classify` for one series (T, 2) on a time grid (T,), applied in this order:
-
-1. **stable** -- for each variable, (max - min) over the last ``flat_points`` (30) points is <= ``flat_tol`` (5%)
-   x their mean (a variable whose mean is 0 counts as flat only if it is constant there).
-2. Otherwise, with >= 2 prey peaks (:func:`scipy.signal.find_peaks`, ``prominence=0``: every strict local maximum
-   with its prominence; a peak cut by the series end is kept), the least-squares slope of log(prominence) against
-   peak time decides: > ``slope_tol`` (0.002 per time unit) -> **growing**, < -``slope_tol`` -> **decaying**,
-   otherwise **oscillatory**.
-3. With fewer than 2 prey peaks (on the study's data: the predator dies out while the prey saturates), the slope of
-   log(v + 1e-12) against time over the last ``flat_points`` points of the variable with the largest relative
-   range there decides, with the same thresholds.
-
-This literal reading of the study's description puts its four example systems (``data.pinned_test_systems``, in
-:data:`CLASSES` order) in their published classes: 906 oscillatory, 506 decaying, 20 growing, 654 stable. Over
-the study file's 1000 systems: oscillatory 221, decaying 584, growing 141, stable 54 (10 under rule 3).
+:func:`classify` tries, in order: a flat tail (stable); the trend of the prey peaks' prominences; without two prey
+peaks, the trend of the least flat variable's tail. The rules, thresholds and the classes of the study's data are in
+``docs/evaluation.md`` (Behaviour classes).
 """
 
 from __future__ import annotations
@@ -53,14 +41,9 @@ def _ls_slope(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def classify(
-    series: np.ndarray,
-    time: np.ndarray,
-    *,
-    flat_points: int = 30,
-    flat_tol: float = 0.05,
-    slope_tol: float = 0.002,
+    series: np.ndarray, time: np.ndarray, *, flat_points: int = 30, flat_tol: float = 0.05, slope_tol: float = 0.002
 ) -> Behaviour:
-    """Behaviour class of one (T, 2) raw series on its (T,) time grid (rules in the module docstring).
+    """Behaviour class of one (T, 2) raw series on its (T,) time grid (the rules: ``docs/evaluation.md``).
 
     Raises:
         ValueError: Bad shapes, non-finite values, or thresholds out of range (2 <= flat_points <= T, tolerances >= 0).
