@@ -1,12 +1,9 @@
-"""The two ways :func:`lvforecast.evaluation.forecast.forecast` generates one batch, behind one interface.
+"""The two ways :func:`lvforecast.evaluation.forecast.forecast` generates one batch, behind one ``run`` method.
 
-* :class:`LoopRunner` (``decoder="loop"``, constrained only): :func:`lvforecast.evaluation.decoder.decode`.
-* :class:`GenerateRunner` (``decoder="generate"``, and every unconstrained forecast): ``model.generate`` with a
-  fresh, fully explicit :func:`generation_config`, the trained bias as a logits processor and, when constrained,
-  :class:`~lvforecast.evaluation.grammar.LLMTimeLogitsProcessor` with its stopping criteria.
-
-Both return the new token ids of each row (padding included) and the padded prompt length; :func:`row_text`
-turns a row into text.
+:class:`LoopRunner` (``decoder="loop"``, constrained only) calls :func:`lvforecast.evaluation.decoder.decode`;
+:class:`GenerateRunner` (``decoder="generate"``, and every unconstrained forecast) calls ``model.generate`` with a
+fully explicit :func:`generation_config`, the trained bias as a logits processor and, when constrained,
+:class:`~lvforecast.evaluation.grammar.LLMTimeLogitsProcessor` with its stopping criteria.
 """
 
 from __future__ import annotations
@@ -72,39 +69,14 @@ def generation_config(
 ) -> GenerationConfig:
     """A config in which every field that changes which token is picked is set (nothing from the checkpoint)."""
     return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=0,
-        do_sample=sample,
-        num_beams=1,
-        num_return_sequences=1,
-        temperature=temperature if sample else 1.0,
-        top_p=top_p if sample else 1.0,
+        max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=sample, num_beams=1, num_return_sequences=1,
+        temperature=temperature if sample else 1.0, top_p=top_p if sample else 1.0,
         top_k=0 if sample else 50,  # warpers run only when sampling; 50 is the neutral greedy value
-        min_p=None,
-        typical_p=1.0,
-        epsilon_cutoff=0.0,
-        eta_cutoff=0.0,
-        repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        length_penalty=1.0,
-        bad_words_ids=None,
-        suppress_tokens=None,
-        begin_suppress_tokens=None,
-        forced_bos_token_id=None,
-        forced_eos_token_id=None,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        use_cache=True,
+        min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        length_penalty=1.0, bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
+        forced_bos_token_id=None, forced_eos_token_id=None, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, use_cache=True,
     )
-
-
-def row_text(tokenizer: Any, char_ids: dict[str, int], row: list[int]) -> tuple[str, int]:
-    """A generated row as text, pad / EOS dropped, and the count of its tokens kept."""
-    special = {tokenizer.pad_token_id, tokenizer.eos_token_id}
-    kept = [t for t in row if t not in special]
-    # Read token by token: a word-level tokenizer's decode() would join tokens with spaces.
-    id_to_char = {i: c for c, i in char_ids.items()}
-    return "".join(id_to_char.get(t) or tokenizer.decode([t]) for t in kept), len(kept)
 
 
 @dataclass(frozen=True)
@@ -114,10 +86,22 @@ class _Runner:
     char_ids: dict[str, int]
     device: torch.device
     horizon_steps: int
+    max_new_tokens: int
+    sample: bool
+    temperature: float
+    top_p: float
 
     def _padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
         return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+
+    def row_text(self, row: list[int]) -> tuple[str, int]:
+        """A generated row as text, pad / EOS dropped, and the count of its tokens kept."""
+        special = {self.tokenizer.pad_token_id, self.tokenizer.eos_token_id}
+        kept = [t for t in row if t not in special]
+        # Read token by token: a word-level tokenizer's decode() would join tokens with spaces.
+        id_to_char = {i: c for c, i in self.char_ids.items()}
+        return "".join(id_to_char.get(t) or self.tokenizer.decode([t]) for t in kept), len(kept)
 
 
 @dataclass(frozen=True)
@@ -126,7 +110,6 @@ class GenerateRunner(_Runner):
 
     grammar: Grammar
     constrained: bool
-    config: GenerationConfig
     logit_bias: torch.Tensor | None
 
     def run(self, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
@@ -145,7 +128,9 @@ class GenerateRunner(_Runner):
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            generation_config=self.config,
+            generation_config=generation_config(
+                self.tokenizer, self.max_new_tokens, self.sample, self.temperature, self.top_p
+            ),
             logits_processor=processors,
             stopping_criteria=stop,
         )
@@ -157,12 +142,8 @@ class LoopRunner(_Runner):
     """One :func:`~lvforecast.evaluation.decoder.decode` call per batch (constrained only)."""
 
     grammar: CompiledGrammar
-    max_new_tokens: int
     head: Head
     alphabet_bias: torch.Tensor | None
-    sample: bool
-    temperature: float
-    top_p: float
 
     def run(self, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
         """Decode one batch: the new token ids of each row (padding included) and the padded prompt length."""
@@ -171,16 +152,9 @@ class LoopRunner(_Runner):
         if self.alphabet_bias is not None:  # ALPHABET order -> the compiled grammar's column order
             bias = self.alphabet_bias[[ALPHABET.index(c) for c in self.grammar.chars]]
         logits = AlphabetLogits(self.model, self.grammar.token_ids, self.head, bias)
-        sampling = dict(sample=self.sample, temperature=self.temperature, top_p=self.top_p)
         out = decode(
-            self.model,
-            input_ids,
-            attention_mask,
-            self.grammar,
-            horizon_steps=self.horizon_steps,
-            max_new_tokens=self.max_new_tokens,
-            end_id=self.tokenizer.pad_token_id,
-            logits_fn=logits,
-            **sampling,
+            self.model, input_ids, attention_mask, self.grammar, horizon_steps=self.horizon_steps,
+            max_new_tokens=self.max_new_tokens, end_id=self.tokenizer.pad_token_id, logits_fn=logits,
+            sample=self.sample, temperature=self.temperature, top_p=self.top_p,
         )
         return out.tokens.cpu().tolist(), input_ids.shape[1]
