@@ -1,16 +1,12 @@
 """The lean constrained decoder: the grammar as tensors, a preallocated KV cache and a short loop of its own.
 
-Contract (the design is described in ``docs/evaluation.md``):
-
-* :func:`~lvforecast.evaluation.grammar.compile_grammar` tabulates the grammar's reachable states over the
-  alphabet's columns in **token-id order**, so every row of a batch is masked and advanced with one indexing op each.
-* :func:`choose` picks one allowed column per row: greedy is the first maximum in token-id order (what ``argmax``
-  over the full, masked vocabulary picks); sampling inverts the CDF of the allowed tokens with **one uniform per
-  row** (after Hugging Face's ``temperature`` and ``top_p`` semantics), so the draw never depends on the vocabulary.
-* :func:`decode` follows ``generate``'s position ids and attention mask, adds a trained logit bias in float32
-  before the mask, stops each row after its ``horizon_steps``-th ``;`` (then writes ``end_id``) and never feeds back
-  the token that finishes the last row: greedy tokens equal ``generate``'s with the grammar's logits processor
-  (tests), for PEFT-wrapped models too.
+The design is described in ``docs/evaluation.md``. Contract: :func:`choose` picks one allowed column per row of
+logits over the alphabet in token-id order (greedy: the first maximum, what ``argmax`` over the masked vocabulary
+picks; sampling: one uniform per row inverts the CDF of the allowed tokens after Hugging Face's ``temperature`` and
+``top_p``, so the draw never depends on the vocabulary). :func:`decode` follows ``generate``'s position ids and
+attention mask, adds a trained logit bias in float32 before the mask, stops each row after its ``horizon_steps``-th
+``;`` (then writes ``end_id``) and never feeds back the token that finishes the last row: greedy tokens equal
+``generate``'s with the grammar's logits processor (tests), for PEFT-wrapped models too.
 """
 
 from __future__ import annotations
@@ -38,21 +34,11 @@ def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def choose(
-    logits: torch.Tensor,
-    allowed: torch.Tensor,
-    *,
-    sample: bool,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
+    logits: torch.Tensor, allowed: torch.Tensor, *, sample: bool, temperature: float = 1.0, top_p: float = 1.0,
     uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B,) one allowed column per row of (B, A) float32 ``logits`` (columns in token-id order).
-
-    Args:
-        allowed: (B, A) bool mask; every row allows at least one column.
-        sample: False: the first maximum (greedy); True: inverse-CDF sampling with ``uniforms``, (B,) draws in
-            [0, 1), after ``temperature`` and ``top_p``.
-    """
+    """(B,) one column per row of (B, A) float32 ``logits`` that the (B, A) bool ``allowed`` allows (each row one at
+    least): the first maximum, or with ``sample`` the inverse CDF at ``uniforms`` ((B,) draws in [0, 1))."""
     scores = logits.masked_fill(~allowed, -math.inf)
     if not sample:
         return scores.argmax(dim=-1)
@@ -93,31 +79,21 @@ class PreallocatedLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        if end > self.capacity:
-            raise RuntimeError(f"KV cache of {self.capacity} positions overflowed ({end})")
-        self._keys[:, :, self.length : end].copy_(key_states)
-        self._values[:, :, self.length : end].copy_(value_states)
-        self._end(end)
+        self.write(slice(None), self.length, key_states, value_states)
         return self.keys, self.values
 
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def write_row(self, row: int, start: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Write one row's (1, G, n, d) keys/values at slots ``start .. start + n - 1``; length = their end."""
-        end = start + key_states.shape[2]
-        self._keys[row : row + 1, :, start:end].copy_(key_states)
-        self._values[row : row + 1, :, start:end].copy_(value_states)
+    def write(self, rows: slice, start: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Write (rows, G, n, d) keys/values at slots ``start .. start + n - 1``; the length becomes their end."""
+        end = start + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache of {self.capacity} positions overflowed ({end})")
+        self._keys[rows, :, start:end].copy_(key_states)
+        self._values[rows, :, start:end].copy_(value_states)
         self._end(end)
 
 
 def prefill(
-    stack: Any,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    position_ids: torch.Tensor,
-    cache: Cache,
+    stack: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Cache,
     one_row_at_a_time: bool,
 ) -> torch.Tensor:
     """Run the left-padded prompts into an empty :func:`preallocated_cache`; return the (B, 1, D) last hidden states.
@@ -138,7 +114,7 @@ def prefill(
         for into, layer in zip(cache.layers, row.layers, strict=True):
             if not into.is_initialized:  # the batch's buffers, shaped like this row's (a view: nothing copied)
                 into.lazy_initialization(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1))
-            into.write_row(b, pad, layer.keys, layer.values)
+            into.write(slice(b, b + 1), pad, layer.keys, layer.values)
     return torch.cat(last)
 
 
@@ -251,20 +227,9 @@ class Decoded:
 
 
 def decode(
-    model: Any,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    grammar: CompiledGrammar,
-    *,
-    horizon_steps: int,
-    max_new_tokens: int,
-    end_id: int,
-    logits_fn: AlphabetLogits,
-    sample: bool,
-    temperature: float,
-    top_p: float,
-    cache: Cache | None = None,
-    lean: bool | None = None,
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, grammar: CompiledGrammar, *, horizon_steps: int,
+    max_new_tokens: int, end_id: int, logits_fn: AlphabetLogits, sample: bool, temperature: float, top_p: float,
+    cache: Cache | None = None, lean: bool | None = None,
 ) -> Decoded:
     """Grammar-constrained decoding of one left-padded batch (see the module docstring); call under no_grad.
 
@@ -294,10 +259,8 @@ def decode(
     next_pos = position[:, -1:] + 1
     if LeanStep.supports(stack) if lean is None else lean:
         lean_step = LeanStep(stack, cache, int(next_pos.max()) + max_new_tokens)
-        pad_bias = None
-        if padded:  # 0 where a key may be attended to, -inf on padding: (B, 1, 1, keys), sliced each step
-            pad_bias = torch.zeros(mask.shape, dtype=hidden.dtype, device=device).masked_fill(mask == 0, -math.inf)
-            pad_bias = pad_bias[:, None, None, :]
+        # 0 where a key may be attended to, -inf on padding: (B, 1, 1, keys), sliced each step
+        pad_bias = torch.where(mask == 0, -math.inf, 0.0).to(hidden.dtype)[:, None, None] if padded else None
 
         def step_fn(ids: torch.Tensor, step: int) -> torch.Tensor:
             return lean_step(ids, next_pos + step, None if pad_bias is None else pad_bias[..., : prompt_len + step + 1])
@@ -312,12 +275,10 @@ def decode(
 
     n = 0
     for n in range(1, max_new_tokens + 1):
-        logits = logits_fn(hidden)
         uniforms = torch.rand(batch, device=device) if sample else None
         done = steps >= horizon_steps
-        col = choose(
-            logits, grammar.allowed[state], sample=sample, temperature=temperature, top_p=top_p, uniforms=uniforms
-        )
+        col = choose(logits_fn(hidden), grammar.allowed[state], sample=sample, temperature=temperature, top_p=top_p,
+                     uniforms=uniforms)
         out[:, n - 1] = torch.where(done, end_id, grammar.token_ids[col])
         steps = steps + (grammar.is_sep[col] & ~done)
         state = torch.where(done, state, grammar.next_state[state, col])
