@@ -6,7 +6,8 @@ Contract shared by every baseline: ``baseline(context, time, horizon_steps) -> f
 * ``time``: (T,) the *full* strictly increasing time grid, T >= Tc + horizon_steps; the context sits at
   ``time[:Tc]`` and the forecast at ``time[Tc:Tc + horizon_steps]``;
 * returns (S, horizon_steps, 2) float64 raw forecasts, finite and >= 0. Statistical forecasts are clipped to
-  [0, :data:`CLIP_FACTOR` x the system's context maximum of that variable]: the cap only bites on diverging fits.
+  [0, :data:`CLIP_FACTOR` x the system's context maximum of that variable]: the cap only bites on diverging fits;
+* raises ``ValueError`` on bad shapes or values.
 
 ``persistence`` repeats the last step; ``ar`` is a per-variable AR(p) with intercept, ``var_log`` a VAR(p) with
 intercept on log(x + eps), both least squares on the context iterated forward; ``rm_fit`` fits the equations of
@@ -36,16 +37,10 @@ CLIP_FACTOR = 10.0
 RM_PARAM_NAMES: tuple[str, ...] = ("a", "b", "c", "d", "K", "h")
 
 
-def _rm_bounds(loosen: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """Simulator ranges widened by ``loosen`` x their low end below and x their high end above."""
-    ranges = dict(PARAM_RANGES)
-    ranges["c"] = (ranges["e"][0] * ranges["b"][0], ranges["e"][1] * ranges["b"][1])  # c = e * b in the simulator
-    lo = np.array([ranges[n][0] * (1.0 - loosen) for n in RM_PARAM_NAMES])
-    hi = np.array([ranges[n][1] * (1.0 + loosen) for n in RM_PARAM_NAMES])
-    return lo, hi
-
-
-RM_LOWER, RM_UPPER = _rm_bounds()
+_RANGES = {**PARAM_RANGES, "c": tuple(e * b for e, b in zip(PARAM_RANGES["e"], PARAM_RANGES["b"], strict=True))}
+#: Bounds of the fitted parameters: the simulator's ranges (c = e * b there) loosened by 50% at each end.
+RM_LOWER = np.array([_RANGES[n][0] * 0.5 for n in RM_PARAM_NAMES])
+RM_UPPER = np.array([_RANGES[n][1] * 1.5 for n in RM_PARAM_NAMES])
 
 
 def _rm_params(theta: np.ndarray) -> dict[str, np.ndarray]:
@@ -81,11 +76,7 @@ def _clip(forecast: np.ndarray, context: np.ndarray) -> np.ndarray:
 
 
 def persistence(context: np.ndarray, time: np.ndarray, horizon_steps: int) -> np.ndarray:
-    """Repeat the last context step (``time`` is only validated).
-
-    Raises:
-        ValueError: Bad shapes or values (see the module contract), as every baseline.
-    """
+    """Repeat the last context step (``time`` is only validated)."""
     context, _ = _check(context, time, horizon_steps)
     return np.repeat(context[:, -1:, :], int(horizon_steps), axis=1)
 
@@ -112,10 +103,8 @@ def _iterate(history: np.ndarray, coef: np.ndarray, order: int, horizon_steps: i
 def ar(context: np.ndarray, time: np.ndarray, horizon_steps: int, order: int = 3) -> np.ndarray:
     """Per-variable AR(``order``) with intercept, x_t = c + sum_i phi_i x_{t-i}, iterated forward.
 
-    The model is in steps (``time`` is only validated); Tc must be >= 2 * order + 2 (enough equations).
-
-    Raises:
-        ValueError: Bad shapes or values, or ``order`` too large for the context.
+    The model is in steps (``time`` is only validated); Tc must be >= 2 * order + 2 (enough equations), else
+    ``ValueError``.
     """
     context, _ = _check(context, time, horizon_steps)
     if order < 1 or context.shape[1] < 2 * order + 2:
@@ -132,10 +121,8 @@ def ar(context: np.ndarray, time: np.ndarray, horizon_steps: int, order: int = 3
 def var_log(context: np.ndarray, time: np.ndarray, horizon_steps: int, order: int = 2, eps: float = 1e-6) -> np.ndarray:
     """VAR(``order``) with intercept on z = log(x + eps) of both variables, iterated forward, exp(z) - eps.
 
-    Tc must be >= 2 * (1 + 2 * order) + order; ``eps`` (raw units, > 0) keeps the log finite at 0.
-
-    Raises:
-        ValueError: Bad shapes or values, ``order`` too large, or ``eps`` <= 0.
+    Tc must be >= 2 * (1 + 2 * order) + order and ``eps`` (raw units; it keeps the log finite at 0) > 0, else
+    ``ValueError``.
     """
     context, _ = _check(context, time, horizon_steps)
     if not eps > 0:
@@ -177,12 +164,7 @@ def _gradient_matching_guess(series: np.ndarray, t: np.ndarray, n_h: int = 8) ->
 
 
 def _fit_one(
-    series: np.ndarray,
-    t: np.ndarray,
-    rng: np.random.Generator,
-    n_starts: int,
-    max_nfev: int,
-    max_dt: float,
+    series: np.ndarray, t: np.ndarray, rng: np.random.Generator, n_starts: int, max_nfev: int, max_dt: float,
     good_fit: float,
 ) -> tuple[np.ndarray, float]:
     """Best (theta, relative RMS) of least-squares RM fits from several starts; initial state fixed."""
@@ -215,10 +197,8 @@ def _fit_one(
     starts = [_gradient_matching_guess(series, t)] + [rng.uniform(RM_LOWER, RM_UPPER) for _ in range(n_starts - 1)]
     best_theta, best_cost = starts[0], np.inf
     for theta0 in starts:
-        bounds = (RM_LOWER, RM_UPPER)
-        res = least_squares(
-            residual, theta0, jac=jacobian, bounds=bounds, method="trf", max_nfev=max_nfev, x_scale="jac"
-        )
+        res = least_squares(residual, theta0, jac=jacobian, bounds=(RM_LOWER, RM_UPPER), method="trf",
+                            max_nfev=max_nfev, x_scale="jac")
         if np.isfinite(res.cost) and res.cost < best_cost:
             best_theta, best_cost = res.x, res.cost
         if math.sqrt(2.0 * best_cost / series.size) < good_fit:  # good enough: skip the other starts
@@ -227,32 +207,15 @@ def _fit_one(
 
 
 def rm_fit(
-    context: np.ndarray,
-    time: np.ndarray,
-    horizon_steps: int,
-    n_starts: int = 3,
-    max_nfev: int = 40,
-    seed: int = 0,
-    max_dt: float = 0.7,
-    good_fit: float = 1e-2,
+    context: np.ndarray, time: np.ndarray, horizon_steps: int, n_starts: int = 3, max_nfev: int = 40, seed: int = 0,
+    max_dt: float = 0.7, good_fit: float = 1e-2,
 ) -> np.ndarray:
-    """Fit the Rosenzweig-MacArthur equations to each context and integrate them forward.
+    """Fit the Rosenzweig-MacArthur equations to each context and integrate them forward (``docs/evaluation.md``).
 
-    Fit: :func:`scipy.optimize.least_squares` (trf, ``max_nfev`` per start) over (a, b, c, d, K, h) within the
-    simulator's ranges loosened by 50% at each end (``RM_LOWER``/``RM_UPPER``), the initial state fixed at the first
-    context point, residuals divided by each variable's context RMS, the model integrated by fixed-step RK4 (step
-    <= ``max_dt``) together with the 6 forward-difference perturbations of the Jacobian. Starts: a gradient-matching
-    guess, then ``n_starts - 1`` uniform draws (``np.random.default_rng([seed, s])`` for system s, so a system's fit
-    does not depend on the others); later starts are skipped once the weighted RMS residual is below ``good_fit``.
-
-    Forecast: :func:`scipy.integrate.solve_ivp` (DOP853, rtol 1e-8) from the *last* context point. A system whose
-    fit or integration fails falls back to persistence (the count is logged as a warning).
-
-    Returns:
-        (S, H, 2) forecasts, finite and >= 0.
-
-    Raises:
-        ValueError: Bad shapes or values, or ``n_starts`` < 1 or Tc < 3.
+    ``n_starts`` (>= 1) least-squares starts of at most ``max_nfev`` evaluations each, the later ones drawn from
+    ``np.random.default_rng([seed, s])`` for system s and skipped once the relative RMS residual is below
+    ``good_fit``; the fit integrates by RK4 at steps <= ``max_dt``. Tc must be >= 3, else ``ValueError``. A system
+    whose fit or integration fails falls back to persistence (the count is logged as a warning).
     """
     context, time = _check(context, time, horizon_steps)
     if n_starts < 1:
