@@ -136,10 +136,9 @@ def _summarise(per_system: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, 
 
 
 def aggregate(per_system: dict[str, np.ndarray], classes: Sequence[str] | None = None) -> dict[str, Any]:
-    """Mean and median over systems of :func:`per_system_metrics`, overall and per behaviour class (length S).
-
-    Returns ``{"all": summary, "by_class": {label: summary}}`` (``by_class`` empty without ``classes``), a summary
-    being ``{"n_systems": int, metric: {variable: {"mean", "median"}}, count_key: {variable: total}}``.
+    """``{"all": summary, "by_class": {label: summary}}`` of :func:`per_system_metrics` over all systems and per
+    behaviour class (``classes``: length S; without them ``by_class`` is empty), a summary being ``{"n_systems": int,
+    metric: {variable: {"mean", "median"}}, count_key: {variable: total}}``.
 
     Raises:
         ValueError: Arrays are not (S, 2) with one S, or ``classes`` has the wrong length.
@@ -164,10 +163,8 @@ def aggregate(per_system: dict[str, np.ndarray], classes: Sequence[str] | None =
 def crps_samples(truth: np.ndarray, samples: np.ndarray) -> np.ndarray:
     """(S, 2) sample CRPS E|X - y| - 0.5 E|X - X'| (X' over all k samples) per system and variable, horizon mean.
 
-    Exact in O(k log k) from the sorted samples: sum_{i,j}|X_i - X_j| = 2 sum_i (2i - k + 1) X_(i).
-
-    Raises:
-        ValueError: Shapes mismatch or values are not finite.
+    Exact in O(k log k) from the sorted samples: sum_{i,j}|X_i - X_j| = 2 sum_i (2i - k + 1) X_(i). Raises
+    ``ValueError`` when the shapes mismatch or the values are not finite.
     """
     truth, samples = _check_samples(truth, samples)
     k = samples.shape[1]
@@ -181,10 +178,7 @@ def crps_samples(truth: np.ndarray, samples: np.ndarray) -> np.ndarray:
 
 def interval_coverage(truth: np.ndarray, samples: np.ndarray, lo: float = 0.1, hi: float = 0.9) -> np.ndarray:
     """(S, 2) fraction of horizon steps whose truth lies in the samples' [lo, hi] quantile interval (``np.quantile``,
-    linear; bounds included; nominal hi - lo).
-
-    Raises:
-        ValueError: Bad shapes, non-finite values, or not 0 <= lo < hi <= 1.
+    linear; bounds included; nominal hi - lo). ``ValueError`` on bad shapes or values, or unless 0 <= lo < hi <= 1.
     """
     if not (0.0 <= lo < hi <= 1.0):
         raise UserError(f"need 0 <= lo < hi <= 1, got lo={lo!r}, hi={hi!r}")
@@ -201,45 +195,32 @@ def evaluate_forecasts(
 
     Returns ``{"encoded": {...}, "original": {...}}``, each with ``aggregate`` (:func:`aggregate` by ``classes``),
     ``per_system`` (metric -> (S, 2)), ``running_mse`` ((S, H, 2)) and ``error_by_horizon`` ((H, 2)), all through
-    :func:`to_jsonable`.
-
-    Raises:
-        ValueError: As :func:`per_system_metrics` / :func:`aggregate` / :func:`to_encoded`.
+    :func:`to_jsonable`. Raises ``ValueError`` as :func:`per_system_metrics`, :func:`aggregate`, :func:`to_encoded`.
     """
+    truth, pred = np.asarray(truth, dtype=np.float64), np.asarray(pred, dtype=np.float64)
+    pairs = {"encoded": (to_encoded(truth, scale), to_encoded(pred, scale)), "original": (truth, pred)}
     out: dict[str, Any] = {}
-    for units, (t, p) in {
-        "encoded": (to_encoded(truth, scale), to_encoded(pred, scale)),
-        "original": (np.asarray(truth, dtype=np.float64), np.asarray(pred, dtype=np.float64)),
-    }.items():
+    for units, (t, p) in pairs.items():
         per = per_system_metrics(t, p)
         curves = {"running_mse": running_mse(t, p), "error_by_horizon": error_by_horizon(t, p)}
         out[units] = to_jsonable({"aggregate": aggregate(per, classes), "per_system": per, **curves})
-    total_nan = int(np.sum(~np.isfinite(np.asarray(pred, dtype=np.float64))))
-    if total_nan:
+    if total_nan := int(np.sum(~np.isfinite(pred))):
         logger.info("evaluate_forecasts: %d non-finite forecast entries excluded", total_nan)
     return out
 
 
 def to_jsonable(obj: Any) -> Any:
     """Metric results as plain Python for ``json.dumps(allow_nan=False)``: arrays and tuples become lists, numpy
-    scalars int/float/bool, non-finite floats None, keys str.
-
-    Raises:
-        TypeError: An object of an unsupported type is found.
+    scalars int/float/bool, non-finite floats None, keys str; ``TypeError`` on any other type.
     """
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
+    if isinstance(obj, (np.ndarray, np.generic)):  # tolist() turns numpy scalars into their Python values too
         return to_jsonable(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        val = float(obj)
-        return val if math.isfinite(val) else None
-    if obj is None or isinstance(obj, str):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (str, int)):  # bool is an int
         return obj
     raise TypeError(f"cannot convert {type(obj).__name__} to JSON: {obj!r}")

@@ -50,15 +50,10 @@ def _per_system(shown: list[int], height: float, ylabel: str) -> tuple[Any, Any]
 
 
 def write_plots(
-    out: Path,
-    systems: list[int],
-    series: np.ndarray,
-    context: int,
-    forecasts: dict[str, np.ndarray],
-    metrics: dict[str, Any],
-    examples: list[int],
+    out: Path, systems: list[int], series: np.ndarray, context: int, forecasts: dict[str, np.ndarray],
+    metrics: dict[str, Any], examples: list[int],
 ) -> list[Path]:
-    """Write the four PNGs; returns their paths.
+    """Write the four PNGs under ``out``; returns their paths.
 
     Args:
         series: (S, context + horizon, 2) raw values (context and truth).
@@ -85,9 +80,8 @@ def write_plots(
     running = _arr(metrics["model"]["encoded"]["running_mse"])
     for ax, system in zip(axes, shown, strict=True):
         for j, var in enumerate(VARIABLES):
-            ax.plot(
-                np.arange(1, running.shape[1] + 1), running[systems.index(system), :, j], color=COLORS[var], label=var
-            )
+            steps = np.arange(1, running.shape[1] + 1)
+            ax.plot(steps, running[systems.index(system), :, j], color=COLORS[var], label=var)
         ax.set_title(f"running MSE, system {system}")
         ax.set_xlabel("forecast step")
     axes[0].legend(fontsize=7)
@@ -166,11 +160,8 @@ def write_report(
     aggs = {name: m["encoded"]["aggregate"]["all"] for name, m in metrics.items()}
     rows = [[name, *(_mean_median(a[k][v]) for k in TABLED_METRICS for v in VARIABLES)] for name, a in aggs.items()]
     lines += _table(title, columns, rows)
-    by_class = metrics["model"]["encoded"]["aggregate"]["by_class"]
-    rows = [
-        [label, str(a["n_systems"]), *(_f(a["mse"][v]["median"]) for v in VARIABLES)] for label, a in by_class.items()
-    ]
-    lines += _table(
-        "## Model by behaviour class (encoded MSE, median over systems)", ["class", "systems", *VARIABLES], rows
-    )
+    by_class = metrics["model"]["encoded"]["aggregate"]["by_class"].items()
+    rows = [[label, str(a["n_systems"]), *(_f(a["mse"][v]["median"]) for v in VARIABLES)] for label, a in by_class]
+    title = "## Model by behaviour class (encoded MSE, median over systems)"
+    lines += _table(title, ["class", "systems", *VARIABLES], rows)
     write_text(path, "\n".join(lines))
