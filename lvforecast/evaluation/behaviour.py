@@ -23,21 +23,14 @@ Behaviour = Literal["stable", "growing", "decaying", "oscillatory"]
 #: All classes, in the order reports list them (and ``data.pinned_test_systems`` lists the study's examples).
 CLASSES: tuple[Behaviour, ...] = ("oscillatory", "decaying", "growing", "stable")
 
-_LOG_EPS = 1e-12  # keeps log finite for a variable that reaches exactly 0
 
-
-def _trend_class(slope: float, slope_tol: float) -> Behaviour:
+def _trend(x: np.ndarray, y: np.ndarray, slope_tol: float) -> Behaviour:
+    """The class of the least-squares slope of y against x (both (n,), n >= 2, x not constant)."""
+    xc = x - x.mean()
+    slope = float((xc * (y - y.mean())).sum() / (xc * xc).sum())
     if slope > slope_tol:
         return "growing"
-    if slope < -slope_tol:
-        return "decaying"
-    return "oscillatory"
-
-
-def _ls_slope(x: np.ndarray, y: np.ndarray) -> float:
-    """Least-squares slope of y against x (both (n,), n >= 2, x not constant)."""
-    xc = x - x.mean()
-    return float((xc * (y - y.mean())).sum() / (xc * xc).sum())
+    return "decaying" if slope < -slope_tol else "oscillatory"
 
 
 def classify(
@@ -69,21 +62,17 @@ def classify(
 
     peaks, props = find_peaks(series[:, 0], prominence=0)
     if peaks.size >= 2:
-        return _trend_class(_ls_slope(time[peaks], np.log(props["prominences"])), slope_tol)
+        return _trend(time[peaks], np.log(props["prominences"]), slope_tol)
 
-    # No oscillation to measure: follow the level of the least flat variable.
+    # No oscillation to measure: follow the level of the least flat variable (1e-12 keeps the log of 0 finite).
     with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(level > 0, spread / level, np.inf)
-    var = int(np.argmax(rel))
-    return _trend_class(_ls_slope(time[-flat_points:], np.log(tail[:, var] + _LOG_EPS)), slope_tol)
+        var = int(np.argmax(np.where(level > 0, spread / level, np.inf)))
+    return _trend(time[-flat_points:], np.log(tail[:, var] + 1e-12), slope_tol)
 
 
 def classify_all(values: np.ndarray, time: np.ndarray, **kwargs: float) -> list[Behaviour]:
-    """Labels of the N systems of (N, T, 2) ``values``, in order (``kwargs``: thresholds of :func:`classify`).
-
-    Raises:
-        ValueError: ``values`` is not (N, T, 2), or as :func:`classify`.
-    """
+    """Labels of the N systems of (N, T, 2) ``values``, in order (``kwargs``: thresholds of :func:`classify`);
+    ``ValueError`` when ``values`` is not (N, T, 2) or as :func:`classify`."""
     values = np.asarray(values)
     if values.ndim != 3 or values.shape[2] != 2:
         raise UserError(f"values must have shape (N, T, 2), got {values.shape}")

@@ -182,20 +182,6 @@ def _generate_all(
     return texts, total_new, total_flops
 
 
-def _decode_rows(
-    texts: list[str], rows: list[int], scales: list[float], decimals: int, horizon_steps: int
-) -> tuple[np.ndarray, list[int]]:
-    """(rows, H, 2) values of each generated text (NaN past its parsed prefix) and its parsed step count."""
-    values = np.full((len(rows), horizon_steps, 2), np.nan)
-    steps_parsed = []
-    for r, (i, text) in enumerate(zip(rows, texts, strict=True)):
-        parsed, n = decode(text, scales[i], decimals)
-        n = min(n, horizon_steps)
-        values[r, :n] = parsed[:n]
-        steps_parsed.append(n)
-    return values, steps_parsed
-
-
 def forecast(
     model: Any, tokenizer: Any, char_ids: dict[str, int], series: np.ndarray, scales: Sequence[float], *,
     decimals: int, context_steps: int, horizon_steps: int, batch_size: int, constrained: bool, num_samples: int,
@@ -255,7 +241,12 @@ def forecast(
     texts, new_tokens, flops = _generate_all(runner, prompts, batches, seed, price, charge)
 
     rows = [i for chunk in batches for i in chunk]
-    values, steps_parsed = _decode_rows(texts, rows, scales, decimals, horizon_steps)
+    values, steps_parsed = np.full((len(rows), horizon_steps, 2), np.nan), []  # NaN past each parsed prefix
+    for r, (i, text) in enumerate(zip(rows, texts, strict=True)):
+        parsed, n = decode(text, scales[i], decimals)
+        n = min(n, horizon_steps)
+        values[r, :n] = parsed[:n]
+        steps_parsed.append(n)
     failures = sum(n < horizon_steps for n in steps_parsed)
     if constrained:
         assert failures == 0, f"constrained decoding left {failures} unparsed forecasts: {texts!r}"

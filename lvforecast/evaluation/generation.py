@@ -22,33 +22,23 @@ from lvforecast.evaluation.grammar import CompiledGrammar, Grammar, LLMTimeLogit
 
 
 class AddLogitBias(LogitsProcessor):
-    """Add a trained (V,) bias to the scores, as :class:`lvforecast.model.lora.LogitBias` did in training."""
+    """Add a trained (V,) bias (checked by :func:`full_and_alphabet_bias`) to the (B, V) scores, as
+    :class:`lvforecast.model.lora.LogitBias` did in training."""
 
     def __init__(self, bias: torch.Tensor) -> None:
         self.bias = bias
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        """Return ``scores`` (B, V) plus the bias."""
-        if scores.shape[-1] != self.bias.shape[0]:
-            raise UserError(_bias_mismatch(self.bias.shape[0], f"{scores.shape[-1]} tokens"))
         if self.bias.device != scores.device or self.bias.dtype != scores.dtype:  # once, not at every step
             self.bias = self.bias.to(device=scores.device, dtype=scores.dtype)
         return scores + self.bias
 
 
-def _bias_mismatch(entries: Any, scored: str) -> str:
-    return (
-        f"logit bias has {entries} entries but the model scores {scored}: the adapter was trained on another base model"
-    )
-
-
 def full_and_alphabet_bias(
     bias: torch.Tensor | None, vocab: int, char_ids: dict[str, int]
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """A trained bias as ``(V-vector, 13-vector in ALPHABET order)``, or ``(None, None)``.
-
-    Accepts a bias over the vocabulary (V,) or over the alphabet (13,) in ``ALPHABET`` order, as
-    ``model.head=alphabet`` training saves it; the other entries of the V-vector of a 13-vector are 0.
+    """A trained bias over the vocabulary (V,) or the alphabet (13,) in ``ALPHABET`` order (as ``model.head=alphabet``
+    training saves it) as ``(V-vector, 13-vector)``, the V-vector 0 off the alphabet, or ``(None, None)``.
 
     Raises:
         ValueError: The bias has neither ``vocab`` nor 13 entries.
@@ -61,7 +51,10 @@ def full_and_alphabet_bias(
     if bias.ndim == 1 and bias.shape[0] == len(ALPHABET):
         return torch.zeros(vocab, dtype=bias.dtype).index_copy(0, ids, bias), bias
     entries = bias.shape[0] if bias.ndim == 1 else tuple(bias.shape)
-    raise UserError(_bias_mismatch(entries, f"{vocab} tokens (or the {len(ALPHABET)} of the alphabet)"))
+    raise UserError(
+        f"logit bias has {entries} entries but the model scores {vocab} tokens (or the {len(ALPHABET)} of the "
+        "alphabet): the adapter was trained on another base model"
+    )
 
 
 def generation_config(
@@ -125,15 +118,9 @@ class GenerateRunner(_Runner):
                 LLMTimeLogitsProcessor(self.char_ids, self.grammar, prompt_len, self.horizon_steps, end_id)
             )
         stop = StoppingCriteriaList([StepsStoppingCriteria(self.char_ids[STEP_SEP], prompt_len, self.horizon_steps)])
-        out = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            generation_config=generation_config(
-                self.tokenizer, self.max_new_tokens, self.sample, self.temperature, self.top_p
-            ),
-            logits_processor=processors,
-            stopping_criteria=stop,
-        )
+        config = generation_config(self.tokenizer, self.max_new_tokens, self.sample, self.temperature, self.top_p)
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                  logits_processor=processors, stopping_criteria=stop)
         return out[:, prompt_len:].cpu().tolist(), prompt_len
 
 
