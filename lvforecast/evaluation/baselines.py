@@ -1,17 +1,11 @@
 """Non-LLM reference forecasters, run on the same systems and context as the model (:data:`BASELINES`).
 
-Contract shared by every baseline: ``baseline(context, time, horizon_steps) -> forecast`` with
-
-* ``context``: (S, Tc, 2) raw populations (prey, predator), finite, >= 0;
-* ``time``: (T,) the *full* strictly increasing time grid, T >= Tc + horizon_steps; the context sits at
-  ``time[:Tc]`` and the forecast at ``time[Tc:Tc + horizon_steps]``;
-* returns (S, horizon_steps, 2) float64 raw forecasts, finite and >= 0. Statistical forecasts are clipped to
-  [0, :data:`CLIP_FACTOR` x the system's context maximum of that variable]: the cap only bites on diverging fits;
-* raises ``ValueError`` on bad shapes or values.
-
-``persistence`` repeats the last step; ``ar`` is a per-variable AR(p) with intercept, ``var_log`` a VAR(p) with
-intercept on log(x + eps), both least squares on the context iterated forward; ``rm_fit`` fits the equations of
-:mod:`lvforecast.data.simulate` to the context and integrates them forward (the near-physical-limit reference).
+Every baseline is ``baseline(context, time, horizon_steps) -> forecast``: ``context`` (S, Tc, 2) raw populations
+(prey, predator), finite, >= 0; ``time`` (T,) the *full* strictly increasing grid, T >= Tc + horizon_steps, the
+context at ``time[:Tc]``, the forecast at ``time[Tc:Tc + horizon_steps]``; the forecast (S, horizon_steps, 2) float64
+raw values, finite, >= 0; ``ValueError`` on bad shapes or values. Statistical forecasts are clipped to [0,
+:data:`CLIP_FACTOR` x the system's context maximum of that variable], which only bites on diverging fits. ``rm_fit``
+fits the equations of :mod:`lvforecast.data.simulate` (the near-physical-limit reference).
 """
 
 from __future__ import annotations
@@ -88,8 +82,9 @@ def _lagged(series: np.ndarray, order: int) -> tuple[np.ndarray, np.ndarray]:
     return np.hstack(rows), series[order:]
 
 
-def _iterate(history: np.ndarray, coef: np.ndarray, order: int, horizon_steps: int) -> np.ndarray:
-    """Roll a fitted (V)AR forward from (Tc, V) history; coef is (1 + order * V, V)."""
+def _fit_and_roll(history: np.ndarray, order: int, horizon_steps: int) -> np.ndarray:
+    """(horizon_steps, V) forecast of a (V)AR(``order``) with intercept fitted by least squares to (Tc, V) history."""
+    coef = np.linalg.lstsq(*_lagged(history, order), rcond=None)[0]  # (1 + order * V, V)
     buf = list(history[-order:])
     out = np.empty((horizon_steps, history.shape[1]))
     with np.errstate(over="ignore", invalid="ignore"):
@@ -112,9 +107,7 @@ def ar(context: np.ndarray, time: np.ndarray, horizon_steps: int, order: int = 3
     out = np.empty((context.shape[0], int(horizon_steps), 2))
     for s, series in enumerate(context):
         for v in range(2):
-            x = series[:, v : v + 1]
-            coef = np.linalg.lstsq(*_lagged(x, order), rcond=None)[0]
-            out[s, :, v] = _iterate(x, coef, order, int(horizon_steps))[:, 0]
+            out[s, :, v] = _fit_and_roll(series[:, v : v + 1], order, int(horizon_steps))[:, 0]
     return _clip(out, context)
 
 
@@ -131,19 +124,14 @@ def var_log(context: np.ndarray, time: np.ndarray, horizon_steps: int, order: in
         raise UserError(f"order={order} is too large for context length Tc={context.shape[1]}")
     out = np.empty((context.shape[0], int(horizon_steps), 2))
     for s, series in enumerate(context):
-        z = np.log(series + eps)
-        coef = np.linalg.lstsq(*_lagged(z, order), rcond=None)[0]
         with np.errstate(over="ignore"):
-            out[s] = np.exp(_iterate(z, coef, order, int(horizon_steps))) - eps
+            out[s] = np.exp(_fit_and_roll(np.log(series + eps), order, int(horizon_steps))) - eps
     return _clip(out, context)
 
 
 def _gradient_matching_guess(series: np.ndarray, t: np.ndarray, n_h: int = 8) -> np.ndarray:
-    """Cheap initial (a, b, c, d, K, h): per-capita rates are linear in the parameters for fixed h.
-
-    With finite-difference derivatives, dx/dt / x = a - (a/K) x - b y/(1+hx) and
-    dy/dt / y = c x/(1+hx) - d are linear least-squares problems for each h on a grid.
-    """
+    """Cheap initial (a, b, c, d, K, h): with finite-difference derivatives, dx/dt / x = a - (a/K) x - b y/(1+hx) and
+    dy/dt / y = c x/(1+hx) - d are linear least-squares problems for each h on a grid."""
     x, y = series[:, 0], series[:, 1]
     keep = (x > 1e-6) & (y > 1e-6)
     dx, dy = np.gradient(x, t), np.gradient(y, t)

@@ -41,8 +41,7 @@ def classify(
     Raises:
         ValueError: Bad shapes, non-finite values, or thresholds out of range (2 <= flat_points <= T, tolerances >= 0).
     """
-    series = np.asarray(series, dtype=np.float64)
-    time = np.asarray(time, dtype=np.float64)
+    series, time = np.asarray(series, dtype=np.float64), np.asarray(time, dtype=np.float64)
     if series.ndim != 2 or series.shape[1] != 2:
         raise UserError(f"series must have shape (T, 2), got {series.shape}")
     if time.shape != (series.shape[0],):

@@ -47,8 +47,7 @@ def choose(
         scores = _top_p(scores, top_p)
     cdf = scores.softmax(dim=-1).cumsum(dim=-1)
     # The first column whose cumulative mass reaches u x total: it has positive probability.
-    picked = (cdf < uniforms.unsqueeze(-1) * cdf[:, -1:]).sum(dim=-1)
-    return picked.clamp(max=logits.shape[-1] - 1)
+    return (cdf < uniforms.unsqueeze(-1) * cdf[:, -1:]).sum(dim=-1).clamp(max=logits.shape[-1] - 1)
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -57,8 +56,7 @@ class PreallocatedLayer(DynamicLayer):
 
     def __init__(self, capacity: int) -> None:
         super().__init__()
-        self.capacity = int(capacity)
-        self.length = 0
+        self.capacity, self.length = int(capacity), 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -98,9 +96,8 @@ def prefill(
 ) -> torch.Tensor:
     """Run the left-padded prompts into an empty :func:`preallocated_cache`; return the (B, 1, D) last hidden states.
 
-    ``one_row_at_a_time`` (what :func:`decode` does on a CPU) runs each row without its padding into its slots of
-    the batch's buffers: one row's activations stay in the CPU caches, a whole batch's MLP intermediate does not.
-    The FLOPs are charged as the padded batch's forward either way (an upper bound, and what was planned).
+    ``one_row_at_a_time`` (on a CPU) runs each row without its padding into its slots of the batch's buffers: one
+    row's activations stay in the CPU caches. The FLOPs are charged as the padded batch's forward either way.
     """
     padded = bool((attention_mask == 0).any())
     if not one_row_at_a_time or input_ids.shape[0] == 1:
@@ -130,11 +127,8 @@ def preallocated_cache(n_layers: int, capacity: int) -> Cache:
 
 
 class AlphabetLogits:
-    """Logits of the alphabet's (A,) ``token_ids`` columns from final hidden states, plus an (A,) trained ``bias``.
-
-    ``head="alphabet"`` multiplies by the A gathered rows of the output matrix only; ``full`` runs the whole lm_head
-    and keeps the columns (what ``generate`` computes).
-    """
+    """Logits of the alphabet's (A,) ``token_ids`` columns from final hidden states, plus an (A,) trained ``bias``:
+    ``head="alphabet"`` multiplies by those A rows of the output matrix only, ``full`` runs the whole lm_head."""
 
     def __init__(self, model: Any, token_ids: torch.Tensor, head: Head, bias: torch.Tensor | None) -> None:
         self.lm_head = model.get_output_embeddings()
@@ -166,8 +160,8 @@ class LeanStep:
 
     For :data:`LEAN_LAYERS` only (:meth:`supports`). Their own modules (LoRA layers in place) compute everything but
     the new query's attention: one ``scaled_dot_product_attention`` against the ``cache`` with each key/value head's
-    query heads packed as its queries, rotary cos/sin from one table of every position below ``max_position``.
-    Equal to the stack's forward up to float rounding (a test bounds it).
+    query heads packed as its queries, rotary cos/sin from one table of the positions below ``max_position``. Equal to
+    the stack's forward up to float rounding (a test bounds it).
     """
 
     def __init__(self, stack: Any, cache: Cache, max_position: int) -> None:
@@ -183,22 +177,16 @@ class LeanStep:
     def supports(stack: Any) -> bool:
         """Whether every layer is a :data:`LEAN_LAYERS` layer with full attention and a :data:`STATIC_ROPE`."""
         layers = getattr(stack, "layers", None)
-        return (
-            layers is not None
-            and all(hasattr(stack, a) for a in ("embed_tokens", "rotary_emb", "norm"))
-            and getattr(stack.rotary_emb, "rope_type", None) in STATIC_ROPE
-            and all(
-                type(layer).__name__ in LEAN_LAYERS and getattr(layer.self_attn, "sliding_window", None) is None
-                for layer in layers
-            )
+        if layers is None or not all(hasattr(stack, a) for a in ("embed_tokens", "rotary_emb", "norm")):
+            return False
+        return getattr(stack.rotary_emb, "rope_type", None) in STATIC_ROPE and all(
+            type(layer).__name__ in LEAN_LAYERS and getattr(layer.self_attn, "sliding_window", None) is None
+            for layer in layers
         )
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """(B, 1) new token ids at (B, 1) ``positions`` -> (B, 1, D) final hidden states.
-
-        ``bias``: (B, 1, 1, K) additive attention bias (0 visible, -inf not) over the K keys the cache holds after
-        this step, or None (every key visible).
-        """
+        """(B, 1) new token ids at (B, 1) ``positions`` -> (B, 1, D) final hidden states; ``bias``: (B, 1, 1, K)
+        additive attention bias (0 visible, -inf not) over the K keys after this step, or None (all visible)."""
         hidden = self.stack.embed_tokens(ids)
         batch = ids.shape[0]
         cos, sin = self.cos[positions], self.sin[positions]
@@ -233,10 +221,9 @@ def decode(
 ) -> Decoded:
     """Grammar-constrained decoding of one left-padded batch (see the module docstring); call under no_grad.
 
-    Sampling draws ``torch.rand(B)`` from the current default generator once per step. ``cache``: a
-    :func:`preallocated_cache` of at least ``prompt_len + max_new_tokens`` positions that may already hold the first
-    ``c < prompt_len`` prompt positions (the prefill then runs on the rest, as ``generate`` does with a cache).
-    ``lean``: run the decode steps with :class:`LeanStep` (None: where it :meth:`~LeanStep.supports` the model).
+    Sampling draws ``torch.rand(B)`` from the default generator once per step. ``cache``: a :func:`preallocated_cache`
+    of >= ``prompt_len + max_new_tokens`` positions, possibly holding the first ``c < prompt_len`` prompt positions
+    (then prefilled from c on). ``lean``: decode steps by :class:`LeanStep` (None: where it :meth:`~LeanStep.supports`).
     """
     stack = decoder_stack(model)
     batch, prompt_len = input_ids.shape

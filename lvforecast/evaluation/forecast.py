@@ -1,6 +1,7 @@
 """Batched LLMTIME forecasting: prompts, batching, constrained decoding or ``generate``, parsing and FLOP charging.
 
-How a forecast is made: ``docs/evaluation.md``. The contract of :func:`forecast`:
+How a forecast is made: ``docs/evaluation.md``. The settings have no defaults here: they are the ``forecast`` node of
+``conf/evaluate.yaml``. The contract of :func:`forecast`:
 
 * Series ``i``'s prompt is :func:`lvforecast.data.encoding.encode_prompt` of its first ``context_steps`` steps with
   ``scales[i]``, without special tokens, left-padded; at most :func:`max_new_tokens_bound` tokens follow.
@@ -11,8 +12,6 @@ How a forecast is made: ``docs/evaluation.md``. The contract of :func:`forecast`
 * Batches are :func:`row_batches` (:func:`planned_batches`: the same at the longest decode, what the budget
   reserves), each charged :func:`lvforecast.budget.formulas.generation_flops` of its padded prompt and decode steps,
   with ``head_rows=13`` when the loop scores the alphabet only; ``charge(flops, rows x (prompt + new) tokens)``.
-
-The settings have no defaults here: they are the ``forecast`` node of ``conf/evaluate.yaml``.
 """
 
 from __future__ import annotations
@@ -117,16 +116,12 @@ def _check_args(series: np.ndarray, scales: list[float], decimals: int, **settin
     problems = settings_problems(**settings)
     if series.ndim != 3 or series.shape[2] != 2:
         problems.append(f"series has shape {series.shape}: expected (S, T, 2)")
-    elif not 1 <= settings["context_steps"] <= series.shape[1]:
-        problems.append(
-            f"context_steps={settings['context_steps']!r}: must be in [1, {series.shape[1]}] (series length)"
-        )
+    elif not 1 <= (steps := settings["context_steps"]) <= series.shape[1]:
+        problems.append(f"context_steps={steps!r}: must be in [1, {series.shape[1]}] (series length)")
     if series.ndim >= 1 and len(scales) != series.shape[0]:
         problems.append(f"scales has {len(scales)} entries: expected one per series ({series.shape[0]})")
-    if not int_at_least(decimals, 0):
-        problems.append(f"decimals={decimals!r}: must be an integer >= 0")
     grammar = None
-    try:
+    try:  # the grammar checks decimals (an integer in [0, 12])
         grammar = Grammar(max_int_digits=settings["max_int_digits"], decimals=decimals)
     except ValueError as err:
         problems.append(str(err))
@@ -168,10 +163,9 @@ def _generate_all(
             for chunk in tqdm(batches, desc="forecasting", unit="batch", disable=len(batches) <= 1):
                 generated, prompt_len = runner.run([prompts[i] for i in chunk])
                 n_new = len(generated[0])
-                for row in generated:
-                    text, kept = runner.row_text(row)
-                    texts.append(text)
-                    total_new += kept
+                decoded = [runner.row_text(row) for row in generated]
+                texts += [text for text, _ in decoded]
+                total_new += sum(kept for _, kept in decoded)
                 flops = price(len(chunk), prompt_len, n_new) if n_new > 0 else 0
                 total_flops += flops
                 if charge is not None:
@@ -201,7 +195,8 @@ def forecast(
         decoder: Constrained decoding with ``loop`` (:mod:`lvforecast.evaluation.decoder`) or ``generate`` (needs
             ``head="full"``).
         trained_context_tokens: Token context the adapter was trained on; a longer prompt is logged and flagged.
-        charge: Called per batch as ``charge(flops, tokens)``; ``conv``: default :class:`~.shapes.Conventions`.
+        charge: Called per batch as ``charge(flops, tokens)``.
+        conv: FLOP counting conventions (default :class:`lvforecast.budget.shapes.Conventions`).
         logit_bias: Trained output bias, (V,) or (13,) in ``ALPHABET`` order, added to the logits before the
             grammar mask as in training (:func:`lvforecast.evaluation.generation.full_and_alphabet_bias`).
 

@@ -57,11 +57,7 @@ class Grammar:
         return DIGITS if n_frac < self.decimals else sep
 
     def advance(self, state: tuple[int, int, int, bool], char: str) -> tuple[int, int, int, bool]:
-        """State after writing ``char``.
-
-        Raises:
-            ValueError: ``char`` is not allowed in ``state``.
-        """
+        """State after writing ``char``; ``ValueError`` if ``char`` is not allowed in ``state``."""
         if char not in self.allowed(state):
             raise UserError(f"character {char!r} not allowed in grammar state {state}")
         field, n_int, n_frac, lead_zero = state
@@ -87,8 +83,8 @@ class CompiledGrammar:
     """The grammar as tensors over the alphabet's columns (token-id order).
 
     Attributes:
-        token_ids: (A,) the alphabet's token ids, increasing: column ``j`` is token ``token_ids[j]``.
-        chars: The character of each column.
+        token_ids: (A,) the alphabet's token ids, increasing: column ``j`` is token ``token_ids[j]``, character
+            ``chars[j]``.
         allowed: (S, A) bool, the columns allowed in each reachable state; state 0 is ``START``.
         next_state: (S, A) long, the state after writing each column (0 where not allowed).
         is_sep: (A,) bool, the column of ``;``.
@@ -102,11 +98,7 @@ class CompiledGrammar:
 
 
 def compile_grammar(grammar: Grammar, char_ids: dict[str, int], device: torch.device | str = "cpu") -> CompiledGrammar:
-    """Tabulate the states reachable from ``START`` (``char_ids``: character -> token id).
-
-    Raises:
-        ValueError: ``char_ids`` lacks a character of the alphabet.
-    """
+    """Tabulate the states reachable from ``START``; ``ValueError`` if ``char_ids`` lacks an alphabet character."""
     missing = [c for c in ALPHABET if c not in char_ids]
     if missing:
         raise UserError(f"char_ids lacks token ids for {missing!r}: every character of {ALPHABET!r} is needed")

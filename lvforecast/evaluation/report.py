@@ -132,23 +132,15 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> list[str]:
     return [title, "", line(columns), "|---|" + "---:|" * (len(columns) - 1), *map(line, rows), ""]
 
 
-def _mean_median(stat: dict[str, Any]) -> str:
-    return f"{_f(stat['mean'])} / {_f(stat['median'])}"
-
-
 def write_report(
     path: Path, summary: dict[str, Any], metrics: dict[str, Any], systems: list[int], examples: list[int]
 ) -> None:
     """The study's per-example table (encoded units), whole-split aggregates and model vs baselines."""
     decoding = "constrained" if summary["constrained"] else "unconstrained"
-    lines = [
-        f"# Evaluation: {summary['model']}",
-        "",
-        f"{len(systems)} test systems; classes {summary['classes']}; parse failures {summary['parse_failures']} "
-        f"({decoding} decoding); prompt tokens {summary['prompt_tokens']}; generation FLOPs "
-        f"{summary['flops_generate']:.3e}.",
-        "",
-    ]
+    lines = [f"# Evaluation: {summary['model']}", "",
+             f"{len(systems)} test systems; classes {summary['classes']}; parse failures {summary['parse_failures']} "
+             f"({decoding} decoding); prompt tokens {summary['prompt_tokens']}; generation FLOPs "
+             f"{summary['flops_generate']:.3e}.", ""]
     shown = [s for s in examples if s in systems]
     if shown:
         per = metrics["model"]["encoded"]["per_system"]
@@ -158,7 +150,8 @@ def write_report(
     title = "## Whole test split: model vs baselines (encoded units, mean / median over systems)"
     columns = ["method", *(f"{k.upper()} {v}" for k in TABLED_METRICS for v in VARIABLES)]
     aggs = {name: m["encoded"]["aggregate"]["all"] for name, m in metrics.items()}
-    rows = [[name, *(_mean_median(a[k][v]) for k in TABLED_METRICS for v in VARIABLES)] for name, a in aggs.items()]
+    rows = [[name, *(f"{_f(a[k][v]['mean'])} / {_f(a[k][v]['median'])}" for k in TABLED_METRICS for v in VARIABLES)]
+            for name, a in aggs.items()]
     lines += _table(title, columns, rows)
     by_class = metrics["model"]["encoded"]["aggregate"]["by_class"].items()
     rows = [[label, str(a["n_systems"]), *(_f(a["mse"][v]["median"]) for v in VARIABLES)] for label, a in by_class]
