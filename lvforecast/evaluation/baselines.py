@@ -47,8 +47,7 @@ def _rm_ode(_t: float, z: np.ndarray, p: dict[str, np.ndarray]) -> tuple[float, 
 
 
 def _check(context: np.ndarray, time: np.ndarray, horizon_steps: int) -> tuple[np.ndarray, np.ndarray]:
-    context = np.asarray(context, dtype=np.float64)
-    time = np.asarray(time, dtype=np.float64)
+    context, time = np.asarray(context, dtype=np.float64), np.asarray(time, dtype=np.float64)
     if context.ndim != 3 or context.shape[2] != 2 or context.shape[1] < 1:
         raise UserError(f"context must have shape (S, Tc>=1, 2), got {context.shape}")
     if not np.isfinite(context).all() or (context < 0).any():
@@ -156,20 +155,18 @@ def _fit_one(
     good_fit: float,
 ) -> tuple[np.ndarray, float]:
     """Best (theta, relative RMS) of least-squares RM fits from several starts; initial state fixed."""
-    state0 = series[:1]
     weight = 1.0 / (np.sqrt(np.mean(series**2, axis=0)) + 1e-12)  # per-variable relative residuals
     cache: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
 
     def residual_and_jacobian(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # Forward differences with the 6 perturbed parameter sets integrated in the same vectorised
-        # pass as theta itself: the pass costs about as much as one integration (Python-loop bound),
-        # so the Jacobian comes almost free with each residual.
+        # Forward differences with the 6 perturbed parameter sets integrated in theta's own vectorised pass, which
+        # costs about one integration (Python-loop bound): the Jacobian comes almost free with each residual.
         key = theta.tobytes()
         if key not in cache:
             steps = 1e-6 * np.maximum(np.abs(theta), 1e-3)
             thetas = np.vstack([theta, theta + np.diag(steps)])
             with np.errstate(over="ignore", invalid="ignore"):
-                sims = integrate_rk4(np.repeat(state0, 7, axis=0), _rm_params(thetas), t, max_dt)
+                sims = integrate_rk4(np.repeat(series[:1], 7, axis=0), _rm_params(thetas), t, max_dt)
             r = ((sims - series) * weight).reshape(7, -1)
             r = np.where(np.isfinite(r), r, 1e6)
             cache.clear()

@@ -83,6 +83,5 @@ def classify_all(values: np.ndarray, time: np.ndarray, **kwargs: float) -> list[
 def class_counts(labels: Iterable[str]) -> dict[str, int]:
     """``{class: count}`` of every class of :data:`CLASSES` in order (0 when absent), then any unknown labels."""
     counts = Counter(labels)
-    out = {c: int(counts.pop(c, 0)) for c in CLASSES}
-    out.update({k: int(v) for k, v in sorted(counts.items())})
-    return out
+    unknown = sorted(set(counts) - set(CLASSES))
+    return {c: int(counts[c]) for c in (*CLASSES, *unknown)}

@@ -1,12 +1,11 @@
 """The lean constrained decoder: the grammar as tensors, a preallocated KV cache and a short loop of its own.
 
-The design is described in ``docs/evaluation.md``. Contract: :func:`choose` picks one allowed column per row of
-logits over the alphabet in token-id order (greedy: the first maximum, what ``argmax`` over the masked vocabulary
-picks; sampling: one uniform per row inverts the CDF of the allowed tokens after Hugging Face's ``temperature`` and
-``top_p``, so the draw never depends on the vocabulary). :func:`decode` follows ``generate``'s position ids and
-attention mask, adds a trained logit bias in float32 before the mask, stops each row after its ``horizon_steps``-th
-``;`` (then writes ``end_id``) and never feeds back the token that finishes the last row: greedy tokens equal
-``generate``'s with the grammar's logits processor (tests), for PEFT-wrapped models too.
+Design: ``docs/evaluation.md``. :func:`choose` picks greedily the first maximum in token-id order (``argmax`` over
+the masked vocabulary), or samples with one uniform per row after Hugging Face's ``temperature`` and ``top_p``, so
+the draw never depends on the vocabulary. :func:`decode` follows ``generate``'s position ids and attention mask, adds
+a trained logit bias in float32 before the mask, stops each row after its ``horizon_steps``-th ``;`` (then writes
+``end_id``) and never feeds back the token that finishes the last row: greedy tokens equal ``generate``'s with the
+grammar's logits processor (tests), for PEFT-wrapped models too.
 """
 
 from __future__ import annotations
@@ -27,8 +26,7 @@ from lvforecast.model.lora import decoder_stack
 def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     """Hugging Face's ``TopPLogitsWarper`` (min_tokens_to_keep=1) on (B, A) scores."""
     sorted_scores, sorted_idx = torch.sort(scores, descending=False)
-    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-    remove = cumulative <= (1 - top_p)
+    remove = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
     remove[..., -1:] = False
     return scores.masked_fill(remove.scatter(1, sorted_idx, remove), -math.inf)
 
@@ -96,13 +94,11 @@ def prefill(
 ) -> torch.Tensor:
     """Run the left-padded prompts into an empty :func:`preallocated_cache`; return the (B, 1, D) last hidden states.
 
-    ``one_row_at_a_time`` (on a CPU) runs each row without its padding into its slots of the batch's buffers: one
-    row's activations stay in the CPU caches. The FLOPs are charged as the padded batch's forward either way.
-    """
+    ``one_row_at_a_time`` (on a CPU) runs each unpadded row into its slots, so its activations stay in the CPU caches;
+    the FLOPs are charged as the padded batch's forward either way."""
     padded = bool((attention_mask == 0).any())
     if not one_row_at_a_time or input_ids.shape[0] == 1:
-        mask = attention_mask if padded else None
-        return _last(stack, input_ids, position_ids, cache, mask)
+        return _last(stack, input_ids, position_ids, cache, attention_mask if padded else None)
     (batch, prompt_len), last = input_ids.shape, []
     for b in range(batch):
         pad = int((attention_mask[b] == 0).sum())
@@ -161,8 +157,7 @@ class LeanStep:
     For :data:`LEAN_LAYERS` only (:meth:`supports`). Their own modules (LoRA layers in place) compute everything but
     the new query's attention: one ``scaled_dot_product_attention`` against the ``cache`` with each key/value head's
     query heads packed as its queries, rotary cos/sin from one table of the positions below ``max_position``. Equal to
-    the stack's forward up to float rounding (a test bounds it).
-    """
+    the stack's forward up to float rounding (a test bounds it)."""
 
     def __init__(self, stack: Any, cache: Cache, max_position: int) -> None:
         self.stack, self.cache = stack, cache
@@ -192,9 +187,8 @@ class LeanStep:
         cos, sin = self.cos[positions], self.sin[positions]
         for layer, attn, rope, kv in zip(self.stack.layers, self.attn, self.rope, self.cache.layers, strict=True):
             x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
+            heads = (batch, 1, -1, attn.head_dim)
+            q, k, v = (proj(x).view(heads).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
             q, k = rope(q, k, cos, sin)
             k_all, v_all = kv.update(k, v)
             # Query head h reads key/value head h // groups (repeat_kv's order): pack (B, G, groups, head_dim); the
@@ -239,8 +233,7 @@ def decode(
     steps = torch.zeros(batch, dtype=torch.long, device=device)
     out = torch.full((batch, max_new_tokens), end_id, dtype=torch.long, device=device)
     if cached:  # the prefill continues the cache's prompt prefix, as generate does
-        prompt_mask = mask[:, :prompt_len] if padded else None
-        hidden = _last(stack, input_ids[:, cached:], position[:, cached:], cache, prompt_mask)
+        hidden = _last(stack, input_ids[:, cached:], position[:, cached:], cache, attention_mask if padded else None)
     else:
         hidden = prefill(stack, input_ids, attention_mask, position, cache, device.type == "cpu")
     next_pos = position[:, -1:] + 1

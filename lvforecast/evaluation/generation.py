@@ -1,10 +1,7 @@
-"""The two ways :func:`lvforecast.evaluation.forecast.forecast` generates one batch, behind one ``run`` method.
-
+"""The two ways :func:`lvforecast.evaluation.forecast.forecast` generates one batch, behind one ``run`` method:
 :class:`LoopRunner` (``decoder="loop"``, constrained only) calls :func:`lvforecast.evaluation.decoder.decode`;
 :class:`GenerateRunner` (``decoder="generate"``, and every unconstrained forecast) calls ``model.generate`` with a
-fully explicit :func:`generation_config`, the trained bias as a logits processor and, when constrained,
-:class:`~lvforecast.evaluation.grammar.LLMTimeLogitsProcessor` with its stopping criteria.
-"""
+fully explicit :func:`generation_config`, the trained bias and, when constrained, the grammar's logits processor."""
 
 from __future__ import annotations
 

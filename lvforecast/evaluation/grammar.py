@@ -1,10 +1,9 @@
 """The LLMTIME step grammar and the generation rules that enforce it.
 
-:class:`Grammar` is the character grammar of generated steps, exactly as :func:`lvforecast.data.encoding.encode`
-writes them; :func:`compile_grammar` tabulates it for the decoder. :class:`LLMTimeLogitsProcessor` allows at each
-position only the tokens the grammar permits there, and only the pad / EOS id once a row has written
-``horizon_steps`` ``;``; :class:`StepsStoppingCriteria` stops each row there. :func:`max_new_tokens_bound` is the
-generation length and the decode length the budget plans with.
+:class:`Grammar` is the character grammar of generated steps, as :func:`lvforecast.data.encoding.encode` writes them;
+:func:`compile_grammar` tabulates it for the decoder; :class:`LLMTimeLogitsProcessor` and
+:class:`StepsStoppingCriteria` enforce it in ``generate``. :func:`max_new_tokens_bound` is the generation length and
+the decode length the budget plans with.
 """
 
 from __future__ import annotations

@@ -59,11 +59,8 @@ def _check_samples(truth: np.ndarray, samples: np.ndarray) -> tuple[np.ndarray, 
 
 
 def to_encoded(values: np.ndarray, scale: Scale = STUDY_SCALE) -> np.ndarray:
-    """Raw populations (any shape, series along axis 0) / ``scale``, one number or one per series, as float64.
-
-    Raises:
-        ValueError: A scale that is not a finite number > 0, or per-series scales of the wrong length.
-    """
+    """Raw populations (any shape, series along axis 0) / ``scale``, one number or one per series, as float64;
+    ``ValueError`` for a scale that is not a finite number > 0 or per-series scales of the wrong length."""
     values = np.asarray(values, dtype=np.float64)
     scales = np.asarray(scale, dtype=np.float64)
     if scales.ndim > 1 or not np.all(np.isfinite(scales) & (scales > 0)):
@@ -77,11 +74,8 @@ def to_encoded(values: np.ndarray, scale: Scale = STUDY_SCALE) -> np.ndarray:
 
 def per_system_metrics(truth: np.ndarray, pred: np.ndarray) -> dict[str, np.ndarray]:
     """(S, 2) float64 ``mse``, ``rmse``, ``mae``, ``mape`` over the horizon and int64 counts ``nan_count``,
-    ``mape_excluded``, ``n_valid`` (steps used by MSE/MAE), per system and variable (NaN rule: module docstring).
-
-    Raises:
-        ValueError: Shapes differ or are not (S, H, 2), or ``truth`` is not finite.
-    """
+    ``mape_excluded``, ``n_valid`` (steps used by MSE/MAE), per system and variable (NaN rule: module docstring);
+    ``ValueError`` when the shapes differ or are not (S, H, 2), or ``truth`` is not finite."""
     truth, pred = _check_pair(truth, pred)
     valid = np.isfinite(pred)
     err = np.where(valid, pred - truth, 0.0)
@@ -169,11 +163,9 @@ def crps_samples(truth: np.ndarray, samples: np.ndarray) -> np.ndarray:
     truth, samples = _check_samples(truth, samples)
     k = samples.shape[1]
     term1 = np.abs(samples - truth[:, None]).mean(axis=1)  # (S, H, 2)
-    srt = np.sort(samples, axis=1)
     weights = (2.0 * np.arange(k) - k + 1.0).reshape(1, k, 1, 1)
-    pair_sum = 2.0 * (weights * srt).sum(axis=1)  # sum over all ordered pairs |X_i - X_j|
-    term2 = 0.5 * pair_sum / (k * k)
-    return (term1 - term2).mean(axis=1)
+    pair_sum = 2.0 * (weights * np.sort(samples, axis=1)).sum(axis=1)  # sum over all ordered pairs |X_i - X_j|
+    return (term1 - 0.5 * pair_sum / (k * k)).mean(axis=1)
 
 
 def interval_coverage(truth: np.ndarray, samples: np.ndarray, lo: float = 0.1, hi: float = 0.9) -> np.ndarray:
@@ -184,8 +176,7 @@ def interval_coverage(truth: np.ndarray, samples: np.ndarray, lo: float = 0.1, h
         raise UserError(f"need 0 <= lo < hi <= 1, got lo={lo!r}, hi={hi!r}")
     truth, samples = _check_samples(truth, samples)
     q_lo, q_hi = np.quantile(samples, [lo, hi], axis=1)
-    inside = (truth >= q_lo) & (truth <= q_hi)
-    return inside.mean(axis=1)
+    return ((truth >= q_lo) & (truth <= q_hi)).mean(axis=1)
 
 
 def evaluate_forecasts(

@@ -1,7 +1,6 @@
-"""Plots and the markdown report of an evaluation (the study's layout: prey gold, predator purple).
+"""Plots (the study's layout: prey gold, predator purple) and the markdown report of an evaluation.
 
-The plots are drawn on :class:`matplotlib.figure.Figure` objects: no pyplot state, no backend switch.
-"""
+The plots are drawn on :class:`matplotlib.figure.Figure` objects: no pyplot state, no backend switch."""
 
 from __future__ import annotations
 
@@ -30,10 +29,12 @@ def _log_scale(ax: Any) -> None:
         ax.set_yscale("log")
 
 
-def _figure(**kwargs: Any) -> Any:
+def _figure(width: float, height: float, panels: int = 1) -> tuple[Any, Any]:
+    """A figure and its row of ``panels`` axes."""
     from matplotlib.figure import Figure  # lazy: a heavy import, and only the plots need it
 
-    return Figure(**kwargs)
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots(1, panels, squeeze=False)[0]
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -43,8 +44,7 @@ def _save(fig: Any, path: Path) -> Path:
 
 def _per_system(shown: list[int], height: float, ylabel: str) -> tuple[Any, Any]:
     """A figure with one panel per shown system; the first panel is labelled."""
-    fig = _figure(figsize=(4.2 * len(shown), height))
-    axes = fig.subplots(1, len(shown), squeeze=False)[0]
+    fig, axes = _figure(4.2 * len(shown), height, len(shown))
     axes[0].set_ylabel(ylabel)
     return fig, axes
 
@@ -87,8 +87,7 @@ def write_plots(
     axes[0].legend(fontsize=7)
     paths.append(_save(fig, out / "running_mse.png"))
 
-    fig = _figure(figsize=(10, 3.6))
-    axes = fig.subplots(1, 2)
+    fig, axes = _figure(10, 3.6, 2)
     for j, (ax, var) in enumerate(zip(axes, VARIABLES, strict=True)):
         for name, m in metrics.items():
             err = _arr(m["encoded"]["error_by_horizon"])[:, j]
@@ -100,8 +99,7 @@ def write_plots(
     axes[0].legend(fontsize=7)
     paths.append(_save(fig, out / "error_by_horizon.png"))
 
-    fig = _figure(figsize=(7, 3.6))
-    ax = fig.subplots()
+    fig, (ax,) = _figure(7, 3.6)
     names = list(metrics)
     x = np.arange(len(names))
     for j, var in enumerate(VARIABLES):
