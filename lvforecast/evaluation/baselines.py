@@ -95,11 +95,8 @@ def _fit_and_roll(history: np.ndarray, order: int, horizon_steps: int) -> np.nda
 
 
 def ar(context: np.ndarray, time: np.ndarray, horizon_steps: int, order: int = 3) -> np.ndarray:
-    """Per-variable AR(``order``) with intercept, x_t = c + sum_i phi_i x_{t-i}, iterated forward.
-
-    The model is in steps (``time`` is only validated); Tc must be >= 2 * order + 2 (enough equations), else
-    ``ValueError``.
-    """
+    """Per-variable AR(``order``) with intercept, x_t = c + sum_i phi_i x_{t-i}, in steps (``time`` is only
+    validated), iterated forward; ``ValueError`` unless Tc >= 2 * order + 2 (enough equations)."""
     context, _ = _check(context, time, horizon_steps)
     if order < 1 or context.shape[1] < 2 * order + 2:
         raise UserError(f"order must be >= 1 with Tc >= 2*order+2, got order={order}, Tc={context.shape[1]}")
@@ -111,11 +108,8 @@ def ar(context: np.ndarray, time: np.ndarray, horizon_steps: int, order: int = 3
 
 
 def var_log(context: np.ndarray, time: np.ndarray, horizon_steps: int, order: int = 2, eps: float = 1e-6) -> np.ndarray:
-    """VAR(``order``) with intercept on z = log(x + eps) of both variables, iterated forward, exp(z) - eps.
-
-    Tc must be >= 2 * (1 + 2 * order) + order and ``eps`` (raw units; it keeps the log finite at 0) > 0, else
-    ``ValueError``.
-    """
+    """VAR(``order``) with intercept on z = log(x + eps) of both variables, iterated forward, exp(z) - eps;
+    ``ValueError`` unless Tc >= 2 * (1 + 2 * order) + order and ``eps`` (raw units; keeps the log of 0 finite) > 0."""
     context, _ = _check(context, time, horizon_steps)
     if not eps > 0:
         raise UserError(f"eps must be > 0, got {eps!r}")
