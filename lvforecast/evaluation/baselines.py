@@ -1,16 +1,11 @@
 """Non-LLM reference forecasters, run on the same systems and context as the model (:data:`BASELINES`).
 
-Contract shared by every baseline: ``baseline(context, time, horizon_steps) -> forecast`` with
-
-* ``context``: (S, Tc, 2) raw populations (prey, predator), finite, >= 0;
-* ``time``: (T,) the *full* strictly increasing time grid, T >= Tc + horizon_steps; the context sits at
-  ``time[:Tc]`` and the forecast at ``time[Tc:Tc + horizon_steps]``;
-* returns (S, horizon_steps, 2) float64 raw forecasts, finite and >= 0. Statistical forecasts are clipped to
-  [0, :data:`CLIP_FACTOR` x the system's context maximum of that variable]: the cap only bites on diverging fits.
-
-``persistence`` repeats the last step; ``ar`` is a per-variable AR(p) with intercept, ``var_log`` a VAR(p) with
-intercept on log(x + eps), both least squares on the context iterated forward; ``rm_fit`` fits the equations of
-:mod:`lvforecast.data.simulate` to the context and integrates them forward (the near-physical-limit reference).
+Every baseline is ``baseline(context, time, horizon_steps) -> forecast``: ``context`` (S, Tc, 2) raw populations
+(prey, predator), finite, >= 0; ``time`` (T,) the *full* strictly increasing grid, T >= Tc + horizon_steps, the
+context at ``time[:Tc]``, the forecast at ``time[Tc:Tc + horizon_steps]``; the forecast (S, horizon_steps, 2) float64
+raw values, finite, >= 0; ``ValueError`` on bad shapes or values. Statistical forecasts are clipped to [0,
+:data:`CLIP_FACTOR` x the system's context maximum of that variable], which only bites on diverging fits. ``rm_fit``
+fits the equations of :mod:`lvforecast.data.simulate` (the near-physical-limit reference).
 """
 
 from __future__ import annotations
@@ -36,16 +31,10 @@ CLIP_FACTOR = 10.0
 RM_PARAM_NAMES: tuple[str, ...] = ("a", "b", "c", "d", "K", "h")
 
 
-def _rm_bounds(loosen: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """Simulator ranges widened by ``loosen`` x their low end below and x their high end above."""
-    ranges = dict(PARAM_RANGES)
-    ranges["c"] = (ranges["e"][0] * ranges["b"][0], ranges["e"][1] * ranges["b"][1])  # c = e * b in the simulator
-    lo = np.array([ranges[n][0] * (1.0 - loosen) for n in RM_PARAM_NAMES])
-    hi = np.array([ranges[n][1] * (1.0 + loosen) for n in RM_PARAM_NAMES])
-    return lo, hi
-
-
-RM_LOWER, RM_UPPER = _rm_bounds()
+_RANGES = {**PARAM_RANGES, "c": tuple(e * b for e, b in zip(PARAM_RANGES["e"], PARAM_RANGES["b"], strict=True))}
+#: Bounds of the fitted parameters: the simulator's ranges (c = e * b there) loosened by 50% at each end.
+RM_LOWER = np.array([_RANGES[n][0] * 0.5 for n in RM_PARAM_NAMES])
+RM_UPPER = np.array([_RANGES[n][1] * 1.5 for n in RM_PARAM_NAMES])
 
 
 def _rm_params(theta: np.ndarray) -> dict[str, np.ndarray]:
@@ -58,8 +47,7 @@ def _rm_ode(_t: float, z: np.ndarray, p: dict[str, np.ndarray]) -> tuple[float, 
 
 
 def _check(context: np.ndarray, time: np.ndarray, horizon_steps: int) -> tuple[np.ndarray, np.ndarray]:
-    context = np.asarray(context, dtype=np.float64)
-    time = np.asarray(time, dtype=np.float64)
+    context, time = np.asarray(context, dtype=np.float64), np.asarray(time, dtype=np.float64)
     if context.ndim != 3 or context.shape[2] != 2 or context.shape[1] < 1:
         raise UserError(f"context must have shape (S, Tc>=1, 2), got {context.shape}")
     if not np.isfinite(context).all() or (context < 0).any():
@@ -81,11 +69,7 @@ def _clip(forecast: np.ndarray, context: np.ndarray) -> np.ndarray:
 
 
 def persistence(context: np.ndarray, time: np.ndarray, horizon_steps: int) -> np.ndarray:
-    """Repeat the last context step (``time`` is only validated).
-
-    Raises:
-        ValueError: Bad shapes or values (see the module contract), as every baseline.
-    """
+    """Repeat the last context step (``time`` is only validated)."""
     context, _ = _check(context, time, horizon_steps)
     return np.repeat(context[:, -1:, :], int(horizon_steps), axis=1)
 
@@ -97,8 +81,9 @@ def _lagged(series: np.ndarray, order: int) -> tuple[np.ndarray, np.ndarray]:
     return np.hstack(rows), series[order:]
 
 
-def _iterate(history: np.ndarray, coef: np.ndarray, order: int, horizon_steps: int) -> np.ndarray:
-    """Roll a fitted (V)AR forward from (Tc, V) history; coef is (1 + order * V, V)."""
+def _fit_and_roll(history: np.ndarray, order: int, horizon_steps: int) -> np.ndarray:
+    """(horizon_steps, V) forecast of a (V)AR(``order``) with intercept fitted by least squares to (Tc, V) history."""
+    coef = np.linalg.lstsq(*_lagged(history, order), rcond=None)[0]  # (1 + order * V, V)
     buf = list(history[-order:])
     out = np.empty((horizon_steps, history.shape[1]))
     with np.errstate(over="ignore", invalid="ignore"):
@@ -110,33 +95,21 @@ def _iterate(history: np.ndarray, coef: np.ndarray, order: int, horizon_steps: i
 
 
 def ar(context: np.ndarray, time: np.ndarray, horizon_steps: int, order: int = 3) -> np.ndarray:
-    """Per-variable AR(``order``) with intercept, x_t = c + sum_i phi_i x_{t-i}, iterated forward.
-
-    The model is in steps (``time`` is only validated); Tc must be >= 2 * order + 2 (enough equations).
-
-    Raises:
-        ValueError: Bad shapes or values, or ``order`` too large for the context.
-    """
+    """Per-variable AR(``order``) with intercept, x_t = c + sum_i phi_i x_{t-i}, in steps (``time`` is only
+    validated), iterated forward; ``ValueError`` unless Tc >= 2 * order + 2 (enough equations)."""
     context, _ = _check(context, time, horizon_steps)
     if order < 1 or context.shape[1] < 2 * order + 2:
         raise UserError(f"order must be >= 1 with Tc >= 2*order+2, got order={order}, Tc={context.shape[1]}")
     out = np.empty((context.shape[0], int(horizon_steps), 2))
     for s, series in enumerate(context):
         for v in range(2):
-            x = series[:, v : v + 1]
-            coef = np.linalg.lstsq(*_lagged(x, order), rcond=None)[0]
-            out[s, :, v] = _iterate(x, coef, order, int(horizon_steps))[:, 0]
+            out[s, :, v] = _fit_and_roll(series[:, v : v + 1], order, int(horizon_steps))[:, 0]
     return _clip(out, context)
 
 
 def var_log(context: np.ndarray, time: np.ndarray, horizon_steps: int, order: int = 2, eps: float = 1e-6) -> np.ndarray:
-    """VAR(``order``) with intercept on z = log(x + eps) of both variables, iterated forward, exp(z) - eps.
-
-    Tc must be >= 2 * (1 + 2 * order) + order; ``eps`` (raw units, > 0) keeps the log finite at 0.
-
-    Raises:
-        ValueError: Bad shapes or values, ``order`` too large, or ``eps`` <= 0.
-    """
+    """VAR(``order``) with intercept on z = log(x + eps) of both variables, iterated forward, exp(z) - eps;
+    ``ValueError`` unless Tc >= 2 * (1 + 2 * order) + order and ``eps`` (raw units; keeps the log of 0 finite) > 0."""
     context, _ = _check(context, time, horizon_steps)
     if not eps > 0:
         raise UserError(f"eps must be > 0, got {eps!r}")
@@ -144,19 +117,14 @@ def var_log(context: np.ndarray, time: np.ndarray, horizon_steps: int, order: in
         raise UserError(f"order={order} is too large for context length Tc={context.shape[1]}")
     out = np.empty((context.shape[0], int(horizon_steps), 2))
     for s, series in enumerate(context):
-        z = np.log(series + eps)
-        coef = np.linalg.lstsq(*_lagged(z, order), rcond=None)[0]
         with np.errstate(over="ignore"):
-            out[s] = np.exp(_iterate(z, coef, order, int(horizon_steps))) - eps
+            out[s] = np.exp(_fit_and_roll(np.log(series + eps), order, int(horizon_steps))) - eps
     return _clip(out, context)
 
 
 def _gradient_matching_guess(series: np.ndarray, t: np.ndarray, n_h: int = 8) -> np.ndarray:
-    """Cheap initial (a, b, c, d, K, h): per-capita rates are linear in the parameters for fixed h.
-
-    With finite-difference derivatives, dx/dt / x = a - (a/K) x - b y/(1+hx) and
-    dy/dt / y = c x/(1+hx) - d are linear least-squares problems for each h on a grid.
-    """
+    """Cheap initial (a, b, c, d, K, h): with finite-difference derivatives, dx/dt / x = a - (a/K) x - b y/(1+hx) and
+    dy/dt / y = c x/(1+hx) - d are linear least-squares problems for each h on a grid."""
     x, y = series[:, 0], series[:, 1]
     keep = (x > 1e-6) & (y > 1e-6)
     dx, dy = np.gradient(x, t), np.gradient(y, t)
@@ -177,29 +145,22 @@ def _gradient_matching_guess(series: np.ndarray, t: np.ndarray, n_h: int = 8) ->
 
 
 def _fit_one(
-    series: np.ndarray,
-    t: np.ndarray,
-    rng: np.random.Generator,
-    n_starts: int,
-    max_nfev: int,
-    max_dt: float,
+    series: np.ndarray, t: np.ndarray, rng: np.random.Generator, n_starts: int, max_nfev: int, max_dt: float,
     good_fit: float,
 ) -> tuple[np.ndarray, float]:
     """Best (theta, relative RMS) of least-squares RM fits from several starts; initial state fixed."""
-    state0 = series[:1]
     weight = 1.0 / (np.sqrt(np.mean(series**2, axis=0)) + 1e-12)  # per-variable relative residuals
     cache: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
 
     def residual_and_jacobian(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # Forward differences with the 6 perturbed parameter sets integrated in the same vectorised
-        # pass as theta itself: the pass costs about as much as one integration (Python-loop bound),
-        # so the Jacobian comes almost free with each residual.
+        # Forward differences with the 6 perturbed parameter sets integrated in theta's own vectorised pass, which
+        # costs about one integration (Python-loop bound): the Jacobian comes almost free with each residual.
         key = theta.tobytes()
         if key not in cache:
             steps = 1e-6 * np.maximum(np.abs(theta), 1e-3)
             thetas = np.vstack([theta, theta + np.diag(steps)])
             with np.errstate(over="ignore", invalid="ignore"):
-                sims = integrate_rk4(np.repeat(state0, 7, axis=0), _rm_params(thetas), t, max_dt)
+                sims = integrate_rk4(np.repeat(series[:1], 7, axis=0), _rm_params(thetas), t, max_dt)
             r = ((sims - series) * weight).reshape(7, -1)
             r = np.where(np.isfinite(r), r, 1e6)
             cache.clear()
@@ -215,10 +176,8 @@ def _fit_one(
     starts = [_gradient_matching_guess(series, t)] + [rng.uniform(RM_LOWER, RM_UPPER) for _ in range(n_starts - 1)]
     best_theta, best_cost = starts[0], np.inf
     for theta0 in starts:
-        bounds = (RM_LOWER, RM_UPPER)
-        res = least_squares(
-            residual, theta0, jac=jacobian, bounds=bounds, method="trf", max_nfev=max_nfev, x_scale="jac"
-        )
+        res = least_squares(residual, theta0, jac=jacobian, bounds=(RM_LOWER, RM_UPPER), method="trf",
+                            max_nfev=max_nfev, x_scale="jac")
         if np.isfinite(res.cost) and res.cost < best_cost:
             best_theta, best_cost = res.x, res.cost
         if math.sqrt(2.0 * best_cost / series.size) < good_fit:  # good enough: skip the other starts
@@ -227,32 +186,15 @@ def _fit_one(
 
 
 def rm_fit(
-    context: np.ndarray,
-    time: np.ndarray,
-    horizon_steps: int,
-    n_starts: int = 3,
-    max_nfev: int = 40,
-    seed: int = 0,
-    max_dt: float = 0.7,
-    good_fit: float = 1e-2,
+    context: np.ndarray, time: np.ndarray, horizon_steps: int, n_starts: int = 3, max_nfev: int = 40, seed: int = 0,
+    max_dt: float = 0.7, good_fit: float = 1e-2,
 ) -> np.ndarray:
-    """Fit the Rosenzweig-MacArthur equations to each context and integrate them forward.
+    """Fit the Rosenzweig-MacArthur equations to each context and integrate them forward (``docs/evaluation.md``).
 
-    Fit: :func:`scipy.optimize.least_squares` (trf, ``max_nfev`` per start) over (a, b, c, d, K, h) within the
-    simulator's ranges loosened by 50% at each end (``RM_LOWER``/``RM_UPPER``), the initial state fixed at the first
-    context point, residuals divided by each variable's context RMS, the model integrated by fixed-step RK4 (step
-    <= ``max_dt``) together with the 6 forward-difference perturbations of the Jacobian. Starts: a gradient-matching
-    guess, then ``n_starts - 1`` uniform draws (``np.random.default_rng([seed, s])`` for system s, so a system's fit
-    does not depend on the others); later starts are skipped once the weighted RMS residual is below ``good_fit``.
-
-    Forecast: :func:`scipy.integrate.solve_ivp` (DOP853, rtol 1e-8) from the *last* context point. A system whose
-    fit or integration fails falls back to persistence (the count is logged as a warning).
-
-    Returns:
-        (S, H, 2) forecasts, finite and >= 0.
-
-    Raises:
-        ValueError: Bad shapes or values, or ``n_starts`` < 1 or Tc < 3.
+    ``n_starts`` (>= 1) least-squares starts of at most ``max_nfev`` evaluations each, the later ones drawn from
+    ``np.random.default_rng([seed, s])`` for system s and skipped once the relative RMS residual is below
+    ``good_fit``; the fit integrates by RK4 at steps <= ``max_dt``. Tc must be >= 3, else ``ValueError``. A system
+    whose fit or integration fails falls back to persistence (the count is logged as a warning).
     """
     context, time = _check(context, time, horizon_steps)
     if n_starts < 1:

@@ -1,20 +1,8 @@
 """Deterministic behaviour classes of predator-prey series: stable, growing, decaying, oscillatory.
 
-Contract of :func:`classify` for one series (T, 2) on a time grid (T,), applied in this order:
-
-1. **stable** -- for each variable, (max - min) over the last ``flat_points`` (30) points is <= ``flat_tol`` (5%)
-   x their mean (a variable whose mean is 0 counts as flat only if it is constant there).
-2. Otherwise, with >= 2 prey peaks (:func:`scipy.signal.find_peaks`, ``prominence=0``: every strict local maximum
-   with its prominence; a peak cut by the series end is kept), the least-squares slope of log(prominence) against
-   peak time decides: > ``slope_tol`` (0.002 per time unit) -> **growing**, < -``slope_tol`` -> **decaying**,
-   otherwise **oscillatory**.
-3. With fewer than 2 prey peaks (on the study's data: the predator dies out while the prey saturates), the slope of
-   log(v + 1e-12) against time over the last ``flat_points`` points of the variable with the largest relative
-   range there decides, with the same thresholds.
-
-This literal reading of the study's description puts its four example systems (``data.pinned_test_systems``, in
-:data:`CLASSES` order) in their published classes: 906 oscillatory, 506 decaying, 20 growing, 654 stable. Over
-the study file's 1000 systems: oscillatory 221, decaying 584, growing 141, stable 54 (10 under rule 3).
+:func:`classify` tries, in order: a flat tail (stable); the trend of the prey peaks' prominences; without two prey
+peaks, the trend of the least flat variable's tail. The rules, thresholds and the classes of the study's data are in
+``docs/evaluation.md`` (Behaviour classes).
 """
 
 from __future__ import annotations
@@ -35,38 +23,25 @@ Behaviour = Literal["stable", "growing", "decaying", "oscillatory"]
 #: All classes, in the order reports list them (and ``data.pinned_test_systems`` lists the study's examples).
 CLASSES: tuple[Behaviour, ...] = ("oscillatory", "decaying", "growing", "stable")
 
-_LOG_EPS = 1e-12  # keeps log finite for a variable that reaches exactly 0
 
-
-def _trend_class(slope: float, slope_tol: float) -> Behaviour:
+def _trend(x: np.ndarray, y: np.ndarray, slope_tol: float) -> Behaviour:
+    """The class of the least-squares slope of y against x (both (n,), n >= 2, x not constant)."""
+    xc = x - x.mean()
+    slope = float((xc * (y - y.mean())).sum() / (xc * xc).sum())
     if slope > slope_tol:
         return "growing"
-    if slope < -slope_tol:
-        return "decaying"
-    return "oscillatory"
-
-
-def _ls_slope(x: np.ndarray, y: np.ndarray) -> float:
-    """Least-squares slope of y against x (both (n,), n >= 2, x not constant)."""
-    xc = x - x.mean()
-    return float((xc * (y - y.mean())).sum() / (xc * xc).sum())
+    return "decaying" if slope < -slope_tol else "oscillatory"
 
 
 def classify(
-    series: np.ndarray,
-    time: np.ndarray,
-    *,
-    flat_points: int = 30,
-    flat_tol: float = 0.05,
-    slope_tol: float = 0.002,
+    series: np.ndarray, time: np.ndarray, *, flat_points: int = 30, flat_tol: float = 0.05, slope_tol: float = 0.002
 ) -> Behaviour:
-    """Behaviour class of one (T, 2) raw series on its (T,) time grid (rules in the module docstring).
+    """Behaviour class of one (T, 2) raw series on its (T,) time grid (the rules: ``docs/evaluation.md``).
 
     Raises:
         ValueError: Bad shapes, non-finite values, or thresholds out of range (2 <= flat_points <= T, tolerances >= 0).
     """
-    series = np.asarray(series, dtype=np.float64)
-    time = np.asarray(time, dtype=np.float64)
+    series, time = np.asarray(series, dtype=np.float64), np.asarray(time, dtype=np.float64)
     if series.ndim != 2 or series.shape[1] != 2:
         raise UserError(f"series must have shape (T, 2), got {series.shape}")
     if time.shape != (series.shape[0],):
@@ -86,21 +61,17 @@ def classify(
 
     peaks, props = find_peaks(series[:, 0], prominence=0)
     if peaks.size >= 2:
-        return _trend_class(_ls_slope(time[peaks], np.log(props["prominences"])), slope_tol)
+        return _trend(time[peaks], np.log(props["prominences"]), slope_tol)
 
-    # No oscillation to measure: follow the level of the least flat variable.
+    # No oscillation to measure: follow the level of the least flat variable (1e-12 keeps the log of 0 finite).
     with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(level > 0, spread / level, np.inf)
-    var = int(np.argmax(rel))
-    return _trend_class(_ls_slope(time[-flat_points:], np.log(tail[:, var] + _LOG_EPS)), slope_tol)
+        var = int(np.argmax(np.where(level > 0, spread / level, np.inf)))
+    return _trend(time[-flat_points:], np.log(tail[:, var] + 1e-12), slope_tol)
 
 
 def classify_all(values: np.ndarray, time: np.ndarray, **kwargs: float) -> list[Behaviour]:
-    """Labels of the N systems of (N, T, 2) ``values``, in order (``kwargs``: thresholds of :func:`classify`).
-
-    Raises:
-        ValueError: ``values`` is not (N, T, 2), or as :func:`classify`.
-    """
+    """Labels of the N systems of (N, T, 2) ``values``, in order (``kwargs``: thresholds of :func:`classify`);
+    ``ValueError`` when ``values`` is not (N, T, 2) or as :func:`classify`."""
     values = np.asarray(values)
     if values.ndim != 3 or values.shape[2] != 2:
         raise UserError(f"values must have shape (N, T, 2), got {values.shape}")
@@ -112,6 +83,5 @@ def classify_all(values: np.ndarray, time: np.ndarray, **kwargs: float) -> list[
 def class_counts(labels: Iterable[str]) -> dict[str, int]:
     """``{class: count}`` of every class of :data:`CLASSES` in order (0 when absent), then any unknown labels."""
     counts = Counter(labels)
-    out = {c: int(counts.pop(c, 0)) for c in CLASSES}
-    out.update({k: int(v) for k, v in sorted(counts.items())})
-    return out
+    unknown = sorted(set(counts) - set(CLASSES))
+    return {c: int(counts[c]) for c in (*CLASSES, *unknown)}

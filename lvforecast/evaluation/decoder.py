@@ -1,16 +1,11 @@
 """The lean constrained decoder: the grammar as tensors, a preallocated KV cache and a short loop of its own.
 
-Contract (the design is described in ``docs/evaluation.md``):
-
-* :func:`~lvforecast.evaluation.grammar.compile_grammar` tabulates the grammar's reachable states over the
-  alphabet's columns in **token-id order**, so every row of a batch is masked and advanced with one indexing op each.
-* :func:`choose` picks one allowed column per row: greedy is the first maximum in token-id order (what ``argmax``
-  over the full, masked vocabulary picks); sampling inverts the CDF of the allowed tokens with **one uniform per
-  row** (after Hugging Face's ``temperature`` and ``top_p`` semantics), so the draw never depends on the vocabulary.
-* :func:`decode` follows ``generate``'s position ids and attention mask, adds a trained logit bias in float32
-  before the mask, stops each row after its ``horizon_steps``-th ``;`` (then writes ``end_id``) and never feeds back
-  the token that finishes the last row: greedy tokens equal ``generate``'s with the grammar's logits processor
-  (tests), for PEFT-wrapped models too.
+Design: ``docs/evaluation.md``. :func:`choose` picks greedily the first maximum in token-id order (``argmax`` over
+the masked vocabulary), or samples with one uniform per row after Hugging Face's ``temperature`` and ``top_p``, so
+the draw never depends on the vocabulary. :func:`decode` follows ``generate``'s position ids and attention mask, adds
+a trained logit bias in float32 before the mask, stops each row after its ``horizon_steps``-th ``;`` (then writes
+``end_id``) and never feeds back the token that finishes the last row: greedy tokens equal ``generate``'s with the
+grammar's logits processor (tests), for PEFT-wrapped models too.
 """
 
 from __future__ import annotations
@@ -31,28 +26,17 @@ from lvforecast.model.lora import decoder_stack
 def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     """Hugging Face's ``TopPLogitsWarper`` (min_tokens_to_keep=1) on (B, A) scores."""
     sorted_scores, sorted_idx = torch.sort(scores, descending=False)
-    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-    remove = cumulative <= (1 - top_p)
+    remove = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
     remove[..., -1:] = False
     return scores.masked_fill(remove.scatter(1, sorted_idx, remove), -math.inf)
 
 
 def choose(
-    logits: torch.Tensor,
-    allowed: torch.Tensor,
-    *,
-    sample: bool,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
+    logits: torch.Tensor, allowed: torch.Tensor, *, sample: bool, temperature: float = 1.0, top_p: float = 1.0,
     uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B,) one allowed column per row of (B, A) float32 ``logits`` (columns in token-id order).
-
-    Args:
-        allowed: (B, A) bool mask; every row allows at least one column.
-        sample: False: the first maximum (greedy); True: inverse-CDF sampling with ``uniforms``, (B,) draws in
-            [0, 1), after ``temperature`` and ``top_p``.
-    """
+    """(B,) one column per row of (B, A) float32 ``logits`` that the (B, A) bool ``allowed`` allows (each row one at
+    least): the first maximum, or with ``sample`` the inverse CDF at ``uniforms`` ((B,) draws in [0, 1))."""
     scores = logits.masked_fill(~allowed, -math.inf)
     if not sample:
         return scores.argmax(dim=-1)
@@ -61,8 +45,7 @@ def choose(
         scores = _top_p(scores, top_p)
     cdf = scores.softmax(dim=-1).cumsum(dim=-1)
     # The first column whose cumulative mass reaches u x total: it has positive probability.
-    picked = (cdf < uniforms.unsqueeze(-1) * cdf[:, -1:]).sum(dim=-1)
-    return picked.clamp(max=logits.shape[-1] - 1)
+    return (cdf < uniforms.unsqueeze(-1) * cdf[:, -1:]).sum(dim=-1).clamp(max=logits.shape[-1] - 1)
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -71,8 +54,7 @@ class PreallocatedLayer(DynamicLayer):
 
     def __init__(self, capacity: int) -> None:
         super().__init__()
-        self.capacity = int(capacity)
-        self.length = 0
+        self.capacity, self.length = int(capacity), 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -93,43 +75,30 @@ class PreallocatedLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        if end > self.capacity:
-            raise RuntimeError(f"KV cache of {self.capacity} positions overflowed ({end})")
-        self._keys[:, :, self.length : end].copy_(key_states)
-        self._values[:, :, self.length : end].copy_(value_states)
-        self._end(end)
+        self.write(slice(None), self.length, key_states, value_states)
         return self.keys, self.values
 
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def write_row(self, row: int, start: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Write one row's (1, G, n, d) keys/values at slots ``start .. start + n - 1``; length = their end."""
-        end = start + key_states.shape[2]
-        self._keys[row : row + 1, :, start:end].copy_(key_states)
-        self._values[row : row + 1, :, start:end].copy_(value_states)
+    def write(self, rows: slice, start: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Write (rows, G, n, d) keys/values at slots ``start .. start + n - 1``; the length becomes their end."""
+        end = start + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache of {self.capacity} positions overflowed ({end})")
+        self._keys[rows, :, start:end].copy_(key_states)
+        self._values[rows, :, start:end].copy_(value_states)
         self._end(end)
 
 
 def prefill(
-    stack: Any,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    position_ids: torch.Tensor,
-    cache: Cache,
+    stack: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Cache,
     one_row_at_a_time: bool,
 ) -> torch.Tensor:
     """Run the left-padded prompts into an empty :func:`preallocated_cache`; return the (B, 1, D) last hidden states.
 
-    ``one_row_at_a_time`` (what :func:`decode` does on a CPU) runs each row without its padding into its slots of
-    the batch's buffers: one row's activations stay in the CPU caches, a whole batch's MLP intermediate does not.
-    The FLOPs are charged as the padded batch's forward either way (an upper bound, and what was planned).
-    """
+    ``one_row_at_a_time`` (on a CPU) runs each unpadded row into its slots, so its activations stay in the CPU caches;
+    the FLOPs are charged as the padded batch's forward either way."""
     padded = bool((attention_mask == 0).any())
     if not one_row_at_a_time or input_ids.shape[0] == 1:
-        mask = attention_mask if padded else None
-        return _last(stack, input_ids, position_ids, cache, mask)
+        return _last(stack, input_ids, position_ids, cache, attention_mask if padded else None)
     (batch, prompt_len), last = input_ids.shape, []
     for b in range(batch):
         pad = int((attention_mask[b] == 0).sum())
@@ -138,7 +107,7 @@ def prefill(
         for into, layer in zip(cache.layers, row.layers, strict=True):
             if not into.is_initialized:  # the batch's buffers, shaped like this row's (a view: nothing copied)
                 into.lazy_initialization(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1))
-            into.write_row(b, pad, layer.keys, layer.values)
+            into.write(slice(b, b + 1), pad, layer.keys, layer.values)
     return torch.cat(last)
 
 
@@ -154,11 +123,8 @@ def preallocated_cache(n_layers: int, capacity: int) -> Cache:
 
 
 class AlphabetLogits:
-    """Logits of the alphabet's (A,) ``token_ids`` columns from final hidden states, plus an (A,) trained ``bias``.
-
-    ``head="alphabet"`` multiplies by the A gathered rows of the output matrix only; ``full`` runs the whole lm_head
-    and keeps the columns (what ``generate`` computes).
-    """
+    """Logits of the alphabet's (A,) ``token_ids`` columns from final hidden states, plus an (A,) trained ``bias``:
+    ``head="alphabet"`` multiplies by those A rows of the output matrix only, ``full`` runs the whole lm_head."""
 
     def __init__(self, model: Any, token_ids: torch.Tensor, head: Head, bias: torch.Tensor | None) -> None:
         self.lm_head = model.get_output_embeddings()
@@ -190,9 +156,8 @@ class LeanStep:
 
     For :data:`LEAN_LAYERS` only (:meth:`supports`). Their own modules (LoRA layers in place) compute everything but
     the new query's attention: one ``scaled_dot_product_attention`` against the ``cache`` with each key/value head's
-    query heads packed as its queries, rotary cos/sin from one table of every position below ``max_position``.
-    Equal to the stack's forward up to float rounding (a test bounds it).
-    """
+    query heads packed as its queries, rotary cos/sin from one table of the positions below ``max_position``. Equal to
+    the stack's forward up to float rounding (a test bounds it)."""
 
     def __init__(self, stack: Any, cache: Cache, max_position: int) -> None:
         self.stack, self.cache = stack, cache
@@ -207,30 +172,23 @@ class LeanStep:
     def supports(stack: Any) -> bool:
         """Whether every layer is a :data:`LEAN_LAYERS` layer with full attention and a :data:`STATIC_ROPE`."""
         layers = getattr(stack, "layers", None)
-        return (
-            layers is not None
-            and all(hasattr(stack, a) for a in ("embed_tokens", "rotary_emb", "norm"))
-            and getattr(stack.rotary_emb, "rope_type", None) in STATIC_ROPE
-            and all(
-                type(layer).__name__ in LEAN_LAYERS and getattr(layer.self_attn, "sliding_window", None) is None
-                for layer in layers
-            )
+        if layers is None or not all(hasattr(stack, a) for a in ("embed_tokens", "rotary_emb", "norm")):
+            return False
+        return getattr(stack.rotary_emb, "rope_type", None) in STATIC_ROPE and all(
+            type(layer).__name__ in LEAN_LAYERS and getattr(layer.self_attn, "sliding_window", None) is None
+            for layer in layers
         )
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """(B, 1) new token ids at (B, 1) ``positions`` -> (B, 1, D) final hidden states.
-
-        ``bias``: (B, 1, 1, K) additive attention bias (0 visible, -inf not) over the K keys the cache holds after
-        this step, or None (every key visible).
-        """
+        """(B, 1) new token ids at (B, 1) ``positions`` -> (B, 1, D) final hidden states; ``bias``: (B, 1, 1, K)
+        additive attention bias (0 visible, -inf not) over the K keys after this step, or None (all visible)."""
         hidden = self.stack.embed_tokens(ids)
         batch = ids.shape[0]
         cos, sin = self.cos[positions], self.sin[positions]
         for layer, attn, rope, kv in zip(self.stack.layers, self.attn, self.rope, self.cache.layers, strict=True):
             x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
+            heads = (batch, 1, -1, attn.head_dim)
+            q, k, v = (proj(x).view(heads).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
             q, k = rope(q, k, cos, sin)
             k_all, v_all = kv.update(k, v)
             # Query head h reads key/value head h // groups (repeat_kv's order): pack (B, G, groups, head_dim); the
@@ -251,27 +209,15 @@ class Decoded:
 
 
 def decode(
-    model: Any,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    grammar: CompiledGrammar,
-    *,
-    horizon_steps: int,
-    max_new_tokens: int,
-    end_id: int,
-    logits_fn: AlphabetLogits,
-    sample: bool,
-    temperature: float,
-    top_p: float,
-    cache: Cache | None = None,
-    lean: bool | None = None,
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, grammar: CompiledGrammar, *, horizon_steps: int,
+    max_new_tokens: int, end_id: int, logits_fn: AlphabetLogits, sample: bool, temperature: float, top_p: float,
+    cache: Cache | None = None, lean: bool | None = None,
 ) -> Decoded:
     """Grammar-constrained decoding of one left-padded batch (see the module docstring); call under no_grad.
 
-    Sampling draws ``torch.rand(B)`` from the current default generator once per step. ``cache``: a
-    :func:`preallocated_cache` of at least ``prompt_len + max_new_tokens`` positions that may already hold the first
-    ``c < prompt_len`` prompt positions (the prefill then runs on the rest, as ``generate`` does with a cache).
-    ``lean``: run the decode steps with :class:`LeanStep` (None: where it :meth:`~LeanStep.supports` the model).
+    Sampling draws ``torch.rand(B)`` from the default generator once per step. ``cache``: a :func:`preallocated_cache`
+    of >= ``prompt_len + max_new_tokens`` positions, possibly holding the first ``c < prompt_len`` prompt positions
+    (then prefilled from c on). ``lean``: decode steps by :class:`LeanStep` (None: where it :meth:`~LeanStep.supports`).
     """
     stack = decoder_stack(model)
     batch, prompt_len = input_ids.shape
@@ -287,17 +233,14 @@ def decode(
     steps = torch.zeros(batch, dtype=torch.long, device=device)
     out = torch.full((batch, max_new_tokens), end_id, dtype=torch.long, device=device)
     if cached:  # the prefill continues the cache's prompt prefix, as generate does
-        prompt_mask = mask[:, :prompt_len] if padded else None
-        hidden = _last(stack, input_ids[:, cached:], position[:, cached:], cache, prompt_mask)
+        hidden = _last(stack, input_ids[:, cached:], position[:, cached:], cache, attention_mask if padded else None)
     else:
         hidden = prefill(stack, input_ids, attention_mask, position, cache, device.type == "cpu")
     next_pos = position[:, -1:] + 1
     if LeanStep.supports(stack) if lean is None else lean:
         lean_step = LeanStep(stack, cache, int(next_pos.max()) + max_new_tokens)
-        pad_bias = None
-        if padded:  # 0 where a key may be attended to, -inf on padding: (B, 1, 1, keys), sliced each step
-            pad_bias = torch.zeros(mask.shape, dtype=hidden.dtype, device=device).masked_fill(mask == 0, -math.inf)
-            pad_bias = pad_bias[:, None, None, :]
+        # 0 where a key may be attended to, -inf on padding: (B, 1, 1, keys), sliced each step
+        pad_bias = torch.where(mask == 0, -math.inf, 0.0).to(hidden.dtype)[:, None, None] if padded else None
 
         def step_fn(ids: torch.Tensor, step: int) -> torch.Tensor:
             return lean_step(ids, next_pos + step, None if pad_bias is None else pad_bias[..., : prompt_len + step + 1])
@@ -312,12 +255,10 @@ def decode(
 
     n = 0
     for n in range(1, max_new_tokens + 1):
-        logits = logits_fn(hidden)
         uniforms = torch.rand(batch, device=device) if sample else None
         done = steps >= horizon_steps
-        col = choose(
-            logits, grammar.allowed[state], sample=sample, temperature=temperature, top_p=top_p, uniforms=uniforms
-        )
+        col = choose(logits_fn(hidden), grammar.allowed[state], sample=sample, temperature=temperature, top_p=top_p,
+                     uniforms=uniforms)
         out[:, n - 1] = torch.where(done, end_id, grammar.token_ids[col])
         steps = steps + (grammar.is_sep[col] & ~done)
         state = torch.where(done, state, grammar.next_state[state, col])

@@ -1,24 +1,17 @@
 """Batched LLMTIME forecasting: prompts, batching, constrained decoding or ``generate``, parsing and FLOP charging.
 
-How a forecast is made is described in ``docs/evaluation.md``; the contract here:
+How a forecast is made: ``docs/evaluation.md``. The settings have no defaults here: they are the ``forecast`` node of
+``conf/evaluate.yaml``. The contract of :func:`forecast`:
 
-* **Prompt.** Series ``i``'s prompt is :func:`lvforecast.data.encoding.encode_prompt` of its first
-  ``context_steps`` steps with ``scales[i]``, tokenized without special tokens and left-padded.
-* **Generation** (:mod:`lvforecast.evaluation.generation`): the decoding loop or ``model.generate`` with a fully
-  explicit config, at most :func:`lvforecast.evaluation.grammar.max_new_tokens_bound` new tokens.
-* **Constrained** (default): every forecast parses to ``horizon_steps`` steps; anything else is a bug and raises
-  ``AssertionError``. **Unconstrained:** a row with fewer parsed steps is one parse failure; its parsed prefix is
-  kept and its missing steps are NaN. Steps beyond the horizon are dropped.
-* **Sampling.** ``num_samples = k > 1`` repeats each prompt ``k`` times and samples under ``torch.manual_seed(seed)``
-  in a forked RNG (the caller's stream is untouched); the point forecast is the NaN-aware per-step median.
-* **Batches.** Rows are series-major (series ``i`` owns rows ``i*k .. i*k+k-1``), cut into consecutive batches of
-  ``batch_size`` rows (:func:`row_batches`); :func:`planned_batches` gives the same batches at the longest decode,
-  which is what the budget reserves before any weights load.
-* **FLOPs.** Each batch is charged :func:`lvforecast.budget.formulas.generation_flops` of its padded prompt length
-  and the decode steps it ran, with the KV cache, last-position prefill logits and ``head_rows=13`` when the loop
-  scores the alphabet only; ``charge(flops, rows x (prompt + new) tokens)`` is called per batch.
-
-The settings have no defaults here: they are the ``forecast`` node of ``conf/evaluate.yaml``.
+* Series ``i``'s prompt is :func:`lvforecast.data.encoding.encode_prompt` of its first ``context_steps`` steps with
+  ``scales[i]``, without special tokens, left-padded; at most :func:`max_new_tokens_bound` tokens follow.
+* Constrained, every forecast parses to ``horizon_steps`` steps (else a bug: ``AssertionError``); unconstrained, a
+  row with fewer is a parse failure whose missing steps are NaN. Steps beyond the horizon are dropped.
+* ``num_samples = k > 1`` samples each prompt k times under ``torch.manual_seed(seed)`` in a forked RNG (the caller's
+  stream is untouched); the point forecast is the NaN-aware per-step median.
+* Batches are :func:`row_batches` (:func:`planned_batches`: the same at the longest decode, what the budget
+  reserves), each charged :func:`lvforecast.budget.formulas.generation_flops` of its padded prompt and decode steps,
+  with ``head_rows=13`` when the loop scores the alphabet only; ``charge(flops, rows x (prompt + new) tokens)``.
 """
 
 from __future__ import annotations
@@ -38,13 +31,7 @@ from lvforecast.budget.formulas import generation_flops
 from lvforecast.budget.shapes import ALPHABET_SIZE, HEADS, Conventions, Head, LoRASpec, shape_of
 from lvforecast.data.encoding import decode, encode_prompt
 from lvforecast.errors import UserError
-from lvforecast.evaluation.generation import (
-    GenerateRunner,
-    LoopRunner,
-    full_and_alphabet_bias,
-    generation_config,
-    row_text,
-)
+from lvforecast.evaluation.generation import GenerateRunner, LoopRunner, full_and_alphabet_bias
 from lvforecast.evaluation.grammar import Grammar, compile_grammar, max_new_tokens_bound
 from lvforecast.validate import int_at_least, is_finite_number
 
@@ -55,21 +42,16 @@ Decoder = Literal["loop", "generate"]
 
 @dataclass
 class ForecastResult:
-    """What :func:`forecast` returns.
-
-    Rows are generations: ``S * k`` of them, series-major (series ``i`` owns rows ``i*k .. i*k+k-1``).
+    """What :func:`forecast` returns; rows are the S * k generations, series-major (series ``i``: ``i*k .. i*k+k-1``).
 
     Attributes:
-        values: (S, H, 2) point forecasts in raw units (per-step median over samples); NaN where unparsed.
-        texts: (S*k,) generated texts (pad/EOS stripped).
-        steps_parsed: (S*k,) steps parsed per row, each <= H.
+        values: (S, H, 2) raw point forecasts (per-step median over samples); NaN where unparsed.
+        texts: (S*k,) generated texts (pad/EOS stripped); ``steps_parsed``: (S*k,) steps parsed per row, <= H.
         parse_failures: Rows with fewer than H parsed steps (0 when constrained).
-        prompt_tokens: (S,) prompt length of each series in tokens (unpadded).
-        new_tokens: Total generated tokens over rows, padding after a row finished excluded.
+        prompt_tokens: (S,) unpadded prompt lengths; ``new_tokens``: generated tokens, padding excluded.
         samples: (S, k, H, 2) all sampled forecasts when k > 1, else None.
-        flops: FLOPs charged for all batches.
         exceeds_trained_context: The longest prompt is longer than ``trained_context_tokens``.
-        max_new_tokens: The generation bound used.
+        max_new_tokens: The generation bound used; ``flops``: FLOPs charged for all batches.
     """
 
     values: np.ndarray
@@ -91,12 +73,7 @@ def row_batches(n_series: int, num_samples: int, batch_size: int) -> list[list[i
 
 
 def planned_batches(
-    prompt_tokens: Sequence[int],
-    *,
-    horizon_steps: int,
-    max_int_digits: int,
-    decimals: int,
-    num_samples: int,
+    prompt_tokens: Sequence[int], *, horizon_steps: int, max_int_digits: int, decimals: int, num_samples: int,
     batch_size: int,
 ) -> list[tuple[int, int, int]]:
     """``(rows, padded prompt length, decode steps)`` of every batch :func:`forecast` runs, decode at its bound.
@@ -110,19 +87,8 @@ def planned_batches(
 
 
 def settings_problems(
-    prefix: str = "",
-    *,
-    context_steps: Any,
-    horizon_steps: Any,
-    batch_size: Any,
-    num_samples: Any,
-    max_int_digits: Any,
-    temperature: Any,
-    top_p: Any,
-    head: Any,
-    decoder: Any,
-    constrained: Any = True,
-    seed: Any = 0,
+    prefix: str = "", *, context_steps: Any, horizon_steps: Any, batch_size: Any, num_samples: Any,
+    max_int_digits: Any, temperature: Any, top_p: Any, head: Any, decoder: Any, constrained: Any = True, seed: Any = 0,
 ) -> list[str]:
     """What is wrong with the forecaster's settings (``prefix``: ``forecast.`` when they come from the config)."""
     integers = dict(context_steps=context_steps, horizon_steps=horizon_steps, batch_size=batch_size)
@@ -150,16 +116,12 @@ def _check_args(series: np.ndarray, scales: list[float], decimals: int, **settin
     problems = settings_problems(**settings)
     if series.ndim != 3 or series.shape[2] != 2:
         problems.append(f"series has shape {series.shape}: expected (S, T, 2)")
-    elif not 1 <= settings["context_steps"] <= series.shape[1]:
-        problems.append(
-            f"context_steps={settings['context_steps']!r}: must be in [1, {series.shape[1]}] (series length)"
-        )
+    elif not 1 <= (steps := settings["context_steps"]) <= series.shape[1]:
+        problems.append(f"context_steps={steps!r}: must be in [1, {series.shape[1]}] (series length)")
     if series.ndim >= 1 and len(scales) != series.shape[0]:
         problems.append(f"scales has {len(scales)} entries: expected one per series ({series.shape[0]})")
-    if not int_at_least(decimals, 0):
-        problems.append(f"decimals={decimals!r}: must be an integer >= 0")
     grammar = None
-    try:
+    try:  # the grammar checks decimals (an integer in [0, 12])
         grammar = Grammar(max_int_digits=settings["max_int_digits"], decimals=decimals)
     except ValueError as err:
         problems.append(str(err))
@@ -184,12 +146,8 @@ def _tokenized_prompts(
 
 
 def _generate_all(
-    runner: GenerateRunner | LoopRunner,
-    prompts: list[list[int]],
-    batches: list[list[int]],
-    seed: int,
-    price: Callable[..., int],
-    charge: Callable[[int, int], None] | None,
+    runner: GenerateRunner | LoopRunner, prompts: list[list[int]], batches: list[list[int]], seed: int,
+    price: Callable[..., int], charge: Callable[[int, int], None] | None,
 ) -> tuple[list[str], int, int]:
     """Texts of every row, generated tokens and FLOPs charged (``price(rows, prompt_len, new)``), in eval mode."""
     model, tokenizer, device = runner.model, runner.tokenizer, runner.device
@@ -205,10 +163,9 @@ def _generate_all(
             for chunk in tqdm(batches, desc="forecasting", unit="batch", disable=len(batches) <= 1):
                 generated, prompt_len = runner.run([prompts[i] for i in chunk])
                 n_new = len(generated[0])
-                for row in generated:
-                    text, kept = row_text(tokenizer, runner.char_ids, row)
-                    texts.append(text)
-                    total_new += kept
+                decoded = [runner.row_text(row) for row in generated]
+                texts += [text for text, _ in decoded]
+                total_new += sum(kept for _, kept in decoded)
                 flops = price(len(chunk), prompt_len, n_new) if n_new > 0 else 0
                 total_flops += flops
                 if charge is not None:
@@ -219,75 +176,29 @@ def _generate_all(
     return texts, total_new, total_flops
 
 
-def _decode_rows(
-    texts: list[str], rows: list[int], scales: list[float], decimals: int, horizon_steps: int
-) -> tuple[np.ndarray, list[int]]:
-    """(rows, H, 2) values of each generated text (NaN past its parsed prefix) and its parsed step count."""
-    values = np.full((len(rows), horizon_steps, 2), np.nan)
-    steps_parsed = []
-    for r, (i, text) in enumerate(zip(rows, texts, strict=True)):
-        parsed, n = decode(text, scales[i], decimals)
-        n = min(n, horizon_steps)
-        values[r, :n] = parsed[:n]
-        steps_parsed.append(n)
-    return values, steps_parsed
-
-
-def _point_forecast(samples: np.ndarray) -> np.ndarray:
-    """(S, H, 2) per-step median of (S, k, H, 2) samples; the sample itself when k == 1."""
-    if samples.shape[1] == 1:
-        return samples[:, 0]
-    with warnings.catch_warnings():  # an all-NaN step stays NaN, as documented
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmedian(samples, axis=1)
-
-
 def forecast(
-    model: Any,
-    tokenizer: Any,
-    char_ids: dict[str, int],
-    series: np.ndarray,
-    scales: Sequence[float],
-    *,
-    decimals: int,
-    context_steps: int,
-    horizon_steps: int,
-    batch_size: int,
-    constrained: bool,
-    num_samples: int,
-    temperature: float,
-    top_p: float,
-    seed: int,
-    max_int_digits: int,
-    head: Head,
-    decoder: Decoder,
-    trained_context_tokens: int | None = None,
-    charge: Callable[[int, int], None] | None = None,
-    conv: Conventions | None = None,
-    logit_bias: torch.Tensor | None = None,
+    model: Any, tokenizer: Any, char_ids: dict[str, int], series: np.ndarray, scales: Sequence[float], *,
+    decimals: int, context_steps: int, horizon_steps: int, batch_size: int, constrained: bool, num_samples: int,
+    temperature: float, top_p: float, seed: int, max_int_digits: int, head: Head, decoder: Decoder,
+    trained_context_tokens: int | None = None, charge: Callable[[int, int], None] | None = None,
+    conv: Conventions | None = None, logit_bias: torch.Tensor | None = None,
 ) -> ForecastResult:
-    """Forecast ``horizon_steps`` steps of each series from its first ``context_steps`` steps.
+    """Forecast ``horizon_steps`` steps of each (S, T, 2) raw series from its first ``context_steps`` steps.
 
     Args:
-        model: A Hugging Face causal LM or a PEFT wrapper of one.
-        tokenizer: Its tokenizer (``pad_token_id`` set); its ``padding_side`` is restored afterwards.
+        model: A Hugging Face causal LM or a PEFT wrapper of one; ``tokenizer``'s ``padding_side`` is restored.
         char_ids: LLMTIME character -> token id (``LoadedModel.char_ids``).
-        series: (S, T, 2) raw values, T >= context_steps; only the context part is read.
         scales: (S,) divisor per series, as given to :func:`lvforecast.data.encoding.encode`.
         num_samples: k; 1 is greedy, > 1 samples with ``temperature`` (> 0) and ``top_p`` (in (0, 1]).
-        max_int_digits: Most digits before the point in generated numbers.
         head: Constrained decoding scores ``alphabet`` (the 13 LLMTIME tokens' rows of the output matrix only: the
             same forecasts, fewer FLOPs) or ``full``. Unconstrained decoding always scores the full vocabulary.
         decoder: Constrained decoding with ``loop`` (:mod:`lvforecast.evaluation.decoder`) or ``generate`` (needs
             ``head="full"``).
         trained_context_tokens: Token context the adapter was trained on; a longer prompt is logged and flagged.
         charge: Called per batch as ``charge(flops, tokens)``.
-        conv: FLOP counting conventions (default :class:`lvforecast.budget.formulas.Conventions`).
+        conv: FLOP counting conventions (default :class:`lvforecast.budget.shapes.Conventions`).
         logit_bias: Trained output bias, (V,) or (13,) in ``ALPHABET`` order, added to the logits before the
             grammar mask as in training (:func:`lvforecast.evaluation.generation.full_and_alphabet_bias`).
-
-    Returns:
-        A :class:`ForecastResult`.
 
     Raises:
         ValueError: Bad arguments (all listed at once), or a context number wider than ``max_int_digits``.
@@ -301,44 +212,36 @@ def forecast(
     prompt_tokens = [len(ids) for ids in prompts]
     exceeds = trained_context_tokens is not None and max(prompt_tokens) > trained_context_tokens
     if exceeds:
-        trained = trained_context_tokens
-        log.warning(
-            "longest prompt is %d tokens, longer than the %d the adapter was trained on", max(prompt_tokens), trained
-        )
+        longest, trained = max(prompt_tokens), trained_context_tokens
+        log.warning("longest prompt is %d tokens, longer than the %d the adapter was trained on", longest, trained)
 
     n_series, k = series.shape[0], int(num_samples)
     bound = max_new_tokens_bound(horizon_steps, grammar)
     device = next(model.parameters()).device
     vocab = model.get_output_embeddings().weight.shape[0]
     full_bias, alphabet_bias = full_and_alphabet_bias(logit_bias, vocab, char_ids)
-    sampling = dict(sample=k > 1, temperature=float(temperature), top_p=float(top_p))
+    common = (model, tokenizer, char_ids, device, horizon_steps, bound, k > 1, float(temperature), float(top_p))
     loop = constrained and decoder == "loop"
     if loop:
-        compiled = compile_grammar(grammar, char_ids, device)
-        runner = LoopRunner(
-            model, tokenizer, char_ids, device, horizon_steps, compiled, bound, head, alphabet_bias, **sampling
-        )
+        runner = LoopRunner(*common, compile_grammar(grammar, char_ids, device), head, alphabet_bias)
     else:
-        config = generation_config(tokenizer, bound, **sampling)
-        runner = GenerateRunner(
-            model, tokenizer, char_ids, device, horizon_steps, grammar, constrained, config, full_bias
-        )
+        runner = GenerateRunner(*common, grammar, constrained, full_bias)
     # The trained bias adds one addition per scored logit; it is only ever trained beside an adapter.
     lora = LoRASpec.from_peft(model, logit_bias=logit_bias is not None) if getattr(model, "peft_config", None) else None
     price = functools.partial(
-        generation_flops,
-        shape_of(model),
-        lora=lora,
-        conv=conv if conv is not None else Conventions(),
-        kv_cache=True,
-        prefill_logits="last",
-        head_rows=ALPHABET_SIZE if loop and head == "alphabet" else None,
+        generation_flops, shape_of(model), lora=lora, conv=conv if conv is not None else Conventions(), kv_cache=True,
+        prefill_logits="last", head_rows=ALPHABET_SIZE if loop and head == "alphabet" else None,
     )
     batches = row_batches(n_series, k, batch_size)
     texts, new_tokens, flops = _generate_all(runner, prompts, batches, seed, price, charge)
 
     rows = [i for chunk in batches for i in chunk]
-    values, steps_parsed = _decode_rows(texts, rows, scales, decimals, horizon_steps)
+    values, steps_parsed = np.full((len(rows), horizon_steps, 2), np.nan), []  # NaN past each parsed prefix
+    for r, (i, text) in enumerate(zip(rows, texts, strict=True)):
+        parsed, n = decode(text, scales[i], decimals)
+        n = min(n, horizon_steps)
+        values[r, :n] = parsed[:n]
+        steps_parsed.append(n)
     failures = sum(n < horizon_steps for n in steps_parsed)
     if constrained:
         assert failures == 0, f"constrained decoding left {failures} unparsed forecasts: {texts!r}"
@@ -346,15 +249,11 @@ def forecast(
         short = f"{failures} of {len(rows)} rows parsed fewer than {horizon_steps} steps"
         log.info("unconstrained forecasting: %s (NaN-filled)", short)
     samples = values.reshape(n_series, k, horizon_steps, 2)
+    with warnings.catch_warnings():  # an all-NaN step stays NaN, as documented
+        warnings.simplefilter("ignore", RuntimeWarning)
+        point = np.nanmedian(samples, axis=1)
     return ForecastResult(
-        values=_point_forecast(samples),
-        texts=texts,
-        steps_parsed=steps_parsed,
-        parse_failures=int(failures),
-        prompt_tokens=prompt_tokens,
-        new_tokens=int(new_tokens),
-        samples=samples if k > 1 else None,
-        flops=int(flops),
-        exceeds_trained_context=bool(exceeds),
-        max_new_tokens=bound,
+        values=point, texts=texts, steps_parsed=steps_parsed, parse_failures=int(failures), prompt_tokens=prompt_tokens,
+        new_tokens=int(new_tokens), samples=samples if k > 1 else None, flops=int(flops),
+        exceeds_trained_context=bool(exceeds), max_new_tokens=bound,
     )

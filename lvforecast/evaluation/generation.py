@@ -1,13 +1,7 @@
-"""The two ways :func:`lvforecast.evaluation.forecast.forecast` generates one batch, behind one interface.
-
-* :class:`LoopRunner` (``decoder="loop"``, constrained only): :func:`lvforecast.evaluation.decoder.decode`.
-* :class:`GenerateRunner` (``decoder="generate"``, and every unconstrained forecast): ``model.generate`` with a
-  fresh, fully explicit :func:`generation_config`, the trained bias as a logits processor and, when constrained,
-  :class:`~lvforecast.evaluation.grammar.LLMTimeLogitsProcessor` with its stopping criteria.
-
-Both return the new token ids of each row (padding included) and the padded prompt length; :func:`row_text`
-turns a row into text.
-"""
+"""The two ways :func:`lvforecast.evaluation.forecast.forecast` generates one batch, behind one ``run`` method:
+:class:`LoopRunner` (``decoder="loop"``, constrained only) calls :func:`lvforecast.evaluation.decoder.decode`;
+:class:`GenerateRunner` (``decoder="generate"``, and every unconstrained forecast) calls ``model.generate`` with a
+fully explicit :func:`generation_config`, the trained bias and, when constrained, the grammar's logits processor."""
 
 from __future__ import annotations
 
@@ -25,33 +19,23 @@ from lvforecast.evaluation.grammar import CompiledGrammar, Grammar, LLMTimeLogit
 
 
 class AddLogitBias(LogitsProcessor):
-    """Add a trained (V,) bias to the scores, as :class:`lvforecast.model.lora.LogitBias` did in training."""
+    """Add a trained (V,) bias (checked by :func:`full_and_alphabet_bias`) to the (B, V) scores, as
+    :class:`lvforecast.model.lora.LogitBias` did in training."""
 
     def __init__(self, bias: torch.Tensor) -> None:
         self.bias = bias
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        """Return ``scores`` (B, V) plus the bias."""
-        if scores.shape[-1] != self.bias.shape[0]:
-            raise UserError(_bias_mismatch(self.bias.shape[0], f"{scores.shape[-1]} tokens"))
         if self.bias.device != scores.device or self.bias.dtype != scores.dtype:  # once, not at every step
             self.bias = self.bias.to(device=scores.device, dtype=scores.dtype)
         return scores + self.bias
 
 
-def _bias_mismatch(entries: Any, scored: str) -> str:
-    return (
-        f"logit bias has {entries} entries but the model scores {scored}: the adapter was trained on another base model"
-    )
-
-
 def full_and_alphabet_bias(
     bias: torch.Tensor | None, vocab: int, char_ids: dict[str, int]
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """A trained bias as ``(V-vector, 13-vector in ALPHABET order)``, or ``(None, None)``.
-
-    Accepts a bias over the vocabulary (V,) or over the alphabet (13,) in ``ALPHABET`` order, as
-    ``model.head=alphabet`` training saves it; the other entries of the V-vector of a 13-vector are 0.
+    """A trained bias over the vocabulary (V,) or the alphabet (13,) in ``ALPHABET`` order (as ``model.head=alphabet``
+    training saves it) as ``(V-vector, 13-vector)``, the V-vector 0 off the alphabet, or ``(None, None)``.
 
     Raises:
         ValueError: The bias has neither ``vocab`` nor 13 entries.
@@ -64,7 +48,10 @@ def full_and_alphabet_bias(
     if bias.ndim == 1 and bias.shape[0] == len(ALPHABET):
         return torch.zeros(vocab, dtype=bias.dtype).index_copy(0, ids, bias), bias
     entries = bias.shape[0] if bias.ndim == 1 else tuple(bias.shape)
-    raise UserError(_bias_mismatch(entries, f"{vocab} tokens (or the {len(ALPHABET)} of the alphabet)"))
+    raise UserError(
+        f"logit bias has {entries} entries but the model scores {vocab} tokens (or the {len(ALPHABET)} of the "
+        "alphabet): the adapter was trained on another base model"
+    )
 
 
 def generation_config(
@@ -72,39 +59,14 @@ def generation_config(
 ) -> GenerationConfig:
     """A config in which every field that changes which token is picked is set (nothing from the checkpoint)."""
     return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=0,
-        do_sample=sample,
-        num_beams=1,
-        num_return_sequences=1,
-        temperature=temperature if sample else 1.0,
-        top_p=top_p if sample else 1.0,
+        max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=sample, num_beams=1, num_return_sequences=1,
+        temperature=temperature if sample else 1.0, top_p=top_p if sample else 1.0,
         top_k=0 if sample else 50,  # warpers run only when sampling; 50 is the neutral greedy value
-        min_p=None,
-        typical_p=1.0,
-        epsilon_cutoff=0.0,
-        eta_cutoff=0.0,
-        repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        length_penalty=1.0,
-        bad_words_ids=None,
-        suppress_tokens=None,
-        begin_suppress_tokens=None,
-        forced_bos_token_id=None,
-        forced_eos_token_id=None,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        use_cache=True,
+        min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        length_penalty=1.0, bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
+        forced_bos_token_id=None, forced_eos_token_id=None, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, use_cache=True,
     )
-
-
-def row_text(tokenizer: Any, char_ids: dict[str, int], row: list[int]) -> tuple[str, int]:
-    """A generated row as text, pad / EOS dropped, and the count of its tokens kept."""
-    special = {tokenizer.pad_token_id, tokenizer.eos_token_id}
-    kept = [t for t in row if t not in special]
-    # Read token by token: a word-level tokenizer's decode() would join tokens with spaces.
-    id_to_char = {i: c for c, i in char_ids.items()}
-    return "".join(id_to_char.get(t) or tokenizer.decode([t]) for t in kept), len(kept)
 
 
 @dataclass(frozen=True)
@@ -114,10 +76,22 @@ class _Runner:
     char_ids: dict[str, int]
     device: torch.device
     horizon_steps: int
+    max_new_tokens: int
+    sample: bool
+    temperature: float
+    top_p: float
 
     def _padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
         return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+
+    def row_text(self, row: list[int]) -> tuple[str, int]:
+        """A generated row as text, pad / EOS dropped, and the count of its tokens kept."""
+        special = {self.tokenizer.pad_token_id, self.tokenizer.eos_token_id}
+        kept = [t for t in row if t not in special]
+        # Read token by token: a word-level tokenizer's decode() would join tokens with spaces.
+        id_to_char = {i: c for c, i in self.char_ids.items()}
+        return "".join(id_to_char.get(t) or self.tokenizer.decode([t]) for t in kept), len(kept)
 
 
 @dataclass(frozen=True)
@@ -126,7 +100,6 @@ class GenerateRunner(_Runner):
 
     grammar: Grammar
     constrained: bool
-    config: GenerationConfig
     logit_bias: torch.Tensor | None
 
     def run(self, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
@@ -142,13 +115,9 @@ class GenerateRunner(_Runner):
                 LLMTimeLogitsProcessor(self.char_ids, self.grammar, prompt_len, self.horizon_steps, end_id)
             )
         stop = StoppingCriteriaList([StepsStoppingCriteria(self.char_ids[STEP_SEP], prompt_len, self.horizon_steps)])
-        out = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            generation_config=self.config,
-            logits_processor=processors,
-            stopping_criteria=stop,
-        )
+        config = generation_config(self.tokenizer, self.max_new_tokens, self.sample, self.temperature, self.top_p)
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                  logits_processor=processors, stopping_criteria=stop)
         return out[:, prompt_len:].cpu().tolist(), prompt_len
 
 
@@ -157,12 +126,8 @@ class LoopRunner(_Runner):
     """One :func:`~lvforecast.evaluation.decoder.decode` call per batch (constrained only)."""
 
     grammar: CompiledGrammar
-    max_new_tokens: int
     head: Head
     alphabet_bias: torch.Tensor | None
-    sample: bool
-    temperature: float
-    top_p: float
 
     def run(self, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
         """Decode one batch: the new token ids of each row (padding included) and the padded prompt length."""
@@ -171,16 +136,9 @@ class LoopRunner(_Runner):
         if self.alphabet_bias is not None:  # ALPHABET order -> the compiled grammar's column order
             bias = self.alphabet_bias[[ALPHABET.index(c) for c in self.grammar.chars]]
         logits = AlphabetLogits(self.model, self.grammar.token_ids, self.head, bias)
-        sampling = dict(sample=self.sample, temperature=self.temperature, top_p=self.top_p)
         out = decode(
-            self.model,
-            input_ids,
-            attention_mask,
-            self.grammar,
-            horizon_steps=self.horizon_steps,
-            max_new_tokens=self.max_new_tokens,
-            end_id=self.tokenizer.pad_token_id,
-            logits_fn=logits,
-            **sampling,
+            self.model, input_ids, attention_mask, self.grammar, horizon_steps=self.horizon_steps,
+            max_new_tokens=self.max_new_tokens, end_id=self.tokenizer.pad_token_id, logits_fn=logits,
+            sample=self.sample, temperature=self.temperature, top_p=self.top_p,
         )
         return out.tokens.cpu().tolist(), input_ids.shape[1]

@@ -1,18 +1,14 @@
 """The LLMTIME step grammar and the generation rules that enforce it.
 
-Contract:
-
-* :class:`Grammar` is the character grammar of generated steps, ``I.D,I.D;`` repeated, exactly as
-  :func:`lvforecast.data.encoding.encode` writes numbers (no leading zero, ``decimals`` digits after the point).
-* :class:`LLMTimeLogitsProcessor` allows, at each position, only the token ids (taken from the real tokenizer)
-  the grammar permits there; once a row has written ``horizon_steps`` ``;`` only the pad / EOS id is allowed.
-* :class:`StepsStoppingCriteria` stops each row after exactly ``horizon_steps`` ``;``.
-* :func:`max_new_tokens_bound` is the most tokens ``horizon_steps`` grammatical steps can take (one token per
-  character): the ``max_new_tokens`` of generation and the decode length the budget plans with.
+:class:`Grammar` is the character grammar of generated steps, as :func:`lvforecast.data.encoding.encode` writes them;
+:func:`compile_grammar` tabulates it for the decoder; :class:`LLMTimeLogitsProcessor` and
+:class:`StepsStoppingCriteria` enforce it in ``generate``. :func:`max_new_tokens_bound` is the generation length and
+the decode length the budget plans with.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -31,16 +27,9 @@ START = (0, 0, -1, False)
 class Grammar:
     """Character grammar of generated steps: ``I.D,I.D;`` repeated.
 
-    ``I`` has 1 to ``max_int_digits`` digits with no leading zero (``0`` alone is allowed, ``07`` is not, as
-    :func:`lvforecast.data.encoding.encode` writes them); ``D`` has exactly ``decimals`` digits; with
-    ``decimals == 0`` there is no point.
-
-    A state is the tuple ``(field, int_digits, frac_digits, leading_zero)``: ``field`` 0 for the prey
-    number, 1 for the predator number; ``frac_digits`` is -1 before the point.
-
-    Attributes:
-        max_int_digits: Most digits before the point, >= 1.
-        decimals: Digits after the point, >= 0.
+    ``I`` has 1 to ``max_int_digits`` (>= 1) digits with no leading zero (``0`` is allowed, ``07`` is not); ``D`` has
+    exactly ``decimals`` (0 to 12) digits; with ``decimals == 0`` there is no point. A state is the tuple ``(field,
+    int_digits, frac_digits, leading_zero)``: ``field`` 0 for prey, 1 for predator; ``frac_digits`` -1 before the point.
     """
 
     max_int_digits: int
@@ -67,11 +56,7 @@ class Grammar:
         return DIGITS if n_frac < self.decimals else sep
 
     def advance(self, state: tuple[int, int, int, bool], char: str) -> tuple[int, int, int, bool]:
-        """State after writing ``char``.
-
-        Raises:
-            ValueError: ``char`` is not allowed in ``state``.
-        """
+        """State after writing ``char``; ``ValueError`` if ``char`` is not allowed in ``state``."""
         if char not in self.allowed(state):
             raise UserError(f"character {char!r} not allowed in grammar state {state}")
         field, n_int, n_frac, lead_zero = state
@@ -85,15 +70,11 @@ class Grammar:
             return (field, n_int + 1, -1, n_int == 0 and char == "0")
         return (field, n_int, n_frac + 1, lead_zero)
 
-    def max_step_chars(self) -> int:
-        """Most characters one step can take, its ``;`` included."""
-        number = self.max_int_digits + (1 + self.decimals if self.decimals > 0 else 0)
-        return 2 * number + 2
-
 
 def max_new_tokens_bound(horizon_steps: int, grammar: Grammar) -> int:
     """Upper bound on the tokens of ``horizon_steps`` grammatical steps (one token per character)."""
-    return horizon_steps * grammar.max_step_chars()
+    number = grammar.max_int_digits + (1 + grammar.decimals if grammar.decimals > 0 else 0)
+    return horizon_steps * (2 * number + 2)  # two numbers, the ``,`` and the ``;``
 
 
 @dataclass(frozen=True)
@@ -101,8 +82,8 @@ class CompiledGrammar:
     """The grammar as tensors over the alphabet's columns (token-id order).
 
     Attributes:
-        token_ids: (A,) the alphabet's token ids, increasing: column ``j`` is token ``token_ids[j]``.
-        chars: The character of each column.
+        token_ids: (A,) the alphabet's token ids, increasing: column ``j`` is token ``token_ids[j]``, character
+            ``chars[j]``.
         allowed: (S, A) bool, the columns allowed in each reachable state; state 0 is ``START``.
         next_state: (S, A) long, the state after writing each column (0 where not allowed).
         is_sep: (A,) bool, the column of ``;``.
@@ -116,11 +97,7 @@ class CompiledGrammar:
 
 
 def compile_grammar(grammar: Grammar, char_ids: dict[str, int], device: torch.device | str = "cpu") -> CompiledGrammar:
-    """Enumerate the states reachable from ``START`` and tabulate them.
-
-    Raises:
-        ValueError: ``char_ids`` lacks a character of the alphabet.
-    """
+    """Tabulate the states reachable from ``START``; ``ValueError`` if ``char_ids`` lacks an alphabet character."""
     missing = [c for c in ALPHABET if c not in char_ids]
     if missing:
         raise UserError(f"char_ids lacks token ids for {missing!r}: every character of {ALPHABET!r} is needed")
@@ -148,12 +125,9 @@ def compile_grammar(grammar: Grammar, char_ids: dict[str, int], device: torch.de
 
 
 class LLMTimeLogitsProcessor(LogitsProcessor):
-    """Masks every token the LLMTIME grammar forbids at each row's current position.
-
-    Each row's state is read from its generated part ``input_ids[:, prompt_len:]`` (one token per call, rescanned
-    when the length is not the expected one). Once a row has written ``horizon_steps`` ``;`` only ``end_id``
-    (EOS / pad) is allowed. ``char_ids`` maps every character of :data:`ALPHABET` to the tokenizer's id.
-    """
+    """Masks every token the LLMTIME grammar forbids at each row's current position, and all but ``end_id`` (EOS /
+    pad) once the row has written ``horizon_steps`` ``;``. Each row's state is read from ``input_ids[:, prompt_len:]``
+    (one token per call, rescanned when the length is not the expected one)."""
 
     def __init__(
         self, char_ids: dict[str, int], grammar: Grammar, prompt_len: int, horizon_steps: int, end_id: int
@@ -181,17 +155,11 @@ class LLMTimeLogitsProcessor(LogitsProcessor):
     def row_states(self, input_ids: torch.LongTensor) -> list[tuple[int, int]]:
         """(compiled grammar state, steps done) of each row after its generated part."""
         n_gen = input_ids.shape[1] - self.prompt_len
-        if n_gen < 0:
-            raise UserError(f"input_ids has {input_ids.shape[1]} positions, fewer than prompt_len={self.prompt_len}")
         if n_gen == self._seen + 1 and len(self._states) == input_ids.shape[0] and n_gen > 0:
             self._states = [self._step(s, t) for s, t in zip(self._states, input_ids[:, -1].tolist(), strict=True)]
         elif n_gen != self._seen or len(self._states) != input_ids.shape[0]:
-            self._states = []
-            for row in input_ids[:, self.prompt_len :].tolist():
-                s = (0, 0)
-                for t in row:
-                    s = self._step(s, t)
-                self._states.append(s)
+            rows = input_ids[:, self.prompt_len :].tolist()
+            self._states = [functools.reduce(self._step, row, (0, 0)) for row in rows]
         self._seen = n_gen
         return self._states
 
@@ -208,18 +176,10 @@ class LLMTimeLogitsProcessor(LogitsProcessor):
 
 
 class StepsStoppingCriteria(StoppingCriteria):
-    """Stops each row once its generated part holds ``horizon_steps`` step-separator tokens.
-
-    Args:
-        sep_id: Token id of ``;``.
-        prompt_len: Padded prompt length; generated tokens start there.
-        horizon_steps: Steps per forecast.
-    """
+    """Stops each row once its generated part (after the padded ``prompt_len``) holds ``horizon_steps`` ``sep_id``."""
 
     def __init__(self, sep_id: int, prompt_len: int, horizon_steps: int) -> None:
-        self.sep_id = int(sep_id)
-        self.prompt_len = int(prompt_len)
-        self.horizon_steps = int(horizon_steps)
+        self.sep_id, self.prompt_len, self.horizon_steps = int(sep_id), int(prompt_len), int(horizon_steps)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         """One bool per row (B,): True where the row is finished."""

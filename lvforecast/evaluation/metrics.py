@@ -1,18 +1,10 @@
 """Forecast metrics for predator-prey series: point errors, horizon curves, probabilistic scores.
 
-Contract:
-
-* ``truth`` and ``pred`` are (S, H, 2): S systems, H forecast steps, last axis :data:`VARIABLES`; probabilistic
-  forecasts are ``samples`` (S, k, H, 2). Functions work in the units given; the study reports *encoded* units,
-  raw / :data:`STUDY_SCALE` (:func:`to_encoded`), and :func:`evaluate_forecasts` returns both.
-* Point metrics are per system and variable over the H steps: MSE, RMSE, MAE, and MAPE as a *fraction*.
-* NaN rule: ``truth`` must be finite. A non-finite ``pred`` entry (an unparsed step) is excluded from every metric
-  and counted in ``nan_count``; MAPE also excludes (and counts in ``mape_excluded``) steps whose truth is 0. A
-  metric with no usable step is NaN; aggregates ignore NaNs and report the ``n_systems`` they used.
-* Running MSE at step h is the mean squared error over the valid steps 1..h.
-* CRPS is the energy-form estimator E|X - y| - 0.5 E|X - X'| over the k samples (X' over all k, X included),
-  averaged over the horizon; coverage is the fraction of steps whose truth lies in the samples' [lo, hi] quantile
-  interval (``np.quantile``, linear), bounds included.
+``truth`` and ``pred`` are (S, H, 2) (S systems, H forecast steps, :data:`VARIABLES`), ``samples`` (S, k, H, 2), in
+the units given; the study reports *encoded* units, raw / :data:`STUDY_SCALE` (:func:`to_encoded`). NaN rule:
+``truth`` must be finite; a non-finite ``pred`` entry (an unparsed step) is left out of every metric and counted in
+``nan_count``, and MAPE (a fraction) also leaves out steps whose truth is 0 (``mape_excluded``). A metric with no
+usable step is NaN; aggregates ignore NaNs and report the ``n_systems`` they used.
 """
 
 from __future__ import annotations
@@ -34,6 +26,8 @@ logger = logging.getLogger(__name__)
 POINT_METRICS: tuple[str, ...] = ("mse", "rmse", "mae", "mape")
 #: The point metrics the comparison tables show: RMSE is the square root of MSE, so it adds no column.
 TABLED_METRICS: tuple[str, ...] = tuple(m for m in POINT_METRICS if m != "rmse")
+#: One divisor, or one per series (the percentile rule's).
+Scale = float | Sequence[float] | np.ndarray
 
 
 def _check_truth(truth: np.ndarray) -> np.ndarray:
@@ -64,14 +58,9 @@ def _check_samples(truth: np.ndarray, samples: np.ndarray) -> tuple[np.ndarray, 
     return truth, samples
 
 
-def to_encoded(values: np.ndarray, scale: float | Sequence[float] | np.ndarray = STUDY_SCALE) -> np.ndarray:
-    """Raw populations (any shape, series along axis 0) in encoded units, raw / ``scale``, float64.
-
-    ``scale`` is one number or one per series (the percentile rule's per-series divisors).
-
-    Raises:
-        ValueError: A scale that is not a finite number > 0, or per-series scales of the wrong length.
-    """
+def to_encoded(values: np.ndarray, scale: Scale = STUDY_SCALE) -> np.ndarray:
+    """Raw populations (any shape, series along axis 0) / ``scale``, one number or one per series, as float64;
+    ``ValueError`` for a scale that is not a finite number > 0 or per-series scales of the wrong length."""
     values = np.asarray(values, dtype=np.float64)
     scales = np.asarray(scale, dtype=np.float64)
     if scales.ndim > 1 or not np.all(np.isfinite(scales) & (scales > 0)):
@@ -84,15 +73,9 @@ def to_encoded(values: np.ndarray, scale: float | Sequence[float] | np.ndarray =
 
 
 def per_system_metrics(truth: np.ndarray, pred: np.ndarray) -> dict[str, np.ndarray]:
-    """Point-forecast errors per system and variable over the horizon (NaN rule in the module docstring).
-
-    Returns:
-        Dict of (S, 2) arrays: float64 ``mse``, ``rmse``, ``mae``, ``mape`` and int64 counts ``nan_count``,
-        ``mape_excluded``, ``n_valid`` (steps used by MSE/MAE).
-
-    Raises:
-        ValueError: Shapes differ or are not (S, H, 2), or ``truth`` is not finite.
-    """
+    """(S, 2) float64 ``mse``, ``rmse``, ``mae``, ``mape`` over the horizon and int64 counts ``nan_count``,
+    ``mape_excluded``, ``n_valid`` (steps used by MSE/MAE), per system and variable (NaN rule: module docstring);
+    ``ValueError`` when the shapes differ or are not (S, H, 2), or ``truth`` is not finite."""
     truth, pred = _check_pair(truth, pred)
     valid = np.isfinite(pred)
     err = np.where(valid, pred - truth, 0.0)
@@ -103,14 +86,10 @@ def per_system_metrics(truth: np.ndarray, pred: np.ndarray) -> dict[str, np.ndar
         mape_ok = valid & (truth != 0)
         rel = np.where(mape_ok, np.abs(err) / np.where(truth != 0, np.abs(truth), 1.0), 0.0)
         mape = rel.sum(axis=1) / mape_ok.sum(axis=1)
+    counts = {"nan_count": ~valid, "mape_excluded": valid & (truth == 0), "n_valid": valid}
     return {
-        "mse": mse,
-        "rmse": np.sqrt(mse),
-        "mae": mae,
-        "mape": mape,
-        "nan_count": (~valid).sum(axis=1).astype(np.int64),
-        "mape_excluded": (valid & (truth == 0)).sum(axis=1).astype(np.int64),
-        "n_valid": n_valid.astype(np.int64),
+        "mse": mse, "rmse": np.sqrt(mse), "mae": mae, "mape": mape,
+        **{key: mask.sum(axis=1).astype(np.int64) for key, mask in counts.items()},
     }
 
 
@@ -143,8 +122,7 @@ def _summarise(per_system: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, 
             # All-NaN columns (no usable step anywhere) give NaN on purpose; silence numpy's warning.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                mean = np.nanmean(sub, axis=0) if sub.size else np.full(2, np.nan)
-                median = np.nanmedian(sub, axis=0) if sub.size else np.full(2, np.nan)
+                mean, median = np.nanmean(sub, axis=0), np.nanmedian(sub, axis=0)
             out[key] = {var: {"mean": float(mean[j]), "median": float(median[j])} for j, var in enumerate(VARIABLES)}
         else:  # counts: totals over the systems
             out[key] = {var: int(sub[:, j].sum()) for j, var in enumerate(VARIABLES)}
@@ -152,11 +130,9 @@ def _summarise(per_system: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, 
 
 
 def aggregate(per_system: dict[str, np.ndarray], classes: Sequence[str] | None = None) -> dict[str, Any]:
-    """Mean and median over systems of :func:`per_system_metrics`, overall and per behaviour class (length S).
-
-    Returns:
-        ``{"all": summary, "by_class": {label: summary}}`` (``by_class`` empty without ``classes``), a summary being
-        ``{"n_systems": int, metric: {variable: {"mean", "median"}}, count_key: {variable: total}}``.
+    """``{"all": summary, "by_class": {label: summary}}`` of :func:`per_system_metrics` over all systems and per
+    behaviour class (``classes``: length S; without them ``by_class`` is empty), a summary being ``{"n_systems": int,
+    metric: {variable: {"mean", "median"}}, count_key: {variable: total}}``.
 
     Raises:
         ValueError: Arrays are not (S, 2) with one S, or ``classes`` has the wrong length.
@@ -179,88 +155,63 @@ def aggregate(per_system: dict[str, np.ndarray], classes: Sequence[str] | None =
 
 
 def crps_samples(truth: np.ndarray, samples: np.ndarray) -> np.ndarray:
-    """(S, 2) sample CRPS per system and variable, averaged over the horizon (0 for a perfect point mass).
+    """(S, 2) sample CRPS E|X - y| - 0.5 E|X - X'| (X' over all k samples) per system and variable, horizon mean.
 
-    Exact in O(k log k) from the sorted samples: sum_{i,j}|X_i - X_j| = 2 sum_i (2i - k + 1) X_(i).
-
-    Raises:
-        ValueError: Shapes mismatch or values are not finite.
+    Exact in O(k log k) from the sorted samples: sum_{i,j}|X_i - X_j| = 2 sum_i (2i - k + 1) X_(i). Raises
+    ``ValueError`` when the shapes mismatch or the values are not finite.
     """
     truth, samples = _check_samples(truth, samples)
     k = samples.shape[1]
     term1 = np.abs(samples - truth[:, None]).mean(axis=1)  # (S, H, 2)
-    srt = np.sort(samples, axis=1)
     weights = (2.0 * np.arange(k) - k + 1.0).reshape(1, k, 1, 1)
-    pair_sum = 2.0 * (weights * srt).sum(axis=1)  # sum over all ordered pairs |X_i - X_j|
-    term2 = 0.5 * pair_sum / (k * k)
-    return (term1 - term2).mean(axis=1)
+    pair_sum = 2.0 * (weights * np.sort(samples, axis=1)).sum(axis=1)  # sum over all ordered pairs |X_i - X_j|
+    return (term1 - 0.5 * pair_sum / (k * k)).mean(axis=1)
 
 
 def interval_coverage(truth: np.ndarray, samples: np.ndarray, lo: float = 0.1, hi: float = 0.9) -> np.ndarray:
-    """(S, 2) fraction of horizon steps whose truth lies in the samples' [lo, hi] quantile interval (nominal hi - lo).
-
-    Raises:
-        ValueError: Bad shapes, non-finite values, or not 0 <= lo < hi <= 1.
+    """(S, 2) fraction of horizon steps whose truth lies in the samples' [lo, hi] quantile interval (``np.quantile``,
+    linear; bounds included; nominal hi - lo). ``ValueError`` on bad shapes or values, or unless 0 <= lo < hi <= 1.
     """
     if not (0.0 <= lo < hi <= 1.0):
         raise UserError(f"need 0 <= lo < hi <= 1, got lo={lo!r}, hi={hi!r}")
     truth, samples = _check_samples(truth, samples)
     q_lo, q_hi = np.quantile(samples, [lo, hi], axis=1)
-    inside = (truth >= q_lo) & (truth <= q_hi)
-    return inside.mean(axis=1)
+    return ((truth >= q_lo) & (truth <= q_hi)).mean(axis=1)
 
 
 def evaluate_forecasts(
-    truth: np.ndarray,
-    pred: np.ndarray,
-    classes: Sequence[str] | None = None,
-    scale: float | Sequence[float] | np.ndarray = STUDY_SCALE,
+    truth: np.ndarray, pred: np.ndarray, classes: Sequence[str] | None = None, scale: Scale = STUDY_SCALE
 ) -> dict[str, Any]:
-    """All point metrics of raw ``truth`` and ``pred`` in encoded and original units, aggregated and JSON-ready.
+    """All point metrics of raw ``truth`` and ``pred`` in encoded (by ``scale``) and original units, JSON-ready.
 
-    Returns:
-        ``{"encoded": {...}, "original": {...}}``, each with ``aggregate`` (:func:`aggregate` by ``classes``),
-        ``per_system`` (metric -> (S, 2)), ``running_mse`` ((S, H, 2)) and ``error_by_horizon`` ((H, 2)), all
-        through :func:`to_jsonable`.
-
-    Raises:
-        ValueError: As :func:`per_system_metrics` / :func:`aggregate` / :func:`to_encoded`.
+    Returns ``{"encoded": {...}, "original": {...}}``, each with ``aggregate`` (:func:`aggregate` by ``classes``),
+    ``per_system`` (metric -> (S, 2)), ``running_mse`` ((S, H, 2)) and ``error_by_horizon`` ((H, 2)), all through
+    :func:`to_jsonable`. Raises ``ValueError`` as :func:`per_system_metrics`, :func:`aggregate`, :func:`to_encoded`.
     """
+    truth, pred = np.asarray(truth, dtype=np.float64), np.asarray(pred, dtype=np.float64)
+    pairs = {"encoded": (to_encoded(truth, scale), to_encoded(pred, scale)), "original": (truth, pred)}
     out: dict[str, Any] = {}
-    for units, (t, p) in {
-        "encoded": (to_encoded(truth, scale), to_encoded(pred, scale)),
-        "original": (np.asarray(truth, dtype=np.float64), np.asarray(pred, dtype=np.float64)),
-    }.items():
+    for units, (t, p) in pairs.items():
         per = per_system_metrics(t, p)
         curves = {"running_mse": running_mse(t, p), "error_by_horizon": error_by_horizon(t, p)}
         out[units] = to_jsonable({"aggregate": aggregate(per, classes), "per_system": per, **curves})
-    total_nan = int(np.sum(~np.isfinite(np.asarray(pred, dtype=np.float64))))
-    if total_nan:
+    if total_nan := int(np.sum(~np.isfinite(pred))):
         logger.info("evaluate_forecasts: %d non-finite forecast entries excluded", total_nan)
     return out
 
 
 def to_jsonable(obj: Any) -> Any:
-    """Metric results as plain Python that ``json.dumps`` accepts with ``allow_nan=False``.
-
-    Arrays become nested lists, numpy scalars int/float/bool, non-finite floats None, keys str, tuples lists.
-
-    Raises:
-        TypeError: An object of an unsupported type is found.
+    """Metric results as plain Python for ``json.dumps(allow_nan=False)``: arrays and tuples become lists, numpy
+    scalars int/float/bool, non-finite floats None, keys str; ``TypeError`` on any other type.
     """
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
+    if isinstance(obj, (np.ndarray, np.generic)):  # tolist() turns numpy scalars into their Python values too
         return to_jsonable(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        val = float(obj)
-        return val if math.isfinite(val) else None
-    if obj is None or isinstance(obj, str):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (str, int)):  # bool is an int
         return obj
     raise TypeError(f"cannot convert {type(obj).__name__} to JSON: {obj!r}")

@@ -1,7 +1,6 @@
-"""Plots and the markdown report of an evaluation (the study's layout: prey gold, predator purple).
+"""Plots (the study's layout: prey gold, predator purple) and the markdown report of an evaluation.
 
-The plots are drawn on :class:`matplotlib.figure.Figure` objects: no pyplot state, no backend switch.
-"""
+The plots are drawn on :class:`matplotlib.figure.Figure` objects: no pyplot state, no backend switch."""
 
 from __future__ import annotations
 
@@ -30,10 +29,12 @@ def _log_scale(ax: Any) -> None:
         ax.set_yscale("log")
 
 
-def _figure(**kwargs: Any) -> Any:
+def _figure(width: float, height: float, panels: int = 1) -> tuple[Any, Any]:
+    """A figure and its row of ``panels`` axes."""
     from matplotlib.figure import Figure  # lazy: a heavy import, and only the plots need it
 
-    return Figure(**kwargs)
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots(1, panels, squeeze=False)[0]
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -43,22 +44,16 @@ def _save(fig: Any, path: Path) -> Path:
 
 def _per_system(shown: list[int], height: float, ylabel: str) -> tuple[Any, Any]:
     """A figure with one panel per shown system; the first panel is labelled."""
-    fig = _figure(figsize=(4.2 * len(shown), height))
-    axes = fig.subplots(1, len(shown), squeeze=False)[0]
+    fig, axes = _figure(4.2 * len(shown), height, len(shown))
     axes[0].set_ylabel(ylabel)
     return fig, axes
 
 
 def write_plots(
-    out: Path,
-    systems: list[int],
-    series: np.ndarray,
-    context: int,
-    forecasts: dict[str, np.ndarray],
-    metrics: dict[str, Any],
-    examples: list[int],
+    out: Path, systems: list[int], series: np.ndarray, context: int, forecasts: dict[str, np.ndarray],
+    metrics: dict[str, Any], examples: list[int],
 ) -> list[Path]:
-    """Write the four PNGs; returns their paths.
+    """Write the four PNGs under ``out``; returns their paths.
 
     Args:
         series: (S, context + horizon, 2) raw values (context and truth).
@@ -85,16 +80,14 @@ def write_plots(
     running = _arr(metrics["model"]["encoded"]["running_mse"])
     for ax, system in zip(axes, shown, strict=True):
         for j, var in enumerate(VARIABLES):
-            ax.plot(
-                np.arange(1, running.shape[1] + 1), running[systems.index(system), :, j], color=COLORS[var], label=var
-            )
+            steps = np.arange(1, running.shape[1] + 1)
+            ax.plot(steps, running[systems.index(system), :, j], color=COLORS[var], label=var)
         ax.set_title(f"running MSE, system {system}")
         ax.set_xlabel("forecast step")
     axes[0].legend(fontsize=7)
     paths.append(_save(fig, out / "running_mse.png"))
 
-    fig = _figure(figsize=(10, 3.6))
-    axes = fig.subplots(1, 2)
+    fig, axes = _figure(10, 3.6, 2)
     for j, (ax, var) in enumerate(zip(axes, VARIABLES, strict=True)):
         for name, m in metrics.items():
             err = _arr(m["encoded"]["error_by_horizon"])[:, j]
@@ -106,8 +99,7 @@ def write_plots(
     axes[0].legend(fontsize=7)
     paths.append(_save(fig, out / "error_by_horizon.png"))
 
-    fig = _figure(figsize=(7, 3.6))
-    ax = fig.subplots()
+    fig, (ax,) = _figure(7, 3.6)
     names = list(metrics)
     x = np.arange(len(names))
     for j, var in enumerate(VARIABLES):
@@ -138,23 +130,15 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> list[str]:
     return [title, "", line(columns), "|---|" + "---:|" * (len(columns) - 1), *map(line, rows), ""]
 
 
-def _mean_median(stat: dict[str, Any]) -> str:
-    return f"{_f(stat['mean'])} / {_f(stat['median'])}"
-
-
 def write_report(
     path: Path, summary: dict[str, Any], metrics: dict[str, Any], systems: list[int], examples: list[int]
 ) -> None:
     """The study's per-example table (encoded units), whole-split aggregates and model vs baselines."""
     decoding = "constrained" if summary["constrained"] else "unconstrained"
-    lines = [
-        f"# Evaluation: {summary['model']}",
-        "",
-        f"{len(systems)} test systems; classes {summary['classes']}; parse failures {summary['parse_failures']} "
-        f"({decoding} decoding); prompt tokens {summary['prompt_tokens']}; generation FLOPs "
-        f"{summary['flops_generate']:.3e}.",
-        "",
-    ]
+    lines = [f"# Evaluation: {summary['model']}", "",
+             f"{len(systems)} test systems; classes {summary['classes']}; parse failures {summary['parse_failures']} "
+             f"({decoding} decoding); prompt tokens {summary['prompt_tokens']}; generation FLOPs "
+             f"{summary['flops_generate']:.3e}.", ""]
     shown = [s for s in examples if s in systems]
     if shown:
         per = metrics["model"]["encoded"]["per_system"]
@@ -164,13 +148,11 @@ def write_report(
     title = "## Whole test split: model vs baselines (encoded units, mean / median over systems)"
     columns = ["method", *(f"{k.upper()} {v}" for k in TABLED_METRICS for v in VARIABLES)]
     aggs = {name: m["encoded"]["aggregate"]["all"] for name, m in metrics.items()}
-    rows = [[name, *(_mean_median(a[k][v]) for k in TABLED_METRICS for v in VARIABLES)] for name, a in aggs.items()]
+    rows = [[name, *(f"{_f(a[k][v]['mean'])} / {_f(a[k][v]['median'])}" for k in TABLED_METRICS for v in VARIABLES)]
+            for name, a in aggs.items()]
     lines += _table(title, columns, rows)
-    by_class = metrics["model"]["encoded"]["aggregate"]["by_class"]
-    rows = [
-        [label, str(a["n_systems"]), *(_f(a["mse"][v]["median"]) for v in VARIABLES)] for label, a in by_class.items()
-    ]
-    lines += _table(
-        "## Model by behaviour class (encoded MSE, median over systems)", ["class", "systems", *VARIABLES], rows
-    )
+    by_class = metrics["model"]["encoded"]["aggregate"]["by_class"].items()
+    rows = [[label, str(a["n_systems"]), *(_f(a["mse"][v]["median"]) for v in VARIABLES)] for label, a in by_class]
+    title = "## Model by behaviour class (encoded MSE, median over systems)"
+    lines += _table(title, ["class", "systems", *VARIABLES], rows)
     write_text(path, "\n".join(lines))
