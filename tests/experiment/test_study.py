@@ -62,8 +62,12 @@ def test_a_bad_stage_is_one_error_naming_key_value_and_allowed():
 
 @pytest.mark.slow
 def test_a_study_over_its_budget_is_refused_before_any_stage(sim_cache, tmp_path):
+    # The tiny study's first two stages (planning all seven composes ~35 configs): zero_shot plans 2.1070e8 FLOPs,
+    # fitting 1e9 alone, default 2.4161e9 more, so the study, 2.6268e9, is over its 1e9 and refused whole.
+    stages = "study.stages=[{name: zero_shot, kind: evaluate}, {name: default, kind: train}]"
     with pytest.raises(StudyRefusedError) as err:
-        _study(["study=tiny", f"study_dir={tmp_path}", f"paths.cache_dir={sim_cache}", "study.budget_flops=1e9"])
+        _study(["study=tiny", stages, f"study_dir={tmp_path}", f"paths.cache_dir={sim_cache}",
+                "study.budget_flops=1e9"])
     assert "| 1 | zero_shot | evaluate |" in str(err.value) and "REFUSED" in str(err.value)
     assert not (tmp_path / "ledger.sqlite").exists()  # nothing ran, nothing reserved
 
