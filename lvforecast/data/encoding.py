@@ -54,12 +54,11 @@ class ScaleRule:
         problems = []
         if self.kind not in ("fixed", "percentile"):
             problems.append(f"data.scale.kind={self.kind!r}: allowed 'fixed' or 'percentile'")
-        if not (isinstance(self.value, (int, float)) and math.isfinite(self.value) and self.value > 0):
-            problems.append(f"data.scale.value={self.value!r}: must be a finite number > 0")
+        for key, val in (("value", self.value), ("target", self.target)):
+            if not (isinstance(val, (int, float)) and math.isfinite(val) and val > 0):
+                problems.append(f"data.scale.{key}={val!r}: must be a finite number > 0")
         if not (isinstance(self.percentile, (int, float)) and 0 <= self.percentile <= 100):
             problems.append(f"data.scale.percentile={self.percentile!r}: must be in [0, 100]")
-        if not (isinstance(self.target, (int, float)) and math.isfinite(self.target) and self.target > 0):
-            problems.append(f"data.scale.target={self.target!r}: must be a finite number > 0")
         if problems:
             raise UserError("invalid scale rule: " + "; ".join(problems))
 
@@ -80,7 +79,6 @@ def _check_decimals(decimals: int) -> None:
 
 def min_step_tokens(decimals: int) -> int:
     """Characters (= tokens) of the shortest whole encoded step with its separator, ``0.000,0.000;`` at 3 decimals."""
-    _check_decimals(decimals)
     number = 1 + (1 + decimals if decimals else 0)  # one integer digit, then the point and the decimals
     return 2 * number + len(VALUE_SEP) + len(STEP_SEP)
 

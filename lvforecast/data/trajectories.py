@@ -229,13 +229,11 @@ def write_trajectories(
                 fh.attrs[key] = val
         os.replace(tmp, dest)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         # h5py's message names the hidden temp file (or no file at all): name the file the user asked for.
         fix = "free space, make the folder writable or choose another path"
         problem = f"cannot be written ({exc.strerror or exc}); the previous file, if any, is unchanged"
         raise TrajectoryFileError(f"{dest}: {problem}; {fix}") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after os.replace; else the half-written file
     logger.info("wrote %s: values %s", dest, values.shape)
     return dest

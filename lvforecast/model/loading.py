@@ -146,13 +146,13 @@ def load_smollm2(cache_dir: str, dtype: str = "auto", attn_implementation: str =
 TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
-def build_char_tokenizer(alphabet: str = ALPHABET) -> Any:
+def build_char_tokenizer() -> Any:
     """A character-level fast tokenizer: ids 0-2 the Qwen-style special tokens (``<|endoftext|>`` = 0 is pad and
-    eos), 3 ``<unk>`` (any other character), then one id per character of ``alphabet``."""
+    eos), 3 ``<unk>`` (any other character), then one id per character of the LLMTIME ``ALPHABET``."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate((*TINY_SPECIAL_TOKENS, "<unk>", *alphabet))}
+    vocab = {tok: i for i, tok in enumerate((*TINY_SPECIAL_TOKENS, "<unk>", *ALPHABET))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>",

