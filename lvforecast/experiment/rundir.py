@@ -218,7 +218,7 @@ class RunDir:
             write_text(self.out / name, text)
 
     def begin(self, record: dict[str, Any], loggers: list[Any], ckpt_path: str | None) -> None:
-        """Start this run's segment (``run_info.json``'s record, written by :meth:`write_info`), and keep
+        """Start this run's segment: write ``run_info.json`` (``record`` and the segments), and keep
         ``metrics.csv`` up to the checkpoint's step on a resume in the same directory (appended to after it)."""
         resume = self.claim.kind == "resume"
         self.info = {**record, "segments": segments(self.claim.previous if resume else None, self.start_step,
@@ -226,13 +226,13 @@ class RunDir:
         if self.lead:
             header, rows = metrics_history(self.out, self.start_step) if resume else ([], [])
             install_history(loggers, self.out, header, rows)
+        self._write_info()
 
     def end(self, step: int, status: str, **record: Any) -> None:
         """Close the segment at ``step`` with ``status`` and write ``run_info.json`` with ``record`` added."""
         self.info["segments"][-1].update(end_step=step, status=str(status), ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         self.info.update(record)
-        self.write_info()
+        self._write_info()
 
-    def write_info(self) -> None:
-        """Write ``run_info.json`` (lead process only)."""
+    def _write_info(self) -> None:
         self.write("run_info.json", json.dumps(self.info, indent=1))
