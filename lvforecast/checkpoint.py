@@ -78,5 +78,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, fh)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
-        """Load a checkpoint with :func:`load_checkpoint`."""
         return load_checkpoint(path, map_location=map_location if map_location is not None else "cpu")

@@ -9,12 +9,11 @@ See docs/clusters-and-gpus.md.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 
 
-def launch_id(environ: Mapping[str, str] | None = None) -> str | None:
+def launch_id() -> str | None:
     """The id every rank of this launch shares, or None for a process started alone."""
-    env = os.environ if environ is None else environ
+    env = os.environ
     tasks = env.get("SLURM_STEP_NUM_TASKS", "")
     if tasks.isdigit() and int(tasks) > 1 and env.get("SLURM_JOB_ID") and env.get("SLURM_STEP_ID"):
         return f"slurm{env['SLURM_JOB_ID']}.{env['SLURM_STEP_ID']}"
@@ -27,11 +26,10 @@ def launch_id(environ: Mapping[str, str] | None = None) -> str | None:
     return None
 
 
-def launch_token(environ: Mapping[str, str] | None = None) -> str:
+def launch_token() -> str:
     """What ties rank 0's published reservation to this launch ("" on a bare machine): the launch id (else the SLURM
     job id) plus SLURM's restart count, as a requeued job's ranks share the first attempt's run directory and must not
     read that attempt's reservation."""
-    env = os.environ if environ is None else environ
-    token = launch_id(env) or env.get("SLURM_JOB_ID", "")
-    restarts = env.get("SLURM_RESTART_COUNT")
+    token = launch_id() or os.environ.get("SLURM_JOB_ID", "")
+    restarts = os.environ.get("SLURM_RESTART_COUNT")
     return f"{token}#{restarts}" if token and restarts else token

@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 
-def instantiate_list(group: DictConfig | None, exclude: tuple[str, ...] = (), **kwargs: Any) -> list[Any]:
+def instantiate_list(group: DictConfig | None, exclude: tuple[str, ...] = ()) -> list[Any]:
     """Instantiate each entry of a named map that has a ``_target_`` (so ``logger.wandb=null`` skips one), except
     the keys in ``exclude`` (a ``_partial_`` node the caller completes itself)."""
     from hydra.utils import instantiate
@@ -22,7 +22,7 @@ def instantiate_list(group: DictConfig | None, exclude: tuple[str, ...] = (), **
         return []
     if not isinstance(group, DictConfig):
         raise TypeError(f"expected a named map of _target_ nodes, got {type(group).__name__}")
-    return [instantiate(node, **kwargs) for key, node in group.items()
+    return [instantiate(node) for key, node in group.items()
             if key not in exclude and isinstance(node, DictConfig) and "_target_" in node]
 
 

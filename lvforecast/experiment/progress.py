@@ -28,19 +28,17 @@ class FlopModelSummary(ModelSummary):
     ``seq_len`` training batch (``data.batch_size``, ``data.context_length``) and of one training step (3 x forward),
     as the FLOP budget charges them under ``conventions`` (``budget.conventions``; empty: the study brief's)."""
 
-    def __init__(self, batch_size: int, seq_len: int, conventions: Mapping[str, Any] | None = None,
-                 max_depth: int = 1) -> None:
+    def __init__(self, batch_size: int, seq_len: int, conventions: Mapping[str, Any], max_depth: int) -> None:
         super().__init__(max_depth=max_depth)
         self.batch_size = batch_size
         self.seq_len = seq_len
-        self.conventions = Conventions(**dict(conventions or {}))
-        self.forward_flops: int | None = None
+        self.conventions = Conventions(**conventions)
+        self.forward_flops = 0
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        model = getattr(pl_module, "model", pl_module)
-        head_rows = ALPHABET_SIZE if getattr(pl_module, "head", "full") == "alphabet" else None
-        lora = LoRASpec.from_peft(model, logit_bias=getattr(pl_module, "logit_bias", None) is not None,
-                                  head_rows=head_rows) if getattr(model, "peft_config", None) else None
+        model = pl_module.model  # the LoRA-wrapped backbone of lvforecast's LightningModule
+        lora = LoRASpec.from_peft(model, logit_bias=pl_module.logit_bias is not None,
+                                  head_rows=ALPHABET_SIZE if pl_module.head == "alphabet" else None)
         self.forward_flops = forward_flops(shape_of(model), self.batch_size, self.seq_len, lora,
                                            self.conventions).total
         super().on_fit_start(trainer, pl_module)
@@ -48,18 +46,15 @@ class FlopModelSummary(ModelSummary):
     def summarize(self, summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,
                   model_size: float, total_training_modes: dict[str, int], total_flops: int = 0,
                   **summarize_kwargs: Any) -> None:
-        """Log the table without Lightning's FLOPs column and line, and with the analytic FLOPs."""
         columns = [col for col in summary_data if col[0] != "FLOPs"]
         args: list[Any] = [total_parameters, trainable_parameters, model_size, total_training_modes]
         if "total_flops" in inspect.signature(_format_summary_table).parameters:  # Lightning >= 2.5
             args.append(0)
         lines = [line for line in _format_summary_table(*args, *columns).splitlines()
                  if not line.endswith("Total Flops")]
-        if self.forward_flops is not None:
-            lines.append(f"{get_human_readable_count(self.forward_flops):<10}Forward FLOPs per training batch "
-                         f"({self.batch_size} x {self.seq_len} tokens, analytic)")
-            lines.append(f"{get_human_readable_count(3 * self.forward_flops):<10}FLOPs per training step "
-                         f"(3 x forward)")
+        lines.append(f"{get_human_readable_count(self.forward_flops):<10}Forward FLOPs per training batch "
+                     f"({self.batch_size} x {self.seq_len} tokens, analytic)")
+        lines.append(f"{get_human_readable_count(3 * self.forward_flops):<10}FLOPs per training step (3 x forward)")
         log.info("\n" + "\n".join(lines))
 
 

@@ -24,8 +24,6 @@ from lvforecast.budget.status import RunStatus
 from lvforecast.errors import UserError
 from lvforecast.launch import launch_id
 
-RESOLVER = "lv_unique"
-NAME_RESOLVER = "lv_run_name"
 # A directory holding any of these holds a run (what train() writes; metrics.csv comes from the CSV logger).
 RUN_FILES = ("config.yaml", "run_info.json", "metrics.csv", "split.json", "adapter", "checkpoints")
 # Keys a continuation of the same run may change (a resume raises max_steps and names its checkpoint).
@@ -44,7 +42,7 @@ def run_name() -> str:
     return launch_id() or f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{unique_suffix()}"
 
 
-for _name, _fn in ((RESOLVER, unique_suffix), (NAME_RESOLVER, run_name)):
+for _name, _fn in (("lv_unique", unique_suffix), ("lv_run_name", run_name)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn, use_cache=True)
 
@@ -67,16 +65,6 @@ class Claim:
     previous: dict[str, Any] | None = None   # the directory's run_info.json on a resume (its segments)
 
 
-def _without(container: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-    cfg = OmegaConf.create(container)
-    for key in keys:
-        parent, _, leaf = key.rpartition(".")
-        node = OmegaConf.select(cfg, parent) if parent else cfg
-        if isinstance(node, DictConfig) and leaf in node:
-            node.pop(leaf)
-    return OmegaConf.to_container(cfg)
-
-
 def read_json(path: Path) -> dict[str, Any] | None:
     """A JSON object file, or None when it is missing, torn or not an object."""
     try:
@@ -88,14 +76,15 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 def _same_config(out: Path, cfg: DictConfig) -> bool:
     """Whether ``out/config.yaml`` is ``cfg`` (resolved) up to :data:`CONTINUATION_KEYS`."""
+    new = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     try:
-        old = OmegaConf.to_container(OmegaConf.load(out / "config.yaml"))
-    except Exception:  # noqa: BLE001 - unreadable or not a mapping: not the same configuration
+        old = OmegaConf.load(out / "config.yaml")
+        for conf in (old, new):
+            for key in CONTINUATION_KEYS:  # the same (null) on both sides, so they do not count
+                OmegaConf.update(conf, key, None, force_add=True)
+    except Exception:  # noqa: BLE001 - unreadable, or not a run's config: not the same configuration
         return False
-    if not isinstance(old, dict):
-        return False
-    new = OmegaConf.to_container(cfg, resolve=True)
-    return _without(old, CONTINUATION_KEYS) == _without(new, CONTINUATION_KEYS)
+    return old == new
 
 
 def claim(cfg: DictConfig, out: Path) -> Claim:
@@ -110,9 +99,8 @@ def claim(cfg: DictConfig, out: Path) -> Claim:
     info = read_json(out / "run_info.json")
     if ckpt and Path(ckpt).resolve().is_relative_to(out.resolve()):
         return Claim("resume", info)
-    checkpoints = list((out / "checkpoints").glob("*.ckpt")) if (out / "checkpoints").is_dir() else []
     finished = info is not None and "final" in info
-    if not checkpoints and not finished and _same_config(out, cfg):
+    if not any((out / "checkpoints").glob("*.ckpt")) and not finished and _same_config(out, cfg):
         return Claim("fresh")
     last = out / "checkpoints" / "last.ckpt"
     resume = (f"resume it with ckpt_path={last} trainer.max_steps=<more steps>, or " if last.is_file() else "")
@@ -218,7 +206,7 @@ class RunDir:
             write_text(self.out / name, text)
 
     def begin(self, record: dict[str, Any], loggers: list[Any], ckpt_path: str | None) -> None:
-        """Start this run's segment (``run_info.json``'s record, written by :meth:`write_info`), and keep
+        """Start this run's segment: write ``run_info.json`` (``record`` and the segments), and keep
         ``metrics.csv`` up to the checkpoint's step on a resume in the same directory (appended to after it)."""
         resume = self.claim.kind == "resume"
         self.info = {**record, "segments": segments(self.claim.previous if resume else None, self.start_step,
@@ -226,13 +214,12 @@ class RunDir:
         if self.lead:
             header, rows = metrics_history(self.out, self.start_step) if resume else ([], [])
             install_history(loggers, self.out, header, rows)
+        self._write_info()
 
     def end(self, step: int, status: str, **record: Any) -> None:
-        """Close the segment at ``step`` with ``status`` and write ``run_info.json`` with ``record`` added."""
         self.info["segments"][-1].update(end_step=step, status=str(status), ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         self.info.update(record)
-        self.write_info()
+        self._write_info()
 
-    def write_info(self) -> None:
-        """Write ``run_info.json`` (lead process only)."""
+    def _write_info(self) -> None:
         self.write("run_info.json", json.dumps(self.info, indent=1))

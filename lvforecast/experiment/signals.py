@@ -9,19 +9,18 @@ signal, :class:`SignalGuard` raises :class:`Interrupted` at once. Handlers are o
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
 import weakref
-from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import pytorch_lightning as pl
+from omegaconf import open_dict
 
 from lvforecast.errors import UserError
 
@@ -56,8 +55,9 @@ class Interrupted(SystemExit):
 
 
 class SignalGuard:
-    """SIGTERM / SIGINT handlers for one job, as a context manager; ``received``: the first signal (None: none yet),
-    ``step`` and ``checkpoint``: what :class:`InterruptCheckpoint` wrote, for the job's records."""
+    """SIGTERM / SIGINT handlers for one job, as a context manager; a signal-caused stop leaves it as
+    :class:`Interrupted` (exit 143/130), its :meth:`~Interrupted.message` printed. ``received``: the first signal
+    (None: none yet), ``step`` and ``checkpoint``: what :class:`InterruptCheckpoint` wrote, for the job's records."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -74,12 +74,23 @@ class SignalGuard:
         self._outer, _active = _active, self
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         global _active
         for signum, handler in self._previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
         _active = self._outer
+        if isinstance(exc, Interrupted):
+            stop = exc
+        elif self.received is not None and isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            stop = Interrupted(self.received)  # Lightning's SIGTERMException (a SystemExit) after our signal
+        else:
+            return
+        if stop.checkpoint is None and self.checkpoint is not None:
+            stop.step, stop.checkpoint = self.step, self.checkpoint
+        print(stop.message(), file=sys.stderr, flush=True)
+        if stop is not exc:
+            raise stop from None
 
     def attach(self, trainer: pl.Trainer) -> None:
         """The trainer whose loops a signal is deferred to while they run."""
@@ -103,35 +114,9 @@ class SignalGuard:
         log.warning("%s received: stopping now%s", name, "" if first else " (second signal, no new checkpoint)")
         raise Interrupted(signum)
 
-    def interrupted(self, exc: BaseException) -> Interrupted | None:
-        """``exc`` as an :class:`Interrupted` when a signal caused it (Lightning's ``SIGTERMException``, or our own),
-        else None."""
-        if isinstance(exc, Interrupted):
-            return exc
-        if self.received is not None and isinstance(exc, (SystemExit, KeyboardInterrupt)):
-            return Interrupted(self.received, self.step, self.checkpoint)
-        return None
-
 
 _active: SignalGuard | None = None  # the guard of the job now running in this process, if any
-
-
-@contextlib.contextmanager
-def guarded() -> Iterator[SignalGuard]:
-    """Run a job under a :class:`SignalGuard`; a signal-caused stop leaves as :class:`Interrupted` (exit 143/130)."""
-    with SignalGuard() as guard:
-        try:
-            yield guard
-        except (SystemExit, KeyboardInterrupt) as exc:
-            stop = guard.interrupted(exc)
-            if stop is None:
-                raise
-            if stop.checkpoint is None and guard.checkpoint is not None:
-                stop.step, stop.checkpoint = guard.step, guard.checkpoint
-            print(stop.message(), file=sys.stderr, flush=True)
-            if stop is exc:
-                raise
-            raise stop from None
+guarded = SignalGuard  # the name jobs use: ``with guarded(): task(cfg)``
 
 
 class InterruptCheckpoint(pl.Callback):
@@ -165,8 +150,7 @@ class InterruptCheckpoint(pl.Callback):
             log.error("%s: could not write the interrupt checkpoint (%s); the previous one is kept", path, err)
             return
         if trainer.is_global_zero:
-            log.warning("%s: checkpoint written at step %d; resume with ckpt_path=%s", path, trainer.global_step,
-                        path)
+            log.warning("%s: checkpoint written at step %d; resume with ckpt_path=%s", path, trainer.global_step, path)
         if guard is not None:
             guard.step, guard.checkpoint = trainer.global_step, path
 
@@ -174,12 +158,8 @@ class InterruptCheckpoint(pl.Callback):
 def requeued_checkpoint(output_dir: str | os.PathLike[str], environ: dict[str, str] | None = None) -> Path | None:
     """The newest ``checkpoints/last.ckpt`` or Lightning ``hpc_ckpt_*.ckpt`` in ``output_dir`` when
     ``SLURM_RESTART_COUNT`` > 0 in ``environ`` (default ``os.environ``): what a requeued SLURM job resumes from."""
-    env = os.environ if environ is None else environ
-    try:
-        restarts = int(env.get(RESTART_ENV, "0"))
-    except ValueError:
-        return None
-    if restarts <= 0:
+    restarts = (os.environ if environ is None else environ).get(RESTART_ENV, "0")
+    if not restarts.isdecimal() or int(restarts) == 0:
         return None
     out = Path(output_dir)
     found = [p for p in (out / "checkpoints" / CHECKPOINT, *out.glob("hpc_ckpt_*.ckpt")) if p.is_file()]
@@ -189,11 +169,7 @@ def requeued_checkpoint(output_dir: str | os.PathLike[str], environ: dict[str, s
 def resume_requeued(cfg: Any) -> None:
     """Set ``cfg.ckpt_path`` to :func:`requeued_checkpoint` for a requeued SLURM job that gave none (its run
     directory must be the same for every attempt: ``docs/clusters-and-gpus.md``, SLURM requeue)."""
-    from omegaconf import open_dict
-
-    if cfg.get("ckpt_path"):
-        return
-    path = requeued_checkpoint(cfg.paths.output_dir)
+    path = None if cfg.get("ckpt_path") else requeued_checkpoint(cfg.paths.output_dir)
     if path is not None:
         log.warning("SLURM requeue (%s=%s): resuming from %s", RESTART_ENV, os.environ.get(RESTART_ENV), path)
         with open_dict(cfg):

@@ -148,10 +148,9 @@ def fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, run: 
     loggers = instantiate_list(cfg.get("logger"))
     callbacks = _callbacks(cfg, reservation)
     flop_cb = next((cb for cb in callbacks if isinstance(cb, FlopBudget)), None)
-    run.begin(record, loggers, cfg.get("ckpt_path"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    run.info["environment"]["device"] = describe_device(trainer.strategy.root_device)  # what it trains on
-    run.write_info()
+    record["environment"]["device"] = describe_device(trainer.strategy.root_device)  # what it trains on
+    run.begin(record, loggers, cfg.get("ckpt_path"))
     ok = False
     try:
         for lg in loggers:  # the resolved config at the top level (W&B's run config), plus the run record
@@ -222,11 +221,11 @@ def _fit_and_save(cfg: DictConfig, trainer: Any, module: Any, datamodule: Any, f
     if flop_cb is not None:
         metrics["flops/run"] = flop_cb.spent
     csv_path = run.out / "metrics.csv"
-    png = plot_loss_curve(csv_path, run.out / "loss_curve.png", title=f"{run.info['model']}, LoRA r={cfg.lora.r}") \
-        if run.lead and csv_path.is_file() else None
-    for lg in trainer.loggers:
-        if png is not None and hasattr(lg, "log_image"):
-            lg.log_image(key="loss_curve", images=[str(png)])
+    if run.lead and csv_path.is_file():
+        png = plot_loss_curve(csv_path, run.out / "loss_curve.png", title=f"{run.info['model']}, LoRA r={cfg.lora.r}")
+        for lg in trainer.loggers:
+            if png is not None and hasattr(lg, "log_image"):
+                lg.log_image(key="loss_curve", images=[str(png)])
     return metrics
 
 

@@ -180,7 +180,6 @@ class SafeWandbLogger(WandbLogger):
         self._guarded("finalize", super().finalize, status)
 
     def update_summary(self, values: dict[str, Any]) -> None:
-        """Write ``values`` into the run's summary (guarded like every other call)."""
         self._guarded("summary update", lambda: self.experiment.summary.update(values))
 
     def finish(self, exit_code: int) -> None:

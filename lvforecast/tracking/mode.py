@@ -35,9 +35,8 @@ class ModeDecision:
     reason: str
 
 
-def netrc_path(env: Mapping[str, str] | None = None) -> Path:
+def netrc_path(env: Mapping[str, str]) -> Path:
     """The netrc file wandb reads: ``$NETRC`` if set, else ``~/.netrc`` (``~/_netrc`` when only that exists)."""
-    env = os.environ if env is None else env
     if env.get("NETRC"):
         return Path(env["NETRC"]).expanduser()
     unix = Path("~/.netrc").expanduser()
@@ -45,11 +44,10 @@ def netrc_path(env: Mapping[str, str] | None = None) -> Path:
     return windows if not unix.exists() and windows.exists() else unix
 
 
-def credentials_source(env: Mapping[str, str] | None = None, netrc_file: Path | None = None) -> str | None:
-    """Where a W&B API key is configured in ``env`` (default ``os.environ``) or ``netrc_file`` (default
-    :func:`netrc_path`), contacting nothing: ``"WANDB_API_KEY"``, ``"WANDB_IDENTITY_TOKEN_FILE"`` or
-    ``"netrc file <path> (<host>)"``; None when no credentials are found (an unreadable netrc counts as none)."""
-    env = os.environ if env is None else env
+def credentials_source(env: Mapping[str, str], netrc_file: Path | None = None) -> str | None:
+    """Where a W&B API key is configured in ``env`` or ``netrc_file`` (default :func:`netrc_path`), contacting
+    nothing: ``"WANDB_API_KEY"``, ``"WANDB_IDENTITY_TOKEN_FILE"`` or ``"netrc file <path> (<host>)"``; None when
+    no credentials are found (an unreadable netrc counts as none)."""
     for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
         if env.get(var):
             return var

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from lvforecast.data.encoding import VARIABLES
 from lvforecast.evaluation.metrics import TABLED_METRICS
 from lvforecast.tracking.loggers import finish_wandb, launch_group, recorded_group
@@ -68,8 +70,6 @@ def log_evaluation(cfg: Any, output_dir: str | Path, summary: Mapping[str, Any],
     Returns:
         The W&B run id, or None when W&B is not configured.
     """
-    from omegaconf import OmegaConf
-
     node = (cfg.get("logger") or {}).get("wandb")
     if not node or "_target_" not in node:
         return None
@@ -91,8 +91,6 @@ def log_evaluation(cfg: Any, output_dir: str | Path, summary: Mapping[str, Any],
 
 def _trained_group(run_dir: Path) -> str | None:
     """The W&B group the training run in ``run_dir`` got, else its config's group or sweep name."""
-    from omegaconf import OmegaConf
-
     recorded = recorded_group(run_dir)
     if recorded or not (run_dir / "config.yaml").is_file():
         return recorded
