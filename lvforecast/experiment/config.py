@@ -118,7 +118,10 @@ def _leaves(node: Any, where: str) -> dict[str, Any]:
         return {}
     out: dict[str, Any] = {}
     for key in node:
-        value = node[key]
+        try:
+            value = node[key]
+        except Exception:  # noqa: BLE001 - a path resolved only inside a Hydra run: not a number, and checked there
+            continue
         if isinstance(value, DictConfig):
             out.update(_leaves(value, f"{where}.{key}"))
         elif isinstance(value, (float, ListConfig)):
