@@ -76,8 +76,8 @@ def _problems(node: Any, where: str) -> Iterable[str]:
 
 
 def read_run_config(path: Path, sections: tuple[str, ...], fix: str) -> DictConfig:
-    """The ``sections`` (top-level keys) of the run config at ``path``, checked as the module docstring says; a
-    missing section is left out. ``fix``: what the message tells the user to do.
+    """The ``sections`` (top-level or dotted keys) of the run config at ``path``, checked as the module docstring
+    says; a missing one is left out. ``fix``: what the message tells the user to do.
 
     Raises:
         UserError: The file cannot be read or parsed, is not a mapping, or a taken key is not plain data.
@@ -92,8 +92,17 @@ def read_run_config(path: Path, sections: tuple[str, ...], fix: str) -> DictConf
                         f".hydra/config.yaml holds the same composed config before resolution; {fix}") from err
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a list, not the run's config mapping; {fix}")
-    taken = {key: raw[key] for key in sections if key in raw}
-    problems = [p for key, value in taken.items() for p in _problems(value, key)]
+    taken: dict[str, Any] = {}
+    problems = []
+    for key in sections:  # a section or a dotted key
+        *parents, leaf = key.split(".")
+        node, into = raw, taken
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+            into = into.setdefault(part, {})
+        if isinstance(node, dict) and leaf in node:
+            into[leaf] = node[leaf]
+            problems += _problems(node[leaf], key)
     if problems:
         raise UserError(f"{path}: refused, a run directory is read as data (nothing in it is run or resolved):\n  - "
                         + "\n  - ".join(problems) + f"\n{fix}")

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 SUMMARY_CSV, SUMMARY_MD, CURVES_PNG = "summary.csv", "summary.md", "val_loss_curves.png"
 STATUS_FIX = "delete it (the job is then listed as not run) and run the same sweep command again to redo the job"
-RUN_SECTIONS = ("data", "optim", "lora", "trainer", "budget", "sweep_name")  # what a row reads of a job's config
+RUN_SECTIONS = (*STUDY_KEYS, "budget.ledger_path", "sweep_name")  # all a row reads of a job's config
 
 
 class SweepSummary(Callback):
