@@ -149,3 +149,23 @@ def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def read_state(path: str | Path, fix: str) -> dict[str, Any]:
+    """The JSON object a run, sweep or study recorded in ``path`` (written with :func:`write_text`).
+
+    Raises:
+        UserError: It cannot be read, is empty or torn (a crash or a full disk before this writer existed), or is
+            not a JSON object: the path, what was found and ``fix`` (what to do).
+    """
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise UserError(f"{path}: cannot read this record ({err.strerror or err}); {fix}") from err
+    except ValueError as err:
+        raise UserError(f"{path}: empty or torn, not a JSON record ({err}); {fix}") from err
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a JSON {type(data).__name__}, not the record expected; {fix}")
+    return data

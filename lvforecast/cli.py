@@ -8,6 +8,7 @@ Options: ``--help`` and docs/budget.md#commands. The parser imports only standar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -223,11 +224,34 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.set_defaults(handler=_simulate, parser=p)
 
 
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``, else free pages), None if unknown."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def _check_simulation_fits(systems: int, steps: int) -> None:
+    """UserError before allocating when ``systems`` x ``steps`` cannot fit in the memory available: the integration
+    holds (N, T, 2) float64 twice (the solution and its clipped copy) and the float32 file values."""
+    need = max(systems, 0) * max(steps, 0) * 2 * (8 + 8 + 4)
+    have = _available_memory()
+    if have is not None and need > have:
+        raise UserError(f"--systems {systems} --steps {steps}: needs about {need / 2**30:.1f} GiB of memory to "
+                        f"simulate, {have / 2**30:.1f} GiB is available; simulate fewer systems (several files "
+                        f"with different --seed) or on a machine with more memory")
+
+
 def _simulate(args: argparse.Namespace) -> int:
     """Simulate, write the file and print ``PATH (N, T, 2) SECONDSs``."""
     from lvforecast.data.simulate import write_simulation
     from lvforecast.data.trajectories import TrajectoryFileError
 
+    _check_simulation_fits(args.systems, args.steps)
     start = time.perf_counter()
     try:
         out, traj = write_simulation(args.out, args.systems, args.seed, n_steps=args.steps, t_end=args.t_end)

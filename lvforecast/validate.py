@@ -28,3 +28,18 @@ def check_choice(owner: str, key: str, value: Any, allowed: Sequence[str]) -> No
     """Raise ``UserError("owner.key=value: allowed ...")`` unless ``value`` is one of ``allowed``."""
     if value not in allowed:
         raise UserError(f"{owner}.{key}={value!r}: allowed {', '.join(map(repr, allowed))}")
+
+
+def name_problem(key: str, value: Any) -> str | None:
+    """A problem when ``value`` (a name that becomes a folder or a table cell) holds a path separator or ``..``,
+    so it could write outside its output root; None for a plain name (or null)."""
+    if isinstance(value, str) and ("/" in value or "\\" in value or ".." in value or "\0" in value):
+        return (f"{key}={value!r}: a name, not a path: it may not hold '/', '\\' or '..' (it names a folder "
+                f"under the output root); use e.g. letters, digits, '-', '_', '.'")
+    return None
+
+
+def markdown_cell(value: Any) -> str:
+    """``value`` as one markdown table cell: ``|`` escaped and line breaks made spaces, so a cell never shifts a
+    table's columns or ends its row."""
+    return " ".join(str(value).replace("|", "\\|").splitlines())

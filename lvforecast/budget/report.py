@@ -11,6 +11,7 @@ from typing import Any
 
 from lvforecast.budget.ledger import Ledger
 from lvforecast.budget.ledger import format_flops as _fmt
+from lvforecast.validate import markdown_cell
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def format_stages_markdown(report: dict[str, Any]) -> str:
     lines = ["Table 12: FLOPs spent per stage. Inference = test + generation.", "",
              "| stage | runs | training | validation | inference | total | share of budget |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {stage_label(g)} | {len(g['runs'])} | {_spend(g)} |" for g in report["stages"]]
+    lines += [f"| {markdown_cell(stage_label(g))} | {len(g['runs'])} | {_spend(g)} |" for g in report["stages"]]
     lines.append(f"| **total** | {len(report['runs'])} | {_spend(report['totals'], '**')} |")
     lines.append(f"| budget | | | | | {_fmt(report['budget'])} | 100.00% |")
     return "\n".join(lines) + "\n"
@@ -64,9 +65,10 @@ def format_report_markdown(report: dict[str, Any]) -> str:
     staged = any(g["stage"] is not None for g in report["stages"])
     for g in report["stages"]:
         if staged:
-            lines.append(f"| *{stage_label(g)}* | | | | | | | |")
+            lines.append(f"| *{markdown_cell(stage_label(g))}* | | | | | | | |")
         for r in (by_id[i] for i in g["runs"]):
-            lines.append(f"| #{r['id']} {r['name']} | {r['sweep'] or ''} | {r['status']} | {_spend(r)} |")
+            lines.append(f"| #{r['id']} {markdown_cell(r['name'])} | {markdown_cell(r['sweep'] or '')} | {r['status']} "
+                         f"| {_spend(r)} |")
     lines.append(f"| **total** | | | {_spend(report['totals'], '**')} |")
     for name, flops in (("reserved by running runs", report["reserved_outstanding"]), ("budget", budget)):
         if flops:
@@ -169,8 +171,8 @@ def format_runs(ledger: Ledger, runs: list[dict[str, Any]]) -> str:
              "|---:|---|---|---|---|---:|---:|---|"]
     for r in runs:
         owner = {None: "", True: "alive", False: "dead"}[r["owner_alive"]]
-        lines.append(f"| {r['id']} | {r['name']} | {r['sweep'] or ''} | {r['status']} | {r['host']}:{r['pid']} "
-                     f"| {_fmt(r['planned_flops'])} | {_fmt(r['charged_flops'])} | {owner} |")
+        lines.append(f"| {r['id']} | {markdown_cell(r['name'])} | {markdown_cell(r['sweep'] or '')} | {r['status']} "
+                     f"| {r['host']}:{r['pid']} | {_fmt(r['planned_flops'])} | {_fmt(r['charged_flops'])} | {owner} |")
     lines.append("")
     lines.append(f"budget {_fmt(ledger.budget)}, spent {_fmt(sum(r['charged_flops'] for r in runs))}, "
                  f"remaining {_fmt(ledger.remaining())} (ledger {ledger.path}, journal {ledger.journal_mode})")

@@ -12,6 +12,7 @@ import numpy as np
 from lvforecast.atomic import save_figure, write_text
 from lvforecast.data.encoding import VARIABLES
 from lvforecast.evaluation.metrics import POINT_METRICS, TABLED_METRICS
+from lvforecast.validate import markdown_cell
 
 COLORS = {"prey": "goldenrod", "predator": "purple"}
 
@@ -125,7 +126,7 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> list[str]:
     """A markdown section: ``title``, a table (first column left-aligned, the others right), a blank line."""
 
     def line(cells: list[str]) -> str:
-        return "| " + " | ".join(cells) + " |"
+        return "| " + " | ".join(map(markdown_cell, cells)) + " |"
 
     return [title, "", line(columns), "|---|" + "---:|" * (len(columns) - 1), *map(line, rows), ""]
 

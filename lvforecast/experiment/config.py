@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lvforecast.budget.planning import Pricing, RunShape
 from lvforecast.budget.schedule import Schedule
@@ -23,6 +23,7 @@ from lvforecast.threads import resolve_threads
 from lvforecast.tracking.loggers import wandb_problems
 from lvforecast.validate import int_at_least as _int_at_least
 from lvforecast.validate import is_finite_number as _finite
+from lvforecast.validate import name_problem
 
 SEED_MAX = 2**32 - 1  # numpy's (and so Lightning's seed_everything's) range is [0, 2**32 - 1]
 # What Lightning's Trainer makes of these arguments when they are left out (its signature says None and the
@@ -81,8 +82,51 @@ def _raise_problems(cfg: DictConfig, problems: list[str]) -> None:
     except ValueError as err:
         problems.append(str(err))
     problems += wandb_problems((cfg.get("logger") or {}).get("wandb"))
+    problems += [p for key in ("sweep_name", "budget.run_name")
+                 if (p := name_problem(key, OmegaConf.select(cfg, key, default=None))) is not None]
+    problems += number_problems(cfg, problems)
     if problems:
         raise UserError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+# Numeric keys checked nowhere else (each owner checks its own range): a boolean or a non-finite number is refused.
+NUMERIC_KEYS = ("lora.alpha", "data.split_seed", "data.split_fractions", "data.scale.value", "data.scale.percentile",
+                "data.scale.target", "optim.weight_decay", "scheduler.warmup_steps", "scheduler.min_lr_ratio",
+                "trainer.gradient_clip_val")
+NUMERIC_GROUPS = ("optim", "scheduler", "lora", "data", "trainer", "budget", "forecast")
+
+
+def number_problems(cfg: DictConfig, found: list[str]) -> list[str]:
+    """Booleans or non-finite numbers where numbers belong: :data:`NUMERIC_KEYS`, and a NaN or infinity anywhere in
+    :data:`NUMERIC_GROUPS` (``optim.lr=inf`` trains to NaN losses); keys ``found`` already names are skipped."""
+    values = {key: OmegaConf.select(cfg, key, default=None) for key in NUMERIC_KEYS}
+    for group in NUMERIC_GROUPS:
+        values.update(_leaves(cfg.get(group), group))
+    problems = []
+    for key, value in values.items():
+        items = list(value) if isinstance(value, (list, ListConfig)) else [value]
+        bad = any(isinstance(v, bool) for v in items) if key in NUMERIC_KEYS else False
+        bad = bad or any(isinstance(v, float) and not math.isfinite(v) for v in items)
+        if bad and not any(p.lstrip().startswith(f"{key}=") for p in found + problems):
+            problems.append(f"{key}={value!r}: must be a finite number (not a boolean, NaN or infinity)")
+    return problems
+
+
+def _leaves(node: Any, where: str) -> dict[str, Any]:
+    """The float and list leaves under ``node`` by dotted key (interpolations resolved as the run resolves them)."""
+    if not isinstance(node, DictConfig):
+        return {}
+    out: dict[str, Any] = {}
+    for key in node:
+        try:
+            value = node[key]
+        except Exception:  # noqa: BLE001 - a path resolved only inside a Hydra run: not a number, and checked there
+            continue
+        if isinstance(value, DictConfig):
+            out.update(_leaves(value, f"{where}.{key}"))
+        elif isinstance(value, (float, ListConfig)):
+            out[f"{where}.{key}"] = value
+    return out
 
 
 def seed_problems(seed: Any) -> list[str]:

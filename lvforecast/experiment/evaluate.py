@@ -33,6 +33,7 @@ from lvforecast.devices import describe_device, resolve_device
 from lvforecast.errors import UserError
 from lvforecast.evaluation.metrics import POINT_METRICS, crps_samples, evaluate_forecasts, interval_coverage
 from lvforecast.experiment.config import check_evaluate_config, pricing_of, token_counts
+from lvforecast.experiment.runconfig import read_run_config
 from lvforecast.experiment.rundir import ledger_name
 from lvforecast.machine import check_machine
 from lvforecast.threads import torch_threads
@@ -73,6 +74,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.budget.dry_run:  # the GPU and the weights it needs, here (a study's plan may be made elsewhere)
         check_machine(source.model, device=cfg.device)
     inputs = _load(cfg, source)
+    _check_examples(cfg, inputs.systems)
     plan, pricing = _generation_plan(cfg, source, inputs)
     if cfg.budget.dry_run:
         return _dry_run(cfg, out, plan.total, inputs)
@@ -117,16 +119,9 @@ def _first_line(err: BaseException) -> str:
 
 
 def _run_config(path: Path) -> DictConfig:
-    """A training run's resolved ``config.yaml``; UserError if torn or lacking a key an evaluation reads."""
-    try:
-        train_cfg = OmegaConf.load(path)
-    except OSError as err:
-        raise UserError(f"{path}: cannot read the run's config ({err.strerror or err}); {_RETRAIN}") from err
-    except Exception as err:  # noqa: BLE001 - yaml's scanner/parser errors and OmegaConf's: all a torn file
-        raise UserError(f"{path}: not a readable config ({type(err).__name__}: {_first_line(err)}); the run's "
-                        f".hydra/config.yaml holds the same composed config before resolution; {_RETRAIN}") from err
-    if not isinstance(train_cfg, DictConfig):
-        raise UserError(f"{path}: a list, not the run's config mapping; {_RETRAIN}")
+    """A training run's ``model``, ``data`` and ``lora``, read as data (:mod:`~lvforecast.experiment.runconfig`);
+    UserError if torn, not plain data, or lacking a key an evaluation reads."""
+    train_cfg = read_run_config(path, ("model", "data", "lora"), _RETRAIN)
     missing = [k for k in ("model.loader._target_", "data._target_", "data.context_length", "lora.r",
                            "lora.target_modules") if OmegaConf.select(train_cfg, k, default=None) is None]
     if missing:
@@ -185,6 +180,16 @@ def _load(cfg: DictConfig, source: _Source) -> EvaluationInputs:
     return instantiate(source.data).evaluation_inputs(
         int(cfg.forecast.context_steps), int(cfg.forecast.horizon_steps), split_file=source.split_file,
         max_systems=cfg.max_systems, first=list(cfg.examples))
+
+
+def _check_examples(cfg: DictConfig, systems: list[int]) -> None:
+    """UserError for ``examples`` given explicitly (not the data's pinned default) that are not evaluated systems,
+    before anything is reserved; the pinned default keeps those the split holds."""
+    missing = [e for e in cfg.examples if e not in systems]
+    if missing and not OmegaConf.is_interpolation(cfg, "examples"):
+        cut = f" (max_systems={cfg.max_systems} cuts the split)" if cfg.max_systems else ""
+        raise UserError(f"examples={list(cfg.examples)}: systems {missing} are not among the {len(systems)} test "
+                        f"systems evaluated{cut}; name test systems, e.g. examples={sorted(systems)[:4]}")
 
 
 def _generation_plan(cfg: DictConfig, source: _Source, inputs: EvaluationInputs) -> tuple[GenerationPlan, Pricing]:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lvforecast.atomic import write_text
 from lvforecast.tracking.mode import decide_mode
 from lvforecast.validate import is_finite_number
 
@@ -98,7 +99,7 @@ def record_group(save_dir: str | Path, group: str | None) -> None:
     """Write ``<save_dir>/wandb/group.json``, so an evaluation of this directory joins its group."""
     folder = Path(save_dir) / "wandb"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / GROUP_FILE).write_text(json.dumps({"group": group}) + "\n")
+    write_text(folder / GROUP_FILE, json.dumps({"group": group}) + "\n")
 
 
 def recorded_group(run_dir: str | Path) -> str | None:

@@ -6,14 +6,13 @@ Stages (:mod:`~.spec`) are planned against the ledger before anything runs (:mod
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from lvforecast.atomic import write_text
+from lvforecast.atomic import read_state, write_text
 from lvforecast.budget.ledger import remaining_in
 from lvforecast.errors import UserError
 from lvforecast.experiment.study.plan import format_plan, plan_study
@@ -70,9 +69,6 @@ def finished_stages(study_dir: Path, names: list[str]) -> dict[str, dict[str, An
         path = study_dir / name / STAGE_FILE
         if not path.is_file():
             continue
-        try:
-            out[name] = json.loads(path.read_text())
-        except ValueError as err:
-            raise UserError(f"{path}: not a readable stage record ({err}); delete it and run the study again (the "
-                            f"stage's finished jobs are kept and not run again)") from err
+        out[name] = read_state(path, "delete it and run the study again (the stage's finished jobs are kept and "
+                                     "not run again)")
     return out

@@ -18,6 +18,7 @@ from lvforecast.experiment.evaluate import plan_generation
 from lvforecast.experiment.study.spec import Stage, candidate_settings, compose
 from lvforecast.experiment.study.stages import launch_of
 from lvforecast.experiment.sweeps.plan import JobPricer, SweepPlan, plan_sweep
+from lvforecast.validate import markdown_cell
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,8 @@ def format_plan(rows: list[StagePlan], remaining: int, budget: int, ledger: str)
     total = 0
     for i, r in enumerate(rows, 1):
         total += r.flops
-        lines.append(f"| {i} | {r.stage} | {r.kind} | {r.jobs} | {r.flops:.4e} | {total:.4e} | "
-                     f"{100 * r.flops / budget:.2f}% | {r.note} |")
+        lines.append(f"| {i} | {markdown_cell(r.stage)} | {r.kind} | {r.jobs} | {r.flops:.4e} | {total:.4e} | "
+                     f"{100 * r.flops / budget:.2f}% | {markdown_cell(r.note)} |")
     fits = total <= remaining
     lines += ["", f"total {total:.4e} FLOPs; ledger {ledger} has {remaining:.4e} of {budget:.4e} left -> "
               f"{'fits' if fits else 'REFUSED'} ({100 * total / max(remaining, 1):.3g}% of what is left)"]

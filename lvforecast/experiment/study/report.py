@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from lvforecast.atomic import save_figure, write_text
+from lvforecast.atomic import read_state, save_figure, write_text
 from lvforecast.budget.ledger import Ledger
 from lvforecast.budget.report import format_stages_markdown, plot_report
 from lvforecast.data.encoding import VARIABLES
@@ -19,6 +18,7 @@ from lvforecast.evaluation.metrics import TABLED_METRICS
 from lvforecast.experiment.study.spec import Stage
 from lvforecast.experiment.sweeps.summary import SUMMARY_CSV, SUMMARY_MD, draw_val_curves
 from lvforecast.utils import read_metrics_csv
+from lvforecast.validate import markdown_cell
 
 REPORT_MD, CURVES_PNG = "study_report.md", "loss_curves.png"
 FORECASTS_PNG, RUNNING_PNG = "forecasts.png", "running_mse.png"
@@ -35,11 +35,13 @@ def _evaluations_table(stages: list[Stage], done: dict[str, dict[str, Any]]) -> 
         path = Path(done.get(stage.name, {}).get("run_dir", "")) / "metrics.json"
         if stage.kind != "evaluate" or not path.is_file():
             continue
-        summary = json.loads(path.read_text())
+        summary = read_state(path, f"evaluate again into {path.parent} (or delete {path.parent.parent / 'stage.json'} "
+                                   f"and run the study again)")
         m = summary["methods"]["model"]["encoded"]["all"]
         cells = [f"{_fmt(m[k][v]['mean'], '.4g')} / {_fmt(m[k][v]['median'], '.4g')}" for k in TABLED_METRICS
                  for v in VARIABLES]
-        rows.append(f"| {stage.name} | {stage.of or 'untrained (zero-shot)'} | " + " | ".join(cells)
+        model = markdown_cell(stage.of or "untrained (zero-shot)")
+        rows.append(f"| {markdown_cell(stage.name)} | {model} | " + " | ".join(cells)
                     + f" | {summary['parse_failures']} | {summary['flops_generate']:.3e} |")
     if not rows:
         return []
@@ -74,7 +76,8 @@ def write_study_report(cfg: DictConfig, stages: list[Stage], done: dict[str, dic
     lines = [f"# Study `{cfg.study.name}`", "", f"Study directory `{out}`, ledger `{cfg.study.ledger_path}`.", "",
              "## Plan (before any stage ran)", "", "| stage | kind | jobs | planned FLOPs | note |",
              "|---|---|---:|---:|---|"]
-    lines += [f"| {p['stage']} | {p['kind']} | {p['jobs']} | {p['flops']:.4e} | {p['note']} |" for p in plan]
+    lines += [f"| {markdown_cell(p['stage'])} | {p['kind']} | {p['jobs']} | {p['flops']:.4e} | "
+              f"{markdown_cell(p['note'])} |" for p in plan]
     lines += _evaluations_table(stages, done)
     for stage in stages:
         if stage.name in done:

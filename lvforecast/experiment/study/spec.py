@@ -15,6 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from lvforecast.errors import UserError
+from lvforecast.validate import name_problem
 
 KINDS = ("evaluate", "train", "search")
 METHODS = ("grid", "halving")
@@ -46,7 +47,7 @@ def parse_stages(study: DictConfig) -> list[Stage]:
     """The study's ``stages``, checked; one UserError lists every problem (an unknown key, kind or method, a
     duplicate name, a reference to a stage not earlier or not of the right kind)."""
     allowed = set(Stage.__dataclass_fields__)
-    problems: list[str] = []
+    problems = [p for p in [name_problem("study.name", study.get("name"))] if p is not None]
     stages: list[Stage] = []
     for i, node in enumerate(study.stages):
         raw = OmegaConf.to_container(node, resolve=True)
@@ -69,6 +70,8 @@ def parse_stages(study: DictConfig) -> list[Stage]:
         if raw.get("method") == "halving" and not raw.get("min_steps"):
             problems.append(f"{where}.min_steps: a halving search needs the steps of its first rung")
         earlier = {s.name: s for s in stages}
+        if (problem := name_problem(f"{where}.name", raw["name"])) is not None:
+            problems.append(problem)
         if raw["name"] in earlier:
             problems.append(f"{where}.name={raw['name']!r}: stage names must be unique")
         if raw.get("of") is not None and getattr(earlier.get(raw["of"]), "kind", None) != "train":

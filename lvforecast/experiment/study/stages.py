@@ -18,9 +18,9 @@ from typing import Any
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from lvforecast.atomic import write_text
+from lvforecast.atomic import read_state, write_text
 from lvforecast.errors import UserError
-from lvforecast.experiment.rundir import read_json
+from lvforecast.experiment.runconfig import interpolation_problem
 from lvforecast.experiment.study.spec import Stage, override_value, setting_overrides
 from lvforecast.experiment.sweeps.halving import Halving
 from lvforecast.experiment.sweeps.jobs import STATUS_FILE, job_values
@@ -110,8 +110,13 @@ def chosen(stage: Stage, sweep_dir: Path, taken: dict[str, Any]) -> dict[str, An
     if stage.kind == "evaluate":
         return {"settings": {}, "run_dir": str(sweep_dir / "0"), "evaluates": stage.of}
     best = best_row(sweep_dir)
-    record = read_json(Path(best["run_dir"]) / STATUS_FILE) or {}
+    status = Path(best["run_dir"]) / STATUS_FILE
+    record = read_state(status, "delete it and run the study again: the stage's summary then lists that job as "
+                                "not run, and the stage re-runs it")
     values = job_values(record.get("overrides", []), list(stage.space))
+    problems = [p for k, v in values.items() if (p := interpolation_problem(f"{status}: {k}", v)) is not None]
+    if problems:
+        raise UserError("; ".join(problems) + f"; stage {stage.name!r} passes on only plain values")
     return {"settings": {**taken, **{k: parse_cell(v) for k, v in values.items()}}, "run_dir": best["run_dir"]}
 
 

@@ -25,6 +25,7 @@ from lvforecast.experiment import config
 from lvforecast.experiment.sweeps.halving import Halving, Rung, worst_case
 from lvforecast.experiment.sweeps.job import earlier_run
 from lvforecast.experiment.sweeps.jobs import PLAN_CSV, STUDY_KEYS, configurations, split_grid, sweeper_arguments
+from lvforecast.validate import markdown_cell
 
 Compose = Callable[[list[str]], DictConfig]
 
@@ -129,7 +130,7 @@ def format_plan(plan: SweepPlan) -> tuple[str, bool]:
         cumulative = 0
         for r in plan.rows:
             cumulative += r["planned_flops"]
-            lines.append(f"| {r['job']} | " + " | ".join(str(r[k]) for k in keys)
+            lines.append(f"| {r['job']} | " + " | ".join(markdown_cell(r[k]) for k in keys)
                          + f" | {r['planned_flops']:.4e} | {cumulative:.4e} |")
         what = f"{plan.jobs} jobs"
     else:

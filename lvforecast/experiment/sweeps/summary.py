@@ -5,7 +5,6 @@ when the multirun ends (:class:`SweepSummary`) or rebuilt from its job directori
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import sys
@@ -15,18 +14,22 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from lvforecast.atomic import save_figure, write_csv, write_text
+from lvforecast.atomic import read_state, save_figure, write_csv, write_text
 from lvforecast.budget.ledger import Ledger
 from lvforecast.budget.status import COMPLETED, RunStatus
 from lvforecast.errors import UserError
+from lvforecast.experiment.runconfig import read_run_config
 from lvforecast.experiment.sweeps.halving import HALVING_FILE
 from lvforecast.experiment.sweeps.jobs import PLAN_CSV, STATUS_FILE, STUDY_KEYS, job_values, sweep_jobs, varying_keys
 from lvforecast.tracking.results import log_sweep_summary
 from lvforecast.utils import read_metrics_csv
+from lvforecast.validate import markdown_cell
 
 log = logging.getLogger(__name__)
 
 SUMMARY_CSV, SUMMARY_MD, CURVES_PNG = "summary.csv", "summary.md", "val_loss_curves.png"
+STATUS_FIX = "delete it (the job is then listed as not run) and run the same sweep command again to redo the job"
+RUN_SECTIONS = (*STUDY_KEYS, "budget.ledger_path", "sweep_name")  # all a row reads of a job's config
 
 
 class SweepSummary(Callback):
@@ -118,14 +121,14 @@ def summarize_sweep(sweep_dir: Path, jobs: list[list[str]] | None = None) -> lis
     """Collect every job of a sweep directory into ``summary.csv``, ``summary.md`` and the curves PNG; return the rows.
     ``jobs``: the overrides of the jobs launched (one with no record is ``missing``); None: ``plan.csv``'s and on disk.
     """
-    records = [json.loads(path.read_text()) for path in sweep_dir.glob(f"*/{STATUS_FILE}")]
+    records = [read_state(path, STATUS_FIX) for path in sweep_dir.glob(f"*/{STATUS_FILE}")]
     found = {int(record["num"]): record for record in records}
     if jobs is None:  # the jobs a stopped sweep never started are in its plan
         planned = planned_jobs(sweep_dir) or []
         jobs = [found[n]["overrides"] if n in found else job for n, job in enumerate(planned)]
         jobs += [found[n]["overrides"] for n in sorted(found) if n >= len(planned)]
     halving_file = sweep_dir / HALVING_FILE  # what a hydra/sweeper=halving multirun wrote
-    halving = json.loads(halving_file.read_text()) if halving_file.is_file() else None
+    halving = read_state(halving_file, "restore it, or run the sweep again") if halving_file.is_file() else None
     keys = halving["params"] if halving else varying_keys(jobs) if jobs else []
     rows = []
     curves: dict[int, list[tuple[int, float]]] = {}
@@ -156,8 +159,10 @@ def _job_row(num: int, job: list[str], keys: list[str], record: dict[str, Any],
              curves: dict[int, list[tuple[int, float]]]) -> dict[str, Any]:
     """One summary row from a job's directory; its validation curve goes into ``curves[num]``."""
     out = Path(record["output_dir"])
-    info = json.loads((out / "run_info.json").read_text()) if (out / "run_info.json").is_file() else {}
-    cfg = OmegaConf.load(out / "config.yaml") if (out / "config.yaml").is_file() else OmegaConf.create()
+    fix = f"restore the job's files, or move {out} aside (the job is then listed as not run)"
+    info = read_state(out / "run_info.json", fix) if (out / "run_info.json").is_file() else {}
+    config = out / "config.yaml"
+    cfg = read_run_config(config, RUN_SECTIONS, fix) if config.is_file() else OmegaConf.create()
     final = info.get("final", {})
     status = record["status"]
     if status == RunStatus.FINISHED and final.get("budget_status") == RunStatus.BUDGET_EXHAUSTED:
@@ -212,8 +217,8 @@ def format_summary(rows: list[dict[str, Any]], keys: list[str], sweep_dir: Path)
         loss = _fmt(r["final_val_loss"], ".4f")
         if r["best"]:
             loss = f"**{loss}** (best)"
-        status = r["status"] + (f": {' '.join(str(r['error']).split())}" if r["error"] else "")
-        lines.append(f"| {r['job']} | " + " | ".join(str(r[k]) for k in keys)
+        status = markdown_cell(r["status"] + (f": {r['error']}" if r["error"] else ""))
+        lines.append(f"| {r['job']} | " + " | ".join(markdown_cell(r[k]) for k in keys)
                      + f" | {loss} | {_fmt(r['best_val_loss'], '.4f')} | {r['steps']} | {_fmt(r['flops'], '.3e')} | "
                      f"{r['train_tokens_per_s']} | {status} |")
     if len(keys) == 2:
@@ -233,9 +238,9 @@ def format_summary(rows: list[dict[str, Any]], keys: list[str], sweep_dir: Path)
 def _grid(rows: list[dict[str, Any]], keys: list[str]) -> str:
     """The study's Table 8 layout: first axis as rows, second as columns, final val loss in the cells."""
     a, b = keys
-    rows_a = list(dict.fromkeys(str(r[a]) for r in rows))
-    cols_b = list(dict.fromkeys(str(r[b]) for r in rows))
-    cell = {(str(r[a]), str(r[b])): r for r in rows}
+    rows_a = list(dict.fromkeys(markdown_cell(r[a]) for r in rows))
+    cols_b = list(dict.fromkeys(markdown_cell(r[b]) for r in rows))
+    cell = {(markdown_cell(r[a]), markdown_cell(r[b])): r for r in rows}
     lines = [f"| {a} \\ {b} | " + " | ".join(cols_b) + " |", "|---|" + "---:|" * len(cols_b)]
     for va in rows_a:
         cells = []
