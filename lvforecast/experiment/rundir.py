@@ -19,7 +19,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from lvforecast.atomic import atomic_writer, write_csv, write_text
+from lvforecast.atomic import atomic_writer, read_state, write_csv, write_text
 from lvforecast.budget.status import RunStatus
 from lvforecast.errors import UserError
 from lvforecast.launch import launch_id
@@ -66,12 +66,11 @@ class Claim:
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object file, or None when it is missing, torn or not an object."""
+    """A JSON object file, or None when it is missing, torn or not an object (:func:`read_state`'s refusals)."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_state(path, "")
+    except UserError:
         return None
-    return data if isinstance(data, dict) else None
 
 
 def _same_config(out: Path, cfg: DictConfig) -> bool:
