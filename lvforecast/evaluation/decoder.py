@@ -10,12 +10,14 @@ grammar's logits processor (tests), for PEFT-wrapped models too.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
 from lvforecast.budget.shapes import Head
@@ -98,12 +100,12 @@ def prefill(
     the FLOPs are charged as the padded batch's forward either way."""
     padded = bool((attention_mask == 0).any())
     if not one_row_at_a_time or input_ids.shape[0] == 1:
-        return _last(stack, input_ids, position_ids, cache, attention_mask if padded else None)
+        return _last(stack, cache, input_ids, position_ids, attention_mask if padded else None)
     (batch, prompt_len), last = input_ids.shape, []
     for b in range(batch):
         pad = int((attention_mask[b] == 0).sum())
         row = preallocated_cache(len(cache.layers), prompt_len - pad)
-        last.append(_last(stack, input_ids[b : b + 1, pad:], position_ids[b : b + 1, pad:], row))
+        last.append(_last(stack, row, input_ids[b : b + 1, pad:], position_ids[b : b + 1, pad:]))
         for into, layer in zip(cache.layers, row.layers, strict=True):
             if not into.is_initialized:  # the batch's buffers, shaped like this row's (a view: nothing copied)
                 into.lazy_initialization(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1))
@@ -111,7 +113,7 @@ def prefill(
     return torch.cat(last)
 
 
-def _last(stack: Any, ids: torch.Tensor, positions: torch.Tensor, cache: Cache, mask: Any = None) -> torch.Tensor:
+def _last(stack: Any, cache: Cache, ids: torch.Tensor, positions: torch.Tensor, mask: Any = None) -> torch.Tensor:
     """(B, 1, D) final hidden state of the last position, the new keys/values appended to ``cache``."""
     out = stack(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
     return out.last_hidden_state[:, -1:]
@@ -139,7 +141,7 @@ class AlphabetLogits:
         """(B, Q, D) hidden states -> (B, A) float32 logits of the last position (bias added)."""
         last = hidden[:, -1]
         if self.head == "alphabet":
-            logits = torch.nn.functional.linear(last, self.weight, self.lm_bias).float()
+            logits = F.linear(last, self.weight, self.lm_bias).float()
         else:
             logits = self.lm_head(last).float()[:, self.token_ids]
         return logits if self.bias is None else logits + self.bias
@@ -179,9 +181,10 @@ class LeanStep:
             for layer in layers
         )
 
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """(B, 1) new token ids at (B, 1) ``positions`` -> (B, 1, D) final hidden states; ``bias``: (B, 1, 1, K)
-        additive attention bias (0 visible, -inf not) over the K keys after this step, or None (all visible)."""
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, 1) new token ids at (B, 1) ``positions`` -> (B, 1, D) final hidden states; ``mask``: (B, 1, 1, K)
+        over the K keys after this step, bool (True visible) or additive (0 visible, -inf not), or None (all visible).
+        """
         hidden = self.stack.embed_tokens(ids)
         batch = ids.shape[0]
         cos, sin = self.cos[positions], self.sin[positions]
@@ -192,9 +195,9 @@ class LeanStep:
             q, k = rope(q, k, cos, sin)
             k_all, v_all = kv.update(k, v)
             # Query head h reads key/value head h // groups (repeat_kv's order): pack (B, G, groups, head_dim); the
-            # (B, 1, 1, K) bias broadcasts over both.
+            # (B, 1, 1, K) mask broadcasts over both.
             q = q.reshape(batch, k_all.shape[1], -1, attn.head_dim)
-            out = torch.nn.functional.scaled_dot_product_attention(q, k_all, v_all, bias, scale=attn.scaling)
+            out = F.scaled_dot_product_attention(q, k_all, v_all, mask, scale=attn.scaling)
             hidden = hidden + attn.o_proj(out.reshape(batch, 1, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.stack.norm(hidden)
@@ -226,43 +229,31 @@ def decode(
         cache = preallocated_cache(len(stack.layers), prompt_len + max_new_tokens)
     cached = cache.get_seq_length()
     padded = bool((attention_mask == 0).any())
-    mask = torch.ones((batch, prompt_len + max_new_tokens), dtype=attention_mask.dtype, device=device)
-    mask[:, :prompt_len] = attention_mask
     position = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     state = torch.zeros(batch, dtype=torch.long, device=device)
     steps = torch.zeros(batch, dtype=torch.long, device=device)
     out = torch.full((batch, max_new_tokens), end_id, dtype=torch.long, device=device)
     if cached:  # the prefill continues the cache's prompt prefix, as generate does
-        hidden = _last(stack, input_ids[:, cached:], position[:, cached:], cache, attention_mask if padded else None)
+        hidden = _last(stack, cache, input_ids[:, cached:], position[:, cached:], attention_mask if padded else None)
     else:
         hidden = prefill(stack, input_ids, attention_mask, position, cache, device.type == "cpu")
     next_pos = position[:, -1:] + 1
     if LeanStep.supports(stack) if lean is None else lean:
-        lean_step = LeanStep(stack, cache, int(next_pos.max()) + max_new_tokens)
-        # 0 where a key may be attended to, -inf on padding: (B, 1, 1, keys), sliced each step
-        pad_bias = torch.where(mask == 0, -math.inf, 0.0).to(hidden.dtype)[:, None, None] if padded else None
-
-        def step_fn(ids: torch.Tensor, step: int) -> torch.Tensor:
-            return lean_step(ids, next_pos + step, None if pad_bias is None else pad_bias[..., : prompt_len + step + 1])
+        step_fn = LeanStep(stack, cache, int(next_pos.max()) + max_new_tokens)
     else:
-        # A decode step's query (the newest position) may attend to every non-pad key: the (B, 1, 1, keys) mask
-        # the model would build from the 2D mask each step, made once here and sliced (a 4D mask is used as given).
-        step_mask = mask.bool()[:, None, None, :] if padded else None
-
-        def step_fn(ids: torch.Tensor, step: int) -> torch.Tensor:
-            keys = None if step_mask is None else step_mask[..., : prompt_len + step + 1]
-            return _last(stack, ids, next_pos + step, cache, keys)
-
+        step_fn = functools.partial(_last, stack, cache)
+    # A decode step's query (the newest position) may attend to every non-pad key: the (B, 1, 1, keys) mask
+    # the model would build from the 2D mask each step, made once here and sliced (a 4D mask is used as given).
+    keys = F.pad(attention_mask.bool(), (0, max_new_tokens), value=True)[:, None, None] if padded else None
     n = 0
     for n in range(1, max_new_tokens + 1):
-        uniforms = torch.rand(batch, device=device) if sample else None
         done = steps >= horizon_steps
         col = choose(logits_fn(hidden), grammar.allowed[state], sample=sample, temperature=temperature, top_p=top_p,
-                     uniforms=uniforms)
+                     uniforms=torch.rand(batch, device=device) if sample else None)
         out[:, n - 1] = torch.where(done, end_id, grammar.token_ids[col])
         steps = steps + (grammar.is_sep[col] & ~done)
         state = torch.where(done, state, grammar.next_state[state, col])
         if bool((steps >= horizon_steps).all()) or n == max_new_tokens:
             break
-        hidden = step_fn(out[:, n - 1 : n], n - 1)
+        hidden = step_fn(out[:, n - 1 : n], next_pos + n - 1, None if keys is None else keys[..., : prompt_len + n])
     return Decoded(tokens=out[:, :n], steps=n)
