@@ -29,9 +29,11 @@ from tqdm.auto import tqdm
 
 from lvforecast.budget.formulas import generation_flops
 from lvforecast.budget.shapes import ALPHABET_SIZE, HEADS, Conventions, Head, LoRASpec, shape_of
-from lvforecast.data.encoding import decode, encode_prompt
+from lvforecast.data.encoding import ALPHABET, decode, encode_prompt
 from lvforecast.errors import UserError
-from lvforecast.evaluation.generation import GenerateRunner, LoopRunner, full_and_alphabet_bias
+from lvforecast.evaluation.decoder import AlphabetLogits, Decoded
+from lvforecast.evaluation.decoder import decode as decode_batch
+from lvforecast.evaluation.generation import full_and_alphabet_bias, generate, generation_config
 from lvforecast.evaluation.grammar import Grammar, compile_grammar, max_new_tokens_bound
 from lvforecast.validate import int_at_least, is_finite_number
 
@@ -146,11 +148,14 @@ def _tokenized_prompts(
 
 
 def _generate_all(
-    runner: GenerateRunner | LoopRunner, prompts: list[list[int]], batches: list[list[int]], seed: int,
-    price: Callable[..., int], charge: Callable[[int, int], None] | None,
+    run: Callable[[torch.Tensor, torch.Tensor], Decoded], model: Any, tokenizer: Any, char_ids: dict[str, int],
+    prompts: list[list[int]], batches: list[list[int]], seed: int, price: Callable[..., int],
+    charge: Callable[[int, int], None] | None,
 ) -> tuple[list[str], int, int]:
-    """Texts of every row, generated tokens and FLOPs charged (``price(rows, prompt_len, new)``), in eval mode."""
-    model, tokenizer, device = runner.model, runner.tokenizer, runner.device
+    """Texts of every row (pad / EOS dropped), generated tokens kept and FLOPs charged (``price(rows, prompt_len,
+    new)``), ``run(input_ids, attention_mask)`` decoding each left-padded batch in eval mode."""
+    device = next(model.parameters()).device
+    special, id_to_char = {tokenizer.pad_token_id, tokenizer.eos_token_id}, {i: c for c, i in char_ids.items()}
     texts: list[str] = []
     total_flops = total_new = 0
     old_side, was_training = tokenizer.padding_side, model.training
@@ -161,15 +166,18 @@ def _generate_all(
             torch.manual_seed(seed)
             # Each batch is a full decode (minutes on a CPU for a real model): show progress.
             for chunk in tqdm(batches, desc="forecasting", unit="batch", disable=len(batches) <= 1):
-                generated, prompt_len = runner.run([prompts[i] for i in chunk])
-                n_new = len(generated[0])
-                decoded = [runner.row_text(row) for row in generated]
-                texts += [text for text, _ in decoded]
-                total_new += sum(kept for _, kept in decoded)
-                flops = price(len(chunk), prompt_len, n_new) if n_new > 0 else 0
+                batch = tokenizer.pad({"input_ids": [prompts[i] for i in chunk]}, padding=True, return_tensors="pt")
+                prompt_len = batch["input_ids"].shape[1]
+                out = run(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+                for row in out.tokens.tolist():
+                    kept = [t for t in row if t not in special]
+                    # Read token by token: a word-level tokenizer's decode() would join tokens with spaces.
+                    texts.append("".join(id_to_char.get(t) or tokenizer.decode([t]) for t in kept))
+                    total_new += len(kept)
+                flops = price(len(chunk), prompt_len, out.steps) if out.steps > 0 else 0
                 total_flops += flops
                 if charge is not None:
-                    charge(flops, len(chunk) * (prompt_len + n_new))
+                    charge(flops, len(chunk) * (prompt_len + out.steps))
     finally:
         tokenizer.padding_side = old_side
         model.train(was_training)
@@ -217,15 +225,21 @@ def forecast(
 
     n_series, k = series.shape[0], int(num_samples)
     bound = max_new_tokens_bound(horizon_steps, grammar)
-    device = next(model.parameters()).device
     vocab = model.get_output_embeddings().weight.shape[0]
     full_bias, alphabet_bias = full_and_alphabet_bias(logit_bias, vocab, char_ids)
-    common = (model, tokenizer, char_ids, device, horizon_steps, bound, k > 1, float(temperature), float(top_p))
+    sampling = dict(sample=k > 1, temperature=float(temperature), top_p=float(top_p))
     loop = constrained and decoder == "loop"
     if loop:
-        runner = LoopRunner(*common, compile_grammar(grammar, char_ids, device), head, alphabet_bias)
+        table = compile_grammar(grammar, char_ids, next(model.parameters()).device)
+        if alphabet_bias is not None:  # ALPHABET order -> the compiled grammar's column order
+            alphabet_bias = alphabet_bias[[ALPHABET.index(c) for c in table.chars]]
+        logits = AlphabetLogits(model, table.token_ids, head, alphabet_bias)
+        run = functools.partial(decode_batch, model, grammar=table, horizon_steps=horizon_steps, max_new_tokens=bound,
+                                end_id=tokenizer.pad_token_id, logits_fn=logits, **sampling)
     else:
-        runner = GenerateRunner(*common, grammar, constrained, full_bias)
+        run = functools.partial(generate, model, config=generation_config(tokenizer, bound, **sampling),
+                                char_ids=char_ids, grammar=grammar if constrained else None,
+                                horizon_steps=horizon_steps, logit_bias=full_bias)
     # The trained bias adds one addition per scored logit; it is only ever trained beside an adapter.
     lora = LoRASpec.from_peft(model, logit_bias=logit_bias is not None) if getattr(model, "peft_config", None) else None
     price = functools.partial(
@@ -233,7 +247,7 @@ def forecast(
         prefill_logits="last", head_rows=ALPHABET_SIZE if loop and head == "alphabet" else None,
     )
     batches = row_batches(n_series, k, batch_size)
-    texts, new_tokens, flops = _generate_all(runner, prompts, batches, seed, price, charge)
+    texts, new_tokens, flops = _generate_all(run, model, tokenizer, char_ids, prompts, batches, seed, price, charge)
 
     rows = [i for chunk in batches for i in chunk]
     values, steps_parsed = np.full((len(rows), horizon_steps, 2), np.nan), []  # NaN past each parsed prefix

@@ -1,21 +1,18 @@
-"""The two ways :func:`lvforecast.evaluation.forecast.forecast` generates one batch, behind one ``run`` method:
-:class:`LoopRunner` (``decoder="loop"``, constrained only) calls :func:`lvforecast.evaluation.decoder.decode`;
-:class:`GenerateRunner` (``decoder="generate"``, and every unconstrained forecast) calls ``model.generate`` with a
-fully explicit :func:`generation_config`, the trained bias and, when constrained, the grammar's logits processor."""
+"""The ``generate`` way :func:`lvforecast.evaluation.forecast.forecast` runs one batch (``decoder="generate"``, and
+every unconstrained forecast; ``decoder="loop"`` calls :func:`lvforecast.evaluation.decoder.decode`): a fully explicit
+:func:`generation_config`, the trained bias and, when constrained, the grammar's logits processor."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 
-from lvforecast.budget.shapes import Head
 from lvforecast.data.encoding import ALPHABET, STEP_SEP
 from lvforecast.errors import UserError
-from lvforecast.evaluation.decoder import AlphabetLogits, decode
-from lvforecast.evaluation.grammar import CompiledGrammar, Grammar, LLMTimeLogitsProcessor, StepsStoppingCriteria
+from lvforecast.evaluation.decoder import Decoded
+from lvforecast.evaluation.grammar import Grammar, LLMTimeLogitsProcessor, StepsStoppingCriteria
 
 
 class AddLogitBias(LogitsProcessor):
@@ -69,76 +66,18 @@ def generation_config(
     )
 
 
-@dataclass(frozen=True)
-class _Runner:
-    model: Any
-    tokenizer: Any
-    char_ids: dict[str, int]
-    device: torch.device
-    horizon_steps: int
-    max_new_tokens: int
-    sample: bool
-    temperature: float
-    top_p: float
-
-    def _padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
-        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-
-    def row_text(self, row: list[int]) -> tuple[str, int]:
-        """A generated row as text, pad / EOS dropped, and the count of its tokens kept."""
-        special = {self.tokenizer.pad_token_id, self.tokenizer.eos_token_id}
-        kept = [t for t in row if t not in special]
-        # Read token by token: a word-level tokenizer's decode() would join tokens with spaces.
-        id_to_char = {i: c for c, i in self.char_ids.items()}
-        return "".join(id_to_char.get(t) or self.tokenizer.decode([t]) for t in kept), len(kept)
-
-
-@dataclass(frozen=True)
-class GenerateRunner(_Runner):
-    """One ``generate`` call per batch (see the module docstring)."""
-
-    grammar: Grammar
-    constrained: bool
-    logit_bias: torch.Tensor | None
-
-    def run(self, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
-        """Generate one batch: the new token ids of each row (padding included) and the padded prompt length."""
-        input_ids, attention_mask = self._padded(prompts)
-        prompt_len = input_ids.shape[1]
-        processors = LogitsProcessorList()
-        if self.logit_bias is not None:
-            processors.append(AddLogitBias(self.logit_bias))
-        if self.constrained:
-            end_id = self.tokenizer.pad_token_id
-            processors.append(
-                LLMTimeLogitsProcessor(self.char_ids, self.grammar, prompt_len, self.horizon_steps, end_id)
-            )
-        stop = StoppingCriteriaList([StepsStoppingCriteria(self.char_ids[STEP_SEP], prompt_len, self.horizon_steps)])
-        config = generation_config(self.tokenizer, self.max_new_tokens, self.sample, self.temperature, self.top_p)
-        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                  logits_processor=processors, stopping_criteria=stop)
-        return out[:, prompt_len:].cpu().tolist(), prompt_len
-
-
-@dataclass(frozen=True)
-class LoopRunner(_Runner):
-    """One :func:`~lvforecast.evaluation.decoder.decode` call per batch (constrained only)."""
-
-    grammar: CompiledGrammar
-    head: Head
-    alphabet_bias: torch.Tensor | None
-
-    def run(self, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
-        """Decode one batch: the new token ids of each row (padding included) and the padded prompt length."""
-        input_ids, attention_mask = self._padded(prompts)
-        bias = None
-        if self.alphabet_bias is not None:  # ALPHABET order -> the compiled grammar's column order
-            bias = self.alphabet_bias[[ALPHABET.index(c) for c in self.grammar.chars]]
-        logits = AlphabetLogits(self.model, self.grammar.token_ids, self.head, bias)
-        out = decode(
-            self.model, input_ids, attention_mask, self.grammar, horizon_steps=self.horizon_steps,
-            max_new_tokens=self.max_new_tokens, end_id=self.tokenizer.pad_token_id, logits_fn=logits,
-            sample=self.sample, temperature=self.temperature, top_p=self.top_p,
-        )
-        return out.tokens.cpu().tolist(), input_ids.shape[1]
+def generate(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig, *,
+    char_ids: dict[str, int], grammar: Grammar | None, horizon_steps: int, logit_bias: torch.Tensor | None,
+) -> Decoded:
+    """``model.generate`` on one left-padded batch, stopped after ``horizon_steps`` steps per row, constrained by
+    ``grammar`` unless it is None; the (B, n) new token ids, padding included, as :func:`decode` returns them."""
+    prompt_len = input_ids.shape[1]
+    processors = LogitsProcessorList([] if logit_bias is None else [AddLogitBias(logit_bias)])
+    if grammar is not None:
+        end_id = config.pad_token_id
+        processors.append(LLMTimeLogitsProcessor(char_ids, grammar, prompt_len, horizon_steps, end_id))
+    stop = StoppingCriteriaList([StepsStoppingCriteria(char_ids[STEP_SEP], prompt_len, horizon_steps)])
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                         logits_processor=processors, stopping_criteria=stop)
+    return Decoded(tokens=out[:, prompt_len:], steps=out.shape[1] - prompt_len)
