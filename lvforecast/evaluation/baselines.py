@@ -10,6 +10,7 @@ fits the equations of :mod:`lvforecast.data.simulate` (the near-physical-limit r
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -100,11 +101,8 @@ def ar(context: np.ndarray, time: np.ndarray, horizon_steps: int, order: int = 3
     context, _ = _check(context, time, horizon_steps)
     if order < 1 or context.shape[1] < 2 * order + 2:
         raise UserError(f"order must be >= 1 with Tc >= 2*order+2, got order={order}, Tc={context.shape[1]}")
-    out = np.empty((context.shape[0], int(horizon_steps), 2))
-    for s, series in enumerate(context):
-        for v in range(2):
-            out[s, :, v] = _fit_and_roll(series[:, v : v + 1], order, int(horizon_steps))[:, 0]
-    return _clip(out, context)
+    out = [np.hstack([_fit_and_roll(series[:, [v]], order, int(horizon_steps)) for v in (0, 1)]) for series in context]
+    return _clip(np.array(out), context)
 
 
 def var_log(context: np.ndarray, time: np.ndarray, horizon_steps: int, order: int = 2, eps: float = 1e-6) -> np.ndarray:
@@ -115,10 +113,8 @@ def var_log(context: np.ndarray, time: np.ndarray, horizon_steps: int, order: in
         raise UserError(f"eps must be > 0, got {eps!r}")
     if order < 1 or context.shape[1] < 2 * (1 + 2 * order) + order:
         raise UserError(f"order={order} is too large for context length Tc={context.shape[1]}")
-    out = np.empty((context.shape[0], int(horizon_steps), 2))
-    for s, series in enumerate(context):
-        with np.errstate(over="ignore"):
-            out[s] = np.exp(_fit_and_roll(np.log(series + eps), order, int(horizon_steps))) - eps
+    with np.errstate(over="ignore"):
+        out = np.exp([_fit_and_roll(np.log(series + eps), order, int(horizon_steps)) for series in context]) - eps
     return _clip(out, context)
 
 
@@ -150,28 +146,25 @@ def _fit_one(
 ) -> tuple[np.ndarray, float]:
     """Best (theta, relative RMS) of least-squares RM fits from several starts; initial state fixed."""
     weight = 1.0 / (np.sqrt(np.mean(series**2, axis=0)) + 1e-12)  # per-variable relative residuals
-    cache: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
 
-    def residual_and_jacobian(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    @functools.lru_cache(maxsize=1)  # least_squares asks for the Jacobian at the theta whose residual it just had
+    def residual_and_jacobian(key: bytes) -> tuple[np.ndarray, np.ndarray]:
         # Forward differences with the 6 perturbed parameter sets integrated in theta's own vectorised pass, which
         # costs about one integration (Python-loop bound): the Jacobian comes almost free with each residual.
-        key = theta.tobytes()
-        if key not in cache:
-            steps = 1e-6 * np.maximum(np.abs(theta), 1e-3)
-            thetas = np.vstack([theta, theta + np.diag(steps)])
-            with np.errstate(over="ignore", invalid="ignore"):
-                sims = integrate_rk4(np.repeat(series[:1], 7, axis=0), _rm_params(thetas), t, max_dt)
-            r = ((sims - series) * weight).reshape(7, -1)
-            r = np.where(np.isfinite(r), r, 1e6)
-            cache.clear()
-            cache[key] = (r[0], ((r[1:] - r[0]) / steps[:, None]).T)
-        return cache[key]
+        theta = np.frombuffer(key)
+        steps = 1e-6 * np.maximum(np.abs(theta), 1e-3)
+        thetas = np.vstack([theta, theta + np.diag(steps)])
+        with np.errstate(over="ignore", invalid="ignore"):
+            sims = integrate_rk4(np.repeat(series[:1], 7, axis=0), _rm_params(thetas), t, max_dt)
+        r = ((sims - series) * weight).reshape(7, -1)
+        r = np.where(np.isfinite(r), r, 1e6)
+        return r[0], ((r[1:] - r[0]) / steps[:, None]).T
 
     def residual(theta: np.ndarray) -> np.ndarray:
-        return residual_and_jacobian(theta)[0]
+        return residual_and_jacobian(theta.tobytes())[0]
 
     def jacobian(theta: np.ndarray) -> np.ndarray:
-        return residual_and_jacobian(theta)[1]
+        return residual_and_jacobian(theta.tobytes())[1]
 
     starts = [_gradient_matching_guess(series, t)] + [rng.uniform(RM_LOWER, RM_UPPER) for _ in range(n_starts - 1)]
     best_theta, best_cost = starts[0], np.inf
