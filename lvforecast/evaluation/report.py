@@ -64,29 +64,22 @@ def write_plots(
     """
     shown = [s for s in examples if s in systems] or systems[:4]
     fig, axes = _per_system(shown, 3.4, "population (original units)")
+    mse_fig, mse_axes = _per_system(shown, 3.2, "MSE (encoded units)")
+    running = _arr(metrics["model"]["encoded"]["running_mse"])
     t = np.arange(series.shape[1])
-    for ax, system in zip(axes, shown, strict=True):
+    for ax, mse_ax, system in zip(axes, mse_axes, shown, strict=True):
         i = systems.index(system)
         for j, var in enumerate(VARIABLES):
             ax.plot(t, series[i, :, j], color=COLORS[var], lw=1.5, label=f"{var} (truth)")
             forecast = forecasts["model"][i, :, j]
             ax.plot(t[context:], forecast, color=COLORS[var], ls="--", lw=1.5, label=f"{var} (forecast)")
+            mse_ax.plot(np.arange(1, running.shape[1] + 1), running[i, :, j], color=COLORS[var], label=var)
         ax.axvline(context - 0.5, color="grey", lw=0.8)
-        ax.set_title(f"system {system}")
-        ax.set_xlabel("time step")
+        ax.set(title=f"system {system}", xlabel="time step")
+        mse_ax.set(title=f"running MSE, system {system}", xlabel="forecast step")
     axes[0].legend(fontsize=7)
-    paths = [_save(fig, out / "examples.png")]
-
-    fig, axes = _per_system(shown, 3.2, "MSE (encoded units)")
-    running = _arr(metrics["model"]["encoded"]["running_mse"])
-    for ax, system in zip(axes, shown, strict=True):
-        for j, var in enumerate(VARIABLES):
-            steps = np.arange(1, running.shape[1] + 1)
-            ax.plot(steps, running[systems.index(system), :, j], color=COLORS[var], label=var)
-        ax.set_title(f"running MSE, system {system}")
-        ax.set_xlabel("forecast step")
-    axes[0].legend(fontsize=7)
-    paths.append(_save(fig, out / "running_mse.png"))
+    mse_axes[0].legend(fontsize=7)
+    paths = [_save(fig, out / "examples.png"), _save(mse_fig, out / "running_mse.png")]
 
     fig, axes = _figure(10, 3.6, 2)
     for j, (ax, var) in enumerate(zip(axes, VARIABLES, strict=True)):
@@ -94,8 +87,7 @@ def write_plots(
             err = _arr(m["encoded"]["error_by_horizon"])[:, j]
             ax.plot(np.arange(1, err.size + 1), err, lw=2.2 if name == "model" else 1.2, label=name)
         _log_scale(ax)
-        ax.set_title(f"{var}: MSE by horizon step (mean over systems)")
-        ax.set_xlabel("forecast step")
+        ax.set(title=f"{var}: MSE by horizon step (mean over systems)", xlabel="forecast step")
     axes[0].set_ylabel("MSE (encoded units)")
     axes[0].legend(fontsize=7)
     paths.append(_save(fig, out / "error_by_horizon.png"))
@@ -108,8 +100,7 @@ def write_plots(
         ax.bar(x + (j - 0.5) * 0.38, vals, width=0.38, color=COLORS[var], label=var)
     ax.set_xticks(x, names)
     _log_scale(ax)
-    ax.set_ylabel("median MSE over systems (encoded)")
-    ax.set_title("model vs baselines")
+    ax.set(ylabel="median MSE over systems (encoded)", title="model vs baselines")
     ax.legend(fontsize=8)
     paths.append(_save(fig, out / "model_vs_baselines.png"))
     return paths
