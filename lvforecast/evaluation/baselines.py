@@ -86,13 +86,10 @@ def _fit_and_roll(history: np.ndarray, order: int, horizon_steps: int) -> np.nda
     """(horizon_steps, V) forecast of a (V)AR(``order``) with intercept fitted by least squares to (Tc, V) history."""
     coef = np.linalg.lstsq(*_lagged(history, order), rcond=None)[0]  # (1 + order * V, V)
     buf = list(history[-order:])
-    out = np.empty((horizon_steps, history.shape[1]))
     with np.errstate(over="ignore", invalid="ignore"):
-        for k in range(horizon_steps):
-            x = np.concatenate([[1.0], *[buf[-i] for i in range(1, order + 1)]])
-            out[k] = x @ coef
-            buf.append(out[k])
-    return out
+        for _ in range(horizon_steps):
+            buf.append(np.concatenate([[1.0], *reversed(buf[-order:])]) @ coef)  # [1, x_{t-1}, ..., x_{t-p}] @ coef
+    return np.array(buf[order:])
 
 
 def ar(context: np.ndarray, time: np.ndarray, horizon_steps: int, order: int = 3) -> np.ndarray:
