@@ -103,10 +103,8 @@ def compile_grammar(grammar: Grammar, char_ids: dict[str, int], device: torch.de
         raise UserError(f"char_ids lacks token ids for {missing!r}: every character of {ALPHABET!r} is needed")
     chars = "".join(sorted(ALPHABET, key=lambda c: char_ids[c]))
     column = {c: j for j, c in enumerate(chars)}
-    index, order = {START: 0}, [START]
-    rows: list[tuple[list[bool], list[int]]] = []
-    while len(rows) < len(order):
-        state = order[len(rows)]
+    index, order, rows = {START: 0}, [START], []
+    for state in order:  # appended to while walked: every reachable state, breadth first
         allowed, nxt = [False] * len(chars), [0] * len(chars)
         for ch in grammar.allowed(state):
             following = grammar.advance(state, ch)
