@@ -91,15 +91,14 @@ class PreallocatedLayer(DynamicLayer):
 
 
 def prefill(
-    stack: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Cache,
-    one_row_at_a_time: bool,
+    stack: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Cache
 ) -> torch.Tensor:
     """Run the left-padded prompts into an empty :func:`preallocated_cache`; return the (B, 1, D) last hidden states.
 
-    ``one_row_at_a_time`` (on a CPU) runs each unpadded row into its slots, so its activations stay in the CPU caches;
-    the FLOPs are charged as the padded batch's forward either way."""
+    On a CPU each unpadded row runs into its slots on its own, so its activations stay in the CPU caches; the FLOPs
+    are charged as the padded batch's forward either way."""
     padded = bool((attention_mask == 0).any())
-    if not one_row_at_a_time or input_ids.shape[0] == 1:
+    if input_ids.device.type != "cpu" or input_ids.shape[0] == 1:
         return _last(stack, cache, input_ids, position_ids, attention_mask if padded else None)
     (batch, prompt_len), last = input_ids.shape, []
     for b in range(batch):
@@ -230,13 +229,12 @@ def decode(
     cached = cache.get_seq_length()
     padded = bool((attention_mask == 0).any())
     position = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-    state = torch.zeros(batch, dtype=torch.long, device=device)
-    steps = torch.zeros(batch, dtype=torch.long, device=device)
+    state, steps = torch.zeros((2, batch), dtype=torch.long, device=device)  # grammar state, steps written
     out = torch.full((batch, max_new_tokens), end_id, dtype=torch.long, device=device)
     if cached:  # the prefill continues the cache's prompt prefix, as generate does
         hidden = _last(stack, cache, input_ids[:, cached:], position[:, cached:], attention_mask if padded else None)
     else:
-        hidden = prefill(stack, input_ids, attention_mask, position, cache, device.type == "cpu")
+        hidden = prefill(stack, input_ids, attention_mask, position, cache)
     next_pos = position[:, -1:] + 1
     if LeanStep.supports(stack) if lean is None else lean:
         step_fn = LeanStep(stack, cache, int(next_pos.max()) + max_new_tokens)
