@@ -218,10 +218,9 @@ def forecast(
     grammar = _check_args(series, scales, decimals, head=head, decoder=decoder, constrained=constrained, **settings)
     prompts = _tokenized_prompts(tokenizer, series, scales, decimals, context_steps, max_int_digits)
     prompt_tokens = [len(ids) for ids in prompts]
-    exceeds = trained_context_tokens is not None and max(prompt_tokens) > trained_context_tokens
-    if exceeds:
-        longest, trained = max(prompt_tokens), trained_context_tokens
-        log.warning("longest prompt is %d tokens, longer than the %d the adapter was trained on", longest, trained)
+    if exceeds := trained_context_tokens is not None and max(prompt_tokens) > trained_context_tokens:
+        log.warning("longest prompt is %d tokens, longer than the %d the adapter was trained on", max(prompt_tokens),
+                    trained_context_tokens)
 
     n_series, k = series.shape[0], int(num_samples)
     bound = max_new_tokens_bound(horizon_steps, grammar)
@@ -249,10 +248,9 @@ def forecast(
     batches = row_batches(n_series, k, batch_size)
     texts, new_tokens, flops = _generate_all(run, model, tokenizer, char_ids, prompts, batches, seed, price, charge)
 
-    rows = [i for chunk in batches for i in chunk]
-    values, steps_parsed = np.full((len(rows), horizon_steps, 2), np.nan), []  # NaN past each parsed prefix
-    for r, (i, text) in enumerate(zip(rows, texts, strict=True)):
-        parsed, n = decode(text, scales[i], decimals)
+    values, steps_parsed = np.full((len(texts), horizon_steps, 2), np.nan), []  # NaN past each parsed prefix
+    for r, text in enumerate(texts):  # row r is a sample of series r // k
+        parsed, n = decode(text, scales[r // k], decimals)
         n = min(n, horizon_steps)
         values[r, :n] = parsed[:n]
         steps_parsed.append(n)
@@ -260,8 +258,8 @@ def forecast(
     if constrained:
         assert failures == 0, f"constrained decoding left {failures} unparsed forecasts: {texts!r}"
     elif failures:
-        short = f"{failures} of {len(rows)} rows parsed fewer than {horizon_steps} steps"
-        log.info("unconstrained forecasting: %s (NaN-filled)", short)
+        log.info("unconstrained forecasting: %d of %d rows parsed fewer than %d steps (NaN-filled)", failures,
+                 len(texts), horizon_steps)
     samples = values.reshape(n_series, k, horizon_steps, 2)
     with warnings.catch_warnings():  # an all-NaN step stays NaN, as documented
         warnings.simplefilter("ignore", RuntimeWarning)
