@@ -23,8 +23,7 @@ class AddLogitBias(LogitsProcessor):
         self.bias = bias
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.bias.device != scores.device or self.bias.dtype != scores.dtype:  # once, not at every step
-            self.bias = self.bias.to(device=scores.device, dtype=scores.dtype)
+        self.bias = self.bias.to(device=scores.device, dtype=scores.dtype)  # moved at the first step only
         return scores + self.bias
 
 
