@@ -30,24 +30,19 @@ def _log_scale(ax: Any) -> None:
         ax.set_yscale("log")
 
 
-def _figure(width: float, height: float, panels: int = 1) -> tuple[Any, Any]:
-    """A figure and its row of ``panels`` axes."""
+def _figure(width: float, height: float, panels: int, ylabel: str) -> tuple[Any, Any]:
+    """A figure and its row of ``panels`` axes, the first labelled ``ylabel``."""
     from matplotlib.figure import Figure  # lazy: a heavy import, and only the plots need it
 
     fig = Figure(figsize=(width, height))
-    return fig, fig.subplots(1, panels, squeeze=False)[0]
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    axes[0].set_ylabel(ylabel)
+    return fig, axes
 
 
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     return save_figure(fig, path, dpi=110)
-
-
-def _per_system(shown: list[int], height: float, ylabel: str) -> tuple[Any, Any]:
-    """A figure with one panel per shown system; the first panel is labelled."""
-    fig, axes = _figure(4.2 * len(shown), height, len(shown))
-    axes[0].set_ylabel(ylabel)
-    return fig, axes
 
 
 def write_plots(
@@ -63,8 +58,8 @@ def write_plots(
         examples: system ids to draw (those not in ``systems`` are skipped).
     """
     shown = [s for s in examples if s in systems] or systems[:4]
-    fig, axes = _per_system(shown, 3.4, "population (original units)")
-    mse_fig, mse_axes = _per_system(shown, 3.2, "MSE (encoded units)")
+    fig, axes = _figure(4.2 * len(shown), 3.4, len(shown), "population (original units)")
+    mse_fig, mse_axes = _figure(4.2 * len(shown), 3.2, len(shown), "MSE (encoded units)")
     running = _arr(metrics["model"]["encoded"]["running_mse"])
     t = np.arange(series.shape[1])
     for ax, mse_ax, system in zip(axes, mse_axes, shown, strict=True):
@@ -81,18 +76,17 @@ def write_plots(
     mse_axes[0].legend(fontsize=7)
     paths = [_save(fig, out / "examples.png"), _save(mse_fig, out / "running_mse.png")]
 
-    fig, axes = _figure(10, 3.6, 2)
+    fig, axes = _figure(10, 3.6, 2, "MSE (encoded units)")
     for j, (ax, var) in enumerate(zip(axes, VARIABLES, strict=True)):
         for name, m in metrics.items():
             err = _arr(m["encoded"]["error_by_horizon"])[:, j]
             ax.plot(np.arange(1, err.size + 1), err, lw=2.2 if name == "model" else 1.2, label=name)
         _log_scale(ax)
         ax.set(title=f"{var}: MSE by horizon step (mean over systems)", xlabel="forecast step")
-    axes[0].set_ylabel("MSE (encoded units)")
     axes[0].legend(fontsize=7)
     paths.append(_save(fig, out / "error_by_horizon.png"))
 
-    fig, (ax,) = _figure(7, 3.6)
+    fig, (ax,) = _figure(7, 3.6, 1, "median MSE over systems (encoded)")
     names = list(metrics)
     x = np.arange(len(names))
     for j, var in enumerate(VARIABLES):
@@ -100,7 +94,7 @@ def write_plots(
         ax.bar(x + (j - 0.5) * 0.38, vals, width=0.38, color=COLORS[var], label=var)
     ax.set_xticks(x, names)
     _log_scale(ax)
-    ax.set(ylabel="median MSE over systems (encoded)", title="model vs baselines")
+    ax.set_title("model vs baselines")
     ax.legend(fontsize=8)
     paths.append(_save(fig, out / "model_vs_baselines.png"))
     return paths
