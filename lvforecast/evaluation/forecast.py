@@ -140,10 +140,8 @@ def _tokenized_prompts(
     numbers = [num for p in prompts for num in p.replace(";", ",").split(",") if num]
     widest = max((len(num.split(".")[0]) for num in numbers), default=1)
     if widest > max_int_digits:
-        raise UserError(
-            f"max_int_digits={max_int_digits}: the encoded context has numbers with {widest} digits before the "
-            f"point; raise max_int_digits or the scale"
-        )
+        raise UserError(f"max_int_digits={max_int_digits}: the encoded context has numbers with {widest} digits "
+                        "before the point; raise max_int_digits or the scale")
     return tokenizer(prompts, add_special_tokens=False)["input_ids"]
 
 

@@ -44,10 +44,8 @@ def full_and_alphabet_bias(
     if bias.ndim == 1 and bias.shape[0] == len(ALPHABET):
         return torch.zeros(vocab, dtype=bias.dtype).index_copy(0, ids, bias), bias
     entries = bias.shape[0] if bias.ndim == 1 else tuple(bias.shape)
-    raise UserError(
-        f"logit bias has {entries} entries but the model scores {vocab} tokens (or the {len(ALPHABET)} of the "
-        "alphabet): the adapter was trained on another base model"
-    )
+    raise UserError(f"logit bias has {entries} entries but the model scores {vocab} tokens (or the {len(ALPHABET)} "
+                    "of the alphabet): the adapter was trained on another base model")
 
 
 def generation_config(
@@ -73,9 +71,8 @@ def generate(
     ``grammar`` unless it is None; the (B, n) new token ids, padding included, as :func:`decode` returns them."""
     prompt_len = input_ids.shape[1]
     processors = LogitsProcessorList([] if logit_bias is None else [AddLogitBias(logit_bias)])
-    if grammar is not None:
-        end_id = config.pad_token_id
-        processors.append(LLMTimeLogitsProcessor(char_ids, grammar, prompt_len, horizon_steps, end_id))
+    if grammar is not None:  # rows past their horizon may write only the pad token
+        processors.append(LLMTimeLogitsProcessor(char_ids, grammar, prompt_len, horizon_steps, config.pad_token_id))
     stop = StoppingCriteriaList([StepsStoppingCriteria(char_ids[STEP_SEP], prompt_len, horizon_steps)])
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                          logits_processor=processors, stopping_criteria=stop)

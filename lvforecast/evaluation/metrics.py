@@ -50,9 +50,8 @@ def _check_samples(truth: np.ndarray, samples: np.ndarray) -> tuple[np.ndarray, 
     truth, samples = _check_truth(truth), np.asarray(samples, dtype=np.float64)
     s, h, _ = truth.shape
     if samples.ndim != 4 or samples.shape[0] != s or samples.shape[2:] != (h, 2) or samples.shape[1] < 1:
-        raise UserError(
-            f"samples must have shape ({s}, k>=1, {h}, 2) to match truth {truth.shape}, got {samples.shape}"
-        )
+        raise UserError(f"samples must have shape ({s}, k>=1, {h}, 2) to match truth {truth.shape}, "
+                        f"got {samples.shape}")
     if not (np.isfinite(truth).all() and np.isfinite(samples).all()):
         raise UserError("truth and samples must be finite for CRPS/coverage")
     return truth, samples
