@@ -77,14 +77,11 @@ def per_system_metrics(truth: np.ndarray, pred: np.ndarray) -> dict[str, np.ndar
     ``ValueError`` when the shapes differ or are not (S, H, 2), or ``truth`` is not finite."""
     truth, pred = _check_pair(truth, pred)
     valid = np.isfinite(pred)
-    err = np.where(valid, pred - truth, 0.0)
-    n_valid = valid.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mse = (err**2).sum(axis=1) / n_valid
-        mae = np.abs(err).sum(axis=1) / n_valid
-        mape_ok = valid & (truth != 0)
-        rel = np.where(mape_ok, np.abs(err) / np.where(truth != 0, np.abs(truth), 1.0), 0.0)
-        mape = rel.sum(axis=1) / mape_ok.sum(axis=1)
+    abs_err = np.where(valid, np.abs(pred - truth), np.nan)
+    with warnings.catch_warnings():  # a system with no usable step gets NaN, as documented
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mse, mae = np.nanmean(abs_err**2, axis=1), np.nanmean(abs_err, axis=1)
+        mape = np.nanmean(abs_err / np.where(truth != 0, np.abs(truth), np.nan), axis=1)
     counts = {"nan_count": ~valid, "mape_excluded": valid & (truth == 0), "n_valid": valid}
     return {
         "mse": mse, "rmse": np.sqrt(mse), "mae": mae, "mape": mape,
