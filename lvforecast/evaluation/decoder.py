@@ -181,9 +181,8 @@ class LeanStep:
         )
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """(B, 1) new token ids at (B, 1) ``positions`` -> (B, 1, D) final hidden states; ``mask``: (B, 1, 1, K)
-        over the K keys after this step, bool (True visible) or additive (0 visible, -inf not), or None (all visible).
-        """
+        """(B, 1) new token ids at (B, 1) ``positions`` -> (B, 1, D) final hidden states; ``mask``: (B, 1, 1, K) bool
+        (True visible) or additive (0 visible, -inf not) over the K keys after this step, or None (all visible)."""
         hidden = self.stack.embed_tokens(ids)
         batch = ids.shape[0]
         cos, sin = self.cos[positions], self.sin[positions]

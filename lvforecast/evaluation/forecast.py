@@ -150,8 +150,7 @@ def _generate_all(
     prompts: list[list[int]], batches: list[list[int]], seed: int, price: Callable[..., int],
     charge: Callable[[int, int], None] | None,
 ) -> tuple[list[str], int, int]:
-    """Texts of every row (pad / EOS dropped), generated tokens kept and FLOPs charged (``price(rows, prompt_len,
-    new)``), ``run(input_ids, attention_mask)`` decoding each left-padded batch in eval mode."""
+    """Texts (pad / EOS dropped), new tokens kept and FLOPs charged of all rows, ``run`` decoding each padded batch."""
     device = next(model.parameters()).device
     special, id_to_char = {tokenizer.pad_token_id, tokenizer.eos_token_id}, {i: c for c, i in char_ids.items()}
     texts: list[str] = []
@@ -201,7 +200,6 @@ def forecast(
         decoder: Constrained decoding with ``loop`` (:mod:`lvforecast.evaluation.decoder`) or ``generate`` (needs
             ``head="full"``).
         trained_context_tokens: Token context the adapter was trained on; a longer prompt is logged and flagged.
-        charge: Called per batch as ``charge(flops, tokens)``.
         conv: FLOP counting conventions (default :class:`lvforecast.budget.shapes.Conventions`).
         logit_bias: Trained output bias, (V,) or (13,) in ``ALPHABET`` order, added to the logits before the
             grammar mask as in training (:func:`lvforecast.evaluation.generation.full_and_alphabet_bias`).
