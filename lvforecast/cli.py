@@ -58,9 +58,6 @@ def _add_flops(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(handler=_flops, parser=p)
 
 
-_SWITCHES = ("attention", "mask", "rope", "norm")
-
-
 def _flops_spec(args: argparse.Namespace) -> tuple[ModelShape, LoRASpec | None, Conventions]:
     """``(shape, lora, conventions)`` of the ``flops`` arguments; a bad value or combination raises, named."""
     from lvforecast.budget.shapes import ALPHABET_SIZE, Conventions, LoRASpec, resolve_shape
@@ -70,7 +67,7 @@ def _flops_spec(args: argparse.Namespace) -> tuple[ModelShape, LoRASpec | None, 
         if value < low:
             raise UserError(f"{key}={value!r}: must be an integer >= {low}")
     shape = resolve_shape(args.model)
-    switches = {k: v for k in _SWITCHES if (v := getattr(args, k)) is not None}
+    switches = {k: v for k in ("attention", "mask", "rope", "norm") if (v := getattr(args, k)) is not None}
     if args.audit:
         given = {**switches, **({"mode": args.mode} if args.mode != "forward" else {})}
         if given:
@@ -110,8 +107,7 @@ def _flops(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace, analytic: Breakdown, lora: LoRASpec | None) -> int:
-    """Print an audit of one forward of a random-init ``--model`` beside ``analytic``, component by component;
-    0 when the two agree on every component and every op was priced, else 1 (with one ``error:`` line)."""
+    """Print the audited forward beside ``analytic``; 0 when they agree and every op was priced, else 1."""
     from lvforecast.budget.audit import audit_architecture
     from lvforecast.budget.shapes import resolve_config
 
@@ -177,8 +173,7 @@ def _budget(args: argparse.Namespace) -> int:
     from lvforecast.budget.ledger import Ledger, default_ledger_path, format_flops
     from lvforecast.budget.status import RunStatus
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     path = args.ledger if args.ledger is not None else default_ledger_path()
     try:
         ledger = Ledger(path, budget=None, journal_mode=args.journal_mode)
@@ -224,22 +219,17 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.set_defaults(handler=_simulate, parser=p)
 
 
-def _available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux ``MemAvailable``, else free pages), None if unknown."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return None
-
-
 def _check_simulation_fits(systems: int, steps: int) -> None:
-    """UserError before allocating when ``systems`` x ``steps`` cannot fit in the memory available: the integration
-    holds (N, T, 2) float64 twice (the solution and its clipped copy) and the float32 file values."""
+    """UserError before allocating when ``systems`` x ``steps`` cannot fit in the memory available (Linux
+    ``MemAvailable``, else free pages): the integration holds (N, T, 2) float64 twice (the solution and its clipped
+    copy) and the float32 file values."""
     need = max(systems, 0) * max(steps, 0) * 2 * (8 + 8 + 4)
-    have = _available_memory()
+    have = None
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        have = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        have = int(meminfo["MemAvailable"].split()[0]) * 1024
     if have is not None and need > have:
         raise UserError(f"--systems {systems} --steps {steps}: needs about {need / 2**30:.1f} GiB of memory to "
                         f"simulate, {have / 2**30:.1f} GiB is available; simulate fewer systems (several files "
