@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
-from lvforecast.errors import TRACEBACK_SWITCH, UserError, describe, print_error
+from lvforecast.errors import TRACEBACK_SWITCH, UserError, print_user_error
 
 if TYPE_CHECKING:
     from lvforecast.budget.breakdown import Breakdown
@@ -289,8 +289,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except Exception as exc:
-        message = None if os.environ.get(TRACEBACK_SWITCH) == "1" else describe(exc)
-        if message is None:
-            raise
-        print_error(message)
+        print_user_error(exc, full_traceback=os.environ.get(TRACEBACK_SWITCH) == "1")
         return 1
