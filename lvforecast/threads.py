@@ -16,7 +16,6 @@ from lvforecast.validate import int_at_least
 
 log = logging.getLogger(__name__)
 
-#: Decoder-layer parameters below which ``threads: auto`` means one thread.
 SMALL_MODEL_PARAMETERS = 10_000_000
 
 

@@ -53,10 +53,7 @@ def environment_record() -> dict[str, Any]:
     return {
         "lvforecast": lvforecast.__version__,
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "pytorch_lightning": pytorch_lightning.__version__,
+        **{module.__name__: module.__version__ for module in (torch, transformers, peft, pytorch_lightning)},
         "machine": platform.machine(),
         "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
         "cpu_threads": torch.get_num_threads(),

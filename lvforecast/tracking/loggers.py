@@ -1,9 +1,5 @@
-"""The ``logger=wandb`` factory, W&B groups, run summaries, and finishing runs (docs/weights-and-biases.md).
-
-A multirun's jobs share one group per launch (:func:`run_group`); a run directory's group is kept in
-``<run dir>/wandb/group.json`` so an evaluation of it joins that group. Every job finishes its own run
-(:func:`finish_wandb`), so jobs of a multirun that share a process never log into one run.
-"""
+"""The ``logger=wandb`` factory, W&B groups (one per launch of a multirun, recorded in ``<run dir>/wandb/``), run
+summaries, and finishing each job's run (docs/weights-and-biases.md)."""
 
 from __future__ import annotations
 
