@@ -1,9 +1,8 @@
 """User errors: one ``error: ...`` block and a non-zero exit, never a traceback (docs/reliability.md).
 
-A user error is a problem the person running the command can fix; its message names the key, file or value, what
-was found, what is allowed and the fix. :class:`UserError` is the exception to raise for one (a ``ValueError``);
-:func:`describe` also recognises Hydra/OmegaConf config errors and OS errors on a named path. Everything else is a
-bug and keeps its traceback. ``HYDRA_FULL_ERROR=1`` (:data:`TRACEBACK_SWITCH`) shows every traceback.
+A user error (:class:`UserError`, or what :func:`describe` recognises) is a problem the person running the command
+can fix; its message names the key, file or value, what was found, what is allowed and the fix. Everything else is a
+bug and keeps its traceback; ``HYDRA_FULL_ERROR=1`` (:data:`TRACEBACK_SWITCH`) shows every traceback.
 """
 
 from __future__ import annotations

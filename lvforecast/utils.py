@@ -101,9 +101,7 @@ def plot_loss_curve(metrics_csv: str | Path, out_png: str | Path, title: str = "
         if key in series:
             steps, values = zip(*series[key], strict=True)
             ax.plot(steps, values, label=key, **style)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy per token (nats)")
-    ax.set_title(title)
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy per token (nats)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -132,11 +132,11 @@ class SafeWandbLogger(WandbLogger):
         self._experiment.define_metric("*", step_metric="trainer/global_step", step_sync=True)
         return self._experiment
 
-    def _guarded(self, what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+    def _guarded(self, what: str, call: Any, *args: Any, **kwargs: Any) -> None:
         if self._broken is not None:
-            return None
+            return
         try:
-            return call(*args, **kwargs)
+            call(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - W&B is best effort; the run's own files carry the results
             self._broken = f"{what}: {type(err).__name__}: {err}"
             hint = f"; what reached W&B's local files can be uploaded with: {sync_command(self._experiment)}" \
@@ -146,7 +146,6 @@ class SafeWandbLogger(WandbLogger):
             if isinstance(err, ConnectionError):  # the service is gone: finishing this run cannot reach it either
                 run, self._experiment = self._experiment, None
                 drop_service(run)
-            return None
 
     def log_hyperparams(self, params: Any) -> None:  # noqa: D102
         self._guarded("log_hyperparams", super().log_hyperparams, params)
