@@ -32,17 +32,9 @@ def project_cache_dir(repo: str | Path) -> Path:
     return Path(os.environ.get("LVFORECAST_CACHE") or root / ".cache")
 
 
-def git_sha(cwd: str | Path = ".") -> str | None:
-    """The current commit of ``cwd``'s repository, or None outside one."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 def environment_record() -> dict[str, Any]:
-    """Versions and machine facts worth keeping with every run (the run adds the device it ran on)."""
+    """Versions, machine facts and the package's git commit (None outside a repository) worth keeping with every run
+    (the run adds the device it ran on)."""
     import peft
     import pytorch_lightning
     import torch
@@ -50,6 +42,11 @@ def environment_record() -> dict[str, Any]:
 
     import lvforecast
 
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                             timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        git = None
     return {
         "lvforecast": lvforecast.__version__,
         "python": platform.python_version(),
@@ -57,7 +54,7 @@ def environment_record() -> dict[str, Any]:
         "machine": platform.machine(),
         "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
         "cpu_threads": torch.get_num_threads(),
-        "git_sha": git_sha(Path(__file__).parent),
+        "git_sha": git.stdout.strip() if git is not None and git.returncode == 0 else None,
     }
 
 
