@@ -143,12 +143,9 @@ def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
 
 
 def read_state(path: str | Path, fix: str) -> dict[str, Any]:
-    """The JSON object a run, sweep or study recorded in ``path`` (written with :func:`write_text`).
-
-    Raises:
-        UserError: It cannot be read, is empty or torn (a crash or a full disk before this writer existed), or is
-            not a JSON object: the path, what was found and ``fix`` (what to do).
-    """
+    """The JSON object a run, sweep or study recorded in ``path`` (written with :func:`write_text`); a
+    :class:`UserError` naming the path, what was found and ``fix`` (what to do) when it cannot be read, is empty or
+    torn (a crash or a full disk before this writer existed), or is not a JSON object."""
     import json
 
     try:
