@@ -60,9 +60,8 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's ``TorchCheckpointIO``, saving through a temporary file and a rename (Lightning's own save writes
-    in place, so a full disk mid-write would truncate ``last.ckpt``; here the previous one stays until the new one is
-    complete)."""
+    """Lightning's ``TorchCheckpointIO``, saving through a temporary file and a rename: a full disk mid-write, which
+    truncates ``last.ckpt`` in Lightning's in-place save, here keeps the previous one."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         """Save ``checkpoint`` to ``path`` atomically (``storage_options`` must be None, as for Lightning's)."""

@@ -68,16 +68,13 @@ def _flops_spec(args: argparse.Namespace) -> tuple[ModelShape, LoRASpec | None, 
             raise UserError(f"{key}={value!r}: must be an integer >= {low}")
     shape = resolve_shape(args.model)
     switches = {k: v for k in ("attention", "mask", "rope", "norm") if (v := getattr(args, k)) is not None}
-    if args.audit:
-        given = {**switches, **({"mode": args.mode} if args.mode != "forward" else {})}
-        if given:
-            raise UserError(f"{', '.join(f'--{k} {v}' for k, v in given.items())}: --audit measures one forward "
-                            "against the as-implemented conventions (what the eager forward runs); "
-                            f"drop {'them' if len(given) > 1 else 'it'}")
-        conv = Conventions.as_implemented(count_loss=args.loss)
-    else:
-        base = Conventions.as_implemented() if args.implemented else Conventions()
-        conv = dataclasses.replace(base, count_loss=args.loss, **switches)
+    given = {**switches, **({"mode": args.mode} if args.mode != "forward" else {})}
+    if args.audit and given:
+        raise UserError(f"{', '.join(f'--{k} {v}' for k, v in given.items())}: --audit measures one forward "
+                        "against the as-implemented conventions (what the eager forward runs); "
+                        f"drop {'them' if len(given) > 1 else 'it'}")
+    base = Conventions.as_implemented() if args.implemented or args.audit else Conventions()
+    conv = dataclasses.replace(base, count_loss=args.loss, **switches)
     if not (args.lora_rank or args.logit_bias or args.head != "full"):
         return shape, None, conv
     if not args.lora_rank:  # the bias and the head belong to the fine-tuning module, beside an adapter
@@ -153,6 +150,7 @@ def _add_budget(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                         help=f"SQLite journal mode, one of {', '.join(JOURNAL_MODES)} (default: ${JOURNAL_ENV}, "
                         "else keep the file's mode)")
     common.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    common.set_defaults(handler=_budget)  # each action's parser takes it over
     p = sub.add_parser("budget", help="the study's FLOP budget ledger: report, reconcile, show",
                        description="The study's FLOP budget ledger.")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -164,8 +162,6 @@ def _add_budget(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     rec.add_argument("--run", type=int, action="append", default=[], metavar="ID",
                      help="also mark this running run crashed (runs of other machines); repeatable")
     actions.add_parser("show", parents=[common], help="list runs, their owners and the remaining budget")
-    for action in (rep, rec, actions.choices["show"]):
-        action.set_defaults(handler=_budget, parser=action)
 
 
 def _budget(args: argparse.Namespace) -> int:
@@ -220,9 +216,8 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _check_simulation_fits(systems: int, steps: int) -> None:
-    """UserError before allocating when ``systems`` x ``steps`` cannot fit in the memory available (Linux
-    ``MemAvailable``, else free pages): the integration holds (N, T, 2) float64 twice (the solution and its clipped
-    copy) and the float32 file values."""
+    """UserError before allocating when the simulation cannot fit in the memory available: it holds (N, T, 2)
+    float64 twice (the solution and its clipped copy) and the float32 file values."""
     need = max(systems, 0) * max(steps, 0) * 2 * (8 + 8 + 4)
     have = None
     with contextlib.suppress(OSError, ValueError, AttributeError):

@@ -22,8 +22,7 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "online", "offline")
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 # WANDB_MODE values wandb accepts, mapped to the mode they mean.
-_ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
-              "disabled": "disabled"}
+_ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
 
 
 @dataclass(frozen=True)
