@@ -167,6 +167,7 @@ def _add_budget(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 def _budget(args: argparse.Namespace) -> int:
     """``budget report|reconcile|show``: 0 on success, 1 when the ledger is missing or an operation is refused."""
     from lvforecast.budget.ledger import Ledger, default_ledger_path, format_flops
+    from lvforecast.budget.report import format_report_markdown, format_runs, write_report_files
     from lvforecast.budget.status import RunStatus
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -179,8 +180,6 @@ def _budget(args: argparse.Namespace) -> int:
         print(f"error: {text}", file=sys.stderr)
         return 1
     if args.action == "report":
-        from lvforecast.budget.report import format_report_markdown, write_report_files
-
         report = ledger.report()
         md, png = write_report_files(report, args.out if args.out is not None else ledger.path.parent)
         if args.json:
@@ -193,8 +192,6 @@ def _budget(args: argparse.Namespace) -> int:
         print(json.dumps({RunStatus.CRASHED: ids, "remaining": remaining}) if args.json
               else f"marked crashed: {', '.join(map(str, ids)) or 'none'}; remaining {format_flops(remaining)}")
     else:
-        from lvforecast.budget.report import format_runs
-
         runs = ledger.runs()
         if args.json:
             print(json.dumps({"ledger": str(ledger.path), "budget": ledger.budget, "remaining": ledger.remaining(),
