@@ -46,8 +46,7 @@ def _fsync_dir(folder: Path) -> None:
 @contextlib.contextmanager
 def atomic_writer(path: str | Path, mode: str = "w", newline: str | None = None) -> Iterator[IO[Any]]:
     """Yield a handle (``mode`` ``"w"`` or ``"wb"``, ``newline`` as for :func:`open`) on a temporary sibling of
-    ``path`` (its folder created if missing) that replaces ``path`` on success; a failed write raises
-    :class:`UserError` (ENOSPC, EACCES, ...), the temporary removed and ``path`` untouched."""
+    ``path`` (its folder created if missing) that replaces ``path`` on success (failures: see the module docstring)."""
     path = Path(path)
     tmp: Path | None = None
     try:
@@ -101,8 +100,7 @@ def save_figure(fig: Any, path: str | Path, **kwargs: Any) -> Path:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; on success it takes the place of ``path``: the old folder is renamed
     aside, the new one renamed in, and only then the old one removed, so ``path`` is always the old complete folder
-    or the new one (or, between the two renames, absent with the old one beside it). A failed write or swap raises
-    :class:`UserError`, the temporary folder removed and ``path`` untouched."""
+    or the new one (or, between the two renames, absent with the old one beside it). Failures: the module docstring."""
     path = Path(path)
     tmp: Path | None = None
     try:

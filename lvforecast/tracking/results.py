@@ -50,9 +50,8 @@ def evaluation_headline(summary: Mapping[str, Any]) -> dict[str, Any]:
         "eval/parse_failures": summary["parse_failures"],
         "eval/flops_generate": summary["flops_generate"],
         "eval/forecast_seconds": summary["forecast_seconds"],
-        # NaN aggregates are written as None in metrics.json
-        **{f"eval/{row[0]}/{col}": value for row in rows
-           for col, value in zip(columns[1:], row[1:], strict=True) if value is not None},
+        **{f"eval/{row[0]}/{col}": value for row in rows for col, value in zip(columns[1:], row[1:], strict=True)
+           if value is not None},  # NaN aggregates are written as None in metrics.json
     }
 
 
