@@ -28,12 +28,9 @@ def _first_line(err: BaseException) -> str:
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     """A Lightning checkpoint, loaded with ``weights_only=True``: ours hold only tensors, numbers, strings and
-    containers, so a file that needs arbitrary unpickling is not one of ours and is refused rather than executed.
-
-    Raises:
-        UserError: No such file, not a torch checkpoint (truncated by a full disk, another format), or not a
-            Lightning checkpoint (no ``state_dict`` / ``global_step``).
-    """
+    containers, so a file that needs arbitrary unpickling is not one of ours and is refused rather than executed. A
+    :class:`UserError` for no such file, not a torch checkpoint (truncated by a full disk, another format), or not a
+    Lightning checkpoint (no ``state_dict`` / ``global_step``)."""
     path = Path(path)
     head = f"ckpt_path={str(path)!r}"
     if not path.is_file():
@@ -50,15 +47,12 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(err))
         cause = detail.group(1) if detail else _first_line(err)
         raise UserError(f"{head}: not a readable checkpoint (torn or corrupt: {cause[:160]}); {_FIX}") from err
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, AttributeError, KeyError) as err:
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, AttributeError, KeyError, OSError) as err:
+        if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOENT):
+            raise UserError(f"{head}: cannot read it ({err.strerror or err}); {_FIX}") from err
+        # Any other OSError is a torn file too: torch reads a truncated zip archive (a full disk's last.ckpt) as EINVAL.
         raise UserError(f"{head}: not a readable checkpoint (truncated or corrupt: {type(err).__name__}: "
                         f"{_first_line(err)[:160]}); {_FIX}") from err
-    except OSError as err:
-        if err.errno in (errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOENT):
-            raise UserError(f"{head}: cannot read it ({err.strerror or err}); {_FIX}") from err
-        # torch reads a torn zip archive as EINVAL (a truncated last.ckpt from a full disk)
-        raise UserError(f"{head}: not a readable checkpoint (truncated or corrupt: {err.strerror or err}); "
-                        f"{_FIX}") from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
         found = sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f"{head}: not a Lightning checkpoint (found {found}, need state_dict and global_step); {_FIX}")
@@ -66,9 +60,8 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's ``TorchCheckpointIO``, saving through a temporary file and a rename (Lightning's own save writes
-    in place, so a full disk mid-write would truncate ``last.ckpt``; here the previous one stays until the new one is
-    complete)."""
+    """Lightning's ``TorchCheckpointIO``, saving through a temporary file and a rename: a full disk mid-write, which
+    truncates ``last.ckpt`` in Lightning's in-place save, here keeps the previous one."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         """Save ``checkpoint`` to ``path`` atomically (``storage_options`` must be None, as for Lightning's)."""

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
-from lvforecast.errors import TRACEBACK_SWITCH, UserError, describe, print_error
+from lvforecast.errors import TRACEBACK_SWITCH, UserError, print_user_error
 
 if TYPE_CHECKING:
     from lvforecast.budget.breakdown import Breakdown
@@ -58,9 +58,6 @@ def _add_flops(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(handler=_flops, parser=p)
 
 
-_SWITCHES = ("attention", "mask", "rope", "norm")
-
-
 def _flops_spec(args: argparse.Namespace) -> tuple[ModelShape, LoRASpec | None, Conventions]:
     """``(shape, lora, conventions)`` of the ``flops`` arguments; a bad value or combination raises, named."""
     from lvforecast.budget.shapes import ALPHABET_SIZE, Conventions, LoRASpec, resolve_shape
@@ -70,17 +67,14 @@ def _flops_spec(args: argparse.Namespace) -> tuple[ModelShape, LoRASpec | None, 
         if value < low:
             raise UserError(f"{key}={value!r}: must be an integer >= {low}")
     shape = resolve_shape(args.model)
-    switches = {k: v for k in _SWITCHES if (v := getattr(args, k)) is not None}
-    if args.audit:
-        given = {**switches, **({"mode": args.mode} if args.mode != "forward" else {})}
-        if given:
-            raise UserError(f"{', '.join(f'--{k} {v}' for k, v in given.items())}: --audit measures one forward "
-                            "against the as-implemented conventions (what the eager forward runs); "
-                            f"drop {'them' if len(given) > 1 else 'it'}")
-        conv = Conventions.as_implemented(count_loss=args.loss)
-    else:
-        base = Conventions.as_implemented() if args.implemented else Conventions()
-        conv = dataclasses.replace(base, count_loss=args.loss, **switches)
+    switches = {k: v for k in ("attention", "mask", "rope", "norm") if (v := getattr(args, k)) is not None}
+    given = {**switches, **({"mode": args.mode} if args.mode != "forward" else {})}
+    if args.audit and given:
+        raise UserError(f"{', '.join(f'--{k} {v}' for k, v in given.items())}: --audit measures one forward "
+                        "against the as-implemented conventions (what the eager forward runs); "
+                        f"drop {'them' if len(given) > 1 else 'it'}")
+    base = Conventions.as_implemented() if args.implemented or args.audit else Conventions()
+    conv = dataclasses.replace(base, count_loss=args.loss, **switches)
     if not (args.lora_rank or args.logit_bias or args.head != "full"):
         return shape, None, conv
     if not args.lora_rank:  # the bias and the head belong to the fine-tuning module, beside an adapter
@@ -110,8 +104,7 @@ def _flops(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace, analytic: Breakdown, lora: LoRASpec | None) -> int:
-    """Print an audit of one forward of a random-init ``--model`` beside ``analytic``, component by component;
-    0 when the two agree on every component and every op was priced, else 1 (with one ``error:`` line)."""
+    """Print the audited forward beside ``analytic``; 0 when they agree and every op was priced, else 1."""
     from lvforecast.budget.audit import audit_architecture
     from lvforecast.budget.shapes import resolve_config
 
@@ -157,6 +150,7 @@ def _add_budget(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                         help=f"SQLite journal mode, one of {', '.join(JOURNAL_MODES)} (default: ${JOURNAL_ENV}, "
                         "else keep the file's mode)")
     common.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    common.set_defaults(handler=_budget)  # each action's parser takes it over
     p = sub.add_parser("budget", help="the study's FLOP budget ledger: report, reconcile, show",
                        description="The study's FLOP budget ledger.")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -168,17 +162,15 @@ def _add_budget(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     rec.add_argument("--run", type=int, action="append", default=[], metavar="ID",
                      help="also mark this running run crashed (runs of other machines); repeatable")
     actions.add_parser("show", parents=[common], help="list runs, their owners and the remaining budget")
-    for action in (rep, rec, actions.choices["show"]):
-        action.set_defaults(handler=_budget, parser=action)
 
 
 def _budget(args: argparse.Namespace) -> int:
     """``budget report|reconcile|show``: 0 on success, 1 when the ledger is missing or an operation is refused."""
     from lvforecast.budget.ledger import Ledger, default_ledger_path, format_flops
+    from lvforecast.budget.report import format_report_markdown, format_runs, write_report_files
     from lvforecast.budget.status import RunStatus
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     path = args.ledger if args.ledger is not None else default_ledger_path()
     try:
         ledger = Ledger(path, budget=None, journal_mode=args.journal_mode)
@@ -188,8 +180,6 @@ def _budget(args: argparse.Namespace) -> int:
         print(f"error: {text}", file=sys.stderr)
         return 1
     if args.action == "report":
-        from lvforecast.budget.report import format_report_markdown, write_report_files
-
         report = ledger.report()
         md, png = write_report_files(report, args.out if args.out is not None else ledger.path.parent)
         if args.json:
@@ -202,8 +192,6 @@ def _budget(args: argparse.Namespace) -> int:
         print(json.dumps({RunStatus.CRASHED: ids, "remaining": remaining}) if args.json
               else f"marked crashed: {', '.join(map(str, ids)) or 'none'}; remaining {format_flops(remaining)}")
     else:
-        from lvforecast.budget.report import format_runs
-
         runs = ledger.runs()
         if args.json:
             print(json.dumps({"ledger": str(ledger.path), "budget": ledger.budget, "remaining": ledger.remaining(),
@@ -224,22 +212,16 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.set_defaults(handler=_simulate, parser=p)
 
 
-def _available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux ``MemAvailable``, else free pages), None if unknown."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return None
-
-
 def _check_simulation_fits(systems: int, steps: int) -> None:
-    """UserError before allocating when ``systems`` x ``steps`` cannot fit in the memory available: the integration
-    holds (N, T, 2) float64 twice (the solution and its clipped copy) and the float32 file values."""
+    """UserError before allocating when the simulation cannot fit in the memory available: it holds (N, T, 2)
+    float64 twice (the solution and its clipped copy) and the float32 file values."""
     need = max(systems, 0) * max(steps, 0) * 2 * (8 + 8 + 4)
-    have = _available_memory()
+    have = None
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        have = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        have = int(meminfo["MemAvailable"].split()[0]) * 1024
     if have is not None and need > have:
         raise UserError(f"--systems {systems} --steps {steps}: needs about {need / 2**30:.1f} GiB of memory to "
                         f"simulate, {have / 2**30:.1f} GiB is available; simulate fewer systems (several files "
@@ -299,8 +281,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except Exception as exc:
-        message = None if os.environ.get(TRACEBACK_SWITCH) == "1" else describe(exc)
-        if message is None:
-            raise
-        print_error(message)
+        print_user_error(exc, full_traceback=os.environ.get(TRACEBACK_SWITCH) == "1")
         return 1

@@ -40,11 +40,8 @@ def no_gpu_reason() -> str:
 
 
 def resolve_device(spec: str, key: str = "device") -> torch.device:
-    """The ``torch.device`` a ``device`` value (:data:`DEVICE_CHOICES`) names on this machine.
-
-    Raises:
-        UserError: A misspelt value, or a GPU asked for where there is none (or ``cuda:N`` past the last one).
-    """
+    """The ``torch.device`` a ``device`` value (:data:`DEVICE_CHOICES`) names on this machine; a :class:`UserError`
+    for a misspelt value, or a GPU asked for where there is none (or ``cuda:N`` past the last one)."""
     problems = device_problems(spec, key)
     if problems:
         raise UserError(problems[0])
@@ -78,11 +75,8 @@ def accelerator_problems(trainer: Any) -> list[str]:
 
 def training_precision(accelerator: Any) -> str:
     """``trainer.precision`` for ``trainer.accelerator``: ``bf16-mixed`` on a GPU, ``16-mixed`` on a GPU without
-    native bfloat16 (before Ampere), ``32-true`` on the CPU.
-
-    A GPU accelerator where none is visible (a config planned on a login node) states the GPU's precision;
-    :func:`accelerator_problems` refuses to run it here.
-    """
+    native bfloat16 (before Ampere), ``32-true`` on the CPU; a GPU accelerator where none is visible (a config
+    planned on a login node) gets the GPU's precision (:func:`accelerator_problems` refuses to run it here)."""
     name = str(accelerator).lower()
     if name not in GPU_ACCELERATORS and not (name == "auto" and torch.cuda.is_available()):
         return "32-true"

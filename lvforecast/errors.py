@@ -1,9 +1,8 @@
 """User errors: one ``error: ...`` block and a non-zero exit, never a traceback (docs/reliability.md).
 
-A user error is a problem the person running the command can fix; its message names the key, file or value, what
-was found, what is allowed and the fix. :class:`UserError` is the exception to raise for one (a ``ValueError``);
-:func:`describe` also recognises Hydra/OmegaConf config errors and OS errors on a named path. Everything else is a
-bug and keeps its traceback. ``HYDRA_FULL_ERROR=1`` (:data:`TRACEBACK_SWITCH`) shows every traceback.
+A user error (:class:`UserError`, or what :func:`describe` recognises) is a problem the person running the command
+can fix; its message names the key, file or value, what was found, what is allowed and the fix. Everything else is a
+bug and keeps its traceback; ``HYDRA_FULL_ERROR=1`` (:data:`TRACEBACK_SWITCH`) shows every traceback.
 """
 
 from __future__ import annotations
@@ -35,12 +34,9 @@ _OS_FIXES = {
 
 
 def describe(exc: BaseException) -> str | None:
-    """The one message for a user error, or None when ``exc`` is a bug (it keeps its traceback).
-
-    An OS error on a named path reads ``path: cause; fix``; a Hydra composition / override error or an OmegaConf
-    key/type error, its message; Hydra's ``InstantiationException`` (a ``_target_`` constructor raised) is looked
-    through to its cause.
-    """
+    """The one message for a user error, or None when ``exc`` is a bug (it keeps its traceback): an OS error on a
+    named path reads ``path: cause; fix``; a Hydra composition / override or OmegaConf key/type error, its message;
+    an ``InstantiationException`` (a ``_target_`` constructor raised) is looked through to its cause."""
     if isinstance(exc, UserError):
         return str(exc)
     if isinstance(exc, OSError) and exc.filename is not None:
@@ -60,8 +56,12 @@ def describe(exc: BaseException) -> str | None:
     return f"{text}\n{cause}" if cause and cause not in text else text
 
 
-def print_error(message: str) -> None:
-    """Write ``error: <message>`` (indented continuation lines) and the traceback hint to stderr."""
+def print_user_error(exc: Exception, full_traceback: bool) -> None:
+    """Write ``error: <message>`` (:func:`describe`, indented continuation lines) and the traceback hint to stderr;
+    re-raise ``exc`` instead when it is a bug or ``full_traceback`` (``HYDRA_FULL_ERROR=1``) is set."""
+    message = None if full_traceback else describe(exc)
+    if message is None:
+        raise exc
     first, *rest = message.strip().splitlines() or ["(no message)"]
     rest = [ln if ln.startswith(" ") else "  " + ln for ln in rest]
     sys.stderr.write("\n".join(["error: " + first, *rest, HINT]) + "\n")
@@ -69,20 +69,14 @@ def print_error(message: str) -> None:
 
 
 def run_entry(main: Callable[[], Any]) -> Any:
-    """Run an entry point's ``main()``; a user error prints one ``error:`` block and exits with status 1.
-
-    Hydra is told to re-raise (instead of printing its own trimmed traceback), so composition errors arrive here
-    too. A bug, or anything with ``HYDRA_FULL_ERROR=1`` already set, propagates with its traceback.
-    """
+    """Run an entry point's ``main()``; a user error prints one ``error:`` block and exits with status 1, a bug (or
+    anything with ``HYDRA_FULL_ERROR=1`` already set) propagates with its traceback."""
     previous = os.environ.get(TRACEBACK_SWITCH)
-    os.environ[TRACEBACK_SWITCH] = "1"
+    os.environ[TRACEBACK_SWITCH] = "1"  # Hydra re-raises (no trimmed traceback of its own): its errors arrive here
     try:
         return main()
     except Exception as exc:
-        message = None if previous == "1" else describe(exc)
-        if message is None:
-            raise
-        print_error(message)
+        print_user_error(exc, full_traceback=previous == "1")
         raise SystemExit(1) from None
     finally:
         if previous is None:

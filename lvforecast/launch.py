@@ -27,9 +27,8 @@ def launch_id() -> str | None:
 
 
 def launch_token() -> str:
-    """What ties rank 0's published reservation to this launch ("" on a bare machine): the launch id (else the SLURM
-    job id) plus SLURM's restart count, as a requeued job's ranks share the first attempt's run directory and must not
-    read that attempt's reservation."""
+    """What ties rank 0's published reservation to this launch ("" on a bare machine): the launch id (else SLURM's
+    job id) and restart count, as a requeued job shares its first attempt's run directory but not its reservation."""
     token = launch_id() or os.environ.get("SLURM_JOB_ID", "")
     restarts = os.environ.get("SLURM_RESTART_COUNT")
     return f"{token}#{restarts}" if token and restarts else token

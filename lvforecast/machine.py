@@ -13,8 +13,7 @@ from lvforecast.errors import UserError
 
 def check_machine(model: Any, trainer: Any = None, device: str | None = None) -> None:
     """Raise one :class:`UserError` listing everything this machine lacks: the ``model`` node's weights (a
-    directory, cached, or downloadable), the GPU a training ``trainer`` node or an evaluation's ``device`` asks for.
-    """
+    directory, cached, or downloadable), the GPU a training ``trainer`` node or an evaluation's ``device`` wants."""
     from lvforecast.devices import accelerator_problems, resolve_device
     from lvforecast.model.source import source_problems
 

@@ -16,7 +16,6 @@ from lvforecast.validate import int_at_least
 
 log = logging.getLogger(__name__)
 
-#: Decoder-layer parameters below which ``threads: auto`` means one thread.
 SMALL_MODEL_PARAMETERS = 10_000_000
 
 
@@ -27,11 +26,8 @@ def layer_parameters(shape: Any) -> int:
 
 
 def resolve_threads(setting: Any, shape: Any | None, default: int) -> int:
-    """The thread count ``setting`` means for a model of ``shape`` (None: unknown, so ``default``).
-
-    Raises:
-        UserError: ``setting`` is neither ``auto`` nor an integer >= 1.
-    """
+    """The thread count ``setting`` means for a model of ``shape`` (None: unknown, so ``default``); a
+    :class:`UserError` unless ``setting`` is ``auto`` or an integer >= 1."""
     if setting == "auto":
         return 1 if shape is not None and layer_parameters(shape) < SMALL_MODEL_PARAMETERS else default
     if not int_at_least(setting, 1):

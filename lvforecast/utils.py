@@ -32,17 +32,9 @@ def project_cache_dir(repo: str | Path) -> Path:
     return Path(os.environ.get("LVFORECAST_CACHE") or root / ".cache")
 
 
-def git_sha(cwd: str | Path = ".") -> str | None:
-    """The current commit of ``cwd``'s repository, or None outside one."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 def environment_record() -> dict[str, Any]:
-    """Versions and machine facts worth keeping with every run (the run adds the device it ran on)."""
+    """Versions, machine facts and the package's git commit (None outside a repository) worth keeping with every run
+    (the run adds the device it ran on)."""
     import peft
     import pytorch_lightning
     import torch
@@ -50,17 +42,19 @@ def environment_record() -> dict[str, Any]:
 
     import lvforecast
 
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                             timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        git = None
     return {
         "lvforecast": lvforecast.__version__,
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "pytorch_lightning": pytorch_lightning.__version__,
+        **{module.__name__: module.__version__ for module in (torch, transformers, peft, pytorch_lightning)},
         "machine": platform.machine(),
         "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
         "cpu_threads": torch.get_num_threads(),
-        "git_sha": git_sha(Path(__file__).parent),
+        "git_sha": git.stdout.strip() if git is not None and git.returncode == 0 else None,
     }
 
 
@@ -104,9 +98,7 @@ def plot_loss_curve(metrics_csv: str | Path, out_png: str | Path, title: str = "
         if key in series:
             steps, values = zip(*series[key], strict=True)
             ax.plot(steps, values, label=key, **style)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy per token (nats)")
-    ax.set_title(title)
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy per token (nats)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

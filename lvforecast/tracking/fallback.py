@@ -102,28 +102,15 @@ def drop_service(run: Any = None) -> None:
         log.debug("W&B: teardown after a lost service: %s", err)
 
 
-def finish_run(run: Any, exit_code: int) -> None:
-    """Finish ``run``; a failure or a timed-out upload is a warning with the ``wandb sync`` command, never an error."""
-    offline = bool(getattr(run.settings, "_offline", False))
-    command = sync_command(run)
-    try:
-        run.finish(exit_code=exit_code)
-    except Exception as err:  # noqa: BLE001 - the run's own files are written; W&B is best effort
-        log.warning("W&B: finishing run %s failed (%s: %s); its data is kept on disk. Upload it later with: %s",
-                    run.id, type(err).__name__, err, command)
-        if isinstance(err, ConnectionError):
-            drop_service(run)
-        return
-    if offline:
-        log.info("W&B: offline run %s kept in %s; upload it with: %s", run.id, Path(run.dir).parent, command)
-
-
 class SafeWandbLogger(WandbLogger):
     """Lightning's ``WandbLogger`` whose W&B failures never stop the training (see the module docstring);
     ``init_timeout_s`` is the longest an online start waits for the server before going offline, in seconds."""
 
     def __init__(self, *, init_timeout_s: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        # Lightning always passes anonymous=None, which wandb >= 0.19 warns about on every run.
+        if self._wandb_init.get("anonymous", False) is None:
+            del self._wandb_init["anonymous"]
         self._init_timeout_s = init_timeout_s
         self._broken: str | None = None
 
@@ -145,11 +132,11 @@ class SafeWandbLogger(WandbLogger):
         self._experiment.define_metric("*", step_metric="trainer/global_step", step_sync=True)
         return self._experiment
 
-    def _guarded(self, what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+    def _guarded(self, what: str, call: Any, *args: Any, **kwargs: Any) -> None:
         if self._broken is not None:
-            return None
+            return
         try:
-            return call(*args, **kwargs)
+            call(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - W&B is best effort; the run's own files carry the results
             self._broken = f"{what}: {type(err).__name__}: {err}"
             hint = f"; what reached W&B's local files can be uploaded with: {sync_command(self._experiment)}" \
@@ -159,7 +146,6 @@ class SafeWandbLogger(WandbLogger):
             if isinstance(err, ConnectionError):  # the service is gone: finishing this run cannot reach it either
                 run, self._experiment = self._experiment, None
                 drop_service(run)
-            return None
 
     def log_hyperparams(self, params: Any) -> None:  # noqa: D102
         self._guarded("log_hyperparams", super().log_hyperparams, params)
@@ -183,9 +169,21 @@ class SafeWandbLogger(WandbLogger):
         self._guarded("summary update", lambda: self.experiment.summary.update(values))
 
     def finish(self, exit_code: int) -> None:
-        """Finish this logger's W&B run if it started one (:func:`finish_run`); the next job gets its own."""
+        """Finish this logger's W&B run if it started one, so the next job gets its own; a failure or a timed-out
+        upload is a warning with the ``wandb sync`` command, never an error."""
         run = self._experiment
         if run is None or not hasattr(run, "finish"):
             return
         self._experiment = None
-        finish_run(run, exit_code=1 if self._broken is not None and exit_code == 0 else exit_code)
+        offline = bool(getattr(run.settings, "_offline", False))
+        command = sync_command(run)
+        try:
+            run.finish(exit_code=1 if self._broken is not None and exit_code == 0 else exit_code)
+        except Exception as err:  # noqa: BLE001 - the run's own files are written; W&B is best effort
+            log.warning("W&B: finishing run %s failed (%s: %s); its data is kept on disk. Upload it later with: %s",
+                        run.id, type(err).__name__, err, command)
+            if isinstance(err, ConnectionError):
+                drop_service(run)
+            return
+        if offline:
+            log.info("W&B: offline run %s kept in %s; upload it with: %s", run.id, Path(run.dir).parent, command)

@@ -1,9 +1,5 @@
-"""The ``logger=wandb`` factory, W&B groups, run summaries, and finishing runs (docs/weights-and-biases.md).
-
-A multirun's jobs share one group per launch (:func:`run_group`); a run directory's group is kept in
-``<run dir>/wandb/group.json`` so an evaluation of it joins that group. Every job finishes its own run
-(:func:`finish_wandb`), so jobs of a multirun that share a process never log into one run.
-"""
+"""The ``logger=wandb`` factory, W&B groups (one per launch of a multirun, recorded in ``<run dir>/wandb/``), run
+summaries, and finishing each job's run (docs/weights-and-biases.md)."""
 
 from __future__ import annotations
 
@@ -31,11 +27,8 @@ def wandb_logger(
 ) -> Any:
     """A :class:`~lvforecast.tracking.fallback.SafeWandbLogger` from ``conf/logger/wandb.yaml`` (which comments each
     key); its W&B run starts at the first logging call, its files go to ``<save_dir>/wandb/``. ``settings`` holds
-    extra ``wandb.Settings`` fields, ``kwargs`` further ``wandb.init`` arguments (``notes``, ``id``, ...).
-
-    Raises:
-        UserError: As :func:`~lvforecast.tracking.mode.decide_mode` (the config check has reported it before).
-    """
+    extra ``wandb.Settings`` fields, ``kwargs`` further ``wandb.init`` arguments (``notes``, ``id``, ...). A bad
+    ``mode`` raises :class:`UserError` as :func:`~lvforecast.tracking.mode.decide_mode` (the config check said so)."""
     import wandb
 
     from lvforecast.tracking.fallback import SafeWandbLogger
@@ -45,17 +38,12 @@ def wandb_logger(
     group = run_group(group, group_per_launch)
     record_group(save_dir, group)
     # offline=False: Lightning's offline flag sets WANDB_MODE for the whole process; mode= is per run.
-    logger = SafeWandbLogger(
+    return SafeWandbLogger(
         init_timeout_s=float(init_timeout_s), name=name, save_dir=str(save_dir), project=project,
         log_model=log_model, offline=False, entity=entity, group=group, job_type=job_type,
         tags=[str(t) for t in tags or []] or None, mode=decision.mode,
         settings=wandb.Settings(**{"finish_timeout": float(finish_timeout_s), "finish_timeout_raises": True,
                                    **dict(settings or {})}), **kwargs)
-    # Lightning always passes anonymous=None, which wandb >= 0.19 warns about on every run.
-    init_args = getattr(logger, "_wandb_init", {})
-    if init_args.get("anonymous", False) is None:
-        del init_args["anonymous"]
-    return logger
 
 
 def wandb_problems(node: Any) -> list[str]:
@@ -97,9 +85,7 @@ def run_group(group: str | None, per_launch: bool = True) -> str | None:
 
 def record_group(save_dir: str | Path, group: str | None) -> None:
     """Write ``<save_dir>/wandb/group.json``, so an evaluation of this directory joins its group."""
-    folder = Path(save_dir) / "wandb"
-    folder.mkdir(parents=True, exist_ok=True)
-    write_text(folder / GROUP_FILE, json.dumps({"group": group}) + "\n")
+    write_text(Path(save_dir) / "wandb" / GROUP_FILE, json.dumps({"group": group}) + "\n")
 
 
 def recorded_group(run_dir: str | Path) -> str | None:
