@@ -1,23 +1,30 @@
 """Checkpoints: saved atomically (:mod:`lvforecast.atomic`), loaded with one clear message when torn or foreign.
 
 :class:`AtomicCheckpointIO` is Lightning's checkpoint I/O (``trainer.plugins`` in ``conf/trainer/default.yaml``);
-:func:`load_checkpoint` is the one way the project reads a checkpoint.
+:func:`load_checkpoint` is the one way the project reads a checkpoint; :class:`InterruptCheckpoint` writes one when a
+signal stops a fit (:mod:`lvforecast.experiment.signals`).
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import pickle
 import re
+import signal
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from lvforecast.atomic import atomic_writer
 from lvforecast.errors import UserError
+from lvforecast.experiment.signals import active_guard
+
+log = logging.getLogger(__name__)
 
 _FIX = "fix: resume from an intact checkpoint (a run keeps checkpoints/last.ckpt), or start a new run without ckpt_path"
 
@@ -72,3 +79,40 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
         return load_checkpoint(path, map_location=map_location if map_location is not None else "cpu")
+
+
+class InterruptCheckpoint(pl.Callback):
+    """On a signal-caused stop while fitting: write ``checkpoints/last.ckpt`` at the step reached; exit 143 / 130.
+
+    Lightning raises ``SIGTERMException`` after a whole batch (optimizer step, charges, loggers), so the
+    checkpoint is the state after that step.
+    """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        guard = active_guard()
+        if guard is not None:
+            guard.attach(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        if not isinstance(exception, SIGTERMException):
+            return  # a bug, a user error, or a second signal (mid-step: the last good checkpoint stays)
+        guard = active_guard()
+        signum = guard.received if guard is not None and guard.received is not None else signal.SIGTERM
+        exception.code = 128 + int(signum)
+        if trainer.state.fn != "fit":
+            return  # a validation before or after fitting: the run's last checkpoint is already on disk
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)  # else Lightning's default folder
+        path = (Path(dirpath) if dirpath else Path(trainer.default_root_dir) / "checkpoints") / "last.ckpt"
+        try:
+            # Atomic through the trainer's checkpoint I/O (lvforecast.checkpoint.AtomicCheckpointIO, in every
+            # conf/trainer option): a failed write is a UserError naming the path, and the old file stays.
+            trainer.save_checkpoint(path)
+        except (OSError, UserError) as err:  # the stop goes on: the previous checkpoint (if any) is intact
+            log.error("%s: could not write the interrupt checkpoint (%s); the previous one is kept", path, err)
+            return
+        if trainer.is_global_zero:
+            log.warning("%s: checkpoint written at step %d; resume with ckpt_path=%s", path, trainer.global_step, path)
+        if guard is not None:
+            guard.step, guard.checkpoint = trainer.global_step, path

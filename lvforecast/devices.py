@@ -9,13 +9,15 @@ from __future__ import annotations
 import os
 import platform
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import OmegaConf
 
 from lvforecast.errors import UserError
 from lvforecast.validate import int_at_least
+
+if TYPE_CHECKING:
+    import torch
 
 DEVICE_CHOICES = "'auto' (the CUDA GPU when there is one, else the CPU), 'cpu', 'cuda', 'cuda:N'"
 GPU_ACCELERATORS = ("gpu", "cuda")
@@ -32,6 +34,8 @@ def device_problems(spec: Any, key: str = "device") -> list[str]:
 
 def no_gpu_reason() -> str:
     """Why this process sees no CUDA GPU, in words (a CPU-only torch build, or no device visible)."""
+    import torch
+
     if torch.version.cuda is None:
         return f"this machine has no CUDA GPU (torch {torch.__version__} is a CPU-only build)"
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -45,6 +49,8 @@ def resolve_device(spec: str, key: str = "device") -> torch.device:
     problems = device_problems(spec, key)
     if problems:
         raise UserError(problems[0])
+    import torch  # here, not at import: a config is checked before torch loads (a user error answers in seconds)
+
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec)
@@ -64,6 +70,8 @@ def accelerator_problems(trainer: Any) -> list[str]:
     accelerator = str(trainer.get("accelerator", "auto")).lower()
     if accelerator not in GPU_ACCELERATORS:
         return []
+    import torch
+
     if not torch.cuda.is_available():
         return [f"trainer.accelerator={accelerator!r} (e.g. trainer=gpu): {no_gpu_reason()}; allowed here: "
                 f"trainer=cpu, or trainer=default (accelerator auto: the GPU where there is one, else the CPU)"]
@@ -77,6 +85,8 @@ def training_precision(accelerator: Any) -> str:
     """``trainer.precision`` for ``trainer.accelerator``: ``bf16-mixed`` on a GPU, ``16-mixed`` on a GPU without
     native bfloat16 (before Ampere), ``32-true`` on the CPU; a GPU accelerator where none is visible (a config
     planned on a login node) gets the GPU's precision (:func:`accelerator_problems` refuses to run it here)."""
+    import torch
+
     name = str(accelerator).lower()
     if name not in GPU_ACCELERATORS and not (name == "auto" and torch.cuda.is_available()):
         return "32-true"
@@ -86,6 +96,8 @@ def training_precision(accelerator: Any) -> str:
 
 def describe_device(device: torch.device | str) -> str:
     """``cuda:0 (NVIDIA H200)`` or ``cpu (x86_64)``: the device work ran on, for run records."""
+    import torch
+
     device = torch.device(device)
     if device.type != "cuda":
         return f"{device.type} ({platform.machine()})"

@@ -30,6 +30,7 @@ from lvforecast.data.windows import (
     build_windows,
     encode_series,
     pad_share,
+    size_problems,
     tokenize_series,
     window_spans,
 )
@@ -129,7 +130,7 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         sizes = dict(context_length=context_length, stride_steps=stride_steps, batch_size=batch_size)
-        problems = self.config_problems(decimals, **sizes, scale_context_steps=scale_context_steps)
+        problems = size_problems(decimals, **sizes, scale_context_steps=scale_context_steps)
         if problems:
             raise UserError("invalid data config: " + "; ".join(problems))
         self.path = str(path)
@@ -154,29 +155,6 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         self.stats: dict[str, float] = {}
         self.train_sampler: ResumableSampler | None = None  # that of the current training loader
         self._sampler_state: dict[str, Any] | None = None
-
-    @staticmethod
-    def config_problems(decimals: Any = None, **values: Any) -> list[str]:
-        """Problems with the integer size keys (>= 1) and ``decimals`` (None skips it), one message each.
-
-        ``context_length`` must also hold one whole encoded step (:func:`lvforecast.data.encoding.min_step_tokens`
-        of ``decimals``, 12 tokens at 3), else no window would contain a full ``prey,predator;`` step.
-        """
-        problems = []
-        decimals_ok = int_at_least(decimals, 0) and decimals <= 12
-        if decimals is not None and not decimals_ok:
-            problems.append(f"data.decimals={decimals!r}: must be an integer in [0, 12] (digits after the point)")
-        for key, val in values.items():
-            low = 2 if key == "context_length" else 1
-            if key == "context_length" and decimals_ok and int_at_least(val, 1) and val < min_step_tokens(decimals):
-                low, zero = min_step_tokens(decimals), "0." + "0" * decimals if decimals else "0"
-                problems.append(
-                    f"data.{key}={val}: shorter than one encoded time step (at data.decimals={decimals} the shortest, "
-                    f"'{zero},{zero};', is {low} tokens); allowed: an integer >= {low}"
-                )
-            elif not int_at_least(val, low):
-                problems.append(f"data.{key}={val!r}: must be an integer >= {low}")
-        return problems
 
     def prepare_data(self) -> None:
         """Generate the simulated file once (``data=simulated``); later runs reuse it."""

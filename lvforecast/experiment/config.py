@@ -16,6 +16,7 @@ from lvforecast.budget.planning import Pricing, RunShape
 from lvforecast.budget.schedule import Schedule
 from lvforecast.budget.shapes import ALPHABET_SIZE, HEADS, Conventions, LoRASpec, ModelShape
 from lvforecast.data.encoding import check_tokenizer
+from lvforecast.data.windows import size_problems
 from lvforecast.devices import device_problems
 from lvforecast.errors import UserError
 from lvforecast.model.lora import lora_config_problems
@@ -34,13 +35,11 @@ LIGHTNING_DEFAULTS: dict[str, Any] = {"num_sanity_val_steps": 2, "limit_val_batc
 def check_train_config(cfg: DictConfig, start_step: int = 0) -> None:
     """Check a composed ``conf/train.yaml`` before anything is written or loaded (``start_step``: the checkpoint's
     step when resuming); a UserError lists every problem, each naming its key, the value and what is allowed."""
-    from lvforecast.data.datamodule import LotkaVolterraDataModule
-
     problems = seed_problems(cfg.get("seed"))
     problems += lora_config_problems(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
     sizes = {k: cfg.data.get(k) for k in ("context_length", "stride_steps", "batch_size", "scale_context_steps",
                                           "val_batch_size") if k != "val_batch_size" or cfg.data.get(k) is not None}
-    problems += LotkaVolterraDataModule.config_problems(decimals=cfg.data.decimals, **sizes)
+    problems += size_problems(decimals=cfg.data.decimals, **sizes)
     if cfg.model.get("head") not in HEADS:
         problems.append(f"model.head={cfg.model.get('head')!r}: allowed {', '.join(map(repr, HEADS))}")
     lr = cfg.optim.get("lr")

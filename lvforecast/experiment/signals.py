@@ -2,9 +2,10 @@
 
 What the user sees: ``docs/reliability.md`` (signals). While fitting, the signal goes through Lightning's own
 mechanism (its loops raise ``SIGTERMException``, a ``SystemExit``, after the current batch; :class:`SignalGuard`
-routes SIGINT the same way) and :class:`InterruptCheckpoint` writes the checkpoint. Outside fitting, and on a second
-signal, :class:`SignalGuard` raises :class:`Interrupted` at once. Handlers are only installed from the main thread
-(Python allows no other) and are restored on exit. A requeued SLURM job resumes by :func:`resume_requeued`.
+routes SIGINT the same way) and :class:`lvforecast.checkpoint.InterruptCheckpoint` writes the checkpoint. Outside
+fitting, and on a second signal, :class:`SignalGuard` raises :class:`Interrupted` at once. Handlers are only installed
+from the main thread (Python allows no other) and are restored on exit. A requeued SLURM job resumes by
+:func:`resume_requeued`.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import threading
 import weakref
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 from omegaconf import open_dict
 
-from lvforecast.errors import UserError
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ class Interrupted(SystemExit):
 class SignalGuard:
     """SIGTERM / SIGINT handlers for one job, as a context manager; a signal-caused stop leaves it as
     :class:`Interrupted` (exit 143/130), its :meth:`~Interrupted.message` printed. ``received``: the first signal
-    (None: none yet), ``step`` and ``checkpoint``: what :class:`InterruptCheckpoint` wrote, for the job's records."""
+    (None: none yet), ``step`` and ``checkpoint``: what :class:`~lvforecast.checkpoint.InterruptCheckpoint` wrote, for
+    the job's records."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -119,40 +121,9 @@ _active: SignalGuard | None = None  # the guard of the job now running in this p
 guarded = SignalGuard  # the name jobs use: ``with guarded(): task(cfg)``
 
 
-class InterruptCheckpoint(pl.Callback):
-    """On a signal-caused stop while fitting: write ``checkpoints/last.ckpt`` at the step reached; exit 143 / 130.
-
-    Lightning raises ``SIGTERMException`` after a whole batch (optimizer step, charges, loggers), so the
-    checkpoint is the state after that step.
-    """
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if _active is not None:
-            _active.attach(trainer)
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        from pytorch_lightning.utilities.exceptions import SIGTERMException
-
-        if not isinstance(exception, SIGTERMException):
-            return  # a bug, a user error, or a second signal (mid-step: the last good checkpoint stays)
-        guard = _active
-        signum = guard.received if guard is not None and guard.received is not None else signal.SIGTERM
-        exception.code = 128 + int(signum)
-        if trainer.state.fn != "fit":
-            return  # a validation before or after fitting: the run's last checkpoint is already on disk
-        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)  # else Lightning's default folder
-        path = (Path(dirpath) if dirpath else Path(trainer.default_root_dir) / "checkpoints") / CHECKPOINT
-        try:
-            # Atomic through the trainer's checkpoint I/O (lvforecast.checkpoint.AtomicCheckpointIO, in every
-            # conf/trainer option): a failed write is a UserError naming the path, and the old file stays.
-            trainer.save_checkpoint(path)
-        except (OSError, UserError) as err:  # the stop goes on: the previous checkpoint (if any) is intact
-            log.error("%s: could not write the interrupt checkpoint (%s); the previous one is kept", path, err)
-            return
-        if trainer.is_global_zero:
-            log.warning("%s: checkpoint written at step %d; resume with ckpt_path=%s", path, trainer.global_step, path)
-        if guard is not None:
-            guard.step, guard.checkpoint = trainer.global_step, path
+def active_guard() -> SignalGuard | None:
+    """The guard of the job now running in this process (None outside one)."""
+    return _active
 
 
 def requeued_checkpoint(output_dir: str | os.PathLike[str], environ: dict[str, str] | None = None) -> Path | None:

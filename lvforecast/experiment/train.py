@@ -28,6 +28,7 @@ from lvforecast.devices import describe_device
 from lvforecast.errors import UserError
 from lvforecast.experiment import config
 from lvforecast.experiment.rundir import RunDir, ledger_name
+from lvforecast.experiment.signals import resume_requeued
 from lvforecast.machine import check_machine
 from lvforecast.model.lora import apply_lora, expected_lora_parameters
 from lvforecast.threads import torch_threads
@@ -44,10 +45,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ``{"val/loss", "train/loss", "global_step", "budget_status", "flops/run", "output_dir"}``; on a dry run
         ``{"dry_run", "plan", "output_dir"}``.
     """
-    import pytorch_lightning as pl
-
-    from lvforecast.experiment.signals import resume_requeued
-
     resume_requeued(cfg)  # a requeued SLURM job continues from its run directory's checkpoint
     start_step = config.checkpoint_step(cfg.get("ckpt_path"))  # read once; a torn file is one message
     config.check_train_config(cfg, start_step)
@@ -58,6 +55,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
     run = RunDir.open(cfg, start_step, lead=distributed_rank(cfg) == 0)
+    import pytorch_lightning as pl  # only now: a config error answers before Lightning's seconds of import
+
     pl.seed_everything(cfg.seed, workers=True)
     started = time.perf_counter()
     datamodule = instantiate(cfg.data)
@@ -234,7 +233,7 @@ def _callbacks(cfg: DictConfig, reservation: Reservation | None) -> list[Any]:
     when ``trainer.enable_progress_bar`` is false (Lightning refuses one then)."""
     from pytorch_lightning.callbacks import ProgressBar
 
-    from lvforecast.experiment.signals import InterruptCheckpoint
+    from lvforecast.checkpoint import InterruptCheckpoint
 
     group = cfg.get("callbacks")
     budget_node = group.get("flop_budget") if group else None

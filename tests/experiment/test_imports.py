@@ -56,3 +56,15 @@ def test_every_module_imports_without_touching_disk_network_or_gpu(tmp_path, tmp
     assert proc.stdout.split()[-1] == str(len(modules))
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p != home)
     assert written == [], f"importing wrote {written}"
+
+
+@pytest.mark.slow
+def test_a_config_error_answers_before_lightning_or_transformers_load(tmp_path):
+    # A misspelt override is the most common mistake: its message must not wait for seconds of imports.
+    probe = ("import runpy, sys\nsys.argv = ['train.py', 'seed=abc']\ntry:\n"
+             "    runpy.run_path('train.py', run_name='__main__')\nexcept SystemExit as stop:\n"
+             "    print('exit', stop.code, sorted({'pytorch_lightning', 'transformers', 'peft'} & set(sys.modules)))\n")
+    env = {**os.environ, "LVFORECAST_ROOT": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert "seed='abc'" in proc.stderr, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[-2] == "exit 1 []", proc.stdout
