@@ -6,7 +6,6 @@ are described in ``docs/sweeps-and-studies.md``.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,13 +33,6 @@ class Stage:
     space: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     min_steps: int | None = None
     eta: int = 3
-
-    def configurations(self) -> list[dict[str, Any]]:
-        """The search space's configurations in grid order (the last key varies fastest); ``[{}]`` otherwise."""
-        if not self.space:
-            return [{}]
-        keys = list(self.space)
-        return [dict(zip(keys, values, strict=True)) for values in itertools.product(*self.space.values())]
 
 
 def parse_stages(study: DictConfig) -> list[Stage]:
@@ -89,21 +81,13 @@ def parse_stages(study: DictConfig) -> list[Stage]:
 
 def candidate_settings(stages: list[Stage], name: str) -> dict[str, tuple[Any, ...]]:
     """Every value stage ``name`` can choose for each setting it passes on: its space, and what it took."""
-    by_name = {s.name: s for s in stages}
-    stage = by_name[name]
-    out = dict(candidate_settings(stages, stage.take_from)) if stage.take_from else {}
-    out.update(stage.space)
-    return out
+    stage = next(s for s in stages if s.name == name)
+    return {**(candidate_settings(stages, stage.take_from) if stage.take_from else {}), **stage.space}
 
 
 def override_value(value: Any) -> str:
     """``value`` as an override's right-hand side (floats written so Hydra reads them back as floats)."""
     return repr(float(value)) if isinstance(value, float) else str(value)
-
-
-def setting_overrides(settings: dict[str, Any]) -> list[str]:
-    """``key=value`` overrides of chosen settings."""
-    return [f"{k}={override_value(v)}" for k, v in settings.items()]
 
 
 def compose(config_name: str, overrides: list[str]) -> DictConfig:

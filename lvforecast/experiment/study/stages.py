@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from lvforecast.atomic import read_state, write_text
 from lvforecast.errors import UserError
 from lvforecast.experiment.runconfig import interpolation_problem
-from lvforecast.experiment.study.spec import Stage, override_value, setting_overrides
+from lvforecast.experiment.study.spec import Stage, override_value
 from lvforecast.experiment.sweeps.halving import Halving
 from lvforecast.experiment.sweeps.jobs import STATUS_FILE, job_values
 from lvforecast.experiment.sweeps.summary import best_row
@@ -54,7 +54,8 @@ def launch_of(cfg: DictConfig, stage: Stage, settings: dict[str, Any], run_dir: 
     script = "evaluate" if stage.kind == "evaluate" else "train"
     sweep_dir = Path(cfg.study_dir) / stage.name
     source = [f"model.source={override_value(study.model_source)}"] if study.get("model_source") else []
-    args = [*source, *study.common, *study[script], *stage.overrides, *setting_overrides(settings)]
+    args = [*source, *study.common, *study[script], *stage.overrides]
+    args += [f"{key}={override_value(value)}" for key, value in settings.items()]
     args += [f"{key}={','.join(map(override_value, values))}" for key, values in stage.space.items()]
     if run_dir is not None:
         args.append(f"run_dir={run_dir}")
