@@ -1,5 +1,7 @@
 """A sweep's ``summary.md``, ``summary.csv`` and ``val_loss_curves.png`` (``docs/sweeps-and-studies.md``), written
-when the multirun ends (:class:`SweepSummary`) or rebuilt from its job directories (:func:`summarize_command`).
+when the multirun ends (:class:`SweepSummary`) or rebuilt from its job directories (:func:`summarize_command`); and
+``${lv_best:PATH,KEY}`` (registered on import), a setting of the best finished job of an earlier sweep, as
+``sweep=context_length best_from=...`` and ``sweep=final best_from=...`` read it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from lvforecast.experiment.runconfig import read_run_config
 from lvforecast.experiment.sweeps.halving import HALVING_FILE
 from lvforecast.experiment.sweeps.jobs import PLAN_CSV, STATUS_FILE, STUDY_KEYS, job_values, sweep_jobs, varying_keys
 from lvforecast.tracking.results import log_sweep_summary
-from lvforecast.utils import read_metrics_csv
+from lvforecast.utils import parse_cell, read_metrics_csv
 from lvforecast.validate import markdown_cell
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 SUMMARY_CSV, SUMMARY_MD, CURVES_PNG = "summary.csv", "summary.md", "val_loss_curves.png"
 STATUS_FIX = "delete it (the job is then listed as not run) and run the same sweep command again to redo the job"
 RUN_SECTIONS = (*STUDY_KEYS, "budget.ledger_path", "sweep_name")  # all a row reads of a job's config
+RESOLVER = "lv_best"
 
 
 class SweepSummary(Callback):
@@ -102,6 +105,22 @@ def best_row(path: str | Path) -> dict[str, str]:
     if "rung" in rows[0] and marked:  # successive halving: the winner of the last rung
         return marked[0]
     return min(scored, key=lambda r: float(r["final_val_loss"]))
+
+
+def best_from(path: Any, key: str) -> Any:
+    """``key`` (a column, e.g. ``optim.lr``) of the best finished job in ``path`` (``summary.csv`` or its sweep
+    directory), parsed back to a number or bool where it is one; UserError if there is none (see :func:`best_row`)."""
+    if path is None or str(path) in ("", "None", "null"):
+        raise UserError(f"{key} is not set: pass best_from=PATH (a finished sweep directory or its {SUMMARY_CSV}) "
+                        f"or set {key}=... explicitly")
+    row = best_row(path)
+    if key not in row:
+        raise UserError(f"best_from={str(path)!r}: {SUMMARY_CSV} has no column {key!r}; columns: {list(row)}")
+    return parse_cell(row[key])
+
+
+if not OmegaConf.has_resolver(RESOLVER):
+    OmegaConf.register_new_resolver(RESOLVER, best_from)
 
 
 def planned_jobs(sweep_dir: Path) -> list[list[str]] | None:
