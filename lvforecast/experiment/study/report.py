@@ -87,9 +87,8 @@ def write_study_report(cfg: DictConfig, stages: list[Stage], done: dict[str, dic
         plot_report(rep, out / "budget_report.png")
         lines += ["", "## FLOPs per stage (ledger)", "", format_stages_markdown(rep),
                   "![spend per stage](budget_report.png)"]
-    evals = [(s.name, Path(done[s.name]["run_dir"]) / "forecasts.npz") for s in stages
-             if s.kind == "evaluate" and s.name in done]
-    evals = [(name, path) for name, path in evals if path.is_file()]
+    evals = [(s.name, path) for s in stages if s.kind == "evaluate" and s.name in done
+             and (path := Path(done[s.name]["run_dir"]) / "forecasts.npz").is_file()]
     if evals:
         _plot_forecasts(out / FORECASTS_PNG, out / RUNNING_PNG, evals)
         lines += ["", "## Forecasts of the example systems, every evaluation", "", f"![forecasts]({FORECASTS_PNG})",
@@ -142,8 +141,8 @@ def _plot_forecasts(forecasts_png: Path, running_png: Path, evals: list[tuple[st
             ax = axes[row][col]
             ax.plot(t, first["series"][i, :, row], color="black", lw=1.4, label="truth")
             for name, data in loaded:
-                k = [int(s) for s in data["systems"]].index(system) if system in data["systems"] else None
-                if k is not None:
+                if system in data["systems"]:
+                    k = [int(s) for s in data["systems"]].index(system)
                     ax.plot(t[context:context + data["forecast"].shape[1]], data["forecast"][k, :, row], ls="--",
                             lw=1.3, label=name)
             ax.axvline(context - 0.5, color="grey", lw=0.8)

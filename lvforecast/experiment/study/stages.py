@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -138,10 +139,8 @@ def run_child(cmd: list[str]) -> int:
 
     def forward(signum: int, frame: Any) -> None:
         log.warning("%s received: passed on to the running stage", signal.Signals(signum).name)
-        try:
+        with contextlib.suppress(ProcessLookupError):  # it has just exited
             os.killpg(child.pid, signum)
-        except ProcessLookupError:
-            pass
 
     previous = {}
     if threading.current_thread() is threading.main_thread():

@@ -193,19 +193,15 @@ def _job_row(num: int, job: list[str], keys: list[str], record: dict[str, Any],
     tokens = steps * cfg.data.batch_size * cfg.data.context_length if steps != "" and "data" in cfg else None
     fit_s = info.get("fit_seconds")
     row: dict[str, Any] = {"job": num, **job_values(job, keys)}
-    for key in STUDY_KEYS:
-        row.setdefault(key, OmegaConf.select(cfg, key, default=""))
-    row.update({
-        "final_val_loss": val[-1][1] if val else "",
-        "best_val_loss": min(v for _, v in val) if val else "",
-        "steps": steps,
-        "flops": _job_flops(info, cfg, record),
-        "train_tokens_per_s": round(tokens / fit_s, 1) if tokens and fit_s else "",
-        "status": status,
-        "error": record.get("error", ""),
-        "run_dir": str(out),
-    })
-    return row
+    return {**row, **{k: OmegaConf.select(cfg, k, default="") for k in STUDY_KEYS if k not in row},
+            "final_val_loss": val[-1][1] if val else "",
+            "best_val_loss": min(v for _, v in val) if val else "",
+            "steps": steps,
+            "flops": _job_flops(info, cfg, record),
+            "train_tokens_per_s": round(tokens / fit_s, 1) if tokens and fit_s else "",
+            "status": status,
+            "error": record.get("error", ""),
+            "run_dir": str(out)}
 
 
 def _job_flops(info: dict[str, Any], cfg: DictConfig, record: dict[str, Any]) -> int | str:
@@ -257,17 +253,13 @@ def format_summary(rows: list[dict[str, Any]], keys: list[str], sweep_dir: Path)
 def _grid(rows: list[dict[str, Any]], keys: list[str]) -> str:
     """The study's Table 8 layout: first axis as rows, second as columns, final val loss in the cells."""
     a, b = keys
-    rows_a = list(dict.fromkeys(markdown_cell(r[a]) for r in rows))
-    cols_b = list(dict.fromkeys(markdown_cell(r[b]) for r in rows))
-    cell = {(markdown_cell(r[a]), markdown_cell(r[b])): r for r in rows}
+    cell = {}
+    for r in rows:
+        text = _fmt(r["final_val_loss"], ".4f") or r["status"]
+        cell[markdown_cell(r[a]), markdown_cell(r[b])] = f"**{text}**" if r["best"] else text
+    rows_a, cols_b = list(dict.fromkeys(va for va, _ in cell)), list(dict.fromkeys(vb for _, vb in cell))
     lines = [f"| {a} \\ {b} | " + " | ".join(cols_b) + " |", "|---|" + "---:|" * len(cols_b)]
-    for va in rows_a:
-        cells = []
-        for vb in cols_b:
-            r = cell.get((va, vb))
-            text = "" if r is None else _fmt(r["final_val_loss"], ".4f") or r["status"]
-            cells.append(f"**{text}**" if r is not None and r["best"] else text)
-        lines.append(f"| {va} | " + " | ".join(cells) + " |")
+    lines += [f"| {va} | " + " | ".join(cell.get((va, vb), "") for vb in cols_b) + " |" for va in rows_a]
     return "\n".join(lines)
 
 
