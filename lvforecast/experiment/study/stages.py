@@ -60,12 +60,10 @@ def launch_of(cfg: DictConfig, stage: Stage, settings: dict[str, Any], run_dir: 
     args += [f"{key}={','.join(map(override_value, values))}" for key, values in stage.space.items()]
     if run_dir is not None:
         args.append(f"run_dir={run_dir}")
-    args += [
-        f"paths.root_dir={cfg.paths.root_dir}", f"paths.cache_dir={cfg.paths.cache_dir}",
-        f"paths.data_dir={cfg.paths.data_dir}", f"budget.ledger_path={study.ledger_path}",
-        f"budget.total_flops={float(study.budget_flops)!r}", f"budget.study={study.name}",
-        f"budget.stage={stage.name}", f"budget.run_name={stage.name}", f"sweep_name={study.name}",
-    ]
+    args += [f"paths.root_dir={cfg.paths.root_dir}", f"paths.cache_dir={cfg.paths.cache_dir}",
+             f"paths.data_dir={cfg.paths.data_dir}", f"budget.ledger_path={study.ledger_path}",
+             f"budget.total_flops={float(study.budget_flops)!r}", f"budget.study={study.name}",
+             f"budget.stage={stage.name}", f"budget.run_name={stage.name}", f"sweep_name={study.name}"]
     if study.logger == "wandb":
         # The whole study is one W&B group, each stage a job type.
         args += ["logger=wandb", f"logger.wandb.group={Path(cfg.study_dir).name}",

@@ -189,6 +189,5 @@ class BudgetPreflight(Callback):
             raise SystemExit("multirun refused before launch: the planned FLOPs exceed what the ledger has left "
                              "(table above); shorten the sweep (trainer.max_steps, fewer values, a smaller bracket) "
                              "or raise the budget")
-        sweep_dir = Path(config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        write_csv(sweep_dir / PLAN_CSV, [{k: v for k, v in r.items() if k != "dry_run"} for r in plan.rows])
+        rows = [{k: v for k, v in r.items() if k != "dry_run"} for r in plan.rows]
+        write_csv(Path(config.hydra.sweep.dir) / PLAN_CSV, rows)  # its folder is created by the atomic writer

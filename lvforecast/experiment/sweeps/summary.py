@@ -92,8 +92,7 @@ def best_row(path: str | Path) -> dict[str, str]:
     """The best finished job's row of a sweep's ``summary.csv`` (``path``: the file or its sweep directory): the
     halving winner, else the lowest final validation loss; UserError if there is no summary or no such job."""
     file = Path(str(path))
-    if file.is_dir():
-        file = file / SUMMARY_CSV
+    file = file / SUMMARY_CSV if file.is_dir() else file
     if not file.is_file():
         raise UserError(f"best_from={str(path)!r}: no {SUMMARY_CSV} there (is it a finished sweep's directory?)")
     with open(file, newline="") as fh:
@@ -165,7 +164,6 @@ def summarize_sweep(sweep_dir: Path, jobs: list[list[str]] | None = None) -> lis
         best = halving.get("winner", {}).get("job")
     for r in rows:
         r["best"] = r["job"] == best
-    sweep_dir.mkdir(parents=True, exist_ok=True)
     write_csv(sweep_dir / SUMMARY_CSV, rows)
     write_text(sweep_dir / SUMMARY_MD, format_summary(rows, keys, sweep_dir)
                + (format_rungs(halving, rows) if halving else ""))
@@ -213,10 +211,8 @@ def _job_flops(info: dict[str, Any], cfg: DictConfig, record: dict[str, Any]) ->
     run_id = info.get("budget", {}).get("run_id")
     if run_id is None:
         name = record.get("override_dirname")
-        candidates = [r for r in ledger.runs() if r["name"] == name and r["sweep"] == cfg.get("sweep_name")]
-        if not candidates:
-            return ""
-        run_id = candidates[-1]["id"]
+        ids = [r["id"] for r in ledger.runs() if r["name"] == name and r["sweep"] == cfg.get("sweep_name")]
+        return ledger.run_spent(ids[-1]) if ids else ""
     return ledger.run_spent(run_id)
 
 
@@ -230,8 +226,7 @@ def format_summary(rows: list[dict[str, Any]], keys: list[str], sweep_dir: Path)
              "|---:|" + "---|" * len(keys) + "---:|---:|---:|---:|---:|---|"]
     for r in rows:
         loss = _fmt(r["final_val_loss"], ".4f")
-        if r["best"]:
-            loss = f"**{loss}** (best)"
+        loss = f"**{loss}** (best)" if r["best"] else loss
         status = markdown_cell(r["status"] + (f": {r['error']}" if r["error"] else ""))
         lines.append(f"| {r['job']} | " + " | ".join(markdown_cell(r[k]) for k in keys)
                      + f" | {loss} | {_fmt(r['best_val_loss'], '.4f')} | {r['steps']} | {_fmt(r['flops'], '.3e')} | "
