@@ -113,11 +113,9 @@ def _plot_curves(path: Path, stages: list[Stage], done: dict[str, dict[str, Any]
         with open(Path(done[stage.name]["sweep_dir"]) / SUMMARY_CSV, newline="") as fh:
             run_dirs = {int(job["job"]): job["run_dir"] for job in csv.DictReader(fh)}
         metrics = {num: Path(run) / "metrics.csv" for num, run in run_dirs.items()}
-        curves = {num: read_metrics_csv(csv_path).get("val/loss") for num, csv_path in metrics.items()
-                  if csv_path.is_file()}
+        curves = {num: read_metrics_csv(path).get("val/loss") for num, path in metrics.items() if path.is_file()}
         chosen = next((num for num, run in run_dirs.items() if run == done[stage.name]["run_dir"]), None)
-        draw_val_curves(ax, {num: val for num, val in curves.items() if val}, {}, chosen)
-        ax.set_title(stage.name)
+        draw_val_curves(ax, {num: val for num, val in curves.items() if val}, {}, chosen, stage.name)
     save_figure(fig, path, dpi=110)
     return True
 

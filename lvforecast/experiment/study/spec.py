@@ -43,13 +43,11 @@ def parse_stages(study: DictConfig) -> list[Stage]:
     stages: list[Stage] = []
     for i, node in enumerate(study.stages):
         raw = OmegaConf.to_container(node, resolve=True)
-        where = f"study.stages[{i}]"
         if not isinstance(raw, dict) or "name" not in raw or "kind" not in raw:
-            problems.append(f"{where}={raw!r}: each stage is a mapping with at least name and kind")
+            problems.append(f"study.stages[{i}]={raw!r}: each stage is a mapping with at least name and kind")
             continue
         where = f"study.stages[{i}] ({raw['name']})"
-        unknown = sorted(set(raw) - allowed)
-        if unknown:
+        if unknown := sorted(set(raw) - allowed):
             problems.append(f"{where}: unknown keys {unknown}; allowed {sorted(allowed)}")
             continue
         if raw["kind"] not in KINDS:

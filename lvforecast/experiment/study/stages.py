@@ -140,9 +140,8 @@ def run_child(cmd: list[str]) -> int:
         with contextlib.suppress(ProcessLookupError):  # it has just exited
             os.killpg(child.pid, signum)
 
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
     try:
         return child.wait()
     finally:

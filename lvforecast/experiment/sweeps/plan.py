@@ -94,8 +94,7 @@ def _plan_bracket(configs: list[list[str]], compose: Compose, rungs: list[Rung],
     """Every (configuration, rung) job and the bracket's worst case; an interrupted bracket is planned whole."""
     rows, costs, last = [], [], []
     for k, job in enumerate(configs):
-        # Composed once (a compose costs ~0.6 s): a rung only sets trainer.max_steps, and what interpolates it
-        # resolves on read, so each rung's copy is the config that overrides it.
+        # Composed once (~0.6 s): interpolations resolve on read, so a copy with the rung's max_steps is its config.
         base = compose(job)
         for rung in rungs:
             cfg = copy.deepcopy(base)

@@ -181,9 +181,8 @@ def _job_row(num: int, job: list[str], keys: list[str], record: dict[str, Any],
     config = out / "config.yaml"
     cfg = read_run_config(config, RUN_SECTIONS, fix) if config.is_file() else OmegaConf.create()
     final = info.get("final", {})
-    status = record["status"]
-    if status == RunStatus.FINISHED and final.get("budget_status") == RunStatus.BUDGET_EXHAUSTED:
-        status = RunStatus.BUDGET_EXHAUSTED
+    exhausted = record["status"] == RunStatus.FINISHED and final.get("budget_status") == RunStatus.BUDGET_EXHAUSTED
+    status = RunStatus.BUDGET_EXHAUSTED if exhausted else record["status"]
     val = read_metrics_csv(out / "metrics.csv").get("val/loss", []) if (out / "metrics.csv").is_file() else []
     if val:
         curves[num] = val
@@ -290,19 +289,19 @@ def _plot_curves(path: Path, curves: dict[int, list[tuple[int, float]]], labels:
 
     fig = Figure(figsize=(8, 4.5))
     ax = fig.subplots()
-    draw_val_curves(ax, curves, labels, best)
-    ax.set_title(f"validation loss per job: {title}")
+    draw_val_curves(ax, curves, labels, best, f"validation loss per job: {title}")
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
 
 
 def draw_val_curves(ax: Any, curves: dict[int, list[tuple[int, float]]], labels: dict[int, str],
-                    best: int | None) -> None:
-    """Each job's validation loss against its optimizer step on ``ax``, job ``best`` drawn thicker."""
+                    best: int | None, title: str) -> None:
+    """Each job's validation loss against its optimizer step on ``ax``, job ``best`` drawn thicker, under ``title``."""
     for num, points in sorted(curves.items()):
         steps, values = zip(*points, strict=True)
         ax.plot(steps, values, marker="o", ms=3, lw=2.5 if num == best else 1.2,
                 label=labels.get(num, f"job {num}") + (" (best)" if num == best else ""))
+    ax.set_title(title)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss (nats/token)")
     ax.grid(alpha=0.3)
