@@ -95,9 +95,7 @@ def write_study_report(cfg: DictConfig, stages: list[Stage], done: dict[str, dic
                   "", f"![running MSE]({RUNNING_PNG})"]
     if _plot_curves(out / CURVES_PNG, stages, done):
         lines += ["", "## Loss curves of every stage", "", f"![loss curves]({CURVES_PNG})"]
-    md = out / REPORT_MD
-    write_text(md, "\n".join(lines) + "\n")
-    return md
+    return write_text(out / REPORT_MD, "\n".join(lines) + "\n")
 
 
 def _plot_curves(path: Path, stages: list[Stage], done: dict[str, dict[str, Any]]) -> bool:

@@ -269,8 +269,7 @@ def format_rungs(halving: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                     if j["job"] in by_job and isinstance(by_job[j["job"]]["flops"], int))
         lines.append(f"| {rung['rung']} | {rung['steps']} | {losses} | {flops:.3e} | "
                      f"{', '.join(f'c{k}' for k in rung['survivors'])} |")
-    winner = halving.get("winner")
-    if winner:
+    if winner := halving.get("winner"):
         lines += ["", f"Winner: c{winner['config']} (job {winner['job']}, "
                   f"{' '.join(o for o in winner['overrides'] if o.partition('=')[0] in halving['params'])}), "
                   f"final validation loss {_fmt(winner['val_loss'], '.4f')}."]
