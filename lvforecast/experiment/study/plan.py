@@ -59,23 +59,17 @@ def plan_study(cfg: DictConfig, stages: list[Stage], done: dict[str, dict[str, A
                 trained = dearest[stage.of] if stage.of and run_dir is None else None
                 rows.append(StagePlan(stage.name, "evaluate", 1, plan_generation(ecfg, trained),
                                       f"evaluates {stage.of}" if stage.of else "zero-shot"))
-            else:
-                rows.append(_plan_training(cfg, stages, stage, done, pricer, dearest))
+            else:  # training or search: its sweep's plan, at the worst case over the settings it may take
+                combos = _taken(stages, stage, done)
+                plans = [plan_sweep(launch.arguments, partial(compose, "train"), launch.sweep_dir, launch.halving,
+                                    pricer) for launch in (launch_of(cfg, stage, taken) for taken in combos)]
+                worst = max(plans, key=attrgetter("total"))
+                dearest[stage.name] = worst.dearest
+                note = f"worst case over {len(combos)} settings of {stage.take_from}" if len(combos) > 1 else ""
+                rows.append(StagePlan(stage.name, _kind(stage, worst), worst.jobs, worst.total, note))
         except ValueError as err:
             raise UserError(f"stage {stage.name!r}: {err}") from err
     return rows
-
-
-def _plan_training(cfg: DictConfig, stages: list[Stage], stage: Stage, done: dict[str, dict[str, Any]],
-                   pricer: JobPricer, dearest: dict[str, DictConfig]) -> StagePlan:
-    """A training or search stage: its sweep's plan, at the worst case over the settings it may take."""
-    combos = _taken(stages, stage, done)
-    launches = [launch_of(cfg, stage, taken) for taken in combos]
-    worst = max((plan_sweep(launch.arguments, partial(compose, "train"), launch.sweep_dir, launch.halving, pricer)
-                 for launch in launches), key=attrgetter("total"))
-    dearest[stage.name] = worst.dearest
-    note = f"worst case over {len(combos)} settings of {stage.take_from}" if len(combos) > 1 else ""
-    return StagePlan(stage.name, _kind(stage, worst), worst.jobs, worst.total, note)
 
 
 def _kind(stage: Stage, plan: SweepPlan | None) -> str:

@@ -111,7 +111,7 @@ def _plot_curves(path: Path, stages: list[Stage], done: dict[str, dict[str, Any]
         with open(Path(done[stage.name]["sweep_dir"]) / SUMMARY_CSV, newline="") as fh:
             run_dirs = {int(job["job"]): job["run_dir"] for job in csv.DictReader(fh)}
         metrics = {num: Path(run) / "metrics.csv" for num, run in run_dirs.items()}
-        curves = {num: read_metrics_csv(path).get("val/loss") for num, path in metrics.items() if path.is_file()}
+        curves = {num: read_metrics_csv(file).get("val/loss") for num, file in metrics.items() if file.is_file()}
         chosen = next((num for num, run in run_dirs.items() if run == done[stage.name]["run_dir"]), None)
         draw_val_curves(ax, {num: val for num, val in curves.items() if val}, {}, chosen, stage.name)
     save_figure(fig, path, dpi=110)
@@ -150,8 +150,7 @@ def _plot_forecasts(forecasts_png: Path, running_png: Path, evals: list[tuple[st
     axes = fig.subplots(1, len(VARIABLES))
     for j, (ax, var) in enumerate(zip(axes, VARIABLES, strict=True)):
         for name, data in loaded:
-            idx = [k for k, s in enumerate(data["systems"]) if int(s) in shown]
-            running = data["running_mse"][idx, :, j].mean(axis=0)
+            running = data["running_mse"][np.isin(data["systems"], shown), :, j].mean(axis=0)
             ax.plot(np.arange(1, running.size + 1), running, marker="o", ms=3, label=name)
         ax.set_title(f"running MSE, {var} (mean over the example systems)", fontsize=9)
         ax.set_xlabel("forecast step")

@@ -1,8 +1,6 @@
-"""A study's stages as its config file states them (``studies/NAME.yaml``, the Hydra group ``study``), checked.
-
-Each stage is a mapping with ``name`` and ``kind`` (``evaluate``, ``train`` or ``search``), run in order; the keys
-are described in ``docs/sweeps-and-studies.md``.
-"""
+"""A study's stages as its config file states them (``studies/NAME.yaml``, the Hydra group ``study``), checked:
+each a mapping with ``name`` and ``kind`` (``evaluate``, ``train`` or ``search``), run in order; the keys are
+described in ``docs/sweeps-and-studies.md``."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
 """A study's stages as sweeps: each stage is one multirun (``train.py -m``, or ``evaluate.py -m``) into
-``<study_dir>/<stage>/``, so it gets any sweep's pre-flight, job records, summary and continuation on a re-launch.
-"""
+``<study_dir>/<stage>/``, so it gets any sweep's pre-flight, job records, summary and continuation on a re-launch."""
 
 from __future__ import annotations
 
@@ -72,9 +71,8 @@ def launch_of(cfg: DictConfig, stage: Stage, settings: dict[str, Any], run_dir: 
     if study.launcher != "basic":
         hydra.append(f"hydra/launcher={study.launcher}")
     hydra += [f"hydra.launcher.{k}={v}" for k, v in (study.launcher_options or {}).items()]
-    halving = None
-    if stage.method == "halving":
-        halving = Halving(int(stage.min_steps), int(stage.eta))
+    halving = Halving(int(stage.min_steps), int(stage.eta)) if stage.method == "halving" else None
+    if halving is not None:
         hydra += ["hydra/sweeper=halving", f"hydra.sweeper.min_steps={halving.min_steps}",
                   f"hydra.sweeper.eta={halving.eta}"]
     return Launch(script, args, hydra, sweep_dir, halving)

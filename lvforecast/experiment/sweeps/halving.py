@@ -1,7 +1,5 @@
-"""Successive halving with training steps (and so FLOPs) as the resource: the schedule and the selection, pure.
-
-Described in ``docs/sweeps-and-studies.md``; ``hydra/sweeper=halving`` (:mod:`hydra_plugins.lvforecast_sweeps`) runs it.
-"""
+"""Successive halving with training steps (and so FLOPs) as the resource: the schedule and the selection, pure
+(``docs/sweeps-and-studies.md``); ``hydra/sweeper=halving`` (:mod:`hydra_plugins.lvforecast_sweeps`) runs it."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """A sweep's ``summary.md``, ``summary.csv`` and ``val_loss_curves.png`` (``docs/sweeps-and-studies.md``), written
 when the multirun ends (:class:`SweepSummary`) or rebuilt from its job directories (:func:`summarize_command`); and
 ``${lv_best:PATH,KEY}`` (registered on import), a setting of the best finished job of an earlier sweep, as
-``sweep=context_length best_from=...`` and ``sweep=final best_from=...`` read it.
-"""
+``sweep=context_length best_from=...`` and ``sweep=final best_from=...`` read it."""
 
 from __future__ import annotations
 
