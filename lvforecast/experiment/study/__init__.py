@@ -51,12 +51,10 @@ def run_study(cfg: DictConfig) -> dict[str, Any]:
     if cfg.dry_run:
         return {"plan": rows, "stages": {}, "report": None}
     for k, stage in enumerate(stages, 1):
-        if stage.name in done:
-            log.info("study %s: stage %d of %d, %s, finished earlier: skipped", cfg.study.name, k, len(stages),
-                     stage.name)
-            continue
-        log.info("study %s: stage %d of %d, %s", cfg.study.name, k, len(stages), stage.name)
-        done[stage.name] = run_stage(cfg, stage, done)
+        skipped = ", finished earlier: skipped" if stage.name in done else ""
+        log.info("study %s: stage %d of %d, %s%s", cfg.study.name, k, len(stages), stage.name, skipped)
+        if not skipped:
+            done[stage.name] = run_stage(cfg, stage, done)
     report = write_study_report(cfg, stages, done, rows)
     print(f"\nstudy report: {report}\n", flush=True)
     return {"plan": rows, "stages": done, "report": str(report)}
@@ -64,11 +62,6 @@ def run_study(cfg: DictConfig) -> dict[str, Any]:
 
 def finished_stages(study_dir: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     """The records (``<stage>/stage.json``) of the stages finished in ``study_dir``, by name; UserError if torn."""
-    out = {}
-    for name in names:
-        path = study_dir / name / STAGE_FILE
-        if not path.is_file():
-            continue
-        out[name] = read_state(path, "delete it and run the study again (the stage's finished jobs are kept and "
-                                     "not run again)")
-    return out
+    fix = "delete it and run the study again (the stage's finished jobs are kept and not run again)"
+    paths = {name: study_dir / name / STAGE_FILE for name in names}
+    return {name: read_state(path, fix) for name, path in paths.items() if path.is_file()}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from functools import partial
+from operator import attrgetter
 from typing import Any
 
 from omegaconf import DictConfig
@@ -38,10 +40,8 @@ def _taken(stages: list[Stage], stage: Stage, done: dict[str, dict[str, Any]]) -
         return [{}]
     if stage.take_from in done:
         return [done[stage.take_from]["settings"]]
-    cands = candidate_settings(stages, stage.take_from)
-    keys = list(cands)
-    values = [cands[k] if not k.startswith("optim.") else cands[k][:1] for k in keys]
-    return [dict(zip(keys, v, strict=True)) for v in itertools.product(*values)]
+    cands = {k: v[:1] if k.startswith("optim.") else v for k, v in candidate_settings(stages, stage.take_from).items()}
+    return [dict(zip(cands, values, strict=True)) for values in itertools.product(*cands.values())]
 
 
 def plan_study(cfg: DictConfig, stages: list[Stage], done: dict[str, dict[str, Any]]) -> list[StagePlan]:
@@ -59,28 +59,17 @@ def plan_study(cfg: DictConfig, stages: list[Stage], done: dict[str, dict[str, A
                 trained = dearest[stage.of] if stage.of and run_dir is None else None
                 rows.append(StagePlan(stage.name, "evaluate", 1, plan_generation(ecfg, trained),
                                       f"evaluates {stage.of}" if stage.of else "zero-shot"))
-            else:
-                rows.append(_plan_training(cfg, stages, stage, done, pricer, dearest))
+            else:  # training or search: its sweep's plan, at the worst case over the settings it may take
+                combos = _taken(stages, stage, done)
+                plans = [plan_sweep(launch.arguments, partial(compose, "train"), launch.sweep_dir, launch.halving,
+                                    pricer) for launch in (launch_of(cfg, stage, taken) for taken in combos)]
+                worst = max(plans, key=attrgetter("total"))
+                dearest[stage.name] = worst.dearest
+                note = f"worst case over {len(combos)} settings of {stage.take_from}" if len(combos) > 1 else ""
+                rows.append(StagePlan(stage.name, _kind(stage, worst), worst.jobs, worst.total, note))
         except ValueError as err:
             raise UserError(f"stage {stage.name!r}: {err}") from err
     return rows
-
-
-def _plan_training(cfg: DictConfig, stages: list[Stage], stage: Stage, done: dict[str, dict[str, Any]],
-                   pricer: JobPricer, dearest: dict[str, DictConfig]) -> StagePlan:
-    """A training or search stage: its sweep's plan, at the worst case over the settings it may take."""
-    combos = _taken(stages, stage, done)
-    worst: SweepPlan | None = None
-    for taken in combos:
-        launch = launch_of(cfg, stage, taken)
-        plan = plan_sweep(launch.arguments, lambda job: compose("train", job), launch.sweep_dir, launch.halving,
-                          pricer)
-        if worst is None or plan.total > worst.total:
-            worst = plan
-    assert worst is not None
-    dearest[stage.name] = worst.dearest
-    note = f"worst case over {len(combos)} settings of {stage.take_from}" if len(combos) > 1 else ""
-    return StagePlan(stage.name, _kind(stage, worst), worst.jobs, worst.total, note)
 
 
 def _kind(stage: Stage, plan: SweepPlan | None) -> str:

@@ -87,18 +87,15 @@ def write_study_report(cfg: DictConfig, stages: list[Stage], done: dict[str, dic
         plot_report(rep, out / "budget_report.png")
         lines += ["", "## FLOPs per stage (ledger)", "", format_stages_markdown(rep),
                   "![spend per stage](budget_report.png)"]
-    evals = [(s.name, Path(done[s.name]["run_dir"]) / "forecasts.npz") for s in stages
-             if s.kind == "evaluate" and s.name in done]
-    evals = [(name, path) for name, path in evals if path.is_file()]
+    evals = [(s.name, path) for s in stages if s.kind == "evaluate" and s.name in done
+             and (path := Path(done[s.name]["run_dir"]) / "forecasts.npz").is_file()]
     if evals:
         _plot_forecasts(out / FORECASTS_PNG, out / RUNNING_PNG, evals)
         lines += ["", "## Forecasts of the example systems, every evaluation", "", f"![forecasts]({FORECASTS_PNG})",
                   "", f"![running MSE]({RUNNING_PNG})"]
     if _plot_curves(out / CURVES_PNG, stages, done):
         lines += ["", "## Loss curves of every stage", "", f"![loss curves]({CURVES_PNG})"]
-    md = out / REPORT_MD
-    write_text(md, "\n".join(lines) + "\n")
-    return md
+    return write_text(out / REPORT_MD, "\n".join(lines) + "\n")
 
 
 def _plot_curves(path: Path, stages: list[Stage], done: dict[str, dict[str, Any]]) -> bool:
@@ -114,11 +111,9 @@ def _plot_curves(path: Path, stages: list[Stage], done: dict[str, dict[str, Any]
         with open(Path(done[stage.name]["sweep_dir"]) / SUMMARY_CSV, newline="") as fh:
             run_dirs = {int(job["job"]): job["run_dir"] for job in csv.DictReader(fh)}
         metrics = {num: Path(run) / "metrics.csv" for num, run in run_dirs.items()}
-        curves = {num: read_metrics_csv(csv_path).get("val/loss") for num, csv_path in metrics.items()
-                  if csv_path.is_file()}
+        curves = {num: read_metrics_csv(file).get("val/loss") for num, file in metrics.items() if file.is_file()}
         chosen = next((num for num, run in run_dirs.items() if run == done[stage.name]["run_dir"]), None)
-        draw_val_curves(ax, {num: val for num, val in curves.items() if val}, {}, chosen)
-        ax.set_title(stage.name)
+        draw_val_curves(ax, {num: val for num, val in curves.items() if val}, {}, chosen, stage.name)
     save_figure(fig, path, dpi=110)
     return True
 
@@ -142,8 +137,8 @@ def _plot_forecasts(forecasts_png: Path, running_png: Path, evals: list[tuple[st
             ax = axes[row][col]
             ax.plot(t, first["series"][i, :, row], color="black", lw=1.4, label="truth")
             for name, data in loaded:
-                k = [int(s) for s in data["systems"]].index(system) if system in data["systems"] else None
-                if k is not None:
+                if system in data["systems"]:
+                    k = [int(s) for s in data["systems"]].index(system)
                     ax.plot(t[context:context + data["forecast"].shape[1]], data["forecast"][k, :, row], ls="--",
                             lw=1.3, label=name)
             ax.axvline(context - 0.5, color="grey", lw=0.8)
@@ -155,8 +150,7 @@ def _plot_forecasts(forecasts_png: Path, running_png: Path, evals: list[tuple[st
     axes = fig.subplots(1, len(VARIABLES))
     for j, (ax, var) in enumerate(zip(axes, VARIABLES, strict=True)):
         for name, data in loaded:
-            idx = [k for k, s in enumerate(data["systems"]) if int(s) in shown]
-            running = data["running_mse"][idx, :, j].mean(axis=0)
+            running = data["running_mse"][np.isin(data["systems"], shown), :, j].mean(axis=0)
             ax.plot(np.arange(1, running.size + 1), running, marker="o", ms=3, label=name)
         ax.set_title(f"running MSE, {var} (mean over the example systems)", fontsize=9)
         ax.set_xlabel("forecast step")

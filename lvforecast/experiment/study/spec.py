@@ -1,12 +1,9 @@
-"""A study's stages as its config file states them (``studies/NAME.yaml``, the Hydra group ``study``), checked.
-
-Each stage is a mapping with ``name`` and ``kind`` (``evaluate``, ``train`` or ``search``), run in order; the keys
-are described in ``docs/sweeps-and-studies.md``.
-"""
+"""A study's stages as its config file states them (``studies/NAME.yaml``, the Hydra group ``study``), checked:
+each a mapping with ``name`` and ``kind`` (``evaluate``, ``train`` or ``search``), run in order; the keys are
+described in ``docs/sweeps-and-studies.md``."""
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,13 +32,6 @@ class Stage:
     min_steps: int | None = None
     eta: int = 3
 
-    def configurations(self) -> list[dict[str, Any]]:
-        """The search space's configurations in grid order (the last key varies fastest); ``[{}]`` otherwise."""
-        if not self.space:
-            return [{}]
-        keys = list(self.space)
-        return [dict(zip(keys, values, strict=True)) for values in itertools.product(*self.space.values())]
-
 
 def parse_stages(study: DictConfig) -> list[Stage]:
     """The study's ``stages``, checked; one UserError lists every problem (an unknown key, kind or method, a
@@ -51,13 +41,11 @@ def parse_stages(study: DictConfig) -> list[Stage]:
     stages: list[Stage] = []
     for i, node in enumerate(study.stages):
         raw = OmegaConf.to_container(node, resolve=True)
-        where = f"study.stages[{i}]"
         if not isinstance(raw, dict) or "name" not in raw or "kind" not in raw:
-            problems.append(f"{where}={raw!r}: each stage is a mapping with at least name and kind")
+            problems.append(f"study.stages[{i}]={raw!r}: each stage is a mapping with at least name and kind")
             continue
         where = f"study.stages[{i}] ({raw['name']})"
-        unknown = sorted(set(raw) - allowed)
-        if unknown:
+        if unknown := sorted(set(raw) - allowed):
             problems.append(f"{where}: unknown keys {unknown}; allowed {sorted(allowed)}")
             continue
         if raw["kind"] not in KINDS:
@@ -89,21 +77,13 @@ def parse_stages(study: DictConfig) -> list[Stage]:
 
 def candidate_settings(stages: list[Stage], name: str) -> dict[str, tuple[Any, ...]]:
     """Every value stage ``name`` can choose for each setting it passes on: its space, and what it took."""
-    by_name = {s.name: s for s in stages}
-    stage = by_name[name]
-    out = dict(candidate_settings(stages, stage.take_from)) if stage.take_from else {}
-    out.update(stage.space)
-    return out
+    stage = next(s for s in stages if s.name == name)
+    return {**(candidate_settings(stages, stage.take_from) if stage.take_from else {}), **stage.space}
 
 
 def override_value(value: Any) -> str:
     """``value`` as an override's right-hand side (floats written so Hydra reads them back as floats)."""
     return repr(float(value)) if isinstance(value, float) else str(value)
-
-
-def setting_overrides(settings: dict[str, Any]) -> list[str]:
-    """``key=value`` overrides of chosen settings."""
-    return [f"{k}={override_value(v)}" for k, v in settings.items()]
 
 
 def compose(config_name: str, overrides: list[str]) -> DictConfig:

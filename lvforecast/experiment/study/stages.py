@@ -1,9 +1,9 @@
 """A study's stages as sweeps: each stage is one multirun (``train.py -m``, or ``evaluate.py -m``) into
-``<study_dir>/<stage>/``, so it gets any sweep's pre-flight, job records, summary and continuation on a re-launch.
-"""
+``<study_dir>/<stage>/``, so it gets any sweep's pre-flight, job records, summary and continuation on a re-launch."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from lvforecast.atomic import read_state, write_text
 from lvforecast.errors import UserError
 from lvforecast.experiment.runconfig import interpolation_problem
-from lvforecast.experiment.study.spec import Stage, override_value, setting_overrides
+from lvforecast.experiment.study.spec import Stage, override_value
 from lvforecast.experiment.sweeps.halving import Halving
 from lvforecast.experiment.sweeps.jobs import STATUS_FILE, job_values
 from lvforecast.experiment.sweeps.summary import best_row
@@ -54,16 +54,15 @@ def launch_of(cfg: DictConfig, stage: Stage, settings: dict[str, Any], run_dir: 
     script = "evaluate" if stage.kind == "evaluate" else "train"
     sweep_dir = Path(cfg.study_dir) / stage.name
     source = [f"model.source={override_value(study.model_source)}"] if study.get("model_source") else []
-    args = [*source, *study.common, *study[script], *stage.overrides, *setting_overrides(settings)]
+    args = [*source, *study.common, *study[script], *stage.overrides]
+    args += [f"{key}={override_value(value)}" for key, value in settings.items()]
     args += [f"{key}={','.join(map(override_value, values))}" for key, values in stage.space.items()]
     if run_dir is not None:
         args.append(f"run_dir={run_dir}")
-    args += [
-        f"paths.root_dir={cfg.paths.root_dir}", f"paths.cache_dir={cfg.paths.cache_dir}",
-        f"paths.data_dir={cfg.paths.data_dir}", f"budget.ledger_path={study.ledger_path}",
-        f"budget.total_flops={float(study.budget_flops)!r}", f"budget.study={study.name}",
-        f"budget.stage={stage.name}", f"budget.run_name={stage.name}", f"sweep_name={study.name}",
-    ]
+    args += [f"paths.root_dir={cfg.paths.root_dir}", f"paths.cache_dir={cfg.paths.cache_dir}",
+             f"paths.data_dir={cfg.paths.data_dir}", f"budget.ledger_path={study.ledger_path}",
+             f"budget.total_flops={float(study.budget_flops)!r}", f"budget.study={study.name}",
+             f"budget.stage={stage.name}", f"budget.run_name={stage.name}", f"sweep_name={study.name}"]
     if study.logger == "wandb":
         # The whole study is one W&B group, each stage a job type.
         args += ["logger=wandb", f"logger.wandb.group={Path(cfg.study_dir).name}",
@@ -72,9 +71,8 @@ def launch_of(cfg: DictConfig, stage: Stage, settings: dict[str, Any], run_dir: 
     if study.launcher != "basic":
         hydra.append(f"hydra/launcher={study.launcher}")
     hydra += [f"hydra.launcher.{k}={v}" for k, v in (study.launcher_options or {}).items()]
-    halving = None
-    if stage.method == "halving":
-        halving = Halving(int(stage.min_steps), int(stage.eta))
+    halving = Halving(int(stage.min_steps), int(stage.eta)) if stage.method == "halving" else None
+    if halving is not None:
         hydra += ["hydra/sweeper=halving", f"hydra.sweeper.min_steps={halving.min_steps}",
                   f"hydra.sweeper.eta={halving.eta}"]
     return Launch(script, args, hydra, sweep_dir, halving)
@@ -137,14 +135,11 @@ def run_child(cmd: list[str]) -> int:
 
     def forward(signum: int, frame: Any) -> None:
         log.warning("%s received: passed on to the running stage", signal.Signals(signum).name)
-        try:
+        with contextlib.suppress(ProcessLookupError):  # it has just exited
             os.killpg(child.pid, signum)
-        except ProcessLookupError:
-            pass
 
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
     try:
         return child.wait()
     finally:

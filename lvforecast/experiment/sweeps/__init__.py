@@ -2,7 +2,6 @@
 
 from lvforecast.experiment.sweeps.job import run_recorded
 from lvforecast.experiment.sweeps.plan import BudgetPreflight
-from lvforecast.experiment.sweeps.resolver import best_from
-from lvforecast.experiment.sweeps.summary import SweepSummary
+from lvforecast.experiment.sweeps.summary import SweepSummary, best_from
 
 __all__ = ["BudgetPreflight", "SweepSummary", "best_from", "run_recorded"]

@@ -1,7 +1,5 @@
-"""Successive halving with training steps (and so FLOPs) as the resource: the schedule and the selection, pure.
-
-Described in ``docs/sweeps-and-studies.md``; ``hydra/sweeper=halving`` (:mod:`hydra_plugins.lvforecast_sweeps`) runs it.
-"""
+"""Successive halving with training steps (and so FLOPs) as the resource: the schedule and the selection, pure
+(``docs/sweeps-and-studies.md``); ``hydra/sweeper=halving`` (:mod:`hydra_plugins.lvforecast_sweeps`) runs it."""
 
 from __future__ import annotations
 
@@ -40,16 +38,13 @@ def schedule(n_configs: int, min_steps: int, max_steps: int, eta: int = 3, step_
         problems.append(f"max_steps={max_steps!r}: must be an integer >= min_steps ({min_steps})")
     if problems:
         raise UserError("invalid successive halving settings:\n  - " + "\n  - ".join(problems))
-    rungs: list[Rung] = []
-    steps, start, size = min_steps, 0, n_configs
-    while True:
-        steps = min(steps, max_steps)
-        rungs.append(Rung(index=len(rungs), steps=steps, start=start, size=size))
-        if steps >= max_steps:
-            break
-        start, steps, size = steps, steps * eta, max(size // eta, 1)
-        if size == 1:  # the last configuration left trains straight to the maximum
-            steps = max_steps
+    rungs = [Rung(index=0, steps=min_steps, start=0, size=n_configs)]
+    while rungs[-1].steps < max_steps:
+        last = rungs[-1]
+        size = max(last.size // eta, 1)
+        # The last configuration left trains straight to the maximum.
+        steps = max_steps if size == 1 else min(last.steps * eta, max_steps)
+        rungs.append(Rung(index=len(rungs), steps=steps, start=last.steps, size=size))
     bad = [r.steps for r in rungs if r.steps % step_multiple]
     if bad:
         raise UserError(f"min_steps={min_steps}, eta={eta}, max_steps={max_steps}: rung steps {bad} are not "

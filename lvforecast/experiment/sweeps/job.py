@@ -96,7 +96,6 @@ def run_recorded(cfg: DictConfig, task: Any) -> Any:
 
 
 def _write(out: Path, record: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     write_text(out / STATUS_FILE, json.dumps(record, indent=1, default=str))  # a result JSON cannot hold: its str
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 from omegaconf import DictConfig
 
 STATUS_FILE = "job_status.json"  # how each job of a sweep ended (lvforecast.experiment.sweeps.job)
@@ -42,11 +44,9 @@ def configurations(arguments: list[str]) -> list[list[str]]:
 def varying_keys(jobs: list[list[str]]) -> list[str]:
     """Override keys whose value differs between jobs (the sweep's axes), in first-seen order; a one-job sweep's
     are its :data:`STUDY_KEYS` overrides; with no varying key at all, the first three."""
-    values: dict[str, set[str]] = {}
-    for job in jobs:
-        for item in job:
-            key, _, value = item.partition("=")
-            values.setdefault(key, set()).add(value)
+    values: defaultdict[str, set[str]] = defaultdict(set)
+    for key, _, value in (item.partition("=") for job in jobs for item in job):
+        values[key].add(value)
     keys = [k for k, v in values.items() if len(v) > 1 or len(jobs) == 1 and k in STUDY_KEYS]
     return keys or list(values)[:3]
 

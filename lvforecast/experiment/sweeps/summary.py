@@ -1,6 +1,7 @@
 """A sweep's ``summary.md``, ``summary.csv`` and ``val_loss_curves.png`` (``docs/sweeps-and-studies.md``), written
-when the multirun ends (:class:`SweepSummary`) or rebuilt from its job directories (:func:`summarize_command`).
-"""
+when the multirun ends (:class:`SweepSummary`) or rebuilt from its job directories (:func:`summarize_command`); and
+``${lv_best:PATH,KEY}`` (registered on import), a setting of the best finished job of an earlier sweep, as
+``sweep=context_length best_from=...`` and ``sweep=final best_from=...`` read it."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from lvforecast.experiment.runconfig import read_run_config
 from lvforecast.experiment.sweeps.halving import HALVING_FILE
 from lvforecast.experiment.sweeps.jobs import PLAN_CSV, STATUS_FILE, STUDY_KEYS, job_values, sweep_jobs, varying_keys
 from lvforecast.tracking.results import log_sweep_summary
-from lvforecast.utils import read_metrics_csv
+from lvforecast.utils import parse_cell, read_metrics_csv
 from lvforecast.validate import markdown_cell
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 SUMMARY_CSV, SUMMARY_MD, CURVES_PNG = "summary.csv", "summary.md", "val_loss_curves.png"
 STATUS_FIX = "delete it (the job is then listed as not run) and run the same sweep command again to redo the job"
 RUN_SECTIONS = (*STUDY_KEYS, "budget.ledger_path", "sweep_name")  # all a row reads of a job's config
+RESOLVER = "lv_best"
 
 
 class SweepSummary(Callback):
@@ -89,8 +91,7 @@ def best_row(path: str | Path) -> dict[str, str]:
     """The best finished job's row of a sweep's ``summary.csv`` (``path``: the file or its sweep directory): the
     halving winner, else the lowest final validation loss; UserError if there is no summary or no such job."""
     file = Path(str(path))
-    if file.is_dir():
-        file = file / SUMMARY_CSV
+    file = file / SUMMARY_CSV if file.is_dir() else file
     if not file.is_file():
         raise UserError(f"best_from={str(path)!r}: no {SUMMARY_CSV} there (is it a finished sweep's directory?)")
     with open(file, newline="") as fh:
@@ -102,6 +103,22 @@ def best_row(path: str | Path) -> dict[str, str]:
     if "rung" in rows[0] and marked:  # successive halving: the winner of the last rung
         return marked[0]
     return min(scored, key=lambda r: float(r["final_val_loss"]))
+
+
+def best_from(path: Any, key: str) -> Any:
+    """``key`` (a column, e.g. ``optim.lr``) of the best finished job in ``path`` (``summary.csv`` or its sweep
+    directory), parsed back to a number or bool where it is one; UserError if there is none (see :func:`best_row`)."""
+    if path is None or str(path) in ("", "None", "null"):
+        raise UserError(f"{key} is not set: pass best_from=PATH (a finished sweep directory or its {SUMMARY_CSV}) "
+                        f"or set {key}=... explicitly")
+    row = best_row(path)
+    if key not in row:
+        raise UserError(f"best_from={str(path)!r}: {SUMMARY_CSV} has no column {key!r}; columns: {list(row)}")
+    return parse_cell(row[key])
+
+
+if not OmegaConf.has_resolver(RESOLVER):
+    OmegaConf.register_new_resolver(RESOLVER, best_from)
 
 
 def planned_jobs(sweep_dir: Path) -> list[list[str]] | None:
@@ -146,7 +163,6 @@ def summarize_sweep(sweep_dir: Path, jobs: list[list[str]] | None = None) -> lis
         best = halving.get("winner", {}).get("job")
     for r in rows:
         r["best"] = r["job"] == best
-    sweep_dir.mkdir(parents=True, exist_ok=True)
     write_csv(sweep_dir / SUMMARY_CSV, rows)
     write_text(sweep_dir / SUMMARY_MD, format_summary(rows, keys, sweep_dir)
                + (format_rungs(halving, rows) if halving else ""))
@@ -164,9 +180,8 @@ def _job_row(num: int, job: list[str], keys: list[str], record: dict[str, Any],
     config = out / "config.yaml"
     cfg = read_run_config(config, RUN_SECTIONS, fix) if config.is_file() else OmegaConf.create()
     final = info.get("final", {})
-    status = record["status"]
-    if status == RunStatus.FINISHED and final.get("budget_status") == RunStatus.BUDGET_EXHAUSTED:
-        status = RunStatus.BUDGET_EXHAUSTED
+    exhausted = record["status"] == RunStatus.FINISHED and final.get("budget_status") == RunStatus.BUDGET_EXHAUSTED
+    status = RunStatus.BUDGET_EXHAUSTED if exhausted else record["status"]
     val = read_metrics_csv(out / "metrics.csv").get("val/loss", []) if (out / "metrics.csv").is_file() else []
     if val:
         curves[num] = val
@@ -174,19 +189,15 @@ def _job_row(num: int, job: list[str], keys: list[str], record: dict[str, Any],
     tokens = steps * cfg.data.batch_size * cfg.data.context_length if steps != "" and "data" in cfg else None
     fit_s = info.get("fit_seconds")
     row: dict[str, Any] = {"job": num, **job_values(job, keys)}
-    for key in STUDY_KEYS:
-        row.setdefault(key, OmegaConf.select(cfg, key, default=""))
-    row.update({
-        "final_val_loss": val[-1][1] if val else "",
-        "best_val_loss": min(v for _, v in val) if val else "",
-        "steps": steps,
-        "flops": _job_flops(info, cfg, record),
-        "train_tokens_per_s": round(tokens / fit_s, 1) if tokens and fit_s else "",
-        "status": status,
-        "error": record.get("error", ""),
-        "run_dir": str(out),
-    })
-    return row
+    return {**row, **{k: OmegaConf.select(cfg, k, default="") for k in STUDY_KEYS if k not in row},
+            "final_val_loss": val[-1][1] if val else "",
+            "best_val_loss": min(v for _, v in val) if val else "",
+            "steps": steps,
+            "flops": _job_flops(info, cfg, record),
+            "train_tokens_per_s": round(tokens / fit_s, 1) if tokens and fit_s else "",
+            "status": status,
+            "error": record.get("error", ""),
+            "run_dir": str(out)}
 
 
 def _job_flops(info: dict[str, Any], cfg: DictConfig, record: dict[str, Any]) -> int | str:
@@ -198,10 +209,8 @@ def _job_flops(info: dict[str, Any], cfg: DictConfig, record: dict[str, Any]) ->
     run_id = info.get("budget", {}).get("run_id")
     if run_id is None:
         name = record.get("override_dirname")
-        candidates = [r for r in ledger.runs() if r["name"] == name and r["sweep"] == cfg.get("sweep_name")]
-        if not candidates:
-            return ""
-        run_id = candidates[-1]["id"]
+        ids = [r["id"] for r in ledger.runs() if r["name"] == name and r["sweep"] == cfg.get("sweep_name")]
+        return ledger.run_spent(ids[-1]) if ids else ""
     return ledger.run_spent(run_id)
 
 
@@ -215,8 +224,7 @@ def format_summary(rows: list[dict[str, Any]], keys: list[str], sweep_dir: Path)
              "|---:|" + "---|" * len(keys) + "---:|---:|---:|---:|---:|---|"]
     for r in rows:
         loss = _fmt(r["final_val_loss"], ".4f")
-        if r["best"]:
-            loss = f"**{loss}** (best)"
+        loss = f"**{loss}** (best)" if r["best"] else loss
         status = markdown_cell(r["status"] + (f": {r['error']}" if r["error"] else ""))
         lines.append(f"| {r['job']} | " + " | ".join(markdown_cell(r[k]) for k in keys)
                      + f" | {loss} | {_fmt(r['best_val_loss'], '.4f')} | {r['steps']} | {_fmt(r['flops'], '.3e')} | "
@@ -238,17 +246,13 @@ def format_summary(rows: list[dict[str, Any]], keys: list[str], sweep_dir: Path)
 def _grid(rows: list[dict[str, Any]], keys: list[str]) -> str:
     """The study's Table 8 layout: first axis as rows, second as columns, final val loss in the cells."""
     a, b = keys
-    rows_a = list(dict.fromkeys(markdown_cell(r[a]) for r in rows))
-    cols_b = list(dict.fromkeys(markdown_cell(r[b]) for r in rows))
-    cell = {(markdown_cell(r[a]), markdown_cell(r[b])): r for r in rows}
+    cell = {}
+    for r in rows:
+        text = _fmt(r["final_val_loss"], ".4f") or r["status"]
+        cell[markdown_cell(r[a]), markdown_cell(r[b])] = f"**{text}**" if r["best"] else text
+    rows_a, cols_b = list(dict.fromkeys(va for va, _ in cell)), list(dict.fromkeys(vb for _, vb in cell))
     lines = [f"| {a} \\ {b} | " + " | ".join(cols_b) + " |", "|---|" + "---:|" * len(cols_b)]
-    for va in rows_a:
-        cells = []
-        for vb in cols_b:
-            r = cell.get((va, vb))
-            text = "" if r is None else _fmt(r["final_val_loss"], ".4f") or r["status"]
-            cells.append(f"**{text}**" if r is not None and r["best"] else text)
-        lines.append(f"| {va} | " + " | ".join(cells) + " |")
+    lines += [f"| {va} | " + " | ".join(cell.get((va, vb), "") for vb in cols_b) + " |" for va in rows_a]
     return "\n".join(lines)
 
 
@@ -264,8 +268,7 @@ def format_rungs(halving: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                     if j["job"] in by_job and isinstance(by_job[j["job"]]["flops"], int))
         lines.append(f"| {rung['rung']} | {rung['steps']} | {losses} | {flops:.3e} | "
                      f"{', '.join(f'c{k}' for k in rung['survivors'])} |")
-    winner = halving.get("winner")
-    if winner:
+    if winner := halving.get("winner"):
         lines += ["", f"Winner: c{winner['config']} (job {winner['job']}, "
                   f"{' '.join(o for o in winner['overrides'] if o.partition('=')[0] in halving['params'])}), "
                   f"final validation loss {_fmt(winner['val_loss'], '.4f')}."]
@@ -284,19 +287,19 @@ def _plot_curves(path: Path, curves: dict[int, list[tuple[int, float]]], labels:
 
     fig = Figure(figsize=(8, 4.5))
     ax = fig.subplots()
-    draw_val_curves(ax, curves, labels, best)
-    ax.set_title(f"validation loss per job: {title}")
+    draw_val_curves(ax, curves, labels, best, f"validation loss per job: {title}")
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
 
 
 def draw_val_curves(ax: Any, curves: dict[int, list[tuple[int, float]]], labels: dict[int, str],
-                    best: int | None) -> None:
-    """Each job's validation loss against its optimizer step on ``ax``, job ``best`` drawn thicker."""
+                    best: int | None, title: str) -> None:
+    """Each job's validation loss against its optimizer step on ``ax``, job ``best`` drawn thicker, under ``title``."""
     for num, points in sorted(curves.items()):
         steps, values = zip(*points, strict=True)
         ax.plot(steps, values, marker="o", ms=3, lw=2.5 if num == best else 1.2,
                 label=labels.get(num, f"job {num}") + (" (best)" if num == best else ""))
+    ax.set_title(title)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss (nats/token)")
     ax.grid(alpha=0.3)
