@@ -46,7 +46,11 @@ def _fsync_dir(folder: Path) -> None:
 @contextlib.contextmanager
 def atomic_writer(path: str | Path, mode: str = "w", newline: str | None = None) -> Iterator[IO[Any]]:
     """Yield a handle (``mode`` ``"w"`` or ``"wb"``, ``newline`` as for :func:`open`) on a temporary sibling of
-    ``path`` (its folder created if missing) that replaces ``path`` on success (failures: see the module docstring)."""
+    ``path`` (its folder created if missing); on success it replaces ``path`` atomically.
+
+    Raises:
+        UserError: Writing failed (ENOSPC, EACCES, ...): the temporary is removed and ``path`` is untouched.
+    """
     path = Path(path)
     tmp: Path | None = None
     try:
@@ -69,8 +73,11 @@ def atomic_writer(path: str | Path, mode: str = "w", newline: str | None = None)
 
 
 def check_writable(folder: str | Path, key: str = "paths.output_dir") -> None:
-    """Create ``folder`` and a temporary file in it (removed again), so a read-only folder is named up front: a
-    :class:`UserError` naming ``key=folder``, the cause and the fix."""
+    """Create ``folder`` and a temporary file in it (removed again), so a read-only folder is named up front.
+
+    Raises:
+        UserError: The folder cannot be created or written: ``key=folder``, the cause and the fix.
+    """
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -100,7 +107,11 @@ def save_figure(fig: Any, path: str | Path, **kwargs: Any) -> Path:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; on success it takes the place of ``path``: the old folder is renamed
     aside, the new one renamed in, and only then the old one removed, so ``path`` is always the old complete folder
-    or the new one (or, between the two renames, absent with the old one beside it). Failures: the module docstring."""
+    or the new one (or, between the two renames, absent with the old one beside it).
+
+    Raises:
+        UserError: Writing or swapping failed: the temporary folder is removed and ``path`` is untouched.
+    """
     path = Path(path)
     tmp: Path | None = None
     try:
@@ -141,9 +152,12 @@ def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
 
 
 def read_state(path: str | Path, fix: str) -> dict[str, Any]:
-    """The JSON object a run, sweep or study recorded in ``path`` (written with :func:`write_text`); a
-    :class:`UserError` naming the path, what was found and ``fix`` (what to do) when it cannot be read, is empty or
-    torn (a crash or a full disk before this writer existed), or is not a JSON object."""
+    """The JSON object a run, sweep or study recorded in ``path`` (written with :func:`write_text`).
+
+    Raises:
+        UserError: It cannot be read, is empty or torn (a crash or a full disk before this writer existed), or is
+            not a JSON object: the path, what was found and ``fix`` (what to do).
+    """
     import json
 
     try:

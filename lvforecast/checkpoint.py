@@ -35,9 +35,12 @@ def _first_line(err: BaseException) -> str:
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     """A Lightning checkpoint, loaded with ``weights_only=True``: ours hold only tensors, numbers, strings and
-    containers, so a file that needs arbitrary unpickling is not one of ours and is refused rather than executed. A
-    :class:`UserError` for no such file, not a torch checkpoint (truncated by a full disk, another format), or not a
-    Lightning checkpoint (no ``state_dict`` / ``global_step``)."""
+    containers, so a file that needs arbitrary unpickling is not one of ours and is refused rather than executed.
+
+    Raises:
+        UserError: No such file, not a torch checkpoint (truncated by a full disk, another format), or not a
+            Lightning checkpoint (no ``state_dict`` / ``global_step``).
+    """
     path = Path(path)
     head = f"ckpt_path={str(path)!r}"
     if not path.is_file():

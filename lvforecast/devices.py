@@ -44,8 +44,11 @@ def no_gpu_reason() -> str:
 
 
 def resolve_device(spec: str, key: str = "device") -> torch.device:
-    """The ``torch.device`` a ``device`` value (:data:`DEVICE_CHOICES`) names on this machine; a :class:`UserError`
-    for a misspelt value, or a GPU asked for where there is none (or ``cuda:N`` past the last one)."""
+    """The ``torch.device`` a ``device`` value (:data:`DEVICE_CHOICES`) names on this machine.
+
+    Raises:
+        UserError: A misspelt value, or a GPU asked for where there is none (or ``cuda:N`` past the last one).
+    """
     problems = device_problems(spec, key)
     if problems:
         raise UserError(problems[0])

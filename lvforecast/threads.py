@@ -26,8 +26,11 @@ def layer_parameters(shape: Any) -> int:
 
 
 def resolve_threads(setting: Any, shape: Any | None, default: int) -> int:
-    """The thread count ``setting`` means for a model of ``shape`` (None: unknown, so ``default``); a
-    :class:`UserError` unless ``setting`` is ``auto`` or an integer >= 1."""
+    """The thread count ``setting`` means for a model of ``shape`` (None: unknown, so ``default``).
+
+    Raises:
+        UserError: ``setting`` is neither ``auto`` nor an integer >= 1.
+    """
     if setting == "auto":
         return 1 if shape is not None and layer_parameters(shape) < SMALL_MODEL_PARAMETERS else default
     if not int_at_least(setting, 1):

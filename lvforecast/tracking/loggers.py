@@ -27,8 +27,11 @@ def wandb_logger(
 ) -> Any:
     """A :class:`~lvforecast.tracking.fallback.SafeWandbLogger` from ``conf/logger/wandb.yaml`` (which comments each
     key); its W&B run starts at the first logging call, its files go to ``<save_dir>/wandb/``. ``settings`` holds
-    extra ``wandb.Settings`` fields, ``kwargs`` further ``wandb.init`` arguments (``notes``, ``id``, ...). A bad
-    ``mode`` raises :class:`UserError` as :func:`~lvforecast.tracking.mode.decide_mode` (the config check said so)."""
+    extra ``wandb.Settings`` fields, ``kwargs`` further ``wandb.init`` arguments (``notes``, ``id``, ...).
+
+    Raises:
+        UserError: As :func:`~lvforecast.tracking.mode.decide_mode` (the config check has reported it before).
+    """
     import wandb
 
     from lvforecast.tracking.fallback import SafeWandbLogger

@@ -63,9 +63,12 @@ def credentials_source(env: Mapping[str, str], netrc_file: Path | None = None) -
 
 
 def decide_mode(mode: str, env: Mapping[str, str] | None = None, netrc_file: Path | None = None) -> ModeDecision:
-    """Resolve ``logger.wandb.mode`` (see the module docstring) to the mode ``wandb.init`` gets; a
-    :class:`UserError` for a ``mode`` not in :data:`MODES`, an unknown ``WANDB_MODE`` (in ``auto``), or an online
-    run with no API key configured (wandb would otherwise prompt)."""
+    """Resolve ``logger.wandb.mode`` (see the module docstring) to the mode ``wandb.init`` gets.
+
+    Raises:
+        UserError: ``mode`` is not one of :data:`MODES`; ``WANDB_MODE`` holds an unknown value (in ``auto``);
+            an online run is asked for but no API key is configured (wandb would otherwise prompt).
+    """
     env = os.environ if env is None else env
     if mode not in MODES:
         raise UserError(f"logger.wandb.mode={mode!r}: allowed {', '.join(MODES)}")
