@@ -34,7 +34,6 @@ STUDY_SCALE = 0.5
 STUDY_DECIMALS = 3
 
 _NUMBER = r"\d+(?:\.\d+)?"
-_STEP = re.compile(rf"({_NUMBER}),({_NUMBER})")
 
 
 @dataclass(frozen=True)
@@ -72,11 +71,6 @@ class ScaleRule:
         return level / self.target
 
 
-def _check_decimals(decimals: int) -> None:
-    if not isinstance(decimals, (int, np.integer)) or isinstance(decimals, bool) or not 0 <= decimals <= 12:
-        raise UserError(f"decimals={decimals!r}: must be an integer in [0, 12]")
-
-
 def min_step_tokens(decimals: int) -> int:
     """Characters (= tokens) of the shortest whole encoded step with its separator, ``0.000,0.000;`` at 3 decimals."""
     number = 1 + (1 + decimals if decimals else 0)  # one integer digit, then the point and the decimals
@@ -90,7 +84,8 @@ def encode(series: np.ndarray, scale: float = STUDY_SCALE, decimals: int = STUDY
     Raises:
         ValueError: Wrong shape, a non-finite or negative value, a bad scale or decimals.
     """
-    _check_decimals(decimals)
+    if not isinstance(decimals, (int, np.integer)) or isinstance(decimals, bool) or not 0 <= decimals <= 12:
+        raise UserError(f"decimals={decimals!r}: must be an integer in [0, 12]")
     if not (math.isfinite(scale) and scale > 0):
         raise UserError(f"scale={scale!r}: must be a finite number > 0")
     arr = np.asarray(series, dtype=np.float64)
@@ -119,12 +114,12 @@ def decode(text: str, scale: float = 1.0, decimals: int | None = None) -> tuple[
     """
     if not isinstance(text, str):
         return np.zeros((0, 2)), 0
+    number = _NUMBER if decimals is None else (rf"\d+\.\d{{{decimals}}}" if decimals else r"\d+")
+    step = re.compile(rf"({number}),({number})")
     rows: list[tuple[float, float]] = []
     for chunk in text.split(STEP_SEP):
-        match = _STEP.fullmatch(chunk)
+        match = step.fullmatch(chunk)
         if match is None:
-            break
-        if decimals is not None and not all(_has_decimals(g, decimals) for g in match.groups()):
             break
         pair = (float(match.group(1)), float(match.group(2)))
         # float() of a 400-digit string is inf rather than an error; treat it as malformed.
@@ -133,10 +128,6 @@ def decode(text: str, scale: float = 1.0, decimals: int | None = None) -> tuple[
         rows.append(pair)
     values = np.asarray(rows, dtype=np.float64).reshape(-1, 2) * scale
     return values, len(rows)
-
-
-def _has_decimals(number: str, decimals: int) -> bool:
-    return "." not in number if decimals == 0 else len(number.partition(".")[2]) == decimals
 
 
 class TokenizerError(UserError):
