@@ -170,23 +170,21 @@ def load_trajectories(path: str | os.PathLike[str], min_steps: int = 1, needed_b
     return Trajectories(values=values, time=time, params=params, path=p)
 
 
-def output_problem(path: str | os.PathLike[str]) -> str | None:
-    """Why a trajectory file cannot be written at ``path`` (checked before anything is simulated), or None.
-
-    ``path`` must not be a folder, no part of its parent may be a file, and the nearest existing parent folder
-    must be writable (its missing folders are created).
-    """
+def check_output(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`TrajectoryFileError` saying why a trajectory file cannot be written at ``path`` (checked before
+    anything is simulated): a folder, a parent that is a file, or a nearest existing parent folder not writable."""
     dest = Path(path)
     if dest.is_dir():
-        return f"{dest}: is a folder; a file is needed here, e.g. {dest / 'lotka_volterra_data.h5'}"
+        raise TrajectoryFileError(f"{dest}: is a folder; a file is needed here, e.g. {dest / 'lotka_volterra_data.h5'}")
     parent = dest.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        return f"{dest}: {parent} is a file, so the folder {dest.parent} cannot be created; choose another path"
+        raise TrajectoryFileError(
+            f"{dest}: {parent} is a file, so the folder {dest.parent} cannot be created; choose another path")
     if not os.access(parent, os.W_OK | os.X_OK):
-        return f"{dest}: the folder {parent} is not writable; make it writable or choose another path"
-    return None
+        raise TrajectoryFileError(
+            f"{dest}: the folder {parent} is not writable; make it writable or choose another path")
 
 
 def write_trajectories(
@@ -208,9 +206,7 @@ def write_trajectories(
     Trajectories(values, time, params)  # the layout's shape checks
 
     dest = Path(path)
-    problem = output_problem(dest)
-    if problem is not None:
-        raise TrajectoryFileError(problem)
+    check_output(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -221,12 +217,9 @@ def write_trajectories(
         with h5py.File(tmp, "x") as fh:
             fh.create_dataset(TRAJECTORIES_KEY, data=values.astype(np.float32))
             fh.create_dataset(TIME_KEY, data=time.astype(np.float64))
-            if params:
-                grp = fh.create_group(PARAMS_KEY)
-                for name, arr in params.items():
-                    grp.create_dataset(name, data=np.asarray(arr, dtype=np.float64))
-            for key, val in (attrs or {}).items():
-                fh.attrs[key] = val
+            for name, arr in (params or {}).items():
+                fh.create_dataset(f"{PARAMS_KEY}/{name}", data=np.asarray(arr, dtype=np.float64))
+            fh.attrs.update(attrs or {})
         os.replace(tmp, dest)
     except OSError as exc:
         # h5py's message names the hidden temp file (or no file at all): name the file the user asked for.
