@@ -62,15 +62,6 @@ class ResumableSampler(DistributedSampler):
         """Ignored: Lightning counts a run that stopped mid-epoch as a finished epoch, so the sampler keeps its own
         count (one per pass, continued from a checkpoint's)."""
 
-    def _order(self) -> list[int]:
-        seed = (self.first_seed + self.epoch * _EPOCH_STRIDE) % 2**63
-        generator = torch.Generator()
-        generator.manual_seed(seed)
-        order = torch.randperm(self.size, generator=generator).tolist()
-        if self.num_replicas > 1:
-            order = (order * (-(-self.total_size // self.size)))[: self.total_size][self.rank :: self.num_replicas]
-        return order
-
     def __iter__(self) -> Iterator[int]:
         resume, self._resume = self._resume, None
         start = 0
@@ -86,7 +77,10 @@ class ResumableSampler(DistributedSampler):
             # What RandomSampler does at its first index, from the generator seed_everything seeded.
             self.first_seed = int(torch.empty((), dtype=torch.int64).random_().item())
         self.consumed = start
-        yield from self._order()[start:]
+        generator = torch.Generator().manual_seed((self.first_seed + self.epoch * _EPOCH_STRIDE) % 2**63)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        # Padded by repeating the permutation and dealt round-robin, as DistributedSampler does (a no-op on one rank).
+        yield from (order * -(-self.total_size // self.size))[: self.total_size][self.rank :: self.num_replicas][start:]
 
     def state_dict(self) -> dict[str, Any]:
         """Where the training order stands: epoch 0's seed, the epoch and the windows of it already trained."""
@@ -223,12 +217,9 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         max_systems: int | None = None,
         first: Sequence[int] = (),
     ) -> EvaluationInputs:
-        """The test systems an evaluation forecasts, with their series, scales and prompts; no tokenizer needed.
-
-        Args:
-            context_steps: Steps of each prompt; the scale of a series comes from these steps only.
-            split_file: A training run's ``split.json``, whose ``test`` list is used; None = this module's split.
-            max_systems, first: See :func:`evaluation_order`.
+        """The test systems an evaluation forecasts (:func:`evaluation_order` of ``first``, ``max_systems``), their
+        series, scales (from the ``context_steps`` of each prompt only) and prompts; no tokenizer needed. The test
+        split is that of ``split_file`` (a training run's ``split.json``), else this module's.
 
         Raises:
             UserError: The test split has no systems or names systems the file lacks.
@@ -269,14 +260,11 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         ``DistributedSampler`` deals it (padded by repeating the first windows, rank r takes r, r + world...)."""
         self.prepare_texts()
         lengths = [n for _, _, n in self._spans(self.split.val)]
-        size = self.val_batch_size
-
-        def batches(rows: list[int]) -> list[tuple[int, int]]:
-            return [(len(rows[i : i + size]), max(rows[i : i + size])) for i in range(0, len(rows), size)]
-
         total = -(-len(lengths) // world_size) * world_size
         padded = (lengths * (-(-total // max(1, len(lengths)))))[:total]
-        return [batches(padded[rank::world_size]) for rank in range(world_size)]
+        size, shares = self.val_batch_size, [padded[rank::world_size] for rank in range(world_size)]
+        return [[(len(rows[i : i + size]), max(rows[i : i + size])) for i in range(0, len(rows), size)]
+                for rows in shares]
 
     def train_batches(self, world_size: int = 1) -> int:
         """Training batches per epoch on one rank (its share of the windows, ``batch_size`` at a time)."""
