@@ -78,8 +78,7 @@ def load_pretrained(
     torch_dtype = resolve_dtype(dtype)
     start = time.perf_counter()
     local = local_copy(name_or_path)
-    why = why_missing(name_or_path, local_files_only) if local is None else None
-    if why is not None:
+    if local is None and (why := why_missing(name_or_path, local_files_only)) is not None:
         raise ModelLoadError(missing_message("model.source", name_or_path, why))
     # From the local directory transformers asks the hub nothing (not even for an adapter_config.json).
     source = str(local) if local is not None else name_or_path
@@ -216,7 +215,7 @@ def build_tiny_qwen(
     return _finish(model, tokenizer, name)
 
 
-# Taken once at import: the sizes' defaults live only in build_tiny_qwen's signature.
+# Taken once at import (a test may patch build_tiny_qwen): the sizes' defaults live only in its signature.
 _TINY_SIGNATURE = inspect.signature(build_tiny_qwen)
 _CONFIG_KEYS = tuple(inspect.signature(tiny_qwen_config).parameters)  # the sizes and vocab
 
@@ -226,9 +225,8 @@ def tiny_qwen_shape(loader: Any) -> Any:
     (left-out sizes take its defaults); ValueError naming a key it does not take."""
     from lvforecast.budget.shapes import ModelShape
 
-    kwargs = {k: v for k, v in dict(loader).items() if k != "_target_"}
     try:
-        bound = _TINY_SIGNATURE.bind(**kwargs)
+        bound = _TINY_SIGNATURE.bind(**{k: v for k, v in dict(loader).items() if k != "_target_"})
     except TypeError as err:
         raise UserError(f"model.loader: {err} (build_tiny_qwen takes {', '.join(_TINY_SIGNATURE.parameters)})") from err
     bound.apply_defaults()

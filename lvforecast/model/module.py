@@ -26,6 +26,7 @@ from lvforecast.data.encoding import ALPHABET
 from lvforecast.data.windows import IGNORE_INDEX
 from lvforecast.errors import UserError
 from lvforecast.model.lora import AlphabetHead, LogitBias, count_parameters, decoder_stack
+from lvforecast.validate import check_choice
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +142,7 @@ class LoRAForecaster(pl.LightningModule):
         step_seed: int | None = None,
         compile_model: bool = False,
     ) -> None:
-        if head not in HEADS:
-            raise UserError(f"model.head={head!r}: allowed {', '.join(map(repr, HEADS))}")
+        check_choice("model", "head", head, HEADS)
         if head == "alphabet" and char_ids is None:
             raise UserError("model.head='alphabet' needs char_ids (the alphabet's token ids, LoadedModel.char_ids)")
         super().__init__()
@@ -238,14 +238,12 @@ class LoRAForecaster(pl.LightningModule):
         on (0 at the end of a cosine decay to 0), as an unbroken run would."""
         if not self.trainer.ckpt_path:
             return
-        for config in self.trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
+        for scheduler in (config.scheduler for config in self.trainer.lr_scheduler_configs):
             if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-                rates = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs,
-                                                                            scheduler.lr_lambdas, strict=True)]
-                for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+                scheduler._last_lr = [base * fn(scheduler.last_epoch)
+                                      for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+                for group, rate in zip(scheduler.optimizer.param_groups, scheduler._last_lr, strict=True):
                     group["lr"] = rate
-                scheduler._last_lr = rates
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # A run resumed from any checkpoint would log step k+1 where an unbroken run logs k (Lightning adds one on
