@@ -66,9 +66,7 @@ class ScaleRule:
         if self.kind == "fixed":
             return float(self.value)
         level = float(np.percentile(np.asarray(context, dtype=np.float64), self.percentile))
-        if not math.isfinite(level) or level <= 0:
-            return 1.0
-        return level / self.target
+        return level / self.target if math.isfinite(level) and level > 0 else 1.0
 
 
 def min_step_tokens(decimals: int) -> int:

@@ -198,9 +198,8 @@ def write_trajectories(
     values are stored float32, time and params float64, ``attrs`` (HDF5-storable) as root attributes.
 
     Raises:
-        ValueError: Shapes are inconsistent with the layout, or ``path`` cannot be written (a folder, an
-            unwritable or full disk: :class:`TrajectoryFileError` naming ``path``); any previous file there is
-            left as it was and no temp file is left behind.
+        ValueError: Shapes off the layout, or (:class:`TrajectoryFileError` naming ``path``) a folder, an unwritable
+            or full disk; any previous file there is left as it was and no temp file is left behind.
     """
     values, time = np.asarray(values), np.asarray(time)
     Trajectories(values, time, params)  # the layout's shape checks

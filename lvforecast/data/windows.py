@@ -26,13 +26,8 @@ IGNORE_INDEX = -100
 def window_starts(boundaries: Sequence[int], n_tokens: int, context_length: int, stride_steps: int) -> list[int]:
     """Token offsets at which windows start, from ``boundaries`` (ascending step starts, first 0) of a series of
     ``n_tokens``; ``[0]`` when the series is shorter than one window (that window gets padded)."""
-    fitting = [b for b in boundaries if b + context_length <= n_tokens]
-    if not fitting:
-        return [0]
-    starts = fitting[::stride_steps]
-    if starts[-1] != fitting[-1]:
-        starts.append(fitting[-1])
-    return starts
+    fitting = [b for b in boundaries if b + context_length <= n_tokens] or [0]
+    return sorted({*fitting[::stride_steps], fitting[-1]})
 
 
 @dataclass
