@@ -104,23 +104,11 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
     character-level) may be set later, before ``setup``: the pipeline plans the budget before any model loads.
     """
 
-    def __init__(
-        self,
-        path: str,
-        tokenizer: Any = None,
-        context_length: int = 512,
-        stride_steps: int = 20,
-        batch_size: int = 4,
-        decimals: int = 3,
-        scale: dict[str, Any] | None = None,
-        scale_context_steps: int = 80,
-        split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
-        split_seed: int = 0,
-        pinned_test_systems: Sequence[int] = (),
-        simulate: dict[str, Any] | None = None,
-        num_workers: int = 0,
-        val_batch_size: int | None = None,
-    ) -> None:
+    def __init__(self, path: str, tokenizer: Any = None, context_length: int = 512, stride_steps: int = 20,
+                 batch_size: int = 4, decimals: int = 3, scale: dict[str, Any] | None = None,
+                 scale_context_steps: int = 80, split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
+                 split_seed: int = 0, pinned_test_systems: Sequence[int] = (), simulate: dict[str, Any] | None = None,
+                 num_workers: int = 0, val_batch_size: int | None = None) -> None:
         super().__init__()
         sizes = dict(context_length=context_length, stride_steps=stride_steps, batch_size=batch_size)
         problems = self.config_problems(decimals, **sizes, scale_context_steps=scale_context_steps)
@@ -209,14 +197,8 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
     def _split(self, n_systems: int) -> Split:
         return split_systems(n_systems, self.split_fractions, self.split_seed, self.pinned_test_systems, self.path)
 
-    def evaluation_inputs(
-        self,
-        context_steps: int,
-        horizon_steps: int,
-        split_file: str | Path | None = None,
-        max_systems: int | None = None,
-        first: Sequence[int] = (),
-    ) -> EvaluationInputs:
+    def evaluation_inputs(self, context_steps: int, horizon_steps: int, split_file: str | Path | None = None,
+                          max_systems: int | None = None, first: Sequence[int] = ()) -> EvaluationInputs:
         """The test systems an evaluation forecasts (:func:`evaluation_order` of ``first``, ``max_systems``), their
         series, scales (from the ``context_steps`` of each prompt only) and prompts; no tokenizer needed. The test
         split is that of ``split_file`` (a training run's ``split.json``), else this module's.

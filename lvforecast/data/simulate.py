@@ -51,9 +51,8 @@ def rm_rhs(x: np.ndarray, y: np.ndarray, p: Mapping[str, np.ndarray]) -> tuple[n
     return p["a"] * x * (1.0 - x / p["K"]) - p["b"] * f, p["c"] * f - p["d"] * y
 
 
-def integrate_rk4(
-    state0: np.ndarray, p: Mapping[str, np.ndarray], time: np.ndarray, max_dt: float = _MAX_DT
-) -> np.ndarray:
+def integrate_rk4(state0: np.ndarray, p: Mapping[str, np.ndarray], time: np.ndarray,
+                  max_dt: float = _MAX_DT) -> np.ndarray:
     """Fixed-step RK4 of all systems at once: (N, 2) initial states -> (N, T, 2) float64 at ``time``, each output
     interval cut into the fewest equal substeps of at most ``max_dt``."""
     x, y = (np.asarray(state0[:, j], dtype=np.float64) for j in (0, 1))
@@ -106,9 +105,8 @@ def simulate_systems(n_systems: int, seed: int, n_steps: int = 100, t_end: float
     return Trajectories(values=values, time=time, params=params, path=None)
 
 
-def write_simulation(
-    path: str | os.PathLike[str], n_systems: int, seed: int, n_steps: int = 100, t_end: float = 200.0
-) -> tuple[Path, Trajectories]:
+def write_simulation(path: str | os.PathLike[str], n_systems: int, seed: int, n_steps: int = 100,
+                     t_end: float = 200.0) -> tuple[Path, Trajectories]:
     """Simulate (:func:`simulate_systems`) and write the file with its provenance attributes; returns the path
     written and the trajectories (``lvforecast simulate``).
 

@@ -31,13 +31,8 @@ class Split:
         return json.dumps(self.__dict__, indent=1)
 
 
-def split_systems(
-    n_systems: int,
-    fractions: Sequence[float] = (0.8, 0.1, 0.1),
-    seed: int = 0,
-    pinned_test_systems: Sequence[int] = (),
-    source: str | None = None,
-) -> Split:
+def split_systems(n_systems: int, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
+                  pinned_test_systems: Sequence[int] = (), source: str | None = None) -> Split:
     """Split system ids by seeded permutation: the pinned ones go to test, the rest are shuffled and dealt so that each
     split holds ``round(fraction * n_systems)`` (test absorbs rounding). ``source`` (the data file) is named in errors.
 

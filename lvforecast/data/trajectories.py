@@ -187,13 +187,8 @@ def check_output(path: str | os.PathLike[str]) -> None:
             f"{dest}: the folder {parent} is not writable; make it writable or choose another path")
 
 
-def write_trajectories(
-    path: str | os.PathLike[str],
-    values: np.ndarray,
-    time: np.ndarray,
-    params: dict[str, np.ndarray] | None = None,
-    attrs: dict[str, Any] | None = None,
-) -> Path:
+def write_trajectories(path: str | os.PathLike[str], values: np.ndarray, time: np.ndarray,
+                       params: dict[str, np.ndarray] | None = None, attrs: dict[str, Any] | None = None) -> Path:
     """Write the layout atomically (a hidden temp file beside ``path``, then :func:`os.replace`) and return ``path``;
     values are stored float32, time and params float64, ``attrs`` (HDF5-storable) as root attributes.
 

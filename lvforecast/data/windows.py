@@ -55,14 +55,8 @@ class WindowDataset(Dataset):
         return {"input_ids": torch.tensor(ids, dtype=torch.long), "system": system, "start": start}
 
 
-def encode_series(
-    values: np.ndarray,
-    systems: Sequence[int],
-    tokenizer: Any,
-    scale_rule: ScaleRule,
-    decimals: int,
-    scale_context_steps: int,
-) -> list[EncodedSeries]:
+def encode_series(values: np.ndarray, systems: Sequence[int], tokenizer: Any, scale_rule: ScaleRule, decimals: int,
+                  scale_context_steps: int) -> list[EncodedSeries]:
     """One :class:`EncodedSeries` per system of (N, T, 2) ``values``, tokenized unless ``tokenizer`` is None.
 
     Boundaries are character offsets, which are token offsets for a tokenizer that passed ``check_tokenizer``.

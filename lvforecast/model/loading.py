@@ -62,9 +62,8 @@ def _finish(model: Any, tokenizer: Any, name: str) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, char_ids=char_ids)
 
 
-def load_pretrained(
-    name_or_path: str, dtype: str = "auto", attn_implementation: str = "sdpa", local_files_only: bool = False
-) -> LoadedModel:
+def load_pretrained(name_or_path: str, dtype: str = "auto", attn_implementation: str = "sdpa",
+                    local_files_only: bool = False) -> LoadedModel:
     """Load a Hugging Face causal LM by hub id (``Qwen/Qwen2.5-0.5B-Instruct``) or directory (``model.source``, see
     :mod:`lvforecast.model.source`); ``local_files_only`` (or ``HF_HUB_OFFLINE=1``) never downloads.
 
@@ -177,18 +176,10 @@ def tiny_qwen_config(hidden_size: int, num_hidden_layers: int, num_attention_hea
             "eos_token_id": QWEN25_EOS_ID if qwen else 0, "pad_token_id": QWEN25_PAD_ID if qwen else 0}
 
 
-def build_tiny_qwen(
-    hidden_size: int = 64,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 4,
-    num_key_value_heads: int = 2,
-    intermediate_size: int = 128,
-    seed: int = 0,
-    dtype: str = "float32",
-    attn_implementation: str = "sdpa",
-    vocab: str = "llmtime",
-    tokenizer_cache_dir: str | None = None,
-) -> LoadedModel:
+def build_tiny_qwen(hidden_size: int = 64, num_hidden_layers: int = 2, num_attention_heads: int = 4,
+                    num_key_value_heads: int = 2, intermediate_size: int = 128, seed: int = 0, dtype: str = "float32",
+                    attn_implementation: str = "sdpa", vocab: str = "llmtime",
+                    tokenizer_cache_dir: str | None = None) -> LoadedModel:
     """A random-init ``Qwen2ForCausalLM`` with Qwen2.5-0.5B's module names, so LoRA targets, checkpoints and FLOP
     formulas apply unchanged; with ``vocab="qwen2.5"`` also its embedding rows and real tokenizer (kept under
     ``tokenizer_cache_dir``): all but the layer sizes (``model=qwen2.5-tiny-random``)."""

@@ -130,18 +130,10 @@ class LoRAForecaster(pl.LightningModule):
         ValueError: An unknown ``head``, or ``head="alphabet"`` without ``char_ids``.
     """
 
-    def __init__(
-        self,
-        model: Any,
-        optimizer: Callable[..., torch.optim.Optimizer],
-        scheduler: Callable[..., Any],
-        train_logit_bias: bool,
-        grad_norm_every_n_steps: int,
-        head: Head = "full",
-        char_ids: Mapping[str, int] | None = None,
-        step_seed: int | None = None,
-        compile_model: bool = False,
-    ) -> None:
+    def __init__(self, model: Any, optimizer: Callable[..., torch.optim.Optimizer], scheduler: Callable[..., Any],
+                 train_logit_bias: bool, grad_norm_every_n_steps: int, head: Head = "full",
+                 char_ids: Mapping[str, int] | None = None, step_seed: int | None = None,
+                 compile_model: bool = False) -> None:
         check_choice("model", "head", head, HEADS)
         if head == "alphabet" and char_ids is None:
             raise UserError("model.head='alphabet' needs char_ids (the alphabet's token ids, LoadedModel.char_ids)")
