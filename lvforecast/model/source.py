@@ -27,12 +27,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 def missing_files(directory: Path) -> list[str]:
     """What a model directory lacks to load (``config.json``, a weights file, a tokenizer file); ``[]`` if nothing."""
-    missing = [] if (directory / "config.json").is_file() else ["config.json"]
-    if not any((directory / name).is_file() for name in WEIGHT_FILES):
-        missing.append(" or ".join(WEIGHT_FILES[:2]))
-    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
-        missing.append(" or ".join(TOKENIZER_FILES))
-    return missing
+    needed = {"config.json": ("config.json",), " or ".join(WEIGHT_FILES[:2]): WEIGHT_FILES,
+              " or ".join(TOKENIZER_FILES): TOKENIZER_FILES}
+    return [what for what, names in needed.items() if not any((directory / name).is_file() for name in names)]
 
 
 def looks_like_path(name: str) -> bool:
