@@ -91,8 +91,7 @@ class ResumableSampler(DistributedSampler):
         if state.get("num_replicas", 1) != self.num_replicas:
             raise UserError(
                 f"the checkpoint's data order was dealt to {state['num_replicas']} ranks, this run has "
-                f"{self.num_replicas}; resume with the same trainer.devices x trainer.num_nodes"
-            )
+                f"{self.num_replicas}; resume with the same trainer.devices x trainer.num_nodes")
         if state.get("first_seed") is not None:
             self._resume = {k: int(state[k]) for k in ("first_seed", "epoch", "consumed")}
 
@@ -154,8 +153,7 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
                 low, zero = min_step_tokens(decimals), "0." + "0" * decimals if decimals else "0"
                 problems.append(
                     f"data.{key}={val}: shorter than one encoded time step (at data.decimals={decimals} the shortest, "
-                    f"'{zero},{zero};', is {low} tokens); allowed: an integer >= {low}"
-                )
+                    f"'{zero},{zero};', is {low} tokens); allowed: an integer >= {low}")
             elif not int_at_least(val, low):
                 problems.append(f"data.{key}={val!r}: must be an integer >= {low}")
         return problems
@@ -190,8 +188,7 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
                 f"{longest.system}, is {n} tokens at data.decimals={self.decimals}): each window would be a whole "
                 f"series padded to {length} tokens ({1 - n / length:.1%} padding at best) and the FLOP plan would "
                 f"price the padding; allowed: {min_step_tokens(self.decimals)} to {n}; fix: data.context_length={n} "
-                f"(one window per series)"
-            )
+                f"(one window per series)")
         self.n_systems, self.split, self.series = traj.n_systems, split, {e.system: e for e in encoded}
 
     def _split(self, n_systems: int) -> Split:
@@ -224,8 +221,7 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         if outside:
             raise UserError(
                 f"{where} lists systems {outside[:5]} that {self.path} (data.path) does not have: it holds systems 0 "
-                f"to {traj.n_systems - 1}; fix: evaluate the run on the file it was trained on"
-            )
+                f"to {traj.n_systems - 1}; fix: evaluate the run on the file it was trained on")
         systems = evaluation_order(test, first, max_systems)
         values = traj.values[systems]
         contexts = values[:, :context_steps].astype(np.float64)
@@ -276,8 +272,7 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         log.info(
             f"data {self.path}: {self.n_systems} systems -> train {len(split.train)} / val {len(split.val)} / test "
             f"{len(split.test)}; windows train {len(self.train_set)}, val {len(self.val_set)}; pad share "
-            f"{stats['train_pad_share']:.4f}/{stats['val_pad_share']:.4f}"
-        )
+            f"{stats['train_pad_share']:.4f}/{stats['val_pad_share']:.4f}")
 
     def _loader(self, dataset: WindowDataset, batch_size: int, sampler: Any = None) -> DataLoader:
         collate = PadCollator(self.tokenizer.pad_token_id)

@@ -94,8 +94,7 @@ def encode(series: np.ndarray, scale: float = STUDY_SCALE, decimals: int = STUDY
     if (arr < 0).any():
         raise UserError(f"series has negative values (min {arr.min():g}): the alphabet has no sign")
     # Fixed-point formatting: never scientific notation, always `decimals` digits.
-    fmt = f"{{:.{decimals}f}}"
-    return STEP_SEP.join(fmt.format(p) + VALUE_SEP + fmt.format(q) for p, q in arr / scale)
+    return STEP_SEP.join(f"{p:.{decimals}f}{VALUE_SEP}{q:.{decimals}f}" for p, q in arr / scale)
 
 
 def encode_prompt(context: np.ndarray, scale: float, decimals: int) -> str:
@@ -147,11 +146,9 @@ def check_tokenizer(tokenizer: Any, name: str, sample: str = "2.267,2.206;1.111,
         if got != expected:
             problems.append(
                 f"sample {sample!r} -> {len(got)} tokens {got[:12]}..., expected one per character "
-                f"{expected[:12]}... (the tokenizer merges digits or separators)"
-            )
+                f"{expected[:12]}... (the tokenizer merges digits or separators)")
     if problems:
         raise TokenizerError(
             f"tokenizer of {name!r} cannot be used for LLMTIME text: every character of {ALPHABET!r} must be exactly "
-            f"one token and text must tokenize character by character; found: " + "; ".join(problems)
-        )
+            f"one token and text must tokenize character by character; found: " + "; ".join(problems))
     return ids

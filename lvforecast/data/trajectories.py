@@ -123,8 +123,7 @@ def load_trajectories(path: str | os.PathLike[str], min_steps: int = 1, needed_b
         for key in (TRAJECTORIES_KEY, TIME_KEY):
             if key not in fh or not isinstance(fh[key], h5py.Dataset):
                 raise _fail(p, key, f"is missing (or not a dataset); keys present: {sorted(fh.keys())}")
-        traj_ds: h5py.Dataset = fh[TRAJECTORIES_KEY]
-        time_ds: h5py.Dataset = fh[TIME_KEY]
+        traj_ds, time_ds = fh[TRAJECTORIES_KEY], fh[TIME_KEY]
 
         if len(traj_ds.shape) != 3 or traj_ds.shape[2] != 2:
             found = f"has shape {traj_ds.shape} (ndim {len(traj_ds.shape)})"

@@ -72,8 +72,7 @@ def apply_lora(model: nn.Module, r: int = 4, alpha: float | None = None, dropout
     if not target_modules or missing:
         problems.append(
             f"lora.target_modules={list(target_modules)}: {missing or 'empty'} match no linear layer; "
-            f"available: {sorted(linear_names)}"
-        )
+            f"available: {sorted(linear_names)}")
     if problems:
         raise UserError("invalid LoRA config: " + "; ".join(problems))
 

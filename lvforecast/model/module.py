@@ -294,8 +294,7 @@ class LoRAForecaster(pl.LightningModule):
                 f"checkpoint does not match this model's adapter (missing {missing}, unexpected {extra}, "
                 f"shapes {reshaped}); resume with the same model, lora.r, lora.target_modules and "
                 f"lora.train_logit_bias and model.head (the alphabet head's logit bias has 13 entries) as the run "
-                f"that wrote it"
-            )
+                f"that wrote it")
 
     def save_adapter(self, directory: str) -> None:
         """Write the PEFT adapter (``PeftModel.from_pretrained`` loads it) and the logit bias if any: a V-vector, or
