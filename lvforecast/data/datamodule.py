@@ -63,15 +63,6 @@ class ResumableSampler(DistributedSampler):
         """Ignored: Lightning counts a run that stopped mid-epoch as a finished epoch, so the sampler keeps its own
         count (one per pass, continued from a checkpoint's)."""
 
-    def _order(self) -> list[int]:
-        seed = (self.first_seed + self.epoch * _EPOCH_STRIDE) % 2**63
-        generator = torch.Generator()
-        generator.manual_seed(seed)
-        order = torch.randperm(self.size, generator=generator).tolist()
-        if self.num_replicas > 1:
-            order = (order * (-(-self.total_size // self.size)))[: self.total_size][self.rank :: self.num_replicas]
-        return order
-
     def __iter__(self) -> Iterator[int]:
         resume, self._resume = self._resume, None
         start = 0
@@ -87,7 +78,10 @@ class ResumableSampler(DistributedSampler):
             # What RandomSampler does at its first index, from the generator seed_everything seeded.
             self.first_seed = int(torch.empty((), dtype=torch.int64).random_().item())
         self.consumed = start
-        yield from self._order()[start:]
+        generator = torch.Generator().manual_seed((self.first_seed + self.epoch * _EPOCH_STRIDE) % 2**63)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        # Padded by repeating the permutation and dealt round-robin, as DistributedSampler does (a no-op on one rank).
+        yield from (order * -(-self.total_size // self.size))[: self.total_size][self.rank :: self.num_replicas][start:]
 
     def state_dict(self) -> dict[str, Any]:
         """Where the training order stands: epoch 0's seed, the epoch and the windows of it already trained."""
@@ -98,8 +92,7 @@ class ResumableSampler(DistributedSampler):
         if state.get("num_replicas", 1) != self.num_replicas:
             raise UserError(
                 f"the checkpoint's data order was dealt to {state['num_replicas']} ranks, this run has "
-                f"{self.num_replicas}; resume with the same trainer.devices x trainer.num_nodes"
-            )
+                f"{self.num_replicas}; resume with the same trainer.devices x trainer.num_nodes")
         if state.get("first_seed") is not None:
             self._resume = {k: int(state[k]) for k in ("first_seed", "epoch", "consumed")}
 
@@ -111,23 +104,11 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
     character-level) may be set later, before ``setup``: the pipeline plans the budget before any model loads.
     """
 
-    def __init__(
-        self,
-        path: str,
-        tokenizer: Any = None,
-        context_length: int = 512,
-        stride_steps: int = 20,
-        batch_size: int = 4,
-        decimals: int = 3,
-        scale: dict[str, Any] | None = None,
-        scale_context_steps: int = 80,
-        split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
-        split_seed: int = 0,
-        pinned_test_systems: Sequence[int] = (),
-        simulate: dict[str, Any] | None = None,
-        num_workers: int = 0,
-        val_batch_size: int | None = None,
-    ) -> None:
+    def __init__(self, path: str, tokenizer: Any = None, context_length: int = 512, stride_steps: int = 20,
+                 batch_size: int = 4, decimals: int = 3, scale: dict[str, Any] | None = None,
+                 scale_context_steps: int = 80, split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
+                 split_seed: int = 0, pinned_test_systems: Sequence[int] = (), simulate: dict[str, Any] | None = None,
+                 num_workers: int = 0, val_batch_size: int | None = None) -> None:
         super().__init__()
         sizes = dict(context_length=context_length, stride_steps=stride_steps, batch_size=batch_size)
         problems = size_problems(decimals, **sizes, scale_context_steps=scale_context_steps)
@@ -186,27 +167,17 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
                 f"{longest.system}, is {n} tokens at data.decimals={self.decimals}): each window would be a whole "
                 f"series padded to {length} tokens ({1 - n / length:.1%} padding at best) and the FLOP plan would "
                 f"price the padding; allowed: {min_step_tokens(self.decimals)} to {n}; fix: data.context_length={n} "
-                f"(one window per series)"
-            )
+                f"(one window per series)")
         self.n_systems, self.split, self.series = traj.n_systems, split, {e.system: e for e in encoded}
 
     def _split(self, n_systems: int) -> Split:
         return split_systems(n_systems, self.split_fractions, self.split_seed, self.pinned_test_systems, self.path)
 
-    def evaluation_inputs(
-        self,
-        context_steps: int,
-        horizon_steps: int,
-        split_file: str | Path | None = None,
-        max_systems: int | None = None,
-        first: Sequence[int] = (),
-    ) -> EvaluationInputs:
-        """The test systems an evaluation forecasts, with their series, scales and prompts; no tokenizer needed.
-
-        Args:
-            context_steps: Steps of each prompt; the scale of a series comes from these steps only.
-            split_file: A training run's ``split.json``, whose ``test`` list is used; None = this module's split.
-            max_systems, first: See :func:`evaluation_order`.
+    def evaluation_inputs(self, context_steps: int, horizon_steps: int, split_file: str | Path | None = None,
+                          max_systems: int | None = None, first: Sequence[int] = ()) -> EvaluationInputs:
+        """The test systems an evaluation forecasts (:func:`evaluation_order` of ``first``, ``max_systems``), their
+        series, scales (from the ``context_steps`` of each prompt only) and prompts; no tokenizer needed. The test
+        split is that of ``split_file`` (a training run's ``split.json``), else this module's.
 
         Raises:
             UserError: The test split has no systems or names systems the file lacks.
@@ -229,8 +200,7 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         if outside:
             raise UserError(
                 f"{where} lists systems {outside[:5]} that {self.path} (data.path) does not have: it holds systems 0 "
-                f"to {traj.n_systems - 1}; fix: evaluate the run on the file it was trained on"
-            )
+                f"to {traj.n_systems - 1}; fix: evaluate the run on the file it was trained on")
         systems = evaluation_order(test, first, max_systems)
         values = traj.values[systems]
         contexts = values[:, :context_steps].astype(np.float64)
@@ -247,14 +217,11 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         ``DistributedSampler`` deals it (padded by repeating the first windows, rank r takes r, r + world...)."""
         self.prepare_texts()
         lengths = [n for _, _, n in self._spans(self.split.val)]
-        size = self.val_batch_size
-
-        def batches(rows: list[int]) -> list[tuple[int, int]]:
-            return [(len(rows[i : i + size]), max(rows[i : i + size])) for i in range(0, len(rows), size)]
-
         total = -(-len(lengths) // world_size) * world_size
         padded = (lengths * (-(-total // max(1, len(lengths)))))[:total]
-        return [batches(padded[rank::world_size]) for rank in range(world_size)]
+        size, shares = self.val_batch_size, [padded[rank::world_size] for rank in range(world_size)]
+        return [[(len(rows[i : i + size]), max(rows[i : i + size])) for i in range(0, len(rows), size)]
+                for rows in shares]
 
     def train_batches(self, world_size: int = 1) -> int:
         """Training batches per epoch on one rank (its share of the windows, ``batch_size`` at a time)."""
@@ -284,8 +251,7 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         log.info(
             f"data {self.path}: {self.n_systems} systems -> train {len(split.train)} / val {len(split.val)} / test "
             f"{len(split.test)}; windows train {len(self.train_set)}, val {len(self.val_set)}; pad share "
-            f"{stats['train_pad_share']:.4f}/{stats['val_pad_share']:.4f}"
-        )
+            f"{stats['train_pad_share']:.4f}/{stats['val_pad_share']:.4f}")
 
     def _loader(self, dataset: WindowDataset, batch_size: int, sampler: Any = None) -> DataLoader:
         collate = PadCollator(self.tokenizer.pad_token_id)

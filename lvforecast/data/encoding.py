@@ -34,7 +34,6 @@ STUDY_SCALE = 0.5
 STUDY_DECIMALS = 3
 
 _NUMBER = r"\d+(?:\.\d+)?"
-_STEP = re.compile(rf"({_NUMBER}),({_NUMBER})")
 
 
 @dataclass(frozen=True)
@@ -67,14 +66,7 @@ class ScaleRule:
         if self.kind == "fixed":
             return float(self.value)
         level = float(np.percentile(np.asarray(context, dtype=np.float64), self.percentile))
-        if not math.isfinite(level) or level <= 0:
-            return 1.0
-        return level / self.target
-
-
-def _check_decimals(decimals: int) -> None:
-    if not isinstance(decimals, (int, np.integer)) or isinstance(decimals, bool) or not 0 <= decimals <= 12:
-        raise UserError(f"decimals={decimals!r}: must be an integer in [0, 12]")
+        return level / self.target if math.isfinite(level) and level > 0 else 1.0
 
 
 def min_step_tokens(decimals: int) -> int:
@@ -90,7 +82,8 @@ def encode(series: np.ndarray, scale: float = STUDY_SCALE, decimals: int = STUDY
     Raises:
         ValueError: Wrong shape, a non-finite or negative value, a bad scale or decimals.
     """
-    _check_decimals(decimals)
+    if not isinstance(decimals, (int, np.integer)) or isinstance(decimals, bool) or not 0 <= decimals <= 12:
+        raise UserError(f"decimals={decimals!r}: must be an integer in [0, 12]")
     if not (math.isfinite(scale) and scale > 0):
         raise UserError(f"scale={scale!r}: must be a finite number > 0")
     arr = np.asarray(series, dtype=np.float64)
@@ -101,8 +94,7 @@ def encode(series: np.ndarray, scale: float = STUDY_SCALE, decimals: int = STUDY
     if (arr < 0).any():
         raise UserError(f"series has negative values (min {arr.min():g}): the alphabet has no sign")
     # Fixed-point formatting: never scientific notation, always `decimals` digits.
-    fmt = f"{{:.{decimals}f}}"
-    return STEP_SEP.join(fmt.format(p) + VALUE_SEP + fmt.format(q) for p, q in arr / scale)
+    return STEP_SEP.join(f"{p:.{decimals}f}{VALUE_SEP}{q:.{decimals}f}" for p, q in arr / scale)
 
 
 def encode_prompt(context: np.ndarray, scale: float, decimals: int) -> str:
@@ -119,12 +111,12 @@ def decode(text: str, scale: float = 1.0, decimals: int | None = None) -> tuple[
     """
     if not isinstance(text, str):
         return np.zeros((0, 2)), 0
+    number = _NUMBER if decimals is None else (rf"\d+\.\d{{{decimals}}}" if decimals else r"\d+")
+    step = re.compile(rf"({number}),({number})")
     rows: list[tuple[float, float]] = []
     for chunk in text.split(STEP_SEP):
-        match = _STEP.fullmatch(chunk)
+        match = step.fullmatch(chunk)
         if match is None:
-            break
-        if decimals is not None and not all(_has_decimals(g, decimals) for g in match.groups()):
             break
         pair = (float(match.group(1)), float(match.group(2)))
         # float() of a 400-digit string is inf rather than an error; treat it as malformed.
@@ -133,10 +125,6 @@ def decode(text: str, scale: float = 1.0, decimals: int | None = None) -> tuple[
         rows.append(pair)
     values = np.asarray(rows, dtype=np.float64).reshape(-1, 2) * scale
     return values, len(rows)
-
-
-def _has_decimals(number: str, decimals: int) -> bool:
-    return "." not in number if decimals == 0 else len(number.partition(".")[2]) == decimals
 
 
 class TokenizerError(UserError):
@@ -158,11 +146,9 @@ def check_tokenizer(tokenizer: Any, name: str, sample: str = "2.267,2.206;1.111,
         if got != expected:
             problems.append(
                 f"sample {sample!r} -> {len(got)} tokens {got[:12]}..., expected one per character "
-                f"{expected[:12]}... (the tokenizer merges digits or separators)"
-            )
+                f"{expected[:12]}... (the tokenizer merges digits or separators)")
     if problems:
         raise TokenizerError(
             f"tokenizer of {name!r} cannot be used for LLMTIME text: every character of {ALPHABET!r} must be exactly "
-            f"one token and text must tokenize character by character; found: " + "; ".join(problems)
-        )
+            f"one token and text must tokenize character by character; found: " + "; ".join(problems))
     return ids

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lvforecast.data.trajectories import Trajectories, TrajectoryFileError, output_problem, write_trajectories
+from lvforecast.data.trajectories import Trajectories, check_output, write_trajectories
 from lvforecast.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -45,23 +45,14 @@ PARAM_RANGES: dict[str, tuple[float, float]] = {
 _MAX_DT = 0.05
 
 
-def _draw_params(n_systems: int, seed: int) -> dict[str, np.ndarray]:
-    # Legacy RandomState (not default_rng): the stream the study file was generated with.
-    rng = np.random.RandomState(seed)
-    params = {name: rng.uniform(lo, hi, n_systems) for name, (lo, hi) in PARAM_RANGES.items()}
-    params["c"] = params["e"] * params["b"]
-    return {name: params[name] for name in ("a", "b", "c", "d", "K", "h", "e", "x0", "y0")}
-
-
 def rm_rhs(x: np.ndarray, y: np.ndarray, p: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """``(dx/dt, dy/dt)`` of the model; ``p`` holds a, b, c, d, K, h (scalars or one per system)."""
     f = x * y / (1.0 + p["h"] * x)
     return p["a"] * x * (1.0 - x / p["K"]) - p["b"] * f, p["c"] * f - p["d"] * y
 
 
-def integrate_rk4(
-    state0: np.ndarray, p: Mapping[str, np.ndarray], time: np.ndarray, max_dt: float = _MAX_DT
-) -> np.ndarray:
+def integrate_rk4(state0: np.ndarray, p: Mapping[str, np.ndarray], time: np.ndarray,
+                  max_dt: float = _MAX_DT) -> np.ndarray:
     """Fixed-step RK4 of all systems at once: (N, 2) initial states -> (N, T, 2) float64 at ``time``, each output
     interval cut into the fewest equal substeps of at most ``max_dt``."""
     x, y = (np.asarray(state0[:, j], dtype=np.float64) for j in (0, 1))
@@ -92,16 +83,18 @@ def simulate_systems(n_systems: int, seed: int, n_steps: int = 100, t_end: float
     Raises:
         ValueError: An argument is out of range, or the integration produced non-finite values.
     """
-    if isinstance(n_systems, bool) or not isinstance(n_systems, (int, np.integer)) or n_systems < 1:
-        raise UserError(f"n_systems must be an integer >= 1, got {n_systems!r}")
-    if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 2:
-        raise UserError(f"n_steps must be an integer >= 2, got {n_steps!r}")
+    for key, val, low in (("n_systems", n_systems, 1), ("n_steps", n_steps, 2)):
+        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < low:
+            raise UserError(f"{key} must be an integer >= {low}, got {val!r}")
     if not (isinstance(t_end, (int, float, np.number)) and math.isfinite(t_end) and t_end > 0):
         raise UserError(f"t_end must be a finite number > 0, got {t_end!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
         raise UserError(f"seed must be an integer in [0, 2**32), got {seed!r}")
 
-    params = _draw_params(int(n_systems), int(seed))
+    # Legacy RandomState (not default_rng): the stream the study file was generated with.
+    rng = np.random.RandomState(int(seed))
+    params = {name: rng.uniform(lo, hi, int(n_systems)) for name, (lo, hi) in PARAM_RANGES.items()}
+    params["c"] = params["e"] * params["b"]
     time = np.linspace(0.0, float(t_end), int(n_steps))
     raw = integrate_rk4(np.stack([params["x0"], params["y0"]], axis=1), params, time)
     if not np.isfinite(raw).all():
@@ -112,9 +105,8 @@ def simulate_systems(n_systems: int, seed: int, n_steps: int = 100, t_end: float
     return Trajectories(values=values, time=time, params=params, path=None)
 
 
-def write_simulation(
-    path: str | os.PathLike[str], n_systems: int, seed: int, n_steps: int = 100, t_end: float = 200.0
-) -> tuple[Path, Trajectories]:
+def write_simulation(path: str | os.PathLike[str], n_systems: int, seed: int, n_steps: int = 100,
+                     t_end: float = 200.0) -> tuple[Path, Trajectories]:
     """Simulate (:func:`simulate_systems`) and write the file with its provenance attributes; returns the path
     written and the trajectories (``lvforecast simulate``).
 
@@ -122,11 +114,8 @@ def write_simulation(
         ValueError: A bad argument (nothing is written).
         TrajectoryFileError: ``path`` cannot be written (checked before simulating; nothing is written).
     """
-    problem = output_problem(path)  # before simulating: a bad --out fails in milliseconds, not minutes
-    if problem is not None:
-        raise TrajectoryFileError(problem)
+    check_output(path)  # before simulating: a bad --out fails in milliseconds, not minutes
     traj = simulate_systems(n_systems, seed, n_steps=n_steps, t_end=t_end)
     attrs = {"seed": seed, "model": MODEL_NAME, "generator_version": GENERATOR_VERSION, "t_end": t_end,
              "integrator": f"rk4 fixed step <= {_MAX_DT}"}
-    out = write_trajectories(path, traj.values, traj.time, params=traj.params, attrs=attrs)
-    return Path(out), traj
+    return write_trajectories(path, traj.values, traj.time, params=traj.params, attrs=attrs), traj

@@ -31,13 +31,8 @@ class Split:
         return json.dumps(self.__dict__, indent=1)
 
 
-def split_systems(
-    n_systems: int,
-    fractions: Sequence[float] = (0.8, 0.1, 0.1),
-    seed: int = 0,
-    pinned_test_systems: Sequence[int] = (),
-    source: str | None = None,
-) -> Split:
+def split_systems(n_systems: int, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
+                  pinned_test_systems: Sequence[int] = (), source: str | None = None) -> Split:
     """Split system ids by seeded permutation: the pinned ones go to test, the rest are shuffled and dealt so that each
     split holds ``round(fraction * n_systems)`` (test absorbs rounding). ``source`` (the data file) is named in errors.
 
@@ -60,8 +55,7 @@ def split_systems(
     if len(pinned) > n_test:
         raise UserError(
             f"invalid split: {len(pinned)} pinned test systems but the test split of {n_systems} systems "
-            f"with data.split_fractions={fr} holds only {n_test}"
-        )
+            f"with data.split_fractions={fr} holds only {n_test}")
     empty = [name for name, n in (("train", n_train), ("val", n_val), ("test", n_test)) if n == 0]
     if empty:
         of = f" of {source}" if source else ""
@@ -69,8 +63,7 @@ def split_systems(
             f"invalid split{of}: data.split_fractions={fr} over {n_systems} system(s) leaves the {' and '.join(empty)} "
             f"split{'s' if len(empty) > 1 else ''} empty (train {n_train}, val {n_val}, test {n_test}); every split "
             f"needs at least one system (no validation otherwise, or nothing to evaluate); fix: fractions that give "
-            f"each split >= 1 system" + (", or a file with at least 3 systems" if n_systems < 3 else "")
-        )
+            f"each split >= 1 system" + (", or a file with at least 3 systems" if n_systems < 3 else ""))
     rest = np.random.default_rng(seed).permutation(np.setdiff1d(np.arange(n_systems), pinned)).tolist()
     train, val, test = rest[:n_train], rest[n_train : n_train + n_val], pinned + rest[n_train + n_val :]
     return Split(train=sorted(train), val=sorted(val), test=sorted(test), seed=seed, n_systems=n_systems)

@@ -123,8 +123,7 @@ def load_trajectories(path: str | os.PathLike[str], min_steps: int = 1, needed_b
         for key in (TRAJECTORIES_KEY, TIME_KEY):
             if key not in fh or not isinstance(fh[key], h5py.Dataset):
                 raise _fail(p, key, f"is missing (or not a dataset); keys present: {sorted(fh.keys())}")
-        traj_ds: h5py.Dataset = fh[TRAJECTORIES_KEY]
-        time_ds: h5py.Dataset = fh[TIME_KEY]
+        traj_ds, time_ds = fh[TRAJECTORIES_KEY], fh[TIME_KEY]
 
         if len(traj_ds.shape) != 3 or traj_ds.shape[2] != 2:
             found = f"has shape {traj_ds.shape} (ndim {len(traj_ds.shape)})"
@@ -170,47 +169,37 @@ def load_trajectories(path: str | os.PathLike[str], min_steps: int = 1, needed_b
     return Trajectories(values=values, time=time, params=params, path=p)
 
 
-def output_problem(path: str | os.PathLike[str]) -> str | None:
-    """Why a trajectory file cannot be written at ``path`` (checked before anything is simulated), or None.
-
-    ``path`` must not be a folder, no part of its parent may be a file, and the nearest existing parent folder
-    must be writable (its missing folders are created).
-    """
+def check_output(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`TrajectoryFileError` saying why a trajectory file cannot be written at ``path`` (checked before
+    anything is simulated): a folder, a parent that is a file, or a nearest existing parent folder not writable."""
     dest = Path(path)
     if dest.is_dir():
-        return f"{dest}: is a folder; a file is needed here, e.g. {dest / 'lotka_volterra_data.h5'}"
+        raise TrajectoryFileError(f"{dest}: is a folder; a file is needed here, e.g. {dest / 'lotka_volterra_data.h5'}")
     parent = dest.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        return f"{dest}: {parent} is a file, so the folder {dest.parent} cannot be created; choose another path"
+        raise TrajectoryFileError(
+            f"{dest}: {parent} is a file, so the folder {dest.parent} cannot be created; choose another path")
     if not os.access(parent, os.W_OK | os.X_OK):
-        return f"{dest}: the folder {parent} is not writable; make it writable or choose another path"
-    return None
+        raise TrajectoryFileError(
+            f"{dest}: the folder {parent} is not writable; make it writable or choose another path")
 
 
-def write_trajectories(
-    path: str | os.PathLike[str],
-    values: np.ndarray,
-    time: np.ndarray,
-    params: dict[str, np.ndarray] | None = None,
-    attrs: dict[str, Any] | None = None,
-) -> Path:
+def write_trajectories(path: str | os.PathLike[str], values: np.ndarray, time: np.ndarray,
+                       params: dict[str, np.ndarray] | None = None, attrs: dict[str, Any] | None = None) -> Path:
     """Write the layout atomically (a hidden temp file beside ``path``, then :func:`os.replace`) and return ``path``;
     values are stored float32, time and params float64, ``attrs`` (HDF5-storable) as root attributes.
 
     Raises:
-        ValueError: Shapes are inconsistent with the layout, or ``path`` cannot be written (a folder, an
-            unwritable or full disk: :class:`TrajectoryFileError` naming ``path``); any previous file there is
-            left as it was and no temp file is left behind.
+        ValueError: Shapes off the layout, or (:class:`TrajectoryFileError` naming ``path``) a folder, an unwritable
+            or full disk; any previous file there is left as it was and no temp file is left behind.
     """
     values, time = np.asarray(values), np.asarray(time)
     Trajectories(values, time, params)  # the layout's shape checks
 
     dest = Path(path)
-    problem = output_problem(dest)
-    if problem is not None:
-        raise TrajectoryFileError(problem)
+    check_output(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -221,12 +210,9 @@ def write_trajectories(
         with h5py.File(tmp, "x") as fh:
             fh.create_dataset(TRAJECTORIES_KEY, data=values.astype(np.float32))
             fh.create_dataset(TIME_KEY, data=time.astype(np.float64))
-            if params:
-                grp = fh.create_group(PARAMS_KEY)
-                for name, arr in params.items():
-                    grp.create_dataset(name, data=np.asarray(arr, dtype=np.float64))
-            for key, val in (attrs or {}).items():
-                fh.attrs[key] = val
+            for name, arr in (params or {}).items():
+                fh.create_dataset(f"{PARAMS_KEY}/{name}", data=np.asarray(arr, dtype=np.float64))
+            fh.attrs.update(attrs or {})
         os.replace(tmp, dest)
     except OSError as exc:
         # h5py's message names the hidden temp file (or no file at all): name the file the user asked for.

@@ -41,8 +41,7 @@ def size_problems(decimals: Any = None, **values: Any) -> list[str]:
             low, zero = min_step_tokens(decimals), "0." + "0" * decimals if decimals else "0"
             problems.append(
                 f"data.{key}={val}: shorter than one encoded time step (at data.decimals={decimals} the shortest, "
-                f"'{zero},{zero};', is {low} tokens); allowed: an integer >= {low}"
-            )
+                f"'{zero},{zero};', is {low} tokens); allowed: an integer >= {low}")
         elif not int_at_least(val, low):
             problems.append(f"data.{key}={val!r}: must be an integer >= {low}")
     return problems
@@ -51,13 +50,8 @@ def size_problems(decimals: Any = None, **values: Any) -> list[str]:
 def window_starts(boundaries: Sequence[int], n_tokens: int, context_length: int, stride_steps: int) -> list[int]:
     """Token offsets at which windows start, from ``boundaries`` (ascending step starts, first 0) of a series of
     ``n_tokens``; ``[0]`` when the series is shorter than one window (that window gets padded)."""
-    fitting = [b for b in boundaries if b + context_length <= n_tokens]
-    if not fitting:
-        return [0]
-    starts = fitting[::stride_steps]
-    if starts[-1] != fitting[-1]:
-        starts.append(fitting[-1])
-    return starts
+    fitting = [b for b in boundaries if b + context_length <= n_tokens] or [0]
+    return sorted({*fitting[::stride_steps], fitting[-1]})
 
 
 @dataclass
@@ -85,14 +79,8 @@ class WindowDataset(Dataset):
         return {"input_ids": torch.tensor(ids, dtype=torch.long), "system": system, "start": start}
 
 
-def encode_series(
-    values: np.ndarray,
-    systems: Sequence[int],
-    tokenizer: Any,
-    scale_rule: ScaleRule,
-    decimals: int,
-    scale_context_steps: int,
-) -> list[EncodedSeries]:
+def encode_series(values: np.ndarray, systems: Sequence[int], tokenizer: Any, scale_rule: ScaleRule, decimals: int,
+                  scale_context_steps: int) -> list[EncodedSeries]:
     """One :class:`EncodedSeries` per system of (N, T, 2) ``values``, tokenized unless ``tokenizer`` is None.
 
     Boundaries are character offsets, which are token offsets for a tokenizer that passed ``check_tokenizer``.

@@ -62,9 +62,8 @@ def _finish(model: Any, tokenizer: Any, name: str) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, char_ids=char_ids)
 
 
-def load_pretrained(
-    name_or_path: str, dtype: str = "auto", attn_implementation: str = "sdpa", local_files_only: bool = False
-) -> LoadedModel:
+def load_pretrained(name_or_path: str, dtype: str = "auto", attn_implementation: str = "sdpa",
+                    local_files_only: bool = False) -> LoadedModel:
     """Load a Hugging Face causal LM by hub id (``Qwen/Qwen2.5-0.5B-Instruct``) or directory (``model.source``, see
     :mod:`lvforecast.model.source`); ``local_files_only`` (or ``HF_HUB_OFFLINE=1``) never downloads.
 
@@ -78,8 +77,7 @@ def load_pretrained(
     torch_dtype = resolve_dtype(dtype)
     start = time.perf_counter()
     local = local_copy(name_or_path)
-    why = why_missing(name_or_path, local_files_only) if local is None else None
-    if why is not None:
+    if local is None and (why := why_missing(name_or_path, local_files_only)) is not None:
         raise ModelLoadError(missing_message("model.source", name_or_path, why))
     # From the local directory transformers asks the hub nothing (not even for an adapter_config.json).
     source = str(local) if local is not None else name_or_path
@@ -178,18 +176,10 @@ def tiny_qwen_config(hidden_size: int, num_hidden_layers: int, num_attention_hea
             "eos_token_id": QWEN25_EOS_ID if qwen else 0, "pad_token_id": QWEN25_PAD_ID if qwen else 0}
 
 
-def build_tiny_qwen(
-    hidden_size: int = 64,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 4,
-    num_key_value_heads: int = 2,
-    intermediate_size: int = 128,
-    seed: int = 0,
-    dtype: str = "float32",
-    attn_implementation: str = "sdpa",
-    vocab: str = "llmtime",
-    tokenizer_cache_dir: str | None = None,
-) -> LoadedModel:
+def build_tiny_qwen(hidden_size: int = 64, num_hidden_layers: int = 2, num_attention_heads: int = 4,
+                    num_key_value_heads: int = 2, intermediate_size: int = 128, seed: int = 0, dtype: str = "float32",
+                    attn_implementation: str = "sdpa", vocab: str = "llmtime",
+                    tokenizer_cache_dir: str | None = None) -> LoadedModel:
     """A random-init ``Qwen2ForCausalLM`` with Qwen2.5-0.5B's module names, so LoRA targets, checkpoints and FLOP
     formulas apply unchanged; with ``vocab="qwen2.5"`` also its embedding rows and real tokenizer (kept under
     ``tokenizer_cache_dir``): all but the layer sizes (``model=qwen2.5-tiny-random``)."""
@@ -216,7 +206,7 @@ def build_tiny_qwen(
     return _finish(model, tokenizer, name)
 
 
-# Taken once at import: the sizes' defaults live only in build_tiny_qwen's signature.
+# Taken once at import (a test may patch build_tiny_qwen): the sizes' defaults live only in its signature.
 _TINY_SIGNATURE = inspect.signature(build_tiny_qwen)
 _CONFIG_KEYS = tuple(inspect.signature(tiny_qwen_config).parameters)  # the sizes and vocab
 
@@ -226,9 +216,8 @@ def tiny_qwen_shape(loader: Any) -> Any:
     (left-out sizes take its defaults); ValueError naming a key it does not take."""
     from lvforecast.budget.shapes import ModelShape
 
-    kwargs = {k: v for k, v in dict(loader).items() if k != "_target_"}
     try:
-        bound = _TINY_SIGNATURE.bind(**kwargs)
+        bound = _TINY_SIGNATURE.bind(**{k: v for k, v in dict(loader).items() if k != "_target_"})
     except TypeError as err:
         raise UserError(f"model.loader: {err} (build_tiny_qwen takes {', '.join(_TINY_SIGNATURE.parameters)})") from err
     bound.apply_defaults()

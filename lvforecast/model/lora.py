@@ -55,13 +55,8 @@ def lora_config_problems(r: Any, alpha: Any, dropout: Any) -> list[str]:
     return problems
 
 
-def apply_lora(
-    model: nn.Module,
-    r: int = 4,
-    alpha: float | None = None,
-    dropout: float = 0.0,
-    target_modules: Sequence[str] = ("q_proj", "v_proj"),
-) -> Any:
+def apply_lora(model: nn.Module, r: int = 4, alpha: float | None = None, dropout: float = 0.0,
+               target_modules: Sequence[str] = ("q_proj", "v_proj")) -> Any:
     """Freeze ``model`` (a ``transformers`` causal LM) and return a ``peft.PeftModel`` with rank-``r`` adapters on
     the linear layers whose last module-path component is in ``target_modules``; ``alpha=None`` means ``r`` (scale 1,
     as the study), ``dropout`` acts on the adapter input.
@@ -77,8 +72,7 @@ def apply_lora(
     if not target_modules or missing:
         problems.append(
             f"lora.target_modules={list(target_modules)}: {missing or 'empty'} match no linear layer; "
-            f"available: {sorted(linear_names)}"
-        )
+            f"available: {sorted(linear_names)}")
     if problems:
         raise UserError("invalid LoRA config: " + "; ".join(problems))
 

@@ -26,6 +26,7 @@ from lvforecast.data.encoding import ALPHABET
 from lvforecast.data.windows import IGNORE_INDEX
 from lvforecast.errors import UserError
 from lvforecast.model.lora import AlphabetHead, LogitBias, count_parameters, decoder_stack
+from lvforecast.validate import check_choice
 
 log = logging.getLogger(__name__)
 
@@ -129,20 +130,11 @@ class LoRAForecaster(pl.LightningModule):
         ValueError: An unknown ``head``, or ``head="alphabet"`` without ``char_ids``.
     """
 
-    def __init__(
-        self,
-        model: Any,
-        optimizer: Callable[..., torch.optim.Optimizer],
-        scheduler: Callable[..., Any],
-        train_logit_bias: bool,
-        grad_norm_every_n_steps: int,
-        head: Head = "full",
-        char_ids: Mapping[str, int] | None = None,
-        step_seed: int | None = None,
-        compile_model: bool = False,
-    ) -> None:
-        if head not in HEADS:
-            raise UserError(f"model.head={head!r}: allowed {', '.join(map(repr, HEADS))}")
+    def __init__(self, model: Any, optimizer: Callable[..., torch.optim.Optimizer], scheduler: Callable[..., Any],
+                 train_logit_bias: bool, grad_norm_every_n_steps: int, head: Head = "full",
+                 char_ids: Mapping[str, int] | None = None, step_seed: int | None = None,
+                 compile_model: bool = False) -> None:
+        check_choice("model", "head", head, HEADS)
         if head == "alphabet" and char_ids is None:
             raise UserError("model.head='alphabet' needs char_ids (the alphabet's token ids, LoadedModel.char_ids)")
         super().__init__()
@@ -238,14 +230,12 @@ class LoRAForecaster(pl.LightningModule):
         on (0 at the end of a cosine decay to 0), as an unbroken run would."""
         if not self.trainer.ckpt_path:
             return
-        for config in self.trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
+        for scheduler in (config.scheduler for config in self.trainer.lr_scheduler_configs):
             if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-                rates = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs,
-                                                                            scheduler.lr_lambdas, strict=True)]
-                for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+                scheduler._last_lr = [base * fn(scheduler.last_epoch)
+                                      for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+                for group, rate in zip(scheduler.optimizer.param_groups, scheduler._last_lr, strict=True):
                     group["lr"] = rate
-                scheduler._last_lr = rates
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # A run resumed from any checkpoint would log step k+1 where an unbroken run logs k (Lightning adds one on
@@ -304,8 +294,7 @@ class LoRAForecaster(pl.LightningModule):
                 f"checkpoint does not match this model's adapter (missing {missing}, unexpected {extra}, "
                 f"shapes {reshaped}); resume with the same model, lora.r, lora.target_modules and "
                 f"lora.train_logit_bias and model.head (the alphabet head's logit bias has 13 entries) as the run "
-                f"that wrote it"
-            )
+                f"that wrote it")
 
     def save_adapter(self, directory: str) -> None:
         """Write the PEFT adapter (``PeftModel.from_pretrained`` loads it) and the logit bias if any: a V-vector, or

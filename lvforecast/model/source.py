@@ -23,17 +23,13 @@ LOADER = "lvforecast.model.loading.load_pretrained"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-PROBE_TIMEOUT_S = 5.0
 
 
 def missing_files(directory: Path) -> list[str]:
     """What a model directory lacks to load (``config.json``, a weights file, a tokenizer file); ``[]`` if nothing."""
-    missing = [] if (directory / "config.json").is_file() else ["config.json"]
-    if not any((directory / name).is_file() for name in WEIGHT_FILES):
-        missing.append(" or ".join(WEIGHT_FILES[:2]))
-    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
-        missing.append(" or ".join(TOKENIZER_FILES))
-    return missing
+    needed = {"config.json": ("config.json",), " or ".join(WEIGHT_FILES[:2]): WEIGHT_FILES,
+              " or ".join(TOKENIZER_FILES): TOKENIZER_FILES}
+    return [what for what, names in needed.items() if not any((directory / name).is_file() for name in names)]
 
 
 def looks_like_path(name: str) -> bool:
@@ -59,13 +55,8 @@ def local_copy(name_or_path: str) -> Path | None:
     return path if path.is_dir() else cached_snapshot(name_or_path)
 
 
-def offline() -> bool:
-    """Whether ``HF_HUB_OFFLINE`` forbids requests (read now, and as huggingface_hub read it at import)."""
-    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-
-
 @functools.cache
-def hub_reachable(endpoint: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+def hub_reachable(endpoint: str, timeout_s: float = 5.0) -> bool:
     """Whether ``endpoint`` answers one HTTP request within ``timeout_s`` (any status; no retries; cached)."""
     try:
         get_session().head(endpoint, timeout=timeout_s)
@@ -95,7 +86,9 @@ def why_missing(name: str, local_files_only: bool = False) -> str | None:
     if cached_snapshot(name) is not None:
         return None
     where = f"not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
-    if local_files_only or offline():
+    # HF_HUB_OFFLINE as huggingface_hub read it at import, or as set since.
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if local_files_only or offline:
         flag = "model.loader.local_files_only=true" if local_files_only else "HF_HUB_OFFLINE=1"
         return f"{where}, and {flag} forbids downloading it"
     if not hub_reachable(constants.ENDPOINT):
