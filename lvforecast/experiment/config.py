@@ -36,8 +36,10 @@ def check_train_config(cfg: DictConfig, start_step: int = 0) -> None:
     step when resuming); a UserError lists every problem, each naming its key, the value and what is allowed."""
     from lvforecast.data.datamodule import LotkaVolterraDataModule
 
-    problems = seed_problems(cfg.get("seed"))
-    problems += lora_config_problems(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
+    problems = lora_config_problems(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
+    if not (_int_at_least(cfg.get("seed"), 0) and cfg.seed <= SEED_MAX):
+        problems.insert(0, f"seed={cfg.get('seed')!r}: must be an integer in [0, {SEED_MAX}] (it seeds the run and "
+                           f"each step's random draws); fix: e.g. seed=42")
     sizes = {k: cfg.data.get(k) for k in ("context_length", "stride_steps", "batch_size", "scale_context_steps",
                                           "val_batch_size") if k != "val_batch_size" or cfg.data.get(k) is not None}
     problems += LotkaVolterraDataModule.config_problems(decimals=cfg.data.decimals, **sizes)
@@ -129,14 +131,6 @@ def _leaves(node: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def seed_problems(seed: Any) -> list[str]:
-    """``seed`` must be an integer in [0, 2**32 - 1]: it seeds the run and every step's draws (``step_seed``)."""
-    if _int_at_least(seed, 0) and seed <= SEED_MAX:
-        return []
-    return [f"seed={seed!r}: must be an integer in [0, {SEED_MAX}] (it seeds the run and each step's random "
-            f"draws); fix: e.g. seed=42"]
-
-
 def budget_problems(b: DictConfig) -> list[str]:
     """Every ``budget.*`` key a run reads (its plan, reservation and callback)."""
     problems = []
@@ -171,8 +165,7 @@ def trainer_problems(tr: DictConfig) -> list[str]:
     if tr.get("strategy") not in (None, "auto", "ddp"):
         problems.append(f"trainer.strategy={tr.get('strategy')!r}: allowed 'auto' or 'ddp' (trainer=ddp)")
     interval, every = tr.get("val_check_interval"), tr.get("check_val_every_n_epoch")
-    if isinstance(interval, bool) or not (interval is None or _int_at_least(interval, 1)
-                                          or (isinstance(interval, float) and 0 < interval <= 1)):
+    if not (interval is None or _int_at_least(interval, 1) or (isinstance(interval, float) and 0 < interval <= 1)):
         problems.append(f"trainer.val_check_interval={interval!r}: must be an integer >= 1 (micro-batches), a "
                         f"fraction of an epoch in (0, 1], or null; time-based intervals cannot be planned")
     elif (interval is None or isinstance(interval, float)) and every is None:
@@ -180,8 +173,7 @@ def trainer_problems(tr: DictConfig) -> list[str]:
                         f"trainer.check_val_every_n_epoch (e.g. 1); with null the interval counts micro-batches, "
                         f"so give an integer")
     limit = tr.get("limit_val_batches")
-    if limit is not None and (isinstance(limit, bool) or not (_int_at_least(limit, 0)
-                                                              or (isinstance(limit, float) and 0 <= limit <= 1))):
+    if limit is not None and not (_int_at_least(limit, 0) or (isinstance(limit, float) and 0 <= limit <= 1)):
         problems.append(f"trainer.limit_val_batches={limit!r}: must be an integer >= 0 or a fraction in [0, 1]")
     sanity = tr.get("num_sanity_val_steps")
     if sanity is not None and not _int_at_least(sanity, -1):
@@ -267,20 +259,10 @@ def schedule_of(tr: DictConfig, epoch_batches: int | None, max_steps: int) -> Sc
                     every_n_epochs=every)
 
 
-def _limited(n_batches: int, limit: int | float) -> int:
-    """How many validation batches Lightning runs for ``limit_val_batches`` (int = count, float = fraction)."""
-    if isinstance(limit, int):
-        return min(limit, n_batches)
-    return n_batches if limit == 1.0 else int(math.floor(n_batches * float(limit)))
-
-
 def run_shape(cfg: DictConfig, val_shapes: list[list[tuple[int, int]]], epoch_batches: int | None,
               start_step: int = 0) -> RunShape:
-    """What the run of checked ``cfg`` will run: its batches, every rank's validation and sanity batches, schedule.
-
-    ``val_shapes``: each rank's validation batch shapes ``(B, N)`` in loader order (the whole set);
-    ``epoch_batches``: training micro-batches per epoch on one rank (None: no epoch ends within the run).
-    """
+    """What the run of checked ``cfg`` will run, from each rank's validation batch shapes ``(B, N)`` in loader order
+    (the whole set) and ``epoch_batches``, training micro-batches per epoch on one rank (None: no epoch ends)."""
     tr = cfg.trainer
     ranks = world_size(tr)
     if len(val_shapes) != ranks:
@@ -291,7 +273,8 @@ def run_shape(cfg: DictConfig, val_shapes: list[list[tuple[int, int]]], epoch_ba
     sanity = 0 if resumed else trainer_setting(tr, "num_sanity_val_steps") or 0
     return RunShape(
         batch_size=int(cfg.data.batch_size), context_length=int(cfg.data.context_length), ranks=ranks,
-        val_shapes=[shapes[: _limited(len(shapes), limit)] for shapes in val_shapes],
+        # limit_val_batches as Lightning reads it: an int counts batches, a float is a fraction of them.
+        val_shapes=[shapes[: limit if isinstance(limit, int) else int(len(shapes) * limit)] for shapes in val_shapes],
         sanity_shapes=[shapes if sanity == -1 else shapes[:sanity] for shapes in val_shapes],
         validate_before=bool(cfg.get("validate_before_training")) and not resumed,
         schedule=schedule_of(tr, epoch_batches, tr.max_steps), max_steps=int(tr.max_steps), start_step=start_step,
