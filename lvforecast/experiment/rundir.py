@@ -89,9 +89,8 @@ def _same_config(out: Path, cfg: DictConfig) -> bool:
 def claim(cfg: DictConfig, out: Path) -> Claim:
     """Check that this run may write into ``out``: a UserError names another run's files there, unless this run
     resumes that one (``ckpt_path`` inside it) or restarts its configuration stopped before its first checkpoint."""
-    found = [name for name in RUN_FILES if (out / name).exists()]
-    if (out / "checkpoints").is_dir() and not any((out / "checkpoints").iterdir()):
-        found.remove("checkpoints")
+    # A folder counts only with something in it (checkpoints/ is made before the first checkpoint is).
+    found = [name for name in RUN_FILES if (out / name).is_file() or any((out / name).glob("*"))]
     if not found:
         return Claim("fresh")
     ckpt = cfg.get("ckpt_path")
@@ -164,12 +163,11 @@ def install_history(loggers: list[Any], out: Path, header: list[str], rows: list
 def segments(previous: dict[str, Any] | None, start_step: int, ckpt_path: str | None) -> list[dict[str, Any]]:
     """The segments of ``previous`` (``run_info.json`` on a resume; one without segments is one segment to its
     final step, one still ``running`` was killed: ``interrupted``) and a new ``running`` one from ``start_step``."""
-    old: list[dict[str, Any]] = []
-    if previous:
-        old = [dict(s) for s in previous.get("segments") or [] if isinstance(s, dict)]
-        if not old and isinstance(previous.get("final"), dict):
-            old = [{"start_step": 0, "end_step": previous["final"].get("global_step"),
-                    "status": previous["final"].get("budget_status")}]
+    previous = previous or {}
+    old = [dict(s) for s in previous.get("segments") or [] if isinstance(s, dict)]
+    if not old and isinstance(previous.get("final"), dict):
+        old = [{"start_step": 0, "end_step": previous["final"].get("global_step"),
+                "status": previous["final"].get("budget_status")}]
     for seg in old:
         if seg.get("status") == RunStatus.RUNNING:
             seg["status"] = RunStatus.INTERRUPTED.value
@@ -213,12 +211,9 @@ class RunDir:
         if self.lead:
             header, rows = metrics_history(self.out, self.start_step) if resume else ([], [])
             install_history(loggers, self.out, header, rows)
-        self._write_info()
+        self.write("run_info.json", json.dumps(self.info, indent=1))
 
     def end(self, step: int, status: str, **record: Any) -> None:
         self.info["segments"][-1].update(end_step=step, status=str(status), ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         self.info.update(record)
-        self._write_info()
-
-    def _write_info(self) -> None:
         self.write("run_info.json", json.dumps(self.info, indent=1))
