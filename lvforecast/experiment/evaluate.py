@@ -104,7 +104,12 @@ def _source(cfg: DictConfig) -> _Source:
                 if not (run / name).exists()]
     if problems:
         raise UserError("cannot evaluate the run: " + "; ".join(problems) + " (is it a finished training run?)")
-    train_cfg = _run_config(run / "config.yaml")
+    train_cfg = read_run_config(run / "config.yaml", ("model", "data", "lora"), _RETRAIN)  # as data, never code
+    missing = [k for k in ("model.loader._target_", "data._target_", "data.context_length", "lora.r",
+                           "lora.target_modules") if OmegaConf.select(train_cfg, k, default=None) is None]
+    if missing:
+        raise UserError(f"{run / 'config.yaml'}: not a training run's config: missing {', '.join(missing)}; "
+                        f"{_RETRAIN}")
     _check_split(run / "split.json")
     _check_adapter(run / "adapter")
     return _Source(model=train_cfg.model, data=train_cfg.data, lora=train_cfg.lora,
@@ -118,16 +123,6 @@ _RETRAIN = "fix: restore it from a copy of the run, or train the run again (pyth
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return (text.splitlines()[0] if text else type(err).__name__)[:200]
-
-
-def _run_config(path: Path) -> DictConfig:
-    """The run's ``model``, ``data`` and ``lora`` read as data; UserError if torn, not plain data or incomplete."""
-    train_cfg = read_run_config(path, ("model", "data", "lora"), _RETRAIN)
-    missing = [k for k in ("model.loader._target_", "data._target_", "data.context_length", "lora.r",
-                           "lora.target_modules") if OmegaConf.select(train_cfg, k, default=None) is None]
-    if missing:
-        raise UserError(f"{path}: not a training run's config: missing {', '.join(missing)}; {_RETRAIN}")
-    return train_cfg
 
 
 def _check_split(path: Path) -> None:
