@@ -60,6 +60,7 @@ def check_train_config(cfg: DictConfig, start_step: int = 0) -> None:
 
 def check_evaluate_config(cfg: DictConfig) -> None:
     """Check a composed ``conf/evaluate.yaml`` before any data or weights load, as :func:`check_train_config`."""
+    from lvforecast.evaluation.baselines import BASELINES
     from lvforecast.evaluation.forecast import settings_problems
 
     problems = device_problems(cfg.get("device"))
@@ -72,6 +73,8 @@ def check_evaluate_config(cfg: DictConfig) -> None:
     bad = [e for e in cfg.get("examples") or [] if not _int_at_least(e, 0)]
     if bad:
         problems.append(f"examples has {bad}: system ids must be integers >= 0")
+    if unknown := [b for b in cfg.baselines if b not in BASELINES]:
+        problems.append(f"baselines={list(cfg.baselines)}: unknown {unknown}; allowed {sorted(BASELINES)}")
     _raise_problems(cfg, problems)
 
 
@@ -204,14 +207,6 @@ def model_shape(model_cfg: DictConfig) -> ModelShape:
     return instantiate(model_cfg.shape)
 
 
-def known_shape(model_cfg: DictConfig) -> ModelShape | None:
-    """:func:`model_shape`, or None when it cannot be known before loading (a hub id not cached yet)."""
-    try:
-        return model_shape(model_cfg)
-    except ValueError:
-        return None
-
-
 def pricing_of(model_cfg: DictConfig, lora_cfg: DictConfig | None, conventions: Any = None,
                head_rows: int | None = None) -> Pricing:
     """A run's :class:`Pricing` from ``model``, ``lora`` (None: untrained) and ``budget.conventions`` (None: the
@@ -265,8 +260,7 @@ def run_shape(cfg: DictConfig, val_shapes: list[list[tuple[int, int]]], epoch_ba
     (the whole set) and ``epoch_batches``, training micro-batches per epoch on one rank (None: no epoch ends)."""
     tr = cfg.trainer
     ranks = world_size(tr)
-    if len(val_shapes) != ranks:
-        raise UserError(f"validation batch shapes for {len(val_shapes)} ranks, but the trainer runs {ranks}")
+    assert len(val_shapes) == ranks, f"validation batch shapes for {len(val_shapes)} ranks, the trainer runs {ranks}"
     limit = trainer_setting(tr, "limit_val_batches")
     resumed = bool(cfg.get("ckpt_path"))
     # Lightning skips the sanity check when it restarts from a checkpoint.

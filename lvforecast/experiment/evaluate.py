@@ -1,8 +1,7 @@
-"""``evaluate(cfg)``: forecast the held-out systems, score model and baselines, write the evaluation directory.
-
-An upper bound of the generation FLOPs is reserved before the model loads and each batch is charged as ``generate``.
-``run_dir`` (a training run) gives the model, test systems and adapter; without it the untrained model is evaluated.
-The files written: ``docs/evaluation.md``.
+"""``evaluate(cfg)``: forecast the held-out systems, score model and baselines, write the evaluation directory
+(``docs/evaluation.md``). ``run_dir`` (a training run) gives the model, test systems and adapter; without it the
+untrained model is evaluated. An upper bound of the generation FLOPs is reserved before the model loads, and each
+batch is charged as ``generate``.
 """
 
 from __future__ import annotations
@@ -74,7 +73,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.budget.dry_run:  # the GPU and the weights it needs, here (a study's plan may be made elsewhere)
         check_machine(source.model, device=cfg.device)
     inputs = _load(cfg, source)
-    _check_examples(cfg, inputs.systems)
+    # Explicit examples must be evaluated systems; the data's pinned default keeps those the split holds.
+    missing = [e for e in cfg.examples if e not in inputs.systems]
+    if missing and not OmegaConf.is_interpolation(cfg, "examples"):
+        cut = f" (max_systems={cfg.max_systems} cuts the split)" if cfg.max_systems else ""
+        raise UserError(f"examples={list(cfg.examples)}: systems {missing} are not among the {len(inputs.systems)} "
+                        f"test systems evaluated{cut}; name test systems, e.g. examples={sorted(inputs.systems)[:4]}")
     plan, pricing = _generation_plan(cfg, source, inputs)
     if cfg.budget.dry_run:
         log.info("generation FLOPs (dry run, upper bound, no weights loaded): %d systems x %d sample(s) -> %.4e",
@@ -172,23 +176,9 @@ def _read_safetensors(path: Path, what: str) -> tuple[dict[str, Any], dict[str, 
 
 def _load(cfg: DictConfig, source: _Source) -> EvaluationInputs:
     """The test systems, their series, scales and prompts (``max_systems`` keeps ``examples`` first)."""
-    from lvforecast.evaluation.baselines import BASELINES
-
-    unknown = [b for b in cfg.baselines if b not in BASELINES]
-    if unknown:
-        raise UserError(f"baselines={list(cfg.baselines)}: unknown {unknown}; allowed {sorted(BASELINES)}")
     return instantiate(source.data).evaluation_inputs(
         int(cfg.forecast.context_steps), int(cfg.forecast.horizon_steps), split_file=source.split_file,
         max_systems=cfg.max_systems, first=list(cfg.examples))
-
-
-def _check_examples(cfg: DictConfig, systems: list[int]) -> None:
-    """UserError for explicit ``examples`` not evaluated (the data's pinned default keeps those the split holds)."""
-    missing = [e for e in cfg.examples if e not in systems]
-    if missing and not OmegaConf.is_interpolation(cfg, "examples"):
-        cut = f" (max_systems={cfg.max_systems} cuts the split)" if cfg.max_systems else ""
-        raise UserError(f"examples={list(cfg.examples)}: systems {missing} are not among the {len(systems)} test "
-                        f"systems evaluated{cut}; name test systems, e.g. examples={sorted(systems)[:4]}")
 
 
 def _generation_plan(cfg: DictConfig, source: _Source, inputs: EvaluationInputs) -> tuple[GenerationPlan, Pricing]:

@@ -1,9 +1,5 @@
-"""Run directories: unique names, one run per directory, and a resumed run's history kept (``docs/reliability.md``).
-
-:class:`RunDir` is a training run's directory as the run sees it; only the lead process (rank 0) writes. The
-resolvers ``${lv_run_name:}`` (Hydra's run and sweep directory names) and ``${lv_unique:}`` (their unique part) are
-registered on import and cached per config like ``${now:}``, so a multirun's jobs all see one sweep directory.
-"""
+"""Run directories: unique names, one run per directory, and a resumed run's history kept (``docs/reliability.md``);
+:class:`RunDir` is a training run's directory as the run sees it (only the lead process, rank 0, writes)."""
 
 from __future__ import annotations
 
@@ -42,6 +38,7 @@ def run_name() -> str:
     return launch_id() or f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{unique_suffix()}"
 
 
+# Hydra's run and sweep directory names; cached per config like ${now:}, so a multirun's jobs see one sweep directory.
 for _name, _fn in (("lv_unique", unique_suffix), ("lv_run_name", run_name)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn, use_cache=True)
@@ -93,12 +90,10 @@ def claim(cfg: DictConfig, out: Path) -> Claim:
     found = [name for name in RUN_FILES if (out / name).is_file() or any((out / name).glob("*"))]
     if not found:
         return Claim("fresh")
-    ckpt = cfg.get("ckpt_path")
     info = read_json(out / "run_info.json")
-    if ckpt and Path(ckpt).resolve().is_relative_to(out.resolve()):
+    if cfg.get("ckpt_path") and Path(cfg.ckpt_path).resolve().is_relative_to(out.resolve()):
         return Claim("resume", info)
-    finished = info is not None and "final" in info
-    if not any((out / "checkpoints").glob("*.ckpt")) and not finished and _same_config(out, cfg):
+    if not any((out / "checkpoints").glob("*.ckpt")) and "final" not in (info or {}) and _same_config(out, cfg):
         return Claim("fresh")
     last = out / "checkpoints" / "last.ckpt"
     resume = (f"resume it with ckpt_path={last} trainer.max_steps=<more steps>, or " if last.is_file() else "")
@@ -206,8 +201,7 @@ class RunDir:
         """Start this run's segment: write ``run_info.json`` (``record`` and the segments), and keep
         ``metrics.csv`` up to the checkpoint's step on a resume in the same directory (appended to after it)."""
         resume = self.claim.kind == "resume"
-        self.info = {**record, "segments": segments(self.claim.previous if resume else None, self.start_step,
-                                                    ckpt_path)}
+        self.info = {**record, "segments": segments(self.claim.previous, self.start_step, ckpt_path)}
         if self.lead:
             header, rows = metrics_history(self.out, self.start_step) if resume else ([], [])
             install_history(loggers, self.out, header, rows)

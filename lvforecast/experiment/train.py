@@ -1,7 +1,5 @@
-"""``train(cfg)``: build everything from the composed config, fit, and write the run directory.
-
-Its files (``docs/configuration.md``) are each written atomically (:mod:`lvforecast.atomic`).
-"""
+"""``train(cfg)``: build everything from the composed config, fit, and write the run directory, each of its files
+(``docs/configuration.md``) written atomically (:mod:`lvforecast.atomic`)."""
 
 from __future__ import annotations
 
@@ -70,8 +68,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                      cfg.budget.ledger_path, remaining, "fits" if plan.total <= remaining else "WOULD BE REFUSED")
             return {"dry_run": True, "plan": plan.as_dict(), "output_dir": str(run.out)}
         reservation = reserve(cfg, plan, pricing, run.out)
+    try:  # the shape sizes the thread count; a hub id not cached yet has none before it loads
+        shape = pricing.shape if pricing is not None else config.model_shape(cfg.model)
+    except ValueError:
+        shape = None
     # From here on the run holds a reservation: whatever happens, the ledger learns how it ended.
-    shape = pricing.shape if pricing is not None else config.known_shape(cfg.model)
     held = reservation.held() if reservation is not None else contextlib.nullcontext(RunOutcome())
     with held as outcome, torch_threads(cfg.threads, shape):
         result = fit(cfg, datamodule, reservation, run, started)
