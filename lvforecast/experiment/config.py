@@ -157,9 +157,10 @@ def trainer_problems(tr: DictConfig) -> list[str]:
     problems = []
     if not _int_at_least(tr.get("max_steps"), 1):
         problems.append(f"trainer.max_steps={tr.get('max_steps')!r}: must be an integer >= 1 (training is step-based)")
-    for key in ("accumulate_grad_batches", "num_nodes", "check_val_every_n_epoch"):
-        if tr.get(key) is not None and not _int_at_least(tr.get(key), 1):
-            problems.append(f"trainer.{key}={tr.get(key)!r}: must be null or an integer >= 1")
+    for key, low in (("accumulate_grad_batches", 1), ("num_nodes", 1), ("check_val_every_n_epoch", 1),
+                     ("num_sanity_val_steps", -1)):
+        if tr.get(key) is not None and not _int_at_least(tr.get(key), low):
+            problems.append(f"trainer.{key}={tr.get(key)!r}: must be null or an integer >= {low}")
     devices = tr.get("devices")
     listed = isinstance(devices, Sequence) and not isinstance(devices, str) and len(devices) >= 1
     if not (devices is None or _int_at_least(devices, 1) or listed):
@@ -178,9 +179,6 @@ def trainer_problems(tr: DictConfig) -> list[str]:
     limit = tr.get("limit_val_batches")
     if limit is not None and not (_int_at_least(limit, 0) or (isinstance(limit, float) and 0 <= limit <= 1)):
         problems.append(f"trainer.limit_val_batches={limit!r}: must be an integer >= 0 or a fraction in [0, 1]")
-    sanity = tr.get("num_sanity_val_steps")
-    if sanity is not None and not _int_at_least(sanity, -1):
-        problems.append(f"trainer.num_sanity_val_steps={sanity!r}: must be an integer >= -1")
     if tr.get("limit_train_batches") not in (None, 1.0):
         problems.append(f"trainer.limit_train_batches={tr.get('limit_train_batches')!r}: the FLOP plan needs "
                         f"whole epochs; leave it null")

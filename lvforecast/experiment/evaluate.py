@@ -300,8 +300,7 @@ def _write(cfg: DictConfig, out: Path, source: _Source, inputs: EvaluationInputs
     # The model's raw forecasts, for figures across evaluations (the study report draws several models at once).
     with atomic_writer(out / "forecasts.npz", "wb") as fh:
         np.savez_compressed(fh, systems=np.asarray(systems), examples=np.asarray(list(cfg.examples)),
-                            series=inputs.series, context_steps=inputs.context_steps,
-                            forecast=forecasts.by_method["model"],
+                            series=inputs.series, context_steps=inputs.context_steps, forecast=result.values,
                             running_mse=np.asarray(methods["model"]["encoded"]["running_mse"], dtype=float))
     log_evaluation(cfg, out, summary, pngs)
     log.info("evaluation directory: %s (%d systems, %d parse failures, %.3e FLOPs)", out, len(systems),

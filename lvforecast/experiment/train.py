@@ -227,8 +227,7 @@ def _fit_and_save(cfg: DictConfig, trainer: Any, module: Any, datamodule: Any, f
 
 
 def _callbacks(cfg: DictConfig, reservation: Reservation | None) -> list[Any]:
-    """The configured callbacks, the FLOP budget's ``_partial_`` completed with the reservation; no progress bar
-    when ``trainer.enable_progress_bar`` is false (Lightning refuses one then)."""
+    """The configured callbacks, the FLOP budget's ``_partial_`` completed with the reservation, the interrupt one."""
     from pytorch_lightning.callbacks import ProgressBar
 
     from lvforecast.experiment.signals import InterruptCheckpoint
@@ -239,7 +238,7 @@ def _callbacks(cfg: DictConfig, reservation: Reservation | None) -> list[Any]:
         raise UserError("callbacks.flop_budget is missing but budget.enabled=true: every callbacks option must "
                         "include it (see conf/callbacks/flop_budget.yaml), or set budget=off")
     callbacks = instantiate_list(group, exclude=("flop_budget",))
-    if cfg.trainer.get("enable_progress_bar") is False:
+    if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a progress bar then
         callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
     if reservation is not None:
         factory = instantiate(budget_node)
