@@ -85,11 +85,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class InterruptCheckpoint(pl.Callback):
-    """On a signal-caused stop while fitting: write ``checkpoints/last.ckpt`` at the step reached; exit 143 / 130.
-
-    Lightning raises ``SIGTERMException`` after a whole batch (optimizer step, charges, loggers), so the
-    checkpoint is the state after that step.
-    """
+    """On a signal-caused stop while fitting: write ``checkpoints/last.ckpt`` at the step reached (Lightning stops
+    after a whole batch: optimizer step, charges, loggers); exit 143 / 130."""
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         guard = active_guard()

@@ -35,7 +35,10 @@ LIGHTNING_DEFAULTS: dict[str, Any] = {"num_sanity_val_steps": 2, "limit_val_batc
 def check_train_config(cfg: DictConfig, start_step: int = 0) -> None:
     """Check a composed ``conf/train.yaml`` before anything is written or loaded (``start_step``: the checkpoint's
     step when resuming); a UserError lists every problem, each naming its key, the value and what is allowed."""
-    problems = seed_problems(cfg.get("seed"))
+    problems = []
+    if not (_int_at_least(cfg.get("seed"), 0) and cfg.seed <= SEED_MAX):
+        problems.append(f"seed={cfg.get('seed')!r}: must be an integer in [0, {SEED_MAX}] (it seeds the run and each "
+                        f"step's random draws); fix: e.g. seed=42")
     problems += lora_config_problems(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
     sizes = {k: cfg.data.get(k) for k in ("context_length", "stride_steps", "batch_size", "scale_context_steps",
                                           "val_batch_size") if k != "val_batch_size" or cfg.data.get(k) is not None}
@@ -57,6 +60,7 @@ def check_train_config(cfg: DictConfig, start_step: int = 0) -> None:
 
 def check_evaluate_config(cfg: DictConfig) -> None:
     """Check a composed ``conf/evaluate.yaml`` before any data or weights load, as :func:`check_train_config`."""
+    from lvforecast.evaluation.baselines import BASELINES
     from lvforecast.evaluation.forecast import settings_problems
 
     problems = device_problems(cfg.get("device"))
@@ -69,6 +73,8 @@ def check_evaluate_config(cfg: DictConfig) -> None:
     bad = [e for e in cfg.get("examples") or [] if not _int_at_least(e, 0)]
     if bad:
         problems.append(f"examples has {bad}: system ids must be integers >= 0")
+    if unknown := [b for b in cfg.baselines if b not in BASELINES]:
+        problems.append(f"baselines={list(cfg.baselines)}: unknown {unknown}; allowed {sorted(BASELINES)}")
     _raise_problems(cfg, problems)
 
 
@@ -128,14 +134,6 @@ def _leaves(node: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def seed_problems(seed: Any) -> list[str]:
-    """``seed`` must be an integer in [0, 2**32 - 1]: it seeds the run and every step's draws (``step_seed``)."""
-    if _int_at_least(seed, 0) and seed <= SEED_MAX:
-        return []
-    return [f"seed={seed!r}: must be an integer in [0, {SEED_MAX}] (it seeds the run and each step's random "
-            f"draws); fix: e.g. seed=42"]
-
-
 def budget_problems(b: DictConfig) -> list[str]:
     """Every ``budget.*`` key a run reads (its plan, reservation and callback)."""
     problems = []
@@ -159,9 +157,10 @@ def trainer_problems(tr: DictConfig) -> list[str]:
     problems = []
     if not _int_at_least(tr.get("max_steps"), 1):
         problems.append(f"trainer.max_steps={tr.get('max_steps')!r}: must be an integer >= 1 (training is step-based)")
-    for key in ("accumulate_grad_batches", "num_nodes", "check_val_every_n_epoch"):
-        if tr.get(key) is not None and not _int_at_least(tr.get(key), 1):
-            problems.append(f"trainer.{key}={tr.get(key)!r}: must be null or an integer >= 1")
+    for key, low in (("accumulate_grad_batches", 1), ("num_nodes", 1), ("check_val_every_n_epoch", 1),
+                     ("num_sanity_val_steps", -1)):
+        if tr.get(key) is not None and not _int_at_least(tr.get(key), low):
+            problems.append(f"trainer.{key}={tr.get(key)!r}: must be null or an integer >= {low}")
     devices = tr.get("devices")
     listed = isinstance(devices, Sequence) and not isinstance(devices, str) and len(devices) >= 1
     if not (devices is None or _int_at_least(devices, 1) or listed):
@@ -170,8 +169,7 @@ def trainer_problems(tr: DictConfig) -> list[str]:
     if tr.get("strategy") not in (None, "auto", "ddp"):
         problems.append(f"trainer.strategy={tr.get('strategy')!r}: allowed 'auto' or 'ddp' (trainer=ddp)")
     interval, every = tr.get("val_check_interval"), tr.get("check_val_every_n_epoch")
-    if isinstance(interval, bool) or not (interval is None or _int_at_least(interval, 1)
-                                          or (isinstance(interval, float) and 0 < interval <= 1)):
+    if not (interval is None or _int_at_least(interval, 1) or (isinstance(interval, float) and 0 < interval <= 1)):
         problems.append(f"trainer.val_check_interval={interval!r}: must be an integer >= 1 (micro-batches), a "
                         f"fraction of an epoch in (0, 1], or null; time-based intervals cannot be planned")
     elif (interval is None or isinstance(interval, float)) and every is None:
@@ -179,12 +177,8 @@ def trainer_problems(tr: DictConfig) -> list[str]:
                         f"trainer.check_val_every_n_epoch (e.g. 1); with null the interval counts micro-batches, "
                         f"so give an integer")
     limit = tr.get("limit_val_batches")
-    if limit is not None and (isinstance(limit, bool) or not (_int_at_least(limit, 0)
-                                                              or (isinstance(limit, float) and 0 <= limit <= 1))):
+    if limit is not None and not (_int_at_least(limit, 0) or (isinstance(limit, float) and 0 <= limit <= 1)):
         problems.append(f"trainer.limit_val_batches={limit!r}: must be an integer >= 0 or a fraction in [0, 1]")
-    sanity = tr.get("num_sanity_val_steps")
-    if sanity is not None and not _int_at_least(sanity, -1):
-        problems.append(f"trainer.num_sanity_val_steps={sanity!r}: must be an integer >= -1")
     if tr.get("limit_train_batches") not in (None, 1.0):
         problems.append(f"trainer.limit_train_batches={tr.get('limit_train_batches')!r}: the FLOP plan needs "
                         f"whole epochs; leave it null")
@@ -209,14 +203,6 @@ def world_size(trainer_cfg: DictConfig) -> int:
 def model_shape(model_cfg: DictConfig) -> ModelShape:
     """The shape the configured model states in ``model.shape``, without loading weights."""
     return instantiate(model_cfg.shape)
-
-
-def known_shape(model_cfg: DictConfig) -> ModelShape | None:
-    """:func:`model_shape`, or None when it cannot be known before loading (a hub id not cached yet)."""
-    try:
-        return model_shape(model_cfg)
-    except ValueError:
-        return None
 
 
 def pricing_of(model_cfg: DictConfig, lora_cfg: DictConfig | None, conventions: Any = None,
@@ -266,31 +252,21 @@ def schedule_of(tr: DictConfig, epoch_batches: int | None, max_steps: int) -> Sc
                     every_n_epochs=every)
 
 
-def _limited(n_batches: int, limit: int | float) -> int:
-    """How many validation batches Lightning runs for ``limit_val_batches`` (int = count, float = fraction)."""
-    if isinstance(limit, int):
-        return min(limit, n_batches)
-    return n_batches if limit == 1.0 else int(math.floor(n_batches * float(limit)))
-
-
 def run_shape(cfg: DictConfig, val_shapes: list[list[tuple[int, int]]], epoch_batches: int | None,
               start_step: int = 0) -> RunShape:
-    """What the run of checked ``cfg`` will run: its batches, every rank's validation and sanity batches, schedule.
-
-    ``val_shapes``: each rank's validation batch shapes ``(B, N)`` in loader order (the whole set);
-    ``epoch_batches``: training micro-batches per epoch on one rank (None: no epoch ends within the run).
-    """
+    """What the run of checked ``cfg`` will run, from each rank's validation batch shapes ``(B, N)`` in loader order
+    (the whole set) and ``epoch_batches``, training micro-batches per epoch on one rank (None: no epoch ends)."""
     tr = cfg.trainer
     ranks = world_size(tr)
-    if len(val_shapes) != ranks:
-        raise UserError(f"validation batch shapes for {len(val_shapes)} ranks, but the trainer runs {ranks}")
+    assert len(val_shapes) == ranks, f"validation batch shapes for {len(val_shapes)} ranks, the trainer runs {ranks}"
     limit = trainer_setting(tr, "limit_val_batches")
     resumed = bool(cfg.get("ckpt_path"))
     # Lightning skips the sanity check when it restarts from a checkpoint.
     sanity = 0 if resumed else trainer_setting(tr, "num_sanity_val_steps") or 0
     return RunShape(
         batch_size=int(cfg.data.batch_size), context_length=int(cfg.data.context_length), ranks=ranks,
-        val_shapes=[shapes[: _limited(len(shapes), limit)] for shapes in val_shapes],
+        # limit_val_batches as Lightning reads it: an int counts batches, a float is a fraction of them.
+        val_shapes=[shapes[: limit if isinstance(limit, int) else int(len(shapes) * limit)] for shapes in val_shapes],
         sanity_shapes=[shapes if sanity == -1 else shapes[:sanity] for shapes in val_shapes],
         validate_before=bool(cfg.get("validate_before_training")) and not resumed,
         schedule=schedule_of(tr, epoch_batches, tr.max_steps), max_steps=int(tr.max_steps), start_step=start_step,

@@ -1,8 +1,7 @@
-"""``evaluate(cfg)``: forecast the held-out systems, score model and baselines, write the evaluation directory.
-
-An upper bound of the generation FLOPs is reserved before the model loads and each batch is charged as ``generate``.
-``run_dir`` (a training run) gives the model, test systems and adapter; without it the untrained model is evaluated.
-The files written: ``docs/evaluation.md``.
+"""``evaluate(cfg)``: forecast the held-out systems, score model and baselines, write the evaluation directory
+(``docs/evaluation.md``). ``run_dir`` (a training run) gives the model, test systems and adapter; without it the
+untrained model is evaluated. An upper bound of the generation FLOPs is reserved before the model loads, and each
+batch is charged as ``generate``.
 """
 
 from __future__ import annotations
@@ -74,15 +73,22 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.budget.dry_run:  # the GPU and the weights it needs, here (a study's plan may be made elsewhere)
         check_machine(source.model, device=cfg.device)
     inputs = _load(cfg, source)
-    _check_examples(cfg, inputs.systems)
+    # Explicit examples must be evaluated systems; the data's pinned default keeps those the split holds.
+    missing = [e for e in cfg.examples if e not in inputs.systems]
+    if missing and not OmegaConf.is_interpolation(cfg, "examples"):
+        cut = f" (max_systems={cfg.max_systems} cuts the split)" if cfg.max_systems else ""
+        raise UserError(f"examples={list(cfg.examples)}: systems {missing} are not among the {len(inputs.systems)} "
+                        f"test systems evaluated{cut}; name test systems, e.g. examples={sorted(inputs.systems)[:4]}")
     plan, pricing = _generation_plan(cfg, source, inputs)
     if cfg.budget.dry_run:
-        return _dry_run(cfg, out, plan.total, inputs)
+        log.info("generation FLOPs (dry run, upper bound, no weights loaded): %d systems x %d sample(s) -> %.4e",
+                 len(inputs.prompts), int(cfg.forecast.num_samples), plan.total)
+        return {"dry_run": True, "plan": {"generate_upper_bound": plan.total, "systems": len(inputs.prompts)},
+                "output_dir": str(out)}
     reservation = _reserve(cfg, source, plan, pricing)
     with torch_threads(cfg.threads, pricing.shape):
         forecasts = _forecast(cfg, source, inputs, reservation)
-    metrics = _score(inputs, forecasts)
-    return _write(cfg, out, source, inputs, forecasts, metrics)
+    return _write(cfg, out, source, inputs, forecasts)
 
 
 def plan_generation(cfg: DictConfig, trained: DictConfig | None = None) -> int:
@@ -102,7 +108,12 @@ def _source(cfg: DictConfig) -> _Source:
                 if not (run / name).exists()]
     if problems:
         raise UserError("cannot evaluate the run: " + "; ".join(problems) + " (is it a finished training run?)")
-    train_cfg = _run_config(run / "config.yaml")
+    train_cfg = read_run_config(run / "config.yaml", ("model", "data", "lora"), _RETRAIN)  # as data, never code
+    missing = [k for k in ("model.loader._target_", "data._target_", "data.context_length", "lora.r",
+                           "lora.target_modules") if OmegaConf.select(train_cfg, k, default=None) is None]
+    if missing:
+        raise UserError(f"{run / 'config.yaml'}: not a training run's config: missing {', '.join(missing)}; "
+                        f"{_RETRAIN}")
     _check_split(run / "split.json")
     _check_adapter(run / "adapter")
     return _Source(model=train_cfg.model, data=train_cfg.data, lora=train_cfg.lora,
@@ -116,17 +127,6 @@ _RETRAIN = "fix: restore it from a copy of the run, or train the run again (pyth
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return (text.splitlines()[0] if text else type(err).__name__)[:200]
-
-
-def _run_config(path: Path) -> DictConfig:
-    """A training run's ``model``, ``data`` and ``lora``, read as data (:mod:`~lvforecast.experiment.runconfig`);
-    UserError if torn, not plain data, or lacking a key an evaluation reads."""
-    train_cfg = read_run_config(path, ("model", "data", "lora"), _RETRAIN)
-    missing = [k for k in ("model.loader._target_", "data._target_", "data.context_length", "lora.r",
-                           "lora.target_modules") if OmegaConf.select(train_cfg, k, default=None) is None]
-    if missing:
-        raise UserError(f"{path}: not a training run's config: missing {', '.join(missing)}; {_RETRAIN}")
-    return train_cfg
 
 
 def _check_split(path: Path) -> None:
@@ -159,37 +159,26 @@ def _check_adapter(adapter: Path) -> None:
     weights = adapter / "adapter_model.safetensors"
     if not weights.is_file():
         raise UserError(f"{weights}: missing (the adapter folder has no weights); {_RETRAIN}")
+    if not _read_safetensors(weights, "safetensors file")[0]:
+        raise UserError(f"{weights}: holds no tensors; {_RETRAIN}")
+
+
+def _read_safetensors(path: Path, what: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The tensors and metadata of ``path``; UserError naming it as not a readable ``what`` if torn."""
     from safetensors import safe_open
 
     try:
-        with safe_open(str(weights), "pt") as fh:
-            keys = list(fh.keys())
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for a torn header
-        raise UserError(f"{weights}: not a readable safetensors file ({_first_line(err)}); {_RETRAIN}") from err
-    if not keys:
-        raise UserError(f"{weights}: holds no tensors; {_RETRAIN}")
+        with safe_open(str(path), "pt") as fh:
+            return {key: fh.get_tensor(key) for key in fh.keys()}, fh.metadata() or {}
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for a torn file
+        raise UserError(f"{path}: not a readable {what} ({_first_line(err)}); {_RETRAIN}") from err
 
 
 def _load(cfg: DictConfig, source: _Source) -> EvaluationInputs:
     """The test systems, their series, scales and prompts (``max_systems`` keeps ``examples`` first)."""
-    from lvforecast.evaluation.baselines import BASELINES
-
-    unknown = [b for b in cfg.baselines if b not in BASELINES]
-    if unknown:
-        raise UserError(f"baselines={list(cfg.baselines)}: unknown {unknown}; allowed {sorted(BASELINES)}")
     return instantiate(source.data).evaluation_inputs(
         int(cfg.forecast.context_steps), int(cfg.forecast.horizon_steps), split_file=source.split_file,
         max_systems=cfg.max_systems, first=list(cfg.examples))
-
-
-def _check_examples(cfg: DictConfig, systems: list[int]) -> None:
-    """UserError for ``examples`` given explicitly (not the data's pinned default) that are not evaluated systems,
-    before anything is reserved; the pinned default keeps those the split holds."""
-    missing = [e for e in cfg.examples if e not in systems]
-    if missing and not OmegaConf.is_interpolation(cfg, "examples"):
-        cut = f" (max_systems={cfg.max_systems} cuts the split)" if cfg.max_systems else ""
-        raise UserError(f"examples={list(cfg.examples)}: systems {missing} are not among the {len(systems)} test "
-                        f"systems evaluated{cut}; name test systems, e.g. examples={sorted(systems)[:4]}")
 
 
 def _generation_plan(cfg: DictConfig, source: _Source, inputs: EvaluationInputs) -> tuple[GenerationPlan, Pricing]:
@@ -208,13 +197,6 @@ def _generation_plan(cfg: DictConfig, source: _Source, inputs: EvaluationInputs)
                                  kv_cache=True, prefill_logits="last", head_rows=head_rows)
                 for rows, prompt_len, new in batches)
     return GenerationPlan(rows=sum(rows for rows, _, _ in batches), total=total), pricing
-
-
-def _dry_run(cfg: DictConfig, out: Path, plan: int, inputs: EvaluationInputs) -> dict[str, Any]:
-    log.info("generation FLOPs (dry run, upper bound, no weights loaded): %d systems x %d sample(s) -> %.4e",
-             len(inputs.prompts), int(cfg.forecast.num_samples), plan)
-    return {"dry_run": True, "plan": {"generate_upper_bound": plan, "systems": len(inputs.prompts)},
-            "output_dir": str(out)}
 
 
 def _reserve(cfg: DictConfig, source: _Source, plan: GenerationPlan, pricing: Pricing) -> Reservation | None:
@@ -264,25 +246,19 @@ def _forecast(cfg: DictConfig, source: _Source, inputs: EvaluationInputs,
 
 
 def _logit_bias(run: Path, lora_cfg: DictConfig, char_ids: dict[str, int]) -> Any:
-    """The run's trained output-logit bias, or None; its presence must agree with the run's config.
-
-    A full-head run saved a (V,) vector; an alphabet-head one a (13,) vector whose metadata names its token ids.
-    """
+    """The run's (V,) logit bias, or (13,) for an alphabet head (its metadata names the token ids); None without one."""
     path = run / "adapter" / "logit_bias.safetensors"
     if bool(lora_cfg.get("train_logit_bias", False)) != path.is_file():
         raise UserError(f"run_dir={str(run)!r}: lora.train_logit_bias={lora_cfg.get('train_logit_bias')} in its "
                          f"config.yaml but {path} {'exists' if path.is_file() else 'is missing'}")
     if not path.is_file():
         return None
-    from safetensors import safe_open
-
     from lvforecast.model.module import alphabet_ids
 
-    try:
-        with safe_open(str(path), "pt") as f:
-            bias, meta = f.get_tensor("bias"), f.metadata() or {}
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for a torn file
-        raise UserError(f"{path}: not a readable logit bias ({_first_line(err)}); {_RETRAIN}") from err
+    tensors, meta = _read_safetensors(path, "logit bias")
+    bias = tensors.get("bias")
+    if bias is None:
+        raise UserError(f"{path}: not a readable logit bias (no 'bias' tensor); {_RETRAIN}")
     if meta.get("head") == "alphabet":
         saved = [int(i) for i in meta["token_ids"].split(",")]
         if saved != alphabet_ids(char_ids) or bias.shape != (len(saved),):
@@ -291,57 +267,40 @@ def _logit_bias(run: Path, lora_cfg: DictConfig, char_ids: dict[str, int]) -> An
     return bias
 
 
-def _score(inputs: EvaluationInputs, forecasts: _Forecasts) -> dict[str, Any]:
-    """Metrics per method in encoded units (each series divided by its own scale) and in original units."""
-    from lvforecast.evaluation.behaviour import classify_all
+def _write(cfg: DictConfig, out: Path, source: _Source, inputs: EvaluationInputs,
+           forecasts: _Forecasts) -> dict[str, Any]:
+    """Score every method, in encoded units (each series divided by its own scale) and in original units; write the
+    evaluation directory (and the W&B run); return the headline metrics."""
+    from lvforecast.evaluation.behaviour import class_counts, classify_all
+    from lvforecast.evaluation.report import write_plots, write_report
 
-    classes, truth = classify_all(inputs.values, inputs.time), inputs.truth
-    return {"classes": classes, "methods": {name: evaluate_forecasts(truth, pred, classes, scale=inputs.scales)
-                                            for name, pred in forecasts.by_method.items()}}
-
-
-def _summary(cfg: DictConfig, source: _Source, inputs: EvaluationInputs, forecasts: _Forecasts,
-             metrics: dict[str, Any]) -> dict[str, Any]:
-    """The ``metrics.json`` record."""
-    from lvforecast.evaluation.behaviour import class_counts
-
-    result = forecasts.result
+    result, systems, classes = forecasts.result, inputs.systems, classify_all(inputs.values, inputs.time)
+    methods = {name: evaluate_forecasts(inputs.truth, pred, classes, scale=inputs.scales)
+               for name, pred in forecasts.by_method.items()}
     summary = {
-        "model": forecasts.model_name, "systems": inputs.systems, "classes": dict(class_counts(metrics["classes"])),
+        "model": forecasts.model_name, "systems": systems, "classes": dict(class_counts(classes)),
         "parse_failures": result.parse_failures, "constrained": bool(cfg.forecast.constrained),
         "prompt_tokens": {"min": int(min(result.prompt_tokens)), "max": int(max(result.prompt_tokens)),
                           "trained_context_tokens": source.trained_context_tokens},
         "flops_generate": int(result.flops), "forecast_seconds": round(forecasts.seconds, 2),
         "device": forecasts.device,
-        "methods": {k: {u: v[u]["aggregate"] for u in ("encoded", "original")} for k, v in metrics["methods"].items()},
+        "methods": {k: {u: v[u]["aggregate"] for u in ("encoded", "original")} for k, v in methods.items()},
     }
     if result.samples is not None:
-        truth, scales = inputs.truth, inputs.scales
-        enc = scales[:, None, None, None]
+        truth, scales = inputs.truth, inputs.scales[:, None, None]  # samples: (S, N, H, 2)
         summary["probabilistic"] = {
-            "crps_encoded": np.nanmean(crps_samples(truth / scales[:, None, None], result.samples / enc), 0).tolist(),
+            "crps_encoded": np.nanmean(crps_samples(truth / scales, result.samples / scales[:, None]), 0).tolist(),
             "coverage_10_90": np.nanmean(interval_coverage(truth, result.samples), 0).tolist(),
         }
-    return summary
-
-
-def _write(cfg: DictConfig, out: Path, source: _Source, inputs: EvaluationInputs, forecasts: _Forecasts,
-           metrics: dict[str, Any]) -> dict[str, Any]:
-    """Write the evaluation directory (and the W&B run); return the headline metrics."""
-    from lvforecast.evaluation.report import write_plots, write_report
-
-    result, methods, systems = forecasts.result, metrics["methods"], inputs.systems
-    summary = _summary(cfg, source, inputs, forecasts, metrics)
     write_text(out / "metrics.json", json.dumps(summary, indent=1))
-    _write_per_system(out / "per_system.csv", inputs, metrics["classes"], methods, result.steps_parsed)
+    _write_per_system(out / "per_system.csv", inputs, classes, methods, result.steps_parsed)
     pngs = write_plots(out, systems, inputs.series, inputs.context_steps, forecasts.by_method, methods,
                        list(cfg.examples))
     write_report(out / "report.md", summary, methods, systems, list(cfg.examples))
     # The model's raw forecasts, for figures across evaluations (the study report draws several models at once).
     with atomic_writer(out / "forecasts.npz", "wb") as fh:
         np.savez_compressed(fh, systems=np.asarray(systems), examples=np.asarray(list(cfg.examples)),
-                            series=inputs.series, context_steps=inputs.context_steps,
-                            forecast=forecasts.by_method["model"],
+                            series=inputs.series, context_steps=inputs.context_steps, forecast=result.values,
                             running_mse=np.asarray(methods["model"]["encoded"]["running_mse"], dtype=float))
     log_evaluation(cfg, out, summary, pngs)
     log.info("evaluation directory: %s (%d systems, %d parse failures, %.3e FLOPs)", out, len(systems),

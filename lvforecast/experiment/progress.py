@@ -60,11 +60,7 @@ class FlopModelSummary(ModelSummary):
 
 class StepProgressBar(TQDMProgressBar):
     """A tqdm progress bar whose training bar counts optimizer steps of ``max_steps`` (``step 40/150``), across
-    epochs, from the step a resumed run starts at.
-
-    Its metrics (Lightning's and :data:`SHOWN`) are read only after a step that logged them: reading a logged
-    tensor is a host sync, and between logging steps there is nothing new to read.
-    """
+    epochs, from the step a resumed run starts at; its metrics are read only after a step that logged them."""
 
     STEP_BAR_FORMAT = "step {n_fmt}/{total_fmt} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}, " \
                       "{rate_noinv_fmt}{postfix}]"
@@ -93,6 +89,7 @@ class StepProgressBar(TQDMProgressBar):
             return
         bar.n = step
         every = trainer.log_every_n_steps
+        # Reading a logged tensor is a host sync, and between logging steps there is nothing new to read.
         if (every and step % every == 0) or step == trainer.max_steps:  # the step that ended logged
             bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
         else:

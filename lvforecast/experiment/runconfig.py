@@ -1,11 +1,7 @@
-"""A run directory's ``config.yaml`` read as data, never as code (``docs/reliability.md``).
+"""A run directory's ``config.yaml`` read as data, never as code (``docs/reliability.md``, untrusted files).
 
-A run directory may come from a colleague or a download. Its config is parsed without resolving anything, and
-only the sections a reader names are taken. Within them a ``_target_`` must be one of :data:`TARGETS` (the
-callables the project's own ``conf/model`` and ``conf/data`` groups name), given only that callable's own
-parameters. No value may hold an interpolation or a resolver (``${...}``, ``${oc.env:...}``): a run writes its
-config resolved, so one found there was put there by hand. Anything else is refused, before anything from the file
-is instantiated or resolved, with one :class:`UserError` naming the file and each key.
+Only the named sections are taken, unresolved; a ``_target_`` must be one of :data:`TARGETS` with that callable's own
+parameters, and no value may hold ``${...}`` (a run writes its config resolved, so one there was put by hand).
 """
 
 from __future__ import annotations
@@ -76,12 +72,8 @@ def _problems(node: Any, where: str) -> Iterable[str]:
 
 
 def read_run_config(path: Path, sections: tuple[str, ...], fix: str) -> DictConfig:
-    """The ``sections`` (top-level or dotted keys) of the run config at ``path``, checked as the module docstring
-    says; a missing one is left out. ``fix``: what the message tells the user to do.
-
-    Raises:
-        UserError: The file cannot be read or parsed, is not a mapping, or a taken key is not plain data.
-    """
+    """The ``sections`` (top-level or dotted keys; missing ones left out) of the run config at ``path``; a UserError
+    ending with ``fix`` if it cannot be read or parsed, is not a mapping, or a taken key is not plain data."""
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)  # parsed, nothing resolved
     except OSError as err:

@@ -1,9 +1,5 @@
-"""Run directories: unique names, one run per directory, and a resumed run's history kept (``docs/reliability.md``).
-
-:class:`RunDir` is a training run's directory as the run sees it; only the lead process (rank 0) writes. The
-resolvers ``${lv_run_name:}`` (Hydra's run and sweep directory names) and ``${lv_unique:}`` (their unique part) are
-registered on import and cached per config like ``${now:}``, so a multirun's jobs all see one sweep directory.
-"""
+"""Run directories: unique names, one run per directory, and a resumed run's history kept (``docs/reliability.md``);
+:class:`RunDir` is a training run's directory as the run sees it (only the lead process, rank 0, writes)."""
 
 from __future__ import annotations
 
@@ -42,6 +38,7 @@ def run_name() -> str:
     return launch_id() or f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{unique_suffix()}"
 
 
+# Hydra's run and sweep directory names; cached per config like ${now:}, so a multirun's jobs see one sweep directory.
 for _name, _fn in (("lv_unique", unique_suffix), ("lv_run_name", run_name)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn, use_cache=True)
@@ -89,17 +86,14 @@ def _same_config(out: Path, cfg: DictConfig) -> bool:
 def claim(cfg: DictConfig, out: Path) -> Claim:
     """Check that this run may write into ``out``: a UserError names another run's files there, unless this run
     resumes that one (``ckpt_path`` inside it) or restarts its configuration stopped before its first checkpoint."""
-    found = [name for name in RUN_FILES if (out / name).exists()]
-    if (out / "checkpoints").is_dir() and not any((out / "checkpoints").iterdir()):
-        found.remove("checkpoints")
+    # A folder counts only with something in it (checkpoints/ is made before the first checkpoint is).
+    found = [name for name in RUN_FILES if (out / name).is_file() or any((out / name).glob("*"))]
     if not found:
         return Claim("fresh")
-    ckpt = cfg.get("ckpt_path")
     info = read_json(out / "run_info.json")
-    if ckpt and Path(ckpt).resolve().is_relative_to(out.resolve()):
+    if cfg.get("ckpt_path") and Path(cfg.ckpt_path).resolve().is_relative_to(out.resolve()):
         return Claim("resume", info)
-    finished = info is not None and "final" in info
-    if not any((out / "checkpoints").glob("*.ckpt")) and not finished and _same_config(out, cfg):
+    if not any((out / "checkpoints").glob("*.ckpt")) and "final" not in (info or {}) and _same_config(out, cfg):
         return Claim("fresh")
     last = out / "checkpoints" / "last.ckpt"
     resume = (f"resume it with ckpt_path={last} trainer.max_steps=<more steps>, or " if last.is_file() else "")
@@ -164,12 +158,11 @@ def install_history(loggers: list[Any], out: Path, header: list[str], rows: list
 def segments(previous: dict[str, Any] | None, start_step: int, ckpt_path: str | None) -> list[dict[str, Any]]:
     """The segments of ``previous`` (``run_info.json`` on a resume; one without segments is one segment to its
     final step, one still ``running`` was killed: ``interrupted``) and a new ``running`` one from ``start_step``."""
-    old: list[dict[str, Any]] = []
-    if previous:
-        old = [dict(s) for s in previous.get("segments") or [] if isinstance(s, dict)]
-        if not old and isinstance(previous.get("final"), dict):
-            old = [{"start_step": 0, "end_step": previous["final"].get("global_step"),
-                    "status": previous["final"].get("budget_status")}]
+    previous = previous or {}
+    old = [dict(s) for s in previous.get("segments") or [] if isinstance(s, dict)]
+    if not old and isinstance(previous.get("final"), dict):
+        old = [{"start_step": 0, "end_step": previous["final"].get("global_step"),
+                "status": previous["final"].get("budget_status")}]
     for seg in old:
         if seg.get("status") == RunStatus.RUNNING:
             seg["status"] = RunStatus.INTERRUPTED.value
@@ -208,17 +201,13 @@ class RunDir:
         """Start this run's segment: write ``run_info.json`` (``record`` and the segments), and keep
         ``metrics.csv`` up to the checkpoint's step on a resume in the same directory (appended to after it)."""
         resume = self.claim.kind == "resume"
-        self.info = {**record, "segments": segments(self.claim.previous if resume else None, self.start_step,
-                                                    ckpt_path)}
+        self.info = {**record, "segments": segments(self.claim.previous, self.start_step, ckpt_path)}
         if self.lead:
             header, rows = metrics_history(self.out, self.start_step) if resume else ([], [])
             install_history(loggers, self.out, header, rows)
-        self._write_info()
+        self.write("run_info.json", json.dumps(self.info, indent=1))
 
     def end(self, step: int, status: str, **record: Any) -> None:
         self.info["segments"][-1].update(end_step=step, status=str(status), ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         self.info.update(record)
-        self._write_info()
-
-    def _write_info(self) -> None:
         self.write("run_info.json", json.dumps(self.info, indent=1))

@@ -1,11 +1,9 @@
 """SIGTERM and SIGINT: a run stops at the next step boundary, checkpointed, recorded ``interrupted``, exit 143 / 130.
 
-What the user sees: ``docs/reliability.md`` (signals). While fitting, the signal goes through Lightning's own
-mechanism (its loops raise ``SIGTERMException``, a ``SystemExit``, after the current batch; :class:`SignalGuard`
-routes SIGINT the same way) and :class:`lvforecast.checkpoint.InterruptCheckpoint` writes the checkpoint. Outside
-fitting, and on a second signal, :class:`SignalGuard` raises :class:`Interrupted` at once. Handlers are only installed
-from the main thread (Python allows no other) and are restored on exit. A requeued SLURM job resumes by
-:func:`resume_requeued`.
+What the user sees: ``docs/reliability.md`` (signals). While fitting, Lightning's loops raise ``SIGTERMException``
+after the current batch (:class:`SignalGuard` routes SIGINT the same way) and
+:class:`lvforecast.checkpoint.InterruptCheckpoint` writes the checkpoint; outside fitting, and on a second signal,
+:class:`Interrupted` is raised at once. Handlers are installed from the main thread only (Python allows no other).
 """
 
 from __future__ import annotations

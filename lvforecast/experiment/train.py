@@ -1,7 +1,5 @@
-"""``train(cfg)``: build everything from the composed config, fit, and write the run directory.
-
-Its files (``docs/configuration.md``) are each written atomically (:mod:`lvforecast.atomic`).
-"""
+"""``train(cfg)``: build everything from the composed config, fit, and write the run directory, each of its files
+(``docs/configuration.md``) written atomically (:mod:`lvforecast.atomic`)."""
 
 from __future__ import annotations
 
@@ -67,10 +65,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if pricing is not None:
         plan = _plan(cfg, datamodule, pricing, start_step)
         if cfg.budget.dry_run:
-            return _dry_run(cfg, plan, run.out)
+            remaining = remaining_in(cfg.budget.ledger_path, cfg.budget.total_flops)
+            log.info("FLOP plan (dry run, no weights loaded): %s; ledger %s has %.4e remaining -> %s", plan.describe(),
+                     cfg.budget.ledger_path, remaining, "fits" if plan.total <= remaining else "WOULD BE REFUSED")
+            return {"dry_run": True, "plan": plan.as_dict(), "output_dir": str(run.out)}
         reservation = reserve(cfg, plan, pricing, run.out)
+    try:  # the shape sizes the thread count; a hub id not cached yet has none before it loads
+        shape = pricing.shape if pricing is not None else config.model_shape(cfg.model)
+    except ValueError:
+        shape = None
     # From here on the run holds a reservation: whatever happens, the ledger learns how it ended.
-    shape = pricing.shape if pricing is not None else config.known_shape(cfg.model)
     held = reservation.held() if reservation is not None else contextlib.nullcontext(RunOutcome())
     with held as outcome, torch_threads(cfg.threads, shape):
         result = fit(cfg, datamodule, reservation, run, started)
@@ -100,21 +104,11 @@ def _plan(cfg: DictConfig, datamodule: Any, pricing: Any, start_step: int) -> Pl
     return plan
 
 
-def _dry_run(cfg: DictConfig, plan: Plan, out: Path) -> dict[str, Any]:
-    remaining = remaining_in(cfg.budget.ledger_path, cfg.budget.total_flops)
-    log.info("FLOP plan (dry run, no weights loaded): %s; ledger %s has %.4e remaining -> %s", plan.describe(),
-             cfg.budget.ledger_path, remaining, "fits" if plan.total <= remaining else "WOULD BE REFUSED")
-    return {"dry_run": True, "plan": plan.as_dict(), "output_dir": str(out)}
-
-
 def reserve(cfg: DictConfig, plan: Plan, pricing: Any, out: Path) -> Reservation:
     """Reserve the run's plan (or ``budget.run_cap_flops``) in the ledger, before any weights load; in a distributed
     run rank 0 reserves and publishes it in the run directory, and the other ranks charge rank 0's ledger run.
-
-    Raises:
-        BudgetExceededError: The ledger cannot cover it.
-        RuntimeError: On another rank, rank 0 was refused or never reserved.
-    """
+    Raises BudgetExceededError when the ledger cannot cover it; RuntimeError on another rank when rank 0 was
+    refused or never reserved."""
     ledger = Ledger(cfg.budget.ledger_path, budget=cfg.budget.total_flops, journal_mode=cfg.budget.journal_mode)
     flops = reserved_flops(plan, cfg.budget.run_cap_flops, cfg.budget.mode)
     distributed = config.world_size(cfg.trainer) > 1
@@ -208,7 +202,13 @@ def _fit_and_save(cfg: DictConfig, trainer: Any, module: Any, datamodule: Any, f
         # A run stopped by the budget ends between checkpoint intervals: keep its final state too.
         trainer.save_checkpoint(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt")
     final_train = {k: float(v) for k, v in trainer.callback_metrics.items() if k == "train/loss"}
-    _final_validation(trainer, module, datamodule, flop_cb, run.start_step)
+    # Validate the final weights unless Lightning just did, so val/loss is never stale, and only if the budget can
+    # pay for it (the guard made sure of that before the last step).
+    if trainer.global_step > run.start_step and module.last_validated_step != trainer.global_step:
+        if flop_cb is None or flop_cb.affords(flop_cb.final_validation_flops):
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+        else:
+            log.warning("FLOP budget: no final validation at step %d, it would not fit", trainer.global_step)
     run.lead = trainer.is_global_zero
     if run.lead:
         with atomic_dir(run.out / "adapter") as tmp:  # the previous adapter/ stays until the new one is whole
@@ -229,8 +229,7 @@ def _fit_and_save(cfg: DictConfig, trainer: Any, module: Any, datamodule: Any, f
 
 
 def _callbacks(cfg: DictConfig, reservation: Reservation | None) -> list[Any]:
-    """The configured callbacks, the FLOP budget's ``_partial_`` completed with the reservation; no progress bar
-    when ``trainer.enable_progress_bar`` is false (Lightning refuses one then)."""
+    """The configured callbacks, the FLOP budget's ``_partial_`` completed with the reservation, the interrupt one."""
     from pytorch_lightning.callbacks import ProgressBar
 
     from lvforecast.checkpoint import InterruptCheckpoint
@@ -241,7 +240,7 @@ def _callbacks(cfg: DictConfig, reservation: Reservation | None) -> list[Any]:
         raise UserError("callbacks.flop_budget is missing but budget.enabled=true: every callbacks option must "
                         "include it (see conf/callbacks/flop_budget.yaml), or set budget=off")
     callbacks = instantiate_list(group, exclude=("flop_budget",))
-    if cfg.trainer.get("enable_progress_bar") is False:
+    if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a progress bar then
         callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
     if reservation is not None:
         factory = instantiate(budget_node)
@@ -251,21 +250,9 @@ def _callbacks(cfg: DictConfig, reservation: Reservation | None) -> list[Any]:
     return [*callbacks, InterruptCheckpoint()]  # SIGTERM/SIGINT: checkpoint at the step reached, exit 143/130
 
 
-def _final_validation(trainer: Any, module: Any, datamodule: Any, flop_cb: Any, start_step: int) -> None:
-    """Validate the final weights unless Lightning just did, so ``val/loss`` is never stale; only if the budget
-    can pay for it (the guard made sure of that before the last step)."""
-    if trainer.global_step <= start_step or module.last_validated_step == trainer.global_step:
-        return
-    if flop_cb is not None and not flop_cb.affords(flop_cb.final_validation_flops):
-        log.warning("FLOP budget: no final validation at step %d, it would not fit", trainer.global_step)
-        return
-    trainer.validate(module, datamodule=datamodule, verbose=False)
-
-
 def distributed_rank(cfg: DictConfig) -> int:
     """This process's global rank in a multi-process run (0 when alone), from torchrun's ``RANK``, Lightning's
     ``LOCAL_RANK``/``NODE_RANK`` or SLURM's ``SLURM_PROCID``."""
-
     ranks = config.world_size(cfg.trainer)
     if ranks == 1:
         return 0
