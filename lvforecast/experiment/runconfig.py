@@ -72,8 +72,12 @@ def _problems(node: Any, where: str) -> Iterable[str]:
 
 
 def read_run_config(path: Path, sections: tuple[str, ...], fix: str) -> DictConfig:
-    """The ``sections`` (top-level or dotted keys; missing ones left out) of the run config at ``path``; a UserError
-    ending with ``fix`` if it cannot be read or parsed, is not a mapping, or a taken key is not plain data."""
+    """The ``sections`` (top-level or dotted keys) of the run config at ``path``, checked as the module docstring
+    says; a missing one is left out. ``fix``: what the message tells the user to do.
+
+    Raises:
+        UserError: The file cannot be read or parsed, is not a mapping, or a taken key is not plain data.
+    """
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)  # parsed, nothing resolved
     except OSError as err:

@@ -107,8 +107,11 @@ def _plan(cfg: DictConfig, datamodule: Any, pricing: Any, start_step: int) -> Pl
 def reserve(cfg: DictConfig, plan: Plan, pricing: Any, out: Path) -> Reservation:
     """Reserve the run's plan (or ``budget.run_cap_flops``) in the ledger, before any weights load; in a distributed
     run rank 0 reserves and publishes it in the run directory, and the other ranks charge rank 0's ledger run.
-    Raises BudgetExceededError when the ledger cannot cover it; RuntimeError on another rank when rank 0 was
-    refused or never reserved."""
+
+    Raises:
+        BudgetExceededError: The ledger cannot cover it.
+        RuntimeError: On another rank, rank 0 was refused or never reserved.
+    """
     ledger = Ledger(cfg.budget.ledger_path, budget=cfg.budget.total_flops, journal_mode=cfg.budget.journal_mode)
     flops = reserved_flops(plan, cfg.budget.run_cap_flops, cfg.budget.mode)
     distributed = config.world_size(cfg.trainer) > 1
