@@ -123,13 +123,6 @@ class Ledger:
     def __repr__(self) -> str:
         return f"Ledger({str(self.path)!r}, budget={self.budget:.3e}, journal_mode={self.journal_mode!r})"
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_warned_over"}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._warned_over = set()
-
     def _transaction(self, immediate: bool = True) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         return store.transaction(self.path, self.timeout_s, self.journal_mode, immediate)
 
@@ -147,13 +140,12 @@ class Ledger:
     def _run(self, conn: sqlite3.Connection, run_id: int, otherwise: str | None = None) -> sqlite3.Row:
         """The row of ``run_id``; with ``otherwise``, it must be running, else a UserError ending in ``otherwise``."""
         run_id = as_count(run_id, "run_id")
-        found = store.rows(conn, "SELECT * FROM runs WHERE id = ?", (run_id,))
-        if not found:
+        row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
             raise UserError(f"no run with id {run_id} in ledger {self.path}")
-        row = found[0]
         if otherwise is not None and row["status"] != RunStatus.RUNNING:
-            status = row["status"]
-            raise UserError(f"run {run_id} {row['name']!r} is {status!r}, not '{RunStatus.RUNNING}'; {otherwise}")
+            raise UserError(f"run {run_id} {row['name']!r} is {row['status']!r}, not '{RunStatus.RUNNING}'; "
+                            f"{otherwise}")
         return row
 
     def open_run(self, name: str, planned_flops: float, sweep: str | None = None, config_hash: str | None = None,
@@ -220,13 +212,13 @@ class Ledger:
             conn.execute("INSERT INTO charges (run_id, kind, flops, steps, tokens, seconds, charged_at) "
                          "VALUES (?, ?, ?, ?, ?, ?, ?)",
                          (run_id, kind, flops, steps, tokens, float(seconds), time.time()))
-            charged = store.charged(conn, run_id)
+            charged = store.spent(conn, run_id)
         if status != RunStatus.RUNNING:
             self._log(logging.WARNING, run_id, name, "is %s but was charged %.2e more FLOPs (%s)", status, flops, kind)
         elif charged > reserved and run_id not in self._warned_over:
             self._warned_over.add(run_id)
-            message = "has charged %.2e FLOPs, past its reservation of %.2e"
-            self._log(logging.WARNING, run_id, name, message, charged, reserved)
+            self._log(logging.WARNING, run_id, name, "has charged %.2e FLOPs, past its reservation of %.2e", charged,
+                      reserved)
 
     def finish(self, run_id: int, status: RunStatus = RunStatus.FINISHED) -> None:
         """End a running run with ``status`` (one of :data:`~lvforecast.budget.status.FINISH_STATUSES`) and release
@@ -263,7 +255,7 @@ class Ledger:
         """FLOPs charged by one run; an unknown run raises UserError."""
         with self._transaction(immediate=False) as conn:
             self._run(conn, run_id)
-            return store.charged(conn, run_id)
+            return store.spent(conn, run_id)
 
     def study_spent(self) -> int:
         """FLOPs charged by all runs of the study."""

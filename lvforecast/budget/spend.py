@@ -9,7 +9,7 @@ from typing import Any
 
 from lvforecast.budget.liveness import run_alive
 from lvforecast.budget.status import RunStatus
-from lvforecast.budget.store import outstanding, rows
+from lvforecast.budget.store import outstanding
 
 # The report's spend columns: training, validation, inference (test + generate) and their total.
 COLUMNS = ("train", "val", "inference", "total")
@@ -19,8 +19,8 @@ def run_records(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     """All runs, oldest first: every ``runs`` column but boot_id, pid_start and plan_json, plus charged_flops,
     plan (dict or None) and owner_alive (None unless running)."""
     out = []
-    for row in rows(conn, "SELECT r.*, COALESCE((SELECT SUM(flops) FROM charges c WHERE c.run_id = r.id), 0) "
-                          "AS charged_flops FROM runs r ORDER BY r.id"):
+    for row in conn.execute("SELECT r.*, COALESCE((SELECT SUM(flops) FROM charges c WHERE c.run_id = r.id), 0) "
+                            "AS charged_flops FROM runs r ORDER BY r.id"):
         d = dict(row)
         plan_json = d.pop("plan_json")
         d["plan"] = None if plan_json is None else json.loads(plan_json)
@@ -36,12 +36,13 @@ def spend_table(conn: sqlite3.Connection, budget: int) -> dict[str, Any]:
     :data:`COLUMNS` (FLOPs), share (total / budget) and seconds; refused attempts spent nothing and are listed apart
     (id, name, sweep, study, stage, planned)."""
     table, refused = [], []
-    for row in rows(conn, "SELECT r.id, r.name, r.sweep, r.study, r.stage, r.status, r.config_hash, "
-                          "r.planned_flops AS planned, COALESCE(SUM(CASE WHEN c.kind = 'train' THEN c.flops END), 0) "
-                          "AS train, COALESCE(SUM(CASE WHEN c.kind = 'val' THEN c.flops END), 0) AS val, "
-                          "COALESCE(SUM(CASE WHEN c.kind IN ('test', 'generate') THEN c.flops END), 0) AS inference, "
-                          "COALESCE(SUM(c.seconds), 0.0) AS seconds "
-                          "FROM runs r LEFT JOIN charges c ON c.run_id = r.id GROUP BY r.id ORDER BY r.id"):
+    for row in conn.execute("SELECT r.id, r.name, r.sweep, r.study, r.stage, r.status, r.config_hash, "
+                            "r.planned_flops AS planned, "
+                            "COALESCE(SUM(CASE WHEN c.kind = 'train' THEN c.flops END), 0) AS train, "
+                            "COALESCE(SUM(CASE WHEN c.kind = 'val' THEN c.flops END), 0) AS val, "
+                            "COALESCE(SUM(CASE WHEN c.kind IN ('test', 'generate') THEN c.flops END), 0) AS inference, "
+                            "COALESCE(SUM(c.seconds), 0.0) AS seconds "
+                            "FROM runs r LEFT JOIN charges c ON c.run_id = r.id GROUP BY r.id ORDER BY r.id"):
         run = dict(row)
         if run["status"] == RunStatus.REFUSED:
             refused.append({k: run[k] for k in ("id", "name", "sweep", "study", "stage", "planned")})
