@@ -22,7 +22,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from lvforecast.budget import journal, spend, store
+from lvforecast.budget import journal, store
 from lvforecast.budget.liveness import boot_id, proc_stat, run_alive, same_machine
 from lvforecast.budget.status import FINISH_STATUSES, RunOutcome, RunStatus, exit_status
 from lvforecast.budget.store import KINDS, SCHEMA_VERSION, Kind, as_count, as_flops
@@ -33,6 +33,15 @@ logger = logging.getLogger(__name__)
 DEFAULT_BUDGET = 10**17
 DEFAULT_LEDGER = Path("outputs") / "budget" / "ledger.sqlite"
 LEDGER_ENV = "LVFORECAST_LEDGER"
+# The report's spend columns: training, validation, inference (test + generate) and their total.
+SPEND_COLUMNS = ("train", "val", "inference", "total")
+# Each run's spend by column, and its seconds.
+_SPEND_QUERY = ("SELECT r.id, r.name, r.sweep, r.study, r.stage, r.status, r.config_hash, r.planned_flops AS planned, "
+                "COALESCE(SUM(CASE WHEN c.kind = 'train' THEN c.flops END), 0) AS train, "
+                "COALESCE(SUM(CASE WHEN c.kind = 'val' THEN c.flops END), 0) AS val, "
+                "COALESCE(SUM(CASE WHEN c.kind IN ('test', 'generate') THEN c.flops END), 0) AS inference, "
+                "COALESCE(SUM(c.seconds), 0.0) AS seconds "
+                "FROM runs r LEFT JOIN charges c ON c.run_id = r.id GROUP BY r.id ORDER BY r.id")
 
 
 class LedgerNotFoundError(UserError, FileNotFoundError):
@@ -269,9 +278,14 @@ class Ledger:
             return self.budget - store.spent(conn) - store.outstanding(conn)
 
     def runs(self) -> list[dict[str, Any]]:
-        """All runs, oldest first, with their charges and owners (:func:`lvforecast.budget.spend.run_records`)."""
+        """All runs, oldest first: every ``runs`` column but boot_id, pid_start and plan_json, plus charged_flops,
+        plan (dict or None) and owner_alive (None unless running)."""
         with self._transaction(immediate=False) as conn:
-            return spend.run_records(conn)
+            found = conn.execute("SELECT r.*, COALESCE((SELECT SUM(flops) FROM charges c WHERE c.run_id = r.id), 0) "
+                                 "AS charged_flops FROM runs r ORDER BY r.id").fetchall()
+        return [{**{k: row[k] for k in row.keys() if k not in ("boot_id", "pid_start", "plan_json")},
+                 "plan": None if row["plan_json"] is None else json.loads(row["plan_json"]),
+                 "owner_alive": run_alive(row) if row["status"] == RunStatus.RUNNING else None} for row in found]
 
     def reconcile(self, run_ids: Sequence[int] = ()) -> list[int]:
         """Mark running runs whose owner is dead, and the running ``run_ids`` whose owner cannot be checked (runs of
@@ -289,9 +303,36 @@ class Ledger:
             return dead + self._mark_crashed(conn, [r for r in forced if r not in dead])
 
     def report(self) -> dict[str, Any]:
-        """The study's spend table (Table 12, :func:`lvforecast.budget.spend.spend_table`) and the ``ledger`` path."""
+        """The study's spend table (Table 12): ``{"ledger", "budget", "runs", "stages", "totals",
+        "reserved_outstanding", "remaining", "refused"}``. A run row holds id, name, sweep, study, stage, status,
+        config_hash, planned, the :data:`SPEND_COLUMNS` (FLOPs), share (total / budget) and seconds; a stage row sums
+        the runs of one (study, stage), in order of first run (stage None: runs recorded without one): study, stage,
+        runs (ids), the :data:`SPEND_COLUMNS` and share. Refused attempts spent nothing and are listed apart (id,
+        name, sweep, study, stage, planned)."""
         with self._transaction(immediate=False) as conn:
-            return {"ledger": str(self.path), **spend.spend_table(conn, self.budget)}
+            found = conn.execute(_SPEND_QUERY).fetchall()
+            reserved = store.outstanding(conn)
+        budget, table, refused = self.budget, [], []
+        for row in found:
+            if row["status"] == RunStatus.REFUSED:
+                refused.append({k: row[k] for k in ("id", "name", "sweep", "study", "stage", "planned")})
+                continue
+            run = {k: row[k] for k in row.keys() if k != "seconds"}
+            total = run["train"] + run["val"] + run["inference"]
+            table.append({**run, "total": total, "share": total / budget, "seconds": row["seconds"]})
+        totals: dict[str, Any] = {key: sum(r[key] for r in table) for key in SPEND_COLUMNS}
+        totals["share"] = totals["total"] / budget
+        stages: dict[tuple[str | None, str | None], dict[str, Any]] = {}
+        for run in table:
+            key = (run["study"], run["stage"])
+            stage = stages.setdefault(key, {"study": key[0], "stage": key[1], "runs": [],
+                                            **dict.fromkeys(SPEND_COLUMNS, 0)})
+            stage["runs"].append(run["id"])
+            for column in SPEND_COLUMNS:
+                stage[column] += run[column]
+        return dict(ledger=str(self.path), budget=budget, runs=table,
+                    stages=[{**g, "share": g["total"] / budget} for g in stages.values()], totals=totals,
+                    reserved_outstanding=reserved, remaining=budget - totals["total"] - reserved, refused=refused)
 
 
 def remaining_in(path: str | os.PathLike[str], budget: float) -> int:
