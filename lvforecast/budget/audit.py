@@ -154,12 +154,11 @@ class FlopAudit(TorchDispatchMode):
         name = func.overloadpacket.__name__
         flops = price(name, args, kwargs, out)
         component = self._component(self._stack[-1], name, flops)
-        if flops is None:
-            if component not in FREE_COMPONENTS:
-                self.result.unpriced[f"{component}/{func}"] += 1
-            flops = 0
-        bucket = self.result.free if component in FREE_COMPONENTS else self.result.components
-        bucket[component] = bucket.get(component, 0) + flops
+        free = component in FREE_COMPONENTS
+        if flops is None and not free:
+            self.result.unpriced[f"{component}/{func}"] += 1
+        bucket = self.result.free if free else self.result.components
+        bucket[component] = bucket.get(component, 0) + (flops or 0)
         return out
 
 

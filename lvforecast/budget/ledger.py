@@ -114,8 +114,7 @@ class Ledger:
             raise LedgerNotFoundError(f"no ledger at {self.path}; give a budget to create one, or {store.LEDGER_FIX}")
         self._warned_over: set[int] = set()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        mode = journal.mode_for_filesystem(self.path, self.journal_mode, mounts)
-        self.journal_mode = journal.set_journal_mode(self.path, self.timeout_s, mode)
+        self.journal_mode = journal.set_journal_mode(self.path, self.timeout_s, self.journal_mode, mounts)
         with self._transaction() as conn:
             row = store.create_study(conn, requested, f"{socket.gethostname()}:{os.getpid()}")
             if row is None:  # raised inside the transaction, so the tables just created are rolled back
