@@ -70,8 +70,7 @@ class BudgetExceededError(UserError, RuntimeError):
 
 def default_ledger_path() -> Path:
     """``$LVFORECAST_LEDGER`` or ``outputs/budget/ledger.sqlite`` (relative to the current directory)."""
-    env = os.environ.get(LEDGER_ENV)
-    return Path(env) if env else DEFAULT_LEDGER
+    return Path(os.environ.get(LEDGER_ENV) or DEFAULT_LEDGER)
 
 
 def format_flops(x: float) -> str:
