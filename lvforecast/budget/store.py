@@ -175,14 +175,10 @@ def transaction(path: Path, timeout_s: float, journal_mode: str | None,
     reads use a deferred BEGIN for a consistent snapshot. SQLite failing on the file raises :func:`io_error`'s
     UserError; a broken constraint is a bug and propagates."""
     try:
-        with contextlib.closing(connect(path, timeout_s, journal_mode)) as conn:
+        # The connection as a context manager commits on normal exit and rolls back on any exception.
+        with contextlib.closing(connect(path, timeout_s, journal_mode)) as conn, conn:
             conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+            yield conn
     except sqlite3.IntegrityError:
         raise
     except sqlite3.DatabaseError as err:
