@@ -106,9 +106,6 @@ class Ledger:
         requested = None if budget is None else as_flops(budget, "budget")
         if requested == 0:
             raise UserError("budget must be > 0 FLOPs, got 0")
-        if self.path.is_dir():
-            raise UserError(f"ledger {self.path} is not a usable ledger: it is a folder, not a file; "
-                            f"{store.LEDGER_FIX}")
         if requested is None and not self.path.exists():
             raise LedgerNotFoundError(f"no ledger at {self.path}; give a budget to create one, or {store.LEDGER_FIX}")
         self._warned_over: set[int] = set()
