@@ -72,16 +72,14 @@ def _role(path: str, module: nn.Module, stacks: set[str], ancestors_of_stack: se
     last = segs[-1] if segs else ""
     if last == "logit_bias" or type(module).__name__ == "LogitBias":
         return "logit_bias"
-    for i in range(len(segs) - 1, -1, -1):
-        if segs[i] in PROJECTIONS:
-            rest = segs[i + 1 :]
-            if not rest:
-                return f"lora_{segs[i]}" if hasattr(module, "base_layer") else segs[i]
-            if rest[0] == "base_layer":
-                return segs[i]
-            if rest[0].startswith("lora_"):
-                return f"lora_{segs[i]}"
+    at = [i for i, seg in enumerate(segs) if seg in PROJECTIONS]
+    if at:
+        # The innermost projection: its own ops (a PEFT wrapper's scale and add), its base_layer, or an adapter's.
+        projection, rest = segs[at[-1]], segs[at[-1] + 1 :]
+        if rest and rest[0] != "base_layer" and not rest[0].startswith("lora_"):
             return "other"
+        lora = rest[0].startswith("lora_") if rest else hasattr(module, "base_layer")
+        return f"lora_{projection}" if lora else projection
     if path in stacks:
         return "inputs"
     if last == "norm" and path.rsplit(".", 1)[0] in stacks:
@@ -154,12 +152,11 @@ class FlopAudit(TorchDispatchMode):
         name = func.overloadpacket.__name__
         flops = price(name, args, kwargs, out)
         component = self._component(self._stack[-1], name, flops)
-        if flops is None:
-            if component not in FREE_COMPONENTS:
-                self.result.unpriced[f"{component}/{func}"] += 1
-            flops = 0
-        bucket = self.result.free if component in FREE_COMPONENTS else self.result.components
-        bucket[component] = bucket.get(component, 0) + flops
+        free = component in FREE_COMPONENTS
+        if flops is None and not free:
+            self.result.unpriced[f"{component}/{func}"] += 1
+        bucket = self.result.free if free else self.result.components
+        bucket[component] = bucket.get(component, 0) + (flops or 0)
         return out
 
 

@@ -59,8 +59,7 @@ class Breakdown:
         widths = [max(len(r[i]) for r in [head, *rows, foot]) for i in range(4)]
 
         def line(r: list[str]) -> str:
-            cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1]), r[2].rjust(widths[2]), r[3].rjust(widths[3])]
-            return "  ".join(cells).rstrip()
+            return f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}".rstrip()
 
         rule = "-" * len(line(head))
         symbols = " ".join(f"{k}={v}" for k, v in self.symbols.items())

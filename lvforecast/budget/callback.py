@@ -51,7 +51,6 @@ class FlopBudget(pl.Callback):
         self._forward_cache: dict[tuple[int, int], int] = {}
         self.spent = 0  # committed + pending, this run, summed over ranks
         self.study_spent_at_start = self.ledger.study_spent()
-        self.budget = self.ledger.budget
         self.exhausted = False
         self.writes_ledger = True  # False on ranks other than 0 (set in setup)
         self.world_size = 1
@@ -68,35 +67,21 @@ class FlopBudget(pl.Callback):
             self._forward_cache[batch, seq_len] = self.pricing.forward(batch, seq_len)
         return self._forward_cache[batch, seq_len]
 
-    def charge(self, kind: Kind, flops: int, steps: int = 0, tokens: int = 0, seconds: float = 0.0) -> None:
-        """Add a charge (committed with the next flush); evaluation code charges generation here."""
-        pending = self._pending.get(kind, [0, 0, 0, 0.0])
-        self._pending[kind] = [a + b for a, b in zip(pending, (int(flops), steps, tokens, seconds), strict=True)]
-        self.spent += int(flops)
-
     def flush(self) -> None:
         """Commit pending charges to the ledger, one row per kind (rank 0 only)."""
         if self.writes_ledger:
             for kind, (flops, steps, tokens, seconds) in self._pending.items():
-                if flops or steps:
-                    self.ledger.charge(self.run_id, kind, int(flops), steps=int(steps), tokens=int(tokens),
-                                       seconds=float(seconds))
+                self.ledger.charge(self.run_id, kind, flops, steps=steps, tokens=tokens, seconds=seconds)
         self._pending.clear()
-
-    @property
-    def left(self) -> int:
-        """FLOPs left in this run's reservation."""
-        return self.reserved - self.spent
 
     def affords(self, flops: int) -> bool:
         """Whether ``flops`` more can be spent: within the reservation, or (track mode) within a reservation grown
         from what the study has left. The same answer on every rank (rank 0 decides and broadcasts)."""
-        ok = flops <= self.left
-        if not ok and self.mode == "track" and self.writes_ledger:
-            extra = flops - self.left
-            if self.ledger.extend_run(self.run_id, extra):
-                self.reserved += extra
-                ok = True
+        extra = flops - (self.reserved - self.spent)
+        ok = extra <= 0
+        if not ok and self.mode == "track" and self.writes_ledger and self.ledger.extend_run(self.run_id, extra):
+            self.reserved += extra
+            ok = True
         if self.world_size > 1:
             ok, self.reserved = self._trainer.strategy.broadcast((ok, self.reserved), src=0)
         return bool(ok)
@@ -110,7 +95,10 @@ class FlopBudget(pl.Callback):
 
             local = torch.tensor([flops, tokens], dtype=torch.int64, device=self._trainer.strategy.root_device)
             flops, tokens = (int(x) for x in self._trainer.strategy.reduce(local, reduce_op="sum").tolist())
-        self.charge(kind, flops, steps=1, tokens=tokens, seconds=time.perf_counter() - self._batch_start)
+        pending = self._pending.get(kind, [0, 0, 0, 0.0])
+        seconds = time.perf_counter() - self._batch_start
+        self._pending[kind] = [a + b for a, b in zip(pending, (flops, 1, tokens, seconds), strict=True)]
+        self.spent += flops  # committed with the next flush
         return flops
 
     def step_needs(self, step: int) -> int:
@@ -162,7 +150,7 @@ class FlopBudget(pl.Callback):
             # of a tiny model's step; these are plain numbers that need no reduction.
             study = self.study_spent_at_start + self.spent
             metrics = {"flops/step": float(step), "flops/run": float(self.spent), "flops/study": float(study),
-                       "flops/budget_left": float(self.budget - study)}
+                       "flops/budget_left": float(self.ledger.budget - study)}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=logger_step(trainer))
         last_step = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step

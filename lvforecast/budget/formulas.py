@@ -83,12 +83,9 @@ def _breakdown(shape: ModelShape, batch: int, n_q: int, n_k: int | None, lora: L
     """Components of one pass of ``n_q`` new positions against ``n_k`` keys (``None``: a forward, keys = n_q)."""
     s = shape
     L, B, N, D, H, d, M, V = s.n_layers, batch, n_q, s.hidden, s.n_heads, s.head_dim, s.intermediate, s.vocab
-    gqa = conv.attention == "gqa"
-    G = s.n_kv_heads if gqa else H
-    g = "G" if gqa else "H"  # the symbol standing for the key/value head count
-    forward = n_k is None
-    K = N if forward else n_k
-    k = "N" if forward else "K"
+    gqa, forward = conv.attention == "gqa", n_k is None
+    G, g = (s.n_kv_heads, "G") if gqa else (H, "H")  # g: the symbol standing for the key/value head count
+    K, k = (N, "N") if forward else (n_k, "K")
     # Output rows actually computed: the whole vocabulary, or the gathered rows of an alphabet head.
     if head_rows is None and lora is not None:
         head_rows = lora.head_rows
@@ -218,6 +215,5 @@ def generation_flops(shape: ModelShape, batch: int, prompt_len: int, new_tokens:
     if not kv_cache:
         return sum(forward_flops(shape, batch, prompt_len + i, lora, conv, keep, head_rows).total
                    for i in range(new_tokens))
-    total = forward_flops(shape, batch, prompt_len, lora, conv, keep, head_rows).total
-    return total + sum(decode_step_flops(shape, batch, prompt_len + i, lora, conv, head_rows).total
-                       for i in range(1, new_tokens))
+    return forward_flops(shape, batch, prompt_len, lora, conv, keep, head_rows).total + sum(
+        decode_step_flops(shape, batch, prompt_len + i, lora, conv, head_rows).total for i in range(1, new_tokens))

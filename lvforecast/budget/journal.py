@@ -29,17 +29,6 @@ def checked_mode(journal_mode: str | None) -> str | None:
     return journal_mode.upper()
 
 
-def mode_for_filesystem(path: Path, journal_mode: str | None, mounts: str = "/proc/mounts") -> str | None:
-    """The mode to use for a ledger at ``path``: on a network filesystem (per the ``mounts`` table) None means
-    DELETE and WAL raises a UserError naming ``budget.journal_mode=DELETE``."""
-    network = on_network_filesystem(path.parent, mounts)
-    if network and journal_mode == "WAL":
-        raise UserError(f"ledger {path} is on a {network} filesystem, where SQLite's WAL journal (shared memory) is "
-                        f"unsafe across machines: set budget.journal_mode=DELETE (or --journal-mode DELETE), a "
-                        f"rollback journal that works there")
-    return "DELETE" if network and journal_mode is None else journal_mode
-
-
 def on_network_filesystem(path: Path, mounts: str = "/proc/mounts") -> str | None:
     """The network filesystem type ``path`` lives on (``nfs4``, ``lustre``, ...: the mount with the longest mount
     point prefix), or None."""
@@ -59,9 +48,17 @@ def on_network_filesystem(path: Path, mounts: str = "/proc/mounts") -> str | Non
     return fstype if fstype in NETWORK_FILESYSTEMS else None
 
 
-def set_journal_mode(path: Path, timeout_s: float, wanted: str | None) -> str:
+def set_journal_mode(path: Path, timeout_s: float, wanted: str | None, mounts: str = "/proc/mounts") -> str:
     """Put the file in journal mode ``wanted`` (None: WAL for a new file, else keep its mode) and return the mode SQLite
-    reports (a mismatch is logged); SQLite failing on the file raises :func:`lvforecast.budget.store.io_error`."""
+    reports (a mismatch is logged); SQLite failing on the file raises :func:`lvforecast.budget.store.io_error`. On a
+    network filesystem (per the ``mounts`` table) None means DELETE and WAL raises a UserError naming
+    ``budget.journal_mode=DELETE``."""
+    network = on_network_filesystem(path.parent, mounts)
+    if network and wanted == "WAL":
+        raise UserError(f"ledger {path} is on a {network} filesystem, where SQLite's WAL journal (shared memory) is "
+                        f"unsafe across machines: set budget.journal_mode=DELETE (or --journal-mode DELETE), a "
+                        f"rollback journal that works there")
+    wanted = "DELETE" if network and wanted is None else wanted
     try:
         with contextlib.closing(connect(path, timeout_s, wanted, apply_journal_mode=False)) as conn:
             current, wanted = _switch(conn, wanted, time.monotonic() + timeout_s)

@@ -22,7 +22,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from lvforecast.budget import journal, spend, store
+from lvforecast.budget import journal, store
 from lvforecast.budget.liveness import boot_id, proc_stat, run_alive, same_machine
 from lvforecast.budget.status import FINISH_STATUSES, RunOutcome, RunStatus, exit_status
 from lvforecast.budget.store import KINDS, SCHEMA_VERSION, Kind, as_count, as_flops
@@ -33,6 +33,15 @@ logger = logging.getLogger(__name__)
 DEFAULT_BUDGET = 10**17
 DEFAULT_LEDGER = Path("outputs") / "budget" / "ledger.sqlite"
 LEDGER_ENV = "LVFORECAST_LEDGER"
+# The report's spend columns: training, validation, inference (test + generate) and their total.
+SPEND_COLUMNS = ("train", "val", "inference", "total")
+# Each run's spend by column, and its seconds.
+_SPEND_QUERY = ("SELECT r.id, r.name, r.sweep, r.study, r.stage, r.status, r.config_hash, r.planned_flops AS planned, "
+                "COALESCE(SUM(CASE WHEN c.kind = 'train' THEN c.flops END), 0) AS train, "
+                "COALESCE(SUM(CASE WHEN c.kind = 'val' THEN c.flops END), 0) AS val, "
+                "COALESCE(SUM(CASE WHEN c.kind IN ('test', 'generate') THEN c.flops END), 0) AS inference, "
+                "COALESCE(SUM(c.seconds), 0.0) AS seconds "
+                "FROM runs r LEFT JOIN charges c ON c.run_id = r.id GROUP BY r.id ORDER BY r.id")
 
 
 class LedgerNotFoundError(UserError, FileNotFoundError):
@@ -61,8 +70,7 @@ class BudgetExceededError(UserError, RuntimeError):
 
 def default_ledger_path() -> Path:
     """``$LVFORECAST_LEDGER`` or ``outputs/budget/ledger.sqlite`` (relative to the current directory)."""
-    env = os.environ.get(LEDGER_ENV)
-    return Path(env) if env else DEFAULT_LEDGER
+    return Path(os.environ.get(LEDGER_ENV) or DEFAULT_LEDGER)
 
 
 def format_flops(x: float) -> str:
@@ -98,15 +106,11 @@ class Ledger:
         requested = None if budget is None else as_flops(budget, "budget")
         if requested == 0:
             raise UserError("budget must be > 0 FLOPs, got 0")
-        if self.path.is_dir():
-            raise UserError(f"ledger {self.path} is not a usable ledger: it is a folder, not a file; "
-                            f"{store.LEDGER_FIX}")
         if requested is None and not self.path.exists():
             raise LedgerNotFoundError(f"no ledger at {self.path}; give a budget to create one, or {store.LEDGER_FIX}")
         self._warned_over: set[int] = set()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        mode = journal.mode_for_filesystem(self.path, self.journal_mode, mounts)
-        self.journal_mode = journal.set_journal_mode(self.path, self.timeout_s, mode)
+        self.journal_mode = journal.set_journal_mode(self.path, self.timeout_s, self.journal_mode, mounts)
         with self._transaction() as conn:
             row = store.create_study(conn, requested, f"{socket.gethostname()}:{os.getpid()}")
             if row is None:  # raised inside the transaction, so the tables just created are rolled back
@@ -122,13 +126,6 @@ class Ledger:
 
     def __repr__(self) -> str:
         return f"Ledger({str(self.path)!r}, budget={self.budget:.3e}, journal_mode={self.journal_mode!r})"
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_warned_over"}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._warned_over = set()
 
     def _transaction(self, immediate: bool = True) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         return store.transaction(self.path, self.timeout_s, self.journal_mode, immediate)
@@ -147,13 +144,12 @@ class Ledger:
     def _run(self, conn: sqlite3.Connection, run_id: int, otherwise: str | None = None) -> sqlite3.Row:
         """The row of ``run_id``; with ``otherwise``, it must be running, else a UserError ending in ``otherwise``."""
         run_id = as_count(run_id, "run_id")
-        found = store.rows(conn, "SELECT * FROM runs WHERE id = ?", (run_id,))
-        if not found:
+        row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
             raise UserError(f"no run with id {run_id} in ledger {self.path}")
-        row = found[0]
         if otherwise is not None and row["status"] != RunStatus.RUNNING:
-            status = row["status"]
-            raise UserError(f"run {run_id} {row['name']!r} is {status!r}, not '{RunStatus.RUNNING}'; {otherwise}")
+            raise UserError(f"run {run_id} {row['name']!r} is {row['status']!r}, not '{RunStatus.RUNNING}'; "
+                            f"{otherwise}")
         return row
 
     def open_run(self, name: str, planned_flops: float, sweep: str | None = None, config_hash: str | None = None,
@@ -220,13 +216,13 @@ class Ledger:
             conn.execute("INSERT INTO charges (run_id, kind, flops, steps, tokens, seconds, charged_at) "
                          "VALUES (?, ?, ?, ?, ?, ?, ?)",
                          (run_id, kind, flops, steps, tokens, float(seconds), time.time()))
-            charged = store.charged(conn, run_id)
+            charged = store.spent(conn, run_id)
         if status != RunStatus.RUNNING:
             self._log(logging.WARNING, run_id, name, "is %s but was charged %.2e more FLOPs (%s)", status, flops, kind)
         elif charged > reserved and run_id not in self._warned_over:
             self._warned_over.add(run_id)
-            message = "has charged %.2e FLOPs, past its reservation of %.2e"
-            self._log(logging.WARNING, run_id, name, message, charged, reserved)
+            self._log(logging.WARNING, run_id, name, "has charged %.2e FLOPs, past its reservation of %.2e", charged,
+                      reserved)
 
     def finish(self, run_id: int, status: RunStatus = RunStatus.FINISHED) -> None:
         """End a running run with ``status`` (one of :data:`~lvforecast.budget.status.FINISH_STATUSES`) and release
@@ -263,7 +259,7 @@ class Ledger:
         """FLOPs charged by one run; an unknown run raises UserError."""
         with self._transaction(immediate=False) as conn:
             self._run(conn, run_id)
-            return store.charged(conn, run_id)
+            return store.spent(conn, run_id)
 
     def study_spent(self) -> int:
         """FLOPs charged by all runs of the study."""
@@ -277,9 +273,14 @@ class Ledger:
             return self.budget - store.spent(conn) - store.outstanding(conn)
 
     def runs(self) -> list[dict[str, Any]]:
-        """All runs, oldest first, with their charges and owners (:func:`lvforecast.budget.spend.run_records`)."""
+        """All runs, oldest first: every ``runs`` column but boot_id, pid_start and plan_json, plus charged_flops,
+        plan (dict or None) and owner_alive (None unless running)."""
         with self._transaction(immediate=False) as conn:
-            return spend.run_records(conn)
+            found = conn.execute("SELECT r.*, COALESCE((SELECT SUM(flops) FROM charges c WHERE c.run_id = r.id), 0) "
+                                 "AS charged_flops FROM runs r ORDER BY r.id").fetchall()
+        return [{**{k: row[k] for k in row.keys() if k not in ("boot_id", "pid_start", "plan_json")},
+                 "plan": None if row["plan_json"] is None else json.loads(row["plan_json"]),
+                 "owner_alive": run_alive(row) if row["status"] == RunStatus.RUNNING else None} for row in found]
 
     def reconcile(self, run_ids: Sequence[int] = ()) -> list[int]:
         """Mark running runs whose owner is dead, and the running ``run_ids`` whose owner cannot be checked (runs of
@@ -297,9 +298,36 @@ class Ledger:
             return dead + self._mark_crashed(conn, [r for r in forced if r not in dead])
 
     def report(self) -> dict[str, Any]:
-        """The study's spend table (Table 12, :func:`lvforecast.budget.spend.spend_table`) and the ``ledger`` path."""
+        """The study's spend table (Table 12): ``{"ledger", "budget", "runs", "stages", "totals",
+        "reserved_outstanding", "remaining", "refused"}``. A run row holds id, name, sweep, study, stage, status,
+        config_hash, planned, the :data:`SPEND_COLUMNS` (FLOPs), share (total / budget) and seconds; a stage row sums
+        the runs of one (study, stage), in order of first run (stage None: runs recorded without one): study, stage,
+        runs (ids), the :data:`SPEND_COLUMNS` and share. Refused attempts spent nothing and are listed apart (id,
+        name, sweep, study, stage, planned)."""
         with self._transaction(immediate=False) as conn:
-            return {"ledger": str(self.path), **spend.spend_table(conn, self.budget)}
+            found = conn.execute(_SPEND_QUERY).fetchall()
+            reserved = store.outstanding(conn)
+        budget, table, refused = self.budget, [], []
+        for row in found:
+            if row["status"] == RunStatus.REFUSED:
+                refused.append({k: row[k] for k in ("id", "name", "sweep", "study", "stage", "planned")})
+                continue
+            run = {k: row[k] for k in row.keys() if k != "seconds"}
+            total = run["train"] + run["val"] + run["inference"]
+            table.append({**run, "total": total, "share": total / budget, "seconds": row["seconds"]})
+        totals: dict[str, Any] = {key: sum(r[key] for r in table) for key in SPEND_COLUMNS}
+        totals["share"] = totals["total"] / budget
+        stages: dict[tuple[str | None, str | None], dict[str, Any]] = {}
+        for run in table:
+            key = (run["study"], run["stage"])
+            stage = stages.setdefault(key, {"study": key[0], "stage": key[1], "runs": [],
+                                            **dict.fromkeys(SPEND_COLUMNS, 0)})
+            stage["runs"].append(run["id"])
+            for column in SPEND_COLUMNS:
+                stage[column] += run[column]
+        return dict(ledger=str(self.path), budget=budget, runs=table,
+                    stages=[{**g, "share": g["total"] / budget} for g in stages.values()], totals=totals,
+                    reserved_outstanding=reserved, remaining=budget - totals["total"] - reserved, refused=refused)
 
 
 def remaining_in(path: str | os.PathLike[str], budget: float) -> int:

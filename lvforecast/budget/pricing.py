@@ -21,14 +21,12 @@ _FREE_OPS = frozenset(
     "as_strided unbind split split_with_sizes clone copy_ copy _to_copy to contiguous cat stack embedding detach "
     "lift_fresh lift_fresh_copy empty empty_like empty_strided zeros zeros_like ones ones_like full full_like "
     "new_empty new_zeros new_ones new_full fill fill_ zero_ arange scalar_tensor _local_scalar_dense where index "
-    "index_select gather masked_fill repeat".split()
-)
+    "index_select gather masked_fill repeat".split())
 _ELEMENTWISE = {
     **{op: _C[op] for op in ("add", "abs", "relu", "exp", "log", "sqrt", "sin", "cos")},
     **dict.fromkeys(("sub", "rsub", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge"), _C["subtract"]),
     "mul": _C["multiply"], "div": _C["divide"], "neg": _C["negate"], "reciprocal": _C["inverse"], "rsqrt": RSQRT,
-    "sigmoid": SIGMOID, "silu": SILU,
-}
+    "sigmoid": SIGMOID, "silu": SILU}
 # Reductions of n elements per output cost n - 1 plus this (mean divides once).
 _REDUCTIONS = {"sum": 0, "mean": 1, "amax": 0, "amin": 0, "max": 0, "min": 0, "argmax": 0, "argmin": 0}
 # Matrix products -> whether they are fused with an addition (then the added term comes first, the factors after).
@@ -39,10 +37,6 @@ _POW = {1.0: 0, -1.0: _C["inverse"], 0.5: _C["sqrt"], -0.5: RSQRT}
 
 def _numel(x: Any) -> int:
     return x.numel() if isinstance(x, torch.Tensor) else 0
-
-
-def _first_tensor(out: Any) -> torch.Tensor | None:
-    return next((o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)), None)
 
 
 def _pow_cost(exponent: float) -> int:
@@ -62,7 +56,7 @@ def price(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) ->
         return 0
     if not any(t.is_floating_point() or t.is_complex() for t in tensors):
         return 0  # integer/bool bookkeeping on ids, labels, masks
-    result = _first_tensor(out)
+    result = next((o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)), None)
     if base in _PRODUCTS:
         fused = _PRODUCTS[base]
         # Every output is a dot product over the first factor's last dimension.

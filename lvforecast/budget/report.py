@@ -173,7 +173,6 @@ def format_runs(ledger: Ledger, runs: list[dict[str, Any]]) -> str:
         owner = {None: "", True: "alive", False: "dead"}[r["owner_alive"]]
         lines.append(f"| {r['id']} | {markdown_cell(r['name'])} | {markdown_cell(r['sweep'] or '')} | {r['status']} "
                      f"| {r['host']}:{r['pid']} | {_fmt(r['planned_flops'])} | {_fmt(r['charged_flops'])} | {owner} |")
-    lines.append("")
-    lines.append(f"budget {_fmt(ledger.budget)}, spent {_fmt(sum(r['charged_flops'] for r in runs))}, "
-                 f"remaining {_fmt(ledger.remaining())} (ledger {ledger.path}, journal {ledger.journal_mode})")
+    lines += ["", f"budget {_fmt(ledger.budget)}, spent {_fmt(sum(r['charged_flops'] for r in runs))}, "
+                  f"remaining {_fmt(ledger.remaining())} (ledger {ledger.path}, journal {ledger.journal_mode})"]
     return "\n".join(lines) + "\n"

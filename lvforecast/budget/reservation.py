@@ -8,7 +8,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,10 +82,8 @@ def await_leader(out: Path, timeout_s: float = 600.0, poll_s: float = 0.2) -> di
     while True:
         raw = os.environ.get(LEADER_ENV)
         if raw is None:
-            try:
+            with suppress(OSError):
                 raw = path.read_text()
-            except OSError:
-                raw = None
         record = json.loads(raw) if raw else None
         if record is not None and record.get("launch", "") == token:
             if record["refused"]:

@@ -73,6 +73,7 @@ CREATE TABLE IF NOT EXISTS charges (
 CREATE INDEX IF NOT EXISTS charges_run ON charges(run_id);
 CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
 """
+STATEMENTS = [statement.strip() for statement in SCHEMA.split(";") if statement.strip()]
 
 
 def as_flops(value: Any, what: str) -> int:
@@ -100,9 +101,8 @@ def as_count(value: Any, what: str) -> int:
 def create_study(conn: sqlite3.Connection, budget: int | None, created_by: str) -> tuple[int, int] | None:
     """Create the tables if missing (migrating an older file) and, in a new file, the study row holding ``budget``;
     (stored budget, schema version), or None when the file holds no study and ``budget`` is None."""
-    for statement in SCHEMA.split(";"):
-        if statement.strip():
-            conn.execute(statement)
+    for statement in STATEMENTS:
+        conn.execute(statement)
     row = conn.execute("SELECT budget_flops, schema_version FROM study").fetchone()
     if row is not None and row[1] < SCHEMA_VERSION:
         row = (row[0], migrate(conn, row[1]))
@@ -130,10 +130,7 @@ def migrate(conn: sqlite3.Connection, version: int) -> int:
 
 def table_sql(table: str) -> str:
     """The ``CREATE TABLE IF NOT EXISTS`` statement of ``table`` in :data:`SCHEMA`."""
-    for statement in SCHEMA.split(";"):
-        if f"CREATE TABLE IF NOT EXISTS {table} (" in statement:
-            return statement.strip()
-    raise KeyError(table)
+    return next(s for s in STATEMENTS if s.startswith(f"CREATE TABLE IF NOT EXISTS {table} ("))
 
 
 def rebuild(conn: sqlite3.Connection, tables: tuple[str, ...]) -> None:
@@ -151,16 +148,17 @@ def rebuild(conn: sqlite3.Connection, tables: tuple[str, ...]) -> None:
     for table in reversed(tables):
         conn.execute(f"DROP TABLE {table}_old")
     # The old tables' indexes went with them.
-    for statement in SCHEMA.split(";"):
-        if statement.strip().startswith("CREATE INDEX"):
+    for statement in STATEMENTS:
+        if statement.startswith("CREATE INDEX"):
             conn.execute(statement)
 
 
-def connect(
-    path: Path, timeout_s: float, journal_mode: str | None, apply_journal_mode: bool = True
-) -> sqlite3.Connection:
-    """A new autocommit connection with the busy timeout, foreign keys and (for rollback modes) the journal mode."""
+def connect(path: Path, timeout_s: float, journal_mode: str | None,
+            apply_journal_mode: bool = True) -> sqlite3.Connection:
+    """A new autocommit connection with the busy timeout, foreign keys, rows readable by column name and (for
+    rollback modes) the journal mode."""
     conn = sqlite3.connect(path, timeout=timeout_s, isolation_level=None)
+    conn.row_factory = sqlite3.Row
     conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
     conn.execute("PRAGMA foreign_keys = ON")
     # WAL is a property of the file; the rollback modes are per connection (a new one starts in DELETE).
@@ -170,22 +168,17 @@ def connect(
 
 
 @contextlib.contextmanager
-def transaction(
-    path: Path, timeout_s: float, journal_mode: str | None, immediate: bool = True
-) -> Iterator[sqlite3.Connection]:
+def transaction(path: Path, timeout_s: float, journal_mode: str | None,
+                immediate: bool = True) -> Iterator[sqlite3.Connection]:
     """One transaction on a fresh connection: committed on normal exit, rolled back on an exception. ``immediate``
     takes the write lock at BEGIN, so a read-check-write sequence cannot interleave with another writer's; plain
     reads use a deferred BEGIN for a consistent snapshot. SQLite failing on the file raises :func:`io_error`'s
     UserError; a broken constraint is a bug and propagates."""
     try:
-        with contextlib.closing(connect(path, timeout_s, journal_mode)) as conn:
+        # The connection as a context manager commits on normal exit and rolls back on any exception.
+        with contextlib.closing(connect(path, timeout_s, journal_mode)) as conn, conn:
             conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+            yield conn
     except sqlite3.IntegrityError:
         raise
     except sqlite3.DatabaseError as err:
@@ -200,7 +193,6 @@ LEDGER_FIX = ("point budget.ledger_path=PATH (train.py, evaluate.py), --ledger P
 
 def inspect_path(path: Path) -> str | None:
     """What is wrong with ``path`` as a ledger file, judged from the file system alone (None: nothing seen)."""
-    path = Path(path)
     if path.is_dir():
         return "it is a folder, not a file"
     if path.exists():
@@ -215,9 +207,8 @@ def inspect_path(path: Path) -> str | None:
             return f"it is a truncated SQLite file ({path.stat().st_size} bytes)"
         if not os.access(path, os.W_OK):
             return "the file is read-only"
-    parent = path.parent if str(path.parent) else Path(".")
-    if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
-        return f"its folder {parent} is read-only (SQLite writes its journal beside the ledger)"
+    if path.parent.is_dir() and not os.access(path.parent, os.W_OK | os.X_OK):
+        return f"its folder {path.parent} is read-only (SQLite writes its journal beside the ledger)"
     return None
 
 
@@ -234,28 +225,17 @@ def io_error(path: Path, err: sqlite3.Error) -> UserError:
     return UserError(f"ledger {path} is not a usable ledger: {detail}; {LEDGER_FIX}")
 
 
-def spent(conn: sqlite3.Connection) -> int:
-    """FLOPs charged by all runs."""
-    return conn.execute("SELECT COALESCE(SUM(flops), 0) FROM charges").fetchone()[0]
-
-
-def charged(conn: sqlite3.Connection, run_id: int) -> int:
-    """FLOPs charged by one run."""
-    return conn.execute("SELECT COALESCE(SUM(flops), 0) FROM charges WHERE run_id = ?", (run_id,)).fetchone()[0]
-
-
-def rows(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-    """The rows of a query, readable by column name."""
-    cur = conn.cursor()
-    cur.row_factory = sqlite3.Row
-    return cur.execute(sql, params).fetchall()
+def spent(conn: sqlite3.Connection, run_id: int | None = None) -> int:
+    """FLOPs charged by all runs, or by run ``run_id``."""
+    where, params = ("", ()) if run_id is None else (" WHERE run_id = ?", (run_id,))
+    return conn.execute("SELECT COALESCE(SUM(flops), 0) FROM charges" + where, params).fetchone()[0]
 
 
 def running(conn: sqlite3.Connection) -> list[sqlite3.Row]:
     """Running runs, oldest first: id, host, boot_id, pid, pid_start, reserved_flops and charged FLOPs."""
-    return rows(conn, "SELECT r.id, r.host, r.boot_id, r.pid, r.pid_start, r.reserved_flops, "
-                      "COALESCE((SELECT SUM(flops) FROM charges c WHERE c.run_id = r.id), 0) AS charged "
-                      "FROM runs r WHERE r.status = ? ORDER BY r.id", (RunStatus.RUNNING,))
+    return conn.execute("SELECT r.id, r.host, r.boot_id, r.pid, r.pid_start, r.reserved_flops, "
+                        "COALESCE((SELECT SUM(flops) FROM charges c WHERE c.run_id = r.id), 0) AS charged "
+                        "FROM runs r WHERE r.status = ? ORDER BY r.id", (RunStatus.RUNNING,)).fetchall()
 
 
 def outstanding(conn: sqlite3.Connection) -> int:
