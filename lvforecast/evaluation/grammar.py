@@ -1,10 +1,6 @@
-"""The LLMTIME step grammar and the generation rules that enforce it.
-
-:class:`Grammar` is the character grammar of generated steps, as :func:`lvforecast.data.encoding.encode` writes them;
-:func:`compile_grammar` tabulates it for the decoder; :class:`LLMTimeLogitsProcessor` and
-:class:`StepsStoppingCriteria` enforce it in ``generate``. :func:`max_new_tokens_bound` is the generation length and
-the decode length the budget plans with.
-"""
+"""The LLMTIME step grammar (:class:`Grammar`, steps as :func:`lvforecast.data.encoding.encode` writes them), tabulated
+for the decoder (:func:`compile_grammar`) and enforced in ``generate`` (:class:`LLMTimeLogitsProcessor`,
+:class:`StepsStoppingCriteria`)."""
 
 from __future__ import annotations
 
@@ -72,7 +68,8 @@ class Grammar:
 
 
 def max_new_tokens_bound(horizon_steps: int, grammar: Grammar) -> int:
-    """Upper bound on the tokens of ``horizon_steps`` grammatical steps (one token per character)."""
+    """Upper bound on the tokens of ``horizon_steps`` grammatical steps (one token per character): the generation
+    length, and the decode length the budget plans with."""
     number = grammar.max_int_digits + (1 + grammar.decimals if grammar.decimals > 0 else 0)
     return horizon_steps * (2 * number + 2)  # two numbers, the ``,`` and the ``;``
 

@@ -38,8 +38,7 @@ def netrc_path(env: Mapping[str, str]) -> Path:
     """The netrc file wandb reads: ``$NETRC`` if set, else ``~/.netrc`` (``~/_netrc`` when only that exists)."""
     if env.get("NETRC"):
         return Path(env["NETRC"]).expanduser()
-    unix = Path("~/.netrc").expanduser()
-    windows = Path("~/_netrc").expanduser()
+    unix, windows = Path("~/.netrc").expanduser(), Path("~/_netrc").expanduser()
     return windows if not unix.exists() and windows.exists() else unix
 
 
