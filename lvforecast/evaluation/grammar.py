@@ -122,7 +122,7 @@ def compile_grammar(grammar: Grammar, char_ids: dict[str, int], device: torch.de
 class LLMTimeLogitsProcessor(LogitsProcessor):
     """Masks every token the LLMTIME grammar forbids at each row's current position, and all but ``end_id`` (EOS /
     pad) once the row has written ``horizon_steps`` ``;``. Each row's state is read from ``input_ids[:, prompt_len:]``
-    (one token per call, rescanned when the length is not the expected one)."""
+    (only the tokens since the last call; from the prompt on for a new batch)."""
 
     def __init__(
         self, char_ids: dict[str, int], grammar: Grammar, prompt_len: int, horizon_steps: int, end_id: int
@@ -136,7 +136,7 @@ class LLMTimeLogitsProcessor(LogitsProcessor):
         self.done_ids = torch.tensor([int(end_id)])
         self.prompt_len, self.horizon_steps = int(prompt_len), int(horizon_steps)
         self._states: list[tuple[int, int]] = []  # (compiled state, steps done) of each row
-        self._seen = -1
+        self._seen = 0
 
     def _step(self, state_steps: tuple[int, int], token: int) -> tuple[int, int]:
         state, steps = state_steps
@@ -150,11 +150,10 @@ class LLMTimeLogitsProcessor(LogitsProcessor):
     def row_states(self, input_ids: torch.LongTensor) -> list[tuple[int, int]]:
         """(compiled grammar state, steps done) of each row after its generated part."""
         n_gen = input_ids.shape[1] - self.prompt_len
-        if n_gen == self._seen + 1 and len(self._states) == input_ids.shape[0] and n_gen > 0:
-            self._states = [self._step(s, t) for s, t in zip(self._states, input_ids[:, -1].tolist(), strict=True)]
-        elif n_gen != self._seen or len(self._states) != input_ids.shape[0]:
-            rows = input_ids[:, self.prompt_len :].tolist()
-            self._states = [functools.reduce(self._step, row, (0, 0)) for row in rows]
+        if len(self._states) != input_ids.shape[0] or n_gen < self._seen:  # another batch: replay from the prompt
+            self._states, self._seen = [(0, 0)] * input_ids.shape[0], 0
+        new = input_ids[:, self.prompt_len + self._seen :].tolist()  # the tokens since the last call, usually one
+        self._states = [functools.reduce(self._step, row, s) for s, row in zip(self._states, new, strict=True)]
         self._seen = n_gen
         return self._states
 

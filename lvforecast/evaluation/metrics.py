@@ -73,10 +73,8 @@ def per_system_metrics(truth: np.ndarray, pred: np.ndarray) -> dict[str, np.ndar
         mse, mae = np.nanmean(abs_err**2, axis=1), np.nanmean(abs_err, axis=1)
         mape = np.nanmean(abs_err / np.where(truth != 0, np.abs(truth), np.nan), axis=1)
     counts = {"nan_count": ~valid, "mape_excluded": valid & (truth == 0), "n_valid": valid}
-    return {
-        "mse": mse, "rmse": np.sqrt(mse), "mae": mae, "mape": mape,
-        **{key: mask.sum(axis=1).astype(np.int64) for key, mask in counts.items()},
-    }
+    return {"mse": mse, "rmse": np.sqrt(mse), "mae": mae, "mape": mape,
+            **{key: mask.sum(axis=1).astype(np.int64) for key, mask in counts.items()}}
 
 
 def _masked_squared_error(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -80,8 +80,7 @@ def decide_mode(mode: str, env: Mapping[str, str] | None = None, netrc_file: Pat
         if source is None:
             raise UserError(f"logger.wandb.mode=online but {no_key}; use logger.wandb.mode=auto or offline")
         return ModeDecision("online", f"logger.wandb.mode=online, API key from {source}")
-    env_mode = env.get("WANDB_MODE")
-    if env_mode:
+    if env_mode := env.get("WANDB_MODE"):
         if env_mode.lower() not in _ENV_MODES:
             raise UserError(f"WANDB_MODE={env_mode!r} (read because logger.wandb.mode=auto): allowed "
                              f"{', '.join(_ENV_MODES)}")
