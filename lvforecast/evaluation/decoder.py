@@ -87,13 +87,14 @@ class PreallocatedLayer(DynamicLayer):
 def prefill(
     stack: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Cache
 ) -> torch.Tensor:
-    """Run the left-padded prompts into an empty :func:`preallocated_cache`; return the (B, 1, D) last hidden states.
+    """Run the left-padded prompts into a :func:`preallocated_cache`, empty or holding their first ``c`` positions
+    (then from c on, as ``generate`` does); return the (B, 1, D) last hidden states.
 
-    On a CPU each unpadded row runs into its slots on its own, so its activations stay in the CPU caches; the FLOPs
-    are charged as the padded batch's forward either way."""
+    On a CPU each unpadded row runs into an empty cache's slots on its own, so its activations stay in the CPU caches;
+    the FLOPs are charged as the padded batch's forward either way."""
     padded = bool((attention_mask == 0).any())
-    if input_ids.device.type != "cpu" or input_ids.shape[0] == 1:
-        return _last(stack, cache, input_ids, position_ids, attention_mask if padded else None)
+    if (cached := cache.get_seq_length()) or input_ids.device.type != "cpu" or input_ids.shape[0] == 1:
+        return _last(stack, cache, input_ids[:, cached:], position_ids[:, cached:], attention_mask if padded else None)
     (batch, prompt_len), last = input_ids.shape, []
     for b in range(batch):
         pad = int((attention_mask[b] == 0).sum())
@@ -217,15 +218,11 @@ def decode(
     device = input_ids.device
     if cache is None:
         cache = preallocated_cache(len(stack.layers), prompt_len + max_new_tokens)
-    cached = cache.get_seq_length()
     padded = bool((attention_mask == 0).any())
     position = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     state, steps = torch.zeros((2, batch), dtype=torch.long, device=device)  # grammar state, steps written
     out = torch.full((batch, max_new_tokens), end_id, dtype=torch.long, device=device)
-    if cached:  # the prefill continues the cache's prompt prefix, as generate does
-        hidden = _last(stack, cache, input_ids[:, cached:], position[:, cached:], attention_mask if padded else None)
-    else:
-        hidden = prefill(stack, input_ids, attention_mask, position, cache)
+    hidden = prefill(stack, input_ids, attention_mask, position, cache)
     next_pos = position[:, -1:] + 1
     if LeanStep.supports(stack) if lean is None else lean:
         step_fn = LeanStep(stack, cache, int(next_pos.max()) + max_new_tokens)

@@ -122,7 +122,6 @@ def _check_args(series: np.ndarray, scales: list[float], decimals: int, **settin
         problems.append(f"context_steps={steps!r}: must be in [1, {series.shape[1]}] (series length)")
     if series.ndim >= 1 and len(scales) != series.shape[0]:
         problems.append(f"scales has {len(scales)} entries: expected one per series ({series.shape[0]})")
-    grammar = None
     try:  # the grammar checks decimals (an integer in [0, 12])
         grammar = Grammar(max_int_digits=settings["max_int_digits"], decimals=decimals)
     except ValueError as err:

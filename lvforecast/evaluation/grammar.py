@@ -95,8 +95,7 @@ class CompiledGrammar:
 
 def compile_grammar(grammar: Grammar, char_ids: dict[str, int], device: torch.device | str = "cpu") -> CompiledGrammar:
     """Tabulate the states reachable from ``START``; ``ValueError`` if ``char_ids`` lacks an alphabet character."""
-    missing = [c for c in ALPHABET if c not in char_ids]
-    if missing:
+    if missing := [c for c in ALPHABET if c not in char_ids]:
         raise UserError(f"char_ids lacks token ids for {missing!r}: every character of {ALPHABET!r} is needed")
     chars = "".join(sorted(ALPHABET, key=lambda c: char_ids[c]))
     column = {c: j for j, c in enumerate(chars)}
@@ -132,8 +131,8 @@ class LLMTimeLogitsProcessor(LogitsProcessor):
         self.column = {t: j for j, t in enumerate(ids)}
         self.next_state, self.is_sep = table.next_state.tolist(), table.is_sep.tolist()
         self.allowed = [[j for j, ok in enumerate(row) if ok] for row in table.allowed.tolist()]
-        self.allowed_ids = [torch.tensor([ids[j] for j in cols]) for cols in self.allowed]
-        self.done_ids = torch.tensor([int(end_id)])
+        # The ids allowed in each compiled state, then (last) those of a finished row.
+        self.allowed_ids = [torch.tensor([ids[j] for j in cols]) for cols in self.allowed] + [torch.tensor([end_id])]
         self.prompt_len, self.horizon_steps = int(prompt_len), int(horizon_steps)
         self._states: list[tuple[int, int]] = []  # (compiled state, steps done) of each row
         self._seen = 0
@@ -160,11 +159,10 @@ class LLMTimeLogitsProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """Return ``scores`` (B, V) with every disallowed id set to ``-inf``."""
         out = torch.full_like(scores, -math.inf)
-        if self.done_ids.device != scores.device:  # moved once: a copy to the GPU per row and step stalls the decode
+        if self.allowed_ids[0].device != scores.device:  # moved once: a copy to the GPU per row and step stalls
             self.allowed_ids = [ids.to(scores.device) for ids in self.allowed_ids]
-            self.done_ids = self.done_ids.to(scores.device)
         for row, (state, steps) in enumerate(self.row_states(input_ids)):
-            ids = self.done_ids if steps >= self.horizon_steps else self.allowed_ids[state]
+            ids = self.allowed_ids[-1 if steps >= self.horizon_steps else state]
             out[row, ids] = scores[row, ids]
         return out
 

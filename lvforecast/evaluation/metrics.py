@@ -50,8 +50,7 @@ def _checked(truth: np.ndarray, other: np.ndarray, samples: bool = False) -> tup
 def to_encoded(values: np.ndarray, scale: Scale = STUDY_SCALE) -> np.ndarray:
     """Raw populations (any shape, series along axis 0) / ``scale``, one number or one per series, as float64;
     ``ValueError`` for a scale that is not a finite number > 0 or per-series scales of the wrong length."""
-    values = np.asarray(values, dtype=np.float64)
-    scales = np.asarray(scale, dtype=np.float64)
+    values, scales = np.asarray(values, dtype=np.float64), np.asarray(scale, dtype=np.float64)
     if scales.ndim > 1 or not np.all(np.isfinite(scales) & (scales > 0)):
         raise UserError(f"scale must be a finite number > 0 (or one per series), got {scale!r}")
     if scales.ndim == 1:

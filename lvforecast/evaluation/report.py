@@ -123,8 +123,7 @@ def write_report(
              f"{len(systems)} test systems; classes {summary['classes']}; parse failures {summary['parse_failures']} "
              f"({decoding} decoding); prompt tokens {summary['prompt_tokens']}; generation FLOPs "
              f"{summary['flops_generate']:.3e}.", ""]
-    shown = [s for s in examples if s in systems]
-    if shown:
+    if shown := [s for s in examples if s in systems]:
         per = metrics["model"]["encoded"]["per_system"]
         columns = ["metric", *(f"{s} {v}" for s in shown for v in VARIABLES)]
         rows = [[k.upper(), *(_f(per[k][systems.index(s)][j]) for s in shown for j in (0, 1))] for k in POINT_METRICS]
