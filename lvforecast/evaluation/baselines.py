@@ -75,16 +75,11 @@ def persistence(context: np.ndarray, time: np.ndarray, horizon_steps: int) -> np
     return np.repeat(context[:, -1:, :], int(horizon_steps), axis=1)
 
 
-def _lagged(series: np.ndarray, order: int) -> tuple[np.ndarray, np.ndarray]:
-    """Design (n, 1 + order * V) [1, x_{t-1}, ..., x_{t-p}] and targets (n, V) for (T, V) series."""
-    t_len = series.shape[0]
-    rows = [np.ones((t_len - order, 1))] + [series[order - i : t_len - i] for i in range(1, order + 1)]
-    return np.hstack(rows), series[order:]
-
-
 def _fit_and_roll(history: np.ndarray, order: int, horizon_steps: int) -> np.ndarray:
     """(horizon_steps, V) forecast of a (V)AR(``order``) with intercept fitted by least squares to (Tc, V) history."""
-    coef = np.linalg.lstsq(*_lagged(history, order), rcond=None)[0]  # (1 + order * V, V)
+    t_len = history.shape[0]
+    design = np.hstack([np.ones((t_len - order, 1))] + [history[order - i : t_len - i] for i in range(1, order + 1)])
+    coef = np.linalg.lstsq(design, history[order:], rcond=None)[0]  # (1 + order * V, V)
     buf = list(history[-order:])
     with np.errstate(over="ignore", invalid="ignore"):
         for _ in range(horizon_steps):

@@ -1,8 +1,5 @@
-"""Deterministic behaviour classes of predator-prey series: stable, growing, decaying, oscillatory.
-
-:func:`classify` tries, in order: a flat tail (stable); the trend of the prey peaks' prominences; without two prey
-peaks, the trend of the least flat variable's tail. The rules, thresholds and the classes of the study's data are in
-``docs/evaluation.md`` (Behaviour classes).
+"""Deterministic behaviour classes of predator-prey series: stable, growing, decaying, oscillatory (:func:`classify`;
+its rules, in order, their thresholds and the classes of the study's data: ``docs/evaluation.md``, Behaviour classes).
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """The lean constrained decoder: the grammar as tensors, a preallocated KV cache and a short loop of its own.
 
-Design: ``docs/evaluation.md``. :func:`choose` picks greedily the first maximum in token-id order (``argmax`` over
-the masked vocabulary), or samples with one uniform per row after Hugging Face's ``temperature`` and ``top_p``, so
-the draw never depends on the vocabulary. :func:`decode` follows ``generate``'s position ids and attention mask, adds
-a trained logit bias in float32 before the mask, stops each row after its ``horizon_steps``-th ``;`` (then writes
-``end_id``) and never feeds back the token that finishes the last row: greedy tokens equal ``generate``'s with the
-grammar's logits processor (tests), for PEFT-wrapped models too.
+Design: ``docs/evaluation.md``. :func:`decode` follows ``generate``'s position ids and attention mask, adds a trained
+logit bias in float32 before the mask, stops each row after its ``horizon_steps``-th ``;`` (then writes ``end_id``)
+and never feeds back the token that finishes the last row: greedy tokens equal ``generate``'s with the grammar's
+logits processor (tests), for PEFT-wrapped models too.
 """
 
 from __future__ import annotations
@@ -25,26 +23,22 @@ from lvforecast.evaluation.grammar import CompiledGrammar
 from lvforecast.model.lora import decoder_stack
 
 
-def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Hugging Face's ``TopPLogitsWarper`` (min_tokens_to_keep=1) on (B, A) scores."""
-    sorted_scores, sorted_idx = torch.sort(scores, descending=False)
-    remove = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
-    remove[..., -1:] = False
-    return scores.masked_fill(remove.scatter(1, sorted_idx, remove), -math.inf)
-
-
 def choose(
     logits: torch.Tensor, allowed: torch.Tensor, *, sample: bool, temperature: float = 1.0, top_p: float = 1.0,
     uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B,) one column per row of (B, A) float32 ``logits`` that the (B, A) bool ``allowed`` allows (each row one at
-    least): the first maximum, or with ``sample`` the inverse CDF at ``uniforms`` ((B,) draws in [0, 1))."""
+    least): the first maximum (token-id order), or with ``sample`` the inverse CDF after Hugging Face's ``temperature``
+    and ``top_p`` at ``uniforms`` ((B,) draws in [0, 1)), so the draw never depends on the vocabulary."""
     scores = logits.masked_fill(~allowed, -math.inf)
     if not sample:
         return scores.argmax(dim=-1)
     scores = scores / temperature
-    if top_p < 1.0:
-        scores = _top_p(scores, top_p)
+    if top_p < 1.0:  # Hugging Face's TopPLogitsWarper with min_tokens_to_keep=1
+        sorted_scores, sorted_idx = torch.sort(scores, descending=False)
+        remove = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        remove[..., -1:] = False
+        scores = scores.masked_fill(remove.scatter(1, sorted_idx, remove), -math.inf)
     cdf = scores.softmax(dim=-1).cumsum(dim=-1)
     # The first column whose cumulative mass reaches u x total: it has positive probability.
     return (cdf < uniforms.unsqueeze(-1) * cdf[:, -1:]).sum(dim=-1).clamp(max=logits.shape[-1] - 1)
@@ -93,13 +87,14 @@ class PreallocatedLayer(DynamicLayer):
 def prefill(
     stack: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Cache
 ) -> torch.Tensor:
-    """Run the left-padded prompts into an empty :func:`preallocated_cache`; return the (B, 1, D) last hidden states.
+    """Run the left-padded prompts into a :func:`preallocated_cache`, empty or holding their first ``c`` positions
+    (then from c on, as ``generate`` does); return the (B, 1, D) last hidden states.
 
-    On a CPU each unpadded row runs into its slots on its own, so its activations stay in the CPU caches; the FLOPs
-    are charged as the padded batch's forward either way."""
+    On a CPU each unpadded row runs into an empty cache's slots on its own, so its activations stay in the CPU caches;
+    the FLOPs are charged as the padded batch's forward either way."""
     padded = bool((attention_mask == 0).any())
-    if input_ids.device.type != "cpu" or input_ids.shape[0] == 1:
-        return _last(stack, cache, input_ids, position_ids, attention_mask if padded else None)
+    if (cached := cache.get_seq_length()) or input_ids.device.type != "cpu" or input_ids.shape[0] == 1:
+        return _last(stack, cache, input_ids[:, cached:], position_ids[:, cached:], attention_mask if padded else None)
     (batch, prompt_len), last = input_ids.shape, []
     for b in range(batch):
         pad = int((attention_mask[b] == 0).sum())
@@ -172,13 +167,11 @@ class LeanStep:
     @staticmethod
     def supports(stack: Any) -> bool:
         """Whether every layer is a :data:`LEAN_LAYERS` layer with full attention and a :data:`STATIC_ROPE`."""
-        layers = getattr(stack, "layers", None)
-        if layers is None or not all(hasattr(stack, a) for a in ("embed_tokens", "rotary_emb", "norm")):
+        if not all(hasattr(stack, a) for a in ("layers", "embed_tokens", "rotary_emb", "norm")):
             return False
         return getattr(stack.rotary_emb, "rope_type", None) in STATIC_ROPE and all(
             type(layer).__name__ in LEAN_LAYERS and getattr(layer.self_attn, "sliding_window", None) is None
-            for layer in layers
-        )
+            for layer in stack.layers)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """(B, 1) new token ids at (B, 1) ``positions`` -> (B, 1, D) final hidden states; ``mask``: (B, 1, 1, K) bool
@@ -225,15 +218,11 @@ def decode(
     device = input_ids.device
     if cache is None:
         cache = preallocated_cache(len(stack.layers), prompt_len + max_new_tokens)
-    cached = cache.get_seq_length()
     padded = bool((attention_mask == 0).any())
     position = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     state, steps = torch.zeros((2, batch), dtype=torch.long, device=device)  # grammar state, steps written
     out = torch.full((batch, max_new_tokens), end_id, dtype=torch.long, device=device)
-    if cached:  # the prefill continues the cache's prompt prefix, as generate does
-        hidden = _last(stack, cache, input_ids[:, cached:], position[:, cached:], attention_mask if padded else None)
-    else:
-        hidden = prefill(stack, input_ids, attention_mask, position, cache)
+    hidden = prefill(stack, input_ids, attention_mask, position, cache)
     next_pos = position[:, -1:] + 1
     if LeanStep.supports(stack) if lean is None else lean:
         step_fn = LeanStep(stack, cache, int(next_pos.max()) + max_new_tokens)

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lvforecast.budget.formulas import generation_flops
-from lvforecast.budget.shapes import ALPHABET_SIZE, HEADS, Conventions, Head, LoRASpec, shape_of
+from lvforecast.budget.shapes import ALPHABET_SIZE, HEADS, Head, LoRASpec, shape_of
 from lvforecast.data.encoding import ALPHABET, decode, encode_prompt
 from lvforecast.errors import UserError
 from lvforecast.evaluation.decoder import AlphabetLogits, Decoded
@@ -122,7 +122,6 @@ def _check_args(series: np.ndarray, scales: list[float], decimals: int, **settin
         problems.append(f"context_steps={steps!r}: must be in [1, {series.shape[1]}] (series length)")
     if series.ndim >= 1 and len(scales) != series.shape[0]:
         problems.append(f"scales has {len(scales)} entries: expected one per series ({series.shape[0]})")
-    grammar = None
     try:  # the grammar checks decimals (an integer in [0, 12])
         grammar = Grammar(max_int_digits=settings["max_int_digits"], decimals=decimals)
     except ValueError as err:
@@ -186,7 +185,7 @@ def forecast(
     decimals: int, context_steps: int, horizon_steps: int, batch_size: int, constrained: bool, num_samples: int,
     temperature: float, top_p: float, seed: int, max_int_digits: int, head: Head, decoder: Decoder,
     trained_context_tokens: int | None = None, charge: Callable[[int, int], None] | None = None,
-    conv: Conventions | None = None, logit_bias: torch.Tensor | None = None,
+    logit_bias: torch.Tensor | None = None,
 ) -> ForecastResult:
     """Forecast ``horizon_steps`` steps of each (S, T, 2) raw series from its first ``context_steps`` steps.
 
@@ -200,7 +199,6 @@ def forecast(
         decoder: Constrained decoding with ``loop`` (:mod:`lvforecast.evaluation.decoder`) or ``generate`` (needs
             ``head="full"``).
         trained_context_tokens: Token context the adapter was trained on; a longer prompt is logged and flagged.
-        conv: FLOP counting conventions (default :class:`lvforecast.budget.shapes.Conventions`).
         logit_bias: Trained output bias, (V,) or (13,) in ``ALPHABET`` order, added to the logits before the
             grammar mask as in training (:func:`lvforecast.evaluation.generation.full_and_alphabet_bias`).
 
@@ -237,10 +235,8 @@ def forecast(
                                 horizon_steps=horizon_steps, logit_bias=full_bias)
     # The trained bias adds one addition per scored logit; it is only ever trained beside an adapter.
     lora = LoRASpec.from_peft(model, logit_bias=logit_bias is not None) if getattr(model, "peft_config", None) else None
-    price = functools.partial(
-        generation_flops, shape_of(model), lora=lora, conv=conv if conv is not None else Conventions(), kv_cache=True,
-        prefill_logits="last", head_rows=ALPHABET_SIZE if loop and head == "alphabet" else None,
-    )
+    price = functools.partial(generation_flops, shape_of(model), lora=lora, prefill_logits="last",
+                              head_rows=ALPHABET_SIZE if loop and head == "alphabet" else None)
     batches = row_batches(n_series, k, batch_size)
     texts, new_tokens, flops = _generate_all(run, model, tokenizer, char_ids, prompts, batches, seed, price, charge)
 

@@ -4,6 +4,7 @@ every unconstrained forecast; ``decoder="loop"`` calls :func:`lvforecast.evaluat
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,12 +16,12 @@ from lvforecast.evaluation.decoder import Decoded
 from lvforecast.evaluation.grammar import Grammar, LLMTimeLogitsProcessor, StepsStoppingCriteria
 
 
+@dataclass
 class AddLogitBias(LogitsProcessor):
     """Add a trained (V,) bias (checked by :func:`full_and_alphabet_bias`) to the (B, V) scores, as
     :class:`lvforecast.model.lora.LogitBias` did in training."""
 
-    def __init__(self, bias: torch.Tensor) -> None:
-        self.bias = bias
+    bias: torch.Tensor
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self.bias = self.bias.to(device=scores.device, dtype=scores.dtype)  # moved at the first step only

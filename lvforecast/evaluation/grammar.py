@@ -1,10 +1,6 @@
-"""The LLMTIME step grammar and the generation rules that enforce it.
-
-:class:`Grammar` is the character grammar of generated steps, as :func:`lvforecast.data.encoding.encode` writes them;
-:func:`compile_grammar` tabulates it for the decoder; :class:`LLMTimeLogitsProcessor` and
-:class:`StepsStoppingCriteria` enforce it in ``generate``. :func:`max_new_tokens_bound` is the generation length and
-the decode length the budget plans with.
-"""
+"""The LLMTIME step grammar (:class:`Grammar`, steps as :func:`lvforecast.data.encoding.encode` writes them), tabulated
+for the decoder (:func:`compile_grammar`) and enforced in ``generate`` (:class:`LLMTimeLogitsProcessor`,
+:class:`StepsStoppingCriteria`)."""
 
 from __future__ import annotations
 
@@ -72,7 +68,8 @@ class Grammar:
 
 
 def max_new_tokens_bound(horizon_steps: int, grammar: Grammar) -> int:
-    """Upper bound on the tokens of ``horizon_steps`` grammatical steps (one token per character)."""
+    """Upper bound on the tokens of ``horizon_steps`` grammatical steps (one token per character): the generation
+    length, and the decode length the budget plans with."""
     number = grammar.max_int_digits + (1 + grammar.decimals if grammar.decimals > 0 else 0)
     return horizon_steps * (2 * number + 2)  # two numbers, the ``,`` and the ``;``
 
@@ -98,8 +95,7 @@ class CompiledGrammar:
 
 def compile_grammar(grammar: Grammar, char_ids: dict[str, int], device: torch.device | str = "cpu") -> CompiledGrammar:
     """Tabulate the states reachable from ``START``; ``ValueError`` if ``char_ids`` lacks an alphabet character."""
-    missing = [c for c in ALPHABET if c not in char_ids]
-    if missing:
+    if missing := [c for c in ALPHABET if c not in char_ids]:
         raise UserError(f"char_ids lacks token ids for {missing!r}: every character of {ALPHABET!r} is needed")
     chars = "".join(sorted(ALPHABET, key=lambda c: char_ids[c]))
     column = {c: j for j, c in enumerate(chars)}
@@ -125,7 +121,7 @@ def compile_grammar(grammar: Grammar, char_ids: dict[str, int], device: torch.de
 class LLMTimeLogitsProcessor(LogitsProcessor):
     """Masks every token the LLMTIME grammar forbids at each row's current position, and all but ``end_id`` (EOS /
     pad) once the row has written ``horizon_steps`` ``;``. Each row's state is read from ``input_ids[:, prompt_len:]``
-    (one token per call, rescanned when the length is not the expected one)."""
+    (only the tokens since the last call; from the prompt on for a new batch)."""
 
     def __init__(
         self, char_ids: dict[str, int], grammar: Grammar, prompt_len: int, horizon_steps: int, end_id: int
@@ -135,11 +131,11 @@ class LLMTimeLogitsProcessor(LogitsProcessor):
         self.column = {t: j for j, t in enumerate(ids)}
         self.next_state, self.is_sep = table.next_state.tolist(), table.is_sep.tolist()
         self.allowed = [[j for j, ok in enumerate(row) if ok] for row in table.allowed.tolist()]
-        self.allowed_ids = [torch.tensor([ids[j] for j in cols]) for cols in self.allowed]
-        self.done_ids = torch.tensor([int(end_id)])
+        # The ids allowed in each compiled state, then (last) those of a finished row.
+        self.allowed_ids = [torch.tensor([ids[j] for j in cols]) for cols in self.allowed] + [torch.tensor([end_id])]
         self.prompt_len, self.horizon_steps = int(prompt_len), int(horizon_steps)
         self._states: list[tuple[int, int]] = []  # (compiled state, steps done) of each row
-        self._seen = -1
+        self._seen = 0
 
     def _step(self, state_steps: tuple[int, int], token: int) -> tuple[int, int]:
         state, steps = state_steps
@@ -153,22 +149,20 @@ class LLMTimeLogitsProcessor(LogitsProcessor):
     def row_states(self, input_ids: torch.LongTensor) -> list[tuple[int, int]]:
         """(compiled grammar state, steps done) of each row after its generated part."""
         n_gen = input_ids.shape[1] - self.prompt_len
-        if n_gen == self._seen + 1 and len(self._states) == input_ids.shape[0] and n_gen > 0:
-            self._states = [self._step(s, t) for s, t in zip(self._states, input_ids[:, -1].tolist(), strict=True)]
-        elif n_gen != self._seen or len(self._states) != input_ids.shape[0]:
-            rows = input_ids[:, self.prompt_len :].tolist()
-            self._states = [functools.reduce(self._step, row, (0, 0)) for row in rows]
+        if len(self._states) != input_ids.shape[0] or n_gen < self._seen:  # another batch: replay from the prompt
+            self._states, self._seen = [(0, 0)] * input_ids.shape[0], 0
+        new = input_ids[:, self.prompt_len + self._seen :].tolist()  # the tokens since the last call, usually one
+        self._states = [functools.reduce(self._step, row, s) for s, row in zip(self._states, new, strict=True)]
         self._seen = n_gen
         return self._states
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """Return ``scores`` (B, V) with every disallowed id set to ``-inf``."""
         out = torch.full_like(scores, -math.inf)
-        if self.done_ids.device != scores.device:  # moved once: a copy to the GPU per row and step stalls the decode
+        if self.allowed_ids[0].device != scores.device:  # moved once: a copy to the GPU per row and step stalls
             self.allowed_ids = [ids.to(scores.device) for ids in self.allowed_ids]
-            self.done_ids = self.done_ids.to(scores.device)
         for row, (state, steps) in enumerate(self.row_states(input_ids)):
-            ids = self.done_ids if steps >= self.horizon_steps else self.allowed_ids[state]
+            ids = self.allowed_ids[-1 if steps >= self.horizon_steps else state]
             out[row, ids] = scores[row, ids]
         return out
 

@@ -30,38 +30,27 @@ TABLED_METRICS: tuple[str, ...] = tuple(m for m in POINT_METRICS if m != "rmse")
 Scale = float | Sequence[float] | np.ndarray
 
 
-def _check_truth(truth: np.ndarray) -> np.ndarray:
-    truth = np.asarray(truth, dtype=np.float64)
+def _checked(truth: np.ndarray, other: np.ndarray, samples: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Both as float64: finite (S, H, 2) ``truth`` and ``pred`` of its shape, or finite (S, k>=1, H, 2) ``samples``."""
+    truth, other = np.asarray(truth, dtype=np.float64), np.asarray(other, dtype=np.float64)
     if truth.ndim != 3 or truth.shape[2] != 2:
         raise UserError(f"truth must have shape (S, H, 2), got {truth.shape}")
-    return truth
-
-
-def _check_pair(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    truth, pred = _check_truth(truth), np.asarray(pred, dtype=np.float64)
-    if pred.shape != truth.shape:
-        raise UserError(f"pred must have the shape of truth {truth.shape}, got {pred.shape}")
+    s, h, _ = truth.shape
+    if samples and (other.ndim != 4 or other.shape[0] != s or other.shape[2:] != (h, 2) or other.shape[1] < 1):
+        raise UserError(f"samples must have shape ({s}, k>=1, {h}, 2) to match truth {truth.shape}, got {other.shape}")
+    if not samples and other.shape != truth.shape:
+        raise UserError(f"pred must have the shape of truth {truth.shape}, got {other.shape}")
     if not np.isfinite(truth).all():
         raise UserError(f"truth must be finite, got {int((~np.isfinite(truth)).sum())} non-finite entries")
-    return truth, pred
-
-
-def _check_samples(truth: np.ndarray, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    truth, samples = _check_truth(truth), np.asarray(samples, dtype=np.float64)
-    s, h, _ = truth.shape
-    if samples.ndim != 4 or samples.shape[0] != s or samples.shape[2:] != (h, 2) or samples.shape[1] < 1:
-        raise UserError(f"samples must have shape ({s}, k>=1, {h}, 2) to match truth {truth.shape}, "
-                        f"got {samples.shape}")
-    if not (np.isfinite(truth).all() and np.isfinite(samples).all()):
-        raise UserError("truth and samples must be finite for CRPS/coverage")
-    return truth, samples
+    if samples and not np.isfinite(other).all():
+        raise UserError("samples must be finite for CRPS/coverage")
+    return truth, other
 
 
 def to_encoded(values: np.ndarray, scale: Scale = STUDY_SCALE) -> np.ndarray:
     """Raw populations (any shape, series along axis 0) / ``scale``, one number or one per series, as float64;
     ``ValueError`` for a scale that is not a finite number > 0 or per-series scales of the wrong length."""
-    values = np.asarray(values, dtype=np.float64)
-    scales = np.asarray(scale, dtype=np.float64)
+    values, scales = np.asarray(values, dtype=np.float64), np.asarray(scale, dtype=np.float64)
     if scales.ndim > 1 or not np.all(np.isfinite(scales) & (scales > 0)):
         raise UserError(f"scale must be a finite number > 0 (or one per series), got {scale!r}")
     if scales.ndim == 1:
@@ -75,7 +64,7 @@ def per_system_metrics(truth: np.ndarray, pred: np.ndarray) -> dict[str, np.ndar
     """(S, 2) float64 ``mse``, ``rmse``, ``mae``, ``mape`` over the horizon and int64 counts ``nan_count``,
     ``mape_excluded``, ``n_valid`` (steps used by MSE/MAE), per system and variable (NaN rule: module docstring);
     ``ValueError`` when the shapes differ or are not (S, H, 2), or ``truth`` is not finite."""
-    truth, pred = _check_pair(truth, pred)
+    truth, pred = _checked(truth, pred)
     valid = np.isfinite(pred)
     abs_err = np.where(valid, np.abs(pred - truth), np.nan)
     with warnings.catch_warnings():  # a system with no usable step gets NaN, as documented
@@ -83,15 +72,13 @@ def per_system_metrics(truth: np.ndarray, pred: np.ndarray) -> dict[str, np.ndar
         mse, mae = np.nanmean(abs_err**2, axis=1), np.nanmean(abs_err, axis=1)
         mape = np.nanmean(abs_err / np.where(truth != 0, np.abs(truth), np.nan), axis=1)
     counts = {"nan_count": ~valid, "mape_excluded": valid & (truth == 0), "n_valid": valid}
-    return {
-        "mse": mse, "rmse": np.sqrt(mse), "mae": mae, "mape": mape,
-        **{key: mask.sum(axis=1).astype(np.int64) for key, mask in counts.items()},
-    }
+    return {"mse": mse, "rmse": np.sqrt(mse), "mae": mae, "mape": mape,
+            **{key: mask.sum(axis=1).astype(np.int64) for key, mask in counts.items()}}
 
 
 def _masked_squared_error(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Squared errors with non-finite forecasts set to 0, and the mask of valid entries (both (S, H, 2))."""
-    truth, pred = _check_pair(truth, pred)
+    truth, pred = _checked(truth, pred)
     valid = np.isfinite(pred)
     return np.where(valid, (pred - truth) ** 2, 0.0), valid
 
@@ -140,14 +127,11 @@ def aggregate(per_system: dict[str, np.ndarray], classes: Sequence[str] | None =
     n = first[0] if len(first) == 2 else -1
     if any(shape != (n, 2) for shape in shapes.values()):
         raise UserError(f"per_system arrays must all have shape (S, 2), got {shapes}")
-    result: dict[str, Any] = {"all": _summarise(per_system, np.arange(n)), "by_class": {}}
-    if classes is not None:
-        labels = np.asarray(list(classes), dtype=object)
-        if labels.shape != (n,):
-            raise UserError(f"classes must have one label per system ({n}), got {labels.shape[0]}")
-        for label in sorted(set(labels.tolist())):
-            result["by_class"][label] = _summarise(per_system, np.flatnonzero(labels == label))
-    return result
+    labels = np.asarray([] if classes is None else list(classes), dtype=object)
+    if classes is not None and labels.shape != (n,):
+        raise UserError(f"classes must have one label per system ({n}), got {labels.shape[0]}")
+    by_class = {label: _summarise(per_system, np.flatnonzero(labels == label)) for label in sorted(set(labels))}
+    return {"all": _summarise(per_system, np.arange(n)), "by_class": by_class}
 
 
 def crps_samples(truth: np.ndarray, samples: np.ndarray) -> np.ndarray:
@@ -156,7 +140,7 @@ def crps_samples(truth: np.ndarray, samples: np.ndarray) -> np.ndarray:
     Exact in O(k log k) from the sorted samples: sum_{i,j}|X_i - X_j| = 2 sum_i (2i - k + 1) X_(i). Raises
     ``ValueError`` when the shapes mismatch or the values are not finite.
     """
-    truth, samples = _check_samples(truth, samples)
+    truth, samples = _checked(truth, samples, samples=True)
     k = samples.shape[1]
     term1 = np.abs(samples - truth[:, None]).mean(axis=1)  # (S, H, 2)
     weights = (2.0 * np.arange(k) - k + 1.0).reshape(1, k, 1, 1)
@@ -170,7 +154,7 @@ def interval_coverage(truth: np.ndarray, samples: np.ndarray, lo: float = 0.1, h
     """
     if not (0.0 <= lo < hi <= 1.0):
         raise UserError(f"need 0 <= lo < hi <= 1, got lo={lo!r}, hi={hi!r}")
-    truth, samples = _check_samples(truth, samples)
+    truth, samples = _checked(truth, samples, samples=True)
     q_lo, q_hi = np.quantile(samples, [lo, hi], axis=1)
     return ((truth >= q_lo) & (truth <= q_hi)).mean(axis=1)
 

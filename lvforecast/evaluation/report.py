@@ -40,7 +40,9 @@ def _figure(width: float, height: float, panels: int, ylabel: str) -> tuple[Any,
     return fig, axes
 
 
-def _save(fig: Any, path: Path) -> Path:
+def _save(fig: Any, path: Path, legend_size: float = 7) -> Path:
+    """Legend the first panel, then save ``fig`` to ``path``."""
+    fig.axes[0].legend(fontsize=legend_size)
     fig.tight_layout()
     return save_figure(fig, path, dpi=110)
 
@@ -72,8 +74,6 @@ def write_plots(
         ax.axvline(context - 0.5, color="grey", lw=0.8)
         ax.set(title=f"system {system}", xlabel="time step")
         mse_ax.set(title=f"running MSE, system {system}", xlabel="forecast step")
-    axes[0].legend(fontsize=7)
-    mse_axes[0].legend(fontsize=7)
     paths = [_save(fig, out / "examples.png"), _save(mse_fig, out / "running_mse.png")]
 
     fig, axes = _figure(10, 3.6, 2, "MSE (encoded units)")
@@ -83,7 +83,6 @@ def write_plots(
             ax.plot(np.arange(1, err.size + 1), err, lw=2.2 if name == "model" else 1.2, label=name)
         _log_scale(ax)
         ax.set(title=f"{var}: MSE by horizon step (mean over systems)", xlabel="forecast step")
-    axes[0].legend(fontsize=7)
     paths.append(_save(fig, out / "error_by_horizon.png"))
 
     fig, (ax,) = _figure(7, 3.6, 1, "median MSE over systems (encoded)")
@@ -95,8 +94,7 @@ def write_plots(
     ax.set_xticks(x, names)
     _log_scale(ax)
     ax.set_title("model vs baselines")
-    ax.legend(fontsize=8)
-    paths.append(_save(fig, out / "model_vs_baselines.png"))
+    paths.append(_save(fig, out / "model_vs_baselines.png", legend_size=8))
     return paths
 
 
@@ -125,8 +123,7 @@ def write_report(
              f"{len(systems)} test systems; classes {summary['classes']}; parse failures {summary['parse_failures']} "
              f"({decoding} decoding); prompt tokens {summary['prompt_tokens']}; generation FLOPs "
              f"{summary['flops_generate']:.3e}.", ""]
-    shown = [s for s in examples if s in systems]
-    if shown:
+    if shown := [s for s in examples if s in systems]:
         per = metrics["model"]["encoded"]["per_system"]
         columns = ["metric", *(f"{s} {v}" for s in shown for v in VARIABLES)]
         rows = [[k.upper(), *(_f(per[k][systems.index(s)][j]) for s in shown for j in (0, 1))] for k in POINT_METRICS]

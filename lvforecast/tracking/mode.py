@@ -38,8 +38,7 @@ def netrc_path(env: Mapping[str, str]) -> Path:
     """The netrc file wandb reads: ``$NETRC`` if set, else ``~/.netrc`` (``~/_netrc`` when only that exists)."""
     if env.get("NETRC"):
         return Path(env["NETRC"]).expanduser()
-    unix = Path("~/.netrc").expanduser()
-    windows = Path("~/_netrc").expanduser()
+    unix, windows = Path("~/.netrc").expanduser(), Path("~/_netrc").expanduser()
     return windows if not unix.exists() and windows.exists() else unix
 
 
@@ -81,8 +80,7 @@ def decide_mode(mode: str, env: Mapping[str, str] | None = None, netrc_file: Pat
         if source is None:
             raise UserError(f"logger.wandb.mode=online but {no_key}; use logger.wandb.mode=auto or offline")
         return ModeDecision("online", f"logger.wandb.mode=online, API key from {source}")
-    env_mode = env.get("WANDB_MODE")
-    if env_mode:
+    if env_mode := env.get("WANDB_MODE"):
         if env_mode.lower() not in _ENV_MODES:
             raise UserError(f"WANDB_MODE={env_mode!r} (read because logger.wandb.mode=auto): allowed "
                              f"{', '.join(_ENV_MODES)}")

@@ -116,11 +116,10 @@ def log_sweep_summary(wandb_cfg: Any, table_file: str | Path, curves: str | Path
         if curves.is_file():
             payload["sweep/val_loss_curves"] = wandb.Image(str(curves))
         run.log(payload)
-        best = [dict(zip(header, row, strict=True)) for row in data if row[header.index("best")] is True] \
-            if "best" in header else []
-        if best:
-            run.summary.update({"sweep/best_job": best[0].get("job"),
-                                "sweep/best_final_val_loss": best[0].get("final_val_loss")})
+        jobs = [dict(zip(header, row, strict=True)) for row in data]
+        if best := next((job for job in jobs if job.get("best") is True), None):
+            run.summary.update({"sweep/best_job": best.get("job"),
+                                "sweep/best_final_val_loss": best.get("final_val_loss")})
         run_id = run.id
     log.info("W&B: sweep summary of %s logged as run %s", sweep_dir, run_id)
     return run_id
