@@ -166,8 +166,14 @@ def summarize_sweep(sweep_dir: Path, jobs: list[list[str]] | None = None) -> lis
     write_csv(sweep_dir / SUMMARY_CSV, rows)
     write_text(sweep_dir / SUMMARY_MD, format_summary(rows, keys, sweep_dir)
                + (format_rungs(halving, rows) if halving else ""))
+    from matplotlib.figure import Figure
+
     labels = {r["job"]: f"job {r['job']}: " + ", ".join(f"{k.rsplit('.', 1)[-1]}={r[k]}" for k in keys) for r in rows}
-    _plot_curves(sweep_dir / CURVES_PNG, curves, labels, best, f"{sweep_dir.parent.name}/{sweep_dir.name}")
+    fig = Figure(figsize=(8, 4.5))
+    draw_val_curves(fig.subplots(), curves, labels, best,
+                    f"validation loss per job: {sweep_dir.parent.name}/{sweep_dir.name}")
+    fig.tight_layout()
+    save_figure(fig, sweep_dir / CURVES_PNG, dpi=120)
     return rows
 
 
@@ -223,11 +229,11 @@ def format_summary(rows: list[dict[str, Any]], keys: list[str], sweep_dir: Path)
              "train tokens/s | status |",
              "|---:|" + "---|" * len(keys) + "---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        loss = _fmt(r["final_val_loss"], ".4f")
+        loss = fmt(r["final_val_loss"], ".4f")
         loss = f"**{loss}** (best)" if r["best"] else loss
         status = markdown_cell(r["status"] + (f": {r['error']}" if r["error"] else ""))
         lines.append(f"| {r['job']} | " + " | ".join(markdown_cell(r[k]) for k in keys)
-                     + f" | {loss} | {_fmt(r['best_val_loss'], '.4f')} | {r['steps']} | {_fmt(r['flops'], '.3e')} | "
+                     + f" | {loss} | {fmt(r['best_val_loss'], '.4f')} | {r['steps']} | {fmt(r['flops'], '.3e')} | "
                      f"{r['train_tokens_per_s']} | {status} |")
     if len(keys) == 2:
         lines += ["", _grid(rows, keys)]
@@ -248,7 +254,7 @@ def _grid(rows: list[dict[str, Any]], keys: list[str]) -> str:
     a, b = keys
     cell = {}
     for r in rows:
-        text = _fmt(r["final_val_loss"], ".4f") or r["status"]
+        text = fmt(r["final_val_loss"], ".4f") or r["status"]
         cell[markdown_cell(r[a]), markdown_cell(r[b])] = f"**{text}**" if r["best"] else text
     rows_a, cols_b = list(dict.fromkeys(va for va, _ in cell)), list(dict.fromkeys(vb for _, vb in cell))
     lines = [f"| {a} \\ {b} | " + " | ".join(cols_b) + " |", "|---|" + "---:|" * len(cols_b)]
@@ -262,7 +268,7 @@ def format_rungs(halving: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = ["", f"## Successive halving (eta {halving['eta']})", "",
              "| rung | steps | configurations (job: loss) | FLOPs | survivors |", "|---:|---:|---|---:|---|"]
     for rung in halving["rungs"]:
-        losses = ", ".join(f"c{j['config']} (job {j['job']}): {_fmt(j['val_loss'], '.4f') or 'failed'}"
+        losses = ", ".join(f"c{j['config']} (job {j['job']}): {fmt(j['val_loss'], '.4f') or 'failed'}"
                            for j in rung["jobs"])
         flops = sum(by_job[j["job"]]["flops"] for j in rung["jobs"]
                     if j["job"] in by_job and isinstance(by_job[j["job"]]["flops"], int))
@@ -271,25 +277,13 @@ def format_rungs(halving: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     if winner := halving.get("winner"):
         lines += ["", f"Winner: c{winner['config']} (job {winner['job']}, "
                   f"{' '.join(o for o in winner['overrides'] if o.partition('=')[0] in halving['params'])}), "
-                  f"final validation loss {_fmt(winner['val_loss'], '.4f')}."]
+                  f"final validation loss {fmt(winner['val_loss'], '.4f')}."]
     return "\n".join(lines) + "\n"
 
 
-def _fmt(value: Any, spec: str) -> str:
-    """``value`` formatted with ``spec``; ``""`` for a missing value or NaN."""
+def fmt(value: Any, spec: str) -> str:
+    """``value`` formatted with ``spec`` (e.g. ``".4f"``); ``""`` for a missing value (``""``, None) or NaN."""
     return "" if value in ("", None) or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-
-
-def _plot_curves(path: Path, curves: dict[int, list[tuple[int, float]]], labels: dict[int, str], best: int | None,
-                 title: str) -> None:
-    """Every job's validation loss against its optimizer step, the best job drawn thicker, as a PNG."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 4.5))
-    ax = fig.subplots()
-    draw_val_curves(ax, curves, labels, best, f"validation loss per job: {title}")
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
 
 
 def draw_val_curves(ax: Any, curves: dict[int, list[tuple[int, float]]], labels: dict[int, str],
