@@ -133,8 +133,7 @@ def _plot_forecasts(forecasts_png: Path, running_png: Path, evals: list[tuple[st
             ax = axes[row][col]
             ax.plot(t, first["series"][i, :, row], color="black", lw=1.4, label="truth")
             for name, data in loaded:
-                if system in data["systems"]:
-                    k = [int(s) for s in data["systems"]].index(system)
+                for k in np.flatnonzero(data["systems"] == system):  # none where this evaluation skipped it
                     ax.plot(t[context:context + data["forecast"].shape[1]], data["forecast"][k, :, row], ls="--",
                             lw=1.3, label=name)
             ax.axvline(context - 0.5, color="grey", lw=0.8)

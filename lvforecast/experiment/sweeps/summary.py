@@ -21,7 +21,7 @@ from lvforecast.budget.status import COMPLETED, RunStatus
 from lvforecast.errors import UserError
 from lvforecast.experiment.runconfig import read_run_config
 from lvforecast.experiment.sweeps.halving import HALVING_FILE
-from lvforecast.experiment.sweeps.jobs import PLAN_CSV, STATUS_FILE, STUDY_KEYS, job_values, sweep_jobs, varying_keys
+from lvforecast.experiment.sweeps.jobs import PLAN_CSV, STATUS_FILE, STUDY_KEYS, job_values, varying_keys
 from lvforecast.tracking.results import log_sweep_summary
 from lvforecast.utils import parse_cell, read_metrics_csv
 from lvforecast.validate import markdown_cell
@@ -40,11 +40,7 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Summarize the sweep directory (and log it to W&B with ``logger=wandb``); exit naming every unfinished job."""
         sweep_dir = Path(config.hydra.sweep.dir)
-        try:
-            jobs = sweep_jobs(config)
-        except Exception:  # noqa: BLE001 - the summary then lists what it finds on disk
-            jobs = None
-        rows = summarize_sweep(sweep_dir, jobs)
+        rows = summarize_sweep(sweep_dir)  # every job of BudgetPreflight's plan.csv, run or not
         bad = [r for r in rows if r["status"] not in COMPLETED]
         log.info("sweep summary: %s (%d jobs, %d not finished)", sweep_dir / SUMMARY_MD, len(rows), len(bad))
         print(f"\nsweep summary ({len(rows)} jobs): {sweep_dir / SUMMARY_MD}\n", flush=True)
@@ -134,16 +130,14 @@ def planned_jobs(sweep_dir: Path) -> list[list[str]] | None:
     return [r["overrides"].split() for r in sorted(rows, key=lambda r: int(r["job"]))]
 
 
-def summarize_sweep(sweep_dir: Path, jobs: list[list[str]] | None = None) -> list[dict[str, Any]]:
-    """Collect every job of a sweep directory into ``summary.csv``, ``summary.md`` and the curves PNG; return the rows.
-    ``jobs``: the overrides of the jobs launched (one with no record is ``missing``); None: ``plan.csv``'s and on disk.
-    """
+def summarize_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Collect every job of a sweep directory (those of ``plan.csv`` and on disk; a planned job with no record is
+    ``missing``) into ``summary.csv``, ``summary.md`` and the curves PNG; return the rows."""
     records = [read_state(path, STATUS_FIX) for path in sweep_dir.glob(f"*/{STATUS_FILE}")]
     found = {int(record["num"]): record for record in records}
-    if jobs is None:  # the jobs a stopped sweep never started are in its plan
-        planned = planned_jobs(sweep_dir) or []
-        jobs = [found[n]["overrides"] if n in found else job for n, job in enumerate(planned)]
-        jobs += [found[n]["overrides"] for n in sorted(found) if n >= len(planned)]
+    planned = planned_jobs(sweep_dir) or []  # the jobs a stopped sweep never started are in its plan
+    jobs = [found[n]["overrides"] if n in found else job for n, job in enumerate(planned)]
+    jobs += [found[n]["overrides"] for n in sorted(found) if n >= len(planned)]
     halving_file = sweep_dir / HALVING_FILE  # what a hydra/sweeper=halving multirun wrote
     halving = read_state(halving_file, "restore it, or run the sweep again") if halving_file.is_file() else None
     keys = halving["params"] if halving else varying_keys(jobs) if jobs else []
