@@ -59,8 +59,7 @@ def _stage_section(out: Path, stage: Stage, record: dict[str, Any]) -> list[str]
         return lines
     summary = Path(record["sweep_dir"]) / SUMMARY_MD
     if summary.is_file():  # the sweep's own tables (every job; for halving every rung), one heading level down
-        body = summary.read_text().splitlines()[1:]
-        lines += ["#" + line if line.startswith("#") else line for line in body]
+        lines += ["#" + line if line.startswith("#") else line for line in summary.read_text().splitlines()[1:]]
     lines += ["", f"Chosen settings: `{record['settings']}`; run `{record['run_dir']}`."]
     return lines
 
