@@ -102,8 +102,7 @@ def best_row(path: str | Path) -> dict[str, str]:
 
 
 def best_from(path: Any, key: str) -> Any:
-    """``key`` (a column, e.g. ``optim.lr``) of the best finished job in ``path`` (``summary.csv`` or its sweep
-    directory), parsed back to a number or bool where it is one; UserError if there is none (see :func:`best_row`)."""
+    """Column ``key`` (e.g. ``optim.lr``) of :func:`best_row` of ``path``, as a number or bool where it spells one."""
     if path is None or str(path) in ("", "None", "null"):
         raise UserError(f"{key} is not set: pass best_from=PATH (a finished sweep directory or its {SUMMARY_CSV}) "
                         f"or set {key}=... explicitly")
