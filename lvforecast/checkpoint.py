@@ -1,9 +1,6 @@
-"""Checkpoints: saved atomically (:mod:`lvforecast.atomic`), loaded with one clear message when torn or foreign.
-
-:class:`AtomicCheckpointIO` is Lightning's checkpoint I/O (``trainer.plugins`` in ``conf/trainer/default.yaml``);
-:func:`load_checkpoint` is the one way the project reads a checkpoint; :class:`InterruptCheckpoint` writes one when a
-signal stops a fit (:mod:`lvforecast.experiment.signals`).
-"""
+"""Checkpoints: saved atomically (:class:`AtomicCheckpointIO`, ``trainer.plugins`` in ``conf/trainer/default.yaml``),
+read only by :func:`load_checkpoint` (one clear message when torn or foreign), and written by
+:class:`InterruptCheckpoint` when a signal stops a fit (:mod:`lvforecast.experiment.signals`)."""
 
 from __future__ import annotations
 

@@ -131,8 +131,7 @@ def _audit(args: argparse.Namespace, analytic: Breakdown, lora: LoRASpec | None)
         lines += [f"unpriced: {op} x{calls}" for op, calls in audited.unpriced.items()]
         sys.stdout.write("\n".join(lines) + "\n")
     problems = [f"the audit and the analytic count differ on {', '.join(differ)}"] if differ else []
-    if audited.unpriced:
-        problems.append(f"ops without a price ran ({', '.join(audited.unpriced)})")
+    problems += [f"ops without a price ran ({', '.join(audited.unpriced)})"] if audited.unpriced else []
     if problems:
         print(f"error: {'; '.join(problems)}: the formulas do not describe what {args.model} runs", file=sys.stderr)
         return 1

@@ -13,7 +13,6 @@ from omegaconf import OmegaConf
 
 from lvforecast.budget.ledger import Ledger
 from lvforecast.experiment.study import StudyRefusedError, run_study
-from lvforecast.experiment.study.spec import compose as compose_stage
 from lvforecast.experiment.study.spec import parse_stages
 from lvforecast.experiment.study.stages import launch_of
 from lvforecast.experiment.sweeps.halving import Rung, schedule, select, worst_case
@@ -153,7 +152,7 @@ def test_a_search_stage_through_joblib_runs_jobs_side_by_side_and_charges_as_the
         cfg = compose("study", overrides=overrides)
         (search,) = parse_stages(cfg.study)
         launch = launch_of(cfg, search, {})
-        plan = plan_sweep(launch.arguments, lambda job: compose_stage("train", job), launch.sweep_dir)
+        plan = plan_sweep(launch.arguments, lambda job: compose("train", job), launch.sweep_dir)
     basic = sorted((f"lr_rank/{r['job']}", r["planned_flops"], r["planned_flops"]) for r in plan.rows)
     assert [name for name, _, _ in basic] == ["lr_rank/0", "lr_rank/1"]
 
@@ -194,5 +193,5 @@ def test_study_model_source_points_every_stage_at_one_model_without_quoting(tmp_
             launch = launch_of(cfg, stage, {}, run_dir="/r/0" if stage.kind == "evaluate" else None)
             assert launch.arguments[0] == f"model.source={source}"
             one_job = [a for a in launch.arguments if "," not in a]  # the search space's comma lists left out
-            composed = compose_stage("evaluate" if stage.kind == "evaluate" else "train", one_job)
+            composed = compose("evaluate" if stage.kind == "evaluate" else "train", one_job)
             assert composed.model.loader.name_or_path == source

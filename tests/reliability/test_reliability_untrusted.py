@@ -131,7 +131,7 @@ def test_summarize_reads_a_job_config_as_data(tmp_path, monkeypatch):
     config = "data: {batch_size: '${oc.env:LVF_SECRET_TOKEN}', context_length: 8}\n"
     sweep = _sweep(tmp_path, json.dumps(record), config)
     with pytest.raises(UserError, match="data.batch_size") as err:
-        summarize_sweep(sweep, [["optim.lr=0.1"]])
+        summarize_sweep(sweep)
     assert SECRET not in str(err.value)
 
 

@@ -63,5 +63,4 @@ def run_study(cfg: DictConfig) -> dict[str, Any]:
 def finished_stages(study_dir: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     """The records (``<stage>/stage.json``) of the stages finished in ``study_dir``, by name; UserError if torn."""
     fix = "delete it and run the study again (the stage's finished jobs are kept and not run again)"
-    paths = {name: study_dir / name / STAGE_FILE for name in names}
-    return {name: read_state(path, fix) for name, path in paths.items() if path.is_file()}
+    return {name: read_state(path, fix) for name in names if (path := study_dir / name / STAGE_FILE).is_file()}

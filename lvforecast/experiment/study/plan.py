@@ -13,11 +13,12 @@ from functools import partial
 from operator import attrgetter
 from typing import Any
 
+from hydra import compose
 from omegaconf import DictConfig
 
 from lvforecast.errors import UserError
 from lvforecast.experiment.evaluate import plan_generation
-from lvforecast.experiment.study.spec import Stage, candidate_settings, compose
+from lvforecast.experiment.study.spec import Stage, candidate_settings
 from lvforecast.experiment.study.stages import launch_of
 from lvforecast.experiment.sweeps.plan import JobPricer, SweepPlan, plan_sweep
 from lvforecast.validate import markdown_cell

@@ -16,16 +16,12 @@ from lvforecast.budget.report import format_stages_markdown, plot_report
 from lvforecast.data.encoding import VARIABLES
 from lvforecast.evaluation.metrics import TABLED_METRICS
 from lvforecast.experiment.study.spec import Stage
-from lvforecast.experiment.sweeps.summary import SUMMARY_CSV, SUMMARY_MD, draw_val_curves
+from lvforecast.experiment.sweeps.summary import SUMMARY_CSV, SUMMARY_MD, draw_val_curves, fmt
 from lvforecast.utils import read_metrics_csv
 from lvforecast.validate import markdown_cell
 
 REPORT_MD, CURVES_PNG = "study_report.md", "loss_curves.png"
 FORECASTS_PNG, RUNNING_PNG = "forecasts.png", "running_mse.png"
-
-
-def _fmt(value: Any, spec: str = ".4f") -> str:
-    return "" if value is None else format(value, spec)
 
 
 def _evaluations_table(stages: list[Stage], done: dict[str, dict[str, Any]]) -> list[str]:
@@ -38,7 +34,7 @@ def _evaluations_table(stages: list[Stage], done: dict[str, dict[str, Any]]) -> 
         summary = read_state(path, f"evaluate again into {path.parent} (or delete {path.parent.parent / 'stage.json'} "
                                    f"and run the study again)")
         m = summary["methods"]["model"]["encoded"]["all"]
-        cells = [f"{_fmt(m[k][v]['mean'], '.4g')} / {_fmt(m[k][v]['median'], '.4g')}" for k in TABLED_METRICS
+        cells = [f"{fmt(m[k][v]['mean'], '.4g')} / {fmt(m[k][v]['median'], '.4g')}" for k in TABLED_METRICS
                  for v in VARIABLES]
         model = markdown_cell(stage.of or "untrained (zero-shot)")
         rows.append(f"| {markdown_cell(stage.name)} | {model} | " + " | ".join(cells)
@@ -63,8 +59,7 @@ def _stage_section(out: Path, stage: Stage, record: dict[str, Any]) -> list[str]
         return lines
     summary = Path(record["sweep_dir"]) / SUMMARY_MD
     if summary.is_file():  # the sweep's own tables (every job; for halving every rung), one heading level down
-        body = summary.read_text().splitlines()[1:]
-        lines += ["#" + line if line.startswith("#") else line for line in body]
+        lines += ["#" + line if line.startswith("#") else line for line in summary.read_text().splitlines()[1:]]
     lines += ["", f"Chosen settings: `{record['settings']}`; run `{record['run_dir']}`."]
     return lines
 
@@ -137,8 +132,7 @@ def _plot_forecasts(forecasts_png: Path, running_png: Path, evals: list[tuple[st
             ax = axes[row][col]
             ax.plot(t, first["series"][i, :, row], color="black", lw=1.4, label="truth")
             for name, data in loaded:
-                if system in data["systems"]:
-                    k = [int(s) for s in data["systems"]].index(system)
+                for k in np.flatnonzero(data["systems"] == system):  # none where this evaluation skipped it
                     ax.plot(t[context:context + data["forecast"].shape[1]], data["forecast"][k, :, row], ls="--",
                             lw=1.3, label=name)
             ax.axvline(context - 0.5, color="grey", lw=0.8)

@@ -7,8 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hydra import compose as hydra_compose
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from lvforecast.errors import UserError
@@ -84,11 +82,3 @@ def candidate_settings(stages: list[Stage], name: str) -> dict[str, tuple[Any, .
 def override_value(value: Any) -> str:
     """``value`` as an override's right-hand side (floats written so Hydra reads them back as floats)."""
     return repr(float(value)) if isinstance(value, float) else str(value)
-
-
-def compose(config_name: str, overrides: list[str]) -> DictConfig:
-    """Compose ``conf/<config_name>.yaml`` with the study's Hydra; RuntimeError when it is not initialized."""
-    if not GlobalHydra.instance().is_initialized():
-        raise RuntimeError("a study composes its stages' configs with Hydra: run it from study.py, or inside "
-                           "hydra.initialize_config_dir(conf/)")
-    return hydra_compose(config_name=config_name, overrides=overrides)

@@ -83,7 +83,15 @@ def run_recorded(cfg: DictConfig, task: Any) -> Any:
         log.warning("job %s %s: %s; the sweep stops here", hc.job.num, RunStatus.INTERRUPTED, stop)
         _write(out, {**record, "status": RunStatus.INTERRUPTED, "error": str(stop), "step": stop.step,
                      "checkpoint": None if stop.checkpoint is None else str(stop.checkpoint), "exit_code": stop.code})
-        _partial_summary(Path(hc.sweep.dir))
+        sweep_dir = Path(hc.sweep.dir)
+        try:  # every planned job (plan.csv), finished or not
+            rows = summarize_sweep(sweep_dir)
+        except Exception:  # noqa: BLE001 - the job's own record is written; the summary can be rebuilt later
+            log.exception("could not write the partial summary of %s (rebuild it with `lvforecast sweeps summarize "
+                          "%s`)", sweep_dir, sweep_dir)
+        else:
+            log.warning("partial sweep summary: %s (%d of %d jobs finished)", sweep_dir / SUMMARY_MD,
+                        sum(r["status"] in COMPLETED for r in rows), len(rows))
         raise
     except Exception as err:  # noqa: BLE001 - recorded, logged, and reported by the summary
         status = RunStatus.REFUSED if isinstance(err, BudgetExceededError) else RunStatus.FAILED
@@ -97,16 +105,4 @@ def run_recorded(cfg: DictConfig, task: Any) -> Any:
 
 def _write(out: Path, record: dict[str, Any]) -> None:
     write_text(out / STATUS_FILE, json.dumps(record, indent=1, default=str))  # a result JSON cannot hold: its str
-
-
-def _partial_summary(sweep_dir: Path) -> None:
-    """The summary of a sweep stopped by a signal: every planned job (``plan.csv``), finished or not."""
-    try:
-        rows = summarize_sweep(sweep_dir)
-    except Exception:  # noqa: BLE001 - the job's own record is written; the summary can be rebuilt later
-        log.exception("could not write the partial summary of %s (rebuild it with `lvforecast sweeps summarize "
-                      "%s`)", sweep_dir, sweep_dir)
-        return
-    done = sum(r["status"] in COMPLETED for r in rows)
-    log.warning("partial sweep summary: %s (%d of %d jobs finished)", sweep_dir / SUMMARY_MD, done, len(rows))
 

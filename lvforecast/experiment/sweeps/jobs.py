@@ -29,13 +29,6 @@ def sweeper_arguments(config: DictConfig) -> list[str]:
     return [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
 
 
-def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
-    """Every job's overrides as Hydra's basic sweeper launches them; None for another sweeper (jobs unknown)."""
-    if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
-        return None
-    return split_grid(sweeper_arguments(config))
-
-
 def configurations(arguments: list[str]) -> list[list[str]]:
     """A halving bracket's configurations: the grid of ``arguments`` without the keys the sweeper sets per rung."""
     return [[o for o in job if o.partition("=")[0].lstrip("+~") not in RUNG_KEYS] for job in split_grid(arguments)]

@@ -154,32 +154,26 @@ def format_plan(plan: SweepPlan) -> tuple[str, bool]:
     return "\n".join(lines) + "\n", fits
 
 
-def multirun_plan(config: DictConfig) -> SweepPlan | None:
-    """The plan of the multirun ``config`` (with its ``hydra`` node); None for a sweeper whose jobs are unknown."""
-    sweeper = config.hydra.sweeper
-    target = str(sweeper.get("_target_", ""))
-    if not target.endswith(("HalvingSweeper", "BasicSweeper")):
-        return None
-    halving = Halving(sweeper.min_steps, sweeper.eta, sweeper.max_steps) if target.endswith("HalvingSweeper") else None
-    loader = GlobalHydra.instance().config_loader()
-    return plan_sweep(sweeper_arguments(config), lambda job: loader.load_sweep_config(config, list(job)),
-                      Path(config.hydra.sweep.dir), halving)
-
-
 class BudgetPreflight(Callback):
     """Plan every job of a multirun before the first starts; refuse the multirun if the ledger cannot cover it."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Print the plan and write ``plan.csv``; SystemExit 0 on a dry run, or a message (exit 1) for a job that
         cannot be composed or planned, or a plan over what the ledger has left."""
+        sweeper = config.hydra.sweeper
+        target = str(sweeper.get("_target_", ""))
+        if not target.endswith(("HalvingSweeper", "BasicSweeper")):
+            print(f"sweeper {sweeper.get('_target_')}: jobs unknown before launch, no pre-flight budget check (each "
+                  f"job still reserves its plan)", flush=True)
+            return
         try:
-            plan = multirun_plan(config)
+            bracket = target.endswith("HalvingSweeper")
+            halving = Halving(sweeper.min_steps, sweeper.eta, sweeper.max_steps) if bracket else None
+            loader = GlobalHydra.instance().config_loader()
+            plan = plan_sweep(sweeper_arguments(config), lambda job: loader.load_sweep_config(config, list(job)),
+                              Path(config.hydra.sweep.dir), halving)
         except Exception as err:  # a job that cannot be composed or planned would fail anyway: refuse now
             raise SystemExit(f"multirun refused before launch: {err}") from err
-        if plan is None:
-            print(f"sweeper {config.hydra.sweeper.get('_target_')}: jobs unknown before launch, no pre-flight budget "
-                  f"check (each job still reserves its plan)", flush=True)
-            return
         text, fits = format_plan(plan)
         print(text, flush=True)
         if any(r["dry_run"] for r in plan.rows):

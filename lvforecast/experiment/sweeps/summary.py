@@ -21,7 +21,7 @@ from lvforecast.budget.status import COMPLETED, RunStatus
 from lvforecast.errors import UserError
 from lvforecast.experiment.runconfig import read_run_config
 from lvforecast.experiment.sweeps.halving import HALVING_FILE
-from lvforecast.experiment.sweeps.jobs import PLAN_CSV, STATUS_FILE, STUDY_KEYS, job_values, sweep_jobs, varying_keys
+from lvforecast.experiment.sweeps.jobs import PLAN_CSV, STATUS_FILE, STUDY_KEYS, job_values, varying_keys
 from lvforecast.tracking.results import log_sweep_summary
 from lvforecast.utils import parse_cell, read_metrics_csv
 from lvforecast.validate import markdown_cell
@@ -40,11 +40,7 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Summarize the sweep directory (and log it to W&B with ``logger=wandb``); exit naming every unfinished job."""
         sweep_dir = Path(config.hydra.sweep.dir)
-        try:
-            jobs = sweep_jobs(config)
-        except Exception:  # noqa: BLE001 - the summary then lists what it finds on disk
-            jobs = None
-        rows = summarize_sweep(sweep_dir, jobs)
+        rows = summarize_sweep(sweep_dir)  # every job of BudgetPreflight's plan.csv, run or not
         bad = [r for r in rows if r["status"] not in COMPLETED]
         log.info("sweep summary: %s (%d jobs, %d not finished)", sweep_dir / SUMMARY_MD, len(rows), len(bad))
         print(f"\nsweep summary ({len(rows)} jobs): {sweep_dir / SUMMARY_MD}\n", flush=True)
@@ -106,8 +102,7 @@ def best_row(path: str | Path) -> dict[str, str]:
 
 
 def best_from(path: Any, key: str) -> Any:
-    """``key`` (a column, e.g. ``optim.lr``) of the best finished job in ``path`` (``summary.csv`` or its sweep
-    directory), parsed back to a number or bool where it is one; UserError if there is none (see :func:`best_row`)."""
+    """Column ``key`` (e.g. ``optim.lr``) of :func:`best_row` of ``path``, as a number or bool where it spells one."""
     if path is None or str(path) in ("", "None", "null"):
         raise UserError(f"{key} is not set: pass best_from=PATH (a finished sweep directory or its {SUMMARY_CSV}) "
                         f"or set {key}=... explicitly")
@@ -134,16 +129,14 @@ def planned_jobs(sweep_dir: Path) -> list[list[str]] | None:
     return [r["overrides"].split() for r in sorted(rows, key=lambda r: int(r["job"]))]
 
 
-def summarize_sweep(sweep_dir: Path, jobs: list[list[str]] | None = None) -> list[dict[str, Any]]:
-    """Collect every job of a sweep directory into ``summary.csv``, ``summary.md`` and the curves PNG; return the rows.
-    ``jobs``: the overrides of the jobs launched (one with no record is ``missing``); None: ``plan.csv``'s and on disk.
-    """
+def summarize_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Collect every job of a sweep directory (those of ``plan.csv`` and on disk; a planned job with no record is
+    ``missing``) into ``summary.csv``, ``summary.md`` and the curves PNG; return the rows."""
     records = [read_state(path, STATUS_FIX) for path in sweep_dir.glob(f"*/{STATUS_FILE}")]
     found = {int(record["num"]): record for record in records}
-    if jobs is None:  # the jobs a stopped sweep never started are in its plan
-        planned = planned_jobs(sweep_dir) or []
-        jobs = [found[n]["overrides"] if n in found else job for n, job in enumerate(planned)]
-        jobs += [found[n]["overrides"] for n in sorted(found) if n >= len(planned)]
+    planned = planned_jobs(sweep_dir) or []  # the jobs a stopped sweep never started are in its plan
+    jobs = [found[n]["overrides"] if n in found else job for n, job in enumerate(planned)]
+    jobs += [found[n]["overrides"] for n in sorted(found) if n >= len(planned)]
     halving_file = sweep_dir / HALVING_FILE  # what a hydra/sweeper=halving multirun wrote
     halving = read_state(halving_file, "restore it, or run the sweep again") if halving_file.is_file() else None
     keys = halving["params"] if halving else varying_keys(jobs) if jobs else []
@@ -166,8 +159,14 @@ def summarize_sweep(sweep_dir: Path, jobs: list[list[str]] | None = None) -> lis
     write_csv(sweep_dir / SUMMARY_CSV, rows)
     write_text(sweep_dir / SUMMARY_MD, format_summary(rows, keys, sweep_dir)
                + (format_rungs(halving, rows) if halving else ""))
+    from matplotlib.figure import Figure
+
     labels = {r["job"]: f"job {r['job']}: " + ", ".join(f"{k.rsplit('.', 1)[-1]}={r[k]}" for k in keys) for r in rows}
-    _plot_curves(sweep_dir / CURVES_PNG, curves, labels, best, f"{sweep_dir.parent.name}/{sweep_dir.name}")
+    fig = Figure(figsize=(8, 4.5))
+    draw_val_curves(fig.subplots(), curves, labels, best,
+                    f"validation loss per job: {sweep_dir.parent.name}/{sweep_dir.name}")
+    fig.tight_layout()
+    save_figure(fig, sweep_dir / CURVES_PNG, dpi=120)
     return rows
 
 
@@ -223,11 +222,11 @@ def format_summary(rows: list[dict[str, Any]], keys: list[str], sweep_dir: Path)
              "train tokens/s | status |",
              "|---:|" + "---|" * len(keys) + "---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        loss = _fmt(r["final_val_loss"], ".4f")
+        loss = fmt(r["final_val_loss"], ".4f")
         loss = f"**{loss}** (best)" if r["best"] else loss
         status = markdown_cell(r["status"] + (f": {r['error']}" if r["error"] else ""))
         lines.append(f"| {r['job']} | " + " | ".join(markdown_cell(r[k]) for k in keys)
-                     + f" | {loss} | {_fmt(r['best_val_loss'], '.4f')} | {r['steps']} | {_fmt(r['flops'], '.3e')} | "
+                     + f" | {loss} | {fmt(r['best_val_loss'], '.4f')} | {r['steps']} | {fmt(r['flops'], '.3e')} | "
                      f"{r['train_tokens_per_s']} | {status} |")
     if len(keys) == 2:
         lines += ["", _grid(rows, keys)]
@@ -248,7 +247,7 @@ def _grid(rows: list[dict[str, Any]], keys: list[str]) -> str:
     a, b = keys
     cell = {}
     for r in rows:
-        text = _fmt(r["final_val_loss"], ".4f") or r["status"]
+        text = fmt(r["final_val_loss"], ".4f") or r["status"]
         cell[markdown_cell(r[a]), markdown_cell(r[b])] = f"**{text}**" if r["best"] else text
     rows_a, cols_b = list(dict.fromkeys(va for va, _ in cell)), list(dict.fromkeys(vb for _, vb in cell))
     lines = [f"| {a} \\ {b} | " + " | ".join(cols_b) + " |", "|---|" + "---:|" * len(cols_b)]
@@ -262,7 +261,7 @@ def format_rungs(halving: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = ["", f"## Successive halving (eta {halving['eta']})", "",
              "| rung | steps | configurations (job: loss) | FLOPs | survivors |", "|---:|---:|---|---:|---|"]
     for rung in halving["rungs"]:
-        losses = ", ".join(f"c{j['config']} (job {j['job']}): {_fmt(j['val_loss'], '.4f') or 'failed'}"
+        losses = ", ".join(f"c{j['config']} (job {j['job']}): {fmt(j['val_loss'], '.4f') or 'failed'}"
                            for j in rung["jobs"])
         flops = sum(by_job[j["job"]]["flops"] for j in rung["jobs"]
                     if j["job"] in by_job and isinstance(by_job[j["job"]]["flops"], int))
@@ -271,25 +270,13 @@ def format_rungs(halving: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     if winner := halving.get("winner"):
         lines += ["", f"Winner: c{winner['config']} (job {winner['job']}, "
                   f"{' '.join(o for o in winner['overrides'] if o.partition('=')[0] in halving['params'])}), "
-                  f"final validation loss {_fmt(winner['val_loss'], '.4f')}."]
+                  f"final validation loss {fmt(winner['val_loss'], '.4f')}."]
     return "\n".join(lines) + "\n"
 
 
-def _fmt(value: Any, spec: str) -> str:
-    """``value`` formatted with ``spec``; ``""`` for a missing value or NaN."""
+def fmt(value: Any, spec: str) -> str:
+    """``value`` formatted with ``spec`` (e.g. ``".4f"``); ``""`` for a missing value (``""``, None) or NaN."""
     return "" if value in ("", None) or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-
-
-def _plot_curves(path: Path, curves: dict[int, list[tuple[int, float]]], labels: dict[int, str], best: int | None,
-                 title: str) -> None:
-    """Every job's validation loss against its optimizer step, the best job drawn thicker, as a PNG."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 4.5))
-    ax = fig.subplots()
-    draw_val_curves(ax, curves, labels, best, f"validation loss per job: {title}")
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
 
 
 def draw_val_curves(ax: Any, curves: dict[int, list[tuple[int, float]]], labels: dict[int, str],
