@@ -129,7 +129,6 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         self.simulate = dict(simulate) if simulate else None
         self.num_workers = num_workers
         self.split: Split | None = None
-        self.n_systems = 0
         self.train_set: WindowDataset | None = None
         self.val_set: WindowDataset | None = None
         self.series: dict[int, EncodedSeries] = {}
@@ -168,7 +167,7 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
                 f"series padded to {length} tokens ({1 - n / length:.1%} padding at best) and the FLOP plan would "
                 f"price the padding; allowed: {min_step_tokens(self.decimals)} to {n}; fix: data.context_length={n} "
                 f"(one window per series)")
-        self.n_systems, self.split, self.series = traj.n_systems, split, {e.system: e for e in encoded}
+        self.split, self.series = split, {e.system: e for e in encoded}
 
     def _split(self, n_systems: int) -> Split:
         return split_systems(n_systems, self.split_fractions, self.split_seed, self.pinned_test_systems, self.path)
@@ -249,7 +248,7 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         }
         split, stats = self.split, self.stats
         log.info(
-            f"data {self.path}: {self.n_systems} systems -> train {len(split.train)} / val {len(split.val)} / test "
+            f"data {self.path}: {split.n_systems} systems -> train {len(split.train)} / val {len(split.val)} / test "
             f"{len(split.test)}; windows train {len(self.train_set)}, val {len(self.val_set)}; pad share "
             f"{stats['train_pad_share']:.4f}/{stats['val_pad_share']:.4f}")
 

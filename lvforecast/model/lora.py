@@ -117,7 +117,6 @@ class AlphabetHead(nn.Module):
         self.register_buffer("weight", output_embeddings.weight.detach()[ids].clone(), persistent=False)
         bias = getattr(output_embeddings, "bias", None)
         self.register_buffer("bias", None if bias is None else bias.detach()[ids].clone(), persistent=False)
-        self.register_buffer("token_ids", ids, persistent=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, N, D) final hidden states -> (B, N, len(token_ids)) logits."""
