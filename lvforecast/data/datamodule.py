@@ -65,23 +65,18 @@ class ResumableSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         resume, self._resume = self._resume, None
-        start = 0
         if resume is not None:
-            self.first_seed, self.epoch = resume["first_seed"], resume["epoch"]
-            if resume["consumed"] < self.num_samples:
-                start = resume["consumed"]
-            else:
-                self.epoch += 1
-        elif self.first_seed is not None:
-            self.epoch += 1
-        else:
+            self.first_seed, self.epoch, self.consumed = resume["first_seed"], resume["epoch"], resume["consumed"]
+        if self.first_seed is None:
             # What RandomSampler does at its first index, from the generator seed_everything seeded.
             self.first_seed = int(torch.empty((), dtype=torch.int64).random_().item())
-        self.consumed = start
+        elif resume is None or self.consumed >= self.num_samples:
+            self.epoch, self.consumed = self.epoch + 1, 0  # the next epoch, from its start
         generator = torch.Generator().manual_seed((self.first_seed + self.epoch * _EPOCH_STRIDE) % 2**63)
         order = torch.randperm(self.size, generator=generator).tolist()
         # Padded by repeating the permutation and dealt round-robin, as DistributedSampler does (a no-op on one rank).
-        yield from (order * -(-self.total_size // self.size))[: self.total_size][self.rank :: self.num_replicas][start:]
+        dealt = (order * -(-self.total_size // self.size))[: self.total_size][self.rank :: self.num_replicas]
+        yield from dealt[self.consumed :]
 
     def state_dict(self) -> dict[str, Any]:
         """Where the training order stands: epoch 0's seed, the epoch and the windows of it already trained."""
