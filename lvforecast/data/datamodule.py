@@ -56,9 +56,6 @@ class ResumableSampler(DistributedSampler):
         self.consumed = 0  # windows of this epoch already trained on this rank
         self._resume: dict[str, int] | None = None
 
-    def __len__(self) -> int:
-        return self.num_samples
-
     def set_epoch(self, epoch: int) -> None:
         """Ignored: Lightning counts a run that stopped mid-epoch as a finished epoch, so the sampler keeps its own
         count (one per pass, continued from a checkpoint's)."""
