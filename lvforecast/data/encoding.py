@@ -33,9 +33,6 @@ VARIABLES: tuple[str, str] = ("prey", "predator")
 STUDY_SCALE = 0.5
 STUDY_DECIMALS = 3
 
-_NUMBER = r"\d+(?:\.\d+)?"
-
-
 @dataclass(frozen=True)
 class ScaleRule:
     """How the divisor of a series is chosen.
@@ -111,7 +108,7 @@ def decode(text: str, scale: float = 1.0, decimals: int | None = None) -> tuple[
     """
     if not isinstance(text, str):
         return np.zeros((0, 2)), 0
-    number = _NUMBER if decimals is None else (rf"\d+\.\d{{{decimals}}}" if decimals else r"\d+")
+    number = r"\d+(?:\.\d+)?" if decimals is None else (rf"\d+\.\d{{{decimals}}}" if decimals else r"\d+")
     step = re.compile(rf"({number}),({number})")
     rows: list[list[float]] = []
     for chunk in text.split(STEP_SEP):
