@@ -56,32 +56,24 @@ class ResumableSampler(DistributedSampler):
         self.consumed = 0  # windows of this epoch already trained on this rank
         self._resume: dict[str, int] | None = None
 
-    def __len__(self) -> int:
-        return self.num_samples
-
     def set_epoch(self, epoch: int) -> None:
         """Ignored: Lightning counts a run that stopped mid-epoch as a finished epoch, so the sampler keeps its own
         count (one per pass, continued from a checkpoint's)."""
 
     def __iter__(self) -> Iterator[int]:
         resume, self._resume = self._resume, None
-        start = 0
         if resume is not None:
-            self.first_seed, self.epoch = resume["first_seed"], resume["epoch"]
-            if resume["consumed"] < self.num_samples:
-                start = resume["consumed"]
-            else:
-                self.epoch += 1
-        elif self.first_seed is not None:
-            self.epoch += 1
-        else:
+            self.first_seed, self.epoch, self.consumed = resume["first_seed"], resume["epoch"], resume["consumed"]
+        if self.first_seed is None:
             # What RandomSampler does at its first index, from the generator seed_everything seeded.
             self.first_seed = int(torch.empty((), dtype=torch.int64).random_().item())
-        self.consumed = start
+        elif resume is None or self.consumed >= self.num_samples:
+            self.epoch, self.consumed = self.epoch + 1, 0  # the next epoch, from its start
         generator = torch.Generator().manual_seed((self.first_seed + self.epoch * _EPOCH_STRIDE) % 2**63)
         order = torch.randperm(self.size, generator=generator).tolist()
         # Padded by repeating the permutation and dealt round-robin, as DistributedSampler does (a no-op on one rank).
-        yield from (order * -(-self.total_size // self.size))[: self.total_size][self.rank :: self.num_replicas][start:]
+        dealt = (order * -(-self.total_size // self.size))[: self.total_size][self.rank :: self.num_replicas]
+        yield from dealt[self.consumed :]
 
     def state_dict(self) -> dict[str, Any]:
         """Where the training order stands: epoch 0's seed, the epoch and the windows of it already trained."""
@@ -129,7 +121,6 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         self.simulate = dict(simulate) if simulate else None
         self.num_workers = num_workers
         self.split: Split | None = None
-        self.n_systems = 0
         self.train_set: WindowDataset | None = None
         self.val_set: WindowDataset | None = None
         self.series: dict[int, EncodedSeries] = {}
@@ -168,7 +159,7 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
                 f"series padded to {length} tokens ({1 - n / length:.1%} padding at best) and the FLOP plan would "
                 f"price the padding; allowed: {min_step_tokens(self.decimals)} to {n}; fix: data.context_length={n} "
                 f"(one window per series)")
-        self.n_systems, self.split, self.series = traj.n_systems, split, {e.system: e for e in encoded}
+        self.split, self.series = split, {e.system: e for e in encoded}
 
     def _split(self, n_systems: int) -> Split:
         return split_systems(n_systems, self.split_fractions, self.split_seed, self.pinned_test_systems, self.path)
@@ -249,7 +240,7 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         }
         split, stats = self.split, self.stats
         log.info(
-            f"data {self.path}: {self.n_systems} systems -> train {len(split.train)} / val {len(split.val)} / test "
+            f"data {self.path}: {split.n_systems} systems -> train {len(split.train)} / val {len(split.val)} / test "
             f"{len(split.test)}; windows train {len(self.train_set)}, val {len(self.val_set)}; pad share "
             f"{stats['train_pad_share']:.4f}/{stats['val_pad_share']:.4f}")
 

@@ -33,9 +33,6 @@ VARIABLES: tuple[str, str] = ("prey", "predator")
 STUDY_SCALE = 0.5
 STUDY_DECIMALS = 3
 
-_NUMBER = r"\d+(?:\.\d+)?"
-
-
 @dataclass(frozen=True)
 class ScaleRule:
     """How the divisor of a series is chosen.
@@ -111,20 +108,19 @@ def decode(text: str, scale: float = 1.0, decimals: int | None = None) -> tuple[
     """
     if not isinstance(text, str):
         return np.zeros((0, 2)), 0
-    number = _NUMBER if decimals is None else (rf"\d+\.\d{{{decimals}}}" if decimals else r"\d+")
+    number = r"\d+(?:\.\d+)?" if decimals is None else (rf"\d+\.\d{{{decimals}}}" if decimals else r"\d+")
     step = re.compile(rf"({number}),({number})")
-    rows: list[tuple[float, float]] = []
+    rows: list[list[float]] = []
     for chunk in text.split(STEP_SEP):
         match = step.fullmatch(chunk)
         if match is None:
             break
-        pair = (float(match.group(1)), float(match.group(2)))
+        pair = [float(number) * scale for number in match.groups()]
         # float() of a 400-digit string is inf rather than an error; treat it as malformed.
-        if not (math.isfinite(pair[0] * scale) and math.isfinite(pair[1] * scale)):
+        if not all(map(math.isfinite, pair)):
             break
         rows.append(pair)
-    values = np.asarray(rows, dtype=np.float64).reshape(-1, 2) * scale
-    return values, len(rows)
+    return np.asarray(rows, dtype=np.float64).reshape(-1, 2), len(rows)
 
 
 class TokenizerError(UserError):

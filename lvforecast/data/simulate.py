@@ -26,9 +26,6 @@ from lvforecast.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = "rosenzweig-macarthur"
-GENERATOR_VERSION = "1.0"
-
 # In the order the random stream draws them.
 PARAM_RANGES: dict[str, tuple[float, float]] = {
     "a": (0.1, 0.3),  # prey growth rate
@@ -116,6 +113,6 @@ def write_simulation(path: str | os.PathLike[str], n_systems: int, seed: int, n_
     """
     check_output(path)  # before simulating: a bad --out fails in milliseconds, not minutes
     traj = simulate_systems(n_systems, seed, n_steps=n_steps, t_end=t_end)
-    attrs = {"seed": seed, "model": MODEL_NAME, "generator_version": GENERATOR_VERSION, "t_end": t_end,
+    attrs = {"seed": seed, "model": "rosenzweig-macarthur", "generator_version": "1.0", "t_end": t_end,
              "integrator": f"rk4 fixed step <= {_MAX_DT}"}
     return write_trajectories(path, traj.values, traj.time, params=traj.params, attrs=attrs), traj

@@ -68,11 +68,6 @@ def _fail(path: str, key: str | None, problem: str) -> TrajectoryFileError:
     return TrajectoryFileError(f"{path}: {problem}" if key is None else f"{path}: key '{key}': {problem}")
 
 
-def _require_float(path: str, key: str, ds: h5py.Dataset) -> None:
-    if not np.issubdtype(ds.dtype, np.floating):
-        raise _fail(path, key, f"has dtype {ds.dtype}; a floating-point dtype is required")
-
-
 def _load_params(path: str, group: Any, n_systems: int) -> dict[str, np.ndarray]:
     if not isinstance(group, h5py.Group):
         raise _fail(path, PARAMS_KEY, f"is a {type(group).__name__}, expected a group of (N,) datasets")
@@ -129,11 +124,12 @@ def load_trajectories(path: str | os.PathLike[str], min_steps: int = 1, needed_b
             found = f"has shape {traj_ds.shape} (ndim {len(traj_ds.shape)})"
             raise _fail(p, TRAJECTORIES_KEY, f"{found}; expected (N, T, 2) with last axis [prey, predator]")
         n_systems, n_steps, _ = traj_ds.shape
-        _require_float(p, TRAJECTORIES_KEY, traj_ds)
         if time_ds.shape != (n_steps,):
             expected = f"({n_steps},) to match '{TRAJECTORIES_KEY}' {traj_ds.shape}"
             raise _fail(p, TIME_KEY, f"has shape {time_ds.shape}; expected {expected}")
-        _require_float(p, TIME_KEY, time_ds)
+        for key, ds in ((TRAJECTORIES_KEY, traj_ds), (TIME_KEY, time_ds)):
+            if not np.issubdtype(ds.dtype, np.floating):
+                raise _fail(p, key, f"has dtype {ds.dtype}; a floating-point dtype is required")
         if n_systems == 0:
             raise _fail(p, TRAJECTORIES_KEY, f"has shape {traj_ds.shape}: no systems (N == 0)")
         if n_steps < min_steps:

@@ -25,12 +25,9 @@ IGNORE_INDEX = -100
 
 
 def size_problems(decimals: Any = None, **values: Any) -> list[str]:
-    """Problems with the data module's integer size keys (>= 1) and ``decimals`` (None skips it), one message each;
-    checked before anything loads (``lvforecast.experiment.config``).
-
-    ``context_length`` must also hold one whole encoded step (:func:`lvforecast.data.encoding.min_step_tokens`
-    of ``decimals``, 12 tokens at 3), else no window would contain a full ``prey,predator;`` step.
-    """
+    """Problems with the data module's integer size keys (>= 1; ``context_length`` at least one whole encoded step,
+    :func:`~lvforecast.data.encoding.min_step_tokens`) and ``decimals`` (None skips it), one message each; checked
+    before anything loads (``lvforecast.experiment.config``)."""
     problems = []
     decimals_ok = int_at_least(decimals, 0) and decimals <= 12
     if decimals is not None and not decimals_ok:
@@ -81,10 +78,8 @@ class WindowDataset(Dataset):
 
 def encode_series(values: np.ndarray, systems: Sequence[int], tokenizer: Any, scale_rule: ScaleRule, decimals: int,
                   scale_context_steps: int) -> list[EncodedSeries]:
-    """One :class:`EncodedSeries` per system of (N, T, 2) ``values``, tokenized unless ``tokenizer`` is None.
-
-    Boundaries are character offsets, which are token offsets for a tokenizer that passed ``check_tokenizer``.
-    """
+    """One :class:`EncodedSeries` per system of (N, T, 2) ``values``, tokenized unless ``tokenizer`` is None; the
+    boundaries are character offsets, which are token offsets for a tokenizer that passed ``check_tokenizer``."""
     out = []
     for s in systems:
         scale = scale_rule.scale_for(values[s, :scale_context_steps])

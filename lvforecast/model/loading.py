@@ -72,11 +72,12 @@ def load_pretrained(name_or_path: str, dtype: str = "auto", attn_implementation:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lvforecast.model.source import local_copy, missing_message, why_missing
+    from lvforecast.model.source import cached_snapshot, missing_message, why_missing
 
     torch_dtype = resolve_dtype(dtype)
     start = time.perf_counter()
-    local = local_copy(name_or_path)
+    path = Path(name_or_path).expanduser()
+    local = path if path.is_dir() else cached_snapshot(name_or_path)  # what loads without the network
     if local is None and (why := why_missing(name_or_path, local_files_only)) is not None:
         raise ModelLoadError(missing_message("model.source", name_or_path, why))
     # From the local directory transformers asks the hub nothing (not even for an adapter_config.json).
@@ -87,9 +88,8 @@ def load_pretrained(name_or_path: str, dtype: str = "auto", attn_implementation:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype, attn_implementation=attn_implementation, local_files_only=offline_only)
     except (OSError, ValueError) as err:
-        raise ModelLoadError(missing_message(
-            "model.source", name_or_path, f"it did not load ({type(err).__name__}: {str(err).splitlines()[0]})")
-        ) from err
+        why = f"it did not load ({type(err).__name__}: {str(err).splitlines()[0]})"
+        raise ModelLoadError(missing_message("model.source", name_or_path, why)) from err
     log.info("loaded %s from %s (%s) in %.1fs", name_or_path, source, torch_dtype, time.perf_counter() - start)
     return _finish(model, tokenizer, name_or_path)
 
@@ -167,7 +167,6 @@ def tiny_qwen_config(hidden_size: int, num_hidden_layers: int, num_attention_hea
     ``"llmtime"``: the character tokenizer's 17 ids, ``"qwen2.5"``: Qwen2.5's 151,936 rows and special ids."""
     check_choice("model.loader", "vocab", vocab, ("llmtime", "qwen2.5"))
     qwen = vocab == "qwen2.5"
-    # <|endoftext|>=0, <|im_start|>, <|im_end|>, <unk>, then one id per LLMTIME character.
     vocab_size = QWEN25_VOCAB if qwen else len(TINY_SPECIAL_TOKENS) + 1 + len(ALPHABET)
     return {"model_type": "qwen2", "vocab_size": vocab_size, "hidden_size": hidden_size,
             "intermediate_size": intermediate_size, "num_hidden_layers": num_hidden_layers,

@@ -105,11 +105,8 @@ def decoder_stack(model: nn.Module) -> nn.Module:
 
 class AlphabetHead(nn.Module):
     """Logits for ``token_ids`` only (in that order): ``hidden @ W[ids].T (+ b[ids])`` with ``W`` the (tied) output
-    matrix of ``output_embeddings``, the model's lm_head.
-
-    The rows are gathered once into non-persistent buffers: frozen, never checkpointed (they are base weights,
-    rebuilt on load). The other ``V - len(ids)`` logits are never computed.
-    """
+    matrix of ``output_embeddings`` (the lm_head), its rows gathered once into frozen buffers that are never
+    checkpointed (base weights, rebuilt on load); the other ``V - len(ids)`` logits are never computed."""
 
     def __init__(self, output_embeddings: nn.Module, token_ids: Sequence[int]) -> None:
         super().__init__()
@@ -117,7 +114,6 @@ class AlphabetHead(nn.Module):
         self.register_buffer("weight", output_embeddings.weight.detach()[ids].clone(), persistent=False)
         bias = getattr(output_embeddings, "bias", None)
         self.register_buffer("bias", None if bias is None else bias.detach()[ids].clone(), persistent=False)
-        self.register_buffer("token_ids", ids, persistent=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, N, D) final hidden states -> (B, N, len(token_ids)) logits."""

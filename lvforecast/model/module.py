@@ -67,22 +67,14 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 
 def alphabet_ids(char_ids: Mapping[str, int]) -> list[int]:
-    """The alphabet's token ids in :data:`~lvforecast.data.encoding.ALPHABET` order; ValueError if one is missing."""
-    missing = [ch for ch in ALPHABET if ch not in char_ids]
-    if missing:
-        raise UserError(f"char_ids lacks the alphabet characters {missing} (see lvforecast.data.encoding)")
+    """The alphabet's token ids in :data:`~lvforecast.data.encoding.ALPHABET` order, from ``char_ids`` as
+    :func:`~lvforecast.data.encoding.check_tokenizer` returns them (it has every character)."""
     return [int(char_ids[ch]) for ch in ALPHABET]
 
 
-def label_lookup(token_ids: list[int], vocab: int) -> torch.Tensor:
-    """(V,) table: vocabulary id -> its index in ``token_ids``, -1 for every other id."""
-    table = torch.full((vocab,), -1, dtype=torch.long)
-    table[torch.as_tensor(token_ids)] = torch.arange(len(token_ids))
-    return table
-
-
 def alphabet_labels(labels: torch.Tensor, lookup: torch.Tensor, check: bool = True) -> torch.Tensor:
-    """(B, T) vocabulary-id labels -> alphabet indices through :func:`label_lookup`'s table; ``IGNORE_INDEX`` stays.
+    """(B, T) vocabulary-id labels -> alphabet indices through a (V,) ``lookup`` table (vocabulary id -> its
+    alphabet index, -1 for every other id: :attr:`LoRAForecaster.label_lookup`); ``IGNORE_INDEX`` stays.
 
     With ``check`` (a host sync) a label outside the alphabet raises ValueError naming it; without, it takes no loss.
     """
@@ -149,9 +141,13 @@ class LoRAForecaster(pl.LightningModule):
         vocab = output.weight.shape[0]
         self.head = head
         ids = alphabet_ids(char_ids) if char_ids is not None else None
+        lookup = None
+        if ids is not None:
+            lookup = torch.full((vocab,), -1, dtype=torch.long)
+            lookup[torch.as_tensor(ids)] = torch.arange(len(ids))
         # Non-persistent: derived from the tokenizer, never checkpoint state.
         self.register_buffer("alphabet_token_ids", None if ids is None else torch.as_tensor(ids), persistent=False)
-        self.register_buffer("label_lookup", None if ids is None else label_lookup(ids, vocab), persistent=False)
+        self.register_buffer("label_lookup", lookup, persistent=False)
         # Frozen rows gathered once from the (tied) output matrix; LoRA never touches lm_head, so they stay exact.
         self.alphabet_head = AlphabetHead(output, ids) if head == "alphabet" else None
         self.logit_bias = LogitBias(len(ids) if head == "alphabet" else vocab) if train_logit_bias else None
@@ -199,8 +195,10 @@ class LoRAForecaster(pl.LightningModule):
         return loss_sum, n, restricted[0]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        # The labels' alphabet check is a host sync: logging steps only (the windows are alphabet text by construction).
-        logging_step = self._logging_step()
+        # Each self.log costs ~0.5-0.9 ms and the labels' alphabet check is a host sync: the loggers' steps only (the
+        # windows are alphabet text by construction).
+        trainer, step = self._trainer, self.global_step + 1
+        logging_step = trainer is None or step % trainer.log_every_n_steps == 0 or step == trainer.max_steps
         loss_sum, n, _ = self._loss_sums(batch, check=logging_step)
         loss = loss_sum / n.clamp(min=1)
         self.tokens_seen += batch["attention_mask"].sum()
@@ -211,11 +209,6 @@ class LoRAForecaster(pl.LightningModule):
             self.log("train/tokens_seen", self.tokens_seen.float(), batch_size=size)
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
         return loss
-
-    def _logging_step(self) -> bool:
-        """Whether the loggers write this step; each self.log costs ~0.5-0.9 ms, so other steps skip it."""
-        trainer, step = self._trainer, self.global_step + 1
-        return trainer is None or step % trainer.log_every_n_steps == 0 or step == trainer.max_steps
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(3, device=self.device, dtype=torch.float64)

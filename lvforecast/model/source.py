@@ -49,12 +49,6 @@ def cached_snapshot(repo_id: str) -> Path | None:
     return path if not missing_files(path) else None
 
 
-def local_copy(name_or_path: str) -> Path | None:
-    """The directory ``name_or_path`` loads from without the network: itself, or its cached snapshot; else None."""
-    path = Path(name_or_path).expanduser()
-    return path if path.is_dir() else cached_snapshot(name_or_path)
-
-
 @functools.cache
 def hub_reachable(endpoint: str, timeout_s: float = 5.0) -> bool:
     """Whether ``endpoint`` answers one HTTP request within ``timeout_s`` (any status; no retries; cached)."""
