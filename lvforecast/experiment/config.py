@@ -70,8 +70,7 @@ def check_evaluate_config(cfg: DictConfig) -> None:
     problems += settings_problems("forecast.", **{k: fc.get(k) for k in (
         "context_steps", "horizon_steps", "batch_size", "num_samples", "max_int_digits", "temperature", "top_p",
         "head", "decoder", "constrained", "seed")})
-    bad = [e for e in cfg.get("examples") or [] if not _int_at_least(e, 0)]
-    if bad:
+    if bad := [e for e in cfg.get("examples") or [] if not _int_at_least(e, 0)]:
         problems.append(f"examples has {bad}: system ids must be integers >= 0")
     if unknown := [b for b in cfg.baselines if b not in BASELINES]:
         problems.append(f"baselines={list(cfg.baselines)}: unknown {unknown}; allowed {sorted(BASELINES)}")

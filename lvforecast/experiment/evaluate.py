@@ -104,14 +104,12 @@ def _source(cfg: DictConfig) -> _Source:
     if not cfg.run_dir:
         return _Source(model=cfg.model, data=cfg.data)
     run = Path(cfg.run_dir)
-    problems = [f"run_dir={str(run)!r} has no {name}" for name in ("config.yaml", "split.json", "adapter")
-                if not (run / name).exists()]
-    if problems:
+    if problems := [f"run_dir={str(run)!r} has no {name}" for name in ("config.yaml", "split.json", "adapter")
+                    if not (run / name).exists()]:
         raise UserError("cannot evaluate the run: " + "; ".join(problems) + " (is it a finished training run?)")
     train_cfg = read_run_config(run / "config.yaml", ("model", "data", "lora"), _RETRAIN)  # as data, never code
-    missing = [k for k in ("model.loader._target_", "data._target_", "data.context_length", "lora.r",
-                           "lora.target_modules") if OmegaConf.select(train_cfg, k, default=None) is None]
-    if missing:
+    if missing := [k for k in ("model.loader._target_", "data._target_", "data.context_length", "lora.r",
+                               "lora.target_modules") if OmegaConf.select(train_cfg, k, default=None) is None]:
         raise UserError(f"{run / 'config.yaml'}: not a training run's config: missing {', '.join(missing)}; "
                         f"{_RETRAIN}")
     _check_split(run / "split.json")
@@ -256,8 +254,7 @@ def _logit_bias(run: Path, lora_cfg: DictConfig, char_ids: dict[str, int]) -> An
     from lvforecast.model.module import alphabet_ids
 
     tensors, meta = _read_safetensors(path, "logit bias")
-    bias = tensors.get("bias")
-    if bias is None:
+    if (bias := tensors.get("bias")) is None:
         raise UserError(f"{path}: not a readable logit bias (no 'bias' tensor); {_RETRAIN}")
     if meta.get("head") == "alphabet":
         saved = [int(i) for i in meta["token_ids"].split(",")]

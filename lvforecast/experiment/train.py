@@ -265,6 +265,4 @@ def distributed_rank(cfg: DictConfig) -> int:
     if "LOCAL_RANK" in env:
         devices = ranks // (cfg.trainer.get("num_nodes") or 1)
         return int(env.get("NODE_RANK", 0)) * devices + int(env["LOCAL_RANK"])
-    if int(env.get("SLURM_NTASKS", "1")) > 1:
-        return int(env.get("SLURM_PROCID", 0))
-    return 0
+    return int(env.get("SLURM_PROCID", 0)) if int(env.get("SLURM_NTASKS", "1")) > 1 else 0
