@@ -54,9 +54,8 @@ class Interrupted(SystemExit):
 
 class SignalGuard:
     """SIGTERM / SIGINT handlers for one job, as a context manager; a signal-caused stop leaves it as
-    :class:`Interrupted` (exit 143/130), its :meth:`~Interrupted.message` printed. ``received``: the first signal
-    (None: none yet), ``step`` and ``checkpoint``: what :class:`~lvforecast.checkpoint.InterruptCheckpoint` wrote, for
-    the job's records."""
+    :class:`Interrupted` (exit 143/130), its message printed. ``received``: the first signal (None: none yet), ``step``
+    and ``checkpoint``: what :class:`~lvforecast.checkpoint.InterruptCheckpoint` wrote, for the job's records."""
 
     def __init__(self) -> None:
         self.received: int | None = None
