@@ -145,9 +145,8 @@ def budget_problems(b: DictConfig) -> list[str]:
         value = b.get(key)
         if not (_finite(value) and (value > 0 if low is None else value >= low)):
             problems.append(f"budget.{key}={value!r}: must be {what}")
-    cap = b.run_cap_flops
-    if cap is not None and not (_finite(cap) and cap > 0):
-        problems.append(f"budget.run_cap_flops={cap!r}: must be null or a number of FLOPs > 0")
+    if b.run_cap_flops is not None and not (_finite(b.run_cap_flops) and b.run_cap_flops > 0):
+        problems.append(f"budget.run_cap_flops={b.run_cap_flops!r}: must be null or a number of FLOPs > 0")
     return problems
 
 
