@@ -70,8 +70,7 @@ def check_evaluate_config(cfg: DictConfig) -> None:
     problems += settings_problems("forecast.", **{k: fc.get(k) for k in (
         "context_steps", "horizon_steps", "batch_size", "num_samples", "max_int_digits", "temperature", "top_p",
         "head", "decoder", "constrained", "seed")})
-    bad = [e for e in cfg.get("examples") or [] if not _int_at_least(e, 0)]
-    if bad:
+    if bad := [e for e in cfg.get("examples") or [] if not _int_at_least(e, 0)]:
         problems.append(f"examples has {bad}: system ids must be integers >= 0")
     if unknown := [b for b in cfg.baselines if b not in BASELINES]:
         problems.append(f"baselines={list(cfg.baselines)}: unknown {unknown}; allowed {sorted(BASELINES)}")
@@ -146,9 +145,8 @@ def budget_problems(b: DictConfig) -> list[str]:
         value = b.get(key)
         if not (_finite(value) and (value > 0 if low is None else value >= low)):
             problems.append(f"budget.{key}={value!r}: must be {what}")
-    cap = b.run_cap_flops
-    if cap is not None and not (_finite(cap) and cap > 0):
-        problems.append(f"budget.run_cap_flops={cap!r}: must be null or a number of FLOPs > 0")
+    if b.run_cap_flops is not None and not (_finite(b.run_cap_flops) and b.run_cap_flops > 0):
+        problems.append(f"budget.run_cap_flops={b.run_cap_flops!r}: must be null or a number of FLOPs > 0")
     return problems
 
 

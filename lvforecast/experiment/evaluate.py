@@ -104,14 +104,12 @@ def _source(cfg: DictConfig) -> _Source:
     if not cfg.run_dir:
         return _Source(model=cfg.model, data=cfg.data)
     run = Path(cfg.run_dir)
-    problems = [f"run_dir={str(run)!r} has no {name}" for name in ("config.yaml", "split.json", "adapter")
-                if not (run / name).exists()]
-    if problems:
+    if problems := [f"run_dir={str(run)!r} has no {name}" for name in ("config.yaml", "split.json", "adapter")
+                    if not (run / name).exists()]:
         raise UserError("cannot evaluate the run: " + "; ".join(problems) + " (is it a finished training run?)")
     train_cfg = read_run_config(run / "config.yaml", ("model", "data", "lora"), _RETRAIN)  # as data, never code
-    missing = [k for k in ("model.loader._target_", "data._target_", "data.context_length", "lora.r",
-                           "lora.target_modules") if OmegaConf.select(train_cfg, k, default=None) is None]
-    if missing:
+    if missing := [k for k in ("model.loader._target_", "data._target_", "data.context_length", "lora.r",
+                               "lora.target_modules") if OmegaConf.select(train_cfg, k, default=None) is None]:
         raise UserError(f"{run / 'config.yaml'}: not a training run's config: missing {', '.join(missing)}; "
                         f"{_RETRAIN}")
     _check_split(run / "split.json")
@@ -147,18 +145,16 @@ def _check_split(path: Path) -> None:
 
 def _check_adapter(adapter: Path) -> None:
     """UserError unless ``adapter/`` has a PEFT LoRA ``adapter_config.json`` and a readable, non-empty weights file."""
-    config = adapter / "adapter_config.json"
-    if not config.is_file():
-        raise UserError(f"{config}: missing (the adapter folder is incomplete); {_RETRAIN}")
+    config, weights = adapter / "adapter_config.json", adapter / "adapter_model.safetensors"
+    for path, lack in ((config, "is incomplete"), (weights, "has no weights")):
+        if not path.is_file():
+            raise UserError(f"{path}: missing (the adapter folder {lack}); {_RETRAIN}")
     try:
         found = json.loads(config.read_text())
     except (OSError, ValueError) as err:
         raise UserError(f"{config}: not a readable adapter config ({_first_line(err)}); {_RETRAIN}") from err
     if not isinstance(found, dict) or not {"peft_type", "r", "target_modules"} <= set(found):
         raise UserError(f"{config}: not a PEFT LoRA adapter config (needs peft_type, r, target_modules); {_RETRAIN}")
-    weights = adapter / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise UserError(f"{weights}: missing (the adapter folder has no weights); {_RETRAIN}")
     if not _read_safetensors(weights, "safetensors file")[0]:
         raise UserError(f"{weights}: holds no tensors; {_RETRAIN}")
 
@@ -256,8 +252,7 @@ def _logit_bias(run: Path, lora_cfg: DictConfig, char_ids: dict[str, int]) -> An
     from lvforecast.model.module import alphabet_ids
 
     tensors, meta = _read_safetensors(path, "logit bias")
-    bias = tensors.get("bias")
-    if bias is None:
+    if (bias := tensors.get("bias")) is None:
         raise UserError(f"{path}: not a readable logit bias (no 'bias' tensor); {_RETRAIN}")
     if meta.get("head") == "alphabet":
         saved = [int(i) for i in meta["token_ids"].split(",")]
@@ -269,8 +264,8 @@ def _logit_bias(run: Path, lora_cfg: DictConfig, char_ids: dict[str, int]) -> An
 
 def _write(cfg: DictConfig, out: Path, source: _Source, inputs: EvaluationInputs,
            forecasts: _Forecasts) -> dict[str, Any]:
-    """Score every method, in encoded units (each series divided by its own scale) and in original units; write the
-    evaluation directory (and the W&B run); return the headline metrics."""
+    """Score every method in encoded units (each series over its own scale) and original units; write the evaluation
+    directory (and the W&B run); return the headline metrics."""
     from lvforecast.evaluation.behaviour import class_counts, classify_all
     from lvforecast.evaluation.report import write_plots, write_report
 
@@ -318,7 +313,6 @@ def _write_per_system(path: Path, inputs: EvaluationInputs, classes: list[str], 
                         + [f"{k}_{v}_encoded" for k in POINT_METRICS for v in VARIABLES])
         for i, system in enumerate(inputs.systems):
             for method, m in methods.items():
-                per = m["encoded"]["per_system"]
                 parsed = steps_parsed[i] if method == "model" else ""
                 writer.writerow([system, classes[i], inputs.scales[i], method, parsed]
-                                + [per[k][i][j] for k in POINT_METRICS for j in range(2)])
+                                + [m["encoded"]["per_system"][k][i][j] for k in POINT_METRICS for j in range(2)])

@@ -24,9 +24,8 @@ log = logging.getLogger(__name__)
 
 
 class FlopModelSummary(ModelSummary):
-    """Lightning's model summary without its FLOPs column, ending with the forward FLOPs of one ``batch_size`` x
-    ``seq_len`` training batch (``data.batch_size``, ``data.context_length``) and of one training step (3 x forward),
-    as the FLOP budget charges them under ``conventions`` (``budget.conventions``; empty: the study brief's)."""
+    """Lightning's model summary without its FLOPs column, ending with the FLOPs of one ``batch_size`` x ``seq_len``
+    training batch and step as the budget charges them under ``conventions`` (empty: the study brief's)."""
 
     def __init__(self, batch_size: int, seq_len: int, conventions: Mapping[str, Any], max_depth: int) -> None:
         super().__init__(max_depth=max_depth)

@@ -54,14 +54,6 @@ def ledger_name(cfg: DictConfig, fallback: str) -> str:
     return (hc.job.override_dirname if hc is not None else None) or fallback
 
 
-@dataclass(frozen=True)
-class Claim:
-    """How a run uses its directory: ``fresh`` (new or a restart) or ``resume`` (continues the run in it)."""
-
-    kind: str
-    previous: dict[str, Any] | None = None   # the directory's run_info.json on a resume (its segments)
-
-
 def read_json(path: Path) -> dict[str, Any] | None:
     """A JSON object file, or None when it is missing, torn or not an object (:func:`read_state`'s refusals)."""
     try:
@@ -83,18 +75,22 @@ def _same_config(out: Path, cfg: DictConfig) -> bool:
     return old == new
 
 
-def claim(cfg: DictConfig, out: Path) -> Claim:
+def claim(cfg: DictConfig, out: Path) -> dict[str, Any] | None:
     """Check that this run may write into ``out``: a UserError names another run's files there, unless this run
-    resumes that one (``ckpt_path`` inside it) or restarts its configuration stopped before its first checkpoint."""
+    resumes that one (``ckpt_path`` inside it) or restarts its configuration stopped before its first checkpoint.
+
+    Returns:
+        The directory's ``run_info.json`` on a resume (``{}`` if missing or torn); None for a fresh run or a restart.
+    """
     # A folder counts only with something in it (checkpoints/ is made before the first checkpoint is).
     found = [name for name in RUN_FILES if (out / name).is_file() or any((out / name).glob("*"))]
     if not found:
-        return Claim("fresh")
+        return None
     info = read_json(out / "run_info.json")
     if cfg.get("ckpt_path") and Path(cfg.ckpt_path).resolve().is_relative_to(out.resolve()):
-        return Claim("resume", info)
+        return info or {}
     if not any((out / "checkpoints").glob("*.ckpt")) and "final" not in (info or {}) and _same_config(out, cfg):
-        return Claim("fresh")
+        return None
     last = out / "checkpoints" / "last.ckpt"
     resume = (f"resume it with ckpt_path={last} trainer.max_steps=<more steps>, or " if last.is_file() else "")
     raise UserError(
@@ -180,14 +176,14 @@ class RunDir:
     out: Path
     lead: bool
     start_step: int
-    claim: Claim
+    resumes: dict[str, Any] | None  # claim(): the run_info.json of the run this one continues, None if fresh
     info: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def open(cls, cfg: DictConfig, start_step: int, lead: bool) -> RunDir:
         """Claim ``paths.output_dir`` (refusing another run's) and write the resolved ``config.yaml``."""
         out = Path(cfg.paths.output_dir)
-        run = cls(out, lead, start_step, claim(cfg, out) if lead else Claim("fresh"))
+        run = cls(out, lead, start_step, claim(cfg, out) if lead else None)
         out.mkdir(parents=True, exist_ok=True)
         run.write("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         return run
@@ -200,10 +196,9 @@ class RunDir:
     def begin(self, record: dict[str, Any], loggers: list[Any], ckpt_path: str | None) -> None:
         """Start this run's segment: write ``run_info.json`` (``record`` and the segments), and keep
         ``metrics.csv`` up to the checkpoint's step on a resume in the same directory (appended to after it)."""
-        resume = self.claim.kind == "resume"
-        self.info = {**record, "segments": segments(self.claim.previous, self.start_step, ckpt_path)}
+        self.info = {**record, "segments": segments(self.resumes, self.start_step, ckpt_path)}
         if self.lead:
-            header, rows = metrics_history(self.out, self.start_step) if resume else ([], [])
+            header, rows = metrics_history(self.out, self.start_step) if self.resumes is not None else ([], [])
             install_history(loggers, self.out, header, rows)
         self.write("run_info.json", json.dumps(self.info, indent=1))
 

@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-CHECKPOINT = "last.ckpt"
 RESTART_ENV = "SLURM_RESTART_COUNT"
 
 
@@ -55,9 +54,8 @@ class Interrupted(SystemExit):
 
 class SignalGuard:
     """SIGTERM / SIGINT handlers for one job, as a context manager; a signal-caused stop leaves it as
-    :class:`Interrupted` (exit 143/130), its :meth:`~Interrupted.message` printed. ``received``: the first signal
-    (None: none yet), ``step`` and ``checkpoint``: what :class:`~lvforecast.checkpoint.InterruptCheckpoint` wrote, for
-    the job's records."""
+    :class:`Interrupted` (exit 143/130), its message printed. ``received``: the first signal (None: none yet), ``step``
+    and ``checkpoint``: what :class:`~lvforecast.checkpoint.InterruptCheckpoint` wrote, for the job's records."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -131,7 +129,7 @@ def requeued_checkpoint(output_dir: str | os.PathLike[str], environ: dict[str, s
     if not restarts.isdecimal() or int(restarts) == 0:
         return None
     out = Path(output_dir)
-    found = [p for p in (out / "checkpoints" / CHECKPOINT, *out.glob("hpc_ckpt_*.ckpt")) if p.is_file()]
+    found = [p for p in (out / "checkpoints" / "last.ckpt", *out.glob("hpc_ckpt_*.ckpt")) if p.is_file()]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 

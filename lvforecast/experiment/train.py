@@ -94,8 +94,7 @@ def _plan(cfg: DictConfig, datamodule: Any, pricing: Any, start_step: int) -> Pl
     ranks = config.world_size(cfg.trainer)
     shape = config.run_shape(cfg, datamodule.val_batch_shapes(ranks), datamodule.train_batches(ranks), start_step)
     plan = plan_run(pricing, shape)
-    reserve = reserved_flops(plan, cfg.budget.run_cap_flops, cfg.budget.mode)
-    if reserve < plan.first_edge():
+    if reserved_flops(plan, cfg.budget.run_cap_flops, cfg.budget.mode) < plan.first_edge():
         raise UserError(
             f"budget.run_cap_flops={cfg.budget.run_cap_flops!r}: the run could not pay for its first edge, "
             f"{plan.first_edge():.4e} FLOPs (sanity {plan.sanity:.4e} + validation before training "
@@ -265,6 +264,4 @@ def distributed_rank(cfg: DictConfig) -> int:
     if "LOCAL_RANK" in env:
         devices = ranks // (cfg.trainer.get("num_nodes") or 1)
         return int(env.get("NODE_RANK", 0)) * devices + int(env["LOCAL_RANK"])
-    if int(env.get("SLURM_NTASKS", "1")) > 1:
-        return int(env.get("SLURM_PROCID", 0))
-    return 0
+    return int(env.get("SLURM_PROCID", 0)) if int(env.get("SLURM_NTASKS", "1")) > 1 else 0

@@ -166,7 +166,7 @@ def test_a_study_job_restarted_before_its_first_checkpoint_may_reuse_its_directo
     out.mkdir(parents=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     (out / "split.json").write_text("{}")
-    assert rundir.claim(cfg, out).kind == "fresh"
+    assert rundir.claim(cfg, out) is None  # fresh
     other = compose_train(STEPS + ["trainer.max_steps=8", "optim.lr=1e-3"], output_dir=out, cache_dir=sim_cache)
     with pytest.raises(UserError, match="another run's files"):
         rundir.claim(other, out)  # another configuration is another run
@@ -176,8 +176,7 @@ def test_a_resume_from_its_own_checkpoint_may_use_its_directory(run8, sim_cache,
     out = copy_run(run8, tmp_path / "run")
     cfg = compose_train(STEPS + ["trainer.max_steps=12", f"ckpt_path={out}/checkpoints/last.ckpt"], output_dir=out,
                         cache_dir=sim_cache)
-    claim = rundir.claim(cfg, out)
-    assert claim.kind == "resume" and claim.previous["final"]["global_step"] == 8
+    assert rundir.claim(cfg, out)["final"]["global_step"] == 8  # a resume, given the run's run_info.json
 
 
 # ---------------------------------------------------------------- 2. atomic artifacts
