@@ -57,11 +57,16 @@ def evaluation_headline(summary: Mapping[str, Any]) -> dict[str, Any]:
 
 def log_evaluation(cfg: Any, output_dir: str | Path, summary: Mapping[str, Any],
                    pngs: Sequence[str | Path]) -> str | None:
-    """Log a finished evaluation (composed ``conf/evaluate.yaml`` ``cfg``, written to ``output_dir``) as one finished
-    W&B run and return its id (None when ``cfg.logger.wandb`` is not configured): the resolved config,
-    :func:`evaluation_headline` (history row and summary), each PNG as ``eval/plots/<stem>`` and
-    :func:`evaluation_table` as ``eval/model_vs_baselines``, in group ``logger.wandb.group``, else the group of the
-    training run it evaluates (``run_dir``)."""
+    """Log a finished evaluation (the composed ``conf/evaluate.yaml`` ``cfg``, written to ``output_dir``) as one
+    W&B run when ``cfg.logger.wandb`` is configured, and finish that run.
+
+    Logs the resolved config, :func:`evaluation_headline` (one history row and the summary), every PNG as
+    ``eval/plots/<stem>`` and :func:`evaluation_table` as ``eval/model_vs_baselines``. The run's group is
+    ``logger.wandb.group``, else the group of the training run it evaluates (``run_dir``).
+
+    Returns:
+        The W&B run id, or None when W&B is not configured.
+    """
     node = (cfg.get("logger") or {}).get("wandb")
     if not node or "_target_" not in node:
         return None
@@ -93,9 +98,14 @@ def _trained_group(run_dir: Path) -> str | None:
 def log_sweep_summary(wandb_cfg: Any, table_file: str | Path, curves: str | Path,
                       sweep_name: str | None) -> str | None:
     """Log a finished sweep's ``summary.csv`` and curves PNG (if any) as one ``sweep-summary`` W&B run of the
-    multirun's ``logger.wandb`` node ``wandb_cfg``, in ``<sweep dir>/wandb/`` and the group of the sweep's launch
-    (as its jobs), its summary holding the best job and its final validation loss. Returns the run id, or None when
-    nothing was logged (no ``wandb_cfg`` with a ``_target_``, no table file)."""
+    multirun's ``logger.wandb`` node ``wandb_cfg``.
+
+    The run is in the group of the sweep's launch, as its jobs (unless ``logger.wandb.group_per_launch`` is
+    false), lives in ``<sweep dir>/wandb/`` and its summary holds the best job and its final validation loss.
+
+    Returns:
+        The W&B run id, or None when nothing was logged (no ``wandb_cfg`` with a ``_target_``, no table file).
+    """
     table_file, curves = Path(table_file), Path(curves)
     sweep_dir = table_file.parent
     if not wandb_cfg or "_target_" not in wandb_cfg or not table_file.is_file():
