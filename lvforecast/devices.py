@@ -88,10 +88,12 @@ def training_precision(accelerator: Any) -> str:
     """``trainer.precision`` for ``trainer.accelerator``: ``bf16-mixed`` on a GPU, ``16-mixed`` on a GPU without
     native bfloat16 (before Ampere), ``32-true`` on the CPU; a GPU accelerator where none is visible (a config
     planned on a login node) gets the GPU's precision (:func:`accelerator_problems` refuses to run it here)."""
+    name = str(accelerator).lower()
+    if name not in (*GPU_ACCELERATORS, "auto"):  # the CPU: no torch import, so a config error answers sooner
+        return "32-true"
     import torch
 
-    name = str(accelerator).lower()
-    if name not in GPU_ACCELERATORS and not (name == "auto" and torch.cuda.is_available()):
+    if name == "auto" and not torch.cuda.is_available():
         return "32-true"
     native = not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False)
     return "bf16-mixed" if native else "16-mixed"

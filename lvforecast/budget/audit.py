@@ -180,12 +180,12 @@ def audit_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     Args:
         model: A Hugging Face causal LM or PEFT model, loaded with ``attn_implementation="eager"``.
         input_ids, attention_mask: (B, N) token ids and 1/0 (or None).
-        logit_bias: A module applied to the logits, e.g. :class:`lvforecast.model.lora.LogitBias`.
+        logit_bias: A module applied to the logits, e.g. :class:`lvforecast.model.heads.LogitBias`.
         loss_fn: ``loss_fn(logits, labels)``, e.g. :func:`lvforecast.model.module.token_loss_sum`.
         labels: (B, N) targets for ``loss_fn`` (default ``input_ids``; whatever ``head`` indexes, with one).
         logits_to_keep: 0 for logits at every position, else only the last ``k``.
-        head, stack: Run ``head`` (e.g. the :class:`lvforecast.model.lora.AlphabetHead` of ``model.head=alphabet``)
-            on the final hidden states of ``stack`` (:func:`lvforecast.model.lora.decoder_stack`), not the lm_head;
+        head, stack: Run ``head`` (e.g. the :class:`lvforecast.model.heads.AlphabetHead` of ``model.head=alphabet``)
+            on the final hidden states of ``stack`` (:func:`lvforecast.model.heads.decoder_stack`), not the lm_head;
             ValueError for one without the other, for ``input_ids`` not 2-D, or a model not on eager attention.
     """
     if (head is None) != (stack is None):
@@ -237,7 +237,8 @@ def audit_architecture(config: Mapping[str, Any], batch: int, seq_len: int, lora
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lvforecast.model.lora import AlphabetHead, LogitBias, apply_lora, decoder_stack
+    from lvforecast.model.heads import AlphabetHead, LogitBias, decoder_stack
+    from lvforecast.model.lora import apply_lora
     from lvforecast.model.module import token_loss_sum
 
     # auto_map would ask to run code shipped beside the config; the audit only prices what transformers holds.

@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lvforecast.data.encoding import ScaleRule, encode_prompt, min_step_tokens
+from lvforecast.data.encoding import ScaleRule, encode_prompt, min_step_tokens, size_problems
 from lvforecast.data.split import EvaluationInputs, Split, evaluation_order, split_systems
 from lvforecast.data.windows import (
     EncodedSeries,
@@ -30,7 +30,6 @@ from lvforecast.data.windows import (
     build_windows,
     encode_series,
     pad_share,
-    size_problems,
     tokenize_series,
     window_spans,
 )

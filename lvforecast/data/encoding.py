@@ -23,6 +23,7 @@ import numpy as np
 
 from lvforecast.data.alphabet import ALPHABET
 from lvforecast.errors import UserError
+from lvforecast.validate import int_at_least
 
 STEP_SEP = ";"
 VALUE_SEP = ","
@@ -70,6 +71,26 @@ def min_step_tokens(decimals: int) -> int:
     """Characters (= tokens) of the shortest whole encoded step with its separator, ``0.000,0.000;`` at 3 decimals."""
     number = 1 + (1 + decimals if decimals else 0)  # one integer digit, then the point and the decimals
     return 2 * number + len(VALUE_SEP) + len(STEP_SEP)
+
+
+def size_problems(decimals: Any = None, **values: Any) -> list[str]:
+    """Problems with the data module's integer size keys (>= 1; ``context_length`` at least one whole encoded step,
+    :func:`min_step_tokens`) and ``decimals`` (None skips it), one message each; checked
+    before anything loads (``lvforecast.experiment.config``): here, not in the windows module, which imports torch."""
+    problems = []
+    decimals_ok = int_at_least(decimals, 0) and decimals <= 12
+    if decimals is not None and not decimals_ok:
+        problems.append(f"data.decimals={decimals!r}: must be an integer in [0, 12] (digits after the point)")
+    for key, val in values.items():
+        low = 2 if key == "context_length" else 1
+        if key == "context_length" and decimals_ok and int_at_least(val, 1) and val < min_step_tokens(decimals):
+            low, zero = min_step_tokens(decimals), "0." + "0" * decimals if decimals else "0"
+            problems.append(
+                f"data.{key}={val}: shorter than one encoded time step (at data.decimals={decimals} the shortest, "
+                f"'{zero},{zero};', is {low} tokens); allowed: an integer >= {low}")
+        elif not int_at_least(val, low):
+            problems.append(f"data.{key}={val!r}: must be an integer >= {low}")
+    return problems
 
 
 def encode(series: np.ndarray, scale: float = STUDY_SCALE, decimals: int = STUDY_DECIMALS) -> str:

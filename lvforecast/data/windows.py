@@ -18,30 +18,9 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
-from lvforecast.data.encoding import STEP_SEP, ScaleRule, encode, min_step_tokens
-from lvforecast.validate import int_at_least
+from lvforecast.data.encoding import STEP_SEP, ScaleRule, encode
 
 IGNORE_INDEX = -100
-
-
-def size_problems(decimals: Any = None, **values: Any) -> list[str]:
-    """Problems with the data module's integer size keys (>= 1; ``context_length`` at least one whole encoded step,
-    :func:`~lvforecast.data.encoding.min_step_tokens`) and ``decimals`` (None skips it), one message each; checked
-    before anything loads (``lvforecast.experiment.config``)."""
-    problems = []
-    decimals_ok = int_at_least(decimals, 0) and decimals <= 12
-    if decimals is not None and not decimals_ok:
-        problems.append(f"data.decimals={decimals!r}: must be an integer in [0, 12] (digits after the point)")
-    for key, val in values.items():
-        low = 2 if key == "context_length" else 1
-        if key == "context_length" and decimals_ok and int_at_least(val, 1) and val < min_step_tokens(decimals):
-            low, zero = min_step_tokens(decimals), "0." + "0" * decimals if decimals else "0"
-            problems.append(
-                f"data.{key}={val}: shorter than one encoded time step (at data.decimals={decimals} the shortest, "
-                f"'{zero},{zero};', is {low} tokens); allowed: an integer >= {low}")
-        elif not int_at_least(val, low):
-            problems.append(f"data.{key}={val!r}: must be an integer >= {low}")
-    return problems
 
 
 def window_starts(boundaries: Sequence[int], n_tokens: int, context_length: int, stride_steps: int) -> list[int]:

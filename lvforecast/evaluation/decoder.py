@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from lvforecast.budget.shapes import Head
 from lvforecast.evaluation.grammar import CompiledGrammar
-from lvforecast.model.lora import decoder_stack
+from lvforecast.model.heads import decoder_stack
 
 
 def choose(

@@ -19,7 +19,7 @@ from lvforecast.evaluation.grammar import Grammar, LLMTimeLogitsProcessor, Steps
 @dataclass
 class AddLogitBias(LogitsProcessor):
     """Add a trained (V,) bias (checked by :func:`full_and_alphabet_bias`) to the (B, V) scores, as
-    :class:`lvforecast.model.lora.LogitBias` did in training."""
+    :class:`lvforecast.model.heads.LogitBias` did in training."""
 
     bias: torch.Tensor
 

@@ -15,8 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from lvforecast.budget.planning import Pricing, RunShape
 from lvforecast.budget.schedule import Schedule
 from lvforecast.budget.shapes import ALPHABET_SIZE, HEADS, Conventions, LoRASpec, ModelShape
-from lvforecast.data.encoding import check_tokenizer
-from lvforecast.data.windows import size_problems
+from lvforecast.data.encoding import check_tokenizer, size_problems
 from lvforecast.devices import device_problems
 from lvforecast.errors import UserError
 from lvforecast.model.lora import lora_config_problems

@@ -5,21 +5,21 @@ Update rule for each targeted linear layer (``q_proj`` and ``v_proj`` by default
     y = W x + b + (alpha / r) * B (A x)      A: (r, in), B: (out, r)
 
 ``A`` starts Kaiming-uniform and ``B`` at zero, so the wrapped model equals the base model at step 0. Every base
-weight is frozen; only ``A``, ``B`` (and, if enabled, :class:`LogitBias`) train. :class:`AlphabetHead` and
-:func:`decoder_stack` serve ``model.head=alphabet``.
+weight is frozen; only ``A``, ``B`` (and, if enabled, :class:`~lvforecast.model.heads.LogitBias`) train. Torch is
+imported where it is used, so the config check (:func:`lora_config_problems`) answers before it loads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from lvforecast.errors import UserError
 from lvforecast.validate import int_at_least
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ def count_parameters(module: nn.Module) -> ParameterCounts:
 
 def expected_lora_parameters(model: nn.Module, target_modules: Sequence[str], r: int) -> int:
     """Hand formula: sum over every targeted ``nn.Linear`` of ``r * (in_features + out_features)``."""
+    from torch import nn
+
     return sum(r * (sub.in_features + sub.out_features) for name, sub in model.named_modules()
                if isinstance(sub, nn.Linear) and name.rsplit(".", 1)[-1] in target_modules)
 
@@ -65,6 +67,7 @@ def apply_lora(model: nn.Module, r: int = 4, alpha: float | None = None, dropout
         ValueError: Bad rank/alpha/dropout, or a target name that matches no linear layer.
     """
     from peft import LoraConfig, get_peft_model
+    from torch import nn
 
     problems = lora_config_problems(r, alpha, dropout)
     linear_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -79,42 +82,3 @@ def apply_lora(model: nn.Module, r: int = 4, alpha: float | None = None, dropout
     config = LoraConfig(r=r, lora_alpha=r if alpha is None else alpha, lora_dropout=dropout,
                         target_modules=list(target_modules), bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
-
-
-class LogitBias(nn.Module):
-    """A trainable bias added to the ``vocab_size`` output logits (V, or 13 in ``ALPHABET`` order for the alphabet
-    head), zero at start; held outside the PEFT model so the adapter stays a plain PEFT adapter."""
-
-    def __init__(self, vocab_size: int) -> None:
-        super().__init__()
-        self.bias = nn.Parameter(torch.zeros(vocab_size))
-
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits + self.bias.to(logits.dtype)
-
-
-def decoder_stack(model: nn.Module) -> nn.Module:
-    """The decoder stack (embeddings, layers, final norm; no lm_head) of a causal LM or its PEFT wrapper, whose
-    adapters it runs (LoRA layers are injected in place); ValueError if ``get_decoder`` gives none apart."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    stack = base.get_decoder() if hasattr(base, "get_decoder") else None
-    if stack is None or stack is base:
-        raise UserError(f"{type(base).__name__} has no decoder stack apart from its lm_head (get_decoder)")
-    return stack
-
-
-class AlphabetHead(nn.Module):
-    """Logits for ``token_ids`` only (in that order): ``hidden @ W[ids].T (+ b[ids])`` with ``W`` the (tied) output
-    matrix of ``output_embeddings`` (the lm_head), its rows gathered once into frozen buffers that are never
-    checkpointed (base weights, rebuilt on load); the other ``V - len(ids)`` logits are never computed."""
-
-    def __init__(self, output_embeddings: nn.Module, token_ids: Sequence[int]) -> None:
-        super().__init__()
-        ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=output_embeddings.weight.device)
-        self.register_buffer("weight", output_embeddings.weight.detach()[ids].clone(), persistent=False)
-        bias = getattr(output_embeddings, "bias", None)
-        self.register_buffer("bias", None if bias is None else bias.detach()[ids].clone(), persistent=False)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) final hidden states -> (B, N, len(token_ids)) logits."""
-        return nn.functional.linear(hidden, self.weight, self.bias)

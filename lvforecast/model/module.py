@@ -25,7 +25,8 @@ from lvforecast.budget.shapes import HEADS, Head
 from lvforecast.data.encoding import ALPHABET
 from lvforecast.data.windows import IGNORE_INDEX
 from lvforecast.errors import UserError
-from lvforecast.model.lora import AlphabetHead, LogitBias, count_parameters, decoder_stack
+from lvforecast.model.heads import AlphabetHead, LogitBias, decoder_stack
+from lvforecast.model.lora import count_parameters
 from lvforecast.validate import check_choice
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,9 @@ from lvforecast.budget.formulas import forward_flops, generation_flops
 from lvforecast.budget.pricing import price
 from lvforecast.budget.shapes import BUILTIN, PROJECTIONS, Conventions, LoRASpec, ModelShape, shape_of
 from lvforecast.cli import main
+from lvforecast.model.heads import LogitBias
 from lvforecast.model.loading import build_tiny_qwen, load_smollm2, tiny_qwen_config
-from lvforecast.model.lora import LogitBias, apply_lora
+from lvforecast.model.lora import apply_lora
 
 IMPLEMENTED = Conventions.as_implemented()
 

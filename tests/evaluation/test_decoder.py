@@ -23,8 +23,8 @@ from lvforecast.evaluation.decoder import (
     preallocated_cache,
 )
 from lvforecast.evaluation.grammar import START, Grammar, compile_grammar, max_new_tokens_bound
+from lvforecast.model.heads import decoder_stack
 from lvforecast.model.loading import build_tiny_qwen
-from lvforecast.model.lora import decoder_stack
 
 CONTEXT, HORIZON = 12, 4
 DEFAULTS = instantiate(OmegaConf.load(CONF / "evaluate.yaml").forecast)

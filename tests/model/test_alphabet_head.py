@@ -15,8 +15,9 @@ from lvforecast.budget.shapes import ALPHABET_SIZE, BUILTIN, Conventions, LoRASp
 from lvforecast.data.encoding import ALPHABET
 from lvforecast.experiment.config import check_train_config
 from lvforecast.experiment.config import model_shape as planning_shape
+from lvforecast.model.heads import LogitBias, decoder_stack
 from lvforecast.model.loading import build_tiny_qwen, load_smollm2
-from lvforecast.model.lora import LogitBias, apply_lora, decoder_stack
+from lvforecast.model.lora import apply_lora
 from lvforecast.model.module import LoRAForecaster, alphabet_labels, constant_schedule, token_loss_sum
 
 IGNORE = -100

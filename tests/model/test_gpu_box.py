@@ -430,8 +430,9 @@ def test_the_validation_loss_of_the_same_windows_does_not_depend_on_the_batch_si
 def test_compile_model_compiles_the_decoder_stack_in_place():
     import functools
 
+    from lvforecast.model.heads import decoder_stack
     from lvforecast.model.loading import build_tiny_qwen
-    from lvforecast.model.lora import apply_lora, decoder_stack
+    from lvforecast.model.lora import apply_lora
     from lvforecast.model.module import LoRAForecaster, constant_schedule
 
     def module(compile_model: bool) -> LoRAForecaster:
