@@ -108,6 +108,14 @@ def test_tokenizer_check_accepts_char_tokenizer():
     assert len(set(ids.values())) == 13
 
 
+def test_the_char_tokenizer_gives_one_id_per_character_the_special_tokens_whole():
+    tok = build_char_tokenizer()
+    # ids: 0-2 special, 3 <unk>, then ALPHABET "0123456789.,;" from 4: "1" is 5, "." 14, "," 15, ";" 16.
+    assert tok("12.0,3;", add_special_tokens=False)["input_ids"] == [5, 6, 14, 4, 15, 7, 16]
+    assert tok("ab 1\n", add_special_tokens=False)["input_ids"] == [3, 3, 3, 5, 3]  # each unknown character is one
+    assert tok("<|im_end|>1", add_special_tokens=False)["input_ids"] == [2, 5]
+
+
 def _merging_tokenizer():
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
