@@ -64,7 +64,8 @@ def test_a_config_error_answers_before_torch_lightning_or_transformers_load(tmp_
     # trainer.accelerator=auto, the default, torch loads to resolve trainer.precision: is there a GPU?)
     probe = ("import runpy, sys\nsys.argv = ['train.py', 'seed=abc', 'trainer=cpu']\ntry:\n"
              "    runpy.run_path('train.py', run_name='__main__')\nexcept SystemExit as stop:\n"
-             "    print('exit', stop.code, sorted({'torch', 'pytorch_lightning', 'transformers', 'peft'} & set(sys.modules)))\n")
+             "    heavy = {'torch', 'pytorch_lightning', 'transformers', 'peft'}\n"
+             "    print('exit', stop.code, sorted(heavy & set(sys.modules)))\n")
     env = {**os.environ, "LVFORECAST_ROOT": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert "seed='abc'" in proc.stderr, proc.stderr[-3000:]
