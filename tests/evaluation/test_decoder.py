@@ -193,14 +193,15 @@ def test_smollm2_alphabet_loop_equals_todays_generate(smollm2_dir):
 
     lm = load_smollm2(str(smollm2_dir))
     data = simulate_systems(n_systems=4, seed=1).values
-    kwargs = dict(context_steps=12, horizon_steps=5, batch_size=4)
+    kwargs = dict(context_steps=12, horizon_steps=3, batch_size=4)  # 3 steps: ~40 tokens a row on 30 layers
     scales = [0.5, 0.25, 0.5, 0.25]
     ref = forecast(lm, data, scales, **REFERENCE, **kwargs)
     res = forecast(lm, data, scales, **kwargs)
     assert len(set(res.prompt_tokens)) > 1  # left padding exercised
     assert LeanStep.supports(decoder_stack(lm.model))  # Llama layers: the lean step, not the stack's forward
     assert res.texts == ref.texts and res.parse_failures == 0 and res.flops < ref.flops
-    sampled = [forecast(lm, data, scales, num_samples=2, seed=3, head=head, **kwargs).texts
+    # Two systems x two samples: one batch of four rows, each drawn by both heads.
+    sampled = [forecast(lm, data[:2], scales[:2], num_samples=2, seed=3, head=head, **kwargs).texts
                for head in HEADS]
     assert sampled[0] == sampled[1]
 
