@@ -213,11 +213,12 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         return [[(len(rows[i : i + size]), max(rows[i : i + size])) for i in range(0, len(rows), size)]
                 for rows in shares]
 
-    def train_batches(self, world_size: int = 1) -> int:
-        """Training batches per epoch on one rank (its share of the windows, ``batch_size`` at a time)."""
+    def train_batch_rows(self, world_size: int = 1) -> list[int]:
+        """Windows in each training batch of an epoch on one rank: its share of the windows, ``batch_size`` at a
+        time, the last batch what is left (a ``batch_size`` above the share runs the share in one batch)."""
         self.prepare_texts()
         per_rank = -(-len(self._spans(self.split.train)) // world_size)
-        return -(-per_rank // self.batch_size)
+        return [min(self.batch_size, per_rank - start) for start in range(0, per_rank, self.batch_size)]
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

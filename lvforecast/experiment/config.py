@@ -249,10 +249,11 @@ def schedule_of(tr: DictConfig, epoch_batches: int | None, max_steps: int) -> Sc
                     every_n_epochs=every)
 
 
-def run_shape(cfg: DictConfig, val_shapes: list[list[tuple[int, int]]], epoch_batches: int | None,
+def run_shape(cfg: DictConfig, val_shapes: list[list[tuple[int, int]]], train_rows: list[int],
               start_step: int = 0) -> RunShape:
     """What the run of checked ``cfg`` will run, from each rank's validation batch shapes ``(B, N)`` in loader order
-    (the whole set) and ``epoch_batches``, training micro-batches per epoch on one rank (None: no epoch ends)."""
+    (the whole set) and ``train_rows``, the windows of each training micro-batch of an epoch on one rank
+    (``train_batch_rows`` of the data module): a step is priced at the largest, never above what the data holds."""
     tr = cfg.trainer
     ranks = world_size(tr)
     assert len(val_shapes) == ranks, f"validation batch shapes for {len(val_shapes)} ranks, the trainer runs {ranks}"
@@ -261,12 +262,12 @@ def run_shape(cfg: DictConfig, val_shapes: list[list[tuple[int, int]]], epoch_ba
     # Lightning skips the sanity check when it restarts from a checkpoint.
     sanity = 0 if resumed else trainer_setting(tr, "num_sanity_val_steps") or 0
     return RunShape(
-        batch_size=int(cfg.data.batch_size), context_length=int(cfg.data.context_length), ranks=ranks,
+        batch_size=max(train_rows), context_length=int(cfg.data.context_length), ranks=ranks,
         # limit_val_batches as Lightning reads it: an int counts batches, a float is a fraction of them.
         val_shapes=[shapes[: limit if isinstance(limit, int) else int(len(shapes) * limit)] for shapes in val_shapes],
         sanity_shapes=[shapes if sanity == -1 else shapes[:sanity] for shapes in val_shapes],
         validate_before=bool(cfg.get("validate_before_training")) and not resumed,
-        schedule=schedule_of(tr, epoch_batches, tr.max_steps), max_steps=int(tr.max_steps), start_step=start_step,
+        schedule=schedule_of(tr, len(train_rows), tr.max_steps), max_steps=int(tr.max_steps), start_step=start_step,
         planned_eval=int(cfg.budget.planned_eval_flops))
 
 

@@ -92,7 +92,7 @@ def _plan(cfg: DictConfig, datamodule: Any, pricing: Any, start_step: int) -> Pl
             raise UserError(f"model.tokenizer does not give one token per character on systems {wrong}: the "
                             f"window shapes the plan prices would not be the ones trained")
     ranks = config.world_size(cfg.trainer)
-    shape = config.run_shape(cfg, datamodule.val_batch_shapes(ranks), datamodule.train_batches(ranks), start_step)
+    shape = config.run_shape(cfg, datamodule.val_batch_shapes(ranks), datamodule.train_batch_rows(ranks), start_step)
     plan = plan_run(pricing, shape)
     if reserved_flops(plan, cfg.budget.run_cap_flops, cfg.budget.mode) < plan.first_edge():
         raise UserError(

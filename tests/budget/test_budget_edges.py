@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import sqlite3
 
+import h5py
+import numpy as np
 import pytest
 from conftest import TINY_RUN, compose_train
 
@@ -99,6 +101,23 @@ def test_accumulation_in_track_mode_keeps_the_study_budget(sim_cache, tmp_path):
     assert result["budget_status"] == "budget_exhausted" and result["global_step"] == 3
     assert run["charged_flops"] == val + 3 * step + val <= total
     assert ledger.remaining() >= 0
+
+
+@pytest.mark.slow
+def test_a_batch_larger_than_the_data_is_planned_at_what_runs(sim_cache, tmp_path):
+    # Was: data.batch_size=100000 reserved a step of 100,000 windows while each step ran the few the data holds.
+    rng = np.random.default_rng(0)
+    path = tmp_path / "small.h5"
+    with h5py.File(path, "w") as fh:  # 10 systems of 100 steps: 8 train, a few hundred windows
+        fh.create_dataset("trajectories", data=rng.uniform(0.1, 3.0, (10, 100, 2)).astype(np.float32))
+        fh.create_dataset("time", data=np.linspace(0, 200, 100))
+    result, run, _, plan = _run(sim_cache, tmp_path, [f"data.path={path}", "data.pinned_test_systems=[]",
+                                                      "data.batch_size=100000", "trainer.max_steps=2",
+                                                      "trainer.val_check_interval=2"])
+    windows = json.loads((tmp_path / "run_info.json").read_text())["data"]["train_windows"]
+    assert result["budget_status"] == "finished" and result["global_step"] == 2 and 1 < windows < 100_000
+    assert plan["next_step_shape"] == [windows, 96]  # every step runs the whole training set in one batch
+    assert run["charged_flops"] == plan["total"]  # so what is reserved is what the run spends
 
 
 @pytest.mark.slow

@@ -47,7 +47,7 @@ class JobPricer:
     """What each job reserves, without loading weights; the data's batch shapes are read once per data config."""
 
     def __init__(self) -> None:
-        self._shapes: dict[tuple[str, int], tuple[Any, int]] = {}
+        self._shapes: dict[tuple[str, int], tuple[Any, list[int]]] = {}
 
     def __call__(self, cfg: DictConfig, start_step: int | None, job: str) -> int:
         """The FLOPs training job ``job`` reserves from ``start_step`` (None: its checkpoint's); a UserError
@@ -62,9 +62,9 @@ class JobPricer:
             if key not in self._shapes:
                 datamodule = instantiate(cfg.data)
                 datamodule.prepare_texts()
-                self._shapes[key] = (datamodule.val_batch_shapes(ranks), datamodule.train_batches(ranks))
-            val_shapes, epoch = self._shapes[key]
-            plan = plan_run(config.train_pricing(cfg), config.run_shape(cfg, val_shapes, epoch, start))
+                self._shapes[key] = (datamodule.val_batch_shapes(ranks), datamodule.train_batch_rows(ranks))
+            val_shapes, train_rows = self._shapes[key]
+            plan = plan_run(config.train_pricing(cfg), config.run_shape(cfg, val_shapes, train_rows, start))
             return reserved_flops(plan, cfg.budget.run_cap_flops, cfg.budget.mode)
         except ValueError as err:
             raise UserError(f"{job}: {err}") from err
