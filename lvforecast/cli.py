@@ -140,7 +140,7 @@ def _audit(args: argparse.Namespace, analytic: Breakdown, lora: LoRASpec | None)
 
 def _add_budget(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from lvforecast.budget.journal import JOURNAL_ENV, JOURNAL_MODES
-    from lvforecast.budget.ledger import DEFAULT_LEDGER, LEDGER_ENV
+    from lvforecast.budget.ledger import DEFAULT_LEDGER, LEDGER_ENV, STALE_AFTER_S
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--ledger", type=Path, default=None,
@@ -160,6 +160,11 @@ def _add_budget(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                              help="mark runs with dead owners crashed and release their reservations")
     rec.add_argument("--run", type=int, action="append", default=[], metavar="ID",
                      help="also mark this running run crashed (runs of other machines); repeatable")
+    rec.add_argument("--stale-after", type=float, default=STALE_AFTER_S, metavar="SECONDS",
+                     help="a --run must have committed nothing for this long (default: %(default).0f)")
+    rec.add_argument("--force", action="store_true",
+                     help="release the --run runs however recently they committed (a live one stops at its next "
+                          "commit, its FLOPs since the last one uncharged)")
     actions.add_parser("show", parents=[common], help="list runs, their owners and the remaining budget")
 
 
@@ -173,7 +178,7 @@ def _budget(args: argparse.Namespace) -> int:
     path = args.ledger if args.ledger is not None else default_ledger_path()
     try:
         ledger = Ledger(path, budget=None, journal_mode=args.journal_mode)
-        ids = ledger.reconcile(args.run) if args.action == "reconcile" else []
+        ids = ledger.reconcile(args.run, args.stale_after, args.force) if args.action == "reconcile" else []
     except (FileNotFoundError, ValueError, sqlite3.DatabaseError) as err:
         text = f"{path} is not a usable ledger: {err}" if isinstance(err, sqlite3.DatabaseError) else err
         print(f"error: {text}", file=sys.stderr)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 
-from lvforecast.budget.ledger import Kind
+from lvforecast.budget.ledger import Kind, ReservationReleasedError
 from lvforecast.budget.reservation import Reservation
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,13 @@ class FlopBudget(pl.Callback):
 
     def flush(self) -> None:
         """Commit pending charges to the ledger, one row per kind (rank 0 only)."""
-        if self.writes_ledger:
-            for kind, (flops, steps, tokens, seconds) in self._pending.items():
-                self.ledger.charge(self.run_id, kind, flops, steps=steps, tokens=tokens, seconds=seconds)
+        try:
+            if self.writes_ledger:
+                for kind, (flops, steps, tokens, seconds) in self._pending.items():
+                    self.ledger.charge(self.run_id, kind, flops, steps=steps, tokens=tokens, seconds=seconds)
+        except ReservationReleasedError:
+            self._pending.clear()  # never to be charged: on_exception must not try again
+            raise
         self._pending.clear()
 
     def affords(self, flops: int) -> bool:

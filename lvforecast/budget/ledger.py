@@ -48,6 +48,16 @@ class LedgerNotFoundError(UserError, FileNotFoundError):
     """``budget=None`` (adopt the stored budget) but there is no ledger file at the path."""
 
 
+class ReservationReleasedError(UserError, RuntimeError):
+    """A run charged after ``reconcile`` marked it crashed and released its reservation: it stops, it does not
+    charge on (another run may hold those FLOPs now)."""
+
+
+#: How long a run of another machine must have committed nothing before ``reconcile --run`` may release it (a live
+#: run commits every few steps and after each validation; a model load or a long validation is the longest pause).
+STALE_AFTER_S = 3600.0
+
+
 class BudgetExceededError(UserError, RuntimeError):
     """A run's plan does not fit in what is left of the study budget. Attributes (FLOPs): ``planned``, ``spent``
     (charged by all runs), ``budget``, ``reserved_by_others`` (unused reservations of live running runs) and
@@ -213,6 +223,12 @@ class Ledger:
             name, status, reserved = itemgetter("name", "status", "reserved_flops")(self._run(conn, run_id))
             if status == RunStatus.REFUSED:
                 raise UserError(f"run {run_id} {name!r} was refused its reservation and cannot be charged")
+            if status == RunStatus.CRASHED:
+                raise ReservationReleasedError(
+                    f"ledger {self.path}: run {run_id} {name!r} was marked crashed by `lvforecast budget reconcile` "
+                    f"and its reservation released while it was still running; it stops here without charging "
+                    f"{flops:.2e} more FLOPs, so the ledger stays within its budget. Resume it from its checkpoint "
+                    f"as a new run")
             conn.execute("INSERT INTO charges (run_id, kind, flops, steps, tokens, seconds, charged_at) "
                          "VALUES (?, ?, ?, ?, ?, ?, ?)",
                          (run_id, kind, flops, steps, tokens, float(seconds), time.time()))
@@ -242,6 +258,8 @@ class Ledger:
         outcome = RunOutcome()
         try:
             yield outcome
+        except ReservationReleasedError:
+            raise  # reconcile ended the run already: there is nothing left to finish
         except BaseException as exc:
             self.finish(run_id, exit_status(exc))
             raise
@@ -282,18 +300,35 @@ class Ledger:
                  "plan": None if row["plan_json"] is None else json.loads(row["plan_json"]),
                  "owner_alive": run_alive(row) if row["status"] == RunStatus.RUNNING else None} for row in found]
 
-    def reconcile(self, run_ids: Sequence[int] = ()) -> list[int]:
+    def reconcile(self, run_ids: Sequence[int] = (), stale_after_s: float = STALE_AFTER_S,
+                  force: bool = False) -> list[int]:
         """Mark running runs whose owner is dead, and the running ``run_ids`` whose owner cannot be checked (runs of
         other machines, or of this machine before a reboot), ``crashed``, releasing their unused reservations
-        (charges stay); the ids marked by this call. ValueError when a listed run is unknown, not running, or owned
-        by a live process of this machine."""
+        (charges stay); the ids marked by this call. A listed run must have committed nothing for
+        ``stale_after_s`` seconds, unless ``force``: a run released while alive stops at its next commit
+        (:class:`ReservationReleasedError`) and its FLOPs since its last commit go uncharged.
+
+        Raises:
+            UserError: A listed run is unknown, not running, owned by a live process of this machine, or (without
+                ``force``) committed less than ``stale_after_s`` seconds ago.
+        """
         forced = [as_count(r, "run id") for r in run_ids]
+        if isinstance(stale_after_s, bool) or not isinstance(stale_after_s, numbers.Real) \
+                or not 0 <= stale_after_s < math.inf:
+            raise UserError(f"--stale-after {stale_after_s!r}: must be a finite number of seconds >= 0")
         with self._transaction() as conn:
             for run_id in forced:
                 run = self._run(conn, run_id, "nothing to reconcile")
                 if same_machine(run["host"], run["boot_id"]) and run_alive(run):
                     raise UserError(f"run {run_id} {run['name']!r} is owned by live process {run['pid']} on this "
                                     f"machine; stop it instead of marking it crashed")
+                quiet = time.time() - store.heartbeat(conn, run_id)
+                if quiet < stale_after_s and not force:
+                    raise UserError(
+                        f"run {run_id} {run['name']!r} (pid {run['pid']} on {run['host']}) committed a charge "
+                        f"{quiet:.0f} s ago, less than --stale-after {stale_after_s:.0f} s: it may still be running. "
+                        f"Wait, or pass --force: it then stops at its next commit, its FLOPs since its last commit "
+                        f"uncharged")
             dead = self._mark_crashed(conn, store.dead_running(conn))
             return dead + self._mark_crashed(conn, [r for r in forced if r not in dead])
 

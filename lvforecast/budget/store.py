@@ -248,6 +248,12 @@ def dead_running(conn: sqlite3.Connection) -> list[int]:
     return [row["id"] for row in running(conn) if not run_alive(row)]
 
 
+def heartbeat(conn: sqlite3.Connection, run_id: int) -> float:
+    """When run ``run_id`` last showed it was alive: its last charge (each commit is one), else its start."""
+    return conn.execute("SELECT COALESCE((SELECT MAX(charged_at) FROM charges WHERE run_id = ?), started_at) "
+                        "FROM runs WHERE id = ?", (run_id, run_id)).fetchone()[0]
+
+
 def release(conn: sqlite3.Connection, run_id: int, status: str, ended_at: float | None = None) -> None:
     """End a running run: final status, reservation shrunk to its charges, ``ended_at`` (None: its last charge, the
     best end time the ledger knows of a crash)."""

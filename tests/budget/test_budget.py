@@ -22,7 +22,7 @@ import pytest
 from conftest import ROOT
 
 from lvforecast.budget import report as report_mod
-from lvforecast.budget.ledger import BudgetExceededError, Ledger
+from lvforecast.budget.ledger import BudgetExceededError, Ledger, ReservationReleasedError
 from lvforecast.budget.liveness import boot_id, owner_alive, proc_stat, same_machine
 from lvforecast.cli import main as cli_main
 
@@ -356,20 +356,35 @@ def test_open_run_releases_dead_owners_itself(tmp_path):
     assert ledger.reconcile() == []
 
 
-def test_reconcile_forced_ids(tmp_path):
-    ledger = _ledger(tmp_path, budget=1000)
-    a = ledger.open_run("a", 500)
-    with pytest.raises(ValueError, match="live process"):
-        ledger.reconcile([a])
-    # A run recorded by another machine cannot be checked; the operator names it.
+def _sql(ledger, statement, *params):
     conn = sqlite3.connect(ledger.path)
-    conn.execute("UPDATE runs SET host = 'elsewhere' WHERE id = ?", (a,))
+    conn.execute(statement, params)
     conn.commit()
     conn.close()
+
+
+def test_reconcile_forced_ids_once_quiet_and_a_released_run_charges_nothing_more(tmp_path):
+    ledger = _ledger(tmp_path, budget=1000)
+    a, b = ledger.open_run("a", 500), ledger.open_run("b", 300)
+    with pytest.raises(ValueError, match="live process"):
+        ledger.reconcile([a])
+    # Runs recorded by another machine cannot be checked; the operator names them, once they have gone quiet.
+    _sql(ledger, "UPDATE runs SET host = 'elsewhere'")
+    ledger.charge(a, "train", 100, steps=1)  # a commit is a heartbeat
     assert ledger.reconcile() == []
-    assert ledger.remaining() == 500
+    assert ledger.remaining() == 1000 - 100 - 400 - 300  # a's charge and the unused parts of both reservations
+    with pytest.raises(ValueError, match=r"committed a charge 0 s ago, less than --stale-after 3600 s"):
+        ledger.reconcile([a])
+    with pytest.raises(ValueError, match=r"--stale-after nan: must be a finite number of seconds >= 0"):
+        ledger.reconcile([a], stale_after_s=float("nan"))
+    _sql(ledger, "UPDATE charges SET charged_at = charged_at - 3601 WHERE run_id = ?", a)
     assert ledger.reconcile([a]) == [a]
-    assert ledger.remaining() == 1000
+    assert ledger.reconcile([b], force=True) == [b]  # just started: released only when forced
+    assert ledger.remaining() == 900
+    # Was: a released run that was still alive charged on, and the ledger went below zero.
+    with pytest.raises(ReservationReleasedError, match=r"run 1 'a' was marked crashed .* without charging 5.00e\+01"):
+        ledger.charge(a, "train", 50, steps=1)
+    assert ledger.remaining() == 900 and ledger.run_spent(a) == 100
     with pytest.raises(ValueError, match="is 'crashed', not 'running'"):
         ledger.reconcile([a])
 

@@ -1,6 +1,13 @@
 """The FLOP budget in the training pipeline: exact charges, predictive stop, refusal, dry run."""
 
 import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
 
 import pytest
 from conftest import TINY_RUN, compose_train
@@ -15,11 +22,22 @@ RUN = TINY_RUN + ["trainer.max_steps=4", "trainer.val_check_interval=2", "traine
 
 
 def _charges(ledger_path):
-    import sqlite3
-
     with sqlite3.connect(ledger_path) as conn:
         rows = conn.execute("SELECT kind, SUM(flops), SUM(steps) FROM charges GROUP BY kind").fetchall()
     return {kind: (flops, steps) for kind, flops, steps in rows}
+
+
+def _await_charges(ledger_path, steps: int, child) -> None:
+    """Wait until the training ``child`` has charged ``steps`` steps to the ledger."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and child.poll() is None:
+        try:
+            if ledger_path.exists() and _charges(ledger_path).get("train", (0, 0))[1] >= steps:
+                return
+        except sqlite3.OperationalError:  # the child has created the file but not yet its tables
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"the training child never charged {steps} steps (exit status {child.poll()})")
 
 
 def test_ledger_holds_exactly_what_ran(tiny_run):
@@ -119,13 +137,6 @@ def test_failed_run_is_marked_and_keeps_its_charges(sim_cache, tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_training_process_killed_with_sigkill_leaves_a_ledger_reconcile_repairs(sim_cache, tmp_path):
-    import os
-    import signal
-    import sqlite3
-    import subprocess
-    import sys
-    import time
-
     from conftest import ROOT
 
     ledger_path = tmp_path / "ledger.sqlite"
@@ -134,16 +145,7 @@ def test_training_process_killed_with_sigkill_leaves_a_ledger_reconcile_repairs(
            f"paths.cache_dir={sim_cache}", f"budget.ledger_path={ledger_path}", f"hydra.run.dir={tmp_path}/run"]
     child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # wait until training charges reach the ledger
-            try:
-                if ledger_path.exists() and _charges(ledger_path).get("train", (0, 0))[1] >= 5:
-                    break
-            except sqlite3.OperationalError:  # the child has created the file but not yet its tables
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail("the training child never charged 5 steps")
+        _await_charges(ledger_path, steps=5, child=child)
         os.kill(child.pid, signal.SIGKILL)
         child.wait(timeout=30)
     finally:
@@ -159,3 +161,37 @@ def test_training_process_killed_with_sigkill_leaves_a_ledger_reconcile_repairs(
     assert ledger.run_spent(run["id"]) == spent  # what it charged stays spent
     assert ledger.remaining() == ledger.budget - spent  # its unused reservation is released
     assert ledger.reconcile() == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="needs root and unshare -u")
+def test_a_run_on_another_host_is_released_only_when_quiet_or_forced_and_then_stops_charging(sim_cache, tmp_path):
+    # Was: `reconcile --run` released a live run of another host, which charged on: the ledger went below zero.
+    from conftest import ROOT
+
+    ledger_path, log = tmp_path / "ledger.sqlite", tmp_path / "train.log"
+    cmd = ["unshare", "-u", "sh", "-c", 'hostname lvforecast-other-host && exec "$@"', "sh", sys.executable,
+           str(ROOT / "train.py"), *TINY_RUN, "trainer.max_steps=100000", "trainer.val_check_interval=100000",
+           "budget.commit_every_n_steps=1", "budget.commit_min_interval_s=0", f"paths.cache_dir={sim_cache}",
+           f"budget.ledger_path={ledger_path}", f"hydra.run.dir={tmp_path}/run"]
+    reconcile = [sys.executable, "-m", "lvforecast", "budget", "reconcile", "--ledger", str(ledger_path), "--run", "1"]
+    with log.open("w") as err:
+        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        _await_charges(ledger_path, steps=3, child=child)
+        quiet = subprocess.run(reconcile, capture_output=True, text=True, timeout=120)
+        assert quiet.returncode == 1 and "less than --stale-after 3600 s: it may still be running" in quiet.stderr
+        forced = subprocess.run([*reconcile, "--force"], capture_output=True, text=True, timeout=120)
+        assert forced.returncode == 0 and "marked crashed: 1;" in forced.stdout, forced.stderr[-2000:]
+        spent = Ledger(ledger_path, budget=None).run_spent(1)
+        assert child.wait(timeout=120) == 1
+    finally:
+        if child.poll() is None:
+            child.kill()
+    stderr = log.read_text()
+    assert "was marked crashed by `lvforecast budget reconcile`" in stderr and "Traceback" not in stderr
+    ledger = Ledger(ledger_path, budget=None)
+    (run,) = ledger.runs()
+    assert run["host"] == "lvforecast-other-host" and run["status"] == "crashed"
+    assert ledger.run_spent(1) == spent  # nothing charged after the release
+    assert ledger.remaining() == ledger.budget - spent >= 0
