@@ -21,6 +21,10 @@ class UserError(ValueError):
     """A problem the user can fix; the message names the file / key / value, what was found and what is allowed."""
 
 
+class DivergedError(UserError):
+    """Training stopped on a non-finite loss: the run's status is ``diverged``, its FLOPs charged."""
+
+
 _OS_FIXES = {
     errno.ENOSPC: "the disk is full: free space or write elsewhere (paths.root_dir=...)",
     errno.EDQUOT: "the disk quota is exceeded: free space or write elsewhere (paths.root_dir=...)",

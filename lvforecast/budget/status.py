@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from lvforecast.errors import DivergedError
+
 
 class RunStatus(str, Enum):
     """A run's status; every member but :attr:`MISSING` can be a ledger row's (the schema's CHECK constraint)."""
@@ -17,6 +19,7 @@ class RunStatus(str, Enum):
     FAILED = "failed"
     REFUSED = "refused"  # its plan did not fit the budget; nothing was spent
     INTERRUPTED = "interrupted"  # stopped by SIGTERM/SIGINT; resumable from its checkpoint
+    DIVERGED = "diverged"  # stopped on a non-finite training loss
     MISSING = "missing"  # sweep-only: the job wrote no job_status.json (never ran, or was killed first)
 
     def __str__(self) -> str:
@@ -41,5 +44,8 @@ class RunOutcome:
 
 def exit_status(exc: BaseException) -> RunStatus:
     """The status of a run that raised ``exc``: ``interrupted`` when it was stopped from outside (a signal:
-    Lightning's ``SIGTERMException`` and every other ``SystemExit``, ``KeyboardInterrupt``), else ``failed``."""
+    Lightning's ``SIGTERMException`` and every other ``SystemExit``, ``KeyboardInterrupt``), ``diverged`` on a
+    :class:`~lvforecast.errors.DivergedError`, else ``failed``."""
+    if isinstance(exc, DivergedError):
+        return RunStatus.DIVERGED
     return RunStatus.INTERRUPTED if isinstance(exc, (SystemExit, KeyboardInterrupt)) else RunStatus.FAILED

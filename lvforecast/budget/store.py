@@ -20,13 +20,14 @@ from lvforecast.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Columns added after version 1, by the version that added them: an older file gets them (NULL in its old rows)
 # when it is next opened, so old ledgers keep opening. 2: the study and stage a run belongs to (Table 12).
 MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {2: (("runs", "study", "TEXT"), ("runs", "stage", "TEXT"))}
 # Versions that changed a table's CHECK constraint, which SQLite cannot alter: the table is rebuilt (copied into
-# the new definition, rows and ids unchanged). 3: the run status ``interrupted`` (a run stopped by SIGTERM/SIGINT).
-REBUILDS: dict[int, tuple[str, ...]] = {3: ("runs", "charges")}  # parents first
+# the new definition, rows and ids unchanged). 3: the run status ``interrupted`` (a run stopped by SIGTERM/SIGINT);
+# 4: ``diverged`` (a run stopped on a non-finite loss).
+REBUILDS: dict[int, tuple[str, ...]] = {3: ("runs", "charges"), 4: ("runs", "charges")}  # parents first
 # What a charge pays for: training steps, validation, test / predict batches and generation.
 Kind = Literal["train", "val", "test", "generate"]
 KINDS: tuple[Kind, ...] = get_args(Kind)

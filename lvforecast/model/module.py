@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from lvforecast.budget.shapes import HEADS, Head
 from lvforecast.data.encoding import ALPHABET
 from lvforecast.data.windows import IGNORE_INDEX
-from lvforecast.errors import UserError
+from lvforecast.errors import DivergedError, UserError
 from lvforecast.model.heads import AlphabetHead, LogitBias, decoder_stack
 from lvforecast.model.lora import count_parameters
 from lvforecast.validate import check_choice
@@ -158,6 +158,7 @@ class LoRAForecaster(pl.LightningModule):
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
         self._val_sums: torch.Tensor | None = None  # (loss sum, tokens, alphabet loss sum) of this validation
         self.last_validated_step: int | None = None  # the global step of the last validation (not sanity)
+        self._logged_loss: torch.Tensor | None = None  # the last logging step's loss, checked for divergence
         self.parameter_counts = counts = count_parameters(self)
         log.info("parameters: trainable %s, frozen %s (%.4f%% trainable)", f"{counts.trainable:,}",
                  f"{counts.frozen:,}", 100 * counts.trainable / (counts.trainable + counts.frozen))
@@ -204,12 +205,22 @@ class LoRAForecaster(pl.LightningModule):
         loss = loss_sum / n.clamp(min=1)
         self.tokens_seen += batch["attention_mask"].sum()
         if logging_step:
+            self._logged_loss = loss  # checked in on_train_batch_end
             size = batch["input_ids"].size(0)
             # Not prog_bar, which would read the value after every batch (a host sync; lvforecast.experiment.progress).
             self.log("train/loss", loss, batch_size=size)
             self.log("train/tokens_seen", self.tokens_seen.float(), batch_size=size)
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After the callbacks, so the FLOP budget has charged the step; at logging steps only, where the loggers read
+        # the loss anyway (no extra host sync).
+        loss, self._logged_loss = self._logged_loss, None
+        if loss is not None and not torch.isfinite(loss):
+            raise DivergedError(
+                f"train/loss is {loss.item()} at step {self.global_step}: training diverged, and the run stops here "
+                f"with its FLOPs charged (status diverged). Fix: a lower optim.lr, or trainer.gradient_clip_val")
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(3, device=self.device, dtype=torch.float64)

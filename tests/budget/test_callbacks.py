@@ -15,6 +15,7 @@ from conftest import TINY_RUN, compose_train
 from lvforecast.budget.formulas import forward_flops
 from lvforecast.budget.ledger import BudgetExceededError, Ledger
 from lvforecast.budget.shapes import Conventions, LoRASpec
+from lvforecast.errors import DivergedError
 from lvforecast.experiment.config import model_shape as planning_shape
 from lvforecast.experiment.train import train
 
@@ -133,6 +134,31 @@ def test_failed_run_is_marked_and_keeps_its_charges(sim_cache, tmp_path, monkeyp
     # Steps 1 and 2 completed (and step 2's validation of 2 batches) before step 3 raised.
     fwd = forward_flops(shape, 4, 96, LoRASpec(rank=4), Conventions()).total
     assert ledger.run_spent(run["id"]) == 2 * 3 * fwd + 2 * fwd
+
+
+def test_a_non_finite_loss_stops_the_run_as_diverged_with_its_flops_charged(sim_cache, tmp_path, monkeypatch):
+    # Was: a run whose loss went NaN trained on to its last step and finished (FLOPs charged for nothing).
+    from lvforecast.model.module import LoRAForecaster
+
+    original = LoRAForecaster._loss_sums
+
+    def nan_from_step_3(self, batch, **kwargs):  # the weights went bad at step 3 (validations read them too)
+        loss_sum, n, alphabet = original(self, batch, **kwargs)
+        return (loss_sum * float("nan") if self.global_step >= 2 else loss_sum), n, alphabet
+
+    monkeypatch.setattr(LoRAForecaster, "_loss_sums", nan_from_step_3)
+    cfg = compose_train(RUN + ["trainer.max_steps=8", "trainer.log_every_n_steps=2"], output_dir=tmp_path,
+                        cache_dir=sim_cache)
+    with pytest.raises(DivergedError, match=r"train/loss is nan at step 4: training diverged"):
+        train(cfg)  # the first logging step from step 3 on is step 4
+    ledger = Ledger(tmp_path / "ledger.sqlite", budget=None)
+    (run,) = ledger.runs()
+    assert run["status"] == "diverged"
+    assert json.loads((tmp_path / "run_info.json").read_text())["segments"][-1]["status"] == "diverged"
+    # Charged: 4 steps (step 4's too: the check runs after the budget charged it), and the validations before
+    # training and after step 2 (2 batches each).
+    fwd = forward_flops(planning_shape(cfg.model), 4, 96, LoRASpec(rank=4), Conventions()).total
+    assert ledger.run_spent(run["id"]) == 4 * 3 * fwd + 2 * 2 * fwd
 
 
 @pytest.mark.slow

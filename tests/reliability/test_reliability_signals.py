@@ -31,7 +31,7 @@ from conftest import ROOT, TINY_RUN, compose_train
 from lvforecast.budget import store
 from lvforecast.budget.ledger import Ledger, LedgerNotFoundError
 from lvforecast.cli import main as cli_main
-from lvforecast.errors import UserError
+from lvforecast.errors import DivergedError, UserError
 from lvforecast.experiment.signals import Interrupted, guarded, requeued_checkpoint
 from lvforecast.experiment.sweeps import run_recorded
 from lvforecast.experiment.sweeps.summary import summarize_command
@@ -187,9 +187,10 @@ def test_a_requeued_slurm_job_resumes_from_its_run_directory(sim_cache, tmp_path
 
 
 def _schema_v2(path: Path) -> None:
-    """A ledger as schema 2 wrote it: the runs CHECK without 'interrupted', one finished run with a charge."""
+    """A ledger as schema 2 wrote it: the runs CHECK without 'interrupted' and 'diverged', one finished run with a
+    charge."""
     conn = sqlite3.connect(path, isolation_level=None)
-    for statement in store.SCHEMA.replace(", 'interrupted'", "").split(";"):
+    for statement in store.SCHEMA.replace(", 'interrupted'", "").replace(", 'diverged'", "").split(";"):
         if statement.strip():
             conn.execute(statement)
     conn.execute("INSERT INTO study VALUES (1, 1000, 2, 0, 'old:1')")
@@ -200,25 +201,29 @@ def _schema_v2(path: Path) -> None:
     conn.close()
 
 
-def test_a_schema_2_ledger_migrates_keeping_its_runs_and_takes_interrupted(tmp_path):
+def test_a_schema_2_ledger_migrates_keeping_its_runs_and_takes_interrupted_and_diverged(tmp_path):
     path = tmp_path / "ledger.sqlite"
     _schema_v2(path)
     old = sqlite3.connect(path, isolation_level=None)
-    with pytest.raises(sqlite3.IntegrityError):  # the old CHECK refuses the new status
-        old.execute("UPDATE runs SET status = 'interrupted'")
+    for status in ("interrupted", "diverged"):
+        with pytest.raises(sqlite3.IntegrityError):  # the old CHECK refuses the new statuses
+            old.execute("UPDATE runs SET status = ?", (status,))
     old.close()
     ledger = Ledger(path, budget=None)
     conn = sqlite3.connect(path)
-    assert conn.execute("SELECT schema_version FROM study").fetchone()[0] == store.SCHEMA_VERSION == 3
+    assert conn.execute("SELECT schema_version FROM study").fetchone()[0] == store.SCHEMA_VERSION == 4
     assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'runs_status'").fetchone() == ("runs_status",)
     conn.close()
     run = ledger.open_run("new", 100)
     ledger.charge(run, "train", 40)
     with pytest.raises(SystemExit), ledger.hold(run):
         raise SystemExit(143)
+    run = ledger.open_run("nan", 100)
+    with pytest.raises(DivergedError), ledger.hold(run):
+        raise DivergedError("train/loss is nan")
     runs = ledger_consistent(path)
     assert [(r["id"], r["name"], r["status"], r["charged_flops"], r["stage"]) for r in runs] == [
-        (1, "old", "finished", 10, "lr_rank"), (2, "new", "interrupted", 40, None)]
+        (1, "old", "finished", 10, "lr_rank"), (2, "new", "interrupted", 40, None), (3, "nan", "diverged", 0, None)]
     assert ledger.remaining() == 1000 - 50
     Ledger(path, budget=None)  # a second open finds nothing to migrate
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, open_dict
 
 from lvforecast.atomic import write_text
 from lvforecast.budget.ledger import BudgetExceededError
-from lvforecast.budget.status import COMPLETED, RunStatus
+from lvforecast.budget.status import COMPLETED, RunStatus, exit_status
 from lvforecast.experiment.rundir import read_json
 from lvforecast.experiment.sweeps.jobs import STATUS_FILE
 from lvforecast.experiment.sweeps.summary import SUMMARY_MD, summarize_sweep
@@ -94,7 +94,7 @@ def run_recorded(cfg: DictConfig, task: Any) -> Any:
                         sum(r["status"] in COMPLETED for r in rows), len(rows))
         raise
     except Exception as err:  # noqa: BLE001 - recorded, logged, and reported by the summary
-        status = RunStatus.REFUSED if isinstance(err, BudgetExceededError) else RunStatus.FAILED
+        status = RunStatus.REFUSED if isinstance(err, BudgetExceededError) else exit_status(err)
         log.exception("job %s %s", hc.job.num, status)
         _write(out, {**record, "status": status, "error": f"{type(err).__name__}: {err}",
                      "traceback": traceback.format_exc()})
