@@ -229,17 +229,12 @@ def token_counts(model_cfg: DictConfig, texts: list[str]) -> list[int]:
     return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
-def schedule_of(tr: DictConfig, epoch_batches: int | None, max_steps: int) -> Schedule:
+def schedule_of(tr: DictConfig, epoch_batches: int) -> Schedule:
     """The :class:`Schedule` Lightning will run for ``trainer`` settings and an epoch of ``epoch_batches``;
-    UserError for an interval longer than an epoch, or one needing the epoch's length when it is unknown (None)."""
+    UserError for an interval longer than an epoch."""
     accum = tr.get("accumulate_grad_batches") or 1
     interval = trainer_setting(tr, "val_check_interval")
     every = tr.get("check_val_every_n_epoch")
-    if epoch_batches is None:
-        if isinstance(interval, float) or every is not None:
-            raise UserError("a fractional trainer.val_check_interval or check_val_every_n_epoch needs the number "
-                            "of training batches per epoch to be planned")
-        epoch_batches = max_steps * accum + 1  # the run never reaches an epoch's end
     vcb = interval if isinstance(interval, int) else max(1, int(epoch_batches * interval))
     if every is not None and vcb > epoch_batches:
         raise UserError(f"trainer.val_check_interval={interval!r} is more than the {epoch_batches} training "
@@ -267,7 +262,7 @@ def run_shape(cfg: DictConfig, val_shapes: list[list[tuple[int, int]]], train_ro
         val_shapes=[shapes[: limit if isinstance(limit, int) else int(len(shapes) * limit)] for shapes in val_shapes],
         sanity_shapes=[shapes if sanity == -1 else shapes[:sanity] for shapes in val_shapes],
         validate_before=bool(cfg.get("validate_before_training")) and not resumed,
-        schedule=schedule_of(tr, len(train_rows), tr.max_steps), max_steps=int(tr.max_steps), start_step=start_step,
+        schedule=schedule_of(tr, len(train_rows)), max_steps=int(tr.max_steps), start_step=start_step,
         planned_eval=int(cfg.budget.planned_eval_flops))
 
 

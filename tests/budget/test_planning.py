@@ -90,7 +90,7 @@ def test_the_schedule_matches_lightnings_loop(accumulate, interval, every):
         else:  # right after step's last micro-batch
             seen[step][1] += 1
             seen[step][2] = 1
-    schedule = schedule_of(OmegaConf.create(settings), epoch_batches=10, max_steps=max_steps)
+    schedule = schedule_of(OmegaConf.create(settings), epoch_batches=10)
     for k in range(1, max_steps + 1):
         count, at_end = schedule.validations(k)
         assert (schedule.batches(k), count, int(at_end)) == tuple(seen[k]), k
