@@ -172,7 +172,7 @@ def test_run_statuses_are_one_enum_that_reads_back_as_the_stored_strings(tmp_pat
 
     # The schema's CHECK constraint is written from the enum, so the stored set is the enum's ledger statuses.
     check = "CHECK (status IN ('running', 'finished', 'budget_exhausted', 'crashed', 'failed', 'refused', "
-    assert check + "'interrupted'))" in store.table_sql("runs")
+    assert check + "'interrupted', 'diverged'))" in store.table_sql("runs")
     assert RunStatus.MISSING not in RUN_STATUSES and set(COMPLETED) <= set(FINISH_STATUSES) <= set(RUN_STATUSES)
     ledger = _ledger(tmp_path)
     run = ledger.open_run("a", 10)
