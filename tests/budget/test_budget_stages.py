@@ -31,7 +31,7 @@ def test_a_schema_1_ledger_still_opens_and_is_migrated(tmp_path):
     _schema_v1(path, 1000)
     ledger = Ledger(path, budget=None)
     conn = sqlite3.connect(path)
-    assert conn.execute("SELECT schema_version FROM study").fetchone()[0] == store.SCHEMA_VERSION == 3
+    assert conn.execute("SELECT schema_version FROM study").fetchone()[0] == store.SCHEMA_VERSION == 4
     assert {"study", "stage"} <= {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
     conn.close()
     run = ledger.open_run("new", 100, study="tiny", stage="default")
