@@ -28,6 +28,13 @@ def _charges(ledger_path):
     return {kind: (flops, steps) for kind, flops, steps in rows}
 
 
+def _can_unshare_uts() -> bool:
+    """Whether this machine lets a child process take a hostname of its own (root, and a kernel that allows it)."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        return False
+    return subprocess.run(["unshare", "-u", "true"], capture_output=True).returncode == 0
+
+
 def _await_charges(ledger_path, steps: int, child) -> None:
     """Wait until the training ``child`` has charged ``steps`` steps to the ledger."""
     deadline = time.monotonic() + 120
@@ -190,7 +197,7 @@ def test_training_process_killed_with_sigkill_leaves_a_ledger_reconcile_repairs(
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="needs root and unshare -u")
+@pytest.mark.skipif(not _can_unshare_uts(), reason="needs root and a working unshare -u (a hostname of its own)")
 def test_a_run_on_another_host_is_released_only_when_quiet_or_forced_and_then_stops_charging(sim_cache, tmp_path):
     # Was: `reconcile --run` released a live run of another host, which charged on: the ledger went below zero.
     from conftest import ROOT
