@@ -144,7 +144,9 @@ def test_a_search_stage_through_joblib_runs_jobs_side_by_side_and_charges_as_the
     # Each job is charged what the sweep's plan prices it at, whichever launcher runs it: the basic launcher's charges
     # are that plan (the end-to-end study above runs every stage through it, planned = charged), so joblib's are
     # compared with the plan, made here in-process, instead of with a second, basic-launcher study.
-    stage = "study.stages=[{name: lr_rank, kind: search, space: {lora.r: [2, 8]}, overrides: ['trainer.max_steps=3']}]"
+    # 40 steps: long enough that neither job ends before the other, whose worker imports for ~10 s, has started.
+    stage = ("study.stages=[{name: lr_rank, kind: search, space: {lora.r: [2, 8]}, "
+             "overrides: ['trainer.max_steps=40', 'trainer.val_check_interval=40']}]")
     out = tmp_path / "joblib"
     overrides = ["study=tiny", stage, f"study_dir={out}", f"paths.cache_dir={sim_cache}", "study.launcher=joblib",
                  "study.launcher_options={n_jobs: 2}"]

@@ -259,8 +259,10 @@ def test_a_failing_job_is_recorded_and_the_summary_still_written(sim_cache, tmp_
 @pytest.mark.slow
 def test_submitit_local_jobs_run_in_parallel_against_one_ledger(sim_cache, tmp_path):
     ledger, sweep = tmp_path / "ledger.sqlite", tmp_path / "sweep"
-    # Two jobs (one worker process each) show parallel jobs against one ledger as well as three did.
-    res = multirun([*TINY, "lora.r=2,8", "sweep_name=submitit", "hydra/launcher=submitit_local",
+    # Two jobs (one worker process each) show parallel jobs against one ledger as well as three did. 60 steps, not
+    # 3: each worker imports for ~10 s before it reserves, and a 3-step job could end before the other one started.
+    res = multirun([*TINY, "trainer.max_steps=60", "trainer.val_check_interval=60", "lora.r=2,8",
+                    "sweep_name=submitit", "hydra/launcher=submitit_local",
                     f"budget.ledger_path={ledger}", f"hydra.sweep.dir={sweep}"], tmp_path, sim_cache)
     assert res.returncode == 0, res.stderr[-3000:]
     led = Ledger(ledger, budget=None)
