@@ -5,11 +5,15 @@ a re-run skips finished stages. `python study.py study=coursework dry_run=true` 
 """
 
 import logging
+from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from lvforecast.atomic import hold_folder
 from lvforecast.errors import run_entry
+from lvforecast.experiment.rundir import write_hydra_files
 from lvforecast.experiment.study import run_study
 
 
@@ -17,7 +21,9 @@ from lvforecast.experiment.study import run_study
 def main(cfg: DictConfig) -> None:
     """Run (or with ``dry_run=true`` plan) the study ``cfg.study``."""
     logging.getLogger("lvforecast").setLevel(logging.INFO)
-    run_study(cfg)
+    write_hydra_files(Path(HydraConfig.get().runtime.output_dir), cfg)  # this launch's own folder
+    with hold_folder(cfg.study_dir, "study_dir"):  # one study process at a time writes the study's folder
+        run_study(cfg)
 
 
 if __name__ == "__main__":

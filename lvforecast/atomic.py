@@ -8,9 +8,13 @@ keeps the previous file and raises one :class:`~lvforecast.errors.UserError` nam
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -89,6 +93,52 @@ def check_writable(folder: str | Path, key: str = "paths.output_dir") -> None:
         raise UserError(f"{key}={str(folder)!r}: cannot write into this folder ({cause}); {fix}") from err
 
 
+LOCK_FILE = ".lvforecast.lock"  # in a folder being written: who writes it (docs/reliability.md, one writer per folder)
+
+
+@contextlib.contextmanager
+def hold_folder(folder: str | Path, key: str = "paths.output_dir") -> Iterator[Path]:
+    """Hold ``folder`` (created if missing) as its one writer until the block ends: an exclusive ``flock`` on its
+    :data:`LOCK_FILE`, which names this process (host, boot id, pid, start time). The kernel drops the lock when the
+    process dies, so a killed writer's leftover file is taken over; a live one refuses the second writer.
+
+    Raises:
+        UserError: Another live process holds the folder (named from its lock file), or it cannot be written.
+    """
+    from lvforecast.budget.liveness import boot_id
+
+    folder = Path(folder)
+    check_writable(folder, key)
+    path = folder / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raw = os.read(fd, 4096).decode(errors="replace")
+            os.close(fd)
+            try:
+                holder = "pid {pid} on {host}, since {started}".format(**json.loads(raw))
+            except (ValueError, KeyError, TypeError):  # it has not written its name yet
+                holder = raw.strip() or "a process starting up"
+            raise UserError(f"{key}={str(folder)!r} is being written by another process ({holder}): one writer per "
+                            f"folder, so this one wrote nothing there; wait for it to end, or choose another "
+                            f"folder") from None
+        with contextlib.suppress(OSError):  # the holder removed the file as we opened it: lock the new one
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"host": socket.gethostname(), "boot_id": boot_id(), "pid": os.getpid(),
+                             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode())
+    try:
+        yield folder
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (see :func:`atomic_writer`)."""
     with atomic_writer(path, "w") as fh:
@@ -158,8 +208,6 @@ def read_state(path: str | Path, fix: str) -> dict[str, Any]:
         UserError: It cannot be read, is empty or torn (a crash or a full disk before this writer existed), or is
             not a JSON object: the path, what was found and ``fix`` (what to do).
     """
-    import json
-
     try:
         data = json.loads(Path(path).read_text())
     except OSError as err:

@@ -33,7 +33,7 @@ from lvforecast.errors import UserError
 from lvforecast.evaluation.metrics import POINT_METRICS, crps_samples, evaluate_forecasts, interval_coverage
 from lvforecast.experiment.config import check_evaluate_config, pricing_of, token_counts
 from lvforecast.experiment.runconfig import read_run_config
-from lvforecast.experiment.rundir import ledger_name
+from lvforecast.experiment.rundir import RUN_FILES, ledger_name, write_hydra_files
 from lvforecast.machine import check_machine
 from lvforecast.threads import torch_threads
 from lvforecast.tracking import log_evaluation
@@ -67,8 +67,7 @@ class _Forecasts:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation described by ``conf/evaluate.yaml`` and return its headline metrics."""
     check_evaluate_config(cfg)  # every bad key fails before anything is written or loaded
-    out = Path(cfg.paths.output_dir)
-    check_writable(out)  # a read-only folder is named now, not after the forecasts were paid for
+    out = _claim(cfg, Path(cfg.paths.output_dir))
     source = _source(cfg)
     if not cfg.budget.dry_run:  # the GPU and the weights it needs, here (a study's plan may be made elsewhere)
         check_machine(source.model, device=cfg.device)
@@ -97,6 +96,19 @@ def plan_generation(cfg: DictConfig, trained: DictConfig | None = None) -> int:
     check_evaluate_config(cfg)
     source = _source(cfg) if trained is None else _Source(trained.model, trained.data, trained.lora)
     return _generation_plan(cfg, source, _load(cfg, source))[0].total
+
+
+def _claim(cfg: DictConfig, out: Path) -> Path:
+    """``out``, checked writable now (not after the forecasts were paid for) and refused if it holds a training
+    run's or a finished evaluation's files: an evaluation writes only into a folder of its own."""
+    check_writable(out)
+    if found := [name for name in (*RUN_FILES, "metrics.json") if (out / name).exists()]:
+        what = "an evaluation" if found == ["metrics.json"] else "a training run"
+        raise UserError(f"paths.output_dir={str(out)!r} holds {what} ({', '.join(found)}): an evaluation writes "
+                        f"only into a folder of its own; leave hydra.run.dir unset (each evaluation gets a new "
+                        f"outputs/evaluate/<time>_<pid>-<hex>) or choose a new folder")
+    write_hydra_files(out, cfg)
+    return out
 
 
 def _source(cfg: DictConfig) -> _Source:

@@ -101,6 +101,15 @@ def claim(cfg: DictConfig, out: Path) -> dict[str, Any] | None:
         f"or choose a new one")
 
 
+def write_hydra_files(out: Path, cfg: DictConfig) -> None:
+    """Write what Hydra writes into ``out/.hydra/`` (the composed config, Hydra's own and the overrides), once the
+    run has claimed ``out``: ``conf/hydra/default.yaml`` turns Hydra's early writing off."""
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        for name, node in (("config.yaml", cfg), ("hydra.yaml", {"hydra": hc}), ("overrides.yaml", hc.overrides.task)):
+            write_text(out / ".hydra" / name, OmegaConf.to_yaml(node))
+
+
 def metrics_history(out: Path, upto_step: int) -> tuple[list[str], list[dict[str, str]]]:
     """The header and rows of ``out/metrics.csv`` of optimizer steps 1..``upto_step`` (a resume redoes the later
     ones); UserError if it exists but is not a readable CSV."""
@@ -181,10 +190,12 @@ class RunDir:
 
     @classmethod
     def open(cls, cfg: DictConfig, start_step: int, lead: bool) -> RunDir:
-        """Claim ``paths.output_dir`` (refusing another run's) and write the resolved ``config.yaml``."""
+        """Claim ``paths.output_dir`` (never another run's), write ``.hydra/`` and the resolved ``config.yaml``."""
         out = Path(cfg.paths.output_dir)
         run = cls(out, lead, start_step, claim(cfg, out) if lead else None)
         out.mkdir(parents=True, exist_ok=True)
+        if lead:
+            write_hydra_files(out, cfg)
         run.write("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         return run
 

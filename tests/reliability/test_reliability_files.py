@@ -24,6 +24,7 @@ from conftest import CONF, ROOT, TINY_RUN, assert_one_error, compose_train
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
+from lvforecast.atomic import LOCK_FILE, hold_folder
 from lvforecast.budget.ledger import Ledger
 from lvforecast.errors import UserError
 from lvforecast.experiment import rundir
@@ -37,9 +38,9 @@ RUN_FILES = ("config.yaml", "split.json", "run_info.json", "metrics.csv", "loss_
 
 
 def digest(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` except Hydra's own ``.hydra/`` and job log."""
+    """sha256 of every file under ``folder``, Hydra's ``.hydra/`` and the job log included."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
-            if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"}
+            if p.is_file()}
 
 
 def temporaries(folder: Path) -> list[Path]:
@@ -73,7 +74,11 @@ def run8(sim_cache, tmp_path_factory) -> Path:
 
 
 def copy_run(run: Path, dest: Path) -> Path:
+    """A copy of ``run`` with what Hydra's launch adds (``run8`` is made in-process): ``.hydra/`` and a job log."""
     shutil.copytree(run, dest)
+    for name in (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "train.log"):
+        (dest / name).parent.mkdir(exist_ok=True)
+        (dest / name).write_text(f"the first run's {name}\n")
     return dest
 
 
@@ -177,6 +182,63 @@ def test_a_resume_from_its_own_checkpoint_may_use_its_directory(run8, sim_cache,
     cfg = compose_train(STEPS + ["trainer.max_steps=12", f"ckpt_path={out}/checkpoints/last.ckpt"], output_dir=out,
                         cache_dir=sim_cache)
     assert rundir.claim(cfg, out)["final"]["global_step"] == 8  # a resume, given the run's run_info.json
+
+
+def _second_writer(script: str, folder: Path, run8: Path, sim_cache: Path, tmp_path: Path) -> list[str]:
+    """The command line of a second writer of ``folder``: a run, an evaluation, a sweep or a study."""
+    tiny = [*TINY_RUN, "trainer.max_steps=2", f"paths.cache_dir={sim_cache}",
+            f"budget.ledger_path={tmp_path / 'ledger.sqlite'}"]
+    return {"train": ["train.py", *tiny, f"hydra.run.dir={folder}"],
+            "evaluate": ["evaluate.py", f"run_dir={run8}", "budget.dry_run=true", f"hydra.run.dir={folder}"],
+            "sweep": ["train.py", "-m", *tiny, "seed=1,2", f"hydra.sweep.dir={folder}"],
+            "study": ["study.py", "study=tiny", f"study_dir={folder}", f"paths.cache_dir={sim_cache}"]}[script]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("writer", ["train", "evaluate", "sweep", "study"])
+def test_a_second_writer_of_a_live_folder_is_refused_and_touches_nothing(writer, run8, sim_cache, tmp_path):
+    # The first writer is this test process, holding the folder as train/evaluate/sweeps/studies do; the folder
+    # holds a finished run's files (and Hydra's .hydra/ and log), so any write by the second would show.
+    folder = copy_run(run8, tmp_path / "held")
+    with hold_folder(folder):
+        before = digest(folder)
+        script, *args = _second_writer(writer, folder, run8, sim_cache, tmp_path)
+        proc = cli(script, args, tmp_path)
+        assert digest(folder) == before  # .hydra/, the log, config, checkpoint, adapter: byte-identical
+    assert_one_error(proc, str(folder), "being written by another process", f"pid {os.getpid()} on ",
+                     "one writer per folder")
+    assert not (tmp_path / "ledger.sqlite").exists()  # refused before anything was reserved
+    assert not (folder / LOCK_FILE).exists()  # the holder removes its lock file when it ends
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("holds", ["the run it evaluates", "an earlier evaluation"])
+def test_an_evaluation_never_writes_into_a_runs_or_an_earlier_evaluations_folder(holds, run8, tmp_path):
+    run = copy_run(run8, tmp_path / "run")
+    folder = run if holds == "the run it evaluates" else tmp_path / "eval"
+    if folder != run:
+        folder.mkdir()
+        (folder / "metrics.json").write_text('{"model": {}}')
+        (folder / ".hydra").mkdir()
+        (folder / ".hydra" / "overrides.yaml").write_text("- run_dir=elsewhere\n")
+    before = digest(folder)
+    proc = cli("evaluate.py", [f"run_dir={run}", "budget.dry_run=true", f"hydra.run.dir={folder}"], tmp_path)
+    kind = "a training run" if folder == run else "an evaluation"
+    assert_one_error(proc, f"paths.output_dir='{folder}' holds {kind}", "a folder of its own")
+    assert digest(folder) == before
+
+
+def test_a_folder_is_held_by_one_writer_and_a_dead_writers_lock_is_taken_over(tmp_path):
+    stale = tmp_path / "out" / LOCK_FILE
+    stale.parent.mkdir()
+    stale.write_text('{"host": "vm", "boot_id": null, "pid": 999999999, "started": "2020"}')  # killed: no flock
+    with hold_folder(tmp_path / "out", "hydra.run.dir") as folder:
+        assert json.loads(stale.read_text())["pid"] == os.getpid()
+        with pytest.raises(UserError, match=rf"hydra.run.dir='{folder}' is being written by another process "
+                                            rf"\(pid {os.getpid()} on "):
+            with hold_folder(folder, "hydra.run.dir"):  # a second open file: flock refuses it like another process
+                pass
+    assert not stale.exists()
 
 
 # ---------------------------------------------------------------- 2. atomic artifacts
@@ -295,7 +357,7 @@ def test_a_full_disk_keeps_the_previous_artifact(artifact, run8, tmp_path, monke
 def test_the_adapter_folder_is_swapped_in_whole(run8, tmp_path):
     from lvforecast.atomic import atomic_dir
 
-    target = copy_run(run8 / "adapter", tmp_path / "adapter")
+    target = Path(shutil.copytree(run8 / "adapter", tmp_path / "adapter"))
     with pytest.raises(RuntimeError, match="killed"), atomic_dir(target) as tmp:
         (tmp / "adapter_config.json").write_text("{}")
         raise RuntimeError("killed while saving")
@@ -374,7 +436,7 @@ def test_a_truncated_checkpoint_is_named_not_unpickled(run8, sim_cache, tmp_path
     assert "weights_only=False" not in first
     assert ckpt.read_bytes() == before
     assert not ledger.exists()  # refused before anything was reserved
-    assert digest(tmp_path / "resumed") == {}  # nothing of a run written (Hydra's own .hydra/ only)
+    assert list(digest(tmp_path / "resumed")) == ["train.log"]  # nothing of a run written, not even .hydra/
 
 
 @pytest.mark.parametrize("content", ["foreign", "no_step", "garbage"])

@@ -7,6 +7,7 @@ recorded result and one stopped part-way continues from its checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import traceback
@@ -15,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lvforecast.atomic import write_text
+from lvforecast.atomic import hold_folder, write_text
 from lvforecast.budget.ledger import BudgetExceededError
 from lvforecast.budget.status import COMPLETED, RunStatus, exit_status
+from lvforecast.errors import UserError
 from lvforecast.experiment.rundir import read_json
 from lvforecast.experiment.sweeps.jobs import STATUS_FILE
 from lvforecast.experiment.sweeps.summary import SUMMARY_MD, summarize_sweep
@@ -50,13 +53,46 @@ def earlier_run(out: Path, overrides: list[str]) -> EarlierRun:
     return EarlierRun(checkpoint=ckpt if ckpt.is_file() else None)
 
 
+class SweepClaim(Callback):
+    """Hold a multirun's sweep directory as its one writer (:func:`~lvforecast.atomic.hold_folder`) from before the
+    pre-flight writes ``plan.csv`` until the summary is written (callbacks end in reverse order)."""
+
+    def __init__(self) -> None:
+        self._held = contextlib.ExitStack()
+
+    def __getstate__(self) -> dict[str, Any]:  # joblib / submitit send the callbacks to workers: the lock stays here
+        return {}
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if OmegaConf.select(config, "budget.dry_run"):  # a dry run writes nothing
+            return
+        try:
+            self._held.enter_context(hold_folder(config.hydra.sweep.dir, "hydra.sweep.dir"))
+        except UserError as err:  # Hydra turns a callback's exception into a warning; SystemExit stops the multirun
+            raise SystemExit(f"error: {err}") from None
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._held.close()
+
+
 def run_recorded(cfg: DictConfig, task: Any) -> Any:
-    """Run ``task(cfg)`` under a signal guard; in a multirun, record how it ended in ``job_status.json``.
+    """Run ``task(cfg)`` under a signal guard, holding its output directory as its one writer (the lead rank: the
+    others write nothing there); in a multirun, record how it ended in ``job_status.json``.
 
     Returns:
         What ``task`` returned (or an earlier launch recorded); None when it raised in a multirun (recorded
         ``failed``, or ``refused`` for a budget refusal). Outside a multirun exceptions propagate.
     """
+    if not HydraConfig.initialized():
+        return _run(cfg, task)
+    from lvforecast.experiment.train import distributed_rank
+
+    lead = "trainer" not in cfg or distributed_rank(cfg) == 0  # an evaluation is one process
+    with hold_folder(HydraConfig.get().runtime.output_dir) if lead else contextlib.nullcontext():
+        return _run(cfg, task)
+
+
+def _run(cfg: DictConfig, task: Any) -> Any:
     from lvforecast.experiment.signals import Interrupted, guarded
 
     if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
