@@ -115,12 +115,8 @@ def hold_folder(folder: str | Path, key: str = "paths.output_dir") -> Iterator[P
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raw = os.read(fd, 4096).decode(errors="replace")
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "a process starting up"
             os.close(fd)
-            try:
-                holder = "pid {pid} on {host}, since {started}".format(**json.loads(raw))
-            except (ValueError, KeyError, TypeError):  # it has not written its name yet
-                holder = raw.strip() or "a process starting up"
             raise UserError(f"{key}={str(folder)!r} is being written by another process ({holder}): one writer per "
                             f"folder, so this one wrote nothing there; wait for it to end, or choose another "
                             f"folder") from None
@@ -129,8 +125,8 @@ def hold_folder(folder: str | Path, key: str = "paths.output_dir") -> Iterator[P
                 break
         os.close(fd)
     os.ftruncate(fd, 0)
-    os.write(fd, json.dumps({"host": socket.gethostname(), "boot_id": boot_id(), "pid": os.getpid(),
-                             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode())
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} (boot id {boot_id()}), since "
+                 f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}".encode())
     try:
         yield folder
     finally:
