@@ -30,7 +30,6 @@ VALUE_SEP = ","
 #: Names of the two variables, in the order of a series' last axis.
 VARIABLES: tuple[str, str] = ("prey", "predator")
 
-# The study's rule: x / 5 * 10, i.e. divide by 0.5.
 STUDY_SCALE = 0.5
 STUDY_DECIMALS = 3
 

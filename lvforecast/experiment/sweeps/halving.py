@@ -42,7 +42,6 @@ def schedule(n_configs: int, min_steps: int, max_steps: int, eta: int = 3, step_
     while rungs[-1].steps < max_steps:
         last = rungs[-1]
         size = max(last.size // eta, 1)
-        # The last configuration left trains straight to the maximum.
         steps = max_steps if size == 1 else min(last.steps * eta, max_steps)
         rungs.append(Rung(index=len(rungs), steps=steps, start=last.steps, size=size))
     bad = [r.steps for r in rungs if r.steps % step_multiple]
