@@ -3,17 +3,15 @@ chart (no pyplot state; matplotlib is imported only to draw it) and the ``lvfore
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lvforecast.atomic import save_figure, write_text
 from lvforecast.budget.ledger import Ledger
 from lvforecast.budget.ledger import format_flops as _fmt
 from lvforecast.validate import markdown_cell
-
-logger = logging.getLogger(__name__)
 
 REPORT_MD = "report.md"
 REPORT_PNG = "budget_report.png"
@@ -146,22 +144,15 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     ax_total.set_title(f"spent {_fmt_share(t['share'])}\nremaining {_fmt(report['remaining'])}", fontsize=9)
     ax_total.legend(loc="upper right", fontsize=7)
     fig.suptitle(f"FLOP budget: {_fmt(t['total'])} of {_fmt(budget)} spent")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    return out
+    return save_figure(fig, path, dpi=120)
 
 
 def write_report_files(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
     """Write ``report.md`` and ``budget_report.png`` of a :meth:`Ledger.report` into ``out_dir`` (created if
-    missing); the two paths."""
+    missing, as each file is written atomically); the two paths."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    md = out / REPORT_MD
-    md.write_text(format_report_markdown(report))
-    png = plot_report(report, out / REPORT_PNG)
-    logger.debug("wrote %s and %s", md, png)
-    return md, png
+    md = write_text(out / REPORT_MD, format_report_markdown(report))
+    return md, plot_report(report, out / REPORT_PNG)
 
 
 def format_runs(ledger: Ledger, runs: list[dict[str, Any]]) -> str:
