@@ -6,7 +6,6 @@ batch is charged as ``generate``.
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import logging
@@ -20,7 +19,7 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lvforecast.atomic import atomic_writer, check_writable, write_text
+from lvforecast.atomic import atomic_writer, check_writable, write_csv, write_text
 from lvforecast.budget.formulas import generation_flops
 from lvforecast.budget.ledger import Ledger
 from lvforecast.budget.planning import GenerationPlan, Pricing
@@ -313,12 +312,8 @@ def _keep(path: Path, inputs: EvaluationInputs, examples: list[int], forecast: n
 def _write_per_system(path: Path, inputs: EvaluationInputs, classes: list[str], methods: dict[str, Any],
                       steps_parsed: list[int]) -> None:
     """One row per system and method: class, scale, parsed steps (model) and encoded point metrics."""
-    with atomic_writer(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["system", "class", "scale", "method", "steps_parsed"]
-                        + [f"{k}_{v}_encoded" for k in POINT_METRICS for v in VARIABLES])
-        for i, system in enumerate(inputs.systems):
-            for method, m in methods.items():
-                parsed = steps_parsed[i] if method == "model" else ""
-                writer.writerow([system, classes[i], inputs.scales[i], method, parsed]
-                                + [m["encoded"]["per_system"][k][i][j] for k in POINT_METRICS for j in range(2)])
+    write_csv(path, [{"system": system, "class": classes[i], "scale": inputs.scales[i], "method": method,
+                      "steps_parsed": steps_parsed[i] if method == "model" else "",
+                      **{f"{k}_{v}_encoded": m["encoded"]["per_system"][k][i][j] for k in POINT_METRICS
+                         for j, v in enumerate(VARIABLES)}}
+                     for i, system in enumerate(inputs.systems) for method, m in methods.items()])
