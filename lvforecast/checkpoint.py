@@ -18,16 +18,12 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from lvforecast.atomic import atomic_writer
-from lvforecast.errors import UserError
+from lvforecast.errors import UserError, first_line
 from lvforecast.experiment.signals import active_guard
 
 log = logging.getLogger(__name__)
 
 _FIX = "fix: resume from an intact checkpoint (a run keeps checkpoints/last.ckpt), or start a new run without ckpt_path"
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
@@ -52,14 +48,14 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
                             f"which only a trusted file may unpickle (lvforecast checkpoints hold tensors and plain "
                             f"values); {_FIX}") from err
         detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(err))
-        cause = detail.group(1) if detail else _first_line(err)
+        cause = detail.group(1) if detail else first_line(err)
         raise UserError(f"{head}: not a readable checkpoint (torn or corrupt: {cause[:160]}); {_FIX}") from err
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, AttributeError, KeyError, OSError) as err:
         if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOENT):
             raise UserError(f"{head}: cannot read it ({err.strerror or err}); {_FIX}") from err
         # Any other OSError is a torn file too: torch reads a truncated zip archive (a full disk's last.ckpt) as EINVAL.
         raise UserError(f"{head}: not a readable checkpoint (truncated or corrupt: {type(err).__name__}: "
-                        f"{_first_line(err)[:160]}); {_FIX}") from err
+                        f"{first_line(err)[:160]}); {_FIX}") from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
         found = sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f"{head}: not a Lightning checkpoint (found {found}, need state_dict and global_step); {_FIX}")

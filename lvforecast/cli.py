@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import os
-import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -175,14 +174,7 @@ def _budget(args: argparse.Namespace) -> int:
     from lvforecast.budget.status import RunStatus
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    path = args.ledger if args.ledger is not None else default_ledger_path()
-    try:
-        ledger = Ledger(path, budget=None, journal_mode=args.journal_mode)
-        ids = ledger.reconcile(args.run, args.stale_after, args.force) if args.action == "reconcile" else []
-    except (FileNotFoundError, ValueError, sqlite3.DatabaseError) as err:
-        text = f"{path} is not a usable ledger: {err}" if isinstance(err, sqlite3.DatabaseError) else err
-        print(f"error: {text}", file=sys.stderr)
-        return 1
+    ledger = Ledger(args.ledger or default_ledger_path(), budget=None, journal_mode=args.journal_mode)
     if args.action == "report":
         report = ledger.report()
         md, png = write_report_files(report, args.out if args.out is not None else ledger.path.parent)
@@ -192,7 +184,7 @@ def _budget(args: argparse.Namespace) -> int:
             print(format_report_markdown(report), end="")
             print(f"wrote {md} and {png}", file=sys.stderr)
     elif args.action == "reconcile":
-        remaining = ledger.remaining()
+        ids, remaining = ledger.reconcile(args.run, args.stale_after, args.force), ledger.remaining()
         print(json.dumps({RunStatus.CRASHED: ids, "remaining": remaining}) if args.json
               else f"marked crashed: {', '.join(map(str, ids)) or 'none'}; remaining {format_flops(remaining)}")
     else:

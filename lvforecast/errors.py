@@ -37,6 +37,11 @@ _OS_FIXES = {
 }
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message (200 characters at most), or its type's name when it has none."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
 def describe(exc: BaseException) -> str | None:
     """The one message for a user error, or None when ``exc`` is a bug (it keeps its traceback): an OS error on a
     named path reads ``path: cause; fix``; a Hydra composition / override or OmegaConf key/type error, its message;

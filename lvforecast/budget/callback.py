@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 
-from lvforecast.budget.ledger import Kind, ReservationReleasedError
+from lvforecast.budget.ledger import Kind, LedgerBusyError, ReservationReleasedError
 from lvforecast.budget.reservation import Reservation
 
 log = logging.getLogger(__name__)
@@ -67,15 +67,24 @@ class FlopBudget(pl.Callback):
             self._forward_cache[batch, seq_len] = self.pricing.forward(batch, seq_len)
         return self._forward_cache[batch, seq_len]
 
-    def flush(self) -> None:
-        """Commit pending charges to the ledger, one row per kind (rank 0 only)."""
+    def flush(self, final: bool = False) -> None:
+        """Commit pending charges, one ledger row per kind (rank 0 only); a ledger locked past its timeout leaves them
+        pending (the guard counts them) for the next commit, but at the run's ``final`` one raises LedgerBusyError."""
         try:
-            if self.writes_ledger:
-                for kind, (flops, steps, tokens, seconds) in self._pending.items():
-                    self.ledger.charge(self.run_id, kind, flops, steps=steps, tokens=tokens, seconds=seconds)
+            for kind in list(self._pending) if self.writes_ledger else ():
+                self.ledger.charge(self.run_id, kind, *self._pending[kind])  # flops, steps, tokens, seconds
+                del self._pending[kind]  # committed: a retry after a busy ledger must not charge it twice
         except ReservationReleasedError:
-            self._pending.clear()  # never to be charged: on_exception must not try again
+            self._pending.clear()  # never to be charged: the final flush must not try again
             raise
+        except LedgerBusyError as err:
+            pending = sum(p[0] for p in self._pending.values())
+            if final:  # the one message: the ledger, its lock and what stays uncharged
+                raise LedgerBusyError(f"{err}. This run's last commit failed: {pending:.2e} FLOPs it ran are not "
+                                      f"charged, and its ledger row stays 'running'") from err
+            log.warning("ledger %s busy past %g s (another process holds its write lock): %.2e FLOPs stay pending "
+                        "until the next commit", self.ledger.path, self.ledger.timeout_s, pending)
+            return
         self._pending.clear()
 
     def affords(self, flops: int) -> bool:
@@ -180,5 +189,5 @@ class FlopBudget(pl.Callback):
     def _flush_hook(self, *args: Any) -> None:
         self.flush()
 
-    # Pending charges are committed after every validation, at the end of training and when fitting raises.
-    on_validation_end = on_train_end = on_exception = _flush_hook
+    # Pending charges are committed after every validation and at the end of training; train.fit makes the last one.
+    on_validation_end = on_train_end = _flush_hook

@@ -25,7 +25,7 @@ from typing import Any
 from lvforecast.budget import journal, store
 from lvforecast.budget.liveness import boot_id, proc_stat, run_alive, same_machine
 from lvforecast.budget.status import FINISH_STATUSES, RunOutcome, RunStatus, exit_status
-from lvforecast.budget.store import KINDS, SCHEMA_VERSION, Kind, as_count, as_flops
+from lvforecast.budget.store import KINDS, SCHEMA_VERSION, Kind, LedgerBusyError, as_count, as_flops
 from lvforecast.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -258,8 +258,8 @@ class Ledger:
         outcome = RunOutcome()
         try:
             yield outcome
-        except ReservationReleasedError:
-            raise  # reconcile ended the run already: there is nothing left to finish
+        except (ReservationReleasedError, LedgerBusyError):
+            raise  # reconcile ended the run, or a commit failed: finishing would release FLOPs it ran uncharged
         except BaseException as exc:
             self.finish(run_id, exit_status(exc))
             raise

@@ -47,25 +47,20 @@ def same_machine(host: str, boot: str | None) -> bool:
 
 
 def run_alive(run: Mapping[str, Any]) -> bool:
-    """:func:`owner_alive` for a ledger ``runs`` row (its host, boot_id, pid and pid_start columns)."""
-    return owner_alive(run["host"], run["boot_id"], run["pid"], run["pid_start"])
-
-
-def owner_alive(host: str, boot: str | None, pid: int, pid_start: int | None) -> bool:
-    """Whether a run's owner process (recorded host, boot id, pid and :func:`proc_stat` start time) may still be
-    running; runs of other machines are assumed alive."""
-    if not same_machine(host, boot):
+    """Whether the owner process of a ledger ``runs`` row (its host, boot_id, pid and pid_start, a :func:`proc_stat`
+    start time) may still be running; runs of other machines are assumed alive."""
+    if not same_machine(run["host"], run["boot_id"]):
         return True
-    if pid <= 0:
+    if run["pid"] <= 0:
         return False  # never recorded by the ledger; os.kill(0, ...) would address the process group
     try:
-        os.kill(pid, 0)
+        os.kill(run["pid"], 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass  # exists, owned by another user
-    stat = proc_stat(pid)
+    stat = proc_stat(run["pid"])
     if stat is None:
         return True
     state, start = stat
-    return state != "Z" and (pid_start is None or start == pid_start)  # a zombie, or a reused pid, is dead
+    return state != "Z" and (run["pid_start"] is None or start == run["pid_start"])  # a zombie or a reused pid: dead

@@ -90,12 +90,12 @@ class Plan:
     sanity: int
     evaluation: int
     next_step_shape: tuple[int, int]
+    batches: int  # micro-batches per rank (steps x accumulate unless an epoch ends mid-step)
+    schedule: Schedule  # the loop structure the guard reads
     world_size: int = 1
     accumulate: int = 1
     start_step: int = 0
-    batches: int | None = None  # micro-batches per rank (steps x accumulate unless an epoch ends mid-step)
     before: int = 0
-    schedule: Schedule | None = None  # the loop structure the guard reads
 
     @property
     def batch_flops(self) -> int:
@@ -104,13 +104,10 @@ class Plan:
 
     @property
     def total(self) -> int:
-        batches = self.steps * self.accumulate if self.batches is None else self.batches
-        return batches * self.batch_flops + self.validations * self.validation_pass + self.sanity + self.evaluation
+        return self.batches * self.batch_flops + self.validations * self.validation_pass + self.sanity + self.evaluation
 
     def step_cost(self, step: int) -> tuple[int, bool]:
         """``(FLOPs of optimizer step ``step`` with the validations during it, whether a validation ends it)``."""
-        if self.schedule is None:
-            return self.train_step, False
         count, at_end = self.schedule.validations(step)
         return self.schedule.batches(step) * self.batch_flops + count * self.validation_pass, at_end
 

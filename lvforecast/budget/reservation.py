@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lvforecast.atomic import write_text
 from lvforecast.budget.ledger import Ledger, RunOutcome
 from lvforecast.budget.planning import Pricing
 from lvforecast.launch import launch_token  # what ties a published reservation to this launch
@@ -67,9 +68,7 @@ def publish(out: Path, run_id: int | None, reserved: int, refused: str | None = 
     """Rank 0: record the reservation (or its refusal) for the other ranks, in ``out`` and in the environment."""
     record = json.dumps({"run_id": run_id, "reserved": reserved, "refused": refused, "launch": launch_token()})
     os.environ[LEADER_ENV] = record
-    tmp = out / f".{LEADER_FILE}.tmp"
-    tmp.write_text(record)
-    tmp.replace(out / LEADER_FILE)
+    write_text(out / LEADER_FILE, record)
 
 
 def await_leader(out: Path, timeout_s: float = 600.0, poll_s: float = 0.2) -> dict[str, Any]:

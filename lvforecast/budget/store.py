@@ -213,6 +213,10 @@ def inspect_path(path: Path) -> str | None:
     return None
 
 
+class LedgerBusyError(UserError):
+    """Another process held the ledger's write lock past the busy timeout (a run's periodic commit retries later)."""
+
+
 def io_error(path: Path, err: sqlite3.Error) -> UserError:
     """One message for an SQLite failure on the ledger at ``path``: the path, what was found, the fix."""
     found = inspect_path(path)
@@ -220,8 +224,8 @@ def io_error(path: Path, err: sqlite3.Error) -> UserError:
     if found is None and ("malformed" in text or "not a database" in text):
         found = "it is a damaged SQLite file"
     if "locked" in text or "busy" in text:
-        return UserError(f"ledger {path}: another process held its write lock past the timeout ({text}); wait "
-                         f"and retry, or give this study another ledger: {LEDGER_FIX}")
+        return LedgerBusyError(f"ledger {path}: another process held its write lock past the timeout ({text}); "
+                               f"wait and retry, or give this study another ledger: {LEDGER_FIX}")
     detail = f"{found} (sqlite: {text})" if found else f"sqlite: {text}"
     return UserError(f"ledger {path} is not a usable ledger: {detail}; {LEDGER_FIX}")
 

@@ -147,9 +147,9 @@ def _tokenized_prompts(
 def _generate_all(
     run: Callable[[torch.Tensor, torch.Tensor], Decoded], model: Any, tokenizer: Any, char_ids: dict[str, int],
     prompts: list[list[int]], batches: list[list[int]], seed: int, price: Callable[..., int],
-    charge: Callable[[int, int], None] | None,
+    charge: Callable[[int, int], None] | None, done: Callable[[list[str]], None],
 ) -> tuple[list[str], int, int]:
-    """Texts (pad / EOS dropped), new tokens kept and FLOPs charged of all rows, ``run`` decoding each padded batch."""
+    """Texts (pad / EOS dropped), new tokens kept and FLOPs charged of all rows; ``done(texts)`` at every batch edge."""
     device = next(model.parameters()).device
     special, id_to_char = {tokenizer.pad_token_id, tokenizer.eos_token_id}, {i: c for c, i in char_ids.items()}
     texts: list[str] = []
@@ -160,6 +160,7 @@ def _generate_all(
         tokenizer.padding_side = "left"
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             torch.manual_seed(seed)
+            done(texts)
             # Each batch is a full decode (minutes on a CPU for a real model): show progress.
             for chunk in tqdm(batches, desc="forecasting", unit="batch", disable=len(batches) <= 1):
                 batch = tokenizer.pad({"input_ids": [prompts[i] for i in chunk]}, padding=True, return_tensors="pt")
@@ -174,6 +175,7 @@ def _generate_all(
                 total_flops += flops
                 if charge is not None:
                     charge(flops, len(chunk) * (prompt_len + out.steps))
+                done(texts)
     finally:
         tokenizer.padding_side = old_side
         model.train(was_training)
@@ -185,7 +187,7 @@ def forecast(
     decimals: int, context_steps: int, horizon_steps: int, batch_size: int, constrained: bool, num_samples: int,
     temperature: float, top_p: float, seed: int, max_int_digits: int, head: Head, decoder: Decoder,
     trained_context_tokens: int | None = None, charge: Callable[[int, int], None] | None = None,
-    logit_bias: torch.Tensor | None = None,
+    logit_bias: torch.Tensor | None = None, keep: Callable[[np.ndarray], None] | None = None,
 ) -> ForecastResult:
     """Forecast ``horizon_steps`` steps of each (S, T, 2) raw series from its first ``context_steps`` steps.
 
@@ -201,6 +203,7 @@ def forecast(
         trained_context_tokens: Token context the adapter was trained on; a longer prompt is logged and flagged.
         logit_bias: Trained output bias, (V,) or (13,) in ``ALPHABET`` order, added to the logits before the
             grammar mask as in training (:func:`lvforecast.evaluation.generation.full_and_alphabet_bias`).
+        keep: Called before the first batch and after each with the (n, H, 2) point forecasts of the n series done.
 
     Raises:
         ValueError: Bad arguments (all listed at once), or a context number wider than ``max_int_digits``.
@@ -237,15 +240,24 @@ def forecast(
     lora = LoRASpec.from_peft(model, logit_bias=logit_bias is not None) if getattr(model, "peft_config", None) else None
     price = functools.partial(generation_flops, shape_of(model), lora=lora, prefill_logits="last",
                               head_rows=ALPHABET_SIZE if loop and head == "alphabet" else None)
-    batches = row_batches(n_series, k, batch_size)
-    texts, new_tokens, flops = _generate_all(run, model, tokenizer, char_ids, prompts, batches, seed, price, charge)
+    values, steps_parsed = np.full((n_series * k, horizon_steps, 2), np.nan), []  # NaN past each parsed prefix
+    point = values[:0, 0]  # (n, H, 2) point forecasts of the first n series, all of whose samples are parsed
 
-    values, steps_parsed = np.full((len(texts), horizon_steps, 2), np.nan), []  # NaN past each parsed prefix
-    for r, text in enumerate(texts):  # row r is a sample of series r // k
-        parsed, n = decode(text, scales[r // k], decimals)
-        n = min(n, horizon_steps)
-        values[r, :n] = parsed[:n]
-        steps_parsed.append(n)
+    def parse(texts: list[str]) -> None:  # parse the rows decoded since the last call; update ``point``, keep it
+        nonlocal point
+        for r in range(len(steps_parsed), len(texts)):  # row r is a sample of series r // k
+            parsed, n = decode(texts[r], scales[r // k], decimals)
+            n = min(n, horizon_steps)
+            values[r, :n] = parsed[:n]
+            steps_parsed.append(n)
+        with warnings.catch_warnings():  # an all-NaN step stays NaN, as documented
+            warnings.simplefilter("ignore", RuntimeWarning)
+            point = np.nanmedian(values[: len(texts) // k * k].reshape(-1, k, horizon_steps, 2), axis=1)
+        if keep is not None:
+            keep(point)
+
+    texts, new_tokens, flops = _generate_all(run, model, tokenizer, char_ids, prompts,
+                                             row_batches(n_series, k, batch_size), seed, price, charge, parse)
     failures = sum(n < horizon_steps for n in steps_parsed)
     if constrained:
         assert failures == 0, f"constrained decoding left {failures} unparsed forecasts: {texts!r}"
@@ -253,9 +265,6 @@ def forecast(
         log.info("unconstrained forecasting: %d of %d rows parsed fewer than %d steps (NaN-filled)", failures,
                  len(texts), horizon_steps)
     samples = values.reshape(n_series, k, horizon_steps, 2)
-    with warnings.catch_warnings():  # an all-NaN step stays NaN, as documented
-        warnings.simplefilter("ignore", RuntimeWarning)
-        point = np.nanmedian(samples, axis=1)
     return ForecastResult(
         values=point, texts=texts, steps_parsed=steps_parsed, parse_failures=int(failures), prompt_tokens=prompt_tokens,
         new_tokens=int(new_tokens), samples=samples if k > 1 else None, flops=int(flops),

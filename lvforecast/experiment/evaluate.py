@@ -6,12 +6,11 @@ batch is charged as ``generate``.
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import functools
 import json
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lvforecast.atomic import atomic_writer, check_writable, write_text
+from lvforecast.atomic import atomic_writer, check_writable, write_csv, write_text
 from lvforecast.budget.formulas import generation_flops
 from lvforecast.budget.ledger import Ledger
 from lvforecast.budget.planning import GenerationPlan, Pricing
@@ -29,11 +28,12 @@ from lvforecast.budget.shapes import ALPHABET_SIZE
 from lvforecast.data.encoding import VARIABLES
 from lvforecast.data.split import EvaluationInputs
 from lvforecast.devices import describe_device, resolve_device
-from lvforecast.errors import UserError
+from lvforecast.errors import UserError, first_line
 from lvforecast.evaluation.metrics import POINT_METRICS, crps_samples, evaluate_forecasts, interval_coverage
 from lvforecast.experiment.config import check_evaluate_config, pricing_of, token_counts
 from lvforecast.experiment.runconfig import read_run_config
 from lvforecast.experiment.rundir import RUN_FILES, ledger_name, write_hydra_files
+from lvforecast.experiment.signals import Interrupted, active_guard
 from lvforecast.machine import check_machine
 from lvforecast.threads import torch_threads
 from lvforecast.tracking import log_evaluation
@@ -85,9 +85,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         return {"dry_run": True, "plan": {"generate_upper_bound": plan.total, "systems": len(inputs.prompts)},
                 "output_dir": str(out)}
     reservation = _reserve(cfg, source, plan, pricing)
-    with torch_threads(cfg.threads, pricing.shape):
+    with reservation.held() if reservation is not None else nullcontext(), torch_threads(cfg.threads, pricing.shape):
         forecasts = _forecast(cfg, source, inputs, reservation)
-    return _write(cfg, out, source, inputs, forecasts)
+        return _write(cfg, out, source, inputs, forecasts)
 
 
 def plan_generation(cfg: DictConfig, trained: DictConfig | None = None) -> int:
@@ -134,11 +134,6 @@ def _source(cfg: DictConfig) -> _Source:
 _RETRAIN = "fix: restore it from a copy of the run, or train the run again (python train.py ...)"
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:200]
-
-
 def _check_split(path: Path) -> None:
     """UserError unless ``split.json`` is JSON with a ``test`` list of integer system ids."""
     try:
@@ -146,7 +141,7 @@ def _check_split(path: Path) -> None:
     except OSError as err:
         raise UserError(f"{path}: cannot read the run's split ({err.strerror or err}); {_RETRAIN}") from err
     except ValueError as err:
-        raise UserError(f"{path}: not JSON ({_first_line(err)}); it lists the run's train/val/test system ids; "
+        raise UserError(f"{path}: not JSON ({first_line(err)}); it lists the run's train/val/test system ids; "
                         f"{_RETRAIN}") from err
     test = split.get("test") if isinstance(split, dict) else None
     # An empty list is well-formed: the data module then says there is nothing to evaluate.
@@ -164,7 +159,7 @@ def _check_adapter(adapter: Path) -> None:
     try:
         found = json.loads(config.read_text())
     except (OSError, ValueError) as err:
-        raise UserError(f"{config}: not a readable adapter config ({_first_line(err)}); {_RETRAIN}") from err
+        raise UserError(f"{config}: not a readable adapter config ({first_line(err)}); {_RETRAIN}") from err
     if not isinstance(found, dict) or not {"peft_type", "r", "target_modules"} <= set(found):
         raise UserError(f"{config}: not a PEFT LoRA adapter config (needs peft_type, r, target_modules); {_RETRAIN}")
     if not _read_safetensors(weights, "safetensors file")[0]:
@@ -179,7 +174,7 @@ def _read_safetensors(path: Path, what: str) -> tuple[dict[str, Any], dict[str, 
         with safe_open(str(path), "pt") as fh:
             return {key: fh.get_tensor(key) for key in fh.keys()}, fh.metadata() or {}
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for a torn file
-        raise UserError(f"{path}: not a readable {what} ({_first_line(err)}); {_RETRAIN}") from err
+        raise UserError(f"{path}: not a readable {what} ({first_line(err)}); {_RETRAIN}") from err
 
 
 def _load(cfg: DictConfig, source: _Source) -> EvaluationInputs:
@@ -226,26 +221,26 @@ def _forecast(cfg: DictConfig, source: _Source, inputs: EvaluationInputs,
 
     forecaster = instantiate(cfg.forecast)
     start = time.perf_counter()
-    with reservation.held() if reservation is not None else contextlib.nullcontext():
-        loaded = instantiate(source.model.loader)
-        model = loaded.model
-        if source.run_dir is not None:
-            from peft import PeftModel
+    loaded = instantiate(source.model.loader)
+    model = loaded.model
+    if source.run_dir is not None:
+        from peft import PeftModel
 
-            adapter = source.run_dir / "adapter"
-            try:
-                model = PeftModel.from_pretrained(model, str(adapter))
-            except (ValueError, OSError, RuntimeError, KeyError) as err:
-                raise UserError(f"{adapter}: the adapter does not load onto {loaded.name} "
-                                f"({type(err).__name__}: {_first_line(err)}); it must be this run's own adapter/ "
-                                f"(its config.yaml names the base model); {_RETRAIN}") from err
-        model = model.to(resolve_device(cfg.device)).eval()  # every decoder tensor follows the model's device
-        device = describe_device(next(model.parameters()).device)
-        result = forecaster(
-            model, loaded.tokenizer, loaded.char_ids, inputs.series, list(inputs.scales), decimals=inputs.decimals,
-            trained_context_tokens=source.trained_context_tokens,
-            charge=None if reservation is None else functools.partial(reservation.charge, "generate"),
-            logit_bias=None if source.run_dir is None else _logit_bias(source.run_dir, source.lora, loaded.char_ids))
+        adapter = source.run_dir / "adapter"
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter))
+        except (ValueError, OSError, RuntimeError, KeyError) as err:
+            raise UserError(f"{adapter}: the adapter does not load onto {loaded.name} "
+                            f"({type(err).__name__}: {first_line(err)}); it must be this run's own adapter/ "
+                            f"(its config.yaml names the base model); {_RETRAIN}") from err
+    model = model.to(resolve_device(cfg.device)).eval()  # every decoder tensor follows the model's device
+    device = describe_device(next(model.parameters()).device)
+    result = forecaster(
+        model, loaded.tokenizer, loaded.char_ids, inputs.series, list(inputs.scales), decimals=inputs.decimals,
+        trained_context_tokens=source.trained_context_tokens,
+        charge=None if reservation is None else functools.partial(reservation.charge, "generate"),
+        logit_bias=None if source.run_dir is None else _logit_bias(source.run_dir, source.lora, loaded.char_ids),
+        keep=functools.partial(_keep, Path(cfg.paths.output_dir) / "forecasts.npz", inputs, list(cfg.examples)))
     seconds = time.perf_counter() - start
     by_method = {"model": result.values} | {
         name: BASELINES[name](inputs.context, inputs.time, inputs.horizon_steps) for name in cfg.baselines}
@@ -284,6 +279,8 @@ def _write(cfg: DictConfig, out: Path, source: _Source, inputs: EvaluationInputs
     result, systems, classes = forecasts.result, inputs.systems, classify_all(inputs.values, inputs.time)
     methods = {name: evaluate_forecasts(inputs.truth, pred, classes, scale=inputs.scales)
                for name, pred in forecasts.by_method.items()}
+    _keep(out / "forecasts.npz", inputs, list(cfg.examples), result.values,
+          running_mse=np.asarray(methods["model"]["encoded"]["running_mse"], dtype=float))
     summary = {
         "model": forecasts.model_name, "systems": systems, "classes": dict(class_counts(classes)),
         "parse_failures": result.parse_failures, "constrained": bool(cfg.forecast.constrained),
@@ -304,11 +301,6 @@ def _write(cfg: DictConfig, out: Path, source: _Source, inputs: EvaluationInputs
     pngs = write_plots(out, systems, inputs.series, inputs.context_steps, forecasts.by_method, methods,
                        list(cfg.examples))
     write_report(out / "report.md", summary, methods, systems, list(cfg.examples))
-    # The model's raw forecasts, for figures across evaluations (the study report draws several models at once).
-    with atomic_writer(out / "forecasts.npz", "wb") as fh:
-        np.savez_compressed(fh, systems=np.asarray(systems), examples=np.asarray(list(cfg.examples)),
-                            series=inputs.series, context_steps=inputs.context_steps, forecast=result.values,
-                            running_mse=np.asarray(methods["model"]["encoded"]["running_mse"], dtype=float))
     log_evaluation(cfg, out, summary, pngs)
     log.info("evaluation directory: %s (%d systems, %d parse failures, %.3e FLOPs)", out, len(systems),
              result.parse_failures, result.flops)
@@ -316,15 +308,24 @@ def _write(cfg: DictConfig, out: Path, source: _Source, inputs: EvaluationInputs
             "mse_encoded": summary["methods"]["model"]["encoded"]["all"]["mse"], "pngs": [str(p) for p in pngs]}
 
 
+def _keep(path: Path, inputs: EvaluationInputs, examples: list[int], forecast: np.ndarray, **scores: Any) -> None:
+    """Write the model's raw (n, H, 2) forecasts of the first n systems, at each batch boundary and with ``running_mse``
+    at the end (the study report draws several at once); a signal that came during the batch stops the evaluation."""
+    n, total = len(forecast), len(inputs.systems)
+    with atomic_writer(path, "wb") as fh:
+        np.savez_compressed(fh, systems=np.asarray(inputs.systems[:n]), examples=np.asarray(examples),
+                            series=inputs.series[:n], context_steps=inputs.context_steps, forecast=forecast, **scores)
+    if (guard := active_guard()) is not None:  # while batches follow, a first signal waits for the next boundary
+        guard.kept, guard.defer = f"the forecasts of {n} of {total} systems in {path}", n < total
+        if guard.received is not None:
+            raise Interrupted(guard.received)
+
+
 def _write_per_system(path: Path, inputs: EvaluationInputs, classes: list[str], methods: dict[str, Any],
                       steps_parsed: list[int]) -> None:
     """One row per system and method: class, scale, parsed steps (model) and encoded point metrics."""
-    with atomic_writer(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["system", "class", "scale", "method", "steps_parsed"]
-                        + [f"{k}_{v}_encoded" for k in POINT_METRICS for v in VARIABLES])
-        for i, system in enumerate(inputs.systems):
-            for method, m in methods.items():
-                parsed = steps_parsed[i] if method == "model" else ""
-                writer.writerow([system, classes[i], inputs.scales[i], method, parsed]
-                                + [m["encoded"]["per_system"][k][i][j] for k in POINT_METRICS for j in range(2)])
+    write_csv(path, [{"system": system, "class": classes[i], "scale": inputs.scales[i], "method": method,
+                      "steps_parsed": steps_parsed[i] if method == "model" else "",
+                      **{f"{k}_{v}_encoded": m["encoded"]["per_system"][k][i][j] for k in POINT_METRICS
+                         for j, v in enumerate(VARIABLES)}}
+                     for i, system in enumerate(inputs.systems) for method, m in methods.items()])

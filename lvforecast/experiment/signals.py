@@ -1,9 +1,9 @@
-"""SIGTERM and SIGINT: a run stops at the next step boundary, checkpointed, recorded ``interrupted``, exit 143 / 130.
+"""SIGTERM and SIGINT: a run stops at its next step or forecast batch, keeps its work, is recorded ``interrupted``.
 
-What the user sees: ``docs/reliability.md`` (signals). While fitting, Lightning's loops raise ``SIGTERMException``
-after the current batch (:class:`SignalGuard` routes SIGINT the same way) and
-:class:`lvforecast.checkpoint.InterruptCheckpoint` writes the checkpoint; outside fitting, and on a second signal,
-:class:`Interrupted` is raised at once. Handlers are installed from the main thread only (Python allows no other).
+What the user sees: ``docs/reliability.md`` (signals). While fitting, Lightning's loops raise ``SIGTERMException`` after
+the current batch (:class:`SignalGuard` routes SIGINT alike), :class:`lvforecast.checkpoint.InterruptCheckpoint` writes
+the checkpoint; an evaluation stops after its current batch (``SignalGuard.defer``), its forecasts written; elsewhere,
+and on a second signal, :class:`Interrupted` (exit 143 / 130) is raised at once. Handlers need the main thread.
 """
 
 from __future__ import annotations
@@ -31,25 +31,27 @@ RESTART_ENV = "SLURM_RESTART_COUNT"
 
 class Interrupted(SystemExit):
     """A run stopped by signal ``signum``; its ``code`` is the shell's 128 + signal, so an uncaught one exits 143 / 130.
-    ``step`` and ``checkpoint``: the checkpoint written and its optimizer step (None: none was written)."""
+    Its guard sets what was kept: ``checkpoint`` at ``step`` (None: none written), or an evaluation's ``kept``."""
 
-    def __init__(self, signum: int, step: int | None = None, checkpoint: Path | None = None) -> None:
+    def __init__(self, signum: int) -> None:
         super().__init__(128 + int(signum))
         self.signum = int(signum)
-        self.step = step
-        self.checkpoint = checkpoint
+        self.step: int | None = None
+        self.checkpoint: Path | None = None
+        self.kept: str | None = None
 
     def __str__(self) -> str:
-        where = f"; checkpoint {self.checkpoint} at step {self.step}" if self.checkpoint else "; no checkpoint written"
-        return f"interrupted by {signal.Signals(self.signum).name}{where}"
+        name = signal.Signals(self.signum).name
+        if self.kept is not None:
+            return f"{name} during the evaluation; kept {self.kept} (an evaluation does not resume: rerun the command)"
+        if self.checkpoint is None:
+            return f"{name} at step 0; no checkpoint written (it came before the first step: rerun the command)"
+        return f"{name} at step {self.step}; checkpoint {self.checkpoint}; resume with ckpt_path={self.checkpoint}"
 
     def message(self) -> str:
-        """The line printed when the run stops: the signal, the checkpoint and how to resume, the exit status."""
-        resume = (f"; resume with ckpt_path={self.checkpoint}" if self.checkpoint else
-                  " (it came before training started: rerun the command)")
-        return (f"interrupted: {signal.Signals(self.signum).name} at step {self.step if self.checkpoint else 0}"
-                f"{'; checkpoint ' + str(self.checkpoint) if self.checkpoint else '; no checkpoint written'}{resume}; "
-                f"the ledger run is marked interrupted (its charges kept, the rest released); exit status {self.code}")
+        """The line printed when the run stops: :meth:`__str__`, the ledger and the exit status."""
+        return (f"interrupted: {self}; the ledger run is marked interrupted (its charges kept, the rest released); "
+                f"exit status {self.code}")
 
 
 class SignalGuard:
@@ -61,6 +63,8 @@ class SignalGuard:
         self.received: int | None = None
         self.step: int | None = None
         self.checkpoint: Path | None = None
+        self.kept: str | None = None  # what an evaluation has kept so far, set at each of its batch boundaries
+        self.defer = False  # an evaluation's batch runs: a first signal waits for its boundary
         self._trainer: weakref.ReferenceType[pl.Trainer] | None = None
         self._previous: dict[int, Any] = {}
 
@@ -84,8 +88,7 @@ class SignalGuard:
             stop = Interrupted(self.received)  # Lightning's SIGTERMException (a SystemExit) after our signal
         else:
             return
-        if stop.checkpoint is None and self.checkpoint is not None:
-            stop.step, stop.checkpoint = self.step, self.checkpoint
+        stop.step, stop.checkpoint, stop.kept = self.step, self.checkpoint, self.kept
         print(stop.message(), file=sys.stderr, flush=True)
         if stop is not exc:
             raise stop from None
@@ -102,12 +105,12 @@ class SignalGuard:
         connector = getattr(trainer, "_signal_connector", None)
         name = signal.Signals(signum).name
         # The trainer's loops run while its connector holds handlers (registered just before them, ours restored
-        # at teardown): then the signal is deferred to the loops.
-        if first and connector is not None and connector._original_handlers:
-            log.warning("%s received: stopping after the current step and writing a checkpoint (send it again to "
-                        "stop at once)", name)
-            # What Lightning's own SIGTERM handler sets; its loops raise SIGTERMException at the batch boundary.
-            connector.received_sigterm = True
+        # at teardown): then the signal is deferred to the loops, as it is to an evaluation's batch boundary.
+        if first and (self.defer or connector is not None and connector._original_handlers):
+            log.warning("%s received: stopping after the current %s (send it again to stop at once)", name,
+                        "batch, keeping its forecasts" if self.defer else "step and writing a checkpoint")
+            if not self.defer:  # what Lightning's own SIGTERM handler sets: its loops stop at the batch boundary
+                connector.received_sigterm = True
             return
         log.warning("%s received: stopping now%s", name, "" if first else " (second signal, no new checkpoint)")
         raise Interrupted(signum)

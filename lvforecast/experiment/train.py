@@ -162,6 +162,8 @@ def fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, run: 
             run.end(trainer.global_step, exit_status(exc))
         except UserError as err:  # e.g. the disk is full: the original error is the one to report
             log.warning("could not record the failed segment: %s", err)
+        if flop_cb is not None:  # charges a busy ledger left pending, before the run's ledger row is finished
+            flop_cb.flush(final=True)
         raise
     finally:
         finish_wandb(loggers, exit_code=0 if ok else 1)  # every job finishes its own W&B run
@@ -220,6 +222,7 @@ def _fit_and_save(cfg: DictConfig, trainer: Any, module: Any, datamodule: Any, f
                    budget_status=(RunStatus.BUDGET_EXHAUSTED if flop_cb is not None and flop_cb.exhausted
                                   else RunStatus.FINISHED).value)  # a plain string for JSON and W&B
     if flop_cb is not None:
+        flop_cb.flush(final=True)  # the run's last commit: anything a busy ledger left pending must land now
         metrics["flops/run"] = flop_cb.spent
     csv_path = run.out / "metrics.csv"
     if run.lead and csv_path.is_file():

@@ -23,7 +23,7 @@ from conftest import ROOT
 
 from lvforecast.budget import report as report_mod
 from lvforecast.budget.ledger import BudgetExceededError, Ledger, ReservationReleasedError
-from lvforecast.budget.liveness import boot_id, owner_alive, proc_stat, same_machine
+from lvforecast.budget.liveness import boot_id, proc_stat, run_alive, same_machine
 from lvforecast.cli import main as cli_main
 
 N_WORKERS = 8
@@ -395,10 +395,14 @@ def test_liveness_of_this_process_and_of_other_machines():
     host = socket.gethostname()
     assert same_machine(host, boot_id()) and same_machine(host, None)
     assert not same_machine("elsewhere", boot_id())
-    assert owner_alive(host, boot_id(), os.getpid(), stat[1])
-    assert not owner_alive(host, boot_id(), os.getpid(), stat[1] + 1)  # same pid, another start time: pid reuse
-    assert not owner_alive(host, boot_id(), 0, None)
-    assert owner_alive("elsewhere", None, 0, None)  # other machines cannot be checked, so count as alive
+
+    def row(host, boot, pid, pid_start):  # a ledger runs row's owner columns
+        return {"host": host, "boot_id": boot, "pid": pid, "pid_start": pid_start}
+
+    assert run_alive(row(host, boot_id(), os.getpid(), stat[1]))
+    assert not run_alive(row(host, boot_id(), os.getpid(), stat[1] + 1))  # same pid, another start time: pid reuse
+    assert not run_alive(row(host, boot_id(), 0, None))
+    assert run_alive(row("elsewhere", None, 0, None))  # other machines cannot be checked, so count as alive
 
 
 def test_importing_the_budget_modules_touches_no_disk_and_no_matplotlib(tmp_path):

@@ -8,12 +8,16 @@ import sqlite3
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import TINY_RUN, compose_train
 
+from lvforecast.budget.callback import FlopBudget
 from lvforecast.budget.formulas import forward_flops
-from lvforecast.budget.ledger import BudgetExceededError, Ledger
+from lvforecast.budget.ledger import BudgetExceededError, Ledger, LedgerBusyError
+from lvforecast.budget.reservation import Reservation
 from lvforecast.budget.shapes import Conventions, LoRASpec
 from lvforecast.errors import DivergedError
 from lvforecast.experiment.config import model_shape as planning_shape
@@ -228,3 +232,37 @@ def test_a_run_on_another_host_is_released_only_when_quiet_or_forced_and_then_st
     assert run["host"] == "lvforecast-other-host" and run["status"] == "crashed"
     assert ledger.run_spent(1) == spent  # nothing charged after the release
     assert ledger.remaining() == ledger.budget - spent >= 0
+
+
+def test_a_busy_ledger_keeps_pending_charges_until_the_next_commit_and_the_final_commit_names_it(tmp_path, caplog):
+    # Was: another process holding the ledger's write lock past the busy timeout failed the run at its next commit.
+    path = tmp_path / "ledger.sqlite"
+    ledger = Ledger(path, budget=1000, timeout_s=0.2)  # the 30 s default, shortened
+    run = ledger.open_run("busy", 100)
+    # A (2, 8) validation batch costs 16 FLOPs with this pricing.
+    reservation = Reservation(SimpleNamespace(validation_pass=0), SimpleNamespace(forward=lambda b, n: b * n), ledger,
+                              run, reserved=100)
+    cb = FlopBudget(reservation, mode="enforce", commit_every_n_steps=1, commit_min_interval_s=0)
+    batch = {"input_ids": torch.zeros((2, 8), dtype=torch.long)}
+    blocker = sqlite3.connect(path, isolation_level=None)  # another process's write transaction
+    blocker.execute("BEGIN IMMEDIATE")
+    cb.on_validation_batch_end(None, None, None, batch)
+    cb.on_validation_end(None, None)  # a validation-time commit finds the ledger busy: the run goes on
+    assert f"ledger {path} busy past 0.2 s" in caplog.text and "1.60e+01 FLOPs stay pending" in caplog.text
+    assert ledger.run_spent(run) == 0 and cb.spent == 16
+    assert cb.affords(100 - 16) and not cb.affords(100 - 16 + 1)  # the guard counts what is pending
+    blocker.execute("COMMIT")
+    cb.on_validation_batch_end(None, None, None, batch)
+    cb.on_validation_end(None, None)  # the next commit lands both batches, each once
+    assert ledger.run_spent(run) == 32
+    cb.on_validation_batch_end(None, None, None, batch)
+    blocker.execute("BEGIN IMMEDIATE")
+    with pytest.raises(LedgerBusyError) as info, ledger.hold(run):
+        cb.flush(final=True)  # the run's last commit must land or say so
+    assert str(info.value).startswith(f"ledger {path}: another process held its write lock past the timeout")
+    assert "This run's last commit failed: 1.60e+01 FLOPs it ran are not charged" in str(info.value)
+    blocker.execute("COMMIT")
+    (row,) = ledger.runs()  # not finished: its reservation still covers the FLOPs not charged
+    assert (row["status"], row["reserved_flops"], row["charged_flops"]) == ("running", 100, 32)
+    cb.flush(final=True)
+    assert ledger.run_spent(run) == 48

@@ -1,12 +1,16 @@
 """End to end: evaluate a tiny training run and the untrained model; SmolLM2 zero-shot on real systems."""
 
+import errno
 import json
 
+import numpy as np
 import pytest
 from conftest import REAL_DATA, TINY_RUN, compose_eval, compose_train
 from omegaconf import open_dict
 
+from lvforecast.atomic import write_failed
 from lvforecast.budget.ledger import Ledger
+from lvforecast.errors import UserError
 from lvforecast.experiment.evaluate import evaluate
 from lvforecast.experiment.train import train
 
@@ -156,3 +160,25 @@ def test_an_alphabet_head_runs_13_entry_bias_reaches_generation(sim_cache, tmp_p
     save_file({"bias": saved}, str(path), metadata={"head": "alphabet", "token_ids": ",".join(map(str, range(13)))})
     with pytest.raises(ValueError, match="alphabet-head bias over token ids"):
         evaluate(compose_eval([f"run_dir={run}", "max_systems=2", "baselines=[]"], tmp_path / "eval2", sim_cache))
+
+
+@pytest.mark.parametrize("stage", ["scoring", "plots"])
+def test_a_failure_after_forecasting_keeps_every_forecast(sim_cache, tmp_path, monkeypatch, stage):
+    # Was: forecasts.npz was written last, so a failure in scoring or a full disk at the plots lost what was paid for.
+    def fails(*args, **kwargs):
+        if stage == "scoring":
+            raise RuntimeError("scoring failed")
+        raise write_failed(tmp_path / "examples.png", OSError(errno.ENOSPC, "No space left on device"))
+
+    target = "evaluate_forecasts" if stage == "scoring" else "write_plots"
+    monkeypatch.setattr(f"lvforecast.{'experiment.evaluate' if stage == 'scoring' else 'evaluation.report'}.{target}",
+                        fails)
+    cfg = compose_eval(["model=tiny", "data=simulated", "max_systems=4", "forecast.batch_size=2", "baselines=[]"],
+                       tmp_path, sim_cache)
+    with pytest.raises(RuntimeError if stage == "scoring" else UserError):
+        evaluate(cfg)
+    kept = np.load(tmp_path / "forecasts.npz")
+    assert len(kept["systems"]) == 4 and kept["forecast"].shape == (4, 20, 2) and np.isfinite(kept["forecast"]).all()
+    assert kept["series"].shape == (4, 100, 2) and ("running_mse" in kept) == (stage == "plots")  # scored: the final
+    (run,) = Ledger(tmp_path / "ledger.sqlite", budget=None).runs()
+    assert run["status"] == "failed" and run["charged_flops"] == run["reserved_flops"] > 0  # charges kept, rest freed

@@ -23,15 +23,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import ROOT, TINY_RUN, compose_train
+from conftest import ROOT, TINY_RUN, compose_eval, compose_train
 
 from lvforecast.budget import store
 from lvforecast.budget.ledger import Ledger, LedgerNotFoundError
 from lvforecast.cli import main as cli_main
 from lvforecast.errors import DivergedError, UserError
+from lvforecast.experiment.evaluate import evaluate
 from lvforecast.experiment.signals import Interrupted, guarded, requeued_checkpoint
 from lvforecast.experiment.sweeps import run_recorded
 from lvforecast.experiment.sweeps.summary import summarize_command
@@ -165,6 +167,45 @@ def test_a_failed_interrupt_checkpoint_keeps_the_previous_good_one(sim_cache, tm
     assert "Traceback" not in capsys.readouterr().err
     (run,) = ledger_consistent(out / "ledger.sqlite")
     assert run["status"] == "interrupted"
+
+
+@pytest.mark.parametrize("times", [1, 2])
+def test_a_signal_mid_evaluation_keeps_the_paid_forecasts_and_marks_interrupted(sim_cache, tmp_path, monkeypatch,
+                                                                                 capsys, times):
+    # Was: the forecasts were written only at the end, so a signal lost every batch decoded and paid for.
+    import lvforecast.evaluation.forecast as fc
+
+    real, calls = fc.decode_batch, []
+
+    def decode_batch(*args, **kwargs):  # the signal arrives while the second batch decodes
+        calls.append(1)
+        if len(calls) == 2:
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # the handler runs at the next bytecode boundary
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fc, "decode_batch", decode_batch)
+    out = tmp_path / "eval"
+    cfg = compose_eval(["model=tiny", "data=simulated", "max_systems=6", "forecast.batch_size=2", "baselines=[]"], out,
+                       sim_cache)
+    with pytest.raises(Interrupted) as info:
+        run_recorded(cfg, evaluate)
+    done = 4 if times == 1 else 2  # the first signal waits for the batch to end; a second stops at once
+    assert info.value.code == 143 and len(calls) == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("interrupted: ")]  # after the progress bar
+    assert line.startswith(f"interrupted: SIGTERM during the evaluation; kept the forecasts of {done} of 6 systems in "
+                           f"{out / 'forecasts.npz'} (an evaluation does not resume: rerun the command); the ledger "
+                           f"run is marked interrupted")
+    assert "Traceback" not in err
+    kept = np.load(out / "forecasts.npz")
+    assert len(kept["systems"]) == done and kept["forecast"].shape == (done, 20, 2)
+    assert np.isfinite(kept["forecast"]).all() and "running_mse" not in kept
+    (run,) = ledger_consistent(out / "ledger.sqlite")
+    assert run["status"] == "interrupted" and run["charged_flops"] == run["reserved_flops"] > 0
+    with sqlite3.connect(out / "ledger.sqlite") as conn:  # one charge per batch kept: nothing kept went unpaid
+        assert conn.execute("SELECT COUNT(*) FROM charges WHERE kind = 'generate'").fetchone()[0] == done // 2
 
 
 @pytest.mark.slow
@@ -446,22 +487,28 @@ def test_summarize_a_folder_with_no_jobs_exits_1_and_writes_nothing(tmp_path, ca
 # ----------------------------------------------------------------------------------- real subprocess signals
 
 
-def _start(args: list[str], tmp_path: Path, cache: Path) -> subprocess.Popen:
+def _start(args: list[str], tmp_path: Path, cache: Path, script: str = "train.py") -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LVFORECAST_ROOT": str(tmp_path), "LVFORECAST_CACHE": str(cache)}
     env.pop("LVFORECAST_LEDGER", None)
-    return subprocess.Popen([PY, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([PY, str(ROOT / script), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_steps(ledger: Path, steps: int, proc: subprocess.Popen, timeout: float = 240) -> None:
-    """Poll the ledger until its training charges cover ``steps`` optimizer steps."""
+# What a run's progress is counted in: training steps, or an evaluation's batches (one generation charge each).
+PROGRESS = {"train": "SELECT COALESCE(SUM(steps), 0) FROM charges WHERE kind = 'train'",
+            "generate": "SELECT COUNT(*) FROM charges WHERE kind = 'generate'"}
+
+
+def _wait_for_steps(ledger: Path, steps: int, proc: subprocess.Popen, timeout: float = 240,
+                    kind: str = "train") -> None:
+    """Poll the ledger until its ``kind`` charges cover ``steps`` optimizer steps (``generate``: batches)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         try:
             conn = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=1)
             try:
-                done = conn.execute("SELECT COALESCE(SUM(steps), 0) FROM charges WHERE kind = 'train'").fetchone()[0]
+                done = conn.execute(PROGRESS[kind]).fetchone()[0]
             finally:
                 conn.close()
         except sqlite3.Error:
@@ -530,3 +577,29 @@ def test_ledger_not_found_is_still_a_file_not_found_error(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         Ledger(tmp_path / "none.sqlite", budget=None)
     assert isinstance(info.value, LedgerNotFoundError) and isinstance(info.value, UserError)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_evaluate_py_signalled_mid_forecast_keeps_its_forecasts_and_exits_128_plus_signal(sim_cache, tmp_path, signum,
+                                                                                         code):
+    # Was: the forecasts paid for were lost (forecasts.npz is written last) and the message spoke of training.
+    out, ledger = tmp_path / "eval", tmp_path / "ledger.sqlite"
+    proc = _start(["model=tiny", "data=simulated", "max_systems=40", "forecast.batch_size=2", "baselines=[]",
+                   f"hydra.run.dir={out}", f"budget.ledger_path={ledger}"], tmp_path, sim_cache, script="evaluate.py")
+    _wait_for_steps(ledger, 2, proc, kind="generate")
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-3000:]
+    kept = np.load(out / "forecasts.npz")
+    done = len(kept["systems"])
+    with sqlite3.connect(ledger) as conn:  # every batch charged is kept, and only those
+        assert conn.execute(PROGRESS["generate"]).fetchone()[0] * 2 == done
+    assert 4 <= done < 40 and kept["forecast"].shape == (done, 20, 2) and np.isfinite(kept["forecast"]).all()
+    lines = [line for line in err.splitlines() if line.startswith("interrupted: ")]
+    assert lines == [f"interrupted: {signal.Signals(signum).name} during the evaluation; kept the forecasts of {done} "
+                     f"of 40 systems in {out / 'forecasts.npz'} (an evaluation does not resume: rerun the command); "
+                     f"the ledger run is marked interrupted (its charges kept, the rest released); exit status {code}"]
+    assert "Traceback" not in err and not (out / "metrics.json").exists()
+    (row,) = ledger_consistent(ledger)
+    assert row["status"] == "interrupted" and 0 < row["charged_flops"] == row["reserved_flops"]
