@@ -323,9 +323,11 @@ def _keep(path: Path, inputs: EvaluationInputs, examples: list[int], forecast: n
 
 def _write_per_system(path: Path, inputs: EvaluationInputs, classes: list[str], methods: dict[str, Any],
                       steps_parsed: list[int]) -> None:
-    """One row per system and method: class, scale, parsed steps (model) and encoded point metrics."""
+    """One row per system and method: class, scale, parsed steps (model: the fewest of the system's samples, which
+    are ``steps_parsed``'s rows ``i * k`` to ``i * k + k - 1``) and encoded point metrics."""
+    k = len(steps_parsed) // max(len(inputs.systems), 1)
     write_csv(path, [{"system": system, "class": classes[i], "scale": inputs.scales[i], "method": method,
-                      "steps_parsed": steps_parsed[i] if method == "model" else "",
+                      "steps_parsed": min(steps_parsed[i * k:(i + 1) * k]) if method == "model" else "",
                       **{f"{k}_{v}_encoded": m["encoded"]["per_system"][k][i][j] for k in POINT_METRICS
                          for j, v in enumerate(VARIABLES)}}
                      for i, system in enumerate(inputs.systems) for method, m in methods.items()])

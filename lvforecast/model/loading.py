@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from lvforecast.data.encoding import ALPHABET, check_tokenizer
-from lvforecast.errors import UserError
+from lvforecast.errors import UserError, first_line
 from lvforecast.validate import check_choice
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def load_pretrained(name_or_path: str, dtype: str = "auto", attn_implementation:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype, attn_implementation=attn_implementation, local_files_only=offline_only)
     except (OSError, ValueError) as err:
-        why = f"it did not load ({type(err).__name__}: {str(err).splitlines()[0]})"
+        why = f"it did not load ({type(err).__name__}: {first_line(err)})"
         raise ModelLoadError(missing_message("model.source", name_or_path, why)) from err
     log.info("loaded %s from %s (%s) in %.1fs", name_or_path, source, torch_dtype, time.perf_counter() - start)
     return _finish(model, tokenizer, name_or_path)

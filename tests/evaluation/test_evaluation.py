@@ -1,5 +1,6 @@
 """End to end: evaluate a tiny training run and the untrained model; SmolLM2 zero-shot on real systems."""
 
+import csv
 import errno
 import json
 
@@ -182,3 +183,17 @@ def test_a_failure_after_forecasting_keeps_every_forecast(sim_cache, tmp_path, m
     assert kept["series"].shape == (4, 100, 2) and ("running_mse" in kept) == (stage == "plots")  # scored: the final
     (run,) = Ledger(tmp_path / "ledger.sqlite", budget=None).runs()
     assert run["status"] == "failed" and run["charged_flops"] == run["reserved_flops"] > 0  # charges kept, rest freed
+
+
+def test_per_system_csv_gives_each_system_the_fewest_steps_parsed_of_its_samples(tmp_path):
+    from types import SimpleNamespace
+
+    from lvforecast.experiment.evaluate import _write_per_system
+
+    # 2 systems x 2 samples: rows 0-1 are system 10's samples, rows 2-3 system 11's (forecast()'s order).
+    inputs = SimpleNamespace(systems=[10, 11], scales=[1.0, 1.0])
+    zeros = [[0.0, 0.0], [0.0, 0.0]]
+    methods = {"model": {"encoded": {"per_system": {k: zeros for k in ("mse", "rmse", "mae", "mape")}}}}
+    _write_per_system(tmp_path / "per_system.csv", inputs, ["stable", "stable"], methods, [20, 5, 20, 20])
+    rows = list(csv.DictReader((tmp_path / "per_system.csv").open()))
+    assert [(r["system"], r["steps_parsed"]) for r in rows] == [("10", "5"), ("11", "20")]
