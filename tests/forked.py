@@ -58,9 +58,10 @@ PRELOAD = ("lvforecast.*", "pytorch_lightning", "peft", "transformers.models.qwe
 
 # Keys a forked child may have differently from the server: read only when used, never at import (lvforecast reads
 # LVFORECAST_* inside functions; LVF_SECRET_TOKEN is a test's ${oc.env:}; W&B and netrc are read by wandb, which is
-# not preloaded; Hydra reads HYDRA_FULL_ERROR on an error; pytest sets PYTEST_CURRENT_TEST per test). The server
+# not preloaded; Hydra reads HYDRA_FULL_ERROR on an error; pytest sets PYTEST_CURRENT_TEST per test; an in-process
+# run's seed_everything leaves PL_GLOBAL_SEED / PL_SEED_WORKERS, which lightning reads in functions). The server
 # re-checks this list against what its imports read.
-LAZY_ENV = re.compile(r"(LVFORECAST_|LVF_|WANDB_|PYTEST_)\w*|HYDRA_FULL_ERROR|NETRC")
+LAZY_ENV = re.compile(r"(LVFORECAST_|LVF_|WANDB_|PYTEST_)\w*|PL_GLOBAL_SEED|PL_SEED_WORKERS|HYDRA_FULL_ERROR|NETRC")
 # Import-time readers that scan the whole environment but keep only their own prefix (fsspec: FSSPEC_, tqdm: TQDM_).
 PREFIX_SCANNERS = ("/fsspec/config.py", "/tqdm/utils.py")
 # The subprocess options a forked child honours; any other one runs a real subprocess.
@@ -100,22 +101,23 @@ class ForkServer:
         if extra:
             return f"options {extra} are not forwarded"
         env = os.environ if options.get("env") is None else options["env"]
-        return self._env_refusal({os.fsdecode(k): os.fsdecode(v) for k, v in env.items()}) or self._start()
+        return self._start() or self._env_refusal({os.fsdecode(k): os.fsdecode(v) for k, v in env.items()})
 
     def _env_refusal(self, env: dict[str, str]) -> str | None:
-        """Why a child with ``env`` could differ from one that imported with it (None: it cannot)."""
+        """Why a child with ``env`` could differ from a fresh process that imported with it (None: it cannot)."""
+        read, written = set(self.info["read_env"]), self.info["wrote_env"]
         differing = sorted(k for k in set(env) | set(self.env) if env.get(k) != self.env.get(k))
         for key in differing:
+            if key in written and (env.get(key) == written[key] or key not in read):
+                continue  # the imports set it (to a default, or unconditionally): the child gets what they set
+            if key in read:
+                return f"${key} differs from the fork server's, and its imports read it"
             if key == "PYTHONPATH" and _same_folders(env.get(key), self.env.get(key)):
                 continue
             if not LAZY_ENV.fullmatch(key):
                 return f"${key} differs from the fork server's, and is read at start-up or import"
-        if differing and self._start() is None:
-            read = set(self.info["read_env"])
-            if self.info["scanned_by"]:
-                return f"the fork server's imports scanned the whole environment: {self.info['scanned_by']}"
-            if read & set(differing):
-                return f"the fork server's imports read {sorted(read & set(differing))}"
+        if differing and self.info["scanned_by"]:
+            return f"the fork server's imports scanned the whole environment: {self.info['scanned_by']}"
         return None
 
     def _start(self) -> str | None:
@@ -267,9 +269,14 @@ def Popen(args: Any, **options: Any) -> subprocess.Popen:  # noqa: N802 (mirrors
     srv = server()
     refused = srv.refusal(args, options)
     if refused is None:
-        return ForkedPopen(srv, args, **options)
-    proc = _RealPopen(args, **options)
-    proc.forked, proc.refused = False, refused
+        proc = ForkedPopen(srv, args, **options)
+    else:
+        proc = _RealPopen(args, **options)
+        proc.forked, proc.refused = False, refused
+    if os.environ.get("LVFORECAST_TEST_FORK_LOG"):  # which commands forked, and why the others did not
+        with open(os.environ["LVFORECAST_TEST_FORK_LOG"], "a") as log:
+            log.write(f"{'forked' if proc.forked else 'real'}\t{proc.refused}\t{os.environ.get('PYTEST_CURRENT_TEST')}"
+                      f"\t{[os.path.basename(str(a)) for a in args[1:3]]}\n")
     return proc
 
 
@@ -306,13 +313,14 @@ def shutdown() -> None:
 # ------------------------------------------------------------------------------------------------ the server side
 
 
-def _import_watching_env(names: list[str]) -> tuple[set[str], list[str]]:
-    """Import ``names`` (``pkg.*``: every module of pkg); return the environment keys read while importing, and the
-    files that scanned the whole environment (other than :data:`PREFIX_SCANNERS`)."""
+def _import_watching_env(names: list[str]) -> tuple[set[str], list[str], dict[str, str | None]]:
+    """Import ``names`` (``pkg.*``: every module of pkg); return the environment keys read while importing, the files
+    that scanned the whole environment (other than :data:`PREFIX_SCANNERS`), and what the imports set (None:
+    deleted; lightning_fabric sets PYTORCH_NVML_BASED_CUDA_CHECK=1)."""
     import importlib
     import pkgutil
 
-    read, scanned = set(), set()
+    read, scanned, before = set(), set(), dict(os.environ)
     cls = os._Environ
     getitem, iterate = cls.__getitem__, cls.__iter__
 
@@ -345,7 +353,9 @@ def _import_watching_env(names: list[str]) -> tuple[set[str], list[str]]:
                 importlib.import_module(name)
     finally:
         cls.__getitem__, cls.__iter__ = getitem, iterate
-    return read, sorted(scanned)
+    after = dict(os.environ)
+    wrote = {k: after.get(k) for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    return read, sorted(scanned), wrote
 
 
 def _cuda_refusal() -> str | None:
@@ -389,14 +399,15 @@ class _Server:
 
         self.listener = socket.socket(fileno=listen_fd)
         sys.path[0] = str(ROOT)  # as for `python ROOT/train.py`, the commonest command
-        read, scanned = _import_watching_env(preload)
+        read, scanned, self.wrote = _import_watching_env(preload)
         # A child's sys.path: its own first entry, then the server's (PYTHONPATH's folders, deduplicated as site does,
         # the client checked they are the same; stdlib; site-packages).
         self.path_tail = sys.path[1:]
         pythonpath = os.environ.get("PYTHONPATH")
         relative = pythonpath and not all(os.path.isabs(p) for p in pythonpath.split(os.pathsep))
         refuse = "PYTHONPATH has relative or empty entries (they depend on the cwd)" if relative else _cuda_refusal()
-        self.info = {"read_env": sorted(read), "scanned_by": scanned, "refuse": refuse, "pid": os.getpid()}
+        self.info = {"read_env": sorted(read), "scanned_by": scanned, "wrote_env": self.wrote, "refuse": refuse,
+                     "pid": os.getpid()}
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ, ("accept", None))
         self.selector.register(0, selectors.EVENT_READ, ("stdin", None))
@@ -453,6 +464,11 @@ class _Server:
         else:
             request["path0"] = request["cwd"]
         request["sys_path"] = [request["path0"], *self.path_tail]
+        for key, value in self.wrote.items():  # what a fresh process's imports would set
+            if value is None:
+                request["env"].pop(key, None)
+            else:
+                request["env"][key] = value
         shadow = _shadowed(request["path0"])
         return f"{request['path0']} holds a module {shadow!r} the server imported from elsewhere" if shadow else None
 

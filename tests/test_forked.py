@@ -25,7 +25,8 @@ getenv.restype = ctypes.c_char_p
 print(json.dumps({
     "argv": sys.argv, "file": __file__, "main": sys.modules["__main__"].__file__, "path": sys.path,
     "cwd": os.getcwd(), "env": {k: os.environ.get(k) for k in ("LVFORECAST_X", "HOME", "PYTHONPATH")},
-    "c_env": (getenv(b"LVFORECAST_X") or b"").decode(), "umask": os.umask(0), "root_handlers": len(logging.root.handlers),
+    "c_env": (getenv(b"LVFORECAST_X") or b"").decode(), "umask": os.umask(0),
+    "root_handlers": len(logging.root.handlers),
     "handlers": [str(signal.getsignal(s)) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE)],
     "session_leader": os.getsid(0) == os.getpid(), "stdin": sys.stdin.read(),
 }))
@@ -146,3 +147,20 @@ def test_the_session_server_forks_train_py_as_python_runs_it(tmp_path):
     assert fork.forked, fork.refused
     assert (fork.returncode, fork.stdout, fork.stderr) == (real.returncode, real.stdout, real.stderr)
     assert fork.returncode == 1 and "seed='abc'" in fork.stderr
+
+
+def test_a_key_the_imports_set_is_what_a_fresh_process_ends_with(tmp_path):
+    # lightning_fabric sets PYTORCH_NVML_BASED_CUDA_CHECK=1 on import, whatever it was: the test process has it, the
+    # server's start-up environment not. A child gets the imports' value, as a fresh process importing them would.
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "setter.py").write_text("import os\nos.environ['FORKED_TEST_SET'] = '1'\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(lib), os.environ["PYTHONPATH"]])}
+    server = forked.ForkServer(preload=("json", "setter"), env=env)
+    try:
+        probe = script(tmp_path, "probe.py", "import os, setter\nprint(os.environ['FORKED_TEST_SET'])\n")
+        assert server.refusal([sys.executable, probe], {"env": {**env, "FORKED_TEST_SET": "0"}}) is None
+        real, fork = both(server, [sys.executable, probe], env={**env, "FORKED_TEST_SET": "0"})
+        assert fork.stdout == real.stdout == "1\n"
+    finally:
+        server.close()
