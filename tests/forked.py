@@ -24,7 +24,7 @@ or import time and runs as a real subprocess. ``proc.forked`` says which it was 
 CPU accounting: the server is a child of the test process and is waited for at session end (:func:`shutdown`, from
 ``pytest_unconfigure``); it reaps (``waitpid``) every child it forked, so their CPU rolls up into the server's and then
 into the test process's children time, as ``time`` or ``os.times()`` report it. It arrives when the server is reaped,
-not per test: a per-test profile shows a forked child's CPU in no test.
+not per test: a per-test profile adds :data:`child_cpu_s` (each exited child's CPU, read from /proc before reaping).
 
 Known differences from a fresh process, none of which the tests observe: the child's parent is the server, it shares
 the server's hash seed (numpy's global random state is re-seeded), modules a command would not import are already
@@ -227,10 +227,13 @@ class ForkedPopen(subprocess.Popen):
         then lets the server reap the child (until then its pid cannot be reused: ``send_signal`` is safe)."""
         if self.returncode is None:
             try:
-                self.returncode = _receive(self._conn, timeout)["status"]
+                status = _receive(self._conn, timeout)
             except (TimeoutError, BlockingIOError):
                 return False
             self._conn.close()
+            self.returncode, self.cpu_s = status["status"], status["cpu_s"]
+            global child_cpu_s
+            child_cpu_s += self.cpu_s
         return True
 
     def _internal_poll(self, _deadstate=None, **_: Any) -> int | None:
@@ -254,6 +257,9 @@ def _umask() -> int:
 
 
 _server: ForkServer | None = None
+# CPU seconds of the forked children that have exited (a per-test profile can add it: it reaches os.times()'s
+# children time only when the server is reaped, at the end of the session).
+child_cpu_s = 0.0
 
 
 def server() -> ForkServer:
@@ -500,7 +506,7 @@ class _Server:
         job["status"] = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
         if not job["gone"]:
             try:
-                job["conn"].sendall(json.dumps({"status": job["status"]}).encode())
+                job["conn"].sendall(json.dumps({"status": job["status"], "cpu_s": _cpu_s(pid)}).encode())
             except OSError:
                 job["gone"] = True
         if job["gone"]:
@@ -526,6 +532,13 @@ class _Server:
             if job["status"] is None:
                 os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds of an exited, unreaped child and of the children it waited for (from /proc: a zombie keeps them)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
 
 
 def _child(request: dict[str, Any], fds: list[int]) -> None:
