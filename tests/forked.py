@@ -593,7 +593,7 @@ def _run_main(request: dict[str, Any]) -> int | None:
 
     try:
         if request["module"]:
-            sys.argv[0] = "-m"
+            sys.argv[:2] = ["-m"]  # python's argv for `-m lvforecast ARGS`: ["-m", ARGS...]; runpy fills argv[0] in
             runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
         else:
             runpy.run_path(request["script"], run_name="__main__")

@@ -138,6 +138,16 @@ def test_a_script_folder_that_shadows_a_preloaded_module_runs_for_real(light, tm
     assert proc.returncode == 1 and err == "the folder json\n"  # what a fresh python does with it
 
 
+def test_python_m_lvforecast_runs_as_python_runs_it(tmp_path):
+    server = forked.ForkServer(preload=("lvforecast.cli",), env=dict(os.environ))  # the CLI imports nothing heavy
+    try:
+        for argv in (["flops", "--seq-len", "768", "--lora-rank", "4"], ["flops", "--bogus"], []):
+            real, fork = both(server, [sys.executable, "-m", "lvforecast", *argv], cwd=tmp_path)
+            assert (fork.returncode, fork.stdout, fork.stderr) == (real.returncode, real.stdout, real.stderr), argv
+    finally:
+        server.close()
+
+
 @pytest.mark.slow
 def test_the_session_server_forks_train_py_as_python_runs_it(tmp_path):
     args = [sys.executable, str(ROOT / "train.py"), "seed=abc", "trainer=cpu"]
