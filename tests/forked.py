@@ -37,6 +37,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -155,6 +156,8 @@ class ForkServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.stdin.close()
             self.proc.wait(timeout=120)
+        if self.proc is not None:
+            shutil.rmtree(os.path.dirname(self.address), ignore_errors=True)  # the socket and the server's log
 
 
 def _same_folders(a: str | None, b: str | None) -> bool:
