@@ -14,12 +14,14 @@ the server, so pipes, ``communicate``, timeouts, ``send_signal`` and ``returncod
 behave as subprocess's. The server reaps a child only after the caller has read its status, so the pid is never
 recycled under a ``send_signal``.
 
-When it forks: the command is ``sys.executable <script.py> ...`` or ``sys.executable -m lvforecast ...`` with plain
-subprocess options, and the environment equals the server's (pytest's at start-up) except for keys in
+When it forks (Linux only): the command is ``sys.executable <script.py> ...`` or ``sys.executable -m lvforecast ...``
+with plain subprocess options, and the environment equals the server's (pytest's at start-up) except for keys in
 :data:`LAZY_ENV`, which nothing reads while the preloaded modules import (the server records every ``os.environ``
-read of its imports and refuses a key that was read), and a ``PYTHONPATH`` naming the same folders. Anything else
-(``python -c``, ``-X``/``-W`` flags, another ``HOME``, ``HF_*``, ``OMP_NUM_THREADS``, ``PATH``...) is read at start-up
-or import time and runs as a real subprocess. ``proc.forked`` says which it was (``proc.refused`` why not).
+read of its imports and refuses a key that was read), keys the imports set themselves (lightning_fabric sets
+PYTORCH_NVML_BASED_CUDA_CHECK=1: the child gets that value, as a fresh process importing it would), and a
+``PYTHONPATH`` naming the same folders. Anything else (``python -c``, ``-X``/``-W`` flags, another ``HOME``, ``HF_*``,
+``OMP_NUM_THREADS``, ``PATH``...) is read at start-up or import time and runs as a real subprocess. ``proc.forked``
+says which it was (``proc.refused`` why not); ``LVFORECAST_TEST_FORK_LOG=FILE`` lists them all.
 
 CPU accounting: the server is a child of the test process and is waited for at session end (:func:`shutdown`, from
 ``pytest_unconfigure``); it reaps (``waitpid``) every child it forked, so their CPU rolls up into the server's and then
@@ -37,6 +39,7 @@ import inspect
 import json
 import os
 import re
+import selectors
 import shutil
 import signal
 import socket
@@ -84,8 +87,8 @@ class ForkServer:
         self.preload, self.env = tuple(preload), dict(BASE_ENV if env is None else env)
         self.proc: subprocess.Popen | None = None
         self.info: dict[str, Any] = {}
-        self.disabled = "forking disabled by LVFORECAST_TEST_FORK=0" if self.env.get("LVFORECAST_TEST_FORK") == "0" \
-            else None
+        self.disabled = ("forking disabled by LVFORECAST_TEST_FORK=0" if self.env.get("LVFORECAST_TEST_FORK") == "0"
+                         else None if sys.platform == "linux" else "the fork server needs Linux (pidfd, /proc)")
         self._lock = threading.Lock()
 
     def refusal(self, args: Any, options: dict[str, Any]) -> str | None:
@@ -395,7 +398,8 @@ def _shadowed(folder: str) -> str | None:
             if os.path.isdir(path) and path not in list(module.__path__):
                 return name
         elif os.path.isfile(path) or os.path.isfile(os.path.join(path, "__init__.py")):
-            if not os.path.realpath(origin).startswith(os.path.realpath(path)):
+            real, loaded = os.path.realpath(path), os.path.realpath(origin)
+            if loaded != real and not loaded.startswith(real + os.sep):
                 return name
     return None
 
@@ -404,8 +408,6 @@ class _Server:
     """The server's loop: accept requests, fork children, report each exit, reap after the client has read it."""
 
     def __init__(self, listen_fd: int, preload: list[str]) -> None:
-        import selectors
-
         self.listener = socket.socket(fileno=listen_fd)
         sys.path[0] = str(ROOT)  # as for `python ROOT/train.py`, the commonest command
         read, scanned, self.wrote = _import_watching_env(preload)
@@ -433,7 +435,7 @@ class _Server:
                     return self.stop()
                 if kind == "accept":
                     conn, _ = self.listener.accept()
-                    self.selector.register(conn, 1, ("request", conn))
+                    self.selector.register(conn, selectors.EVENT_READ, ("request", conn))
                 elif kind == "request":
                     self.selector.unregister(obj)
                     self.request(obj)
@@ -498,8 +500,8 @@ class _Server:
                 os._exit(1)  # never back into the server's loop
         pidfd = os.pidfd_open(pid)
         self.jobs[pid] = {"conn": conn, "pidfd": pidfd, "status": None, "gone": False}
-        self.selector.register(pidfd, 1, ("exit", pid))
-        self.selector.register(conn, 1, ("client", pid))
+        self.selector.register(pidfd, selectors.EVENT_READ, ("exit", pid))
+        self.selector.register(conn, selectors.EVENT_READ, ("client", pid))
         conn.sendall(json.dumps({"pid": pid}).encode())
 
     def child_exited(self, pid: int) -> None:
