@@ -25,6 +25,9 @@ REAL_DATA = ROOT.parent / "shared" / "data" / "lotka_volterra_data.h5"
 # at another checkout of the repository.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
+# The fork server for entry-point subprocesses starts with this environment (forked.BASE_ENV, taken on import).
+import forked  # noqa: E402
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Put every ``smollm2`` test in the slow tier (loading the 135M model takes seconds, dequantizing ~20 s), and
@@ -45,6 +48,11 @@ def pytest_configure(config: pytest.Config) -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Stop the fork server and wait for it: its children's CPU then counts in this process's."""
+    forked.shutdown()
 
 
 @pytest.fixture(scope="session")

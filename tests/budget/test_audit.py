@@ -1,9 +1,9 @@
 """Op-level audit vs the analytic accountant: equal to the FLOP, component by component, on real models."""
 
 import json
-import subprocess
 import sys
 
+import forked
 import pytest
 import torch
 from conftest import ROOT
@@ -212,8 +212,8 @@ def tiny_config_dir(tmp_path):
 
 
 def _flops_audit(*argv):
-    return subprocess.run([sys.executable, "-m", "lvforecast", "flops", "--audit", *argv], capture_output=True,
-                          text=True, cwd=ROOT, timeout=600)
+    return forked.run([sys.executable, "-m", "lvforecast", "flops", "--audit", *argv], capture_output=True,
+                      text=True, cwd=ROOT, timeout=600)
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import sys
 import time
 from types import SimpleNamespace
 
+import forked
 import pytest
 import torch
 from conftest import TINY_RUN, compose_train
@@ -180,7 +181,7 @@ def test_training_process_killed_with_sigkill_leaves_a_ledger_reconcile_repairs(
     cmd = [sys.executable, str(ROOT / "train.py"), *TINY_RUN, "trainer.max_steps=100000",
            "trainer.val_check_interval=100000", "budget.commit_every_n_steps=1", "budget.commit_min_interval_s=0",
            f"paths.cache_dir={sim_cache}", f"budget.ledger_path={ledger_path}", f"hydra.run.dir={tmp_path}/run"]
-    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = forked.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _await_charges(ledger_path, steps=5, child=child)
         os.kill(child.pid, signal.SIGKILL)

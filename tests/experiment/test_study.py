@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
+import forked
 import pytest
 from conftest import CONF, REAL_DATA, ROOT
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from lvforecast.budget.ledger import Ledger
-from lvforecast.experiment.study import StudyRefusedError, run_study
+from lvforecast.experiment.study import StudyRefusedError, run_study, stages
 from lvforecast.experiment.study.spec import parse_stages
 from lvforecast.experiment.study.stages import launch_of
 from lvforecast.experiment.sweeps.halving import Rung, schedule, select, worst_case
@@ -21,6 +23,13 @@ from lvforecast.experiment.sweeps.plan import plan_sweep
 BASIC_STAGE_FILES = ["0", "1", "multirun.yaml", "plan.csv", "stage.json", "summary.csv", "summary.md",
                      "val_loss_curves.png"]
 STAGES = ["zero_shot", "default", "default_eval", "lr_rank", "context_length", "final", "final_eval"]
+
+
+@pytest.fixture(autouse=True)
+def forked_stages(monkeypatch):
+    """Each stage's `python train.py -m` / `evaluate.py -m` child (run_child's Popen, its own session) is forked from
+    the pre-imported server (tests/forked.py) instead of importing torch afresh."""
+    monkeypatch.setattr(stages, "subprocess", SimpleNamespace(Popen=forked.Popen))
 
 
 def _study(overrides: list[str]) -> dict:

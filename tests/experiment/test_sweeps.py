@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forked
 import pytest
 from conftest import CONF, ROOT, compose_train
 from hydra import compose, initialize_config_dir
@@ -27,11 +28,12 @@ TINY = ["model=tiny", "data=simulated", "trainer=cpu", "data.context_length=96",
 
 
 def multirun(args: list[str], cwd: Path, cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python train.py -m ARGS` from ``cwd`` (not the repository), with the simulated data in ``cache``."""
+    """`python train.py -m ARGS` from ``cwd`` (not the repository), with the simulated data in ``cache`` (forked from
+    the pre-imported server: tests/forked.py)."""
     env = {**os.environ, "LVFORECAST_CACHE": str(cache), "LVFORECAST_ROOT": str(cwd)}
     env.pop("LVFORECAST_LEDGER", None)
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return forked.run([sys.executable, str(ROOT / "train.py"), "-m", *args], cwd=cwd, env=env,
+                      capture_output=True, text=True, timeout=timeout)
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:

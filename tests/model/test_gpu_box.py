@@ -15,6 +15,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import forked
 import pytest
 import torch
 from conftest import CONF, ROOT, TINY_RUN, assert_one_error, compose_eval, compose_train
@@ -451,16 +452,16 @@ def test_compile_model_compiles_the_decoder_stack_in_place():
 # ---- the GPU benchmark ----------------------------------------------------------------------------------------
 @pytest.mark.slow  # a subprocess
 def test_the_gpu_benchmark_refuses_politely_without_a_gpu():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = forked.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py")], cwd=ROOT, capture_output=True,
+                      text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "needs a CUDA GPU" not in proc.stdout and "--smoke" in proc.stderr and "no CUDA GPU" in proc.stderr
 
 
 @pytest.mark.slow
 def test_the_gpu_benchmark_runs_its_code_on_the_cpu_in_smoke_mode():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = forked.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke"], cwd=ROOT,
+                      capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     parts = [r.split("|")[1].strip() for r in rows]

@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import forked
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -360,8 +361,8 @@ def test_train_py_with_a_text_file_ledger_prints_one_error_and_exits_1(sim_cache
     path, _ = _bad_ledger("text", tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LVFORECAST_ROOT": str(tmp_path), "LVFORECAST_CACHE": str(sim_cache)}
     env.pop("HYDRA_FULL_ERROR", None)
-    res = subprocess.run([PY, str(ROOT / "train.py"), *TINY_RUN, "trainer.max_steps=2", f"budget.ledger_path={path}",
-                          f"hydra.run.dir={tmp_path / 'run'}"], env=env, capture_output=True, text=True, timeout=300)
+    res = forked.run([PY, str(ROOT / "train.py"), *TINY_RUN, "trainer.max_steps=2", f"budget.ledger_path={path}",
+                      f"hydra.run.dir={tmp_path / 'run'}"], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 1
     assert f"error: ledger {path} is not a usable ledger: it is not an SQLite database" in res.stderr
     assert "Traceback" not in res.stderr
@@ -490,8 +491,8 @@ def test_summarize_a_folder_with_no_jobs_exits_1_and_writes_nothing(tmp_path, ca
 def _start(args: list[str], tmp_path: Path, cache: Path, script: str = "train.py") -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LVFORECAST_ROOT": str(tmp_path), "LVFORECAST_CACHE": str(cache)}
     env.pop("LVFORECAST_LEDGER", None)
-    return subprocess.Popen([PY, str(ROOT / script), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return forked.Popen([PY, str(ROOT / script), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, text=True)
 
 
 # What a run's progress is counted in: training steps, or an evaluation's batches (one generation charge each).
@@ -567,8 +568,8 @@ def test_a_sigtermed_multirun_records_the_job_writes_a_partial_summary_and_exits
     assert "not run: jobs 1, 2" in (sweep / "summary.md").read_text()
     (row,) = ledger_consistent(ledger)
     assert row["status"] == "interrupted"
-    res = subprocess.run([PY, "-m", "lvforecast", "sweeps", "summarize", str(sweep)], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    res = forked.run([PY, "-m", "lvforecast", "sweeps", "summarize", str(sweep)], capture_output=True, text=True,
+                     env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert res.returncode == 1 and "0 of 3 jobs finished; interrupted: job 0; missing: jobs 1, 2" in res.stderr
     assert "Traceback" not in res.stderr
 

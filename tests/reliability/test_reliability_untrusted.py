@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import forked
 import pytest
 import yaml
 from conftest import CONF, ROOT, TINY_RUN, assert_one_error, compose_eval, compose_train
@@ -92,9 +92,9 @@ def test_evaluate_py_crafted_run_creates_nothing_and_prints_no_secret(tmp_path, 
         "data": {"path": "${oc.env:LVF_SECRET_TOKEN}/x.h5"}})
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LVFORECAST_ROOT": str(tmp_path), "LVFORECAST_CACHE": str(sim_cache),
            "LVFORECAST_LEDGER": str(tmp_path / "ledger.sqlite"), "LVF_SECRET_TOKEN": SECRET}
-    proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), f"run_dir={run}", "budget.dry_run=true",
-                           f"hydra.run.dir={tmp_path / 'eval'}"], capture_output=True, text=True, cwd=tmp_path,
-                          env=env, timeout=120)
+    proc = forked.run([sys.executable, str(ROOT / "evaluate.py"), f"run_dir={run}", "budget.dry_run=true",
+                       f"hydra.run.dir={tmp_path / 'eval'}"], capture_output=True, text=True, cwd=tmp_path,
+                      env=env, timeout=120)
     assert_one_error(proc, str(run / "config.yaml"), "model.shape._target_", "data.path")
     assert SECRET not in proc.stdout + proc.stderr
     assert not victim.exists()

@@ -21,6 +21,7 @@ import threading
 from datetime import datetime
 from pathlib import Path
 
+import forked
 import pytest
 from conftest import ROOT, TINY_RUN, compose_train
 from omegaconf import open_dict
@@ -94,9 +95,9 @@ def failing_server():
 
 def run_script(script: str, overrides: list[str], tmp_path: Path, env: dict[str, str] | None = None,
                timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *overrides], cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+    return forked.run([sys.executable, str(ROOT / script), *overrides], cwd=tmp_path,
+                      env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+                      capture_output=True, text=True, timeout=timeout)
 
 
 def train_online(tmp_path: Path, sim_cache: Path, base_url: str, extra: list[str] = ()) -> tuple:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forked
 import pytest
 from conftest import ROOT, TINY_RUN, compose_eval, compose_train
 from wandb_records import read_run
@@ -180,7 +181,7 @@ def launch(sim_cache, tmp_path, sweep: Path, ranks: str) -> subprocess.Completed
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", *WANDB_RUN, "trainer.max_steps=2",
            "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", f"lora.r={ranks}", "sweep_name=wbtest",
            f"hydra.sweep.dir={sweep}", f"budget.ledger_path={tmp_path}/ledger.sqlite", f"paths.cache_dir={sim_cache}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    proc = forked.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
