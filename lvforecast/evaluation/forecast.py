@@ -241,20 +241,21 @@ def forecast(
     price = functools.partial(generation_flops, shape_of(model), lora=lora, prefill_logits="last",
                               head_rows=ALPHABET_SIZE if loop and head == "alphabet" else None)
     values, steps_parsed = np.full((n_series * k, horizon_steps, 2), np.nan), []  # NaN past each parsed prefix
-    point = values[:0, 0]  # (n, H, 2) point forecasts of the first n series, all of whose samples are parsed
+    point = np.full((n_series, horizon_steps, 2), np.nan)  # each series' median over its k samples, once all parsed
 
-    def parse(texts: list[str]) -> None:  # parse the rows decoded since the last call; update ``point``, keep it
-        nonlocal point
+    def parse(texts: list[str]) -> None:  # parse the rows decoded since the last call; keep the series now complete
+        first = len(steps_parsed) // k  # series before it were complete at the last call
         for r in range(len(steps_parsed), len(texts)):  # row r is a sample of series r // k
             parsed, n = decode(texts[r], scales[r // k], decimals)
             n = min(n, horizon_steps)
             values[r, :n] = parsed[:n]
             steps_parsed.append(n)
+        done = len(texts) // k
         with warnings.catch_warnings():  # an all-NaN step stays NaN, as documented
             warnings.simplefilter("ignore", RuntimeWarning)
-            point = np.nanmedian(values[: len(texts) // k * k].reshape(-1, k, horizon_steps, 2), axis=1)
+            point[first:done] = np.nanmedian(values[first * k:done * k].reshape(-1, k, horizon_steps, 2), axis=1)
         if keep is not None:
-            keep(point)
+            keep(point[:done])
 
     texts, new_tokens, flops = _generate_all(run, model, tokenizer, char_ids, prompts,
                                              row_batches(n_series, k, batch_size), seed, price, charge, parse)
