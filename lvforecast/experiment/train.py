@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lvforecast.atomic import atomic_dir
-from lvforecast.budget.ledger import BudgetExceededError, Ledger, RunOutcome, remaining_in
+from lvforecast.budget.ledger import BudgetExceededError, Ledger, LedgerBusyError, RunOutcome, remaining_in
 from lvforecast.budget.planning import Plan, plan_run, reserved_flops
 from lvforecast.budget.reservation import Reservation, await_leader, publish
 from lvforecast.budget.shapes import shape_of
@@ -162,8 +162,8 @@ def fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, run: 
             run.end(trainer.global_step, exit_status(exc))
         except UserError as err:  # e.g. the disk is full: the original error is the one to report
             log.warning("could not record the failed segment: %s", err)
-        if flop_cb is not None:  # charges a busy ledger left pending, before the run's ledger row is finished
-            flop_cb.flush(final=True)
+        if flop_cb is not None and not isinstance(exc, LedgerBusyError):  # a last commit that failed: not retried
+            flop_cb.flush(final=True)  # charges a busy ledger left pending, before the run's ledger row is finished
         raise
     finally:
         finish_wandb(loggers, exit_code=0 if ok else 1)  # every job finishes its own W&B run
