@@ -74,6 +74,9 @@ OPTIONS = {"cwd", "env", "stdin", "stdout", "stderr", "text", "universal_newline
 _DEFAULTS = {name: p.default for name, p in inspect.signature(subprocess.Popen).parameters.items()}
 _CHILD_FIELDS = list(inspect.signature(subprocess.Popen._execute_child).parameters)[1:]  # after self
 
+# The handlers a forked child resets to what a fresh ``python`` would start with.
+_RESET_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+                  signal.SIGUSR2, signal.SIGALRM)
 _RealPopen = subprocess.Popen  # kept: a test may monkeypatch subprocess.Popen
 
 
@@ -208,7 +211,9 @@ class ForkedPopen(subprocess.Popen):
                    "script": None if argv[1] == "-m" else argv[1],
                    "cwd": os.path.abspath(os.fsdecode(child["cwd"] or os.curdir)),
                    "env": {os.fsdecode(k): os.fsdecode(v) for k, v in env.items()}, "umask": _umask(),
-                   "new_session": bool(child["start_new_session"])}
+                   "new_session": bool(child["start_new_session"]),
+                   # exec keeps an ignored signal ignored (a background job's SIGINT): the child starts with them
+                   "ignored": [int(s) for s in _RESET_SIGNALS if signal.getsignal(s) == signal.SIG_IGN]}
         # The child's stdin/stdout/stderr: the pipes or files Popen set up, else (None) this process's own.
         fds = [fd if fd != -1 else default for fd, default in
                ((child["p2cread"], 0), (child["c2pwrite"], 1), (child["errwrite"], 2))]
@@ -572,10 +577,9 @@ def _become(request: dict[str, Any], fds: list[int]) -> None:
     if request["new_session"]:
         os.setsid()
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    for signum in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
-                   signal.SIGALRM):
-        signal.signal(signum, signal.SIG_DFL)
+    for signum in _RESET_SIGNALS:  # as Python starts: SIGINT raises KeyboardInterrupt unless it was ignored
+        default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+        signal.signal(signum, signal.SIG_IGN if signum in request["ignored"] else default)
     os.umask(request["umask"])
     os.chdir(request["cwd"])
     os.environ.clear()  # through putenv/unsetenv: C code sees the new environment too

@@ -59,7 +59,17 @@ def both(server: forked.ForkServer, args: list[str], **options) -> tuple:
     return real, subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
-def test_a_forked_child_sees_what_a_real_subprocess_sees(light, tmp_path):
+@pytest.mark.parametrize("caller_sigint", ["handled", "ignored"])
+def test_a_forked_child_sees_what_a_real_subprocess_sees(light, tmp_path, caller_sigint):
+    # A job started in the background by a non-interactive shell ignores SIGINT, and so does every child it execs.
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN if caller_sigint == "ignored" else signal.default_int_handler)
+    try:
+        _compare_with_a_real_subprocess(light, tmp_path, caller_sigint == "ignored")
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _compare_with_a_real_subprocess(light, tmp_path, sigint_ignored):
     probe = script(tmp_path, "probe.py", PROBE)
     work = tmp_path / "work"
     work.mkdir()
@@ -70,7 +80,8 @@ def test_a_forked_child_sees_what_a_real_subprocess_sees(light, tmp_path):
     seen, expected = json.loads(fork.stdout), json.loads(real.stdout)
     assert seen == expected
     assert seen["cwd"] == str(work) and seen["env"]["LVFORECAST_X"] == seen["c_env"] == "forked"
-    assert seen["handlers"][:3] == [str(signal.default_int_handler), str(signal.SIG_DFL), str(signal.SIG_DFL)]
+    sigint = signal.SIG_IGN if sigint_ignored else signal.default_int_handler
+    assert seen["handlers"][:3] == [str(sigint), str(signal.SIG_DFL), str(signal.SIG_DFL)]
     assert not seen["session_leader"] and seen["root_handlers"] == 0
 
     _, fork = both(light, [sys.executable, probe], start_new_session=True, stdin=subprocess.DEVNULL)
