@@ -148,6 +148,13 @@ def tiny_run(sim_cache, tmp_path_factory) -> FinishedRun:
     return FinishedRun(cfg, train(cfg), out)
 
 
+def user_env(root: Path | None = None) -> dict[str, str]:
+    """This environment without the project's and W&B's keys (W&B off), the project rooted in ``root``: a user's
+    shell for an entry-point subprocess, which then forks from the pre-imported server (tests/forked.py)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LVFORECAST_", "WANDB_"))}
+    return {**env, **({"LVFORECAST_ROOT": str(root)} if root is not None else {}), "WANDB_MODE": "disabled"}
+
+
 def assert_one_error(proc: subprocess.CompletedProcess, *names: str) -> str:
     """Exit status 1, an ``error:`` block naming each of ``names``, no traceback; returns the first error line."""
     assert proc.returncode == 1, proc.stderr[-3000:]

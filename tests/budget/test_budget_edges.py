@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import sqlite3
 
+import forked
 import h5py
 import numpy as np
 import pytest
-from conftest import TINY_RUN, compose_train
+from conftest import TINY_RUN, compose_train, user_env
 
 from lvforecast.budget.formulas import forward_flops
 from lvforecast.budget.ledger import Ledger
@@ -263,7 +264,6 @@ def test_resume_with_a_cosine_schedule_continues_its_rate(sim_cache, tmp_path):
 @pytest.mark.slow
 def test_two_ranks_share_one_budget_and_stop_after_the_same_step(sim_cache, tmp_path):
     import re
-    import subprocess
     import sys
 
     from conftest import ROOT
@@ -277,8 +277,7 @@ def test_two_ranks_share_one_budget_and_stop_after_the_same_step(sim_cache, tmp_
     cmd = [sys.executable, str(ROOT / "train.py"), *BASE, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
            "trainer.max_steps=50", "trainer.val_check_interval=100", f"budget.run_cap_flops={cap}",
            f"paths.cache_dir={sim_cache}", f"budget.ledger_path={ledger_path}", f"hydra.run.dir={tmp_path}/run"]
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    proc = forked.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=user_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     stops = sorted(re.findall(r"rank (\d) stopping after step (\d+)", proc.stdout + proc.stderr))
     assert stops == [("0", str(k)), ("1", str(k))]
@@ -332,7 +331,6 @@ def test_a_reservation_grows_only_from_what_the_study_has_left(tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_that_finish_are_charged_their_plan_and_validate_the_final_weights(sim_cache, tmp_path):
-    import subprocess
     import sys
 
     from conftest import ROOT
@@ -340,8 +338,7 @@ def test_two_ranks_that_finish_are_charged_their_plan_and_validate_the_final_wei
     cmd = [sys.executable, str(ROOT / "train.py"), *BASE, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
            "trainer.max_steps=4", "trainer.val_check_interval=3", f"paths.cache_dir={sim_cache}",
            f"budget.ledger_path={tmp_path / 'ledger.sqlite'}", f"hydra.run.dir={tmp_path}/run"]
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    proc = forked.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=user_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = Ledger(tmp_path / "ledger.sqlite", budget=None).runs()
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())

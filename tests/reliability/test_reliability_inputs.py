@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forked
 import h5py
 import numpy as np
 import pytest
@@ -80,11 +81,11 @@ def assert_one_message(err: pytest.ExceptionInfo, *needles: str) -> str:
 
 def _env(world: dict[str, Path], cache: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "LVFORECAST_ROOT": str(world["tmp"]),
-            "LVFORECAST_CACHE": str(cache), "LVFORECAST_LEDGER": str(world["ledger"]), "OMP_NUM_THREADS": "1"}
+            "LVFORECAST_CACHE": str(cache), "LVFORECAST_LEDGER": str(world["ledger"])}
 
 
 def _run(world: dict[str, Path], cache: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=world["tmp"],
+    return forked.run([sys.executable, *args], capture_output=True, text=True, cwd=world["tmp"],
                           env=_env(world, cache), timeout=300)
 
 
