@@ -101,6 +101,15 @@ def test_exit_statuses_and_tracebacks_are_pythons(light, tmp_path):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_a_running_child_takes_signals_as_a_real_one(light, tmp_path, signum):
+    # As from a foreground shell: a child of a background job would ignore SIGINT (the test above).
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _signal_a_running_child(light, tmp_path, signum)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _signal_a_running_child(light, tmp_path, signum):
     sleeper = script(tmp_path, "sleeper.py", SLEEPER)
     proc = forked.ForkedPopen(light, [sys.executable, sleeper], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
