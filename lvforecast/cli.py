@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, get_args
 from lvforecast.errors import TRACEBACK_SWITCH, UserError, print_user_error
 
 if TYPE_CHECKING:
-    from lvforecast.budget.breakdown import Breakdown
+    from lvforecast.budget.formulas import Breakdown
     from lvforecast.budget.shapes import Conventions, LoRASpec, ModelShape
 
 
