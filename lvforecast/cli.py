@@ -104,15 +104,14 @@ def _flops(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace, analytic: Breakdown, lora: LoRASpec | None) -> int:
     """Print the audited forward beside ``analytic``; 0 when they agree and every op was priced, else 1."""
-    from lvforecast.budget.audit import audit_architecture
+    from lvforecast.budget.audit import audit_architecture, compare
     from lvforecast.budget.shapes import resolve_config
 
     audited = audit_architecture(resolve_config(args.model), args.batch, args.seq_len, lora,
                                  analytic.conventions.count_loss)
     counts = {"analytic": analytic.as_dict(), "audited": audited.components}
     names = list(dict.fromkeys([*counts["analytic"], *counts["audited"]]))
-    rows = [(n, counts["audited"].get(n, 0), counts["analytic"].get(n, 0)) for n in names]
-    differ = [n for n, aud, ana in rows if aud != ana]
+    differ = list(compare(counts["audited"], counts["analytic"]))
     if args.json:
         report = {"model": args.model, "batch": args.batch, "seq_len": args.seq_len,
                   "conventions": dataclasses.asdict(analytic.conventions),
@@ -124,6 +123,7 @@ def _audit(args: argparse.Namespace, analytic: Breakdown, lora: LoRASpec | None)
         lines = [f"{args.model} forward, B={args.batch} N={args.seq_len}: audited (random init, eager) vs analytic",
                  f"conventions: {analytic.conventions.describe()}",
                  f"{'component':<{width}}  {'audited':>22}  {'analytic':>22}  {'audited - analytic':>20}"]
+        rows = [(n, counts["audited"].get(n, 0), counts["analytic"].get(n, 0)) for n in names]
         for name, aud, ana in [*rows, ("total", audited.total, analytic.total)]:
             lines.append(f"{name:<{width}}  {aud:>22,}  {ana:>22,}  {aud - ana:>20,}")
         lines += [f"free (priced, not charged): {name} {flops:,}" for name, flops in audited.free.items()]
