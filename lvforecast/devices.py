@@ -1,4 +1,5 @@
-"""Which device a run works on: an evaluation's ``device`` key, the trainer's accelerator and its precision.
+"""Which device a run works on: an evaluation's ``device`` key, the trainer's accelerator and its precision; and
+what this machine must have for a run to start (:func:`check_machine`).
 
 Importing registers ``${lv_precision:${.accelerator}}`` (:func:`training_precision`, for ``conf/trainer/``) and
 initialises no CUDA.
@@ -82,6 +83,26 @@ def accelerator_problems(trainer: Any) -> list[str]:
     if int_at_least(devices, 1) and devices > count:
         return [f"trainer.devices={devices}: this machine has {count} CUDA GPU(s); allowed: 1 to {count} (or -1: all)"]
     return []
+
+
+def check_machine(model: Any, trainer: Any = None, device: str | None = None) -> None:
+    """Raise one :class:`UserError` listing everything this machine lacks: the ``model`` node's weights (a
+    directory, cached, or downloadable), the GPU a training ``trainer`` node or an evaluation's ``device`` wants.
+
+    Only ``train()`` and ``evaluate()`` call it, before a run directory is claimed, FLOPs are reserved or a model
+    loads: a dry run, the multirun pre-flight and a study's plan validate configs that may run on another machine.
+    """
+    from lvforecast.model.source import source_problems
+
+    problems = accelerator_problems(trainer) if trainer is not None else []
+    if device is not None:
+        try:
+            resolve_device(device)
+        except UserError as err:
+            problems.append(str(err))
+    problems += source_problems(model)
+    if problems:
+        raise UserError("this machine cannot run the config:\n  - " + "\n  - ".join(problems))
 
 
 def training_precision(accelerator: Any) -> str:
