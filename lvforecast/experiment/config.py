@@ -12,8 +12,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lvforecast.budget.planning import Pricing, RunShape
-from lvforecast.budget.schedule import Schedule
+from lvforecast.budget.planning import Pricing, RunShape, Schedule
 from lvforecast.budget.shapes import ALPHABET_SIZE, HEADS, Conventions, LoRASpec, ModelShape
 from lvforecast.data.encoding import check_tokenizer, size_problems
 from lvforecast.devices import device_problems
