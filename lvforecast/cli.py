@@ -138,8 +138,8 @@ def _audit(args: argparse.Namespace, analytic: Breakdown, lora: LoRASpec | None)
 
 
 def _add_budget(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from lvforecast.budget.journal import JOURNAL_ENV, JOURNAL_MODES
     from lvforecast.budget.ledger import DEFAULT_LEDGER, LEDGER_ENV, STALE_AFTER_S
+    from lvforecast.budget.store import JOURNAL_ENV, JOURNAL_MODES
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--ledger", type=Path, default=None,
