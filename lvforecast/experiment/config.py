@@ -15,10 +15,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from lvforecast.budget.planning import Pricing, RunShape, Schedule
 from lvforecast.budget.shapes import ALPHABET_SIZE, HEADS, Conventions, LoRASpec, ModelShape
 from lvforecast.data.encoding import check_tokenizer, size_problems
-from lvforecast.devices import device_problems
+from lvforecast.devices import device_problems, resolve_threads
 from lvforecast.errors import UserError
 from lvforecast.model.lora import lora_config_problems
-from lvforecast.threads import resolve_threads
 from lvforecast.tracking.loggers import wandb_problems
 from lvforecast.validate import int_at_least as _int_at_least
 from lvforecast.validate import is_finite_number as _finite
