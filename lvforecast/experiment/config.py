@@ -1,5 +1,7 @@
 """A run's config, read once: every key checked before anything heavy loads (one UserError listing every problem),
 then the ``Pricing`` and ``RunShape`` that :mod:`lvforecast.budget.planning` takes (planning never reads the config).
+Importing registers ``${lv_val_batches:WINDOWS}`` (:func:`val_batches`, for ``trainer.limit_val_batches``), as
+importing :mod:`lvforecast.experiment` does.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ SEED_MAX = 2**32 - 1  # numpy's (and so Lightning's seed_everything's) range is 
 # What Lightning's Trainer makes of these arguments when they are left out (its signature says None and the
 # Trainer resolves them); tests/budget/test_planning.py holds this against a real Trainer so it cannot drift.
 LIGHTNING_DEFAULTS: dict[str, Any] = {"num_sanity_val_steps": 2, "limit_val_batches": 1.0, "val_check_interval": 1.0}
+VAL_BATCHES_RESOLVER = "lv_val_batches"
 
 
 def check_train_config(cfg: DictConfig, start_step: int = 0) -> None:
@@ -186,6 +189,35 @@ def trainer_setting(trainer_cfg: DictConfig, key: str) -> Any:
     """``trainer.<key>`` as the Trainer will see it: the config's value, else Lightning's own default."""
     value = trainer_cfg.get(key)
     return LIGHTNING_DEFAULTS[key] if value is None else value
+
+
+def val_batches(windows: Any, *, _root_: Any) -> int:
+    """``${lv_val_batches:WINDOWS}``: a fixed validation slice stated in windows, as ``trainer.limit_val_batches``:
+    the batch count of the first ``windows`` validation windows at ``data.val_batch_size`` (``data.batch_size`` when
+    null) of the whole config ``_root_`` (OmegaConf passes it). Lightning limits validation in batches; stated in
+    windows, the slice (and ``val/loss``) stays the same first windows whatever ``data.val_batch_size``
+    (docs/clusters-and-gpus.md).
+
+    Raises:
+        UserError: ``windows`` is not a whole number of validation batches (the keys and the sizes that fit named).
+    """
+    data = _root_.data
+    size = data.get("val_batch_size") or data.get("batch_size")
+    if not _int_at_least(windows, 1):
+        raise UserError(f"${{{VAL_BATCHES_RESOLVER}:{windows!r}}}: the windows validated must be an integer >= 1")
+    if not _int_at_least(size, 1):
+        raise UserError(f"data.val_batch_size={data.get('val_batch_size')!r} (data.batch_size="
+                        f"{data.get('batch_size')!r}): must be an integer >= 1 to validate {windows} windows")
+    if windows % size:
+        fits = [d for d in range(1, windows + 1) if windows % d == 0]
+        raise UserError(f"data.val_batch_size={size}: trainer.limit_val_batches validates the first {windows} windows "
+                        f"(${{{VAL_BATCHES_RESOLVER}:{windows}}}), which is not a whole number of batches of {size}; "
+                        f"allowed data.val_batch_size: {', '.join(map(str, fits))}")
+    return windows // size
+
+
+if not OmegaConf.has_resolver(VAL_BATCHES_RESOLVER):
+    OmegaConf.register_new_resolver(VAL_BATCHES_RESOLVER, val_batches)
 
 
 def world_size(trainer_cfg: DictConfig) -> int:
