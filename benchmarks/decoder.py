@@ -32,8 +32,7 @@ from lvforecast.budget.shapes import shape_of
 from lvforecast.data.encoding import STUDY_DECIMALS, STUDY_SCALE
 from lvforecast.data.simulate import simulate_systems
 from lvforecast.devices import resolve_threads
-from lvforecast.evaluation.decoder import AlphabetLogits, decode, preallocated_cache
-from lvforecast.evaluation.forecast import generation_config
+from lvforecast.evaluation.decoder import AlphabetLogits, decode, generation_config, preallocated_cache
 from lvforecast.evaluation.grammar import Grammar, LLMTimeLogitsProcessor, StepsStoppingCriteria, compile_grammar
 from lvforecast.model.loading import build_tiny_qwen, load_smollm2
 from lvforecast.utils import project_cache_dir
