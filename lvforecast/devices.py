@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
-from lvforecast.errors import UserError
+from lvforecast.errors import UserError, raise_problems
 from lvforecast.validate import int_at_least
 
 if TYPE_CHECKING:
@@ -111,8 +111,7 @@ def check_machine(model: Any, trainer: Any = None, device: str | None = None) ->
         except UserError as err:
             problems.append(str(err))
     problems += source_problems(model)
-    if problems:
-        raise UserError("this machine cannot run the config:\n  - " + "\n  - ".join(problems))
+    raise_problems("this machine cannot run the config", problems, listed=True)
 
 
 def training_precision(accelerator: Any) -> str:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from lvforecast.budget.formulas import generation_flops
 from lvforecast.budget.shapes import ALPHABET_SIZE, HEADS, Head, LoRASpec, shape_of
 from lvforecast.data.encoding import ALPHABET, decode, encode_prompt
-from lvforecast.errors import UserError
+from lvforecast.errors import UserError, raise_problems
 from lvforecast.evaluation.decoder import AlphabetLogits, Decoded, full_and_alphabet_bias, generate, generation_config
 from lvforecast.evaluation.decoder import decode as decode_batch
 from lvforecast.evaluation.grammar import Grammar, compile_grammar, max_new_tokens_bound
@@ -125,8 +125,7 @@ def _check_args(series: np.ndarray, scales: list[float], decimals: int, **settin
         grammar = Grammar(max_int_digits=settings["max_int_digits"], decimals=decimals)
     except ValueError as err:
         problems.append(str(err))
-    if problems:
-        raise UserError("invalid forecast arguments: " + "; ".join(problems))
+    raise_problems("invalid forecast arguments", problems)
     return grammar
 
 

@@ -18,7 +18,7 @@ from lvforecast.budget.planning import Pricing, RunShape, Schedule
 from lvforecast.budget.shapes import ALPHABET_SIZE, HEADS, Conventions, LoRASpec, ModelShape
 from lvforecast.data.encoding import check_tokenizer, size_problems
 from lvforecast.devices import device_problems, resolve_threads
-from lvforecast.errors import UserError
+from lvforecast.errors import UserError, raise_problems
 from lvforecast.model.lora import lora_config_problems
 from lvforecast.tracking.loggers import wandb_problems
 from lvforecast.validate import int_at_least, is_finite_number, name_problem
@@ -87,8 +87,7 @@ def _raise_problems(cfg: DictConfig, problems: list[str]) -> None:
     problems += [p for key in ("sweep_name", "budget.run_name")
                  if (p := name_problem(key, OmegaConf.select(cfg, key, default=None))) is not None]
     problems += number_problems(cfg, problems)
-    if problems:
-        raise UserError("invalid config:\n  - " + "\n  - ".join(problems))
+    raise_problems("invalid config", problems, listed=True)
 
 
 # Numeric keys checked nowhere else (each owner checks its own range): a boolean or a non-finite number is refused.
