@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 
 def _add_flops(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from lvforecast.budget.shapes import BUILTIN, HEADS, AttentionWidth, MaskForm, NormForm, RopeForm
+    from lvforecast.budget.shapes import BUILTIN, HEADS, AttentionWidth, Conventions, MaskForm, NormForm, RopeForm
 
     p = sub.add_parser("flops", help="analytic FLOPs of a forward or training step (no weights loaded)",
                        description="Analytic FLOPs of a forward or training step (no weights loaded); with --audit, "
@@ -40,10 +40,8 @@ def _add_flops(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated wrapped projections")
     p.add_argument("--logit-bias", action="store_true", help="count the trainable output-logit bias")
     p.add_argument("--mode", choices=("forward", "train"), default="forward", help="train = 3 x forward")
-    p.add_argument("--attention", choices=get_args(AttentionWidth), default=None, help="default mha")
-    p.add_argument("--mask", choices=get_args(MaskForm), default=None, help="default full")
-    p.add_argument("--rope", choices=get_args(RopeForm), default=None, help="default add")
-    p.add_argument("--norm", choices=get_args(NormForm), default=None, help="default divide")
+    for key, form in (("attention", AttentionWidth), ("mask", MaskForm), ("rope", RopeForm), ("norm", NormForm)):
+        p.add_argument(f"--{key}", choices=get_args(form), default=None, help=f"default {getattr(Conventions(), key)}")
     p.add_argument("--implemented", action="store_true",
                    help="defaults as Hugging Face eager runs: gqa, additive, rotate_half, rsqrt")
     p.add_argument("--loss", action="store_true", help="count the cross-entropy loss")
