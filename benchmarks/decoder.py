@@ -31,11 +31,10 @@ from transformers import DynamicCache, LogitsProcessorList, StoppingCriteriaList
 from lvforecast.budget.shapes import shape_of
 from lvforecast.data.encoding import STUDY_DECIMALS, STUDY_SCALE
 from lvforecast.data.simulate import simulate_systems
-from lvforecast.evaluation.decoder import AlphabetLogits, decode, preallocated_cache
-from lvforecast.evaluation.generation import generation_config
+from lvforecast.devices import resolve_threads
+from lvforecast.evaluation.decoder import AlphabetLogits, decode, generation_config, preallocated_cache
 from lvforecast.evaluation.grammar import Grammar, LLMTimeLogitsProcessor, StepsStoppingCriteria, compile_grammar
 from lvforecast.model.loading import build_tiny_qwen, load_smollm2
-from lvforecast.threads import resolve_threads
 from lvforecast.utils import project_cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, get_args
 from lvforecast.errors import TRACEBACK_SWITCH, UserError, print_user_error
 
 if TYPE_CHECKING:
-    from lvforecast.budget.breakdown import Breakdown
+    from lvforecast.budget.formulas import Breakdown
     from lvforecast.budget.shapes import Conventions, LoRASpec, ModelShape
 
 
 def _add_flops(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from lvforecast.budget.shapes import BUILTIN, HEADS, AttentionWidth, MaskForm, NormForm, RopeForm
+    from lvforecast.budget.shapes import BUILTIN, HEADS, AttentionWidth, Conventions, MaskForm, NormForm, RopeForm
 
     p = sub.add_parser("flops", help="analytic FLOPs of a forward or training step (no weights loaded)",
                        description="Analytic FLOPs of a forward or training step (no weights loaded); with --audit, "
@@ -40,10 +40,8 @@ def _add_flops(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated wrapped projections")
     p.add_argument("--logit-bias", action="store_true", help="count the trainable output-logit bias")
     p.add_argument("--mode", choices=("forward", "train"), default="forward", help="train = 3 x forward")
-    p.add_argument("--attention", choices=get_args(AttentionWidth), default=None, help="default mha")
-    p.add_argument("--mask", choices=get_args(MaskForm), default=None, help="default full")
-    p.add_argument("--rope", choices=get_args(RopeForm), default=None, help="default add")
-    p.add_argument("--norm", choices=get_args(NormForm), default=None, help="default divide")
+    for key, form in (("attention", AttentionWidth), ("mask", MaskForm), ("rope", RopeForm), ("norm", NormForm)):
+        p.add_argument(f"--{key}", choices=get_args(form), default=None, help=f"default {getattr(Conventions(), key)}")
     p.add_argument("--implemented", action="store_true",
                    help="defaults as Hugging Face eager runs: gqa, additive, rotate_half, rsqrt")
     p.add_argument("--loss", action="store_true", help="count the cross-entropy loss")
@@ -104,15 +102,14 @@ def _flops(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace, analytic: Breakdown, lora: LoRASpec | None) -> int:
     """Print the audited forward beside ``analytic``; 0 when they agree and every op was priced, else 1."""
-    from lvforecast.budget.audit import audit_architecture
+    from lvforecast.budget.audit import audit_architecture, compare
     from lvforecast.budget.shapes import resolve_config
 
     audited = audit_architecture(resolve_config(args.model), args.batch, args.seq_len, lora,
                                  analytic.conventions.count_loss)
     counts = {"analytic": analytic.as_dict(), "audited": audited.components}
     names = list(dict.fromkeys([*counts["analytic"], *counts["audited"]]))
-    rows = [(n, counts["audited"].get(n, 0), counts["analytic"].get(n, 0)) for n in names]
-    differ = [n for n, aud, ana in rows if aud != ana]
+    differ = list(compare(counts["audited"], counts["analytic"]))
     if args.json:
         report = {"model": args.model, "batch": args.batch, "seq_len": args.seq_len,
                   "conventions": dataclasses.asdict(analytic.conventions),
@@ -124,6 +121,7 @@ def _audit(args: argparse.Namespace, analytic: Breakdown, lora: LoRASpec | None)
         lines = [f"{args.model} forward, B={args.batch} N={args.seq_len}: audited (random init, eager) vs analytic",
                  f"conventions: {analytic.conventions.describe()}",
                  f"{'component':<{width}}  {'audited':>22}  {'analytic':>22}  {'audited - analytic':>20}"]
+        rows = [(n, counts["audited"].get(n, 0), counts["analytic"].get(n, 0)) for n in names]
         for name, aud, ana in [*rows, ("total", audited.total, analytic.total)]:
             lines.append(f"{name:<{width}}  {aud:>22,}  {ana:>22,}  {aud - ana:>20,}")
         lines += [f"free (priced, not charged): {name} {flops:,}" for name, flops in audited.free.items()]
@@ -138,8 +136,8 @@ def _audit(args: argparse.Namespace, analytic: Breakdown, lora: LoRASpec | None)
 
 
 def _add_budget(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from lvforecast.budget.journal import JOURNAL_ENV, JOURNAL_MODES
     from lvforecast.budget.ledger import DEFAULT_LEDGER, LEDGER_ENV, STALE_AFTER_S
+    from lvforecast.budget.store import JOURNAL_ENV, JOURNAL_MODES
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--ledger", type=Path, default=None,

@@ -1,4 +1,9 @@
-"""Which device a run works on: an evaluation's ``device`` key, the trainer's accelerator and its precision.
+"""Which device a run works on: an evaluation's ``device`` key, the trainer's accelerator and its precision, the
+torch CPU thread count (the ``threads`` key, docs/configuration.md#threads); and what this machine must have for a
+run to start (:func:`check_machine`).
+
+``threads: auto`` is 1 thread for a model whose decoder layers hold fewer than :data:`SMALL_MODEL_PARAMETERS`
+parameters (their matmuls are too small to split), else torch's default; an integer >= 1 sets the count.
 
 Importing registers ``${lv_precision:${.accelerator}}`` (:func:`training_precision`, for ``conf/trainer/``) and
 initialises no CUDA.
@@ -6,23 +11,29 @@ initialises no CUDA.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
-from lvforecast.errors import UserError
+from lvforecast.errors import UserError, raise_problems
 from lvforecast.validate import int_at_least
 
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger(__name__)
+
 DEVICE_CHOICES = "'auto' (the CUDA GPU when there is one, else the CPU), 'cpu', 'cuda', 'cuda:N'"
 GPU_ACCELERATORS = ("gpu", "cuda")
 PRECISION_RESOLVER = "lv_precision"
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+SMALL_MODEL_PARAMETERS = 10_000_000
 
 
 def device_problems(spec: Any, key: str = "device") -> list[str]:
@@ -84,6 +95,25 @@ def accelerator_problems(trainer: Any) -> list[str]:
     return []
 
 
+def check_machine(model: Any, trainer: Any = None, device: str | None = None) -> None:
+    """Raise one :class:`UserError` listing everything this machine lacks: the ``model`` node's weights (a
+    directory, cached, or downloadable), the GPU a training ``trainer`` node or an evaluation's ``device`` wants.
+
+    Only ``train()`` and ``evaluate()`` call it, before a run directory is claimed, FLOPs are reserved or a model
+    loads: a dry run, the multirun pre-flight and a study's plan validate configs that may run on another machine.
+    """
+    from lvforecast.model.source import source_problems
+
+    problems = accelerator_problems(trainer) if trainer is not None else []
+    if device is not None:
+        try:
+            resolve_device(device)
+        except UserError as err:
+            problems.append(str(err))
+    problems += source_problems(model)
+    raise_problems("this machine cannot run the config", problems, listed=True)
+
+
 def training_precision(accelerator: Any) -> str:
     """``trainer.precision`` for ``trainer.accelerator``: ``bf16-mixed`` on a GPU, ``16-mixed`` on a GPU without
     native bfloat16 (before Ampere), ``32-true`` on the CPU; a GPU accelerator where none is visible (a config
@@ -111,6 +141,40 @@ def describe_device(device: torch.device | str) -> str:
         return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
     except (RuntimeError, AssertionError):  # a device torch cannot name (it fails to initialise CUDA)
         return f"cuda:{index}"
+
+
+def layer_parameters(shape: Any) -> int:
+    """Weights of the decoder layers of a :class:`~lvforecast.budget.shapes.ModelShape` (embeddings and head out)."""
+    q, kv = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
+    return shape.n_layers * (2 * shape.hidden * q + 2 * shape.hidden * kv + 3 * shape.hidden * shape.intermediate)
+
+
+def resolve_threads(setting: Any, shape: Any | None, default: int) -> int:
+    """The thread count ``setting`` means for a model of ``shape`` (None: unknown, so ``default``).
+
+    Raises:
+        UserError: ``setting`` is neither ``auto`` nor an integer >= 1.
+    """
+    if setting == "auto":
+        return 1 if shape is not None and layer_parameters(shape) < SMALL_MODEL_PARAMETERS else default
+    if not int_at_least(setting, 1):
+        raise UserError(f"threads={setting!r}: allowed 'auto' or an integer >= 1")
+    return setting
+
+
+@contextmanager
+def torch_threads(setting: Any, shape: Any | None) -> Iterator[int]:
+    """Run the block with :func:`resolve_threads`'s count, logged, then restore the previous count."""
+    import torch
+
+    before = torch.get_num_threads()
+    count = resolve_threads(setting, shape, before)
+    torch.set_num_threads(count)
+    log.info("torch threads: %d (threads=%s)", count, setting)
+    try:
+        yield count
+    finally:
+        torch.set_num_threads(before)
 
 
 if not OmegaConf.has_resolver(PRECISION_RESOLVER):

@@ -25,6 +25,13 @@ class DivergedError(UserError):
     """Training stopped on a non-finite loss: the run's status is ``diverged``, its FLOPs charged."""
 
 
+def raise_problems(what: str, problems: list[str], listed: bool = False) -> None:
+    """Raise one :class:`UserError` naming every problem found (none: return): ``what: p1; p2``, or with ``listed``
+    one ``  - p`` line each after ``what:``."""
+    if problems:
+        raise UserError(f"{what}:" + ("\n  - " + "\n  - ".join(problems) if listed else " " + "; ".join(problems)))
+
+
 _OS_FIXES = {
     errno.ENOSPC: "the disk is full: free space or write elsewhere (paths.root_dir=...)",
     errno.EDQUOT: "the disk quota is exceeded: free space or write elsewhere (paths.root_dir=...)",

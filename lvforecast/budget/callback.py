@@ -3,7 +3,7 @@
 Contract (docs/budget.md#how-a-run-is-charged-flopbudget): a training batch costs 3 x the forward of the padded
 shape actually run, any other batch one forward, priced with the reservation's
 :class:`~lvforecast.budget.planning.Pricing`; after every optimizer step the guard stops the run when continuing
-(the plan's :class:`~lvforecast.budget.schedule.Schedule`) and a final validation do not fit. Distributed runs are
+(the plan's :class:`~lvforecast.budget.planning.Schedule`) and a final validation do not fit. Distributed runs are
 charged the sum over ranks; rank 0 alone writes the ledger and decides when to stop.
 """
 

@@ -3,16 +3,17 @@
 Contract: every count is an exact ``int`` from the study's cost table (:data:`PRIMITIVE_COST`) and the product
 rule ``(m x n) @ (n x p) = m p (2n - 1)``, given a :class:`ModelShape`, the padded batch ``(B, N)`` actually run, an
 optional :class:`LoRASpec` and the :class:`Conventions` (all in :mod:`lvforecast.budget.shapes`); results are
-:class:`Breakdown` objects. The symbols and every per-component rule are in docs/budget.md#the-formulas.
-``Conventions.as_implemented()`` reproduces what :mod:`lvforecast.budget.audit` measures, to the FLOP.
+:class:`Breakdown` objects of :class:`Component` lines (table, JSON, scaling). The symbols and every per-component
+rule are in docs/budget.md#the-formulas. ``Conventions.as_implemented()`` reproduces what
+:mod:`lvforecast.budget.audit` measures, to the FLOP.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lvforecast.budget.breakdown import Breakdown, Component
 from lvforecast.budget.shapes import DEFAULT_CONVENTIONS, Conventions, LoRASpec, ModelShape, NormForm
 from lvforecast.errors import UserError
 from lvforecast.validate import check_choice, is_int
@@ -30,6 +31,64 @@ SILU = _C["negate"] + _C["exp"] + _C["add"] + _C["divide"]
 SIGMOID = _C["negate"] + _C["exp"] + _C["add"] + _C["inverse"]
 #: ``1 / sqrt(x)`` per element: sqrt, inverse.
 RSQRT = _C["sqrt"] + _C["inverse"]
+
+
+@dataclass(frozen=True)
+class Component:
+    """One line of a breakdown: its name (shared with :mod:`lvforecast.budget.audit`), a Python-evaluable formula
+    over the breakdown's symbols, and its value in FLOPs."""
+
+    name: str
+    formula: str
+    flops: int
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """FLOPs of one pass split by ordered components; ``label`` says what was counted (e.g. ``forward`` or
+    ``train step = 3 x forward``), ``symbols`` the values of the formulas' symbols (``{"L": 24, "B": 4, ...}``)."""
+
+    label: str
+    components: tuple[Component, ...]
+    symbols: dict[str, int] = field(default_factory=dict)
+    conventions: Conventions = field(default_factory=Conventions)
+
+    @property
+    def total(self) -> int:
+        """Sum of all components, in FLOPs."""
+        return sum(c.flops for c in self.components)
+
+    def as_dict(self, nonzero: bool = False) -> dict[str, int]:
+        """Component name -> FLOPs (optionally dropping zero components), in breakdown order."""
+        return {c.name: c.flops for c in self.components if c.flops or not nonzero}
+
+    def scaled(self, factor: int, label: str) -> Breakdown:
+        """Every component times an integer ``factor`` (e.g. 3 for a training step)."""
+        comps = tuple(Component(c.name, f"{factor}*({c.formula})", factor * c.flops) for c in self.components)
+        return dataclasses.replace(self, label=label, components=comps)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict: ``label``, ``total``, ``conventions``, ``symbols`` and ``components``."""
+        return dict(label=self.label, total=self.total, conventions=dataclasses.asdict(self.conventions),
+                    symbols=dict(self.symbols), components=[dataclasses.asdict(c) for c in self.components])
+
+    def table(self, title: str = "") -> str:
+        """The breakdown as a fixed-width table (component, formula, FLOPs, share)."""
+        total = self.total
+        head = ["component", "formula", "FLOPs", "share"]
+        rows = [[c.name, c.formula, f"{c.flops:,}", f"{100 * c.flops / total:.2f}%" if total else "-"]
+                for c in self.components]
+        foot = ["total", "", f"{total:,}", "100.00%" if total else "-"]
+        widths = [max(len(r[i]) for r in [head, *rows, foot]) for i in range(4)]
+
+        def line(r: list[str]) -> str:
+            return f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}".rstrip()
+
+        rule = "-" * len(line(head))
+        symbols = " ".join(f"{k}={v}" for k, v in self.symbols.items())
+        out = [f"{title or self.label}: {total:.4e} FLOPs", f"conventions: {self.conventions.describe()}",
+               f"symbols: {symbols}", rule, line(head), rule, *map(line, rows), rule, line(foot)]
+        return "\n".join(out)
 
 
 def matmul_flops(m: int, n: int, p: int) -> int:

@@ -22,7 +22,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from lvforecast.budget import journal, store
+from lvforecast.budget import store
 from lvforecast.budget.liveness import boot_id, proc_stat, run_alive, same_machine
 from lvforecast.budget.status import FINISH_STATUSES, RunOutcome, RunStatus, exit_status
 from lvforecast.budget.store import KINDS, SCHEMA_VERSION, Kind, LedgerBusyError, as_count, as_flops
@@ -95,7 +95,7 @@ class Ledger:
         path: SQLite file (not ``:memory:``); parent directories are created.
         budget: total study budget in FLOPs, stored when the file is created; ``None`` adopts the stored budget.
         journal_mode: ``WAL``, ``DELETE``, ``TRUNCATE``, ``PERSIST`` (any case) or ``None`` (keep the file's);
-            see :mod:`lvforecast.budget.journal`, which reads the mount table ``mounts``.
+            see :func:`lvforecast.budget.store.set_journal_mode`, which reads the mount table ``mounts``.
         timeout_s: how long an operation waits for another process's write lock before failing.
 
     Raises:
@@ -109,7 +109,7 @@ class Ledger:
         if str(path) == ":memory:" or str(path) == "":
             raise UserError(f"path must be a file path, got {str(path)!r}: every operation opens its own connection")
         self.path = Path(path)
-        self.journal_mode = journal.checked_mode(journal_mode)
+        self.journal_mode = store.checked_mode(journal_mode)
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real) or not timeout_s > 0:
             raise UserError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
         self.timeout_s = float(timeout_s)
@@ -120,7 +120,7 @@ class Ledger:
             raise LedgerNotFoundError(f"no ledger at {self.path}; give a budget to create one, or {store.LEDGER_FIX}")
         self._warned_over: set[int] = set()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.journal_mode = journal.set_journal_mode(self.path, self.timeout_s, self.journal_mode, mounts)
+        self.journal_mode = store.set_journal_mode(self.path, self.timeout_s, self.journal_mode, mounts)
         with self._transaction() as conn:
             row = store.create_study(conn, requested, f"{socket.gethostname()}:{os.getpid()}")
             if row is None:  # raised inside the transaction, so the tables just created are rolled back

@@ -103,8 +103,7 @@ def _bars(ax: Any, rows: list[dict[str, Any]], ylabels: list[str], notes: list[s
         ax.text(r["total"], yi, note, va="center", fontsize=8)
     ax.set_yticks(y, ylabels, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("FLOPs")
-    ax.set_title(title)
+    ax.set(xlabel="FLOPs", title=title)
     return max(left, default=0.0)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from lvforecast.data.alphabet import ALPHABET
-from lvforecast.errors import UserError
+from lvforecast.errors import UserError, raise_problems
 from lvforecast.validate import check_choice, is_int
 
 #: Linear layers of a Qwen2/Llama decoder layer, in execution order; LoRA may target any of them.
@@ -54,8 +54,7 @@ class ModelShape:
                     if not is_int(getattr(self, name)) or getattr(self, name) < 1]
         if not problems and self.n_heads % self.n_kv_heads:
             problems.append(f"n_kv_heads={self.n_kv_heads}: must divide n_heads={self.n_heads}")
-        if problems:
-            raise UserError("invalid ModelShape: " + "; ".join(problems))
+        raise_problems("invalid ModelShape", problems)
 
     @classmethod
     def from_hf_config(cls, config: Any) -> ModelShape:

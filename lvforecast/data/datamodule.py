@@ -33,7 +33,7 @@ from lvforecast.data.windows import (
     tokenize_series,
     window_spans,
 )
-from lvforecast.errors import UserError
+from lvforecast.errors import UserError, raise_problems
 from lvforecast.validate import int_at_least
 
 log = logging.getLogger(__name__)
@@ -103,8 +103,7 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         super().__init__()
         sizes = dict(context_length=context_length, stride_steps=stride_steps, batch_size=batch_size)
         problems = size_problems(decimals, **sizes, scale_context_steps=scale_context_steps)
-        if problems:
-            raise UserError("invalid data config: " + "; ".join(problems))
+        raise_problems("invalid data config", problems)
         self.path = str(path)
         self.tokenizer = tokenizer
         self.context_length = context_length

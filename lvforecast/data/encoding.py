@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lvforecast.data.alphabet import ALPHABET
-from lvforecast.errors import UserError
+from lvforecast.errors import UserError, raise_problems
 from lvforecast.validate import int_at_least
 
 STEP_SEP = ";"
@@ -55,8 +55,7 @@ class ScaleRule:
                 problems.append(f"data.scale.{key}={val!r}: must be a finite number > 0")
         if not (isinstance(self.percentile, (int, float)) and 0 <= self.percentile <= 100):
             problems.append(f"data.scale.percentile={self.percentile!r}: must be in [0, 100]")
-        if problems:
-            raise UserError("invalid scale rule: " + "; ".join(problems))
+        raise_problems("invalid scale rule", problems)
 
     def scale_for(self, context: np.ndarray) -> float:
         """Positive, finite divisor of one series from its (T_ctx, 2) context only; 1.0 if that percentile is 0."""

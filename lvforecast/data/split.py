@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lvforecast.errors import UserError
+from lvforecast.errors import UserError, raise_problems
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,7 @@ def split_systems(n_systems: int, fractions: Sequence[float] = (0.8, 0.1, 0.1), 
     bad = [i for i in pinned_test_systems if not (isinstance(i, (int, np.integer)) and 0 <= i < n_systems)]
     if bad:
         problems.append(f"data.pinned_test_systems has {bad}: ids must be in [0, {n_systems - 1}] for this file")
-    if problems:
-        raise UserError("invalid split: " + "; ".join(problems))
+    raise_problems("invalid split", problems)
     pinned = sorted(set(int(i) for i in pinned_test_systems))
     n_train, n_val = round(fr[0] * n_systems), round(fr[1] * n_systems)
     n_test = n_systems - n_train - n_val

@@ -30,10 +30,9 @@ from tqdm.auto import tqdm
 from lvforecast.budget.formulas import generation_flops
 from lvforecast.budget.shapes import ALPHABET_SIZE, HEADS, Head, LoRASpec, shape_of
 from lvforecast.data.encoding import ALPHABET, decode, encode_prompt
-from lvforecast.errors import UserError
-from lvforecast.evaluation.decoder import AlphabetLogits, Decoded
+from lvforecast.errors import UserError, raise_problems
+from lvforecast.evaluation.decoder import AlphabetLogits, Decoded, full_and_alphabet_bias, generate, generation_config
 from lvforecast.evaluation.decoder import decode as decode_batch
-from lvforecast.evaluation.generation import full_and_alphabet_bias, generate, generation_config
 from lvforecast.evaluation.grammar import Grammar, compile_grammar, max_new_tokens_bound
 from lvforecast.validate import int_at_least, is_finite_number
 
@@ -126,8 +125,7 @@ def _check_args(series: np.ndarray, scales: list[float], decimals: int, **settin
         grammar = Grammar(max_int_digits=settings["max_int_digits"], decimals=decimals)
     except ValueError as err:
         problems.append(str(err))
-    if problems:
-        raise UserError("invalid forecast arguments: " + "; ".join(problems))
+    raise_problems("invalid forecast arguments", problems)
     return grammar
 
 
@@ -202,7 +200,7 @@ def forecast(
             ``head="full"``).
         trained_context_tokens: Token context the adapter was trained on; a longer prompt is logged and flagged.
         logit_bias: Trained output bias, (V,) or (13,) in ``ALPHABET`` order, added to the logits before the
-            grammar mask as in training (:func:`lvforecast.evaluation.generation.full_and_alphabet_bias`).
+            grammar mask as in training (:func:`lvforecast.evaluation.decoder.full_and_alphabet_bias`).
         keep: Called before the first batch and after each with the (n, H, 2) point forecasts of the n series done.
 
     Raises:

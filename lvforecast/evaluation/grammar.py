@@ -12,7 +12,7 @@ import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
 from lvforecast.data.encoding import ALPHABET, STEP_SEP, VALUE_SEP
-from lvforecast.errors import UserError
+from lvforecast.errors import UserError, raise_problems
 
 DIGITS = "0123456789"
 # Grammar state at the start of a step: prey field, no digits yet, before the point, no leading zero.
@@ -37,8 +37,7 @@ class Grammar:
             problems.append(f"max_int_digits={self.max_int_digits!r}: must be an integer >= 1")
         if not isinstance(self.decimals, int) or isinstance(self.decimals, bool) or not 0 <= self.decimals <= 12:
             problems.append(f"decimals={self.decimals!r}: must be an integer in [0, 12]")
-        if problems:
-            raise UserError("invalid grammar: " + "; ".join(problems))
+        raise_problems("invalid grammar", problems)
 
     def allowed(self, state: tuple[int, int, int, bool]) -> str:
         """Characters allowed next in ``state``."""

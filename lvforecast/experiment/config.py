@@ -1,5 +1,7 @@
 """A run's config, read once: every key checked before anything heavy loads (one UserError listing every problem),
 then the ``Pricing`` and ``RunShape`` that :mod:`lvforecast.budget.planning` takes (planning never reads the config).
+Importing registers ``${lv_val_batches:WINDOWS}`` (:func:`val_batches`, for ``trainer.limit_val_batches``), as
+importing :mod:`lvforecast.experiment` does.
 """
 
 from __future__ import annotations
@@ -12,30 +14,27 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lvforecast.budget.planning import Pricing, RunShape
-from lvforecast.budget.schedule import Schedule
+from lvforecast.budget.planning import Pricing, RunShape, Schedule
 from lvforecast.budget.shapes import ALPHABET_SIZE, HEADS, Conventions, LoRASpec, ModelShape
 from lvforecast.data.encoding import check_tokenizer, size_problems
-from lvforecast.devices import device_problems
-from lvforecast.errors import UserError
+from lvforecast.devices import device_problems, resolve_threads
+from lvforecast.errors import UserError, raise_problems
 from lvforecast.model.lora import lora_config_problems
-from lvforecast.threads import resolve_threads
 from lvforecast.tracking.loggers import wandb_problems
-from lvforecast.validate import int_at_least as _int_at_least
-from lvforecast.validate import is_finite_number as _finite
-from lvforecast.validate import name_problem
+from lvforecast.validate import int_at_least, is_finite_number, name_problem
 
 SEED_MAX = 2**32 - 1  # numpy's (and so Lightning's seed_everything's) range is [0, 2**32 - 1]
 # What Lightning's Trainer makes of these arguments when they are left out (its signature says None and the
 # Trainer resolves them); tests/budget/test_planning.py holds this against a real Trainer so it cannot drift.
 LIGHTNING_DEFAULTS: dict[str, Any] = {"num_sanity_val_steps": 2, "limit_val_batches": 1.0, "val_check_interval": 1.0}
+VAL_BATCHES_RESOLVER = "lv_val_batches"
 
 
 def check_train_config(cfg: DictConfig, start_step: int = 0) -> None:
     """Check a composed ``conf/train.yaml`` before anything is written or loaded (``start_step``: the checkpoint's
     step when resuming); a UserError lists every problem, each naming its key, the value and what is allowed."""
     problems = []
-    if not (_int_at_least(cfg.get("seed"), 0) and cfg.seed <= SEED_MAX):
+    if not (int_at_least(cfg.get("seed"), 0) and cfg.seed <= SEED_MAX):
         problems.append(f"seed={cfg.get('seed')!r}: must be an integer in [0, {SEED_MAX}] (it seeds the run and each "
                         f"step's random draws); fix: e.g. seed=42")
     problems += lora_config_problems(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
@@ -45,13 +44,13 @@ def check_train_config(cfg: DictConfig, start_step: int = 0) -> None:
     if cfg.model.get("head") not in HEADS:
         problems.append(f"model.head={cfg.model.get('head')!r}: allowed {', '.join(map(repr, HEADS))}")
     lr = cfg.optim.get("lr")
-    if not (_finite(lr) and lr > 0):
+    if not (is_finite_number(lr) and lr > 0):
         problems.append(f"optim.lr={lr!r}: must be a number > 0")
     problems += budget_problems(cfg.budget) + trainer_problems(cfg.trainer)
     max_steps = cfg.trainer.get("max_steps")
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         problems.append(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
-    elif cfg.get("ckpt_path") and _int_at_least(max_steps, 1) and max_steps <= start_step:
+    elif cfg.get("ckpt_path") and int_at_least(max_steps, 1) and max_steps <= start_step:
         problems.append(f"trainer.max_steps={max_steps}: the checkpoint {cfg.ckpt_path} is at step {start_step}, so "
                         f"resuming needs trainer.max_steps > {start_step} (it counts from the first run's start)")
     _raise_problems(cfg, problems)
@@ -63,13 +62,13 @@ def check_evaluate_config(cfg: DictConfig) -> None:
     from lvforecast.evaluation.forecast import settings_problems
 
     problems = device_problems(cfg.get("device"))
-    if cfg.get("max_systems") is not None and not _int_at_least(cfg.max_systems, 1):
+    if cfg.get("max_systems") is not None and not int_at_least(cfg.max_systems, 1):
         problems.append(f"max_systems={cfg.max_systems!r}: must be null (the whole test split) or an integer >= 1")
     fc = cfg.forecast
     problems += settings_problems("forecast.", **{k: fc.get(k) for k in (
         "context_steps", "horizon_steps", "batch_size", "num_samples", "max_int_digits", "temperature", "top_p",
         "head", "decoder", "constrained", "seed")})
-    if bad := [e for e in cfg.get("examples") or [] if not _int_at_least(e, 0)]:
+    if bad := [e for e in cfg.get("examples") or [] if not int_at_least(e, 0)]:
         problems.append(f"examples has {bad}: system ids must be integers >= 0")
     if unknown := [b for b in cfg.baselines if b not in BASELINES]:
         problems.append(f"baselines={list(cfg.baselines)}: unknown {unknown}; allowed {sorted(BASELINES)}")
@@ -88,8 +87,7 @@ def _raise_problems(cfg: DictConfig, problems: list[str]) -> None:
     problems += [p for key in ("sweep_name", "budget.run_name")
                  if (p := name_problem(key, OmegaConf.select(cfg, key, default=None))) is not None]
     problems += number_problems(cfg, problems)
-    if problems:
-        raise UserError("invalid config:\n  - " + "\n  - ".join(problems))
+    raise_problems("invalid config", problems, listed=True)
 
 
 # Numeric keys checked nowhere else (each owner checks its own range): a boolean or a non-finite number is refused.
@@ -137,14 +135,14 @@ def budget_problems(b: DictConfig) -> list[str]:
     problems = []
     if b.mode not in ("enforce", "track"):
         problems.append(f"budget.mode={b.mode!r}: allowed 'enforce' or 'track'")
-    if not _int_at_least(b.commit_every_n_steps, 1):
+    if not int_at_least(b.commit_every_n_steps, 1):
         problems.append(f"budget.commit_every_n_steps={b.commit_every_n_steps!r}: must be an integer >= 1")
     for key, low, what in (("commit_min_interval_s", 0, "a number >= 0"), ("planned_eval_flops", 0,
                            "a number of FLOPs >= 0"), ("total_flops", None, "a number of FLOPs > 0")):
         value = b.get(key)
-        if not (_finite(value) and (value > 0 if low is None else value >= low)):
+        if not (is_finite_number(value) and (value > 0 if low is None else value >= low)):
             problems.append(f"budget.{key}={value!r}: must be {what}")
-    if b.run_cap_flops is not None and not (_finite(b.run_cap_flops) and b.run_cap_flops > 0):
+    if b.run_cap_flops is not None and not (is_finite_number(b.run_cap_flops) and b.run_cap_flops > 0):
         problems.append(f"budget.run_cap_flops={b.run_cap_flops!r}: must be null or a number of FLOPs > 0")
     return problems
 
@@ -152,21 +150,21 @@ def budget_problems(b: DictConfig) -> list[str]:
 def trainer_problems(tr: DictConfig) -> list[str]:
     """Every ``trainer.*`` key the plan reads; runs are step-based and their validations must be plannable."""
     problems = []
-    if not _int_at_least(tr.get("max_steps"), 1):
+    if not int_at_least(tr.get("max_steps"), 1):
         problems.append(f"trainer.max_steps={tr.get('max_steps')!r}: must be an integer >= 1 (training is step-based)")
     for key, low in (("accumulate_grad_batches", 1), ("num_nodes", 1), ("check_val_every_n_epoch", 1),
                      ("num_sanity_val_steps", -1)):
-        if tr.get(key) is not None and not _int_at_least(tr.get(key), low):
+        if tr.get(key) is not None and not int_at_least(tr.get(key), low):
             problems.append(f"trainer.{key}={tr.get(key)!r}: must be null or an integer >= {low}")
     devices = tr.get("devices")
     listed = isinstance(devices, Sequence) and not isinstance(devices, str) and len(devices) >= 1
-    if not (devices is None or _int_at_least(devices, 1) or listed):
+    if not (devices is None or int_at_least(devices, 1) or listed):
         problems.append(f"trainer.devices={devices!r}: must be a count >= 1 or a list of device ids (the plan "
                         f"counts ranks, so not 'auto' or -1)")
     if tr.get("strategy") not in (None, "auto", "ddp"):
         problems.append(f"trainer.strategy={tr.get('strategy')!r}: allowed 'auto' or 'ddp' (trainer=ddp)")
     interval, every = tr.get("val_check_interval"), tr.get("check_val_every_n_epoch")
-    if not (interval is None or _int_at_least(interval, 1) or (isinstance(interval, float) and 0 < interval <= 1)):
+    if not (interval is None or int_at_least(interval, 1) or (isinstance(interval, float) and 0 < interval <= 1)):
         problems.append(f"trainer.val_check_interval={interval!r}: must be an integer >= 1 (micro-batches), a "
                         f"fraction of an epoch in (0, 1], or null; time-based intervals cannot be planned")
     elif (interval is None or isinstance(interval, float)) and every is None:
@@ -174,7 +172,7 @@ def trainer_problems(tr: DictConfig) -> list[str]:
                         f"trainer.check_val_every_n_epoch (e.g. 1); with null the interval counts micro-batches, "
                         f"so give an integer")
     limit = tr.get("limit_val_batches")
-    if limit is not None and not (_int_at_least(limit, 0) or (isinstance(limit, float) and 0 <= limit <= 1)):
+    if limit is not None and not (int_at_least(limit, 0) or (isinstance(limit, float) and 0 <= limit <= 1)):
         problems.append(f"trainer.limit_val_batches={limit!r}: must be an integer >= 0 or a fraction in [0, 1]")
     if tr.get("limit_train_batches") not in (None, 1.0):
         problems.append(f"trainer.limit_train_batches={tr.get('limit_train_batches')!r}: the FLOP plan needs "
@@ -188,6 +186,35 @@ def trainer_setting(trainer_cfg: DictConfig, key: str) -> Any:
     """``trainer.<key>`` as the Trainer will see it: the config's value, else Lightning's own default."""
     value = trainer_cfg.get(key)
     return LIGHTNING_DEFAULTS[key] if value is None else value
+
+
+def val_batches(windows: Any, *, _root_: Any) -> int:
+    """``${lv_val_batches:WINDOWS}``: a fixed validation slice stated in windows, as ``trainer.limit_val_batches``:
+    the batch count of the first ``windows`` validation windows at ``data.val_batch_size`` (``data.batch_size`` when
+    null) of the whole config ``_root_`` (OmegaConf passes it). Lightning limits validation in batches; stated in
+    windows, the slice (and ``val/loss``) stays the same first windows whatever ``data.val_batch_size``
+    (docs/clusters-and-gpus.md).
+
+    Raises:
+        UserError: ``windows`` is not a whole number of validation batches (the keys and the sizes that fit named).
+    """
+    data = _root_.data
+    size = data.get("val_batch_size") or data.get("batch_size")
+    if not int_at_least(windows, 1):
+        raise UserError(f"${{{VAL_BATCHES_RESOLVER}:{windows!r}}}: the windows validated must be an integer >= 1")
+    if not int_at_least(size, 1):
+        raise UserError(f"data.val_batch_size={data.get('val_batch_size')!r} (data.batch_size="
+                        f"{data.get('batch_size')!r}): must be an integer >= 1 to validate {windows} windows")
+    if windows % size:
+        fits = [d for d in range(1, windows + 1) if windows % d == 0]
+        raise UserError(f"data.val_batch_size={size}: trainer.limit_val_batches validates the first {windows} windows "
+                        f"(${{{VAL_BATCHES_RESOLVER}:{windows}}}), which is not a whole number of batches of {size}; "
+                        f"allowed data.val_batch_size: {', '.join(map(str, fits))}")
+    return windows // size
+
+
+if not OmegaConf.has_resolver(VAL_BATCHES_RESOLVER):
+    OmegaConf.register_new_resolver(VAL_BATCHES_RESOLVER, val_batches)
 
 
 def world_size(trainer_cfg: DictConfig) -> int:

@@ -27,15 +27,13 @@ from lvforecast.budget.reservation import Reservation
 from lvforecast.budget.shapes import ALPHABET_SIZE
 from lvforecast.data.encoding import VARIABLES
 from lvforecast.data.split import EvaluationInputs
-from lvforecast.devices import describe_device, resolve_device
+from lvforecast.devices import check_machine, describe_device, resolve_device, torch_threads
 from lvforecast.errors import UserError, first_line
 from lvforecast.evaluation.metrics import POINT_METRICS, crps_samples, evaluate_forecasts, interval_coverage
 from lvforecast.experiment.config import check_evaluate_config, pricing_of, token_counts
 from lvforecast.experiment.runconfig import read_run_config
 from lvforecast.experiment.rundir import RUN_FILES, ledger_name, write_hydra_files
 from lvforecast.experiment.signals import Interrupted, active_guard
-from lvforecast.machine import check_machine
-from lvforecast.threads import torch_threads
 from lvforecast.tracking import log_evaluation
 
 log = logging.getLogger(__name__)

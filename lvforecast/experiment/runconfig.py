@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lvforecast.errors import UserError
+from lvforecast.errors import UserError, first_line
 
 # Every _target_ conf/model/*.yaml and conf/data/*.yaml name (tests/reliability/test_reliability_untrusted.py holds
 # the two together): the only callables a run's config may name.
@@ -83,8 +83,7 @@ def read_run_config(path: Path, sections: tuple[str, ...], fix: str) -> DictConf
     except OSError as err:
         raise UserError(f"{path}: cannot read the run's config ({err.strerror or err}); {fix}") from err
     except Exception as err:  # noqa: BLE001 - yaml's scanner/parser errors and OmegaConf's: all a torn file
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise UserError(f"{path}: not a readable config ({type(err).__name__}: {first}); the run's "
+        raise UserError(f"{path}: not a readable config ({type(err).__name__}: {first_line(err)}); the run's "
                         f".hydra/config.yaml holds the same composed config before resolution; {fix}") from err
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a list, not the run's config mapping; {fix}")

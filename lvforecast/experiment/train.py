@@ -22,14 +22,12 @@ from lvforecast.budget.planning import Plan, plan_run, reserved_flops
 from lvforecast.budget.reservation import Reservation, await_leader, publish
 from lvforecast.budget.shapes import shape_of
 from lvforecast.budget.status import RunStatus, exit_status
-from lvforecast.devices import describe_device
+from lvforecast.devices import check_machine, describe_device, torch_threads
 from lvforecast.errors import UserError
 from lvforecast.experiment import config
 from lvforecast.experiment.rundir import RunDir, ledger_name
 from lvforecast.experiment.signals import resume_requeued
-from lvforecast.machine import check_machine
 from lvforecast.model.lora import apply_lora, expected_lora_parameters
-from lvforecast.threads import torch_threads
 from lvforecast.tracking import finish_wandb, update_summary
 from lvforecast.utils import environment_record, instantiate_list, plot_loss_curve
 

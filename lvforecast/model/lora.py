@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lvforecast.errors import UserError
+from lvforecast.errors import raise_problems
 from lvforecast.validate import int_at_least
 
 if TYPE_CHECKING:
@@ -76,8 +76,7 @@ def apply_lora(model: nn.Module, r: int = 4, alpha: float | None = None, dropout
         problems.append(
             f"lora.target_modules={list(target_modules)}: {missing or 'empty'} match no linear layer; "
             f"available: {sorted(linear_names)}")
-    if problems:
-        raise UserError("invalid LoRA config: " + "; ".join(problems))
+    raise_problems("invalid LoRA config", problems)
 
     config = LoraConfig(r=r, lora_alpha=r if alpha is None else alpha, lora_dropout=dropout,
                         target_modules=list(target_modules), bias="none", task_type="CAUSAL_LM")

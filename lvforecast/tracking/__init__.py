@@ -1,10 +1,17 @@
-"""Weights & Biases tracking (docs/weights-and-biases.md): where a run goes (:mod:`~lvforecast.tracking.mode`), the
-``logger=wandb`` factory (:mod:`~lvforecast.tracking.loggers`), evaluation and sweep-summary runs
-(:mod:`~lvforecast.tracking.results`). Nothing here prompts for a login; importing it does not import wandb.
+"""Weights & Biases tracking (docs/weights-and-biases.md): the ``logger=wandb`` factory and where its run goes
+(:mod:`~lvforecast.tracking.loggers`), evaluation and sweep-summary runs (:mod:`~lvforecast.tracking.results`).
+Nothing here prompts for a login; importing it does not import wandb.
 """
 
-from lvforecast.tracking.loggers import finish_wandb, update_summary, wandb_logger
-from lvforecast.tracking.mode import ModeDecision, credentials_source, decide_mode, netrc_path
+from lvforecast.tracking.loggers import (
+    ModeDecision,
+    credentials_source,
+    decide_mode,
+    finish_wandb,
+    netrc_path,
+    update_summary,
+    wandb_logger,
+)
 from lvforecast.tracking.results import evaluation_headline, evaluation_table, log_evaluation, log_sweep_summary
 
 __all__ = ["ModeDecision", "credentials_source", "decide_mode", "evaluation_headline", "evaluation_table",

@@ -9,9 +9,8 @@ import torch
 from conftest import ROOT
 from torch import nn
 
-from lvforecast.budget.audit import FlopAudit, audit_forward, compare
+from lvforecast.budget.audit import FlopAudit, audit_forward, compare, price
 from lvforecast.budget.formulas import forward_flops, generation_flops
-from lvforecast.budget.pricing import price
 from lvforecast.budget.shapes import BUILTIN, PROJECTIONS, Conventions, LoRASpec, ModelShape, shape_of
 from lvforecast.cli import main
 from lvforecast.model.heads import LogitBias

@@ -407,7 +407,7 @@ def test_liveness_of_this_process_and_of_other_machines():
 
 def test_importing_the_budget_modules_touches_no_disk_and_no_matplotlib(tmp_path):
     code = ("import sys; import lvforecast.budget.ledger, lvforecast.budget.liveness, lvforecast.budget.report, "
-            "lvforecast.budget.store, lvforecast.budget.journal, lvforecast.budget.status, "
+            "lvforecast.budget.store, lvforecast.budget.status, "
             "lvforecast.cli; assert 'matplotlib' not in sys.modules, 'matplotlib imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr

@@ -5,8 +5,8 @@ import torch
 from conftest import TINY_RUN, compose_train
 
 from lvforecast.budget.shapes import BUILTIN
+from lvforecast.devices import SMALL_MODEL_PARAMETERS, layer_parameters, resolve_threads, torch_threads
 from lvforecast.model.loading import tiny_qwen_shape
-from lvforecast.threads import SMALL_MODEL_PARAMETERS, layer_parameters, resolve_threads, torch_threads
 
 
 def test_auto_is_one_thread_for_tiny_models_only():

@@ -147,7 +147,6 @@ def _plot_forecasts(forecasts_png: Path, running_png: Path, evals: list[tuple[st
             running = data["running_mse"][np.isin(data["systems"], shown), :, j].mean(axis=0)
             ax.plot(np.arange(1, running.size + 1), running, marker="o", ms=3, label=name)
         ax.set_title(f"running MSE, {var} (mean over the example systems)", fontsize=9)
-        ax.set_xlabel("forecast step")
-        ax.set_yscale("log")
+        ax.set(xlabel="forecast step", yscale="log")
         ax.legend(fontsize=7)
     save_figure(fig, running_png, dpi=110)

@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lvforecast.errors import UserError
+from lvforecast.errors import raise_problems
 from lvforecast.validate import name_problem
 
 KINDS = ("evaluate", "train", "search")
@@ -68,8 +68,7 @@ def parse_stages(study: DictConfig) -> list[Stage]:
         raw["overrides"] = tuple(raw.get("overrides") or ())
         raw["space"] = {k: tuple(v) for k, v in (raw.get("space") or {}).items()}
         stages.append(Stage(**raw))
-    if problems:
-        raise UserError("invalid study config:\n  - " + "\n  - ".join(problems))
+    raise_problems("invalid study config", problems, listed=True)
     return stages
 
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lvforecast.errors import UserError
+from lvforecast.errors import UserError, raise_problems
 
 HALVING_FILE = "halving.json"
 
@@ -36,8 +36,7 @@ def schedule(n_configs: int, min_steps: int, max_steps: int, eta: int = 3, step_
         problems.append(f"min_steps={min_steps!r}: must be an integer >= 1")
     elif not isinstance(max_steps, int) or max_steps < min_steps:
         problems.append(f"max_steps={max_steps!r}: must be an integer >= min_steps ({min_steps})")
-    if problems:
-        raise UserError("invalid successive halving settings:\n  - " + "\n  - ".join(problems))
+    raise_problems("invalid successive halving settings", problems, listed=True)
     rungs = [Rung(index=0, steps=min_steps, start=0, size=n_configs)]
     while rungs[-1].steps < max_steps:
         last = rungs[-1]

@@ -286,9 +286,7 @@ def draw_val_curves(ax: Any, curves: dict[int, list[tuple[int, float]]], labels:
         steps, values = zip(*points, strict=True)
         ax.plot(steps, values, marker="o", ms=3, lw=2.5 if num == best else 1.2,
                 label=labels.get(num, f"job {num}") + (" (best)" if num == best else ""))
-    ax.set_title(title)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation loss (nats/token)")
+    ax.set(title=title, xlabel="optimizer step", ylabel="validation loss (nats/token)")
     ax.grid(alpha=0.3)
     if curves:
         ax.legend(fontsize=8, ncol=2)
