@@ -47,6 +47,21 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (/proc/self/status), else set back at once.
+
+    The atomic writers create their temporaries private (mkstemp 0600, mkdtemp 0700) and give what they rename into
+    place the mode a plain ``open`` or ``mkdir`` would: 0666 (files) or 0777 (folders) less the umask.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | Path, mode: str = "w", newline: str | None = None) -> Iterator[IO[Any]]:
     """Yield a handle (``mode`` ``"w"`` or ``"wb"``, ``newline`` as for :func:`open`) on a temporary sibling of
@@ -61,6 +76,7 @@ def atomic_writer(path: str | Path, mode: str = "w", newline: str | None = None)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         tmp = Path(name)
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, mode, newline=newline) as fh:
             yield fh
             fh.flush()
@@ -164,6 +180,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         yield tmp
+        mask = umask()  # mkdtemp's 0700, and safetensors writes 0600: what is swapped in gets plain modes
+        for item in [tmp, *tmp.rglob("*")]:
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))

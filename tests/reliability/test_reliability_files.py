@@ -25,7 +25,8 @@ from conftest import CONF, ROOT, TINY_RUN, assert_one_error, compose_train, user
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from lvforecast.atomic import LOCK_FILE, hold_folder
+from lvforecast import atomic
+from lvforecast.atomic import LOCK_FILE, hold_folder, write_csv
 from lvforecast.budget.ledger import Ledger
 from lvforecast.errors import UserError
 from lvforecast.experiment import rundir
@@ -315,8 +316,6 @@ def test_a_read_only_run_folder_is_named_before_training(sim_cache, tmp_path, mo
 @pytest.mark.parametrize("artifact", ["summary.csv", "summary.md", "loss_curve.png", "report.md", "adapter"])
 def test_a_full_disk_keeps_the_previous_artifact(artifact, run8, tmp_path, monkeypatch):
     # One case per writer the sweep summary, the loss curve, the evaluation/study reports and the adapter use.
-    from lvforecast import atomic
-    from lvforecast.atomic import write_csv
     from lvforecast.utils import plot_loss_curve
 
     target = tmp_path / artifact
@@ -363,6 +362,33 @@ def test_the_adapter_folder_is_swapped_in_whole(run8, tmp_path):
     with atomic_dir(target) as tmp:
         (tmp / "adapter_config.json").write_text("{}")
     assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json"] and temporaries(tmp_path) == []
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_atomic_files_and_folders_get_the_mode_the_umask_gives(tmp_path, mask):
+    # Was: a temporary renamed into place kept mkstemp's 0600 (mkdtemp's 0700) whatever the umask.
+    before = os.umask(mask)
+    try:
+        assert atomic.umask() == mask
+        atomic.write_text(tmp_path / "report.md", "# report\n")
+        write_csv(tmp_path / "summary.csv", [{"job": 0}])
+        with atomic.atomic_dir(tmp_path / "adapter") as tmp:
+            (tmp / "adapter_config.json").write_text("{}")  # as PEFT writes it: open() under the umask
+            (tmp / "adapter_model.safetensors").touch(mode=0o600)  # as safetensors writes it
+    finally:
+        os.umask(before)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
+    files, folder = 0o666 & ~mask, 0o777 & ~mask  # 022: 0644 and 0755; 027: 0640 and 0750
+    assert modes == {"report.md": files, "summary.csv": files, "adapter": folder, "adapter_config.json": files,
+                     "adapter_model.safetensors": files}
+
+
+def test_every_file_of_a_run_directory_is_readable_as_the_umask_says(tiny_run):
+    # The session's tiny run, trained under this process's umask: Hydra's, Lightning's, PEFT's and our files alike.
+    mask = atomic.umask()
+    wrong = {str(p.relative_to(tiny_run.out)): oct(p.stat().st_mode & 0o777) for p in tiny_run.out.rglob("*")
+             if p.stat().st_mode & 0o777 != (0o777 if p.is_dir() else 0o666) & ~mask}
+    assert wrong == {}
 
 
 # ---------------------------------------------------------------- 3. resume keeps history
