@@ -6,6 +6,10 @@ importing :mod:`lvforecast.experiment` does.
 
 from __future__ import annotations
 
+import ast
+import difflib
+import functools
+import importlib.util
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -147,9 +151,25 @@ def budget_problems(b: DictConfig) -> list[str]:
     return problems
 
 
+@functools.cache
+def trainer_arguments() -> frozenset[str]:
+    """The arguments of Lightning's ``Trainer``, read from its source: checks run before anything heavy loads, and
+    importing Lightning takes seconds (tests/experiment/test_configs.py holds this against the real signature)."""
+    package = importlib.util.find_spec("pytorch_lightning")  # located, not imported
+    source = Path(package.submodule_search_locations[0], "trainer", "trainer.py").read_text()
+    trainer = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "Trainer")
+    init = next(n for n in trainer.body if isinstance(n, ast.FunctionDef) and n.name == "__init__").args
+    return frozenset(a.arg for a in [*init.posonlyargs, *init.args, *init.kwonlyargs] if a.arg != "self")
+
+
 def trainer_problems(tr: DictConfig) -> list[str]:
-    """Every ``trainer.*`` key the plan reads; runs are step-based and their validations must be plannable."""
+    """Every ``trainer.*`` key: an argument of Lightning's Trainer, and the ones the plan reads plannable (runs are
+    step-based)."""
     problems = []
+    for key in sorted(set(tr) - trainer_arguments() - {"_target_"}):
+        close = difflib.get_close_matches(key, trainer_arguments(), n=1)
+        problems.append(f"trainer.{key}: not an argument of Lightning's Trainer"
+                        + (f"; did you mean trainer.{close[0]}?" if close else ""))
     if not int_at_least(tr.get("max_steps"), 1):
         problems.append(f"trainer.max_steps={tr.get('max_steps')!r}: must be an integer >= 1 (training is step-based)")
     for key, low in (("accumulate_grad_batches", 1), ("num_nodes", 1), ("check_val_every_n_epoch", 1),

@@ -156,6 +156,27 @@ def test_a_misspelt_key_is_named_with_its_node(override, path):
     assert len(problems) == 1 and problems[0].startswith(f"{path}: ") and repr(path.rsplit(".", 1)[1]) in problems[0]
 
 
+def test_trainer_arguments_read_from_source_are_lightnings_signature():
+    from pytorch_lightning import Trainer
+
+    from lvforecast.experiment.config import trainer_arguments
+
+    assert trainer_arguments() == set(inspect.signature(Trainer.__init__).parameters) - {"self"}
+
+
+def test_a_misspelt_trainer_key_is_refused_with_the_key_it_meant(tmp_path):
+    # Was: composed, reserved FLOPs, then Trainer(**node) raised a TypeError traceback and left a failed ledger row.
+    from lvforecast.errors import UserError
+    from lvforecast.experiment.config import check_train_config
+
+    cfg = compose_train(["+trainer.max_stepz=5", "+trainer.zzz=1"], output_dir=tmp_path, cache_dir=tmp_path)
+    with pytest.raises(UserError) as err:
+        check_train_config(cfg)
+    lines = str(err.value).splitlines()
+    assert "  - trainer.max_stepz: not an argument of Lightning's Trainer; did you mean trainer.max_steps?" in lines
+    assert "  - trainer.zzz: not an argument of Lightning's Trainer" in lines
+
+
 def test_an_unlocatable_target_is_named():
     cfg = _compose("train", ["callbacks.progress_bar._target_=lvforecast.experiment.progress.NoSuchBar"])
     (problem,) = binding_problems(cfg)

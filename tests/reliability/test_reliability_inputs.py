@@ -385,6 +385,13 @@ ENTRY = ["model=tiny", "data=simulated", "trainer=cpu", "logger=none", "trainer.
 
 
 @pytest.mark.slow
+def test_train_py_misspelt_trainer_key_is_one_error_before_anything_is_reserved(world, sim_cache):
+    proc = _run(world, sim_cache, str(ROOT / "train.py"), *ENTRY, "+trainer.max_stepz=5", "hydra.run.dir=outputs/run")
+    assert_one_error(proc, "trainer.max_stepz", "did you mean trainer.max_steps?")
+    assert_kept(world, world["tmp"] / "outputs" / "run")  # the ledger as it was: no failed row
+
+
+@pytest.mark.slow
 def test_train_py_seed_abc_prints_one_error_block(world, sim_cache):
     proc = _run(world, sim_cache, str(ROOT / "train.py"), *ENTRY, "seed=abc", "hydra.run.dir=outputs/run")
     first = assert_one_error(proc, "seed='abc'", "(the full traceback: rerun with HYDRA_FULL_ERROR=1)")
