@@ -415,6 +415,7 @@ def test_a_resume_in_the_same_directory_keeps_the_whole_history(run8, sim_cache,
                                                                                         (8, 12, "finished")]
     assert info["final"]["global_step"] == 12 and info["segments"][1]["ended"]
     assert digest(out)["loss_curve.png"] != first_curve  # redrawn from the whole metrics.csv
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["last.ckpt"]  # replaced, no last-v1.ckpt beside it
     runs = assert_ledger_consistent(out / "ledger.sqlite")
     assert [r["status"] for r in runs] == ["finished", "finished"]
 
