@@ -1,14 +1,17 @@
 """Fine-tune a language model with LoRA on Lotka-Volterra series: `python train.py [overrides]`.
 
-Sweeps: `python train.py -m sweep=lr_rank [overrides]` (definitions in multirun_sweeps/).
+Sweeps: `python train.py -m sweep=lr_rank [overrides]` (definitions in multirun_sweeps/). Continue a run:
+`python train.py resume=<run dir> trainer.max_steps=N` (its own overrides, checkpoint and directory).
 """
 
 import logging
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from lvforecast.errors import run_entry
+from lvforecast.experiment.rundir import resume_argv
 from lvforecast.experiment.sweeps import run_recorded
 from lvforecast.experiment.train import train
 
@@ -21,5 +24,10 @@ def main(cfg: DictConfig) -> float | None:
     return None if result is None else result.get("val/loss")
 
 
+def continue_or_start() -> float | None:
+    sys.argv = resume_argv(sys.argv)
+    return main()
+
+
 if __name__ == "__main__":
-    run_entry(main)
+    run_entry(continue_or_start)

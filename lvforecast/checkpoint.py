@@ -106,6 +106,7 @@ class InterruptCheckpoint(pl.Callback):
             log.error("%s: could not write the interrupt checkpoint (%s); the previous one is kept", path, err)
             return
         if trainer.is_global_zero:
-            log.warning("%s: checkpoint written at step %d; resume with ckpt_path=%s", path, trainer.global_step, path)
+            log.warning("%s: checkpoint written at step %d; continue with `python train.py resume=%s`", path,
+                        trainer.global_step, path.parent.parent)
         if guard is not None:
             guard.step, guard.checkpoint = trainer.global_step, path

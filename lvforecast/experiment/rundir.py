@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lvforecast.atomic import atomic_writer, read_state, write_csv, write_text
 from lvforecast.budget.status import RunStatus
-from lvforecast.errors import UserError
+from lvforecast.errors import UserError, first_line
 from lvforecast.launch import launch_id
 
 # A directory holding any of these holds a run (what train() writes; metrics.csv comes from the CSV logger).
@@ -92,7 +92,7 @@ def claim(cfg: DictConfig, out: Path) -> dict[str, Any] | None:
     if not any((out / "checkpoints").glob("*.ckpt")) and "final" not in (info or {}) and _same_config(out, cfg):
         return None
     last = out / "checkpoints" / "last.ckpt"
-    resume = (f"resume it with ckpt_path={last} trainer.max_steps=<more steps>, or " if last.is_file() else "")
+    resume = (f"continue it with resume={out} trainer.max_steps=<more steps>, or " if last.is_file() else "")
     raise UserError(
         f"paths.output_dir={str(out)!r}: the directory already holds another run's files ({', '.join(found)}); "
         f"a run never writes into another run's directory. Allowed: an empty directory, or a resume of that "
@@ -101,13 +101,55 @@ def claim(cfg: DictConfig, out: Path) -> dict[str, Any] | None:
         f"or choose a new one")
 
 
-def write_hydra_files(out: Path, cfg: DictConfig) -> None:
-    """Write what Hydra writes into ``out/.hydra/`` (the composed config, Hydra's own and the overrides), once the
+def write_hydra_files(out: Path, cfg: DictConfig, folder: str = ".hydra") -> None:
+    """Write what Hydra writes into ``out/<folder>/`` (the composed config, Hydra's own and the overrides), once the
     run has claimed ``out``: ``conf/hydra/default.yaml`` turns Hydra's early writing off."""
     if HydraConfig.initialized():
         hc = HydraConfig.get()
         for name, node in (("config.yaml", cfg), ("hydra.yaml", {"hydra": hc}), ("overrides.yaml", hc.overrides.task)):
-            write_text(out / ".hydra" / name, OmegaConf.to_yaml(node))
+            write_text(out / folder / name, OmegaConf.to_yaml(node))
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("~+")
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """``train.py resume=<run dir> [overrides]`` as the command that continues that run: the run's own overrides
+    (its ``.hydra/overrides.yaml``, read as data), the new ones, its ``checkpoints/last.ckpt`` and its directory.
+
+    Raises:
+        UserError: The folder holds no run to continue, a recorded override is not a plain value, or the command
+            also sets what ``resume=`` sets (``-m``, ``ckpt_path``, ``hydra.run.dir``).
+    """
+    import yaml
+
+    given = [a for a in argv[1:] if _override_key(a) == "resume"]
+    if not given:
+        return argv
+    run = Path(given[-1].split("=", 1)[1]).expanduser().resolve()
+    rest = [a for a in argv[1:] if a not in given]
+    if clash := [a for a in rest if a in ("-m", "--multirun") or _override_key(a) in ("ckpt_path", "hydra.run.dir")]:
+        raise UserError(f"resume={run}: continues that one run from its last checkpoint, in its directory; drop "
+                        f"{' '.join(clash)}")
+    ckpt, recorded = run / "checkpoints" / "last.ckpt", run / ".hydra" / "overrides.yaml"
+    if missing := [str(p) for p in (recorded, ckpt) if not p.is_file()]:
+        raise UserError(f"resume={run}: no run to continue there (missing {', '.join(missing)}); give the directory "
+                        f"of a run started with `python train.py` that wrote a checkpoint")
+    try:
+        overrides = yaml.safe_load(recorded.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"{recorded}: not a readable list of overrides ({first_line(err)})") from err
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise UserError(f"{recorded}: not a list of override strings; it is what `python train.py` wrote there")
+    # Read as data: nothing that would name code (instantiation keys, hydra's callbacks) or resolve the environment.
+    if bad := [o for o in overrides if "${" in o or _override_key(o).startswith("hydra")
+               or any(part.startswith("_") for part in _override_key(o).split("."))]:
+        raise UserError(f"{recorded}: refused, a run directory is read as data: {bad} would name code or resolve "
+                        f"values; start the run again with the overrides you mean")
+    new = {_override_key(a) for a in rest}
+    kept = [o for o in overrides if _override_key(o) not in new | {"ckpt_path", "hydra.run.dir"}]
+    return [argv[0], *kept, *rest, f"ckpt_path={ckpt}", f"hydra.run.dir={run}"]
 
 
 def metrics_history(out: Path, upto_step: int) -> tuple[list[str], list[dict[str, str]]]:
@@ -194,8 +236,8 @@ class RunDir:
         out = Path(cfg.paths.output_dir)
         run = cls(out, lead, start_step, claim(cfg, out) if lead else None)
         out.mkdir(parents=True, exist_ok=True)
-        if lead:
-            write_hydra_files(out, cfg)
+        if lead:  # a resume keeps the run's own .hydra/ and records its command beside it
+            write_hydra_files(out, cfg, ".hydra" if run.resumes is None else f".hydra/resume-step{start_step}")
         run.write("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         return run
 

@@ -46,7 +46,8 @@ class Interrupted(SystemExit):
             return f"{name} during the evaluation; kept {self.kept} (an evaluation does not resume: rerun the command)"
         if self.checkpoint is None:
             return f"{name} at step 0; no checkpoint written (it came before the first step: rerun the command)"
-        return f"{name} at step {self.step}; checkpoint {self.checkpoint}; resume with ckpt_path={self.checkpoint}"
+        return (f"{name} at step {self.step}; checkpoint {self.checkpoint}; continue with `python train.py "
+                f"resume={self.checkpoint.parent.parent}`")
 
     def message(self) -> str:
         """The line printed when the run stops: :meth:`__str__`, the ledger and the exit status."""

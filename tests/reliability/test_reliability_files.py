@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -418,6 +419,59 @@ def test_a_resume_in_the_same_directory_keeps_the_whole_history(run8, sim_cache,
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["last.ckpt"]  # replaced, no last-v1.ckpt beside it
     runs = assert_ledger_consistent(out / "ledger.sqlite")
     assert [r["status"] for r in runs] == ["finished", "finished"]
+
+
+@pytest.mark.slow
+def test_resume_by_run_directory_continues_the_run_with_its_own_overrides(sim_cache, tmp_path):
+    ledger = tmp_path / "ledger.sqlite"
+    first = [*STEPS, "optim.lr=3e-3", f"paths.cache_dir={sim_cache}", f"budget.ledger_path={ledger}"]
+    out = tmp_path / "outputs" / "run"
+    assert cli("train.py", [*first, "trainer.max_steps=4", f"hydra.run.dir={out}"], tmp_path).returncode == 0
+    recorded = (out / ".hydra" / "overrides.yaml").read_text()
+    proc = cli("train.py", [f"resume={out}", "trainer.max_steps=8"], tmp_path)  # nothing of the first command again
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((out / "run_info.json").read_text())
+    assert [(s["start_step"], s["end_step"]) for s in info["segments"]] == [(0, 4), (4, 8)]
+    assert OmegaConf.load(out / "config.yaml").optim.lr == 3e-3  # the run's own settings, not conf/'s defaults
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["last.ckpt"]
+    assert (out / ".hydra" / "overrides.yaml").read_text() == recorded  # the run's own command, kept
+    resumed = OmegaConf.load(out / ".hydra" / "resume-step4" / "overrides.yaml")
+    assert "trainer.max_steps=8" in resumed and f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}" in resumed
+    assert [r["status"] for r in assert_ledger_consistent(ledger)] == ["finished", "finished"]
+
+
+def _recorded_run(tmp_path: Path, overrides: list[str]) -> Path:
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    return run
+
+
+def test_resume_argv_replays_the_runs_overrides_under_the_new_ones(tmp_path):
+    run = _recorded_run(tmp_path, ["model=tiny", "trainer.max_steps=4", "optim.lr=0.003"])
+    argv = rundir.resume_argv(["train.py", f"resume={run}", "trainer.max_steps=8"])
+    assert argv == ["train.py", "model=tiny", "optim.lr=0.003", "trainer.max_steps=8",
+                    f"ckpt_path={run}/checkpoints/last.ckpt", f"hydra.run.dir={run}"]
+    assert rundir.resume_argv(["train.py", "trainer.max_steps=8"]) == ["train.py", "trainer.max_steps=8"]
+
+
+@pytest.mark.parametrize(("recorded", "extra", "needle"), [
+    (["+callbacks.x._target_=os.system"], [], "would name code"),
+    (["paths.root_dir=${oc.env:HOME}"], [], "would name code or resolve"),
+    (["model=tiny"], ["-m"], "drop -m"),
+    (["model=tiny"], ["ckpt_path=/elsewhere.ckpt"], "drop ckpt_path=/elsewhere.ckpt"),
+])
+def test_resume_refuses_what_a_run_directory_may_not_say_or_a_clashing_command(tmp_path, recorded, extra, needle):
+    run = _recorded_run(tmp_path, recorded)
+    with pytest.raises(UserError, match=re.escape(needle)):
+        rundir.resume_argv(["train.py", f"resume={run}", *extra])
+
+
+def test_resume_of_a_folder_without_a_run_names_what_is_missing(tmp_path):
+    with pytest.raises(UserError, match=r"no run to continue there \(missing .*overrides.yaml, .*last.ckpt\)"):
+        rundir.resume_argv(["train.py", f"resume={tmp_path}"])
 
 
 def test_a_resume_after_a_crash_drops_only_the_rows_past_its_checkpoint(tmp_path):
