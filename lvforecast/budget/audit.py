@@ -1,10 +1,9 @@
 """Op-level FLOP audit: price every aten op a model really executes, attributed to analytic components.
 
-Contract: :class:`FlopAudit` prices each aten op with :func:`price` (an op without a price is listed, never counted
-as 0) and charges it to the component of :func:`lvforecast.budget.formulas.forward_flops` that the innermost
-running module maps to (docs/budget.md#what-the-audit-charges-to-each-component). Run models with
-``attn_implementation="eager"``. With ``Conventions.as_implemented()`` the analytic count equals the audit to the
-FLOP, component by component.
+Contract: :class:`FlopAudit` prices each aten op with :func:`price` and charges it to the component of
+:func:`lvforecast.budget.formulas.forward_flops` that the innermost running module maps to
+(docs/budget.md#what-the-audit-charges-to-each-component). Run models with ``attn_implementation="eager"``. With
+``Conventions.as_implemented()`` the analytic count equals the audit to the FLOP, component by component.
 
 :func:`price` is pure table lookups over an op's name, arguments and result, from the cost table of
 :mod:`lvforecast.budget.formulas`; the price of every op is listed in docs/budget.md#the-price-of-each-op. An op
@@ -145,8 +144,7 @@ def _role(path: str, module: nn.Module, stacks: set[str], ancestors_of_stack: se
     last = segs[-1] if segs else ""
     if last == "logit_bias" or type(module).__name__ == "LogitBias":
         return "logit_bias"
-    at = [i for i, seg in enumerate(segs) if seg in PROJECTIONS]
-    if at:
+    if at := [i for i, seg in enumerate(segs) if seg in PROJECTIONS]:
         # The innermost projection: its own ops (a PEFT wrapper's scale and add), its base_layer, or an adapter's.
         projection, rest = segs[at[-1]], segs[at[-1] + 1 :]
         if rest and rest[0] != "base_layer" and not rest[0].startswith("lora_"):
@@ -161,9 +159,7 @@ def _role(path: str, module: nn.Module, stacks: set[str], ancestors_of_stack: se
         return _NAMED[last]
     if _LAYER.search(path):
         return "residual"
-    if path in ancestors_of_stack:
-        return "outside"
-    return "other"
+    return "outside" if path in ancestors_of_stack else "other"
 
 
 class FlopAudit(TorchDispatchMode):
