@@ -64,8 +64,7 @@ def check_evaluate_config(cfg: DictConfig) -> None:
     problems = device_problems(cfg.get("device"))
     if cfg.get("max_systems") is not None and not int_at_least(cfg.max_systems, 1):
         problems.append(f"max_systems={cfg.max_systems!r}: must be null (the whole test split) or an integer >= 1")
-    fc = cfg.forecast
-    problems += settings_problems("forecast.", **{k: fc.get(k) for k in (
+    problems += settings_problems("forecast.", **{k: cfg.forecast.get(k) for k in (
         "context_steps", "horizon_steps", "batch_size", "num_samples", "max_int_digits", "temperature", "top_p",
         "head", "decoder", "constrained", "seed")})
     if bad := [e for e in cfg.get("examples") or [] if not int_at_least(e, 0)]:
