@@ -296,14 +296,13 @@ def compare(audited: dict[str, int], analytic: dict[str, int]) -> dict[str, tupl
 
 
 def audit_architecture(config: Mapping[str, Any], batch: int, seq_len: int, lora: LoRASpec | None = None,
-                       count_loss: bool = False, seed: int = 0) -> AuditResult:
+                       count_loss: bool = False) -> AuditResult:
     """Audit one forward of ``(batch, seq_len)`` unpadded positions through a random-init float32 eager model of
     the ``config.json`` fields ``config`` (``model_type`` included; nothing is downloaded).
 
     ``lora`` adds what the fine-tuning module would hold (adapters, logit bias, gathered head rows), as
     :func:`lvforecast.budget.formulas.forward_flops` prices it; ``count_loss`` also runs the project's loss
-    (:func:`lvforecast.model.module.token_loss_sum`). ``seed`` draws the weights and ids, which change no count.
-    """
+    (:func:`lvforecast.model.module.token_loss_sum`). The random weights and ids change no count."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lvforecast.model.heads import AlphabetHead, LogitBias, decoder_stack
@@ -314,7 +313,7 @@ def audit_architecture(config: Mapping[str, Any], batch: int, seq_len: int, lora
     fields = {k: v for k, v in config.items() if k not in ("model_type", "auto_map")}
     hf_config = AutoConfig.for_model(config["model_type"], **fields)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager", dtype=torch.float32)
         ids = torch.randint(0, hf_config.vocab_size, (batch, seq_len))
     head = stack = bias = None
