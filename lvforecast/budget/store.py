@@ -245,8 +245,7 @@ def _switch(conn: sqlite3.Connection, wanted: str | None, deadline: float) -> tu
             current = conn.execute("PRAGMA journal_mode").fetchone()[0].upper()
             if wanted is None:
                 # A brand-new file reports DELETE; give it the default, keep any other file's mode.
-                fresh = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
-                wanted = "WAL" if fresh else current
+                wanted = "WAL" if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0 else current
             if current != wanted:
                 current = conn.execute(f"PRAGMA journal_mode = {wanted}").fetchone()[0].upper()
             return current, wanted
