@@ -261,8 +261,7 @@ def audit_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
         raise UserError("audit_forward: head and stack go together (the stack's hidden states feed the head)")
     if input_ids.dim() != 2:
         raise UserError(f"input_ids shape={tuple(input_ids.shape)}: must be (B, N)")
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", "eager")
-    if impl != "eager":
+    if (impl := getattr(getattr(model, "config", None), "_attn_implementation", "eager")) != "eager":
         raise UserError(f"attn_implementation={impl!r}: load with 'eager' so the attention ops are visible")
     # Each part is a child under its own name, so its ops are attributed to it; the root's own ops are ``outside``.
     root = nn.Module()
