@@ -42,8 +42,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's own advice (weights_only=False) would run the file's code: name what it holds, or the cause only.
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-        if found:
+        if found := re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err)):
             raise UserError(f"{head}: not an lvforecast checkpoint: it holds an object of type {found.group(1)}, "
                             f"which only a trusted file may unpickle (lvforecast checkpoints hold tensors and plain "
                             f"values); {_FIX}") from err
@@ -82,8 +81,7 @@ class InterruptCheckpoint(pl.Callback):
     after a whole batch: optimizer step, charges, loggers); exit 143 / 130."""
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        guard = active_guard()
-        if guard is not None:
+        if (guard := active_guard()) is not None:
             guard.attach(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -38,9 +38,7 @@ SMALL_MODEL_PARAMETERS = 10_000_000
 
 def device_problems(spec: Any, key: str = "device") -> list[str]:
     """The spelling of a ``device`` value (no hardware is looked at): ``[]`` or one message naming ``key``."""
-    if isinstance(spec, str) and _DEVICE.fullmatch(spec):
-        return []
-    return [f"{key}={spec!r}: allowed {DEVICE_CHOICES}"]
+    return [] if isinstance(spec, str) and _DEVICE.fullmatch(spec) else [f"{key}={spec!r}: allowed {DEVICE_CHOICES}"]
 
 
 def no_gpu_reason() -> str:
@@ -60,8 +58,7 @@ def resolve_device(spec: str, key: str = "device") -> torch.device:
     Raises:
         UserError: A misspelt value, or a GPU asked for where there is none (or ``cuda:N`` past the last one).
     """
-    problems = device_problems(spec, key)
-    if problems:
+    if problems := device_problems(spec, key):
         raise UserError(problems[0])
     import torch  # here, not at import: a config is checked before torch loads (a user error answers in seconds)
 

@@ -1,10 +1,9 @@
 """Op-level FLOP audit: price every aten op a model really executes, attributed to analytic components.
 
-Contract: :class:`FlopAudit` prices each aten op with :func:`price` (an op without a price is listed, never counted
-as 0) and charges it to the component of :func:`lvforecast.budget.formulas.forward_flops` that the innermost
-running module maps to (docs/budget.md#what-the-audit-charges-to-each-component). Run models with
-``attn_implementation="eager"``. With ``Conventions.as_implemented()`` the analytic count equals the audit to the
-FLOP, component by component.
+Contract: :class:`FlopAudit` prices each aten op with :func:`price` and charges it to the component of
+:func:`lvforecast.budget.formulas.forward_flops` that the innermost running module maps to
+(docs/budget.md#what-the-audit-charges-to-each-component). Run models with ``attn_implementation="eager"``. With
+``Conventions.as_implemented()`` the analytic count equals the audit to the FLOP, component by component.
 
 :func:`price` is pure table lookups over an op's name, arguments and result, from the cost table of
 :mod:`lvforecast.budget.formulas`; the price of every op is listed in docs/budget.md#the-price-of-each-op. An op
@@ -145,8 +144,7 @@ def _role(path: str, module: nn.Module, stacks: set[str], ancestors_of_stack: se
     last = segs[-1] if segs else ""
     if last == "logit_bias" or type(module).__name__ == "LogitBias":
         return "logit_bias"
-    at = [i for i, seg in enumerate(segs) if seg in PROJECTIONS]
-    if at:
+    if at := [i for i, seg in enumerate(segs) if seg in PROJECTIONS]:
         # The innermost projection: its own ops (a PEFT wrapper's scale and add), its base_layer, or an adapter's.
         projection, rest = segs[at[-1]], segs[at[-1] + 1 :]
         if rest and rest[0] != "base_layer" and not rest[0].startswith("lora_"):
@@ -161,9 +159,7 @@ def _role(path: str, module: nn.Module, stacks: set[str], ancestors_of_stack: se
         return _NAMED[last]
     if _LAYER.search(path):
         return "residual"
-    if path in ancestors_of_stack:
-        return "outside"
-    return "other"
+    return "outside" if path in ancestors_of_stack else "other"
 
 
 class FlopAudit(TorchDispatchMode):
@@ -265,8 +261,7 @@ def audit_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
         raise UserError("audit_forward: head and stack go together (the stack's hidden states feed the head)")
     if input_ids.dim() != 2:
         raise UserError(f"input_ids shape={tuple(input_ids.shape)}: must be (B, N)")
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", "eager")
-    if impl != "eager":
+    if (impl := getattr(getattr(model, "config", None), "_attn_implementation", "eager")) != "eager":
         raise UserError(f"attn_implementation={impl!r}: load with 'eager' so the attention ops are visible")
     # Each part is a child under its own name, so its ops are attributed to it; the root's own ops are ``outside``.
     root = nn.Module()
@@ -300,14 +295,13 @@ def compare(audited: dict[str, int], analytic: dict[str, int]) -> dict[str, tupl
 
 
 def audit_architecture(config: Mapping[str, Any], batch: int, seq_len: int, lora: LoRASpec | None = None,
-                       count_loss: bool = False, seed: int = 0) -> AuditResult:
+                       count_loss: bool = False) -> AuditResult:
     """Audit one forward of ``(batch, seq_len)`` unpadded positions through a random-init float32 eager model of
     the ``config.json`` fields ``config`` (``model_type`` included; nothing is downloaded).
 
     ``lora`` adds what the fine-tuning module would hold (adapters, logit bias, gathered head rows), as
     :func:`lvforecast.budget.formulas.forward_flops` prices it; ``count_loss`` also runs the project's loss
-    (:func:`lvforecast.model.module.token_loss_sum`). ``seed`` draws the weights and ids, which change no count.
-    """
+    (:func:`lvforecast.model.module.token_loss_sum`). The random weights and ids change no count."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lvforecast.model.heads import AlphabetHead, LogitBias, decoder_stack
@@ -318,7 +312,7 @@ def audit_architecture(config: Mapping[str, Any], batch: int, seq_len: int, lora
     fields = {k: v for k, v in config.items() if k not in ("model_type", "auto_map")}
     hf_config = AutoConfig.for_model(config["model_type"], **fields)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager", dtype=torch.float32)
         ids = torch.randint(0, hf_config.vocab_size, (batch, seq_len))
     head = stack = bias = None

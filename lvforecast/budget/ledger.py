@@ -35,7 +35,6 @@ DEFAULT_LEDGER = Path("outputs") / "budget" / "ledger.sqlite"
 LEDGER_ENV = "LVFORECAST_LEDGER"
 # The report's spend columns: training, validation, inference (test + generate) and their total.
 SPEND_COLUMNS = ("train", "val", "inference", "total")
-# Each run's spend by column, and its seconds.
 _SPEND_QUERY = ("SELECT r.id, r.name, r.sweep, r.study, r.stage, r.status, r.config_hash, r.planned_flops AS planned, "
                 "COALESCE(SUM(CASE WHEN c.kind = 'train' THEN c.flops END), 0) AS train, "
                 "COALESCE(SUM(CASE WHEN c.kind = 'val' THEN c.flops END), 0) AS val, "

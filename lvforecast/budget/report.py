@@ -15,7 +15,6 @@ from lvforecast.validate import markdown_cell
 
 REPORT_MD = "report.md"
 REPORT_PNG = "budget_report.png"
-# The spend columns drawn as stacked bars, with their legend labels and colours.
 _PARTS = {"train": ("training", "tab:blue"), "val": ("validation", "tab:orange"),
           "inference": ("inference", "tab:green")}
 

@@ -69,8 +69,7 @@ class ModelShape:
         if act != "silu":
             raise UserError(f"config hidden_act={act!r}: only 'silu' (SwiGLU) is counted")
         sizes = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
-        missing = [k for k in sizes if cfg.get(k) is None]
-        if missing:
+        if missing := [k for k in sizes if cfg.get(k) is None]:
             raise UserError(f"config is missing {', '.join(missing)}")
         heads = cfg["num_attention_heads"]
         attention_bias = bool(cfg.get("attention_bias", False))
@@ -144,8 +143,7 @@ class LoRASpec:
         if self.head_rows is not None and (not is_int(self.head_rows) or self.head_rows < 1):
             raise UserError(f"lora.head_rows={self.head_rows!r}: must be an integer >= 1 or None (full vocabulary)")
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
-        bad = [t for t in targets if t not in PROJECTIONS]
-        if bad or not targets or len(set(targets)) != len(targets):
+        if not targets or any(t not in PROJECTIONS for t in targets) or len(set(targets)) != len(targets):
             raise UserError(f"lora.targets={list(targets)}: must be distinct names from {list(PROJECTIONS)}")
         # Canonical execution order, so the breakdown order does not depend on how targets were listed.
         object.__setattr__(self, "targets", tuple(p for p in PROJECTIONS if p in targets))

@@ -125,8 +125,7 @@ def migrate(conn: sqlite3.Connection, version: int) -> int:
     only nullable columns are ever added, so old rows stay valid. Returns the new version."""
     for step in range(version + 1, SCHEMA_VERSION + 1):
         for table, column, kind in MIGRATIONS.get(step, ()):
-            have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
-            if column not in have:
+            if column not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
                 conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         if step in REBUILDS:
             rebuild(conn, REBUILDS[step])
@@ -182,7 +181,6 @@ def transaction(path: Path, timeout_s: float, journal_mode: str | None,
     reads use a deferred BEGIN for a consistent snapshot. SQLite failing on the file raises :func:`io_error`'s
     UserError; a broken constraint is a bug and propagates."""
     try:
-        # The connection as a context manager commits on normal exit and rolls back on any exception.
         with contextlib.closing(connect(path, timeout_s, journal_mode)) as conn, conn:
             conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
             yield conn
@@ -222,9 +220,8 @@ def on_network_filesystem(path: Path, mounts: str = "/proc/mounts") -> str | Non
 
 def set_journal_mode(path: Path, timeout_s: float, wanted: str | None, mounts: str = "/proc/mounts") -> str:
     """Put the file in journal mode ``wanted`` (None: WAL for a new file, else keep its mode) and return the mode SQLite
-    reports (a mismatch is logged); SQLite failing on the file raises :func:`io_error`. On a
-    network filesystem (per the ``mounts`` table) None means DELETE and WAL raises a UserError naming
-    ``budget.journal_mode=DELETE``."""
+    reports (a mismatch is logged); SQLite failing on the file raises :func:`io_error`. On a network filesystem (per
+    the ``mounts`` table) None means DELETE and WAL raises a UserError naming ``budget.journal_mode=DELETE``."""
     network = on_network_filesystem(path.parent, mounts)
     if network and wanted == "WAL":
         raise UserError(f"ledger {path} is on a {network} filesystem, where SQLite's WAL journal (shared memory) is "
@@ -248,8 +245,7 @@ def _switch(conn: sqlite3.Connection, wanted: str | None, deadline: float) -> tu
             current = conn.execute("PRAGMA journal_mode").fetchone()[0].upper()
             if wanted is None:
                 # A brand-new file reports DELETE; give it the default, keep any other file's mode.
-                fresh = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
-                wanted = "WAL" if fresh else current
+                wanted = "WAL" if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0 else current
             if current != wanted:
                 current = conn.execute(f"PRAGMA journal_mode = {wanted}").fetchone()[0].upper()
             return current, wanted

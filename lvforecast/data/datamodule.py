@@ -102,8 +102,7 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
                  num_workers: int = 0, val_batch_size: int | None = None) -> None:
         super().__init__()
         sizes = dict(context_length=context_length, stride_steps=stride_steps, batch_size=batch_size)
-        problems = size_problems(decimals, **sizes, scale_context_steps=scale_context_steps)
-        raise_problems("invalid data config", problems)
+        raise_problems("invalid data config", size_problems(decimals, **sizes, scale_context_steps=scale_context_steps))
         self.path = str(path)
         self.tokenizer = tokenizer
         self.context_length = context_length
@@ -185,8 +184,7 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         if not test:
             fix = "a run whose split.json lists test systems, or data.split_fractions with a test fraction > 0"
             raise UserError(f"{where} has no systems: there is nothing to evaluate; fix: {fix}")
-        outside = [s for s in test if not (int_at_least(s, 0) and s < traj.n_systems)]
-        if outside:
+        if outside := [s for s in test if not (int_at_least(s, 0) and s < traj.n_systems)]:
             raise UserError(
                 f"{where} lists systems {outside[:5]} that {self.path} (data.path) does not have: it holds systems 0 "
                 f"to {traj.n_systems - 1}; fix: evaluate the run on the file it was trained on")

@@ -44,8 +44,7 @@ def split_systems(n_systems: int, fractions: Sequence[float] = (0.8, 0.1, 0.1), 
     fr = [float(f) for f in fractions]
     if len(fr) != 3 or any(f < 0 for f in fr) or not math.isclose(sum(fr), 1.0, abs_tol=1e-6):
         problems.append(f"data.split_fractions={list(fractions)}: need [train, val, test] >= 0 summing to 1")
-    bad = [i for i in pinned_test_systems if not (isinstance(i, (int, np.integer)) and 0 <= i < n_systems)]
-    if bad:
+    if bad := [i for i in pinned_test_systems if not (isinstance(i, (int, np.integer)) and 0 <= i < n_systems)]:
         problems.append(f"data.pinned_test_systems has {bad}: ids must be in [0, {n_systems - 1}] for this file")
     raise_problems("invalid split", problems)
     pinned = sorted(set(int(i) for i in pinned_test_systems))
@@ -55,8 +54,7 @@ def split_systems(n_systems: int, fractions: Sequence[float] = (0.8, 0.1, 0.1), 
         raise UserError(
             f"invalid split: {len(pinned)} pinned test systems but the test split of {n_systems} systems "
             f"with data.split_fractions={fr} holds only {n_test}")
-    empty = [name for name, n in (("train", n_train), ("val", n_val), ("test", n_test)) if n == 0]
-    if empty:
+    if empty := [name for name, n in (("train", n_train), ("val", n_val), ("test", n_test)) if n == 0]:
         of = f" of {source}" if source else ""
         raise UserError(
             f"invalid split{of}: data.split_fractions={fr} over {n_systems} system(s) leaves the {' and '.join(empty)} "

@@ -212,9 +212,8 @@ def write_trajectories(path: str | os.PathLike[str], values: np.ndarray, time: n
         os.replace(tmp, dest)
     except OSError as exc:
         # h5py's message names the hidden temp file (or no file at all): name the file the user asked for.
-        fix = "free space, make the folder writable or choose another path"
-        problem = f"cannot be written ({exc.strerror or exc}); the previous file, if any, is unchanged"
-        raise TrajectoryFileError(f"{dest}: {problem}; {fix}") from exc
+        raise TrajectoryFileError(f"{dest}: cannot be written ({exc.strerror or exc}); the previous file, if any, is "
+                                  "unchanged; free space, make the folder writable or choose another path") from exc
     finally:
         tmp.unlink(missing_ok=True)  # gone after os.replace; else the half-written file
     logger.info("wrote %s: values %s", dest, values.shape)

@@ -114,5 +114,4 @@ class PadCollator:
 
 def pad_share(dataset: WindowDataset, context_length: int) -> float:
     """Share of pad tokens if every window is padded to ``context_length`` (every split has windows)."""
-    real = sum(len(ids) for _, _, ids in dataset.windows)
-    return 1.0 - real / (len(dataset) * context_length)
+    return 1.0 - sum(len(ids) for _, _, ids in dataset.windows) / (len(dataset) * context_length)

@@ -80,5 +80,4 @@ def classify_all(values: np.ndarray, time: np.ndarray, **kwargs: float) -> list[
 def class_counts(labels: Iterable[str]) -> dict[str, int]:
     """``{class: count}`` of every class of :data:`CLASSES` in order (0 when absent), then any unknown labels."""
     counts = Counter(labels)
-    unknown = sorted(set(counts) - set(CLASSES))
-    return {c: int(counts[c]) for c in (*CLASSES, *unknown)}
+    return {c: int(counts[c]) for c in (*CLASSES, *sorted(set(counts) - set(CLASSES)))}

@@ -171,8 +171,7 @@ class LeanStep:
         self.attn = [layer.self_attn for layer in stack.layers]
         self.rope = [sys.modules[type(a).__module__].apply_rotary_pos_emb for a in self.attn]
         probe = stack.embed_tokens.weight[:1].unsqueeze(0)
-        positions = torch.arange(max_position, device=probe.device).unsqueeze(0)
-        cos, sin = stack.rotary_emb(probe, position_ids=positions)
+        cos, sin = stack.rotary_emb(probe, position_ids=torch.arange(max_position, device=probe.device).unsqueeze(0))
         self.cos, self.sin = cos[0], sin[0]
 
     @staticmethod

@@ -144,8 +144,7 @@ def _tokenized_prompts(
     """Token ids of each series' prompt; a context number wider than ``max_int_digits`` is refused."""
     prompts = [encode_prompt(s[:context_steps], scale, decimals) for s, scale in zip(series, scales, strict=True)]
     numbers = [num for p in prompts for num in p.replace(";", ",").split(",") if num]
-    widest = max((len(num.split(".")[0]) for num in numbers), default=1)
-    if widest > max_int_digits:
+    if (widest := max((len(num.split(".")[0]) for num in numbers), default=1)) > max_int_digits:
         raise UserError(f"max_int_digits={max_int_digits}: the encoded context has numbers with {widest} digits "
                         "before the point; raise max_int_digits or the scale")
     return tokenizer(prompts, add_special_tokens=False)["input_ids"]
@@ -274,9 +273,8 @@ def forecast(
     elif failures:
         log.info("unconstrained forecasting: %d of %d rows parsed fewer than %d steps (NaN-filled)", failures,
                  len(texts), horizon_steps)
-    samples = values.reshape(n_series, k, horizon_steps, 2)
     return ForecastResult(
         values=point, texts=texts, steps_parsed=steps_parsed, parse_failures=int(failures), prompt_tokens=prompt_tokens,
-        new_tokens=int(new_tokens), samples=samples if k > 1 else None, flops=int(flops),
-        exceeds_trained_context=bool(exceeds), max_new_tokens=bound,
+        new_tokens=int(new_tokens), samples=values.reshape(n_series, k, horizon_steps, 2) if k > 1 else None,
+        flops=int(flops), exceeds_trained_context=bool(exceeds), max_new_tokens=bound,
     )

@@ -64,8 +64,7 @@ def check_evaluate_config(cfg: DictConfig) -> None:
     problems = device_problems(cfg.get("device"))
     if cfg.get("max_systems") is not None and not int_at_least(cfg.max_systems, 1):
         problems.append(f"max_systems={cfg.max_systems!r}: must be null (the whole test split) or an integer >= 1")
-    fc = cfg.forecast
-    problems += settings_problems("forecast.", **{k: fc.get(k) for k in (
+    problems += settings_problems("forecast.", **{k: cfg.forecast.get(k) for k in (
         "context_steps", "horizon_steps", "batch_size", "num_samples", "max_int_digits", "temperature", "top_p",
         "head", "decoder", "constrained", "seed")})
     if bad := [e for e in cfg.get("examples") or [] if not int_at_least(e, 0)]:
@@ -259,7 +258,6 @@ def token_counts(model_cfg: DictConfig, texts: list[str]) -> list[int]:
 def schedule_of(tr: DictConfig, epoch_batches: int) -> Schedule:
     """The :class:`Schedule` Lightning will run for ``trainer`` settings and an epoch of ``epoch_batches``;
     UserError for an interval longer than an epoch."""
-    accum = tr.get("accumulate_grad_batches") or 1
     interval = trainer_setting(tr, "val_check_interval")
     every = tr.get("check_val_every_n_epoch")
     vcb = interval if isinstance(interval, int) else max(1, int(epoch_batches * interval))
@@ -267,8 +265,8 @@ def schedule_of(tr: DictConfig, epoch_batches: int) -> Schedule:
         raise UserError(f"trainer.val_check_interval={interval!r} is more than the {epoch_batches} training "
                         f"batches of an epoch with check_val_every_n_epoch={every}; lower it or set "
                         f"check_val_every_n_epoch=null")
-    return Schedule(accumulate=int(accum), epoch_batches=int(epoch_batches), val_check_batch=int(vcb),
-                    every_n_epochs=every)
+    return Schedule(accumulate=int(tr.get("accumulate_grad_batches") or 1), epoch_batches=int(epoch_batches),
+                    val_check_batch=int(vcb), every_n_epochs=every)
 
 
 def run_shape(cfg: DictConfig, val_shapes: list[list[tuple[int, int]]], train_rows: list[int],

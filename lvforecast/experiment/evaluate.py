@@ -84,8 +84,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 "output_dir": str(out)}
     reservation = _reserve(cfg, source, plan, pricing)
     with reservation.held() if reservation is not None else nullcontext(), torch_threads(cfg.threads, pricing.shape):
-        forecasts = _forecast(cfg, source, inputs, reservation)
-        return _write(cfg, out, source, inputs, forecasts)
+        return _write(cfg, out, source, inputs, _forecast(cfg, source, inputs, reservation))
 
 
 def plan_generation(cfg: DictConfig, trained: DictConfig | None = None) -> int:
@@ -120,8 +119,7 @@ def _source(cfg: DictConfig) -> _Source:
     train_cfg = read_run_config(run / "config.yaml", ("model", "data", "lora"), _RETRAIN)  # as data, never code
     if missing := [k for k in ("model.loader._target_", "data._target_", "data.context_length", "lora.r",
                                "lora.target_modules") if OmegaConf.select(train_cfg, k, default=None) is None]:
-        raise UserError(f"{run / 'config.yaml'}: not a training run's config: missing {', '.join(missing)}; "
-                        f"{_RETRAIN}")
+        raise UserError(f"{run / 'config.yaml'}: not a training run's config: missing {', '.join(missing)}; {_RETRAIN}")
     _check_split(run / "split.json")
     _check_adapter(run / "adapter")
     return _Source(model=train_cfg.model, data=train_cfg.data, lora=train_cfg.lora,

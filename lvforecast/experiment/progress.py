@@ -38,8 +38,7 @@ class FlopModelSummary(ModelSummary):
         model = pl_module.model  # the LoRA-wrapped backbone of lvforecast's LightningModule
         lora = LoRASpec.from_peft(model, logit_bias=pl_module.logit_bias is not None,
                                   head_rows=ALPHABET_SIZE if pl_module.head == "alphabet" else None)
-        self.forward_flops = forward_flops(shape_of(model), self.batch_size, self.seq_len, lora,
-                                           self.conventions).total
+        self.forward_flops = forward_flops(shape_of(model), self.batch_size, self.seq_len, lora, self.conventions).total
         super().on_fit_start(trainer, pl_module)
 
     def summarize(self, summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,

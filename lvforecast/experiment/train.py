@@ -85,8 +85,7 @@ def _plan(cfg: DictConfig, datamodule: Any, pricing: Any, start_step: int) -> Pl
     if cfg.model.get("tokenizer") is not None:  # Qwen2.5: the windows' character offsets must be its tokens
         series = list(datamodule.series.values())
         counts = config.token_counts(cfg.model, [e.text for e in series])
-        wrong = [e.system for e, n in zip(series, counts, strict=True) if n != len(e.text)][:5]
-        if wrong:
+        if wrong := [e.system for e, n in zip(series, counts, strict=True) if n != len(e.text)][:5]:
             raise UserError(f"model.tokenizer does not give one token per character on systems {wrong}: the "
                             f"window shapes the plan prices would not be the ones trained")
     ranks = config.world_size(cfg.trainer)

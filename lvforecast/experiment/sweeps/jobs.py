@@ -40,8 +40,7 @@ def varying_keys(jobs: list[list[str]]) -> list[str]:
     values: defaultdict[str, set[str]] = defaultdict(set)
     for key, _, value in (item.partition("=") for job in jobs for item in job):
         values[key].add(value)
-    keys = [k for k, v in values.items() if len(v) > 1 or len(jobs) == 1 and k in STUDY_KEYS]
-    return keys or list(values)[:3]
+    return [k for k, v in values.items() if len(v) > 1 or len(jobs) == 1 and k in STUDY_KEYS] or list(values)[:3]
 
 
 def job_values(job: list[str], keys: list[str]) -> dict[str, str]:

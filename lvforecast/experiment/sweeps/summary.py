@@ -233,8 +233,7 @@ def format_summary(rows: list[dict[str, Any]], keys: list[str], sweep_dir: Path)
     total = sum(r["flops"] for r in rows if isinstance(r["flops"], int))
     lines += ["", f"Sweep total: {total:.4e} FLOPs over {len(rows)} jobs "
               f"({sum(r['status'] in COMPLETED for r in rows)} finished)."]
-    stopped = [r for r in rows if r["status"] == RunStatus.INTERRUPTED]
-    if stopped:
+    if stopped := [r for r in rows if r["status"] == RunStatus.INTERRUPTED]:
         not_run = [str(r["job"]) for r in rows if r["status"] == RunStatus.MISSING]
         lines += ["", "Partial sweep: interrupted by a signal at job " + ", ".join(str(r["job"]) for r in stopped)
                   + (f"; not run: job{'s' if len(not_run) > 1 else ''} {', '.join(not_run)}" if not_run else "")
