@@ -261,18 +261,18 @@ def decode_step_flops(shape: ModelShape, batch: int, context_len: int, lora: LoR
 
 def generation_flops(shape: ModelShape, batch: int, prompt_len: int, new_tokens: int, lora: LoRASpec | None = None,
                      conv: Conventions = DEFAULT_CONVENTIONS, kv_cache: bool = True,
-                     prefill_logits: Literal["all", "last"] = "all", head_rows: int | None = None) -> int:
-    """Total FLOPs of greedy generation of ``new_tokens`` (>= 1) after a ``(batch, prompt_len)`` padded prompt, never
-    the loss: a prefill plus cached decode steps, or full forwards without ``kv_cache``; ``prefill_logits`` ``all``
-    charges lm_head at every position of each full forward (the brief's rule), ``last`` only at the last (what
-    ``generate`` runs). The rule is in docs/budget.md#the-formulas; other arguments and errors as
-    :func:`forward_flops`."""
-    _check_args(shape, lora, conv, head_rows, prompt_len=prompt_len, new_tokens=new_tokens)
+                     prefill_logits: Literal["all", "last"] = "all", head_rows: int | None = None,
+                     samples: int = 1) -> int:
+    """Total FLOPs of generating ``new_tokens`` (>= 1) after a ``(batch, prompt_len)`` padded prompt, never the loss:
+    a prefill of the ``batch`` prompts, then ``new_tokens - 1`` cached decode steps of ``batch x samples`` rows (each
+    prompt's cache copied to its ``samples`` rows; step t's context is ``prompt_len + t``), or full forwards of those
+    rows without ``kv_cache``; ``prefill_logits`` ``all`` charges lm_head at every position of each full forward (the
+    brief's rule), ``last`` only at the last (what ``generate`` runs). The rule is in docs/budget.md#the-formulas;
+    other arguments and errors as :func:`forward_flops`."""
+    _check_args(shape, lora, conv, head_rows, prompt_len=prompt_len, new_tokens=new_tokens, samples=samples)
     check_choice("generation", "prefill_logits", prefill_logits, ("all", "last"))
     conv = dataclasses.replace(conv, count_loss=False)
-    keep = 0 if prefill_logits == "all" else 1
-    if not kv_cache:
-        return sum(forward_flops(shape, batch, prompt_len + i, lora, conv, keep, head_rows).total
-                   for i in range(new_tokens))
-    return forward_flops(shape, batch, prompt_len, lora, conv, keep, head_rows).total + sum(
-        decode_step_flops(shape, batch, prompt_len + i, lora, conv, head_rows).total for i in range(1, new_tokens))
+    keep, rows = 0 if prefill_logits == "all" else 1, batch * samples
+    steps = (forward_flops(shape, rows, prompt_len + i, lora, conv, keep, head_rows) if not kv_cache
+             else decode_step_flops(shape, rows, prompt_len + i, lora, conv, head_rows) for i in range(1, new_tokens))
+    return forward_flops(shape, batch, prompt_len, lora, conv, keep, head_rows).total + sum(s.total for s in steps)

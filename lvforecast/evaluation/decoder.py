@@ -89,6 +89,11 @@ class PreallocatedLayer(DynamicLayer):
         self._values[rows, :, start:end].copy_(value_states)
         self._end(end)
 
+    def repeat_rows(self, times: int) -> None:
+        """Copy each row's buffers to ``times`` consecutive rows: a prompt's keys/values shared by its samples."""
+        self._keys, self._values = self._keys.repeat_interleave(times, 0), self._values.repeat_interleave(times, 0)
+        self._end(self.length)
+
 
 def prefill(
     stack: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Cache
@@ -201,33 +206,45 @@ class LeanStep:
 
 @dataclass(frozen=True)
 class Decoded:
-    """What :func:`decode` returns: (B, n) new token ids (``end_id`` after a row finished) and n."""
+    """What :func:`decode` returns: (R, n) new token ids (``end_id`` after a row finished), n, and the prompt rows
+    the prefill ran (R / samples for :func:`decode`, R for :func:`generate`)."""
 
     tokens: torch.Tensor
     steps: int
+    prefilled: int
 
 
 def decode(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, grammar: CompiledGrammar, *, horizon_steps: int,
     max_new_tokens: int, end_id: int, logits_fn: AlphabetLogits, sample: bool, temperature: float, top_p: float,
-    cache: Cache | None = None, lean: bool | None = None,
+    samples: int = 1, cache: Cache | None = None, lean: bool | None = None,
 ) -> Decoded:
-    """Grammar-constrained decoding of one left-padded batch (see the module docstring); call under no_grad.
+    """Grammar-constrained decoding of one left-padded batch of B prompts (see the module docstring) into
+    ``B x samples`` rows; call under no_grad.
 
-    Sampling draws ``torch.rand(B)`` from the default generator once per step. ``cache``: a :func:`preallocated_cache`
-    of >= ``prompt_len + max_new_tokens`` positions, possibly holding the first ``c < prompt_len`` prompt positions
-    (then prefilled from c on). ``lean``: decode steps by :class:`LeanStep` (None: where it :meth:`~LeanStep.supports`).
+    Each prompt is prefilled once; its last logits and keys/values are copied to its ``samples`` consecutive rows
+    (row ``b * samples + j``: sample j of prompt b), which then decode on their own. Sampling draws
+    ``torch.rand(B * samples)`` from the default generator once per step, so every row has its own draws. ``cache``:
+    a :func:`preallocated_cache` of >= ``prompt_len + max_new_tokens`` positions, possibly holding the first
+    ``c < prompt_len`` prompt positions (then prefilled from c on). ``lean``: decode steps by :class:`LeanStep`
+    (None: where it :meth:`~LeanStep.supports`).
     """
     stack = decoder_stack(model)
-    batch, prompt_len = input_ids.shape
+    prompts, prompt_len = input_ids.shape
     device = input_ids.device
     if cache is None:
         cache = preallocated_cache(len(stack.layers), prompt_len + max_new_tokens)
     padded = bool((attention_mask == 0).any())
     position = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    # The lm_head runs on the B prompts' last positions (as priced); each row then samples from its prompt's logits.
+    logits = logits_fn(prefill(stack, input_ids, attention_mask, position, cache)).repeat_interleave(samples, 0)
+    if samples > 1:
+        for layer in cache.layers:
+            layer.repeat_rows(samples)
+        attention_mask, position = attention_mask.repeat_interleave(samples, 0), position.repeat_interleave(samples, 0)
+    batch = prompts * samples
     state, steps = torch.zeros((2, batch), dtype=torch.long, device=device)  # grammar state, steps written
     out = torch.full((batch, max_new_tokens), end_id, dtype=torch.long, device=device)
-    hidden = prefill(stack, input_ids, attention_mask, position, cache)
     next_pos = position[:, -1:] + 1
     if LeanStep.supports(stack) if lean is None else lean:
         step_fn = LeanStep(stack, cache, int(next_pos.max()) + max_new_tokens)
@@ -239,15 +256,16 @@ def decode(
     n = 0
     for n in range(1, max_new_tokens + 1):
         done = steps >= horizon_steps
-        col = choose(logits_fn(hidden), grammar.allowed[state], sample=sample, temperature=temperature, top_p=top_p,
+        col = choose(logits, grammar.allowed[state], sample=sample, temperature=temperature, top_p=top_p,
                      uniforms=torch.rand(batch, device=device) if sample else None)
         out[:, n - 1] = torch.where(done, end_id, grammar.token_ids[col])
         steps = steps + (grammar.is_sep[col] & ~done)
         state = torch.where(done, state, grammar.next_state[state, col])
         if bool((steps >= horizon_steps).all()) or n == max_new_tokens:
             break
-        hidden = step_fn(out[:, n - 1 : n], next_pos + n - 1, None if keys is None else keys[..., : prompt_len + n])
-    return Decoded(tokens=out[:, :n], steps=n)
+        logits = logits_fn(step_fn(out[:, n - 1 : n], next_pos + n - 1,
+                                   None if keys is None else keys[..., : prompt_len + n]))
+    return Decoded(tokens=out[:, :n], steps=n, prefilled=prompts)
 
 
 @dataclass
@@ -301,9 +319,13 @@ def generation_config(
 def generate(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig, *,
     char_ids: dict[str, int], grammar: Grammar | None, horizon_steps: int, logit_bias: torch.Tensor | None,
+    samples: int = 1,
 ) -> Decoded:
     """``model.generate`` on one left-padded batch, stopped after ``horizon_steps`` steps per row, constrained by
-    ``grammar`` unless it is None; the (B, n) new token ids, padding included, as :func:`decode` returns them."""
+    ``grammar`` unless it is None; the (B x samples, n) new token ids, padding included, as :func:`decode` returns
+    them. ``generate`` cannot share a prefill between rows: each prompt is repeated as its ``samples`` rows, and each
+    row is prefilled."""
+    input_ids, attention_mask = input_ids.repeat_interleave(samples, 0), attention_mask.repeat_interleave(samples, 0)
     prompt_len = input_ids.shape[1]
     processors = LogitsProcessorList([] if logit_bias is None else [AddLogitBias(logit_bias)])
     if grammar is not None:  # rows past their horizon may write only the pad token
@@ -311,4 +333,4 @@ def generate(
     stop = StoppingCriteriaList([StepsStoppingCriteria(char_ids[STEP_SEP], prompt_len, horizon_steps)])
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                          logits_processor=processors, stopping_criteria=stop)
-    return Decoded(tokens=out[:, prompt_len:], steps=out.shape[1] - prompt_len)
+    return Decoded(tokens=out[:, prompt_len:], steps=out.shape[1] - prompt_len, prefilled=input_ids.shape[0])

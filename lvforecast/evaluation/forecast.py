@@ -8,10 +8,12 @@ How a forecast is made: ``docs/evaluation.md``. The settings have no defaults he
 * Constrained, every forecast parses to ``horizon_steps`` steps (else a bug: ``AssertionError``); unconstrained, a
   row with fewer is a parse failure whose missing steps are NaN. Steps beyond the horizon are dropped.
 * ``num_samples = k > 1`` samples each prompt k times under ``torch.manual_seed(seed)`` in a forked RNG (the caller's
-  stream is untouched); the point forecast is the NaN-aware per-step median.
+  stream is untouched); the point forecast is the NaN-aware per-step median. The loop prefills each prompt once for
+  its k rows; ``generate`` prefills every row.
 * Batches are :func:`row_batches` (:func:`planned_batches`: the same at the longest decode, what the budget
-  reserves), each charged :func:`lvforecast.budget.formulas.generation_flops` of its padded prompt and decode steps,
-  with ``head_rows=13`` when the loop scores the alphabet only; ``charge(flops, rows x (prompt + new) tokens)``.
+  reserves), each charged :func:`lvforecast.budget.formulas.generation_flops` of the prompts it prefilled, its padded
+  prompt length, decode steps and rows per prefilled prompt, with ``head_rows=13`` when the loop scores the alphabet
+  only; ``charge(flops, prefilled x prompt + rows x new tokens)``.
 """
 
 from __future__ import annotations
@@ -67,24 +69,31 @@ class ForecastResult:
     max_new_tokens: int = 0
 
 
-def row_batches(n_series: int, num_samples: int, batch_size: int) -> list[list[int]]:
-    """Series index of each generation row, series-major, cut into consecutive batches of ``batch_size`` rows."""
-    rows = [i for i in range(n_series) for _ in range(num_samples)]
-    return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+def row_batches(n_series: int, num_samples: int, batch_size: int) -> list[tuple[list[int], int]]:
+    """``(series, sample rows of each)`` of every batch, in series order, at most ``batch_size`` rows each: whole
+    series, ``batch_size // num_samples`` per batch, or (``num_samples > batch_size``) one series' samples in chunks
+    of ``batch_size`` rows, each chunk prefilling its series again."""
+    if (per := batch_size // num_samples) >= 1:
+        return [(list(range(i, min(i + per, n_series))), num_samples) for i in range(0, n_series, per)]
+    return [([i], min(batch_size, num_samples - j)) for i in range(n_series) for j in range(0, num_samples, batch_size)]
 
 
 def planned_batches(
     prompt_tokens: Sequence[int], *, horizon_steps: int, max_int_digits: int, decimals: int, num_samples: int,
-    batch_size: int,
-) -> list[tuple[int, int, int]]:
-    """``(rows, padded prompt length, decode steps)`` of every batch :func:`forecast` runs, decode at its bound.
+    batch_size: int, shared_prefill: bool,
+) -> list[tuple[int, int, int, int]]:
+    """``(prompts prefilled, padded prompt length, decode steps, rows per prefilled prompt)`` of every batch
+    :func:`forecast` runs, decode at its bound: ``generation_flops``'s ``batch``, ``prompt_len``, ``new_tokens`` and
+    ``samples``. ``shared_prefill``: the decoder prefills a prompt once for all its samples (the loop), else once per
+    row (``generate``).
 
     Needs no model: ``prompt_tokens`` (S,) are the prompts' character counts for a character-level tokenizer. Every
     batch decodes :func:`max_new_tokens_bound` steps, so these shapes' FLOPs bound those :func:`forecast` charges.
     """
     bound = max_new_tokens_bound(horizon_steps, Grammar(max_int_digits=max_int_digits, decimals=decimals))
-    batches = row_batches(len(prompt_tokens), num_samples, batch_size)
-    return [(len(chunk), max(prompt_tokens[i] for i in chunk), bound) for chunk in batches]
+    return [(len(series), max(prompt_tokens[i] for i in series), bound, k) if shared_prefill
+            else (len(series) * k, max(prompt_tokens[i] for i in series), bound, 1)
+            for series, k in row_batches(len(prompt_tokens), num_samples, batch_size)]
 
 
 def settings_problems(
@@ -142,8 +151,8 @@ def _tokenized_prompts(
 
 
 def _generate_all(
-    run: Callable[[torch.Tensor, torch.Tensor], Decoded], model: Any, tokenizer: Any, char_ids: dict[str, int],
-    prompts: list[list[int]], batches: list[list[int]], seed: int, price: Callable[..., int],
+    run: Callable[..., Decoded], model: Any, tokenizer: Any, char_ids: dict[str, int],
+    prompts: list[list[int]], batches: list[tuple[list[int], int]], seed: int, price: Callable[..., int],
     charge: Callable[[int, int], None] | None, done: Callable[[list[str]], None],
 ) -> tuple[list[str], int, int]:
     """Texts (pad / EOS dropped), new tokens kept and FLOPs charged of all rows; ``done(texts)`` at every batch edge."""
@@ -159,19 +168,21 @@ def _generate_all(
             torch.manual_seed(seed)
             done(texts)
             # Each batch is a full decode (minutes on a CPU for a real model): show progress.
-            for chunk in tqdm(batches, desc="forecasting", unit="batch", disable=len(batches) <= 1):
-                batch = tokenizer.pad({"input_ids": [prompts[i] for i in chunk]}, padding=True, return_tensors="pt")
+            for series, k in tqdm(batches, desc="forecasting", unit="batch", disable=len(batches) <= 1):
+                batch = tokenizer.pad({"input_ids": [prompts[i] for i in series]}, padding=True, return_tensors="pt")
                 prompt_len = batch["input_ids"].shape[1]
-                out = run(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+                out = run(batch["input_ids"].to(device), batch["attention_mask"].to(device), samples=k)
                 for row in out.tokens.tolist():
                     kept = [t for t in row if t not in special]
                     # Read token by token: a word-level tokenizer's decode() would join tokens with spaces.
                     texts.append("".join(id_to_char.get(t) or tokenizer.decode([t]) for t in kept))
                     total_new += len(kept)
-                flops = price(len(chunk), prompt_len, out.steps) if out.steps > 0 else 0
+                # Priced as the decoder ran: its prefill rows, then every row's decode steps.
+                rows = len(series) * k
+                flops = price(out.prefilled, prompt_len, out.steps, samples=rows // out.prefilled) if out.steps else 0
                 total_flops += flops
                 if charge is not None:
-                    charge(flops, len(chunk) * (prompt_len + out.steps))
+                    charge(flops, out.prefilled * prompt_len + rows * out.steps)
                 done(texts)
     finally:
         tokenizer.padding_side = old_side

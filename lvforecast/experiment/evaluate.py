@@ -186,16 +186,18 @@ def _generation_plan(cfg: DictConfig, source: _Source, inputs: EvaluationInputs)
 
     pricing = pricing_of(source.model, source.lora)
     fc = cfg.forecast
-    # Constrained decoding with the loop scores the alphabet's rows only, whichever head the adapter trained with.
-    head_rows = ALPHABET_SIZE if fc.constrained and fc.head == "alphabet" and fc.decoder == "loop" else None
+    # Constrained decoding runs the loop, which prefills a prompt once for all its samples and, with the alphabet
+    # head, scores the alphabet's rows only, whichever head the adapter trained with.
+    loop = bool(fc.constrained) and fc.decoder == "loop"
+    head_rows = ALPHABET_SIZE if loop and fc.head == "alphabet" else None
     # The real tokenizer's counts where the model config states one (Qwen2.5), else characters (= tokens).
     batches = planned_batches(token_counts(source.model, list(inputs.prompts)), horizon_steps=int(fc.horizon_steps),
                               max_int_digits=int(fc.max_int_digits), decimals=inputs.decimals,
-                              num_samples=int(fc.num_samples), batch_size=int(fc.batch_size))
-    total = sum(generation_flops(pricing.shape, rows, prompt_len, new, pricing.lora, pricing.conventions,
-                                 kv_cache=True, prefill_logits="last", head_rows=head_rows)
-                for rows, prompt_len, new in batches)
-    return GenerationPlan(rows=sum(rows for rows, _, _ in batches), total=total), pricing
+                              num_samples=int(fc.num_samples), batch_size=int(fc.batch_size), shared_prefill=loop)
+    total = sum(generation_flops(pricing.shape, prompts, prompt_len, new, pricing.lora, pricing.conventions,
+                                 kv_cache=True, prefill_logits="last", head_rows=head_rows, samples=k)
+                for prompts, prompt_len, new, k in batches)
+    return GenerationPlan(rows=sum(prompts * k for prompts, _, _, k in batches), total=total), pricing
 
 
 def _reserve(cfg: DictConfig, source: _Source, plan: GenerationPlan, pricing: Pricing) -> Reservation | None:

@@ -161,6 +161,29 @@ def test_generate_equals_prefill_plus_cached_decode_steps(tiny):
                                        kv_cache=False)
 
 
+def test_loop_samples_are_one_prefill_plus_decode_steps_of_every_row():
+    from lvforecast.evaluation.decoder import AlphabetLogits, decode
+    from lvforecast.evaluation.grammar import Grammar, compile_grammar
+
+    lm = build_tiny_qwen(attn_implementation="eager")
+    grammar = compile_grammar(Grammar(max_int_digits=2, decimals=3), lm.char_ids)
+    ids = torch.tensor([[lm.char_ids[c] for c in "1.5,2.25;"]] * 2)
+    lm.model.eval()
+    # The stack's own forward at every step (lean=False), so each attention op runs inside a module the audit sees.
+    with torch.no_grad(), FlopAudit(lm.model) as audit:
+        out = decode(lm.model, ids, torch.ones_like(ids), grammar, horizon_steps=1, max_new_tokens=6, end_id=0,
+                     logits_fn=AlphabetLogits(lm.model, grammar.token_ids, "full", None), sample=False,
+                     temperature=1.0, top_p=1.0, samples=3, lean=False)
+    result = audit.result
+    assert not result.unpriced, result.unpriced
+    # The decoder's pick, outside the model: an argmax over the 13 alphabet logits of each of the 6 rows per token.
+    assert out.tokens.shape == (6, 6) and result.components.pop("outside") == 6 * 6 * 12
+    # One prefill of the 2 prompts (9 tokens), then 5 decode steps of 2 x 3 rows against 9 + t keys.
+    shape = shape_of(lm.model)
+    assert result.total == generation_flops(shape, 2, 9, 6, conv=IMPLEMENTED, prefill_logits="last", samples=3)
+    assert result.total < generation_flops(shape, 6, 9, 6, conv=IMPLEMENTED, prefill_logits="last")
+
+
 def test_brief_conventions_are_not_what_runs(tiny):
     # The brief's default count (mha, no mask add, rope as one add, 4D + 11 norms) differs from the run.
     audited = audit_forward(tiny, _ids(10))

@@ -168,6 +168,34 @@ def test_generation_with_cache_is_prefill_plus_decode_steps_and_cheaper():
     assert generation_flops(shape, 2, P, 3, lora, Conventions(count_loss=True)) == cached
 
 
+def test_toy_samples_share_one_prefill_by_hand():
+    # The toy's decode step per row against K keys (brief's defaults, B = N = 1): positional 4, norms 3*27 = 81,
+    # q/k/v 3*28 = 84, o_proj 28, residual 8, gate/up 2*56 = 112, mlp_act 104, mlp_mul 8, down 60, lm_head 70 = 559;
+    # attention: scores 2*K*3 + scale 2*K + softmax 2*(12K - 1) + values 2*2*(2K - 1) = 40K - 6. So 553 + 40K.
+    # 2 samples of one 3-token prompt, 3 new tokens: the prefill (2019, above) once, then steps of 2 rows at
+    # K = 4 and 5: 2019 + 2*(553 + 160) + 2*(553 + 200) = 2019 + 1426 + 1506 = 4951.
+    assert generation_flops(TOY, 1, 3, 3, samples=2) == 4951
+    # The prompt repeated as 2 rows (the generate decoder) pays the prefill twice: 4951 + 2019.
+    assert generation_flops(TOY, 2, 3, 3) == 4951 + 2019
+    # Without the cache every later token is a full forward of the 2 rows; only the first is shared.
+    assert generation_flops(TOY, 1, 3, 2, kv_cache=False, samples=2) == 2019 + forward_flops(TOY, 2, 4).total
+
+
+def test_shared_prefill_is_one_prefill_then_decode_steps_of_every_sample():
+    shape, lora, P, k = BUILTIN["qwen2.5-0.5b"], LoRASpec(rank=4), 960, 10
+    shared = generation_flops(shape, 2, P, 3, lora, prefill_logits="last", samples=k)
+    assert shared == (forward_flops(shape, 2, P, lora, logits_to_keep=1).total
+                      + decode_step_flops(shape, 2 * k, P + 1, lora).total + decode_step_flops(shape, 2 * k, P + 2,
+                                                                                               lora).total)
+    assert generation_flops(shape, 2, P, 3, lora, samples=1) == generation_flops(shape, 2, P, 3, lora)
+    # The forecast's shape (960-token prompt, 246 new tokens, 13 rows scored): 10 samples cost about a third of
+    # 10 separate forecasts, the prefill being most of a forecast.
+    one = generation_flops(shape, 1, P, 246, lora, prefill_logits="last", head_rows=13)
+    assert generation_flops(shape, 1, P, 246, lora, prefill_logits="last", head_rows=13, samples=k) < 0.35 * k * one
+    with pytest.raises(ValueError, match="samples=0"):
+        generation_flops(shape, 1, P, 3, samples=0)
+
+
 def test_decode_step_sees_its_whole_row_under_either_mask():
     shape = BUILTIN["smollm2-135m"]
     assert decode_step_flops(shape, 1, 50, conv=Conventions(mask="causal")).total == decode_step_flops(

@@ -222,6 +222,25 @@ def test_decode_from_a_cache_holding_part_of_the_prompt(tiny, series):
     assert fresh.steps == resumed.steps and torch.equal(fresh.tokens, resumed.tokens)
 
 
+@pytest.mark.parametrize("lean", [True, False])
+def test_shared_prefill_draws_what_the_prompts_repeated_as_rows_draw(tiny, series, lean):
+    """k rows copied from one prefill of each prompt sample, token for token, what the old way (each prompt repeated
+    as k rows, each prefilled) samples under the same seed; the k samples of one prompt differ."""
+    grammar = compile_grammar(Grammar(max_int_digits=2, decimals=3), tiny.char_ids)
+    ids, mask = _padded_batch(tiny, series[:2], SCALES[:2], 12)
+    kw = dict(horizon_steps=HORIZON, max_new_tokens=max_new_tokens_bound(HORIZON, Grammar(2, 3)), sample=True,
+              end_id=tiny.tokenizer.pad_token_id, temperature=1.0, top_p=0.9, lean=lean,
+              logits_fn=AlphabetLogits(tiny.model, grammar.token_ids, "alphabet", None))
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        shared = decode(tiny.model, ids, mask, grammar, samples=3, **kw)
+        torch.manual_seed(0)
+        repeated = decode(tiny.model, ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0), grammar, **kw)
+    assert (mask == 0).any() and (shared.prefilled, repeated.prefilled) == (2, 6)
+    assert shared.tokens.shape[0] == 6 and torch.equal(shared.tokens, repeated.tokens)
+    assert len({tuple(row) for row in shared.tokens[:3].tolist()}) > 1
+
+
 def test_lean_steps_equal_the_stack_forward(peft_every_proj, series):
     """Four one-token lean steps after a padded prefill give the hidden states of one forward over it all."""
     lm = peft_every_proj

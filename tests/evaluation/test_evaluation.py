@@ -126,6 +126,22 @@ def test_smollm2_zero_shot_on_the_study_examples(smollm2_dir, tmp_path):
     assert len(metrics["systems"]) == 4 and metrics["flops_generate"] > 0
 
 
+@pytest.mark.slow
+def test_dry_run_prices_samples_with_one_prefill_per_system(sim_cache, tmp_path):
+    overrides = ["model=tiny", "data=simulated", "max_systems=3", "baselines=[]", "budget.dry_run=true",
+                 "forecast.head=full", "forecast.batch_size=4"]
+
+    def plan(*extra: str) -> int:
+        return evaluate(compose_eval([*overrides, *extra], tmp_path / str(len(extra)), sim_cache))["plan"][
+            "generate_upper_bound"]
+
+    greedy, loop = plan(), plan("forecast.num_samples=4")
+    generate = plan("forecast.num_samples=4", "forecast.decoder=generate")
+    # The loop prefills each of the 3 systems once for its 4 rows (1 system a batch); generate prefills all 12 rows,
+    # 4 greedy forecasts' worth (greedy runs the 3 in one batch padded to the longest prompt: at most that).
+    assert greedy < loop < generate <= 4 * greedy
+
+
 def test_dry_run_prices_the_alphabet_head_of_constrained_decoding(sim_cache, tmp_path):
     overrides = ["model=tiny", "data=simulated", "max_systems=3", "baselines=[]", "budget.dry_run=true"]
     alpha = evaluate(compose_eval(overrides, tmp_path / "a", sim_cache))["plan"]["generate_upper_bound"]

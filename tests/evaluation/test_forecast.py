@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -175,28 +176,46 @@ def test_sampling_is_seeded_and_median_is_the_point_forecast(tiny, series):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("head,head_rows", [("full", None), ("alphabet", 13)])
-def test_flops_charged_equal_generation_flops(tiny, series, head, head_rows):
+@pytest.mark.parametrize("decoder,head,head_rows,k", [("loop", "full", None, 1), ("loop", "alphabet", 13, 1),
+                                                      ("loop", "alphabet", 13, 3), ("generate", "full", None, 3)])
+def test_flops_charged_equal_generation_flops(tiny, series, decoder, head, head_rows, k):
     charges = []
     res = forecast(tiny.model, tiny.tokenizer, tiny.char_ids, series[:3], [0.5] * 3, context_steps=CONTEXT,
-                   horizon_steps=HORIZON, batch_size=2, charge=lambda f, t: charges.append((f, t)), head=head)
-    assert len(charges) == 2 and sum(f for f, _ in charges) == res.flops
+                   horizon_steps=HORIZON, batch_size=2 * k, num_samples=k, decoder=decoder, head=head,
+                   charge=lambda f, t: charges.append((f, t)))
+    assert len(charges) == 2 and sum(f for f, _ in charges) == res.flops  # series 0 and 1, then series 2
     shape, prompt_len = shape_of(tiny.model), res.prompt_tokens[0]
-    new = max(len(t) for t in res.texts[:2])
-    expected = generation_flops(shape, 2, prompt_len, new, conv=Conventions(), kv_cache=True, prefill_logits="last",
-                                head_rows=head_rows)
-    assert charges[0] == (expected, 2 * (prompt_len + new))
+    new = max(len(t) for t in res.texts[:2 * k])
+    # The loop prefills the 2 prompts once for their 2k rows; generate prefills every row.
+    prefilled, per = (2, k) if decoder == "loop" else (2 * k, 1)
+    expected = generation_flops(shape, prefilled, prompt_len, new, conv=Conventions(), kv_cache=True,
+                                prefill_logits="last", head_rows=head_rows, samples=per)
+    assert charges[0] == (expected, prefilled * prompt_len + 2 * k * new)
+
+
+def test_row_batches_keep_each_series_samples_together_within_batch_size():
+    assert row_batches(5, 1, 2) == [([0, 1], 1), ([2, 3], 1), ([4], 1)]  # greedy: batch_size series a batch
+    assert row_batches(3, 2, 5) == [([0, 1], 2), ([2], 2)]  # 5 // 2 = 2 whole series (4 rows) a batch
+    assert row_batches(2, 5, 2) == [([0], 2), ([0], 2), ([0], 1), ([1], 2), ([1], 2), ([1], 1)]
+    for n, k, size in itertools.product(range(1, 5), range(1, 6), range(1, 7)):
+        batches = row_batches(n, k, size)
+        assert all(len(s) * rows <= size for s, rows in batches)
+        # Decoded rows (each series' samples consecutive) are every series' k samples once, series-major.
+        assert [i for s, rows in batches for i in s for _ in range(rows)] == [i for i in range(n) for _ in range(k)]
 
 
 @pytest.mark.slow
 def test_planned_batches_are_the_forecasters_batches_at_the_decode_bound(tiny, series):
-    kwargs = dict(horizon_steps=HORIZON, max_int_digits=2, decimals=3, num_samples=2, batch_size=3)
+    kwargs = dict(horizon_steps=HORIZON, max_int_digits=2, decimals=3, num_samples=2, batch_size=5)
     res = forecast(tiny.model, tiny.tokenizer, tiny.char_ids, series[:3], [0.5, 0.05, 0.5], context_steps=CONTEXT,
                    **{k: v for k, v in kwargs.items() if k != "decimals"})
-    planned = planned_batches(res.prompt_tokens, **kwargs)
-    assert row_batches(3, 2, 3) == [[0, 0, 1], [1, 2, 2]]
     bound = max_new_tokens_bound(HORIZON, Grammar(max_int_digits=2, decimals=3))
-    assert planned == [(3, max(res.prompt_tokens[:2]), bound), (3, max(res.prompt_tokens[1:]), bound)]
+    first, last = max(res.prompt_tokens[:2]), res.prompt_tokens[2]
+    # Series 0 and 1 (4 rows), then series 2: the loop prefills each prompt once, generate each row.
+    shared = planned_batches(res.prompt_tokens, shared_prefill=True, **kwargs)
+    assert shared == [(2, first, bound, 2), (1, last, bound, 2)]
+    assert planned_batches(res.prompt_tokens, shared_prefill=False, **kwargs) == [(4, first, bound, 1),
+                                                                                  (2, last, bound, 1)]
     assert bound == res.max_new_tokens
 
 

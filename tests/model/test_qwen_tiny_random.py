@@ -51,9 +51,10 @@ def test_qwen_plans_count_with_the_real_tokenizer_without_the_hub_copy(sim_cache
     assert counts == [len(p) for p in prompts]  # Qwen2.5 writes LLMTIME text one token per character
     dry = evaluate(cfg)
     shape = planning_shape(cfg.model)
-    expected = sum(generation_flops(shape, rows, n, new, conv=Conventions(), prefill_logits="last", head_rows=13)
-                   for rows, n, new in planned_batches(counts, horizon_steps=5, max_int_digits=2, decimals=3,
-                                                       num_samples=1, batch_size=16))
+    expected = sum(generation_flops(shape, rows, n, new, conv=Conventions(), prefill_logits="last", head_rows=13,
+                                    samples=k)
+                   for rows, n, new, k in planned_batches(counts, horizon_steps=5, max_int_digits=2, decimals=3,
+                                                          num_samples=1, batch_size=16, shared_prefill=True))
     assert dry["plan"]["generate_upper_bound"] == expected
     # The training dry run tokenizes every window's series with it too, weights never loaded.
     train_cfg = compose_train(["model=qwen2.5-0.5b", "data=simulated", "budget.dry_run=true", "trainer.max_steps=3"],
