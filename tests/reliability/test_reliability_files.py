@@ -148,7 +148,7 @@ def test_a_run_pointed_at_another_runs_directory_is_refused(run8, sim_cache, tmp
     n_runs = len(Ledger(ledger, budget=None).runs())
     proc = cli("train.py", [*STEPS, "trainer.max_steps=2", "optim.lr=1e-3", f"paths.cache_dir={sim_cache}",
                             f"budget.ledger_path={ledger}", f"hydra.run.dir={other}"], tmp_path)
-    first = assert_one_error(proc, f"paths.output_dir='{other}'", "another run's files", "ckpt_path=")
+    first = assert_one_error(proc, f"paths.output_dir='{other}'", "another run's files", f"resume={other}")
     assert "config.yaml" in first
     assert digest(other) == before  # config, checkpoint, adapter, metrics, loss curve: byte-identical
     assert len(assert_ledger_consistent(ledger)) == n_runs  # refused before anything was reserved
@@ -159,7 +159,7 @@ def test_the_same_config_again_into_a_finished_run_is_refused(run8, sim_cache, t
     other = copy_run(run8, tmp_path / "other")
     before = digest(other)
     cfg = compose_train(STEPS + ["trainer.max_steps=8"], output_dir=other, cache_dir=sim_cache)
-    with pytest.raises(UserError, match=r"paths.output_dir=.*another run's files.*ckpt_path=.*last.ckpt"):
+    with pytest.raises(UserError, match=rf"paths.output_dir=.*another run's files.*continue it with resume={other} "):
         train(cfg)
     assert digest(other) == before
 
