@@ -59,17 +59,18 @@ def both(server: forked.ForkServer, args: list[str], **options) -> tuple:
     return real, subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
-@pytest.mark.parametrize("caller_sigint", ["handled", "ignored"])
-def test_a_forked_child_sees_what_a_real_subprocess_sees(light, tmp_path, caller_sigint):
+@pytest.fixture
+def caller_sigint():
+    """Sets this process's SIGINT handler for one test and puts the old one back after it."""
+    before = signal.getsignal(signal.SIGINT)
+    yield lambda handler: signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.parametrize("sigint_ignored", [False, True])
+def test_a_forked_child_sees_what_a_real_subprocess_sees(light, tmp_path, caller_sigint, sigint_ignored):
     # A job started in the background by a non-interactive shell ignores SIGINT, and so does every child it execs.
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN if caller_sigint == "ignored" else signal.default_int_handler)
-    try:
-        _compare_with_a_real_subprocess(light, tmp_path, caller_sigint == "ignored")
-    finally:
-        signal.signal(signal.SIGINT, before)
-
-
-def _compare_with_a_real_subprocess(light, tmp_path, sigint_ignored):
+    caller_sigint(signal.SIG_IGN if sigint_ignored else signal.default_int_handler)
     probe = script(tmp_path, "probe.py", PROBE)
     work = tmp_path / "work"
     work.mkdir()
@@ -100,16 +101,9 @@ def test_exit_statuses_and_tracebacks_are_pythons(light, tmp_path):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
-def test_a_running_child_takes_signals_as_a_real_one(light, tmp_path, signum):
+def test_a_running_child_takes_signals_as_a_real_one(light, tmp_path, caller_sigint, signum):
     # As from a foreground shell: a child of a background job would ignore SIGINT (the test above).
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        _signal_a_running_child(light, tmp_path, signum)
-    finally:
-        signal.signal(signal.SIGINT, before)
-
-
-def _signal_a_running_child(light, tmp_path, signum):
+    caller_sigint(signal.default_int_handler)
     sleeper = script(tmp_path, "sleeper.py", SLEEPER)
     proc = forked.ForkedPopen(light, [sys.executable, sleeper], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
