@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 
-from lvforecast.budget.ledger import Kind, LedgerBusyError, ReservationReleasedError
+from lvforecast.budget.ledger import Kind, LedgerBusyError, ReservationReleasedError, format_flops
 from lvforecast.budget.reservation import Reservation
 
 log = logging.getLogger(__name__)
@@ -80,10 +80,10 @@ class FlopBudget(pl.Callback):
         except LedgerBusyError as err:
             pending = sum(p[0] for p in self._pending.values())
             if final:  # the one message: the ledger, its lock and what stays uncharged
-                raise LedgerBusyError(f"{err}. This run's last commit failed: {pending:.2e} FLOPs it ran are not "
-                                      f"charged, and its ledger row stays 'running'") from err
-            log.warning("ledger %s busy past %g s (another process holds its write lock): %.2e FLOPs stay pending "
-                        "until the next commit", self.ledger.path, self.ledger.timeout_s, pending)
+                raise LedgerBusyError(f"{err}. This run's last commit failed: {format_flops(pending)} FLOPs it ran are "
+                                      f"not charged, and its ledger row stays 'running'") from err
+            log.warning("ledger %s busy past %g s (another process holds its write lock): %s FLOPs stay pending "
+                        "until the next commit", self.ledger.path, self.ledger.timeout_s, format_flops(pending))
             return
         self._pending.clear()
 

@@ -83,8 +83,9 @@ def default_ledger_path() -> Path:
 
 
 def format_flops(x: float) -> str:
-    """FLOP count as in the report, e.g. ``9.79e+16``."""
-    return f"{x:.2e}"
+    """A FLOP count to 4 significant figures, e.g. ``9.790e+16``: enough that a spend of 1e13 from a 1e17 budget
+    shows (``9.999e+16`` remain, not ``1.00e+17``)."""
+    return f"{x:.3e}"
 
 
 class Ledger:
@@ -204,7 +205,8 @@ class Ledger:
         if not fits:
             raise BudgetExceededError(self, run_id, name, planned, spent, others, plan)
         left = self.budget - spent - others - planned
-        self._log(logging.INFO, run_id, name, "reserved %.2e FLOPs (%.2e remain)", planned, left)
+        self._log(logging.INFO, run_id, name, "reserved %s FLOPs (%s remain)", format_flops(planned),
+                  format_flops(left))
         return run_id
 
     def charge(self, run_id: int, kind: Kind, flops: float, steps: int = 0, tokens: int = 0,
@@ -226,18 +228,19 @@ class Ledger:
                 raise ReservationReleasedError(
                     f"ledger {self.path}: run {run_id} {name!r} was marked crashed by `lvforecast budget reconcile` "
                     f"and its reservation released while it was still running; it stops here without charging "
-                    f"{flops:.2e} more FLOPs, so the ledger stays within its budget. Resume it from its checkpoint "
-                    f"as a new run")
+                    f"{format_flops(flops)} more FLOPs, so the ledger stays within its budget. Resume it from its "
+                    f"checkpoint as a new run")
             conn.execute("INSERT INTO charges (run_id, kind, flops, steps, tokens, seconds, charged_at) "
                          "VALUES (?, ?, ?, ?, ?, ?, ?)",
                          (run_id, kind, flops, steps, tokens, float(seconds), time.time()))
             charged = store.spent(conn, run_id)
         if status != RunStatus.RUNNING:
-            self._log(logging.WARNING, run_id, name, "is %s but was charged %.2e more FLOPs (%s)", status, flops, kind)
+            self._log(logging.WARNING, run_id, name, "is %s but was charged %s more FLOPs (%s)", status,
+                      format_flops(flops), kind)
         elif charged > reserved and run_id not in self._warned_over:
             self._warned_over.add(run_id)
-            self._log(logging.WARNING, run_id, name, "has charged %.2e FLOPs, past its reservation of %.2e", charged,
-                      reserved)
+            self._log(logging.WARNING, run_id, name, "has charged %s FLOPs, past its reservation of %s",
+                      format_flops(charged), format_flops(reserved))
 
     def finish(self, run_id: int, status: RunStatus = RunStatus.FINISHED) -> None:
         """End a running run with ``status`` (one of :data:`~lvforecast.budget.status.FINISH_STATUSES`) and release
@@ -248,7 +251,7 @@ class Ledger:
         with self._transaction() as conn:
             name = self._run(conn, run_id, "it cannot be finished again")["name"]
             store.release(conn, run_id, status, time.time())
-        self._log(logging.INFO, run_id, name, "%s, spent %.2e FLOPs", status, self.run_spent(run_id))
+        self._log(logging.INFO, run_id, name, "%s, spent %s FLOPs", status, format_flops(self.run_spent(run_id)))
 
     @contextlib.contextmanager
     def hold(self, run_id: int) -> Iterator[RunOutcome]:

@@ -52,7 +52,7 @@ def test_creation_stores_budget_and_reopen(tmp_path):
 
 def test_wrong_budget_on_reopen_is_a_clear_error(tmp_path):
     _ledger(tmp_path, budget=1000)
-    with pytest.raises(ValueError, match=r"created with budget 1\.00e\+03 \(1000\).*not 2\.00e\+03 \(2000\)"):
+    with pytest.raises(ValueError, match=r"created with budget 1\.000e\+03 \(1000\).*not 2\.000e\+03 \(2000\)"):
         _ledger(tmp_path, budget=2000)
 
 
@@ -125,8 +125,8 @@ def test_reserve_refused_with_plan_spent_remaining(tmp_path):
     err = info.value
     assert (err.planned, err.spent, err.reserved_by_others, err.remaining, err.budget) == (401, 300, 300, 400, 1000)
     msg = str(err)
-    for part in ("plan needs 4.01e+02", "only 4.00e+02 remain", "budget 1.00e+03", "spent 3.00e+02",
-                 "reserved by others 3.00e+02", str(ledger.path), '"steps": 4'):
+    for part in ("plan needs 4.010e+02", "only 4.000e+02 remain", "budget 1.000e+03", "spent 3.000e+02",
+                 "reserved by others 3.000e+02", str(ledger.path), '"steps": 4'):
         assert part in msg, part
     # The attempt is on record as refused, holding nothing.
     refused = [r for r in ledger.runs() if r["status"] == "refused"]
@@ -382,7 +382,7 @@ def test_reconcile_forced_ids_once_quiet_and_a_released_run_charges_nothing_more
     assert ledger.reconcile([b], force=True) == [b]  # just started: released only when forced
     assert ledger.remaining() == 900
     # Was: a released run that was still alive charged on, and the ledger went below zero.
-    with pytest.raises(ReservationReleasedError, match=r"run 1 'a' was marked crashed .* without charging 5.00e\+01"):
+    with pytest.raises(ReservationReleasedError, match=r"run 1 'a' was marked crashed .* without charging 5.000e\+01"):
         ledger.charge(a, "train", 50, steps=1)
     assert ledger.remaining() == 900 and ledger.run_spent(a) == 100
     with pytest.raises(ValueError, match="is 'crashed', not 'running'"):
@@ -455,10 +455,10 @@ def test_report_numbers_are_hand_derivable(tmp_path):
 
     md = report_mod.format_report_markdown(rep)
     assert "| run | sweep | status | training | validation | inference | total | share of budget |" in md
-    assert "| #1 lr1e-4_r8 | lr_rank | finished | 3.00e+02 | 5.00e+01 | 5.00e+01 | 4.00e+02 | 40.00% |" in md
-    assert "| **total** | | | 5.50e+02 | 5.00e+01 | 5.00e+01 | **6.50e+02** | **65.00%** |" in md
-    assert "| budget | | | | | | 1.00e+03 | 100.00% |" in md
-    assert "| remaining | | | | | | 2.50e+02 | 25.00% |" in md
+    assert "| #1 lr1e-4_r8 | lr_rank | finished | 3.000e+02 | 5.000e+01 | 5.000e+01 | 4.000e+02 | 40.00% |" in md
+    assert "| **total** | | | 5.500e+02 | 5.000e+01 | 5.000e+01 | **6.500e+02** | **65.00%** |" in md
+    assert "| budget | | | | | | 1.000e+03 | 100.00% |" in md
+    assert "| remaining | | | | | | 2.500e+02 | 25.00% |" in md
 
 
 def test_cli_report_json_and_png(tmp_path, capsys):
@@ -503,7 +503,7 @@ def test_module_entry_point(tmp_path):
     out = subprocess.run([sys.executable, "-m", "lvforecast", "budget", "show", "--ledger", str(ledger.path)],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "final" in out.stdout and "remaining 2.50e+02" in out.stdout
+    assert "final" in out.stdout and "remaining 2.500e+02" in out.stdout
 
 
 def test_chart_labels_drop_overrides_every_run_shares():

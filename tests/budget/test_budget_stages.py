@@ -54,8 +54,8 @@ def test_report_groups_runs_by_stage(tmp_path, capsys):
     assert [(g["stage"], len(g["runs"]), g["total"], g["share"]) for g in rep["stages"]] == [
         ("zero_shot", 1, 50, 0.05), ("lr_rank", 2, 250, 0.25), ("final", 1, 200, 0.2)]
     md = report_mod.format_report_markdown(rep)
-    assert "| s/lr_rank | 2 | 2.50e+02 | 0.00e+00 | 0.00e+00 | 2.50e+02 | 25.00% |" in md
-    assert "| s/zero_shot | 1 | 0.00e+00 | 0.00e+00 | 5.00e+01 | 5.00e+01 | 5.00% |" in md
+    assert "| s/lr_rank | 2 | 2.500e+02 | 0.000e+00 | 0.000e+00 | 2.500e+02 | 25.00% |" in md
+    assert "| s/zero_shot | 1 | 0.000e+00 | 0.000e+00 | 5.000e+01 | 5.000e+01 | 5.00% |" in md
     # every run is listed under the row of its stage
     assert md.index("| *s/lr_rank* |") < md.index("| #2 a |") < md.index("| #3 b |") < md.index("| *s/final* |")
     assert cli_main(["budget", "report", "--ledger", str(ledger.path), "--out", str(tmp_path / "r")]) == 0

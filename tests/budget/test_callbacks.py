@@ -249,7 +249,7 @@ def test_a_busy_ledger_keeps_pending_charges_until_the_next_commit_and_the_final
     blocker.execute("BEGIN IMMEDIATE")
     cb.on_validation_batch_end(None, None, None, batch)
     cb.on_validation_end(None, None)  # a validation-time commit finds the ledger busy: the run goes on
-    assert f"ledger {path} busy past 0.2 s" in caplog.text and "1.60e+01 FLOPs stay pending" in caplog.text
+    assert f"ledger {path} busy past 0.2 s" in caplog.text and "1.600e+01 FLOPs stay pending" in caplog.text
     assert ledger.run_spent(run) == 0 and cb.spent == 16
     assert cb.affords(100 - 16) and not cb.affords(100 - 16 + 1)  # the guard counts what is pending
     blocker.execute("COMMIT")
@@ -261,7 +261,7 @@ def test_a_busy_ledger_keeps_pending_charges_until_the_next_commit_and_the_final
     with pytest.raises(LedgerBusyError) as info, ledger.hold(run):
         cb.flush(final=True)  # the run's last commit must land or say so
     assert str(info.value).startswith(f"ledger {path}: another process held its write lock past the timeout")
-    assert "This run's last commit failed: 1.60e+01 FLOPs it ran are not charged" in str(info.value)
+    assert "This run's last commit failed: 1.600e+01 FLOPs it ran are not charged" in str(info.value)
     blocker.execute("COMMIT")
     (row,) = ledger.runs()  # not finished: its reservation still covers the FLOPs not charged
     assert (row["status"], row["reserved_flops"], row["charged_flops"]) == ("running", 100, 32)
