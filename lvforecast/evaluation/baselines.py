@@ -212,3 +212,6 @@ def rm_fit(
 
 #: The baselines by name; each is ``(context (S, Tc, 2), time (T,), horizon_steps) -> (S, H, 2)``.
 BASELINES: dict[str, Baseline] = {"persistence": persistence, "ar": ar, "var_log": var_log, "rm_fit": rm_fit}
+# What reports, tables and legends call each method (the keys stay the config's and metrics.json's names).
+DISPLAY_NAMES = {"model": "model", "zero_shot": "zero-shot model", "persistence": "persistence", "ar": "AR(3)",
+                 "var_log": "VAR(2) on logs", "rm_fit": "Rosenzweig-MacArthur fit"}
