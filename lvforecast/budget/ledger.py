@@ -36,7 +36,7 @@ LEDGER_ENV = "LVFORECAST_LEDGER"
 # The report's spend columns: training, validation, inference (test + generate) and their total.
 SPEND_COLUMNS = ("train", "val", "inference", "total")
 _SPEND_QUERY = ("SELECT r.id, r.name, r.sweep, r.study, r.stage, r.status, r.config_hash, r.planned_flops AS planned, "
-                "COALESCE(SUM(CASE WHEN c.kind = 'train' THEN c.flops END), 0) AS train, "
+                "r.started_at, COALESCE(SUM(CASE WHEN c.kind = 'train' THEN c.flops END), 0) AS train, "
                 "COALESCE(SUM(CASE WHEN c.kind = 'val' THEN c.flops END), 0) AS val, "
                 "COALESCE(SUM(CASE WHEN c.kind IN ('test', 'generate') THEN c.flops END), 0) AS inference, "
                 "COALESCE(SUM(c.seconds), 0.0) AS seconds "
@@ -337,17 +337,18 @@ class Ledger:
     def report(self) -> dict[str, Any]:
         """The study's spend table (Table 12): ``{"ledger", "budget", "runs", "stages", "totals",
         "reserved_outstanding", "remaining", "refused"}``. A run row holds id, name, sweep, study, stage, status,
-        config_hash, planned, the :data:`SPEND_COLUMNS` (FLOPs), share (total / budget) and seconds; a stage row sums
-        the runs of one (study, stage), in order of first run (stage None: runs recorded without one): study, stage,
-        runs (ids), the :data:`SPEND_COLUMNS` and share. Refused attempts spent nothing and are listed apart (id,
-        name, sweep, study, stage, planned)."""
+        config_hash, planned, started_at (Unix time), the :data:`SPEND_COLUMNS` (FLOPs), share (total / budget) and
+        seconds; a stage row sums the runs of one (study, stage), in order of first run (stage None: runs recorded
+        without one): study, stage, runs (ids), the :data:`SPEND_COLUMNS` and share. Refused attempts spent nothing
+        and are listed apart (id, name, sweep, study, stage, planned, started_at)."""
         with self._transaction(immediate=False) as conn:
             found = conn.execute(_SPEND_QUERY).fetchall()
             reserved = store.outstanding(conn)
         budget, table, refused = self.budget, [], []
         for row in found:
             if row["status"] == RunStatus.REFUSED:
-                refused.append({k: row[k] for k in ("id", "name", "sweep", "study", "stage", "planned")})
+                keys = ("id", "name", "sweep", "study", "stage", "planned", "started_at")
+                refused.append({k: row[k] for k in keys})
                 continue
             run = {k: row[k] for k in row.keys() if k != "seconds"}
             total = run["train"] + run["val"] + run["inference"]

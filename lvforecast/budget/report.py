@@ -1,153 +1,99 @@
-"""The study's spend report (Table 12) from :meth:`lvforecast.budget.ledger.Ledger.report`: the markdown tables, the bar
-chart (no pyplot state; matplotlib is imported only to draw it) and the ``lvforecast budget show`` listing."""
+"""The study's spend report (Table 12) from :meth:`lvforecast.budget.ledger.Ledger.report`, or from its
+:func:`lvforecast.budget.view.select` (``--since`` / ``--stage``): the markdown tables, ``report.md`` with the bar
+chart (:mod:`lvforecast.budget.chart`) and the ``lvforecast budget show`` listing."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lvforecast.atomic import save_figure, write_text
-from lvforecast.budget.ledger import Ledger
+from lvforecast.atomic import write_text
+from lvforecast.budget.chart import plot_report
+from lvforecast.budget.ledger import SPEND_COLUMNS, Ledger
 from lvforecast.budget.ledger import format_flops as _fmt
+from lvforecast.budget.view import fmt_share, fold, folded_line, stage_label, totals_line
 from lvforecast.validate import markdown_cell
 
 REPORT_MD = "report.md"
 REPORT_PNG = "budget_report.png"
-_PARTS = {"train": ("training", "tab:blue"), "val": ("validation", "tab:orange"),
-          "inference": ("inference", "tab:green")}
-
-
-def _fmt_share(share: float) -> str:
-    """A share of the budget in percent, ``<0.01%`` for tiny non-zero shares."""
-    pct = 100.0 * share
-    return "<0.01%" if 0 < pct < 0.005 else f"{pct:.2f}%"
+__all__ = ["format_report_markdown", "format_runs", "format_stages_markdown", "plot_report", "stage_label",
+           "write_report_files"]
 
 
 def _spend(row: dict[str, Any], bold: str = "") -> str:
     """The training | validation | inference | total | share cells of a report row; ``bold`` marks the last two."""
     parts = f"{_fmt(row['train'])} | {_fmt(row['val'])} | {_fmt(row['inference'])}"
-    return f"{parts} | {bold}{_fmt(row['total'])}{bold} | {bold}{_fmt_share(row['share'])}{bold}"
+    return f"{parts} | {bold}{_fmt(row['total'])}{bold} | {bold}{fmt_share(row['share'])}{bold}"
 
 
-def stage_label(stage: dict[str, Any]) -> str:
-    """``study/stage`` of a :meth:`Ledger.report` stage row; ``(no stage)`` for runs recorded without one."""
-    if stage["stage"] is None:
-        return "(no stage)"
-    return f"{stage['study']}/{stage['stage']}" if stage["study"] else str(stage["stage"])
+def _filtered(report: dict[str, Any]) -> bool:
+    selection = report.get("selection") or {}
+    return selection.get("since") is not None or selection.get("stage") is not None
 
 
-def format_stages_markdown(report: dict[str, Any]) -> str:
-    """Table 12 per stage of a :meth:`Ledger.report`: its runs, spend and share, and the study total."""
+def _total_rows(report: dict[str, Any], runs: list[dict[str, Any]], cells: str, blank: str) -> list[str]:
+    """A table's total row, ``cells`` between its label and the spend: the ledger's ``**total**``, or, when a
+    selection hides runs, the listed runs' ``**shown**`` sum and the whole ``**ledger total**`` (``blank`` cells)."""
+    if not _filtered(report):
+        return [f"| **total** |{cells} {_spend(report['totals'], '**')} |"]
+    sums = {c: sum(r[c] for r in runs) for c in SPEND_COLUMNS}
+    return [f"| **shown** |{cells} {_spend({**sums, 'share': sums['total'] / report['budget']}, '**')} |",
+            f"| **ledger total** |{blank} {_spend(report['totals'], '**')} |"]
+
+
+def _stage_table(report: dict[str, Any], runs: list[dict[str, Any]], stages: list[dict[str, Any]]) -> list[str]:
     lines = ["Table 12: FLOPs spent per stage. Inference = test + generation.", "",
              "| stage | runs | training | validation | inference | total | share of budget |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {markdown_cell(stage_label(g))} | {len(g['runs'])} | {_spend(g)} |" for g in report["stages"]]
-    lines.append(f"| **total** | {len(report['runs'])} | {_spend(report['totals'], '**')} |")
-    lines.append(f"| budget | | | | | {_fmt(report['budget'])} | 100.00% |")
-    return "\n".join(lines) + "\n"
+    lines += [f"| {markdown_cell(stage_label(g))} | {len(g['runs'])} | {_spend(g)} |" for g in stages]
+    lines += _total_rows(report, runs, f" {len(runs)} |", " |")
+    return [*lines, f"| budget | | | | | {_fmt(report['budget'])} | 100.00% |"]
+
+
+def _footer(report: dict[str, Any], folded: list[dict[str, Any]]) -> list[str]:
+    """The folded runs' line (when any) and the ledger-total line, as paragraphs."""
+    line = folded_line(folded)
+    return ["", *([line + ".", ""] if line else []), totals_line(report) + "."]
+
+
+def format_stages_markdown(report: dict[str, Any]) -> str:
+    """Table 12 per stage of a report (or of its :func:`~lvforecast.budget.view.select`): runs, spend and share
+    of each stage and the total, the runs that spent nothing folded into one line, and the ledger-total line."""
+    runs, stages, folded = fold(report)
+    return "\n".join([*_stage_table(report, runs, stages), *_footer(report, folded)]) + "\n"
 
 
 def format_report_markdown(report: dict[str, Any]) -> str:
-    """The markdown Table 12 of a :meth:`Ledger.report`: the per-stage table, then every run under a row naming
-    its stage (when any run has one), the total, reserved (when runs are live), budget and remaining rows, and
-    the refused attempts."""
+    """The markdown Table 12 of a report (or of its :func:`~lvforecast.budget.view.select`): the per-stage table,
+    then every listed run under a row naming its stage (when any run has one), the total, reserved (when runs are
+    live), budget and remaining rows; then the runs refused or failed without spending, folded into one line
+    (:func:`~lvforecast.budget.view.fold`), and the shown / ledger-total line."""
+    runs, stages, folded = fold(report)
     budget = report["budget"]
-    lines = [format_stages_markdown(report),
+    lines = [*_stage_table(report, runs, stages), "",
              f"FLOPs spent per run (ledger `{report['ledger']}`), under their stage. Inference = test + generation.",
              "", "| run | sweep | status | training | validation | inference | total | share of budget |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
-    by_id = {r["id"]: r for r in report["runs"]}
-    staged = any(g["stage"] is not None for g in report["stages"])
-    for g in report["stages"]:
+    by_id = {r["id"]: r for r in runs}
+    staged = any(g["stage"] is not None for g in stages)
+    for g in stages:
         if staged:
             lines.append(f"| *{markdown_cell(stage_label(g))}* | | | | | | | |")
         for r in (by_id[i] for i in g["runs"]):
             lines.append(f"| #{r['id']} {markdown_cell(r['name'])} | {markdown_cell(r['sweep'] or '')} | {r['status']} "
                          f"| {_spend(r)} |")
-    lines.append(f"| **total** | | | {_spend(report['totals'], '**')} |")
+    lines += _total_rows(report, runs, " | |", " | |")
     for name, flops in (("reserved by running runs", report["reserved_outstanding"]), ("budget", budget)):
         if flops:
-            lines.append(f"| {name} | | | | | | {_fmt(flops)} | {_fmt_share(flops / budget)} |")
-    lines.append(f"| remaining | | | | | | {_fmt(report['remaining'])} | {_fmt_share(report['remaining'] / budget)} |")
-    if report["refused"]:
-        names = ", ".join(f"#{r['id']} {r['name']} ({_fmt(r['planned'])})" for r in report["refused"])
-        lines += ["", f"Refused attempts (nothing spent): {names}."]
-    return "\n".join(lines) + "\n"
-
-
-def _chart_labels(runs: Sequence[dict[str, Any]], width: int = 48) -> list[str]:
-    """Short y labels: run names made of Hydra overrides (``a=1,b=2``) lose the overrides every run shares (the
-    markdown table keeps the full names)."""
-    parts = [str(r["name"]).split(",") for r in runs]
-    common = set.intersection(*(set(p) for p in parts)) if len(parts) > 1 else set()
-    labels = []
-    for run, tokens in zip(runs, parts, strict=True):
-        name = ",".join(t for t in tokens if t not in common) or str(run["name"])
-        label = f"#{run['id']} {name}" + (f" [{run['sweep']}]" if run["sweep"] else "")
-        labels.append(label if len(label) <= width else label[: width - 1] + "\u2026")
-    return labels
-
-
-def _bars(ax: Any, rows: list[dict[str, Any]], ylabels: list[str], notes: list[str], title: str) -> float:
-    """Each row's spend as one stacked horizontal bar with a note at its end; the longest bar."""
-    y = list(range(len(rows)))
-    left = [0.0] * len(rows)
-    for key, (label, color) in _PARTS.items():
-        widths = [float(r[key]) for r in rows]
-        ax.barh(y, widths, left=left, color=color, label=label)
-        left = [a + b for a, b in zip(left, widths, strict=True)]
-    for yi, r, note in zip(y, rows, notes, strict=True):
-        ax.text(r["total"], yi, note, va="center", fontsize=8)
-    ax.set_yticks(y, ylabels, fontsize=8)
-    ax.invert_yaxis()
-    ax.set(xlabel="FLOPs", title=title)
-    return max(left, default=0.0)
-
-
-def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Draw a :meth:`Ledger.report` into the PNG ``path`` (returned): spend per run and per stage as stacked bars,
-    and the study total against the budget."""
-    from matplotlib.figure import Figure  # lazy: a heavy import, and only the chart needs it
-
-    runs, stages, budget, t = report["runs"], report["stages"], report["budget"], report["totals"]
-    fig = Figure(figsize=(15, max(3.5, 0.35 * len(runs) + 2.0)), layout="constrained")
-    grid = fig.add_gridspec(1, 3, width_ratios=[4, 2.5, 1])
-    ax, ax_stage, ax_total = fig.add_subplot(grid[0]), fig.add_subplot(grid[1]), fig.add_subplot(grid[2])
-    notes = [f" {_fmt_share(g['share'])}" for g in stages]
-    longest = _bars(ax_stage, stages, [stage_label(g) for g in stages], notes, "spend per stage vs budget")
-    ax_stage.axvline(budget, color="red", linestyle="--", label=f"budget {_fmt(budget)}")
-    ax_stage.set_xlim(0, max(budget, longest) * 1.15)
-    ax_stage.legend(loc="lower right", fontsize=7)
-    notes = [f" {_fmt(r['total'])} ({_fmt_share(r['share'])})" for r in runs]
-    longest = _bars(ax, runs, _chart_labels(runs), notes, "spend per run")
-    if runs:
-        ax.set_xlim(0, longest * 1.35 or 1.0)
-        ax.legend(loc="lower right", fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no runs yet", ha="center", va="center", transform=ax.transAxes)
-
-    bottom = 0.0
-    for key, (_, color) in _PARTS.items():
-        ax_total.bar(0, t[key], bottom=bottom, color=color)
-        bottom += t[key]
-    if reserved := report["reserved_outstanding"]:
-        ax_total.bar(0, reserved, bottom=bottom, color="none", edgecolor="gray", hatch="//", label="reserved")
-        bottom += reserved
-    ax_total.axhline(budget, color="red", linestyle="--", label=f"budget {_fmt(budget)}")
-    ax_total.set_ylim(0, max(budget, bottom) * 1.1)
-    ax_total.set_xticks([0], ["study"])
-    ax_total.set_ylabel("FLOPs")
-    ax_total.set_title(f"spent {_fmt_share(t['share'])}\nremaining {_fmt(report['remaining'])}", fontsize=9)
-    ax_total.legend(loc="upper right", fontsize=7)
-    fig.suptitle(f"FLOP budget: {_fmt(t['total'])} of {_fmt(budget)} spent")
-    return save_figure(fig, path, dpi=120)
+            lines.append(f"| {name} | | | | | | {_fmt(flops)} | {fmt_share(flops / budget)} |")
+    lines.append(f"| remaining | | | | | | {_fmt(report['remaining'])} | {fmt_share(report['remaining'] / budget)} |")
+    return "\n".join([*lines, *_footer(report, folded)]) + "\n"
 
 
 def write_report_files(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``budget_report.png`` of a :meth:`Ledger.report` into ``out_dir`` (created if
-    missing); the two paths."""
+    """Write ``report.md`` and ``budget_report.png`` of a report into ``out_dir`` (created if missing); the two
+    paths."""
     md = write_text(Path(out_dir) / REPORT_MD, format_report_markdown(report))
     return md, plot_report(report, Path(out_dir) / REPORT_PNG)
 

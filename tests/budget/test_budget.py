@@ -459,6 +459,11 @@ def test_report_numbers_are_hand_derivable(tmp_path):
     assert "| **total** | | | 5.500e+02 | 5.000e+01 | 5.000e+01 | **6.500e+02** | **65.00%** |" in md
     assert "| budget | | | | | | 1.000e+03 | 100.00% |" in md
     assert "| remaining | | | | | | 2.500e+02 | 25.00% |" in md
+    # the refused attempt (#3) spent nothing: counted on one line, not a row; 4 ledger rows, 3 runs + 1 refused
+    assert "| #3 " not in md and "\n1 run refused or failed without spending (1 refused; ids 3).\n" in md
+    # reserved 100 = 10% and remaining 250 = 25% of 1000, each FLOP number to 4 significant figures
+    assert md.endswith("shown: 4 of 4 runs; ledger total: budget 1.000e+03 FLOPs, spent 6.500e+02 (65.00%), "
+                       "reserved 1.000e+02 (10.00%), remaining 2.500e+02 (25.00%).\n")
 
 
 def test_cli_report_json_and_png(tmp_path, capsys):
@@ -506,9 +511,25 @@ def test_module_entry_point(tmp_path):
     assert "final" in out.stdout and "remaining 2.500e+02" in out.stdout
 
 
-def test_chart_labels_drop_overrides_every_run_shares():
-    from lvforecast.budget.report import _chart_labels
+def test_chart_labels_name_runs_by_the_overrides_that_differ():
+    from lvforecast.budget.chart import _run_labels, difference_labels
 
     runs = [{"id": i, "name": f"model=tiny,lora.r={r},optim.lr=0.01", "sweep": "s"} for i, r in ((1, 2), (2, 8))]
-    assert _chart_labels(runs) == ["#1 lora.r=2 [s]", "#2 lora.r=8 [s]"]
-    assert _chart_labels([{"id": 3, "name": "x" * 80, "sweep": None}])[0] == "#3 " + "x" * 44 + "\u2026"
+    assert _run_labels(runs) == ["#1 r=2", "#2 r=8"]  # one sweep: not repeated on every label
+    runs[1]["sweep"] = "t"
+    assert _run_labels(runs) == ["#1 r=2 [s]", "#2 r=8 [t]"]
+    assert _run_labels([{"id": 3, "name": "x" * 80, "sweep": None}])[0] == "#3 " + "x" * 44 + "\u2026"
+    # lr and rank differ, data.seed does not
+    assert difference_labels(["model.optimizer.lr=1e-4,model.lora.rank=8,data.seed=0",
+                              "model.optimizer.lr=1e-3,model.lora.rank=8,data.seed=0",
+                              "model.optimizer.lr=1e-4,model.lora.rank=16,data.seed=0"]) == [
+        "lr=1e-4 rank=8", "lr=1e-3 rank=8", "lr=1e-4 rank=16"]
+    # a list value keeps its commas; two differing keys ending in "lr" keep their full names
+    assert difference_labels(["lora.targets=[q_proj,v_proj],seed=1", "lora.targets=[q_proj,v_proj],seed=2"]) == [
+        "seed=1", "seed=2"]
+    assert difference_labels(["a.lr=1,b.lr=2", "a.lr=3,b.lr=4"]) == ["a.lr=1 b.lr=2", "a.lr=3 b.lr=4"]
+    # a key only one run sets labels that run; the other, with nothing of its own, keeps its name
+    assert difference_labels(["x=1", "x=1,+trainer.max_steps=5"]) == ["x=1", "max_steps=5"]
+    assert difference_labels(["lr_rank/0", "lr_rank/1"]) == ["lr_rank/0", "lr_rank/1"]
+    assert difference_labels(["train", "train"]) == ["train", "train"]
+    assert difference_labels(["a=1,b=2"]) == ["a=1,b=2"]
