@@ -153,6 +153,12 @@ def _add_budget(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     rep = actions.add_parser("report", parents=[common], help="per-run spend table + bar chart (Table 12)")
     rep.add_argument("--out", type=Path, default=None,
                      help="directory for report.md and budget_report.png (default: the ledger's directory)")
+    rep.add_argument("--since", metavar="WHEN", default=None,
+                     help="list only runs started at or after WHEN: a date (2025-01-31) or ISO time "
+                          "(2025-01-31T14:30, local time unless it has an offset); totals stay the whole ledger's")
+    rep.add_argument("--stage", metavar="STAGE", default=None,
+                     help="list only runs of STAGE: a stage name, study/stage, or '(no stage)'")
+    rep.set_defaults(parser=rep)
     rec = actions.add_parser("reconcile", parents=[common],
                              help="mark runs with dead owners crashed and release their reservations")
     rec.add_argument("--run", type=int, action="append", default=[], metavar="ID",
@@ -170,11 +176,20 @@ def _budget(args: argparse.Namespace) -> int:
     from lvforecast.budget.ledger import Ledger, default_ledger_path, format_flops
     from lvforecast.budget.report import format_report_markdown, format_runs, write_report_files
     from lvforecast.budget.status import RunStatus
+    from lvforecast.budget.view import parse_since, select
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.action == "report" and args.since is not None:
+        try:  # a bad --since is a bad argument, found before the ledger is opened
+            parse_since(args.since)
+        except UserError as err:
+            args.parser.error(str(err))
     ledger = Ledger(args.ledger or default_ledger_path(), budget=None, journal_mode=args.journal_mode)
     if args.action == "report":
-        report = ledger.report()
+        try:
+            report = select(ledger.report(), args.since, args.stage)
+        except UserError as err:  # an unknown --stage: the message lists the ledger's stages
+            args.parser.error(str(err))
         md, png = write_report_files(report, args.out if args.out is not None else ledger.path.parent)
         if args.json:
             print(json.dumps({**report, "files": {"markdown": str(md), "png": str(png)}}, indent=2))
