@@ -311,10 +311,11 @@ def probabilistic_table(summary: dict[str, Any]) -> list[str]:
     if (prob := summary.get("probabilistic")) is None:
         return []
     note = (f"{summary['num_samples']} samples per system, point forecast the per-step {summary['point']}. CRPS: "
-            f"mean over systems and steps (lower is better); coverage: fraction of steps whose truth lies in the "
-            f"samples' 10-90% interval (nominal 0.80).")
-    rows = [[var, _f(prob["crps_study"][j]), _f(prob["crps_encoded"][j]), _f(prob["coverage_10_90"][j])]
-            for j, var in enumerate(VARIABLES)]
+            f"mean over the {prob['n_systems']} systems whose samples all parsed (of {len(summary['systems'])}) and "
+            f"their steps (lower is better); coverage: fraction of steps whose truth lies in the samples' 10-90% "
+            f"interval (nominal 0.80).")
+    keys = ("crps_study", "crps_encoded", "coverage_10_90")
+    rows = [[var, *(_f(None if prob[k] is None else prob[k][j]) for k in keys)] for j, var in enumerate(VARIABLES)]
     columns = ["variable", "CRPS (study units)", "CRPS (encoded units)", "10-90% coverage"]
     return _table("## The model's samples: CRPS and coverage", columns, rows, note)
 

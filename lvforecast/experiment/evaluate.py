@@ -318,14 +318,22 @@ def _summary(cfg: DictConfig, source: _Source, inputs: EvaluationInputs, forecas
         **compare_methods(methods),
     }
     if result.samples is not None:
-        truth, samples = inputs.truth, result.samples  # (S, H, 2) and (S, k, H, 2), raw
-        scales = inputs.scales[:, None, None]
-        summary["probabilistic"] = {
-            "crps_encoded": np.nanmean(crps_samples(truth / scales, samples / scales[:, None]), 0).tolist(),
-            "crps_study": np.nanmean(crps_samples(to_encoded(truth), to_encoded(samples)), 0).tolist(),
-            "coverage_10_90": np.nanmean(interval_coverage(truth, samples), 0).tolist(),
-        }
+        summary["probabilistic"] = _probabilistic(inputs, result.samples)
     return summary
+
+
+def _probabilistic(inputs: EvaluationInputs, samples: np.ndarray) -> dict[str, Any]:
+    """CRPS (encoded and study units) and 10-90% coverage of the (S, k, H, 2) raw ``samples``, mean over systems.
+    The scores need every sample: systems with an unparsed step (free generation) are left out and counted."""
+    whole = np.isfinite(samples).all(axis=(1, 2, 3))
+    if not whole.any():
+        return {"n_systems": 0, "crps_encoded": None, "crps_study": None, "coverage_10_90": None}
+    truth, samples = inputs.truth[whole], samples[whole]  # (S', H, 2) and (S', k, H, 2)
+    scales = np.asarray(inputs.scales)[whole][:, None, None]
+    return {"n_systems": int(whole.sum()),
+            "crps_encoded": crps_samples(truth / scales, samples / scales[:, None]).mean(0).tolist(),
+            "crps_study": crps_samples(to_encoded(truth), to_encoded(samples)).mean(0).tolist(),
+            "coverage_10_90": interval_coverage(truth, samples).mean(0).tolist()}
 
 
 def _keep(path: Path, inputs: EvaluationInputs, examples: list[int], forecast: np.ndarray, **scores: Any) -> None:

@@ -240,7 +240,8 @@ def test_sampled_forecasts_take_the_configured_point_and_report_crps(sim_cache, 
     np.testing.assert_allclose(result.values, result.samples.mean(axis=1))  # the per-step mean of the 3 samples
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert (metrics["num_samples"], metrics["point"]) == (3, "mean")
-    assert set(metrics["probabilistic"]) == {"crps_encoded", "crps_study", "coverage_10_90"}
+    assert set(metrics["probabilistic"]) == {"n_systems", "crps_encoded", "crps_study", "coverage_10_90"}
+    assert metrics["probabilistic"]["n_systems"] == 2
     report = (tmp_path / "report.md").read_text()
     assert "## The model's samples: CRPS and coverage" in report and "point forecast the per-step mean" in report
 

@@ -71,7 +71,7 @@ def test_report_tables_units_and_display_names(tmp_path) -> None:
 
 def test_encoded_table_appears_when_scales_differ_and_samples_add_crps() -> None:
     methods = _methods(scale=[0.5, 0.25, 1.0])  # encoded units now differ from the study's
-    prob = {"crps_study": [0.5, 0.25], "crps_encoded": [1.0, 0.5], "coverage_10_90": [0.8, 0.6]}
+    prob = {"n_systems": 3, "crps_study": [0.5, 0.25], "crps_encoded": [1.0, 0.5], "coverage_10_90": [0.8, 0.6]}
     summary = _summary(methods, (0.25, 1.0), probabilistic=prob, num_samples=5, point="median")
     lines = report.metrics_tables(summary) + report.probabilistic_table(summary)
     titles = [line for line in lines if line.startswith("## ")]
@@ -81,7 +81,10 @@ def test_encoded_table_appears_when_scales_differ_and_samples_add_crps() -> None
     assert "| AR(3) | 5.667 / 1.000 |" in "\n".join(lines)
     crps = lines.index("## The model's samples: CRPS and coverage")
     assert lines[crps + 2].startswith("5 samples per system, point forecast the per-step median.")
+    assert "the 3 systems whose samples all parsed" in lines[crps + 2]
     assert "| prey | 0.500 | 1.000 | 0.800 |" in lines[crps:]
+    none = {**prob, "n_systems": 0, "crps_study": None, "crps_encoded": None, "coverage_10_90": None}
+    assert "| predator | nan | nan | nan |" in report.probabilistic_table({**summary, "probabilistic": none})
 
 
 def test_plots_keep_the_physics_fit_off_the_axes_and_draw_the_sample_band(tmp_path, monkeypatch) -> None:
