@@ -251,3 +251,20 @@ def test_an_unknown_point_forecast_is_refused_before_anything_loads(tmp_path):
     with pytest.raises(UserError, match=r"forecast.point='mode': allowed 'median', 'mean'"):
         evaluate(cfg)
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_sample_scores_leave_out_systems_with_an_unparsed_sample():
+    from types import SimpleNamespace
+
+    from lvforecast.experiment.evaluate import _probabilistic
+
+    # 2 systems, 2 samples, 1 step, truth 1 (raw, scale 0.5 = the study's): system 1's second sample is unparsed.
+    inputs = SimpleNamespace(truth=np.ones((2, 1, 2)), scales=np.array([0.5, 0.5]))
+    samples = np.ones((2, 2, 1, 2))
+    samples[0, :, 0, 0] = [1.0, 3.0]  # prey CRPS (raw) = E|X - 1| - E|X - X'|/2 = 1 - 0.5 = 0.5 -> 1.0 in study units
+    samples[1, 1] = np.nan
+    got = _probabilistic(inputs, samples)
+    assert got["n_systems"] == 1 and got["crps_study"] == got["crps_encoded"] == [1.0, 0.0]
+    assert got["coverage_10_90"] == [0.0, 1.0]  # prey 10-90% of {1, 3} is [1.2, 2.8]: truth 1 outside
+    samples[0, 0] = np.nan
+    assert _probabilistic(inputs, samples)["n_systems"] == 0
