@@ -8,8 +8,8 @@ How a forecast is made: ``docs/evaluation.md``. The settings have no defaults he
 * Constrained, every forecast parses to ``horizon_steps`` steps (else a bug: ``AssertionError``); unconstrained, a
   row with fewer is a parse failure whose missing steps are NaN. Steps beyond the horizon are dropped.
 * ``num_samples = k > 1`` samples each prompt k times under ``torch.manual_seed(seed)`` in a forked RNG (the caller's
-  stream is untouched); the point forecast is the NaN-aware per-step median. The loop prefills each prompt once for
-  its k rows; ``generate`` prefills every row.
+  stream is untouched); the point forecast is the NaN-aware per-step median or mean of the samples (``point``). The
+  loop prefills each prompt once for its k rows; ``generate`` prefills every row.
 * Batches are :func:`row_batches` (:func:`planned_batches`: the same at the longest decode, what the budget
   reserves), each charged :func:`lvforecast.budget.formulas.generation_flops` of the prompts it prefilled, its padded
   prompt length, decode steps and rows per prefilled prompt, with ``head_rows=13`` when the loop scores the alphabet
@@ -41,6 +41,9 @@ from lvforecast.validate import int_at_least, is_finite_number
 log = logging.getLogger(__name__)
 
 Decoder = Literal["loop", "generate"]
+Point = Literal["median", "mean"]
+#: How the point forecast summarises a series' samples, per step (NaN-aware): the functions ``point`` names.
+POINTS: dict[str, Callable[..., np.ndarray]] = {"median": np.nanmedian, "mean": np.nanmean}
 
 
 @dataclass
@@ -48,7 +51,7 @@ class ForecastResult:
     """What :func:`forecast` returns; rows are the S * k generations, series-major (series ``i``: ``i*k .. i*k+k-1``).
 
     Attributes:
-        values: (S, H, 2) raw point forecasts (per-step median over samples); NaN where unparsed.
+        values: (S, H, 2) raw point forecasts (per-step median or mean over samples); NaN where unparsed.
         texts: (S*k,) generated texts (pad/EOS stripped); ``steps_parsed``: (S*k,) steps parsed per row, <= H.
         parse_failures: Rows with fewer than H parsed steps (0 when constrained).
         prompt_tokens: (S,) unpadded prompt lengths; ``new_tokens``: generated tokens, padding excluded.
@@ -99,6 +102,7 @@ def planned_batches(
 def settings_problems(
     prefix: str = "", *, context_steps: Any, horizon_steps: Any, batch_size: Any, num_samples: Any,
     max_int_digits: Any, temperature: Any, top_p: Any, head: Any, decoder: Any, constrained: Any = True, seed: Any = 0,
+    point: Any = "median",
 ) -> list[str]:
     """What is wrong with the forecaster's settings (``prefix``: ``forecast.`` when they come from the config)."""
     integers = dict(context_steps=context_steps, horizon_steps=horizon_steps, batch_size=batch_size)
@@ -110,6 +114,9 @@ def settings_problems(
         problems.append(f"{prefix}temperature={temperature!r}: must be a number > 0")
     if not (is_finite_number(top_p) and 0 < top_p <= 1):
         problems.append(f"{prefix}top_p={top_p!r}: must be a number in (0, 1]")
+    if not (isinstance(point, str) and point in POINTS):
+        problems.append(f"{prefix}point={point!r}: allowed {', '.join(map(repr, POINTS))} (the per-step summary of "
+                        "a system's samples)")
     if not isinstance(constrained, bool):
         problems.append(f"{prefix}constrained={constrained!r}: must be true or false")
     if head not in HEADS:
@@ -193,7 +200,7 @@ def _generate_all(
 def forecast(
     model: Any, tokenizer: Any, char_ids: dict[str, int], series: np.ndarray, scales: Sequence[float], *,
     decimals: int, context_steps: int, horizon_steps: int, batch_size: int, constrained: bool, num_samples: int,
-    temperature: float, top_p: float, seed: int, max_int_digits: int, head: Head, decoder: Decoder,
+    temperature: float, top_p: float, seed: int, max_int_digits: int, head: Head, decoder: Decoder, point: Point,
     trained_context_tokens: int | None = None, charge: Callable[[int, int], None] | None = None,
     logit_bias: torch.Tensor | None = None, keep: Callable[[np.ndarray], None] | None = None,
 ) -> ForecastResult:
@@ -204,6 +211,8 @@ def forecast(
         char_ids: LLMTIME character -> token id (``LoadedModel.char_ids``).
         scales: (S,) divisor per series, as given to :func:`lvforecast.data.encoding.encode`.
         num_samples: k; 1 is greedy, > 1 samples with ``temperature`` (> 0) and ``top_p`` (in (0, 1]).
+        point: The point forecast of k > 1 samples: their per-step ``median`` (robust to a sample that runs away) or
+            ``mean``, NaN-aware; with k = 1 both are the one forecast.
         head: Constrained decoding scores ``alphabet`` (the 13 LLMTIME tokens' rows of the output matrix only: the
             same forecasts, fewer FLOPs) or ``full``. Unconstrained decoding always scores the full vocabulary.
         decoder: Constrained decoding with ``loop`` (:mod:`lvforecast.evaluation.decoder`) or ``generate`` (needs
@@ -220,7 +229,8 @@ def forecast(
     scales = [float(s) for s in scales]
     settings = dict(context_steps=context_steps, horizon_steps=horizon_steps, batch_size=batch_size, seed=seed)
     settings.update(num_samples=num_samples, max_int_digits=max_int_digits, temperature=temperature, top_p=top_p)
-    grammar = _check_args(series, scales, decimals, head=head, decoder=decoder, constrained=constrained, **settings)
+    grammar = _check_args(series, scales, decimals, head=head, decoder=decoder, constrained=constrained, point=point,
+                          **settings)
     prompts = _tokenized_prompts(tokenizer, series, scales, decimals, context_steps, max_int_digits)
     prompt_tokens = [len(ids) for ids in prompts]
     if exceeds := trained_context_tokens is not None and max(prompt_tokens) > trained_context_tokens:
@@ -249,7 +259,8 @@ def forecast(
     price = functools.partial(generation_flops, shape_of(model), lora=lora, prefill_logits="last",
                               head_rows=ALPHABET_SIZE if loop and head == "alphabet" else None)
     values, steps_parsed = np.full((n_series * k, horizon_steps, 2), np.nan), []  # NaN past each parsed prefix
-    point = np.full((n_series, horizon_steps, 2), np.nan)  # each series' median over its k samples, once all parsed
+    summarise = POINTS[point]
+    point_values = np.full((n_series, horizon_steps, 2), np.nan)  # each series' point forecast, once all k parsed
 
     def parse(texts: list[str]) -> None:  # parse the rows decoded since the last call; keep the series now complete
         first = len(steps_parsed) // k  # series before it were complete at the last call
@@ -261,9 +272,9 @@ def forecast(
         done = len(texts) // k
         with warnings.catch_warnings():  # an all-NaN step stays NaN, as documented
             warnings.simplefilter("ignore", RuntimeWarning)
-            point[first:done] = np.nanmedian(values[first * k:done * k].reshape(-1, k, horizon_steps, 2), axis=1)
+            point_values[first:done] = summarise(values[first * k:done * k].reshape(-1, k, horizon_steps, 2), axis=1)
         if keep is not None:
-            keep(point[:done])
+            keep(point_values[:done])
 
     texts, new_tokens, flops = _generate_all(run, model, tokenizer, char_ids, prompts,
                                              row_batches(n_series, k, batch_size), seed, price, charge, parse)
@@ -274,7 +285,8 @@ def forecast(
         log.info("unconstrained forecasting: %d of %d rows parsed fewer than %d steps (NaN-filled)", failures,
                  len(texts), horizon_steps)
     return ForecastResult(
-        values=point, texts=texts, steps_parsed=steps_parsed, parse_failures=int(failures), prompt_tokens=prompt_tokens,
+        values=point_values, texts=texts, steps_parsed=steps_parsed, parse_failures=int(failures),
+        prompt_tokens=prompt_tokens,
         new_tokens=int(new_tokens), samples=values.reshape(n_series, k, horizon_steps, 2) if k > 1 else None,
         flops=int(flops), exceeds_trained_context=bool(exceeds), max_new_tokens=bound,
     )

@@ -1,10 +1,12 @@
 """Forecast metrics for predator-prey series: point errors, horizon curves, probabilistic scores.
 
 ``truth`` and ``pred`` are (S, H, 2) (S systems, H forecast steps, :data:`VARIABLES`), ``samples`` (S, k, H, 2), in
-the units given; the study reports *encoded* units, raw / :data:`STUDY_SCALE` (:func:`to_encoded`). NaN rule:
+the units given; the study reports *encoded* units, raw / :data:`STUDY_SCALE` (:func:`to_encoded`), which this
+project calls *study units*: fixed for every series, unlike the encoded units of the percentile scale rule. NaN rule:
 ``truth`` must be finite; a non-finite ``pred`` entry (an unparsed step) is left out of every metric and counted in
 ``nan_count``, and MAPE (a fraction) also leaves out steps whose truth is 0 (``mape_excluded``). A metric with no
-usable step is NaN; aggregates ignore NaNs and report the ``n_systems`` they used.
+usable step is NaN; aggregates ignore NaNs and report the ``n_systems`` they used. :func:`paired_comparison` judges
+one method against another system by system (wins, and a bootstrap interval of the ratio of mean MSEs).
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ logger = logging.getLogger(__name__)
 POINT_METRICS: tuple[str, ...] = ("mse", "rmse", "mae", "mape")
 #: The point metrics the comparison tables show: RMSE is the square root of MSE, so it adds no column.
 TABLED_METRICS: tuple[str, ...] = tuple(m for m in POINT_METRICS if m != "rmse")
+#: The units :func:`evaluate_forecasts` reports: the data's encoding, the study's fixed scale, the raw populations.
+UNITS: tuple[str, ...] = ("encoded", "study", "original")
+#: The paired bootstrap's defaults (:func:`paired_comparison`): resamples, two-sided interval level, seed.
+BOOTSTRAP = {"resamples": 2000, "level": 0.9, "seed": 0}
 #: One divisor, or one per series (the percentile rule's).
 Scale = float | Sequence[float] | np.ndarray
 
@@ -162,14 +168,17 @@ def interval_coverage(truth: np.ndarray, samples: np.ndarray, lo: float = 0.1, h
 def evaluate_forecasts(
     truth: np.ndarray, pred: np.ndarray, classes: Sequence[str] | None = None, scale: Scale = STUDY_SCALE
 ) -> dict[str, Any]:
-    """All point metrics of raw ``truth`` and ``pred`` in encoded (by ``scale``) and original units, JSON-ready.
+    """All point metrics of raw ``truth`` and ``pred`` in encoded (by ``scale``), study (by :data:`STUDY_SCALE`) and
+    original units, JSON-ready; study units compare runs whatever their scale rule.
 
-    Returns ``{"encoded": {...}, "original": {...}}``, each with ``aggregate`` (:func:`aggregate` by ``classes``),
-    ``per_system`` (metric -> (S, 2)), ``running_mse`` ((S, H, 2)) and ``error_by_horizon`` ((H, 2)), all through
-    :func:`to_jsonable`. Raises ``ValueError`` as :func:`per_system_metrics`, :func:`aggregate`, :func:`to_encoded`.
+    Returns ``{"encoded": {...}, "study": {...}, "original": {...}}`` (:data:`UNITS`), each with ``aggregate``
+    (:func:`aggregate` by ``classes``), ``per_system`` (metric -> (S, 2)), ``running_mse`` ((S, H, 2)) and
+    ``error_by_horizon`` ((H, 2)), all through :func:`to_jsonable`. Raises ``ValueError`` as
+    :func:`per_system_metrics`, :func:`aggregate`, :func:`to_encoded`.
     """
     truth, pred = np.asarray(truth, dtype=np.float64), np.asarray(pred, dtype=np.float64)
-    pairs = {"encoded": (to_encoded(truth, scale), to_encoded(pred, scale)), "original": (truth, pred)}
+    pairs = {"encoded": (to_encoded(truth, scale), to_encoded(pred, scale)),
+             "study": (to_encoded(truth), to_encoded(pred)), "original": (truth, pred)}
     out: dict[str, Any] = {}
     for units, (t, p) in pairs.items():
         per = per_system_metrics(t, p)
@@ -178,6 +187,61 @@ def evaluate_forecasts(
     if total_nan := int(np.sum(~np.isfinite(pred))):
         logger.info("evaluate_forecasts: %d non-finite forecast entries excluded", total_nan)
     return out
+
+
+def paired_comparison(
+    model: np.ndarray, baseline: np.ndarray, *, resamples: int = BOOTSTRAP["resamples"],
+    level: float = BOOTSTRAP["level"], seed: int = BOOTSTRAP["seed"],
+) -> dict[str, Any]:
+    """The model against one baseline on the same systems, from their (S,) per-system MSEs of one variable.
+
+    Only systems where both are finite count (``n``). ``wins``: systems where the model's MSE is strictly lower;
+    ``ratio``: mean model MSE / mean baseline MSE over those systems (< 1: the model is better on average);
+    ``interval``: its percentile bootstrap interval at ``level`` (0.9: the 5th and 95th percentiles), from
+    ``resamples`` draws of n systems with replacement, the same draw for both methods (paired), seeded by ``seed``.
+    With no usable system the ratio and interval are None; a baseline whose resampled mean is 0 gives an infinite
+    ratio (written as None).
+
+    Raises:
+        ValueError: The arrays are not (S,) of one S, ``resamples`` < 1, or ``level`` not in (0, 1).
+    """
+    model, baseline = np.asarray(model, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    if model.ndim != 1 or model.shape != baseline.shape:
+        raise UserError(f"model and baseline MSEs must be (S,) of one S, got {model.shape} and {baseline.shape}")
+    if not (isinstance(resamples, int) and resamples >= 1) or not 0 < level < 1:
+        raise UserError(f"need resamples >= 1 and 0 < level < 1, got resamples={resamples!r}, level={level!r}")
+    both = np.isfinite(model) & np.isfinite(baseline)
+    model, baseline = model[both], baseline[both]
+    out: dict[str, Any] = {"wins": int((model < baseline).sum()), "n": int(both.sum()), "ratio": None,
+                           "interval": None, "resamples": resamples, "level": level, "seed": seed}
+    if out["n"]:
+        draws = np.random.default_rng(seed).integers(0, out["n"], size=(resamples, out["n"]))
+        tail = 100 * (1 - level) / 2
+        with np.errstate(divide="ignore", invalid="ignore"):  # a zero baseline mean: an infinite ratio, kept
+            ratios = model[draws].mean(axis=1) / baseline[draws].mean(axis=1)
+            out["ratio"] = float(model.mean() / baseline.mean())
+            out["interval"] = [float(q) for q in np.percentile(ratios, [tail, 100 - tail])]
+    return to_jsonable(out)
+
+
+def paired_statistics(per_system_mse: dict[str, Any], reference: str = "model") -> dict[str, Any]:
+    """``{baseline: {variable: paired_comparison}}`` of ``reference`` against every other method, from each method's
+    (S, 2) per-system MSEs (``per_system_mse``: method -> (S, 2), JSON None read as NaN), with the default bootstrap.
+    """
+    as_array = {name: np.array(mse, dtype=np.float64) for name, mse in per_system_mse.items()}  # None -> nan
+    ref = as_array[reference]
+    return {name: {var: paired_comparison(ref[:, j], mse[:, j]) for j, var in enumerate(VARIABLES)}
+            for name, mse in as_array.items() if name != reference}
+
+
+def compare_methods(methods: dict[str, Any], reference: str = "model") -> dict[str, Any]:
+    """``{"methods": {method: {units: aggregate}}, "paired": {baseline: {variable: paired_comparison}}}`` of
+    ``methods`` (method -> :func:`evaluate_forecasts`), the paired comparison of ``reference`` on study-unit MSEs (a
+    ratio of means in units that differ between series, as the percentile rule's encoded ones, would weigh systems
+    by their scale)."""
+    return {"methods": {name: {units: m[units]["aggregate"] for units in UNITS} for name, m in methods.items()},
+            "paired": paired_statistics({name: m["study"]["per_system"]["mse"] for name, m in methods.items()},
+                                        reference)}
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -70,7 +70,7 @@ def check_evaluate_config(cfg: DictConfig) -> None:
         problems.append(f"max_systems={cfg.max_systems!r}: must be null (the whole test split) or an integer >= 1")
     problems += settings_problems("forecast.", **{k: cfg.forecast.get(k) for k in (
         "context_steps", "horizon_steps", "batch_size", "num_samples", "max_int_digits", "temperature", "top_p",
-        "head", "decoder", "constrained", "seed")})
+        "head", "decoder", "constrained", "seed", "point")})
     if bad := [e for e in cfg.get("examples") or [] if not int_at_least(e, 0)]:
         problems.append(f"examples has {bad}: system ids must be integers >= 0")
     if unknown := [b for b in cfg.baselines if b not in BASELINES]:

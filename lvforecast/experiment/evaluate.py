@@ -25,11 +25,18 @@ from lvforecast.budget.ledger import Ledger
 from lvforecast.budget.planning import GenerationPlan, Pricing
 from lvforecast.budget.reservation import Reservation
 from lvforecast.budget.shapes import ALPHABET_SIZE
-from lvforecast.data.encoding import VARIABLES
+from lvforecast.data.encoding import STUDY_SCALE, VARIABLES
 from lvforecast.data.split import EvaluationInputs
 from lvforecast.devices import check_machine, describe_device, resolve_device, torch_threads
 from lvforecast.errors import UserError, first_line
-from lvforecast.evaluation.metrics import POINT_METRICS, crps_samples, evaluate_forecasts, interval_coverage
+from lvforecast.evaluation.metrics import (
+    POINT_METRICS,
+    compare_methods,
+    crps_samples,
+    evaluate_forecasts,
+    interval_coverage,
+    to_encoded,
+)
 from lvforecast.experiment.config import check_evaluate_config, pricing_of, token_counts
 from lvforecast.experiment.runconfig import read_run_config
 from lvforecast.experiment.rundir import RUN_FILES, ledger_name, write_hydra_files
@@ -269,9 +276,9 @@ def _logit_bias(run: Path, lora_cfg: DictConfig, char_ids: dict[str, int]) -> An
 
 def _write(cfg: DictConfig, out: Path, source: _Source, inputs: EvaluationInputs,
            forecasts: _Forecasts) -> dict[str, Any]:
-    """Score every method in encoded units (each series over its own scale) and original units; write the evaluation
-    directory (and the W&B run); return the headline metrics."""
-    from lvforecast.evaluation.behaviour import class_counts, classify_all
+    """Score every method in encoded units (each series over its own scale), study units and original units; write
+    the evaluation directory (and the W&B run); return the headline metrics."""
+    from lvforecast.evaluation.behaviour import classify_all
     from lvforecast.evaluation.report import write_plots, write_report
 
     result, systems, classes = forecasts.result, inputs.systems, classify_all(inputs.values, inputs.time)
@@ -279,31 +286,54 @@ def _write(cfg: DictConfig, out: Path, source: _Source, inputs: EvaluationInputs
                for name, pred in forecasts.by_method.items()}
     _keep(out / "forecasts.npz", inputs, list(cfg.examples), result.values,
           running_mse=np.asarray(methods["model"]["encoded"]["running_mse"], dtype=float))
-    summary = {
-        "model": forecasts.model_name, "systems": systems, "classes": dict(class_counts(classes)),
-        "parse_failures": result.parse_failures, "constrained": bool(cfg.forecast.constrained),
-        "prompt_tokens": {"min": int(min(result.prompt_tokens)), "max": int(max(result.prompt_tokens)),
-                          "trained_context_tokens": source.trained_context_tokens},
-        "flops_generate": int(result.flops), "forecast_seconds": round(forecasts.seconds, 2),
-        "device": forecasts.device,
-        "methods": {k: {u: v[u]["aggregate"] for u in ("encoded", "original")} for k, v in methods.items()},
-    }
-    if result.samples is not None:
-        truth, scales = inputs.truth, inputs.scales[:, None, None]  # samples: (S, N, H, 2)
-        summary["probabilistic"] = {
-            "crps_encoded": np.nanmean(crps_samples(truth / scales, result.samples / scales[:, None]), 0).tolist(),
-            "coverage_10_90": np.nanmean(interval_coverage(truth, result.samples), 0).tolist(),
-        }
+    summary = _summary(cfg, source, inputs, forecasts, methods, classes)
     write_text(out / "metrics.json", json.dumps(summary, indent=1))
     _write_per_system(out / "per_system.csv", inputs, classes, methods, result.steps_parsed)
     pngs = write_plots(out, systems, inputs.series, inputs.context_steps, forecasts.by_method, methods,
-                       list(cfg.examples))
-    write_report(out / "report.md", summary, methods, systems, list(cfg.examples))
+                       list(cfg.examples), classes, samples=result.samples, point=str(cfg.forecast.point))
+    write_report(out / "report.md", summary, methods, systems, list(cfg.examples), classes)
     log_evaluation(cfg, out, summary, pngs)
     log.info("evaluation directory: %s (%d systems, %d parse failures, %.3e FLOPs)", out, len(systems),
              result.parse_failures, result.flops)
     return {"output_dir": str(out), "parse_failures": result.parse_failures, "flops": int(result.flops),
             "mse_encoded": summary["methods"]["model"]["encoded"]["all"]["mse"], "pngs": [str(p) for p in pngs]}
+
+
+def _summary(cfg: DictConfig, source: _Source, inputs: EvaluationInputs, forecasts: _Forecasts,
+             methods: dict[str, Any], classes: list[str]) -> dict[str, Any]:
+    """What ``metrics.json`` holds: the run's facts, every method's aggregates in each unit and the model's paired
+    comparison with each baseline (:func:`compare_methods`) and, with samples, CRPS and 10-90% coverage."""
+    from lvforecast.evaluation.behaviour import class_counts
+
+    result = forecasts.result
+    summary = {
+        "model": forecasts.model_name, "systems": inputs.systems, "classes": dict(class_counts(classes)),
+        "parse_failures": result.parse_failures, "constrained": bool(cfg.forecast.constrained),
+        "num_samples": int(cfg.forecast.num_samples), "point": str(cfg.forecast.point),
+        "prompt_tokens": {"min": int(min(result.prompt_tokens)), "max": int(max(result.prompt_tokens)),
+                          "trained_context_tokens": source.trained_context_tokens},
+        "scales": {"min": float(np.min(inputs.scales)), "max": float(np.max(inputs.scales)), "study": STUDY_SCALE},
+        "flops_generate": int(result.flops), "forecast_seconds": round(forecasts.seconds, 2),
+        "device": forecasts.device,
+        **compare_methods(methods),
+    }
+    if result.samples is not None:
+        summary["probabilistic"] = _probabilistic(inputs, result.samples)
+    return summary
+
+
+def _probabilistic(inputs: EvaluationInputs, samples: np.ndarray) -> dict[str, Any]:
+    """CRPS (encoded and study units) and 10-90% coverage of the (S, k, H, 2) raw ``samples``, mean over systems.
+    The scores need every sample: systems with an unparsed step (free generation) are left out and counted."""
+    whole = np.isfinite(samples).all(axis=(1, 2, 3))
+    if not whole.any():
+        return {"n_systems": 0, "crps_encoded": None, "crps_study": None, "coverage_10_90": None}
+    truth, samples = inputs.truth[whole], samples[whole]  # (S', H, 2) and (S', k, H, 2)
+    scales = np.asarray(inputs.scales)[whole][:, None, None]
+    return {"n_systems": int(whole.sum()),
+            "crps_encoded": crps_samples(truth / scales, samples / scales[:, None]).mean(0).tolist(),
+            "crps_study": crps_samples(to_encoded(truth), to_encoded(samples)).mean(0).tolist(),
+            "coverage_10_90": interval_coverage(truth, samples).mean(0).tolist()}
 
 
 def _keep(path: Path, inputs: EvaluationInputs, examples: list[int], forecast: np.ndarray, **scores: Any) -> None:

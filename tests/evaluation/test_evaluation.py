@@ -43,8 +43,14 @@ def test_evaluate_a_tiny_run_end_to_end(tiny_run, sim_cache, tmp_path):
     # Every point metric per system; the comparison table leaves out RMSE, the square root of MSE.
     header = (tmp_path / "per_system.csv").read_text().splitlines()[0].split(",")
     assert header[5:] == [f"{m}_{v}_encoded" for m in ("mse", "rmse", "mae", "mape") for v in ("prey", "predator")]
+    report = (tmp_path / "report.md").read_text()
     assert ("| method | MSE prey | MSE predator | MAE prey | MAE predator | MAPE prey | MAPE predator |\n"
-            "|---|---:|---:|---:|---:|---:|---:|\n") in (tmp_path / "report.md").read_text()
+            "|---|---:|---:|---:|---:|---:|---:|\n") in report
+    # The verdict opens the report; methods by their display names; the paired statistics in metrics.json too.
+    assert report.split("\n## ")[1].startswith("Verdict") and "- **prey**: lowest mean MSE: " in report
+    assert "| AR(3) | " in report and "| ar |" not in report and "per-step" not in report  # greedy: no samples
+    assert set(metrics["paired"]) == {"persistence", "ar"} and metrics["paired"]["ar"]["prey"]["n"] == 6
+    assert set(metrics["methods"]["ar"]) == {"encoded", "study", "original"}
     (run,) = Ledger(tmp_path / "ledger.sqlite", budget=None).runs()
     assert run["status"] == "finished"
     spent = Ledger(tmp_path / "ledger.sqlite", budget=None).run_spent(run["id"])
@@ -213,3 +219,52 @@ def test_per_system_csv_gives_each_system_the_fewest_steps_parsed_of_its_samples
     _write_per_system(tmp_path / "per_system.csv", inputs, ["stable", "stable"], methods, [20, 5, 20, 20])
     rows = list(csv.DictReader((tmp_path / "per_system.csv").open()))
     assert [(r["system"], r["steps_parsed"]) for r in rows] == [("10", "5"), ("11", "20")]
+
+
+@pytest.mark.slow
+def test_sampled_forecasts_take_the_configured_point_and_report_crps(sim_cache, tmp_path, monkeypatch):
+    import lvforecast.evaluation.forecast
+
+    real, seen = lvforecast.evaluation.forecast.forecast, {}
+
+    def spy(*args, **kwargs):
+        seen["result"] = real(*args, **kwargs)
+        return seen["result"]
+
+    monkeypatch.setattr(lvforecast.evaluation.forecast, "forecast", spy)
+    cfg = compose_eval(["model=tiny", "data=simulated", "max_systems=2", "baselines=[persistence]",
+                        "forecast.num_samples=3", "forecast.point=mean", "forecast.horizon_steps=3"], tmp_path,
+                       sim_cache)
+    evaluate(cfg)
+    result = seen["result"]
+    np.testing.assert_allclose(result.values, result.samples.mean(axis=1))  # the per-step mean of the 3 samples
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (metrics["num_samples"], metrics["point"]) == (3, "mean")
+    assert set(metrics["probabilistic"]) == {"n_systems", "crps_encoded", "crps_study", "coverage_10_90"}
+    assert metrics["probabilistic"]["n_systems"] == 2
+    report = (tmp_path / "report.md").read_text()
+    assert "## The model's samples: CRPS and coverage" in report and "point forecast the per-step mean" in report
+
+
+def test_an_unknown_point_forecast_is_refused_before_anything_loads(tmp_path):
+    cfg = compose_eval(["forecast.point=mode"], tmp_path)
+    with pytest.raises(UserError, match=r"forecast.point='mode': allowed 'median', 'mean'"):
+        evaluate(cfg)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_sample_scores_leave_out_systems_with_an_unparsed_sample():
+    from types import SimpleNamespace
+
+    from lvforecast.experiment.evaluate import _probabilistic
+
+    # 2 systems, 2 samples, 1 step, truth 1 (raw, scale 0.5 = the study's): system 1's second sample is unparsed.
+    inputs = SimpleNamespace(truth=np.ones((2, 1, 2)), scales=np.array([0.5, 0.5]))
+    samples = np.ones((2, 2, 1, 2))
+    samples[0, :, 0, 0] = [1.0, 3.0]  # prey CRPS (raw) = E|X - 1| - E|X - X'|/2 = 1 - 0.5 = 0.5 -> 1.0 in study units
+    samples[1, 1] = np.nan
+    got = _probabilistic(inputs, samples)
+    assert got["n_systems"] == 1 and got["crps_study"] == got["crps_encoded"] == [1.0, 0.0]
+    assert got["coverage_10_90"] == [0.0, 1.0]  # prey 10-90% of {1, 3} is [1.2, 2.8]: truth 1 outside
+    samples[0, 0] = np.nan
+    assert _probabilistic(inputs, samples)["n_systems"] == 0

@@ -14,6 +14,8 @@ from lvforecast.evaluation.metrics import (
     error_by_horizon,
     evaluate_forecasts,
     interval_coverage,
+    paired_comparison,
+    paired_statistics,
     per_system_metrics,
     running_mse,
     to_encoded,
@@ -159,11 +161,12 @@ def test_shape_errors_name_the_value() -> None:
 def test_evaluate_forecasts_is_json_and_has_both_units() -> None:
     pred = PRED.copy()
     pred[0, 0, 1] = np.nan
-    out = evaluate_forecasts(TRUTH, pred, classes=["oscillatory"])
+    out = evaluate_forecasts(TRUTH, pred, classes=["oscillatory"], scale=0.25)
     text = json.dumps(out, allow_nan=False)  # NaN became None
-    assert "encoded" in out and "original" in out
+    assert list(out) == ["encoded", "study", "original"]
     assert out["original"]["aggregate"]["all"]["mse"]["prey"]["mean"] == 0.5
-    assert out["encoded"]["aggregate"]["all"]["mse"]["prey"]["mean"] == 2.0  # x2 units -> x4 MSE
+    assert out["study"]["aggregate"]["all"]["mse"]["prey"]["mean"] == 2.0  # raw / 0.5: x2 units -> x4 MSE
+    assert out["encoded"]["aggregate"]["all"]["mse"]["prey"]["mean"] == 8.0  # raw / 0.25: x4 units -> x16 MSE
     assert out["encoded"]["running_mse"][0][0][1] is None  # predator step 0 unparsed: no value yet
     assert out["original"]["aggregate"]["by_class"]["oscillatory"]["nan_count"]["predator"] == 1
     assert json.loads(text)["original"]["per_system"]["nan_count"] == [[0, 1]]
@@ -180,3 +183,45 @@ def test_per_series_scales_divide_each_series() -> None:
         to_encoded(values, scale=[1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="finite number > 0"):
         to_encoded(values, scale=[1.0, -1.0])
+
+
+def test_paired_comparison_by_hand() -> None:
+    # model [1, 2, 3] vs baseline [2, 2, 6]: lower on systems 0 and 2 (a tie is no win) -> 2 of 3;
+    # ratio of means (1 + 2 + 3) / (2 + 2 + 6) = 0.6. Every resample's ratio is a baseline-weighted average of the
+    # per-system ratios 0.5, 1, 0.5, so the interval lies in [0.5, 1].
+    got = paired_comparison(np.array([1.0, 2.0, 3.0]), np.array([2.0, 2.0, 6.0]))
+    assert (got["wins"], got["n"], got["ratio"]) == (2, 3, 0.6)
+    lo, hi = got["interval"]
+    assert 0.5 <= lo < 0.6 < hi <= 1.0
+    assert (got["resamples"], got["level"], got["seed"]) == (2000, 0.9, 0)
+    assert paired_comparison(np.array([1.0, 2.0, 3.0]), np.array([2.0, 2.0, 6.0]))["interval"] == [lo, hi]  # seeded
+
+
+def test_paired_comparison_model_better_everywhere_and_paired() -> None:
+    rng = np.random.default_rng(1)
+    baseline = rng.uniform(0.01, 100.0, size=40)  # systems of very different difficulty
+    better = baseline * rng.uniform(0.2, 0.9, size=40)
+    got = paired_comparison(better, baseline)
+    assert got["wins"] == got["n"] == 40 and got["interval"][1] < 1.0
+    # Paired: with the model at exactly 0.9 x the baseline, every resample of the same systems gives 0.9 (an
+    # unpaired bootstrap, drawing systems independently for each, would spread over the 1e4 range of difficulty).
+    np.testing.assert_allclose(paired_comparison(0.9 * baseline, baseline)["interval"], [0.9, 0.9])
+
+
+def test_paired_comparison_skips_non_finite_systems_and_refuses_bad_shapes() -> None:
+    # system 1: the model unparsed (NaN); system 2: the baseline infinite -> only system 0 counts: 1 / 4
+    got = paired_comparison(np.array([1.0, np.nan, 5.0]), np.array([4.0, 1.0, np.inf]))
+    assert (got["wins"], got["n"], got["ratio"], got["interval"]) == (1, 1, 0.25, [0.25, 0.25])
+    none = paired_comparison(np.array([np.nan]), np.array([1.0]))
+    assert (none["n"], none["ratio"], none["interval"]) == (0, None, None)
+    with pytest.raises(ValueError, match=r"\(S,\) of one S"):
+        paired_comparison(np.zeros(3), np.zeros(2))
+
+
+def test_paired_statistics_compares_the_model_with_every_other_method() -> None:
+    # metrics.json's (S, 2) MSEs, None for an unparsed system: prey as above; predator model 1 vs 2 on system 0 only.
+    per = {"model": [[1.0, 1.0], [2.0, None], [3.0, None]], "ar": [[2.0, 2.0], [2.0, 3.0], [6.0, 1.0]]}
+    got = paired_statistics(per)
+    assert list(got) == ["ar"] and list(got["ar"]) == ["prey", "predator"]
+    assert (got["ar"]["prey"]["wins"], got["ar"]["prey"]["ratio"]) == (2, 0.6)
+    assert (got["ar"]["predator"]["wins"], got["ar"]["predator"]["n"], got["ar"]["predator"]["ratio"]) == (1, 1, 0.5)
