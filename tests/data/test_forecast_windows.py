@@ -16,6 +16,8 @@ from lvforecast.model.loading import build_char_tokenizer
 from lvforecast.model.module import token_loss_sum
 
 C, H = 10, 5  # context and horizon steps of the small files below (30 steps each)
+# Both scale rules: a fixed scale cuts each series' one encoding, a percentile scale encodes each example alone.
+SCALES = [{"kind": "fixed", "value": 0.5}, {"kind": "percentile", "percentile": 90, "target": 5.0}]
 
 
 def _file(tmp_path, n_systems=12, steps=30):
@@ -49,9 +51,10 @@ def test_cut_counts_by_hand():
     assert len({c for _, c in ranged}) > 5  # drawn, not fixed
 
 
-def test_examples_are_the_evaluations_prompt_and_answer(tmp_path):
+@pytest.mark.parametrize("scale", SCALES, ids=["fixed", "percentile"])
+def test_examples_are_the_evaluations_prompt_and_answer(tmp_path, scale):
     path, values = _file(tmp_path)
-    dm = _module(path, context_steps_min=4)
+    dm = _module(path, context_steps_min=4, scale=scale)
     dm.setup("fit")
     tok = build_char_tokenizer()
     grammar = Grammar(max_int_digits=2, decimals=3)
@@ -76,9 +79,10 @@ def test_examples_are_the_evaluations_prompt_and_answer(tmp_path):
     assert {ex.context_steps for ex in dm.train_set.examples} == set(range(4, C + 1))
 
 
-def test_first_cut_equals_the_evaluation_inputs_of_the_same_systems(tmp_path):
+@pytest.mark.parametrize("scale", SCALES, ids=["fixed", "percentile"])
+def test_first_cut_equals_the_evaluation_inputs_of_the_same_systems(tmp_path, scale):
     path, _ = _file(tmp_path)
-    dm = _module(path)  # c fixed at 10: a system's first example is steps 0-14, as an evaluation reads it
+    dm = _module(path, scale=scale)  # c fixed at 10: a system's first example is steps 0-14, as an evaluation reads it
     dm.prepare_texts()
     train = dm.split.train
     split_file = tmp_path / "split.json"
