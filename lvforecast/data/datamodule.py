@@ -1,4 +1,5 @@
-"""The LightningDataModule: train/val token windows (:mod:`lvforecast.data.windows`) of the systems of each split
+"""The LightningDataModule: train/val examples (:mod:`lvforecast.data.windows`: the study's sliding token windows, or
+forecasting examples shaped as the evaluation's prompt and answer) of the systems of each split
 (:mod:`lvforecast.data.split`) and the test systems an evaluation reads (:meth:`.evaluation_inputs`).
 
 The training order (:class:`ResumableSampler`) is shuffled and a checkpoint resumes it mid-epoch, on one rank or
@@ -25,10 +26,14 @@ from lvforecast.data.encoding import ScaleRule, encode_prompt, min_step_tokens, 
 from lvforecast.data.split import EvaluationInputs, Split, evaluation_order, split_systems
 from lvforecast.data.windows import (
     EncodedSeries,
+    ForecastDataset,
+    ForecastExample,
     PadCollator,
     WindowDataset,
+    build_forecast_dataset,
     build_windows,
     encode_series,
+    forecast_examples,
     pad_share,
     tokenize_series,
     window_spans,
@@ -39,6 +44,24 @@ from lvforecast.validate import int_at_least
 log = logging.getLogger(__name__)
 
 _EPOCH_STRIDE = 1_000_003  # epoch e's seed = epoch 0's + e x this (mod 2**63)
+WINDOWS = ("sliding", "forecast")  # data.windows
+LOSS_ON = ("horizon", "all")  # data.loss_on
+
+
+def window_mode_problems(windows: Any, loss_on: Any, context_steps: Any, horizon_steps: Any,
+                         context_steps_min: Any, forecast_stride_steps: Any) -> list[str]:
+    """Problems with the keys that choose and shape the examples (``data.windows`` and the forecasting keys), one
+    message each naming the key, the value and what is allowed."""
+    problems = [f"data.{key}={val!r}: allowed {', '.join(map(repr, allowed))}"
+                for key, val, allowed in (("windows", windows, WINDOWS), ("loss_on", loss_on, LOSS_ON))
+                if val not in allowed]
+    problems += size_problems(context_steps=context_steps, horizon_steps=horizon_steps,
+                              forecast_stride_steps=forecast_stride_steps)
+    if context_steps_min is not None and not (int_at_least(context_steps_min, 1) and int_at_least(context_steps, 1)
+                                              and context_steps_min <= context_steps):
+        problems.append(f"data.context_steps_min={context_steps_min!r}: must be null (every example has "
+                        f"data.context_steps={context_steps!r} context steps) or an integer in [1, data.context_steps]")
+    return problems
 
 
 class ResumableSampler(DistributedSampler):
@@ -93,16 +116,27 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
 
     The arguments are the ``data`` keys, commented in ``conf/data/lotka_volterra.yaml``. ``tokenizer`` (the model's,
     character-level) may be set later, before ``setup``: the pipeline plans the budget before any model loads.
+    ``windows="forecast"`` makes every example a forecast (``context_steps``, ``horizon_steps``,
+    ``context_steps_min``, ``forecast_stride_steps``, ``loss_on``; :func:`~lvforecast.data.windows.forecast_examples`);
+    ``context_length`` is then the longest example allowed, and ``stride_steps``, ``scale_context_steps`` are unused.
     """
 
     def __init__(self, path: str, tokenizer: Any = None, context_length: int = 512, stride_steps: int = 20,
                  batch_size: int = 4, decimals: int = 3, scale: dict[str, Any] | None = None,
                  scale_context_steps: int = 80, split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
                  split_seed: int = 0, pinned_test_systems: Sequence[int] = (), simulate: dict[str, Any] | None = None,
-                 num_workers: int = 0, val_batch_size: int | None = None) -> None:
+                 num_workers: int = 0, val_batch_size: int | None = None, windows: str = "sliding",
+                 context_steps: int = 80, horizon_steps: int = 20, context_steps_min: int | None = None,
+                 forecast_stride_steps: int = 1, loss_on: str = "horizon") -> None:
         super().__init__()
         sizes = dict(context_length=context_length, stride_steps=stride_steps, batch_size=batch_size)
-        raise_problems("invalid data config", size_problems(decimals, **sizes, scale_context_steps=scale_context_steps))
+        problems = size_problems(decimals, **sizes, scale_context_steps=scale_context_steps)
+        problems += window_mode_problems(windows, loss_on, context_steps, horizon_steps, context_steps_min,
+                                         forecast_stride_steps)
+        raise_problems("invalid data config", problems)
+        self.windows, self.loss_on = windows, loss_on
+        self.context_steps, self.horizon_steps = context_steps, horizon_steps
+        self.context_steps_min, self.forecast_stride_steps = context_steps_min, forecast_stride_steps
         self.path = str(path)
         self.tokenizer = tokenizer
         self.context_length = context_length
@@ -118,9 +152,10 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         self.simulate = dict(simulate) if simulate else None
         self.num_workers = num_workers
         self.split: Split | None = None
-        self.train_set: WindowDataset | None = None
-        self.val_set: WindowDataset | None = None
+        self.train_set: WindowDataset | ForecastDataset | None = None
+        self.val_set: WindowDataset | ForecastDataset | None = None
         self.series: dict[int, EncodedSeries] = {}
+        self.examples: dict[str, list[ForecastExample]] = {}  # "train", "val": forecasting examples (forecast mode)
         self.stats: dict[str, float] = {}
         self.train_sampler: ResumableSampler | None = None  # that of the current training loader
         self._sampler_state: dict[str, Any] | None = None
@@ -137,16 +172,29 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
     def prepare_texts(self) -> None:
         """Load, validate, split and encode the series as text (idempotent; no tokenizer needed), so that data problems
         surface and the budget is planned before any weights load. A ``context_length`` longer than every series is
-        refused rather than clamped, so that the config, the plan and the run's ``config.yaml`` agree."""
+        refused rather than clamped, so that the config, the plan and the run's ``config.yaml`` agree. Forecasting
+        examples are cut here too, and a series or a ``context_length`` that cannot hold one is refused."""
         if self.split is not None:
             return
         from lvforecast.data.trajectories import load_trajectories
 
         self.prepare_data()
-        steps = self.scale_context_steps
-        traj = load_trajectories(self.path, min_steps=steps, needed_by=f"data.scale_context_steps={steps}")
+        steps, forecast = self.scale_context_steps, self.windows == "forecast"
+        needed_by = (f"data.windows=forecast: data.context_steps={self.context_steps} + data.horizon_steps="
+                     f"{self.horizon_steps}" if forecast else f"data.scale_context_steps={steps}")
+        min_steps = self.context_steps + self.horizon_steps if forecast else steps
+        traj = load_trajectories(self.path, min_steps=min_steps, needed_by=needed_by)
         split = self._split(traj.n_systems)
         encoded = encode_series(traj.values, split.train + split.val, None, self.scale_rule, self.decimals, steps)
+        if forecast:
+            self.examples = {part: forecast_examples(
+                traj.values, systems, self.scale_rule, self.decimals, context_steps=self.context_steps,
+                horizon_steps=self.horizon_steps, stride_steps=self.forecast_stride_steps,
+                context_steps_min=self.context_steps_min, seed=self.split_seed)
+                for part, systems in (("train", split.train), ("val", split.val))}
+            self._check_example_length()
+            self.split, self.series = split, {e.system: e for e in encoded}
+            return
         longest = max(encoded, key=lambda e: len(e.text))
         n, length = len(longest.text), self.context_length
         if length > n:
@@ -157,6 +205,24 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
                 f"price the padding; allowed: {min_step_tokens(self.decimals)} to {n}; fix: data.context_length={n} "
                 f"(one window per series)")
         self.split, self.series = split, {e.system: e for e in encoded}
+
+    def _check_example_length(self) -> None:
+        """Refuse a ``context_length`` below the longest forecasting example: an example is never cut, so its
+        prompt and horizon always fit together."""
+        longest = max((e for part in self.examples.values() for e in part), key=lambda e: e.length)
+        n, length, c_min = longest.length, self.context_length, self.context_steps_min
+        if n > length:
+            drawn = "" if c_min is None else f", drawn from data.context_steps_min={c_min}"
+            last = longest.start + longest.context_steps + self.horizon_steps - 1
+            raise UserError(
+                f"data.context_length={length}: shorter than the longest forecasting example (data.windows=forecast): "
+                f"system {longest.system}, steps {longest.start} to {last}, {longest.context_steps} context steps "
+                f"(data.context_steps={self.context_steps}{drawn}) + data.horizon_steps={self.horizon_steps} at "
+                f"data.decimals={self.decimals}, is {n} tokens; an example "
+                f"is never cut, so allowed: data.context_length >= {n}; fix: data.context_length={n}")
+        log.info("forecasting examples: train %d, val %d, the longest %d tokens; a training batch is planned at "
+                 "data.context_length=%d tokens (an upper bound: a shuffled batch pads to its longest example)",
+                 len(self.examples["train"]), len(self.examples["val"]), n, length)
 
     def _split(self, n_systems: int) -> Split:
         return split_systems(n_systems, self.split_fractions, self.split_seed, self.pinned_test_systems, self.path)
@@ -196,14 +262,19 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         return EvaluationInputs(systems, values, traj.time, context_steps, horizon_steps, self.decimals, scales,
                                 prompts)
 
-    def _spans(self, systems: Sequence[int]) -> list[tuple[int, int, int]]:
-        return window_spans([self.series[s] for s in systems], self.context_length, self.stride_steps)
+    def _lengths(self, part: str) -> list[int]:
+        """Tokens of each ``train`` or ``val`` example, in the dataset's order (needs no tokenizer)."""
+        if self.windows == "forecast":
+            return [e.length for e in self.examples[part]]
+        systems = self.split.train if part == "train" else self.split.val
+        spans = window_spans([self.series[s] for s in systems], self.context_length, self.stride_steps)
+        return [n for _, _, n in spans]
 
     def val_batch_shapes(self, world_size: int = 1) -> list[list[tuple[int, int]]]:
         """``(B, N)`` of every validation batch in loader order, one list per rank, dealt as Lightning's unshuffled
         ``DistributedSampler`` deals it (padded by repeating the first windows, rank r takes r, r + world...)."""
         self.prepare_texts()
-        lengths = [n for _, _, n in self._spans(self.split.val)]
+        lengths = self._lengths("val")
         total = -(-len(lengths) // world_size) * world_size
         padded = (lengths * (-(-total // max(1, len(lengths)))))[:total]
         size, shares = self.val_batch_size, [padded[rank::world_size] for rank in range(world_size)]
@@ -214,7 +285,7 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         """Windows in each training batch of an epoch on one rank: its share of the windows, ``batch_size`` at a
         time, the last batch what is left (a ``batch_size`` above the share runs the share in one batch)."""
         self.prepare_texts()
-        per_rank = -(-len(self._spans(self.split.train)) // world_size)
+        per_rank = -(-len(self._lengths("train")) // world_size)
         return [min(self.batch_size, per_rank - start) for start in range(0, per_rank, self.batch_size)]
 
     def setup(self, stage: str | None = None) -> None:
@@ -223,17 +294,22 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         if self.tokenizer is None:
             raise UserError("LotkaVolterraDataModule.setup needs a tokenizer: pass tokenizer= or set .tokenizer")
         self.prepare_texts()
-        tokenize_series(list(self.series.values()), self.tokenizer)
-        self.train_set, self.val_set = (
-            build_windows([self.series[s] for s in systems], self.context_length, self.stride_steps)
-            for systems in (self.split.train, self.split.val)
-        )
+        if self.windows == "forecast":
+            self.train_set, self.val_set = (build_forecast_dataset(self.examples[part], self.tokenizer, self.loss_on)
+                                            for part in ("train", "val"))
+        else:
+            tokenize_series(list(self.series.values()), self.tokenizer)
+            self.train_set, self.val_set = (
+                build_windows([self.series[s] for s in systems], self.context_length, self.stride_steps)
+                for systems in (self.split.train, self.split.val)
+            )
         self.stats = {
             "train_windows": len(self.train_set),
             "val_windows": len(self.val_set),
-            "train_pad_share": pad_share(self.train_set, self.context_length),
-            "val_pad_share": pad_share(self.val_set, self.context_length),
-            "tokens_per_series_mean": float(np.mean([len(e.ids) for e in self.series.values()])),
+            "train_pad_share": pad_share(self._lengths("train"), self.context_length),
+            "val_pad_share": pad_share(self._lengths("val"), self.context_length),
+            # Characters are tokens (checked when the model loads and when each series or example is tokenized).
+            "tokens_per_series_mean": float(np.mean([len(e.text) for e in self.series.values()])),
         }
         split, stats = self.split, self.stats
         log.info(
@@ -241,7 +317,7 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
             f"{len(split.test)}; windows train {len(self.train_set)}, val {len(self.val_set)}; pad share "
             f"{stats['train_pad_share']:.4f}/{stats['val_pad_share']:.4f}")
 
-    def _loader(self, dataset: WindowDataset, batch_size: int, sampler: Any = None) -> DataLoader:
+    def _loader(self, dataset: WindowDataset | ForecastDataset, batch_size: int, sampler: Any = None) -> DataLoader:
         collate = PadCollator(self.tokenizer.pad_token_id)
         # Pinned where a GPU may train on the batches: a copy from pageable memory to the GPU first waits for every
         # kernel already queued (a host sync in every step); from pinned memory it is queued like a kernel.

@@ -1,8 +1,14 @@
-"""Planning reads Lightning's own defaults for trainer keys the config leaves out."""
+"""Planning reads Lightning's own defaults for trainer keys the config leaves out, and prices forecasting examples
+at least at what runs."""
 
 from __future__ import annotations
 
+import json
+import sqlite3
+
+import numpy as np
 import pytest
+from conftest import TINY_RUN, compose_train
 from omegaconf import OmegaConf
 
 from lvforecast.experiment.config import LIGHTNING_DEFAULTS, trainer_setting
@@ -94,3 +100,33 @@ def test_the_schedule_matches_lightnings_loop(accumulate, interval, every):
     for k in range(1, max_steps + 1):
         count, at_end = schedule.validations(k)
         assert (schedule.batches(k), count, int(at_end)) == tuple(seen[k]), k
+
+
+@pytest.mark.slow
+def test_forecast_examples_are_planned_at_least_at_what_is_charged(tmp_path):
+    """data.windows=forecast (issue 20 item 1): examples of different lengths, right-padded per batch. Validation
+    batches are planned at their padded shapes, so charged exactly; a shuffled training batch is planned at
+    data.context_length, an upper bound of its padded length."""
+    from lvforecast.data.trajectories import write_trajectories
+    from lvforecast.experiment.train import train
+
+    rng = np.random.default_rng(0)
+    values = rng.uniform(0.05, 12.0, size=(12, 30, 2)).astype(np.float32)
+    values[1::3] *= 4  # two-digit encoded values: longer examples
+    write_trajectories(tmp_path / "lv.h5", values, np.linspace(0, 60, 30))
+    # 10 context steps at most, 5 horizon steps: at most 15 x 14 = 210 tokens ("12.345,12.345;" is 14).
+    cfg = compose_train(TINY_RUN + [f"data.path={tmp_path / 'lv.h5'}", "data.pinned_test_systems=[]",
+                                    "data.windows=forecast", "data.context_steps=10", "data.horizon_steps=5",
+                                    "data.context_steps_min=4", "data.context_length=210", "trainer.max_steps=3",
+                                    "trainer.val_check_interval=2", "trainer.num_sanity_val_steps=0"],
+                        output_dir=tmp_path / "run")
+    result = train(cfg)
+    assert result["budget_status"] == "finished" and result["global_step"] == 3
+    plan = json.loads((tmp_path / "run" / "run_info.json").read_text())["budget"]["plan"]
+    with sqlite3.connect(tmp_path / "run" / "ledger.sqlite") as conn:
+        charged = dict(conn.execute("SELECT kind, SUM(flops) FROM charges GROUP BY kind").fetchall())
+    assert plan["next_step_shape"] == [4, 210]
+    # Validations: before training, after micro-batch 2, the final one; each the same 2 padded batches.
+    assert charged["val"] == plan["validations"] * plan["validation_pass"] and plan["validations"] == 3
+    assert 0 < charged["train"] <= plan["batches"] * plan["train_step"] and plan["batches"] == 3
+    assert sum(charged.values()) <= plan["total"]
