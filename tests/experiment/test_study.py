@@ -123,7 +123,7 @@ def test_tiny_study_end_to_end_then_skips_finished_stages_and_resumes_an_interru
     assert [r["name"] for r in ledger.runs()][:2] == ["zero_shot/0", "default/0"]
     md = Path(result["report"]).read_text()
     assert "Table 12: FLOPs spent per stage" in md and "| tiny/lr_rank | 12 |" in md
-    assert "| 1 | 6 | c" in md  # the halving rung table: rung 1 at 6 steps
+    assert "| 1 | 6 | lr=" in md  # the halving rung table: rung 1 at 6 steps, configurations by lr and rank
     for png in ("budget_report.png", "loss_curves.png", "forecasts.png", "running_mse.png"):
         assert (tmp_path / png).stat().st_size > 0
 

@@ -16,7 +16,8 @@ from lvforecast.budget.report import format_stages_markdown, plot_report
 from lvforecast.data.encoding import VARIABLES
 from lvforecast.evaluation.metrics import TABLED_METRICS
 from lvforecast.experiment.study.spec import Stage
-from lvforecast.experiment.sweeps.summary import SUMMARY_CSV, SUMMARY_MD, draw_val_curves, fmt
+from lvforecast.experiment.sweeps.curves import draw_val_curves
+from lvforecast.experiment.sweeps.summary import SUMMARY_CSV, SUMMARY_MD, continues_of, fmt, job_labels
 from lvforecast.utils import read_metrics_csv
 from lvforecast.validate import markdown_cell
 
@@ -103,11 +104,13 @@ def _plot_curves(path: Path, stages: list[Stage], done: dict[str, dict[str, Any]
     fig = Figure(figsize=(5 * len(trained), 4), layout="constrained")
     for ax, stage in zip(fig.subplots(1, len(trained), squeeze=False)[0], trained, strict=True):
         with open(Path(done[stage.name]["sweep_dir"]) / SUMMARY_CSV, newline="") as fh:
-            run_dirs = {int(job["job"]): job["run_dir"] for job in csv.DictReader(fh)}
+            rows = list(csv.DictReader(fh))
+        run_dirs = {int(job["job"]): job["run_dir"] for job in rows}
         metrics = {num: Path(run) / "metrics.csv" for num, run in run_dirs.items()}
         curves = {num: read_metrics_csv(file).get("val/loss") for num, file in metrics.items() if file.is_file()}
         chosen = next((num for num, run in run_dirs.items() if run == done[stage.name]["run_dir"]), None)
-        draw_val_curves(ax, {num: val for num, val in curves.items() if val}, {}, chosen, stage.name)
+        draw_val_curves(ax, {num: val for num, val in curves.items() if val}, job_labels(rows), chosen,
+                        f"stage {stage.name}", continues_of(rows))
     save_figure(fig, path, dpi=110)
     return True
 
