@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from conftest import CONF, ROOT, compose_train
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from lvforecast.budget.ledger import Ledger
+from lvforecast.budget.ledger import Ledger, format_flops
 from lvforecast.experiment.sweeps import best_from
 from lvforecast.experiment.train import train
 
@@ -181,7 +182,7 @@ def test_jobs_are_labelled_by_the_settings_that_differ_between_them():
     assert labels == {0: "lr=1e-5, r=2", 1: "lr=1e-4, r=8", 2: "lr=1e-4, r=2"}
     # Two keys ending alike keep their whole names; equal settings get their job numbers; one job: its number.
     assert labels_by_difference({0: {"optim.lr": 0.01, "sched.lr": 1}, 1: {"optim.lr": 0.03, "sched.lr": 1.5}}) == {
-        0: "optim.lr=0.01, sched.lr=1", 1: "optim.lr=0.03, sched.lr=1.5"}
+        0: "optim.lr=1e-2, sched.lr=1", 1: "optim.lr=3e-2, sched.lr=1.5"}
     assert labels_by_difference({3: {"lora.r": 2}, 4: {"lora.r": 2}, 5: {"lora.r": 4}}) == {
         3: "r=2 (job 3)", 4: "r=2 (job 4)", 5: "r=4"}
     assert labels_by_difference({0: {"lora.r": 2}}) == {0: "job 0"}
@@ -296,6 +297,14 @@ def test_tiny_lr_rank_sweep_writes_a_row_per_job_summary(sim_cache, tmp_path):
     best = rows[[r["best"] for r in rows].index("True")]
     cfg = compose_train(["sweep=context_length", f"best_from={sweep}"])
     assert (cfg.optim.lr, cfg.lora.r) == (float(best["optim.lr"]), int(best["lora.r"]))
+    # summary.md's budget line is the ledger's, and its command trains the winner on this sweep's model and data
+    # for the final sweep's steps (the sweep's own trainer.max_steps=3 is not carried).
+    assert f"{format_flops(led.remaining())} FLOPs (" in md and f"spent {format_flops(led.study_spent())} FLOPs" in md
+    line = next(text for text in md.splitlines() if text.startswith("python train.py -m sweep=final best_from="))
+    cfg = compose_train(shlex.split(line)[3:])
+    assert (cfg.optim.lr, cfg.lora.r, cfg.data.context_length, cfg.trainer.max_steps) == (
+        float(best["optim.lr"]), int(best["lora.r"]), 96, 4000)
+    assert cfg.budget.ledger_path == str(ledger) and "simulate" in cfg.data and cfg.trainer.accelerator == "cpu"
 
 
 @pytest.mark.slow

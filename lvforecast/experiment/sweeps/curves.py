@@ -20,11 +20,12 @@ N_COLOURS = 10
 
 
 def short_value(value: Any) -> str:
-    """A setting as a legend shows it: ``0.0001`` -> ``1e-4``, ``1.5e-05`` -> ``1.5e-5``, ``8`` -> ``8``, text as is."""
+    """A setting as a legend shows it: ``0.0001`` -> ``1e-4``, ``1.5e-05`` -> ``1.5e-5``, ``0.03`` -> ``3e-2``,
+    ``0.5`` -> ``0.5``, ``8`` -> ``8``, text as is."""
     v = parse_cell(value) if isinstance(value, str) else value
     if not isinstance(v, float):
         return "" if v is None else str(v)
-    if v and abs(v) < 1e-2:  # %g writes 0.0001 and 0.005 in full; learning rates read better as 1e-4, 5e-3
+    if v and abs(v) < 0.1:  # %g writes 0.0001 and 0.03 in full; learning rates read better as 1e-4, 3e-2
         mantissa, _, exponent = f"{v:.5e}".partition("e")
         return mantissa.rstrip("0").rstrip(".") + f"e{int(exponent)}"
     return f"{v:g}"
@@ -90,7 +91,10 @@ def draw_val_curves(ax: Any, curves: Mapping[int, Curve], labels: Mapping[int, s
         steps, values = zip(*points, strict=True)
         ax.plot(steps, values, color=colour, ls=style, marker="o", ms=3, lw=2.5 if root == best_root else 1.2,
                 label=label)
+    from matplotlib.ticker import MaxNLocator
+
     ax.set(title=title, xlabel="training step (optimizer steps)", ylabel="validation loss (nats/token)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 2.5
     ax.grid(alpha=0.3)
     if joined:
         ax.legend(fontsize=8, ncol=2)

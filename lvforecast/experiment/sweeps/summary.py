@@ -350,9 +350,10 @@ def format_winner(rows: list[dict[str, Any]], jobs: list[list[str]], keys: list[
 
 
 def _percent(part: int, whole: int) -> str:
-    """``part`` in percent of ``whole`` to 2 decimals, ``<0.01%`` for a tiny non-zero share (as Table 12 shows it)."""
+    """``part`` in percent of ``whole`` to 2 decimals; ``<0.01%`` and ``>99.99%`` where rounding would hide that a
+    little is spent (Table 12 shows shares the same way)."""
     pct = 100.0 * part / whole
-    return "<0.01%" if 0 < pct < 0.005 else f"{pct:.2f}%"
+    return "<0.01%" if 0 < pct < 0.005 else ">99.99%" if 99.995 <= pct < 100 else f"{pct:.2f}%"
 
 
 def _flops(value: int | str) -> str:
