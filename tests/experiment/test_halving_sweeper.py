@@ -10,6 +10,7 @@ from test_sweeps import TINY, multirun, read_rows
 
 from lvforecast.budget.ledger import Ledger
 from lvforecast.experiment.sweeps import best_from
+from lvforecast.experiment.sweeps.curves import short_value
 from lvforecast.experiment.sweeps.jobs import configurations
 
 # Three configurations, validation every 2 steps: rung 0 trains all three 2 steps, the best continues to 6.
@@ -20,6 +21,31 @@ HALVING = [*TINY, "sweep=lr_rank", "hydra/sweeper=halving", "hydra.sweeper.min_s
 def test_configurations_are_the_basic_sweepers_product_without_the_rung_keys():
     jobs = configurations(["optim.lr=1e-3,1e-2", "lora.r=2,4", "trainer.max_steps=9", "model=tiny"])
     assert jobs[0] == ["optim.lr=0.001", "lora.r=2", "model=tiny"] and len(jobs) == 4
+
+
+def test_a_continued_halving_job_is_drawn_from_the_last_point_of_the_rung_it_continues():
+    from matplotlib.figure import Figure
+
+    from lvforecast.experiment.sweeps.curves import draw_val_curves
+    from lvforecast.experiment.sweeps.halving import continued_jobs
+
+    # Rung 0: configurations 0, 1, 2 as jobs 0, 1, 2 (2 steps); rung 1: configuration 1 continues as job 3 (to 6).
+    record = {"rungs": [{"jobs": [{"job": 0, "config": 0}, {"job": 1, "config": 1}, {"job": 2, "config": 2}]},
+                        {"jobs": [{"job": 3, "config": 1}]}]}
+    continues = continued_jobs(record)
+    assert continues == {3: 1}
+    # Job 3's own curve starts at the step it resumed from (a validation of the same weights) and runs on.
+    curves = {0: [(0, 3.0), (2, 2.8)], 1: [(0, 3.0), (2, 2.5)], 2: [(0, 3.0), (2, 2.9)], 3: [(2, 2.51), (4, 2.2),
+                                                                                                (6, 2.0)]}
+    labels = {0: "lr=1e-3", 1: "lr=1e-2", 2: "lr=3e-2"}
+    ax = Figure().subplots()
+    draw_val_curves(ax, curves, labels, 3, "halving", continues)
+    lines = ax.get_lines()  # one per job, in job order
+    assert [tuple(p) for p in lines[3].get_xydata()] == [(2, 2.5), (4, 2.2), (6, 2.0)]  # from job 1's last point
+    assert lines[3].get_color() == lines[1].get_color() and len({ln.get_color() for ln in lines[:3]}) == 3
+    assert lines[3].get_linewidth() == lines[1].get_linewidth() > lines[0].get_linewidth()  # the winner's chain
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["lr=1e-3", "lr=1e-2 (best)", "lr=3e-2"]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("training step (optimizer steps)", "validation loss (nats/token)")
 
 
 @pytest.mark.slow
@@ -54,7 +80,7 @@ def test_halving_sweep_continues_survivors_from_their_checkpoints_via_the_launch
     rows = read_rows(sweep / "summary.csv")
     assert [r["rung"] for r in rows] == ["0", "0", "0", "1"] and rows[3]["best"] == "True"
     md = (sweep / "summary.md").read_text()
-    assert "## Successive halving (eta 3)" in md and "Winner: c" in md
     lr = float(next(o for o in winner["overrides"] if o.startswith("optim.lr=")).split("=")[1])
+    assert "## Successive halving (eta 3)" in md and f"Winner: lr={short_value(lr)} (job 3, optim.lr=" in md
     assert best_from(sweep, "optim.lr") == lr
     assert compose_train(["sweep=context_length", f"best_from={sweep}"]).optim.lr == lr

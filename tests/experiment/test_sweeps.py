@@ -7,7 +7,9 @@ anywhere), on the tiny model and the simulated data, each against its own ledger
 from __future__ import annotations
 
 import csv
+import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,7 @@ from conftest import CONF, ROOT, compose_train
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from lvforecast.budget.ledger import Ledger
+from lvforecast.budget.ledger import Ledger, format_flops
 from lvforecast.experiment.sweeps import best_from
 from lvforecast.experiment.train import train
 
@@ -130,6 +132,64 @@ def test_summarize_command_needs_a_sweep_directory(tmp_path, capsys):
     assert "no such directory" in capsys.readouterr().err
 
 
+def _job(sweep: Path, num: int, overrides: list[str], ledger: Ledger, flops: int, val: list[tuple[int, float]]) -> None:
+    """A finished job's directory as a multirun leaves it: job_status.json, run_info.json naming its ledger run
+    (charged ``flops``), metrics.csv with its validation curve."""
+    out = sweep / str(num)
+    out.mkdir(parents=True)
+    run = ledger.open_run(f"lr_rank/{num}", flops, sweep="lr_rank")
+    ledger.charge(run, "train", flops)
+    ledger.finish(run)
+    (out / "job_status.json").write_text(json.dumps({"num": num, "overrides": overrides, "status": "finished",
+                                                     "output_dir": str(out)}))
+    (out / "run_info.json").write_text(json.dumps({"budget": {"run_id": run, "ledger": str(ledger.path)},
+                                                   "final": {"global_step": val[-1][0]}}))
+    (out / "metrics.csv").write_text("step,val/loss\n" + "".join(f"{s},{v}\n" for s, v in val))
+
+
+def test_summary_states_the_budget_left_and_the_command_that_trains_the_winner(tmp_path):
+    from lvforecast.experiment.sweeps.summary import summarize_sweep
+
+    ledger = Ledger(tmp_path / "ledger.sqlite", budget=10**10)
+    earlier = ledger.open_run("earlier", 10**9)  # another run of the same ledger, not of this sweep
+    ledger.charge(earlier, "train", 10**9)
+    ledger.finish(earlier)
+    sweep = tmp_path / "sweep"
+    common = ["sweep=lr_rank", "model=tiny", f"budget.ledger_path={ledger.path}"]
+    _job(sweep, 0, [*common, "optim.lr=1e-05", "lora.r=2"], ledger, 2 * 10**9, [(0, 3.0), (3, 2.5)])
+    _job(sweep, 1, [*common, "optim.lr=0.0001", "lora.r=8"], ledger, 10**9, [(0, 3.0), (3, 2.0)])
+    summarize_sweep(sweep)
+    md = (sweep / "summary.md").read_text()
+    assert "| 2.000e+09 |" in md and "| 1.000e+09 |" in md  # each job's charge, 4 significant figures
+    # Spent 2e9 + 1e9 = 3e9 of the 1e10 budget (30%); left 1e10 - 1e9 (earlier) - 3e9 = 6e9 (60%).
+    assert "Sweep total: 3.000e+09 FLOPs over 2 jobs (2 finished)." in md
+    assert (f"Ledger `{ledger.path}`: this sweep spent 3.000e+09 FLOPs (30.00% of its 1.000e+10 budget); "
+            f"6.000e+09 FLOPs (60.00%) left when this summary was written.") in md
+    # Job 1 has the lower final loss (2.0 < 2.5); its swept lr and rank come from best_from, the rest is carried.
+    line = f"python train.py -m sweep=final best_from={sweep} model=tiny budget.ledger_path={ledger.path}"
+    assert "`best_from` takes job 1 (lr=1e-4, r=8)" in md and f"```bash\n{line}\n```" in md
+    cfg = compose_train(line.split()[3:])  # what the pasted command composes: the winner's settings
+    assert (cfg.optim.lr, cfg.lora.r, cfg.model.loader._target_.rsplit(".", 1)[-1]) == (1e-4, 8, "build_tiny_qwen")
+
+
+def test_jobs_are_labelled_by_the_settings_that_differ_between_them():
+    from lvforecast.experiment.sweeps.curves import labels_by_difference, line_style
+
+    common = {"data.batch_size": 4, "trainer.max_steps": 300}  # the same in every job: not in a label
+    labels = labels_by_difference({0: {"optim.lr": "1e-05", "lora.r": "2", **common},
+                                   1: {"optim.lr": "0.0001", "lora.r": "8", **common},
+                                   2: {"optim.lr": "0.0001", "lora.r": "2", **common}})
+    assert labels == {0: "lr=1e-5, r=2", 1: "lr=1e-4, r=8", 2: "lr=1e-4, r=2"}
+    # Two keys ending alike keep their whole names; equal settings get their job numbers; one job: its number.
+    assert labels_by_difference({0: {"optim.lr": 0.01, "sched.lr": 1}, 1: {"optim.lr": 0.03, "sched.lr": 1.5}}) == {
+        0: "optim.lr=1e-2, sched.lr=1", 1: "optim.lr=3e-2, sched.lr=1.5"}
+    assert labels_by_difference({3: {"lora.r": 2}, 4: {"lora.r": 2}, 5: {"lora.r": 4}}) == {
+        3: "r=2 (job 3)", 4: "r=2 (job 4)", 5: "r=4"}
+    assert labels_by_difference({0: {"lora.r": 2}}) == {0: "job 0"}
+    # 13 jobs (a 9-configuration halving sweep's): no two lines alike; the 11th is the 1st's colour, dashed.
+    assert len({line_style(i) for i in range(13)}) == 13 and line_style(10) == ("C0", "--")
+
+
 @pytest.mark.slow
 def test_context_length_sweep_takes_lr_and_rank_from_best_from_or_overrides(tmp_path):
     _summary(tmp_path / "summary.csv", [{"job": 0, "optim.lr": 1e-4, "lora.r": 8, "data.context_length": 512,
@@ -237,6 +297,14 @@ def test_tiny_lr_rank_sweep_writes_a_row_per_job_summary(sim_cache, tmp_path):
     best = rows[[r["best"] for r in rows].index("True")]
     cfg = compose_train(["sweep=context_length", f"best_from={sweep}"])
     assert (cfg.optim.lr, cfg.lora.r) == (float(best["optim.lr"]), int(best["lora.r"]))
+    # summary.md's budget line is the ledger's, and its command trains the winner on this sweep's model and data
+    # for the final sweep's steps (the sweep's own trainer.max_steps=3 is not carried).
+    assert f"{format_flops(led.remaining())} FLOPs (" in md and f"spent {format_flops(led.study_spent())} FLOPs" in md
+    line = next(text for text in md.splitlines() if text.startswith("python train.py -m sweep=final best_from="))
+    cfg = compose_train(shlex.split(line)[3:])
+    assert (cfg.optim.lr, cfg.lora.r, cfg.data.context_length, cfg.trainer.max_steps) == (
+        float(best["optim.lr"]), int(best["lora.r"]), 96, 4000)
+    assert cfg.budget.ledger_path == str(ledger) and "simulate" in cfg.data and cfg.trainer.accelerator == "cpu"
 
 
 @pytest.mark.slow

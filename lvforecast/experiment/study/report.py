@@ -11,12 +11,14 @@ import numpy as np
 from omegaconf import DictConfig
 
 from lvforecast.atomic import read_state, save_figure, write_text
-from lvforecast.budget.ledger import Ledger
+from lvforecast.budget.ledger import Ledger, format_flops
 from lvforecast.budget.report import format_stages_markdown, plot_report
 from lvforecast.data.encoding import VARIABLES
+from lvforecast.evaluation.baselines import DISPLAY_NAMES
 from lvforecast.evaluation.metrics import TABLED_METRICS
 from lvforecast.experiment.study.spec import Stage
-from lvforecast.experiment.sweeps.summary import SUMMARY_CSV, SUMMARY_MD, draw_val_curves, fmt
+from lvforecast.experiment.sweeps.curves import draw_val_curves
+from lvforecast.experiment.sweeps.summary import SUMMARY_CSV, SUMMARY_MD, continues_of, fmt, job_labels
 from lvforecast.utils import read_metrics_csv
 from lvforecast.validate import markdown_cell
 
@@ -25,25 +27,43 @@ FORECASTS_PNG, RUNNING_PNG = "forecasts.png", "running_mse.png"
 
 
 def _evaluations_table(stages: list[Stage], done: dict[str, dict[str, Any]]) -> list[str]:
-    """Model vs model: each evaluation stage's headline metrics (encoded units, mean / median over systems)."""
-    rows = []
+    """Each evaluation stage's model against the baselines it ran (from its ``metrics.json``), headline metrics in
+    encoded units; a baseline whose numbers several evaluations share (the same test systems) is one row naming them
+    all. Anything else in ``metrics.json`` (e.g. paired statistics) is left to each evaluation's own report."""
+    models, baselines = [], {}
     for stage in stages:
         path = Path(done.get(stage.name, {}).get("run_dir", "")) / "metrics.json"
         if stage.kind != "evaluate" or not path.is_file():
             continue
         summary = read_state(path, f"evaluate again into {path.parent} (or delete {path.parent.parent / 'stage.json'} "
                                    f"and run the study again)")
-        m = summary["methods"]["model"]["encoded"]["all"]
-        cells = [f"{fmt(m[k][v]['mean'], '.4g')} / {fmt(m[k][v]['median'], '.4g')}" for k in TABLED_METRICS
-                 for v in VARIABLES]
-        model = markdown_cell(stage.of or "untrained (zero-shot)")
-        rows.append(f"| {markdown_cell(stage.name)} | {model} | " + " | ".join(cells)
-                    + f" | {summary['parse_failures']} | {summary['flops_generate']:.3e} |")
-    if not rows:
+        methods = {k: m for k, m in summary["methods"].items() if isinstance(m, dict) and "encoded" in m}
+        n = len(summary.get("systems", []))
+        who = DISPLAY_NAMES["zero_shot"] if not stage.of else f"{DISPLAY_NAMES['model']} trained by `{stage.of}`"
+        models.append(f"| {markdown_cell(stage.name)} | {markdown_cell(who)} | {n} | {_metric_cells(methods['model'])}"
+                      f" | {summary['parse_failures']} | {format_flops(summary['flops_generate'])} |")
+        for name, method in methods.items():
+            if name != "model":
+                baselines.setdefault((name, n, _metric_cells(method)), []).append(stage.name)
+    if not models:
         return []
-    return ["", "## Evaluations (encoded units, mean / median over test systems)", "",
-            "| stage | model | " + " | ".join(f"{k.upper()} {v}" for k in TABLED_METRICS for v in VARIABLES)
-            + " | parse failures | FLOPs |", "|---|---|" + "---:|" * (2 * len(TABLED_METRICS) + 2), *rows]
+    rows = models + [f"| {markdown_cell(', '.join(names))} | {markdown_cell(DISPLAY_NAMES.get(name, name))} | {n} | "
+                     f"{cells} | n/a | n/a |" for (name, n, cells), names in baselines.items()]
+    return ["", "## Evaluations: the model against the baselines", "",
+            "MSE and MAE in encoded units (each series divided by its scale from its context), MAPE a fraction "
+            "(no unit); mean / median over the test systems. FLOPs: the model's generation, as charged (the "
+            "baselines charge none).", "",
+            "| evaluation stage | method | systems | "
+            + " | ".join(f"{k.upper()} {v}" for k in TABLED_METRICS for v in VARIABLES)
+            + " | parse failures | generation FLOPs |", "|---|---|---:|" + "---:|" * (2 * len(TABLED_METRICS) + 2),
+            *rows]
+
+
+def _metric_cells(method: dict[str, Any]) -> str:
+    """A method's ``mean / median`` cells of :data:`TABLED_METRICS` per variable, encoded units."""
+    m = method["encoded"]["all"]
+    return " | ".join(f"{fmt(m[k][v]['mean'], '.4g')} / {fmt(m[k][v]['median'], '.4g')}" for k in TABLED_METRICS
+                      for v in VARIABLES)
 
 
 def _stage_section(out: Path, stage: Stage, record: dict[str, Any]) -> list[str]:
@@ -71,7 +91,7 @@ def write_study_report(cfg: DictConfig, stages: list[Stage], done: dict[str, dic
     lines = [f"# Study `{cfg.study.name}`", "", f"Study directory `{out}`, ledger `{cfg.study.ledger_path}`.", "",
              "## Plan (before any stage ran)", "", "| stage | kind | jobs | planned FLOPs | note |",
              "|---|---|---:|---:|---|"]
-    lines += [f"| {markdown_cell(p['stage'])} | {p['kind']} | {p['jobs']} | {p['flops']:.4e} | "
+    lines += [f"| {markdown_cell(p['stage'])} | {p['kind']} | {p['jobs']} | {format_flops(p['flops'])} | "
               f"{markdown_cell(p['note'])} |" for p in plan]
     lines += _evaluations_table(stages, done)
     for stage in stages:
@@ -103,21 +123,26 @@ def _plot_curves(path: Path, stages: list[Stage], done: dict[str, dict[str, Any]
     fig = Figure(figsize=(5 * len(trained), 4), layout="constrained")
     for ax, stage in zip(fig.subplots(1, len(trained), squeeze=False)[0], trained, strict=True):
         with open(Path(done[stage.name]["sweep_dir"]) / SUMMARY_CSV, newline="") as fh:
-            run_dirs = {int(job["job"]): job["run_dir"] for job in csv.DictReader(fh)}
+            rows = list(csv.DictReader(fh))
+        run_dirs = {int(job["job"]): job["run_dir"] for job in rows}
         metrics = {num: Path(run) / "metrics.csv" for num, run in run_dirs.items()}
         curves = {num: read_metrics_csv(file).get("val/loss") for num, file in metrics.items() if file.is_file()}
         chosen = next((num for num, run in run_dirs.items() if run == done[stage.name]["run_dir"]), None)
-        draw_val_curves(ax, {num: val for num, val in curves.items() if val}, {}, chosen, stage.name)
+        draw_val_curves(ax, {num: val for num, val in curves.items() if val}, job_labels(rows), chosen,
+                        f"stage {stage.name}", continues_of(rows))
     save_figure(fig, path, dpi=110)
     return True
 
 
 def _plot_forecasts(forecasts_png: Path, running_png: Path, evals: list[tuple[str, Path]]) -> None:
     """``forecasts.png``: the example systems' truth and every evaluation's forecast, a row per variable, a column
-    per system; ``running_mse.png``: each evaluation's running MSE (encoded units), mean over the example systems."""
+    per system (its behaviour class in the title where the evaluation's ``per_system.csv`` has it);
+    ``running_mse.png``: each evaluation's running MSE (encoded units), mean over the example systems."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     loaded = [(name, np.load(path)) for name, path in evals]
+    classes = _classes(evals[0][1].parent / "per_system.csv")
     first = loaded[0][1]
     systems = [int(s) for s in first["systems"]]
     shown = [int(s) for s in first["examples"] if int(s) in systems] or systems[:4]
@@ -134,8 +159,11 @@ def _plot_forecasts(forecasts_png: Path, running_png: Path, evals: list[tuple[st
                 for k in np.flatnonzero(data["systems"] == system):  # none where this evaluation skipped it
                     ax.plot(t[context:context + data["forecast"].shape[1]], data["forecast"][k, :, row], ls="--",
                             lw=1.3, label=name)
-            ax.axvline(context - 0.5, color="grey", lw=0.8)
-            ax.set_title(f"system {system}, {var}", fontsize=9)
+            ax.axvline(context - 0.5, color="grey", lw=0.8)  # context | forecast
+            kind = f" ({classes[system]})" if system in classes else ""
+            ax.set_title(f"system {system}{kind}, {var}", fontsize=9)
+            ax.set(xlabel="time step (grey line: forecast starts)", ylabel=f"{var} (original units)")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0][0].legend(fontsize=7)
     save_figure(fig, forecasts_png, dpi=110)
 
@@ -146,6 +174,15 @@ def _plot_forecasts(forecasts_png: Path, running_png: Path, evals: list[tuple[st
             running = data["running_mse"][np.isin(data["systems"], shown), :, j].mean(axis=0)
             ax.plot(np.arange(1, running.size + 1), running, marker="o", ms=3, label=name)
         ax.set_title(f"running MSE, {var} (mean over the example systems)", fontsize=9)
-        ax.set(xlabel="forecast step", yscale="log")
+        ax.set(xlabel="forecast horizon (steps)", ylabel="running MSE (encoded units)", yscale="log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
     save_figure(fig, running_png, dpi=110)
+
+
+def _classes(per_system: Path) -> dict[int, str]:
+    """``{system: behaviour class}`` from an evaluation's ``per_system.csv``; empty where it has none."""
+    if not per_system.is_file():
+        return {}
+    with open(per_system, newline="") as fh:
+        return {int(r["system"]): r["class"] for r in csv.DictReader(fh) if r.get("class")}

@@ -79,3 +79,16 @@ class Halving:
         except ValueError as err:
             raise UserError(f"hydra.sweeper (min_steps={self.min_steps}, eta={self.eta}, "
                             f"max_steps={self.max_steps}): {err}") from err
+
+
+def continued_jobs(record: Mapping[str, Any]) -> dict[int, int]:
+    """``{job: the job it continued}`` of a ``halving.json`` record: a configuration's job in a later rung resumed
+    that configuration's job of the rung before, from its ``checkpoints/last.ckpt``."""
+    last: dict[int, int] = {}  # configuration -> its latest job so far
+    continues = {}
+    for rung in record["rungs"]:
+        for job in rung["jobs"]:
+            if job["config"] in last:
+                continues[job["job"]] = last[job["config"]]
+            last[job["config"]] = job["job"]
+    return continues

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,13 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lvforecast.atomic import read_state, save_figure, write_csv, write_text
-from lvforecast.budget.ledger import Ledger
+from lvforecast.budget.ledger import Ledger, format_flops
 from lvforecast.budget.status import COMPLETED, RunStatus
 from lvforecast.errors import UserError
 from lvforecast.experiment.runconfig import read_run_config
-from lvforecast.experiment.sweeps.halving import HALVING_FILE
-from lvforecast.experiment.sweeps.jobs import PLAN_CSV, STATUS_FILE, STUDY_KEYS, job_values, varying_keys
+from lvforecast.experiment.sweeps.curves import draw_val_curves, labels_by_difference, root_job
+from lvforecast.experiment.sweeps.halving import HALVING_FILE, continued_jobs
+from lvforecast.experiment.sweeps.jobs import PLAN_CSV, RUNG_KEYS, STATUS_FILE, STUDY_KEYS, job_values, varying_keys
 from lvforecast.tracking.results import log_sweep_summary
 from lvforecast.utils import parse_cell, read_metrics_csv
 from lvforecast.validate import markdown_cell
@@ -32,6 +34,10 @@ SUMMARY_CSV, SUMMARY_MD, CURVES_PNG = "summary.csv", "summary.md", "val_loss_cur
 STATUS_FIX = "delete it (the job is then listed as not run) and run the same sweep command again to redo the job"
 RUN_SECTIONS = (*STUDY_KEYS, "budget.ledger_path", "sweep_name")  # all a row reads of a job's config
 RESOLVER = "lv_best"
+# Overrides that name this sweep, its stage or a rung rather than the winner's model and data: left out of the
+# command that trains the winner (the sweep file it runs sets its own name and steps).
+NOT_CARRIED = ("sweep", "best_from", "sweep_name", "tags", "budget.stage", "budget.run_name",
+               "logger.wandb.job_type", *RUNG_KEYS)
 
 
 class SweepSummary(Callback):
@@ -142,37 +148,62 @@ def summarize_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
     keys = halving["params"] if halving else varying_keys(jobs) if jobs else []
     rows = []
     curves: dict[int, list[tuple[int, float]]] = {}
+    ledgers: dict[int, str] = {}
     for num, job in enumerate(jobs):
         record = found.get(num, {"status": RunStatus.MISSING, "output_dir": str(sweep_dir / str(num)),
                                  "error": f"not run: no {STATUS_FILE} (the job never started, or was killed before "
                                           f"it could record how it ended)"})
-        rows.append(_job_row(num, job, keys, record, curves))
+        rows.append(_job_row(num, job, keys, record, curves, ledgers))
     finished = [r for r in rows if r["status"] in COMPLETED and r["final_val_loss"] != ""]
     best = min(finished, key=lambda r: r["final_val_loss"])["job"] if finished else None
+    continues = continued_jobs(halving) if halving else {}
     if halving:  # the winner is the last rung's best, not the lowest loss of any rung
         rung_of = {j["job"]: r["rung"] for r in halving["rungs"] for j in r["jobs"]}
         for r in rows:
-            r["rung"] = rung_of.get(r["job"], "")
+            r["rung"], r["continues"] = rung_of.get(r["job"], ""), continues.get(r["job"], "")
         best = halving.get("winner", {}).get("job")
     for r in rows:
         r["best"] = r["job"] == best
+    labels = job_labels(rows)
     write_csv(sweep_dir / SUMMARY_CSV, rows)
     write_text(sweep_dir / SUMMARY_MD, format_summary(rows, keys, sweep_dir)
-               + (format_rungs(halving, rows) if halving else ""))
+               + (format_rungs(halving, rows, labels) if halving else "")
+               + format_budget(rows, ledgers) + format_winner(rows, jobs, keys, labels, sweep_dir))
     from matplotlib.figure import Figure
 
-    labels = {r["job"]: f"job {r['job']}: " + ", ".join(f"{k.rsplit('.', 1)[-1]}={r[k]}" for k in keys) for r in rows}
     fig = Figure(figsize=(8, 4.5))
     draw_val_curves(fig.subplots(), curves, labels, best,
-                    f"validation loss per job: {sweep_dir.parent.name}/{sweep_dir.name}")
+                    f"validation loss per job: {sweep_dir.parent.name}/{sweep_dir.name}", continues)
     fig.tight_layout()
     save_figure(fig, sweep_dir / CURVES_PNG, dpi=120)
     return rows
 
 
+def settings_of(row: dict[str, Any]) -> dict[str, Any]:
+    """A summary row's settings: its columns from after ``job`` to before ``final_val_loss`` (the sweep's keys, then
+    :data:`STUDY_KEYS`), those a halving rung sets left out (they differ by rung, not by configuration)."""
+    columns = list(row)
+    settings = {k: row[k] for k in columns[columns.index("job") + 1:columns.index("final_val_loss")]}
+    return {k: v for k, v in settings.items() if "rung" not in row or k not in RUNG_KEYS}
+
+
+def continues_of(rows: list[dict[str, Any]]) -> dict[int, int]:
+    """``{job: the job it continued}`` from summary rows' ``continues`` column (halving; none in a grid's rows)."""
+    return {int(r["job"]): int(r["continues"]) for r in rows if r.get("continues") not in ("", None)}
+
+
+def job_labels(rows: list[dict[str, Any]]) -> dict[int, str]:
+    """Each job of summary ``rows`` (in memory or read back from ``summary.csv``) named by the settings that differ
+    between configurations; a continued job by the first job of its chain, whose configuration it is."""
+    continues = continues_of(rows)
+    labels = labels_by_difference({int(r["job"]): settings_of(r) for r in rows if int(r["job"]) not in continues})
+    return {int(r["job"]): labels[root_job(int(r["job"]), continues)] for r in rows}
+
+
 def _job_row(num: int, job: list[str], keys: list[str], record: dict[str, Any],
-             curves: dict[int, list[tuple[int, float]]]) -> dict[str, Any]:
-    """One summary row from a job's directory; its validation curve goes into ``curves[num]``."""
+             curves: dict[int, list[tuple[int, float]]], ledgers: dict[int, str]) -> dict[str, Any]:
+    """One summary row from a job's directory; its validation curve goes into ``curves[num]``, the path of the ledger
+    that charged it into ``ledgers[num]``."""
     out = Path(record["output_dir"])
     fix = f"restore the job's files, or move {out} aside (the job is then listed as not run)"
     info = read_state(out / "run_info.json", fix) if (out / "run_info.json").is_file() else {}
@@ -187,22 +218,28 @@ def _job_row(num: int, job: list[str], keys: list[str], record: dict[str, Any],
     steps = final.get("global_step", record.get("step") if record.get("step") is not None else "")
     tokens = steps * cfg.data.batch_size * cfg.data.context_length if steps != "" and "data" in cfg else None
     fit_s = info.get("fit_seconds")
+    ledgers[num] = _ledger_path(info, cfg)
     row: dict[str, Any] = {"job": num, **job_values(job, keys)}
     return {**row, **{k: OmegaConf.select(cfg, k, default="") for k in STUDY_KEYS if k not in row},
             "final_val_loss": val[-1][1] if val else "",
             "best_val_loss": min(v for _, v in val) if val else "",
             "steps": steps,
-            "flops": _job_flops(info, cfg, record),
+            "flops": _job_flops(info, cfg, record, ledgers[num]),
             "train_tokens_per_s": round(tokens / fit_s, 1) if tokens and fit_s else "",
             "status": status,
             "error": record.get("error", ""),
             "run_dir": str(out)}
 
 
-def _job_flops(info: dict[str, Any], cfg: DictConfig, record: dict[str, Any]) -> int | str:
-    """FLOPs the ledger charged to the job's run (found by run id, else by sweep and name)."""
+def _ledger_path(info: dict[str, Any], cfg: DictConfig) -> str:
+    """The job's ledger file (its config's, else its run_info's); "" when neither names an existing file."""
     path = OmegaConf.select(cfg, "budget.ledger_path") or info.get("budget", {}).get("ledger")
-    if not path or not Path(path).is_file():
+    return str(path) if path and Path(path).is_file() else ""
+
+
+def _job_flops(info: dict[str, Any], cfg: DictConfig, record: dict[str, Any], path: str) -> int | str:
+    """FLOPs the ledger at ``path`` charged to the job's run (found by run id, else by sweep and name)."""
+    if not path:
         return ""
     ledger = Ledger(path, budget=None)
     run_id = info.get("budget", {}).get("run_id")
@@ -226,12 +263,12 @@ def format_summary(rows: list[dict[str, Any]], keys: list[str], sweep_dir: Path)
         loss = f"**{loss}** (best)" if r["best"] else loss
         status = markdown_cell(r["status"] + (f": {r['error']}" if r["error"] else ""))
         lines.append(f"| {r['job']} | " + " | ".join(markdown_cell(r[k]) for k in keys)
-                     + f" | {loss} | {fmt(r['best_val_loss'], '.4f')} | {r['steps']} | {fmt(r['flops'], '.3e')} | "
+                     + f" | {loss} | {fmt(r['best_val_loss'], '.4f')} | {r['steps']} | {_flops(r['flops'])} | "
                      f"{r['train_tokens_per_s']} | {status} |")
     if len(keys) == 2:
         lines += ["", _grid(rows, keys)]
     total = sum(r["flops"] for r in rows if isinstance(r["flops"], int))
-    lines += ["", f"Sweep total: {total:.4e} FLOPs over {len(rows)} jobs "
+    lines += ["", f"Sweep total: {format_flops(total)} FLOPs over {len(rows)} jobs "
               f"({sum(r['status'] in COMPLETED for r in rows)} finished)."]
     if stopped := [r for r in rows if r["status"] == RunStatus.INTERRUPTED]:
         not_run = [str(r["job"]) for r in rows if r["status"] == RunStatus.MISSING]
@@ -254,39 +291,76 @@ def _grid(rows: list[dict[str, Any]], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
-def format_rungs(halving: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    """Markdown: every rung of a successive-halving sweep (configurations, losses, FLOPs, survivors), the winner."""
+def format_rungs(halving: dict[str, Any], rows: list[dict[str, Any]], labels: dict[int, str]) -> str:
+    """Markdown: every rung of a successive-halving sweep (configurations named by ``labels`` of their jobs, losses,
+    FLOPs, survivors), the winner."""
     by_job = {r["job"]: r for r in rows}
+    jobs = [j for rung in halving["rungs"] for j in rung["jobs"]]
+    name = {j["config"]: markdown_cell(labels.get(j["job"], f"configuration {j['config']}")) for j in jobs}
     lines = ["", f"## Successive halving (eta {halving['eta']})", "",
-             "| rung | steps | configurations (job: loss) | FLOPs | survivors |", "|---:|---:|---|---:|---|"]
+             "| rung | steps | configurations (job): final val loss | FLOPs | survivors |", "|---:|---:|---|---:|---|"]
     for rung in halving["rungs"]:
-        losses = ", ".join(f"c{j['config']} (job {j['job']}): {fmt(j['val_loss'], '.4f') or 'failed'}"
+        losses = "; ".join(f"{name[j['config']]} (job {j['job']}): {fmt(j['val_loss'], '.4f') or 'failed'}"
                            for j in rung["jobs"])
         flops = sum(by_job[j["job"]]["flops"] for j in rung["jobs"]
                     if j["job"] in by_job and isinstance(by_job[j["job"]]["flops"], int))
-        lines.append(f"| {rung['rung']} | {rung['steps']} | {losses} | {flops:.3e} | "
-                     f"{', '.join(f'c{k}' for k in rung['survivors'])} |")
+        lines.append(f"| {rung['rung']} | {rung['steps']} | {losses} | {format_flops(flops)} | "
+                     f"{'; '.join(name[k] for k in rung['survivors'])} |")
     if winner := halving.get("winner"):
-        lines += ["", f"Winner: c{winner['config']} (job {winner['job']}, "
+        lines += ["", f"Winner: {name[winner['config']]} (job {winner['job']}, "
                   f"{' '.join(o for o in winner['overrides'] if o.partition('=')[0] in halving['params'])}), "
                   f"final validation loss {fmt(winner['val_loss'], '.4f')}."]
     return "\n".join(lines) + "\n"
 
 
+def format_budget(rows: list[dict[str, Any]], ledgers: dict[int, str]) -> str:
+    """Markdown: per ledger that charged the sweep's jobs (``ledgers``: job -> path), what the jobs spent and what
+    the ledger has left now, in FLOPs and in percent of its budget."""
+    lines = ["", "## Budget", ""]
+    for path in dict.fromkeys(p for p in ledgers.values() if p):
+        ledger = Ledger(path, budget=None)
+        spent = sum(r["flops"] for r in rows if ledgers.get(r["job"]) == path and isinstance(r["flops"], int))
+        left = ledger.remaining()  # less other runs' charges and the reservations of runs still running
+        lines.append(f"Ledger `{path}`: this sweep spent {format_flops(spent)} FLOPs "
+                     f"({_percent(spent, ledger.budget)} of its {format_flops(ledger.budget)} budget); "
+                     f"{format_flops(left)} FLOPs ({_percent(left, ledger.budget)}) left when this summary was "
+                     f"written.")
+    if len(lines) == 3:
+        lines.append("No job recorded a ledger: what is left of the budget is unknown.")
+    return "\n".join(lines) + "\n"
+
+
+def format_winner(rows: list[dict[str, Any]], jobs: list[list[str]], keys: list[str], labels: dict[int, str],
+                  sweep_dir: Path) -> str:
+    """Markdown: the command that trains the job ``best_from`` takes (``sweep=final best_from=<this sweep>``, with
+    the winner's other overrides but those in :data:`NOT_CARRIED`), ready to paste."""
+    best = next((r for r in rows if r["best"]), None)
+    if best is None:
+        return "\nNo finished job with a validation loss: nothing for `best_from` to take.\n"
+    carried = [o for o in jobs[best["job"]] if o.partition("=")[0].lstrip("+~") not in (*keys, *NOT_CARRIED)]
+    command = shlex.join(["python", "train.py", "-m", "sweep=final", f"best_from={Path(sweep_dir).resolve()}",
+                          *carried])
+    label = labels.get(best["job"], "")
+    named = f"job {best['job']}" + (f" ({label})" if label and not label.startswith("job ") else "")
+    return "\n".join(["", "## Train the winner", "",
+                      f"`best_from` takes {named}: its learning rate, rank and context length. `sweep=final` trains "
+                      f"them for the steps its file sets, with the sweep's other overrides:", "",
+                      "```bash", command, "```", "",
+                      "`sweep=context_length best_from=...` takes the learning rate and rank only."]) + "\n"
+
+
+def _percent(part: int, whole: int) -> str:
+    """``part`` in percent of ``whole`` to 2 decimals; ``<0.01%`` and ``>99.99%`` where rounding would hide that a
+    little is spent (Table 12 shows shares the same way)."""
+    pct = 100.0 * part / whole
+    return "<0.01%" if 0 < pct < 0.005 else ">99.99%" if 99.995 <= pct < 100 else f"{pct:.2f}%"
+
+
+def _flops(value: int | str) -> str:
+    """A job's FLOPs by :func:`format_flops`; ``""`` where the ledger charged it nothing it could find."""
+    return format_flops(value) if isinstance(value, int) else ""
+
+
 def fmt(value: Any, spec: str) -> str:
     """``value`` formatted with ``spec`` (e.g. ``".4f"``); ``""`` for a missing value (``""``, None) or NaN."""
     return "" if value in ("", None) or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-
-
-def draw_val_curves(ax: Any, curves: dict[int, list[tuple[int, float]]], labels: dict[int, str],
-                    best: int | None, title: str) -> None:
-    """Each job's validation loss against its optimizer step on ``ax``, job ``best`` drawn thicker, under ``title``."""
-    for num, points in sorted(curves.items()):
-        steps, values = zip(*points, strict=True)
-        ax.plot(steps, values, marker="o", ms=3, lw=2.5 if num == best else 1.2,
-                label=labels.get(num, f"job {num}") + (" (best)" if num == best else ""))
-    ax.set(title=title, xlabel="optimizer step", ylabel="validation loss (nats/token)")
-    ax.grid(alpha=0.3)
-    if curves:
-        ax.legend(fontsize=8, ncol=2)
-
