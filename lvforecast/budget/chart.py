@@ -12,7 +12,8 @@ from typing import Any
 
 from lvforecast.atomic import save_figure
 from lvforecast.budget.ledger import format_flops as _fmt
-from lvforecast.budget.view import fmt_share, fold, folded_line, stage_label
+from lvforecast.budget.ledger import format_share as fmt_share
+from lvforecast.budget.view import fold, folded_line, stage_label
 
 PARTS = {"train": ("training", "tab:blue"), "val": ("validation", "tab:orange"),
          "inference": ("inference", "tab:green")}

@@ -88,6 +88,13 @@ def format_flops(x: float) -> str:
     return f"{x:.3e}"
 
 
+def format_share(share: float) -> str:
+    """A share of the budget in percent to 2 decimals; ``<0.01%`` and ``>99.99%`` where rounding would hide that a
+    little is spent or left."""
+    pct = 100.0 * share
+    return "<0.01%" if 0 < pct < 0.005 else ">99.99%" if 99.995 <= pct < 100 else f"{pct:.2f}%"
+
+
 class Ledger:
     """The study's FLOP ledger (see the module docstring for the contract).
 

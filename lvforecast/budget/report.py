@@ -12,7 +12,8 @@ from lvforecast.atomic import write_text
 from lvforecast.budget.chart import plot_report
 from lvforecast.budget.ledger import SPEND_COLUMNS, Ledger
 from lvforecast.budget.ledger import format_flops as _fmt
-from lvforecast.budget.view import fmt_share, fold, folded_line, stage_label, totals_line
+from lvforecast.budget.ledger import format_share as fmt_share
+from lvforecast.budget.view import fold, folded_line, stage_label, totals_line
 from lvforecast.validate import markdown_cell
 
 REPORT_MD = "report.md"

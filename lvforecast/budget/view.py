@@ -10,6 +10,7 @@ from typing import Any
 
 from lvforecast.budget.ledger import SPEND_COLUMNS
 from lvforecast.budget.ledger import format_flops as _fmt
+from lvforecast.budget.ledger import format_share as fmt_share
 from lvforecast.budget.status import RunStatus
 from lvforecast.errors import UserError
 
@@ -17,12 +18,6 @@ NO_STAGE = "(no stage)"
 # Runs that ended without a result; when they also spent nothing, each one is noise in the report (a mistyped
 # override, a plan refused by the budget), so they are counted on one line instead of listed.
 FOLDED = (RunStatus.REFUSED, RunStatus.FAILED, RunStatus.CRASHED, RunStatus.INTERRUPTED, RunStatus.DIVERGED)
-
-
-def fmt_share(share: float) -> str:
-    """A share of the budget in percent, ``<0.01%`` for tiny non-zero shares."""
-    pct = 100.0 * share
-    return "<0.01%" if 0 < pct < 0.005 else f"{pct:.2f}%"
 
 
 def stage_label(stage: dict[str, Any]) -> str:

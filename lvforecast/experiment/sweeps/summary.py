@@ -17,7 +17,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lvforecast.atomic import read_state, save_figure, write_csv, write_text
-from lvforecast.budget.ledger import Ledger, format_flops
+from lvforecast.budget.ledger import Ledger, format_flops, format_share
 from lvforecast.budget.status import COMPLETED, RunStatus
 from lvforecast.errors import UserError
 from lvforecast.experiment.runconfig import read_run_config
@@ -322,8 +322,8 @@ def format_budget(rows: list[dict[str, Any]], ledgers: dict[int, str]) -> str:
         spent = sum(r["flops"] for r in rows if ledgers.get(r["job"]) == path and isinstance(r["flops"], int))
         left = ledger.remaining()  # less other runs' charges and the reservations of runs still running
         lines.append(f"Ledger `{path}`: this sweep spent {format_flops(spent)} FLOPs "
-                     f"({_percent(spent, ledger.budget)} of its {format_flops(ledger.budget)} budget); "
-                     f"{format_flops(left)} FLOPs ({_percent(left, ledger.budget)}) left when this summary was "
+                     f"({format_share(spent / ledger.budget)} of its {format_flops(ledger.budget)} budget); "
+                     f"{format_flops(left)} FLOPs ({format_share(left / ledger.budget)}) left when this summary was "
                      f"written.")
     if len(lines) == 3:
         lines.append("No job recorded a ledger: what is left of the budget is unknown.")
@@ -347,13 +347,6 @@ def format_winner(rows: list[dict[str, Any]], jobs: list[list[str]], keys: list[
                       f"them for the steps its file sets, with the sweep's other overrides:", "",
                       "```bash", command, "```", "",
                       "`sweep=context_length best_from=...` takes the learning rate and rank only."]) + "\n"
-
-
-def _percent(part: int, whole: int) -> str:
-    """``part`` in percent of ``whole`` to 2 decimals; ``<0.01%`` and ``>99.99%`` where rounding would hide that a
-    little is spent (Table 12 shows shares the same way)."""
-    pct = 100.0 * part / whole
-    return "<0.01%" if 0 < pct < 0.005 else ">99.99%" if 99.995 <= pct < 100 else f"{pct:.2f}%"
 
 
 def _flops(value: int | str) -> str:
