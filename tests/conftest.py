@@ -29,6 +29,17 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get
 import forked  # noqa: E402
 
 
+def forecast_defaults() -> Any:
+    """conf/evaluate.yaml's forecast node as a partial of ``forecast``: the settings a direct call starts from
+    (its context and horizon steps read the data group's, as in a composed config)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.merge({"data": OmegaConf.load(CONF / "data" / "lotka_volterra.yaml")},
+                          OmegaConf.load(CONF / "evaluate.yaml"))
+    return instantiate(cfg.forecast)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Put every ``smollm2`` test in the slow tier (loading the 135M model takes seconds, dequantizing ~20 s), and
     skip ``gpu`` tests on a machine without CUDA."""

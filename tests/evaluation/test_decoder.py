@@ -7,9 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import CONF, tiny_with_adapter
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from conftest import forecast_defaults, tiny_with_adapter
 
 from lvforecast.budget.formulas import generation_flops
 from lvforecast.budget.shapes import BUILTIN, HEADS, Conventions, LoRASpec
@@ -27,7 +25,7 @@ from lvforecast.model.heads import decoder_stack
 from lvforecast.model.loading import build_tiny_qwen
 
 CONTEXT, HORIZON = 12, 4
-DEFAULTS = instantiate(OmegaConf.load(CONF / "evaluate.yaml").forecast)
+DEFAULTS = forecast_defaults()
 #: Today's decoding: the whole vocabulary, masked, through ``model.generate`` with the grammar processor.
 REFERENCE = {"head": "full", "decoder": "generate"}
 SCALES = [0.5, 0.05, 0.5, 0.05, 0.5]  # one- and two-digit numbers: prompts of different lengths, so padding

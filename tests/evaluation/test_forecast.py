@@ -8,9 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import CONF
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from conftest import forecast_defaults
 
 from lvforecast.budget.formulas import generation_flops
 from lvforecast.budget.shapes import Conventions, shape_of
@@ -28,7 +26,7 @@ from lvforecast.model.loading import build_tiny_qwen
 
 CONTEXT, HORIZON = 12, 4
 #: conf/evaluate.yaml's forecast node: the settings every call below starts from (the study's 3 decimals).
-DEFAULTS = instantiate(OmegaConf.load(CONF / "evaluate.yaml").forecast)
+DEFAULTS = forecast_defaults()
 
 
 def forecast(*args, **overrides):
