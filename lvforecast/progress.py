@@ -35,7 +35,7 @@ class Progress:
         self.total, self.desc, self.unit = int(total), desc, unit
         self.n, self.note = 0, ""
         self.start = self._logged_at = monotonic()
-        self._lines = 0
+        self._lines, self._shown = 0, (-1, "")  # lines logged; (n, note) of the last
         isatty = getattr(stream, "isatty", None)
         self.bar = tqdm(total=self.total, desc=desc, unit=unit, file=stream, dynamic_ncols=True, leave=True) \
             if isatty is not None and isatty() else None
@@ -63,10 +63,11 @@ class Progress:
             self._log()
 
     def close(self) -> None:
-        """End the bar, or log the last line where an earlier one was logged (the reader saw the work start)."""
+        """End the bar, or log the last line where an earlier one was logged (the reader saw the work start) and
+        showed less."""
         if self.bar is not None:
             self.bar.close()
-        elif self._lines:
+        elif self._lines and self._shown != (self.n, self.note):
             self._log()
 
     def line(self) -> str:
@@ -84,5 +85,5 @@ class Progress:
 
     def _log(self) -> None:
         log.info("%s", self.line())
-        self._lines += 1
+        self._lines, self._shown = self._lines + 1, (self.n, self.note)
         self._logged_at = monotonic()

@@ -52,3 +52,12 @@ def test_on_a_terminal_a_tqdm_bar_and_no_log_lines(caplog):
         bar.advance_to(4, "systems 2/2")
     assert "forecasting: 100%" in stream.getvalue() and "4/4" in stream.getvalue()
     assert "systems 2/2" in stream.getvalue() and caplog.records == []
+
+
+def test_the_closing_line_is_not_a_repeat_of_the_last(monkeypatch, caplog):
+    caplog.set_level("INFO", logger="lvforecast.progress")
+    # start 0; the one update at 12 s is a line (its text and its time read the clock again); closing adds none
+    _clock(monkeypatch, [0.0, 12.0, 12.0, 12.0])
+    with Progress(2, "rm_fit", "system", stream=io.StringIO()) as bar:
+        bar.advance_to(2)
+    assert [r.getMessage() for r in caplog.records] == ["rm_fit: system 2 of 2 (100%), done in 00:12"]

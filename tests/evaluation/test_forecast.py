@@ -271,7 +271,7 @@ def test_one_batch_logs_progress_per_decode_step(tiny, series, decoder, head, mo
     lines = [r.getMessage() for r in caplog.records if r.name == "lvforecast.progress"]
     bound, steps = res.max_new_tokens, max(len(t) for t in res.texts)  # one token per character
     counts = [int(line.split(" of ")[0].rsplit(" ", 1)[1]) for line in lines]
-    # 0 at the start, each of the batch's decode steps, the batch's end (its bound), and the closing line again.
-    assert counts == [0, *range(1, steps + 1), bound, bound], lines
+    # 0 at the start, each of the batch's decode steps, then the batch's end (its bound, both systems done).
+    assert counts == [0, *range(1, steps + 1), bound], lines
     assert lines[0].startswith(f"forecasting: step 0 of {bound} (0%), systems 0/2, ")
     assert lines[-1].startswith(f"forecasting: step {bound} of {bound} (100%), systems 2/2, ")
