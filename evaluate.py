@@ -16,7 +16,7 @@ from lvforecast.utils import quiet_logs
 def main(cfg: DictConfig) -> None:
     """Run one evaluation; everything lands in Hydra's output directory (a multirun records each job)."""
     logging.getLogger("lvforecast").setLevel(logging.INFO)
-    quiet_logs()  # known-harmless warnings off (docs/configuration.md#quiet-logs)
+    quiet_logs()  # known-harmless warnings off (docs/configuration.md#progress-and-quiet-logs)
     run_recorded(cfg, evaluate)
 
 

@@ -22,7 +22,7 @@ from lvforecast.utils import quiet_logs
 def main(cfg: DictConfig) -> None:
     """Run (or with ``dry_run=true`` plan) the study ``cfg.study``."""
     logging.getLogger("lvforecast").setLevel(logging.INFO)
-    quiet_logs()  # known-harmless warnings off (docs/configuration.md#quiet-logs)
+    quiet_logs()  # known-harmless warnings off (docs/configuration.md#progress-and-quiet-logs)
     write_hydra_files(Path(HydraConfig.get().runtime.output_dir), cfg)  # this launch's own folder
     with hold_folder(cfg.study_dir, "study_dir"):  # one study process at a time writes the study's folder
         run_study(cfg)

@@ -21,7 +21,7 @@ from lvforecast.utils import quiet_logs
 def main(cfg: DictConfig) -> float | None:
     """Run one training job; returns the final validation loss (the sweep objective)."""
     logging.getLogger("lvforecast").setLevel(logging.INFO)
-    quiet_logs()  # known-harmless warnings off (docs/configuration.md#quiet-logs)
+    quiet_logs()  # known-harmless warnings off (docs/configuration.md#progress-and-quiet-logs)
     result = run_recorded(cfg, train)
     return None if result is None else result.get("val/loss")
 
