@@ -15,12 +15,14 @@ from lvforecast.atomic import hold_folder
 from lvforecast.errors import run_entry
 from lvforecast.experiment.rundir import write_hydra_files
 from lvforecast.experiment.study import run_study
+from lvforecast.utils import quiet_logs
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="study")
 def main(cfg: DictConfig) -> None:
     """Run (or with ``dry_run=true`` plan) the study ``cfg.study``."""
     logging.getLogger("lvforecast").setLevel(logging.INFO)
+    quiet_logs()  # known-harmless warnings off (docs/configuration.md#progress-and-quiet-logs)
     write_hydra_files(Path(HydraConfig.get().runtime.output_dir), cfg)  # this launch's own folder
     with hold_folder(cfg.study_dir, "study_dir"):  # one study process at a time writes the study's folder
         run_study(cfg)

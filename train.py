@@ -14,12 +14,14 @@ from lvforecast.errors import run_entry
 from lvforecast.experiment.rundir import resume_argv
 from lvforecast.experiment.sweeps import run_recorded
 from lvforecast.experiment.train import train
+from lvforecast.utils import quiet_logs
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Run one training job; returns the final validation loss (the sweep objective)."""
     logging.getLogger("lvforecast").setLevel(logging.INFO)
+    quiet_logs()  # known-harmless warnings off (docs/configuration.md#progress-and-quiet-logs)
     result = run_recorded(cfg, train)
     return None if result is None else result.get("val/loss")
 

@@ -1,12 +1,15 @@
-"""Small helpers shared by the pipeline: instantiating named maps, the run-info record, the loss plot."""
+"""Small helpers shared by the pipeline: instantiating named maps, quiet logs, the run-info record, the loss plot."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import logging
 import os
 import platform
 import subprocess
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,33 @@ def instantiate_list(group: DictConfig | None, exclude: tuple[str, ...] = ()) ->
         raise TypeError(f"expected a named map of _target_ nodes, got {type(group).__name__}")
     return [instantiate(node) for key, node in group.items()
             if key not in exclude and isinstance(node, DictConfig) and "_target_" in node]
+
+
+#: Warnings known to be harmless here (regular expressions matching the start of the message), and why.
+HARMLESS_WARNINGS = (
+    # Lightning, for loaders with num_workers=0: the windows are tensors in memory, workers would only add start-up.
+    r"The '\w+' does not have many workers",
+    # transformers' deprecation of an attribute PEFT reads when wrapping the model, not this project's code.
+    r"`is_gradient_checkpointing` is deprecated",
+    # torch's deprecation of a pytree API Lightning's own code uses.
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+
+
+def quiet_logs() -> None:
+    """Turn off the :data:`HARMLESS_WARNINGS` (unless warnings were configured with ``python -W`` or
+    ``PYTHONWARNINGS``) and Lightning's "Tip" adverts for other products; W&B's own output is off per run
+    (:func:`lvforecast.tracking.loggers.quiet_settings`). Called by the entry points, never on import."""
+    if not sys.warnoptions:
+        for message in HARMLESS_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+    tips = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if _drop_tips not in tips.filters:
+        tips.addFilter(_drop_tips)
+
+
+def _drop_tips(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
 
 
 def project_cache_dir(repo: str | Path) -> Path:

@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from lvforecast.data.trajectories import Trajectories, check_output, write_trajectories
 from lvforecast.errors import UserError
+from lvforecast.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +50,9 @@ def rm_rhs(x: np.ndarray, y: np.ndarray, p: Mapping[str, np.ndarray]) -> tuple[n
 
 
 def integrate_rk4(state0: np.ndarray, p: Mapping[str, np.ndarray], time: np.ndarray,
-                  max_dt: float = _MAX_DT) -> np.ndarray:
+                  max_dt: float = _MAX_DT, on_step: Callable[[], None] | None = None) -> np.ndarray:
     """Fixed-step RK4 of all systems at once: (N, 2) initial states -> (N, T, 2) float64 at ``time``, each output
-    interval cut into the fewest equal substeps of at most ``max_dt``."""
+    interval cut into the fewest equal substeps of at most ``max_dt``; ``on_step()`` after each output step."""
     x, y = (np.asarray(state0[:, j], dtype=np.float64) for j in (0, 1))
     out = np.empty((x.shape[0], time.size, 2))
     out[:, 0, 0], out[:, 0, 1] = x, y
@@ -67,6 +68,8 @@ def integrate_rk4(state0: np.ndarray, p: Mapping[str, np.ndarray], time: np.ndar
             x = x + dt / 6.0 * (k1x + 2.0 * k2x + 2.0 * k3x + k4x)
             y = y + dt / 6.0 * (k1y + 2.0 * k2y + 2.0 * k3y + k4y)
         out[:, i, 0], out[:, i, 1] = x, y
+        if on_step is not None:
+            on_step()
     return out
 
 
@@ -93,7 +96,8 @@ def simulate_systems(n_systems: int, seed: int, n_steps: int = 100, t_end: float
     params = {name: rng.uniform(lo, hi, int(n_systems)) for name, (lo, hi) in PARAM_RANGES.items()}
     params["c"] = params["e"] * params["b"]
     time = np.linspace(0.0, float(t_end), int(n_steps))
-    raw = integrate_rk4(np.stack([params["x0"], params["y0"]], axis=1), params, time)
+    with Progress(int(n_steps) - 1, f"simulating {n_systems} systems", "step") as progress:
+        raw = integrate_rk4(np.stack([params["x0"], params["y0"]], axis=1), params, time, on_step=progress.update)
     if not np.isfinite(raw).all():
         raise UserError("simulation produced non-finite values; check PARAM_RANGES")
     # Exact solutions stay positive; only O(1e-12) truncation error can dip below 0.

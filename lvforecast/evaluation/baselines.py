@@ -21,6 +21,7 @@ from scipy.optimize import least_squares
 
 from lvforecast.data.simulate import PARAM_RANGES, integrate_rk4, rm_rhs
 from lvforecast.errors import UserError
+from lvforecast.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +191,7 @@ def rm_fit(
     t_ctx, t_fc = time[:tc], time[tc - 1 : tc + horizon]
     out = np.empty((context.shape[0], horizon, 2))
     fallbacks = 0
+    progress = Progress(context.shape[0], DISPLAY_NAMES["rm_fit"], "system")  # up to seconds per system
     for s, series in enumerate(context):
         try:
             rng = np.random.default_rng([seed, s])
@@ -205,6 +207,8 @@ def rm_fit(
             fallbacks += 1
             logger.debug("rm_fit system %d failed (%s); using persistence", s, exc)
             out[s] = series[-1]
+        progress.update()
+    progress.close()
     if fallbacks:
         logger.warning("rm_fit: %d of %d systems fell back to persistence", fallbacks, context.shape[0])
     return np.clip(out, 0.0, None)

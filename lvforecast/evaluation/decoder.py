@@ -14,12 +14,13 @@ from __future__ import annotations
 import functools
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import Cache, DynamicLayer
 
 from lvforecast.budget.shapes import Head
@@ -218,6 +219,7 @@ def decode(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, grammar: CompiledGrammar, *, horizon_steps: int,
     max_new_tokens: int, end_id: int, logits_fn: AlphabetLogits, sample: bool, temperature: float, top_p: float,
     samples: int = 1, cache: Cache | None = None, lean: bool | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> Decoded:
     """Grammar-constrained decoding of one left-padded batch of B prompts (see the module docstring) into
     ``B x samples`` rows; call under no_grad.
@@ -227,7 +229,7 @@ def decode(
     ``torch.rand(B * samples)`` from the default generator once per step, so every row has its own draws. ``cache``:
     a :func:`preallocated_cache` of >= ``prompt_len + max_new_tokens`` positions, possibly holding the first
     ``c < prompt_len`` prompt positions (then prefilled from c on). ``lean``: decode steps by :class:`LeanStep`
-    (None: where it :meth:`~LeanStep.supports`).
+    (None: where it :meth:`~LeanStep.supports`). ``on_step(n)``: called after the n-th token of every row is chosen.
     """
     stack = decoder_stack(model)
     prompts, prompt_len = input_ids.shape
@@ -261,11 +263,25 @@ def decode(
         out[:, n - 1] = torch.where(done, end_id, grammar.token_ids[col])
         steps = steps + (grammar.is_sep[col] & ~done)
         state = torch.where(done, state, grammar.next_state[state, col])
+        if on_step is not None:
+            on_step(n)
         if bool((steps >= horizon_steps).all()) or n == max_new_tokens:
             break
         logits = logits_fn(step_fn(out[:, n - 1 : n], next_pos + n - 1,
                                    None if keys is None else keys[..., : prompt_len + n]))
     return Decoded(tokens=out[:, :n], steps=n, prefilled=prompts)
+
+
+@dataclass
+class StepCallback(StoppingCriteria):
+    """A stopping criterion that never stops: it calls ``on_step(n)`` after ``generate``'s n-th new token."""
+
+    on_step: Callable[[int], None]
+    prompt_len: int
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        self.on_step(input_ids.shape[1] - self.prompt_len)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 @dataclass
@@ -319,18 +335,20 @@ def generation_config(
 def generate(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig, *,
     char_ids: dict[str, int], grammar: Grammar | None, horizon_steps: int, logit_bias: torch.Tensor | None,
-    samples: int = 1,
+    samples: int = 1, on_step: Callable[[int], None] | None = None,
 ) -> Decoded:
     """``model.generate`` on one left-padded batch, stopped after ``horizon_steps`` steps per row, constrained by
     ``grammar`` unless it is None; the (B x samples, n) new token ids, padding included, as :func:`decode` returns
     them. ``generate`` cannot share a prefill between rows: each prompt is repeated as its ``samples`` rows, and each
-    row is prefilled."""
+    row is prefilled. ``on_step(n)``: called after the n-th new token of every row."""
     input_ids, attention_mask = input_ids.repeat_interleave(samples, 0), attention_mask.repeat_interleave(samples, 0)
     prompt_len = input_ids.shape[1]
     processors = LogitsProcessorList([] if logit_bias is None else [AddLogitBias(logit_bias)])
     if grammar is not None:  # rows past their horizon may write only the pad token
         processors.append(LLMTimeLogitsProcessor(char_ids, grammar, prompt_len, horizon_steps, config.pad_token_id))
     stop = StoppingCriteriaList([StepsStoppingCriteria(char_ids[STEP_SEP], prompt_len, horizon_steps)])
+    if on_step is not None:
+        stop.append(StepCallback(on_step, prompt_len))
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                          logits_processor=processors, stopping_criteria=stop)
     return Decoded(tokens=out[:, prompt_len:], steps=out.shape[1] - prompt_len, prefilled=input_ids.shape[0])

@@ -27,7 +27,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from lvforecast.budget.formulas import generation_flops
 from lvforecast.budget.shapes import ALPHABET_SIZE, HEADS, Head, LoRASpec, shape_of
@@ -36,6 +35,7 @@ from lvforecast.errors import UserError, raise_problems
 from lvforecast.evaluation.decoder import AlphabetLogits, Decoded, full_and_alphabet_bias, generate, generation_config
 from lvforecast.evaluation.decoder import decode as decode_batch
 from lvforecast.evaluation.grammar import Grammar, compile_grammar, max_new_tokens_bound
+from lvforecast.progress import Progress
 from lvforecast.validate import int_at_least, is_finite_number
 
 log = logging.getLogger(__name__)
@@ -160,25 +160,32 @@ def _tokenized_prompts(
 def _generate_all(
     run: Callable[..., Decoded], model: Any, tokenizer: Any, char_ids: dict[str, int],
     prompts: list[list[int]], batches: list[tuple[list[int], int]], seed: int, price: Callable[..., int],
-    charge: Callable[[int, int], None] | None, done: Callable[[list[str]], None],
+    charge: Callable[[int, int], None] | None, done: Callable[[list[str]], None], max_new_tokens: int,
 ) -> tuple[list[str], int, int]:
-    """Texts (pad / EOS dropped), new tokens kept and FLOPs charged of all rows; ``done(texts)`` at every batch edge."""
+    """Texts (pad / EOS dropped), new tokens kept and FLOPs charged of all rows; ``done(texts)`` at every batch edge.
+
+    Progress counts decode steps, ``max_new_tokens`` per batch (a batch whose rows all finish sooner jumps to its end),
+    so a single batch of a real model (minutes on a CPU) shows progress too."""
     device = next(model.parameters()).device
     special, id_to_char = {tokenizer.pad_token_id, tokenizer.eos_token_id}, {i: c for c, i in char_ids.items()}
     texts: list[str] = []
     total_flops = total_new = 0
     old_side, was_training = tokenizer.padding_side, model.training
+    systems = len({i for series, _ in batches for i in series})
+    per_system = sum(len(series) * k for series, k in batches) // max(systems, 1)  # rows of each system
+    progress = Progress(len(batches) * max_new_tokens, "forecasting", "step")
+    progress.advance_to(0, f"systems 0/{systems}")
     model.eval()
     try:
         tokenizer.padding_side = "left"
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             torch.manual_seed(seed)
             done(texts)
-            # Each batch is a full decode (minutes on a CPU for a real model): show progress.
-            for series, k in tqdm(batches, desc="forecasting", unit="batch", disable=len(batches) <= 1):
+            for b, (series, k) in enumerate(batches):
                 batch = tokenizer.pad({"input_ids": [prompts[i] for i in series]}, padding=True, return_tensors="pt")
                 prompt_len = batch["input_ids"].shape[1]
-                out = run(batch["input_ids"].to(device), batch["attention_mask"].to(device), samples=k)
+                out = run(batch["input_ids"].to(device), batch["attention_mask"].to(device), samples=k,
+                          on_step=lambda n, base=b * max_new_tokens: progress.advance_to(base + n))
                 for row in out.tokens.tolist():
                     kept = [t for t in row if t not in special]
                     # Read token by token: a word-level tokenizer's decode() would join tokens with spaces.
@@ -190,10 +197,12 @@ def _generate_all(
                 total_flops += flops
                 if charge is not None:
                     charge(flops, out.prefilled * prompt_len + rows * out.steps)
+                progress.advance_to((b + 1) * max_new_tokens, f"systems {len(texts) // per_system}/{systems}")
                 done(texts)
     finally:
         tokenizer.padding_side = old_side
         model.train(was_training)
+        progress.close()
     return texts, total_new, total_flops
 
 
@@ -277,7 +286,7 @@ def forecast(
             keep(point_values[:done])
 
     texts, new_tokens, flops = _generate_all(run, model, tokenizer, char_ids, prompts,
-                                             row_batches(n_series, k, batch_size), seed, price, charge, parse)
+                                             row_batches(n_series, k, batch_size), seed, price, charge, parse, bound)
     failures = sum(n < horizon_steps for n in steps_parsed)
     if constrained:
         assert failures == 0, f"constrained decoding left {failures} unparsed forecasts: {texts!r}"

@@ -128,7 +128,15 @@ def wandb_logger(
         log_model=log_model, offline=False, entity=entity, group=group, job_type=job_type,
         tags=[str(t) for t in tags or []] or None, mode=decision.mode,
         settings=wandb.Settings(**{"finish_timeout": float(finish_timeout_s), "finish_timeout_raises": True,
-                                   **dict(settings or {})}), **kwargs)
+                                   **quiet_settings(os.environ, settings or {}), **dict(settings or {})}), **kwargs)
+
+
+def quiet_settings(env: Mapping[str, str], settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"silent": True}`` (no ``wandb:`` lines: half of a study's output) unless the user asked about W&B's output
+    with ``WANDB_SILENT`` / ``WANDB_QUIET`` or ``logger.wandb.settings.silent`` / ``quiet``; this module and
+    :mod:`~lvforecast.tracking.fallback` log each run's mode, folder and ``wandb sync`` command themselves."""
+    asked = {"WANDB_SILENT", "WANDB_QUIET"} & set(env) or {"silent", "quiet"} & set(settings)
+    return {} if asked else {"silent": True}
 
 
 def wandb_problems(node: Any) -> list[str]:

@@ -140,3 +140,14 @@ def test_seed0_reproduces_study_draws() -> None:
     # Same parameters too: trajectories stay close (the study file is not bit-identical).
     per_system_err = np.abs(sim.values - real.values).max(axis=(1, 2))
     assert np.median(per_system_err) < 0.05
+
+
+def test_simulation_logs_progress_per_output_step(monkeypatch, caplog) -> None:
+    monkeypatch.setattr("lvforecast.progress.LOG_EVERY_S", 0.0)  # a line at every update, as after 10 s each
+    caplog.set_level("INFO", logger="lvforecast.progress")
+    simulate_systems(2, seed=0, n_steps=4)
+    # 4 output times are 3 RK4 intervals, each one update (the last line is the end: nothing to add on closing).
+    assert [r.getMessage() for r in caplog.records] == [
+        "simulating 2 systems: step 1 of 3 (33%), 00:00 elapsed, about 00:00 left",
+        "simulating 2 systems: step 2 of 3 (67%), 00:00 elapsed, about 00:00 left",
+        "simulating 2 systems: step 3 of 3 (100%), done in 00:00"]

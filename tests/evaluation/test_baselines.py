@@ -108,3 +108,18 @@ def test_input_validation(name: str) -> None:
         fn(ctx, TIME, 0)
     with pytest.raises(ValueError, match="context must"):
         fn(-ctx, TIME, H)
+
+
+def test_rm_fit_logs_progress_per_system(monkeypatch, caplog) -> None:
+    import lvforecast.evaluation.baselines as bl
+
+    def boom(*args, **kwargs):  # no fit: each system falls back at once
+        raise RuntimeError("no fit")
+
+    monkeypatch.setattr(bl, "_fit_one", boom)
+    monkeypatch.setattr("lvforecast.progress.LOG_EVERY_S", 0.0)  # a line at every update, as after 10 s each
+    caplog.set_level("INFO", logger="lvforecast.progress")
+    rm_fit(np.ones((2, TC, 2)), TIME, H)
+    # 2 systems, one update each (the last line is the end: nothing to add on closing).
+    assert [r.getMessage().split(", ")[0] for r in caplog.records if r.name == "lvforecast.progress"] == [
+        "Rosenzweig-MacArthur fit: system 1 of 2 (50%)", "Rosenzweig-MacArthur fit: system 2 of 2 (100%)"]

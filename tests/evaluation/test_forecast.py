@@ -257,3 +257,19 @@ def test_smollm2_zero_shot_constrained_parses(smollm2_dir):
     res = forecast(lm.model, lm.tokenizer, lm.char_ids, data, [0.5] * 3, context_steps=40, horizon_steps=5)
     assert res.parse_failures == 0 and res.steps_parsed == [5, 5, 5]
     assert np.isfinite(res.values).all() and not math.isnan(res.flops)
+
+
+@pytest.mark.parametrize("decoder,head", [("loop", "alphabet"), ("generate", "full")])
+def test_one_batch_logs_progress_per_decode_step(tiny, series, decoder, head, monkeypatch, caplog):
+    # Outside a terminal (pytest captures stderr) progress is log lines; with no interval, one per update.
+    monkeypatch.setattr("lvforecast.progress.LOG_EVERY_S", 0.0)
+    caplog.set_level("INFO", logger="lvforecast.progress")
+    res = forecast(tiny.model, tiny.tokenizer, tiny.char_ids, series[:2], [0.5] * 2, context_steps=CONTEXT,
+                   horizon_steps=2, batch_size=2, decoder=decoder, head=head)  # both systems in one batch
+    lines = [r.getMessage() for r in caplog.records if r.name == "lvforecast.progress"]
+    bound, steps = res.max_new_tokens, max(len(t) for t in res.texts)  # one token per character
+    counts = [int(line.split(" of ")[0].rsplit(" ", 1)[1]) for line in lines]
+    # 0 at the start, each of the batch's decode steps, then the batch's end (its bound, both systems done).
+    assert counts == [0, *range(1, steps + 1), bound], lines
+    assert lines[0].startswith(f"forecasting: step 0 of {bound} (0%), systems 0/2, ")
+    assert lines[-1].startswith(f"forecasting: step {bound} of {bound} (100%), systems 2/2, ")

@@ -159,9 +159,16 @@ def test_coursework_dry_run_plans_every_stage_inside_1e17(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_study_end_to_end_then_skips_finished_stages_and_resumes_an_interrupted_one(sim_cache, tmp_path):
+def test_tiny_study_end_to_end_then_skips_finished_stages_and_resumes_an_interrupted_one(sim_cache, tmp_path,
+                                                                                         caplog):
+    caplog.set_level("INFO", logger="lvforecast.experiment.study")
     args = ["study=tiny", f"study_dir={tmp_path}", f"paths.cache_dir={sim_cache}"]
     result = _study(args)
+    # The study's own progress: each stage's first line (nothing spent yet at the first) and last.
+    assert any(m.startswith("study tiny: stage 1 of 7 (zero_shot), job 0 of 1, FLOPs spent 0.000e+00 of planned ")
+               for m in caplog.messages), caplog.messages
+    assert any(m.startswith("study tiny: stage 7 of 7 (final_eval), job 1 of 1, FLOPs spent ")
+               for m in caplog.messages), caplog.messages
     assert all((tmp_path / s / "stage.json").is_file() for s in STAGES)
     # Each stage is the sweep `train.py -m` runs: its summary files, and for halving every rung.
     assert all((tmp_path / s / f).is_file() for s in ("lr_rank", "context_length", "final")
@@ -192,6 +199,7 @@ def test_tiny_study_end_to_end_then_skips_finished_stages_and_resumes_an_interru
     runs = len(ledger.runs())
     _study(args)  # everything finished: nothing runs again
     assert len(ledger.runs()) == runs
+    assert "study tiny: stage 1 of 7 (zero_shot) finished earlier: skipped" in caplog.messages
 
     # A study stopped after the final run's training ended but before its job and stage were recorded: the re-run
     # records the job from its run_info.json without training again (no step twice), then evaluates it.
@@ -268,3 +276,40 @@ def test_study_model_source_points_every_stage_at_one_model_without_quoting(tmp_
             one_job = [a for a in launch.arguments if "," not in a]  # the search space's comma lists left out
             composed = compose("evaluate" if stage.kind == "evaluate" else "train", one_job)
             assert composed.model.loader.name_or_path == source
+
+
+def test_a_running_stage_logs_stage_job_flops_and_time_left(tmp_path, monkeypatch, caplog):
+    from lvforecast.experiment.study import progress
+
+    caplog.set_level("INFO", logger="lvforecast.experiment.study.progress")
+    ledger = Ledger(tmp_path / "ledger.sqlite", budget=1e15)
+    earlier = ledger.open_run("before/0", 5e11)
+    ledger.charge(earlier, "train", 5e11)  # spent before this launch: not its spend
+    ledger.finish(earlier)
+    study = progress.StudyProgress("tiny", 3, planned=4 * 10**12, ledger=tmp_path / "ledger.sqlite", start=0.0)
+    monkeypatch.setattr(progress, "monotonic", lambda: 30.0)  # every line at 30 s
+    watch, sweep = study.watch(2, "lr_rank", jobs=2), tmp_path / "lr_rank"
+    watch(sweep)  # the stage starts: no job folder yet
+    (sweep / "0").mkdir(parents=True)
+    (sweep / "0" / "job_status.json").write_text(json.dumps({"status": "running"}))
+    watch(sweep)  # a job running, none ended: no new line
+    run = ledger.open_run("lr_rank/0", 1e12)
+    ledger.charge(run, "train", 1e12)
+    ledger.finish(run)
+    (sweep / "0" / "job_status.json").write_text(json.dumps({"status": "finished"}))
+    watch(sweep)
+    # 1e12 of the planned 4e12 is 25.0% in 30 s: the other 75% at that rate, 90 s (01:30).
+    assert [r.getMessage() for r in caplog.records] == [
+        "study tiny: stage 2 of 3 (lr_rank), job 0 of 2, FLOPs spent 0.000e+00 of planned 4.000e+12 (0.0%), "
+        "00:30 elapsed, time left unknown until FLOPs are spent",
+        "study tiny: stage 2 of 3 (lr_rank), job 1 of 2, FLOPs spent 1.000e+12 of planned 4.000e+12 (25.0%), "
+        "00:30 elapsed, about 01:30 left (estimate)"]
+
+
+def test_a_stage_is_polled_while_its_child_runs(monkeypatch):
+    import sys
+
+    monkeypatch.setattr(stages, "POLL_S", 0.05)
+    polls = []
+    code = stages.run_child([sys.executable, "-c", "import time; time.sleep(0.5)"], lambda: polls.append(1))
+    assert code == 0 and len(polls) >= 3  # 0.5 s at one poll each 0.05 s; a loaded machine polls fewer

@@ -26,6 +26,7 @@ from lvforecast.atomic import read_state, write_text
 from lvforecast.budget.ledger import remaining_in
 from lvforecast.errors import UserError
 from lvforecast.experiment.evaluate import plan_generation
+from lvforecast.experiment.study.progress import StudyProgress
 from lvforecast.experiment.study.report import write_study_report
 from lvforecast.experiment.study.spec import Stage, candidate_settings, parse_stages
 from lvforecast.experiment.study.stages import STAGE_FILE, launch_of, run_stage
@@ -62,11 +63,13 @@ def run_study(cfg: DictConfig) -> dict[str, Any]:
     rows = [vars(r) for r in plan]
     if cfg.dry_run:
         return {"plan": rows, "stages": {}, "report": None}
-    for k, stage in enumerate(stages, 1):
-        skipped = ", finished earlier: skipped" if stage.name in done else ""
-        log.info("study %s: stage %d of %d, %s%s", cfg.study.name, k, len(stages), stage.name, skipped)
-        if not skipped:
-            done[stage.name] = run_stage(cfg, stage, done)
+    progress = StudyProgress(cfg.study.name, len(stages), sum(r.flops for r in plan), Path(cfg.study.ledger_path))
+    for k, (stage, row) in enumerate(zip(stages, plan, strict=True), 1):
+        if stage.name in done:
+            log.info("study %s: stage %d of %d (%s) finished earlier: skipped", cfg.study.name, k, len(stages),
+                     stage.name)
+        else:
+            done[stage.name] = run_stage(cfg, stage, done, progress.watch(k, stage.name, row.jobs))
     report = write_study_report(cfg, stages, done, rows)
     print(f"\nstudy report: {report}\n", flush=True)
     return {"plan": rows, "stages": done, "report": str(report)}

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -11,8 +12,10 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from subprocess import TimeoutExpired  # by name: tests replace the module with a fork server
 from typing import Any
 
 from hydra.core.global_hydra import GlobalHydra
@@ -21,6 +24,7 @@ from omegaconf import DictConfig
 from lvforecast.atomic import read_state, write_text
 from lvforecast.errors import UserError
 from lvforecast.experiment.runconfig import interpolation_problem
+from lvforecast.experiment.study.progress import POLL_S
 from lvforecast.experiment.study.spec import Stage, override_value
 from lvforecast.experiment.sweeps.halving import Halving
 from lvforecast.experiment.sweeps.jobs import STATUS_FILE, job_values
@@ -78,9 +82,11 @@ def launch_of(cfg: DictConfig, stage: Stage, settings: dict[str, Any], run_dir: 
     return Launch(script, args, hydra, sweep_dir, halving)
 
 
-def run_stage(cfg: DictConfig, stage: Stage, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def run_stage(cfg: DictConfig, stage: Stage, done: dict[str, dict[str, Any]],
+              watch: Callable[[Path], None] | None = None) -> dict[str, Any]:
     """Run one stage's multirun; write and return its ``stage.json`` record: ``settings`` (what later stages take),
-    ``run_dir`` (its chosen run) and ``sweep_dir``.
+    ``run_dir`` (its chosen run) and ``sweep_dir``. ``watch(sweep_dir)``: called as it starts, every
+    :data:`~.progress.POLL_S` seconds while it runs, and when it has ended (:class:`~.progress.StageWatch`).
 
     Raises:
         UserError: The multirun failed (a job did not finish); re-running the study continues it.
@@ -89,7 +95,11 @@ def run_stage(cfg: DictConfig, stage: Stage, done: dict[str, dict[str, Any]]) ->
     taken = dict(done[stage.take_from]["settings"]) if stage.take_from else {}
     launch = launch_of(cfg, stage, taken, done[stage.of]["run_dir"] if stage.of else None)
     log.info("study %s: stage %s (%s), %s", cfg.study.name, stage.name, stage.kind, launch.sweep_dir)
-    code = run_child([sys.executable, str(entry_script(launch.script)), "-m", *launch.arguments, *launch.hydra])
+    poll = functools.partial(watch, launch.sweep_dir) if watch is not None else lambda: None
+    poll()  # the stage's first line
+    code = run_child([sys.executable, str(entry_script(launch.script)), "-m", *launch.arguments, *launch.hydra],
+                     poll)
+    poll()  # its last: the jobs that ended
     if code in (130, 143):
         raise SystemExit(code)
     if code != 0:
@@ -127,9 +137,9 @@ def entry_script(name: str) -> Path:
     raise UserError(f"no {name}.py beside the study's conf/ directory: run study.py from an lvforecast checkout")
 
 
-def run_child(cmd: list[str]) -> int:
+def run_child(cmd: list[str], poll: Callable[[], None] | None = None) -> int:
     """Run ``cmd`` in its own process group (so a terminal's Ctrl-C reaches it once, through this process) and
-    return its exit status; SIGTERM / SIGINT are passed on to it."""
+    return its exit status; SIGTERM / SIGINT are passed on to it; ``poll()`` every :data:`~.progress.POLL_S` s."""
     child = subprocess.Popen(cmd, start_new_session=True)
 
     def forward(signum: int, frame: Any) -> None:
@@ -140,7 +150,11 @@ def run_child(cmd: list[str]) -> int:
     main = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
     try:
-        return child.wait()
+        while True:
+            try:
+                return child.wait(timeout=None if poll is None else POLL_S)
+            except TimeoutExpired:
+                poll()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
