@@ -8,6 +8,7 @@ from lvforecast.tracking.loggers import (
     credentials_source,
     decide_mode,
     finish_wandb,
+    log_adapter,
     netrc_path,
     update_summary,
     wandb_logger,
@@ -15,4 +16,5 @@ from lvforecast.tracking.loggers import (
 from lvforecast.tracking.results import evaluation_headline, evaluation_table, log_evaluation, log_sweep_summary
 
 __all__ = ["ModeDecision", "credentials_source", "decide_mode", "evaluation_headline", "evaluation_table",
-           "finish_wandb", "log_evaluation", "log_sweep_summary", "netrc_path", "update_summary", "wandb_logger"]
+           "finish_wandb", "log_adapter", "log_evaluation", "log_sweep_summary", "netrc_path", "update_summary",
+           "wandb_logger"]

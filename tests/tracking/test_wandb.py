@@ -4,6 +4,8 @@ Every run here is a real offline W&B run of the tiny model; W&B's directories, t
 credentials environment are redirected to temporary paths, so nothing touches $HOME and nothing goes online.
 """
 
+import base64
+import hashlib
 import json
 import math
 import os
@@ -18,7 +20,7 @@ from wandb_records import read_run
 
 from lvforecast.experiment.evaluate import evaluate
 from lvforecast.experiment.train import train
-from lvforecast.tracking import decide_mode, evaluation_table, log_sweep_summary
+from lvforecast.tracking import decide_mode, evaluation_table, log_adapter, log_sweep_summary
 from lvforecast.utils import read_metrics_csv
 
 CREDENTIAL_VARS = ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_BASE_URL")
@@ -44,6 +46,12 @@ def wandb_env(tmp_path_factory):
 
 def offline_runs(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+def manifest(folder: Path) -> dict[str, tuple[str, int]]:
+    """``{name: (base64 MD5, size)}`` of a folder's files, as a W&B artifact's manifest lists them."""
+    return {f.name: (base64.b64encode(hashlib.md5(f.read_bytes()).digest()).decode(), f.stat().st_size)
+            for f in folder.iterdir()}
 
 
 def finite_series(run, key):
@@ -93,6 +101,14 @@ def test_a_bad_mode_fails_before_anything_loads(tmp_path):
     # Through the config: one validation error, before the data or the model is touched.
     cfg = compose_train(WANDB_RUN + ["logger.wandb.mode=sometimes"], output_dir=tmp_path)
     with pytest.raises(ValueError, match=r"invalid config:[\s\S]*logger.wandb.mode='sometimes'"):
+        train(cfg)
+    assert not (tmp_path / "wandb").exists()
+
+
+def test_a_bad_log_adapter_fails_before_anything_loads(tmp_path):
+    cfg = compose_train(WANDB_RUN + ["logger.wandb.log_adapter=sometimes"], output_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"invalid config:[\s\S]*logger.wandb.log_adapter='sometimes': must be "
+                                         r"true or false"):
         train(cfg)
     assert not (tmp_path / "wandb").exists()
 
@@ -174,6 +190,34 @@ def test_single_run_has_the_loss_curve_image(tiny_wandb_run):
     assert step == 3 and image["_type"] == "images/separated" and image["format"] == "png"
     (name,) = image["filenames"]
     assert (run_dir / "files" / name).read_bytes() == (out / "loss_curve.png").read_bytes()
+
+
+@pytest.mark.slow
+def test_single_run_logs_its_adapter_as_a_model_artifact(tiny_wandb_run):
+    out, result = tiny_wandb_run
+    run = read_run(offline_runs(out)[0])
+    (artifact,) = [a for a in run.artifacts if a.type == "model"]
+    assert artifact.name == f"adapter-{run.run_id}"
+    # Every file of adapter/, byte for byte (W&B's manifest holds each file's MD5 and size).
+    assert artifact.files == manifest(out / "adapter") and "adapter_model.safetensors" in artifact.files
+    assert artifact.metadata == {k: result[k] for k in ("val/loss", "train/loss", "global_step", "budget_status",
+                                                        "flops/run")}
+
+
+@pytest.mark.slow
+def test_log_adapter_false_logs_no_artifact(tiny_wandb_run, tmp_path):
+    from hydra.utils import instantiate
+
+    adapter = tiny_wandb_run[0] / "adapter"
+    for opt in ("true", "false"):
+        cfg = compose_train(WANDB_RUN + [f"logger.wandb.log_adapter={opt}"], output_dir=tmp_path / opt)
+        lg = instantiate(cfg.logger.wandb, save_dir=str(tmp_path / opt))
+        lg.log_metrics({"x": 1.0}, step=0)
+        log_adapter([lg], adapter, {"global_step": 4, "val/loss": None})
+        lg.finish(0)
+    (logged,) = read_run(offline_runs(tmp_path / "true")[0]).artifacts
+    assert (logged.type, logged.files, logged.metadata) == ("model", manifest(adapter), {"global_step": 4})
+    assert read_run(offline_runs(tmp_path / "false")[0]).artifacts == []
 
 
 # ---- a two-job multirun, as a real `python train.py -m` ----------------------------------------------------
@@ -305,3 +349,4 @@ def test_an_evaluation_joins_the_group_of_the_run_it_evaluates(tiny_wandb_run, s
                            "logger=wandb"], tmp_path, sim_cache))
     (run_dir,) = offline_runs(tmp_path)
     assert (read_run(run_dir).job_type, read_run(run_dir).group) == ("evaluate", "solo")
+
