@@ -13,8 +13,14 @@ from lvforecast.tracking.loggers import (
     update_summary,
     wandb_logger,
 )
-from lvforecast.tracking.results import evaluation_headline, evaluation_table, log_evaluation, log_sweep_summary
+from lvforecast.tracking.results import (
+    evaluation_flops,
+    evaluation_headline,
+    evaluation_table,
+    log_evaluation,
+    log_sweep_summary,
+)
 
-__all__ = ["ModeDecision", "credentials_source", "decide_mode", "evaluation_headline", "evaluation_table",
-           "finish_wandb", "log_adapter", "log_evaluation", "log_sweep_summary", "netrc_path", "update_summary",
-           "wandb_logger"]
+__all__ = ["ModeDecision", "credentials_source", "decide_mode", "evaluation_flops", "evaluation_headline",
+           "evaluation_table", "finish_wandb", "log_adapter", "log_evaluation", "log_sweep_summary",
+           "netrc_path", "update_summary", "wandb_logger"]

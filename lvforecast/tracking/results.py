@@ -11,6 +11,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from lvforecast.budget.ledger import Ledger
 from lvforecast.data.encoding import VARIABLES
 from lvforecast.evaluation.metrics import TABLED_METRICS
 from lvforecast.tracking.loggers import finish_wandb, launch_group, recorded_group
@@ -60,9 +61,9 @@ def log_evaluation(cfg: Any, output_dir: str | Path, summary: Mapping[str, Any],
     """Log a finished evaluation (the composed ``conf/evaluate.yaml`` ``cfg``, written to ``output_dir``) as one
     W&B run when ``cfg.logger.wandb`` is configured, and finish that run.
 
-    Logs the resolved config, :func:`evaluation_headline` (one history row and the summary), every PNG as
-    ``eval/plots/<stem>`` and :func:`evaluation_table` as ``eval/model_vs_baselines``. The run's group is
-    ``logger.wandb.group``, else the group of the training run it evaluates (``run_dir``).
+    Logs the resolved config, :func:`evaluation_headline` and :func:`evaluation_flops` (one history row and the
+    summary), every PNG as ``eval/plots/<stem>`` and :func:`evaluation_table` as ``eval/model_vs_baselines``. The
+    run's group is ``logger.wandb.group``, else the group of the training run it evaluates (``run_dir``).
 
     Returns:
         The W&B run id, or None when W&B is not configured.
@@ -77,13 +78,24 @@ def log_evaluation(cfg: Any, output_dir: str | Path, summary: Mapping[str, Any],
     with _one_run(node, **({"group": trained, "group_per_launch": False} if trained else {})) as run:
         run.config.update(OmegaConf.to_container(cfg, resolve=True), allow_val_change=True)
         columns, rows = evaluation_table(summary)
-        headline = evaluation_headline(summary)
+        headline = {**evaluation_headline(summary), **evaluation_flops(cfg, summary)}
         run.log({**headline, **{f"eval/plots/{Path(p).stem}": wandb.Image(str(p)) for p in pngs},
                  "eval/model_vs_baselines": wandb.Table(columns=columns, data=rows)})
         run.summary.update(headline)
         run_id = run.id
     log.info("W&B: evaluation of %s logged as run %s", output_dir, run_id)
     return run_id
+
+
+def evaluation_flops(cfg: Any, summary: Mapping[str, Any]) -> dict[str, int]:
+    """The evaluation's spend under training's keys: ``flops/run`` (its generation FLOPs) and, with the budget on,
+    ``flops/study`` (all the ledger's charges, this evaluation's included) and ``flops/budget_left``."""
+    flops = {"flops/run": int(summary["flops_generate"])}
+    if cfg.budget.enabled:
+        ledger = Ledger(cfg.budget.ledger_path, budget=None)
+        study = ledger.study_spent()
+        flops.update({"flops/study": study, "flops/budget_left": ledger.budget - study})
+    return flops
 
 
 def _trained_group(run_dir: Path) -> str | None:

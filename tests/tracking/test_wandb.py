@@ -323,6 +323,9 @@ def test_evaluation_logs_metrics_plots_and_the_baselines_table(sim_cache, tmp_pa
     (row,) = run.history
     assert row["eval/parse_failures"] == run.summary["eval/parse_failures"] == metrics["parse_failures"]
     assert row["eval/flops_generate"] == result["flops"] and row["eval/systems"] == 4
+    # Its spend under training's keys; its ledger is its own, so the study spent only this evaluation's FLOPs.
+    assert row["flops/run"] == row["flops/study"] == run.summary["flops/run"] == result["flops"] > 0
+    assert row["flops/budget_left"] == run.summary["flops/budget_left"] == 10**17 - result["flops"]
     model_mse = metrics["methods"]["model"]["encoded"]["all"]["mse"]
     assert run.summary["eval/model/mse_prey_median"] == pytest.approx(model_mse["prey"]["median"])
     assert run.summary["eval/ar/mse_predator_mean"] == pytest.approx(
