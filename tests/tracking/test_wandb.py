@@ -15,9 +15,10 @@ from pathlib import Path
 
 import forked
 import pytest
-from conftest import ROOT, TINY_RUN, compose_eval, compose_train
+from conftest import CONF, ROOT, TINY_RUN, compose_eval, compose_train
 from wandb_records import read_run
 
+from lvforecast.budget.ledger import Ledger
 from lvforecast.experiment.evaluate import evaluate
 from lvforecast.experiment.train import train
 from lvforecast.tracking import decide_mode, evaluation_table, log_adapter, log_sweep_summary
@@ -353,3 +354,50 @@ def test_an_evaluation_joins_the_group_of_the_run_it_evaluates(tiny_wandb_run, s
     (run_dir,) = offline_runs(tmp_path)
     assert (read_run(run_dir).job_type, read_run(run_dir).group) == ("evaluate", "solo")
 
+
+# ---- the study run: Table 12 and the spend against the budget -------------------------------------------------
+def charged_ledger(path: Path, study: str) -> Ledger:
+    """A real ledger of 1e12 FLOPs: zero_shot spent 2e8 (generation), default 3e9 (training) + 1e9 (validation)."""
+    ledger = Ledger(path, budget=1e12)
+    for stage, charges in (("zero_shot", {"generate": 200_000_000}),
+                           ("default", {"train": 3_000_000_000, "val": 1_000_000_000})):
+        run_id = ledger.open_run(stage, 5_000_000_000, study=study, stage=stage)
+        for kind, flops in charges.items():
+            ledger.charge(run_id, kind, flops)
+        ledger.finish(run_id)
+    return ledger
+
+
+@pytest.mark.slow
+def test_the_study_run_holds_table_12_and_the_spend_against_the_budget(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from lvforecast.experiment.study import log_study_to_wandb
+
+    study_dir = tmp_path / "tiny"
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("study", overrides=["study=tiny", f"study_dir={study_dir}", "study.logger=wandb"])
+        charged_ledger(Path(cfg.study.ledger_path), "tiny")
+        log_study_to_wandb(cfg, finished=False)  # as when a stage failed after these two
+    (run_dir,) = offline_runs(study_dir)
+    run = read_run(run_dir)
+    # The study's group (its directory's name, as its stages'), a job type of its own.
+    assert (run.group, run.job_type, run.exit_code) == ("tiny", "study", 0)
+    *curve, last = run.history
+    # Cumulative spend after stage k of Table 12: 0; 2e8; 2e8 + 3e9 + 1e9 = 4.2e9. The budget line: 1e12.
+    assert [(r["study/stage"], r["flops/spent_cumulative"], r["flops/budget"]) for r in curve] == [
+        (0, 0, 10**12), (1, 200_000_000, 10**12), (2, 4_200_000_000, 10**12)]
+    table = json.loads((run_dir / "files" / last["study/table12"]["path"]).read_text())
+    assert table["columns"] == ["stage", "runs", "training", "validation", "inference", "total", "share of budget"]
+    # share = total / 1e12: 2e8 -> 0.0002, 4e9 -> 0.004, 4.2e9 -> 0.0042.
+    assert table["data"] == [["tiny/zero_shot", 1, 0, 0, 200_000_000, 200_000_000, 0.0002],
+                             ["tiny/default", 1, 3_000_000_000, 1_000_000_000, 0, 4_000_000_000, 0.004],
+                             ["total", 2, 3_000_000_000, 1_000_000_000, 200_000_000, 4_200_000_000, 0.0042],
+                             ["budget", None, None, None, None, 10**12, 1.0]]
+    # The chart: both lines against the stage.
+    chart = json.loads((run_dir / "files" / last["study/spend_vs_budget_table"]["path"]).read_text())
+    assert chart["data"] == [[0, "spent (cumulative)", 0], [1, "spent (cumulative)", 200_000_000],
+                             [2, "spent (cumulative)", 4_200_000_000], [0, "budget", 10**12], [1, "budget", 10**12],
+                             [2, "budget", 10**12]]
+    assert run.summary["flops/spent"] == 4_200_000_000 and run.summary["flops/budget_left"] == 10**12 - 4_200_000_000
+    assert run.summary["study/status"] == "stopped" and run.config["study"] == "tiny"
