@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from wandb_records import read_run
 from lvforecast.budget.ledger import Ledger
 from lvforecast.experiment.evaluate import evaluate
 from lvforecast.experiment.train import train
-from lvforecast.tracking import decide_mode, evaluation_table, log_adapter, log_sweep_summary
+from lvforecast.tracking import decide_mode, evaluation_table, log_adapter, log_study, log_sweep_summary
 from lvforecast.utils import read_metrics_csv
 
 CREDENTIAL_VARS = ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_BASE_URL")
@@ -233,7 +234,8 @@ def launch(sim_cache, tmp_path, sweep: Path, ranks: str) -> subprocess.Completed
 
 @pytest.mark.slow
 def test_multirun_jobs_get_their_own_runs_in_one_group_per_launch(sim_cache, tmp_path):
-    sweep = tmp_path / "2024-05-01_12-00-00"
+    sweeps = tmp_path / "outputs" / "sweeps" / "wbtest"  # the tree `python train.py -m` writes under outputs/
+    sweep = sweeps / "2024-05-01_12-00-00"
     proc = launch(sim_cache, tmp_path, sweep, "2,4")
     runs = {}
     for job in ("0", "1"):
@@ -259,18 +261,32 @@ def test_multirun_jobs_get_their_own_runs_in_one_group_per_launch(sim_cache, tmp
     assert summary.run_id not in {r.run_id for r in runs.values()}
 
     # The same sweep launched again is a second group, not merged into the first.
-    again = tmp_path / "2024-05-01_13-00-00"
+    again = sweeps / "2024-05-01_13-00-00"
     launch(sim_cache, tmp_path, again, "2")
     (second,) = offline_runs(again / "0")
     (second_summary,) = offline_runs(again)
     assert read_run(second).group == read_run(second_summary).group == "wbtest-2024-05-01_13-00-00"
 
     # An evaluation of a job joins that job's group (its launch's), even though its own config names none.
-    out = tmp_path / "eval"
+    out = tmp_path / "outputs" / "evaluate" / "eval"
     evaluate(compose_eval([f"run_dir={sweep / '1'}", "max_systems=2", "baselines=[]", "forecast.batch_size=2",
                            "logger=wandb"], out, sim_cache))
     (eval_dir,) = offline_runs(out)
     assert (read_run(eval_dir).job_type, read_run(eval_dir).group) == ("evaluate", "wbtest-2024-05-01_12-00-00")
+
+    # The one `wandb sync` command of docs/weights-and-biases.md catches every run of the tree, a study's too.
+    study = tmp_path / "outputs" / "studies" / "wbtest"
+    log_study(compose_train(WANDB_RUN).logger.wandb, study, "wbtest",
+              Ledger(tmp_path / "ledger.sqlite", budget=None).report(), finished=True)
+    (command,) = [line for line in (ROOT / "docs" / "weights-and-biases.md").read_text().splitlines()
+                  if line.startswith("find outputs")]
+    # W&B's own dry run says what it would upload: each run's .wandb file.
+    dry_run = command.replace("wandb sync", f"{sys.executable} -m wandb sync --dry-run")
+    proc = subprocess.run(["bash", "-c", dry_run], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    listed = re.findall(r"^wandb: +(\S+\.wandb)$", proc.stdout + proc.stderr, flags=re.MULTILINE)
+    every = [sweep / "0", sweep / "1", sweep, again / "0", again, out, study]
+    assert sorted(listed) == sorted(str(next(offline_runs(d)[0].glob("run-*.wandb")).relative_to(tmp_path))
+                                    for d in every), proc.stderr[-3000:]
 
 
 @pytest.mark.slow
