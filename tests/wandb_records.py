@@ -62,6 +62,22 @@ class HistoryRow(dict):
 
 
 @dataclass
+class Artifact:
+    """One logged artifact: its name, type, metadata, and its files as ``{path: (base64 MD5, size in bytes)}``."""
+
+    name: str
+    type: str
+    metadata: dict[str, Any]
+    files: dict[str, tuple[str, int]]
+
+
+def _artifact(record: dict[str, Any]) -> Artifact:
+    files = {f["path"]: (f["digest"], int(f.get("size", 0))) for f in record["manifest"].get("contents", [])}
+    return Artifact(name=record["name"], type=record["type"], metadata=json.loads(record.get("metadata") or "{}"),
+                    files=files)
+
+
+@dataclass
 class OfflineRun:
     """What an offline W&B run holds.
 
@@ -72,6 +88,7 @@ class OfflineRun:
         summary: The final summary after every update, nested values nested.
         exit_code: From the exit record; None when the run was never finished.
         state: W&B's word for how the run ended (``finished``, ``failed``, ...).
+        artifacts: Every logged artifact, in order (a logged table is one of type ``run_table``).
     """
 
     run_id: str
@@ -85,6 +102,7 @@ class OfflineRun:
     summary: dict[str, Any] = field(default_factory=dict)
     exit_code: int | None = None
     state: str = ""
+    artifacts: list[Artifact] = field(default_factory=list)
 
     def series(self, key: str, step_key: str = "trainer/global_step") -> list[tuple[Any, Any]]:
         """``[(step, value), ...]`` of every history row that has ``key``."""
@@ -112,4 +130,5 @@ def read_run(path: str | Path) -> OfflineRun:
         summary=final.get("summary") or {}, state=final.get("state", ""),
         # protobuf's JSON leaves out zero values: an exit record without exit_code means 0
         exit_code=exits[-1].get("exit_code", 0) if exits else None,
+        artifacts=[_artifact(r["artifact"]) for r in log if r.get("type") == "artifact"],
     )

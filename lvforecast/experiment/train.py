@@ -28,7 +28,7 @@ from lvforecast.experiment import config
 from lvforecast.experiment.rundir import RunDir, ledger_name
 from lvforecast.experiment.signals import resume_requeued
 from lvforecast.model.lora import apply_lora, expected_lora_parameters
-from lvforecast.tracking import finish_wandb, update_summary
+from lvforecast.tracking import finish_wandb, log_adapter, update_summary
 from lvforecast.utils import environment_record, instantiate_list, plot_loss_curve
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,8 @@ def fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, run: 
         run.end(trainer.global_step, metrics["budget_status"], final=metrics,
                 fit_seconds=round(time.perf_counter() - started - record["setup_seconds"], 2))
         update_summary(loggers, metrics)
+        if run.lead:  # rank 0 wrote the adapter
+            log_adapter(loggers, run.out / "adapter", metrics)
         log.info("run directory: %s", run.out)
         ok = True
         return {**metrics, "output_dir": str(run.out)}

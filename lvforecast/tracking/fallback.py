@@ -18,6 +18,7 @@ from typing import Any
 
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.loggers.logger import DummyExperiment, rank_zero_experiment
+from pytorch_lightning.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +105,12 @@ def drop_service(run: Any = None) -> None:
 
 class SafeWandbLogger(WandbLogger):
     """Lightning's ``WandbLogger`` whose W&B failures never stop the training (see the module docstring);
-    ``init_timeout_s`` is the longest an online start waits for the server before going offline, in seconds."""
+    ``init_timeout_s`` is the longest an online start waits for the server before going offline, in seconds;
+    ``log_adapter``: whether :meth:`log_adapter` uploads the trained adapter."""
 
-    def __init__(self, *, init_timeout_s: float, **kwargs: Any) -> None:
+    def __init__(self, *, init_timeout_s: float, log_adapter: bool, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.log_adapter_enabled = log_adapter
         # Lightning always passes anonymous=None, which wandb >= 0.19 warns about on every run.
         if self._wandb_init.get("anonymous", False) is None:
             del self._wandb_init["anonymous"]
@@ -164,6 +167,24 @@ class SafeWandbLogger(WandbLogger):
 
     def finalize(self, status: str) -> None:  # noqa: D102
         self._guarded("finalize", super().finalize, status)
+
+    @rank_zero_only
+    def log_adapter(self, adapter_dir: Path, metadata: dict[str, Any]) -> None:
+        """Log every file of ``adapter_dir`` as the W&B artifact ``adapter-<run id>`` of type ``model``, with
+        ``metadata`` (the run's final metrics), unless ``logger.wandb.log_adapter`` is false."""
+        if not self.log_adapter_enabled:
+            return
+
+        def upload() -> None:
+            import wandb
+
+            run = self.experiment
+            artifact = wandb.Artifact(f"adapter-{run.id}", type="model", metadata=metadata,
+                                      description=f"LoRA adapter of {Path(adapter_dir).parent}")
+            artifact.add_dir(str(adapter_dir))
+            run.log_artifact(artifact)
+
+        self._guarded("adapter artifact", upload)
 
     def update_summary(self, values: dict[str, Any]) -> None:
         self._guarded("summary update", lambda: self.experiment.summary.update(values))

@@ -105,7 +105,7 @@ def wandb_logger(
     project: str = "lvforecast", entity: str | None = None, group: str | None = None, job_type: str | None = None,
     tags: Sequence[str] | None = None, mode: str = "auto", save_dir: str | Path = ".", log_model: bool | str = False,
     name: str | None = None, settings: Mapping[str, Any] | None = None, group_per_launch: bool = True,
-    init_timeout_s: float = 20.0, finish_timeout_s: float = 60.0, **kwargs: Any,
+    init_timeout_s: float = 20.0, finish_timeout_s: float = 60.0, *, log_adapter: bool, **kwargs: Any,
 ) -> Any:
     """A :class:`~lvforecast.tracking.fallback.SafeWandbLogger` from ``conf/logger/wandb.yaml`` (which comments each
     key); its W&B run starts at the first logging call, its files go to ``<save_dir>/wandb/``. ``settings`` holds
@@ -124,8 +124,8 @@ def wandb_logger(
     record_group(save_dir, group)
     # offline=False: Lightning's offline flag sets WANDB_MODE for the whole process; mode= is per run.
     return SafeWandbLogger(
-        init_timeout_s=float(init_timeout_s), name=name, save_dir=str(save_dir), project=project,
-        log_model=log_model, offline=False, entity=entity, group=group, job_type=job_type,
+        init_timeout_s=float(init_timeout_s), log_adapter=log_adapter, name=name, save_dir=str(save_dir),
+        project=project, log_model=log_model, offline=False, entity=entity, group=group, job_type=job_type,
         tags=[str(t) for t in tags or []] or None, mode=decision.mode,
         settings=wandb.Settings(**{"finish_timeout": float(finish_timeout_s), "finish_timeout_raises": True,
                                    **quiet_settings(os.environ, settings or {}), **dict(settings or {})}), **kwargs)
@@ -155,6 +155,9 @@ def wandb_problems(node: Any) -> list[str]:
     if not (is_finite_number(finish_timeout_s) and finish_timeout_s > 0):
         problems.append(f"logger.wandb.finish_timeout_s={finish_timeout_s!r}: must be a number of seconds > 0, "
                         "the longest uploads wait at the end of a run")
+    if not isinstance(log_adapter := node.get("log_adapter"), bool):
+        problems.append(f"logger.wandb.log_adapter={log_adapter!r}: must be true or false (whether the trained "
+                        "adapter/ is logged as a W&B model artifact)")
     return problems
 
 
@@ -200,6 +203,14 @@ def update_summary(loggers: Iterable[Any], summary: Mapping[str, Any]) -> None:
     values = {k: v for k, v in summary.items() if v is not None}
     for lg in _wandb_loggers(loggers):
         lg.update_summary(values)
+
+
+def log_adapter(loggers: Iterable[Any], adapter_dir: Path, metadata: Mapping[str, Any]) -> None:
+    """Log ``adapter_dir`` as a model artifact of each W&B logger's run (unless its ``log_adapter`` is false), with
+    the non-None ``metadata`` values (the run's final metrics)."""
+    values = {k: v for k, v in metadata.items() if v is not None}
+    for lg in _wandb_loggers(loggers):
+        lg.log_adapter(adapter_dir, values)
 
 
 def finish_wandb(loggers: Iterable[Any], exit_code: int = 0) -> None:

@@ -1,8 +1,10 @@
-"""Results logged to W&B as runs of their own: an evaluation (job type ``evaluate``) and a sweep's summary."""
+"""Results logged to W&B as runs of their own: an evaluation (job type ``evaluate``), a sweep's summary and a study's
+spend (job type ``study``)."""
 
 from __future__ import annotations
 
 import csv
+import itertools
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -11,6 +13,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from lvforecast.budget.ledger import Ledger
+from lvforecast.budget.report import stage_label
 from lvforecast.data.encoding import VARIABLES
 from lvforecast.evaluation.metrics import TABLED_METRICS
 from lvforecast.tracking.loggers import finish_wandb, launch_group, recorded_group
@@ -60,9 +64,9 @@ def log_evaluation(cfg: Any, output_dir: str | Path, summary: Mapping[str, Any],
     """Log a finished evaluation (the composed ``conf/evaluate.yaml`` ``cfg``, written to ``output_dir``) as one
     W&B run when ``cfg.logger.wandb`` is configured, and finish that run.
 
-    Logs the resolved config, :func:`evaluation_headline` (one history row and the summary), every PNG as
-    ``eval/plots/<stem>`` and :func:`evaluation_table` as ``eval/model_vs_baselines``. The run's group is
-    ``logger.wandb.group``, else the group of the training run it evaluates (``run_dir``).
+    Logs the resolved config, :func:`evaluation_headline` and :func:`evaluation_flops` (one history row and the
+    summary), every PNG as ``eval/plots/<stem>`` and :func:`evaluation_table` as ``eval/model_vs_baselines``. The
+    run's group is ``logger.wandb.group``, else the group of the training run it evaluates (``run_dir``).
 
     Returns:
         The W&B run id, or None when W&B is not configured.
@@ -77,13 +81,24 @@ def log_evaluation(cfg: Any, output_dir: str | Path, summary: Mapping[str, Any],
     with _one_run(node, **({"group": trained, "group_per_launch": False} if trained else {})) as run:
         run.config.update(OmegaConf.to_container(cfg, resolve=True), allow_val_change=True)
         columns, rows = evaluation_table(summary)
-        headline = evaluation_headline(summary)
+        headline = {**evaluation_headline(summary), **evaluation_flops(cfg, summary)}
         run.log({**headline, **{f"eval/plots/{Path(p).stem}": wandb.Image(str(p)) for p in pngs},
                  "eval/model_vs_baselines": wandb.Table(columns=columns, data=rows)})
         run.summary.update(headline)
         run_id = run.id
     log.info("W&B: evaluation of %s logged as run %s", output_dir, run_id)
     return run_id
+
+
+def evaluation_flops(cfg: Any, summary: Mapping[str, Any]) -> dict[str, int]:
+    """The evaluation's spend under training's keys: ``flops/run`` (its generation FLOPs) and, with the budget on,
+    ``flops/study`` (all the ledger's charges, this evaluation's included) and ``flops/budget_left``."""
+    flops = {"flops/run": int(summary["flops_generate"])}
+    if cfg.budget.enabled:
+        ledger = Ledger(cfg.budget.ledger_path, budget=None)
+        study = ledger.study_spent()
+        flops.update({"flops/study": study, "flops/budget_left": ledger.budget - study})
+    return flops
 
 
 def _trained_group(run_dir: Path) -> str | None:
@@ -131,4 +146,55 @@ def log_sweep_summary(wandb_cfg: Any, table_file: str | Path, curves: str | Path
                                 "sweep/best_final_val_loss": best.get("final_val_loss")})
         run_id = run.id
     log.info("W&B: sweep summary of %s logged as run %s", sweep_dir, run_id)
+    return run_id
+
+
+TABLE12_COLUMNS = ["stage", "runs", "training", "validation", "inference", "total", "share of budget"]
+
+
+def stage_table(report: Mapping[str, Any]) -> list[list[Any]]:
+    """Table 12 of a :meth:`~lvforecast.budget.ledger.Ledger.report` as :data:`TABLE12_COLUMNS` rows: each stage,
+    the total and the budget (FLOPs as integers, shares as fractions of the budget)."""
+    spend = ("train", "val", "inference", "total", "share")
+    rows = [[stage_label(g), len(g["runs"]), *(g[k] for k in spend)] for g in report["stages"]]
+    rows.append(["total", len(report["runs"]), *(report["totals"][k] for k in spend)])
+    rows.append(["budget", None, None, None, None, report["budget"], 1.0])
+    return rows
+
+
+def log_study(node: Any, study_dir: str | Path, name: str, report: Mapping[str, Any], finished: bool) -> str:
+    """Log the spend of study ``name`` (its ledger's :meth:`~lvforecast.budget.ledger.Ledger.report`) as one W&B run
+    of the stages' ``logger.wandb`` node ``node``: job type ``study``, the node's group, in ``<study_dir>/wandb/``.
+
+    Logs :func:`stage_table` as ``study/table12``; one history row per stage ``k`` of Table 12 (0: before the first)
+    with ``study/stage`` = k, ``flops/spent_cumulative`` (the spend of stages 1..k) and ``flops/budget``; the chart
+    ``study/spend_vs_budget`` drawing both against the stage; and in the summary ``flops/spent``,
+    ``flops/budget_left`` and ``study/status`` (``finished``, or ``stopped`` when the study did not finish).
+
+    Returns:
+        The W&B run id.
+    """
+    import wandb
+
+    budget = int(report["budget"])
+    spent = list(itertools.accumulate((int(g["total"]) for g in report["stages"]), initial=0))
+    stages = list(range(len(spent)))
+    with _one_run(node, save_dir=str(study_dir), job_type="study") as run:
+        run.config.update({"study": name, "study_dir": str(study_dir), "ledger": report["ledger"],
+                           "budget_flops": budget}, allow_val_change=True)
+        # The stage, not the trainer's step, is the x axis of these two.
+        run.define_metric("study/stage")
+        for key in ("flops/spent_cumulative", "flops/budget"):
+            run.define_metric(key, step_metric="study/stage")
+        for k, total in zip(stages, spent, strict=True):
+            run.log({"study/stage": k, "flops/spent_cumulative": total, "flops/budget": budget})
+        chart = wandb.plot.line_series(xs=stages, ys=[spent, [budget] * len(stages)],
+                                       keys=["spent (cumulative)", "budget"], xname="stage of Table 12",
+                                       title=f"study {name}: FLOPs spent against the budget")
+        table = wandb.Table(columns=TABLE12_COLUMNS, data=stage_table(report), allow_mixed_types=True)
+        run.log({"study/table12": table, "study/spend_vs_budget": chart})
+        run.summary.update({"flops/spent": spent[-1], "flops/budget": budget, "flops/budget_left": budget - spent[-1],
+                            "study/status": "finished" if finished else "stopped"})
+        run_id = run.id
+    log.info("W&B: study %s logged as run %s", name, run_id)
     return run_id

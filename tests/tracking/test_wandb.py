@@ -4,21 +4,25 @@ Every run here is a real offline W&B run of the tiny model; W&B's directories, t
 credentials environment are redirected to temporary paths, so nothing touches $HOME and nothing goes online.
 """
 
+import base64
+import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import forked
 import pytest
-from conftest import ROOT, TINY_RUN, compose_eval, compose_train
+from conftest import CONF, ROOT, TINY_RUN, compose_eval, compose_train
 from wandb_records import read_run
 
+from lvforecast.budget.ledger import Ledger
 from lvforecast.experiment.evaluate import evaluate
 from lvforecast.experiment.train import train
-from lvforecast.tracking import decide_mode, evaluation_table, log_sweep_summary
+from lvforecast.tracking import decide_mode, evaluation_table, log_adapter, log_study, log_sweep_summary
 from lvforecast.utils import read_metrics_csv
 
 CREDENTIAL_VARS = ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_BASE_URL")
@@ -44,6 +48,12 @@ def wandb_env(tmp_path_factory):
 
 def offline_runs(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+def manifest(folder: Path) -> dict[str, tuple[str, int]]:
+    """``{name: (base64 MD5, size)}`` of a folder's files, as a W&B artifact's manifest lists them."""
+    return {f.name: (base64.b64encode(hashlib.md5(f.read_bytes()).digest()).decode(), f.stat().st_size)
+            for f in folder.iterdir()}
 
 
 def finite_series(run, key):
@@ -93,6 +103,14 @@ def test_a_bad_mode_fails_before_anything_loads(tmp_path):
     # Through the config: one validation error, before the data or the model is touched.
     cfg = compose_train(WANDB_RUN + ["logger.wandb.mode=sometimes"], output_dir=tmp_path)
     with pytest.raises(ValueError, match=r"invalid config:[\s\S]*logger.wandb.mode='sometimes'"):
+        train(cfg)
+    assert not (tmp_path / "wandb").exists()
+
+
+def test_a_bad_log_adapter_fails_before_anything_loads(tmp_path):
+    cfg = compose_train(WANDB_RUN + ["logger.wandb.log_adapter=sometimes"], output_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"invalid config:[\s\S]*logger.wandb.log_adapter='sometimes': must be "
+                                         r"true or false"):
         train(cfg)
     assert not (tmp_path / "wandb").exists()
 
@@ -176,6 +194,34 @@ def test_single_run_has_the_loss_curve_image(tiny_wandb_run):
     assert (run_dir / "files" / name).read_bytes() == (out / "loss_curve.png").read_bytes()
 
 
+@pytest.mark.slow
+def test_single_run_logs_its_adapter_as_a_model_artifact(tiny_wandb_run):
+    out, result = tiny_wandb_run
+    run = read_run(offline_runs(out)[0])
+    (artifact,) = [a for a in run.artifacts if a.type == "model"]
+    assert artifact.name == f"adapter-{run.run_id}"
+    # Every file of adapter/, byte for byte (W&B's manifest holds each file's MD5 and size).
+    assert artifact.files == manifest(out / "adapter") and "adapter_model.safetensors" in artifact.files
+    assert artifact.metadata == {k: result[k] for k in ("val/loss", "train/loss", "global_step", "budget_status",
+                                                        "flops/run")}
+
+
+@pytest.mark.slow
+def test_log_adapter_false_logs_no_artifact(tiny_wandb_run, tmp_path):
+    from hydra.utils import instantiate
+
+    adapter = tiny_wandb_run[0] / "adapter"
+    for opt in ("true", "false"):
+        cfg = compose_train(WANDB_RUN + [f"logger.wandb.log_adapter={opt}"], output_dir=tmp_path / opt)
+        lg = instantiate(cfg.logger.wandb, save_dir=str(tmp_path / opt))
+        lg.log_metrics({"x": 1.0}, step=0)
+        log_adapter([lg], adapter, {"global_step": 4, "val/loss": None})
+        lg.finish(0)
+    (logged,) = read_run(offline_runs(tmp_path / "true")[0]).artifacts
+    assert (logged.type, logged.files, logged.metadata) == ("model", manifest(adapter), {"global_step": 4})
+    assert read_run(offline_runs(tmp_path / "false")[0]).artifacts == []
+
+
 # ---- a two-job multirun, as a real `python train.py -m` ----------------------------------------------------
 def launch(sim_cache, tmp_path, sweep: Path, ranks: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", *WANDB_RUN, "trainer.max_steps=2",
@@ -188,7 +234,8 @@ def launch(sim_cache, tmp_path, sweep: Path, ranks: str) -> subprocess.Completed
 
 @pytest.mark.slow
 def test_multirun_jobs_get_their_own_runs_in_one_group_per_launch(sim_cache, tmp_path):
-    sweep = tmp_path / "2024-05-01_12-00-00"
+    sweeps = tmp_path / "outputs" / "sweeps" / "wbtest"  # the tree `python train.py -m` writes under outputs/
+    sweep = sweeps / "2024-05-01_12-00-00"
     proc = launch(sim_cache, tmp_path, sweep, "2,4")
     runs = {}
     for job in ("0", "1"):
@@ -214,18 +261,32 @@ def test_multirun_jobs_get_their_own_runs_in_one_group_per_launch(sim_cache, tmp
     assert summary.run_id not in {r.run_id for r in runs.values()}
 
     # The same sweep launched again is a second group, not merged into the first.
-    again = tmp_path / "2024-05-01_13-00-00"
+    again = sweeps / "2024-05-01_13-00-00"
     launch(sim_cache, tmp_path, again, "2")
     (second,) = offline_runs(again / "0")
     (second_summary,) = offline_runs(again)
     assert read_run(second).group == read_run(second_summary).group == "wbtest-2024-05-01_13-00-00"
 
     # An evaluation of a job joins that job's group (its launch's), even though its own config names none.
-    out = tmp_path / "eval"
+    out = tmp_path / "outputs" / "evaluate" / "eval"
     evaluate(compose_eval([f"run_dir={sweep / '1'}", "max_systems=2", "baselines=[]", "forecast.batch_size=2",
                            "logger=wandb"], out, sim_cache))
     (eval_dir,) = offline_runs(out)
     assert (read_run(eval_dir).job_type, read_run(eval_dir).group) == ("evaluate", "wbtest-2024-05-01_12-00-00")
+
+    # The one `wandb sync` command of docs/weights-and-biases.md catches every run of the tree, a study's too.
+    study = tmp_path / "outputs" / "studies" / "wbtest"
+    log_study(compose_train(WANDB_RUN).logger.wandb, study, "wbtest",
+              Ledger(tmp_path / "ledger.sqlite", budget=None).report(), finished=True)
+    (command,) = [line for line in (ROOT / "docs" / "weights-and-biases.md").read_text().splitlines()
+                  if line.startswith("find outputs")]
+    # W&B's own dry run says what it would upload: each run's .wandb file.
+    dry_run = command.replace("wandb sync", f"{sys.executable} -m wandb sync --dry-run")
+    proc = subprocess.run(["bash", "-c", dry_run], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    listed = re.findall(r"^wandb: +(\S+\.wandb)$", proc.stdout + proc.stderr, flags=re.MULTILINE)
+    every = [sweep / "0", sweep / "1", sweep, again / "0", again, out, study]
+    assert sorted(listed) == sorted(str(next(offline_runs(d)[0].glob("run-*.wandb")).relative_to(tmp_path))
+                                    for d in every), proc.stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -279,6 +340,9 @@ def test_evaluation_logs_metrics_plots_and_the_baselines_table(sim_cache, tmp_pa
     (row,) = run.history
     assert row["eval/parse_failures"] == run.summary["eval/parse_failures"] == metrics["parse_failures"]
     assert row["eval/flops_generate"] == result["flops"] and row["eval/systems"] == 4
+    # Its spend under training's keys; its ledger is its own, so the study spent only this evaluation's FLOPs.
+    assert row["flops/run"] == row["flops/study"] == run.summary["flops/run"] == result["flops"] > 0
+    assert row["flops/budget_left"] == run.summary["flops/budget_left"] == 10**17 - result["flops"]
     model_mse = metrics["methods"]["model"]["encoded"]["all"]["mse"]
     assert run.summary["eval/model/mse_prey_median"] == pytest.approx(model_mse["prey"]["median"])
     assert run.summary["eval/ar/mse_predator_mean"] == pytest.approx(
@@ -305,3 +369,51 @@ def test_an_evaluation_joins_the_group_of_the_run_it_evaluates(tiny_wandb_run, s
                            "logger=wandb"], tmp_path, sim_cache))
     (run_dir,) = offline_runs(tmp_path)
     assert (read_run(run_dir).job_type, read_run(run_dir).group) == ("evaluate", "solo")
+
+
+# ---- the study run: Table 12 and the spend against the budget -------------------------------------------------
+def charged_ledger(path: Path, study: str) -> Ledger:
+    """A real ledger of 1e12 FLOPs: zero_shot spent 2e8 (generation), default 3e9 (training) + 1e9 (validation)."""
+    ledger = Ledger(path, budget=1e12)
+    for stage, charges in (("zero_shot", {"generate": 200_000_000}),
+                           ("default", {"train": 3_000_000_000, "val": 1_000_000_000})):
+        run_id = ledger.open_run(stage, 5_000_000_000, study=study, stage=stage)
+        for kind, flops in charges.items():
+            ledger.charge(run_id, kind, flops)
+        ledger.finish(run_id)
+    return ledger
+
+
+@pytest.mark.slow
+def test_the_study_run_holds_table_12_and_the_spend_against_the_budget(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from lvforecast.experiment.study import log_study_to_wandb
+
+    study_dir = tmp_path / "tiny"
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("study", overrides=["study=tiny", f"study_dir={study_dir}", "study.logger=wandb"])
+        charged_ledger(Path(cfg.study.ledger_path), "tiny")
+        log_study_to_wandb(cfg, finished=False)  # as when a stage failed after these two
+    (run_dir,) = offline_runs(study_dir)
+    run = read_run(run_dir)
+    # The study's group (its directory's name, as its stages'), a job type of its own.
+    assert (run.group, run.job_type, run.exit_code) == ("tiny", "study", 0)
+    *curve, last = run.history
+    # Cumulative spend after stage k of Table 12: 0; 2e8; 2e8 + 3e9 + 1e9 = 4.2e9. The budget line: 1e12.
+    assert [(r["study/stage"], r["flops/spent_cumulative"], r["flops/budget"]) for r in curve] == [
+        (0, 0, 10**12), (1, 200_000_000, 10**12), (2, 4_200_000_000, 10**12)]
+    table = json.loads((run_dir / "files" / last["study/table12"]["path"]).read_text())
+    assert table["columns"] == ["stage", "runs", "training", "validation", "inference", "total", "share of budget"]
+    # share = total / 1e12: 2e8 -> 0.0002, 4e9 -> 0.004, 4.2e9 -> 0.0042.
+    assert table["data"] == [["tiny/zero_shot", 1, 0, 0, 200_000_000, 200_000_000, 0.0002],
+                             ["tiny/default", 1, 3_000_000_000, 1_000_000_000, 0, 4_000_000_000, 0.004],
+                             ["total", 2, 3_000_000_000, 1_000_000_000, 200_000_000, 4_200_000_000, 0.0042],
+                             ["budget", None, None, None, None, 10**12, 1.0]]
+    # The chart: both lines against the stage.
+    chart = json.loads((run_dir / "files" / last["study/spend_vs_budget_table"]["path"]).read_text())
+    assert chart["data"] == [[0, "spent (cumulative)", 0], [1, "spent (cumulative)", 200_000_000],
+                             [2, "spent (cumulative)", 4_200_000_000], [0, "budget", 10**12], [1, "budget", 10**12],
+                             [2, "budget", 10**12]]
+    assert run.summary["flops/spent"] == 4_200_000_000 and run.summary["flops/budget_left"] == 10**12 - 4_200_000_000
+    assert run.summary["study/status"] == "stopped" and run.config["study"] == "tiny"

@@ -11,8 +11,10 @@ stages, and a grid's finished jobs, plan nothing.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from operator import attrgetter
@@ -23,7 +25,7 @@ from hydra import compose
 from omegaconf import DictConfig
 
 from lvforecast.atomic import read_state, write_text
-from lvforecast.budget.ledger import remaining_in
+from lvforecast.budget.ledger import Ledger, remaining_in
 from lvforecast.errors import UserError
 from lvforecast.experiment.evaluate import plan_generation
 from lvforecast.experiment.study.progress import StudyProgress
@@ -31,6 +33,7 @@ from lvforecast.experiment.study.report import write_study_report
 from lvforecast.experiment.study.spec import Stage, candidate_settings, parse_stages
 from lvforecast.experiment.study.stages import STAGE_FILE, launch_of, run_stage
 from lvforecast.experiment.sweeps.plan import JobPricer, SweepPlan, plan_sweep
+from lvforecast.tracking import log_study
 from lvforecast.validate import markdown_cell
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,44 @@ class StudyRefusedError(UserError, RuntimeError):
     """The study's plan does not fit in what its ledger has left (the message holds the per-stage plan)."""
 
 
+def logged_to_wandb(run: Callable[[DictConfig], dict[str, Any]]) -> Callable[[DictConfig], dict[str, Any]]:
+    """``run`` (:func:`run_study`), then, with ``study.logger=wandb``, :func:`log_study_to_wandb`: also when a stage
+    failed or a signal stopped the study (with what its ledger holds then), not for a dry run or a refused study."""
+
+    @functools.wraps(run)
+    def wrapper(cfg: DictConfig) -> dict[str, Any]:
+        finished: bool | None = False  # None: nothing to log
+        try:
+            result = run(cfg)
+            finished = None if cfg.dry_run else True
+            return result
+        except StudyRefusedError:
+            finished = None  # nothing ran: nothing to show
+            raise
+        finally:
+            if finished is not None:
+                log_study_to_wandb(cfg, finished)
+
+    return wrapper
+
+
+def log_study_to_wandb(cfg: DictConfig, finished: bool) -> None:
+    """With ``study.logger=wandb``, log the study's Table 12 and its spend against the budget as one W&B run
+    (:func:`~lvforecast.tracking.log_study`) with the W&B settings of its stages (those of the first); W&B is best
+    effort, so a failure here is a warning."""
+    if cfg.study.logger != "wandb" or not Path(cfg.study.ledger_path).is_file():
+        return
+    try:
+        launch = launch_of(cfg, parse_stages(cfg.study)[0], {})
+        node = compose(launch.script, launch.arguments).logger.wandb
+        report = Ledger(cfg.study.ledger_path, budget=None).report()
+        log_study(node, cfg.study_dir, cfg.study.name, report, finished)
+    except Exception as err:  # noqa: BLE001 - the study's own files and ledger never depend on W&B
+        log.warning("W&B: the study run of %s was not logged (%s: %s); Table 12 is in %s", cfg.study.name,
+                    type(err).__name__, err, Path(cfg.study_dir) / "study_report.md")
+
+
+@logged_to_wandb
 def run_study(cfg: DictConfig) -> dict[str, Any]:
     """Plan, check and run the study of ``cfg.study`` (Hydra initialized, to compose the stages); write its report.
 
