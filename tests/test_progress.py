@@ -61,3 +61,39 @@ def test_the_closing_line_is_not_a_repeat_of_the_last(monkeypatch, caplog):
     with Progress(2, "rm_fit", "system", stream=io.StringIO()) as bar:
         bar.advance_to(2)
     assert [r.getMessage() for r in caplog.records] == ["rm_fit: system 2 of 2 (100%), done in 00:12"]
+
+
+def test_training_outside_a_terminal_logs_lines_and_draws_no_bar(monkeypatch, caplog, capsys):
+    import pytorch_lightning as pl
+    import torch
+    from torch.utils.data import DataLoader
+
+    from lvforecast.experiment.progress import StepProgressBar
+
+    class Line(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            loss = ((batch - self.w) ** 2).mean()
+            self.log("train/loss", loss)
+            return loss
+
+        def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+            self.log("val/loss", ((batch - self.w) ** 2).mean(), prog_bar=True)  # as the module does
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)  # a line at every step
+    caplog.set_level("INFO", logger="lvforecast.progress")
+    data = DataLoader(torch.ones(8, 1), batch_size=2)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=4, log_every_n_steps=2, logger=False, enable_checkpointing=False,
+                         enable_model_summary=False, callbacks=[StepProgressBar()], val_check_interval=2)
+    trainer.fit(Line(), data, data)  # pytest captures stdout: not a terminal
+    lines = [r.getMessage() for r in caplog.records if r.name == "lvforecast.progress"]
+    assert [line.split(",")[0] for line in lines] == [f"training: step {n} of 4 ({25 * n}%)" for n in range(5)]
+    assert "train/loss" in lines[2] and "val/loss" in lines[4] and "train/loss" not in lines[1]  # read at steps 2, 4
+    out = capsys.readouterr()
+    assert "\r" not in out.out + out.err and "it/s" not in out.out + out.err  # no tqdm bar, sanity check's included

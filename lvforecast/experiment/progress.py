@@ -19,6 +19,7 @@ from pytorch_lightning.utilities.model_summary.model_summary import _format_summ
 
 from lvforecast.budget.formulas import forward_flops
 from lvforecast.budget.shapes import ALPHABET_SIZE, Conventions, LoRASpec, shape_of
+from lvforecast.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,14 @@ class FlopModelSummary(ModelSummary):
 
 class StepProgressBar(TQDMProgressBar):
     """A tqdm progress bar whose training bar counts optimizer steps of ``max_steps`` (``step 40/150``), across
-    epochs, from the step a resumed run starts at; its metrics are read only after a step that logged them."""
+    epochs, from the step a resumed run starts at; its metrics are read only after a step that logged them.
+
+    Where stdout is not a terminal (a log file, CI, a study's stage log) the bars are off and training logs a line
+    every :data:`lvforecast.progress.LOG_EVERY_S` seconds instead (:class:`lvforecast.progress.Progress`): a bar
+    there writes a carriage-return update per step and validation batch."""
+
+    lines: Progress | None = None
+    logs_lines = False
 
     STEP_BAR_FORMAT = "step {n_fmt}/{total_fmt} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}, " \
                       "{rate_noinv_fmt}{postfix}]"
@@ -77,12 +85,37 @@ class StepProgressBar(TQDMProgressBar):
                     position=2 * self.process_position, disable=self.is_disabled, leave=True, dynamic_ncols=True,
                     file=sys.stdout, smoothing=0, bar_format=self.STEP_BAR_FORMAT)
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.logs_lines = not sys.stdout.isatty() and trainer.is_global_zero
+        if self.logs_lines:  # before the sanity check draws its bar
+            self.disable()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.logs_lines:
+            self.lines = Progress(trainer.max_steps, "training", "step", stream=sys.stdout)
+            self.lines.advance_to(trainer.global_step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.lines is not None:
+            self.lines.close()
+        super().on_train_end(trainer, pl_module)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         pass  # one bar over every epoch: Lightning's would start a new one here
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        step, bar = trainer.global_step, self.train_progress_bar
+        step = trainer.global_step
+        if self.lines is not None:  # not a terminal: the metrics go in the next line, read at logging steps only
+            every = trainer.log_every_n_steps
+            metrics = self.get_metrics(trainer, pl_module) if every and step % every == 0 else None
+            note = None if metrics is None else ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                                                          if isinstance(v, float) and "/" in k)
+            self.lines.advance_to(step, note)
+            return
+        bar = self.train_progress_bar
         if bar is None or not self._should_update(step, bar.total):
             return
         bar.n = step
@@ -94,5 +127,5 @@ class StepProgressBar(TQDMProgressBar):
             bar.refresh()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.train_progress_bar.disable:
+        if self.lines is None and not self.train_progress_bar.disable:
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
