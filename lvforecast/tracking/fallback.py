@@ -70,7 +70,9 @@ def start_run(init_args: dict[str, Any], init_timeout_s: float) -> Any:
         settings = init_args.get("settings") or wandb.Settings()
         settings.init_timeout = max(1.0, init_timeout_s - (time.monotonic() - start) - _VIEWER_SECONDS)
         try:
-            return wandb.init(**{**init_args, "settings": settings})
+            run = wandb.init(**{**init_args, "settings": settings})
+            log.info("W&B: online run %s", run.url)  # W&B's own lines, which give the page, are off (quiet_settings)
+            return run
         except Exception as err:  # noqa: BLE001 - any failed start (CommError, AuthenticationError, ...) goes offline
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no message'}"
             if wandb.run is not None:
