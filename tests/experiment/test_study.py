@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -313,3 +315,26 @@ def test_a_stage_is_polled_while_its_child_runs(monkeypatch):
     polls = []
     code = stages.run_child([sys.executable, "-c", "import time; time.sleep(0.5)"], lambda: polls.append(1))
     assert code == 0 and len(polls) >= 3  # 0.5 s at one poll each 0.05 s; a loaded machine polls fewer
+
+
+@pytest.mark.parametrize(("outcome", "dry_run", "logged"), [
+    ("finished", False, [True]), ("finished", True, []), ("refused", False, []), ("failed", False, [False]),
+    ("interrupted", False, [False])])
+def test_the_study_run_is_logged_after_a_study_that_ran_or_stopped_not_after_a_dry_run_or_refusal(
+        monkeypatch, outcome, dry_run, logged):
+    from lvforecast.experiment import study
+    from lvforecast.experiment.signals import Interrupted
+
+    calls = []
+    monkeypatch.setattr(study, "log_study_to_wandb", lambda cfg, finished: calls.append(finished))
+    errors = {"refused": StudyRefusedError("over budget"), "failed": RuntimeError("stage failed"),
+              "interrupted": Interrupted(signal.SIGTERM)}
+
+    def run(cfg):
+        if outcome in errors:
+            raise errors[outcome]
+        return {}
+
+    with pytest.raises(type(errors[outcome])) if outcome in errors else contextlib.nullcontext():
+        study.logged_to_wandb(run)(OmegaConf.create({"dry_run": dry_run}))
+    assert calls == logged
