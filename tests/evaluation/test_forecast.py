@@ -27,8 +27,8 @@ from lvforecast.evaluation.grammar import (
 from lvforecast.model.loading import build_tiny_qwen
 
 CONTEXT, HORIZON = 12, 4
-#: conf/evaluate.yaml's forecast node: the settings every call below starts from (the study's 3 decimals).
-DEFAULTS = instantiate(OmegaConf.load(CONF / "evaluate.yaml").forecast)
+#: conf/forecast/default.yaml (evaluate.yaml's forecast node): every call below starts from these (3 decimals).
+DEFAULTS = instantiate(OmegaConf.load(CONF / "forecast" / "default.yaml"))
 
 
 def forecast(*args, **overrides):
