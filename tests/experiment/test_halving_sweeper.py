@@ -66,7 +66,7 @@ def test_halving_sweep_continues_survivors_from_their_checkpoints_via_the_launch
     assert res.returncode == 0, res.stderr[-3000:]
     record = json.loads((sweep / "halving.json").read_text())
     assert [len(r["jobs"]) for r in record["rungs"]] == [3, 1]
-    rung0 = {j["config"]: j["val_loss"] for j in record["rungs"][0]["jobs"]}
+    rung0 = {j["config"]: j["score"] for j in record["rungs"][0]["jobs"]}
     assert record["rungs"][0]["survivors"] == [min(rung0, key=rung0.get)]
     winner = record["winner"]
     assert winner["job"] == 3 and "ckpt_path=" in " ".join(winner["overrides"])
