@@ -39,10 +39,10 @@ SCORE_COLUMNS = {"val_loss": "final_val_loss", "forecast_mse": "val_forecast_mse
 SCORE_NAMES = {"val_loss": "validation loss", "forecast_mse": "validation forecast MSE"}
 SCORE_TITLES = {"val_loss": "final val loss", "forecast_mse": "val forecast MSE"}  # a table column's
 SCORE_FORMATS = {"val_loss": ".4f", "forecast_mse": ".4g"}
-# Overrides that name this sweep, its stage or a rung rather than the winner's model and data: left out of the
-# command that trains the winner (the sweep file it runs sets its own name and steps).
+# Overrides that name this sweep, its stage, a rung or its ranking rather than the winner's model and data: left out
+# of the command that trains the winner (the sweep file it runs sets its own name and steps).
 NOT_CARRIED = ("sweep", "best_from", "sweep_name", "tags", "budget.stage", "budget.run_name",
-               "logger.wandb.job_type", *RUNG_KEYS)
+               "logger.wandb.job_type", "select.by", *RUNG_KEYS)
 
 
 class SweepSummary(Callback):
