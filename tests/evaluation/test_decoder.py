@@ -27,7 +27,8 @@ from lvforecast.model.heads import decoder_stack
 from lvforecast.model.loading import build_tiny_qwen
 
 CONTEXT, HORIZON = 12, 4
-DEFAULTS = instantiate(OmegaConf.load(CONF / "forecast" / "default.yaml"))
+DEFAULTS = instantiate(OmegaConf.merge({"data": OmegaConf.load(CONF / "data" / "lotka_volterra.yaml")},  # its steps
+                                       {"forecast": OmegaConf.load(CONF / "forecast" / "default.yaml")}).forecast)
 #: Today's decoding: the whole vocabulary, masked, through ``model.generate`` with the grammar processor.
 REFERENCE = {"head": "full", "decoder": "generate"}
 SCALES = [0.5, 0.05, 0.5, 0.05, 0.5]  # one- and two-digit numbers: prompts of different lengths, so padding

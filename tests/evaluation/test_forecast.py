@@ -28,7 +28,8 @@ from lvforecast.model.loading import build_tiny_qwen
 
 CONTEXT, HORIZON = 12, 4
 #: conf/forecast/default.yaml (evaluate.yaml's forecast node): every call below starts from these (3 decimals).
-DEFAULTS = instantiate(OmegaConf.load(CONF / "forecast" / "default.yaml"))
+DEFAULTS = instantiate(OmegaConf.merge({"data": OmegaConf.load(CONF / "data" / "lotka_volterra.yaml")},  # its steps
+                                       {"forecast": OmegaConf.load(CONF / "forecast" / "default.yaml")}).forecast)
 
 
 def forecast(*args, **overrides):
