@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from lvforecast.errors import run_entry
 from lvforecast.experiment.rundir import resume_argv
+from lvforecast.experiment.selection import SCORE_KEYS
 from lvforecast.experiment.sweeps import run_recorded
 from lvforecast.experiment.train import train
 from lvforecast.utils import quiet_logs
@@ -19,11 +20,12 @@ from lvforecast.utils import quiet_logs
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Run one training job; returns the final validation loss (the sweep objective)."""
+    """Run one training job; returns what ``select.by`` ranks it by (the sweep objective): the final validation loss,
+    or the validation forecast MSE."""
     logging.getLogger("lvforecast").setLevel(logging.INFO)
     quiet_logs()  # known-harmless warnings off (docs/configuration.md#progress-and-quiet-logs)
     result = run_recorded(cfg, train)
-    return None if result is None else result.get("val/loss")
+    return None if result is None else result.get(SCORE_KEYS[cfg.select.by])
 
 
 def continue_or_start() -> float | None:

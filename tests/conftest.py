@@ -30,13 +30,13 @@ import forked  # noqa: E402
 
 
 def forecast_defaults() -> Any:
-    """conf/evaluate.yaml's forecast node as a partial of ``forecast``: the settings a direct call starts from
-    (its context and horizon steps read the data group's, as in a composed config)."""
+    """conf/forecast/default.yaml as a partial of ``forecast``: the settings a direct call starts from (its context
+    and horizon steps read the data group's, as in a composed config)."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.merge({"data": OmegaConf.load(CONF / "data" / "lotka_volterra.yaml")},
-                          OmegaConf.load(CONF / "evaluate.yaml"))
+                          {"forecast": OmegaConf.load(CONF / "forecast" / "default.yaml")})
     return instantiate(cfg.forecast)
 
 

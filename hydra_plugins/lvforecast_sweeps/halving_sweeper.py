@@ -6,9 +6,10 @@ bracket of :mod:`lvforecast.experiment.sweeps.halving`: rung 0 trains every conf
 rung continues the best ``1/eta`` from their own previous job's ``checkpoints/last.ckpt`` with
 ``trainer.max_steps`` raised (no step is computed twice), up to ``max_steps`` (default: the config's
 ``trainer.max_steps``). Every rung's jobs go through the configured launcher (basic, joblib, submitit), which hands
-each job's return value (``train.py`` returns the final validation loss) back to the sweeper. Job numbers run on
-across rungs, so each job has its own directory. ``halving.json`` in the sweep directory records every rung
-(configurations, losses, output directories, survivors) and the winner; the sweep summary and ``best_from`` read it.
+each job's return value (``train.py`` returns its score: the final validation loss, or with
+``select.by=forecast_mse`` the validation forecast MSE) back to the sweeper. Job numbers run on across rungs, so each
+job has its own directory. ``halving.json`` in the sweep directory records what ranked (``select_by``), every rung
+(configurations, scores, output directories, survivors) and the winner; the sweep summary and ``best_from`` read it.
 """
 
 # No ``from __future__ import annotations``: Hydra scans plugin modules without registering them in sys.modules,
@@ -77,6 +78,7 @@ class HalvingSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         record: dict[str, Any] = {"params": varying_keys(configs), "configurations": configs, "eta": self.eta,
+                                  "select_by": OmegaConf.select(self.config, "select.by", default="val_loss"),
                                   "rungs": []}
         alive, last_dir, returns, job_idx = list(range(len(configs))), {}, [], 0
         for rung in rungs:
@@ -93,7 +95,7 @@ class HalvingSweeper(Sweeper):
                 loss = _loss(result)
                 out = _output_dir(result, sweep_dir / str(job_idx + i))
                 last_dir[k], losses[k] = out, loss
-                jobs.append({"job": job_idx + i, "config": k, "overrides": batch[i], "val_loss": loss,
+                jobs.append({"job": job_idx + i, "config": k, "overrides": batch[i], "score": loss,
                              "output_dir": out})
             job_idx += len(batch)
             keep = rungs[rung.index + 1].size if rung.index + 1 < len(rungs) else 1
@@ -102,7 +104,8 @@ class HalvingSweeper(Sweeper):
             returns.append(results)
             alive = survivors
             if not alive:
-                log.error("halving: no configuration of rung %d has a validation loss; stopping", rung.index)
+                log.error("halving: no configuration of rung %d has a score (%s); stopping", rung.index,
+                          record["select_by"])
                 break
         if alive:
             final = record["rungs"][-1]["jobs"]
@@ -112,7 +115,7 @@ class HalvingSweeper(Sweeper):
 
 
 def _loss(result: Any) -> float | None:
-    """The job's return value as a loss; None for a failed job (or one that returned nothing)."""
+    """The job's return value, its score (lower is better); None for a failed job (or one that returned nothing)."""
     if result.status != JobStatus.COMPLETED:
         return None
     value = result.return_value

@@ -48,6 +48,8 @@ class FlopBudget(pl.Callback):
         self.mode = mode
         self.commit_every_n_steps = commit_every_n_steps
         self.final_validation_flops = int(self.plan.validation_pass)
+        # The selection forecast after training (select.by=forecast_mse): planned and reserved, so kept aside.
+        self.held_back = int(getattr(self.plan, "selection", 0))
         self._forward_cache: dict[tuple[int, int], int] = {}
         self.spent = 0  # committed + pending, this run, summed over ranks
         self.study_spent_at_start = self.ledger.study_spent()
@@ -89,8 +91,9 @@ class FlopBudget(pl.Callback):
 
     def affords(self, flops: int) -> bool:
         """Whether ``flops`` more can be spent: within the reservation, or (track mode) within a reservation grown
-        from what the study has left. The same answer on every rank (rank 0 decides and broadcasts)."""
-        extra = flops - (self.reserved - self.spent)
+        from what the study has left, the selection forecast's FLOPs kept aside (``held_back``). The same answer on
+        every rank (rank 0 decides and broadcasts)."""
+        extra = flops + self.held_back - (self.reserved - self.spent)
         ok = extra <= 0
         if not ok and self.mode == "track" and self.writes_ledger and self.ledger.extend_run(self.run_id, extra):
             self.reserved += extra

@@ -1,9 +1,10 @@
 """A run's FLOP plan, priced before any weights load from what the run will run; no config is read here.
 
 plan = micro-batches x one micro-batch on every rank (3 x forward) + validations x one validation pass (every
-rank's real batch shapes) + sanity-check batches + planned evaluation FLOPs. Validations: one before training (not
-on a resume), every one the :class:`Schedule` puts in the steps after the checkpoint's,
-and one final pass unless the schedule ends with one (docs/budget.md#a-run-step-by-step).
+rank's real batch shapes) + sanity-check batches + planned evaluation FLOPs + the selection forecast's generation
+FLOPs (``select.by=forecast_mse``: an upper bound, as an evaluation's). Validations: one before training (not on a
+resume), every one the :class:`Schedule` puts in the steps after the checkpoint's, and one final pass unless the
+schedule ends with one (docs/budget.md#a-run-step-by-step).
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ class RunShape:
     max_steps: int  # the optimizer step the run ends at
     start_step: int = 0  # the optimizer step it resumes from (0 when it does not)
     planned_eval: int = 0  # FLOPs reserved for an evaluation after training (budget.planned_eval_flops)
+    selection: int = 0  # the selection forecast's generation FLOPs after training (lvforecast.experiment.selection)
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,7 @@ class Plan:
     accumulate: int = 1
     start_step: int = 0
     before: int = 0
+    selection: int = 0  # generation after training, kept aside by the budget guard (charged as ``generate``)
 
     @property
     def batch_flops(self) -> int:
@@ -143,7 +146,8 @@ class Plan:
 
     @property
     def total(self) -> int:
-        return self.batches * self.batch_flops + self.validations * self.validation_pass + self.sanity + self.evaluation
+        return (self.batches * self.batch_flops + self.validations * self.validation_pass + self.sanity
+                + self.evaluation + self.selection)
 
     def step_cost(self, step: int) -> tuple[int, bool]:
         """``(FLOPs of optimizer step ``step`` with the validations during it, whether a validation ends it)``."""
@@ -152,9 +156,10 @@ class Plan:
 
     def first_edge(self) -> int:
         """What a run must be able to pay before it loads a model: sanity batches, the validation before
-        training, its first step and the validation it would stop on."""
+        training, its first step, the validation it would stop on and its selection forecast."""
         step, at_end = self.step_cost(self.start_step + 1)
-        return self.sanity + self.before * self.validation_pass + step + (0 if at_end else self.validation_pass)
+        return (self.sanity + self.before * self.validation_pass + step + (0 if at_end else self.validation_pass)
+                + self.selection)
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "total": self.total}
@@ -164,7 +169,9 @@ class Plan:
         accum = f", {self.accumulate} micro-batches per step" if self.accumulate > 1 else ""
         return (f"{self.steps} steps x {self.train_step:.4e} (train step, B x N = {self.next_step_shape}{ranks}"
                 f"{accum}) + {self.validations} validations x {self.validation_pass:.4e} + sanity {self.sanity:.4e} "
-                f"+ evaluation {self.evaluation:.4e} = {self.total:.4e} FLOPs")
+                f"+ evaluation {self.evaluation:.4e}"
+                + (f" + selection forecast {self.selection:.4e}" if self.selection else "")
+                + f" = {self.total:.4e} FLOPs")
 
 
 @dataclass(frozen=True)
@@ -197,7 +204,7 @@ def plan_run(pricing: Pricing, run: RunShape) -> Plan:
                 validations=before + periodic + (0 if at_end else 1), sanity=sanity, evaluation=int(run.planned_eval),
                 next_step_shape=(run.batch_size, run.context_length), world_size=run.ranks,
                 accumulate=schedule.accumulate, start_step=run.start_step, batches=batches, before=before,
-                schedule=schedule)
+                schedule=schedule, selection=int(run.selection))
 
 
 def reserved_flops(plan: Plan, cap: float | None, mode: str) -> int:

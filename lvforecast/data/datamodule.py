@@ -228,10 +228,12 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         return split_systems(n_systems, self.split_fractions, self.split_seed, self.pinned_test_systems, self.path)
 
     def evaluation_inputs(self, context_steps: int, horizon_steps: int, split_file: str | Path | None = None,
-                          max_systems: int | None = None, first: Sequence[int] = ()) -> EvaluationInputs:
+                          max_systems: int | None = None, first: Sequence[int] = (),
+                          part: str = "test") -> EvaluationInputs:
         """The test systems an evaluation forecasts (:func:`evaluation_order` of ``first``, ``max_systems``), their
         series, scales (from the ``context_steps`` of each prompt only) and prompts; no tokenizer needed. The test
-        split is that of ``split_file`` (a training run's ``split.json``), else this module's.
+        split is that of ``split_file`` (a training run's ``split.json``), else this module's; ``part="val"``: the
+        validation split's instead (a training run's selection forecast).
 
         Raises:
             UserError: The test split has no systems or names systems the file lacks.
@@ -242,11 +244,11 @@ class LotkaVolterraDataModule(pl.LightningDataModule):
         needed_by = f"forecast.context_steps={context_steps} + forecast.horizon_steps={horizon_steps}"
         traj = load_trajectories(self.path, min_steps=context_steps + horizon_steps, needed_by=needed_by)
         if split_file is not None:
-            test = json.loads(Path(split_file).read_text())["test"]
-            where = f"the test split of {split_file}"
+            test = json.loads(Path(split_file).read_text())[part]
+            where = f"the {part} split of {split_file}"
         else:
-            test = self._split(traj.n_systems).test
-            where = f"the test split of {self.path} (data.split_fractions={list(self.split_fractions)})"
+            test = getattr(self._split(traj.n_systems), part)
+            where = f"the {part} split of {self.path} (data.split_fractions={list(self.split_fractions)})"
         if not test:
             fix = "a run whose split.json lists test systems, or data.split_fractions with a test fraction > 0"
             raise UserError(f"{where} has no systems: there is nothing to evaluate; fix: {fix}")

@@ -1,7 +1,7 @@
 """Batched LLMTIME forecasting: prompts, batching, constrained decoding or ``generate``, parsing and FLOP charging.
 
 How a forecast is made: ``docs/evaluation.md``. The settings have no defaults here: they are the ``forecast`` node of
-``conf/evaluate.yaml``. The contract of :func:`forecast`:
+``conf/forecast/default.yaml``. The contract of :func:`forecast`:
 
 * Series ``i``'s prompt is :func:`lvforecast.data.encoding.encode_prompt` of its first ``context_steps`` steps with
   ``scales[i]``, without special tokens, left-padded; at most :func:`max_new_tokens_bound` tokens follow.

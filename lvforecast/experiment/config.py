@@ -32,6 +32,9 @@ SEED_MAX = 2**32 - 1  # numpy's (and so Lightning's seed_everything's) range is 
 # Trainer resolves them); tests/budget/test_planning.py holds this against a real Trainer so it cannot drift.
 LIGHTNING_DEFAULTS: dict[str, Any] = {"num_sanity_val_steps": 2, "limit_val_batches": 1.0, "val_check_interval": 1.0}
 VAL_BATCHES_RESOLVER = "lv_val_batches"
+#: What a search ranks a training run by (``select.by``); how a forecast score reduces systems (``select.statistic``).
+SELECT_BY = ("val_loss", "forecast_mse")
+STATISTICS = ("mean", "median")
 
 
 def check_train_config(cfg: DictConfig, start_step: int = 0) -> None:
@@ -50,7 +53,7 @@ def check_train_config(cfg: DictConfig, start_step: int = 0) -> None:
     lr = cfg.optim.get("lr")
     if not (is_finite_number(lr) and lr > 0):
         problems.append(f"optim.lr={lr!r}: must be a number > 0")
-    problems += budget_problems(cfg.budget) + trainer_problems(cfg.trainer)
+    problems += budget_problems(cfg.budget) + trainer_problems(cfg.trainer) + select_problems(cfg)
     max_steps = cfg.trainer.get("max_steps")
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         problems.append(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
@@ -63,19 +66,41 @@ def check_train_config(cfg: DictConfig, start_step: int = 0) -> None:
 def check_evaluate_config(cfg: DictConfig) -> None:
     """Check a composed ``conf/evaluate.yaml`` before any data or weights load, as :func:`check_train_config`."""
     from lvforecast.evaluation.baselines import BASELINES
-    from lvforecast.evaluation.forecast import settings_problems
 
     problems = device_problems(cfg.get("device"))
     if cfg.get("max_systems") is not None and not int_at_least(cfg.max_systems, 1):
         problems.append(f"max_systems={cfg.max_systems!r}: must be null (the whole test split) or an integer >= 1")
-    problems += settings_problems("forecast.", **{k: cfg.forecast.get(k) for k in (
-        "context_steps", "horizon_steps", "batch_size", "num_samples", "max_int_digits", "temperature", "top_p",
-        "head", "decoder", "constrained", "seed", "point")})
+    problems += forecast_problems(cfg.forecast)
     if bad := [e for e in cfg.get("examples") or [] if not int_at_least(e, 0)]:
         problems.append(f"examples has {bad}: system ids must be integers >= 0")
     if unknown := [b for b in cfg.baselines if b not in BASELINES]:
         problems.append(f"baselines={list(cfg.baselines)}: unknown {unknown}; allowed {sorted(BASELINES)}")
     _raise_problems(cfg, problems)
+
+
+def forecast_problems(fc: DictConfig) -> list[str]:
+    """What is wrong with the ``forecast`` node (``conf/forecast/default.yaml``)."""
+    from lvforecast.evaluation.forecast import settings_problems
+
+    return settings_problems("forecast.", **{k: fc.get(k) for k in (
+        "context_steps", "horizon_steps", "batch_size", "num_samples", "max_int_digits", "temperature", "top_p",
+        "head", "decoder", "constrained", "seed", "point")})
+
+
+def select_problems(cfg: DictConfig) -> list[str]:
+    """The ``select`` keys of a training config, and with ``select.by=forecast_mse`` the ``forecast`` settings it
+    forecasts with."""
+    sel = cfg.select
+    problems = []
+    if sel.by not in SELECT_BY:
+        problems.append(f"select.by={sel.by!r}: allowed {', '.join(map(repr, SELECT_BY))} (rank by the final "
+                        f"validation loss, or by the forecast MSE of select.systems validation systems)")
+    if not int_at_least(sel.systems, 1):
+        problems.append(f"select.systems={sel.systems!r}: must be an integer >= 1 (validation systems forecast)")
+    if sel.statistic not in STATISTICS:
+        problems.append(f"select.statistic={sel.statistic!r}: allowed {', '.join(map(repr, STATISTICS))} (over "
+                        f"the systems of each variable's MSE)")
+    return problems + (forecast_problems(cfg.forecast) if sel.by == "forecast_mse" else [])
 
 
 def _raise_problems(cfg: DictConfig, problems: list[str]) -> None:
@@ -290,10 +315,11 @@ def schedule_of(tr: DictConfig, epoch_batches: int) -> Schedule:
 
 
 def run_shape(cfg: DictConfig, val_shapes: list[list[tuple[int, int]]], train_rows: list[int],
-              start_step: int = 0) -> RunShape:
+              start_step: int = 0, selection: int = 0) -> RunShape:
     """What the run of checked ``cfg`` will run, from each rank's validation batch shapes ``(B, N)`` in loader order
     (the whole set) and ``train_rows``, the windows of each training micro-batch of an epoch on one rank
-    (``train_batch_rows`` of the data module): a step is priced at the largest, never above what the data holds."""
+    (``train_batch_rows`` of the data module): a step is priced at the largest, never above what the data holds;
+    ``selection``: the selection forecast's generation FLOPs (``selection.plan_selection``)."""
     tr = cfg.trainer
     ranks = world_size(tr)
     assert len(val_shapes) == ranks, f"validation batch shapes for {len(val_shapes)} ranks, the trainer runs {ranks}"
@@ -308,7 +334,7 @@ def run_shape(cfg: DictConfig, val_shapes: list[list[tuple[int, int]]], train_ro
         sanity_shapes=[shapes if sanity == -1 else shapes[:sanity] for shapes in val_shapes],
         validate_before=bool(cfg.get("validate_before_training")) and not resumed,
         schedule=schedule_of(tr, len(train_rows)), max_steps=int(tr.max_steps), start_step=start_step,
-        planned_eval=int(cfg.budget.planned_eval_flops))
+        planned_eval=int(cfg.budget.planned_eval_flops), selection=selection)
 
 
 def checkpoint_step(ckpt_path: str | None) -> int:

@@ -83,7 +83,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         cut = f" (max_systems={cfg.max_systems} cuts the split)" if cfg.max_systems else ""
         raise UserError(f"examples={list(cfg.examples)}: systems {missing} are not among the {len(inputs.systems)} "
                         f"test systems evaluated{cut}; name test systems, e.g. examples={sorted(inputs.systems)[:4]}")
-    plan, pricing = _generation_plan(cfg, source, inputs)
+    plan, pricing = generation_plan(cfg.forecast, source.model, source.lora, inputs)
     if cfg.budget.dry_run:
         log.info("generation FLOPs (dry run, upper bound, no weights loaded): %d systems x %d sample(s) -> %.4e",
                  len(inputs.prompts), int(cfg.forecast.num_samples), plan.total)
@@ -99,7 +99,7 @@ def plan_generation(cfg: DictConfig, trained: DictConfig | None = None) -> int:
     ``trained``: the train config of a run not made yet, to price instead of ``cfg``'s own ``run_dir`` or model."""
     check_evaluate_config(cfg)
     source = _source(cfg) if trained is None else _Source(trained.model, trained.data, trained.lora)
-    return _generation_plan(cfg, source, _load(cfg, source))[0].total
+    return generation_plan(cfg.forecast, source.model, source.lora, _load(cfg, source))[0].total
 
 
 def _claim(cfg: DictConfig, out: Path) -> Path:
@@ -187,18 +187,20 @@ def _load(cfg: DictConfig, source: _Source) -> EvaluationInputs:
         max_systems=cfg.max_systems, first=list(cfg.examples))
 
 
-def _generation_plan(cfg: DictConfig, source: _Source, inputs: EvaluationInputs) -> tuple[GenerationPlan, Pricing]:
-    """Generation FLOPs, an upper bound (every batch of the forecaster decodes its longest steps), and the pricing."""
+def generation_plan(fc: DictConfig, model: DictConfig, lora: DictConfig | None,
+                    inputs: EvaluationInputs) -> tuple[GenerationPlan, Pricing]:
+    """Generation FLOPs of forecasting ``inputs`` with the ``forecast`` node ``fc`` by ``model`` (with ``lora``; None:
+    untrained), an upper bound (every batch of the forecaster decodes its longest steps), and the pricing; what an
+    evaluation and a training run's selection forecast (:mod:`lvforecast.experiment.selection`) reserve."""
     from lvforecast.evaluation.forecast import planned_batches
 
-    pricing = pricing_of(source.model, source.lora)
-    fc = cfg.forecast
+    pricing = pricing_of(model, lora)
     # Constrained decoding runs the loop, which prefills a prompt once for all its samples and, with the alphabet
     # head, scores the alphabet's rows only, whichever head the adapter trained with.
     loop = bool(fc.constrained) and fc.decoder == "loop"
     head_rows = ALPHABET_SIZE if loop and fc.head == "alphabet" else None
     # The real tokenizer's counts where the model config states one (Qwen2.5), else characters (= tokens).
-    batches = planned_batches(token_counts(source.model, list(inputs.prompts)), horizon_steps=int(fc.horizon_steps),
+    batches = planned_batches(token_counts(model, list(inputs.prompts)), horizon_steps=int(fc.horizon_steps),
                               max_int_digits=int(fc.max_int_digits), decimals=inputs.decimals,
                               num_samples=int(fc.num_samples), batch_size=int(fc.batch_size), shared_prefill=loop)
     total = sum(generation_flops(pricing.shape, prompts, prompt_len, new, pricing.lora, pricing.conventions,
@@ -208,7 +210,7 @@ def _generation_plan(cfg: DictConfig, source: _Source, inputs: EvaluationInputs)
 
 
 def _reserve(cfg: DictConfig, source: _Source, plan: GenerationPlan, pricing: Pricing) -> Reservation | None:
-    """Reserve the generation FLOPs (:func:`_generation_plan`) as a ledger run; None with the budget off."""
+    """Reserve the generation FLOPs (:func:`generation_plan`) as a ledger run; None with the budget off."""
     if not cfg.budget.enabled:
         return None
     ledger = Ledger(cfg.budget.ledger_path, budget=cfg.budget.total_flops, journal_mode=cfg.budget.journal_mode)

@@ -26,6 +26,7 @@ from lvforecast.devices import check_machine, describe_device, torch_threads
 from lvforecast.errors import UserError
 from lvforecast.experiment import config
 from lvforecast.experiment.rundir import RunDir, ledger_name
+from lvforecast.experiment.selection import forecast_score, plan_selection
 from lvforecast.experiment.signals import resume_requeued
 from lvforecast.model.lora import apply_lora, expected_lora_parameters
 from lvforecast.tracking import finish_wandb, log_adapter, update_summary
@@ -38,7 +39,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit a LoRA adapter as configured, its FLOPs reserved before any weights load, and return the final metrics.
 
     Returns:
-        ``{"val/loss", "train/loss", "global_step", "budget_status", "flops/run", "output_dir"}``; on a dry run
+        ``{"val/loss", "train/loss", "global_step", "budget_status", "flops/run", "output_dir"}`` (with
+        ``select.by=forecast_mse`` also ``val_forecast_mse``, ``val_forecast_systems``, ``val_forecast_flops``,
+        :mod:`lvforecast.experiment.selection`); on a dry run
         ``{"dry_run", "plan", "output_dir"}``.
     """
     resume_requeued(cfg)  # a requeued SLURM job continues from its run directory's checkpoint
@@ -89,7 +92,8 @@ def _plan(cfg: DictConfig, datamodule: Any, pricing: Any, start_step: int) -> Pl
             raise UserError(f"model.tokenizer does not give one token per character on systems {wrong}: the "
                             f"window shapes the plan prices would not be the ones trained")
     ranks = config.world_size(cfg.trainer)
-    shape = config.run_shape(cfg, datamodule.val_batch_shapes(ranks), datamodule.train_batch_rows(ranks), start_step)
+    shape = config.run_shape(cfg, datamodule.val_batch_shapes(ranks), datamodule.train_batch_rows(ranks), start_step,
+                             plan_selection(cfg, datamodule))
     plan = plan_run(pricing, shape)
     if reserved_flops(plan, cfg.budget.run_cap_flops, cfg.budget.mode) < plan.first_edge():
         raise UserError(
@@ -135,7 +139,7 @@ def fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, run: 
     ``running`` while fitting, then ``finished`` (with ``final``), ``failed`` or ``interrupted``."""
     from lvforecast.budget.callback import FlopBudget
 
-    module, record = _build(cfg, datamodule, reservation)
+    module, record, char_ids = _build(cfg, datamodule, reservation)
     record["setup_seconds"] = round(time.perf_counter() - started, 2)
     loggers = instantiate_list(cfg.get("logger"))
     callbacks = _callbacks(cfg, reservation)
@@ -148,6 +152,8 @@ def fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, run: 
         for lg in loggers:  # the resolved config at the top level (W&B's run config), plus the run record
             lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "run_info": run.info})
         metrics = _fit_and_save(cfg, trainer, module, datamodule, flop_cb, run)
+        if cfg.select.by == "forecast_mse" and run.lead:
+            metrics.update(_select(cfg, trainer, module, char_ids, datamodule, flop_cb, reservation))
         run.end(trainer.global_step, metrics["budget_status"], final=metrics,
                 fit_seconds=round(time.perf_counter() - started - record["setup_seconds"], 2))
         update_summary(loggers, metrics)
@@ -168,8 +174,9 @@ def fit(cfg: DictConfig, datamodule: Any, reservation: Reservation | None, run: 
         finish_wandb(loggers, exit_code=0 if ok else 1)  # every job finishes its own W&B run
 
 
-def _build(cfg: DictConfig, datamodule: Any, reservation: Reservation | None) -> tuple[Any, dict[str, Any]]:
-    """The LightningModule around the LoRA-wrapped model, and the run record's model part."""
+def _build(cfg: DictConfig, datamodule: Any,
+           reservation: Reservation | None) -> tuple[Any, dict[str, Any], dict[str, int]]:
+    """The LightningModule around the LoRA-wrapped model, the run record's model part, the tokenizer's char ids."""
     loaded = instantiate(cfg.model.loader)
     if reservation is not None and shape_of(loaded.model) != reservation.pricing.shape:
         raise UserError(f"the FLOP plan assumed {reservation.pricing.shape} but {loaded.name} is "
@@ -190,7 +197,19 @@ def _build(cfg: DictConfig, datamodule: Any, reservation: Reservation | None) ->
     if reservation is not None:
         record["budget"] = {"run_id": reservation.run_id, "ledger": str(reservation.ledger.path),
                             "plan": reservation.plan.as_dict(), "reserved": reservation.reserved}
-    return module, record
+    return module, record, loaded.char_ids
+
+
+def _select(cfg: DictConfig, trainer: Any, module: Any, char_ids: dict[str, int], datamodule: Any, flop_cb: Any,
+            reservation: Reservation | None) -> dict[str, Any]:
+    """The selection forecast's score (:func:`~lvforecast.experiment.selection.forecast_score`), its FLOPs charged
+    to the run as ``generate``: always affordable, as the plan reserved them and the budget guard kept them aside
+    (``FlopBudget.held_back``) whenever it let training go on."""
+    scored = forecast_score(cfg, module, datamodule.tokenizer, char_ids, datamodule, trainer.strategy.root_device,
+                            None if reservation is None else reservation.charge)
+    log.info("selection forecast: %s = %.4g over %d validation systems (%s)", "val_forecast_mse",
+             scored["val_forecast_mse"], scored["val_forecast_systems"], cfg.select.statistic)
+    return {**scored, **({"flops/run": flop_cb.spent + scored["val_forecast_flops"]} if flop_cb is not None else {})}
 
 
 def _fit_and_save(cfg: DictConfig, trainer: Any, module: Any, datamodule: Any, flop_cb: Any,

@@ -130,3 +130,47 @@ def test_forecast_examples_are_planned_at_least_at_what_is_charged(tmp_path):
     assert charged["val"] == plan["validations"] * plan["validation_pass"] and plan["validations"] == 3
     assert 0 < charged["train"] <= plan["batches"] * plan["train_step"] and plan["batches"] == 3
     assert sum(charged.values()) <= plan["total"]
+
+
+# A 2-step tiny run that ranks by forecast MSE: 3 validation systems, 12 context steps, 4 forecast steps.
+SELECTED_RUN = [*TINY_RUN, "trainer.max_steps=2", "trainer.val_check_interval=2", "select.by=forecast_mse",
+                "select.systems=3", "forecast.context_steps=12", "forecast.horizon_steps=4"]
+
+
+@pytest.mark.slow
+def test_the_selection_forecast_is_planned_reserved_and_charged_as_generation(sim_cache, tmp_path):
+    from hydra.utils import instantiate
+
+    from lvforecast.budget.formulas import generation_flops
+    from lvforecast.budget.shapes import ALPHABET_SIZE, LoRASpec
+    from lvforecast.experiment.config import model_shape
+    from lvforecast.experiment.selection import selection_inputs
+    from lvforecast.experiment.train import train
+
+    cfg = compose_train(SELECTED_RUN, output_dir=tmp_path, cache_dir=sim_cache)
+    result = train(cfg)
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    plan = info["budget"]["plan"]
+    # One batch (3 rows <= forecast.batch_size 16): 3 prompts prefilled at the longest, P characters (= tokens of
+    # the tiny model's character tokenizer), then the grammar's bound of 4 steps x 14 tokens ("dd.ddd,dd.ddd;",
+    # max_int_digits 2 and 3 decimals) = 56 decodes, the alphabet head scoring 13 rows.
+    longest = max(map(len, selection_inputs(cfg, instantiate(cfg.data)).prompts))
+    lora = LoRASpec(rank=cfg.lora.r, targets=tuple(cfg.lora.target_modules), logit_bias=cfg.lora.train_logit_bias)
+    expected = generation_flops(model_shape(cfg.model), 3, longest, 56, lora, kv_cache=True, prefill_logits="last",
+                                head_rows=ALPHABET_SIZE)
+    assert plan["selection"] == expected and plan["total"] == info["budget"]["reserved"]
+    assert plan["total"] == (plan["batches"] * plan["train_step"] + plan["validations"] * plan["validation_pass"]
+                             + plan["sanity"] + plan["evaluation"] + expected)
+    with sqlite3.connect(cfg.budget.ledger_path) as conn:
+        charged = dict(conn.execute("SELECT kind, SUM(flops) FROM charges GROUP BY kind"))
+        tokens = conn.execute("SELECT SUM(tokens) FROM charges WHERE kind = 'generate'").fetchone()[0]
+    # The random tiny model runs every row to the bound: 3 x P prompt tokens + 3 x 56 decoded, charged as planned.
+    assert tokens == 3 * longest + 3 * 56 and charged["generate"] == expected == result["val_forecast_flops"]
+    assert result["flops/run"] == sum(charged.values()) == plan["total"]
+    assert result["val_forecast_systems"] == 3 and np.isfinite(result["val_forecast_mse"])
+
+
+def test_a_val_loss_run_plans_no_selection_forecast():
+    from lvforecast.experiment.selection import plan_selection
+
+    assert plan_selection(compose_train(TINY_RUN), datamodule=None) == 0  # select.by=val_loss: nothing forecast

@@ -25,7 +25,7 @@ from lvforecast.evaluation.grammar import (
 from lvforecast.model.loading import build_tiny_qwen
 
 CONTEXT, HORIZON = 12, 4
-#: conf/evaluate.yaml's forecast node: the settings every call below starts from (the study's 3 decimals).
+#: conf/forecast/default.yaml: the settings every call below starts from (the study's 3 decimals).
 DEFAULTS = forecast_defaults()
 
 

@@ -48,6 +48,26 @@ def test_a_continued_halving_job_is_drawn_from_the_last_point_of_the_rung_it_con
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("training step (optimizer steps)", "validation loss (nats/token)")
 
 
+def test_the_rung_table_shows_the_score_the_bracket_ranked_by():
+    from lvforecast.experiment.sweeps.summary import format_rungs
+
+    # A forecast_mse bracket of 2 configurations: configuration 1 (job 1, MSE 0.25) beats 0 (job 0, 1.5) and wins.
+    jobs = [{"job": 0, "config": 0, "score": 1.5, "overrides": ["lora.r=2"]},
+            {"job": 1, "config": 1, "score": 0.25, "overrides": ["lora.r=4"]}]
+    record = {"eta": 2, "params": ["lora.r"], "select_by": "forecast_mse", "winner": jobs[1],
+              "rungs": [{"rung": 0, "steps": 2, "jobs": jobs, "survivors": [1]}]}
+    rows = [{"job": j["job"], "flops": 10} for j in jobs]
+    md = format_rungs(record, rows, {0: "r=2", 1: "r=4"})
+    assert "| rung | steps | configurations (job): val forecast MSE | FLOPs | survivors |" in md
+    assert "| 0 | 2 | r=2 (job 0): 1.5; r=4 (job 1): 0.25 | 2.000e+01 | r=4 |" in md  # FLOPs: 10 + 10
+    assert "Winner: r=4 (job 1, lora.r=4), validation forecast MSE 0.25." in md
+    # A halving.json from before select_by (scores under val_loss) reads as it did.
+    before = [{k if k != "score" else "val_loss": v for k, v in j.items()} for j in jobs]
+    old = {"eta": 2, "params": ["lora.r"], "winner": before[1],
+           "rungs": [{"rung": 0, "steps": 2, "jobs": before, "survivors": [1]}]}
+    assert "final validation loss 0.2500." in format_rungs(old, rows, {0: "r=2", 1: "r=4"})
+
+
 @pytest.mark.slow
 def test_halving_dry_run_prints_the_brackets_worst_case_and_launches_nothing(sim_cache, tmp_path):
     ledger = tmp_path / "ledger.sqlite"
@@ -66,7 +86,8 @@ def test_halving_sweep_continues_survivors_from_their_checkpoints_via_the_launch
     assert res.returncode == 0, res.stderr[-3000:]
     record = json.loads((sweep / "halving.json").read_text())
     assert [len(r["jobs"]) for r in record["rungs"]] == [3, 1]
-    rung0 = {j["config"]: j["val_loss"] for j in record["rungs"][0]["jobs"]}
+    rung0 = {j["config"]: j["score"] for j in record["rungs"][0]["jobs"]}  # train.py's return: val/loss here
+    assert record["select_by"] == "val_loss"
     assert record["rungs"][0]["survivors"] == [min(rung0, key=rung0.get)]
     winner = record["winner"]
     assert winner["job"] == 3 and "ckpt_path=" in " ".join(winner["overrides"])

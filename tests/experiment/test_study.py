@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import shutil
 import signal
+import sqlite3
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -62,6 +64,8 @@ def test_a_bad_stage_is_one_error_naming_key_value_and_allowed():
     study = OmegaConf.create({"stages": [{"name": "a", "kind": "bogus"},
                                          {"name": "b", "kind": "evaluate", "of": "x"},
                                          {"name": "c", "kind": "search", "method": "random", "space": {"lora.r": [2]}},
+                                         {"name": "d", "kind": "search", "space": {"lora.r": [2]}, "select_by": "mape"},
+                                         {"name": "e", "kind": "train", "select_by": "forecast_mse"},
                                          ]})
     with pytest.raises(ValueError) as err:
         parse_stages(study)
@@ -69,6 +73,8 @@ def test_a_bad_stage_is_one_error_naming_key_value_and_allowed():
     assert "kind='bogus': allowed ['evaluate', 'train', 'search']" in msg
     assert "of='x': must name an earlier train stage" in msg
     assert "method='random': allowed ['grid', 'halving']" in msg
+    assert "select_by='mape': allowed 'val_loss', 'forecast_mse'" in msg
+    assert "(e).select_by='forecast_mse': only a search stage ranks its jobs" in msg
 
 
 def _aggregate(mean: float) -> dict:
@@ -218,6 +224,30 @@ def test_tiny_study_end_to_end_then_skips_finished_stages_and_resumes_an_interru
     assert again["status"] == "finished"
     assert {k: again["result"][k] for k in ("val/loss", "global_step", "budget_status")} == \
         {k: recorded["result"][k] for k in ("val/loss", "global_step", "budget_status")}
+
+
+@pytest.mark.slow
+def test_a_search_stage_ranked_by_forecast_mse_plans_charges_and_chooses_by_it(sim_cache, tmp_path):
+    # tiny's context_length search alone (lr and rank from its train overrides): 2 jobs of 4 steps, each forecasting
+    # 4 validation systems (12 context steps, 4 forecast steps) after training.
+    stage = "study.stages=[{name: cl, kind: search, space: {data.context_length: [64, 96]}, select_by: forecast_mse}]"
+    result = _study(["study=tiny", stage, f"study_dir={tmp_path}", f"paths.cache_dir={sim_cache}"])
+    with open(tmp_path / "cl" / "summary.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["select_by"] for r in rows] == ["forecast_mse"] * 2 and all(r["final_val_loss"] for r in rows)
+    best = min(rows, key=lambda r: float(r["val_forecast_mse"]))
+    assert [r["best"] for r in rows] == [str(r is best) for r in rows]
+    assert json.loads((tmp_path / "cl" / "stage.json").read_text())["run_dir"] == best["run_dir"]
+    md = (tmp_path / "cl" / "summary.md").read_text()
+    assert "ranked by the validation forecast MSE (select.by=forecast_mse)" in md
+    ledger = Ledger(tmp_path / "ledger.sqlite", budget=None)
+    for r in rows:  # each job's selection forecast: in its plan and reservation, charged as generation
+        info = json.loads((Path(r["run_dir"]) / "run_info.json").read_text())
+        with sqlite3.connect(ledger.path) as conn:
+            (generate,) = conn.execute("SELECT SUM(flops) FROM charges WHERE run_id = ? AND kind = 'generate'",
+                                       (info["budget"]["run_id"],)).fetchone()
+        assert generate == info["budget"]["plan"]["selection"] == info["final"]["val_forecast_flops"] > 0
+    assert sum(r["charged_flops"] for r in ledger.runs()) == result["plan"][0]["flops"]  # planned = charged
 
 
 @pytest.mark.slow

@@ -172,6 +172,53 @@ def test_summary_states_the_budget_left_and_the_command_that_trains_the_winner(t
     assert (cfg.optim.lr, cfg.lora.r, cfg.model.loader._target_.rsplit(".", 1)[-1]) == (1e-4, 8, "build_tiny_qwen")
 
 
+def _ranked(sweep: Path, ledger: Ledger, by: str) -> list[dict]:
+    """Two finished jobs that disagree: job 0 has the lower final validation loss (2.0 < 2.5), job 1 the lower
+    validation forecast MSE (0.5 < 4.0); each job's config.yaml says ``select.by=by``."""
+    for num, (lr, loss, mse) in enumerate([("1e-05", 2.0, 4.0), ("0.0001", 2.5, 0.5)]):
+        _job(sweep, num, ["model=tiny", f"optim.lr={lr}", f"select.by={by}"], ledger, 10**9, [(0, 3.0), (3, loss)])
+        info = json.loads((sweep / str(num) / "run_info.json").read_text())
+        info["final"]["val_forecast_mse"] = mse
+        (sweep / str(num) / "run_info.json").write_text(json.dumps(info))
+        config = {"select": {"by": by}, "data": {"batch_size": 4, "context_length": 96}}
+        (sweep / str(num) / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
+    from lvforecast.experiment.sweeps.summary import summarize_sweep
+
+    return summarize_sweep(sweep)
+
+
+@pytest.mark.parametrize(("by", "winner", "named"), [("forecast_mse", 1, "validation forecast MSE"),
+                                                     ("val_loss", 0, "validation loss")])
+def test_a_sweep_ranks_by_what_select_by_names_and_shows_both_numbers(tmp_path, by, winner, named):
+    from lvforecast.experiment.sweeps.summary import best_row
+
+    sweep = tmp_path / "sweep"
+    rows = _ranked(sweep, Ledger(tmp_path / "ledger.sqlite", budget=10**10), by)
+    assert [r["best"] for r in rows] == [num == winner for num in (0, 1)]
+    assert best_row(sweep)["job"] == str(winner) and best_from(sweep, "optim.lr") == [1e-5, 1e-4][winner]
+    md = (sweep / "summary.md").read_text()
+    assert f"best finished job in bold, ranked by the {named} (select.by={by})." in md
+    # Both numbers in every row (loss to 4 decimals, forecast MSE to 4 significant figures), the ranked one bold.
+    assert f"| 0 | 1e-05 | {'**2.0000** (best)' if winner == 0 else '2.0000'} | 2.0000 | 4 | 3 |" in md
+    assert f"| 1 | 0.0001 | 2.5000 | 2.5000 | {'**0.5** (best)' if winner == 1 else '0.5'} | 3 |" in md
+    # The command that trains the winner does not carry the ranking: the final run has nothing to rank.
+    assert next(line for line in md.splitlines() if line.startswith("python train.py")).endswith("model=tiny")
+
+
+def test_a_bad_select_by_is_refused_naming_the_key_and_what_is_allowed():
+    from lvforecast.experiment.config import check_train_config
+
+    with pytest.raises(ValueError) as err:
+        check_train_config(compose_train(["select.by=loss", "select.statistic=max", "select.systems=0"]))
+    msg = str(err.value)
+    assert "select.by='loss': allowed 'val_loss', 'forecast_mse'" in msg
+    assert "select.statistic='max': allowed 'mean', 'median'" in msg
+    assert "select.systems=0: must be an integer >= 1" in msg
+    with pytest.raises(ValueError, match=r"forecast.num_samples=0: must be an integer >= 1"):  # forecast_mse reads them
+        check_train_config(compose_train(["select.by=forecast_mse", "forecast.num_samples=0"]))
+    check_train_config(compose_train(["forecast.num_samples=0"]))  # val_loss forecasts nothing: not checked
+
+
 def test_jobs_are_labelled_by_the_settings_that_differ_between_them():
     from lvforecast.experiment.sweeps.curves import labels_by_difference, line_style
 

@@ -10,6 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lvforecast.errors import raise_problems
+from lvforecast.experiment.config import SELECT_BY
 from lvforecast.validate import name_problem
 
 KINDS = ("evaluate", "train", "search")
@@ -29,6 +30,7 @@ class Stage:
     space: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     min_steps: int | None = None
     eta: int = 3
+    select_by: str | None = None  # a search's ranking, passed to its jobs as select.by (None: conf/train.yaml's)
 
 
 def parse_stages(study: DictConfig) -> list[Stage]:
@@ -53,6 +55,10 @@ def parse_stages(study: DictConfig) -> list[Stage]:
             problems.append(f"{where}.method={raw['method']!r}: allowed {list(METHODS)}")
         if raw["kind"] == "search" and not raw.get("space"):
             problems.append(f"{where}.space: a search stage needs a space (key: [values])")
+        if raw.get("select_by") is not None and (raw["kind"] != "search" or raw["select_by"] not in SELECT_BY):
+            problems.append(f"{where}.select_by={raw['select_by']!r}: " + (
+                f"allowed {', '.join(map(repr, SELECT_BY))}" if raw["kind"] == "search" else
+                "only a search stage ranks its jobs; leave it out"))
         if raw.get("method") == "halving" and not raw.get("min_steps"):
             problems.append(f"{where}.min_steps: a halving search needs the steps of its first rung")
         earlier = {s.name: s for s in stages}

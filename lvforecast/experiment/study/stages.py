@@ -52,13 +52,15 @@ def launch_of(cfg: DictConfig, stage: Stage, settings: dict[str, Any], run_dir: 
     """The multirun of ``stage`` with the ``settings`` it takes (and, for an evaluation, the run it evaluates).
 
     Its arguments, in order: ``model.source``, the study's ``common`` overrides, its ``train`` or ``evaluate`` ones,
-    the stage's, the settings taken, the search space as comma lists, the study's paths, ledger and names.
+    the stage's, a search's ``select.by``, the settings taken, the search space as comma lists, the study's paths,
+    ledger and names.
     """
     study = cfg.study
     script = "evaluate" if stage.kind == "evaluate" else "train"
     sweep_dir = Path(cfg.study_dir) / stage.name
     source = [f"model.source={override_value(study.model_source)}"] if study.get("model_source") else []
     args = [*source, *study.common, *study[script], *stage.overrides]
+    args += [f"select.by={stage.select_by}"] if stage.select_by is not None else []
     args += [f"{key}={override_value(value)}" for key, value in settings.items()]
     args += [f"{key}={','.join(map(override_value, values))}" for key, values in stage.space.items()]
     if run_dir is not None:

@@ -23,6 +23,7 @@ from lvforecast.budget.ledger import remaining_in
 from lvforecast.budget.planning import plan_run, reserved_flops
 from lvforecast.errors import UserError
 from lvforecast.experiment import config
+from lvforecast.experiment.selection import plan_selection
 from lvforecast.experiment.sweeps.halving import Halving, Rung, worst_case
 from lvforecast.experiment.sweeps.job import earlier_run
 from lvforecast.experiment.sweeps.jobs import PLAN_CSV, STUDY_KEYS, configurations, split_grid, sweeper_arguments
@@ -44,10 +45,12 @@ class SweepPlan:
 
 
 class JobPricer:
-    """What each job reserves, without loading weights; the data's batch shapes are read once per data config."""
+    """What each job reserves, without loading weights; the data's batch shapes are read once per data config, a
+    selection forecast's FLOPs once per data, forecast, select, model and LoRA config."""
 
     def __init__(self) -> None:
-        self._shapes: dict[tuple[str, int], tuple[Any, list[int]]] = {}
+        self._shapes: dict[tuple[str, int], tuple[Any, list[int], Any]] = {}
+        self._selection: dict[tuple[str, ...], int] = {}
 
     def __call__(self, cfg: DictConfig, start_step: int | None, job: str) -> int:
         """The FLOPs training job ``job`` reserves from ``start_step`` (None: its checkpoint's); a UserError
@@ -62,9 +65,14 @@ class JobPricer:
             if key not in self._shapes:
                 datamodule = instantiate(cfg.data)
                 datamodule.prepare_texts()
-                self._shapes[key] = (datamodule.val_batch_shapes(ranks), datamodule.train_batch_rows(ranks))
-            val_shapes, train_rows = self._shapes[key]
-            plan = plan_run(config.train_pricing(cfg), config.run_shape(cfg, val_shapes, train_rows, start))
+                self._shapes[key] = (datamodule.val_batch_shapes(ranks), datamodule.train_batch_rows(ranks), datamodule)
+            val_shapes, train_rows, datamodule = self._shapes[key]
+            selected = tuple(OmegaConf.to_yaml(cfg[k], resolve=True) for k in ("data", "forecast", "select", "model",
+                                                                               "lora"))
+            if selected not in self._selection:
+                self._selection[selected] = plan_selection(cfg, datamodule)
+            shape = config.run_shape(cfg, val_shapes, train_rows, start, self._selection[selected])
+            plan = plan_run(config.train_pricing(cfg), shape)
             return reserved_flops(plan, cfg.budget.run_cap_flops, cfg.budget.mode)
         except ValueError as err:
             raise UserError(f"{job}: {err}") from err

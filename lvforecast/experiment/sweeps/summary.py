@@ -32,12 +32,17 @@ log = logging.getLogger(__name__)
 
 SUMMARY_CSV, SUMMARY_MD, CURVES_PNG = "summary.csv", "summary.md", "val_loss_curves.png"
 STATUS_FIX = "delete it (the job is then listed as not run) and run the same sweep command again to redo the job"
-RUN_SECTIONS = (*STUDY_KEYS, "budget.ledger_path", "sweep_name")  # all a row reads of a job's config
+RUN_SECTIONS = (*STUDY_KEYS, "budget.ledger_path", "sweep_name", "select")  # all a row reads of a job's config
 RESOLVER = "lv_best"
-# Overrides that name this sweep, its stage or a rung rather than the winner's model and data: left out of the
-# command that trains the winner (the sweep file it runs sets its own name and steps).
+# The summary column each select.by ranks by (a job's config; a run from before select existed: val_loss).
+SCORE_COLUMNS = {"val_loss": "final_val_loss", "forecast_mse": "val_forecast_mse"}
+SCORE_NAMES = {"val_loss": "validation loss", "forecast_mse": "validation forecast MSE"}
+SCORE_TITLES = {"val_loss": "final val loss", "forecast_mse": "val forecast MSE"}  # a table column's
+SCORE_FORMATS = {"val_loss": ".4f", "forecast_mse": ".4g"}
+# Overrides that name this sweep, its stage, a rung or its ranking rather than the winner's model and data: left out
+# of the command that trains the winner (the sweep file it runs sets its own name and steps).
 NOT_CARRIED = ("sweep", "best_from", "sweep_name", "tags", "budget.stage", "budget.run_name",
-               "logger.wandb.job_type", *RUNG_KEYS)
+               "logger.wandb.job_type", "select.by", *RUNG_KEYS)
 
 
 class SweepSummary(Callback):
@@ -91,20 +96,32 @@ def summarize_command(sweep_dir: Path) -> int:
 
 def best_row(path: str | Path) -> dict[str, str]:
     """The best finished job's row of a sweep's ``summary.csv`` (``path``: the file or its sweep directory): the
-    halving winner, else the lowest final validation loss; UserError if there is no summary or no such job."""
+    halving winner, else the lowest score (:func:`score_of`: the final validation loss or the validation forecast
+    MSE, as each row's ``select_by`` says); UserError if there is no summary or no such job."""
     file = Path(str(path))
     file = file / SUMMARY_CSV if file.is_dir() else file
     if not file.is_file():
         raise UserError(f"best_from={str(path)!r}: no {SUMMARY_CSV} there (is it a finished sweep's directory?)")
     with open(file, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    scored = [r for r in rows if r.get("status") in COMPLETED and r.get("final_val_loss")]
+    scored = [r for r in rows if r.get("status") in COMPLETED and score_of(r) != ""]
     if not scored:
-        raise UserError(f"best_from={str(path)!r}: no finished job with a validation loss in {file}")
+        raise UserError(f"best_from={str(path)!r}: no finished job with a {SCORE_NAMES[select_by(rows[0])]} in "
+                        f"{file}")
     marked = [r for r in scored if r.get("best") == "True"]
     if "rung" in rows[0] and marked:  # successive halving: the winner of the last rung
         return marked[0]
-    return min(scored, key=lambda r: float(r["final_val_loss"]))
+    return min(scored, key=lambda r: float(score_of(r)))
+
+
+def select_by(row: dict[str, Any]) -> str:
+    """What a summary row is ranked by (its ``select_by``; ``val_loss`` in a summary from before the column)."""
+    return row.get("select_by") or "val_loss"
+
+
+def score_of(row: dict[str, Any]) -> Any:
+    """A summary row's score, the column its ``select_by`` names (``""`` when it has none)."""
+    return row.get(SCORE_COLUMNS[select_by(row)], "")
 
 
 def best_from(path: Any, key: str) -> Any:
@@ -154,8 +171,8 @@ def summarize_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
                                  "error": f"not run: no {STATUS_FILE} (the job never started, or was killed before "
                                           f"it could record how it ended)"})
         rows.append(_job_row(num, job, keys, record, curves, ledgers))
-    finished = [r for r in rows if r["status"] in COMPLETED and r["final_val_loss"] != ""]
-    best = min(finished, key=lambda r: r["final_val_loss"])["job"] if finished else None
+    finished = [r for r in rows if r["status"] in COMPLETED and score_of(r) != ""]
+    best = min(finished, key=score_of)["job"] if finished else None
     continues = continued_jobs(halving) if halving else {}
     if halving:  # the winner is the last rung's best, not the lowest loss of any rung
         rung_of = {j["job"]: r["rung"] for r in halving["rungs"] for j in r["jobs"]}
@@ -223,6 +240,8 @@ def _job_row(num: int, job: list[str], keys: list[str], record: dict[str, Any],
     return {**row, **{k: OmegaConf.select(cfg, k, default="") for k in STUDY_KEYS if k not in row},
             "final_val_loss": val[-1][1] if val else "",
             "best_val_loss": min(v for _, v in val) if val else "",
+            "val_forecast_mse": final.get("val_forecast_mse", ""),
+            "select_by": OmegaConf.select(cfg, "select.by", default=None) or "val_loss",
             "steps": steps,
             "flops": _job_flops(info, cfg, record, ledgers[num]),
             "train_tokens_per_s": round(tokens / fit_s, 1) if tokens and fit_s else "",
@@ -251,22 +270,30 @@ def _job_flops(info: dict[str, Any], cfg: DictConfig, record: dict[str, Any], pa
 
 
 def format_summary(rows: list[dict[str, Any]], keys: list[str], sweep_dir: Path) -> str:
-    """Markdown: the per-job table (best in bold; ``keys``, the sweep's axes, as columns), the study's grid
-    layout for two axes, and totals."""
+    """Markdown: the per-job table (best in bold; ``keys``, the sweep's axes, as columns; the validation forecast MSE
+    beside the losses when a job has one), the study's grid layout for two axes, and totals."""
+    ranked = next((select_by(r) for r in rows if r["status"] in COMPLETED), "val_loss")
+    forecast = ranked == "forecast_mse" or any(r["val_forecast_mse"] != "" for r in rows)
+    head = "final val loss | best val loss | " + ("val forecast MSE | " if forecast else "")
     lines = [f"# Sweep `{sweep_dir}`", "",
-             "Final validation loss (nats per token, the last validation of each job); best finished job in bold.",
-             "", "| job | " + " | ".join(keys) + " | final val loss | best val loss | steps | FLOPs | "
-             "train tokens/s | status |",
-             "|---:|" + "---|" * len(keys) + "---:|---:|---:|---:|---:|---|"]
+             "Final validation loss (nats per token, the last validation of each job)"
+             + ("; validation forecast MSE (study units, select.statistic over the select.systems first validation "
+                "systems, then the mean of prey's and predator's)" if forecast else "")
+             + f"; best finished job in bold, ranked by the {SCORE_NAMES[ranked]} (select.by={ranked}).", "",
+             "| job | " + " | ".join(keys) + f" | {head}steps | FLOPs | train tokens/s | status |",
+             "|---:|" + "---|" * len(keys) + "---:|---:|" + ("---:|" if forecast else "") + "---:|---:|---:|---|"]
     for r in rows:
-        loss = fmt(r["final_val_loss"], ".4f")
-        loss = f"**{loss}** (best)" if r["best"] else loss
+        cells = {column: fmt(r[column], SCORE_FORMATS[by]) for by, column in SCORE_COLUMNS.items()}
+        if r["best"]:
+            column = SCORE_COLUMNS[select_by(r)]
+            cells[column] = f"**{cells[column]}** (best)"
         status = markdown_cell(r["status"] + (f": {r['error']}" if r["error"] else ""))
         lines.append(f"| {r['job']} | " + " | ".join(markdown_cell(r[k]) for k in keys)
-                     + f" | {loss} | {fmt(r['best_val_loss'], '.4f')} | {r['steps']} | {_flops(r['flops'])} | "
-                     f"{r['train_tokens_per_s']} | {status} |")
+                     + f" | {cells['final_val_loss']} | {fmt(r['best_val_loss'], '.4f')} | "
+                     + (f"{cells['val_forecast_mse']} | " if forecast else "")
+                     + f"{r['steps']} | {_flops(r['flops'])} | {r['train_tokens_per_s']} | {status} |")
     if len(keys) == 2:
-        lines += ["", _grid(rows, keys)]
+        lines += ["", _grid(rows, keys, ranked)]
     total = sum(r["flops"] for r in rows if isinstance(r["flops"], int))
     lines += ["", f"Sweep total: {format_flops(total)} FLOPs over {len(rows)} jobs "
               f"({sum(r['status'] in COMPLETED for r in rows)} finished)."]
@@ -278,29 +305,33 @@ def format_summary(rows: list[dict[str, Any]], keys: list[str], sweep_dir: Path)
     return "\n".join(lines) + "\n"
 
 
-def _grid(rows: list[dict[str, Any]], keys: list[str]) -> str:
-    """The study's Table 8 layout: first axis as rows, second as columns, final val loss in the cells."""
+def _grid(rows: list[dict[str, Any]], keys: list[str], ranked: str) -> str:
+    """The study's Table 8 layout: first axis as rows, second as columns, the score ranked by in the cells."""
     a, b = keys
     cell = {}
     for r in rows:
-        text = fmt(r["final_val_loss"], ".4f") or r["status"]
+        text = fmt(r[SCORE_COLUMNS[ranked]], SCORE_FORMATS[ranked]) or r["status"]
         cell[markdown_cell(r[a]), markdown_cell(r[b])] = f"**{text}**" if r["best"] else text
     rows_a, cols_b = list(dict.fromkeys(va for va, _ in cell)), list(dict.fromkeys(vb for _, vb in cell))
-    lines = [f"| {a} \\ {b} | " + " | ".join(cols_b) + " |", "|---|" + "---:|" * len(cols_b)]
+    lines = [f"{SCORE_NAMES[ranked].capitalize()} by {a} (rows) and {b} (columns):", "",
+             f"| {a} \\ {b} | " + " | ".join(cols_b) + " |", "|---|" + "---:|" * len(cols_b)]
     lines += [f"| {va} | " + " | ".join(cell.get((va, vb), "") for vb in cols_b) + " |" for va in rows_a]
     return "\n".join(lines)
 
 
 def format_rungs(halving: dict[str, Any], rows: list[dict[str, Any]], labels: dict[int, str]) -> str:
-    """Markdown: every rung of a successive-halving sweep (configurations named by ``labels`` of their jobs, losses,
+    """Markdown: every rung of a successive-halving sweep (configurations named by ``labels`` of their jobs, scores,
     FLOPs, survivors), the winner."""
     by_job = {r["job"]: r for r in rows}
     jobs = [j for rung in halving["rungs"] for j in rung["jobs"]]
     name = {j["config"]: markdown_cell(labels.get(j["job"], f"configuration {j['config']}")) for j in jobs}
+    ranked = halving.get("select_by", "val_loss")  # a halving.json from before select.by: validation loss
+    spec = SCORE_FORMATS[ranked]
     lines = ["", f"## Successive halving (eta {halving['eta']})", "",
-             "| rung | steps | configurations (job): final val loss | FLOPs | survivors |", "|---:|---:|---|---:|---|"]
+             f"| rung | steps | configurations (job): {SCORE_TITLES[ranked]} | FLOPs | survivors |",
+             "|---:|---:|---|---:|---|"]
     for rung in halving["rungs"]:
-        losses = "; ".join(f"{name[j['config']]} (job {j['job']}): {fmt(j['val_loss'], '.4f') or 'failed'}"
+        losses = "; ".join(f"{name[j['config']]} (job {j['job']}): {fmt(_rung_score(j), spec) or 'failed'}"
                            for j in rung["jobs"])
         flops = sum(by_job[j["job"]]["flops"] for j in rung["jobs"]
                     if j["job"] in by_job and isinstance(by_job[j["job"]]["flops"], int))
@@ -309,8 +340,13 @@ def format_rungs(halving: dict[str, Any], rows: list[dict[str, Any]], labels: di
     if winner := halving.get("winner"):
         lines += ["", f"Winner: {name[winner['config']]} (job {winner['job']}, "
                   f"{' '.join(o for o in winner['overrides'] if o.partition('=')[0] in halving['params'])}), "
-                  f"final validation loss {fmt(winner['val_loss'], '.4f')}."]
+                  f"{'final ' if ranked == 'val_loss' else ''}{SCORE_NAMES[ranked]} {fmt(_rung_score(winner), spec)}."]
     return "\n".join(lines) + "\n"
+
+
+def _rung_score(job: dict[str, Any]) -> float | None:
+    """A halving job's recorded score (``val_loss`` in a halving.json from before ``score``)."""
+    return job.get("score", job.get("val_loss"))
 
 
 def format_budget(rows: list[dict[str, Any]], ledgers: dict[int, str]) -> str:
