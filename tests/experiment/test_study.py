@@ -57,7 +57,11 @@ def test_halving_schedule_keeps_a_third_and_resumes_where_the_last_rung_stopped(
 def test_every_study_preset_composes_and_its_stages_parse(preset):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("study", overrides=[f"study={preset}"])
-    assert [s.name for s in parse_stages(cfg.study)] == STAGES and cfg.study.name == preset
+    # The improved protocol has no context-length grid (its examples are the task's length); cpu no default run.
+    improved = {"coursework": [n for n in STAGES if n != "context_length"],
+                "cpu": ["zero_shot", "lr_rank", "final", "final_eval"]}
+    assert [s.name for s in parse_stages(cfg.study)] == improved.get(preset, STAGES)
+    assert cfg.study.name == preset
 
 
 def test_a_bad_stage_is_one_error_naming_key_value_and_allowed():
@@ -153,17 +157,19 @@ def test_a_study_over_its_budget_is_refused_before_any_stage(sim_cache, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.skipif(not REAL_DATA.is_file(), reason=f"needs the study's file {REAL_DATA}")
-def test_coursework_dry_run_plans_every_stage_inside_1e17(tmp_path):
-    result = _study(["study=coursework", f"study_dir={tmp_path}", f"paths.data_dir={REAL_DATA.parent}",
-                     "dry_run=true"])
+@pytest.mark.parametrize("preset", ["seed", "coursework"])
+def test_the_qwen_studies_dry_runs_plan_every_stage_inside_1e17(tmp_path, preset):
+    result = _study([f"study={preset}", f"study_dir={tmp_path}", f"paths.data_dir={REAL_DATA.parent}", "dry_run=true"])
     plan = {r["stage"]: r for r in result["plan"]}
-    assert list(plan) == STAGES
+    assert sum(r["flops"] for r in result["plan"]) < 1e17
+    assert not (tmp_path / "ledger.sqlite").exists()
+    if preset == "coursework":  # halving 9 + 3 + 1 jobs, each scored by a sampled forecast of 16 validation systems
+        assert list(plan) == [n for n in STAGES if n != "context_length"] and plan["lr_rank"]["jobs"] == 13
+        return
+    assert list(plan) == STAGES and plan["lr_rank"]["jobs"] == 9
     # `python train.py`, README's figure: 3,000 steps x 6.7721e12 + 61 validations (before training, every 50 steps,
     # the last at step 3,000 doubling as the final one) x 25 batches = 5.6434e13 -> 2.0316e16 + 3.4425e15 = 2.3759e16.
     assert plan["default"]["flops"] == pytest.approx(2.3759e16, rel=1e-4)
-    assert sum(r["flops"] for r in result["plan"]) < 1e17
-    assert plan["lr_rank"]["jobs"] == 9 + 3 + 1
-    assert not (tmp_path / "ledger.sqlite").exists()
 
 
 @pytest.mark.slow
