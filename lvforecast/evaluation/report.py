@@ -260,11 +260,12 @@ def _interval(stats: dict[str, Any]) -> str:
     return "n/a" if stats["interval"] is None else "[" + ", ".join(map(_f, stats["interval"])) + "]"
 
 
-def paired_table(summary: dict[str, Any]) -> list[str]:
-    """Per baseline and variable: the model's paired wins and the mean-MSE ratio with its bootstrap interval."""
+def paired_table(summary: dict[str, Any], title: str = "## Model vs each baseline, system by system") -> list[str]:
+    """Per baseline and variable: the model's paired wins and the mean-MSE ratio with its bootstrap interval, under
+    ``title`` (the study report puts each evaluation's under its own)."""
     paired = summary.get("paired") or {}
     if not paired:
-        return ["## Model vs each baseline, system by system", "", "No baselines were run.", ""]
+        return [title, "", "No baselines were run.", ""]
     some = next(iter(next(iter(paired.values())).values()))
     level = round(100 * some["level"])
     note = (f"Wins: systems on which the model's MSE is lower than the baseline's, of the systems where both are "
@@ -274,7 +275,7 @@ def paired_table(summary: dict[str, Any]) -> list[str]:
     columns = ["baseline", "variable", "model wins", "mean-MSE ratio", f"{level}% interval"]
     rows = [[display(name), var, f"{s['wins']} of {s['n']}", _f(s["ratio"]), _interval(s)]
             for name, by_var in paired.items() for var, s in by_var.items()]
-    return _table("## Model vs each baseline, system by system", columns, rows, note)
+    return _table(title, columns, rows, note)
 
 
 def _encoded_units(summary: dict[str, Any]) -> str | None:

@@ -81,68 +81,6 @@ def test_a_bad_stage_is_one_error_naming_key_value_and_allowed():
     assert "(e).select_by='forecast_mse': only a search stage ranks its jobs" in msg
 
 
-def _aggregate(mean: float) -> dict:
-    """An evaluation's metrics.json entry of one method: every point metric of both variables with mean ``mean`` and
-    median ``mean / 2``, in both units."""
-    agg = {"all": {k: {v: {"mean": mean, "median": mean / 2} for v in ("prey", "predator")}
-                   for k in ("mse", "rmse", "mae", "mape")}}
-    return {"encoded": agg, "original": agg}
-
-
-def test_the_study_reports_evaluations_table_sets_the_model_beside_the_named_baselines(tmp_path):
-    from lvforecast.experiment.study.report import _evaluations_table
-    from lvforecast.experiment.study.spec import Stage
-
-    def evaluation(name: str, model_mean: float) -> dict:
-        (tmp_path / name).mkdir()
-        methods = {"model": _aggregate(model_mean), "persistence": _aggregate(4.0), "ar": _aggregate(2.0),
-                   "paired": {"ar": {"wins": 1}}}  # statistics of another shape: left to the evaluation's report
-        (tmp_path / name / "metrics.json").write_text(json.dumps(
-            {"systems": [3, 5], "parse_failures": 1, "flops_generate": 123_456_789, "methods": methods}))
-        return {"run_dir": str(tmp_path / name)}
-
-    stages = [Stage("zero_shot", "evaluate"), Stage("final", "train"), Stage("final_eval", "evaluate", of="final")]
-    table = _evaluations_table(stages, {"zero_shot": evaluation("zero_shot", 8.0),
-                                        "final_eval": evaluation("final_eval", 1.0)})
-    assert "MSE and MAE in encoded units" in " ".join(table) and "MAPE a fraction" in " ".join(table)
-    assert table[5] == ("| evaluation stage | method | systems | MSE prey | MSE predator | MAE prey | MAE predator | "
-                        "MAPE prey | MAPE predator | parse failures | generation FLOPs |")
-
-    def cells(mean: str, median: str) -> str:  # the six tabled metrics' mean / median, as _aggregate makes them
-        return " | ".join([f"{mean} / {median}"] * 6)
-
-    # FLOPs: 123,456,789 to 4 significant figures. Both evaluations scored the same baselines on the same two
-    # systems, so each baseline is one row naming both stages, by its display name (AR(3), not `ar`).
-    assert table[7:] == [f"| zero_shot | zero-shot model | 2 | {cells('8', '4')} | 1 | 1.235e+08 |",
-                         f"| final_eval | model trained by `final` | 2 | {cells('1', '0.5')} | 1 | 1.235e+08 |",
-                         f"| zero_shot, final_eval | persistence | 2 | {cells('4', '2')} | n/a | n/a |",
-                         f"| zero_shot, final_eval | AR(3) | 2 | {cells('2', '1')} | n/a | n/a |"]
-
-
-def test_forecast_panels_name_each_systems_class_and_the_axes_units(tmp_path, monkeypatch):
-    import numpy as np
-
-    from lvforecast.experiment.study import report
-
-    # Two systems, 8 context + 4 forecast steps; the evaluation's per_system.csv has a row per system and method.
-    (tmp_path / "per_system.csv").write_text("system,class,method\n3,oscillatory,model\n3,oscillatory,ar\n"
-                                             "5,decaying,model\n")
-    np.savez(tmp_path / "forecasts.npz", systems=[3, 5], examples=[3, 5], series=np.ones((2, 12, 2)),
-             context_steps=8, forecast=np.ones((2, 4, 2)), running_mse=np.ones((2, 4, 2)))
-    figures = []
-    monkeypatch.setattr(report, "save_figure", lambda fig, path, **kw: figures.append(fig))
-    report._plot_forecasts(tmp_path / "f.png", tmp_path / "r.png", [("final_eval", tmp_path / "forecasts.npz")])
-    panels, running = figures[0].axes, figures[1].axes
-    assert [ax.get_title() for ax in panels] == ["system 3 (oscillatory), prey", "system 5 (decaying), prey",
-                                                 "system 3 (oscillatory), predator", "system 5 (decaying), predator"]
-    assert panels[0].get_ylabel() == "prey (original units)" and panels[0].get_xlabel().startswith("time step")
-    assert (running[0].get_xlabel(), running[0].get_ylabel()) == ("forecast horizon (steps)",
-                                                                  "running MSE (encoded units)")
-    for ax in (*panels, *running):  # horizon and time ticks on whole steps only (not 2.5, 7.5)
-        ticks = ax.xaxis.get_major_locator()()
-        assert len(ticks) and all(float(t).is_integer() for t in ticks)
-
-
 @pytest.mark.slow
 def test_a_study_over_its_budget_is_refused_before_any_stage(sim_cache, tmp_path):
     # The tiny study's first two stages (planning all seven composes ~35 configs): zero_shot plans 2.1070e8 FLOPs,

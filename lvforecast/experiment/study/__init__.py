@@ -28,6 +28,7 @@ from lvforecast.atomic import read_state, write_text
 from lvforecast.budget.ledger import Ledger, remaining_in
 from lvforecast.errors import UserError
 from lvforecast.experiment.evaluate import plan_generation
+from lvforecast.experiment.study.compare import compare_dirs
 from lvforecast.experiment.study.progress import StudyProgress
 from lvforecast.experiment.study.report import write_study_report
 from lvforecast.experiment.study.spec import Stage, candidate_settings, parse_stages
@@ -92,6 +93,7 @@ def run_study(cfg: DictConfig) -> dict[str, Any]:
         UserError: An invalid study or stage config, or a stage that did not finish.
     """
     stages = parse_stages(cfg.study)
+    compare_dirs(cfg.study)  # a bad study.compare_with fails now, not when the report is written at the end
     done = finished_stages(Path(cfg.study_dir), [s.name for s in stages])
     plan = plan_study(cfg, stages, done)
     budget = int(float(cfg.study.budget_flops))

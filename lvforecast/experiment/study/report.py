@@ -13,9 +13,11 @@ from omegaconf import DictConfig
 from lvforecast.atomic import read_state, save_figure, write_text
 from lvforecast.budget.ledger import Ledger, format_flops
 from lvforecast.budget.report import format_stages_markdown, plot_report
-from lvforecast.data.encoding import VARIABLES
+from lvforecast.data.encoding import STUDY_SCALE, VARIABLES
 from lvforecast.evaluation.baselines import DISPLAY_NAMES
 from lvforecast.evaluation.metrics import TABLED_METRICS
+from lvforecast.evaluation.report import paired_table
+from lvforecast.experiment.study.compare import compare_dirs, side_by_side, versus_zero_shot, write_index
 from lvforecast.experiment.study.spec import Stage
 from lvforecast.experiment.sweeps.curves import draw_val_curves
 from lvforecast.experiment.sweeps.summary import SUMMARY_CSV, SUMMARY_MD, continues_of, fmt, job_labels
@@ -26,22 +28,35 @@ REPORT_MD, CURVES_PNG = "study_report.md", "loss_curves.png"
 FORECASTS_PNG, RUNNING_PNG = "forecasts.png", "running_mse.png"
 
 
-def _evaluations_table(stages: list[Stage], done: dict[str, dict[str, Any]]) -> list[str]:
+Evaluation = tuple[Stage, Path, dict[str, Any]]  # a finished evaluation stage, its run directory, its metrics.json
+
+
+def _evaluations(stages: list[Stage], done: dict[str, dict[str, Any]]) -> list[Evaluation]:
+    """Each finished evaluation stage with its run directory and ``metrics.json``, in stage order."""
+    found = []
+    for stage in stages:
+        run = Path(done.get(stage.name, {}).get("run_dir", ""))
+        if stage.kind == "evaluate" and (run / "metrics.json").is_file():
+            found.append((stage, run, read_state(run / "metrics.json", f"evaluate again into {run} (or delete "
+                                                 f"{run.parent / 'stage.json'} and run the study again)")))
+    return found
+
+
+def _who(stage: Stage) -> str:
+    return DISPLAY_NAMES["zero_shot"] if not stage.of else f"{DISPLAY_NAMES['model']} trained by `{stage.of}`"
+
+
+def _evaluations_table(evals: list[Evaluation]) -> list[str]:
     """Each evaluation stage's model against the baselines it ran (from its ``metrics.json``), headline metrics in
     encoded units; a baseline whose numbers several evaluations share (the same test systems) is one row naming them
-    all. Anything else in ``metrics.json`` (e.g. paired statistics) is left to each evaluation's own report."""
+    all. The paired statistics and the samples' scores are tables of their own."""
     models, baselines = [], {}
-    for stage in stages:
-        path = Path(done.get(stage.name, {}).get("run_dir", "")) / "metrics.json"
-        if stage.kind != "evaluate" or not path.is_file():
-            continue
-        summary = read_state(path, f"evaluate again into {path.parent} (or delete {path.parent.parent / 'stage.json'} "
-                                   f"and run the study again)")
+    for stage, _, summary in evals:
         methods = {k: m for k, m in summary["methods"].items() if isinstance(m, dict) and "encoded" in m}
         n = len(summary.get("systems", []))
-        who = DISPLAY_NAMES["zero_shot"] if not stage.of else f"{DISPLAY_NAMES['model']} trained by `{stage.of}`"
-        models.append(f"| {markdown_cell(stage.name)} | {markdown_cell(who)} | {n} | {_metric_cells(methods['model'])}"
-                      f" | {summary['parse_failures']} | {format_flops(summary['flops_generate'])} |")
+        models.append(f"| {markdown_cell(stage.name)} | {markdown_cell(_who(stage))} | {n} | "
+                      f"{_metric_cells(methods['model'])} | {summary['parse_failures']} | "
+                      f"{format_flops(summary['flops_generate'])} |")
         for name, method in methods.items():
             if name != "model":
                 baselines.setdefault((name, n, _metric_cells(method)), []).append(stage.name)
@@ -57,6 +72,49 @@ def _evaluations_table(stages: list[Stage], done: dict[str, dict[str, Any]]) -> 
             + " | ".join(f"{k.upper()} {v}" for k in TABLED_METRICS for v in VARIABLES)
             + " | parse failures | generation FLOPs |", "|---|---|---:|" + "---:|" * (2 * len(TABLED_METRICS) + 2),
             *rows]
+
+
+def _samples_table(evals: list[Evaluation]) -> list[str]:
+    """CRPS and 10-90% coverage of each evaluation that sampled its forecasts (``metrics.json``'s
+    ``probabilistic``, there when ``forecast.num_samples`` > 1); none without such an evaluation."""
+    keys = ("crps_study", "crps_encoded", "coverage_10_90")
+    rows = [f"| {markdown_cell(stage.name)} | {s['num_samples']} ({s['point']}) | {p['n_systems']} of "
+            f"{len(s['systems'])} | " + " | ".join(fmt(None if p[k] is None else p[k][j], ".4g") for k in keys
+                                                   for j in range(len(VARIABLES))) + " |"
+            for stage, _, s in evals if (p := s.get("probabilistic")) is not None]
+    if not rows:
+        return []
+    return ["", "### Sampled forecasts: CRPS and 10-90% coverage", "",
+            f"CRPS of the model's samples (lower is better) in study units (raw / {STUDY_SCALE}) and encoded "
+            "units, and the fraction of steps whose truth lies in the samples' 10-90% interval (nominal 0.80); means "
+            "over the systems whose samples all parsed. Samples: per system, with the point forecast taken from "
+            "them.", "",
+            "| evaluation stage | samples (point) | systems scored | "
+            + " | ".join(f"{what} {v}" for what in ("CRPS (study)", "CRPS (encoded)", "coverage")
+                         for v in VARIABLES) + " |", "|---|---:|---:|" + "---:|" * (3 * len(VARIABLES)), *rows]
+
+
+def _paired_sections(evals: list[Evaluation]) -> list[str]:
+    """Each evaluation's model against its baselines system by system (``metrics.json``'s ``paired``, rendered as
+    its ``report.md`` renders it) and, for a trained model, against the study's zero-shot evaluation
+    (:func:`~.compare.versus_zero_shot`: when both scored the same systems, else a line saying why not)."""
+    zero = next(((stage.name, run) for stage, run, _ in evals if not stage.of), None)
+    lines = []
+    for stage, run, summary in evals:
+        paired, notes = dict(summary.get("paired") or {}), []
+        if "paired" not in summary:
+            notes.append("Its `metrics.json` holds no paired statistics of the baselines (an evaluation from before "
+                         "they were recorded).")
+        if stage.of and zero is not None:
+            versus = versus_zero_shot(run, zero[1], (stage.name, zero[0]))
+            if isinstance(versus, str):
+                notes.append(f"The zero-shot model (`{zero[0]}`) is left out: {versus}.")
+            else:
+                paired[f"{DISPLAY_NAMES['zero_shot']} (`{zero[0]}`)"] = versus
+        title = f"### `{stage.name}`: the {_who(stage)}"
+        table = paired_table({"paired": paired}, title) if paired or "paired" in summary else [title, ""]
+        lines += table + [line for note in notes for line in (note, "")]
+    return ["", "## The model against each baseline, system by system", "", *lines] if lines else []
 
 
 def _metric_cells(method: dict[str, Any]) -> str:
@@ -86,14 +144,19 @@ def _stage_section(out: Path, stage: Stage, record: dict[str, Any]) -> list[str]
 
 def write_study_report(cfg: DictConfig, stages: list[Stage], done: dict[str, dict[str, Any]],
                        plan: list[dict[str, Any]]) -> Path:
-    """Write ``study_report.md`` (returned), ``budget_report.png``, the forecast figures and ``loss_curves.png``."""
+    """Write ``study_report.md`` (returned), ``budget_report.png``, the forecast figures, ``loss_curves.png`` and
+    ``study.json`` (what another study's ``compare_with`` reads of this one)."""
     out = Path(cfg.study_dir)
     lines = [f"# Study `{cfg.study.name}`", "", f"Study directory `{out}`, ledger `{cfg.study.ledger_path}`.", "",
              "## Plan (before any stage ran)", "", "| stage | kind | jobs | planned FLOPs | note |",
              "|---|---|---:|---:|---|"]
     lines += [f"| {markdown_cell(p['stage'])} | {p['kind']} | {p['jobs']} | {format_flops(p['flops'])} | "
               f"{markdown_cell(p['note'])} |" for p in plan]
-    lines += _evaluations_table(stages, done)
+    evals = _evaluations(stages, done)
+    lines += _evaluations_table(evals) + _samples_table(evals) + _paired_sections(evals)
+    write_index(out, cfg.study.name, str(cfg.study.ledger_path),
+                [(stage.name, stage.of, str(run)) for stage, run, _ in evals])
+    lines += side_by_side(out, compare_dirs(cfg.study))
     for stage in stages:
         if stage.name in done:
             lines += _stage_section(out, stage, done[stage.name])
@@ -102,10 +165,10 @@ def write_study_report(cfg: DictConfig, stages: list[Stage], done: dict[str, dic
         plot_report(rep, out / "budget_report.png")
         lines += ["", "## FLOPs per stage (ledger)", "", format_stages_markdown(rep),
                   "![spend per stage](budget_report.png)"]
-    evals = [(s.name, path) for s in stages if s.kind == "evaluate" and s.name in done
-             and (path := Path(done[s.name]["run_dir"]) / "forecasts.npz").is_file()]
-    if evals:
-        _plot_forecasts(out / FORECASTS_PNG, out / RUNNING_PNG, evals)
+    kept = [(s.name, path) for s in stages if s.kind == "evaluate" and s.name in done
+            and (path := Path(done[s.name]["run_dir"]) / "forecasts.npz").is_file()]
+    if kept:
+        _plot_forecasts(out / FORECASTS_PNG, out / RUNNING_PNG, kept)
         lines += ["", "## Forecasts of the example systems, every evaluation", "", f"![forecasts]({FORECASTS_PNG})",
                   "", f"![running MSE]({RUNNING_PNG})"]
     if _plot_curves(out / CURVES_PNG, stages, done):
