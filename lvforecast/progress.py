@@ -2,8 +2,8 @@
 
 One mechanism, :class:`Progress`: on a terminal a tqdm bar on stderr; elsewhere (a log file, CI, a study's stage
 log) a log line every :data:`LOG_EVERY_S` seconds and one at the end, instead of the thousands of carriage-return
-updates a bar would write there. Work done in less than :data:`LOG_EVERY_S` logs nothing. Training has its own bar,
-Lightning's (:mod:`lvforecast.experiment.progress`).
+updates a bar would write there. Work done in less than :data:`LOG_EVERY_S` logs nothing. Training shows Lightning's
+bar on a terminal and these lines elsewhere (:class:`lvforecast.experiment.progress.StepProgressBar`).
 """
 
 from __future__ import annotations
