@@ -7,7 +7,7 @@ the same random keys/values for both (no prefill is timed): ``(t(steps) - t(1)) 
 
 ``--mode e2e``: ``forecast()`` end to end (median of ``--repeats`` interleaved runs), ``--batch`` rows of simulated
 systems (context 80 steps, horizon 20 as
-conf/evaluate.yaml): ``head=alphabet decoder=loop`` (the default) vs ``head=full decoder=generate`` (today's),
+conf/forecast/default.yaml): ``head=alphabet decoder=loop`` (the default) vs ``head=full decoder=generate`` (today's),
 texts compared.
 
 Both print the torch thread count (``--threads``, default the ``threads: auto`` rule of the model).
@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from transformers import DynamicCache, LogitsProcessorList, StoppingCriteriaList
 
 from lvforecast.budget.shapes import shape_of
@@ -33,12 +32,13 @@ from lvforecast.data.encoding import STUDY_DECIMALS, STUDY_SCALE
 from lvforecast.data.simulate import simulate_systems
 from lvforecast.devices import resolve_threads
 from lvforecast.evaluation.decoder import AlphabetLogits, decode, generation_config, preallocated_cache
+from lvforecast.evaluation.forecast import conf_settings
 from lvforecast.evaluation.grammar import Grammar, LLMTimeLogitsProcessor, StepsStoppingCriteria, compile_grammar
 from lvforecast.model.loading import build_tiny_qwen, load_smollm2
 from lvforecast.utils import project_cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-FORECAST = OmegaConf.load(ROOT / "conf" / "evaluate.yaml").forecast
+FORECAST = conf_settings(ROOT / "conf")
 
 
 def _kv(model, batch: int, tokens: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

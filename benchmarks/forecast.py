@@ -1,7 +1,7 @@
 """Benchmark: batched constrained KV-cache forecasting vs per-series unconstrained ``generate`` (SmolLM2-135M).
 
 (a) :func:`lvforecast.evaluation.forecast.forecast` over all systems, batched, left-padded, grammar-constrained, greedy
-    (conf/evaluate.yaml's decoder: the compiled-grammar loop with the alphabet head; ``--head full --decoder
+    (conf/forecast/default.yaml's decoder: the compiled-grammar loop with the alphabet head; ``--head full --decoder
     generate`` for the previous path).
 (b) One ``model.generate`` per series, no constraint, greedy, a fixed ``max_new_tokens`` equal to the
     constrained bound, no stopping criteria (the usual naive loop).
@@ -21,18 +21,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from transformers import GenerationConfig
 
 from lvforecast.budget.shapes import HEADS
 from lvforecast.data.encoding import STUDY_DECIMALS, STUDY_SCALE, decode, encode_prompt
 from lvforecast.data.simulate import simulate_systems
+from lvforecast.evaluation.forecast import conf_settings
 from lvforecast.evaluation.grammar import Grammar, max_new_tokens_bound
 from lvforecast.model.loading import load_smollm2
 from lvforecast.utils import project_cache_dir
 
-#: conf/evaluate.yaml's forecast node: the evaluation's settings; the command line overrides a few.
-FORECAST = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "evaluate.yaml").forecast
+#: conf/forecast/default.yaml: the evaluation's settings; the command line overrides a few.
+FORECAST = conf_settings(Path(__file__).resolve().parents[1] / "conf")
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ budget's built-in shape), bf16, ``sdpa``, with the real Qwen2.5 tokenizer from t
 on q_proj/v_proj (the study's default run): the same code and the same FLOPs as the real weights. Every row runs the
 project's own code: training is ``pl.Trainer.fit`` of :class:`lvforecast.model.module.LoRAForecaster` at the
 precision ``trainer=default`` picks (bf16-mixed on a GPU), on real LLMTIME windows of simulated systems; decoding is
-:func:`lvforecast.evaluation.forecast.forecast` with ``conf/evaluate.yaml``'s settings. One table:
+:func:`lvforecast.evaluation.forecast.forecast` with ``conf/forecast/default.yaml``'s settings. One table:
 
 * **train**, batch x tokens at the study's shapes (4 x 512, 4 x 768), full and alphabet heads: ms per step (CUDA
   synchronised around the timed steps only), tokens/s, and MFU = FLOPs / time / the GPU's dense bf16 peak (built in
@@ -49,7 +49,6 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from lvforecast.budget.formulas import forward_flops, train_step_flops
 from lvforecast.budget.shapes import ALPHABET_SIZE, BUILTIN, Conventions, LoRASpec, ModelShape, shape_of
@@ -57,14 +56,15 @@ from lvforecast.data.encoding import STUDY_DECIMALS, STUDY_SCALE, ScaleRule, enc
 from lvforecast.data.simulate import simulate_systems
 from lvforecast.data.windows import PadCollator, build_windows, encode_series
 from lvforecast.devices import describe_device, no_gpu_reason, training_precision
+from lvforecast.evaluation.forecast import conf_settings
 from lvforecast.evaluation.grammar import Grammar, max_new_tokens_bound
 from lvforecast.model.lora import apply_lora
 from lvforecast.model.module import LoRAForecaster, constant_schedule
 from lvforecast.utils import project_cache_dir
 
 REPO = Path(__file__).resolve().parents[1]
-#: conf/evaluate.yaml's forecast node: the decoding settings an evaluation uses.
-FORECAST = OmegaConf.load(REPO / "conf" / "evaluate.yaml").forecast
+#: conf/forecast/default.yaml: the decoding settings an evaluation uses.
+FORECAST = conf_settings(REPO / "conf")
 #: Dense bf16 peak FLOP/s by device name (the first pattern found in it wins); others need --peak-tflops.
 PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12))
 #: Qwen2.5-0.5B-Instruct's config.json (the fields that shape the model).

@@ -1,12 +1,12 @@
 """Benchmark: ``--samples`` sampled forecasts of one system from one shared prefill vs paying the prompt per sample.
 
-(a) shared: ``forecast(num_samples=k)``, conf/evaluate.yaml's decoder (the loop, alphabet head): the prompt is
+(a) shared: ``forecast(num_samples=k)``, conf/forecast/default.yaml's decoder (the loop, alphabet head): the prompt is
     prefilled once and its KV cache copied to the k rows.
 (b) old way: the prompt repeated as k rows of one batch, each prefilled (what ``forecast(num_samples=k)`` ran before
     the shared prefill), decoded by the same loop with the same seed: the same tokens as (a).
 (c) separate: k single-row forecasts, one ``forecast()`` call each (greedy: the same shapes as one sample).
 
-Context ``--context-steps`` (80: ~1,000 tokens), horizon 20 as conf/evaluate.yaml, one run of each. Prints the
+Context ``--context-steps`` (80: ~1,000 tokens), horizon 20 as conf/forecast/default.yaml, one run of each. Prints the
 FLOPs of each, analytic (at the decode bound, as planned) and charged (as run), the wall times, and the ratios of
 (a) to (b) and (c) (targets: FLOPs <= 0.35x, wall time <= 0.5x).
 
@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from lvforecast.budget.formulas import generation_flops
 from lvforecast.budget.shapes import ALPHABET_SIZE, shape_of
@@ -29,12 +28,13 @@ from lvforecast.data.encoding import STUDY_DECIMALS, STUDY_SCALE, encode_prompt
 from lvforecast.data.simulate import simulate_systems
 from lvforecast.devices import resolve_threads
 from lvforecast.evaluation.decoder import AlphabetLogits, decode
+from lvforecast.evaluation.forecast import conf_settings
 from lvforecast.evaluation.grammar import Grammar, compile_grammar, max_new_tokens_bound
 from lvforecast.model.loading import build_tiny_qwen, load_smollm2
 from lvforecast.utils import project_cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-FORECAST = OmegaConf.load(ROOT / "conf" / "evaluate.yaml").forecast
+FORECAST = conf_settings(ROOT / "conf")
 
 
 def old_way(lm, series, args, k: int) -> tuple[list[str], int, int]:

@@ -30,14 +30,12 @@ import forked  # noqa: E402
 
 
 def forecast_defaults() -> Any:
-    """conf/forecast/default.yaml as a partial of ``forecast``: the settings a direct call starts from (its context
-    and horizon steps read the data group's, as in a composed config)."""
+    """conf/forecast/default.yaml as a partial of ``forecast``: the settings a direct call starts from."""
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    cfg = OmegaConf.merge({"data": OmegaConf.load(CONF / "data" / "lotka_volterra.yaml")},
-                          {"forecast": OmegaConf.load(CONF / "forecast" / "default.yaml")})
-    return instantiate(cfg.forecast)
+    from lvforecast.evaluation.forecast import conf_settings
+
+    return instantiate(conf_settings(CONF))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

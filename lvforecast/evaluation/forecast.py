@@ -23,6 +23,7 @@ import logging
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -45,6 +46,17 @@ Point = Literal["median", "mean"]
 #: How the point forecast summarises a series' samples, per step (NaN-aware): the functions ``point`` names.
 POINTS: dict[str, Callable[..., np.ndarray]] = {"median": np.nanmedian, "mean": np.nanmean}
 
+
+
+def conf_settings(conf_dir: Path) -> Any:
+    """``conf/forecast/default.yaml`` with the steps it reads from the data group resolved: the settings a direct
+    call (a benchmark, a test) starts from, as a composed ``evaluate.py`` config has them."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.merge({"data": OmegaConf.load(Path(conf_dir) / "data" / "lotka_volterra.yaml")},
+                           {"forecast": OmegaConf.load(Path(conf_dir) / "forecast" / "default.yaml")}).forecast
+    OmegaConf.resolve(node)
+    return node
 
 @dataclass
 class ForecastResult:

@@ -17,9 +17,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from lvforecast.data.split import EvaluationInputs
-from lvforecast.evaluation.forecast import POINTS
 from lvforecast.evaluation.metrics import per_system_metrics, to_encoded
-from lvforecast.experiment.evaluate import generation_plan
+
+# The forecaster (lvforecast.evaluation.forecast, experiment.evaluate) loads torch and transformers: imported where
+# used, so train.py's config check (which reads SCORE_KEYS) answers a misspelt override before those load.
 
 #: The result key (``run_info.json``'s ``final``, ``job_status.json``'s ``result``) of each ``select.by``.
 SCORE_KEYS = {"val_loss": "val/loss", "forecast_mse": "val_forecast_mse"}
@@ -36,12 +37,16 @@ def plan_selection(cfg: DictConfig, datamodule: Any) -> int:
     ``select.by=forecast_mse``."""
     if cfg.select.by != "forecast_mse":
         return 0
+    from lvforecast.experiment.evaluate import generation_plan
+
     return generation_plan(cfg.forecast, cfg.model, cfg.lora, selection_inputs(cfg, datamodule))[0].total
 
 
 def score(mse: np.ndarray, statistic: str) -> float:
     """The selection score of (S, 2) per-system MSEs: ``statistic`` (``mean`` or ``median``, NaN-aware) over the
     systems of each variable, then the mean of the two."""
+    from lvforecast.evaluation.forecast import POINTS
+
     return float(np.mean([POINTS[statistic](mse[:, j]) for j in range(mse.shape[1])]))
 
 
