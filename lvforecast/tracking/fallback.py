@@ -183,7 +183,9 @@ class SafeWandbLogger(WandbLogger):
             run = self.experiment
             artifact = wandb.Artifact(f"adapter-{run.id}", type="model", metadata=metadata,
                                       description=f"LoRA adapter of {Path(adapter_dir).parent}")
-            artifact.add_dir(str(adapter_dir))
+            for path in sorted(Path(adapter_dir).iterdir()):  # add_dir would print a line of its own
+                if path.is_file():
+                    artifact.add_file(str(path), name=path.name)
             run.log_artifact(artifact)
 
         self._guarded("adapter artifact", upload)
