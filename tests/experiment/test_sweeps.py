@@ -172,6 +172,17 @@ def test_summary_states_the_budget_left_and_the_command_that_trains_the_winner(t
     assert (cfg.optim.lr, cfg.lora.r, cfg.model.loader._target_.rsplit(".", 1)[-1]) == (1e-4, 8, "build_tiny_qwen")
 
 
+
+def test_a_one_job_sweep_offers_no_winner_to_train(tmp_path):
+    # A study's training stage is a one-job multirun: nothing was chosen, so no command to train "the winner".
+    from lvforecast.experiment.sweeps.summary import summarize_sweep
+
+    ledger = Ledger(tmp_path / "ledger.sqlite", budget=10**10)
+    _job(tmp_path / "sweep", 0, ["model=tiny", f"budget.ledger_path={ledger.path}"], ledger, 10**9, [(3, 2.0)])
+    summarize_sweep(tmp_path / "sweep")
+    md = (tmp_path / "sweep" / "summary.md").read_text()
+    assert "Sweep total: 1.000e+09 FLOPs over 1 jobs" in md and "Train the winner" not in md
+
 def _ranked(sweep: Path, ledger: Ledger, by: str) -> list[dict]:
     """Two finished jobs that disagree: job 0 has the lower final validation loss (2.0 < 2.5), job 1 the lower
     validation forecast MSE (0.5 < 4.0); each job's config.yaml says ``select.by=by``."""

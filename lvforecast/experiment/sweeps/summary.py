@@ -371,6 +371,8 @@ def format_winner(rows: list[dict[str, Any]], jobs: list[list[str]], keys: list[
     """Markdown: the command that trains the job ``best_from`` takes (``sweep=final best_from=<this sweep>``, with
     the winner's other overrides but those in :data:`NOT_CARRIED`), ready to paste."""
     best = next((r for r in rows if r["best"]), None)
+    if len(rows) == 1 and best is not None:  # one job (a study's training stage): nothing was chosen between jobs
+        return ""
     if best is None:
         return "\nNo finished job with a validation loss: nothing for `best_from` to take.\n"
     carried = [o for o in jobs[best["job"]] if o.partition("=")[0].lstrip("+~") not in (*keys, *NOT_CARRIED)]
