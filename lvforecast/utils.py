@@ -50,6 +50,10 @@ def quiet_logs() -> None:
     tips = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     if _drop_tips not in tips.filters:
         tips.addFilter(_drop_tips)
+    if not sys.stderr.isatty():  # Hugging Face's bars (dequantizing, loading weights) are \r-updates in a log file
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is imported
+        if "transformers" in sys.modules and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def _drop_tips(record: logging.LogRecord) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 
@@ -53,3 +54,21 @@ def test_warnings_configured_by_the_user_are_left_alone(monkeypatch, lightning_t
         quiet_logs()
         warnings.warn(WORKERS, stacklevel=1)
     assert [str(w.message) for w in seen] == [WORKERS]
+
+
+@pytest.mark.parametrize(("asked", "bars"), [(None, False), ("0", True)])
+def test_hugging_face_bars_are_off_outside_a_terminal_unless_asked_for(monkeypatch, lightning_tips, asked, bars):
+    import transformers
+
+    if asked is None:
+        monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    else:
+        monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", asked)
+    transformers.utils.logging.enable_progress_bar()
+    try:
+        with warnings.catch_warnings():  # the warning filters quiet_logs adds end with this block
+            quiet_logs()  # pytest captures stderr: not a terminal
+        assert transformers.utils.logging.is_progress_bar_enabled() == bars
+        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == (asked or "1")
+    finally:
+        transformers.utils.logging.enable_progress_bar()
