@@ -331,9 +331,9 @@ def _probabilistic(inputs: EvaluationInputs, samples: np.ndarray) -> dict[str, A
     if not whole.any():
         return {"n_systems": 0, "crps_encoded": None, "crps_study": None, "coverage_10_90": None}
     truth, samples = inputs.truth[whole], samples[whole]  # (S', H, 2) and (S', k, H, 2)
-    scales = np.asarray(inputs.scales)[whole][:, None, None]
+    scales = np.asarray(inputs.scales)[whole]
     return {"n_systems": int(whole.sum()),
-            "crps_encoded": crps_samples(truth / scales, samples / scales[:, None]).mean(0).tolist(),
+            "crps_encoded": crps_samples(to_encoded(truth, scales), to_encoded(samples, scales)).mean(0).tolist(),
             "crps_study": crps_samples(to_encoded(truth), to_encoded(samples)).mean(0).tolist(),
             "coverage_10_90": interval_coverage(truth, samples).mean(0).tolist()}
 

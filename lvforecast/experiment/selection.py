@@ -16,8 +16,9 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from lvforecast.data.encoding import VARIABLES
 from lvforecast.data.split import EvaluationInputs
-from lvforecast.evaluation.metrics import per_system_metrics, to_encoded
+from lvforecast.evaluation.metrics import aggregate, per_system_metrics, to_encoded
 
 # The forecaster (lvforecast.evaluation.forecast, experiment.evaluate) loads torch and transformers: imported where
 # used, so train.py's config check (which reads SCORE_KEYS) answers a misspelt override before those load.
@@ -45,9 +46,8 @@ def plan_selection(cfg: DictConfig, datamodule: Any) -> int:
 def score(mse: np.ndarray, statistic: str) -> float:
     """The selection score of (S, 2) per-system MSEs: ``statistic`` (``mean`` or ``median``, NaN-aware) over the
     systems of each variable, then the mean of the two."""
-    from lvforecast.evaluation.forecast import POINTS
-
-    return float(np.mean([POINTS[statistic](mse[:, j]) for j in range(mse.shape[1])]))
+    summary = aggregate({"mse": mse})["all"]["mse"]
+    return float(np.mean([summary[var][statistic] for var in VARIABLES]))
 
 
 def forecast_score(cfg: DictConfig, module: Any, tokenizer: Any, char_ids: dict[str, int], datamodule: Any,

@@ -16,7 +16,7 @@ from lvforecast.budget.report import format_stages_markdown, plot_report
 from lvforecast.data.encoding import STUDY_SCALE, VARIABLES
 from lvforecast.evaluation.baselines import DISPLAY_NAMES
 from lvforecast.evaluation.metrics import TABLED_METRICS
-from lvforecast.evaluation.report import paired_table
+from lvforecast.evaluation.report import display, paired_table
 from lvforecast.experiment.study.compare import compare_dirs, side_by_side, versus_zero_shot, write_index
 from lvforecast.experiment.study.spec import Stage
 from lvforecast.experiment.sweeps.curves import draw_val_curves
@@ -62,7 +62,7 @@ def _evaluations_table(evals: list[Evaluation]) -> list[str]:
                 baselines.setdefault((name, n, _metric_cells(method)), []).append(stage.name)
     if not models:
         return []
-    rows = models + [f"| {markdown_cell(', '.join(names))} | {markdown_cell(DISPLAY_NAMES.get(name, name))} | {n} | "
+    rows = models + [f"| {markdown_cell(', '.join(names))} | {markdown_cell(display(name))} | {n} | "
                      f"{cells} | n/a | n/a |" for (name, n, cells), names in baselines.items()]
     return ["", "## Evaluations: the model against the baselines", "",
             "MSE and MAE in encoded units (each series divided by its scale from its context), MAPE a fraction "
