@@ -110,8 +110,9 @@ def write_hydra_files(out: Path, cfg: DictConfig, folder: str = ".hydra") -> Non
             write_text(out / folder / name, OmegaConf.to_yaml(node))
 
 
-def _override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("~+")
+def override_key(override: str) -> str:
+    """The key an override sets: ``+lora.r=8`` and ``~lora.r`` -> ``lora.r``."""
+    return override.partition("=")[0].lstrip("+~")
 
 
 def resume_argv(argv: list[str]) -> list[str]:
@@ -124,12 +125,12 @@ def resume_argv(argv: list[str]) -> list[str]:
     """
     import yaml
 
-    given = [a for a in argv[1:] if _override_key(a) == "resume"]
+    given = [a for a in argv[1:] if override_key(a) == "resume"]
     if not given:
         return argv
     run = Path(given[-1].split("=", 1)[1]).expanduser().resolve()
     rest = [a for a in argv[1:] if a not in given]
-    if clash := [a for a in rest if a in ("-m", "--multirun") or _override_key(a) in ("ckpt_path", "hydra.run.dir")]:
+    if clash := [a for a in rest if a in ("-m", "--multirun") or override_key(a) in ("ckpt_path", "hydra.run.dir")]:
         raise UserError(f"resume={run}: continues that one run from its last checkpoint, in its directory; drop "
                         f"{' '.join(clash)}")
     ckpt, recorded = run / "checkpoints" / "last.ckpt", run / ".hydra" / "overrides.yaml"
@@ -143,12 +144,12 @@ def resume_argv(argv: list[str]) -> list[str]:
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise UserError(f"{recorded}: not a list of override strings; it is what `python train.py` wrote there")
     # Read as data: nothing that would name code (instantiation keys, hydra's callbacks) or resolve the environment.
-    if bad := [o for o in overrides if "${" in o or _override_key(o).startswith("hydra")
-               or any(part.startswith("_") for part in _override_key(o).split("."))]:
+    if bad := [o for o in overrides if "${" in o or override_key(o).startswith("hydra")
+               or any(part.startswith("_") for part in override_key(o).split("."))]:
         raise UserError(f"{recorded}: refused, a run directory is read as data: {bad} would name code or resolve "
                         f"values; start the run again with the overrides you mean")
-    new = {_override_key(a) for a in rest}
-    kept = [o for o in overrides if _override_key(o) not in new | {"ckpt_path", "hydra.run.dir"}]
+    new = {override_key(a) for a in rest}
+    kept = [o for o in overrides if override_key(o) not in new | {"ckpt_path", "hydra.run.dir"}]
     return [argv[0], *kept, *rest, f"ckpt_path={ckpt}", f"hydra.run.dir={run}"]
 
 

@@ -6,6 +6,8 @@ from collections import defaultdict
 
 from omegaconf import DictConfig
 
+from lvforecast.experiment.rundir import override_key
+
 STATUS_FILE = "job_status.json"  # how each job of a sweep ended (lvforecast.experiment.sweeps.job)
 PLAN_CSV = "plan.csv"  # every job's overrides and plan, written by the pre-flight before the first job starts
 # The settings a later sweep reads from an earlier one's summary; always columns of summary.csv.
@@ -31,7 +33,7 @@ def sweeper_arguments(config: DictConfig) -> list[str]:
 
 def configurations(arguments: list[str]) -> list[list[str]]:
     """A halving bracket's configurations: the grid of ``arguments`` without the keys the sweeper sets per rung."""
-    return [[o for o in job if o.partition("=")[0].lstrip("+~") not in RUNG_KEYS] for job in split_grid(arguments)]
+    return [[o for o in job if override_key(o) not in RUNG_KEYS] for job in split_grid(arguments)]
 
 
 def varying_keys(jobs: list[list[str]]) -> list[str]:

@@ -21,6 +21,7 @@ from lvforecast.budget.ledger import Ledger, format_flops, format_share
 from lvforecast.budget.status import COMPLETED, RunStatus
 from lvforecast.errors import UserError
 from lvforecast.experiment.runconfig import read_run_config
+from lvforecast.experiment.rundir import override_key
 from lvforecast.experiment.sweeps.curves import draw_val_curves, labels_by_difference, root_job
 from lvforecast.experiment.sweeps.halving import HALVING_FILE, continued_jobs
 from lvforecast.experiment.sweeps.jobs import PLAN_CSV, RUNG_KEYS, STATUS_FILE, STUDY_KEYS, job_values, varying_keys
@@ -375,7 +376,7 @@ def format_winner(rows: list[dict[str, Any]], jobs: list[list[str]], keys: list[
         return ""
     if best is None:
         return "\nNo finished job with a validation loss: nothing for `best_from` to take.\n"
-    carried = [o for o in jobs[best["job"]] if o.partition("=")[0].lstrip("+~") not in (*keys, *NOT_CARRIED)]
+    carried = [o for o in jobs[best["job"]] if override_key(o) not in (*keys, *NOT_CARRIED)]
     command = shlex.join(["python", "train.py", "-m", "sweep=final", f"best_from={Path(sweep_dir).resolve()}",
                           *carried])
     label = labels.get(best["job"], "")
