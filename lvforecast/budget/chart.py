@@ -13,7 +13,7 @@ from typing import Any
 from lvforecast.atomic import save_figure
 from lvforecast.budget.ledger import format_flops as _fmt
 from lvforecast.budget.ledger import format_share as fmt_share
-from lvforecast.budget.view import fold, folded_line, stage_label
+from lvforecast.budget.view import fold, folded_line, is_filtered, stage_label
 
 PARTS = {"train": ("training", "tab:blue"), "val": ("validation", "tab:orange"),
          "inference": ("inference", "tab:green")}
@@ -120,8 +120,7 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
         _bars(fig.add_subplot(grid[1]), stages, [stage_label(g) for g in stages], "spend per stage")
     _budget_bar(fig.add_subplot(grid[-1]), report)
     selection = report.get("selection") or {}
-    filtered = selection.get("since") is not None or selection.get("stage") is not None
-    shown = f"; shown {selection['shown']} of {selection['of']} runs" if filtered else ""
+    shown = f"; shown {selection['shown']} of {selection['of']} runs" if is_filtered(report) else ""
     fig.suptitle(f"FLOP budget: {_fmt(report['totals']['total'])} of {_fmt(report['budget'])} spent "
                  f"({fmt_share(report['totals']['share'])}){shown}")
     return save_figure(fig, path, dpi=120)

@@ -13,7 +13,7 @@ from lvforecast.budget.chart import plot_report
 from lvforecast.budget.ledger import SPEND_COLUMNS, Ledger
 from lvforecast.budget.ledger import format_flops as _fmt
 from lvforecast.budget.ledger import format_share as fmt_share
-from lvforecast.budget.view import fold, folded_line, stage_label, totals_line
+from lvforecast.budget.view import fold, folded_line, is_filtered, stage_label, totals_line
 from lvforecast.validate import markdown_cell
 
 REPORT_MD = "report.md"
@@ -28,15 +28,10 @@ def _spend(row: dict[str, Any], bold: str = "") -> str:
     return f"{parts} | {bold}{_fmt(row['total'])}{bold} | {bold}{fmt_share(row['share'])}{bold}"
 
 
-def _filtered(report: dict[str, Any]) -> bool:
-    selection = report.get("selection") or {}
-    return selection.get("since") is not None or selection.get("stage") is not None
-
-
 def _total_rows(report: dict[str, Any], runs: list[dict[str, Any]], cells: str, blank: str) -> list[str]:
     """A table's total row, ``cells`` between its label and the spend: the ledger's ``**total**``, or, when a
     selection hides runs, the listed runs' ``**shown**`` sum and the whole ``**ledger total**`` (``blank`` cells)."""
-    if not _filtered(report):
+    if not is_filtered(report):
         return [f"| **total** |{cells} {_spend(report['totals'], '**')} |"]
     sums = {c: sum(r[c] for r in runs) for c in SPEND_COLUMNS}
     return [f"| **shown** |{cells} {_spend({**sums, 'share': sums['total'] / report['budget']}, '**')} |",

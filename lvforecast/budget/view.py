@@ -74,6 +74,12 @@ def select(report: dict[str, Any], since: str | None = None, stage: str | None =
             "selection": {"since": since, "stage": stage, "shown": len(keep), "of": len(rows)}}
 
 
+def is_filtered(report: dict[str, Any]) -> bool:
+    """Whether ``report`` is a :func:`select` with a ``--since`` or ``--stage`` filter (it may hide runs)."""
+    selection = report.get("selection") or {}
+    return selection.get("since") is not None or selection.get("stage") is not None
+
+
 def fold(report: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """``(listed runs, their stages, folded)``: runs of a :data:`FOLDED` status that spent nothing, and the refused
     attempts, are folded (id, status); the rest are listed, under stages re-counted without the folded ones."""
