@@ -67,11 +67,14 @@ class JobPricer:
                 datamodule.prepare_texts()
                 self._shapes[key] = (datamodule.val_batch_shapes(ranks), datamodule.train_batch_rows(ranks), datamodule)
             val_shapes, train_rows, datamodule = self._shapes[key]
-            selected = tuple(OmegaConf.to_yaml(cfg[k], resolve=True) for k in ("data", "forecast", "select", "model",
-                                                                               "lora"))
-            if selected not in self._selection:
-                self._selection[selected] = plan_selection(cfg, datamodule)
-            shape = config.run_shape(cfg, val_shapes, train_rows, start, self._selection[selected])
+            selection = 0  # the selection forecast: priced once per data and forecast settings
+            if cfg.select.by == "forecast_mse":
+                selected = (key, *(OmegaConf.to_yaml(cfg[k], resolve=True) for k in ("forecast", "select", "model",
+                                                                                      "lora")))
+                if selected not in self._selection:
+                    self._selection[selected] = plan_selection(cfg, datamodule)
+                selection = self._selection[selected]
+            shape = config.run_shape(cfg, val_shapes, train_rows, start, selection)
             plan = plan_run(config.train_pricing(cfg), shape)
             return reserved_flops(plan, cfg.budget.run_cap_flops, cfg.budget.mode)
         except ValueError as err:
