@@ -97,11 +97,13 @@ def run_stage(cfg: DictConfig, stage: Stage, done: dict[str, dict[str, Any]],
     taken = dict(done[stage.take_from]["settings"]) if stage.take_from else {}
     launch = launch_of(cfg, stage, taken, done[stage.of]["run_dir"] if stage.of else None)
     log.info("study %s: stage %s (%s), %s", cfg.study.name, stage.name, stage.kind, launch.sweep_dir)
-    poll = functools.partial(watch, launch.sweep_dir) if watch is not None else lambda: None
-    poll()  # the stage's first line
+    poll = functools.partial(watch, launch.sweep_dir) if watch is not None else None
+    if poll:
+        poll()  # the stage's first line
     code = run_child([sys.executable, str(entry_script(launch.script)), "-m", *launch.arguments, *launch.hydra],
                      poll)
-    poll()  # its last: the jobs that ended
+    if poll:
+        poll()  # its last: the jobs that ended
     if code in (130, 143):
         raise SystemExit(code)
     if code != 0:
