@@ -21,6 +21,12 @@ log = logging.getLogger(__name__)
 LOG_EVERY_S = 10.0
 
 
+def time_left(elapsed: float, share: float) -> str | None:
+    """``about 01:30 left``: the rate so far (``share`` of the work done in ``elapsed`` seconds) carried on; None
+    before anything is done."""
+    return f"about {tqdm.format_interval(elapsed * max(1 - share, 0) / share)} left" if share > 0 else None
+
+
 class Progress:
     """``n`` of ``total`` units of work done, shown as the module docstring says; a context manager (closes).
 
@@ -78,8 +84,7 @@ class Progress:
         if share >= 1:
             when = f"done in {tqdm.format_interval(elapsed)}"
         else:  # the rate so far, carried on
-            left = f"about {tqdm.format_interval(elapsed * (1 - share) / share)} left" if share else "time left unknown"
-            when = f"{tqdm.format_interval(elapsed)} elapsed, {left}"
+            when = f"{tqdm.format_interval(elapsed)} elapsed, {time_left(elapsed, share) or 'time left unknown'}"
         note = f", {self.note}" if self.note else ""
         return f"{self.desc}: {self.unit} {self.n} of {self.total} ({100 * share:.0f}%){note}, {when}"
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from lvforecast.budget.ledger import Ledger, format_flops
 from lvforecast.experiment.rundir import read_json
 from lvforecast.experiment.sweeps.jobs import STATUS_FILE
+from lvforecast.progress import time_left
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,7 @@ class StudyProgress:
         spent = max(spent_in(self.ledger) - self.spent_before, 0)
         elapsed = monotonic() - self.start
         share = spent / self.planned if self.planned else 1.0
-        left = (f"about {tqdm.format_interval(elapsed * max(1 - share, 0) / share)} left (estimate)" if spent
-                else "time left unknown until FLOPs are spent")
+        left = f"{time_left(elapsed, share)} (estimate)" if spent else "time left unknown until FLOPs are spent"
         return (f"study {self.name}: stage {k} of {self.stages} ({stage}), job {done} of {jobs}, FLOPs spent "
                 f"{format_flops(spent)} of planned {format_flops(self.planned)} ({100 * share:.1f}%), "
                 f"{tqdm.format_interval(elapsed)} elapsed, {left}")
