@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from lvforecast.budget.ledger import Ledger
 from lvforecast.budget.report import stage_label
+from lvforecast.budget.view import fold
 from lvforecast.data.encoding import VARIABLES
 from lvforecast.evaluation.metrics import TABLED_METRICS
 from lvforecast.tracking.loggers import finish_wandb, launch_group, recorded_group
@@ -156,8 +157,9 @@ def stage_table(report: Mapping[str, Any]) -> list[list[Any]]:
     """Table 12 of a :meth:`~lvforecast.budget.ledger.Ledger.report` as :data:`TABLE12_COLUMNS` rows: each stage,
     the total and the budget (FLOPs as integers, shares as fractions of the budget)."""
     spend = ("train", "val", "inference", "total", "share")
-    rows = [[stage_label(g), len(g["runs"]), *(g[k] for k in spend)] for g in report["stages"]]
-    rows.append(["total", len(report["runs"]), *(report["totals"][k] for k in spend)])
+    runs, stages, _ = fold(report)  # the runs report.md lists, so the two Table 12s count the same runs
+    rows = [[stage_label(g), len(g["runs"]), *(g[k] for k in spend)] for g in stages]
+    rows.append(["total", len(runs), *(report["totals"][k] for k in spend)])
     rows.append(["budget", None, None, None, None, report["budget"], 1.0])
     return rows
 
@@ -177,7 +179,7 @@ def log_study(node: Any, study_dir: str | Path, name: str, report: Mapping[str, 
     import wandb
 
     budget = int(report["budget"])
-    spent = list(itertools.accumulate((int(g["total"]) for g in report["stages"]), initial=0))
+    spent = list(itertools.accumulate((int(g["total"]) for g in fold(report)[1]), initial=0))  # stage_table's stages
     stages = list(range(len(spent)))
     with _one_run(node, save_dir=str(study_dir), job_type="study") as run:
         run.config.update({"study": name, "study_dir": str(study_dir), "ledger": report["ledger"],

@@ -19,7 +19,7 @@ import pytest
 from conftest import CONF, ROOT, TINY_RUN, compose_eval, compose_train
 from wandb_records import read_run
 
-from lvforecast.budget.ledger import Ledger
+from lvforecast.budget.ledger import BudgetExceededError, Ledger, RunStatus
 from lvforecast.experiment.evaluate import evaluate
 from lvforecast.experiment.train import train
 from lvforecast.tracking import decide_mode, evaluation_table, log_adapter, log_study, log_sweep_summary
@@ -382,6 +382,23 @@ def charged_ledger(path: Path, study: str) -> Ledger:
             ledger.charge(run_id, kind, flops)
         ledger.finish(run_id)
     return ledger
+
+
+def test_the_wandb_table_12_counts_the_runs_report_md_lists(tmp_path):
+    from lvforecast.budget.report import format_stages_markdown
+    from lvforecast.tracking.results import stage_table
+
+    ledger = charged_ledger(tmp_path / "ledger.sqlite", "tiny")
+    # A stage whose one run failed before spending, and a refused attempt: report.md folds both into one line.
+    failed = ledger.open_run("final", 5_000_000_000, study="tiny", stage="final")
+    ledger.finish(failed, RunStatus.FAILED)
+    with pytest.raises(BudgetExceededError):
+        ledger.open_run("final", 2e12, study="tiny", stage="final")
+    report = ledger.report()
+    rows = stage_table(report)
+    assert [(r[0], r[1]) for r in rows] == [("tiny/zero_shot", 1), ("tiny/default", 1), ("total", 2), ("budget", None)]
+    markdown = format_stages_markdown(report)
+    assert "| tiny/default | 1 |" in markdown and "| **total** | 2 |" in markdown and "final" not in markdown
 
 
 @pytest.mark.slow
