@@ -287,7 +287,7 @@ def _write(cfg: DictConfig, out: Path, source: _Source, inputs: EvaluationInputs
     methods = {name: evaluate_forecasts(inputs.truth, pred, classes, scale=inputs.scales)
                for name, pred in forecasts.by_method.items()}
     _keep(out / "forecasts.npz", inputs, list(cfg.examples), result.values,
-          running_mse=np.asarray(methods["model"]["encoded"]["running_mse"], dtype=float))
+          running_mse=np.asarray(methods["model"]["study"]["running_mse"], dtype=float))
     summary = _summary(cfg, source, inputs, forecasts, methods, classes)
     write_text(out / "metrics.json", json.dumps(summary, indent=1))
     _write_per_system(out / "per_system.csv", inputs, classes, methods, result.steps_parsed)

@@ -196,13 +196,18 @@ def test_a_failure_after_forecasting_keeps_every_forecast(sim_cache, tmp_path, m
     target = "evaluate_forecasts" if stage == "scoring" else "write_plots"
     monkeypatch.setattr(f"lvforecast.{'experiment.evaluate' if stage == 'scoring' else 'evaluation.report'}.{target}",
                         fails)
-    cfg = compose_eval(["model=tiny", "data=simulated", "max_systems=4", "forecast.batch_size=2", "baselines=[]"],
+    cfg = compose_eval(["model=tiny", "data=simulated", "max_systems=4", "forecast.batch_size=2", "baselines=[]",
+                        "data.scale.kind=percentile"],  # encoded units differ from study units
                        tmp_path, sim_cache)
     with pytest.raises(RuntimeError if stage == "scoring" else UserError):
         evaluate(cfg)
     kept = np.load(tmp_path / "forecasts.npz")
     assert len(kept["systems"]) == 4 and kept["forecast"].shape == (4, 20, 2) and np.isfinite(kept["forecast"]).all()
     assert kept["series"].shape == (4, 100, 2) and ("running_mse" in kept) == (stage == "plots")  # scored: the final
+    if stage == "plots":  # in study units (raw / 0.5), as running_mse.png: the mean of the squared errors so far
+        c = int(kept["context_steps"])
+        squared = ((kept["forecast"] - kept["series"][:, c:c + 20]) / 0.5) ** 2
+        np.testing.assert_allclose(kept["running_mse"], np.cumsum(squared, axis=1) / np.arange(1, 21)[:, None])
     (run,) = Ledger(tmp_path / "ledger.sqlite", budget=None).runs()
     assert run["status"] == "failed" and run["charged_flops"] == run["reserved_flops"] > 0  # charges kept, rest freed
 

@@ -186,7 +186,7 @@ def test_forecast_panels_name_each_systems_class_and_the_axes_units(tmp_path, mo
                                                  "system 3 (oscillatory), predator", "system 5 (decaying), predator"]
     assert panels[0].get_ylabel() == "prey (original units)" and panels[0].get_xlabel().startswith("time step")
     assert (running[0].get_xlabel(), running[0].get_ylabel()) == ("forecast horizon (steps)",
-                                                                  "running MSE (encoded units)")
+                                                                  "running MSE (study units, raw / 0.5)")
     for ax in (*panels, *running):  # horizon and time ticks on whole steps only (not 2.5, 7.5)
         ticks = ax.xaxis.get_major_locator()()
         assert len(ticks) and all(float(t).is_integer() for t in ticks)

@@ -16,7 +16,7 @@ from lvforecast.budget.report import format_stages_markdown, plot_report
 from lvforecast.data.encoding import STUDY_SCALE, VARIABLES
 from lvforecast.evaluation.baselines import DISPLAY_NAMES
 from lvforecast.evaluation.metrics import TABLED_METRICS
-from lvforecast.evaluation.report import display, paired_table
+from lvforecast.evaluation.report import MSE_AXIS, display, paired_table
 from lvforecast.experiment.study.compare import compare_dirs, side_by_side, versus_zero_shot, write_index
 from lvforecast.experiment.study.spec import Stage
 from lvforecast.experiment.sweeps.curves import draw_val_curves
@@ -200,7 +200,7 @@ def _plot_curves(path: Path, stages: list[Stage], done: dict[str, dict[str, Any]
 def _plot_forecasts(forecasts_png: Path, running_png: Path, evals: list[tuple[str, Path]]) -> None:
     """``forecasts.png``: the example systems' truth and every evaluation's forecast, a row per variable, a column
     per system (its behaviour class in the title where the evaluation's ``per_system.csv`` has it);
-    ``running_mse.png``: each evaluation's running MSE (encoded units), mean over the example systems."""
+    ``running_mse.png``: each evaluation's running MSE (study units), mean over the example systems."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -237,7 +237,7 @@ def _plot_forecasts(forecasts_png: Path, running_png: Path, evals: list[tuple[st
             running = data["running_mse"][np.isin(data["systems"], shown), :, j].mean(axis=0)
             ax.plot(np.arange(1, running.size + 1), running, marker="o", ms=3, label=name)
         ax.set_title(f"running MSE, {var} (mean over the example systems)", fontsize=9)
-        ax.set(xlabel="forecast horizon (steps)", ylabel="running MSE (encoded units)", yscale="log")
+        ax.set(xlabel="forecast horizon (steps)", ylabel=f"running {MSE_AXIS}", yscale="log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
     save_figure(fig, running_png, dpi=110)
