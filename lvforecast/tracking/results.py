@@ -14,8 +14,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from lvforecast.budget.ledger import Ledger
-from lvforecast.budget.report import stage_label
-from lvforecast.budget.view import fold
+from lvforecast.budget.view import fold, stage_label
 from lvforecast.data.encoding import VARIABLES
 from lvforecast.evaluation.metrics import TABLED_METRICS
 from lvforecast.tracking.loggers import finish_wandb, launch_group, recorded_group
@@ -179,7 +178,8 @@ def log_study(node: Any, study_dir: str | Path, name: str, report: Mapping[str, 
     import wandb
 
     budget = int(report["budget"])
-    spent = list(itertools.accumulate((int(g["total"]) for g in fold(report)[1]), initial=0))  # stage_table's stages
+    rows, total = stage_table(report), TABLE12_COLUMNS.index("total")
+    spent = list(itertools.accumulate((int(row[total]) for row in rows[:-2]), initial=0))  # rows[-2:]: total, budget
     stages = list(range(len(spent)))
     with _one_run(node, save_dir=str(study_dir), job_type="study") as run:
         run.config.update({"study": name, "study_dir": str(study_dir), "ledger": report["ledger"],
@@ -193,7 +193,7 @@ def log_study(node: Any, study_dir: str | Path, name: str, report: Mapping[str, 
         chart = wandb.plot.line_series(xs=stages, ys=[spent, [budget] * len(stages)],
                                        keys=["spent (cumulative)", "budget"], xname="stage of Table 12",
                                        title=f"study {name}: FLOPs spent against the budget")
-        table = wandb.Table(columns=TABLE12_COLUMNS, data=stage_table(report), allow_mixed_types=True)
+        table = wandb.Table(columns=TABLE12_COLUMNS, data=rows, allow_mixed_types=True)
         run.log({"study/table12": table, "study/spend_vs_budget": chart})
         run.summary.update({"flops/spent": spent[-1], "flops/budget": budget, "flops/budget_left": budget - spent[-1],
                             "study/status": "finished" if finished else "stopped"})
