@@ -38,10 +38,11 @@ def _one_run(node: Any, **overrides: Any) -> Iterator[Any]:
 
 
 def evaluation_table(summary: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    """Model vs baselines in encoded units, from an evaluation's ``metrics.json`` dict: the column names and one row
-    per method (``method`` first, then the mean and median of each metric per variable)."""
+    """Model vs baselines in study units (report.md's headline units, comparable across runs whatever their scaling
+    mode), from an evaluation's ``metrics.json`` dict: the column names and one row per method (``method`` first,
+    then the mean and median of each metric per variable)."""
     keys = [(m, v, s) for m in TABLED_METRICS for v in VARIABLES for s in ("mean", "median")]
-    rows = [[method] + [units["encoded"]["all"][m][v][s] for m, v, s in keys]
+    rows = [[method] + [units["study"]["all"][m][v][s] for m, v, s in keys]
             for method, units in summary["methods"].items()]
     return ["method"] + [f"{m}_{v}_{s}" for m, v, s in keys], rows
 

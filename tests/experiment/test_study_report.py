@@ -21,10 +21,12 @@ STAGES = [Stage("zero_shot", "evaluate"), Stage("final", "train"), Stage("final_
 
 def _aggregate(mean: float) -> dict:
     """An evaluation's metrics.json entry of one method: every point metric of both variables with mean ``mean`` and
-    median ``mean / 2``, in every unit."""
-    agg = {"all": {k: {v: {"mean": mean, "median": mean / 2} for v in ("prey", "predator")}
-                   for k in ("mse", "rmse", "mae", "mape")}}
-    return {"encoded": agg, "study": agg, "original": agg}
+    median ``mean / 2`` in study and original units, 10 times that in encoded units (units the tables must not show)."""
+    def agg(m: float) -> dict:
+        return {"all": {k: {v: {"mean": m, "median": m / 2} for v in ("prey", "predator")}
+                        for k in ("mse", "rmse", "mae", "mape")}}
+
+    return {"encoded": agg(10 * mean), "study": agg(mean), "original": agg(mean)}
 
 
 def _evaluation(run: Path, model_mean: float, mse: dict[int, tuple[float, float]], scale: float = 0.5,
@@ -47,7 +49,7 @@ def test_the_study_reports_evaluations_table_sets_the_model_beside_the_named_bas
     done = {"zero_shot": _evaluation(tmp_path / "zero_shot", 8.0, mse),
             "final_eval": _evaluation(tmp_path / "final_eval", 1.0, mse, paired={"ar": {}})}
     table = report._evaluations_table(report._evaluations(STAGES, done))
-    assert "MSE and MAE in encoded units" in " ".join(table) and "MAPE a fraction" in " ".join(table)
+    assert "MSE and MAE in study units (raw / 0.5" in " ".join(table) and "MAPE a fraction" in " ".join(table)
     assert table[5] == ("| evaluation stage | method | systems | MSE prey | MSE predator | MAE prey | MAE predator | "
                         "MAPE prey | MAPE predator | parse failures | generation FLOPs |")
 

@@ -329,8 +329,10 @@ def test_sweep_summary_is_one_run_in_the_sweeps_group(tmp_path):
 # ---- evaluation --------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_evaluation_logs_metrics_plots_and_the_baselines_table(sim_cache, tmp_path):
-    cfg = compose_eval(["model=tiny", "data=simulated", "max_systems=4", "baselines=[persistence,ar]",
-                        "forecast.batch_size=4", "logger=wandb", "sweep_name=evalgroup"], tmp_path, sim_cache)
+    # Percentile scaling: each series its own scale, so the encoded units differ from the study units W&B shows.
+    cfg = compose_eval(["model=tiny", "data=simulated", "data.scale.kind=percentile", "max_systems=4",
+                        "baselines=[persistence,ar]", "forecast.batch_size=4", "logger=wandb",
+                        "sweep_name=evalgroup"], tmp_path, sim_cache)
     result = evaluate(cfg)
     (run_dir,) = offline_runs(tmp_path)
     run = read_run(run_dir)
@@ -343,10 +345,10 @@ def test_evaluation_logs_metrics_plots_and_the_baselines_table(sim_cache, tmp_pa
     # Its spend under training's keys; its ledger is its own, so the study spent only this evaluation's FLOPs.
     assert row["flops/run"] == row["flops/study"] == run.summary["flops/run"] == result["flops"] > 0
     assert row["flops/budget_left"] == run.summary["flops/budget_left"] == 10**17 - result["flops"]
-    model_mse = metrics["methods"]["model"]["encoded"]["all"]["mse"]
+    model_mse = metrics["methods"]["model"]["study"]["all"]["mse"]
     assert run.summary["eval/model/mse_prey_median"] == pytest.approx(model_mse["prey"]["median"])
     assert run.summary["eval/ar/mse_predator_mean"] == pytest.approx(
-        metrics["methods"]["ar"]["encoded"]["all"]["mse"]["predator"]["mean"])
+        metrics["methods"]["ar"]["study"]["all"]["mse"]["predator"]["mean"])
     # Every PNG, byte for byte.
     for png in map(Path, result["pngs"]):
         image = row[f"eval/plots/{png.stem}"]

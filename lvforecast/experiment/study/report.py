@@ -48,11 +48,12 @@ def _who(stage: Stage) -> str:
 
 def _evaluations_table(evals: list[Evaluation]) -> list[str]:
     """Each evaluation stage's model against the baselines it ran (from its ``metrics.json``), headline metrics in
-    encoded units; a baseline whose numbers several evaluations share (the same test systems) is one row naming them
-    all. The paired statistics and the samples' scores are tables of their own."""
+    study units (those of every study and scaling mode); a baseline whose numbers several evaluations share (the
+    same test systems) is one row naming them all. The paired statistics and the samples' scores are tables of
+    their own."""
     models, baselines = [], {}
     for stage, _, summary in evals:
-        methods = {k: m for k, m in summary["methods"].items() if isinstance(m, dict) and "encoded" in m}
+        methods = {k: m for k, m in summary["methods"].items() if isinstance(m, dict) and "study" in m}
         n = len(summary.get("systems", []))
         models.append(f"| {markdown_cell(stage.name)} | {markdown_cell(_who(stage))} | {n} | "
                       f"{_metric_cells(methods['model'])} | {summary['parse_failures']} | "
@@ -65,9 +66,10 @@ def _evaluations_table(evals: list[Evaluation]) -> list[str]:
     rows = models + [f"| {markdown_cell(', '.join(names))} | {markdown_cell(display(name))} | {n} | "
                      f"{cells} | n/a | n/a |" for (name, n, cells), names in baselines.items()]
     return ["", "## Evaluations: the model against the baselines", "",
-            "MSE and MAE in encoded units (each series divided by its scale from its context), MAPE a fraction "
-            "(no unit); mean / median over the test systems. FLOPs: the model's generation, as charged (the "
-            "baselines charge none).", "",
+            f"MSE and MAE in study units (raw / {STUDY_SCALE}, the same for every series, scaling mode and study; "
+            "each evaluation's report.md adds its encoded units where its series had scales of their own), MAPE a "
+            "fraction (no unit); mean / median over the test systems. FLOPs: the model's generation, as charged "
+            "(the baselines charge none).", "",
             "| evaluation stage | method | systems | "
             + " | ".join(f"{k.upper()} {v}" for k in TABLED_METRICS for v in VARIABLES)
             + " | parse failures | generation FLOPs |", "|---|---|---:|" + "---:|" * (2 * len(TABLED_METRICS) + 2),
@@ -118,8 +120,8 @@ def _paired_sections(evals: list[Evaluation]) -> list[str]:
 
 
 def _metric_cells(method: dict[str, Any]) -> str:
-    """A method's ``mean / median`` cells of :data:`TABLED_METRICS` per variable, encoded units."""
-    m = method["encoded"]["all"]
+    """A method's ``mean / median`` cells of :data:`TABLED_METRICS` per variable, study units."""
+    m = method["study"]["all"]
     return " | ".join(f"{fmt(m[k][v]['mean'], '.4g')} / {fmt(m[k][v]['median'], '.4g')}" for k in TABLED_METRICS
                       for v in VARIABLES)
 
