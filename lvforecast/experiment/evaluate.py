@@ -286,8 +286,10 @@ def _write(cfg: DictConfig, out: Path, source: _Source, inputs: EvaluationInputs
     result, systems, classes = forecasts.result, inputs.systems, classify_all(inputs.values, inputs.time)
     methods = {name: evaluate_forecasts(inputs.truth, pred, classes, scale=inputs.scales)
                for name, pred in forecasts.by_method.items()}
+    # The samples too (when sampled): a point forecast that ran away is explained by the samples it came from.
     _keep(out / "forecasts.npz", inputs, list(cfg.examples), result.values,
-          running_mse=np.asarray(methods["model"]["study"]["running_mse"], dtype=float))
+          running_mse=np.asarray(methods["model"]["study"]["running_mse"], dtype=float),
+          **({} if result.samples is None else {"samples": result.samples}))
     summary = _summary(cfg, source, inputs, forecasts, methods, classes)
     write_text(out / "metrics.json", json.dumps(summary, indent=1))
     _write_per_system(out / "per_system.csv", inputs, classes, methods, result.steps_parsed)

@@ -243,6 +243,10 @@ def test_sampled_forecasts_take_the_configured_point_and_report_crps(sim_cache, 
     evaluate(cfg)
     result = seen["result"]
     np.testing.assert_allclose(result.values, result.samples.mean(axis=1))  # the per-step mean of the 3 samples
+    kept = np.load(tmp_path / "forecasts.npz")  # the samples kept beside the point forecast made from them
+    assert kept["samples"].shape == (2, 3, 3, 2)  # systems, samples, steps, variables
+    np.testing.assert_array_equal(kept["samples"], result.samples)
+    np.testing.assert_array_equal(kept["forecast"], result.values)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert (metrics["num_samples"], metrics["point"]) == (3, "mean")
     assert set(metrics["probabilistic"]) == {"n_systems", "crps_encoded", "crps_study", "coverage_10_90"}
