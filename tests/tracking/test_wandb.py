@@ -346,6 +346,8 @@ def test_evaluation_logs_metrics_plots_and_the_baselines_table(sim_cache, tmp_pa
     assert row["flops/run"] == row["flops/study"] == run.summary["flops/run"] == result["flops"] > 0
     assert row["flops/budget_left"] == run.summary["flops/budget_left"] == 10**17 - result["flops"]
     model_mse = metrics["methods"]["model"]["study"]["all"]["mse"]
+    encoded = metrics["methods"]["model"]["encoded"]["all"]["mse"]
+    assert model_mse["prey"]["median"] != pytest.approx(encoded["prey"]["median"])  # the units tell apart here
     assert run.summary["eval/model/mse_prey_median"] == pytest.approx(model_mse["prey"]["median"])
     assert run.summary["eval/ar/mse_predator_mean"] == pytest.approx(
         metrics["methods"]["ar"]["study"]["all"]["mse"]["predator"]["mean"])
